@@ -1,0 +1,3 @@
+from bgservice.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""The command line: options -> settings overrides, logging set-up, run. No logic here.
+
+Exit codes: 0 stopped cleanly, 1 could not listen, 2 bad configuration or usage,
+70 stopped by an unexpected error (without -E).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import uvloop
+
+from bgservice import __version__, config, logs
+from bgservice.errors import ConfigError
+from bgservice.server import Service
+
+DEFAULT_CONFIG = "service.config"
+
+
+def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
+    if config_path is None and Path(DEFAULT_CONFIG).is_file():
+        config_path = Path(DEFAULT_CONFIG)
+    settings = config.load(config_path) if config_path else config.Settings()
+    return config.with_overrides(settings, **overrides)  # type: ignore[arg-type]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=f"Config file (TOML, or the original's JSON). Default: ./{DEFAULT_CONFIG} if present.",
+)
+@click.option("--host", help="Listen on this address only (one TCP+UDP listener).")
+@click.option("-p", "--port", type=click.IntRange(0, 65535), help="TCP and UDP port (0: any).")
+@click.option(
+    "-m", "--modules", type=click.Path(path_type=Path, file_okay=False), help="Modules folder."
+)
+@click.option("--db", type=click.Path(path_type=Path, dir_okay=False), help="Queue database.")
+@click.option("-v", "--verbose", is_flag=True, default=None, help="A debug line per request.")
+@click.option(
+    "-E",
+    "global_handler",
+    count=True,
+    help="Global error handler: log unexpected errors and keep running; -EE: also to stderr.",
+)
+@click.option(
+    "-e", "no_global_handler", is_flag=True, help="No global handler: stop on them (default)."
+)
+@click.option(
+    "--log-file", type=click.Path(path_type=Path, dir_okay=False), help="Also log to this file."
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the bound addresses here as JSON once ready (for scripts and tests).",
+)
+@click.version_option(__version__, "-V", "--version")
+def main(
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    modules: Path | None,
+    db: Path | None,
+    verbose: bool | None,
+    global_handler: int,
+    no_global_handler: bool,
+    log_file: Path | None,
+    ready_file: Path | None,
+) -> None:
+    """bgservice: fire-and-forget UDP, TCP calls and a job queue for web applications."""
+    handler = 0 if no_global_handler else (min(global_handler, 2) if global_handler else None)
+    try:
+        settings = _settings(
+            config_path,
+            host=host,
+            port=port,
+            modules=modules,
+            db=db,
+            verbose=verbose,
+            global_handler=handler,
+            log_file=log_file,
+        )
+    except ConfigError as exc:
+        click.echo(f"bgservice: configuration error: {exc}", err=True)
+        sys.exit(2)
+    logs.setup(settings.verbose, settings.log_file)
+    service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
+    sys.exit(uvloop.run(service.run()))

@@ -1,0 +1,382 @@
+"""Frozen settings: defaults -> ``service.config`` -> command line, validated once.
+
+The file is TOML (every key is described in the shipped ``service.config``). A file
+written for the original Node.js service, a JSON list of
+``{"server", "address", "port"}`` listeners, still loads. Relative paths in the file are
+taken from the file's own folder, so the service finds its modules wherever it is started.
+Any invalid value raises ``ConfigError`` with one message naming the key (and the line,
+where it can be found); the CLI turns that into exit code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bgservice.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_PORT = 12341
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listener: a TCP + UDP pair on host:port, and/or Unix stream/datagram sockets."""
+
+    name: str = "default"
+    host: str | None = LOOPBACK
+    port: int | None = DEFAULT_PORT
+    tcp: bool = True
+    udp: bool = True
+    unix: str | None = None
+    unix_dgram: str | None = None
+    mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_connections: int = 1024
+    read_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    quiet_ms: float = 5.0
+    quiet_large_ms: float = 100.0
+    large_bytes: int = 64 * 1024
+    max_pipeline: int = 64
+    call_timeout: float = 30.0
+    threads: int = 16
+    udp_queue: int = 10_000
+    udp_workers: int = 4
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    workers: int = 4
+    keep_results: float = 3600.0
+    keep_history: float = 7 * 86400.0
+    retries: int = 0
+    backoff: float = 1.0
+    backoff_max: float = 300.0
+    max_waiting: int = 100_000
+    commit_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    listeners: tuple[Listener, ...] = (Listener(),)
+    modules: Path = Path("modules")
+    db: Path = Path("bgservice.db")
+    allow: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    limits: Limits = field(default_factory=Limits)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    module_limits: Mapping[str, int] = field(default_factory=dict)
+    reload_debounce_ms: float = 50.0
+    verbose: bool = False
+    global_handler: int = 0
+    log_file: Path | None = None
+    lag_warn_ms: float = 100.0
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+# --- validation -------------------------------------------------------------------------
+
+Check = Callable[[Any], Any]
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return v
+
+
+def _non_negative_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be a whole number of at least 0")
+    return v
+
+
+def _positive_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError("must be a number greater than 0")
+    return float(v)
+
+
+def _non_negative_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ValueError("must be a number of at least 0")
+    return float(v)
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a non-empty string")
+    return v
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+        raise ValueError("must be a port number from 0 to 65535 (0: any free port)")
+    return v
+
+
+def _mode(v: Any) -> int:
+    if isinstance(v, str) and re.fullmatch(r"0?o?[0-7]{3,4}", v):
+        v = int(v.replace("o", ""), 8)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o7777:
+        raise ValueError('must be a file mode such as 0o660 or "660"')
+    return v
+
+
+def _networks(v: Any) -> tuple[Network, ...]:
+    if not isinstance(v, list):
+        raise ValueError('must be a list of networks such as ["127.0.0.0/8", "10.0.0.0/8"]')
+    try:
+        return tuple(ipaddress.ip_network(str(n), strict=False) for n in v)
+    except ValueError as exc:
+        raise ValueError(f"holds an invalid network: {exc}") from None
+
+
+def _global_handler(v: Any) -> int:
+    names = {"off": 0, "log": 1, "stderr": 2}
+    if v not in names:
+        raise ValueError('must be "off" (-e), "log" (-E) or "stderr" (-EE)')
+    return names[v]
+
+
+def _module_limits(v: Any) -> dict[str, int]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a table of module = limit")
+    return {str(k): _positive_int(n) for k, n in v.items()}
+
+
+_LIMIT_CHECKS: dict[str, Check] = {
+    "max_request_bytes": _positive_int,
+    "max_connections": _positive_int,
+    "read_timeout": _positive_number,
+    "idle_timeout": _positive_number,
+    "quiet_ms": _positive_number,
+    "quiet_large_ms": _positive_number,
+    "large_bytes": _positive_int,
+    "max_pipeline": _positive_int,
+    "call_timeout": _positive_number,
+    "threads": _positive_int,
+    "udp_queue": _positive_int,
+    "udp_workers": _positive_int,
+    "shutdown_grace": _non_negative_number,
+}
+_QUEUE_CHECKS: dict[str, Check] = {
+    "workers": _positive_int,
+    "keep_results": _non_negative_number,
+    "keep_history": _non_negative_number,
+    "retries": _non_negative_int,
+    "backoff": _non_negative_number,
+    "backoff_max": _non_negative_number,
+    "max_waiting": _positive_int,
+    "commit_ms": _non_negative_number,
+    "module_limits": _module_limits,
+}
+_LISTENER_CHECKS: dict[str, Check] = {
+    "name": _string,
+    "host": _string,
+    "port": _port,
+    "tcp": _boolean,
+    "udp": _boolean,
+    "unix": _string,
+    "unix_dgram": _string,
+    "mode": _mode,
+}
+_TOP_CHECKS: dict[str, Check] = {
+    "modules": _string,
+    "db": _string,
+    "allow": _networks,
+}
+_LOG_CHECKS: dict[str, Check] = {
+    "verbose": _boolean,
+    "global_handler": _global_handler,
+    "file": _string,
+    "lag_warn_ms": _positive_number,
+}
+_RELOAD_CHECKS: dict[str, Check] = {"debounce_ms": _non_negative_number}
+_SECTIONS = {"limits", "queue", "log", "reload", "listen"}
+
+
+class _Reader:
+    """Validates one parsed file, naming the key and its line in every error."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+
+    def fail(self, where: str, key: str, problem: str) -> ConfigError:
+        line = self._line_of(key)
+        at = f" (line {line})" if line else ""
+        return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
+
+    def _line_of(self, key: str) -> int | None:
+        pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=", re.M)
+        m = pattern.search(self.text)
+        return self.text.count("\n", 0, m.start()) + 1 if m else None
+
+    def table(self, data: Any, checks: dict[str, Check], where: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
+        out = {}
+        for key, value in data.items():
+            if key not in checks:
+                known = ", ".join(sorted(checks))
+                raise self.fail(where, key, f"unknown key (known keys: {known})")
+            try:
+                out[key] = checks[key](value)
+            except ValueError as exc:
+                raise self.fail(where, key, f"{exc}, got {value!r}") from None
+        return out
+
+
+def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
+    where = f"[[listen]] #{index + 1} "
+    values = reader.table(raw, _LISTENER_CHECKS, where)
+    values.setdefault("name", f"listener{index + 1}")
+    if not ({"host", "port"} & values.keys()) and not ({"unix", "unix_dgram"} & values.keys()):
+        raise reader.fail(where, "port", "a listener needs host/port, unix or unix_dgram")
+    if "host" not in values and "port" not in values:
+        values["host"] = values["port"] = None
+    return Listener(**values)
+
+
+def _from_legacy_json(reader: _Reader, data: list[Any]) -> Settings:
+    """The original's format: ``[{"server": "alpha", "address": "0.0.0.0", "port": 12341}]``."""
+    listeners = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or "port" not in item:
+            raise reader.fail(f"listener #{i + 1} ", "port", "each entry needs a port")
+        try:
+            listeners.append(
+                Listener(
+                    name=str(item.get("server", f"listener{i + 1}")),
+                    host=_string(item.get("address", LOOPBACK)),
+                    port=_port(item["port"]),
+                )
+            )
+        except ValueError as exc:
+            raise reader.fail(f"listener #{i + 1} ", "address/port", str(exc)) from None
+    if not listeners:
+        raise reader.fail("", "listeners", "the list is empty")
+    return Settings(listeners=tuple(listeners))
+
+
+def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
+    unknown = set(data) - set(_TOP_CHECKS) - _SECTIONS
+    if unknown:
+        key = sorted(unknown)[0]
+        known = ", ".join(sorted(set(_TOP_CHECKS) | _SECTIONS))
+        raise reader.fail("", key, f"unknown key (known keys: {known})")
+    top = reader.table({k: v for k, v in data.items() if k in _TOP_CHECKS}, _TOP_CHECKS, "")
+    limits = reader.table(data.get("limits", {}), _LIMIT_CHECKS, "[limits] ")
+    queue = reader.table(data.get("queue", {}), _QUEUE_CHECKS, "[queue] ")
+    log = reader.table(data.get("log", {}), _LOG_CHECKS, "[log] ")
+    reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ")
+    raw_listeners = data.get("listen", [])
+    if not isinstance(raw_listeners, list):
+        raise reader.fail("", "listen", "must be an array of tables: [[listen]]")
+    settings = Settings(
+        limits=Limits(**limits),
+        queue=QueueSettings(**{k: v for k, v in queue.items() if k != "module_limits"}),
+        module_limits=queue.get("module_limits", {}),
+        reload_debounce_ms=reload.get("debounce_ms", Settings.reload_debounce_ms),
+        verbose=log.get("verbose", False),
+        global_handler=log.get("global_handler", 0),
+        lag_warn_ms=log.get("lag_warn_ms", Settings.lag_warn_ms),
+        log_file=base / log["file"] if "file" in log else None,
+    )
+    changes: dict[str, Any] = {}
+    if raw_listeners:
+        changes["listeners"] = tuple(
+            _listener(reader, raw, i) for i, raw in enumerate(raw_listeners)
+        )
+    if "modules" in top:
+        changes["modules"] = base / top["modules"]
+    if "db" in top:
+        changes["db"] = base / top["db"]
+    if "allow" in top:
+        changes["allow"] = top["allow"]
+    return settings.replace(**changes)
+
+
+def load(path: Path) -> Settings:
+    """Read and validate a config file; relative paths are taken from its folder."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    reader = _Reader(path, text)
+    base = path.resolve().parent
+    if text.lstrip().startswith("[") and not text.lstrip().startswith("[["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list):
+            return _from_legacy_json(reader, data).replace(
+                modules=base / "modules", db=base / "bgservice.db"
+            )
+    try:
+        parsed = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return _from_toml(reader, parsed, base)
+
+
+def with_overrides(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    modules: Path | None = None,
+    db: Path | None = None,
+    verbose: bool | None = None,
+    global_handler: int | None = None,
+    log_file: Path | None = None,
+) -> Settings:
+    """Apply command-line values. ``--host``/``--port`` replace the listeners by one."""
+    changes: dict[str, Any] = {}
+    if host is not None or port is not None:
+        first = next((li for li in settings.listeners if li.port is not None), Listener())
+        changes["listeners"] = (
+            Listener(
+                name=first.name,
+                host=host if host is not None else first.host or LOOPBACK,
+                port=port if port is not None else first.port,
+            ),
+        )
+    for key, value in (
+        ("modules", modules),
+        ("db", db),
+        ("verbose", verbose),
+        ("global_handler", global_handler),
+        ("log_file", log_file),
+    ):
+        if value is not None:
+            changes[key] = value
+    return settings.replace(**changes)

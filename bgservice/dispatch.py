@@ -1,0 +1,249 @@
+"""Request -> built-in command or module handler, under a timeout; errors -> replies.
+
+This is the one execution boundary: expected failures are caught by name and become their
+reply codes, anything else is logged once with its traceback and becomes a 500. Nothing a
+module does can raise past ``call`` or ``notify``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+from bgservice.config import Settings
+from bgservice.errors import (
+    BadRequest,
+    Busy,
+    CallTimeout,
+    HandlerError,
+    ModuleLoadFailed,
+    NoHandler,
+    ServiceError,
+    TransportNotAccepted,
+    UnknownRequest,
+)
+from bgservice.protocol import OK
+from bgservice.registry import Handler, ModuleVersion, Registry
+from bgservice.request import Request, to_bytes
+from bgservice.stats import Stats
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[int, bytes]
+RESERVED = frozenset({"queue", "service", "helo", "hello"})
+_KIND = {"tcp": "tcp", "unix": "tcp", "udp": "udp", "unix_dgram": "udp", "queue": "queue"}
+
+
+class QueueCommands(Protocol):
+    """What dispatch needs of the job queue (bgservice.jobs)."""
+
+    async def command(self, request: Request) -> bytes: ...
+
+
+class Dispatcher:
+    def __init__(
+        self, settings: Settings, registry: Registry, stats: Stats, executor: Executor
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stats = stats
+        self.executor = executor
+        self.queue: QueueCommands | None = None
+        self.shutting_down = False
+        self.process_runner: Callable[[ModuleVersion, Request, float], Awaitable[Any]] | None = None
+        self._builtins: dict[str, Callable[[Request], Awaitable[bytes]]] = {
+            "helo": self._helo,
+            "hello": self._hello,
+            "service": self._service,
+            "queue": self._queue,
+        }
+
+    # --- entry points ------------------------------------------------------------------
+
+    async def call(self, request: Request) -> Reply:
+        """Serve a request that wants a reply (TCP, Unix stream, queued job)."""
+        start = time.perf_counter()
+        try:
+            if self.shutting_down:
+                raise Busy("Shutting down")
+            builtin = self._builtins.get(request.module)
+            if builtin is not None:
+                reply: Reply = (OK, await builtin(request))
+            else:
+                version, handler = self.resolve(request.module, _KIND[request.transport])
+                reply = (OK, to_bytes(await self.run(version, handler, request)))
+        except ServiceError as exc:
+            reply = (exc.code, exc.message.encode())
+        except Exception as exc:  # the boundary: a bug must cost one reply, not the service
+            log.exception("internal error serving %s from %s", request.module, request.peer)
+            reply = (500, f"Internal error: {type(exc).__name__}".encode())
+        self._count(request, reply[0], start, len(reply[1]))
+        return reply
+
+    async def notify(self, request: Request) -> None:
+        """Serve a fire-and-forget request (UDP, Unix datagram): nothing is sent back."""
+        start = time.perf_counter()
+        status = OK
+        try:
+            version, handler = self.resolve(request.module, "udp")
+            await self.run(version, handler, request)
+        except ServiceError as exc:
+            status = exc.code
+            log.warning(
+                "%s request from %s for module %r failed: %d %s",
+                request.transport,
+                request.peer or "local",
+                request.module,
+                exc.code,
+                exc.message,
+            )
+        except Exception:
+            status = 500
+            log.exception("internal error serving %s from %s", request.module, request.peer)
+        self._count(request, status, start, 0)
+
+    # --- modules -----------------------------------------------------------------------
+
+    def resolve(self, name: str, kind: str) -> tuple[ModuleVersion, Handler]:
+        """The serving version of module ``name`` and its handler for ``kind``, or raise."""
+        entry = self.registry.get(name)
+        if entry is None or name in RESERVED:
+            raise UnknownRequest()
+        version = entry.version
+        if version is None:
+            raise ModuleLoadFailed(f"Module {name} failed to load: {entry.error}")
+        handler = version.udp if kind == "udp" else version.tcp
+        if handler is None:
+            raise NoHandler(f"Module {name} has no {'UDP' if kind == 'udp' else 'TCP'} handler")
+        if kind not in version.accepts:
+            raise TransportNotAccepted(f"Module {name} does not accept {kind} requests")
+        return version, handler
+
+    def timeout_of(self, version: ModuleVersion) -> float:
+        return version.timeout or self.settings.limits.call_timeout
+
+    async def run(
+        self,
+        version: ModuleVersion,
+        handler: Handler,
+        request: Request,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one handler: async on the loop, sync in the thread pool, or in a process.
+
+        The version is held until the handler really ends (a timed-out thread keeps
+        running), so its unload hook never runs under a call still using it.
+        """
+        timeout = timeout or self.timeout_of(version)
+        name = version.name
+        version.acquire()
+        self.stats.in_flight[name] += 1
+
+        def release() -> None:
+            version.release()
+            self.stats.in_flight[name] -= 1
+
+        try:
+            if version.execution == "process" and self.process_runner is not None:
+                try:
+                    return await self.process_runner(version, request, timeout)
+                finally:
+                    release()
+            if handler.is_async:
+                try:
+                    return await asyncio.wait_for(handler.fn(request), timeout)
+                finally:
+                    release()
+            loop = asyncio.get_running_loop()
+            try:
+                job = self.executor.submit(handler.fn, request)
+            except RuntimeError:  # the pool is shut down: we are stopping
+                release()
+                raise Busy("Shutting down") from None
+            job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+            return await asyncio.wait_for(asyncio.wrap_future(job), timeout)
+        except TimeoutError:
+            log.warning("module %s timed out after %.3g s", name, timeout)
+            raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.error("module %s raised", name, exc_info=exc)
+            message = f"Module {name} raised {type(exc).__name__}: {exc}"
+            if self.settings.verbose:
+                message += "\n" + "".join(traceback.format_exception(exc))
+            raise HandlerError(message) from exc
+
+    def _count(self, request: Request, status: int, start: float, out: int) -> None:
+        key = (request.module, request.transport)
+        self.stats.requests[key] += 1
+        if status != OK:
+            self.stats.errors[key] += 1
+        if self.settings.verbose:
+            log.debug(
+                "%s %s %s in=%dB out=%dB %.2fms status=%d",
+                request.transport,
+                request.peer or "local",
+                request.module or "-",
+                len(request.data),
+                out,
+                (time.perf_counter() - start) * 1000,
+                status,
+            )
+
+    # --- built-in commands -------------------------------------------------------------
+
+    async def _helo(self, request: Request) -> bytes:
+        return b"oleh"
+
+    async def _hello(self, request: Request) -> bytes:
+        return b"olleh"
+
+    async def _queue(self, request: Request) -> bytes:
+        if self.queue is None:
+            raise Busy("Queue not available")
+        return await self.queue.command(request)
+
+    async def _service(self, request: Request) -> bytes:
+        command = request.text.strip()
+        if command == "ping":
+            return b"pong"
+        if command == "modules":
+            return json.dumps(self.modules()).encode()
+        if command == "stats":
+            return json.dumps(self.stats.snapshot()).encode()
+        raise BadRequest("Unknown service request (ping, modules, stats)")
+
+    def modules(self) -> list[dict[str, Any]]:
+        rows = []
+        for entry in self.registry:
+            v = entry.version
+            rows.append(
+                {
+                    "name": entry.name,
+                    "state": entry.state,
+                    "accepts": sorted(v.accepts) if v else [],
+                    "execution": describe_execution(v) if v else None,
+                    "timeout": self.timeout_of(v) if v else None,
+                    "loaded_at": v.loaded_at if v else None,
+                    "reloads": entry.reloads,
+                    "error": entry.error,
+                }
+            )
+        return rows
+
+
+def describe_execution(version: ModuleVersion) -> str:
+    """Where the module's calls run: ``loop``, ``thread`` or ``process``."""
+    if version.execution != "default":
+        return version.execution
+    handlers = [h for h in (version.tcp, version.udp) if h is not None]
+    if handlers and all(h.is_async for h in handlers):
+        return "loop"
+    return "thread" if handlers else "-"

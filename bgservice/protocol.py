@@ -1,0 +1,137 @@
+"""Bytes <-> requests and replies, in both wire formats. Pure: no sockets, no asyncio.
+
+Two formats share every TCP (and Unix stream) listener; docs/protocol.md is the reference.
+
+* **One-shot** (the original's): the connection carries one request, ``module:data``; the
+  reply is the module's output, or ``NNN: message`` for an error; then the service closes.
+  Where the request ends is decided by the transport (half-close or a quiet gap).
+* **Framed**: the client opens with the 4-byte preface ``\\x00:F1``; then every request is
+  ``u32 length + payload`` and every reply ``3 ASCII digits status + u32 length + body``.
+  The preface can never start a meaningful one-shot request: read as one, the text before
+  its first colon is ``\\x00``, which cleans to an empty module name (always ``400``). The
+  same trick as HTTP/2's connection preface, which HTTP/1.1 servers reject.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from dataclasses import dataclass
+
+PREFACE = b"\x00:F1"
+OK = 200
+
+_LENGTH = struct.Struct(">I")
+_REPLY_HEADER = struct.Struct(">3sI")
+_NOT_NAME = re.compile(rb"[^A-Za-z0-9_-]")
+
+
+class Mode(enum.Enum):
+    ONE_SHOT = "one-shot"
+    FRAMED = "framed"
+
+
+def sniff(head: bytes) -> Mode | None:
+    """Which format a connection speaks, from its first bytes; None: need more bytes."""
+    n = min(len(head), len(PREFACE))
+    if head[:n] != PREFACE[:n]:
+        return Mode.ONE_SHOT
+    return Mode.FRAMED if n == len(PREFACE) else None
+
+
+def split_request(raw: bytes) -> tuple[str, bytes]:
+    """``module:data`` -> (cleaned module name, raw data).
+
+    The name is the text before the first colon with every byte outside
+    ``A-Z a-z 0-9 - _`` removed; without a colon the whole request is the name.
+    """
+    head, _, data = raw.partition(b":")
+    return _NOT_NAME.sub(b"", head).decode("ascii"), data
+
+
+def one_shot_error(code: int, message: str) -> bytes:
+    """An error reply in the original's format, matched by ``^[45][0-9]{2}:``."""
+    return f"{code}: {message}".encode()
+
+
+def framed_reply(status: int, body: bytes) -> bytes:
+    """One framed reply: 3 ASCII digits, u32 big-endian body length, body."""
+    return _REPLY_HEADER.pack(b"%03d" % status, len(body)) + body
+
+
+def framed_request(payload: bytes) -> bytes:
+    """One framed request (for clients and tests): u32 big-endian length, payload."""
+    return _LENGTH.pack(len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A framed request longer than the limit; its payload is skipped, not buffered."""
+
+    length: int
+
+
+class FrameDecoder:
+    """Splits a framed byte stream into request payloads.
+
+    Memory stays bounded by ``max_size``: an oversized frame yields ``Oversized`` at once
+    and its payload is discarded as it arrives, so the connection can go on.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._buf = bytearray()
+        self._skip = 0
+
+    @property
+    def partial(self) -> bool:
+        """True while a frame has started but not finished arriving."""
+        return bool(self._buf) or self._skip > 0
+
+    def feed(self, data: bytes) -> list[bytes | Oversized]:
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        buf = self._buf
+        buf += data
+        out: list[bytes | Oversized] = []
+        pos = 0
+        while len(buf) - pos >= 4:
+            (length,) = _LENGTH.unpack_from(buf, pos)
+            if length > self._max:
+                out.append(Oversized(length))
+                pos += 4
+                dropped = min(length, len(buf) - pos)
+                pos += dropped
+                self._skip = length - dropped
+                continue
+            end = pos + 4 + length
+            if end > len(buf):
+                break
+            out.append(bytes(buf[pos + 4 : end]))
+            pos = end
+        del buf[:pos]
+        return out
+
+
+class ReplyDecoder:
+    """Splits a framed reply stream into (status, body) pairs (for clients and tests)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buf += data
+        out: list[tuple[int, bytes]] = []
+        pos = 0
+        size = _REPLY_HEADER.size
+        while len(self._buf) - pos >= size:
+            status, length = _REPLY_HEADER.unpack_from(self._buf, pos)
+            if len(self._buf) - pos - size < length:
+                break
+            out.append((int(status), bytes(self._buf[pos + size : pos + size + length])))
+            pos += size + length
+        del self._buf[:pos]
+        return out

@@ -1,0 +1,359 @@
+"""The modules folder -> name -> loaded module, swapped atomically, last good version kept.
+
+Reloading follows Erlang rather than ``importlib.reload``: a changed file is imported into a
+fresh module object (off the event loop), and only when that import succeeds does the new
+version replace the old one. Calls already running keep the old version; its unload hook
+runs once the last of them has finished. A file that fails to import leaves the last good
+version serving and records the error, which a module that never loaded answers with.
+
+Files: ``NAME.py`` is module ``NAME``; ``_NAME.py`` is a helper that modules import with
+``from . import _NAME`` (they live in the package ``bgservice_modules``); hidden files,
+editor droppings and anything not ending in ``.py`` are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import inspect
+import logging
+import re
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "bgservice_modules"
+_MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
+_HELPER_FILE = re.compile(r"(_[A-Za-z0-9_-]*)\.py")
+TRANSPORTS = frozenset({"tcp", "udp", "queue"})
+EXECUTIONS = frozenset({"process"})
+
+
+def classify(filename: str) -> tuple[str, str] | None:
+    """``("module", name)``, ``("helper", name)`` or None for a file to ignore."""
+    if m := _MODULE_FILE.fullmatch(filename):
+        return "module", m.group(1)
+    if m := _HELPER_FILE.fullmatch(filename):
+        return "helper", m.group(1)
+    return None
+
+
+class ModuleLoadError(Exception):
+    """A module file that did not import; the message names file, line and error."""
+
+
+@dataclass(frozen=True)
+class Handler:
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+@dataclass(eq=False)
+class ModuleVersion:
+    """One successful import of a module file."""
+
+    name: str
+    path: Path
+    module: types.ModuleType
+    digest: str
+    tcp: Handler | None
+    udp: Handler | None
+    unload: Callable[[], Any] | None
+    accepts: frozenset[str]
+    timeout: float | None
+    execution: str
+    loaded_at: float = field(default_factory=time.time)
+    active: int = 0
+    retired: bool = False
+    on_idle: Callable[[ModuleVersion], None] | None = None
+
+    def acquire(self) -> None:
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self.retired and self.on_idle is not None:
+            self.on_idle(self)
+
+
+@dataclass(eq=False)
+class ModuleEntry:
+    """A module name's state: its serving version (if any) and its last load error."""
+
+    name: str
+    version: ModuleVersion | None = None
+    error: str | None = None
+    error_at: float | None = None
+    reloads: int = 0
+    failures: int = 0
+
+    @property
+    def state(self) -> str:
+        if self.version is None:
+            return "failed"
+        return "stale" if self.error else "loaded"
+
+
+class _FreshLoader(importlib.machinery.SourceFileLoader):
+    """Compiles from source every time, bypassing ``__pycache__``.
+
+    The bytecode cache is keyed on the source's mtime in whole seconds and its size, so two
+    saves within a second that keep the size would run the stale bytecode.
+    """
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        source = self.get_data(self.path)
+        self.digest = hashlib.sha256(source).hexdigest()
+        return compile(source, self.path, "exec", dont_inherit=True)
+
+
+class _HelperFinder(importlib.abc.MetaPathFinder):
+    """Finds ``bgservice_modules.NAME`` in the modules folder, with the fresh loader."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def find_spec(
+        self, fullname: str, path: Any, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        prefix, _, rest = fullname.partition(".")
+        if prefix != PACKAGE or not rest or "." in rest:
+            return None
+        file = self.folder / f"{rest}.py"
+        if not file.is_file():
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, file, loader=_FreshLoader(fullname, str(file))
+        )
+
+
+def _install_package(folder: Path) -> None:
+    for finder in [f for f in sys.meta_path if isinstance(f, _HelperFinder)]:
+        sys.meta_path.remove(finder)
+    sys.meta_path.insert(0, _HelperFinder(folder))
+    package = types.ModuleType(PACKAGE, "Modules loaded by bgservice.")
+    package.__path__ = [str(folder)]
+    package.__spec__ = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+    sys.modules[PACKAGE] = package
+
+
+def _describe_failure(exc: BaseException, path: Path) -> str:
+    if isinstance(exc, SyntaxError):
+        where = f"{Path(exc.filename or path).name}:{exc.lineno}"
+        return f"{where}: {type(exc).__name__}: {exc.msg}"
+    line = None
+    filename = path.name
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).parent == path.parent:
+            line, filename = frame.lineno, Path(frame.filename).name
+    where = f"{filename}:{line}" if line else filename
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+def _handler(module: types.ModuleType, attr: str) -> Handler | None:
+    fn = getattr(module, attr, None)
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise ModuleLoadError(f"{attr} is not callable")
+    return Handler(fn, inspect.iscoroutinefunction(fn))
+
+
+def _declarations(
+    module: types.ModuleType, tcp: Handler | None, udp: Handler | None
+) -> tuple[frozenset[str], float | None, str]:
+    accepts_raw = getattr(module, "ACCEPTS", None)
+    if accepts_raw is None:
+        accepts = frozenset(({"tcp", "queue"} if tcp else set()) | ({"udp"} if udp else set()))
+    elif isinstance(accepts_raw, str) or not set(accepts_raw) <= TRANSPORTS:
+        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(TRANSPORTS)}")
+    else:
+        accepts = frozenset(accepts_raw)
+    timeout = getattr(module, "TIMEOUT", None)
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise ModuleLoadError("TIMEOUT must be a number of seconds greater than 0")
+    execution = getattr(module, "EXECUTION", None) or "default"
+    if execution != "default" and execution not in EXECUTIONS:
+        raise ModuleLoadError(f"EXECUTION must be one of {sorted(EXECUTIONS)}")
+    return accepts, (float(timeout) if timeout else None), execution
+
+
+def import_module_file(name: str, path: Path) -> ModuleVersion:
+    """Import ``path`` into a fresh module object. Runs in the loader thread."""
+    qualname = f"{PACKAGE}.{name}"
+    loader = _FreshLoader(qualname, str(path))
+    spec = importlib.util.spec_from_file_location(qualname, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(qualname)
+    # In sys.modules while it runs, as a normal import would be (dataclasses and pickling
+    # look it up there); put back as it was if the import fails.
+    sys.modules[qualname] = module
+    try:
+        loader.exec_module(module)
+        tcp, udp = _handler(module, "handle_tcp"), _handler(module, "handle_udp")
+        unload = getattr(module, "unload", None)
+        accepts, timeout, execution = _declarations(module, tcp, udp)
+    except ModuleLoadError as exc:
+        _restore(qualname, previous)
+        raise ModuleLoadError(f"{path.name}: {exc}") from None
+    except BaseException as exc:  # SystemExit at import time must not stop the service
+        _restore(qualname, previous)
+        raise ModuleLoadError(_describe_failure(exc, path)) from None
+    return ModuleVersion(
+        name=name,
+        path=path,
+        module=module,
+        digest=loader.digest,
+        tcp=tcp,
+        udp=udp,
+        unload=unload if callable(unload) else None,
+        accepts=accepts,
+        timeout=timeout,
+        execution=execution,
+    )
+
+
+def _restore(qualname: str, previous: types.ModuleType | None) -> None:
+    if previous is None:
+        sys.modules.pop(qualname, None)
+    else:
+        sys.modules[qualname] = previous
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class Registry:
+    """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
+
+    def __init__(self, folder: Path, executor: Executor) -> None:
+        self.folder = folder.resolve()
+        self._executor = executor
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="bgservice-loader")
+        self._entries: dict[str, ModuleEntry] = {}
+        self._lock = asyncio.Lock()
+        self._unloads: set[asyncio.Task[None]] = set()
+        self.on_failure: Callable[[str, str], None] | None = None
+        _install_package(self.folder)
+
+    def get(self, name: str) -> ModuleEntry | None:
+        return self._entries.get(name)
+
+    def __iter__(self) -> Iterator[ModuleEntry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    async def load_all(self) -> None:
+        if not self.folder.is_dir():
+            log.warning("modules folder %s does not exist; no modules loaded", self.folder)
+            return
+        for path in sorted(self.folder.iterdir()):
+            kind = classify(path.name)
+            if kind and kind[0] == "module":
+                await self.refresh(path.name)
+
+    async def refresh(self, filename: str) -> None:
+        """Bring one file's module in line with the disk: load, reload or drop it."""
+        kind = classify(filename)
+        if kind is None:
+            return
+        async with self._lock:
+            if kind[0] == "helper":
+                await self._helper_changed(kind[1])
+            elif (self.folder / filename).is_file():
+                await self._load(kind[1])
+            else:
+                self._drop(kind[1])
+
+    async def _helper_changed(self, helper: str) -> None:
+        # Any module may import any helper, directly or through another helper: drop every
+        # cached helper and re-import every module, so none keeps a stale copy.
+        for qualname in [n for n in sys.modules if n.startswith(f"{PACKAGE}._")]:
+            del sys.modules[qualname]
+        log.info("helper %s changed: reloading every module", helper)
+        for name in [e.name for e in self if e.version is not None or e.error]:
+            await self._load(name, force=True)
+
+    async def _load(self, name: str, force: bool = False) -> None:
+        path = self.folder / f"{name}.py"
+        entry = self._entries.setdefault(name, ModuleEntry(name))
+        loop = asyncio.get_running_loop()
+        if not force and entry.version is not None and not entry.error:
+            digest = await loop.run_in_executor(self._loader, _digest, path)
+            if digest == entry.version.digest:
+                return
+        try:
+            version = await loop.run_in_executor(self._loader, import_module_file, name, path)
+        except ModuleLoadError as exc:
+            entry.error, entry.error_at = str(exc), time.time()
+            entry.failures += 1
+            keeps = " (the last good version keeps serving)" if entry.version else ""
+            log.error("module %s failed to load: %s%s", name, exc, keeps)
+            if self.on_failure is not None:
+                self.on_failure(name, str(exc))
+            return
+        old, entry.version, entry.error, entry.error_at = entry.version, version, None, None
+        if old is None:
+            log.info("module %s loaded", name)
+        else:
+            entry.reloads += 1
+            log.info("module %s reloaded", name)
+            self._retire(old)
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        sys.modules.pop(f"{PACKAGE}.{name}", None)
+        if entry is not None:
+            log.info("module %s removed", name)
+            if entry.version is not None:
+                self._retire(entry.version)
+
+    def _retire(self, version: ModuleVersion) -> None:
+        version.retired = True
+        version.on_idle = self._start_unload
+        if version.active == 0:
+            self._start_unload(version)
+
+    def _start_unload(self, version: ModuleVersion) -> None:
+        version.on_idle = None
+        if version.unload is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._run_unload(version))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
+    async def _run_unload(self, version: ModuleVersion) -> None:
+        assert version.unload is not None
+        try:
+            if inspect.iscoroutinefunction(version.unload):
+                await version.unload()
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._executor, version.unload)
+        except Exception:
+            log.exception("unload hook of module %s raised", version.name)
+
+    async def close(self, grace: float) -> None:
+        """Retire every version (running their unload hooks) and wait for the hooks."""
+        for entry in self._entries.values():
+            if entry.version is not None:
+                self._retire(entry.version)
+        if self._unloads:
+            await asyncio.wait(set(self._unloads), timeout=max(grace, 0.1))
+        self._loader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,349 @@
+"""Lifecycle: modules, listeners, reloader, workers, signals and a graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bgservice.access import AccessList
+from bgservice.config import LOOPBACK, Listener, Settings
+from bgservice.dispatch import Dispatcher, describe_execution
+from bgservice.registry import Registry
+from bgservice.reloader import Reloader
+from bgservice.stats import LagMonitor, Stats
+from bgservice.tcp import Connection, StreamContext
+from bgservice.udp import DatagramEndpoint, DatagramWorkers
+
+log = logging.getLogger(__name__)
+
+EXIT_UNEXPECTED = 70  # EX_SOFTWARE: an error outside any request, without -E
+_PORT_TRIES = 20
+
+
+class ListenError(Exception):
+    """A listener could not be opened (port in use, permission, bad address)."""
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        ready_file: Path | None = None,
+        notify_socket: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ready_file = ready_file
+        self.notify_socket = notify_socket
+        self.stats = Stats()
+        self.executor = ThreadPoolExecutor(
+            settings.limits.threads, thread_name_prefix="bgservice-call"
+        )
+        self.registry = Registry(settings.modules, self.executor)
+        self.registry.on_failure = self._reload_failed
+        self.dispatcher = Dispatcher(settings, self.registry, self.stats, self.executor)
+        self.udp = DatagramWorkers(
+            self.dispatcher, self.stats, settings.limits.udp_queue, settings.limits.udp_workers
+        )
+        self.reloader = Reloader(
+            settings.modules, self.registry.refresh, settings.reload_debounce_ms
+        )
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.contexts: list[StreamContext] = []
+        self.servers: list[asyncio.Server] = []
+        self.endpoints: list[asyncio.BaseTransport] = []
+        self.socket_files: list[Path] = []
+        self.bound: list[dict[str, Any]] = []
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    # --- run ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._unexpected)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.registry.load_all()
+        self._log_modules()
+        try:
+            await self._listen()
+        except ListenError as exc:
+            log.error("%s", exc)
+            await self._close_listeners()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            return 1
+        self.reloader.start()
+        self.udp.start()
+        lag = LagMonitor(
+            self.stats,
+            warn_ms=self.settings.lag_warn_ms if self.settings.verbose else None,
+            running=lambda: [m for m, n in self.stats.in_flight.items() if n],
+        )
+        self._background.append(loop.create_task(lag.run()))
+        await self.on_started()
+        self._announce_ready()
+        await self._stop.wait()
+        await self._shutdown()
+        return self.exit_code
+
+    async def on_started(self) -> None:
+        """Hook for parts started after the listeners (the job queue)."""
+
+    async def on_stopping(self, grace: float) -> None:
+        """Hook for parts stopped before the modules are unloaded (the job queue)."""
+
+    def stop(self, code: int = 0) -> None:
+        self.exit_code = self.exit_code or code
+        self._stop.set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        loop = asyncio.get_running_loop()
+        log.info("received %s: shutting down (send it again to exit at once)", sig.name)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, self._exit_now, s)
+        self.stop(0)
+
+    def _exit_now(self, sig: signal.Signals) -> None:
+        log.warning("received %s again: exiting now", sig.name)
+        logging.shutdown()
+        os._exit(1)
+
+    def _unexpected(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The global error handler (-E): an error outside every request's boundary."""
+        exc = context.get("exception")
+        message = context.get("message", "unexpected error")
+        log.error("unexpected error: %s", message, exc_info=exc)
+        if self.settings.global_handler >= 2 and exc is not None:
+            traceback.print_exception(exc, file=sys.stderr)
+        if self.settings.global_handler == 0:
+            log.critical("stopping after an unexpected error (start with -E to keep running)")
+            self.stop(EXIT_UNEXPECTED)
+
+    def _reload_failed(self, name: str, error: str) -> None:
+        self.stats.reload_failures += 1
+
+    # --- listeners ------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        for listener in self.settings.listeners:
+            bound: dict[str, Any] = {"name": listener.name}
+            if listener.port is not None:
+                await self._listen_inet(listener, bound)
+            if listener.unix:
+                await self._listen_unix(listener, bound)
+            if listener.unix_dgram:
+                await self._listen_unix_dgram(listener, bound)
+            self.bound.append(bound)
+            shown = " ".join(
+                f"{k}://{v[0]}:{v[1]}" if isinstance(v, list) else f"{k}:{v}"
+                for k, v in bound.items()
+                if k != "name"
+            )
+            access = AccessList.for_host(listener.host, self.settings.allow)
+            rule = (
+                "local peers only"
+                if access.networks is None
+                else "allow " + ", ".join(map(str, access.networks))
+            )
+            log.info("listener %s: %s (%s)", listener.name, shown, rule)
+
+    def _stream_context(self, access: AccessList, transport_name: str) -> StreamContext:
+        ctx = StreamContext(
+            self.dispatcher, self.settings.limits, self.stats, access, transport_name, self.tasks
+        )
+        self.contexts.append(ctx)
+        return ctx
+
+    async def _listen_inet(self, listener: Listener, bound: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        access = AccessList.for_host(listener.host, self.settings.allow)
+        ctx = self._stream_context(access, "tcp")
+        port = listener.port or 0
+        for attempt in range(_PORT_TRIES if port == 0 else 1):
+            server = None
+            try:
+                if listener.tcp:
+                    server = await loop.create_server(
+                        lambda: Connection(ctx), listener.host, port, backlog=1024
+                    )
+                    chosen = server.sockets[0].getsockname()[1]
+                else:
+                    chosen = port
+                if listener.udp:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda: DatagramEndpoint(self.udp, access, "udp"),
+                        local_addr=(listener.host or LOOPBACK, chosen),
+                    )
+                    self.endpoints.append(transport)
+                    bound["udp"] = list(transport.get_extra_info("sockname")[:2])
+                break
+            except OSError as exc:
+                if server is not None:
+                    server.close()
+                # With port 0 the UDP twin of a free TCP port may be taken: try another.
+                if port == 0 and exc.errno == errno.EADDRINUSE and attempt < _PORT_TRIES - 1:
+                    continue
+                raise ListenError(
+                    f"cannot listen on {listener.host}:{port} ({listener.name}): "
+                    f"{exc.strerror or exc}"
+                    + (" - is another service running?" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
+        if server is not None:
+            self.servers.append(server)
+            bound["tcp"] = list(server.sockets[0].getsockname()[:2])
+
+    async def _listen_unix(self, listener: Listener, bound: dict[str, Any]) -> None:
+        assert listener.unix is not None
+        path = Path(listener.unix)
+        _remove_stale_socket(path, socket.SOCK_STREAM)
+        ctx = self._stream_context(AccessList(None), "unix")
+        try:
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: Connection(ctx), str(path), backlog=1024
+            )
+            os.chmod(path, listener.mode)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+        self.servers.append(server)
+        self.socket_files.append(path)
+        bound["unix"] = str(path)
+
+    async def _listen_unix_dgram(self, listener: Listener, bound: dict[str, Any]) -> None:
+        assert listener.unix_dgram is not None
+        path = Path(listener.unix_dgram)
+        _remove_stale_socket(path, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, listener.mode)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(f"cannot listen on unix_dgram:{path}: {exc.strerror}") from None
+        self.socket_files.append(path)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: DatagramEndpoint(self.udp, AccessList(None), "unix_dgram"), sock=sock
+        )
+        self.endpoints.append(transport)
+        bound["unix_dgram"] = str(path)
+
+    async def _close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+        for endpoint in self.endpoints:
+            endpoint.close()
+        for path in self.socket_files:
+            path.unlink(missing_ok=True)
+
+    # --- readiness --------------------------------------------------------------------
+
+    def _log_modules(self) -> None:
+        rows = [("module", "state", "accepts", "runs in", "timeout")]
+        for entry in self.registry:
+            v = entry.version
+            rows.append(
+                (
+                    entry.name,
+                    entry.state if not entry.error else f"failed: {entry.error}",
+                    ",".join(sorted(v.accepts)) if v else "-",
+                    describe_execution(v) if v else "-",
+                    f"{self.dispatcher.timeout_of(v):g}s" if v else "-",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4]
+            for r in rows
+        ]
+        log.info(
+            "%d modules from %s:\n  %s",
+            len(rows) - 1,
+            self.registry.folder,
+            "\n  ".join(lines),
+        )
+
+    def _announce_ready(self) -> None:
+        log.info("bgservice ready (pid %d)", os.getpid())
+        if self.ready_file is not None:
+            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.bound}))
+            tmp.replace(self.ready_file)
+        self._sd_notify(b"READY=1")
+
+    def _sd_notify(self, message: bytes) -> None:
+        """systemd's readiness protocol (Type=notify): one datagram to NOTIFY_SOCKET."""
+        if not self.notify_socket:
+            return
+        address = self.notify_socket
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message, address)
+        except OSError as exc:
+            log.warning("could not notify systemd: %s", exc)
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        grace = self.settings.limits.shutdown_grace
+        deadline = loop.time() + grace
+        self._sd_notify(b"STOPPING=1")
+        self.dispatcher.shutting_down = True
+        await self._close_listeners()
+        for ctx in self.contexts:
+            for conn in list(ctx.connections):
+                conn.close_if_idle()
+        log.info("shutting down: %d calls in flight, up to %g s to finish", len(self.tasks), grace)
+        await self.udp.drain(max(deadline - loop.time(), 0))
+        await self.on_stopping(max(deadline - loop.time(), 0))
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=max(deadline - loop.time(), 0))
+            if pending:
+                log.warning("%d calls still running after %g s: cancelled", len(pending), grace)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for ctx in self.contexts:
+            for conn in list(ctx.connections):
+                conn._close()
+        await self.reloader.stop()
+        await self.registry.close(max(deadline - loop.time(), 1.0))
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        log.info("bgservice stopped")
+
+
+def _remove_stale_socket(path: Path, kind: socket.SocketKind) -> None:
+    """Remove a socket file left by a service that died; refuse to touch a live one."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ListenError(f"cannot listen on {path}: exists and is not a socket")
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+        except OSError:
+            path.unlink(missing_ok=True)
+            return
+    raise ListenError(f"cannot listen on {path}: another service is using it")

@@ -1,0 +1,86 @@
+"""Counters for ``service:stats`` and the event-loop lag monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    """Plain counters, touched only from the event loop thread."""
+
+    started: float = field(default_factory=time.time)
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    in_flight: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    connections_total: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    udp_received: int = 0
+    udp_dropped: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    lag_ms: float = 0.0
+    lag_max_ms: float = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        modules: dict[str, dict[str, dict[str, int]]] = {}
+        for (module, transport), n in self.requests.items():
+            row = modules.setdefault(module, {}).setdefault(transport, {})
+            row["requests"] = n
+            row["errors"] = self.errors.get((module, transport), 0)
+        return {
+            "uptime": round(time.time() - self.started, 3),
+            "requests": sum(self.requests.values()),
+            "errors": sum(self.errors.values()),
+            "modules": modules,
+            "in_flight": {k: v for k, v in self.in_flight.items() if v},
+            "connections": {"open": self.connections, "total": self.connections_total},
+            "refused": dict(self.refused),
+            "udp": {"received": self.udp_received, "dropped": self.udp_dropped},
+            "reloads": {"ok": self.reloads, "failed": self.reload_failures},
+            "loop_lag_ms": {"last": round(self.lag_ms, 3), "max": round(self.lag_max_ms, 3)},
+        }
+
+
+class LagMonitor:
+    """Measures how late the loop wakes a sleeping task: the lag every client feels.
+
+    With ``warn_ms`` set (``-v``), a lag above it is logged with the modules that were
+    running at the time, which is almost always the culprit.
+    """
+
+    def __init__(
+        self,
+        stats: Stats,
+        interval: float = 0.1,
+        warn_ms: float | None = None,
+        running: Callable[[], list[str]] = list,
+    ) -> None:
+        self.stats = stats
+        self.interval = interval
+        self.warn_ms = warn_ms
+        self.running = running
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = self.running()
+            start = loop.time()
+            await asyncio.sleep(self.interval)
+            lag = max(0.0, (loop.time() - start - self.interval) * 1000)
+            self.stats.lag_ms = lag
+            self.stats.lag_max_ms = max(self.stats.lag_max_ms, lag)
+            if self.warn_ms is not None and lag > self.warn_ms:
+                suspects = sorted(set(before) | set(self.running())) or ["none"]
+                log.warning(
+                    "event loop lagged %.1f ms; modules running: %s", lag, ", ".join(suspects)
+                )

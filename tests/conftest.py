@@ -1,0 +1,253 @@
+"""End-to-end harness: a real service process on ephemeral ports, talked to over sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        time.sleep(interval)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Framed:
+    """A framed-protocol connection (docs/protocol.md)."""
+
+    def __init__(self, address: Any, family: int = socket.AF_INET, timeout: float = 10) -> None:
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.sock.sendall(PREFACE)
+        assert self._read_exact(len(PREFACE)) == PREFACE
+        self.decoder = ReplyDecoder()
+        self.ready: list[tuple[int, bytes]] = []
+
+    def _read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def send(self, *payloads: bytes) -> None:
+        self.sock.sendall(b"".join(framed_request(p) for p in payloads))
+
+    def recv(self) -> tuple[int, bytes]:
+        while not self.ready:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.ready.extend(self.decoder.feed(chunk))
+        return self.ready.pop(0)
+
+    def call(self, payload: bytes) -> tuple[int, bytes]:
+        self.send(payload)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+BASE_CONFIG = """
+modules = "{modules}"
+db = "{db}"
+[[listen]]
+name = "test"
+host = "127.0.0.1"
+port = 0
+[limits]
+shutdown_grace = 5.0
+"""
+
+
+class ServiceProcess:
+    """``python service.py`` with a config of the test's own, stopped at teardown."""
+
+    def __init__(self, root: Path, extra_config: str = "", args: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.modules = root / "modules"
+        if not self.modules.exists():
+            shutil.copytree(
+                REPO / "modules", self.modules, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        self.config = root / "service.config"
+        if not self.config.exists() or extra_config:
+            base = BASE_CONFIG.format(modules=self.modules, db=root / "jobs.db")
+            self.config.write_text(_merge_config(base, extra_config))
+        self.ready_file = root / "ready.json"
+        self.log_path = root / "service.log"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+
+    def start(self, wait: bool = True) -> ServiceProcess:
+        self.ready_file.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "service.py"),
+                "-c",
+                str(self.config),
+                "--ready-file",
+                str(self.ready_file),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        if wait:
+            wait_until(self._ready_or_dead, timeout=20)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited {self.proc.returncode}:\n{self.log()}")
+            self.info = json.loads(self.ready_file.read_text())
+        return self
+
+    def _ready_or_dead(self) -> bool:
+        assert self.proc is not None
+        return self.ready_file.exists() or self.proc.poll() is not None
+
+    # --- addresses --------------------------------------------------------------------
+
+    @property
+    def tcp(self) -> tuple[str, int]:
+        host, port = self.info["listeners"][0]["tcp"]
+        return host, port
+
+    @property
+    def udp(self) -> tuple[str, int]:
+        host, port = self.info["listeners"][0]["udp"]
+        return host, port
+
+    # --- talking ----------------------------------------------------------------------
+
+    def call(self, payload: bytes, half_close: bool = True, timeout: float = 15) -> bytes:
+        """One-shot request, as the original's clients make it."""
+        with socket.create_connection(self.tcp, timeout=timeout) as sock:
+            sock.sendall(payload)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            return recv_all(sock)
+
+    def framed(self) -> Framed:
+        return Framed(self.tcp)
+
+    def send_udp(self, payload: bytes) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(payload, self.udp)
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.call(b"service:stats"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+        wait_until(lambda: text in self.log(), timeout=timeout)
+
+    # --- stopping ---------------------------------------------------------------------
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def _merge_config(base: str, extra: str) -> str:
+    """Append ``extra`` TOML; a table it repeats replaces the base's table of that name."""
+    import re
+
+    for header in re.findall(r"^\[([a-z_]+)\]\s*$", extra, re.M):
+        base = re.sub(rf"^\[{header}\]\n(?:[^\[\n].*\n?)*", "", base, flags=re.M)
+    if re.search(r"^\[\[listen\]\]", extra, re.M):
+        base = re.sub(r"^\[\[listen\]\]\n(?:[^\[\n].*\n?)*", "", base, flags=re.M)
+    return base + "\n" + extra
+
+
+@pytest.fixture
+def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def make(
+        extra_config: str = "", *args: str, start: bool = True, root: Path | None = None
+    ) -> ServiceProcess:
+        svc = ServiceProcess(root or tmp_path, extra_config, args)
+        started.append(svc)
+        return svc.start() if start else svc
+
+    yield make
+    for svc in started:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+
+
+@pytest.fixture
+def service(make_service: Callable[..., ServiceProcess]) -> ServiceProcess:
+    return make_service()
+
+
+@pytest.fixture
+def modules_dir(tmp_path: Path) -> Path:
+    """The shipped modules, copied for this test; write extra modules here before starting."""
+    target = tmp_path / "modules"
+    if not target.exists():
+        shutil.copytree(REPO / "modules", target, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def write_module(folder: Path, name: str, source: str) -> Path:
+    import textwrap
+
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    return path

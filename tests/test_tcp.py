@@ -1,0 +1,276 @@
+"""TCP end to end: the original's one-shot format and the framed format, over real sockets."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+
+from bgservice.protocol import PREFACE, framed_request
+from tests.conftest import recv_all, wait_until, write_module
+
+LEGACY_ERROR = re.compile(rb"^[45][0-9]{2}:")
+
+
+# --- one-shot, as the original's clients speak it -------------------------------------
+
+
+@pytest.mark.parametrize("half_close", [True, False])
+def test_health_checks_and_test_module(service, half_close):
+    assert service.call(b"helo", half_close) == b"oleh"
+    assert service.call(b"hello", half_close) == b"olleh"
+    assert service.call(b"test:anything", half_close) == b"Test"
+    assert service.call(b"test", half_close) == b"Test"
+
+
+def test_unknown_module_and_module_without_handlers(service):
+    assert service.call(b"nosuchmodule:x") == b"400: Unknown request"
+    assert service.call(b"$%^:x") == b"400: Unknown request"
+    reply = service.call(b"fail:x")
+    assert reply == b"501: Module fail has no TCP handler"
+    assert LEGACY_ERROR.match(reply.lstrip())
+
+
+def test_reserved_names_are_never_modules(service, modules_dir):
+    write_module(modules_dir, "service", "def handle_tcp(r): return 'hijacked'")
+    assert service.call(b"service:ping") == b"pong"
+    assert service.call(b"service:nope").startswith(b"400:")
+
+
+def test_echo_is_binary_safe(service):
+    data = bytes(range(256)) * 4
+    assert service.call(b"echo:" + data) == data
+
+
+@pytest.mark.parametrize("half_close", [True, False])
+def test_one_mebibyte_request_in_one_write(service, half_close):
+    data = bytes(range(256)) * 4096
+    assert service.call(b"echo:" + data, half_close=half_close, timeout=30) == data
+
+
+def test_up_to_the_size_limit_with_half_close(make_service):
+    svc = make_service("[limits]\nmax_request_bytes = 4194304\n")
+    data = b"z" * (4 * 1024 * 1024 - 5)
+    assert svc.call(b"echo:" + data, timeout=30) == data
+
+
+def test_too_large_gets_413_and_close_with_memory_bounded(make_service):
+    svc = make_service("[limits]\nmax_request_bytes = 100000\n")
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        try:
+            sock.sendall(b"echo:" + b"x" * 2_000_000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = recv_all(sock)
+    assert reply.startswith(b"413: Request too large")
+    assert svc.call(b"test:x") == b"Test"
+
+
+def test_silent_client_gets_408(make_service):
+    svc = make_service("[limits]\nread_timeout = 0.5\n")
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        start = time.monotonic()
+        reply = recv_all(sock)
+    assert reply.startswith(b"408:")
+    assert 0.4 < time.monotonic() - start < 5
+    assert svc.stats()["refused"]["read_timeout"] == 1
+
+
+def test_trickling_one_shot_client_gets_408(make_service):
+    # A byte every 2 ms never leaves a 50 ms gap, so the request never ends: the read
+    # deadline must end it.
+    svc = make_service("[limits]\nread_timeout = 0.5\nquiet_ms = 50\n")
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        sock.setblocking(False)
+        reply = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                sock.send(b"e")
+            except OSError:
+                break
+            try:
+                reply += sock.recv(100)
+                if reply:
+                    break
+            except BlockingIOError:
+                pass
+            time.sleep(0.002)
+    assert reply.startswith(b"408:")
+
+
+def test_handler_error_is_a_500_without_traceback(service, modules_dir):
+    write_module(modules_dir, "boom", "def handle_tcp(r):\n    raise ValueError('bad input')\n")
+    reply = wait_until(lambda: (r := service.call(b"boom:x")) != b"400: Unknown request" and r)
+    assert reply == b"500: Module boom raised ValueError: bad input"
+    assert "Traceback" in service.log() and "bad input" in service.log()
+
+
+def test_reply_error_from_a_module_carries_its_code(service):
+    assert service.call(b"sleep:abc") == b"400: sleep: expected milliseconds, got 'abc'"
+
+
+def test_timeout_replies_504_at_the_deadline_and_others_are_served(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "hang",
+        """
+        import time
+        TIMEOUT = 0.5
+        def handle_tcp(request):
+            time.sleep(3)
+            return "late"
+        """,
+    )
+    svc = make_service()
+    with socket.create_connection(svc.tcp, timeout=10) as slow:
+        slow.sendall(b"hang:x")
+        slow.shutdown(socket.SHUT_WR)
+        start = time.monotonic()
+        assert svc.call(b"test:x") == b"Test"  # served while hang is running
+        reply = recv_all(slow)
+        elapsed = time.monotonic() - start
+    assert reply == b"504: Module hang timed out after 0.5 s"
+    assert elapsed < 2.5
+
+
+def test_sync_handler_runs_off_the_loop(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "block",
+        """
+        import time
+        def handle_tcp(request):
+            time.sleep(1)
+            return "ok"
+        """,
+    )
+    svc = make_service()
+    with socket.create_connection(svc.tcp, timeout=10) as slow:
+        slow.sendall(b"block:x")
+        slow.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        start = time.monotonic()
+        assert svc.call(b"test:x") == b"Test"
+        assert time.monotonic() - start < 0.5  # not after block's 1 s
+        assert recv_all(slow) == b"ok"
+
+
+def test_streaming_reply(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "stream",
+        """
+        def handle_tcp(request):
+            for i in range(3):
+                request.write(f"part{i} ")
+            return "end"
+        """,
+    )
+    svc = make_service()
+    assert svc.call(b"stream:x") == b"part0 part1 part2 end"
+    conn = svc.framed()
+    assert conn.call(b"stream:x") == (200, b"part0 part1 part2 end")
+
+
+def test_connection_limit(make_service):
+    svc = make_service("[limits]\nmax_connections = 2\nread_timeout = 5\n")
+    held = [socket.create_connection(svc.tcp) for _ in range(2)]
+
+    def refused() -> bool:
+        with socket.create_connection(svc.tcp, timeout=10) as extra:
+            return recv_all(extra) == b"503: Too many connections"
+
+    try:
+        wait_until(refused)
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: svc.call(b"test:x") == b"Test")
+
+
+# --- framed ---------------------------------------------------------------------------
+
+
+def test_framed_byte_exact_exchange(service):
+    with socket.create_connection(service.tcp, timeout=10) as sock:
+        sock.sendall(PREFACE + b"\x00\x00\x00\x06test:x")
+        expected = PREFACE + b"200\x00\x00\x00\x04Test"
+        got = b""
+        while len(got) < len(expected):
+            got += sock.recv(100)
+    assert got == expected
+
+
+def test_framed_pipelined_replies_come_in_order(service):
+    conn = service.framed()
+    conn.send(b"sleep:300", b"test:x", b"echo:\x00\x01:\xff", b"nope", b"helo")
+    assert conn.recv() == (200, b"slept 300")
+    assert conn.recv() == (200, b"Test")
+    assert conn.recv() == (200, b"\x00\x01:\xff")
+    assert conn.recv() == (400, b"Unknown request")
+    assert conn.recv() == (200, b"oleh")
+
+
+def test_framed_requests_run_concurrently(service):
+    conn = service.framed()
+    start = time.monotonic()
+    conn.send(*[b"sleep:400"] * 10)
+    for _ in range(10):
+        assert conn.recv() == (200, b"slept 400")
+    assert time.monotonic() - start < 3  # ten 0.4 s calls, not one after another
+
+
+def test_framed_oversized_frame_is_skipped_and_the_connection_goes_on(make_service):
+    svc = make_service("[limits]\nmax_request_bytes = 1000\n")
+    conn = svc.framed()
+    conn.send(b"echo:" + b"x" * 5000, b"echo:small")
+    status, body = conn.recv()
+    assert status == 413 and b"5005 bytes" in body
+    assert conn.recv() == (200, b"small")
+
+
+def test_framed_trickle_hits_the_read_timeout(make_service):
+    svc = make_service("[limits]\nread_timeout = 0.5\n")
+    conn = svc.framed()
+    assert conn.call(b"test:x") == (200, b"Test")
+    frame = framed_request(b"echo:" + b"y" * 100)
+    conn.sock.settimeout(0.05)
+    start = time.monotonic()
+    reply = None
+    for byte in frame:
+        try:
+            conn.sock.send(bytes([byte]))
+        except OSError:
+            break
+        try:
+            reply = conn.recv()
+            break
+        except (TimeoutError, ConnectionError):
+            pass
+    assert reply is not None and reply[0] == 408
+    assert time.monotonic() - start < 3
+
+
+def test_framed_half_close_flushes_pending_replies(service):
+    conn = service.framed()
+    conn.send(b"sleep:200", b"test:x")
+    conn.sock.shutdown(socket.SHUT_WR)
+    assert conn.recv() == (200, b"slept 200")
+    assert conn.recv() == (200, b"Test")
+    assert conn.sock.recv(10) == b""
+
+
+def test_service_commands(service):
+    import json
+
+    assert service.call(b"service:ping") == b"pong"
+    modules = {m["name"]: m for m in json.loads(service.call(b"service:modules"))}
+    assert modules["test"]["state"] == "loaded"
+    assert modules["fail"]["accepts"] == []
+    service.call(b"test:x")
+    stats = service.stats()
+    assert stats["modules"]["test"]["tcp"]["requests"] >= 1
+    assert {"uptime", "in_flight", "loop_lag_ms", "udp", "connections"} <= stats.keys()
