@@ -30,7 +30,7 @@ from bgservice.errors import (
 )
 from bgservice.protocol import OK
 from bgservice.registry import Handler, ModuleVersion, Registry
-from bgservice.request import Request, to_bytes
+from bgservice.request import JobAdder, Request, to_bytes
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ RESERVED = frozenset({"queue", "service", "helo", "hello"})
 _KIND = {"tcp": "tcp", "unix": "tcp", "udp": "udp", "unix_dgram": "udp", "queue": "queue"}
 
 
-class QueueCommands(Protocol):
+class QueueCommands(JobAdder, Protocol):
     """What dispatch needs of the job queue (bgservice.jobs)."""
 
     async def command(self, request: Request) -> bytes: ...
@@ -66,7 +66,7 @@ class Dispatcher:
 
     # --- entry points ------------------------------------------------------------------
 
-    async def call(self, request: Request) -> Reply:
+    async def call(self, request: Request, timeout: float | None = None) -> Reply:
         """Serve a request that wants a reply (TCP, Unix stream, queued job)."""
         start = time.perf_counter()
         try:
@@ -77,7 +77,7 @@ class Dispatcher:
                 reply: Reply = (OK, await builtin(request))
             else:
                 version, handler = self.resolve(request.module, _KIND[request.transport])
-                reply = (OK, to_bytes(await self.run(version, handler, request)))
+                reply = (OK, to_bytes(await self.run(version, handler, request, timeout)))
         except ServiceError as exc:
             reply = (exc.code, exc.message.encode())
         except Exception as exc:  # the boundary: a bug must cost one reply, not the service
@@ -142,6 +142,7 @@ class Dispatcher:
         """
         timeout = timeout or self.timeout_of(version)
         name = version.name
+        request.attach(asyncio.get_running_loop(), self.queue)
         version.acquire()
         self.stats.in_flight[name] += 1
 

@@ -71,6 +71,20 @@ class Conflict(ServiceError):
     default_message = "Conflict"
 
 
+class Cancelled(ServiceError):
+    """``queue:get`` of a job that was cancelled."""
+
+    code = 410
+    default_message = "Job cancelled"
+
+
+class DependencyFailed(ServiceError):
+    """A job whose ``after`` job failed, was cancelled or expired."""
+
+    code = 424
+    default_message = "Dependency failed"
+
+
 class TooLarge(ServiceError):
     """The request is larger than ``max_request_bytes``."""
 

@@ -19,9 +19,11 @@ from typing import Any
 from bgservice.access import AccessList
 from bgservice.config import LOOPBACK, Listener, Settings
 from bgservice.dispatch import Dispatcher, describe_execution
+from bgservice.jobs import JobQueue
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
 from bgservice.stats import LagMonitor, Stats
+from bgservice.store_sqlite import SqliteStore
 from bgservice.tcp import Connection, StreamContext
 from bgservice.udp import DatagramEndpoint, DatagramWorkers
 
@@ -52,6 +54,10 @@ class Service:
         self.registry = Registry(settings.modules, self.executor)
         self.registry.on_failure = self._reload_failed
         self.dispatcher = Dispatcher(settings, self.registry, self.stats, self.executor)
+        self.jobs = JobQueue(
+            settings.queue, dict(settings.module_limits), SqliteStore(settings.db), self.dispatcher
+        )
+        self.dispatcher.queue = self.jobs
         self.udp = DatagramWorkers(
             self.dispatcher, self.stats, settings.limits.udp_queue, settings.limits.udp_workers
         )
@@ -84,6 +90,16 @@ class Service:
             await self._close_listeners()
             self.executor.shutdown(wait=False, cancel_futures=True)
             return 1
+        try:
+            await self.jobs.start()
+        except Exception as exc:  # e.g. sqlite3.Error: unreadable or locked database
+            log.error("cannot open the job database %s: %s", self.settings.db, exc)
+            await self._close_listeners()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            return 1
+        log.info(
+            "job queue: database %s, %d workers", self.settings.db, self.settings.queue.workers
+        )
         self.reloader.start()
         self.udp.start()
         lag = LagMonitor(
@@ -92,17 +108,10 @@ class Service:
             running=lambda: [m for m, n in self.stats.in_flight.items() if n],
         )
         self._background.append(loop.create_task(lag.run()))
-        await self.on_started()
         self._announce_ready()
         await self._stop.wait()
         await self._shutdown()
         return self.exit_code
-
-    async def on_started(self) -> None:
-        """Hook for parts started after the listeners (the job queue)."""
-
-    async def on_stopping(self, grace: float) -> None:
-        """Hook for parts stopped before the modules are unloaded (the job queue)."""
 
     def stop(self, code: int = 0) -> None:
         self.exit_code = self.exit_code or code
@@ -308,7 +317,7 @@ class Service:
                 conn.close_if_idle()
         log.info("shutting down: %d calls in flight, up to %g s to finish", len(self.tasks), grace)
         await self.udp.drain(max(deadline - loop.time(), 0))
-        await self.on_stopping(max(deadline - loop.time(), 0))
+        await self.jobs.stop(max(deadline - loop.time(), 0))
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=max(deadline - loop.time(), 0))
             if pending:

@@ -1,0 +1,123 @@
+"""A queued job's record: what is stored, and how it reads in ``queue:status``."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def check_code(self) -> str:
+        """The original's ``queue:check`` answer: 0 waiting, 1 running, 2 finished."""
+        if self is JobState.WAITING:
+            return "0"
+        return "1" if self is JobState.RUNNING else "2"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.WAITING, JobState.RUNNING)
+
+
+# Columns in storage order; ``Job`` has a field of the same name for each.
+COLUMNS = (
+    "id",
+    "module",
+    "data",
+    "state",
+    "priority",
+    "run_at",
+    "created",
+    "started",
+    "finished",
+    "attempts",
+    "max_retries",
+    "backoff",
+    "timeout",
+    "unique_key",
+    "after",
+    "status",
+    "result",
+    "error",
+    "cancel_requested",
+    "expires",
+)
+
+
+@dataclass(eq=False)
+class Job:
+    id: int
+    module: str
+    data: bytes
+    state: JobState
+    priority: int
+    run_at: float
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    max_retries: int = 0
+    backoff: float = 1.0
+    timeout: float | None = None
+    unique_key: str | None = None
+    after: int | None = None
+    status: int | None = None
+    result: bytes | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    expires: float | None = None
+    # In memory only:
+    progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(
+            str(getattr(self, c)) if c == "state" else getattr(self, c) for c in COLUMNS
+        )
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Job:
+        values = dict(zip(COLUMNS, row, strict=True))
+        values["state"] = JobState(values["state"])
+        values["cancel_requested"] = bool(values["cancel_requested"])
+        values["data"] = bytes(values["data"])
+        if values["result"] is not None:
+            values["result"] = bytes(values["result"])
+        return cls(**values)
+
+    def describe(self, now: float, position: int | None = None) -> dict[str, Any]:
+        """The ``queue:status`` JSON."""
+        duration = None
+        if self.started is not None:
+            duration = round((self.finished or now) - self.started, 6)
+        progress = None
+        if self.progress is not None:
+            done, total, message = self.progress
+            progress = {"done": done, "total": total, "message": message}
+        return {
+            "id": self.id,
+            "module": self.module,
+            "state": str(self.state),
+            "priority": self.priority,
+            "position": position,
+            "progress": progress,
+            "attempts": self.attempts,
+            "max_retries": self.max_retries,
+            "created": self.created,
+            "run_at": self.run_at,
+            "started": self.started,
+            "finished": self.finished,
+            "duration": duration,
+            "timeout": self.timeout,
+            "unique": self.unique_key,
+            "after": self.after,
+            "status": self.status,
+            "error": self.error,
+            "cancel_requested": self.cancel_requested,
+        }

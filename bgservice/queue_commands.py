@@ -1,0 +1,139 @@
+"""``queue:`` command text -> typed commands. Pure: no asyncio, no storage.
+
+The syntax is ``queue:COMMAND[?OPTIONS][:ARGUMENTS]``. The original's three commands are
+the option-less forms (``queue:add:MODULE:DATA``, ``queue:get:id:N``,
+``queue:check:id:N``); options ride in a query string on the command word, which the
+original's forms never contain, e.g. ``queue:add?priority=5&retries=3:less:SOURCE``.
+docs/protocol.md lists every command and option.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+from bgservice.errors import BadRequest, UnknownQueueRequest
+from bgservice.protocol import split_request
+
+COMMANDS = frozenset({"add", "get", "check", "status", "cancel", "retry", "list", "stats"})
+STATES = ("waiting", "running", "done", "failed", "cancelled")
+ADD_OPTIONS = frozenset(
+    {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after"}
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    options: dict[str, str]
+    args: bytes
+
+
+@dataclass(frozen=True)
+class AddSpec:
+    module: str
+    data: bytes
+    priority: int = 0
+    run_at: float | None = None
+    retries: int | None = None
+    backoff: float | None = None
+    timeout: float | None = None
+    unique: str | None = None
+    after: int | None = None
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    state: str | None
+    limit: int
+    offset: int
+
+
+def parse(data: bytes) -> Command:
+    head, _, args = data.partition(b":")
+    word, _, query = head.decode("utf-8", "replace").strip().partition("?")
+    if word not in COMMANDS:
+        raise UnknownQueueRequest()
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise BadRequest(f"queue:{word}: options must be name=value&name=value") from None
+    return Command(word, dict(pairs), args)
+
+
+def job_id(command: Command) -> int:
+    """``id:N`` (the original's form) or a bare ``N``."""
+    text = command.args.decode("ascii", "replace").strip()
+    if text.startswith("id:"):
+        text = text[3:].strip()
+    if not text.isdigit():
+        raise BadRequest(f"queue:{command.name}: expected id:N, got {text[:40]!r}")
+    return int(text)
+
+
+def _number(name: str, text: str, minimum: float = 0.0) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"option {name}: expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise BadRequest(f"option {name}: must be a number of at least {minimum:g}")
+    return value
+
+
+def _whole(name: str, text: str, minimum: int | None = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"option {name}: expected a whole number, got {text[:40]!r}") from None
+    if minimum is not None and value < minimum:
+        raise BadRequest(f"option {name}: must be at least {minimum}")
+    return value
+
+
+def parse_add(command: Command, now: float | None = None) -> AddSpec:
+    unknown = set(command.options) - ADD_OPTIONS
+    if unknown:
+        raise BadRequest(
+            f"queue:add: unknown option {sorted(unknown)[0]!r} "
+            f"(options: {', '.join(sorted(ADD_OPTIONS))})"
+        )
+    module, data = split_request(command.args)
+    if not module:
+        raise BadRequest("queue:add: expected queue:add:MODULE:DATA")
+    o = command.options
+    run_at = None
+    if "delay" in o:
+        run_at = (now or time.time()) + _number("delay", o["delay"])
+    if "at" in o:
+        run_at = _number("at", o["at"])
+    timeout = _number("timeout", o["timeout"]) if "timeout" in o else None
+    if timeout == 0:
+        raise BadRequest("option timeout: must be greater than 0")
+    return AddSpec(
+        module=module,
+        data=data,
+        priority=_whole("priority", o["priority"], None) if "priority" in o else 0,
+        run_at=run_at,
+        retries=_whole("retries", o["retries"]) if "retries" in o else None,
+        backoff=_number("backoff", o["backoff"]) if "backoff" in o else None,
+        timeout=timeout,
+        unique=o.get("unique") or None,
+        after=_whole("after", o["after"].removeprefix("id:"), 1) if "after" in o else None,
+    )
+
+
+def parse_list(command: Command) -> ListSpec:
+    state = command.options.get("state") or command.args.decode("ascii", "replace").strip()
+    if state and state not in STATES:
+        raise BadRequest(f"queue:list: state must be one of {', '.join(STATES)}")
+    limit = _whole("limit", command.options.get("limit", "100"), 1)
+    offset = _whole("offset", command.options.get("offset", "0"))
+    return ListSpec(state or None, min(limit, 1000), offset)
+
+
+def parse_window(command: Command) -> float:
+    text = command.options.get("window") or command.args.decode("ascii", "replace").strip()
+    return _number("window", text, 1.0) if text else 3600.0

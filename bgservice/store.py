@@ -1,0 +1,56 @@
+"""Where jobs are kept: the small interface every store implements.
+
+The queue engine (bgservice.jobs) schedules in memory and writes every change through a
+store; a store answers only for durability and for finished jobs that have left memory.
+``SqliteStore`` (store_sqlite.py) is the embedded default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from bgservice.job import Job
+
+
+@dataclass(frozen=True)
+class Run:
+    """One attempt of a job, for the history behind ``queue:stats``."""
+
+    job: int
+    module: str
+    attempt: int
+    started: float
+    finished: float
+    outcome: str  # done, retry, failed, cancelled
+
+
+class Store(Protocol):
+    async def open(self) -> list[Job]:
+        """Open (creating if needed) and return every unfinished job."""
+        ...
+
+    def insert(self, job: Job) -> Awaitable[int]:
+        """Store a new job; resolves to its id, never used before, once committed.
+
+        Writes are queued when called, so they apply in the order they were made."""
+        ...
+
+    def save(self, job: Job, run: Run | None = None) -> Awaitable[None]:
+        """Store the job's current fields (and an attempt's record); resolves committed."""
+        ...
+
+    async def get(self, job_id: int) -> Job | None: ...
+
+    async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]: ...
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def runs_since(self, since: float) -> list[Run]: ...
+
+    async def expire(self, now: float, history_before: float) -> int:
+        """Delete finished jobs past their ``expires`` and older history; returns jobs gone."""
+        ...
+
+    async def close(self) -> None: ...

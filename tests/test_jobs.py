@@ -1,0 +1,455 @@
+"""The job queue end to end: real service processes, real sockets, a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.conftest import recv_all, wait_until, write_module
+
+PROGRESS_MODULE = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    # Reports progress, then waits for a go file (so a test can look at it running).
+    go = Path(request.text)
+    request.job.progress(1, 4, "started")
+    while not go.exists():
+        if request.job.cancelled:
+            return "stopped early"
+        time.sleep(0.01)
+    request.job.progress(4, 4, "done")
+    return "finished"
+"""
+
+FLAKY_MODULE = """
+from pathlib import Path
+
+def handle_tcp(request):
+    # Fails until its counter file reaches the number in the data.
+    counter = Path(__file__).with_name("flaky.count")
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    if n < int(request.text):
+        raise RuntimeError(f"attempt {n} failed")
+    return f"ok after {n}"
+"""
+
+RECORD_MODULE = """
+from pathlib import Path
+
+def handle_tcp(request):
+    with open(Path(__file__).with_name("order.log"), "a") as f:
+        f.write(request.text + "\\n")
+    return request.text
+"""
+
+
+def add(svc, command: bytes) -> int:
+    reply = svc.call(command)
+    assert reply.startswith(b"id:"), reply
+    return int(reply[3:])
+
+
+def status(svc, jid: int) -> dict:
+    return json.loads(svc.call(b"queue:status:id:%d" % jid))
+
+
+# --- the original's commands ----------------------------------------------------------
+
+
+def test_add_check_get_like_the_original(service):
+    jid = add(service, b"queue:add:sleep:300")
+    assert service.call(b"queue:check:id:%d" % jid) in (b"0", b"1")
+    assert service.call(b"queue:get:id:%d" % jid) == b"slept 300"
+    assert service.call(b"queue:check:id:%d" % jid) == b"2"
+    # get again: the result is kept
+    assert service.call(b"queue:get:id:%d" % jid) == b"slept 300"
+
+
+def test_get_replies_what_a_direct_call_would_including_errors(service):
+    jid = add(service, b"queue:add:sleep:abc")
+    assert service.call(b"queue:get:id:%d" % jid) == service.call(b"sleep:abc")
+
+
+def test_unknown_ids_get_404_at_once(service):
+    for command in (b"get", b"check", b"status", b"cancel", b"retry"):
+        start = time.monotonic()
+        reply = service.call(b"queue:%s:id:987654" % command)
+        assert reply == b"404: Job 987654 not found (unknown or expired)"
+        assert time.monotonic() - start < 5
+    assert service.call(b"queue:get:id:abc").startswith(b"400:")
+    assert service.call(b"queue:nope:id:1") == b"500: Unknown queue request"
+
+
+def test_add_refuses_unknown_and_refusing_modules(service, modules_dir):
+    write_module(modules_dir, "direct", "ACCEPTS = {'tcp'}\ndef handle_tcp(r): return 'x'\n")
+    wait_until(lambda: service.call(b"direct:x") == b"x")
+    assert service.call(b"queue:add:nosuch:x") == b"400: Unknown request"
+    assert service.call(b"queue:add:fail:x") == b"501: Module fail has no TCP handler"
+    assert service.call(b"queue:add:direct:x") == (
+        b"405: Module direct does not accept queue requests"
+    )
+    assert service.call(b"queue:add?bogus=1:echo:x").startswith(b"400: queue:add: unknown option")
+
+
+def test_queue_commands_over_framed_connections(service):
+    conn = service.framed()
+    status_code, body = conn.call(b"queue:add:echo:\x00binary\xff")
+    assert status_code == 200 and body.startswith(b"id:")
+    assert conn.call(b"queue:get:" + body) == (200, b"\x00binary\xff")
+    bad = conn.call(b"queue:add:sleep:abc")[1]
+    assert conn.call(b"queue:get:" + bad)[0] == 400
+    assert conn.call(b"queue:get:id:999999")[0] == 404
+
+
+# --- a real queue ---------------------------------------------------------------------
+
+
+def test_jobs_wait_for_a_free_worker(make_service):
+    svc = make_service("[queue]\nworkers = 2\n")
+    ids = [add(svc, b"queue:add:sleep:500") for _ in range(4)]
+    checks = [svc.call(b"queue:check:id:%d" % i) for i in ids]
+    assert checks.count(b"1") == 2 and checks.count(b"0") == 2  # status 0 is real
+    assert status(svc, ids[3])["position"] == 1
+    for i in ids:
+        assert svc.call(b"queue:get:id:%d" % i) == b"slept 500"
+
+
+def test_per_module_limit_serialises_a_module(modules_dir, make_service):
+    write_module(modules_dir, "record", RECORD_MODULE)
+    write_module(
+        modules_dir,
+        "overlap",
+        """
+        import time
+        from pathlib import Path
+        def handle_tcp(request):
+            marker = Path(__file__).with_name("running")
+            if marker.exists():
+                raise RuntimeError("overlapped")
+            marker.touch()
+            time.sleep(0.1)
+            marker.unlink()
+            return "ok"
+        """,
+    )
+    svc = make_service("[queue]\nworkers = 4\nmodule_limits = { overlap = 1 }\n")
+    ids = [add(svc, b"queue:add:overlap:x") for _ in range(5)]
+    for i in ids:
+        assert svc.call(b"queue:get:id:%d" % i) == b"ok"
+
+
+def test_priority_then_arrival_order(modules_dir, make_service):
+    write_module(modules_dir, "record", RECORD_MODULE)
+    svc = make_service("[queue]\nworkers = 1\n")
+    blocker = add(svc, b"queue:add:sleep:400")  # holds the only worker
+    ids = [
+        add(svc, b"queue:add:record:low1"),
+        add(svc, b"queue:add?priority=5:record:high1"),
+        add(svc, b"queue:add:record:low2"),
+        add(svc, b"queue:add?priority=5:record:high2"),
+        add(svc, b"queue:add?priority=-3:record:lowest"),
+    ]
+    svc.call(b"queue:get:id:%d" % blocker)
+    for i in ids:
+        svc.call(b"queue:get:id:%d" % i)
+    order = (modules_dir / "order.log").read_text().split()
+    assert order == ["high1", "high2", "low1", "low2", "lowest"]
+
+
+def test_delay_and_run_at(service):
+    start = time.time()
+    jid = add(service, b"queue:add?delay=0.6:echo:later")
+    assert service.call(b"queue:check:id:%d" % jid) == b"0"
+    assert status(service, jid)["position"] is None
+    assert service.call(b"queue:get:id:%d" % jid) == b"later"
+    assert status(service, jid)["started"] >= start + 0.6
+    at = time.time() + 0.3
+    jid = add(service, b"queue:add?at=%f:echo:at" % at)
+    assert service.call(b"queue:get:id:%d" % jid) == b"at"
+    assert status(service, jid)["started"] >= at
+
+
+def test_failing_job_is_retried_with_backoff_then_succeeds(modules_dir, make_service):
+    write_module(modules_dir, "flaky", FLAKY_MODULE)
+    svc = make_service()
+    jid = add(svc, b"queue:add?retries=3&backoff=0.1:flaky:3")
+    assert svc.call(b"queue:get:id:%d" % jid) == b"ok after 3"
+    info = status(svc, jid)
+    assert info["attempts"] == 3 and info["state"] == "done"
+    stats = json.loads(svc.call(b"queue:stats"))
+    assert stats["window"]["outcomes"] == {"retry": 2, "done": 1}
+
+
+def test_job_that_times_out_is_retried_then_fails(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "slowfirst",
+        """
+        import asyncio
+        from pathlib import Path
+        async def handle_tcp(request):
+            marker = Path(__file__).with_name("slow.done")
+            if not marker.exists():
+                marker.touch()
+                await asyncio.sleep(5)
+            return "fast now"
+        """,
+    )
+    svc = make_service()
+    jid = add(svc, b"queue:add?timeout=0.3&retries=1&backoff=0:slowfirst:x")
+    assert svc.call(b"queue:get:id:%d" % jid) == b"fast now"
+    assert status(svc, jid)["attempts"] == 2
+    jid = add(svc, b"queue:add?timeout=0.2&retries=1&backoff=0:sleep:2000")
+    reply = svc.call(b"queue:get:id:%d" % jid)
+    assert reply == b"504: Module sleep timed out after 0.2 s"
+    info = status(svc, jid)
+    assert info["state"] == "failed" and info["attempts"] == 2
+    assert "timed out" in info["error"]
+    failed = json.loads(svc.call(b"queue:list:failed"))["failed"]
+    assert [j["id"] for j in failed] == [jid]
+
+
+def test_client_errors_are_not_retried(service):
+    jid = add(service, b"queue:add?retries=5&backoff=0:sleep:abc")
+    assert service.call(b"queue:get:id:%d" % jid).startswith(b"400:")
+    assert status(service, jid)["attempts"] == 1
+
+
+def test_failed_job_can_be_retried_on_request(modules_dir, make_service):
+    write_module(modules_dir, "flaky", FLAKY_MODULE)
+    svc = make_service()
+    jid = add(svc, b"queue:add:flaky:2")
+    assert (
+        svc.call(b"queue:get:id:%d" % jid)
+        == b"500: Module flaky raised RuntimeError: attempt 1 failed"
+    )
+    assert status(svc, jid)["state"] == "failed"
+    assert svc.call(b"queue:retry:id:%d" % jid) == b"id:%d" % jid
+    assert svc.call(b"queue:get:id:%d" % jid) == b"ok after 2"
+    assert svc.call(b"queue:retry:id:%d" % jid).startswith(b"409:")
+
+
+def test_unique_key_merges_waiting_and_running_jobs(service):
+    first = add(service, b"queue:add?unique=report-7:sleep:400")
+    assert add(service, b"queue:add?unique=report-7:sleep:400") == first
+    other = add(service, b"queue:add?unique=report-8:sleep:10")
+    assert other != first
+    assert service.call(b"queue:get:id:%d" % first) == b"slept 400"
+    again = add(service, b"queue:add?unique=report-7:sleep:10")  # the first has finished
+    assert again != first
+
+
+def test_concurrent_adds_with_one_unique_key_make_one_job(service):
+    replies: list[bytes] = []
+    threads = [
+        threading.Thread(
+            target=lambda: replies.append(service.call(b"queue:add?unique=u:sleep:300"))
+        )
+        for _ in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(replies)) == 1 and replies[0].startswith(b"id:")
+
+
+def test_dependency_runs_after_its_job(modules_dir, service):
+    write_module(modules_dir, "record", RECORD_MODULE)
+    wait_until(lambda: service.call(b"record:probe") == b"probe")
+    first = add(service, b"queue:add:sleep:400")
+    second = add(service, b"queue:add?after=%d:record:second" % first)
+    assert service.call(b"queue:check:id:%d" % second) == b"0"
+    assert service.call(b"queue:get:id:%d" % second) == b"second"
+    assert status(service, second)["started"] >= status(service, first)["finished"]
+    failing = add(service, b"queue:add:sleep:abc")
+    service.call(b"queue:get:id:%d" % failing)
+    assert service.call(b"queue:add?after=%d:echo:x" % failing).startswith(b"424:")
+    assert service.call(b"queue:add?after=99999:echo:x").startswith(b"404:")
+    waiting = add(service, b"queue:add?delay=0.3:sleep:abc")
+    dependent = add(service, b"queue:add?after=%d:echo:x" % waiting)
+    assert service.call(b"queue:get:id:%d" % dependent) == (
+        b"424: Dependency: job %d failed" % waiting
+    )
+
+
+def test_cancel_waiting_and_running_jobs(modules_dir, make_service, tmp_path):
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service("[queue]\nworkers = 1\n")
+    go = tmp_path / "never"
+    running = add(svc, b"queue:add:progress:" + str(go).encode())
+    waiting = add(svc, b"queue:add:echo:x")
+    wait_until(lambda: status(svc, running)["state"] == "running")
+    assert svc.call(b"queue:cancel:id:%d" % waiting) == b"cancelled"
+    assert svc.call(b"queue:get:id:%d" % waiting) == b"410: Job %d cancelled" % waiting
+    assert svc.call(b"queue:check:id:%d" % waiting) == b"2"
+    assert svc.call(b"queue:cancel:id:%d" % running) == b"cancelling"
+    assert status(svc, running)["cancel_requested"] is True
+    assert svc.call(b"queue:get:id:%d" % running) == b"410: Job %d cancelled" % running
+    assert status(svc, running)["state"] == "cancelled"
+    assert svc.call(b"queue:cancel:id:%d" % running).startswith(b"409:")
+
+
+def test_progress_is_visible_while_the_job_runs(modules_dir, make_service, tmp_path):
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service()
+    go = tmp_path / "go"
+    jid = add(svc, b"queue:add:progress:" + str(go).encode())
+    info = wait_until(lambda: (s := status(svc, jid))["progress"] and s)
+    assert info["state"] == "running"
+    assert info["progress"] == {"done": 1, "total": 4, "message": "started"}
+    assert info["duration"] >= 0
+    listed = json.loads(svc.call(b"queue:list:running"))["running"]
+    assert listed[0]["progress"]["message"] == "started"
+    go.touch()
+    assert svc.call(b"queue:get:id:%d" % jid) == b"finished"
+    assert status(svc, jid)["progress"]["done"] == 4
+
+
+def test_a_module_can_add_jobs_itself(modules_dir, service):
+    write_module(
+        modules_dir,
+        "fanout",
+        """
+        def handle_tcp(request):
+            ids = [request.add_job("echo", f"part {i}") for i in range(3)]
+            return ",".join(map(str, ids))
+        """,
+    )
+    wait_until(lambda: not service.call(b"fanout:x").startswith(b"400"))
+    parent = add(service, b"queue:add:fanout:go")
+    children = service.call(b"queue:get:id:%d" % parent).split(b",")
+    assert [service.call(b"queue:get:id:" + c) for c in children] == [
+        b"part 0",
+        b"part 1",
+        b"part 2",
+    ]
+
+
+def test_stats_and_list(service):
+    ids = [add(service, b"queue:add:echo:%d" % i) for i in range(3)]
+    for i in ids:
+        service.call(b"queue:get:id:%d" % i)
+    add(service, b"queue:add?delay=30:echo:later")
+    stats = json.loads(service.call(b"queue:stats:600"))
+    assert stats["counts"]["done"] >= 3 and stats["counts"]["waiting"] == 1
+    assert stats["oldest_waiting_age"] >= 0
+    assert stats["finished_per_minute"] >= 3
+    assert stats["window"]["seconds"] == 600 and stats["window"]["runs"] >= 3
+    assert stats["window"]["by_hour"][0]["runs"] >= 3
+    listing = json.loads(service.call(b"queue:list"))
+    assert set(listing) == {"waiting", "running", "failed"}
+    assert listing["waiting"][0]["module"] == "echo"
+
+
+def test_finished_jobs_expire(make_service):
+    svc = make_service("[queue]\nkeep_results = 1.0\n")
+    jid = add(svc, b"queue:add:echo:x")
+    assert svc.call(b"queue:get:id:%d" % jid) == b"x"
+    wait_until(lambda: svc.call(b"queue:check:id:%d" % jid).startswith(b"404"), timeout=15)
+    svc.wait_for_log("finished jobs expired")
+    later = add(svc, b"queue:add:echo:y")
+    assert later > jid  # ids never repeat, also after the newest is deleted
+
+
+def test_a_thousand_waiters_cost_no_polling(make_service, tmp_path):
+    svc = make_service("[queue]\nworkers = 1\n")
+    jid = add(svc, b"queue:add:sleep:1500")
+    socks = []
+    for _ in range(1000):
+        sock = socket.create_connection(svc.tcp, timeout=30)
+        sock.sendall(b"queue:get:id:%d" % jid)
+        sock.shutdown(socket.SHUT_WR)
+        socks.append(sock)
+    try:
+        pid = svc.proc.pid
+        cpu_before = _cpu_seconds(pid)
+        time.sleep(0.5)  # a window in which the 1000 clients are all waiting
+        cpu_used = _cpu_seconds(pid) - cpu_before
+        replies = [recv_all(s) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    assert replies == [b"slept 1500"] * 1000
+    assert cpu_used < 0.25  # polling every millisecond per waiter would burn far more
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- durability -----------------------------------------------------------------------
+
+
+def test_sigkill_during_adds_and_runs_loses_no_acknowledged_job(make_service, tmp_path):
+    svc = make_service("[queue]\nworkers = 2\n")
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def producer() -> None:
+        while not stop.is_set():
+            try:
+                reply = svc.call(b"queue:add:sleep:20", timeout=5)
+            except OSError:
+                return
+            if reply.startswith(b"id:"):
+                acknowledged.append(int(reply[3:]))
+
+    threads = [threading.Thread(target=producer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(acknowledged) >= 150, timeout=30)
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    restarted = make_service(root=tmp_path)
+    for jid in acknowledged:
+        assert restarted.call(b"queue:get:id:%d" % jid) == b"slept 20", jid
+    new = add(restarted, b"queue:add:echo:x")
+    assert new > max(acknowledged)
+
+
+def test_jobs_running_at_a_crash_run_again_with_attempts_counted(
+    modules_dir, make_service, tmp_path
+):
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service()
+    go = tmp_path / "go"
+    jid = add(svc, b"queue:add:progress:" + str(go).encode())
+    wait_until(lambda: status(svc, jid)["state"] == "running")
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
+    go.touch()
+    restarted = make_service(root=tmp_path)
+    assert restarted.call(b"queue:get:id:%d" % jid) == b"finished"
+    assert status(restarted, jid)["attempts"] == 2
+    assert "was running when the service stopped" in restarted.log()
+
+
+def test_graceful_stop_keeps_waiting_jobs_for_the_next_start(make_service, tmp_path):
+    svc = make_service("[queue]\nworkers = 1\n")
+    ids = [add(svc, b"queue:add?delay=1:echo:%d" % i) for i in range(5)]
+    assert svc.stop() == 0
+    restarted = make_service(root=tmp_path)
+    assert [restarted.call(b"queue:get:id:%d" % i) for i in ids] == [b"%d" % i for i in range(5)]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/sqlite3"), reason="sqlite3 CLI not installed")
+def test_database_is_wal(service, tmp_path):
+    out = subprocess.run(
+        ["sqlite3", str(tmp_path / "jobs.db"), "PRAGMA journal_mode"], capture_output=True
+    )
+    assert out.stdout.strip() == b"wal"
