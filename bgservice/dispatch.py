@@ -218,8 +218,21 @@ class Dispatcher:
         if command == "modules":
             return json.dumps(self.modules()).encode()
         if command == "stats":
-            return json.dumps(self.stats.snapshot()).encode()
+            return json.dumps(
+                {**self.stats.snapshot(), "module_stats": self.module_stats()}
+            ).encode()
         raise BadRequest("Unknown service request (ping, modules, stats)")
+
+    def module_stats(self) -> dict[str, Any]:
+        """What modules report of themselves through a ``stats()`` function (cheap, sync)."""
+        out: dict[str, Any] = {}
+        for entry in self.registry:
+            if entry.version is not None and entry.version.stats is not None:
+                try:
+                    out[entry.name] = entry.version.stats()
+                except Exception as exc:
+                    out[entry.name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
 
     def modules(self) -> list[dict[str, Any]]:
         rows = []

@@ -70,6 +70,7 @@ class ModuleVersion:
     tcp: Handler | None
     udp: Handler | None
     unload: Callable[[], Any] | None
+    stats: Callable[[], Any] | None
     accepts: frozenset[str]
     timeout: float | None
     execution: str
@@ -221,6 +222,7 @@ def import_module_file(name: str, path: Path) -> ModuleVersion:
         tcp=tcp,
         udp=udp,
         unload=unload if callable(unload) else None,
+        stats=stats if callable(stats := getattr(module, "stats", None)) else None,
         accepts=accepts,
         timeout=timeout,
         execution=execution,
