@@ -71,6 +71,13 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    processes: int = 2
+    max_calls: int = 0
+    max_memory_mb: float = 0.0
+
+
+@dataclass(frozen=True)
 class Settings:
     listeners: tuple[Listener, ...] = (Listener(),)
     modules: Path = Path("modules")
@@ -81,6 +88,7 @@ class Settings:
     )
     limits: Limits = field(default_factory=Limits)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
     module_limits: Mapping[str, int] = field(default_factory=dict)
     reload_debounce_ms: float = 50.0
     verbose: bool = False
@@ -217,7 +225,12 @@ _LOG_CHECKS: dict[str, Check] = {
     "lag_warn_ms": _positive_number,
 }
 _RELOAD_CHECKS: dict[str, Check] = {"debounce_ms": _non_negative_number}
-_SECTIONS = {"limits", "queue", "log", "reload", "listen"}
+_WORKER_CHECKS: dict[str, Check] = {
+    "processes": _positive_int,
+    "max_calls": _non_negative_int,
+    "max_memory_mb": _non_negative_number,
+}
+_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers"}
 
 
 class _Reader:
@@ -295,6 +308,7 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     queue = reader.table(data.get("queue", {}), _QUEUE_CHECKS, "[queue] ")
     log = reader.table(data.get("log", {}), _LOG_CHECKS, "[log] ")
     reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ")
+    workers = reader.table(data.get("workers", {}), _WORKER_CHECKS, "[workers] ")
     raw_listeners = data.get("listen", [])
     if not isinstance(raw_listeners, list):
         raise reader.fail("", "listen", "must be an array of tables: [[listen]]")
@@ -302,6 +316,7 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         limits=Limits(**limits),
         queue=QueueSettings(**{k: v for k, v in queue.items() if k != "module_limits"}),
         module_limits=queue.get("module_limits", {}),
+        workers=WorkerSettings(**workers),
         reload_debounce_ms=reload.get("debounce_ms", Settings.reload_debounce_ms),
         verbose=log.get("verbose", False),
         global_handler=log.get("global_handler", 0),

@@ -57,6 +57,7 @@ class Dispatcher:
         self.queue: QueueCommands | None = None
         self.shutting_down = False
         self.process_runner: Callable[[ModuleVersion, Request, float], Awaitable[Any]] | None = None
+        self.extra_stats: dict[str, Callable[[], Any]] = {}
         self._builtins: dict[str, Callable[[Request], Awaitable[bytes]]] = {
             "helo": self._helo,
             "hello": self._hello,
@@ -218,9 +219,9 @@ class Dispatcher:
         if command == "modules":
             return json.dumps(self.modules()).encode()
         if command == "stats":
-            return json.dumps(
-                {**self.stats.snapshot(), "module_stats": self.module_stats()}
-            ).encode()
+            extra = {name: fn() for name, fn in self.extra_stats.items()}
+            snapshot = {**self.stats.snapshot(), **extra, "module_stats": self.module_stats()}
+            return json.dumps(snapshot).encode()
         raise BadRequest("Unknown service request (ping, modules, stats)")
 
     def module_stats(self) -> dict[str, Any]:

@@ -77,9 +77,7 @@ class Job:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
 
     def row(self) -> tuple[Any, ...]:
-        return tuple(
-            str(getattr(self, c)) if c == "state" else getattr(self, c) for c in COLUMNS
-        )
+        return tuple(str(getattr(self, c)) if c == "state" else getattr(self, c) for c in COLUMNS)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Job:

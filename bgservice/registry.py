@@ -74,6 +74,8 @@ class ModuleVersion:
     accepts: frozenset[str]
     timeout: float | None
     execution: str
+    processes: int | None = None
+    source: bytes = b""
     loaded_at: float = field(default_factory=time.time)
     active: int = 0
     retired: bool = False
@@ -113,8 +115,11 @@ class _FreshLoader(importlib.machinery.SourceFileLoader):
     saves within a second that keep the size would run the stale bytecode.
     """
 
+    preset: bytes | None = None  # the exact source to compile (worker processes)
+
     def get_code(self, fullname: str) -> types.CodeType:
-        source = self.get_data(self.path)
+        source = self.preset if self.preset is not None else self.get_data(self.path)
+        self.source = source
         self.digest = hashlib.sha256(source).hexdigest()
         return compile(source, self.path, "exec", dont_inherit=True)
 
@@ -139,7 +144,8 @@ class _HelperFinder(importlib.abc.MetaPathFinder):
         )
 
 
-def _install_package(folder: Path) -> None:
+def install_package(folder: Path) -> None:
+    """Make ``bgservice_modules`` (the modules folder) importable, helpers included."""
     for finder in [f for f in sys.meta_path if isinstance(f, _HelperFinder)]:
         sys.meta_path.remove(finder)
     sys.meta_path.insert(0, _HelperFinder(folder))
@@ -173,7 +179,7 @@ def _handler(module: types.ModuleType, attr: str) -> Handler | None:
 
 def _declarations(
     module: types.ModuleType, tcp: Handler | None, udp: Handler | None
-) -> tuple[frozenset[str], float | None, str]:
+) -> tuple[frozenset[str], float | None, str, int | None]:
     accepts_raw = getattr(module, "ACCEPTS", None)
     if accepts_raw is None:
         accepts = frozenset(({"tcp", "queue"} if tcp else set()) | ({"udp"} if udp else set()))
@@ -189,13 +195,22 @@ def _declarations(
     execution = getattr(module, "EXECUTION", None) or "default"
     if execution != "default" and execution not in EXECUTIONS:
         raise ModuleLoadError(f"EXECUTION must be one of {sorted(EXECUTIONS)}")
-    return accepts, (float(timeout) if timeout else None), execution
+    processes = getattr(module, "PROCESSES", None)
+    if processes is not None and (
+        isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
+    ):
+        raise ModuleLoadError("PROCESSES must be a whole number of at least 1")
+    return accepts, (float(timeout) if timeout else None), execution, processes
 
 
-def import_module_file(name: str, path: Path) -> ModuleVersion:
-    """Import ``path`` into a fresh module object. Runs in the loader thread."""
+def import_module_file(name: str, path: Path, source: bytes | None = None) -> ModuleVersion:
+    """Import ``path`` (or ``source`` as if it were that file) into a fresh module object.
+
+    Runs in the loader thread, or in a worker process given the source the service
+    validated, so a broken save on disk never reaches a worker."""
     qualname = f"{PACKAGE}.{name}"
     loader = _FreshLoader(qualname, str(path))
+    loader.preset = source
     spec = importlib.util.spec_from_file_location(qualname, path, loader=loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
@@ -207,7 +222,7 @@ def import_module_file(name: str, path: Path) -> ModuleVersion:
         loader.exec_module(module)
         tcp, udp = _handler(module, "handle_tcp"), _handler(module, "handle_udp")
         unload = getattr(module, "unload", None)
-        accepts, timeout, execution = _declarations(module, tcp, udp)
+        accepts, timeout, execution, processes = _declarations(module, tcp, udp)
     except ModuleLoadError as exc:
         _restore(qualname, previous)
         raise ModuleLoadError(f"{path.name}: {exc}") from None
@@ -226,6 +241,8 @@ def import_module_file(name: str, path: Path) -> ModuleVersion:
         accepts=accepts,
         timeout=timeout,
         execution=execution,
+        processes=processes,
+        source=loader.source,
     )
 
 
@@ -254,7 +271,8 @@ class Registry:
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
         self.on_failure: Callable[[str, str], None] | None = None
-        _install_package(self.folder)
+        self.on_removed: Callable[[str], None] | None = None
+        install_package(self.folder)
 
     def get(self, name: str) -> ModuleEntry | None:
         return self._entries.get(name)
@@ -324,6 +342,8 @@ class Registry:
         sys.modules.pop(f"{PACKAGE}.{name}", None)
         if entry is not None:
             log.info("module %s removed", name)
+            if self.on_removed is not None:
+                self.on_removed(name)
             if entry.version is not None:
                 self._retire(entry.version)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class JobAdder(Protocol):
     async def add(self, spec: AddSpec) -> int: ...
 
+
 Sink = Callable[[bytes], None]
 
 

@@ -26,6 +26,7 @@ from bgservice.stats import LagMonitor, Stats
 from bgservice.store_sqlite import SqliteStore
 from bgservice.tcp import Connection, StreamContext
 from bgservice.udp import DatagramEndpoint, DatagramWorkers
+from bgservice.workers import ProcessRunner
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ class Service:
             settings.queue, dict(settings.module_limits), SqliteStore(settings.db), self.dispatcher
         )
         self.dispatcher.queue = self.jobs
+        self.processes = ProcessRunner(settings.modules, settings.workers)
+        self.dispatcher.process_runner = self.processes
+        self.dispatcher.extra_stats["workers"] = self.processes.stats
+        self.registry.on_removed = self._module_removed
         self.udp = DatagramWorkers(
             self.dispatcher, self.stats, settings.limits.udp_queue, settings.limits.udp_workers
         )
@@ -142,6 +147,10 @@ class Service:
 
     def _reload_failed(self, name: str, error: str) -> None:
         self.stats.reload_failures += 1
+
+    def _module_removed(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.processes.drop(name))
+        self._background.append(task)
 
     # --- listeners ------------------------------------------------------------------
 
@@ -329,6 +338,7 @@ class Service:
             for conn in list(ctx.connections):
                 conn._close()
         await self.reloader.stop()
+        await self.processes.close()
         await self.registry.close(max(deadline - loop.time(), 1.0))
         for task in self._background:
             task.cancel()

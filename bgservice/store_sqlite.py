@@ -146,9 +146,7 @@ class SqliteStore:
         return await self._submit(
             lambda c: [
                 Job.from_row(r)
-                for r in c.execute(
-                    f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id"
-                )
+                for r in c.execute(f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id")
             ]
         )
 

@@ -1,0 +1,266 @@
+"""Process-mode modules: worker pools, kills at the timeout, crashes, reload, recycling."""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+
+from tests.conftest import recv_all, wait_until, write_module
+
+# sum() over a range runs in C without ever releasing the GIL: the worst kind of module.
+BURN = """
+import time
+EXECUTION = "{execution}"
+TIMEOUT = 30
+def handle_tcp(request):
+    end = time.monotonic() + int(request.text) / 1000
+    n = 0
+    while time.monotonic() < end:
+        n += sum(range(3_000_000))
+    return "burnt"
+"""
+
+PID = """
+import os
+EXECUTION = "process"
+PROCESSES = {processes}
+VERSION = "{version}"
+def handle_tcp(request):
+    print("module output must not disturb the worker protocol")
+    return f"{{VERSION}}:{{os.getpid()}}"
+"""
+
+
+def _latencies(svc, seconds: float) -> list[float]:
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        assert svc.call(b"test:x") == b"Test"
+        out.append((time.perf_counter() - start) * 1000)
+        time.sleep(0.005)
+    return out
+
+
+def _p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+def _burn_p99(svc, module: bytes) -> float:
+    result: list[bytes] = []
+    burner = threading.Thread(target=lambda: result.append(svc.call(module + b":2000")))
+    burner.start()
+    time.sleep(0.2)  # let the burn get going
+    p99 = _p99(_latencies(svc, 1.5))
+    burner.join()
+    assert result == [b"burnt"]
+    return p99
+
+
+def test_cpu_burning_process_module_does_not_stall_the_service(modules_dir, make_service):
+    write_module(modules_dir, "burnp", BURN.format(execution="process"))
+    write_module(modules_dir, "burnt", BURN.format(execution="thread").replace(
+        'EXECUTION = "thread"\n', ""))  # fmt: skip
+    svc = make_service()
+    svc.call(b"burnp:1")  # start the worker before measuring
+    idle = _p99(_latencies(svc, 1.0))
+    in_process = _burn_p99(svc, b"burnp")
+    in_thread = _burn_p99(svc, b"burnt")
+    print(f"\ntest p99: idle {idle:.2f} ms, burn in process {in_process:.2f} ms, "
+          f"burn in thread {in_thread:.2f} ms")  # fmt: skip
+    bound = idle + 25  # ms; a thread-mode burn measures hundreds
+    assert in_process < bound
+    assert in_thread > bound  # the bound is one a thread-mode module would fail
+
+
+def test_hung_call_is_killed_at_its_timeout_and_the_next_call_works(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "hang",
+        """
+        import os, time
+        EXECUTION = "process"
+        PROCESSES = 1
+        TIMEOUT = 0.5
+        def handle_tcp(request):
+            if request.text == "hang":
+                time.sleep(60)
+            return str(os.getpid())
+        """,
+    )
+    svc = make_service()
+    first_pid = svc.call(b"hang:pid")
+    start = time.monotonic()
+    assert svc.call(b"hang:hang") == b"504: Module hang timed out after 0.5 s"
+    assert time.monotonic() - start < 3
+    second_pid = svc.call(b"hang:pid")
+    assert second_pid.isdigit() and second_pid != first_pid  # killed and replaced
+    wait_until(lambda: not _alive(int(first_pid)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_worker_that_dies_costs_one_call(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "crash",
+        """
+        import os
+        EXECUTION = "process"
+        PROCESSES = 1
+        def handle_tcp(request):
+            if request.text == "die":
+                os._exit(3)
+            return "alive"
+        """,
+    )
+    svc = make_service()
+    assert svc.call(b"crash:x") == b"alive"
+    reply = svc.call(b"crash:die")
+    assert reply == b"500: Worker process of module crash died (exit code 3)"
+    assert svc.call(b"crash:x") == b"alive"
+    assert svc.call(b"test:x") == b"Test"
+    assert svc.stats()["workers"]["crash"]["started"] == 2
+
+
+def test_edit_during_load_reaches_every_worker(modules_dir, make_service):
+    path = write_module(modules_dir, "pid", PID.format(processes=3, version="v1"))
+    svc = make_service()
+    replies: list[tuple[float, bytes]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            replies.append((time.monotonic(), svc.call(b"pid:x")))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(replies) > 30)
+        path.write_text(PID.format(processes=3, version="v2"))
+        wait_until(lambda: any(r.startswith(b"v2") for _, r in replies))
+        seen_new = min(t for t, r in replies if r.startswith(b"v2"))
+        wait_until(lambda: len({r for t, r in replies if t > seen_new + 0.5}) >= 3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    late = [r for t, r in replies if t > seen_new + 0.5]
+    assert all(r.startswith(b"v2:") for r in late)
+    assert len({r.split(b":")[1] for r in late}) == 3  # every worker serves v2
+
+
+def test_broken_save_keeps_the_last_good_version_in_workers(modules_dir, make_service):
+    path = write_module(modules_dir, "pid", PID.format(processes=2, version="good"))
+    svc = make_service()
+    assert svc.call(b"pid:x").startswith(b"good:")
+    path.write_text("EXECUTION = 'process'\ndef handle_tcp(r) return 'broken'\n")
+    svc.wait_for_log("module pid failed to load")
+    for _ in range(6):
+        assert svc.call(b"pid:x").startswith(b"good:")
+
+
+def test_workers_are_recycled_after_max_calls(modules_dir, make_service):
+    write_module(modules_dir, "pid", PID.format(processes=1, version="v"))
+    svc = make_service("[workers]\nmax_calls = 3\n")
+    pids = [svc.call(b"pid:x").split(b":")[1] for _ in range(7)]
+    assert pids[0] == pids[1] == pids[2]
+    assert pids[3] != pids[2] and len(set(pids)) == 3
+    svc.wait_for_log("recycling worker")
+
+
+def test_workers_are_recycled_above_a_memory_size(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "leak",
+        """
+        import os
+        EXECUTION = "process"
+        PROCESSES = 1
+        LEAK = []
+        def handle_tcp(request):
+            LEAK.append(bytearray(40 * 2**20))
+            return str(os.getpid())
+        """,
+    )
+    svc = make_service("[workers]\nmax_memory_mb = 60\n")
+    pids = [svc.call(b"leak:x") for _ in range(3)]
+    assert len(set(pids)) >= 2
+    svc.wait_for_log("MB resident")
+
+
+def test_queued_job_in_a_worker_times_out_and_is_retried(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "once",
+        """
+        import time
+        from pathlib import Path
+        EXECUTION = "process"
+        def handle_tcp(request):
+            request.job.progress(1, 2, "working")
+            marker = Path(__file__).with_name("once.marker")
+            if not marker.exists():
+                marker.touch()
+                time.sleep(60)
+            return "second time lucky"
+        """,
+    )
+    svc = make_service()
+    reply = svc.call(b"queue:add?timeout=1&retries=1&backoff=0:once:x")
+    jid = int(reply[3:])
+    assert svc.call(b"queue:get:id:%d" % jid) == b"second time lucky"
+    status = json.loads(svc.call(b"queue:status:id:%d" % jid))
+    assert status["attempts"] == 2
+    assert status["progress"] == {"done": 1, "total": 2, "message": "working"}
+
+
+def test_streamed_reply_and_errors_from_a_worker(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "pw",
+        """
+        from bgservice import ReplyError
+        EXECUTION = "process"
+        def handle_tcp(request):
+            if request.text == "bad":
+                raise ReplyError(422, "line 3: bad input")
+            if request.text == "raise":
+                raise KeyError("nope")
+            request.write("a-")
+            return "b"
+        """,
+    )
+    svc = make_service()
+    assert svc.call(b"pw:x") == b"a-b"
+    assert svc.framed().call(b"pw:x") == (200, b"a-b")
+    assert svc.call(b"pw:bad") == b"422: line 3: bad input"
+    assert svc.call(b"pw:raise") == b"500: Module pw raised KeyError: 'nope'"
+
+
+def test_shutdown_stops_workers(modules_dir, make_service):
+    write_module(modules_dir, "pid", PID.format(processes=2, version="v"))
+    svc = make_service()
+    pid = int(svc.call(b"pid:x").split(b":")[1])
+    assert svc.stop() == 0
+    wait_until(lambda: not _alive(pid), timeout=5)
+
+
+def test_call_is_served_while_all_workers_are_busy(modules_dir, make_service):
+    write_module(modules_dir, "burnp", BURN.format(execution="process") + "PROCESSES = 1\n")
+    svc = make_service()
+    with socket.create_connection(svc.tcp, timeout=20) as first:
+        first.sendall(b"burnp:500")
+        first.shutdown(socket.SHUT_WR)
+        assert svc.call(b"burnp:10") == b"burnt"  # waited for the one worker
+        assert recv_all(first) == b"burnt"
