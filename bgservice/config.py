@@ -67,7 +67,7 @@ class QueueSettings:
     backoff: float = 1.0
     backoff_max: float = 300.0
     max_waiting: int = 100_000
-    commit_ms: float = 2.0
+    commit_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,10 @@ class Service:
         self.registry.on_failure = self._reload_failed
         self.dispatcher = Dispatcher(settings, self.registry, self.stats, self.executor)
         self.jobs = JobQueue(
-            settings.queue, dict(settings.module_limits), SqliteStore(settings.db), self.dispatcher
+            settings.queue,
+            dict(settings.module_limits),
+            SqliteStore(settings.db, settings.queue.commit_ms / 1000),
+            self.dispatcher,
         )
         self.dispatcher.queue = self.jobs
         self.processes = ProcessRunner(settings.modules, settings.workers)

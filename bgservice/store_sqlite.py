@@ -14,6 +14,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,8 +71,9 @@ _Done = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, commit_window: float = 0.0) -> None:
         self.path = path
+        self.commit_window = commit_window
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,9 +97,13 @@ class SqliteStore:
                 break
             batch = [first]
             stop = False
+            # Everything queued meanwhile joins this commit; with a commit window, also
+            # what arrives within it (fewer fsyncs under light concurrent load).
+            until = time.monotonic() + self.commit_window
             while len(batch) < _BATCH:
                 try:
-                    item = self._ops.get_nowait()
+                    wait = until - time.monotonic()
+                    item = self._ops.get(timeout=wait) if wait > 0 else self._ops.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
