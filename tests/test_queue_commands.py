@@ -1,0 +1,73 @@
+"""The pure queue command parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from bgservice.errors import BadRequest, UnknownQueueRequest
+from bgservice.queue_commands import job_id, parse, parse_add, parse_list, parse_window
+
+
+def test_the_originals_forms_parse_unchanged():
+    cmd = parse(b"add:less:@c: red; a { color: @c }")
+    assert (cmd.name, cmd.options) == ("add", {})
+    spec = parse_add(cmd)
+    assert spec.module == "less" and spec.data == b"@c: red; a { color: @c }"
+    assert job_id(parse(b"get:id:42")) == 42
+    assert job_id(parse(b"check:id:42\n")) == 42
+    assert job_id(parse(b"status:7")) == 7
+
+
+def test_options_ride_on_the_command_word():
+    spec = parse_add(
+        parse(
+            b"add?priority=-2&delay=5&retries=3&backoff=0.5&timeout=9&unique=a%20b%3Ac&after=id%3A4"
+            b":echo:x?y=z"
+        ),
+        now=1000.0,
+    )
+    assert spec.priority == -2 and spec.run_at == 1005.0
+    assert (spec.retries, spec.backoff, spec.timeout) == (3, 0.5, 9.0)
+    assert spec.unique == "a b:c" and spec.after == 4  # ":" in a value is %3A
+    assert spec.data == b"x?y=z"  # a '?' in the data is data
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"add?priority=high:echo:x", "option priority"),
+        (b"add?delay=-1:echo:x", "option delay"),
+        (b"add?timeout=0:echo:x", "option timeout"),
+        (b"add?retries=1.5:echo:x", "option retries"),
+        (b"add?colour=red:echo:x", "unknown option 'colour'"),
+        (b"add?delay=nan:echo:x", "option delay"),
+        (b"add::x", "expected queue:add:MODULE:DATA"),
+    ],
+)
+def test_bad_options_are_named(raw, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_add(parse(raw))
+
+
+def test_unknown_command_is_the_originals_500():
+    with pytest.raises(UnknownQueueRequest) as err:
+        parse(b"frobnicate:1")
+    assert err.value.code == 500 and err.value.message == "Unknown queue request"
+
+
+def test_bad_ids():
+    for raw in (b"get:id:", b"get:id:x", b"get:-1", b"get"):
+        with pytest.raises(BadRequest):
+            job_id(parse(raw))
+
+
+def test_list_and_window():
+    assert parse_list(parse(b"list")).state is None
+    assert parse_list(parse(b"list:failed")).state == "failed"
+    spec = parse_list(parse(b"list?state=done&limit=5000&offset=10"))
+    assert (spec.state, spec.limit, spec.offset) == ("done", 1000, 10)
+    with pytest.raises(BadRequest):
+        parse_list(parse(b"list:sleeping"))
+    assert parse_window(parse(b"stats")) == 3600.0
+    assert parse_window(parse(b"stats:86400")) == 86400.0
+    assert parse_window(parse(b"stats?window=60")) == 60.0

@@ -1,0 +1,66 @@
+"""The SQLite store on its own: group commit, ids, expiry, history."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+from bgservice.job import Job, JobState
+from bgservice.store import Run
+from bgservice.store_sqlite import SqliteStore
+
+
+def _job(**kw) -> Job:
+    now = time.time()
+    values = dict(id=0, module="echo", data=b"x", state=JobState.WAITING, priority=0,
+                  run_at=now, created=now)  # fmt: skip
+    values.update(kw)
+    return Job(**values)
+
+
+async def test_concurrent_inserts_share_commits_and_ids_are_unique(tmp_path):
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    ids = await asyncio.gather(*(store.insert(_job(data=b"%d" % i)) for i in range(500)))
+    assert sorted(ids) == list(range(1, 501))
+    await store.close()
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 500
+
+
+async def test_ids_are_never_reused_after_deleting_the_newest(tmp_path):
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    job = _job()
+    job.id = await store.insert(job)
+    job.state, job.expires = JobState.DONE, time.time() - 1
+    await store.save(job)
+    assert await store.expire(time.time(), 0) == 1
+    await store.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    assert await store.open() == []
+    assert await store.insert(_job()) == job.id + 1
+    await store.close()
+
+
+async def test_unfinished_jobs_come_back_and_history_is_kept(tmp_path):
+    store = SqliteStore(tmp_path / "jobs.db", commit_window=0.002)
+    await store.open()
+    waiting = _job(data=b"\x00\xff")
+    waiting.id = await store.insert(waiting)
+    done = _job()
+    done.id = await store.insert(done)
+    done.state, done.result, done.status = JobState.DONE, b"ok", 200
+    now = time.time()
+    await store.save(done, Run(done.id, "echo", 1, now - 2, now, "done"))
+    await store.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    recovered = await store.open()
+    assert [(j.id, j.data) for j in recovered] == [(waiting.id, b"\x00\xff")]
+    assert (await store.get(done.id)).result == b"ok"
+    assert await store.counts() == {"waiting": 1, "done": 1}
+    runs = await store.runs_since(now - 10)
+    assert [(r.job, r.outcome) for r in runs] == [(done.id, "done")]
+    assert [j.id for j in await store.list_jobs("done", 10, 0)] == [done.id]
+    await store.close()
