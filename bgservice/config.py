@@ -240,37 +240,52 @@ class _Reader:
         self.path = path
         self.text = text
 
-    def fail(self, where: str, key: str, problem: str) -> ConfigError:
-        line = self._line_of(key)
+    def fail(
+        self, where: str, key: str, problem: str, table: str = "", index: int = 0
+    ) -> ConfigError:
+        line = self._line_of(key, table, index)
         at = f" (line {line})" if line else ""
         return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
 
-    def _line_of(self, key: str) -> int | None:
-        pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=", re.M)
-        m = pattern.search(self.text)
-        return self.text.count("\n", 0, m.start()) + 1 if m else None
+    def _line_of(self, key: str, table: str, index: int) -> int | None:
+        """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""
+        key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
+        header_re = re.compile(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?")
+        current, seen = "", {"": 0}
+        for number, line in enumerate(self.text.splitlines(), 1):
+            header = header_re.match(line)
+            if header:
+                current = header.group(1)
+                seen[current] = seen.get(current, -1) + 1
+            elif current == table and seen[current] == index and key_re.match(line):
+                return number
+        return None
 
-    def table(self, data: Any, checks: dict[str, Check], where: str) -> dict[str, Any]:
+    def table(
+        self, data: Any, checks: dict[str, Check], where: str, table: str = "", index: int = 0
+    ) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
         out = {}
         for key, value in data.items():
             if key not in checks:
                 known = ", ".join(sorted(checks))
-                raise self.fail(where, key, f"unknown key (known keys: {known})")
+                raise self.fail(where, key, f"unknown key (known keys: {known})", table, index)
             try:
                 out[key] = checks[key](value)
             except ValueError as exc:
-                raise self.fail(where, key, f"{exc}, got {value!r}") from None
+                raise self.fail(where, key, f"{exc}, got {value!r}", table, index) from None
         return out
 
 
 def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
     where = f"[[listen]] #{index + 1} "
-    values = reader.table(raw, _LISTENER_CHECKS, where)
+    values = reader.table(raw, _LISTENER_CHECKS, where, "listen", index)
     values.setdefault("name", f"listener{index + 1}")
     if not ({"host", "port"} & values.keys()) and not ({"unix", "unix_dgram"} & values.keys()):
-        raise reader.fail(where, "port", "a listener needs host/port, unix or unix_dgram")
+        raise reader.fail(
+            where, "port", "a listener needs host/port, unix or unix_dgram", "listen", index
+        )
     if "host" not in values and "port" not in values:
         values["host"] = values["port"] = None
     return Listener(**values)
@@ -304,11 +319,11 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         known = ", ".join(sorted(set(_TOP_CHECKS) | _SECTIONS))
         raise reader.fail("", key, f"unknown key (known keys: {known})")
     top = reader.table({k: v for k, v in data.items() if k in _TOP_CHECKS}, _TOP_CHECKS, "")
-    limits = reader.table(data.get("limits", {}), _LIMIT_CHECKS, "[limits] ")
-    queue = reader.table(data.get("queue", {}), _QUEUE_CHECKS, "[queue] ")
-    log = reader.table(data.get("log", {}), _LOG_CHECKS, "[log] ")
-    reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ")
-    workers = reader.table(data.get("workers", {}), _WORKER_CHECKS, "[workers] ")
+    limits = reader.table(data.get("limits", {}), _LIMIT_CHECKS, "[limits] ", "limits")
+    queue = reader.table(data.get("queue", {}), _QUEUE_CHECKS, "[queue] ", "queue")
+    log = reader.table(data.get("log", {}), _LOG_CHECKS, "[log] ", "log")
+    reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ", "reload")
+    workers = reader.table(data.get("workers", {}), _WORKER_CHECKS, "[workers] ", "workers")
     raw_listeners = data.get("listen", [])
     if not isinstance(raw_listeners, list):
         raise reader.fail("", "listen", "must be an array of tables: [[listen]]")
@@ -323,15 +338,14 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         lag_warn_ms=log.get("lag_warn_ms", Settings.lag_warn_ms),
         log_file=base / log["file"] if "file" in log else None,
     )
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {
+        "modules": base / top.get("modules", "modules"),
+        "db": base / top.get("db", "bgservice.db"),
+    }
     if raw_listeners:
         changes["listeners"] = tuple(
             _listener(reader, raw, i) for i, raw in enumerate(raw_listeners)
         )
-    if "modules" in top:
-        changes["modules"] = base / top["modules"]
-    if "db" in top:
-        changes["db"] = base / top["db"]
     if "allow" in top:
         changes["allow"] = top["allow"]
     return settings.replace(**changes)

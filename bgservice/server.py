@@ -168,9 +168,9 @@ class Service:
                 await self._listen_unix_dgram(listener, bound)
             self.bound.append(bound)
             shown = " ".join(
-                f"{k}://{v[0]}:{v[1]}" if isinstance(v, list) else f"{k}:{v}"
-                for k, v in bound.items()
-                if k != "name"
+                f"{k}://{bound[k][0]}:{bound[k][1]}" if k in ("tcp", "udp") else f"{k}:{bound[k]}"
+                for k in ("tcp", "udp", "unix", "unix_dgram")
+                if k in bound
             )
             access = AccessList.for_host(listener.host, self.settings.allow)
             rule = (

@@ -1,0 +1,514 @@
+"""Configuration: bgservice.config on its own, then the command line over a real process."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bgservice import __version__, config
+from bgservice.config import Limits, Listener, QueueSettings, Settings, WorkerSettings
+from bgservice.errors import ConfigError
+from tests.conftest import REPO, Framed, recv_all, wait_until, write_module
+
+RECORDER = """
+from pathlib import Path
+
+OUT = Path({out!r})
+
+
+def handle_udp(request):
+    with OUT.open("a") as f:
+        f.write(request.text + "\\n")
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def load_text(tmp_path: Path, text: str, name: str = "service.config") -> Settings:
+    return config.load(write(tmp_path / name, text))
+
+
+def config_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    return str(info.value)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "service.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def file_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short folder for Unix sockets (their paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="bgs-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+# --- loading the file ------------------------------------------------------------------
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    settings = load_text(tmp_path, "")
+    assert settings.listeners == (Listener(),)
+    assert settings.listeners[0].host == "127.0.0.1"
+    assert settings.listeners[0].port == 12341
+    assert settings.limits == Limits()
+    assert settings.queue == QueueSettings()
+    assert settings.workers == WorkerSettings()
+    assert settings.allow == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert settings.verbose is False
+    assert settings.global_handler == 0
+    assert settings.log_file is None
+
+
+def test_toml_values_are_read(tmp_path):
+    settings = load_text(
+        tmp_path,
+        textwrap.dedent("""
+        allow = ["10.0.0.0/8", "192.168.1.7/24"]
+        [[listen]]
+        name = "alpha"
+        host = "::1"
+        port = 0
+        udp = false
+        [[listen]]
+        unix = "/run/x.sock"
+        mode = "600"
+        [limits]
+        threads = 3
+        shutdown_grace = 0
+        udp_queue = 5
+        [queue]
+        workers = 2
+        module_limits = { less = 1 }
+        [workers]
+        processes = 1
+        [log]
+        verbose = true
+        global_handler = "stderr"
+        [reload]
+        debounce_ms = 0
+        """),
+    )
+    alpha, local = settings.listeners
+    assert alpha == Listener(name="alpha", host="::1", port=0, udp=False)
+    assert local.name == "listener2"
+    assert (local.host, local.port, local.unix, local.mode) == (None, None, "/run/x.sock", 0o600)
+    assert settings.limits.threads == 3
+    assert settings.limits.shutdown_grace == 0.0
+    assert settings.limits.udp_queue == 5
+    assert settings.limits.read_timeout == Limits().read_timeout
+    assert settings.queue.workers == 2
+    assert settings.module_limits == {"less": 1}
+    assert settings.workers.processes == 1
+    assert settings.verbose is True
+    assert settings.global_handler == 2
+    assert settings.reload_debounce_ms == 0.0
+    # strict=False: a host address with a prefix names its network
+    assert settings.allow[1] == ipaddress.ip_network("192.168.1.0/24")
+
+
+def test_relative_paths_are_taken_from_the_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "etc" / "bgservice"
+    folder.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = config.load(
+        write(
+            folder / "service.config",
+            'modules = "mods"\ndb = "../data/q.db"\n[log]\nfile = "log/bg.log"\n',
+        )
+    )
+    assert settings.modules == folder.resolve() / "mods"
+    assert settings.db == folder.resolve() / "../data/q.db"
+    assert settings.log_file == folder.resolve() / "log/bg.log"
+    absolute = config.load(write(folder / "abs.config", f'modules = "{tmp_path}/m"\n'))
+    assert absolute.modules == tmp_path / "m"
+
+
+def test_default_paths_are_taken_from_the_files_folder_too(tmp_path):
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    settings = config.load(write(folder / "service.config", "[limits]\nthreads = 2\n"))
+    assert settings.modules == folder.resolve() / "modules"
+    assert settings.db == folder.resolve() / "bgservice.db"
+
+
+def test_the_originals_json_list_loads_into_listeners(tmp_path):
+    text = json.dumps(
+        [
+            {"server": "alpha", "address": "127.0.0.1", "port": 12341},
+            {"server": "beta", "address": "0.0.0.0", "port": 12342},
+            {"server": "gamma", "address": "127.0.0.1", "port": 12343},
+        ],
+        indent=2,
+    )
+    settings = load_text(tmp_path, text)
+    assert settings.listeners == (
+        Listener(name="alpha", host="127.0.0.1", port=12341),
+        Listener(name="beta", host="0.0.0.0", port=12342),
+        Listener(name="gamma", host="127.0.0.1", port=12343),
+    )
+    assert all(li.tcp and li.udp for li in settings.listeners)
+    assert settings.modules == tmp_path.resolve() / "modules"
+    assert settings.db == tmp_path.resolve() / "bgservice.db"
+    assert settings.limits == Limits()
+
+
+def test_json_list_with_defaults_and_errors(tmp_path):
+    settings = load_text(tmp_path, '[{"port": 0}]')
+    assert settings.listeners == (Listener(name="listener1", host="127.0.0.1", port=0),)
+    assert "needs a port" in config_error(tmp_path, '[{"server": "alpha"}]')
+    assert "port" in config_error(tmp_path, '[{"port": "12341"}]')
+    assert "port" in config_error(tmp_path, '[{"port": 70000}]')
+    assert "empty" in config_error(tmp_path, "[]")
+
+
+def test_unknown_key_names_the_key_and_its_line(tmp_path):
+    message = config_error(tmp_path, "[limits]\nthreads = 4\nthreadz = 8\n[log]\nverbose = true\n")
+    assert "threadz" in message
+    assert "line 3" in message
+    assert "unknown key" in message
+    assert "threads" in message  # the known keys are listed
+    assert str(tmp_path / "service.config") in message
+
+
+def test_unknown_top_level_key_and_section(tmp_path):
+    message = config_error(tmp_path, 'modules = "m"\nport = 1234\n')
+    assert "port" in message and "line 2" in message and "unknown key" in message
+    message = config_error(tmp_path, "[limits]\nthreads = 4\n\n[limitz]\nthreads = 4\n")
+    assert "limitz" in message and "unknown key" in message
+
+
+def test_unknown_key_in_a_listener(tmp_path):
+    message = config_error(tmp_path, '[[listen]]\nname = "a"\nadress = "127.0.0.1"\nport = 1\n')
+    assert "[[listen]] #1" in message and "adress" in message and "line 3" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "problem"),
+    [
+        ('[limits]\nthreads = "many"\n', "threads", 2, "whole number"),
+        ("[limits]\nread_timeout = 0\n", "read_timeout", 2, "greater than 0"),
+        ("[limits]\nudp_queue = true\n", "udp_queue", 2, "whole number"),
+        ("[queue]\nretries = -1\n", "retries", 2, "at least 0"),
+        ("[log]\nverbose = 1\n", "verbose", 2, "true or false"),
+        ('[log]\nglobal_handler = "loud"\n', "global_handler", 2, "-EE"),
+        ('allow = "127.0.0.1"\n', "allow", 1, "list of networks"),
+        ('allow = ["127.0.0.1", "not-an-ip"]\n', "allow", 1, "invalid network"),
+        ('modules = ""\n', "modules", 1, "non-empty"),
+        ("[[listen]]\nport = 65536\n", "port", 2, "port number"),
+        ('[[listen]]\nmode = "rw-rw----"\nunix = "/x"\n', "mode", 2, "file mode"),
+        ('\n\n[[listen]]\nname = "x"\n', "port", None, "needs host/port"),
+        ("listen = 3\n", "listen", 1, "array of tables"),
+    ],
+)
+def test_wrong_value_names_the_key(tmp_path, text, key, line, problem):
+    message = config_error(tmp_path, text)
+    assert re.search(rf"\b{key}\b", message)
+    assert problem in message
+    if line is not None:
+        assert f"(line {line})" in message
+
+
+def test_error_in_second_listener_names_its_own_line(tmp_path):
+    message = config_error(
+        tmp_path, '[[listen]]\nname = "a"\nport = 1\n[[listen]]\nname = "b"\nport = "x"\n'
+    )
+    assert "#2" in message and "port" in message
+    assert "(line 6)" in message
+
+
+def test_toml_syntax_error_gives_the_line(tmp_path):
+    message = config_error(tmp_path, "[limits]\nthreads = 4\nread_timeout = = 2\n")
+    assert str(tmp_path / "service.config") in message
+    assert "line 3" in message
+
+
+def test_unreadable_and_non_utf8_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.config")
+    path = tmp_path / "latin1.config"
+    path.write_bytes(b'modules = "m\xe9"\n')
+    with pytest.raises(ConfigError, match="UTF-8"):
+        config.load(path)
+
+
+def test_the_shipped_service_config_parses_with_documented_defaults():
+    settings = config.load(REPO / "service.config")
+    assert settings.listeners == (Listener(name="alpha", host="127.0.0.1", port=12341),)
+    assert settings.modules == REPO / "modules"
+    assert settings.db == REPO / "bgservice.db"
+    # Its comment says "the values shown are the defaults".
+    assert settings.limits == Limits()
+    assert settings.queue == QueueSettings()
+    assert settings.workers == WorkerSettings()
+    assert settings.allow == Settings().allow
+    assert settings.verbose is False and settings.global_handler == 0
+    assert settings.reload_debounce_ms == Settings().reload_debounce_ms
+    assert settings.lag_warn_ms == Settings().lag_warn_ms
+
+
+# --- with_overrides --------------------------------------------------------------------
+
+
+def test_overrides_host_and_port_replace_the_listeners_by_one(tmp_path):
+    settings = load_text(
+        tmp_path,
+        '[[listen]]\nname = "alpha"\nhost = "127.0.0.1"\nport = 12341\n'
+        '[[listen]]\nname = "beta"\nhost = "127.0.0.1"\nport = 12342\n'
+        '[[listen]]\nunix = "/tmp/x.sock"\n',
+    )
+    assert config.with_overrides(settings) == settings
+    by_port = config.with_overrides(settings, port=9000)
+    assert by_port.listeners == (Listener(name="alpha", host="127.0.0.1", port=9000),)
+    by_host = config.with_overrides(settings, host="::1")
+    assert by_host.listeners == (Listener(name="alpha", host="::1", port=12341),)
+    both = config.with_overrides(settings, host="::1", port=0)
+    assert both.listeners == (Listener(name="alpha", host="::1", port=0),)
+    # the file is not changed by the overrides
+    assert len(settings.listeners) == 3
+
+
+def test_overrides_port_with_only_unix_listeners(tmp_path):
+    settings = load_text(tmp_path, '[[listen]]\nname = "local"\nunix = "/tmp/x.sock"\n')
+    assert config.with_overrides(settings, port=5000).listeners == (
+        Listener(name="default", host="127.0.0.1", port=5000),
+    )
+
+
+def test_overrides_modules_db_and_flags(tmp_path):
+    settings = load_text(tmp_path, 'modules = "m"\ndb = "q.db"\n')
+    changed = config.with_overrides(
+        settings,
+        modules=Path("/srv/mods"),
+        db=Path("/var/lib/q.db"),
+        verbose=True,
+        global_handler=1,
+    )
+    assert changed.modules == Path("/srv/mods")
+    assert changed.db == Path("/var/lib/q.db")
+    assert changed.verbose is True and changed.global_handler == 1
+    assert changed.listeners == settings.listeners
+    untouched = config.with_overrides(settings, modules=None, db=None)
+    assert untouched.modules == tmp_path.resolve() / "m"
+    assert untouched.db == tmp_path.resolve() / "q.db"
+
+
+# --- the command line, over a real process ---------------------------------------------
+
+
+def test_bad_config_exits_2_with_one_message_and_binds_nothing(tmp_path):
+    port = free_port()
+    cfg = write(
+        tmp_path / "bad.config",
+        f'[[listen]]\nhost = "127.0.0.1"\nport = {port}\n[limits]\nthreads = 0\n',
+    )
+    ready = tmp_path / "ready.json"
+    result = run_cli("-c", str(cfg), "--ready-file", str(ready), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("bgservice: configuration error:")
+    assert "threads" in lines[0] and "(line 5)" in lines[0] and "at least 1" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""  # no log at all: nothing was started
+    assert not ready.exists()
+    assert port_is_free(port)
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = run_cli("-c", str(tmp_path / "nope.config"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr and "cannot read" in result.stderr
+
+
+def test_bad_option_is_a_usage_error(tmp_path):
+    result = run_cli("-p", "70000", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "70000" in result.stderr
+
+
+def test_port_in_use_gives_a_clear_message_and_exit_1(make_service):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        svc = make_service(
+            f'[[listen]]\nname = "busy"\nhost = "127.0.0.1"\nport = {port}\n', start=False
+        )
+        svc.start(wait=False)
+        assert svc.wait() == 1
+    out = svc.log()
+    assert f"cannot listen on 127.0.0.1:{port} (busy)" in out
+    assert "address already in use" in out.lower() and "another service running" in out
+    assert "Traceback" not in out
+    assert not svc.ready_file.exists()
+
+
+def test_udp_port_in_use_gives_a_clear_message(make_service):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        svc = make_service(
+            f'[[listen]]\nname = "busy"\nhost = "127.0.0.1"\nport = {port}\n', start=False
+        )
+        svc.start(wait=False)
+        assert svc.wait() == 1
+    assert f"cannot listen on 127.0.0.1:{port} (busy)" in svc.log()
+    assert not svc.ready_file.exists()
+
+
+def test_port_option_overrides_the_file(make_service):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        # The file names a port in use: only the -p override lets the service start.
+        svc = make_service(
+            f'[[listen]]\nname = "test"\nhost = "127.0.0.1"\nport = {held}\n', "-p", "0"
+        )
+        host, port = svc.tcp
+        assert host == "127.0.0.1" and port != held
+        assert svc.call(b"test:x") == b"Test"
+        assert len(svc.info["listeners"]) == 1
+
+
+def test_host_option_overrides_the_file(make_service):
+    svc = make_service("", "--host", "::1")
+    listener = svc.info["listeners"][0]
+    assert listener["tcp"][0] == "::1" and listener["udp"][0] == "::1"
+    with socket.create_connection(("::1", listener["tcp"][1]), timeout=10) as sock:
+        sock.sendall(b"test:x")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"Test"
+    assert "listener test: tcp://::1:" in svc.log()
+
+
+def test_several_listeners_all_answer(make_service, modules_dir, tmp_path):
+    out = tmp_path / "udp.txt"
+    write_module(modules_dir, "rec", RECORDER.format(out=str(out)))
+    listeners = "".join(
+        f'[[listen]]\nname = "{name}"\nhost = "127.0.0.1"\nport = 0\n'
+        for name in ("alpha", "beta", "gamma")
+    )
+    svc = make_service(listeners)
+    bound = svc.info["listeners"]
+    assert [b["name"] for b in bound] == ["alpha", "beta", "gamma"]
+    assert len({tuple(b["tcp"]) for b in bound}) == 3
+    for b in bound:
+        with socket.create_connection(tuple(b["tcp"]), timeout=10) as sock:
+            sock.sendall(b"test:x")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"Test"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"rec:{b['name']}".encode(), tuple(b["udp"]))
+    wait_until(lambda: sorted(file_lines(out)) == ["alpha", "beta", "gamma"])
+    for name in ("alpha", "beta", "gamma"):
+        assert f"listener {name}: tcp://127.0.0.1:" in svc.log()
+
+
+def test_the_originals_json_config_runs(make_service, tmp_path):
+    (tmp_path / "service.config").write_text(
+        json.dumps(
+            [
+                {"server": "alpha", "address": "127.0.0.1", "port": 0},
+                {"server": "beta", "address": "127.0.0.1", "port": 0},
+            ]
+        )
+    )
+    svc = make_service()  # an existing config is used as it is
+    assert [b["name"] for b in svc.info["listeners"]] == ["alpha", "beta"]
+    assert svc.call(b"test:x") == b"Test"  # modules/ next to the config file
+
+
+def test_unix_stream_listener_answers_with_its_mode(make_service, short_dir):
+    path = short_dir / "s.sock"
+    svc = make_service(
+        '[[listen]]\nname = "test"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listen]]\nname = "local"\nunix = "{path}"\nmode = 0o660\n'
+    )
+    assert svc.info["listeners"][1] == {"name": "local", "unix": str(path)}
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"echo:over unix")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"over unix"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # no half-close
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"test:x")
+        assert recv_all(sock) == b"Test"
+    conn = Framed(str(path), family=socket.AF_UNIX)
+    try:
+        assert conn.call(b"test:x") == (200, b"Test")
+        assert conn.call(b"helo") == (200, b"oleh")
+        assert conn.call(b"nosuch:x") == (400, b"Unknown request")
+    finally:
+        conn.close()
+    assert svc.stop() == 0
+    assert not path.exists()  # removed at shutdown
+
+
+def test_help_works(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("--config", "--host", "--port", "--modules", "--db", "-E", "-e", "-v"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(tmp_path, flag):
+    result = run_cli(flag, cwd=tmp_path)
+    assert result.returncode == 0
+    assert __version__ in result.stdout
