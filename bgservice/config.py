@@ -68,6 +68,17 @@ class QueueSettings:
     backoff_max: float = 300.0
     max_waiting: int = 100_000
     commit_ms: float = 0.0
+    backend: str = "sqlite"
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """The shared queue (``[queue] backend = "redis"``): several instances, one queue."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "bgservice"
+    lease: float = 30.0
+    connect_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     queue: QueueSettings = field(default_factory=QueueSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     module_limits: Mapping[str, int] = field(default_factory=dict)
     reload_debounce_ms: float = 50.0
     verbose: bool = False
@@ -171,6 +183,18 @@ def _global_handler(v: Any) -> int:
     return names[v]
 
 
+def _backend(v: Any) -> str:
+    if v not in ("sqlite", "redis"):
+        raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
+    return str(v)
+
+
+def _redis_url(v: Any) -> str:
+    if not isinstance(v, str) or not re.match(r"^(rediss?|unix)://", v):
+        raise ValueError('must be a URL such as "redis://127.0.0.1:6379/0" or "unix:///path"')
+    return v
+
+
 def _module_limits(v: Any) -> dict[str, int]:
     if not isinstance(v, dict):
         raise ValueError("must be a table of module = limit")
@@ -193,7 +217,7 @@ _LIMIT_CHECKS: dict[str, Check] = {
     "shutdown_grace": _non_negative_number,
 }
 _QUEUE_CHECKS: dict[str, Check] = {
-    "workers": _positive_int,
+    "workers": _non_negative_int,
     "keep_results": _non_negative_number,
     "keep_history": _non_negative_number,
     "retries": _non_negative_int,
@@ -202,6 +226,13 @@ _QUEUE_CHECKS: dict[str, Check] = {
     "max_waiting": _positive_int,
     "commit_ms": _non_negative_number,
     "module_limits": _module_limits,
+    "backend": _backend,
+}
+_REDIS_CHECKS: dict[str, Check] = {
+    "url": _redis_url,
+    "prefix": _string,
+    "lease": _positive_number,
+    "connect_timeout": _positive_number,
 }
 _LISTENER_CHECKS: dict[str, Check] = {
     "name": _string,
@@ -230,7 +261,7 @@ _WORKER_CHECKS: dict[str, Check] = {
     "max_calls": _non_negative_int,
     "max_memory_mb": _non_negative_number,
 }
-_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers"}
+_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis"}
 
 
 class _Reader:
@@ -324,6 +355,9 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     log = reader.table(data.get("log", {}), _LOG_CHECKS, "[log] ", "log")
     reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ", "reload")
     workers = reader.table(data.get("workers", {}), _WORKER_CHECKS, "[workers] ", "workers")
+    redis = reader.table(data.get("redis", {}), _REDIS_CHECKS, "[redis] ", "redis")
+    if queue.get("workers") == 0 and queue.get("backend") != "redis":
+        raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
     raw_listeners = data.get("listen", [])
     if not isinstance(raw_listeners, list):
         raise reader.fail("", "listen", "must be an array of tables: [[listen]]")
@@ -332,6 +366,7 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         queue=QueueSettings(**{k: v for k, v in queue.items() if k != "module_limits"}),
         module_limits=queue.get("module_limits", {}),
         workers=WorkerSettings(**workers),
+        redis=RedisSettings(**redis),
         reload_debounce_ms=reload.get("debounce_ms", Settings.reload_debounce_ms),
         verbose=log.get("verbose", False),
         global_handler=log.get("global_handler", 0),

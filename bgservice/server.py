@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -20,6 +21,7 @@ from bgservice.access import AccessList
 from bgservice.config import LOOPBACK, Listener, Settings
 from bgservice.dispatch import Dispatcher, describe_execution
 from bgservice.jobs import JobQueue
+from bgservice.jobs_local import LocalQueue
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
 from bgservice.stats import LagMonitor, Stats
@@ -36,6 +38,23 @@ _PORT_TRIES = 20
 
 class ListenError(Exception):
     """A listener could not be opened (port in use, permission, bad address)."""
+
+
+def make_queue(settings: Settings, dispatcher: Dispatcher) -> JobQueue:
+    """The queue engine ``[queue] backend`` names: embedded SQLite, or Redis (shared)."""
+    if settings.queue.backend == "redis":
+        # Imported here: redis-py is needed only by sites that choose the shared queue.
+        from bgservice.jobs_redis import RedisQueue
+
+        limits = dict(settings.module_limits)
+        return RedisQueue(settings.queue, limits, settings.redis, dispatcher)
+    store = SqliteStore(settings.db, settings.queue.commit_ms / 1000)
+    return LocalQueue(settings.queue, dict(settings.module_limits), store, dispatcher)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: any password replaced."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 class Service:
@@ -55,12 +74,7 @@ class Service:
         self.registry = Registry(settings.modules, self.executor)
         self.registry.on_failure = self._reload_failed
         self.dispatcher = Dispatcher(settings, self.registry, self.stats, self.executor)
-        self.jobs = JobQueue(
-            settings.queue,
-            dict(settings.module_limits),
-            SqliteStore(settings.db, settings.queue.commit_ms / 1000),
-            self.dispatcher,
-        )
+        self.jobs = make_queue(settings, self.dispatcher)
         self.dispatcher.queue = self.jobs
         self.processes = ProcessRunner(settings.modules, settings.workers)
         self.dispatcher.process_runner = self.processes
@@ -101,13 +115,11 @@ class Service:
         try:
             await self.jobs.start()
         except Exception as exc:  # e.g. sqlite3.Error: unreadable or locked database
-            log.error("cannot open the job database %s: %s", self.settings.db, exc)
+            log.error("cannot open the job queue (%s): %s", self._queue_where(), exc)
             await self._close_listeners()
             self.executor.shutdown(wait=False, cancel_futures=True)
             return 1
-        log.info(
-            "job queue: database %s, %d workers", self.settings.db, self.settings.queue.workers
-        )
+        log.info("job queue: %s, %d workers", self._queue_where(), self.settings.queue.workers)
         self.reloader.start()
         self.udp.start()
         lag = LagMonitor(
@@ -154,6 +166,12 @@ class Service:
     def _module_removed(self, name: str) -> None:
         task = asyncio.get_running_loop().create_task(self.processes.drop(name))
         self._background.append(task)
+
+    def _queue_where(self) -> str:
+        if self.settings.queue.backend == "redis":
+            redis = self.settings.redis
+            return f"redis {redact_url(redis.url)}, prefix {redis.prefix!r}"
+        return f"database {self.settings.db}"
 
     # --- listeners ------------------------------------------------------------------
 

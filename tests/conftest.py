@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,13 @@ shutdown_grace = 5.0
 class ServiceProcess:
     """``python service.py`` with a config of the test's own, stopped at teardown."""
 
-    def __init__(self, root: Path, extra_config: str = "", args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        extra_config: str = "",
+        args: tuple[str, ...] = (),
+        backend_config: str = "",
+    ) -> None:
         self.root = root
         self.modules = root / "modules"
         if not self.modules.exists():
@@ -105,7 +112,8 @@ class ServiceProcess:
         self.config = root / "service.config"
         if not self.config.exists() or extra_config:
             base = BASE_CONFIG.format(modules=self.modules, db=root / "jobs.db")
-            self.config.write_text(_merge_config(base, extra_config))
+            text = _merge_config(base, extra_config)
+            self.config.write_text(_with_backend(text, backend_config) if backend_config else text)
         self.ready_file = root / "ready.json"
         self.log_path = root / "service.log"
         self.args = args
@@ -213,14 +221,93 @@ def _merge_config(base: str, extra: str) -> str:
     return base + "\n" + extra
 
 
+def _with_backend(text: str, backend_config: str) -> str:
+    """Put ``backend = "redis"`` into the config's [queue] table and add its [redis] one."""
+    import re
+
+    line = 'backend = "redis"\n'
+    if re.search(r"^\[queue\]\s*$", text, re.M):
+        text = re.sub(r"^\[queue\]\s*\n", lambda m: m.group(0) + line, text, count=1, flags=re.M)
+    else:
+        text += "\n[queue]\n" + line
+    return text + "\n" + backend_config
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, in a folder of its own, AOF on."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.folder), "--appendonly", "yes", "--save", "",
+             "--logfile", str(self.folder / "redis.log")],
+        )  # fmt: skip
+        wait_until(self.ping, timeout=10)
+        return self
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """A clean shutdown: Redis writes its append-only file and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """$BGSERVICE_TEST_REDIS (as .ci/run sets it), else a redis-server of the session's own."""
+    if os.environ.get("BGSERVICE_TEST_REDIS"):
+        yield os.environ["BGSERVICE_TEST_REDIS"]
+        return
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture
-def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+def queue_backend() -> str:
+    """The queue engine services run on; test_jobs.py runs its tests on both."""
+    return "sqlite"
+
+
+def redis_config(url: str, prefix: str, lease: float = 1.5) -> str:
+    return f'[redis]\nurl = "{url}"\nprefix = "{prefix}"\nlease = {lease}\n'
+
+
+@pytest.fixture
+def make_service(
+    tmp_path: Path, queue_backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServiceProcess]]:
     started: list[ServiceProcess] = []
+    backend_config = ""
+    if queue_backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        backend_config = redis_config(url, f"test-{uuid.uuid4().hex[:12]}")
 
     def make(
         extra_config: str = "", *args: str, start: bool = True, root: Path | None = None
     ) -> ServiceProcess:
-        svc = ServiceProcess(root or tmp_path, extra_config, args)
+        svc = ServiceProcess(root or tmp_path, extra_config, args, backend_config)
         started.append(svc)
         return svc.start() if start else svc
 

@@ -1,0 +1,454 @@
+"""The embedded queue: scheduling in memory, every change written through a store.
+
+Heaps of ready and delayed jobs and a map of jobs blocked on a dependency live in memory;
+the store (SQLite, store_sqlite.py) makes every change durable. A job is acknowledged
+(``id:N``) only once its insert is committed. Waiting for a result is a future per job,
+shared by every ``queue:get`` on it: no polling, no CPU while waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+from bgservice.config import QueueSettings
+from bgservice.dispatch import Dispatcher
+from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed
+from bgservice.job import Job, JobState
+from bgservice.jobs import (
+    JobQueue,
+    Result,
+    busy_by_hour,
+    decide,
+    finished_result,
+    not_found,
+    run_record,
+)
+from bgservice.protocol import OK
+from bgservice.queue_commands import STATES, AddSpec, ListSpec
+from bgservice.store import Run, Store
+
+log = logging.getLogger(__name__)
+
+_FINISHED_CACHE = 10_000
+
+
+class LocalQueue(JobQueue):
+    """One host: scheduling in memory, durability through the store."""
+
+    def __init__(
+        self,
+        settings: QueueSettings,
+        module_limits: dict[str, int],
+        store: Store,
+        dispatcher: Dispatcher,
+    ) -> None:
+        super().__init__(settings, dispatcher)
+        self.module_limits = module_limits
+        self.store = store
+        self.jobs: dict[int, Job] = {}  # waiting and running
+        self._ready: list[tuple[int, int]] = []  # (-priority, id)
+        self._delayed: list[tuple[float, int]] = []  # (run_at, id)
+        self._blocked: dict[int, list[int]] = {}  # dependency id -> job ids
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._per_module: Counter[str] = Counter()
+        self._waiters: dict[int, asyncio.Future[Result]] = {}
+        self._unique: dict[str, int] = {}
+        self._unique_pending: dict[str, asyncio.Future[int]] = {}
+        self._finished: OrderedDict[int, Job] = OrderedDict()
+        self._writes: set[asyncio.Future[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        recovered = await self.store.open()
+        for job in recovered:
+            if job.state is JobState.RUNNING:
+                log.warning(
+                    "job %d (%s) was running when the service stopped: it runs again",
+                    job.id,
+                    job.module,
+                )
+                job.state = JobState.WAITING
+                self._write(job)
+            self.jobs[job.id] = job
+            if job.unique_key:
+                self._unique[job.unique_key] = job.id
+        for job in recovered:
+            await self._place_new(job)
+        if recovered:
+            log.info("job queue: %d unfinished jobs recovered", len(recovered))
+        self._expiry = self._loop.create_task(self._expire_loop())
+        self._pump()
+
+    async def stop(self, grace: float) -> None:
+        """Start nothing new; give running jobs ``grace`` seconds, then leave them for the
+        next start (they are still ``running`` in the store, so they run again)."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=5)
+        await self.store.close()
+
+    # --- commands ---------------------------------------------------------------------
+
+    async def add(self, spec: AddSpec) -> int:
+        self.dispatcher.resolve(spec.module, "queue")  # unknown or refusing: at once
+        if len(self.jobs) >= self.settings.max_waiting:
+            raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
+        if spec.unique:
+            if spec.unique in self._unique:
+                return self._unique[spec.unique]
+            if spec.unique in self._unique_pending:
+                return await asyncio.shield(self._unique_pending[spec.unique])
+        if spec.after is not None:
+            await self._check_dependency(spec.after)
+        return await self._insert(spec)
+
+    async def _check_dependency(self, after: int) -> None:
+        if after in self.jobs:
+            return
+        dependency = await self._lookup(after)
+        if dependency is None:
+            raise not_found(after)
+        if dependency.state is not JobState.DONE:
+            raise DependencyFailed(f"Job {after} {dependency.state}")
+
+    async def _insert(self, spec: AddSpec) -> int:
+        now = time.time()
+        job = Job(
+            id=0,
+            module=spec.module,
+            data=spec.data,
+            state=JobState.WAITING,
+            priority=spec.priority,
+            run_at=spec.run_at or now,
+            created=now,
+            max_retries=self.settings.retries if spec.retries is None else spec.retries,
+            backoff=self.settings.backoff if spec.backoff is None else spec.backoff,
+            timeout=spec.timeout,
+            unique_key=spec.unique,
+            after=spec.after,
+        )
+        pending: asyncio.Future[int] | None = None
+        if spec.unique:
+            pending = asyncio.get_running_loop().create_future()
+            self._unique_pending[spec.unique] = pending
+        try:
+            job.id = await self.store.insert(job)
+        except Exception as exc:
+            log.error("job store refused a job: %s", exc)
+            if pending is not None:
+                pending.set_exception(Busy("Job store unavailable"))
+                pending.exception()  # retrieved: waiters re-raise it themselves
+            raise Busy("Job store unavailable") from None
+        finally:
+            if spec.unique:
+                self._unique_pending.pop(spec.unique, None)
+        self.jobs[job.id] = job
+        if job.unique_key:
+            self._unique[job.unique_key] = job.id
+        if pending is not None:
+            pending.set_result(job.id)
+        await self._place_new(job)
+        self._pump()
+        return job.id
+
+    async def get(self, jid: int) -> Result:
+        if jid in self.jobs:
+            waiter = self._waiters.get(jid)
+            if waiter is None:
+                waiter = self._waiters[jid] = asyncio.get_running_loop().create_future()
+            # Shielded: one client hanging up must not cancel the result for the others.
+            return await asyncio.shield(waiter)
+        job = await self._lookup(jid)
+        if job is None:
+            raise not_found(jid)
+        return finished_result(job)
+
+    async def check(self, jid: int) -> str:
+        job = self.jobs.get(jid) or await self._lookup(jid)
+        if job is None:
+            raise not_found(jid)
+        return job.state.check_code
+
+    async def status(self, jid: int) -> dict[str, Any]:
+        job = self.jobs.get(jid) or await self._lookup(jid)
+        if job is None:
+            raise not_found(jid)
+        return job.describe(time.time(), self._position(job))
+
+    async def cancel(self, jid: int) -> str:
+        job = self.jobs.get(jid)
+        if job is None:
+            finished = await self._lookup(jid)
+            if finished is None:
+                raise not_found(jid)
+            raise Conflict(f"Job {jid} already finished ({finished.state})")
+        if job.state is JobState.RUNNING:
+            job.cancel_requested = True
+            self._write(job)
+            return "cancelling"
+        self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled", None)
+        return "cancelled"
+
+    async def retry(self, jid: int) -> int:
+        if jid in self.jobs:
+            raise Conflict(f"Job {jid} is {self.jobs[jid].state}, not failed")
+        job = await self._lookup(jid)
+        if job is None:
+            raise not_found(jid)
+        if job.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise Conflict(f"Job {jid} is {job.state}: only failed or cancelled jobs retry")
+        self._finished.pop(jid, None)
+        job.state, job.attempts, job.run_at = JobState.WAITING, 0, time.time()
+        job.finished = job.expires = job.status = job.result = None
+        job.cancel_requested, job.after = False, None
+        await self.store.save(job)
+        self.jobs[jid] = job
+        await self._place_new(job)
+        self._pump()
+        return jid
+
+    async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
+        states = [spec.state] if spec.state else ["waiting", "running", "failed"]
+        now = time.time()
+        out: dict[str, Any] = {}
+        for state in states:
+            if state in ("waiting", "running"):
+                live = sorted(
+                    (j for j in self.jobs.values() if j.state == state),
+                    key=lambda j: (-j.priority, j.run_at, j.id),
+                )
+                page = live[spec.offset : spec.offset + spec.limit]
+            else:
+                page = await self.store.list_jobs(state, spec.limit, spec.offset)
+            out[state] = [j.describe(now, self._position(j)) for j in page]
+        return out
+
+    async def stats(self, window: float) -> dict[str, Any]:
+        now = time.time()
+        counts = {s: 0 for s in STATES}
+        counts.update(await self.store.counts())
+        counts["waiting"] = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
+        counts["running"] = len(self._running)
+        oldest = min(
+            (j.created for j in self.jobs.values() if j.state is JobState.WAITING), default=None
+        )
+        runs = await self.store.runs_since(now - max(window, 60))
+        last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
+        in_window = [r for r in runs if r.finished >= now - window]
+        return {
+            "counts": counts,
+            "oldest_waiting_age": round(now - oldest, 3) if oldest else None,
+            "finished_per_minute": len(last_minute),
+            "workers": self.settings.workers,
+            "window": busy_by_hour(in_window, now, window),
+        }
+
+    # --- scheduling -------------------------------------------------------------------
+
+    async def _place_new(self, job: Job) -> None:
+        """Place a waiting job, checking its dependency (which may be in the store)."""
+        if job.after is not None:
+            if job.after in self.jobs:
+                self._blocked.setdefault(job.after, []).append(job.id)
+                return
+            dependency = await self._lookup(job.after)
+            if dependency is None or dependency.state is not JobState.DONE:
+                state = dependency.state if dependency else "expired"
+                self._finish(
+                    job,
+                    JobState.FAILED,
+                    DependencyFailed.code,
+                    f"Dependency: job {job.after} {state}",
+                    None,
+                )
+                return
+        self._place(job)
+
+    def _place(self, job: Job) -> None:
+        if job.run_at > time.time():
+            heapq.heappush(self._delayed, (job.run_at, job.id))
+            self._arm_timer()
+        else:
+            heapq.heappush(self._ready, (-job.priority, job.id))
+
+    def _arm_timer(self) -> None:
+        if not self._delayed or self._closing:
+            return
+        when = self._delayed[0][0]
+        if self._timer is not None:
+            if self._timer.when() <= when + 1e-3:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + max(0.0, when - time.time()), self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = time.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, jid = heapq.heappop(self._delayed)
+            job = self.jobs.get(jid)
+            if job is not None and job.state is JobState.WAITING:
+                heapq.heappush(self._ready, (-job.priority, jid))
+        self._arm_timer()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start ready jobs while there are free workers, best priority first."""
+        if self._closing:
+            return
+        held: list[tuple[int, int]] = []
+        while self._ready and len(self._running) < self.settings.workers:
+            entry = heapq.heappop(self._ready)
+            job = self.jobs.get(entry[1])
+            if job is None or job.state is not JobState.WAITING:
+                continue  # cancelled while it waited
+            limit = self.module_limits.get(job.module)
+            if limit is not None and self._per_module[job.module] >= limit:
+                held.append(entry)
+                continue
+            self._start(job)
+        for entry in held:
+            heapq.heappush(self._ready, entry)
+
+    def _position(self, job: Job) -> int | None:
+        """How many ready jobs run before this one; None unless it is ready itself."""
+        if job.state is not JobState.WAITING or job.run_at > time.time() or job.after in self.jobs:
+            return None
+        key = (-job.priority, job.id)
+        return sum(
+            1
+            for entry in self._ready
+            if entry < key and (j := self.jobs.get(entry[1])) and j.state is JobState.WAITING
+        )
+
+    # --- running ----------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        job.state, job.started, job.progress = JobState.RUNNING, time.time(), None
+        job.attempts += 1
+        self._per_module[job.module] += 1
+        self._write(job)
+        assert self._loop is not None
+        self._running[job.id] = self._loop.create_task(self._execute(job))
+
+    async def _execute(self, job: Job) -> None:
+        try:
+            status, body = await self.run_job(job)
+        finally:
+            self._running.pop(job.id, None)
+            self._per_module[job.module] -= 1
+        self._outcome(job, status, body)
+        self._pump()
+
+    def _outcome(self, job: Job, status: int, body: bytes) -> None:
+        now = time.time()
+        outcome = decide(job, status, body, now, self.settings.backoff_max)
+        if outcome.state is not JobState.WAITING:
+            self._finish(job, outcome.state, outcome.status, outcome.body, now)
+            return
+        assert outcome.run_at is not None
+        job.state, job.run_at = JobState.WAITING, outcome.run_at
+        job.error = body.decode("utf-8", "replace")
+        log.info(
+            "job %d (%s) failed (%d), retry %d of %d in %.3g s",
+            job.id, job.module, status, job.attempts, job.max_retries, outcome.run_at - now,
+        )  # fmt: skip
+        self._write(job, run_record(job, outcome, now))
+        self._place(job)
+
+    def _finish(
+        self, job: Job, state: JobState, status: int, body: bytes | str, ran_until: float | None
+    ) -> None:
+        now = time.time()
+        result = body.encode() if isinstance(body, str) else body
+        job.state, job.finished, job.status, job.result = state, now, status, result
+        if status != OK:
+            job.error = result.decode("utf-8", "replace")
+        job.expires = now + self.settings.keep_results
+        self.jobs.pop(job.id, None)
+        if job.unique_key and self._unique.get(job.unique_key) == job.id:
+            del self._unique[job.unique_key]
+        self._remember(job)
+        run = None
+        if ran_until is not None and job.started is not None:
+            run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
+        self._write(job, run)
+        waiter = self._waiters.pop(job.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result((status, result))
+        for dependent_id in self._blocked.pop(job.id, []):
+            dependent = self.jobs.get(dependent_id)
+            if dependent is None:
+                continue
+            if state is JobState.DONE:
+                self._place(dependent)
+            else:
+                self._finish(
+                    dependent,
+                    JobState.FAILED,
+                    DependencyFailed.code,
+                    f"Dependency: job {job.id} {state}",
+                    None,
+                )
+
+    # --- storage ----------------------------------------------------------------------
+
+    def _write(self, job: Job, run: Run | None = None) -> None:
+        future = asyncio.ensure_future(self.store.save(job, run))
+        self._writes.add(future)
+        future.add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("job store write failed: %s", future.exception())
+
+    def _remember(self, job: Job) -> None:
+        self._finished[job.id] = job
+        while len(self._finished) > _FINISHED_CACHE:
+            self._finished.popitem(last=False)
+
+    async def _lookup(self, jid: int) -> Job | None:
+        """A job that is not in memory: recently finished, or asked of the store."""
+        job = self._finished.get(jid)
+        if job is None:
+            job = await self.store.get(jid)
+        if job is not None and job.expires is not None and job.expires < time.time():
+            return None
+        return job
+
+    async def _expire_loop(self) -> None:
+        interval = min(60.0, max(0.5, self.settings.keep_results / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for jid in [j for j, job in self._finished.items() if (job.expires or now) < now]:
+                del self._finished[jid]
+            try:
+                gone = await self.store.expire(now, now - self.settings.keep_history)
+            except Exception as exc:
+                log.error("job expiry failed: %s", exc)
+                continue
+            if gone:
+                log.info("job queue: %d finished jobs expired", gone)

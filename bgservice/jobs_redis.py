@@ -1,0 +1,540 @@
+"""The shared queue: jobs kept and scheduled in Redis, run by any number of instances.
+
+Every state change is one Lua script (redis_scripts.py), so instances never race: ids come
+from one counter, a job is claimed by exactly one instance, unique keys and dependencies
+are checked and applied atomically. Each instance runs up to ``[queue] workers`` jobs.
+
+No polling for work or results: a change that makes work available publishes ``wake`` on
+the queue's channel, a finished job publishes ``done:ID``, and an idle instance sleeps
+until one arrives (or until its earliest delayed job is due). A running job holds a lease
+that its instance renews every ``lease / 3`` seconds; when an instance dies, the others
+find its leases run out and run its jobs again (at least once, attempts counted), and an
+instance that lost its lease during an outage discards its late result instead of
+running the job's ending twice.
+
+Redis away: calls that do not touch the queue carry on; queue commands reply 503; the
+client reconnects with backoff and the instance resumes where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from bgservice import redis_scripts
+from bgservice.config import QueueSettings, RedisSettings
+from bgservice.dispatch import Dispatcher
+from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
+from bgservice.job import COLUMNS, Job, JobState
+from bgservice.jobs import (
+    JobQueue,
+    Result,
+    busy_by_hour,
+    decide,
+    finished_result,
+    not_found,
+    run_record,
+)
+from bgservice.protocol import OK
+from bgservice.queue_commands import STATES, AddSpec, ListSpec
+from bgservice.store import Run
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
+_INTS = {"priority", "attempts", "max_retries", "after", "status"}
+_BACKOFF_MAX = 5.0
+
+
+def _available(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Redis unreachable -> 503 for this command (the client reconnects by itself)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as exc:
+            log.warning("queue command failed: Redis unavailable: %s", exc)
+            raise Busy("Queue unavailable: Redis does not answer") from None
+
+    return wrapper
+
+
+def _script_error(code: int, message: str) -> ServiceError:
+    kinds: dict[int, type[ServiceError]] = {
+        404: NotFound,
+        409: Conflict,
+        424: DependencyFailed,
+        503: Busy,
+    }
+    return kinds.get(code, Conflict)(message)
+
+
+def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
+    values: dict[str, Any] = {}
+    for key in COLUMNS[1:]:
+        raw = fields.get(key.encode())
+        if raw is None:
+            continue
+        if key in ("data", "result"):
+            values[key] = raw
+        elif key in _FLOATS:
+            values[key] = float(raw)
+        elif key in _INTS:
+            values[key] = int(raw)
+        elif key == "cancel_requested":
+            values[key] = raw == b"1"
+        else:
+            values[key] = raw.decode()
+    values["state"] = JobState(values.get("state", "waiting"))
+    job = Job(id=jid, **values)
+    progress = fields.get(b"progress")
+    if progress:
+        done, total, message = json.loads(progress)
+        job.progress = (done, total, message)
+    return job
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+class RedisQueue(JobQueue):
+    def __init__(
+        self,
+        settings: QueueSettings,
+        module_limits: dict[str, int],
+        redis_settings: RedisSettings,
+        dispatcher: Dispatcher,
+    ) -> None:
+        super().__init__(settings, dispatcher)
+        self.module_limits = module_limits
+        self.conf = redis_settings
+        self.prefix = redis_settings.prefix
+        self.channel = f"{self.prefix}:events"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.redis = aioredis.from_url(
+            redis_settings.url,
+            socket_connect_timeout=redis_settings.connect_timeout,
+            socket_timeout=max(redis_settings.connect_timeout, 5.0),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
+            health_check_interval=15,
+        )
+        self._scripts = {
+            name: self.redis.register_script(getattr(redis_scripts, name))
+            for name in ("ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY")
+        }
+        self._scripts["EXPIRE"] = self.redis.register_script(redis_scripts.EXPIRE)
+        self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
+        self._waiters: dict[int, asyncio.Future[Result]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._progress_pending: set[int] = set()
+        self._closing = False
+        self._next_delayed: float | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.redis.ping()
+        except RedisError as exc:
+            log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
+                      "does", self.conf.url.split("@")[-1], exc)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for coro in (self._listen(), self._runner(), self._leases(), self._expire_loop()):
+            self._tasks.append(loop.create_task(coro))
+
+    async def stop(self, grace: float) -> None:
+        """Start nothing new; give running jobs ``grace`` seconds, then hand the rest back
+        to the queue so another instance (or the next start) runs them."""
+        self._closing = True
+        self._wake.set()
+        running = {task for _, task in self._running.values()}
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        left = [str(jid) for jid in self._running]
+        if left:
+            try:
+                await self._call("RELEASE", self.owner, *left)
+            except RedisError as exc:
+                log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+    # --- commands ---------------------------------------------------------------------
+
+    @_available
+    async def add(self, spec: AddSpec) -> int:
+        self.dispatcher.resolve(spec.module, "queue")  # unknown or refusing: at once
+        now = time.time()
+        fields: dict[str, Any] = {
+            "module": spec.module,
+            "data": spec.data,
+            "state": "waiting",
+            "priority": spec.priority,
+            "run_at": repr(spec.run_at or now),
+            "created": repr(now),
+            "attempts": 0,
+            "max_retries": self.settings.retries if spec.retries is None else spec.retries,
+            "backoff": repr(self.settings.backoff if spec.backoff is None else spec.backoff),
+            "cancel_requested": 0,
+        }
+        if spec.timeout is not None:
+            fields["timeout"] = repr(spec.timeout)
+        if spec.unique:
+            fields["unique_key"] = spec.unique
+        if spec.after is not None:
+            fields["after"] = spec.after
+        flat = [v for pair in fields.items() for v in pair]
+        jid, text = await self._call(
+            "ADD",
+            self.settings.max_waiting,
+            spec.unique or "",
+            "" if spec.after is None else spec.after,
+            *flat,
+            now=now,
+        )
+        if jid < 0:
+            raise _script_error(-jid, text.decode())
+        return int(jid)
+
+    @_available
+    async def get(self, jid: int) -> Result:
+        waiter = self._waiters.get(jid)
+        if waiter is None:
+            # The waiter exists before we look, so a ``done`` published meanwhile is not
+            # lost; later waiters on the same job share it without asking Redis again.
+            waiter = self._waiters[jid] = asyncio.get_running_loop().create_future()
+            try:
+                await self._deliver(jid, quiet=False)
+            except RedisError:
+                self._waiters.pop(jid, None)
+                raise
+        # Shielded: one client hanging up must not cancel the result for the others.
+        return await asyncio.shield(waiter)
+
+    @_available
+    async def check(self, jid: int) -> str:
+        return (await self._require(jid)).state.check_code
+
+    @_available
+    async def status(self, jid: int) -> dict[str, Any]:
+        job = await self._require(jid)
+        return job.describe(time.time(), await self._position(job))
+
+    @_available
+    async def cancel(self, jid: int) -> str:
+        expires = repr(time.time() + self.settings.keep_results)
+        code, text = await self._call("CANCEL", jid, expires)
+        if code:
+            raise _script_error(code, text.decode())
+        return str(text.decode())
+
+    @_available
+    async def retry(self, jid: int) -> int:
+        code, text = await self._call("RETRY", jid)
+        if code:
+            raise _script_error(code, text.decode())
+        return jid
+
+    @_available
+    async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
+        states = [spec.state] if spec.state else ["waiting", "running", "failed"]
+        now = time.time()
+        out: dict[str, Any] = {}
+        for state in states:
+            ids = await self._page(state, spec.offset, spec.limit)
+            jobs = [j for j in [await self._load(i) for i in ids] if j is not None]
+            out[state] = [j.describe(now, await self._position(j)) for j in jobs]
+        return out
+
+    @_available
+    async def stats(self, window: float) -> dict[str, Any]:
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(self._key(f"state:{state}"))
+        pipe.zrange(self._key("state:waiting"), 0, 0, withscores=True)
+        pipe.zrangebyscore(self._key("runs"), now - max(window, 60), "+inf")
+        *counts, oldest, raw_runs = await pipe.execute()
+        runs = [Run(**json.loads(r)) for r in raw_runs]
+        last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
+        in_window = [r for r in runs if r.finished >= now - window]
+        return {
+            "counts": dict(zip(STATES, counts, strict=True)),
+            "oldest_waiting_age": round(now - oldest[0][1], 3) if oldest else None,
+            "finished_per_minute": len(last_minute),
+            "workers": self.settings.workers,
+            "instance_running": len(self._running),
+            "window": busy_by_hour(in_window, now, window),
+        }
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    async def _call(self, script: str, *args: Any, now: float | None = None) -> Any:
+        when = repr(time.time() if now is None else now)
+        return await self._scripts[script](args=[self.prefix, when, *args])
+
+    async def _load(self, jid: int) -> Job | None:
+        fields = await self.redis.hgetall(self._key(f"job:{jid}"))
+        if not fields:
+            return None
+        job = job_from_hash(jid, fields)
+        if job.expires is not None and job.expires < time.time():
+            return None
+        return job
+
+    async def _require(self, jid: int) -> Job:
+        job = await self._load(jid)
+        if job is None:
+            raise not_found(jid)
+        return job
+
+    async def _position(self, job: Job) -> int | None:
+        if job.state is not JobState.WAITING:
+            return None
+        rank = await self.redis.zrank(self._key("ready"), f"{job.id:020d}")
+        return None if rank is None else int(rank)
+
+    async def _page(self, state: str, offset: int, limit: int) -> list[int]:
+        """Waiting jobs in the order they will run (due ones by priority, then delayed
+        ones by time); running jobs by start; finished ones newest first."""
+        if state != "waiting":
+            key = self._key(f"state:{state}")
+            stop = offset + limit - 1
+            raw = await (
+                self.redis.zrange(key, offset, stop)
+                if state == "running"
+                else self.redis.zrevrange(key, offset, stop)
+            )
+            return [int(m) for m in raw]
+        ready = [int(m) for m in await self.redis.zrange(self._key("ready"), 0, -1)]
+        delayed = [int(m) for m in await self.redis.zrange(self._key("delayed"), 0, -1)]
+        return (ready + delayed)[offset : offset + limit]
+
+    # --- waiting for results ----------------------------------------------------------
+
+    def _settle(
+        self, jid: int, result: Result | None = None, exception: Exception | None = None
+    ) -> None:
+        waiter = self._waiters.pop(jid, None)
+        if waiter is None or waiter.done():
+            return
+        if exception is not None:
+            waiter.set_exception(exception)
+            waiter.exception()  # retrieved: each waiter re-raises it itself
+        else:
+            assert result is not None
+            waiter.set_result(result)
+
+    async def _deliver(self, jid: int, quiet: bool = True) -> None:
+        """If job ``jid`` has finished (or is unknown), settle its waiters."""
+        try:
+            job = await self._load(jid)
+        except RedisError:
+            if quiet:
+                return  # the next resubscription delivers it
+            raise
+        if job is None:
+            self._settle(jid, exception=not_found(jid))
+        elif job.state.finished:
+            self._settle(jid, result=finished_result(job))
+
+    async def _listen(self) -> None:
+        """Follow the queue's channel; reconnect with backoff when Redis goes away."""
+        delay = 0.1
+        while True:
+            pubsub: PubSub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                delay = 0.1
+                self._wake.set()  # missed events while away: look again
+                for jid in list(self._waiters):
+                    await self._deliver(jid)
+                async for message in pubsub.listen():
+                    self._event(message["data"])
+            except RedisError as exc:
+                log.warning("Redis connection lost (%s): retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+            finally:
+                await pubsub.aclose()
+
+    def _event(self, data: bytes) -> None:
+        kind, _, arg = data.decode().partition(":")
+        if kind == "wake":
+            self._wake.set()
+        elif kind == "done" and int(arg) in self._waiters:
+            self._spawn(self._deliver(int(arg)))
+        elif kind == "cancel" and int(arg) in self._running:
+            self._running[int(arg)][0].cancel_requested = True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # --- running ----------------------------------------------------------------------
+
+    async def _runner(self) -> None:
+        """Claim jobs while this instance has free workers; sleep until woken."""
+        delay = 0.1
+        limits = json.dumps(self.module_limits)
+        while not self._closing:
+            self._wake.clear()
+            claimed = False
+            if len(self._running) < self.settings.workers:
+                try:
+                    claimed = await self._claim(limits)
+                    delay = 0.1
+                except RedisError as exc:
+                    log.warning("cannot claim jobs (%s): retrying in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
+            if claimed:
+                continue
+            timeout = None
+            if self._next_delayed is not None:
+                timeout = max(0.0, self._next_delayed - time.time()) + 0.001
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _claim(self, limits: str) -> bool:
+        deadline = repr(time.time() + self.conf.lease)
+        reply = await self._call("CLAIM", deadline, self.owner, limits)
+        jid, next_delayed = int(reply[0]), reply[1]
+        self._next_delayed = float(next_delayed) if next_delayed else None
+        if not jid:
+            return False
+        job = job_from_hash(jid, _pairs(reply[2]))
+        task = asyncio.get_running_loop().create_task(self._execute(job))
+        self._running[jid] = (job, task)
+        return True
+
+    async def _execute(self, job: Job) -> None:
+        status, body = await self.run_job(job)
+        now = time.time()
+        outcome = decide(job, status, body, now, self.settings.backoff_max)
+        run = run_record(job, outcome, now)
+        args = (
+            job.id,
+            self.owner,
+            str(outcome.state),
+            outcome.status,
+            outcome.body,
+            outcome.body.decode("utf-8", "replace") if outcome.status != OK else "",
+            repr(now + self.settings.keep_results),
+            repr(outcome.run_at or now),
+            json.dumps(run.__dict__),
+            json.dumps(job.progress) if job.progress is not None else "",
+        )
+        await self._end(job, args, now)
+        self._running.pop(job.id, None)
+        self._wake.set()
+
+    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> None:
+        """Record the attempt's end; keep trying through an outage (the result is here)."""
+        delay = 0.1
+        while True:
+            try:
+                if not await self._call("END", *args, now=now):
+                    log.warning(
+                        "job %d (%s): lease lost while it ran; another instance runs it, "
+                        "this result is discarded", job.id, job.module,
+                    )  # fmt: skip
+                return
+            except RedisError as exc:
+                if self._closing:
+                    return  # its lease runs out; another instance runs it again
+                log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+
+    def progressed(self, job: Job) -> None:
+        """A handler reported progress: copy it to Redis, coalescing quick reports."""
+        if job.id not in self._progress_pending:
+            self._progress_pending.add(job.id)
+            self._spawn(self._write_progress(job))
+
+    async def _write_progress(self, job: Job) -> None:
+        await asyncio.sleep(0.05)  # reports within 50 ms share one write
+        self._progress_pending.discard(job.id)
+        try:
+            await self.redis.hset(self._key(f"job:{job.id}"), "progress", json.dumps(job.progress))
+        except RedisError as exc:
+            log.debug("job %d: progress not written: %s", job.id, exc)
+
+    async def _leases(self) -> None:
+        """Renew our leases; take over jobs whose instance stopped renewing theirs."""
+        interval = self.conf.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
+                taken = await self._call("REAP")
+            except (RedisError, ResponseError) as exc:
+                log.warning("cannot renew job leases: %s", exc)
+                continue
+            if taken:
+                log.warning(
+                    "jobs %s: their instance stopped renewing their lease; they run again",
+                    ", ".join(t.decode() for t in taken),
+                )
+
+    async def _renew(self) -> None:
+        if not self._running:
+            return
+        deadline = repr(time.time() + self.conf.lease)
+        ids = [str(jid) for jid in self._running]
+        lost, cancel = await self._call("RENEW", self.owner, deadline, *ids)
+        for raw in cancel:
+            entry = self._running.get(int(raw))
+            if entry is not None:
+                entry[0].cancel_requested = True
+        for raw in lost:
+            log.warning("job %s: lease lost (taken over by another instance)", raw.decode())
+
+    async def _expire_loop(self) -> None:
+        interval = min(60.0, max(0.5, self.settings.keep_results / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            try:
+                gone = await self._call("EXPIRE", repr(now - self.settings.keep_history))
+            except RedisError as exc:
+                log.warning("job expiry failed: %s", exc)
+                continue
+            if gone:
+                log.info("job queue: %d finished jobs expired", gone)

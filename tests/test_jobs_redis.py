@@ -1,0 +1,172 @@
+"""The queue shared through Redis: several real service processes, one real redis-server.
+
+The single-instance behaviour is covered by test_jobs.py, which runs every test on both
+engines; these tests are about what only several instances can show.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RedisServer, ServiceProcess, redis_config, wait_until, write_module
+
+WHOAMI = """
+import os
+
+def handle_tcp(request):
+    return f"{request.text} by {os.getpid()}"
+"""
+
+# Sleeps a little, then records "job pid" once it is done: the ledger of who finished what.
+LEDGER = """
+import os
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    time.sleep(0.05)
+    with open(Path(__file__).with_name("ledger.txt"), "a") as f:
+        f.write(f"{request.job.id} {os.getpid()}\\n")
+    return request.text
+"""
+
+
+@pytest.fixture
+def shared(tmp_path, redis_url):
+    """Start instances sharing one queue (same Redis, same prefix), each in its own folder."""
+    prefix = f"shared-{uuid.uuid4().hex[:8]}"
+    started: list[ServiceProcess] = []
+    modules = tmp_path / "modules"
+
+    def start(name: str, queue: str = "workers = 2", url: str = redis_url) -> ServiceProcess:
+        root = tmp_path / name
+        root.mkdir()
+        svc = ServiceProcess(root, f"[queue]\n{queue}\n", backend_config=redis_config(url, prefix))
+        svc.modules = modules
+        svc.config.write_text(svc.config.read_text().replace(str(root / "modules"), str(modules)))
+        started.append(svc)
+        return svc.start()
+
+    modules.mkdir()
+    for name, source in (("whoami", WHOAMI), ("ledger", LEDGER)):
+        write_module(modules, name, source)
+    (modules / "echo.py").write_text("def handle_tcp(request):\n    return request.data\n")
+    (modules / "test.py").write_text("def handle_tcp(request):\n    return 'Test'\n")
+    yield start
+    for svc in started:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+
+
+def add(svc: ServiceProcess, command: bytes) -> int:
+    reply = svc.call(command)
+    assert reply.startswith(b"id:"), reply
+    return int(reply[3:])
+
+
+def test_added_on_a_run_on_b_waited_for_on_c(shared):
+    a = shared("a", "workers = 0")
+    b = shared("b")
+    c = shared("c", "workers = 0")
+    jid = add(a, b"queue:add:whoami:hello")
+    assert c.call(b"queue:get:id:%d" % jid) == b"hello by %d" % b.proc.pid
+    assert json.loads(a.call(b"queue:status:id:%d" % jid))["state"] == "done"
+
+
+def test_ids_are_unique_across_instances(shared):
+    instances = [shared(name, "workers = 1") for name in "abc"]
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def adder(svc: ServiceProcess) -> None:
+        for i in range(30):
+            jid = add(svc, b"queue:add:echo:%d" % i)
+            with lock:
+                ids.append(jid)
+
+    threads = [threading.Thread(target=adder, args=(svc,)) for svc in instances]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 90 and len(set(ids)) == 90
+
+
+def test_unique_key_and_dependency_across_instances(shared):
+    a = shared("a", "workers = 0")
+    b = shared("b", "workers = 1")
+    first = add(a, b"queue:add?unique=report&delay=0.5:echo:one")
+    assert add(b, b"queue:add?unique=report:echo:two") == first
+    then = add(b, b"queue:add?after=%d:echo:after" % first)
+    assert a.call(b"queue:get:id:%d" % then) == b"after"
+    assert json.loads(b.call(b"queue:status:id:%d" % first))["state"] == "done"
+
+
+def test_sigkill_during_load_every_job_completes_exactly_once(shared, tmp_path):
+    instances = [shared(name) for name in "abc"]
+    ids = [add(instances[i % 3], b"queue:add:ledger:%d" % i) for i in range(60)]
+    ledger = tmp_path / "modules" / "ledger.txt"
+    victim = instances[1]
+    # Kill one while it runs jobs: some done, some running, most still waiting.
+    wait_until(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 10)
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    survivors = [instances[0], instances[2]]
+    for n, jid in enumerate(ids):
+        assert survivors[n % 2].call(b"queue:get:id:%d" % jid, timeout=30) == str(n).encode()
+    finished_by: dict[int, list[int]] = collections.defaultdict(list)
+    for line in ledger.read_text().splitlines():
+        jid, pid = map(int, line.split())
+        finished_by[jid].append(pid)
+    survivor_pids = {svc.proc.pid for svc in survivors}
+    for jid in ids:
+        by_survivors = [p for p in finished_by[jid] if p in survivor_pids]
+        # Exactly once among the survivors, or finished by the victim before it died.
+        assert len(by_survivors) == 1 or finished_by[jid] == [victim.proc.pid], (
+            jid,
+            finished_by[jid],
+        )
+    assert any(victim.proc.pid in pids for pids in finished_by.values())
+    assert "stopped renewing their lease" in instances[0].log() + instances[2].log()
+
+
+def test_redis_restart_is_survived(shared, tmp_path):
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    try:
+        svc = shared("a", "workers = 1", url=server.url)
+        before = add(svc, b"queue:add?delay=1.5:echo:kept")
+        server.stop()
+        # The queue is away: queue commands say so at once, everything else carries on.
+        assert svc.call(b"queue:add:echo:x").startswith(b"503:")
+        assert svc.call(b"test:x") == b"Test"
+        server.start()
+        wait_until(lambda: svc.call(b"queue:check:id:%d" % before) in (b"0", b"1", b"2"))
+        assert svc.call(b"queue:get:id:%d" % before) == b"kept"
+        after = add(svc, b"queue:add:echo:new")
+        assert after > before
+        assert svc.call(b"queue:get:id:%d" % after) == b"new"
+        assert "Redis connection lost" in svc.log() or "cannot claim" in svc.log()
+    finally:
+        server.stop()
+
+
+def test_workers_zero_needs_the_redis_backend(tmp_path):
+    root = tmp_path / "solo"
+    root.mkdir()
+    svc = ServiceProcess(root, "[queue]\nworkers = 0\n")
+    svc.start(wait=False)
+    assert svc.wait() == 2
+    assert "workers" in svc.log() and "redis" in svc.log()
+    assert not Path(svc.ready_file).exists()
+    assert os.path.exists(svc.config)
