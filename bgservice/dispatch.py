@@ -78,7 +78,10 @@ class Dispatcher:
                 reply: Reply = (OK, await builtin(request))
             else:
                 version, handler = self.resolve(request.module, _KIND[request.transport])
-                reply = (OK, to_bytes(await self.run(version, handler, request, timeout)))
+                reply = (
+                    OK,
+                    _reply_bytes(request, await self.run(version, handler, request, timeout)),
+                )
         except ServiceError as exc:
             reply = (exc.code, exc.message.encode())
         except Exception as exc:  # the boundary: a bug must cost one reply, not the service
@@ -86,6 +89,17 @@ class Dispatcher:
             reply = (500, f"Internal error: {type(exc).__name__}".encode())
         self._count(request, reply[0], start, len(reply[1]))
         return reply
+
+    async def call_whole(self, request: Request, timeout: float | None = None) -> Reply:
+        """``call``, with whatever the handler streamed through ``request.write()`` put in
+        front of its return value: the whole reply, for replies sent in one piece (framed
+        replies, queued jobs' results)."""
+        chunks: list[bytes] = []
+        request.bind(chunks.append, asyncio.get_running_loop())
+        status, body = await self.call(request, timeout)
+        if chunks and status == OK:
+            body = b"".join(chunks) + body
+        return status, body
 
     async def notify(self, request: Request) -> None:
         """Serve a fire-and-forget request (UDP, Unix datagram): nothing is sent back."""
@@ -262,3 +276,11 @@ def describe_execution(version: ModuleVersion) -> str:
     if handlers and all(h.is_async for h in handlers):
         return "loop"
     return "thread" if handlers else "-"
+
+
+def _reply_bytes(request: Request, value: Any) -> bytes:
+    """A handler's return value as the reply; a wrong type is the module's error (500)."""
+    try:
+        return to_bytes(value)
+    except TypeError as exc:
+        raise HandlerError(f"Module {request.module} returned a bad reply: {exc}") from None

@@ -142,10 +142,11 @@ class JobQueue(abc.ABC):
 
     async def run_job(self, job: Job) -> Result:
         """Run one attempt of ``job`` through its module's TCP handler, off the loop as a
-        direct call would be, with the job's own timeout."""
+        direct call would be, with the job's own timeout. Streamed output is kept, so the
+        result is what a direct call would have replied."""
         request = Request(job.module, job.data, "queue", f"job:{job.id}")
         request.job = JobContext(job, asyncio.get_running_loop(), self.progressed)
-        return await self.dispatcher.call(request, timeout=job.timeout)
+        return await self.dispatcher.call_whole(request, timeout=job.timeout)
 
     def progressed(self, job: Job) -> None:  # noqa: B027 (a hook; the default is enough)
         """A running job reported progress (already on ``job.progress``); the local queue

@@ -272,6 +272,7 @@ class Registry:
         self._unloads: set[asyncio.Task[None]] = set()
         self.on_failure: Callable[[str, str], None] | None = None
         self.on_removed: Callable[[str], None] | None = None
+        self.on_reloaded: Callable[[str], None] | None = None
         install_package(self.folder)
 
     def get(self, name: str) -> ModuleEntry | None:
@@ -336,6 +337,8 @@ class Registry:
             entry.reloads += 1
             log.info("module %s reloaded", name)
             self._retire(old)
+            if self.on_reloaded is not None:
+                self.on_reloaded(name)
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name, None)

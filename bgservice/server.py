@@ -73,6 +73,7 @@ class Service:
         )
         self.registry = Registry(settings.modules, self.executor)
         self.registry.on_failure = self._reload_failed
+        self.registry.on_reloaded = self._reloaded
         self.dispatcher = Dispatcher(settings, self.registry, self.stats, self.executor)
         self.jobs = make_queue(settings, self.dispatcher)
         self.dispatcher.queue = self.jobs
@@ -159,6 +160,9 @@ class Service:
         if self.settings.global_handler == 0:
             log.critical("stopping after an unexpected error (start with -E to keep running)")
             self.stop(EXIT_UNEXPECTED)
+
+    def _reloaded(self, name: str) -> None:
+        self.stats.reloads += 1
 
     def _reload_failed(self, name: str, error: str) -> None:
         self.stats.reload_failures += 1

@@ -258,12 +258,7 @@ class Connection(asyncio.Protocol):
         return framed_reply(status, message.encode())
 
     async def _serve_frame(self, request: Request) -> bytes:
-        chunks: list[bytes] = []
-        request.bind(chunks.append, self.loop)
-        status, body = await self.ctx.dispatcher.call(request)
-        if chunks and status == OK:
-            body = b"".join(chunks) + body
-        return framed_reply(status, body)
+        return framed_reply(*await self.ctx.dispatcher.call_whole(request))
 
     def _flush(self, _: object = None) -> None:
         # Replies go out in request order: only a finished head of the line is written.

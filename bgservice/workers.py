@@ -55,6 +55,7 @@ class Worker:
         self.calls = 0
         self.killed = False
         self.current: tuple[int, asyncio.Future[tuple[Any, ...]], Request] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
@@ -82,6 +83,10 @@ class Worker:
         self.pool.lost(self)
 
     def _handle(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "log":
+            _, level, name, text = message
+            logging.getLogger(name).log(level, "%s", text)
+            return
         if self.current is None or message[1] != self.current[0]:
             return  # a late message of a call that already timed out
         _, future, request = self.current
@@ -91,8 +96,24 @@ class Worker:
         elif kind == "progress":
             if request.job is not None:
                 request.job.progress(*message[2:])
+        elif kind == "add_job":
+            task = asyncio.get_running_loop().create_task(self._add_job(request, message))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
         elif not future.done():
             future.set_result(message)
+
+    async def _add_job(self, request: Request, message: tuple[Any, ...]) -> None:
+        """A module in this worker adds a job: the queue is here, the answer goes back."""
+        _, cid, module, data, options = message
+        try:
+            jid, code, text = await request.add_job_async(module, data, **options), 0, ""
+        except ServiceError as exc:
+            jid, code, text = 0, exc.code, exc.message
+        except (TypeError, ValueError, RuntimeError) as exc:  # bad options from the module
+            jid, code, text = 0, 400, f"add_job: {exc}"
+        if self.alive and self.current is not None and self.current[0] == cid:
+            self.send(("job_added", jid, code, text))
 
     def kill(self) -> None:
         self.killed = True

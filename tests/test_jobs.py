@@ -465,3 +465,20 @@ def test_database_is_wal(service, tmp_path, queue_backend):
         ["sqlite3", str(tmp_path / "jobs.db"), "PRAGMA journal_mode"], capture_output=True
     )
     assert out.stdout.strip() == b"wal"
+
+
+def test_a_queued_jobs_result_keeps_what_the_handler_streamed(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "streamer",
+        """
+        def handle_tcp(request):
+            request.write("part1,")
+            request.write(b"part2,")
+            return "end"
+        """,
+    )
+    svc = make_service()
+    direct = svc.call(b"streamer:x")
+    assert direct == b"part1,part2,end"
+    assert svc.call(b"queue:get:id:%d" % add(svc, b"queue:add:streamer:x")) == direct

@@ -274,3 +274,23 @@ def test_service_commands(service):
     stats = service.stats()
     assert stats["modules"]["test"]["tcp"]["requests"] >= 1
     assert {"uptime", "in_flight", "loop_lag_ms", "udp", "connections"} <= stats.keys()
+
+
+def test_a_reply_of_the_wrong_type_is_the_modules_error(modules_dir, make_service):
+    write_module(modules_dir, "badreply", "def handle_tcp(request):\n    return 42\n")
+    svc = make_service()
+    reply = svc.call(b"badreply:x")
+    assert reply.startswith(b"500: Module badreply returned a bad reply")
+    assert b"not int" in reply
+
+
+def test_reloads_are_counted_in_stats(modules_dir, make_service):
+    path = write_module(modules_dir, "counted", "def handle_tcp(request):\n    return 'v1'\n")
+    svc = make_service()
+    before = svc.stats()["reloads"]
+    path.write_text("def handle_tcp(request):\n    return 'v2'\n")
+    wait_until(lambda: svc.call(b"counted:x") == b"v2")
+    path.write_text("def handle_tcp(request:\n")
+    wait_until(lambda: svc.stats()["reloads"]["failed"] > before["failed"])
+    after = svc.stats()["reloads"]
+    assert after["ok"] == before["ok"] + 1

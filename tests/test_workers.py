@@ -264,3 +264,50 @@ def test_call_is_served_while_all_workers_are_busy(modules_dir, make_service):
         first.shutdown(socket.SHUT_WR)
         assert svc.call(b"burnp:10") == b"burnt"  # waited for the one worker
         assert recv_all(first) == b"burnt"
+
+
+def test_a_process_module_can_add_jobs(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "fanout",
+        """
+        from bgservice import ReplyError
+        EXECUTION = "process"
+        def handle_tcp(request):
+            ids = [request.add_job("echo", f"part {i}", priority=i) for i in range(3)]
+            try:
+                request.add_job("nosuchmodule", "x")
+            except ReplyError as exc:
+                refused = exc.code
+            return ",".join(map(str, ids)) + f";{refused}"
+        """,
+    )
+    svc = make_service()
+    ids, refused = svc.call(b"fanout:go").decode().split(";")
+    assert refused == "400"
+    for i, jid in enumerate(ids.split(",")):
+        assert svc.call(b"queue:get:id:" + jid.encode()) == b"part %d" % i
+    # Queued too: the job's own call fans out from the worker.
+    reply = svc.call(b"queue:add:fanout:go")
+    assert svc.call(b"queue:get:" + reply).decode().endswith(";400")
+
+
+def test_a_process_modules_log_lines_reach_the_service_log(modules_dir, make_service):
+    write_module(
+        modules_dir,
+        "chatty",
+        """
+        import logging
+        EXECUTION = "process"
+        log = logging.getLogger("chatty")
+        def handle_tcp(request):
+            log.info("working on %s", request.text)
+            log.warning("careful with %s", request.text)
+            return "ok"
+        """,
+    )
+    svc = make_service()
+    assert svc.call(b"chatty:abc") == b"ok"
+    svc.wait_for_log("working on abc")
+    line = next(li for li in svc.log().splitlines() if "careful with abc" in li)
+    assert "WARNING" in line and "chatty" in line and "[worker " in line
