@@ -55,6 +55,7 @@ class Limits:
     threads: int = 16
     udp_queue: int = 10_000
     udp_workers: int = 4
+    udp_receive_buffer: int = 4 * 1024 * 1024
     shutdown_grace: float = 10.0
 
 
@@ -214,6 +215,7 @@ _LIMIT_CHECKS: dict[str, Check] = {
     "threads": _positive_int,
     "udp_queue": _positive_int,
     "udp_workers": _positive_int,
+    "udp_receive_buffer": _positive_int,
     "shutdown_grace": _non_negative_number,
 }
 _QUEUE_CHECKS: dict[str, Check] = {

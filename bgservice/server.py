@@ -229,6 +229,7 @@ class Service:
                         lambda: DatagramEndpoint(self.udp, access, "udp"),
                         local_addr=(listener.host or LOOPBACK, chosen),
                     )
+                    self._enlarge_receive_buffer(transport)
                     self.endpoints.append(transport)
                     bound["udp"] = list(transport.get_extra_info("sockname")[:2])
                 break
@@ -278,8 +279,26 @@ class Service:
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: DatagramEndpoint(self.udp, AccessList(None), "unix_dgram"), sock=sock
         )
+        self._enlarge_receive_buffer(transport)
         self.endpoints.append(transport)
         bound["unix_dgram"] = str(path)
+
+    def _enlarge_receive_buffer(self, transport: asyncio.BaseTransport) -> None:
+        """A burst of datagrams waits in the kernel's buffer while the loop is busy; the
+        default (~200 KB) drops a burst of a few thousand before the service sees them."""
+        sock = transport.get_extra_info("socket")
+        size = self.settings.limits.udp_receive_buffer
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as exc:
+            log.warning("cannot set the UDP receive buffer to %d bytes: %s", size, exc)
+            return
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
+        if got < size:
+            log.info(
+                "UDP receive buffer: %d bytes (the kernel caps it: raise net.core.rmem_max "
+                "for %d)", got, size,
+            )  # fmt: skip
 
     async def _close_listeners(self) -> None:
         for server in self.servers:

@@ -1,0 +1,495 @@
+#!/usr/bin/env node
+// The asset compilers of bgservice's shipped modules, loaded once and kept alive.
+//
+// Protocol (modules/_node.py is the client): one JSON object per line on stdin,
+//   {"id": 1, "lang": "scss", "source": "...", "options": {...}}
+// and one per line on stdout, in completion order (many compiles may be in flight):
+//   {"id": 1, "ok": true, "output": "..."}
+//   {"id": 1, "ok": false, "status": 400, "error": "input.scss:3:5: expected \";\"."}
+// Compile errors are 400 with file:line:column; a compiler package that is not installed
+// is 503 naming the install command. The process exits when stdin closes, so it never
+// outlives the service. Diagnostics go to stderr, which the client logs.
+//
+// Files: a compile can only read what the request passes in options.sources (Sass, LESS)
+// or files inside options.root, a folder the Python side already checked against the
+// module's allow list; every path is resolved here again and refused outside that root.
+// Less's @plugin (which would run JavaScript) is refused.
+'use strict';
+
+const fs = require('fs');
+const path = require('path');
+const readline = require('readline');
+
+const INSTALL = `install with: npm ci --prefix ${__dirname}`;
+const loaded = {};
+
+class CompileError extends Error {
+  constructor(message, status = 400) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function need(name) {
+  if (!(name in loaded)) {
+    try {
+      loaded[name] = require(name);
+    } catch (err) {
+      if (err.code === 'MODULE_NOT_FOUND') {
+        throw new CompileError(`${name} is not installed: ${INSTALL}`, 503);
+      }
+      throw err;
+    }
+  }
+  return loaded[name];
+}
+
+function flag(value, byDefault) {
+  if (value === undefined || value === '') return byDefault;
+  return !['0', 'false', 'no', 'off'].includes(String(value).toLowerCase());
+}
+
+// --- files: in-memory sources first, then the allowed root --------------------------------
+
+// A virtual file system: "/name" paths; options.sources maps names to text; a path that is
+// not there is read from options.root, never from outside it.
+class Files {
+  constructor(options) {
+    this.sources = new Map();
+    for (const [name, text] of Object.entries(options.sources || {})) {
+      this.sources.set(path.posix.resolve('/', name), String(text));
+    }
+    this.root = options.root ? fs.realpathSync(options.root) : null;
+  }
+
+  // The text of virtual path p, or undefined if there is no such file.
+  read(p) {
+    if (this.sources.has(p)) return this.sources.get(p);
+    if (!this.root) return undefined;
+    const full = path.join(this.root, p);
+    let real;
+    try {
+      real = fs.realpathSync(full);
+    } catch {
+      return undefined;
+    }
+    if (real !== this.root && !real.startsWith(this.root + path.sep)) {
+      throw new CompileError(`${p}: outside the include folder`, 403);
+    }
+    return fs.statSync(real).isFile() ? fs.readFileSync(real, 'utf8') : undefined;
+  }
+
+  // The first candidate that exists, as [virtual path, text], or null.
+  find(candidates) {
+    for (const p of candidates) {
+      const text = this.read(p);
+      if (text !== undefined) return [p, text];
+    }
+    return null;
+  }
+}
+
+// --- Sass (Dart Sass, the reference implementation) ---------------------------------------
+
+function sassCandidates(p) {
+  const dir = path.posix.dirname(p);
+  const base = path.posix.basename(p);
+  if (/\.(scss|sass|css)$/.test(base)) return [p, path.posix.join(dir, `_${base}`)];
+  const out = [];
+  for (const stem of [p, `${p}/index`]) {
+    const d = path.posix.dirname(stem);
+    const b = path.posix.basename(stem);
+    for (const ext of ['scss', 'sass', 'css']) {
+      out.push(`${d === '/' ? '' : d}/${b}.${ext}`, `${d === '/' ? '' : d}/_${b}.${ext}`);
+    }
+  }
+  return out;
+}
+
+function sassImporter(files) {
+  return {
+    canonicalize(url, context) {
+      let p;
+      if (url.startsWith('mem:')) {
+        p = decodeURIComponent(new URL(url).pathname);
+      } else if (/^[a-z][a-z0-9+.-]*:/i.test(url)) {
+        return null;
+      } else {
+        const base = context.containingUrl ? decodeURIComponent(context.containingUrl.pathname) : '/';
+        p = path.posix.resolve(path.posix.dirname(base), url);
+      }
+      const hit = files.find(sassCandidates(p));
+      return hit ? new URL(`mem:${encodeURI(hit[0])}`) : null;
+    },
+    load(canonical) {
+      const p = decodeURIComponent(canonical.pathname);
+      const text = files.read(p);
+      if (text === undefined) return null;
+      const syntax = p.endsWith('.sass') ? 'indented' : p.endsWith('.css') ? 'css' : 'scss';
+      return { contents: text, syntax };
+    },
+  };
+}
+
+function compileSass(source, options, indented) {
+  const sass = need('sass');
+  const files = new Files(options);
+  const name = path.posix.basename(options.filename || (indented ? 'input.sass' : 'input.scss'));
+  const importer = sassImporter(files);
+  try {
+    const result = sass.compileString(source, {
+      syntax: indented ? 'indented' : 'scss',
+      style: flag(options.minify, false) ? 'compressed' : 'expanded',
+      url: new URL(`mem:/${encodeURI(name)}`),
+      importer,
+      importers: [importer],
+      logger: sass.Logger.silent,
+    });
+    return result.css;
+  } catch (err) {
+    if (err instanceof sass.Exception) {
+      const span = err.span;
+      const where = span && span.url ? decodeURIComponent(span.url.pathname).replace(/^\//, '') : name;
+      const line = span ? span.start.line + 1 : 0;
+      const col = span ? span.start.column + 1 : 0;
+      throw new CompileError(`${where}:${line}:${col}: ${err.sassMessage}`);
+    }
+    throw err;
+  }
+}
+
+// --- LESS ---------------------------------------------------------------------------------
+
+function lessSandbox(less, files) {
+  // Replaces Less's file managers for this render: imports and data-uri() are served from
+  // the request's sources and the allowed root only.
+  class Sandbox extends less.FileManager {
+    supports() {
+      return true;
+    }
+    supportsSync() {
+      return true;
+    }
+    resolve(filename, currentDirectory) {
+      const dir = currentDirectory ? path.posix.resolve('/', currentDirectory) : '/';
+      const p = path.posix.resolve(dir, filename);
+      const candidates = path.posix.extname(p) ? [p] : [p, `${p}.less`];
+      return files.find(candidates);
+    }
+    loadFileSync(filename, currentDirectory) {
+      const hit = this.resolve(filename, currentDirectory);
+      if (!hit) return { error: { type: 'File', message: `'${filename}' wasn't found` } };
+      return { contents: hit[1], filename: hit[0] };
+    }
+    loadFile(filename, currentDirectory) {
+      const result = this.loadFileSync(filename, currentDirectory);
+      return result.error ? Promise.reject(result.error) : Promise.resolve(result);
+    }
+  }
+  return {
+    install(_less, pluginManager) {
+      pluginManager.addFileManager(new Sandbox());
+    },
+  };
+}
+
+function lessMessage(err, name) {
+  const file = err.filename && err.filename !== 'input' ? String(err.filename).replace(/^\//, '') : name;
+  const where = err.line ? `${file}:${err.line}:${(err.column || 0) + 1}` : file;
+  return `${where}: ${err.type || 'Syntax'}Error: ${err.message}`;
+}
+
+async function compileLess(source, options) {
+  const less = need('less');
+  if (!less.__bgserviceNoPlugins) {
+    // @plugin would load and run JavaScript: refuse it.
+    less.PluginLoader.prototype.loadPlugin = () =>
+      Promise.reject({ type: 'Plugin', message: '@plugin is not allowed' });
+    less.__bgserviceNoPlugins = true;
+  }
+  const files = new Files(options);
+  const name = path.posix.basename(options.filename || 'input.less');
+  let css;
+  try {
+    const out = await less.render(source, {
+      filename: `/${name}`,
+      plugins: [lessSandbox(less, files)],
+      javascriptEnabled: false,
+      math: 'parens-division',
+    });
+    css = out.css;
+  } catch (err) {
+    if (err instanceof CompileError) throw err;
+    if (err && (err.line || err.type)) throw new CompileError(lessMessage(err, name));
+    throw err;
+  }
+  return flag(options.minify, false) ? minifyCss(css, options, name) : css;
+}
+
+// --- TypeScript, CoffeeScript -------------------------------------------------------------
+
+const TS_JSX = new Set(['preserve', 'react', 'react-native', 'react-jsx', 'react-jsxdev']);
+
+function compileTypeScript(source, options) {
+  const ts = need('typescript');
+  const jsx = options.jsx || '';
+  const tsx = jsx !== '' || /\.[jt]sx$/.test(options.filename || '');
+  const name = path.posix.basename(options.filename || (tsx ? 'input.tsx' : 'input.ts'));
+  const target = ts.ScriptTarget[Object.keys(ts.ScriptTarget).find(
+    (k) => k.toLowerCase() === String(options.target || 'es2020').toLowerCase()
+  )];
+  if (target === undefined) throw new CompileError(`unknown target ${options.target}`);
+  if (jsx && !TS_JSX.has(jsx)) throw new CompileError(`unknown jsx mode ${jsx}`);
+  const compilerOptions = {
+    target,
+    module: ts.ModuleKind[options.module === 'esm' ? 'ESNext' : 'CommonJS'],
+    removeComments: flag(options.minify, false),
+    sourceMap: false,
+  };
+  if (tsx) compilerOptions.jsx = jsx || 'react';
+  const result = ts.transpileModule(source, {
+    fileName: tsx && !name.endsWith('.tsx') ? `${name.replace(/\.[jt]sx?$/, '')}.tsx` : name,
+    reportDiagnostics: true,
+    compilerOptions,
+  });
+  const errors = (result.diagnostics || []).filter((d) => d.category === ts.DiagnosticCategory.Error);
+  if (errors.length) {
+    const lines = errors.slice(0, 10).map((d) => {
+      const text = ts.flattenDiagnosticMessageText(d.messageText, '\n');
+      if (!d.file || d.start === undefined) return `${name}: error TS${d.code}: ${text}`;
+      const pos = d.file.getLineAndCharacterOfPosition(d.start);
+      return `${name}:${pos.line + 1}:${pos.character + 1}: error TS${d.code}: ${text}`;
+    });
+    throw new CompileError(lines.join('\n'));
+  }
+  return result.outputText;
+}
+
+function compileCoffee(source, options) {
+  const coffee = need('coffeescript');
+  const name = path.posix.basename(options.filename || 'input.coffee');
+  try {
+    return coffee.compile(source, { bare: flag(options.bare, false), filename: name });
+  } catch (err) {
+    if (err instanceof SyntaxError && err.location) {
+      const { first_line: line, first_column: col } = err.location;
+      throw new CompileError(`${name}:${line + 1}:${col + 1}: error: ${err.message}`);
+    }
+    throw err;
+  }
+}
+
+// --- Pug ----------------------------------------------------------------------------------
+
+function compilePug(source, options) {
+  const pug = need('pug');
+  const files = new Files(options);
+  const name = path.posix.basename(options.filename || 'input.pug');
+  let locals = {};
+  if (options.vars) {
+    try {
+      locals = JSON.parse(options.vars);
+    } catch (err) {
+      throw new CompileError(`vars: not JSON: ${err.message}`);
+    }
+    if (locals === null || typeof locals !== 'object' || Array.isArray(locals)) {
+      throw new CompileError('vars: must be a JSON object');
+    }
+  }
+  // include/extends resolve and read through the sandbox, never the real file system.
+  const sandbox = {
+    resolve(filename, source_) {
+      const from = source_ ? path.posix.dirname(source_) : '/';
+      const p = path.posix.resolve(filename.startsWith('/') ? '/' : from, filename.replace(/^\//, ''));
+      return path.posix.extname(p) ? p : `${p}.pug`;
+    },
+    read(filename) {
+      const text = files.read(filename);
+      if (text === undefined) throw new CompileError(`${filename}: no such file to include`);
+      return text;
+    },
+  };
+  const settings = {
+    filename: `/${name}`,
+    basedir: '/',
+    plugins: [sandbox],
+    pretty: flag(options.pretty, false),
+    doctype: options.doctype || undefined,
+  };
+  const key = options.root ? null : cacheKey(source, { ...options, vars: null });
+  let fn = key && templates.get(key)?.value;
+  try {
+    if (!fn) {
+      fn = pug.compile(source, settings);
+      if (key) templates.set(key, fn, source.length * 4);
+    }
+  } catch (err) {
+    if (err instanceof CompileError) throw err;
+    if (err && err.code && String(err.code).startsWith('PUG:')) {
+      const where = `${(err.filename || name).replace(/^\//, '')}:${err.line || 0}:${err.column || 1}`;
+      throw new CompileError(`${where}: ${err.code}: ${err.msg}`);
+    }
+    // Anything else pug.compile throws is about the template too (e.g. a code line that
+    // does not parse), so it is the client's error, not the service's.
+    const where = err && err.line ? `${name}:${err.line}` : name;
+    throw new CompileError(`${where}: ${err && err.message ? err.message : String(err)}`);
+  }
+  try {
+    return fn(locals);
+  } catch (err) {
+    // A runtime error of the template's own code (pug templates are JavaScript).
+    throw new CompileError(`${name}: ${err && err.message ? err.message : String(err)}`);
+  }
+}
+
+// --- minify -------------------------------------------------------------------------------
+
+async function minifyJs(source, options) {
+  const terser = need('terser');
+  const name = path.posix.basename(options.filename || 'input.js');
+  try {
+    const out = await terser.minify(
+      { [name]: source },
+      { compress: flag(options.compress, true), mangle: flag(options.mangle, true), sourceMap: false }
+    );
+    return out.code;
+  } catch (err) {
+    if (err && err.line !== undefined) {
+      throw new CompileError(`${name}:${err.line}:${(err.col || 0) + 1}: ${err.message}`);
+    }
+    throw err;
+  }
+}
+
+function minifyCss(source, options, name_) {
+  const css = need('lightningcss');
+  const name = name_ || path.posix.basename(options.filename || 'input.css');
+  try {
+    const out = css.transform({ filename: name, code: Buffer.from(source), minify: true });
+    return out.code.toString();
+  } catch (err) {
+    if (err && err.loc) {
+      throw new CompileError(`${name}:${err.loc.line}:${err.loc.column}: ${err.message}`);
+    }
+    throw err;
+  }
+}
+
+function minify(source, options) {
+  const type = options.type || (/\.css$/.test(options.filename || '') ? 'css' : 'js');
+  if (type === 'js') return minifyJs(source, options);
+  if (type === 'css') return minifyCss(source, options);
+  throw new CompileError(`minify: type must be js or css, not ${type}`);
+}
+
+// --- caches -------------------------------------------------------------------------------
+
+// Least recently used, bounded by the total length of what it holds.
+class Lru {
+  constructor(budget) {
+    this.budget = budget;
+    this.used = 0;
+    this.map = new Map();
+  }
+  get(key) {
+    const hit = this.map.get(key);
+    if (hit !== undefined) {
+      this.map.delete(key);
+      this.map.set(key, hit);
+    }
+    return hit;
+  }
+  set(key, value, size) {
+    if (size > this.budget / 4) return;
+    if (this.map.has(key)) this.used -= this.map.get(key).size;
+    this.map.delete(key);
+    this.map.set(key, { value, size });
+    this.used += size;
+    for (const [k, v] of this.map) {
+      if (this.used <= this.budget) break;
+      this.map.delete(k);
+      this.used -= v.size;
+    }
+  }
+}
+
+// Compiled output by request: the same source compiled again (a web app asking for the
+// same stylesheet on every deploy or page) costs a hash instead of 20-100 ms of compiling.
+// Not used when files come from an include folder, which may change between requests.
+const outputs = new Lru(64 * 1024 * 1024);
+// Compiled Pug templates by source and options: rendering with new variables is cheap,
+// compiling is not (the generated code is parsed to scope the variables).
+const templates = new Lru(64 * 1024 * 1024);
+const crypto = require('crypto');
+
+function cacheKey(...parts) {
+  const hash = crypto.createHash('sha256');
+  for (const part of parts) hash.update(typeof part === 'string' ? part : JSON.stringify(part)).update('\0');
+  return hash.digest('hex');
+}
+
+async function compileCached(lang, source, options) {
+  const compiler = COMPILERS[lang];
+  if (!compiler) throw new CompileError(`unknown language ${lang}`, 500);
+  if (options.root || lang === 'pug' || lang === 'ping') return compiler(source, options);
+  const key = cacheKey(lang, options, source);
+  const hit = outputs.get(key);
+  if (hit !== undefined) return hit.value;
+  const output = await compiler(source, options);
+  outputs.set(key, output, source.length + output.length);
+  return output;
+}
+
+// --- the server ---------------------------------------------------------------------------
+
+const COMPILERS = {
+  scss: (s, o) => compileSass(s, o, false),
+  sass: (s, o) => compileSass(s, o, true),
+  less: compileLess,
+  typescript: compileTypeScript,
+  coffee: compileCoffee,
+  pug: compilePug,
+  minify,
+  ping: () => 'pong',
+};
+
+// stdout carries the replies only: anything a compiler or a template prints goes to stderr.
+const out = process.stdout;
+const util = require('util');
+for (const name of ['log', 'info', 'debug', 'warn']) {
+  console[name] = (...args) => process.stderr.write(`${util.format(...args)}\n`);
+}
+
+function send(reply) {
+  out.write(`${JSON.stringify(reply)}\n`);
+}
+
+async function serve(line) {
+  let request;
+  try {
+    request = JSON.parse(line);
+  } catch (err) {
+    process.stderr.write(`bad request line: ${err.message}\n`);
+    return;
+  }
+  const { id, lang, source, options } = request;
+  try {
+    const output = await compileCached(lang, String(source ?? ''), options || {});
+    send({ id, ok: true, output });
+  } catch (err) {
+    if (err instanceof CompileError) {
+      send({ id, ok: false, status: err.status, error: err.message });
+    } else {
+      const message = err && err.message ? err.message : String(err);
+      process.stderr.write(`${lang} #${id}: ${(err && err.stack) || message}\n`);
+      send({ id, ok: false, status: 500, error: `${lang}: ${message}` });
+    }
+  }
+}
+
+const input = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+input.on('line', (line) => {
+  serve(line);
+});
+input.on('close', () => process.exit(0));
+out.on('error', () => process.exit(0));

@@ -1,0 +1,284 @@
+"""The compiler modules' link to one long-lived node process (compilers/server.js).
+
+The official compilers (Dart Sass, Less, TypeScript, CoffeeScript, Pug, Terser,
+Lightning CSS) are JavaScript. Starting node per request costs 100-400 ms of loading; kept
+alive they compile a 10 KB source in milliseconds. So every compiler module shares one
+process: started on the first compile, restarted on the next compile after it died (the
+calls in flight when it died get a 503), stopped when the last module using it unloads.
+Requests are JSON lines tagged with an id, so many compiles are in flight at once and the
+handlers only ``await``: the event loop never waits on a compiler.
+
+Where the compilers live: ``$BGSERVICE_COMPILERS`` if set, else the first installed of the
+``compilers`` folder beside the modules folder and the one of the bgservice checkout.
+
+Options ride in front of the source: data starting with ``?`` is ``?name=value&...:``
+followed by the source (query-string encoded, like ``queue:add?priority=5:...``). Data
+not starting with ``?`` is all source, as in the original; a source that itself starts
+with ``?`` is sent as ``?:SOURCE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import urllib.parse
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bgservice import ReplyError
+
+log = logging.getLogger(__name__)
+
+# Seconds a compile may take; one this slow is stuck (pug templates are code, Sass has
+# @while), so the process is killed and the next compile starts a new one.
+COMPILE_TIMEOUT = float(os.environ.get("BGSERVICE_COMPILE_TIMEOUT", 20))
+STREAM_LIMIT = 1 << 28  # longest reply line from node (bytes): JSON of the largest output
+BIG = 1 << 18  # JSON this long takes over a millisecond to code: done in a thread
+_HERE = Path(__file__).resolve().parent
+Future = asyncio.Future[dict[str, Any]]
+
+
+def parse(data: bytes, allowed: frozenset[str]) -> tuple[dict[str, str], str]:
+    """``?a=1&b=2:SOURCE`` -> ({"a": "1", "b": "2"}, "SOURCE"); anything else is all source."""
+    if not data.startswith(b"?"):
+        return {}, data.decode("utf-8", "replace")
+    head, sep, rest = data[1:].partition(b":")
+    if not sep:
+        raise ReplyError(400, "options: expected ?name=value&...:SOURCE (a ':' ends them)")
+    query = head.decode("utf-8", "replace")
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ReplyError(400, "options: expected name=value&name=value") from None
+    options = dict(pairs)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ReplyError(
+            400, f"unknown option {unknown[0]!r} (options: {', '.join(sorted(allowed))})"
+        )
+    return options, rest.decode("utf-8", "replace")
+
+
+def include_root(options: dict[str, str], allowed: list[str]) -> None:
+    """Check ``include=FOLDER`` against the module's allow list, in place.
+
+    ``$BGSERVICE_INCLUDE_DIRS`` (os.pathsep-separated) extends the list. The folder is
+    compared after resolving symlinks, and server.js keeps every read inside it."""
+    if "include" not in options:
+        return
+    extra = os.environ.get("BGSERVICE_INCLUDE_DIRS", "").split(os.pathsep)
+    folders = [*allowed, *filter(None, extra)]
+    wanted = os.path.realpath(options.pop("include"))
+    if wanted not in {os.path.realpath(f) for f in folders}:
+        raise ReplyError(403, f"include folder {wanted} is not in the module's INCLUDE_DIRS")
+    options["root"] = wanted
+
+
+def sources(options: dict[str, str]) -> None:
+    """Decode ``sources=JSON`` ({"name": "text", ...}: files a source may @use/@import)."""
+    if "sources" not in options:
+        return
+    try:
+        value = json.loads(options["sources"])
+    except ValueError as exc:
+        raise ReplyError(400, f"sources: not JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ReplyError(400, 'sources: expected a JSON object {"name": "text", ...}')
+    options["sources"] = value  # type: ignore[assignment]
+
+
+def find_compilers() -> Path:
+    """The compilers folder: ``$BGSERVICE_COMPILERS`` if set (no fallback: a wrong setting
+    must show), else the first installed of the two default places."""
+    if env := os.environ.get("BGSERVICE_COMPILERS"):
+        return Path(env)
+    candidates = [_HERE.parent / "compilers"]
+    with contextlib.suppress(ImportError):
+        import bgservice
+
+        candidates.append(Path(bgservice.__file__).resolve().parent.parent / "compilers")
+    for folder in candidates:
+        if (folder / "server.js").is_file() and (folder / "node_modules").is_dir():
+            return folder
+    return next((f for f in candidates if (f / "server.js").is_file()), candidates[0])
+
+
+async def _decode(line: bytes) -> tuple[bytes, Any]:
+    """(line, its JSON or None); a long line is decoded in a thread."""
+    try:
+        if len(line) < BIG:
+            return line, json.loads(line)
+        return line, await asyncio.to_thread(json.loads, line)
+    except ValueError:
+        return line, None
+
+
+class NodeCompilers:
+    """One node process running server.js, shared by the compiler modules."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        # id -> (the process it was sent to, its reply)
+        self._pending: dict[int, tuple[asyncio.subprocess.Process, Future]] = {}
+        self._ids = itertools.count(1)
+        self._lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counts: Counter[str] = Counter()
+        self.starts = 0
+
+    async def compile(self, lang: str, source: str, options: dict[str, Any]) -> str:
+        """The compiled output, or ReplyError: 400 (the source), 5xx (the compiler)."""
+        proc = await self._running()
+        rid = next(self._ids)
+        future: Future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (proc, future)
+        self.counts[f"{lang}_calls"] += 1
+        try:
+            assert proc.stdin is not None
+            message = {"id": rid, "lang": lang, "source": source, "options": options}
+            line = (
+                json.dumps(message)
+                if len(source) < BIG
+                else await asyncio.to_thread(json.dumps, message)
+            )
+            proc.stdin.write(line.encode() + b"\n")
+            await proc.stdin.drain()
+            reply = await asyncio.wait_for(future, COMPILE_TIMEOUT)
+        except TimeoutError:
+            log.warning("%s compile still running after %g s: killing node", lang, COMPILE_TIMEOUT)
+            self._kill(proc)
+            raise ReplyError(504, f"{lang}: compile took over {COMPILE_TIMEOUT:g} s") from None
+        except (ConnectionError, BrokenPipeError):
+            raise ReplyError(503, f"{lang}: the compiler process died; retry") from None
+        finally:
+            self._pending.pop(rid, None)
+        if not reply.get("ok"):
+            self.counts[f"{lang}_errors"] += 1
+            raise ReplyError(int(reply.get("status", 500)), str(reply.get("error")))
+        return str(reply["output"])
+
+    async def _running(self) -> asyncio.subprocess.Process:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None:
+                self._proc = await self._start()
+            return self._proc
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        node = shutil.which("node")
+        if node is None:
+            raise ReplyError(503, "node is not installed: install Node.js >= 20.19")
+        folder = find_compilers()
+        if not (folder / "server.js").is_file():
+            raise ReplyError(503, f"compilers not found: set BGSERVICE_COMPILERS (tried {folder})")
+        if not (folder / "node_modules").is_dir():
+            install = f"npm ci --prefix {folder}"
+            raise ReplyError(503, f"compilers not installed: install with: {install}")
+        proc = await asyncio.create_subprocess_exec(
+            node,
+            str(folder / "server.js"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            limit=STREAM_LIMIT,
+            cwd=str(folder),
+        )
+        self.starts += 1
+        log.info("compiler process started: node %s (pid %d)", folder / "server.js", proc.pid)
+        for coro in (self._read_replies(proc), self._read_stderr(proc)):
+            task = asyncio.get_running_loop().create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return proc
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while line := await proc.stdout.readline():
+                self._resolve(proc, await _decode(line))
+        except ValueError as exc:  # a line longer than STREAM_LIMIT
+            log.error("compiler process sent an unreadable reply (%s): restarting it", exc)
+            self._kill(proc)
+        code = await proc.wait()
+        if code != 0:
+            log.warning("compiler process %d exited with code %d", proc.pid, code)
+        self._fail_pending(proc, code)
+
+    def _resolve(self, proc: asyncio.subprocess.Process, decoded: Any) -> None:
+        try:
+            reply = decoded[1]
+            _, future = self._pending.get(reply["id"], (proc, None))
+        except (KeyError, TypeError):
+            log.warning("node wrote something else than a reply: %r", decoded[0][:200])
+            return
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            log.warning("node: %s", line.decode("utf-8", "replace").rstrip())
+
+    def _fail_pending(self, proc: asyncio.subprocess.Process, code: int) -> None:
+        error = ReplyError(503, f"the compiler process died (exit code {code}); retry")
+        for owner, future in list(self._pending.values()):
+            if owner is proc and not future.done():
+                future.set_exception(error)
+
+    def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        if self._proc is proc:  # the next compile starts a new one, even before this exits
+            self._proc = None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def stop(self) -> None:
+        """Close node's stdin (it exits), kill it if it lingers, and wait for the readers."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                self._kill(proc)
+                await proc.wait()
+            log.info("compiler process %d stopped", proc.pid)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+
+    def stats(self, lang: str) -> dict[str, Any]:
+        running = self._proc is not None and self._proc.returncode is None
+        return {
+            "compiles": self.counts[f"{lang}_calls"],
+            "errors": self.counts[f"{lang}_errors"],
+            "node_pid": self._proc.pid if running and self._proc else None,
+            "node_starts": self.starts,
+            "in_flight": len(self._pending),
+        }
+
+
+_shared = NodeCompilers()
+
+
+def acquire() -> NodeCompilers:
+    """The shared process, for a module to keep; pair with ``await release(...)`` in unload.
+
+    Counting users keeps the process alive while one module reloads (the new version
+    acquires before the old one releases) and stops it when the last one goes."""
+    _shared.users += 1
+    return _shared
+
+
+async def release(compilers: NodeCompilers) -> None:
+    compilers.users -= 1
+    if compilers.users <= 0:
+        await compilers.stop()

@@ -1,0 +1,257 @@
+"""Fire-and-forget logging over UDP, one file per channel, rotated by size.
+
+Over UDP (or Unix datagrams):
+    ``log:MESSAGE``                              channel ``main``, level INFO
+    ``log:?channel=payments&level=error:MESSAGE``  (options as in the compiler modules)
+Each message becomes one line, ``2026-01-31T12:00:00.123Z ERROR 127.0.0.1:5300 MESSAGE``,
+in ``LOG_DIR/CHANNEL.log``; newlines inside a message are written as ``\\n`` so one line
+is one message. A file larger than MAX_BYTES is renamed ``CHANNEL.log.1`` (``.1`` to
+``.2`` ... up to BACKUPS) and a new one started.
+
+Over TCP: ``log:tail`` or ``log:tail?channel=payments&lines=50`` replies the last lines.
+
+The handler only stamps the message and puts it on a bounded queue; one writer thread
+takes everything queued at once and appends it per channel with a single write, so a
+flood costs the event loop microseconds per datagram and the disk one write per batch.
+A full queue drops the message and counts it: ``service:stats`` shows, under
+``module_stats.log``, how many were received, written, dropped and rejected (bad channel
+names), so no line is ever lost silently. (A hand-written writer rather than
+``logging.handlers.RotatingFileHandler`` behind a ``QueueListener``: that pair writes and
+flushes one record at a time and cannot report drops.)
+
+Settings: the constants below, or the environment variables named beside them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import urllib.parse
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import IO, Any
+
+from bgservice import ReplyError, Request
+
+log = logging.getLogger(__name__)
+
+# The log folder: $BGSERVICE_LOG_DIR, else "logs" beside the modules folder.
+LOG_DIR = Path(
+    os.environ.get("BGSERVICE_LOG_DIR") or Path(__file__).resolve().parent.parent / "logs"
+)
+MAX_BYTES = int(os.environ.get("BGSERVICE_LOG_MAX_BYTES", 10 * 1024 * 1024))
+BACKUPS = int(os.environ.get("BGSERVICE_LOG_BACKUPS", 5))
+QUEUE_SIZE = int(os.environ.get("BGSERVICE_LOG_QUEUE", 100_000))  # messages waiting
+BATCH = 10_000  # most messages one write pass takes from the queue
+MAX_TAIL = 10_000
+LEVELS = frozenset(
+    {"DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL", "ALERT", "EMERGENCY"}
+)
+_CHANNEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+Entry = tuple[str, str]  # (channel, the whole line with its newline)
+counts: Counter[str] = Counter()
+_queue: queue.Queue[Entry | None] = queue.Queue(QUEUE_SIZE)
+_writer: threading.Thread | None = None
+_last_warning = 0.0
+
+
+def _channel(name: str) -> str:
+    """A channel name is a file name: letters, digits, ``-``, ``_``; anything else is refused."""
+    if not _CHANNEL.fullmatch(name):
+        raise ValueError(f"bad channel name {name[:40]!r} (letters, digits, - and _)")
+    return name
+
+
+def _parse(data: bytes) -> tuple[str, str, str]:
+    """datagram -> (channel, level, message)."""
+    text = data.decode("utf-8", "replace")
+    if not text.startswith("?"):
+        return "main", "INFO", text
+    head, sep, message = text[1:].partition(":")
+    if not sep:
+        raise ValueError("expected ?channel=NAME&level=LEVEL:MESSAGE")
+    options = dict(urllib.parse.parse_qsl(head, keep_blank_values=True))
+    level = (options.get("level") or "INFO").upper()
+    if level not in LEVELS:
+        raise ValueError(f"bad level {level[:20]!r} (one of {', '.join(sorted(LEVELS))})")
+    return _channel(options.get("channel") or "main"), level, message
+
+
+def _stamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+async def handle_udp(request: Request) -> None:
+    counts["received"] += 1
+    try:
+        channel, level, message = _parse(request.data)
+    except ValueError as exc:
+        counts["rejected"] += 1
+        _warn("log: datagram from %s rejected: %s", request.peer, exc)
+        return
+    message = message.rstrip("\r\n").replace("\r", "\\r").replace("\n", "\\n")
+    line = f"{_stamp(time.time())} {level} {request.peer or '-'} {message}\n"
+    _start_writer()
+    try:
+        _queue.put_nowait((channel, line))
+    except queue.Full:
+        counts["dropped"] += 1
+        _warn("log: queue full (%d): dropping messages", QUEUE_SIZE)
+
+
+def _warn(text: str, *args: Any) -> None:
+    """At most one warning every 5 s: a flood of bad datagrams must not flood the log."""
+    global _last_warning
+    if time.monotonic() - _last_warning >= 5.0:
+        _last_warning = time.monotonic()
+        log.warning(text, *args)
+
+
+def _start_writer() -> None:
+    global _writer
+    if _writer is None:
+        _writer = threading.Thread(target=_write_loop, name="bgservice-log-writer", daemon=True)
+        _writer.start()
+
+
+class _Files:
+    """Open log files by channel, with size-based rotation."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.open: dict[str, IO[bytes]] = {}
+
+    def path(self, channel: str) -> Path:
+        return self.folder / f"{channel}.log"
+
+    def write(self, channel: str, lines: list[str]) -> None:
+        """Append ``lines``, rotating first whenever the next chunk would pass MAX_BYTES."""
+        chunk: list[bytes] = []
+        size = self._file(channel).tell()
+        for line in lines:
+            data = line.encode("utf-8", "replace")
+            if size + len(data) > MAX_BYTES and (size or chunk):
+                self._file(channel).write(b"".join(chunk))
+                chunk = []
+                self._rotate(channel)
+                size = 0
+            chunk.append(data)
+            size += len(data)
+        self._file(channel).write(b"".join(chunk))
+
+    def _file(self, channel: str) -> IO[bytes]:
+        if channel not in self.open:
+            if len(self.open) >= 64:  # keep file handles bounded with many channels
+                self.close()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.open[channel] = self.path(channel).open("ab", buffering=0)
+        return self.open[channel]
+
+    def _rotate(self, channel: str) -> None:
+        self.open.pop(channel).close()
+        base = self.path(channel)
+        for n in range(BACKUPS - 1, 0, -1):
+            older = base.with_name(f"{base.name}.{n}")
+            if older.exists():
+                older.replace(base.with_name(f"{base.name}.{n + 1}"))
+        if BACKUPS > 0:
+            base.replace(base.with_name(f"{base.name}.1"))
+        else:
+            base.unlink()
+        counts["rotations"] += 1
+
+    def close(self) -> None:
+        for file in self.open.values():
+            file.close()
+        self.open.clear()
+
+
+def _write_loop() -> None:
+    files = _Files(LOG_DIR)
+    running = True
+    while running:
+        batch, running = _take_batch()
+        _write_batch(files, batch)
+    files.close()
+
+
+def _take_batch() -> tuple[dict[str, list[str]], bool]:
+    """Wait for one message, then take what else is queued (up to BATCH); False: stop."""
+    batch: dict[str, list[str]] = defaultdict(list)
+    item = _queue.get()
+    taken = 0
+    while item is not None:
+        batch[item[0]].append(item[1])
+        taken += 1
+        if taken >= BATCH:
+            return batch, True
+        try:
+            item = _queue.get_nowait()
+        except queue.Empty:
+            return batch, True
+    return batch, False
+
+
+def _write_batch(files: _Files, batch: dict[str, list[str]]) -> None:
+    for channel, lines in batch.items():
+        try:
+            files.write(channel, lines)
+            counts["written"] += len(lines)
+        except OSError as exc:
+            counts["write_errors"] += len(lines)
+            files.close()
+            log.error("log: cannot write %d lines to %s: %s", len(lines), files.path(channel), exc)
+
+
+def unload() -> None:
+    """Write what is queued, then stop the writer (runs in a thread: it may block)."""
+    if _writer is not None:
+        _queue.put(None)
+        _writer.join(timeout=30)
+
+
+def stats() -> dict[str, int]:
+    return {
+        **{k: counts[k] for k in ("received", "written", "dropped", "rejected")},
+        "write_errors": counts["write_errors"],
+        "rotations": counts["rotations"],
+        "queued": _queue.qsize(),
+    }
+
+
+def handle_tcp(request: Request) -> bytes:
+    """``tail[?channel=NAME&lines=N]``: the last N (default 100) lines of a channel's file."""
+    text = request.text.strip()
+    word, _, query = text.partition("?")
+    if word != "tail":
+        raise ReplyError(400, "log over TCP: tail?channel=NAME&lines=N (messages go over UDP)")
+    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    try:
+        channel = _channel(options.get("channel") or "main")
+        lines = int(options.get("lines") or 100)
+    except ValueError as exc:
+        raise ReplyError(400, f"log:tail: {exc}") from None
+    if not 1 <= lines <= MAX_TAIL:
+        raise ReplyError(400, f"log:tail: lines must be 1-{MAX_TAIL}")
+    return _tail(LOG_DIR / f"{channel}.log", lines)
+
+
+def _tail(path: Path, lines: int) -> bytes:
+    """The last ``lines`` lines, read backwards in blocks (files can be large)."""
+    try:
+        with path.open("rb") as file:
+            end = file.seek(0, os.SEEK_END)
+            data = b""
+            while end > 0 and data.count(b"\n") <= lines:
+                step = min(65536, end)
+                end -= step
+                file.seek(end)
+                data = file.read(step) + data
+    except FileNotFoundError:
+        raise ReplyError(404, f"log:tail: no log for channel {path.stem}") from None
+    return b"".join(data.splitlines(keepends=True)[-lines:])

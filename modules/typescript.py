@@ -1,0 +1,29 @@
+"""TypeScript (and TSX/JSX) -> JavaScript, with the official ``typescript`` 5 in node.
+
+``typescript:SOURCE`` replies the JavaScript. Types are stripped, not checked (each
+request is one file, as with ``ts.transpileModule``, esbuild or Babel); syntax errors
+reply 400 with ``file:line:column: error TSnnnn: message``. Options
+(docs/modules-shipped.md): ``target`` (es5 ... esnext, default es2020), ``module``
+(``cjs``, the default, or ``esm``), ``jsx`` (react, react-jsx, preserve, ...; also
+turned on by a ``filename`` ending in .tsx/.jsx), ``filename``, ``minify=1`` (drops comments).
+"""
+
+from . import _node
+
+OPTIONS = frozenset({"filename", "target", "module", "jsx", "minify"})
+LANG = "typescript"
+
+compilers = _node.acquire()
+
+
+async def handle_tcp(request):
+    options, source = _node.parse(request.data, OPTIONS)
+    return await compilers.compile(LANG, source, options)
+
+
+async def unload():
+    await _node.release(compilers)
+
+
+def stats():
+    return compilers.stats(LANG)

@@ -1,0 +1,464 @@
+"""The shipped compiler modules, end to end: real sources in, the official compilers' output
+out, over a real service's TCP port. Needs node and ``npm ci --prefix compilers``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, ServiceProcess, wait_until
+
+COMPILERS = REPO / "compilers"
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One service for the whole file: the node process warms up once."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    if not (COMPILERS / "node_modules").is_dir():
+        pytest.skip(f"compilers not installed: npm ci --prefix {COMPILERS}")
+    root = tmp_path_factory.mktemp("compile")
+    include = root / "styles"
+    (include / "sub").mkdir(parents=True)
+    (include / "_palette.scss").write_text("$brand: #336699;\n")
+    (include / "sub" / "_size.scss").write_text("$gap: 4px;\n")
+    (include / "vars.less").write_text("@brand: #336699;\n")
+    (root / "secret.scss").write_text("$secret: 1;\n")
+    svc = ServiceProcess(root)
+    (svc.modules / "scss.py").write_text(
+        (svc.modules / "scss.py")
+        .read_text()
+        .replace("INCLUDE_DIRS: list[str] = []", f"INCLUDE_DIRS: list[str] = [{str(include)!r}]")
+    )
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+def opts(**options: str) -> bytes:
+    return b"?" + urllib.parse.urlencode(options).encode() + b":"
+
+
+def compile_ok(svc: ServiceProcess, module: str, source: str, options: bytes = b"") -> str:
+    reply = svc.call(module.encode() + b":" + options + source.encode())
+    assert not re.match(rb"[45][0-9]{2}:", reply), reply  # the original clients' error test
+    return reply.decode()
+
+
+def compile_error(svc: ServiceProcess, module: str, source: str, options: bytes = b"") -> str:
+    reply = svc.call(module.encode() + b":" + options + source.encode()).decode()
+    assert reply[:3].isdigit() and reply[3:5] == ": ", reply
+    return reply
+
+
+def run_js(tmp_path: Path, code: str) -> str:
+    script = tmp_path / "out.js"
+    script.write_text(code)
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+# --- Sass ----------------------------------------------------------------------------------
+
+SCSS = """\
+@use "sass:math";
+$base: 16px;
+%reset { margin: 0; padding: 0; }
+@mixin pad($n) { padding: math.div($base, $n); }
+.card {
+  @extend %reset;
+  @include pad(4);
+  .title { font-size: $base * 1.5; &:hover { color: red; } }
+}
+"""
+SCSS_CSS = """\
+.card {
+  margin: 0;
+  padding: 0;
+}
+
+.card {
+  padding: 4px;
+}
+.card .title {
+  font-size: 24px;
+}
+.card .title:hover {
+  color: red;
+}"""
+
+
+def test_scss_modern_syntax(svc: ServiceProcess) -> None:
+    assert compile_ok(svc, "scss", SCSS) == SCSS_CSS
+
+
+def test_scss_minify(svc: ServiceProcess) -> None:
+    out = compile_ok(svc, "scss", SCSS, opts(minify="1"))
+    assert (
+        out == ".card{margin:0;padding:0}.card{padding:4px}.card .title{font-size:24px}"
+        ".card .title:hover{color:red}"
+    )
+
+
+def test_scss_use_and_forward_between_sources_in_one_request(svc: ServiceProcess) -> None:
+    sources = {
+        "_theme.scss": '@forward "colors" show $primary;\n@forward "sizes";',
+        "colors.scss": "$primary: #112233; $hidden: #000;",
+        "sizes.scss": "$radius: 3px;",
+    }
+    source = '@use "theme";\n.btn { color: theme.$primary; border-radius: theme.$radius; }'
+    out = compile_ok(svc, "scss", source, opts(sources=json.dumps(sources)))
+    assert out == ".btn {\n  color: #112233;\n  border-radius: 3px;\n}"
+    hidden = source + "\n.x { color: theme.$hidden; }"
+    error = compile_error(svc, "scss", hidden, opts(sources=json.dumps(sources)))
+    assert error == "400: input.scss:3:13: Undefined variable."
+
+
+def test_scss_include_folder_in_the_allow_list(svc: ServiceProcess) -> None:
+    folder = svc.root / "styles"
+    source = '@use "palette" as p;\n@use "sub/size";\n.a { color: p.$brand; margin: size.$gap; }'
+    out = compile_ok(svc, "scss", source, opts(include=str(folder)))
+    assert out == ".a {\n  color: #336699;\n  margin: 4px;\n}"
+
+
+def test_scss_include_folder_not_allowed_and_no_escape(svc: ServiceProcess) -> None:
+    assert compile_error(svc, "scss", ".a{}", opts(include=str(svc.root))).startswith("403: ")
+    escape = '@use "../secret";\n.a { b: secret.$secret; }'
+    reply = compile_error(svc, "scss", escape, opts(include=str(svc.root / "styles")))
+    assert reply.startswith("400: input.scss:1:1: Can't find stylesheet"), reply
+    for url in (svc.root / "secret", f"file://{svc.root}/secret"):
+        reply = compile_error(svc, "scss", f'@use "{url}";')
+        assert reply.startswith("400: input.scss:1:1: Can't find stylesheet"), reply
+
+
+def test_scss_syntax_error_names_line_and_column(svc: ServiceProcess) -> None:
+    reply = compile_error(
+        svc, "scss", ".a {\n  color: red\n  .b { x: 1 }\n", opts(filename="app.scss")
+    )
+    assert reply.startswith("400: app.scss:3:"), reply
+
+
+def test_sass_indented_syntax(svc: ServiceProcess) -> None:
+    source = '@use "sass:math"\n=big\n  font-size: math.div(30px, 2)\n'
+    source += "nav\n  +big\n  a\n    color: blue\n"
+    assert compile_ok(svc, "sass", source) == (
+        "nav {\n  font-size: 15px;\n}\nnav a {\n  color: blue;\n}"
+    )
+    assert compile_error(svc, "sass", "nav\n  color: (blue\n") == (
+        '400: input.sass:2:15: expected ")".'
+    )
+
+
+# --- LESS ----------------------------------------------------------------------------------
+
+LESS = """\
+@gap: 8px;
+@wide: 600px;
+.bordered(@w: 1px) { border: @w solid black; }
+.size(@a) when (@a > 10px) { height: @a; }
+.size(@a) when (@a <= 10px) { height: (@a * 2); }
+.box { width: calc(100% - 8px); margin: @gap * 2; .bordered(2px); .size(5px); }
+.panel:extend(.box) { color: #111; }
+// Less 4 divides only inside parentheses: the second call gets "600px / 2", no guard matches.
+.wide { .size((@wide / 2)); .size(@wide / 2); }
+"""
+LESS_CSS = """\
+.box,
+.panel {
+  width: calc(100% - 8px);
+  margin: 16px;
+  border: 2px solid black;
+  height: 10px;
+}
+.panel {
+  color: #111;
+}
+.wide {
+  height: 300px;
+}
+"""
+
+
+def test_less_4_semantics(svc: ServiceProcess) -> None:
+    assert compile_ok(svc, "less", LESS) == LESS_CSS
+
+
+def test_less_import_from_sources_and_minify(svc: ServiceProcess) -> None:
+    sources = json.dumps({"vars.less": "@brand: #336699;"})
+    out = compile_ok(svc, "less", '@import "vars";\n.a { color: @brand; }', opts(sources=sources))
+    assert out == ".a {\n  color: #336699;\n}\n"
+    out = compile_ok(svc, "less", LESS, opts(minify="1"))
+    assert out == (
+        ".box,.panel{border:2px solid #000;width:calc(100% - 8px);height:10px;margin:16px}"
+        ".panel{color:#111}.wide{height:300px}"
+    )
+
+
+def test_less_refuses_files_and_plugins(svc: ServiceProcess) -> None:
+    assert compile_error(svc, "less", '@import (inline) "/etc/passwd";').startswith(
+        "400: input.less:1:1: FileError"
+    )
+    assert "@plugin is not allowed" in compile_error(svc, "less", '@plugin "clean-css";')
+
+
+def test_less_syntax_error(svc: ServiceProcess) -> None:
+    reply = compile_error(svc, "less", ".a {\n  color: red;\n  width: @;\n}\n")
+    assert reply == "400: input.less:3:10: ParseError: Unrecognised input"
+    reply = compile_error(svc, "less", ".a {\n  width: @nope;\n}\n")
+    assert reply == "400: input.less:2:10: NameError: variable @nope is undefined"
+
+
+# --- TypeScript ----------------------------------------------------------------------------
+
+TS = """\
+enum Color { Red = "red", Green = "green" }
+interface User { name: string; address?: { city?: string } }
+class Greeter {
+  #count = 0;
+  constructor(private readonly prefix: string) {}
+  greet(user: User): string {
+    this.#count++;
+    return `${this.prefix} ${user.name} from ${user.address?.city ?? "nowhere"} #${this.#count}`;
+  }
+}
+async function main(): Promise<void> {
+  const g = new Greeter("hi");
+  const wait = (ms: number) => new Promise<number>((r) => setTimeout(() => r(ms), ms));
+  console.log(g.greet({ name: "Ann", address: { city: "Oslo" } }));
+  console.log(g.greet({ name: "Bob" }));
+  console.log(Color.Green, await wait(1));
+}
+main();
+"""
+
+
+def test_typescript_output_runs(svc: ServiceProcess, tmp_path: Path) -> None:
+    for target in ("es2020", "es2015", "esnext"):
+        js = compile_ok(svc, "typescript", TS, opts(target=target))
+        assert "interface" not in js and ": string" not in js
+        assert run_js(tmp_path, js) == "hi Ann from Oslo #1\nhi Bob from nowhere #2\ngreen 1\n"
+    assert "?." not in compile_ok(svc, "typescript", TS, opts(target="es2019"))
+
+
+def test_tsx(svc: ServiceProcess, tmp_path: Path) -> None:
+    source = (
+        "const React = { createElement: (t: string, p: object | null, ...c: string[]) =>"
+        " `<${t}>${c.join('')}</${t}>` };\n"
+        "const name: string = 'x';\nconsole.log(<b>hi {name}</b>);\n"
+    )
+    js = compile_ok(svc, "typescript", source, opts(filename="view.tsx"))
+    assert run_js(tmp_path, js) == "<b>hi x</b>\n"
+
+
+def test_typescript_syntax_error(svc: ServiceProcess) -> None:
+    reply = compile_error(svc, "typescript", "const a = 1;\nlet b: = 2;\n", opts(filename="m.ts"))
+    assert reply == "400: m.ts:2:8: error TS1110: Type expected."
+
+
+# --- CoffeeScript --------------------------------------------------------------------------
+
+COFFEE = """\
+class Animal
+  constructor: (@name) ->
+  speak: -> "#{@name} speaks"
+square = (x) -> x * x
+{a, b...} = {a: 1, c: 2, d: 3}
+console.log new Animal('Rex').speak(), (square n for n in [1..3]).join(','), Object.keys(b).join('')
+"""
+
+
+def test_coffeescript_2(svc: ServiceProcess, tmp_path: Path) -> None:
+    js = compile_ok(svc, "coffee", COFFEE)
+    assert "class Animal" in js  # CoffeeScript 2 emits ES classes
+    assert js.startswith("(function() {")
+    assert run_js(tmp_path, js) == "Rex speaks 1,4,9 cd\n"
+    assert not compile_ok(svc, "coffee", COFFEE, opts(bare="1")).startswith("(function")
+
+
+def test_coffeescript_syntax_error(svc: ServiceProcess) -> None:
+    reply = compile_error(svc, "coffee", "a = 1\nb = (\n")
+    assert reply.startswith("400: input.coffee:2:5: error: missing )"), reply
+
+
+# --- Pug / Jade ----------------------------------------------------------------------------
+
+PUG = """\
+doctype html
+html
+  body
+    h1.title= title
+    ul
+      each item in items
+        li(class=item.done ? 'done' : undefined)= item.name
+    if user
+      p Hello #{user}!
+"""
+
+
+def test_pug_with_variables_and_jade_alias(svc: ServiceProcess) -> None:
+    variables = {"title": "Todo <1>", "items": [{"name": "a", "done": True}, {"name": "b"}],
+                 "user": "Ann"}  # fmt: skip
+    expected = (
+        '<!DOCTYPE html><html><body><h1 class="title">Todo &lt;1&gt;</h1><ul>'
+        '<li class="done">a</li><li>b</li></ul><p>Hello Ann!</p></body></html>'
+    )
+    for module in ("pug", "jade"):
+        assert compile_ok(svc, module, PUG, opts(vars=json.dumps(variables))) == expected
+    assert compile_ok(svc, "pug", "p= 1 + 1") == "<p>2</p>"
+
+
+def test_pug_include_only_from_sources(svc: ServiceProcess) -> None:
+    sources = json.dumps({"nav.pug": "nav home"})
+    assert compile_ok(svc, "pug", "div\n  include nav", opts(sources=sources)) == (
+        "<div><nav>home</nav></div>"
+    )
+    assert "no such file" in compile_error(svc, "pug", "include /etc/passwd")
+
+
+def test_pug_syntax_error(svc: ServiceProcess) -> None:
+    reply = compile_error(svc, "pug", "div\n  p(class=)\n")
+    assert reply == "400: input.pug:2:11: PUG:SYNTAX_ERROR: Syntax Error: Unexpected token"
+    assert compile_error(svc, "pug", "div\n  - var x = ;\n").startswith("400: input.pug")
+    assert compile_error(svc, "pug", "p", opts(vars="[1]")).startswith("400: vars:")
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def test_markdown_tables_and_fenced_code(svc: ServiceProcess) -> None:
+    pytest.importorskip("markdown_it", reason="pip install markdown-it-py mdit-py-plugins")
+    text = "# Title\n\n| a | b |\n|:--|--:|\n| 1 | ~~2~~ |\n\n```python\nprint('<x>')\n```\n"
+    assert compile_ok(svc, "markdown", text) == (
+        "<h1>Title</h1>\n<table>\n<thead>\n<tr>\n"
+        '<th style="text-align:left">a</th>\n<th style="text-align:right">b</th>\n'
+        "</tr>\n</thead>\n<tbody>\n<tr>\n"
+        '<td style="text-align:left">1</td>\n<td style="text-align:right"><s>2</s></td>\n'
+        "</tr>\n</tbody>\n</table>\n"
+        "<pre><code class=\"language-python\">print('&lt;x&gt;')\n</code></pre>\n"
+    )
+    assert (
+        compile_ok(svc, "markdown", "<b>x</b>", opts(html="0")) == "<p>&lt;b&gt;x&lt;/b&gt;</p>\n"
+    )
+    assert compile_ok(svc, "markdown", "?:? is a question") == "<p>? is a question</p>\n"
+
+
+# --- minify --------------------------------------------------------------------------------
+
+
+def test_minify_js(svc: ServiceProcess, tmp_path: Path) -> None:
+    source = (
+        "function add(first, second) {\n  // sum\n  return first + second;\n}\n"
+        "console.log(add(2, 3));\n"
+    )
+    out = compile_ok(svc, "minify", source)
+    assert out == "function add(d,n){return d+n}console.log(add(2,3));"
+    assert run_js(tmp_path, out) == "5\n"
+
+
+def test_minify_css(svc: ServiceProcess) -> None:
+    source = ".a {\n  color: #ff0000;\n  margin: 0px 0px 0px 0px;\n}\n.b { color: red; }\n"
+    assert (
+        compile_ok(svc, "minify", source, opts(type="css")) == ".a{color:red;margin:0}.b{color:red}"
+    )
+
+
+def test_minify_syntax_errors(svc: ServiceProcess) -> None:
+    assert compile_error(svc, "minify", "let a = 1;\nfunction (").startswith("400: input.js:2:")
+    reply = compile_error(svc, "minify", ".a { color: red; }\n.b {{ \n", opts(type="css"))
+    assert reply == "400: input.css:2:5: Unexpected end of input"
+
+
+# --- options, errors and the node process --------------------------------------------------
+
+
+def test_bad_options(svc: ServiceProcess) -> None:
+    assert compile_error(svc, "scss", ".a{}", b"?nope=1:").startswith("400: unknown option 'nope'")
+    assert compile_error(svc, "scss", "?filename=x").startswith("400: options:")
+    assert compile_error(svc, "scss", ".a{}", opts(sources="[")).startswith("400: sources:")
+
+
+def test_template_output_does_not_disturb_the_protocol(svc: ServiceProcess) -> None:
+    assert compile_ok(svc, "pug", "- console.log('{\"id\": 1}')\np ok") == "<p>ok</p>"
+    svc.wait_for_log('node: {"id": 1}')
+
+
+def test_node_dies_and_comes_back(svc: ServiceProcess) -> None:
+    pid = svc.stats()["module_stats"]["scss"]["node_pid"]
+    assert pid
+    # A pug template is JavaScript, so it can kill its own process: the call gets a 5xx.
+    reply = svc.call(b"pug:- process.exit(3)").decode()
+    assert reply.startswith("503: the compiler process died (exit code 3)"), reply
+    assert compile_ok(svc, "scss", ".a { b: c }") == ".a {\n  b: c;\n}"
+    stats = wait_until(lambda: svc.stats()["module_stats"]["scss"])
+    assert stats["node_pid"] not in (None, pid)
+
+
+def test_compilers_or_node_not_installed(make_service, tmp_path: Path, monkeypatch) -> None:
+    empty = tmp_path / "nocompilers"
+    empty.mkdir()
+    (empty / "server.js").write_text("")
+    monkeypatch.setenv("BGSERVICE_COMPILERS", str(empty))
+    service = make_service()
+    reply = service.call(b"scss:.a{}").decode()
+    assert reply == f"503: compilers not installed: install with: npm ci --prefix {empty}"
+    assert service.call(b"minify:?type=css:.a{}").startswith(b"503: compilers not installed")
+    service.stop()
+    monkeypatch.delenv("BGSERVICE_COMPILERS")
+    monkeypatch.setenv("PATH", str(empty))
+    service = make_service(root=tmp_path)
+    assert service.call(b"less:.a{}").decode().startswith("503: node is not installed")
+
+
+def test_many_compiles_in_flight_on_one_connection(svc: ServiceProcess) -> None:
+    conn = svc.framed()
+    try:
+        conn.send(*[b"scss:.a%d { b: %d }" % (n, n) for n in range(40)])
+        replies = [conn.recv() for _ in range(40)]
+    finally:
+        conn.close()
+    assert replies == [(200, b".a%d {\n  b: %d;\n}" % (n, n)) for n in range(40)]
+
+
+def test_stuck_compile_times_out_and_node_is_replaced(make_service, monkeypatch) -> None:
+    monkeypatch.setenv("BGSERVICE_COMPILE_TIMEOUT", "1")
+    service = make_service()
+    assert service.call(b"coffee:x = 1").startswith(b"(function")
+    pid = service.stats()["module_stats"]["coffee"]["node_pid"]
+    reply = service.call(b"pug:- while (true) {}").decode()
+    assert reply == "504: pug: compile took over 1 s"
+    assert service.call(b"coffee:x = 1").startswith(b"(function")
+    assert service.stats()["module_stats"]["coffee"]["node_pid"] not in (pid, None)
+
+
+def test_node_follows_the_modules_lifecycle(make_service, modules_dir: Path) -> None:
+    service = make_service()
+    assert service.call(b"less:.a { b: c }") == b".a {\n  b: c;\n}\n"
+    pid = service.stats()["module_stats"]["less"]["node_pid"]
+    # A reload of one module keeps the process the others share.
+    less = modules_dir / "less.py"
+    less.write_text(less.read_text() + "\n# edited\n")
+    service.wait_for_log("module less reloaded")
+    assert service.call(b"less:.a { b: c }") == b".a {\n  b: c;\n}\n"
+    assert service.stats()["module_stats"]["less"]["node_pid"] == pid
+    # The unload hooks stop it when the service stops.
+    assert service.stop() == 0
+    assert f"compiler process {pid} stopped" in service.log()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_large_source(svc: ServiceProcess) -> None:
+    """Over 256 KB each way: the JSON to and from node is coded off the event loop."""
+    source = "".join(f".a{n}{{b:{n}px}}" for n in range(30_000))
+    assert len(source) > 1 << 18
+    assert compile_ok(svc, "scss", source, opts(minify="1")) == source

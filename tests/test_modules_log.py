@@ -1,0 +1,149 @@
+"""The shipped ``log`` module: datagrams in, lines in per-channel files, rotation, drops
+counted, the tail over TCP."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServiceProcess, wait_until
+
+
+def log_stats(svc: ServiceProcess) -> dict[str, Any]:
+    stats: dict[str, Any] = svc.stats()["module_stats"]["log"]
+    return stats
+
+
+def settled(svc: ServiceProcess) -> dict[str, Any]:
+    """Stats once every datagram the service took in has been written, dropped or rejected."""
+
+    def done() -> dict[str, Any] | None:
+        full = svc.stats()
+        stats = full["module_stats"]["log"]
+        udp = full["udp"]
+        served = stats["received"] + udp["dropped"]
+        accounted = stats["written"] + stats["dropped"] + stats["rejected"] + stats["write_errors"]
+        if served >= udp["received"] and accounted == stats["received"]:
+            return {**stats, "udp_received": udp["received"], "udp_dropped": udp["dropped"]}
+        return None
+
+    result: dict[str, Any] = wait_until(done, timeout=20)
+    return result
+
+
+def lines_of(folder: Path, channel: str) -> list[str]:
+    """Every line of a channel, oldest first, rotated files included."""
+    files = sorted(folder.glob(f"{channel}.log.*"), key=lambda p: -int(p.suffix[1:]))
+    out: list[str] = []
+    for path in [*files, folder / f"{channel}.log"]:
+        if path.exists():
+            out.extend(path.read_text().splitlines())
+    return out
+
+
+@pytest.fixture
+def log_service(
+    make_service: Callable[..., ServiceProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., ServiceProcess]:
+    def start(**env: str) -> ServiceProcess:
+        monkeypatch.setenv("BGSERVICE_LOG_DIR", str(tmp_path / "logs"))
+        for name, value in env.items():
+            monkeypatch.setenv(f"BGSERVICE_LOG_{name.upper()}", value)
+        return make_service()
+
+    return start
+
+
+def test_simple_and_structured_messages(log_service, tmp_path: Path) -> None:
+    svc = log_service()
+    svc.send_udp(b"log:user 7 logged in")
+    svc.send_udp(b"log:?channel=payments&level=error:card declined\nsecond line")
+    svc.send_udp(b"log:?level=warning:disk 91% full: soon")
+    stats = settled(svc)
+    assert stats["written"] == 3
+    main = (tmp_path / "logs" / "main.log").read_text().splitlines()
+    assert [line.split(" ", 2)[1] for line in main] == ["INFO", "WARNING"]
+    assert main[0].endswith(" user 7 logged in")
+    assert main[1].endswith(" disk 91% full: soon")
+    (payment,) = (tmp_path / "logs" / "payments.log").read_text().splitlines()
+    assert payment.endswith(" card declined\\nsecond line")
+    assert " ERROR 127.0.0.1:" in payment
+
+
+def test_bad_channels_are_rejected_and_counted(log_service, tmp_path: Path) -> None:
+    svc = log_service()
+    for bad in (b"../../etc/x", b"a/b", b"", b".hidden", b"x" * 65):
+        svc.send_udp(b"log:?channel=" + bad + b":nope")
+    svc.send_udp(b"log:?channel=ok&level=shouting:nope")
+    svc.send_udp(b"log:?channel=ok:yes")
+    stats = settled(svc)
+    # An empty channel is "main"; every other bad name or level is refused.
+    assert (stats["rejected"], stats["written"]) == (5, 2)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["main.log", "ok.log"]
+    assert not list(tmp_path.glob("etc*"))
+    assert "rejected" in svc.log()
+
+
+def test_burst_of_10000_every_line_written(log_service, tmp_path: Path) -> None:
+    svc = log_service()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for n in range(10_000):
+            sock.sendto(b"log:?channel=burst:message %d" % n, svc.udp)
+            # In bursts of 200: more would overflow the socket's kernel buffer (212 KB by
+            # default), whose drops no one in the service can see; see the next test.
+            if n % 200 == 199:
+                wait_until(lambda n=n: svc.stats()["udp"]["received"] > n)
+    stats = settled(svc)
+    assert stats["udp_received"] == 10_000
+    assert (stats["written"], stats["dropped"]) == (10_000, 0)
+    got = [line.rsplit(" ", 1)[1] for line in lines_of(tmp_path / "logs", "burst")]
+    assert got == [str(n) for n in range(10_000)]  # every line, in order
+
+
+def test_flood_drops_are_counted_exactly(log_service, tmp_path: Path) -> None:
+    svc = log_service(queue="50")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for n in range(10_000):
+            sock.sendto(b"log:?channel=flood:message %d" % n, svc.udp)
+    assert svc.call(b"test") == b"Test"  # the flood does not stop calls
+    stats = settled(svc)
+    lines = lines_of(tmp_path / "logs", "flood")
+    assert len(lines) == stats["written"]
+    assert stats["written"] + stats["dropped"] == stats["received"]
+    assert stats["dropped"] > 0
+    numbers = [int(line.rsplit(" ", 1)[1]) for line in lines]
+    assert numbers == sorted(set(numbers))  # no line twice, none out of order
+
+
+def test_rotation_by_size(log_service, tmp_path: Path) -> None:
+    svc = log_service(max_bytes="2000", backups="3")
+    message = b"log:?channel=rot:" + b"x" * 60 + b" %03d"
+    for n in range(100):
+        svc.send_udp(message % n)
+    stats = settled(svc)
+    folder = tmp_path / "logs"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["rot.log", "rot.log.1", "rot.log.2", "rot.log.3"]
+    assert all(p.stat().st_size <= 2000 for p in folder.iterdir())
+    assert stats["rotations"] >= 3
+    kept = [int(line.rsplit(" ", 1)[1]) for line in lines_of(folder, "rot")]
+    assert kept == list(range(100 - len(kept), 100))  # the newest lines, none missing
+    assert len(kept) >= 3 * 2000 // 110
+
+
+def test_tail_over_tcp(log_service) -> None:
+    svc = log_service()
+    for n in range(30):
+        svc.send_udp(b"log:?channel=app:line %d" % n)
+    settled(svc)
+    tail = svc.call(b"log:tail?channel=app&lines=3").decode().splitlines()
+    assert [line.rsplit(" ", 2)[1:] for line in tail] == [["line", "27"], ["line", "28"],
+                                                          ["line", "29"]]  # fmt: skip
+    assert svc.call(b"log:tail?channel=nothing").startswith(b"404: ")
+    assert svc.call(b"log:tail?channel=../x").startswith(b"400: ")
+    assert svc.call(b"log:tail?lines=0").startswith(b"400: ")
+    assert svc.call(b"log:hello").startswith(b"400: log over TCP")
