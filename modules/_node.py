@@ -282,3 +282,35 @@ async def release(compilers: NodeCompilers) -> None:
     compilers.users -= 1
     if compilers.users <= 0:
         await compilers.stop()
+
+
+class Compiler:
+    """One compiler module: its TCP handler, unload hook and ``stats()``.
+
+    A module file names its language, the options it takes and, if it takes ``include=``,
+    the folders a request may read, then exports the three methods::
+
+        compiler = _node.Compiler("less", {"filename", "minify", "sources", "include"},
+                                  INCLUDE_DIRS)
+        handle_tcp, unload, stats = compiler.handle_tcp, compiler.unload, compiler.stats
+    """
+
+    def __init__(self, lang: str, options: set[str], include_dirs: list[str] | None = None) -> None:
+        self.lang = lang
+        self.options = frozenset(options)
+        self.include_dirs = include_dirs
+        self.compilers = acquire()
+
+    async def handle_tcp(self, request: Any) -> bytes:
+        options, source = parse(request.data, self.options)
+        if "sources" in self.options:
+            sources(options)
+        if self.include_dirs is not None:
+            include_root(options, self.include_dirs)
+        return await self.compilers.compile(self.lang, source, options)
+
+    async def unload(self) -> None:
+        await release(self.compilers)
+
+    def stats(self) -> dict[str, Any]:
+        return self.compilers.stats(self.lang)

@@ -7,20 +7,5 @@ syntax error replies 400 with ``file:line:column: error: message``.
 
 from . import _node
 
-OPTIONS = frozenset({"filename", "bare"})
-LANG = "coffee"
-
-compilers = _node.acquire()
-
-
-async def handle_tcp(request):
-    options, source = _node.parse(request.data, OPTIONS)
-    return await compilers.compile(LANG, source, options)
-
-
-async def unload():
-    await _node.release(compilers)
-
-
-def stats():
-    return compilers.stats(LANG)
+compiler = _node.Compiler("coffee", {"filename", "bare"})
+handle_tcp, unload, stats = compiler.handle_tcp, compiler.unload, compiler.stats

@@ -11,22 +11,6 @@ from . import _node
 
 # Folders a request may name with include= (and those in $BGSERVICE_INCLUDE_DIRS).
 INCLUDE_DIRS: list[str] = []
-OPTIONS = frozenset({"filename", "minify", "sources", "include"})
-LANG = "sass"
 
-compilers = _node.acquire()
-
-
-async def handle_tcp(request):
-    options, source = _node.parse(request.data, OPTIONS)
-    _node.sources(options)
-    _node.include_root(options, INCLUDE_DIRS)
-    return await compilers.compile(LANG, source, options)
-
-
-async def unload():
-    await _node.release(compilers)
-
-
-def stats():
-    return compilers.stats(LANG)
+compiler = _node.Compiler("sass", {"filename", "minify", "sources", "include"}, INCLUDE_DIRS)
+handle_tcp, unload, stats = compiler.handle_tcp, compiler.unload, compiler.stats

@@ -10,20 +10,5 @@ turned on by a ``filename`` ending in .tsx/.jsx), ``filename``, ``minify=1`` (dr
 
 from . import _node
 
-OPTIONS = frozenset({"filename", "target", "module", "jsx", "minify"})
-LANG = "typescript"
-
-compilers = _node.acquire()
-
-
-async def handle_tcp(request):
-    options, source = _node.parse(request.data, OPTIONS)
-    return await compilers.compile(LANG, source, options)
-
-
-async def unload():
-    await _node.release(compilers)
-
-
-def stats():
-    return compilers.stats(LANG)
+compiler = _node.Compiler("typescript", {"filename", "target", "module", "jsx", "minify"})
+handle_tcp, unload, stats = compiler.handle_tcp, compiler.unload, compiler.stats
