@@ -306,8 +306,13 @@ class Registry:
     async def _helper_changed(self, helper: str) -> None:
         # Any module may import any helper, directly or through another helper: drop every
         # cached helper and re-import every module, so none keeps a stale copy.
+        package = sys.modules.get(PACKAGE)
         for qualname in [n for n in sys.modules if n.startswith(f"{PACKAGE}._")]:
             del sys.modules[qualname]
+            # ``from . import _x`` takes the package's attribute when it exists, without
+            # importing: drop it too, or modules would get the stale helper back.
+            if package is not None:
+                package.__dict__.pop(qualname.partition(".")[2], None)
         log.info("helper %s changed: reloading every module", helper)
         for name in [e.name for e in self if e.version is not None or e.error]:
             await self._load(name, force=True)
