@@ -1,0 +1,182 @@
+"""The service's life: start-up report, requests, logging switches, errors outside any
+request (-e / -E / -EE), and shutdown with calls in flight."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+
+import pytest
+
+from tests.conftest import wait_until, write_module
+
+# An error outside every request: a loop callback that raises.
+STRAY_ERROR = """
+import asyncio
+
+def _explode():
+    raise ZeroDivisionError("stray callback")
+
+async def handle_tcp(request):
+    asyncio.get_running_loop().call_soon(_explode)
+    return "scheduled"
+"""
+
+GATED = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    gate = Path(request.text)
+    while not gate.exists():
+        time.sleep(0.01)
+    return "finished"
+
+def unload():
+    with open(Path(__file__).with_name("unloaded.log"), "a") as f:
+        f.write("gated\\n")
+"""
+
+
+def test_start_up_reports_listeners_and_a_table_of_modules(make_service, tmp_path):
+    svc = make_service(
+        '[[listen]]\nname = "one"\nhost = "127.0.0.1"\nport = 0\n'
+        '[[listen]]\nname = "two"\nhost = "127.0.0.1"\nport = 0\n'
+    )
+    log = svc.log()
+    assert len(re.findall(r"listener one: tcp://127\.0\.0\.1:\d+ udp://127\.0\.0\.1:\d+", log)) == 1
+    assert len(re.findall(r"listener two: tcp://127\.0\.0\.1:\d+ udp://127\.0\.0\.1:\d+", log)) == 1
+    columns = ["module", "state", "accepts", "runs", "in", "timeout"]
+    assert any(li.split() == columns for li in log.splitlines())
+    row = next(li for li in log.splitlines() if li.split()[:2] == ["test", "loaded"])
+    assert "tcp" in row and "udp" in row
+
+
+def test_module_names_are_sanitised_and_no_colon_means_no_data(service):
+    assert service.call(b"te$s t:x") == b"Test"
+    assert service.call(b"t\xffest:x") == b"Test"
+    assert service.call(b"echo") == b""  # the whole request is the module name
+    assert service.call(b"echo:a:b") == b"a:b"  # only the first colon splits
+
+
+def test_service_ping_modules_and_stats(service):
+    assert service.call(b"service:ping") == b"pong"
+    modules = {m["name"]: m for m in json.loads(service.call(b"service:modules"))}
+    assert {"test", "echo", "sleep", "fail"} <= modules.keys()
+    service.call(b"nosuch:x")
+    stats = service.stats()
+    assert stats["errors"] >= 1 and stats["requests"] >= 2
+    assert stats["uptime"] > 0 and stats["loop_lag_ms"]["max"] >= stats["loop_lag_ms"]["last"]
+    assert stats["connections"]["open"] >= 1 and stats["reloads"] == {"ok": 0, "failed": 0}
+    assert "received" in stats["udp"] and "dropped" in stats["udp"]
+
+
+def test_verbose_logs_a_line_per_request(make_service):
+    svc = make_service("", "-v")
+    svc.call(b"echo:hello")
+    svc.wait_for_log("echo")
+    line = next(li for li in svc.log().splitlines() if "DEBUG" in li and "echo" in li)
+    assert "tcp" in line and "127.0.0.1:" in line
+    assert "in=5B out=5B" in line and "status=200" in line
+    assert re.search(r"\d+(\.\d+)?ms", line)
+
+
+def test_log_file_gets_the_same_lines(make_service, tmp_path):
+    path = tmp_path / "bg.log"
+    svc = make_service("", "--log-file", str(path))
+    wait_until(lambda: path.exists() and "ready" in path.read_text())
+    assert "listener test:" in path.read_text()
+    svc.stop()
+
+
+def test_without_a_global_handler_a_stray_error_stops_the_service(modules_dir, make_service):
+    write_module(modules_dir, "stray", STRAY_ERROR)
+    svc = make_service()  # -e is the default
+    assert svc.call(b"stray:x") == b"scheduled"
+    assert svc.wait() == 70
+    log = svc.log()
+    assert "ZeroDivisionError: stray callback" in log and "Traceback" in log
+    assert "start with -E to keep running" in log
+
+
+def test_with_E_a_stray_error_is_logged_and_the_service_keeps_running(modules_dir, make_service):
+    write_module(modules_dir, "stray", STRAY_ERROR)
+    svc = make_service("", "-E")
+    assert svc.call(b"stray:x") == b"scheduled"
+    svc.wait_for_log("ZeroDivisionError: stray callback")
+    assert svc.call(b"test:x") == b"Test"
+    assert svc.proc.poll() is None
+    assert svc.log().count("ZeroDivisionError: stray callback") == 1  # the log only
+
+
+def test_with_EE_the_traceback_also_goes_to_stderr(modules_dir, make_service):
+    write_module(modules_dir, "stray", STRAY_ERROR)
+    svc = make_service("", "-EE")  # the harness sends stdout and stderr to one file
+    assert svc.call(b"stray:x") == b"scheduled"
+    wait_until(lambda: svc.log().count("ZeroDivisionError: stray callback") == 2)
+    assert svc.call(b"test:x") == b"Test"
+
+
+def test_sigterm_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
+    modules_dir, make_service, tmp_path
+):
+    write_module(modules_dir, "gated", GATED)
+    svc = make_service()
+    gate = tmp_path / "gate"
+    result: list[bytes] = []
+    caller = threading.Thread(target=lambda: result.append(svc.call(b"gated:%s" % bytes(gate))))
+    caller.start()
+    wait_until(lambda: svc.stats()["in_flight"].get("gated"))
+    svc.signal(signal.SIGTERM)
+    svc.wait_for_log("shutting down")
+    gate.touch()
+    caller.join(10)
+    assert result == [b"finished"]
+    assert svc.wait() == 0
+    assert (modules_dir / "unloaded.log").read_text() == "gated\n"
+    assert "bgservice stopped" in svc.log()
+
+
+def test_shutdown_stops_accepting_and_closes_idle_connections(modules_dir, make_service, tmp_path):
+    write_module(modules_dir, "gated", GATED)
+    svc = make_service()
+    gate = tmp_path / "gate"
+    caller = threading.Thread(target=lambda: svc.call(b"gated:%s" % bytes(gate)))
+    caller.start()
+    wait_until(lambda: svc.stats()["in_flight"].get("gated"))
+    idle = svc.framed()
+    svc.signal(signal.SIGTERM)
+    svc.wait_for_log("shutting down")
+    with pytest.raises(ConnectionRefusedError):
+        svc.call(b"test:x")
+    with pytest.raises(ConnectionError):
+        idle.call(b"test:x")
+    gate.touch()
+    caller.join(10)
+    assert svc.wait() == 0
+
+
+def test_a_second_signal_exits_at_once(modules_dir, make_service, tmp_path):
+    write_module(modules_dir, "gated", GATED)
+    svc = make_service("[limits]\nshutdown_grace = 30.0\n")
+    never = tmp_path / "never"
+    got: list[bytes] = []
+
+    def call() -> None:
+        try:
+            got.append(svc.call(b"gated:%s" % bytes(never)))
+        except ConnectionError:
+            got.append(b"reset")
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: svc.stats()["in_flight"].get("gated"))
+    svc.signal(signal.SIGTERM)
+    svc.wait_for_log("shutting down")
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(timeout=5) == 1
+    assert "again: exiting now" in svc.log()
+    caller.join(10)
+    assert got in ([b""], [b"reset"])  # the process is gone: closed without a reply
