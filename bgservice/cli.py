@@ -1,7 +1,9 @@
-"""The command line: options -> settings overrides, logging set-up, run. No logic here.
+"""The command line: ``bgservice [serve]`` runs the service; the other subcommands talk
+to a running one through the Python client (bgservice.client). No logic here.
 
-Exit codes: 0 stopped cleanly, 1 could not listen, 2 bad configuration or usage,
-70 stopped by an unexpected error (without -E).
+``serve`` exit codes: 0 stopped cleanly, 1 could not listen, 2 bad configuration or
+usage, 70 stopped by an unexpected error (without -E). The client commands' exit codes
+are in bgservice/cli_client.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import click
 import uvloop
 
 from bgservice import __version__, config, logs
+from bgservice.cli_client import register_client_commands
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -27,7 +30,24 @@ def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
     return config.with_overrides(settings, **overrides)  # type: ignore[arg-type]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _ServeByDefault(click.Group):
+    """``bgservice -c file -v`` is ``bgservice serve -c file -v``, as before subcommands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ServeByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """bgservice: fire-and-forget UDP, TCP calls and a job queue for web applications."""
+
+
+@main.command(
+    epilog="Other commands talk to a running service: call, send, queue, stats, modules, "
+    "ping (bgservice COMMAND --help)."
+)
 @click.option(
     "-c",
     "--config",
@@ -60,7 +80,7 @@ def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
     help="Write the bound addresses here as JSON once ready (for scripts and tests).",
 )
 @click.version_option(__version__, "-V", "--version")
-def main(
+def serve(
     config_path: Path | None,
     host: str | None,
     port: int | None,
@@ -72,7 +92,7 @@ def main(
     log_file: Path | None,
     ready_file: Path | None,
 ) -> None:
-    """bgservice: fire-and-forget UDP, TCP calls and a job queue for web applications."""
+    """Run the service (the default command)."""
     handler = 0 if no_global_handler else (min(global_handler, 2) if global_handler else None)
     try:
         settings = _settings(
@@ -91,3 +111,6 @@ def main(
     logs.setup(settings.verbose, settings.log_file)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     sys.exit(uvloop.run(service.run()))
+
+
+register_client_commands(main)

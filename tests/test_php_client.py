@@ -1,0 +1,189 @@
+"""clients/php/BackgroundService.php under a real ``php``, against a real service."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, wait_until, write_module
+
+pytestmark = pytest.mark.skipif(shutil.which("php") is None, reason="php-cli not installed")
+
+CLIENT = REPO / "clients" / "php" / "BackgroundService.php"
+
+PRELUDE = (
+    f"<?php\nrequire '{CLIENT}';\n"
+    'function show($v) { echo json_encode($v), "\\n"; }\n'
+)
+
+
+def php(tmp_path, body: str, *args: str) -> list[str]:
+    script = tmp_path / "script.php"
+    script.write_text(PRELUDE + body)
+    done = subprocess.run(["php", str(script), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.splitlines()
+
+
+def address(svc) -> str:
+    host, port = svc.tcp
+    return f"{host}:{port}"
+
+
+def test_call_over_tcp_on_one_persistent_connection(service, tmp_path):
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+show($bg->call('test', 'x'));
+show($bg->call('echo', "binary\\0safe:with:colons"));
+show(strlen($bg->call('echo', str_repeat('x', 3000000))));
+show($bg->ping());
+show($bg->stats()['connections']['total']);
+""",
+        address(service),
+    )
+    assert out[:4] == ['"Test"', '"binary\\u0000safe:with:colons"', "3000000", "true"]
+    assert out[4] == "1"  # every call above went over the one connection
+
+
+def test_error_replies_are_exceptions_with_their_code(service, tmp_path):
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+foreach (['nosuch:x', 'fail:x', 'sleep:abc'] as $request) {
+    list($module, $data) = explode(':', $request, 2);
+    try { $bg->call($module, $data); echo "no exception\\n"; }
+    catch (BackgroundServiceException $e) { show([$e->getCode(), $e->getMessage()]); }
+}
+show($bg->call('test'));  // the connection goes on after an error reply
+""",
+        address(service),
+    )
+    assert out[0] == '[400,"Unknown request"]'
+    assert out[1] == '[501,"Module fail has no TCP handler"]'
+    assert out[2].startswith("[400,")
+    assert out[3] == '"Test"'
+
+
+def test_timeout_then_the_next_call_works(service, tmp_path):
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+try { $bg->call('sleep', '3000', 0.3); echo "no timeout\\n"; }
+catch (BackgroundServiceTimeout $e) { echo "timeout\\n"; }
+show($bg->call('test'));
+""",
+        address(service),
+    )
+    assert out == ["timeout", '"Test"']
+
+
+def test_service_down_is_its_own_exception_and_send_never_throws(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1], 2.0);
+try { $bg->call('less', 'a {}'); }
+catch (BackgroundServiceDown $e) { echo "fallback\\n"; }
+show($bg->send('log', 'nobody listens'));
+""",
+        f"127.0.0.1:{port}",
+    )
+    assert out[0] == "fallback"
+    assert out[1] in ("true", "false")  # UDP cannot know; it must just not throw
+
+
+def test_send_over_udp_and_unix_datagram(modules_dir, make_service, tmp_path):
+    write_module(
+        modules_dir,
+        "note",
+        "from pathlib import Path\n\ndef handle_udp(request):\n"
+        "    with open(Path(__file__).with_name('notes.log'), 'a') as f:\n"
+        "        f.write(request.text + '\\n')\n",
+    )
+    dgram = tmp_path / "bg.dgram"
+    svc = make_service(
+        '[[listen]]\nname = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listen]]\nname = "local"\nunix_dgram = "{dgram}"\n'
+    )
+    php(
+        tmp_path,
+        """
+$udp = new BackgroundService($argv[1]);
+show($udp->send('note', 'over udp'));
+$unix = new BackgroundService($argv[1], 5.0, 'udg://' . $argv[2]);
+show($unix->send('note', 'over unix'));
+""",
+        address(svc),
+        str(dgram),
+    )
+    notes = modules_dir / "notes.log"
+    wait_until(lambda: notes.exists() and sorted(notes.read_text().split("\n")[:-1]) == [
+        "over udp", "over unix"])  # fmt: skip
+
+
+def test_call_over_a_unix_stream_socket(make_service, tmp_path):
+    path = tmp_path / "bg.sock"
+    svc = make_service(
+        '[[listen]]\nname = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listen]]\nname = "local"\nunix = "{path}"\n'
+    )
+    assert svc.info
+    out = php(
+        tmp_path,
+        "$bg = new BackgroundService('unix://' . $argv[1]);\nshow($bg->call('test'));\n",
+        str(path),
+    )
+    assert out == ['"Test"']
+
+
+def test_every_queue_method_and_option(service, tmp_path):
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+$first = $bg->add('sleep', '300', ['priority' => 5, 'retries' => 2, 'backoff' => 0.1,
+    'timeout' => 10, 'unique' => 'key:with:colons']);
+show($bg->add('sleep', '300', ['unique' => 'key:with:colons']) === $first);
+$later = $bg->add('echo', 'after it', ['after' => $first, 'delay' => 0.1]);
+$at = $bg->add('echo', 'at a time', ['at' => microtime(true) + 0.2]);
+show(in_array($bg->check($first), [0, 1], true));
+$status = $bg->status($first);
+show([$status['priority'], $status['max_retries'], $status['timeout'], $status['unique']]);
+show($bg->get($later));
+show($bg->get($at));
+show($bg->check($first));
+$cancel = $bg->add('sleep', '100', ['delay' => 30]);
+show($bg->cancel($cancel));
+try { $bg->get($cancel); } catch (BackgroundServiceException $e) { show($e->getCode()); }
+show($bg->retry($cancel) === $cancel);  // it runs again at once
+show(in_array($bg->cancel($cancel), ['cancelled', 'cancelling'], true));
+try { $bg->add('sleep', '1', ['bogus' => 1]); }
+catch (InvalidArgumentException $e) { echo "refused\\n"; }
+try { $bg->get(999999); } catch (BackgroundServiceException $e) { show($e->getCode()); }
+""",
+        address(service),
+    )
+    assert out == [
+        "true",
+        "true",
+        '[5,2,10,"key:with:colons"]',
+        '"after it"',
+        '"at a time"',
+        "2",
+        '"cancelled"',
+        "410",
+        "true",
+        "true",
+        "refused",
+        "404",
+    ]
