@@ -100,9 +100,10 @@ def _check(status: int, body: bytes) -> bytes:
 # --- blocking ---------------------------------------------------------------------------
 
 
-class Client:
-    """A blocking client on one persistent framed connection. Not thread-safe: use one per
-    thread (connections are cheap for the service)."""
+class _Where:
+    """Where a client talks to: ``address`` for calls (``host:port`` or a Unix socket
+    path), ``udp_address`` for ``send`` (default: the same), ``timeout`` seconds a reply
+    may take (None: forever)."""
 
     def __init__(
         self,
@@ -113,6 +114,17 @@ class Client:
         self.address = address
         self.udp_address = udp_address or address
         self.timeout = timeout
+        self._start()
+
+    def _start(self) -> None:
+        """Set up the connection state (none is open until the first call)."""
+
+
+class Client(_Where):
+    """A blocking client on one persistent framed connection. Not thread-safe: use one per
+    thread (connections are cheap for the service)."""
+
+    def _start(self) -> None:
         self._sock: socket.socket | None = None
         self._decoder = ReplyDecoder()
         self._ready: deque[tuple[int, bytes]] = deque()
@@ -250,19 +262,11 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 # --- asyncio ----------------------------------------------------------------------------
 
 
-class AsyncClient:
+class AsyncClient(_Where):
     """The same methods as ``Client``, awaitable; concurrent calls are pipelined on one
     connection (replies come back in request order, so each waiter gets its own)."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        timeout: float | None = 30.0,
-        udp_address: str | None = None,
-    ) -> None:
-        self.address = address
-        self.udp_address = udp_address or address
-        self.timeout = timeout
+    def _start(self) -> None:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[tuple[int, bytes]]] = deque()
