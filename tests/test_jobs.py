@@ -439,6 +439,8 @@ def test_jobs_running_at_a_crash_run_again_with_attempts_counted(
     go = tmp_path / "go"
     jid = add(svc, b"queue:add:progress:" + str(go).encode())
     wait_until(lambda: status(svc, jid)["state"] == "running")
+    # Store writes apply in order: once a later add is acknowledged, "running" is durable.
+    add(svc, b"queue:add?delay=60:echo:x")
     svc.proc.send_signal(signal.SIGKILL)
     svc.proc.wait()
     go.touch()
