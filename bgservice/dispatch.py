@@ -172,8 +172,10 @@ class Dispatcher:
                 finally:
                     release()
             if handler.is_async:
+                # asyncio.timeout, not wait_for: no second task per call on the hot path.
                 try:
-                    return await asyncio.wait_for(handler.fn(request), timeout)
+                    async with asyncio.timeout(timeout):
+                        return await handler.fn(request)
                 finally:
                     release()
             loop = asyncio.get_running_loop()
@@ -183,7 +185,8 @@ class Dispatcher:
                 release()
                 raise Busy("Shutting down") from None
             job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
-            return await asyncio.wait_for(asyncio.wrap_future(job), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(job)
         except TimeoutError:
             log.warning("module %s timed out after %.3g s", name, timeout)
             raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
