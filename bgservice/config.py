@@ -83,6 +83,26 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The operator's HTTP API, metrics and dashboard (off unless ``enabled``)."""
+
+    enabled: bool = False
+    host: str = LOOPBACK
+    port: int = 12380
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Where errors are reported: a module of the user's choice, rate-limited."""
+
+    module: str | None = None
+    events: tuple[str, ...] = ("error", "reload", "job")
+    max_per_minute: int = 5
+    summary_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     processes: int = 2
     max_calls: int = 0
@@ -102,6 +122,8 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     module_limits: Mapping[str, int] = field(default_factory=dict)
     reload_debounce_ms: float = 50.0
     verbose: bool = False
@@ -196,6 +218,15 @@ def _redis_url(v: Any) -> str:
     return v
 
 
+ALERT_EVENTS = ("error", "reload", "job", "call")
+
+
+def _alert_events(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or any(e not in ALERT_EVENTS for e in v):
+        raise ValueError(f"must be a list of events from {', '.join(ALERT_EVENTS)}")
+    return tuple(dict.fromkeys(v))
+
+
 def _module_limits(v: Any) -> dict[str, int]:
     if not isinstance(v, dict):
         raise ValueError("must be a table of module = limit")
@@ -236,6 +267,18 @@ _REDIS_CHECKS: dict[str, Check] = {
     "lease": _positive_number,
     "connect_timeout": _positive_number,
 }
+_HTTP_CHECKS: dict[str, Check] = {
+    "enabled": _boolean,
+    "host": _string,
+    "port": _port,
+    "token": _string,
+}
+_ALERT_CHECKS: dict[str, Check] = {
+    "module": _string,
+    "events": _alert_events,
+    "max_per_minute": _positive_int,
+    "summary_seconds": _positive_number,
+}
 _LISTENER_CHECKS: dict[str, Check] = {
     "name": _string,
     "host": _string,
@@ -263,7 +306,7 @@ _WORKER_CHECKS: dict[str, Check] = {
     "max_calls": _non_negative_int,
     "max_memory_mb": _non_negative_number,
 }
-_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis"}
+_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis", "http", "alerts"}
 
 
 class _Reader:
@@ -358,6 +401,8 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ", "reload")
     workers = reader.table(data.get("workers", {}), _WORKER_CHECKS, "[workers] ", "workers")
     redis = reader.table(data.get("redis", {}), _REDIS_CHECKS, "[redis] ", "redis")
+    http = reader.table(data.get("http", {}), _HTTP_CHECKS, "[http] ", "http")
+    alerts = reader.table(data.get("alerts", {}), _ALERT_CHECKS, "[alerts] ", "alerts")
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
     raw_listeners = data.get("listen", [])
@@ -369,6 +414,8 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         module_limits=queue.get("module_limits", {}),
         workers=WorkerSettings(**workers),
         redis=RedisSettings(**redis),
+        http=HttpSettings(**http),
+        alerts=AlertSettings(**alerts),
         reload_debounce_ms=reload.get("debounce_ms", Settings.reload_debounce_ms),
         verbose=log.get("verbose", False),
         global_handler=log.get("global_handler", 0),

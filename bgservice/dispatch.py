@@ -37,7 +37,15 @@ log = logging.getLogger(__name__)
 
 Reply = tuple[int, bytes]
 RESERVED = frozenset({"queue", "service", "helo", "hello"})
-_KIND = {"tcp": "tcp", "unix": "tcp", "udp": "udp", "unix_dgram": "udp", "queue": "queue"}
+_KIND = {
+    "tcp": "tcp", "unix": "tcp", "udp": "udp", "unix_dgram": "udp", "queue": "queue",
+    "alert": "tcp",
+}  # fmt: skip
+_NOT_ALERTED = frozenset({"queue", "alert"})  # a job's failure is alerted when it is final
+
+
+def _no_alert(event: str, title: str, message: str = "", **where: Any) -> None:
+    """The alert hook before bgservice.alerts is wired in (and in unit tests)."""
 
 
 class QueueCommands(JobAdder, Protocol):
@@ -58,6 +66,7 @@ class Dispatcher:
         self.shutting_down = False
         self.process_runner: Callable[[ModuleVersion, Request, float], Awaitable[Any]] | None = None
         self.extra_stats: dict[str, Callable[[], Any]] = {}
+        self.alert: Callable[..., None] = _no_alert  # (event, title, message, module=, job=)
         self._builtins: dict[str, Callable[[Request], Awaitable[bytes]]] = {
             "helo": self._helo,
             "hello": self._hello,
@@ -87,6 +96,11 @@ class Dispatcher:
         except Exception as exc:  # the boundary: a bug must cost one reply, not the service
             log.exception("internal error serving %s from %s", request.module, request.peer)
             reply = (500, f"Internal error: {type(exc).__name__}".encode())
+            self.alert(
+                "error",
+                f"internal error serving {request.module}: {type(exc).__name__}: {exc}",
+                "".join(traceback.format_exception(exc)),
+            )
         self._count(request, reply[0], start, len(reply[1]))
         return reply
 
@@ -189,21 +203,32 @@ class Dispatcher:
                 return await asyncio.wrap_future(job)
         except TimeoutError:
             log.warning("module %s timed out after %.3g s", name, timeout)
-            raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
+            message = f"Module {name} timed out after {timeout:g} s"
+            self._alert_call(request, message, f"{request.transport} from {request.peer}")
+            raise CallTimeout(message) from None
         except ServiceError:
             raise
         except Exception as exc:
             log.error("module %s raised", name, exc_info=exc)
             message = f"Module {name} raised {type(exc).__name__}: {exc}"
+            trace = "".join(traceback.format_exception(exc))
+            self._alert_call(request, message, trace)
             if self.settings.verbose:
-                message += "\n" + "".join(traceback.format_exception(exc))
+                message += "\n" + trace
             raise HandlerError(message) from exc
+
+    def _alert_call(self, request: Request, message: str, detail: str) -> None:
+        """A module failed a direct call (a queued job alerts once it has failed for good)."""
+        if request.transport not in _NOT_ALERTED:
+            self.alert("call", message, detail, module=request.module)
 
     def _count(self, request: Request, status: int, start: float, out: int) -> None:
         key = (request.module, request.transport)
         self.stats.requests[key] += 1
         if status != OK:
             self.stats.errors[key] += 1
+        elapsed = time.perf_counter() - start
+        self.stats.latency.observe(key, elapsed)
         if self.settings.verbose:
             log.debug(
                 "%s %s %s in=%dB out=%dB %.2fms status=%d",
@@ -212,7 +237,7 @@ class Dispatcher:
                 request.module or "-",
                 len(request.data),
                 out,
-                (time.perf_counter() - start) * 1000,
+                elapsed * 1000,
                 status,
             )
 
@@ -236,10 +261,13 @@ class Dispatcher:
         if command == "modules":
             return json.dumps(self.modules()).encode()
         if command == "stats":
-            extra = {name: fn() for name, fn in self.extra_stats.items()}
-            snapshot = {**self.stats.snapshot(), **extra, "module_stats": self.module_stats()}
-            return json.dumps(snapshot).encode()
+            return json.dumps(self.service_stats()).encode()
         raise BadRequest("Unknown service request (ping, modules, stats)")
+
+    def service_stats(self) -> dict[str, Any]:
+        """``service:stats``: the counters, what other parts add, modules' own stats."""
+        extra = {name: fn() for name, fn in self.extra_stats.items()}
+        return {**self.stats.snapshot(), **extra, "module_stats": self.module_stats()}
 
     def module_stats(self) -> dict[str, Any]:
         """What modules report of themselves through a ``stats()`` function (cheap, sync)."""

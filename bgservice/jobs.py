@@ -148,6 +148,23 @@ class JobQueue(abc.ABC):
         request.job = JobContext(job, asyncio.get_running_loop(), self.progressed)
         return await self.dispatcher.call_whole(request, timeout=job.timeout)
 
+    def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:
+        """``decide`` the attempt's outcome, and count it: its duration for ``/metrics``,
+        an alert when the job ends ``failed``."""
+        outcome = decide(job, status, body, now, self.settings.backoff_max)
+        if job.started is not None:
+            kind = "retry" if outcome.state is JobState.WAITING else str(outcome.state)
+            self.dispatcher.stats.job_durations.observe((job.module, kind), now - job.started)
+        if outcome.state is JobState.FAILED:
+            self.dispatcher.alert(
+                "job",
+                f"job {job.id} ({job.module}) failed after {job.attempts} attempt(s): {status}",
+                body.decode("utf-8", "replace"),
+                module=job.module,
+                job=job.id,
+            )
+        return outcome
+
     def progressed(self, job: Job) -> None:  # noqa: B027 (a hook; the default is enough)
         """A running job reported progress (already on ``job.progress``); the local queue
         reads it from there, a shared one copies it where other instances see it."""

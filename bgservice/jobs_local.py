@@ -23,7 +23,6 @@ from bgservice.jobs import (
     JobQueue,
     Result,
     busy_by_hour,
-    decide,
     finished_result,
     not_found,
     run_record,
@@ -363,7 +362,7 @@ class LocalQueue(JobQueue):
 
     def _outcome(self, job: Job, status: int, body: bytes) -> None:
         now = time.time()
-        outcome = decide(job, status, body, now, self.settings.backoff_max)
+        outcome = self.conclude(job, status, body, now)
         if outcome.state is not JobState.WAITING:
             self._finish(job, outcome.state, outcome.status, outcome.body, now)
             return

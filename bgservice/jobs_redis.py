@@ -44,7 +44,6 @@ from bgservice.jobs import (
     JobQueue,
     Result,
     busy_by_hour,
-    decide,
     finished_result,
     not_found,
     run_record,
@@ -446,7 +445,7 @@ class RedisQueue(JobQueue):
     async def _execute(self, job: Job) -> None:
         status, body = await self.run_job(job)
         now = time.time()
-        outcome = decide(job, status, body, now, self.settings.backoff_max)
+        outcome = self.conclude(job, status, body, now)
         run = run_record(job, outcome, now)
         args = (
             job.id,

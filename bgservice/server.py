@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bgservice.access import AccessList
+from bgservice.alerts import Alerts
 from bgservice.config import LOOPBACK, Listener, Settings
 from bgservice.dispatch import Dispatcher, describe_execution
 from bgservice.jobs import JobQueue
@@ -81,6 +82,12 @@ class Service:
         self.dispatcher.process_runner = self.processes
         self.dispatcher.extra_stats["workers"] = self.processes.stats
         self.registry.on_removed = self._module_removed
+        self.alerts = Alerts(settings.alerts, self.dispatcher)
+        if self.alerts.enabled:
+            self.dispatcher.alert = self.alerts.report
+            self.dispatcher.extra_stats["alerts"] = self.alerts.stats
+        self.http: Any = None  # bgservice.http.api.HttpApi when [http] enabled
+        self.http_address: list[Any] | None = None
         self.udp = DatagramWorkers(
             self.dispatcher, self.stats, settings.limits.udp_queue, settings.limits.udp_workers
         )
@@ -108,6 +115,7 @@ class Service:
         self._log_modules()
         try:
             await self._listen()
+            await self._listen_http()
         except ListenError as exc:
             log.error("%s", exc)
             await self._close_listeners()
@@ -129,6 +137,9 @@ class Service:
             running=lambda: [m for m, n in self.stats.in_flight.items() if n],
         )
         self._background.append(loop.create_task(lag.run()))
+        if self.alerts.enabled:
+            self._background.append(loop.create_task(self.alerts.run()))
+            self._check_alert_module()
         self._announce_ready()
         await self._stop.wait()
         await self._shutdown()
@@ -157,6 +168,8 @@ class Service:
         log.error("unexpected error: %s", message, exc_info=exc)
         if self.settings.global_handler >= 2 and exc is not None:
             traceback.print_exception(exc, file=sys.stderr)
+        trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
+        self.alerts.report("error", f"unexpected error: {message}", trace)
         if self.settings.global_handler == 0:
             log.critical("stopping after an unexpected error (start with -E to keep running)")
             self.stop(EXIT_UNEXPECTED)
@@ -166,6 +179,16 @@ class Service:
 
     def _reload_failed(self, name: str, error: str) -> None:
         self.stats.reload_failures += 1
+        self.alerts.report("reload", f"module {name} failed to load", error)
+
+    def _check_alert_module(self) -> None:
+        name = self.settings.alerts.module
+        entry = self.registry.get(name) if name else None
+        if entry is None or entry.version is None or entry.version.tcp is None:
+            log.warning(
+                "[alerts] module %r is not loaded or has no TCP handler: alerts will fail "
+                "until it is", name,
+            )  # fmt: skip
 
     def _module_removed(self, name: str) -> None:
         task = asyncio.get_running_loop().create_task(self.processes.drop(name))
@@ -201,6 +224,38 @@ class Service:
                 else "allow " + ", ".join(map(str, access.networks))
             )
             log.info("listener %s: %s (%s)", listener.name, shown, rule)
+
+    async def _listen_http(self) -> None:
+        """The operator's API, metrics and dashboard ([http]), on the same event loop."""
+        http = self.settings.http
+        if not http.enabled:
+            return
+        try:
+            # Imported here: aiohttp and prometheus-client are needed only when it is on.
+            from bgservice.http.api import HttpApi
+            from bgservice.http.metrics import Metrics
+        except ImportError as exc:
+            raise ListenError(
+                f"[http] is enabled but {exc.name} is not installed: pip install 'bgservice[http]'"
+            ) from None
+        metrics = Metrics(
+            self.stats,
+            self.dispatcher.modules,
+            self.jobs.stats,
+            self.alerts.stats if self.alerts.enabled else None,
+        )
+        self.http = HttpApi(self.settings, self.dispatcher, self.jobs, metrics)
+        try:
+            host, port = await self.http.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen for HTTP on {http.host}:{http.port}: {exc.strerror or exc}"
+            ) from None
+        self.http_address = [host, port]
+        access = AccessList.for_host(http.host, self.settings.allow)
+        guard = "local peers only" if access.networks is None else "allow list enforced"
+        token = "bearer token required" if self.http.token else "no token"
+        log.info("HTTP API and dashboard: http://%s:%d/ (%s, %s)", host, port, guard, token)
 
     def _stream_context(self, access: AccessList, transport_name: str) -> StreamContext:
         ctx = StreamContext(
@@ -301,6 +356,9 @@ class Service:
             )  # fmt: skip
 
     async def _close_listeners(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         for server in self.servers:
             server.close()
         for endpoint in self.endpoints:
@@ -339,7 +397,10 @@ class Service:
         log.info("bgservice ready (pid %d)", os.getpid())
         if self.ready_file is not None:
             tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.bound}))
+            ready: dict[str, Any] = {"pid": os.getpid(), "listeners": self.bound}
+            if self.http_address is not None:
+                ready["http"] = self.http_address
+            tmp.write_text(json.dumps(ready))
             tmp.replace(self.ready_file)
         self._sd_notify(b"READY=1")
 

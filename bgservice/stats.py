@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import Counter
@@ -11,6 +12,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+# Upper bounds (seconds) of the latency buckets: a cached call to a minute-long compile.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0, 30.0, 60.0)  # fmt: skip
+
+
+class Histogram:
+    """Durations counted per key in fixed buckets: one bisect per observation, read by
+    ``/metrics`` at scrape time (cheaper on the request path than a metrics library)."""
+
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.rows: dict[Any, list[float]] = {}  # key -> counts per bucket, +Inf, then sum
+
+    def observe(self, key: Any, seconds: float) -> None:
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = [0.0] * (len(self.buckets) + 2)
+        row[bisect.bisect_left(self.buckets, seconds)] += 1
+        row[-1] += seconds
+
+    def cumulative(self, key: Any) -> tuple[list[tuple[str, float]], float]:
+        """Prometheus' form: ``[(le, count of observations <= le), ...]`` and the sum."""
+        row = self.rows[key]
+        out, total = [], 0.0
+        for bound, n in zip((*map(str, self.buckets), "+Inf"), row[:-1], strict=True):
+            total += n
+            out.append((bound, total))
+        return out, row[-1]
 
 
 @dataclass
@@ -30,6 +61,8 @@ class Stats:
     reload_failures: int = 0
     lag_ms: float = 0.0
     lag_max_ms: float = 0.0
+    latency: Histogram = field(default_factory=Histogram)  # (module, transport) -> calls
+    job_durations: Histogram = field(default_factory=Histogram)  # (module, outcome) -> runs
 
     def snapshot(self) -> dict[str, Any]:
         modules: dict[str, dict[str, dict[str, int]]] = {}

@@ -162,6 +162,11 @@ class ServiceProcess:
         host, port = self.info["listeners"][0]["udp"]
         return host, port
 
+    @property
+    def http_url(self) -> str:
+        host, port = self.info["http"]
+        return f"http://{host}:{port}"
+
     # --- talking ----------------------------------------------------------------------
 
     def call(self, payload: bytes, half_close: bool = True, timeout: float = 15) -> bytes:
@@ -171,6 +176,26 @@ class ServiceProcess:
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
             return recv_all(sock)
+
+    def http(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        """One HTTP request to the operator's API: (status, parsed JSON or text, headers)."""
+        import urllib.error
+        import urllib.request
+
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.http_url + path, data=data, method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=15) as response:
+                status, raw, headers = response.status, response.read(), response.headers
+        except urllib.error.HTTPError as exc:
+            status, raw, headers = exc.code, exc.read(), exc.headers
+        text = raw.decode()
+        is_json = headers.get("Content-Type", "").startswith("application/json")
+        return status, json.loads(text) if is_json else text, dict(headers)
 
     def framed(self) -> Framed:
         return Framed(self.tcp)

@@ -1,0 +1,149 @@
+"""Alerts: errors worth a human's attention, handed to a module of the user's choice.
+
+Three things raise an alert (``[alerts] events``): ``error``, an error outside every
+request or an internal error at the dispatch boundary; ``reload``, a module file that
+failed to load; ``job``, a queued job that ended ``failed``. ``call``, a module that
+raised or timed out in a direct call, can be added for sites that want it.
+
+Each alert is a JSON object passed to the TCP handler of ``[alerts] module`` (the shipped
+``notify_email`` mails it; a few lines post it to a webhook instead), one at a time, off
+the request path. At most ``max_per_minute`` alerts go out on their own in any minute;
+beyond that they are held and, ``summary_seconds`` after the first held one, sent as one
+summary with their counts per event and the first few titles, so a storm of a thousand
+failures is one message, not a thousand. Alerts about the alert module itself are never
+raised (a broken mailer must not mail about itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bgservice.config import AlertSettings
+from bgservice.protocol import OK
+from bgservice.request import Request
+
+log = logging.getLogger(__name__)
+
+WINDOW = 60.0  # seconds over which max_per_minute counts
+OUTBOX = 1000  # alerts waiting for the module; beyond it they are counted as dropped
+SUMMARY_TITLES = 10  # titles a summary quotes
+MESSAGE_CHARS = 4000  # an alert's message is cut to this
+
+
+@dataclass
+class Alert:
+    event: str
+    title: str
+    message: str = ""
+    module: str | None = None
+    job: int | None = None
+    time: float = field(default_factory=time.time)
+    host: str = field(default_factory=socket.gethostname)
+    counts: dict[str, int] | None = None
+
+    def payload(self) -> bytes:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}).encode()
+
+
+class Alerts:
+    """Rate-limits alerts and delivers them through the dispatcher, one at a time."""
+
+    def __init__(self, settings: AlertSettings, dispatcher: Any) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.enabled = settings.module is not None
+        self._sent: deque[float] = deque()
+        self._held: list[Alert] = []
+        self._held_counts: Counter[str] = Counter()
+        self._summary_timer: asyncio.TimerHandle | None = None
+        self._outbox: asyncio.Queue[Alert] = asyncio.Queue(OUTBOX)
+        self.counts: Counter[str] = Counter()  # raised, sent, summarised, failed, dropped
+
+    def report(
+        self,
+        event: str,
+        title: str,
+        message: str = "",
+        module: str | None = None,
+        job: int | None = None,
+    ) -> None:
+        """Raise an alert (event-loop thread; cheap: nothing waits for the delivery)."""
+        if not self.enabled or event not in self.settings.events:
+            return
+        if module is not None and module == self.settings.module:
+            return
+        self.counts["raised"] += 1
+        alert = Alert(event, title, message[:MESSAGE_CHARS], module, job)
+        now = time.monotonic()
+        while self._sent and self._sent[0] <= now - WINDOW:
+            self._sent.popleft()
+        if not self._held and len(self._sent) < self.settings.max_per_minute:
+            self._sent.append(now)
+            self._enqueue(alert)
+            return
+        if len(self._held) < SUMMARY_TITLES:
+            self._held.append(alert)
+        self._held_counts[event] += 1
+        if self._summary_timer is None:
+            loop = asyncio.get_running_loop()
+            self._summary_timer = loop.call_later(self.settings.summary_seconds, self._summarise)
+
+    def _summarise(self) -> None:
+        self._summary_timer = None
+        total = sum(self._held_counts.values())
+        if not total:
+            return
+        per_event = ", ".join(f"{n} {event}" for event, n in self._held_counts.most_common())
+        lines = [f"- {a.title}" for a in self._held]
+        if total > len(self._held):
+            lines.append(f"- ... and {total - len(self._held)} more")
+        summary = Alert(
+            "summary",
+            f"{total} more alerts ({per_event})",
+            "\n".join(lines),
+            counts=dict(self._held_counts),
+        )
+        self._held.clear()
+        self._held_counts.clear()
+        self._sent.append(time.monotonic())
+        self.counts["summarised"] += total
+        self._enqueue(summary)
+
+    def _enqueue(self, alert: Alert) -> None:
+        try:
+            self._outbox.put_nowait(alert)
+        except asyncio.QueueFull:
+            self.counts["dropped"] += 1
+            log.warning("alert dropped (%d waiting): %s", OUTBOX, alert.title)
+
+    async def run(self) -> None:
+        """Deliver alerts until cancelled; a failed delivery is logged, never re-alerted."""
+        module = self.settings.module
+        assert module is not None
+        while True:
+            alert = await self._outbox.get()
+            request = Request(module, alert.payload(), "alert")
+            status, body = await self.dispatcher.call(request)
+            if status == OK:
+                self.counts["sent"] += 1
+            else:
+                self.counts["failed"] += 1
+                log.warning(
+                    "alert %r not delivered by module %s: %d %s",
+                    alert.title, module, status, body[:300].decode("utf-8", "replace"),
+                )  # fmt: skip
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "module": self.settings.module,
+            **{k: self.counts.get(k, 0) for k in ("raised", "sent", "summarised", "failed")},
+            "dropped": self.counts.get("dropped", 0),
+            "held": sum(self._held_counts.values()),
+        }

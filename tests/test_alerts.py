@@ -1,0 +1,181 @@
+"""Alerts (bgservice/alerts.py) delivered by the shipped notify_email to a real SMTP sink."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ServiceProcess, wait_until, write_module
+
+pytest.importorskip("aiosmtpd")
+from aiosmtpd.controller import Controller
+
+
+class Inbox:
+    """aiosmtpd's handler: keeps every mail it is given."""
+
+    def __init__(self) -> None:
+        self.mails: list[Message] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.mails.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+    def subjects(self) -> list[str]:
+        with self.lock:
+            return [str(m["Subject"]) for m in self.mails]
+
+
+@pytest.fixture
+def smtp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Inbox]:
+    inbox = Inbox()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    monkeypatch.setenv("BGSERVICE_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("BGSERVICE_SMTP_PORT", str(port))
+    monkeypatch.setenv("BGSERVICE_SMTP_TO", "ops@example.org, dev@example.org")
+    monkeypatch.setenv("BGSERVICE_SMTP_FROM", "bgservice@example.org")
+    yield inbox
+    controller.stop()
+
+
+def alerts_config(max_per_minute: int = 5, summary_seconds: float = 1.0, events: str = "") -> str:
+    return (
+        f'[alerts]\nmodule = "notify_email"\nmax_per_minute = {max_per_minute}\n'
+        f"summary_seconds = {summary_seconds}\n{events}"
+    )
+
+
+@pytest.fixture
+def boom(modules_dir: Path) -> Path:
+    source = "def handle_tcp(request):\n    raise ValueError('boom ' + request.text)\n"
+    return write_module(modules_dir, "boom", source)
+
+
+def job_id(reply: bytes) -> int:
+    return int(reply.decode().split(":")[1])
+
+
+def test_a_failed_job_sends_a_mail(
+    make_service: Callable[..., ServiceProcess], smtp: Inbox, boom: Path
+) -> None:
+    svc = make_service(alerts_config())
+    jid = job_id(svc.call(b"queue:add?retries=1&backoff=0:boom:payload"))
+    assert svc.call(f"queue:get:id:{jid}".encode()).startswith(b"500:")
+    wait_until(lambda: smtp.mails)
+    (mail,) = smtp.mails
+    assert f"job {jid} (boom) failed after 2 attempt(s): 500" in mail["Subject"]
+    assert mail["Subject"].startswith(f"[bgservice@{socket.gethostname()}]")
+    assert mail["To"] == "ops@example.org, dev@example.org"
+    body = mail.get_payload()
+    assert "ValueError: boom payload" in body and f"job:    {jid}" in body
+    stats = json.loads(svc.call(b"service:stats"))["alerts"]
+    assert (stats["raised"], stats["sent"], stats["failed"]) == (1, 1, 0)
+
+
+def test_a_reload_failure_and_an_unexpected_error_send_mails(
+    make_service: Callable[..., ServiceProcess], smtp: Inbox, modules_dir: Path
+) -> None:
+    write_module(modules_dir, "stray", """
+        import asyncio
+
+        async def handle_tcp(request):
+            asyncio.get_running_loop().call_soon(lambda: 1 / 0)  # outside every request
+            return "ok"
+    """)  # fmt: skip
+    svc = make_service(alerts_config(), "-E")
+    write_module(modules_dir, "broken", "def handle_tcp(request:\n")
+    wait_until(lambda: any("module broken failed to load" in s for s in smtp.subjects()))
+    assert svc.call(b"stray:x") == b"ok"
+    wait_until(lambda: any("unexpected error" in s for s in smtp.subjects()))
+    unexpected = next(m for m in smtp.mails if "unexpected error" in m["Subject"])
+    assert "ZeroDivisionError" in unexpected.get_payload()
+    reload = next(m for m in smtp.mails if "broken" in m["Subject"])
+    assert "SyntaxError" in reload.get_payload() or "line 1" in reload.get_payload()
+    assert svc.call(b"service:ping") == b"pong"  # -E: logged, alerted, still serving
+
+
+def test_a_storm_of_failures_sends_a_summary_not_a_hundred_mails(
+    make_service: Callable[..., ServiceProcess], smtp: Inbox, boom: Path
+) -> None:
+    svc = make_service(alerts_config(max_per_minute=2, summary_seconds=1.0))
+    ids = [job_id(svc.call(b"queue:add:boom:%d" % i)) for i in range(100)]
+    for jid in ids:
+        svc.call(f"queue:get:id:{jid}".encode())
+    wait_until(lambda: any("more alerts" in s for s in smtp.subjects()), timeout=15)
+    subjects = smtp.subjects()
+    assert len(subjects) == 3, subjects
+    assert sum("failed after 1 attempt" in s for s in subjects) == 2
+    (summary,) = [m for m in smtp.mails if "more alerts" in m["Subject"]]
+    assert "98 more alerts (98 job)" in summary["Subject"]
+    assert "counts: job 98" in summary.get_payload()
+    assert "... and 88 more" in summary.get_payload()
+    stats = json.loads(svc.call(b"service:stats"))["alerts"]
+    assert (stats["raised"], stats["summarised"], stats["sent"]) == (100, 98, 3)
+
+
+def test_only_the_chosen_events_alert(
+    make_service: Callable[..., ServiceProcess], smtp: Inbox, boom: Path
+) -> None:
+    svc = make_service(alerts_config(events='events = ["call"]\n'))
+    jid = job_id(svc.call(b"queue:add:boom:queued"))
+    svc.call(f"queue:get:id:{jid}".encode())  # a job: not chosen
+    assert svc.call(b"boom:direct").startswith(b"500:")  # a direct call: chosen
+    wait_until(lambda: smtp.mails)
+    assert [s for s in smtp.subjects() if "boom" in s] == [
+        next(s for s in smtp.subjects() if "Module boom raised ValueError: boom direct" in s)
+    ]
+
+
+def test_a_broken_mailer_is_logged_not_looped(
+    make_service: Callable[..., ServiceProcess], boom: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("BGSERVICE_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("BGSERVICE_SMTP_PORT", str(closed))
+    monkeypatch.setenv("BGSERVICE_SMTP_TO", "ops@example.org")
+    svc = make_service(alerts_config(events='events = ["job", "call"]\n'))
+    jid = job_id(svc.call(b"queue:add:boom:x"))
+    svc.call(f"queue:get:id:{jid}".encode())
+    svc.wait_for_log("not delivered by module notify_email: 502")
+    stats = json.loads(svc.call(b"service:stats"))["alerts"]
+    assert (stats["raised"], stats["sent"], stats["failed"]) == (1, 0, 1)
+
+
+def test_a_missing_alert_module_is_reported_at_start(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    svc = make_service('[alerts]\nmodule = "pager"\n')
+    assert "[alerts] module 'pager' is not loaded" in svc.log()
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ('[alerts]\nevents = ["job", "sms"]\n', "[alerts] events"),
+        ("[alerts]\nmax_per_minute = 0\n", "[alerts] max_per_minute"),
+        ("[http]\nport = 70000\n", "[http] port"),
+        ("[http]\nenabled = 1\n", "[http] enabled"),
+    ],
+)
+def test_bad_settings_are_refused(
+    make_service: Callable[..., ServiceProcess], config: str, problem: str
+) -> None:
+    svc = make_service(config, start=False)
+    svc.start(wait=False)
+    assert svc.wait() == 2
+    assert problem in svc.log()

@@ -1,0 +1,257 @@
+"""The operator's HTTP API (bgservice/http/api.py), driven over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ServiceProcess, write_module
+
+pytest.importorskip("aiohttp")
+
+HTTP = "[http]\nenabled = true\nport = 0\n"
+API = "/api/v1"
+
+
+@pytest.fixture
+def svc(make_service: Callable[..., ServiceProcess], modules_dir: Path) -> ServiceProcess:
+    write_module(modules_dir, "boom", "def handle_tcp(request):\n    raise ValueError('boom')\n")
+    return make_service(HTTP)
+
+
+def test_off_by_default(service: ServiceProcess) -> None:
+    assert "http" not in service.info
+    assert "HTTP API" not in service.log()
+
+
+def test_modules(svc: ServiceProcess) -> None:
+    status, body, _ = svc.http("GET", f"{API}/modules")
+    assert status == 200
+    names = {m["name"]: m for m in body["modules"]}
+    assert names["echo"]["state"] == "loaded" and names["echo"]["error"] is None
+    assert names["echo"]["execution"] == "loop"
+    status, one, _ = svc.http("GET", f"{API}/modules/echo")
+    assert (status, one["name"], one["accepts"]) == (200, "echo", ["queue", "tcp", "udp"])
+    status, body, headers = svc.http("GET", f"{API}/modules/nope")
+    assert status == 404
+    assert headers["Content-Type"].startswith("application/json")
+    assert body == {"error": {"code": 404, "message": "Module nope not found"}}
+
+
+def test_add_a_job_with_options_and_read_its_result(svc: ServiceProcess) -> None:
+    job = {"module": "echo", "data": "héllo", "priority": 7, "retries": 2, "timeout": 5,
+           "backoff": 0.5, "unique": "k1"}  # fmt: skip
+    status, body, headers = svc.http("POST", f"{API}/jobs", job)
+    assert status == 201, body
+    jid = body["id"]
+    assert headers["Location"] == f"{API}/jobs/{jid}"
+    assert (body["module"], body["priority"], body["max_retries"], body["timeout"]) == (
+        "echo", 7, 2, 5.0)  # fmt: skip
+    status, done, _ = svc.http("GET", f"{API}/jobs/{jid}?wait=10")
+    assert status == 200
+    assert (done["state"], done["status"], done["result"]) == ("done", 200, "héllo")
+    # The socket protocol sees the same job.
+    assert svc.call(f"queue:get:id:{jid}".encode()) == "héllo".encode()
+
+
+def test_binary_data_and_results_travel_as_base64(svc: ServiceProcess) -> None:
+    raw = bytes(range(256))
+    body = {"module": "echo", "data_base64": base64.b64encode(raw).decode()}
+    status, job, _ = svc.http("POST", f"{API}/jobs", body)
+    assert status == 201
+    _, done, _ = svc.http("GET", f"{API}/jobs/{job['id']}?wait=10")
+    assert "result" not in done
+    assert base64.b64decode(done["result_base64"]) == raw
+
+
+def test_a_job_added_over_the_socket_is_read_over_http(svc: ServiceProcess) -> None:
+    jid = int(svc.call(b"queue:add:echo:from the socket").decode().split(":")[1])
+    _, job, _ = svc.http("GET", f"{API}/jobs/{jid}?wait=10")
+    assert job["result"] == "from the socket"
+
+
+def test_wait_returns_the_status_of_an_unfinished_job(svc: ServiceProcess) -> None:
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "sleep", "data": "3000"})
+    status, seen, _ = svc.http("GET", f"{API}/jobs/{job['id']}?wait=0.2")
+    assert status == 200 and seen["state"] in ("waiting", "running")
+    assert "result" not in seen
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"not json", "the body must be a JSON object"),
+        (b"[1, 2]", "the body must be a JSON object"),
+        ({"data": "x"}, "field module: expected a module name"),
+        ({"module": "echo", "colour": "red"}, "unknown field 'colour'"),
+        ({"module": "echo", "priority": "high"}, "option priority: expected a whole number"),
+        ({"module": "echo", "priority": True}, "field priority: expected a number"),
+        ({"module": "echo", "data": 5}, "field data: expected a string"),
+        ({"module": "echo", "data_base64": "!!"}, "field data_base64: not valid base64"),
+        ({"module": "echo", "timeout": 0}, "option timeout: must be greater than 0"),
+        ({"module": "nosuchmodule"}, "Unknown request"),
+    ],
+)
+def test_bad_jobs_get_400_with_the_reason(svc: ServiceProcess, body: object, message: str) -> None:
+    status, reply, _ = svc.http("POST", f"{API}/jobs", body)
+    assert status == 400
+    assert reply["error"]["code"] == 400
+    assert message in reply["error"]["message"]
+
+
+def test_cancel_and_retry(svc: ServiceProcess) -> None:
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x", "delay": 60})
+    jid = job["id"]
+    assert job["state"] == "waiting"
+    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}/retry")
+    assert status == 409 and "only failed or cancelled" not in body["error"]["message"]
+    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}/cancel")
+    assert (status, body) == (200, {"id": jid, "state": "cancelled"})
+    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}/cancel")
+    assert status == 409 and "already finished" in body["error"]["message"]
+    _, seen, _ = svc.http("GET", f"{API}/jobs/{jid}")
+    assert (seen["state"], seen["status"]) == ("cancelled", 410)
+    status, again, _ = svc.http("POST", f"{API}/jobs/{jid}/retry")
+    assert status == 200 and again["id"] == jid
+    _, done, _ = svc.http("GET", f"{API}/jobs/{jid}?wait=10")
+    assert (done["state"], done["result"]) == ("done", "x")
+    assert svc.http("POST", f"{API}/jobs/999999/cancel")[0] == 404
+
+
+def test_failed_jobs_are_listed_and_retried(svc: ServiceProcess) -> None:
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "boom"})
+    _, done, _ = svc.http("GET", f"{API}/jobs/{job['id']}?wait=10")
+    assert (done["state"], done["status"]) == ("failed", 500)
+    assert "ValueError: boom" in done["result"]
+    _, listed, _ = svc.http("GET", f"{API}/jobs?state=failed")
+    assert [j["id"] for j in listed["jobs"]["failed"]] == [job["id"]]
+    assert "ValueError: boom" in listed["jobs"]["failed"][0]["error"]
+    status, retried, _ = svc.http("POST", f"{API}/jobs/{job['id']}/retry")
+    assert status == 200 and retried["state"] in ("waiting", "running")
+    _, again, _ = svc.http("GET", f"{API}/jobs/{job['id']}?wait=10")
+    assert again["state"] == "failed" and again["attempts"] == 1
+
+
+def test_list_pages_through_waiting_jobs_in_run_order(svc: ServiceProcess) -> None:
+    ids = []
+    for priority in (1, 5, 3, 4, 2):
+        _, job, _ = svc.http("POST", f"{API}/jobs",
+                             {"module": "echo", "priority": priority, "delay": 60})  # fmt: skip
+        ids.append((priority, job["id"]))
+    order = [jid for _, jid in sorted(ids, reverse=True)]
+    _, page, _ = svc.http("GET", f"{API}/jobs?state=waiting&limit=2&offset=1")
+    assert (page["limit"], page["offset"]) == (2, 1)
+    assert [j["id"] for j in page["jobs"]["waiting"]] == order[1:3]
+    _, everything, _ = svc.http("GET", f"{API}/jobs")
+    assert set(everything["jobs"]) == {"waiting", "running", "failed"}
+    status, body, _ = svc.http("GET", f"{API}/jobs?state=lost")
+    assert status == 400 and "state must be one of" in body["error"]["message"]
+    assert svc.http("GET", f"{API}/jobs?limit=0")[0] == 400
+
+
+def test_stats_match_the_socket_protocol(svc: ServiceProcess) -> None:
+    for _ in range(3):
+        assert svc.call(b"test:x") == b"Test"
+    _, stats, _ = svc.http("GET", f"{API}/stats")
+    assert stats["modules"]["test"]["tcp"]["requests"] == 3
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "1"})
+    svc.http("GET", f"{API}/jobs/{job['id']}?wait=10")
+    status, queue, _ = svc.http("GET", f"{API}/queue/stats?window=600")
+    assert status == 200
+    assert queue["counts"]["done"] >= 1 and queue["window"]["runs"] >= 1
+    assert queue["window"]["seconds"] == 600
+    over_socket = json.loads(svc.call(b"queue:stats?window=600"))
+    assert queue["counts"] == over_socket["counts"]
+    assert queue["window"]["by_hour"] == over_socket["window"]["by_hour"]
+    assert svc.http("GET", f"{API}/queue/stats?window=soon")[0] == 400
+
+
+def test_unknown_routes_and_methods_are_json_errors(svc: ServiceProcess) -> None:
+    status, body, _ = svc.http("GET", f"{API}/nothing")
+    assert (status, body["error"]["code"]) == (404, 404)
+    status, body, headers = svc.http("DELETE", f"{API}/jobs")
+    assert (status, body["error"]["code"]) == (405, 405)
+    assert "POST" in headers["Allow"]
+
+
+def test_dashboard_is_served(svc: ServiceProcess) -> None:
+    status, page, _ = svc.http("GET", "/")  # redirected to /dashboard/
+    assert status == 200 and "<title>bgservice</title>" in page
+    status, script, headers = svc.http("GET", "/dashboard/app.js")
+    assert status == 200 and "busy-chart" in script
+    assert "javascript" in headers["Content-Type"]
+
+
+def test_the_token_guards_api_and_metrics_but_not_the_page(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    svc = make_service(HTTP + 'token = "s3cret"\n')
+    status, body, headers = svc.http("GET", f"{API}/modules")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert body["error"]["code"] == 401
+    assert svc.http("GET", f"{API}/modules", token="wrong")[0] == 401
+    assert svc.http("GET", "/metrics")[0] == 401
+    assert svc.http("GET", f"{API}/modules", token="s3cret")[0] == 200
+    assert svc.http("GET", "/metrics", token="s3cret")[0] == 200
+    assert svc.http("GET", "/dashboard/")[0] == 200
+    assert "bearer token required" in svc.log()
+
+
+def test_the_token_can_come_from_the_environment(
+    make_service: Callable[..., ServiceProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BGSERVICE_HTTP_TOKEN", "from-env")
+    svc = make_service(HTTP)
+    assert svc.http("GET", f"{API}/stats")[0] == 401
+    assert svc.http("GET", f"{API}/stats", token="from-env")[0] == 200
+
+
+def test_off_loopback_the_allow_list_applies(make_service: Callable[..., ServiceProcess]) -> None:
+    svc = make_service(HTTP + 'host = "0.0.0.0"\n', start=False)
+    svc.config.write_text('allow = ["10.0.0.0/8"]\n' + svc.config.read_text())
+    svc.start()
+    svc.info["http"][0] = "127.0.0.1"
+    status, body, _ = svc.http("GET", f"{API}/modules")
+    assert (status, body["error"]["message"]) == (403, "Forbidden")
+
+
+def test_a_taken_port_stops_the_start_with_a_clear_error(
+    make_service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        svc = make_service(f"[http]\nenabled = true\nport = {port}\n", start=False)
+        svc.start(wait=False)
+        assert svc.wait() == 1
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in svc.log()
+
+
+def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
+    from bgservice.config import Settings
+    from bgservice.http.api import OPENAPI, HttpApi
+
+    status, served, _ = svc.http("GET", f"{API}/openapi.json")
+    assert status == 200
+    document = json.loads(OPENAPI.read_text())
+    assert served == document
+    api = HttpApi(Settings(), None, None, None)  # type: ignore[arg-type]
+    routes = set()
+    for route in api.app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter") or info.get("prefix", "") + "/"
+        path = path.replace("{id:\\d+}", "{id}")
+        if route.method != "HEAD":
+            routes.add((route.method.lower(), path))
+    documented = {(method, path) for path, item in document["paths"].items() for method in item}
+    static = ("get", "/dashboard/")  # the index route and the static files share the prefix
+    assert routes - {static} == documented - {static}
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert operation["responses"], (method, path)

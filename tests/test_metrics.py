@@ -1,0 +1,106 @@
+"""``GET /metrics`` (bgservice/http/metrics.py), parsed with prometheus-client's parser."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ServiceProcess, wait_until, write_module
+
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families
+
+HTTP = "[http]\nenabled = true\nport = 0\n"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(svc: ServiceProcess) -> Samples:
+    status, text, headers = svc.http("GET", "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+def svc(make_service: Callable[..., ServiceProcess], modules_dir: Path) -> ServiceProcess:
+    write_module(modules_dir, "boom", "def handle_tcp(request):\n    raise ValueError('boom')\n")
+    return make_service(HTTP)
+
+
+def test_requests_errors_and_latency_move_with_calls(svc: ServiceProcess) -> None:
+    before = scrape(svc)
+    for _ in range(5):
+        assert svc.call(b"test:x") == b"Test"
+    assert svc.call(b"boom:x").startswith(b"500:")
+    after = scrape(svc)
+    tcp = {"module": "test", "transport": "tcp"}
+    assert (
+        value(after, "bgservice_requests_total", **tcp)
+        - value(before, "bgservice_requests_total", **tcp)
+        == 5
+    )
+    assert value(after, "bgservice_errors_total", **tcp) == 0
+    assert value(after, "bgservice_errors_total", module="boom", transport="tcp") == 1
+    count = value(after, "bgservice_request_duration_seconds_count", **tcp)
+    assert count == value(after, "bgservice_requests_total", **tcp)
+    inf = value(after, "bgservice_request_duration_seconds_bucket", le="+Inf", **tcp)
+    fast = value(after, "bgservice_request_duration_seconds_bucket", le="0.0005", **tcp)
+    assert inf == count and 0 <= fast <= inf
+    assert value(after, "bgservice_request_duration_seconds_sum", **tcp) > 0
+
+
+def test_udp_counts(svc: ServiceProcess) -> None:
+    for i in range(20):
+        svc.send_udp(b"test:%d" % i)
+    wait_until(lambda: value(scrape(svc), "bgservice_udp_received_total") == 20)
+    samples = scrape(svc)
+    assert value(samples, "bgservice_udp_dropped_total") == 0
+    assert value(samples, "bgservice_requests_total", module="test", transport="udp") == 20
+
+
+def test_queue_depth_and_job_durations(svc: ServiceProcess) -> None:
+    for _ in range(3):
+        svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "x", "delay": 60})
+    _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "sleep", "data": "50"})
+    svc.http("GET", f"/api/v1/jobs/{job['id']}?wait=10")
+    _, failed, _ = svc.http("POST", "/api/v1/jobs", {"module": "boom"})
+    svc.http("GET", f"/api/v1/jobs/{failed['id']}?wait=10")
+    samples = scrape(svc)
+    assert value(samples, "bgservice_queue_up") == 1
+    assert value(samples, "bgservice_queue_jobs", state="waiting") == 3
+    assert value(samples, "bgservice_queue_jobs", state="done") == 1
+    assert value(samples, "bgservice_queue_jobs", state="failed") == 1
+    assert value(samples, "bgservice_queue_oldest_waiting_seconds") >= 0
+    done = {"module": "sleep", "outcome": "done"}
+    assert value(samples, "bgservice_job_duration_seconds_count", **done) == 1
+    assert value(samples, "bgservice_job_duration_seconds_sum", **done) >= 0.05
+    assert value(samples, "bgservice_job_duration_seconds_bucket", le="0.025", **done) == 0
+    assert value(samples, "bgservice_job_duration_seconds_count",
+                 module="boom", outcome="failed") == 1  # fmt: skip
+
+
+def test_reloads_failures_module_state_and_loop_lag(svc: ServiceProcess, modules_dir: Path) -> None:
+    samples = scrape(svc)
+    assert value(samples, "bgservice_module_up", module="echo") == 1
+    assert value(samples, "bgservice_event_loop_lag_seconds") >= 0
+    assert value(samples, "process_resident_memory_bytes") > 1e6  # the process collector
+    write_module(modules_dir, "echo", "async def handle_tcp(request):\n    return 'v2'\n")
+    wait_until(lambda: svc.call(b"echo:x") == b"v2")
+    time.sleep(0.05)
+    write_module(modules_dir, "echo", "def handle_tcp(request:\n")  # a syntax error
+    wait_until(lambda: value(scrape(svc), "bgservice_reload_failures_total") == 1)
+    samples = scrape(svc)
+    assert value(samples, "bgservice_reloads_total") == 1
+    assert value(samples, "bgservice_module_up", module="echo") == 0
+    assert value(samples, "bgservice_module_reloads_total", module="echo") == 1
+    assert svc.call(b"echo:x") == b"v2"  # the last good version keeps serving
