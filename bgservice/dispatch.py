@@ -12,7 +12,8 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
@@ -186,10 +187,17 @@ class Dispatcher:
                 finally:
                     release()
             if handler.is_async:
-                # asyncio.timeout, not wait_for: no second task per call on the hot path.
                 try:
+                    # The first step runs at once: a handler that finishes without waiting
+                    # (most replies) costs no timer. One that waits is resumed under its
+                    # timeout (asyncio.timeout, not wait_for: no second task per call).
+                    coro = handler.fn(request)
+                    try:
+                        first = coro.send(None)
+                    except StopIteration as done:
+                        return done.value
                     async with asyncio.timeout(timeout):
-                        return await handler.fn(request)
+                        return await _resume(coro, first)
                 finally:
                     release()
             loop = asyncio.get_running_loop()
@@ -297,6 +305,25 @@ class Dispatcher:
                 }
             )
         return rows
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coro`` after its first step ran outside: hand what it yielded to
+    the task, and what the task sends or throws (a result, a cancellation) back to it."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 def describe_execution(version: ModuleVersion) -> str:
