@@ -4,6 +4,8 @@ Every operation is queued to one thread that owns the connection. The thread tak
 operations waiting at that moment and commits them in one transaction (group commit), so
 a burst of concurrent ``queue:add`` costs one fsync, not one per job, and a caller's
 future resolves only after its transaction is on disk (``synchronous=FULL``).
+A save for a job whose previous save is still queued joins that one (the newer row wins,
+run records add up), so a short job's "running" and "done" rows cost one UPDATE, not two.
 ``AUTOINCREMENT`` keeps ids from ever being reused, even after the newest job is deleted.
 """
 
@@ -66,8 +68,20 @@ _INSERT = (
 )
 _UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE id = ?"
 _BATCH = 2000
+_RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 _Op = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 _Done = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+class _Save:
+    """A job's queued save: the row to write and its run records, until the writer takes it."""
+
+    __slots__ = ("future", "row", "runs")
+
+    def __init__(self, row: tuple[Any, ...], future: asyncio.Future[None]) -> None:
+        self.row = row
+        self.runs: list[tuple[Any, ...]] = []
+        self.future = future
 
 
 class SqliteStore:
@@ -75,6 +89,9 @@ class SqliteStore:
         self.path = path
         self.commit_window = commit_window
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # Saves not yet taken by the writer, by job id; the lock hands each one over.
+        self._saves: dict[int, _Save] = {}
+        self._saves_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -162,16 +179,29 @@ class SqliteStore:
 
     def save(self, job: Job, run: Run | None = None) -> asyncio.Future[None]:
         row = (*job.row()[1:], job.id)
+        record = None if run is None else tuple(getattr(run, f) for f in _RUN_FIELDS)
+        with self._saves_lock:
+            pending = self._saves.get(job.id)
+            if pending is not None:  # not written yet: write the newer row instead
+                pending.row = row
+                if record is not None:
+                    pending.runs.append(record)
+                return pending.future
+            assert self._loop is not None, "store not open"
+            pending = self._saves[job.id] = _Save(row, self._loop.create_future())
+            if record is not None:
+                pending.runs.append(record)
+        jid = job.id
 
         def apply(c: sqlite3.Connection) -> None:
-            c.execute(_UPDATE, row)
-            if run is not None:
-                c.execute(
-                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
-                    (run.job, run.module, run.attempt, run.started, run.finished, run.outcome),
-                )
+            with self._saves_lock:
+                del self._saves[jid]
+            c.execute(_UPDATE, pending.row)
+            if pending.runs:
+                c.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", pending.runs)
 
-        return self._submit(apply)
+        self._ops.put((apply, pending.future))
+        return pending.future
 
     async def get(self, job_id: int) -> Job | None:
         def fetch(c: sqlite3.Connection) -> Job | None:

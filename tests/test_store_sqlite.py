@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 
 from bgservice.job import Job, JobState
@@ -63,4 +64,38 @@ async def test_unfinished_jobs_come_back_and_history_is_kept(tmp_path):
     runs = await store.runs_since(now - 10)
     assert [(r.job, r.outcome) for r in runs] == [(done.id, "done")]
     assert [j.id for j in await store.list_jobs("done", 10, 0)] == [done.id]
+    await store.close()
+
+
+async def test_a_save_still_queued_takes_the_newer_row_and_keeps_every_run(tmp_path):
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    job = _job()
+    job.id = await store.insert(job)
+    writer_free = threading.Event()
+    # Hold the writer so the saves below are still queued when the next one comes.
+    held = store._submit(lambda c: writer_free.wait(10))
+    now = time.time()
+    job.state, job.attempts = JobState.RUNNING, 1
+    first = store.save(job)
+    job.state = JobState.WAITING
+    second = store.save(job, Run(job.id, "echo", 1, now - 1, now, "retry"))
+    job.state, job.attempts, job.result = JobState.DONE, 2, b"ok"
+    third = store.save(job, Run(job.id, "echo", 2, now, now + 1, "done"))
+    assert first is second is third  # one UPDATE for the three
+    other = _job()
+    other.id = 99
+    assert store.save(other) is not first  # another job's save is its own
+    writer_free.set()
+    await asyncio.gather(held, first)
+    stored = await store.get(job.id)
+    assert (stored.state, stored.attempts, stored.result) == (JobState.DONE, 2, b"ok")
+    runs = await store.runs_since(now - 10)
+    assert [(r.attempt, r.outcome) for r in runs] == [(1, "retry"), (2, "done")]
+    # Once written, a new save is queued afresh.
+    job.result = b"again"
+    fourth = store.save(job)
+    assert fourth is not first
+    await fourth
+    assert (await store.get(job.id)).result == b"again"
     await store.close()
