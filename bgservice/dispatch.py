@@ -64,6 +64,9 @@ class Dispatcher:
         self.stats = stats
         self.executor = executor
         self.queue: QueueCommands | None = None
+        # The serving loop, set by the server when it starts: looked up once, since on
+        # Python 3.11 every get_running_loop() is a getpid system call.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.shutting_down = False
         self.process_runner: Callable[[ModuleVersion, Request, float], Awaitable[Any]] | None = None
         self.extra_stats: dict[str, Callable[[], Any]] = {}
@@ -110,7 +113,7 @@ class Dispatcher:
         front of its return value: the whole reply, for replies sent in one piece (framed
         replies, queued jobs' results)."""
         chunks: list[bytes] = []
-        request.bind(chunks.append, asyncio.get_running_loop())
+        request.bind(chunks.append, self.loop or asyncio.get_running_loop())
         status, body = await self.call(request, timeout)
         if chunks and status == OK:
             body = b"".join(chunks) + body
@@ -172,7 +175,8 @@ class Dispatcher:
         """
         timeout = timeout or self.timeout_of(version)
         name = version.name
-        request.attach(asyncio.get_running_loop(), self.queue)
+        loop = self.loop or asyncio.get_running_loop()
+        request.attach(loop, self.queue)
         version.acquire()
         self.stats.in_flight[name] += 1
 
@@ -200,7 +204,6 @@ class Dispatcher:
                         return await _resume(coro, first)
                 finally:
                     release()
-            loop = asyncio.get_running_loop()
             try:
                 job = self.executor.submit(handler.fn, request)
             except RuntimeError:  # the pool is shut down: we are stopping

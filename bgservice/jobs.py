@@ -145,7 +145,8 @@ class JobQueue(abc.ABC):
         direct call would be, with the job's own timeout. Streamed output is kept, so the
         result is what a direct call would have replied."""
         request = Request(job.module, job.data, "queue", f"job:{job.id}")
-        request.job = JobContext(job, asyncio.get_running_loop(), self.progressed)
+        loop = self.dispatcher.loop or asyncio.get_running_loop()
+        request.job = JobContext(job, loop, self.progressed)
         return await self.dispatcher.call_whole(request, timeout=job.timeout)
 
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:

@@ -174,7 +174,8 @@ class LocalQueue(JobQueue):
         if jid in self.jobs:
             waiter = self._waiters.get(jid)
             if waiter is None:
-                waiter = self._waiters[jid] = asyncio.get_running_loop().create_future()
+                assert self._loop is not None
+                waiter = self._waiters[jid] = self._loop.create_future()
             # Shielded: one client hanging up must not cancel the result for the others.
             return await asyncio.shield(waiter)
         job = await self._lookup(jid)

@@ -107,7 +107,7 @@ class Service:
     # --- run ------------------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.dispatcher.loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._unexpected)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)

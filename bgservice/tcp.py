@@ -47,9 +47,12 @@ class StreamContext:
     transport_name: str
     tasks: set[asyncio.Task[Any]]
     connections: set[Connection] = field(default_factory=set)
+    # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a getpid
+    # system call, a measurable share of a small request's cost.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -262,12 +265,17 @@ class Connection(asyncio.Protocol):
 
     def _flush(self, _: object = None) -> None:
         # Replies go out in request order: only a finished head of the line is written.
+        # Pipelined requests often finish together: their replies share one send.
+        ready: list[bytes] = []
+        live = not self.closed and self.transport is not None
         while self.pending and self.pending[0].done():
             task = self.pending.popleft()
-            if not self.closed and self.transport is not None and not task.cancelled():
-                self.transport.write(task.result())
-        if self.closed or self.transport is None:
+            if live and not task.cancelled():
+                ready.append(task.result())
+        if not live or self.transport is None:
             return
+        if ready:
+            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
         if self.paused and len(self.pending) < self.ctx.limits.max_pipeline:
             self.paused = False
             self.transport.resume_reading()
