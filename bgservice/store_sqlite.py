@@ -76,12 +76,18 @@ _Done = tuple[asyncio.Future[Any], Any, BaseException | None]
 class _Save:
     """A job's queued save: the row to write and its run records, until the writer takes it."""
 
-    __slots__ = ("future", "row", "runs")
+    __slots__ = ("future", "jid", "row", "runs")
 
-    def __init__(self, row: tuple[Any, ...], future: asyncio.Future[None]) -> None:
+    def __init__(self, jid: int, row: tuple[Any, ...], future: asyncio.Future[None]) -> None:
+        self.jid = jid
         self.row = row
         self.runs: list[tuple[Any, ...]] = []
         self.future = future
+
+    def __call__(self, c: sqlite3.Connection) -> None:
+        c.execute(_UPDATE, self.row)
+        if self.runs:
+            c.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", self.runs)
 
 
 class SqliteStore:
@@ -127,6 +133,10 @@ class SqliteStore:
                     stop = True
                     break
                 batch.append(item)
+            with self._saves_lock:  # from here on, later saves are queued afresh
+                for fn, _ in batch:
+                    if type(fn) is _Save:
+                        del self._saves[fn.jid]
             self._loop.call_soon_threadsafe(_resolve, self._apply(conn, batch))
             if stop:
                 break
@@ -134,19 +144,24 @@ class SqliteStore:
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[_Done]:
+        # Nothing may escape: the writer thread must outlive any one operation, or every
+        # later queue call would wait forever.
         results: list[_Done] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, future in batch:
                 try:
                     results.append((future, fn(conn), None))
-                except sqlite3.Error as exc:
+                except Exception as exc:  # e.g. sqlite3.Error, OverflowError: this op only
                     results.append((future, None, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             log.error("job store commit failed: %s", exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as again:
+                log.error("job store rollback failed: %s", again)
             return [(future, None, exc) for _, future in batch]
         return results
 
@@ -182,25 +197,14 @@ class SqliteStore:
         record = None if run is None else tuple(getattr(run, f) for f in _RUN_FIELDS)
         with self._saves_lock:
             pending = self._saves.get(job.id)
-            if pending is not None:  # not written yet: write the newer row instead
+            if pending is None:
+                assert self._loop is not None, "store not open"
+                pending = self._saves[job.id] = _Save(job.id, row, self._loop.create_future())
+                self._ops.put((pending, pending.future))
+            else:  # not taken by the writer yet: it writes the newer row instead
                 pending.row = row
-                if record is not None:
-                    pending.runs.append(record)
-                return pending.future
-            assert self._loop is not None, "store not open"
-            pending = self._saves[job.id] = _Save(row, self._loop.create_future())
             if record is not None:
                 pending.runs.append(record)
-        jid = job.id
-
-        def apply(c: sqlite3.Connection) -> None:
-            with self._saves_lock:
-                del self._saves[jid]
-            c.execute(_UPDATE, pending.row)
-            if pending.runs:
-                c.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", pending.runs)
-
-        self._ops.put((apply, pending.future))
         return pending.future
 
     async def get(self, job_id: int) -> Job | None:

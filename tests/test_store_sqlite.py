@@ -7,6 +7,8 @@ import sqlite3
 import threading
 import time
 
+import pytest
+
 from bgservice.job import Job, JobState
 from bgservice.store import Run
 from bgservice.store_sqlite import SqliteStore
@@ -98,4 +100,16 @@ async def test_a_save_still_queued_takes_the_newer_row_and_keeps_every_run(tmp_p
     assert fourth is not first
     await fourth
     assert (await store.get(job.id)).result == b"again"
+    await store.close()
+
+
+async def test_an_operation_that_raises_fails_alone_and_the_writer_lives_on(tmp_path):
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    bad = store.get(10**30)  # too large for SQLite: OverflowError, not sqlite3.Error
+    good = store.insert(_job())
+    with pytest.raises(OverflowError):
+        await bad
+    assert await good == 1
+    assert await store.insert(_job()) == 2
     await store.close()
