@@ -19,6 +19,7 @@ from bgservice.protocol import split_request
 
 COMMANDS = frozenset({"add", "get", "check", "status", "cancel", "retry", "list", "stats"})
 STATES = ("waiting", "running", "done", "failed", "cancelled")
+MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
     {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after"}
 )
@@ -68,8 +69,15 @@ def job_id(command: Command) -> int:
     text = command.args.decode("ascii", "replace").strip()
     if text.startswith("id:"):
         text = text[3:].strip()
-    if not text.isdigit():
-        raise BadRequest(f"queue:{command.name}: expected id:N, got {text[:40]!r}")
+    return parse_id(text, f"queue:{command.name}")
+
+
+def parse_id(text: str, where: str) -> int:
+    """A job id: digits, within SQLite's INTEGER range (no job has a larger id)."""
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(f"{where}: expected id:N, got {text[:40]!r}")
+    if len(text) > 19 or int(text) > MAX_INT:
+        raise BadRequest(f"{where}: job id out of range (at most {MAX_INT})")
     return int(text)
 
 
@@ -88,8 +96,9 @@ def _whole(name: str, text: str, minimum: int | None = 0) -> int:
         value = int(text)
     except ValueError:
         raise BadRequest(f"option {name}: expected a whole number, got {text[:40]!r}") from None
-    if minimum is not None and value < minimum:
-        raise BadRequest(f"option {name}: must be at least {minimum}")
+    low = -MAX_INT if minimum is None else minimum
+    if not low <= value <= MAX_INT:
+        raise BadRequest(f"option {name}: must be between {low} and {MAX_INT}")
     return value
 
 

@@ -119,6 +119,11 @@ def test_cancel_and_retry(svc: ServiceProcess) -> None:
     _, done, _ = svc.http("GET", f"{API}/jobs/{jid}?wait=10")
     assert (done["state"], done["result"]) == ("done", "x")
     assert svc.http("POST", f"{API}/jobs/999999/cancel")[0] == 404
+    huge = 10**25  # beyond SQLite's INTEGER: a clear 400, and the queue goes on
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("POST", "/retry")):
+        status, body, _ = svc.http(method, f"{API}/jobs/{huge}{path}")
+        assert status == 400 and "job id out of range" in body["error"]["message"], body
+    assert svc.http("GET", f"{API}/jobs/{jid}")[0] == 200
 
 
 def test_failed_jobs_are_listed_and_retried(svc: ServiceProcess) -> None:

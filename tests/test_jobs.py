@@ -99,6 +99,22 @@ def test_unknown_ids_get_404_at_once(service):
     assert service.call(b"queue:nope:id:1") == b"500: Unknown queue request"
 
 
+def test_numbers_beyond_the_store_get_400_and_the_queue_goes_on(service):
+    # A job id or option too large for SQLite's INTEGER once killed its writer thread,
+    # and every queue call after it waited forever.
+    huge = b"99999999999999999999999"
+    for command in (b"get", b"check", b"status", b"cancel", b"retry"):
+        reply = service.call(b"queue:%s:id:%s" % (command, huge))
+        assert reply.startswith(b"400: queue:%s: job id out of range" % command), reply
+    for option in (b"priority", b"retries", b"after"):
+        reply = service.call(b"queue:add?%s=%s:echo:x" % (option, huge))
+        assert reply.startswith(b"400: option %s: must be between" % option), reply
+    assert service.call(b"queue:list?offset=%s" % huge).startswith(b"400: option offset")
+    assert service.call(b"queue:get:id:9223372036854775807").startswith(b"404:")
+    jid = add(service, b"queue:add:echo:still here")
+    assert service.call(b"queue:get:id:%d" % jid) == b"still here"
+
+
 def test_add_refuses_unknown_and_refusing_modules(service, modules_dir):
     write_module(modules_dir, "direct", "ACCEPTS = {'tcp'}\ndef handle_tcp(r): return 'x'\n")
     wait_until(lambda: service.call(b"direct:x") == b"x")

@@ -42,6 +42,9 @@ def test_options_ride_on_the_command_word():
         (b"add?colour=red:echo:x", "unknown option 'colour'"),
         (b"add?delay=nan:echo:x", "option delay"),
         (b"add::x", "expected queue:add:MODULE:DATA"),
+        (b"add?priority=9223372036854775808:echo:x", "option priority: must be between"),
+        (b"add?priority=-9223372036854775808:echo:x", "option priority: must be between"),
+        (b"add?after=99999999999999999999:echo:x", "option after: must be between"),
     ],
 )
 def test_bad_options_are_named(raw, message):
@@ -56,8 +59,12 @@ def test_unknown_command_is_the_originals_500():
 
 
 def test_bad_ids():
-    for raw in (b"get:id:", b"get:id:x", b"get:-1", b"get"):
-        with pytest.raises(BadRequest):
+    for raw in (b"get:id:", b"get:id:x", b"get:-1", b"get", b"get:id:\xc2\xb2"):
+        with pytest.raises(BadRequest, match="expected id:N"):
+            job_id(parse(raw))
+    assert job_id(parse(b"get:id:9223372036854775807")) == 2**63 - 1
+    for raw in (b"get:id:9223372036854775808", b"get:id:" + b"9" * 5000):
+        with pytest.raises(BadRequest, match="out of range"):
             job_id(parse(raw))
 
 

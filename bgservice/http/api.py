@@ -29,7 +29,14 @@ from bgservice.dispatch import Dispatcher
 from bgservice.errors import BadRequest, NotFound, ServiceError
 from bgservice.http.metrics import Metrics
 from bgservice.jobs import JobQueue
-from bgservice.queue_commands import ADD_OPTIONS, Command, parse_add, parse_list, parse_window
+from bgservice.queue_commands import (
+    ADD_OPTIONS,
+    Command,
+    parse_add,
+    parse_id,
+    parse_list,
+    parse_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +197,7 @@ class HttpApi:
         return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
-        jid = int(request.match_info["id"])
+        jid = _job_id(request)
         wait = request.query.get("wait")
         if wait is not None:
             seconds = _seconds("wait", wait)
@@ -206,12 +213,12 @@ class HttpApi:
         return _json(job)
 
     async def cancel_job(self, request: web.Request) -> web.StreamResponse:
-        jid = int(request.match_info["id"])
+        jid = _job_id(request)
         state = await self.queue.cancel(jid)
         return _json({"id": jid, "state": state})
 
     async def retry_job(self, request: web.Request) -> web.StreamResponse:
-        jid = await self.queue.retry(int(request.match_info["id"]))
+        jid = await self.queue.retry(_job_id(request))
         return _json(await self.queue.status(jid))
 
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:
@@ -264,6 +271,10 @@ def _add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
             raise BadRequest(f"field {key}: expected a number or a string")
         options[key] = value
     return options, module.encode() + b":" + data
+
+
+def _job_id(request: web.Request) -> int:
+    return parse_id(request.match_info["id"], request.path)
 
 
 def _seconds(name: str, text: str) -> float:
