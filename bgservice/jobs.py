@@ -96,7 +96,9 @@ def decide(job: Job, status: int, body: bytes, now: float, backoff_max: float) -
     if status == OK:
         return Outcome(JobState.DONE, status, body)
     if status >= 500 and job.attempts <= job.max_retries:
-        delay = min(job.backoff * 2 ** (job.attempts - 1), backoff_max)
+        # The exponent is capped: 2**1100 does not fit a float, and past 2**60 every
+        # backoff is at backoff_max anyway.
+        delay = min(job.backoff * 2.0 ** min(job.attempts - 1, 60), backoff_max)
         return Outcome(JobState.WAITING, status, body, now + delay)
     return Outcome(JobState.FAILED, status, body)
 

@@ -61,6 +61,7 @@ class LocalQueue(JobQueue):
         self._finished: OrderedDict[int, Job] = OrderedDict()
         self._writes: set[asyncio.Future[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when (wall clock) it fires
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -296,11 +297,15 @@ class LocalQueue(JobQueue):
             return
         when = self._delayed[0][0]
         if self._timer is not None:
-            if self._timer.when() <= when + 1e-3:
+            if self._timer_at <= when + 1e-3:  # both wall-clock times (run_at is one)
                 return
             self._timer.cancel()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + max(0.0, when - time.time()), self._wake)
+        # At most a day ahead: _wake arms it again (very far times stay within the loop's
+        # timer range, and a wall clock that was set meanwhile is followed).
+        wait = min(max(0.0, when - time.time()), 86400.0)
+        self._timer_at = when if wait < 86400.0 else time.time() + wait
+        self._timer = loop.call_later(wait, self._wake)
 
     def _wake(self) -> None:
         self._timer = None
@@ -358,7 +363,13 @@ class LocalQueue(JobQueue):
         finally:
             self._running.pop(job.id, None)
             self._per_module[job.module] -= 1
-        self._outcome(job, status, body)
+        try:
+            self._outcome(job, status, body)
+        except Exception as exc:  # a bug here must fail this job, not stop the service
+            log.exception("job %d (%s): internal error concluding it", job.id, job.module)
+            if job.id in self.jobs:
+                message = f"Internal error: {type(exc).__name__}"
+                self._finish(job, JobState.FAILED, 500, message, time.time())
         self._pump()
 
     def _outcome(self, job: Job, status: int, body: bytes) -> None:

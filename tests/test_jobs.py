@@ -204,6 +204,27 @@ def test_delay_and_run_at(service):
     assert status(service, jid)["started"] >= at
 
 
+def test_a_sooner_delayed_job_does_not_wait_for_a_later_ones_timer(service):
+    later = add(service, b"queue:add?delay=60:echo:later")
+    sooner = add(service, b"queue:add?delay=0.3:echo:sooner")
+    # The timer armed for the 60 s job must be moved up (it once was not, and the
+    # sooner job waited the whole minute).
+    wait_until(lambda: status(service, sooner)["state"] == "done", timeout=20)
+    assert status(service, later)["state"] == "waiting"
+
+
+def test_a_thousand_retries_end_in_failed_not_in_a_crash(modules_dir, service):
+    # 2 ** 1100 does not fit a float: the backoff once raised OverflowError and the
+    # service stopped (and again on every start, recovering the job).
+    write_module(modules_dir, "broken", "def handle_tcp(r):\n    raise RuntimeError('no')\n")
+    wait_until(lambda: service.call(b"broken:x").startswith(b"500:"))
+    jid = add(service, b"queue:add?retries=1100&backoff=0:broken:x")
+    assert service.call(b"queue:get:id:%d" % jid, timeout=120).startswith(b"500:")
+    job = status(service, jid)
+    assert (job["state"], job["attempts"]) == ("failed", 1101)
+    assert service.call(b"test:x") == b"Test"
+
+
 def test_failing_job_is_retried_with_backoff_then_succeeds(modules_dir, make_service):
     write_module(modules_dir, "flaky", FLAKY_MODULE)
     svc = make_service()
