@@ -86,7 +86,8 @@ class Connection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.decoder: FrameDecoder | None = None
         self.pending: deque[asyncio.Task[bytes]] = deque()
-        self.paused = False
+        self.paused = False  # reading paused: max_pipeline requests in progress
+        self.write_blocked = False  # reading paused: the client is not reading its replies
         self.eof = False
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -164,10 +165,12 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests until it does.
+        self.write_blocked = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_blocked = False
         if self.transport is not None and not self.paused:
             self.transport.resume_reading()
 
@@ -278,7 +281,8 @@ class Connection(asyncio.Protocol):
             self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
         if self.paused and len(self.pending) < self.ctx.limits.max_pipeline:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.write_blocked:  # else resume_writing resumes reading
+                self.transport.resume_reading()
         if not self.pending and (self.eof or self.ctx.dispatcher.shutting_down):
             self._close()
 

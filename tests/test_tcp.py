@@ -294,3 +294,23 @@ def test_reloads_are_counted_in_stats(modules_dir, make_service):
     wait_until(lambda: svc.stats()["reloads"]["failed"] > before["failed"])
     after = svc.stats()["reloads"]
     assert after["ok"] == before["ok"] + 1
+
+
+def test_framed_client_that_never_reads_stops_being_read(service):
+    # Replies the client does not read stay in kernel buffers, and reading stops: the
+    # service must not take in (and hold replies for) hundreds of megabytes. The pipeline
+    # limit clearing once used to resume reading even while writing was paused.
+    sock = socket.create_connection(service.tcp, timeout=10)
+    sock.sendall(PREFACE)
+    frame = framed_request(b"echo:" + b"x" * 100_000)
+    sent = 0
+    sock.settimeout(2.0)
+    try:
+        while sent < 300_000_000:
+            sock.sendall(frame)
+            sent += len(frame)
+    except TimeoutError:
+        pass
+    assert sent < 100_000_000, f"the service kept reading: {sent} bytes taken in"
+    sock.close()
+    assert service.call(b"test:x") == b"Test"
