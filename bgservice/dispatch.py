@@ -55,6 +55,14 @@ class QueueCommands(JobAdder, Protocol):
     async def command(self, request: Request) -> bytes: ...
 
 
+UNKNOWN_MODULE = "(unknown)"  # the stats entry of requests for no module
+
+
+def _shown(name: str) -> str:
+    """A module name for a log line: quoted, and cut short (a datagram may be 64 KB)."""
+    return repr(name) if len(name) <= 60 else f"{name[:60]!r}... ({len(name)} chars)"
+
+
 class Dispatcher:
     def __init__(
         self, settings: Settings, registry: Registry, stats: Stats, executor: Executor
@@ -98,7 +106,7 @@ class Dispatcher:
         except ServiceError as exc:
             reply = (exc.code, exc.message.encode())
         except Exception as exc:  # the boundary: a bug must cost one reply, not the service
-            log.exception("internal error serving %s from %s", request.module, request.peer)
+            log.exception("internal error serving %s from %s", _shown(request.module), request.peer)
             reply = (500, f"Internal error: {type(exc).__name__}".encode())
             self.alert(
                 "error",
@@ -129,16 +137,16 @@ class Dispatcher:
         except ServiceError as exc:
             status = exc.code
             log.warning(
-                "%s request from %s for module %r failed: %d %s",
+                "%s request from %s for module %s failed: %d %s",
                 request.transport,
                 request.peer or "local",
-                request.module,
+                _shown(request.module),
                 exc.code,
                 exc.message,
             )
         except Exception:
             status = 500
-            log.exception("internal error serving %s from %s", request.module, request.peer)
+            log.exception("internal error serving %s from %s", _shown(request.module), request.peer)
         self._count(request, status, start, 0)
 
     # --- modules -----------------------------------------------------------------------
@@ -234,7 +242,12 @@ class Dispatcher:
             self.alert("call", message, detail, module=request.module)
 
     def _count(self, request: Request, status: int, start: float, out: int) -> None:
-        key = (request.module, request.transport)
+        module = request.module
+        if module not in self._builtins and self.registry.get(module) is None:
+            # Names of no module share one entry: garbage requests must not grow the
+            # stats (and /metrics' label sets) without bound.
+            module = UNKNOWN_MODULE
+        key = (module, request.transport)
         self.stats.requests[key] += 1
         if status != OK:
             self.stats.errors[key] += 1
@@ -245,7 +258,7 @@ class Dispatcher:
                 "%s %s %s in=%dB out=%dB %.2fms status=%d",
                 request.transport,
                 request.peer or "local",
-                request.module or "-",
+                _shown(request.module) if request.module else "-",
                 len(request.data),
                 out,
                 elapsed * 1000,

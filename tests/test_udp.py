@@ -76,6 +76,20 @@ def test_unknown_module_and_raising_handler_are_logged_with_module_and_peer(
     assert svc.call(b"test:x") == b"Test"  # still serving
 
 
+def test_garbage_names_share_one_stats_entry_and_log_lines_stay_short(service):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(200):
+            sock.sendto(b"garbage%d:x" % i, service.udp)
+        sock.sendto(b"y" * 65000, service.udp)  # no colon: all of it is the module name
+    wait_until(lambda: service.stats()["udp"]["received"] >= 201)
+    service.wait_for_log("65000 chars")
+    modules = service.stats()["modules"]
+    assert not [name for name in modules if name.startswith(("garbage", "yyy"))]
+    assert modules["(unknown)"]["udp"] == {"requests": 201, "errors": 201}
+    long_line = next(li for li in service.log().splitlines() if "65000 chars" in li)
+    assert len(long_line) < 400
+
+
 def test_a_udp_flood_never_stops_tcp_calls(modules_dir, make_service):
     write_module(modules_dir, "slowudp", SLOW_UDP)
     svc = make_service("[limits]\nudp_queue = 200\nudp_workers = 2\n")
