@@ -52,12 +52,15 @@ def compose(alert: dict, sender: str, recipients: list[str]) -> EmailMessage:
     mail["Subject"] = f"[bgservice@{host}] {alert.get('title', 'alert')}"[:250]
     mail["From"] = sender
     mail["To"] = ", ".join(recipients)
-    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(alert.get("time", time.time())))
+    stamp = alert.get("time")
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not 0 <= stamp < 1e11:
+        stamp = time.time()  # absent or not a plausible Unix time: now
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(stamp))
     details = [f"event:  {alert.get('event', '-')}", f"time:   {when}", f"host:   {host}"]
     for key in ("module", "job"):
         if alert.get(key) is not None:
             details.append(f"{key + ':':<8}{alert[key]}")
-    if alert.get("counts"):
+    if alert.get("counts") and isinstance(alert["counts"], dict):
         details.append("counts: " + ", ".join(f"{k} {v}" for k, v in alert["counts"].items()))
     mail.set_content("\n".join(details) + "\n\n" + str(alert.get("message", "")) + "\n")
     return mail
@@ -66,7 +69,7 @@ def compose(alert: dict, sender: str, recipients: list[str]) -> EmailMessage:
 def handle_tcp(request: Request) -> str:
     try:
         alert = json.loads(request.data or b"{}")
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON (or not UTF-8): the text is the message
         alert = {"title": request.text[:200], "message": request.text}
     if not isinstance(alert, dict):
         raise ReplyError(400, "notify_email: expected an alert as a JSON object")

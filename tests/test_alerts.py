@@ -186,3 +186,17 @@ def test_bad_settings_are_refused(
     svc.start(wait=False)
     assert svc.wait() == 2
     assert problem in svc.log()
+
+
+def test_notify_email_takes_any_bytes_and_odd_fields(
+    make_service: Callable[..., ServiceProcess], smtp: Inbox
+) -> None:
+    svc = make_service()
+    # Not UTF-8: the text (with replacement characters) is the message, no traceback.
+    assert svc.call(b"notify_email:\xff oops") == b"sent to 2"
+    odd = json.dumps({"title": "odd", "time": "x", "counts": [1], "message": "m"}).encode()
+    assert svc.call(b"notify_email:" + odd) == b"sent to 2"
+    assert svc.call(b"notify_email:" + json.dumps({"time": 1e300}).encode()) == b"sent to 2"
+    wait_until(lambda: len(smtp.mails) == 3)
+    assert "\ufffd oops" in smtp.mails[0].get_payload()
+    assert "Traceback" not in svc.log()

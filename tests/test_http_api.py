@@ -93,6 +93,12 @@ def test_wait_returns_the_status_of_an_unfinished_job(svc: ServiceProcess) -> No
         ({"module": "echo", "data_base64": "!!"}, "field data_base64: not valid base64"),
         ({"module": "echo", "timeout": 0}, "option timeout: must be greater than 0"),
         ({"module": "nosuchmodule"}, "Unknown request"),
+        ({"module": "echo", "data": "\ud800"}, "field data: not valid Unicode"),
+        ({"module": "\ud800"}, "field module: not valid Unicode"),
+        ({"module": "echo", "unique": "\udfff"}, "field unique: not valid Unicode"),
+        (b'{"module": "echo", "priority": ' + b"9" * 5000 + b"}", "must be a JSON object"),
+        ({"module": "echo", "data_base64": None}, "field data_base64: expected a base64"),
+        ({"module": "echo", "data": "x", "data_base64": "eA=="}, "give one, not both"),
     ],
 )
 def test_bad_jobs_get_400_with_the_reason(svc: ServiceProcess, body: object, message: str) -> None:
@@ -100,6 +106,23 @@ def test_bad_jobs_get_400_with_the_reason(svc: ServiceProcess, body: object, mes
     assert status == 400
     assert reply["error"]["code"] == 400
     assert message in reply["error"]["message"]
+
+
+def test_bodies_the_server_cannot_read_are_400_not_internal_errors(svc: ServiceProcess) -> None:
+    import http.client
+
+    host, port = svc.info["http"]
+    for headers, body in (
+        ({"Content-Type": "application/json; charset=bogus-cs"}, b'{"module": "echo"}'),
+        ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, b"not gzip"),
+    ):
+        conn = http.client.HTTPConnection(host, port, timeout=15)
+        conn.request("POST", f"{API}/jobs", body, headers)
+        response = conn.getresponse()
+        assert response.status == 400, (headers, response.read())
+        conn.close()
+    assert "internal error" not in svc.log()
+    assert svc.http("GET", f"{API}/modules")[0] == 200
 
 
 def test_cancel_and_retry(svc: ServiceProcess) -> None:

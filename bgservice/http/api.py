@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.access import AccessList
 from bgservice.config import Settings
@@ -145,6 +146,9 @@ class HttpApi:
                 raise
             return error_response(exc.status, exc.reason, {"Allow": exc.headers["Allow"]}
                                   if "Allow" in exc.headers else None)  # fmt: skip
+        except ConnectionError as exc:  # the client went away mid-request: not our error
+            log.info("HTTP %s %s: client gone (%s)", request.method, request.path, exc)
+            return error_response(400, "Connection lost")
         except Exception as exc:  # the boundary, as in dispatch: one reply, not the service
             log.exception("internal error serving HTTP %s %s", request.method, request.path)
             self.dispatcher.alert(
@@ -236,8 +240,10 @@ def _command(name: str, options: Any, args: bytes = b"") -> Command:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON object") from None
+    except (ValueError, LookupError, HttpProcessingError, web.RequestPayloadError) as exc:
+        # ValueError: not JSON, not in its charset, or a number over Python's digit limit;
+        # LookupError: an unknown charset; the others: a body aiohttp cannot decode (gzip).
+        raise BadRequest(f"the body must be a JSON object ({type(exc).__name__})") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
@@ -252,16 +258,7 @@ def _add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     module = body.get("module")
     if not isinstance(module, str) or not module or ":" in module:
         raise BadRequest("field module: expected a module name")
-    if "data_base64" in body:
-        try:
-            data = base64.b64decode(str(body["data_base64"]), validate=True)
-        except binascii.Error:
-            raise BadRequest("field data_base64: not valid base64") from None
-    else:
-        text = body.get("data", "")
-        if not isinstance(text, str):
-            raise BadRequest("field data: expected a string (or data_base64 for bytes)")
-        data = text.encode()
+    data = _add_data(body)
     options = {}
     for key in ADD_OPTIONS & body.keys():
         value = body[key]
@@ -269,8 +266,36 @@ def _add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
             continue
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise BadRequest(f"field {key}: expected a number or a string")
+        if isinstance(value, str):
+            _utf8(key, value)
         options[key] = value
-    return options, module.encode() + b":" + data
+    return options, _utf8("module", module) + b":" + data
+
+
+def _add_data(body: dict[str, Any]) -> bytes:
+    """The job's data: ``data`` (text) or ``data_base64`` (bytes), not both."""
+    if "data_base64" in body and "data" in body:
+        raise BadRequest("fields data and data_base64: give one, not both")
+    if "data_base64" not in body:
+        text = body.get("data", "")
+        if not isinstance(text, str):
+            raise BadRequest("field data: expected a string (or data_base64 for bytes)")
+        return _utf8("data", text)
+    encoded = body["data_base64"]
+    if not isinstance(encoded, str):
+        raise BadRequest("field data_base64: expected a base64 string")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("field data_base64: not valid base64") from None
+
+
+def _utf8(field: str, text: str) -> bytes:
+    """JSON strings may hold lone surrogates (\\ud800), which are no text: refused."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"field {field}: not valid Unicode (a lone surrogate)") from None
 
 
 def _job_id(request: web.Request) -> int:
