@@ -86,6 +86,11 @@ class Dispatcher:
             "queue": self._queue,
         }
 
+    @property
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The serving loop, without a get_running_loop() per call once the server set it."""
+        return self.loop or asyncio.get_running_loop()
+
     # --- entry points ------------------------------------------------------------------
 
     async def call(self, request: Request, timeout: float | None = None) -> Reply:
@@ -121,7 +126,7 @@ class Dispatcher:
         front of its return value: the whole reply, for replies sent in one piece (framed
         replies, queued jobs' results)."""
         chunks: list[bytes] = []
-        request.bind(chunks.append, self.loop or asyncio.get_running_loop())
+        request.bind(chunks.append, self.running_loop)
         status, body = await self.call(request, timeout)
         if chunks and status == OK:
             body = b"".join(chunks) + body
@@ -183,7 +188,7 @@ class Dispatcher:
         """
         timeout = timeout or self.timeout_of(version)
         name = version.name
-        loop = self.loop or asyncio.get_running_loop()
+        loop = self.running_loop
         request.attach(loop, self.queue)
         version.acquire()
         self.stats.in_flight[name] += 1

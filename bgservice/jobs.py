@@ -147,8 +147,7 @@ class JobQueue(abc.ABC):
         direct call would be, with the job's own timeout. Streamed output is kept, so the
         result is what a direct call would have replied."""
         request = Request(job.module, job.data, "queue", f"job:{job.id}")
-        loop = self.dispatcher.loop or asyncio.get_running_loop()
-        request.job = JobContext(job, loop, self.progressed)
+        request.job = JobContext(job, self.dispatcher.running_loop, self.progressed)
         return await self.dispatcher.call_whole(request, timeout=job.timeout)
 
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:

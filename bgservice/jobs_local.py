@@ -303,8 +303,9 @@ class LocalQueue(JobQueue):
         loop = asyncio.get_running_loop()
         # At most a day ahead: _wake arms it again (very far times stay within the loop's
         # timer range, and a wall clock that was set meanwhile is followed).
-        wait = min(max(0.0, when - time.time()), 86400.0)
-        self._timer_at = when if wait < 86400.0 else time.time() + wait
+        now = time.time()
+        wait = min(max(0.0, when - now), 86400.0)
+        self._timer_at = now + wait
         self._timer = loop.call_later(wait, self._wake)
 
     def _wake(self) -> None:

@@ -270,19 +270,19 @@ class Connection(asyncio.Protocol):
         # Replies go out in request order: only a finished head of the line is written.
         # Pipelined requests often finish together: their replies share one send.
         ready: list[bytes] = []
-        live = not self.closed and self.transport is not None
+        transport = None if self.closed else self.transport
         while self.pending and self.pending[0].done():
             task = self.pending.popleft()
-            if live and not task.cancelled():
+            if transport is not None and not task.cancelled():
                 ready.append(task.result())
-        if not live or self.transport is None:
+        if transport is None:
             return
         if ready:
-            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
+            transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
         if self.paused and len(self.pending) < self.ctx.limits.max_pipeline:
             self.paused = False
             if not self.write_blocked:  # else resume_writing resumes reading
-                self.transport.resume_reading()
+                transport.resume_reading()
         if not self.pending and (self.eof or self.ctx.dispatcher.shutting_down):
             self._close()
 
