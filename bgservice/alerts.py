@@ -26,8 +26,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bgservice.config import AlertSettings
+from bgservice.dispatch import Dispatcher
+from bgservice.events import CALL_FAILED, INTERNAL_ERROR, JOB_FAILED, MODULE_FAILED, Events
+from bgservice.origin import Origin
 from bgservice.protocol import OK
-from bgservice.request import Request
+from bgservice.request import JobAdder, Request
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,18 @@ class Alert:
 
 
 class Alerts:
-    """Rate-limits alerts and delivers them through the dispatcher, one at a time."""
+    """Rate-limits alerts and delivers them through the dispatcher, one at a time.
 
-    def __init__(self, settings: AlertSettings, dispatcher: Any) -> None:
+    It raises alerts itself from the service's events: ``internal_error`` (error),
+    ``module_failed`` (reload), ``job_failed`` (job) and ``call_failed`` (call).
+    """
+
+    def __init__(
+        self, settings: AlertSettings, dispatcher: Dispatcher, jobs: JobAdder, events: Events
+    ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
+        self.jobs = jobs  # what the alert module's add_job() adds to
         self.enabled = settings.module is not None
         self._sent: deque[float] = deque()
         self._held: list[Alert] = []
@@ -65,6 +75,23 @@ class Alerts:
         self._summary_timer: asyncio.TimerHandle | None = None
         self._outbox: asyncio.Queue[Alert] = asyncio.Queue(OUTBOX)
         self.counts: Counter[str] = Counter()  # raised, sent, summarised, failed, dropped
+        if self.enabled:
+            events.subscribe(INTERNAL_ERROR, self._internal_error)
+            events.subscribe(MODULE_FAILED, self._module_failed)
+            events.subscribe(JOB_FAILED, self._job_failed)
+            events.subscribe(CALL_FAILED, self._call_failed)
+
+    def _internal_error(self, title: str, detail: str) -> None:
+        self.report("error", title, detail)
+
+    def _module_failed(self, name: str, error: str) -> None:
+        self.report("reload", f"module {name} failed to load", error)
+
+    def _job_failed(self, title: str, detail: str, module: str, job: int) -> None:
+        self.report("job", title, detail, module=module, job=job)
+
+    def _call_failed(self, title: str, detail: str, module: str) -> None:
+        self.report("call", title, detail, module=module)
 
     def report(
         self,
@@ -129,7 +156,8 @@ class Alerts:
         assert module is not None
         while True:
             alert = await self._outbox.get()
-            request = Request(module, alert.payload(), "alert")
+            loop = asyncio.get_running_loop()
+            request = Request(module, alert.payload(), Origin.ALERT, loop=loop, jobs=self.jobs)
             status, body = await self.dispatcher.call(request)
             if status == OK:
                 self.counts["sent"] += 1

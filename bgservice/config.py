@@ -15,14 +15,29 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgservice.config_checks import (
+    ALERT_CHECKS,
+    HTTP_CHECKS,
+    LIMIT_CHECKS,
+    LISTENER_CHECKS,
+    LOG_CHECKS,
+    QUEUE_CHECKS,
+    REDIS_CHECKS,
+    RELOAD_CHECKS,
+    TOP_CHECKS,
+    WORKER_CHECKS,
+    Check,
+    Network,
+    check_port,
+    check_string,
+)
 from bgservice.errors import ConfigError
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_PORT = 12341
 LOOPBACK = "127.0.0.1"
 
@@ -135,177 +150,6 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-# --- validation -------------------------------------------------------------------------
-
-Check = Callable[[Any], Any]
-
-
-def _positive_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return v
-
-
-def _non_negative_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError("must be a whole number of at least 0")
-    return v
-
-
-def _positive_number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-        raise ValueError("must be a number greater than 0")
-    return float(v)
-
-
-def _non_negative_number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-        raise ValueError("must be a number of at least 0")
-    return float(v)
-
-
-def _string(v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise ValueError("must be a non-empty string")
-    return v
-
-
-def _boolean(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("must be true or false")
-    return v
-
-
-def _port(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
-        raise ValueError("must be a port number from 0 to 65535 (0: any free port)")
-    return v
-
-
-def _mode(v: Any) -> int:
-    if isinstance(v, str) and re.fullmatch(r"0?o?[0-7]{3,4}", v):
-        v = int(v.replace("o", ""), 8)
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o7777:
-        raise ValueError('must be a file mode such as 0o660 or "660"')
-    return v
-
-
-def _networks(v: Any) -> tuple[Network, ...]:
-    if not isinstance(v, list):
-        raise ValueError('must be a list of networks such as ["127.0.0.0/8", "10.0.0.0/8"]')
-    try:
-        return tuple(ipaddress.ip_network(str(n), strict=False) for n in v)
-    except ValueError as exc:
-        raise ValueError(f"holds an invalid network: {exc}") from None
-
-
-def _global_handler(v: Any) -> int:
-    names = {"off": 0, "log": 1, "stderr": 2}
-    if v not in names:
-        raise ValueError('must be "off" (-e), "log" (-E) or "stderr" (-EE)')
-    return names[v]
-
-
-def _backend(v: Any) -> str:
-    if v not in ("sqlite", "redis"):
-        raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
-    return str(v)
-
-
-def _redis_url(v: Any) -> str:
-    if not isinstance(v, str) or not re.match(r"^(rediss?|unix)://", v):
-        raise ValueError('must be a URL such as "redis://127.0.0.1:6379/0" or "unix:///path"')
-    return v
-
-
-ALERT_EVENTS = ("error", "reload", "job", "call")
-
-
-def _alert_events(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or any(e not in ALERT_EVENTS for e in v):
-        raise ValueError(f"must be a list of events from {', '.join(ALERT_EVENTS)}")
-    return tuple(dict.fromkeys(v))
-
-
-def _module_limits(v: Any) -> dict[str, int]:
-    if not isinstance(v, dict):
-        raise ValueError("must be a table of module = limit")
-    return {str(k): _positive_int(n) for k, n in v.items()}
-
-
-_LIMIT_CHECKS: dict[str, Check] = {
-    "max_request_bytes": _positive_int,
-    "max_connections": _positive_int,
-    "read_timeout": _positive_number,
-    "idle_timeout": _positive_number,
-    "quiet_ms": _positive_number,
-    "quiet_large_ms": _positive_number,
-    "large_bytes": _positive_int,
-    "max_pipeline": _positive_int,
-    "call_timeout": _positive_number,
-    "threads": _positive_int,
-    "udp_queue": _positive_int,
-    "udp_workers": _positive_int,
-    "udp_receive_buffer": _positive_int,
-    "shutdown_grace": _non_negative_number,
-}
-_QUEUE_CHECKS: dict[str, Check] = {
-    "workers": _non_negative_int,
-    "keep_results": _non_negative_number,
-    "keep_history": _non_negative_number,
-    "retries": _non_negative_int,
-    "backoff": _non_negative_number,
-    "backoff_max": _non_negative_number,
-    "max_waiting": _positive_int,
-    "commit_ms": _non_negative_number,
-    "module_limits": _module_limits,
-    "backend": _backend,
-}
-_REDIS_CHECKS: dict[str, Check] = {
-    "url": _redis_url,
-    "prefix": _string,
-    "lease": _positive_number,
-    "connect_timeout": _positive_number,
-}
-_HTTP_CHECKS: dict[str, Check] = {
-    "enabled": _boolean,
-    "host": _string,
-    "port": _port,
-    "token": _string,
-}
-_ALERT_CHECKS: dict[str, Check] = {
-    "module": _string,
-    "events": _alert_events,
-    "max_per_minute": _positive_int,
-    "summary_seconds": _positive_number,
-}
-_LISTENER_CHECKS: dict[str, Check] = {
-    "name": _string,
-    "host": _string,
-    "port": _port,
-    "tcp": _boolean,
-    "udp": _boolean,
-    "unix": _string,
-    "unix_dgram": _string,
-    "mode": _mode,
-}
-_TOP_CHECKS: dict[str, Check] = {
-    "modules": _string,
-    "db": _string,
-    "allow": _networks,
-}
-_LOG_CHECKS: dict[str, Check] = {
-    "verbose": _boolean,
-    "global_handler": _global_handler,
-    "file": _string,
-    "lag_warn_ms": _positive_number,
-}
-_RELOAD_CHECKS: dict[str, Check] = {"debounce_ms": _non_negative_number}
-_WORKER_CHECKS: dict[str, Check] = {
-    "processes": _positive_int,
-    "max_calls": _non_negative_int,
-    "max_memory_mb": _non_negative_number,
-}
 _SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis", "http", "alerts"}
 
 
@@ -356,7 +200,7 @@ class _Reader:
 
 def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
     where = f"[[listen]] #{index + 1} "
-    values = reader.table(raw, _LISTENER_CHECKS, where, "listen", index)
+    values = reader.table(raw, LISTENER_CHECKS, where, "listen", index)
     values.setdefault("name", f"listener{index + 1}")
     if not ({"host", "port"} & values.keys()) and not ({"unix", "unix_dgram"} & values.keys()):
         raise reader.fail(
@@ -377,8 +221,8 @@ def _from_legacy_json(reader: _Reader, data: list[Any]) -> Settings:
             listeners.append(
                 Listener(
                     name=str(item.get("server", f"listener{i + 1}")),
-                    host=_string(item.get("address", LOOPBACK)),
-                    port=_port(item["port"]),
+                    host=check_string(item.get("address", LOOPBACK)),
+                    port=check_port(item["port"]),
                 )
             )
         except ValueError as exc:
@@ -389,20 +233,20 @@ def _from_legacy_json(reader: _Reader, data: list[Any]) -> Settings:
 
 
 def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
-    unknown = set(data) - set(_TOP_CHECKS) - _SECTIONS
+    unknown = set(data) - set(TOP_CHECKS) - _SECTIONS
     if unknown:
         key = sorted(unknown)[0]
-        known = ", ".join(sorted(set(_TOP_CHECKS) | _SECTIONS))
+        known = ", ".join(sorted(set(TOP_CHECKS) | _SECTIONS))
         raise reader.fail("", key, f"unknown key (known keys: {known})")
-    top = reader.table({k: v for k, v in data.items() if k in _TOP_CHECKS}, _TOP_CHECKS, "")
-    limits = reader.table(data.get("limits", {}), _LIMIT_CHECKS, "[limits] ", "limits")
-    queue = reader.table(data.get("queue", {}), _QUEUE_CHECKS, "[queue] ", "queue")
-    log = reader.table(data.get("log", {}), _LOG_CHECKS, "[log] ", "log")
-    reload = reader.table(data.get("reload", {}), _RELOAD_CHECKS, "[reload] ", "reload")
-    workers = reader.table(data.get("workers", {}), _WORKER_CHECKS, "[workers] ", "workers")
-    redis = reader.table(data.get("redis", {}), _REDIS_CHECKS, "[redis] ", "redis")
-    http = reader.table(data.get("http", {}), _HTTP_CHECKS, "[http] ", "http")
-    alerts = reader.table(data.get("alerts", {}), _ALERT_CHECKS, "[alerts] ", "alerts")
+    top = reader.table({k: v for k, v in data.items() if k in TOP_CHECKS}, TOP_CHECKS, "")
+    limits = reader.table(data.get("limits", {}), LIMIT_CHECKS, "[limits] ", "limits")
+    queue = reader.table(data.get("queue", {}), QUEUE_CHECKS, "[queue] ", "queue")
+    log = reader.table(data.get("log", {}), LOG_CHECKS, "[log] ", "log")
+    reload = reader.table(data.get("reload", {}), RELOAD_CHECKS, "[reload] ", "reload")
+    workers = reader.table(data.get("workers", {}), WORKER_CHECKS, "[workers] ", "workers")
+    redis = reader.table(data.get("redis", {}), REDIS_CHECKS, "[redis] ", "redis")
+    http = reader.table(data.get("http", {}), HTTP_CHECKS, "[http] ", "http")
+    alerts = reader.table(data.get("alerts", {}), ALERT_CHECKS, "[alerts] ", "alerts")
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
     raw_listeners = data.get("listen", [])

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 PREFACE = b"\x00:F1"
 OK = 200
 
+Reply = tuple[int, bytes]  # (status, body)
+
 _LENGTH = struct.Struct(">I")
 _REPLY_HEADER = struct.Struct(">3sI")
 _NOT_NAME = re.compile(rb"[^A-Za-z0-9_-]")
@@ -58,6 +60,15 @@ def one_shot_error(code: int, message: str) -> bytes:
 def framed_reply(status: int, body: bytes) -> bytes:
     """One framed reply: 3 ASCII digits, u32 big-endian body length, body."""
     return _REPLY_HEADER.pack(b"%03d" % status, len(body)) + body
+
+
+def whole(reply: Reply, chunks: list[bytes]) -> Reply:
+    """A reply with what the handler streamed through ``request.write()`` in front of its
+    return value, for replies sent in one piece (framed replies, queued jobs' results)."""
+    status, body = reply
+    if chunks and status == OK:
+        return status, b"".join(chunks) + body
+    return reply
 
 
 def framed_request(payload: bytes) -> bytes:

@@ -31,12 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
+from bgservice.origin import Origin
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "bgservice_modules"
 _MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
 _HELPER_FILE = re.compile(r"(_[A-Za-z0-9_-]*)\.py")
-TRANSPORTS = frozenset({"tcp", "udp", "queue"})
+# What ACCEPTS may name: tcp, udp, queue.
+ACCEPTS = frozenset(origin.accepts for origin in Origin)
 EXECUTIONS = frozenset({"process"})
 
 
@@ -79,15 +83,28 @@ class ModuleVersion:
     loaded_at: float = field(default_factory=time.time)
     active: int = 0
     retired: bool = False
-    on_idle: Callable[[ModuleVersion], None] | None = None
+    _on_idle: Callable[[ModuleVersion], None] | None = field(default=None, repr=False)
 
     def acquire(self) -> None:
         self.active += 1
 
     def release(self) -> None:
         self.active -= 1
-        if self.active == 0 and self.retired and self.on_idle is not None:
-            self.on_idle(self)
+        if self.active == 0 and self.retired:
+            self._idle()
+
+    def retire(self, on_idle: Callable[[ModuleVersion], None]) -> None:
+        """No new calls get this version; ``on_idle`` runs once no call uses it (now, if
+        none does)."""
+        self.retired = True
+        self._on_idle = on_idle
+        if self.active == 0:
+            self._idle()
+
+    def _idle(self) -> None:
+        on_idle, self._on_idle = self._on_idle, None
+        if on_idle is not None:
+            on_idle(self)
 
 
 @dataclass(eq=False)
@@ -183,8 +200,8 @@ def _declarations(
     accepts_raw = getattr(module, "ACCEPTS", None)
     if accepts_raw is None:
         accepts = frozenset(({"tcp", "queue"} if tcp else set()) | ({"udp"} if udp else set()))
-    elif isinstance(accepts_raw, str) or not set(accepts_raw) <= TRANSPORTS:
-        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(TRANSPORTS)}")
+    elif isinstance(accepts_raw, str) or not set(accepts_raw) <= ACCEPTS:
+        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(ACCEPTS)}")
     else:
         accepts = frozenset(accepts_raw)
     timeout = getattr(module, "TIMEOUT", None)
@@ -263,16 +280,14 @@ def _digest(path: Path) -> str | None:
 class Registry:
     """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
 
-    def __init__(self, folder: Path, executor: Executor) -> None:
+    def __init__(self, folder: Path, executor: Executor, events: Events) -> None:
         self.folder = folder.resolve()
         self._executor = executor
+        self._events = events
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="bgservice-loader")
         self._entries: dict[str, ModuleEntry] = {}
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
-        self.on_failure: Callable[[str, str], None] | None = None
-        self.on_removed: Callable[[str], None] | None = None
-        self.on_reloaded: Callable[[str], None] | None = None
         install_package(self.folder)
 
     def get(self, name: str) -> ModuleEntry | None:
@@ -332,8 +347,7 @@ class Registry:
             entry.failures += 1
             keeps = " (the last good version keeps serving)" if entry.version else ""
             log.error("module %s failed to load: %s%s", name, exc, keeps)
-            if self.on_failure is not None:
-                self.on_failure(name, str(exc))
+            self._events.emit(MODULE_FAILED, name=name, error=str(exc))
             return
         old, entry.version, entry.error, entry.error_at = entry.version, version, None, None
         if old is None:
@@ -342,27 +356,21 @@ class Registry:
             entry.reloads += 1
             log.info("module %s reloaded", name)
             self._retire(old)
-            if self.on_reloaded is not None:
-                self.on_reloaded(name)
+            self._events.emit(MODULE_RELOADED, name=name)
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name, None)
         sys.modules.pop(f"{PACKAGE}.{name}", None)
         if entry is not None:
             log.info("module %s removed", name)
-            if self.on_removed is not None:
-                self.on_removed(name)
+            self._events.emit(MODULE_REMOVED, name=name)
             if entry.version is not None:
                 self._retire(entry.version)
 
     def _retire(self, version: ModuleVersion) -> None:
-        version.retired = True
-        version.on_idle = self._start_unload
-        if version.active == 0:
-            self._start_unload(version)
+        version.retire(self._start_unload)
 
     def _start_unload(self, version: ModuleVersion) -> None:
-        version.on_idle = None
         if version.unload is None:
             return
         task = asyncio.get_running_loop().create_task(self._run_unload(version))

@@ -1,4 +1,9 @@
-"""The object a module's handler receives. See docs/modules.md."""
+"""The object a module's handler receives, and ``request.job`` in a queued run.
+
+See docs/modules.md. A request is made complete by whoever creates it (a transport, the
+queue, the alert sender, a worker process): where streamed output goes, the loop it belongs
+to and the queue it may add jobs to are constructor arguments, never set afterwards.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bgservice.queue_commands import AddSpec
+from bgservice.origin import Origin
+from bgservice.queue.commands import AddSpec
 
 if TYPE_CHECKING:
-    from bgservice.jobs import JobContext
+    from bgservice.queue.job import Job
 
 
 class JobAdder(Protocol):
@@ -33,25 +39,69 @@ def to_bytes(value: Any) -> bytes:
     raise TypeError(f"a reply must be str, bytes or None, not {type(value).__name__}")
 
 
+class JobContext:
+    """``request.job`` in a queued call: the job's id, progress reports, cancel requests."""
+
+    def __init__(
+        self,
+        job: Job,
+        loop: asyncio.AbstractEventLoop,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.id = job.id
+        self.attempt = job.attempts
+        self._job = job
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._on_progress = on_progress
+
+    @property
+    def cancelled(self) -> bool:
+        """True once ``queue:cancel`` asked this running job to stop."""
+        return self._job.cancel_requested
+
+    def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
+        """Report progress; ``queue:status`` shows it at once. Safe from any thread."""
+        value = (float(done), float(total), None if message is None else str(message)[:500])
+        if threading.get_ident() == self._loop_thread:
+            self._set(value)
+        else:
+            self._loop.call_soon_threadsafe(self._set, value)
+
+    def _set(self, value: tuple[float, float, str | None]) -> None:
+        self._job.progress = value
+        if self._on_progress is not None:
+            self._on_progress(self._job)
+
+
 @dataclass(eq=False)
 class Request:
     """One call of a module.
 
     ``data`` is the raw bytes after the first colon, ``text`` the same decoded as UTF-8
-    (undecodable bytes become U+FFFD). ``transport`` is ``tcp``, ``udp``, ``unix``,
-    ``unix_dgram`` or ``queue``; ``peer`` is the client's ``host:port`` where there is one.
+    (undecodable bytes become U+FFFD). ``transport`` is where it came from: ``tcp``,
+    ``udp``, ``unix``, ``unix_dgram``, ``queue`` or ``alert``; ``peer`` is the client's
+    ``host:port`` where there is one.
     """
 
     module: str
     data: bytes
-    transport: str
+    origin: Origin
     peer: str = ""
-    _sink: Sink | None = field(default=None, repr=False)
-    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
-    _loop_thread: int = field(default=0, repr=False)
-    _text: str | None = field(default=None, repr=False)
+    sink: Sink | None = field(default=None, repr=False)  # where write() sends, None: nowhere
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    jobs: JobAdder | None = field(default=None, repr=False)  # add_job's queue
     job: JobContext | None = None
-    _queue: JobAdder | None = field(default=None, repr=False)
+    _loop_thread: int = field(default=0, init=False, repr=False)
+    _text: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Requests are made on the loop's thread: write() and add_job() compare against it.
+        self._loop_thread = threading.get_ident()
+
+    @property
+    def transport(self) -> str:
+        return self.origin.value
 
     @property
     def text(self) -> str:
@@ -69,15 +119,15 @@ class Request:
 
         Safe to call from a handler's thread. Over UDP there is no reply, so it does nothing.
         """
-        if self._sink is None:
+        if self.sink is None:
             return
         data = to_bytes(chunk)
         if not data:
             return
-        if self._loop is None or threading.get_ident() == self._loop_thread:
-            self._sink(data)
+        if self.loop is None or threading.get_ident() == self._loop_thread:
+            self.sink(data)
         else:
-            self._loop.call_soon_threadsafe(self._sink, data)
+            self.loop.call_soon_threadsafe(self.sink, data)
 
     def add_job(self, module: str, data: str | bytes = b"", **options: Any) -> int:
         """Queue another job (fan-out) from a synchronous handler; returns its id.
@@ -85,30 +135,19 @@ class Request:
         Options are those of ``queue:add`` (priority, delay, at, retries, backoff, timeout,
         unique, after). From an ``async def`` handler use ``await add_job_async(...)``.
         """
-        if self._loop is None or threading.get_ident() == self._loop_thread:
+        if self.loop is None or threading.get_ident() == self._loop_thread:
             raise RuntimeError("on the event loop use: await request.add_job_async(...)")
         future = asyncio.run_coroutine_threadsafe(
-            self.add_job_async(module, data, **options), self._loop
+            self.add_job_async(module, data, **options), self.loop
         )
         return future.result()
 
     async def add_job_async(self, module: str, data: str | bytes = b"", **options: Any) -> int:
         """Queue another job from an ``async def`` handler; returns its id."""
-        if self._queue is None:
+        if self.jobs is None:
             raise RuntimeError("the job queue is not available")
         delay = options.pop("delay", None)
         at = options.pop("at", None)
         run_at = at if at is not None else (time.time() + delay if delay else None)
         spec = AddSpec(module=module, data=to_bytes(data), run_at=run_at, **options)
-        return await self._queue.add(spec)
-
-    def bind(self, sink: Sink | None, loop: asyncio.AbstractEventLoop) -> None:
-        """Attach the transport's writer (done by the service, not by modules)."""
-        self._sink = sink
-        self.attach(loop, self._queue)
-
-    def attach(self, loop: asyncio.AbstractEventLoop, queue: JobAdder | None) -> None:
-        """Attach the loop and the job queue (done by the service, not by modules)."""
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._queue = queue
+        return await self.jobs.add(spec)

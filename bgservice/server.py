@@ -1,16 +1,19 @@
-"""Lifecycle: modules, listeners, reloader, workers, signals and a graceful shutdown."""
+"""Lifecycle: the parts made and wired once, then start, serve, and a graceful shutdown.
+
+``Service`` builds every part with its collaborators (nothing is wired in afterwards),
+starts them in order (modules, listeners, HTTP, queue, reloader), waits for a signal, and
+stops them in the reverse order within ``[limits] shutdown_grace``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
 import re
 import signal
 import socket
-import stat
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -19,38 +22,42 @@ from typing import Any
 
 from bgservice.access import AccessList
 from bgservice.alerts import Alerts
-from bgservice.config import LOOPBACK, Listener, Settings
-from bgservice.dispatch import Dispatcher, describe_execution
-from bgservice.jobs import JobQueue
-from bgservice.jobs_local import LocalQueue
+from bgservice.commands import Commands
+from bgservice.config import Settings
+from bgservice.datagram import DatagramQueue
+from bgservice.dispatch import Dispatcher
+from bgservice.events import (
+    INTERNAL_ERROR,
+    MODULE_FAILED,
+    MODULE_RELOADED,
+    MODULE_REMOVED,
+    Events,
+)
+from bgservice.execution import Execution, describe_execution
+from bgservice.listeners import ListenError, Listeners
+from bgservice.processes import ProcessPools
+from bgservice.queue.engine import JobQueue, JobRunner
+from bgservice.queue.local import LocalQueue
+from bgservice.queue.sqlite import SqliteStore
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
 from bgservice.stats import LagMonitor, Stats
-from bgservice.store_sqlite import SqliteStore
-from bgservice.tcp import Connection, StreamContext
-from bgservice.udp import DatagramEndpoint, DatagramWorkers
-from bgservice.workers import ProcessRunner
 
 log = logging.getLogger(__name__)
 
 EXIT_UNEXPECTED = 70  # EX_SOFTWARE: an error outside any request, without -E
-_PORT_TRIES = 20
 
 
-class ListenError(Exception):
-    """A listener could not be opened (port in use, permission, bad address)."""
-
-
-def make_queue(settings: Settings, dispatcher: Dispatcher) -> JobQueue:
+def make_queue(settings: Settings, runner: JobRunner, stats: Stats, events: Events) -> JobQueue:
     """The queue engine ``[queue] backend`` names: embedded SQLite, or Redis (shared)."""
+    limits = dict(settings.module_limits)
     if settings.queue.backend == "redis":
         # Imported here: redis-py is needed only by sites that choose the shared queue.
-        from bgservice.jobs_redis import RedisQueue
+        from bgservice.queue.redis import RedisQueue
 
-        limits = dict(settings.module_limits)
-        return RedisQueue(settings.queue, limits, settings.redis, dispatcher)
+        return RedisQueue(settings.queue, limits, settings.redis, runner, stats, events)
     store = SqliteStore(settings.db, settings.queue.commit_ms / 1000)
-    return LocalQueue(settings.queue, dict(settings.module_limits), store, dispatcher)
+    return LocalQueue(settings.queue, limits, store, runner, stats, events)
 
 
 def redact_url(url: str) -> str:
@@ -68,69 +75,67 @@ class Service:
         self.settings = settings
         self.ready_file = ready_file
         self.notify_socket = notify_socket
-        self.stats = Stats()
-        self.executor = ThreadPoolExecutor(
-            settings.limits.threads, thread_name_prefix="bgservice-call"
+        limits = settings.limits
+        self.events = events = Events()
+        self.stats = stats = Stats()
+        self.threads = ThreadPoolExecutor(limits.threads, thread_name_prefix="bgservice-call")
+        self.registry = Registry(settings.modules, self.threads, events)
+        self.processes = ProcessPools(settings.modules, settings.workers)
+        self.execution = Execution(
+            settings, self.registry, stats, self.threads, self.processes, events
         )
-        self.registry = Registry(settings.modules, self.executor)
-        self.registry.on_failure = self._reload_failed
-        self.registry.on_reloaded = self._reloaded
-        self.dispatcher = Dispatcher(settings, self.registry, self.stats, self.executor)
-        self.jobs = make_queue(settings, self.dispatcher)
-        self.dispatcher.queue = self.jobs
-        self.processes = ProcessRunner(settings.modules, settings.workers)
-        self.dispatcher.process_runner = self.processes
-        self.dispatcher.extra_stats["workers"] = self.processes.stats
-        self.registry.on_removed = self._module_removed
-        self.alerts = Alerts(settings.alerts, self.dispatcher)
+        self.dispatcher = Dispatcher(settings, self.registry, stats, self.execution, events)
+        self.jobs = make_queue(settings, self.dispatcher, stats, events)
+        self.alerts = Alerts(settings.alerts, self.dispatcher, self.jobs, events)
+        extra_stats: dict[str, Any] = {"workers": self.processes.stats}
         if self.alerts.enabled:
-            self.dispatcher.alert = self.alerts.report
-            self.dispatcher.extra_stats["alerts"] = self.alerts.stats
-        self.http: Any = None  # bgservice.http.api.HttpApi when [http] enabled
-        self.http_address: list[Any] | None = None
-        self.udp = DatagramWorkers(
-            self.dispatcher, self.stats, settings.limits.udp_queue, settings.limits.udp_workers
+            extra_stats["alerts"] = self.alerts.stats
+        self.commands = Commands(
+            self.dispatcher, self.jobs, self.registry, self.execution, stats, extra_stats
         )
+        self.datagrams = DatagramQueue(
+            self.dispatcher, stats, self.jobs, limits.udp_queue, limits.udp_workers
+        )
+        self.listeners = Listeners(settings, self.commands, self.datagrams, stats, self.jobs)
         self.reloader = Reloader(
             settings.modules, self.registry.refresh, settings.reload_debounce_ms
         )
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.contexts: list[StreamContext] = []
-        self.servers: list[asyncio.Server] = []
-        self.endpoints: list[asyncio.BaseTransport] = []
-        self.socket_files: list[Path] = []
-        self.bound: list[dict[str, Any]] = []
+        self.http: Any = None  # bgservice.http.api.HttpApi when [http] enabled
+        self.http_address: list[Any] | None = None
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        events.subscribe(MODULE_RELOADED, self._reloaded)
+        events.subscribe(MODULE_FAILED, self._reload_failed)
+        events.subscribe(MODULE_REMOVED, self._module_removed)
 
     # --- run ------------------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = self.dispatcher.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._unexpected)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self.registry.load_all()
         self._log_modules()
         try:
-            await self._listen()
+            await self.listeners.open()
             await self._listen_http()
         except ListenError as exc:
             log.error("%s", exc)
             await self._close_listeners()
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.threads.shutdown(wait=False, cancel_futures=True)
             return 1
         try:
             await self.jobs.start()
         except Exception as exc:  # e.g. sqlite3.Error: unreadable or locked database
             log.error("cannot open the job queue (%s): %s", self._queue_where(), exc)
             await self._close_listeners()
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.threads.shutdown(wait=False, cancel_futures=True)
             return 1
         log.info("job queue: %s, %d workers", self._queue_where(), self.settings.queue.workers)
         self.reloader.start()
-        self.udp.start()
+        self.datagrams.start()
         lag = LagMonitor(
             self.stats,
             warn_ms=self.settings.lag_warn_ms if self.settings.verbose else None,
@@ -169,17 +174,22 @@ class Service:
         if self.settings.global_handler >= 2 and exc is not None:
             traceback.print_exception(exc, file=sys.stderr)
         trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
-        self.alerts.report("error", f"unexpected error: {message}", trace)
+        self.events.emit(INTERNAL_ERROR, title=f"unexpected error: {message}", detail=trace)
         if self.settings.global_handler == 0:
             log.critical("stopping after an unexpected error (start with -E to keep running)")
             self.stop(EXIT_UNEXPECTED)
+
+    # --- what the registry reports ------------------------------------------------------
 
     def _reloaded(self, name: str) -> None:
         self.stats.reloads += 1
 
     def _reload_failed(self, name: str, error: str) -> None:
         self.stats.reload_failures += 1
-        self.alerts.report("reload", f"module {name} failed to load", error)
+
+    def _module_removed(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.processes.drop(name))
+        self._background.append(task)
 
     def _check_alert_module(self) -> None:
         name = self.settings.alerts.module
@@ -190,40 +200,13 @@ class Service:
                 "until it is", name,
             )  # fmt: skip
 
-    def _module_removed(self, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.processes.drop(name))
-        self._background.append(task)
-
     def _queue_where(self) -> str:
         if self.settings.queue.backend == "redis":
             redis = self.settings.redis
             return f"redis {redact_url(redis.url)}, prefix {redis.prefix!r}"
         return f"database {self.settings.db}"
 
-    # --- listeners ------------------------------------------------------------------
-
-    async def _listen(self) -> None:
-        for listener in self.settings.listeners:
-            bound: dict[str, Any] = {"name": listener.name}
-            if listener.port is not None:
-                await self._listen_inet(listener, bound)
-            if listener.unix:
-                await self._listen_unix(listener, bound)
-            if listener.unix_dgram:
-                await self._listen_unix_dgram(listener, bound)
-            self.bound.append(bound)
-            shown = " ".join(
-                f"{k}://{bound[k][0]}:{bound[k][1]}" if k in ("tcp", "udp") else f"{k}:{bound[k]}"
-                for k in ("tcp", "udp", "unix", "unix_dgram")
-                if k in bound
-            )
-            access = AccessList.for_host(listener.host, self.settings.allow)
-            rule = (
-                "local peers only"
-                if access.networks is None
-                else "allow " + ", ".join(map(str, access.networks))
-            )
-            log.info("listener %s: %s (%s)", listener.name, shown, rule)
+    # --- HTTP ---------------------------------------------------------------------------
 
     async def _listen_http(self) -> None:
         """The operator's API, metrics and dashboard ([http]), on the same event loop."""
@@ -240,11 +223,11 @@ class Service:
             ) from None
         metrics = Metrics(
             self.stats,
-            self.dispatcher.modules,
+            self.commands.modules,
             self.jobs.stats,
             self.alerts.stats if self.alerts.enabled else None,
         )
-        self.http = HttpApi(self.settings, self.dispatcher, self.jobs, metrics)
+        self.http = HttpApi(self.settings, self.commands, self.jobs, metrics, self.events)
         try:
             host, port = await self.http.start()
         except OSError as exc:
@@ -257,114 +240,11 @@ class Service:
         token = "bearer token required" if self.http.token else "no token"
         log.info("HTTP API and dashboard: http://%s:%d/ (%s, %s)", host, port, guard, token)
 
-    def _stream_context(self, access: AccessList, transport_name: str) -> StreamContext:
-        ctx = StreamContext(
-            self.dispatcher, self.settings.limits, self.stats, access, transport_name, self.tasks
-        )
-        self.contexts.append(ctx)
-        return ctx
-
-    async def _listen_inet(self, listener: Listener, bound: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        access = AccessList.for_host(listener.host, self.settings.allow)
-        ctx = self._stream_context(access, "tcp")
-        port = listener.port or 0
-        for attempt in range(_PORT_TRIES if port == 0 else 1):
-            server = None
-            try:
-                if listener.tcp:
-                    server = await loop.create_server(
-                        lambda: Connection(ctx), listener.host, port, backlog=1024
-                    )
-                    chosen = server.sockets[0].getsockname()[1]
-                else:
-                    chosen = port
-                if listener.udp:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda: DatagramEndpoint(self.udp, access, "udp"),
-                        local_addr=(listener.host or LOOPBACK, chosen),
-                    )
-                    self._enlarge_receive_buffer(transport)
-                    self.endpoints.append(transport)
-                    bound["udp"] = list(transport.get_extra_info("sockname")[:2])
-                break
-            except OSError as exc:
-                if server is not None:
-                    server.close()
-                # With port 0 the UDP twin of a free TCP port may be taken: try another.
-                if port == 0 and exc.errno == errno.EADDRINUSE and attempt < _PORT_TRIES - 1:
-                    continue
-                raise ListenError(
-                    f"cannot listen on {listener.host}:{port} ({listener.name}): "
-                    f"{exc.strerror or exc}"
-                    + (" - is another service running?" if exc.errno == errno.EADDRINUSE else "")
-                ) from None
-        if server is not None:
-            self.servers.append(server)
-            bound["tcp"] = list(server.sockets[0].getsockname()[:2])
-
-    async def _listen_unix(self, listener: Listener, bound: dict[str, Any]) -> None:
-        assert listener.unix is not None
-        path = Path(listener.unix)
-        _remove_stale_socket(path, socket.SOCK_STREAM)
-        ctx = self._stream_context(AccessList(None), "unix")
-        try:
-            server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Connection(ctx), str(path), backlog=1024
-            )
-            os.chmod(path, listener.mode)
-        except OSError as exc:
-            raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
-        self.servers.append(server)
-        self.socket_files.append(path)
-        bound["unix"] = str(path)
-
-    async def _listen_unix_dgram(self, listener: Listener, bound: dict[str, Any]) -> None:
-        assert listener.unix_dgram is not None
-        path = Path(listener.unix_dgram)
-        _remove_stale_socket(path, socket.SOCK_DGRAM)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(str(path))
-            os.chmod(path, listener.mode)
-        except OSError as exc:
-            sock.close()
-            raise ListenError(f"cannot listen on unix_dgram:{path}: {exc.strerror}") from None
-        self.socket_files.append(path)
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: DatagramEndpoint(self.udp, AccessList(None), "unix_dgram"), sock=sock
-        )
-        self._enlarge_receive_buffer(transport)
-        self.endpoints.append(transport)
-        bound["unix_dgram"] = str(path)
-
-    def _enlarge_receive_buffer(self, transport: asyncio.BaseTransport) -> None:
-        """A burst of datagrams waits in the kernel's buffer while the loop is busy; the
-        default (~200 KB) drops a burst of a few thousand before the service sees them."""
-        sock = transport.get_extra_info("socket")
-        size = self.settings.limits.udp_receive_buffer
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        except OSError as exc:
-            log.warning("cannot set the UDP receive buffer to %d bytes: %s", size, exc)
-            return
-        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
-        if got < size:
-            log.info(
-                "UDP receive buffer: %d bytes (the kernel caps it: raise net.core.rmem_max "
-                "for %d)", got, size,
-            )  # fmt: skip
-
     async def _close_listeners(self) -> None:
         if self.http is not None:
             await self.http.stop()
             self.http = None
-        for server in self.servers:
-            server.close()
-        for endpoint in self.endpoints:
-            endpoint.close()
-        for path in self.socket_files:
-            path.unlink(missing_ok=True)
+        self.listeners.close()
 
     # --- readiness --------------------------------------------------------------------
 
@@ -378,7 +258,7 @@ class Service:
                     entry.state if not entry.error else f"failed: {entry.error}",
                     ",".join(sorted(v.accepts)) if v else "-",
                     describe_execution(v) if v else "-",
-                    f"{self.dispatcher.timeout_of(v):g}s" if v else "-",
+                    f"{self.execution.timeout_of(v):g}s" if v else "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -397,7 +277,7 @@ class Service:
         log.info("bgservice ready (pid %d)", os.getpid())
         if self.ready_file is not None:
             tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
-            ready: dict[str, Any] = {"pid": os.getpid(), "listeners": self.bound}
+            ready: dict[str, Any] = {"pid": os.getpid(), "listeners": self.listeners.bound}
             if self.http_address is not None:
                 ready["http"] = self.http_address
             tmp.write_text(json.dumps(ready))
@@ -424,50 +304,30 @@ class Service:
         grace = self.settings.limits.shutdown_grace
         deadline = loop.time() + grace
         self._sd_notify(b"STOPPING=1")
-        self.dispatcher.shutting_down = True
+        self.dispatcher.close()
         await self._close_listeners()
-        for ctx in self.contexts:
-            for conn in list(ctx.connections):
-                conn.close_if_idle()
-        log.info("shutting down: %d calls in flight, up to %g s to finish", len(self.tasks), grace)
-        await self.udp.drain(max(deadline - loop.time(), 0))
+        for conn in self.listeners.connections():
+            conn.shutdown()
+        tasks = self.listeners.tasks
+        log.info("shutting down: %d calls in flight, up to %g s to finish", len(tasks), grace)
+        await self.datagrams.drain(max(deadline - loop.time(), 0))
         await self.jobs.stop(max(deadline - loop.time(), 0))
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=max(deadline - loop.time(), 0))
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=max(deadline - loop.time(), 0))
             if pending:
                 log.warning("%d calls still running after %g s: cancelled", len(pending), grace)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-        for ctx in self.contexts:
-            for conn in list(ctx.connections):
-                conn._close()
+        for conn in self.listeners.connections():
+            conn.close()
         await self.reloader.stop()
         await self.processes.close()
         await self.registry.close(max(deadline - loop.time(), 1.0))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.shutdown(wait=False, cancel_futures=True)
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)
         log.info("bgservice stopped")
-
-
-def _remove_stale_socket(path: Path, kind: socket.SocketKind) -> None:
-    """Remove a socket file left by a service that died; refuse to touch a live one."""
-    try:
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ListenError(f"cannot listen on {path}: exists and is not a socket")
-    except FileNotFoundError:
-        return
-    with socket.socket(socket.AF_UNIX, kind) as probe:
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-        except OSError:
-            path.unlink(missing_ok=True)
-            return
-    raise ListenError(f"cannot listen on {path}: another service is using it")

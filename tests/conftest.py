@@ -311,7 +311,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def queue_backend() -> str:
-    """The queue engine services run on; test_jobs.py runs its tests on both."""
+    """The queue engine services run on; test_queue.py runs its tests on both."""
     return "sqlite"
 
 

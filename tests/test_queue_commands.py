@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bgservice.errors import BadRequest, UnknownQueueRequest
-from bgservice.queue_commands import job_id, parse, parse_add, parse_list, parse_window
+from bgservice.queue.commands import job_id, parse, parse_add, parse_list, parse_window
 
 
 def test_the_originals_forms_parse_unchanged():

@@ -1,7 +1,7 @@
 """Routes: the JSON API under /api/v1, /metrics and the dashboard's files.
 
-Every route reads or drives the same objects the socket protocol does (the dispatcher's
-modules and stats, the job queue's public methods), so an HTTP answer and a socket
+Every route reads or drives the same objects the socket protocol does (the built-in
+commands' modules and stats, the job queue's public methods), so an HTTP answer and a socket
 answer never disagree. Errors are JSON, ``{"error": {"code": 404, "message": "..."}}``,
 with the socket protocol's codes as HTTP statuses (docs/protocol.md lists them), plus
 401 for a missing or wrong bearer token.
@@ -25,12 +25,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.access import AccessList
+from bgservice.commands import Commands
 from bgservice.config import Settings
-from bgservice.dispatch import Dispatcher
 from bgservice.errors import BadRequest, NotFound, ServiceError
+from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http.metrics import Metrics
-from bgservice.jobs import JobQueue
-from bgservice.queue_commands import (
+from bgservice.queue.commands import (
     ADD_OPTIONS,
     Command,
     parse_add,
@@ -38,6 +38,7 @@ from bgservice.queue_commands import (
     parse_list,
     parse_window,
 )
+from bgservice.queue.engine import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,16 @@ class HttpApi:
     """The aiohttp application and its site, started and stopped with the service."""
 
     def __init__(
-        self, settings: Settings, dispatcher: Dispatcher, queue: JobQueue, metrics: Metrics
+        self,
+        settings: Settings,
+        commands: Commands,
+        queue: JobQueue,
+        metrics: Metrics,
+        events: Events,
     ) -> None:
         self.settings = settings
-        self.dispatcher = dispatcher
+        self.commands = commands
+        self.events = events
         self.queue = queue
         self.metrics = metrics
         self.token = os.environ.get(TOKEN_ENV) or settings.http.token
@@ -151,10 +158,10 @@ class HttpApi:
             return error_response(400, "Connection lost")
         except Exception as exc:  # the boundary, as in dispatch: one reply, not the service
             log.exception("internal error serving HTTP %s %s", request.method, request.path)
-            self.dispatcher.alert(
-                "error",
-                f"internal error serving HTTP {request.method} {request.path}: {exc!r}",
-                "".join(traceback.format_exception(exc)),
+            self.events.emit(
+                INTERNAL_ERROR,
+                title=f"internal error serving HTTP {request.method} {request.path}: {exc!r}",
+                detail="".join(traceback.format_exception(exc)),
             )
             return error_response(500, f"Internal error: {type(exc).__name__}")
 
@@ -176,17 +183,17 @@ class HttpApi:
     # --- modules and stats ----------------------------------------------------------------
 
     async def list_modules(self, request: web.Request) -> web.StreamResponse:
-        return _json({"modules": self.dispatcher.modules()})
+        return _json({"modules": self.commands.modules()})
 
     async def get_module(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        for row in self.dispatcher.modules():
+        for row in self.commands.modules():
             if row["name"] == name:
                 return _json(row)
         raise NotFound(f"Module {name} not found")
 
     async def service_stats(self, request: web.Request) -> web.StreamResponse:
-        return _json(self.dispatcher.service_stats())
+        return _json(self.commands.service_stats())
 
     async def queue_stats(self, request: web.Request) -> web.StreamResponse:
         window = parse_window(_command("stats", request.query))
@@ -233,7 +240,7 @@ class HttpApi:
 
 def _command(name: str, options: Any, args: bytes = b"") -> Command:
     """A query string or body as the ``queue:`` command it stands for, so both front
-    doors validate alike (bgservice.queue_commands)."""
+    doors validate alike (bgservice.queue.commands)."""
     return Command(name, {str(k): str(v) for k, v in options.items()}, args)
 
 

@@ -1,12 +1,12 @@
-"""A worker process for ``EXECUTION = "process"`` modules (``python -m bgservice.worker_main``).
+"""A worker process for ``EXECUTION = "process"`` modules (``python -m bgservice.process_main``).
 
 It imports modules itself, from the exact source the service validated, and runs one call
-at a time. It speaks to the service over its stdin/stdout in frames of a u32 big-endian
-length and a pickle; anything a module prints goes to stderr, never into the frames.
-Messages in: ``call``, ``stop``, and ``job_added`` (the answer to ``add_job``). Out:
-``ok``, ``error``, ``raised``, ``load_failed``, and while a call runs ``chunk``,
-``progress`` and ``add_job`` (a module fanning out; the call waits for the answer), and
-at any time ``log``: a module's log records, which the service logs as its own.
+at a time. It speaks to the service over its stdin/stdout in the messages of
+bgservice.process_messages; anything a module prints goes to stderr, never into the frames.
+In: ``Call``, ``Stop``, and ``JobAdded`` (the answer to ``AddJob``). Out: one of
+``Returned``, ``Refused``, ``Raised``, ``LoadFailed`` per call, and while a call runs
+``Chunk``, ``Progress`` and ``AddJob`` (a module fanning out; the call waits for the
+answer), and at any time ``Log``: a module's log records, which the service logs as its own.
 """
 
 from __future__ import annotations
@@ -14,37 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
 import signal
-import struct
 import sys
 import threading
 import traceback
 from pathlib import Path
 from typing import IO, Any
 
+from bgservice import process_messages as msg
 from bgservice.errors import ReplyError, ServiceError
+from bgservice.origin import Origin
 from bgservice.registry import ModuleLoadError, ModuleVersion, import_module_file, install_package
 from bgservice.request import Request, to_bytes
 
-HEADER = struct.Struct(">I")
-
-
-def pack(message: tuple[Any, ...]) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(body)) + body
-
-
-def _read(stream: IO[bytes]) -> tuple[Any, ...] | None:
-    head = stream.read(HEADER.size)
-    if len(head) < HEADER.size:
-        return None
-    (length,) = HEADER.unpack(head)
-    body = stream.read(length)
-    if len(body) < length:
-        return None
-    message: tuple[Any, ...] = pickle.loads(body)
-    return message
+Send = Any  # Worker.send: (message) -> None
 
 
 class _Progress:
@@ -52,18 +35,28 @@ class _Progress:
 
     cancelled = False
 
-    def __init__(self, job_id: int, attempt: int, send: Any, cid: int) -> None:
+    def __init__(self, job_id: int, attempt: int, send: Send, cid: int) -> None:
         self.id, self.attempt, self._send, self._cid = job_id, attempt, send, cid
 
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
-        self._send(("progress", self._cid, float(done), float(total), message))
+        self._send(msg.Progress(self._cid, float(done), float(total), message))
 
 
 class _WorkerRequest(Request):
     """A request in a worker: ``add_job`` asks the service, which owns the queue."""
 
-    _worker: Worker
-    _cid: int
+    def __init__(self, worker: Worker, call: msg.Call) -> None:
+        super().__init__(
+            call.module,
+            call.data,
+            Origin(call.transport),
+            call.peer,
+            sink=lambda chunk: worker.send(msg.Chunk(call.cid, chunk)),
+        )
+        self._worker = worker
+        self._cid = call.cid
+        if call.job is not None:
+            self.job = _Progress(call.job[0], call.job[1], worker.send, call.cid)  # type: ignore[assignment]
 
     def add_job(self, module: str, data: str | bytes = b"", **options: Any) -> int:
         return self._worker.add_job(self._cid, module, to_bytes(data), options)
@@ -82,7 +75,7 @@ class _ForwardLogs(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record)
-            self._send(("log", record.levelno, record.name, f"[worker {os.getpid()}] {text}"))
+            self._send(msg.Log(record.levelno, record.name, f"[worker {os.getpid()}] {text}"))
         except Exception:
             self.handleError(record)
 
@@ -96,8 +89,8 @@ class Worker:
         self.modules: dict[str, ModuleVersion] = {}
         self.loop = asyncio.new_event_loop()
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        frame = pack(message)
+    def send(self, message: msg.FromWorker) -> None:
+        frame = msg.pack(message)
         with self.lock:
             self.out.write(frame)
             self.out.flush()
@@ -124,42 +117,37 @@ class Worker:
         except Exception:
             traceback.print_exc()
 
-    def call(self, message: tuple[Any, ...]) -> None:
-        (_, cid, name, path, digest, source, kind, module, data, transport, peer, job) = message
+    def call(self, call: msg.Call) -> None:
+        cid = call.cid
         try:
-            version = self._version(name, path, digest, source)
+            version = self._version(call.name, call.path, call.digest, call.source)
         except ModuleLoadError as exc:
-            self.send(("load_failed", cid, str(exc)))
+            self.send(msg.LoadFailed(cid, str(exc)))
             return
-        handler = version.udp if kind == "udp" else version.tcp
-        request = _WorkerRequest(module, data, transport, peer)
-        request._worker, request._cid = self, cid
-        request._sink = lambda chunk: self.send(("chunk", cid, chunk))
-        if job is not None:
-            request.job = _Progress(job[0], job[1], self.send, cid)  # type: ignore[assignment]
+        request = _WorkerRequest(self, call)
+        handler = version.udp if request.origin.is_datagram else version.tcp
         try:
             if handler is None:
-                raise ModuleLoadError(f"no {kind} handler")
+                raise ModuleLoadError(f"no {request.origin.handler} handler")
             result = handler.fn(request)
             if asyncio.iscoroutine(result):
                 result = self.loop.run_until_complete(result)
-            self.send(("ok", cid, to_bytes(result)))
+            self.send(msg.Returned(cid, to_bytes(result)))
         except ServiceError as exc:
-            self.send(("error", cid, exc.code, exc.message))
+            self.send(msg.Refused(cid, exc.code, exc.message))
         except BaseException as exc:  # SystemExit from a module must not end the worker
             text = "".join(traceback.format_exception(exc))
-            self.send(("raised", cid, f"{type(exc).__name__}: {exc}", text))
+            self.send(msg.Raised(cid, f"{type(exc).__name__}: {exc}", text))
 
     def add_job(self, cid: int, module: str, data: bytes, options: dict[str, Any]) -> int:
         """Ask the service to queue a job; wait for its id (or its error reply)."""
-        self.send(("add_job", cid, module, data, options))
-        answer = _read(self.inp)
-        if answer is None or answer[0] != "job_added":
+        self.send(msg.AddJob(cid, module, data, options))
+        answer = msg.read(self.inp)
+        if not isinstance(answer, msg.JobAdded):
             raise SystemExit(0)  # the service went away or stopped us
-        _, jid, code, message = answer
-        if code:
-            raise ReplyError(code, message)
-        return int(jid)
+        if answer.code:
+            raise ReplyError(answer.code, answer.message)
+        return answer.jid
 
     def stop(self) -> None:
         for version in self.modules.values():
@@ -177,9 +165,7 @@ def main() -> None:
     stream = sys.stdin.buffer
     worker = Worker(folder, out, stream)
     logging.basicConfig(level=logging.INFO, handlers=[_ForwardLogs(worker.send)], force=True)
-    while (message := _read(stream)) is not None:
-        if message[0] == "stop":
-            break
+    while isinstance(message := msg.read(stream), msg.Call):
         worker.call(message)
     worker.stop()
 

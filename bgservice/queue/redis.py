@@ -35,22 +35,24 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
-from bgservice import redis_scripts
 from bgservice.config import QueueSettings, RedisSettings
-from bgservice.dispatch import Dispatcher
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
-from bgservice.job import COLUMNS, Job, JobState
-from bgservice.jobs import (
+from bgservice.events import Events
+from bgservice.protocol import OK
+from bgservice.queue import redis_scripts
+from bgservice.queue.commands import STATES, AddSpec, ListSpec
+from bgservice.queue.engine import (
     JobQueue,
+    JobRunner,
     Result,
     busy_by_hour,
     finished_result,
     not_found,
     run_record,
 )
-from bgservice.protocol import OK
-from bgservice.queue_commands import STATES, AddSpec, ListSpec
-from bgservice.store import Run
+from bgservice.queue.job import COLUMNS, Job, JobState
+from bgservice.queue.store import Run
+from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +125,11 @@ class RedisQueue(JobQueue):
         settings: QueueSettings,
         module_limits: dict[str, int],
         redis_settings: RedisSettings,
-        dispatcher: Dispatcher,
+        runner: JobRunner,
+        stats: Stats,
+        events: Events,
     ) -> None:
-        super().__init__(settings, dispatcher)
+        super().__init__(settings, runner, stats, events)
         self.module_limits = module_limits
         self.conf = redis_settings
         self.prefix = redis_settings.prefix
@@ -190,7 +194,7 @@ class RedisQueue(JobQueue):
 
     @_available
     async def add(self, spec: AddSpec) -> int:
-        self.dispatcher.resolve(spec.module, "queue")  # unknown or refusing: at once
+        self.runner.check(spec.module)  # unknown or refusing: at once
         now = time.time()
         fields: dict[str, Any] = {
             "module": spec.module,

@@ -1,4 +1,4 @@
-"""The Redis queue's state changes, each one atomic Lua script (see jobs_redis.py).
+"""The Redis queue's state changes, each one atomic Lua script (see redis.py).
 
 Keys, all under the configured prefix ``P``:
 

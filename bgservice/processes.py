@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from bgservice import process_messages as msg
 from bgservice.config import WorkerSettings
 from bgservice.errors import (
     CallTimeout,
@@ -31,7 +32,6 @@ from bgservice.errors import (
 )
 from bgservice.registry import ModuleVersion
 from bgservice.request import Request
-from bgservice.worker_main import HEADER, pack
 
 log = logging.getLogger(__name__)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -45,16 +45,16 @@ _CHILD_ENV = {
 _ids = itertools.count(1)
 
 
-class Worker:
+class WorkerProcess:
     """One worker process and the call it is running, if any."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, pool: Pool) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, pool: ProcessPool) -> None:
         self.proc = proc
         self.pool = pool
         self.loaded: dict[str, str] = {}  # module name -> digest it has imported
         self.calls = 0
         self.killed = False
-        self.current: tuple[int, asyncio.Future[tuple[Any, ...]], Request] | None = None
+        self.current: tuple[int, asyncio.Future[msg.Ending], Request] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -62,17 +62,17 @@ class Worker:
     def alive(self) -> bool:
         return not self.killed and self.proc.returncode is None and not self.reader.done()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: msg.ToWorker) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(pack(message))
+        self.proc.stdin.write(msg.pack(message))
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
         try:
             while True:
-                (length,) = HEADER.unpack(await stdout.readexactly(HEADER.size))
-                self._handle(_loads(await stdout.readexactly(length)))
+                (length,) = msg.HEADER.unpack(await stdout.readexactly(msg.HEADER.size))
+                self._handle(msg.unpack(await stdout.readexactly(length)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         code = await self.proc.wait()
@@ -82,38 +82,36 @@ class Worker:
                 future.set_exception(WorkerDied(_death(self.pool.name, code)))
         self.pool.lost(self)
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "log":
-            _, level, name, text = message
-            logging.getLogger(name).log(level, "%s", text)
+    def _handle(self, message: msg.FromWorker) -> None:
+        if isinstance(message, msg.Log):
+            logging.getLogger(message.logger).log(message.level, "%s", message.text)
             return
-        if self.current is None or message[1] != self.current[0]:
+        if self.current is None or message.cid != self.current[0]:
             return  # a late message of a call that already timed out
         _, future, request = self.current
-        kind = message[0]
-        if kind == "chunk":
-            request.write(message[2])
-        elif kind == "progress":
+        if isinstance(message, msg.Chunk):
+            request.write(message.data)
+        elif isinstance(message, msg.Progress):
             if request.job is not None:
-                request.job.progress(*message[2:])
-        elif kind == "add_job":
+                request.job.progress(message.done, message.total, message.message)
+        elif isinstance(message, msg.AddJob):
             task = asyncio.get_running_loop().create_task(self._add_job(request, message))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
         elif not future.done():
             future.set_result(message)
 
-    async def _add_job(self, request: Request, message: tuple[Any, ...]) -> None:
+    async def _add_job(self, request: Request, message: msg.AddJob) -> None:
         """A module in this worker adds a job: the queue is here, the answer goes back."""
-        _, cid, module, data, options = message
         try:
-            jid, code, text = await request.add_job_async(module, data, **options), 0, ""
+            jid = await request.add_job_async(message.module, message.data, **message.options)
+            answer = msg.JobAdded(jid, 0, "")
         except ServiceError as exc:
-            jid, code, text = 0, exc.code, exc.message
+            answer = msg.JobAdded(0, exc.code, exc.message)
         except (TypeError, ValueError, RuntimeError) as exc:  # bad options from the module
-            jid, code, text = 0, 400, f"add_job: {exc}"
-        if self.alive and self.current is not None and self.current[0] == cid:
-            self.send(("job_added", jid, code, text))
+            answer = msg.JobAdded(0, 400, f"add_job: {exc}")
+        if self.alive and self.current is not None and self.current[0] == message.cid:
+            self.send(answer)
 
     def kill(self) -> None:
         self.killed = True
@@ -128,7 +126,7 @@ class Worker:
             return 0.0
 
 
-class Pool:
+class ProcessPool:
     """The worker processes of one module."""
 
     def __init__(self, name: str, folder: Path, settings: WorkerSettings) -> None:
@@ -136,42 +134,42 @@ class Pool:
         self.folder = folder
         self.settings = settings
         self.size = settings.processes
-        self.workers: set[Worker] = set()
-        self.idle: list[Worker] = []
-        self.waiters: deque[asyncio.Future[Worker]] = deque()
+        self.workers: set[WorkerProcess] = set()
+        self.idle: list[WorkerProcess] = []
+        self.waiters: deque[asyncio.Future[WorkerProcess]] = deque()
         self.closing = False
         self.spawned = 0
         self._spawning: set[asyncio.Task[None]] = set()
 
-    async def _spawn(self) -> Worker:
+    async def _spawn(self) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bgservice.worker_main",
+            "bgservice.process_main",
             str(self.folder),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=_CHILD_ENV,
         )
-        worker = Worker(proc, self)
+        worker = WorkerProcess(proc, self)
         self.workers.add(worker)
         self.spawned += 1
         log.debug("module %s: worker process %d started", self.name, proc.pid)
         return worker
 
-    async def acquire(self) -> Worker:
+    async def acquire(self) -> WorkerProcess:
         while self.idle:
             worker = self.idle.pop()
             if worker.alive:
                 return worker
         # Wait in line; a short pool starts a worker in a task of its own, so a caller
         # that gives up (timeout) never leaves a half-started process behind.
-        future: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         self.waiters.append(future)
         self._refill()
         return await future
 
-    def release(self, worker: Worker) -> None:
+    def release(self, worker: WorkerProcess) -> None:
         worker.current = None
         if not worker.alive:
             return
@@ -189,21 +187,21 @@ class Pool:
                 return
         self.idle.append(worker)
 
-    def _recycle_reason(self, worker: Worker) -> str | None:
+    def _recycle_reason(self, worker: WorkerProcess) -> str | None:
         if self.settings.max_calls and worker.calls >= self.settings.max_calls:
             return f"{worker.calls} calls"
         if self.settings.max_memory_mb and worker.rss_mb() > self.settings.max_memory_mb:
             return f"{worker.rss_mb():.0f} MB resident"
         return None
 
-    def _retire(self, worker: Worker) -> None:
+    def _retire(self, worker: WorkerProcess) -> None:
         self.workers.discard(worker)
         try:
-            worker.send(("stop",))
+            worker.send(msg.Stop())
         except (ConnectionError, RuntimeError):
             worker.kill()
 
-    def lost(self, worker: Worker) -> None:
+    def lost(self, worker: WorkerProcess) -> None:
         """A worker's process ended (killed, crashed, recycled)."""
         self.workers.discard(worker)
         if worker in self.idle:
@@ -249,13 +247,13 @@ class Pool:
                 await asyncio.wait(pending, timeout=2)
 
 
-class ProcessRunner:
-    """The dispatcher's way into worker processes: one pool per process-mode module."""
+class ProcessPools:
+    """Execution's way into worker processes: one pool per process-mode module."""
 
     def __init__(self, folder: Path, settings: WorkerSettings) -> None:
         self.folder = folder.resolve()
         self.settings = settings
-        self.pools: dict[str, Pool] = {}
+        self.pools: dict[str, ProcessPool] = {}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -270,7 +268,7 @@ class ProcessRunner:
     async def __call__(self, version: ModuleVersion, request: Request, timeout: float) -> Any:
         pool = self.pools.get(version.name)
         if pool is None:
-            pool = self.pools[version.name] = Pool(version.name, self.folder, self.settings)
+            pool = self.pools[version.name] = ProcessPool(version.name, self.folder, self.settings)
         pool.size = version.processes or self.settings.processes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -286,19 +284,23 @@ class ProcessRunner:
             pool.release(worker)
 
     async def _run(
-        self, worker: Worker, version: ModuleVersion, request: Request, left: float, timeout: float
+        self,
+        worker: WorkerProcess,
+        version: ModuleVersion,
+        request: Request,
+        left: float,
+        timeout: float,
     ) -> Any:
         cid = next(_ids)
-        future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[msg.Ending] = asyncio.get_running_loop().create_future()
         worker.current = (cid, future, request)
         worker.calls += 1
         name = version.name
         source = None if worker.loaded.get(name) == version.digest else version.source
-        kind = "udp" if request.transport in ("udp", "unix_dgram") else "tcp"
         job = (request.job.id, request.job.attempt) if request.job is not None else None
         worker.send(
-            ("call", cid, name, str(version.path), version.digest, source, kind,
-             request.module, request.data, request.transport, request.peer, job)
+            msg.Call(cid, name, str(version.path), version.digest, source, request.module,
+                     request.data, request.transport, request.peer, job)
         )  # fmt: skip
         worker.loaded[name] = version.digest
         try:
@@ -318,19 +320,16 @@ class ProcessRunner:
             await pool.close()
 
 
-def _result(name: str, worker: Worker, reply: tuple[Any, ...]) -> Any:
-    kind = reply[0]
-    if kind == "ok":
-        return reply[2]
-    if kind == "error":
-        raise ReplyError(reply[2], reply[3])
-    if kind == "load_failed":
+def _result(name: str, worker: WorkerProcess, reply: msg.Ending) -> bytes:
+    if isinstance(reply, msg.Returned):
+        return reply.body
+    if isinstance(reply, msg.Refused):
+        raise ReplyError(reply.code, reply.message)
+    if isinstance(reply, msg.LoadFailed):
         worker.loaded.pop(name, None)
-        raise ModuleLoadFailed(f"Module {name} failed to load in a worker: {reply[2]}")
-    if kind == "raised":
-        log.error("module %s raised in worker %d:\n%s", name, worker.proc.pid, reply[3])
-        raise HandlerError(f"Module {name} raised {reply[2]}")
-    raise ServiceError(f"Module {name}: unexpected worker reply {kind!r}")
+        raise ModuleLoadFailed(f"Module {name} failed to load in a worker: {reply.error}")
+    log.error("module %s raised in worker %d:\n%s", name, worker.proc.pid, reply.trace)
+    raise HandlerError(f"Module {name} raised {reply.summary}")
 
 
 def _death(name: str, code: int) -> str:
@@ -343,9 +342,3 @@ def _death(name: str, code: int) -> str:
         how = f"exit code {code}"
     return f"Worker process of module {name} died ({how})"
 
-
-def _loads(body: bytes) -> tuple[Any, ...]:
-    import pickle
-
-    message: tuple[Any, ...] = pickle.loads(body)
-    return message

@@ -1,6 +1,6 @@
 """The queue shared through Redis: several real service processes, one real redis-server.
 
-The single-instance behaviour is covered by test_jobs.py, which runs every test on both
+The single-instance behaviour is covered by test_queue.py, which runs every test on both
 engines; these tests are about what only several instances can show.
 """
 

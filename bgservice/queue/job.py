@@ -26,6 +26,27 @@ class JobState(enum.StrEnum):
         return self not in (JobState.WAITING, JobState.RUNNING)
 
 
+# A job's life, once for both engines (docs/queue.md draws it): (from, to) -> why.
+# The local engine moves jobs only through ``Job.move``, which checks this table; the Redis
+# engine's Lua scripts make the same moves, and tests/test_queue.py checks what both do.
+TRANSITIONS: dict[tuple[JobState, JobState], str] = {
+    (JobState.WAITING, JobState.RUNNING): "a worker is free and it is due (priority, then age)",
+    (JobState.WAITING, JobState.CANCELLED): "queue:cancel",
+    (JobState.WAITING, JobState.FAILED): "a dependency failed, was cancelled or expired (424)",
+    (JobState.RUNNING, JobState.DONE): "its module replied 200",
+    (JobState.RUNNING, JobState.FAILED): "an error reply, and no retry left (or a 4xx)",
+    (JobState.RUNNING, JobState.CANCELLED): "queue:cancel asked, and the attempt ended",
+    (JobState.RUNNING, JobState.WAITING): "a 5xx with retries left (after a backoff); or its "
+    "attempt was cut (a crash, a lost lease, a shutdown) and it runs again",
+    (JobState.FAILED, JobState.WAITING): "queue:retry",
+    (JobState.CANCELLED, JobState.WAITING): "queue:retry",
+}
+
+
+class BadTransition(RuntimeError):
+    """A move the job state table does not allow: a bug of the engine, not of the user."""
+
+
 # Columns in storage order; ``Job`` has a field of the same name for each.
 COLUMNS = (
     "id",
@@ -75,6 +96,12 @@ class Job:
     expires: float | None = None
     # In memory only:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
+
+    def move(self, state: JobState) -> None:
+        """Go to ``state``, as ``TRANSITIONS`` allows."""
+        if (self.state, state) not in TRANSITIONS:
+            raise BadTransition(f"job {self.id}: {self.state} -> {state} is not a job's move")
+        self.state = state
 
     def row(self) -> tuple[Any, ...]:
         return tuple(str(getattr(self, c)) if c == "state" else getattr(self, c) for c in COLUMNS)

@@ -5,6 +5,7 @@ redis-server), since both engines promise the same behaviour."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -521,3 +522,49 @@ def test_a_queued_jobs_result_keeps_what_the_handler_streamed(modules_dir, make_
     direct = svc.call(b"streamer:x")
     assert direct == b"part1,part2,end"
     assert svc.call(b"queue:get:id:%d" % add(svc, b"queue:add:streamer:x")) == direct
+
+
+def test_every_state_a_job_is_seen_in_follows_the_state_table(modules_dir, make_service, tmp_path):
+    """Both engines move jobs only as bgservice.queue.job.TRANSITIONS allows: each job is
+    watched through queue:status while it is retried, cancelled and retried. Polling can
+    miss a short state, so each change seen must be a path through the table."""
+    from bgservice.queue.job import TRANSITIONS, JobState
+
+    write_module(modules_dir, "flaky", FLAKY_MODULE)
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service("[queue]\nworkers = 2\nbackoff = 0.05\n")
+    go = tmp_path / "go"
+    ids = [
+        svc.call(b"queue:add?retries=3:flaky:3"),  # fails twice, then done
+        svc.call(b"queue:add?retries=0:echo-missing:x"),  # refused at add: not a job
+        svc.call(b"queue:add:progress:" + str(go).encode()),  # cancelled while running
+        svc.call(b"queue:add?delay=30:echo:later"),  # cancelled while waiting
+    ]
+    ids = [i.decode() for i in ids if i.startswith(b"id:")]
+    assert len(ids) == 3
+    seen: dict[str, list[str]] = {i: [] for i in ids}
+
+    def look() -> None:
+        for jid in ids:
+            state = json.loads(svc.call(f"queue:status:{jid}".encode()))["state"]
+            if not seen[jid] or seen[jid][-1] != state:
+                seen[jid].append(state)
+
+    wait_until(lambda: (look(), seen[ids[1]][-1] == "running")[1])
+    assert svc.call(f"queue:cancel:{ids[1]}".encode()) == b"cancelling"
+    assert svc.call(f"queue:cancel:{ids[2]}".encode()) == b"cancelled"
+    wait_until(lambda: (look(), all(seen[i][-1] in ("done", "cancelled") for i in ids))[1])
+    assert svc.call(f"queue:retry:{ids[2]}".encode()) == ids[2].encode()
+    wait_until(lambda: (look(), seen[ids[2]][-1] == "done")[1])  # a retry runs at once
+    reachable = {(str(a), str(b)) for a, b in TRANSITIONS}
+    while True:  # the table's transitive closure: every change a path can make
+        more = {(a, d) for a, b in reachable for c, d in reachable if b == c} - reachable
+        if not more:
+            break
+        reachable |= more
+    for jid, states in seen.items():
+        moves = set(itertools.pairwise(states))
+        assert moves <= reachable, (jid, states)
+    assert seen[ids[0]][-1] == str(JobState.DONE)
+    assert seen[ids[1]][-1] == str(JobState.CANCELLED)
+    assert str(JobState.CANCELLED) in seen[ids[2]]

@@ -2,8 +2,9 @@
 nothing ever sent back.
 
 ``datagram_received`` only checks the peer and queues the datagram; a fixed number of
-worker tasks run the modules. The queue is bounded, so a flood costs dropped datagrams
-(counted in ``service:stats``), never memory or the TCP clients' turn on the loop.
+serving tasks (``[limits] udp_workers``) run the modules. The queue is bounded, so a flood
+costs dropped datagrams (counted in ``service:stats``), never memory or the TCP clients'
+turn on the loop.
 """
 
 from __future__ import annotations
@@ -16,34 +17,38 @@ from typing import Any
 
 from bgservice.access import AccessList
 from bgservice.dispatch import Dispatcher
+from bgservice.origin import Origin
 from bgservice.protocol import split_request
-from bgservice.request import Request
+from bgservice.request import JobAdder, Request
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
-Datagram = tuple[bytes, str, str]
+Datagram = tuple[bytes, str, Origin]  # (bytes, peer, where it came from)
 
 
-class DatagramWorkers:
+class DatagramQueue:
     """The bounded queue of received datagrams and the tasks that serve them.
 
     The hot path is kept lean (it runs once per datagram): a plain deque instead of
-    ``asyncio.Queue``, a future per *idle* worker only, and workers that serve what is
+    ``asyncio.Queue``, a future per *idle* task only, and tasks that serve what is
     queued back to back, yielding to the loop every ``BATCH`` datagrams so that a flood of
     handlers that never suspend cannot hold the loop away from TCP clients.
     """
 
     BATCH = 16
 
-    def __init__(self, dispatcher: Dispatcher, stats: Stats, size: int, workers: int) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, stats: Stats, jobs: JobAdder, size: int, tasks: int
+    ) -> None:
         self.dispatcher = dispatcher
         self.stats = stats
+        self.jobs = jobs  # what handlers' add_job() adds to
         self.maxsize = size
-        self.workers = workers
+        self.ntasks = tasks
         self.pending: deque[Datagram] = deque()
-        self.active = 0  # datagrams being served (at most ``workers``)
-        self._idle: list[asyncio.Future[None]] = []  # one per worker waiting for work
+        self.active = 0  # datagrams being served (at most ``tasks``)
+        self._idle: list[asyncio.Future[None]] = []  # one per task waiting for work
         self._emptied: asyncio.Future[None] | None = None  # set by drain()
         self._tasks: list[asyncio.Task[None]] = []
         self._names: dict[bytes, str] = {}  # raw module head -> cleaned name
@@ -52,7 +57,7 @@ class DatagramWorkers:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
+        self._tasks = [loop.create_task(self._work()) for _ in range(self.ntasks)]
 
     def offer(self, item: Datagram) -> None:
         pending = self.pending
@@ -85,6 +90,7 @@ class DatagramWorkers:
         notify = self.dispatcher.notify
         batch = self.BATCH
         names = self._names
+        jobs = self.jobs
         served = 0
         while True:
             if not pending:
@@ -95,16 +101,16 @@ class DatagramWorkers:
                 self._idle.append(waiter)
                 await waiter  # offer() skips the waiter if cancelled (drain)
                 continue
-            data, peer, transport = pending.popleft()
+            data, peer, origin = pending.popleft()
             self.active += 1
             try:
                 head, _, payload = data.partition(b":")
                 module = names.get(head)
                 if module is None:
                     module = self._name(data)
-                await notify(Request(module, payload, transport, peer))
+                await notify(Request(module, payload, origin, peer, loop=loop, jobs=jobs))
             except Exception:  # notify logs a module's errors itself; this is a bug of ours
-                log.exception("internal error serving a %s datagram from %s", transport, peer)
+                log.exception("internal error serving a %s datagram from %s", origin.value, peer)
             finally:
                 self.active -= 1
             served += 1
@@ -122,7 +128,7 @@ class DatagramWorkers:
         return module
 
     async def drain(self, timeout: float) -> None:
-        """Serve what is already queued (within ``timeout``), then stop the workers."""
+        """Serve what is already queued (within ``timeout``), then stop the serving tasks."""
         if self.pending or self.active:
             self._emptied = asyncio.get_running_loop().create_future()
             try:
@@ -137,11 +143,11 @@ class DatagramWorkers:
 class DatagramEndpoint(asyncio.DatagramProtocol):
     """One UDP or Unix datagram socket."""
 
-    def __init__(self, workers: DatagramWorkers, access: AccessList, transport_name: str) -> None:
-        self.workers = workers
+    def __init__(self, queue: DatagramQueue, access: AccessList, origin: Origin) -> None:
+        self.queue = queue
         self.access = access
-        self.transport_name = transport_name
-        self.stats = workers.stats
+        self.origin = origin
+        self.stats = queue.stats
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stats.udp_received += 1
@@ -152,7 +158,7 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
             peer = f"{addr[0]}:{addr[1]}"
         else:
             peer = addr or ""
-        self.workers.offer((data, peer, self.transport_name))
+        self.queue.offer((data, peer, self.origin))
 
     def error_received(self, exc: Exception) -> None:
-        log.debug("%s socket error: %s", self.transport_name, exc)
+        log.debug("%s socket error: %s", self.origin.value, exc)

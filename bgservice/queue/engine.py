@@ -3,10 +3,12 @@
 ``JobQueue`` is what the rest of the service sees: ``queue:`` commands, and the methods
 the HTTP API and ``request.add_job`` call. Two engines implement it:
 
-- ``LocalQueue`` (jobs_local.py): scheduling in memory, every change written through the
-  embedded SQLite store; one host, no other server (the default);
-- ``RedisQueue`` (jobs_redis.py): scheduling in Redis with atomic scripts, so several
-  service instances share one queue.
+- ``LocalQueue`` (local.py): scheduling in memory, every change written through the
+  embedded SQLite store (sqlite.py); one host, no other server (the default);
+- ``RedisQueue`` (redis.py): scheduling in Redis with atomic scripts (redis_scripts.py),
+  so several service instances share one queue.
+
+A job's states and the moves between them are one table, ``TRANSITIONS`` in job.py.
 
 Both run a job the same way (``run_job``) and decide its outcome the same way
 (``decide``): done, retried after a backoff, failed or cancelled.
@@ -17,18 +19,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
-import threading
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from bgservice.config import QueueSettings
-from bgservice.dispatch import Dispatcher
 from bgservice.errors import BadRequest, Cancelled, NotFound, ReplyError
-from bgservice.job import Job, JobState
-from bgservice.protocol import OK
-from bgservice.queue_commands import (
+from bgservice.events import JOB_FAILED, Events
+from bgservice.origin import Origin
+from bgservice.protocol import OK, Reply, whole
+from bgservice.queue.commands import (
     AddSpec,
     ListSpec,
     job_id,
@@ -37,45 +37,21 @@ from bgservice.queue_commands import (
     parse_list,
     parse_window,
 )
-from bgservice.request import Request
-from bgservice.store import Run
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.store import Run
+from bgservice.request import JobContext, Request
+from bgservice.stats import Stats
 
-Result = tuple[int, bytes]
+Result = Reply
 
 
-class JobContext:
-    """``request.job`` in a queued call: the job's id, progress reports, cancel requests."""
+class JobRunner(Protocol):
+    """How the queue runs a job: the dispatcher, through its error boundary."""
 
-    def __init__(
-        self,
-        job: Job,
-        loop: asyncio.AbstractEventLoop,
-        on_progress: Callable[[Job], None] | None = None,
-    ) -> None:
-        self.id = job.id
-        self.attempt = job.attempts
-        self._job = job
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._on_progress = on_progress
+    async def call(self, request: Request, timeout: float | None = None) -> Result: ...
 
-    @property
-    def cancelled(self) -> bool:
-        """True once ``queue:cancel`` asked this running job to stop."""
-        return self._job.cancel_requested
-
-    def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
-        """Report progress; ``queue:status`` shows it at once. Safe from any thread."""
-        value = (float(done), float(total), None if message is None else str(message)[:500])
-        if threading.get_ident() == self._loop_thread:
-            self._set(value)
-        else:
-            self._loop.call_soon_threadsafe(self._set, value)
-
-    def _set(self, value: tuple[float, float, str | None]) -> None:
-        self._job.progress = value
-        if self._on_progress is not None:
-            self._on_progress(self._job)
+    def check(self, module: str) -> None:
+        """Raise the error a job for ``module`` would end with (unknown, refusing jobs)."""
 
 
 @dataclass(frozen=True)
@@ -116,9 +92,13 @@ def not_found(jid: int) -> NotFound:
 class JobQueue(abc.ABC):
     """The queue as the service sees it; ``command`` serves every ``queue:`` request."""
 
-    def __init__(self, settings: QueueSettings, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, settings: QueueSettings, runner: JobRunner, stats: Stats, events: Events
+    ) -> None:
         self.settings = settings
-        self.dispatcher = dispatcher
+        self.runner = runner
+        self.counters = stats  # the service's (its stats() method is the queue's own)
+        self.events = events
 
     async def command(self, request: Request) -> bytes:
         """A ``queue:`` request -> reply body, or raise the error reply."""
@@ -146,9 +126,19 @@ class JobQueue(abc.ABC):
         """Run one attempt of ``job`` through its module's TCP handler, off the loop as a
         direct call would be, with the job's own timeout. Streamed output is kept, so the
         result is what a direct call would have replied."""
-        request = Request(job.module, job.data, "queue", f"job:{job.id}")
-        request.job = JobContext(job, self.dispatcher.running_loop, self.progressed)
-        return await self.dispatcher.call_whole(request, timeout=job.timeout)
+        loop = asyncio.get_running_loop()
+        chunks: list[bytes] = []
+        request = Request(
+            job.module,
+            job.data,
+            Origin.QUEUE,
+            f"job:{job.id}",
+            sink=chunks.append,
+            loop=loop,
+            jobs=self,
+            job=JobContext(job, loop, self.progressed),
+        )
+        return whole(await self.runner.call(request, timeout=job.timeout), chunks)
 
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:
         """``decide`` the attempt's outcome, and count it: its duration for ``/metrics``,
@@ -156,12 +146,13 @@ class JobQueue(abc.ABC):
         outcome = decide(job, status, body, now, self.settings.backoff_max)
         if job.started is not None:
             kind = "retry" if outcome.state is JobState.WAITING else str(outcome.state)
-            self.dispatcher.stats.job_durations.observe((job.module, kind), now - job.started)
+            self.counters.job_durations.observe((job.module, kind), now - job.started)
         if outcome.state is JobState.FAILED:
-            self.dispatcher.alert(
-                "job",
-                f"job {job.id} ({job.module}) failed after {job.attempts} attempt(s): {status}",
-                body.decode("utf-8", "replace"),
+            self.events.emit(
+                JOB_FAILED,
+                title=f"job {job.id} ({job.module}) failed after {job.attempts} attempt(s): "
+                f"{status}",
+                detail=body.decode("utf-8", "replace"),
                 module=job.module,
                 job=job.id,
             )

@@ -1,8 +1,8 @@
 """Where jobs are kept: the small interface every store implements.
 
-The queue engine (bgservice.jobs) schedules in memory and writes every change through a
+The embedded queue engine (local.py) schedules in memory and writes every change through a
 store; a store answers only for durability and for finished jobs that have left memory.
-``SqliteStore`` (store_sqlite.py) is the embedded default.
+``SqliteStore`` (sqlite.py) is the embedded default.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
-from bgservice.job import Job
+from bgservice.queue.job import Job
 
 
 @dataclass(frozen=True)

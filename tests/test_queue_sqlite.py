@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from bgservice.job import Job, JobState
-from bgservice.store import Run
-from bgservice.store_sqlite import SqliteStore
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.sqlite import SqliteStore
+from bgservice.queue.store import Run
 
 
 def _job(**kw) -> Job:

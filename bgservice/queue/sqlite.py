@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bgservice.job import COLUMNS, Job
-from bgservice.store import Run
+from bgservice.queue.job import COLUMNS, Job
+from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

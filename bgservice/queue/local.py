@@ -1,7 +1,7 @@
 """The embedded queue: scheduling in memory, every change written through a store.
 
 Heaps of ready and delayed jobs and a map of jobs blocked on a dependency live in memory;
-the store (SQLite, store_sqlite.py) makes every change durable. A job is acknowledged
+the store (SQLite, sqlite.py) makes every change durable. A job is acknowledged
 (``id:N``) only once its insert is committed. Waiting for a result is a future per job,
 shared by every ``queue:get`` on it: no polling, no CPU while waiting.
 """
@@ -16,20 +16,22 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from bgservice.config import QueueSettings
-from bgservice.dispatch import Dispatcher
 from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed
-from bgservice.job import Job, JobState
-from bgservice.jobs import (
+from bgservice.events import Events
+from bgservice.protocol import OK
+from bgservice.queue.commands import STATES, AddSpec, ListSpec
+from bgservice.queue.engine import (
     JobQueue,
+    JobRunner,
     Result,
     busy_by_hour,
     finished_result,
     not_found,
     run_record,
 )
-from bgservice.protocol import OK
-from bgservice.queue_commands import STATES, AddSpec, ListSpec
-from bgservice.store import Run, Store
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.store import Run, Store
+from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,11 @@ class LocalQueue(JobQueue):
         settings: QueueSettings,
         module_limits: dict[str, int],
         store: Store,
-        dispatcher: Dispatcher,
+        runner: JobRunner,
+        stats: Stats,
+        events: Events,
     ) -> None:
-        super().__init__(settings, dispatcher)
+        super().__init__(settings, runner, stats, events)
         self.module_limits = module_limits
         self.store = store
         self.jobs: dict[int, Job] = {}  # waiting and running
@@ -78,7 +82,7 @@ class LocalQueue(JobQueue):
                     job.id,
                     job.module,
                 )
-                job.state = JobState.WAITING
+                job.move(JobState.WAITING)
                 self._write(job)
             self.jobs[job.id] = job
             if job.unique_key:
@@ -110,7 +114,7 @@ class LocalQueue(JobQueue):
     # --- commands ---------------------------------------------------------------------
 
     async def add(self, spec: AddSpec) -> int:
-        self.dispatcher.resolve(spec.module, "queue")  # unknown or refusing: at once
+        self.runner.check(spec.module)  # unknown or refusing: at once
         if len(self.jobs) >= self.settings.max_waiting:
             raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
         if spec.unique:
@@ -219,7 +223,8 @@ class LocalQueue(JobQueue):
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise Conflict(f"Job {jid} is {job.state}: only failed or cancelled jobs retry")
         self._finished.pop(jid, None)
-        job.state, job.attempts, job.run_at = JobState.WAITING, 0, time.time()
+        job.move(JobState.WAITING)
+        job.attempts, job.run_at = 0, time.time()
         job.finished = job.expires = job.status = job.result = None
         job.cancel_requested, job.after = False, None
         await self.store.save(job)
@@ -351,7 +356,8 @@ class LocalQueue(JobQueue):
     # --- running ----------------------------------------------------------------------
 
     def _start(self, job: Job) -> None:
-        job.state, job.started, job.progress = JobState.RUNNING, time.time(), None
+        job.move(JobState.RUNNING)
+        job.started, job.progress = time.time(), None
         job.attempts += 1
         self._per_module[job.module] += 1
         self._write(job)
@@ -380,7 +386,8 @@ class LocalQueue(JobQueue):
             self._finish(job, outcome.state, outcome.status, outcome.body, now)
             return
         assert outcome.run_at is not None
-        job.state, job.run_at = JobState.WAITING, outcome.run_at
+        job.move(JobState.WAITING)
+        job.run_at = outcome.run_at
         job.error = body.decode("utf-8", "replace")
         log.info(
             "job %d (%s) failed (%d), retry %d of %d in %.3g s",
@@ -394,7 +401,8 @@ class LocalQueue(JobQueue):
     ) -> None:
         now = time.time()
         result = body.encode() if isinstance(body, str) else body
-        job.state, job.finished, job.status, job.result = state, now, status, result
+        job.move(state)
+        job.finished, job.status, job.result = now, status, result
         if status != OK:
             job.error = result.decode("utf-8", "replace")
         job.expires = now + self.settings.keep_results

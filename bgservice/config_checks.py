@@ -1,0 +1,185 @@
+"""What each key of ``service.config`` accepts: one check per key, per table.
+
+A check takes the raw value (from TOML, JSON or the command line) and returns it in the
+type ``Settings`` holds, or raises ValueError saying what it must be; bgservice.config
+names the key and line around that message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+Check = Callable[[Any], Any]
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return v
+
+
+def _non_negative_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("must be a whole number of at least 0")
+    return v
+
+
+def _positive_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError("must be a number greater than 0")
+    return float(v)
+
+
+def _non_negative_number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ValueError("must be a number of at least 0")
+    return float(v)
+
+
+def check_string(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a non-empty string")
+    return v
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def check_port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+        raise ValueError("must be a port number from 0 to 65535 (0: any free port)")
+    return v
+
+
+def _mode(v: Any) -> int:
+    if isinstance(v, str) and re.fullmatch(r"0?o?[0-7]{3,4}", v):
+        v = int(v.replace("o", ""), 8)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o7777:
+        raise ValueError('must be a file mode such as 0o660 or "660"')
+    return v
+
+
+def _networks(v: Any) -> tuple[Network, ...]:
+    if not isinstance(v, list):
+        raise ValueError('must be a list of networks such as ["127.0.0.0/8", "10.0.0.0/8"]')
+    try:
+        return tuple(ipaddress.ip_network(str(n), strict=False) for n in v)
+    except ValueError as exc:
+        raise ValueError(f"holds an invalid network: {exc}") from None
+
+
+def _global_handler(v: Any) -> int:
+    names = {"off": 0, "log": 1, "stderr": 2}
+    if v not in names:
+        raise ValueError('must be "off" (-e), "log" (-E) or "stderr" (-EE)')
+    return names[v]
+
+
+def _backend(v: Any) -> str:
+    if v not in ("sqlite", "redis"):
+        raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
+    return str(v)
+
+
+def _redis_url(v: Any) -> str:
+    if not isinstance(v, str) or not re.match(r"^(rediss?|unix)://", v):
+        raise ValueError('must be a URL such as "redis://127.0.0.1:6379/0" or "unix:///path"')
+    return v
+
+
+ALERT_EVENTS = ("error", "reload", "job", "call")
+
+
+def _alert_events(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or any(e not in ALERT_EVENTS for e in v):
+        raise ValueError(f"must be a list of events from {', '.join(ALERT_EVENTS)}")
+    return tuple(dict.fromkeys(v))
+
+
+def _module_limits(v: Any) -> dict[str, int]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a table of module = limit")
+    return {str(k): _positive_int(n) for k, n in v.items()}
+
+
+LIMIT_CHECKS: dict[str, Check] = {
+    "max_request_bytes": _positive_int,
+    "max_connections": _positive_int,
+    "read_timeout": _positive_number,
+    "idle_timeout": _positive_number,
+    "quiet_ms": _positive_number,
+    "quiet_large_ms": _positive_number,
+    "large_bytes": _positive_int,
+    "max_pipeline": _positive_int,
+    "call_timeout": _positive_number,
+    "threads": _positive_int,
+    "udp_queue": _positive_int,
+    "udp_workers": _positive_int,
+    "udp_receive_buffer": _positive_int,
+    "shutdown_grace": _non_negative_number,
+}
+QUEUE_CHECKS: dict[str, Check] = {
+    "workers": _non_negative_int,
+    "keep_results": _non_negative_number,
+    "keep_history": _non_negative_number,
+    "retries": _non_negative_int,
+    "backoff": _non_negative_number,
+    "backoff_max": _non_negative_number,
+    "max_waiting": _positive_int,
+    "commit_ms": _non_negative_number,
+    "module_limits": _module_limits,
+    "backend": _backend,
+}
+REDIS_CHECKS: dict[str, Check] = {
+    "url": _redis_url,
+    "prefix": check_string,
+    "lease": _positive_number,
+    "connect_timeout": _positive_number,
+}
+HTTP_CHECKS: dict[str, Check] = {
+    "enabled": _boolean,
+    "host": check_string,
+    "port": check_port,
+    "token": check_string,
+}
+ALERT_CHECKS: dict[str, Check] = {
+    "module": check_string,
+    "events": _alert_events,
+    "max_per_minute": _positive_int,
+    "summary_seconds": _positive_number,
+}
+LISTENER_CHECKS: dict[str, Check] = {
+    "name": check_string,
+    "host": check_string,
+    "port": check_port,
+    "tcp": _boolean,
+    "udp": _boolean,
+    "unix": check_string,
+    "unix_dgram": check_string,
+    "mode": _mode,
+}
+TOP_CHECKS: dict[str, Check] = {
+    "modules": check_string,
+    "db": check_string,
+    "allow": _networks,
+}
+LOG_CHECKS: dict[str, Check] = {
+    "verbose": _boolean,
+    "global_handler": _global_handler,
+    "file": check_string,
+    "lag_warn_ms": _positive_number,
+}
+RELOAD_CHECKS: dict[str, Check] = {"debounce_ms": _non_negative_number}
+WORKER_CHECKS: dict[str, Check] = {
+    "processes": _positive_int,
+    "max_calls": _non_negative_int,
+    "max_memory_mb": _non_negative_number,
+}

@@ -1,0 +1,182 @@
+"""Where and how a module's handler runs: on the loop, in the thread pool or in a worker
+process, under its timeout.
+
+``async def`` handlers run on the event loop, their first step at once (most finish there
+without waiting); ``def`` handlers run in the thread pool (``[limits] threads``), since a
+handler that blocks must not stall every client; modules that declare
+``EXECUTION = "process"`` run in worker processes (bgservice.processes), which a handler
+holding the GIL cannot freeze and a timeout can kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from concurrent.futures import Executor
+from typing import Any
+
+from bgservice.config import Settings
+from bgservice.errors import (
+    Busy,
+    CallTimeout,
+    HandlerError,
+    ModuleLoadFailed,
+    NoHandler,
+    ServiceError,
+    TransportNotAccepted,
+    UnknownRequest,
+)
+from bgservice.events import CALL_FAILED, Events
+from bgservice.origin import Origin
+from bgservice.registry import Handler, ModuleVersion, Registry
+from bgservice.request import Request
+from bgservice.stats import Stats
+
+log = logging.getLogger(__name__)
+
+# Names that are never a module's: the built-in commands (bgservice.commands).
+RESERVED = frozenset({"queue", "service", "helo", "hello"})
+
+# Runs a call in a worker process: (version, request, timeout) -> the handler's result.
+ProcessRunner = Callable[[ModuleVersion, Request, float], Awaitable[Any]]
+
+
+class Execution:
+    """Runs one handler of one module version, wherever the version says it runs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        stats: Stats,
+        threads: Executor,
+        processes: ProcessRunner,
+        events: Events,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stats = stats
+        self.threads = threads
+        self.processes = processes
+        self.events = events
+
+    def resolve(self, name: str, origin: Origin) -> tuple[ModuleVersion, Handler]:
+        """The serving version of module ``name`` and its handler for ``origin``, or raise."""
+        entry = self.registry.get(name)
+        if entry is None or name in RESERVED:
+            raise UnknownRequest()
+        version = entry.version
+        if version is None:
+            raise ModuleLoadFailed(f"Module {name} failed to load: {entry.error}")
+        handler = version.udp if origin.is_datagram else version.tcp
+        if handler is None:
+            raise NoHandler(f"Module {name} has no {origin.handler.upper()} handler")
+        if origin.accepts not in version.accepts:
+            raise TransportNotAccepted(f"Module {name} does not accept {origin.accepts} requests")
+        return version, handler
+
+    def timeout_of(self, version: ModuleVersion) -> float:
+        return version.timeout or self.settings.limits.call_timeout
+
+    async def run(
+        self,
+        version: ModuleVersion,
+        handler: Handler,
+        request: Request,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one handler: async on the loop, sync in the thread pool, or in a process.
+
+        The version is held until the handler really ends (a timed-out thread keeps
+        running), so its unload hook never runs under a call still using it.
+        """
+        timeout = timeout or self.timeout_of(version)
+        name = version.name
+        loop = request.loop or asyncio.get_running_loop()
+        version.acquire()
+        self.stats.in_flight[name] += 1
+
+        def release() -> None:
+            version.release()
+            self.stats.in_flight[name] -= 1
+
+        try:
+            if version.execution == "process":
+                try:
+                    return await self.processes(version, request, timeout)
+                finally:
+                    release()
+            if handler.is_async:
+                try:
+                    # The first step runs at once: a handler that finishes without waiting
+                    # (most replies) costs no timer. One that waits is resumed under its
+                    # timeout (asyncio.timeout, not wait_for: no second task per call).
+                    coro = handler.fn(request)
+                    try:
+                        first = coro.send(None)
+                    except StopIteration as done:
+                        return done.value
+                    async with asyncio.timeout(timeout):
+                        return await _resume(coro, first)
+                finally:
+                    release()
+            try:
+                job = self.threads.submit(handler.fn, request)
+            except RuntimeError:  # the pool is shut down: we are stopping
+                release()
+                raise Busy("Shutting down") from None
+            job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(job)
+        except TimeoutError:
+            log.warning("module %s timed out after %.3g s", name, timeout)
+            message = f"Module {name} timed out after {timeout:g} s"
+            self._failed(request, message, f"{request.transport} from {request.peer}")
+            raise CallTimeout(message) from None
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.error("module %s raised", name, exc_info=exc)
+            message = f"Module {name} raised {type(exc).__name__}: {exc}"
+            trace = "".join(traceback.format_exception(exc))
+            self._failed(request, message, trace)
+            if self.settings.verbose:
+                message += "\n" + trace
+            raise HandlerError(message) from exc
+
+    def _failed(self, request: Request, message: str, detail: str) -> None:
+        """A module failed a direct call (a queued job alerts once it has failed for good)."""
+        if request.origin.alerted:
+            self.events.emit(CALL_FAILED, title=message, detail=detail, module=request.module)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coro`` after its first step ran outside: hand what it yielded to
+    the task, and what the task sends or throws (a result, a cancellation) back to it."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+def describe_execution(version: ModuleVersion) -> str:
+    """Where the module's calls run: ``loop``, ``thread`` or ``process``."""
+    if version.execution != "default":
+        return version.execution
+    handlers = [h for h in (version.tcp, version.udp) if h is not None]
+    if handlers and all(h.is_async for h in handlers):
+        return "loop"
+    return "thread" if handlers else "-"

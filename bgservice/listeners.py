@@ -1,0 +1,214 @@
+"""Opening the sockets ``[[listen]]`` names: TCP and UDP on one port, Unix stream and
+datagram sockets; closing them again.
+
+Each stream listener gets a ``StreamContext`` of its own (its allow list and origin); all
+datagram sockets feed the one ``DatagramQueue``. What was bound is kept in ``bound`` for
+the start-up log and the ready file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bgservice.access import AccessList
+from bgservice.config import LOOPBACK, Listener, Settings
+from bgservice.datagram import DatagramEndpoint, DatagramQueue
+from bgservice.origin import Origin
+from bgservice.request import JobAdder
+from bgservice.stats import Stats
+from bgservice.stream.base import Caller, StreamContext, StreamProtocol
+from bgservice.stream.sniffer import Sniffer
+
+log = logging.getLogger(__name__)
+
+_PORT_TRIES = 20
+
+
+class ListenError(Exception):
+    """A listener could not be opened (port in use, permission, bad address)."""
+
+
+class Listeners:
+    def __init__(
+        self,
+        settings: Settings,
+        commands: Caller,
+        datagrams: DatagramQueue,
+        stats: Stats,
+        jobs: JobAdder,
+    ) -> None:
+        self.settings = settings
+        self.commands = commands
+        self.datagrams = datagrams
+        self.stats = stats
+        self.jobs = jobs
+        self.tasks: set[asyncio.Task[Any]] = set()  # requests being served, all listeners
+        self.contexts: list[StreamContext] = []
+        self.servers: list[asyncio.Server] = []
+        self.endpoints: list[asyncio.BaseTransport] = []
+        self.socket_files: list[Path] = []
+        self.bound: list[dict[str, Any]] = []
+
+    def connections(self) -> Iterator[StreamProtocol]:
+        for ctx in self.contexts:
+            yield from list(ctx.connections)
+
+    async def open(self) -> None:
+        """Open every listener, logging one line each; ListenError if one cannot be."""
+        for listener in self.settings.listeners:
+            bound: dict[str, Any] = {"name": listener.name}
+            if listener.port is not None:
+                await self._inet(listener, bound)
+            if listener.unix:
+                await self._unix(listener, bound)
+            if listener.unix_dgram:
+                await self._unix_dgram(listener, bound)
+            self.bound.append(bound)
+            shown = " ".join(
+                f"{k}://{bound[k][0]}:{bound[k][1]}" if k in ("tcp", "udp") else f"{k}:{bound[k]}"
+                for k in ("tcp", "udp", "unix", "unix_dgram")
+                if k in bound
+            )
+            access = AccessList.for_host(listener.host, self.settings.allow)
+            rule = (
+                "local peers only"
+                if access.networks is None
+                else "allow " + ", ".join(map(str, access.networks))
+            )
+            log.info("listener %s: %s (%s)", listener.name, shown, rule)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for endpoint in self.endpoints:
+            endpoint.close()
+        for path in self.socket_files:
+            path.unlink(missing_ok=True)
+
+    # --- each kind ----------------------------------------------------------------------
+
+    def _stream_context(self, access: AccessList, origin: Origin) -> StreamContext:
+        ctx = StreamContext(
+            self.commands, self.settings.limits, self.stats, access, origin, self.jobs, self.tasks
+        )
+        self.contexts.append(ctx)
+        return ctx
+
+    async def _inet(self, listener: Listener, bound: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        access = AccessList.for_host(listener.host, self.settings.allow)
+        ctx = self._stream_context(access, Origin.TCP)
+        port = listener.port or 0
+        for attempt in range(_PORT_TRIES if port == 0 else 1):
+            server = None
+            try:
+                if listener.tcp:
+                    server = await loop.create_server(
+                        lambda: Sniffer(ctx), listener.host, port, backlog=1024
+                    )
+                    chosen = server.sockets[0].getsockname()[1]
+                else:
+                    chosen = port
+                if listener.udp:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda: DatagramEndpoint(self.datagrams, access, Origin.UDP),
+                        local_addr=(listener.host or LOOPBACK, chosen),
+                    )
+                    self._enlarge_receive_buffer(transport)
+                    self.endpoints.append(transport)
+                    bound["udp"] = list(transport.get_extra_info("sockname")[:2])
+                break
+            except OSError as exc:
+                if server is not None:
+                    server.close()
+                # With port 0 the UDP twin of a free TCP port may be taken: try another.
+                if port == 0 and exc.errno == errno.EADDRINUSE and attempt < _PORT_TRIES - 1:
+                    continue
+                raise ListenError(
+                    f"cannot listen on {listener.host}:{port} ({listener.name}): "
+                    f"{exc.strerror or exc}"
+                    + (" - is another service running?" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
+        if server is not None:
+            self.servers.append(server)
+            bound["tcp"] = list(server.sockets[0].getsockname()[:2])
+
+    async def _unix(self, listener: Listener, bound: dict[str, Any]) -> None:
+        assert listener.unix is not None
+        path = Path(listener.unix)
+        _remove_stale_socket(path, socket.SOCK_STREAM)
+        ctx = self._stream_context(AccessList(None), Origin.UNIX)
+        try:
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: Sniffer(ctx), str(path), backlog=1024
+            )
+            os.chmod(path, listener.mode)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+        self.servers.append(server)
+        self.socket_files.append(path)
+        bound["unix"] = str(path)
+
+    async def _unix_dgram(self, listener: Listener, bound: dict[str, Any]) -> None:
+        assert listener.unix_dgram is not None
+        path = Path(listener.unix_dgram)
+        _remove_stale_socket(path, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, listener.mode)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(f"cannot listen on unix_dgram:{path}: {exc.strerror}") from None
+        self.socket_files.append(path)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: DatagramEndpoint(self.datagrams, AccessList(None), Origin.UNIX_DGRAM),
+            sock=sock,
+        )
+        self._enlarge_receive_buffer(transport)
+        self.endpoints.append(transport)
+        bound["unix_dgram"] = str(path)
+
+    def _enlarge_receive_buffer(self, transport: asyncio.BaseTransport) -> None:
+        """A burst of datagrams waits in the kernel's buffer while the loop is busy; the
+        default (~200 KB) drops a burst of a few thousand before the service sees them."""
+        sock = transport.get_extra_info("socket")
+        size = self.settings.limits.udp_receive_buffer
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as exc:
+            log.warning("cannot set the UDP receive buffer to %d bytes: %s", size, exc)
+            return
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
+        if got < size:
+            log.info(
+                "UDP receive buffer: %d bytes (the kernel caps it: raise net.core.rmem_max "
+                "for %d)", got, size,
+            )  # fmt: skip
+
+
+def _remove_stale_socket(path: Path, kind: socket.SocketKind) -> None:
+    """Remove a socket file left by a service that died; refuse to touch a live one."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ListenError(f"cannot listen on {path}: exists and is not a socket")
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+        except OSError:
+            path.unlink(missing_ok=True)
+            return
+    raise ListenError(f"cannot listen on {path}: another service is using it")

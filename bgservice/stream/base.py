@@ -1,0 +1,201 @@
+"""What the stages of a stream connection share: the listener's context, flow control,
+and ``StreamProtocol`` (the read deadline, sending an error without losing it to a reset,
+closing, handing the transport on to the next stage)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bgservice.access import AccessList
+from bgservice.config import Limits
+from bgservice.origin import Origin
+from bgservice.protocol import Reply
+from bgservice.request import JobAdder, Request
+from bgservice.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+class Caller(Protocol):
+    """What a stream listener hands requests to (bgservice.commands.Commands)."""
+
+    async def call(self, request: Request, timeout: float | None = None) -> Reply: ...
+
+
+@dataclass(eq=False)
+class StreamContext:
+    """What every connection of one listener shares."""
+
+    commands: Caller
+    limits: Limits
+    stats: Stats
+    access: AccessList
+    origin: Origin
+    jobs: JobAdder  # what handlers' add_job() adds to
+    tasks: set[asyncio.Task[Any]]
+    connections: set[StreamProtocol] = field(default_factory=set)
+    # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a getpid
+    # system call, a measurable share of a small request's cost.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Not "never retrieved" at garbage collection: reported now, to the global policy.
+            task.get_loop().call_exception_handler(
+                {"message": "unexpected error in a connection task", "exception": exc}
+            )
+
+    def request(self, module: str, data: bytes, peer: str, sink: Any) -> Request:
+        return Request(module, data, self.origin, peer, sink=sink, loop=self.loop, jobs=self.jobs)
+
+
+class FlowControl:
+    """Reading from a client pauses while either holds: too many of its requests are in
+    progress (``max_pipeline``), or it does not read its replies (the transport's write
+    buffer is full); it resumes when neither does (uvicorn's FlowControl, for two causes)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._busy = False  # too many requests in progress
+        self._blocked = False  # the client is not reading its replies
+        self._paused = False
+
+    def busy(self, busy: bool) -> None:
+        self._busy = busy
+        self._update()
+
+    def blocked(self, blocked: bool) -> None:
+        self._blocked = blocked
+        self._update()
+
+    def _update(self) -> None:
+        pause = self._busy or self._blocked
+        if pause != self._paused:
+            self._paused = pause
+            if pause:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
+
+
+class StreamProtocol(asyncio.Protocol):
+    """What every stage of a connection shares: its deadline, flow control and closing."""
+
+    transport: asyncio.Transport
+    flow: FlowControl
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.peer = ""
+        self.closed = False
+        self.draining = False  # an error was sent; input is discarded until close
+        self.started = self.loop.time()
+        self.last_data = self.started
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def take_over(self, previous: StreamProtocol) -> None:
+        """Carry on the connection ``previous`` began (its transport, peer and clock)."""
+        self.transport, self.flow, self.peer = previous.transport, previous.flow, previous.peer
+        self.started, self.last_data = previous.started, previous.last_data
+        previous.stop_timers()
+        self.ctx.connections.discard(previous)
+        self.ctx.connections.add(self)
+        self.transport.set_protocol(self)
+        self.arm_deadline(self.next_deadline(self.loop.time()) or self.loop.time())
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.stop_timers()
+        if self in self.ctx.connections:
+            self.ctx.connections.discard(self)
+            self.ctx.stats.connections -= 1
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it does.
+        self.flow.blocked(True)
+
+    def resume_writing(self) -> None:
+        self.flow.blocked(False)
+
+    # --- what each stage decides ------------------------------------------------------
+
+    def next_deadline(self, now: float) -> float | None:
+        """When the read timeout strikes (loop time), or None: close now, quietly (idle)."""
+        return self.started + self.ctx.limits.read_timeout
+
+    def error_reply(self, status: int, message: str) -> bytes:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """The service is stopping: close now if nothing was asked, else once answered."""
+
+    # --- deadlines --------------------------------------------------------------------
+
+    def stop_timers(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def arm_deadline(self, due: float) -> None:
+        if self.deadline is not None and self.deadline.when() <= due:
+            return
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.loop.call_at(due, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        """Read timeout (request not complete in time) and idle timeout, one timer."""
+        self.deadline = None
+        if self.closed or self.draining:
+            return
+        now = self.loop.time()
+        due = self.next_deadline(now)
+        if due is None:
+            self.close()
+            return
+        if due <= now:
+            limits = self.ctx.limits
+            self.ctx.stats.refused["read_timeout"] += 1
+            log.info("read timeout: %s %s", self.ctx.origin.value, self.peer or "local")
+            self.fail(408, f"Request not received within {limits.read_timeout:g} s")
+            return
+        self.deadline = self.loop.call_later(due - now, self._check_deadline)
+
+    # --- closing ----------------------------------------------------------------------
+
+    def fail(self, status: int, message: str) -> None:
+        """Send an error and close without losing it to a reset.
+
+        Closing with unread input makes the kernel send RST, which can destroy the reply
+        before the client reads it; so we half-close, discard what still arrives, and close
+        when the client does (or after a short linger).
+        """
+        if self.closed:
+            return
+        self.draining = True
+        self.stop_timers()
+        transport = self.transport
+        transport.write(self.error_reply(status, message))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(min(self.ctx.limits.read_timeout, 2.0), self.close)
+
+    def close(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()

@@ -1,0 +1,125 @@
+"""The framed form: after the preface, length-prefixed requests, pipelined, each answered
+with a status and a length in request order (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from bgservice.protocol import (
+    PREFACE,
+    FrameDecoder,
+    Oversized,
+    framed_reply,
+    split_request,
+    whole,
+)
+from bgservice.request import Request
+from bgservice.stream.base import StreamProtocol
+
+
+class Framed(StreamProtocol):
+    """A connection that carries framed requests until the client closes it."""
+
+    decoder: FrameDecoder
+    pending: deque[asyncio.Task[bytes]]
+    frame_started: float | None = None  # loop time the unfinished frame began
+    eof = False
+    stopping = False  # the service is shutting down: close once answered
+
+    def start(self, previous: StreamProtocol, rest: bytes) -> None:
+        """Take the connection over after its preface, with the bytes that followed it."""
+        self.decoder = FrameDecoder(self.ctx.limits.max_request_bytes)
+        self.pending = deque()
+        self.take_over(previous)
+        self.transport.write(PREFACE)
+        self._frames(rest)
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.draining:
+            return
+        self.last_data = self.loop.time()
+        self._frames(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.pending:
+            self.close()
+        return True  # keep our side open: replies still have to go out
+
+    # --- StreamProtocol ---------------------------------------------------------------
+
+    def next_deadline(self, now: float) -> float | None:
+        limits = self.ctx.limits
+        if self.frame_started is not None:
+            return self.frame_started + limits.read_timeout
+        if self.pending:
+            return now + limits.idle_timeout
+        due = self.last_data + limits.idle_timeout
+        return None if due <= now else due
+
+    def error_reply(self, status: int, message: str) -> bytes:
+        return framed_reply(status, message.encode())
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        if not self.pending:
+            self.close()
+
+    # --- requests and replies -----------------------------------------------------------
+
+    def _frames(self, data: bytes) -> None:
+        decoder = self.decoder
+        was_partial = decoder.partial
+        items = decoder.feed(data)
+        for item in items:
+            if isinstance(item, Oversized):
+                limit = self.ctx.limits.max_request_bytes
+                self._queue_reply(
+                    self._fixed(413, f"Request too large ({item.length} bytes, limit {limit})")
+                )
+                continue
+            module, payload = split_request(item)
+            self._queue_reply(self._serve(module, payload))
+        if not decoder.partial:
+            self.frame_started = None
+        elif items or not was_partial:  # a new frame began in this chunk
+            self.frame_started = self.last_data
+            self.arm_deadline(self.last_data + self.ctx.limits.read_timeout)
+        if len(self.pending) >= self.ctx.limits.max_pipeline:
+            self.flow.busy(True)
+
+    def _queue_reply(self, coro: Coroutine[Any, Any, bytes]) -> None:
+        task = self.ctx.spawn(coro)
+        self.pending.append(task)
+        task.add_done_callback(self._flush)
+
+    async def _fixed(self, status: int, message: str) -> bytes:
+        return framed_reply(status, message.encode())
+
+    async def _serve(self, module: str, payload: bytes) -> bytes:
+        chunks: list[bytes] = []
+        request: Request = self.ctx.request(module, payload, self.peer, chunks.append)
+        return framed_reply(*whole(await self.ctx.commands.call(request), chunks))
+
+    def _flush(self, _: object = None) -> None:
+        # Replies go out in request order: only a finished head of the line is written.
+        # Pipelined requests often finish together: their replies share one send.
+        ready: list[bytes] = []
+        pending = self.pending
+        while pending and pending[0].done():
+            task = pending.popleft()
+            if not self.closed and not task.cancelled():
+                ready.append(task.result())
+        if self.closed:
+            return
+        if ready:
+            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
+        if len(pending) < self.ctx.limits.max_pipeline:
+            self.flow.busy(False)
+        if not pending and (self.eof or self.stopping):
+            self.close()

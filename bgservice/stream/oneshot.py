@@ -1,0 +1,111 @@
+"""The original's one-shot form: one request per connection, the reply, then close.
+
+Where a one-shot request ends (docs/protocol.md, "Finding the end of a one-shot request"):
+at the client's half-close, or, for clients that never half-close (the original's PHP
+examples), once no byte has arrived for ``quiet_ms`` (``quiet_large_ms`` once the request
+is over ``large_bytes``, where a large write arrives in several bursts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from bgservice.protocol import OK, one_shot_error, split_request
+from bgservice.request import Request
+from bgservice.stream.base import StreamProtocol
+
+
+class OneShot(StreamProtocol):
+    """A connection that carries one request, in the original's format."""
+
+    buf: bytearray
+    done = False  # the request is complete
+    quiet_timer: asyncio.TimerHandle | None = None
+
+    def start(self, previous: StreamProtocol, head: bytes, eof: bool) -> None:
+        """Take the connection over with the bytes read so far (and whether it ended)."""
+        self.buf = bytearray()
+        self.take_over(previous)
+        self._add(head)
+        if eof and not self.draining:
+            self._complete()
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.draining or self.done:
+            return
+        self.last_data = self.loop.time()
+        self._add(data)
+
+    def eof_received(self) -> bool:
+        if self.draining:
+            self.close()
+        elif not self.done:
+            self._complete()
+        return True  # keep our side open: the reply still has to go out
+
+    # --- StreamProtocol ---------------------------------------------------------------
+
+    def next_deadline(self, now: float) -> float | None:
+        return self.started + self.ctx.limits.read_timeout
+
+    def error_reply(self, status: int, message: str) -> bytes:
+        return one_shot_error(status, message)
+
+    def stop_timers(self) -> None:
+        super().stop_timers()
+        if self.quiet_timer is not None:
+            self.quiet_timer.cancel()
+            self.quiet_timer = None
+
+    # --- the request --------------------------------------------------------------------
+
+    def _add(self, data: bytes) -> None:
+        self.buf += data
+        limits = self.ctx.limits
+        if len(self.buf) > limits.max_request_bytes:
+            self.buf = bytearray()
+            self.fail(413, f"Request too large (limit {limits.max_request_bytes} bytes)")
+            return
+        if self.quiet_timer is None:
+            self.quiet_timer = self.loop.call_later(self._quiet(), self._check_quiet)
+
+    def _quiet(self) -> float:
+        limits = self.ctx.limits
+        large = len(self.buf) > limits.large_bytes
+        return (limits.quiet_large_ms if large else limits.quiet_ms) / 1000
+
+    def _check_quiet(self) -> None:
+        # One timer per connection, re-armed for the rest of the gap instead of being
+        # cancelled and created again for every chunk of a large request.
+        self.quiet_timer = None
+        if self.done or self.closed or self.draining:
+            return
+        remaining = self.last_data + self._quiet() - self.loop.time()
+        if remaining > 0:
+            self.quiet_timer = self.loop.call_later(remaining, self._check_quiet)
+        else:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.done = True
+        self.stop_timers()
+        module, data = split_request(bytes(self.buf))
+        self.buf = bytearray()
+        request = self.ctx.request(module, data, self.peer, self._write)
+        self.ctx.spawn(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        status, body = await self.ctx.commands.call(request)
+        if self.closed:
+            return
+        if status == OK:
+            self.transport.write(body)
+        else:
+            self.transport.write(one_shot_error(status, body.decode("utf-8", "replace")))
+        self.transport.close()
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)

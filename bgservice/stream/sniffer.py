@@ -1,0 +1,86 @@
+"""A new stream connection: admitted or refused, then handed to the protocol its first
+bytes name.
+
+``Sniffer`` checks the peer and the connection limit, reads until the first bytes tell
+the two formats apart (docs/protocol.md), and hands the transport over
+(``transport.set_protocol``, as uvicorn does for an upgrade) to ``OneShot`` (oneshot.py,
+the original's one request per connection) or ``Framed`` (framed.py, pipelined
+length-prefixed requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from bgservice.origin import Origin
+from bgservice.protocol import PREFACE, Mode, one_shot_error, sniff
+from bgservice.stream.base import FlowControl, StreamContext, StreamProtocol
+from bgservice.stream.framed import Framed
+from bgservice.stream.oneshot import OneShot
+
+log = logging.getLogger(__name__)
+
+
+class Sniffer(StreamProtocol):
+    """A new connection: admit it, then read until its first bytes name its protocol."""
+
+    def __init__(self, ctx: StreamContext) -> None:
+        super().__init__(ctx)
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.flow = FlowControl(self.transport)
+        ctx = self.ctx
+        peer = transport.get_extra_info("peername")
+        host = None
+        if isinstance(peer, tuple):
+            host = peer[0]
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if ctx.origin is Origin.TCP and not ctx.access.allows(host):
+            ctx.stats.refused["tcp_forbidden"] += 1
+            log.warning("refused TCP connection from %s: not in allow list", self.peer)
+            self.fail(403, "Forbidden")
+            return
+        if len(ctx.connections) >= ctx.limits.max_connections:
+            ctx.stats.refused["too_many_connections"] += 1
+            self.fail(503, "Too many connections")
+            return
+        ctx.connections.add(self)
+        ctx.stats.connections += 1
+        ctx.stats.connections_total += 1
+        self.arm_deadline(self.started + ctx.limits.read_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.draining:
+            return
+        self.last_data = self.loop.time()
+        self.buf += data
+        mode = sniff(bytes(self.buf[: len(PREFACE)]))
+        if mode is None:
+            return
+        if mode is Mode.FRAMED:
+            self._hand_over_framed(bytes(self.buf[len(PREFACE) :]))
+        else:
+            self._hand_over_one_shot(bytes(self.buf), eof=False)
+
+    def eof_received(self) -> bool:
+        if self.draining or not self.buf:
+            self.close()  # connected and left without a word
+        else:
+            self._hand_over_one_shot(bytes(self.buf), eof=True)
+        return True  # keep our side open: the reply still has to go out
+
+    def error_reply(self, status: int, message: str) -> bytes:
+        return one_shot_error(status, message)
+
+    def shutdown(self) -> None:
+        if not self.buf:
+            self.close()
+
+    def _hand_over_one_shot(self, head: bytes, eof: bool) -> None:
+        OneShot(self.ctx).start(self, head, eof)
+
+    def _hand_over_framed(self, rest: bytes) -> None:
+        Framed(self.ctx).start(self, rest)
