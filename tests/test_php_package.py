@@ -48,7 +48,8 @@ def need(tool: str) -> str:
     """The tool's path; skip without it, or fail when BGSERVICE_TEST_STRICT is set."""
     path = shutil.which(tool)
     if path is None:
-        message = f"{tool} is not installed (apt-get install {tool})"
+        package = "php-cli" if tool == "php" else tool
+        message = f"{tool} is not installed (apt-get install {package})"
         if os.environ.get("BGSERVICE_TEST_STRICT"):
             pytest.fail(message + " and BGSERVICE_TEST_STRICT is set")
         pytest.skip(message)
@@ -58,6 +59,17 @@ def need(tool: str) -> str:
 def address(svc) -> str:
     host, port = svc.tcp
     return f"{host}:{port}"
+
+
+def test_every_php_file_passes_php_lint():
+    """``php -l`` on the library, its shims and its tests: the static check available here
+    (PHPStan is not packaged for Debian 12, and packagist.org is out of reach)."""
+    php = need("php")
+    files = sorted(p for p in PACKAGE.rglob("*.php") if "vendor" not in p.parts)
+    assert len(files) >= 15, files
+    for path in files:
+        done = subprocess.run([php, "-l", str(path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_the_phpunit_suite_passes_against_a_real_service(service, tmp_path):
