@@ -38,7 +38,9 @@ class Client
     public const PREFACE = Connection::PREFACE;
 
     /** The options queue:add takes (docs/queue.md). */
-    public const ADD_OPTIONS = ['priority', 'delay', 'at', 'retries', 'backoff', 'timeout', 'unique', 'after'];
+    public const ADD_OPTIONS = [
+        'priority', 'delay', 'at', 'retries', 'backoff', 'timeout', 'unique', 'after',
+    ];
 
     private readonly Connection $connection;
     private readonly string $udpAddress;
@@ -104,7 +106,7 @@ class Client
     /**
      * The service's counters (service:stats).
      *
-     * @return array<string, mixed>
+     * @return array<mixed> JSON decoded: its shape is the service's (docs/protocol.md)
      */
     public function stats(): array
     {
@@ -162,7 +164,7 @@ class Client
      *
      * @param int|string $id N or "id:N"
      *
-     * @return array<string, mixed>
+     * @return array<mixed> JSON decoded: its shape is docs/queue.md's
      */
     public function status(int|string $id): array
     {
@@ -207,7 +209,7 @@ class Client
         return $reply->body;
     }
 
-    /** @return array<string, mixed> */
+    /** @return array<mixed> */
     private function decode(string $json): array
     {
         $value = json_decode($json, true);

@@ -41,11 +41,6 @@ final class Connection
         }
     }
 
-    public function address(): string
-    {
-        return $this->address;
-    }
-
     public function close(): void
     {
         if ($this->stream !== null) {
