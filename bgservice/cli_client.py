@@ -23,11 +23,27 @@ from typing import Any, TypeVar
 
 import click
 
-from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown
+from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
 from bgservice.errors import ReplyError
 
 EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT = 1, 3, 4
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class JobIdType(click.ParamType):
+    """A job id as ``N`` or ``id:N`` (what the original's ``queue:add`` replied, and what
+    scripts ported from it keep); a bad one is a usage error (exit 2), never job 0."""
+
+    name = "ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return parse_job_id(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+JOB_ID = JobIdType()
 
 
 def _client_options(fn: F) -> F:
@@ -159,7 +175,7 @@ def queue() -> None:
 @click.option("--backoff", type=float, help="First retry delay in seconds (doubles).")
 @click.option("--job-timeout", "job_timeout", type=float, help="The job's own timeout (s).")
 @click.option("--unique", help="Unique key: an equal waiting/running job is reused.")
-@click.option("--after", type=int, help="Run only after this job has finished well.")
+@click.option("--after", type=JOB_ID, help="Run only after this job (N or id:N) has finished well.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": N}.')
 @_client_options
 def queue_add(
@@ -179,7 +195,7 @@ def queue_add(
 
 
 @queue.command("get")
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @click.option(
     "--progress/--no-progress",
     default=None,
@@ -219,7 +235,7 @@ def _follow(client: Client, job: int, timeout: float) -> None:
 
 
 @queue.command("check")
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @_client_options
 def queue_check(job: int, address: str, udp_address: str | None, timeout: float) -> None:
     """0 waiting, 1 running, 2 finished."""
@@ -228,7 +244,7 @@ def queue_check(job: int, address: str, udp_address: str | None, timeout: float)
 
 
 @queue.command("status")
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
 @_client_options
 def queue_status(
@@ -240,7 +256,7 @@ def queue_status(
 
 
 @queue.command("cancel")
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @_client_options
 def queue_cancel(job: int, address: str, udp_address: str | None, timeout: float) -> None:
     """Cancel a waiting JOB, or ask a running one to stop."""
@@ -249,7 +265,7 @@ def queue_cancel(job: int, address: str, udp_address: str | None, timeout: float
 
 
 @queue.command("retry")
-@click.argument("job", type=int)
+@click.argument("job", type=JOB_ID)
 @_client_options
 def queue_retry(job: int, address: str, udp_address: str | None, timeout: float) -> None:
     """Run a failed or cancelled JOB again."""

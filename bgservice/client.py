@@ -14,6 +14,9 @@ once, transparently, when the service had closed it (idle timeout, restart)::
         css = bg.call("less", ".a { width: (1px + 2) }")
         job = bg.add("sleep", "500", priority=5, retries=2)
         print(bg.get(job))
+        bg.get("id:7")    # a job id in the original's form is taken too
+
+A bad job id (not ``N`` or ``id:N``) raises ``ValueError`` before anything is sent.
 """
 
 from __future__ import annotations
@@ -29,9 +32,21 @@ from bgservice.errors import ReplyError
 from bgservice.protocol import OK, PREFACE, ReplyDecoder, framed_request
 
 DEFAULT_ADDRESS = "127.0.0.1:12341"
+MAX_JOB_ID = 2**63 - 1  # the service's ids are SQLite INTEGERs: none is larger
 Data = str | bytes
+JobRef = int | str
+"""A job id as the service hands it out (``"id:7"``, the original's form) or as a number."""
 
-__all__ = ["DEFAULT_ADDRESS", "AsyncClient", "Client", "ClientTimeout", "ReplyError", "ServiceDown"]
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "AsyncClient",
+    "Client",
+    "ClientTimeout",
+    "JobRef",
+    "ReplyError",
+    "ServiceDown",
+    "parse_job_id",
+]
 
 
 class ServiceDown(ConnectionError):
@@ -57,6 +72,28 @@ def parse_address(address: str) -> tuple[int, Any]:
     return family, (host, int(port))
 
 
+def parse_job_id(job: JobRef) -> int:
+    """``7``, ``"7"`` or ``"id:7"`` -> ``7``; anything else raises ``ValueError``.
+
+    Users porting from the original keep the ``id:N`` strings its ``queue:add`` replied,
+    so both forms are taken. Checked here rather than left to the service so that a typo is
+    a ``ValueError`` naming the value, not a ``404 Job 0 not found`` from a lax conversion.
+    """
+    if isinstance(job, bool) or not isinstance(job, int | str):
+        raise ValueError(f"job id must be N or 'id:N', not {job!r}")
+    # As the service reads it (queue_commands.job_id): blanks around N and after "id:" go.
+    if isinstance(job, int):
+        text = str(job) if 0 < job <= MAX_JOB_ID else "-"
+    else:
+        text = job.strip().removeprefix("id:").strip()
+    # isascii: isdigit() alone takes digits of other scripts and "²", which the service
+    # refuses; the length check comes before int() so that a huge string costs nothing.
+    ok = text.isascii() and text.isdigit() and len(text) <= 19
+    if not (ok and 0 < int(text) <= MAX_JOB_ID):
+        raise ValueError(f"job id must be N or 'id:N' with 1 <= N <= {MAX_JOB_ID}, not {job!r}")
+    return int(text)
+
+
 def _bytes(data: Data) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
@@ -67,6 +104,8 @@ def request(module: str, data: Data = b"") -> bytes:
 
 def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out."""
+    if options.get("after") is not None:  # a job id too: take it in either form
+        options["after"] = parse_job_id(options["after"])
     given = {k: _option(v) for k, v in options.items() if v is not None}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
     return f"queue:add{query}:".encode() + request(module, data)
@@ -78,14 +117,16 @@ def _option(value: Any) -> str:
     return str(value)
 
 
-def queue_request(command: str, job: int | None = None, **options: Any) -> bytes:
+def queue_request(command: str, job: JobRef | None = None, **options: Any) -> bytes:
+    """``queue:COMMAND[?OPTIONS][:id:N]``; ``job`` as ``parse_job_id`` takes it."""
     given = {k: _option(v) for k, v in options.items() if v is not None}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
-    tail = b"" if job is None else b":id:%d" % job
+    tail = b"" if job is None else b":id:%d" % parse_job_id(job)
     return f"queue:{command}{query}".encode() + tail
 
 
-def _job_id(reply: bytes) -> int:
+def _new_id(reply: bytes) -> int:
+    """The id in a ``queue:add`` or ``queue:retry`` reply (``id:N``), as an int."""
     if not reply.startswith(b"id:"):
         raise ReplyError(500, f"unexpected reply to queue:add: {reply[:80]!r}")
     return int(reply[3:])
@@ -170,25 +211,25 @@ class Client(_Where):
     def add(self, module: str, data: Data = b"", **options: Any) -> int:
         """Queue a job; options as docs/queue.md (priority, delay, at, retries, backoff,
         timeout, unique, after). Returns the job's id."""
-        return _job_id(_check(*self.request(add_request(module, data, **options))))
+        return _new_id(_check(*self.request(add_request(module, data, **options))))
 
-    def get(self, job: int, timeout: float | None = None) -> bytes:
+    def get(self, job: JobRef, timeout: float | None = None) -> bytes:
         """Wait for job ``job`` and return its result (its error reply raises)."""
         return _check(*self.request(queue_request("get", job), timeout))
 
-    def check(self, job: int) -> int:
+    def check(self, job: JobRef) -> int:
         """0 waiting, 1 running, 2 finished (the original's answer)."""
         return int(_check(*self.request(queue_request("check", job))))
 
-    def status(self, job: int) -> dict[str, Any]:
+    def status(self, job: JobRef) -> dict[str, Any]:
         return dict(json.loads(_check(*self.request(queue_request("status", job)))))
 
-    def cancel(self, job: int) -> str:
+    def cancel(self, job: JobRef) -> str:
         """``cancelled`` (it was waiting) or ``cancelling`` (it runs and was asked to stop)."""
         return _check(*self.request(queue_request("cancel", job))).decode()
 
-    def retry(self, job: int) -> int:
-        return _job_id(_check(*self.request(queue_request("retry", job))))
+    def retry(self, job: JobRef) -> int:
+        return _new_id(_check(*self.request(queue_request("retry", job))))
 
     def list(self, state: str | None = None, limit: int | None = None, offset: int = 0) -> Any:
         command = f"list:{state}" if state else "list"
@@ -304,22 +345,22 @@ class AsyncClient(_Where):
         return list(json.loads(await self.call("service", "modules")))
 
     async def add(self, module: str, data: Data = b"", **options: Any) -> int:
-        return _job_id(_check(*await self.request(add_request(module, data, **options))))
+        return _new_id(_check(*await self.request(add_request(module, data, **options))))
 
-    async def get(self, job: int, timeout: float | None = None) -> bytes:
+    async def get(self, job: JobRef, timeout: float | None = None) -> bytes:
         return _check(*await self.request(queue_request("get", job), timeout))
 
-    async def check(self, job: int) -> int:
+    async def check(self, job: JobRef) -> int:
         return int(_check(*await self.request(queue_request("check", job))))
 
-    async def status(self, job: int) -> dict[str, Any]:
+    async def status(self, job: JobRef) -> dict[str, Any]:
         return dict(json.loads(_check(*await self.request(queue_request("status", job)))))
 
-    async def cancel(self, job: int) -> str:
+    async def cancel(self, job: JobRef) -> str:
         return _check(*await self.request(queue_request("cancel", job))).decode()
 
-    async def retry(self, job: int) -> int:
-        return _job_id(_check(*await self.request(queue_request("retry", job))))
+    async def retry(self, job: JobRef) -> int:
+        return _new_id(_check(*await self.request(queue_request("retry", job))))
 
     async def list(
         self, state: str | None = None, limit: int | None = None, offset: int = 0

@@ -64,6 +64,9 @@ def test_exit_codes(service):
     assert slow.returncode == 4 and b"timeout" in slow.stderr
     usage = bg(service, "queue", "get", "not-a-number")
     assert usage.returncode == 2
+    for bad in ("id:", "id:x", "0", "7.5", "id:-3"):
+        usage = bg(service, "queue", "check", bad)
+        assert usage.returncode == 2 and b"job id must be N or 'id:N'" in usage.stderr, bad
 
 
 def test_queue_subcommands(service):
@@ -88,6 +91,21 @@ def test_queue_subcommands(service):
     assert stats["counts"]["done"] >= 1
     gone = bg(service, "queue", "status", "999999")
     assert gone.returncode == 1 and gone.stderr.startswith(b"404:")
+
+
+def test_queue_subcommands_take_the_originals_id_n(service):
+    """A script ported from the original keeps the ``id:N`` that queue:add replied."""
+    held = "id:" + bg(service, "queue", "add", "sleep", "200").stdout.decode().strip()
+    assert bg(service, "queue", "check", held).stdout.strip() in (b"0", b"1", b"2")
+    status = json.loads(bg(service, "queue", "status", held, "--json").stdout)
+    assert status["id"] == int(held[3:])
+    after = bg(service, "queue", "add", "echo", "next", "--after", held).stdout.decode().strip()
+    assert bg(service, "queue", "get", f"id:{after}", "--no-progress").stdout == b"next"
+    assert bg(service, "queue", "get", held, "--no-progress").stdout == b"slept 200"
+    later = bg(service, "queue", "add", "echo", "y", "--delay", "60").stdout.decode().strip()
+    later = f"id:{later}"
+    assert bg(service, "queue", "cancel", later).stdout == b"cancelled\n"
+    assert bg(service, "queue", "retry", later).stdout == f"{later[3:]}\n".encode()
 
 
 def test_queue_get_shows_a_progress_bar(modules_dir, make_service):

@@ -15,6 +15,8 @@ from bgservice.client import (
     ServiceDown,
     add_request,
     parse_address,
+    parse_job_id,
+    queue_request,
 )
 from tests.conftest import wait_until, write_module
 
@@ -40,6 +42,26 @@ def test_pure_helpers():
     assert add_request("m", "x:y", priority=5, unique="a:b", after=None) == (
         b"queue:add?priority=5&unique=a%3Ab:m:x:y"
     )
+
+
+@pytest.mark.parametrize("job", [7, "7", "id:7", " id:7\n", "id: 7", "007"])
+def test_a_job_id_is_taken_as_n_or_as_the_originals_id_n(job):
+    assert parse_job_id(job) == 7
+    assert queue_request("get", job) == b"queue:get:id:7"
+    assert add_request("m", after=job) == b"queue:add?after=7:m:"
+
+
+ARABIC_SEVEN = "\u0667"  # str.isdigit() takes it; the service does not
+BAD_IDS = [0, -1, True, 7.0, b"7", "", "id:", "x", "id:x", "7.0", "id:id:7", ARABIC_SEVEN]
+
+
+@pytest.mark.parametrize("job", [*BAD_IDS, 2**63, "9" * 20, None])
+def test_a_bad_job_id_is_a_value_error_not_job_0(job):
+    with pytest.raises(ValueError, match="job id must be N or 'id:N'"):
+        parse_job_id(job)
+    if job is not None:  # None is queue_request's "no job" (queue:list, queue:stats)
+        with pytest.raises(ValueError):
+            queue_request("check", job)
 
 
 def test_calls_errors_and_one_kept_connection(service):
@@ -103,6 +125,35 @@ def test_queue_methods(service):
         assert bg.retry(later) == later
         assert bg.get(later) == b"x"
         assert bg.queue_stats(600)["counts"]["done"] >= 2
+
+
+def test_every_job_method_takes_the_originals_id_n(service):
+    """What a user porting from the original holds: the raw ``id:N`` reply of queue:add."""
+    with Client(address(service)) as bg:
+        held = bg.request(b"queue:add:sleep:100")[1].decode()  # "id:N", as the original
+        assert held.startswith("id:")
+        assert bg.check(held) in (0, 1, 2)
+        assert bg.status(held)["id"] == int(held[3:])
+        assert bg.get(held) == b"slept 100"
+        later = bg.add("echo", "after it", after=held)
+        assert bg.get(f"id:{later}") == b"after it"
+        waiting = f"id:{bg.add('echo', 'x', delay=30)}"
+        assert bg.cancel(waiting) == "cancelled"
+        assert bg.retry(waiting) == int(waiting[3:])
+        assert bg.get(waiting) == b"x"
+        with pytest.raises(ValueError):
+            bg.get("id:oops")
+        assert bg.call("test") == b"Test"  # nothing was sent for the bad id
+
+    async def main() -> bytes:
+        async with AsyncClient(address(service)) as abg:
+            held = f"id:{await abg.add('echo', 'async')}"
+            assert await abg.check(held) in (0, 1, 2)
+            with pytest.raises(ValueError):
+                await abg.status("id:")
+            return await abg.get(held)
+
+    assert asyncio.run(main()) == b"async"
 
 
 def test_async_client_pipelines_on_one_connection(service):

@@ -1,4 +1,10 @@
-"""clients/php/BackgroundService.php under a real ``php``, against a real service."""
+"""clients/php/BackgroundService.php under a real ``php``, against a real service.
+
+On purpose through the deprecated path that existing sites use: ``require
+'BackgroundService.php'`` and the old global class names, now aliases of the namespaced
+classes (clients/php/legacy/aliases.php). The namespaced API has its own PHPUnit suite,
+run by tests/test_php_package.py.
+"""
 
 from __future__ import annotations
 

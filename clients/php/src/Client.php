@@ -1,0 +1,230 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Bgservice\Client;
+
+use Bgservice\Client\Exception\InvalidArgumentException;
+use Bgservice\Client\Exception\ReplyException;
+use Bgservice\Client\Exception\ServiceDownException;
+use Bgservice\Client\Exception\ServiceException;
+use Bgservice\Client\Exception\TimeoutException;
+
+/**
+ * The bgservice client: module calls, fire-and-forget sends and the job queue.
+ *
+ *     use Bgservice\Client\Client;
+ *     use Bgservice\Client\Exception\ReplyException;
+ *     use Bgservice\Client\Exception\ServiceDownException;
+ *
+ *     $bg = new Client('127.0.0.1:12341');              // or 'unix:///run/bgservice/bg.sock'
+ *     $bg->send('log', 'user 42 logged in');            // UDP, fire and forget
+ *     try {
+ *         $css = $bg->call('less', $source);            // TCP, framed, kept connection
+ *     } catch (ServiceDownException $e) {
+ *         $css = shell_exec('lessc ...');               // the service is down: fall back
+ *     } catch (ReplyException $e) {
+ *         error_log($e->getCode() . ': ' . $e->getMessage());  // the module's error reply
+ *     }
+ *     $id = $bg->add('thumbnail', $path, ['priority' => 5, 'retries' => 2]);
+ *     $result = $bg->get($id);                          // or get('id:7'), the original's form
+ *
+ * Not final, and the constructor is the old BackgroundService's, because the old global
+ * name is an alias of this class and existing code may extend it.
+ */
+class Client
+{
+    /** @deprecated the protocol's business: use Connection::PREFACE */
+    public const PREFACE = Connection::PREFACE;
+
+    /** The options queue:add takes (docs/queue.md). */
+    public const ADD_OPTIONS = [
+        'priority', 'delay', 'at', 'retries', 'backoff', 'timeout', 'unique', 'after',
+    ];
+
+    private readonly Connection $connection;
+    private readonly string $udpAddress;
+
+    /**
+     * @param string      $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
+     * @param float       $timeout    seconds to wait for a reply
+     * @param string|null $udpAddress for send(): "host:port" (UDP) or "udg:///path" (Unix
+     *                                datagram); by default the TCP host:port, over UDP
+     * @param bool        $persistent keep the connection across requests of a PHP-FPM worker
+     */
+    public function __construct(
+        string $address = '127.0.0.1:12341',
+        float $timeout = 30.0,
+        ?string $udpAddress = null,
+        bool $persistent = true,
+    ) {
+        $this->connection = new Connection($address, $timeout, $persistent);
+        $this->udpAddress = $udpAddress ?? $address;
+    }
+
+    /** Close the connection now (a persistent one too); the next call opens a new one. */
+    public function close(): void
+    {
+        $this->connection->close();
+    }
+
+    // --- calls -------------------------------------------------------------------------
+
+    /**
+     * Call $module over TCP; its reply.
+     *
+     * @throws ReplyException       the module replied an error (getCode() is its status)
+     * @throws ServiceDownException the service cannot be reached
+     * @throws TimeoutException     no reply within $timeout (default: the constructor's)
+     */
+    public function call(string $module, string $data = '', ?float $timeout = null): string
+    {
+        return $this->request($module . ':' . $data, $timeout);
+    }
+
+    /**
+     * Fire and forget over UDP (or a Unix datagram socket). Never throws: a service that
+     * is down must not fail the caller. False if it could not even be sent.
+     */
+    public function send(string $module, string $data = ''): bool
+    {
+        $target = str_contains($this->udpAddress, '://') ? $this->udpAddress : 'udp://' . $this->udpAddress;
+        $socket = @stream_socket_client($target, $errno, $errstr, 0.05);
+        if ($socket === false) {
+            return false;
+        }
+        $sent = @fwrite($socket, $module . ':' . $data);
+        fclose($socket);
+        return $sent !== false && $sent > 0;
+    }
+
+    public function ping(): bool
+    {
+        return $this->request('service:ping') === 'pong';
+    }
+
+    /**
+     * The service's counters (service:stats).
+     *
+     * @return array<mixed> JSON decoded: its shape is the service's (docs/protocol.md)
+     */
+    public function stats(): array
+    {
+        return $this->decode($this->request('service:stats'));
+    }
+
+    // --- queue -------------------------------------------------------------------------
+
+    /**
+     * Queue a job; its id. $options: priority, delay, at, retries, backoff, timeout,
+     * unique, after (docs/queue.md); `after` is a job id, N or "id:N".
+     *
+     * @param array<string, int|float|string|bool> $options
+     *
+     * @throws InvalidArgumentException an unknown option, or a bad `after` id
+     */
+    public function add(string $module, string $data = '', array $options = []): int
+    {
+        $unknown = array_diff(array_keys($options), self::ADD_OPTIONS);
+        if ($unknown !== []) {
+            throw new InvalidArgumentException('unknown queue option(s): ' . implode(', ', $unknown));
+        }
+        $after = $options['after'] ?? null;
+        if (is_int($after) || is_string($after)) {
+            $options['after'] = JobId::parse($after);  // a job id, so either form
+        }
+        $query = $options !== [] ? '?' . http_build_query($options, '', '&', PHP_QUERY_RFC3986) : '';
+        return $this->newId($this->request('queue:add' . $query . ':' . $module . ':' . $data));
+    }
+
+    /**
+     * Wait for job $id; its result (its error reply throws, e.g. 410 when cancelled).
+     *
+     * @param int|string $id N or "id:N"
+     *
+     * @throws InvalidArgumentException $id is neither
+     */
+    public function get(int|string $id, ?float $timeout = null): string
+    {
+        return $this->request('queue:get:' . JobId::format($id), $timeout);
+    }
+
+    /**
+     * 0 waiting, 1 running, 2 finished (the original's answer).
+     *
+     * @param int|string $id N or "id:N"
+     */
+    public function check(int|string $id): int
+    {
+        return (int)$this->request('queue:check:' . JobId::format($id));
+    }
+
+    /**
+     * The job's state, progress, position, attempts, times and last error.
+     *
+     * @param int|string $id N or "id:N"
+     *
+     * @return array<mixed> JSON decoded: its shape is docs/queue.md's
+     */
+    public function status(int|string $id): array
+    {
+        return $this->decode($this->request('queue:status:' . JobId::format($id)));
+    }
+
+    /**
+     * "cancelled" (it was waiting) or "cancelling" (it runs and was asked to stop).
+     *
+     * @param int|string $id N or "id:N"
+     */
+    public function cancel(int|string $id): string
+    {
+        return $this->request('queue:cancel:' . JobId::format($id));
+    }
+
+    /**
+     * Run a failed or cancelled job again; its id (the same one).
+     *
+     * @param int|string $id N or "id:N"
+     */
+    public function retry(int|string $id): int
+    {
+        return $this->newId($this->request('queue:retry:' . JobId::format($id)));
+    }
+
+    // --- any request -------------------------------------------------------------------
+
+    /**
+     * Any raw request, e.g. request('queue:list:failed'); the reply body.
+     *
+     * @throws ReplyException       the service replied an error (getCode() is its status)
+     * @throws ServiceDownException the service cannot be reached
+     * @throws TimeoutException     no reply in time
+     */
+    public function request(string $payload, ?float $timeout = null): string
+    {
+        $reply = $this->connection->request($payload, $timeout);
+        if (!$reply->isOk()) {
+            throw new ReplyException($reply->body, $reply->status);
+        }
+        return $reply->body;
+    }
+
+    /** @return array<mixed> */
+    private function decode(string $json): array
+    {
+        $value = json_decode($json, true);
+        if (!is_array($value)) {
+            throw new ServiceException('unexpected reply: ' . substr($json, 0, 80), 500);
+        }
+        return $value;
+    }
+
+    private function newId(string $reply): int
+    {
+        // Not JobId::parse: a malformed reply is the service's fault, not the caller's.
+        if (preg_match('/\Aid:([0-9]{1,19})\z/', $reply, $match) !== 1) {
+            throw new ServiceException('unexpected reply: ' . substr($reply, 0, 80), 500);
+        }
+        return (int)$match[1];
+    }
+}

@@ -1,0 +1,13 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Bgservice\Client\Exception;
+
+/**
+ * The service (or a module) replied an error: getCode() is its status (400, 404, 410,
+ * 500, 503, 504 ... docs/protocol.md), getMessage() its text. The connection stays good.
+ */
+class ReplyException extends ServiceException
+{
+}

@@ -1,0 +1,89 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Bgservice\Client\Tests;
+
+use Bgservice\Client\Client;
+use Bgservice\Client\Exception\InvalidArgumentException;
+use Bgservice\Client\Exception\ReplyException;
+
+/** The queue methods against a real service, with job ids in both forms. */
+final class QueueTest extends ServiceTestCase
+{
+    public function testEveryJobMethodTakesTheOriginalsIdN(): void
+    {
+        $bg = self::client();
+        // What a site ported from the original holds: the raw reply of queue:add.
+        $held = $bg->request('queue:add:sleep:100');
+        self::assertMatchesRegularExpression('/\Aid:[0-9]+\z/', $held);
+        $number = (int)substr($held, 3);
+
+        self::assertContains($bg->check($held), [0, 1, 2]);
+        self::assertSame($number, $bg->status($held)['id']);
+        self::assertSame('slept 100', $bg->get($held));
+        self::assertSame(2, $bg->check($held));
+
+        $later = $bg->add('echo', 'after it', ['after' => $held]);
+        self::assertSame('after it', $bg->get("id:$later"));
+
+        $waiting = 'id:' . $bg->add('echo', 'x', ['delay' => 30]);
+        self::assertSame('cancelled', $bg->cancel($waiting));
+        self::assertSame((int)substr($waiting, 3), $bg->retry($waiting));
+        self::assertSame('x', $bg->get($waiting));
+    }
+
+    public function testAddReturnsANumberTheOtherMethodsTake(): void
+    {
+        $bg = self::client();
+        $first = $bg->add('sleep', '200', ['priority' => 5, 'retries' => 2, 'backoff' => 0.1,
+            'timeout' => 10, 'unique' => 'key:with:colons']);
+        self::assertSame($first, $bg->add('sleep', '200', ['unique' => 'key:with:colons']));
+        $status = $bg->status($first);
+        self::assertSame([5, 2, 10.0, 'key:with:colons'],
+            [$status['priority'], $status['max_retries'], $status['timeout'], $status['unique']]);
+        self::assertSame('slept 200', $bg->get($first));
+        self::assertSame('at a time', $bg->get($bg->add('echo', 'at a time', ['at' => microtime(true)])));
+    }
+
+    public function testABadIdFailsBeforeAnythingIsSent(): void
+    {
+        // Nothing listens there: had the id been sent, this would be ServiceDownException.
+        $bg = new Client(self::deadAddress(), 2.0, null, false);
+        foreach (['get', 'check', 'status', 'cancel', 'retry'] as $method) {
+            try {
+                $bg->$method('id:oops');
+                self::fail("$method took a bad id");
+            } catch (InvalidArgumentException $e) {
+                self::assertStringContainsString("'id:oops'", $e->getMessage());
+            }
+        }
+        $this->expectException(InvalidArgumentException::class);
+        $bg->add('echo', 'x', ['after' => 'id:']);
+    }
+
+    public function testAnUnknownOptionIsRefused(): void
+    {
+        $this->expectException(\InvalidArgumentException::class);  // as the old client threw
+        self::client()->add('sleep', '1', ['bogus' => 1]);
+    }
+
+    public function testAJobThatDoesNotExistOrWasCancelledIsAReplyError(): void
+    {
+        $bg = self::client();
+        try {
+            $bg->get(PHP_INT_MAX);
+            self::fail('no exception');
+        } catch (ReplyException $e) {
+            self::assertSame(404, $e->getCode());
+        }
+        $id = $bg->add('echo', 'x', ['delay' => 30]);
+        $bg->cancel($id);
+        try {
+            $bg->get($id);
+            self::fail('no exception');
+        } catch (ReplyException $e) {
+            self::assertSame(410, $e->getCode());
+        }
+    }
+}
