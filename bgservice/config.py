@@ -62,6 +62,7 @@ class Limits:
     max_connections: int = 1024
     read_timeout: float = 10.0
     idle_timeout: float = 300.0
+    one_shot_end: str = "segment"  # or "quiet": see docs/protocol.md
     quiet_ms: float = 5.0
     quiet_large_ms: float = 100.0
     large_bytes: int = 64 * 1024

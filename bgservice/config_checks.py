@@ -83,6 +83,15 @@ def _global_handler(v: Any) -> int:
     return names[v]
 
 
+ONE_SHOT_ENDS = ("segment", "quiet")
+
+
+def _one_shot_end(v: Any) -> str:
+    if v not in ONE_SHOT_ENDS:
+        raise ValueError(f"must be one of {', '.join(map(repr, ONE_SHOT_ENDS))}")
+    return str(v)
+
+
 def _backend(v: Any) -> str:
     if v not in ("sqlite", "redis"):
         raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
@@ -117,6 +126,7 @@ LIMIT_CHECKS: dict[str, Check] = {
     "idle_timeout": _positive_number,
     "quiet_ms": _positive_number,
     "quiet_large_ms": _positive_number,
+    "one_shot_end": _one_shot_end,
     "large_bytes": _positive_int,
     "max_pipeline": _positive_int,
     "call_timeout": _positive_number,

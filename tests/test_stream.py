@@ -50,6 +50,41 @@ def test_one_mebibyte_request_in_one_write(service, half_close):
     assert service.call(b"echo:" + data, half_close=half_close, timeout=30) == data
 
 
+def _without_half_close(address, payload, maxseg=None, timeout=30.0):
+    """The original's PHP client: one write, then read until the service closes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if maxseg:  # segments as small as on Ethernet: what a network peer sends
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, maxseg)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(payload)
+        return recv_all(sock)
+
+
+def test_a_short_request_without_half_close_is_answered_without_the_quiet_gap(make_service):
+    # The gap is 5 s here: a reply within 3 s can only come from the segment rule.
+    svc = make_service("[limits]\nquiet_ms = 5000\nquiet_large_ms = 5000\n")
+    assert _without_half_close(svc.tcp, b"echo:hello", timeout=3) == b"hello"
+    assert _without_half_close(svc.tcp, b"test", timeout=3) == b"Test"
+
+
+@pytest.mark.parametrize("size", [1000, 1448, 5000, 200_000, 1 << 20])
+def test_a_network_peers_write_arrives_whole_without_half_close(service, size):
+    # Ethernet-sized segments: every write longer than one arrives in several pieces.
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    assert _without_half_close(service.tcp, b"echo:" + data, maxseg=1448) == data
+
+
+def test_quiet_mode_serves_clients_that_write_a_request_in_pieces(make_service):
+    svc = make_service('[limits]\none_shot_end = "quiet"\nquiet_ms = 300\n')
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"ec")
+        time.sleep(0.05)
+        sock.sendall(b"ho:two pieces")
+        assert recv_all(sock) == b"two pieces"
+
+
 def test_up_to_the_size_limit_with_half_close(make_service):
     svc = make_service("[limits]\nmax_request_bytes = 4194304\n")
     data = b"z" * (4 * 1024 * 1024 - 5)
@@ -81,7 +116,7 @@ def test_silent_client_gets_408(make_service):
 def test_trickling_one_shot_client_gets_408(make_service):
     # A byte every 2 ms never leaves a 50 ms gap, so the request never ends: the read
     # deadline must end it.
-    svc = make_service("[limits]\nread_timeout = 0.5\nquiet_ms = 50\n")
+    svc = make_service('[limits]\nread_timeout = 0.5\nquiet_ms = 50\none_shot_end = "quiet"\n')
     with socket.create_connection(svc.tcp, timeout=10) as sock:
         sock.setblocking(False)
         reply = b""

@@ -1,18 +1,25 @@
 """The original's one-shot form: one request per connection, the reply, then close.
 
 Where a one-shot request ends (docs/protocol.md, "Finding the end of a one-shot request"):
-at the client's half-close, or, for clients that never half-close (the original's PHP
-examples), once no byte has arrived for ``quiet_ms`` (``quiet_large_ms`` once the request
-is over ``large_bytes``, where a large write arrives in several bursts).
+at the client's half-close; for clients that never half-close (the original's PHP
+examples), at once when the request came in one read shorter than one segment of the
+connection (a single write that small always arrives whole, in one segment), else once no
+byte has arrived for ``quiet_ms`` (``quiet_large_ms`` once the request is over
+``large_bytes``, where a large write arrives in several bursts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from bgservice.protocol import OK, one_shot_error, split_request
 from bgservice.request import Request
 from bgservice.stream.base import StreamProtocol
+
+# A Unix stream socket has no segments: the kernel queues a write of up to this many bytes
+# as one piece, which one read takes whole.
+UNIX_PIECE = 64 * 1024
 
 
 class OneShot(StreamProtocol):
@@ -22,13 +29,32 @@ class OneShot(StreamProtocol):
     done = False  # the request is complete
     quiet_timer: asyncio.TimerHandle | None = None
 
-    def start(self, previous: StreamProtocol, head: bytes, eof: bool) -> None:
-        """Take the connection over with the bytes read so far (and whether it ended)."""
+    def start(self, previous: StreamProtocol, head: bytes, eof: bool, reads: int) -> None:
+        """Take the connection over with the bytes read so far (in ``reads`` reads), and
+        whether the client half-closed already."""
         self.buf = bytearray()
         self.take_over(previous)
         self._add(head)
-        if eof and not self.draining:
+        if self.draining:
+            return
+        if eof or (reads == 1 and self._whole_write(len(head))):
             self._complete()
+
+    def _whole_write(self, size: int) -> bool:
+        """True when a first read of ``size`` bytes must be a whole request: shorter than
+        one segment, it was one write (a longer write comes as full segments first)."""
+        if self.ctx.limits.one_shot_end != "segment":
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        if sock.family == socket.AF_UNIX:
+            return size < UNIX_PIECE
+        try:
+            segment: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        except OSError:
+            return False  # no segment size: the quiet gap decides
+        return size < segment
 
     # --- asyncio.Protocol -------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class Sniffer(StreamProtocol):
     def __init__(self, ctx: StreamContext) -> None:
         super().__init__(ctx)
         self.buf = bytearray()
+        self.reads = 0  # data_received calls so far: one-shot's evidence of a whole write
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -56,6 +57,7 @@ class Sniffer(StreamProtocol):
         if self.draining:
             return
         self.last_data = self.loop.time()
+        self.reads += 1
         self.buf += data
         mode = sniff(bytes(self.buf[: len(PREFACE)]))
         if mode is None:
@@ -80,7 +82,7 @@ class Sniffer(StreamProtocol):
             self.close()
 
     def _hand_over_one_shot(self, head: bytes, eof: bool) -> None:
-        OneShot(self.ctx).start(self, head, eof)
+        OneShot(self.ctx).start(self, head, eof, self.reads)
 
     def _hand_over_framed(self, rest: bytes) -> None:
         Framed(self.ctx).start(self, rest)
