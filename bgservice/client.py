@@ -24,18 +24,25 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import urllib.parse
 from collections import deque
 from typing import Any
 
+from bgservice.client_requests import (
+    DEFAULT_ADDRESS,
+    ClientTimeout,
+    Data,
+    JobRef,
+    ServiceDown,
+    _check,
+    _new_id,
+    add_request,
+    parse_address,
+    parse_job_id,
+    queue_request,
+    request,
+)
 from bgservice.errors import ReplyError
-from bgservice.protocol import OK, PREFACE, ReplyDecoder, framed_request
-
-DEFAULT_ADDRESS = "127.0.0.1:12341"
-MAX_JOB_ID = 2**63 - 1  # the service's ids are SQLite INTEGERs: none is larger
-Data = str | bytes
-JobRef = int | str
-"""A job id as the service hands it out (``"id:7"``, the original's form) or as a number."""
+from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -47,96 +54,6 @@ __all__ = [
     "ServiceDown",
     "parse_job_id",
 ]
-
-
-class ServiceDown(ConnectionError):
-    """The service cannot be reached (not running, wrong address, connection lost)."""
-
-
-class ClientTimeout(TimeoutError):
-    """No reply within the client's timeout."""
-
-
-# --- requests: pure -------------------------------------------------------------------
-
-
-def parse_address(address: str) -> tuple[int, Any]:
-    """``host:port`` / ``[v6]:port`` -> (AF_INET*, (host, port)); a path -> (AF_UNIX, path)."""
-    if "/" in address or address.startswith("unix:"):
-        return socket.AF_UNIX, address.removeprefix("unix:")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be host:port or a Unix socket path, not {address!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, int(port))
-
-
-def parse_job_id(job: JobRef) -> int:
-    """``7``, ``"7"`` or ``"id:7"`` -> ``7``; anything else raises ``ValueError``.
-
-    Users porting from the original keep the ``id:N`` strings its ``queue:add`` replied,
-    so both forms are taken. Checked here rather than left to the service so that a typo is
-    a ``ValueError`` naming the value, not a ``404 Job 0 not found`` from a lax conversion.
-    """
-    if isinstance(job, bool) or not isinstance(job, int | str):
-        raise ValueError(f"job id must be N or 'id:N', not {job!r}")
-    # As the service reads it (queue_commands.job_id): blanks around N and after "id:" go.
-    if isinstance(job, int):
-        text = str(job) if 0 < job <= MAX_JOB_ID else "-"
-    else:
-        text = job.strip().removeprefix("id:").strip()
-    # isascii: isdigit() alone takes digits of other scripts and "²", which the service
-    # refuses; the length check comes before int() so that a huge string costs nothing.
-    ok = text.isascii() and text.isdigit() and len(text) <= 19
-    if not (ok and 0 < int(text) <= MAX_JOB_ID):
-        raise ValueError(f"job id must be N or 'id:N' with 1 <= N <= {MAX_JOB_ID}, not {job!r}")
-    return int(text)
-
-
-def _bytes(data: Data) -> bytes:
-    return data.encode() if isinstance(data, str) else bytes(data)
-
-
-def request(module: str, data: Data = b"") -> bytes:
-    return module.encode() + b":" + _bytes(data)
-
-
-def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
-    """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out."""
-    if options.get("after") is not None:  # a job id too: take it in either form
-        options["after"] = parse_job_id(options["after"])
-    given = {k: _option(v) for k, v in options.items() if v is not None}
-    query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
-    return f"queue:add{query}:".encode() + request(module, data)
-
-
-def _option(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
-
-
-def queue_request(command: str, job: JobRef | None = None, **options: Any) -> bytes:
-    """``queue:COMMAND[?OPTIONS][:id:N]``; ``job`` as ``parse_job_id`` takes it."""
-    given = {k: _option(v) for k, v in options.items() if v is not None}
-    query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
-    tail = b"" if job is None else b":id:%d" % parse_job_id(job)
-    return f"queue:{command}{query}".encode() + tail
-
-
-def _new_id(reply: bytes) -> int:
-    """The id in a ``queue:add`` or ``queue:retry`` reply (``id:N``), as an int."""
-    if not reply.startswith(b"id:"):
-        raise ReplyError(500, f"unexpected reply to queue:add: {reply[:80]!r}")
-    return int(reply[3:])
-
-
-def _check(status: int, body: bytes) -> bytes:
-    if status != OK:
-        raise ReplyError(status, body.decode("utf-8", "replace"))
-    return body
-
 
 # --- blocking ---------------------------------------------------------------------------
 
