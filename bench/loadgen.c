@@ -5,6 +5,8 @@
  * docs/protocol.md and UDP. Prints one JSON line: operations, seconds, errors, p50/p99.
  *
  *   loadgen oneshot HOST PORT CONNS SECONDS PAYLOAD      connect, write, half-close, read
+ *   loadgen nohalfclose HOST PORT CONNS SECONDS PAYLOAD  connect, write, read until closed
+ *                                                        (the original's PHP clients)
  *   loadgen framed  HOST PORT CONNS SECONDS PAYLOAD DEPTH  kept connection, DEPTH in flight
  *   loadgen queue   HOST PORT CONNS SECONDS              framed queue:add:echo + queue:get
  *   loadgen udp     HOST PORT RATE  SECONDS PAYLOAD      datagrams at RATE per second
@@ -19,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -38,6 +41,9 @@ static int connect_tcp(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* A server that never answers (or never closes) costs an error, not a hung run. */
+    struct timeval limit = {10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
     if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) {
         close(fd);
         return -1;
@@ -116,7 +122,10 @@ static void record(struct result *r, double started) {
     r->ops++;
 }
 
-static void run_oneshot(struct result *r, double end, const char *payload) {
+/* A connection per request. half_close: shut the write side after the request (the end of
+ * the request is then certain); without it the server must tell the end on its own, as
+ * for the original's PHP clients (fsockopen, one fputs, read). */
+static void run_oneshot(struct result *r, double end, const char *payload, int half_close) {
     size_t n = strlen(payload);
     char buf[65536];
     while (now() < end) {
@@ -124,7 +133,7 @@ static void run_oneshot(struct result *r, double end, const char *payload) {
         int fd = connect_tcp();
         if (fd < 0) { r->errors++; continue; }
         int ok = write_all(fd, payload, n) == 0;
-        shutdown(fd, SHUT_WR);
+        if (half_close) shutdown(fd, SHUT_WR);
         ssize_t got, total = 0;
         while ((got = read(fd, buf, sizeof buf)) > 0) total += got;
         close(fd);
@@ -222,7 +231,8 @@ int main(int argc, char **argv) {
         pids[w] = fork();
         if (pids[w] == 0) {
             struct result *r = calloc(1, sizeof *r);
-            if (!strcmp(mode, "oneshot")) run_oneshot(r, end, payload);
+            if (!strcmp(mode, "oneshot")) run_oneshot(r, end, payload, 1);
+            else if (!strcmp(mode, "nohalfclose")) run_oneshot(r, end, payload, 0);
             else if (!strcmp(mode, "framed")) run_framed(r, end, payload, depth);
             else if (!strcmp(mode, "queue")) run_queue(r, end);
             else if (udp) run_udp(r, end, payload, conns);

@@ -1,16 +1,22 @@
-"""One command for every benchmark figure: the service and the reference, side by side.
+"""One command for every benchmark figure: the service and its peers, side by side.
 
-    python3 bench/run.py              # the full run (a few minutes)
+    python3 bench/run.py              # the full run (about 6 minutes)
     python3 bench/run.py --quick      # a tiny load, to check it works (the smoke test)
     python3 bench/run.py --json       # machine-readable
 
-Both servers run at once on this machine; each figure is measured in alternating rounds
-(service, reference, reference, service, ...) so that noise from the shared machine falls
-on both. The table gives the median and min-max of the rounds, the ratio
-service/reference, and the server's CPU microseconds per operation (user + system time
-of the server process, from /proc, before and after the round). The load generator is
-bench/loadgen.c, compiled here with gcc: one process per connection, so the clients are
-never the bottleneck. docs/benchmarks.md records a run and what limits each figure.
+The peers run at once on this machine: the reference (bench/reference.py, the thinnest
+uvloop server: the Python ceiling), the original's behaviour (bench/original.js on node:
+it answers at the first read, as the 2014 service did), beanstalkd with its binlog, and a
+redis-server for the service's Redis engine. A peer whose program is missing is skipped
+with a printed note. Each figure is measured in rounds, the peers taking turns going
+first, so that noise from the shared machine falls on all of them. The table gives the
+median and min-max of the rounds, the ratio of the service to the figure's peer, issue
+17's targets with the measured value, and each server's CPU microseconds per operation
+(user + system time of the server process, from /proc, before and after the round). The
+TCP and UDP load comes from bench/loadgen.c (compiled here with gcc: one process per
+connection, so the clients are never the bottleneck), the queue jobs from Python
+producers (bench/queue_load.py) through the shipped client. docs/benchmarks.md records
+runs and what limits each figure.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -26,106 +31,41 @@ import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-TICK = os.sysconf("SC_CLK_TCK")
-PREFACE = b"\x00:F1"
-
-BURN = textwrap.dedent(
-    """
-    import time
-    EXECUTION = "process"
-
-    def handle_tcp(request):
-        end = time.perf_counter() + float(request.text)
-        n = 0
-        while time.perf_counter() < end:
-            n += 1
-        return str(n)
-    """
+# Siblings in bench/: this file runs as a script, so bench/ is first on sys.path.
+from peers import (
+    HERE,
+    REPO,
+    Server,
+    missing,
+    start_beanstalkd,
+    start_original,
+    start_redis,
+    start_reference,
+    start_service,
+)
+from report import (
+    Figure,
+    cpu_at_most,
+    loss_at_most,
+    machine,
+    p50_within,
+    rate_at_least,
+    ratio_to,
+    table,
 )
 
-# What the reference does with a datagram: count it (the service counts every datagram in
-# service:stats). The shipped ``test`` module also logs each one, the original's
-# behaviour, which costs a log line per datagram; that is measured apart.
-COUNT = "async def handle_udp(request):\n    pass\n"
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    folder: Path
-
-    @property
-    def cpu(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-
-    @property
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_service(root: Path) -> tuple[Server, float]:
-    """``python service.py`` on a free port with a copy of the shipped modules and a fresh
-    durable queue database; returns it and the seconds from exec to ready."""
-    folder = Path(tempfile.mkdtemp(dir=root, prefix="service-"))
-    modules = folder / "modules"
-    shutil.copytree(REPO / "modules", modules, ignore=shutil.ignore_patterns("__pycache__"))
-    (modules / "burn.py").write_text(BURN)
-    (modules / "count.py").write_text(COUNT)
-    config = folder / "service.config"
-    config.write_text(
-        f'modules = "{modules}"\ndb = "{folder / "jobs.db"}"\n'
-        '[[listen]]\nname = "bench"\nhost = "127.0.0.1"\nport = 0\n'
-        "[limits]\nmax_connections = 4096\n[queue]\nworkers = 8\n"
-    )
-    ready = folder / "ready.json"
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "service.py"), "-c", str(config), "--ready-file", str(ready)],
-        stdout=(folder / "service.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=folder,
-    )
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"service exited: {(folder / 'service.log').read_text()}")
-        time.sleep(0.002)
-    took = time.perf_counter() - started
-    info = json.loads(ready.read_text())
-    return Server("service", proc, info["listeners"][0]["tcp"][1], folder), took
-
-
-def start_reference(root: Path) -> tuple[Server, float]:
-    folder = Path(tempfile.mkdtemp(dir=root, prefix="reference-"))
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "reference.py"), "0"], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    return Server("reference", proc, port, folder), time.perf_counter() - started
+PREFACE = b"\x00:F1"
+PRODUCERS = 8
+# How each server's queue producers talk to it (bench/queue_load.py): the original and
+# beanstalkd have their own protocols; the others take the shipped framed client.
+QUEUE_CLIENT = {"original": "oneshot", "beanstalkd": "beanstalkd"}
 
 
 def compile_loadgen(root: Path) -> Path:
@@ -172,18 +112,20 @@ def udp_count(server: Server) -> int:
     return int(json.loads(framed_call(server.port, b"stats"))["udp"])
 
 
-# --- figures ----------------------------------------------------------------------------
+# --- measuring one round on one server ---------------------------------------------------
+
+Measure = Callable[[Figure, str, Server], None]
 
 
 @dataclass
-class Figure:
-    name: str
-    unit: str
-    target: float | None = None  # the minimum ratio service/reference the issue asks for
-    higher_is_better: bool = True
-    rounds: dict[str, list[float]] = field(default_factory=lambda: {"service": [], "reference": []})
-    cpu_us: dict[str, list[float]] = field(default_factory=lambda: {"service": [], "reference": []})
-    extra: dict[str, list[float]] = field(default_factory=dict)
+class Row:
+    """A figure and how one round of it is measured on a server. ``servers`` names the
+    server of a column when it is not the column's own (the Redis engine's service)."""
+
+    figure: Figure
+    measure: Measure
+    rounds: int | None = None  # fewer than the run's (the long queue rows)
+    servers: dict[str, str] = field(default_factory=dict)
 
 
 def loadgen(binary: Path, *args: Any) -> dict[str, Any]:
@@ -191,31 +133,68 @@ def loadgen(binary: Path, *args: Any) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
-def measure_load(fig: Figure, server: Server, binary: Path, args: list[Any]) -> None:
-    cpu = server.cpu
-    result = loadgen(binary, args[0], "127.0.0.1", server.port, *args[1:])
-    used = server.cpu - cpu
-    ops = max(result["ops"], 1)
-    fig.rounds[server.name].append(result["ops"] / result["seconds"])
-    fig.cpu_us[server.name].append(used / ops * 1e6)
-    for key in ("p50_us", "p99_us"):
-        fig.extra.setdefault(f"{server.name} {key}", []).append(result[key])
-    if result["errors"]:
-        fig.extra.setdefault(f"{server.name} errors", []).append(result["errors"])
+def load(binary: Path, mode: str, *args: Any) -> Measure:
+    """A loadgen TCP mode (oneshot, nohalfclose, framed, queue): requests/s, CPU, p50/p99."""
+
+    def measure(fig: Figure, column: str, server: Server) -> None:
+        cpu = server.cpu
+        result = loadgen(binary, mode, "127.0.0.1", server.port, *args)
+        used = server.cpu - cpu
+        fig.add(column, result["ops"] / result["seconds"], used / max(result["ops"], 1) * 1e6)
+        for key in ("p50_us", "p99_us"):
+            fig.note(f"{column} {key}", result[key])
+        if result["errors"]:
+            fig.note(f"{column} errors", result["errors"])
+
+    return measure
 
 
-def measure_udp(
-    fig: Figure, server: Server, binary: Path, rate: int, seconds: float, payload: str
-) -> None:
-    before, cpu = udp_count(server), server.cpu
-    result = loadgen(binary, "udp", "127.0.0.1", server.port, rate, seconds, payload)
-    deadline = time.monotonic() + 5
-    got = udp_count(server) - before
-    while got < result["ops"] and time.monotonic() < deadline:  # let the queue drain
-        time.sleep(0.05)
+def udp(binary: Path, rate: int, seconds: float, payload: str) -> Measure:
+    """Datagrams at ``rate`` for ``seconds``: the percentage the server did not take in."""
+
+    def measure(fig: Figure, column: str, server: Server) -> None:
+        before, cpu = udp_count(server), server.cpu
+        result = loadgen(binary, "udp", "127.0.0.1", server.port, rate, seconds, payload)
+        deadline = time.monotonic() + 5
         got = udp_count(server) - before
-    fig.rounds[server.name].append(100.0 * (result["ops"] - got) / max(result["ops"], 1))
-    fig.cpu_us[server.name].append((server.cpu - cpu) / max(got, 1) * 1e6)
+        while got < result["ops"] and time.monotonic() < deadline:  # let the queue drain
+            time.sleep(0.05)
+            got = udp_count(server) - before
+        lost = 100.0 * (result["ops"] - got) / max(result["ops"], 1)
+        fig.add(column, lost, (server.cpu - cpu) / max(got, 1) * 1e6)
+
+    return measure
+
+
+def queue_jobs(jobs: int, helper: Server | None = None) -> Measure:
+    """``jobs`` echo jobs from PRODUCERS processes (bench/queue_load.py): jobs/s and the
+    server's CPU per job; ``helper`` is a server it relies on (redis-server), whose CPU
+    is noted apart."""
+
+    def measure(fig: Figure, column: str, server: Server) -> None:
+        cpu, helper_cpu = server.cpu, helper.cpu if helper else 0.0
+        kind = QUEUE_CLIENT.get(server.name, "framed")
+        result = queue_load(kind, server.port, jobs)
+        fig.add(column, jobs / result["seconds"], (server.cpu - cpu) / jobs * 1e6)
+        if helper:
+            fig.note(f"{helper.name} cpu_us", (helper.cpu - helper_cpu) / jobs * 1e6)
+        if result["worker_cpu_s"]:
+            fig.note(f"{server.name} workers cpu_us", result["worker_cpu_s"] / jobs * 1e6)
+        if result["errors"]:
+            fig.note(f"{column} errors", result["errors"])
+
+    return measure
+
+
+def queue_load(kind: str, port: int, jobs: int) -> dict[str, Any]:
+    # PYTHONPATH: the producers import this checkout's bgservice.client, not an installed one.
+    path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    command = [sys.executable, str(HERE / "queue_load.py"), kind, str(port), str(jobs)]
+    out = subprocess.run(
+        [*command, str(PRODUCERS)], stdout=subprocess.PIPE, text=True, check=True, env=env
+    )
+    return dict(json.loads(out.stdout))
 
 
 def latency_while_burning(service: Server, calls: int) -> tuple[float, float]:
@@ -265,144 +244,157 @@ def memory_after(server: Server, binary: Path, requests: int) -> float:
 # --- the run ----------------------------------------------------------------------------
 
 
-def run(quick: bool) -> dict[str, Any]:
-    rounds, seconds = (1, 0.3) if quick else (5, 2.0)
-    conns = 4
-    root = Path(tempfile.mkdtemp(prefix="bgbench-"))
-    binary = compile_loadgen(root)
-    figures = [
-        Figure("tcp one-shot (test)", "req/s", 0.8),
-        Figure("framed lock-step, 4 connections", "req/s", 0.7),
-        Figure("framed pipelined, depth 16", "req/s", 0.7),
-        Figure("queue add+get (echo; service: durable SQLite)", "jobs/s", 0.5),
-        Figure("queue add+get, 32 connections (group commit)", "jobs/s", 0.5),
+def tcp_rows(binary: Path, seconds: float) -> list[Row]:
+    def original_form(conns: int) -> Row:
+        fig = Figure(
+            f"original's clients (no half-close), {conns} conns", "req/s",
+            peers=("service", "reference", "original"), versus="original",
+            targets=(p50_within("original"), ratio_to("original", 1.5)),
+        )  # fmt: skip
+        return Row(fig, load(binary, "nohalfclose", conns, seconds, "test:x"))
+
+    return [
+        Row(Figure("tcp one-shot half-closed, 4 conns", "req/s"),
+            load(binary, "oneshot", 4, seconds, "test:x")),
+        Row(Figure("tcp one-shot half-closed, 50 conns", "req/s",
+                   targets=(ratio_to("reference", 0.9),)),
+            load(binary, "oneshot", 50, seconds, "test:x")),
+        original_form(4),
+        original_form(32),
+        Row(Figure("framed lock-step, 4 conns", "req/s",
+                   targets=(ratio_to("reference", 0.8),)),
+            load(binary, "framed", 4, seconds, "test:x", 1)),
+        Row(Figure("framed pipelined, depth 16", "req/s", targets=(ratio_to("reference", 0.5),)),
+            load(binary, "framed", 4, seconds, "test:x", 16)),
+        Row(Figure("queue add+get (loadgen), 4 conns", "jobs/s"),
+            load(binary, "queue", 4, seconds)),
+        Row(Figure("queue add+get (loadgen), 32 conns", "jobs/s"),
+            load(binary, "queue", 32, seconds)),
+    ]  # fmt: skip
+
+
+def queue_rows(jobs: int, rounds: int, redis: Server | None) -> list[Row]:
+    shape = f"queue, {jobs:,} jobs, {PRODUCERS} producers"
+    sqlite = Figure(
+        f"{shape}: SQLite", "jobs/s",
+        peers=("service", "reference", "original", "beanstalkd"), versus="beanstalkd",
+        targets=(rate_at_least(10_000, "jobs/s"), ratio_to("beanstalkd", 1.2), cpu_at_most(80)),
+    )  # fmt: skip
+    engine = Figure(
+        f"{shape}: Redis engine", "jobs/s",
+        peers=("service",), targets=(rate_at_least(3_500, "jobs/s"),),
+    )  # fmt: skip
+    return [
+        Row(sqlite, queue_jobs(jobs), rounds),
+        Row(engine, queue_jobs(jobs, redis), rounds, {"service": "service-redis"}),
     ]
-    loads = [
-        ["oneshot", conns, seconds, "test:x"],
-        ["framed", conns, seconds, "test:x", 1],
-        ["framed", conns, seconds, "test:x", 16],
-        ["queue", conns, seconds],
-        ["queue", 32, seconds],
-    ]
+
+
+def udp_rows(binary: Path, quick: bool, seconds: float) -> list[Row]:
     rates = (
         [(10_000, "count:x")]
         if quick
         else [(20_000, "count:x"), (50_000, "count:x"), (100_000, "count:x"), (20_000, "test:x")]
     )
-    udp = [
-        Figure(f"UDP loss at {r:,}/s" + (", test module (logs each)" if p == "test:x" else ""),
-               "% lost", None, False)
-        for r, p in rates
-    ]  # fmt: skip
-    start = Figure("start-up time (exec -> ready)", "ms", None, False)
-    servers = []
+    rows = []
+    for rate, payload in rates:
+        logs = ", test module (logs each)" if payload == "test:x" else ""
+        name = f"UDP loss at {rate:,}/s{logs}"
+        targets = (loss_at_most(0),) if rate == 100_000 and payload == "count:x" else ()
+        fig = Figure(name, "% lost", targets=targets)
+        rows.append(Row(fig, udp(binary, rate, min(seconds, 1.0), payload)))
+    return rows
+
+
+def start_optional(root: Path, servers: dict[str, Server], notes: list[str]) -> None:
+    """The peers that need a program this machine may lack; a note for each one missing."""
+    lacks = missing()
+    for name, why in lacks.items():
+        notes.append(f"{name} skipped: {why}")
+        print(f"note: {notes[-1]}", file=sys.stderr)
+    if "original" not in lacks:
+        servers["original"] = start_original(root)
+    if "beanstalkd" not in lacks:
+        servers["beanstalkd"] = start_beanstalkd(root)
+    if "service-redis" not in lacks:
+        redis = servers["redis-server"] = start_redis(root)
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        servers["service-redis"] = start_service(root, redis_url=url)[0]
+
+
+def measure_rounds(rows: list[Row], servers: dict[str, Server], rounds: int) -> None:
+    for r in range(rounds):
+        for row in rows:
+            if row.rounds is not None and r >= row.rounds:
+                continue
+            peers = row.figure.peers
+            for column in peers[r % len(peers) :] + peers[: r % len(peers)]:  # turns going first
+                server = servers.get(row.servers.get(column, column))
+                if server is not None:
+                    row.measure(row.figure, column, server)
+
+
+def service_only(service: Server, quick: bool) -> dict[str, float]:
+    idle_p99, busy_p99 = latency_while_burning(service, 100 if quick else 500)
+    reloads = reload_latency(service, 3 if quick else 20)
+    return {
+        "test p99 ms, idle": round(idle_p99, 2),
+        "test p99 ms, while a process module burns CPU": round(busy_p99, 2),
+        "reload latency ms, median": round(statistics.median(reloads), 1),
+        "reload latency ms, max": round(max(reloads), 1),
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    rounds, seconds = (1, 0.3) if quick else (5, 2.0)
+    jobs, queue_rounds = (200, 1) if quick else (10_000, 3)
+    root = Path(tempfile.mkdtemp(prefix="bgbench-"))
+    binary = compile_loadgen(root)
+    start = Figure("start-up time (exec -> ready)", "ms")
+    servers: dict[str, Server] = {}
+    notes: list[str] = []
     try:
         service, took_s = start_service(root)
+        servers["service"] = service
         reference, took_r = start_reference(root)
-        servers = [service, reference]
-        start.rounds["service"].append(took_s * 1000)
-        start.rounds["reference"].append(took_r * 1000)
-        idle_rss = {s.name: s.rss_mb for s in servers}
-        for r in range(rounds):
-            order = servers if r % 2 == 0 else servers[::-1]
-            for fig, args in zip(figures, loads, strict=True):
-                for server in order:
-                    measure_load(fig, server, binary, args)
-            for fig, (rate, payload) in zip(udp, rates, strict=True):
-                for server in order:
-                    measure_udp(fig, server, binary, rate, min(seconds, 1.0), payload)
+        servers["reference"] = reference
+        start.add("service", took_s * 1000)
+        start.add("reference", took_r * 1000)
+        start_optional(root, servers, notes)
+        rows = [
+            *tcp_rows(binary, seconds),
+            *queue_rows(jobs, queue_rounds, servers.get("redis-server")),
+            *udp_rows(binary, quick, seconds),
+        ]
+        idle_rss = {s.name: s.rss_mb for s in (service, reference)}
+        measure_rounds(rows, servers, rounds)
         requests = 20_000 if quick else 1_000_000
         # Twice: growth between the first and the second million would be a leak; growth
         # before the first is warm-up (caches, the kept results of the queue figures).
-        after_rss = {s.name: memory_after(s, binary, requests) for s in servers}
-        after_twice = {s.name: memory_after(s, binary, requests) for s in servers}
-        idle_p99, busy_p99 = latency_while_burning(service, 100 if quick else 500)
-        reloads = reload_latency(service, 3 if quick else 20)
+        after_rss = {s.name: memory_after(s, binary, requests) for s in (service, reference)}
+        after_twice = {s.name: memory_after(s, binary, requests) for s in (service, reference)}
+        only = service_only(service, quick)
         for _ in range(0 if quick else 2):
             for starter, name in ((start_service, "service"), (start_reference, "reference")):
                 extra, took = starter(root)
-                start.rounds[name].append(took * 1000)
+                start.add(name, took * 1000)
                 extra.stop()
     finally:
-        for server in servers:
+        for server in servers.values():
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
     return {
         "machine": machine(),
         "quick": quick,
-        "figures": [f.__dict__ for f in [*figures, *udp, start]],
+        "figures": [row.figure.as_dict() for row in rows] + [start.as_dict()],
         "memory_mb": {
             "idle": idle_rss,
             f"after {requests:,} requests": after_rss,
             f"after {2 * requests:,} requests": after_twice,
         },
-        "service_only": {
-            "test p99 ms, idle": round(idle_p99, 2),
-            "test p99 ms, while a process module burns CPU": round(busy_p99, 2),
-            "reload latency ms, median": round(statistics.median(reloads), 1),
-            "reload latency ms, max": round(max(reloads), 1),
-        },
+        "service_only": only,
+        "notes": notes,
     }
-
-
-def machine() -> dict[str, Any]:
-    import uvloop
-
-    cpu = next(
-        (li.split(":", 1)[1].strip() for li in Path("/proc/cpuinfo").read_text().splitlines()
-         if li.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "uvloop": uvloop.__version__,
-        "kernel": platform.release(),
-    }
-
-
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    med = statistics.median(values)
-    return f"{med:,.0f} ({min(values):,.0f}-{max(values):,.0f})" if med >= 100 else (
-        f"{med:.2f} ({min(values):.2f}-{max(values):.2f})")  # fmt: skip
-
-
-def table(report: dict[str, Any]) -> str:
-    rows = [
-        ["figure", "unit", "service median (min-max)", "reference median (min-max)", "ratio",
-         "target", "CPU us/op svc", "ref"],
-    ]  # fmt: skip
-    for f in report["figures"]:
-        svc, ref = f["rounds"]["service"], f["rounds"]["reference"]
-        ratio = "-"
-        if svc and ref and statistics.median(ref) > 0:
-            value = statistics.median(svc) / statistics.median(ref)
-            ratio = f"{value:.2f}"
-            if f["target"] is not None and value < f["target"]:
-                ratio += f" (missed by {f['target'] - value:.2f})"
-        elif f["unit"] == "% lost":
-            ratio = "-"
-        cpu = [statistics.median(f["cpu_us"][k]) if f["cpu_us"][k] else None
-               for k in ("service", "reference")]  # fmt: skip
-        rows.append([
-            f["name"], f["unit"], _cell(svc), _cell(ref), ratio,
-            f">= {f['target']}" if f["target"] else "",
-            *(f"{c:.1f}" if c is not None else "-" for c in cpu),
-        ])  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    for f in report["figures"]:
-        lat = {k: statistics.median(v) for k, v in f["extra"].items() if "p" in k and "_us" in k}
-        if lat:
-            lines.append(f"  {f['name']}: " + ", ".join(f"{k} {v:,.0f}" for k, v in lat.items()))
-    lines.append("memory (resident MB): " + json.dumps(report["memory_mb"]))
-    lines.append("service only: " + json.dumps(report["service_only"]))
-    lines.append("machine: " + json.dumps(report["machine"]))
-    return "\n".join(lines)
 
 
 def main() -> None:
