@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
 from bgservice.config import Settings
+from bgservice.eager import hop, in_task, resume
 from bgservice.errors import (
     Busy,
     CallTimeout,
@@ -36,6 +36,7 @@ from bgservice.request import Request
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
+Loop = asyncio.AbstractEventLoop
 
 # Names that are never a module's: the built-in commands (bgservice.commands).
 RESERVED = frozenset({"queue", "service", "helo", "hello"})
@@ -106,31 +107,15 @@ class Execution:
         try:
             if version.execution == "process":
                 try:
-                    return await self.processes(version, request, timeout)
+                    return await self._in_process(version, request, timeout, loop)
                 finally:
                     release()
             if handler.is_async:
                 try:
-                    # The first step runs at once: a handler that finishes without waiting
-                    # (most replies) costs no timer. One that waits is resumed under its
-                    # timeout (asyncio.timeout, not wait_for: no second task per call).
-                    coro = handler.fn(request)
-                    try:
-                        first = coro.send(None)
-                    except StopIteration as done:
-                        return done.value
-                    async with asyncio.timeout(timeout):
-                        return await _resume(coro, first)
+                    return await self._on_loop(handler, request, timeout, loop)
                 finally:
                     release()
-            try:
-                job = self.threads.submit(handler.fn, request)
-            except RuntimeError:  # the pool is shut down: we are stopping
-                release()
-                raise Busy("Shutting down") from None
-            job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
-            async with asyncio.timeout(timeout):
-                return await asyncio.wrap_future(job)
+            return await self._in_thread(handler, request, timeout, loop, release)
         except TimeoutError:
             log.warning("module %s timed out after %.3g s", name, timeout)
             message = f"Module {name} timed out after {timeout:g} s"
@@ -147,29 +132,50 @@ class Execution:
                 message += "\n" + trace
             raise HandlerError(message) from exc
 
+    async def _in_process(
+        self, version: ModuleVersion, request: Request, timeout: float, loop: Loop
+    ) -> Any:
+        if not in_task(loop):  # started eagerly: its timeout needs a task
+            await hop()
+        return await self.processes(version, request, timeout)
+
+    async def _on_loop(self, handler: Handler, request: Request, timeout: float, loop: Loop) -> Any:
+        # The first step runs at once: a handler that finishes without waiting (most
+        # replies) costs no timer. One that waits is resumed under its timeout
+        # (asyncio.timeout, not wait_for: no second task per call).
+        coro = handler.fn(request)
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            return done.value
+        if not in_task(loop):  # started eagerly: its timeout needs a task
+            await hop()
+        async with asyncio.timeout(timeout):
+            return await resume(coro, first)
+
+    async def _in_thread(
+        self,
+        handler: Handler,
+        request: Request,
+        timeout: float,
+        loop: Loop,
+        release: Callable[[], None],
+    ) -> Any:
+        try:
+            job = self.threads.submit(handler.fn, request)
+        except RuntimeError:  # the pool is shut down: we are stopping
+            release()
+            raise Busy("Shutting down") from None
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+        if not in_task(loop):  # started eagerly: its timeout needs a task
+            await hop()
+        async with asyncio.timeout(timeout):
+            return await asyncio.wrap_future(job)
+
     def _failed(self, request: Request, message: str, detail: str) -> None:
         """A module failed a direct call (a queued job alerts once it has failed for good)."""
         if request.origin.alerted:
             self.events.emit(CALL_FAILED, title=message, detail=detail, module=request.module)
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Go on awaiting ``coro`` after its first step ran outside: hand what it yielded to
-    the task, and what the task sends or throws (a result, a cancellation) back to it."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as done:
-                return done.value
 
 
 def describe_execution(version: ModuleVersion) -> str:

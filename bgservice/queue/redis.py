@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
+from bgservice.eager import hop
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.events import Events
 from bgservice.protocol import OK
@@ -67,10 +68,13 @@ _BACKOFF_MAX = 5.0
 def _available(
     method: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis unreachable -> 503 for this command (the client reconnects by itself)."""
+    """Redis unreachable -> 503 for this command (the client reconnects by itself).
+    Started eagerly (bgservice.eager), it first moves into a task: redis-py needs one."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if asyncio.current_task() is None:
+            await hop()
         try:
             return await method(*args, **kwargs)
         except RedisError as exc:
@@ -81,12 +85,8 @@ def _available(
 
 
 def _script_error(code: int, message: str) -> ServiceError:
-    kinds: dict[int, type[ServiceError]] = {
-        404: NotFound,
-        409: Conflict,
-        424: DependencyFailed,
-        503: Busy,
-    }
+    kinds: dict[int, type[ServiceError]]
+    kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
     return kinds.get(code, Conflict)(message)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bgservice import eager
 from bgservice.access import AccessList
 from bgservice.config import Limits
 from bgservice.origin import Origin
@@ -38,6 +39,7 @@ class StreamContext:
     jobs: JobAdder  # what handlers' add_job() adds to
     tasks: set[asyncio.Task[Any]]
     connections: set[StreamProtocol] = field(default_factory=set)
+    segments: dict[str, int] = field(default_factory=dict)  # peer host -> TCP segment size
     # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a getpid
     # system call, a measurable share of a small request's cost.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -55,6 +57,18 @@ class StreamContext:
             task.get_loop().call_exception_handler(
                 {"message": "unexpected error in a connection task", "exception": exc}
             )
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+        """Serve now what needs no wait: ``(True, result)``, else ``(False, task)`` for
+        the rest (bgservice.eager). A bug of ours is reported as a task's would be, and
+        is ``(True, None)``."""
+        try:
+            return eager.start(coro, self.spawn)
+        except Exception as exc:
+            self.loop.call_exception_handler(
+                {"message": "unexpected error serving a connection", "exception": exc}
+            )
+            return True, None
 
     def request(self, module: str, data: bytes, peer: str, sink: Any) -> Request:
         return Request(module, data, self.origin, peer, sink=sink, loop=self.loop, jobs=self.jobs)
@@ -113,7 +127,6 @@ class StreamProtocol(asyncio.Protocol):
         self.ctx.connections.discard(previous)
         self.ctx.connections.add(self)
         self.transport.set_protocol(self)
-        self.arm_deadline(self.next_deadline(self.loop.time()) or self.loop.time())
 
     # --- asyncio.Protocol -------------------------------------------------------------
 

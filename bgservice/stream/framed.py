@@ -24,7 +24,8 @@ class Framed(StreamProtocol):
     """A connection that carries framed requests until the client closes it."""
 
     decoder: FrameDecoder
-    pending: deque[asyncio.Task[bytes]]
+    # Replies in request order: the bytes of one served at once, or the task serving it.
+    pending: deque[bytes | asyncio.Task[bytes]]
     frame_started: float | None = None  # loop time the unfinished frame began
     eof = False
     stopping = False  # the service is shutting down: close once answered
@@ -34,6 +35,7 @@ class Framed(StreamProtocol):
         self.decoder = FrameDecoder(self.ctx.limits.max_request_bytes)
         self.pending = deque()
         self.take_over(previous)
+        self.arm_deadline(self.loop.time() + self.ctx.limits.idle_timeout)
         self.transport.write(PREFACE)
         self._frames(rest)
 
@@ -85,6 +87,8 @@ class Framed(StreamProtocol):
                 continue
             module, payload = split_request(item)
             self._queue_reply(self._serve(module, payload))
+        if items:
+            self._flush()  # what was served at once goes out in one send
         if not decoder.partial:
             self.frame_started = None
         elif items or not was_partial:  # a new frame began in this chunk
@@ -94,9 +98,12 @@ class Framed(StreamProtocol):
             self.flow.busy(True)
 
     def _queue_reply(self, coro: Coroutine[Any, Any, bytes]) -> None:
-        task = self.ctx.spawn(coro)
-        self.pending.append(task)
-        task.add_done_callback(self._flush)
+        done, reply = self.ctx.start(coro)
+        if done:
+            self.pending.append(reply if reply is not None else framed_reply(500, b"Internal"))
+            return
+        self.pending.append(reply)
+        reply.add_done_callback(self._flush)
 
     async def _fixed(self, status: int, message: str) -> bytes:
         return framed_reply(status, message.encode())
@@ -111,10 +118,17 @@ class Framed(StreamProtocol):
         # Pipelined requests often finish together: their replies share one send.
         ready: list[bytes] = []
         pending = self.pending
-        while pending and pending[0].done():
-            task = pending.popleft()
-            if not self.closed and not task.cancelled():
-                ready.append(task.result())
+        while pending:
+            head = pending[0]
+            if type(head) is bytes:
+                ready.append(pending.popleft())  # type: ignore[arg-type]
+                continue
+            assert isinstance(head, asyncio.Task)
+            if not head.done():
+                break
+            pending.popleft()
+            if not head.cancelled():
+                ready.append(head.result())
         if self.closed:
             return
         if ready:

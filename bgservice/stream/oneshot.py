@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from bgservice.origin import Origin
 from bgservice.protocol import OK, one_shot_error, split_request
 from bgservice.request import Request
 from bgservice.stream.base import StreamProtocol
@@ -34,27 +35,40 @@ class OneShot(StreamProtocol):
         whether the client half-closed already."""
         self.buf = bytearray()
         self.take_over(previous)
-        self._add(head)
-        if self.draining:
-            return
-        if eof or (reads == 1 and self._whole_write(len(head))):
+        whole = eof or (reads == 1 and self._whole_write(len(head)))
+        if whole and len(head) <= self.ctx.limits.max_request_bytes:
+            self.buf += head
             self._complete()
+            return
+        self.arm_deadline(self.started + self.ctx.limits.read_timeout)
+        self._add(head)
 
     def _whole_write(self, size: int) -> bool:
         """True when a first read of ``size`` bytes must be a whole request: shorter than
         one segment, it was one write (a longer write comes as full segments first)."""
         if self.ctx.limits.one_shot_end != "segment":
             return False
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        if sock.family == socket.AF_UNIX:
+        if self.ctx.origin is Origin.UNIX:
             return size < UNIX_PIECE
-        try:
-            segment: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
-        except OSError:
-            return False  # no segment size: the quiet gap decides
-        return size < segment
+        return size < self._segment()
+
+    def _segment(self) -> int:
+        """The connection's TCP segment size (0: unknown), asked of the kernel once per
+        peer host: it belongs to the path, and getting at the socket costs four system
+        calls a connection."""
+        segments = self.ctx.segments
+        host = self.peer.rpartition(":")[0]
+        size = segments.get(host)
+        if size is None:
+            sock = self.transport.get_extra_info("socket")
+            try:
+                size = int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+            except (OSError, AttributeError):
+                size = 0  # no segment size: the quiet gap decides
+            if len(segments) >= 1024:  # many peers: bounded, the busy ones come back
+                segments.clear()
+            segments[host] = size
+        return size
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -120,7 +134,7 @@ class OneShot(StreamProtocol):
         module, data = split_request(bytes(self.buf))
         self.buf = bytearray()
         request = self.ctx.request(module, data, self.peer, self._write)
-        self.ctx.spawn(self._serve(request))
+        self.ctx.start(self._serve(request))
 
     async def _serve(self, request: Request) -> None:
         status, body = await self.ctx.commands.call(request)

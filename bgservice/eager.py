@@ -1,0 +1,57 @@
+"""Running a coroutine's first step at once, and a task only for what is left.
+
+Most requests finish without waiting (a cached reply, a short ``async def`` handler, a
+built-in command): for them a task, and the loop iteration it waits for, is pure cost.
+``start`` runs the first step in the caller; a coroutine that waits goes on in a task
+that takes over exactly where it stopped (``resume``). Python 3.12's eager task factory
+does the same for every task; this does it only where it is known to pay, and on 3.11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+
+
+def start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
+    """Run ``coro`` up to its first wait: ``(True, result)`` when it finished there,
+    else ``(False, task)``: the rest handed to ``spawn``, which makes it a task."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, spawn(resume(coro, yielded))
+
+
+@types.coroutine
+def hop() -> Generator[None, None, None]:
+    """Give the loop one turn. Run inside ``start``'s first step, it ends that step: what
+    follows runs in the task ``start`` made (``asyncio.timeout`` needs a task)."""
+    yield
+
+
+def in_task(loop: asyncio.AbstractEventLoop) -> bool:
+    return asyncio.current_task(loop) is not None
+
+
+@types.coroutine
+def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coro`` after its first step ran outside: hand what it yielded to
+    the task, and what the task sends or throws (a result, a cancellation) back to it."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value
