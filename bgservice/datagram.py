@@ -1,10 +1,11 @@
 """The datagram transport (UDP and Unix datagram sockets): one datagram, one request,
 nothing ever sent back.
 
-``datagram_received`` only checks the peer and queues the datagram; a fixed number of
-serving tasks (``[limits] udp_workers``) run the modules. The queue is bounded, so a flood
-costs dropped datagrams (counted in ``service:stats``), never memory or the TCP clients'
-turn on the loop.
+``datagram_received`` checks the peer and hands the datagram to ``DatagramQueue``, which
+serves it at once when its handler needs no wait, else in one of at most
+``[limits] udp_workers`` tasks, queueing the rest. The queue is bounded, so a flood costs
+dropped datagrams (counted in ``service:stats``), never memory or the TCP clients' turn on
+the loop.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ Datagram = tuple[bytes, str, Origin]  # (bytes, peer, where it came from)
 
 
 class DatagramQueue:
-    """The bounded queue of received datagrams and the tasks that serve them.
+    """Received datagrams: served at once when their handler needs no wait, a bounded
+    queue for the rest.
 
-    The hot path is kept lean (it runs once per datagram): a plain deque instead of
-    ``asyncio.Queue``, a future per *idle* task only, and tasks that serve what is
-    queued back to back, yielding to the loop every ``BATCH`` datagrams so that a flood of
-    handlers that never suspend cannot hold the loop away from TCP clients.
+    A datagram whose handler finishes in its first step (logging, counting: most) is served
+    inside ``datagram_received``, with no task and no queue (Dispatcher.notify): at 100,000
+    datagrams a second, a task and a queue hop each cost more than the handler. One that
+    waits (a ``def`` handler in the thread pool, an ``await``) goes on in a task; at most
+    ``tasks`` (``[limits] udp_workers``) wait at once. Meanwhile new datagrams queue, up to
+    ``size`` (beyond it they are dropped and counted), and are served as the waiting ones
+    finish, ``BATCH`` per loop turn, so that a backlog cannot hold the loop away from TCP.
     """
 
     BATCH = 16
@@ -47,30 +52,64 @@ class DatagramQueue:
         self.maxsize = size
         self.ntasks = tasks
         self.pending: deque[Datagram] = deque()
-        self.active = 0  # datagrams being served (at most ``tasks``)
-        self._idle: list[asyncio.Future[None]] = []  # one per task waiting for work
+        self.waiting: set[asyncio.Task[None]] = set()  # handlers that wait, in tasks
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backlog_soon = False  # a turn to serve the backlog is scheduled
         self._emptied: asyncio.Future[None] | None = None  # set by drain()
-        self._tasks: list[asyncio.Task[None]] = []
         self._names: dict[bytes, str] = {}  # raw module head -> cleaned name
         self._last_drop_log = 0.0
         self._drops_unlogged = 0
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._work()) for _ in range(self.ntasks)]
+        self._loop = asyncio.get_running_loop()
 
     def offer(self, item: Datagram) -> None:
-        pending = self.pending
-        if len(pending) >= self.maxsize:
-            self._drop()
+        if self.pending or len(self.waiting) >= self.ntasks:
+            if len(self.pending) >= self.maxsize:
+                self._drop()
+            else:
+                self.pending.append(item)
             return
-        pending.append(item)
-        idle = self._idle
-        while idle:
-            waiter = idle.pop()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._serve(item)
+
+    def _serve(self, item: Datagram) -> None:
+        data, peer, origin = item
+        head, _, payload = data.partition(b":")
+        module = self._names.get(head)
+        if module is None:
+            module = self._name(data)
+        loop = self._loop
+        assert loop is not None, "DatagramQueue.start() not called"
+        request = Request(module, payload, origin, peer, loop=loop, jobs=self.jobs)
+        rest = self.dispatcher.notify(request)  # served now, unless its handler waits
+        if rest is not None:
+            task = loop.create_task(rest)
+            self.waiting.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.waiting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error serving a datagram", exc_info=task.exception())
+        self._serve_backlog_soon()
+
+    def _serve_backlog_soon(self) -> None:
+        if self._backlog_soon or self._loop is None:
+            return
+        if self.pending:
+            self._backlog_soon = True
+            self._loop.call_soon(self._serve_backlog)
+        elif not self.waiting and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
+
+    def _serve_backlog(self) -> None:
+        self._backlog_soon = False
+        pending = self.pending
+        for _ in range(self.BATCH):
+            if not pending or len(self.waiting) >= self.ntasks:
                 break
+            self._serve(pending.popleft())
+        self._serve_backlog_soon()
 
     def _drop(self) -> None:
         self.stats.udp_dropped += 1
@@ -84,40 +123,6 @@ class DatagramQueue:
             )
             self._last_drop_log, self._drops_unlogged = now, 0
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        pending = self.pending
-        notify = self.dispatcher.notify
-        batch = self.BATCH
-        names = self._names
-        jobs = self.jobs
-        served = 0
-        while True:
-            if not pending:
-                served = 0
-                if self.active == 0 and self._emptied is not None and not self._emptied.done():
-                    self._emptied.set_result(None)
-                waiter = loop.create_future()
-                self._idle.append(waiter)
-                await waiter  # offer() skips the waiter if cancelled (drain)
-                continue
-            data, peer, origin = pending.popleft()
-            self.active += 1
-            try:
-                head, _, payload = data.partition(b":")
-                module = names.get(head)
-                if module is None:
-                    module = self._name(data)
-                await notify(Request(module, payload, origin, peer, loop=loop, jobs=jobs))
-            except Exception:  # notify logs a module's errors itself; this is a bug of ours
-                log.exception("internal error serving a %s datagram from %s", origin.value, peer)
-            finally:
-                self.active -= 1
-            served += 1
-            if served >= batch:  # let the loop read sockets and serve TCP in between
-                served = 0
-                await asyncio.sleep(0)
-
     def _name(self, data: bytes) -> str:
         """The module name of a datagram (``split_request``'s), remembered per raw head:
         clients send to a handful of modules, and the regex is the costly part."""
@@ -128,16 +133,18 @@ class DatagramQueue:
         return module
 
     async def drain(self, timeout: float) -> None:
-        """Serve what is already queued (within ``timeout``), then stop the serving tasks."""
-        if self.pending or self.active:
+        """Serve what is already queued (within ``timeout``), then cancel what still runs."""
+        if self.pending or self.waiting:
             self._emptied = asyncio.get_running_loop().create_future()
+            self._serve_backlog_soon()
             try:
                 await asyncio.wait_for(asyncio.shield(self._emptied), timeout)
             except TimeoutError:
                 log.warning("%d datagrams not served before shutdown", len(self.pending))
-        for task in self._tasks:
+        self.pending.clear()
+        for task in list(self.waiting):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self.waiting, return_exceptions=True)
 
 
 class DatagramEndpoint(asyncio.DatagramProtocol):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from bgservice.config import Settings
 from bgservice.errors import Busy, HandlerError, ServiceError
@@ -85,14 +86,36 @@ class Dispatcher:
         self._count(request, reply[0], start, len(reply[1]))
         return reply
 
-    async def notify(self, request: Request) -> None:
-        """Serve a fire-and-forget request (UDP, Unix datagram): nothing is sent back."""
+    def notify(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Serve a fire-and-forget request (UDP, Unix datagram): nothing is sent back.
+
+        Its handler's first step runs now (Execution.start); a handler that finished there
+        is done (None), else the coroutine that finishes it is returned, for the caller to
+        run in a task (its timeout needs one).
+        """
         start = time.perf_counter()
-        status = OK
         try:
             version, handler = self.execution.resolve(request.module, request.origin)
-            await self.execution.run(version, handler, request)
-        except ServiceError as exc:
+            done, rest = self.execution.start(version, handler, request)
+        except Exception as exc:
+            self._notified(request, start, exc)
+            return None
+        if done:
+            self._count(request, OK, start, 0)
+            return None
+        return self._notify_rest(request, rest, start)
+
+    async def _notify_rest(self, request: Request, rest: Awaitable[Any], start: float) -> None:
+        try:
+            await rest
+        except Exception as exc:  # the boundary: _notified sorts it out
+            self._notified(request, start, exc)
+        else:
+            self._count(request, OK, start, 0)
+
+    def _notified(self, request: Request, start: float, exc: Exception) -> None:
+        """A fire-and-forget request failed: a log line (there is no one to reply to)."""
+        if isinstance(exc, ServiceError):
             status = exc.code
             log.warning(
                 "%s request from %s for module %s failed: %d %s",
@@ -102,9 +125,14 @@ class Dispatcher:
                 exc.code,
                 exc.message,
             )
-        except Exception:
+        else:
             status = 500
-            log.exception("internal error serving %s from %s", shown(request.module), request.peer)
+            log.error(
+                "internal error serving %s from %s",
+                shown(request.module),
+                request.peer,
+                exc_info=exc,
+            )
         self._count(request, status, start, 0)
 
     async def _module(self, request: Request, timeout: float | None) -> bytes:
@@ -117,9 +145,10 @@ class Dispatcher:
 
     def _count(self, request: Request, status: int, start: float, out: int) -> None:
         module = request.module
-        if module not in RESERVED and self.registry.get(module) is None:
+        if status != OK and module not in RESERVED and self.registry.get(module) is None:
             # Names of no module share one entry: garbage requests must not grow the
-            # stats (and /metrics' label sets) without bound.
+            # stats (and /metrics' label sets) without bound. (A reply of 200 came from a
+            # module or a command: no need to look.)
             module = UNKNOWN_MODULE
         key = (module, request.transport)
         self.stats.requests[key] += 1

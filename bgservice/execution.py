@@ -105,32 +105,81 @@ class Execution:
             self.stats.in_flight[name] -= 1
 
         try:
+            if handler.is_async and version.execution != "process":
+                try:
+                    return await self._on_loop(handler, request, timeout, loop)
+                finally:
+                    version.release()
+                    self.stats.in_flight[name] -= 1
             if version.execution == "process":
                 try:
                     return await self._in_process(version, request, timeout, loop)
                 finally:
                     release()
-            if handler.is_async:
-                try:
-                    return await self._on_loop(handler, request, timeout, loop)
-                finally:
-                    release()
             return await self._in_thread(handler, request, timeout, loop, release)
         except TimeoutError:
-            log.warning("module %s timed out after %.3g s", name, timeout)
-            message = f"Module {name} timed out after {timeout:g} s"
-            self._failed(request, message, f"{request.transport} from {request.peer}")
-            raise CallTimeout(message) from None
+            raise self._timed_out(name, request, timeout) from None
         except ServiceError:
             raise
         except Exception as exc:
-            log.error("module %s raised", name, exc_info=exc)
-            message = f"Module {name} raised {type(exc).__name__}: {exc}"
-            trace = "".join(traceback.format_exception(exc))
-            self._failed(request, message, trace)
-            if self.settings.verbose:
-                message += "\n" + trace
-            raise HandlerError(message) from exc
+            raise self._raised(name, request, exc) from exc
+
+    def start(
+        self, version: ModuleVersion, handler: Handler, request: Request
+    ) -> tuple[bool, Any]:
+        """Run a call's first step now where its handler allows it (``async def`` on the
+        loop): ``(True, result)`` when it finished there, else ``(False, rest)``, a
+        coroutine to run *in a task* for the result. Raises the call's error.
+
+        A call that finishes within its first step ran inside one step of the loop: no
+        reload can have come between, so it needs no hold on its version.
+        """
+        if not handler.is_async or version.execution == "process":
+            return False, self.run(version, handler, request)
+        coro = handler.fn(request)
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            return True, done.value
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise self._raised(version.name, request, exc) from exc
+        return False, self._rest(version, request, coro, first)
+
+    async def _rest(
+        self, version: ModuleVersion, request: Request, coro: Any, first: Any
+    ) -> Any:
+        name, timeout = version.name, self.timeout_of(version)
+        version.acquire()
+        self.stats.in_flight[name] += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await resume(coro, first)
+        except TimeoutError:
+            raise self._timed_out(name, request, timeout) from None
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise self._raised(name, request, exc) from exc
+        finally:
+            version.release()
+            self.stats.in_flight[name] -= 1
+
+    def _timed_out(self, name: str, request: Request, timeout: float) -> CallTimeout:
+        log.warning("module %s timed out after %.3g s", name, timeout)
+        message = f"Module {name} timed out after {timeout:g} s"
+        self._failed(request, message, f"{request.transport} from {request.peer}")
+        return CallTimeout(message)
+
+    def _raised(self, name: str, request: Request, exc: Exception) -> HandlerError:
+        log.error("module %s raised", name, exc_info=exc)
+        message = f"Module {name} raised {type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(exc))
+        self._failed(request, message, trace)
+        if self.settings.verbose:
+            message += "\n" + trace
+        return HandlerError(message)
 
     async def _in_process(
         self, version: ModuleVersion, request: Request, timeout: float, loop: Loop

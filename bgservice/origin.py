@@ -19,23 +19,19 @@ class Origin(enum.Enum):
     QUEUE = "queue"  # a queued job's run
     ALERT = "alert"  # an alert handed to [alerts] module
 
-    @property
-    def is_datagram(self) -> bool:
-        """Fire-and-forget: nothing is sent back, and the module's ``handle_udp`` runs."""
-        return self is Origin.UDP or self is Origin.UNIX_DGRAM
+    # What follows from the origin, computed once per member: read on every request, and
+    # an enum property costs a descriptor call each time.
+    is_datagram: bool  # fire-and-forget: nothing is sent back, handle_udp runs
+    handler: str  # which handler of a module serves it: "udp" or "tcp"
+    accepts: str  # the ACCEPTS entry a module needs for it: "tcp", "udp" or "queue"
+    alerted: bool  # a module failing it is worth a "call" alert at once
+    transport: str  # the name modules see as request.transport (the value)
 
-    @property
-    def handler(self) -> str:
-        """Which handler of a module serves it: ``udp`` (handle_udp) or ``tcp`` (handle_tcp)."""
-        return "udp" if self.is_datagram else "tcp"
-
-    @property
-    def accepts(self) -> str:
-        """The ``ACCEPTS`` entry a module needs for it: ``tcp``, ``udp`` or ``queue``."""
-        return "queue" if self is Origin.QUEUE else self.handler
-
-    @property
-    def alerted(self) -> bool:
-        """A module failing it is worth a ``call`` alert at once (a queued job alerts once
-        it has failed for good; an alert's own failure never raises another)."""
-        return self is not Origin.QUEUE and self is not Origin.ALERT
+    def __init__(self, value: str) -> None:
+        self.is_datagram = value in ("udp", "unix_dgram")
+        self.handler = "udp" if self.is_datagram else "tcp"
+        self.accepts = "queue" if value == "queue" else self.handler
+        # A queued job alerts once it has failed for good; an alert's own failure never
+        # raises another.
+        self.alerted = value not in ("queue", "alert")
+        self.transport = value

@@ -101,7 +101,7 @@ class Request:
 
     @property
     def transport(self) -> str:
-        return self.origin.value
+        return self.origin.transport
 
     @property
     def text(self) -> str:
