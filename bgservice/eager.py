@@ -16,14 +16,22 @@ from typing import Any
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
+# First steps running now, nested (a request started eagerly may start a job eagerly):
+# while one runs, the task current_task() names is not the coroutine's own, whatever it is.
+_depth = 0
+
 
 def start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
     """Run ``coro`` up to its first wait: ``(True, result)`` when it finished there,
     else ``(False, task)``: the rest handed to ``spawn``, which makes it a task."""
+    global _depth
+    _depth += 1
     try:
         yielded = coro.send(None)
     except StopIteration as done:
         return True, done.value
+    finally:
+        _depth -= 1
     return False, spawn(resume(coro, yielded))
 
 
@@ -35,7 +43,9 @@ def hop() -> Generator[None, None, None]:
 
 
 def in_task(loop: asyncio.AbstractEventLoop) -> bool:
-    return asyncio.current_task(loop) is not None
+    """True when the running coroutine is its task's own, not a first step run by ``start``
+    (inside which a timeout would bind to the wrong task, or to none)."""
+    return _depth == 0 and asyncio.current_task(loop) is not None
 
 
 @types.coroutine

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bgservice.queue.job import Job, JobState
-from bgservice.queue.sqlite import SqliteStore
+from bgservice.queue.sqlite import SCHEMA, SqliteStore
 from bgservice.queue.store import Run
 
 
@@ -43,7 +43,26 @@ async def test_ids_are_never_reused_after_deleting_the_newest(tmp_path):
     await store.close()
     store = SqliteStore(tmp_path / "jobs.db")
     assert await store.open() == []
-    assert await store.insert(_job()) == job.id + 1
+    later = await store.insert(_job())
+    assert later > job.id
+    await store.close()
+    store = SqliteStore(tmp_path / "jobs.db")  # a restart inside a block of ids
+    await store.open()
+    assert await store.insert(_job()) > later
+    await store.close()
+
+
+async def test_a_database_of_the_first_release_goes_on_from_its_highest_id(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as conn:  # AUTOINCREMENT, as the first release made it
+        first = SCHEMA.replace("id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,")
+        conn.executescript(first)
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', 41)")
+    store = SqliteStore(path)
+    await store.open()
+    assert await store.insert(_job()) == 42
     await store.close()
 
 

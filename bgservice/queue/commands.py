@@ -57,6 +57,8 @@ def parse(data: bytes) -> Command:
     word, _, query = head.decode("utf-8", "replace").strip().partition("?")
     if word not in COMMANDS:
         raise UnknownQueueRequest()
+    if not query:  # the original's forms, and most requests: nothing to parse
+        return Command(word, {}, args)
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:

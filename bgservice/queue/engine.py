@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -189,6 +190,10 @@ class JobQueue(abc.ABC):
     async def retry(self, jid: int) -> int: ...
 
     @abc.abstractmethod
+    async def delete(self, jid: int) -> None:
+        """Forget a finished job and its result (its run records stay, for the history)."""
+
+    @abc.abstractmethod
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]: ...
 
     @abc.abstractmethod
@@ -199,6 +204,22 @@ def finished_result(job: Job) -> Result:
     if job.state is JobState.WAITING or job.state is JobState.RUNNING:
         raise BadRequest("job not finished")
     return job.status or OK, job.result or b""
+
+
+def queue_stats(
+    counts: dict[str, int], oldest: float | None, runs: list[Run], window: float, workers: int
+) -> dict[str, Any]:
+    """``queue:stats``: counts per state, the oldest waiting job's age, and from the run
+    history (``runs``: at least the last minute and ``window``) the rate and busy hours."""
+    now = time.time()
+    last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
+    return {
+        "counts": counts,
+        "oldest_waiting_age": round(now - oldest, 3) if oldest else None,
+        "finished_per_minute": len(last_minute),
+        "workers": workers,
+        "window": busy_by_hour([r for r in runs if r.finished >= now - window], now, window),
+    }
 
 
 def busy_by_hour(runs: list[Run], now: float, window: float) -> dict[str, Any]:

@@ -104,7 +104,13 @@ class Job:
         self.state = state
 
     def row(self) -> tuple[Any, ...]:
-        return tuple(str(getattr(self, c)) if c == "state" else getattr(self, c) for c in COLUMNS)
+        """The stored row, in ``COLUMNS`` order (spelt out: it is built for every job)."""
+        return (
+            self.id, self.module, self.data, str(self.state), self.priority, self.run_at,
+            self.created, self.started, self.finished, self.attempts, self.max_retries,
+            self.backoff, self.timeout, self.unique_key, self.after, self.status, self.result,
+            self.error, self.cancel_requested, self.expires,
+        )  # fmt: skip
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Job:

@@ -9,12 +9,12 @@ shared by every ``queue:get`` on it: no polling, no CPU while waiting.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
+from bgservice import eager
 from bgservice.config import QueueSettings
 from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed
 from bgservice.events import Events
@@ -24,18 +24,19 @@ from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
-    busy_by_hour,
     finished_result,
     not_found,
+    queue_stats,
     run_record,
 )
+from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.store import Run, Store
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
-_FINISHED_CACHE = 10_000
 
 
 class LocalQueue(JobQueue):
@@ -54,18 +55,17 @@ class LocalQueue(JobQueue):
         self.module_limits = module_limits
         self.store = store
         self.jobs: dict[int, Job] = {}  # waiting and running
-        self._ready: list[tuple[int, int]] = []  # (-priority, id)
-        self._delayed: list[tuple[float, int]] = []  # (run_at, id)
+        self._line = WaitingLine(self._waiting, self._pump)
         self._blocked: dict[int, list[int]] = {}  # dependency id -> job ids
-        self._running: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, asyncio.Task[None] | None] = {}  # None: running at once
+        self._pumping = False
+        self._pump_again = False
         self._per_module: Counter[str] = Counter()
         self._waiters: dict[int, asyncio.Future[Result]] = {}
         self._unique: dict[str, int] = {}
         self._unique_pending: dict[str, asyncio.Future[int]] = {}
-        self._finished: OrderedDict[int, Job] = OrderedDict()
+        self._finished = FinishedJobs(settings, store)
         self._writes: set[asyncio.Future[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0  # when (wall clock) it fires
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,7 +83,7 @@ class LocalQueue(JobQueue):
                     job.module,
                 )
                 job.move(JobState.WAITING)
-                self._write(job)
+                self._write(job, ("state",))
             self.jobs[job.id] = job
             if job.unique_key:
                 self._unique[job.unique_key] = job.id
@@ -91,19 +91,19 @@ class LocalQueue(JobQueue):
             await self._place_new(job)
         if recovered:
             log.info("job queue: %d unfinished jobs recovered", len(recovered))
-        self._expiry = self._loop.create_task(self._expire_loop())
+        self._expiry = self._loop.create_task(self._finished.expire_forever())
         self._pump()
 
     async def stop(self, grace: float) -> None:
         """Start nothing new; give running jobs ``grace`` seconds, then leave them for the
         next start (they are still ``running`` in the store, so they run again)."""
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._line.close()
         if self._expiry is not None:
             self._expiry.cancel()
         if self._running:
-            _, pending = await asyncio.wait(set(self._running.values()), timeout=grace)
+            tasks = {task for task in self._running.values() if task is not None}
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -129,7 +129,7 @@ class LocalQueue(JobQueue):
     async def _check_dependency(self, after: int) -> None:
         if after in self.jobs:
             return
-        dependency = await self._lookup(after)
+        dependency = await self._finished.lookup(after)
         if dependency is None:
             raise not_found(after)
         if dependency.state is not JobState.DONE:
@@ -183,19 +183,19 @@ class LocalQueue(JobQueue):
                 waiter = self._waiters[jid] = self._loop.create_future()
             # Shielded: one client hanging up must not cancel the result for the others.
             return await asyncio.shield(waiter)
-        job = await self._lookup(jid)
+        job = await self._finished.lookup(jid)
         if job is None:
             raise not_found(jid)
         return finished_result(job)
 
     async def check(self, jid: int) -> str:
-        job = self.jobs.get(jid) or await self._lookup(jid)
+        job = self.jobs.get(jid) or await self._finished.lookup(jid)
         if job is None:
             raise not_found(jid)
         return job.state.check_code
 
     async def status(self, jid: int) -> dict[str, Any]:
-        job = self.jobs.get(jid) or await self._lookup(jid)
+        job = self.jobs.get(jid) or await self._finished.lookup(jid)
         if job is None:
             raise not_found(jid)
         return job.describe(time.time(), self._position(job))
@@ -203,13 +203,13 @@ class LocalQueue(JobQueue):
     async def cancel(self, jid: int) -> str:
         job = self.jobs.get(jid)
         if job is None:
-            finished = await self._lookup(jid)
+            finished = await self._finished.lookup(jid)
             if finished is None:
                 raise not_found(jid)
             raise Conflict(f"Job {jid} already finished ({finished.state})")
         if job.state is JobState.RUNNING:
             job.cancel_requested = True
-            self._write(job)
+            self._write(job, ("cancel_requested",))
             return "cancelling"
         self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled", None)
         return "cancelled"
@@ -217,12 +217,12 @@ class LocalQueue(JobQueue):
     async def retry(self, jid: int) -> int:
         if jid in self.jobs:
             raise Conflict(f"Job {jid} is {self.jobs[jid].state}, not failed")
-        job = await self._lookup(jid)
+        job = await self._finished.lookup(jid)
         if job is None:
             raise not_found(jid)
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise Conflict(f"Job {jid} is {job.state}: only failed or cancelled jobs retry")
-        self._finished.pop(jid, None)
+        self._finished.forget(jid)
         job.move(JobState.WAITING)
         job.attempts, job.run_at = 0, time.time()
         job.finished = job.expires = job.status = job.result = None
@@ -232,6 +232,14 @@ class LocalQueue(JobQueue):
         await self._place_new(job)
         self._pump()
         return jid
+
+    async def delete(self, jid: int) -> None:
+        if jid in self.jobs:
+            raise Conflict(f"Job {jid} is {self.jobs[jid].state}: cancel it first")
+        if await self._finished.lookup(jid) is None:
+            raise not_found(jid)
+        self._finished.forget(jid)
+        await self.store.delete(jid)
 
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
         states = [spec.state] if spec.state else ["waiting", "running", "failed"]
@@ -259,15 +267,7 @@ class LocalQueue(JobQueue):
             (j.created for j in self.jobs.values() if j.state is JobState.WAITING), default=None
         )
         runs = await self.store.runs_since(now - max(window, 60))
-        last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
-        in_window = [r for r in runs if r.finished >= now - window]
-        return {
-            "counts": counts,
-            "oldest_waiting_age": round(now - oldest, 3) if oldest else None,
-            "finished_per_minute": len(last_minute),
-            "workers": self.settings.workers,
-            "window": busy_by_hour(in_window, now, window),
-        }
+        return queue_stats(counts, oldest, runs, window, self.settings.workers)
 
     # --- scheduling -------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ class LocalQueue(JobQueue):
             if job.after in self.jobs:
                 self._blocked.setdefault(job.after, []).append(job.id)
                 return
-            dependency = await self._lookup(job.after)
+            dependency = await self._finished.lookup(job.after)
             if dependency is None or dependency.state is not JobState.DONE:
                 state = dependency.state if dependency else "expired"
                 self._finish(
@@ -288,70 +288,50 @@ class LocalQueue(JobQueue):
                     None,
                 )
                 return
-        self._place(job)
-
-    def _place(self, job: Job) -> None:
-        if job.run_at > time.time():
-            heapq.heappush(self._delayed, (job.run_at, job.id))
-            self._arm_timer()
-        else:
-            heapq.heappush(self._ready, (-job.priority, job.id))
-
-    def _arm_timer(self) -> None:
-        if not self._delayed or self._closing:
-            return
-        when = self._delayed[0][0]
-        if self._timer is not None:
-            if self._timer_at <= when + 1e-3:  # both wall-clock times (run_at is one)
-                return
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        # At most a day ahead: _wake arms it again (very far times stay within the loop's
-        # timer range, and a wall clock that was set meanwhile is followed).
-        now = time.time()
-        wait = min(max(0.0, when - now), 86400.0)
-        self._timer_at = now + wait
-        self._timer = loop.call_later(wait, self._wake)
-
-    def _wake(self) -> None:
-        self._timer = None
-        now = time.time()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, jid = heapq.heappop(self._delayed)
-            job = self.jobs.get(jid)
-            if job is not None and job.state is JobState.WAITING:
-                heapq.heappush(self._ready, (-job.priority, jid))
-        self._arm_timer()
-        self._pump()
+        self._line.place(job)
 
     def _pump(self) -> None:
-        """Start ready jobs while there are free workers, best priority first."""
+        """Start ready jobs while there are free workers, best priority first.
+
+        A job that finishes at once (``_start``) calls this again from inside: that call
+        only asks the running one to look once more."""
         if self._closing:
             return
-        held: list[tuple[int, int]] = []
-        while self._ready and len(self._running) < self.settings.workers:
-            entry = heapq.heappop(self._ready)
-            job = self.jobs.get(entry[1])
-            if job is None or job.state is not JobState.WAITING:
-                continue  # cancelled while it waited
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        if len(self._running) >= self.settings.workers:
+            return
+        held: list[Job] = []
+        for job in self._line.ready():
             limit = self.module_limits.get(job.module)
             if limit is not None and self._per_module[job.module] >= limit:
-                held.append(entry)
-                continue
-            self._start(job)
-        for entry in held:
-            heapq.heappush(self._ready, entry)
+                held.append(job)
+            else:
+                self._start(job)
+            if len(self._running) >= self.settings.workers:
+                break
+        self._line.put_back(held)
+
+    def _waiting(self, jid: int) -> Job | None:
+        job = self.jobs.get(jid)
+        return job if job is not None and job.state is JobState.WAITING else None
 
     def _position(self, job: Job) -> int | None:
         """How many ready jobs run before this one; None unless it is ready itself."""
         if job.state is not JobState.WAITING or job.run_at > time.time() or job.after in self.jobs:
             return None
-        key = (-job.priority, job.id)
-        return sum(
-            1
-            for entry in self._ready
-            if entry < key and (j := self.jobs.get(entry[1])) and j.state is JobState.WAITING
-        )
+        return self._line.position(job)
 
     # --- running ----------------------------------------------------------------------
 
@@ -360,9 +340,18 @@ class LocalQueue(JobQueue):
         job.started, job.progress = time.time(), None
         job.attempts += 1
         self._per_module[job.module] += 1
-        self._write(job)
+        self._write(job, ("state", "started", "attempts"))
         assert self._loop is not None
-        self._running[job.id] = self._loop.create_task(self._execute(job))
+        # A job whose handler needs no wait runs to its end right here (bgservice.eager):
+        # no task, no loop turn. One that waits goes on in a task.
+        self._running[job.id] = None
+        try:
+            done, task = eager.start(self._execute(job), self._loop.create_task)
+        except Exception:  # a bug of ours in _execute: reported, the job is failed there
+            log.exception("job %d (%s): internal error running it", job.id, job.module)
+            return
+        if not done:
+            self._running[job.id] = task
 
     async def _execute(self, job: Job) -> None:
         try:
@@ -393,8 +382,8 @@ class LocalQueue(JobQueue):
             "job %d (%s) failed (%d), retry %d of %d in %.3g s",
             job.id, job.module, status, job.attempts, job.max_retries, outcome.run_at - now,
         )  # fmt: skip
-        self._write(job, run_record(job, outcome, now))
-        self._place(job)
+        self._write(job, ("state", "run_at", "error"), run_record(job, outcome, now))
+        self._line.place(job)
 
     def _finish(
         self, job: Job, state: JobState, status: int, body: bytes | str, ran_until: float | None
@@ -409,11 +398,11 @@ class LocalQueue(JobQueue):
         self.jobs.pop(job.id, None)
         if job.unique_key and self._unique.get(job.unique_key) == job.id:
             del self._unique[job.unique_key]
-        self._remember(job)
+        self._finished.remember(job)
         run = None
         if ran_until is not None and job.started is not None:
             run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
-        self._write(job, run)
+        self._write(job, ("state", "finished", "status", "result", "error", "expires"), run)
         waiter = self._waiters.pop(job.id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result((status, result))
@@ -422,7 +411,7 @@ class LocalQueue(JobQueue):
             if dependent is None:
                 continue
             if state is JobState.DONE:
-                self._place(dependent)
+                self._line.place(dependent)
             else:
                 self._finish(
                     dependent,
@@ -434,8 +423,8 @@ class LocalQueue(JobQueue):
 
     # --- storage ----------------------------------------------------------------------
 
-    def _write(self, job: Job, run: Run | None = None) -> None:
-        future = asyncio.ensure_future(self.store.save(job, run))
+    def _write(self, job: Job, fields: tuple[str, ...], run: Run | None = None) -> None:
+        future = asyncio.ensure_future(self.store.save(job, run, fields=fields))
         self._writes.add(future)
         future.add_done_callback(self._written)
 
@@ -443,32 +432,3 @@ class LocalQueue(JobQueue):
         self._writes.discard(future)
         if not future.cancelled() and future.exception() is not None:
             log.error("job store write failed: %s", future.exception())
-
-    def _remember(self, job: Job) -> None:
-        self._finished[job.id] = job
-        while len(self._finished) > _FINISHED_CACHE:
-            self._finished.popitem(last=False)
-
-    async def _lookup(self, jid: int) -> Job | None:
-        """A job that is not in memory: recently finished, or asked of the store."""
-        job = self._finished.get(jid)
-        if job is None:
-            job = await self.store.get(jid)
-        if job is not None and job.expires is not None and job.expires < time.time():
-            return None
-        return job
-
-    async def _expire_loop(self) -> None:
-        interval = min(60.0, max(0.5, self.settings.keep_results / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.time()
-            for jid in [j for j, job in self._finished.items() if (job.expires or now) < now]:
-                del self._finished[jid]
-            try:
-                gone = await self.store.expire(now, now - self.settings.keep_history)
-            except Exception as exc:
-                log.error("job expiry failed: %s", exc)
-                continue
-            if gone:
-                log.info("job queue: %d finished jobs expired", gone)

@@ -36,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
-from bgservice.eager import hop
+from bgservice.eager import hop, in_task
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.events import Events
 from bgservice.protocol import OK
@@ -46,9 +46,9 @@ from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
-    busy_by_hour,
     finished_result,
     not_found,
+    queue_stats,
     run_record,
 )
 from bgservice.queue.job import COLUMNS, Job, JobState
@@ -73,7 +73,7 @@ def _available(
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if asyncio.current_task() is None:
+        if not in_task(asyncio.get_running_loop()):
             await hop()
         try:
             return await method(*args, **kwargs)
@@ -144,9 +144,8 @@ class RedisQueue(JobQueue):
         )
         self._scripts = {
             name: self.redis.register_script(getattr(redis_scripts, name))
-            for name in ("ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY")
+            for name in redis_scripts.NAMES
         }
-        self._scripts["EXPIRE"] = self.redis.register_script(redis_scripts.EXPIRE)
         self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self._waiters: dict[int, asyncio.Future[Result]] = {}
         self._wake = asyncio.Event()
@@ -267,6 +266,12 @@ class RedisQueue(JobQueue):
         return jid
 
     @_available
+    async def delete(self, jid: int) -> None:
+        code, text = await self._call("DELETE", jid)
+        if code:
+            raise _script_error(code, text.decode())
+
+    @_available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
         states = [spec.state] if spec.state else ["waiting", "running", "failed"]
         now = time.time()
@@ -287,16 +292,10 @@ class RedisQueue(JobQueue):
         pipe.zrangebyscore(self._key("runs"), now - max(window, 60), "+inf")
         *counts, oldest, raw_runs = await pipe.execute()
         runs = [Run(**json.loads(r)) for r in raw_runs]
-        last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
-        in_window = [r for r in runs if r.finished >= now - window]
-        return {
-            "counts": dict(zip(STATES, counts, strict=True)),
-            "oldest_waiting_age": round(now - oldest[0][1], 3) if oldest else None,
-            "finished_per_minute": len(last_minute),
-            "workers": self.settings.workers,
-            "instance_running": len(self._running),
-            "window": busy_by_hour(in_window, now, window),
-        }
+        counted = dict(zip(STATES, counts, strict=True))
+        first = oldest[0][1] if oldest else None
+        stats = queue_stats(counted, first, runs, window, self.settings.workers)
+        return {**stats, "instance_running": len(self._running)}
 
     # --- reading ----------------------------------------------------------------------
 

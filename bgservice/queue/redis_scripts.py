@@ -340,3 +340,24 @@ redis.call('ZREMRANGEBYSCORE', P .. ':runs', '-inf', ARGV[3])
 return #gone
 """
 )
+
+# ARGV: P, now, id. Forget a finished job (its run records stay, for the history).
+# Returns {0, ''}, or {404 | 409, message}.
+DELETE = (
+    _COMMON
+    + r"""
+local id = ARGV[3]
+local jk = jkey(id)
+local st = live(jk)
+if not st then return {404, 'Job ' .. id .. ' not found (unknown or expired)'} end
+if st == 'waiting' or st == 'running' then
+  return {409, 'Job ' .. id .. ' is ' .. st .. ': cancel it first'}
+end
+redis.call('ZREM', P .. ':state:' .. st, id)
+redis.call('ZREM', P .. ':finished', id)
+redis.call('DEL', jk)
+return {0, ''}
+"""
+)
+
+NAMES = ("ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY", "EXPIRE", "DELETE")

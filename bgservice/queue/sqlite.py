@@ -1,35 +1,33 @@
-"""The embedded job store: SQLite (standard library) in WAL mode, one writer thread.
+"""The embedded job store: SQLite (standard library) in WAL mode.
 
-Every operation is queued to one thread that owns the connection. The thread takes all
-operations waiting at that moment and commits them in one transaction (group commit), so
-a burst of concurrent ``queue:add`` costs one fsync, not one per job, and a caller's
-future resolves only after its transaction is on disk (``synchronous=FULL``).
-A save for a job whose previous save is still queued joins that one (the newer row wins,
-run records add up), so a short job's "running" and "done" rows cost one UPDATE, not two.
-``AUTOINCREMENT`` keeps ids from ever being reused, even after the newest job is deleted.
+Writes go through one writer thread with group commit (sqlite_writer.py): a caller's
+future resolves only once its transaction is on disk. Ids are handed out here, on the
+loop, from blocks of ``ID_BLOCK`` reserved in the ``meta`` table in the same transaction
+as the first job of the block, so an id is never used twice (not after a crash, not after
+the newest job was deleted) without a write per id; a database made by an earlier version
+(``AUTOINCREMENT``) goes on from its highest id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import sqlite3
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bgservice.queue.job import COLUMNS, Job
+from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ID_BLOCK = 1000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     module TEXT NOT NULL,
     data BLOB NOT NULL,
     state TEXT NOT NULL,
@@ -61,126 +59,54 @@ CREATE TABLE IF NOT EXISTS runs (
     outcome TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
-_INSERT = (
-    f"INSERT INTO jobs ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
-)
-_UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE id = ?"
-_BATCH = 2000
+_INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
-_Op = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
-_Done = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
-class _Save:
-    """A job's queued save: the row to write and its run records, until the writer takes it."""
-
-    __slots__ = ("future", "jid", "row", "runs")
-
-    def __init__(self, jid: int, row: tuple[Any, ...], future: asyncio.Future[None]) -> None:
-        self.jid = jid
-        self.row = row
-        self.runs: list[tuple[Any, ...]] = []
-        self.future = future
-
-    def __call__(self, c: sqlite3.Connection) -> None:
-        c.execute(_UPDATE, self.row)
-        if self.runs:
-            c.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", self.runs)
+def _connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
+    """Open (creating if needed); the next id and the end of the block already reserved."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    reserved = conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
+    highest = conn.execute("SELECT MAX(id) FROM jobs").fetchone()[0] or 0
+    sequence = 0
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+        sequence = row[0] if row else 0
+    next_id = max(reserved[0] if reserved else 1, highest + 1, sequence + 1)
+    return conn, next_id, next_id  # ids from next_id on are not reserved yet
 
 
 class SqliteStore:
     def __init__(self, path: Path, commit_window: float = 0.0) -> None:
         self.path = path
         self.commit_window = commit_window
-        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        # Saves not yet taken by the writer, by job id; the lock hands each one over.
-        self._saves: dict[int, _Save] = {}
-        self._saves_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._writer: Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    # --- the writer thread ------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
-        return conn
-
-    def _run(self, conn: sqlite3.Connection) -> None:
-        assert self._loop is not None
-        while True:
-            first = self._ops.get()
-            if first is None:
-                break
-            batch = [first]
-            stop = False
-            # Everything queued meanwhile joins this commit; with a commit window, also
-            # what arrives within it (fewer fsyncs under light concurrent load).
-            until = time.monotonic() + self.commit_window
-            while len(batch) < _BATCH:
-                try:
-                    wait = until - time.monotonic()
-                    item = self._ops.get(timeout=wait) if wait > 0 else self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            with self._saves_lock:  # from here on, later saves are queued afresh
-                for fn, _ in batch:
-                    if type(fn) is _Save:
-                        del self._saves[fn.jid]
-            self._loop.call_soon_threadsafe(_resolve, self._apply(conn, batch))
-            if stop:
-                break
-        conn.close()
-
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[_Done]:
-        # Nothing may escape: the writer thread must outlive any one operation, or every
-        # later queue call would wait forever.
-        results: list[_Done] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, future in batch:
-                try:
-                    results.append((future, fn(conn), None))
-                except Exception as exc:  # e.g. sqlite3.Error, OverflowError: this op only
-                    results.append((future, None, exc))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            log.error("job store commit failed: %s", exc)
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error as again:
-                log.error("job store rollback failed: %s", again)
-            return [(future, None, exc) for _, future in batch]
-        return results
+        self._next_id = 0
+        self._reserved = 0  # ids below it are reserved on disk
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        # Queued at once (not when a coroutine first runs), so writes apply in call order.
-        assert self._loop is not None, "store not open"
+        assert self._loop is not None and self._writer is not None, "store not open"
         future: asyncio.Future[T] = self._loop.create_future()
-        self._ops.put((fn, future))
+        self._writer.put(Call(fn, future))
         return future
 
     # --- Store ------------------------------------------------------------------------
 
     async def open(self) -> list[Job]:
         self._loop = asyncio.get_running_loop()
-        conn = await self._loop.run_in_executor(None, self._connect)
-        self._thread = threading.Thread(
-            target=self._run, args=(conn,), name="bgservice-store", daemon=True
+        conn, self._next_id, self._reserved = await self._loop.run_in_executor(
+            None, _connect, self.path
         )
-        self._thread.start()
+        self._writer = Writer(conn, self._loop, self.commit_window, _INSERT)
         return await self._submit(
             lambda c: [
                 Job.from_row(r)
@@ -189,23 +115,27 @@ class SqliteStore:
         )
 
     def insert(self, job: Job) -> asyncio.Future[int]:
-        row = job.row()[1:]
-        return self._submit(lambda c: c.execute(_INSERT, row).lastrowid or 0)
+        assert self._loop is not None and self._writer is not None, "store not open"
+        job.id = self._next_id
+        self._next_id += 1
+        reserve = None
+        if job.id >= self._reserved:
+            reserve = self._reserved = job.id + ID_BLOCK
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._writer.put(Insert(job.row(), reserve, future))
+        return future
 
-    def save(self, job: Job, run: Run | None = None) -> asyncio.Future[None]:
-        row = (*job.row()[1:], job.id)
+    def save(
+        self, job: Job, run: Run | None = None, *, fields: tuple[str, ...] | None = None
+    ) -> asyncio.Future[None]:
+        assert self._writer is not None, "store not open"
+        columns = COLUMNS[1:] if fields is None else fields
+        values = {c: _stored(c, getattr(job, c)) for c in columns}
         record = None if run is None else tuple(getattr(run, f) for f in _RUN_FIELDS)
-        with self._saves_lock:
-            pending = self._saves.get(job.id)
-            if pending is None:
-                assert self._loop is not None, "store not open"
-                pending = self._saves[job.id] = _Save(job.id, row, self._loop.create_future())
-                self._ops.put((pending, pending.future))
-            else:  # not taken by the writer yet: it writes the newer row instead
-                pending.row = row
-            if record is not None:
-                pending.runs.append(record)
-        return pending.future
+        return self._writer.save(job.id, values, record).future
+
+    async def delete(self, job_id: int) -> None:
+        await self._submit(lambda c: c.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
 
     async def get(self, job_id: int) -> Job | None:
         def fetch(c: sqlite3.Connection) -> Job | None:
@@ -251,18 +181,11 @@ class SqliteStore:
         return await self._submit(delete)
 
     async def close(self) -> None:
-        if self._thread is None:
+        if self._writer is None:
             return
-        self._ops.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
-        self._thread = None
+        writer, self._writer = self._writer, None
+        await asyncio.get_running_loop().run_in_executor(None, writer.stop, 10.0)
 
 
-def _resolve(results: list[_Done]) -> None:
-    for future, value, error in results:
-        if future.cancelled():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
+def _stored(column: str, value: Any) -> Any:
+    return str(value) if column == "state" else value

@@ -32,13 +32,19 @@ class Store(Protocol):
         ...
 
     def insert(self, job: Job) -> Awaitable[int]:
-        """Store a new job; resolves to its id, never used before, once committed.
-
-        Writes are queued when called, so they apply in the order they were made."""
+        """Store a new job, giving it its id (never used before) at once; resolves to the
+        id once committed. Writes are queued when called, so they apply in call order."""
         ...
 
-    def save(self, job: Job, run: Run | None = None) -> Awaitable[None]:
-        """Store the job's current fields (and an attempt's record); resolves committed."""
+    def save(
+        self, job: Job, run: Run | None = None, *, fields: tuple[str, ...] | None = None
+    ) -> Awaitable[None]:
+        """Store the job's ``fields`` as they are now (None: all of them), and an attempt's
+        record; resolves once committed."""
+        ...
+
+    async def delete(self, job_id: int) -> None:
+        """Forget a finished job (its run records stay, for the history)."""
         ...
 
     async def get(self, job_id: int) -> Job | None: ...

@@ -1,0 +1,230 @@
+"""The SQLite store's writer thread: one connection, group commit, writes in bulk.
+
+Every operation is queued to one thread that owns the connection. The thread takes all
+operations waiting at that moment (with a commit window, also what arrives within it) and
+commits them in one transaction, so a burst of concurrent ``queue:add`` costs one fsync,
+not one per job, and a caller's future resolves only after its transaction is on disk
+(``synchronous=FULL``).
+
+Inside a transaction the writes go first and in bulk: every new job in one
+``executemany``, saves grouped by the columns they change, run records in one
+``executemany``; then reads and deletes, in the order they came. A save for a job whose
+previous save is still queued joins it (the newer values win, run records add up), so a
+short job's "running" and "done" cost one UPDATE of the columns they changed. A bulk
+statement that fails is rolled back to a savepoint and its rows tried one by one, so a bad
+row fails alone; nothing escapes the thread, which must outlive any one operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_BATCH = 2000  # operations in one transaction at most
+_Done = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+class Insert:
+    """A new job's row (its id first) and, when it opens a block of ids, the block's end."""
+
+    __slots__ = ("future", "reserve", "row")
+
+    def __init__(self, row: tuple[Any, ...], reserve: int | None, future: asyncio.Future[Any]):
+        self.row = row
+        self.reserve = reserve
+        self.future = future
+
+
+class Save:
+    """A job's queued save: column -> value, and run records, until the writer takes it."""
+
+    __slots__ = ("future", "jid", "runs", "values")
+
+    def __init__(self, jid: int, future: asyncio.Future[None]) -> None:
+        self.jid = jid
+        self.values: dict[str, Any] = {}
+        self.runs: list[tuple[Any, ...]] = []
+        self.future = future
+
+
+class Call:
+    """Anything else: a function of the connection (reads, deletes)."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]):
+        self.fn = fn
+        self.future = future
+
+
+Op = Insert | Save | Call
+
+
+class Writer:
+    """The thread, its queue and the saves it has not taken yet."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        commit_window: float,
+        insert_sql: str,
+    ) -> None:
+        self.conn = conn
+        self.loop = loop
+        self.commit_window = commit_window
+        self.insert_sql = insert_sql
+        self._ops: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+        self._saves: dict[int, Save] = {}  # by job id; the lock hands each one over
+        self._saves_lock = threading.Lock()
+        self._update_sql: dict[tuple[str, ...], str] = {}
+        self._thread = threading.Thread(target=self._run, name="bgservice-store", daemon=True)
+        self._thread.start()
+
+    # --- the loop's side ------------------------------------------------------------------
+
+    def put(self, op: Op) -> None:
+        # Queued at once (not when a coroutine first runs), so writes apply in call order.
+        self._ops.put(op)
+
+    def save(self, jid: int, values: dict[str, Any], run: tuple[Any, ...] | None) -> Save:
+        with self._saves_lock:
+            pending = self._saves.get(jid)
+            if pending is None:
+                pending = self._saves[jid] = Save(jid, self.loop.create_future())
+                self._ops.put(pending)
+            pending.values.update(values)  # not taken yet: the newer values are written
+            if run is not None:
+                pending.runs.append(run)
+        return pending
+
+    def stop(self, timeout: float) -> None:
+        """Commit what is queued, then end the thread (blocking: run it off the loop)."""
+        self._ops.put(None)
+        self._thread.join(timeout)
+
+    # --- the thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._take()
+            if batch:
+                with self._saves_lock:  # from here on, later saves are queued afresh
+                    for op in batch:
+                        if type(op) is Save:
+                            del self._saves[op.jid]
+                self.loop.call_soon_threadsafe(_resolve, self._apply(batch))
+            if stop:
+                break
+        self.conn.close()
+
+    def _take(self) -> tuple[list[Op], bool]:
+        first = self._ops.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        # Everything queued meanwhile joins this commit; with a commit window, also what
+        # arrives within it (fewer fsyncs under light concurrent load).
+        until = time.monotonic() + self.commit_window
+        while len(batch) < _BATCH:
+            try:
+                wait = until - time.monotonic()
+                item = self._ops.get(timeout=wait) if wait > 0 else self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _apply(self, batch: list[Op]) -> list[_Done]:
+        conn = self.conn
+        results: list[_Done] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            inserts = [op for op in batch if type(op) is Insert]
+            saves = [op for op in batch if type(op) is Save]
+            results += self._inserts(inserts)
+            results += self._saves_of(saves)
+            for op in batch:
+                if type(op) is Call:
+                    try:
+                        results.append((op.future, op.fn(conn), None))
+                    except Exception as exc:  # e.g. sqlite3.Error: this op only
+                        results.append((op.future, None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            log.error("job store commit failed: %s", exc)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as again:
+                log.error("job store rollback failed: %s", again)
+            return [(op.future, None, exc) for op in batch]
+        return results
+
+    def _inserts(self, ops: list[Insert]) -> list[_Done]:
+        if not ops:
+            return []
+        failed = self._bulk(self.insert_sql, [op.row for op in ops])
+        reserved = [op.reserve for op in ops if op.reserve is not None]
+        if reserved:  # the ids handed out are never handed out again, even after a crash
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_id', ?)", (max(reserved),)
+            )
+        return [(op.future, op.row[0], failed.get(i)) for i, op in enumerate(ops)]
+
+    def _saves_of(self, ops: list[Save]) -> list[_Done]:
+        shapes: dict[tuple[str, ...], list[int]] = {}
+        for i, op in enumerate(ops):
+            shapes.setdefault(tuple(op.values), []).append(i)
+        failed: dict[int, BaseException] = {}
+        for columns, members in shapes.items():
+            sql = self._update_sql.get(columns)
+            if sql is None:
+                sets = ", ".join(f"{c} = ?" for c in columns)
+                sql = self._update_sql[columns] = f"UPDATE jobs SET {sets} WHERE id = ?"
+            rows = [(*ops[i].values.values(), ops[i].jid) for i in members]
+            for j, exc in self._bulk(sql, rows).items():
+                failed[members[j]] = exc
+        runs = [run for op in ops for run in op.runs]
+        if runs:
+            self.conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", runs)
+        return [(op.future, None, failed.get(i)) for i, op in enumerate(ops)]
+
+    def _bulk(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> dict[int, BaseException]:
+        """``executemany``; if it fails, undo it and run the rows one by one: which failed."""
+        conn = self.conn
+        conn.execute("SAVEPOINT bulk")
+        try:
+            conn.executemany(sql, rows)
+            conn.execute("RELEASE bulk")
+            return {}
+        except Exception:  # e.g. sqlite3.Error, OverflowError: find the rows at fault
+            conn.execute("ROLLBACK TO bulk")
+            conn.execute("RELEASE bulk")
+        failed: dict[int, BaseException] = {}
+        for i, row in enumerate(rows):
+            try:
+                conn.execute(sql, row)
+            except Exception as exc:
+                failed[i] = exc
+        return failed
+
+
+def _resolve(results: list[_Done]) -> None:
+    for future, value, error in results:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
