@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from bgservice.porting import original_hooks_problem
-from tests.conftest import wait_until, write_module
+from tests.conftest import REPO, wait_until, write_module
 
 # A module as a porter's first try might leave it: the original's names, kept verbatim.
 ORIGINAL_NAMES = """
@@ -51,3 +53,15 @@ def test_a_service_refuses_the_original_names_and_says_what_to_rename(modules_di
     # Renamed as the line says, the module loads and serves.
     write_module(modules_dir, "shout", PORTED)
     wait_until(lambda: svc.call(b"shout:hello") == b"HELLO")
+
+
+def test_the_port_in_docs_modules_md_runs(modules_dir, make_service):
+    """The Python column of docs/modules.md's side-by-side port, taken from the page."""
+    page = (REPO / "docs" / "modules.md").read_text()
+    source = page.split("```python\n# modules/registersession.py\n")[1].split("```")[0]
+    write_module(modules_dir, "registersession", source)
+    svc = make_service()
+    assert svc.call(b"registersession:abc123") == b"404: Unknown session"
+    svc.send_udp(b"registersession:abc123")
+    wait_until(lambda: svc.call(b"registersession:abc123").isdigit())
+    assert abs(int(svc.call(b"registersession:abc123")) / 1000 - time.time()) < 30
