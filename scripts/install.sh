@@ -57,7 +57,7 @@ fi
 
 if ((print)); then
     echo "system packages to install: ${need[*]:-none, all present}"
-    node_ok || echo "node: $(node --version 2>/dev/null || echo none) is older than 20.19:" \
+    node_ok || echo "node: $(node --version 2>/dev/null || echo missing), not 20.19 or later:" \
         "node-linux-*@$NODE_MAJOR from the npm registry into $VENV/bin"
     exit 0
 fi
