@@ -33,6 +33,7 @@ from typing import Any
 
 from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
 from bgservice.origin import Origin
+from bgservice.porting import original_hooks_problem
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
     sys.modules[qualname] = module
     try:
         loader.exec_module(module)
+        if problem := original_hooks_problem(vars(module)):  # ignored, they mislead
+            raise ModuleLoadError(problem)
         tcp, udp = _handler(module, "handle_tcp"), _handler(module, "handle_udp")
         unload = getattr(module, "unload", None)
         accepts, timeout, execution, processes = _declarations(module, tcp, udp)
