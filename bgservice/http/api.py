@@ -122,17 +122,25 @@ class HttpApi:
         if not self.access.allows(request.remote):
             return error_response(403, "Forbidden")
         public = request.path == "/" or request.path.startswith("/dashboard/")
-        if self.token and not public:
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.token.encode()
-            ):
-                return error_response(
-                    401, "Unauthorized: send Authorization: Bearer TOKEN",
-                    {"WWW-Authenticate": 'Bearer realm="bgservice"'},
-                )  # fmt: skip
+        if self.token and not public and not self._token_matches(request):
+            return error_response(
+                401, "Unauthorized: send Authorization: Bearer TOKEN",
+                {"WWW-Authenticate": 'Bearer realm="bgservice"'},
+            )  # fmt: skip
         return await handler(request)
+
+    def _token_matches(self, request: web.Request) -> bool:
+        assert self.token is not None
+        """``Authorization: Bearer TOKEN``, compared as bytes in constant time. aiohttp
+        decodes header bytes that are not UTF-8 as lone surrogates (surrogateescape), so
+        they are encoded back the same way: a stray byte is a wrong token, not a 500."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        try:
+            raw = given.strip().encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no parser produces: no token of ours
+            return False
+        expected = self.token.encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(raw, expected)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -240,6 +248,10 @@ def _command(name: str, options: Any, args: bytes = b"") -> Command:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
+    except RecursionError:
+        # The json module recurses once per level; no valid body nests at all, so a deep
+        # one is refused whole rather than bounding the depth in a scan of our own.
+        raise BadRequest("the body must be a JSON object (nested too deeply)") from None
     except (ValueError, LookupError, HttpProcessingError, web.RequestPayloadError) as exc:
         # ValueError: not JSON, not in its charset, or a number over Python's digit limit;
         # LookupError: an unknown charset; the others: a body aiohttp cannot decode (gzip).
