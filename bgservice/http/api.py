@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +49,10 @@ OPENAPI = HERE / "openapi.json"
 TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"
 MAX_WAIT = 300.0  # seconds GET /jobs/{id}?wait= may hold a request
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
+# A module name as the modules folder allows it. The socket protocol silently drops other
+# bytes from a name (the original did); the JSON API refuses them instead.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+WHOLE_OPTIONS = frozenset({"priority", "retries", "after"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -197,7 +202,7 @@ class HttpApi:
         return _json(self.dispatcher.service_stats())
 
     async def queue_stats(self, request: web.Request) -> web.StreamResponse:
-        window = parse_window(_command("stats", request.query))
+        window = parse_window(_command("stats", _query(request)))
         return _json(await self.queue.stats(window))
 
     # --- jobs -----------------------------------------------------------------------------
@@ -210,7 +215,7 @@ class HttpApi:
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
         jid = _job_id(request)
-        wait = request.query.get("wait")
+        wait = _query(request).get("wait")
         if wait is not None:
             seconds = _seconds("wait", wait)
             try:
@@ -234,15 +239,29 @@ class HttpApi:
         return _json(await self.queue.status(jid))
 
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:
-        spec = parse_list(_command("list", request.query))
+        spec = parse_list(_command("list", _query(request)))
         jobs = await self.queue.list_jobs(spec)
         return _json({"jobs": jobs, "limit": spec.limit, "offset": spec.offset})
 
 
-def _command(name: str, options: Any, args: bytes = b"") -> Command:
+def _command(name: str, options: dict[str, Any], args: bytes = b"") -> Command:
     """A query string or body as the ``queue:`` command it stands for, so both front
     doors validate alike (bgservice.queue_commands)."""
     return Command(name, {str(k): str(v) for k, v in options.items()}, args)
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    """The query string, each parameter at most once and never empty: in
+    ``window=false&window=`` the last value used to win silently, and ``window=`` to
+    mean the default; both are mistakes worth a 400."""
+    query: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in query:
+            raise BadRequest(f"query parameter {name}: given more than once")
+        if not value:
+            raise BadRequest(f"query parameter {name}: empty (leave it out for the default)")
+        query[name] = value
+    return query
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -268,20 +287,31 @@ def _add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(known))})")
     module = body.get("module")
-    if not isinstance(module, str) or not module or ":" in module:
-        raise BadRequest("field module: expected a module name")
+    if not isinstance(module, str) or not MODULE_NAME.fullmatch(module):
+        raise BadRequest("field module: expected a module name (A-Z a-z 0-9 _ -)")
     data = _add_data(body)
-    options = {}
-    for key in ADD_OPTIONS & body.keys():
-        value = body[key]
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise BadRequest(f"field {key}: expected a number or a string")
-        if isinstance(value, str):
-            _utf8(key, value)
-        options[key] = value
-    return options, _utf8("module", module) + b":" + data
+    options = {key: _option(key, body[key]) for key in ADD_OPTIONS & body.keys()}
+    present = {key: value for key, value in options.items() if value is not None}
+    return present, _utf8("module", module) + b":" + data
+
+
+def _option(key: str, value: Any) -> str | int | float | None:
+    """One option, of the JSON type the OpenAPI document gives it (null: not given).
+    Numbers as strings were once let through; the document never allowed them."""
+    if value is None:
+        return None
+    if key == "unique":
+        if not isinstance(value, str):
+            raise BadRequest("field unique: expected a string")
+        _utf8(key, value)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"field {key}: expected a number")
+    if key in WHOLE_OPTIONS and isinstance(value, float):
+        if not value.is_integer():  # 5.0 is a JSON Schema integer; 5.5 is not
+            raise BadRequest(f"field {key}: expected a whole number")
+        return int(value)
+    return value
 
 
 def _add_data(body: dict[str, Any]) -> bytes:
