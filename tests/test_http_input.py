@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 from collections.abc import Callable
 
 import pytest
@@ -90,3 +91,24 @@ def test_deeply_nested_json_is_400_not_500(
     assert "nested too deeply" in reply["error"]["message"]  # type: ignore[index]
     assert svc.http("GET", f"{API}/modules")[0] == 200
     assert_no_internal_error(svc)
+
+
+def test_a_request_that_is_not_http_is_400_and_one_log_line(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    """aiohttp answers these itself (plain text, before any route); the log must not get a
+    traceback at ERROR for what any client can send."""
+    import socket
+
+    svc = make_service(HTTP + 'token = "s3cret"\n')
+    for raw in (
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Probe: \x00\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    ):
+        with socket.create_connection(tuple(svc.info["http"]), timeout=15) as sock:
+            sock.sendall(raw)
+            assert re.match(rb"HTTP/1\.[01] 400 ", sock.recv(4096)), raw
+    assert svc.http("GET", f"{API}/stats", token="s3cret")[0] == 200
+    svc.wait_for_log("Error handling request from 127.0.0.1: 400")
+    assert_no_internal_error(svc)
+    assert "ERROR" not in svc.log()

@@ -85,7 +85,9 @@ class HttpApi:
 
     async def start(self) -> tuple[str, int]:
         """Listen on ``[http] host:port``; the address bound (port 0 picks a free one)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, logger=_server_log()
+        )
         await self._runner.setup()
         http = self.settings.http
         site = web.TCPSite(self._runner, http.host, http.port, backlog=128)
@@ -242,6 +244,30 @@ class HttpApi:
         spec = parse_list(_command("list", _query(request)))
         jobs = await self.queue.list_jobs(spec)
         return _json({"jobs": jobs, "limit": spec.limit, "offset": spec.offset})
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL byte in a header, a broken request
+    line) at ERROR with a traceback, though it answers 400: the client's mistake, which
+    anyone who can connect can make at will. One INFO line says what it was instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code < 500:
+            detail = " ".join(line.strip() for line in str(exc.message).splitlines())
+            record.args = (record.getMessage(), exc.code, detail[:300])
+            record.msg = "%s: %d %s"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _server_log() -> logging.Logger:
+    """The logger aiohttp's connection handler reports to, its client mistakes tamed."""
+    server_log = logging.getLogger(f"{__name__}.server")
+    if not any(isinstance(f, _ClientMistakes) for f in server_log.filters):
+        server_log.addFilter(_ClientMistakes())
+    return server_log
 
 
 def _command(name: str, options: dict[str, Any], args: bytes = b"") -> Command:
