@@ -37,7 +37,7 @@ def _validator(schema: dict[str, Any]) -> Any:
 def _operation(method: str, path: str) -> dict[str, Any]:
     """The document's operation for a concrete path such as /api/v1/jobs/5."""
     for template, item in DOCUMENT["paths"].items():
-        pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(template))
+        pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/:]+", re.escape(template))
         if re.fullmatch(pattern, path) and method.lower() in item:
             operation: dict[str, Any] = item[method.lower()]
             return operation

@@ -119,7 +119,7 @@ function drawQueue(jobs, queue) {
   fill("running", jobs.running.map((j) => el("tr", { "data-job": j.id, class: "job-running" },
     el("td", {}, j.id), el("td", {}, j.module), el("td", {}, progressBar(j)),
     el("td", {}, ago(j.duration)),
-    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}/cancel`, e.target) },
+    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}:cancel`, e.target) },
       "Cancel")))), 5, "nothing running");
   fill("waiting", jobs.waiting.map((j) => el("tr", { "data-job": j.id, class: "job-waiting" },
     el("td", {}, j.id), el("td", {}, j.module), el("td", {}, j.priority),
@@ -129,7 +129,7 @@ function drawQueue(jobs, queue) {
     el("td", {}, j.id), el("td", {}, j.module), el("td", {}, j.status),
     el("td", {}, el("pre", { class: "error" }, j.error || "")),
     el("td", {}, `${ago(now - j.finished)} ago`),
-    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}/retry`, e.target) },
+    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}:retry`, e.target) },
       "Retry")))), 6, "no failures kept");
   const c = queue.counts;
   document.getElementById("queue-counts").textContent =
@@ -202,7 +202,7 @@ async function refresh() {
   try {
     const wantChart = Date.now() - lastChart > CHART_MS;
     const [modules, stats, jobs, queue] = await Promise.all([
-      api("/modules"), api("/stats"), api("/jobs?limit=50"),
+      api("/modules"), api("/stats"), api("/jobs?page_size=50"),
       api(`/queue/stats?window=${wantChart ? DAYS * 86400 : 60}`),
     ]);
     drawSummary(stats, queue);
