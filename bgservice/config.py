@@ -26,6 +26,7 @@ from bgservice.config_checks import (
     LIMIT_CHECKS,
     LISTENER_CHECKS,
     LOG_CHECKS,
+    MODE_FORMS,
     QUEUE_CHECKS,
     REDIS_CHECKS,
     RELOAD_CHECKS,
@@ -182,6 +183,13 @@ class _Reader:
                 return number
         return None
 
+    def literal(self, key: str, table: str, index: int) -> str:
+        """How ``key`` is spelled in the file (its text after ``=``), or "" if not found."""
+        line = self._line_of(key, table, index)
+        if line is None:
+            return ""
+        return self.text.splitlines()[line - 1].partition("=")[2].strip()
+
     def table(
         self, data: Any, checks: dict[str, Check], where: str, table: str = "", index: int = 0
     ) -> dict[str, Any]:
@@ -199,10 +207,18 @@ class _Reader:
         return out
 
 
+def _octal(literal: str) -> bool:
+    """A TOML integer written in octal: ``mode = 770`` is decimal, and would let anyone in."""
+    return literal.startswith("0o")
+
+
 def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
     where = f"[[listen]] #{index + 1} "
     values = reader.table(raw, LISTENER_CHECKS, where, "listen", index)
     values.setdefault("name", f"listener{index + 1}")
+    if isinstance(raw.get("mode"), int) and not _octal(reader.literal("mode", "listen", index)):
+        problem = f"must be {MODE_FORMS}, got {raw['mode']!r}"
+        raise reader.fail(where, "mode", problem, "listen", index)
     if not ({"host", "port"} & values.keys()) and not ({"unix", "unix_dgram"} & values.keys()):
         raise reader.fail(
             where, "port", "a listener needs host/port, unix or unix_dgram", "listen", index
