@@ -70,6 +70,7 @@ class Limits:
     max_pipeline: int = 64
     call_timeout: float = 30.0
     threads: int = 16
+    stuck_threads: int = 16  # replacements for threads stuck past a timeout (threads.py)
     udp_queue: int = 10_000
     udp_workers: int = 4
     udp_receive_buffer: int = 4 * 1024 * 1024

@@ -137,6 +137,7 @@ LIMIT_CHECKS: dict[str, Check] = {
     "max_pipeline": _positive_int,
     "call_timeout": _positive_number,
     "threads": _positive_int,
+    "stuck_threads": _non_negative_int,
     "udp_queue": _positive_int,
     "udp_workers": _positive_int,
     "udp_receive_buffer": _positive_int,

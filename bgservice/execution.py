@@ -15,7 +15,6 @@ import logging
 import traceback
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from concurrent.futures import Executor
 from typing import Any
 
 from bgservice.config import Settings
@@ -29,11 +28,12 @@ from bgservice.errors import (
     TransportNotAccepted,
     UnknownRequest,
 )
-from bgservice.events import CALL_FAILED, Events
+from bgservice.events import CALL_FAILED, THREAD_STUCK, Events
 from bgservice.origin import Origin
 from bgservice.registry import Handler, ModuleVersion, Registry
 from bgservice.request import Request
 from bgservice.stats import Stats
+from bgservice.threads import CallThreads, ThreadsExhausted
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Execution:
         settings: Settings,
         registry: Registry,
         stats: Stats,
-        threads: Executor,
+        threads: CallThreads,
         processes: ProcessRunner,
         events: Events,
     ) -> None:
@@ -95,7 +95,6 @@ class Execution:
         """
         timeout = timeout or self.timeout_of(version)
         name = version.name
-        loop = request.loop or asyncio.get_running_loop()
         version.acquire()
         self.stats.in_flight[name] += 1
 
@@ -123,17 +122,11 @@ class Execution:
                         return await _resume(coro, first)
                 finally:
                     release()
-            try:
-                job = self.threads.submit(handler.fn, request)
-            except RuntimeError:  # the pool is shut down: we are stopping
-                release()
-                raise Busy("Shutting down") from None
-            job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
-            async with asyncio.timeout(timeout):
-                return await asyncio.wrap_future(job)
-        except TimeoutError:
+            return await self._in_thread(version, handler, request, timeout, release)
+        except TimeoutError as exc:
             log.warning("module %s timed out after %.3g s", name, timeout)
             message = f"Module {name} timed out after {timeout:g} s"
+            message += f" ({exc})" if exc.args else ""
             self._failed(request, message, f"{request.transport} from {request.peer}")
             raise CallTimeout(message) from None
         except ServiceError:
@@ -146,6 +139,44 @@ class Execution:
             if self.settings.verbose:
                 message += "\n" + trace
             raise HandlerError(message) from exc
+
+    async def _in_thread(
+        self,
+        version: ModuleVersion,
+        handler: Handler,
+        request: Request,
+        timeout: float,
+        release: Callable[[], None],
+    ) -> Any:
+        """A ``def`` handler, in the pool. One that outlives its timeout keeps its thread
+        (Python cannot stop it): the pool counts it stuck and replaces it (threads.py)."""
+        loop = request.loop or asyncio.get_running_loop()
+        try:
+            job = self.threads.submit(handler.fn, request)
+        except ThreadsExhausted as exc:
+            release()
+            raise Busy(str(exc)) from None
+        except RuntimeError:  # the pool is shut down: we are stopping
+            release()
+            raise Busy("Shutting down") from None
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(job)
+        except TimeoutError:
+            if not self.threads.abandon(job):
+                raise TimeoutError("no free thread") from None
+            self._stuck(version.name, timeout)
+            raise
+
+    def _stuck(self, name: str, timeout: float) -> None:
+        stats = self.threads.stats()
+        title = (
+            f"handler thread stuck in module {name} after its {timeout:g} s timeout "
+            f"({stats['stuck']} stuck, {stats['stuck_limit']} may be replaced)"
+        )
+        log.warning("%s", title)
+        self.events.emit(THREAD_STUCK, title=title, module=name)
 
     def _failed(self, request: Request, message: str, detail: str) -> None:
         """A module failed a direct call (a queued job alerts once it has failed for good)."""

@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import threading
+import time
 
 import pytest
 
@@ -180,3 +181,31 @@ def test_a_second_signal_exits_at_once(modules_dir, make_service, tmp_path):
     assert "again: exiting now" in svc.log()
     caller.join(10)
     assert got in ([b""], [b"reset"])  # the process is gone: closed without a reply
+
+
+# --- issue 18: stopping with something stuck or cut --------------------------------------
+
+HUNG = """
+import time
+
+TIMEOUT = 1
+
+def handle_tcp(request):
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_sigterm_ends_the_process_with_a_hung_def_handler(modules_dir, make_service):
+    # Item 1: the log said "bgservice stopped", then the interpreter waited for ever for
+    # the hung thread; only SIGKILL ended it.
+    write_module(modules_dir, "hung", HUNG)
+    svc = make_service("[limits]\nshutdown_grace = 1.0\n")
+    assert svc.call(b"hung:x") == b"504: Module hung timed out after 1 s"
+    svc.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert svc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 1.0 + 3
+    assert "bgservice stopped" in svc.log()
+    assert "1 handler thread still stuck" in svc.log()
+
