@@ -319,6 +319,8 @@ class Service:
             _, pending = await asyncio.wait(set(tasks), timeout=max(deadline - loop.time(), 0))
             if pending:
                 log.warning("%d calls still running after %g s: cancelled", len(pending), grace)
+                for conn in self.listeners.connections():
+                    conn.cut()  # 503 Shutting down to each, not 0 bytes
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)

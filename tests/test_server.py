@@ -209,3 +209,33 @@ def test_sigterm_ends_the_process_with_a_hung_def_handler(modules_dir, make_serv
     assert "bgservice stopped" in svc.log()
     assert "1 handler thread still stuck" in svc.log()
 
+
+def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
+    # Item 7: a sleep:15000 call and a queue:get of a waiting job were closed with 0 bytes.
+    svc = make_service("[limits]\nshutdown_grace = 1.0\n[queue]\nworkers = 1\n")
+    running = svc.call(b"queue:add:sleep:15000")
+    waiting = svc.call(b"queue:add:sleep:10")
+    assert running.startswith(b"id:") and waiting.startswith(b"id:")
+    wait_until(lambda: svc.call(b"queue:check:" + running) == b"1")
+    got: dict[str, bytes] = {}
+    framed = svc.framed()
+    framed.send(b"sleep:15000", b"sleep:15000")
+    callers = [
+        threading.Thread(target=lambda: got.update(call=svc.call(b"sleep:15000"))),
+        threading.Thread(target=lambda: got.update(get=svc.call(b"queue:get:" + waiting))),
+        threading.Thread(target=lambda: got.update(half=svc.call(b"sleep:15000", False))),
+    ]
+    for caller in callers:
+        caller.start()
+    wait_until(lambda: svc.stats()["in_flight"].get("sleep", 0) >= 5)
+    svc.signal(signal.SIGTERM)
+    for caller in callers:
+        caller.join(10)
+    assert got == {
+        "call": b"503: Shutting down",
+        "get": b"503: Shutting down",
+        "half": b"503: Shutting down",
+    }
+    assert framed.recv() == (503, b"Shutting down")
+    assert framed.recv() == (503, b"Shutting down")
+    assert svc.wait() == 0

@@ -145,6 +145,20 @@ class StreamProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """The service is stopping: close now if nothing was asked, else once answered."""
 
+    def unanswered(self) -> int:
+        """How many requests still wait for their reply (the calls are about to be
+        cancelled: whatever they would have written is dropped from now on)."""
+        return 0
+
+    def cut(self) -> None:
+        """The shutdown grace ran out: answer every request still running with the
+        documented ``503: Shutting down`` (not 0 bytes), then close."""
+        if self.closed or self.transport.is_closing():
+            return
+        if count := self.unanswered():
+            self.transport.write(self.error_reply(503, "Shutting down") * count)
+        self.close()
+
     # --- deadlines --------------------------------------------------------------------
 
     def stop_timers(self) -> None:

@@ -70,6 +70,12 @@ class Framed(StreamProtocol):
         if not self.pending:
             self.close()
 
+    def unanswered(self) -> int:
+        self._flush()  # replies already finished go out first, in order
+        count = len(self.pending)
+        self.pending.clear()
+        return count
+
     # --- requests and replies -----------------------------------------------------------
 
     def _frames(self, data: bytes) -> None:

@@ -79,6 +79,9 @@ class OneShot(StreamProtocol):
     def error_reply(self, status: int, message: str) -> bytes:
         return one_shot_error(status, message)
 
+    def unanswered(self) -> int:
+        return 1 if self.done else 0
+
     def stop_timers(self) -> None:
         super().stop_timers()
         if self.quiet_timer is not None:
