@@ -62,6 +62,7 @@ class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
     max_connections: int = 1024
     read_timeout: float = 10.0
+    write_timeout: float = 30.0  # a client that takes none of its reply for this long
     idle_timeout: float = 300.0
     one_shot_end: str = "segment"  # or "quiet": see docs/protocol.md
     quiet_ms: float = 5.0

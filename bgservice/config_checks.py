@@ -129,6 +129,7 @@ LIMIT_CHECKS: dict[str, Check] = {
     "max_request_bytes": _positive_int,
     "max_connections": _positive_int,
     "read_timeout": _positive_number,
+    "write_timeout": _positive_number,
     "idle_timeout": _positive_number,
     "quiet_ms": _positive_number,
     "quiet_large_ms": _positive_number,

@@ -349,3 +349,47 @@ def test_framed_client_that_never_reads_stops_being_read(service):
     assert sent < 100_000_000, f"the service kept reading: {sent} bytes taken in"
     sock.close()
     assert service.call(b"test:x") == b"Test"
+
+
+# --- issue 18: what a client can hold ---------------------------------------------------
+
+
+def _non_reader(svc, request: bytes) -> socket.socket:
+    """A client that sends ``request``, half-closes and never reads its reply."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the reply backs up
+    sock.settimeout(10)
+    sock.connect(svc.tcp)
+    sock.sendall(request)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def test_a_client_that_never_reads_its_reply_is_dropped_after_the_write_timeout(make_service):
+    # Item 3: clients that sent echo:+8 MiB and stopped reading held their connection slot
+    # and the reply's memory for ever: every other call got "503: Too many connections".
+    svc = make_service("[limits]\nmax_connections = 2\nwrite_timeout = 1.0\n")
+    held = [_non_reader(svc, b"echo:" + b"r" * (8 << 20)) for _ in range(2)]
+    try:
+        assert svc.call(b"test:x") == b"503: Too many connections"
+        started = time.monotonic()
+        wait_until(lambda: svc.call(b"test:x") == b"Test", timeout=10)
+        assert time.monotonic() - started < 5
+        wait_until(lambda: svc.stats()["refused"].get("write_timeout") == 2)
+        assert "write timeout" in svc.log()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_slow_reader_within_the_write_timeout_gets_its_whole_reply(make_service):
+    svc = make_service("[limits]\nwrite_timeout = 1.0\n")
+    data = b"s" * (4 << 20)
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        sock.sendall(b"echo:" + data)
+        sock.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := sock.recv(256 << 10):
+            got += chunk
+            time.sleep(0.02)  # slow, but never a second without taking something
+    assert got == data

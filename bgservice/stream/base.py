@@ -104,6 +104,7 @@ class StreamProtocol(asyncio.Protocol):
         self.started = self.loop.time()
         self.last_data = self.started
         self.deadline: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
 
     def take_over(self, previous: StreamProtocol) -> None:
         """Carry on the connection ``previous`` began (its transport, peer and clock)."""
@@ -122,16 +123,40 @@ class StreamProtocol(asyncio.Protocol):
             return
         self.closed = True
         self.stop_timers()
+        self._stop_write_timer()
         if self in self.ctx.connections:
             self.ctx.connections.discard(self)
             self.ctx.stats.connections -= 1
 
     def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
+        # The client is not reading its replies: stop reading its requests until it does,
+        # and drop it if it takes nothing for write_timeout (its slot and its unsent reply
+        # would otherwise be held for ever, even after we closed our side).
         self.flow.blocked(True)
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(
+                self.ctx.limits.write_timeout, self._write_timed_out
+            )
 
     def resume_writing(self) -> None:
         self.flow.blocked(False)
+        self._stop_write_timer()
+
+    def _stop_write_timer(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self.write_timer = None
+        if self.closed:
+            return
+        self.ctx.stats.refused["write_timeout"] += 1
+        log.info(
+            "write timeout: %s %s took none of its reply for %g s: dropped",
+            self.ctx.origin.value, self.peer or "local", self.ctx.limits.write_timeout,
+        )  # fmt: skip
+        self.transport.abort()  # close() would wait for the client to read the rest
 
     # --- what each stage decides ------------------------------------------------------
 
