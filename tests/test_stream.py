@@ -393,3 +393,18 @@ def test_a_slow_reader_within_the_write_timeout_gets_its_whole_reply(make_servic
             got += chunk
             time.sleep(0.02)  # slow, but never a second without taking something
     assert got == data
+
+
+def test_a_framed_408_with_a_reply_still_pending_does_not_stop_the_service(make_service):
+    # A reply finishing after the 408 was sent (write side shut) raised "write() after
+    # write_eof()" in a callback, which stops the service (no -E).
+    svc = make_service("[limits]\nread_timeout = 1.0\n")  # 408 at 1 s, lingers to 2 s
+    sock = socket.create_connection(svc.tcp, timeout=10)
+    sock.sendall(PREFACE + framed_request(b"sleep:1500") + (100).to_bytes(4, "big") + b"part")
+    reply = recv_all(sock)
+    assert reply.startswith(PREFACE + b"408")
+    time.sleep(1.0)  # the sleep ends while the connection lingers
+    sock.close()
+    assert svc.call(b"test:x") == b"Test"
+    assert svc.proc.poll() is None, svc.log()
+    assert "unexpected error" not in svc.log(), svc.log()

@@ -121,7 +121,7 @@ class Framed(StreamProtocol):
             task = pending.popleft()
             if not self.closed and not task.cancelled():
                 ready.append(task.result())
-        if self.closed:
+        if self.closed or self.draining:  # an error ended it; our write side is shut
             return
         if ready:
             self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
