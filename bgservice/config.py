@@ -61,6 +61,7 @@ class Listener:
 class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
     max_connections: int = 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024  # unfinished requests, all connections
     read_timeout: float = 10.0
     write_timeout: float = 30.0  # a client that takes none of its reply for this long
     idle_timeout: float = 300.0
@@ -266,6 +267,11 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     redis = reader.table(data.get("redis", {}), REDIS_CHECKS, "[redis] ", "redis")
     http = reader.table(data.get("http", {}), HTTP_CHECKS, "[http] ", "http")
     alerts = reader.table(data.get("alerts", {}), ALERT_CHECKS, "[alerts] ", "alerts")
+    if limits.get("max_buffered_bytes", Limits.max_buffered_bytes) < limits.get(
+        "max_request_bytes", Limits.max_request_bytes
+    ):
+        problem = "must be at least max_request_bytes (else a request of that size never fits)"
+        raise reader.fail("[limits] ", "max_buffered_bytes", problem, "limits")
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
     raw_listeners = data.get("listen", [])

@@ -128,6 +128,7 @@ def _module_limits(v: Any) -> dict[str, int]:
 LIMIT_CHECKS: dict[str, Check] = {
     "max_request_bytes": _positive_int,
     "max_connections": _positive_int,
+    "max_buffered_bytes": _positive_int,
     "read_timeout": _positive_number,
     "write_timeout": _positive_number,
     "idle_timeout": _positive_number,

@@ -543,3 +543,10 @@ def test_octal_modes_are_accepted(tmp_path, literal, mode):
 def test_other_modes_are_refused(tmp_path, literal):
     message = config_error(tmp_path, f'[[listen]]\nunix = "/x.sock"\nmode = {literal}\n')
     assert "mode (line 3)" in message and "octal" in message
+
+
+def test_the_total_buffer_bound_must_hold_one_whole_request(tmp_path):
+    message = config_error(
+        tmp_path, "[limits]\nmax_request_bytes = 2000\nmax_buffered_bytes = 1000\n"
+    )
+    assert "max_buffered_bytes (line 3)" in message and "max_request_bytes" in message

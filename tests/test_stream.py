@@ -395,6 +395,44 @@ def test_a_slow_reader_within_the_write_timeout_gets_its_whole_reply(make_servic
     assert got == data
 
 
+def _frame_start(svc, size: int, sent: int) -> socket.socket:
+    """A framed client that announces a ``size``-byte frame, sends ``sent`` of it, holds."""
+    sock = socket.create_connection(svc.tcp, timeout=10)
+    sock.sendall(PREFACE + size.to_bytes(4, "big") + b"echo:" + b"h" * (sent - 5))
+    assert sock.recv(4) == PREFACE
+    return sock
+
+
+def test_bytes_held_by_unfinished_requests_are_bounded_in_total(make_service):
+    # Item 4: 60 connections each sending most of a 16 MiB frame held 1 GB until the 408s.
+    svc = make_service(
+        "[limits]\nmax_request_bytes = 1048576\nmax_buffered_bytes = 3000000\nread_timeout = 30\n"
+    )
+    held = [_frame_start(svc, 1_000_000, 900_000) for _ in range(3)]
+    try:
+        wait_until(lambda: svc.stats()["buffered_bytes"] == 3 * (4 + 900_000))  # + headers
+        assert svc.call(b"test:x") == b"Test"  # small requests still fit
+        with socket.create_connection(svc.tcp, timeout=10) as sock:  # past the bound: refused
+            try:
+                sock.sendall(b"echo:" + b"o" * 900_000)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            reply = recv_all(sock)
+        assert reply == b"503: Too many bytes in unfinished requests (limit 3000000)"
+        fourth = socket.create_connection(svc.tcp, timeout=10)
+        fourth.sendall(PREFACE + (1_000_000).to_bytes(4, "big") + b"x" * 900_000)
+        assert recv_all(fourth)[4:] == (
+            b"503\x00\x00\x00\x35Too many bytes in unfinished requests (limit 3000000)"
+        )
+        fourth.close()
+        assert svc.stats()["refused"]["buffer_full"] == 2
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: svc.stats()["buffered_bytes"] == 0)
+    assert svc.call(b"echo:" + b"a" * 900_000) == b"a" * 900_000
+
+
 def test_a_framed_408_with_a_reply_still_pending_does_not_stop_the_service(make_service):
     # A reply finishing after the 408 was sent (write side shut) raised "write() after
     # write_eof()" in a callback, which stops the service (no -E).

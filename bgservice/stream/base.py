@@ -105,6 +105,7 @@ class StreamProtocol(asyncio.Protocol):
         self.last_data = self.started
         self.deadline: asyncio.TimerHandle | None = None
         self.write_timer: asyncio.TimerHandle | None = None
+        self.held = 0  # bytes of an unfinished request this connection holds
 
     def take_over(self, previous: StreamProtocol) -> None:
         """Carry on the connection ``previous`` began (its transport, peer and clock)."""
@@ -124,6 +125,7 @@ class StreamProtocol(asyncio.Protocol):
         self.closed = True
         self.stop_timers()
         self._stop_write_timer()
+        self.hold(0)
         if self in self.ctx.connections:
             self.ctx.connections.discard(self)
             self.ctx.stats.connections -= 1
@@ -183,6 +185,33 @@ class StreamProtocol(asyncio.Protocol):
         if count := self.unanswered():
             self.transport.write(self.error_reply(503, "Shutting down") * count)
         self.close()
+
+    # --- memory ---------------------------------------------------------------------
+
+    def hold(self, size: int) -> bool:
+        """This connection's unfinished request now holds ``size`` bytes.
+
+        ``max_request_bytes`` bounds one request; this bounds them all together
+        (``max_buffered_bytes``, counted in ``stats.buffered_bytes``): the connection whose
+        bytes take the total past it is refused with a 503 and drops what it held, so a
+        crowd of clients sending large requests slowly cannot hold unbounded memory.
+        """
+        stats = self.ctx.stats
+        grew = size > self.held
+        stats.buffered_bytes += size - self.held
+        self.held = size
+        limit = self.ctx.limits.max_buffered_bytes
+        if not grew or stats.buffered_bytes <= limit:
+            return True
+        stats.buffered_bytes -= size
+        self.held = 0
+        stats.refused["buffer_full"] += 1
+        log.warning(
+            "refused %s %s: unfinished requests hold more than %d bytes",
+            self.ctx.origin.value, self.peer or "local", limit,
+        )  # fmt: skip
+        self.fail(503, f"Too many bytes in unfinished requests (limit {limit})")
+        return False
 
     # --- deadlines --------------------------------------------------------------------
 

@@ -91,6 +91,8 @@ class Framed(StreamProtocol):
                 continue
             module, payload = split_request(item)
             self._queue_reply(self._serve(module, payload))
+        if not self.hold(decoder.buffered):
+            return
         if not decoder.partial:
             self.frame_started = None
         elif items or not was_partial:  # a new frame began in this chunk

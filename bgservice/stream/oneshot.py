@@ -97,6 +97,9 @@ class OneShot(StreamProtocol):
             self.buf = bytearray()
             self.fail(413, f"Request too large (limit {limits.max_request_bytes} bytes)")
             return
+        if not self.hold(len(self.buf)):
+            self.buf = bytearray()
+            return
         if self.quiet_timer is None:
             self.quiet_timer = self.loop.call_later(self._quiet(), self._check_quiet)
 
@@ -122,6 +125,7 @@ class OneShot(StreamProtocol):
         self.stop_timers()
         module, data = split_request(bytes(self.buf))
         self.buf = bytearray()
+        self.hold(0)
         request = self.ctx.request(module, data, self.peer, self._write)
         self.ctx.spawn(self._serve(request))
 
