@@ -4,6 +4,7 @@ that, ``def`` calls are refused with a 503 naming the cause (issue 18, item 2)."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -72,6 +73,29 @@ def test_a_call_that_waited_for_a_thread_says_so(modules_dir, make_service, tmp_
     gate.touch()
     first.join(10)
     assert got == [b"freed"]
+
+
+RECORDER = """
+from pathlib import Path
+
+async def handle_tcp(request):
+    with open(Path(__file__).with_name("alerts.jsonl"), "a") as f:
+        f.write(request.text + "\\n")
+"""
+
+
+def test_a_stuck_thread_raises_an_error_alert(modules_dir, make_service, tmp_path):
+    write_module(modules_dir, "stuck", STUCK)
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service('[alerts]\nmodule = "recorder"\n')
+    gate = tmp_path / "gate"
+    assert svc.call(b"stuck:%s" % bytes(gate)).startswith(b"504: ")
+    alerts = modules_dir / "alerts.jsonl"
+    wait_until(lambda: alerts.exists() and "handler thread stuck" in alerts.read_text())
+    alert = json.loads(alerts.read_text().splitlines()[0])
+    assert alert["event"] == "error" and alert["module"] == "stuck"
+    assert alert["title"].startswith("handler thread stuck in module stuck after its 0.5 s")
+    gate.touch()
 
 
 # --- the pool on its own ----------------------------------------------------------------
