@@ -227,7 +227,9 @@ def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
     ]
     for caller in callers:
         caller.start()
-    wait_until(lambda: svc.stats()["in_flight"].get("sleep", 0) >= 5)
+    # The running job and four calls asleep, every client connected (+ this stats call).
+    wait_until(lambda: (s := svc.stats())["in_flight"].get("sleep", 0) >= 5
+               and s["connections"]["open"] >= 5)  # fmt: skip
     svc.signal(signal.SIGTERM)
     for caller in callers:
         caller.join(10)
@@ -238,4 +240,27 @@ def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
     }
     assert framed.recv() == (503, b"Shutting down")
     assert framed.recv() == (503, b"Shutting down")
+    assert svc.wait() == 0
+
+
+def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_service):
+    svc = make_service("[limits]\nshutdown_grace = 5.0\n[queue]\nworkers = 1\n")
+    running = svc.call(b"queue:add:sleep:15000")
+    waiting = svc.call(b"queue:add:sleep:10")
+    wait_until(lambda: svc.call(b"queue:check:" + running) == b"1")
+    got: list[tuple[bytes, float]] = []
+
+    def get() -> None:
+        reply = svc.call(b"queue:get:" + waiting)
+        got.append((reply, time.monotonic()))
+
+    caller = threading.Thread(target=get)
+    caller.start()
+    # The get's connection, beside the stats call's own: the get is waiting.
+    wait_until(lambda: svc.stats()["connections"]["open"] >= 2)
+    svc.signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    caller.join(10)
+    assert got and got[0][0] == b"503: Shutting down"
+    assert got[0][1] - stopped < 2.0  # not at the end of the 5 s grace
     assert svc.wait() == 0
