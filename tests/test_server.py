@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from bgservice.protocol import framed_request
 from tests.conftest import wait_until, write_module
 
 # An error outside every request: a loop callback that raises.
@@ -264,3 +265,15 @@ def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_s
     assert got and got[0][0] == b"503: Shutting down"
     assert got[0][1] - stopped < 2.0  # not at the end of the 5 s grace
     assert svc.wait() == 0
+
+
+def test_the_cut_skips_a_connection_whose_write_side_an_error_shut(make_service):
+    # A framed client got a 408 (our write side shut) while a call of its still runs when
+    # the grace ends: nothing more may be written to it, and the stop must still be clean.
+    svc = make_service("[limits]\nshutdown_grace = 0.5\nread_timeout = 1.0\n")
+    framed = svc.framed()
+    framed.sock.sendall(framed_request(b"sleep:15000") + (100).to_bytes(4, "big") + b"part")
+    assert framed.recv()[0] == 408
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(timeout=10) == 0
+    assert "bgservice stopped" in svc.log() and "Traceback" not in svc.log()

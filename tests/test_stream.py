@@ -446,3 +446,13 @@ def test_a_framed_408_with_a_reply_still_pending_does_not_stop_the_service(make_
     assert svc.call(b"test:x") == b"Test"
     assert svc.proc.poll() is None, svc.log()
     assert "unexpected error" not in svc.log(), svc.log()
+
+
+def test_a_refused_request_no_longer_counts_against_the_total(make_service):
+    svc = make_service("[limits]\nmax_request_bytes = 100000\nread_timeout = 5\n")
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        sock.sendall(b"echo:" + b"x" * 60_000)
+        wait_until(lambda: svc.stats()["buffered_bytes"] >= 60_000)
+        sock.sendall(b"x" * 60_000)  # past max_request_bytes: 413, the connection lingers
+        assert sock.recv(100).startswith(b"413: ")
+        assert svc.stats()["buffered_bytes"] == 0

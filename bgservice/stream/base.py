@@ -180,10 +180,12 @@ class StreamProtocol(asyncio.Protocol):
     def cut(self) -> None:
         """The shutdown grace ran out: answer every request still running with the
         documented ``503: Shutting down`` (not 0 bytes), then close."""
-        if self.closed or self.transport.is_closing():
+        if self.closed:
             return
-        if count := self.unanswered():
-            self.transport.write(self.error_reply(503, "Shutting down") * count)
+        # After an error our write side is shut (draining): nothing more can be sent.
+        if not self.draining and not self.transport.is_closing():
+            if count := self.unanswered():
+                self.transport.write(self.error_reply(503, "Shutting down") * count)
         self.close()
 
     # --- memory ---------------------------------------------------------------------
@@ -258,6 +260,7 @@ class StreamProtocol(asyncio.Protocol):
             return
         self.draining = True
         self.stop_timers()
+        self.hold(0)  # the unfinished request is given up: it no longer counts
         transport = self.transport
         transport.write(self.error_reply(status, message))
         if transport.can_write_eof():
