@@ -1,8 +1,9 @@
 """Alerts: errors worth a human's attention, handed to a module of the user's choice.
 
 Three things raise an alert (``[alerts] events``): ``error``, an error outside every
-request or an internal error at the dispatch boundary; ``reload``, a module file that
-failed to load; ``job``, a queued job that ended ``failed``. ``call``, a module that
+request, an internal error at the dispatch boundary, or a handler thread stuck past its
+timeout; ``reload``, a module file that failed to load; ``job``, a queued job that ended
+``failed``. ``call``, a module that
 raised or timed out in a direct call, can be added for sites that want it.
 
 Each alert is a JSON object passed to the TCP handler of ``[alerts] module`` (the shipped
@@ -27,7 +28,14 @@ from typing import Any
 
 from bgservice.config import AlertSettings
 from bgservice.dispatch import Dispatcher
-from bgservice.events import CALL_FAILED, INTERNAL_ERROR, JOB_FAILED, MODULE_FAILED, Events
+from bgservice.events import (
+    CALL_FAILED,
+    INTERNAL_ERROR,
+    JOB_FAILED,
+    MODULE_FAILED,
+    THREAD_STUCK,
+    Events,
+)
 from bgservice.origin import Origin
 from bgservice.protocol import OK
 from bgservice.request import JobAdder, Request
@@ -58,8 +66,9 @@ class Alert:
 class Alerts:
     """Rate-limits alerts and delivers them through the dispatcher, one at a time.
 
-    It raises alerts itself from the service's events: ``internal_error`` (error),
-    ``module_failed`` (reload), ``job_failed`` (job) and ``call_failed`` (call).
+    It raises alerts itself from the service's events: ``internal_error`` and
+    ``thread_stuck`` (error), ``module_failed`` (reload), ``job_failed`` (job) and
+    ``call_failed`` (call).
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class Alerts:
             events.subscribe(MODULE_FAILED, self._module_failed)
             events.subscribe(JOB_FAILED, self._job_failed)
             events.subscribe(CALL_FAILED, self._call_failed)
+            events.subscribe(THREAD_STUCK, self._thread_stuck)
 
     def _internal_error(self, title: str, detail: str) -> None:
         self.report("error", title, detail)
@@ -92,6 +102,11 @@ class Alerts:
 
     def _call_failed(self, title: str, detail: str, module: str) -> None:
         self.report("call", title, detail, module=module)
+
+    def _thread_stuck(self, title: str, module: str) -> None:
+        # An error: each stuck thread is lost until its handler returns, and enough of them
+        # refuse every def call (503).
+        self.report("error", title, "", module=module)
 
     def report(
         self,

@@ -16,7 +16,7 @@ import click
 import uvloop
 
 from bgservice import __version__, config, logs
-from bgservice.cli_client import register_client_commands
+from bgservice.cli_client import client_options, register_client_commands
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -31,22 +31,48 @@ def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
 
 
 class _ServeByDefault(click.Group):
-    """``bgservice -c file -v`` is ``bgservice serve -c file -v``, as before subcommands."""
+    """``bgservice -c file -v`` is ``bgservice serve -c file -v``, as before subcommands;
+    ``bgservice -a ADDR queue ...`` is a client command given the group's options; and
+    ``bgservice -h`` lists every command, then serve's options."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or args[0] not in self.commands:
+        asks_help = bool(args) and args[0] in ctx.help_option_names
+        if not asks_help and not self._names_a_command(args):
             args = ["serve", *args]
         return super().parse_args(ctx, args)
 
+    def _names_a_command(self, args: list[str]) -> bool:
+        """Whether the first word after the group's own options (-a X, --timeout=X) is a
+        command: only then are they the group's, not serve's."""
+        valued = {o for p in self.params if isinstance(p, click.Option) for o in p.opts}
+        i = 0
+        while i < len(args) and args[i].partition("=")[0] in valued:
+            i += 1 if "=" in args[i] else 2
+        return i < len(args) and args[i] in self.commands
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_help(ctx, formatter)
+        serve = self.commands["serve"]
+        params = [p for p in serve.get_params(ctx) if p.name != "help"]  # the group's -h is shown
+        rows = [row for p in params if (row := p.get_help_record(ctx))]
+        with formatter.section("Options of serve, the default command (bgservice [serve] ...)"):
+            formatter.write_dl(rows)
+
 
 @click.group(cls=_ServeByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@client_options
 def main() -> None:
-    """bgservice: fire-and-forget UDP, TCP calls and a job queue for web applications."""
+    """bgservice: fire-and-forget UDP, TCP calls and a job queue for web applications.
+
+    Without a command (or with serve) it runs the service; the other commands talk to a
+    running one at -a/--address, which every level takes (bgservice -a X queue add ...,
+    bgservice queue add -a X ...).
+    """
 
 
 @main.command(
     epilog="Other commands talk to a running service: call, send, queue, stats, modules, "
-    "ping (bgservice COMMAND --help)."
+    "ping, top (bgservice --help lists them; bgservice COMMAND --help)."
 )
 @click.option(
     "-c",

@@ -1,4 +1,4 @@
-"""``bgservice call|send|queue|stats|modules|ping``: a running service from the shell.
+"""``bgservice call|send|queue|stats|modules|ping|top``: a running service from the shell.
 
 Thin: every command is one or two methods of ``bgservice.client.Client``. Exit codes that
 scripts can rely on:
@@ -10,12 +10,17 @@ scripts can rely on:
     4  no reply within --timeout
 
 DATA ``-`` reads standard input (binary-safe); no DATA sends an empty one.
+
+``-a/--address``, ``-t/--timeout`` and ``--udp-address`` are taken at every level
+(``bgservice -a X queue add``, ``bgservice queue -a X add``, ``bgservice queue add -a X``):
+the innermost given wins, then ``$BGSERVICE_ADDRESS``, then the default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +28,7 @@ from typing import Any, TypeVar
 
 import click
 
+from bgservice import cli_format, cli_top
 from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
 from bgservice.errors import ReplyError
 
@@ -46,20 +52,41 @@ class JobIdType(click.ParamType):
 JOB_ID = JobIdType()
 
 
-def _client_options(fn: F) -> F:
-    """--address, --udp-address, --timeout on every client command."""
+# Where the client options' values are kept: Context.meta is shared by a context and
+# every one nested in it, so a value given to `bgservice` or `bgservice queue` reaches
+# the command, and one given later (further in) replaces it.
+_GIVEN = "bgservice.client_options"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is not None and param.name is not None:
+        ctx.meta.setdefault(_GIVEN, {})[param.name] = value
+
+
+def client_options(fn: F) -> F:
+    """--address, --udp-address, --timeout on every group and client command."""
     options = [
         click.option(
             "-a",
             "--address",
-            envvar="BGSERVICE_ADDRESS",
-            default=DEFAULT_ADDRESS,
-            show_default=True,
-            help="host:port or Unix socket path of the service ($BGSERVICE_ADDRESS).",
+            callback=_remember,
+            expose_value=False,
+            help=f"host:port or Unix socket path of the service "
+            f"[default: $BGSERVICE_ADDRESS, else {DEFAULT_ADDRESS}]",
         ),
-        click.option("--udp-address", help="For send: UDP host:port or Unix datagram path."),
         click.option(
-            "-t", "--timeout", type=float, default=30.0, show_default=True, help="Seconds."
+            "--udp-address",
+            callback=_remember,
+            expose_value=False,
+            help="For send: UDP host:port or Unix datagram path.",
+        ),
+        click.option(
+            "-t",
+            "--timeout",
+            type=float,
+            callback=_remember,
+            expose_value=False,
+            help="Seconds to wait for a reply [default: 30].",
         ),
     ]
     for option in reversed(options):
@@ -67,10 +94,23 @@ def _client_options(fn: F) -> F:
     return fn
 
 
+def _given() -> dict[str, Any]:
+    return dict(click.get_current_context().meta.get(_GIVEN, {}))
+
+
+def _address() -> str:
+    return str(_given().get("address") or os.environ.get("BGSERVICE_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def _timeout() -> float:
+    return float(_given().get("timeout") or 30.0)
+
+
 @contextlib.contextmanager
-def _talking(address: str, timeout: float, udp_address: str | None = None) -> Iterator[Client]:
-    """A client, with its failures turned into messages and exit codes."""
-    client = Client(address, timeout=timeout, udp_address=udp_address)
+def _talking() -> Iterator[Client]:
+    """A client for the options given, with its failures turned into messages and exit
+    codes."""
+    client = Client(_address(), timeout=_timeout(), udp_address=_given().get("udp_address"))
     try:
         yield client
     except ReplyError as exc:
@@ -99,68 +139,95 @@ def _out(body: bytes) -> None:
     sys.stdout.flush()
 
 
-def _json_out(value: Any, compact: bool) -> None:
-    click.echo(json.dumps(value, separators=(",", ":")) if compact else json.dumps(value, indent=2))
+def _json_out(value: Any) -> None:
+    """The service's JSON, on one line, for scripts (--json)."""
+    click.echo(json.dumps(value, separators=(",", ":")))
+
+
+def _show(value: Any, as_json: bool, lines: Callable[..., list[str]], *args: Any) -> None:
+    """--json: the JSON; otherwise what ``cli_format`` makes of it for a person."""
+    if as_json:
+        _json_out(value)
+    else:
+        click.echo("\n".join(lines(value, *args)))
+
+
+JSON = click.option("--json", "as_json", is_flag=True, help="The service's JSON, on one line.")
 
 
 @click.command()
 @click.argument("module")
 @click.argument("data", required=False)
-@_client_options
-def call(module: str, data: str | None, address: str, udp_address: str | None, timeout: float):
+@client_options
+def call(module: str, data: str | None) -> None:
     """Call MODULE with DATA over TCP and print its reply."""
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         _out(client.call(module, _data(data)))
 
 
 @click.command()
 @click.argument("module")
 @click.argument("data", required=False)
-@_client_options
-def send(module: str, data: str | None, address: str, udp_address: str | None, timeout: float):
+@client_options
+def send(module: str, data: str | None) -> None:
     """Fire and forget MODULE with DATA over UDP (nothing comes back)."""
-    with _talking(address, timeout, udp_address) as client:
+    with _talking() as client:
         client.send(module, _data(data))
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
-@_client_options
-def stats(as_json: bool, address: str, udp_address: str | None, timeout: float) -> None:
+@JSON
+@client_options
+def stats(as_json: bool) -> None:
     """The service's counters (service:stats)."""
-    with _talking(address, timeout) as client:
-        _json_out(client.stats(), as_json)
+    with _talking() as client:
+        _show(client.stats(), as_json, cli_format.stats_lines)
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-@_client_options
-def modules(as_json: bool, address: str, udp_address: str | None, timeout: float) -> None:
+@JSON
+@client_options
+def modules(as_json: bool) -> None:
     """The modules and their state (service:modules)."""
-    with _talking(address, timeout) as client:
-        found = client.modules()
-    if as_json:
-        _json_out(found, True)
-        return
-    click.echo(f"{'module':16} {'state':8} {'accepts':16} error")
-    for m in found:
-        accepts = ",".join(m.get("accepts") or []) or "-"
-        click.echo(f"{m['name']:16} {m['state']:8} {accepts:16} {m.get('error') or ''}")
+    with _talking() as client:
+        _show(client.modules(), as_json, cli_format.modules_lines, time.time())
 
 
 @click.command()
-@_client_options
-def ping(address: str, udp_address: str | None, timeout: float) -> None:
+@client_options
+def ping() -> None:
     """Exit 0 if the service answers, 3 if it is down."""
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         client.ping()
     click.echo("pong")
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Print one screen and exit (always so off a terminal).")
+@click.option(
+    "-n",
+    "--interval",
+    type=click.FloatRange(0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between screens, over which the request rate is measured.",
+)
+@client_options
+def top(once: bool, interval: float) -> None:
+    """Live view: running jobs, waiting counts, requests/s (Ctrl-C quits)."""
+    with _talking() as client:
+        watcher = cli_top.Watcher(client, _address())
+        if once or not sys.stdout.isatty():
+            cli_top.once(watcher, interval, sys.stdout)
+        else:
+            cli_top.live(watcher, interval, sys.stdout)
 
 
 # --- queue ------------------------------------------------------------------------------
 
 
 @click.group()
+@client_options
 def queue() -> None:
     """The job queue (docs/queue.md)."""
 
@@ -177,21 +244,14 @@ def queue() -> None:
 @click.option("--unique", help="Unique key: an equal waiting/running job is reused.")
 @click.option("--after", type=JOB_ID, help="Run only after this job (N or id:N) has finished well.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": N}.')
-@_client_options
+@client_options
 def queue_add(
-    module: str,
-    data: str | None,
-    job_timeout: float | None,
-    as_json: bool,
-    address: str,
-    udp_address: str | None,
-    timeout: float,
-    **options: Any,
+    module: str, data: str | None, job_timeout: float | None, as_json: bool, **options: Any
 ) -> None:
     """Queue a job of MODULE with DATA; prints its id."""
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         jid = client.add(module, _data(data), timeout=job_timeout, **options)
-    _json_out({"id": jid}, True) if as_json else click.echo(jid)
+    _json_out({"id": jid}) if as_json else click.echo(jid)
 
 
 @queue.command("get")
@@ -201,16 +261,14 @@ def queue_add(
     default=None,
     help="Show a progress bar on stderr while waiting (default: when stderr is a terminal).",
 )
-@_client_options
-def queue_get(
-    job: int, progress: bool | None, address: str, udp_address: str | None, timeout: float
-) -> None:
+@client_options
+def queue_get(job: int, progress: bool | None) -> None:
     """Wait for JOB and print its result (exit 1 with its error if it failed)."""
     if progress is None:
         progress = sys.stderr.isatty()
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         if progress:
-            _follow(client, job, timeout)
+            _follow(client, job, _timeout())
         _out(client.get(job))
 
 
@@ -236,40 +294,38 @@ def _follow(client: Client, job: int, timeout: float) -> None:
 
 @queue.command("check")
 @click.argument("job", type=JOB_ID)
-@_client_options
-def queue_check(job: int, address: str, udp_address: str | None, timeout: float) -> None:
+@client_options
+def queue_check(job: int) -> None:
     """0 waiting, 1 running, 2 finished."""
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         click.echo(client.check(job))
 
 
 @queue.command("status")
 @click.argument("job", type=JOB_ID)
-@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
-@_client_options
-def queue_status(
-    job: int, as_json: bool, address: str, udp_address: str | None, timeout: float
-) -> None:
+@JSON
+@client_options
+def queue_status(job: int, as_json: bool) -> None:
     """JOB's state, progress, position, attempts, times and last error."""
-    with _talking(address, timeout) as client:
-        _json_out(client.status(job), as_json)
+    with _talking() as client:
+        _show(client.status(job), as_json, cli_format.job_lines, time.time())
 
 
 @queue.command("cancel")
 @click.argument("job", type=JOB_ID)
-@_client_options
-def queue_cancel(job: int, address: str, udp_address: str | None, timeout: float) -> None:
+@client_options
+def queue_cancel(job: int) -> None:
     """Cancel a waiting JOB, or ask a running one to stop."""
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         click.echo(client.cancel(job))
 
 
 @queue.command("retry")
 @click.argument("job", type=JOB_ID)
-@_client_options
-def queue_retry(job: int, address: str, udp_address: str | None, timeout: float) -> None:
+@client_options
+def queue_retry(job: int) -> None:
     """Run a failed or cancelled JOB again."""
-    with _talking(address, timeout) as client:
+    with _talking() as client:
         click.echo(client.retry(job))
 
 
@@ -281,45 +337,27 @@ def queue_retry(job: int, address: str, udp_address: str | None, timeout: float)
 )
 @click.option("--limit", type=int, help="At most this many per state.")
 @click.option("--offset", type=int, default=0)
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
-@_client_options
-def queue_list(
-    state: str | None,
-    limit: int | None,
-    offset: int,
-    as_json: bool,
-    address: str,
-    udp_address: str | None,
-    timeout: float,
-) -> None:
+@JSON
+@client_options
+def queue_list(state: str | None, limit: int | None, offset: int, as_json: bool) -> None:
     """Jobs waiting, running and failed (or of one STATE)."""
-    with _talking(address, timeout) as client:
-        found = client.list(state, limit, offset)
-    if as_json:
-        _json_out(found, True)
-        return
-    click.echo(f"{'id':>8} {'state':9} {'module':14} {'prio':>4} {'tries':>5} error")
-    for jobs in found.values():
-        for j in jobs:
-            error = (j.get("error") or "")[:60]
-            click.echo(
-                f"{j['id']:>8} {j['state']:9} {j['module']:14} {j['priority']:>4} "
-                f"{j['attempts']:>5} {error}"
-            )
+    with _talking() as client:
+        _show(client.list(state, limit, offset), as_json, cli_format.jobs_lines, time.time())
 
 
 @queue.command("stats")
 @click.option("--window", type=float, help="Seconds of history (default: the service's).")
-@click.option("--json", "as_json", is_flag=True, help="One line of JSON.")
-@_client_options
-def queue_stats(
-    window: float | None, as_json: bool, address: str, udp_address: str | None, timeout: float
-) -> None:
+@JSON
+@client_options
+def queue_stats(window: float | None, as_json: bool) -> None:
     """Counts per state, oldest waiting job, jobs per minute, busy time per hour."""
-    with _talking(address, timeout) as client:
-        _json_out(client.queue_stats(window), as_json)
+    with _talking() as client:
+        _show(client.queue_stats(window), as_json, cli_format.queue_stats_lines, time.time())
+
+
+CLIENT_COMMANDS = (call, send, queue, stats, modules, ping, top)
 
 
 def register_client_commands(group: click.Group) -> None:
-    for command in (call, send, queue, stats, modules, ping):
+    for command in CLIENT_COMMANDS:
         group.add_command(command)

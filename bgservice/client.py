@@ -149,9 +149,10 @@ class Client(_Where):
         return _new_id(_check(*self.request(queue_request("retry", job))))
 
     def list(self, state: str | None = None, limit: int | None = None, offset: int = 0) -> Any:
-        command = f"list:{state}" if state else "list"
-        body = self.request(queue_request(command, None, limit=limit, offset=offset or None))
-        return json.loads(_check(*body))
+        # The state as an option: the protocol reads options after the command name only,
+        # so "list:waiting?limit=5" would be refused.
+        request = queue_request("list", None, state=state, limit=limit, offset=offset or None)
+        return json.loads(_check(*self.request(request)))
 
     def queue_stats(self, window: float | None = None) -> dict[str, Any]:
         return dict(json.loads(_check(*self.request(queue_request("stats", window=window)))))
@@ -282,9 +283,8 @@ class AsyncClient(_Where):
     async def list(
         self, state: str | None = None, limit: int | None = None, offset: int = 0
     ) -> Any:
-        command = f"list:{state}" if state else "list"
-        reply = await self.request(queue_request(command, None, limit=limit, offset=offset or None))
-        return json.loads(_check(*reply))
+        request = queue_request("list", None, state=state, limit=limit, offset=offset or None)
+        return json.loads(_check(*await self.request(request)))
 
     async def queue_stats(self, window: float | None = None) -> dict[str, Any]:
         return dict(json.loads(_check(*await self.request(queue_request("stats", window=window)))))

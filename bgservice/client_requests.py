@@ -49,7 +49,7 @@ def parse_job_id(job: JobRef) -> int:
     """
     if isinstance(job, bool) or not isinstance(job, int | str):
         raise ValueError(f"job id must be N or 'id:N', not {job!r}")
-    # As the service reads it (queue_commands.job_id): blanks around N and after "id:" go.
+    # As the service reads it (bgservice.queue.commands.job_id): blanks around N and after "id:" go.
     if isinstance(job, int):
         text = str(job) if 0 < job <= MAX_JOB_ID else "-"
     else:

@@ -26,6 +26,7 @@ from bgservice.config_checks import (
     LIMIT_CHECKS,
     LISTENER_CHECKS,
     LOG_CHECKS,
+    MODE_FORMS,
     QUEUE_CHECKS,
     REDIS_CHECKS,
     RELOAD_CHECKS,
@@ -60,7 +61,9 @@ class Listener:
 class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
     max_connections: int = 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024  # unfinished requests, all connections
     read_timeout: float = 10.0
+    write_timeout: float = 30.0  # a client that takes none of its reply for this long
     idle_timeout: float = 300.0
     one_shot_end: str = "segment"  # or "quiet": see docs/protocol.md
     quiet_ms: float = 5.0
@@ -69,6 +72,7 @@ class Limits:
     max_pipeline: int = 64
     call_timeout: float = 30.0
     threads: int = 16
+    stuck_threads: int = 16  # replacements for threads stuck past a timeout (threads.py)
     udp_queue: int = 10_000
     udp_workers: int = 4
     udp_receive_buffer: int = 4 * 1024 * 1024
@@ -182,6 +186,13 @@ class _Reader:
                 return number
         return None
 
+    def literal(self, key: str, table: str, index: int) -> str:
+        """How ``key`` is spelled in the file (its text after ``=``), or "" if not found."""
+        line = self._line_of(key, table, index)
+        if line is None:
+            return ""
+        return self.text.splitlines()[line - 1].partition("=")[2].strip()
+
     def table(
         self, data: Any, checks: dict[str, Check], where: str, table: str = "", index: int = 0
     ) -> dict[str, Any]:
@@ -199,10 +210,18 @@ class _Reader:
         return out
 
 
+def _octal(literal: str) -> bool:
+    """A TOML integer written in octal: ``mode = 770`` is decimal, and would let anyone in."""
+    return literal.startswith("0o")
+
+
 def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
     where = f"[[listen]] #{index + 1} "
     values = reader.table(raw, LISTENER_CHECKS, where, "listen", index)
     values.setdefault("name", f"listener{index + 1}")
+    if isinstance(raw.get("mode"), int) and not _octal(reader.literal("mode", "listen", index)):
+        problem = f"must be {MODE_FORMS}, got {raw['mode']!r}"
+        raise reader.fail(where, "mode", problem, "listen", index)
     if not ({"host", "port"} & values.keys()) and not ({"unix", "unix_dgram"} & values.keys()):
         raise reader.fail(
             where, "port", "a listener needs host/port, unix or unix_dgram", "listen", index
@@ -248,6 +267,11 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     redis = reader.table(data.get("redis", {}), REDIS_CHECKS, "[redis] ", "redis")
     http = reader.table(data.get("http", {}), HTTP_CHECKS, "[http] ", "http")
     alerts = reader.table(data.get("alerts", {}), ALERT_CHECKS, "[alerts] ", "alerts")
+    if limits.get("max_buffered_bytes", Limits.max_buffered_bytes) < limits.get(
+        "max_request_bytes", Limits.max_request_bytes
+    ):
+        problem = "must be at least max_request_bytes (else a request of that size never fits)"
+        raise reader.fail("[limits] ", "max_buffered_bytes", problem, "limits")
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
     raw_listeners = data.get("listen", [])

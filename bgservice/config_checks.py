@@ -59,11 +59,17 @@ def check_port(v: Any) -> int:
     return v
 
 
-def _mode(v: Any) -> int:
-    if isinstance(v, str) and re.fullmatch(r"0?o?[0-7]{3,4}", v):
-        v = int(v.replace("o", ""), 8)
+MODE_FORMS = 'an octal file mode written "770" or 0o770 (a bare 770 is decimal 770)'
+
+
+def check_mode(v: Any) -> int:
+    """A Unix socket's file mode: a string of octal digits (``"660"``, ``"0o660"``), or an
+    integer. The integer's TOML spelling is checked by bgservice.config: only ``0o660``
+    is octal there, and a bare ``660`` (decimal, 0o1224) would open the socket to all."""
+    if isinstance(v, str) and (m := re.fullmatch(r"(?:0o)?([0-7]{1,4})", v)):
+        v = int(m.group(1), 8)
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o7777:
-        raise ValueError('must be a file mode such as 0o660 or "660"')
+        raise ValueError(f"must be {MODE_FORMS}")
     return v
 
 
@@ -122,7 +128,9 @@ def _module_limits(v: Any) -> dict[str, int]:
 LIMIT_CHECKS: dict[str, Check] = {
     "max_request_bytes": _positive_int,
     "max_connections": _positive_int,
+    "max_buffered_bytes": _positive_int,
     "read_timeout": _positive_number,
+    "write_timeout": _positive_number,
     "idle_timeout": _positive_number,
     "quiet_ms": _positive_number,
     "quiet_large_ms": _positive_number,
@@ -131,6 +139,7 @@ LIMIT_CHECKS: dict[str, Check] = {
     "max_pipeline": _positive_int,
     "call_timeout": _positive_number,
     "threads": _positive_int,
+    "stuck_threads": _non_negative_int,
     "udp_queue": _positive_int,
     "udp_workers": _positive_int,
     "udp_receive_buffer": _positive_int,
@@ -174,7 +183,7 @@ LISTENER_CHECKS: dict[str, Check] = {
     "udp": _boolean,
     "unix": check_string,
     "unix_dgram": check_string,
-    "mode": _mode,
+    "mode": check_mode,
 }
 TOP_CHECKS: dict[str, Check] = {
     "modules": check_string,

@@ -22,6 +22,7 @@ MODULE_REMOVED = "module_removed"  # name
 CALL_FAILED = "call_failed"  # title, detail, module: a direct call raised or timed out
 INTERNAL_ERROR = "internal_error"  # title, detail: a bug of ours, caught at a boundary
 JOB_FAILED = "job_failed"  # title, detail, module, job: a job failed for good
+THREAD_STUCK = "thread_stuck"  # title, module: a def handler kept its thread past its timeout
 
 Observer = Callable[..., None]
 

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
 from bgservice.config import Settings
@@ -29,11 +28,12 @@ from bgservice.errors import (
     TransportNotAccepted,
     UnknownRequest,
 )
-from bgservice.events import CALL_FAILED, Events
+from bgservice.events import CALL_FAILED, THREAD_STUCK, Events
 from bgservice.origin import Origin
 from bgservice.registry import Handler, ModuleVersion, Registry
 from bgservice.request import Request
 from bgservice.stats import Stats
+from bgservice.threads import CallThreads, ThreadsExhausted
 
 log = logging.getLogger(__name__)
 Loop = asyncio.AbstractEventLoop
@@ -53,7 +53,7 @@ class Execution:
         settings: Settings,
         registry: Registry,
         stats: Stats,
-        threads: Executor,
+        threads: CallThreads,
         processes: ProcessRunner,
         events: Events,
     ) -> None:
@@ -116,9 +116,9 @@ class Execution:
                     return await self._in_process(version, request, timeout, loop)
                 finally:
                     release()
-            return await self._in_thread(handler, request, timeout, loop, release)
-        except TimeoutError:
-            raise self._timed_out(name, request, timeout) from None
+            return await self._in_thread(version, handler, request, timeout, loop, release)
+        except TimeoutError as exc:
+            raise self._timed_out(name, request, timeout, exc) from None
         except ServiceError:
             raise
         except Exception as exc:
@@ -166,9 +166,12 @@ class Execution:
             version.release()
             self.stats.in_flight[name] -= 1
 
-    def _timed_out(self, name: str, request: Request, timeout: float) -> CallTimeout:
+    def _timed_out(
+        self, name: str, request: Request, timeout: float, exc: TimeoutError | None = None
+    ) -> CallTimeout:
         log.warning("module %s timed out after %.3g s", name, timeout)
         message = f"Module {name} timed out after {timeout:g} s"
+        message += f" ({exc})" if exc is not None and exc.args else ""
         self._failed(request, message, f"{request.transport} from {request.peer}")
         return CallTimeout(message)
 
@@ -204,22 +207,43 @@ class Execution:
 
     async def _in_thread(
         self,
+        version: ModuleVersion,
         handler: Handler,
         request: Request,
         timeout: float,
         loop: Loop,
         release: Callable[[], None],
     ) -> Any:
+        """A ``def`` handler, in the pool. One that outlives its timeout keeps its thread
+        (Python cannot stop it): the pool counts it stuck and replaces it (threads.py)."""
         try:
             job = self.threads.submit(handler.fn, request)
+        except ThreadsExhausted as exc:
+            release()
+            raise Busy(str(exc)) from None
         except RuntimeError:  # the pool is shut down: we are stopping
             release()
             raise Busy("Shutting down") from None
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
         if not in_task(loop):  # started eagerly: its timeout needs a task
             await hop()
-        async with asyncio.timeout(timeout):
-            return await asyncio.wrap_future(job)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(job)
+        except TimeoutError:
+            if not self.threads.abandon(job):
+                raise TimeoutError("no free thread") from None
+            self._stuck(version.name, timeout)
+            raise
+
+    def _stuck(self, name: str, timeout: float) -> None:
+        stats = self.threads.stats()
+        title = (
+            f"handler thread stuck in module {name} after its {timeout:g} s timeout "
+            f"({stats['stuck']} stuck, {stats['stuck_limit']} may be replaced)"
+        )
+        log.warning("%s", title)
+        self.events.emit(THREAD_STUCK, title=title, module=name)
 
     def _failed(self, request: Request, message: str, detail: str) -> None:
         """A module failed a direct call (a queued job alerts once it has failed for good)."""

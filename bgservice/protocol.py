@@ -100,6 +100,11 @@ class FrameDecoder:
         """True while a frame has started but not finished arriving."""
         return bool(self._buf) or self._skip > 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the unfinished frame (a skipped oversized one holds none)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[bytes | Oversized]:
         if self._skip:
             dropped = min(self._skip, len(data))

@@ -31,17 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bgservice.declarations import Handler, ModuleLoadError, declarations, handler, serves
 from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
-from bgservice.origin import Origin
+from bgservice.porting import original_hooks_problem
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "bgservice_modules"
 _MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
 _HELPER_FILE = re.compile(r"(_[A-Za-z0-9_-]*)\.py")
-# What ACCEPTS may name: tcp, udp, queue.
-ACCEPTS = frozenset(origin.accepts for origin in Origin)
-EXECUTIONS = frozenset({"process"})
 
 
 def classify(filename: str) -> tuple[str, str] | None:
@@ -51,16 +49,6 @@ def classify(filename: str) -> tuple[str, str] | None:
     if m := _HELPER_FILE.fullmatch(filename):
         return "helper", m.group(1)
     return None
-
-
-class ModuleLoadError(Exception):
-    """A module file that did not import; the message names file, line and error."""
-
-
-@dataclass(frozen=True)
-class Handler:
-    fn: Callable[..., Any]
-    is_async: bool
 
 
 @dataclass(eq=False)
@@ -185,41 +173,6 @@ def _describe_failure(exc: BaseException, path: Path) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
-def _handler(module: types.ModuleType, attr: str) -> Handler | None:
-    fn = getattr(module, attr, None)
-    if fn is None:
-        return None
-    if not callable(fn):
-        raise ModuleLoadError(f"{attr} is not callable")
-    return Handler(fn, inspect.iscoroutinefunction(fn))
-
-
-def _declarations(
-    module: types.ModuleType, tcp: Handler | None, udp: Handler | None
-) -> tuple[frozenset[str], float | None, str, int | None]:
-    accepts_raw = getattr(module, "ACCEPTS", None)
-    if accepts_raw is None:
-        accepts = frozenset(({"tcp", "queue"} if tcp else set()) | ({"udp"} if udp else set()))
-    elif isinstance(accepts_raw, str) or not set(accepts_raw) <= ACCEPTS:
-        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(ACCEPTS)}")
-    else:
-        accepts = frozenset(accepts_raw)
-    timeout = getattr(module, "TIMEOUT", None)
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
-        raise ModuleLoadError("TIMEOUT must be a number of seconds greater than 0")
-    execution = getattr(module, "EXECUTION", None) or "default"
-    if execution != "default" and execution not in EXECUTIONS:
-        raise ModuleLoadError(f"EXECUTION must be one of {sorted(EXECUTIONS)}")
-    processes = getattr(module, "PROCESSES", None)
-    if processes is not None and (
-        isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
-    ):
-        raise ModuleLoadError("PROCESSES must be a whole number of at least 1")
-    return accepts, (float(timeout) if timeout else None), execution, processes
-
-
 def import_module_file(name: str, path: Path, source: bytes | None = None) -> ModuleVersion:
     """Import ``path`` (or ``source`` as if it were that file) into a fresh module object.
 
@@ -237,9 +190,11 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
     sys.modules[qualname] = module
     try:
         loader.exec_module(module)
-        tcp, udp = _handler(module, "handle_tcp"), _handler(module, "handle_udp")
+        if problem := original_hooks_problem(vars(module)):  # ignored, they mislead
+            raise ModuleLoadError(problem)
+        tcp, udp = handler(module, "handle_tcp"), handler(module, "handle_udp")
         unload = getattr(module, "unload", None)
-        accepts, timeout, execution, processes = _declarations(module, tcp, udp)
+        accepts, timeout, execution, processes = declarations(module, tcp, udp)
     except ModuleLoadError as exc:
         _restore(qualname, previous)
         raise ModuleLoadError(f"{path.name}: {exc}") from None
@@ -342,6 +297,8 @@ class Registry:
                 return
         try:
             version = await loop.run_in_executor(self._loader, import_module_file, name, path)
+            old = entry.version
+            serves(path.name, bool(version.tcp or version.udp), bool(old and (old.tcp or old.udp)))
         except ModuleLoadError as exc:
             entry.error, entry.error_at = str(exc), time.time()
             entry.failures += 1

@@ -16,7 +16,6 @@ import signal
 import socket
 import sys
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from bgservice.queue.sqlite import SqliteStore
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
 from bgservice.stats import LagMonitor, Stats
+from bgservice.threads import CallThreads
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Service:
         limits = settings.limits
         self.events = events = Events()
         self.stats = stats = Stats()
-        self.threads = ThreadPoolExecutor(limits.threads, thread_name_prefix="bgservice-call")
+        self.threads = CallThreads(limits.threads, limits.stuck_threads)
         self.registry = Registry(settings.modules, self.threads, events)
         self.processes = ProcessPools(settings.modules, settings.workers)
         self.execution = Execution(
@@ -87,7 +87,10 @@ class Service:
         self.dispatcher = Dispatcher(settings, self.registry, stats, self.execution, events)
         self.jobs = make_queue(settings, self.dispatcher, stats, events)
         self.alerts = Alerts(settings.alerts, self.dispatcher, self.jobs, events)
-        extra_stats: dict[str, Any] = {"workers": self.processes.stats}
+        extra_stats: dict[str, Any] = {
+            "workers": self.processes.stats,
+            "threads": self.threads.stats,
+        }
         if self.alerts.enabled:
             extra_stats["alerts"] = self.alerts.stats
         self.commands = Commands(
@@ -316,6 +319,8 @@ class Service:
             _, pending = await asyncio.wait(set(tasks), timeout=max(deadline - loop.time(), 0))
             if pending:
                 log.warning("%d calls still running after %g s: cancelled", len(pending), grace)
+                for conn in self.listeners.connections():
+                    conn.cut()  # 503 Shutting down to each, not 0 bytes
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -330,4 +335,11 @@ class Service:
         self.threads.shutdown(wait=False, cancel_futures=True)
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)
+        if self.threads.stuck:
+            # Daemon threads: the interpreter exits without waiting for them (threads.py).
+            log.warning(
+                "%d handler thread%s still stuck: exiting without %s",
+                self.threads.stuck, "" if self.threads.stuck == 1 else "s",
+                "it" if self.threads.stuck == 1 else "them",
+            )  # fmt: skip
         log.info("bgservice stopped")

@@ -55,6 +55,7 @@ class Stats:
     connections: int = 0
     connections_total: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    buffered_bytes: int = 0  # held by requests still being received, every connection
     udp_received: int = 0
     udp_dropped: int = 0
     reloads: int = 0
@@ -78,6 +79,7 @@ class Stats:
             "in_flight": {k: v for k, v in self.in_flight.items() if v},
             "connections": {"open": self.connections, "total": self.connections_total},
             "refused": dict(self.refused),
+            "buffered_bytes": self.buffered_bytes,
             "udp": {"received": self.udp_received, "dropped": self.udp_dropped},
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},
             "loop_lag_ms": {"last": round(self.lag_ms, 3), "max": round(self.lag_max_ms, 3)},

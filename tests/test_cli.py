@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_queue_subcommands(service):
     assert json.loads(again.stdout) == {"id": later}  # the waiting job holds the key
     listed = json.loads(bg(service, "queue", "list", "waiting", "--json").stdout)
     assert [j["id"] for j in listed["waiting"]] == [later]
-    assert later == int(bg(service, "queue", "list").stdout.split()[6])  # the table's first id
+    assert later == int(bg(service, "queue", "list").stdout.split()[8])  # the table's first id
     assert bg(service, "queue", "cancel", str(later)).stdout == b"cancelled\n"
     failed = bg(service, "queue", "get", str(later), "--no-progress")
     assert (failed.returncode, failed.stderr) == (1, f"410: Job {later} cancelled\n".encode())
@@ -118,7 +119,7 @@ def test_queue_get_shows_a_progress_bar(modules_dir, make_service):
     assert f"job {job}: step".encode() in done.stderr
 
 
-def test_serve_is_still_the_default_command(tmp_path):
+def test_serve_is_still_the_default_command_and_help_lists_every_command(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "service.py"), "--help"],
         capture_output=True,
@@ -126,8 +127,69 @@ def test_serve_is_still_the_default_command(tmp_path):
         timeout=30,
         cwd=tmp_path,
     )
-    assert result.returncode == 0 and "--config" in result.stdout
-    assert "call, send, queue" in result.stdout
+    assert result.returncode == 0 and "--config" in result.stdout  # serve's options
+    listed = result.stdout.split("Commands:")[1].split("\n\n")[0]
+    names = {line.split()[0] for line in listed.strip().splitlines()}
+    assert names == {"call", "send", "queue", "stats", "modules", "ping", "top", "serve"}
+
+
+def test_the_address_is_taken_at_every_level(service):
+    """-a before the command, after the group, after the subcommand; the innermost wins,
+    and $BGSERVICE_ADDRESS is used when none is given."""
+    good = "{}:{}".format(*service.tcp)
+    bad = f"127.0.0.1:{_free_port()}"
+    levels = [
+        ["-a", good, "queue", "add", "echo", "x"],
+        ["queue", "-a", good, "add", "echo"],
+        ["queue", "add", "echo", "-a", good],
+        [f"--address={good}", "queue", "add", "echo"],
+        ["-a", bad, "queue", "-a", good, "add", "echo"],
+    ]
+    for args in levels:
+        added = bg(None, *args, address=bad)
+        assert added.returncode == 0 and int(added.stdout) > 0, (args, added.stderr)
+    assert bg(None, "-a", good, "ping", address=bad).stdout == b"pong\n"
+    assert bg(None, "-t", "5", "ping", address=good).stdout == b"pong\n"  # env, -t outside
+    assert bg(None, "queue", "-a", bad, "check", "1", "-a", good, address=bad).returncode == 0
+    down = bg(None, "-a", good, "queue", "add", "echo", "-a", bad, address=good)
+    assert down.returncode == 3
+
+
+def test_readable_output_by_default_json_for_scripts(service):
+    job = bg(service, "queue", "add", "echo", "x").stdout.decode().strip()
+    bg(service, "queue", "get", job, "--no-progress")
+    later = bg(service, "queue", "add", "echo", "y", "--delay", "600").stdout.decode().strip()
+    status = bg(service, "queue", "status", job).stdout.decode()
+    assert "state:        done" in status and " ago)" in status
+    assert not re.search(r"\d{10}\.\d", status)  # local date-times, not epoch floats
+    listed = bg(service, "queue", "list", "waiting", "--limit", "5").stdout.decode().splitlines()
+    assert listed[0].split()[:3] == ["id", "state", "module"] and "due in 9 min" in listed[1]
+    raw = json.loads(bg(service, "queue", "list", "waiting", "--limit", "5", "--json").stdout)
+    assert [j["id"] for j in raw["waiting"]] == [int(later)]
+    stats = bg(service, "stats").stdout.decode()
+    assert stats.startswith("uptime:") and "requests:" in stats
+    queue = bg(service, "queue", "stats").stdout.decode()
+    assert "oldest waiting:" in queue and "hour from" in queue
+    assert json.loads(bg(service, "queue", "stats", "--json").stdout)["counts"]["done"] >= 1
+    assert "loaded" in bg(service, "modules").stdout.decode()
+
+
+def test_top_once_shows_running_jobs_with_progress_and_waiting_counts(modules_dir, make_service):
+    write_module(modules_dir, "steps", PROGRESS.replace("0.15", "1.5"))
+    svc = make_service()
+    running = bg(svc, "queue", "add", "steps").stdout.decode().strip()
+    for _ in range(3):
+        bg(svc, "queue", "add", "echo", "later", "--delay", "600")
+    wait_until(lambda: json.loads(bg(svc, "queue", "status", running, "--json").stdout)["progress"])
+    for args in (("top", "--once", "-n", "0.2"), ("top", "-n", "0.2")):  # a pipe: one screen
+        top = bg(svc, *args)
+        assert top.returncode == 0, top.stderr
+        screen = top.stdout.decode()
+        assert "1 running on" in screen and "3 waiting" in screen, screen
+        assert "requests 0.0/s" in screen  # its own four requests per screen are not counted
+        assert f"{running}  steps" in screen and "] " in screen and "step " in screen
+        assert any(line.split()[:4] == ["echo", "3", "0", "3"] for line in screen.splitlines())
+        assert "\x1b" not in screen  # no terminal control off a terminal
 
 
 def _free_port() -> int:

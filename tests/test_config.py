@@ -512,3 +512,41 @@ def test_version(tmp_path, flag):
     result = run_cli(flag, cwd=tmp_path)
     assert result.returncode == 0
     assert __version__ in result.stdout
+
+
+# --- issue 18, item 8: a Unix socket's mode is octal, never a bare decimal integer -------
+
+
+def test_a_bare_integer_mode_is_refused_naming_the_line(tmp_path, short_dir):
+    # mode = 770 is TOML's decimal 770 (0o1402: sr------wT, anyone may connect): refused.
+    path = short_dir / "s.sock"
+    (tmp_path / "service.config").write_text(
+        f'[[listen]]\nname = "local"\nunix = "{path}"\nmode = 770\n'
+    )
+    result = run_cli("-c", str(tmp_path / "service.config"), cwd=tmp_path, timeout=15)
+    assert result.returncode == 2, result.stderr
+    assert "mode (line 4)" in result.stderr
+    assert '"770" or 0o770' in result.stderr
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("literal", "mode"),
+    [('"770"', 0o770), ('"0770"', 0o770), ('"0o770"', 0o770), ("0o770", 0o770), ('"600"', 0o600)],
+)
+def test_octal_modes_are_accepted(tmp_path, literal, mode):
+    settings = load_text(tmp_path, f'[[listen]]\nunix = "/x.sock"\nmode = {literal}\n')
+    assert settings.listeners[0].mode == mode
+
+
+@pytest.mark.parametrize("literal", ["432", "0x1b0", "0b110110000", '"rwx"', '"0o99"', '"8"'])
+def test_other_modes_are_refused(tmp_path, literal):
+    message = config_error(tmp_path, f'[[listen]]\nunix = "/x.sock"\nmode = {literal}\n')
+    assert "mode (line 3)" in message and "octal" in message
+
+
+def test_the_total_buffer_bound_must_hold_one_whole_request(tmp_path):
+    message = config_error(
+        tmp_path, "[limits]\nmax_request_bytes = 2000\nmax_buffered_bytes = 1000\n"
+    )
+    assert "max_buffered_bytes (line 3)" in message and "max_request_bytes" in message

@@ -1,6 +1,7 @@
 """The dashboard, rendered by a real headless Chromium against a real service.
 
-A screenshot of every run is kept in tests/artifacts/dashboard.png (not in git).
+A screenshot of every run is kept with pytest's temporary files (the path is printed;
+pytest keeps the last three runs' folders) and in tests/artifacts/ (not in git).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def chromium(*args: str) -> str:
 def busy_service(
     make_service: Callable[..., ServiceProcess], modules_dir: Path
 ) -> tuple[ServiceProcess, int]:
-    """A service with history, a failed job, a broken module and a job at 42%."""
+    """A service with history, a failed job, a broken module, a job at 42% and one
+    delayed by an hour."""
     write_module(modules_dir, "report", """
         import asyncio
 
@@ -58,6 +60,7 @@ def busy_service(
     svc.http("GET", f"/api/v1/jobs/{failed['id']}?wait=10")
     _, running, _ = svc.http("POST", "/api/v1/jobs", {"module": "report"})
     wait_until(lambda: svc.http("GET", f"/api/v1/jobs/{running['id']}")[1]["progress"])
+    svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "later", "delay": 3600})
     wait_until(lambda: "broken" in svc.http("GET", "/api/v1/modules")[1]["modules"].__repr__())
     return svc, running["id"]
 
@@ -76,9 +79,19 @@ def test_dashboard_renders_modules_progress_failures_and_the_chart(
     assert row, dom[:3000]
     assert 'aria-valuenow="42"' in row.group(1) and "width: 42%" in row.group(1)
     assert "page 42 of 100" in row.group(1)
-    # The failed job, with its error and a Retry button.
+    # Recently finished: the failed job, with its error and a Retry button, and the done
+    # ones with how long each took (sleep:200, so 0.2 s and a little).
     failed = re.search(r'<tr data-job="\d+" class="job-failed">(.*?)</tr>', dom, re.S)
     assert failed and "ValueError: boom" in failed.group(1) and "Retry" in failed.group(1)
+    done = re.findall(r'<tr data-job="\d+" class="job-done">(.*?)</tr>', dom, re.S)
+    assert len(done) == 5, dom[:3000]
+    for row in done:
+        took = re.search(r'<td class="duration">(\d+) ms</td>', row)
+        assert took and 200 <= int(took.group(1)) < 2000, row
+        assert "Retry" not in row
+    # The delayed job: when it is due, not a "-" for its position.
+    waiting = re.search(r'<tr data-job="\d+" class="job-waiting">(.*?)</tr>', dom, re.S)
+    assert waiting and re.search(r'class="due"[^>]*>due in (59|60) min \(', waiting.group(1))
     # The busy-time chart: 7 days x 24 hours, this hour busy (5 x 0.2 s + the rest).
     chart = re.search(r'<svg id="busy-chart".*?</svg>', dom, re.S)
     assert chart
@@ -88,14 +101,25 @@ def test_dashboard_renders_modules_progress_failures_and_the_chart(
     assert "not updated" not in dom
 
 
-def test_dashboard_screenshot(busy_service: tuple[ServiceProcess, int]) -> None:
+def test_dashboard_screenshot(busy_service: tuple[ServiceProcess, int], tmp_path: Path) -> None:
     svc, _ = busy_service
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "dashboard.png"
-    shot.unlink(missing_ok=True)
-    chromium(f"--screenshot={shot}", "--window-size=1280,1000", svc.http_url + "/dashboard/")
+    shot = tmp_path / "dashboard.png"
+    chromium(f"--screenshot={shot}", "--window-size=1280,1200", svc.http_url + "/dashboard/")
     assert shot.exists() and shot.stat().st_size > 20_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"dashboard screenshot: {shot}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "dashboard.png")
+
+
+def test_an_empty_chart_says_why(make_service: Callable[..., ServiceProcess]) -> None:
+    """A new install has no run history: the chart says so instead of a blank grid."""
+    svc = make_service("[http]\nenabled = true\nport = 0\n")
+    dom = chromium("--dump-dom", svc.http_url + "/dashboard/")
+    note = re.search(r'<p class="chart-empty">(.*?)</p>', dom, re.S)
+    assert note and "No job has run in the last 7 days" in note.group(1)
+    assert "nothing to show yet" in dom
+    assert "no finished jobs kept" in dom and "nothing waiting" in dom
 
 
 def test_dashboard_asks_for_the_token(make_service: Callable[..., ServiceProcess]) -> None:

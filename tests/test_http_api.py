@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def test_modules(svc: ServiceProcess) -> None:
     status, body, headers = svc.http("GET", f"{API}/modules/nope")
     assert status == 404
     assert headers["Content-Type"].startswith("application/json")
-    assert body == {"error": {"code": 404, "message": "Module nope not found"}}
+    assert body == {
+        "error": {"code": 404, "message": "Module nope not found", "status": "NOT_FOUND"}
+    }
 
 
 def test_add_a_job_with_options_and_read_its_result(svc: ServiceProcess) -> None:
@@ -87,14 +90,19 @@ def test_wait_returns_the_status_of_an_unfinished_job(svc: ServiceProcess) -> No
         (b"[1, 2]", "the body must be a JSON object"),
         ({"data": "x"}, "field module: expected a module name"),
         ({"module": "echo", "colour": "red"}, "unknown field 'colour'"),
-        ({"module": "echo", "priority": "high"}, "option priority: expected a whole number"),
+        ({"module": "echo", "priority": "high"}, "field priority: expected a number"),
+        ({"module": "echo", "priority": "5"}, "field priority: expected a number"),
+        ({"module": "echo", "priority": 1.5}, "field priority: expected a whole number"),
         ({"module": "echo", "priority": True}, "field priority: expected a number"),
+        ({"module": "echo", "unique": 5}, "field unique: expected a string"),
+        ({"module": ""}, "field module: expected a module name"),
+        ({"module": "ec ho"}, "field module: expected a module name"),
         ({"module": "echo", "data": 5}, "field data: expected a string"),
         ({"module": "echo", "data_base64": "!!"}, "field data_base64: not valid base64"),
         ({"module": "echo", "timeout": 0}, "option timeout: must be greater than 0"),
         ({"module": "nosuchmodule"}, "Unknown request"),
         ({"module": "echo", "data": "\ud800"}, "field data: not valid Unicode"),
-        ({"module": "\ud800"}, "field module: not valid Unicode"),
+        ({"module": "\ud800"}, "field module: expected a module name"),
         ({"module": "echo", "unique": "\udfff"}, "field unique: not valid Unicode"),
         (b'{"module": "echo", "priority": ' + b"9" * 5000 + b"}", "must be a JSON object"),
         ({"module": "echo", "data_base64": None}, "field data_base64: expected a base64"),
@@ -129,21 +137,22 @@ def test_cancel_and_retry(svc: ServiceProcess) -> None:
     _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x", "delay": 60})
     jid = job["id"]
     assert job["state"] == "waiting"
-    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}/retry")
+    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}:retry")
     assert status == 409 and "only failed or cancelled" not in body["error"]["message"]
-    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}/cancel")
+    assert body["error"]["status"] == "FAILED_PRECONDITION"
+    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}:cancel")
     assert (status, body) == (200, {"id": jid, "state": "cancelled"})
-    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}/cancel")
+    status, body, _ = svc.http("POST", f"{API}/jobs/{jid}:cancel")
     assert status == 409 and "already finished" in body["error"]["message"]
     _, seen, _ = svc.http("GET", f"{API}/jobs/{jid}")
     assert (seen["state"], seen["status"]) == ("cancelled", 410)
-    status, again, _ = svc.http("POST", f"{API}/jobs/{jid}/retry")
+    status, again, _ = svc.http("POST", f"{API}/jobs/{jid}:retry")
     assert status == 200 and again["id"] == jid
     _, done, _ = svc.http("GET", f"{API}/jobs/{jid}?wait=10")
     assert (done["state"], done["result"]) == ("done", "x")
-    assert svc.http("POST", f"{API}/jobs/999999/cancel")[0] == 404
+    assert svc.http("POST", f"{API}/jobs/999999:cancel")[0] == 404
     huge = 10**25  # beyond SQLite's INTEGER: a clear 400, and the queue goes on
-    for method, path in (("GET", ""), ("POST", "/cancel"), ("POST", "/retry")):
+    for method, path in (("GET", ""), ("POST", ":cancel"), ("POST", ":retry")):
         status, body, _ = svc.http(method, f"{API}/jobs/{huge}{path}")
         assert status == 400 and "job id out of range" in body["error"]["message"], body
     assert svc.http("GET", f"{API}/jobs/{jid}")[0] == 200
@@ -157,7 +166,7 @@ def test_failed_jobs_are_listed_and_retried(svc: ServiceProcess) -> None:
     _, listed, _ = svc.http("GET", f"{API}/jobs?state=failed")
     assert [j["id"] for j in listed["jobs"]["failed"]] == [job["id"]]
     assert "ValueError: boom" in listed["jobs"]["failed"][0]["error"]
-    status, retried, _ = svc.http("POST", f"{API}/jobs/{job['id']}/retry")
+    status, retried, _ = svc.http("POST", f"{API}/jobs/{job['id']}:retry")
     assert status == 200 and retried["state"] in ("waiting", "running")
     _, again, _ = svc.http("GET", f"{API}/jobs/{job['id']}?wait=10")
     assert again["state"] == "failed" and again["attempts"] == 1
@@ -274,7 +283,7 @@ def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
     for route in api.app.router.routes():
         info = route.resource.get_info() if route.resource else {}
         path = info.get("path") or info.get("formatter") or info.get("prefix", "") + "/"
-        path = path.replace("{id:\\d+}", "{id}")
+        path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)
         if route.method != "HEAD":
             routes.add((route.method.lower(), path))
     documented = {(method, path) for path, item in document["paths"].items() for method in item}

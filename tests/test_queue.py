@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -495,16 +494,6 @@ def test_graceful_stop_keeps_waiting_jobs_for_the_next_start(make_service, tmp_p
     assert svc.stop() == 0
     restarted = make_service(root=tmp_path)
     assert [restarted.call(b"queue:get:id:%d" % i) for i in ids] == [b"%d" % i for i in range(5)]
-
-
-@pytest.mark.skipif(not os.path.exists("/usr/bin/sqlite3"), reason="sqlite3 CLI not installed")
-def test_database_is_wal(service, tmp_path, queue_backend):
-    if queue_backend != "sqlite":
-        pytest.skip("SQLite only")
-    out = subprocess.run(
-        ["sqlite3", str(tmp_path / "jobs.db"), "PRAGMA journal_mode"], capture_output=True
-    )
-    assert out.stdout.strip() == b"wal"
 
 
 def test_a_queued_jobs_result_keeps_what_the_handler_streamed(modules_dir, make_service):

@@ -170,3 +170,26 @@ def test_workers_zero_needs_the_redis_backend(tmp_path):
     assert "workers" in svc.log() and "redis" in svc.log()
     assert not Path(svc.ready_file).exists()
     assert os.path.exists(svc.config)
+
+
+def test_no_false_lease_lost_warnings_for_jobs_that_just_ended(tmp_path, redis_url):
+    # Issue 18, item 9: one instance, a short lease, many short jobs: a renewal racing a
+    # job's end logged "lease lost (taken over by another instance)" for jobs nothing
+    # took over.
+    prefix = f"lease-{uuid.uuid4().hex[:8]}"
+    svc = ServiceProcess(
+        tmp_path, "[queue]\nworkers = 16\n", backend_config=redis_config(redis_url, prefix, 0.3)
+    )
+    try:
+        svc.start()
+        ids = [add(svc, b"queue:add:sleep:%d" % (i % 5)) for i in range(1500)]
+        for jid in ids:
+            assert svc.call(b"queue:get:id:%d" % jid).startswith(b"slept ")
+        assert "lease lost" not in svc.log(), [
+            line for line in svc.log().splitlines() if "lease lost" in line
+        ][:5]
+        assert svc.stop() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -132,3 +134,12 @@ async def test_an_operation_that_raises_fails_alone_and_the_writer_lives_on(tmp_
     assert await good == 1
     assert await store.insert(_job()) == 2
     await store.close()
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI not installed")
+def test_a_services_database_is_wal(service, tmp_path):
+    """Here, not in test_queue.py: that file runs on both engines, and Redis has no WAL."""
+    out = subprocess.run(
+        ["sqlite3", str(tmp_path / "jobs.db"), "PRAGMA journal_mode"], capture_output=True
+    )
+    assert out.stdout.strip() == b"wal"

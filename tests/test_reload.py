@@ -75,6 +75,8 @@ def test_deleting_a_module_removes_it(modules_dir, make_service):
         ("def handle_tcp(request:\n", "SyntaxError"),
         ("raise RuntimeError('no config')\n", "RuntimeError: no config"),
         ("import no_such_library_here\n", "ModuleNotFoundError"),
+        ("", "defines no handler"),  # issue 18, item 6: an editor's truncate before a write
+        ("TIMEOUT = 5\n", "defines no handler"),
     ],
 )
 def test_a_broken_save_keeps_the_last_good_version(modules_dir, make_service, broken, expected):
@@ -176,3 +178,30 @@ def test_reload_latency(modules_dir, make_service, capsys):
             f"\nreload latency: median {statistics.median(times):.1f} ms, "
             f"max {max(times):.1f} ms over 20 edits"
         )
+
+
+def test_a_non_atomic_save_never_serves_the_empty_file(modules_dir, make_service):
+    # Issue 18, item 6: ": > hot.py; sleep 0.3; printf ... > hot.py". While the file is
+    # empty it must not replace the working version (calls got "501: no TCP handler").
+    path = write_module(modules_dir, "hot", version("v1"))
+    svc = make_service()
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    def caller() -> None:
+        while not done.is_set():
+            seen.append(svc.call(b"hot:x"))
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        path.write_text("")
+        svc.wait_for_log("module hot failed to load")
+        time.sleep(0.3)
+        path.write_text(version("v2"))
+        wait_until(lambda: seen and seen[-1] == b"v2")
+    finally:
+        done.set()
+        thread.join(20)
+    assert set(seen) <= {b"v1", b"v2"}, sorted(set(seen))
+    assert "hot.py: defines no handler" in svc.log()

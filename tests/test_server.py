@@ -7,9 +7,11 @@ import json
 import re
 import signal
 import threading
+import time
 
 import pytest
 
+from bgservice.protocol import framed_request
 from tests.conftest import wait_until, write_module
 
 # An error outside every request: a loop callback that raises.
@@ -180,3 +182,98 @@ def test_a_second_signal_exits_at_once(modules_dir, make_service, tmp_path):
     assert "again: exiting now" in svc.log()
     caller.join(10)
     assert got in ([b""], [b"reset"])  # the process is gone: closed without a reply
+
+
+# --- issue 18: stopping with something stuck or cut --------------------------------------
+
+HUNG = """
+import time
+
+TIMEOUT = 1
+
+def handle_tcp(request):
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_sigterm_ends_the_process_with_a_hung_def_handler(modules_dir, make_service):
+    # Item 1: the log said "bgservice stopped", then the interpreter waited for ever for
+    # the hung thread; only SIGKILL ended it.
+    write_module(modules_dir, "hung", HUNG)
+    svc = make_service("[limits]\nshutdown_grace = 1.0\n")
+    assert svc.call(b"hung:x") == b"504: Module hung timed out after 1 s"
+    svc.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert svc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 1.0 + 3
+    assert "bgservice stopped" in svc.log()
+    assert "1 handler thread still stuck" in svc.log()
+
+
+def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
+    # Item 7: a sleep:15000 call and a queue:get of a waiting job were closed with 0 bytes.
+    svc = make_service("[limits]\nshutdown_grace = 1.0\n[queue]\nworkers = 1\n")
+    running = svc.call(b"queue:add:sleep:15000")
+    waiting = svc.call(b"queue:add:sleep:10")
+    assert running.startswith(b"id:") and waiting.startswith(b"id:")
+    wait_until(lambda: svc.call(b"queue:check:" + running) == b"1")
+    got: dict[str, bytes] = {}
+    framed = svc.framed()
+    framed.send(b"sleep:15000", b"sleep:15000")
+    callers = [
+        threading.Thread(target=lambda: got.update(call=svc.call(b"sleep:15000"))),
+        threading.Thread(target=lambda: got.update(get=svc.call(b"queue:get:" + waiting))),
+        threading.Thread(target=lambda: got.update(half=svc.call(b"sleep:15000", False))),
+    ]
+    for caller in callers:
+        caller.start()
+    # The running job and four calls asleep, every client connected (+ this stats call).
+    wait_until(lambda: (s := svc.stats())["in_flight"].get("sleep", 0) >= 5
+               and s["connections"]["open"] >= 5)  # fmt: skip
+    svc.signal(signal.SIGTERM)
+    for caller in callers:
+        caller.join(10)
+    assert got == {
+        "call": b"503: Shutting down",
+        "get": b"503: Shutting down",
+        "half": b"503: Shutting down",
+    }
+    assert framed.recv() == (503, b"Shutting down")
+    assert framed.recv() == (503, b"Shutting down")
+    assert svc.wait() == 0
+
+
+def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_service):
+    svc = make_service("[limits]\nshutdown_grace = 5.0\n[queue]\nworkers = 1\n")
+    running = svc.call(b"queue:add:sleep:15000")
+    waiting = svc.call(b"queue:add:sleep:10")
+    wait_until(lambda: svc.call(b"queue:check:" + running) == b"1")
+    got: list[tuple[bytes, float]] = []
+
+    def get() -> None:
+        reply = svc.call(b"queue:get:" + waiting)
+        got.append((reply, time.monotonic()))
+
+    caller = threading.Thread(target=get)
+    caller.start()
+    # The get's connection, beside the stats call's own: the get is waiting.
+    wait_until(lambda: svc.stats()["connections"]["open"] >= 2)
+    svc.signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    caller.join(10)
+    assert got and got[0][0] == b"503: Shutting down"
+    assert got[0][1] - stopped < 2.0  # not at the end of the 5 s grace
+    assert svc.wait() == 0
+
+
+def test_the_cut_skips_a_connection_whose_write_side_an_error_shut(make_service):
+    # A framed client got a 408 (our write side shut) while a call of its still runs when
+    # the grace ends: nothing more may be written to it, and the stop must still be clean.
+    svc = make_service("[limits]\nshutdown_grace = 0.5\nread_timeout = 1.0\n")
+    framed = svc.framed()
+    framed.sock.sendall(framed_request(b"sleep:15000") + (100).to_bytes(4, "big") + b"part")
+    assert framed.recv()[0] == 408
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(timeout=10) == 0
+    assert "bgservice stopped" in svc.log() and "Traceback" not in svc.log()

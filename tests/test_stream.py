@@ -349,3 +349,110 @@ def test_framed_client_that_never_reads_stops_being_read(service):
     assert sent < 100_000_000, f"the service kept reading: {sent} bytes taken in"
     sock.close()
     assert service.call(b"test:x") == b"Test"
+
+
+# --- issue 18: what a client can hold ---------------------------------------------------
+
+
+def _non_reader(svc, request: bytes) -> socket.socket:
+    """A client that sends ``request``, half-closes and never reads its reply."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the reply backs up
+    sock.settimeout(10)
+    sock.connect(svc.tcp)
+    sock.sendall(request)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def test_a_client_that_never_reads_its_reply_is_dropped_after_the_write_timeout(make_service):
+    # Item 3: clients that sent echo:+8 MiB and stopped reading held their connection slot
+    # and the reply's memory for ever: every other call got "503: Too many connections".
+    svc = make_service("[limits]\nmax_connections = 2\nwrite_timeout = 1.0\n")
+    held = [_non_reader(svc, b"echo:" + b"r" * (8 << 20)) for _ in range(2)]
+    try:
+        assert svc.call(b"test:x") == b"503: Too many connections"
+        started = time.monotonic()
+        wait_until(lambda: svc.call(b"test:x") == b"Test", timeout=10)
+        assert time.monotonic() - started < 5
+        wait_until(lambda: svc.stats()["refused"].get("write_timeout") == 2)
+        assert "write timeout" in svc.log()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_slow_reader_within_the_write_timeout_gets_its_whole_reply(make_service):
+    svc = make_service("[limits]\nwrite_timeout = 1.0\n")
+    data = b"s" * (4 << 20)
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        sock.sendall(b"echo:" + data)
+        sock.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := sock.recv(256 << 10):
+            got += chunk
+            time.sleep(0.02)  # slow, but never a second without taking something
+    assert got == data
+
+
+def _frame_start(svc, size: int, sent: int) -> socket.socket:
+    """A framed client that announces a ``size``-byte frame, sends ``sent`` of it, holds."""
+    sock = socket.create_connection(svc.tcp, timeout=10)
+    sock.sendall(PREFACE + size.to_bytes(4, "big") + b"echo:" + b"h" * (sent - 5))
+    assert sock.recv(4) == PREFACE
+    return sock
+
+
+def test_bytes_held_by_unfinished_requests_are_bounded_in_total(make_service):
+    # Item 4: 60 connections each sending most of a 16 MiB frame held 1 GB until the 408s.
+    svc = make_service(
+        "[limits]\nmax_request_bytes = 1048576\nmax_buffered_bytes = 3000000\nread_timeout = 30\n"
+    )
+    held = [_frame_start(svc, 1_000_000, 900_000) for _ in range(3)]
+    try:
+        wait_until(lambda: svc.stats()["buffered_bytes"] == 3 * (4 + 900_000))  # + headers
+        assert svc.call(b"test:x") == b"Test"  # small requests still fit
+        with socket.create_connection(svc.tcp, timeout=10) as sock:  # past the bound: refused
+            try:
+                sock.sendall(b"echo:" + b"o" * 900_000)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            reply = recv_all(sock)
+        assert reply == b"503: Too many bytes in unfinished requests (limit 3000000)"
+        fourth = socket.create_connection(svc.tcp, timeout=10)
+        fourth.sendall(PREFACE + (1_000_000).to_bytes(4, "big") + b"x" * 900_000)
+        assert recv_all(fourth)[4:] == (
+            b"503\x00\x00\x00\x35Too many bytes in unfinished requests (limit 3000000)"
+        )
+        fourth.close()
+        assert svc.stats()["refused"]["buffer_full"] == 2
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: svc.stats()["buffered_bytes"] == 0)
+    assert svc.call(b"echo:" + b"a" * 900_000) == b"a" * 900_000
+
+
+def test_a_framed_408_with_a_reply_still_pending_does_not_stop_the_service(make_service):
+    # A reply finishing after the 408 was sent (write side shut) raised "write() after
+    # write_eof()" in a callback, which stops the service (no -E).
+    svc = make_service("[limits]\nread_timeout = 1.0\n")  # 408 at 1 s, lingers to 2 s
+    sock = socket.create_connection(svc.tcp, timeout=10)
+    sock.sendall(PREFACE + framed_request(b"sleep:1500") + (100).to_bytes(4, "big") + b"part")
+    reply = recv_all(sock)
+    assert reply.startswith(PREFACE + b"408")
+    time.sleep(1.0)  # the sleep ends while the connection lingers
+    sock.close()
+    assert svc.call(b"test:x") == b"Test"
+    assert svc.proc.poll() is None, svc.log()
+    assert "unexpected error" not in svc.log(), svc.log()
+
+
+def test_a_refused_request_no_longer_counts_against_the_total(make_service):
+    svc = make_service("[limits]\nmax_request_bytes = 100000\nread_timeout = 5\n")
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        sock.sendall(b"echo:" + b"x" * 60_000)
+        wait_until(lambda: svc.stats()["buffered_bytes"] >= 60_000)
+        sock.sendall(b"x" * 60_000)  # past max_request_bytes: 413, the connection lingers
+        assert sock.recv(100).startswith(b"413: ")
+        assert svc.stats()["buffered_bytes"] == 0

@@ -2,18 +2,18 @@
 
 Every route reads or drives the same objects the socket protocol does (the built-in
 commands' modules and stats, the job queue's public methods), so an HTTP answer and a socket
-answer never disagree. Errors are JSON, ``{"error": {"code": 404, "message": "..."}}``,
-with the socket protocol's codes as HTTP statuses (docs/protocol.md lists them), plus
-401 for a missing or wrong bearer token.
+answer never disagree. The API follows Google's API design guide where it can: AIP-193
+errors (bgservice/http/replies.py) with the socket protocol's codes as HTTP statuses,
+AIP-136 custom methods (``POST /jobs/{id}:cancel``), AIP-158 page tokens
+(bgservice/http/paging.py) and a standard Delete. docs/http.md says what changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
+import dataclasses
 import hmac
-import json
 import logging
 import os
 import traceback
@@ -27,17 +27,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
-from bgservice.errors import BadRequest, NotFound, ServiceError
+from bgservice.errors import NotFound, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
+from bgservice.http import inputs
 from bgservice.http.metrics import Metrics
-from bgservice.queue.commands import (
-    ADD_OPTIONS,
-    Command,
-    parse_add,
-    parse_id,
-    parse_list,
-    parse_window,
-)
+from bgservice.http.paging import next_token, parse_page
+from bgservice.http.replies import error_response
+from bgservice.queue.commands import parse_add, parse_list, parse_window
 from bgservice.queue.engine import JobQueue
 
 log = logging.getLogger(__name__)
@@ -49,13 +45,11 @@ OPENAPI = HERE / "openapi.json"
 TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"
 MAX_WAIT = 300.0  # seconds GET /jobs/{id}?wait= may hold a request
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
+# Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
+# naming it, rather than the router's generic 404.
+JOB = f"{API}/jobs/{{id:[^/:]+}}"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=code, text=body, content_type="application/json", headers=headers)
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -87,7 +81,9 @@ class HttpApi:
 
     async def start(self) -> tuple[str, int]:
         """Listen on ``[http] host:port``; the address bound (port 0 picks a free one)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, logger=_server_log()
+        )
         await self._runner.setup()
         http = self.settings.http
         site = web.TCPSite(self._runner, http.host, http.port, backlog=128)
@@ -116,9 +112,13 @@ class HttpApi:
         r.add_get(f"{API}/modules/{{name}}", self.get_module)
         r.add_get(f"{API}/jobs", self.list_jobs)
         r.add_post(f"{API}/jobs", self.add_job)
-        r.add_get(f"{API}/jobs/{{id:\\d+}}", self.get_job)
-        r.add_post(f"{API}/jobs/{{id:\\d+}}/cancel", self.cancel_job)
-        r.add_post(f"{API}/jobs/{{id:\\d+}}/retry", self.retry_job)
+        r.add_get(JOB, self.get_job)
+        r.add_delete(JOB, self.delete_job)
+        r.add_post(f"{JOB}:cancel", self.cancel_job)
+        r.add_post(f"{JOB}:retry", self.retry_job)
+        # Deprecated: the paths before AIP-136, kept for one release (docs/http.md).
+        r.add_post(f"{JOB}/cancel", self.cancel_job)
+        r.add_post(f"{JOB}/retry", self.retry_job)
         r.add_get(f"{API}/stats", self.service_stats)
         r.add_get(f"{API}/queue/stats", self.queue_stats)
         return app
@@ -129,17 +129,25 @@ class HttpApi:
         if not self.access.allows(request.remote):
             return error_response(403, "Forbidden")
         public = request.path == "/" or request.path.startswith("/dashboard/")
-        if self.token and not public:
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.token.encode()
-            ):
-                return error_response(
-                    401, "Unauthorized: send Authorization: Bearer TOKEN",
-                    {"WWW-Authenticate": 'Bearer realm="bgservice"'},
-                )  # fmt: skip
+        if self.token and not public and not self._token_matches(request):
+            return error_response(
+                401, "Unauthorized: send Authorization: Bearer TOKEN",
+                {"WWW-Authenticate": 'Bearer realm="bgservice"'},
+            )  # fmt: skip
         return await handler(request)
+
+    def _token_matches(self, request: web.Request) -> bool:
+        assert self.token is not None
+        """``Authorization: Bearer TOKEN``, compared as bytes in constant time. aiohttp
+        decodes header bytes that are not UTF-8 as lone surrogates (surrogateescape), so
+        they are encoded back the same way: a stray byte is a wrong token, not a 500."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        try:
+            raw = given.strip().encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no parser produces: no token of ours
+            return False
+        expected = self.token.encode()
+        return scheme.lower() == "bearer" and hmac.compare_digest(raw, expected)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -196,22 +204,22 @@ class HttpApi:
         return _json(self.commands.service_stats())
 
     async def queue_stats(self, request: web.Request) -> web.StreamResponse:
-        window = parse_window(_command("stats", request.query))
+        window = parse_window(inputs.command("stats", inputs.query(request)))
         return _json(await self.queue.stats(window))
 
     # --- jobs -----------------------------------------------------------------------------
 
     async def add_job(self, request: web.Request) -> web.StreamResponse:
-        spec = parse_add(_command("add", *_add_body(await _json_body(request))))
+        spec = parse_add(inputs.command("add", *inputs.add_body(await inputs.json_body(request))))
         jid = await self.queue.add(spec)
         job = await self.queue.status(jid)
         return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
-        jid = _job_id(request)
-        wait = request.query.get("wait")
+        jid = inputs.job_id(request)
+        wait = inputs.query(request).get("wait")
         if wait is not None:
-            seconds = _seconds("wait", wait)
+            seconds = inputs.seconds("wait", wait, MAX_WAIT)
             try:
                 async with asyncio.timeout(seconds):
                     await self.queue.get(jid)
@@ -224,99 +232,63 @@ class HttpApi:
         return _json(job)
 
     async def cancel_job(self, request: web.Request) -> web.StreamResponse:
-        jid = _job_id(request)
+        jid = inputs.job_id(request)
         state = await self.queue.cancel(jid)
         return _json({"id": jid, "state": state})
 
     async def retry_job(self, request: web.Request) -> web.StreamResponse:
-        jid = await self.queue.retry(_job_id(request))
+        jid = await self.queue.retry(inputs.job_id(request))
         return _json(await self.queue.status(jid))
 
+    async def delete_job(self, request: web.Request) -> web.StreamResponse:
+        """AIP-135 Delete of a finished job: ``{}`` once gone. The queue says which jobs
+        it can delete (finished ones; a waiting or running one is a 409)."""
+        jid = inputs.job_id(request)
+        delete = getattr(self.queue, "delete", None)
+        if delete is None:  # a queue engine from before jobs could be deleted
+            return error_response(501, "Deleting jobs is not supported by this queue yet")
+        await delete(jid)
+        return _json({})
+
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:
-        spec = parse_list(_command("list", request.query))
+        """A page per state, ``next_page_token`` for the next (AIP-158). One more job
+        than the page holds is asked for, so the last page has no token to a blank one."""
+        page = parse_page(inputs.query(request))
+        options = {"state": page.state} if page.state else {}
+        spec = parse_list(inputs.command("list", options | {"limit": page.size}))
+        spec = dataclasses.replace(spec, limit=page.size + 1, offset=page.offset)
         jobs = await self.queue.list_jobs(spec)
-        return _json({"jobs": jobs, "limit": spec.limit, "offset": spec.offset})
+        more = any(len(rows) > page.size for rows in jobs.values())
+        return _json({
+            "jobs": {state: rows[: page.size] for state, rows in jobs.items()},
+            "next_page_token": next_token(page, more),
+            "limit": page.size,  # deprecated, with offset: what a page_token now carries
+            "offset": page.offset,
+        })  # fmt: skip
 
 
-def _command(name: str, options: Any, args: bytes = b"") -> Command:
-    """A query string or body as the ``queue:`` command it stands for, so both front
-    doors validate alike (bgservice.queue.commands)."""
-    return Command(name, {str(k): str(v) for k, v in options.items()}, args)
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL byte in a header, a broken request
+    line) at ERROR with a traceback, though it answers 400: the client's mistake, which
+    anyone who can connect can make at will. One INFO line says what it was instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code < 500:
+            detail = " ".join(line.strip() for line in str(exc.message).splitlines())
+            record.args = (record.getMessage(), exc.code, detail[:300])
+            record.msg = "%s: %d %s"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (ValueError, LookupError, HttpProcessingError, web.RequestPayloadError) as exc:
-        # ValueError: not JSON, not in its charset, or a number over Python's digit limit;
-        # LookupError: an unknown charset; the others: a body aiohttp cannot decode (gzip).
-        raise BadRequest(f"the body must be a JSON object ({type(exc).__name__})") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    return body
-
-
-def _add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """``{"module", "data" | "data_base64", options...}`` -> (options, ``MODULE:DATA``)."""
-    known = ADD_OPTIONS | {"module", "data", "data_base64"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(known))})")
-    module = body.get("module")
-    if not isinstance(module, str) or not module or ":" in module:
-        raise BadRequest("field module: expected a module name")
-    data = _add_data(body)
-    options = {}
-    for key in ADD_OPTIONS & body.keys():
-        value = body[key]
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise BadRequest(f"field {key}: expected a number or a string")
-        if isinstance(value, str):
-            _utf8(key, value)
-        options[key] = value
-    return options, _utf8("module", module) + b":" + data
-
-
-def _add_data(body: dict[str, Any]) -> bytes:
-    """The job's data: ``data`` (text) or ``data_base64`` (bytes), not both."""
-    if "data_base64" in body and "data" in body:
-        raise BadRequest("fields data and data_base64: give one, not both")
-    if "data_base64" not in body:
-        text = body.get("data", "")
-        if not isinstance(text, str):
-            raise BadRequest("field data: expected a string (or data_base64 for bytes)")
-        return _utf8("data", text)
-    encoded = body["data_base64"]
-    if not isinstance(encoded, str):
-        raise BadRequest("field data_base64: expected a base64 string")
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest("field data_base64: not valid base64") from None
-
-
-def _utf8(field: str, text: str) -> bytes:
-    """JSON strings may hold lone surrogates (\\ud800), which are no text: refused."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        raise BadRequest(f"field {field}: not valid Unicode (a lone surrogate)") from None
-
-
-def _job_id(request: web.Request) -> int:
-    return parse_id(request.match_info["id"], request.path)
-
-
-def _seconds(name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadRequest(f"{name}: expected seconds, got {text[:40]!r}") from None
-    if not 0 <= value <= MAX_WAIT:
-        raise BadRequest(f"{name}: must be 0-{MAX_WAIT:g} seconds")
-    return value
+def _server_log() -> logging.Logger:
+    """The logger aiohttp's connection handler reports to, with client mistakes tamed."""
+    server_log = logging.getLogger(f"{__name__}.server")
+    if not any(isinstance(f, _ClientMistakes) for f in server_log.filters):
+        server_log.addFilter(_ClientMistakes())
+    return server_log
 
 
 def _result(body: bytes) -> dict[str, str]:

@@ -21,6 +21,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -198,6 +199,15 @@ class JobQueue(abc.ABC):
 
     @abc.abstractmethod
     async def stats(self, window: float) -> dict[str, Any]: ...
+
+
+def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Container[int]) -> None:
+    """Stopping: a job not running now cannot start any more in this process, so whoever
+    waits for it gets ``503: Shutting down`` now, not when the shutdown grace runs out
+    (the job stays waiting, for the next start)."""
+    for jid, waiter in waiters.items():
+        if jid not in running and not waiter.done():
+            waiter.set_result((503, b"Shutting down"))
 
 
 def finished_result(job: Job) -> Result:

@@ -27,6 +27,7 @@ from bgservice.queue.engine import (
     finished_result,
     not_found,
     queue_stats,
+    refuse_waiters,
     run_record,
 )
 from bgservice.queue.finished import FinishedJobs
@@ -77,11 +78,8 @@ class LocalQueue(JobQueue):
         recovered = await self.store.open()
         for job in recovered:
             if job.state is JobState.RUNNING:
-                log.warning(
-                    "job %d (%s) was running when the service stopped: it runs again",
-                    job.id,
-                    job.module,
-                )
+                log.warning("job %d (%s) was running when the service stopped: it runs again",
+                            job.id, job.module)  # fmt: skip
                 job.move(JobState.WAITING)
                 self._write(job, ("state",))
             self.jobs[job.id] = job
@@ -98,6 +96,7 @@ class LocalQueue(JobQueue):
         """Start nothing new; give running jobs ``grace`` seconds, then leave them for the
         next start (they are still ``running`` in the store, so they run again)."""
         self._closing = True
+        refuse_waiters(self._waiters, self._running)
         self._line.close()
         if self._expiry is not None:
             self._expiry.cancel()

@@ -51,7 +51,8 @@ from bgservice.queue.engine import (
     queue_stats,
     run_record,
 )
-from bgservice.queue.job import COLUMNS, Job, JobState
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.redis_scripts import job_from_hash, pairs
 from bgservice.queue.store import Run
 from bgservice.stats import Stats
 
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
-_INTS = {"priority", "attempts", "max_retries", "after", "status"}
 _BACKOFF_MAX = 5.0
 
 
@@ -88,35 +87,6 @@ def _script_error(code: int, message: str) -> ServiceError:
     kinds: dict[int, type[ServiceError]]
     kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
     return kinds.get(code, Conflict)(message)
-
-
-def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
-    values: dict[str, Any] = {}
-    for key in COLUMNS[1:]:
-        raw = fields.get(key.encode())
-        if raw is None:
-            continue
-        if key in ("data", "result"):
-            values[key] = raw
-        elif key in _FLOATS:
-            values[key] = float(raw)
-        elif key in _INTS:
-            values[key] = int(raw)
-        elif key == "cancel_requested":
-            values[key] = raw == b"1"
-        else:
-            values[key] = raw.decode()
-    values["state"] = JobState(values.get("state", "waiting"))
-    job = Job(id=jid, **values)
-    progress = fields.get(b"progress")
-    if progress:
-        done, total, message = json.loads(progress)
-        job.progress = (done, total, message)
-    return job
-
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 
 class RedisQueue(JobQueue):
@@ -147,6 +117,7 @@ class RedisQueue(JobQueue):
             for name in redis_scripts.NAMES
         }
         self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
+        self._ending: set[int] = set()  # running jobs whose end is being recorded
         self._waiters: dict[int, asyncio.Future[Result]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -440,7 +411,7 @@ class RedisQueue(JobQueue):
         self._next_delayed = float(next_delayed) if next_delayed else None
         if not jid:
             return False
-        job = job_from_hash(jid, _pairs(reply[2]))
+        job = job_from_hash(jid, pairs(reply[2]))
         task = asyncio.get_running_loop().create_task(self._execute(job))
         self._running[jid] = (job, task)
         return True
@@ -462,8 +433,10 @@ class RedisQueue(JobQueue):
             json.dumps(run.__dict__),
             json.dumps(job.progress) if job.progress is not None else "",
         )
+        self._ending.add(job.id)  # a renewal racing this end must not call it lost
         await self._end(job, args, now)
         self._running.pop(job.id, None)
+        self._ending.discard(job.id)
         self._wake.set()
 
     async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> None:
@@ -525,8 +498,9 @@ class RedisQueue(JobQueue):
             entry = self._running.get(int(raw))
             if entry is not None:
                 entry[0].cancel_requested = True
-        for raw in lost:
-            log.warning("job %s: lease lost (taken over by another instance)", raw.decode())
+        for jid in map(int, lost):  # not a job whose end was recorded meanwhile
+            if jid in self._running and jid not in self._ending:
+                log.warning("job %d: lease lost (taken over by another instance)", jid)
 
     async def _expire_loop(self) -> None:
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))

@@ -118,6 +118,8 @@ class StreamProtocol(asyncio.Protocol):
         self.started = self.loop.time()
         self.last_data = self.started
         self.deadline: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
+        self.held = 0  # bytes of an unfinished request this connection holds
 
     def take_over(self, previous: StreamProtocol) -> None:
         """Carry on the connection ``previous`` began (its transport, peer and clock)."""
@@ -135,16 +137,41 @@ class StreamProtocol(asyncio.Protocol):
             return
         self.closed = True
         self.stop_timers()
+        self._stop_write_timer()
+        self.hold(0)
         if self in self.ctx.connections:
             self.ctx.connections.discard(self)
             self.ctx.stats.connections -= 1
 
     def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
+        # The client is not reading its replies: stop reading its requests until it does,
+        # and drop it if it takes nothing for write_timeout (its slot and its unsent reply
+        # would otherwise be held for ever, even after we closed our side).
         self.flow.blocked(True)
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(
+                self.ctx.limits.write_timeout, self._write_timed_out
+            )
 
     def resume_writing(self) -> None:
         self.flow.blocked(False)
+        self._stop_write_timer()
+
+    def _stop_write_timer(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self.write_timer = None
+        if self.closed:
+            return
+        self.ctx.stats.refused["write_timeout"] += 1
+        log.info(
+            "write timeout: %s %s took none of its reply for %g s: dropped",
+            self.ctx.origin.value, self.peer or "local", self.ctx.limits.write_timeout,
+        )  # fmt: skip
+        self.transport.abort()  # close() would wait for the client to read the rest
 
     # --- what each stage decides ------------------------------------------------------
 
@@ -157,6 +184,49 @@ class StreamProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """The service is stopping: close now if nothing was asked, else once answered."""
+
+    def unanswered(self) -> int:
+        """How many requests still wait for their reply (the calls are about to be
+        cancelled: whatever they would have written is dropped from now on)."""
+        return 0
+
+    def cut(self) -> None:
+        """The shutdown grace ran out: answer every request still running with the
+        documented ``503: Shutting down`` (not 0 bytes), then close."""
+        if self.closed:
+            return
+        # After an error our write side is shut (draining): nothing more can be sent.
+        if not self.draining and not self.transport.is_closing():
+            if count := self.unanswered():
+                self.transport.write(self.error_reply(503, "Shutting down") * count)
+        self.close()
+
+    # --- memory ---------------------------------------------------------------------
+
+    def hold(self, size: int) -> bool:
+        """This connection's unfinished request now holds ``size`` bytes.
+
+        ``max_request_bytes`` bounds one request; this bounds them all together
+        (``max_buffered_bytes``, counted in ``stats.buffered_bytes``): the connection whose
+        bytes take the total past it is refused with a 503 and drops what it held, so a
+        crowd of clients sending large requests slowly cannot hold unbounded memory.
+        """
+        stats = self.ctx.stats
+        grew = size > self.held
+        stats.buffered_bytes += size - self.held
+        self.held = size
+        limit = self.ctx.limits.max_buffered_bytes
+        if not grew or stats.buffered_bytes <= limit:
+            return True
+        stats.buffered_bytes -= size
+        self.held = 0
+        stats.refused["buffer_full"] += 1
+        log.warning(
+            "refused %s %s: unfinished requests hold more than %d bytes",
+            self.ctx.origin.value, self.peer or "local", limit,
+        )  # fmt: skip
+        self.fail(503, f"Too many bytes in unfinished requests (limit {limit})")
+        return False
 
     # --- deadlines --------------------------------------------------------------------
 
@@ -203,6 +273,7 @@ class StreamProtocol(asyncio.Protocol):
             return
         self.draining = True
         self.stop_timers()
+        self.hold(0)  # the unfinished request is given up: it no longer counts
         transport = self.transport
         transport.write(self.error_reply(status, message))
         if transport.can_write_eof():

@@ -72,6 +72,12 @@ class Framed(StreamProtocol):
         if not self.pending:
             self.close()
 
+    def unanswered(self) -> int:
+        self._flush()  # replies already finished go out first, in order
+        count = len(self.pending)
+        self.pending.clear()
+        return count
+
     # --- requests and replies -----------------------------------------------------------
 
     def _frames(self, data: bytes) -> None:
@@ -89,6 +95,8 @@ class Framed(StreamProtocol):
             self._queue_reply(self._serve(module, payload))
         if items:
             self._flush()  # what was served at once goes out in one send
+        if not self.hold(decoder.buffered):
+            return
         if not decoder.partial:
             self.frame_started = None
         elif items or not was_partial:  # a new frame began in this chunk
@@ -129,7 +137,7 @@ class Framed(StreamProtocol):
             pending.popleft()
             if not head.cancelled():
                 ready.append(head.result())
-        if self.closed:
+        if self.closed or self.draining:  # an error ended it; our write side is shut
             return
         if ready:
             self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))

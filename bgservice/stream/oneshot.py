@@ -93,6 +93,9 @@ class OneShot(StreamProtocol):
     def error_reply(self, status: int, message: str) -> bytes:
         return one_shot_error(status, message)
 
+    def unanswered(self) -> int:
+        return 1 if self.done else 0
+
     def stop_timers(self) -> None:
         super().stop_timers()
         if self.quiet_timer is not None:
@@ -107,6 +110,9 @@ class OneShot(StreamProtocol):
         if len(self.buf) > limits.max_request_bytes:
             self.buf = bytearray()
             self.fail(413, f"Request too large (limit {limits.max_request_bytes} bytes)")
+            return
+        if not self.hold(len(self.buf)):
+            self.buf = bytearray()
             return
         if self.quiet_timer is None:
             self.quiet_timer = self.loop.call_later(self._quiet(), self._check_quiet)
@@ -133,6 +139,7 @@ class OneShot(StreamProtocol):
         self.stop_timers()
         module, data = split_request(bytes(self.buf))
         self.buf = bytearray()
+        self.hold(0)
         request = self.ctx.request(module, data, self.peer, self._write)
         self.ctx.start(self._serve(request))
 

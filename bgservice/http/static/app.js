@@ -6,6 +6,7 @@ const API = "/api/v1";
 const POLL_MS = 2000;
 const CHART_MS = 30000;
 const DAYS = 7;
+const RECENT = 15; // finished jobs shown, newest first
 
 let token = localStorage.getItem("bgservice-token") || "";
 if (location.hash.startsWith("#token=")) {
@@ -114,23 +115,51 @@ async function act(path, button) {
   }
 }
 
-function drawQueue(jobs, queue) {
+// Where a waiting job stands: due later (delayed, or backing off before a retry), held
+// for the job it runs after, or its place among the ready jobs.
+function standing(job, now) {
+  if (job.run_at > now + 0.5) {
+    const at = new Date(job.run_at * 1000);
+    const sameDay = at.toDateString() === new Date().toDateString();
+    const clock = sameDay ? at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+      : at.toLocaleString([], { weekday: "short", hour: "2-digit", minute: "2-digit" });
+    return el("span", { class: "due", title: at.toLocaleString() },
+      `due in ${ago(job.run_at - now)} (${clock})`);
+  }
+  if (job.position !== null && job.position !== undefined) {
+    return job.position === 0 ? "next" : `#${job.position + 1}`;
+  }
+  return job.after ? `after job ${job.after}` : "-";
+}
+
+function finishedRow(j, now) {
+  const outcome = j.state === "done" ? "done" : `${j.state} (${j.status})`;
+  const retry = j.state === "failed" || j.state === "cancelled";
+  return el("tr", { "data-job": j.id, class: `job-${j.state}` },
+    el("td", {}, j.id), el("td", {}, j.module),
+    el("td", {}, el("span", { class: `outcome ${j.state}` }, outcome)),
+    el("td", { class: "duration" }, ago(j.duration)),
+    el("td", {}, `${ago(now - j.finished)} ago`),
+    el("td", {}, j.error ? el("pre", { class: "error" }, j.error) : ""),
+    el("td", {}, retry ? el("button", { onclick: (e) => act(`/jobs/${j.id}:retry`, e.target) },
+      "Retry") : ""));
+}
+
+function drawQueue(jobs, finished, queue) {
   const now = Date.now() / 1000;
   fill("running", jobs.running.map((j) => el("tr", { "data-job": j.id, class: "job-running" },
     el("td", {}, j.id), el("td", {}, j.module), el("td", {}, progressBar(j)),
     el("td", {}, ago(j.duration)),
-    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}/cancel`, e.target) },
+    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}:cancel`, e.target) },
       "Cancel")))), 5, "nothing running");
   fill("waiting", jobs.waiting.map((j) => el("tr", { "data-job": j.id, class: "job-waiting" },
     el("td", {}, j.id), el("td", {}, j.module), el("td", {}, j.priority),
-    el("td", {}, j.position ?? "-"), el("td", {}, ago(now - j.created)))), 5,
+    el("td", {}, standing(j, now)), el("td", {}, ago(now - j.created)))), 5,
   "nothing waiting");
-  fill("failed", jobs.failed.map((j) => el("tr", { "data-job": j.id, class: "job-failed" },
-    el("td", {}, j.id), el("td", {}, j.module), el("td", {}, j.status),
-    el("td", {}, el("pre", { class: "error" }, j.error || "")),
-    el("td", {}, `${ago(now - j.finished)} ago`),
-    el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}/retry`, e.target) },
-      "Retry")))), 6, "no failures kept");
+  const recent = [...jobs.failed, ...finished.done, ...finished.cancelled]
+    .sort((a, b) => b.finished - a.finished).slice(0, RECENT);
+  fill("finished", recent.map((j) => finishedRow(j, now)), 7,
+    "no finished jobs kept (results are kept for [queue] keep_results)");
   const c = queue.counts;
   document.getElementById("queue-counts").textContent =
     `${c.waiting} waiting · ${c.running} running · ${c.done} done · ${c.failed} failed` +
@@ -186,7 +215,14 @@ function drawChart(stats) {
       svg.append(rect);
     }
   }
-  document.getElementById("chart").replaceChildren(svg);
+  const empty = stats.window.runs === 0;
+  document.getElementById("chart").replaceChildren(svg, empty ? el("p", { class: "chart-empty" },
+    "No job has run in the last 7 days, so every hour is blank. Each hour darkens as " +
+    "queued jobs run in it; the service keeps [queue] keep_history of run history.") : "");
+  if (empty) {
+    document.getElementById("chart-note").textContent = "nothing to show yet";
+    return;
+  }
   const quiet = perHour.map((s, h) => [s, h]).sort((a, b) => a[0] - b[0]).slice(0, 3)
     .map(([, h]) => `${h}:00`).sort((a, b) => parseInt(a) - parseInt(b));
   document.getElementById("chart-note").textContent =
@@ -201,13 +237,15 @@ async function refresh() {
   const status = document.getElementById("status");
   try {
     const wantChart = Date.now() - lastChart > CHART_MS;
-    const [modules, stats, jobs, queue] = await Promise.all([
-      api("/modules"), api("/stats"), api("/jobs?limit=50"),
+    const [modules, stats, jobs, done, cancelled, queue] = await Promise.all([
+      api("/modules"), api("/stats"), api("/jobs?page_size=50"),
+      api(`/jobs?state=done&page_size=${RECENT}`),
+      api(`/jobs?state=cancelled&page_size=${RECENT}`),
       api(`/queue/stats?window=${wantChart ? DAYS * 86400 : 60}`),
     ]);
     drawSummary(stats, queue);
     drawModules(modules.modules, stats);
-    drawQueue(jobs.jobs, queue);
+    drawQueue(jobs.jobs, { done: done.jobs.done, cancelled: cancelled.jobs.cancelled }, queue);
     if (wantChart) {
       drawChart(queue);
       lastChart = Date.now();

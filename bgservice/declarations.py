@@ -1,0 +1,74 @@
+"""What a module file declares, checked once it has imported: its handlers, ``ACCEPTS``,
+``TIMEOUT``, ``EXECUTION`` and ``PROCESSES`` (docs/modules.md); and whether a new save may
+replace the version serving now."""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bgservice.origin import Origin
+
+# What ACCEPTS may name: tcp, udp, queue.
+ACCEPTS = frozenset(origin.accepts for origin in Origin)
+EXECUTIONS = frozenset({"process"})
+
+
+class ModuleLoadError(Exception):
+    """A module file that did not import; the message names file, line and error."""
+
+
+@dataclass(frozen=True)
+class Handler:
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+def handler(module: types.ModuleType, attr: str) -> Handler | None:
+    fn = getattr(module, attr, None)
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise ModuleLoadError(f"{attr} is not callable")
+    return Handler(fn, inspect.iscoroutinefunction(fn))
+
+
+def declarations(
+    module: types.ModuleType, tcp: Handler | None, udp: Handler | None
+) -> tuple[frozenset[str], float | None, str, int | None]:
+    accepts_raw = getattr(module, "ACCEPTS", None)
+    if accepts_raw is None:
+        accepts = frozenset(({"tcp", "queue"} if tcp else set()) | ({"udp"} if udp else set()))
+    elif isinstance(accepts_raw, str) or not set(accepts_raw) <= ACCEPTS:
+        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(ACCEPTS)}")
+    else:
+        accepts = frozenset(accepts_raw)
+    timeout = getattr(module, "TIMEOUT", None)
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise ModuleLoadError("TIMEOUT must be a number of seconds greater than 0")
+    execution = getattr(module, "EXECUTION", None) or "default"
+    if execution != "default" and execution not in EXECUTIONS:
+        raise ModuleLoadError(f"EXECUTION must be one of {sorted(EXECUTIONS)}")
+    processes = getattr(module, "PROCESSES", None)
+    if processes is not None and (
+        isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
+    ):
+        raise ModuleLoadError("PROCESSES must be a whole number of at least 1")
+    return accepts, (float(timeout) if timeout else None), execution, processes
+
+
+def serves(name: str, has_handler: bool, had_handler: bool) -> None:
+    """Raise if a save that defines no handler at all would replace one that served.
+
+    An editor that saves in place truncates the file before writing it: for that moment
+    the file imports as a valid module with no handlers, and swapping it in would answer
+    every call ``501`` (issue 18). It fails like a syntax error instead: the last good
+    version keeps serving until the real content arrives. A file that never had a handler
+    (the shipped ``fail`` example) still loads, and answers ``501``."""
+    if had_handler and not has_handler:
+        raise ModuleLoadError(f"{name}: defines no handler (handle_tcp or handle_udp)")

@@ -1,0 +1,137 @@
+"""What a request says, read strictly: query strings, JSON bodies, job ids and seconds.
+
+Pure functions over what aiohttp parsed, each raising ``BadRequest`` (a 400) that names
+the parameter or field, so every route refuses bad input alike and before any work.
+A job's body becomes the ``queue:add`` command it stands for, so the socket protocol and
+HTTP share one parser of options (bgservice.queue.commands).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from bgservice.errors import BadRequest
+from bgservice.queue.commands import ADD_OPTIONS, Command, parse_id
+
+# A module name as the modules folder allows it. The socket protocol silently drops other
+# bytes from a name (the original did); the JSON API refuses them instead.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+WHOLE_OPTIONS = frozenset({"priority", "retries", "after"})
+
+
+def command(name: str, options: dict[str, Any], args: bytes = b"") -> Command:
+    """A query string or body as the ``queue:`` command it stands for, so both front
+    doors validate alike (bgservice.queue.commands)."""
+    return Command(name, {str(k): str(v) for k, v in options.items()}, args)
+
+
+def query(request: web.Request) -> dict[str, str]:
+    """The query string, each parameter at most once and never empty: in
+    ``window=false&window=`` the last value used to win silently, and ``window=`` to
+    mean the default; both are mistakes worth a 400."""
+    found: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in found:
+            raise BadRequest(f"query parameter {name}: given more than once")
+        if not value:
+            raise BadRequest(f"query parameter {name}: empty (leave it out for the default)")
+        found[name] = value
+    return found
+
+
+def job_id(request: web.Request) -> int:
+    """The ``{id}`` in the path: digits within SQLite's INTEGER, else a 400 (not the
+    generic 404 of a route that does not match)."""
+    return parse_id(request.match_info["id"], request.path)
+
+
+def seconds(name: str, text: str, maximum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"{name}: expected seconds, got {text[:40]!r}") from None
+    if not 0 <= value <= maximum:  # also false for NaN
+        raise BadRequest(f"{name}: must be 0-{maximum:g} seconds")
+    return value
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except RecursionError:
+        # The json module recurses once per level; no valid body nests at all, so a deep
+        # one is refused whole rather than bounding the depth in a scan of our own.
+        raise BadRequest("the body must be a JSON object (nested too deeply)") from None
+    except (ValueError, LookupError, HttpProcessingError, web.RequestPayloadError) as exc:
+        # ValueError: not JSON, not in its charset, or a number over Python's digit limit;
+        # LookupError: an unknown charset; the others: a body aiohttp cannot decode (gzip).
+        raise BadRequest(f"the body must be a JSON object ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """``{"module", "data" | "data_base64", options...}`` -> (options, ``MODULE:DATA``)."""
+    known = ADD_OPTIONS | {"module", "data", "data_base64"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(known))})")
+    module = body.get("module")
+    if not isinstance(module, str) or not MODULE_NAME.fullmatch(module):
+        raise BadRequest("field module: expected a module name (A-Z a-z 0-9 _ -)")
+    data = _add_data(body)
+    options = {key: _option(key, body[key]) for key in ADD_OPTIONS & body.keys()}
+    present = {key: value for key, value in options.items() if value is not None}
+    return present, module.encode() + b":" + data
+
+
+def _option(key: str, value: Any) -> str | int | float | None:
+    """One option, of the JSON type the OpenAPI document gives it (null: not given).
+    Numbers as strings were once let through; the document never allowed them."""
+    if value is None:
+        return None
+    if key == "unique":
+        if not isinstance(value, str):
+            raise BadRequest("field unique: expected a string")
+        _utf8(key, value)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"field {key}: expected a number")
+    if key in WHOLE_OPTIONS and isinstance(value, float):
+        if not value.is_integer():  # 5.0 is a JSON Schema integer; 5.5 is not
+            raise BadRequest(f"field {key}: expected a whole number")
+        return int(value)
+    return value
+
+
+def _add_data(body: dict[str, Any]) -> bytes:
+    """The job's data: ``data`` (text) or ``data_base64`` (bytes), not both."""
+    if "data_base64" in body and "data" in body:
+        raise BadRequest("fields data and data_base64: give one, not both")
+    if "data_base64" not in body:
+        text = body.get("data", "")
+        if not isinstance(text, str):
+            raise BadRequest("field data: expected a string (or data_base64 for bytes)")
+        return _utf8("data", text)
+    encoded = body["data_base64"]
+    if not isinstance(encoded, str):
+        raise BadRequest("field data_base64: expected a base64 string")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("field data_base64: not valid base64") from None
+
+
+def _utf8(field: str, text: str) -> bytes:
+    """JSON strings may hold lone surrogates (\\ud800), which are no text: refused."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"field {field}: not valid Unicode (a lone surrogate)") from None

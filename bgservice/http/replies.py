@@ -1,0 +1,44 @@
+"""Error replies in the shape of Google's AIP-193:
+``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``.
+
+``code`` stays the socket protocol's code (docs/protocol.md), which is also the HTTP
+status, so a client reading either front door sees the same number; ``status`` is the
+canonical name (google.rpc.Code) closest in meaning, for clients written to Google's
+style. Where the two tables disagree (409 for a job in the wrong state is
+FAILED_PRECONDITION, whose own HTTP code would be 400) the socket's number wins.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",  # this method on this resource: not implemented
+    408: "DEADLINE_EXCEEDED",
+    409: "FAILED_PRECONDITION",  # e.g. retry of a waiting job, delete of a running one
+    410: "CANCELLED",
+    413: "INVALID_ARGUMENT",  # the body is larger than [limits] max_request_bytes
+    424: "FAILED_PRECONDITION",  # the job it depends on failed
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",  # the module failed to load
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def status_name(code: int) -> str:
+    return STATUS.get(code, "UNKNOWN")
+
+
+def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"error": {"code": code, "message": message, "status": status_name(code)}})
+    return web.Response(status=code, text=body, content_type="application/json", headers=headers)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test procedure, the same for a newcomer and for CI (.ci/run calls it):
+# install what is missing (scripts/install.sh --test), lint, type-check, start a
+# redis-server of its own, and run every test, with "not installed" skips turned into
+# failures. Arguments go to pytest; --print only says what would be installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ ${1-} == --print ]]; then
+    exec scripts/install.sh --test --print
+fi
+scripts/install.sh --test
+
+# The venv first on PATH, as activating it does: its python, and its node when the
+# system's is too old for the compilers.
+export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
+
+python -m ruff check .
+python -m mypy
+
+# A redis-server of our own on a free loopback port, for the shared-queue tests (tests that
+# must restart Redis start their own); stopped when this script exits.
+redis_dir=$(mktemp -d)
+trap 'kill "$(cat "$redis_dir/redis.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$redis_dir"' EXIT
+redis_port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$redis_dir" --save '' \
+    --appendonly yes --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log"
+until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
+export BGSERVICE_TEST_REDIS="redis://127.0.0.1:$redis_port/0"
+
+# A missing browser, phpunit or composer fails its tests instead of skipping them.
+export BGSERVICE_TEST_STRICT=1
+
+python -m pytest "$@"

@@ -1,0 +1,94 @@
+"""What the shell commands print for a person (bgservice/cli_format.py): pure."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from bgservice import cli_format as fmt
+
+NOW = 1_796_000_000.0
+
+
+def test_span_reads_as_a_person_says_it() -> None:
+    cases = [(0.0123, "12 ms"), (4.25, "4.2 s"), (42, "42 s"), (185, "3 min 5 s"),
+             (3600, "1 h"), (7500, "2 h 5 min"), (90000, "1 d 1 h"), (86430, "1 d")]  # fmt: skip
+    assert [fmt.span(s) for s in dict(cases)] == [text for _, text in cases]
+
+
+def test_ages_and_local_times() -> None:
+    assert fmt.age(NOW - 5, NOW) == "5.0 s ago"
+    assert fmt.age(NOW + 600, NOW) == "in 10 min"
+    assert fmt.age(None, NOW) == "-"
+    local = dt.datetime.fromtimestamp(NOW - 65).strftime("%Y-%m-%d %H:%M:%S")
+    assert fmt.moment(NOW - 65, NOW) == f"{local} (1 min 5 s ago)"
+
+
+def test_table_aligns_and_right_aligns_numbers() -> None:
+    lines = fmt.table(("id", "module", "error"), [(7, "sleep", None), (1234, "echo", "boom")])
+    assert lines == ["  id  module  error", "   7  sleep   -", "1234  echo    boom"]
+
+
+def test_progress_bar() -> None:
+    assert fmt.bar(1, 4, 8) == "[##------]  25%"
+    assert fmt.progress({"done": 3, "total": 3, "message": "done"}, 4) == "[####] 100% done"
+    assert fmt.progress(None) == "-"
+    assert fmt.bar(5, 0, 4) == "[----]   0%"  # a total of 0 is no progress, not a crash
+
+
+def test_job_lines_show_times_and_durations() -> None:
+    job = {"id": 3, "module": "sleep", "state": "done", "priority": 0, "attempts": 1,
+           "max_retries": 2, "created": NOW - 10, "run_at": NOW - 10, "started": NOW - 9,
+           "finished": NOW - 6, "duration": 3.0, "status": 200}  # fmt: skip
+    text = "\n".join(fmt.job_lines(job, NOW))
+    assert "attempts:     1 of 3" in text
+    assert "duration:     3.0 s" in text
+    assert "(6.0 s ago)" in text and "1796" not in text  # no epoch floats
+
+
+def test_jobs_lines_say_when() -> None:
+    listing = {
+        "waiting": [{"id": 9, "state": "waiting", "module": "echo", "priority": 5,
+                     "attempts": 0, "created": NOW - 3, "run_at": NOW + 60}],
+        "running": [{"id": 8, "state": "running", "module": "sleep", "priority": 0,
+                     "attempts": 1, "created": NOW - 3, "started": NOW - 2}],
+    }  # fmt: skip
+    lines = fmt.jobs_lines(listing, NOW)
+    assert lines[0].split() == ["id", "state", "module", "prio", "tries", "created", "when",
+                                "error"]  # fmt: skip
+    assert "due in 1 min" in lines[1] and "running 2.0 s" in lines[2]
+    assert fmt.jobs_lines({"waiting": []}, NOW) == ["no jobs"]
+
+
+def test_stats_and_queue_stats_are_summaries() -> None:
+    stats = {"uptime": 3700, "requests": 12, "errors": 1, "in_flight": {"sleep": 2},
+             "modules": {"test": {"tcp": {"requests": 11, "errors": 1}}}}  # fmt: skip
+    text = "\n".join(fmt.stats_lines(stats))
+    assert "uptime:      1 h 1 min" in text and "in flight:   sleep 2" in text
+    assert text.splitlines()[-1].split() == ["test", "tcp", "11", "1"]
+    hours = [{"hour": NOW, "runs": 5, "busy_seconds": 9.5}]
+    window = {"seconds": 3600.0, "runs": 5, "busy_seconds": 9.5, "by_hour": hours}
+    queue = {"counts": {"waiting": 2}, "oldest_waiting_age": 65.0, "finished_per_minute": 3,
+             "workers": 4, "window": window}  # fmt: skip
+    text = "\n".join(fmt.queue_stats_lines(queue, NOW))
+    assert "oldest waiting: 1 min 5 s" in text and "busy 9.5 s" in text
+
+
+def test_top_screen_fits_and_counts_waiting_per_module() -> None:
+    view = {
+        "address": "127.0.0.1:1", "rate": 12.5,
+        "stats": {"uptime": 10, "in_flight": {"steps": 1}, "connections": {"open": 2}},
+        "queue_stats": {"counts": {"running": 1, "waiting": 3}, "workers": 4},
+        "running": [{"id": 4, "module": "steps", "started": NOW - 2,
+                     "progress": {"done": 1, "total": 2, "message": "half"}}],
+        "waiting": [{"module": "echo", "run_at": NOW}, {"module": "echo", "run_at": NOW + 60},
+                    {"module": "sleep", "run_at": NOW}],
+    }  # fmt: skip
+    lines = fmt.top_lines(view, NOW, width=80, height=40)
+    text = "\n".join(lines)
+    assert "requests 12.5/s" in text and "1 running on 4 workers, 3 waiting" in text
+    assert "50% half" in text
+    assert [line.split() for line in lines if line.startswith(("echo", "sleep"))] == [
+        ["echo", "2", "1", "1"], ["sleep", "1", "1", "0"]]  # fmt: skip
+    assert all(len(line) <= 80 for line in lines)
+    short = fmt.top_lines(view, NOW, width=30, height=5)
+    assert len(short) == 5 and short[-1].startswith("...") and all(len(s) <= 30 for s in short)

@@ -1,0 +1,155 @@
+"""The OpenAPI document says what the API does (issue 18, item 10): a request the document
+calls valid is served, one it calls invalid gets a 400, each checked against a real
+service. tests/test_http_fuzz.py explores the same question at random."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from typing import Any
+
+import pytest
+from conftest import ServiceProcess
+
+pytest.importorskip("aiohttp")
+jsonschema = pytest.importorskip("jsonschema")
+referencing = pytest.importorskip("referencing")
+
+from bgservice.http.api import OPENAPI  # noqa: E402
+
+API = "/api/v1"
+HTTP = "[http]\nenabled = true\nport = 0\n"
+DOCUMENT: dict[str, Any] = json.loads(OPENAPI.read_text())
+BIG = 2**63  # one past SQLite's INTEGER
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    resource = referencing.Resource.from_contents(
+        DOCUMENT, default_specification=referencing.jsonschema.DRAFT202012
+    )
+    registry = referencing.Registry().with_resource("urn:openapi", resource)
+    # The document's own references ("#/components/...") resolve against the document.
+    rebased = json.loads(json.dumps(schema).replace('"#/components/', '"urn:openapi#/components/'))
+    return jsonschema.Draft202012Validator(rebased, registry=registry)
+
+
+def _operation(method: str, path: str) -> dict[str, Any]:
+    """The document's operation for a concrete path such as /api/v1/jobs/5."""
+    for template, item in DOCUMENT["paths"].items():
+        pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/:]+", re.escape(template))
+        if re.fullmatch(pattern, path) and method.lower() in item:
+            operation: dict[str, Any] = item[method.lower()]
+            return operation
+    raise AssertionError(f"{method} {path} is not in the document")
+
+
+def _typed(schema: dict[str, Any], text: str) -> Any:
+    """A query or path value as the JSON value it stands for (None: not of the type)."""
+    kind = schema.get("type")
+    try:
+        if kind == "integer":
+            return int(text) if re.fullmatch(r"-?\d+", text) else None
+        if kind == "number":
+            return float(text)
+    except ValueError:
+        return None
+    return text
+
+
+def documented_valid(method: str, url: str, body: Any = None) -> bool:
+    """Does the document accept this request (path and query parameters, JSON body)?"""
+    split = urllib.parse.urlsplit(url)
+    operation = _operation(method, split.path)
+    pairs = urllib.parse.parse_qsl(split.query, keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        return False  # no parameter of the document is an array: one value each
+    values = dict(pairs)
+    template = next(t for t, i in DOCUMENT["paths"].items() if i.get(method.lower()) is operation)
+    for name, value in zip(template.split("/"), split.path.split("/"), strict=True):
+        if name.startswith("{"):
+            values[name.strip("{}")] = value
+    for parameter in operation.get("parameters", []):
+        if parameter["name"] not in values:
+            continue
+        value = _typed(parameter["schema"], values[parameter["name"]])
+        if value is None or not _validator(parameter["schema"]).is_valid(value):
+            return False
+    if body is not None:
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        return bool(_validator(schema).is_valid(body))
+    return True
+
+
+def documented_statuses(method: str, url: str) -> set[str]:
+    return set(_operation(method, urllib.parse.urlsplit(url).path)["responses"])
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    service = ServiceProcess(tmp_path_factory.mktemp("schema"), HTTP).start()
+    yield service
+    service.stop()
+
+
+# (method, url, body): what the issue found, and the neighbours of each.
+CASES = [
+    ("GET", f"{API}/jobs?limit=1001", None),  # more than a page holds: answered as 1000
+    ("GET", f"{API}/jobs?limit=0", None),
+    ("GET", f"{API}/jobs?limit={BIG}", None),
+    ("GET", f"{API}/jobs?offset={BIG - 1}", None),
+    ("GET", f"{API}/jobs?offset={BIG}", None),
+    ("GET", f"{API}/jobs?state=", None),
+    ("GET", f"{API}/jobs?limit=5&limit=6", None),
+    ("POST", f"{API}/jobs", {"module": ""}),
+    ("POST", f"{API}/jobs", {"module": "e:cho"}),
+    ("POST", f"{API}/jobs", {"module": "ec ho"}),
+    ("POST", f"{API}/jobs", {"module": "echo"}),
+    ("POST", f"{API}/jobs", {"module": "echo", "priority": "5"}),
+    ("POST", f"{API}/jobs", {"module": "echo", "priority": -(BIG - 1), "delay": 60}),
+    ("POST", f"{API}/jobs", {"module": "echo", "priority": BIG}),
+    ("POST", f"{API}/jobs", {"module": "echo", "retries": BIG}),
+    ("POST", f"{API}/jobs", {"module": "echo", "after": BIG}),
+    ("POST", f"{API}/jobs", {"module": "echo", "at": -1}),
+    ("POST", f"{API}/jobs", {"module": "echo", "unique": 7}),
+    ("GET", f"{API}/jobs/{BIG - 1}", None),  # valid, and no such job: 404
+    ("GET", f"{API}/jobs/{BIG}", None),
+    ("POST", f"{API}/jobs/{BIG - 1}/cancel", None),
+    ("POST", f"{API}/jobs/{BIG}/cancel", None),
+    ("POST", f"{API}/jobs/{BIG - 1}/retry", None),
+    ("POST", f"{API}/jobs/{BIG}/retry", None),
+    ("GET", f"{API}/jobs/1?wait=301", None),
+    ("GET", f"{API}/queue/stats?window=false&window=", None),
+    ("GET", f"{API}/queue/stats?window=", None),
+    ("GET", f"{API}/queue/stats?window=0.5", None),
+    ("GET", f"{API}/queue/stats?window=60", None),
+]
+
+
+@pytest.mark.parametrize(("method", "url", "body"), CASES)
+def test_the_document_and_the_service_agree(
+    svc: ServiceProcess, method: str, url: str, body: Any
+) -> None:
+    valid = documented_valid(method, url, body)
+    status, reply, _ = svc.http(method, url, body)
+    assert str(status) in documented_statuses(method, url), (status, reply)
+    if valid:
+        assert status in (200, 201, 404), (status, reply)  # 404: no such job
+    else:
+        assert status == 400, (status, reply)
+        assert reply["error"]["code"] == 400
+
+
+def test_a_page_larger_than_the_maximum_says_what_it_gave(svc: ServiceProcess) -> None:
+    status, page, _ = svc.http("GET", f"{API}/jobs?limit=1001")
+    assert (status, page["limit"]) == (200, 1000)
+
+
+def test_the_checker_itself_knows_valid_from_invalid() -> None:
+    """So a test above cannot pass by calling everything valid (or invalid)."""
+    assert documented_valid("GET", f"{API}/jobs?limit=5&state=done")
+    assert not documented_valid("GET", f"{API}/jobs?state=lost")
+    assert not documented_valid("GET", f"{API}/jobs/abc")
+    assert documented_valid("POST", f"{API}/jobs", {"module": "echo", "data": "x"})
+    assert not documented_valid("POST", f"{API}/jobs", {"module": "echo", "colour": "red"})
