@@ -52,7 +52,7 @@ from bgservice.queue.engine import (
     run_record,
 )
 from bgservice.queue.job import Job, JobState
-from bgservice.queue.redis_scripts import job_from_hash, pairs
+from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.store import Run
 from bgservice.stats import Stats
 

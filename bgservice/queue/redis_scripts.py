@@ -24,11 +24,6 @@ written as the strings the caller sent, so they keep their full precision.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-from bgservice.queue.job import COLUMNS, Job, JobState
-
 _COMMON = r"""
 local P = ARGV[1]
 local NOW = ARGV[2]
@@ -367,39 +362,3 @@ return {0, ''}
 )
 
 NAMES = ("ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY", "EXPIRE", "DELETE")
-
-# --- reading what the scripts return ---------------------------------------------------
-
-_FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
-_INTS = {"priority", "attempts", "max_retries", "after", "status"}
-
-
-def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
-    """A job read back from its ``P:job:ID`` hash (as CLAIM and the listings return it)."""
-    values: dict[str, Any] = {}
-    for key in COLUMNS[1:]:
-        raw = fields.get(key.encode())
-        if raw is None:
-            continue
-        if key in ("data", "result"):
-            values[key] = raw
-        elif key in _FLOATS:
-            values[key] = float(raw)
-        elif key in _INTS:
-            values[key] = int(raw)
-        elif key == "cancel_requested":
-            values[key] = raw == b"1"
-        else:
-            values[key] = raw.decode()
-    values["state"] = JobState(values.get("state", "waiting"))
-    job = Job(id=jid, **values)
-    progress = fields.get(b"progress")
-    if progress:
-        done, total, message = json.loads(progress)
-        job.progress = (done, total, message)
-    return job
-
-
-def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """A hash as Redis replies it (a flat list of keys and values) as a dict."""
-    return dict(zip(flat[0::2], flat[1::2], strict=True))
