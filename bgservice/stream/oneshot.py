@@ -18,9 +18,13 @@ from bgservice.protocol import OK, one_shot_error, split_request
 from bgservice.request import Request
 from bgservice.stream.base import StreamProtocol
 
-# A Unix stream socket has no segments: the kernel queues a write of up to this many bytes
-# as one piece, which one read takes whole.
-UNIX_PIECE = 64 * 1024
+# The longest first read taken as a whole request: one Ethernet segment's payload. A longer
+# write never arrives in a smaller first piece: over a network its first segment is a full
+# MSS; over loopback (MSS 32 KiB or more) and Unix sockets its first piece is bounded by
+# the sender's send buffer, which Linux never makes smaller than about 4.6 KB. (Found the
+# hard way: with the loopback MSS as the bound, a 900 KB write was once read as a 16 KB
+# first piece under load, and cut.)
+SHORT_WRITE = 1448
 
 
 class OneShot(StreamProtocol):
@@ -46,11 +50,9 @@ class OneShot(StreamProtocol):
     def _whole_write(self, size: int) -> bool:
         """True when a first read of ``size`` bytes must be a whole request: shorter than
         one segment, it was one write (a longer write comes as full segments first)."""
-        if self.ctx.limits.one_shot_end != "segment":
+        if self.ctx.limits.one_shot_end != "segment" or size > SHORT_WRITE:
             return False
-        if self.ctx.origin is Origin.UNIX:
-            return size < UNIX_PIECE
-        return size < self._segment()
+        return self.ctx.origin is Origin.UNIX or size < self._segment()
 
     def _segment(self) -> int:
         """The connection's TCP segment size (0: unknown), asked of the kernel once per
