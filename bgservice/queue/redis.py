@@ -19,28 +19,21 @@ client reconnects with backoff and the instance resumes where it was.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
-from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
-from bgservice.eager import hop, in_task
-from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.events import Events
 from bgservice.protocol import OK
-from bgservice.queue import redis_scripts
 from bgservice.queue.commands import STATES, AddSpec, ListSpec
 from bgservice.queue.engine import (
     JobQueue,
@@ -51,42 +44,15 @@ from bgservice.queue.engine import (
     queue_stats,
     run_record,
 )
-from bgservice.queue.job import Job, JobState
+from bgservice.queue.job import Job
+from bgservice.queue.redis_db import RedisJobs, available, script_error
 from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.store import Run
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 _BACKOFF_MAX = 5.0
-
-
-def _available(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis unreachable -> 503 for this command (the client reconnects by itself).
-    Started eagerly (bgservice.eager), it first moves into a task: redis-py needs one."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if not in_task(asyncio.get_running_loop()):
-            await hop()
-        try:
-            return await method(*args, **kwargs)
-        except RedisError as exc:
-            log.warning("queue command failed: Redis unavailable: %s", exc)
-            raise Busy("Queue unavailable: Redis does not answer") from None
-
-    return wrapper
-
-
-def _script_error(code: int, message: str) -> ServiceError:
-    kinds: dict[int, type[ServiceError]]
-    kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
-    return kinds.get(code, Conflict)(message)
 
 
 class RedisQueue(JobQueue):
@@ -102,20 +68,9 @@ class RedisQueue(JobQueue):
         super().__init__(settings, runner, stats, events)
         self.module_limits = module_limits
         self.conf = redis_settings
-        self.prefix = redis_settings.prefix
-        self.channel = f"{self.prefix}:events"
+        self.db = RedisJobs(redis_settings, settings)
+        self.channel = self.db.key("events")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.redis = aioredis.from_url(
-            redis_settings.url,
-            socket_connect_timeout=redis_settings.connect_timeout,
-            socket_timeout=max(redis_settings.connect_timeout, 5.0),
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-            health_check_interval=15,
-        )
-        self._scripts = {
-            name: self.redis.register_script(getattr(redis_scripts, name))
-            for name in redis_scripts.NAMES
-        }
         self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self._ending: set[int] = set()  # running jobs whose end is being recorded
         self._waiters: dict[int, asyncio.Future[Result]] = {}
@@ -130,12 +85,12 @@ class RedisQueue(JobQueue):
 
     async def start(self) -> None:
         try:
-            await self.redis.ping()
+            await self.db.redis.ping()
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.conf.url.split("@")[-1], exc)  # fmt: skip
         loop = asyncio.get_running_loop()
-        for coro in (self._listen(), self._runner(), self._leases(), self._expire_loop()):
+        for coro in (self._listen(), self._runner(), self._leases(), self.db.expire_forever()):
             self._tasks.append(loop.create_task(coro))
 
     async def stop(self, grace: float) -> None:
@@ -152,17 +107,17 @@ class RedisQueue(JobQueue):
         left = [str(jid) for jid in self._running]
         if left:
             try:
-                await self._call("RELEASE", self.owner, *left)
+                await self.db.call("RELEASE", self.owner, *left)
             except RedisError as exc:
                 log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.redis.aclose()
+        await self.db.redis.aclose()
 
     # --- commands ---------------------------------------------------------------------
 
-    @_available
+    @available
     async def add(self, spec: AddSpec) -> int:
         self.runner.check(spec.module)  # unknown or refusing: at once
         now = time.time()
@@ -185,7 +140,7 @@ class RedisQueue(JobQueue):
         if spec.after is not None:
             fields["after"] = spec.after
         flat = [v for pair in fields.items() for v in pair]
-        jid, text = await self._call(
+        jid, text = await self.db.call(
             "ADD",
             self.settings.max_waiting,
             spec.unique or "",
@@ -194,10 +149,10 @@ class RedisQueue(JobQueue):
             now=now,
         )
         if jid < 0:
-            raise _script_error(-jid, text.decode())
+            raise script_error(-jid, text.decode())
         return int(jid)
 
-    @_available
+    @available
     async def get(self, jid: int) -> Result:
         waiter = self._waiters.get(jid)
         if waiter is None:
@@ -212,107 +167,61 @@ class RedisQueue(JobQueue):
         # Shielded: one client hanging up must not cancel the result for the others.
         return await asyncio.shield(waiter)
 
-    @_available
+    @available
     async def check(self, jid: int) -> str:
-        return (await self._require(jid)).state.check_code
+        return (await self.db.require(jid)).state.check_code
 
-    @_available
+    @available
     async def status(self, jid: int) -> dict[str, Any]:
-        job = await self._require(jid)
-        return job.describe(time.time(), await self._position(job))
+        job = await self.db.require(jid)
+        return job.describe(time.time(), await self.db.position(job))
 
-    @_available
+    @available
     async def cancel(self, jid: int) -> str:
         expires = repr(time.time() + self.settings.keep_results)
-        code, text = await self._call("CANCEL", jid, expires)
+        code, text = await self.db.call("CANCEL", jid, expires)
         if code:
-            raise _script_error(code, text.decode())
+            raise script_error(code, text.decode())
         return str(text.decode())
 
-    @_available
+    @available
     async def retry(self, jid: int) -> int:
-        code, text = await self._call("RETRY", jid)
+        code, text = await self.db.call("RETRY", jid)
         if code:
-            raise _script_error(code, text.decode())
+            raise script_error(code, text.decode())
         return jid
 
-    @_available
+    @available
     async def delete(self, jid: int) -> None:
-        code, text = await self._call("DELETE", jid)
+        code, text = await self.db.call("DELETE", jid)
         if code:
-            raise _script_error(code, text.decode())
+            raise script_error(code, text.decode())
 
-    @_available
+    @available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
         states = [spec.state] if spec.state else ["waiting", "running", "failed"]
         now = time.time()
         out: dict[str, Any] = {}
         for state in states:
-            ids = await self._page(state, spec.offset, spec.limit)
-            jobs = [j for j in [await self._load(i) for i in ids] if j is not None]
-            out[state] = [j.describe(now, await self._position(j)) for j in jobs]
+            ids = await self.db.page(state, spec.offset, spec.limit)
+            jobs = [j for j in [await self.db.load(i) for i in ids] if j is not None]
+            out[state] = [j.describe(now, await self.db.position(j)) for j in jobs]
         return out
 
-    @_available
+    @available
     async def stats(self, window: float) -> dict[str, Any]:
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.db.redis.pipeline(transaction=False)
         for state in STATES:
-            pipe.zcard(self._key(f"state:{state}"))
-        pipe.zrange(self._key("state:waiting"), 0, 0, withscores=True)
-        pipe.zrangebyscore(self._key("runs"), now - max(window, 60), "+inf")
+            pipe.zcard(self.db.key(f"state:{state}"))
+        pipe.zrange(self.db.key("state:waiting"), 0, 0, withscores=True)
+        pipe.zrangebyscore(self.db.key("runs"), now - max(window, 60), "+inf")
         *counts, oldest, raw_runs = await pipe.execute()
         runs = [Run(**json.loads(r)) for r in raw_runs]
         counted = dict(zip(STATES, counts, strict=True))
         first = oldest[0][1] if oldest else None
         stats = queue_stats(counted, first, runs, window, self.settings.workers)
         return {**stats, "instance_running": len(self._running)}
-
-    # --- reading ----------------------------------------------------------------------
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}:{name}"
-
-    async def _call(self, script: str, *args: Any, now: float | None = None) -> Any:
-        when = repr(time.time() if now is None else now)
-        return await self._scripts[script](args=[self.prefix, when, *args])
-
-    async def _load(self, jid: int) -> Job | None:
-        fields = await self.redis.hgetall(self._key(f"job:{jid}"))
-        if not fields:
-            return None
-        job = job_from_hash(jid, fields)
-        if job.expires is not None and job.expires < time.time():
-            return None
-        return job
-
-    async def _require(self, jid: int) -> Job:
-        job = await self._load(jid)
-        if job is None:
-            raise not_found(jid)
-        return job
-
-    async def _position(self, job: Job) -> int | None:
-        if job.state is not JobState.WAITING:
-            return None
-        rank = await self.redis.zrank(self._key("ready"), f"{job.id:020d}")
-        return None if rank is None else int(rank)
-
-    async def _page(self, state: str, offset: int, limit: int) -> list[int]:
-        """Waiting jobs in the order they will run (due ones by priority, then delayed
-        ones by time); running jobs by start; finished ones newest first."""
-        if state != "waiting":
-            key = self._key(f"state:{state}")
-            stop = offset + limit - 1
-            raw = await (
-                self.redis.zrange(key, offset, stop)
-                if state == "running"
-                else self.redis.zrevrange(key, offset, stop)
-            )
-            return [int(m) for m in raw]
-        ready = [int(m) for m in await self.redis.zrange(self._key("ready"), 0, -1)]
-        delayed = [int(m) for m in await self.redis.zrange(self._key("delayed"), 0, -1)]
-        return (ready + delayed)[offset : offset + limit]
 
     # --- waiting for results ----------------------------------------------------------
 
@@ -332,7 +241,7 @@ class RedisQueue(JobQueue):
     async def _deliver(self, jid: int, quiet: bool = True) -> None:
         """If job ``jid`` has finished (or is unknown), settle its waiters."""
         try:
-            job = await self._load(jid)
+            job = await self.db.load(jid)
         except RedisError:
             if quiet:
                 return  # the next resubscription delivers it
@@ -346,7 +255,7 @@ class RedisQueue(JobQueue):
         """Follow the queue's channel; reconnect with backoff when Redis goes away."""
         delay = 0.1
         while True:
-            pubsub: PubSub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub = self.db.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 delay = 0.1
@@ -406,7 +315,7 @@ class RedisQueue(JobQueue):
 
     async def _claim(self, limits: str) -> bool:
         deadline = repr(time.time() + self.conf.lease)
-        reply = await self._call("CLAIM", deadline, self.owner, limits)
+        reply = await self.db.call("CLAIM", deadline, self.owner, limits)
         jid, next_delayed = int(reply[0]), reply[1]
         self._next_delayed = float(next_delayed) if next_delayed else None
         if not jid:
@@ -444,7 +353,7 @@ class RedisQueue(JobQueue):
         delay = 0.1
         while True:
             try:
-                if not await self._call("END", *args, now=now):
+                if not await self.db.call("END", *args, now=now):
                     log.warning(
                         "job %d (%s): lease lost while it ran; another instance runs it, "
                         "this result is discarded", job.id, job.module,
@@ -467,7 +376,8 @@ class RedisQueue(JobQueue):
         await asyncio.sleep(0.05)  # reports within 50 ms share one write
         self._progress_pending.discard(job.id)
         try:
-            await self.redis.hset(self._key(f"job:{job.id}"), "progress", json.dumps(job.progress))
+            key = self.db.key(f"job:{job.id}")
+            await self.db.redis.hset(key, "progress", json.dumps(job.progress))
         except RedisError as exc:
             log.debug("job %d: progress not written: %s", job.id, exc)
 
@@ -478,7 +388,7 @@ class RedisQueue(JobQueue):
             await asyncio.sleep(interval)
             try:
                 await self._renew()
-                taken = await self._call("REAP")
+                taken = await self.db.call("REAP")
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
                 continue
@@ -493,7 +403,7 @@ class RedisQueue(JobQueue):
             return
         deadline = repr(time.time() + self.conf.lease)
         ids = [str(jid) for jid in self._running]
-        lost, cancel = await self._call("RENEW", self.owner, deadline, *ids)
+        lost, cancel = await self.db.call("RENEW", self.owner, deadline, *ids)
         for raw in cancel:
             entry = self._running.get(int(raw))
             if entry is not None:
@@ -501,16 +411,3 @@ class RedisQueue(JobQueue):
         for jid in map(int, lost):  # not a job whose end was recorded meanwhile
             if jid in self._running and jid not in self._ending:
                 log.warning("job %d: lease lost (taken over by another instance)", jid)
-
-    async def _expire_loop(self) -> None:
-        interval = min(60.0, max(0.5, self.settings.keep_results / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.time()
-            try:
-                gone = await self._call("EXPIRE", repr(now - self.settings.keep_history))
-            except RedisError as exc:
-                log.warning("job expiry failed: %s", exc)
-                continue
-            if gone:
-                log.info("job queue: %d finished jobs expired", gone)

@@ -1,0 +1,128 @@
+"""Where the shared queue's jobs are kept: the Redis client, the engine's scripts, and
+reading jobs back (bgservice.queue.redis schedules and runs them)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from bgservice.config import QueueSettings, RedisSettings
+from bgservice.eager import hop, in_task
+from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
+from bgservice.queue import redis_scripts
+from bgservice.queue.engine import not_found
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.redis_hash import job_from_hash
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def available(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Redis unreachable -> 503 for this command (the client reconnects by itself).
+    Started eagerly (bgservice.eager), it first moves into a task: redis-py needs one."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if not in_task(asyncio.get_running_loop()):
+            await hop()
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as exc:
+            log.warning("queue command failed: Redis unavailable: %s", exc)
+            raise Busy("Queue unavailable: Redis does not answer") from None
+
+    return wrapper
+
+
+def script_error(code: int, message: str) -> ServiceError:
+    kinds: dict[int, type[ServiceError]]
+    kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
+    return kinds.get(code, Conflict)(message)
+
+
+class RedisJobs:
+    def __init__(self, conf: RedisSettings, settings: QueueSettings) -> None:
+        self.prefix = conf.prefix
+        self.settings = settings
+        self.redis = aioredis.from_url(
+            conf.url,
+            socket_connect_timeout=conf.connect_timeout,
+            socket_timeout=max(conf.connect_timeout, 5.0),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
+            health_check_interval=15,
+        )
+        self.scripts = {
+            name: self.redis.register_script(getattr(redis_scripts, name))
+            for name in redis_scripts.NAMES
+        }
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    async def call(self, script: str, *args: Any, now: float | None = None) -> Any:
+        when = repr(time.time() if now is None else now)
+        return await self.scripts[script](args=[self.prefix, when, *args])
+
+    async def load(self, jid: int) -> Job | None:
+        fields = await self.redis.hgetall(self.key(f"job:{jid}"))
+        if not fields:
+            return None
+        job = job_from_hash(jid, fields)
+        if job.expires is not None and job.expires < time.time():
+            return None
+        return job
+
+    async def require(self, jid: int) -> Job:
+        job = await self.load(jid)
+        if job is None:
+            raise not_found(jid)
+        return job
+
+    async def position(self, job: Job) -> int | None:
+        if job.state is not JobState.WAITING:
+            return None
+        rank = await self.redis.zrank(self.key("ready"), f"{job.id:020d}")
+        return None if rank is None else int(rank)
+
+    async def page(self, state: str, offset: int, limit: int) -> list[int]:
+        """Waiting jobs in the order they will run (due ones by priority, then delayed
+        ones by time); running jobs by start; finished ones newest first."""
+        if state != "waiting":
+            key = self.key(f"state:{state}")
+            stop = offset + limit - 1
+            raw = await (
+                self.redis.zrange(key, offset, stop)
+                if state == "running"
+                else self.redis.zrevrange(key, offset, stop)
+            )
+            return [int(m) for m in raw]
+        ready = [int(m) for m in await self.redis.zrange(self.key("ready"), 0, -1)]
+        delayed = [int(m) for m in await self.redis.zrange(self.key("delayed"), 0, -1)]
+        return (ready + delayed)[offset : offset + limit]
+
+    async def expire_forever(self) -> None:
+        interval = min(60.0, max(0.5, self.settings.keep_results / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            try:
+                gone = await self.call("EXPIRE", repr(now - self.settings.keep_history))
+            except RedisError as exc:
+                log.warning("job expiry failed: %s", exc)
+                continue
+            if gone:
+                log.info("job queue: %d finished jobs expired", gone)
