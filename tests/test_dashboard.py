@@ -81,7 +81,7 @@ def test_dashboard_renders_modules_progress_failures_and_the_chart(
     assert "page 42 of 100" in row.group(1)
     # Recently finished: the failed job, with its error and a Retry button, and the done
     # ones with how long each took (sleep:200, so 0.2 s and a little; the loop's timers
-    # have millisecond steps, so the sleep can end a fraction of a millisecond early).
+    # read their clock once per turn, so the sleep can end a fraction of a millisecond early).
     failed = re.search(r'<tr data-job="\d+" class="job-failed">(.*?)</tr>', dom, re.S)
     assert failed and "ValueError: boom" in failed.group(1) and "Retry" in failed.group(1)
     done = re.findall(r'<tr data-job="\d+" class="job-done">(.*?)</tr>', dom, re.S)

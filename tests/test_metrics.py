@@ -83,7 +83,9 @@ def test_queue_depth_and_job_durations(svc: ServiceProcess) -> None:
     assert value(samples, "bgservice_queue_oldest_waiting_seconds") >= 0
     done = {"module": "sleep", "outcome": "done"}
     assert value(samples, "bgservice_job_duration_seconds_count", **done) == 1
-    assert value(samples, "bgservice_job_duration_seconds_sum", **done) >= 0.05
+    # sleep:50; libuv reads its clock once per loop turn, so a timer set late in a turn
+    # can end a fraction of a millisecond before 50 ms of wall time.
+    assert value(samples, "bgservice_job_duration_seconds_sum", **done) >= 0.045
     assert value(samples, "bgservice_job_duration_seconds_bucket", le="0.025", **done) == 0
     assert value(samples, "bgservice_job_duration_seconds_count",
                  module="boom", outcome="failed") == 1  # fmt: skip

@@ -557,3 +557,18 @@ def test_every_state_a_job_is_seen_in_follows_the_state_table(modules_dir, make_
     assert seen[ids[0]][-1] == str(JobState.DONE)
     assert seen[ids[1]][-1] == str(JobState.CANCELLED)
     assert str(JobState.CANCELLED) in seen[ids[2]]
+
+
+def test_finished_jobs_can_be_deleted_and_waiting_ones_cannot(make_service):
+    """The HTTP API's standard Delete, on both engines (JobQueue.delete)."""
+    svc = make_service("[http]\nenabled = true\nport = 0\n")
+    done = add(svc, b"queue:add:echo:x")
+    assert svc.call(b"queue:get:id:%d" % done) == b"x"
+    waiting = add(svc, b"queue:add?delay=60:echo:later")
+    status, body, _ = svc.http("DELETE", f"/api/v1/jobs/{waiting}")
+    assert (status, body["error"]["code"]) == (409, 409), body
+    assert svc.http("DELETE", f"/api/v1/jobs/{done}")[:2] == (200, {})
+    gone = b"404: Job %d not found (unknown or expired)" % done
+    assert svc.call(b"queue:check:id:%d" % done) == gone
+    assert svc.http("DELETE", f"/api/v1/jobs/{done}")[0] == 404
+    assert svc.call(b"queue:check:id:%d" % waiting) == b"0"

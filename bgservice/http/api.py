@@ -243,11 +243,7 @@ class HttpApi:
     async def delete_job(self, request: web.Request) -> web.StreamResponse:
         """AIP-135 Delete of a finished job: ``{}`` once gone. The queue says which jobs
         it can delete (finished ones; a waiting or running one is a 409)."""
-        jid = inputs.job_id(request)
-        delete = getattr(self.queue, "delete", None)
-        if delete is None:  # a queue engine from before jobs could be deleted
-            return error_response(501, "Deleting jobs is not supported by this queue yet")
-        await delete(jid)
+        await self.queue.delete(inputs.job_id(request))
         return _json({})
 
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:

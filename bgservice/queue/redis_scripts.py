@@ -96,6 +96,14 @@ local function live(jk)
   if f[2] and tonumber(f[2]) < now then return nil end
   return f[1]
 end
+
+local function known(id)
+  -- The job's key and state; or nil, nil and the 404 reply for an unknown or expired id.
+  local jk = jkey(id)
+  local st = live(jk)
+  if not st then return nil, nil, {404, 'Job ' .. id .. ' not found (unknown or expired)'} end
+  return jk, st
+end
 """
 
 # ARGV: P, now, max_waiting, unique, after, then field/value pairs of the new job.
@@ -279,9 +287,8 @@ CANCEL = (
     _COMMON
     + r"""
 local id = ARGV[3]
-local jk = jkey(id)
-local st = live(jk)
-if not st then return {404, 'Job ' .. id .. ' not found (unknown or expired)'} end
+local jk, st, missing = known(id)
+if missing then return missing end
 if st == 'running' then
   redis.call('HSET', jk, 'cancel_requested', '1')
   redis.call('PUBLISH', P .. ':events', 'cancel:' .. id)
@@ -306,9 +313,8 @@ RETRY = (
     _COMMON
     + r"""
 local id = ARGV[3]
-local jk = jkey(id)
-local st = live(jk)
-if not st then return {404, 'Job ' .. id .. ' not found (unknown or expired)'} end
+local jk, st, missing = known(id)
+if missing then return missing end
 if st ~= 'failed' and st ~= 'cancelled' then
   if st == 'waiting' or st == 'running' then
     return {409, 'Job ' .. id .. ' is ' .. st .. ', not failed'}
@@ -348,9 +354,8 @@ DELETE = (
     _COMMON
     + r"""
 local id = ARGV[3]
-local jk = jkey(id)
-local st = live(jk)
-if not st then return {404, 'Job ' .. id .. ' not found (unknown or expired)'} end
+local jk, st, missing = known(id)
+if missing then return missing end
 if st == 'waiting' or st == 'running' then
   return {409, 'Job ' .. id .. ' is ' .. st .. ': cancel it first'}
 end

@@ -2,10 +2,11 @@
 
 Writes go through one writer thread with group commit (sqlite_writer.py): a caller's
 future resolves only once its transaction is on disk. Ids are handed out here, on the
-loop, from blocks of ``ID_BLOCK`` reserved in the ``meta`` table in the same transaction
-as the first job of the block, so an id is never used twice (not after a crash, not after
-the newest job was deleted) without a write per id; a database made by an earlier version
-(``AUTOINCREMENT``) goes on from its highest id.
+loop, from blocks of ``ID_BLOCK``; every commit that adds jobs records in the ``meta``
+table the end of the block they fall in, so an id is never used twice (not after a crash,
+not after the newest job was deleted) at the cost of one small write per commit, not one
+per id; a database made by an earlier version (``AUTOINCREMENT``) goes on from its
+highest id.
 """
 
 from __future__ import annotations
@@ -118,11 +119,12 @@ class SqliteStore:
         assert self._loop is not None and self._writer is not None, "store not open"
         job.id = self._next_id
         self._next_id += 1
-        reserve = None
         if job.id >= self._reserved:
-            reserve = self._reserved = job.id + ID_BLOCK
+            self._reserved = job.id + ID_BLOCK
         future: asyncio.Future[int] = self._loop.create_future()
-        self._writer.put(Insert(job.row(), reserve, future))
+        # Every commit with new jobs writes the reservation they fall in: one small write
+        # per commit, and a commit that failed cannot leave ids in use that no row reserves.
+        self._writer.put(Insert(job.row(), self._reserved, future))
         return future
 
     def save(

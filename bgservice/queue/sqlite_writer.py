@@ -33,11 +33,11 @@ _Done = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 class Insert:
-    """A new job's row (its id first) and, when it opens a block of ids, the block's end."""
+    """A new job's row (its id first) and the end of the block of ids it falls in."""
 
     __slots__ = ("future", "reserve", "row")
 
-    def __init__(self, row: tuple[Any, ...], reserve: int | None, future: asyncio.Future[Any]):
+    def __init__(self, row: tuple[Any, ...], reserve: int, future: asyncio.Future[Any]):
         self.row = row
         self.reserve = reserve
         self.future = future
@@ -175,11 +175,11 @@ class Writer:
         if not ops:
             return []
         failed = self._bulk(self.insert_sql, [op.row for op in ops])
-        reserved = [op.reserve for op in ops if op.reserve is not None]
-        if reserved:  # the ids handed out are never handed out again, even after a crash
-            self.conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_id', ?)", (max(reserved),)
-            )
+        # The ids handed out are never handed out again, even after a crash.
+        reserved = max(op.reserve for op in ops)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_id', ?)", (reserved,)
+        )
         return [(op.future, op.row[0], failed.get(i)) for i, op in enumerate(ops)]
 
     def _saves_of(self, ops: list[Save]) -> list[_Done]:
