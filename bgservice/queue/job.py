@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from bgservice.config import QueueSettings
+from bgservice.queue.commands import AddSpec
+
 
 class JobState(enum.StrEnum):
     WAITING = "waiting"
@@ -96,6 +99,25 @@ class Job:
     expires: float | None = None
     # In memory only:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def new(cls, spec: AddSpec, settings: QueueSettings, now: float) -> Job:
+        """A waiting job as ``queue:add`` describes it, the queue's defaults filled in
+        (its id is the engine's to give)."""
+        return cls(
+            id=0,
+            module=spec.module,
+            data=spec.data,
+            state=JobState.WAITING,
+            priority=spec.priority,
+            run_at=spec.run_at or now,
+            created=now,
+            max_retries=settings.retries if spec.retries is None else spec.retries,
+            backoff=settings.backoff if spec.backoff is None else spec.backoff,
+            timeout=spec.timeout,
+            unique_key=spec.unique,
+            after=spec.after,
+        )
 
     def move(self, state: JobState) -> None:
         """Go to ``state``, as ``TRANSITIONS`` allows."""

@@ -19,14 +19,14 @@ from bgservice.config import QueueSettings
 from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed
 from bgservice.events import Events
 from bgservice.protocol import OK
-from bgservice.queue.commands import STATES, AddSpec, ListSpec
+from bgservice.queue import reports
+from bgservice.queue.commands import AddSpec, ListSpec
 from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
     finished_result,
     not_found,
-    queue_stats,
     refuse_waiters,
     run_record,
 )
@@ -135,21 +135,7 @@ class LocalQueue(JobQueue):
             raise DependencyFailed(f"Job {after} {dependency.state}")
 
     async def _insert(self, spec: AddSpec) -> int:
-        now = time.time()
-        job = Job(
-            id=0,
-            module=spec.module,
-            data=spec.data,
-            state=JobState.WAITING,
-            priority=spec.priority,
-            run_at=spec.run_at or now,
-            created=now,
-            max_retries=self.settings.retries if spec.retries is None else spec.retries,
-            backoff=self.settings.backoff if spec.backoff is None else spec.backoff,
-            timeout=spec.timeout,
-            unique_key=spec.unique,
-            after=spec.after,
-        )
+        job = Job.new(spec, self.settings, time.time())
         pending: asyncio.Future[int] | None = None
         if spec.unique:
             pending = asyncio.get_running_loop().create_future()
@@ -241,32 +227,11 @@ class LocalQueue(JobQueue):
         await self.store.delete(jid)
 
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        states = [spec.state] if spec.state else ["waiting", "running", "failed"]
-        now = time.time()
-        out: dict[str, Any] = {}
-        for state in states:
-            if state in ("waiting", "running"):
-                live = sorted(
-                    (j for j in self.jobs.values() if j.state == state),
-                    key=lambda j: (-j.priority, j.run_at, j.id),
-                )
-                page = live[spec.offset : spec.offset + spec.limit]
-            else:
-                page = await self.store.list_jobs(state, spec.limit, spec.offset)
-            out[state] = [j.describe(now, self._position(j)) for j in page]
-        return out
+        return await reports.list_page(self.jobs.values(), self.store, spec, self._position)
 
     async def stats(self, window: float) -> dict[str, Any]:
-        now = time.time()
-        counts = {s: 0 for s in STATES}
-        counts.update(await self.store.counts())
-        counts["waiting"] = sum(1 for j in self.jobs.values() if j.state is JobState.WAITING)
-        counts["running"] = len(self._running)
-        oldest = min(
-            (j.created for j in self.jobs.values() if j.state is JobState.WAITING), default=None
-        )
-        runs = await self.store.runs_since(now - max(window, 60))
-        return queue_stats(counts, oldest, runs, window, self.settings.workers)
+        running = len(self._running)
+        return await reports.stats(self.jobs.values(), running, self.store, self.settings, window)
 
     # --- scheduling -------------------------------------------------------------------
 

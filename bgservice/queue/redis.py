@@ -46,7 +46,7 @@ from bgservice.queue.engine import (
 )
 from bgservice.queue.job import Job
 from bgservice.queue.redis_db import RedisJobs, available, script_error
-from bgservice.queue.redis_hash import job_from_hash, pairs
+from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.store import Run
 from bgservice.stats import Stats
 
@@ -121,25 +121,7 @@ class RedisQueue(JobQueue):
     async def add(self, spec: AddSpec) -> int:
         self.runner.check(spec.module)  # unknown or refusing: at once
         now = time.time()
-        fields: dict[str, Any] = {
-            "module": spec.module,
-            "data": spec.data,
-            "state": "waiting",
-            "priority": spec.priority,
-            "run_at": repr(spec.run_at or now),
-            "created": repr(now),
-            "attempts": 0,
-            "max_retries": self.settings.retries if spec.retries is None else spec.retries,
-            "backoff": repr(self.settings.backoff if spec.backoff is None else spec.backoff),
-            "cancel_requested": 0,
-        }
-        if spec.timeout is not None:
-            fields["timeout"] = repr(spec.timeout)
-        if spec.unique:
-            fields["unique_key"] = spec.unique
-        if spec.after is not None:
-            fields["after"] = spec.after
-        flat = [v for pair in fields.items() for v in pair]
+        flat = hash_of(Job.new(spec, self.settings, now))
         jid, text = await self.db.call(
             "ADD",
             self.settings.max_waiting,

@@ -1,4 +1,4 @@
-"""Reading what the Redis engine's scripts return: a job's hash as a ``Job``."""
+"""A job as the Redis engine keeps it: the fields of its ``P:job:ID`` hash, both ways."""
 
 from __future__ import annotations
 
@@ -40,3 +40,26 @@ def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
 def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     """A hash as Redis replies it (a flat list of keys and values) as a dict."""
     return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def hash_of(job: Job) -> list[Any]:
+    """A new job's hash fields, flat (name, value, ...), as the ADD script stores them."""
+    fields: dict[str, Any] = {
+        "module": job.module,
+        "data": job.data,
+        "state": str(job.state),
+        "priority": job.priority,
+        "run_at": repr(job.run_at),
+        "created": repr(job.created),
+        "attempts": job.attempts,
+        "max_retries": job.max_retries,
+        "backoff": repr(job.backoff),
+        "cancel_requested": int(job.cancel_requested),
+    }
+    if job.timeout is not None:
+        fields["timeout"] = repr(job.timeout)
+    if job.unique_key:
+        fields["unique_key"] = job.unique_key
+    if job.after is not None:
+        fields["after"] = job.after
+    return [v for pair in fields.items() for v in pair]

@@ -1,0 +1,50 @@
+"""What ``queue:list`` and ``queue:stats`` report of the embedded engine: the jobs in memory
+(waiting and running) and, for finished ones and the run history, the store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from bgservice.config import QueueSettings
+from bgservice.queue.commands import STATES, ListSpec
+from bgservice.queue.engine import queue_stats
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.store import Store
+
+
+async def list_page(
+    live: Collection[Job],
+    store: Store,
+    spec: ListSpec,
+    position: Callable[[Job], int | None],
+) -> dict[str, Any]:
+    """One page per state asked (waiting, running and failed by default)."""
+    states = [spec.state] if spec.state else ["waiting", "running", "failed"]
+    now = time.time()
+    out: dict[str, Any] = {}
+    for state in states:
+        if state in ("waiting", "running"):
+            in_state = sorted(
+                (j for j in live if j.state == state),
+                key=lambda j: (-j.priority, j.run_at, j.id),
+            )
+            page = in_state[spec.offset : spec.offset + spec.limit]
+        else:
+            page = await store.list_jobs(state, spec.limit, spec.offset)
+        out[state] = [j.describe(now, position(j)) for j in page]
+    return out
+
+
+async def stats(
+    live: Collection[Job], running: int, store: Store, settings: QueueSettings, window: float
+) -> dict[str, Any]:
+    now = time.time()
+    counts = {s: 0 for s in STATES}
+    counts.update(await store.counts())
+    counts["waiting"] = sum(1 for j in live if j.state is JobState.WAITING)
+    counts["running"] = running
+    oldest = min((j.created for j in live if j.state is JobState.WAITING), default=None)
+    runs = await store.runs_since(now - max(window, 60))
+    return queue_stats(counts, oldest, runs, window, settings.workers)
