@@ -25,7 +25,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bgservice.config import QueueSettings
+from bgservice.config import NO_TIMEOUT, QueueSettings
 from bgservice.errors import BadRequest, Cancelled, NotFound, ReplyError
 from bgservice.events import JOB_FAILED, Events
 from bgservice.origin import Origin
@@ -50,7 +50,9 @@ Result = Reply
 class JobRunner(Protocol):
     """How the queue runs a job: the dispatcher, through its error boundary."""
 
-    async def call(self, request: Request, timeout: float | None = None) -> Result: ...
+    async def call(
+        self, request: Request, timeout: float | None = None, fallback: float | None = None
+    ) -> Result: ...
 
     def check(self, module: str) -> None:
         """Raise the error a job for ``module`` would end with (unknown, refusing jobs)."""
@@ -126,8 +128,10 @@ class JobQueue(abc.ABC):
 
     async def run_job(self, job: Job) -> Result:
         """Run one attempt of ``job`` through its module's TCP handler, off the loop as a
-        direct call would be, with the job's own timeout. Streamed output is kept, so the
-        result is what a direct call would have replied."""
+        direct call would be. Its time limit: the job's ``timeout=``, else its module's
+        TIMEOUT, else ``[queue] job_timeout``, else none (never ``call_timeout``: that is
+        for a caller waiting on a socket). Streamed output is kept, so the result is what
+        a direct call would have replied."""
         loop = asyncio.get_running_loop()
         chunks: list[bytes] = []
         request = Request(
@@ -140,7 +144,8 @@ class JobQueue(abc.ABC):
             jobs=self,
             job=JobContext(job, loop, self.progressed),
         )
-        return whole(await self.runner.call(request, timeout=job.timeout), chunks)
+        fallback = self.settings.job_timeout or NO_TIMEOUT
+        return whole(await self.runner.call(request, job.timeout, fallback), chunks)
 
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:
         """``decide`` the attempt's outcome, and count it: its duration for ``/metrics``,
