@@ -123,7 +123,7 @@ class AlertSettings:
     """Where errors are reported: a module of the user's choice, rate-limited."""
 
     module: str | None = None
-    events: tuple[str, ...] = ("error", "reload", "job")
+    events: tuple[str, ...] = ("error", "reload", "job", "restart", "unknown")
     max_per_minute: int = 5
     summary_seconds: float = 60.0
 

@@ -119,7 +119,7 @@ def _redis_url(v: Any) -> str:
     return v
 
 
-ALERT_EVENTS = ("error", "reload", "job", "call")
+ALERT_EVENTS = ("error", "reload", "job", "call", "restart", "unknown")
 
 
 def _alert_events(v: Any) -> tuple[str, ...]:

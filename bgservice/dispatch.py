@@ -23,6 +23,7 @@ from bgservice.protocol import OK, Reply
 from bgservice.registry import Registry
 from bgservice.request import Request, to_bytes
 from bgservice.stats import Stats
+from bgservice.unknown_names import UnknownNames
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Dispatcher:
         self.stats = stats
         self.execution = execution
         self.events = events
+        self.unknown = UnknownNames(events)  # repeated unknown names -> an event
         self.closing = False
 
     def close(self) -> None:
@@ -155,6 +157,7 @@ class Dispatcher:
             # stats (and /metrics' label sets) without bound. (A reply of 200 came from a
             # module or a command: no need to look.)
             module = UNKNOWN_MODULE
+            self.unknown.seen(request.module, request.transport)
         key = (module, request.transport)
         self.stats.requests[key] += 1
         if status != OK:
