@@ -89,6 +89,14 @@ def run_record(job: Job, outcome: Outcome, finished: float) -> Run:
     return Run(job.id, job.module, job.attempts, job.started, finished, kind)
 
 
+def interrupted_run(job: Job) -> Run:
+    """The record of an attempt cut by a crash (found ``running`` at the next start).
+    When it ended is unknown: it is recorded up to the last moment it was known to run,
+    its start, so the history counts the attempt without inventing busy time."""
+    started = job.started if job.started is not None else job.created
+    return Run(job.id, job.module, job.attempts, started, started, "interrupted")
+
+
 def not_found(jid: int) -> NotFound:
     return NotFound(f"Job {jid} not found (unknown or expired)")
 
@@ -227,7 +235,8 @@ def queue_stats(
     """``queue:stats``: counts per state, the oldest waiting job's age, and from the run
     history (``runs``: at least the last minute and ``window``) the rate and busy hours."""
     now = time.time()
-    last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
+    ended = ("retry", "interrupted")  # attempts that did not finish their job
+    last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome not in ended]
     return {
         "counts": counts,
         "oldest_waiting_age": round(now - oldest, 3) if oldest else None,

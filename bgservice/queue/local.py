@@ -25,6 +25,7 @@ from bgservice.queue.engine import (
     JobRunner,
     Result,
     finished_result,
+    interrupted_run,
     not_found,
     queue_stats,
     refuse_waiters,
@@ -37,7 +38,6 @@ from bgservice.queue.store import Run, Store
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
-
 
 
 class LocalQueue(JobQueue):
@@ -81,7 +81,7 @@ class LocalQueue(JobQueue):
                 log.warning("job %d (%s) was running when the service stopped: it runs again",
                             job.id, job.module)  # fmt: skip
                 job.move(JobState.WAITING)
-                self._write(job, ("state",))
+                self._write(job, ("state",), interrupted_run(job))  # its run, in the history
             self.jobs[job.id] = job
             if job.unique_key:
                 self._unique[job.unique_key] = job.id

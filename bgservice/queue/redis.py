@@ -478,7 +478,7 @@ class RedisQueue(JobQueue):
             await asyncio.sleep(interval)
             try:
                 await self._renew()
-                taken = await self._call("REAP")
+                taken = await self._call("REAP", repr(self.conf.lease))
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
                 continue

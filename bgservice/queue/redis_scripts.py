@@ -182,11 +182,17 @@ def _release(body: str) -> str:
     return (
         _COMMON
         + r"""
-local function release(id)
+local function release(id, ended)
   local jk = jkey(id)
   redis.call('ZREM', P .. ':running', id)
   if redis.call('HGET', jk, 'state') ~= 'running' then return false end
-  local module = redis.call('HGET', jk, 'module')
+  local f = redis.call('HMGET', jk, 'module', 'attempts', 'started')
+  local module = f[1]
+  local started = tonumber(f[3])
+  -- The cut attempt's run record, so the history counts every attempt (issue 19).
+  redis.call('ZADD', P .. ':runs', NOW, cjson.encode({job = tonumber(id), module = module,
+    attempt = tonumber(f[2]), started = started, finished = math.max(started, ended),
+    outcome = 'interrupted'}))
   redis.call('HINCRBY', P .. ':modrun', module, -1)
   redis.call('HSET', jk, 'state', 'waiting', 'run_at', NOW)
   redis.call('HDEL', jk, 'owner')
@@ -199,13 +205,16 @@ end
     )
 
 
-# ARGV: P, now. Jobs whose lease ran out (their instance died) run again elsewhere.
+# ARGV: P, now, lease. Jobs whose lease ran out (their instance died) run again elsewhere;
+# their attempt ran at least until the last renewal (deadline - lease).
 REAP = _release(
     r"""
-local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, 100)
+local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, 100,
+                        'WITHSCORES')
 local taken = {}
-for _, id in ipairs(gone) do
-  if release(id) then taken[#taken + 1] = id end
+for i = 1, #gone, 2 do
+  local id = gone[i]
+  if release(id, tonumber(gone[i + 1]) - tonumber(ARGV[3])) then taken[#taken + 1] = id end
 end
 wake()
 return taken
@@ -217,7 +226,7 @@ RELEASE = _release(
     r"""
 local n = 0
 for i = 4, #ARGV do
-  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i]) then
+  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i], now) then
     n = n + 1
   end
 end
