@@ -51,7 +51,7 @@ from bgservice.queue.engine import (
     queue_stats,
     run_record,
 )
-from bgservice.queue.job import Job, JobState
+from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.store import Run
 from bgservice.stats import Stats
@@ -182,14 +182,14 @@ class RedisQueue(JobQueue):
             fields["timeout"] = repr(spec.timeout)
         if spec.unique:
             fields["unique_key"] = spec.unique
-        if spec.after is not None:
-            fields["after"] = spec.after
+        if spec.after:
+            fields["after"] = stored_after(spec.after)
         flat = [v for pair in fields.items() for v in pair]
         jid, text = await self._call(
             "ADD",
             self.settings.max_waiting,
             spec.unique or "",
-            "" if spec.after is None else spec.after,
+            stored_after(spec.after) or "",
             *flat,
             now=now,
         )

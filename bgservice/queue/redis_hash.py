@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bgservice.queue.job import COLUMNS, Job, JobState
+from bgservice.queue.job import COLUMNS, Job, JobState, read_after
 
 _FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
-_INTS = {"priority", "attempts", "max_retries", "after", "status"}
+_INTS = {"priority", "attempts", "max_retries", "status"}
 
 
 def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
@@ -24,6 +24,8 @@ def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
             values[key] = float(raw)
         elif key in _INTS:
             values[key] = int(raw)
+        elif key == "after":
+            values[key] = read_after(raw)
         elif key == "cancel_requested":
             values[key] = raw == b"1"
         else:
