@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bgservice"
 MAX_LINES = 400
 # Still to split, each with the queue-path rework of issue 17 (which rewrites them): the
 # list may only shrink, and a listed file may not grow.
-NOT_YET_SPLIT = {"bgservice/queue/local.py": 433, "bgservice/queue/redis.py": 516}
+NOT_YET_SPLIT = {"bgservice/queue/local.py": 406, "bgservice/queue/redis.py": 516}
 
 
 def _module_name(path: Path) -> str:
