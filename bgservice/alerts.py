@@ -3,8 +3,9 @@
 Three things raise an alert (``[alerts] events``): ``error``, an error outside every
 request, an internal error at the dispatch boundary, or a handler thread stuck past its
 timeout; ``reload``, a module file that failed to load; ``job``, a queued job that ended
-``failed``. ``call``, a module that
-raised or timed out in a direct call, can be added for sites that want it.
+``failed``; ``restart``, a start after an unclean stop (crash, ``kill -9``); ``unknown``,
+repeated requests for a module that does not exist (bgservice.unknown_names). ``call``, a
+module that raised or timed out in a direct call, can be added for sites that want it.
 
 Each alert is a JSON object passed to the TCP handler of ``[alerts] module`` (the shipped
 ``notify_email`` mails it; a few lines post it to a webhook instead), one at a time, off
@@ -34,6 +35,8 @@ from bgservice.events import (
     JOB_FAILED,
     MODULE_FAILED,
     THREAD_STUCK,
+    UNCLEAN_START,
+    UNKNOWN_MODULE_BURST,
     Events,
 )
 from bgservice.origin import Origin
@@ -90,6 +93,8 @@ class Alerts:
             events.subscribe(JOB_FAILED, self._job_failed)
             events.subscribe(CALL_FAILED, self._call_failed)
             events.subscribe(THREAD_STUCK, self._thread_stuck)
+            events.subscribe(UNCLEAN_START, self._unclean_start)
+            events.subscribe(UNKNOWN_MODULE_BURST, self._unknown_module)
 
     def _internal_error(self, title: str, detail: str) -> None:
         self.report("error", title, detail)
@@ -107,6 +112,13 @@ class Alerts:
         # An error: each stuck thread is lost until its handler returns, and enough of them
         # refuse every def call (503).
         self.report("error", title, "", module=module)
+
+    def _unclean_start(self, title: str, detail: str) -> None:
+        self.report("restart", title, detail)
+
+    def _unknown_module(self, title: str, name: str) -> None:
+        # Counted (and limited to one event per name per minute) by the dispatcher.
+        self.report("unknown", title, "", module=name)
 
     def report(
         self,

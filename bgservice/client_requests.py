@@ -72,8 +72,10 @@ def request(module: str, data: Data = b"") -> bytes:
 
 def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out."""
-    if options.get("after") is not None:  # a job id too: take it in either form
-        options["after"] = parse_job_id(options["after"])
+    after = options.get("after")
+    if after is not None:  # job ids in either form; one, or several (all done first)
+        many = after if isinstance(after, list | tuple) else [after]
+        options["after"] = ",".join(str(parse_job_id(one)) for one in many)
     given = {k: _option(v) for k, v in options.items() if v is not None}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
     return f"queue:add{query}:".encode() + request(module, data)

@@ -57,6 +57,9 @@ class Listener:
     mode: int = 0o660
 
 
+NO_TIMEOUT = 10 * 365 * 86400.0  # "no limit": finite, so every timer and pool takes it
+
+
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
@@ -90,6 +93,9 @@ class QueueSettings:
     max_waiting: int = 100_000
     commit_ms: float = 0.0
     backend: str = "sqlite"
+    # A queued job without timeout= whose module sets no TIMEOUT; None: no limit (a job
+    # may run for days). call_timeout is for synchronous calls, whose caller is waiting.
+    job_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ class AlertSettings:
     """Where errors are reported: a module of the user's choice, rate-limited."""
 
     module: str | None = None
-    events: tuple[str, ...] = ("error", "reload", "job")
+    events: tuple[str, ...] = ("error", "reload", "job", "restart", "unknown")
     max_per_minute: int = 5
     summary_seconds: float = 60.0
 

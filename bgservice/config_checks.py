@@ -41,6 +41,15 @@ def _non_negative_number(v: Any) -> float:
     return float(v)
 
 
+def _optional_timeout(v: Any) -> float | None:
+    """Seconds, or no limit: 0 or "none" (TOML has no null)."""
+    if v == "none" or (not isinstance(v, bool) and v == 0):
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ValueError('must be a number of seconds, or 0 or "none" for no limit')
+    return float(v)
+
+
 def check_string(v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError("must be a non-empty string")
@@ -110,7 +119,7 @@ def _redis_url(v: Any) -> str:
     return v
 
 
-ALERT_EVENTS = ("error", "reload", "job", "call")
+ALERT_EVENTS = ("error", "reload", "job", "call", "restart", "unknown")
 
 
 def _alert_events(v: Any) -> tuple[str, ...]:
@@ -156,6 +165,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "commit_ms": _non_negative_number,
     "module_limits": _module_limits,
     "backend": _backend,
+    "job_timeout": _optional_timeout,
 }
 REDIS_CHECKS: dict[str, Check] = {
     "url": _redis_url,

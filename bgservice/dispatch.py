@@ -23,6 +23,7 @@ from bgservice.protocol import OK, Reply
 from bgservice.registry import Registry
 from bgservice.request import Request, to_bytes
 from bgservice.stats import Stats
+from bgservice.unknown_names import UnknownNames
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Dispatcher:
         self.stats = stats
         self.execution = execution
         self.events = events
+        self.unknown = UnknownNames(events)  # repeated unknown names -> an event
         self.closing = False
 
     def close(self) -> None:
@@ -62,9 +64,12 @@ class Dispatcher:
 
     # --- entry points ------------------------------------------------------------------
 
-    async def call(self, request: Request, timeout: float | None = None) -> Reply:
-        """Serve a request that wants a reply (TCP, Unix stream, queued job, alert)."""
-        return await self.serve(request, lambda r: self._module(r, timeout))
+    async def call(
+        self, request: Request, timeout: float | None = None, fallback: float | None = None
+    ) -> Reply:
+        """Serve a request that wants a reply (TCP, Unix stream, queued job, alert).
+        ``timeout`` overrides the module's TIMEOUT; ``fallback`` is used when it has none."""
+        return await self.serve(request, lambda r: self._module(r, timeout, fallback))
 
     async def serve(self, request: Request, serve: Serve) -> Reply:
         """Run ``serve(request)`` inside the boundary: its reply, or the error's."""
@@ -135,9 +140,11 @@ class Dispatcher:
             )
         self._count(request, status, start, 0)
 
-    async def _module(self, request: Request, timeout: float | None) -> bytes:
+    async def _module(
+        self, request: Request, timeout: float | None, fallback: float | None = None
+    ) -> bytes:
         version, handler = self.execution.resolve(request.module, request.origin)
-        value = await self.execution.run(version, handler, request, timeout)
+        value = await self.execution.run(version, handler, request, timeout, fallback)
         try:
             return to_bytes(value)
         except TypeError as exc:  # a wrong type is the module's error (500)
@@ -150,6 +157,7 @@ class Dispatcher:
             # stats (and /metrics' label sets) without bound. (A reply of 200 came from a
             # module or a command: no need to look.)
             module = UNKNOWN_MODULE
+            self.unknown.seen(request.module, request.transport)
         key = (module, request.transport)
         self.stats.requests[key] += 1
         if status != OK:

@@ -23,6 +23,8 @@ CALL_FAILED = "call_failed"  # title, detail, module: a direct call raised or ti
 INTERNAL_ERROR = "internal_error"  # title, detail: a bug of ours, caught at a boundary
 JOB_FAILED = "job_failed"  # title, detail, module, job: a job failed for good
 THREAD_STUCK = "thread_stuck"  # title, module: a def handler kept its thread past its timeout
+UNCLEAN_START = "unclean_start"  # title, detail: the last run did not stop cleanly
+UNKNOWN_MODULE_BURST = "unknown_module_burst"  # title, name: many requests for no module
 
 Observer = Callable[..., None]
 

@@ -79,8 +79,10 @@ class Execution:
             raise TransportNotAccepted(f"Module {name} does not accept {origin.accepts} requests")
         return version, handler
 
-    def timeout_of(self, version: ModuleVersion) -> float:
-        return version.timeout or self.settings.limits.call_timeout
+    def timeout_of(self, version: ModuleVersion, fallback: float | None = None) -> float:
+        """The module's own TIMEOUT, else ``fallback`` (a queued job's ``[queue]
+        job_timeout``), else ``[limits] call_timeout``."""
+        return version.timeout or fallback or self.settings.limits.call_timeout
 
     async def run(
         self,
@@ -88,13 +90,14 @@ class Execution:
         handler: Handler,
         request: Request,
         timeout: float | None = None,
+        fallback: float | None = None,
     ) -> Any:
         """Run one handler: async on the loop, sync in the thread pool, or in a process.
 
         The version is held until the handler really ends (a timed-out thread keeps
         running), so its unload hook never runs under a call still using it.
         """
-        timeout = timeout or self.timeout_of(version)
+        timeout = timeout or self.timeout_of(version, fallback)
         name = version.name
         loop = request.loop or asyncio.get_running_loop()
         version.acquire()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bgservice.origin import Origin
-from bgservice.queue.commands import AddSpec
+from bgservice.queue.commands import AddSpec, after_ids
 
 if TYPE_CHECKING:
     from bgservice.queue.job import Job
@@ -149,5 +149,9 @@ class Request:
         delay = options.pop("delay", None)
         at = options.pop("at", None)
         run_at = at if at is not None else (time.time() + delay if delay else None)
+        after = options.pop("after", None)  # one id, or several: all done first
+        if after is not None:
+            many = after if isinstance(after, list | tuple) else [after]
+            options["after"] = after_ids(",".join(map(str, many)))
         spec = AddSpec(module=module, data=to_bytes(data), run_at=run_at, **options)
         return await self.jobs.add(spec)

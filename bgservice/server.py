@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from bgservice.events import (
     MODULE_FAILED,
     MODULE_RELOADED,
     MODULE_REMOVED,
+    UNCLEAN_START,
     Events,
 )
 from bgservice.execution import Execution, describe_execution
@@ -40,6 +42,7 @@ from bgservice.queue.local import LocalQueue
 from bgservice.queue.sqlite import SqliteStore
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
+from bgservice.run_marker import RunMarker
 from bgservice.stats import LagMonitor, Stats
 from bgservice.threads import CallThreads
 
@@ -108,6 +111,7 @@ class Service:
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self.marker = RunMarker(settings.db)
         events.subscribe(MODULE_RELOADED, self._reloaded)
         events.subscribe(MODULE_FAILED, self._reload_failed)
         events.subscribe(MODULE_REMOVED, self._module_removed)
@@ -148,10 +152,24 @@ class Service:
         if self.alerts.enabled:
             self._background.append(loop.create_task(self.alerts.run()))
             self._check_alert_module()
+        self._claim_marker()
         self._announce_ready()
         await self._stop.wait()
         await self._shutdown()
+        if self.exit_code == 0:  # stopped by a signal, as asked: a clean stop
+            self.marker.release()
         return self.exit_code
+
+    def _claim_marker(self) -> None:
+        """Raised once the alerts run, so the alert about the last run goes out."""
+        previous = self.marker.claim()
+        if previous is None:
+            return
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.started or 0))
+        title = "started after an unclean stop (crash, kill -9 or power loss)"
+        detail = f"the last run (pid {previous.pid}, started {when}) did not stop cleanly"
+        log.warning("%s: %s", title, detail)
+        self.events.emit(UNCLEAN_START, title=f"bgservice {title}", detail=detail)
 
     def stop(self, code: int = 0) -> None:
         self.exit_code = self.exit_code or code

@@ -200,3 +200,62 @@ def test_notify_email_takes_any_bytes_and_odd_fields(
     wait_until(lambda: len(smtp.mails) == 3)
     assert "\ufffd oops" in smtp.mails[0].get_payload()
     assert "Traceback" not in svc.log()
+
+
+# --- issue 19, item 9: a start after an unclean stop, unknown-module bursts ------------
+
+RECORDER = """
+from pathlib import Path
+
+def handle_tcp(request):
+    with open(Path(__file__).with_name("alerts.log"), "a") as f:
+        f.write(request.text + "\\n")
+    return "ok"
+"""
+
+
+def recorded(modules_dir: Path) -> list[dict[str, Any]]:
+    log = modules_dir / "alerts.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def recorder_config() -> str:
+    return '[alerts]\nmodule = "recorder"\n'
+
+
+def test_a_start_after_kill_9_alerts_and_a_clean_stop_does_not(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service(recorder_config())
+    assert alert_stats(svc)["raised"] == 0  # a first start: nothing to say
+    assert svc.proc is not None
+    svc.proc.kill()
+    svc.proc.wait()
+    svc.start()
+    wait_until(lambda: [a for a in recorded(modules_dir) if a["event"] == "restart"])
+    (alert,) = recorded(modules_dir)
+    assert "unclean stop" in alert["title"]
+    assert "did not stop cleanly" in alert["message"]
+    assert svc.stop() == 0
+    svc.start()  # after a clean stop: no alert (raised before the service is ready)
+    assert alert_stats(svc)["raised"] == 0
+
+
+def test_repeated_requests_for_an_unknown_module_alert_once_per_minute(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service(recorder_config())
+    for _ in range(9):
+        assert svc.call(b"mistyped_job:x") == b"400: Unknown request"
+        svc.send_udp(b"other_name:x")
+    assert alert_stats(svc)["raised"] == 0  # nine of each: not yet
+    for _ in range(20):
+        svc.call(b"mistyped_job:x")
+    wait_until(lambda: recorded(modules_dir))
+    assert alert_stats(svc)["raised"] == 1  # once, however many more came
+    (alert,) = recorded(modules_dir)
+    assert alert["event"] == "unknown"
+    assert alert["module"] == "mistyped_job"
+    assert "10 requests for unknown module 'mistyped_job'" in alert["title"]

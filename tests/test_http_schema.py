@@ -9,14 +9,12 @@ import re
 import urllib.parse
 from typing import Any
 
+import jsonschema  # the test extra: a missing one must fail, not skip
 import pytest
+import referencing
 from conftest import ServiceProcess
 
-pytest.importorskip("aiohttp")
-jsonschema = pytest.importorskip("jsonschema")
-referencing = pytest.importorskip("referencing")
-
-from bgservice.http.api import OPENAPI  # noqa: E402
+from bgservice.http.api import OPENAPI
 
 API = "/api/v1"
 HTTP = "[http]\nenabled = true\nport = 0\n"

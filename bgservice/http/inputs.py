@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from typing import Any
 
@@ -17,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.errors import BadRequest
-from bgservice.queue.commands import ADD_OPTIONS, Command, parse_id
+from bgservice.queue.commands import ADD_OPTIONS, Command, parse_id, unrepeated
 
 # A module name as the modules folder allows it. The socket protocol silently drops other
 # bytes from a name (the original did); the JSON API refuses them instead.
@@ -35,14 +36,10 @@ def query(request: web.Request) -> dict[str, str]:
     """The query string, each parameter at most once and never empty: in
     ``window=false&window=`` the last value used to win silently, and ``window=`` to
     mean the default; both are mistakes worth a 400."""
-    found: dict[str, str] = {}
     for name, value in request.query.items():
-        if name in found:
-            raise BadRequest(f"query parameter {name}: given more than once")
         if not value:
             raise BadRequest(f"query parameter {name}: empty (leave it out for the default)")
-        found[name] = value
-    return found
+    return unrepeated(list(request.query.items()), "query parameter")
 
 
 def job_id(request: web.Request) -> int:
@@ -63,7 +60,7 @@ def seconds(name: str, text: str, maximum: float) -> float:
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = await request.json(loads=_loads)
     except RecursionError:
         # The json module recurses once per level; no valid body nests at all, so a deep
         # one is refused whole rather than bounding the depth in a scan of our own.
@@ -75,6 +72,12 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
+
+
+def _loads(text: str) -> Any:
+    # A key given twice in an object ({"after": 1, "after": 2}) once kept the last one,
+    # silently, as json.loads does: refused, as a repeated option is on the socket.
+    return json.loads(text, object_pairs_hook=lambda pairs: unrepeated(pairs, "field"))
 
 
 def add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -97,6 +100,10 @@ def _option(key: str, value: Any) -> str | int | float | None:
     Numbers as strings were once let through; the document never allowed them."""
     if value is None:
         return None
+    if key == "after" and isinstance(value, list):  # several: all done first (a fan-in)
+        if not value or any(item is None or isinstance(item, list) for item in value):
+            raise BadRequest("field after: expected a job id or a non-empty list of job ids")
+        return ",".join(str(_option(key, item)) for item in value)
     if key == "unique":
         if not isinstance(value, str):
             raise BadRequest("field unique: expected a string")

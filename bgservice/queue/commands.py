@@ -23,6 +23,7 @@ MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be store
 ADD_OPTIONS = frozenset(
     {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after"}
 )
+MAX_AFTER = 100  # dependencies of one job: a fan-in, not a copy of the queue
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class AddSpec:
     backoff: float | None = None
     timeout: float | None = None
     unique: str | None = None
-    after: int | None = None
+    after: tuple[int, ...] = ()  # run when all of these are done
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,18 @@ def parse(data: bytes) -> Command:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise BadRequest(f"queue:{word}: options must be name=value&name=value") from None
-    return Command(word, dict(pairs), args)
+    return Command(word, unrepeated(pairs, "option"), args)
+
+
+def unrepeated(pairs: list[tuple[str, str]], what: str) -> dict[str, str]:
+    """Name/value pairs as a dict, each name at most once: ``after=1&after=2`` once kept
+    only the last, silently; a repeated name is a mistake worth a 400."""
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        if name in found:
+            raise BadRequest(f"{what} {name}: given more than once")
+        found[name] = value
+    return found
 
 
 def job_id(command: Command) -> int:
@@ -132,8 +144,16 @@ def parse_add(command: Command, now: float | None = None) -> AddSpec:
         backoff=_number("backoff", o["backoff"]) if "backoff" in o else None,
         timeout=timeout,
         unique=o.get("unique") or None,
-        after=_whole("after", o["after"].removeprefix("id:"), 1) if "after" in o else None,
+        after=after_ids(o["after"]) if "after" in o else (),
     )
+
+
+def after_ids(text: str) -> tuple[int, ...]:
+    """``after=1,2,3`` (each N or id:N) -> the job ids, each once, in the order given."""
+    parts = [part.strip().removeprefix("id:") for part in text.split(",")]
+    if len(parts) > MAX_AFTER:
+        raise BadRequest(f"option after: at most {MAX_AFTER} job ids")
+    return tuple(dict.fromkeys(_whole("after", part, 1) for part in parts))
 
 
 def parse_list(command: Command) -> ListSpec:

@@ -25,7 +25,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bgservice.config import QueueSettings
+from bgservice.config import NO_TIMEOUT, QueueSettings
 from bgservice.errors import BadRequest, Cancelled, NotFound, ReplyError
 from bgservice.events import JOB_FAILED, Events
 from bgservice.origin import Origin
@@ -50,7 +50,9 @@ Result = Reply
 class JobRunner(Protocol):
     """How the queue runs a job: the dispatcher, through its error boundary."""
 
-    async def call(self, request: Request, timeout: float | None = None) -> Result: ...
+    async def call(
+        self, request: Request, timeout: float | None = None, fallback: float | None = None
+    ) -> Result: ...
 
     def check(self, module: str) -> None:
         """Raise the error a job for ``module`` would end with (unknown, refusing jobs)."""
@@ -85,6 +87,14 @@ def run_record(job: Job, outcome: Outcome, finished: float) -> Run:
     assert job.started is not None
     kind = "retry" if outcome.state is JobState.WAITING else str(outcome.state)
     return Run(job.id, job.module, job.attempts, job.started, finished, kind)
+
+
+def interrupted_run(job: Job) -> Run:
+    """The record of an attempt cut by a crash (found ``running`` at the next start).
+    When it ended is unknown: it is recorded up to the last moment it was known to run,
+    its start, so the history counts the attempt without inventing busy time."""
+    started = job.started if job.started is not None else job.created
+    return Run(job.id, job.module, job.attempts, started, started, "interrupted")
 
 
 def not_found(jid: int) -> NotFound:
@@ -126,8 +136,10 @@ class JobQueue(abc.ABC):
 
     async def run_job(self, job: Job) -> Result:
         """Run one attempt of ``job`` through its module's TCP handler, off the loop as a
-        direct call would be, with the job's own timeout. Streamed output is kept, so the
-        result is what a direct call would have replied."""
+        direct call would be. Its time limit: the job's ``timeout=``, else its module's
+        TIMEOUT, else ``[queue] job_timeout``, else none (never ``call_timeout``: that is
+        for a caller waiting on a socket). Streamed output is kept, so the result is what
+        a direct call would have replied."""
         loop = asyncio.get_running_loop()
         chunks: list[bytes] = []
         request = Request(
@@ -140,7 +152,8 @@ class JobQueue(abc.ABC):
             jobs=self,
             job=JobContext(job, loop, self.progressed),
         )
-        return whole(await self.runner.call(request, timeout=job.timeout), chunks)
+        fallback = self.settings.job_timeout or NO_TIMEOUT
+        return whole(await self.runner.call(request, job.timeout, fallback), chunks)
 
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:
         """``decide`` the attempt's outcome, and count it: its duration for ``/metrics``,
@@ -222,7 +235,8 @@ def queue_stats(
     """``queue:stats``: counts per state, the oldest waiting job's age, and from the run
     history (``runs``: at least the last minute and ``window``) the rate and busy hours."""
     now = time.time()
-    last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome != "retry"]
+    ended = ("retry", "interrupted")  # attempts that did not finish their job
+    last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome not in ended]
     return {
         "counts": counts,
         "oldest_waiting_age": round(now - oldest, 3) if oldest else None,

@@ -46,6 +46,21 @@ TRANSITIONS: dict[tuple[JobState, JobState], str] = {
 }
 
 
+def stored_after(after: tuple[int, ...]) -> str | None:
+    """The ids a job runs after as stored (SQLite column, Redis field): ``"1,2,3"``."""
+    return ",".join(map(str, after)) or None
+
+
+def read_after(raw: int | str | bytes | None) -> tuple[int, ...]:
+    """Back from storage; rows written before several ids were allowed hold one int."""
+    if raw is None or raw == "" or raw == b"":
+        return ()
+    if isinstance(raw, int):
+        return (raw,)
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return tuple(int(part) for part in text.split(","))
+
+
 class BadTransition(RuntimeError):
     """A move the job state table does not allow: a bug of the engine, not of the user."""
 
@@ -91,7 +106,7 @@ class Job:
     backoff: float = 1.0
     timeout: float | None = None
     unique_key: str | None = None
-    after: int | None = None
+    after: tuple[int, ...] = ()  # runs when all of these are done
     status: int | None = None
     result: bytes | None = None
     error: str | None = None
@@ -130,7 +145,8 @@ class Job:
         return (
             self.id, self.module, self.data, str(self.state), self.priority, self.run_at,
             self.created, self.started, self.finished, self.attempts, self.max_retries,
-            self.backoff, self.timeout, self.unique_key, self.after, self.status, self.result,
+            self.backoff, self.timeout, self.unique_key, stored_after(self.after), self.status,
+            self.result,
             self.error, self.cancel_requested, self.expires,
         )  # fmt: skip
 
@@ -140,6 +156,7 @@ class Job:
         values["state"] = JobState(values["state"])
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["data"] = bytes(values["data"])
+        values["after"] = read_after(values["after"])
         if values["result"] is not None:
             values["result"] = bytes(values["result"])
         return cls(**values)
@@ -169,7 +186,7 @@ class Job:
             "duration": duration,
             "timeout": self.timeout,
             "unique": self.unique_key,
-            "after": self.after,
+            "after": list(self.after) or None,
             "status": self.status,
             "error": self.error,
             "cancel_requested": self.cancel_requested,

@@ -21,11 +21,13 @@ from bgservice.events import Events
 from bgservice.protocol import OK
 from bgservice.queue import reports
 from bgservice.queue.commands import AddSpec, ListSpec
+from bgservice.queue.dependencies import Dependencies
 from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
     finished_result,
+    interrupted_run,
     not_found,
     refuse_waiters,
     run_record,
@@ -37,7 +39,6 @@ from bgservice.queue.store import Run, Store
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
-
 
 
 class LocalQueue(JobQueue):
@@ -57,7 +58,6 @@ class LocalQueue(JobQueue):
         self.store = store
         self.jobs: dict[int, Job] = {}  # waiting and running
         self._line = WaitingLine(self._waiting, self._pump)
-        self._blocked: dict[int, list[int]] = {}  # dependency id -> job ids
         self._running: dict[int, asyncio.Task[None] | None] = {}  # None: running at once
         self._pumping = False
         self._pump_again = False
@@ -66,6 +66,7 @@ class LocalQueue(JobQueue):
         self._unique: dict[str, int] = {}
         self._unique_pending: dict[str, asyncio.Future[int]] = {}
         self._finished = FinishedJobs(settings, store)
+        self._deps = Dependencies(self.jobs.__contains__, self._finished)
         self._writes: set[asyncio.Future[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
@@ -81,7 +82,7 @@ class LocalQueue(JobQueue):
                 log.warning("job %d (%s) was running when the service stopped: it runs again",
                             job.id, job.module)  # fmt: skip
                 job.move(JobState.WAITING)
-                self._write(job, ("state",))
+                self._write(job, ("state",), interrupted_run(job))  # its run, in the history
             self.jobs[job.id] = job
             if job.unique_key:
                 self._unique[job.unique_key] = job.id
@@ -121,18 +122,8 @@ class LocalQueue(JobQueue):
                 return self._unique[spec.unique]
             if spec.unique in self._unique_pending:
                 return await asyncio.shield(self._unique_pending[spec.unique])
-        if spec.after is not None:
-            await self._check_dependency(spec.after)
+        await self._deps.check(spec.after)
         return await self._insert(spec)
-
-    async def _check_dependency(self, after: int) -> None:
-        if after in self.jobs:
-            return
-        dependency = await self._finished.lookup(after)
-        if dependency is None:
-            raise not_found(after)
-        if dependency.state is not JobState.DONE:
-            raise DependencyFailed(f"Job {after} {dependency.state}")
 
     async def _insert(self, spec: AddSpec) -> int:
         job = Job.new(spec, self.settings, time.time())
@@ -211,7 +202,7 @@ class LocalQueue(JobQueue):
         job.move(JobState.WAITING)
         job.attempts, job.run_at = 0, time.time()
         job.finished = job.expires = job.status = job.result = None
-        job.cancel_requested, job.after = False, None
+        job.cancel_requested, job.after = False, ()
         await self.store.save(job)
         self.jobs[jid] = job
         await self._place_new(job)
@@ -236,23 +227,12 @@ class LocalQueue(JobQueue):
     # --- scheduling -------------------------------------------------------------------
 
     async def _place_new(self, job: Job) -> None:
-        """Place a waiting job, checking its dependency (which may be in the store)."""
-        if job.after is not None:
-            if job.after in self.jobs:
-                self._blocked.setdefault(job.after, []).append(job.id)
-                return
-            dependency = await self._finished.lookup(job.after)
-            if dependency is None or dependency.state is not JobState.DONE:
-                state = dependency.state if dependency else "expired"
-                self._finish(
-                    job,
-                    JobState.FAILED,
-                    DependencyFailed.code,
-                    f"Dependency: job {job.after} {state}",
-                    None,
-                )
-                return
-        self._line.place(job)
+        """Place a waiting job, checking its dependencies (which may be in the store)."""
+        failure = await self._deps.wait_on(job)
+        if failure is not None:
+            self._finish(job, JobState.FAILED, DependencyFailed.code, failure, None)
+        elif not self._deps.blocked(job.id):
+            self._line.place(job)
 
     def _pump(self) -> None:
         """Start ready jobs while there are free workers, best priority first.
@@ -293,7 +273,8 @@ class LocalQueue(JobQueue):
 
     def _position(self, job: Job) -> int | None:
         """How many ready jobs run before this one; None unless it is ready itself."""
-        if job.state is not JobState.WAITING or job.run_at > time.time() or job.after in self.jobs:
+        waiting = job.state is JobState.WAITING and not self._deps.blocked(job.id)
+        if not waiting or job.run_at > time.time():
             return None
         return self._line.position(job)
 
@@ -370,20 +351,12 @@ class LocalQueue(JobQueue):
         waiter = self._waiters.pop(job.id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result((status, result))
-        for dependent_id in self._blocked.pop(job.id, []):
-            dependent = self.jobs.get(dependent_id)
-            if dependent is None:
-                continue
-            if state is JobState.DONE:
-                self._line.place(dependent)
-            else:
-                self._finish(
-                    dependent,
-                    JobState.FAILED,
-                    DependencyFailed.code,
-                    f"Dependency: job {job.id} {state}",
-                    None,
-                )
+        ready, failed = self._deps.finished(job.id, state)
+        for dependent in filter(None, map(self.jobs.get, ready)):
+            self._line.place(dependent)
+        for dependent in filter(None, map(self.jobs.get, failed)):
+            message = f"Dependency: job {job.id} {state}"
+            self._finish(dependent, JobState.FAILED, DependencyFailed.code, message, None)
 
     # --- storage ----------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from bgservice.queue.engine import (
     queue_stats,
     run_record,
 )
-from bgservice.queue.job import Job
+from bgservice.queue.job import Job, stored_after
 from bgservice.queue.redis_db import RedisJobs, available, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.store import Run
@@ -126,7 +126,7 @@ class RedisQueue(JobQueue):
             "ADD",
             self.settings.max_waiting,
             spec.unique or "",
-            "" if spec.after is None else spec.after,
+            stored_after(spec.after) or "",
             *flat,
             now=now,
         )
@@ -370,7 +370,7 @@ class RedisQueue(JobQueue):
             await asyncio.sleep(interval)
             try:
                 await self._renew()
-                taken = await self.db.call("REAP")
+                taken = await self.db.call("REAP", repr(self.conf.lease))
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
                 continue

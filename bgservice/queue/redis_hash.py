@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bgservice.queue.job import COLUMNS, Job, JobState
+from bgservice.queue.job import COLUMNS, Job, JobState, read_after, stored_after
 
 _FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
-_INTS = {"priority", "attempts", "max_retries", "after", "status"}
+_INTS = {"priority", "attempts", "max_retries", "status"}
 
 
 def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
@@ -24,6 +24,8 @@ def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
             values[key] = float(raw)
         elif key in _INTS:
             values[key] = int(raw)
+        elif key == "after":
+            values[key] = read_after(raw)
         elif key == "cancel_requested":
             values[key] = raw == b"1"
         else:
@@ -60,6 +62,6 @@ def hash_of(job: Job) -> list[Any]:
         fields["timeout"] = repr(job.timeout)
     if job.unique_key:
         fields["unique_key"] = job.unique_key
-    if job.after is not None:
-        fields["after"] = job.after
+    if job.after:
+        fields["after"] = stored_after(job.after)
     return [v for pair in fields.items() for v in pair]

@@ -8,7 +8,8 @@ Keys, all under the configured prefix ``P``:
     P:ready              zset: waiting jobs due now; score -priority, member the id padded
                          to 20 digits, so equal priorities pop in order of arrival
     P:delayed            zset: waiting jobs due later; score run_at
-    P:blocked:ID         set: waiting jobs that run after job ID has finished
+    P:blocked:ID         set: waiting jobs that run after job ID has finished; such a job's
+                         ``blockers`` field counts the dependencies it still waits for
     P:running            zset: running jobs; score the lease deadline its owner renews
     P:state:STATE        zset per state: score created (waiting), started (running) or
                          finished: counts, listings, the oldest waiting job
@@ -73,10 +74,17 @@ local function finish(id, state, status, result, err, expires)
     local deps = redis.call('SMEMBERS', P .. ':blocked:' .. jid)
     redis.call('DEL', P .. ':blocked:' .. jid)
     for _, d in ipairs(deps) do
-      if redis.call('HGET', jkey(d), 'state') == 'waiting' then
+      -- No blockers field: it stopped waiting for us (retried since, or failed already).
+      local dk = jkey(d)
+      local g = redis.call('HMGET', dk, 'state', 'blockers')
+      if g[1] == 'waiting' and g[2] then
         if st == 'done' then
-          place(d)
+          if redis.call('HINCRBY', dk, 'blockers', -1) <= 0 then
+            redis.call('HDEL', dk, 'blockers')
+            place(d)
+          end
         else
+          redis.call('HDEL', dk, 'blockers')
           local msg = 'Dependency: job ' .. jid .. ' ' .. st
           todo[#todo + 1] = {d, 'failed', '424', msg, msg}
         end
@@ -106,7 +114,7 @@ local function known(id)
 end
 """
 
-# ARGV: P, now, max_waiting, unique, after, then field/value pairs of the new job.
+# ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), then the new job's fields.
 ADD = (
     _COMMON
     + r"""
@@ -118,14 +126,14 @@ end
 if redis.call('ZCARD', P .. ':state:waiting') >= tonumber(ARGV[3]) then
   return {-503, 'Queue full (' .. ARGV[3] .. ' jobs)'}
 end
-local blocked = false
-if after ~= '' then
-  local st = live(jkey(after))
-  if not st then return {-404, 'Job ' .. after .. ' not found (unknown or expired)'} end
+local blockers = {}
+for dep in string.gmatch(after, '%d+') do
+  local st = live(jkey(dep))
+  if not st then return {-404, 'Job ' .. dep .. ' not found (unknown or expired)'} end
   if st == 'waiting' or st == 'running' then
-    blocked = true
+    blockers[#blockers + 1] = dep
   elseif st ~= 'done' then
-    return {-424, 'Job ' .. after .. ' ' .. st}
+    return {-424, 'Job ' .. dep .. ' ' .. st}
   end
 end
 local id = redis.call('INCR', P .. ':id')
@@ -135,8 +143,9 @@ for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', jk, unpack(fields))
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
-if blocked then
-  redis.call('SADD', P .. ':blocked:' .. after, id)
+if #blockers > 0 then
+  redis.call('HSET', jk, 'blockers', #blockers)
+  for _, dep in ipairs(blockers) do redis.call('SADD', P .. ':blocked:' .. dep, id) end
 else
   place(id)
 end
@@ -190,11 +199,17 @@ def _release(body: str) -> str:
     return (
         _COMMON
         + r"""
-local function release(id)
+local function release(id, ended)
   local jk = jkey(id)
   redis.call('ZREM', P .. ':running', id)
   if redis.call('HGET', jk, 'state') ~= 'running' then return false end
-  local module = redis.call('HGET', jk, 'module')
+  local f = redis.call('HMGET', jk, 'module', 'attempts', 'started')
+  local module = f[1]
+  local started = tonumber(f[3])
+  -- The cut attempt's run record, so the history counts every attempt (issue 19).
+  redis.call('ZADD', P .. ':runs', NOW, cjson.encode({job = tonumber(id), module = module,
+    attempt = tonumber(f[2]), started = started, finished = math.max(started, ended),
+    outcome = 'interrupted'}))
   redis.call('HINCRBY', P .. ':modrun', module, -1)
   redis.call('HSET', jk, 'state', 'waiting', 'run_at', NOW)
   redis.call('HDEL', jk, 'owner')
@@ -207,13 +222,16 @@ end
     )
 
 
-# ARGV: P, now. Jobs whose lease ran out (their instance died) run again elsewhere.
+# ARGV: P, now, lease. Jobs whose lease ran out (their instance died) run again elsewhere;
+# their attempt ran at least until the last renewal (deadline - lease).
 REAP = _release(
     r"""
-local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, 100)
+local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, 100,
+                        'WITHSCORES')
 local taken = {}
-for _, id in ipairs(gone) do
-  if release(id) then taken[#taken + 1] = id end
+for i = 1, #gone, 2 do
+  local id = gone[i]
+  if release(id, tonumber(gone[i + 1]) - tonumber(ARGV[3])) then taken[#taken + 1] = id end
 end
 wake()
 return taken
@@ -225,7 +243,7 @@ RELEASE = _release(
     r"""
 local n = 0
 for i = 4, #ARGV do
-  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i]) then
+  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i], now) then
     n = n + 1
   end
 end
@@ -299,8 +317,8 @@ if st ~= 'waiting' then
 end
 redis.call('ZREM', P .. ':ready', pad(id))
 redis.call('ZREM', P .. ':delayed', id)
-local after = redis.call('HGET', jk, 'after')
-if after then redis.call('SREM', P .. ':blocked:' .. after, id) end
+local after = redis.call('HGET', jk, 'after') or ''
+for dep in string.gmatch(after, '%d+') do redis.call('SREM', P .. ':blocked:' .. dep, id) end
 local msg = 'Job ' .. id .. ' cancelled'
 finish(id, 'cancelled', '410', msg, msg, ARGV[4])
 wake()
@@ -324,7 +342,7 @@ end
 redis.call('ZREM', P .. ':finished', id)
 redis.call('HSET', jk, 'state', 'waiting', 'attempts', '0', 'run_at', NOW,
            'cancel_requested', '0')
-redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner')
+redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner', 'blockers')
 move(id, st, 'waiting', redis.call('HGET', jk, 'created'))
 place(id)
 wake()

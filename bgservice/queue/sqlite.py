@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bgservice.queue.job import COLUMNS, Job
+from bgservice.queue.job import COLUMNS, Job, stored_after
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run
 
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     backoff REAL NOT NULL,
     timeout REAL,
     unique_key TEXT,
-    after INTEGER,
+    after TEXT,  -- ids, "1,2,3"; databases made before hold one INTEGER (read_after)
     status INTEGER,
     result BLOB,
     error TEXT,
@@ -190,4 +190,6 @@ class SqliteStore:
 
 
 def _stored(column: str, value: Any) -> Any:
+    if column == "after":
+        return stored_after(value)
     return str(value) if column == "state" else value

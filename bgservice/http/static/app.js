@@ -129,7 +129,8 @@ function standing(job, now) {
   if (job.position !== null && job.position !== undefined) {
     return job.position === 0 ? "next" : `#${job.position + 1}`;
   }
-  return job.after ? `after job ${job.after}` : "-";
+  if (job.after) return `after job${job.after.length > 1 ? "s" : ""} ${job.after.join(", ")}`;
+  return "-";
 }
 
 function finishedRow(j, now) {

@@ -1,0 +1,78 @@
+"""The embedded engine's dependencies (``after=``): which waiting jobs wait for which.
+
+A job runs once every job it names is done, and fails (424) as soon as one fails, is
+cancelled or has expired. Two maps, both emptied as jobs finish: dependency -> the jobs
+waiting for it, and waiting job -> the dependencies it still waits for. A job that
+finished (failed by one dependency, cancelled, retried) leaves the second map, so the
+entries it leaves under its other dependencies are ignored when those finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bgservice.errors import DependencyFailed
+from bgservice.queue.engine import not_found
+from bgservice.queue.finished import FinishedJobs
+from bgservice.queue.job import Job, JobState
+
+
+class Dependencies:
+    def __init__(self, live: Callable[[int], bool], finished: FinishedJobs) -> None:
+        self._live = live  # id -> whether that job waits or runs
+        self._finished = finished
+        self._blocked: dict[int, set[int]] = {}  # dependency id -> job ids
+        self._pending: dict[int, set[int]] = {}  # job id -> dependency ids not done yet
+
+    async def check(self, after: tuple[int, ...]) -> None:
+        """At ``queue:add``: 404 for an unknown dependency, 424 for one that did not
+        succeed, before anything is stored."""
+        for dep in after:
+            if self._live(dep):
+                continue
+            dependency = await self._finished.lookup(dep)
+            if dependency is None:
+                raise not_found(dep)
+            if dependency.state is not JobState.DONE:
+                raise DependencyFailed(f"Job {dep} {dependency.state}")
+
+    async def wait_on(self, job: Job) -> str | None:
+        """Put ``job`` behind its unfinished dependencies; the reason it fails instead, if
+        one did not succeed. Afterwards ``blocked(job.id)`` says whether it must wait."""
+        looked: set[int] = set()
+        while gone := [d for d in job.after if d not in looked and not self._live(d)]:
+            # Awaited lookups let other jobs finish meanwhile: look again until none did.
+            for dep in gone:
+                looked.add(dep)
+                dependency = await self._finished.lookup(dep)
+                if dependency is None or dependency.state is not JobState.DONE:
+                    return f"Dependency: job {dep} {dependency.state if dependency else 'expired'}"
+        pending = {d for d in job.after if self._live(d)}
+        if pending:
+            self._pending[job.id] = pending
+            for dep in pending:
+                self._blocked.setdefault(dep, set()).add(job.id)
+        return None
+
+    def blocked(self, jid: int) -> bool:
+        return jid in self._pending
+
+    def finished(self, jid: int, state: JobState) -> tuple[list[int], list[int]]:
+        """Job ``jid`` ended in ``state``: (the jobs now free to run, the jobs that fail
+        with it). Forgets ``jid``'s own wait, if it was still waiting for others."""
+        self._pending.pop(jid, None)
+        ready: list[int] = []
+        failed: list[int] = []
+        for dependent in sorted(self._blocked.pop(jid, ())):
+            pending = self._pending.get(dependent)
+            if pending is None:  # finished meanwhile: a stale entry
+                continue
+            if state is not JobState.DONE:
+                failed.append(dependent)
+                del self._pending[dependent]
+                continue
+            pending.discard(jid)
+            if not pending:
+                del self._pending[dependent]
+                ready.append(dependent)
+        return ready, failed

@@ -1,0 +1,44 @@
+"""Repeated requests for a module that does not exist: a mistyped job or call name in a
+deploy, worth an alert (issue 19, item 9), unlike a single stray datagram.
+
+Counted per name in one-minute windows. Memory is bounded: at most ``NAMES`` names are
+tracked, the least recently seen forgotten first, so a flood of random names (UDP
+garbage) costs a fixed amount and still raises no alert for any one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from bgservice.events import UNKNOWN_MODULE_BURST, Events
+
+WINDOW = 60.0  # seconds
+BURST = 10  # requests for the same unknown name within WINDOW that raise the event
+NAMES = 1000  # names tracked at once
+NAME_CHARS = 100  # a name is kept (and reported) cut to this
+
+
+class UnknownNames:
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # window start, n
+
+    def seen(self, name: str, transport: str) -> None:
+        """Count one request for ``name``; emit once per window when it reaches BURST."""
+        name = name[:NAME_CHARS]
+        now = time.monotonic()
+        start, count = self._seen.pop(name, (now, 0))
+        if now - start >= WINDOW:
+            start, count = now, 0
+        count += 1
+        self._seen[name] = (start, count)
+        while len(self._seen) > NAMES:
+            self._seen.popitem(last=False)
+        if count == BURST:
+            self.events.emit(
+                UNKNOWN_MODULE_BURST,
+                title=f"{BURST} requests for unknown module {name!r} within "
+                f"{WINDOW:g} s (last over {transport})",
+                name=name,
+            )

@@ -1,0 +1,115 @@
+"""Several dependencies (issue 19, item 3), on both engines: ``after=1,2,3`` runs a job once
+all three are done and fails it with 424 as soon as one fails or is cancelled; any option
+given twice is a 400 naming it, over the socket and over HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import wait_until
+
+API = "/api/v1"
+HTTP = "[http]\nenabled = true\nport = 0\n"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def add(svc, command: bytes) -> int:
+    reply = svc.call(command)
+    assert reply.startswith(b"id:"), reply
+    return int(reply[3:])
+
+
+def status(svc, jid: int) -> dict:
+    return json.loads(svc.call(b"queue:status:id:%d" % jid))
+
+
+def test_fan_in_over_three_dependencies(service):
+    a, b, c = (add(service, b"queue:add:sleep:%d" % ms) for ms in (200, 500, 900))
+    fan_in = add(service, b"queue:add?after=%d,%d,%d:echo:all done" % (a, b, c))
+    assert status(service, fan_in)["after"] == [a, b, c]
+    wait_until(lambda: status(service, b)["state"] == "done")
+    assert status(service, fan_in)["state"] == "waiting"  # c still runs
+    assert status(service, fan_in)["position"] is None
+    assert service.call(b"queue:get:id:%d" % fan_in) == b"all done"
+    assert status(service, fan_in)["started"] >= status(service, c)["finished"]
+
+
+def test_one_failed_or_cancelled_dependency_fails_the_job_at_once(service):
+    long = add(service, b"queue:add:sleep:3000")
+    failing = add(service, b"queue:add?delay=0.3:sleep:not a number")  # fails when it runs
+    dependent = add(service, b"queue:add?after=%d,%d:echo:x" % (long, failing))
+    reply = service.call(b"queue:get:id:%d" % dependent)
+    assert reply == b"424: Dependency: job %d failed" % failing
+    assert status(service, long)["state"] == "running"  # as soon as one failed
+    held = add(service, b"queue:add?delay=60:echo:later")
+    second = add(service, b"queue:add?after=%d,%d:echo:y" % (long, held))
+    assert service.call(b"queue:cancel:id:%d" % held) == b"cancelled"
+    reply = service.call(b"queue:get:id:%d" % second)
+    assert reply == b"424: Dependency: job %d cancelled" % held
+    # Its other dependency finishing later changes nothing; a retried job runs alone.
+    assert service.call(b"queue:retry:id:%d" % second) == b"id:%d" % second
+    assert service.call(b"queue:get:id:%d" % second) == b"y"
+    assert service.call(b"queue:get:id:%d" % long) == b"slept 3000"
+    assert status(service, second)["state"] == "done"
+
+
+def test_add_refuses_a_failed_or_unknown_dependency_among_several(service):
+    ok = add(service, b"queue:add:echo:fine")
+    assert service.call(b"queue:get:id:%d" % ok) == b"fine"
+    bad = add(service, b"queue:add:sleep:nope")
+    service.call(b"queue:get:id:%d" % bad)
+    assert service.call(b"queue:add?after=%d,%d:echo:x" % (ok, bad)) == b"424: Job %d failed" % bad
+    reply = service.call(b"queue:add?after=%d,987654:echo:x" % ok)
+    assert reply == b"404: Job 987654 not found (unknown or expired)"
+    assert add(service, b"queue:add?after=%d,%d:echo:z" % (ok, ok))  # done ones: runs now
+    assert service.call(b"queue:add?after=1,,2:echo:x").startswith(b"400: option after")
+
+
+@pytest.mark.parametrize(
+    "command, option",
+    [
+        (b"queue:add?after=1&after=2:echo:x", b"after"),
+        (b"queue:add?priority=1&priority=1:echo:x", b"priority"),
+        (b"queue:add?unique=a&delay=1&unique=b:echo:x", b"unique"),
+        (b"queue:list?limit=5&limit=6", b"limit"),
+    ],
+)
+def test_an_option_given_twice_is_refused_naming_it(service, command, option):
+    assert service.call(command) == b"400: option %s: given more than once" % option
+
+
+def test_http_takes_a_list_and_refuses_a_field_given_twice(make_service):
+    svc = make_service(HTTP)
+    first = add(svc, b"queue:add:sleep:300")
+    second = add(svc, b"queue:add:echo:2")
+    code, body, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x",
+                                                    "after": [first, second]})  # fmt: skip
+    assert code == 201, body
+    assert body["after"] == [first, second]
+    assert svc.call(b"queue:get:id:%d" % body["id"]) == b"x"
+    code, body, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "after": first})
+    assert (code, body["after"]) == (201, [first])
+    raw = b'{"module": "echo", "after": 1, "after": 2}'
+    code, body, _ = svc.http("POST", f"{API}/jobs", raw)
+    assert code == 400 and "field after: given more than once" in body["error"]["message"]
+    code, body, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "after": []})
+    assert code == 400 and "field after" in body["error"]["message"]
+    code, body, _ = svc.http("GET", f"{API}/queue/stats?window=60&window=120")
+    assert code == 400 and "given more than once" in body["error"]["message"]
+
+
+def test_rows_written_before_several_ids_read_back():
+    from bgservice.queue.job import Job, read_after
+
+    assert read_after(None) == () and read_after(7) == (7,) and read_after("3,4") == (3, 4)
+    assert read_after(b"5") == (5,)
+    row = (1, "echo", b"", "waiting", 0, 1.0, 1.0, None, None, 0, 0, 1.0, None, None, 9,
+           None, None, None, 0, None)  # fmt: skip
+    assert Job.from_row(row).after == (9,)
+    assert Job.from_row(row).row()[14] == "9"
