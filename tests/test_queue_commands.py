@@ -28,7 +28,7 @@ def test_options_ride_on_the_command_word():
     )
     assert spec.priority == -2 and spec.run_at == 1005.0
     assert (spec.retries, spec.backoff, spec.timeout) == (3, 0.5, 9.0)
-    assert spec.unique == "a b:c" and spec.after == 4  # ":" in a value is %3A
+    assert spec.unique == "a b:c" and spec.after == (4,)  # ":" in a value is %3A
     assert spec.data == b"x?y=z"  # a '?' in the data is data
 
 
