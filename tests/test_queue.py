@@ -14,9 +14,10 @@ import socket
 import threading
 import time
 
-import pytest
-
 from tests.conftest import recv_all, wait_until, write_module
+
+# both_engines is the queue_backend fixture: every test here runs on both engines.
+from tests.queue_helpers import add, both_engines, status  # noqa: F401
 
 PROGRESS_MODULE = """
 import time
@@ -55,21 +56,6 @@ def handle_tcp(request):
         f.write(request.text + "\\n")
     return request.text
 """
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def add(svc, command: bytes) -> int:
-    reply = svc.call(command)
-    assert reply.startswith(b"id:"), reply
-    return int(reply[3:])
-
-
-def status(svc, jid: int) -> dict:
-    return json.loads(svc.call(b"queue:status:id:%d" % jid))
 
 
 # --- the original's commands ----------------------------------------------------------

@@ -4,29 +4,15 @@ given twice is a 400 naming it, over the socket and over HTTP."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.conftest import wait_until
 
+# both_engines is the queue_backend fixture: every test here runs on both engines.
+from tests.queue_helpers import add, both_engines, status  # noqa: F401
+
 API = "/api/v1"
 HTTP = "[http]\nenabled = true\nport = 0\n"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def add(svc, command: bytes) -> int:
-    reply = svc.call(command)
-    assert reply.startswith(b"id:"), reply
-    return int(reply[3:])
-
-
-def status(svc, jid: int) -> dict:
-    return json.loads(svc.call(b"queue:status:id:%d" % jid))
 
 
 def test_fan_in_over_three_dependencies(service):

@@ -6,18 +6,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.conftest import wait_until
 
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def _status(svc, jid: int) -> dict:
-    return json.loads(svc.call(b"queue:status:id:%d" % jid))
+# both_engines is the queue_backend fixture: every test here runs on both engines.
+from tests.queue_helpers import both_engines, status  # noqa: F401
 
 
 def _window(svc) -> dict:
@@ -27,13 +19,13 @@ def _window(svc) -> dict:
 def test_an_attempt_cut_by_kill_9_is_in_the_run_history(make_service):
     svc = make_service()
     jid = int(svc.call(b"queue:add:sleep:5000")[3:])
-    wait_until(lambda: _status(svc, jid)["state"] == "running")
+    wait_until(lambda: status(svc, jid)["state"] == "running")
     assert svc.proc is not None
     svc.proc.kill()
     svc.proc.wait()
     svc.start()
     # It runs again, its first attempt counted and recorded.
-    wait_until(lambda: _status(svc, jid)["attempts"] == 2, timeout=15)
+    wait_until(lambda: status(svc, jid)["attempts"] == 2, timeout=15)
     window = _window(svc)
     assert window["outcomes"] == {"interrupted": 1}
     assert window["runs"] == 1

@@ -4,14 +4,10 @@ else its module's TIMEOUT, else ``[queue] job_timeout``, else none; never the
 
 from __future__ import annotations
 
-import pytest
-
 from tests.conftest import write_module
 
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+# both_engines is the queue_backend fixture: every test here runs on both engines.
+from tests.queue_helpers import both_engines  # noqa: F401
 
 
 def _get(svc, command: bytes) -> bytes:
