@@ -116,8 +116,13 @@ def test_sigkill_during_load_every_job_completes_exactly_once(shared, tmp_path):
     ids = [add(instances[i % 3], b"queue:add:ledger:%d" % i) for i in range(60)]
     ledger = tmp_path / "modules" / "ledger.txt"
     victim = instances[1]
-    # Kill one while it runs jobs: some done, some running, most still waiting.
-    wait_until(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 10)
+    # Kill one while it runs jobs: some done, some running, most still waiting. (While it
+    # runs one: an instance between two jobs holds no lease for the others to take over.)
+    wait_until(
+        lambda: ledger.exists()
+        and len(ledger.read_text().splitlines()) >= 10
+        and victim.stats()["in_flight"].get("ledger", 0) >= 1
+    )
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     survivors = [instances[0], instances[2]]
