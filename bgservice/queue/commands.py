@@ -21,7 +21,7 @@ COMMANDS = frozenset({"add", "get", "check", "status", "cancel", "retry", "list"
 STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
-    {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after"}
+    {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after", "wait"}
 )
 MAX_AFTER = 100  # dependencies of one job: a fan-in, not a copy of the queue
 
@@ -44,6 +44,7 @@ class AddSpec:
     timeout: float | None = None
     unique: str | None = None
     after: tuple[int, ...] = ()  # run when all of these are done
+    wait: bool = False  # reply with the job's result, not its id (add-and-wait)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,16 @@ def parse_add(command: Command, now: float | None = None) -> AddSpec:
         timeout=timeout,
         unique=o.get("unique") or None,
         after=after_ids(o["after"]) if "after" in o else (),
+        wait=_flag("wait", o["wait"]) if "wait" in o else False,
     )
+
+
+def _flag(name: str, text: str) -> bool:
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise BadRequest(f"option {name}: expected 1 or 0, got {text[:40]!r}")
 
 
 def after_ids(text: str) -> tuple[int, ...]:

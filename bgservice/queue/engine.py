@@ -116,12 +116,13 @@ class JobQueue(abc.ABC):
         """A ``queue:`` request -> reply body, or raise the error reply."""
         cmd = parse(request.data)
         if cmd.name == "add":
-            return b"id:%d" % await self.add(parse_add(cmd))
+            spec = parse_add(cmd)
+            jid = await self.add(spec)
+            # add-and-wait: one round trip for a caller that only wants the result (the
+            # job is stored first, as for any add, so a caller gone meanwhile loses nothing)
+            return await self._result(jid) if spec.wait else b"id:%d" % jid
         if cmd.name == "get":
-            status, body = await self.get(job_id(cmd))
-            if status != OK:
-                raise ReplyError(status, body.decode("utf-8", "replace"))
-            return body
+            return await self._result(job_id(cmd))
         if cmd.name == "check":
             return (await self.check(job_id(cmd))).encode()
         if cmd.name == "status":
@@ -133,6 +134,13 @@ class JobQueue(abc.ABC):
         if cmd.name == "list":
             return _json(await self.list_jobs(parse_list(cmd)))
         return _json(await self.stats(parse_window(cmd)))
+
+    async def _result(self, jid: int) -> bytes:
+        """``queue:get``'s reply: the job's result once it finished, or its error reply."""
+        status, body = await self.get(jid)
+        if status != OK:
+            raise ReplyError(status, body.decode("utf-8", "replace"))
+        return body
 
     async def run_job(self, job: Job) -> Result:
         """Run one attempt of ``job`` through its module's TCP handler, off the loop as a
