@@ -242,14 +242,31 @@ def queue() -> None:
 @click.option("--backoff", type=float, help="First retry delay in seconds (doubles).")
 @click.option("--job-timeout", "job_timeout", type=float, help="The job's own timeout (s).")
 @click.option("--unique", help="Unique key: an equal waiting/running job is reused.")
-@click.option("--after", type=JOB_ID, help="Run only after this job (N or id:N) has finished well.")
+@click.option(
+    "--after",
+    type=JOB_ID,
+    multiple=True,
+    help="Run only after this job (N or id:N) has finished well; repeat for several.",
+)
+@click.option("--wait", is_flag=True, help="Wait for the job and print its result, not its id.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": N}.')
 @client_options
 def queue_add(
-    module: str, data: str | None, job_timeout: float | None, as_json: bool, **options: Any
+    module: str,
+    data: str | None,
+    job_timeout: float | None,
+    after: tuple[int, ...],
+    wait: bool,
+    as_json: bool,
+    **options: Any,
 ) -> None:
-    """Queue a job of MODULE with DATA; prints its id."""
+    """Queue a job of MODULE with DATA; prints its id (with --wait, its result)."""
+    options["after"] = after or None
     with _talking() as client:
+        if wait:  # one round trip: queue:add?wait=1
+            reply = client.run(module, _data(data), _timeout(), timeout=job_timeout, **options)
+            _out(reply)
+            return
         jid = client.add(module, _data(data), timeout=job_timeout, **options)
     _json_out({"id": jid}) if as_json else click.echo(jid)
 

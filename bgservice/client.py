@@ -21,21 +21,30 @@ A bad job id (not ``N`` or ``id:N``) raises ``ValueError`` before anything is se
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
+from bgservice.client_async import AsyncClient
 from bgservice.client_requests import (
     DEFAULT_ADDRESS,
+    WINDOW,
+    BatchError,
     ClientTimeout,
     Data,
     JobRef,
+    JobSpec,
+    Payloads,
+    Replies,
     ServiceDown,
+    Where,
     _check,
     _new_id,
     add_request,
+    add_requests,
+    batch,
     parse_address,
     parse_job_id,
     queue_request,
@@ -47,6 +56,7 @@ from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
 __all__ = [
     "DEFAULT_ADDRESS",
     "AsyncClient",
+    "BatchError",
     "Client",
     "ClientTimeout",
     "JobRef",
@@ -58,27 +68,7 @@ __all__ = [
 # --- blocking ---------------------------------------------------------------------------
 
 
-class _Where:
-    """Where a client talks to: ``address`` for calls (``host:port`` or a Unix socket
-    path), ``udp_address`` for ``send`` (default: the same), ``timeout`` seconds a reply
-    may take (None: forever)."""
-
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        timeout: float | None = 30.0,
-        udp_address: str | None = None,
-    ) -> None:
-        self.address = address
-        self.udp_address = udp_address or address
-        self.timeout = timeout
-        self._start()
-
-    def _start(self) -> None:
-        """Set up the connection state (none is open until the first call)."""
-
-
-class Client(_Where):
+class Client(Where):
     """A blocking client on one persistent framed connection. Not thread-safe: use one per
     thread (connections are cheap for the service)."""
 
@@ -104,16 +94,6 @@ class Client(_Where):
         """Call ``module`` over TCP and return its reply; an error reply raises."""
         return _check(*self.request(request(module, data), timeout))
 
-    def send(self, module: str, data: Data = b"") -> None:
-        """Fire and forget over UDP (or a Unix datagram socket): no reply, never raises
-        because the service is down (the datagram is simply lost)."""
-        family, target = parse_address(self.udp_address)
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.sendto(request(module, data), target)
-            except OSError:
-                pass  # fire-and-forget: a service that is down must not fail the caller
-
     def ping(self) -> bool:
         return self.call("service", "ping") == b"pong"
 
@@ -133,6 +113,27 @@ class Client(_Where):
     def get(self, job: JobRef, timeout: float | None = None) -> bytes:
         """Wait for job ``job`` and return its result (its error reply raises)."""
         return _check(*self.request(queue_request("get", job), timeout))
+
+    def run(
+        self, module: str, data: Data = b"", wait_timeout: float | None = None, **options: Any
+    ) -> bytes:
+        """Queue a job and wait for its result, in one round trip (``queue:add?wait=1``):
+        the job is stored before it runs, as with ``add``, and its error reply raises.
+        ``wait_timeout`` is how long to wait for the reply (the client's timeout if None);
+        ``timeout=`` among the options is the job's own, as for ``add``."""
+        payload = add_request(module, data, wait=True, **options)
+        return _check(*self.request(payload, wait_timeout))
+
+    def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:
+        """Queue several jobs, pipelined: (module, data) or (module, data, options) each;
+        their ids in order. If some were refused, ``BatchError`` (its ``results`` has the
+        ids of the others, which were queued)."""
+        return batch(self.requests(add_requests(jobs)), _new_id)
+
+    def get_many(self, jobs: Iterable[JobRef], timeout: float | None = None) -> list[bytes]:
+        """``get`` for several jobs, pipelined; their results in order (``BatchError`` if
+        some ended in an error reply: ``results`` has the others)."""
+        return batch(self.requests([queue_request("get", j) for j in jobs], timeout), bytes)
 
     def check(self, job: JobRef) -> int:
         """0 waiting, 1 running, 2 finished (the original's answer)."""
@@ -159,16 +160,30 @@ class Client(_Where):
 
     # --- the connection ----------------------------------------------------------------
 
+    def requests(self, payloads: Payloads, timeout: float | None = None) -> Replies:
+        """Several framed requests, pipelined: written WINDOW at a time (one ``sendall``),
+        then their replies read, so neither side's buffers fill up waiting for the other.
+        The service serves them concurrently and replies in order."""
+        replies: Replies = []
+        for start in range(0, len(payloads), WINDOW):
+            chunk = payloads[start : start + WINDOW]
+            replies += self._exchange(b"".join(map(framed_request, chunk)), len(chunk), timeout)
+        return replies
+
     def request(self, payload: bytes, timeout: float | None = None) -> tuple[int, bytes]:
-        """Send one framed request; its (status, body). Reconnects once if the service
-        closed the kept connection."""
+        """Send one framed request; its (status, body)."""
+        return self._exchange(framed_request(payload), 1, timeout)[0]
+
+    def _exchange(self, frames: bytes, count: int, timeout: float | None) -> Replies:
+        """Write ``frames`` and read ``count`` replies. Reconnects once if the service had
+        closed the kept connection (then none of them can have run)."""
         for _ in (1, 2):
             reused = self._sock is not None
             sock = self._connect()
             try:
                 sock.settimeout(timeout if timeout is not None else self.timeout)
-                sock.sendall(framed_request(payload))
-                return self._read(sock)
+                sock.sendall(frames)
+                return [self._read(sock) for _ in range(count)]
             except TimeoutError:
                 self.close()
                 raise ClientTimeout(f"no reply from {self.address} in time") from None
@@ -216,135 +231,3 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionResetError("closed by the service")
         data += chunk
     return data
-
-
-# --- asyncio ----------------------------------------------------------------------------
-
-
-class AsyncClient(_Where):
-    """The same methods as ``Client``, awaitable; concurrent calls are pipelined on one
-    connection (replies come back in request order, so each waiter gets its own)."""
-
-    def _start(self) -> None:
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._waiting: deque[asyncio.Future[tuple[int, bytes]]] = deque()
-        self._lock = asyncio.Lock()
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            await asyncio.gather(self._reader_task, return_exceptions=True)
-            self._reader_task = None
-        self._fail_waiting(ServiceDown("client closed"))
-
-    async def call(self, module: str, data: Data = b"", timeout: float | None = None) -> bytes:
-        return _check(*await self.request(request(module, data), timeout))
-
-    async def send(self, module: str, data: Data = b"") -> None:
-        Client(self.address, udp_address=self.udp_address).send(module, data)  # one sendto
-
-    async def ping(self) -> bool:
-        return await self.call("service", "ping") == b"pong"
-
-    async def stats(self) -> dict[str, Any]:
-        return dict(json.loads(await self.call("service", "stats")))
-
-    async def modules(self) -> list[dict[str, Any]]:
-        return list(json.loads(await self.call("service", "modules")))
-
-    async def add(self, module: str, data: Data = b"", **options: Any) -> int:
-        return _new_id(_check(*await self.request(add_request(module, data, **options))))
-
-    async def get(self, job: JobRef, timeout: float | None = None) -> bytes:
-        return _check(*await self.request(queue_request("get", job), timeout))
-
-    async def check(self, job: JobRef) -> int:
-        return int(_check(*await self.request(queue_request("check", job))))
-
-    async def status(self, job: JobRef) -> dict[str, Any]:
-        return dict(json.loads(_check(*await self.request(queue_request("status", job)))))
-
-    async def cancel(self, job: JobRef) -> str:
-        return _check(*await self.request(queue_request("cancel", job))).decode()
-
-    async def retry(self, job: JobRef) -> int:
-        return _new_id(_check(*await self.request(queue_request("retry", job))))
-
-    async def list(
-        self, state: str | None = None, limit: int | None = None, offset: int = 0
-    ) -> Any:
-        request = queue_request("list", None, state=state, limit=limit, offset=offset or None)
-        return json.loads(_check(*await self.request(request)))
-
-    async def queue_stats(self, window: float | None = None) -> dict[str, Any]:
-        return dict(json.loads(_check(*await self.request(queue_request("stats", window=window)))))
-
-    async def request(self, payload: bytes, timeout: float | None = None) -> tuple[int, bytes]:
-        """Send one framed request and wait for its reply. A request that times out costs
-        the connection (later replies would be out of step), which reopens on the next."""
-        for _ in (1, 2):
-            async with self._lock:  # frames go out whole and in the order of the futures
-                reused = self._writer is not None and not self._writer.is_closing()
-                writer = await self._connect()
-                future = asyncio.get_running_loop().create_future()
-                self._waiting.append(future)
-                writer.write(framed_request(payload))
-            try:
-                return await asyncio.wait_for(
-                    asyncio.shield(future), timeout if timeout is not None else self.timeout
-                )
-            except TimeoutError:
-                await self.close()
-                raise ClientTimeout(f"no reply from {self.address} in time") from None
-            except ConnectionResetError:
-                if not reused:  # as in Client.request: only a stale kept connection
-                    raise ServiceDown(f"connection to {self.address} lost") from None
-        raise AssertionError("unreachable")
-
-    async def _connect(self) -> asyncio.StreamWriter:
-        if self._writer is not None and not self._writer.is_closing():
-            return self._writer
-        family, target = parse_address(self.address)
-        try:
-            if family == socket.AF_UNIX:
-                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(target), 5)
-            else:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), 5)
-            writer.write(PREFACE)
-            if await asyncio.wait_for(reader.readexactly(len(PREFACE)), 5) != PREFACE:
-                raise ServiceDown(f"{self.address} does not speak the framed protocol")
-        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
-        self._writer = writer
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
-        return writer
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        decoder = ReplyDecoder()
-        try:
-            while chunk := await reader.read(1 << 20):
-                for reply in decoder.feed(chunk):
-                    future = self._waiting.popleft()
-                    if not future.done():
-                        future.set_result(reply)
-        except OSError:
-            pass
-        self._writer = None
-        self._fail_waiting(ConnectionResetError("closed by the service"))
-
-    def _fail_waiting(self, exc: Exception) -> None:
-        while self._waiting:
-            future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved: the waiter raises it itself

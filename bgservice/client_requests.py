@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import socket
 import urllib.parse
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from bgservice.errors import ReplyError
 from bgservice.protocol import OK
 
 DEFAULT_ADDRESS = "127.0.0.1:12341"
+# Pipelined requests a blocking client writes before it reads their replies: the
+# service's default [limits] max_pipeline, up to which it keeps reading a connection.
+WINDOW = 64
 MAX_JOB_ID = 2**63 - 1  # the service's ids are SQLite INTEGERs: none is larger
 Data = str | bytes
 JobRef = int | str
 """A job id as the service hands it out (``"id:7"``, the original's form) or as a number."""
+JobSpec = tuple[str, Data] | tuple[str, Data, dict[str, Any]]
+"""One job of ``add_many``: (module, data) or (module, data, options)."""
+T = TypeVar("T")
+Reply = tuple[int, bytes]  # (status, body)
+# The clients have a method named ``list``: their annotations after it use these names.
+Replies = list[Reply]
+Payloads = list[bytes]
 
 
 class ServiceDown(ConnectionError):
@@ -23,6 +34,49 @@ class ServiceDown(ConnectionError):
 
 class ClientTimeout(TimeoutError):
     """No reply within the client's timeout."""
+
+
+class BatchError(ReplyError):
+    """Some requests of a batch (``add_many``, ``get_many``) had an error reply. The
+    others were served: ``results`` holds, in request order, each one's value or its
+    ``ReplyError``; ``code`` and the message are the first failure's."""
+
+    def __init__(self, results: list[Any]) -> None:
+        first = next(r for r in results if isinstance(r, ReplyError))
+        failed = sum(isinstance(r, ReplyError) for r in results)
+        super().__init__(first.code, f"{failed} of {len(results)} failed, first: {first}")
+        self.results = results
+
+
+class Where:
+    """Where a client talks to: ``address`` for calls (``host:port`` or a Unix socket
+    path), ``udp_address`` for ``send`` (default: the same), ``timeout`` seconds a reply
+    may take (None: forever)."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float | None = 30.0,
+        udp_address: str | None = None,
+    ) -> None:
+        self.address = address
+        self.udp_address = udp_address or address
+        self.timeout = timeout
+        self._start()
+
+    def _start(self) -> None:
+        """Set up the connection state (none is open until the first call)."""
+
+    def send(self, module: str, data: Data = b"") -> None:
+        """Fire and forget over UDP (or a Unix datagram socket): no reply, never raises
+        because the service is down (the datagram is simply lost). One ``sendto``: the
+        same for the blocking and the asyncio client."""
+        family, target = parse_address(self.udp_address)
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(request(module, data), target)
+            except OSError:
+                pass  # fire-and-forget: a service that is down must not fail the caller
 
 
 # --- requests: pure -------------------------------------------------------------------
@@ -79,6 +133,24 @@ def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     given = {k: _option(v) for k, v in options.items() if v is not None}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
     return f"queue:add{query}:".encode() + request(module, data)
+
+
+def add_requests(jobs: Iterable[JobSpec]) -> list[bytes]:
+    """``add_request`` for each job of ``add_many``."""
+    return [add_request(job[0], job[1], **(job[2] if len(job) == 3 else {})) for job in jobs]
+
+
+def batch(replies: list[tuple[int, bytes]], value: Callable[[bytes], T]) -> list[T]:
+    """Each reply's ``value``, in order; ``BatchError`` if any was an error reply."""
+    results: list[Any] = []
+    for status, body in replies:
+        try:
+            results.append(value(_check(status, body)))
+        except ReplyError as exc:
+            results.append(exc)
+    if any(isinstance(r, ReplyError) for r in results):
+        raise BatchError(results)
+    return results
 
 
 def _option(value: Any) -> str:

@@ -196,3 +196,26 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_queue_add_waits_and_takes_several_after(service):
+    first = bg(service, "queue", "add", "sleep", "200").stdout.decode().strip()
+    second = bg(service, "queue", "add", "echo", "two").stdout.decode().strip()
+    done = bg(
+        service,
+        "queue",
+        "add",
+        "echo",
+        "last",
+        "--after",
+        first,
+        "--after",
+        f"id:{second}",
+        "--wait",
+    )
+    assert (done.returncode, done.stdout) == (0, b"last")
+    listed = json.loads(bg(service, "queue", "list", "done", "--json").stdout)
+    last = [job for job in listed["done"] if job["after"]][0]
+    assert last["after"] == [int(first), int(second)]
+    failed = bg(service, "queue", "add", "fail", "x", "--wait")
+    assert failed.returncode == 1 and failed.stderr

@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 namespace Bgservice\Client;
 
+use Bgservice\Client\Exception\BatchException;
 use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ReplyException;
 use Bgservice\Client\Exception\ServiceDownException;
@@ -125,7 +126,84 @@ class Client
      */
     public function add(string $module, string $data = '', array $options = []): int
     {
-        $unknown = array_diff(array_keys($options), self::ADD_OPTIONS);
+        return $this->newId($this->request($this->addRequest($module, $data, $options)));
+    }
+
+    /**
+     * Queue a job and wait for its result, in one round trip (queue:add?wait=1): the job
+     * is stored before it runs, as with add(), and its error reply throws.
+     *
+     * @param array<string, int|float|string|bool> $options as add()'s
+     */
+    public function run(string $module, string $data = '', array $options = [], ?float $timeout = null): string
+    {
+        return $this->request($this->addRequest($module, $data, ['wait' => 1] + $options), $timeout);
+    }
+
+    /**
+     * Queue several jobs, pipelined on the one connection; their ids in order. If some
+     * were refused, BatchException: its getResults() has the ids of the others (queued).
+     *
+     * @param list<array{0: string, 1?: string, 2?: array<string, int|float|string|bool>}> $jobs
+     *        [module, data, options] each
+     *
+     * @return list<int>
+     */
+    public function addMany(array $jobs): array
+    {
+        $payloads = array_map(fn (array $job): string => $this->addRequest($job[0], $job[1] ?? '', $job[2] ?? []), $jobs);
+        return $this->batch($payloads, null, fn (string $body): int => $this->newId($body));
+    }
+
+    /**
+     * get() for several jobs, pipelined; their results in order (BatchException if some
+     * ended in an error reply: getResults() has the others).
+     *
+     * @param list<int|string> $ids N or "id:N" each
+     *
+     * @return list<string>
+     */
+    public function getMany(array $ids, ?float $timeout = null): array
+    {
+        $payloads = array_map(fn (int|string $id): string => 'queue:get:' . JobId::format($id), $ids);
+        return $this->batch($payloads, $timeout, fn (string $body): string => $body);
+    }
+
+    /**
+     * @template T
+     *
+     * @param list<string>            $payloads
+     * @param callable(string): T     $value
+     *
+     * @return list<T>
+     */
+    private function batch(array $payloads, ?float $timeout, callable $value): array
+    {
+        $results = [];
+        $failed = false;
+        foreach ($this->connection->requests($payloads, $timeout) as $reply) {
+            if ($reply->isOk()) {
+                $results[] = $value($reply->body);
+            } else {
+                $results[] = new ReplyException($reply->body, $reply->status);
+                $failed = true;
+            }
+        }
+        if ($failed) {
+            throw new BatchException($results);
+        }
+        /** @var list<T> $results no ReplyException in it */
+        return $results;
+    }
+
+    /**
+     * @param array<string, int|float|string|bool> $options
+     *
+     * @throws InvalidArgumentException an unknown option, or a bad `after` id
+     */
+    private function addRequest(string $module, string $data, array $options): string
+    {
+        $unknown = array_diff(array_keys($options), [...self::ADD_OPTIONS, 'wait']);
         if ($unknown !== []) {
             throw new InvalidArgumentException('unknown queue option(s): ' . implode(', ', $unknown));
         }
@@ -134,7 +212,7 @@ class Client
             $options['after'] = JobId::parse($after);  // a job id, so either form
         }
         $query = $options !== [] ? '?' . http_build_query($options, '', '&', PHP_QUERY_RFC3986) : '';
-        return $this->newId($this->request('queue:add' . $query . ':' . $module . ':' . $data));
+        return 'queue:add' . $query . ':' . $module . ':' . $data;
     }
 
     /**

@@ -19,6 +19,10 @@ final class Connection
     /** Sent first on a new connection and echoed by the service: "this client frames". */
     public const PREFACE = "\x00:F1";
 
+    /** Pipelined requests written before their replies are read: the service's default
+     *  [limits] max_pipeline, up to which it keeps reading a connection. */
+    public const WINDOW = 64;
+
     /** @var resource|null */
     private $stream = null;
 
@@ -50,13 +54,45 @@ final class Connection
     }
 
     /**
-     * Send one request and read its reply. A kept stream the service had closed meanwhile
-     * (idle timeout, restart) is reopened once: the request cannot have run on it.
+     * Send one request and read its reply.
      *
      * @throws ServiceDownException the service cannot be reached or the stream broke
      * @throws TimeoutException     no reply within $timeout (default: the constructor's)
      */
     public function request(string $payload, ?float $timeout = null): Reply
+    {
+        return $this->exchange(pack('N', strlen($payload)) . $payload, 1, $timeout)[0];
+    }
+
+    /**
+     * Several requests, pipelined: written WINDOW at a time in one fwrite, then their
+     * replies read, so neither side's buffers fill up waiting for the other. The service
+     * serves them concurrently and replies in order.
+     *
+     * @param list<string> $payloads
+     *
+     * @return list<Reply> in the order of $payloads
+     */
+    public function requests(array $payloads, ?float $timeout = null): array
+    {
+        $replies = [];
+        foreach (array_chunk($payloads, self::WINDOW) as $chunk) {
+            $frames = '';
+            foreach ($chunk as $payload) {
+                $frames .= pack('N', strlen($payload)) . $payload;
+            }
+            array_push($replies, ...$this->exchange($frames, count($chunk), $timeout));
+        }
+        return $replies;
+    }
+
+    /**
+     * Write $frames and read $count replies. A kept stream the service had closed
+     * meanwhile (idle timeout, restart) is reopened once: nothing can have run on it.
+     *
+     * @return list<Reply>
+     */
+    private function exchange(string $frames, int $count, ?float $timeout): array
     {
         $timeout ??= $this->timeout;
         for ($attempt = 1; $attempt <= 2; $attempt++) {
@@ -64,12 +100,16 @@ final class Connection
             $stream = $this->connect();
             stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
             try {
-                $this->writeAll($stream, pack('N', strlen($payload)) . $payload);
-                $head = $this->readExact($stream, 7);
-                /** @var array{1: int} $size readExact gave 7 bytes, so unpack cannot fail */
-                $size = unpack('N', $head, 3);
-                $body = $size[1] > 0 ? $this->readExact($stream, $size[1]) : '';
-                return new Reply((int)substr($head, 0, 3), $body);
+                $this->writeAll($stream, $frames);
+                $replies = [];
+                for ($i = 0; $i < $count; $i++) {
+                    $head = $this->readExact($stream, 7);
+                    /** @var array{1: int} $size readExact gave 7 bytes, so unpack cannot fail */
+                    $size = unpack('N', $head, 3);
+                    $body = $size[1] > 0 ? $this->readExact($stream, $size[1]) : '';
+                    $replies[] = new Reply((int)substr($head, 0, 3), $body);
+                }
+                return $replies;
             } catch (TimeoutException $e) {
                 $this->close();  // a late reply would be read as the next request's
                 throw $e;
