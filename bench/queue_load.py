@@ -8,6 +8,8 @@ share, then fetching every result (issue 17's shape). Run by bench/run.py:
 KIND is how the producers talk to the server:
   framed      the shipped Python client (``bgservice.client.Client``, one framed
               connection per producer: ``add`` then ``get``); the service and the reference
+  batch       the same client's ``add_many`` then ``get_many`` (pipelined batches)
+  wait        the same client's ``run`` (add-and-wait: one round trip per job)
   oneshot     the original's clients: a connection per request, one write, no half-close,
               read until the server closes (``queue:add:echo:DATA``, ``queue:get:id:N``)
   beanstalkd  ``put`` on the tube ``jobs``; WORKERS worker processes (default 4) reserve a
@@ -68,6 +70,28 @@ class FramedProducer:
         return [self.client.get(key) for key in keys]  # type: ignore[arg-type]
 
 
+class BatchProducer(FramedProducer):
+    """The shipped client's batches: ``add_many``, then ``get_many`` (pipelined, 64
+    requests per write), so that adds arriving together share a commit."""
+
+    def add_all(self, data: list[bytes]) -> list[object]:
+        return list(self.client.add_many([("echo", item) for item in data]))
+
+    def get_all(self, keys: list[object]) -> list[bytes]:
+        return self.client.get_many(keys)  # type: ignore[arg-type]
+
+
+class WaitProducer(FramedProducer):
+    """Add-and-wait (``Client.run``, ``queue:add?wait=1``): one round trip per job, the
+    result in the reply; nothing is left to get."""
+
+    def add(self, data: bytes) -> object:
+        return self.client.run("echo", data)
+
+    def get_all(self, keys: list[object]) -> list[bytes]:
+        return keys  # type: ignore[return-value]
+
+
 class OneShotProducer:
     def __init__(self, port: int, index: int) -> None:
         self.port = port
@@ -109,6 +133,8 @@ class BeanstalkProducer:
 
 PRODUCERS: dict[str, type[FramedProducer | OneShotProducer | BeanstalkProducer]] = {
     "framed": FramedProducer,
+    "batch": BatchProducer,
+    "wait": WaitProducer,
     "oneshot": OneShotProducer,
     "beanstalkd": BeanstalkProducer,
 }
@@ -131,7 +157,8 @@ def produce(
     try:
         producer: Producer = PRODUCERS[kind](port, index)
         start.wait()
-        keys = [producer.add(item) for item in data]
+        add_all = getattr(producer, "add_all", None)
+        keys = add_all(data) if add_all else [producer.add(item) for item in data]
         errors = len(set(data) - set(producer.get_all(keys)))
     except Exception:
         traceback.print_exc()  # the run goes on; these jobs count as errors

@@ -166,14 +166,15 @@ def udp(binary: Path, rate: int, seconds: float, payload: str) -> Measure:
     return measure
 
 
-def queue_jobs(jobs: int, helper: Server | None = None) -> Measure:
-    """``jobs`` echo jobs from PRODUCERS processes (bench/queue_load.py): jobs/s and the
+def queue_jobs(jobs: int, helper: Server | None = None, client: str = "framed") -> Measure:
+    """``jobs`` echo jobs from PRODUCERS processes (bench/queue_load.py), each ``client``
+    (framed: add then get; batch: add_many then get_many; wait: run): jobs/s and the
     server's CPU per job; ``helper`` is a server it relies on (redis-server), whose CPU
     is noted apart."""
 
     def measure(fig: Figure, column: str, server: Server) -> None:
         cpu, helper_cpu = server.cpu, helper.cpu if helper else 0.0
-        kind = QUEUE_CLIENT.get(server.name, "framed")
+        kind = QUEUE_CLIENT.get(server.name, client)
         result = queue_load(kind, server.port, jobs)
         fig.add(column, jobs / result["seconds"], (server.cpu - cpu) / jobs * 1e6)
         if helper:
@@ -284,9 +285,23 @@ def queue_rows(jobs: int, rounds: int, redis: Server | None) -> list[Row]:
         f"{shape}: Redis engine", "jobs/s",
         peers=("service",), targets=(rate_at_least(3_500, "jobs/s"),),
     )  # fmt: skip
+    batched = Figure(
+        f"{shape}: SQLite, add_many/get_many", "jobs/s",
+        peers=("service", "reference", "beanstalkd"), versus="beanstalkd",
+        targets=(rate_at_least(10_000, "jobs/s"), ratio_to("beanstalkd", 1.2), cpu_at_most(80)),
+    )  # fmt: skip
+    waited = Figure(f"{shape}: SQLite, add-and-wait (run)", "jobs/s", peers=("service",))
     return [
         Row(sqlite, queue_jobs(jobs), rounds),
+        Row(batched, queue_jobs(jobs, client="batch"), rounds),
+        Row(waited, queue_jobs(jobs, client="wait"), rounds),
         Row(engine, queue_jobs(jobs, redis), rounds, {"service": "service-redis"}),
+        Row(
+            Figure(f"{shape}: Redis engine, add_many/get_many", "jobs/s", peers=("service",)),
+            queue_jobs(jobs, redis, client="batch"),
+            rounds,
+            {"service": "service-redis"},
+        ),
     ]
 
 

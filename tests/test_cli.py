@@ -215,7 +215,7 @@ def test_queue_add_waits_and_takes_several_after(service):
     )
     assert (done.returncode, done.stdout) == (0, b"last")
     listed = json.loads(bg(service, "queue", "list", "done", "--json").stdout)
-    last = [job for job in listed["done"] if job["after"]][0]
+    last = next(job for job in listed["done"] if job["after"])
     assert last["after"] == [int(first), int(second)]
     failed = bg(service, "queue", "add", "fail", "x", "--wait")
     assert failed.returncode == 1 and failed.stderr

@@ -325,13 +325,18 @@ class RedisQueue(JobQueue):
             json.dumps(job.progress) if job.progress is not None else "",
         )
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
-        await self._end(job, args, now)
+        recorded = await self._end(job, args, now)
         self._running.pop(job.id, None)
         self._ending.discard(job.id)
+        if recorded and outcome.state.finished:
+            # Waiters here get the result now, not after reading back what was just
+            # written: the "done" event that follows finds no waiter left.
+            self._settle(job.id, result=(outcome.status or OK, outcome.body))
         self._wake.set()
 
-    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> None:
-        """Record the attempt's end; keep trying through an outage (the result is here)."""
+    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> bool:
+        """Record the attempt's end; keep trying through an outage (the result is here).
+        False when it was not recorded (the lease was lost, or the service stops)."""
         delay = 0.1
         while True:
             try:
@@ -340,10 +345,11 @@ class RedisQueue(JobQueue):
                         "job %d (%s): lease lost while it ran; another instance runs it, "
                         "this result is discarded", job.id, job.module,
                     )  # fmt: skip
-                return
+                    return False
+                return True
             except RedisError as exc:
                 if self._closing:
-                    return  # its lease runs out; another instance runs it again
+                    return False  # its lease runs out; another instance runs it again
                 log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
