@@ -9,7 +9,7 @@ are counted under their own name.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from bgservice.dispatch import Dispatcher
@@ -50,12 +50,13 @@ class Commands:
             "queue": queue.command,
         }
 
-    async def call(self, request: Request, timeout: float | None = None) -> Reply:
-        """A request that wants a reply: a built-in command's, or its module's."""
+    def call(self, request: Request, timeout: float | None = None) -> Coroutine[Any, Any, Reply]:
+        """A request that wants a reply: a built-in command's, or its module's (the
+        dispatcher's coroutine itself, not one more level around it)."""
         command = self._commands.get(request.module)
         if command is not None:
-            return await self.dispatcher.serve(request, command)
-        return await self.dispatcher.call(request, timeout)
+            return self.dispatcher.serve(request, command)
+        return self.dispatcher.call(request, timeout)
 
     # --- the commands -------------------------------------------------------------------
 

@@ -68,8 +68,30 @@ class Dispatcher:
         self, request: Request, timeout: float | None = None, fallback: float | None = None
     ) -> Reply:
         """Serve a request that wants a reply (TCP, Unix stream, queued job, alert).
-        ``timeout`` overrides the module's TIMEOUT; ``fallback`` is used when it has none."""
-        return await self.serve(request, lambda r: self._module(r, timeout, fallback))
+        ``timeout`` overrides the module's TIMEOUT; ``fallback`` is used when it has none.
+
+        The boundary of ``serve``, written out for the most common request: a direct
+        call's handler takes its first step at once (Execution.start), and most finish
+        there, with no coroutine of the call path in between (profiled: each level
+        cost about a microsecond per request)."""
+        start = time.perf_counter()
+        try:
+            if self.closing:
+                raise Busy("Shutting down")
+            version, handler = self.execution.resolve(request.module, request.origin)
+            if timeout is None and fallback is None:
+                done, value = self.execution.start(version, handler, request)
+                if not done:
+                    value = await value
+            else:
+                value = await self.execution.run(version, handler, request, timeout, fallback)
+            reply: Reply = (OK, self._bytes(request, value))
+        except ServiceError as exc:
+            reply = (exc.code, exc.message.encode())
+        except Exception as exc:  # the boundary: a bug must cost one reply, not the service
+            reply = self._internal(request, exc)
+        self._count(request, reply[0], start, len(reply[1]))
+        return reply
 
     async def serve(self, request: Request, serve: Serve) -> Reply:
         """Run ``serve(request)`` inside the boundary: its reply, or the error's."""
@@ -81,15 +103,21 @@ class Dispatcher:
         except ServiceError as exc:
             reply = (exc.code, exc.message.encode())
         except Exception as exc:  # the boundary: a bug must cost one reply, not the service
-            log.exception("internal error serving %s from %s", shown(request.module), request.peer)
-            reply = (500, f"Internal error: {type(exc).__name__}".encode())
-            self.events.emit(
-                INTERNAL_ERROR,
-                title=f"internal error serving {request.module}: {type(exc).__name__}: {exc}",
-                detail="".join(traceback.format_exception(exc)),
-            )
+            reply = self._internal(request, exc)
         self._count(request, reply[0], start, len(reply[1]))
         return reply
+
+    def _internal(self, request: Request, exc: Exception) -> Reply:
+        """A bug of ours (or an error nobody named) while serving: logged, alerted, 500."""
+        log.error(
+            "internal error serving %s from %s", shown(request.module), request.peer, exc_info=exc
+        )
+        self.events.emit(
+            INTERNAL_ERROR,
+            title=f"internal error serving {request.module}: {type(exc).__name__}: {exc}",
+            detail="".join(traceback.format_exception(exc)),
+        )
+        return (500, f"Internal error: {type(exc).__name__}".encode())
 
     def notify(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Serve a fire-and-forget request (UDP, Unix datagram): nothing is sent back.
@@ -140,11 +168,8 @@ class Dispatcher:
             )
         self._count(request, status, start, 0)
 
-    async def _module(
-        self, request: Request, timeout: float | None, fallback: float | None = None
-    ) -> bytes:
-        version, handler = self.execution.resolve(request.module, request.origin)
-        value = await self.execution.run(version, handler, request, timeout, fallback)
+    @staticmethod
+    def _bytes(request: Request, value: Any) -> bytes:
         try:
             return to_bytes(value)
         except TypeError as exc:  # a wrong type is the module's error (500)

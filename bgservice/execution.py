@@ -157,6 +157,8 @@ class Execution:
         version.acquire()
         self.stats.in_flight[name] += 1
         try:
+            if not in_task(request.loop or asyncio.get_running_loop()):
+                await hop()  # awaited within an eager first step: its timeout needs a task
             async with asyncio.timeout(timeout):
                 return await resume(coro, first)
         except TimeoutError:

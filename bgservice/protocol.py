@@ -59,7 +59,11 @@ def one_shot_error(code: int, message: str) -> bytes:
 
 def framed_reply(status: int, body: bytes) -> bytes:
     """One framed reply: 3 ASCII digits, u32 big-endian body length, body."""
-    return _REPLY_HEADER.pack(b"%03d" % status, len(body)) + body
+    digits = _STATUS.get(status) or b"%03d" % status
+    return _REPLY_HEADER.pack(digits, len(body)) + body
+
+
+_STATUS = {code: b"%03d" % code for code in range(100, 600)}  # formatted once, not per reply
 
 
 def whole(reply: Reply, chunks: list[bytes]) -> Reply:

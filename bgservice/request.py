@@ -30,6 +30,10 @@ Sink = Callable[[bytes], None]
 
 def to_bytes(value: Any) -> bytes:
     """A handler's return value or streamed chunk as bytes; None is empty."""
+    if type(value) is bytes:  # the common cases first, by exact type: the cheapest test
+        return value
+    if type(value) is str:
+        return value.encode("utf-8")
     if value is None:
         return b""
     if isinstance(value, str):

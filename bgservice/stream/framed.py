@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
 
 from bgservice.protocol import (
     PREFACE,
     FrameDecoder,
     Oversized,
+    Reply,
     framed_reply,
     split_request,
     whole,
@@ -24,8 +23,9 @@ class Framed(StreamProtocol):
     """A connection that carries framed requests until the client closes it."""
 
     decoder: FrameDecoder
-    # Replies in request order: the bytes of one served at once, or the task serving it.
-    pending: deque[bytes | asyncio.Task[bytes]]
+    # Replies in request order: the bytes of one served at once, or the task serving it
+    # with the chunks its handler streams (sent in front of its reply).
+    pending: deque[bytes | tuple[asyncio.Task[Reply], list[bytes]]]
     frame_started: float | None = None  # loop time the unfinished frame began
     eof = False
     stopping = False  # the service is shutting down: close once answered
@@ -87,12 +87,10 @@ class Framed(StreamProtocol):
         for item in items:
             if isinstance(item, Oversized):
                 limit = self.ctx.limits.max_request_bytes
-                self._queue_reply(
-                    self._fixed(413, f"Request too large ({item.length} bytes, limit {limit})")
-                )
+                message = f"Request too large ({item.length} bytes, limit {limit})"
+                self.pending.append(framed_reply(413, message.encode()))
                 continue
-            module, payload = split_request(item)
-            self._queue_reply(self._serve(module, payload))
+            self._serve(*split_request(item))
         if items:
             self._flush()  # what was served at once goes out in one send
         if not self.hold(decoder.buffered):
@@ -105,21 +103,19 @@ class Framed(StreamProtocol):
         if len(self.pending) >= self.ctx.limits.max_pipeline:
             self.flow.busy(True)
 
-    def _queue_reply(self, coro: Coroutine[Any, Any, bytes]) -> None:
-        done, reply = self.ctx.start(coro)
-        if done:
-            self.pending.append(reply if reply is not None else framed_reply(500, b"Internal"))
-            return
-        self.pending.append(reply)
-        reply.add_done_callback(self._flush)
-
-    async def _fixed(self, status: int, message: str) -> bytes:
-        return framed_reply(status, message.encode())
-
-    async def _serve(self, module: str, payload: bytes) -> bytes:
+    def _serve(self, module: str, payload: bytes) -> None:
+        """Serve one request: its reply now if it needs no wait (bgservice.eager), else
+        the task that finishes it, in line for ``_flush``."""
         chunks: list[bytes] = []
         request: Request = self.ctx.request(module, payload, self.peer, chunks.append)
-        return framed_reply(*whole(await self.ctx.commands.call(request), chunks))
+        done, reply = self.ctx.start(self.ctx.commands.call(request))
+        if not done:
+            self.pending.append((reply, chunks))
+            reply.add_done_callback(self._flush)
+        elif reply is None:  # a bug of ours, reported by ctx.start
+            self.pending.append(framed_reply(500, b"Internal"))
+        else:
+            self.pending.append(framed_reply(*whole(reply, chunks)))
 
     def _flush(self, _: object = None) -> None:
         # Replies go out in request order: only a finished head of the line is written.
@@ -129,14 +125,20 @@ class Framed(StreamProtocol):
         while pending:
             head = pending[0]
             if type(head) is bytes:
-                ready.append(pending.popleft())  # type: ignore[arg-type]
+                ready.append(head)
+                pending.popleft()
                 continue
-            assert isinstance(head, asyncio.Task)
-            if not head.done():
+            assert isinstance(head, tuple)
+            task, chunks = head
+            if not task.done():
                 break
             pending.popleft()
-            if not head.cancelled():
-                ready.append(head.result())
+            if task.cancelled():
+                continue
+            if task.exception() is not None:  # a bug of ours: reported by the task's callback
+                ready.append(framed_reply(500, b"Internal"))
+            else:
+                ready.append(framed_reply(*whole(task.result(), chunks)))
         if self.closed or self.draining:  # an error ended it; our write side is shut
             return
         if ready:
