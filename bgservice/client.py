@@ -181,7 +181,9 @@ class Client(Where):
             reused = self._sock is not None
             sock = self._connect()
             try:
-                sock.settimeout(timeout if timeout is not None else self.timeout)
+                wanted = timeout if timeout is not None else self.timeout
+                if sock.gettimeout() != wanted:  # settimeout costs two fcntl calls
+                    sock.settimeout(wanted)
                 sock.sendall(frames)
                 return [self._read(sock) for _ in range(count)]
             except TimeoutError:
