@@ -328,9 +328,7 @@ class RedisQueue(JobQueue):
         recorded = await self._end(job, args, now)
         self._running.pop(job.id, None)
         self._ending.discard(job.id)
-        if recorded and outcome.state.finished:
-            # Waiters here get the result now, not after reading back what was just
-            # written: the "done" event that follows finds no waiter left.
+        if recorded and outcome.state.finished:  # waiters here: no read of what was written
             self._settle(job.id, result=(outcome.status or OK, outcome.body))
         self._wake.set()
 
