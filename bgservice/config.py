@@ -37,7 +37,8 @@ from bgservice.config_checks import (
     check_port,
     check_string,
 )
-from bgservice.errors import ConfigError
+from bgservice.errors import BadRequest, ConfigError
+from bgservice.queue.schedules import Schedule, make_schedule
 
 DEFAULT_PORT = 12341
 LOOPBACK = "127.0.0.1"
@@ -156,12 +157,16 @@ class Settings:
     global_handler: int = 0
     log_file: Path | None = None
     lag_warn_ms: float = 100.0
+    schedules: tuple[Schedule, ...] = ()  # [[schedule]] tables: recurring jobs
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
-_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis", "http", "alerts"}
+_SECTIONS = {
+    "limits", "queue", "log", "reload", "listen", "workers", "redis", "http", "alerts",
+    "schedule",
+}  # fmt: skip
 
 
 class _Reader:
@@ -307,7 +312,28 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         )
     if "allow" in top:
         changes["allow"] = top["allow"]
+    changes["schedules"] = _schedules(reader, data.get("schedule", []))
     return settings.replace(**changes)
+
+
+def _schedules(reader: _Reader, raw: Any) -> tuple[Schedule, ...]:
+    """``[[schedule]]`` tables -> schedules (bgservice.queue.schedules checks each)."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise reader.fail("", "schedule", "must be an array of tables: [[schedule]]")
+    out: dict[str, Schedule] = {}
+    for index, table in enumerate(raw):
+        values = dict(table)
+        data = values.pop("data", "")
+        try:
+            schedule = make_schedule(values, str(data).encode(), "config")
+        except BadRequest as exc:
+            where = f"[[schedule]] #{index + 1} "
+            raise reader.fail(where, "name", exc.message, "schedule", index) from None
+        if schedule.name in out:
+            problem = f"{schedule.name!r} is the name of an earlier schedule"
+            raise reader.fail(f"[[schedule]] #{index + 1} ", "name", problem, "schedule", index)
+        out[schedule.name] = schedule
+    return tuple(out.values())
 
 
 def load(path: Path) -> Settings:

@@ -103,6 +103,7 @@ class Service:
             self.dispatcher, stats, self.jobs, limits.udp_queue, limits.udp_workers
         )
         self.listeners = Listeners(settings, self.commands, self.datagrams, stats, self.jobs)
+        self._scheduling: asyncio.Task[None] | None = None
         self.reloader = Reloader(
             settings.modules, self.registry.refresh, settings.reload_debounce_ms
         )
@@ -141,6 +142,7 @@ class Service:
             self.threads.shutdown(wait=False, cancel_futures=True)
             return 1
         log.info("job queue: %s, %d workers", self._queue_where(), self.settings.queue.workers)
+        self._scheduling = asyncio.get_running_loop().create_task(self._start_schedules())
         self.reloader.start()
         self.datagrams.start()
         lag = LagMonitor(
@@ -220,6 +222,26 @@ class Service:
                 "[alerts] module %r is not loaded or has no TCP handler: alerts will fail "
                 "until it is", name,
             )  # fmt: skip
+
+    def _stop_schedules(self) -> None:
+        if self._scheduling is not None:
+            self._scheduling.cancel()
+        if self.jobs.scheduler is not None:
+            self.jobs.scheduler.stop()
+
+    async def _start_schedules(self) -> None:
+        """Load the schedules and start firing them; while the store does not answer
+        (Redis away), try again every few seconds."""
+        delay = 1.0
+        while True:
+            try:
+                await self.jobs.start_scheduler(self.settings.schedules)
+            except Exception as exc:
+                log.error("schedules not loaded (%s): retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            return
 
     def _queue_where(self) -> str:
         if self.settings.queue.backend == "redis":
@@ -332,6 +354,7 @@ class Service:
         tasks = self.listeners.tasks
         log.info("shutting down: %d calls in flight, up to %g s to finish", len(tasks), grace)
         await self.datagrams.drain(max(deadline - loop.time(), 0))
+        self._stop_schedules()
         await self.jobs.stop(max(deadline - loop.time(), 0))
         if tasks:
             _, pending = await asyncio.wait(set(tasks), timeout=max(deadline - loop.time(), 0))

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from bgservice.errors import BadRequest, UnknownQueueRequest
 from bgservice.protocol import split_request
 
-COMMANDS = frozenset({"add", "get", "check", "status", "cancel", "retry", "list", "stats"})
+COMMANDS = frozenset(
+    {"add", "get", "check", "status", "cancel", "retry", "list", "stats"}
+    | {"schedules", "schedule", "unschedule", "pause", "resume", "fire"}
+)
 STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
@@ -45,6 +48,9 @@ class AddSpec:
     unique: str | None = None
     after: tuple[int, ...] = ()  # run when all of these are done
     wait: bool = False  # reply with the job's result, not its id (add-and-wait)
+    # Set by the scheduler, not by a request: (schedule name, slot) this job is the run of,
+    # recorded with the job in one commit (bgservice.queue.scheduler).
+    mark: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)

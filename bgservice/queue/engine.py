@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bgservice.config import NO_TIMEOUT, QueueSettings
-from bgservice.errors import BadRequest, Cancelled, NotFound, ReplyError
+from bgservice.errors import BadRequest, Busy, Cancelled, NotFound, ReplyError
 from bgservice.events import JOB_FAILED, Events
 from bgservice.origin import Origin
 from bgservice.protocol import OK, Reply, whole
@@ -40,6 +40,8 @@ from bgservice.queue.commands import (
     parse_window,
 )
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.scheduler import SCHEDULE_COMMANDS, Scheduler
+from bgservice.queue.schedules import Schedule
 from bgservice.queue.store import Run
 from bgservice.request import JobContext, Request
 from bgservice.stats import Stats
@@ -111,6 +113,31 @@ class JobQueue(abc.ABC):
         self.runner = runner
         self.counters = stats  # the service's (its stats() method is the queue's own)
         self.events = events
+        self.scheduler: Scheduler | None = None  # set once the schedules are loaded
+
+    async def start_scheduler(self, configured: tuple[Schedule, ...]) -> None:
+        """Load the schedules (service.config's replacing stored ones of the same name)
+        and start firing them; the engine must have started."""
+        scheduler = Scheduler(self, configured)
+        await scheduler.start()
+        self.scheduler = scheduler  # commands see it once it is loaded (503 till then)
+
+    async def fire(self, schedule: Schedule, slot: float | None) -> int | None:
+        """Add a schedule's run: of ``slot`` (recorded as fired with the job, atomically;
+        None if it had been fired already), or one now (``slot`` None)."""
+        return await self.add(schedule.spec(slot)) or None
+
+    def schedules_changed(self) -> None:  # noqa: B027 (a hook; one instance: nobody to tell)
+        """Schedules were changed here: tell the other instances, if any."""
+
+    @abc.abstractmethod
+    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]: ...
+
+    @abc.abstractmethod
+    async def put_schedule(self, schedule: Schedule, last: float) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_schedule(self, name: str) -> bool: ...
 
     async def command(self, request: Request) -> bytes:
         """A ``queue:`` request -> reply body, or raise the error reply."""
@@ -133,6 +160,10 @@ class JobQueue(abc.ABC):
             return b"id:%d" % await self.retry(job_id(cmd))
         if cmd.name == "list":
             return _json(await self.list_jobs(parse_list(cmd)))
+        if cmd.name in SCHEDULE_COMMANDS:
+            if self.scheduler is None:
+                raise Busy("Schedules not loaded yet")
+            return await self.scheduler.command(cmd)
         return _json(await self.stats(parse_window(cmd)))
 
     async def _result(self, jid: int) -> bytes:

@@ -35,6 +35,7 @@ from bgservice.queue.engine import (
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.schedule import WaitingLine
+from bgservice.queue.schedules import Schedule
 from bgservice.queue.store import Run, Store
 from bgservice.stats import Stats
 
@@ -132,7 +133,7 @@ class LocalQueue(JobQueue):
             pending = asyncio.get_running_loop().create_future()
             self._unique_pending[spec.unique] = pending
         try:
-            job.id = await self.store.insert(job)
+            job.id = await self.store.insert(job, spec.mark)
         except Exception as exc:
             log.error("job store refused a job: %s", exc)
             if pending is not None:
@@ -223,6 +224,17 @@ class LocalQueue(JobQueue):
     async def stats(self, window: float) -> dict[str, Any]:
         running = len(self._running)
         return await reports.stats(self.jobs.values(), running, self.store, self.settings, window)
+
+    # --- schedules: definitions in the store (runs come through add) -----------------
+
+    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
+        return await self.store.load_schedules()
+
+    async def put_schedule(self, schedule: Schedule, last: float) -> None:
+        await self.store.put_schedule(schedule, last)
+
+    async def remove_schedule(self, name: str) -> bool:
+        return await self.store.remove_schedule(name)
 
     # --- scheduling -------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from bgservice.queue.engine import (
 from bgservice.queue.job import Job, stored_after
 from bgservice.queue.redis_db import RedisJobs, available, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
+from bgservice.queue.redis_schedules import RedisSchedules
 from bgservice.queue.store import Run
 from bgservice.stats import Stats
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 _BACKOFF_MAX = 5.0
 
 
-class RedisQueue(JobQueue):
+class RedisQueue(RedisSchedules, JobQueue):
     def __init__(
         self,
         settings: QueueSettings,
@@ -69,6 +70,7 @@ class RedisQueue(JobQueue):
         self.module_limits = module_limits
         self.conf = redis_settings
         self.db = RedisJobs(redis_settings, settings)
+        self.register_schedule_scripts()
         self.channel = self.db.key("events")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
@@ -122,14 +124,10 @@ class RedisQueue(JobQueue):
         self.runner.check(spec.module)  # unknown or refusing: at once
         now = time.time()
         flat = hash_of(Job.new(spec, self.settings, now))
-        jid, text = await self.db.call(
-            "ADD",
-            self.settings.max_waiting,
-            spec.unique or "",
-            stored_after(spec.after) or "",
-            *flat,
-            now=now,
-        )
+        mark = (spec.mark[0], repr(spec.mark[1])) if spec.mark else ()  # a schedule's run
+        unique, after = spec.unique or "", stored_after(spec.after) or ""
+        script, waiting = "FIRE" if mark else "ADD", self.settings.max_waiting
+        jid, text = await self.db.call(script, waiting, unique, after, *flat, *mark, now=now)
         if jid < 0:
             raise script_error(-jid, text.decode())
         return int(jid)
@@ -261,6 +259,8 @@ class RedisQueue(JobQueue):
             self._spawn(self._deliver(int(arg)))
         elif kind == "cancel" and int(arg) in self._running:
             self._running[int(arg)][0].cancel_requested = True
+        elif kind == "schedules" and self.scheduler is not None:
+            self._spawn(self.scheduler.reload())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

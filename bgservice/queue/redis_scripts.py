@@ -17,7 +17,10 @@ Keys, all under the configured prefix ``P``:
     P:unique             hash: unique key -> id of the waiting or running job holding it
     P:modrun             hash: module -> jobs running now, across instances (module limits)
     P:runs               zset: one JSON record per attempt; score the time it ended
-    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``
+    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``,
+                         ``schedules`` (definitions changed: reload them)
+    P:schedules          hash: schedule name -> its definition (JSON)
+    P:schedule_slots     hash: schedule name -> the last slot fired (or when it was made)
 
 Every script takes the prefix as ARGV[1] and the caller's clock as ARGV[2]. Times are
 written as the strings the caller sent, so they keep their full precision.
@@ -115,9 +118,8 @@ end
 """
 
 # ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), then the new job's fields.
-ADD = (
-    _COMMON
-    + r"""
+# (FIRE: the same, then a schedule's name and the slot the job is the run of.)
+_ADD = r"""
 local unique, after = ARGV[4], ARGV[5]
 if unique ~= '' then
   local existing = redis.call('HGET', P .. ':unique', unique)
@@ -149,10 +151,11 @@ if #blockers > 0 then
 else
   place(id)
 end
+if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
 wake()
 return {id, 'new'}
 """
-)
+ADD = _COMMON + "local MARK = nil\n" + _ADD  # FIRE (redis_schedules.py) sets MARK
 
 # ARGV: P, now, lease deadline, owner, module limits as JSON ({} for none).
 # Moves due delayed jobs to ready, then takes the best ready job whose module is under

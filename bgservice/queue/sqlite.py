@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bgservice.queue.job import COLUMNS, Job, stored_after
+from bgservice.queue.schedules import Schedule
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run
 
@@ -61,6 +62,13 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Recurring jobs (bgservice.queue.scheduler): the definition as JSON, and the last slot
+-- fired, written in the transaction that adds the slot's job.
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    last_slot REAL NOT NULL
+);
 """
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
 _INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -115,7 +123,7 @@ class SqliteStore:
             ]
         )
 
-    def insert(self, job: Job) -> asyncio.Future[int]:
+    def insert(self, job: Job, mark: tuple[str, float] | None = None) -> asyncio.Future[int]:
         assert self._loop is not None and self._writer is not None, "store not open"
         job.id = self._next_id
         self._next_id += 1
@@ -124,7 +132,8 @@ class SqliteStore:
         future: asyncio.Future[int] = self._loop.create_future()
         # Every commit with new jobs writes the reservation they fall in: one small write
         # per commit, and a commit that failed cannot leave ids in use that no row reserves.
-        self._writer.put(Insert(job.row(), self._reserved, future))
+        # ``mark``: (schedule, slot) the job is the run of, recorded in the same commit.
+        self._writer.put(Insert(job.row(), self._reserved, future, mark))
         return future
 
     def save(
@@ -181,6 +190,29 @@ class SqliteStore:
             return gone.rowcount
 
         return await self._submit(delete)
+
+    # --- schedules (bgservice.queue.scheduler) -------------------------------------------
+
+    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
+        rows = await self._submit(
+            lambda c: c.execute("SELECT name, definition, last_slot FROM schedules").fetchall()
+        )
+        return {name: (Schedule.from_stored(text), last) for name, text, last in rows}
+
+    async def put_schedule(self, schedule: Schedule, last: float) -> None:
+        await self._submit(
+            lambda c: c.execute(
+                "INSERT INTO schedules (name, definition, last_slot) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET definition = excluded.definition",
+                (schedule.name, schedule.stored(), last),
+            )
+        )
+
+    async def remove_schedule(self, name: str) -> bool:
+        gone = await self._submit(
+            lambda c: c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
+        )
+        return bool(gone)
 
     async def close(self) -> None:
         if self._writer is None:

@@ -33,14 +33,22 @@ _Done = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 class Insert:
-    """A new job's row (its id first) and the end of the block of ids it falls in."""
+    """A new job's row (its id first), the end of the block of ids it falls in, and the
+    schedule slot it is the run of, if any (name, slot)."""
 
-    __slots__ = ("future", "reserve", "row")
+    __slots__ = ("future", "mark", "reserve", "row")
 
-    def __init__(self, row: tuple[Any, ...], reserve: int, future: asyncio.Future[Any]):
+    def __init__(
+        self,
+        row: tuple[Any, ...],
+        reserve: int,
+        future: asyncio.Future[Any],
+        mark: tuple[str, float] | None = None,
+    ):
         self.row = row
         self.reserve = reserve
         self.future = future
+        self.mark = mark
 
 
 class Save:
@@ -180,6 +188,14 @@ class Writer:
         self.conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_id', ?)", (reserved,)
         )
+        # A schedule's run and the record that its slot fired: one commit, never one alone.
+        marks = [
+            (op.mark[1], op.mark[0])
+            for i, op in enumerate(ops)
+            if op.mark is not None and i not in failed
+        ]
+        if marks:
+            self.conn.executemany("UPDATE schedules SET last_slot = ? WHERE name = ?", marks)
         return [(op.future, op.row[0], failed.get(i)) for i, op in enumerate(ops)]
 
     def _saves_of(self, ops: list[Save]) -> list[_Done]:

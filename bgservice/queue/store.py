@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bgservice.queue.job import Job
+from bgservice.queue.schedules import Schedule
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,10 @@ class Store(Protocol):
         """Open (creating if needed) and return every unfinished job."""
         ...
 
-    def insert(self, job: Job) -> Awaitable[int]:
+    def insert(self, job: Job, mark: tuple[str, float] | None = None) -> Awaitable[int]:
         """Store a new job, giving it its id (never used before) at once; resolves to the
-        id once committed. Writes are queued when called, so they apply in call order."""
+        id once committed. Writes are queued when called, so they apply in call order.
+        ``mark``: the (schedule, slot) the job is the run of, recorded in the same commit."""
         ...
 
     def save(
@@ -58,5 +60,11 @@ class Store(Protocol):
     async def expire(self, now: float, history_before: float) -> int:
         """Delete finished jobs past their ``expires`` and older history; returns jobs gone."""
         ...
+
+    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]: ...
+
+    async def put_schedule(self, schedule: Schedule, last: float) -> None: ...
+
+    async def remove_schedule(self, name: str) -> bool: ...
 
     async def close(self) -> None: ...

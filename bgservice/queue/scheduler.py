@@ -1,0 +1,222 @@
+"""Fires recurring jobs: one loop timer for the soonest slot of every schedule.
+
+The schedules and the last slot each has fired live in the queue's storage (SQLite table,
+Redis hash), behind ``Schedules``, which each engine implements; the engine's ``fire``
+adds the slot's job and records the slot in one transaction, so that a restart neither
+loses nor repeats a run and, on Redis, one instance of several fires it. At start the
+``[[schedule]]`` tables of service.config replace the stored definitions of the same
+name (a paused one stays paused), and schedules that came from the config but are no
+longer in it are removed. docs/queue.md describes the commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+from bgservice.errors import Conflict, NotFound, ServiceError
+from bgservice.protocol import split_request
+from bgservice.queue.commands import Command
+from bgservice.queue.schedules import Schedule, make_schedule
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_COMMANDS = frozenset({"schedules", "schedule", "unschedule", "pause", "resume", "fire"})
+RECHECK = 60.0  # the timer never waits longer: a wall clock that jumped is noticed
+RETRY = 1.0  # after a slot could not be fired (Redis down, queue full)
+
+
+class Schedules(Protocol):
+    """What the scheduler needs of the queue engine."""
+
+    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
+        """Every stored schedule and the last slot it fired (or when it was made)."""
+        ...
+
+    async def put_schedule(self, schedule: Schedule, last: float) -> None:
+        """Store the definition; ``last`` only for a schedule new to the store."""
+        ...
+
+    async def remove_schedule(self, name: str) -> bool: ...
+
+    async def fire(self, schedule: Schedule, slot: float | None) -> int | None:
+        """Add the slot's job and mark the slot fired, atomically; None when it had been
+        fired already (by another instance). ``slot`` None: a run now."""
+        ...
+
+    def schedules_changed(self) -> None:
+        """Tell other instances (if any) to reload the definitions."""
+        ...
+
+
+class Scheduler:
+    def __init__(self, store: Schedules, configured: tuple[Schedule, ...]) -> None:
+        self.store = store
+        self.configured = configured
+        self.schedules: dict[str, Schedule] = {}
+        self.last: dict[str, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        stored = await self.store.load_schedules()
+        now = time.time()
+        names = {s.name for s in self.configured}
+        for schedule in self.configured:
+            old = stored.get(schedule.name)
+            if old is not None and old[0].paused and not schedule.paused:
+                schedule = _with(schedule, paused=True)  # paused at run time: it stays so
+            await self.store.put_schedule(schedule, now)
+        for name, (schedule, _) in stored.items():
+            if schedule.origin == "config" and name not in names:
+                log.info("schedule %s: no longer in service.config, removed", name)
+                await self.store.remove_schedule(name)
+        await self.reload()
+
+    def stop(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._tick is not None:
+            self._tick.cancel()
+
+    async def reload(self) -> None:
+        """Read the definitions again (at start, and when another instance changed them)."""
+        stored = await self.store.load_schedules()
+        self.schedules = {name: schedule for name, (schedule, _) in stored.items()}
+        for name, (_, last) in stored.items():
+            self.last[name] = max(last, self.last.get(name, last))
+        self._arm()
+
+    # --- commands ---------------------------------------------------------------------
+
+    async def command(self, cmd: Command) -> bytes:
+        """``queue:schedules``, ``queue:schedule?...:MODULE:DATA``, and
+        ``queue:unschedule|pause|resume|fire:NAME`` (docs/queue.md)."""
+        if cmd.name == "schedules":
+            return _json(self.describe())
+        if cmd.name == "schedule":
+            module, data = split_request(cmd.args)
+            return _json(await self.put(make_schedule({**cmd.options, "module": module}, data)))
+        name = cmd.args.decode("utf-8", "replace").strip()
+        if cmd.name == "unschedule":
+            await self.remove(name)
+            return b"removed"
+        if cmd.name == "fire":
+            return b"id:%d" % (await self.store.fire(self._get(name), None) or 0)
+        return _json(await self.pause(name, cmd.name == "pause"))
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            s.describe(self.last.get(s.name), now)
+            for s in sorted(self.schedules.values(), key=lambda s: s.name)
+        ]
+
+    async def put(self, schedule: Schedule) -> dict[str, Any]:
+        old = self.schedules.get(schedule.name)
+        if old is not None and old.origin == "config":
+            raise Conflict(
+                f"schedule {schedule.name} is defined in service.config: change it there"
+            )
+        await self.store.put_schedule(schedule, time.time())
+        await self._changed()
+        return self._describe(schedule.name)
+
+    async def remove(self, name: str) -> None:
+        schedule = self._get(name)
+        if schedule.origin == "config":
+            raise Conflict(f"schedule {name} is defined in service.config: remove it there")
+        await self.store.remove_schedule(name)
+        self.last.pop(name, None)
+        await self._changed()
+
+    async def pause(self, name: str, paused: bool) -> dict[str, Any]:
+        schedule = self._get(name)
+        await self.store.put_schedule(_with(schedule, paused=paused), time.time())
+        await self._changed()
+        return self._describe(name)
+
+    def _get(self, name: str) -> Schedule:
+        schedule = self.schedules.get(name)
+        if schedule is None:
+            raise NotFound(f"Schedule {name[:64]!r} not found")
+        return schedule
+
+    def _describe(self, name: str) -> dict[str, Any]:
+        return self._get(name).describe(self.last.get(name), time.time())
+
+    async def _changed(self) -> None:
+        await self.reload()
+        self.store.schedules_changed()
+
+    # --- firing ---------------------------------------------------------------------
+
+    def _arm(self, delay: float | None = None) -> None:
+        if self._closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if delay is None:
+            now = time.time()
+            slots = [
+                s.next_slot(max(now, self.last.get(s.name, now)))
+                for s in self.schedules.values()
+                if not s.paused
+            ]
+            soonest = min(slots, default=now + RECHECK)
+            delay = min(max(soonest - now, 0.0), RECHECK) + 0.001
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if self._tick is None or self._tick.done():
+            self._tick = asyncio.get_running_loop().create_task(self._fire_due())
+
+    async def _fire_due(self) -> None:
+        failed = False
+        for schedule in list(self.schedules.values()):
+            if schedule.paused:
+                continue
+            last = self.last.get(schedule.name, time.time())
+            slot = schedule.due(last, time.time())
+            if slot is None:
+                continue
+            try:
+                jid = await self.store.fire(schedule, slot)
+            except ServiceError as exc:
+                if exc.code >= 500:  # the queue is full, or Redis away: the slot waits
+                    log.warning("schedule %s: the run of %s not added (%d %s): retrying",
+                                schedule.name, _when(slot), exc.code, exc.message)  # fmt: skip
+                    failed = True
+                    continue
+                # Refused for good (a module removed, or refusing jobs): this run is lost.
+                log.error("schedule %s: the run of %s refused: %d %s",
+                          schedule.name, _when(slot), exc.code, exc.message)  # fmt: skip
+                jid = None
+            except Exception:  # a bug of ours: logged, and the timer still re-armed
+                log.exception("schedule %s: internal error firing it", schedule.name)
+                failed = True
+                continue
+            self.last[schedule.name] = slot
+            if jid is not None:
+                log.info("schedule %s: run of %s is job %d", schedule.name, _when(slot), jid)
+        self._arm(RETRY if failed else None)
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _with(schedule: Schedule, **changes: Any) -> Schedule:
+    return dataclasses.replace(schedule, **changes)
+
+
+def _when(slot: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(slot))

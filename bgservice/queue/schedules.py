@@ -1,0 +1,197 @@
+"""Recurring jobs: what a schedule is, when its runs fall, which of them are due. Pure: no
+asyncio, no storage (bgservice.queue.scheduler fires them, the engines store them).
+
+A schedule has *slots*, the moments its runs fall on: every ``every`` seconds (counted
+from the Unix epoch, so an hourly schedule fires on the hour), or what a cron expression
+gives in its time zone. Firing a slot adds an ordinary job whose unique key is
+``schedule:NAME@SLOT``; the engine records the slot as fired in the same transaction (or
+Lua script) that adds the job, so that a restart neither loses a slot nor fires it twice,
+and of several instances on one Redis exactly one fires it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+# cronsim (by the author of healthchecks.io) rather than a parser of our own: it follows
+# Debian cron's semantics (day-of-month OR day-of-week, L, W, #) and DST transitions.
+from cronsim import CronSim, CronSimError
+
+from bgservice.errors import BadRequest
+from bgservice.queue.commands import AddSpec, Command, parse_add
+
+MISSED = ("skip", "once")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A slot fired up to this late still counts as on time for missed = "skip" (a timer that
+# fired late, a restart within the minute); older ones were missed.
+GRACE = 60.0
+# Job options a schedule may carry (queue:add's, less those that make no sense per run).
+OPTIONS = frozenset({"priority", "retries", "backoff", "timeout"})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    module: str
+    data: bytes = b""
+    cron: str | None = None
+    every: float | None = None
+    tz: str = "UTC"
+    missed: str = "once"
+    options: dict[str, str] = field(default_factory=dict)
+    paused: bool = False
+    origin: str = "runtime"  # "config": defined in service.config, replaced at each start
+
+    def next_slot(self, after: float) -> float:
+        """The first slot strictly after ``after`` (Unix time)."""
+        if self.every is not None:
+            return (math.floor(after / self.every) + 1) * self.every
+        assert self.cron is not None
+        zone = ZoneInfo(self.tz)
+        start = datetime.fromtimestamp(after, zone)
+        return next(iter(CronSim(self.cron, start))).timestamp()
+
+    def latest_slot(self, now: float) -> float:
+        """The last slot at or before ``now``."""
+        if self.every is not None:
+            return math.floor(now / self.every) * self.every
+        assert self.cron is not None
+        moment = datetime.fromtimestamp(now, ZoneInfo(self.tz)) + timedelta(microseconds=1)
+        return next(iter(CronSim(self.cron, moment, reverse=True))).timestamp()
+
+    def due(self, last: float, now: float) -> float | None:
+        """The slot to fire now, if any, given the last one fired (or the moment the
+        schedule was made): the latest slot in (last, now]. With ``missed = "skip"`` only
+        if it is within ``GRACE`` of now; with ``"once"`` whatever its age (slots missed
+        while the service was down run once, not once each)."""
+        if self.next_slot(last) > now:
+            return None
+        latest = self.latest_slot(now)
+        if self.missed == "skip" and now - latest > GRACE:
+            return None
+        return latest
+
+    def unique_key(self, slot: float) -> str:
+        return f"schedule:{self.name}@{slot:.3f}"
+
+    def spec(self, slot: float | None) -> AddSpec:
+        """The job of one run: of ``slot`` (its unique key and mark name the slot), or
+        None for a run now (``queue:fire``), which is an ordinary job."""
+        request = self.module.encode() + b":" + self.data
+        spec = parse_add(Command("add", dict(self.options), request))
+        if slot is None:
+            return spec
+        return dataclasses.replace(spec, unique=self.unique_key(slot), mark=(self.name, slot))
+
+    def stored(self) -> str:
+        """The definition as stored (JSON), without its runtime state."""
+        values = asdict(self)
+        values["data"] = self.data.decode("latin-1")
+        return json.dumps(values, sort_keys=True)
+
+    @classmethod
+    def from_stored(cls, text: str | bytes) -> Schedule:
+        values = json.loads(text)
+        values["data"] = values["data"].encode("latin-1")
+        return cls(**values)
+
+    def describe(self, last: float | None, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "cron": self.cron,
+            "every": self.every,
+            "tz": self.tz,
+            "missed": self.missed,
+            "options": self.options,
+            "paused": self.paused,
+            "origin": self.origin,
+            "last_slot": last,
+            "next_run": None if self.paused else self.next_slot(max(now, last or now)),
+        }
+
+
+def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") -> Schedule:
+    """A checked schedule from a ``[[schedule]]`` table or ``queue:schedule`` options;
+    ``BadRequest`` naming what is wrong."""
+    values = dict(values)
+    name = str(values.pop("name", "") or "")
+    if not NAME.fullmatch(name):
+        raise BadRequest(
+            "schedule: name must be 1-64 letters, digits, '_', '.' or '-' "
+            f"(starting with a letter or digit), got {name[:70]!r}"
+        )
+    module = str(values.pop("module", "") or "")
+    if not module or ":" in module:
+        raise BadRequest(f"schedule {name}: module is missing or has a ':'")
+    cron, every, tz = _timing(name, values)
+    missed = str(values.pop("missed", "once"))
+    if missed not in MISSED:
+        raise BadRequest(f"schedule {name}: missed must be one of {', '.join(MISSED)}")
+    paused = values.pop("paused", False)
+    options = values.pop("options", None) or {}
+    if not isinstance(options, dict):
+        raise BadRequest(f"schedule {name}: options must be a table of queue:add options")
+    options.update({k: values.pop(k) for k in list(values) if k in OPTIONS})
+    if values:
+        raise BadRequest(f"schedule {name}: unknown key {sorted(values)[0]!r}")
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise BadRequest(
+            f"schedule {name}: option {sorted(unknown)[0]!r} is not one of "
+            f"{', '.join(sorted(OPTIONS))}"
+        )
+    schedule = Schedule(
+        name=name,
+        module=module,
+        data=data,
+        cron=cron,
+        every=every,
+        tz=tz,
+        missed=missed,
+        options={k: str(v) for k, v in options.items()},
+        paused=paused in (True, "1", "true", "yes"),
+        origin=origin,
+    )
+    try:
+        schedule.spec(None)  # the options' values, as queue:add checks them
+    except BadRequest as exc:
+        raise BadRequest(f"schedule {name}: {exc.message}") from None
+    return schedule
+
+
+def _timing(name: str, values: dict[str, Any]) -> tuple[str | None, float | None, str]:
+    """``cron`` or ``every``, and ``tz``, checked (and taken out of ``values``)."""
+    cron, every = values.pop("cron", None), values.pop("every", None)
+    if (cron is None) == (every is None):
+        raise BadRequest(f"schedule {name}: give either cron or every, not both or neither")
+    tz = str(values.pop("tz", "UTC"))
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadRequest(f"schedule {name}: unknown time zone {tz[:60]!r}") from None
+    if every is not None:
+        return None, _seconds(name, every), tz
+    cron = str(cron)
+    try:
+        next(iter(CronSim(cron, datetime.now(ZoneInfo(tz)))))
+    except (CronSimError, StopIteration) as exc:
+        raise BadRequest(f"schedule {name}: bad cron expression {cron[:60]!r}: {exc}") from None
+    return cron, None, tz
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"schedule {name}: every must be a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 1:
+        raise BadRequest(f"schedule {name}: every must be at least 1 second")
+    return seconds
