@@ -17,6 +17,7 @@ import uvloop
 
 from bgservice import __version__, config, logs
 from bgservice.cli_client import client_options, register_client_commands
+from bgservice.cli_schedule import schedule
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -140,3 +141,4 @@ def serve(
 
 
 register_client_commands(main)
+main.add_command(schedule)

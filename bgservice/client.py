@@ -38,6 +38,7 @@ from bgservice.client_requests import (
     JobSpec,
     Payloads,
     Replies,
+    Rows,
     ServiceDown,
     Where,
     _check,
@@ -45,10 +46,12 @@ from bgservice.client_requests import (
     add_request,
     add_requests,
     batch,
+    named_request,
     parse_address,
     parse_job_id,
     queue_request,
     request,
+    schedule_request,
 )
 from bgservice.errors import ReplyError
 from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
@@ -157,6 +160,33 @@ class Client(Where):
 
     def queue_stats(self, window: float | None = None) -> dict[str, Any]:
         return dict(json.loads(_check(*self.request(queue_request("stats", window=window)))))
+
+    # --- schedules (recurring jobs) ---------------------------------------------------
+
+    def schedules(self) -> Rows:
+        """Every schedule, with its last slot fired and its next run."""
+        return list(json.loads(_check(*self.request(b"queue:schedules"))))
+
+    def schedule(self, name: str, module: str, data: Data = b"", **options: Any) -> dict[str, Any]:
+        """Add or replace a schedule: ``cron="0 3 * * *"`` or ``every=SECONDS``, and
+        ``tz``, ``missed`` ("once"/"skip"), ``paused``, job options (priority, retries,
+        backoff, timeout). Returns it as ``schedules()`` lists it."""
+        return dict(
+            json.loads(_check(*self.request(schedule_request(name, module, data, **options))))
+        )
+
+    def unschedule(self, name: str) -> None:
+        _check(*self.request(named_request("unschedule", name)))
+
+    def pause(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(_check(*self.request(named_request("pause", name)))))
+
+    def resume(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(_check(*self.request(named_request("resume", name)))))
+
+    def fire(self, name: str) -> int:
+        """Run the schedule's job now (an ordinary job; its slots are not touched)."""
+        return _new_id(_check(*self.request(named_request("fire", name))))
 
     # --- the connection ----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from bgservice.client_requests import (
     JobSpec,
     Payloads,
     Replies,
+    Rows,
     ServiceDown,
     Where,
     _check,
@@ -26,9 +27,11 @@ from bgservice.client_requests import (
     add_request,
     add_requests,
     batch,
+    named_request,
     parse_address,
     queue_request,
     request,
+    schedule_request,
 )
 from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
 
@@ -116,6 +119,35 @@ class AsyncClient(Where):
 
     async def queue_stats(self, window: float | None = None) -> dict[str, Any]:
         return dict(json.loads(_check(*await self.request(queue_request("stats", window=window)))))
+
+    # --- schedules (recurring jobs) ---------------------------------------------------
+
+    async def schedules(self) -> Rows:
+        """Every schedule, with its last slot fired and its next run."""
+        return list(json.loads(_check(*await self.request(b"queue:schedules"))))
+
+    async def schedule(
+        self, name: str, module: str, data: Data = b"", **options: Any
+    ) -> dict[str, Any]:
+        """Add or replace a schedule: ``cron="0 3 * * *"`` or ``every=SECONDS``, and
+        ``tz``, ``missed`` ("once"/"skip"), ``paused``, job options (priority, retries,
+        backoff, timeout). Returns it as ``schedules()`` lists it."""
+        return dict(
+            json.loads(_check(*await self.request(schedule_request(name, module, data, **options))))
+        )
+
+    async def unschedule(self, name: str) -> None:
+        _check(*await self.request(named_request("unschedule", name)))
+
+    async def pause(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(_check(*await self.request(named_request("pause", name)))))
+
+    async def resume(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(_check(*await self.request(named_request("resume", name)))))
+
+    async def fire(self, name: str) -> int:
+        """Run the schedule's job now (an ordinary job; its slots are not touched)."""
+        return _new_id(_check(*await self.request(named_request("fire", name))))
 
     async def request(self, payload: bytes, timeout: float | None = None) -> tuple[int, bytes]:
         """Send one framed request and wait for its reply."""

@@ -26,6 +26,7 @@ Reply = tuple[int, bytes]  # (status, body)
 # The clients have a method named ``list``: their annotations after it use these names.
 Replies = list[Reply]
 Payloads = list[bytes]
+Rows = list[dict[str, Any]]
 
 
 class ServiceDown(ConnectionError):
@@ -165,6 +166,18 @@ def queue_request(command: str, job: JobRef | None = None, **options: Any) -> by
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
     tail = b"" if job is None else b":id:%d" % parse_job_id(job)
     return f"queue:{command}{query}".encode() + tail
+
+
+def schedule_request(name: str, module: str, data: Data = b"", **options: Any) -> bytes:
+    """``queue:schedule?name=NAME&OPTIONS:MODULE:DATA`` (docs/queue.md, Schedules)."""
+    given = {k: _option(v) for k, v in {"name": name, **options}.items() if v is not None}
+    query = urllib.parse.urlencode(given, safe="")
+    return f"queue:schedule?{query}:".encode() + request(module, data)
+
+
+def named_request(command: str, name: str) -> bytes:
+    """``queue:COMMAND:NAME`` for a schedule (unschedule, pause, resume, fire)."""
+    return f"queue:{command}:{name}".encode()
 
 
 def _new_id(reply: bytes) -> int:

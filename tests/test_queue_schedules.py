@@ -3,8 +3,10 @@ once across restarts and across instances on one Redis (bgservice.queue.schedule
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +183,42 @@ def test_slots_of_cron_and_interval():
     assert skip.due(start, start + 3600 + 30) == start + 3600  # 30 s late: on time
     with pytest.raises(BadRequest):
         make_schedule({"name": "s", "module": "m", "every": 0.5}, b"")
+
+
+def test_schedules_through_the_clients_and_the_cli(service):
+    from bgservice.client import AsyncClient, Client, ReplyError
+    from tests.test_cli import bg
+
+    schedules(service)
+    address = "{}:{}".format(*service.tcp)
+    with Client(address) as client:
+        made = client.schedule("nightly", "echo", "n", cron="0 3 * * *", tz="Europe/Berlin")
+        assert made["cron"] == "0 3 * * *" and made["next_run"] > time.time()
+        assert client.pause("nightly")["paused"] is True
+        assert client.resume("nightly")["paused"] is False
+        assert client.get(client.fire("nightly")) == b"n"
+        assert [s["name"] for s in client.schedules()] == ["nightly"]
+        with pytest.raises(ReplyError) as err:
+            client.schedule("bad", "echo", every=0)
+        assert err.value.code == 400
+
+    async def from_async() -> list[str]:
+        async with AsyncClient(address) as client:
+            await client.schedule("hourly", "echo", every=3600, priority=2)
+            names = [s["name"] for s in await client.schedules()]
+            await client.unschedule("hourly")
+            return names
+
+    assert asyncio.run(from_async()) == ["hourly", "nightly"]
+
+    listed = bg(service, "schedule", "list")
+    assert listed.returncode == 0
+    assert re.search(rb"nightly\s+echo\s+0 3 \* \* \*\s+Europe/Berlin\s+\d{4}-", listed.stdout)
+    added = bg(service, "schedule", "add", "sweep", "echo", "x", "--every", "60", "--paused")
+    assert added.returncode == 0 and b"paused" in added.stdout
+    assert bg(service, "schedule", "run", "sweep").stdout.strip().isdigit()
+    assert bg(service, "schedule", "remove", "sweep").stdout == b"removed\n"
+    gone = bg(service, "schedule", "remove", "sweep")
+    assert gone.returncode == 1 and gone.stderr.startswith(b"404: Schedule 'sweep' not found")
+    as_json = json.loads(bg(service, "schedule", "list", "--json").stdout)
+    assert [s["name"] for s in as_json] == ["nightly"]

@@ -1,0 +1,96 @@
+"""``bgservice schedule ...``: recurring jobs from the shell (docs/queue.md, Schedules)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+from bgservice import cli_format
+from bgservice.cli_client import JSON, _data, _show, _talking, client_options
+
+
+@click.group()
+@client_options
+def schedule() -> None:
+    """Recurring jobs: list, add, pause, resume, remove, run now."""
+
+
+@schedule.command("list")
+@JSON
+@client_options
+def schedule_list(as_json: bool) -> None:
+    """Every schedule: when it runs, its next run, the last slot it fired."""
+    with _talking() as client:
+        _show(client.schedules(), as_json, schedules_lines, time.time())
+
+
+@schedule.command("add")
+@click.argument("name")
+@click.argument("module")
+@click.argument("data", required=False)
+@click.option("--cron", help='A cron expression, e.g. "0 3 * * *" (03:00 every day).')
+@click.option("--every", type=float, help="Or: every this many seconds (at least 1).")
+@click.option("--tz", help="Time zone of the cron expression, e.g. Europe/Berlin [UTC].")
+@click.option(
+    "--missed",
+    type=click.Choice(["once", "skip"]),
+    help="Runs missed while the service was down: the latest once [once], or skip them.",
+)
+@click.option("--paused", is_flag=True, default=None, help="Add it paused.")
+@click.option("--priority", type=int, help="Its jobs' priority.")
+@click.option("--retries", type=int, help="Its jobs' retries after a 5xx.")
+@click.option("--job-timeout", "job_timeout", type=float, help="Its jobs' own timeout (s).")
+@JSON
+@client_options
+def schedule_add(
+    name: str, module: str, data: str | None, job_timeout: float | None, as_json: bool,
+    **options: Any,
+) -> None:  # fmt: skip
+    """Add (or replace) schedule NAME: a job of MODULE with DATA, by --cron or --every."""
+    with _talking() as client:
+        made = client.schedule(name, module, _data(data), timeout=job_timeout, **options)
+    _show([made], as_json, schedules_lines, time.time())
+
+
+def _named(command: str, doc: str) -> None:
+    @schedule.command(command, help=doc)
+    @click.argument("name")
+    @client_options
+    def run(name: str) -> None:
+        with _talking() as client:
+            if command == "remove":
+                client.unschedule(name)
+                click.echo("removed")
+            elif command == "run":
+                click.echo(client.fire(name))
+            else:
+                changed = client.pause(name) if command == "pause" else client.resume(name)
+                click.echo("\n".join(schedules_lines([changed], time.time())))
+
+
+_named("pause", "Stop firing schedule NAME (its definition stays).")
+_named("resume", "Fire schedule NAME again, from its next slot.")
+_named("remove", "Remove schedule NAME (those of service.config are removed there).")
+_named("run", "Run schedule NAME's job now (an ordinary job); prints its id.")
+
+
+def schedules_lines(schedules: Sequence[Mapping[str, Any]], now: float) -> list[str]:
+    if not schedules:
+        return ["no schedules"]
+    rows = [
+        (
+            s["name"],
+            s["module"],
+            s["cron"] or f"every {cli_format.span(s['every'])}",
+            s["tz"] if s["cron"] else "",
+            "paused" if s["paused"] else cli_format.moment(s["next_run"], now),
+            cli_format.moment(s["last_slot"], now) if s["last_slot"] else "-",
+            s["origin"],
+        )
+        for s in schedules
+    ]
+    headers = ("name", "module", "when", "tz", "next run", "last fired", "from")
+    return cli_format.table(headers, rows)
