@@ -61,6 +61,8 @@ def busy_service(
     _, running, _ = svc.http("POST", "/api/v1/jobs", {"module": "report"})
     wait_until(lambda: svc.http("GET", f"/api/v1/jobs/{running['id']}")[1]["progress"])
     svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "later", "delay": 3600})
+    nightly = {"name": "nightly-import", "module": "echo", "cron": "0 3 * * *", "tz": "UTC"}
+    wait_until(lambda: svc.http("POST", "/api/v1/schedules", nightly)[0] == 201)
     wait_until(lambda: "broken" in svc.http("GET", "/api/v1/modules")[1]["modules"].__repr__())
     return svc, running["id"]
 
@@ -99,6 +101,11 @@ def test_dashboard_renders_modules_progress_failures_and_the_chart(
     cells = re.findall(r'data-busy="([\d.]+)"', chart.group(0))
     assert len(cells) == 7 * 24
     assert any(float(c) >= 0.9 for c in cells)
+    # The schedule, with its next run (03:00 UTC, in the browser's zone) and its buttons.
+    sched = re.search(r'<tr data-schedule="nightly-import">(.*?)</tr>', dom, re.S)
+    assert sched and "0 3 * * * (UTC)" in sched.group(1), dom[-3000:]
+    assert re.search(r'<td class="next-run">[^<]*\(in \d', sched.group(1))
+    assert "Pause" in sched.group(1) and "Run now" in sched.group(1)
     assert "not updated" not in dom
 
 

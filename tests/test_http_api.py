@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServiceProcess, write_module
+from conftest import ServiceProcess, wait_until, write_module
 
 pytest.importorskip("aiohttp")
 
@@ -292,3 +292,25 @@ def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
     for path, item in document["paths"].items():
         for method, operation in item.items():
             assert operation["responses"], (method, path)
+
+
+def test_schedules_over_http(make_service):
+    svc = make_service("[http]\nenabled = true\nport = 0\n")
+    body = {"name": "hourly", "module": "echo", "data": "h", "every": 3600, "priority": 3}
+    status, made, headers = wait_until(
+        lambda: (r := svc.http("POST", "/api/v1/schedules", body)) and r[0] != 503 and r
+    )
+    assert status == 201 and headers["Location"] == "/api/v1/schedules/hourly"
+    assert made["options"] == {"priority": "3"} and made["next_run"] % 3600 == 0
+    assert svc.http("GET", "/api/v1/schedules")[1]["schedules"][0]["name"] == "hourly"
+    assert svc.http("POST", "/api/v1/schedules/hourly:pause")[1]["paused"] is True
+    assert svc.http("GET", "/api/v1/schedules/hourly")[1]["next_run"] is None
+    assert svc.http("POST", "/api/v1/schedules/hourly:resume")[1]["paused"] is False
+    status, run, _ = svc.http("POST", "/api/v1/schedules/hourly:run")
+    assert status == 201
+    assert svc.http("GET", f"/api/v1/jobs/{run['id']}?wait=10")[1]["result"] == "h"
+    assert svc.http("DELETE", "/api/v1/schedules/hourly")[:2] == (200, {})
+    status, error, _ = svc.http("GET", "/api/v1/schedules/hourly")
+    assert status == 404 and error["error"]["status"] == "NOT_FOUND"
+    status, error, _ = svc.http("POST", "/api/v1/schedules", {"name": "x", "module": "echo"})
+    assert status == 400 and "give either cron or every" in error["error"]["message"]

@@ -33,6 +33,7 @@ from bgservice.http import inputs
 from bgservice.http.metrics import Metrics
 from bgservice.http.paging import next_token, parse_page
 from bgservice.http.replies import error_response
+from bgservice.http.schedules import ScheduleRoutes
 from bgservice.queue.commands import parse_add, parse_list, parse_window
 from bgservice.queue.engine import JobQueue
 
@@ -121,6 +122,7 @@ class HttpApi:
         r.add_post(f"{JOB}/retry", self.retry_job)
         r.add_get(f"{API}/stats", self.service_stats)
         r.add_get(f"{API}/queue/stats", self.queue_stats)
+        ScheduleRoutes(self.queue).add_to(r)
         return app
 
     @web.middleware

@@ -108,7 +108,7 @@ class Scheduler:
             await self.remove(name)
             return b"removed"
         if cmd.name == "fire":
-            return b"id:%d" % (await self.store.fire(self._get(name), None) or 0)
+            return b"id:%d" % (await self.store.fire(self.named(name), None) or 0)
         return _json(await self.pause(name, cmd.name == "pause"))
 
     def describe(self) -> list[dict[str, Any]]:
@@ -129,7 +129,7 @@ class Scheduler:
         return self._describe(schedule.name)
 
     async def remove(self, name: str) -> None:
-        schedule = self._get(name)
+        schedule = self.named(name)
         if schedule.origin == "config":
             raise Conflict(f"schedule {name} is defined in service.config: remove it there")
         await self.store.remove_schedule(name)
@@ -137,19 +137,19 @@ class Scheduler:
         await self._changed()
 
     async def pause(self, name: str, paused: bool) -> dict[str, Any]:
-        schedule = self._get(name)
+        schedule = self.named(name)
         await self.store.put_schedule(_with(schedule, paused=paused), time.time())
         await self._changed()
         return self._describe(name)
 
-    def _get(self, name: str) -> Schedule:
+    def named(self, name: str) -> Schedule:
         schedule = self.schedules.get(name)
         if schedule is None:
             raise NotFound(f"Schedule {name[:64]!r} not found")
         return schedule
 
     def _describe(self, name: str) -> dict[str, Any]:
-        return self._get(name).describe(self.last.get(name), time.time())
+        return self.named(name).describe(self.last.get(name), time.time())
 
     async def _changed(self) -> None:
         await self.reload()

@@ -113,7 +113,8 @@ class Schedule:
             "options": self.options,
             "paused": self.paused,
             "origin": self.origin,
-            "last_slot": last,
+            # ``last`` is the moment it was made until a slot fires: not a slot, not shown.
+            "last_slot": last if last is not None and self.latest_slot(last) == last else None,
             "next_run": None if self.paused else self.next_slot(max(now, last or now)),
         }
 

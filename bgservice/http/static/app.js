@@ -167,6 +167,27 @@ function drawQueue(jobs, finished, queue) {
     ` · ${queue.workers} workers`;
 }
 
+function clock(when) {
+  if (when === null || when === undefined) return "-";
+  return new Date(when * 1000).toLocaleString([], { weekday: "short", month: "short",
+    day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+function drawSchedules(schedules) {
+  const now = Date.now() / 1000;
+  fill("schedules", schedules.map((s) => el("tr", { "data-schedule": s.name },
+    el("td", {}, s.name), el("td", {}, s.module),
+    el("td", {}, s.cron ? `${s.cron} (${s.tz})` : `every ${ago(s.every)}`),
+    el("td", { class: "next-run" }, s.paused ? "paused"
+      : `${clock(s.next_run)} (in ${ago(s.next_run - now)})`),
+    el("td", {}, s.last_slot ? `${ago(now - s.last_slot)} ago` : "-"),
+    el("td", {},
+      el("button", { onclick: (e) => act(`/schedules/${s.name}:${s.paused ? "resume" : "pause"}`,
+        e.target) }, s.paused ? "Resume" : "Pause"),
+      el("button", { onclick: (e) => act(`/schedules/${s.name}:run`, e.target) }, "Run now")))),
+  6, "no schedules ([[schedule]] in service.config, or queue:schedule)");
+}
+
 // The busy-time chart: a day x hour grid (local time), each cell as dark as the share of
 // the workers' time spent running jobs in that hour, from the queue's run history.
 function drawChart(stats) {
@@ -244,6 +265,9 @@ async function refresh() {
       api(`/jobs?state=cancelled&page_size=${RECENT}`),
       api(`/queue/stats?window=${wantChart ? DAYS * 86400 : 60}`),
     ]);
+    // 503 for a moment after the start (schedules not loaded yet): shown next time.
+    const schedules = await api("/schedules").catch(() => ({ schedules: [] }));
+    drawSchedules(schedules.schedules);
     drawSummary(stats, queue);
     drawModules(modules.modules, stats);
     drawQueue(jobs.jobs, { done: done.jobs.done, cancelled: cancelled.jobs.cancelled }, queue);

@@ -1,0 +1,76 @@
+"""``/api/v1/schedules``: recurring jobs over HTTP, the same operations as the
+``queue:schedule*`` commands (docs/http.md), in AIP style: List, Get, Create, Delete,
+and the custom methods ``:pause``, ``:resume`` and ``:run``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from bgservice.errors import BadRequest, Busy
+from bgservice.http import inputs
+from bgservice.queue.engine import JobQueue
+from bgservice.queue.scheduler import Scheduler
+from bgservice.queue.schedules import make_schedule
+
+SCHEDULES = "/api/v1/schedules"
+SCHEDULE = f"{SCHEDULES}/{{name:[^/:]+}}"
+
+
+class ScheduleRoutes:
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        router.add_get(SCHEDULES, self.list)
+        router.add_post(SCHEDULES, self.create)
+        router.add_get(SCHEDULE, self.get)
+        router.add_delete(SCHEDULE, self.delete)
+        router.add_post(f"{SCHEDULE}:pause", self.pause)
+        router.add_post(f"{SCHEDULE}:resume", self.resume)
+        router.add_post(f"{SCHEDULE}:run", self.run)
+
+    def _scheduler(self) -> Scheduler:
+        if self.queue.scheduler is None:
+            raise Busy("Schedules not loaded yet")
+        return self.queue.scheduler
+
+    def _one(self, request: web.Request) -> dict[str, Any]:
+        name = request.match_info["name"]
+        scheduler = self._scheduler()
+        scheduler.named(name)  # the 404 the commands give
+        return next(row for row in scheduler.describe() if row["name"] == name)
+
+    async def list(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"schedules": self._scheduler().describe()})
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._one(request))
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        body = await inputs.json_body(request)
+        data = body.pop("data", "")
+        if not isinstance(data, str):
+            raise BadRequest("field data: must be a string")
+        made = await self._scheduler().put(make_schedule(body, data.encode()))
+        location = {"Location": f"{SCHEDULES}/{made['name']}"}
+        return web.json_response(made, status=201, headers=location)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        await self._scheduler().remove(request.match_info["name"])
+        return web.json_response({})
+
+    async def pause(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(await self._scheduler().pause(request.match_info["name"], True))
+
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(await self._scheduler().pause(request.match_info["name"], False))
+
+    async def run(self, request: web.Request) -> web.StreamResponse:
+        scheduler = self._scheduler()
+        schedule = scheduler.named(request.match_info["name"])
+        jid = await self.queue.fire(schedule, None)
+        return web.json_response(
+            {"id": jid}, status=201, headers={"Location": f"/api/v1/jobs/{jid}"}
+        )
