@@ -269,6 +269,56 @@ class Client
         return $this->newId($this->request('queue:retry:' . JobId::format($id)));
     }
 
+    // --- schedules (recurring jobs, docs/queue.md) -------------------------------------
+
+    /**
+     * Every schedule, with its next run and the last slot it fired.
+     *
+     * @return list<array<string, mixed>>
+     */
+    public function schedules(): array
+    {
+        /** @var list<array<string, mixed>> */
+        return $this->decode($this->request('queue:schedules'));
+    }
+
+    /**
+     * Add or replace a schedule. $options: cron ("0 3 * * *") or every (seconds), tz,
+     * missed ("once"/"skip"), paused, and its jobs' priority, retries, backoff, timeout.
+     *
+     * @param array<string, int|float|string|bool> $options
+     *
+     * @return array<mixed> the schedule, as schedules() lists it
+     */
+    public function schedule(string $name, string $module, string $data = '', array $options = []): array
+    {
+        $query = http_build_query(['name' => $name] + $options, '', '&', PHP_QUERY_RFC3986);
+        return $this->decode($this->request("queue:schedule?$query:$module:$data"));
+    }
+
+    /** @return array<mixed> the schedule */
+    public function pause(string $name): array
+    {
+        return $this->decode($this->request("queue:pause:$name"));
+    }
+
+    /** @return array<mixed> the schedule */
+    public function resume(string $name): array
+    {
+        return $this->decode($this->request("queue:resume:$name"));
+    }
+
+    public function unschedule(string $name): void
+    {
+        $this->request("queue:unschedule:$name");
+    }
+
+    /** Run the schedule's job now (an ordinary job); its id. */
+    public function fire(string $name): int
+    {
+        return $this->newId($this->request("queue:fire:$name"));
+    }
+
     // --- any request -------------------------------------------------------------------
 
     /**
