@@ -249,6 +249,8 @@ def queue() -> None:
     help="Run only after this job (N or id:N) has finished well; repeat for several.",
 )
 @click.option("--wait", is_flag=True, help="Wait for the job and print its result, not its id.")
+@click.option("--name", help="A name people see in lists, the dashboard and /metrics.")
+@click.option("--tag", "tags", multiple=True, help="A tag; repeat for several.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": N}.')
 @client_options
 def queue_add(
@@ -256,12 +258,13 @@ def queue_add(
     data: str | None,
     job_timeout: float | None,
     after: tuple[int, ...],
+    tags: tuple[str, ...],
     wait: bool,
     as_json: bool,
     **options: Any,
 ) -> None:
     """Queue a job of MODULE with DATA; prints its id (with --wait, its result)."""
-    options["after"] = after or None
+    options.update(after=after or None, tags=list(tags) or None)
     with _talking() as client:
         if wait:  # one round trip: queue:add?wait=1
             reply = client.run(module, _data(data), _timeout(), timeout=job_timeout, **options)

@@ -177,7 +177,8 @@ def _job_row(job: Mapping[str, Any], now: float) -> Row:
         when = f"due {age(job['run_at'], now)}" if job.get("run_at", 0) > now else "due now"
     else:
         when = f"ended {age(job.get('finished'), now)}"
-    return (job["id"], state, job["module"], job.get("priority", 0), job.get("attempts", 0),
+    module = job["module"] + (f" ({job['name']})" if job.get("name") else "")
+    return (job["id"], state, module, job.get("priority", 0), job.get("attempts", 0),
             age(job.get("created"), now), when, (job.get("error") or "")[:60])  # fmt: skip
 
 

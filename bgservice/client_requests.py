@@ -131,6 +131,8 @@ def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     if after is not None:  # job ids in either form; one, or several (all done first)
         many = after if isinstance(after, list | tuple) else [after]
         options["after"] = ",".join(str(parse_job_id(one)) for one in many)
+    if isinstance(options.get("tags"), list | tuple):  # tags=["a", "b"] -> "a,b"
+        options["tags"] = ",".join(options["tags"]) or None
     given = {k: _option(v) for k, v in options.items() if v is not None}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
     return f"queue:add{query}:".encode() + request(module, data)

@@ -97,6 +97,11 @@ class QueueSettings:
     # A queued job without timeout= whose module sets no TIMEOUT; None: no limit (a job
     # may run for days). call_timeout is for synchronous calls, whose caller is waiting.
     job_timeout: float | None = None
+    # Job names and tags: the longest name, the most tags, and how many distinct names
+    # /metrics labels on their own (the rest count as name="other"). docs/queue.md.
+    max_name_chars: int = 200
+    max_tags: int = 10
+    metrics_names: int = 50
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-_SECTIONS = {
-    "limits", "queue", "log", "reload", "listen", "workers", "redis", "http", "alerts",
-    "schedule",
-}  # fmt: skip
+_SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis", "http", "alerts"}
+_SECTIONS.add("schedule")  # [[schedule]]: bgservice.queue.schedules
 
 
 class _Reader:

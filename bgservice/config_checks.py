@@ -166,6 +166,9 @@ QUEUE_CHECKS: dict[str, Check] = {
     "module_limits": _module_limits,
     "backend": _backend,
     "job_timeout": _optional_timeout,
+    "max_name_chars": _positive_int,
+    "max_tags": _non_negative_int,
+    "metrics_names": _non_negative_int,
 }
 REDIS_CHECKS: dict[str, Check] = {
     "url": _redis_url,

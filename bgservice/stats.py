@@ -63,7 +63,7 @@ class Stats:
     lag_ms: float = 0.0
     lag_max_ms: float = 0.0
     latency: Histogram = field(default_factory=Histogram)  # (module, transport) -> calls
-    job_durations: Histogram = field(default_factory=Histogram)  # (module, outcome) -> runs
+    job_durations: Histogram = field(default_factory=Histogram)  # (module, name, outcome)
 
     def snapshot(self) -> dict[str, Any]:
         modules: dict[str, dict[str, dict[str, int]]] = {}

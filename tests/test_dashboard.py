@@ -60,7 +60,8 @@ def busy_service(
     svc.http("GET", f"/api/v1/jobs/{failed['id']}?wait=10")
     _, running, _ = svc.http("POST", "/api/v1/jobs", {"module": "report"})
     wait_until(lambda: svc.http("GET", f"/api/v1/jobs/{running['id']}")[1]["progress"])
-    svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "later", "delay": 3600})
+    later = {"module": "echo", "data": "later", "delay": 3600, "name": "Monthly invoices"}
+    svc.http("POST", "/api/v1/jobs", {**later, "tags": ["billing", "eu"]})
     nightly = {"name": "nightly-import", "module": "echo", "cron": "0 3 * * *", "tz": "UTC"}
     wait_until(lambda: svc.http("POST", "/api/v1/schedules", nightly)[0] == 201)
     wait_until(lambda: "broken" in svc.http("GET", "/api/v1/modules")[1]["modules"].__repr__())
@@ -95,6 +96,9 @@ def test_dashboard_renders_modules_progress_failures_and_the_chart(
     # The delayed job: when it is due, not a "-" for its position.
     waiting = re.search(r'<tr data-job="\d+" class="job-waiting">(.*?)</tr>', dom, re.S)
     assert waiting and re.search(r'class="due"[^>]*>due in (59|60) min \(', waiting.group(1))
+    # ... with its name and tags.
+    assert '<span class="job-name"> Monthly invoices</span>' in waiting.group(1)
+    assert '<span class="tag">billing</span><span class="tag">eu</span>' in waiting.group(1)
     # The busy-time chart: 7 days x 24 hours, this hour busy (5 x 0.2 s + the rest).
     chart = re.search(r'<svg id="busy-chart".*?</svg>', dom, re.S)
     assert chart

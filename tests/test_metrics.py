@@ -27,7 +27,7 @@ def scrape(svc: ServiceProcess) -> Samples:
     return samples
 
 
-def value(samples: Samples, name: str, **labels: str) -> float:
+def value(samples: Samples, name: str, /, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
@@ -81,14 +81,30 @@ def test_queue_depth_and_job_durations(svc: ServiceProcess) -> None:
     assert value(samples, "bgservice_queue_jobs", state="done") == 1
     assert value(samples, "bgservice_queue_jobs", state="failed") == 1
     assert value(samples, "bgservice_queue_oldest_waiting_seconds") >= 0
-    done = {"module": "sleep", "outcome": "done"}
+    done = {"module": "sleep", "name": "", "outcome": "done"}
     assert value(samples, "bgservice_job_duration_seconds_count", **done) == 1
     # sleep:50; libuv reads its clock once per loop turn, so a timer set late in a turn
     # can end a fraction of a millisecond before 50 ms of wall time.
     assert value(samples, "bgservice_job_duration_seconds_sum", **done) >= 0.045
     assert value(samples, "bgservice_job_duration_seconds_bucket", le="0.025", **done) == 0
     assert value(samples, "bgservice_job_duration_seconds_count",
-                 module="boom", outcome="failed") == 1  # fmt: skip
+                 module="boom", name="", outcome="failed") == 1  # fmt: skip
+
+
+def test_job_names_label_the_durations_up_to_a_bound(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    svc = make_service(HTTP + "[queue]\nmetrics_names = 2\n")
+    for name in ["invoice", "invoice", "thumbnail", "report", "export"]:
+        _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "name": name})
+        svc.http("GET", f"/api/v1/jobs/{job['id']}?wait=10")
+    samples = scrape(svc)
+    count = "bgservice_job_duration_seconds_count"
+    labels = {"module": "echo", "outcome": "done"}
+    assert value(samples, count, name="invoice", **labels) == 2
+    assert value(samples, count, name="thumbnail", **labels) == 1
+    assert value(samples, count, name="other", **labels) == 2  # report, export: past the bound
+    assert value(samples, count, name="report", **labels) == 0
 
 
 def test_reloads_failures_module_state_and_loop_lag(svc: ServiceProcess, modules_dir: Path) -> None:

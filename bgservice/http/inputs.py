@@ -82,7 +82,8 @@ def _loads(text: str) -> Any:
 
 def add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """``{"module", "data" | "data_base64", options...}`` -> (options, ``MODULE:DATA``)."""
-    known = ADD_OPTIONS | {"module", "data", "data_base64"}
+    options_known = ADD_OPTIONS - {"wait"}  # GET /jobs/{id}?wait=S is HTTP's way to wait
+    known = options_known | {"module", "data", "data_base64"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(known))})")
@@ -90,7 +91,7 @@ def add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     if not isinstance(module, str) or not MODULE_NAME.fullmatch(module):
         raise BadRequest("field module: expected a module name (A-Z a-z 0-9 _ -)")
     data = _add_data(body)
-    options = {key: _option(key, body[key]) for key in ADD_OPTIONS & body.keys()}
+    options = {key: _option(key, body[key]) for key in options_known & body.keys()}
     present = {key: value for key, value in options.items() if value is not None}
     return present, module.encode() + b":" + data
 
@@ -104,11 +105,8 @@ def _option(key: str, value: Any) -> str | int | float | None:
         if not value or any(item is None or isinstance(item, list) for item in value):
             raise BadRequest("field after: expected a job id or a non-empty list of job ids")
         return ",".join(str(_option(key, item)) for item in value)
-    if key == "unique":
-        if not isinstance(value, str):
-            raise BadRequest("field unique: expected a string")
-        _utf8(key, value)
-        return value
+    if key in ("unique", "name", "tags"):
+        return _text(key, value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"field {key}: expected a number")
     if key in WHOLE_OPTIONS and isinstance(value, float):
@@ -116,6 +114,18 @@ def _option(key: str, value: Any) -> str | int | float | None:
             raise BadRequest(f"field {key}: expected a whole number")
         return int(value)
     return value
+
+
+def _text(key: str, value: Any) -> str | None:
+    """A string option; ``tags`` also as a list of strings."""
+    if key == "tags" and isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise BadRequest("field tags: expected a list of strings")
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise BadRequest(f"field {key}: expected a string")
+    _utf8(key, value)
+    return value or None
 
 
 def _add_data(body: dict[str, Any]) -> bytes:

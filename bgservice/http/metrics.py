@@ -167,8 +167,8 @@ class Metrics(Collector):
             )  # fmt: skip
         yield _histogram(
             f"{NS}_job_duration_seconds",
-            "Run time of job attempts run by this instance, per module and outcome.",
-            ["module", "outcome"],
+            "Run time of job attempts run by this instance, per module, job name and outcome.",
+            ["module", "name", "outcome"],
             self.stats.job_durations,
         )
 

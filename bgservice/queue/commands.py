@@ -10,6 +10,7 @@ docs/protocol.md lists every command and option.
 from __future__ import annotations
 
 import math
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
     {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after", "wait"}
+    | {"name", "tags"}
 )
 MAX_AFTER = 100  # dependencies of one job: a fan-in, not a copy of the queue
+TAG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class AddSpec:
     unique: str | None = None
     after: tuple[int, ...] = ()  # run when all of these are done
     wait: bool = False  # reply with the job's result, not its id (add-and-wait)
+    name: str | None = None  # what people see in lists, the dashboard and /metrics
+    tags: tuple[str, ...] = ()
     # Set by the scheduler, not by a request: (schedule name, slot) this job is the run of,
     # recorded with the job in one commit (bgservice.queue.scheduler).
     mark: tuple[str, float] | None = None
@@ -153,7 +158,25 @@ def parse_add(command: Command, now: float | None = None) -> AddSpec:
         unique=o.get("unique") or None,
         after=after_ids(o["after"]) if "after" in o else (),
         wait=_flag("wait", o["wait"]) if "wait" in o else False,
+        name=_name(o["name"]) if o.get("name") else None,
+        tags=_tags(o["tags"]) if o.get("tags") else (),
     )
+
+
+def _name(text: str) -> str:
+    if not text.isprintable() or text != text.strip():
+        raise BadRequest("option name: printable characters, no blanks around them")
+    return text
+
+
+def _tags(text: str) -> tuple[str, ...]:
+    """``tags=a,b`` -> ("a", "b"), each once, each of A-Z a-z 0-9 _ . : - (1-64)."""
+    tags = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
+    for tag in tags:
+        if not TAG.fullmatch(tag):
+            problem = f"each tag is 1-64 of A-Z a-z 0-9 _ . : -, not {tag[:70]!r}"
+            raise BadRequest(f"option tags: {problem}")
+    return tags
 
 
 def _flag(name: str, text: str) -> bool:

@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,6 +114,7 @@ class JobQueue(abc.ABC):
         self.counters = stats  # the service's (its stats() method is the queue's own)
         self.events = events
         self.scheduler: Scheduler | None = None  # set once the schedules are loaded
+        self._metric_names: set[str] = set()  # job names /metrics labels on their own
 
     async def start_scheduler(self, configured: tuple[Schedule, ...]) -> None:
         """Load the schedules (service.config's replacing stored ones of the same name)
@@ -200,7 +201,8 @@ class JobQueue(abc.ABC):
         outcome = decide(job, status, body, now, self.settings.backoff_max)
         if job.started is not None:
             kind = "retry" if outcome.state is JobState.WAITING else str(outcome.state)
-            self.counters.job_durations.observe((job.module, kind), now - job.started)
+            key = (job.module, self.name_label(job.name), kind)
+            self.counters.job_durations.observe(key, now - job.started)
         if outcome.state is JobState.FAILED:
             self.events.emit(
                 JOB_FAILED,
@@ -211,6 +213,19 @@ class JobQueue(abc.ABC):
                 job=job.id,
             )
         return outcome
+
+    def name_label(self, name: str | None) -> str:
+        """A job's name as a /metrics label: the first ``[queue] metrics_names`` distinct
+        names as they are, later ones ``other`` (labels are series: keep them bounded);
+        ``""`` for a job without a name."""
+        if name is None:
+            return ""
+        if name in self._metric_names:
+            return name
+        if len(self._metric_names) < self.settings.metrics_names:
+            self._metric_names.add(name)
+            return name
+        return "other"
 
     def progressed(self, job: Job) -> None:  # noqa: B027 (a hook; the default is enough)
         """A running job reported progress (already on ``job.progress``); the local queue
@@ -260,6 +275,18 @@ def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Containe
     for jid, waiter in waiters.items():
         if jid not in running and not waiter.done():
             waiter.set_result((503, b"Shutting down"))
+
+
+def name_counts(pairs: Iterable[tuple[str | bytes | None, str]]) -> dict[str, dict[str, int]]:
+    """``queue:stats``' ``names``: job name -> {"waiting": N, "running": M}, for the jobs
+    (name, state) given; jobs without a name are left out."""
+    out: dict[str, dict[str, int]] = {}
+    for name, state in pairs:
+        if name:
+            text = name.decode() if isinstance(name, bytes) else name
+            row = out.setdefault(text, {"waiting": 0, "running": 0})
+            row[state] += 1
+    return out
 
 
 def finished_result(job: Job) -> Result:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bgservice.config import QueueSettings
+from bgservice.errors import BadRequest
 from bgservice.queue.commands import AddSpec
 
 
@@ -61,6 +62,28 @@ def read_after(raw: int | str | bytes | None) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
 
 
+def stored_tags(tags: tuple[str, ...]) -> str | None:
+    return ",".join(tags) or None
+
+
+def read_tags(raw: str | bytes | None) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    return tuple((raw.decode() if isinstance(raw, bytes) else raw).split(","))
+
+
+def checked_name(name: str | None, settings: QueueSettings) -> str | None:
+    if name is not None and len(name) > settings.max_name_chars:
+        raise BadRequest(f"option name: at most {settings.max_name_chars} characters")
+    return name
+
+
+def checked_tags(tags: tuple[str, ...], settings: QueueSettings) -> tuple[str, ...]:
+    if len(tags) > settings.max_tags:
+        raise BadRequest(f"option tags: at most {settings.max_tags} tags")
+    return tags
+
+
 class BadTransition(RuntimeError):
     """A move the job state table does not allow: a bug of the engine, not of the user."""
 
@@ -87,6 +110,8 @@ COLUMNS = (
     "error",
     "cancel_requested",
     "expires",
+    "name",
+    "tags",
 )
 
 
@@ -112,6 +137,8 @@ class Job:
     error: str | None = None
     cancel_requested: bool = False
     expires: float | None = None
+    name: str | None = None
+    tags: tuple[str, ...] = ()
     # In memory only:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
 
@@ -132,6 +159,8 @@ class Job:
             timeout=spec.timeout,
             unique_key=spec.unique,
             after=spec.after,
+            name=checked_name(spec.name, settings),
+            tags=checked_tags(spec.tags, settings),
         )
 
     def move(self, state: JobState) -> None:
@@ -147,7 +176,7 @@ class Job:
             self.created, self.started, self.finished, self.attempts, self.max_retries,
             self.backoff, self.timeout, self.unique_key, stored_after(self.after), self.status,
             self.result,
-            self.error, self.cancel_requested, self.expires,
+            self.error, self.cancel_requested, self.expires, self.name, stored_tags(self.tags),
         )  # fmt: skip
 
     @classmethod
@@ -157,6 +186,7 @@ class Job:
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["data"] = bytes(values["data"])
         values["after"] = read_after(values["after"])
+        values["tags"] = read_tags(values["tags"])
         if values["result"] is not None:
             values["result"] = bytes(values["result"])
         return cls(**values)
@@ -190,4 +220,6 @@ class Job:
             "status": self.status,
             "error": self.error,
             "cancel_requested": self.cancel_requested,
+            "name": self.name,
+            "tags": list(self.tags),
         }

@@ -201,7 +201,7 @@ class RedisQueue(RedisSchedules, JobQueue):
         counted = dict(zip(STATES, counts, strict=True))
         first = oldest[0][1] if oldest else None
         stats = queue_stats(counted, first, runs, window, self.settings.workers)
-        return {**stats, "instance_running": len(self._running)}
+        return {**stats, "instance_running": len(self._running), **await self.db.names()}
 
     # --- waiting for results ----------------------------------------------------------
 

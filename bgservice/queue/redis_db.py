@@ -19,11 +19,12 @@ from bgservice.config import QueueSettings, RedisSettings
 from bgservice.eager import hop, in_task
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.queue import redis_scripts
-from bgservice.queue.engine import not_found
+from bgservice.queue.engine import name_counts, not_found
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_hash import job_from_hash
 
 log = logging.getLogger(__name__)
+NAMES_SCANNED = 1000
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -113,6 +114,20 @@ class RedisJobs:
         ready = [int(m) for m in await self.redis.zrange(self.key("ready"), 0, -1)]
         delayed = [int(m) for m in await self.redis.zrange(self.key("delayed"), 0, -1)]
         return (ready + delayed)[offset : offset + limit]
+
+    async def names(self) -> dict[str, Any]:
+        """``queue:stats``' ``names``: waiting and running jobs per job name (the first
+        ``NAMES_SCANNED`` of each state: a summary, not a scan of a huge backlog)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for state in ("waiting", "running"):
+            pipe.zrange(self.key(f"state:{state}"), 0, NAMES_SCANNED - 1)
+        waiting, running = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for jid in [*waiting, *running]:
+            pipe.hget(self.key(f"job:{int(jid)}"), "name")
+        found = await pipe.execute()
+        states = ["waiting"] * len(waiting) + ["running"] * len(running)
+        return {"names": name_counts(zip(found, states, strict=True))}
 
     async def expire_forever(self) -> None:
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bgservice.queue.job import COLUMNS, Job, JobState, read_after, stored_after
+from bgservice.queue.job import (
+    COLUMNS,
+    Job,
+    JobState,
+    read_after,
+    read_tags,
+    stored_after,
+    stored_tags,
+)
 
 _FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
 _INTS = {"priority", "attempts", "max_retries", "status"}
@@ -26,6 +34,8 @@ def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
             values[key] = int(raw)
         elif key == "after":
             values[key] = read_after(raw)
+        elif key == "tags":
+            values[key] = read_tags(raw)
         elif key == "cancel_requested":
             values[key] = raw == b"1"
         else:
@@ -64,4 +74,8 @@ def hash_of(job: Job) -> list[Any]:
         fields["unique_key"] = job.unique_key
     if job.after:
         fields["after"] = stored_after(job.after)
+    if job.name:
+        fields["name"] = job.name
+    if job.tags:
+        fields["tags"] = stored_tags(job.tags)
     return [v for pair in fields.items() for v in pair]

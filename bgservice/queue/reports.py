@@ -9,7 +9,7 @@ from typing import Any
 
 from bgservice.config import QueueSettings
 from bgservice.queue.commands import STATES, ListSpec
-from bgservice.queue.engine import queue_stats
+from bgservice.queue.engine import name_counts, queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.store import Store
 
@@ -47,4 +47,5 @@ async def stats(
     counts["running"] = running
     oldest = min((j.created for j in live if j.state is JobState.WAITING), default=None)
     runs = await store.runs_since(now - max(window, 60))
-    return queue_stats(counts, oldest, runs, window, settings.workers)
+    names = name_counts((j.name, str(j.state)) for j in live if not j.state.finished)
+    return {**queue_stats(counts, oldest, runs, window, settings.workers), "names": names}

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bgservice.queue.job import COLUMNS, Job, stored_after
+from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run
@@ -26,6 +26,7 @@ from bgservice.queue.store import Run
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
+ADDED_COLUMNS = ("name", "tags")  # jobs columns newer than the first schema (all TEXT)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -48,7 +49,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     error TEXT,
     cancel_requested INTEGER NOT NULL,
-    expires REAL
+    expires REAL,
+    name TEXT,
+    tags TEXT  -- "a,b"
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires) WHERE expires IS NOT NULL;
@@ -83,6 +86,10 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    for column in ADDED_COLUMNS:  # a database made by an earlier version: add them
+        if column not in have:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
     reserved = conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
     highest = conn.execute("SELECT MAX(id) FROM jobs").fetchone()[0] or 0
     sequence = 0
@@ -224,4 +231,6 @@ class SqliteStore:
 def _stored(column: str, value: Any) -> Any:
     if column == "after":
         return stored_after(value)
+    if column == "tags":
+        return stored_tags(value)
     return str(value) if column == "state" else value

@@ -133,11 +133,18 @@ function standing(job, now) {
   return "-";
 }
 
+// The module, and the job's name and tags when it was given them.
+function jobModule(j) {
+  return el("td", {}, j.module,
+    j.name ? el("span", { class: "job-name" }, ` ${j.name}`) : null,
+    ...(j.tags || []).map((t) => el("span", { class: "tag" }, t)));
+}
+
 function finishedRow(j, now) {
   const outcome = j.state === "done" ? "done" : `${j.state} (${j.status})`;
   const retry = j.state === "failed" || j.state === "cancelled";
   return el("tr", { "data-job": j.id, class: `job-${j.state}` },
-    el("td", {}, j.id), el("td", {}, j.module),
+    el("td", {}, j.id), jobModule(j),
     el("td", {}, el("span", { class: `outcome ${j.state}` }, outcome)),
     el("td", { class: "duration" }, ago(j.duration)),
     el("td", {}, `${ago(now - j.finished)} ago`),
@@ -149,12 +156,12 @@ function finishedRow(j, now) {
 function drawQueue(jobs, finished, queue) {
   const now = Date.now() / 1000;
   fill("running", jobs.running.map((j) => el("tr", { "data-job": j.id, class: "job-running" },
-    el("td", {}, j.id), el("td", {}, j.module), el("td", {}, progressBar(j)),
+    el("td", {}, j.id), jobModule(j), el("td", {}, progressBar(j)),
     el("td", {}, ago(j.duration)),
     el("td", {}, el("button", { onclick: (e) => act(`/jobs/${j.id}:cancel`, e.target) },
       "Cancel")))), 5, "nothing running");
   fill("waiting", jobs.waiting.map((j) => el("tr", { "data-job": j.id, class: "job-waiting" },
-    el("td", {}, j.id), el("td", {}, j.module), el("td", {}, j.priority),
+    el("td", {}, j.id), jobModule(j), el("td", {}, j.priority),
     el("td", {}, standing(j, now)), el("td", {}, ago(now - j.created)))), 5,
   "nothing waiting");
   const recent = [...jobs.failed, ...finished.done, ...finished.cancelled]

@@ -41,6 +41,7 @@ class Client
     /** The options queue:add takes (docs/queue.md). */
     public const ADD_OPTIONS = [
         'priority', 'delay', 'at', 'retries', 'backoff', 'timeout', 'unique', 'after',
+        'name', 'tags',
     ];
 
     private readonly Connection $connection;
@@ -197,7 +198,7 @@ class Client
     }
 
     /**
-     * @param array<string, int|float|string|bool> $options
+     * @param array<string, int|float|string|bool|list<string>> $options
      *
      * @throws InvalidArgumentException an unknown option, or a bad `after` id
      */
@@ -210,6 +211,9 @@ class Client
         $after = $options['after'] ?? null;
         if (is_int($after) || is_string($after)) {
             $options['after'] = JobId::parse($after);  // a job id, so either form
+        }
+        if (isset($options['tags']) && is_array($options['tags'])) {
+            $options['tags'] = implode(',', $options['tags']);  // ['a', 'b'] -> "a,b"
         }
         $query = $options !== [] ? '?' . http_build_query($options, '', '&', PHP_QUERY_RFC3986) : '';
         return 'queue:add' . $query . ':' . $module . ':' . $data;

@@ -62,4 +62,13 @@ final class QueueBatchTest extends ServiceTestCase
         $this->expectException(InvalidArgumentException::class);
         $bg->addMany([['echo', 'x', ['colour' => 'red']]]);  // checked before anything is sent
     }
+
+    public function testNamesAndTags(): void
+    {
+        $bg = self::client();
+        $id = $bg->add('echo', 'x', ['name' => 'php invoices', 'tags' => ['billing', 'eu']]);
+        $status = $bg->status($id);
+        self::assertSame('php invoices', $status['name']);
+        self::assertSame(['billing', 'eu'], $status['tags']);
+    }
 }
