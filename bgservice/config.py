@@ -102,6 +102,7 @@ class QueueSettings:
     max_name_chars: int = 200
     max_tags: int = 10
     metrics_names: int = 50
+    max_checkpoint_bytes: int = 65536  # request.job.save_checkpoint(text): its UTF-8 size
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "max_name_chars": _positive_int,
     "max_tags": _non_negative_int,
     "metrics_names": _non_negative_int,
+    "max_checkpoint_bytes": _positive_int,
 }
 REDIS_CHECKS: dict[str, Check] = {
     "url": _redis_url,

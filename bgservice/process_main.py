@@ -31,15 +31,22 @@ Send = Any  # Worker.send: (message) -> None
 
 
 class _Progress:
-    """``request.job`` in a worker: progress goes to the service; cancel is not seen here."""
+    """``request.job`` in a worker: progress and checkpoints go to the service; cancel is
+    not seen here."""
 
     cancelled = False
 
-    def __init__(self, job_id: int, attempt: int, send: Send, cid: int) -> None:
-        self.id, self.attempt, self._send, self._cid = job_id, attempt, send, cid
+    def __init__(self, worker: Worker, job: tuple[int, int, str | None], cid: int) -> None:
+        self.id, self.attempt, self.checkpoint = job
+        self._worker, self._cid = worker, cid
 
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
-        self._send(msg.Progress(self._cid, float(done), float(total), message))
+        self._worker.send(msg.Progress(self._cid, float(done), float(total), message))
+
+    def save_checkpoint(self, value: str) -> None:
+        """Blocks until the service has stored it (a worker's handler runs in its thread)."""
+        self._worker.save_checkpoint(self._cid, value)
+        self.checkpoint = value
 
 
 class _WorkerRequest(Request):
@@ -56,7 +63,7 @@ class _WorkerRequest(Request):
         self._worker = worker
         self._cid = call.cid
         if call.job is not None:
-            self.job = _Progress(call.job[0], call.job[1], worker.send, call.cid)  # type: ignore[assignment]
+            self.job = _Progress(worker, call.job, call.cid)  # type: ignore[assignment]
 
     def add_job(self, module: str, data: str | bytes = b"", **options: Any) -> int:
         return self._worker.add_job(self._cid, module, to_bytes(data), options)
@@ -148,6 +155,15 @@ class Worker:
         if answer.code:
             raise ReplyError(answer.code, answer.message)
         return answer.jid
+
+    def save_checkpoint(self, cid: int, value: str) -> None:
+        """Send a checkpoint to the service; wait until it is stored (or its error)."""
+        self.send(msg.SaveCheckpoint(cid, value))
+        answer = msg.read(self.inp)
+        if not isinstance(answer, msg.Saved):
+            raise SystemExit(0)  # the service went away or stopped us
+        if answer.code:
+            raise ReplyError(answer.code, answer.message)
 
     def stop(self) -> None:
         for version in self.modules.values():

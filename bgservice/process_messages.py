@@ -33,7 +33,7 @@ class Call:
     data: bytes
     transport: str  # the request's Origin value
     peer: str
-    job: tuple[int, int] | None  # (job id, attempt) for a queued run
+    job: tuple[int, int, str | None] | None  # (job id, attempt, checkpoint): a queued run
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,23 @@ class JobAdded:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """The answer to ``SaveCheckpoint``: 0 once stored, or an error code and message."""
+
+    code: int
+    message: str
+
+
 # --- worker -> service ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCheckpoint:
+    """``request.job.save_checkpoint()`` in the worker; the call waits for ``Saved``."""
+
+    cid: int
+    value: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +134,9 @@ class Raised:
     trace: str
 
 
-ToWorker = Call | Stop | JobAdded
+ToWorker = Call | Stop | JobAdded | Saved
 Ending = Returned | Refused | LoadFailed | Raised  # a call's last message
-FromWorker = Log | Chunk | Progress | AddJob | Ending
+FromWorker = Log | Chunk | Progress | AddJob | SaveCheckpoint | Ending
 
 
 def pack(message: ToWorker | FromWorker) -> bytes:

@@ -94,8 +94,9 @@ class WorkerProcess:
         elif isinstance(message, msg.Progress):
             if request.job is not None:
                 request.job.progress(message.done, message.total, message.message)
-        elif isinstance(message, msg.AddJob):
-            task = asyncio.get_running_loop().create_task(self._add_job(request, message))
+        elif isinstance(message, msg.AddJob | msg.SaveCheckpoint):
+            answer = self._add_job if isinstance(message, msg.AddJob) else self._save
+            task = asyncio.get_running_loop().create_task(answer(request, message))  # type: ignore[arg-type]
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
         elif not future.done():
@@ -110,6 +111,21 @@ class WorkerProcess:
             answer = msg.JobAdded(0, exc.code, exc.message)
         except (TypeError, ValueError, RuntimeError) as exc:  # bad options from the module
             answer = msg.JobAdded(0, 400, f"add_job: {exc}")
+        if self.alive and self.current is not None and self.current[0] == message.cid:
+            self.send(answer)
+
+    async def _save(self, request: Request, message: msg.SaveCheckpoint) -> None:
+        """A job in this worker saves a checkpoint: stored here, then the worker goes on."""
+        answer = msg.Saved(0, "")
+        try:
+            assert request.job is not None
+            await request.job.save_checkpoint(message.value)  # type: ignore[misc]
+        except ServiceError as exc:
+            answer = msg.Saved(exc.code, exc.message)
+        except (TypeError, ValueError) as exc:  # not text, or over max_checkpoint_bytes
+            answer = msg.Saved(400, str(exc))
+        except Exception as exc:  # e.g. the store failed: the module hears of it
+            answer = msg.Saved(500, f"checkpoint not saved: {exc}")
         if self.alive and self.current is not None and self.current[0] == message.cid:
             self.send(answer)
 
@@ -297,7 +313,9 @@ class ProcessPools:
         worker.calls += 1
         name = version.name
         source = None if worker.loaded.get(name) == version.digest else version.source
-        job = (request.job.id, request.job.attempt) if request.job is not None else None
+        job = None
+        if request.job is not None:
+            job = (request.job.id, request.job.attempt, request.job.checkpoint)
         worker.send(
             msg.Call(cid, name, str(version.path), version.digest, source, request.module,
                      request.data, request.transport, request.peer, job)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +26,7 @@ class JobAdder(Protocol):
 
 
 Sink = Callable[[bytes], None]
+Saver = Callable[["Job", str], Coroutine[Any, Any, None]]  # the queue's save_checkpoint
 
 
 def to_bytes(value: Any) -> bytes:
@@ -44,13 +45,16 @@ def to_bytes(value: Any) -> bytes:
 
 
 class JobContext:
-    """``request.job`` in a queued call: the job's id, progress reports, cancel requests."""
+    """``request.job`` in a queued call: the job's id, progress reports, cancel requests,
+    checkpoints."""
 
     def __init__(
         self,
         job: Job,
         loop: asyncio.AbstractEventLoop,
         on_progress: Callable[[Job], None] | None = None,
+        saver: Saver | None = None,
+        max_checkpoint_bytes: int = 65536,
     ) -> None:
         self.id = job.id
         self.attempt = job.attempts
@@ -58,6 +62,28 @@ class JobContext:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._on_progress = on_progress
+        self._saver = saver
+        self._max_checkpoint = max_checkpoint_bytes
+
+    @property
+    def checkpoint(self) -> str | None:
+        """What this job last saved with ``save_checkpoint`` (in this attempt or an earlier
+        one: a run cut by a crash, a killed worker, a retry), or None."""
+        return self._job.checkpoint
+
+    def save_checkpoint(self, value: str) -> Awaitable[None] | None:
+        """Save ``value`` (text; ``json.dumps`` a structure) for a later attempt to resume
+        from. On the loop (an ``async def`` handler) it returns an awaitable: once awaited,
+        the checkpoint is stored (committed to SQLite, written to Redis). From a thread (a
+        ``def`` handler) it blocks until then. Larger than ``[queue]
+        max_checkpoint_bytes``: ``ValueError``."""
+        text = check_checkpoint(value, self._max_checkpoint)
+        if self._saver is None:
+            raise RuntimeError("this queue does not keep checkpoints")
+        if threading.get_ident() == self._loop_thread:
+            return asyncio.ensure_future(self._saver(self._job, text))
+        asyncio.run_coroutine_threadsafe(self._saver(self._job, text), self._loop).result()
+        return None
 
     @property
     def cancelled(self) -> bool:
@@ -76,6 +102,16 @@ class JobContext:
         self._job.progress = value
         if self._on_progress is not None:
             self._on_progress(self._job)
+
+
+def check_checkpoint(value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise TypeError(f"a checkpoint is text (json.dumps a structure), not {kind}")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ValueError(f"checkpoint of {size} bytes: [queue] max_checkpoint_bytes is {limit}")
+    return value
 
 
 @dataclass(eq=False)

@@ -190,7 +190,9 @@ class JobQueue(abc.ABC):
             sink=chunks.append,
             loop=loop,
             jobs=self,
-            job=JobContext(job, loop, self.progressed),
+            job=JobContext(
+                job, loop, self.progressed, self.save_checkpoint, self.settings.max_checkpoint_bytes
+            ),
         )
         fallback = self.settings.job_timeout or NO_TIMEOUT
         return whole(await self.runner.call(request, job.timeout, fallback), chunks)
@@ -226,6 +228,10 @@ class JobQueue(abc.ABC):
             self._metric_names.add(name)
             return name
         return "other"
+
+    @abc.abstractmethod
+    async def save_checkpoint(self, job: Job, value: str) -> None:
+        """Store a running job's checkpoint durably (``request.job.save_checkpoint``)."""
 
     def progressed(self, job: Job) -> None:  # noqa: B027 (a hook; the default is enough)
         """A running job reported progress (already on ``job.progress``); the local queue

@@ -112,6 +112,7 @@ COLUMNS = (
     "expires",
     "name",
     "tags",
+    "checkpoint",
 )
 
 
@@ -139,6 +140,7 @@ class Job:
     expires: float | None = None
     name: str | None = None
     tags: tuple[str, ...] = ()
+    checkpoint: str | None = None  # saved by a run (request.job.save_checkpoint), for the next
     # In memory only:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
 
@@ -177,6 +179,7 @@ class Job:
             self.backoff, self.timeout, self.unique_key, stored_after(self.after), self.status,
             self.result,
             self.error, self.cancel_requested, self.expires, self.name, stored_tags(self.tags),
+            self.checkpoint,
         )  # fmt: skip
 
     @classmethod
@@ -222,4 +225,5 @@ class Job:
             "cancel_requested": self.cancel_requested,
             "name": self.name,
             "tags": list(self.tags),
+            "checkpoint": self.checkpoint,
         }

@@ -225,6 +225,10 @@ class LocalQueue(JobQueue):
         running = len(self._running)
         return await reports.stats(self.jobs.values(), running, self.store, self.settings, window)
 
+    async def save_checkpoint(self, job: Job, value: str) -> None:
+        job.checkpoint = value
+        await self.store.save(job, fields=("checkpoint",))
+
     # --- schedules: definitions in the store (runs come through add) -----------------
 
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:

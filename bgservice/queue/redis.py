@@ -159,23 +159,21 @@ class RedisQueue(RedisSchedules, JobQueue):
     @available
     async def cancel(self, jid: int) -> str:
         expires = repr(time.time() + self.settings.keep_results)
-        code, text = await self.db.call("CANCEL", jid, expires)
-        if code:
-            raise script_error(code, text.decode())
-        return str(text.decode())
+        return (await self.db.checked("CANCEL", jid, expires)).decode()
 
     @available
     async def retry(self, jid: int) -> int:
-        code, text = await self.db.call("RETRY", jid)
-        if code:
-            raise script_error(code, text.decode())
+        await self.db.checked("RETRY", jid)
         return jid
 
     @available
     async def delete(self, jid: int) -> None:
-        code, text = await self.db.call("DELETE", jid)
-        if code:
-            raise script_error(code, text.decode())
+        await self.db.checked("DELETE", jid)
+
+    @available
+    async def save_checkpoint(self, job: Job, value: str) -> None:
+        job.checkpoint = value
+        await self.db.redis.hset(self.db.key(f"job:{job.id}"), "checkpoint", value)
 
     @available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:

@@ -78,6 +78,13 @@ class RedisJobs:
         when = repr(time.time() if now is None else now)
         return await self.scripts[script](args=[self.prefix, when, *args])
 
+    async def checked(self, script: str, *args: Any) -> bytes:
+        """A script that replies {code, text}: the text, or its error reply raised."""
+        code, text = await self.call(script, *args)
+        if code:
+            raise script_error(code, text.decode())
+        return bytes(text)
+
     async def load(self, jid: int) -> Job | None:
         fields = await self.redis.hgetall(self.key(f"job:{jid}"))
         if not fields:

@@ -26,7 +26,8 @@ from bgservice.queue.store import Run
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
-ADDED_COLUMNS = ("name", "tags")  # jobs columns newer than the first schema (all TEXT)
+# Columns of jobs newer than its first schema, all TEXT: added to an older database.
+ADDED_COLUMNS = ("name", "tags", "checkpoint")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL,
     expires REAL,
     name TEXT,
-    tags TEXT  -- "a,b"
+    tags TEXT,  -- "a,b"
+    checkpoint TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires) WHERE expires IS NOT NULL;
