@@ -158,6 +158,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     module_limits: Mapping[str, int] = field(default_factory=dict)
+    module_rates: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # (N, per s)
     reload_debounce_ms: float = 50.0
     verbose: bool = False
     global_handler: int = 0
@@ -294,8 +295,9 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         raise reader.fail("", "listen", "must be an array of tables: [[listen]]")
     settings = Settings(
         limits=Limits(**limits),
-        queue=QueueSettings(**{k: v for k, v in queue.items() if k != "module_limits"}),
+        queue=QueueSettings(**{k: v for k, v in queue.items() if not k.startswith("module_")}),
         module_limits=queue.get("module_limits", {}),
+        module_rates=queue.get("module_rates", {}),
         workers=WorkerSettings(**workers),
         redis=RedisSettings(**redis),
         http=HttpSettings(**http),
@@ -326,16 +328,13 @@ def _schedules(reader: _Reader, raw: Any) -> tuple[Schedule, ...]:
         raise reader.fail("", "schedule", "must be an array of tables: [[schedule]]")
     out: dict[str, Schedule] = {}
     for index, table in enumerate(raw):
-        values = dict(table)
-        data = values.pop("data", "")
+        values, where = dict(table), f"[[schedule]] #{index + 1} "
         try:
-            schedule = make_schedule(values, str(data).encode(), "config")
+            schedule = make_schedule(values, str(values.pop("data", "")).encode(), "config")
+            if schedule.name in out:
+                raise BadRequest(f"{schedule.name!r} is the name of an earlier schedule")
         except BadRequest as exc:
-            where = f"[[schedule]] #{index + 1} "
             raise reader.fail(where, "name", exc.message, "schedule", index) from None
-        if schedule.name in out:
-            problem = f"{schedule.name!r} is the name of an earlier schedule"
-            raise reader.fail(f"[[schedule]] #{index + 1} ", "name", problem, "schedule", index)
         out[schedule.name] = schedule
     return tuple(out.values())
 

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from bgservice.queue.rates import Rate, parse_rate
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Check = Callable[[Any], Any]
@@ -134,6 +136,12 @@ def _module_limits(v: Any) -> dict[str, int]:
     return {str(k): _positive_int(n) for k, n in v.items()}
 
 
+def _module_rates(v: Any) -> dict[str, Rate]:
+    if not isinstance(v, dict):
+        raise ValueError('must be a table of module = "N/UNIT", e.g. { mail = "10/minute" }')
+    return {str(k): parse_rate(r) for k, r in v.items()}
+
+
 LIMIT_CHECKS: dict[str, Check] = {
     "max_request_bytes": _positive_int,
     "max_connections": _positive_int,
@@ -164,6 +172,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "max_waiting": _positive_int,
     "commit_ms": _non_negative_number,
     "module_limits": _module_limits,
+    "module_rates": _module_rates,
     "backend": _backend,
     "job_timeout": _optional_timeout,
     "max_name_chars": _positive_int,

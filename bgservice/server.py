@@ -39,6 +39,7 @@ from bgservice.listeners import ListenError, Listeners
 from bgservice.processes import ProcessPools
 from bgservice.queue.engine import JobQueue, JobRunner
 from bgservice.queue.local import LocalQueue
+from bgservice.queue.rates import Windows
 from bgservice.queue.sqlite import SqliteStore
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
@@ -58,9 +59,12 @@ def make_queue(settings: Settings, runner: JobRunner, stats: Stats, events: Even
         # Imported here: redis-py is needed only by sites that choose the shared queue.
         from bgservice.queue.redis import RedisQueue
 
-        return RedisQueue(settings.queue, limits, settings.redis, runner, stats, events)
-    store = SqliteStore(settings.db, settings.queue.commit_ms / 1000)
-    return LocalQueue(settings.queue, limits, store, runner, stats, events)
+        queue: JobQueue = RedisQueue(settings.queue, limits, settings.redis, runner, stats, events)
+    else:
+        store = SqliteStore(settings.db, settings.queue.commit_ms / 1000)
+        queue = LocalQueue(settings.queue, limits, store, runner, stats, events)
+    queue.rates = Windows(dict(settings.module_rates))
+    return queue
 
 
 def redact_url(url: str) -> str:

@@ -40,6 +40,7 @@ from bgservice.queue.commands import (
     parse_window,
 )
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.rates import Windows
 from bgservice.queue.scheduler import SCHEDULE_COMMANDS, Scheduler
 from bgservice.queue.schedules import Schedule
 from bgservice.queue.store import Run
@@ -115,6 +116,7 @@ class JobQueue(abc.ABC):
         self.events = events
         self.scheduler: Scheduler | None = None  # set once the schedules are loaded
         self._metric_names: set[str] = set()  # job names /metrics labels on their own
+        self.rates = Windows({})  # [queue] module_rates (set by make_queue)
 
     async def start_scheduler(self, configured: tuple[Schedule, ...]) -> None:
         """Load the schedules (service.config's replacing stored ones of the same name)

@@ -194,7 +194,9 @@ class Job:
             values["result"] = bytes(values["result"])
         return cls(**values)
 
-    def describe(self, now: float, position: int | None = None) -> dict[str, Any]:
+    def describe(
+        self, now: float, position: int | None = None, throttled: float | None = None
+    ) -> dict[str, Any]:
         """The ``queue:status`` JSON."""
         duration = None
         if self.started is not None:
@@ -226,4 +228,6 @@ class Job:
             "name": self.name,
             "tags": list(self.tags),
             "checkpoint": self.checkpoint,
+            # Waiting for its module's rate window ([queue] module_rates): until then.
+            "throttled_until": throttled,
         }

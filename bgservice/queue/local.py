@@ -175,7 +175,10 @@ class LocalQueue(JobQueue):
         job = self.jobs.get(jid) or await self._finished.lookup(jid)
         if job is None:
             raise not_found(jid)
-        return job.describe(time.time(), self._position(job))
+        now = time.time()
+        waiting = job.state is JobState.WAITING
+        throttled = self.rates.free_at(job.module, now) if waiting else None
+        return job.describe(now, self._position(job), throttled)
 
     async def cancel(self, jid: int) -> str:
         job = self.jobs.get(jid)
@@ -273,15 +276,23 @@ class LocalQueue(JobQueue):
         if len(self._running) >= self.settings.workers:
             return
         held: list[Job] = []
+        now, throttled = time.time(), float("inf")
         for job in self._line.ready():
             limit = self.module_limits.get(job.module)
-            if limit is not None and self._per_module[job.module] >= limit:
+            free_at = self.rates.free_at(job.module, now)
+            if free_at is not None:  # over its module's rate: it waits for the window
+                throttled = min(throttled, free_at)
+                held.append(job)
+            elif limit is not None and self._per_module[job.module] >= limit:
                 held.append(job)
             else:
+                self.rates.started(job.module, now)
                 self._start(job)
             if len(self._running) >= self.settings.workers:
                 break
         self._line.put_back(held)
+        if throttled < float("inf"):
+            self._line.wake_at(throttled + 0.001)
 
     def _waiting(self, jid: int) -> Job | None:
         job = self.jobs.get(jid)

@@ -154,7 +154,8 @@ class RedisQueue(RedisSchedules, JobQueue):
     @available
     async def status(self, jid: int) -> dict[str, Any]:
         job = await self.db.require(jid)
-        return job.describe(time.time(), await self.db.position(job))
+        throttled = await self.db.free_at(job, self.rates.rates.get(job.module))
+        return job.describe(time.time(), await self.db.position(job), throttled)
 
     @available
     async def cancel(self, jid: int) -> str:
@@ -270,7 +271,7 @@ class RedisQueue(RedisSchedules, JobQueue):
     async def _runner(self) -> None:
         """Claim jobs while this instance has free workers; sleep until woken."""
         delay = 0.1
-        limits = json.dumps(self.module_limits)
+        limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates))
         while not self._closing:
             self._wake.clear()
             claimed = False
@@ -293,9 +294,9 @@ class RedisQueue(RedisSchedules, JobQueue):
             except TimeoutError:
                 pass
 
-    async def _claim(self, limits: str) -> bool:
+    async def _claim(self, limits: tuple[str, str]) -> bool:
         deadline = repr(time.time() + self.conf.lease)
-        reply = await self.db.call("CLAIM", deadline, self.owner, limits)
+        reply = await self.db.call("CLAIM", deadline, self.owner, *limits)
         jid, next_delayed = int(reply[0]), reply[1]
         self._next_delayed = float(next_delayed) if next_delayed else None
         if not jid:

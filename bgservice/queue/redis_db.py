@@ -106,6 +106,17 @@ class RedisJobs:
         rank = await self.redis.zrank(self.key("ready"), f"{job.id:020d}")
         return None if rank is None else int(rank)
 
+    async def free_at(self, job: Job, rate: tuple[int, float] | None) -> float | None:
+        """When a waiting job's module has room in its rate window again; None: now."""
+        if rate is None or job.state is not JobState.WAITING:
+            return None
+        count, per = rate
+        since = time.time() - per
+        starts = await self.redis.zrangebyscore(
+            self.key(f"rate:{job.module}"), f"({since!r}", "+inf", withscores=True
+        )
+        return None if len(starts) < count else float(starts[0][1]) + per
+
     async def page(self, state: str, offset: int, limit: int) -> list[int]:
         """Waiting jobs in the order they will run (due ones by priority, then delayed
         ones by time); running jobs by start; finished ones newest first."""

@@ -14,12 +14,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bgservice.queue.redis_db import RedisJobs, available
-from bgservice.queue.redis_scripts import _ADD, _COMMON
+from bgservice.queue.redis_scripts import ADD_BODY, COMMON
 from bgservice.queue.schedules import Schedule
 
 # ADD's ARGV, then the schedule's name and the slot. {0, 'fired'} when it was fired.
 FIRE = (
-    _COMMON
+    COMMON
     + r"""
 local MARK = {ARGV[#ARGV - 1], ARGV[#ARGV]}
 table.remove(ARGV)
@@ -27,7 +27,7 @@ table.remove(ARGV)
 local fired = redis.call('HGET', P .. ':schedule_slots', MARK[1])
 if fired and tonumber(fired) >= tonumber(MARK[2]) then return {0, 'fired'} end
 """
-    + _ADD
+    + ADD_BODY
 )
 
 # ARGV: P, now, name, definition, last slot for a schedule new to Redis.

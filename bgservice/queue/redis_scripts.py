@@ -17,10 +17,9 @@ Keys, all under the configured prefix ``P``:
     P:unique             hash: unique key -> id of the waiting or running job holding it
     P:modrun             hash: module -> jobs running now, across instances (module limits)
     P:runs               zset: one JSON record per attempt; score the time it ended
-    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``,
-                         ``schedules`` (definitions changed: reload them)
-    P:schedules          hash: schedule name -> its definition (JSON)
-    P:schedule_slots     hash: schedule name -> the last slot fired (or when it was made)
+    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``
+    P:rate:MODULE        zset: the module's job starts within its rate's interval
+(and the schedules' hashes: redis_schedules.py)
 
 Every script takes the prefix as ARGV[1] and the caller's clock as ARGV[2]. Times are
 written as the strings the caller sent, so they keep their full precision.
@@ -28,98 +27,11 @@ written as the strings the caller sent, so they keep their full precision.
 
 from __future__ import annotations
 
-_COMMON = r"""
-local P = ARGV[1]
-local NOW = ARGV[2]
-local now = tonumber(NOW)
-local woke = false
-
-local function jkey(id) return P .. ':job:' .. id end
-local function pad(id) return string.format('%020d', tonumber(id)) end
-
-local function move(id, old, new, score)
-  if old then redis.call('ZREM', P .. ':state:' .. old, id) end
-  redis.call('ZADD', P .. ':state:' .. new, score, id)
-end
-
-local function place(id)
-  local jk = jkey(id)
-  local run_at = tonumber(redis.call('HGET', jk, 'run_at'))
-  if run_at > now then
-    redis.call('ZADD', P .. ':delayed', run_at, id)
-  else
-    redis.call('ZADD', P .. ':ready', -tonumber(redis.call('HGET', jk, 'priority')), pad(id))
-  end
-  woke = true
-end
-
--- Finish a job and, transitively, the jobs that depended on it.
-local function finish(id, state, status, result, err, expires)
-  local todo = {{id, state, status, result, err}}
-  local i = 1
-  while i <= #todo do
-    local t = todo[i]
-    i = i + 1
-    local jid, st = t[1], t[2]
-    local jk = jkey(jid)
-    local old = redis.call('HGET', jk, 'state')
-    redis.call('HSET', jk, 'state', st, 'finished', NOW, 'status', t[3], 'result', t[4],
-               'expires', expires)
-    if t[5] ~= '' then redis.call('HSET', jk, 'error', t[5]) end
-    redis.call('HDEL', jk, 'owner')
-    local uk = redis.call('HGET', jk, 'unique_key')
-    if uk and redis.call('HGET', P .. ':unique', uk) == tostring(jid) then
-      redis.call('HDEL', P .. ':unique', uk)
-    end
-    move(jid, old, st, NOW)
-    redis.call('ZADD', P .. ':finished', expires, jid)
-    redis.call('PUBLISH', P .. ':events', 'done:' .. jid)
-    local deps = redis.call('SMEMBERS', P .. ':blocked:' .. jid)
-    redis.call('DEL', P .. ':blocked:' .. jid)
-    for _, d in ipairs(deps) do
-      -- No blockers field: it stopped waiting for us (retried since, or failed already).
-      local dk = jkey(d)
-      local g = redis.call('HMGET', dk, 'state', 'blockers')
-      if g[1] == 'waiting' and g[2] then
-        if st == 'done' then
-          if redis.call('HINCRBY', dk, 'blockers', -1) <= 0 then
-            redis.call('HDEL', dk, 'blockers')
-            place(d)
-          end
-        else
-          redis.call('HDEL', dk, 'blockers')
-          local msg = 'Dependency: job ' .. jid .. ' ' .. st
-          todo[#todo + 1] = {d, 'failed', '424', msg, msg}
-        end
-      end
-    end
-  end
-end
-
-local function wake()
-  if woke then redis.call('PUBLISH', P .. ':events', 'wake') end
-end
-
-local function live(jk)
-  -- A job's state, or nil when it does not exist or its result has expired.
-  local f = redis.call('HMGET', jk, 'state', 'expires')
-  if not f[1] then return nil end
-  if f[2] and tonumber(f[2]) < now then return nil end
-  return f[1]
-end
-
-local function known(id)
-  -- The job's key and state; or nil, nil and the 404 reply for an unknown or expired id.
-  local jk = jkey(id)
-  local st = live(jk)
-  if not st then return nil, nil, {404, 'Job ' .. id .. ' not found (unknown or expired)'} end
-  return jk, st
-end
-"""
+from bgservice.queue.redis_lua import COMMON
 
 # ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), then the new job's fields.
 # (FIRE: the same, then a schedule's name and the slot the job is the run of.)
-_ADD = r"""
+ADD_BODY = r"""
 local unique, after = ARGV[4], ARGV[5]
 if unique ~= '' then
   local existing = redis.call('HGET', P .. ':unique', unique)
@@ -155,13 +67,14 @@ if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
 wake()
 return {id, 'new'}
 """
-ADD = _COMMON + "local MARK = nil\n" + _ADD  # FIRE (redis_schedules.py) sets MARK
+ADD = COMMON + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
 
-# ARGV: P, now, lease deadline, owner, module limits as JSON ({} for none).
-# Moves due delayed jobs to ready, then takes the best ready job whose module is under
-# its limit. Returns {id, next delayed time} and the job's fields, or {0, next} if none.
+# ARGV: P, now, lease deadline, owner, module limits and rates as JSON ({} for none;
+# a rate {"mail": [10, 60]}: 10 starts per 60 s). Moves due delayed jobs to ready, then
+# takes the best ready job under its module's limit and rate: {id, next wake-up} and the
+# job's fields, or {0, next} (the next delayed job, or a throttled module's window).
 CLAIM = (
-    _COMMON
+    COMMON
     + r"""
 local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
 for _, id in ipairs(due) do
@@ -169,7 +82,15 @@ for _, id in ipairs(due) do
   if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
 end
 local limits = cjson.decode(ARGV[5])
+local rates = cjson.decode(ARGV[6])
 local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
+local function throttled(module)  -- when its rate window has room again; nil: now
+  local rate, rk = rates[module], P .. ':rate:' .. module
+  if not rate then return nil end
+  redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - rate[2])
+  if redis.call('ZCARD', rk) < rate[1] then return nil end
+  return tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + rate[2]
+end
 local candidates = redis.call('ZRANGE', P .. ':ready', 0, 99)
 for _, member in ipairs(candidates) do
   local id = tostring(tonumber(member))
@@ -180,7 +101,13 @@ for _, member in ipairs(candidates) do
     local module = redis.call('HGET', jk, 'module')
     local limit = limits[module]
     local running = tonumber(redis.call('HGET', P .. ':modrun', module) or '0')
-    if not limit or running < limit then
+    local free = throttled(module)
+    if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
+    if not free and (not limit or running < limit) then
+      if rates[module] then
+        redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
+        redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
+      end
       redis.call('ZREM', P .. ':ready', member)
       redis.call('HINCRBY', P .. ':modrun', module, 1)
       redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', ARGV[4])
@@ -200,7 +127,7 @@ return {0, nextd}
 def _release(body: str) -> str:
     """A script that puts running jobs back to waiting (their attempt stays counted)."""
     return (
-        _COMMON
+        COMMON
         + r"""
 local function release(id, ended)
   local jk = jkey(id)
@@ -258,7 +185,7 @@ return n
 # ARGV: P, now, owner, deadline, ids...: renew our leases. Returns the ids we no longer
 # hold (taken over after an outage) and the ids whose cancel was requested.
 RENEW = (
-    _COMMON
+    COMMON
     + r"""
 local lost, cancel = {}, {}
 for i = 5, #ARGV do
@@ -280,7 +207,7 @@ return {lost, cancel}
 # The end of one attempt: a retry (state "waiting", at run_at) or a finished job. Does
 # nothing (returns 0) if this instance no longer holds the job.
 END = (
-    _COMMON
+    COMMON
     + r"""
 local id, state = ARGV[3], ARGV[5]
 local jk = jkey(id)
@@ -305,7 +232,7 @@ return 1
 
 # ARGV: P, now, id, expires. Returns {0, "cancelled"|"cancelling"} or {code, message}.
 CANCEL = (
-    _COMMON
+    COMMON
     + r"""
 local id = ARGV[3]
 local jk, st, missing = known(id)
@@ -331,7 +258,7 @@ return {0, 'cancelled'}
 
 # ARGV: P, now, id. A failed or cancelled job waits again, attempts from zero.
 RETRY = (
-    _COMMON
+    COMMON
     + r"""
 local id = ARGV[3]
 local jk, st, missing = known(id)
@@ -355,7 +282,7 @@ return {0, 'ok'}
 
 # ARGV: P, now, history_before. Deletes finished jobs past their expiry, old history.
 EXPIRE = (
-    _COMMON
+    COMMON
     + r"""
 local gone = redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', NOW, 'LIMIT', 0, 1000)
 for _, id in ipairs(gone) do
@@ -372,7 +299,7 @@ return #gone
 # ARGV: P, now, id. Forget a finished job (its run records stay, for the history).
 # Returns {0, ''}, or {404 | 409, message}.
 DELETE = (
-    _COMMON
+    COMMON
     + r"""
 local id = ARGV[3]
 local jk, st, missing = known(id)

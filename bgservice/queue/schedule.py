@@ -58,10 +58,16 @@ class WaitingLine:
         if self._timer is not None:
             self._timer.cancel()
 
-    def _arm_timer(self) -> None:
-        if not self._delayed or self._closed:
+    def wake_at(self, when: float) -> None:
+        """Call ``on_due`` again by ``when`` (wall clock): a rate window frees then."""
+        self._arm_timer(when)
+
+    def _arm_timer(self, extra: float | None = None) -> None:
+        times = [self._delayed[0][0]] if self._delayed else []
+        times += [] if extra is None else [extra]
+        if not times or self._closed:
             return
-        when = self._delayed[0][0]
+        when = min(times)
         if self._timer is not None:
             if self._timer_at <= when + 1e-3:  # both wall-clock times (run_at is one)
                 return
