@@ -62,6 +62,23 @@ def declarations(
     return accepts, (float(timeout) if timeout else None), execution, processes
 
 
+def queue_from(module: types.ModuleType) -> frozenset[str] | None:
+    """``QUEUE_FROM``: the sources that may queue this module's jobs (None: any). Each is
+    a source's kind (``scheduler``, ``http``, ``tcp``, ``unix``, ``job``) or a whole
+    source (``http:ops``, ``scheduler:nightly``): see ``allowed``."""
+    raw = getattr(module, "QUEUE_FROM", None)
+    if raw is None:
+        return None
+    if isinstance(raw, str) or not all(isinstance(s, str) and s for s in raw):
+        raise ModuleLoadError('QUEUE_FROM must be a set of sources, e.g. {"scheduler"}')
+    return frozenset(raw)
+
+
+def allowed(source: str, rule: frozenset[str]) -> bool:
+    """``source`` (``kind:detail``) matches a rule entry that names it whole or its kind."""
+    return source in rule or source.partition(":")[0] in rule
+
+
 def serves(name: str, has_handler: bool, had_handler: bool) -> None:
     """Raise if a save that defines no handler at all would replace one that served.
 

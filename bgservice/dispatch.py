@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bgservice.config import Settings
-from bgservice.errors import Busy, HandlerError, ServiceError
+from bgservice.declarations import allowed
+from bgservice.errors import Busy, Forbidden, HandlerError, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.execution import RESERVED, Execution
 from bgservice.origin import Origin
@@ -58,9 +59,14 @@ class Dispatcher:
         """Shutting down: every request from now on is answered ``503``."""
         self.closing = True
 
-    def check(self, module: str) -> None:
-        """Raise the error a queued job for ``module`` would get, now (``queue:add``)."""
-        self.execution.resolve(module, Origin.QUEUE)
+    def check(self, module: str, source: str | None = None) -> None:
+        """Raise the error a queued job for ``module`` would get, now (``queue:add``), and
+        403 when the module's ``QUEUE_FROM`` does not admit ``source``."""
+        version, _ = self.execution.resolve(module, Origin.QUEUE)
+        rule = version.queue_from
+        if rule is not None and not allowed(source or "", rule):
+            only = ", ".join(sorted(rule))
+            raise Forbidden(f"module {module}: queue only from {only} (source {source})")
 
     # --- entry points ------------------------------------------------------------------
 

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bgservice.declarations import Handler, ModuleLoadError, declarations, handler, serves
+from bgservice.declarations import (
+    Handler,
+    ModuleLoadError,
+    declarations,
+    handler,
+    queue_from,
+    serves,
+)
 from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
 from bgservice.porting import original_hooks_problem
 
@@ -67,6 +74,7 @@ class ModuleVersion:
     timeout: float | None
     execution: str
     processes: int | None = None
+    queue_from: frozenset[str] | None = None  # QUEUE_FROM: who may queue its jobs
     source: bytes = b""
     loaded_at: float = field(default_factory=time.time)
     active: int = 0
@@ -195,6 +203,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         tcp, udp = handler(module, "handle_tcp"), handler(module, "handle_udp")
         unload = getattr(module, "unload", None)
         accepts, timeout, execution, processes = declarations(module, tcp, udp)
+        sources = queue_from(module)
     except ModuleLoadError as exc:
         _restore(qualname, previous)
         raise ModuleLoadError(f"{path.name}: {exc}") from None
@@ -214,6 +223,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         timeout=timeout,
         execution=execution,
         processes=processes,
+        queue_from=sources,
         source=loader.source,
     )
 

@@ -193,5 +193,6 @@ class Request:
         if after is not None:
             many = after if isinstance(after, list | tuple) else [after]
             options["after"] = after_ids(",".join(map(str, many)))
-        spec = AddSpec(module=module, data=to_bytes(data), run_at=run_at, **options)
+        source = f"job:{self.job.id}" if self.job is not None else self.transport
+        spec = AddSpec(module=module, data=to_bytes(data), run_at=run_at, source=source, **options)
         return await self.jobs.add(spec)

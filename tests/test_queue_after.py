@@ -96,6 +96,6 @@ def test_rows_written_before_several_ids_read_back():
     assert read_after(None) == () and read_after(7) == (7,) and read_after("3,4") == (3, 4)
     assert read_after(b"5") == (5,)
     row = (1, "echo", b"", "waiting", 0, 1.0, 1.0, None, None, 0, 0, 1.0, None, None, 9,
-           None, None, None, 0, None, None, None, None)  # fmt: skip
+           None, None, None, 0, None, None, None, None, None)  # fmt: skip
     assert Job.from_row(row).after == (9,)
     assert Job.from_row(row).row()[14] == "9"

@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
-from bgservice.errors import NotFound, ServiceError
+from bgservice.errors import Forbidden, NotFound, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http import inputs
 from bgservice.http.metrics import Metrics
@@ -212,7 +212,11 @@ class HttpApi:
     # --- jobs -----------------------------------------------------------------------------
 
     async def add_job(self, request: web.Request) -> web.StreamResponse:
-        spec = parse_add(inputs.command("add", *inputs.add_body(await inputs.json_body(request))))
+        options, args = inputs.add_body(await inputs.json_body(request))
+        if "source" in options and not self.token:
+            raise Forbidden("field source: only with [http] token set (the operator's)")
+        options.setdefault("source", "http")
+        spec = parse_add(inputs.command("add", options, args))
         jid = await self.queue.add(spec)
         job = await self.queue.status(jid)
         return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})

@@ -105,7 +105,7 @@ def _option(key: str, value: Any) -> str | int | float | None:
         if not value or any(item is None or isinstance(item, list) for item in value):
             raise BadRequest("field after: expected a job id or a non-empty list of job ids")
         return ",".join(str(_option(key, item)) for item in value)
-    if key in ("unique", "name", "tags"):
+    if key in ("unique", "name", "tags", "source"):
         return _text(key, value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"field {key}: expected a number")

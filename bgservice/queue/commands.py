@@ -26,7 +26,7 @@ STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
     {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after", "wait"}
-    | {"name", "tags"}
+    | {"name", "tags", "source"}
 )
 MAX_AFTER = 100  # dependencies of one job: a fan-in, not a copy of the queue
 TAG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -53,6 +53,9 @@ class AddSpec:
     wait: bool = False  # reply with the job's result, not its id (add-and-wait)
     name: str | None = None  # what people see in lists, the dashboard and /metrics
     tags: tuple[str, ...] = ()
+    # Where it came from: "tcp:PEER", "unix", "http:TOKEN", "scheduler:NAME", "job:ID"; set
+    # by the front door, not by the caller (source= is for operate-scope HTTP tokens).
+    source: str | None = None
     # Set by the scheduler, not by a request: (schedule name, slot) this job is the run of,
     # recorded with the job in one commit (bgservice.queue.scheduler).
     mark: tuple[str, float] | None = None
@@ -160,6 +163,7 @@ def parse_add(command: Command, now: float | None = None) -> AddSpec:
         wait=_flag("wait", o["wait"]) if "wait" in o else False,
         name=_name(o["name"]) if o.get("name") else None,
         tags=_tags(o["tags"]) if o.get("tags") else (),
+        source=_name(o["source"]) if o.get("source") else None,
     )
 
 

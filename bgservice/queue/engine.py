@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bgservice.config import NO_TIMEOUT, QueueSettings
-from bgservice.errors import BadRequest, Busy, Cancelled, NotFound, ReplyError
+from bgservice.errors import BadRequest, Busy, Cancelled, Forbidden, NotFound, ReplyError
 from bgservice.events import JOB_FAILED, Events
 from bgservice.origin import Origin
 from bgservice.protocol import OK, Reply, whole
 from bgservice.queue.commands import (
     AddSpec,
+    Command,
     ListSpec,
     job_id,
     parse,
@@ -57,8 +59,9 @@ class JobRunner(Protocol):
         self, request: Request, timeout: float | None = None, fallback: float | None = None
     ) -> Result: ...
 
-    def check(self, module: str) -> None:
-        """Raise the error a job for ``module`` would end with (unknown, refusing jobs)."""
+    def check(self, module: str, source: str | None = None) -> None:
+        """Raise the error a job for ``module`` would end with (unknown, refusing jobs, or
+        not to be queued from ``source``: 403)."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,7 @@ class JobQueue(abc.ABC):
         """A ``queue:`` request -> reply body, or raise the error reply."""
         cmd = parse(request.data)
         if cmd.name == "add":
-            spec = parse_add(cmd)
-            jid = await self.add(spec)
-            # add-and-wait: one round trip for a caller that only wants the result (the
-            # job is stored first, as for any add, so a caller gone meanwhile loses nothing)
-            return await self._result(jid) if spec.wait else b"id:%d" % jid
+            return await self._add(cmd, request)
         if cmd.name == "get":
             return await self._result(job_id(cmd))
         if cmd.name == "check":
@@ -168,6 +167,15 @@ class JobQueue(abc.ABC):
                 raise Busy("Schedules not loaded yet")
             return await self.scheduler.command(cmd)
         return _json(await self.stats(parse_window(cmd)))
+
+    async def _add(self, cmd: Command, request: Request) -> bytes:
+        if "source" in cmd.options:
+            raise Forbidden("option source: only an HTTP caller with the API token sets it")
+        spec = dataclasses.replace(parse_add(cmd), source=source_of(request))
+        jid = await self.add(spec)
+        # add-and-wait: one round trip for a caller that only wants the result (the job is
+        # stored first, as for any add, so a caller gone meanwhile loses nothing)
+        return await self._result(jid) if spec.wait else b"id:%d" % jid
 
     async def _result(self, jid: int) -> bytes:
         """``queue:get``'s reply: the job's result once it finished, or its error reply."""
@@ -283,6 +291,11 @@ def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Containe
     for jid, waiter in waiters.items():
         if jid not in running and not waiter.done():
             waiter.set_result((503, b"Shutting down"))
+
+
+def source_of(request: Request) -> str:
+    """Where a request came from, as jobs record it: ``tcp:127.0.0.1:50312``, ``unix``."""
+    return f"{request.transport}:{request.peer}" if request.peer else request.transport
 
 
 def name_counts(pairs: Iterable[tuple[str | bytes | None, str]]) -> dict[str, dict[str, int]]:

@@ -113,6 +113,7 @@ COLUMNS = (
     "name",
     "tags",
     "checkpoint",
+    "source",
 )
 
 
@@ -141,6 +142,7 @@ class Job:
     name: str | None = None
     tags: tuple[str, ...] = ()
     checkpoint: str | None = None  # saved by a run (request.job.save_checkpoint), for the next
+    source: str | None = None  # where it was added from (AddSpec.source)
     # In memory only:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
 
@@ -163,6 +165,7 @@ class Job:
             after=spec.after,
             name=checked_name(spec.name, settings),
             tags=checked_tags(spec.tags, settings),
+            source=spec.source,
         )
 
     def move(self, state: JobState) -> None:
@@ -179,7 +182,7 @@ class Job:
             self.backoff, self.timeout, self.unique_key, stored_after(self.after), self.status,
             self.result,
             self.error, self.cancel_requested, self.expires, self.name, stored_tags(self.tags),
-            self.checkpoint,
+            self.checkpoint, self.source,
         )  # fmt: skip
 
     @classmethod
@@ -228,6 +231,7 @@ class Job:
             "name": self.name,
             "tags": list(self.tags),
             "checkpoint": self.checkpoint,
+            "source": self.source,
             # Waiting for its module's rate window ([queue] module_rates): until then.
             "throttled_until": throttled,
         }

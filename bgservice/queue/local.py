@@ -115,7 +115,7 @@ class LocalQueue(JobQueue):
     # --- commands ---------------------------------------------------------------------
 
     async def add(self, spec: AddSpec) -> int:
-        self.runner.check(spec.module)  # unknown or refusing: at once
+        self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         if len(self.jobs) >= self.settings.max_waiting:
             raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
         if spec.unique:

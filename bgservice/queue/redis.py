@@ -121,7 +121,7 @@ class RedisQueue(RedisSchedules, JobQueue):
 
     @available
     async def add(self, spec: AddSpec) -> int:
-        self.runner.check(spec.module)  # unknown or refusing: at once
+        self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         now = time.time()
         flat = hash_of(Job.new(spec, self.settings, now))
         mark = (spec.mark[0], repr(spec.mark[1])) if spec.mark else ()  # a schedule's run

@@ -76,6 +76,8 @@ def hash_of(job: Job) -> list[Any]:
         fields["after"] = stored_after(job.after)
     if job.name:
         fields["name"] = job.name
+    if job.source:
+        fields["source"] = job.source
     if job.tags:
         fields["tags"] = stored_tags(job.tags)
     return [v for pair in fields.items() for v in pair]

@@ -86,6 +86,7 @@ class Schedule:
         None for a run now (``queue:fire``), which is an ordinary job."""
         request = self.module.encode() + b":" + self.data
         spec = parse_add(Command("add", dict(self.options), request))
+        spec = dataclasses.replace(spec, source=f"scheduler:{self.name}")
         if slot is None:
             return spec
         return dataclasses.replace(spec, unique=self.unique_key(slot), mark=(self.name, slot))

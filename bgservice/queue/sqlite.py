@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
 # Columns of jobs newer than its first schema, all TEXT: added to an older database.
-ADDED_COLUMNS = ("name", "tags", "checkpoint")
+ADDED_COLUMNS = ("name", "tags", "checkpoint", "source")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires REAL,
     name TEXT,
     tags TEXT,  -- "a,b"
-    checkpoint TEXT
+    checkpoint TEXT,
+    source TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires) WHERE expires IS NOT NULL;

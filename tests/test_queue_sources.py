@@ -1,0 +1,70 @@
+"""Where jobs come from, and who may queue what, against a real service on both engines:
+every job records its source; a module's QUEUE_FROM refuses the others with a 403 that
+names the rule; source= is the operator's (the HTTP token holder's) alone."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import wait_until, write_module
+from tests.queue_helpers import add, both_engines, status  # noqa: F401 (a fixture)
+
+INVOICES = """
+QUEUE_FROM = {"scheduler"}
+
+async def handle_tcp(request):
+    return "invoiced " + request.text
+"""
+
+FAN_OUT = """
+async def handle_tcp(request):
+    return str(await request.add_job_async("echo", "child"))
+"""
+
+HTTP = "[http]\nenabled = true\nport = 0\n"
+
+
+def test_every_job_records_its_source(make_service, modules_dir):
+    write_module(modules_dir, "fan", FAN_OUT)
+    svc = make_service(HTTP)
+    by_tcp = add(svc, b"queue:add:echo:x")
+    assert status(svc, by_tcp)["source"].startswith("tcp:127.0.0.1:")
+    parent = add(svc, b"queue:add:fan:")
+    child = int(svc.call(b"queue:get:id:%d" % parent))
+    assert status(svc, child)["source"] == f"job:{parent}"
+    _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo"})
+    assert job["source"] == "http"
+    made = wait_until(lambda: (r := svc.call(b"queue:schedule?name=n&every=3600:echo:s"))
+                      and not r.startswith(b"503") and r)  # fmt: skip
+    assert json.loads(made)["name"] == "n"
+    fired = int(svc.call(b"queue:fire:n")[3:])
+    assert status(svc, fired)["source"] == "scheduler:n"
+
+
+def test_a_module_queued_only_by_the_scheduler(make_service, modules_dir):
+    write_module(modules_dir, "invoices", INVOICES)
+    svc = make_service(HTTP)
+    reply = svc.call(b"queue:add:invoices:monthly")  # the original's form, refused
+    assert reply.startswith(b"403: module invoices: queue only from scheduler (source tcp:")
+    status_code, error, _ = svc.http("POST", "/api/v1/jobs", {"module": "invoices"})
+    assert status_code == 403 and error["error"]["status"] == "PERMISSION_DENIED"
+    assert "queue only from scheduler (source http)" in error["error"]["message"]
+    assert svc.call(b"invoices:direct") == b"invoiced direct"  # QUEUE_FROM is about jobs
+    wait_until(lambda: not svc.call(b"queue:schedules").startswith(b"503"))
+    svc.call(b"queue:schedule?name=monthly&cron=0+6+1+*+*:invoices:all")
+    fired = svc.call(b"queue:fire:monthly")
+    assert fired.startswith(b"id:")
+    assert svc.call(b"queue:get:" + fired) == b"invoiced all"
+
+
+def test_source_is_the_operators_to_set(make_service):
+    svc = make_service(HTTP)
+    assert svc.call(b"queue:add?source=cron:echo:x").startswith(b"403: option source:")
+    code, error, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "source": "cron"})
+    assert code == 403 and "only with [http] token set" in error["error"]["message"]
+    svc.stop()
+    with_token = make_service('[http]\nenabled = true\nport = 0\ntoken = "s3cret"\n')
+    code, job, _ = with_token.http(
+        "POST", "/api/v1/jobs", {"module": "echo", "source": "cron"}, token="s3cret"
+    )
+    assert code == 201 and job["source"] == "cron"
