@@ -122,7 +122,8 @@ class HttpSettings:
     enabled: bool = False
     host: str = LOOPBACK
     port: int = 12380
-    token: str | None = None
+    token: str | None = None  # the token "default", of scope operate
+    tokens: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # name: (token, scope)
 
 
 @dataclass(frozen=True)

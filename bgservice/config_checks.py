@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from bgservice.http.tokens import check_tokens
 from bgservice.queue.rates import Rate, parse_rate
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -191,6 +192,7 @@ HTTP_CHECKS: dict[str, Check] = {
     "host": check_string,
     "port": check_port,
     "token": check_string,
+    "tokens": check_tokens,
 }
 ALERT_CHECKS: dict[str, Check] = {
     "module": check_string,

@@ -284,7 +284,7 @@ class Service:
         self.http_address = [host, port]
         access = AccessList.for_host(http.host, self.settings.allow)
         guard = "local peers only" if access.networks is None else "allow list enforced"
-        token = "bearer token required" if self.http.token else "no token"
+        token = "bearer token required" if self.http.tokens.configured else "no token"
         log.info("HTTP API and dashboard: http://%s:%d/ (%s, %s)", host, port, guard, token)
 
     async def _close_listeners(self) -> None:

@@ -61,10 +61,42 @@ def test_source_is_the_operators_to_set(make_service):
     svc = make_service(HTTP)
     assert svc.call(b"queue:add?source=cron:echo:x").startswith(b"403: option source:")
     code, error, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "source": "cron"})
-    assert code == 403 and "only with [http] token set" in error["error"]["message"]
+    assert code == 403 and "only for a token of scope operate" in error["error"]["message"]
     svc.stop()
     with_token = make_service('[http]\nenabled = true\nport = 0\ntoken = "s3cret"\n')
     code, job, _ = with_token.http(
         "POST", "/api/v1/jobs", {"module": "echo", "source": "cron"}, token="s3cret"
     )
     assert code == 201 and job["source"] == "cron"
+
+
+TOKENS = """[http]
+enabled = true
+port = 0
+[http.tokens]
+ro = { token = "read-only-1", scope = "read" }
+site = { token = "site-add-1", scope = "add" }
+ops = { token = "ops-operate-1", scope = "operate" }
+"""
+
+
+def test_named_tokens_with_scopes(make_service):
+    svc = make_service(TOKENS)
+    job = {"module": "echo", "data": "x"}
+    assert svc.http("GET", "/api/v1/jobs", token="read-only-1")[0] == 200
+    code, error, _ = svc.http("POST", "/api/v1/jobs", job, token="read-only-1")
+    assert code == 403 and error["error"]["status"] == "PERMISSION_DENIED"
+    assert "token ro has scope read: not POST /api/v1/jobs" in error["error"]["message"]
+    code, added, _ = svc.http("POST", "/api/v1/jobs", job, token="site-add-1")
+    assert code == 201 and added["source"] == "http:site"
+    code, error, _ = svc.http("POST", f"/api/v1/jobs/{added['id']}:cancel", token="site-add-1")
+    assert code == 403 and "scope add" in error["error"]["message"]
+    code, _, _ = svc.http("POST", "/api/v1/jobs", {**job, "source": "cron"}, token="site-add-1")
+    assert code == 403  # source= is the operator's
+    code, tagged, _ = svc.http(
+        "POST", "/api/v1/jobs", {**job, "source": "cron"}, token="ops-operate-1"
+    )
+    assert code == 201 and tagged["source"] == "cron"
+    assert svc.http("DELETE", "/api/v1/schedules/none", token="ops-operate-1")[0] in (404, 503)
+    assert svc.http("GET", "/api/v1/jobs", token="wrong-token")[0] == 401
+    assert svc.http("GET", "/metrics", token="read-only-1")[0] == 200

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hmac
 import logging
 import os
 import traceback
@@ -34,6 +33,7 @@ from bgservice.http.metrics import Metrics
 from bgservice.http.paging import next_token, parse_page
 from bgservice.http.replies import error_response
 from bgservice.http.schedules import ScheduleRoutes
+from bgservice.http.tokens import Token, Tokens
 from bgservice.queue.commands import parse_add, parse_list, parse_window
 from bgservice.queue.engine import JobQueue
 
@@ -73,7 +73,7 @@ class HttpApi:
         self.events = events
         self.queue = queue
         self.metrics = metrics
-        self.token = os.environ.get(TOKEN_ENV) or settings.http.token
+        self.tokens = Tokens(os.environ.get(TOKEN_ENV) or settings.http.token, settings.http.tokens)
         self.access = AccessList.for_host(settings.http.host, settings.allow)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
@@ -131,25 +131,19 @@ class HttpApi:
         if not self.access.allows(request.remote):
             return error_response(403, "Forbidden")
         public = request.path == "/" or request.path.startswith("/dashboard/")
-        if self.token and not public and not self._token_matches(request):
-            return error_response(
-                401, "Unauthorized: send Authorization: Bearer TOKEN",
-                {"WWW-Authenticate": 'Bearer realm="bgservice"'},
-            )  # fmt: skip
+        if self.tokens.configured and not public:
+            token = self.tokens.find(request.headers.get("Authorization", ""))
+            if token is None:
+                return error_response(
+                    401, "Unauthorized: send Authorization: Bearer TOKEN",
+                    {"WWW-Authenticate": 'Bearer realm="bgservice"'},
+                )  # fmt: skip
+            if not token.permits(request.method, request.path):
+                where = f"{request.method} {request.path}"
+                problem = f"token {token.name} has scope {token.scope}: not {where}"
+                return error_response(403, f"Forbidden: {problem}")
+            request["token"] = token
         return await handler(request)
-
-    def _token_matches(self, request: web.Request) -> bool:
-        assert self.token is not None
-        """``Authorization: Bearer TOKEN``, compared as bytes in constant time. aiohttp
-        decodes header bytes that are not UTF-8 as lone surrogates (surrogateescape), so
-        they are encoded back the same way: a stray byte is a wrong token, not a 500."""
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        try:
-            raw = given.strip().encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # a surrogate no parser produces: no token of ours
-            return False
-        expected = self.token.encode()
-        return scheme.lower() == "bearer" and hmac.compare_digest(raw, expected)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -213,9 +207,10 @@ class HttpApi:
 
     async def add_job(self, request: web.Request) -> web.StreamResponse:
         options, args = inputs.add_body(await inputs.json_body(request))
-        if "source" in options and not self.token:
-            raise Forbidden("field source: only with [http] token set (the operator's)")
-        options.setdefault("source", "http")
+        token: Token | None = request.get("token")
+        if "source" in options and (token is None or token.scope != "operate"):
+            raise Forbidden("field source: only for a token of scope operate")
+        options.setdefault("source", f"http:{token.name}" if token else "http")
         spec = parse_add(inputs.command("add", options, args))
         jid = await self.queue.add(spec)
         job = await self.queue.status(jid)
