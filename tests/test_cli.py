@@ -130,7 +130,9 @@ def test_serve_is_still_the_default_command_and_help_lists_every_command(tmp_pat
     assert result.returncode == 0 and "--config" in result.stdout  # serve's options
     listed = result.stdout.split("Commands:")[1].split("\n\n")[0]
     names = {line.split()[0] for line in listed.strip().splitlines()}
-    assert names == {"call", "send", "queue", "stats", "modules", "ping", "top", "serve"}
+    assert names == {
+        "call", "send", "queue", "schedule", "stats", "modules", "ping", "top", "serve"
+    }  # fmt: skip
 
 
 def test_the_address_is_taken_at_every_level(service):
