@@ -27,9 +27,11 @@ HTTP = f'[http]\nenabled = true\nport = 0\ntoken = "{TOKEN}"\n'
 EXAMPLES = int(os.environ.get("BGSERVICE_FUZZ_EXAMPLES", "60"))
 SEED = int(os.environ.get("BGSERVICE_FUZZ_SEED", "20"))
 
-# Two 400s the document cannot foresee: adding a job for a module the service has not
-# loaded (the socket protocol's "Unknown request"), and a page_token the service never
-# gave out (any string is a token to the document). GET /jobs/{id}?wait= may hold a
+# 400s the document cannot foresee: adding a job for a module the service has not
+# loaded (the socket protocol's "Unknown request"), a page_token the service never gave
+# out (any string is a token to the document), a schedule whose cron expression or time
+# zone does not exist (any string is one to the document), and running one whose module
+# the service has not loaded. GET /jobs/{id}?wait= may hold a
 # request for up to 300 s by design: the fuzzer waits 0.1 s.
 CONFIG = """
 [checks.positive_data_acceptance]
@@ -39,6 +41,12 @@ expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "424"]
 include-operation-id = "addJob"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "424"]
 
+[[operations]]
+include-operation-id = "createSchedule"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "409"]
+[[operations]]
+include-operation-id = "runSchedule"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404"]
 [[operations]]
 include-operation-id = "listJobs"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400"]

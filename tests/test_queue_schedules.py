@@ -27,16 +27,17 @@ TICK = '[[schedule]]\nname = "tick"\nmodule = "echo"\ndata = "tock"\nevery = 1\n
 
 
 def runs(svc, name: str = "tick") -> list[str]:
-    """The unique keys of the schedule's jobs (one per slot fired), every state."""
-    keys = []
+    """The unique keys of the schedule's jobs (one per slot fired), every state. The states
+    are listed one after another, so a job that moves meanwhile is counted once, by id."""
+    keys: dict[int, str] = {}
     for state in ("waiting", "running", "done", "failed"):
         listed = json.loads(svc.call(b"queue:list?state=%s&limit=1000" % state.encode()))
-        keys += [
-            j["unique"]
+        keys |= {
+            j["id"]: j["unique"]
             for j in listed[state]
             if (j["unique"] or "").startswith(f"schedule:{name}@")
-        ]
-    return keys
+        }
+    return list(keys.values())
 
 
 def schedules(svc) -> list[dict]:
