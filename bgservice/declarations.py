@@ -66,17 +66,33 @@ def queue_from(module: types.ModuleType) -> frozenset[str] | None:
     """``QUEUE_FROM``: the sources that may queue this module's jobs (None: any). Each is
     a source's kind (``scheduler``, ``http``, ``tcp``, ``unix``, ``job``) or a whole
     source (``http:ops``, ``scheduler:nightly``): see ``allowed``."""
-    raw = getattr(module, "QUEUE_FROM", None)
+    return _sources(module, "QUEUE_FROM", '{"scheduler"}')
+
+
+def call_from(module: types.ModuleType) -> frozenset[str] | None:
+    """``CALL_FROM``: the sources that may call this module directly (None: any): a
+    listener kind (``tcp``, ``unix``, ``udp``, ``unix_dgram``) or one with the peer's
+    address (``tcp:127.0.0.1``): see ``allowed``. Queued runs are governed by
+    ``QUEUE_FROM``, not by this."""
+    return _sources(module, "CALL_FROM", '{"unix", "tcp:10.0.0.5"}')
+
+
+def _sources(module: types.ModuleType, key: str, example: str) -> frozenset[str] | None:
+    raw = getattr(module, key, None)
     if raw is None:
         return None
     if isinstance(raw, str) or not all(isinstance(s, str) and s for s in raw):
-        raise ModuleLoadError('QUEUE_FROM must be a set of sources, e.g. {"scheduler"}')
+        raise ModuleLoadError(f"{key} must be a set of sources, e.g. {example}")
     return frozenset(raw)
 
 
 def allowed(source: str, rule: frozenset[str]) -> bool:
-    """``source`` (``kind:detail``) matches a rule entry that names it whole or its kind."""
-    return source in rule or source.partition(":")[0] in rule
+    """``source`` (``kind:detail``) matches a rule entry that names it whole, its kind, or
+    its kind and host without the port (``tcp:127.0.0.1`` for ``tcp:127.0.0.1:50312``)."""
+    if source in rule:
+        return True
+    kind, _, detail = source.partition(":")
+    return kind in rule or (":" in detail and f"{kind}:{detail.rpartition(':')[0]}" in rule)
 
 
 def serves(name: str, has_handler: bool, had_handler: bool) -> None:

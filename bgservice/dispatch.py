@@ -68,6 +68,13 @@ class Dispatcher:
             only = ", ".join(sorted(rule))
             raise Forbidden(f"module {module}: queue only from {only} (source {source})")
 
+    @staticmethod
+    def _admit(rule: frozenset[str], request: Request) -> None:
+        """403 when the module's ``CALL_FROM`` does not admit this direct call's source."""
+        if not allowed(source := request.source, rule):
+            only = ", ".join(sorted(rule))
+            raise Forbidden(f"module {request.module}: call only from {only} (source {source})")
+
     # --- entry points ------------------------------------------------------------------
 
     async def call(
@@ -85,6 +92,8 @@ class Dispatcher:
             if self.closing:
                 raise Busy("Shutting down")
             version, handler = self.execution.resolve(request.module, request.origin)
+            if version.call_from is not None and request.origin.direct:
+                self._admit(version.call_from, request)
             if timeout is None and fallback is None:
                 done, value = self.execution.start(version, handler, request)
                 if not done:
@@ -135,6 +144,8 @@ class Dispatcher:
         start = time.perf_counter()
         try:
             version, handler = self.execution.resolve(request.module, request.origin)
+            if version.call_from is not None and request.origin.direct:
+                self._admit(version.call_from, request)
             done, rest = self.execution.start(version, handler, request)
         except Exception as exc:
             self._notified(request, start, exc)

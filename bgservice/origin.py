@@ -26,6 +26,7 @@ class Origin(enum.Enum):
     accepts: str  # the ACCEPTS entry a module needs for it: "tcp", "udp" or "queue"
     alerted: bool  # a module failing it is worth a "call" alert at once
     transport: str  # the name modules see as request.transport (the value)
+    direct: bool  # a caller's own request (a listener's), governed by a module's CALL_FROM
 
     def __init__(self, value: str) -> None:
         self.is_datagram = value in ("udp", "unix_dgram")
@@ -35,3 +36,4 @@ class Origin(enum.Enum):
         # raises another.
         self.alerted = value not in ("queue", "alert")
         self.transport = value
+        self.direct = value in ("tcp", "unix", "udp", "unix_dgram")

@@ -34,6 +34,7 @@ from typing import Any
 from bgservice.declarations import (
     Handler,
     ModuleLoadError,
+    call_from,
     declarations,
     handler,
     queue_from,
@@ -75,6 +76,7 @@ class ModuleVersion:
     execution: str
     processes: int | None = None
     queue_from: frozenset[str] | None = None  # QUEUE_FROM: who may queue its jobs
+    call_from: frozenset[str] | None = None  # CALL_FROM: who may call it directly
     source: bytes = b""
     loaded_at: float = field(default_factory=time.time)
     active: int = 0
@@ -203,7 +205,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         tcp, udp = handler(module, "handle_tcp"), handler(module, "handle_udp")
         unload = getattr(module, "unload", None)
         accepts, timeout, execution, processes = declarations(module, tcp, udp)
-        sources = queue_from(module)
+        sources, callers = queue_from(module), call_from(module)
     except ModuleLoadError as exc:
         _restore(qualname, previous)
         raise ModuleLoadError(f"{path.name}: {exc}") from None
@@ -224,6 +226,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         execution=execution,
         processes=processes,
         queue_from=sources,
+        call_from=callers,
         source=loader.source,
     )
 

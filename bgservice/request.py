@@ -144,6 +144,11 @@ class Request:
         return self.origin.transport
 
     @property
+    def source(self) -> str:
+        """Where it came from, as jobs record it: ``tcp:127.0.0.1:50312``, ``unix``."""
+        return f"{self.transport}:{self.peer}" if self.peer else self.transport
+
+    @property
     def text(self) -> str:
         if self._text is None:
             self._text = self.data.decode("utf-8", errors="replace")

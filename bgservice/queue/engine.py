@@ -171,7 +171,7 @@ class JobQueue(abc.ABC):
     async def _add(self, cmd: Command, request: Request) -> bytes:
         if "source" in cmd.options:
             raise Forbidden("option source: only an HTTP caller with the API token sets it")
-        spec = dataclasses.replace(parse_add(cmd), source=source_of(request))
+        spec = dataclasses.replace(parse_add(cmd), source=request.source)
         jid = await self.add(spec)
         # add-and-wait: one round trip for a caller that only wants the result (the job is
         # stored first, as for any add, so a caller gone meanwhile loses nothing)
@@ -292,10 +292,6 @@ def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Containe
         if jid not in running and not waiter.done():
             waiter.set_result((503, b"Shutting down"))
 
-
-def source_of(request: Request) -> str:
-    """Where a request came from, as jobs record it: ``tcp:127.0.0.1:50312``, ``unix``."""
-    return f"{request.transport}:{request.peer}" if request.peer else request.transport
 
 
 def name_counts(pairs: Iterable[tuple[str | bytes | None, str]]) -> dict[str, dict[str, int]]:
