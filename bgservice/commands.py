@@ -103,6 +103,8 @@ class Commands:
                     "name": entry.name,
                     "state": entry.state,
                     "accepts": sorted(v.accepts) if v else [],
+                    "call_from": rule(v.call_from) if v else None,
+                    "queue_from": rule(v.queue_from) if v else None,
                     "execution": describe_execution(v) if v else None,
                     "timeout": self.execution.timeout_of(v) if v else None,
                     "loaded_at": v.loaded_at if v else None,
@@ -111,3 +113,8 @@ class Commands:
                 }
             )
         return rows
+
+
+def rule(sources: frozenset[str] | None) -> list[str] | None:
+    """A CALL_FROM / QUEUE_FROM rule as listed: its sources, or None (anyone)."""
+    return None if sources is None else sorted(sources)

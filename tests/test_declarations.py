@@ -4,6 +4,7 @@ dropped datagram), leaves queued runs to QUEUE_FROM, and a malformed rule fails 
 
 from __future__ import annotations
 
+import json
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -59,6 +60,9 @@ def test_call_from_admits_the_listed_sources_only(make_service, modules_dir, sho
     assert job.startswith(b"id:")
     assert wait_until(lambda: (r := svc.call(b"queue:get:" + job)) == b"reset later" and r)
     assert svc.stats()["modules"]["cache_reset"]["tcp"]["errors"] == 1  # the refusal counted
+    listed = {m["name"]: m for m in json.loads(svc.call(b"service:modules"))}
+    assert listed["cache_reset"]["call_from"] == ["udp:127.0.0.1", "unix"]
+    assert listed["cache_reset"]["queue_from"] is None and listed["echo"]["call_from"] is None
 
 
 def test_a_refused_datagram_is_logged(make_service, modules_dir):
