@@ -40,7 +40,7 @@ node_ok() {
 need=()
 want() { "${@:2}" || need+=("$1"); }
 want python3 have python3
-want python3-venv python3 -c 'import ensurepip, venv'  # Debian splits ensurepip off
+want python3-venv eval 'python3 -c "import ensurepip, venv" 2>/dev/null'  # Debian splits ensurepip off
 want nodejs have node
 want npm have npm
 if ((tests)); then
