@@ -179,6 +179,7 @@ def queue_jobs(jobs: int, helper: Server | None = None, client: str = "framed") 
         fig.add(column, jobs / result["seconds"], (server.cpu - cpu) / jobs * 1e6)
         if helper:
             fig.note(f"{helper.name} cpu_us", (helper.cpu - helper_cpu) / jobs * 1e6)
+        fig.note(f"{server.name} producers cpu_us", result["producer_cpu_s"] / jobs * 1e6)
         if result["worker_cpu_s"]:
             fig.note(f"{server.name} workers cpu_us", result["worker_cpu_s"] / jobs * 1e6)
         if result["errors"]:
