@@ -131,7 +131,14 @@ def _whole(name: str, text: str, minimum: int | None = 0) -> int:
     return value
 
 
-def parse_add(command: Command, now: float | None = None) -> AddSpec:
+def parse_add(command: Command, now: float | None = None, source: str | None = None) -> AddSpec:
+    """``queue:add``'s options and ``MODULE:DATA`` as an AddSpec; ``source`` is where the
+    request came from (an HTTP operator's ``source`` option takes its place)."""
+    if not command.options:  # the original's form: nothing to check but the module
+        module, data = split_request(command.args)
+        if not module:
+            raise BadRequest("queue:add: expected queue:add:MODULE:DATA")
+        return AddSpec(module=module, data=data, source=source)
     unknown = set(command.options) - ADD_OPTIONS
     if unknown:
         raise BadRequest(
@@ -163,7 +170,7 @@ def parse_add(command: Command, now: float | None = None) -> AddSpec:
         wait=_flag("wait", o["wait"]) if "wait" in o else False,
         name=_name(o["name"]) if o.get("name") else None,
         tags=_tags(o["tags"]) if o.get("tags") else (),
-        source=_name(o["source"]) if o.get("source") else None,
+        source=_name(o["source"]) if o.get("source") else source,
     )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import dataclasses
 import json
 import time
 from collections import Counter
@@ -171,7 +170,7 @@ class JobQueue(abc.ABC):
     async def _add(self, cmd: Command, request: Request) -> bytes:
         if "source" in cmd.options:
             raise Forbidden("option source: only an HTTP caller with the API token sets it")
-        spec = dataclasses.replace(parse_add(cmd), source=request.source)
+        spec = parse_add(cmd, source=request.source)
         jid = await self.add(spec)
         # add-and-wait: one round trip for a caller that only wants the result (the job is
         # stored first, as for any add, so a caller gone meanwhile loses nothing)

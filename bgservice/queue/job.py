@@ -49,7 +49,7 @@ TRANSITIONS: dict[tuple[JobState, JobState], str] = {
 
 def stored_after(after: tuple[int, ...]) -> str | None:
     """The ids a job runs after as stored (SQLite column, Redis field): ``"1,2,3"``."""
-    return ",".join(map(str, after)) or None
+    return ",".join(map(str, after)) if after else None
 
 
 def read_after(raw: int | str | bytes | None) -> tuple[int, ...]:
