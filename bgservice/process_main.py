@@ -36,8 +36,10 @@ class _Progress:
 
     cancelled = False
 
-    def __init__(self, worker: Worker, job: tuple[int, int, str | None], cid: int) -> None:
-        self.id, self.attempt, self.checkpoint = job
+    def __init__(
+        self, worker: Worker, job: tuple[int, int, str | None, str | None], cid: int
+    ) -> None:
+        self.id, self.attempt, self.checkpoint, self.source = job
         self._worker, self._cid = worker, cid
 
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:

@@ -33,7 +33,8 @@ class Call:
     data: bytes
     transport: str  # the request's Origin value
     peer: str
-    job: tuple[int, int, str | None] | None  # (job id, attempt, checkpoint): a queued run
+    # (job id, attempt, checkpoint, where it was added from): a queued run
+    job: tuple[int, int, str | None, str | None] | None
 
 
 @dataclass(frozen=True, slots=True)

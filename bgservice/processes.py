@@ -315,7 +315,8 @@ class ProcessPools:
         source = None if worker.loaded.get(name) == version.digest else version.source
         job = None
         if request.job is not None:
-            job = (request.job.id, request.job.attempt, request.job.checkpoint)
+            j = request.job
+            job = (j.id, j.attempt, j.checkpoint, j.source)
         worker.send(
             msg.Call(cid, name, str(version.path), version.digest, source, request.module,
                      request.data, request.transport, request.peer, job)

@@ -58,6 +58,7 @@ class JobContext:
     ) -> None:
         self.id = job.id
         self.attempt = job.attempts
+        self.source = job.source  # where the job was added from (Request.source)
         self._job = job
         self._loop = loop
         self._loop_thread = threading.get_ident()
@@ -145,7 +146,10 @@ class Request:
 
     @property
     def source(self) -> str:
-        """Where it came from, as jobs record it: ``tcp:127.0.0.1:50312``, ``unix``."""
+        """Where it came from, as jobs record it: ``tcp:127.0.0.1:50312``, ``unix``; in a
+        queued run, where its job was added from (``scheduler:nightly``, ``http:site``)."""
+        if self.job is not None and self.job.source:
+            return self.job.source
         return f"{self.transport}:{self.peer}" if self.peer else self.transport
 
     @property

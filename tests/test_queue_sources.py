@@ -100,3 +100,24 @@ def test_named_tokens_with_scopes(make_service):
     assert svc.http("DELETE", "/api/v1/schedules/none", token="ops-operate-1")[0] in (404, 503)
     assert svc.http("GET", "/api/v1/jobs", token="wrong-token")[0] == 401
     assert svc.http("GET", "/metrics", token="read-only-1")[0] == 200
+
+
+WHENCE = """
+async def handle_tcp(request):
+    return request.source
+"""
+
+
+def test_a_handler_sees_where_its_call_or_job_came_from(make_service, modules_dir):
+    write_module(modules_dir, "whence", WHENCE)
+    write_module(modules_dir, "whence_p", 'EXECUTION = "process"\n' + WHENCE)
+    svc = make_service(HTTP)
+    assert svc.call(b"whence:").startswith(b"tcp:127.0.0.1:")  # a direct call
+    by_tcp = add(svc, b"queue:add:whence:")
+    assert svc.call(b"queue:get:id:%d" % by_tcp) == status(svc, by_tcp)["source"].encode()
+    _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "whence_p"})  # a worker process
+    assert svc.call(b"queue:get:id:%d" % job["id"]) == b"http"
+    wait_until(lambda: not svc.call(b"queue:schedules").startswith(b"503"))
+    svc.call(b"queue:schedule?name=hourly&every=3600:whence_p:")
+    fired = svc.call(b"queue:fire:hourly")
+    assert svc.call(b"queue:get:" + fired) == b"scheduler:hourly"
