@@ -292,7 +292,6 @@ def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Containe
             waiter.set_result((503, b"Shutting down"))
 
 
-
 def name_counts(pairs: Iterable[tuple[str | bytes | None, str]]) -> dict[str, dict[str, int]]:
     """``queue:stats``' ``names``: job name -> {"waiting": N, "running": M}, for the jobs
     (name, state) given; jobs without a name are left out."""
