@@ -34,21 +34,19 @@ from redis.exceptions import RedisError, ResponseError
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.events import Events
 from bgservice.protocol import OK
-from bgservice.queue.commands import STATES, AddSpec, ListSpec
+from bgservice.queue.commands import AddSpec, ListSpec
 from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
     finished_result,
     not_found,
-    queue_stats,
     run_record,
 )
 from bgservice.queue.job import Job, stored_after
 from bgservice.queue.redis_db import RedisJobs, available, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_schedules import RedisSchedules
-from bgservice.queue.store import Run
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -82,6 +80,7 @@ class RedisQueue(RedisSchedules, JobQueue):
         self._progress_pending: set[int] = set()
         self._closing = False
         self._next_delayed: float | None = None
+        self._limits = ("{}", "{}")  # module limits and rates as CLAIM takes them (_runner)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -178,28 +177,11 @@ class RedisQueue(RedisSchedules, JobQueue):
 
     @available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        states = [spec.state] if spec.state else ["waiting", "running", "failed"]
-        now = time.time()
-        out: dict[str, Any] = {}
-        for state in states:
-            ids = await self.db.page(state, spec.offset, spec.limit)
-            jobs = [j for j in [await self.db.load(i) for i in ids] if j is not None]
-            out[state] = [j.describe(now, await self.db.position(j)) for j in jobs]
-        return out
+        return await self.db.listing(spec)
 
     @available
     async def stats(self, window: float) -> dict[str, Any]:
-        now = time.time()
-        pipe = self.db.redis.pipeline(transaction=False)
-        for state in STATES:
-            pipe.zcard(self.db.key(f"state:{state}"))
-        pipe.zrange(self.db.key("state:waiting"), 0, 0, withscores=True)
-        pipe.zrangebyscore(self.db.key("runs"), now - max(window, 60), "+inf")
-        *counts, oldest, raw_runs = await pipe.execute()
-        runs = [Run(**json.loads(r)) for r in raw_runs]
-        counted = dict(zip(STATES, counts, strict=True))
-        first = oldest[0][1] if oldest else None
-        stats = queue_stats(counted, first, runs, window, self.settings.workers)
+        stats = await self.db.stats(window, self.settings.workers)
         return {**stats, "instance_running": len(self._running), **await self.db.names()}
 
     # --- waiting for results ----------------------------------------------------------
@@ -271,7 +253,7 @@ class RedisQueue(RedisSchedules, JobQueue):
     async def _runner(self) -> None:
         """Claim jobs while this instance has free workers; sleep until woken."""
         delay = 0.1
-        limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates))
+        limits = self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates))
         while not self._closing:
             self._wake.clear()
             claimed = False
@@ -286,9 +268,8 @@ class RedisQueue(RedisSchedules, JobQueue):
                     continue
             if claimed:
                 continue
-            timeout = None
-            if self._next_delayed is not None:
-                timeout = max(0.0, self._next_delayed - time.time()) + 0.001
+            due = self._next_delayed
+            timeout = None if due is None else max(0.0, due - time.time()) + 0.001
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
@@ -296,7 +277,10 @@ class RedisQueue(RedisSchedules, JobQueue):
 
     async def _claim(self, limits: tuple[str, str]) -> bool:
         deadline = repr(time.time() + self.conf.lease)
-        reply = await self.db.call("CLAIM", deadline, self.owner, *limits)
+        return self._take(await self.db.call("CLAIM", deadline, self.owner, *limits))
+
+    def _take(self, reply: list[Any]) -> bool:
+        """Start the job a claim returned (CLAIM's reply, or the second part of END's)."""
         jid, next_delayed = int(reply[0]), reply[1]
         self._next_delayed = float(next_delayed) if next_delayed else None
         if not jid:
@@ -322,31 +306,49 @@ class RedisQueue(RedisSchedules, JobQueue):
             repr(outcome.run_at or now),
             json.dumps(run.__dict__),
             json.dumps(job.progress) if job.progress is not None else "",
+            # The worker this attempt frees claims the next job in the same script.
+            *(("", "", "") if self._closing else (repr(now + self.conf.lease), *self._limits)),
         )
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
-        recorded = await self._end(job, args, now)
+        recorded, claimed = await self._end(job, args, now)
         self._running.pop(job.id, None)
         self._ending.discard(job.id)
         if recorded and outcome.state.finished:  # waiters here: no read of what was written
             self._settle(job.id, result=(outcome.status or OK, outcome.body))
-        self._wake.set()
+        if claimed is not None:
+            await self._start_or_return(claimed)
+        self._wake.set()  # the runner claims more if workers are still free
 
-    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> bool:
+    async def _start_or_return(self, claimed: list[Any]) -> None:
+        """Run the job END claimed; while stopping, hand it back at once instead."""
+        if not self._closing:
+            self._take(claimed)
+        elif int(claimed[0]):
+            try:
+                await self.db.call("RELEASE", self.owner, str(int(claimed[0])))
+            except RedisError as exc:  # its lease runs out: another start runs it
+                log.warning("job %s not handed back (%s): its lease expires", claimed[0], exc)
+
+    async def _end(
+        self, job: Job, args: tuple[Any, ...], now: float
+    ) -> tuple[bool, list[Any] | None]:
         """Record the attempt's end; keep trying through an outage (the result is here).
-        False when it was not recorded (the lease was lost, or the service stops)."""
+        (False, None) when it was not recorded (the lease was lost, or the service stops);
+        else (True, the next job's claim, or None when none was asked for)."""
         delay = 0.1
         while True:
             try:
-                if not await self.db.call("END", *args, now=now):
+                reply = await self.db.call("END", *args, now=now)
+                if not reply:
                     log.warning(
                         "job %d (%s): lease lost while it ran; another instance runs it, "
                         "this result is discarded", job.id, job.module,
                     )  # fmt: skip
-                    return False
-                return True
+                    return False, None
+                return True, (reply[1] if len(reply) > 1 else None)
             except RedisError as exc:
                 if self._closing:
-                    return False  # its lease runs out; another instance runs it again
+                    return False, None  # its lease runs out; another instance runs it again
                 log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -19,9 +20,11 @@ from bgservice.config import QueueSettings, RedisSettings
 from bgservice.eager import hop, in_task
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.queue import redis_scripts
-from bgservice.queue.engine import name_counts, not_found
+from bgservice.queue.commands import STATES, ListSpec
+from bgservice.queue.engine import name_counts, not_found, queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_hash import job_from_hash
+from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
 NAMES_SCANNED = 1000
@@ -132,6 +135,31 @@ class RedisJobs:
         ready = [int(m) for m in await self.redis.zrange(self.key("ready"), 0, -1)]
         delayed = [int(m) for m in await self.redis.zrange(self.key("delayed"), 0, -1)]
         return (ready + delayed)[offset : offset + limit]
+
+    async def listing(self, spec: ListSpec) -> dict[str, Any]:
+        """``queue:list``: each state's page of jobs, described."""
+        states = [spec.state] if spec.state else ["waiting", "running", "failed"]
+        now = time.time()
+        out: dict[str, Any] = {}
+        for state in states:
+            ids = await self.page(state, spec.offset, spec.limit)
+            jobs = [j for j in [await self.load(i) for i in ids] if j is not None]
+            out[state] = [j.describe(now, await self.position(j)) for j in jobs]
+        return out
+
+    async def stats(self, window: float, workers: int) -> dict[str, Any]:
+        """``queue:stats`` from the shared counts and run history (engine.queue_stats)."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(self.key(f"state:{state}"))
+        pipe.zrange(self.key("state:waiting"), 0, 0, withscores=True)
+        pipe.zrangebyscore(self.key("runs"), now - max(window, 60), "+inf")
+        *counts, oldest, raw_runs = await pipe.execute()
+        runs = [Run(**json.loads(r)) for r in raw_runs]
+        counted = dict(zip(STATES, counts, strict=True))
+        first = oldest[0][1] if oldest else None
+        return queue_stats(counted, first, runs, window, workers)
 
     async def names(self) -> dict[str, Any]:
         """``queue:stats``' ``names``: waiting and running jobs per job name (the first

@@ -69,59 +69,62 @@ return {id, 'new'}
 """
 ADD = COMMON + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
 
-# ARGV: P, now, lease deadline, owner, module limits and rates as JSON ({} for none;
-# a rate {"mail": [10, 60]}: 10 starts per 60 s). Moves due delayed jobs to ready, then
-# takes the best ready job under its module's limit and rate: {id, next wake-up} and the
-# job's fields, or {0, next} (the next delayed job, or a throttled module's window).
-CLAIM = (
-    COMMON
-    + r"""
-local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
-for _, id in ipairs(due) do
-  redis.call('ZREM', P .. ':delayed', id)
-  if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
-end
-local limits = cjson.decode(ARGV[5])
-local rates = cjson.decode(ARGV[6])
-local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
-local function throttled(module)  -- when its rate window has room again; nil: now
-  local rate, rk = rates[module], P .. ':rate:' .. module
-  if not rate then return nil end
-  redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - rate[2])
-  if redis.call('ZCARD', rk) < rate[1] then return nil end
-  return tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + rate[2]
-end
-local candidates = redis.call('ZRANGE', P .. ':ready', 0, 99)
-for _, member in ipairs(candidates) do
-  local id = tostring(tonumber(member))
-  local jk = jkey(id)
-  if redis.call('HGET', jk, 'state') ~= 'waiting' then
-    redis.call('ZREM', P .. ':ready', member)
-  else
-    local module = redis.call('HGET', jk, 'module')
-    local limit = limits[module]
-    local running = tonumber(redis.call('HGET', P .. ':modrun', module) or '0')
-    local free = throttled(module)
-    if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
-    if not free and (not limit or running < limit) then
-      if rates[module] then
-        redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
-        redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
-      end
+# The claim, shared by CLAIM and END (an attempt's end takes the next job in the same round
+# trip): moves due delayed jobs to ready, then takes the best ready job under its module's
+# limit and rate (limits and rates as JSON, {} for none; a rate {"mail": [10, 60]}: 10
+# starts per 60 s). Returns {id, next wake-up, the job's fields}, or {0, next} (the next
+# delayed job, or a throttled module's window).
+CLAIM_FN = r"""
+local function claim(deadline, owner, limits_json, rates_json)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', P .. ':delayed', id)
+    if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
+  end
+  local limits = cjson.decode(limits_json)
+  local rates = cjson.decode(rates_json)
+  local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
+  local function throttled(module)  -- when its rate window has room again; nil: now
+    local rate, rk = rates[module], P .. ':rate:' .. module
+    if not rate then return nil end
+    redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - rate[2])
+    if redis.call('ZCARD', rk) < rate[1] then return nil end
+    return tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + rate[2]
+  end
+  local candidates = redis.call('ZRANGE', P .. ':ready', 0, 99)
+  for _, member in ipairs(candidates) do
+    local id = tostring(tonumber(member))
+    local jk = jkey(id)
+    if redis.call('HGET', jk, 'state') ~= 'waiting' then
       redis.call('ZREM', P .. ':ready', member)
-      redis.call('HINCRBY', P .. ':modrun', module, 1)
-      redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', ARGV[4])
-      redis.call('HINCRBY', jk, 'attempts', 1)
-      redis.call('HDEL', jk, 'progress')
-      redis.call('ZADD', P .. ':running', ARGV[3], id)
-      move(id, 'waiting', 'running', NOW)
-      return {id, nextd, redis.call('HGETALL', jk)}
+    else
+      local module = redis.call('HGET', jk, 'module')
+      local limit = limits[module]
+      local running = tonumber(redis.call('HGET', P .. ':modrun', module) or '0')
+      local free = throttled(module)
+      if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
+      if not free and (not limit or running < limit) then
+        if rates[module] then
+          redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
+          redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
+        end
+        redis.call('ZREM', P .. ':ready', member)
+        redis.call('HINCRBY', P .. ':modrun', module, 1)
+        redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner)
+        redis.call('HINCRBY', jk, 'attempts', 1)
+        redis.call('HDEL', jk, 'progress')
+        redis.call('ZADD', P .. ':running', deadline, id)
+        move(id, 'waiting', 'running', NOW)
+        return {id, nextd, redis.call('HGETALL', jk)}
+      end
     end
   end
+  return {0, nextd}
 end
-return {0, nextd}
 """
-)
+
+# ARGV: P, now, lease deadline, owner, module limits and rates as JSON.
+CLAIM = COMMON + CLAIM_FN + "return claim(ARGV[3], ARGV[4], ARGV[5], ARGV[6])\n"
 
 
 def _release(body: str) -> str:
@@ -203,11 +206,14 @@ return {lost, cancel}
 )
 
 # ARGV: P, now, id, owner, state, status, result, error, expires, run_at, run record,
-# last progress report ('' if none).
+# last progress report ('' if none), then the next claim's lease deadline ('' for none),
+# module limits and rates (as CLAIM takes them).
 # The end of one attempt: a retry (state "waiting", at run_at) or a finished job. Does
-# nothing (returns 0) if this instance no longer holds the job.
+# nothing (returns 0) if this instance no longer holds the job. Recorded: {1}, or {1, what
+# CLAIM returns}: the worker this attempt frees takes the next job in the same round trip.
 END = (
     COMMON
+    + CLAIM_FN
     + r"""
 local id, state = ARGV[3], ARGV[5]
 local jk = jkey(id)
@@ -226,7 +232,8 @@ else
   finish(id, state, ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 end
 wake()
-return 1
+if ARGV[13] == '' then return {1} end
+return {1, claim(ARGV[13], ARGV[4], ARGV[14], ARGV[15])}
 """
 )
 
