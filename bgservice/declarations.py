@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bgservice.errors import Forbidden
 from bgservice.origin import Origin
 
 # What ACCEPTS may name: tcp, udp, queue.
@@ -93,6 +94,14 @@ def allowed(source: str, rule: frozenset[str]) -> bool:
         return True
     kind, _, detail = source.partition(":")
     return kind in rule or (":" in detail and f"{kind}:{detail.rpartition(':')[0]}" in rule)
+
+
+def admit(rule: frozenset[str], source: str, what: str) -> None:
+    """403 naming the rule when ``source`` does not match it: ``what`` says what is refused
+    (``module invoices: queue``, ``module cache_reset: call``)."""
+    if not allowed(source, rule):
+        only = ", ".join(sorted(rule))
+        raise Forbidden(f"{what} only from {only} (source {source or None})")
 
 
 def serves(name: str, has_handler: bool, had_handler: bool) -> None:

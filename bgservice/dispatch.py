@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bgservice.config import Settings
-from bgservice.declarations import allowed
-from bgservice.errors import Busy, Forbidden, HandlerError, ServiceError
+from bgservice.declarations import admit
+from bgservice.errors import Busy, HandlerError, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.execution import RESERVED, Execution
 from bgservice.origin import Origin
@@ -63,17 +63,8 @@ class Dispatcher:
         """Raise the error a queued job for ``module`` would get, now (``queue:add``), and
         403 when the module's ``QUEUE_FROM`` does not admit ``source``."""
         version, _ = self.execution.resolve(module, Origin.QUEUE)
-        rule = version.queue_from
-        if rule is not None and not allowed(source or "", rule):
-            only = ", ".join(sorted(rule))
-            raise Forbidden(f"module {module}: queue only from {only} (source {source})")
-
-    @staticmethod
-    def _admit(rule: frozenset[str], request: Request) -> None:
-        """403 when the module's ``CALL_FROM`` does not admit this direct call's source."""
-        if not allowed(source := request.source, rule):
-            only = ", ".join(sorted(rule))
-            raise Forbidden(f"module {request.module}: call only from {only} (source {source})")
+        if version.queue_from is not None:
+            admit(version.queue_from, source or "", f"module {module}: queue")
 
     # --- entry points ------------------------------------------------------------------
 
@@ -93,7 +84,7 @@ class Dispatcher:
                 raise Busy("Shutting down")
             version, handler = self.execution.resolve(request.module, request.origin)
             if version.call_from is not None and request.origin.direct:
-                self._admit(version.call_from, request)
+                admit(version.call_from, request.source, f"module {request.module}: call")
             if timeout is None and fallback is None:
                 done, value = self.execution.start(version, handler, request)
                 if not done:
@@ -145,7 +136,7 @@ class Dispatcher:
         try:
             version, handler = self.execution.resolve(request.module, request.origin)
             if version.call_from is not None and request.origin.direct:
-                self._admit(version.call_from, request)
+                admit(version.call_from, request.source, f"module {request.module}: call")
             done, rest = self.execution.start(version, handler, request)
         except Exception as exc:
             self._notified(request, start, exc)

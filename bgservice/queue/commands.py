@@ -134,11 +134,6 @@ def _whole(name: str, text: str, minimum: int | None = 0) -> int:
 def parse_add(command: Command, now: float | None = None, source: str | None = None) -> AddSpec:
     """``queue:add``'s options and ``MODULE:DATA`` as an AddSpec; ``source`` is where the
     request came from (an HTTP operator's ``source`` option takes its place)."""
-    if not command.options:  # the original's form: nothing to check but the module
-        module, data = split_request(command.args)
-        if not module:
-            raise BadRequest("queue:add: expected queue:add:MODULE:DATA")
-        return AddSpec(module=module, data=data, source=source)
     unknown = set(command.options) - ADD_OPTIONS
     if unknown:
         raise BadRequest(
@@ -149,6 +144,8 @@ def parse_add(command: Command, now: float | None = None, source: str | None = N
     if not module:
         raise BadRequest("queue:add: expected queue:add:MODULE:DATA")
     o = command.options
+    if not o:  # the original's form: nothing more to check
+        return AddSpec(module=module, data=data, source=source)
     run_at = None
     if "delay" in o:
         run_at = (now or time.time()) + _number("delay", o["delay"])

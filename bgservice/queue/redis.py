@@ -253,13 +253,13 @@ class RedisQueue(RedisSchedules, JobQueue):
     async def _runner(self) -> None:
         """Claim jobs while this instance has free workers; sleep until woken."""
         delay = 0.1
-        limits = self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates))
+        self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates))
         while not self._closing:
             self._wake.clear()
             claimed = False
             if len(self._running) < self.settings.workers:
                 try:
-                    claimed = await self._claim(limits)
+                    claimed = await self._claim()
                     delay = 0.1
                 except RedisError as exc:
                     log.warning("cannot claim jobs (%s): retrying in %.1f s", exc, delay)
@@ -275,9 +275,9 @@ class RedisQueue(RedisSchedules, JobQueue):
             except TimeoutError:
                 pass
 
-    async def _claim(self, limits: tuple[str, str]) -> bool:
+    async def _claim(self) -> bool:
         deadline = repr(time.time() + self.conf.lease)
-        return self._take(await self.db.call("CLAIM", deadline, self.owner, *limits))
+        return self._take(await self.db.call("CLAIM", deadline, self.owner, *self._limits))
 
     def _take(self, reply: list[Any]) -> bool:
         """Start the job a claim returned (CLAIM's reply, or the second part of END's)."""
