@@ -302,7 +302,10 @@ class Registry:
 
     async def _load(self, name: str, force: bool = False) -> None:
         path = self.folder / f"{name}.py"
-        entry = self._entries.setdefault(name, ModuleEntry(name))
+        # A new module's entry goes in only once its first import has ended (loaded, or
+        # failed with its error): meanwhile its calls get "Unknown request", not a 502
+        # "failed to load: None" for a load that has not finished (seen as a CI flake).
+        entry = self._entries.get(name) or ModuleEntry(name)
         loop = asyncio.get_running_loop()
         if not force and entry.version is not None and not entry.error:
             digest = await loop.run_in_executor(self._loader, _digest, path)
@@ -315,11 +318,13 @@ class Registry:
         except ModuleLoadError as exc:
             entry.error, entry.error_at = str(exc), time.time()
             entry.failures += 1
+            self._entries[name] = entry
             keeps = " (the last good version keeps serving)" if entry.version else ""
             log.error("module %s failed to load: %s%s", name, exc, keeps)
             self._events.emit(MODULE_FAILED, name=name, error=str(exc))
             return
         old, entry.version, entry.error, entry.error_at = entry.version, version, None, None
+        self._entries[name] = entry
         if old is None:
             log.info("module %s loaded", name)
         else:

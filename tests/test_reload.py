@@ -37,6 +37,20 @@ def test_a_new_module_file_is_served(service):
     wait_until(lambda: replies(service, b"fresh:x", b"new"))
 
 
+def test_a_new_module_is_unknown_until_its_first_import_ends(service):
+    # Its import takes a second: calls meanwhile get what they got before the file existed,
+    # never a 502 for a load that has not finished.
+    marker = service.modules / "importing.txt"
+    write_module(service.modules, "slow", (
+        "import time\nfrom pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('started')\ntime.sleep(1.0)\n"
+        "def handle_tcp(request):\n    return 'slow ready'\n"
+    ))  # fmt: skip
+    wait_until(marker.exists)
+    assert service.call(b"slow:x") == b"400: Unknown request"
+    assert wait_until(lambda: service.call(b"slow:x") == b"slow ready")
+
+
 def test_in_place_edit_serves_the_new_code_and_unloads_the_old(modules_dir, make_service):
     path = write_module(modules_dir, "hot", version("v1"))
     svc = make_service()
