@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import sys
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -70,6 +72,28 @@ __all__ = [
 
 # --- blocking ---------------------------------------------------------------------------
 
+# Most a read takes at once. Under glibc's mmap threshold (128 KiB): CPython allocates the
+# whole size for every recv, and a larger one came from mmap, shrunk with mremap and freed
+# with munmap: three system calls and page faults per reply, about half of a lock-step
+# producer's CPU (strace; docs/benchmarks.md).
+RECV_SIZE = 65536
+
+# Where the kernel can time out a blocking socket (SO_RCVTIMEO / SO_SNDTIMEO take a
+# struct timeval), the connection stays blocking and the kernel keeps the timeout: with
+# Python's own socket timeout every send and every recv polls first: two more system calls
+# per request (strace; docs/benchmarks.md). Windows takes milliseconds there instead: it
+# keeps Python's timeout.
+KERNEL_TIMEOUTS = sys.platform != "win32"
+
+
+def _timeval(seconds: float | None) -> bytes:
+    """``seconds`` as a struct timeval for SO_RCVTIMEO; zero is "never" to the kernel, so
+    None is zero and any other time at least a microsecond."""
+    if seconds is None:
+        return struct.pack("ll", 0, 0)
+    micros = max(1, round(seconds * 1_000_000))
+    return struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
+
 
 class Client(Where):
     """A blocking client on one persistent framed connection. Not thread-safe: use one per
@@ -77,6 +101,7 @@ class Client(Where):
 
     def _start(self) -> None:
         self._sock: socket.socket | None = None
+        self._timeout: float | None = None  # the timeout the open connection has
         self._decoder = ReplyDecoder()
         self._ready: deque[tuple[int, bytes]] = deque()
 
@@ -212,11 +237,12 @@ class Client(Where):
             sock = self._connect()
             try:
                 wanted = timeout if timeout is not None else self.timeout
-                if sock.gettimeout() != wanted:  # settimeout costs two fcntl calls
-                    sock.settimeout(wanted)
+                if wanted != self._timeout:  # a system call or two: only when it changes
+                    self._set_timeout(sock, wanted)
                 sock.sendall(frames)
                 return [self._read(sock) for _ in range(count)]
-            except TimeoutError:
+            # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
+            except (TimeoutError, BlockingIOError):
                 self.close()
                 raise ClientTimeout(f"no reply from {self.address} in time") from None
             except OSError as exc:
@@ -243,12 +269,23 @@ class Client(Where):
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._set_timeout(sock, self.timeout)
         self._sock, self._decoder, self._ready = sock, ReplyDecoder(), deque()
         return sock
 
+    def _set_timeout(self, sock: socket.socket, timeout: float | None) -> None:
+        self._timeout = timeout
+        if not KERNEL_TIMEOUTS:
+            sock.settimeout(timeout)
+            return
+        sock.settimeout(None)  # blocking: the kernel times out each send and recv
+        value = _timeval(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
     def _read(self, sock: socket.socket) -> tuple[int, bytes]:
         while not self._ready:
-            chunk = sock.recv(1 << 20)
+            chunk = sock.recv(RECV_SIZE)
             if not chunk:
                 raise ConnectionResetError("closed by the service")
             self._ready.extend(self._decoder.feed(chunk))

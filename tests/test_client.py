@@ -95,6 +95,31 @@ def test_timeout_and_service_down(service):
     Client(f"127.0.0.1:{free_port()}").send("test", "never raises")
 
 
+def test_a_call_timeout_of_its_own_on_the_kept_connection(service):
+    # The connection keeps the kernel's timeout (SO_RCVTIMEO); a call with a timeout of
+    # its own changes it for that call, and the next call gets the client's back.
+    with Client(address(service), timeout=0.3) as bg:
+        job = bg.add("sleep", "700")
+        assert bg.get(job, timeout=5) == b"slept 700"  # longer than the client's: waits
+        with pytest.raises(ClientTimeout):
+            bg.call("sleep", "3000")  # the client's 0.3 s again
+        job = bg.add("sleep", "2000")
+        with pytest.raises(ClientTimeout):
+            bg.get(job, timeout=0.2)  # shorter than the client's
+        assert bg.call("test") == b"Test"
+
+
+def test_replies_larger_than_one_read(tmp_path, make_service):
+    # A reply many times the client's read size arrives whole, over TCP and a Unix socket.
+    sock = tmp_path / "bg.sock"
+    svc = make_service(f'[[listen]]\nhost = "127.0.0.1"\nport = 0\nunix = "{sock}"\n')
+    payload = bytes(range(256)) * 12_000  # about 3 MB
+    for where in (address(svc), str(sock)):
+        with Client(where, timeout=10) as bg:
+            assert bg.call("echo", payload) == payload
+            assert bg.requests([b"echo:" + payload, b"test:"]) == [(200, payload), (200, b"Test")]
+
+
 def test_send_over_udp(modules_dir, make_service):
     write_module(
         modules_dir,
