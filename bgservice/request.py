@@ -202,6 +202,8 @@ class Request:
         if after is not None:
             many = after if isinstance(after, list | tuple) else [after]
             options["after"] = after_ids(",".join(map(str, many)))
-        source = f"job:{self.job.id}" if self.job is not None else self.transport
+        # A job's module adds as "job:ID"; a direct call's as where the call came from,
+        # the same source a queue:add over that connection records (tcp:HOST:PORT, unix).
+        source = f"job:{self.job.id}" if self.job is not None else self.source
         spec = AddSpec(module=module, data=to_bytes(data), run_at=run_at, source=source, **options)
         return await self.jobs.add(spec)

@@ -32,6 +32,9 @@ def test_every_job_records_its_source(make_service, modules_dir):
     parent = add(svc, b"queue:add:fan:")
     child = int(svc.call(b"queue:get:id:%d" % parent))
     assert status(svc, child)["source"] == f"job:{parent}"
+    # Called directly, its handler adds with the call's own source, as queue:add records it.
+    direct = int(svc.call(b"fan:"))
+    assert status(svc, direct)["source"].startswith("tcp:127.0.0.1:")
     _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo"})
     assert job["source"] == "http"
     made = wait_until(lambda: (r := svc.call(b"queue:schedule?name=n&every=3600:echo:s"))
