@@ -44,7 +44,7 @@ from bgservice.queue.engine import (
     run_record,
 )
 from bgservice.queue.job import Job, stored_after
-from bgservice.queue.redis_db import RedisJobs, available, script_error
+from bgservice.queue.redis_db import RedisJobs, available, batched, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_schedules import RedisSchedules
 from bgservice.stats import Stats
@@ -114,11 +114,11 @@ class RedisQueue(RedisSchedules, JobQueue):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.db.redis.aclose()
+        await self.db.close()
 
     # --- commands ---------------------------------------------------------------------
 
-    @available
+    @batched
     async def add(self, spec: AddSpec) -> int:
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         now = time.time()
@@ -131,7 +131,7 @@ class RedisQueue(RedisSchedules, JobQueue):
             raise script_error(-jid, text.decode())
         return int(jid)
 
-    @available
+    @batched
     async def get(self, jid: int) -> Result:
         waiter = self._waiters.get(jid)
         if waiter is None:
@@ -146,7 +146,7 @@ class RedisQueue(RedisSchedules, JobQueue):
         # Shielded: one client hanging up must not cancel the result for the others.
         return await asyncio.shield(waiter)
 
-    @available
+    @batched
     async def check(self, jid: int) -> str:
         return (await self.db.require(jid)).state.check_code
 
@@ -156,17 +156,17 @@ class RedisQueue(RedisSchedules, JobQueue):
         throttled = await self.db.free_at(job, self.rates.rates.get(job.module))
         return job.describe(time.time(), await self.db.position(job), throttled)
 
-    @available
+    @batched
     async def cancel(self, jid: int) -> str:
         expires = repr(time.time() + self.settings.keep_results)
         return (await self.db.checked("CANCEL", jid, expires)).decode()
 
-    @available
+    @batched
     async def retry(self, jid: int) -> int:
         await self.db.checked("RETRY", jid)
         return jid
 
-    @available
+    @batched
     async def delete(self, jid: int) -> None:
         await self.db.checked("DELETE", jid)
 

@@ -23,6 +23,7 @@ from bgservice.queue import redis_scripts
 from bgservice.queue.commands import STATES, ListSpec
 from bgservice.queue.engine import name_counts, not_found, queue_stats
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_hash import job_from_hash
 from bgservice.queue.store import Run
 
@@ -38,10 +39,23 @@ def available(
 ) -> Callable[P, Coroutine[Any, Any, T]]:
     """Redis unreachable -> 503 for this command (the client reconnects by itself).
     Started eagerly (bgservice.eager), it first moves into a task: redis-py needs one."""
+    return _guarded(method, into_task=True)
 
+
+def batched(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``available`` for a command whose Redis commands all go through the Batcher (which
+    needs no task of the caller's): started eagerly, it sends them in its first step."""
+    return _guarded(method, into_task=False)
+
+
+def _guarded(
+    method: Callable[P, Coroutine[Any, Any, T]], into_task: bool
+) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if not in_task(asyncio.get_running_loop()):
+        if into_task and not in_task(asyncio.get_running_loop()):
             await hop()
         try:
             return await method(*args, **kwargs)
@@ -73,13 +87,18 @@ class RedisJobs:
             name: self.redis.register_script(getattr(redis_scripts, name))
             for name in redis_scripts.NAMES
         }
+        self.batch = Batcher(self.redis, self.scripts)
+
+    async def close(self) -> None:
+        await self.batch.close()  # the pipelines in flight are answered first
+        await self.redis.aclose()
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
 
     async def call(self, script: str, *args: Any, now: float | None = None) -> Any:
         when = repr(time.time() if now is None else now)
-        return await self.scripts[script](args=[self.prefix, when, *args])
+        return await self.batch.script(script, [self.prefix, when, *args])
 
     async def checked(self, script: str, *args: Any) -> bytes:
         """A script that replies {code, text}: the text, or its error reply raised."""
@@ -89,7 +108,7 @@ class RedisJobs:
         return bytes(text)
 
     async def load(self, jid: int) -> Job | None:
-        fields = await self.redis.hgetall(self.key(f"job:{jid}"))
+        fields = await self.batch.execute("HGETALL", self.key(f"job:{jid}"))
         if not fields:
             return None
         job = job_from_hash(jid, fields)
