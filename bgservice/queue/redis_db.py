@@ -24,7 +24,7 @@ from bgservice.queue.commands import STATES, ListSpec
 from bgservice.queue.engine import name_counts, not_found, queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
-from bgservice.queue.redis_hash import job_from_hash
+from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,11 @@ class RedisJobs:
     def __init__(self, conf: RedisSettings, settings: QueueSettings) -> None:
         self.prefix = conf.prefix
         self.settings = settings
+        timeout = max(conf.connect_timeout, 5.0)
         self.redis = aioredis.from_url(
             conf.url,
             socket_connect_timeout=conf.connect_timeout,
-            socket_timeout=max(conf.connect_timeout, 5.0),
+            socket_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
             health_check_interval=15,
         )
@@ -87,10 +88,17 @@ class RedisJobs:
             name: self.redis.register_script(getattr(redis_scripts, name))
             for name in redis_scripts.NAMES
         }
-        self.batch = Batcher(self.redis, self.scripts)
+        self.batch = Batcher(
+            aioredis.from_url(
+                conf.url, socket_connect_timeout=conf.connect_timeout, health_check_interval=15
+            ),
+            self.scripts,
+            timeout,
+        )
 
     async def close(self) -> None:
         await self.batch.close()  # the pipelines in flight are answered first
+        await self.batch.redis.aclose()
         await self.redis.aclose()
 
     def key(self, name: str) -> str:
@@ -108,7 +116,7 @@ class RedisJobs:
         return bytes(text)
 
     async def load(self, jid: int) -> Job | None:
-        fields = await self.batch.execute("HGETALL", self.key(f"job:{jid}"))
+        fields = pairs(await self.batch.execute("HGETALL", self.key(f"job:{jid}")))
         if not fields:
             return None
         job = job_from_hash(jid, fields)
