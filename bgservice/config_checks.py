@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from importlib.util import find_spec
 from typing import Any
 
 from bgservice.http.tokens import check_tokens
@@ -113,6 +114,9 @@ def _one_shot_end(v: Any) -> str:
 def _backend(v: Any) -> str:
     if v not in ("sqlite", "redis"):
         raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
+    missing = [m for m in ("redis", "hiredis") if v == "redis" and find_spec(m) is None]
+    if missing:  # said at start-up, not as a traceback from the first import
+        raise ValueError(f"needs {' and '.join(missing)}: pip install 'bgservice[redis]'")
     return str(v)
 
 

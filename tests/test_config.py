@@ -364,6 +364,21 @@ def test_bad_config_exits_2_with_one_message_and_binds_nothing(tmp_path):
     assert port_is_free(port)
 
 
+def test_the_redis_engine_without_its_client_is_a_configuration_error(tmp_path):
+    # As a machine without the [redis] extra: the service says what to install, at start.
+    cfg = write(tmp_path / "r.config", '[queue]\nbackend = "redis"\n')
+    hidden = "import runpy, sys; sys.modules['hiredis'] = None; sys.argv = sys.argv[1:]; "
+    hidden += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    result = subprocess.run(
+        [sys.executable, "-c", hidden, str(REPO / "service.py"), "-c", str(cfg)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "configuration error" in result.stderr and "backend" in result.stderr
+    assert "needs hiredis: pip install 'bgservice[redis]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_config_file_exits_2(tmp_path):
     result = run_cli("-c", str(tmp_path / "nope.config"), cwd=tmp_path)
     assert result.returncode == 2
