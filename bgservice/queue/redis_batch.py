@@ -71,8 +71,8 @@ class Batcher:
             replies = await self._pipeline([command for command, _ in batch])
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # Redis restarted or flushed its scripts: load them, send those again
-                for script in self.scripts.values():
-                    await self.redis.script_load(script.script)
+                loads = [("SCRIPT", "LOAD", script.script) for script in self.scripts.values()]
+                await self._pipeline(loads)  # under the pipeline timeout, as the rest
                 again = await self._pipeline([batch[i][0] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
