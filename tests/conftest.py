@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -307,6 +308,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server.url
     server.stop()
+
+
+def redis_command(url: str, *words: str, timeout: float = 5) -> bytes:
+    """One command to redis-server in its own protocol (RESP), its raw reply."""
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as sock:
+        parts = [f"*{len(words)}\r\n".encode()]
+        for word in words:
+            parts.append(f"${len(word.encode())}\r\n{word}\r\n".encode())
+        sock.sendall(b"".join(parts))
+        return sock.recv(65536)
 
 
 @pytest.fixture

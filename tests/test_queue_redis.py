@@ -11,12 +11,20 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RedisServer, ServiceProcess, redis_config, wait_until, write_module
+from tests.conftest import (
+    RedisServer,
+    ServiceProcess,
+    redis_command,
+    redis_config,
+    wait_until,
+    write_module,
+)
 
 WHOAMI = """
 import os
@@ -198,3 +206,37 @@ def test_no_false_lease_lost_warnings_for_jobs_that_just_ended(tmp_path, redis_u
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
             svc.proc.wait()
+
+
+def test_a_quiet_channel_is_not_a_lost_connection(tmp_path, redis_url):
+    # An idle instance used to log "Redis connection lost (Timeout reading ...)" every
+    # 5 s and subscribe again: redis-py's read timeout on a channel that had nothing to say.
+    prefix = f"quiet-{uuid.uuid4().hex[:8]}"
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(redis_url, prefix))
+    try:
+        svc.start()
+        time.sleep(12)  # twice the ping interval: pinged, answered, pinged again
+        assert "connection lost" not in svc.log()
+        jid = add(svc, b"queue:add:echo:after the quiet")  # the sleeping runner hears wake
+        assert svc.call(b"queue:get:id:%d" % jid) == b"after the quiet"
+    finally:
+        svc.stop()
+
+
+def test_a_frozen_redis_is_found_by_the_ping(tmp_path):
+    # A connection that stops answering without a word (here: Redis pausing every client)
+    # is found when the ping after a quiet spell gets no answer; it subscribes again after.
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "frozen"))
+    try:
+        svc.start()
+        assert redis_command(server.url, "CLIENT", "PAUSE", "13000", "ALL") == b"+OK\r\n"
+        wait_until(lambda: "no answer to a ping" in svc.log(), timeout=20)
+        time.sleep(3)  # the pause ends
+        jid = add(svc, b"queue:add:echo:thawed")
+        assert svc.call(b"queue:get:id:%d" % jid) == b"thawed"
+    finally:
+        svc.stop()
+        server.stop()

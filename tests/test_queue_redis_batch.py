@@ -5,24 +5,11 @@ and scripts Redis no longer has are loaded again without losing or repeating a c
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
-from urllib.parse import urlparse
 
 from bgservice.client import AsyncClient
-from tests.conftest import ServiceProcess, redis_config
+from tests.conftest import ServiceProcess, redis_command, redis_config
 from tests.queue_helpers import add
-
-
-def redis_command(url: str, *words: str) -> bytes:
-    """One command to redis-server in its own protocol (RESP), its raw reply."""
-    where = urlparse(url)
-    with socket.create_connection((where.hostname, where.port), timeout=5) as sock:
-        parts = [f"*{len(words)}\r\n".encode()]
-        for word in words:
-            parts.append(f"${len(word.encode())}\r\n{word}\r\n".encode())
-        sock.sendall(b"".join(parts))
-        return sock.recv(65536)
 
 
 def start(tmp_path, redis_url) -> ServiceProcess:

@@ -44,7 +44,7 @@ from bgservice.queue.engine import (
     run_record,
 )
 from bgservice.queue.job import Job, stored_after
-from bgservice.queue.redis_db import RedisJobs, available, batched, script_error
+from bgservice.queue.redis_db import RedisJobs, available, batched, follow, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_schedules import RedisSchedules
 from bgservice.stats import Stats
@@ -223,8 +223,8 @@ class RedisQueue(RedisSchedules, JobQueue):
                 self._wake.set()  # missed events while away: look again
                 for jid in list(self._waiters):
                     await self._deliver(jid)
-                async for message in pubsub.listen():
-                    self._event(message["data"])
+                async for data in follow(pubsub, self.db.timeout):
+                    self._event(data)
             except RedisError as exc:
                 log.warning("Redis connection lost (%s): retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)

@@ -8,11 +8,13 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -66,6 +68,26 @@ def _guarded(
     return wrapper
 
 
+async def follow(pubsub: PubSub, idle: float) -> AsyncIterator[bytes]:
+    """The data of each message on the subscription. After ``idle`` seconds without one
+    it pings Redis, and raises ConnectionError when another ``idle`` seconds bring no
+    answer either (a connection that died without a word). A quiet channel is not a lost
+    connection: redis-py's own read timeout said it was, every few seconds."""
+    loop = asyncio.get_running_loop()
+    pinged: float | None = None  # when our ping went out, while it has no answer
+    while True:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle)
+        if message is not None:  # anything heard proves the connection
+            pinged = None
+            if message["type"] != "pong":
+                yield message["data"]
+        elif pinged is None:  # quiet (or a message redis-py keeps to itself)
+            await pubsub.ping("bgservice")  # the answer comes as a "pong" message
+            pinged = loop.time()
+        elif loop.time() - pinged >= idle:
+            raise RedisConnectionError(f"no answer to a ping in {idle:g} s")
+
+
 def script_error(code: int, message: str) -> ServiceError:
     kinds: dict[int, type[ServiceError]]
     kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
@@ -76,7 +98,9 @@ class RedisJobs:
     def __init__(self, conf: RedisSettings, settings: QueueSettings) -> None:
         self.prefix = conf.prefix
         self.settings = settings
-        timeout = max(conf.connect_timeout, 5.0)
+        # How long Redis may take to answer a command or a pipeline (and to answer a ping
+        # on the subscription after as long without a message).
+        self.timeout = timeout = max(conf.connect_timeout, 5.0)
         self.redis = aioredis.from_url(
             conf.url,
             socket_connect_timeout=conf.connect_timeout,
