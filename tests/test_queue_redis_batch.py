@@ -7,7 +7,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+import redis.asyncio as aioredis
+
 from bgservice.client import AsyncClient
+from bgservice.queue.redis_batch import Batcher
 from tests.conftest import ServiceProcess, redis_command, redis_config
 from tests.queue_helpers import add
 
@@ -49,3 +53,28 @@ def test_scripts_flushed_from_redis_are_loaded_again(tmp_path, redis_url):
     assert second == first + 1  # the add ran once: no id was taken twice
     assert svc.call(b"queue:get:id:%d" % second) == b"after"
     assert svc.call(b"queue:list:done").count(b'"id"') >= 2
+
+
+def test_a_command_redis_cannot_take_fails_its_caller_alone(redis_url):
+    # The Batcher on its own against the real redis-server: a bad argument raises at the
+    # call; the commands queued with it in the same turn are answered, each its own.
+    async def turn() -> list[object]:
+        client = aioredis.from_url(redis_url)
+        batch = Batcher(client, {}, timeout=5)
+        key = f"batch-{uuid.uuid4().hex[:8]}"
+        try:
+            first = batch.execute("SET", key, "1")
+            with pytest.raises(TypeError):
+                batch.execute("SET", key, None)
+            second = batch.execute("INCR", key)
+            wrong = batch.execute("HGETALL", key)  # a string, not a hash: its error only
+            third = batch.execute("GET", key)
+            done = await asyncio.gather(first, second, wrong, third, return_exceptions=True)
+            await batch.close()
+            return done
+        finally:
+            await client.aclose()
+
+    ok, incremented, wrong, value = asyncio.run(turn())
+    assert ok == b"OK" and incremented == 2 and value == b"2"
+    assert "WRONGTYPE" in str(wrong)

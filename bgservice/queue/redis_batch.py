@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-Command = tuple[Any, ...]
+Packed = bytes  # one command in Redis's protocol (hiredis.pack_command)
 
 
 class Batcher:
@@ -36,7 +36,7 @@ class Batcher:
         self.redis = redis
         self.scripts = scripts
         self.timeout = timeout
-        self._queued: list[tuple[Command, asyncio.Future[Any]]] = []
+        self._queued: list[tuple[Packed, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -45,11 +45,13 @@ class Batcher:
         return self.execute("EVALSHA", self.scripts[name].sha, 0, *args)
 
     def execute(self, *command: Any) -> asyncio.Future[Any]:
-        """Queue ``command`` for the pipeline sent at the end of this turn of the loop."""
+        """Queue ``command`` for the pipeline sent at the end of this turn of the loop.
+        An argument Redis cannot take (None, a list) raises here, for this caller alone."""
+        packed = pack_command(command)
         if self._loop is None:  # kept: get_running_loop() is a system call on Python 3.11
             self._loop = asyncio.get_running_loop()
         future = self._loop.create_future()
-        self._queued.append((command, future))
+        self._queued.append((packed, future))
         if len(self._queued) == 1:
             self._loop.call_soon(self._flush)
         return future
@@ -66,13 +68,13 @@ class Batcher:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[Packed, asyncio.Future[Any]]]) -> None:
         try:
             replies = await self._pipeline([command for command, _ in batch])
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # Redis restarted or flushed its scripts: load them, send those again
-                loads = [("SCRIPT", "LOAD", script.script) for script in self.scripts.values()]
-                await self._pipeline(loads)  # under the pipeline timeout, as the rest
+                loads: list[Any] = [("SCRIPT", "LOAD", s.script) for s in self.scripts.values()]
+                await self._pipeline([pack_command(load) for load in loads])  # under its timeout
                 again = await self._pipeline([batch[i][0] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
@@ -89,13 +91,12 @@ class Batcher:
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, commands: list[Command]) -> list[Any]:
+    async def _pipeline(self, commands: list[Packed]) -> list[Any]:
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         try:
             async with asyncio.timeout(self.timeout):
-                packed = b"".join([pack_command(command) for command in commands])
-                await conn.send_packed_command(packed, check_health=False)
+                await conn.send_packed_command(b"".join(commands), check_health=False)
                 return [await _reply(conn) for _ in commands]
         except BaseException as exc:
             # Replies left unread would answer the next pipeline's commands: drop it.
