@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 import pytest
 
@@ -118,6 +119,47 @@ def test_replies_larger_than_one_read(tmp_path, make_service):
         with Client(where, timeout=10) as bg:
             assert bg.call("echo", payload) == payload
             assert bg.requests([b"echo:" + payload, b"test:"]) == [(200, payload), (200, b"Test")]
+
+        async def together(where: str = where) -> list[tuple[int, bytes]]:
+            async with AsyncClient(where, timeout=10) as abg:
+                return await abg.requests([b"echo:" + payload, b"test:", b"echo:" + payload])
+
+        assert asyncio.run(together()) == [(200, payload), (200, b"Test"), (200, payload)]
+
+
+def test_async_client_reopens_a_closed_connection_and_survives_a_cancelled_call(make_service):
+    svc = make_service("[limits]\nidle_timeout = 0.3\n")
+
+    async def main() -> list[bytes]:
+        async with AsyncClient(address(svc)) as bg:
+            slow = asyncio.ensure_future(bg.call("sleep", "200"))
+            quick = asyncio.ensure_future(bg.call("echo", "after the slow one"))
+            await asyncio.sleep(0.05)
+            slow.cancel()  # its reply still comes, and must not be taken for the next one
+            got = [await quick]
+            await asyncio.sleep(0.8)  # the service closes the idle connection meanwhile
+            got.append(await bg.call("echo", "reopened"))
+            return got
+
+    assert asyncio.run(main()) == [b"after the slow one", b"reopened"]
+    assert svc.stats()["connections"]["total"] == 3  # ours twice, and stats' own
+
+
+def test_async_client_refuses_a_server_of_another_protocol():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.recv(16)
+                peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(ServiceDown, match="does not speak the framed protocol"):
+            asyncio.run(AsyncClient(f"127.0.0.1:{port}").call("test"))
 
 
 def test_send_over_udp(modules_dir, make_service):
