@@ -74,7 +74,18 @@ class FramedConnection(asyncio.BufferedProtocol):
                 self.transport.close()
                 return
             self.greeted.set_result(None)
-        for reply in self._decoder.feed(data):
+        try:
+            replies = self._decoder.feed(data)
+        except ValueError:  # a status that is not a number: not a framed reply
+            replies = None
+        if replies is None or len(replies) > len(self.waiting):
+            # Out of step with our requests: nothing more on it can be trusted (and no
+            # request is sent again, as after a plain reset).
+            self.fail(ServiceDown("the service sent a reply that answers no request"))
+            assert self.transport is not None
+            self.transport.close()
+            return
+        for reply in replies:
             future = self.waiting.popleft()
             if not future.done():  # its caller gave up (cancelled, timed out)
                 future.set_result(reply)

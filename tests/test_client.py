@@ -19,6 +19,7 @@ from bgservice.client import (
     parse_job_id,
     queue_request,
 )
+from bgservice.protocol import PREFACE
 from tests.conftest import wait_until, write_module
 
 
@@ -145,21 +146,32 @@ def test_async_client_reopens_a_closed_connection_and_survives_a_cancelled_call(
     assert svc.stats()["connections"]["total"] == 3  # ours twice, and stats' own
 
 
-def test_async_client_refuses_a_server_of_another_protocol():
+@pytest.mark.parametrize(
+    ("greeting", "reply", "error"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", b"", "does not speak the framed protocol"),
+        (PREFACE, b"OK!\x00\x00\x00\x00", "a reply that answers no request"),
+    ],
+)
+def test_async_client_refuses_a_server_of_another_protocol(greeting, reply, error):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
 
-        def answer() -> None:
+        def serve() -> None:
             peer, _ = listener.accept()
             with peer:
                 peer.recv(16)
-                peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                peer.sendall(greeting)
+                if reply:
+                    peer.recv(65536)  # the request
+                    peer.sendall(reply)  # a status that is no number
+                peer.recv(65536)  # then hold on until the client gives up
 
-        threading.Thread(target=answer, daemon=True).start()
-        with pytest.raises(ServiceDown, match="does not speak the framed protocol"):
-            asyncio.run(AsyncClient(f"127.0.0.1:{port}").call("test"))
+        threading.Thread(target=serve, daemon=True).start()
+        with pytest.raises(ServiceDown, match=error):
+            asyncio.run(AsyncClient(f"127.0.0.1:{port}", timeout=5).call("test"))
 
 
 def test_send_over_udp(modules_dir, make_service):
