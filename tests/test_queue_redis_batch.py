@@ -16,14 +16,17 @@ from tests.conftest import ServiceProcess, redis_command, redis_config
 from tests.queue_helpers import add
 
 
-def start(tmp_path, redis_url) -> ServiceProcess:
+@pytest.fixture
+def service(tmp_path, redis_url):
     prefix = f"batch-{uuid.uuid4().hex[:8]}"
     config = redis_config(redis_url, prefix)
-    return ServiceProcess(tmp_path, "[queue]\nworkers = 4\n", backend_config=config).start()
+    svc = ServiceProcess(tmp_path, "[queue]\nworkers = 4\n", backend_config=config).start()
+    yield svc
+    svc.stop()
 
 
-def test_concurrent_commands_each_get_their_own_reply(tmp_path, redis_url):
-    svc = start(tmp_path, redis_url)
+def test_concurrent_commands_each_get_their_own_reply(service):
+    svc = service
     host, port = svc.tcp
 
     async def burst() -> tuple[list[int], list[bytes], list[bytes]]:
@@ -43,8 +46,8 @@ def test_concurrent_commands_each_get_their_own_reply(tmp_path, redis_url):
     assert missing.startswith(b"404:")  # an error reply out of a batch: its caller's alone
 
 
-def test_scripts_flushed_from_redis_are_loaded_again(tmp_path, redis_url):
-    svc = start(tmp_path, redis_url)
+def test_scripts_flushed_from_redis_are_loaded_again(service, redis_url):
+    svc = service
     first = add(svc, b"queue:add:echo:before")
     assert svc.call(b"queue:get:id:%d" % first) == b"before"
     assert redis_command(redis_url, "SCRIPT", "FLUSH") == b"+OK\r\n"
