@@ -111,6 +111,11 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.lost:
             self.transport.close()
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not being closed (a request written now reaches the service)."""
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
 
 class AsyncClient(Where):
     """The same methods as ``Client``, awaitable; concurrent calls are pipelined on one
@@ -231,8 +236,8 @@ class AsyncClient(Where):
             return []
         for _ in (1, 2):
             conn = self._conn
-            reused = conn is not None and not conn.lost
-            if conn is None or conn.lost:
+            reused = conn is not None and conn.usable
+            if conn is None or not conn.usable:
                 async with self._lock:  # one connection, whoever asks first opens it
                     conn = await self._connect()
             assert conn.transport is not None
@@ -253,7 +258,7 @@ class AsyncClient(Where):
         raise AssertionError("unreachable")
 
     async def _connect(self) -> FramedConnection:
-        if self._conn is not None and not self._conn.lost:
+        if self._conn is not None and self._conn.usable:
             return self._conn
         family, target = parse_address(self.address)
         loop = asyncio.get_running_loop()
