@@ -94,6 +94,14 @@ def script_error(code: int, message: str) -> ServiceError:
     return kinds.get(code, Conflict)(message)
 
 
+def _client(conf: RedisSettings, **options: Any) -> Any:
+    """A redis-py client for ``conf``'s server. (Any, as from_url gives: redis-py's Redis
+    class types each command as sync-or-async.)"""
+    return aioredis.from_url(
+        conf.url, socket_connect_timeout=conf.connect_timeout, health_check_interval=15, **options
+    )
+
+
 class RedisJobs:
     def __init__(self, conf: RedisSettings, settings: QueueSettings) -> None:
         self.prefix = conf.prefix
@@ -101,24 +109,16 @@ class RedisJobs:
         # How long Redis may take to answer a command or a pipeline (and to answer a ping
         # on the subscription after as long without a message).
         self.timeout = timeout = max(conf.connect_timeout, 5.0)
-        self.redis = aioredis.from_url(
-            conf.url,
-            socket_connect_timeout=conf.connect_timeout,
-            socket_timeout=timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-            health_check_interval=15,
+        self.redis = _client(
+            conf, socket_timeout=timeout, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2)
         )
         self.scripts = {
             name: self.redis.register_script(getattr(redis_scripts, name))
             for name in redis_scripts.NAMES
         }
-        self.batch = Batcher(
-            aioredis.from_url(
-                conf.url, socket_connect_timeout=conf.connect_timeout, health_check_interval=15
-            ),
-            self.scripts,
-            timeout,
-        )
+        # The pipelines' own client: no socket timeout (the Batcher bounds each pipeline)
+        # and no retry (a pipeline cut after its write may have run: never sent twice).
+        self.batch = Batcher(_client(conf), self.scripts, timeout)
 
     async def close(self) -> None:
         await self.batch.close()  # the pipelines in flight are answered first
