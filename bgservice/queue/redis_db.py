@@ -194,7 +194,8 @@ class RedisJobs:
         out: dict[str, Any] = {}
         for state in states:
             ids = await self.page(state, spec.offset, spec.limit)
-            jobs = [j for j in [await self.load(i) for i in ids] if j is not None]
+            # gathered: the reads of a page go to Redis as one pipeline (the Batcher)
+            jobs = [j for j in await asyncio.gather(*map(self.load, ids)) if j is not None]
             out[state] = [j.describe(now, await self.position(j)) for j in jobs]
         return out
 
