@@ -240,7 +240,13 @@ class Client(Where):
                 if wanted != self._timeout:  # a system call or two: only when it changes
                     self._set_timeout(sock, wanted)
                 sock.sendall(frames)
-                return [self._read(sock) for _ in range(count)]
+                replies = [self._read(sock) for _ in range(count)]
+                if self._ready:  # more replies than requests: out of step with the service
+                    raise ValueError("unasked reply")
+                return replies
+            except ValueError:  # that, or a status that is no number: no framed reply
+                self.close()  # nothing on it can be trusted; nothing is sent again
+                raise ServiceDown(f"{self.address} sent a reply that answers no request") from None
             # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
             except (TimeoutError, BlockingIOError):
                 self.close()
