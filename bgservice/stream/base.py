@@ -17,6 +17,7 @@ from bgservice.origin import Origin
 from bgservice.protocol import Reply
 from bgservice.request import JobAdder, Request
 from bgservice.stats import Stats
+from bgservice.stream.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class StreamContext:
     # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a getpid
     # system call, a measurable share of a small request's cost.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    deadlines: Deadlines = field(init=False)  # every connection's read and idle deadline
+
+    def __post_init__(self) -> None:
+        self.deadlines = Deadlines(self.loop)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -107,27 +112,30 @@ class StreamProtocol(asyncio.Protocol):
     """What every stage of a connection shares: its deadline, flow control and closing."""
 
     transport: asyncio.Transport
-    flow: FlowControl
+    # Defaults kept on the class: a connection sets only what it changes (a one-shot
+    # connection is two of these objects, made and gone within one request).
+    flow: FlowControl | None = None  # made when first needed (framed, or a stalled reply)
+    peer = ""
+    closed = False
+    draining = False  # an error was sent; input is discarded until close
+    deadline: int | None = None  # its slot in ctx.deadlines
+    write_timer: asyncio.TimerHandle | None = None
+    held = 0  # bytes of an unfinished request this connection holds
 
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
         self.loop = ctx.loop
-        self.peer = ""
-        self.closed = False
-        self.draining = False  # an error was sent; input is discarded until close
-        self.started = self.loop.time()
-        self.last_data = self.started
-        self.deadline: asyncio.TimerHandle | None = None
-        self.write_timer: asyncio.TimerHandle | None = None
-        self.held = 0  # bytes of an unfinished request this connection holds
+        self.started = self.last_data = self.loop.time()
 
     def take_over(self, previous: StreamProtocol) -> None:
         """Carry on the connection ``previous`` began (its transport, peer and clock)."""
         self.transport, self.flow, self.peer = previous.transport, previous.flow, previous.peer
         self.started, self.last_data = previous.started, previous.last_data
-        previous.stop_timers()
-        self.ctx.connections.discard(previous)
-        self.ctx.connections.add(self)
+        if previous.deadline is not None:
+            previous.stop_timers()
+        connections = self.ctx.connections
+        connections.discard(previous)
+        connections.add(self)
         self.transport.set_protocol(self)
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -137,8 +145,10 @@ class StreamProtocol(asyncio.Protocol):
             return
         self.closed = True
         self.stop_timers()
-        self._stop_write_timer()
-        self.hold(0)
+        if self.write_timer is not None:
+            self._stop_write_timer()
+        if self.held:
+            self.hold(0)
         if self in self.ctx.connections:
             self.ctx.connections.discard(self)
             self.ctx.stats.connections -= 1
@@ -147,14 +157,19 @@ class StreamProtocol(asyncio.Protocol):
         # The client is not reading its replies: stop reading its requests until it does,
         # and drop it if it takes nothing for write_timeout (its slot and its unsent reply
         # would otherwise be held for ever, even after we closed our side).
-        self.flow.blocked(True)
+        self.flow_control().blocked(True)
         if self.write_timer is None:
             self.write_timer = self.loop.call_later(
                 self.ctx.limits.write_timeout, self._write_timed_out
             )
 
+    def flow_control(self) -> FlowControl:
+        if self.flow is None:
+            self.flow = FlowControl(self.transport)
+        return self.flow
+
     def resume_writing(self) -> None:
-        self.flow.blocked(False)
+        self.flow_control().blocked(False)
         self._stop_write_timer()
 
     def _stop_write_timer(self) -> None:
@@ -211,6 +226,8 @@ class StreamProtocol(asyncio.Protocol):
         bytes take the total past it is refused with a 503 and drops what it held, so a
         crowd of clients sending large requests slowly cannot hold unbounded memory.
         """
+        if size == self.held:
+            return True
         stats = self.ctx.stats
         grew = size > self.held
         stats.buffered_bytes += size - self.held
@@ -232,18 +249,19 @@ class StreamProtocol(asyncio.Protocol):
 
     def stop_timers(self) -> None:
         if self.deadline is not None:
-            self.deadline.cancel()
+            self.ctx.deadlines.cancel(self, self.deadline)
             self.deadline = None
 
     def arm_deadline(self, due: float) -> None:
-        if self.deadline is not None and self.deadline.when() <= due:
-            return
+        deadlines = self.ctx.deadlines
         if self.deadline is not None:
-            self.deadline.cancel()
-        self.deadline = self.loop.call_at(due, self._check_deadline)
+            if self.deadline <= deadlines.slot(due):
+                return
+            deadlines.cancel(self, self.deadline)
+        self.deadline = deadlines.arm(self, due)
 
-    def _check_deadline(self) -> None:
-        """Read timeout (request not complete in time) and idle timeout, one timer."""
+    def deadline_passed(self) -> None:
+        """Read timeout (request not complete in time) and idle timeout, one deadline."""
         self.deadline = None
         if self.closed or self.draining:
             return
@@ -258,7 +276,7 @@ class StreamProtocol(asyncio.Protocol):
             log.info("read timeout: %s %s", self.ctx.origin.value, self.peer or "local")
             self.fail(408, f"Request not received within {limits.read_timeout:g} s")
             return
-        self.deadline = self.loop.call_later(due - now, self._check_deadline)
+        self.deadline = self.ctx.deadlines.arm(self, due)
 
     # --- closing ----------------------------------------------------------------------
 

@@ -16,13 +16,14 @@ from bgservice.protocol import (
     whole,
 )
 from bgservice.request import Request
-from bgservice.stream.base import StreamProtocol
+from bgservice.stream.base import FlowControl, StreamProtocol
 
 
 class Framed(StreamProtocol):
     """A connection that carries framed requests until the client closes it."""
 
     decoder: FrameDecoder
+    flow: FlowControl
     # Replies in request order: the bytes of one served at once, or the task serving it
     # with the chunks its handler streams (sent in front of its reply).
     pending: deque[bytes | tuple[asyncio.Task[Reply], list[bytes]]]
@@ -35,6 +36,7 @@ class Framed(StreamProtocol):
         self.decoder = FrameDecoder(self.ctx.limits.max_request_bytes)
         self.pending = deque()
         self.take_over(previous)
+        self.flow = self.flow_control()
         self.arm_deadline(self.loop.time() + self.ctx.limits.idle_timeout)
         self.transport.write(PREFACE)
         self._frames(rest)

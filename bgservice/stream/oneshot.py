@@ -14,8 +14,7 @@ import asyncio
 import socket
 
 from bgservice.origin import Origin
-from bgservice.protocol import OK, one_shot_error, split_request
-from bgservice.request import Request
+from bgservice.protocol import OK, Reply, one_shot_error, split_request
 from bgservice.stream.base import StreamProtocol
 
 # The longest first read taken as a whole request: one Ethernet segment's payload. A longer
@@ -37,13 +36,12 @@ class OneShot(StreamProtocol):
     def start(self, previous: StreamProtocol, head: bytes, eof: bool, reads: int) -> None:
         """Take the connection over with the bytes read so far (in ``reads`` reads), and
         whether the client half-closed already."""
-        self.buf = bytearray()
         self.take_over(previous)
         whole = eof or (reads == 1 and self._whole_write(len(head)))
         if whole and len(head) <= self.ctx.limits.max_request_bytes:
-            self.buf += head
-            self._complete()
+            self._complete(head)
             return
+        self.buf = bytearray()
         self.arm_deadline(self.started + self.ctx.limits.read_timeout)
         self._add(head)
 
@@ -84,7 +82,7 @@ class OneShot(StreamProtocol):
         if self.draining:
             self.close()
         elif not self.done:
-            self._complete()
+            self._complete(bytes(self.buf))
         return True  # keep our side open: the reply still has to go out
 
     # --- StreamProtocol ---------------------------------------------------------------
@@ -134,21 +132,35 @@ class OneShot(StreamProtocol):
         if remaining > 0:
             self.quiet_timer = self.loop.call_later(remaining, self._check_quiet)
         else:
-            self._complete()
+            self._complete(bytes(self.buf))
 
-    def _complete(self) -> None:
+    def _complete(self, raw: bytes) -> None:
         self.done = True
-        self.stop_timers()
-        module, data = split_request(bytes(self.buf))
-        self.buf = bytearray()
-        self.hold(0)
+        if self.deadline is not None or self.quiet_timer is not None:
+            self.stop_timers()
+        module, data = split_request(raw)
+        if self.held:
+            self.buf = bytearray()
+            self.hold(0)
         request = self.ctx.request(module, data, self.peer, self._write)
-        self.ctx.start(self._serve(request))
+        # Served like a frame (framed.py): most calls finish in their first step, and are
+        # answered here, without a task or a coroutine of the connection's own.
+        done, reply = self.ctx.start(self.ctx.commands.call(request))
+        if not done:
+            reply.add_done_callback(self._answer_later)
+        elif reply is not None:  # None: a bug of ours, reported by ctx.start
+            self._answer(reply)
+        else:
+            self._answer((500, b"Internal"))
 
-    async def _serve(self, request: Request) -> None:
-        status, body = await self.ctx.commands.call(request)
+    def _answer_later(self, task: asyncio.Task[Reply]) -> None:
+        if not task.cancelled():  # cancelled: the service is stopping (see cut)
+            self._answer(task.result() if task.exception() is None else (500, b"Internal"))
+
+    def _answer(self, reply: Reply) -> None:
         if self.closed:
             return
+        status, body = reply
         if status == OK:
             self.transport.write(body)
         else:

@@ -15,7 +15,7 @@ import logging
 
 from bgservice.origin import Origin
 from bgservice.protocol import PREFACE, Mode, one_shot_error, sniff
-from bgservice.stream.base import FlowControl, StreamContext, StreamProtocol
+from bgservice.stream.base import StreamProtocol
 from bgservice.stream.framed import Framed
 from bgservice.stream.oneshot import OneShot
 
@@ -25,21 +25,19 @@ log = logging.getLogger(__name__)
 class Sniffer(StreamProtocol):
     """A new connection: admit it, then read until its first bytes name its protocol."""
 
-    def __init__(self, ctx: StreamContext) -> None:
-        super().__init__(ctx)
-        self.buf = bytearray()
-        self.reads = 0  # data_received calls so far: one-shot's evidence of a whole write
+    buf = b""  # what came before the first bytes named the protocol
+    reads = 0  # data_received calls so far: one-shot's evidence of a whole write
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.flow = FlowControl(self.transport)
         ctx = self.ctx
         peer = transport.get_extra_info("peername")
         host = None
         if isinstance(peer, tuple):
             host = peer[0]
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if ctx.origin is Origin.TCP and not ctx.access.allows(host):
+            self.peer = f"{host}:{peer[1]}"
+        access = ctx.access
+        if access.networks is not None and ctx.origin is Origin.TCP and not access.allows(host):
             ctx.stats.refused["tcp_forbidden"] += 1
             log.warning("refused TCP connection from %s: not in allow list", self.peer)
             self.fail(403, "Forbidden")
@@ -49,29 +47,30 @@ class Sniffer(StreamProtocol):
             self.fail(503, "Too many connections")
             return
         ctx.connections.add(self)
-        ctx.stats.connections += 1
-        ctx.stats.connections_total += 1
-        self.arm_deadline(self.started + ctx.limits.read_timeout)
+        stats = ctx.stats
+        stats.connections += 1
+        stats.connections_total += 1
+        self.deadline = ctx.deadlines.arm(self, self.started + ctx.limits.read_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.draining:
             return
         self.last_data = self.loop.time()
         self.reads += 1
-        self.buf += data
-        mode = sniff(bytes(self.buf[: len(PREFACE)]))
+        head = self.buf + data if self.buf else data
+        mode = sniff(head)
         if mode is None:
-            return
-        if mode is Mode.FRAMED:
-            self._hand_over_framed(bytes(self.buf[len(PREFACE) :]))
+            self.buf = head  # a few bytes of the preface so far
+        elif mode is Mode.FRAMED:
+            self._hand_over_framed(head[len(PREFACE) :])
         else:
-            self._hand_over_one_shot(bytes(self.buf), eof=False)
+            self._hand_over_one_shot(head, eof=False)
 
     def eof_received(self) -> bool:
         if self.draining or not self.buf:
             self.close()  # connected and left without a word
         else:
-            self._hand_over_one_shot(bytes(self.buf), eof=True)
+            self._hand_over_one_shot(self.buf, eof=True)
         return True  # keep our side open: the reply still has to go out
 
     def error_reply(self, status: int, message: str) -> bytes:
