@@ -9,9 +9,9 @@ module does can raise past ``serve``, ``call`` or ``notify``. The built-in comma
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
+from time import perf_counter
 from typing import Any
 
 from bgservice.config import Settings
@@ -78,7 +78,7 @@ class Dispatcher:
         call's handler takes its first step at once (Execution.start), and most finish
         there, with no coroutine of the call path in between (profiled: each level
         cost about a microsecond per request)."""
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             if self.closing:
                 raise Busy("Shutting down")
@@ -101,7 +101,7 @@ class Dispatcher:
 
     async def serve(self, request: Request, serve: Serve) -> Reply:
         """Run ``serve(request)`` inside the boundary: its reply, or the error's."""
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             if self.closing:
                 raise Busy("Shutting down")
@@ -132,7 +132,7 @@ class Dispatcher:
         is done (None), else the coroutine that finishes it is returned, for the caller to
         run in a task (its timeout needs one).
         """
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             version, handler = self.execution.resolve(request.module, request.origin)
             if version.call_from is not None and request.origin.direct:
@@ -184,19 +184,20 @@ class Dispatcher:
             raise HandlerError(f"Module {request.module} returned a bad reply: {exc}") from None
 
     def _count(self, request: Request, status: int, start: float, out: int) -> None:
-        module = request.module
-        if status != OK and module not in RESERVED and self.registry.get(module) is None:
-            # Names of no module share one entry: garbage requests must not grow the
-            # stats (and /metrics' label sets) without bound. (A reply of 200 came from a
-            # module or a command: no need to look.)
-            module = UNKNOWN_MODULE
-            self.unknown.seen(request.module, request.transport)
-        key = (module, request.transport)
-        self.stats.requests[key] += 1
+        key = (request.module, request.origin.transport)
+        stats = self.stats
         if status != OK:
-            self.stats.errors[key] += 1
-        elapsed = time.perf_counter() - start
-        self.stats.latency.observe(key, elapsed)
+            module = request.module
+            if module not in RESERVED and self.registry.get(module) is None:
+                # Names of no module share one entry: garbage requests must not grow the
+                # stats (and /metrics' label sets) without bound. (A reply of 200 came
+                # from a module or a command: no need to look.)
+                key = (UNKNOWN_MODULE, key[1])
+                self.unknown.seen(module, request.transport)
+            stats.errors[key] += 1
+        stats.requests[key] += 1
+        elapsed = perf_counter() - start
+        stats.latency.observe(key, elapsed)
         if self.settings.verbose:
             log.debug(
                 "%s %s %s in=%dB out=%dB %.2fms status=%d",
@@ -208,4 +209,3 @@ class Dispatcher:
                 elapsed * 1000,
                 status,
             )
-

@@ -110,6 +110,11 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[bytes | Oversized]:
+        if not self._buf and not self._skip and len(data) >= 4:
+            # The common case, a lock-step client: exactly one whole frame, nothing before.
+            length = _LENGTH.unpack_from(data)[0]
+            if len(data) == 4 + length and length <= self._max:
+                return [data[4:]]
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ class Histogram:
         row = self.rows.get(key)
         if row is None:
             row = self.rows[key] = [0.0] * (len(self.buckets) + 2)
-        row[bisect.bisect_left(self.buckets, seconds)] += 1
+        row[bisect_left(self.buckets, seconds)] += 1
         row[-1] += seconds
 
     def cumulative(self, key: Any) -> tuple[list[tuple[str, float]], float]:

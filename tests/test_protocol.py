@@ -81,6 +81,18 @@ def test_frame_decoder_reassembles_any_chunking(payloads, chunk):
     assert not decoder.partial
 
 
+@given(st.lists(st.binary(max_size=20), max_size=10))
+def test_frame_decoder_takes_whole_frames_one_read_each(payloads):
+    # A lock-step client's reads: each exactly one frame (the decoder's fast path), the
+    # largest allowed and an oversized one among them.
+    decoder = FrameDecoder(max_size=20)
+    for payload in [*payloads, b"", b"y" * 20]:
+        assert decoder.feed(framed_request(payload)) == [payload]
+    assert decoder.feed(framed_request(b"z" * 21)) == [Oversized(21)]
+    assert decoder.feed(framed_request(b"ok")) == [b"ok"]
+    assert not decoder.partial
+
+
 def test_frame_decoder_skips_oversized_without_buffering():
     decoder = FrameDecoder(max_size=10)
     stream = framed_request(b"x" * 100_000) + framed_request(b"ok")

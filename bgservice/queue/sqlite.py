@@ -151,7 +151,9 @@ class SqliteStore:
     ) -> asyncio.Future[None]:
         assert self._writer is not None, "store not open"
         columns = COLUMNS[1:] if fields is None else fields
-        values = {c: _stored(c, getattr(job, c)) for c in columns}
+        values = {c: getattr(job, c) for c in columns}
+        for column in _CONVERTED.intersection(columns):
+            values[column] = _stored(column, values[column])
         record = None if run is None else tuple(getattr(run, f) for f in _RUN_FIELDS)
         return self._writer.save(job.id, values, record).future
 
@@ -229,6 +231,9 @@ class SqliteStore:
             return
         writer, self._writer = self._writer, None
         await asyncio.get_running_loop().run_in_executor(None, writer.stop, 10.0)
+
+
+_CONVERTED = frozenset(("after", "tags", "state"))  # the columns _stored changes
 
 
 def _stored(column: str, value: Any) -> Any:

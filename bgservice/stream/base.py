@@ -86,12 +86,12 @@ class FlowControl:
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._busy = False  # too many requests in progress
+        self.too_busy = False  # too many requests in progress
         self._blocked = False  # the client is not reading its replies
         self._paused = False
 
     def busy(self, busy: bool) -> None:
-        self._busy = busy
+        self.too_busy = busy
         self._update()
 
     def blocked(self, blocked: bool) -> None:
@@ -99,7 +99,7 @@ class FlowControl:
         self._update()
 
     def _update(self) -> None:
-        pause = self._busy or self._blocked
+        pause = self.too_busy or self._blocked
         if pause != self._paused:
             self._paused = pause
             if pause:

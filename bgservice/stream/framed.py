@@ -145,7 +145,7 @@ class Framed(StreamProtocol):
             return
         if ready:
             self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
-        if len(pending) < self.ctx.limits.max_pipeline:
+        if self.flow.too_busy and len(pending) < self.ctx.limits.max_pipeline:
             self.flow.busy(False)
         if not pending and (self.eof or self.stopping):
             self.close()
