@@ -159,7 +159,7 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stats.udp_received += 1
         if isinstance(addr, tuple):
-            if not self.access.allows(addr[0]):
+            if self.access.networks is not None and not self.access.allows(addr[0]):
                 self.stats.refused["udp_forbidden"] += 1
                 return
             peer = f"{addr[0]}:{addr[1]}"

@@ -36,10 +36,11 @@ class Mode(enum.Enum):
 
 def sniff(head: bytes) -> Mode | None:
     """Which format a connection speaks, from its first bytes; None: need more bytes."""
-    n = min(len(head), len(PREFACE))
-    if head[:n] != PREFACE[:n]:
-        return Mode.ONE_SHOT
-    return Mode.FRAMED if n == len(PREFACE) else None
+    if head.startswith(PREFACE):
+        return Mode.FRAMED
+    if len(head) < len(PREFACE) and PREFACE.startswith(head):
+        return None
+    return Mode.ONE_SHOT
 
 
 def split_request(raw: bytes) -> tuple[str, bytes]:
