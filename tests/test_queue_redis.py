@@ -9,11 +9,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
+import socket
 import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -127,9 +130,11 @@ def test_sigkill_during_load_every_job_completes_exactly_once(shared, tmp_path):
     # Kill one while it runs jobs: some done, some running, most still waiting. (While it
     # runs one: an instance between two jobs holds no lease for the others to take over.)
     wait_until(
-        lambda: ledger.exists()
-        and len(ledger.read_text().splitlines()) >= 10
-        and victim.stats()["in_flight"].get("ledger", 0) >= 1
+        lambda: (
+            ledger.exists()
+            and len(ledger.read_text().splitlines()) >= 10
+            and victim.stats()["in_flight"].get("ledger", 0) >= 1
+        )
     )
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
@@ -217,7 +222,7 @@ def test_a_quiet_channel_is_not_a_lost_connection(tmp_path, redis_url):
         svc.start()
         time.sleep(12)  # twice the ping interval: pinged, answered, pinged again
         assert "connection lost" not in svc.log()
-        jid = add(svc, b"queue:add:echo:after the quiet")  # the sleeping runner hears wake
+        jid = add(svc, b"queue:add:echo:after the quiet")
         assert svc.call(b"queue:get:id:%d" % jid) == b"after the quiet"
     finally:
         svc.stop()
@@ -240,3 +245,57 @@ def test_a_frozen_redis_is_found_by_the_ping(tmp_path):
     finally:
         svc.stop()
         server.stop()
+
+
+class Channel:
+    """What is published on a Redis channel, heard by a raw connection of its own."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        where = urlparse(url)
+        self.sock = socket.create_connection((where.hostname, where.port), timeout=10)
+        name = channel.encode()
+        self.sock.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(name), name))
+        self.heard = bytearray()
+        while b"subscribe" not in self.heard:
+            self.heard += self.sock.recv(4096)
+        self.sock.settimeout(None)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := self.sock.recv(65536):
+            self.heard += chunk
+
+    def count(self, word: bytes) -> int:
+        return len(re.findall(rb"\r\n" + word + rb"(?::\d+)?\r\n", bytes(self.heard)))
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.reader.join()
+        self.sock.close()
+
+
+def test_an_instance_with_a_free_worker_runs_what_it_adds_waking_no_one(
+    shared, redis_url, tmp_path
+):
+    # An instance with a free worker claims in the script that adds (one round trip, no
+    # wake published); a busy one leaves the job ready and wakes the others.
+    write_module(tmp_path / "modules", "slow", "import time\n\ndef handle_tcp(request):\n"
+                 "    time.sleep(2)\n    return 'slow'\n")  # fmt: skip
+    a = shared("a", "workers = 1")
+    b = shared("b", "workers = 1")
+    prefix = re.search(r'prefix = "([^"]+)"', a.config.read_text())[1]
+    channel = Channel(redis_url, f"{prefix}:events")
+    try:
+        for word in (b"one", b"two", b"three"):
+            jid = add(a, b"queue:add:whoami:" + word)
+            assert a.call(b"queue:get:id:%d" % jid) == word + b" by %d" % a.proc.pid
+        wait_until(lambda: channel.count(b"done") == 3)
+        assert channel.count(b"wake") == 0
+        first = add(a, b"queue:add:slow:")  # a's one worker is busy with it for 2 s
+        second = add(a, b"queue:add:whoami:for b")
+        assert a.call(b"queue:get:id:%d" % second) == b"for b by %d" % b.proc.pid
+        assert channel.count(b"wake") >= 1
+        assert a.call(b"queue:get:id:%d" % first) == b"slow"
+    finally:
+        channel.close()

@@ -29,7 +29,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.events import Events
@@ -46,6 +46,7 @@ from bgservice.queue.engine import (
 from bgservice.queue.job import Job, stored_after
 from bgservice.queue.redis_db import RedisJobs, available, batched, follow, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
+from bgservice.queue.redis_leases import RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
 from bgservice.stats import Stats
 
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 _BACKOFF_MAX = 5.0
 
 
-class RedisQueue(RedisSchedules, JobQueue):
+class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
     def __init__(
         self,
         settings: QueueSettings,
@@ -81,6 +82,7 @@ class RedisQueue(RedisSchedules, JobQueue):
         self._closing = False
         self._next_delayed: float | None = None
         self._limits = ("{}", "{}")  # module limits and rates as CLAIM takes them (_runner)
+        self._claiming = 0  # workers held for claims on their way (_claim_args)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -126,10 +128,18 @@ class RedisQueue(RedisSchedules, JobQueue):
         mark = (spec.mark[0], repr(spec.mark[1])) if spec.mark else ()  # a schedule's run
         unique, after = spec.unique or "", stored_after(spec.after) or ""
         script, waiting = "FIRE" if mark else "ADD", self.settings.max_waiting
-        jid, text = await self.db.call(script, waiting, unique, after, *flat, *mark, now=now)
-        if jid < 0:
-            raise script_error(-jid, text.decode())
-        return int(jid)
+        claim = self._claim_args()  # a free worker here takes the job in the same script
+        args = (waiting, unique, after, *claim, *flat, *mark)
+        try:
+            reply = await self.db.call(script, *args, now=now)
+        finally:
+            if claim[0]:
+                self._claiming -= 1
+        if reply[0] < 0:
+            raise script_error(-reply[0], reply[1].decode())
+        if len(reply) > 2:
+            await self._start_or_return(reply[2])
+        return int(reply[0])
 
     @batched
     async def get(self, jid: int) -> Result:
@@ -257,7 +267,7 @@ class RedisQueue(RedisSchedules, JobQueue):
         while not self._closing:
             self._wake.clear()
             claimed = False
-            if len(self._running) < self.settings.workers:
+            if self._free():
                 try:
                     claimed = await self._claim()
                     delay = 0.1
@@ -275,14 +285,34 @@ class RedisQueue(RedisSchedules, JobQueue):
             except TimeoutError:
                 pass
 
+    def _free(self) -> bool:
+        """A worker is free: neither running a job nor held for a claim on its way."""
+        return len(self._running) + self._claiming < self.settings.workers
+
+    def _claim_args(self) -> tuple[str, ...]:
+        """What a script needs to claim a job for this instance (CLAIM's arguments), with
+        a worker held for it until the reply (the caller releases it); four empty strings
+        when no worker is free or the service is stopping."""
+        if self._closing or not self._free():
+            return ("", "", "", "")
+        self._claiming += 1
+        return (repr(time.time() + self.conf.lease), self.owner, *self._limits)
+
     async def _claim(self) -> bool:
-        deadline = repr(time.time() + self.conf.lease)
-        return self._take(await self.db.call("CLAIM", deadline, self.owner, *self._limits))
+        args = self._claim_args()
+        if not args[0]:
+            return False
+        try:
+            return self._take(await self.db.call("CLAIM", *args))
+        finally:
+            self._claiming -= 1
 
     def _take(self, reply: list[Any]) -> bool:
         """Start the job a claim returned (CLAIM's reply, or the second part of END's)."""
-        jid, next_delayed = int(reply[0]), reply[1]
-        self._next_delayed = float(next_delayed) if next_delayed else None
+        jid, due = int(reply[0]), float(reply[1]) if reply[1] else None
+        if due is not None and (self._next_delayed is None or due < self._next_delayed):
+            self._wake.set()  # the runner sleeps until the earliest delayed job: sooner now
+        self._next_delayed = due
         if not jid:
             return False
         job = job_from_hash(jid, pairs(reply[2]))
@@ -315,9 +345,10 @@ class RedisQueue(RedisSchedules, JobQueue):
         self._ending.discard(job.id)
         if recorded and outcome.state.finished:  # waiters here: no read of what was written
             self._settle(job.id, result=(outcome.status or OK, outcome.body))
-        if claimed is not None:
+        if claimed is not None:  # the freed worker's next job, or none ready
             await self._start_or_return(claimed)
-        self._wake.set()  # the runner claims more if workers are still free
+        else:
+            self._wake.set()  # no claim came with the end: the runner looks
 
     async def _start_or_return(self, claimed: list[Any]) -> None:
         """Run the job END claimed; while stopping, hand it back at once instead."""
@@ -367,34 +398,3 @@ class RedisQueue(RedisSchedules, JobQueue):
             await self.db.redis.hset(key, "progress", json.dumps(job.progress))
         except RedisError as exc:
             log.debug("job %d: progress not written: %s", job.id, exc)
-
-    async def _leases(self) -> None:
-        """Renew our leases; take over jobs whose instance stopped renewing theirs."""
-        interval = self.conf.lease / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._renew()
-                taken = await self.db.call("REAP", repr(self.conf.lease))
-            except (RedisError, ResponseError) as exc:
-                log.warning("cannot renew job leases: %s", exc)
-                continue
-            if taken:
-                log.warning(
-                    "jobs %s: their instance stopped renewing their lease; they run again",
-                    ", ".join(t.decode() for t in taken),
-                )
-
-    async def _renew(self) -> None:
-        if not self._running:
-            return
-        deadline = repr(time.time() + self.conf.lease)
-        ids = [str(jid) for jid in self._running]
-        lost, cancel = await self.db.call("RENEW", self.owner, deadline, *ids)
-        for raw in cancel:
-            entry = self._running.get(int(raw))
-            if entry is not None:
-                entry[0].cancel_requested = True
-        for jid in map(int, lost):  # not a job whose end was recorded meanwhile
-            if jid in self._running and jid not in self._ending:
-                log.warning("job %d: lease lost (taken over by another instance)", jid)

@@ -14,12 +14,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bgservice.queue.redis_db import RedisJobs, available
-from bgservice.queue.redis_scripts import ADD_BODY, COMMON
+from bgservice.queue.redis_scripts import ADD_BODY, CLAIM_FN, COMMON
 from bgservice.queue.schedules import Schedule
 
 # ADD's ARGV, then the schedule's name and the slot. {0, 'fired'} when it was fired.
 FIRE = (
     COMMON
+    + CLAIM_FN
     + r"""
 local MARK = {ARGV[#ARGV - 1], ARGV[#ARGV]}
 table.remove(ARGV)

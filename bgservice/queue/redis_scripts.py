@@ -29,8 +29,12 @@ from __future__ import annotations
 
 from bgservice.queue.redis_lua import COMMON
 
-# ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), then the new job's fields.
-# (FIRE: the same, then a schedule's name and the slot the job is the run of.)
+# ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), the adding instance's claim
+# (lease deadline, owner, limits, rates, as CLAIM takes them; four '' when it has no free
+# worker), then the new job's fields. (FIRE: the same, then a schedule's name and the slot
+# the job is the run of.) Returns {id, 'new'} or, with a claim, {id, 'new', what CLAIM
+# returns}: an instance with a free worker takes the best ready job (most often the one it
+# adds) in the same round trip, and wakes the others only if ready jobs are left.
 ADD_BODY = r"""
 local unique, after = ARGV[4], ARGV[5]
 if unique ~= '' then
@@ -53,7 +57,7 @@ end
 local id = redis.call('INCR', P .. ':id')
 local jk = jkey(id)
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', jk, unpack(fields))
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
@@ -64,10 +68,15 @@ else
   place(id)
 end
 if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
+if ARGV[6] == '' then
+  wake()
+  return {id, 'new'}
+end
+local claimed = claim(ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+if claimed[1] ~= 0 then woke = redis.call('ZCARD', P .. ':ready') > 0 end
 wake()
-return {id, 'new'}
+return {id, 'new', claimed}
 """
-ADD = COMMON + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
 
 # The claim, shared by CLAIM and END (an attempt's end takes the next job in the same round
 # trip): moves due delayed jobs to ready, then takes the best ready job under its module's
@@ -125,6 +134,8 @@ end
 
 # ARGV: P, now, lease deadline, owner, module limits and rates as JSON.
 CLAIM = COMMON + CLAIM_FN + "return claim(ARGV[3], ARGV[4], ARGV[5], ARGV[6])\n"
+
+ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
 
 
 def _release(body: str) -> str:

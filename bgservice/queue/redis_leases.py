@@ -1,0 +1,57 @@
+"""Mixed into RedisQueue: the leases of running jobs. Every ``lease / 3`` seconds an
+instance renews the leases of the jobs it runs (learning which were cancelled meanwhile)
+and takes back to the queue the jobs whose instance stopped renewing theirs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from bgservice.config import RedisSettings
+from bgservice.queue.job import Job
+from bgservice.queue.redis_db import RedisJobs
+
+log = logging.getLogger(__name__)
+
+
+class RedisLeases:
+    db: RedisJobs
+    conf: RedisSettings
+    owner: str
+    _running: dict[int, tuple[Job, asyncio.Task[Any]]]
+    _ending: set[int]
+
+    async def _leases(self) -> None:
+        """Renew our leases; take over jobs whose instance stopped renewing theirs."""
+        interval = self.conf.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
+                taken = await self.db.call("REAP", repr(self.conf.lease))
+            except (RedisError, ResponseError) as exc:
+                log.warning("cannot renew job leases: %s", exc)
+                continue
+            if taken:
+                log.warning(
+                    "jobs %s: their instance stopped renewing their lease; they run again",
+                    ", ".join(t.decode() for t in taken),
+                )
+
+    async def _renew(self) -> None:
+        if not self._running:
+            return
+        deadline = repr(time.time() + self.conf.lease)
+        ids = [str(jid) for jid in self._running]
+        lost, cancel = await self.db.call("RENEW", self.owner, deadline, *ids)
+        for raw in cancel:
+            entry = self._running.get(int(raw))
+            if entry is not None:
+                entry[0].cancel_requested = True
+        for jid in map(int, lost):  # not a job whose end was recorded meanwhile
+            if jid in self._running and jid not in self._ending:
+                log.warning("job %d: lease lost (taken over by another instance)", jid)
