@@ -9,10 +9,12 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from bgservice.client import AsyncClient
 from bgservice.queue.redis_batch import Batcher
-from tests.conftest import ServiceProcess, redis_command, redis_config
+from tests.conftest import RedisServer, ServiceProcess, redis_command, redis_config
 from tests.queue_helpers import add
 
 
@@ -81,3 +83,41 @@ def test_a_command_redis_cannot_take_fails_its_caller_alone(redis_url):
     ok, incremented, wrong, value = asyncio.run(turn())
     assert ok == b"OK" and incremented == 2 and value == b"2"
     assert "WRONGTYPE" in str(wrong)
+
+
+def test_a_silent_or_lost_connection_fails_what_is_owed_then_reconnects(tmp_path):
+    # The pipelines share one connection read as replies arrive: a Redis that answers
+    # nothing for the timeout fails the commands it owes (not a hang), one that drops the
+    # connection fails them at once; either way the next command opens a new connection.
+    server = RedisServer(tmp_path).start()
+
+    async def scenario() -> list[object]:
+        loop = asyncio.get_running_loop()
+        client = aioredis.from_url(server.url)
+        batch = Batcher(client, {}, timeout=1.0)
+        seen: list[object] = [await batch.execute("SET", "k", "1")]
+        assert redis_command(server.url, "CLIENT", "PAUSE", "2500", "ALL") == b"+OK\r\n"
+        started = loop.time()
+        seen += await asyncio.gather(batch.execute("INCR", "k"), return_exceptions=True)
+        seen.append(loop.time() - started)
+        await asyncio.sleep(2)  # the pause ends
+        seen.append(await batch.execute("INCR", "k"))
+        blocked = batch.execute("BLPOP", "nothing", "30")  # owed until the kill
+        await asyncio.sleep(0.2)
+        kill = ("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert (await loop.run_in_executor(None, redis_command, server.url, *kill))[:1] == b":"
+        seen += await asyncio.gather(blocked, return_exceptions=True)
+        seen.append(await batch.execute("GET", "k"))
+        await batch.close()
+        await client.aclose()
+        return seen
+
+    try:
+        ok, silent, waited, after_pause, lost, value = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert ok == b"OK"
+    assert isinstance(silent, RedisTimeout) and waited >= 0.9  # not before the timeout
+    assert after_pause in (2, 3)  # the INCR sent into the pause may have run when it ended
+    assert isinstance(lost, RedisConnectionError)  # at the kill, not a timeout
+    assert value == str(after_pause).encode()

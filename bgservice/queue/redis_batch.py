@@ -1,43 +1,50 @@
 """Commands issued in one turn of the event loop go to Redis together: one pipeline, so
-one write and one read for all of them, instead of a pooled connection, a write and a
-wait for each (the auto-pipelining of ioredis and coredis). Every caller gets its own
-reply, or its own error; commands keep their order, as Redis runs a pipeline in order.
+one write for all of them, instead of a pooled connection, a write and a wait for each
+(the auto-pipelining of ioredis and coredis). Every caller gets its own reply, or its own
+error; commands keep their order, as Redis runs them in order.
 
 Only the queue's hot commands come through here (its scripts and the read of a job,
-bgservice.queue.redis_db); the rest use the redis-py client directly. The pipeline is
-written on a connection of redis-py's pool (which connects, authenticates and replaces
-stale connections) and its replies read by redis-py's hiredis parser; the commands are
-packed by hiredis, in C, and one timeout bounds the whole pipeline. (redis-py's own
-Pipeline packs each argument in Python and, with a socket timeout, runs every write in
-a task and every reply under a timeout of its own: py-spy put those at a fifth of the
-loop thread in the Redis queue row.)
+bgservice.queue.redis_db); the rest use the redis-py client directly. The pipelines share
+one connection, which redis-py opens (connecting, authenticating, TLS: whatever the URL
+asks); from then on its replies are read as they arrive, by hiredis in C, straight to
+their callers' futures: no task, read or timeout per pipeline. (Profiled in the Redis
+queue row: redis-py's per-command path, then its per-pipeline one, a connection from the
+pool with a health check, a task and a timeout each time, were a third, then a sixth, of
+the loop thread.) Redis that answers nothing for ``timeout`` seconds while replies are
+owed fails them all, and the next command opens a new connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
-from hiredis import pack_command
+from hiredis import Reader, pack_command
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 Packed = bytes  # one command in Redis's protocol (hiredis.pack_command)
+Queued = tuple[Packed, "asyncio.Future[Any]"]
 
 
 class Batcher:
     def __init__(
         self, redis: aioredis.Redis, scripts: dict[str, AsyncScript], timeout: float
     ) -> None:
-        """``redis``: a client of its own without a socket timeout (``timeout`` bounds
-        each pipeline instead)."""
+        """``redis``: the client whose connection settings open the pipelines' own
+        connection; ``timeout``: how long Redis may stay silent while it owes replies."""
         self.redis = redis
         self.scripts = scripts
         self.timeout = timeout
-        self._queued: list[tuple[Packed, asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._queued: list[Queued] = []
+        self._link: Link | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._pending: set[asyncio.Task[None]] = set()  # sends waiting for a connection
+        self._reloading: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def script(self, name: str, args: list[Any]) -> asyncio.Future[Any]:
@@ -47,7 +54,25 @@ class Batcher:
     def execute(self, *command: Any) -> asyncio.Future[Any]:
         """Queue ``command`` for the pipeline sent at the end of this turn of the loop.
         An argument Redis cannot take (None, a list) raises here, for this caller alone."""
-        packed = pack_command(command)
+        return self._queue(pack_command(command))
+
+    async def close(self) -> None:
+        """Answer what is in flight (its callers are owed a reply), then disconnect."""
+        while self._pending or self._queued:
+            if self._pending:
+                await asyncio.wait(set(self._pending))
+            else:
+                await asyncio.sleep(0)  # the queued flush runs this turn
+        link = self._link
+        if link is not None:
+            owed = [future for _, future in link.waiting]
+            if owed:
+                await asyncio.wait(owed, timeout=self.timeout)
+            link.close()
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _queue(self, packed: Packed) -> asyncio.Future[Any]:
         if self._loop is None:  # kept: get_running_loop() is a system call on Python 3.11
             self._loop = asyncio.get_running_loop()
         future = self._loop.create_future()
@@ -56,62 +81,145 @@ class Batcher:
             self._loop.call_soon(self._flush)
         return future
 
-    async def close(self) -> None:
-        """Wait for the pipelines in flight (their callers are owed a reply)."""
-        if self._sending:
-            await asyncio.wait(set(self._sending))
-
     def _flush(self) -> None:
         batch, self._queued = self._queued, []
-        assert self._loop is not None
-        task = self._loop.create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[Packed, asyncio.Future[Any]]]) -> None:
-        try:
-            replies = await self._pipeline([command for command, _ in batch])
-            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if missing:  # Redis restarted or flushed its scripts: load them, send those again
-                loads: list[Any] = [("SCRIPT", "LOAD", s.script) for s in self.scripts.values()]
-                await self._pipeline([pack_command(load) for load in loads])  # under its timeout
-                again = await self._pipeline([batch[i][0] for i in missing])
-                for i, reply in zip(missing, again, strict=True):
-                    replies[i] = reply
-        except Exception as exc:  # the connection failed: every caller of the batch hears it
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        link = self._link
+        if link is not None and link.open:
+            link.send(batch)
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its caller gave up (cancelled)
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
+        assert self._loop is not None
+        task = self._loop.create_task(self._connect_then_send(batch))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _connect_then_send(self, batch: list[Queued]) -> None:
+        try:
+            link = await self._connected()
+        except Exception as exc:  # Redis away: every caller of the batch hears it
+            _fail(batch, exc)
+            return
+        link.send(batch)
+
+    async def _connected(self) -> Link:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one connection opened at a time, for everyone
+            if self._link is None or not self._link.open:
+                conn = self.redis.connection_pool.make_connection()
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await conn.connect()
+                except TimeoutError:
+                    raise RedisTimeout(f"no connection to Redis in {self.timeout:g} s") from None
+                self._link = Link(conn, self)
+            return self._link
+
+    # --- scripts Redis lost (a restart, SCRIPT FLUSH) -------------------------------------
+
+    def again(self, packed: Packed, future: asyncio.Future[Any]) -> None:
+        """``packed`` found its script gone (NOSCRIPT: it did not run): load the scripts,
+        then send it again, its reply to ``future``."""
+        assert self._loop is not None
+        task = self._loop.create_task(self._again(packed, future))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _again(self, packed: Packed, future: asyncio.Future[Any]) -> None:
+        try:
+            if self._reloading is None or self._reloading.done():
+                assert self._loop is not None
+                self._reloading = self._loop.create_task(self._load_scripts())
+            await asyncio.shield(self._reloading)
+            reply = await self._queue(packed)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(reply)
+
+    async def _load_scripts(self) -> None:
+        loads = [self.execute("SCRIPT", "LOAD", s.script) for s in self.scripts.values()]
+        await asyncio.gather(*loads)
+
+
+class Link(asyncio.Protocol):
+    """The pipelines' connection, once redis-py opened it: writes go straight to its
+    transport, replies are parsed as they arrive and handed out in order."""
+
+    def __init__(self, conn: Any, batcher: Batcher) -> None:
+        self.conn = conn  # redis-py's, kept for its disconnect; its streams are ours now
+        self.batcher = batcher
+        self.loop = asyncio.get_running_loop()
+        self.parser = Reader(replyError=ResponseError)  # error replies come as values
+        self.waiting: deque[Queued] = deque()  # sent, in order, each owed its reply
+        self.heard = self.loop.time()  # when Redis last answered, or we began to wait
+        self.timer: asyncio.TimerHandle | None = None
+        self.open = True
+        # Taken over from redis-py's stream reader (as uvicorn hands a connection to another
+        # protocol): nothing else reads this connection.
+        self.transport: asyncio.Transport = conn._writer.transport
+        self.transport.set_protocol(self)
+
+    def send(self, batch: list[Queued]) -> None:
+        if not self.waiting:
+            self.heard = self.loop.time()
+        self.waiting.extend(batch)
+        self.transport.write(b"".join([packed for packed, _ in batch]))
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.batcher.timeout, self._check)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self.loop.time()
+        parser, waiting = self.parser, self.waiting
+        parser.feed(data)
+        while waiting:
+            reply = parser.gets()
+            if reply is False:  # the rest of it is still on its way
+                return
+            packed, future = waiting.popleft()
+            if isinstance(reply, ResponseError):
+                if str(reply).startswith("NOSCRIPT"):
+                    self.batcher.again(packed, future)
+                elif not future.done():
+                    future.set_exception(reply)
+            elif not future.done():  # done: its caller gave up (cancelled)
                 future.set_result(reply)
 
-    async def _pipeline(self, commands: list[Packed]) -> list[Any]:
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            async with asyncio.timeout(self.timeout):
-                await conn.send_packed_command(b"".join(commands), check_health=False)
-                return [await _reply(conn) for _ in commands]
-        except BaseException as exc:
-            # Replies left unread would answer the next pipeline's commands: drop it.
-            await conn.disconnect()
-            if isinstance(exc, TimeoutError):  # a RedisError, as redis-py's own: a 503
-                raise RedisTimeout(f"no reply from Redis in {self.timeout:g} s") from None
-            raise
-        finally:
-            await pool.release(conn)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(RedisConnectionError(f"Redis connection lost ({exc or 'closed'})"))
+
+    def eof_received(self) -> bool:
+        return False  # close: Redis hung up
+
+    def close(self) -> None:
+        self._end(RedisConnectionError("Redis connection closed"))
+
+    def _check(self) -> None:
+        self.timer = None
+        if not self.waiting or not self.open:
+            return
+        silent = self.loop.time() - self.heard
+        if silent >= self.batcher.timeout:
+            self._end(RedisTimeout(f"no reply from Redis in {self.batcher.timeout:g} s"))
+        else:
+            self.timer = self.loop.call_later(self.batcher.timeout - silent, self._check)
+
+    def _end(self, exc: Exception) -> None:
+        """Fail what is owed and drop the connection (replies still on their way would
+        answer the wrong commands); the next command opens a new one."""
+        if not self.open:
+            return
+        self.open = False
+        if self.timer is not None:
+            self.timer.cancel()
+        owed, self.waiting = list(self.waiting), deque()
+        _fail(owed, exc)
+        self.transport.abort()
+        self.conn._close()  # redis-py's record of the streams (else "unclosed" at exit)
 
 
-async def _reply(conn: Any) -> Any:
-    """The next reply on ``conn``; an error reply (a script's error, NOSCRIPT) as a value,
-    for its caller alone."""
-    try:
-        return await conn.read_response()
-    except ResponseError as exc:
-        return exc
+def _fail(batch: list[Queued], exc: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
