@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from bgservice.config import QueueSettings, RedisSettings
@@ -44,7 +43,8 @@ from bgservice.queue.engine import (
     run_record,
 )
 from bgservice.queue.job import Job, stored_after
-from bgservice.queue.redis_db import RedisJobs, available, batched, follow, script_error
+from bgservice.queue.redis_channel import Subscription
+from bgservice.queue.redis_db import RedisJobs, available, batched, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
@@ -70,7 +70,6 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self.conf = redis_settings
         self.db = RedisJobs(redis_settings, settings)
         self.register_schedule_scripts()
-        self.channel = self.db.key("events")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self._ending: set[int] = set()  # running jobs whose end is being recorded
@@ -226,21 +225,21 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         """Follow the queue's channel; reconnect with backoff when Redis goes away."""
         delay = 0.1
         while True:
-            pubsub: PubSub = self.db.redis.pubsub(ignore_subscribe_messages=True)
+            channel: Subscription | None = None
             try:
-                await pubsub.subscribe(self.channel)
+                channel = await self.db.subscribe(self._event)
                 delay = 0.1
                 self._wake.set()  # missed events while away: look again
                 for jid in list(self._waiters):
                     await self._deliver(jid)
-                async for data in follow(pubsub, self.db.timeout):
-                    self._event(data)
+                await channel.until_lost()
             except RedisError as exc:
                 log.warning("Redis connection lost (%s): retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
             finally:
-                await pubsub.aclose()
+                if channel is not None:
+                    channel.close()
 
     def _event(self, data: bytes) -> None:
         kind, _, arg = data.decode().partition(":")

@@ -54,7 +54,7 @@ class Batcher:
     def execute(self, *command: Any) -> asyncio.Future[Any]:
         """Queue ``command`` for the pipeline sent at the end of this turn of the loop.
         An argument Redis cannot take (None, a list) raises here, for this caller alone."""
-        return self._queue(pack_command(command))
+        return self._queue(packed(*command))
 
     async def close(self) -> None:
         """Answer what is in flight (its callers are owed a reply), then disconnect."""
@@ -105,13 +105,7 @@ class Batcher:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # one connection opened at a time, for everyone
             if self._link is None or not self._link.open:
-                conn = self.redis.connection_pool.make_connection()
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        await conn.connect()
-                except TimeoutError:
-                    raise RedisTimeout(f"no connection to Redis in {self.timeout:g} s") from None
-                self._link = Link(conn, self)
+                self._link = Link(await connect(self.redis, self.timeout), self)
             return self._link
 
     # --- scripts Redis lost (a restart, SCRIPT FLUSH) -------------------------------------
@@ -217,6 +211,23 @@ class Link(asyncio.Protocol):
         _fail(owed, exc)
         self.transport.abort()
         self.conn._close()  # redis-py's record of the streams (else "unclosed" at exit)
+
+
+async def connect(redis: aioredis.Redis, timeout: float) -> Any:
+    """A new connection to ``redis``'s server, opened by redis-py (connected,
+    authenticated, its database selected), for a protocol of ours to take over."""
+    conn = redis.connection_pool.make_connection()
+    try:
+        async with asyncio.timeout(timeout):
+            await conn.connect()
+    except TimeoutError:
+        raise RedisTimeout(f"no connection to Redis in {timeout:g} s") from None
+    return conn
+
+
+def packed(*command: Any) -> Packed:
+    """A command in Redis's protocol, packed by hiredis (raises for what Redis cannot take)."""
+    return pack_command(command)
 
 
 def _fail(batch: list[Queued], exc: Exception) -> None:

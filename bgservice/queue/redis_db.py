@@ -8,13 +8,11 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -26,6 +24,7 @@ from bgservice.queue.commands import STATES, ListSpec
 from bgservice.queue.engine import name_counts, not_found, queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
+from bgservice.queue.redis_channel import Subscription
 from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.store import Run
 
@@ -68,26 +67,6 @@ def _guarded(
     return wrapper
 
 
-async def follow(pubsub: PubSub, idle: float) -> AsyncIterator[bytes]:
-    """The data of each message on the subscription. After ``idle`` seconds without one
-    it pings Redis, and raises ConnectionError when another ``idle`` seconds bring no
-    answer either (a connection that died without a word). A quiet channel is not a lost
-    connection: redis-py's own read timeout said it was, every few seconds."""
-    loop = asyncio.get_running_loop()
-    pinged: float | None = None  # when our ping went out, while it has no answer
-    while True:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=idle)
-        if message is not None:  # anything heard proves the connection
-            pinged = None
-            if message["type"] != "pong":
-                yield message["data"]
-        elif pinged is None:  # quiet (or a message redis-py keeps to itself)
-            await pubsub.ping("bgservice")  # the answer comes as a "pong" message
-            pinged = loop.time()
-        elif loop.time() - pinged >= idle:
-            raise RedisConnectionError(f"no answer to a ping in {idle:g} s")
-
-
 def script_error(code: int, message: str) -> ServiceError:
     kinds: dict[int, type[ServiceError]]
     kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
@@ -124,6 +103,10 @@ class RedisJobs:
         await self.batch.close()  # the pipelines in flight are answered first
         await self.batch.redis.aclose()
         await self.redis.aclose()
+
+    async def subscribe(self, on_message: Callable[[bytes], None]) -> Subscription:
+        """Follow the queue's channel (``P:events``): ``on_message(data)`` for each."""
+        return await Subscription.open(self.redis, self.key("events"), self.timeout, on_message)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
