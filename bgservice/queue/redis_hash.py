@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from bgservice.queue.job import (
@@ -19,27 +20,33 @@ _FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "ex
 _INTS = {"priority", "attempts", "max_retries", "status"}
 
 
+def _reader(key: str) -> Callable[[bytes], Any]:
+    if key in ("data", "result"):
+        return bytes
+    if key in _FLOATS:
+        return float
+    if key in _INTS:
+        return int
+    special: dict[str, Callable[[bytes], Any]] = {
+        "after": read_after,
+        "tags": read_tags,
+        "cancel_requested": b"1".__eq__,
+    }
+    return special.get(key, bytes.decode)
+
+
+# Each field of the hash that is a Job column: its name and how it reads back. Looked up
+# per field present (a job's hash holds about half the columns), not per column.
+_FIELDS = {key.encode(): (key, _reader(key)) for key in COLUMNS[1:]}
+
+
 def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:
     """A job read back from its ``P:job:ID`` hash (as CLAIM and the listings return it)."""
     values: dict[str, Any] = {}
-    for key in COLUMNS[1:]:
-        raw = fields.get(key.encode())
-        if raw is None:
-            continue
-        if key in ("data", "result"):
-            values[key] = raw
-        elif key in _FLOATS:
-            values[key] = float(raw)
-        elif key in _INTS:
-            values[key] = int(raw)
-        elif key == "after":
-            values[key] = read_after(raw)
-        elif key == "tags":
-            values[key] = read_tags(raw)
-        elif key == "cancel_requested":
-            values[key] = raw == b"1"
-        else:
-            values[key] = raw.decode()
+    for field, raw in fields.items():
+        column = _FIELDS.get(field)
+        if column is not None:
+            values[column[0]] = column[1](raw)
     values["state"] = JobState(values.get("state", "waiting"))
     job = Job(id=jid, **values)
     progress = fields.get(b"progress")
