@@ -114,12 +114,15 @@ def test_add_refuses_unknown_and_refusing_modules(service, modules_dir):
 
 def test_queue_commands_over_framed_connections(service):
     conn = service.framed()
-    status_code, body = conn.call(b"queue:add:echo:\x00binary\xff")
-    assert status_code == 200 and body.startswith(b"id:")
-    assert conn.call(b"queue:get:" + body) == (200, b"\x00binary\xff")
-    bad = conn.call(b"queue:add:sleep:abc")[1]
-    assert conn.call(b"queue:get:" + bad)[0] == 400
-    assert conn.call(b"queue:get:id:999999")[0] == 404
+    try:
+        status_code, body = conn.call(b"queue:add:echo:\x00binary\xff")
+        assert status_code == 200 and body.startswith(b"id:")
+        assert conn.call(b"queue:get:" + body) == (200, b"\x00binary\xff")
+        bad = conn.call(b"queue:add:sleep:abc")[1]
+        assert conn.call(b"queue:get:" + bad)[0] == 400
+        assert conn.call(b"queue:get:id:999999")[0] == 404
+    finally:
+        conn.close()
 
 
 # --- a real queue ---------------------------------------------------------------------
@@ -417,7 +420,8 @@ def test_a_thousand_waiters_cost_no_polling(make_service, tmp_path):
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -237,6 +237,9 @@ def test_a_frozen_redis_is_found_by_the_ping(tmp_path):
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "frozen"))
     try:
         svc.start()
+        # Subscribed first (a pause that came sooner would hold the subscription up instead).
+        subscribers = ("PUBSUB", "NUMSUB", "frozen:events")
+        wait_until(lambda: redis_command(server.url, *subscribers).endswith(b":1\r\n"))
         assert redis_command(server.url, "CLIENT", "PAUSE", "13000", "ALL") == b"+OK\r\n"
         wait_until(lambda: "no answer to a ping" in svc.log(), timeout=20)
         time.sleep(3)  # the pause ends
@@ -263,8 +266,11 @@ class Channel:
         self.reader.start()
 
     def _read(self) -> None:
-        while chunk := self.sock.recv(65536):
-            self.heard += chunk
+        try:
+            while chunk := self.sock.recv(65536):
+                self.heard += chunk
+        except OSError:
+            pass  # closed under us: the test is over
 
     def count(self, word: bytes) -> int:
         return len(re.findall(rb"\r\n" + word + rb"(?::\d+)?\r\n", bytes(self.heard)))

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from hiredis import Reader
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from bgservice.queue.redis_batch import connect, packed
 
@@ -57,8 +58,10 @@ class Subscription(asyncio.Protocol):
         try:
             async with asyncio.timeout(idle):
                 await asyncio.shield(subscription.subscribed)
-        except BaseException:
+        except BaseException as exc:
             subscription.close()
+            if isinstance(exc, TimeoutError):  # a RedisError, as the caller expects
+                raise RedisTimeout(f"no answer to SUBSCRIBE in {idle:g} s") from None
             raise
         return subscription
 

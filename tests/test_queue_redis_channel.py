@@ -1,0 +1,58 @@
+"""Following the queue's channel (bgservice.queue.redis_channel) against a real
+redis-server of the test's own: messages as they come, a frozen Redis found by the ping,
+and a subscription that cannot be made is a Redis error (which the engine retries), not
+an escaped timeout that would end its listener."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bgservice.queue.redis_channel import Subscription
+from tests.conftest import RedisServer, redis_command
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def test_messages_in_order_then_a_frozen_redis_is_lost_by_the_ping(server):
+    async def scenario() -> tuple[list[bytes], str]:
+        client = aioredis.from_url(server.url)
+        heard: list[bytes] = []
+        channel = await Subscription.open(client, "c", 1.0, heard.append)
+        try:
+            for word in ("wake", "done:1", "done:2"):
+                redis_command(server.url, "PUBLISH", "c", word)
+            while len(heard) < 3:
+                await asyncio.sleep(0.01)
+            assert redis_command(server.url, "CLIENT", "PAUSE", "4000", "ALL") == b"+OK\r\n"
+            with pytest.raises(RedisError) as lost:
+                await asyncio.wait_for(channel.until_lost(), 3.5)  # quiet 1 s, ping, 1 s
+            return heard, str(lost.value)
+        finally:
+            channel.close()
+            await client.aclose()
+
+    heard, why = asyncio.run(scenario())
+    assert heard == [b"wake", b"done:1", b"done:2"]
+    assert "no answer to a ping" in why
+
+
+def test_a_subscription_redis_does_not_confirm_is_a_redis_error(server):
+    async def scenario() -> None:
+        client = aioredis.from_url(server.url)
+        try:
+            with pytest.raises(RedisError):
+                await Subscription.open(client, "c", 1.0, lambda data: None)
+        finally:
+            await client.aclose()
+
+    assert redis_command(server.url, "CLIENT", "PAUSE", "3000", "ALL") == b"+OK\r\n"
+    asyncio.run(scenario())
