@@ -128,17 +128,24 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         unique, after = spec.unique or "", stored_after(spec.after) or ""
         script, waiting = "FIRE" if mark else "ADD", self.settings.max_waiting
         claim = self._claim_args()  # a free worker here takes the job in the same script
-        args = (waiting, unique, after, *claim, *flat, *mark)
-        try:
-            reply = await self.db.call(script, *args, now=now)
-        finally:
-            if claim[0]:
-                self._claiming -= 1
-        if reply[0] < 0:
-            raise script_error(-reply[0], reply[1].decode())
-        if len(reply) > 2:
-            await self._start_or_return(reply[2])
-        return int(reply[0])
+        future = self.db.send(script, waiting, unique, after, *claim, *flat, *mark, now=now)
+        if claim[0]:  # what it claimed runs even if this add is cancelled meanwhile
+            future.add_done_callback(self._added)
+            future = asyncio.shield(future)
+        jid, text, *_ = await future
+        if jid < 0:
+            raise script_error(-jid, text.decode())
+        return int(jid)
+
+    def _added(self, future: asyncio.Future[Any]) -> None:
+        self._claiming -= 1
+        if future.cancelled() or future.exception() is not None:
+            return
+        reply = future.result()
+        if len(reply) > 2 and not self._closing:  # the job it claimed with the add
+            self._take(reply[2])
+        elif len(reply) > 2:
+            self._spawn(self._start_or_return(reply[2]))  # hands it back
 
     @batched
     async def get(self, jid: int) -> Result:
@@ -350,7 +357,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._wake.set()  # no claim came with the end: the runner looks
 
     async def _start_or_return(self, claimed: list[Any]) -> None:
-        """Run the job END claimed; while stopping, hand it back at once instead."""
+        """Run the job a script claimed; while stopping, hand it back at once instead."""
         if not self._closing:
             self._take(claimed)
         elif int(claimed[0]):
@@ -382,18 +389,3 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
                 log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
-
-    def progressed(self, job: Job) -> None:
-        """A handler reported progress: copy it to Redis, coalescing quick reports."""
-        if job.id not in self._progress_pending:
-            self._progress_pending.add(job.id)
-            self._spawn(self._write_progress(job))
-
-    async def _write_progress(self, job: Job) -> None:
-        await asyncio.sleep(0.05)  # reports within 50 ms share one write
-        self._progress_pending.discard(job.id)
-        try:
-            key = self.db.key(f"job:{job.id}")
-            await self.db.redis.hset(key, "progress", json.dumps(job.progress))
-        except RedisError as exc:
-            log.debug("job %d: progress not written: %s", job.id, exc)

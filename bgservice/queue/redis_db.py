@@ -112,8 +112,13 @@ class RedisJobs:
         return f"{self.prefix}:{name}"
 
     async def call(self, script: str, *args: Any, now: float | None = None) -> Any:
+        return await self.send(script, *args, now=now)
+
+    def send(self, script: str, *args: Any, now: float | None = None) -> asyncio.Future[Any]:
+        """``call`` as the future of its reply, for a caller that must see the reply even
+        if it stops waiting (what an ADD claimed must be run or handed back)."""
         when = repr(time.time() if now is None else now)
-        return await self.batch.script(script, [self.prefix, when, *args])
+        return self.batch.script(script, [self.prefix, when, *args])
 
     async def checked(self, script: str, *args: Any) -> bytes:
         """A script that replies {code, text}: the text, or its error reply raised."""

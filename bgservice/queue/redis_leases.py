@@ -1,12 +1,15 @@
-"""Mixed into RedisQueue: the leases of running jobs. Every ``lease / 3`` seconds an
-instance renews the leases of the jobs it runs (learning which were cancelled meanwhile)
-and takes back to the queue the jobs whose instance stopped renewing theirs."""
+"""Mixed into RedisQueue: what an instance keeps telling Redis about the jobs it runs.
+Every ``lease / 3`` seconds it renews their leases (learning which were cancelled
+meanwhile) and takes back to the queue the jobs whose instance stopped renewing theirs;
+and it copies their progress reports."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -24,6 +27,23 @@ class RedisLeases:
     owner: str
     _running: dict[int, tuple[Job, asyncio.Task[Any]]]
     _ending: set[int]
+    _progress_pending: set[int]
+    _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
+
+    def progressed(self, job: Job) -> None:
+        """A handler reported progress: copy it to Redis, coalescing quick reports."""
+        if job.id not in self._progress_pending:
+            self._progress_pending.add(job.id)
+            self._spawn(self._write_progress(job))
+
+    async def _write_progress(self, job: Job) -> None:
+        await asyncio.sleep(0.05)  # reports within 50 ms share one write
+        self._progress_pending.discard(job.id)
+        try:
+            key = self.db.key(f"job:{job.id}")
+            await self.db.redis.hset(key, "progress", json.dumps(job.progress))
+        except RedisError as exc:
+            log.debug("job %d: progress not written: %s", job.id, exc)
 
     async def _leases(self) -> None:
         """Renew our leases; take over jobs whose instance stopped renewing theirs."""
