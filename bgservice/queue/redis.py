@@ -38,7 +38,6 @@ from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
-    finished_result,
     not_found,
     run_record,
 )
@@ -218,15 +217,15 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
     async def _deliver(self, jid: int, quiet: bool = True) -> None:
         """If job ``jid`` has finished (or is unknown), settle its waiters."""
         try:
-            job = await self.db.load(jid)
+            result = await self.db.result(jid)
         except RedisError:
             if quiet:
                 return  # the next resubscription delivers it
             raise
-        if job is None:
+        if result is None:
             self._settle(jid, exception=not_found(jid))
-        elif job.state.finished:
-            self._settle(jid, result=finished_result(job))
+        elif result is not True:
+            self._settle(jid, result=result)
 
     async def _listen(self) -> None:
         """Follow the queue's channel; reconnect with backoff when Redis goes away."""

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
@@ -19,9 +19,10 @@ from redis.retry import Retry
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.eager import hop, in_task
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
+from bgservice.protocol import OK
 from bgservice.queue import redis_scripts
 from bgservice.queue.commands import STATES, ListSpec
-from bgservice.queue.engine import name_counts, not_found, queue_stats
+from bgservice.queue.engine import Result, name_counts, not_found, queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_channel import Subscription
@@ -135,6 +136,20 @@ class RedisJobs:
         if job.expires is not None and job.expires < time.time():
             return None
         return job
+
+    async def result(self, jid: int) -> Result | Literal[True] | None:
+        """What a waiter needs of job ``jid``: its result once finished, True while it
+        waits or runs, None when there is no such job (or it expired). Four fields, not
+        the whole job read back."""
+        fields = ("state", "status", "result", "expires")
+        state, status, body, expires = await self.batch.execute(
+            "HMGET", self.key(f"job:{jid}"), *fields
+        )
+        if state is None or (expires is not None and float(expires) < time.time()):
+            return None
+        if not JobState(state.decode()).finished:
+            return True
+        return (int(status) if status else 0) or OK, body or b""
 
     async def require(self, jid: int) -> Job:
         job = await self.load(jid)
