@@ -250,7 +250,8 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
     def _event(self, data: bytes) -> None:
         kind, _, arg = data.decode().partition(":")
         if kind == "wake":
-            self._wake.set()
+            if self._free():  # else a freed worker claims with its END (or wakes the runner)
+                self._wake.set()
         elif kind == "done" and int(arg) in self._waiters:
             self._spawn(self._deliver(int(arg)))
         elif kind == "cancel" and int(arg) in self._running:
