@@ -55,4 +55,9 @@ class Deadlines:
 
     def _fire(self, slot: int) -> None:
         for owner in self._slots.pop(slot, ()):
-            owner.deadline_passed()
+            try:
+                owner.deadline_passed()
+            except Exception as exc:  # a bug of ours: the slot's other connections go on
+                self._loop.call_exception_handler(
+                    {"message": "error at a connection's deadline", "exception": exc}
+                )
