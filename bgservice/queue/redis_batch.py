@@ -5,13 +5,13 @@ error; commands keep their order, as Redis runs them in order.
 
 Only the queue's hot commands come through here (its scripts and the read of a job,
 bgservice.queue.redis_db); the rest use the redis-py client directly. The pipelines share
-one connection, which redis-py opens (connecting, authenticating, TLS: whatever the URL
-asks); from then on its replies are read as they arrive, by hiredis in C, straight to
-their callers' futures: no task, read or timeout per pipeline. (Profiled in the Redis
-queue row: redis-py's per-command path, then its per-pipeline one, a connection from the
-pool with a health check, a task and a timeout each time, were a third, then a sixth, of
-the loop thread.) Redis that answers nothing for ``timeout`` seconds while replies are
-owed fails them all, and the next command opens a new connection.
+one connection, which redis-py opens and which is read from then on as replies arrive
+(bgservice.queue.redis_conn), straight to their callers' futures: no task, read or
+timeout per pipeline. (Profiled in the Redis queue row: redis-py's per-command path, then
+its per-pipeline one, a connection from the pool with a health check, a task and a
+timeout each time, were a third, then a sixth, of the loop thread.) Redis that answers
+nothing for ``timeout`` seconds while replies are owed fails them all, and the next
+command opens a new connection.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from collections import deque
 from typing import Any
 
 import redis.asyncio as aioredis
-from hiredis import Reader, pack_command
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-Packed = bytes  # one command in Redis's protocol (hiredis.pack_command)
+from bgservice.queue.redis_conn import Packed, TakenOver, connect, packed
+
 Queued = tuple[Packed, "asyncio.Future[Any]"]
 
 
@@ -137,23 +137,17 @@ class Batcher:
         await asyncio.gather(*loads)
 
 
-class Link(asyncio.Protocol):
-    """The pipelines' connection, once redis-py opened it: writes go straight to its
-    transport, replies are parsed as they arrive and handed out in order."""
+class Link(TakenOver):
+    """The pipelines' connection: writes go straight to its transport, replies are
+    parsed as they arrive and handed out in order."""
 
     def __init__(self, conn: Any, batcher: Batcher) -> None:
-        self.conn = conn  # redis-py's, kept for its disconnect; its streams are ours now
+        super().__init__(conn)
         self.batcher = batcher
-        self.loop = asyncio.get_running_loop()
-        self.parser = Reader(replyError=ResponseError)  # error replies come as values
         self.waiting: deque[Queued] = deque()  # sent, in order, each owed its reply
         self.heard = self.loop.time()  # when Redis last answered, or we began to wait
         self.timer: asyncio.TimerHandle | None = None
         self.open = True
-        # Taken over from redis-py's stream reader (as uvicorn hands a connection to another
-        # protocol): nothing else reads this connection.
-        self.transport: asyncio.Transport = conn._writer.transport
-        self.transport.set_protocol(self)
 
     def send(self, batch: list[Queued]) -> None:
         if not self.waiting:
@@ -180,12 +174,6 @@ class Link(asyncio.Protocol):
             elif not future.done():  # done: its caller gave up (cancelled)
                 future.set_result(reply)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(RedisConnectionError(f"Redis connection lost ({exc or 'closed'})"))
-
-    def eof_received(self) -> bool:
-        return False  # close: Redis hung up
-
     def close(self) -> None:
         self._end(RedisConnectionError("Redis connection closed"))
 
@@ -209,25 +197,7 @@ class Link(asyncio.Protocol):
             self.timer.cancel()
         owed, self.waiting = list(self.waiting), deque()
         _fail(owed, exc)
-        self.transport.abort()
-        self.conn._close()  # redis-py's record of the streams (else "unclosed" at exit)
-
-
-async def connect(redis: aioredis.Redis, timeout: float) -> Any:
-    """A new connection to ``redis``'s server, opened by redis-py (connected,
-    authenticated, its database selected), for a protocol of ours to take over."""
-    conn = redis.connection_pool.make_connection()
-    try:
-        async with asyncio.timeout(timeout):
-            await conn.connect()
-    except TimeoutError:
-        raise RedisTimeout(f"no connection to Redis in {timeout:g} s") from None
-    return conn
-
-
-def packed(*command: Any) -> Packed:
-    """A command in Redis's protocol, packed by hiredis (raises for what Redis cannot take)."""
-    return pack_command(command)
+        self._drop()
 
 
 def _fail(batch: list[Queued], exc: Exception) -> None:

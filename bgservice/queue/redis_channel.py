@@ -1,9 +1,9 @@
 """Following the queue's pub/sub channel (``wake``, ``done:ID``, ``cancel:ID``,
 ``schedules``) on a connection of its own, messages handed over as they arrive.
 
-redis-py opens the connection (connecting, authenticating, TLS: whatever the URL asks);
-then this protocol takes its transport over, subscribes, and parses what Redis sends with
-hiredis in ``data_received``: no task, read or timeout per message. (Profiled in the Redis
+redis-py opens the connection; this protocol takes it over (bgservice.queue.redis_conn),
+subscribes, and hands each message on from ``data_received``: no task, read or timeout
+per message. (Profiled in the Redis
 queue row: redis-py's ``get_message`` path for the one or two messages each job sends was
 a ninth of the loop thread.) A quiet channel is not a lost connection: after ``idle``
 seconds without a byte it pings Redis, and only a ping unanswered for as long again
@@ -17,31 +17,26 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from hiredis import Reader
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from bgservice.queue.redis_batch import connect, packed
+from bgservice.queue.redis_conn import TakenOver, connect, packed
 
 
-class Subscription(asyncio.Protocol):
+class Subscription(TakenOver):
     """One channel followed: ``on_message(data)`` for each message, in order."""
 
     def __init__(
         self, conn: Any, channel: str, idle: float, on_message: Callable[[bytes], None]
     ) -> None:
-        self.conn = conn
+        super().__init__(conn)
         self.idle = idle
         self.on_message = on_message
-        self.loop = asyncio.get_running_loop()
-        self.parser = Reader(replyError=ResponseError)
         self.subscribed: asyncio.Future[None] = self.loop.create_future()
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.heard = self.loop.time()
         self.pinged: float | None = None  # when our ping went out, while it has no answer
-        self.transport: asyncio.Transport = conn._writer.transport  # see redis_batch.Link
-        self.transport.set_protocol(self)
         self.transport.write(packed("SUBSCRIBE", channel))
         self.timer = self.loop.call_later(idle, self._check)
 
@@ -80,21 +75,16 @@ class Subscription(asyncio.Protocol):
         parser = self.parser
         parser.feed(data)
         while (reply := parser.gets()) is not False:
-            if isinstance(reply, list) and reply and reply[0] == b"message":
+            kind = reply[0] if isinstance(reply, list) and reply else None
+            if kind == b"message":
                 self.on_message(reply[2])
-            elif isinstance(reply, list) and reply and reply[0] == b"subscribe":
+            elif kind == b"subscribe":
                 if not self.subscribed.done():
                     self.subscribed.set_result(None)
             elif isinstance(reply, ResponseError):
                 self._end(RedisConnectionError(f"subscription refused: {reply}"))
                 return
             # else the answer to our ping ("pong"): heard is all it was for
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(RedisConnectionError(f"Redis connection lost ({exc or 'closed'})"))
 
     # --- a quiet connection -------------------------------------------------------------
 
@@ -117,5 +107,4 @@ class Subscription(asyncio.Protocol):
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # retrieved here: the waiters raise it themselves
-        self.transport.abort()
-        self.conn._close()  # redis-py's record of the streams (else "unclosed" at exit)
+        self._drop()

@@ -34,7 +34,7 @@ class Deadlines:
     def arm(self, owner: Deadlined, due: float) -> int:
         """Call ``owner.deadline_passed()`` once loop time ``due`` has passed; returns
         the slot, for ``cancel``."""
-        slot = int(due / RESOLUTION) + 1  # as slot(), inline: once per connection
+        slot = self.slot(due)
         owners = self._slots.get(slot)
         if owners is None:
             owners = self._slots[slot] = set()
