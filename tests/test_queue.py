@@ -162,6 +162,36 @@ def test_per_module_limit_serialises_a_module(modules_dir, make_service):
         assert svc.call(b"queue:get:id:%d" % i) == b"ok"
 
 
+def test_a_module_at_its_limit_does_not_hold_back_the_jobs_behind_it(
+    modules_dir, make_service, tmp_path
+):
+    # The best waiting job's module is at its limit: a free worker must look past it (the
+    # Redis engine looks at the first ready job alone, then at the next page).
+    write_module(
+        modules_dir,
+        "gate",
+        """
+        import time
+        from pathlib import Path
+        def handle_tcp(request):
+            while not Path(request.text).exists():
+                time.sleep(0.01)
+            return "opened"
+        """,
+    )
+    svc = make_service("[queue]\nworkers = 2\nmodule_limits = { gate = 1 }\n")
+    go = tmp_path / "go"
+    first = add(svc, b"queue:add:gate:%s" % str(go).encode())
+    wait_until(lambda: status(svc, first)["state"] == "running")
+    second = add(svc, b"queue:add?priority=9:gate:%s" % str(go).encode())
+    behind = add(svc, b"queue:add:echo:behind")
+    assert svc.call(b"queue:get:id:%d" % behind) == b"behind"
+    assert status(svc, second)["state"] == "waiting"
+    go.touch()
+    assert svc.call(b"queue:get:id:%d" % first) == b"opened"
+    assert svc.call(b"queue:get:id:%d" % second) == b"opened"
+
+
 def test_priority_then_arrival_order(modules_dir, make_service):
     write_module(modules_dir, "record", RECORD_MODULE)
     svc = make_service("[queue]\nworkers = 1\n")

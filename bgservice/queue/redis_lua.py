@@ -19,12 +19,12 @@ local function move(id, old, new, score)
 end
 
 local function place(id)
-  local jk = jkey(id)
-  local run_at = tonumber(redis.call('HGET', jk, 'run_at'))
+  local f = redis.call('HMGET', jkey(id), 'run_at', 'priority')
+  local run_at = tonumber(f[1])
   if run_at > now then
     redis.call('ZADD', P .. ':delayed', run_at, id)
   else
-    redis.call('ZADD', P .. ':ready', -tonumber(redis.call('HGET', jk, 'priority')), pad(id))
+    redis.call('ZADD', P .. ':ready', -tonumber(f[2]), pad(id))
   end
   woke = true
 end
@@ -38,12 +38,12 @@ local function finish(id, state, status, result, err, expires)
     i = i + 1
     local jid, st = t[1], t[2]
     local jk = jkey(jid)
-    local old = redis.call('HGET', jk, 'state')
+    local f = redis.call('HMGET', jk, 'state', 'unique_key')
+    local old, uk = f[1], f[2]
     redis.call('HSET', jk, 'state', st, 'finished', NOW, 'status', t[3], 'result', t[4],
                'expires', expires)
     if t[5] ~= '' then redis.call('HSET', jk, 'error', t[5]) end
     redis.call('HDEL', jk, 'owner')
-    local uk = redis.call('HGET', jk, 'unique_key')
     if uk and redis.call('HGET', P .. ':unique', uk) == tostring(jid) then
       redis.call('HDEL', P .. ':unique', uk)
     end
@@ -51,7 +51,7 @@ local function finish(id, state, status, result, err, expires)
     redis.call('ZADD', P .. ':finished', expires, jid)
     redis.call('PUBLISH', P .. ':events', 'done:' .. jid)
     local deps = redis.call('SMEMBERS', P .. ':blocked:' .. jid)
-    redis.call('DEL', P .. ':blocked:' .. jid)
+    if #deps > 0 then redis.call('DEL', P .. ':blocked:' .. jid) end
     for _, d in ipairs(deps) do
       -- No blockers field: it stopped waiting for us (retried since, or failed already).
       local dk = jkey(d)

@@ -85,14 +85,17 @@ return {id, 'new', claimed}
 # delayed job, or a throttled module's window).
 CLAIM_FN = r"""
 local function claim(deadline, owner, limits_json, rates_json)
-  local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
-  for _, id in ipairs(due) do
-    redis.call('ZREM', P .. ':delayed', id)
-    if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
-  end
-  local limits = cjson.decode(limits_json)
-  local rates = cjson.decode(rates_json)
   local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
+  if nextd ~= '' and tonumber(nextd) <= now then  -- delayed jobs now due
+    local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
+    for _, id in ipairs(due) do
+      redis.call('ZREM', P .. ':delayed', id)
+      if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
+    end
+    nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
+  end
+  local limits = limits_json == '{}' and {} or cjson.decode(limits_json)
+  local rates = rates_json == '{}' and {} or cjson.decode(rates_json)
   local function throttled(module)  -- when its rate window has room again; nil: now
     local rate, rk = rates[module], P .. ':rate:' .. module
     if not rate then return nil end
@@ -100,31 +103,42 @@ local function claim(deadline, owner, limits_json, rates_json)
     if redis.call('ZCARD', rk) < rate[1] then return nil end
     return tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + rate[2]
   end
-  local candidates = redis.call('ZRANGE', P .. ':ready', 0, 99)
-  for _, member in ipairs(candidates) do
-    local id = tostring(tonumber(member))
-    local jk = jkey(id)
-    if redis.call('HGET', jk, 'state') ~= 'waiting' then
-      redis.call('ZREM', P .. ':ready', member)
-    else
-      local module = redis.call('HGET', jk, 'module')
-      local limit = limits[module]
-      local running = tonumber(redis.call('HGET', P .. ':modrun', module) or '0')
-      local free = throttled(module)
-      if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
-      if not free and (not limit or running < limit) then
-        if rates[module] then
-          redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
-          redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
-        end
+  -- The best 100 ready jobs: the first alone (most often the one taken: a page of 100
+  -- copied into Lua for each claim was a third of a job's Redis time with a long queue),
+  -- then the other 99. A member no longer waiting is removed, moving the rest up a rank.
+  local from, looked = 0, 0
+  while looked < 100 do
+    local last = from + (looked == 0 and 0 or 99 - looked)
+    local candidates = redis.call('ZRANGE', P .. ':ready', from, last)
+    if #candidates == 0 then break end
+    for _, member in ipairs(candidates) do
+      looked = looked + 1
+      local id = tostring(tonumber(member))
+      local jk = jkey(id)
+      local f = redis.call('HMGET', jk, 'state', 'module')
+      if f[1] ~= 'waiting' then
         redis.call('ZREM', P .. ':ready', member)
-        redis.call('HINCRBY', P .. ':modrun', module, 1)
-        redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner)
-        redis.call('HINCRBY', jk, 'attempts', 1)
-        redis.call('HDEL', jk, 'progress')
-        redis.call('ZADD', P .. ':running', deadline, id)
-        move(id, 'waiting', 'running', NOW)
-        return {id, nextd, redis.call('HGETALL', jk)}
+      else
+        from = from + 1
+        local module = f[2]
+        local limit = limits[module]
+        local free = throttled(module)
+        if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
+        if not free and (not limit
+            or tonumber(redis.call('HGET', P .. ':modrun', module) or '0') < limit) then
+          if rates[module] then
+            redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
+            redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
+          end
+          redis.call('ZREM', P .. ':ready', member)
+          redis.call('HINCRBY', P .. ':modrun', module, 1)
+          redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner)
+          redis.call('HINCRBY', jk, 'attempts', 1)
+          redis.call('HDEL', jk, 'progress')
+          redis.call('ZADD', P .. ':running', deadline, id)
+          move(id, 'waiting', 'running', NOW)
+          return {id, nextd, redis.call('HGETALL', jk)}
+        end
       end
     end
   end
