@@ -115,7 +115,7 @@ local function claim(deadline, owner, limits_json, rates_json)
       looked = looked + 1
       local id = tostring(tonumber(member))
       local jk = jkey(id)
-      local f = redis.call('HMGET', jk, 'state', 'module')
+      local f = redis.call('HMGET', jk, 'state', 'module', 'attempts', 'progress')
       if f[1] ~= 'waiting' then
         redis.call('ZREM', P .. ':ready', member)
       else
@@ -132,9 +132,9 @@ local function claim(deadline, owner, limits_json, rates_json)
           end
           redis.call('ZREM', P .. ':ready', member)
           redis.call('HINCRBY', P .. ':modrun', module, 1)
-          redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner)
-          redis.call('HINCRBY', jk, 'attempts', 1)
-          redis.call('HDEL', jk, 'progress')
+          redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner,
+                     'attempts', (tonumber(f[3]) or 0) + 1)
+          if f[4] then redis.call('HDEL', jk, 'progress') end
           redis.call('ZADD', P .. ':running', deadline, id)
           move(id, 'waiting', 'running', NOW)
           return {id, nextd, redis.call('HGETALL', jk)}
