@@ -119,6 +119,9 @@ class JobQueue(abc.ABC):
         self.scheduler: Scheduler | None = None  # set once the schedules are loaded
         self._metric_names: set[str] = set()  # job names /metrics labels on their own
         self.rates = Windows({})  # [queue] module_rates (set by make_queue)
+        # The running loop, kept by start(): on Python 3.11 each get_running_loop() is a
+        # getpid() system call, and the job path asked several times per job.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start_scheduler(self, configured: tuple[Schedule, ...]) -> None:
         """Load the schedules (service.config's replacing stored ones of the same name)
@@ -189,7 +192,7 @@ class JobQueue(abc.ABC):
         TIMEOUT, else ``[queue] job_timeout``, else none (never ``call_timeout``: that is
         for a caller waiting on a socket). Streamed output is kept, so the result is what
         a direct call would have replied."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         chunks: list[bytes] = []
         request = Request(
             job.module,

@@ -71,7 +71,6 @@ class LocalQueue(JobQueue):
         self._writes: set[asyncio.Future[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
         self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.conf.url.split("@")[-1], exc)  # fmt: skip
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         for coro in (self._listen(), self._runner(), self._leases(), self.db.expire_forever()):
             self._tasks.append(loop.create_task(coro))
 
@@ -152,7 +152,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         if waiter is None:
             # The waiter exists before we look, so a ``done`` published meanwhile is not
             # lost; later waiters on the same job share it without asking Redis again.
-            waiter = self._waiters[jid] = asyncio.get_running_loop().create_future()
+            waiter = self._waiters[jid] = (self._loop or asyncio.get_running_loop()).create_future()
             try:
                 await self._deliver(jid, quiet=False)
             except RedisError:
@@ -260,7 +260,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._spawn(self.scheduler.reload())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self._loop or asyncio.get_running_loop()).create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
@@ -322,7 +322,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         if not jid:
             return False
         job = job_from_hash(jid, pairs(reply[2]))
-        task = asyncio.get_running_loop().create_task(self._execute(job))
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._execute(job))
         self._running[jid] = (job, task)
         return True
 

@@ -63,28 +63,28 @@ def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 def hash_of(job: Job) -> list[Any]:
     """A new job's hash fields, flat (name, value, ...), as the ADD script stores them."""
-    fields: dict[str, Any] = {
-        "module": job.module,
-        "data": job.data,
-        "state": str(job.state),
-        "priority": job.priority,
-        "run_at": repr(job.run_at),
-        "created": repr(job.created),
-        "attempts": job.attempts,
-        "max_retries": job.max_retries,
-        "backoff": repr(job.backoff),
-        "cancel_requested": int(job.cancel_requested),
-    }
+    fields: list[Any] = [
+        "module", job.module,
+        "data", job.data,
+        "state", str(job.state),
+        "priority", job.priority,
+        "run_at", repr(job.run_at),
+        "created", repr(job.created),
+        "attempts", job.attempts,
+        "max_retries", job.max_retries,
+        "backoff", repr(job.backoff),
+        "cancel_requested", int(job.cancel_requested),
+    ]  # fmt: skip
     if job.timeout is not None:
-        fields["timeout"] = repr(job.timeout)
+        fields += ("timeout", repr(job.timeout))
     if job.unique_key:
-        fields["unique_key"] = job.unique_key
+        fields += ("unique_key", job.unique_key)
     if job.after:
-        fields["after"] = stored_after(job.after)
+        fields += ("after", stored_after(job.after))
     if job.name:
-        fields["name"] = job.name
+        fields += ("name", job.name)
     if job.source:
-        fields["source"] = job.source
+        fields += ("source", job.source)
     if job.tags:
-        fields["tags"] = stored_tags(job.tags)
-    return [v for pair in fields.items() for v in pair]
+        fields += ("tags", stored_tags(job.tags))
+    return fields

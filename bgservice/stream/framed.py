@@ -93,8 +93,10 @@ class Framed(StreamProtocol):
                 self.pending.append(framed_reply(413, message.encode()))
                 continue
             self._serve(*split_request(item))
-        if items:
-            self._flush()  # what was served at once goes out in one send
+        if items and (not self.pending or type(self.pending[0]) is bytes):
+            # What was served at once goes out in one send. (A task at the head of the
+            # line flushes when it is done: its callback.)
+            self._flush()
         if not self.hold(decoder.buffered):
             return
         if not decoder.partial:
