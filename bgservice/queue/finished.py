@@ -31,6 +31,10 @@ class FinishedJobs:
     def forget(self, jid: int) -> None:
         self._recent.pop(jid, None)
 
+    def recent(self, jid: int) -> Job | None:
+        """The job if it finished recently (no store read, so no await)."""
+        return self._recent.get(jid)
+
     async def lookup(self, jid: int) -> Job | None:
         """A job that is not waiting or running: recently finished, or asked of the store;
         None when unknown or expired."""

@@ -152,17 +152,20 @@ class LocalQueue(JobQueue):
         return job.id
 
     async def get(self, jid: int) -> Result:
-        if jid in self.jobs:
-            waiter = self._waiters.get(jid)
-            if waiter is None:
-                assert self._loop is not None
-                waiter = self._waiters[jid] = self._loop.create_future()
-            # Shielded: one client hanging up must not cancel the result for the others.
-            return await asyncio.shield(waiter)
-        job = await self._finished.lookup(jid)
-        if job is None:
-            raise not_found(jid)
-        return finished_result(job)
+        if jid not in self.jobs:
+            job = await self._finished.lookup(jid)
+            if job is None:
+                raise not_found(jid)
+            # Stored unfinished, not in self.jobs: its add or retry awaits the store; its
+            # _finish settles the waiter below (or did meanwhile: looked up with no await).
+            if jid not in self.jobs and (job := self._finished.recent(jid) or job).state.finished:
+                return finished_result(job)
+        waiter = self._waiters.get(jid)
+        if waiter is None:
+            assert self._loop is not None
+            waiter = self._waiters[jid] = self._loop.create_future()
+        # Shielded: one client hanging up must not cancel the result for the others.
+        return await asyncio.shield(waiter)
 
     async def check(self, jid: int) -> str:
         job = self.jobs.get(jid) or await self._finished.lookup(jid)
