@@ -47,7 +47,10 @@ def moment(when: float | None, now: float) -> str:
     """A local date-time and its age: ``2026-12-03 09:12:14 (5 s ago)``."""
     if when is None:
         return EMPTY
-    local = dt.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        local = dt.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):  # past the year 9999 (an older service's job)
+        return f"{when:.0f} (Unix time)"
     return f"{local} ({age(when, now)})"
 
 

@@ -21,6 +21,10 @@ def test_ages_and_local_times() -> None:
     assert fmt.age(None, NOW) == "-"
     local = dt.datetime.fromtimestamp(NOW - 65).strftime("%Y-%m-%d %H:%M:%S")
     assert fmt.moment(NOW - 65, NOW) == f"{local} (1 min 5 s ago)"
+    # A time no date can show (a job an older service let be due in the year 58894): the
+    # number, not a traceback.
+    assert fmt.moment(1_796_371_400_000.0, NOW) == "1796371400000 (Unix time)"
+    assert fmt.moment(1e30, NOW) == "1000000000000000019884624838656 (Unix time)"
 
 
 def test_table_aligns_and_right_aligns_numbers() -> None:

@@ -99,7 +99,7 @@ def test_wait_returns_the_status_of_an_unfinished_job(svc: ServiceProcess) -> No
         ({"module": "ec ho"}, "field module: expected a module name"),
         ({"module": "echo", "data": 5}, "field data: expected a string"),
         ({"module": "echo", "data_base64": "!!"}, "field data_base64: not valid base64"),
-        ({"module": "echo", "timeout": 0}, "option timeout: must be greater than 0"),
+        ({"module": "echo", "timeout": 0}, "timeout: must be a finite number greater than 0"),
         ({"module": "nosuchmodule"}, "Unknown request"),
         ({"module": "echo", "data": "\ud800"}, "field data: not valid Unicode"),
         ({"module": "\ud800"}, "field module: expected a module name"),

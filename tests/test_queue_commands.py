@@ -45,6 +45,11 @@ def test_options_ride_on_the_command_word():
         (b"add?priority=9223372036854775808:echo:x", "option priority: must be between"),
         (b"add?priority=-9223372036854775808:echo:x", "option priority: must be between"),
         (b"add?after=99999999999999999999:echo:x", "option after: must be between"),
+        # A millisecond timestamp for `at` (from JavaScript): a date 50,000 years away.
+        (b"add?at=1796371400000:echo:x", "option at: the time it gives is after the year 9999"),
+        (b"add?delay=1e300:echo:x", "option delay: the time it gives is after the year 9999"),
+        (b"add?timeout=inf:echo:x", "option timeout: must be a finite number greater than 0"),
+        (b"add?timeout=0:echo:x", "option timeout: must be a finite number greater than 0"),
     ],
 )
 def test_bad_options_are_named(raw, message):

@@ -110,13 +110,26 @@ def parse_id(text: str, where: str) -> int:
     return int(text)
 
 
-def _number(name: str, text: str, minimum: float = 0.0) -> float:
+def _number(name: str, text: str, minimum: float = 0.0, above: bool = False) -> float:
+    """A finite number of at least ``minimum`` (``above``: greater than it)."""
     try:
         value = float(text)
     except ValueError:
         raise BadRequest(f"option {name}: expected a number, got {text[:40]!r}") from None
-    if not math.isfinite(value) or value < minimum:
-        raise BadRequest(f"option {name}: must be a number of at least {minimum:g}")
+    if not math.isfinite(value) or value < minimum or (above and value == minimum):
+        bound = "greater than" if above else "of at least"
+        raise BadRequest(f"option {name}: must be a finite number {bound} {minimum:g}")
+    return value
+
+
+# The latest time a job may be due: the end of 9999, the last year dates are written in
+# (a millisecond timestamp sent as `at` is a typo for a date 50,000 years away).
+LATEST_RUN_AT = 253402300799.0
+
+
+def _run_at(name: str, value: float) -> float:
+    if value > LATEST_RUN_AT:
+        raise BadRequest(f"option {name}: the time it gives is after the year 9999")
     return value
 
 
@@ -148,12 +161,10 @@ def parse_add(command: Command, now: float | None = None, source: str | None = N
         return AddSpec(module=module, data=data, source=source)
     run_at = None
     if "delay" in o:
-        run_at = (now or time.time()) + _number("delay", o["delay"])
+        run_at = _run_at("delay", (now or time.time()) + _number("delay", o["delay"]))
     if "at" in o:
-        run_at = _number("at", o["at"])
-    timeout = _number("timeout", o["timeout"]) if "timeout" in o else None
-    if timeout == 0:
-        raise BadRequest("option timeout: must be greater than 0")
+        run_at = _run_at("at", _number("at", o["at"]))
+    timeout = _number("timeout", o["timeout"], above=True) if "timeout" in o else None
     return AddSpec(
         module=module,
         data=data,
