@@ -30,6 +30,7 @@ import click
 
 from bgservice import cli_format, cli_top
 from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
+from bgservice.client_requests import parse_address
 from bgservice.errors import ReplyError
 
 EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT = 1, 3, 4
@@ -110,7 +111,14 @@ def _timeout() -> float:
 def _talking() -> Iterator[Client]:
     """A client for the options given, with its failures turned into messages and exit
     codes."""
-    client = Client(_address(), timeout=_timeout(), udp_address=_given().get("udp_address"))
+    udp_address = _given().get("udp_address")
+    for address in (_address(), udp_address):
+        try:
+            if address is not None:
+                parse_address(address)
+        except ValueError as exc:  # a usage error: exit 2, as click's own
+            raise click.UsageError(str(exc)) from None
+    client = Client(_address(), timeout=_timeout(), udp_address=udp_address)
     try:
         yield client
     except ReplyError as exc:

@@ -88,7 +88,7 @@ def parse_address(address: str) -> tuple[int, Any]:
     if "/" in address or address.startswith("unix:"):
         return socket.AF_UNIX, address.removeprefix("unix:")
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"address must be host:port or a Unix socket path, not {address!r}")
     host = host.strip("[]") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

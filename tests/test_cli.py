@@ -68,6 +68,14 @@ def test_exit_codes(service):
     for bad in ("id:", "id:x", "0", "7.5", "id:-3"):
         usage = bg(service, "queue", "check", bad)
         assert usage.returncode == 2 and b"job id must be N or 'id:N'" in usage.stderr, bad
+    # A bad address, given or from the environment, is a usage error too (it was a
+    # traceback and exit 1): the port forgotten, not a number, out of range.
+    for bad in ("10.0.0.5", "nonsense", "127.0.0.1:abc", "127.0.0.1:99999"):
+        usage = bg(None, "ping", address=bad)
+        assert usage.returncode == 2 and b"address must be host:port" in usage.stderr, bad
+        assert b"Traceback" not in usage.stderr
+    usage = bg(service, "--udp-address", "nonsense", "send", "test", "x")
+    assert usage.returncode == 2 and b"'nonsense'" in usage.stderr
 
 
 def test_queue_subcommands(service):
