@@ -16,13 +16,13 @@ from typing import Any
 
 from bgservice.config import Settings
 from bgservice.declarations import admit
-from bgservice.errors import Busy, HandlerError, ServiceError
+from bgservice.errors import Busy, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.execution import RESERVED, Execution
 from bgservice.origin import Origin
 from bgservice.protocol import OK, Reply
 from bgservice.registry import Registry
-from bgservice.request import Request, to_bytes
+from bgservice.request import Request, reply_bytes
 from bgservice.stats import Stats
 from bgservice.unknown_names import UnknownNames
 
@@ -91,7 +91,7 @@ class Dispatcher:
                     value = await value
             else:
                 value = await self.execution.run(version, handler, request, timeout, fallback)
-            reply: Reply = (OK, self._bytes(request, value))
+            reply: Reply = (OK, reply_bytes(request.module, value))
         except ServiceError as exc:
             reply = (exc.code, exc.message.encode())
         except Exception as exc:  # the boundary: a bug must cost one reply, not the service
@@ -175,13 +175,6 @@ class Dispatcher:
                 exc_info=exc,
             )
         self._count(request, status, start, 0)
-
-    @staticmethod
-    def _bytes(request: Request, value: Any) -> bytes:
-        try:
-            return to_bytes(value)
-        except TypeError as exc:  # a wrong type is the module's error (500)
-            raise HandlerError(f"Module {request.module} returned a bad reply: {exc}") from None
 
     def _count(self, request: Request, status: int, start: float, out: int) -> None:
         key = (request.module, request.origin.transport)

@@ -25,7 +25,7 @@ from bgservice import process_messages as msg
 from bgservice.errors import ReplyError, ServiceError
 from bgservice.origin import Origin
 from bgservice.registry import ModuleLoadError, ModuleVersion, import_module_file, install_package
-from bgservice.request import Request, to_bytes
+from bgservice.request import Request, reply_bytes, to_bytes
 
 Send = Any  # Worker.send: (message) -> None
 
@@ -141,7 +141,7 @@ class Worker:
             result = handler.fn(request)
             if asyncio.iscoroutine(result):
                 result = self.loop.run_until_complete(result)
-            self.send(msg.Returned(cid, to_bytes(result)))
+            self.send(msg.Returned(cid, reply_bytes(call.module, result)))
         except ServiceError as exc:
             self.send(msg.Refused(cid, exc.code, exc.message))
         except BaseException as exc:  # SystemExit from a module must not end the worker

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bgservice.errors import HandlerError
 from bgservice.origin import Origin
 from bgservice.queue.commands import AddSpec, after_ids
 
@@ -42,6 +43,15 @@ def to_bytes(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     raise TypeError(f"a reply must be str, bytes or None, not {type(value).__name__}")
+
+
+def reply_bytes(module: str, value: Any) -> bytes:
+    """A handler's return value as its reply's body, in every execution mode: a value of
+    the wrong type is the module's error (500), named as such."""
+    try:
+        return to_bytes(value)
+    except TypeError as exc:
+        raise HandlerError(f"Module {module} returned a bad reply: {exc}") from None
 
 
 class JobContext:

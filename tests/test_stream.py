@@ -311,12 +311,25 @@ def test_service_commands(service):
     assert {"uptime", "in_flight", "loop_lag_ms", "udp", "connections"} <= stats.keys()
 
 
-def test_a_reply_of_the_wrong_type_is_the_modules_error(modules_dir, make_service):
-    write_module(modules_dir, "badreply", "def handle_tcp(request):\n    return 42\n")
+@pytest.mark.parametrize(
+    "source",
+    [
+        "async def handle_tcp(request):\n    return 42\n",  # on the loop
+        "def handle_tcp(request):\n    return 42\n",  # in a thread
+        'EXECUTION = "process"\n\ndef handle_tcp(request):\n    return 42\n',
+    ],
+    ids=["async", "thread", "process"],
+)
+def test_a_reply_of_the_wrong_type_is_the_modules_error(modules_dir, make_service, source):
+    # The same reply in every execution mode (docs/modules.md); a process worker once
+    # called it "raised TypeError" and logged it as the handler raising.
+    write_module(modules_dir, "badreply", source)
     svc = make_service()
     reply = svc.call(b"badreply:x")
-    assert reply.startswith(b"500: Module badreply returned a bad reply")
-    assert b"not int" in reply
+    assert reply == b"500: Module badreply returned a bad reply: " + (
+        b"a reply must be str, bytes or None, not int"
+    )
+    assert "raised" not in svc.log()
 
 
 def test_reloads_are_counted_in_stats(modules_dir, make_service):
