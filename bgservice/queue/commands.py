@@ -32,14 +32,17 @@ MAX_AFTER = 100  # dependencies of one job: a fan-in, not a copy of the queue
 TAG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-@dataclass(frozen=True)
+# Command and AddSpec are values, yet not frozen: they are made for every request, and a
+# frozen dataclass's __init__ calls object.__setattr__ per field (AddSpec: 2.3 us, 0.55 us
+# unfrozen).
+@dataclass
 class Command:
     name: str
     options: dict[str, str]
     args: bytes
 
 
-@dataclass(frozen=True)
+@dataclass
 class AddSpec:
     module: str
     data: bytes
