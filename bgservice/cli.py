@@ -135,6 +135,13 @@ def serve(
     except ConfigError as exc:
         click.echo(f"bgservice: configuration error: {exc}", err=True)
         sys.exit(2)
+    if not settings.modules.is_dir():  # a typo would serve nothing, and never notice the fix
+        click.echo(
+            f"bgservice: configuration error: modules folder {settings.modules} does not exist "
+            "(-m DIR, or modules = in service.config)",
+            err=True,
+        )
+        sys.exit(2)
     logs.setup(settings.verbose, settings.log_file)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     sys.exit(uvloop.run(service.run()))

@@ -379,6 +379,15 @@ def test_the_redis_engine_without_its_client_is_a_configuration_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_modules_folder_that_does_not_exist_exits_2(tmp_path):
+    # A typo in -m or modules = once started a service with no modules, which never
+    # noticed the folder once it was there.
+    result = run_cli("-m", str(tmp_path / "modlues"), "-p", "0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bgservice: configuration error: modules folder")
+    assert "modlues does not exist" in result.stderr and result.stdout == ""
+
+
 def test_missing_config_file_exits_2(tmp_path):
     result = run_cli("-c", str(tmp_path / "nope.config"), cwd=tmp_path)
     assert result.returncode == 2
