@@ -387,6 +387,31 @@ def test_cancel_waiting_and_running_jobs(modules_dir, make_service, tmp_path):
     assert svc.call(b"queue:cancel:id:%d" % running).startswith(b"409:")
 
 
+def test_a_job_cancelled_then_retried_keeps_its_place_and_its_backoff(
+    modules_dir, make_service, tmp_path
+):
+    # The embedded engine's line once kept the cancelled job's entry: retried, the job was
+    # in line twice (counted twice before others) and, failing, ran again at once instead
+    # of after its backoff (found by a review of the queue).
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    write_module(modules_dir, "boom", "def handle_tcp(request):\n    raise RuntimeError('boom')\n")
+    svc = make_service("[queue]\nworkers = 1\n")
+    go = tmp_path / "go"
+    blocker = add(svc, b"queue:add:progress:" + str(go).encode())
+    wait_until(lambda: status(svc, blocker)["state"] == "running")
+    failing = add(svc, b"queue:add?retries=1&backoff=30:boom:x")
+    other = add(svc, b"queue:add:echo:other")
+    assert svc.call(b"queue:cancel:id:%d" % failing) == b"cancelled"
+    assert svc.call(b"queue:retry:id:%d" % failing) == b"id:%d" % failing
+    last = add(svc, b"queue:add:echo:last")
+    assert status(svc, last)["position"] == 2  # the retried job and `other`, once each
+    go.touch()
+    assert svc.call(b"queue:get:id:%d" % other) == b"other"
+    assert svc.call(b"queue:get:id:%d" % last) == b"last"
+    info = status(svc, failing)  # failed once, now waiting out its 30 s backoff
+    assert (info["state"], info["attempts"]) == ("waiting", 1)
+
+
 def test_progress_is_visible_while_the_job_runs(modules_dir, make_service, tmp_path):
     write_module(modules_dir, "progress", PROGRESS_MODULE)
     svc = make_service()

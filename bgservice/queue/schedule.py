@@ -3,20 +3,22 @@ becomes due.
 
 Ready jobs wait in a heap by priority, then id (arrival); delayed ones in a heap by their
 due time, with one loop timer for the soonest. Entries are never removed from the middle:
-a job cancelled while it waits leaves a stale entry that the reader skips (``waiting``
-decides what is live).
+each placement of a job gets a number, and only the entry with the job's latest number is
+live; the rest (a job cancelled while it waited, then retried and placed again) are skipped
+as the reader meets them, as are jobs ``waiting`` no longer returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
 from collections.abc import Callable, Iterator
 
 from bgservice.queue.job import Job
 
-Entry = tuple[int, int]  # (-priority, id): heapq's order is the order jobs run in
+Entry = tuple[int, int, int]  # (-priority, id, placement): heapq's order is the run order
 
 
 class WaitingLine:
@@ -24,34 +26,45 @@ class WaitingLine:
         self._waiting = waiting  # id -> the job if it still waits
         self._on_due = on_due  # called when delayed jobs became ready
         self._ready: list[Entry] = []
-        self._delayed: list[tuple[float, int]] = []  # (run_at, id)
+        self._delayed: list[tuple[float, int, int]] = []  # (run_at, id, placement)
+        self._placed: dict[int, int] = {}  # id -> its live entry's placement number
+        self._numbers = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when (wall clock) it fires
         self._closed = False
 
     def place(self, job: Job) -> None:
+        """Put a waiting job in line (again: any earlier entry of it is dropped)."""
+        number = self._placed[job.id] = next(self._numbers)
         if job.run_at > time.time():
-            heapq.heappush(self._delayed, (job.run_at, job.id))
+            heapq.heappush(self._delayed, (job.run_at, job.id, number))
             self._arm_timer()
         else:
-            heapq.heappush(self._ready, (-job.priority, job.id))
+            heapq.heappush(self._ready, (-job.priority, job.id, number))
 
     def ready(self) -> Iterator[Job]:
         """Ready jobs, best first, each taken off the line as it is yielded; one the reader
         does not start now goes back with ``put_back``."""
         while self._ready:
-            job = self._waiting(heapq.heappop(self._ready)[1])
+            _, jid, number = heapq.heappop(self._ready)
+            if self._placed.get(jid) != number:
+                continue  # an earlier placement of a job placed again since
+            del self._placed[jid]
+            job = self._waiting(jid)
             if job is not None:  # else cancelled while it waited
                 yield job
 
     def put_back(self, jobs: list[Job]) -> None:
         for job in jobs:
-            heapq.heappush(self._ready, (-job.priority, job.id))
+            self.place(job)
 
     def position(self, job: Job) -> int:
         """How many ready jobs run before this ready one."""
         key = (-job.priority, job.id)
-        return sum(1 for entry in self._ready if entry < key and self._waiting(entry[1]))
+        return sum(1 for entry in self._ready if entry[:2] < key and self._live(entry))
+
+    def _live(self, entry: tuple[float, int, int]) -> bool:
+        return self._placed.get(entry[1]) == entry[2] and self._waiting(entry[1]) is not None
 
     def close(self) -> None:
         self._closed = True
@@ -84,9 +97,13 @@ class WaitingLine:
         self._timer = None
         now = time.time()
         while self._delayed and self._delayed[0][0] <= now:
-            _, jid = heapq.heappop(self._delayed)
+            _, jid, number = heapq.heappop(self._delayed)
+            if self._placed.get(jid) != number:
+                continue  # an earlier placement
             job = self._waiting(jid)
-            if job is not None:
-                heapq.heappush(self._ready, (-job.priority, jid))
+            if job is None:
+                del self._placed[jid]
+            else:
+                heapq.heappush(self._ready, (-job.priority, jid, number))
         self._arm_timer()
         self._on_due()
