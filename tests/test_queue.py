@@ -326,6 +326,50 @@ def test_a_get_sent_with_the_add_or_retry_of_its_job_waits_for_the_job(
     conn.close()
 
 
+def test_requests_sent_with_a_retry_find_the_job_waiting(modules_dir, make_service):
+    # A cancel or an after= that arrives while a retry is being stored: the embedded engine
+    # once answered "409: Job N already finished (waiting)" and then ran the job, and
+    # "424: Job N waiting" (found by a review of the queue). Redis was right.
+    svc, blocker = _one_busy_worker(modules_dir, make_service)
+    jid = add(svc, b"queue:add:echo:x")
+    assert svc.call(b"queue:cancel:id:%d" % jid) == b"cancelled"
+    conn = svc.framed()
+    conn.send(b"queue:retry:id:%d" % jid, b"queue:cancel:id:%d" % jid)
+    assert [conn.recv(), conn.recv()] == [(200, b"id:%d" % jid), (200, b"cancelled")]
+    conn.send(b"queue:retry:id:%d" % jid, b"queue:add?after=%d:echo:child" % jid)
+    assert conn.recv() == (200, b"id:%d" % jid)
+    status_code, child = conn.recv()
+    assert status_code == 200 and child.startswith(b"id:"), child
+    assert status(svc, int(child[3:]))["state"] == "waiting"
+    conn.close()
+    assert svc.call(b"queue:cancel:id:%d" % blocker) == b"cancelling"
+    assert svc.call(b"queue:get:id:%s" % child[3:]) == b"child"
+
+
+def test_a_retry_does_not_take_a_unique_key_another_job_holds(modules_dir, make_service):
+    svc, _ = _one_busy_worker(modules_dir, make_service)  # the jobs below wait
+    first = add(svc, b"queue:add?unique=u:echo:first")
+    assert svc.call(b"queue:cancel:id:%d" % first) == b"cancelled"
+    second = add(svc, b"queue:add?unique=u:echo:second")
+    assert second != first
+    assert svc.call(b"queue:retry:id:%d" % first) == (
+        b"409: Job %d's unique key is held by job %d" % (first, second)
+    )
+    assert svc.call(b"queue:cancel:id:%d" % second) == b"cancelled"
+    # Free again: the retried job takes its key back, and an add with it finds the job.
+    assert svc.call(b"queue:retry:id:%d" % first) == b"id:%d" % first
+    assert add(svc, b"queue:add?unique=u:echo:third") == first
+
+
+def _one_busy_worker(modules_dir, make_service):
+    """A service with one worker, held by a job that runs until cancelled."""
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service("[queue]\nworkers = 1\n")
+    blocker = add(svc, b"queue:add:progress:/nonexistent/never")
+    wait_until(lambda: status(svc, blocker)["state"] == "running")
+    return svc, blocker
+
+
 def test_unique_key_merges_waiting_and_running_jobs(service):
     first = add(service, b"queue:add?unique=report-7:sleep:400")
     assert add(service, b"queue:add?unique=report-7:sleep:400") == first

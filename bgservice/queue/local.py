@@ -37,6 +37,7 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.schedules import Schedule
 from bgservice.queue.store import Run, Store
+from bgservice.queue.unique import UniqueKeys
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,7 @@ class LocalQueue(JobQueue):
         self._pump_again = False
         self._per_module: Counter[str] = Counter()
         self._waiters: dict[int, asyncio.Future[Result]] = {}
-        self._unique: dict[str, int] = {}
-        self._unique_pending: dict[str, asyncio.Future[int]] = {}
+        self._keys = UniqueKeys()
         self._finished = FinishedJobs(settings, store)
         self._deps = Dependencies(self.jobs.__contains__, self._finished)
         self._writes: set[asyncio.Future[Any]] = set()
@@ -84,8 +84,7 @@ class LocalQueue(JobQueue):
                 job.move(JobState.WAITING)
                 self._write(job, ("state",), interrupted_run(job))  # its run, in the history
             self.jobs[job.id] = job
-            if job.unique_key:
-                self._unique[job.unique_key] = job.id
+            self._keys.hold(job.unique_key, job.id)
         for job in recovered:
             await self._place_new(job)
         if recovered:
@@ -117,36 +116,24 @@ class LocalQueue(JobQueue):
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         if len(self.jobs) >= self.settings.max_waiting:
             raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
-        if spec.unique:
-            if spec.unique in self._unique:
-                return self._unique[spec.unique]
-            if spec.unique in self._unique_pending:
-                return await asyncio.shield(self._unique_pending[spec.unique])
+        if spec.unique and (existing := await self._keys.existing(spec.unique)) is not None:
+            return existing
         await self._deps.check(spec.after)
         return await self._insert(spec)
 
     async def _insert(self, spec: AddSpec) -> int:
         job = Job.new(spec, self.settings, time.time())
-        pending: asyncio.Future[int] | None = None
-        if spec.unique:
-            pending = asyncio.get_running_loop().create_future()
-            self._unique_pending[spec.unique] = pending
+        self._keys.storing(spec.unique)
         try:
             job.id = await self.store.insert(job, spec.mark)
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: the adds waiting on its key must end
+            self._keys.stored(spec.unique, Busy("Job store unavailable"))
+            if not isinstance(exc, Exception):
+                raise
             log.error("job store refused a job: %s", exc)
-            if pending is not None:
-                pending.set_exception(Busy("Job store unavailable"))
-                pending.exception()  # retrieved: waiters re-raise it themselves
             raise Busy("Job store unavailable") from None
-        finally:
-            if spec.unique:
-                self._unique_pending.pop(spec.unique, None)
         self.jobs[job.id] = job
-        if job.unique_key:
-            self._unique[job.unique_key] = job.id
-        if pending is not None:
-            pending.set_result(job.id)
+        self._keys.stored(spec.unique, job.id)
         await self._place_new(job)
         self._pump()
         return job.id
@@ -204,15 +191,28 @@ class LocalQueue(JobQueue):
             raise not_found(jid)
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise Conflict(f"Job {jid} is {job.state}: only failed or cancelled jobs retry")
+        key = job.unique_key
+        if key and (holder := self._keys.holder(key)) is not None:
+            raise Conflict(f"Job {jid}'s unique key is held by job {holder}")
         self._finished.forget(jid)
         job.move(JobState.WAITING)
         job.attempts, job.run_at = 0, time.time()
         job.finished = job.expires = job.status = job.result = None
         job.cancel_requested, job.after = False, ()
-        await self.store.save(job)
+        # Ours before the store answers: a cancel, get, retry or after= meanwhile finds it
+        # waiting (the store applies writes in order, so a cancel's lands after this one).
         self.jobs[jid] = job
-        await self._place_new(job)
-        self._pump()
+        self._keys.hold(key, jid)
+        try:
+            await self.store.save(job)
+        except Exception as exc:
+            log.error("job store refused a retry: %s", exc)
+            self.jobs.pop(jid, None)  # the store still has it as it was: lookups read that
+            self._keys.release(key, jid)
+            raise Busy("Job store unavailable") from None
+        if job.state is JobState.WAITING:  # else cancelled while it was saved
+            await self._place_new(job)
+            self._pump()
         return jid
 
     async def delete(self, jid: int) -> None:
@@ -370,8 +370,7 @@ class LocalQueue(JobQueue):
             job.error = result.decode("utf-8", "replace")
         job.expires = now + self.settings.keep_results
         self.jobs.pop(job.id, None)
-        if job.unique_key and self._unique.get(job.unique_key) == job.id:
-            del self._unique[job.unique_key]
+        self._keys.release(job.unique_key, job.id)
         self._finished.remember(job)
         run = None
         if ran_until is not None and job.started is not None:

@@ -301,6 +301,14 @@ if st ~= 'failed' and st ~= 'cancelled' then
   end
   return {409, 'Job ' .. id .. ' is ' .. st .. ': only failed or cancelled jobs retry'}
 end
+local uk = redis.call('HGET', jk, 'unique_key')
+if uk then  -- it takes its key back, unless a job added since holds it
+  local holder = redis.call('HGET', P .. ':unique', uk)
+  if holder and holder ~= id then
+    return {409, 'Job ' .. id .. "'s unique key is held by job " .. holder}
+  end
+  redis.call('HSET', P .. ':unique', uk, id)
+end
 redis.call('ZREM', P .. ':finished', id)
 redis.call('HSET', jk, 'state', 'waiting', 'attempts', '0', 'run_at', NOW,
            'cancel_requested', '0')
