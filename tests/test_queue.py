@@ -346,6 +346,17 @@ def test_requests_sent_with_a_retry_find_the_job_waiting(modules_dir, make_servi
     assert svc.call(b"queue:get:id:%s" % child[3:]) == b"child"
 
 
+def test_a_cancel_sent_with_the_add_of_its_job_cancels_it(service):
+    # Ids come in order, so a client may name the job its add is storing; the embedded
+    # engine once answered "409: Job N already finished (waiting)".
+    jid = add(service, b"queue:add?delay=60:echo:before")
+    conn = service.framed()
+    conn.send(b"queue:add?delay=60:echo:x", b"queue:cancel:id:%d" % (jid + 1))
+    assert [conn.recv(), conn.recv()] == [(200, b"id:%d" % (jid + 1)), (200, b"cancelled")]
+    conn.close()
+    assert status(service, jid + 1)["state"] == "cancelled"
+
+
 def test_a_retry_does_not_take_a_unique_key_another_job_holds(modules_dir, make_service):
     svc, _ = _one_busy_worker(modules_dir, make_service)  # the jobs below wait
     first = add(svc, b"queue:add?unique=u:echo:first")

@@ -173,9 +173,10 @@ class LocalQueue(JobQueue):
         job = self.jobs.get(jid)
         if job is None:
             finished = await self._finished.lookup(jid)
-            if finished is None:
-                raise not_found(jid)
-            raise Conflict(f"Job {jid} already finished ({finished.state})")
+            if (job := self.jobs.get(jid)) is None:  # (an add stored meanwhile is ours now)
+                if finished is None:
+                    raise not_found(jid)
+                raise Conflict(f"Job {jid} already finished ({finished.state})")
         if job.state is JobState.RUNNING:
             job.cancel_requested = True
             self._write(job, ("cancel_requested",))
@@ -216,9 +217,10 @@ class LocalQueue(JobQueue):
         return jid
 
     async def delete(self, jid: int) -> None:
-        if jid in self.jobs:
+        found = jid in self.jobs or await self._finished.lookup(jid) is not None
+        if jid in self.jobs:  # (also when retried while we looked)
             raise Conflict(f"Job {jid} is {self.jobs[jid].state}: cancel it first")
-        if await self._finished.lookup(jid) is None:
+        if not found:
             raise not_found(jid)
         self._finished.forget(jid)
         await self.store.delete(jid)
@@ -297,8 +299,7 @@ class LocalQueue(JobQueue):
             self._line.wake_at(throttled + 0.001)
 
     def _waiting(self, jid: int) -> Job | None:
-        job = self.jobs.get(jid)
-        return job if job is not None and job.state is JobState.WAITING else None
+        return job if (job := self.jobs.get(jid)) and job.state is JobState.WAITING else None
 
     def _position(self, job: Job) -> int | None:
         """How many ready jobs run before this one; None unless it is ready itself."""
