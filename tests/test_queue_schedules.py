@@ -186,6 +186,55 @@ def test_slots_of_cron_and_interval():
         make_schedule({"name": "s", "module": "m", "every": 0.5}, b"")
 
 
+def test_a_cron_schedule_fires_each_slot_once_through_a_dst_fall_back():
+    # Berlin's clocks go back at 03:00 CEST on 2026-10-25: 02:00-02:59 happens twice. Going
+    # back from "now" misses the second pass, and once fired a first-pass slot every minute
+    # of that hour (61 jobs) while the second pass's slots never ran (a review found it).
+    every20 = make_schedule(
+        {"name": "d", "module": "m", "cron": "*/20 * * * *", "tz": "Europe/Berlin"}, b""
+    )
+    start = datetime(2026, 10, 24, 23, 50, tzinfo=UTC).timestamp()  # 01:50 CEST
+    last, fired = start, []
+    for now in range(int(start), int(start) + 3 * 3600, 60):  # a tick a minute, 3 hours
+        if (slot := every20.due(last, now)) is not None:
+            fired.append(slot)
+            last = slot
+    assert fired == sorted(set(fired))  # each once, in order
+    berlin = [datetime.fromtimestamp(t, ZoneInfo("Europe/Berlin")) for t in fired]
+    second_pass = [b.strftime("%H:%M") for b in berlin if b.utcoffset().seconds == 3600]
+    assert second_pass[:3] == ["02:00", "02:20", "02:40"]
+    assert len(fired) == 9  # 02:00 to 04:40 CEST/CET: 3 hours of wall time, 3 slots each
+
+
+@BOTH
+def test_a_resumed_schedule_skips_the_slots_of_its_pause(make_service):
+    # Resuming once fired the slot that fell during the pause (docs: "resumes from its next
+    # slot"); and a slot due at start (missed while the service was down) waited for the
+    # next one or a minute's recheck instead of running at once.
+    svc = make_service()
+    svc.call(b"queue:schedule?name=p&every=3:echo:x")
+    svc.call(b"queue:pause:p")
+    time.sleep(3.5)  # at least one slot falls in the pause
+    resumed_at = time.time()
+    svc.call(b"queue:resume:p")
+    wait_until(lambda: slots(runs(svc, "p")), timeout=10)
+    assert min(slots(runs(svc, "p"))) > resumed_at
+
+
+@BOTH
+def test_a_slot_missed_while_down_runs_at_the_start(make_service):
+    # missed = "once" (the default): the latest slot missed while the service was down
+    # runs at the start. It once waited for the timer, which only looked at later slots.
+    every5 = '[[schedule]]\nname = "five"\nmodule = "echo"\ndata = "x"\nevery = 5\n'
+    svc = make_service(every5)
+    schedules(svc)
+    svc.stop()
+    time.sleep(5 - time.time() % 5 + 0.3)  # a slot falls while it is down
+    missed = time.time() // 5 * 5
+    again = make_service(every5)
+    wait_until(lambda: missed in slots(runs(again, "five")), timeout=10)
+
+
 def test_schedules_through_the_clients_and_the_cli(service):
     from bgservice.client import AsyncClient, Client, ReplyError
     from tests.test_cli import bg

@@ -241,8 +241,8 @@ class LocalQueue(JobQueue):
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
         return await self.store.load_schedules()
 
-    async def put_schedule(self, schedule: Schedule, last: float) -> None:
-        await self.store.put_schedule(schedule, last)
+    async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
+        await self.store.put_schedule(schedule, last, reset)
 
     async def remove_schedule(self, name: str) -> bool:
         return await self.store.remove_schedule(name)

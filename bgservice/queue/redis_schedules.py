@@ -35,7 +35,11 @@ if fired and tonumber(fired) >= tonumber(MARK[2]) then return {0, 'fired'} end
 PUT = r"""
 local P = ARGV[1]
 redis.call('HSET', P .. ':schedules', ARGV[3], ARGV[4])
-redis.call('HSETNX', P .. ':schedule_slots', ARGV[3], ARGV[5])
+if ARGV[6] == '1' then  -- reset: a resumed schedule
+  redis.call('HSET', P .. ':schedule_slots', ARGV[3], ARGV[5])
+else
+  redis.call('HSETNX', P .. ':schedule_slots', ARGV[3], ARGV[5])
+end
 return 1
 """
 
@@ -61,8 +65,9 @@ class RedisSchedules:
         }
 
     @available
-    async def put_schedule(self, schedule: Schedule, last: float) -> None:
-        await self.db.call("PUT_SCHEDULE", schedule.name, schedule.stored(), repr(last))
+    async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
+        reset_flag = "1" if reset else ""
+        await self.db.call("PUT_SCHEDULE", schedule.name, schedule.stored(), repr(last), reset_flag)
 
     @available
     async def remove_schedule(self, name: str) -> bool:

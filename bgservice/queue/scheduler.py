@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from bgservice.errors import Conflict, NotFound, ServiceError
 from bgservice.protocol import split_request
 from bgservice.queue.commands import Command
-from bgservice.queue.schedules import Schedule, make_schedule
+from bgservice.queue.schedules import GRACE, Schedule, make_schedule
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class Schedules(Protocol):
         """Every stored schedule and the last slot it fired (or when it was made)."""
         ...
 
-    async def put_schedule(self, schedule: Schedule, last: float) -> None:
-        """Store the definition; ``last`` only for a schedule new to the store."""
+    async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
+        """Store the definition; ``last`` only for a schedule new to the store, or when
+        ``reset`` (a resumed schedule starts from its next slot)."""
         ...
 
     async def remove_schedule(self, name: str) -> bool: ...
@@ -138,7 +139,12 @@ class Scheduler:
 
     async def pause(self, name: str, paused: bool) -> dict[str, Any]:
         schedule = self.named(name)
-        await self.store.put_schedule(_with(schedule, paused=paused), time.time())
+        now = time.time()
+        # Resumed, it goes on from its next slot: none that fell while it was paused fires.
+        resumed = schedule.paused and not paused
+        await self.store.put_schedule(_with(schedule, paused=paused), now, reset=resumed)
+        if resumed:
+            self.last[name] = now
         await self._changed()
         return self._describe(name)
 
@@ -164,11 +170,14 @@ class Scheduler:
             self._timer.cancel()
         if delay is None:
             now = time.time()
-            slots = [
-                s.next_slot(max(now, self.last.get(s.name, now)))
-                for s in self.schedules.values()
-                if not s.paused
-            ]
+            # A slot already due (at start: one missed while the service was down) counts:
+            # the timer fires at once. With missed = "skip", only one still within GRACE.
+            slots = []
+            for s in self.schedules.values():
+                if not s.paused:
+                    since = self.last.get(s.name, now)
+                    since = max(now - GRACE, since) if s.missed == "skip" else since
+                    slots.append(s.next_slot(since))
             soonest = min(slots, default=now + RECHECK)
             delay = min(max(soonest - now, 0.0), RECHECK) + 0.001
         loop = asyncio.get_running_loop()

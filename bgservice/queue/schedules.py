@@ -71,9 +71,12 @@ class Schedule:
         schedule was made): the latest slot in (last, now]. With ``missed = "skip"`` only
         if it is within ``GRACE`` of now; with ``"once"`` whatever its age (slots missed
         while the service was down run once, not once each)."""
-        if self.next_slot(last) > now:
+        following = self.next_slot(last)
+        if following > now:
             return None
-        latest = self.latest_slot(now)
+        # Never at or before last, even where going back from now misses the second pass of
+        # an hour a DST change repeats (it once fired a slot of the first pass every minute).
+        latest = max(self.latest_slot(now), following)
         if self.missed == "skip" and now - latest > GRACE:
             return None
         return latest

@@ -211,11 +211,14 @@ class SqliteStore:
         )
         return {name: (Schedule.from_stored(text), last) for name, text, last in rows}
 
-    async def put_schedule(self, schedule: Schedule, last: float) -> None:
+    async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
+        update = "definition = excluded.definition"
+        if reset:
+            update += ", last_slot = excluded.last_slot"
         await self._submit(
             lambda c: c.execute(
                 "INSERT INTO schedules (name, definition, last_slot) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET definition = excluded.definition",
+                f" ON CONFLICT (name) DO UPDATE SET {update}",
                 (schedule.name, schedule.stored(), last),
             )
         )
