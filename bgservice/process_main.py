@@ -25,7 +25,7 @@ from bgservice import process_messages as msg
 from bgservice.errors import ReplyError, ServiceError
 from bgservice.origin import Origin
 from bgservice.registry import ModuleLoadError, ModuleVersion, import_module_file, install_package
-from bgservice.request import Request, reply_bytes, to_bytes
+from bgservice.request import Request, check_checkpoint, reply_bytes, to_bytes
 
 Send = Any  # Worker.send: (message) -> None
 
@@ -159,11 +159,16 @@ class Worker:
         return answer.jid
 
     def save_checkpoint(self, cid: int, value: str) -> None:
-        """Send a checkpoint to the service; wait until it is stored (or its error)."""
+        """Send a checkpoint to the service; wait until it is stored (or its error). The
+        same exceptions as in the service's own threads: TypeError for a value that is not
+        text, ValueError over ``[queue] max_checkpoint_bytes`` (which the service checks)."""
+        check_checkpoint(value, sys.maxsize)
         self.send(msg.SaveCheckpoint(cid, value))
         answer = msg.read(self.inp)
         if not isinstance(answer, msg.Saved):
             raise SystemExit(0)  # the service went away or stopped us
+        if answer.code == 400:  # refused as a value (the type was checked here)
+            raise ValueError(answer.message)
         if answer.code:
             raise ReplyError(answer.code, answer.message)
 

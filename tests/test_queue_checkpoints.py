@@ -118,3 +118,31 @@ def test_a_checkpoint_over_the_limit_is_refused(make_service, modules_dir):
     assert reply.startswith(b"500: ") and b"checkpoint of 11 bytes" in reply, reply
     assert b"max_checkpoint_bytes is 10" in reply
     assert status(svc, jid)["checkpoint"] is None
+
+
+CATCHING = """
+def handle_tcp(request):
+    caught = []
+    for value in ("x" * 11, 5):  # over the limit, and not text
+        try:
+            request.job.save_checkpoint(value)
+        except (TypeError, ValueError) as exc:
+            caught.append(f"{type(exc).__name__}: {exc}")
+    return "; ".join(caught)
+"""
+
+
+@pytest.mark.parametrize("execution", ["thread", "process"])
+def test_a_refused_checkpoint_raises_the_same_in_a_worker_process(
+    make_service, modules_dir, execution
+):
+    # docs/modules.md: over the limit, ValueError. A process worker once raised ReplyError
+    # (a module's `except ValueError` did not catch it).
+    source = CATCHING if execution == "thread" else 'EXECUTION = "process"\n' + CATCHING
+    write_module(modules_dir, "catching", source)
+    svc = make_service("[queue]\nmax_checkpoint_bytes = 10\n")
+    jid = add(svc, b"queue:add:catching:")
+    assert svc.call(b"queue:get:id:%d" % jid) == (
+        b"ValueError: checkpoint of 11 bytes: [queue] max_checkpoint_bytes is 10; "
+        b"TypeError: a checkpoint is text (json.dumps a structure), not int"
+    )
