@@ -314,3 +314,19 @@ def test_schedules_over_http(make_service):
     assert status == 404 and error["error"]["status"] == "NOT_FOUND"
     status, error, _ = svc.http("POST", "/api/v1/schedules", {"name": "x", "module": "echo"})
     assert status == 400 and "give either cron or every" in error["error"]["message"]
+    # Each field of the JSON type the document gives it (as POST /jobs): these were stored,
+    # `every: true` as a schedule every second (found by a review).
+    good = {"name": "t", "module": "echo", "every": 60}
+    for change, message in [
+        ({"every": True}, "field every: expected a number"),
+        ({"every": "30"}, "field every: expected a number"),
+        ({"module": "ec ho"}, "field module: expected a module name"),
+        ({"priority": "5"}, "field priority: expected a number"),
+        ({"priority": 1.5}, "field priority: expected a whole number"),
+        ({"paused": "yes"}, "field paused: expected true or false"),
+        ({"data": 5}, "field data: expected a string"),
+        ({"options": [1]}, "field options: expected an object"),
+    ]:
+        status, error, _ = svc.http("POST", "/api/v1/schedules", {**good, **change})
+        assert status == 400 and error["error"]["message"].startswith(message), change
+    assert svc.http("GET", "/api/v1/schedules")[1]["schedules"] == []

@@ -96,6 +96,36 @@ def add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     return present, module.encode() + b":" + data
 
 
+# POST /schedules: each field's JSON type, as the OpenAPI document's NewSchedule gives it
+# (the job options among them as for POST /jobs); make_schedule checks the values.
+_SCHEDULE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "module": str, "data": str, "cron": str, "tz": str, "missed": str,
+    "paused": bool, "options": dict,
+}  # fmt: skip
+
+
+def schedule_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """``{"name", "module", "data", "cron" | "every", ...}`` -> (make_schedule's values,
+    the data), each field of the JSON type the document gives it."""
+    values = dict(body)
+    for key, value in body.items():
+        wanted = _SCHEDULE_TYPES.get(key)
+        if wanted is not None and not isinstance(value, wanted):
+            raise BadRequest(f"field {key}: expected {_JSON_NAMES[wanted]}")
+        if wanted is None and (key == "every" or key in ADD_OPTIONS):
+            if (checked := _option(key, value)) is None:
+                del values[key]  # null: not given
+            else:
+                values[key] = checked
+    module = values.get("module")
+    if isinstance(module, str) and not MODULE_NAME.fullmatch(module):
+        raise BadRequest("field module: expected a module name (A-Z a-z 0-9 _ -)")
+    return values, _utf8("data", values.pop("data", ""))
+
+
+_JSON_NAMES: dict[Any, str] = {str: "a string", bool: "true or false", dict: "an object"}
+
+
 def _option(key: str, value: Any) -> str | int | float | None:
     """One option, of the JSON type the OpenAPI document gives it (null: not given).
     Numbers as strings were once let through; the document never allowed them."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bgservice.errors import BadRequest, Busy
+from bgservice.errors import Busy
 from bgservice.http import inputs
 from bgservice.queue.engine import JobQueue
 from bgservice.queue.scheduler import Scheduler
@@ -49,11 +49,8 @@ class ScheduleRoutes:
         return web.json_response(self._one(request))
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        body = await inputs.json_body(request)
-        data = body.pop("data", "")
-        if not isinstance(data, str):
-            raise BadRequest("field data: must be a string")
-        made = await self._scheduler().put(make_schedule(body, data.encode()))
+        values, data = inputs.schedule_body(await inputs.json_body(request))
+        made = await self._scheduler().put(make_schedule(values, data))
         location = {"Location": f"{SCHEDULES}/{made['name']}"}
         return web.json_response(made, status=201, headers=location)
 
