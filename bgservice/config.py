@@ -1,11 +1,10 @@
 """Frozen settings: defaults -> ``service.config`` -> command line, validated once.
 
-The file is TOML (every key is described in the shipped ``service.config``). A file
-written for the original Node.js service, a JSON list of
-``{"server", "address", "port"}`` listeners, still loads. Relative paths in the file are
-taken from the file's own folder, so the service finds its modules wherever it is started.
-Any invalid value raises ``ConfigError`` with one message naming the key (and the line,
-where it can be found); the CLI turns that into exit code 2 before anything starts.
+The file is TOML (every key is described in the shipped ``service.config``); a JSON list of
+``{"server", "address", "port"}`` listeners written for the original still loads. Relative
+paths are taken from the file's own folder, so the service finds its modules wherever it is
+started. Any invalid value raises ``ConfigError`` naming the key, its line where it can be
+found and, unless it is a secret, the value; the CLI exits 2 before anything starts.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from bgservice.config_checks import (
     Network,
     check_port,
     check_string,
+    shown,
 )
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.schedules import Schedule, make_schedule
@@ -223,7 +223,7 @@ class _Reader:
             try:
                 out[key] = checks[key](value)
             except ValueError as exc:
-                raise self.fail(where, key, f"{exc}, got {value!r}", table, index) from None
+                raise self.fail(where, key, f"{exc}{shown(key, value)}", table, index) from None
         return out
 
 

@@ -185,6 +185,16 @@ QUEUE_CHECKS: dict[str, Check] = {
     "metrics_names": _non_negative_int,
     "max_checkpoint_bytes": _positive_int,
 }
+# Keys whose values are secrets (a Redis URL may hold a password): an error names the key
+# and the line, never the value.
+SECRET_KEYS = frozenset({"url", "token", "tokens"})
+
+
+def shown(key: str, value: Any) -> str:
+    """What an error says of the value given: ``, got VALUE``, nothing for a secret."""
+    return "" if key in SECRET_KEYS else f", got {value!r}"
+
+
 REDIS_CHECKS: dict[str, Check] = {
     "url": _redis_url,
     "prefix": check_string,

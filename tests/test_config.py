@@ -258,6 +258,20 @@ def test_wrong_value_names_the_key(tmp_path, text, key, line, problem):
         assert f"(line {line})" in message
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[http]\ntokens = { ops = { token = "s3cr3t", scope = "operate" }, r = { token = "x" } }\n',
+        '[redis]\nurl = "redis:/:hunter2-password@host:6379"\n',  # one slash short
+    ],
+)
+def test_a_bad_secret_is_named_but_never_shown(tmp_path, text):
+    # An error once showed the whole tokens table, every token in it (found by a review).
+    message = config_error(tmp_path, text)
+    assert "(line 2)" in message
+    assert "s3cr3t" not in message and "hunter2" not in message
+
+
 def test_error_in_second_listener_names_its_own_line(tmp_path):
     message = config_error(
         tmp_path, '[[listen]]\nname = "a"\nport = 1\n[[listen]]\nname = "b"\nport = "x"\n'
