@@ -20,6 +20,10 @@ def test_an_attempt_cut_by_kill_9_is_in_the_run_history(make_service):
     svc = make_service()
     jid = int(svc.call(b"queue:add:sleep:5000")[3:])
     wait_until(lambda: status(svc, jid)["state"] == "running")
+    # Store writes apply in order: once a later add is acknowledged, "running" is durable
+    # (without it, a kill before that write's commit left a job that had never started:
+    # one attempt, not two, on a slow machine).
+    svc.call(b"queue:add?delay=600:echo:later")
     assert svc.proc is not None
     svc.proc.kill()
     svc.proc.wait()
