@@ -216,12 +216,15 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     async def _deliver(self, jid: int, quiet: bool = True) -> None:
         """If job ``jid`` has finished (or is unknown), settle its waiters."""
+        waiter = self._waiters.get(jid)  # what this read answers: a later waiter reads again
         try:
             result = await self.db.result(jid)
         except RedisError:
             if quiet:
                 return  # the next resubscription delivers it
             raise
+        if self._waiters.get(jid) is not waiter:  # (one made after a retry sent with it)
+            return
         if result is None:
             self._settle(jid, exception=not_found(jid))
         elif result is not True:
@@ -346,11 +349,12 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             *(("", "", "") if self._closing else (repr(now + self.conf.lease), *self._limits)),
         )
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
+        waiter = self._waiters.get(job.id)  # later waiters read the end (or a retry) in Redis
         recorded, claimed = await self._end(job, args, now)
         self._running.pop(job.id, None)
         self._ending.discard(job.id)
-        if recorded and outcome.state.finished:  # waiters here: no read of what was written
-            self._settle(job.id, result=(outcome.status or OK, outcome.body))
+        if recorded and outcome.state.finished and waiter is self._waiters.get(job.id):
+            self._settle(job.id, result=(outcome.status or OK, outcome.body))  # no read
         if claimed is not None:  # the freed worker's next job, or none ready
             await self._start_or_return(claimed)
         else:
