@@ -125,6 +125,11 @@ class JobQueue(abc.ABC):
         # getpid() system call, and the job path asked several times per job.
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the queue runs on (kept by start(); asked for before it)."""
+        return self._loop or asyncio.get_running_loop()
+
     async def start_scheduler(self, configured: tuple[Schedule, ...]) -> None:
         """Load the schedules (service.config's replacing stored ones of the same name)
         and start firing them; the engine must have started."""
@@ -194,7 +199,7 @@ class JobQueue(abc.ABC):
         TIMEOUT, else ``[queue] job_timeout``, else none (never ``call_timeout``: that is
         for a caller waiting on a socket). Streamed output is kept, so the result is what
         a direct call would have replied."""
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self.loop
         chunks: list[bytes] = []
         request = Request(
             job.module,

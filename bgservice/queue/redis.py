@@ -52,6 +52,7 @@ from bgservice.stats import Stats
 log = logging.getLogger(__name__)
 
 _BACKOFF_MAX = 5.0
+Waiter = asyncio.Future[Result]  # what queue:get callers of one job wait on together
 
 
 class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
@@ -72,7 +73,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self._ending: set[int] = set()  # running jobs whose end is being recorded
-        self._waiters: dict[int, asyncio.Future[Result]] = {}
+        self._waiters: dict[int, Waiter] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -152,7 +153,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         if waiter is None:
             # The waiter exists before we look, so a ``done`` published meanwhile is not
             # lost; later waiters on the same job share it without asking Redis again.
-            waiter = self._waiters[jid] = (self._loop or asyncio.get_running_loop()).create_future()
+            waiter = self._waiters[jid] = self.loop.create_future()
             try:
                 await self._deliver(jid, quiet=False)
             except RedisError:
@@ -201,11 +202,12 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     # --- waiting for results ----------------------------------------------------------
 
-    def _settle(
-        self, jid: int, result: Result | None = None, exception: Exception | None = None
-    ) -> None:
-        waiter = self._waiters.pop(jid, None)
-        if waiter is None or waiter.done():
+    def _settle(self, jid: int, answers: Waiter | None, result: Result | None = None,
+                exception: Exception | None = None) -> None:  # fmt: skip
+        """Settle ``jid``'s waiter with what a read or write sent while ``answers`` was its
+        waiter found; a waiter made since (after a retry sent meanwhile) reads again."""
+        waiter = self._waiters.get(jid)
+        if waiter is None or waiter is not answers or self._waiters.pop(jid).done():
             return
         if exception is not None:
             waiter.set_exception(exception)
@@ -216,19 +218,17 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     async def _deliver(self, jid: int, quiet: bool = True) -> None:
         """If job ``jid`` has finished (or is unknown), settle its waiters."""
-        waiter = self._waiters.get(jid)  # what this read answers: a later waiter reads again
+        waiter = self._waiters.get(jid)
         try:
             result = await self.db.result(jid)
         except RedisError:
             if quiet:
                 return  # the next resubscription delivers it
             raise
-        if self._waiters.get(jid) is not waiter:  # (one made after a retry sent with it)
-            return
         if result is None:
-            self._settle(jid, exception=not_found(jid))
+            self._settle(jid, waiter, exception=not_found(jid))
         elif result is not True:
-            self._settle(jid, result=result)
+            self._settle(jid, waiter, result=result)
 
     async def _listen(self) -> None:
         """Follow the queue's channel; reconnect with backoff when Redis goes away."""
@@ -263,7 +263,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._spawn(self.scheduler.reload())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = (self._loop or asyncio.get_running_loop()).create_task(coro)
+        task = self.loop.create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
@@ -325,7 +325,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         if not jid:
             return False
         job = job_from_hash(jid, pairs(reply[2]))
-        task = (self._loop or asyncio.get_running_loop()).create_task(self._execute(job))
+        task = self.loop.create_task(self._execute(job))
         self._running[jid] = (job, task)
         return True
 
@@ -349,12 +349,12 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             *(("", "", "") if self._closing else (repr(now + self.conf.lease), *self._limits)),
         )
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
-        waiter = self._waiters.get(job.id)  # later waiters read the end (or a retry) in Redis
+        waiter = self._waiters.get(job.id)
         recorded, claimed = await self._end(job, args, now)
         self._running.pop(job.id, None)
         self._ending.discard(job.id)
-        if recorded and outcome.state.finished and waiter is self._waiters.get(job.id):
-            self._settle(job.id, result=(outcome.status or OK, outcome.body))  # no read
+        if recorded and outcome.state.finished:
+            self._settle(job.id, waiter, result=(outcome.status or OK, outcome.body))  # no read
         if claimed is not None:  # the freed worker's next job, or none ready
             await self._start_or_return(claimed)
         else:
