@@ -230,38 +230,54 @@ class Client(Where):
         return self._exchange(framed_request(payload), 1, timeout)[0]
 
     def _exchange(self, frames: bytes, count: int, timeout: float | None) -> Replies:
-        """Write ``frames`` and read ``count`` replies. Reconnects once if the service had
-        closed the kept connection (then none of them can have run)."""
-        for _ in (1, 2):
-            reused = self._sock is not None
-            sock = self._connect()
-            try:
-                wanted = timeout if timeout is not None else self.timeout
-                if wanted != self._timeout:  # a system call or two: only when it changes
-                    self._set_timeout(sock, wanted)
-                sock.sendall(frames)
-                replies = [self._read(sock) for _ in range(count)]
-                if self._ready:  # more replies than requests: out of step with the service
-                    raise ValueError("unasked reply")
-                return replies
-            except ValueError:  # that, or a status that is no number: no framed reply
-                self.close()  # nothing on it can be trusted; nothing is sent again
-                raise ServiceDown(f"{self.address} sent a reply that answers no request") from None
-            # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
-            except (TimeoutError, BlockingIOError):
-                self.close()
-                raise ClientTimeout(f"no reply from {self.address} in time") from None
-            except OSError as exc:
-                self.close()
-                # Only a kept connection the service had already closed (idle timeout,
-                # restart) is retried: the request cannot have run on it.
-                if not reused:
-                    raise ServiceDown(f"connection to {self.address} lost: {exc}") from None
-        raise AssertionError("unreachable")
+        """Write ``frames`` and read ``count`` replies. A kept connection the service has
+        closed meanwhile (idle timeout, restart) is seen before anything is written, and
+        replaced; once the frames are written nothing is sent again (it may have run)."""
+        sock = self._connect()
+        try:
+            wanted = timeout if timeout is not None else self.timeout
+            if wanted != self._timeout:  # a system call or two: only when it changes
+                self._set_timeout(sock, wanted)
+            sock.sendall(frames)
+        except OSError as exc:
+            self.close()
+            raise ServiceDown(f"cannot send to {self.address}: {exc}") from None
+        try:
+            replies = [self._read(sock) for _ in range(count)]
+            if self._ready:  # more replies than requests: out of step with the service
+                raise ValueError("unasked reply")
+            return replies
+        except ValueError:  # that, or a status that is no number: no framed reply
+            self.close()  # nothing on it can be trusted; nothing is sent again
+            raise ServiceDown(f"{self.address} sent a reply that answers no request") from None
+        # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
+        except (TimeoutError, BlockingIOError):
+            self.close()
+            raise ClientTimeout(f"no reply from {self.address} in time") from None
+        except OSError as exc:
+            self.close()
+            raise ServiceDown(
+                f"connection to {self.address} lost after the request was sent "
+                f"(it may have run): {exc}"
+            ) from None
+
+    def _kept(self, sock: socket.socket) -> bool:
+        """The kept connection is still good: nothing to read on it (one non-blocking
+        peek, as urllib3 and redis-py check before reuse). At EOF the service closed it
+        while idle; bytes mean a reply nobody asked for: either way it is replaced."""
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing waiting: open and in step
+        except OSError:
+            pass
+        return False
 
     def _connect(self) -> socket.socket:
         if self._sock is not None:
-            return self._sock
+            if not self._ready and self._kept(self._sock):
+                return self._sock
+            self.close()
         family, target = parse_address(self.address)
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(min(self.timeout or 5.0, 5.0))

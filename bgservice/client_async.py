@@ -50,6 +50,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.waiting: deque[asyncio.Future[tuple[int, bytes]]] = deque()
         self.greeted: asyncio.Future[None] = loop.create_future()
         self.lost = False
+        self.retired = False  # a call on it timed out: closed once the others are done
         self._head = b""  # the preface's echo, until it is whole
         self._decoder = ReplyDecoder()
         self._buffer = memoryview(bytearray(65536))
@@ -89,6 +90,8 @@ class FramedConnection(asyncio.BufferedProtocol):
             future = self.waiting.popleft()
             if not future.done():  # its caller gave up (cancelled, timed out)
                 future.set_result(reply)
+        if self.retired:
+            self.retire()
 
     def eof_received(self) -> bool:
         return False  # the service closed its side: close ours
@@ -111,10 +114,17 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.lost:
             self.transport.close()
 
+    def retire(self) -> None:
+        """Take no more calls; close once every call on it is answered or gave up."""
+        self.retired = True
+        if all(future.done() for future in self.waiting):
+            self.close()
+
     @property
     def usable(self) -> bool:
         """Open, and not being closed (a request written now reaches the service)."""
-        return not self.lost and self.transport is not None and not self.transport.is_closing()
+        transport = self.transport
+        return not (self.lost or self.retired or transport is None or transport.is_closing())
 
 
 class AsyncClient(Where):
@@ -123,7 +133,7 @@ class AsyncClient(Where):
 
     def _start(self) -> None:
         self._conn: FramedConnection | None = None
-        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Future[FramedConnection] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -230,41 +240,48 @@ class AsyncClient(Where):
 
     async def requests(self, payloads: Payloads, timeout: float | None = None) -> Replies:
         """Send framed requests in one write and wait for their replies (in order). A
-        request that times out costs the connection (later replies would be out of
-        step), which reopens on the next."""
+        connection the service closed while idle is never written to (``usable`` sees it
+        first); once written, nothing is sent again (it may have run)."""
         if not payloads:
             return []
-        for _ in (1, 2):
-            conn = self._conn
-            reused = conn is not None and conn.usable
-            if conn is None or not conn.usable:
-                async with self._lock:  # one connection, whoever asks first opens it
-                    conn = await self._connect()
-            assert conn.transport is not None
-            futures = [conn.loop.create_future() for _ in payloads]
-            conn.waiting.extend(futures)  # and the frames go out in the same order, now
-            conn.transport.write(b"".join(map(framed_request, payloads)))
-            try:
-                async with asyncio.timeout(timeout if timeout is not None else self.timeout):
-                    if len(futures) == 1:
-                        return [await futures[0]]
-                    return list(await asyncio.gather(*futures))
-            except TimeoutError:
-                await self.close()
-                raise ClientTimeout(f"no reply from {self.address} in time") from None
-            except ConnectionResetError:
-                if not reused:  # as in Client.request: only a stale kept connection
-                    raise ServiceDown(f"connection to {self.address} lost") from None
-        raise AssertionError("unreachable")
+        conn = self._conn
+        if conn is None or not conn.usable:
+            conn = await self._connect()
+        assert conn.transport is not None
+        futures = [conn.loop.create_future() for _ in payloads]
+        conn.waiting.extend(futures)  # and the frames go out in the same order, now
+        conn.transport.write(b"".join(map(framed_request, payloads)))
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.timeout):
+                if len(futures) == 1:
+                    return [await futures[0]]
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            # Replies come in request order, so later calls would queue behind this one:
+            # new calls get a new connection; this one closes once the calls already on
+            # it are answered (or have given up too). Its late reply is dropped.
+            if conn is self._conn:
+                self._conn = None
+            conn.retire()
+            raise ClientTimeout(f"no reply from {self.address} in time") from None
+        except ConnectionResetError:
+            raise ServiceDown(
+                f"connection to {self.address} lost after the request was sent (it may have run)"
+            ) from None
 
     async def _connect(self) -> FramedConnection:
-        if self._conn is not None and self._conn.usable:
-            return self._conn
+        """The connection, opened once for all the callers waiting for it: each of them
+        gets it, or the same error, within the client's timeout (at most 5 s)."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> FramedConnection:
         family, target = parse_address(self.address)
         loop = asyncio.get_running_loop()
         conn = FramedConnection(loop)
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(min(self.timeout or 5.0, 5.0)):
                 if family == socket.AF_UNIX:
                     await loop.create_unix_connection(lambda: conn, target)
                 else:

@@ -51,8 +51,10 @@ class BatchError(ReplyError):
 
 class Where:
     """Where a client talks to: ``address`` for calls (``host:port`` or a Unix socket
-    path), ``udp_address`` for ``send`` (default: the same), ``timeout`` seconds a reply
-    may take (None: forever)."""
+    path), ``udp_address`` for ``send`` (default: the same host:port over UDP; a Unix
+    stream socket has no datagram twin at a known path, so with a Unix ``address``
+    ``send`` needs ``udp_address``, the listener's ``unix_dgram``), ``timeout`` seconds a
+    reply may take (None: forever)."""
 
     def __init__(
         self,
@@ -61,7 +63,8 @@ class Where:
         udp_address: str | None = None,
     ) -> None:
         self.address = address
-        self.udp_address = udp_address or address
+        unix = parse_address(address)[0] == socket.AF_UNIX
+        self.udp_address = udp_address or (None if unix else address)
         self.timeout = timeout
         self._start()
 
@@ -71,7 +74,13 @@ class Where:
     def send(self, module: str, data: Data = b"") -> None:
         """Fire and forget over UDP (or a Unix datagram socket): no reply, never raises
         because the service is down (the datagram is simply lost). One ``sendto``: the
-        same for the blocking and the asyncio client."""
+        same for the blocking and the asyncio client. ``ValueError`` without a datagram
+        address (a Unix ``address`` and no ``udp_address``)."""
+        if self.udp_address is None:
+            raise ValueError(
+                f"send() needs udp_address: {self.address} is a Unix stream socket "
+                "(pass the listener's unix_dgram path, or a host:port for UDP)"
+            )
         family, target = parse_address(self.udp_address)
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             try:

@@ -1,0 +1,126 @@
+"""bgservice.client when the connection fails: a request written is never sent again, one
+call's timeout is its own, a service that never greets costs the client's timeout once,
+and a Unix stream address has no datagram twin for ``send``."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from bgservice.client import AsyncClient, Client, ClientTimeout, ServiceDown
+from bgservice.protocol import PREFACE, framed_reply
+from tests.test_client import address
+
+
+class DropsTheSecond:
+    """A framed server that answers a connection's first request, then reads the second
+    and closes without a reply (a service killed while running it). Counts what it got."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.got: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                peer, _ = self.listener.accept()
+            except OSError:
+                return
+            with peer:
+                peer.recv(len(PREFACE))
+                peer.sendall(PREFACE)
+                for answer in (True, False):
+                    data = peer.recv(65536)
+                    if not data:
+                        break
+                    self.got.append(data)
+                    if answer:
+                        peer.sendall(framed_reply(200, b"ok"))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_request_the_service_received_is_not_sent_again():
+    # The old clients took any drop of a kept connection for an idle close and sent the
+    # request again on a new one: a queue:add stored twice.
+    server = DropsTheSecond()
+    with Client(server.address) as bg:
+        assert bg.call("echo", "first") == b"ok"
+        with pytest.raises(ServiceDown, match="may have run"):
+            bg.call("echo", "second")
+    assert len(server.got) == 2
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as abg:
+            assert await abg.call("echo", "first") == b"ok"
+            with pytest.raises(ServiceDown, match="may have run"):
+                await abg.call("echo", "second")
+
+    asyncio.run(main())
+    assert len(server.got) == 4
+    server.close()
+
+
+def test_a_kept_connection_closed_while_idle_is_replaced_before_writing(make_service):
+    svc = make_service("[limits]\nidle_timeout = 0.2\n")
+    with Client(address(svc)) as bg:
+        assert bg.call("test") == b"Test"
+        time.sleep(0.6)  # the service closes the idle connection
+        assert bg.call("echo", "on a new one") == b"on a new one"
+    assert svc.stats()["connections"]["total"] == 3  # ours twice, and stats' own
+
+
+def test_an_async_call_that_times_out_leaves_the_others_be(service):
+    async def main() -> list[object]:
+        async with AsyncClient(address(service)) as bg:
+            short = bg.call("sleep", "2000", timeout=0.2)
+            slow = [bg.call("sleep", "600") for _ in range(3)]
+            results = await asyncio.gather(short, *slow, return_exceptions=True)
+            results.append(await bg.call("test"))  # a new connection, not behind the sleep
+            return results
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], ClientTimeout)
+    assert results[1:] == [b"slept 600"] * 3 + [b"Test"]
+
+
+def test_a_service_that_never_greets_costs_the_timeout_once():
+    # Accepts, never answers the preface. Four calls waiting together give up together,
+    # after the client's timeout (the old AsyncClient: 5 s each, one after another).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        where = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        async def main() -> list[float]:
+            bg = AsyncClient(where, timeout=0.5)
+            started = time.monotonic()
+
+            async def one() -> float:
+                with pytest.raises(ServiceDown):
+                    await bg.call("test")
+                return time.monotonic() - started
+
+            return await asyncio.gather(*(one() for _ in range(4)))
+
+        assert max(asyncio.run(main())) < 3
+        started = time.monotonic()
+        with pytest.raises(ServiceDown):
+            Client(where, timeout=0.5).call("test")
+        assert time.monotonic() - started < 3
+
+
+def test_send_to_a_unix_stream_address_needs_a_datagram_address(tmp_path, make_service):
+    stream, dgram = tmp_path / "bg.sock", tmp_path / "bg.dgram"
+    svc = make_service(f'[[listen]]\nunix = "{stream}"\nunix_dgram = "{dgram}"\n')
+    with pytest.raises(ValueError, match="udp_address"):
+        Client(str(stream)).send("test", "lost before")
+    with Client(str(stream), udp_address=str(dgram)) as bg:
+        bg.send("test", "arrives")
+        assert bg.call("test") == b"Test"
+    svc.wait_for_log("arrives")
