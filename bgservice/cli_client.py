@@ -137,7 +137,9 @@ def _talking() -> Iterator[Client]:
 def _data(data: str | None) -> bytes:
     if data == "-":
         return sys.stdin.buffer.read()
-    return (data or "").encode()
+    # An argument's bytes as the shell gave them: bytes that are not UTF-8 come in as
+    # surrogate escapes (PEP 383), which os.fsencode turns back into the same bytes.
+    return os.fsencode(data or "")
 
 
 def _out(body: bytes) -> None:
@@ -180,6 +182,8 @@ def call(module: str, data: str | None) -> None:
 def send(module: str, data: str | None) -> None:
     """Fire and forget MODULE with DATA over UDP (nothing comes back)."""
     with _talking() as client:
+        if client.udp_address is None:  # a Unix stream socket: no datagram twin known
+            raise click.UsageError(f"{client.address}: send needs --udp-address (unix_dgram)")
         client.send(module, _data(data))
 
 
@@ -295,15 +299,18 @@ def queue_get(job: int, progress: bool | None) -> None:
     if progress is None:
         progress = sys.stderr.isatty()
     with _talking() as client:
+        deadline = time.monotonic() + _timeout()
         if progress:
-            _follow(client, job, _timeout())
-        _out(client.get(job))
+            _follow(client, job, deadline)
+        # What is left of --timeout after the progress bar, so the whole wait is bounded
+        # by it (a floor of 10 ms: a job that ended just now is still read).
+        _out(client.get(job, timeout=max(deadline - time.monotonic(), 0.01)))
 
 
-def _follow(client: Client, job: int, timeout: float) -> None:
-    """A live progress bar from queue:status until the job has finished (polled four times
-    a second: a display, not a wait; the result itself comes from queue:get)."""
-    deadline = time.monotonic() + timeout
+def _follow(client: Client, job: int, deadline: float) -> None:
+    """A live progress bar from queue:status until the job has finished or ``deadline``
+    (polled four times a second: a display, not a wait; the result itself comes from
+    queue:get)."""
     with click.progressbar(length=1000, label=f"job {job}", file=sys.stderr) as bar:
         shown = 0
         while time.monotonic() < deadline:

@@ -58,10 +58,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _one_line(value: object) -> str:
+    return EMPTY if value is None else " / ".join(str(value).splitlines())
+
+
 def table(headers: Row, rows: Iterable[Row]) -> list[str]:
-    """Aligned columns, numbers right-aligned; ``None`` shows as ``-``."""
+    """Aligned columns, numbers right-aligned; ``None`` shows as ``-``; a value of several
+    lines (an error with its traceback) on one, its lines joined by `` / ``."""
     values = [list(row) for row in rows]
-    cells = [[EMPTY if v is None else str(v) for v in row] for row in values]
+    cells = [[_one_line(v) for v in row] for row in values]
     numeric = [bool(values) and all(_is_number(r[i]) for r in values) for i in range(len(headers))]
     widths = [max([len(str(h)), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
     lines = []

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 from tests.conftest import REPO, wait_until, write_module
 
@@ -229,3 +230,23 @@ def test_queue_add_waits_and_takes_several_after(service):
     assert last["after"] == [int(first), int(second)]
     failed = bg(service, "queue", "add", "fail", "x", "--wait")
     assert failed.returncode == 1 and failed.stderr
+
+
+def test_bytes_that_are_not_utf8_go_as_given(service):
+    # A shell argument is bytes: the old CLI's str.encode() raised on the surrogates
+    # Python makes of them (a traceback, exit 1).
+    reply = bg(service, "call", "echo", os.fsdecode(b"\xff\xfe:x"))
+    assert (reply.returncode, reply.stdout) == (0, b"\xff\xfe:x")
+
+
+def test_send_to_a_unix_stream_socket_is_a_usage_error(tmp_path):
+    reply = bg(None, "send", "test", "x", address=str(tmp_path / "bg.sock"))
+    assert reply.returncode == 2 and b"--udp-address" in reply.stderr
+
+
+def test_queue_get_with_progress_keeps_to_the_timeout(service):
+    job = bg(service, "queue", "add", "sleep", "5000").stdout.strip().decode()
+    started = time.monotonic()
+    reply = bg(service, "-t", "1.5", "queue", "get", job, "--progress")
+    # The old CLI followed the bar for the whole timeout, then waited for it again.
+    assert reply.returncode == 4 and time.monotonic() - started < 2.9

@@ -32,6 +32,11 @@ def test_table_aligns_and_right_aligns_numbers() -> None:
     assert lines == ["  id  module  error", "   7  sleep   -", "1234  echo    boom"]
 
 
+def test_a_table_keeps_a_value_of_several_lines_on_its_row() -> None:
+    lines = fmt.table(("id", "error"), [(1, "Traceback (most recent call last):\n  ValueError: x")])
+    assert lines == ["id  error", " 1  Traceback (most recent call last): /   ValueError: x"]
+
+
 def test_progress_bar() -> None:
     assert fmt.bar(1, 4, 8) == "[##------]  25%"
     assert fmt.progress({"done": 3, "total": 3, "message": "done"}, 4) == "[####] 100% done"
