@@ -8,6 +8,7 @@ names the key and line around that message.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -33,14 +34,19 @@ def _non_negative_int(v: Any) -> int:
     return v
 
 
+def _finite(v: Any) -> bool:
+    """A number TOML wrote, not nan or inf (TOML has both; every limit needs a real one)."""
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+
+
 def _positive_number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+    if not _finite(v) or v <= 0:
         raise ValueError("must be a number greater than 0")
     return float(v)
 
 
 def _non_negative_number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+    if not _finite(v) or v < 0:
         raise ValueError("must be a number of at least 0")
     return float(v)
 
@@ -49,7 +55,7 @@ def _optional_timeout(v: Any) -> float | None:
     """Seconds, or no limit: 0 or "none" (TOML has no null)."""
     if v == "none" or (not isinstance(v, bool) and v == 0):
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+    if not _finite(v) or v < 0:
         raise ValueError('must be a number of seconds, or 0 or "none" for no limit')
     return float(v)
 

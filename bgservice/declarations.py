@@ -5,6 +5,7 @@ replace the version serving now."""
 from __future__ import annotations
 
 import inspect
+import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +50,12 @@ def declarations(
         accepts = frozenset(accepts_raw)
     timeout = getattr(module, "TIMEOUT", None)
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
     ):
-        raise ModuleLoadError("TIMEOUT must be a number of seconds greater than 0")
+        raise ModuleLoadError("TIMEOUT must be a finite number of seconds greater than 0")
     execution = getattr(module, "EXECUTION", None) or "default"
     if execution != "default" and execution not in EXECUTIONS:
         raise ModuleLoadError(f"EXECUTION must be one of {sorted(EXECUTIONS)}")

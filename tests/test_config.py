@@ -237,6 +237,13 @@ def test_unknown_key_in_a_listener(tmp_path):
     [
         ('[limits]\nthreads = "many"\n', "threads", 2, "whole number"),
         ("[limits]\nread_timeout = 0\n", "read_timeout", 2, "greater than 0"),
+        # TOML's nan and inf: the old checks (v <= 0) let both through, and the first
+        # connection then crashed the service (exit 70) converting inf to a deadline.
+        ("[limits]\nread_timeout = inf\n", "read_timeout", 2, "greater than 0"),
+        ("[limits]\nidle_timeout = nan\n", "idle_timeout", 2, "greater than 0"),
+        ("[limits]\ncall_timeout = nan\n", "call_timeout", 2, "greater than 0"),
+        ("[limits]\nshutdown_grace = inf\n", "shutdown_grace", 2, "at least 0"),
+        ("[queue]\njob_timeout = inf\n", "job_timeout", 2, "number of seconds"),
         ("[limits]\nudp_queue = true\n", "udp_queue", 2, "whole number"),
         ("[queue]\nretries = -1\n", "retries", 2, "at least 0"),
         ("[log]\nverbose = 1\n", "verbose", 2, "true or false"),

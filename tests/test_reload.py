@@ -91,6 +91,8 @@ def test_deleting_a_module_removes_it(modules_dir, make_service):
         ("import no_such_library_here\n", "ModuleNotFoundError"),
         ("", "defines no handler"),  # issue 18, item 6: an editor's truncate before a write
         ("TIMEOUT = 5\n", "defines no handler"),
+        # nan passed the old check (nan <= 0 is false); each call then answered 500.
+        ("TIMEOUT = float('nan')\ndef handle_tcp(request):\n    return 1\n", "finite"),
     ],
 )
 def test_a_broken_save_keeps_the_last_good_version(modules_dir, make_service, broken, expected):
