@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bgservice.protocol import PREFACE, framed_request
+from bgservice.protocol import PREFACE, framed_reply, framed_request
 from tests.conftest import recv_all, wait_until, write_module
 
 LEGACY_ERROR = re.compile(rb"^[45][0-9]{2}:")
@@ -446,19 +446,37 @@ def test_bytes_held_by_unfinished_requests_are_bounded_in_total(make_service):
     assert svc.call(b"echo:" + b"a" * 900_000) == b"a" * 900_000
 
 
-def test_a_framed_408_with_a_reply_still_pending_does_not_stop_the_service(make_service):
-    # A reply finishing after the 408 was sent (write side shut) raised "write() after
-    # write_eof()" in a callback, which stops the service (no -E).
-    svc = make_service("[limits]\nread_timeout = 1.0\n")  # 408 at 1 s, lingers to 2 s
+def test_a_framed_408_comes_after_the_replies_still_owed(make_service):
+    # Replies go in request order: the old service sent the 408 at once, ahead of the
+    # sleep's reply, and dropped that reply; a client read the 408 as the sleep's answer.
+    svc = make_service("[limits]\nread_timeout = 1.0\n")  # the partial frame: 408 at 1 s
     sock = socket.create_connection(svc.tcp, timeout=10)
     sock.sendall(PREFACE + framed_request(b"sleep:1500") + (100).to_bytes(4, "big") + b"part")
     reply = recv_all(sock)
-    assert reply.startswith(PREFACE + b"408")
-    time.sleep(1.0)  # the sleep ends while the connection lingers
+    sleep = framed_reply(200, b"slept 1500")
+    assert reply == PREFACE + sleep + framed_reply(408, b"Request not received within 1 s")
     sock.close()
     assert svc.call(b"test:x") == b"Test"
     assert svc.proc.poll() is None, svc.log()
     assert "unexpected error" not in svc.log(), svc.log()
+
+
+def test_a_framed_503_for_too_many_bytes_comes_after_the_replies_still_owed(make_service):
+    svc = make_service(
+        "[limits]\nmax_request_bytes = 1048576\nmax_buffered_bytes = 3000000\nread_timeout = 30\n"
+    )
+    held = [_frame_start(svc, 1_000_000, 900_000) for _ in range(3)]
+    wait_until(lambda: svc.stats()["buffered_bytes"] == 3 * (4 + 900_000))
+    sock = socket.create_connection(svc.tcp, timeout=10)
+    # A running call, then most of a frame that takes the total past the bound.
+    partial = (1_000_000).to_bytes(4, "big") + b"x" * 900_000
+    sock.sendall(PREFACE + framed_request(b"sleep:300") + partial)
+    reply = recv_all(sock)
+    message = b"Too many bytes in unfinished requests (limit 3000000)"
+    assert reply == PREFACE + framed_reply(200, b"slept 300") + framed_reply(503, message)
+    for conn in held:
+        conn.close()
+    wait_until(lambda: svc.stats()["buffered_bytes"] == 0)
 
 
 def test_a_refused_request_no_longer_counts_against_the_total(make_service):

@@ -30,6 +30,9 @@ class Framed(StreamProtocol):
     frame_started: float | None = None  # loop time the unfinished frame began
     eof = False
     stopping = False  # the service is shutting down: close once answered
+    # An error that ends the connection (408, 503) while earlier requests still wait
+    # for their replies: it is sent after them, in request order, as the last reply.
+    last_words: tuple[int, str] | None = None
 
     def start(self, previous: StreamProtocol, rest: bytes) -> None:
         """Take the connection over after its preface, with the bytes that followed it."""
@@ -44,7 +47,7 @@ class Framed(StreamProtocol):
     # --- asyncio.Protocol -------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.draining:
+        if self.draining or self.last_words is not None:
             return
         self.last_data = self.loop.time()
         self._frames(data)
@@ -68,6 +71,20 @@ class Framed(StreamProtocol):
 
     def error_reply(self, status: int, message: str) -> bytes:
         return framed_reply(status, message.encode())
+
+    def fail(self, status: int, message: str) -> None:
+        """End the connection with an error, after the replies earlier requests are owed
+        (a client pairs replies with requests in order: sent ahead of them, the error
+        would be read as the answer to the oldest)."""
+        if self.closed or self.draining or self.last_words is not None:
+            return
+        self._flush()  # what is finished goes out first
+        if not self.pending:
+            super().fail(status, message)
+            return
+        self.last_words = (status, message)  # sent by _flush when the line is empty
+        self.stop_timers()  # each waiting call has its own timeout
+        self.hold(0)  # the unfinished request is given up: it no longer counts
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -149,5 +166,13 @@ class Framed(StreamProtocol):
             self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
         if self.flow.too_busy and len(pending) < self.ctx.limits.max_pipeline:
             self.flow.busy(False)
-        if not pending and (self.eof or self.stopping):
+        if not pending:
+            self._answered()
+
+    def _answered(self) -> None:
+        """Every request so far is answered: end with the error kept for last, or close
+        if the client or the service is done."""
+        if self.last_words is not None:
+            StreamProtocol.fail(self, *self.last_words)
+        elif self.eof or self.stopping:
             self.close()
