@@ -148,10 +148,7 @@ class Settings:
     listeners: tuple[Listener, ...] = (Listener(),)
     modules: Path = Path("modules")
     db: Path = Path("bgservice.db")
-    allow: tuple[Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
-    )
+    allow: tuple[Network, ...] = tuple(map(ipaddress.ip_network, ("127.0.0.0/8", "::1/128")))
     limits: Limits = field(default_factory=Limits)
     queue: QueueSettings = field(default_factory=QueueSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
@@ -161,6 +158,7 @@ class Settings:
     module_limits: Mapping[str, int] = field(default_factory=dict)
     module_rates: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # (N, per s)
     reload_debounce_ms: float = 50.0
+    reload_import_timeout: float = 30.0  # s; an import still running then fails the load
     verbose: bool = False
     global_handler: int = 0
     log_file: Path | None = None
@@ -304,6 +302,7 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         http=HttpSettings(**http),
         alerts=AlertSettings(**alerts),
         reload_debounce_ms=reload.get("debounce_ms", Settings.reload_debounce_ms),
+        reload_import_timeout=reload.get("import_timeout", Settings.reload_import_timeout),
         verbose=log.get("verbose", False),
         global_handler=log.get("global_handler", 0),
         lag_warn_ms=log.get("lag_warn_ms", Settings.lag_warn_ms),

@@ -241,7 +241,10 @@ LOG_CHECKS: dict[str, Check] = {
     "file": check_string,
     "lag_warn_ms": _positive_number,
 }
-RELOAD_CHECKS: dict[str, Check] = {"debounce_ms": _non_negative_number}
+RELOAD_CHECKS: dict[str, Check] = {
+    "debounce_ms": _non_negative_number,
+    "import_timeout": _positive_number,
+}
 WORKER_CHECKS: dict[str, Check] = {
     "processes": _positive_int,
     "max_calls": _non_negative_int,

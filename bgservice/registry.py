@@ -26,7 +26,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from bgservice.declarations import (
 )
 from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
 from bgservice.porting import original_hooks_problem
+from bgservice.threads import CallThreads, ThreadsExhausted
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +249,17 @@ def _digest(path: Path) -> str | None:
 class Registry:
     """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
 
-    def __init__(self, folder: Path, executor: Executor, events: Events) -> None:
+    def __init__(
+        self, folder: Path, executor: Executor, events: Events, import_timeout: float = 30.0
+    ) -> None:
         self.folder = folder.resolve()
         self._executor = executor
         self._events = events
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="bgservice-loader")
+        # Imports run one at a time on a daemon thread: one that never returns is given
+        # up after ``import_timeout`` (a thread cannot be stopped) and a new thread takes
+        # the next, so a hung import blocks neither later reloads nor the exit.
+        self.import_timeout = import_timeout
+        self._loader = CallThreads(1, spare=8, name="bgservice-loader")
         self._entries: dict[str, ModuleEntry] = {}
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
@@ -312,7 +319,7 @@ class Registry:
             if digest == entry.version.digest:
                 return
         try:
-            version = await loop.run_in_executor(self._loader, import_module_file, name, path)
+            version = await self._import(name, path)
             old = entry.version
             serves(path.name, bool(version.tcp or version.udp), bool(old and (old.tcp or old.udp)))
         except ModuleLoadError as exc:
@@ -361,6 +368,22 @@ class Registry:
                 await asyncio.get_running_loop().run_in_executor(self._executor, version.unload)
         except Exception:
             log.exception("unload hook of module %s raised", version.name)
+
+    async def _import(self, name: str, path: Path) -> ModuleVersion:
+        try:
+            future = self._loader.submit(import_module_file, name, path)
+        except ThreadsExhausted:
+            raise ModuleLoadError("imports of earlier versions are stuck: restart") from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.import_timeout)
+        except TimeoutError:
+            self._loader.abandon(future)
+            entry = self._entries.get(name)  # its half-made module leaves sys.modules
+            _restore(f"{PACKAGE}.{name}", entry.version.module if entry and entry.version else None)
+            raise ModuleLoadError(
+                f"import did not finish within {self.import_timeout:g} s ([reload] "
+                "import_timeout); it goes on in a thread of its own, its result unused"
+            ) from None
 
     async def close(self, grace: float) -> None:
         """Retire every version (running their unload hooks) and wait for the hooks."""

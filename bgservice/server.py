@@ -86,7 +86,9 @@ class Service:
         self.events = events = Events()
         self.stats = stats = Stats()
         self.threads = CallThreads(limits.threads, limits.stuck_threads)
-        self.registry = Registry(settings.modules, self.threads, events)
+        self.registry = Registry(
+            settings.modules, self.threads, events, settings.reload_import_timeout
+        )
         self.processes = ProcessPools(settings.modules, settings.workers)
         self.execution = Execution(
             settings, self.registry, stats, self.threads, self.processes, events

@@ -221,3 +221,20 @@ def test_a_non_atomic_save_never_serves_the_empty_file(modules_dir, make_service
         thread.join(20)
     assert set(seen) <= {b"v1", b"v2"}, sorted(set(seen))
     assert "hot.py: defines no handler" in svc.log()
+
+
+def test_an_import_that_never_returns_stops_neither_reloads_nor_the_exit(
+    modules_dir, make_service
+):
+    # Found by a review: an import that hung held the one loader thread (and the reload
+    # lock) for ever: no later change was applied, and SIGTERM left the process running.
+    other = write_module(modules_dir, "other", version("one"))
+    svc = make_service("[reload]\nimport_timeout = 1\n")
+    hang = write_module(modules_dir, "hang", "import time\nwhile True:\n    time.sleep(0.2)\n")
+    svc.wait_for_log("module hang failed to load")
+    assert "import did not finish within 1 s" in svc.log()
+    other.write_text(version("two"))
+    wait_until(lambda: replies(svc, b"other:x", b"two"))
+    hang.write_text(version("fixed"))
+    wait_until(lambda: replies(svc, b"hang:x", b"fixed"))
+    assert svc.stop() == 0
