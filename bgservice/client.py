@@ -22,6 +22,7 @@ A bad job id (not ``N`` or ``id:N``) raises ``ValueError`` before anything is se
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import sys
@@ -104,6 +105,7 @@ class Client(Where):
         self._timeout: float | None = None  # the timeout the open connection has
         self._decoder = ReplyDecoder()
         self._ready: deque[tuple[int, bytes]] = deque()
+        self._poll: select.poll | None = None  # the open connection's, for _kept
 
     def __enter__(self) -> Client:
         return self
@@ -262,16 +264,13 @@ class Client(Where):
             ) from None
 
     def _kept(self, sock: socket.socket) -> bool:
-        """The kept connection is still good: nothing to read on it (one non-blocking
-        peek, as urllib3 and redis-py check before reuse). At EOF the service closed it
-        while idle; bytes mean a reply nobody asked for: either way it is replaced."""
-        try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True  # nothing waiting: open and in step
-        except OSError:
-            pass
-        return False
+        """The kept connection is still good: nothing to read on it (a poll that does
+        not wait, as urllib3 checks before reuse: 0.7 us, where a MSG_PEEK recv that
+        raises costs 3). Readable means EOF (the service closed it while idle) or bytes
+        no request asked for: either way it is replaced."""
+        if self._poll is None:  # Windows: no poll()
+            return not select.select([sock], [], [], 0)[0]
+        return not self._poll.poll(0)
 
     def _connect(self) -> socket.socket:
         if self._sock is not None:
@@ -293,6 +292,9 @@ class Client(Where):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._set_timeout(sock, self.timeout)
         self._sock, self._decoder, self._ready = sock, ReplyDecoder(), deque()
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
         return sock
 
     def _set_timeout(self, sock: socket.socket, timeout: float | None) -> None:
