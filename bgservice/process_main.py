@@ -24,7 +24,13 @@ from typing import IO, Any
 from bgservice import process_messages as msg
 from bgservice.errors import ReplyError, ServiceError
 from bgservice.origin import Origin
-from bgservice.registry import ModuleLoadError, ModuleVersion, import_module_file, install_package
+from bgservice.registry import (
+    PACKAGE,
+    ModuleLoadError,
+    ModuleVersion,
+    import_module_file,
+    install_package,
+)
 from bgservice.request import Request, check_checkpoint, reply_bytes, to_bytes
 
 Send = Any  # Worker.send: (message) -> None
@@ -105,11 +111,15 @@ class Worker:
             self.out.flush()
 
     def _version(self, name: str, path: str, digest: str, source: bytes | None) -> ModuleVersion:
+        """The module's version to run: the one imported already when the service sends no
+        source, else a fresh import of ``source``. The service sends it for every new
+        version, also one of the same source, re-imported because a helper changed."""
         current = self.modules.get(name)
-        if current is not None and current.digest == digest:
-            return current
         if source is None:
+            if current is not None and current.digest == digest:
+                return current
             raise ModuleLoadError("the service sent no source for a version this worker lacks")
+        forget_helpers()
         version = import_module_file(name, Path(path), source)
         self.modules[name] = version
         if current is not None:
@@ -175,6 +185,17 @@ class Worker:
     def stop(self) -> None:
         for version in self.modules.values():
             self._unload(version)
+
+
+def forget_helpers() -> None:
+    """Drop the helpers (``_NAME.py``) imported so far, as the service's registry does when
+    one changes: the module about to be imported gets each from the disk again, never a
+    stale copy. (A worker serves one module, so nothing else here still uses them.)"""
+    package = sys.modules.get(PACKAGE)
+    for qualname in [n for n in sys.modules if n.startswith(f"{PACKAGE}._")]:
+        del sys.modules[qualname]
+        if package is not None:  # ``from . import _x`` would take the attribute back
+            package.__dict__.pop(qualname.partition(".")[2], None)
 
 
 def main() -> None:

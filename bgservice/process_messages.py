@@ -1,5 +1,6 @@
 """The messages between the service and its worker processes (bgservice.processes and
-bgservice.process_main), one frozen dataclass each.
+bgservice.process_main), one frozen dataclass each, and what a call's end means to its
+caller (``outcome``, ``death``).
 
 On the wire each is a frame: a u32 big-endian length, then the message pickled. Both ends
 are this same package, so pickle is safe here (it never reads a byte from a client).
@@ -10,9 +11,12 @@ already timed out is recognised and dropped.
 from __future__ import annotations
 
 import pickle
+import signal
 import struct
 from dataclasses import dataclass
 from typing import IO, Any
+
+from bgservice.errors import HandlerError, ModuleLoadFailed, ReplyError
 
 HEADER = struct.Struct(">I")
 
@@ -159,3 +163,26 @@ def read(stream: IO[bytes]) -> Any:
     if len(body) < length:
         return None
     return unpack(body)
+
+
+def outcome(name: str, reply: Ending) -> bytes:
+    """A call's last message as its caller sees it: the reply, or the error it raises."""
+    if isinstance(reply, Returned):
+        return reply.body
+    if isinstance(reply, Refused):
+        raise ReplyError(reply.code, reply.message)
+    if isinstance(reply, LoadFailed):
+        raise ModuleLoadFailed(f"Module {name} failed to load in a worker: {reply.error}")
+    raise HandlerError(f"Module {name} raised {reply.summary}")
+
+
+def death(name: str, code: int) -> str:
+    """What a call hears when its worker's process ended with ``code`` (its returncode)."""
+    if code < 0:
+        try:
+            how = f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return f"Worker process of module {name} died ({how})"

@@ -6,6 +6,8 @@ pool (``PROCESSES`` or ``[workers] processes``); a worker runs one call at a tim
 A call past its timeout kills its worker (a thread cannot be stopped, a process can), a
 worker that dies costs only the call it was running, and the pool refills itself.
 Workers are recycled after ``max_calls`` calls or above ``max_memory_mb`` of memory.
+A module that is deleted or leaves process mode has its pool retired: no new calls, the
+running ones finish (each under its own timeout), then the workers stop.
 """
 
 from __future__ import annotations
@@ -14,22 +16,15 @@ import asyncio
 import itertools
 import logging
 import os
-import signal
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bgservice import process_messages as msg
 from bgservice.config import WorkerSettings
-from bgservice.errors import (
-    CallTimeout,
-    HandlerError,
-    ModuleLoadFailed,
-    ReplyError,
-    ServiceError,
-    WorkerDied,
-)
+from bgservice.errors import CallTimeout, ServiceError, WorkerDied
 from bgservice.registry import ModuleVersion
 from bgservice.request import Request
 
@@ -51,10 +46,12 @@ class WorkerProcess:
     def __init__(self, proc: asyncio.subprocess.Process, pool: ProcessPool) -> None:
         self.proc = proc
         self.pool = pool
-        self.loaded: dict[str, str] = {}  # module name -> digest it has imported
+        # name -> version imported: the object, as a helper change re-imports the same digest
+        self.loaded: dict[str, ModuleVersion] = {}
         self.calls = 0
         self.killed = False
         self.current: tuple[int, asyncio.Future[msg.Ending], Request] | None = None
+        self.stop_timer: asyncio.TimerHandle | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -79,7 +76,7 @@ class WorkerProcess:
         if self.current is not None:
             _, future, _ = self.current
             if not future.done():
-                future.set_exception(WorkerDied(_death(self.pool.name, code)))
+                future.set_exception(WorkerDied(msg.death(self.pool.name, code)))
         self.pool.lost(self)
 
     def _handle(self, message: msg.FromWorker) -> None:
@@ -143,30 +140,32 @@ class WorkerProcess:
 
 
 class ProcessPool:
-    """The worker processes of one module."""
+    """The worker processes of one module.
 
-    def __init__(self, name: str, folder: Path, settings: WorkerSettings) -> None:
+    A retired pool (``drain``) takes no new calls: the calls it has already taken finish
+    (those waiting for a worker get one), then its workers stop and ``on_empty`` runs.
+    """
+
+    def __init__(self, name: str, folder: Path, settings: WorkerSettings, grace: float) -> None:
         self.name = name
         self.folder = folder
         self.settings = settings
+        self.grace = grace  # for a stopped worker to run its unload() hooks and exit
         self.size = settings.processes
         self.workers: set[WorkerProcess] = set()
+        self.stopping: set[WorkerProcess] = set()  # sent Stop, not yet exited
         self.idle: list[WorkerProcess] = []
         self.waiters: deque[asyncio.Future[WorkerProcess]] = deque()
-        self.closing = False
+        self.closing = False  # shutdown: waiters fail, workers stop
+        self.on_empty: Callable[[ProcessPool], None] | None = None  # set once retired
         self.spawned = 0
         self._spawning: set[asyncio.Task[None]] = set()
 
     async def _spawn(self) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bgservice.process_main",
-            str(self.folder),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=_CHILD_ENV,
-        )
+            sys.executable, "-m", "bgservice.process_main", str(self.folder),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_CHILD_ENV,
+        )  # fmt: skip
         worker = WorkerProcess(proc, self)
         self.workers.add(worker)
         self.spawned += 1
@@ -188,6 +187,7 @@ class ProcessPool:
     def release(self, worker: WorkerProcess) -> None:
         worker.current = None
         if not worker.alive:
+            self._settle()
             return
         reason = self._recycle_reason(worker)
         if reason or self.closing or len(self.workers) > self.size:
@@ -201,6 +201,9 @@ class ProcessPool:
             if not waiter.done():
                 waiter.set_result(worker)
                 return
+        if self.on_empty is not None:  # retired: no call will come for it
+            self._retire(worker)
+            return
         self.idle.append(worker)
 
     def _recycle_reason(self, worker: WorkerProcess) -> str | None:
@@ -211,7 +214,12 @@ class ProcessPool:
         return None
 
     def _retire(self, worker: WorkerProcess) -> None:
+        """Stop an idle worker: it runs its unload() hooks and exits (killed after grace)."""
         self.workers.discard(worker)
+        if worker in self.idle:
+            self.idle.remove(worker)
+        self.stopping.add(worker)
+        worker.stop_timer = asyncio.get_running_loop().call_later(self.grace, worker.kill)
         try:
             worker.send(msg.Stop())
         except (ConnectionError, RuntimeError):
@@ -220,21 +228,29 @@ class ProcessPool:
     def lost(self, worker: WorkerProcess) -> None:
         """A worker's process ended (killed, crashed, recycled)."""
         self.workers.discard(worker)
+        self.stopping.discard(worker)
+        if worker.stop_timer is not None:
+            worker.stop_timer.cancel()
         if worker in self.idle:
             self.idle.remove(worker)
         self._refill()
+        self._settle()
+
+    def _waiting(self) -> bool:  # a call waits for a worker (not one that gave up)
+        return any(not w.done() for w in self.waiters)
 
     def _refill(self) -> None:
         # Someone waits for a worker and the pool is short: start one at once.
-        if self.closing or not self.waiters:
+        if self.closing or not self._waiting():
             return
         if len(self.workers) + len(self._spawning) >= self.size:
             return
         task = asyncio.get_running_loop().create_task(self._spawn_for_waiter())
         self._spawning.add(task)
-        task.add_done_callback(self._spawning.discard)
+        task.add_done_callback(self._spawning.discard)  # (cancelled at shutdown)
 
     async def _spawn_for_waiter(self) -> None:
+        worker = None
         try:
             worker = await self._spawn()
         except OSError as exc:
@@ -243,48 +259,74 @@ class ProcessPool:
                 waiter = self.waiters.popleft()
                 if not waiter.done():
                     waiter.set_exception(WorkerDied(f"Cannot start a worker: {exc}"))
+        # Counted in self.workers now: no longer as spawning too, or a call that waits
+        # meanwhile would find the pool full and get no worker of its own.
+        self._spawning.discard(asyncio.current_task())
+        if worker is not None:
+            self.release(worker)
+        self._settle()
+
+    def drain(self, on_empty: Callable[[ProcessPool], None]) -> None:
+        """Retire the pool: idle workers stop now, busy ones once their call has ended
+        (each call is bounded by its own timeout); ``on_empty`` runs when none is left."""
+        self.on_empty = on_empty
+        for worker in list(self.idle):
+            self._retire(worker)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.on_empty is None or self.workers or self.stopping or self._spawning:
             return
-        self.release(worker)
+        if not self._waiting():
+            on_empty, self.on_empty = self.on_empty, None
+            on_empty(self)
 
     async def close(self) -> None:
+        """Shutdown: the service has already waited for its calls; stop every worker."""
         self.closing = True
         for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_exception(WorkerDied(f"Module {self.name}: worker pool closed"))
-        for worker in list(self.workers):
-            if worker.current is None:
-                self._retire(worker)
-        readers = [w.reader for w in self.workers] + [w.reader for w in self.idle]
+        for worker in [w for w in self.workers if w.current is None]:
+            self._retire(worker)
+        readers = [w.reader for w in self.workers | self.stopping]
         if readers:
             _, pending = await asyncio.wait(set(readers), timeout=3)
-            for worker in list(self.workers):
+            for worker in list(self.workers | self.stopping):
                 worker.kill()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+
+    def stats(self) -> dict[str, int]:
+        busy = sum(1 for w in self.workers if w.current is not None)
+        return {"processes": len(self.workers), "busy": busy, "started": self.spawned}
 
 
 class ProcessPools:
     """Execution's way into worker processes: one pool per process-mode module."""
 
-    def __init__(self, folder: Path, settings: WorkerSettings) -> None:
+    def __init__(self, folder: Path, settings: WorkerSettings, grace: float = 10.0) -> None:
         self.folder = folder.resolve()
         self.settings = settings
+        self.grace = grace  # [limits] shutdown_grace: a stopped worker's time to exit
         self.pools: dict[str, ProcessPool] = {}
+        self.retiring: set[ProcessPool] = set()  # finishing their calls, then stopping
 
     def stats(self) -> dict[str, Any]:
-        return {
-            name: {
-                "processes": len(pool.workers),
-                "busy": sum(1 for w in pool.workers if w.current is not None),
-                "started": pool.spawned,
-            }
-            for name, pool in self.pools.items()
-        }
+        out = {name: pool.stats() for name, pool in self.pools.items()}
+        for pool in self.retiring:
+            row = out.setdefault(pool.name, {"processes": 0, "busy": 0, "started": 0})
+            row["retiring"] = row.get("retiring", 0) + len(pool.workers | pool.stopping)
+        return out
 
     async def __call__(self, version: ModuleVersion, request: Request, timeout: float) -> Any:
         pool = self.pools.get(version.name)
         if pool is None:
-            pool = self.pools[version.name] = ProcessPool(version.name, self.folder, self.settings)
+            pool = ProcessPool(version.name, self.folder, self.settings, self.grace)
+            if version.retired:  # a call that began before its module was dropped
+                self._drain(pool)
+            else:
+                self.pools[version.name] = pool
         pool.size = version.processes or self.settings.processes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -300,19 +342,15 @@ class ProcessPools:
             pool.release(worker)
 
     async def _run(
-        self,
-        worker: WorkerProcess,
-        version: ModuleVersion,
-        request: Request,
-        left: float,
+        self, worker: WorkerProcess, version: ModuleVersion, request: Request, left: float,
         timeout: float,
-    ) -> Any:
+    ) -> Any:  # fmt: skip
         cid = next(_ids)
         future: asyncio.Future[msg.Ending] = asyncio.get_running_loop().create_future()
         worker.current = (cid, future, request)
         worker.calls += 1
         name = version.name
-        source = None if worker.loaded.get(name) == version.digest else version.source
+        source = None if worker.loaded.get(name) is version else version.source
         job = None
         if request.job is not None:
             j = request.job
@@ -321,43 +359,39 @@ class ProcessPools:
             msg.Call(cid, name, str(version.path), version.digest, source, request.module,
                      request.data, request.transport, request.peer, job)
         )  # fmt: skip
-        worker.loaded[name] = version.digest
+        worker.loaded[name] = version
         try:
             reply = await asyncio.wait_for(future, max(left, 0.001))
         except TimeoutError:
             log.warning("module %s: call timed out; killing worker %d", name, worker.proc.pid)
             worker.kill()
             raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
-        return _result(name, worker, reply)
+        if isinstance(reply, msg.LoadFailed):
+            worker.loaded.pop(name, None)
+        elif isinstance(reply, msg.Raised):
+            log.error("module %s raised in worker %d:\n%s", name, worker.proc.pid, reply.trace)
+        return msg.outcome(name, reply)
+
+    def reloaded(self, version: ModuleVersion) -> None:
+        """A new version of a module serves: one that left process mode retires its pool
+        (a new process-mode version reaches each worker with its next call)."""
+        if version.execution != "process":
+            self.retire(version.name, "it no longer runs in worker processes")
+
+    def retire(self, name: str, why: str = "its file was deleted") -> None:
+        """No new call goes to the module's pool; its running calls finish, then its
+        workers stop."""
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return
+        log.info("module %s: retiring its worker processes (%s; %d calls to finish first)",
+                 name, why, pool.stats()["busy"])  # fmt: skip
+        self._drain(pool)
+
+    def _drain(self, pool: ProcessPool) -> None:
+        self.retiring.add(pool)
+        pool.drain(self.retiring.discard)
 
     async def close(self) -> None:
-        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
-
-    async def drop(self, name: str) -> None:
-        pool = self.pools.pop(name, None)
-        if pool is not None:
-            await pool.close()
-
-
-def _result(name: str, worker: WorkerProcess, reply: msg.Ending) -> bytes:
-    if isinstance(reply, msg.Returned):
-        return reply.body
-    if isinstance(reply, msg.Refused):
-        raise ReplyError(reply.code, reply.message)
-    if isinstance(reply, msg.LoadFailed):
-        worker.loaded.pop(name, None)
-        raise ModuleLoadFailed(f"Module {name} failed to load in a worker: {reply.error}")
-    log.error("module %s raised in worker %d:\n%s", name, worker.proc.pid, reply.trace)
-    raise HandlerError(f"Module {name} raised {reply.summary}")
-
-
-def _death(name: str, code: int) -> str:
-    if code < 0:
-        try:
-            how = f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"signal {-code}"
-    else:
-        how = f"exit code {code}"
-    return f"Worker process of module {name} died ({how})"
-
+        pools = [*self.pools.values(), *self.retiring]
+        await asyncio.gather(*(pool.close() for pool in pools))

@@ -89,7 +89,7 @@ class Service:
         self.registry = Registry(
             settings.modules, self.threads, events, settings.reload_import_timeout
         )
-        self.processes = ProcessPools(settings.modules, settings.workers)
+        self.processes = ProcessPools(settings.modules, settings.workers, limits.shutdown_grace)
         self.execution = Execution(
             settings, self.registry, stats, self.threads, self.processes, events
         )
@@ -212,13 +212,15 @@ class Service:
 
     def _reloaded(self, name: str) -> None:
         self.stats.reloads += 1
+        entry = self.registry.get(name)
+        if entry is not None and entry.version is not None:
+            self.processes.reloaded(entry.version)  # out of process mode: retire the pool
 
     def _reload_failed(self, name: str, error: str) -> None:
         self.stats.reload_failures += 1
 
     def _module_removed(self, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.processes.drop(name))
-        self._background.append(task)
+        self.processes.retire(name)  # its running calls finish, then its workers stop
 
     def _check_alert_module(self) -> None:
         name = self.settings.alerts.module
