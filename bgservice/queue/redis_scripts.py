@@ -56,8 +56,13 @@ for dep in string.gmatch(after, '%d+') do
 end
 local id = redis.call('INCR', P .. ':id')
 local jk = jkey(id)
-local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+local fields, run_at, priority = {}, nil, nil
+for i = 10, #ARGV, 2 do
+  local k, v = ARGV[i], ARGV[i + 1]
+  fields[#fields + 1] = k
+  fields[#fields + 1] = v
+  if k == 'run_at' then run_at = v elseif k == 'priority' then priority = v end
+end
 redis.call('HSET', jk, unpack(fields))
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
@@ -65,7 +70,7 @@ if #blockers > 0 then
   redis.call('HSET', jk, 'blockers', #blockers)
   for _, dep in ipairs(blockers) do redis.call('SADD', P .. ':blocked:' .. dep, id) end
 else
-  place(id)
+  place(id, run_at, priority)
 end
 if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
 if ARGV[6] == '' then
@@ -242,19 +247,18 @@ END = (
     + r"""
 local id, state = ARGV[3], ARGV[5]
 local jk = jkey(id)
-local f = redis.call('HMGET', jk, 'owner', 'state', 'module', 'created')
+local f = redis.call('HMGET', jk, 'owner', 'state', 'module', 'created', 'unique_key')
 if f[1] ~= ARGV[4] or f[2] ~= 'running' then return 0 end
 redis.call('ZREM', P .. ':running', id)
 redis.call('HINCRBY', P .. ':modrun', f[3], -1)
 if ARGV[11] ~= '' then redis.call('ZADD', P .. ':runs', NOW, ARGV[11]) end
 if ARGV[12] ~= '' then redis.call('HSET', jk, 'progress', ARGV[12]) end
 if state == 'waiting' then
-  redis.call('HSET', jk, 'state', 'waiting', 'run_at', ARGV[10], 'error', ARGV[8])
-  redis.call('HDEL', jk, 'owner')
+  redis.call('HSET', jk, 'state', 'waiting', 'run_at', ARGV[10], 'error', ARGV[8], 'owner', '')
   move(id, 'running', 'waiting', f[4])
   place(id)
 else
-  finish(id, state, ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+  finish(id, state, ARGV[6], ARGV[7], ARGV[8], ARGV[9], {'running', f[5]})
 end
 wake()
 if ARGV[13] == '' then return {1} end
