@@ -82,6 +82,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self._next_delayed: float | None = None
         self._limits = ("{}", "{}")  # module limits and rates as CLAIM takes them (_runner)
         self._claiming = 0  # workers held for claims on their way (_claim_args)
+        self._missed = False  # a wake came while no worker was free (_freed)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -139,13 +140,12 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     def _added(self, future: asyncio.Future[Any]) -> None:
         self._claiming -= 1
-        if future.cancelled() or future.exception() is not None:
-            return
-        reply = future.result()
-        if len(reply) > 2 and not self._closing:  # the job it claimed with the add
+        reply = None if future.cancelled() or future.exception() else future.result()
+        if reply is not None and len(reply) > 2 and not self._closing:  # claimed with the add
             self._take(reply[2])
-        elif len(reply) > 2:
+        elif reply is not None and len(reply) > 2:
             self._spawn(self._start_or_return(reply[2]))  # hands it back
+        self._freed()
 
     @batched
     async def get(self, jid: int) -> Result:
@@ -252,9 +252,9 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     def _event(self, data: bytes) -> None:
         kind, _, arg = data.decode().partition(":")
-        if kind == "wake":
-            if self._free():  # else a freed worker claims with its END (or wakes the runner)
-                self._wake.set()
+        if kind == "wake":  # with no worker free, the next one freed looks
+            self._missed = True
+            self._freed()
         elif kind == "done" and int(arg) in self._waiters:
             self._spawn(self._deliver(int(arg)))
         elif kind == "cancel" and int(arg) in self._running:
@@ -294,6 +294,13 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             except TimeoutError:
                 pass
 
+    def _freed(self) -> None:
+        """A claim came back: a ``wake`` heard while no worker was free wakes the runner
+        now (Redis may have run that claim before the add that woke us)."""
+        if self._missed and self._free():
+            self._missed = False
+            self._wake.set()
+
     def _free(self) -> bool:
         """A worker is free: neither running a job nor held for a claim on its way."""
         return len(self._running) + self._claiming < self.settings.workers
@@ -315,6 +322,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             return self._take(await self.db.call("CLAIM", *args))
         finally:
             self._claiming -= 1
+            self._freed()
 
     def _take(self, reply: list[Any]) -> bool:
         """Start the job a claim returned (CLAIM's reply, or the second part of END's)."""
@@ -357,6 +365,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._settle(job.id, waiter, result=(outcome.status or OK, outcome.body))  # no read
         if claimed is not None:  # the freed worker's next job, or none ready
             await self._start_or_return(claimed)
+            self._freed()
         else:
             self._wake.set()  # no claim came with the end: the runner looks
 
@@ -370,9 +379,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             except RedisError as exc:  # its lease runs out: another start runs it
                 log.warning("job %s not handed back (%s): its lease expires", claimed[0], exc)
 
-    async def _end(
-        self, job: Job, args: tuple[Any, ...], now: float
-    ) -> tuple[bool, list[Any] | None]:
+    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> tuple[bool, Any]:
         """Record the attempt's end; keep trying through an outage (the result is here).
         (False, None) when it was not recorded (the lease was lost, or the service stops);
         else (True, the next job's claim, or None when none was asked for)."""
@@ -380,11 +387,9 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         while True:
             try:
                 reply = await self.db.call("END", *args, now=now)
-                if not reply:
-                    log.warning(
-                        "job %d (%s): lease lost while it ran; another instance runs it, "
-                        "this result is discarded", job.id, job.module,
-                    )  # fmt: skip
+                if not reply:  # the lease was lost while it ran
+                    log.warning("job %d (%s): lease lost while it ran; another instance runs "
+                                "it, this result is discarded", job.id, job.module)  # fmt: skip
                     return False, None
                 return True, (reply[1] if len(reply) > 1 else None)
             except RedisError as exc:
