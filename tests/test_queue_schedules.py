@@ -212,6 +212,7 @@ def test_a_resumed_schedule_skips_the_slots_of_its_pause(make_service):
     # slot"); and a slot due at start (missed while the service was down) waited for the
     # next one or a minute's recheck instead of running at once.
     svc = make_service()
+    schedules(svc)  # loaded (503 "Schedules not loaded yet" for a moment after the start)
     svc.call(b"queue:schedule?name=p&every=3:echo:x")
     svc.call(b"queue:pause:p")
     time.sleep(3.5)  # at least one slot falls in the pause
