@@ -15,7 +15,11 @@ takes everything queued at once and appends it per channel with a single write, 
 flood costs the event loop microseconds per datagram and the disk one write per batch.
 A full queue drops the message and counts it: ``service:stats`` shows, under
 ``module_stats.log``, how many were received, written, dropped and rejected (bad channel
-names), so no line is ever lost silently. (A hand-written writer rather than
+names), so no line is ever lost silently. A channel file deleted or renamed behind the
+writer's back (by hand, or a logrotate without ``copytruncate``) is noticed before the next
+write pass to it, as ``logging.handlers.WatchedFileHandler`` does it: the path's
+``os.stat`` against the open handle's ``os.fstat``, and a new file is opened when they
+differ (counted as ``reopened``). (A hand-written writer rather than
 ``logging.handlers.RotatingFileHandler`` behind a ``QueueListener``: that pair writes and
 flushes one record at a time and cannot report drops.)
 
@@ -131,6 +135,7 @@ class _Files:
 
     def write(self, channel: str, lines: list[str]) -> None:
         """Append ``lines``, rotating first whenever the next chunk would pass MAX_BYTES."""
+        self._check(channel)
         chunk: list[bytes] = []
         size = self._file(channel).tell()
         for line in lines:
@@ -151,6 +156,24 @@ class _Files:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.open[channel] = self.path(channel).open("ab", buffering=0)
         return self.open[channel]
+
+    def _check(self, channel: str) -> None:
+        """Close the channel's handle if its path is gone or is another file now (deleted,
+        moved away): the next write opens the file at the path again. One ``stat`` and one
+        ``fstat`` per channel per write pass (a few microseconds), not per line."""
+        file = self.open.get(channel)
+        if file is None:
+            return
+        try:
+            now = os.stat(file.name)  # the path it was opened by
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(file.fileno())
+        if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            del self.open[channel]
+            file.close()
+            counts["reopened"] += 1
+            _warn("log: %s was deleted or moved away: writing to a new file", self.path(channel))
 
     def _rotate(self, channel: str) -> None:
         self.open.pop(channel).close()
@@ -220,6 +243,7 @@ def stats() -> dict[str, int]:
         **{k: counts[k] for k in ("received", "written", "dropped", "rejected")},
         "write_errors": counts["write_errors"],
         "rotations": counts["rotations"],
+        "reopened": counts["reopened"],
         "queued": _queue.qsize(),
     }
 

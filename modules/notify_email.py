@@ -16,6 +16,16 @@ Settings, from the environment of the service (e.g. the systemd unit's Environme
     BGSERVICE_SMTP_FROM      sender (default bgservice@HOST)
     BGSERVICE_SMTP_TO        recipients, comma-separated (required)
     BGSERVICE_SMTP_TIMEOUT   seconds for the whole conversation (default 20)
+
+The timeout bounds the whole send, not each socket operation (smtplib's own timeout
+is per operation: a server sending its greeting a byte a second would hold it forever).
+A watchdog timer shuts the connection's socket down when the time is up, which wakes the
+blocked smtplib call at once; the reply is then ``502 ... timed out after N s``. Only the
+host name lookup (``getaddrinfo``) cannot be interrupted: a hung resolver can add its own
+delay before the 502. A port or timeout that is not a number is refused with a ``500``
+naming the variable, as missing recipients are. Line breaks (CR, LF and the other Unicode
+line separators) in the alert's title or host become spaces in the mail's headers, so an
+alert cannot inject a header (``Bcc:``) and is still sent.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import json
 import os
 import smtplib
 import socket
+import threading
 import time
 from email.message import EmailMessage
 
@@ -46,12 +57,17 @@ def _settings() -> dict[str, str]:
     }
 
 
+def _one_line(value: object) -> str:
+    """A header value: every line break (``str.splitlines``'s) folded into a space."""
+    return " ".join(str(value).splitlines())
+
+
 def compose(alert: dict, sender: str, recipients: list[str]) -> EmailMessage:
     host = alert.get("host") or socket.gethostname()
     mail = EmailMessage()
-    mail["Subject"] = f"[bgservice@{host}] {alert.get('title', 'alert')}"[:250]
-    mail["From"] = sender
-    mail["To"] = ", ".join(recipients)
+    mail["Subject"] = _one_line(f"[bgservice@{host}] {alert.get('title', 'alert')}")[:250]
+    mail["From"] = _one_line(sender)
+    mail["To"] = _one_line(", ".join(recipients))
     stamp = alert.get("time")
     if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not 0 <= stamp < 1e11:
         stamp = time.time()  # absent or not a plausible Unix time: now
@@ -66,6 +82,80 @@ def compose(alert: dict, sender: str, recipients: list[str]) -> EmailMessage:
     return mail
 
 
+class _Watchdog:
+    """Shuts the SMTP connection's socket down once ``seconds`` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.lock = threading.Lock()
+        self.expired = False
+        self.socks: list[socket.socket] = []
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True
+
+    def adopt(self, sock: socket.socket) -> None:
+        """The TCP socket smtplib just opened, before any TLS handshake: kept as a duplicate
+        (a TLS wrap detaches the original), whose shutdown ends the connection for every
+        handle on it. Refused if the time is already up."""
+        with self.lock:
+            if self.expired:
+                sock.close()
+                raise TimeoutError("timed out")
+            self.socks.append(sock.dup())
+
+    def close(self) -> None:
+        self.timer.cancel()
+        with self.lock:
+            for sock in self.socks:
+                sock.close()
+            self.socks.clear()
+
+    def fire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for sock in self.socks:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a recv/send blocked on it
+                except OSError:
+                    pass
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP that hands its TCP socket to a watchdog."""
+
+    watchdog: _Watchdog
+
+    def open(self, host: str, port: int) -> None:
+        # smtplib sets _host only in __init__ (connecting there would be out of the
+        # watchdog's reach); TLS (SMTP_SSL, STARTTLS) checks the certificate against it.
+        self._host = host
+        self.connect(host, port)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        self.watchdog.adopt(sock)
+        return sock
+
+
+class _SMTP_SSL(smtplib.SMTP_SSL, _SMTP):
+    """Method order SMTP_SSL, _SMTP, SMTP: the TCP socket is adopted before the handshake."""
+
+
+def _number(
+    s: dict[str, str], key: str, kind: type[int] | type[float], low: float, high: float
+) -> float:
+    """A numeric setting, or a 500 naming the variable."""
+    name = f"BGSERVICE_SMTP_{key.upper()}"
+    try:
+        value = kind(s[key])
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ReplyError(
+            500, f"notify_email: {name} must be a number {low:g}-{high:g}, not {s[key][:40]!r}"
+        )
+    return value
+
+
 def handle_tcp(request: Request) -> str:
     try:
         alert = json.loads(request.data or b"{}")
@@ -77,16 +167,28 @@ def handle_tcp(request: Request) -> str:
     recipients = [r.strip() for r in s["to"].split(",") if r.strip()]
     if not recipients:
         raise ReplyError(500, "notify_email: set BGSERVICE_SMTP_TO to the recipients")
+    port = int(_number(s, "port", int, 1, 65535))
+    timeout = _number(s, "timeout", float, 0.001, 86400)
     mail = compose(alert, s["from"], recipients)
-    port, timeout = int(s["port"]), float(s["timeout"])
-    smtp_class = smtplib.SMTP_SSL if port == 465 else smtplib.SMTP
+    smtp = (_SMTP_SSL if port == 465 else _SMTP)(timeout=timeout)  # not connected yet
+    smtp.watchdog = watchdog = _Watchdog(timeout)
+    watchdog.timer.start()
     try:
-        with smtp_class(s["host"], port, timeout=timeout) as smtp:
-            if s["starttls"] == "1":
-                smtp.starttls()
-            if s["user"]:
-                smtp.login(s["user"], s["password"])
-            smtp.send_message(mail)
+        smtp.open(s["host"], port)
+        if s["starttls"] == "1":
+            smtp.starttls()
+        if s["user"]:
+            smtp.login(s["user"], s["password"])
+        smtp.send_message(mail)
     except (OSError, smtplib.SMTPException) as exc:
-        raise ReplyError(502, f"notify_email: {s['host']}:{port}: {exc}") from None
+        problem = str(exc)
+        if watchdog.expired:
+            problem = f"timed out after {timeout:g} s (BGSERVICE_SMTP_TIMEOUT)"
+        raise ReplyError(502, f"notify_email: {s['host']}:{port}: {problem}") from None
+    finally:
+        try:
+            smtp.quit()  # bounded by the watchdog too; sent is sent even if this fails
+        except (OSError, smtplib.SMTPException):
+            smtp.close()
+        watchdog.close()
     return f"sent to {len(recipients)}"

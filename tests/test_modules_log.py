@@ -153,3 +153,25 @@ def test_tail_over_tcp(log_service) -> None:
     assert svc.call(b"log:tail?channel=../x").startswith(b"400: ")
     assert svc.call(b"log:tail?lines=0").startswith(b"400: ")
     assert svc.call(b"log:hello").startswith(b"400: log over TCP")
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_a_deleted_or_moved_file_is_reopened(log_service, tmp_path: Path, how: str) -> None:
+    svc = log_service()
+    folder = tmp_path / "logs"
+    svc.send_udp(b"log:before 1")
+    settled(svc)
+    if how == "deleted":
+        (folder / "main.log").unlink()
+    else:  # what a logrotate without copytruncate does
+        (folder / "main.log").rename(folder / "main-old.txt")
+    svc.send_udp(b"log:after 2")
+    svc.send_udp(b"log:after 3")
+    stats = settled(svc)
+    assert [line.split(" ", 3)[3] for line in lines_of(folder, "main")] == ["after 2", "after 3"]
+    assert (stats["written"], stats["reopened"]) == (3, 1)
+    tail = svc.call(b"log:tail?lines=5").decode().splitlines()
+    assert [line.split(" ", 3)[3] for line in tail] == ["after 2", "after 3"]
+    if how == "moved":
+        assert (folder / "main-old.txt").read_text().endswith(" before 1\n")
+    assert "was deleted or moved away" in svc.log()

@@ -1,0 +1,134 @@
+"""The shipped ``notify_email`` module against a small SMTP stub of the test's own: the
+timeout bounds the whole send, bad numeric settings are named, line breaks in an alert's
+title or host cannot inject headers. (tests/test_alerts.py covers alerts end to end and
+needs aiosmtpd; these need nothing beyond the standard library.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from email import message_from_bytes
+from email.message import Message
+
+import pytest
+
+from tests.conftest import ServiceProcess
+
+
+class SmtpStub:
+    """A loopback SMTP server in a thread: ``drip`` > 0 sends the greeting one byte every
+    ``drip`` seconds; otherwise it accepts every mail and keeps it, with its RCPT TOs."""
+
+    def __init__(self, drip: float = 0.0) -> None:
+        self.drip = drip
+        self.mails: list[tuple[list[str], Message]] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                if self.drip:
+                    for byte in b"220 slow.example ESMTP stub\r\n":
+                        if self.stopped.wait(self.drip):
+                            return
+                        conn.sendall(bytes([byte]))
+                    return  # then hang up
+                self._converse(conn)
+            except OSError:
+                return
+
+    def _converse(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        conn.sendall(b"220 stub.example ESMTP\r\n")
+        recipients: list[str] = []
+        while line := reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                conn.sendall(b"354 go on\r\n")
+                data = b""
+                while (chunk := reader.readline()) not in (b".\r\n", b""):
+                    data += chunk[1:] if chunk.startswith(b"..") else chunk
+                self.mails.append((recipients, message_from_bytes(data)))
+                recipients = []
+            elif verb == b"RCPT":
+                recipients.append(line.decode().split(":", 1)[1].strip())
+            elif verb == b"QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            conn.sendall(b"250 stub.example\r\n" if verb != b"DATA" else b"250 queued\r\n")
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.server.close()
+
+
+@pytest.fixture
+def smtp_service(
+    make_service: Callable[..., ServiceProcess], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., tuple[ServiceProcess, SmtpStub]]]:
+    stubs: list[SmtpStub] = []
+
+    def start(drip: float = 0.0, **env: str) -> tuple[ServiceProcess, SmtpStub]:
+        stub = SmtpStub(drip)
+        stubs.append(stub)
+        settings = {"host": "127.0.0.1", "port": str(stub.port), "to": "ops@example.org"}
+        for name, value in {**settings, **env}.items():
+            monkeypatch.setenv(f"BGSERVICE_SMTP_{name.upper()}", value)
+        return make_service(), stub
+
+    yield start
+    for stub in stubs:
+        stub.close()
+
+
+def test_the_timeout_bounds_the_whole_conversation(smtp_service) -> None:
+    # Each byte of the greeting comes well within the timeout; the whole greeting does not.
+    svc, _ = smtp_service(drip=0.25, timeout="1")
+    began = time.monotonic()
+    reply = svc.call(b"notify_email:" + json.dumps({"title": "slow"}).encode())
+    elapsed = time.monotonic() - began
+    assert reply.startswith(b"502: ")
+    assert b"timed out after 1 s (BGSERVICE_SMTP_TIMEOUT)" in reply
+    assert elapsed < 2.5, elapsed  # the drip alone lasts 7 s
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("port", "abc"), ("port", "70000"), ("timeout", "soon")]
+)
+def test_a_bad_number_setting_is_named(smtp_service, variable: str, value: str) -> None:
+    svc, stub = smtp_service(**{variable: value})
+    reply = svc.call(b"notify_email:" + json.dumps({"title": "t"}).encode())
+    assert reply.startswith(b"500: notify_email: BGSERVICE_SMTP_" + variable.upper().encode())
+    assert repr(value).encode() in reply
+    assert b"ValueError" not in reply
+    assert not stub.mails
+    assert "Traceback" not in svc.log()
+
+
+def test_line_breaks_in_title_and_host_are_folded(smtp_service) -> None:
+    svc, stub = smtp_service()
+    alert = {"title": "a\nBcc: victim@x", "host": "web1\r\nX-Injected: 1", "message": "m"}
+    reply = svc.call(b"notify_email:" + json.dumps(alert).encode())
+    assert reply == b"sent to 1"
+    ((recipients, mail),) = stub.mails
+    assert recipients == ["<ops@example.org>"]
+    assert mail["Subject"] == "[bgservice@web1 X-Injected: 1] a Bcc: victim@x"
+    assert mail["Bcc"] is None and mail["X-Injected"] is None
+    other = {"title": "u\u2028v\x85w\x0bx"}  # the other line breaks str.splitlines knows
+    assert svc.call(b"notify_email:" + json.dumps(other).encode()) == b"sent to 1"
+    assert stub.mails[1][1]["Subject"].endswith("] u v w x")
