@@ -3,7 +3,8 @@
 //
 // Protocol (modules/_node.py is the client): one JSON object per line on stdin,
 //   {"id": 1, "lang": "scss", "source": "...", "options": {...}}
-// and one per line on stdout, in completion order (many compiles may be in flight):
+// and one per line on stdout, in completion order (many may be sent at once; they are
+// compiled one at a time, so a slow compile delays the ones behind it):
 //   {"id": 1, "ok": true, "output": "..."}
 //   {"id": 1, "ok": false, "status": 400, "error": "input.scss:3:5: expected \";\"."}
 // Compile errors are 400 with file:line:column; a compiler package that is not installed
@@ -13,7 +14,8 @@
 // Files: a compile can only read what the request passes in options.sources (Sass, LESS)
 // or files inside options.root, a folder the Python side already checked against the
 // module's allow list; every path is resolved here again and refused outside that root.
-// Less's @plugin (which would run JavaScript) is refused.
+// Less's @plugin (which would run JavaScript) and image-size() & co. (which read the disk)
+// are refused. A compiler's stack overflow on deep nesting is a 400, not a 500.
 'use strict';
 
 const fs = require('fs');
@@ -74,7 +76,9 @@ class Files {
       return undefined;
     }
     if (real !== this.root && !real.startsWith(this.root + path.sep)) {
-      throw new CompileError(`${p}: outside the include folder`, 403);
+      // Kept: a compiler that wraps errors in its own (Less) still replies this 403.
+      this.refused = new CompileError(`${p}: outside the include folder`, 403);
+      throw this.refused;
     }
     return fs.statSync(real).isFile() ? fs.readFileSync(real, 'utf8') : undefined;
   }
@@ -182,8 +186,13 @@ function lessSandbox(less, files) {
       return { contents: hit[1], filename: hit[0] };
     }
     loadFile(filename, currentDirectory) {
-      const result = this.loadFileSync(filename, currentDirectory);
-      return result.error ? Promise.reject(result.error) : Promise.resolve(result);
+      // Less never settles a render whose loadFile throws: errors go back as a rejection.
+      try {
+        const result = this.loadFileSync(filename, currentDirectory);
+        return result.error ? Promise.reject(result.error) : Promise.resolve(result);
+      } catch (err) {
+        return Promise.reject(err);
+      }
     }
   }
   return {
@@ -205,6 +214,13 @@ async function compileLess(source, options) {
     // @plugin would load and run JavaScript: refuse it.
     less.PluginLoader.prototype.loadPlugin = () =>
       Promise.reject({ type: 'Plugin', message: '@plugin is not allowed' });
+    // image-size(), image-width(), image-height() read the named path from the real disk
+    // (whatever the file manager answers): refuse them.
+    for (const fn of ['image-size', 'image-width', 'image-height']) {
+      less.functions.functionRegistry.add(fn, () => {
+        throw { type: 'File', message: `${fn}() is not allowed: it would read a file from disk` };
+      });
+    }
     less.__bgserviceNoPlugins = true;
   }
   const files = new Files(options);
@@ -220,6 +236,7 @@ async function compileLess(source, options) {
     css = out.css;
   } catch (err) {
     if (err instanceof CompileError) throw err;
+    if (files.refused) throw files.refused;
     if (err && (err.line || err.type)) throw new CompileError(lessMessage(err, name));
     throw err;
   }
@@ -315,6 +332,9 @@ function compilePug(source, options) {
     plugins: [sandbox],
     pretty: flag(options.pretty, false),
     doctype: options.doctype || undefined,
+    // true, not the default: the template's own text then travels with it for runtime error
+    // context, which pug would otherwise read from the disk at the filename.
+    compileDebug: true,
   };
   const key = options.root ? null : cacheKey(source, { ...options, vars: null });
   let fn = key && templates.get(key)?.value;
@@ -361,9 +381,49 @@ async function minifyJs(source, options) {
   }
 }
 
+// Lightning CSS recurses natively on nesting and overflows the process's stack (a crash,
+// not an error) somewhere past 3,000 nested rules or 1,500 nested @-rules: deeper input is
+// refused. Depth counts { ( [ outside strings and comments; a block of an @-rule counts 2.
+const CSS_MAX_DEPTH = 2000;
+
+function cssDepthCheck(source, name) {
+  const weights = [];
+  let depth = 0;
+  let atRule = false;
+  for (let i = 0; i < source.length; i++) {
+    const c = source[i];
+    if (c === '\\') {
+      i++;
+    } else if (c === '/' && source[i + 1] === '*') {
+      const end = source.indexOf('*/', i + 2);
+      i = end < 0 ? source.length : end + 1;
+    } else if (c === '"' || c === "'") {
+      for (i++; i < source.length && source[i] !== c && source[i] !== '\n'; i++) {
+        if (source[i] === '\\') i++;
+      }
+    } else if (c === '@') {
+      atRule = true;
+    } else if (c === '{' || c === '(' || c === '[') {
+      const weight = c === '{' && atRule ? 2 : 1;
+      if (c === '{') atRule = false;
+      weights.push(weight);
+      depth += weight;
+      if (depth > CSS_MAX_DEPTH) {
+        throw new CompileError(`${name}: nested more than ${CSS_MAX_DEPTH} levels deep (the limit)`);
+      }
+    } else if (c === '}' || c === ')' || c === ']') {
+      if (c === '}') atRule = false;
+      if (weights.length) depth -= weights.pop();
+    } else if (c === ';') {
+      atRule = false;
+    }
+  }
+}
+
 function minifyCss(source, options, name_) {
   const css = need('lightningcss');
   const name = name_ || path.posix.basename(options.filename || 'input.css');
+  cssDepthCheck(source, name);
   try {
     const out = css.transform({ filename: name, code: Buffer.from(source), minify: true });
     return out.code.toString();
@@ -479,6 +539,9 @@ async function serve(line) {
   } catch (err) {
     if (err instanceof CompileError) {
       send({ id, ok: false, status: err.status, error: err.message });
+    } else if (err instanceof RangeError && /call stack size/i.test(err.message)) {
+      // The compilers recurse on nesting: a source nested too deeply is the client's error.
+      send({ id, ok: false, status: 400, error: `${lang}: input nested too deeply (${err.message})` });
     } else {
       const message = err && err.message ? err.message : String(err);
       process.stderr.write(`${lang} #${id}: ${(err && err.stack) || message}\n`);

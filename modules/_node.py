@@ -5,8 +5,9 @@ Lightning CSS) are JavaScript. Starting node per request costs 100-400 ms of loa
 alive they compile a 10 KB source in milliseconds. So every compiler module shares one
 process: started on the first compile, restarted on the next compile after it died (the
 calls in flight when it died get a 503), stopped when the last module using it unloads.
-Requests are JSON lines tagged with an id, so many compiles are in flight at once and the
-handlers only ``await``: the event loop never waits on a compiler.
+Requests are JSON lines tagged with an id, so many compiles can be sent at once and the
+handlers only ``await``: the event loop never waits on a compiler (node compiles them one
+at a time: a slow one delays the others, and its timeout kills them all with the process).
 
 Where the compilers live: ``$BGSERVICE_COMPILERS`` if set, else the first installed of the
 ``compilers`` folder beside the modules folder and the one of the bgservice checkout.
@@ -25,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import urllib.parse
 from collections import Counter
@@ -109,6 +111,20 @@ def find_compilers() -> Path:
     return next((f for f in candidates if (f / "server.js").is_file()), candidates[0])
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: Any) -> str:
+    """str(value) with lone surrogates (JSON from node may carry them: a template's
+    ``String.fromCharCode(0xd800)``) as U+FFFD, so the reply encodes as UTF-8."""
+    text = str(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 async def _decode(line: bytes) -> tuple[bytes, Any]:
     """(line, its JSON or None); a long line is decoded in a thread."""
     try:
@@ -161,8 +177,8 @@ class NodeCompilers:
             self._pending.pop(rid, None)
         if not reply.get("ok"):
             self.counts[f"{lang}_errors"] += 1
-            raise ReplyError(int(reply.get("status", 500)), str(reply.get("error")))
-        return str(reply["output"])
+            raise ReplyError(int(reply.get("status", 500)), _text(reply.get("error")))
+        return _text(reply["output"])
 
     async def _running(self) -> asyncio.subprocess.Process:
         if self._lock is None:
@@ -307,7 +323,7 @@ class Compiler:
             sources(options)
         if self.include_dirs is not None:
             include_root(options, self.include_dirs)
-        return await self.compilers.compile(self.lang, source, options)
+        return (await self.compilers.compile(self.lang, source, options)).encode()
 
     async def unload(self) -> None:
         await release(self.compilers)
