@@ -45,13 +45,15 @@ class Client
     ];
 
     private readonly Connection $connection;
-    private readonly string $udpAddress;
+    private readonly ?string $udpAddress;
 
     /**
      * @param string      $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
      * @param float       $timeout    seconds to wait for a reply
      * @param string|null $udpAddress for send(): "host:port" (UDP) or "udg:///path" (Unix
-     *                                datagram); by default the TCP host:port, over UDP
+     *                                datagram); by default the TCP host:port, over UDP. A
+     *                                "unix://" $address has no datagram twin at a known
+     *                                path: send() then needs it (the listener's unix_dgram)
      * @param bool        $persistent keep the connection across requests of a PHP-FPM worker
      */
     public function __construct(
@@ -61,7 +63,7 @@ class Client
         bool $persistent = true,
     ) {
         $this->connection = new Connection($address, $timeout, $persistent);
-        $this->udpAddress = $udpAddress ?? $address;
+        $this->udpAddress = $udpAddress ?? (str_starts_with($address, 'unix://') ? null : $address);
     }
 
     /** Close the connection now (a persistent one too); the next call opens a new one. */
@@ -90,6 +92,12 @@ class Client
      */
     public function send(string $module, string $data = ''): bool
     {
+        if ($this->udpAddress === null) {  // else the datagram would go to the stream socket
+            throw new InvalidArgumentException(
+                'send() needs $udpAddress: the address is a Unix stream socket '
+                . '(pass the listener\'s unix_dgram path as "udg:///path", or a host:port)'
+            );
+        }
         $target = str_contains($this->udpAddress, '://') ? $this->udpAddress : 'udp://' . $this->udpAddress;
         $socket = @stream_socket_client($target, $errno, $errstr, 0.05);
         if ($socket === false) {

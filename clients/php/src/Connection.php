@@ -28,7 +28,7 @@ final class Connection
 
     /**
      * @param string $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
-     * @param float  $timeout    seconds to wait for a reply
+     * @param float  $timeout    seconds to wait for a reply, and for a new stream's greeting
      * @param bool   $persistent keep the stream across requests of a PHP-FPM worker
      */
     public function __construct(
@@ -45,10 +45,13 @@ final class Connection
         }
     }
 
+    /** Close the stream now; the next request opens a new one. */
     public function close(): void
     {
         if ($this->stream !== null) {
-            @fclose($this->stream);
+            if (self::isOpen($this->stream)) {  // another holder may have closed it already
+                @fclose($this->stream);
+            }
             $this->stream = null;
         }
     }
@@ -87,83 +90,183 @@ final class Connection
     }
 
     /**
-     * Write $frames and read $count replies. A kept stream the service had closed
-     * meanwhile (idle timeout, restart) is reopened once: nothing can have run on it.
+     * Write $frames and read $count replies.
+     *
+     * Never sends a request twice: a kept stream is checked before it is used (open()),
+     * and one the service had closed meanwhile (idle timeout, restart) is replaced then,
+     * before anything is written. Only a write that the kept stream refuses outright,
+     * with not a byte of it accepted, is tried again on a new stream. Once the request is
+     * written, losing the connection is a ServiceDownException: the service may have run
+     * it, and sending it again could, e.g., queue a job twice.
+     *
+     * The stream is closed unless every reply was read whole, whatever interrupted the
+     * exchange (a timeout, a broken connection, an exception from a signal handler), so
+     * that no later request reads this one's reply.
      *
      * @return list<Reply>
      */
     private function exchange(string $frames, int $count, ?float $timeout): array
     {
         $timeout ??= $this->timeout;
-        for ($attempt = 1; $attempt <= 2; $attempt++) {
-            $reused = $this->stream !== null;
-            $stream = $this->connect();
-            stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
+        for ($attempt = 1; ; $attempt++) {
+            [$stream, $reused] = $this->open(min($timeout, $this->timeout));
+            $complete = false;
             try {
-                $this->writeAll($stream, $frames);
+                stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
+                $written = $this->write($stream, $frames);
+                if ($written === 0 && $reused && $attempt === 1) {
+                    continue;  // nothing sent on a stale kept stream (finally closes it)
+                }
+                if ($written < strlen($frames)) {
+                    throw new ServiceDownException($written === 0
+                        ? "connection to {$this->address} lost before the request was sent"
+                        : "connection to {$this->address} lost while sending the request: it may have run");
+                }
                 $replies = [];
                 for ($i = 0; $i < $count; $i++) {
-                    $head = $this->readExact($stream, 7);
-                    /** @var array{1: int} $size readExact gave 7 bytes, so unpack cannot fail */
+                    $head = $this->readReply($stream, 7);
+                    /** @var array{1: int} $size readReply gave 7 bytes, so unpack cannot fail */
                     $size = unpack('N', $head, 3);
-                    $body = $size[1] > 0 ? $this->readExact($stream, $size[1]) : '';
+                    $body = $size[1] > 0 ? $this->readReply($stream, $size[1]) : '';
                     $replies[] = new Reply((int)substr($head, 0, 3), $body);
                 }
+                $complete = true;
                 return $replies;
-            } catch (TimeoutException $e) {
-                $this->close();  // a late reply would be read as the next request's
-                throw $e;
-            } catch (ServiceDownException $e) {
-                $this->close();
-                if (!$reused) {
-                    throw $e;
+            } finally {
+                if (!$complete) {
+                    $this->close();  // half-read or half-written: useless to anyone after
                 }
             }
         }
-        throw new ServiceDownException("connection to {$this->address} lost");
     }
 
-    /** @return resource */
-    private function connect()
+    /**
+     * The kept stream if it is still good, else a new one that has spoken the preface.
+     *
+     * @param float $timeout seconds to connect (5 at most) and to wait for the greeting
+     *
+     * @return array{0: resource, 1: bool} the stream, and whether it was kept from before
+     */
+    private function open(float $timeout): array
     {
         if ($this->stream !== null) {
-            return $this->stream;
+            if (self::isIdle($this->stream)) {
+                return [$this->stream, true];
+            }
+            $this->close();
         }
+        $stream = $this->dial($timeout);
+        // A persistent stream may be one this PHP-FPM worker kept from an earlier request,
+        // or that another Client of this process holds: its position is then past the
+        // preface. It is as good as the check says: closed meanwhile, or left with bytes
+        // to read by a call that did not finish (a request aborted mid-call), it is
+        // replaced (for its other holders too, who will see it closed).
+        if ($this->persistent && ftell($stream) !== 0) {
+            if (self::isIdle($stream)) {
+                $this->stream = $stream;
+                return [$stream, true];
+            }
+            @fclose($stream);
+            $stream = $this->dial($timeout);
+        }
+        stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
+        try {
+            $sent = $this->write($stream, self::PREFACE) === strlen(self::PREFACE);
+            $echoed = $sent ? $this->readExact($stream, strlen(self::PREFACE)) : null;
+        } catch (ServiceDownException | TimeoutException $e) {
+            @fclose($stream);
+            throw new ServiceDownException("{$this->address}: no framed-protocol greeting", 0, $e);
+        }
+        if ($echoed !== self::PREFACE) {
+            @fclose($stream);
+            throw new ServiceDownException($sent
+                ? "{$this->address} does not speak the framed protocol"
+                : "{$this->address}: connection lost while sending the preface");
+        }
+        $this->stream = $stream;
+        return [$stream, false];
+    }
+
+    /**
+     * A connected stream: new, or this process's persistent one for the address.
+     *
+     * @return resource
+     */
+    private function dial(float $timeout)
+    {
         $target = str_contains($this->address, '://') ? $this->address : 'tcp://' . $this->address;
         $flags = STREAM_CLIENT_CONNECT | ($this->persistent ? STREAM_CLIENT_PERSISTENT : 0);
-        $stream = @stream_socket_client($target, $errno, $errstr, min($this->timeout, 5.0), $flags);
+        $stream = @stream_socket_client($target, $errno, $errstr, min($timeout, 5.0), $flags);
         if ($stream === false) {
             throw new ServiceDownException("cannot reach the service at {$this->address}: $errstr");
         }
-        // A persistent stream may have spoken the preface in an earlier request of this
-        // PHP-FPM worker: its position is then past it.
-        if (!$this->persistent || ftell($stream) === 0) {
-            stream_set_timeout($stream, 5);
-            try {
-                $this->writeAll($stream, self::PREFACE);
-                $echoed = $this->readExact($stream, strlen(self::PREFACE));
-            } catch (ServiceDownException | TimeoutException $e) {
-                @fclose($stream);
-                throw new ServiceDownException("{$this->address}: no framed-protocol greeting", 0, $e);
-            }
-            if ($echoed !== self::PREFACE) {
-                @fclose($stream);
-                throw new ServiceDownException("{$this->address} does not speak the framed protocol");
-            }
-        }
-        $this->stream = $stream;
         return $stream;
     }
 
-    /** @param resource $stream */
-    private function writeAll($stream, string $data): void
+    /**
+     * Still open (a persistent stream is shared by the Clients of a process, and any of
+     * them may have closed it) and with nothing to read: an idle stream in a good state.
+     * Readable means the service closed it (EOF) or bytes were left over from a call that
+     * did not finish; either way it is of no use. Checked without waiting.
+     *
+     * @param resource $stream
+     */
+    private static function isIdle($stream): bool
     {
-        while ($data !== '') {
-            $written = @fwrite($stream, $data);
+        if (!self::isOpen($stream)) {
+            return false;
+        }
+        $read = [$stream];
+        $write = $except = null;
+        return @stream_select($read, $write, $except, 0) === 0;
+    }
+
+    /** @param resource $stream a stream, or what is left of one after fclose() */
+    private static function isOpen($stream): bool
+    {
+        return is_resource($stream)
+            && in_array(get_resource_type($stream), ['stream', 'persistent stream'], true);
+    }
+
+    /**
+     * The bytes of $data written before the stream failed (all of them: strlen($data)).
+     *
+     * @param resource $stream
+     *
+     * @throws TimeoutException the service did not take them within the stream's timeout
+     */
+    private function write($stream, string $data): int
+    {
+        $total = 0;
+        while ($total < strlen($data)) {
+            $written = @fwrite($stream, substr($data, $total));
             if ($written === false || $written === 0) {
-                throw new ServiceDownException("connection to {$this->address} lost while writing");
+                if (!empty(stream_get_meta_data($stream)['timed_out'])) {
+                    throw new TimeoutException("the service at {$this->address} took no request in time");
+                }
+                break;
             }
-            $data = substr($data, $written);
+            $total += $written;
+        }
+        return $total;
+    }
+
+    /**
+     * readExact() once the request is written: a lost connection then means the request
+     * may have run, and it is not sent again.
+     *
+     * @param resource $stream
+     */
+    private function readReply($stream, int $length): string
+    {
+        try {
+            return $this->readExact($stream, $length);
+        } catch (ServiceDownException $e) {
+            throw new ServiceDownException(
+                "connection to {$this->address} lost before the reply: the request may have run",
+                0,
+                $e,
+            );
         }
     }
 

@@ -5,6 +5,7 @@ declare(strict_types=1);
 namespace Bgservice\Client\Tests;
 
 use Bgservice\Client\Client;
+use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ClientException;
 use Bgservice\Client\Exception\ReplyException;
 use Bgservice\Client\Exception\ServiceDownException;
@@ -67,6 +68,14 @@ final class ClientTest extends ServiceTestCase
     public function testSendOverUdp(): void
     {
         self::assertTrue(self::client()->send('test', 'fire and forget'));
+    }
+
+    public function testSendWithAUnixStreamAddressNeedsADatagramAddress(): void
+    {
+        // It once connected a stream to the stream socket: the datagram handler never ran.
+        $bg = new Client('unix:///nonexistent/bg.sock', 1.0, null, false);
+        $this->expectException(InvalidArgumentException::class);
+        $bg->send('log', 'lost before');
     }
 
     public function testAPersistentConnectionIsSharedByTheClientsOfOneProcess(): void

@@ -1,0 +1,164 @@
+<?php
+
+declare(strict_types=1);
+
+namespace Bgservice\Client\Tests;
+
+use PHPUnit\Framework\Assert;
+
+/**
+ * A misbehaving framed-protocol server, for what a real service never does on cue: it
+ * runs in a child `php` process (proc_open), one connection at a time, and reports every
+ * request it read. Modes, for each connection:
+ *
+ * - "echo":    greet, reply each request as the echo module does (its data), or
+ *              queue:add does ("id:N");
+ * - "once":    greet, reply the first request, then close (an idle timeout, early);
+ * - "drop":    greet, reply the first request; read the next one and close, no reply;
+ * - "partial": greet, reply the first request; read the next one, send part of a reply
+ *              and close;
+ * - "extra":   greet, reply each request followed by a reply nobody asked for;
+ * - "silent":  accept and never greet.
+ */
+final class FakeServer
+{
+    /** Connection::PREFACE, spelled out: the child process loads nothing but this file. */
+    private const PREFACE = "\x00:F1";
+
+    /** @var resource */
+    private $process;
+
+    /** @var array<int, resource> */
+    private array $pipes;
+
+    private string $address;
+
+    public function __construct(string $mode)
+    {
+        $code = 'require ' . var_export(__FILE__, true) . '; '
+            . '\Bgservice\Client\Tests\FakeServer::serve(' . var_export($mode, true) . ');';
+        $process = proc_open([PHP_BINARY, '-n', '-r', $code], [['pipe', 'r'], ['pipe', 'w'], STDERR], $pipes);
+        Assert::assertIsResource($process);
+        $this->process = $process;
+        $this->pipes = $pipes;
+        $this->address = trim((string)fgets($pipes[1]));
+        Assert::assertMatchesRegularExpression('/\A127\.0\.0\.1:[0-9]+\z/', $this->address);
+    }
+
+    public function __destruct()
+    {
+        $this->stop();
+    }
+
+    public function address(): string
+    {
+        return $this->address;
+    }
+
+    /**
+     * Stop the server; the payloads of the requests it read, in order.
+     *
+     * @return list<string>
+     */
+    public function stop(): array
+    {
+        if (!isset($this->pipes[1])) {
+            return [];
+        }
+        fclose($this->pipes[0]);  // the server's stdin ends: it exits
+        $log = (string)stream_get_contents($this->pipes[1]);
+        fclose($this->pipes[1]);
+        unset($this->pipes[1]);
+        proc_close($this->process);
+        $lines = array_filter(explode("\n", $log), fn (string $line): bool => $line !== '');
+        return array_values(array_map(fn (string $line): string => (string)base64_decode($line, true), $lines));
+    }
+
+    /** The child's side: serve until stdin ends (the test, or its process, is gone). */
+    public static function serve(string $mode): void
+    {
+        $server = stream_socket_server('tcp://127.0.0.1:0');
+        if ($server === false) {
+            exit(1);
+        }
+        echo stream_socket_get_name($server, false), "\n";
+        $held = [];  // "silent": accepted, never answered
+        while (true) {
+            $read = [$server, STDIN];
+            $write = $except = null;
+            if (stream_select($read, $write, $except, null) === false || in_array(STDIN, $read, true)) {
+                return;  // stdin readable: it ended, as nothing writes to it
+            }
+            $conn = stream_socket_accept($server);
+            if ($conn === false) {
+                continue;
+            }
+            if ($mode === 'silent') {
+                $held[] = $conn;
+                continue;
+            }
+            self::converse($conn, $mode);
+            fclose($conn);
+        }
+    }
+
+    /** @param resource $conn */
+    private static function converse($conn, string $mode): void
+    {
+        if (self::take($conn, strlen(self::PREFACE)) !== self::PREFACE) {
+            return;
+        }
+        fwrite($conn, self::PREFACE);
+        for ($n = 1; ; $n++) {
+            $head = self::take($conn, 4);
+            if ($head === null) {
+                return;
+            }
+            /** @var array{1: int} $size */
+            $size = unpack('N', $head);
+            $payload = $size[1] > 0 ? self::take($conn, $size[1]) : '';
+            if ($payload === null) {
+                return;
+            }
+            echo base64_encode($payload), "\n";  // logged before any answer, so the test sees it
+            if ($n > 1 && $mode === 'drop') {
+                return;
+            }
+            if ($n > 1 && $mode === 'partial') {
+                fwrite($conn, '200' . pack('N', 10) . 'abc');
+                return;
+            }
+            $body = str_starts_with($payload, 'queue:add')
+                ? "id:$n"                                // as queue:add answers
+                : explode(':', $payload, 2)[1] ?? '';   // as the echo module does
+            $reply = '200' . pack('N', strlen($body)) . $body;
+            fwrite($conn, $mode === 'extra' ? $reply . '200' . pack('N', 5) . 'stale' : $reply);
+            if ($mode === 'once') {
+                return;
+            }
+        }
+    }
+
+    /**
+     * $length bytes of $conn, or null if it closed first (or the test went away).
+     *
+     * @param resource $conn
+     */
+    private static function take($conn, int $length): ?string
+    {
+        $data = '';
+        while (strlen($data) < $length) {
+            $read = [$conn, STDIN];
+            $write = $except = null;
+            if (stream_select($read, $write, $except, null) === false || in_array(STDIN, $read, true)) {
+                return null;
+            }
+            $chunk = fread($conn, $length - strlen($data));
+            if ($chunk === false || $chunk === '') {
+                return null;
+            }
+            $data .= $chunk;
+        }
+        return $data;
+    }
+}
