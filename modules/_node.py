@@ -114,15 +114,14 @@ def find_compilers() -> Path:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _text(value: Any) -> str:
-    """str(value) with lone surrogates (JSON from node may carry them: a template's
-    ``String.fromCharCode(0xd800)``) as U+FFFD, so the reply encodes as UTF-8."""
+def _utf8(value: Any) -> bytes:
+    """str(value) as UTF-8, lone surrogates (JSON from node may carry them: a template's
+    ``String.fromCharCode(0xd800)``) as U+FFFD. Encoded once: outputs can be megabytes."""
     text = str(value)
     try:
-        text.encode()
+        return text.encode()
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
+        return _SURROGATE.sub("\ufffd", text).encode()
 
 
 async def _decode(line: bytes) -> tuple[bytes, Any]:
@@ -149,7 +148,7 @@ class NodeCompilers:
         self.counts: Counter[str] = Counter()
         self.starts = 0
 
-    async def compile(self, lang: str, source: str, options: dict[str, Any]) -> str:
+    async def compile(self, lang: str, source: str, options: dict[str, Any]) -> bytes:
         """The compiled output, or ReplyError: 400 (the source), 5xx (the compiler)."""
         proc = await self._running()
         rid = next(self._ids)
@@ -177,8 +176,8 @@ class NodeCompilers:
             self._pending.pop(rid, None)
         if not reply.get("ok"):
             self.counts[f"{lang}_errors"] += 1
-            raise ReplyError(int(reply.get("status", 500)), _text(reply.get("error")))
-        return _text(reply["output"])
+            raise ReplyError(int(reply.get("status", 500)), _utf8(reply.get("error")).decode())
+        return _utf8(reply["output"])
 
     async def _running(self) -> asyncio.subprocess.Process:
         if self._lock is None:
@@ -323,7 +322,7 @@ class Compiler:
             sources(options)
         if self.include_dirs is not None:
             include_root(options, self.include_dirs)
-        return (await self.compilers.compile(self.lang, source, options)).encode()
+        return await self.compilers.compile(self.lang, source, options)
 
     async def unload(self) -> None:
         await release(self.compilers)

@@ -33,15 +33,21 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     (include / "sub" / "_size.scss").write_text("$gap: 4px;\n")
     (include / "vars.less").write_text("@brand: #336699;\n")
     (root / "secret.scss").write_text("$secret: 1;\n")
-    svc = ServiceProcess(root)
-    (svc.modules / "scss.py").write_text(
-        (svc.modules / "scss.py")
-        .read_text()
-        .replace("INCLUDE_DIRS: list[str] = []", f"INCLUDE_DIRS: list[str] = [{str(include)!r}]")
-    )
-    svc.start()
+    svc = with_include(root, "scss", include)
     yield svc
     svc.stop()
+
+
+def with_include(root: Path, module: str, include: Path) -> ServiceProcess:
+    """A service whose shipped ``module`` may read files in ``include`` (its INCLUDE_DIRS)."""
+    svc = ServiceProcess(root)
+    path = svc.modules / f"{module}.py"
+    path.write_text(
+        path.read_text().replace(
+            "INCLUDE_DIRS: list[str] = []", f"INCLUDE_DIRS: list[str] = [{str(include)!r}]"
+        )
+    )
+    return svc.start()
 
 
 def opts(**options: str) -> bytes:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import REPO, ServiceProcess
-from tests.test_modules_compile import compile_error, compile_ok, opts
+from tests.test_modules_compile import compile_error, compile_ok, opts, with_include
 
 COMPILERS = REPO / "compilers"
 
@@ -44,13 +44,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     os.symlink(root / "secret.less", include / "secret.less")
     (include / "ok.less").write_text("@ok: 2;\n")
     (root / "real.png").write_bytes(png(7, 5))
-    svc = ServiceProcess(root)
-    (svc.modules / "less.py").write_text(
-        (svc.modules / "less.py")
-        .read_text()
-        .replace("INCLUDE_DIRS: list[str] = []", f"INCLUDE_DIRS: list[str] = [{str(include)!r}]")
-    )
-    svc.start()
+    svc = with_include(root, "less", include)
     yield svc
     svc.stop()
 
