@@ -13,10 +13,7 @@ running ones finish (each under its own timeout), then the workers stop.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
-import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -24,119 +21,12 @@ from typing import Any
 
 from bgservice import process_messages as msg
 from bgservice.config import WorkerSettings
-from bgservice.errors import CallTimeout, ServiceError, WorkerDied
+from bgservice.errors import CallTimeout, WorkerDied
+from bgservice.process_worker import WorkerProcess
 from bgservice.registry import ModuleVersion
 from bgservice.request import Request
 
 log = logging.getLogger(__name__)
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-# The service may run from a checkout (python service.py) with any working directory:
-# workers must import this same bgservice package.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-_CHILD_ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p),
-}
-_ids = itertools.count(1)
-
-
-class WorkerProcess:
-    """One worker process and the call it is running, if any."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, pool: ProcessPool) -> None:
-        self.proc = proc
-        self.pool = pool
-        # name -> version imported: the object, as a helper change re-imports the same digest
-        self.loaded: dict[str, ModuleVersion] = {}
-        self.calls = 0
-        self.killed = False
-        self.current: tuple[int, asyncio.Future[msg.Ending], Request] | None = None
-        self.stop_timer: asyncio.TimerHandle | None = None
-        self._side_tasks: set[asyncio.Task[None]] = set()
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-
-    @property
-    def alive(self) -> bool:
-        return not self.killed and self.proc.returncode is None and not self.reader.done()
-
-    def send(self, message: msg.ToWorker) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(msg.pack(message))
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-        try:
-            while True:
-                (length,) = msg.HEADER.unpack(await stdout.readexactly(msg.HEADER.size))
-                self._handle(msg.unpack(await stdout.readexactly(length)))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        code = await self.proc.wait()
-        if self.current is not None:
-            _, future, _ = self.current
-            if not future.done():
-                future.set_exception(WorkerDied(msg.death(self.pool.name, code)))
-        self.pool.lost(self)
-
-    def _handle(self, message: msg.FromWorker) -> None:
-        if isinstance(message, msg.Log):
-            logging.getLogger(message.logger).log(message.level, "%s", message.text)
-            return
-        if self.current is None or message.cid != self.current[0]:
-            return  # a late message of a call that already timed out
-        _, future, request = self.current
-        if isinstance(message, msg.Chunk):
-            request.write(message.data)
-        elif isinstance(message, msg.Progress):
-            if request.job is not None:
-                request.job.progress(message.done, message.total, message.message)
-        elif isinstance(message, msg.AddJob | msg.SaveCheckpoint):
-            answer = self._add_job if isinstance(message, msg.AddJob) else self._save
-            task = asyncio.get_running_loop().create_task(answer(request, message))  # type: ignore[arg-type]
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
-        elif not future.done():
-            future.set_result(message)
-
-    async def _add_job(self, request: Request, message: msg.AddJob) -> None:
-        """A module in this worker adds a job: the queue is here, the answer goes back."""
-        try:
-            jid = await request.add_job_async(message.module, message.data, **message.options)
-            answer = msg.JobAdded(jid, 0, "")
-        except ServiceError as exc:
-            answer = msg.JobAdded(0, exc.code, exc.message)
-        except (TypeError, ValueError, RuntimeError) as exc:  # bad options from the module
-            answer = msg.JobAdded(0, 400, f"add_job: {exc}")
-        if self.alive and self.current is not None and self.current[0] == message.cid:
-            self.send(answer)
-
-    async def _save(self, request: Request, message: msg.SaveCheckpoint) -> None:
-        """A job in this worker saves a checkpoint: stored here, then the worker goes on."""
-        answer = msg.Saved(0, "")
-        try:
-            assert request.job is not None
-            await request.job.save_checkpoint(message.value)  # type: ignore[misc]
-        except ServiceError as exc:
-            answer = msg.Saved(exc.code, exc.message)
-        except (TypeError, ValueError) as exc:  # not text, or over max_checkpoint_bytes
-            answer = msg.Saved(400, str(exc))
-        except Exception as exc:  # e.g. the store failed: the module hears of it
-            answer = msg.Saved(500, f"checkpoint not saved: {exc}")
-        if self.alive and self.current is not None and self.current[0] == message.cid:
-            self.send(answer)
-
-    def kill(self) -> None:
-        self.killed = True
-        if self.proc.returncode is None:
-            self.proc.kill()
-
-    def rss_mb(self) -> float:
-        try:
-            with open(f"/proc/{self.proc.pid}/statm") as f:
-                return int(f.read().split()[1]) * _PAGE / 2**20
-        except (OSError, IndexError, ValueError):
-            return 0.0
 
 
 class ProcessPool:
@@ -162,14 +52,10 @@ class ProcessPool:
         self._spawning: set[asyncio.Task[None]] = set()
 
     async def _spawn(self) -> WorkerProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bgservice.process_main", str(self.folder),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_CHILD_ENV,
-        )  # fmt: skip
-        worker = WorkerProcess(proc, self)
+        worker = await WorkerProcess.start(self.folder, self.name, self.lost)
         self.workers.add(worker)
         self.spawned += 1
-        log.debug("module %s: worker process %d started", self.name, proc.pid)
+        log.debug("module %s: worker process %d started", self.name, worker.proc.pid)
         return worker
 
     async def acquire(self) -> WorkerProcess:
@@ -321,56 +207,34 @@ class ProcessPools:
 
     async def __call__(self, version: ModuleVersion, request: Request, timeout: float) -> Any:
         pool = self.pools.get(version.name)
+        throwaway = False
         if pool is None:
             pool = ProcessPool(version.name, self.folder, self.settings, self.grace)
-            if version.retired:  # a call that began before its module was dropped
-                self._drain(pool)
+            # A call that began before its module was dropped gets a pool of its own,
+            # drained once the call is over: drained before, it would end at once and
+            # keep the worker the call then starts idle until the service stops.
+            throwaway = version.retired
+            if throwaway:
+                self.retiring.add(pool)
             else:
                 self.pools[version.name] = pool
         pool.size = version.processes or self.settings.processes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            worker = await asyncio.wait_for(pool.acquire(), timeout)
-        except TimeoutError:
-            raise CallTimeout(
-                f"Module {version.name} timed out after {timeout:g} s (no free worker)"
-            ) from None
-        try:
-            return await self._run(worker, version, request, deadline - loop.time(), timeout)
+            try:
+                worker = await asyncio.wait_for(pool.acquire(), timeout)
+            except TimeoutError:
+                raise CallTimeout(
+                    f"Module {version.name} timed out after {timeout:g} s (no free worker)"
+                ) from None
+            try:
+                return await worker.call(version, request, deadline - loop.time(), timeout)
+            finally:
+                pool.release(worker)
         finally:
-            pool.release(worker)
-
-    async def _run(
-        self, worker: WorkerProcess, version: ModuleVersion, request: Request, left: float,
-        timeout: float,
-    ) -> Any:  # fmt: skip
-        cid = next(_ids)
-        future: asyncio.Future[msg.Ending] = asyncio.get_running_loop().create_future()
-        worker.current = (cid, future, request)
-        worker.calls += 1
-        name = version.name
-        source = None if worker.loaded.get(name) is version else version.source
-        job = None
-        if request.job is not None:
-            j = request.job
-            job = (j.id, j.attempt, j.checkpoint, j.source)
-        worker.send(
-            msg.Call(cid, name, str(version.path), version.digest, source, request.module,
-                     request.data, request.transport, request.peer, job)
-        )  # fmt: skip
-        worker.loaded[name] = version
-        try:
-            reply = await asyncio.wait_for(future, max(left, 0.001))
-        except TimeoutError:
-            log.warning("module %s: call timed out; killing worker %d", name, worker.proc.pid)
-            worker.kill()
-            raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
-        if isinstance(reply, msg.LoadFailed):
-            worker.loaded.pop(name, None)
-        elif isinstance(reply, msg.Raised):
-            log.error("module %s raised in worker %d:\n%s", name, worker.proc.pid, reply.trace)
-        return msg.outcome(name, reply)
+            if throwaway:
+                self._drain(pool)
 
     def reloaded(self, version: ModuleVersion) -> None:
         """A new version of a module serves: one that left process mode retires its pool

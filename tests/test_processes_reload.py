@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
+from bgservice.config import WorkerSettings
+from bgservice.origin import Origin
+from bgservice.processes import ProcessPools
+from bgservice.registry import import_module_file
+from bgservice.request import Request
 from tests.conftest import wait_until, write_module
 from tests.test_processes import _alive
 
@@ -107,3 +114,24 @@ def test_leaving_process_mode_retires_the_workers(modules_dir, make_service):
     wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10)
     assert pids <= _unloaded_in(modules_dir)
     wait_until(lambda: "pm" not in svc.stats()["workers"])
+
+
+async def test_a_call_racing_its_modules_deletion_leaves_no_worker_behind(tmp_path):
+    # The module's first call began (its version held) and the file was deleted before
+    # the call reached the pools: it runs in a pool of its own, whose worker must stop
+    # once the call is over, not idle until the service stops.
+    (tmp_path / "pid.py").write_text(
+        'import os\nEXECUTION = "process"\ndef handle_tcp(request):\n    return str(os.getpid())\n'
+    )
+    version = import_module_file("pid", tmp_path / "pid.py")
+    version.retire(lambda _: None)
+    pools = ProcessPools(tmp_path, WorkerSettings(processes=1), grace=5)
+    try:
+        pid = int(await pools(version, Request("pid", b"", Origin.TCP), 10))
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not _alive(pid)
+        assert not pools.retiring and not pools.pools
+    finally:
+        await pools.close()

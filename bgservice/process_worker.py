@@ -1,0 +1,178 @@
+"""The service's side of one worker process (see processes.py for the pools).
+
+It sends the process its calls, reads back what the module says while it runs (reply
+chunks, progress, jobs it adds, checkpoints it saves, log lines) and its end, and tells
+its pool when the process has exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bgservice import process_messages as msg
+from bgservice.errors import CallTimeout, ServiceError, WorkerDied
+from bgservice.registry import ModuleVersion
+from bgservice.request import Request
+
+log = logging.getLogger(__name__)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+# The service may run from a checkout (python service.py) with any working directory:
+# workers must import this same bgservice package.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+_CHILD_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p),
+}
+_ids = itertools.count(1)  # call ids: a late message of a timed-out call is told apart
+
+
+class WorkerProcess:
+    """One worker process and the call it is running, if any."""
+
+    @classmethod
+    async def start(
+        cls, folder: Path, name: str, on_exit: Callable[[WorkerProcess], None]
+    ) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bgservice.process_main", str(folder),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_CHILD_ENV,
+        )  # fmt: skip
+        return cls(proc, name, on_exit)
+
+    def __init__(
+        self, proc: asyncio.subprocess.Process, name: str,
+        on_exit: Callable[[WorkerProcess], None],
+    ) -> None:  # fmt: skip
+        self.proc = proc
+        self.name = name  # the module it serves
+        self.on_exit = on_exit  # its pool hears of the process's end
+        # name -> version imported: the object, as a helper change re-imports the same digest
+        self.loaded: dict[str, ModuleVersion] = {}
+        self.calls = 0
+        self.killed = False
+        self.current: tuple[int, asyncio.Future[msg.Ending], Request] | None = None
+        self.stop_timer: asyncio.TimerHandle | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    @property
+    def alive(self) -> bool:
+        return not self.killed and self.proc.returncode is None and not self.reader.done()
+
+    def send(self, message: msg.ToWorker) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(msg.pack(message))
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        try:
+            while True:
+                (length,) = msg.HEADER.unpack(await stdout.readexactly(msg.HEADER.size))
+                self._handle(msg.unpack(await stdout.readexactly(length)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        code = await self.proc.wait()
+        if self.current is not None:
+            _, future, _ = self.current
+            if not future.done():
+                future.set_exception(WorkerDied(msg.death(self.name, code)))
+        self.on_exit(self)
+
+    def _handle(self, message: msg.FromWorker) -> None:
+        if isinstance(message, msg.Log):
+            logging.getLogger(message.logger).log(message.level, "%s", message.text)
+            return
+        if self.current is None or message.cid != self.current[0]:
+            return  # a late message of a call that already timed out
+        _, future, request = self.current
+        if isinstance(message, msg.Chunk):
+            request.write(message.data)
+        elif isinstance(message, msg.Progress):
+            if request.job is not None:
+                request.job.progress(message.done, message.total, message.message)
+        elif isinstance(message, msg.AddJob | msg.SaveCheckpoint):
+            answer = self._add_job if isinstance(message, msg.AddJob) else self._save
+            task = asyncio.get_running_loop().create_task(answer(request, message))  # type: ignore[arg-type]
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+        elif not future.done():
+            future.set_result(message)
+
+    async def _add_job(self, request: Request, message: msg.AddJob) -> None:
+        """A module in this worker adds a job: the queue is here, the answer goes back."""
+        try:
+            jid = await request.add_job_async(message.module, message.data, **message.options)
+            answer = msg.JobAdded(jid, 0, "")
+        except ServiceError as exc:
+            answer = msg.JobAdded(0, exc.code, exc.message)
+        except (TypeError, ValueError, RuntimeError) as exc:  # bad options from the module
+            answer = msg.JobAdded(0, 400, f"add_job: {exc}")
+        if self.alive and self.current is not None and self.current[0] == message.cid:
+            self.send(answer)
+
+    async def _save(self, request: Request, message: msg.SaveCheckpoint) -> None:
+        """A job in this worker saves a checkpoint: stored here, then the worker goes on."""
+        answer = msg.Saved(0, "")
+        try:
+            assert request.job is not None
+            await request.job.save_checkpoint(message.value)  # type: ignore[misc]
+        except ServiceError as exc:
+            answer = msg.Saved(exc.code, exc.message)
+        except (TypeError, ValueError) as exc:  # not text, or over max_checkpoint_bytes
+            answer = msg.Saved(400, str(exc))
+        except Exception as exc:  # e.g. the store failed: the module hears of it
+            answer = msg.Saved(500, f"checkpoint not saved: {exc}")
+        if self.alive and self.current is not None and self.current[0] == message.cid:
+            self.send(answer)
+
+    async def call(
+        self, version: ModuleVersion, request: Request, left: float, timeout: float
+    ) -> Any:
+        """Run one call of ``version`` in this process: its outcome, or CallTimeout after
+        ``left`` seconds (the process is killed: a thread cannot be stopped, a process can)."""
+        cid = next(_ids)
+        future: asyncio.Future[msg.Ending] = asyncio.get_running_loop().create_future()
+        self.current = (cid, future, request)
+        self.calls += 1
+        name = version.name
+        source = None if self.loaded.get(name) is version else version.source
+        job = None
+        if request.job is not None:
+            j = request.job
+            job = (j.id, j.attempt, j.checkpoint, j.source)
+        self.send(
+            msg.Call(cid, name, str(version.path), version.digest, source, request.module,
+                     request.data, request.transport, request.peer, job)
+        )  # fmt: skip
+        self.loaded[name] = version
+        try:
+            reply = await asyncio.wait_for(future, max(left, 0.001))
+        except TimeoutError:
+            log.warning("module %s: call timed out; killing worker %d", name, self.proc.pid)
+            self.kill()
+            raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
+        if isinstance(reply, msg.LoadFailed):
+            self.loaded.pop(name, None)
+        elif isinstance(reply, msg.Raised):
+            log.error("module %s raised in worker %d:\n%s", name, self.proc.pid, reply.trace)
+        return msg.outcome(name, reply)
+
+    def kill(self) -> None:
+        self.killed = True
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.proc.pid}/statm") as f:
+                return int(f.read().split()[1]) * _PAGE / 2**20
+        except (OSError, IndexError, ValueError):
+            return 0.0
