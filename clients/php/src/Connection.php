@@ -27,6 +27,18 @@ final class Connection
     private $stream = null;
 
     /**
+     * Streams in the middle of an exchange, closed by a shutdown function if the script
+     * ends there: exit() in a signal handler or a fatal error runs no finally block, and
+     * a persistent stream left with half a request would take the next request's bytes
+     * as the rest of it. (Statics and shutdown functions last one PHP request.)
+     *
+     * @var array<int, resource>
+     */
+    private static array $busy = [];
+
+    private static bool $guarded = false;
+
+    /**
      * @param string $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
      * @param float  $timeout    seconds to wait for a reply, and for a new stream's greeting
      * @param bool   $persistent keep the stream across requests of a PHP-FPM worker
@@ -111,6 +123,7 @@ final class Connection
         for ($attempt = 1; ; $attempt++) {
             [$stream, $reused] = $this->open(min($timeout, $this->timeout));
             $complete = false;
+            self::guard($stream);
             try {
                 stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
                 $written = $this->write($stream, $frames);
@@ -133,10 +146,28 @@ final class Connection
                 $complete = true;
                 return $replies;
             } finally {
+                unset(self::$busy[(int)$stream]);
                 if (!$complete) {
                     $this->close();  // half-read or half-written: useless to anyone after
                 }
             }
+        }
+    }
+
+    /** @param resource $stream about to be written to, and its replies read */
+    private static function guard($stream): void
+    {
+        self::$busy[(int)$stream] = $stream;
+        if (!self::$guarded) {
+            self::$guarded = true;
+            register_shutdown_function(static function (): void {
+                foreach (self::$busy as $busy) {
+                    if (self::isOpen($busy)) {
+                        @fclose($busy);
+                    }
+                }
+                self::$busy = [];
+            });
         }
     }
 

@@ -18,7 +18,9 @@ use PHPUnit\Framework\Assert;
  * - "partial": greet, reply the first request; read the next one, send part of a reply
  *              and close;
  * - "extra":   greet, reply each request followed by a reply nobody asked for;
- * - "silent":  accept and never greet.
+ * - "silent":  accept and never greet;
+ * - "stall":   greet, reply the first request, then read nothing for 2 s (a large
+ *              request's write blocks), then read (unlogged) until the client closes.
  */
 final class FakeServer
 {
@@ -136,15 +138,24 @@ final class FakeServer
             if ($mode === 'once') {
                 return;
             }
+            if ($mode === 'stall') {
+                $read = [STDIN];
+                $write = $except = null;
+                stream_select($read, $write, $except, 2);
+                while (self::take($conn, 65536, true) !== null) {
+                }
+                return;
+            }
         }
     }
 
     /**
-     * $length bytes of $conn, or null if it closed first (or the test went away).
+     * $length bytes of $conn (fewer if $some), or null if it closed first (or the test
+     * went away).
      *
      * @param resource $conn
      */
-    private static function take($conn, int $length): ?string
+    private static function take($conn, int $length, bool $some = false): ?string
     {
         $data = '';
         while (strlen($data) < $length) {
@@ -158,6 +169,9 @@ final class FakeServer
                 return null;
             }
             $data .= $chunk;
+            if ($some) {
+                break;
+            }
         }
         return $data;
     }

@@ -163,4 +163,36 @@ final class KeptConnectionTest extends ServiceTestCase
             $next->close();
         }
     }
+
+    public function testAScriptEndedMidRequestLeavesNoHalfRequestOnThePersistentStream(): void
+    {
+        if (!function_exists('pcntl_async_signals')) {
+            self::markTestSkipped('needs the pcntl extension, to end a script mid-request');
+        }
+        // exit() from a signal handler while a large request is being written (a fatal
+        // error does the same): no finally runs. The script's next Client, in a shutdown
+        // function as in the next request of a PHP-FPM worker, gets the persistent stream.
+        $server = new FakeServer('stall');  // takes none of the large request for 2 s
+        $script = 'require ' . var_export(__DIR__ . '/../bgservice.php', true) . ';
+            $address = ' . var_export($server->address(), true) . ';
+            $bg = new \Bgservice\Client\Client($address, 5.0);
+            $bg->call("echo", "first");
+            register_shutdown_function(function () use ($address): void {
+                $next = new \Bgservice\Client\Client($address, 5.0);
+                try {
+                    echo $next->call("echo", "next");
+                } catch (\Throwable $e) {
+                    echo get_class($e);
+                }
+            });
+            pcntl_async_signals(true);
+            pcntl_signal(SIGALRM, function (): void {
+                exit(0);
+            });
+            pcntl_alarm(1);
+            $bg->call("echo", str_repeat("x", 16 << 20));';
+        $output = shell_exec(escapeshellarg(PHP_BINARY) . ' -r ' . escapeshellarg($script));
+        self::assertSame('next', $output);  // on a new stream: not a TimeoutException
+        self::assertSame(['echo:first', 'echo:next'], $server->stop());
+    }
 }
