@@ -45,6 +45,7 @@ from bgservice.porting import original_hooks_problem
 from bgservice.threads import CallThreads, ThreadsExhausted
 
 log = logging.getLogger(__name__)
+Module = types.ModuleType
 
 PACKAGE = "bgservice_modules"
 _MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
@@ -208,10 +209,10 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         accepts, timeout, execution, processes = declarations(module, tcp, udp)
         sources, callers = queue_from(module), call_from(module)
     except ModuleLoadError as exc:
-        _restore(qualname, previous)
+        _restore(qualname, module, previous)
         raise ModuleLoadError(f"{path.name}: {exc}") from None
     except BaseException as exc:  # SystemExit at import time must not stop the service
-        _restore(qualname, previous)
+        _restore(qualname, module, previous)
         raise ModuleLoadError(_describe_failure(exc, path)) from None
     return ModuleVersion(
         name=name,
@@ -232,7 +233,9 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
     )
 
 
-def _restore(qualname: str, previous: types.ModuleType | None) -> None:
+def _restore(qualname: str, failed: Module | None, previous: Module | None) -> None:
+    if sys.modules.get(qualname) is not failed:
+        return  # an import that failed late (past import_timeout) must not undo a newer one
     if previous is None:
         sys.modules.pop(qualname, None)
     else:
@@ -379,7 +382,8 @@ class Registry:
         except TimeoutError:
             self._loader.abandon(future)
             entry = self._entries.get(name)  # its half-made module leaves sys.modules
-            _restore(f"{PACKAGE}.{name}", entry.version.module if entry and entry.version else None)
+            qualname, last = f"{PACKAGE}.{name}", entry and entry.version
+            _restore(qualname, sys.modules.get(qualname), last.module if last else None)
             raise ModuleLoadError(
                 f"import did not finish within {self.import_timeout:g} s ([reload] "
                 "import_timeout); it goes on in a thread of its own, its result unused"

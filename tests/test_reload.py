@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import threading
 import time
+import types
 
 import pytest
 
+from bgservice.declarations import ModuleLoadError
+from bgservice.registry import PACKAGE, import_module_file
 from tests.conftest import wait_until, write_module
 
 VERSION = """
@@ -238,3 +242,40 @@ def test_an_import_that_never_returns_stops_neither_reloads_nor_the_exit(
     hang.write_text(version("fixed"))
     wait_until(lambda: replies(svc, b"hang:x", b"fixed"))
     assert svc.stop() == 0
+
+
+def test_an_import_that_fails_late_does_not_undo_a_newer_one(tmp_path):
+    # An import stuck past [reload] import_timeout, given up on, fails once a newer
+    # import of the module has succeeded: sys.modules (where pickling and dataclasses
+    # look the module up) keeps the newer module, not the one from before both.
+    path = tmp_path / "late.py"
+    path.write_text(
+        "import pathlib, time\n"
+        "go = pathlib.Path(__file__).with_name('go')\n"
+        "while not go.exists():\n"
+        "    time.sleep(0.01)\n"
+        "raise RuntimeError('late')\n"
+    )
+    qualname = f"{PACKAGE}.late"
+    older = types.ModuleType(qualname)
+    sys.modules[qualname] = older
+    failures: list[Exception] = []
+
+    def stuck() -> None:
+        try:
+            import_module_file("late", path)
+        except ModuleLoadError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    try:
+        newer = import_module_file("late", path, b"def handle_tcp(request):\n    return 'new'\n")
+        (tmp_path / "go").touch()
+        thread.join(10)
+        assert failures and "late" in str(failures[0])
+        assert sys.modules[qualname] is newer.module
+    finally:
+        (tmp_path / "go").touch()
+        thread.join(10)
+        sys.modules.pop(qualname, None)
