@@ -1,13 +1,16 @@
-"""The compiler modules' link to one long-lived node process (compilers/server.js).
+"""The compiler modules' link to a few long-lived node processes (compilers/server.js).
 
 The official compilers (Dart Sass, Less, TypeScript, CoffeeScript, Pug, Terser,
 Lightning CSS) are JavaScript. Starting node per request costs 100-400 ms of loading; kept
-alive they compile a 10 KB source in milliseconds. So every compiler module shares one
-process: started on the first compile, restarted on the next compile after it died (the
-calls in flight when it died get a 503), stopped when the last module using it unloads.
-Requests are JSON lines tagged with an id, so many compiles can be sent at once and the
-handlers only ``await``: the event loop never waits on a compiler (node compiles them one
-at a time: a slow one delays the others, and its timeout kills them all with the process).
+alive they compile a 10 KB source in milliseconds. So the compiler modules share up to
+``$BGSERVICE_COMPILER_PROCESSES`` (2) node processes: the first started by the first
+compile, another only when a compile finds every running one busy; one that died is
+replaced by the next compile that needs it (the calls in flight in it get a 503); all are
+stopped when the last module using them unloads. Requests are JSON lines tagged with an
+id, so many compiles can be sent at once and the handlers only ``await``: the event loop
+never waits on a compiler. A node process compiles one source at a time, so a compile
+goes to an idle process where there is one: a slow compile delays only those sent to its
+process after it, and its timeout kills only that process.
 
 Where the compilers live: ``$BGSERVICE_COMPILERS`` if set, else the first installed of the
 ``compilers`` folder beside the modules folder and the one of the bgservice checkout.
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 # Seconds a compile may take; one this slow is stuck (pug templates are code, Sass has
 # @while), so the process is killed and the next compile starts a new one.
 COMPILE_TIMEOUT = float(os.environ.get("BGSERVICE_COMPILE_TIMEOUT", 20))
+# Node processes at most: each holds the compilers it has loaded and a 64 MB output cache.
+PROCESSES = max(1, int(os.environ.get("BGSERVICE_COMPILER_PROCESSES", 2)))
 STREAM_LIMIT = 1 << 28  # longest reply line from node (bytes): JSON of the largest output
 BIG = 1 << 18  # JSON this long takes over a millisecond to code: done in a thread
 _HERE = Path(__file__).resolve().parent
@@ -135,11 +140,12 @@ async def _decode(line: bytes) -> tuple[bytes, Any]:
 
 
 class NodeCompilers:
-    """One node process running server.js, shared by the compiler modules."""
+    """The node processes running server.js, shared by the compiler modules."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = PROCESSES) -> None:
         self.users = 0
-        self._proc: asyncio.subprocess.Process | None = None
+        self.size = size
+        self._procs: list[asyncio.subprocess.Process] = []  # running, oldest first
         # id -> (the process it was sent to, its reply)
         self._pending: dict[int, tuple[asyncio.subprocess.Process, Future]] = {}
         self._ids = itertools.count(1)
@@ -180,12 +186,17 @@ class NodeCompilers:
         return _utf8(reply["output"])
 
     async def _running(self) -> asyncio.subprocess.Process:
+        """An idle process, a new one if none is and there is room, else the least busy."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._proc is None or self._proc.returncode is not None:
-                self._proc = await self._start()
-            return self._proc
+            self._procs = [p for p in self._procs if p.returncode is None]
+            load = Counter(owner for owner, _ in self._pending.values())
+            least = min(self._procs, key=lambda p: load[p], default=None)
+            if least is None or (load[least] and len(self._procs) < self.size):
+                least = await self._start()
+                self._procs.append(least)
+            return least
 
     async def _start(self) -> asyncio.subprocess.Process:
         node = shutil.which("node")
@@ -249,33 +260,36 @@ class NodeCompilers:
                 future.set_exception(error)
 
     def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        if self._proc is proc:  # the next compile starts a new one, even before this exits
-            self._proc = None
+        if proc in self._procs:  # no compile goes to it, even before it exits
+            self._procs.remove(proc)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 
     async def stop(self) -> None:
-        """Close node's stdin (it exits), kill it if it lingers, and wait for the readers."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                self._kill(proc)
-                await proc.wait()
-            log.info("compiler process %d stopped", proc.pid)
+        """Close each node's stdin (it exits), kill one that lingers, wait for the readers."""
+        procs, self._procs = self._procs, []
+        await asyncio.gather(*(self._stop(p) for p in procs if p.returncode is None))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
 
+    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            self._kill(proc)
+            await proc.wait()
+        log.info("compiler process %d stopped", proc.pid)
+
     def stats(self, lang: str) -> dict[str, Any]:
-        running = self._proc is not None and self._proc.returncode is None
+        pids = [p.pid for p in self._procs if p.returncode is None]
         return {
             "compiles": self.counts[f"{lang}_calls"],
             "errors": self.counts[f"{lang}_errors"],
-            "node_pid": self._proc.pid if running and self._proc else None,
+            "node_pid": pids[0] if pids else None,  # the oldest
+            "node_pids": pids,
             "node_starts": self.starts,
             "in_flight": len(self._pending),
         }

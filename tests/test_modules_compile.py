@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -399,6 +400,7 @@ def test_template_output_does_not_disturb_the_protocol(svc: ServiceProcess) -> N
 
 
 def test_node_dies_and_comes_back(svc: ServiceProcess) -> None:
+    assert compile_ok(svc, "scss", ".a { b: c }") == ".a {\n  b: c;\n}"  # node runs
     pid = svc.stats()["module_stats"]["scss"]["node_pid"]
     assert pid
     # A pug template is JavaScript, so it can kill its own process: the call gets a 5xx.
@@ -444,6 +446,27 @@ def test_stuck_compile_times_out_and_node_is_replaced(make_service, monkeypatch)
     assert reply == "504: pug: compile took over 1 s"
     assert service.call(b"coffee:x = 1").startswith(b"(function")
     assert service.stats()["module_stats"]["coffee"]["node_pid"] not in (pid, None)
+
+
+def test_a_stuck_compile_delays_and_kills_only_its_own_node_process(
+    make_service, monkeypatch
+) -> None:
+    monkeypatch.setenv("BGSERVICE_COMPILE_TIMEOUT", "3")
+    service = make_service()
+    assert service.call(b"coffee:x = 1").startswith(b"(function")  # one process, idle
+    stuck: list[bytes] = []
+    thread = threading.Thread(target=lambda: stuck.append(service.call(b"pug:- while (true) {}")))
+    thread.start()
+    try:
+        wait_until(lambda: service.stats()["module_stats"]["pug"]["in_flight"] == 1)
+        # Sent while the loop runs: to a second process, answered, not killed with the first.
+        assert service.call(b"coffee:y = 2").startswith(b"(function")
+        stats = service.stats()["module_stats"]["coffee"]
+        assert len(stats["node_pids"]) == 2 and stats["node_starts"] == 2
+    finally:
+        thread.join(10)
+    assert stuck == [b"504: pug: compile took over 3 s"]
+    assert service.call(b"coffee:z = 3").startswith(b"(function")
 
 
 def test_node_follows_the_modules_lifecycle(make_service, modules_dir: Path) -> None:
