@@ -41,7 +41,13 @@ class RunMarker:
         return previous
 
     def release(self) -> None:
-        """A clean stop: the next start finds no marker."""
+        """A clean stop: the next start finds no marker. Not one that another instance
+        sharing the folder (Redis engine) has written since: its crash must show."""
+        try:
+            if json.loads(self.path.read_text()).get("pid") not in (os.getpid(), None):
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
         self.path.unlink(missing_ok=True)
 
     def _read(self) -> UncleanStop | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -240,6 +241,24 @@ def test_a_start_after_kill_9_alerts_and_a_clean_stop_does_not(
     assert svc.stop() == 0
     svc.start()  # after a clean stop: no alert (raised before the service is ready)
     assert alert_stats(svc)["raised"] == 0
+
+
+def test_a_clean_stop_leaves_the_marker_another_instance_wrote(
+    make_service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    # Instances sharing a folder (Redis engine) share the marker: the last to start
+    # wrote it, and an earlier one stopping must not hide that one's crash.
+    svc = make_service()
+    marker = tmp_path / "jobs.db.running"
+    assert json.loads(marker.read_text())["pid"] == svc.proc.pid  # type: ignore[union-attr]
+    other = json.dumps({"pid": os.getpid(), "started": 1.0})  # a live process: this one
+    marker.write_text(other)
+    assert svc.stop() == 0
+    assert marker.read_text() == other
+    svc.start()  # writes its own again; the other instance is alive: no warning
+    assert "unclean stop" not in svc.log()
+    assert svc.stop() == 0
+    assert not marker.exists()
 
 
 def test_repeated_requests_for_an_unknown_module_alert_once_per_minute(

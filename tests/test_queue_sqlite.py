@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from bgservice.queue.job import Job, JobState
-from bgservice.queue.sqlite import SCHEMA, SqliteStore
+from bgservice.queue.sqlite import SCHEMA, DatabaseInUse, SqliteStore
 from bgservice.queue.store import Run
 
 
@@ -32,6 +33,17 @@ async def test_concurrent_inserts_share_commits_and_ids_are_unique(tmp_path):
     await store.close()
     with sqlite3.connect(tmp_path / "jobs.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 500
+
+
+async def test_a_database_open_in_one_store_is_refused_to_another(tmp_path):
+    first = SqliteStore(tmp_path / "jobs.db")
+    await first.open()
+    with pytest.raises(DatabaseInUse, match=f"in use by another bgservice \\(pid {os.getpid()}\\)"):
+        await SqliteStore(tmp_path / "jobs.db").open()
+    await first.close()
+    second = SqliteStore(tmp_path / "jobs.db")  # closed: free again
+    assert await second.open() == []
+    await second.close()
 
 
 async def test_ids_are_never_reused_after_deleting_the_newest(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from bgservice.protocol import framed_request
 from tests.conftest import wait_until, write_module
+from tests.queue_helpers import add, status
 
 # An error outside every request: a loop callback that raises.
 STRAY_ERROR = """
@@ -54,6 +55,24 @@ def test_start_up_reports_listeners_and_a_table_of_modules(make_service, tmp_pat
     assert any(li.split() == columns for li in log.splitlines())
     row = next(li for li in log.splitlines() if li.split()[:2] == ["test", "loaded"])
     assert "tcp" in row and "udp" in row
+
+
+def test_a_second_service_on_the_same_job_database_is_refused(make_service, tmp_path):
+    # Sharing it, the second would take the first's running job for one a crash
+    # interrupted and run it again.
+    first = make_service()
+    jid = add(first, b"queue:add:sleep:1500")
+    wait_until(lambda: status(first, jid)["state"] == "running")
+    second = make_service(root=tmp_path, start=False).start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(timeout=20) == 1
+    assert first.proc is not None
+    assert f"is in use by another bgservice (pid {first.proc.pid})" in second.log()
+    assert "runs again" not in first.log()
+    wait_until(lambda: status(first, jid)["state"] == "done")
+    assert status(first, jid)["attempts"] == 1
+    assert first.stop() == 0
+    assert make_service(root=tmp_path).call(b"echo:x") == b"x"  # free again
 
 
 def test_module_names_are_sanitised_and_no_colon_means_no_data(service):

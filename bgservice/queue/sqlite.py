@@ -7,12 +7,18 @@ table the end of the block they fall in, so an id is never used twice (not after
 not after the newest job was deleted) at the cost of one small write per commit, not one
 per id; a database made by an earlier version (``AUTOINCREMENT``) goes on from its
 highest id.
+
+The database belongs to one service: ``DB.lock`` is locked (flock) while the store is
+open, and a second service started with the same ``db`` is refused. Sharing it, each
+would take the other's running jobs for ones a crash interrupted and run them again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -81,9 +87,33 @@ _INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 
 
+class DatabaseInUse(RuntimeError):
+    pass
+
+
+def _lock(path: Path) -> int | None:
+    """Lock ``DB.lock`` for this process (released when it closes, or the process ends)."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise DatabaseInUse(
+            f"{path} is in use by another bgservice (pid {holder}): give each service its"
+            ' own db = "...", or share one queue between services with backend = "redis"'
+        ) from None
+    except OSError as exc:  # a file system without locks: go on, as before
+        log.warning("cannot lock %s (%s): start one service per database", path, exc)
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    return fd
+
+
 def _connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
     """Open (creating if needed); the next id and the end of the block already reserved."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -111,6 +141,7 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_id = 0
         self._reserved = 0  # ids below it are reserved on disk
+        self._lock: int | None = None  # DB.lock's descriptor while open
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         assert self._loop is not None and self._writer is not None, "store not open"
@@ -122,9 +153,15 @@ class SqliteStore:
 
     async def open(self) -> list[Job]:
         self._loop = asyncio.get_running_loop()
-        conn, self._next_id, self._reserved = await self._loop.run_in_executor(
-            None, _connect, self.path
-        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.path)
+        try:
+            conn, self._next_id, self._reserved = await self._loop.run_in_executor(
+                None, _connect, self.path
+            )
+        except BaseException:
+            self._unlock()
+            raise
         self._writer = Writer(conn, self._loop, self.commit_window, _INSERT)
         return await self._submit(
             lambda c: [
@@ -233,7 +270,15 @@ class SqliteStore:
         if self._writer is None:
             return
         writer, self._writer = self._writer, None
-        await asyncio.get_running_loop().run_in_executor(None, writer.stop, 10.0)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, writer.stop, 10.0)
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # the file stays: removing it would race a next start
+            self._lock = None
 
 
 _CONVERTED = frozenset(("after", "tags", "state"))  # the columns _stored changes
