@@ -28,6 +28,8 @@ class QueueCommand(Protocol):
 
 
 class Commands:
+    NAMES = frozenset(("helo", "hello", "service", "queue"))  # answered by the service
+
     def __init__(
         self,
         dispatcher: Dispatcher,
@@ -49,6 +51,7 @@ class Commands:
             "service": self._service,
             "queue": queue.command,
         }
+        assert self._commands.keys() == self.NAMES
 
     def call(self, request: Request, timeout: float | None = None) -> Coroutine[Any, Any, Reply]:
         """A request that wants a reply: a built-in command's, or its module's (the

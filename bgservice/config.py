@@ -272,7 +272,8 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     if unknown:
         key = sorted(unknown)[0]
         known = ", ".join(sorted(set(TOP_CHECKS) | _SECTIONS))
-        raise reader.fail("", key, f"unknown key (known keys: {known})")
+        hint = " (host and port go in a [[listen]] table)" if key in ("host", "port") else ""
+        raise reader.fail("", key, f"unknown key{hint} (known keys: {known})")
     top = reader.table({k: v for k, v in data.items() if k in TOP_CHECKS}, TOP_CHECKS, "")
     limits = reader.table(data.get("limits", {}), LIMIT_CHECKS, "[limits] ", "limits")
     queue = reader.table(data.get("queue", {}), QUEUE_CHECKS, "[queue] ", "queue")

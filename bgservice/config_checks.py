@@ -10,8 +10,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import sys
 from collections.abc import Callable
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 from bgservice.http.tokens import check_tokens
@@ -20,6 +22,15 @@ from bgservice.queue.rates import Rate, parse_rate
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Check = Callable[[Any], Any]
+
+
+def install(extra: str) -> str:
+    """The command that installs an extra into the Python running the service (bgservice
+    is not on PyPI: from a checkout, as scripts/install.sh installs it, it is the checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return f"{sys.executable} -m pip install -e '{root}[{extra}]'"
+    return f"{sys.executable} -m pip install 'bgservice[{extra}]'"
 
 
 def _positive_int(v: Any) -> int:
@@ -122,7 +133,7 @@ def _backend(v: Any) -> str:
         raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
     missing = [m for m in ("redis", "hiredis") if v == "redis" and find_spec(m) is None]
     if missing:  # said at start-up, not as a traceback from the first import
-        raise ValueError(f"needs {' and '.join(missing)}: pip install 'bgservice[redis]'")
+        raise ValueError(f"needs {' and '.join(missing)}: {install('redis')}")
     return str(v)
 
 

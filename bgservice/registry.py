@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +126,8 @@ class ModuleEntry:
 
 
 class _FreshLoader(importlib.machinery.SourceFileLoader):
-    """Compiles from source every time, bypassing ``__pycache__``.
-
-    The bytecode cache is keyed on the source's mtime in whole seconds and its size, so two
-    saves within a second that keep the size would run the stale bytecode.
-    """
+    """Compiles from source every time, bypassing ``__pycache__``: keyed on the mtime in
+    whole seconds and the size, it would run stale bytecode after two quick saves."""
 
     preset: bytes | None = None  # the exact source to compile (worker processes)
 
@@ -253,9 +250,11 @@ class Registry:
     """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
 
     def __init__(
-        self, folder: Path, executor: Executor, events: Events, import_timeout: float = 30.0
-    ) -> None:
+        self, folder: Path, executor: Executor, events: Events, import_timeout: float = 30.0,
+        builtins: Collection[str] = (),
+    ) -> None:  # fmt: skip
         self.folder = folder.resolve()
+        self.builtins = frozenset(builtins)  # request names the service answers itself
         self._executor = executor
         self._events = events
         # Imports run one at a time on a daemon thread: one that never returns is given
@@ -337,6 +336,8 @@ class Registry:
         self._entries[name] = entry
         if old is None:
             log.info("module %s loaded", name)
+            if name in self.builtins and version.tcp:  # (UDP and queued jobs still reach it)
+                log.warning(f"module {name}: TCP requests {name}:... are the service's: rename it")
         else:
             entry.reloads += 1
             log.info("module %s reloaded", name)

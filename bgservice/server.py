@@ -24,6 +24,7 @@ from bgservice.access import AccessList
 from bgservice.alerts import Alerts
 from bgservice.commands import Commands
 from bgservice.config import Settings
+from bgservice.config_checks import install
 from bgservice.datagram import DatagramQueue
 from bgservice.dispatch import Dispatcher
 from bgservice.events import (
@@ -87,7 +88,7 @@ class Service:
         self.stats = stats = Stats()
         self.threads = CallThreads(limits.threads, limits.stuck_threads)
         self.registry = Registry(
-            settings.modules, self.threads, events, settings.reload_import_timeout
+            settings.modules, self.threads, events, settings.reload_import_timeout, Commands.NAMES
         )
         self.processes = ProcessPools(settings.modules, settings.workers, limits.shutdown_grace)
         self.execution = Execution(
@@ -270,7 +271,7 @@ class Service:
             from bgservice.http.metrics import Metrics
         except ImportError as exc:
             raise ListenError(
-                f"[http] is enabled but {exc.name} is not installed: pip install 'bgservice[http]'"
+                f"[http] is enabled but {exc.name} is not installed: {install('http')}"
             ) from None
         metrics = Metrics(
             self.stats,

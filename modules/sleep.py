@@ -1,5 +1,8 @@
 """Sleeps for ``data`` milliseconds (default 100, at most 60000) and replies ``slept N``.
 
+A direct call is still cut at ``[limits] call_timeout`` (30 s by default: ``504``); a
+queued job only where ``[queue] job_timeout`` (or its ``timeout=``) says so.
+
 Useful to see timeouts, shutdown grace and the queue at work. It is ``async`` so a
 thousand sleeping calls cost no threads.
 """

@@ -43,6 +43,7 @@ want python3 have python3
 want python3-venv eval 'python3 -c "import ensurepip, venv" 2>/dev/null'  # Debian splits ensurepip off
 want nodejs have node
 want npm have npm
+want netcat-openbsd have nc  # the README's first calls from a shell
 if ((tests)); then
     want php-cli have php
     want phpunit have phpunit  # clients/php's PHPUnit suite

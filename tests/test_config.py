@@ -223,6 +223,7 @@ def test_unknown_key_names_the_key_and_its_line(tmp_path):
 def test_unknown_top_level_key_and_section(tmp_path):
     message = config_error(tmp_path, 'modules = "m"\nport = 1234\n')
     assert "port" in message and "line 2" in message and "unknown key" in message
+    assert "host and port go in a [[listen]] table" in message  # where it belongs
     message = config_error(tmp_path, "[limits]\nthreads = 4\n\n[limitz]\nthreads = 4\n")
     assert "limitz" in message and "unknown key" in message
 
@@ -396,7 +397,7 @@ def test_the_redis_engine_without_its_client_is_a_configuration_error(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "configuration error" in result.stderr and "backend" in result.stderr
-    assert "needs hiredis: pip install 'bgservice[redis]'" in result.stderr
+    assert f"needs hiredis: {sys.executable} -m pip install -e '{REPO}[redis]'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -595,3 +596,19 @@ def test_the_total_buffer_bound_must_hold_one_whole_request(tmp_path):
         tmp_path, "[limits]\nmax_request_bytes = 2000\nmax_buffered_bytes = 1000\n"
     )
     assert "max_buffered_bytes (line 3)" in message and "max_request_bytes" in message
+
+
+def test_http_without_its_extra_says_how_to_install_it(tmp_path):
+    # As a machine without the [http] extra: the command names this Python and checkout
+    # (bgservice is not on PyPI, so "pip install bgservice[http]" would find nothing).
+    cfg = write(tmp_path / "h.config", "[http]\nenabled = true\nport = 0\n")
+    hidden = "import runpy, sys; sys.modules['aiohttp'] = None; sys.argv = sys.argv[1:]; "
+    hidden += "runpy.run_path(sys.argv[0], run_name='__main__')"
+    result = subprocess.run(
+        [sys.executable, "-c", hidden, str(REPO / "service.py"), "-c", str(cfg), "-p", "0",
+         "-m", str(REPO / "modules"), "--db", str(tmp_path / "jobs.db")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    expected = f"aiohttp is not installed: {sys.executable} -m pip install -e '{REPO}[http]'"
+    assert expected in result.stdout + result.stderr

@@ -75,6 +75,17 @@ def test_a_second_service_on_the_same_job_database_is_refused(make_service, tmp_
     assert make_service(root=tmp_path).call(b"echo:x") == b"x"  # free again
 
 
+def test_a_module_named_as_a_built_in_request_is_warned_about(modules_dir, make_service):
+    for name in ("queue", "helo", "hello", "service"):
+        write_module(modules_dir, name, "def handle_tcp(request):\n    return 'mine'\n")
+    write_module(modules_dir, "ok", "def handle_tcp(request):\n    return 'mine'\n")
+    svc = make_service()
+    assert svc.call(b"helo") == b"oleh"  # the service's, as the warning says
+    for name in ("queue", "helo", "hello", "service"):
+        assert f"module {name}: TCP requests {name}:... are the service's" in svc.log()
+    assert "module ok: TCP" not in svc.log()
+
+
 def test_module_names_are_sanitised_and_no_colon_means_no_data(service):
     assert service.call(b"te$s t:x") == b"Test"
     assert service.call(b"t\xffest:x") == b"Test"
