@@ -79,7 +79,7 @@ class Cancelled(ServiceError):
 
 
 class DependencyFailed(ServiceError):
-    """A job whose ``after`` job failed, was cancelled or expired."""
+    """A job whose ``after`` job failed or was cancelled."""
 
     code = 424
     default_message = "Dependency failed"

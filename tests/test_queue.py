@@ -694,3 +694,129 @@ def test_finished_jobs_can_be_deleted_and_waiting_ones_cannot(make_service):
     assert svc.call(b"queue:check:id:%d" % done) == gone
     assert svc.http("DELETE", f"/api/v1/jobs/{done}")[0] == 404
     assert svc.call(b"queue:check:id:%d" % waiting) == b"0"
+
+
+# --- defects found by a review of the embedded engine (2026-12-04) ----------------------
+
+
+def test_a_job_failing_at_once_without_backoff_does_not_take_the_loop(modules_dir, service):
+    # It fails before its first await, so each retry ran to its end inside the pump,
+    # which took it again at once: no request was served and SIGTERM went unheard.
+    write_module(modules_dir, "instafail", "async def handle_tcp(r):\n    raise ValueError('no')\n")
+    wait_until(lambda: service.call(b"instafail:x").startswith(b"500:"))
+    jid = add(service, b"queue:add?retries=100000000&backoff=0:instafail:x")
+    for _ in range(3):
+        assert service.call(b"test:x", timeout=5) == b"Test"
+    wait_until(lambda: status(service, jid)["attempts"] > 10)  # and it does retry
+    assert service.stop() == 0
+
+
+def test_an_acknowledged_cancel_survives_a_kill_9(make_service, tmp_path):
+    svc = make_service()
+    jids = [add(svc, b"queue:add?delay=600:echo:%d" % n) for n in range(20)]
+    conn = svc.framed()
+    try:
+        conn.send(*[b"queue:cancel:id:%d" % jid for jid in jids])
+        assert [conn.recv() for _ in jids] == [(200, b"cancelled")] * len(jids)
+    finally:
+        conn.close()
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
+    restarted = make_service(root=tmp_path)
+    assert [status(restarted, jid)["state"] for jid in jids] == ["cancelled"] * len(jids)
+
+
+def test_a_cancel_acknowledged_before_a_crash_is_not_run_again(
+    modules_dir, make_service, tmp_path
+):
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service()
+    jid = add(svc, b"queue:add:progress:" + str(tmp_path / "never").encode())
+    wait_until(lambda: status(svc, jid)["state"] == "running")
+    assert svc.call(b"queue:cancel:id:%d" % jid) == b"cancelling"
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
+    restarted = make_service(root=tmp_path)
+    reply = restarted.call(b"queue:get:id:%d" % jid)
+    assert reply == b"410: Job %d cancelled" % jid
+    assert status(restarted, jid)["attempts"] == 1
+
+
+def test_adds_of_one_unique_key_racing_a_dependency_lookup_make_one_job(make_service, tmp_path):
+    # The dependency is only in the store (a restart since it ended): each add awaited its
+    # lookup after checking the key, and the adds raced (500, two jobs, one never run).
+    svc = make_service()
+    done = add(svc, b"queue:add:echo:x")
+    assert svc.call(b"queue:get:id:%d" % done) == b"x"
+    assert svc.stop() == 0
+    svc = make_service(root=tmp_path)
+    replies: list[bytes] = []
+    add_one = lambda: replies.append(svc.call(b"queue:add?unique=k&after=%d:sleep:300" % done))  # noqa: E731
+    threads = [threading.Thread(target=add_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(replies)) == 1 and replies[0].startswith(b"id:"), replies
+    assert svc.call(b"queue:get:id:" + replies[0][3:]) == b"slept 300"
+    assert json.loads(svc.call(b"queue:stats"))["counts"].get("waiting", 0) == 0
+
+
+def test_a_retry_sent_with_an_add_of_its_unique_key_is_refused(make_service):
+    svc = make_service()
+    failed = add(svc, b"queue:add?unique=k:sleep:abc")
+    assert svc.call(b"queue:get:id:%d" % failed).startswith(b"400:")
+    conn = svc.framed()
+    try:
+        conn.send(b"queue:add?unique=k:sleep:300", b"queue:retry:id:%d" % failed)
+        (code, added), (retry_code, refused) = conn.recv(), conn.recv()
+    finally:
+        conn.close()
+    assert code == 200 and added.startswith(b"id:")
+    assert retry_code == 409 and b"unique key" in refused, refused
+
+
+def test_cancelling_the_head_of_a_long_chain_fails_every_job_in_it(make_service):
+    svc = make_service()
+    head = add(svc, b"queue:add?delay=600:echo:head")
+    conn = svc.framed()
+    last = head
+    try:
+        for n in range(1500):  # each after the one before
+            conn.send(b"queue:add?after=%d:echo:%d" % (last, n))
+            code, reply = conn.recv()
+            assert code == 200, reply
+            last = int(reply[3:])
+    finally:
+        conn.close()
+    assert svc.call(b"queue:cancel:id:%d" % head) == b"cancelled"
+    assert svc.call(b"queue:get:id:%d" % last) == b"424: Dependency: job %d failed" % (last - 1)
+    assert json.loads(svc.call(b"queue:stats"))["counts"].get("waiting", 0) == 0
+
+
+def test_a_job_whose_dependency_expired_meanwhile_still_runs_after_a_restart(
+    make_service, tmp_path
+):
+    svc = make_service("[queue]\nkeep_results = 1.0\n")
+    first = add(svc, b"queue:add:echo:x")
+    assert svc.call(b"queue:get:id:%d" % first) == b"x"
+    second = add(svc, b"queue:add?after=%d&delay=4:echo:second" % first)
+    wait_until(lambda: svc.call(b"queue:check:id:%d" % first).startswith(b"404"), timeout=15)
+    assert svc.stop() == 0
+    restarted = make_service(root=tmp_path)
+    assert restarted.call(b"queue:get:id:%d" % second) == b"second"
+
+
+def test_a_retried_job_shows_nothing_of_its_last_run(modules_dir, make_service, tmp_path):
+    write_module(modules_dir, "progress", PROGRESS_MODULE)
+    svc = make_service("[queue]\nworkers = 1\n")
+    failed = add(svc, b"queue:add:progress:" + str(tmp_path / "never").encode())
+    wait_until(lambda: (status(svc, failed).get("progress") or {}).get("done") == 1)
+    assert svc.call(b"queue:cancel:id:%d" % failed) == b"cancelling"
+    svc.call(b"queue:get:id:%d" % failed)
+    busy = add(svc, b"queue:add:sleep:2000")  # the one worker: the retry waits
+    wait_until(lambda: status(svc, busy)["state"] == "running")
+    assert svc.call(b"queue:retry:id:%d" % failed) == b"id:%d" % failed
+    info = status(svc, failed)
+    assert info["state"] == "waiting" and info["attempts"] == 0
+    assert info.get("started") is None and info.get("progress") is None, info

@@ -1,10 +1,12 @@
 """The embedded engine's dependencies (``after=``): which waiting jobs wait for which.
 
-A job runs once every job it names is done, and fails (424) as soon as one fails, is
-cancelled or has expired. Two maps, both emptied as jobs finish: dependency -> the jobs
-waiting for it, and waiting job -> the dependencies it still waits for. A job that
-finished (failed by one dependency, cancelled, retried) leaves the second map, so the
-entries it leaves under its other dependencies are ignored when those finish.
+A job runs once every job it names is done, and fails (424) as soon as one fails or is
+cancelled. A dependency that expired while the job waited (over a restart, say) was done:
+had it failed, the job would have failed with it. Two maps, both emptied as jobs finish:
+dependency -> the jobs waiting for it, and waiting job -> the dependencies it still
+waits for. A job that finished (failed by one dependency, cancelled, retried) leaves the
+second map, so the entries it leaves under its other dependencies are ignored when those
+finish.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Dependencies:
             dependency = await self._finished.lookup(dep)
             if dependency is None:
                 raise not_found(dep)
-            if dependency.state is not JobState.DONE:
+            # Unfinished in the store, not live: its own add is on its way (pipelined).
+            if dependency.state.finished and dependency.state is not JobState.DONE:
                 raise DependencyFailed(f"Job {dep} {dependency.state}")
 
     async def wait_on(self, job: Job) -> str | None:
@@ -44,9 +47,9 @@ class Dependencies:
             # Awaited lookups let other jobs finish meanwhile: look again until none did.
             for dep in gone:
                 looked.add(dep)
-                dependency = await self._finished.lookup(dep)
-                if dependency is None or dependency.state is not JobState.DONE:
-                    return f"Dependency: job {dep} {dependency.state if dependency else 'expired'}"
+                state = (dependency := await self._finished.lookup(dep)) and dependency.state
+                if state and state.finished and state is not JobState.DONE:
+                    return f"Dependency: job {dep} {state}"
         pending = {d for d in job.after if self._live(d)}
         if pending:
             self._pending[job.id] = pending

@@ -36,7 +36,7 @@ class JobState(enum.StrEnum):
 TRANSITIONS: dict[tuple[JobState, JobState], str] = {
     (JobState.WAITING, JobState.RUNNING): "a worker is free and it is due (priority, then age)",
     (JobState.WAITING, JobState.CANCELLED): "queue:cancel",
-    (JobState.WAITING, JobState.FAILED): "a dependency failed, was cancelled or expired (424)",
+    (JobState.WAITING, JobState.FAILED): "a dependency failed or was cancelled (424)",
     (JobState.RUNNING, JobState.DONE): "its module replied 200",
     (JobState.RUNNING, JobState.FAILED): "an error reply, and no retry left (or a 4xx)",
     (JobState.RUNNING, JobState.CANCELLED): "queue:cancel asked, and the attempt ended",

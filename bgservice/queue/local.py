@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from typing import Any
 
 from bgservice import eager
@@ -34,6 +33,7 @@ from bgservice.queue.engine import (
 )
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.pump import Pump
 from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.schedules import Schedule
 from bgservice.queue.store import Run, Store
@@ -59,18 +59,16 @@ class LocalQueue(JobQueue):
         self.module_limits = module_limits
         self.store = store
         self.jobs: dict[int, Job] = {}  # waiting and running
-        self._line = WaitingLine(self._waiting, self._pump)
+        self._line = WaitingLine(self._waiting, lambda: self._pump())
         self._running: dict[int, asyncio.Task[None] | None] = {}  # None: running at once
-        self._pumping = False
-        self._pump_again = False
-        self._per_module: Counter[str] = Counter()
+        self._pump = Pump(self._line, settings.workers, module_limits, lambda: self.rates,
+                          lambda: len(self._running), self._start)  # fmt: skip
         self._waiters: dict[int, asyncio.Future[Result]] = {}
         self._keys = UniqueKeys()
         self._finished = FinishedJobs(settings, store)
         self._deps = Dependencies(self.jobs.__contains__, self._finished)
         self._writes: set[asyncio.Future[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
-        self._closing = False
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -78,15 +76,21 @@ class LocalQueue(JobQueue):
         self._loop = asyncio.get_running_loop()
         recovered = await self.store.open()
         for job in recovered:
-            if job.state is JobState.RUNNING:
+            if job.state is JobState.RUNNING and not job.cancel_requested:
                 log.warning("job %d (%s) was running when the service stopped: it runs again",
                             job.id, job.module)  # fmt: skip
+            if job.state is JobState.RUNNING:
                 job.move(JobState.WAITING)
                 self._write(job, ("state",), interrupted_run(job))  # its run, in the history
             self.jobs[job.id] = job
             self._keys.hold(job.unique_key, job.id)
         for job in recovered:
-            await self._place_new(job)
+            if job.cancel_requested:  # acknowledged ("cancelling"): the crash ended its run
+                self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {job.id} cancelled")
+            elif job.attempts:  # its dependencies were met when it first started
+                self._line.place(job)
+            else:
+                await self._place_new(job)
         if recovered:
             log.info("job queue: %d unfinished jobs recovered", len(recovered))
         self._expiry = self._loop.create_task(self._finished.expire_forever())
@@ -95,7 +99,7 @@ class LocalQueue(JobQueue):
     async def stop(self, grace: float) -> None:
         """Start nothing new; give running jobs ``grace`` seconds, then leave them for the
         next start (they are still ``running`` in the store, so they run again)."""
-        self._closing = True
+        self._pump.closed = True
         refuse_waiters(self._waiters, self._running)
         self._line.close()
         if self._expiry is not None:
@@ -116,14 +120,17 @@ class LocalQueue(JobQueue):
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         if len(self.jobs) >= self.settings.max_waiting:
             raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
-        if spec.unique and (existing := await self._keys.existing(spec.unique)) is not None:
+        if spec.unique and (existing := await self._keys.claim(spec.unique)) is not None:
             return existing
-        await self._deps.check(spec.after)
+        try:  # the key is this add's now (claim): the adds of it that wait learn the outcome
+            await self._deps.check(spec.after)
+        except BaseException:
+            self._keys.stored(spec.unique, None)
+            raise
         return await self._insert(spec)
 
     async def _insert(self, spec: AddSpec) -> int:
         job = Job.new(spec, self.settings, time.time())
-        self._keys.storing(spec.unique)
         try:
             job.id = await self.store.insert(job, spec.mark)
         except BaseException as exc:  # cancelled too: the adds waiting on its key must end
@@ -179,10 +186,17 @@ class LocalQueue(JobQueue):
                 raise Conflict(f"Job {jid} already finished ({finished.state})")
         if job.state is JobState.RUNNING:
             job.cancel_requested = True
-            self._write(job, ("cancel_requested",))
+            await self._stored(self._write(job, ("cancel_requested",)), "cancel")
             return "cancelling"
-        self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled", None)
+        written = self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled")
+        await self._stored(written, "cancel")  # acknowledged once on disk, as an add is
         return "cancelled"
+
+    async def _stored(self, write: asyncio.Future[Any], what: str) -> None:
+        try:  # shielded: a client hanging up does not cancel the write
+            await asyncio.shield(write)
+        except Exception as exc:
+            raise Busy(f"Job store unavailable: the {what} may not survive a restart") from exc
 
     async def retry(self, jid: int) -> int:
         if jid in self.jobs:
@@ -195,10 +209,12 @@ class LocalQueue(JobQueue):
         key = job.unique_key
         if key and (holder := self._keys.holder(key)) is not None:
             raise Conflict(f"Job {jid}'s unique key is held by job {holder}")
+        if key and self._keys.adding(key):
+            raise Conflict(f"Job {jid}'s unique key is being taken by a job being added")
         self._finished.forget(jid)
         job.move(JobState.WAITING)
         job.attempts, job.run_at = 0, time.time()
-        job.finished = job.expires = job.status = job.result = None
+        job.finished = job.expires = job.status = job.result = job.started = job.progress = None
         job.cancel_requested, job.after = False, ()
         # Ours before the store answers: a cancel, get, retry or after= meanwhile finds it
         # waiting (the store applies writes in order, so a cancel's lands after this one).
@@ -257,47 +273,6 @@ class LocalQueue(JobQueue):
         elif not self._deps.blocked(job.id):
             self._line.place(job)
 
-    def _pump(self) -> None:
-        """Start ready jobs while there are free workers, best priority first.
-
-        A job that finishes at once (``_start``) calls this again from inside: that call
-        only asks the running one to look once more."""
-        if self._closing:
-            return
-        if self._pumping:
-            self._pump_again = True
-            return
-        self._pumping = True
-        try:
-            self._pump_again = True
-            while self._pump_again:
-                self._pump_again = False
-                self._pump_once()
-        finally:
-            self._pumping = False
-
-    def _pump_once(self) -> None:
-        if len(self._running) >= self.settings.workers:
-            return
-        held: list[Job] = []
-        now, throttled = time.time(), float("inf")
-        for job in self._line.ready():
-            limit = self.module_limits.get(job.module)
-            free_at = self.rates.free_at(job.module, now)
-            if free_at is not None:  # over its module's rate: it waits for the window
-                throttled = min(throttled, free_at)
-                held.append(job)
-            elif limit is not None and self._per_module[job.module] >= limit:
-                held.append(job)
-            else:
-                self.rates.started(job.module, now)
-                self._start(job)
-            if len(self._running) >= self.settings.workers:
-                break
-        self._line.put_back(held)
-        if throttled < float("inf"):
-            self._line.wake_at(throttled + 0.001)
-
     def _waiting(self, jid: int) -> Job | None:
         return job if (job := self.jobs.get(jid)) and job.state is JobState.WAITING else None
 
@@ -314,7 +289,7 @@ class LocalQueue(JobQueue):
         job.move(JobState.RUNNING)
         job.started, job.progress = time.time(), None
         job.attempts += 1
-        self._per_module[job.module] += 1
+        self._pump.per_module[job.module] += 1
         self._write(job, ("state", "started", "attempts"))
         assert self._loop is not None
         # A job whose handler needs no wait runs to its end right here (bgservice.eager):
@@ -333,7 +308,7 @@ class LocalQueue(JobQueue):
             status, body = await self.run_job(job)
         finally:
             self._running.pop(job.id, None)
-            self._per_module[job.module] -= 1
+            self._pump.per_module[job.module] -= 1
         try:
             self._outcome(job, status, body)
         except Exception as exc:  # a bug here must fail this job, not stop the service
@@ -361,38 +336,52 @@ class LocalQueue(JobQueue):
         self._line.place(job)
 
     def _finish(
-        self, job: Job, state: JobState, status: int, body: bytes | str, ran_until: float | None
-    ) -> None:
-        now = time.time()
-        result = body.encode() if isinstance(body, str) else body
-        job.move(state)
-        job.finished, job.status, job.result = now, status, result
-        if status != OK:
-            job.error = result.decode("utf-8", "replace")
-        job.expires = now + self.settings.keep_results
-        self.jobs.pop(job.id, None)
-        self._keys.release(job.unique_key, job.id)
-        self._finished.remember(job)
-        run = None
-        if ran_until is not None and job.started is not None:
-            run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
-        self._write(job, ("state", "finished", "status", "result", "error", "expires"), run)
-        waiter = self._waiters.pop(job.id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result((status, result))
-        ready, failed = self._deps.finished(job.id, state)
-        for dependent in filter(None, map(self.jobs.get, ready)):
-            self._line.place(dependent)
-        for dependent in filter(None, map(self.jobs.get, failed)):
+        self, job: Job, state: JobState, status: int, body: bytes | str,
+        ran_until: float | None = None,
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        """End ``job`` and, one after the other (a chain may be long), every job that fails
+        with it; the future of ``job``'s own write."""
+        ending: list[tuple[Job, JobState, int, bytes | str, float | None]] = []
+        written = None
+        while True:
+            now = time.time()
+            result = body.encode() if isinstance(body, str) else body
+            job.move(state)
+            job.finished, job.status, job.result = now, status, result
+            if status != OK:
+                job.error = result.decode("utf-8", "replace")
+            job.expires = now + self.settings.keep_results
+            self.jobs.pop(job.id, None)
+            self._keys.release(job.unique_key, job.id)
+            self._finished.remember(job)
+            run = None
+            if ran_until is not None and job.started is not None:
+                run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
+            fields = ("state", "finished", "status", "result", "error", "expires")
+            future = self._write(job, fields, run)
+            written = written or future
+            waiter = self._waiters.pop(job.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((status, result))
+            ready, failed = self._deps.finished(job.id, state)
+            for dependent in filter(None, map(self.jobs.get, ready)):
+                self._line.place(dependent)
             message = f"Dependency: job {job.id} {state}"
-            self._finish(dependent, JobState.FAILED, DependencyFailed.code, message, None)
+            ending += [(d, JobState.FAILED, DependencyFailed.code, message, None)
+                       for d in filter(None, map(self.jobs.get, failed))]  # fmt: skip
+            if not ending:
+                return written
+            job, state, status, body, ran_until = ending.pop()
 
     # --- storage ----------------------------------------------------------------------
 
-    def _write(self, job: Job, fields: tuple[str, ...], run: Run | None = None) -> None:
+    def _write(
+        self, job: Job, fields: tuple[str, ...], run: Run | None = None
+    ) -> asyncio.Future[Any]:
         future = asyncio.ensure_future(self.store.save(job, run, fields=fields))
         self._writes.add(future)
         future.add_done_callback(self._written)
+        return future
 
     def _written(self, future: asyncio.Future[Any]) -> None:
         self._writes.discard(future)

@@ -110,7 +110,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         left = [str(jid) for jid in self._running]
         if left:
             try:
-                await self.db.call("RELEASE", self.owner, *left)
+                await self.hand_back(left)
             except RedisError as exc:
                 log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
         for task in self._tasks:
@@ -375,7 +375,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._take(claimed)
         elif int(claimed[0]):
             try:
-                await self.db.call("RELEASE", self.owner, str(int(claimed[0])))
+                await self.hand_back([str(int(claimed[0]))])
             except RedisError as exc:  # its lease runs out: another start runs it
                 log.warning("job %s not handed back (%s): its lease expires", claimed[0], exc)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from bgservice.config import RedisSettings
+from bgservice.config import QueueSettings, RedisSettings
 from bgservice.queue.job import Job
 from bgservice.queue.redis_db import RedisJobs
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class RedisLeases:
     db: RedisJobs
     conf: RedisSettings
+    settings: QueueSettings
     owner: str
     _running: dict[int, tuple[Job, asyncio.Task[Any]]]
     _ending: set[int]
@@ -52,7 +53,7 @@ class RedisLeases:
             await asyncio.sleep(interval)
             try:
                 await self._renew()
-                taken = await self.db.call("REAP", repr(self.conf.lease))
+                taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
                 continue
@@ -61,6 +62,13 @@ class RedisLeases:
                     "jobs %s: their instance stopped renewing their lease; they run again",
                     ", ".join(t.decode() for t in taken),
                 )
+
+    async def hand_back(self, ids: list[str]) -> None:
+        """Stopping: our unfinished jobs wait again for any instance (or end cancelled)."""
+        await self.db.call("RELEASE", self.owner, self._expires(), *ids)
+
+    def _expires(self) -> str:  # a job that ends now: when its result goes
+        return repr(time.time() + self.settings.keep_results)
 
     async def _renew(self) -> None:
         if not self._running:

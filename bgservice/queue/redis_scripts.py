@@ -158,15 +158,16 @@ ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedul
 
 
 def _release(body: str) -> str:
-    """A script that puts running jobs back to waiting (their attempt stays counted)."""
+    """A script that puts running jobs back to waiting (their attempt stays counted); one
+    whose cancel was acknowledged ("cancelling") ends cancelled instead."""
     return (
         COMMON
         + r"""
-local function release(id, ended)
+local function release(id, ended, expires)
   local jk = jkey(id)
   redis.call('ZREM', P .. ':running', id)
   if redis.call('HGET', jk, 'state') ~= 'running' then return false end
-  local f = redis.call('HMGET', jk, 'module', 'attempts', 'started')
+  local f = redis.call('HMGET', jk, 'module', 'attempts', 'started', 'cancel_requested')
   local module = f[1]
   local started = tonumber(f[3])
   -- The cut attempt's run record, so the history counts every attempt (issue 19).
@@ -174,6 +175,11 @@ local function release(id, ended)
     attempt = tonumber(f[2]), started = started, finished = math.max(started, ended),
     outcome = 'interrupted'}))
   redis.call('HINCRBY', P .. ':modrun', module, -1)
+  if f[4] == '1' then
+    local msg = 'Job ' .. id .. ' cancelled'
+    finish(id, 'cancelled', '410', msg, msg, expires)
+    return true
+  end
   redis.call('HSET', jk, 'state', 'waiting', 'run_at', NOW)
   redis.call('HDEL', jk, 'owner')
   move(id, 'running', 'waiting', redis.call('HGET', jk, 'created'))
@@ -185,8 +191,8 @@ end
     )
 
 
-# ARGV: P, now, lease. Jobs whose lease ran out (their instance died) run again elsewhere;
-# their attempt ran at least until the last renewal (deadline - lease).
+# ARGV: P, now, lease, expires. Jobs whose lease ran out (their instance died) run again
+# elsewhere; their attempt ran at least until the last renewal (deadline - lease).
 REAP = _release(
     r"""
 local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, 100,
@@ -194,19 +200,20 @@ local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 
 local taken = {}
 for i = 1, #gone, 2 do
   local id = gone[i]
-  if release(id, tonumber(gone[i + 1]) - tonumber(ARGV[3])) then taken[#taken + 1] = id end
+  local ended = tonumber(gone[i + 1]) - tonumber(ARGV[3])
+  if release(id, ended, ARGV[4]) then taken[#taken + 1] = id end
 end
 wake()
 return taken
 """
 )
 
-# ARGV: P, now, owner, ids...: a stopping instance hands its unfinished jobs back.
+# ARGV: P, now, owner, expires, ids...: a stopping instance hands its unfinished jobs back.
 RELEASE = _release(
     r"""
 local n = 0
-for i = 4, #ARGV do
-  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i], now) then
+for i = 5, #ARGV do
+  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i], now, ARGV[4]) then
     n = n + 1
   end
 end
@@ -316,7 +323,8 @@ end
 redis.call('ZREM', P .. ':finished', id)
 redis.call('HSET', jk, 'state', 'waiting', 'attempts', '0', 'run_at', NOW,
            'cancel_requested', '0')
-redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner', 'blockers')
+redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner', 'blockers',
+           'started', 'progress')
 move(id, st, 'waiting', redis.call('HGET', jk, 'created'))
 place(id)
 wake()

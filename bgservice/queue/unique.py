@@ -12,19 +12,29 @@ from bgservice.errors import ServiceError
 class UniqueKeys:
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
-        self._storing: dict[str, asyncio.Future[int]] = {}
+        self._storing: dict[str, asyncio.Future[int | None]] = {}
 
-    async def existing(self, key: str) -> int | None:
-        """The job holding ``key`` (once it is stored, if its add is being stored); None
-        when no job holds it."""
-        if key in self._held:
-            return self._held[key]
-        if key in self._storing:
-            return await asyncio.shield(self._storing[key])
-        return None
+    async def claim(self, key: str) -> int | None:
+        """The job holding ``key`` (once it is stored, if its add is being stored), or
+        None: the key is then the caller's, who must end with ``stored``. Taken with no
+        wait in between, so two adds of one key never both get None."""
+        while True:
+            if key in self._held:
+                return self._held[key]
+            pending = self._storing.get(key)
+            if pending is None:
+                self._storing[key] = asyncio.get_running_loop().create_future()
+                return None
+            jid = await asyncio.shield(pending)
+            if jid is not None:
+                return jid  # else that add made no job (e.g. a bad after=): look again
 
     def holder(self, key: str) -> int | None:
         return self._held.get(key)
+
+    def adding(self, key: str) -> bool:
+        """An add of a job with ``key`` is being stored."""
+        return key in self._storing
 
     def hold(self, key: str | None, jid: int) -> None:
         if key:
@@ -35,20 +45,16 @@ class UniqueKeys:
         if key and self._held.get(key) == jid:
             del self._held[key]
 
-    def storing(self, key: str | None) -> None:
-        """The add of a job with ``key`` is being stored: other adds of it wait for its id."""
-        if key:
-            self._storing[key] = asyncio.get_running_loop().create_future()
-
-    def stored(self, key: str | None, outcome: int | ServiceError) -> None:
-        """The add of ``key`` ended: the new job's id (which now holds the key), or the
-        error the adds that waited for it raise too."""
+    def stored(self, key: str | None, outcome: int | ServiceError | None) -> None:
+        """The add that claimed ``key`` ended: the new job's id (which now holds the key),
+        None if it made no job, or the store's error, which the adds that waited raise."""
         if not key:
             return
         pending = self._storing.pop(key)
-        if isinstance(outcome, int):
-            self.hold(key, outcome)
-            pending.set_result(outcome)
-        else:
+        if isinstance(outcome, ServiceError):
             pending.set_exception(outcome)
             pending.exception()  # retrieved: the waiters re-raise it themselves
+            return
+        if outcome is not None:
+            self.hold(key, outcome)
+        pending.set_result(outcome)

@@ -1,0 +1,97 @@
+"""The embedded engine's pump: which ready jobs start now.
+
+It takes ready jobs from the waiting line, best first, while workers are free, and
+passes over the jobs of a module at its ``[queue] module_limits`` or over its
+``module_rates`` (they go back in line; a rate's window wakes the line when it frees).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from bgservice.queue.job import Job
+from bgservice.queue.rates import Windows
+from bgservice.queue.schedule import WaitingLine
+
+
+class Pump:
+    def __init__(
+        self,
+        line: WaitingLine,
+        workers: int,
+        module_limits: dict[str, int],
+        rates: Callable[[], Windows],
+        running: Callable[[], int],
+        start: Callable[[Job], None],
+    ) -> None:
+        self._line = line
+        self._workers = workers
+        self._limits = module_limits
+        self._rates = rates  # the queue's (set after it is made)
+        self._running = running  # how many jobs run now
+        self._start = start
+        self.per_module: Counter[str] = Counter()  # running jobs per module: the queue counts
+        self.closed = False
+        self._pumping = False
+        self._again = False
+        self._started: set[int] = set()  # by this call: none starts twice in one
+        self._soon = False  # a call is due on the loop's next turn
+
+    def __call__(self) -> None:
+        """Start ready jobs while there are free workers, best priority first.
+
+        A job that finishes at once (``start``) calls this again from inside: that call
+        only asks the running one to look once more. A job starts at most once per call:
+        one that failed at once and is due again (a retry without backoff) waits for the
+        loop's next turn, or it would keep the loop to itself."""
+        if self.closed:
+            return
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        self._started.clear()
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._once()
+        finally:
+            self._pumping = False
+
+    def _once(self) -> None:
+        if self._running() >= self._workers:
+            return
+        held: list[Job] = []
+        rates = self._rates()
+        now, throttled = time.time(), float("inf")
+        for job in self._line.ready():
+            if job.id in self._started:
+                held.append(job)
+                if not self._soon:
+                    self._soon = True
+                    asyncio.get_running_loop().call_soon(self._later)
+                break
+            limit = self._limits.get(job.module)
+            free_at = rates.free_at(job.module, now)
+            if free_at is not None:  # over its module's rate: it waits for the window
+                throttled = min(throttled, free_at)
+                held.append(job)
+            elif limit is not None and self.per_module[job.module] >= limit:
+                held.append(job)
+            else:
+                rates.started(job.module, now)
+                self._started.add(job.id)
+                self._start(job)
+            if self._running() >= self._workers:
+                break
+        self._line.put_back(held)
+        if throttled < float("inf"):
+            self._line.wake_at(throttled + 0.001)
+
+    def _later(self) -> None:
+        self._soon = False
+        self()
