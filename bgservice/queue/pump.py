@@ -66,9 +66,10 @@ class Pump:
         if self._running() >= self._workers:
             return
         held: list[Job] = []
+        skip: set[str] = set()  # modules at their limit or rate: their jobs stay in line
         rates = self._rates()
         now, throttled = time.time(), float("inf")
-        for job in self._line.ready():
+        for job in self._line.ready(skip):
             if job.id in self._started:
                 held.append(job)
                 if not self._soon:
@@ -80,8 +81,10 @@ class Pump:
             if free_at is not None:  # over its module's rate: it waits for the window
                 throttled = min(throttled, free_at)
                 held.append(job)
+                skip.add(job.module)
             elif limit is not None and self.per_module[job.module] >= limit:
                 held.append(job)
+                skip.add(job.module)
             else:
                 rates.started(job.module, now)
                 self._started.add(job.id)

@@ -1,11 +1,13 @@
 """The embedded engine's waiting line: which waiting job runs next, and when a delayed one
 becomes due.
 
-Ready jobs wait in a heap by priority, then id (arrival); delayed ones in a heap by their
-due time, with one loop timer for the soonest. Entries are never removed from the middle:
-each placement of a job gets a number, and only the entry with the job's latest number is
-live; the rest (a job cancelled while it waited, then retried and placed again) are skipped
-as the reader meets them, as are jobs ``waiting`` no longer returns.
+Ready jobs wait in a heap per module, by priority, then id (arrival), so that the pump
+passes over a module at its limit without taking out each of its jobs; delayed ones in a
+heap by their due time, with one loop timer for the soonest. Entries are never removed
+from the middle: each placement of a job gets a number, and only the entry with the
+job's latest number is live; the rest (a job cancelled while it waited, then retried and
+placed again) are skipped as the reader meets them, as are jobs ``waiting`` no longer
+returns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class WaitingLine:
     def __init__(self, waiting: Callable[[int], Job | None], on_due: Callable[[], None]) -> None:
         self._waiting = waiting  # id -> the job if it still waits
         self._on_due = on_due  # called when delayed jobs became ready
-        self._ready: list[Entry] = []
+        self._ready: dict[str, list[Entry]] = {}  # module -> its ready jobs
         self._delayed: list[tuple[float, int, int]] = []  # (run_at, id, placement)
         self._placed: dict[int, int] = {}  # id -> its live entry's placement number
         self._numbers = itertools.count()
@@ -40,19 +42,30 @@ class WaitingLine:
             heapq.heappush(self._delayed, (job.run_at, job.id, number))
             self._arm_timer()
         else:
-            heapq.heappush(self._ready, (-job.priority, job.id, number))
+            heapq.heappush(self._ready.setdefault(job.module, []), (-job.priority, job.id, number))
 
-    def ready(self) -> Iterator[Job]:
+    def ready(self, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[Job]:
         """Ready jobs, best first, each taken off the line as it is yielded; one the reader
-        does not start now goes back with ``put_back``."""
-        while self._ready:
-            _, jid, number = heapq.heappop(self._ready)
-            if self._placed.get(jid) != number:
-                continue  # an earlier placement of a job placed again since
+        does not start now goes back with ``put_back``. Modules in ``skip`` (which the
+        reader may add to as it goes) are passed over, their jobs left in line."""
+        while True:
+            best, empty = None, []
+            for module, heap in self._ready.items():
+                while heap and not self._live(heap[0]):
+                    entry = heapq.heappop(heap)  # stale: placed again since, or gone
+                    if self._placed.get(entry[1]) == entry[2]:
+                        del self._placed[entry[1]]
+                if not heap:
+                    empty.append(module)
+                elif module not in skip and (best is None or heap[0] < best[0]):
+                    best = (heap[0], heap)
+            for module in empty:
+                del self._ready[module]
+            if best is None:
+                return
+            _, jid, _ = heapq.heappop(best[1])
             del self._placed[jid]
-            job = self._waiting(jid)
-            if job is not None:  # else cancelled while it waited
-                yield job
+            yield self._waiting(jid)  # type: ignore[misc]  # live: it waits
 
     def put_back(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -61,7 +74,9 @@ class WaitingLine:
     def position(self, job: Job) -> int:
         """How many ready jobs run before this ready one."""
         key = (-job.priority, job.id)
-        return sum(1 for entry in self._ready if entry[:2] < key and self._live(entry))
+        return sum(
+            1 for heap in self._ready.values() for e in heap if e[:2] < key and self._live(e)
+        )
 
     def _live(self, entry: tuple[float, int, int]) -> bool:
         return self._placed.get(entry[1]) == entry[2] and self._waiting(entry[1]) is not None
@@ -104,6 +119,6 @@ class WaitingLine:
             if job is None:
                 del self._placed[jid]
             else:
-                heapq.heappush(self._ready, (-job.priority, jid, number))
+                heapq.heappush(self._ready.setdefault(job.module, []), (-job.priority, jid, number))
         self._arm_timer()
         self._on_due()

@@ -1,0 +1,29 @@
+"""The embedded engine's pump (bgservice/queue/pump.py) and waiting line (schedule.py):
+which ready jobs start now, with module limits, on the embedded engine only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.timeout(120)  # the old code took minutes: fail, do not hang the run
+def test_thousands_of_jobs_held_by_their_module_limit_do_not_slow_the_others(make_service):
+    # The embedded engine only: on Redis a claim looks at the best 100 ready jobs
+    # (docs/queue.md, "Several instances").
+    # Each pump took every held job out of line and put it back: adds and starts of other
+    # modules slowed with the held ones' number (quadratic; 8,000 took a minute to add).
+    svc = make_service("[queue]\nmodule_limits = { sleep = 1 }\n")
+    conn = svc.framed()
+    try:
+        for _ in range(20):  # 10,000 adds, 500 to a write
+            conn.send(*[b"queue:add:sleep:60000"] * 500)
+            assert all(conn.recv()[0] == 200 for _ in range(500))
+        conn.send(*[b"queue:add:echo:%d" % n for n in range(200)])
+        jids = [int(conn.recv()[1][3:]) for _ in range(200)]
+        conn.send(*[b"queue:get:id:%d" % jid for jid in jids])
+        assert [conn.recv() for _ in jids] == [(200, b"%d" % n) for n in range(200)]
+    finally:
+        conn.close()
+    assert json.loads(svc.call(b"queue:stats"))["counts"]["running"] == 1
