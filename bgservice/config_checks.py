@@ -33,6 +33,12 @@ def install(extra: str) -> str:
     return f"{sys.executable} -m pip install 'bgservice[{extra}]'"
 
 
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: its password (``user:PW@`` or ``?password=PW``) replaced."""
+    url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError("must be a whole number of at least 1")

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -24,7 +23,7 @@ from bgservice.access import AccessList
 from bgservice.alerts import Alerts
 from bgservice.commands import Commands
 from bgservice.config import Settings
-from bgservice.config_checks import install
+from bgservice.config_checks import install, redact_url
 from bgservice.datagram import DatagramQueue
 from bgservice.dispatch import Dispatcher
 from bgservice.events import (
@@ -66,11 +65,6 @@ def make_queue(settings: Settings, runner: JobRunner, stats: Stats, events: Even
         queue = LocalQueue(settings.queue, limits, store, runner, stats, events)
     queue.rates = Windows(dict(settings.module_rates))
     return queue
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for a log line: any password replaced."""
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 class Service:

@@ -305,3 +305,99 @@ def test_an_instance_with_a_free_worker_runs_what_it_adds_waking_no_one(
         assert a.call(b"queue:get:id:%d" % first) == b"slow"
     finally:
         channel.close()
+
+
+# --- defects found by a review of the Redis engine (2026-12-04) -------------------------
+
+PROGRESS = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    go = Path(request.text)
+    while not go.exists():
+        if request.job.cancelled:
+            return "stopped early"
+        time.sleep(0.01)
+    return "finished"
+"""
+
+
+def test_every_get_sharing_a_failed_read_hears_the_failure(tmp_path):
+    # The first get of a job made the waiter the later ones share; when its read failed
+    # (Redis frozen), it dropped the waiter and the others waited for ever.
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "orphan"))
+    try:
+        svc.start()
+        jid = add(svc, b"queue:add:sleep:20000")
+        wait_until(lambda: json.loads(svc.call(b"queue:status:id:%d" % jid))["state"] == "running")
+        assert redis_command(server.url, "CLIENT", "PAUSE", "7000", "ALL") == b"+OK\r\n"
+        replies: list[bytes] = []
+
+        def get() -> None:
+            try:
+                replies.append(svc.call(b"queue:get:id:%d" % jid, timeout=25))
+            except OSError as exc:
+                replies.append(repr(exc).encode())
+
+        threads = [threading.Thread(target=get) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)  # the second shares the first one's waiter
+        for thread in threads:
+            thread.join()
+        assert replies == [b"503: Queue unavailable: Redis does not answer"] * 2, replies
+    finally:
+        svc.stop()
+        server.stop()
+
+
+def test_a_cancel_in_one_database_does_not_reach_a_job_in_another(tmp_path):
+    # Pub/sub is one namespace for the whole server: two services with one prefix on db 1
+    # and db 2 both run a job 1, and a cancel of staging's reached production's.
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    services = []
+    try:
+        for db in (1, 2):
+            root = tmp_path / f"db{db}"
+            root.mkdir()
+            url = server.url.rsplit("/", 1)[0] + f"/{db}"
+            svc = ServiceProcess(root, "", backend_config=redis_config(url, "bgservice"))
+            write_module(svc.modules, "progress", PROGRESS)
+            services.append(svc.start())
+        staging, production = services
+        go = tmp_path / "go"
+        for svc in services:
+            assert add(svc, b"queue:add:progress:" + str(go).encode()) == 1
+            wait_until(lambda s=svc: json.loads(s.call(b"queue:status:id:1"))["state"] == "running")
+        assert staging.call(b"queue:cancel:id:1") == b"cancelling"
+        assert staging.call(b"queue:get:id:1") == b"410: Job 1 cancelled"
+        time.sleep(0.5)  # the cancel was published long ago
+        assert json.loads(production.call(b"queue:status:id:1"))["state"] == "running"
+        go.touch()
+        assert production.call(b"queue:get:id:1") == b"finished"
+    finally:
+        for svc in services:
+            svc.stop()
+        server.stop()
+
+
+def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path):
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()  # no password set: AUTH fails, and is logged
+    url = server.url + "?password=TOPSECRET"
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "pw"))
+    try:
+        svc.start()
+        svc.wait_for_log("does not answer")
+        assert "password=***" in svc.log()
+        assert "TOPSECRET" not in svc.log()
+    finally:
+        svc.stop()
+        server.stop()

@@ -43,7 +43,7 @@ from bgservice.queue.engine import (
 )
 from bgservice.queue.job import Job, stored_after
 from bgservice.queue.redis_channel import Subscription
-from bgservice.queue.redis_db import RedisJobs, available, batched, script_error
+from bgservice.queue.redis_db import RedisJobs, available, batched, script_error, unavailable
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
@@ -91,7 +91,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             await self.db.redis.ping()
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
-                      "does", self.conf.url.split("@")[-1], exc)  # fmt: skip
+                      "does", self.db.where, exc)  # fmt: skip
         self._loop = loop = asyncio.get_running_loop()
         for coro in (self._listen(), self._runner(), self._leases(), self.db.expire_forever()):
             self._tasks.append(loop.create_task(coro))
@@ -156,8 +156,8 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             waiter = self._waiters[jid] = self.loop.create_future()
             try:
                 await self._deliver(jid, quiet=False)
-            except RedisError:
-                self._waiters.pop(jid, None)
+            except RedisError:  # every get sharing the waiter hears it (503), not just us
+                self._settle(jid, waiter, exception=unavailable())
                 raise
         # Shielded: one client hanging up must not cancel the result for the others.
         return await asyncio.shield(waiter)
@@ -258,7 +258,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         elif kind == "done" and int(arg) in self._waiters:
             self._spawn(self._deliver(int(arg)))
         elif kind == "cancel" and int(arg) in self._running:
-            self._running[int(arg)][0].cancel_requested = True
+            self._spawn(self._heard_cancel(int(arg)))
         elif kind == "schedules" and self.scheduler is not None:
             self._spawn(self.scheduler.reload())
 

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
+from bgservice.config_checks import redact_url
 from bgservice.eager import hop, in_task
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.protocol import OK
@@ -52,6 +53,10 @@ def batched(
     return _guarded(method, into_task=False)
 
 
+def unavailable() -> Busy:
+    return Busy("Queue unavailable: Redis does not answer")
+
+
 def _guarded(
     method: Callable[P, Coroutine[Any, Any, T]], into_task: bool
 ) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -63,7 +68,7 @@ def _guarded(
             return await method(*args, **kwargs)
         except RedisError as exc:
             log.warning("queue command failed: Redis unavailable: %s", exc)
-            raise Busy("Queue unavailable: Redis does not answer") from None
+            raise unavailable() from None
 
     return wrapper
 
@@ -86,6 +91,7 @@ class RedisJobs:
     def __init__(self, conf: RedisSettings, settings: QueueSettings) -> None:
         self.prefix = conf.prefix
         self.settings = settings
+        self.where = redact_url(conf.url)  # for log lines
         # How long Redis may take to answer a command or a pipeline (and to answer a ping
         # on the subscription after as long without a message).
         self.timeout = timeout = max(conf.connect_timeout, 5.0)

@@ -49,13 +49,19 @@ class RedisLeases:
     async def _leases(self) -> None:
         """Renew our leases; take over jobs whose instance stopped renewing theirs."""
         interval = self.conf.lease / 3
+        reap_from = 0.0  # after an outage: once every live instance has renewed again
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._renew()
+                if time.monotonic() < reap_from:
+                    continue
                 taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
+                # Leases ran out while nobody could reach Redis, not because their
+                # instances died: each gets a full lease to renew before we reap.
+                reap_from = time.monotonic() + self.conf.lease + interval
                 continue
             if taken:
                 log.warning(
@@ -66,6 +72,18 @@ class RedisLeases:
     async def hand_back(self, ids: list[str]) -> None:
         """Stopping: our unfinished jobs wait again for any instance (or end cancelled)."""
         await self.db.call("RELEASE", self.owner, self._expires(), *ids)
+
+    async def _heard_cancel(self, jid: int) -> None:
+        """A cancel published for a job id we run: the channel is server-wide (a service
+        on another db number with the same prefix publishes on it too): it is ours only
+        if the job hash in our db says so."""
+        try:
+            key = self.db.key(f"job:{jid}")
+            asked, owner = await self.db.redis.hmget(key, "cancel_requested", "owner")
+        except RedisError:
+            return  # the next renewal reports it
+        if asked == b"1" and owner == self.owner.encode() and jid in self._running:
+            self._running[jid][0].cancel_requested = True
 
     def _expires(self) -> str:  # a job that ends now: when its result goes
         return repr(time.time() + self.settings.keep_results)
