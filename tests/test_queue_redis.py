@@ -401,3 +401,38 @@ def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path):
     finally:
         svc.stop()
         server.stop()
+
+
+STOPS = """
+import os
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    # Runs until cancelled; then says which process was told to stop.
+    while not request.job.cancelled:
+        time.sleep(0.01)
+    with open(Path(__file__).with_name("stopped.txt"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return "stopped"
+"""
+
+
+def test_an_attempt_whose_lease_was_taken_over_is_told_to_stop(shared, tmp_path):
+    # Frozen past its lease, the instance came back to a job another instance runs now:
+    # it only logged "lease lost" and its handler ran on, writing into the new attempt.
+    a = shared("a", "workers = 1")
+    write_module(a.modules, "stops", STOPS)
+    wait_until(lambda: a.call(b"service:modules").count(b'"stops"') > 0)
+    jid = add(a, b"queue:add:stops:x")
+    wait_until(lambda: json.loads(a.call(b"queue:status:id:%d" % jid))["state"] == "running")
+    b = shared("b", "workers = 1")
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: json.loads(b.call(b"queue:status:id:%d" % jid))["attempts"] == 2,
+                   timeout=20)  # fmt: skip
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    stopped = a.modules / "stopped.txt"
+    wait_until(lambda: stopped.exists() and str(a.proc.pid) in stopped.read_text(), timeout=10)
+    assert str(b.proc.pid) not in stopped.read_text()  # the new attempt runs on

@@ -100,4 +100,6 @@ class RedisLeases:
                 entry[0].cancel_requested = True
         for jid in map(int, lost):  # not a job whose end was recorded meanwhile
             if jid in self._running and jid not in self._ending:
-                log.warning("job %d: lease lost (taken over by another instance)", jid)
+                log.warning("job %d: lease lost (taken over by another instance): its "
+                            "handler is told to stop (request.job.cancelled)", jid)  # fmt: skip
+                self._running[jid][0].cancel_requested = True
