@@ -1,11 +1,16 @@
 """The embedded engine's pump (bgservice/queue/pump.py) and waiting line (schedule.py):
-which ready jobs start now, with module limits, on the embedded engine only."""
+which ready jobs start now, with module limits, and the order queue:list shows them in;
+on the embedded engine only."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+
+from tests.conftest import wait_until, write_module
+from tests.queue_helpers import add, status
 
 
 @pytest.mark.timeout(120)  # the old code took minutes: fail, do not hang the run
@@ -27,3 +32,29 @@ def test_thousands_of_jobs_held_by_their_module_limit_do_not_slow_the_others(mak
     finally:
         conn.close()
     assert json.loads(svc.call(b"queue:stats"))["counts"]["running"] == 1
+
+
+RECORD = """
+from pathlib import Path
+
+def handle_tcp(request):
+    with open(Path(__file__).with_name("order.log"), "a") as f:
+        f.write(request.text + "\\n")
+    return request.text
+"""
+
+
+def test_waiting_jobs_are_listed_in_the_order_they_run(make_service, modules_dir):
+    # A delayed job that has come due runs by its id among the others; the list sorted
+    # by due time put a later-added job first.
+    write_module(modules_dir, "record", RECORD)
+    svc = make_service("[queue]\nworkers = 1\n")
+    busy = add(svc, b"queue:add:sleep:1500")
+    wait_until(lambda: status(svc, busy)["state"] == "running")
+    first = add(svc, b"queue:add?delay=0.3:record:first")
+    second = add(svc, b"queue:add:record:second")
+    time.sleep(0.5)  # both are due now
+    listed = [job["id"] for job in json.loads(svc.call(b"queue:list:waiting"))["waiting"]]
+    assert listed == [first, second]
+    assert svc.call(b"queue:get:id:%d" % second) == b"second"
+    assert (modules_dir / "order.log").read_text().split() == ["first", "second"]

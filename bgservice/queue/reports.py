@@ -26,9 +26,11 @@ async def list_page(
     out: dict[str, Any] = {}
     for state in states:
         if state in ("waiting", "running"):
+            # As they run: the ones due now by priority, then arrival (id), as the
+            # waiting line takes them; then the delayed ones by when they are due.
             in_state = sorted(
                 (j for j in live if j.state == state),
-                key=lambda j: (-j.priority, j.run_at, j.id),
+                key=lambda j: (0, -j.priority, j.id) if j.run_at <= now else (1, j.run_at, j.id),
             )
             page = in_state[spec.offset : spec.offset + spec.limit]
         else:
