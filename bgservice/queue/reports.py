@@ -26,17 +26,21 @@ async def list_page(
     out: dict[str, Any] = {}
     for state in states:
         if state in ("waiting", "running"):
-            # As they run: the ones due now by priority, then arrival (id), as the
-            # waiting line takes them; then the delayed ones by when they are due.
             in_state = sorted(
-                (j for j in live if j.state == state),
-                key=lambda j: (0, -j.priority, j.id) if j.run_at <= now else (1, j.run_at, j.id),
+                (j for j in live if j.state == state), key=lambda j: _run_order(j, now)
             )
             page = in_state[spec.offset : spec.offset + spec.limit]
         else:
             page = await store.list_jobs(state, spec.limit, spec.offset)
         out[state] = [j.describe(now, position(j)) for j in page]
     return out
+
+
+def _run_order(job: Job, now: float) -> tuple[bool, int, float, int]:
+    """Jobs due now by priority, then arrival (id), as the waiting line takes them; then
+    the delayed ones by priority, then due time."""
+    delayed = job.run_at > now
+    return (delayed, -job.priority, job.run_at if delayed else 0.0, job.id)
 
 
 async def stats(
