@@ -54,9 +54,16 @@ def reply_bytes(module: str, value: Any) -> bytes:
         raise HandlerError(f"Module {module} returned a bad reply: {exc}") from None
 
 
+class AttemptOver(RuntimeError):
+    """``save_checkpoint`` from an attempt that is over (timed out, cut, or followed by a
+    later attempt): nothing was stored."""
+
+
 class JobContext:
     """``request.job`` in a queued call: the job's id, progress reports, cancel requests,
-    checkpoints."""
+    checkpoints, for one attempt. Once that attempt is over (a ``def`` handler's thread
+    runs on past its timeout), its progress reports and checkpoints are not kept and
+    ``cancelled`` is true: the job's next attempt sees none of it."""
 
     def __init__(
         self,
@@ -70,6 +77,7 @@ class JobContext:
         self.attempt = job.attempts
         self.source = job.source  # where the job was added from (Request.source)
         self._job = job
+        self.ended = False  # set by the queue when the attempt's call returns
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._on_progress = on_progress
@@ -87,22 +95,35 @@ class JobContext:
         from. On the loop (an ``async def`` handler) it returns an awaitable: once awaited,
         the checkpoint is stored (committed to SQLite, written to Redis). From a thread (a
         ``def`` handler) it blocks until then. Larger than ``[queue]
-        max_checkpoint_bytes``: ``ValueError``."""
+        max_checkpoint_bytes``: ``ValueError``. From an attempt that is over:
+        ``AttemptOver`` (a ``RuntimeError``), and nothing is stored."""
         text = check_checkpoint(value, self._max_checkpoint)
         if self._saver is None:
             raise RuntimeError("this queue does not keep checkpoints")
         if threading.get_ident() == self._loop_thread:
-            return asyncio.ensure_future(self._saver(self._job, text))
-        asyncio.run_coroutine_threadsafe(self._saver(self._job, text), self._loop).result()
+            return asyncio.ensure_future(self._save(text))
+        asyncio.run_coroutine_threadsafe(self._save(text), self._loop).result()
         return None
+
+    async def _save(self, text: str) -> None:
+        # On the loop, where attempts start and end: the test and the store are one step.
+        if self.ended:
+            raise AttemptOver(
+                f"job {self.id}: attempt {self.attempt} is over (timed out or cut): "
+                "its checkpoint is not saved"
+            )
+        assert self._saver is not None
+        await self._saver(self._job, text)
 
     @property
     def cancelled(self) -> bool:
-        """True once ``queue:cancel`` asked this running job to stop."""
-        return self._job.cancel_requested
+        """True once ``queue:cancel`` asked this running job to stop, or once this attempt
+        is over (its timeout passed, or a later attempt runs)."""
+        return self._job.cancel_requested or self.ended
 
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
-        """Report progress; ``queue:status`` shows it at once. Safe from any thread."""
+        """Report progress; ``queue:status`` shows it at once. Safe from any thread.
+        Ignored once this attempt is over."""
         value = (float(done), float(total), None if message is None else str(message)[:500])
         if threading.get_ident() == self._loop_thread:
             self._set(value)
@@ -110,6 +131,8 @@ class JobContext:
             self._loop.call_soon_threadsafe(self._set, value)
 
     def _set(self, value: tuple[float, float, str | None]) -> None:
+        if self.ended:
+            return
         self._job.progress = value
         if self._on_progress is not None:
             self._on_progress(self._job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -146,3 +147,58 @@ def test_a_refused_checkpoint_raises_the_same_in_a_worker_process(
         b"ValueError: checkpoint of 11 bytes: [queue] max_checkpoint_bytes is 10; "
         b"TypeError: a checkpoint is text (json.dumps a structure), not int"
     )
+
+
+STALE = """
+import time
+from pathlib import Path
+
+def wait_for(path):
+    deadline = time.time() + 20
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.02)
+
+def handle_tcp(request):
+    job, folder = request.job, Path(request.text)
+    if job.attempt == 1:
+        wait_for(folder / "attempt2")  # timed out meanwhile: its thread goes on regardless
+        job.progress(9, message="attempt 1 (timed out long ago)")
+        try:
+            job.save_checkpoint("written by attempt 1")
+            saved = "stored"
+        except RuntimeError as exc:
+            saved = type(exc).__name__
+        (folder / "attempt1").write_text(f"{saved} cancelled={job.cancelled}")
+        return "attempt 1"
+    job.save_checkpoint("written by attempt 2")
+    job.progress(1, message="attempt 2")
+    (folder / "attempt2").write_text("")
+    wait_for(folder / "looked")  # the test has read the status
+    return f"{job.checkpoint} cancelled={job.cancelled}"
+"""
+
+
+@pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
+def test_a_timed_out_thread_writes_nothing_into_the_next_attempt(
+    make_service, modules_dir, tmp_path
+):
+    # A def handler's thread runs on past its timeout. Its progress and checkpoint once
+    # landed in the job's next attempt (the embedded engine keeps one Job for all of them):
+    # queue:status showed them, the new attempt read them back, and the old thread saw the
+    # new attempt's cancel flag.
+    write_module(modules_dir, "stale", STALE)
+    folder = tmp_path / "stale"
+    folder.mkdir()
+    svc = make_service()
+    jid = add(svc, b"queue:add?timeout=2&retries=1&backoff=0.05:stale:%s" % bytes(folder))
+    wait_until(lambda: (folder / "attempt1").exists(), timeout=20)
+    time.sleep(0.3)  # a progress report would have been copied by now (Redis: 50 ms)
+    job = status(svc, jid)
+    (folder / "looked").write_text("")
+    assert (job["state"], job["attempts"]) == ("running", 2)
+    assert job["progress"]["message"] == "attempt 2"
+    assert job["checkpoint"] == "written by attempt 2"
+    assert (folder / "attempt1").read_text() == "AttemptOver cancelled=True"
+    reply = svc.call(b"queue:get:id:%d" % jid, timeout=30)
+    assert reply == b"written by attempt 2 cancelled=False"
+    assert status(svc, jid)["checkpoint"] == "written by attempt 2"

@@ -273,3 +273,100 @@ def test_schedules_through_the_clients_and_the_cli(service):
     assert gone.returncode == 1 and gone.stderr.startswith(b"404: Schedule 'sweep' not found")
     as_json = json.loads(bg(service, "schedule", "list", "--json").stdout)
     assert [s["name"] for s in as_json] == ["nightly"]
+
+
+def named(svc, name: str) -> dict:
+    return next(s for s in schedules(svc) if s["name"] == name)
+
+
+def every2(paused: str = "", data: str = "x", every: int = 2) -> str:
+    head = f'[[schedule]]\nname = "two"\nmodule = "echo"\ndata = "{data}"\n'
+    return f"{head}every = {every}\n{paused}"
+
+
+@BOTH
+def test_a_pause_from_the_config_ends_when_the_config_drops_it(make_service):
+    # The start once took any stored pause for one made at run time, the config's own too:
+    # a schedule once paused in service.config stayed paused for good.
+    svc = make_service(every2("paused = true\n", every=5))
+    assert named(svc, "two")["paused"] is True
+    svc.stop()
+    time.sleep(5 - time.time() % 5 + 0.3)  # a slot falls while it is down, paused: no run
+    started = time.time()
+    again = make_service(every2(every=5))
+    two = named(again, "two")
+    assert two["paused"] is False and two["next_run"] > started
+    wait_until(lambda: runs(again, "two"), timeout=15)
+    assert min(slots(runs(again, "two"))) > started  # from its next slot, as a resume does
+
+
+@BOTH
+def test_a_pause_made_at_run_time_outlasts_config_changes(make_service):
+    svc = make_service(every2())
+    schedules(svc)
+    assert json.loads(svc.call(b"queue:pause:two"))["paused"] is True
+    svc.stop()
+    again = make_service(every2("paused = true\n", data="changed"))  # paused by both
+    assert named(again, "two")["paused"] is True
+    again.stop()
+    third = make_service(every2(data="changed"))  # the config's pause gone, not the other
+    assert named(third, "two")["paused"] is True
+    assert json.loads(third.call(b"queue:resume:two"))["paused"] is False
+    third.stop()
+    fourth = make_service(every2("paused = true\n"))  # the config pauses it whatever ran
+    assert named(fourth, "two")["paused"] is True
+    assert json.loads(fourth.call(b"queue:resume:two"))["paused"] is False
+    fourth.stop()
+    assert named(make_service(every2("paused = true\n")), "two")["paused"] is True
+
+
+def test_a_pause_stored_by_an_older_version_still_loads():
+    # Stored before pauses recorded where they came from: kept while the config does not
+    # pause the schedule itself (a run-time pause, as before), the config's while it does.
+    from bgservice.queue.scheduler import Scheduler
+    from bgservice.queue.schedules import Schedule
+
+    class Store:
+        def __init__(self, stored: Schedule) -> None:
+            self.stored = {stored.name: (stored, 0.0)}
+
+        async def load_schedules(self):
+            return dict(self.stored)
+
+        async def put_schedule(self, schedule, last, reset=False):
+            self.stored[schedule.name] = (schedule, self.stored[schedule.name][1])
+
+        async def remove_schedule(self, name):
+            return self.stored.pop(name, None) is not None
+
+        def schedules_changed(self):
+            pass
+
+    old = '{"name": "two", "module": "echo", "data": "x", "cron": null, "every": 2.0,'
+    old += ' "tz": "UTC", "missed": "once", "options": {}, "paused": true, "origin": "config"}'
+    assert Schedule.from_stored(old).paused_by is None
+
+    def start(config: str) -> Schedule:
+        (configured,) = make_schedules(config)
+        store = Store(Schedule.from_stored(old))
+
+        async def run() -> None:
+            scheduler = Scheduler(store, (configured,))
+            await scheduler.start()
+            scheduler.stop()
+
+        asyncio.run(run())
+        return store.stored["two"][0]
+
+    kept = start(every2())
+    assert (kept.paused, kept.paused_by) == (True, "runtime")
+    configs = start(every2("paused = true\n"))
+    assert (configs.paused, configs.paused_by) == (True, "config")
+
+
+def make_schedules(config: str) -> list:
+    """The ``[[schedule]]`` tables of ``config``, as the service reads them."""
+    import tomllib
+
+    tables = tomllib.loads(config)["schedule"]
+    return [make_schedule(t, str(t.pop("data", "")).encode(), "config") for t in tables]

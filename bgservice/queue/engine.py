@@ -201,20 +201,18 @@ class JobQueue(abc.ABC):
         a direct call would have replied."""
         loop = self.loop
         chunks: list[bytes] = []
-        request = Request(
-            job.module,
-            job.data,
-            Origin.QUEUE,
-            f"job:{job.id}",
-            sink=chunks.append,
-            loop=loop,
-            jobs=self,
-            job=JobContext(
-                job, loop, self.progressed, self.save_checkpoint, self.settings.max_checkpoint_bytes
-            ),
+        context = JobContext(
+            job, loop, self.progressed, self.save_checkpoint, self.settings.max_checkpoint_bytes
         )
+        request = Request(
+            job.module, job.data, Origin.QUEUE, f"job:{job.id}",
+            sink=chunks.append, loop=loop, jobs=self, job=context,
+        )  # fmt: skip
         fallback = self.settings.job_timeout or NO_TIMEOUT
-        return whole(await self.runner.call(request, job.timeout, fallback), chunks)
+        try:
+            return whole(await self.runner.call(request, job.timeout, fallback), chunks)
+        finally:  # a def handler's thread may run on past its timeout: its writes stop
+            context.ended = True
 
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:
         """``decide`` the attempt's outcome, and count it: its duration for ``/metrics``,

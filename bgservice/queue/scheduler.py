@@ -5,8 +5,9 @@ Redis hash), behind ``Schedules``, which each engine implements; the engine's ``
 adds the slot's job and records the slot in one transaction, so that a restart neither
 loses nor repeats a run and, on Redis, one instance of several fires it. At start the
 ``[[schedule]]`` tables of service.config replace the stored definitions of the same
-name (a paused one stays paused), and schedules that came from the config but are no
-longer in it are removed. docs/queue.md describes the commands.
+name (one paused at run time stays paused; a pause that came from the config lasts only
+while the config says ``paused = true``), and schedules that came from the config but
+are no longer in it are removed. docs/queue.md describes the commands.
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ class Scheduler:
         now = time.time()
         names = {s.name for s in self.configured}
         for schedule in self.configured:
-            old = stored.get(schedule.name)
-            if old is not None and old[0].paused and not schedule.paused:
-                schedule = _with(schedule, paused=True)  # paused at run time: it stays so
-            await self.store.put_schedule(schedule, now)
+            was = stored[schedule.name][0] if schedule.name in stored else None
+            if was is not None and was.paused and _paused_at_run_time(was, schedule):
+                schedule = _with(schedule, paused=True, paused_by="runtime")  # it stays so
+            # No longer paused by the config: it goes on from its next slot, as on a resume.
+            resumed = was is not None and was.paused and not schedule.paused
+            await self.store.put_schedule(schedule, now, reset=resumed)
         for name, (schedule, _) in stored.items():
             if schedule.origin == "config" and name not in names:
                 log.info("schedule %s: no longer in service.config, removed", name)
@@ -142,7 +145,9 @@ class Scheduler:
         now = time.time()
         # Resumed, it goes on from its next slot: none that fell while it was paused fires.
         resumed = schedule.paused and not paused
-        await self.store.put_schedule(_with(schedule, paused=paused), now, reset=resumed)
+        by = "runtime" if paused else None  # a run-time pause outlasts the config's
+        changed = _with(schedule, paused=paused, paused_by=by)
+        await self.store.put_schedule(changed, now, reset=resumed)
         if resumed:
             self.last[name] = now
         await self._changed()
@@ -221,6 +226,14 @@ class Scheduler:
 
 def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _paused_at_run_time(stored: Schedule, configured: Schedule) -> bool:
+    """A stored pause that outlasts the config's say. One stored by an older version does
+    not tell where it came from: it is the config's while the config pauses it too."""
+    if stored.paused_by is None:
+        return not configured.paused
+    return stored.paused_by == "runtime"
 
 
 def _with(schedule: Schedule, **changes: Any) -> Schedule:

@@ -48,6 +48,10 @@ class Schedule:
     options: dict[str, str] = field(default_factory=dict)
     paused: bool = False
     origin: str = "runtime"  # "config": defined in service.config, replaced at each start
+    # Who paused it: "config" (paused = true there: it holds while the config says so) or
+    # "runtime" (queue:pause, or paused=1 when added: it holds across restarts and config
+    # changes until queue:resume); None while it runs, or stored by an older version.
+    paused_by: str | None = None
 
     def next_slot(self, after: float) -> float:
         """The first slot strictly after ``after`` (Unix time)."""
@@ -153,6 +157,7 @@ def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") 
             f"schedule {name}: option {sorted(unknown)[0]!r} is not one of "
             f"{', '.join(sorted(OPTIONS))}"
         )
+    paused = paused in (True, "1", "true", "yes")
     schedule = Schedule(
         name=name,
         module=module,
@@ -162,8 +167,9 @@ def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") 
         tz=tz,
         missed=missed,
         options={k: str(v) for k, v in options.items()},
-        paused=paused in (True, "1", "true", "yes"),
+        paused=paused,
         origin=origin,
+        paused_by=origin if paused else None,
     )
     try:
         schedule.spec(None)  # the options' values, as queue:add checks them
