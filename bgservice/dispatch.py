@@ -16,7 +16,7 @@ from typing import Any
 
 from bgservice.config import Settings
 from bgservice.declarations import admit
-from bgservice.errors import Busy, ServiceError
+from bgservice.errors import Busy, ServiceError, UnknownRequest
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.execution import RESERVED, Execution
 from bgservice.origin import Origin
@@ -62,7 +62,11 @@ class Dispatcher:
     def check(self, module: str, source: str | None = None) -> None:
         """Raise the error a queued job for ``module`` would get, now (``queue:add``), and
         403 when the module's ``QUEUE_FROM`` does not admit ``source``."""
-        version, _ = self.execution.resolve(module, Origin.QUEUE)
+        try:
+            version, _ = self.execution.resolve(module, Origin.QUEUE)
+        except UnknownRequest:  # a mistyped job name: counted as a mistyped call is
+            self.unknown.seen(module, "queue")
+            raise
         if version.queue_from is not None:
             admit(version.queue_from, source or "", f"module {module}: queue")
 

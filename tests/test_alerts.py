@@ -278,3 +278,16 @@ def test_repeated_requests_for_an_unknown_module_alert_once_per_minute(
     assert alert["event"] == "unknown"
     assert alert["module"] == "mistyped_job"
     assert "10 requests for unknown module 'mistyped_job'" in alert["title"]
+
+
+def test_mistyped_job_names_alert_as_mistyped_calls_do(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    # Only calls were counted: a deploy that queues jobs for a renamed module never said.
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service(recorder_config())
+    for _ in range(30):
+        assert svc.call(b"queue:add:mistyped_job:x") == b"400: Unknown request"
+    wait_until(lambda: recorded(modules_dir))
+    (alert,) = recorded(modules_dir)
+    assert alert["event"] == "unknown" and alert["module"] == "mistyped_job"

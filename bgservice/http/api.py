@@ -82,9 +82,12 @@ class HttpApi:
 
     async def start(self) -> tuple[str, int]:
         """Listen on ``[http] host:port``; the address bound (port 0 picks a free one)."""
+        # Stopping waits for open requests (a ?wait= one may be long) no more than the
+        # shutdown grace, not aiohttp's 60 s per phase.
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, logger=_server_log()
-        )
+            self.app, access_log=None, handle_signals=False, logger=_server_log(),
+            shutdown_timeout=self.settings.limits.shutdown_grace,
+        )  # fmt: skip
         await self._runner.setup()
         http = self.settings.http
         site = web.TCPSite(self._runner, http.host, http.port, backlog=128)

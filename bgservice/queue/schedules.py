@@ -198,11 +198,14 @@ def _timing(name: str, values: dict[str, Any]) -> tuple[str | None, float | None
     return cron, None, tz
 
 
+EVERY_MAX = 366 * 86400.0  # longer than that: a cron expression says it better
+
+
 def _seconds(name: str, value: Any) -> float:
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits)
         raise BadRequest(f"schedule {name}: every must be a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 1:
-        raise BadRequest(f"schedule {name}: every must be at least 1 second")
+    if not math.isfinite(seconds) or not 1 <= seconds <= EVERY_MAX:
+        raise BadRequest(f"schedule {name}: every must be 1 to {EVERY_MAX:.0f} seconds (a year)")
     return seconds
