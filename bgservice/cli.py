@@ -15,8 +15,7 @@ from pathlib import Path
 import click
 import uvloop
 
-from bgservice import __version__, config, logs
-from bgservice.cli_client import client_options, register_client_commands
+from bgservice import __version__, cli_client, config, logs
 from bgservice.cli_schedule import schedule
 from bgservice.errors import ConfigError
 from bgservice.server import Service
@@ -60,8 +59,24 @@ class _ServeByDefault(click.Group):
             formatter.write_dl(rows)
 
 
+class _Serve(click.Command):
+    """serve's ``--help`` ends with the other commands, read from the group they are in:
+    a command added later is listed without anyone remembering to."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        group = ctx.parent.command if ctx.parent else None
+        if isinstance(group, click.Group):
+            others = ", ".join(name for name in group.commands if name != self.name)
+            formatter.write_paragraph()
+            with formatter.indentation():
+                formatter.write_text(
+                    f"Other commands talk to a running service: {others} "
+                    "(bgservice --help lists them; bgservice COMMAND --help)."
+                )
+
+
 @click.group(cls=_ServeByDefault, context_settings={"help_option_names": ["-h", "--help"]})
-@client_options
+@cli_client.every_client_option
 def main() -> None:
     """bgservice: fire-and-forget UDP, TCP calls and a job queue for web applications.
 
@@ -71,10 +86,7 @@ def main() -> None:
     """
 
 
-@main.command(
-    epilog="Other commands talk to a running service: call, send, queue, stats, modules, "
-    "ping, top (bgservice --help lists them; bgservice COMMAND --help)."
-)
+@main.command(cls=_Serve)
 @click.option(
     "-c",
     "--config",
@@ -147,5 +159,14 @@ def serve(
     sys.exit(uvloop.run(service.run()))
 
 
-register_client_commands(main)
-main.add_command(schedule)
+for command in (
+    cli_client.call,
+    cli_client.send,
+    cli_client.queue,
+    cli_client.stats,
+    cli_client.modules,
+    cli_client.ping,
+    cli_client.top,
+    schedule,
+):
+    main.add_command(command)

@@ -8,12 +8,15 @@ scripts can rely on:
     2  usage error (bad option or argument)
     3  the service cannot be reached (down, wrong address)
     4  no reply within --timeout
+  130  interrupted (Ctrl-C), as a shell reports SIGINT; not click's ``Aborted!`` and 1
 
 DATA ``-`` reads standard input (binary-safe); no DATA sends an empty one.
 
 ``-a/--address``, ``-t/--timeout`` and ``--udp-address`` are taken at every level
 (``bgservice -a X queue add``, ``bgservice queue -a X add``, ``bgservice queue add -a X``):
-the innermost given wins, then ``$BGSERVICE_ADDRESS``, then the default.
+the innermost given wins, then ``$BGSERVICE_ADDRESS``, then the default. ``--help``
+shows them only where they apply: ``--udp-address`` on ``bgservice`` and send, ``-t``
+everywhere but send (it gets no reply).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -33,7 +36,7 @@ from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown
 from bgservice.client_requests import parse_address
 from bgservice.errors import ReplyError
 
-EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT = 1, 3, 4
+EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 3, 4, 130
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -64,35 +67,30 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         ctx.meta.setdefault(_GIVEN, {})[param.name] = value
 
 
-def client_options(fn: F) -> F:
-    """--address, --udp-address, --timeout on every group and client command."""
+def _options(udp: bool, reply: bool) -> Callable[[F], F]:
+    """--address, --udp-address, --timeout: taken by every group and client command (a
+    script's ``-t`` on send is not refused), shown in ``--help`` only where they apply."""
+    kept: dict[str, Any] = {"callback": _remember, "expose_value": False}
+    address = "host:port or Unix socket path of the service "
+    address += f"[default: $BGSERVICE_ADDRESS, else {DEFAULT_ADDRESS}]"
+    udp_address = "For send: UDP host:port or Unix datagram path."
+    timeout = "Seconds to wait for a reply [default: 30]."
     options = [
-        click.option(
-            "-a",
-            "--address",
-            callback=_remember,
-            expose_value=False,
-            help=f"host:port or Unix socket path of the service "
-            f"[default: $BGSERVICE_ADDRESS, else {DEFAULT_ADDRESS}]",
-        ),
-        click.option(
-            "--udp-address",
-            callback=_remember,
-            expose_value=False,
-            help="For send: UDP host:port or Unix datagram path.",
-        ),
-        click.option(
-            "-t",
-            "--timeout",
-            type=float,
-            callback=_remember,
-            expose_value=False,
-            help="Seconds to wait for a reply [default: 30].",
-        ),
+        click.option("-a", "--address", help=address, **kept),
+        click.option("--udp-address", hidden=not udp, help=udp_address, **kept),
+        click.option("-t", "--timeout", type=float, hidden=not reply, help=timeout, **kept),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+    def decorate(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+client_options = _options(udp=False, reply=True)  # a command that reads a reply
+every_client_option = _options(udp=True, reply=True)  # bgservice itself, for any command
 
 
 def _given() -> dict[str, Any]:
@@ -108,9 +106,9 @@ def _timeout() -> float:
 
 
 @contextlib.contextmanager
-def _talking() -> Iterator[Client]:
+def _talking(module: str | None = None) -> Iterator[Client]:
     """A client for the options given, with its failures turned into messages and exit
-    codes."""
+    codes (and the notes added to them on the way out: a job left queued, a hint)."""
     udp_address = _given().get("udp_address")
     for address in (_address(), udp_address):
         try:
@@ -122,16 +120,23 @@ def _talking() -> Iterator[Client]:
     try:
         yield client
     except ReplyError as exc:
-        click.echo(f"{exc.code}: {exc.message}", err=True)
-        sys.exit(EXIT_REPLY)
+        if module and (exc.code, exc.message) == (400, "Unknown request"):
+            exc.add_note(f"(no module named {module!r} is loaded: see 'bgservice modules')")
+        _fail(f"{exc.code}: {exc.message}", exc, EXIT_REPLY)
     except ServiceDown as exc:
-        click.echo(f"bgservice: service down: {exc}", err=True)
-        sys.exit(EXIT_DOWN)
+        _fail(f"bgservice: service down: {exc}", exc, EXIT_DOWN)
     except ClientTimeout as exc:
-        click.echo(f"bgservice: timeout: {exc}", err=True)
-        sys.exit(EXIT_TIMEOUT)
+        _fail(f"bgservice: timeout: {exc}", exc, EXIT_TIMEOUT)
+    except KeyboardInterrupt as exc:  # not click's "Aborted!" and 1; a line of its own after ^C
+        _fail("\n" * sys.stderr.isatty() + "bgservice: interrupted", exc, EXIT_INTERRUPTED)
     finally:
         client.close()
+
+
+def _fail(message: str, exc: BaseException, code: int) -> NoReturn:
+    for line in (message, *getattr(exc, "__notes__", ())):
+        click.echo(line, err=True)
+    sys.exit(code)
 
 
 def _data(data: str | None) -> bytes:
@@ -171,14 +176,14 @@ JSON = click.option("--json", "as_json", is_flag=True, help="The service's JSON,
 @client_options
 def call(module: str, data: str | None) -> None:
     """Call MODULE with DATA over TCP and print its reply."""
-    with _talking() as client:
+    with _talking(module) as client:
         _out(client.call(module, _data(data)))
 
 
 @click.command()
 @click.argument("module")
 @click.argument("data", required=False)
-@client_options
+@_options(udp=True, reply=False)
 def send(module: str, data: str | None) -> None:
     """Fire and forget MODULE with DATA over UDP (nothing comes back)."""
     with _talking() as client:
@@ -277,12 +282,16 @@ def queue_add(
 ) -> None:
     """Queue a job of MODULE with DATA; prints its id (with --wait, its result)."""
     options.update(after=after or None, tags=list(tags) or None)
-    with _talking() as client:
-        if wait:  # one round trip: queue:add?wait=1
-            reply = client.run(module, _data(data), _timeout(), timeout=job_timeout, **options)
-            _out(reply)
-            return
+    with _talking(module) as client:
+        deadline = time.monotonic() + _timeout()
         jid = client.add(module, _data(data), timeout=job_timeout, **options)
+        if wait:  # an add, then a get (not queue:add?wait=1): the id is known if cut short
+            try:
+                _out(client.get(jid, timeout=max(deadline - time.monotonic(), 0.01)))
+            except (KeyboardInterrupt, ClientTimeout) as exc:
+                exc.add_note(f"bgservice: job {jid} goes on: bgservice queue get {jid} (or cancel)")
+                raise
+            return
     _json_out({"id": jid}) if as_json else click.echo(jid)
 
 
@@ -388,11 +397,3 @@ def queue_stats(window: float | None, as_json: bool) -> None:
     """Counts per state, oldest waiting job, jobs per minute, busy time per hour."""
     with _talking() as client:
         _show(client.queue_stats(window), as_json, cli_format.queue_stats_lines, time.time())
-
-
-CLIENT_COMMANDS = (call, send, queue, stats, modules, ping, top)
-
-
-def register_client_commands(group: click.Group) -> None:
-    for command in CLIENT_COMMANDS:
-        group.add_command(command)

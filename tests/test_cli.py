@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,17 @@ def handle_tcp(request):
         time.sleep(0.15)
     return "all done"
 """
+
+HOLD = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    Path(__file__).with_name(request.data.decode() + ".started").touch()
+    time.sleep(4)
+    return "held"
+"""
+UNKNOWN_HINT = b"(no module named 'nosuch' is loaded: see 'bgservice modules')\n"
 
 
 def bg(svc, *args: str, stdin: bytes = b"", address: str | None = None):
@@ -58,8 +70,13 @@ def test_call_send_ping_modules_stats(modules_dir, make_service):
 
 
 def test_exit_codes(service):
-    reply = bg(service, "call", "nosuch")
-    assert (reply.returncode, reply.stderr) == (1, b"400: Unknown request\n")
+    # The reply as on the wire (the original's clients read it), and a hint for a person.
+    for args in (("call", "nosuch"), ("queue", "add", "nosuch", "x"), ("call", "nosuch", "-")):
+        reply = bg(service, *args)
+        assert (reply.returncode, reply.stdout) == (1, b""), args
+        assert reply.stderr == b"400: Unknown request\n" + UNKNOWN_HINT, args
+    other = bg(service, "call", "fail", "x")  # another error reply: no hint
+    assert other.returncode == 1 and b"bgservice modules" not in other.stderr
     down = bg(None, "call", "test", address=f"127.0.0.1:{_free_port()}")
     assert down.returncode == 3 and b"service down" in down.stderr
     slow = bg(service, "call", "sleep", "3000", "--timeout", "0.3")
@@ -250,3 +267,79 @@ def test_queue_get_with_progress_keeps_to_the_timeout(service):
     reply = bg(service, "-t", "1.5", "queue", "get", job, "--progress")
     # The old CLI followed the bar for the whole timeout, then waited for it again.
     assert reply.returncode == 4 and time.monotonic() - started < 2.9
+
+
+def _interrupted(svc, started, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``bgservice ARGS`` sent SIGINT (Ctrl-C) once ``started`` exists, its module running."""
+    host, port = svc.tcp
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "service.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "BGSERVICE_ADDRESS": f"{host}:{port}"},
+        # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started,
+        # as it is in a shell's background jobs, which may be running these tests.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_until(started.exists)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def test_ctrl_c_exits_130_and_a_waited_job_is_named(modules_dir, make_service):
+    """Not click's "Aborted!" and exit 1, which scripts read as an error reply; and a job
+    whose --wait was cut short is named, so that it can be waited for or cancelled."""
+    write_module(modules_dir, "hold", HOLD)
+    svc = make_service()
+    called = _interrupted(svc, modules_dir / "call.started", "call", "hold", "call")
+    assert (called.returncode, called.stdout) == (130, b"")
+    assert called.stderr == b"bgservice: interrupted\n"
+    added = _interrupted(svc, modules_dir / "add.started", "queue", "add", "hold", "add", "--wait")
+    assert (added.returncode, added.stdout) == (130, b"")
+    job = re.search(rb"job (\d+) goes on", added.stderr)
+    assert added.stderr.startswith(b"bgservice: interrupted\n") and job, added.stderr
+    status = json.loads(bg(svc, "queue", "status", job[1].decode(), "--json").stdout)
+    assert (status["module"], status["state"]) == ("hold", "running")
+    assert bg(svc, "queue", "get", job[1].decode(), "--no-progress").stdout == b"held"
+    # A --wait that times out leaves the job queued too, and says which it is.
+    slow = bg(svc, "queue", "add", "sleep", "3000", "--wait", "-t", "0.5")
+    job = re.search(rb"job (\d+) goes on", slow.stderr)
+    assert slow.returncode == 4 and slow.stdout == b"" and job, slow.stderr
+    assert bg(svc, "queue", "cancel", job[1].decode()).stdout in (b"cancelled\n", b"cancelling\n")
+
+
+def _help(*args: str) -> str:
+    return subprocess.run(
+        [sys.executable, str(REPO / "service.py"), *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+
+
+def test_help_shows_the_client_options_only_where_they_apply(service):
+    top = _help()
+    assert "--udp-address" in top and "--timeout" in top  # bgservice -t 5 --udp-address X send
+    send = _help("send")
+    assert "--udp-address" in send and "--timeout" not in send  # send reads no reply
+    for args in (["call"], ["queue"], ["queue", "add"], ["schedule", "list"], ["top"], ["ping"]):
+        shown = _help(*args)
+        assert "--udp-address" not in shown and "--timeout" in shown, args
+    # Still taken where hidden: "every level", as scripts have used them.
+    assert bg(service, "send", "test", "x", "-t", "5").returncode == 0
+    udp = "{}:{}".format(*service.tcp)
+    assert bg(service, "call", "test", "x", "--udp-address", udp).stdout == b"Test"
+
+
+def test_serve_help_names_every_other_command(tmp_path):
+    listed = _help().split("Commands:")[1].split("\n\n")[0]
+    commands = {line.split()[0] for line in listed.strip().splitlines()}
+    epilog = _help("serve").split("Other commands talk to a running service:")[1]
+    named = {name.strip() for name in epilog.split("(")[0].split(",")}
+    assert named == commands - {"serve"} and "schedule" in named
