@@ -23,10 +23,7 @@ COMPILERS = REPO / "compilers"
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """One service for the whole file: the node process warms up once."""
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
-    if not (COMPILERS / "node_modules").is_dir():
-        pytest.skip(f"compilers not installed: npm ci --prefix {COMPILERS}")
+    need_compilers()
     root = tmp_path_factory.mktemp("compile")
     include = root / "styles"
     (include / "sub").mkdir(parents=True)
@@ -37,6 +34,14 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     svc = with_include(root, "scss", include)
     yield svc
     svc.stop()
+
+
+def need_compilers() -> None:
+    """Skip the test where node or the compilers are not installed."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    if not (COMPILERS / "node_modules").is_dir():
+        pytest.skip(f"compilers not installed: npm ci --prefix {COMPILERS}")
 
 
 def with_include(root: Path, module: str, include: Path) -> ServiceProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -14,10 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import REPO, ServiceProcess
-from tests.test_modules_compile import compile_error, compile_ok, opts, with_include
-
-COMPILERS = REPO / "compilers"
+from tests.conftest import ServiceProcess
+from tests.test_modules_compile import compile_error, compile_ok, need_compilers, opts, with_include
 
 
 def png(width: int, height: int) -> bytes:
@@ -33,10 +30,7 @@ def png(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
-    if not (COMPILERS / "node_modules").is_dir():
-        pytest.skip(f"compilers not installed: npm ci --prefix {COMPILERS}")
+    need_compilers()
     root = tmp_path_factory.mktemp("limits")
     include = root / "inc"
     include.mkdir()

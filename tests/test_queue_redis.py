@@ -51,6 +51,17 @@ def handle_tcp(request):
 
 
 @pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own, for what would disturb the others' (a pause of
+    every client, several databases, a wrong password)."""
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def shared(tmp_path, redis_url):
     """Start instances sharing one queue (same Redis, same prefix), each in its own folder."""
     prefix = f"shared-{uuid.uuid4().hex[:8]}"
@@ -228,26 +239,22 @@ def test_a_quiet_channel_is_not_a_lost_connection(tmp_path, redis_url):
         svc.stop()
 
 
-def test_a_frozen_redis_is_found_by_the_ping(tmp_path):
+def test_a_frozen_redis_is_found_by_the_ping(tmp_path, own_redis):
     # A connection that stops answering without a word (here: Redis pausing every client)
     # is found when the ping after a quiet spell gets no answer; it subscribes again after.
-    folder = tmp_path / "own-redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
-    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "frozen"))
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(own_redis.url, "frozen"))
     try:
         svc.start()
         # Subscribed first (a pause that came sooner would hold the subscription up instead).
         subscribers = ("PUBSUB", "NUMSUB", "frozen:events")
-        wait_until(lambda: redis_command(server.url, *subscribers).endswith(b":1\r\n"))
-        assert redis_command(server.url, "CLIENT", "PAUSE", "13000", "ALL") == b"+OK\r\n"
+        wait_until(lambda: redis_command(own_redis.url, *subscribers).endswith(b":1\r\n"))
+        assert redis_command(own_redis.url, "CLIENT", "PAUSE", "13000", "ALL") == b"+OK\r\n"
         wait_until(lambda: "no answer to a ping" in svc.log(), timeout=20)
         time.sleep(3)  # the pause ends
         jid = add(svc, b"queue:add:echo:thawed")
         assert svc.call(b"queue:get:id:%d" % jid) == b"thawed"
     finally:
         svc.stop()
-        server.stop()
 
 
 class Channel:
@@ -323,18 +330,15 @@ def handle_tcp(request):
 """
 
 
-def test_every_get_sharing_a_failed_read_hears_the_failure(tmp_path):
+def test_every_get_sharing_a_failed_read_hears_the_failure(tmp_path, own_redis):
     # The first get of a job made the waiter the later ones share; when its read failed
     # (Redis frozen), it dropped the waiter and the others waited for ever.
-    folder = tmp_path / "own-redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
-    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "orphan"))
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(own_redis.url, "orphan"))
     try:
         svc.start()
         jid = add(svc, b"queue:add:sleep:20000")
         wait_until(lambda: json.loads(svc.call(b"queue:status:id:%d" % jid))["state"] == "running")
-        assert redis_command(server.url, "CLIENT", "PAUSE", "7000", "ALL") == b"+OK\r\n"
+        assert redis_command(own_redis.url, "CLIENT", "PAUSE", "7000", "ALL") == b"+OK\r\n"
         replies: list[bytes] = []
 
         def get() -> None:
@@ -352,21 +356,17 @@ def test_every_get_sharing_a_failed_read_hears_the_failure(tmp_path):
         assert replies == [b"503: Queue unavailable: Redis does not answer"] * 2, replies
     finally:
         svc.stop()
-        server.stop()
 
 
-def test_a_cancel_in_one_database_does_not_reach_a_job_in_another(tmp_path):
+def test_a_cancel_in_one_database_does_not_reach_a_job_in_another(tmp_path, own_redis):
     # Pub/sub is one namespace for the whole server: two services with one prefix on db 1
     # and db 2 both run a job 1, and a cancel of staging's reached production's.
-    folder = tmp_path / "own-redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
     services = []
     try:
         for db in (1, 2):
             root = tmp_path / f"db{db}"
             root.mkdir()
-            url = server.url.rsplit("/", 1)[0] + f"/{db}"
+            url = own_redis.url.rsplit("/", 1)[0] + f"/{db}"
             svc = ServiceProcess(root, "", backend_config=redis_config(url, "bgservice"))
             write_module(svc.modules, "progress", PROGRESS)
             services.append(svc.start())
@@ -384,14 +384,10 @@ def test_a_cancel_in_one_database_does_not_reach_a_job_in_another(tmp_path):
     finally:
         for svc in services:
             svc.stop()
-        server.stop()
 
 
-def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path):
-    folder = tmp_path / "own-redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()  # no password set: AUTH fails, and is logged
-    url = server.url + "?password=TOPSECRET"
+def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path, own_redis):
+    url = own_redis.url + "?password=TOPSECRET"  # none set: AUTH fails, and is logged
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "pw"))
     try:
         svc.start()
@@ -400,7 +396,6 @@ def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path):
         assert "TOPSECRET" not in svc.log()
     finally:
         svc.stop()
-        server.stop()
 
 
 STOPS = """
