@@ -56,7 +56,6 @@ class LocalQueue(JobQueue):
         events: Events,
     ) -> None:
         super().__init__(settings, runner, stats, events)
-        self.module_limits = module_limits
         self.store = store
         self.jobs: dict[int, Job] = {}  # waiting and running
         self._line = WaitingLine(self._waiting, lambda: self._pump())

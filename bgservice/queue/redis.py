@@ -174,8 +174,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     @batched
     async def cancel(self, jid: int) -> str:
-        expires = repr(time.time() + self.settings.keep_results)
-        return (await self.db.checked("CANCEL", jid, expires)).decode()
+        return (await self.db.checked("CANCEL", jid, self._expires())).decode()
 
     @batched
     async def retry(self, jid: int) -> int:

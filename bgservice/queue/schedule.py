@@ -44,7 +44,7 @@ class WaitingLine:
         else:
             heapq.heappush(self._ready.setdefault(job.module, []), (-job.priority, job.id, number))
 
-    def ready(self, skip: set[str] | frozenset[str] = frozenset()) -> Iterator[Job]:
+    def ready(self, skip: set[str]) -> Iterator[Job]:
         """Ready jobs, best first, each taken off the line as it is yielded; one the reader
         does not start now goes back with ``put_back``. Modules in ``skip`` (which the
         reader may add to as it goes) are passed over, their jobs left in line."""
