@@ -118,12 +118,12 @@ class RedisSettings:
 @dataclass(frozen=True)
 class HttpSettings:
     """The operator's HTTP API, metrics and dashboard (off unless ``enabled``)."""
-
     enabled: bool = False
     host: str = LOOPBACK
     port: int = 12380
     token: str | None = None  # the token "default", of scope operate
     tokens: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # name: (token, scope)
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides IPs and localhost (origins.py)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from bgservice.http.origins import check_hosts
 from bgservice.http.tokens import check_tokens
 from bgservice.queue.rates import Rate, parse_rate
 
@@ -230,6 +231,7 @@ HTTP_CHECKS: dict[str, Check] = {
     "port": check_port,
     "token": check_string,
     "tokens": check_tokens,
+    "allowed_hosts": check_hosts,
 }
 ALERT_CHECKS: dict[str, Check] = {
     "module": check_string,

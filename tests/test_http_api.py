@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -344,17 +341,3 @@ def test_a_schedule_every_too_large_for_a_float_is_a_400(svc: ServiceProcess) ->
         )
         assert status == 400 and "schedule huge: every must be" in error["error"]["message"]
     assert "Traceback" not in svc.log()
-
-
-def test_sigterm_does_not_wait_minutes_for_an_open_wait_request(svc: ServiceProcess) -> None:
-    # aiohttp's runner waited 60 s per shutdown phase for a ?wait= request: the process
-    # took two minutes to stop, past any service manager's patience.
-    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x", "delay": 250})
-    def wait() -> None:
-        with contextlib.suppress(OSError):  # cut by the shutdown
-            svc.http("GET", f"{API}/jobs/{job['id']}?wait=300")
-
-    waiting = threading.Thread(target=wait, daemon=True)
-    waiting.start()
-    time.sleep(0.5)  # the wait is open
-    assert svc.stop(timeout=30) == 0  # shutdown_grace is 5 s in the tests

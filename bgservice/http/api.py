@@ -26,13 +26,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
-from bgservice.errors import Forbidden, NotFound, ServiceError
+from bgservice.errors import BadRequest, Busy, Forbidden, NotFound, RequestTimeout, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http import inputs
 from bgservice.http.metrics import Metrics
+from bgservice.http.origins import BrowserGuard
 from bgservice.http.paging import next_token, parse_page
 from bgservice.http.replies import error_response
 from bgservice.http.schedules import ScheduleRoutes
+from bgservice.http.site import LimitedSite
 from bgservice.http.tokens import Token, Tokens
 from bgservice.queue.commands import parse_add, parse_list, parse_window
 from bgservice.queue.engine import JobQueue
@@ -44,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 OPENAPI = HERE / "openapi.json"
 TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"
+FIRST = asyncio.FIRST_COMPLETED
 MAX_WAIT = 300.0  # seconds GET /jobs/{id}?wait= may hold a request
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 # Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
@@ -75,29 +78,41 @@ class HttpApi:
         self.metrics = metrics
         self.tokens = Tokens(os.environ.get(TOKEN_ENV) or settings.http.token, settings.http.tokens)
         self.access = AccessList.for_host(settings.http.host, settings.allow)
+        self.browsers = BrowserGuard(settings.http.host, settings.http.allowed_hosts)
         self.app = self._make_app()
         self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()  # set as the shutdown grace runs out
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
         """Listen on ``[http] host:port``; the address bound (port 0 picks a free one)."""
         # Stopping waits for open requests (a ?wait= one may be long) no more than the
-        # shutdown grace, not aiohttp's 60 s per phase.
+        # shutdown grace, not aiohttp's 60 s per phase. The keep-alive timer, which runs
+        # from a connection's opening and from each reply, is the deadline for the next
+        # request's head: read_timeout, not aiohttp's default of an hour (site.py).
+        limits = self.settings.limits
         self._runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, logger=_server_log(),
-            shutdown_timeout=self.settings.limits.shutdown_grace,
+            shutdown_timeout=limits.shutdown_grace, keepalive_timeout=limits.read_timeout,
         )  # fmt: skip
         await self._runner.setup()
         http = self.settings.http
-        site = web.TCPSite(self._runner, http.host, http.port, backlog=128)
+        site = LimitedSite(self._runner, http.host, http.port, limits.max_connections)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         return host, port
 
     async def stop(self) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            # Open ?wait= requests get a 503 just before the grace runs out and aiohttp
+            # cancels whatever is still open (a dropped connection, not an answer).
+            grace = self.settings.limits.shutdown_grace
+            cut = asyncio.get_running_loop().call_later(grace * 0.9, self._stopping.set)
+            try:
+                await self._runner.cleanup()
+            finally:
+                cut.cancel()
 
     # --- the application ----------------------------------------------------------------
 
@@ -133,6 +148,10 @@ class HttpApi:
         """The ``allow`` list (off loopback), then the bearer token (API and metrics)."""
         if not self.access.allows(request.remote):
             return error_response(403, "Forbidden")
+        if not self.tokens.configured:
+            refusal = self.browsers.refusal(request.method, request.headers)
+            if refusal is not None:
+                return error_response(403, f"Forbidden: {refusal}")
         public = request.path == "/" or request.path.startswith("/dashboard/")
         if self.tokens.configured and not public:
             token = self.tokens.find(request.headers.get("Authorization", ""))
@@ -146,7 +165,22 @@ class HttpApi:
                 problem = f"token {token.name} has scope {token.scope}: not {where}"
                 return error_response(403, f"Forbidden: {problem}")
             request["token"] = token
+        if request.body_exists:
+            await self._read_body(request)
         return await handler(request)
+
+    async def _read_body(self, request: web.Request) -> None:
+        """Read the body within read_timeout (aiohttp has no deadline of its own: a
+        client sending a byte a minute held its connection for ever); handlers then
+        read it from memory."""
+        timeout = self.settings.limits.read_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await request.read()
+        except TimeoutError:
+            raise RequestTimeout(f"Request body not received within {timeout:g} s") from None
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # e.g. broken gzip
+            raise BadRequest(f"the body could not be read ({type(exc).__name__})") from None
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -224,11 +258,18 @@ class HttpApi:
         wait = inputs.query(request).get("wait")
         if wait is not None:
             seconds = inputs.seconds("wait", wait, MAX_WAIT)
+            getting = asyncio.ensure_future(self.queue.get(jid))
+            stopping = asyncio.ensure_future(self._stopping.wait())
             try:
-                async with asyncio.timeout(seconds):
-                    await self.queue.get(jid)
-            except TimeoutError:
-                pass  # not finished yet: its status says where it stands
+                await asyncio.wait((getting, stopping), timeout=seconds, return_when=FIRST)
+            finally:
+                for task in (getting, stopping):
+                    task.cancel()
+            if getting.done() and not getting.cancelled():
+                getting.result()  # raises as queue:get does
+            elif stopping.done():
+                raise Busy("Shutting down: ask again once the service is back")
+            # else not finished yet: its status says where it stands
         job = await self.queue.status(jid)
         if job["state"] not in ("waiting", "running"):
             _, body = await self.queue.get(jid)

@@ -1,0 +1,151 @@
+"""The HTTP listener's limits (bgservice/http/site.py, api.py): connections, the deadlines
+for a request's head and body, and what an open ?wait= gets at shutdown. Over raw
+sockets, as a slow or hostile client would talk."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import ServiceProcess
+
+pytest.importorskip("aiohttp")
+
+HTTP = "[http]\nenabled = true\nport = 0\n"
+API = "/api/v1"
+
+
+def _connect(svc: ServiceProcess) -> socket.socket:
+    url = urlsplit(svc.http_url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    return sock
+
+
+def _reply(sock: socket.socket) -> tuple[int, Any]:
+    """Read one whole reply (the server closes or says its length)."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {raw!r}")
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), json.loads(body) if body else None
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes the connection within ``seconds`` (any bytes it sends
+    before are read and ignored)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_connections_over_max_connections_get_503_and_the_rest_are_served(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # aiohttp had no limit: idle connections took every file descriptor the process had.
+    svc = make_service(HTTP + "[limits]\nmax_connections = 3\n")
+    idle = [_connect(svc) for _ in range(3)]
+    time.sleep(0.3)  # accepted by the server
+    with _connect(svc) as sock:
+        sock.sendall(f"GET {API}/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        status, body = _reply(sock)
+    assert status == 503 and "Too many connections (at most 3)" in body["error"]["message"]
+    assert body["error"]["status"] == "UNAVAILABLE"
+    assert "HTTP: 3 connections open" in svc.log()
+    idle.pop().close()
+    time.sleep(0.3)  # the server saw it go
+    status, _, _ = svc.http("GET", f"{API}/modules")
+    assert status == 200
+    # The socket protocol's connections are counted apart: it still answers.
+    assert svc.call(b"echo:still here") == b"still here"
+    for sock in idle:
+        sock.close()
+
+
+def test_a_request_head_sent_slowly_is_cut_at_read_timeout(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # aiohttp's own deadline for a request head (its keep-alive timer) was an hour.
+    svc = make_service(HTTP + "[limits]\nread_timeout = 1.0\n")
+    with _connect(svc) as sock:
+        head = f"GET {API}/modules HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+        started = time.monotonic()
+        sock.sendall(head.encode())
+        cut = False
+        for _ in range(40):  # a byte every 0.1 s: never a whole head
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.1)
+        cut = cut or _closed_within(sock, 3.0)
+        assert cut and time.monotonic() - started < 5.0
+    with _connect(svc) as idle:  # sends nothing at all
+        assert _closed_within(idle, 4.0)
+    assert svc.http("GET", f"{API}/modules")[0] == 200
+
+
+def test_a_request_body_not_sent_within_read_timeout_is_408(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    svc = make_service(HTTP + "[limits]\nread_timeout = 1.0\n")
+    with _connect(svc) as sock:
+        sock.sendall(
+            f"POST {API}/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n{\"module\": ".encode()
+        )
+        started = time.monotonic()
+        status, body = _reply(sock)
+    assert status == 408 and body["error"]["status"] == "DEADLINE_EXCEEDED"
+    assert "not received within 1 s" in body["error"]["message"]
+    assert time.monotonic() - started < 5.0
+    status, listing, _ = svc.http("GET", f"{API}/jobs?state=waiting")
+    assert status == 200 and listing["jobs"]["waiting"] == []
+
+
+def test_an_open_wait_gets_503_at_shutdown_not_a_dropped_connection(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # aiohttp's runner also waited 60 s per shutdown phase for such a request: the
+    # process took two minutes to stop, past any service manager's patience.
+    svc = make_service(HTTP)
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x", "delay": 250})
+    got: list[Any] = []
+
+    def wait() -> None:
+        try:
+            got.append(svc.http("GET", f"{API}/jobs/{job['id']}?wait=300"))
+        except OSError as exc:
+            got.append(exc)
+
+    waiting = threading.Thread(target=wait, daemon=True)
+    waiting.start()
+    time.sleep(0.5)  # the wait is open
+    assert svc.stop(timeout=30) == 0  # shutdown_grace is 5 s in the tests
+    waiting.join(10)
+    assert len(got) == 1 and not isinstance(got[0], OSError), got
+    status, body, _ = got[0]
+    assert status == 503 and "Shutting down" in body["error"]["message"]
