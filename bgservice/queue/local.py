@@ -241,7 +241,7 @@ class LocalQueue(JobQueue):
         await self.store.delete(jid)
 
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        return await reports.list_page(self.jobs.values(), self.store, spec, self._position)
+        return await reports.list_page(self.jobs.values(), self.store, spec, self._in_line)
 
     async def stats(self, window: float) -> dict[str, Any]:
         running = len(self._running)
@@ -275,12 +275,14 @@ class LocalQueue(JobQueue):
     def _waiting(self, jid: int) -> Job | None:
         return job if (job := self.jobs.get(jid)) and job.state is JobState.WAITING else None
 
+    def _in_line(self, job: Job, now: float) -> bool:
+        """Whether a job is ready: waiting, due, and waiting on no other job."""
+        waiting = job.state is JobState.WAITING and job.run_at <= now
+        return waiting and not self._deps.blocked(job.id)
+
     def _position(self, job: Job) -> int | None:
         """How many ready jobs run before this one; None unless it is ready itself."""
-        waiting = job.state is JobState.WAITING and not self._deps.blocked(job.id)
-        if not waiting or job.run_at > time.time():
-            return None
-        return self._line.position(job)
+        return self._line.position(job) if self._in_line(job, time.time()) else None
 
     # --- running ----------------------------------------------------------------------
 

@@ -180,21 +180,29 @@ class RedisJobs:
         )
         return None if len(starts) < count else float(starts[0][1]) + per
 
-    async def page(self, state: str, offset: int, limit: int) -> list[int]:
+    async def page(self, state: str, offset: int, limit: int) -> tuple[list[int], int]:
         """Waiting jobs in the order they will run (due ones by priority, then delayed
-        ones by time); running jobs by start; finished ones newest first."""
+        ones by time); running jobs by start; finished ones newest first. With the ids,
+        how many of them (the first ones) are ready: the first is at position ``offset``."""
+        stop = offset + limit - 1
         if state != "waiting":
             key = self.key(f"state:{state}")
-            stop = offset + limit - 1
             raw = await (
                 self.redis.zrange(key, offset, stop)
                 if state == "running"
                 else self.redis.zrevrange(key, offset, stop)
             )
-            return [int(m) for m in raw]
-        ready = [int(m) for m in await self.redis.zrange(self.key("ready"), 0, -1)]
-        delayed = [int(m) for m in await self.redis.zrange(self.key("delayed"), 0, -1)]
-        return (ready + delayed)[offset : offset + limit]
+            return [int(m) for m in raw], 0
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.key("ready"))
+        pipe.zrange(self.key("ready"), offset, stop)
+        ready_count, raw = await pipe.execute()
+        ready = [int(m) for m in raw]
+        if len(ready) == limit:
+            return ready, len(ready)
+        skip = max(0, offset - ready_count)  # delayed ones after every ready one
+        raw = await self.redis.zrange(self.key("delayed"), skip, skip + limit - len(ready) - 1)
+        return ready + [int(m) for m in raw], len(ready)
 
     async def listing(self, spec: ListSpec) -> dict[str, Any]:
         """``queue:list``: each state's page of jobs, described."""
@@ -202,10 +210,14 @@ class RedisJobs:
         now = time.time()
         out: dict[str, Any] = {}
         for state in states:
-            ids = await self.page(state, spec.offset, spec.limit)
+            ids, ready = await self.page(state, spec.offset, spec.limit)
+            positions = {jid: spec.offset + i for i, jid in enumerate(ids[:ready])}
             # gathered: the reads of a page go to Redis as one pipeline (the Batcher)
             jobs = [j for j in await asyncio.gather(*map(self.load, ids)) if j is not None]
-            out[state] = [j.describe(now, await self.position(j)) for j in jobs]
+            out[state] = [
+                j.describe(now, positions.get(j.id) if j.state is JobState.WAITING else None)
+                for j in jobs
+            ]
         return out
 
     async def stats(self, window: float, workers: int) -> dict[str, Any]:

@@ -18,21 +18,28 @@ async def list_page(
     live: Collection[Job],
     store: Store,
     spec: ListSpec,
-    position: Callable[[Job], int | None],
+    in_line: Callable[[Job, float], bool],
 ) -> dict[str, Any]:
-    """One page per state asked (waiting, running and failed by default)."""
+    """One page per state asked (waiting, running and failed by default). A waiting job
+    that is ``in_line`` (due, and waiting on no other job) has a position: how many such
+    jobs run before it, counted in the one pass that sorts them."""
     states = [spec.state] if spec.state else ["waiting", "running", "failed"]
     now = time.time()
     out: dict[str, Any] = {}
     for state in states:
-        if state in ("waiting", "running"):
-            in_state = sorted(
-                (j for j in live if j.state == state), key=lambda j: _run_order(j, now)
-            )
-            page = in_state[spec.offset : spec.offset + spec.limit]
-        else:
+        if state not in ("waiting", "running"):
             page = await store.list_jobs(state, spec.limit, spec.offset)
-        out[state] = [j.describe(now, position(j)) for j in page]
+            out[state] = [j.describe(now) for j in page]
+            continue
+        in_state = sorted((j for j in live if j.state == state), key=lambda j: _run_order(j, now))
+        ahead, rows = 0, []
+        for index, job in enumerate(in_state[: spec.offset + spec.limit]):
+            position = None
+            if state == "waiting" and in_line(job, now):
+                position, ahead = ahead, ahead + 1
+            if index >= spec.offset:
+                rows.append(job.describe(now, position))
+        out[state] = rows
     return out
 
 
