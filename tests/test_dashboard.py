@@ -25,12 +25,13 @@ pytestmark = pytest.mark.skipif(
 ARTIFACTS = REPO / "tests" / "artifacts"
 
 
-def chromium(*args: str) -> str:
+def chromium(*args: str, tz: str | None = None) -> str:
     assert CHROMIUM is not None
+    env = os.environ | ({"TZ": tz} if tz else {})
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--hide-scrollbars", "--virtual-time-budget=8000", *args],
-        capture_output=True, text=True, timeout=90,
+        capture_output=True, text=True, timeout=90, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
@@ -111,6 +112,20 @@ def test_dashboard_renders_modules_progress_failures_and_the_chart(
     assert re.search(r'<td class="next-run">[^<]*\(in \d', sched.group(1))
     assert "Pause" in sched.group(1) and "Run now" in sched.group(1)
     assert "not updated" not in dom
+
+
+@pytest.mark.parametrize("tz", ["Asia/Kolkata", "Australia/Eucla"])
+def test_the_chart_shows_busy_hours_in_zones_off_the_whole_hour(
+    busy_service: tuple[ServiceProcess, int], tz: str
+) -> None:
+    # The history is bucketed by UTC hour; a browser at UTC+5:30 (or +8:45) looked up
+    # its local hours' starts, found none, and drew a blank week.
+    svc, _ = busy_service
+    dom = chromium("--dump-dom", svc.http_url + "/dashboard/", tz=tz)
+    chart = re.search(r'<svg id="busy-chart".*?</svg>', dom, re.S)
+    assert chart
+    cells = [float(c) for c in re.findall(r'data-busy="([\d.]+)"', chart.group(0))]
+    assert len(cells) == 7 * 24 and sum(cells) >= 0.9
 
 
 def test_dashboard_screenshot(busy_service: tuple[ServiceProcess, int], tmp_path: Path) -> None:

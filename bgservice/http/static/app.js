@@ -217,15 +217,27 @@ function drawChart(stats) {
   for (let h = 0; h < 24; h += 3) text(left + h * (cell + gap) + cell / 2, 12, `${h}:00`);
   let total = 0;
   const perHour = new Array(24).fill(0);
+  // The history comes in UTC hours; a local hour (at :30 or :45 of one in some zones)
+  // takes its share of each UTC hour it overlaps.
+  const inHour = (start) => {
+    const from = start / 1000, first = Math.floor(from / 3600) * 3600;
+    let seconds = 0, runs = 0;
+    for (const hour of [first, first + 3600]) {
+      const row = busy.get(hour);
+      const share = Math.max(0, Math.min(hour, from) + 3600 - Math.max(hour, from)) / 3600;
+      if (row) { seconds += row.busy_seconds * share; runs += row.runs * share; }
+    }
+    return { seconds, runs: Math.round(runs) };
+  };
   for (let d = DAYS - 1; d >= 0; d--) {
-    const day = new Date(today.getTime() - d * 86400000);
+    const day = new Date(today);
+    day.setDate(today.getDate() - d);  // (not d x 24 h back: a DST change day is 23 or 25 h)
     const y = top + (DAYS - 1 - d) * (cell + gap);
     text(left - 8, y + cell / 2 + 4,
       day.toLocaleDateString(undefined, { weekday: "short", day: "numeric" }), "end");
     for (let h = 0; h < 24; h++) {
       const start = new Date(day); start.setHours(h);
-      const row = busy.get(start.getTime() / 1000);
-      const seconds = row ? row.busy_seconds : 0;
+      const { seconds, runs } = inHour(start.getTime());
       total += seconds;
       perHour[h] += seconds;
       const share = Math.min(1, seconds / (3600 * workers));
@@ -239,7 +251,7 @@ function drawChart(stats) {
         ? `rgba(37, 99, 235, ${0.15 + 0.85 * Math.sqrt(share)})` : "#eef1f5");
       const title = document.createElementNS(SVG, "title");
       title.textContent = `${start.toLocaleString()}: ${ago(seconds)} busy, ` +
-        `${row ? row.runs : 0} runs (${Math.round(share * 100)}% of ${workers} workers)`;
+        `${runs} runs (${Math.round(share * 100)}% of ${workers} workers)`;
       rect.append(title);
       svg.append(rect);
     }
