@@ -534,7 +534,7 @@ def test_a_listed_page_shows_each_jobs_position_in_line(make_service):
     listed = {job["id"]: job["position"] for job in listing}
     # The job waiting on another: by priority and id with the others on the embedded
     # engine; on Redis it is in no line until its dependency ends, so it is not listed.
-    assert list(listed) in (plain + [blocked], plain + [later])
+    assert list(listed) in ([*plain, blocked], [*plain, later])
     assert [listed[jid] for jid in plain] == [2, 3, 4, 5, 6]
     assert listed.get(blocked) is None and listed.get(later) is None
     for jid, position in listed.items():

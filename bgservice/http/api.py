@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
+STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
+ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})  # br: with Brotli
 OPENAPI = HERE / "openapi.json"
 TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"
 FIRST = asyncio.FIRST_COMPLETED
@@ -123,8 +125,9 @@ class HttpApi:
         )
         r = app.router
         r.add_get("/", self.index)
+        r.add_get("/dashboard", self.index)
         r.add_get("/dashboard/", self.dashboard)
-        r.add_static("/dashboard/", STATIC)
+        r.add_get("/dashboard/{name}", self.static)
         r.add_get("/metrics", self.get_metrics)
         r.add_get(f"{API}/openapi.json", self.openapi)
         r.add_get(f"{API}/modules", self.list_modules)
@@ -166,6 +169,11 @@ class HttpApi:
                 return error_response(403, f"Forbidden: {problem}")
             request["token"] = token
         if request.body_exists:
+            coding = request.headers.get("Content-Encoding", "identity").lower().strip()
+            if coding not in ENCODINGS:  # RFC 9110: 415; aiohttp took it for identity
+                return error_response(
+                    415, f"Content-Encoding {coding[:40]!r}: send gzip, deflate or none"
+                )
             await self._read_body(request)
         return await handler(request)
 
@@ -213,6 +221,14 @@ class HttpApi:
 
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html")
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        """The page's own files, by name (a missing one: a JSON 404, as any other route;
+        aiohttp's static route sent an empty one)."""
+        name = request.match_info["name"]
+        if name not in STATIC_FILES:
+            raise NotFound(f"No file {name[:100]!r} in the dashboard")
+        return web.FileResponse(STATIC / name)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(OPENAPI, headers={"Content-Type": "application/json"})
@@ -315,6 +331,8 @@ class _ClientMistakes(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError):  # a body that did not decode: the
+            exc = exc.__cause__  # handler answered 400; aiohttp met it again draining it
         if isinstance(exc, HttpProcessingError) and exc.code < 500:
             detail = " ".join(line.strip() for line in str(exc.message).splitlines())
             record.args = (record.getMessage(), exc.code, detail[:300])

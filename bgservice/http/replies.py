@@ -24,6 +24,7 @@ STATUS = {
     409: "FAILED_PRECONDITION",  # e.g. retry of a waiting job, delete of a running one
     410: "CANCELLED",
     413: "INVALID_ARGUMENT",  # the body is larger than [limits] max_request_bytes
+    415: "INVALID_ARGUMENT",  # a Content-Encoding other than gzip, deflate (or br)
     424: "FAILED_PRECONDITION",  # the job it depends on failed
     429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED",
