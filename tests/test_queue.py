@@ -542,6 +542,17 @@ def test_a_listed_page_shows_each_jobs_position_in_line(make_service):
     assert [status(svc, jid)["position"] for jid in urgent] == [0, 1]
 
 
+def test_an_add_refused_for_its_options_leaves_its_unique_key_free(service):
+    # The name was checked after the unique key was claimed: the 400 left the key claimed
+    # for ever, and every later add with that key hung.
+    long_name = b"x" * 300
+    assert service.call(b"queue:add?unique=k1&name=%s:echo:a" % long_name).startswith(b"400")
+    reply = service.call(b"queue:add?unique=%s:echo:a" % (b"k" * 201))
+    assert reply == b"400: option unique: at most 200 characters"
+    first = add(service, b"queue:add?unique=k1&delay=60:echo:b")
+    assert add(service, b"queue:add?unique=k1:echo:c") == first
+
+
 def test_finished_jobs_expire(make_service):
     svc = make_service("[queue]\nkeep_results = 1.0\n")
     jid = add(svc, b"queue:add:echo:x")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import re
 import signal
 import subprocess
@@ -184,6 +185,38 @@ def test_slots_of_cron_and_interval():
     assert skip.due(start, start + 3600 + 30) == start + 3600  # 30 s late: on time
     with pytest.raises(BadRequest):
         make_schedule({"name": "s", "module": "m", "every": 0.5}, b"")
+
+
+def test_a_fractional_interval_never_gives_the_same_slot_twice():
+    # Slot n is n * every; for every = 1.3 the quotient rounds either way: the slot after
+    # a moment was sometimes not after it, and the latest slot at a slot an earlier one
+    # (one moment in ten): a slot fired twice, or never.
+    schedule = make_schedule({"name": "f", "module": "m", "every": 1.3}, b"")
+    moments = random.Random(7)
+    for _ in range(20_000):
+        moment = moments.uniform(1.7e9, 3e9)
+        slot = schedule.next_slot(moment)
+        assert moment < slot <= moment + 1.3
+        assert schedule.latest_slot(slot) == slot and schedule.latest_slot(moment) < slot
+        assert schedule.next_slot(slot) > slot
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"cron": "0 */5 * * * *"}, "five fields (minute hour day-of-month month day-of-week)"),
+        ({"cron": "0 0 3 * * ?"}, "five fields"),
+        ({"every": 60, "paused": "maybe"}, "paused must be true or false, got 'maybe'"),
+        ({"every": 60, "paused": [1]}, "paused must be true or false"),
+    ],
+)
+def test_a_schedule_says_what_is_wrong_with_it(values, message):
+    # A six-field cron was read by cronsim as seconds first (a run every second where
+    # Quartz meant daily); paused = "maybe" was read as false, silently.
+    with pytest.raises(BadRequest, match=re.escape(message)):
+        make_schedule({"name": "s", "module": "m", **values}, b"")
+    no = make_schedule({"name": "s", "module": "m", "every": 60, "paused": "No"}, b"")
+    assert no.paused is False
 
 
 def test_a_cron_schedule_fires_each_slot_once_through_a_dst_fall_back():

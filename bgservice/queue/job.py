@@ -78,6 +78,12 @@ def checked_name(name: str | None, settings: QueueSettings) -> str | None:
     return name
 
 
+def checked_unique(key: str | None, settings: QueueSettings) -> str | None:
+    if key is not None and len(key) > settings.max_name_chars:  # it is stored twice
+        raise BadRequest(f"option unique: at most {settings.max_name_chars} characters")
+    return key
+
+
 def checked_tags(tags: tuple[str, ...], settings: QueueSettings) -> tuple[str, ...]:
     if len(tags) > settings.max_tags:
         raise BadRequest(f"option tags: at most {settings.max_tags} tags")
@@ -161,7 +167,7 @@ class Job:
             max_retries=settings.retries if spec.retries is None else spec.retries,
             backoff=settings.backoff if spec.backoff is None else spec.backoff,
             timeout=spec.timeout,
-            unique_key=spec.unique,
+            unique_key=checked_unique(spec.unique, settings),
             after=spec.after,
             name=checked_name(spec.name, settings),
             tags=checked_tags(spec.tags, settings),

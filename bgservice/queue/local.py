@@ -119,6 +119,9 @@ class LocalQueue(JobQueue):
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         if len(self.jobs) >= self.settings.max_waiting:
             raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
+        # Checked (name, tags, unique key) before the key is claimed: a 400 after it left
+        # the key claimed for ever, and every later add of it hung.
+        job = Job.new(spec, self.settings, time.time())
         if spec.unique and (existing := await self._keys.claim(spec.unique)) is not None:
             return existing
         try:  # the key is this add's now (claim): the adds of it that wait learn the outcome
@@ -126,10 +129,9 @@ class LocalQueue(JobQueue):
         except BaseException:
             self._keys.stored(spec.unique, None)
             raise
-        return await self._insert(spec)
+        return await self._insert(spec, job)
 
-    async def _insert(self, spec: AddSpec) -> int:
-        job = Job.new(spec, self.settings, time.time())
+    async def _insert(self, spec: AddSpec, job: Job) -> int:
         try:
             job.id = await self.store.insert(job, spec.mark)
         except BaseException as exc:  # cancelled too: the adds waiting on its key must end

@@ -28,6 +28,8 @@ from bgservice.errors import BadRequest
 from bgservice.queue.commands import AddSpec, Command, parse_add
 
 MISSED = ("skip", "once")
+FLAGS = {True: True, False: False, "1": True, "0": False, "true": True, "false": False,
+         "yes": True, "no": False}  # fmt: skip
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A slot fired up to this late still counts as on time for missed = "skip" (a timer that
 # fired late, a restart within the minute); older ones were missed.
@@ -56,7 +58,14 @@ class Schedule:
     def next_slot(self, after: float) -> float:
         """The first slot strictly after ``after`` (Unix time)."""
         if self.every is not None:
-            return (math.floor(after / self.every) + 1) * self.every
+            # Slot n is n * every; the quotient rounds either way for a fractional every
+            # (1.1 s), so the slot number is corrected until it is strictly after.
+            n = math.floor(after / self.every) + 1
+            while n * self.every <= after:
+                n += 1
+            while (n - 1) * self.every > after:
+                n -= 1
+            return n * self.every
         assert self.cron is not None
         zone = ZoneInfo(self.tz)
         start = datetime.fromtimestamp(after, zone)
@@ -65,7 +74,12 @@ class Schedule:
     def latest_slot(self, now: float) -> float:
         """The last slot at or before ``now``."""
         if self.every is not None:
-            return math.floor(now / self.every) * self.every
+            n = math.floor(now / self.every)
+            while n * self.every > now:
+                n -= 1
+            while (n + 1) * self.every <= now:
+                n += 1
+            return n * self.every
         assert self.cron is not None
         moment = datetime.fromtimestamp(now, ZoneInfo(self.tz)) + timedelta(microseconds=1)
         return next(iter(CronSim(self.cron, moment, reverse=True))).timestamp()
@@ -157,7 +171,10 @@ def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") 
             f"schedule {name}: option {sorted(unknown)[0]!r} is not one of "
             f"{', '.join(sorted(OPTIONS))}"
         )
-    paused = paused in (True, "1", "true", "yes")
+    flag = paused.lower() if isinstance(paused, str) else paused
+    if not isinstance(flag, (bool, str)) or flag not in FLAGS:  # "maybe" was false, silently
+        raise BadRequest(f"schedule {name}: paused must be true or false, got {paused!r:.40}")
+    paused = FLAGS[flag]
     schedule = Schedule(
         name=name,
         module=module,
@@ -191,6 +208,11 @@ def _timing(name: str, values: dict[str, Any]) -> tuple[str | None, float | None
     if every is not None:
         return None, _seconds(name, every), tz
     cron = str(cron)
+    if len(cron.split()) != 5:  # cronsim reads six as seconds first, Quartz as seconds too
+        raise BadRequest(
+            f"schedule {name}: bad cron expression {cron[:60]!r}: five fields "
+            "(minute hour day-of-month month day-of-week)"
+        )
     try:
         next(iter(CronSim(cron, datetime.now(ZoneInfo(tz)))))
     except (CronSimError, StopIteration) as exc:
