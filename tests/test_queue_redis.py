@@ -431,3 +431,60 @@ def test_an_attempt_whose_lease_was_taken_over_is_told_to_stop(shared, tmp_path)
     stopped = a.modules / "stopped.txt"
     wait_until(lambda: stopped.exists() and str(a.proc.pid) in stopped.read_text(), timeout=10)
     assert str(b.proc.pid) not in stopped.read_text()  # the new attempt runs on
+
+
+TWO_ATTEMPTS = """
+import asyncio
+import itertools
+
+attempts = itertools.count(1)  # this process's attempts of the job
+
+async def handle_tcp(request):
+    mine = next(attempts)
+    await asyncio.sleep(1.0 if mine == 1 else 2.5)  # the first ends first
+    try:
+        await request.job.save_checkpoint(f"from attempt {mine}")
+    except RuntimeError:  # AttemptOver: it no longer holds the job
+        pass
+    request.job.progress(mine, 2, f"attempt {mine}")
+    return f"attempt {mine}"
+"""
+
+
+def test_an_instance_that_claims_a_job_again_tells_its_two_attempts_apart(tmp_path, redis_url):
+    # Claims were fenced per instance: an instance that claimed a job again after its
+    # lease was reaped (an outage longer than the lease), while its first attempt still
+    # ran, recorded that first attempt's end, result and checkpoint as the job's, and the
+    # second attempt's then counted as lost.
+    import redis
+
+    from bgservice.queue import redis_scripts
+
+    prefix = f"fence-{uuid.uuid4().hex[:8]}"
+    svc = ServiceProcess(tmp_path, "[queue]\nworkers = 4\n",
+                         backend_config=redis_config(redis_url, prefix))  # fmt: skip
+    try:
+        svc.start()
+        write_module(svc.modules, "twice", TWO_ATTEMPTS)
+        wait_until(lambda: b'"twice"' in svc.call(b"service:modules"))
+        jid = add(svc, b"queue:add:twice:x")
+        wait_until(lambda: json.loads(svc.call(b"queue:status:id:%d" % jid))["state"] == "running")
+        # The lease runs out and a reap puts the job back in line, in one transaction (a
+        # renewal between the two would extend the lease again).
+        client = redis.Redis.from_url(redis_url)
+        with client.pipeline(transaction=True) as pipe:
+            pipe.zadd(f"{prefix}:running", {str(jid): 0})
+            now = time.time()
+            pipe.eval(redis_scripts.REAP, 0, prefix, repr(now), "1.5", repr(now + 3600))
+            assert pipe.execute()[1] == [str(jid).encode()]
+        assert svc.call(b"queue:get:id:%d" % jid) == b"attempt 2"
+        assert f"job {jid}: claimed again while an earlier attempt of it runs here" in svc.log()
+        job = json.loads(svc.call(b"queue:status:id:%d" % jid))
+        assert job["attempts"] == 2 and job["checkpoint"] == "from attempt 2"
+        assert job["progress"]["message"] == "attempt 2"
+        assert f"job {jid} (twice): lease lost while it ran" in svc.log()  # the first's end
+        assert svc.stop() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()

@@ -19,6 +19,7 @@ client reconnects with backoff and the instance resumes where it was.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -45,8 +46,9 @@ from bgservice.queue.job import Job, stored_after
 from bgservice.queue.redis_channel import Subscription
 from bgservice.queue.redis_db import RedisJobs, available, batched, script_error, unavailable
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
-from bgservice.queue.redis_leases import RedisLeases
+from bgservice.queue.redis_leases import Attempt, RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
+from bgservice.request import AttemptOver
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,8 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self.db = RedisJobs(redis_settings, settings)
         self.register_schedule_scripts()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
+        self._running: dict[int, Attempt] = {}
+        self._claims = itertools.count(1)  # numbers this instance's claim tokens
         self._ending: set[int] = set()  # running jobs whose end is being recorded
         self._waiters: dict[int, Waiter] = {}
         self._wake = asyncio.Event()
@@ -101,13 +104,13 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         to the queue so another instance (or the next start) runs them."""
         self._closing = True
         self._wake.set()
-        running = {task for _, task in self._running.values()}
+        running = {attempt.task for attempt in self._running.values()}
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        left = [str(jid) for jid in self._running]
+        left = [(jid, attempt.token) for jid, attempt in self._running.items()]
         if left:
             try:
                 await self.hand_back(left)
@@ -188,7 +191,9 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
     @available
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value
-        await self.db.redis.hset(self.db.key(f"job:{job.id}"), "checkpoint", value)
+        if not await self.note(job, "checkpoint", value):
+            raise AttemptOver(f"job {job.id}: this attempt no longer holds the job (its lease "
+                              "was taken over): its checkpoint is not saved")  # fmt: skip
 
     @available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
@@ -311,7 +316,11 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         if self._closing or not self._free():
             return ("", "", "", "")
         self._claiming += 1
-        return (repr(time.time() + self.conf.lease), self.owner, *self._limits)
+        return (repr(time.time() + self.conf.lease), self._token(), *self._limits)
+
+    def _token(self) -> str:
+        """A fresh claim token: what a job's ``owner`` is while this claim holds it."""
+        return f"{self.owner}/{next(self._claims)}"
 
     async def _claim(self) -> bool:
         args = self._claim_args()
@@ -331,19 +340,28 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self._next_delayed = due
         if not jid:
             return False
-        job = job_from_hash(jid, pairs(reply[2]))
-        task = self.loop.create_task(self._execute(job))
-        self._running[jid] = (job, task)
+        fields = pairs(reply[2])
+        job = job_from_hash(jid, fields)
+        earlier = self._running.get(jid)
+        if earlier is not None:  # its lease ran out in an outage, and we claimed it again
+            log.warning("job %d: claimed again while an earlier attempt of it runs here: "
+                        "that one is told to stop", jid)  # fmt: skip
+            earlier.job.cancel_requested = True
+        token = fields[b"owner"].decode()
+        self._running[jid] = Attempt(job, self.loop.create_task(self._execute(job, token)), token)
         return True
 
-    async def _execute(self, job: Job) -> None:
+    async def _execute(self, job: Job, token: str) -> None:
         status, body = await self.run_job(job)
         now = time.time()
         outcome = self.conclude(job, status, body, now)
         run = run_record(job, outcome, now)
+        claim: tuple[str, ...] = ("",)  # the worker this attempt frees claims the next
+        if not self._closing:  # job in the same script
+            claim = (repr(now + self.conf.lease), self._token(), *self._limits)
         args = (
             job.id,
-            self.owner,
+            token,
             str(outcome.state),
             outcome.status,
             outcome.body,
@@ -352,14 +370,15 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             repr(outcome.run_at or now),
             json.dumps(run.__dict__),
             json.dumps(job.progress) if job.progress is not None else "",
-            # The worker this attempt frees claims the next job in the same script.
-            *(("", "", "") if self._closing else (repr(now + self.conf.lease), *self._limits)),
+            *claim,
         )
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
         waiter = self._waiters.get(job.id)
         recorded, claimed = await self._end(job, args, now)
-        self._running.pop(job.id, None)
         self._ending.discard(job.id)
+        attempt = self._running.get(job.id)
+        if attempt is not None and attempt.job is job:  # (not a newer attempt of the job)
+            del self._running[job.id]
         if recorded and outcome.state.finished:
             self._settle(job.id, waiter, result=(outcome.status or OK, outcome.body))  # no read
         if claimed is not None:  # the freed worker's next job, or none ready
@@ -374,26 +393,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._take(claimed)
         elif int(claimed[0]):
             try:
-                await self.hand_back([str(int(claimed[0]))])
+                await self.hand_back([(int(claimed[0]), pairs(claimed[2])[b"owner"].decode())])
             except RedisError as exc:  # its lease runs out: another start runs it
                 log.warning("job %s not handed back (%s): its lease expires", claimed[0], exc)
 
-    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> tuple[bool, Any]:
-        """Record the attempt's end; keep trying through an outage (the result is here).
-        (False, None) when it was not recorded (the lease was lost, or the service stops);
-        else (True, the next job's claim, or None when none was asked for)."""
-        delay = 0.1
-        while True:
-            try:
-                reply = await self.db.call("END", *args, now=now)
-                if not reply:  # the lease was lost while it ran
-                    log.warning("job %d (%s): lease lost while it ran; another instance runs "
-                                "it, this result is discarded", job.id, job.module)  # fmt: skip
-                    return False, None
-                return True, (reply[1] if len(reply) > 1 else None)
-            except RedisError as exc:
-                if self._closing:
-                    return False, None  # its lease runs out; another instance runs it again
-                log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -20,15 +20,28 @@ from bgservice.queue.redis_db import RedisJobs
 
 log = logging.getLogger(__name__)
 
+_BACKOFF_MAX = 5.0
+
+
+class Attempt(NamedTuple):
+    """A job this instance runs, and the token of the claim it runs under: every write
+    of the attempt (end, lease, progress, checkpoint) names it, and Redis takes it only
+    while the job's ``owner`` is still that token."""
+
+    job: Job
+    task: asyncio.Task[Any]
+    token: str
+
 
 class RedisLeases:
     db: RedisJobs
     conf: RedisSettings
     settings: QueueSettings
     owner: str
-    _running: dict[int, tuple[Job, asyncio.Task[Any]]]
+    _running: dict[int, Attempt]
     _ending: set[int]
     _progress_pending: set[int]
+    _closing: bool
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
 
     def progressed(self, job: Job) -> None:
@@ -41,10 +54,17 @@ class RedisLeases:
         await asyncio.sleep(0.05)  # reports within 50 ms share one write
         self._progress_pending.discard(job.id)
         try:
-            key = self.db.key(f"job:{job.id}")
-            await self.db.redis.hset(key, "progress", json.dumps(job.progress))
+            await self.note(job, "progress", json.dumps(job.progress))
         except RedisError as exc:
             log.debug("job %d: progress not written: %s", job.id, exc)
+
+    async def note(self, job: Job, field: str, value: str) -> bool:
+        """Write a running attempt's progress or checkpoint, unless the attempt no longer
+        holds the job (its lease was taken over: the value belongs to no attempt)."""
+        attempt = self._running.get(job.id)
+        if attempt is None or attempt.job is not job:
+            return False
+        return bool(await self.db.call("NOTE", job.id, attempt.token, field, value))
 
     async def _leases(self) -> None:
         """Renew our leases; take over jobs whose instance stopped renewing theirs."""
@@ -69,9 +89,10 @@ class RedisLeases:
                     ", ".join(t.decode() for t in taken),
                 )
 
-    async def hand_back(self, ids: list[str]) -> None:
-        """Stopping: our unfinished jobs wait again for any instance (or end cancelled)."""
-        await self.db.call("RELEASE", self.owner, self._expires(), *ids)
+    async def hand_back(self, claims: list[tuple[int, str]]) -> None:
+        """Stopping: our unfinished jobs (id, claim token) wait again for any instance
+        (or end cancelled)."""
+        await self.db.call("RELEASE", self._expires(), *[v for c in claims for v in c])
 
     async def _heard_cancel(self, jid: int) -> None:
         """A cancel published for a job id we run: the channel is server-wide (a service
@@ -82,8 +103,29 @@ class RedisLeases:
             asked, owner = await self.db.redis.hmget(key, "cancel_requested", "owner")
         except RedisError:
             return  # the next renewal reports it
-        if asked == b"1" and owner == self.owner.encode() and jid in self._running:
-            self._running[jid][0].cancel_requested = True
+        attempt = self._running.get(jid)
+        if asked == b"1" and attempt is not None and owner == attempt.token.encode():
+            attempt.job.cancel_requested = True
+
+    async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> tuple[bool, Any]:
+        """Record the attempt's end; keep trying through an outage (the result is here).
+        (False, None) when it was not recorded (the lease was lost, or the service stops);
+        else (True, the next job's claim, or None when none was asked for)."""
+        delay = 0.1
+        while True:
+            try:
+                reply = await self.db.call("END", *args, now=now)
+                if not reply:  # the lease was lost while it ran
+                    log.warning("job %d (%s): lease lost while it ran; another attempt runs "
+                                "it, this result is discarded", job.id, job.module)  # fmt: skip
+                    return False, None
+                return True, (reply[1] if len(reply) > 1 else None)
+            except RedisError as exc:
+                if self._closing:
+                    return False, None  # its lease runs out; another instance runs it again
+                log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     def _expires(self) -> str:  # a job that ends now: when its result goes
         return repr(time.time() + self.settings.keep_results)
@@ -92,14 +134,15 @@ class RedisLeases:
         if not self._running:
             return
         deadline = repr(time.time() + self.conf.lease)
-        ids = [str(jid) for jid in self._running]
-        lost, cancel = await self.db.call("RENEW", self.owner, deadline, *ids)
+        held = [(jid, a.job, a.token) for jid, a in self._running.items()]
+        claims = [v for jid, _, token in held for v in (jid, token)]
+        lost, cancel = await self.db.call("RENEW", deadline, *claims)
+        jobs = {jid: job for jid, job, _ in held}  # the attempts asked about, not newer ones
         for raw in cancel:
-            entry = self._running.get(int(raw))
-            if entry is not None:
-                entry[0].cancel_requested = True
-        for jid in map(int, lost):  # not a job whose end was recorded meanwhile
-            if jid in self._running and jid not in self._ending:
-                log.warning("job %d: lease lost (taken over by another instance): its "
+            jobs[int(raw)].cancel_requested = True
+        for jid in map(int, lost):  # not an attempt whose end was recorded meanwhile
+            attempt = self._running.get(jid)
+            if attempt is not None and attempt.job is jobs[jid] and jid not in self._ending:
+                log.warning("job %d: lease lost (taken over by another attempt): its "
                             "handler is told to stop (request.job.cancelled)", jid)  # fmt: skip
-                self._running[jid][0].cancel_requested = True
+                jobs[jid].cancel_requested = True

@@ -4,7 +4,10 @@ back what they return.
 Keys, all under the configured prefix ``P``:
 
     P:id                 INCR counter: ids unique across every instance, never reused
-    P:job:ID             hash: the job's fields (job.COLUMNS), ``owner``, ``progress``
+    P:job:ID             hash: the job's fields (job.COLUMNS), ``owner``, ``progress``;
+                         ``owner`` is the claim's token, INSTANCE/N, fresh for every claim
+                         (an instance that claims a job again after an outage, while its
+                         first attempt still runs, tells the two apart by it)
     P:ready              zset: waiting jobs due now; score -priority, member the id padded
                          to 20 digits, so equal priorities pop in order of arrival
     P:delayed            zset: waiting jobs due later; score run_at
@@ -30,7 +33,7 @@ from __future__ import annotations
 from bgservice.queue.redis_lua import COMMON
 
 # ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), the adding instance's claim
-# (lease deadline, owner, limits, rates, as CLAIM takes them; four '' when it has no free
+# (lease deadline, claim token, limits, rates, as CLAIM takes them; four '' when it has no free
 # worker), then the new job's fields. (FIRE: the same, then a schedule's name and the slot
 # the job is the run of.) Returns {id, 'new'} or, with a claim, {id, 'new', what CLAIM
 # returns}: an instance with a free worker takes the best ready job (most often the one it
@@ -151,7 +154,8 @@ local function claim(deadline, owner, limits_json, rates_json)
 end
 """
 
-# ARGV: P, now, lease deadline, owner, module limits and rates as JSON.
+# ARGV: P, now, lease deadline, the claim's token (INSTANCE/N), module limits and rates
+# as JSON.
 CLAIM = COMMON + CLAIM_FN + "return claim(ARGV[3], ARGV[4], ARGV[5], ARGV[6])\n"
 
 ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
@@ -208,31 +212,31 @@ return taken
 """
 )
 
-# ARGV: P, now, owner, expires, ids...: a stopping instance hands its unfinished jobs back.
+# ARGV: P, now, expires, then id and claim token pairs: a stopping instance hands its
+# unfinished jobs back.
 RELEASE = _release(
     r"""
 local n = 0
-for i = 5, #ARGV do
-  if redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[3] and release(ARGV[i], now, ARGV[4]) then
-    n = n + 1
-  end
+for i = 4, #ARGV, 2 do
+  local holds = redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[i + 1]
+  if holds and release(ARGV[i], now, ARGV[3]) then n = n + 1 end
 end
 wake()
 return n
 """
 )
 
-# ARGV: P, now, owner, deadline, ids...: renew our leases. Returns the ids we no longer
-# hold (taken over after an outage) and the ids whose cancel was requested.
+# ARGV: P, now, deadline, then id and claim token pairs: renew our leases. Returns the ids
+# we no longer hold (taken over after an outage) and the ids whose cancel was requested.
 RENEW = (
     COMMON
     + r"""
 local lost, cancel = {}, {}
-for i = 5, #ARGV do
+for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local f = redis.call('HMGET', jkey(id), 'owner', 'state', 'cancel_requested')
-  if f[1] == ARGV[3] and f[2] == 'running' then
-    redis.call('ZADD', P .. ':running', 'XX', ARGV[4], id)
+  if f[1] == ARGV[i + 1] and f[2] == 'running' then
+    redis.call('ZADD', P .. ':running', 'XX', ARGV[3], id)
     if f[3] == '1' then cancel[#cancel + 1] = id end
   else
     lost[#lost + 1] = id
@@ -242,11 +246,11 @@ return {lost, cancel}
 """
 )
 
-# ARGV: P, now, id, owner, state, status, result, error, expires, run_at, run record,
-# last progress report ('' if none), then the next claim's lease deadline ('' for none),
-# module limits and rates (as CLAIM takes them).
+# ARGV: P, now, id, the attempt's claim token, state, status, result, error, expires, run_at,
+# run record, last progress report ('' if none), then the next claim's lease deadline (''
+# for none), token, module limits and rates (as CLAIM takes them).
 # The end of one attempt: a retry (state "waiting", at run_at) or a finished job. Does
-# nothing (returns 0) if this instance no longer holds the job. Recorded: {1}, or {1, what
+# nothing (returns 0) if this attempt no longer holds the job. Recorded: {1}, or {1, what
 # CLAIM returns}: the worker this attempt frees takes the next job in the same round trip.
 END = (
     COMMON
@@ -269,7 +273,7 @@ else
 end
 wake()
 if ARGV[13] == '' then return {1} end
-return {1, claim(ARGV[13], ARGV[4], ARGV[14], ARGV[15])}
+return {1, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16])}
 """
 )
 
@@ -366,4 +370,19 @@ return {0, ''}
 """
 )
 
-NAMES = ("ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY", "EXPIRE", "DELETE")
+# ARGV: P, now, id, the attempt's claim token, field, value: a running attempt's progress
+# or checkpoint, written only while the attempt still holds the job. Returns 1 or 0.
+NOTE = (
+    COMMON
+    + r"""
+local f = redis.call('HMGET', jkey(ARGV[3]), 'owner', 'state')
+if f[1] ~= ARGV[4] or f[2] ~= 'running' then return 0 end
+redis.call('HSET', jkey(ARGV[3]), ARGV[5], ARGV[6])
+return 1
+"""
+)
+
+NAMES = (
+    "ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY", "EXPIRE", "DELETE",
+    "NOTE",
+)  # fmt: skip
