@@ -11,6 +11,7 @@ the loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -81,9 +82,12 @@ class DatagramQueue:
         loop = self._loop
         assert loop is not None, "DatagramQueue.start() not called"
         request = Request(module, payload, origin, peer, loop=loop, jobs=self.jobs)
-        rest = self.dispatcher.notify(request)  # served now, unless its handler waits
+        # In a context of its own, as in bgservice.eager: a context variable a handler
+        # sets does not reach the next datagram's.
+        context = contextvars.copy_context()
+        rest = context.run(self.dispatcher.notify, request)  # served now, unless it waits
         if rest is not None:
-            task = loop.create_task(rest)
+            task = loop.create_task(rest, context=context)
             self.waiting.add(task)
             task.add_done_callback(self._finished)
 

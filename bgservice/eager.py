@@ -10,6 +10,7 @@ does the same for every task; this does it only where it is known to pay, and on
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
@@ -23,7 +24,15 @@ _depth = 0
 
 def start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
     """Run ``coro`` up to its first wait: ``(True, result)`` when it finished there,
-    else ``(False, task)``: the rest handed to ``spawn``, which makes it a task."""
+    else ``(False, task)``: the rest handed to ``spawn``, which makes it a task.
+
+    In a context of its own, as a task's would be: run in the caller's, a handler setting
+    a context variable set it for every later request of the listener (the task made
+    for the rest copies this context, so it sees what the first step set)."""
+    return contextvars.copy_context().run(_start, coro, spawn)
+
+
+def _start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
     global _depth
     _depth += 1
     try:

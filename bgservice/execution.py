@@ -11,6 +11,7 @@ holding the GIL cannot freeze and a timeout can kill.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import traceback
 from collections.abc import Awaitable, Callable
@@ -222,7 +223,9 @@ class Execution:
         """A ``def`` handler, in the pool. One that outlives its timeout keeps its thread
         (Python cannot stop it): the pool counts it stuck and replaces it (threads.py)."""
         try:
-            job = self.threads.submit(handler.fn, request)
+            # In a copy of the call's context, as asyncio.to_thread runs a function: a
+            # thread's own context would carry what one call set into the next.
+            job = self.threads.submit(contextvars.copy_context().run, handler.fn, request)
         except ThreadsExhausted as exc:
             release()
             raise Busy(str(exc)) from None

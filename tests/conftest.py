@@ -42,6 +42,18 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def sent_one_shot(svc: Any, request: bytes, rcvbuf: int = 4096) -> socket.socket:
+    """A one-shot client that sent ``request`` and half-closed, its reply not read yet;
+    a small receive buffer, so that a large reply backs up in the service."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(20)
+    sock.connect(svc.tcp)
+    sock.sendall(request)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
 class Framed:
     """A framed-protocol connection (docs/protocol.md)."""
 

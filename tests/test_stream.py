@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bgservice.protocol import PREFACE, framed_reply, framed_request
-from tests.conftest import recv_all, wait_until, write_module
+from tests.conftest import recv_all, sent_one_shot, wait_until, write_module
 
 LEGACY_ERROR = re.compile(rb"^[45][0-9]{2}:")
 
@@ -367,22 +367,11 @@ def test_framed_client_that_never_reads_stops_being_read(service):
 # --- issue 18: what a client can hold ---------------------------------------------------
 
 
-def _non_reader(svc, request: bytes) -> socket.socket:
-    """A client that sends ``request``, half-closes and never reads its reply."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the reply backs up
-    sock.settimeout(10)
-    sock.connect(svc.tcp)
-    sock.sendall(request)
-    sock.shutdown(socket.SHUT_WR)
-    return sock
-
-
 def test_a_client_that_never_reads_its_reply_is_dropped_after_the_write_timeout(make_service):
     # Item 3: clients that sent echo:+8 MiB and stopped reading held their connection slot
     # and the reply's memory for ever: every other call got "503: Too many connections".
     svc = make_service("[limits]\nmax_connections = 2\nwrite_timeout = 1.0\n")
-    held = [_non_reader(svc, b"echo:" + b"r" * (8 << 20)) for _ in range(2)]
+    held = [sent_one_shot(svc, b"echo:" + b"r" * (8 << 20)) for _ in range(2)]
     try:
         assert svc.call(b"test:x") == b"503: Too many connections"
         started = time.monotonic()

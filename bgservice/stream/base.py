@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -120,6 +122,7 @@ class StreamProtocol(asyncio.Protocol):
     draining = False  # an error was sent; input is discarded until close
     deadline: int | None = None  # its slot in ctx.deadlines
     write_timer: asyncio.TimerHandle | None = None
+    unsent = 0  # the reply bytes waiting to be sent when write_timer was last armed
     held = 0  # bytes of an unfinished request this connection holds
 
     def __init__(self, ctx: StreamContext) -> None:
@@ -159,9 +162,13 @@ class StreamProtocol(asyncio.Protocol):
         # would otherwise be held for ever, even after we closed our side).
         self.flow_control().blocked(True)
         if self.write_timer is None:
-            self.write_timer = self.loop.call_later(
-                self.ctx.limits.write_timeout, self._write_timed_out
-            )
+            self._arm_write_timer()
+
+    def _arm_write_timer(self) -> None:
+        self.unsent = self.transport.get_write_buffer_size()
+        self.write_timer = self.loop.call_later(
+            self.ctx.limits.write_timeout, self._write_timed_out
+        )
 
     def flow_control(self) -> FlowControl:
         if self.flow is None:
@@ -181,11 +188,23 @@ class StreamProtocol(asyncio.Protocol):
         self.write_timer = None
         if self.closed:
             return
+        if self.transport.get_write_buffer_size() < self.unsent:
+            self._arm_write_timer()  # it reads, if slowly (a large reply): not stuck
+            return
         self.ctx.stats.refused["write_timeout"] += 1
         log.info(
             "write timeout: %s %s took none of its reply for %g s: dropped",
             self.ctx.origin.value, self.peer or "local", self.ctx.limits.write_timeout,
         )  # fmt: skip
+        # A reset, not a close: the kernel would go on sending what it holds and end with
+        # a FIN, and a one-shot client (its reply has no length) would take a cut reply
+        # for a whole one. Zero linger drops it and resets the connection.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and self.ctx.origin is not Origin.UNIX:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
         self.transport.abort()  # close() would wait for the client to read the rest
 
     # --- what each stage decides ------------------------------------------------------
@@ -200,10 +219,10 @@ class StreamProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """The service is stopping: close now if nothing was asked, else once answered."""
 
-    def unanswered(self) -> int:
-        """How many requests still wait for their reply (the calls are about to be
-        cancelled: whatever they would have written is dropped from now on)."""
-        return 0
+    def last_replies(self) -> bytes:
+        """What is still owed, with ``503: Shutting down`` for each call still running
+        (they are about to be cancelled: whatever they would write is dropped)."""
+        return b""
 
     def cut(self) -> None:
         """The shutdown grace ran out: answer every request still running with the
@@ -212,8 +231,8 @@ class StreamProtocol(asyncio.Protocol):
             return
         # After an error our write side is shut (draining): nothing more can be sent.
         if not self.draining and not self.transport.is_closing():
-            if count := self.unanswered():
-                self.transport.write(self.error_reply(503, "Shutting down") * count)
+            if last := self.last_replies():
+                self.transport.write(last)
         self.close()
 
     # --- memory ---------------------------------------------------------------------

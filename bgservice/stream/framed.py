@@ -1,5 +1,11 @@
 """The framed form: after the preface, length-prefixed requests, pipelined, each answered
-with a status and a length in request order (docs/protocol.md)."""
+with a status and a length in request order (docs/protocol.md).
+
+At most ``max_pipeline`` requests of a connection are in progress (or answered, waiting
+for an earlier one's reply); frames read beyond that wait in ``backlog`` with reading
+paused, and no more than that many are started in one turn of the loop, so a client
+writing thousands of frames at once neither runs them all at once nor holds up the
+other connections."""
 
 from __future__ import annotations
 
@@ -27,7 +33,11 @@ class Framed(StreamProtocol):
     # Replies in request order: the bytes of one served at once, or the task serving it
     # with the chunks its handler streams (sent in front of its reply).
     pending: deque[bytes | tuple[asyncio.Task[Reply], list[bytes]]]
+    backlog: deque[bytes | Oversized] | None = None  # read, not started (max_pipeline)
+    backlog_bytes = 0
+    backlog_soon = False  # its next part is served in the next turn of the loop
     frame_started: float | None = None  # loop time the unfinished frame began
+    last_reply = 0.0  # loop time every request so far was answered
     eof = False
     stopping = False  # the service is shutting down: close once answered
     # An error that ends the connection (408, 503) while earlier requests still wait
@@ -54,7 +64,7 @@ class Framed(StreamProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.pending:
+        if not self.pending and not self.backlog:
             self.close()
         return True  # keep our side open: replies still have to go out
 
@@ -64,9 +74,11 @@ class Framed(StreamProtocol):
         limits = self.ctx.limits
         if self.frame_started is not None:
             return self.frame_started + limits.read_timeout
-        if self.pending:
+        if self.pending or self.backlog:
             return now + limits.idle_timeout
-        due = self.last_data + limits.idle_timeout
+        # Idle since its last request arrived or its last reply went, whichever is later
+        # (a call longer than idle_timeout must not leave the connection about to close).
+        due = max(self.last_data, self.last_reply) + limits.idle_timeout
         return None if due <= now else due
 
     def error_reply(self, status: int, message: str) -> bytes:
@@ -84,18 +96,31 @@ class Framed(StreamProtocol):
             return
         self.last_words = (status, message)  # sent by _flush when the line is empty
         self.stop_timers()  # each waiting call has its own timeout
-        self.hold(0)  # the unfinished request is given up: it no longer counts
+        # The unfinished request is given up: its bytes are let go, not only uncounted
+        # (a call still running before it would hold them as long as it runs).
+        self.decoder = FrameDecoder(self.ctx.limits.max_request_bytes)
+        self.hold(self.backlog_bytes)
 
     def shutdown(self) -> None:
         self.stopping = True
-        if not self.pending:
+        if not self.pending and not self.backlog:
             self.close()
 
-    def unanswered(self) -> int:
-        self._flush()  # replies already finished go out first, in order
-        count = len(self.pending)
+    def last_replies(self) -> bytes:
+        """Every reply owed, in order: a call that finished gets its own (it may have
+        stored a job: a 503 would make the client add it again), the others 503."""
+        out: list[bytes] = []
+        for entry in self.pending:
+            if type(entry) is bytes:
+                out.append(entry)
+            elif isinstance(entry, tuple) and entry[0].done() and not entry[0].cancelled():
+                out.append(self._reply_of(*entry))
+            else:
+                out.append(self.error_reply(503, "Shutting down"))
+        out += [self.error_reply(503, "Shutting down")] * len(self.backlog or ())
         self.pending.clear()
-        return count
+        self.backlog = None
+        return b"".join(out)
 
     # --- requests and replies -----------------------------------------------------------
 
@@ -103,18 +128,16 @@ class Framed(StreamProtocol):
         decoder = self.decoder
         was_partial = decoder.partial
         items = decoder.feed(data)
-        for item in items:
-            if isinstance(item, Oversized):
-                limit = self.ctx.limits.max_request_bytes
-                message = f"Request too large ({item.length} bytes, limit {limit})"
-                self.pending.append(framed_reply(413, message.encode()))
-                continue
-            self._serve(*split_request(item))
-        if items and (not self.pending or type(self.pending[0]) is bytes):
-            # What was served at once goes out in one send. (A task at the head of the
-            # line flushes when it is done: its callback.)
-            self._flush()
-        if not self.hold(decoder.buffered):
+        if items:
+            if self.backlog or len(self.pending) + len(items) > self.ctx.limits.max_pipeline:
+                if self.backlog is None:
+                    self.backlog = deque()
+                self.backlog.extend(items)
+                self.backlog_bytes += sum(len(i) for i in items if type(i) is bytes)
+                self._serve_backlog()
+            else:
+                self._start(items)
+        if not self.hold(decoder.buffered + self.backlog_bytes):
             return
         if not decoder.partial:
             self.frame_started = None
@@ -123,6 +146,41 @@ class Framed(StreamProtocol):
             self.arm_deadline(self.last_data + self.ctx.limits.read_timeout)
         if len(self.pending) >= self.ctx.limits.max_pipeline:
             self.flow.busy(True)
+
+    def _start(self, items: list[bytes | Oversized] | deque[bytes | Oversized]) -> None:
+        for item in items:
+            if type(item) is bytes:
+                self._serve(*split_request(item))
+            else:
+                assert isinstance(item, Oversized)
+                limit = self.ctx.limits.max_request_bytes
+                message = f"Request too large ({item.length} bytes, limit {limit})"
+                self.pending.append(framed_reply(413, message.encode()))
+        if items and (not self.pending or type(self.pending[0]) is bytes):
+            # What was served at once goes out in one send. (A task at the head of the
+            # line flushes when it is done: its callback.)
+            self._flush()
+
+    def _serve_backlog(self) -> None:
+        """Start as many waiting frames as there is room for, at most ``max_pipeline``
+        in this turn; reading stays paused while any wait."""
+        self.backlog_soon = False
+        backlog = self.backlog
+        if backlog is None or self.closed:
+            return
+        limit = self.ctx.limits.max_pipeline
+        batch = [backlog.popleft() for _ in range(min(limit - len(self.pending), len(backlog)))]
+        self.backlog_bytes -= sum(len(i) for i in batch if type(i) is bytes)
+        if backlog:
+            self.flow.busy(True)
+        else:  # _start's flush finds none waiting: it resumes reading, or ends
+            self.backlog = None
+            self.hold(self.decoder.buffered)
+        if batch:
+            self._start(batch)
+        if self.backlog and not self.backlog_soon and len(self.pending) < limit:
+            self.backlog_soon = True  # room, but this turn's share is done
+            self.loop.call_soon(self._serve_backlog)
 
     def _serve(self, module: str, payload: bytes) -> None:
         """Serve one request: its reply now if it needs no wait (bgservice.eager), else
@@ -139,8 +197,27 @@ class Framed(StreamProtocol):
             self.pending.append(framed_reply(*whole(reply, chunks)))
 
     def _flush(self, _: object = None) -> None:
-        # Replies go out in request order: only a finished head of the line is written.
-        # Pipelined requests often finish together: their replies share one send.
+        ready = self._finished()
+        if self.closed or self.draining:  # an error ended it; our write side is shut
+            return
+        if ready:
+            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
+        pending = self.pending
+        if self.backlog:  # room for more of them now
+            if not self.backlog_soon and len(pending) < self.ctx.limits.max_pipeline:
+                self.backlog_soon = True
+                self.loop.call_soon(self._serve_backlog)
+            return
+        if self.flow.too_busy and len(pending) < self.ctx.limits.max_pipeline:
+            self.flow.busy(False)
+        if not pending:
+            self.last_reply = self.loop.time()
+            self._answered()
+
+    def _finished(self) -> list[bytes]:
+        """The replies at the head of the line that are finished, taken out of it: only
+        those can be written (replies go in request order). Pipelined requests often
+        finish together: their replies share one send."""
         ready: list[bytes] = []
         pending = self.pending
         while pending:
@@ -154,20 +231,15 @@ class Framed(StreamProtocol):
             if not task.done():
                 break
             pending.popleft()
-            if task.cancelled():
-                continue
-            if task.exception() is not None:  # a bug of ours: reported by the task's callback
-                ready.append(framed_reply(500, b"Internal"))
-            else:
-                ready.append(framed_reply(*whole(task.result(), chunks)))
-        if self.closed or self.draining:  # an error ended it; our write side is shut
-            return
-        if ready:
-            self.transport.write(ready[0] if len(ready) == 1 else b"".join(ready))
-        if self.flow.too_busy and len(pending) < self.ctx.limits.max_pipeline:
-            self.flow.busy(False)
-        if not pending:
-            self._answered()
+            if not task.cancelled():
+                ready.append(self._reply_of(task, chunks))
+        return ready
+
+    @staticmethod
+    def _reply_of(task: asyncio.Task[Reply], chunks: list[bytes]) -> bytes:
+        if task.exception() is not None:  # a bug of ours: reported by the task's callback
+            return framed_reply(500, b"Internal")
+        return framed_reply(*whole(task.result(), chunks))
 
     def _answered(self) -> None:
         """Every request so far is answered: end with the error kept for last, or close

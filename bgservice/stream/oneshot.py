@@ -93,8 +93,12 @@ class OneShot(StreamProtocol):
     def error_reply(self, status: int, message: str) -> bytes:
         return one_shot_error(status, message)
 
-    def unanswered(self) -> int:
-        return 1 if self.done else 0
+    def last_replies(self) -> bytes:
+        return self.error_reply(503, "Shutting down") if self.done else b""
+
+    def fail(self, status: int, message: str) -> None:
+        self.buf = bytearray()  # given up: let go now, not when the connection closes
+        super().fail(status, message)
 
     def stop_timers(self) -> None:
         super().stop_timers()

@@ -77,8 +77,10 @@ class Sniffer(StreamProtocol):
         return one_shot_error(status, message)
 
     def shutdown(self) -> None:
-        if not self.buf:
-            self.close()
+        if not self.buf and not self.draining:
+            # Connected, nothing sent yet: its request may be on its way. It gets the
+            # documented answer rather than an empty reply (fail: not lost to a reset).
+            self.fail(503, "Shutting down")
 
     def _hand_over_one_shot(self, head: bytes, eof: bool) -> None:
         OneShot(self.ctx).start(self, head, eof, self.reads)

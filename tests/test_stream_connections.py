@@ -1,0 +1,98 @@
+"""What every connection is owed (bgservice/stream/base.py, sniffer.py, bgservice/eager.py,
+datagram.py): a slow but steady reader gets its whole reply and a stuck one a reset, not a
+cut reply; no request sees another's context variables; a connection that sends its
+request during the shutdown gets an answer. Over real sockets."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.conftest import recv_all, sent_one_shot, wait_until, write_module
+
+
+def test_a_steady_reader_slower_than_the_write_timeout_gets_its_whole_reply(make_service):
+    # The write timeout ran from the moment the reply backed up, not from the last byte
+    # the client took: a client reading steadily was cut after write_timeout.
+    svc = make_service("[limits]\nwrite_timeout = 1.0\n")
+    data = b"s" * (8 << 20)  # more than the kernel's buffers on both sides hold
+    with sent_one_shot(svc, b"echo:" + data, rcvbuf=65536) as sock:
+        got = bytearray()
+        started = time.monotonic()
+        while chunk := sock.recv(65536):
+            got += chunk
+            time.sleep(0.02)  # 3.2 MB/s at most: about 2.5 s for the reply
+    assert time.monotonic() - started > 1.2  # slower than the write timeout
+    assert len(got) == len(data) and got == data
+    assert "write timeout" not in svc.log()
+
+
+def test_a_client_that_stops_reading_gets_a_reset_not_a_short_reply(make_service):
+    # Dropped for taking nothing, the connection was closed with a FIN after what the
+    # kernel still held: a one-shot client (no length in its reply) took the cut reply
+    # for a whole one.
+    svc = make_service("[limits]\nwrite_timeout = 1.0\n")
+    data = b"r" * (8 << 20)
+    with sent_one_shot(svc, b"echo:" + data, rcvbuf=65536) as sock:
+        wait_until(lambda: "write timeout" in svc.log(), timeout=15)
+        got = bytearray()
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+        assert len(got) < len(data)
+
+
+CONTEXT = """
+import contextvars
+
+who = contextvars.ContextVar("who", default="unset")
+
+async def handle_tcp(request):
+    before = who.get()
+    who.set(request.text)
+    return f"before={before}"
+
+def handle_udp(request):
+    before = who.get()
+    who.set(request.text)
+    with open(request.text + ".seen", "w") as f:
+        f.write(before)
+"""
+
+
+def test_no_request_sees_a_context_variable_another_set(make_service, modules_dir, tmp_path):
+    # A handler's first step ran in the listener's own context: a context variable set
+    # by one client's request (a tracing span, a user id) was there for the next one's.
+    write_module(modules_dir, "ctx", CONTEXT)
+    svc = make_service()
+    assert [svc.call(b"ctx:%s" % w) for w in (b"one", b"two")] == [b"before=unset"] * 2
+    conn = svc.framed()
+    try:
+        assert [conn.call(b"ctx:%s" % w) for w in (b"three", b"four")] == [
+            (200, b"before=unset")
+        ] * 2
+    finally:
+        conn.close()
+    for name in ("five", "six"):
+        target = tmp_path / f"{name}.seen"
+        svc.send_udp(b"ctx:" + str(target.with_suffix("")).encode())
+        wait_until(target.exists)
+        assert target.read_text() == "unset"
+
+
+def test_a_request_sent_after_the_shutdown_began_is_answered(make_service):
+    # Connected before SIGTERM, its request sent just after: it read an empty reply.
+    svc = make_service()
+    with socket.create_connection(svc.tcp, timeout=10) as sock:
+        wait_until(lambda: svc.stats()["connections"]["open"] >= 2)  # (and the stats call)
+        svc.signal(signal.SIGTERM)
+        time.sleep(0.1)
+        try:
+            sock.sendall(b"echo:late")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert recv_all(sock) == b"503: Shutting down"
+    assert svc.wait() == 0
