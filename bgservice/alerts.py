@@ -86,6 +86,7 @@ class Alerts:
         self._held_counts: Counter[str] = Counter()
         self._summary_timer: asyncio.TimerHandle | None = None
         self._outbox: asyncio.Queue[Alert] = asyncio.Queue(OUTBOX)
+        self._delivering = False  # an alert is with the module now
         self.counts: Counter[str] = Counter()  # raised, sent, summarised, failed, dropped
         if self.enabled:
             events.subscribe(INTERNAL_ERROR, self._internal_error)
@@ -154,6 +155,11 @@ class Alerts:
         total = sum(self._held_counts.values())
         if not total:
             return
+        if total == 1:  # a summary of one would only hide its message
+            self._held_counts.clear()
+            self._sent.append(time.monotonic())
+            self._enqueue(self._held.pop())
+            return
         per_event = ", ".join(f"{n} {event}" for event, n in self._held_counts.most_common())
         lines = [f"- {a.title}" for a in self._held]
         if total > len(self._held):
@@ -185,7 +191,12 @@ class Alerts:
             alert = await self._outbox.get()
             loop = asyncio.get_running_loop()
             request = Request(module, alert.payload(), Origin.ALERT, loop=loop, jobs=self.jobs)
-            status, body = await self.dispatcher.call(request)
+            self._delivering = True
+            try:
+                status, body = await self.dispatcher.call(request)
+            finally:
+                self._delivering = False
+                self._outbox.task_done()
             if status == OK:
                 self.counts["sent"] += 1
             else:
@@ -194,6 +205,22 @@ class Alerts:
                     "alert %r not delivered by module %s: %d %s",
                     alert.title, module, status, body[:300].decode("utf-8", "replace"),
                 )  # fmt: skip
+
+    async def flush(self, timeout: float) -> None:
+        """Stopping: the held alerts' summary goes now, not when its timer would have
+        fired, and what waits gets up to ``timeout`` seconds to be delivered (the alert
+        saying why the service stops is often among them); what is left is logged."""
+        if not self.enabled:
+            return
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+            self._summarise()
+        try:
+            await asyncio.wait_for(self._outbox.join(), timeout)
+        except TimeoutError:
+            left = self._outbox.qsize() + self._delivering
+            log.warning("%d alert%s not delivered: the service stopped first",
+                        left, "" if left == 1 else "s")  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
         return {

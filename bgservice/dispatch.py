@@ -84,7 +84,7 @@ class Dispatcher:
         cost about a microsecond per request)."""
         start = perf_counter()
         try:
-            if self.closing:
+            if self.closing and request.origin is not Origin.ALERT:  # (alerts: flushed)
                 raise Busy("Shutting down")
             version, handler = self.execution.resolve(request.module, request.origin)
             if version.call_from is not None and request.origin.direct:

@@ -2,13 +2,17 @@
 it means the last run ended by a crash, ``kill -9`` or a power cut (issue 19, item 9).
 
 It lives next to the job database (``DB.running``), so it is found by the next start of
-the same service. It holds the process id and start time; a marker whose process is
-still alive belongs to another instance sharing the folder (Redis engine), not to a
-crashed one.
+the same service. It holds the process id and start time, and the running service holds
+it locked (``flock``) for as long as it runs: the kernel lets go of the lock when the
+process ends, however it ends, so a marker nobody holds is a run that did not stop
+cleanly. (Its process id proved nothing: after a reboot, or once the crashed process was
+reaped, the number belongs to some other process.) A marker another live instance holds
+(several sharing a folder, Redis engine) is left to it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -30,49 +34,43 @@ class UncleanStop:
 class RunMarker:
     def __init__(self, db: Path) -> None:
         self.path = db.with_name(db.name + ".running")
+        self._fd: int | None = None  # the marker, open and locked while we run
 
     def claim(self) -> UncleanStop | None:
-        """Write our marker; return what a previous run left, if it did not stop cleanly."""
-        previous = self._read()
+        """Lock and write our marker; return what a previous run left, if it did not
+        stop cleanly. Another live instance's marker is left alone (None)."""
         try:
-            self.path.write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a read-only folder must not stop the service
             log.warning("cannot write %s (%s): unclean stops go unnoticed", self.path, exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.info("%s belongs to another instance running from this folder: this one's "
+                     "unclean stops go unnoticed", self.path)  # fmt: skip
+            return None
+        self._fd = fd
+        previous = _parse(os.read(fd, 65536))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": time.time()}).encode(), 0)
         return previous
 
     def release(self) -> None:
-        """A clean stop: the next start finds no marker. Not one that another instance
-        sharing the folder (Redis engine) has written since: its crash must show."""
-        try:
-            if json.loads(self.path.read_text()).get("pid") not in (os.getpid(), None):
-                return
-        except (OSError, ValueError, AttributeError):
-            pass
+        """A clean stop: the next start finds no marker."""
+        if self._fd is None:
+            return
         self.path.unlink(missing_ok=True)
-
-    def _read(self) -> UncleanStop | None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("cannot read %s: %s", self.path, exc)
-            return None
-        try:
-            data = json.loads(text)
-            pid, started = int(data["pid"]), float(data["started"])
-        except (ValueError, KeyError, TypeError):
-            return UncleanStop(None, None)  # cut short by the crash itself
-        if pid != os.getpid() and _alive(pid):
-            return None  # another instance's, running now
-        return UncleanStop(pid, started)
+        os.close(self._fd)  # (unlocks)
+        self._fd = None
 
 
-def _alive(pid: int) -> bool:
+def _parse(raw: bytes) -> UncleanStop | None:
+    if not raw:
+        return None  # none, or made by a start that died before writing it
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+        data = json.loads(raw)
+        return UncleanStop(int(data["pid"]), float(data["started"]))
+    except (ValueError, KeyError, TypeError):
+        return UncleanStop(None, None)  # cut short by the crash itself

@@ -50,6 +50,7 @@ from bgservice.threads import CallThreads
 log = logging.getLogger(__name__)
 
 EXIT_UNEXPECTED = 70  # EX_SOFTWARE: an error outside any request, without -E
+ALERT_FLUSH = 2.0  # seconds alerts still get at a stop once the shutdown grace is spent
 
 
 def make_queue(settings: Settings, runner: JobRunner, stats: Stats, events: Events) -> JobQueue:
@@ -370,6 +371,9 @@ class Service:
                 await asyncio.gather(*pending, return_exceptions=True)
         for conn in self.listeners.connections():
             conn.close()
+        # Alerts held or waiting (the one saying why we stop among them): the rest of the
+        # grace, and a moment more when it is spent.
+        await self.alerts.flush(max(deadline - loop.time(), ALERT_FLUSH))
         await self.reloader.stop()
         await self.processes.close()
         await self.registry.close(max(deadline - loop.time(), 1.0))

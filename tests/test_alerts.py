@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -243,20 +244,37 @@ def test_a_start_after_kill_9_alerts_and_a_clean_stop_does_not(
     assert alert_stats(svc)["raised"] == 0
 
 
-def test_a_clean_stop_leaves_the_marker_another_instance_wrote(
+def test_a_marker_whose_pid_is_now_another_process_still_means_an_unclean_stop(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, tmp_path: Path
+) -> None:
+    # After a reboot (or once the crashed process was reaped) its pid belongs to some
+    # other live process: the marker was taken for a live instance's, and no alert came.
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service(recorder_config(), start=False)
+    (tmp_path / "jobs.db.running").write_text(json.dumps({"pid": 1, "started": 1.0}))
+    svc.start()
+    wait_until(lambda: [a for a in recorded(modules_dir) if a["event"] == "restart"])
+    assert "the last run (pid 1, started" in svc.log()
+    assert svc.stop() == 0
+
+
+def test_an_instance_sharing_the_folder_keeps_its_marker(
     make_service: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    # Instances sharing a folder (Redis engine) share the marker: the last to start
-    # wrote it, and an earlier one stopping must not hide that one's crash.
-    svc = make_service()
+    # Instances sharing a folder (Redis engine) share the marker path: one running holds
+    # it locked; another start leaves it alone, and its clean stop does not remove it.
     marker = tmp_path / "jobs.db.running"
-    assert json.loads(marker.read_text())["pid"] == svc.proc.pid  # type: ignore[union-attr]
-    other = json.dumps({"pid": os.getpid(), "started": 1.0})  # a live process: this one
+    other = json.dumps({"pid": os.getpid(), "started": 1.0})
     marker.write_text(other)
-    assert svc.stop() == 0
-    assert marker.read_text() == other
-    svc.start()  # writes its own again; the other instance is alive: no warning
-    assert "unclean stop" not in svc.log()
+    with open(marker, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the other instance, running
+        svc = make_service()
+        assert "started after an unclean stop" not in svc.log()
+        assert "belongs to another instance running from this folder" in svc.log()
+        assert svc.stop() == 0
+        assert marker.read_text() == other
+    svc.start()  # the other one ended without removing it: an unclean stop
+    assert "started after an unclean stop" in svc.log()
     assert svc.stop() == 0
     assert not marker.exists()
 
@@ -291,3 +309,66 @@ def test_mistyped_job_names_alert_as_mistyped_calls_do(
     wait_until(lambda: recorded(modules_dir))
     (alert,) = recorded(modules_dir)
     assert alert["event"] == "unknown" and alert["module"] == "mistyped_job"
+
+
+# --- alerts at a stop ---------------------------------------------------------------------
+
+CRASH = """
+import asyncio
+
+def _outside():
+    raise ValueError("outside any request")
+
+async def handle_tcp(request):
+    asyncio.get_running_loop().call_soon(_outside)
+    return "scheduled"
+"""
+
+
+def held_config(max_per_minute: int, summary_seconds: float) -> str:
+    return (
+        f'[alerts]\nmodule = "recorder"\nmax_per_minute = {max_per_minute}\n'
+        f"summary_seconds = {summary_seconds}\n"
+    )
+
+
+def test_held_alerts_are_summarised_at_a_stop_not_thrown_away(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, boom: Path
+) -> None:
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service(held_config(1, 600))
+    for n in range(4):
+        svc.call(b"queue:add:boom:%d" % n)
+    wait_until(lambda: alert_stats(svc)["held"] == 3)
+    assert svc.stop() == 0
+    summaries = [a for a in recorded(modules_dir) if a["event"] == "summary"]
+    assert len(summaries) == 1 and summaries[0]["counts"] == {"job": 3}
+
+
+def test_the_alert_saying_why_the_service_stops_is_delivered(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, boom: Path
+) -> None:
+    # An error outside any request stops the service (exit 70); held (the minute's
+    # budget spent), its alert was dropped at the stop, with no log line.
+    write_module(modules_dir, "recorder", RECORDER)
+    write_module(modules_dir, "crash", CRASH)
+    svc = make_service(held_config(1, 600))
+    svc.call(b"queue:add:boom:first")
+    wait_until(lambda: len(recorded(modules_dir)) == 1)
+    assert svc.call(b"crash:x") == b"scheduled"
+    assert svc.wait() == 70
+    errors = [a for a in recorded(modules_dir) if a["event"] == "error"]
+    assert errors and "outside any request" in errors[0]["message"]
+
+
+def test_a_single_held_alert_is_sent_as_itself(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, boom: Path
+) -> None:
+    # Held alone, it came as "1 more alerts (1 job)" without its message.
+    write_module(modules_dir, "recorder", RECORDER)
+    svc = make_service(held_config(1, 0.5))
+    svc.call(b"queue:add:boom:first")
+    svc.call(b"queue:add:boom:second")
+    wait_until(lambda: len(recorded(modules_dir)) == 2)
+    second = recorded(modules_dir)[1]
+    assert second["event"] == "job" and "boom second" in second["message"]
