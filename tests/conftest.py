@@ -42,6 +42,19 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+# A module whose call schedules an error outside every request: a loop callback that raises.
+STRAY_ERROR = """
+import asyncio
+
+def _explode():
+    raise ZeroDivisionError("stray callback")
+
+async def handle_tcp(request):
+    asyncio.get_running_loop().call_soon(_explode)
+    return "scheduled"
+"""
+
+
 def sent_one_shot(svc: Any, request: bytes, rcvbuf: int = 4096) -> socket.socket:
     """A one-shot client that sent ``request`` and half-closed, its reply not read yet;
     a small receive buffer, so that a large reply backs up in the service."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServiceProcess, wait_until, write_module
+from conftest import STRAY_ERROR, ServiceProcess, wait_until, write_module
 
 pytest.importorskip("aiosmtpd")
 from aiosmtpd.controller import Controller
@@ -313,18 +313,6 @@ def test_mistyped_job_names_alert_as_mistyped_calls_do(
 
 # --- alerts at a stop ---------------------------------------------------------------------
 
-CRASH = """
-import asyncio
-
-def _outside():
-    raise ValueError("outside any request")
-
-async def handle_tcp(request):
-    asyncio.get_running_loop().call_soon(_outside)
-    return "scheduled"
-"""
-
-
 def held_config(max_per_minute: int, summary_seconds: float) -> str:
     return (
         f'[alerts]\nmodule = "recorder"\nmax_per_minute = {max_per_minute}\n'
@@ -351,14 +339,14 @@ def test_the_alert_saying_why_the_service_stops_is_delivered(
     # An error outside any request stops the service (exit 70); held (the minute's
     # budget spent), its alert was dropped at the stop, with no log line.
     write_module(modules_dir, "recorder", RECORDER)
-    write_module(modules_dir, "crash", CRASH)
+    write_module(modules_dir, "crash", STRAY_ERROR)
     svc = make_service(held_config(1, 600))
     svc.call(b"queue:add:boom:first")
     wait_until(lambda: len(recorded(modules_dir)) == 1)
     assert svc.call(b"crash:x") == b"scheduled"
     assert svc.wait() == 70
     errors = [a for a in recorded(modules_dir) if a["event"] == "error"]
-    assert errors and "outside any request" in errors[0]["message"]
+    assert errors and "stray callback" in errors[0]["message"]
 
 
 def test_a_single_held_alert_is_sent_as_itself(

@@ -12,20 +12,8 @@ import time
 import pytest
 
 from bgservice.protocol import framed_request
-from tests.conftest import wait_until, write_module
+from tests.conftest import STRAY_ERROR, wait_until, write_module
 from tests.queue_helpers import add, status
-
-# An error outside every request: a loop callback that raises.
-STRAY_ERROR = """
-import asyncio
-
-def _explode():
-    raise ZeroDivisionError("stray callback")
-
-async def handle_tcp(request):
-    asyncio.get_running_loop().call_soon(_explode)
-    return "scheduled"
-"""
 
 GATED = """
 import time
