@@ -510,7 +510,7 @@ def test_stats_and_list(service):
     add(service, b"queue:add?delay=30:echo:later")
     stats = json.loads(service.call(b"queue:stats:600"))
     assert stats["counts"]["done"] >= 3 and stats["counts"]["waiting"] == 1
-    assert stats["oldest_waiting_age"] >= 0
+    assert stats["oldest_waiting_age"] is None  # the only waiting job is not due yet
     assert stats["finished_per_minute"] >= 3
     assert stats["window"]["seconds"] == 600 and stats["window"]["runs"] >= 3
     assert stats["window"]["by_hour"][0]["runs"] >= 3
@@ -551,6 +551,22 @@ def test_an_add_refused_for_its_options_leaves_its_unique_key_free(service):
     assert reply == b"400: option unique: at most 200 characters"
     first = add(service, b"queue:add?unique=k1&delay=60:echo:b")
     assert add(service, b"queue:add?unique=k1:echo:c") == first
+
+
+def test_the_oldest_waiting_age_counts_only_jobs_that_are_due(make_service):
+    # A job delayed an hour counted from its creation: a backlog alert on the gauge fired
+    # for every delay= and after= job.
+    svc = make_service("[queue]\nworkers = 1\n")
+    busy = add(svc, b"queue:add:sleep:20000")
+    wait_until(lambda: status(svc, busy)["state"] == "running")
+    add(svc, b"queue:add?delay=3600:echo:later")
+    add(svc, b"queue:add?after=%d:echo:after" % busy)
+    time.sleep(1.2)
+    assert json.loads(svc.call(b"queue:stats"))["oldest_waiting_age"] is None
+    add(svc, b"queue:add:echo:due")  # due now, waiting for the worker
+    time.sleep(0.5)
+    age = json.loads(svc.call(b"queue:stats"))["oldest_waiting_age"]
+    assert age is not None and 0.4 <= age < 1.2
 
 
 def test_finished_jobs_expire(make_service):

@@ -247,7 +247,9 @@ class LocalQueue(JobQueue):
 
     async def stats(self, window: float) -> dict[str, Any]:
         running = len(self._running)
-        return await reports.stats(self.jobs.values(), running, self.store, self.settings, window)
+        return await reports.stats(
+            self.jobs.values(), running, self.store, self.settings, window, self._in_line
+        )
 
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value

@@ -226,12 +226,12 @@ class RedisJobs:
         pipe = self.redis.pipeline(transaction=False)
         for state in STATES:
             pipe.zcard(self.key(f"state:{state}"))
-        pipe.zrange(self.key("state:waiting"), 0, 0, withscores=True)
         pipe.zrangebyscore(self.key("runs"), now - max(window, 60), "+inf")
-        *counts, oldest, raw_runs = await pipe.execute()
+        *counts, raw_runs = await pipe.execute()
+        oldest = await self.call("OLDEST", now=now)
         runs = [Run(**json.loads(r)) for r in raw_runs]
         counted = dict(zip(STATES, counts, strict=True))
-        first = oldest[0][1] if oldest else None
+        first = float(oldest) if oldest else None
         return queue_stats(counted, first, runs, window, workers)
 
     async def names(self) -> dict[str, Any]:

@@ -51,14 +51,21 @@ def _run_order(job: Job, now: float) -> tuple[bool, int, float, int]:
 
 
 async def stats(
-    live: Collection[Job], running: int, store: Store, settings: QueueSettings, window: float
+    live: Collection[Job],
+    running: int,
+    store: Store,
+    settings: QueueSettings,
+    window: float,
+    in_line: Callable[[Job, float], bool],
 ) -> dict[str, Any]:
     now = time.time()
     counts = {s: 0 for s in STATES}
     counts.update(await store.counts())
     counts["waiting"] = sum(1 for j in live if j.state is JobState.WAITING)
     counts["running"] = running
-    oldest = min((j.created for j in live if j.state is JobState.WAITING), default=None)
+    # The age of the longest due: a delayed job counts from its due time, and one waiting
+    # on another job not at all (an alert on this gauge is about a backlog).
+    oldest = min((max(j.created, j.run_at) for j in live if in_line(j, now)), default=None)
     runs = await store.runs_since(now - max(window, 60))
     names = name_counts((j.name, str(j.state)) for j in live if not j.state.finished)
     return {**queue_stats(counts, oldest, runs, window, settings.workers), "names": names}
