@@ -103,6 +103,7 @@ class Execution:
         loop = request.loop or asyncio.get_running_loop()
         version.acquire()
         self.stats.in_flight[name] += 1
+        self.stats.ran.add(name)
 
         def release() -> None:
             version.release()
@@ -140,6 +141,7 @@ class Execution:
         """
         if not handler.is_async or version.execution == "process":
             return False, self.run(version, handler, request)
+        self.stats.ran.add(version.name)  # (for the lag warning: a step may block)
         coro = handler.fn(request)
         try:
             first = coro.send(None)

@@ -52,6 +52,7 @@ class Stats:
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     in_flight: Counter[str] = field(default_factory=Counter)
+    ran: set[str] = field(default_factory=set)  # modules called since the lag was last measured
     connections: int = 0
     connections_total: int = 0
     refused: Counter[str] = field(default_factory=Counter)
@@ -115,7 +116,11 @@ class LagMonitor:
             self.stats.lag_ms = lag
             self.stats.lag_max_ms = max(self.stats.lag_max_ms, lag)
             if self.warn_ms is not None and lag > self.warn_ms:
-                suspects = sorted(set(before) | set(self.running())) or ["none"]
+                # Running before or after the wait, or called meanwhile: a call that
+                # blocked and ended within the wait (its first step, often) is only there.
+                suspects = sorted(set(before) | self.stats.ran | set(self.running())) or ["none"]
                 log.warning(
-                    "event loop lagged %.1f ms; modules running: %s", lag, ", ".join(suspects)
-                )
+                    "event loop lagged %.1f ms; modules running or called meanwhile: %s",
+                    lag, ", ".join(suspects),
+                )  # fmt: skip
+            self.stats.ran.clear()

@@ -103,6 +103,26 @@ def test_verbose_logs_a_line_per_request(make_service):
     assert re.search(r"\d+(\.\d+)?ms", line)
 
 
+HOG = """
+import time
+
+async def handle_tcp(request):
+    time.sleep(0.4)  # blocks the loop: the mistake the lag warning is there to point at
+    return "done"
+"""
+
+
+def test_the_lag_warning_names_a_module_that_blocked_the_loop(modules_dir, make_service):
+    # It sampled the modules in flight before and after its wait: a call that blocked
+    # and ended within it (a first step) was never named ("modules running: none").
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service("", "-v")
+    assert svc.call(b"hog:x") == b"done"
+    wait_until(lambda: "event loop lagged" in svc.log())
+    line = next(li for li in svc.log().splitlines() if "event loop lagged" in li)
+    assert "hog" in line, line
+
+
 def test_log_file_gets_the_same_lines(make_service, tmp_path):
     path = tmp_path / "bg.log"
     svc = make_service("", "--log-file", str(path))
