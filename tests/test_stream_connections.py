@@ -96,3 +96,17 @@ def test_a_request_sent_after_the_shutdown_began_is_answered(make_service):
             pass
         assert recv_all(sock) == b"503: Shutting down"
     assert svc.wait() == 0
+
+
+def test_a_flood_of_refused_peers_is_a_line_a_minute_not_a_line_each(make_service):
+    # Every connection from outside the allow list was a warning of its own: anyone who
+    # can connect could fill the log.
+    svc = make_service(start=False)
+    text = svc.config.read_text().replace('host = "127.0.0.1"', 'host = "0.0.0.0"')
+    svc.config.write_text('allow = ["10.0.0.0/8"]\n' + text)
+    svc.start()
+    address = ("127.0.0.1", svc.tcp[1])
+    for _ in range(50):
+        with socket.create_connection(address, timeout=10) as sock:
+            assert recv_all(sock) == b"403: Forbidden"
+    assert svc.log().count("not in allow list") == 1

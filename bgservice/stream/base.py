@@ -43,6 +43,8 @@ class StreamContext:
     tasks: set[asyncio.Task[Any]]
     connections: set[StreamProtocol] = field(default_factory=set)
     segments: dict[str, int] = field(default_factory=dict)  # peer host -> TCP segment size
+    forbidden_logged = float("-inf")  # loop time of the last line about refused peers
+    forbidden_unlogged = 0  # refused since
     # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a getpid
     # system call, a measurable share of a small request's cost.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
