@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bgservice.errors import HandlerError
+from bgservice.errors import BadRequest, HandlerError
 from bgservice.origin import Origin
-from bgservice.queue.commands import AddSpec, after_ids
+from bgservice.queue.commands import ADD_OPTIONS, AddSpec, Command, parse_add
 
 if TYPE_CHECKING:
     from bgservice.queue.job import Job
@@ -228,15 +227,30 @@ class Request:
         """Queue another job from an ``async def`` handler; returns its id."""
         if self.jobs is None:
             raise RuntimeError("the job queue is not available")
-        delay = options.pop("delay", None)
-        at = options.pop("at", None)
-        run_at = at if at is not None else (time.time() + delay if delay else None)
-        after = options.pop("after", None)  # one id, or several: all done first
-        if after is not None:
-            many = after if isinstance(after, list | tuple) else [after]
-            options["after"] = after_ids(",".join(map(str, many)))
+        # Checked as queue:add checks them (the same parser): a priority of "high" once
+        # went to the store unchecked, broke queue:list and stopped the next start.
+        unknown = sorted(set(options) - JOB_OPTIONS)
+        if unknown:
+            raise BadRequest(f"add_job: unknown option {unknown[0]!r} "
+                             f"(options: {', '.join(sorted(JOB_OPTIONS))})")  # fmt: skip
+        # (None, and no ids or tags at all, as the option left out)
+        text = {k: _option_text(k, v) for k, v in options.items() if v not in (None, [], ())}
         # A job's module adds as "job:ID"; a direct call's as where the call came from,
         # the same source a queue:add over that connection records (tcp:HOST:PORT, unix).
         source = f"job:{self.job.id}" if self.job is not None else self.source
-        spec = AddSpec(module=module, data=to_bytes(data), run_at=run_at, source=source, **options)
+        command = Command("add", text, module.encode() + b":" + to_bytes(data))
+        spec: AddSpec = parse_add(command, source=source)
         return await self.jobs.add(spec)
+
+
+JOB_OPTIONS = ADD_OPTIONS - {"wait", "source"}  # what add_job takes (the job is the source)
+
+
+def _option_text(key: str, value: Any) -> str:
+    """An ``add_job`` option as ``queue:add`` would have it in its text form."""
+    if key in ("after", "tags") and isinstance(value, list | tuple):
+        value = ",".join(map(str, value))  # several ids (all done first), several tags
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRequest(f"add_job: option {key}: expected a number or text, "
+                         f"got {type(value).__name__}")  # fmt: skip
+    return repr(value) if isinstance(value, float) else str(value)

@@ -503,6 +503,39 @@ def test_a_module_can_add_jobs_itself(modules_dir, service):
     ]
 
 
+ADDS_WITH = """
+def handle_tcp(request):
+    how = request.text
+    options = {
+        "bad_priority": {"priority": "high"},
+        "a_function": {"priority": lambda: 1},
+        "unknown": {"wait": 1},
+        "good": {"priority": 3, "delay": 0.0, "after": [], "tags": ["a", "b"], "retries": 2},
+    }[how]
+    return str(request.add_job("echo", how, **options))
+"""
+
+
+def test_add_job_checks_its_options_as_queue_add_does(modules_dir, service):
+    # add_job built its job unchecked: priority="high" answered 500 but was stored, and
+    # queue:list failed from then on (the next start refused the database).
+    write_module(modules_dir, "adds", ADDS_WITH)
+    wait_until(lambda: service.call(b"adds:unknown") != b"400: Unknown request")
+    assert service.call(b"adds:bad_priority") == (
+        b"400: option priority: expected a whole number, got 'high'"
+    )
+    assert service.call(b"adds:a_function") == (
+        b"400: add_job: option priority: expected a number or text, got function"
+    )
+    assert service.call(b"adds:unknown").startswith(b"400: add_job: unknown option 'wait'")
+    good = int(service.call(b"adds:good"))
+    assert status(service, good)["priority"] == 3 and status(service, good)["tags"] == ["a", "b"]
+    assert service.call(b"queue:get:id:%d" % good) == b"good"
+    json.loads(service.call(b"queue:list"))  # was: 500: Internal error
+    counts = json.loads(service.call(b"queue:stats"))["counts"]
+    assert sum(counts.values()) == 1  # the refused ones were not stored
+
+
 def test_stats_and_list(service):
     ids = [add(service, b"queue:add:echo:%d" % i) for i in range(3)]
     for i in ids:
