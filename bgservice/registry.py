@@ -26,7 +26,6 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,12 +249,11 @@ class Registry:
     """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
 
     def __init__(
-        self, folder: Path, executor: Executor, events: Events, import_timeout: float = 30.0,
+        self, folder: Path, events: Events, import_timeout: float = 30.0,
         builtins: Collection[str] = (),
     ) -> None:  # fmt: skip
         self.folder = folder.resolve()
         self.builtins = frozenset(builtins)  # request names the service answers itself
-        self._executor = executor
         self._events = events
         # Imports run one at a time on a daemon thread: one that never returns is given
         # up after ``import_timeout`` (a thread cannot be stopped) and a new thread takes
@@ -369,7 +367,9 @@ class Registry:
             if inspect.iscoroutinefunction(version.unload):
                 await version.unload()
             else:
-                await asyncio.get_running_loop().run_in_executor(self._executor, version.unload)
+                # On the loader's threads, not the calls': stuck handlers can take all of
+                # those, and the hook was then skipped ("raised": ThreadsExhausted).
+                await asyncio.get_running_loop().run_in_executor(self._loader, version.unload)
         except Exception:
             log.exception("unload hook of module %s raised", version.name)
 

@@ -83,7 +83,7 @@ class Service:
         self.stats = stats = Stats()
         self.threads = CallThreads(limits.threads, limits.stuck_threads)
         self.registry = Registry(
-            settings.modules, self.threads, events, settings.reload_import_timeout, Commands.NAMES
+            settings.modules, events, settings.reload_import_timeout, Commands.NAMES
         )
         self.processes = ProcessPools(settings.modules, settings.workers, limits.shutdown_grace)
         self.execution = Execution(

@@ -81,7 +81,9 @@ class CallThreads(Executor):
             self._work.put(call)
             if self._idle:
                 self._idle -= 1
-            elif len(self._threads) - self._stuck < self.size:
+            elif len(self._threads) - self._stuck < self.size and (
+                len(self._threads) < self.size + self.spare  # stuck ones count: the bound
+            ):
                 self._start_thread()
             return call.future
 

@@ -57,6 +57,34 @@ def test_stuck_threads_are_replaced_up_to_a_bound_then_refused(modules_dir, make
     assert svc.stop() == 0
 
 
+UNLOADS = """
+from pathlib import Path
+
+async def handle_tcp(request):  # on the loop: served while every thread is stuck
+    return "v1"
+
+def unload():
+    Path(__file__).with_name("unloaded.txt").write_text("done")
+"""
+
+
+def test_an_unload_hook_runs_while_every_call_thread_is_stuck(
+    modules_dir, make_service, tmp_path
+):
+    # Sync unload hooks ran on the call threads: with those all stuck the hook was
+    # skipped, and the log said it "raised".
+    write_module(modules_dir, "stuck", STUCK)
+    write_module(modules_dir, "unloads", UNLOADS)
+    svc = make_service("[limits]\nthreads = 1\nstuck_threads = 0\n")
+    gate = tmp_path / "gate"
+    assert svc.call(b"stuck:%s" % bytes(gate)).startswith(b"504: ")
+    write_module(modules_dir, "unloads", UNLOADS.replace('"v1"', '"v2"'))
+    wait_until(lambda: svc.call(b"unloads:x") == b"v2")
+    wait_until((modules_dir / "unloaded.txt").exists)
+    assert "unload hook of module unloads raised" not in svc.log()
+    gate.touch()
+
+
 def test_a_call_that_waited_for_a_thread_says_so(modules_dir, make_service, tmp_path):
     write_module(modules_dir, "stuck", STUCK)
     write_module(modules_dir, "held", STUCK.replace("TIMEOUT = 0.5", "TIMEOUT = 10"))
@@ -126,6 +154,23 @@ def test_abandoned_calls_get_replacements_then_exhaust_the_pool():
     wait_until(lambda: pool.stats()["stuck"] == 0)
     assert pool.submit(lambda: "again").result(5) == "again"
     wait_until(lambda: len(pool.threads()) == 1)  # the spare went away
+    pool.shutdown()
+
+
+def test_never_more_threads_than_size_and_spare():
+    # With threads stuck and their spares started, a submit still started a thread of
+    # its own whenever fewer than `size` were not stuck: 7 threads for 4 + 2.
+    pool = CallThreads(2, 1)
+    release = threading.Event()
+    stuck = [pool.submit(release.wait) for _ in range(2)]
+    wait_until(lambda: all(f.running() for f in stuck))
+    assert all(pool.abandon(f) for f in stuck)  # one spare started
+    more = [pool.submit(release.wait) for _ in range(3)]
+    wait_until(lambda: sum(f.running() for f in more) >= 1)
+    assert len(pool.threads()) == 3  # was 4
+    release.set()
+    for f in more:
+        f.result(5)
     pool.shutdown()
 
 
