@@ -28,6 +28,7 @@ from bgservice.errors import (
     ServiceError,
     TransportNotAccepted,
     UnknownRequest,
+    WorkerDied,
 )
 from bgservice.events import CALL_FAILED, THREAD_STUCK, Events
 from bgservice.origin import Origin
@@ -197,7 +198,16 @@ class Execution:
     ) -> Any:
         if not in_task(loop):  # started eagerly: its timeout needs a task
             await hop()
-        return await self.processes(version, request, timeout)
+        try:
+            return await self.processes(version, request, timeout)
+        except (HandlerError, CallTimeout, WorkerDied) as exc:
+            # Raised, timed out or died in its worker: alerted (and, with -v, its trace
+            # sent) as a call in a thread is in _raised and _timed_out.
+            trace = getattr(exc, "trace", "")
+            self._failed(request, exc.message, trace or f"{request.transport} from {request.peer}")
+            if trace and self.settings.verbose:
+                raise type(exc)(f"{exc.message}\n{trace}") from None
+            raise
 
     async def _on_loop(self, handler: Handler, request: Request, timeout: float, loop: Loop) -> Any:
         # The first step runs at once: a handler that finishes without waiting (most

@@ -360,3 +360,27 @@ def test_a_single_held_alert_is_sent_as_itself(
     wait_until(lambda: len(recorded(modules_dir)) == 2)
     second = recorded(modules_dir)[1]
     assert second["event"] == "job" and "boom second" in second["message"]
+
+
+def test_a_process_mode_module_failing_a_call_raises_a_call_alert(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    # Errors from a worker process are ServiceErrors already: they skipped the 'call'
+    # alert a thread or loop handler's failure raises.
+    write_module(modules_dir, "recorder", RECORDER)
+    write_module(modules_dir, "inproc", """
+        EXECUTION = "process"
+        TIMEOUT = 1
+
+        def handle_tcp(request):
+            if request.text == "slow":
+                import time
+                time.sleep(5)
+            raise ValueError("boom in a worker")
+    """)  # fmt: skip
+    svc = make_service('[alerts]\nmodule = "recorder"\nevents = ["error", "call"]\n')
+    assert svc.call(b"inproc:x").startswith(b"500: Module inproc raised ValueError")
+    assert svc.call(b"inproc:slow").startswith(b"504: ")
+    wait_until(lambda: len([a for a in recorded(modules_dir) if a["event"] == "call"]) == 2)
+    titles = [a["title"] for a in recorded(modules_dir) if a["event"] == "call"]
+    assert "raised ValueError" in titles[0] and "timed out" in titles[1]
