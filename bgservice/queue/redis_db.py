@@ -28,9 +28,29 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_channel import Subscription
 from bgservice.queue.redis_hash import job_from_hash, pairs
+from bgservice.queue.redis_lua import COMMON
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
+# ARGV: P, now. When the waiting job due longest became due (its creation, or its run_at
+# if later; jobs waiting on another job are not due), '' for none. The oldest by creation
+# are looked at first, at most 1000, until no later one can have been due longer.
+OLDEST = (
+    COMMON
+    + r"""
+local best = nil
+local waiting = redis.call('ZRANGE', P .. ':state:waiting', 0, 999, 'WITHSCORES')
+for i = 1, #waiting, 2 do
+  local created = tonumber(waiting[i + 1])
+  if best and created >= best then break end
+  local f = redis.call('HMGET', jkey(waiting[i]), 'run_at', 'blockers')
+  local due = math.max(created, tonumber(f[1]) or created)
+  if due <= now and not f[2] and (not best or due < best) then best = due end
+end
+return best and string.format('%.6f', best) or ''
+"""
+)
+
 NAMES_SCANNED = 1000
 
 P = ParamSpec("P")
@@ -102,6 +122,7 @@ class RedisJobs:
             name: self.redis.register_script(getattr(redis_scripts, name))
             for name in redis_scripts.NAMES
         }
+        self.scripts["OLDEST"] = self.redis.register_script(OLDEST)  # (stats only)
         # The pipelines' own client: no socket timeout (the Batcher bounds each pipeline)
         # and no retry (a pipeline cut after its write may have run: never sent twice).
         self.batch = Batcher(_client(conf), self.scripts, timeout)

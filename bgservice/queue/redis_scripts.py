@@ -382,26 +382,7 @@ return 1
 """
 )
 
-# ARGV: P, now. When the waiting job due longest became due (its creation, or its run_at
-# if later; jobs waiting on another job are not due), '' for none. The oldest by creation
-# are looked at first, at most 1000, until no later one can have been due longer.
-OLDEST = (
-    COMMON
-    + r"""
-local best = nil
-local waiting = redis.call('ZRANGE', P .. ':state:waiting', 0, 999, 'WITHSCORES')
-for i = 1, #waiting, 2 do
-  local created = tonumber(waiting[i + 1])
-  if best and created >= best then break end
-  local f = redis.call('HMGET', jkey(waiting[i]), 'run_at', 'blockers')
-  local due = math.max(created, tonumber(f[1]) or created)
-  if due <= now and not f[2] and (not best or due < best) then best = due end
-end
-return best and string.format('%.6f', best) or ''
-"""
-)
-
 NAMES = (
     "ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY", "EXPIRE", "DELETE",
-    "NOTE", "OLDEST",
+    "NOTE",
 )  # fmt: skip
