@@ -5,7 +5,7 @@ scripts can rely on:
 
     0  done
     1  the service replied an error (``NNN: message`` on stderr)
-    2  usage error (bad option or argument)
+    2  usage error (bad option or argument; a -t not above 0; send: more than a datagram)
     3  the service cannot be reached (down, wrong address)
     4  no reply within --timeout
   130  interrupted (Ctrl-C), as a shell reports SIGINT; not click's ``Aborted!`` and 1
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -33,10 +34,11 @@ import click
 
 from bgservice import cli_format, cli_top
 from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
-from bgservice.client_requests import parse_address
+from bgservice.client_requests import parse_address, request
 from bgservice.errors import ReplyError
 
 EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 3, 4, 130
+MAX_DATAGRAM = 65507  # a UDP payload over IPv4 at most; a Unix datagram, "exactly like UDP"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -63,6 +65,9 @@ _GIVEN = "bgservice.client_options"
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    # Not FloatRange: nan passes its bounds. 0 was taken for 30 s; inf would wait for ever.
+    if param.name == "timeout" and value is not None and not 0 < value < math.inf:
+        raise click.BadParameter(f"{value} is not a finite number of seconds above 0", ctx, param)
     if value is not None and param.name is not None:
         ctx.meta.setdefault(_GIVEN, {})[param.name] = value
 
@@ -102,7 +107,8 @@ def _address() -> str:
 
 
 def _timeout() -> float:
-    return float(_given().get("timeout") or 30.0)
+    timeout = _given().get("timeout")
+    return 30.0 if timeout is None else float(timeout)
 
 
 @contextlib.contextmanager
@@ -185,11 +191,19 @@ def call(module: str, data: str | None) -> None:
 @click.argument("data", required=False)
 @_options(udp=True, reply=False)
 def send(module: str, data: str | None) -> None:
-    """Fire and forget MODULE with DATA over UDP (nothing comes back)."""
+    """Fire and forget MODULE with DATA over UDP (nothing comes back); MODULE:DATA must fit
+    in one datagram (65,507 bytes), or it is a usage error (exit 2)."""
     with _talking() as client:
         if client.udp_address is None:  # a Unix stream socket: no datagram twin known
             raise click.UsageError(f"{client.address}: send needs --udp-address (unix_dgram)")
-        client.send(module, _data(data))
+        payload = _data(data)
+        size = len(request(module, payload))
+        if size > MAX_DATAGRAM:  # Client.send would drop it unseen (EMSGSIZE): fire and forget
+            raise click.UsageError(
+                f"send: MODULE:DATA is {size} bytes, more than a datagram takes "
+                f"({MAX_DATAGRAM} bytes): use call or queue add"
+            )
+        client.send(module, payload)
 
 
 @click.command()
@@ -310,30 +324,10 @@ def queue_get(job: int, progress: bool | None) -> None:
     with _talking() as client:
         deadline = time.monotonic() + _timeout()
         if progress:
-            _follow(client, job, deadline)
+            cli_top.follow(client, job, deadline)
         # What is left of --timeout after the progress bar, so the whole wait is bounded
         # by it (a floor of 10 ms: a job that ended just now is still read).
         _out(client.get(job, timeout=max(deadline - time.monotonic(), 0.01)))
-
-
-def _follow(client: Client, job: int, deadline: float) -> None:
-    """A live progress bar from queue:status until the job has finished or ``deadline``
-    (polled four times a second: a display, not a wait; the result itself comes from
-    queue:get)."""
-    with click.progressbar(length=1000, label=f"job {job}", file=sys.stderr) as bar:
-        shown = 0
-        while time.monotonic() < deadline:
-            status = client.status(job)
-            progress = status.get("progress") or {}
-            if progress.get("total"):
-                done = int(1000 * min(progress["done"] / progress["total"], 1.0))
-                bar.label = f"job {job}: {progress.get('message') or status['state']}"
-                bar.update(done - shown)
-                shown = done
-            if status["state"] not in ("waiting", "running"):
-                bar.update(1000 - shown)
-                return
-            time.sleep(0.25)
 
 
 @queue.command("check")

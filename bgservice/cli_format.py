@@ -45,13 +45,24 @@ def age(when: float | None, now: float) -> str:
 
 def moment(when: float | None, now: float) -> str:
     """A local date-time and its age: ``2026-12-03 09:12:14 (5 s ago)``."""
+    return _dated(when, now, None, "%Y-%m-%d %H:%M:%S")
+
+
+def zoned(when: float | None, now: float, zone: dt.tzinfo | None) -> str:
+    """A date-time in ``zone`` (the host's if None), the zone named, and its age:
+    ``2026-12-05 02:30:00 CET (in 9 h 16 min)``, for rows that may be in different zones."""
+    return _dated(when, now, zone, "%Y-%m-%d %H:%M:%S %Z")
+
+
+def _dated(when: float | None, now: float, zone: dt.tzinfo | None, form: str) -> str:
     if when is None:
         return EMPTY
     try:
-        local = dt.datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M:%S")
+        # astimezone(None): the host's zone as it was at ``when`` (summer time or not).
+        text = dt.datetime.fromtimestamp(when).astimezone(zone).strftime(form)
     except (ValueError, OverflowError, OSError):  # past the year 9999 (an older service's job)
         return f"{when:.0f} (Unix time)"
-    return f"{local} ({age(when, now)})"
+    return f"{text} ({age(when, now)})"
 
 
 def _is_number(value: object) -> bool:
@@ -109,6 +120,7 @@ def stats_lines(stats: Mapping[str, Any]) -> list[str]:
     udp = stats.get("udp") or {}
     reloads = stats.get("reloads") or {}
     conns = stats.get("connections") or {}
+    threads = stats.get("threads") or {}
     lines = pairs([
         ("uptime", span(stats.get("uptime") or 0)),
         ("requests", f"{stats.get('requests', 0)} ({stats.get('errors', 0)} errors)"),
@@ -118,6 +130,11 @@ def stats_lines(stats: Mapping[str, Any]) -> list[str]:
         ("udp", f"{udp.get('received', 0)} received, {udp.get('dropped', 0)} dropped"),
         ("reloads", f"{reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} failed"),
         ("loop lag", f"{lag.get('last', 0):g} ms now, {lag.get('max', 0):g} ms at most"),
+        ("threads", f"{threads.get('busy', 0)} of {threads.get('size', 0)} busy, "
+                    f"{threads.get('stuck', 0)} stuck (up to {threads.get('stuck_limit', 0)} "
+                    "replaced)"),
+        ("workers", _workers(stats.get("workers") or {})),
+        ("alerts", _alerts(stats["alerts"]) if "alerts" in stats else "off"),
     ])  # fmt: skip
     rows = [
         (name, transport, counts.get("requests", 0), counts.get("errors", 0))
@@ -131,6 +148,23 @@ def stats_lines(stats: Mapping[str, Any]) -> list[str]:
 
 def _counts(counts: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def _workers(pools: Mapping[str, Mapping[str, int]]) -> str:
+    """Per process-mode module: ``resize 1 of 2 busy (5 started, 1 retiring)``."""
+    parts = []
+    for name, pool in sorted(pools.items()):
+        retiring = f", {pool['retiring']} retiring" if pool.get("retiring") else ""
+        busy = f"{pool.get('busy', 0)} of {pool.get('processes', 0)} busy"
+        parts.append(f"{name} {busy} ({pool.get('started', 0)} started{retiring})")
+    return ", ".join(parts) or "none"
+
+
+def _alerts(alerts: Mapping[str, Any]) -> str:
+    outcomes = ("sent", "summarised", "failed", "dropped", "held")
+    return f"{alerts.get('raised', 0)} raised: " + ", ".join(
+        f"{alerts.get(k, 0)} {k}" for k in outcomes
+    )
 
 
 def modules_lines(modules: Sequence[Mapping[str, Any]], now: float) -> list[str]:

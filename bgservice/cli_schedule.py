@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
@@ -78,6 +80,8 @@ _named("run", "Run schedule NAME's job now (an ordinary job); prints its id.")
 
 
 def schedules_lines(schedules: Sequence[Mapping[str, Any]], now: float) -> list[str]:
+    """A row per schedule; its times in its own zone when it has a cron expression (whose
+    hours are that zone's), else in the host's: each with its zone named."""
     if not schedules:
         return ["no schedules"]
     rows = [
@@ -86,11 +90,20 @@ def schedules_lines(schedules: Sequence[Mapping[str, Any]], now: float) -> list[
             s["module"],
             s["cron"] or f"every {cli_format.span(s['every'])}",
             s["tz"] if s["cron"] else "",
-            "paused" if s["paused"] else cli_format.moment(s["next_run"], now),
-            cli_format.moment(s["last_slot"], now) if s["last_slot"] else "-",
+            "paused" if s["paused"] else cli_format.zoned(s["next_run"], now, _zone(s)),
+            cli_format.zoned(s["last_slot"], now, _zone(s)) if s["last_slot"] else "-",
             s["origin"],
         )
         for s in schedules
     ]
     headers = ("name", "module", "when", "tz", "next run", "last fired", "from")
     return cli_format.table(headers, rows)
+
+
+def _zone(schedule: Mapping[str, Any]) -> dt.tzinfo | None:
+    """A cron schedule's zone; None (the host's) for an every schedule, or for a zone this
+    host's time zone database does not have (the time is then still right, and named)."""
+    try:
+        return ZoneInfo(schedule["tz"]) if schedule["cron"] else None
+    except (ZoneInfoNotFoundError, ValueError):
+        return None

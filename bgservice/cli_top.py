@@ -1,4 +1,5 @@
-"""``bgservice top``: running jobs with their progress, waiting counts and the request rate.
+"""Live views: ``bgservice top`` (running jobs with their progress, waiting counts and the
+request rate), and ``queue get``'s progress bar (``follow``).
 
 On a terminal it redraws in place every ``interval`` seconds (the alternate screen, as
 top(1) uses, so the shell's screen comes back on Ctrl-C); elsewhere, or with ``once``, it
@@ -9,9 +10,12 @@ screen takes ``interval`` seconds.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+import click
 
 from bgservice.cli_format import top_lines
 from bgservice.client import Client
@@ -96,3 +100,23 @@ def live(watcher: Watcher, interval: float, out: TextIO) -> None:
     finally:
         out.write(LEAVE)
         out.flush()
+
+
+def follow(client: Client, job: int, deadline: float) -> None:
+    """A live progress bar from queue:status until the job has finished or ``deadline``
+    (polled four times a second: a display, not a wait; the result itself comes from
+    queue:get)."""
+    with click.progressbar(length=1000, label=f"job {job}", file=sys.stderr) as bar:
+        shown = 0
+        while time.monotonic() < deadline:
+            status = client.status(job)
+            progress = status.get("progress") or {}
+            if progress.get("total"):
+                done = int(1000 * min(progress["done"] / progress["total"], 1.0))
+                bar.label = f"job {job}: {progress.get('message') or status['state']}"
+                bar.update(done - shown)
+                shown = done
+            if status["state"] not in ("waiting", "running"):
+                bar.update(1000 - shown)
+                return
+            time.sleep(0.25)

@@ -7,7 +7,8 @@ order. Fire-and-forget ``send`` goes over UDP (or a Unix datagram socket).
 
 Errors: an error reply raises ``ReplyError`` (``.code``, ``.message``); a service that
 cannot be reached raises ``ServiceDown``, so the caller can fall back; a reply that does
-not come within ``timeout`` seconds raises ``ClientTimeout``. The connection is reopened
+not come within ``timeout`` seconds (or a new connection's greeting: a service whose loop
+is blocked still accepts) raises ``ClientTimeout``. The connection is reopened
 once, transparently, when the service had closed it (idle timeout, restart)::
 
     with Client("127.0.0.1:12341") as bg:
@@ -235,9 +236,9 @@ class Client(Where):
         """Write ``frames`` and read ``count`` replies. A kept connection the service has
         closed meanwhile (idle timeout, restart) is seen before anything is written, and
         replaced; once the frames are written nothing is sent again (it may have run)."""
-        sock = self._connect()
+        wanted = timeout if timeout is not None else self.timeout
+        sock = self._connect(wanted)
         try:
-            wanted = timeout if timeout is not None else self.timeout
             if wanted != self._timeout:  # a system call or two: only when it changes
                 self._set_timeout(sock, wanted)
             sock.sendall(frames)
@@ -272,19 +273,31 @@ class Client(Where):
             return not select.select([sock], [], [], 0)[0]
         return not self._poll.poll(0)
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None) -> socket.socket:
+        """The kept connection, or a new one. Connecting takes at most ``timeout`` and 5 s:
+        the kernel completes it even while the service's loop is blocked, so one that does
+        not complete is a service down. The greeting is waited for as a reply is: none
+        within ``timeout`` is a busy service (``ClientTimeout``), not a down one."""
         if self._sock is not None:
             if not self._ready and self._kept(self._sock):
                 return self._sock
             self.close()
         family, target = parse_address(self.address)
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(min(self.timeout or 5.0, 5.0))
         try:
+            sock.settimeout(min(timeout or 5.0, 5.0))
             sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+        try:
+            sock.settimeout(timeout)
             sock.sendall(PREFACE)
             if _read_exact(sock, len(PREFACE)) != PREFACE:
                 raise ServiceDown(f"{self.address} does not speak the framed protocol")
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: a timeout of 0
+            sock.close()
+            raise ClientTimeout(f"{self.address} accepted but did not greet in time") from None
         except OSError as exc:
             sock.close()
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None

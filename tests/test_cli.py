@@ -343,3 +343,60 @@ def test_serve_help_names_every_other_command(tmp_path):
     epilog = _help("serve").split("Other commands talk to a running service:")[1]
     named = {name.strip() for name in epilog.split("(")[0].split(",")}
     assert named == commands - {"serve"} and "schedule" in named
+
+
+HOG = """
+import time
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name("hog.started").touch()
+    time.sleep(float(request.text))  # on the service's loop: nothing else is served
+    return "done"
+"""
+
+
+def test_a_busy_service_is_a_timeout_not_down(modules_dir, make_service):
+    """The service accepts a connection while its loop is blocked and greets it once the
+    loop is free: that is a wait, as -t says, not "service down" (exit 3) after 5 s."""
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service()
+    env = {**os.environ, "BGSERVICE_ADDRESS": "{}:{}".format(*svc.tcp)}
+    cli = [sys.executable, str(REPO / "service.py")]
+    started = time.monotonic()
+    hog = subprocess.Popen([*cli, "call", "hog", "8"], stdout=subprocess.PIPE, env=env)
+    try:
+        wait_until((modules_dir / "hog.started").exists)
+        short = subprocess.run([*cli, "-t", "1", "ping"], capture_output=True, env=env)
+        assert short.returncode == 4 and b"timeout" in short.stderr, short.stderr
+        patient = subprocess.run([*cli, "-t", "30", "ping"], capture_output=True, env=env)
+        assert (patient.returncode, patient.stdout) == (0, b"pong\n"), patient.stderr
+        assert time.monotonic() - started > 7  # it did wait for the blocked loop, past 5 s
+        assert hog.communicate(timeout=30)[0] == b"done"
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_a_timeout_must_be_seconds_above_zero(service):
+    # -1 was a traceback (exit 1), 0 silently 30 s; nan and inf wait for ever.
+    for bad in ("-1", "0", "nan", "inf", "-inf"):
+        for args in (("-t", bad, "ping"), ("call", "test", "x", f"--timeout={bad}")):
+            usage = bg(service, *args)
+            assert usage.returncode == 2 and b"Traceback" not in usage.stderr, (args, usage)
+            assert b"'-t' / '--timeout'" in usage.stderr, usage.stderr
+    assert bg(service, "-t", "0.5", "call", "test", "x").stdout == b"Test"
+
+
+def test_send_of_more_than_one_datagram_is_an_error(service):
+    # It exited 0 with nothing sent: the kernel's "message too long" was swallowed.
+    big = bg(service, "send", "echo", "-", stdin=b"x" * 100_000)
+    assert big.returncode == 2 and b"65507 bytes" in big.stderr, big.stderr
+    assert bg(service, "send", "echo", "-", stdin=b"x" * 65_502).returncode == 0  # the most
+
+
+def test_stats_show_threads_workers_and_alerts(service):
+    lines = bg(service, "stats").stdout.decode().splitlines()
+    named = {line.split(":")[0]: line for line in lines if ":" in line}
+    assert "stuck" in named["threads"] and named["alerts"].split() == ["alerts:", "off"]
+    assert named["workers"].split() == ["workers:", "none"]

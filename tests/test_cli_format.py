@@ -82,6 +82,21 @@ def test_stats_and_queue_stats_are_summaries() -> None:
     assert "oldest waiting: 1 min 5 s" in text and "busy 9.5 s" in text
 
 
+def test_stats_show_alerts_threads_and_workers() -> None:
+    # Failed alerts and stuck threads showed with --json only.
+    alerts = {"module": "mail", "raised": 9, "sent": 5, "summarised": 1, "failed": 2,
+              "dropped": 0, "held": 1}  # fmt: skip
+    threads = {"size": 8, "busy": 3, "stuck": 1, "stuck_limit": 4}
+    workers = {"resize": {"processes": 2, "busy": 1, "started": 5, "retiring": 1}}
+    stats = {"alerts": alerts, "threads": threads, "workers": workers}
+    text = "\n".join(fmt.stats_lines(stats))
+    assert "alerts:      9 raised: 5 sent, 1 summarised, 2 failed, 0 dropped, 1 held" in text
+    assert "threads:     3 of 8 busy, 1 stuck (up to 4 replaced)" in text
+    assert "workers:     resize 1 of 2 busy (5 started, 1 retiring)" in text
+    quiet = "\n".join(fmt.stats_lines({"threads": {"size": 8}, "workers": {}}))
+    assert "alerts:      off" in quiet and "workers:     none" in quiet
+
+
 def test_top_screen_fits_and_counts_waiting_per_module() -> None:
     view = {
         "address": "127.0.0.1:1", "rate": 12.5,
