@@ -32,6 +32,7 @@ from bgservice.errors import (
 )
 from bgservice.events import CALL_FAILED, THREAD_STUCK, Events
 from bgservice.origin import Origin
+from bgservice.process_messages import describe
 from bgservice.registry import Handler, ModuleVersion, Registry
 from bgservice.request import Request
 from bgservice.stats import Stats
@@ -186,7 +187,7 @@ class Execution:
 
     def _raised(self, name: str, request: Request, exc: Exception) -> HandlerError:
         log.error("module %s raised", name, exc_info=exc)
-        message = f"Module {name} raised {type(exc).__name__}: {exc}"
+        message = f"Module {name} raised {describe(exc)}"
         trace = "".join(traceback.format_exception(exc))
         self._failed(request, message, trace)
         if self.settings.verbose:

@@ -12,12 +12,15 @@ answer), and at any time ``Log``: a module's log records, which the service logs
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +37,7 @@ from bgservice.registry import (
 from bgservice.request import Request, check_checkpoint, reply_bytes, to_bytes
 
 Send = Any  # Worker.send: (message) -> None
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class _Progress:
@@ -51,10 +55,19 @@ class _Progress:
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
         self._worker.send(msg.Progress(self._cid, float(done), float(total), message))
 
-    def save_checkpoint(self, value: str) -> None:
-        """Blocks until the service has stored it (a worker's handler runs in its thread)."""
+    def save_checkpoint(self, value: str) -> Awaitable[None] | None:
+        """Blocks until the service has stored it. From an ``async def`` handler (on the
+        worker's loop) it returns an awaitable too, already done, as the docs have it:
+        ``await request.job.save_checkpoint(text)``."""
         self._worker.save_checkpoint(self._cid, value)
         self.checkpoint = value
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a def handler, or a thread of the module's own
+            return None
+        done = loop.create_future()
+        done.set_result(None)
+        return done
 
 
 class _WorkerRequest(Request):
@@ -156,7 +169,7 @@ class Worker:
             self.send(msg.Refused(cid, exc.code, exc.message))
         except BaseException as exc:  # SystemExit from a module must not end the worker
             text = "".join(traceback.format_exception(exc))
-            self.send(msg.Raised(cid, f"{type(exc).__name__}: {exc}", text))
+            self.send(msg.Raised(cid, msg.describe(exc), text))
 
     def add_job(self, cid: int, module: str, data: bytes, options: dict[str, Any]) -> int:
         """Ask the service to queue a job; wait for its id (or its error reply)."""
@@ -187,6 +200,26 @@ class Worker:
             self._unload(version)
 
 
+def _die_with(service: int) -> None:
+    """End this worker when the service ends, even killed (SIGKILL) with a call running:
+    no one else would ever stop the call. Linux signals it; elsewhere a thread watches."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        watched = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        watched = False
+    if not watched:
+        threading.Thread(target=_watch, args=(service,), daemon=True).start()
+    if os.getppid() != service:  # it ended before we were watching
+        os._exit(1)
+
+
+def _watch(service: int) -> None:
+    while os.getppid() == service:
+        time.sleep(1)
+    os._exit(1)
+
+
 def forget_helpers() -> None:
     """Drop the helpers (``_NAME.py``) imported so far, as the service's registry does when
     one changes: the module about to be imported gets each from the disk again, never a
@@ -199,6 +232,7 @@ def forget_helpers() -> None:
 
 
 def main() -> None:
+    _die_with(int(sys.argv[2]))
     # Ctrl-C in a terminal signals the whole process group; the service decides when
     # workers stop, so they ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

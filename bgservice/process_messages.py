@@ -173,7 +173,18 @@ def outcome(name: str, reply: Ending) -> bytes:
         raise ReplyError(reply.code, reply.message)
     if isinstance(reply, LoadFailed):
         raise ModuleLoadFailed(f"Module {name} failed to load in a worker: {reply.error}")
-    raise HandlerError(f"Module {name} raised {reply.summary}")
+    error = HandlerError(f"Module {name} raised {reply.summary}")
+    error.trace = reply.trace  # type: ignore[attr-defined]  # (logged, alerted; sent with -v)
+    raise error
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: text`` of a module's exception, even one whose ``__str__`` fails."""
+    try:
+        text = str(exc)
+    except Exception:  # as the traceback module puts it
+        text = "<exception str() failed>"
+    return f"{type(exc).__name__}: {text}"
 
 
 def death(name: str, code: int) -> str:

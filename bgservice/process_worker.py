@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bgservice import process_messages as msg
-from bgservice.errors import CallTimeout, ServiceError, WorkerDied
+from bgservice.errors import CallTimeout, HandlerError, ServiceError, WorkerDied
 from bgservice.registry import ModuleVersion
 from bgservice.request import Request
 
@@ -41,7 +41,7 @@ class WorkerProcess:
         cls, folder: Path, name: str, on_exit: Callable[[WorkerProcess], None]
     ) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bgservice.process_main", str(folder),
+            sys.executable, "-m", "bgservice.process_main", str(folder), str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_CHILD_ENV,
         )  # fmt: skip
         return cls(proc, name, on_exit)
@@ -79,12 +79,26 @@ class WorkerProcess:
                 self._handle(msg.unpack(await stdout.readexactly(length)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except Exception as exc:  # e.g. a module's object that fails to unpickle here
+            self._unreadable(exc)
         code = await self.proc.wait()
         if self.current is not None:
             _, future, _ = self.current
             if not future.done():
                 future.set_exception(WorkerDied(msg.death(self.name, code)))
         self.on_exit(self)
+
+    def _unreadable(self, exc: Exception) -> None:
+        # The worker may wait for an answer to what it sent: it is of no further use. Its
+        # end must still reach the pool (on_exit), or the pool stays short of a worker.
+        log.error("module %s: worker %d sent what the service cannot read; killing it",
+                  self.name, self.proc.pid, exc_info=exc)  # fmt: skip
+        if self.current is not None and not self.current[1].done():
+            self.current[1].set_exception(HandlerError(
+                f"Module {self.name} sent the service an unreadable message: "
+                f"{msg.describe(exc)}"
+            ))  # fmt: skip
+        self.kill()
 
     def _handle(self, message: msg.FromWorker) -> None:
         if isinstance(message, msg.Log):
@@ -107,7 +121,9 @@ class WorkerProcess:
             future.set_result(message)
 
     async def _add_job(self, request: Request, message: msg.AddJob) -> None:
-        """A module in this worker adds a job: the queue is here, the answer goes back."""
+        """A module in this worker adds a job: the queue is here, the answer goes back.
+        The worker waits for it whatever happens: nothing may escape this task."""
+        answer = msg.JobAdded(0, 503, "add_job: the job was not added")  # (cancelled)
         try:
             jid = await request.add_job_async(message.module, message.data, **message.options)
             answer = msg.JobAdded(jid, 0, "")
@@ -115,8 +131,12 @@ class WorkerProcess:
             answer = msg.JobAdded(0, exc.code, exc.message)
         except (TypeError, ValueError, RuntimeError) as exc:  # bad options from the module
             answer = msg.JobAdded(0, 400, f"add_job: {exc}")
-        if self.alive and self.current is not None and self.current[0] == message.cid:
-            self.send(answer)
+        except Exception as exc:  # e.g. an argument nothing checked: the handler raises it
+            log.exception("module %s: add_job failed in the service", self.name)
+            answer = msg.JobAdded(0, 500, f"add_job: {msg.describe(exc)}")
+        finally:
+            if self.alive and self.current is not None and self.current[0] == message.cid:
+                self.send(answer)
 
     async def _save(self, request: Request, message: msg.SaveCheckpoint) -> None:
         """A job in this worker saves a checkpoint: stored here, then the worker goes on."""
@@ -159,6 +179,9 @@ class WorkerProcess:
             log.warning("module %s: call timed out; killing worker %d", name, self.proc.pid)
             self.kill()
             raise CallTimeout(f"Module {name} timed out after {timeout:g} s") from None
+        except BaseException:  # cut (a stop past its grace): the worker still runs the call
+            self.kill()
+            raise
         if isinstance(reply, msg.LoadFailed):
             self.loaded.pop(name, None)
         elif isinstance(reply, msg.Raised):

@@ -4,7 +4,10 @@ A compile that holds the GIL (libsass, an embedded JavaScript engine) would free
 thread of the service; in another process it freezes nothing. Each module gets its own
 pool (``PROCESSES`` or ``[workers] processes``); a worker runs one call at a time.
 A call past its timeout kills its worker (a thread cannot be stopped, a process can), a
-worker that dies costs only the call it was running, and the pool refills itself.
+worker that dies costs only the call it was running, and the pool refills itself. A call
+that waited for a worker until too little of its timeout was left is not started (a
+worker is killed only for a call that had a chance to finish), nor is a cut call's worker
+used again.
 Workers are recycled after ``max_calls`` calls or above ``max_memory_mb`` of memory.
 A module that is deleted or leaves process mode has its pool retired: no new calls, the
 running ones finish (each under its own timeout), then the workers stop.
@@ -13,6 +16,7 @@ running ones finish (each under its own timeout), then the workers stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +31,8 @@ from bgservice.registry import ModuleVersion
 from bgservice.request import Request
 
 log = logging.getLogger(__name__)
+# A call that gets a worker with less than this share of its timeout left is not started.
+START_FLOOR = 0.1
 
 
 class ProcessPool:
@@ -68,7 +74,14 @@ class ProcessPool:
         future: asyncio.Future[WorkerProcess] = asyncio.get_running_loop().create_future()
         self.waiters.append(future)
         self._refill()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller gave up (its timeout) after a worker was handed to it, before it
+            # could run again: the worker goes on to the next caller, or it is lost.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            raise
 
     def release(self, worker: WorkerProcess) -> None:
         worker.current = None
@@ -222,14 +235,21 @@ class ProcessPools:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            try:
+            worker: WorkerProcess | None = None
+            with contextlib.suppress(TimeoutError):
                 worker = await asyncio.wait_for(pool.acquire(), timeout)
-            except TimeoutError:
+            left = deadline - loop.time()
+            if worker is not None and left < timeout * START_FLOOR:
+                # Too late to start: the call would time out and kill a healthy worker
+                # (under overload, one a call), so the next caller in line gets it.
+                pool.release(worker)
+                worker = None
+            if worker is None:
                 raise CallTimeout(
                     f"Module {version.name} timed out after {timeout:g} s (no free worker)"
-                ) from None
+                )
             try:
-                return await worker.call(version, request, deadline - loop.time(), timeout)
+                return await worker.call(version, request, left, timeout)
             finally:
                 pool.release(worker)
         finally:

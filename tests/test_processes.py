@@ -248,6 +248,20 @@ def test_streamed_reply_and_errors_from_a_worker(modules_dir, make_service):
     assert svc.call(b"pw:raise") == b"500: Module pw raised KeyError: 'nope'"
 
 
+def test_with_v_a_worker_s_traceback_goes_to_the_client(modules_dir, make_service):
+    # docs/modules.md: the traceback goes to the client too with -v; from a worker it
+    # did not (its error was passed on as it came).
+    write_module(modules_dir, "pw", """
+        EXECUTION = "process"
+        def handle_tcp(request):
+            raise KeyError("nope")
+    """)  # fmt: skip
+    svc = make_service("", "-v")
+    reply = svc.call(b"pw:raise")
+    assert reply.startswith(b"500: Module pw raised KeyError: 'nope'\nTraceback")
+    assert b'raise KeyError("nope")' in reply
+
+
 def test_shutdown_stops_workers(modules_dir, make_service):
     write_module(modules_dir, "pid", PID.format(processes=2, version="v"))
     svc = make_service()
