@@ -51,6 +51,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.greeted: asyncio.Future[None] = loop.create_future()
         self.lost = False
         self.retired = False  # a call on it timed out: closed once the others are done
+        self.openers = 0  # callers waiting for it to open: the last to give up closes it
         self._head = b""  # the preface's echo, until it is whole
         self._decoder = ReplyDecoder()
         self._buffer = memoryview(bytearray(65536))
@@ -134,6 +135,7 @@ class AsyncClient(Where):
     def _start(self) -> None:
         self._conn: FramedConnection | None = None
         self._connecting: asyncio.Future[FramedConnection] | None = None
+        self._opening: FramedConnection  # the connection _connecting opens
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -244,15 +246,16 @@ class AsyncClient(Where):
         first); once written, nothing is sent again (it may have run)."""
         if not payloads:
             return []
+        wanted = timeout if timeout is not None else self.timeout
         conn = self._conn
         if conn is None or not conn.usable:
-            conn = await self._connect()
+            conn = await self._connect(wanted)
         assert conn.transport is not None
         futures = [conn.loop.create_future() for _ in payloads]
         conn.waiting.extend(futures)  # and the frames go out in the same order, now
         conn.transport.write(b"".join(map(framed_request, payloads)))
         try:
-            async with asyncio.timeout(timeout if timeout is not None else self.timeout):
+            async with asyncio.timeout(wanted):
                 if len(futures) == 1:
                     return [await futures[0]]
                 return list(await asyncio.gather(*futures))
@@ -269,28 +272,54 @@ class AsyncClient(Where):
                 f"connection to {self.address} lost after the request was sent (it may have run)"
             ) from None
 
-    async def _connect(self) -> FramedConnection:
-        """The connection, opened once for all the callers waiting for it: each of them
-        gets it, or the same error, within the client's timeout (at most 5 s)."""
+    async def _connect(self, timeout: float | None) -> FramedConnection:
+        """The connection, opened once for all the callers waiting for it. The connect
+        takes at most the client's timeout and 5 s, and the caller's ``timeout``: the
+        kernel completes it even while the service's loop is blocked, so one that does not
+        complete is ``ServiceDown``, the same for every caller. The greeting is waited for
+        as a reply is, within each caller's own ``timeout``: none in time is a busy service,
+        a ``ClientTimeout`` for that caller alone (the others wait on). Once no caller
+        waits for an opening any more, it is dropped."""
         if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._open())
-        return await asyncio.shield(self._connecting)
+            self._opening = FramedConnection(asyncio.get_running_loop())
+            self._connecting = asyncio.ensure_future(self._open(self._opening))
+        opening, conn = self._connecting, self._opening
+        conn.openers += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(opening)
+        except TimeoutError:
+            if conn.transport is None:  # still connecting: as Client, a service down
+                raise ServiceDown(f"cannot reach the service at {self.address}: "
+                                  "connect timed out") from None  # fmt: skip
+            raise ClientTimeout(f"{self.address} accepted but did not greet in time") from None
+        finally:
+            conn.openers -= 1
+            if not conn.openers and not opening.done():  # timed out or cancelled, all
+                opening.cancel()  # _open closes it
+                if self._connecting is opening:
+                    self._connecting = None  # the next call opens a new one
 
-    async def _open(self) -> FramedConnection:
+    async def _open(self, conn: FramedConnection) -> FramedConnection:
         family, target = parse_address(self.address)
-        loop = asyncio.get_running_loop()
-        conn = FramedConnection(loop)
+        loop = conn.loop
         try:
             async with asyncio.timeout(min(self.timeout or 5.0, 5.0)):
                 if family == socket.AF_UNIX:
                     await loop.create_unix_connection(lambda: conn, target)
                 else:
                     await loop.create_connection(lambda: conn, *target)
-                await conn.greeted
-        except ServiceDown as exc:
-            raise ServiceDown(f"{self.address} {exc}") from None
         except (OSError, TimeoutError) as exc:
             conn.close()
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+        try:
+            await conn.greeted  # no bound of its own: each caller waits within its timeout
+        except ServiceDown as exc:
+            raise ServiceDown(f"{self.address} {exc}") from None
+        except OSError as exc:  # closed by the service before it greeted
+            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+        except BaseException:  # cancelled: no caller waits for it any more
+            conn.close()
+            raise
         self._conn = conn  # (asyncio and uvloop set TCP_NODELAY on TCP connections)
         return conn

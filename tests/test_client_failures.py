@@ -1,10 +1,12 @@
 """bgservice.client when the connection fails: a request written is never sent again, one
-call's timeout is its own, a service that never greets costs the client's timeout once,
-and a Unix stream address has no datagram twin for ``send``."""
+call's timeout is its own, a service that never greets costs each caller its timeout once
+(a busy service, not a down one), a Unix stream address has no datagram twin for
+``send``, and a message no datagram can carry is refused rather than lost."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
 import time
@@ -13,7 +15,8 @@ import pytest
 
 from bgservice.client import AsyncClient, Client, ClientTimeout, ServiceDown
 from bgservice.protocol import PREFACE, framed_reply
-from tests.test_client import address
+from tests.conftest import wait_until, write_module
+from tests.test_client import address, free_port
 
 
 class DropsTheSecond:
@@ -93,22 +96,31 @@ def test_an_async_call_that_times_out_leaves_the_others_be(service):
 
 def test_a_service_that_never_greets_costs_the_timeout_once():
     # Accepts, never answers the preface. Four calls waiting together give up together,
-    # after the client's timeout (the old AsyncClient: 5 s each, one after another).
+    # after the client's timeout (the old AsyncClient: 5 s each, one after another). It
+    # connected: a service too busy to greet, a ClientTimeout (it was ServiceDown).
     with socket.create_server(("127.0.0.1", 0)) as listener:
         where = f"127.0.0.1:{listener.getsockname()[1]}"
 
-        async def main() -> list[float]:
+        async def main() -> tuple[list[float], bytes]:
             bg = AsyncClient(where, timeout=0.5)
             started = time.monotonic()
 
             async def one() -> float:
-                with pytest.raises(ServiceDown):
+                with pytest.raises(ClientTimeout, match="greet"):
                     await bg.call("test")
                 return time.monotonic() - started
 
-            return await asyncio.gather(*(one() for _ in range(4)))
+            waited = await asyncio.gather(*(one() for _ in range(4)))
+            # Nobody waits for that opening any more: it is closed, not left hanging.
+            peer = listener.accept()[0]
+            with peer:
+                peer.settimeout(5)
+                read = asyncio.to_thread(lambda: peer.recv(16) + peer.recv(16))
+                return waited, await read
 
-        assert max(asyncio.run(main())) < 3
+        waited, read = asyncio.run(main())
+        assert max(waited) < 3
+        assert read == PREFACE  # then the end of the stream: the client closed it
         # Connected, but no greeting in time: a service too busy to answer (its loop
         # blocked), not one that is down (it was ServiceDown, after 5 s at most).
         started = time.monotonic()
@@ -126,3 +138,56 @@ def test_send_to_a_unix_stream_address_needs_a_datagram_address(tmp_path, make_s
         bg.send("test", "arrives")
         assert bg.call("test") == b"Test"
     svc.wait_for_log("arrives")
+
+
+HOG = """
+import time
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name("hog.started").touch()
+    time.sleep(float(request.text))  # on the service's loop: nothing else is served
+    return "done"
+"""
+
+
+def test_an_async_client_waits_for_a_busy_services_greeting(modules_dir, make_service):
+    """A service whose loop is blocked still accepts, and greets once the loop is free.
+    Each caller sharing the opening waits for the greeting within its own timeout: a
+    short one is a ClientTimeout for that caller alone (it was ServiceDown, for every
+    caller, after 5 s), the others get their replies on the one connection."""
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hog = pool.submit(Client(address(svc), timeout=30).call, "hog", "7")
+        wait_until((modules_dir / "hog.started").exists)
+
+        async def main() -> list[object]:
+            async with AsyncClient(address(svc), timeout=30) as bg:
+                short = bg.call("test", timeout=1)
+                patient = [bg.call("echo", str(i)) for i in range(3)]
+                got = await asyncio.gather(short, *patient, return_exceptions=True)
+                return [*got, await bg.call("test")]
+
+        results = asyncio.run(main())
+        assert hog.result(timeout=30) == b"done"
+    assert isinstance(results[0], ClientTimeout) and "greet" in str(results[0]), results
+    assert results[1:] == [b"0", b"1", b"2", b"Test"]
+    assert svc.stats()["connections"]["total"] == 3  # the hog's, ours (shared), stats'
+
+
+def test_send_refuses_a_message_no_datagram_can_carry(tmp_path, make_service):
+    # Client.send swallowed the kernel's EMSGSIZE: a 100 KB message was lost unseen.
+    # Refusing it is no exception to "never raises because the service is down": it
+    # could never be sent, up or down.
+    down = f"127.0.0.1:{free_port()}"
+    big = "x" * 100_000
+    with pytest.raises(ValueError, match="more than one datagram"):
+        Client(down).send("echo", big)
+    with pytest.raises(ValueError, match="more than one datagram"):
+        asyncio.run(AsyncClient(down).send("echo", big))
+    Client(down).send("echo", "x" * 65_502)  # echo: and 65,502 bytes: the most UDP takes
+    dgram = tmp_path / "bg.dgram"  # a Unix datagram's limit is the kernel's too
+    make_service(f'[[listen]]\nunix_dgram = "{dgram}"\n')
+    with pytest.raises(ValueError, match="more than one datagram"):
+        Client(str(tmp_path / "bg.sock"), udp_address=str(dgram)).send("echo", "x" * 2**22)

@@ -91,7 +91,7 @@ class Framed(StreamProtocol):
         if self.closed or self.draining or self.last_words is not None:
             return
         self._flush()  # what is finished goes out first
-        if not self.pending:
+        if not self.pending and not self.backlog:  # (frames read but not started: owed too)
             super().fail(status, message)
             return
         self.last_words = (status, message)  # sent by _flush when the line is empty
