@@ -101,7 +101,7 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.lost = True
         if not self.greeted.done():
             self.greeted.set_exception(ConnectionResetError("closed by the service"))
-            self.greeted.exception()  # retrieved: _connect raises its own error
+            self.greeted.exception()  # retrieved: _open raises its own error
         self.fail(ConnectionResetError("closed by the service"))
 
     def fail(self, exc: Exception) -> None:

@@ -3,6 +3,7 @@ service's syntax, job ids in either form, the errors a caller sees. No I/O."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -74,19 +75,27 @@ class Where:
     def send(self, module: str, data: Data = b"") -> None:
         """Fire and forget over UDP (or a Unix datagram socket): no reply, never raises
         because the service is down (the datagram is simply lost). One ``sendto``: the
-        same for the blocking and the asyncio client. ``ValueError`` without a datagram
-        address (a Unix ``address`` and no ``udp_address``)."""
+        same for the blocking and the asyncio client. ``ValueError`` for what could never
+        be sent, up or down: without a datagram address (a Unix ``address`` and no
+        ``udp_address``), or ``MODULE:DATA`` larger than one datagram carries (the
+        kernel's "message too long": over 65,507 bytes for UDP over IPv4)."""
         if self.udp_address is None:
             raise ValueError(
                 f"send() needs udp_address: {self.address} is a Unix stream socket "
                 "(pass the listener's unix_dgram path, or a host:port for UDP)"
             )
         family, target = parse_address(self.udp_address)
+        message = request(module, data)
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             try:
-                sock.sendto(request(module, data), target)
-            except OSError:
-                pass  # fire-and-forget: a service that is down must not fail the caller
+                sock.sendto(message, target)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:  # lost whatever the service's state
+                    raise ValueError(
+                        f"send(): {module}:DATA is {len(message)} bytes, more than one "
+                        f"datagram to {self.udp_address} carries: use call() or add()"
+                    ) from None
+                # else fire-and-forget: a service that is down must not fail the caller
 
 
 # --- requests: pure -------------------------------------------------------------------

@@ -158,8 +158,8 @@ def test_an_async_client_waits_for_a_busy_services_greeting(modules_dir, make_se
     caller, after 5 s), the others get their replies on the one connection."""
     write_module(modules_dir, "hog", HOG)
     svc = make_service()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        hog = pool.submit(Client(address(svc), timeout=30).call, "hog", "7")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(address(svc), 30) as busy:
+        hog = pool.submit(busy.call, "hog", "7")
         wait_until((modules_dir / "hog.started").exists)
 
         async def main() -> list[object]:

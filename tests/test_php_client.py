@@ -8,13 +8,17 @@ run by tests/test_php_package.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import socket
 import subprocess
 
 import pytest
 
+from bgservice.client import Client
 from tests.conftest import REPO, wait_until, write_module
+from tests.test_client import free_port
+from tests.test_client_failures import HOG
 
 pytestmark = pytest.mark.skipif(shutil.which("php") is None, reason="php-cli not installed")
 
@@ -193,3 +197,45 @@ try { $bg->get(999999); } catch (BackgroundServiceException $e) { show($e->getCo
         "refused",
         "404",
     ]
+
+
+def test_a_busy_service_is_a_timeout_not_down(modules_dir, make_service, tmp_path):
+    # The service accepts while its loop is blocked and greets once it is free: no
+    # greeting in time is the timeout a late reply is (it was BackgroundServiceDown).
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(address(svc), 30) as busy:
+        hog = pool.submit(busy.call, "hog", "7")
+        wait_until((modules_dir / "hog.started").exists)
+        out = php(
+            tmp_path,
+            """
+$short = new BackgroundService($argv[1], 1.0, null, false);
+try { $short->ping(); echo "no exception\\n"; }
+catch (BackgroundServiceException $e) { show([get_class($e), $e->getMessage()]); }
+$patient = new BackgroundService($argv[1], 30.0, null, false);
+show($patient->call('echo', 'waited'));
+""",
+            address(svc),
+        )
+        assert hog.result(timeout=30) == b"done"
+    assert out[0].startswith('["Bgservice\\\\Client\\\\Exception\\\\TimeoutException",'), out
+    assert "greet" in out[0] and out[1:] == ['"waited"']
+
+
+def test_send_refuses_a_message_no_datagram_can_carry(tmp_path):
+    # It returned false, which fire-and-forget code does not look at: the message was
+    # lost unseen. As a missing datagram address, it is the caller's mistake, up or down.
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+try { $bg->send('echo', str_repeat('x', 100000)); echo "no exception\\n"; }
+catch (InvalidArgumentException $e) { show($e->getMessage()); }
+show($bg->send('echo', str_repeat('x', 65502)));  // the most one UDP datagram takes
+show($bg->send('echo', 'small'));
+""",
+        f"127.0.0.1:{free_port()}",
+    )
+    assert "more than one datagram" in out[0], out
+    assert out[1:] == ["true", "true"]

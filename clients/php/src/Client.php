@@ -87,8 +87,12 @@ class Client
     }
 
     /**
-     * Fire and forget over UDP (or a Unix datagram socket). Never throws: a service that
-     * is down must not fail the caller. False if it could not even be sent.
+     * Fire and forget over UDP (or a Unix datagram socket). Never throws because the
+     * service is down: that must not fail the caller. False if it could not even be sent.
+     *
+     * @throws InvalidArgumentException what could never be sent, up or down: no datagram
+     *                                  address, or $module:$data larger than one datagram
+     *                                  carries (over 65,507 bytes for UDP over IPv4)
      */
     public function send(string $module, string $data = ''): bool
     {
@@ -103,9 +107,32 @@ class Client
         if ($socket === false) {
             return false;
         }
-        $sent = @fwrite($socket, $module . ':' . $data);
+        $message = $module . ':' . $data;
+        error_clear_last();
+        $sent = @fwrite($socket, $message);
         fclose($socket);
+        if ($sent === false && self::tooLong(error_get_last()['message'] ?? '')) {
+            throw new InvalidArgumentException(
+                "send(): $module:DATA is " . strlen($message) . ' bytes, more than one '
+                . "datagram to {$this->udpAddress} carries: use call() or add()"
+            );
+        }
         return $sent !== false && $sent > 0;
+    }
+
+    /**
+     * Whether a failed datagram write's warning ("Send of N bytes failed with errno=E
+     * ...") is the kernel's EMSGSIZE: too large for one datagram, whatever the service.
+     */
+    private static function tooLong(string $warning): bool
+    {
+        $emsgsize = match (true) {
+            defined('SOCKET_EMSGSIZE') => SOCKET_EMSGSIZE,  // ext/sockets knows this system's
+            PHP_OS_FAMILY === 'Linux' => 90,
+            PHP_OS_FAMILY === 'Windows' => 10040,  // WSAEMSGSIZE
+            default => 40,  // the BSDs, macOS
+        };
+        return str_contains($warning, "errno=$emsgsize ");
     }
 
     public function ping(): bool

@@ -177,6 +177,9 @@ final class Connection
      * @param float $timeout seconds to connect (5 at most) and to wait for the greeting
      *
      * @return array{0: resource, 1: bool} the stream, and whether it was kept from before
+     *
+     * @throws ServiceDownException no connection (refused, unreachable, not in time)
+     * @throws TimeoutException     connected, but no greeting within $timeout
      */
     private function open(float $timeout): array
     {
@@ -201,10 +204,16 @@ final class Connection
             $stream = $this->dial($timeout);
         }
         stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
+        // Connected: the kernel completes a connect even while the service's loop is
+        // blocked (a module's long synchronous call), so a greeting that does not come in
+        // time is a busy service, as a late reply is, not a service down.
         try {
             $sent = $this->write($stream, self::PREFACE) === strlen(self::PREFACE);
             $echoed = $sent ? $this->readExact($stream, strlen(self::PREFACE)) : null;
-        } catch (ServiceDownException | TimeoutException $e) {
+        } catch (TimeoutException $e) {
+            @fclose($stream);
+            throw new TimeoutException("{$this->address} accepted but did not greet in time", 0, $e);
+        } catch (ServiceDownException $e) {
             @fclose($stream);
             throw new ServiceDownException("{$this->address}: no framed-protocol greeting", 0, $e);
         }
