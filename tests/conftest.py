@@ -55,6 +55,18 @@ async def handle_tcp(request):
 """
 
 
+# A module that blocks the service's loop for the seconds it is sent (a busy service).
+HOG = """
+import time
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name("hog.started").touch()
+    time.sleep(float(request.text))  # on the service's loop: nothing else is served
+    return "done"
+"""
+
+
 def sent_one_shot(svc: Any, request: bytes, rcvbuf: int = 4096) -> socket.socket:
     """A one-shot client that sent ``request`` and half-closed, its reply not read yet;
     a small receive buffer, so that a large reply backs up in the service."""

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO, wait_until, write_module
+from tests.conftest import HOG, REPO, wait_until, write_module
 
 PROGRESS = """
 import time
@@ -343,17 +343,6 @@ def test_serve_help_names_every_other_command(tmp_path):
     epilog = _help("serve").split("Other commands talk to a running service:")[1]
     named = {name.strip() for name in epilog.split("(")[0].split(",")}
     assert named == commands - {"serve"} and "schedule" in named
-
-
-HOG = """
-import time
-from pathlib import Path
-
-async def handle_tcp(request):
-    Path(__file__).with_name("hog.started").touch()
-    time.sleep(float(request.text))  # on the service's loop: nothing else is served
-    return "done"
-"""
 
 
 def test_a_busy_service_is_a_timeout_not_down(modules_dir, make_service):

@@ -15,7 +15,7 @@ import pytest
 
 from bgservice.client import AsyncClient, Client, ClientTimeout, ServiceDown
 from bgservice.protocol import PREFACE, framed_reply
-from tests.conftest import wait_until, write_module
+from tests.conftest import HOG, wait_until, write_module
 from tests.test_client import address, free_port
 
 
@@ -138,17 +138,6 @@ def test_send_to_a_unix_stream_address_needs_a_datagram_address(tmp_path, make_s
         bg.send("test", "arrives")
         assert bg.call("test") == b"Test"
     svc.wait_for_log("arrives")
-
-
-HOG = """
-import time
-from pathlib import Path
-
-async def handle_tcp(request):
-    Path(__file__).with_name("hog.started").touch()
-    time.sleep(float(request.text))  # on the service's loop: nothing else is served
-    return "done"
-"""
 
 
 def test_an_async_client_waits_for_a_busy_services_greeting(modules_dir, make_service):

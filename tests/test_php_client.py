@@ -16,9 +16,8 @@ import subprocess
 import pytest
 
 from bgservice.client import Client
-from tests.conftest import REPO, wait_until, write_module
+from tests.conftest import HOG, REPO, wait_until, write_module
 from tests.test_client import free_port
-from tests.test_client_failures import HOG
 
 pytestmark = pytest.mark.skipif(shutil.which("php") is None, reason="php-cli not installed")
 

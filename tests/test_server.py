@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bgservice.protocol import framed_request
-from tests.conftest import STRAY_ERROR, wait_until, write_module
+from tests.conftest import HOG, STRAY_ERROR, wait_until, write_module
 from tests.queue_helpers import add, status
 
 GATED = """
@@ -103,21 +103,12 @@ def test_verbose_logs_a_line_per_request(make_service):
     assert re.search(r"\d+(\.\d+)?ms", line)
 
 
-HOG = """
-import time
-
-async def handle_tcp(request):
-    time.sleep(0.4)  # blocks the loop: the mistake the lag warning is there to point at
-    return "done"
-"""
-
-
 def test_the_lag_warning_names_a_module_that_blocked_the_loop(modules_dir, make_service):
     # It sampled the modules in flight before and after its wait: a call that blocked
     # and ended within it (a first step) was never named ("modules running: none").
     write_module(modules_dir, "hog", HOG)
     svc = make_service("", "-v")
-    assert svc.call(b"hog:x") == b"done"
+    assert svc.call(b"hog:0.4") == b"done"  # blocks the loop: what the warning is for
     wait_until(lambda: "event loop lagged" in svc.log())
     line = next(li for li in svc.log().splitlines() if "event loop lagged" in li)
     assert "hog" in line, line
