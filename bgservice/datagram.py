@@ -19,6 +19,7 @@ from typing import Any
 
 from bgservice.access import AccessList
 from bgservice.dispatch import Dispatcher
+from bgservice.logs import Sparse
 from bgservice.origin import Origin
 from bgservice.protocol import split_request
 from bgservice.request import JobAdder, Request
@@ -58,8 +59,7 @@ class DatagramQueue:
         self._backlog_soon = False  # a turn to serve the backlog is scheduled
         self._emptied: asyncio.Future[None] | None = None  # set by drain()
         self._names: dict[bytes, str] = {}  # raw module head -> cleaned name
-        self._last_drop_log = 0.0
-        self._drops_unlogged = 0
+        self._drops = Sparse(5.0)  # a log line at most every 5 s
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -117,15 +117,8 @@ class DatagramQueue:
 
     def _drop(self) -> None:
         self.stats.udp_dropped += 1
-        self._drops_unlogged += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= 5.0:
-            log.warning(
-                "datagram queue full (%d): dropped %d datagrams",
-                self.maxsize,
-                self._drops_unlogged,
-            )
-            self._last_drop_log, self._drops_unlogged = now, 0
+        if dropped := self._drops.tick(time.monotonic()):
+            log.warning("datagram queue full (%d): dropped %d datagrams", self.maxsize, dropped)
 
     def _name(self, data: bytes) -> str:
         """The module name of a datagram (``split_request``'s), remembered per raw head:

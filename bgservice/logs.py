@@ -38,3 +38,22 @@ def setup(verbose: bool = False, log_file: Path | None = None) -> None:
     # Third-party chatter stays out of -v: it is about their internals, not requests.
     for noisy in ("watchdog", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO)
+
+
+class Sparse:
+    """One kind of event a flood of which must not flood the log (refused peers, dropped
+    datagrams): counted, with a line due at most every ``every`` seconds, saying how many
+    came since the last one."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last = float("-inf")  # when the last line was due (the caller's clock)
+        self._count = 0
+
+    def tick(self, now: float) -> int:
+        """Count one; how many since the last line if a line is due now, else 0."""
+        self._count += 1
+        if now - self._last < self.every:
+            return 0
+        self._last, count, self._count = now, self._count, 0
+        return count

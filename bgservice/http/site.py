@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.web_server import Server
 
 from bgservice.http.replies import error_response
+from bgservice.logs import Sparse
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,13 @@ class _Refuse(asyncio.Protocol):
 
 
 class LimitedSite(web.TCPSite):
-    """A TCP site whose protocol factory refuses connections over ``max_connections``."""
+    """A TCP site whose protocol factory refuses connections over ``max_connections``
+    (logged at most once a minute)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int):
         super().__init__(runner, host, port, backlog=128)
         self.max_connections = max_connections
-        self.refused = 0  # connections refused since the start
-        self._logged = 0.0  # when the last line about refusals was logged
+        self._refused = Sparse(LOG_EVERY)
         self._reply = _refusal(max_connections)
 
     async def start(self) -> None:
@@ -95,12 +96,9 @@ class LimitedSite(web.TCPSite):
     def _protocol(self, server: Server) -> Any:
         if len(server.connections) < self.max_connections:
             return server()
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._logged >= LOG_EVERY:
-            self._logged = now
+        if refused := self._refused.tick(time.monotonic()):
             log.warning(
                 "HTTP: %d connections open ([limits] max_connections): refusing more with "
-                "503 (%d refused so far)", len(server.connections), self.refused,
+                "503 (%d refused since the last line)", len(server.connections), refused,
             )  # fmt: skip
         return _Refuse(self._reply)

@@ -134,15 +134,13 @@ class RedisLeases:
         if not self._running:
             return
         deadline = repr(time.time() + self.conf.lease)
-        held = [(jid, a.job, a.token) for jid, a in self._running.items()]
-        claims = [v for jid, _, token in held for v in (jid, token)]
+        held = dict(self._running)  # the attempts asked about, not newer ones
+        claims = [v for jid, attempt in held.items() for v in (jid, attempt.token)]
         lost, cancel = await self.db.call("RENEW", deadline, *claims)
-        jobs = {jid: job for jid, job, _ in held}  # the attempts asked about, not newer ones
         for raw in cancel:
-            jobs[int(raw)].cancel_requested = True
+            held[int(raw)].job.cancel_requested = True
         for jid in map(int, lost):  # not an attempt whose end was recorded meanwhile
-            attempt = self._running.get(jid)
-            if attempt is not None and attempt.job is jobs[jid] and jid not in self._ending:
+            if self._running.get(jid) is held[jid] and jid not in self._ending:
                 log.warning("job %d: lease lost (taken over by another attempt): its "
                             "handler is told to stop (request.job.cancelled)", jid)  # fmt: skip
-                jobs[jid].cancel_requested = True
+                held[jid].job.cancel_requested = True

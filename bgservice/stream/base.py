@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from bgservice import eager
 from bgservice.access import AccessList
 from bgservice.config import Limits
+from bgservice.logs import Sparse
 from bgservice.origin import Origin
 from bgservice.protocol import Reply
 from bgservice.request import JobAdder, Request
@@ -43,8 +44,7 @@ class StreamContext:
     tasks: set[asyncio.Task[Any]]
     connections: set[StreamProtocol] = field(default_factory=set)
     segments: dict[str, int] = field(default_factory=dict)  # peer host -> TCP segment size
-    forbidden_logged = float("-inf")  # loop time of the last line about refused peers
-    forbidden_unlogged = 0  # refused since
+    forbidden: Sparse = field(default_factory=lambda: Sparse(60.0))  # refused peers, logged
     # Kept, not looked up per request: on Python 3.11 every get_running_loop() is a getpid
     # system call, a measurable share of a small request's cost.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

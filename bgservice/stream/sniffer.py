@@ -21,8 +21,6 @@ from bgservice.stream.oneshot import OneShot
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY = 60.0  # seconds between log lines about refused peers
-
 
 class Sniffer(StreamProtocol):
     """A new connection: admit it, then read until its first bytes name its protocol."""
@@ -41,11 +39,9 @@ class Sniffer(StreamProtocol):
         access = ctx.access
         if access.networks is not None and ctx.origin is Origin.TCP and not access.allows(host):
             ctx.stats.refused["tcp_forbidden"] += 1
-            ctx.forbidden_unlogged += 1
-            if self.started - ctx.forbidden_logged >= LOG_EVERY:  # a flood is a line a minute
+            if refused := ctx.forbidden.tick(self.started):  # a flood is a line a minute
                 log.warning("refused TCP connection from %s: not in allow list (%d refused "
-                            "since the last line)", self.peer, ctx.forbidden_unlogged)  # fmt: skip
-                ctx.forbidden_logged, ctx.forbidden_unlogged = self.started, 0
+                            "since the last line)", self.peer, refused)  # fmt: skip
             self.fail(403, "Forbidden")
             return
         if len(ctx.connections) >= ctx.limits.max_connections:
