@@ -260,6 +260,7 @@ def test_the_token_guards_api_and_metrics_but_not_the_page(
     assert svc.http("GET", f"{API}/modules", token="s3cret")[0] == 200
     assert svc.http("GET", "/metrics", token="s3cret")[0] == 200
     assert svc.http("GET", "/dashboard/")[0] == 200
+    assert svc.http("GET", "/dashboard")[0] == 200  # its redirect too (it asked for one)
     assert "bearer token required" in svc.log()
 
 

@@ -155,7 +155,7 @@ class HttpApi:
             refusal = self.browsers.refusal(request.method, request.headers)
             if refusal is not None:
                 return error_response(403, f"Forbidden: {refusal}")
-        public = request.path == "/" or request.path.startswith("/dashboard/")
+        public = request.path in PUBLIC or request.path.startswith("/dashboard/")
         if self.tokens.configured and not public:
             token = self.tokens.find(request.headers.get("Authorization", ""))
             if token is None:
