@@ -219,13 +219,17 @@ function drawChart(stats) {
   const perHour = new Array(24).fill(0);
   // The history comes in UTC hours; a local hour (at :30 or :45 of one in some zones)
   // takes its share of each UTC hour it overlaps.
+  // The hour going on now has only run until now: its share goes by that part, not by
+  // the whole hour (which would put half of it in a local hour still to come).
+  const now = Date.now() / 1000;
   const inHour = (start) => {
     const from = start / 1000, first = Math.floor(from / 3600) * 3600;
     let seconds = 0, runs = 0;
     for (const hour of [first, first + 3600]) {
-      const row = busy.get(hour);
-      const share = Math.max(0, Math.min(hour, from) + 3600 - Math.max(hour, from)) / 3600;
-      if (row) { seconds += row.busy_seconds * share; runs += row.runs * share; }
+      const row = busy.get(hour), end = Math.min(hour + 3600, now);
+      if (!row || end <= hour) continue;
+      const share = Math.max(0, Math.min(end, from + 3600) - Math.max(hour, from)) / (end - hour);
+      seconds += row.busy_seconds * share; runs += row.runs * share;
     }
     return { seconds, runs: Math.round(runs) };
   };
