@@ -122,7 +122,7 @@ final class KeptConnectionTest extends ServiceTestCase
         try {
             $bg->call('echo', 'x');
             self::fail('no exception');
-        } catch (ServiceDownException | TimeoutException $e) {
+        } catch (TimeoutException $e) {  // a busy service, not one that is down
             self::assertLessThan(2.0, microtime(true) - $start);  // not 5 s
         }
         $server->stop();
