@@ -54,6 +54,7 @@ if ((tests)); then
     want beanstalkd have beanstalkd  # a benchmark peer
     want sqlite3 have sqlite3  # checks the queue database's journal mode
     want chromium eval 'have chromium || have chromium-browser'  # renders the dashboard
+    want systemd have systemd-analyze  # reads deploy/bgservice.service as systemd would
 fi
 
 if ((print)); then
