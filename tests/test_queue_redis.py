@@ -257,6 +257,26 @@ def test_a_frozen_redis_is_found_by_the_ping(tmp_path, own_redis):
         svc.stop()
 
 
+
+def test_a_redis_frozen_past_a_lease_but_not_the_timeout_takes_no_live_job_over(
+    shared, own_redis, tmp_path
+):
+    # Redis pausing every client for 3 s: twice the 1.5 s lease, under the 5 s command
+    # timeout, so no error says "outage". The renewals it held up land with deadlines
+    # already past; a reap sent after it must not take over the job that runs meanwhile
+    # (its instance is alive: the job ran twice).
+    write_module(tmp_path / "modules", "long", "import time\n\ndef handle_tcp(request):\n"
+                 "    time.sleep(6)\n    return 'long'\n")  # fmt: skip
+    a = shared("a", "workers = 1", url=own_redis.url)
+    b = shared("b", "workers = 1", url=own_redis.url)
+    jid = add(a, b"queue:add:long:x")  # a's worker is free: a claims it as it adds
+    wait_until(lambda: a.stats()["in_flight"].get("long", 0) == 1)
+    assert redis_command(own_redis.url, "CLIENT", "PAUSE", "3000", "ALL") == b"+OK\r\n"
+    assert a.call(b"queue:get:id:%d" % jid, timeout=30) == b"long"
+    assert json.loads(a.call(b"queue:status:id:%d" % jid))["attempts"] == 1
+    for svc in (a, b):
+        assert "stopped renewing" not in svc.log() and "lease lost" not in svc.log(), svc.log()
+
 class Channel:
     """What is published on a Redis channel, heard by a raw connection of its own."""
 

@@ -72,11 +72,15 @@ class RedisLeases:
         reap_from = 0.0  # after an outage: once every live instance has renewed again
         while True:
             await asyncio.sleep(interval)
+            taken: list[bytes] = []
             try:
+                asked = time.monotonic()
                 await self._renew()
-                if time.monotonic() < reap_from:
-                    continue
-                taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
+                reap_from = self._if_late(asked, reap_from)
+                if time.monotonic() >= reap_from:
+                    asked = time.monotonic()
+                    taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
+                    reap_from = self._if_late(asked, reap_from)
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
                 # Leases ran out while nobody could reach Redis, not because their
@@ -88,6 +92,17 @@ class RedisLeases:
                     "jobs %s: their instance stopped renewing their lease; they run again",
                     ", ".join(t.decode() for t in taken),
                 )
+
+    def _if_late(self, asked: float, reap_from: float) -> float:
+        """When reaping may resume, after a round trip asked at ``asked``. Redis answering
+        later than a renewal's interval (frozen, or swamped) held every instance's
+        renewals up as an outage does, with no error to say so: each gets a full lease
+        to renew before we reap. (A reap sent meanwhile judged by the time it was sent.)"""
+        took = time.monotonic() - asked
+        if took <= self.conf.lease / 3:
+            return reap_from
+        log.warning("Redis took %.1f s to answer: no job is taken over for a lease", took)
+        return time.monotonic() + self.conf.lease * 4 / 3
 
     async def hand_back(self, claims: list[tuple[int, str]]) -> None:
         """Stopping: our unfinished jobs (id, claim token) wait again for any instance
