@@ -277,6 +277,45 @@ def test_a_redis_frozen_past_a_lease_but_not_the_timeout_takes_no_live_job_over(
     for svc in (a, b):
         assert "stopped renewing" not in svc.log() and "lease lost" not in svc.log(), svc.log()
 
+
+def test_a_cancel_recorded_before_its_attempt_hears_of_it_still_ends_the_job_cancelled(
+    tmp_path, redis_url
+):
+    # cancel answered "cancelling", yet the job ended done with its result (Redis only):
+    # the attempt ended before the cancel's message reached its instance, and its end
+    # recorded what the attempt alone had decided. The embedded engine ends it cancelled.
+    prefix = f"cut-{uuid.uuid4().hex[:8]}"
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(redis_url, prefix))
+    write_module(svc.modules, "gate", "import time\nfrom pathlib import Path\n\n"
+                 "def handle_tcp(request):\n"
+                 "    while not Path(request.text).exists():\n        time.sleep(0.01)\n"
+                 "    return 'done anyway'\n")  # fmt: skip
+    try:
+        svc.start()
+        # A cancel whose message has not arrived yet: recorded in the job, not published.
+        gate = tmp_path / "open"
+        jid = add(svc, b"queue:add:gate:%s" % str(gate).encode())
+        wait_until(lambda: svc.stats()["in_flight"].get("gate", 0) == 1)
+        redis_command(redis_url, "HSET", f"{prefix}:job:{jid}", "cancel_requested", "1")
+        gate.touch()
+        assert svc.call(b"queue:get:id:%d" % jid) == b"410: Job %d cancelled" % jid
+        status = json.loads(svc.call(b"queue:status:id:%d" % jid))
+        assert (status["state"], status["status"]) == ("cancelled", 410)
+        # The reviewer's form: add and cancel pipelined; every "cancelling" ends cancelled.
+        conn = svc.framed()
+        cancelling = 0
+        for _ in range(10):
+            conn.send(b"queue:add:sleep:1")
+            jid = int(conn.recv()[1][3:])
+            conn.send(b"queue:cancel:id:%d" % jid)
+            if conn.recv()[1] == b"cancelling":
+                cancelling += 1
+                assert conn.call(b"queue:get:id:%d" % jid) == (410, b"Job %d cancelled" % jid)
+        conn.close()
+        assert cancelling  # (else the loop tested nothing)
+    finally:
+        svc.stop()
+
 class Channel:
     """What is published on a Redis channel, heard by a raw connection of its own."""
 

@@ -35,14 +35,8 @@ from bgservice.config import QueueSettings, RedisSettings
 from bgservice.events import Events
 from bgservice.protocol import OK
 from bgservice.queue.commands import AddSpec, ListSpec
-from bgservice.queue.engine import (
-    JobQueue,
-    JobRunner,
-    Result,
-    not_found,
-    run_record,
-)
-from bgservice.queue.job import Job, stored_after
+from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, not_found, run_record
+from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_channel import Subscription
 from bgservice.queue.redis_db import RedisJobs, available, batched, script_error, unavailable
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
@@ -375,6 +369,8 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
         waiter = self._waiters.get(job.id)
         recorded, claimed = await self._end(job, args, now)
+        if recorded and job.cancel_requested and outcome.state is not JobState.CANCELLED:
+            outcome = decide(job, status, body, now, self.settings.backoff_max)  # as END did
         self._ending.discard(job.id)
         attempt = self._running.get(job.id)
         if attempt is not None and attempt.job is job:  # (not a newer attempt of the job)
@@ -396,4 +392,3 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
                 await self.hand_back([(int(claimed[0]), pairs(claimed[2])[b"owner"].decode())])
             except RedisError as exc:  # its lease runs out: another start runs it
                 log.warning("job %s not handed back (%s): its lease expires", claimed[0], exc)
-

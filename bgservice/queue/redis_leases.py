@@ -134,6 +134,8 @@ class RedisLeases:
                     log.warning("job %d (%s): lease lost while it ran; another attempt runs "
                                 "it, this result is discarded", job.id, job.module)  # fmt: skip
                     return False, None
+                if reply[0] == 2:  # a cancel recorded while it ran: the job ended cancelled
+                    job.cancel_requested = True
                 return True, (reply[1] if len(reply) > 1 else None)
             except RedisError as exc:
                 if self._closing:

@@ -154,8 +154,7 @@ local function claim(deadline, owner, limits_json, rates_json)
 end
 """
 
-# ARGV: P, now, lease deadline, the claim's token (INSTANCE/N), module limits and rates
-# as JSON.
+# ARGV: P, now, lease deadline, the claim's token (INSTANCE/N), module limits, rates (JSON).
 CLAIM = COMMON + CLAIM_FN + "return claim(ARGV[3], ARGV[4], ARGV[5], ARGV[6])\n"
 
 ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
@@ -248,23 +247,34 @@ return {lost, cancel}
 
 # ARGV: P, now, id, the attempt's claim token, state, status, result, error, expires, run_at,
 # run record, last progress report ('' if none), then the next claim's lease deadline (''
-# for none), token, module limits and rates (as CLAIM takes them).
-# The end of one attempt: a retry (state "waiting", at run_at) or a finished job. Does
-# nothing (returns 0) if this attempt no longer holds the job. Recorded: {1}, or {1, what
-# CLAIM returns}: the worker this attempt frees takes the next job in the same round trip.
+# for none), token, module limits and rates (as CLAIM takes them). The end of one
+# attempt: a retry (state "waiting", at run_at) or a finished job. Does nothing (returns
+# 0) if this attempt no longer holds the job. Recorded: {1}, or {1, what CLAIM returns}:
+# the worker this attempt frees takes the next job in the same round trip. A cancel
+# recorded while it ran wins (as in the embedded engine), heard by the attempt or not
+# yet: the job ends cancelled and the reply starts with 2.
 END = (
     COMMON
     + CLAIM_FN
     + r"""
 local id, state = ARGV[3], ARGV[5]
 local jk = jkey(id)
-local f = redis.call('HMGET', jk, 'owner', 'state', 'module', 'created', 'unique_key')
+local f = redis.call('HMGET', jk, 'owner', 'state', 'module', 'created', 'unique_key',
+                     'cancel_requested')
 if f[1] ~= ARGV[4] or f[2] ~= 'running' then return 0 end
+local cut = f[6] == '1' and state ~= 'cancelled'
+local run = ARGV[11]
+if cut and run ~= '' then
+  local r = cjson.decode(run); r.outcome = 'cancelled'; run = cjson.encode(r)
+end
 redis.call('ZREM', P .. ':running', id)
 redis.call('HINCRBY', P .. ':modrun', f[3], -1)
-if ARGV[11] ~= '' then redis.call('ZADD', P .. ':runs', NOW, ARGV[11]) end
+if run ~= '' then redis.call('ZADD', P .. ':runs', NOW, run) end
 if ARGV[12] ~= '' then redis.call('HSET', jk, 'progress', ARGV[12]) end
-if state == 'waiting' then
+if cut then
+  local msg = 'Job ' .. id .. ' cancelled'
+  finish(id, 'cancelled', '410', msg, msg, ARGV[9], {'running', f[5]})
+elseif state == 'waiting' then
   redis.call('HSET', jk, 'state', 'waiting', 'run_at', ARGV[10], 'error', ARGV[8], 'owner', '')
   move(id, 'running', 'waiting', f[4])
   place(id)
@@ -272,8 +282,9 @@ else
   finish(id, state, ARGV[6], ARGV[7], ARGV[8], ARGV[9], {'running', f[5]})
 end
 wake()
-if ARGV[13] == '' then return {1} end
-return {1, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16])}
+local recorded = cut and 2 or 1
+if ARGV[13] == '' then return {recorded} end
+return {recorded, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16])}
 """
 )
 
