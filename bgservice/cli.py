@@ -23,11 +23,27 @@ from bgservice.server import Service
 DEFAULT_CONFIG = "service.config"
 
 
+def _config_path(given: Path | None) -> Path | None:
+    """The config file read: -c's, else ./service.config if there is one."""
+    if given is None and Path(DEFAULT_CONFIG).is_file():
+        return Path(DEFAULT_CONFIG)
+    return given
+
+
 def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
-    if config_path is None and Path(DEFAULT_CONFIG).is_file():
-        config_path = Path(DEFAULT_CONFIG)
+    config_path = _config_path(config_path)
     settings = config.load(config_path) if config_path else config.Settings()
     return config.with_overrides(settings, **overrides)  # type: ignore[arg-type]
+
+
+def _host(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An empty --host put TCP on every interface and UDP on loopback: refused, as the
+    config file's empty host is."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "must be an address (127.0.0.1, ::1; 0.0.0.0: every IPv4 interface), not empty"
+        )
+    return value
 
 
 class _ServeByDefault(click.Group):
@@ -94,7 +110,7 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help=f"Config file (TOML, or the original's JSON). Default: ./{DEFAULT_CONFIG} if present.",
 )
-@click.option("--host", help="Listen on this address only (one TCP+UDP listener).")
+@click.option("--host", callback=_host, help="Listen on this address only (one TCP+UDP listener).")
 @click.option("-p", "--port", type=click.IntRange(0, 65535), help="TCP and UDP port (0: any).")
 @click.option(
     "-m", "--modules", type=click.Path(path_type=Path, file_okay=False), help="Modules folder."
@@ -154,7 +170,13 @@ def serve(
             err=True,
         )
         sys.exit(2)
-    logs.setup(settings.verbose, settings.log_file)
+    # The file is opened only here: a folder or an unwritable path is refused as bad input.
+    named = "--log-file" if log_file else f"{_config_path(config_path)}: [log] file"
+    try:
+        logs.setup(settings.verbose, settings.log_file, named)
+    except ConfigError as exc:
+        click.echo(f"bgservice: configuration error: {exc}", err=True)
+        sys.exit(2)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     sys.exit(uvloop.run(service.run()))
 

@@ -5,7 +5,7 @@ scripts can rely on:
 
     0  done
     1  the service replied an error (``NNN: message`` on stderr)
-    2  usage error (bad option or argument; a -t not above 0; send: more than a datagram)
+    2  usage error (bad option or argument; a -t not in (0, a week]; send: over a datagram)
     3  the service cannot be reached (down, wrong address)
     4  no reply within --timeout
   130  interrupted (Ctrl-C), as a shell reports SIGINT; not click's ``Aborted!`` and 1
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ import click
 
 from bgservice import cli_format, cli_top
 from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
+from bgservice.client_async import MAX_TIMEOUT
 from bgservice.client_requests import parse_address, request
 from bgservice.errors import ReplyError
 
@@ -65,9 +65,11 @@ _GIVEN = "bgservice.client_options"
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-    # Not FloatRange: nan passes its bounds. 0 was taken for 30 s; inf would wait for ever.
-    if param.name == "timeout" and value is not None and not 0 < value < math.inf:
-        raise click.BadParameter(f"{value} is not a finite number of seconds above 0", ctx, param)
+    # Not FloatRange: nan passes its bounds. 0 was taken for 30 s; inf would wait for ever,
+    # and 1e10 overflowed the socket's clock (a traceback): at most MAX_TIMEOUT, a week.
+    if param.name == "timeout" and value is not None and not 0 < value <= MAX_TIMEOUT:
+        most = f"{MAX_TIMEOUT:.0f} (a week)"
+        raise click.BadParameter(f"{value} is not seconds above 0 and at most {most}", ctx, param)
     if value is not None and param.name is not None:
         ctx.meta.setdefault(_GIVEN, {})[param.name] = value
 

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from bgservice.client_async import AsyncClient
+from bgservice.client_async import MAX_TIMEOUT, AsyncClient, check_timeout
 from bgservice.client_requests import (
     DEFAULT_ADDRESS,
     WINDOW,
@@ -62,6 +62,7 @@ from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "MAX_TIMEOUT",
     "AsyncClient",
     "BatchError",
     "Client",
@@ -102,6 +103,7 @@ class Client(Where):
     thread (connections are cheap for the service)."""
 
     def _start(self) -> None:
+        check_timeout(self.timeout)  # ValueError: none is at most a week (MAX_TIMEOUT)
         self._sock: socket.socket | None = None
         self._timeout: float | None = None  # the timeout the open connection has
         self._decoder = ReplyDecoder()
@@ -237,6 +239,7 @@ class Client(Where):
         closed meanwhile (idle timeout, restart) is seen before anything is written, and
         replaced; once the frames are written nothing is sent again (it may have run)."""
         wanted = timeout if timeout is not None else self.timeout
+        check_timeout(wanted)  # the call's, or the client's if it was changed since
         sock = self._connect(wanted)
         try:
             if wanted != self._timeout:  # a system call or two: only when it changes
@@ -285,10 +288,26 @@ class Client(Where):
         family, target = parse_address(self.address)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            self._open(sock, target, timeout)
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._set_timeout(sock, self.timeout)
+        except BaseException:  # whatever it is (^C, a failed setsockopt): no socket left open
+            sock.close()
+            raise
+        self._sock, self._decoder, self._ready = sock, ReplyDecoder(), deque()
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN)
+        return sock
+
+    def _open(self, sock: socket.socket, target: Any, timeout: float | None) -> None:
+        """Connect ``sock`` and wait for the greeting (for ``_connect``, which closes it
+        if this raises)."""
+        try:
             sock.settimeout(min(timeout or 5.0, 5.0))
             sock.connect(target)
         except OSError as exc:
-            sock.close()
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
         try:
             sock.settimeout(timeout)
@@ -296,19 +315,9 @@ class Client(Where):
             if _read_exact(sock, len(PREFACE)) != PREFACE:
                 raise ServiceDown(f"{self.address} does not speak the framed protocol")
         except (TimeoutError, BlockingIOError):  # BlockingIOError: a timeout of 0
-            sock.close()
             raise ClientTimeout(f"{self.address} accepted but did not greet in time") from None
         except OSError as exc:
-            sock.close()
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._set_timeout(sock, self.timeout)
-        self._sock, self._decoder, self._ready = sock, ReplyDecoder(), deque()
-        if hasattr(select, "poll"):
-            self._poll = select.poll()
-            self._poll.register(sock, select.POLLIN)
-        return sock
 
     def _set_timeout(self, sock: socket.socket, timeout: float | None) -> None:
         self._timeout = timeout

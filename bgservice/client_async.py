@@ -35,6 +35,19 @@ from bgservice.client_requests import (
 )
 from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
 
+# The longest timeout a client takes, the client's or a call's: a week, on every platform
+# (1e10 s overflowed the socket's nanosecond clock: an OverflowError, the socket left
+# open). None waits for ever.
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def check_timeout(seconds: float | None) -> None:
+    """``ValueError`` for a timeout no socket takes: not None nor 0 to MAX_TIMEOUT (nan)."""
+    if seconds is not None and not 0 <= seconds <= MAX_TIMEOUT:
+        raise ValueError(
+            f"timeout must be None or 0 to {MAX_TIMEOUT:.0f} seconds (a week), not {seconds!r}"
+        )
+
 
 class FramedConnection(asyncio.BufferedProtocol):
     """The client's side of one framed connection: the preface's echo, then replies handed
@@ -133,6 +146,7 @@ class AsyncClient(Where):
     connection (replies come back in request order, so each waiter gets its own)."""
 
     def _start(self) -> None:
+        check_timeout(self.timeout)
         self._conn: FramedConnection | None = None
         self._connecting: asyncio.Future[FramedConnection] | None = None
         self._opening: FramedConnection  # the connection _connecting opens
@@ -244,9 +258,10 @@ class AsyncClient(Where):
         """Send framed requests in one write and wait for their replies (in order). A
         connection the service closed while idle is never written to (``usable`` sees it
         first); once written, nothing is sent again (it may have run)."""
+        wanted = timeout if timeout is not None else self.timeout
+        check_timeout(wanted)  # the call's, or the client's if it was changed since
         if not payloads:
             return []
-        wanted = timeout if timeout is not None else self.timeout
         conn = self._conn
         if conn is None or not conn.usable:
             conn = await self._connect(wanted)

@@ -152,7 +152,7 @@ class Listeners:
             )
             os.chmod(path, listener.mode)
         except OSError as exc:
-            raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+            raise ListenError(f"cannot listen on unix:{path}: {_why(exc, path)}") from None
         self.servers.append(server)
         self.socket_files.append(path)
         bound["unix"] = str(path)
@@ -167,7 +167,7 @@ class Listeners:
             os.chmod(path, listener.mode)
         except OSError as exc:
             sock.close()
-            raise ListenError(f"cannot listen on unix_dgram:{path}: {exc.strerror}") from None
+            raise ListenError(f"cannot listen on unix_dgram:{path}: {_why(exc, path)}") from None
         self.socket_files.append(path)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: DatagramEndpoint(self.datagrams, AccessList(None), Origin.UNIX_DGRAM),
@@ -193,6 +193,19 @@ class Listeners:
                 "UDP receive buffer: %d bytes (the kernel caps it: raise net.core.rmem_max "
                 "for %d)", got, size,
             )  # fmt: skip
+
+
+def _why(exc: OSError, path: Path) -> str:
+    """Why a Unix socket could not be opened, for a person: the system's reason, or for a
+    path longer than a socket address holds (Python's own refusal, no errno: "AF_UNIX
+    path too long", or None from ``strerror``) its length and the limit."""
+    if exc.errno is None and "too long" in str(exc):
+        size = len(os.fsencode(path))
+        return (
+            f"the path is {size} bytes, longer than a Unix socket address holds (at most "
+            "107 bytes on Linux, 103 on macOS): use a shorter path"
+        )
+    return exc.strerror or str(exc)
 
 
 def _remove_stale_socket(path: Path, kind: socket.SocketKind) -> None:

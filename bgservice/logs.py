@@ -14,11 +14,17 @@ from pathlib import Path
 
 import coloredlogs
 
+from bgservice.errors import ConfigError
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 DATE = "%Y-%m-%d %H:%M:%S"
 
 
-def setup(verbose: bool = False, log_file: Path | None = None) -> None:
+def setup(verbose: bool = False, log_file: Path | None = None, named: str = "log file") -> None:
+    """Log to standard output, and to ``log_file`` if given. A file that cannot be opened
+    for appending (a folder, no permission) is a ``ConfigError`` naming it as ``named``
+    (the option or key it came from), raised before any handler is changed."""
+    file_handler = _file_handler(log_file, named) if log_file is not None else None
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -30,14 +36,26 @@ def setup(verbose: bool = False, log_file: Path | None = None) -> None:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(logging.Formatter(FORMAT, DATE))
         root.addHandler(console)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter(FORMAT, DATE))
+    if file_handler is not None:
         root.addHandler(file_handler)
     # Third-party chatter stays out of -v: it is about their internals, not requests.
     for noisy in ("watchdog", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO)
+
+
+def _file_handler(path: Path, named: str) -> logging.Handler:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{named} {path}: cannot create its folder: {exc.strerror or exc}"
+        ) from None
+    try:
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{named} {path}: cannot write to it: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter(FORMAT, DATE))
+    return handler
 
 
 class Sparse:

@@ -47,9 +47,27 @@ log = logging.getLogger(__name__)
 LOG_DIR = Path(
     os.environ.get("BGSERVICE_LOG_DIR") or Path(__file__).resolve().parent.parent / "logs"
 )
-MAX_BYTES = int(os.environ.get("BGSERVICE_LOG_MAX_BYTES", 10 * 1024 * 1024))
-BACKUPS = int(os.environ.get("BGSERVICE_LOG_BACKUPS", 5))
-QUEUE_SIZE = int(os.environ.get("BGSERVICE_LOG_QUEUE", 100_000))  # messages waiting
+
+
+def _setting(name: str, default: int, least: int) -> int:
+    """``$name`` as a whole number of at least ``least`` (unset or empty: ``default``).
+    Anything else fails the module's load with a ``ValueError`` naming the variable: a
+    queue size of 0 was an unbounded queue (``queue.Queue(0)``), which never drops."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ValueError(f"{name}={text!r}: must be a whole number, at least {least}")
+    return value
+
+
+MAX_BYTES = _setting("BGSERVICE_LOG_MAX_BYTES", 10 * 1024 * 1024, 1)
+BACKUPS = _setting("BGSERVICE_LOG_BACKUPS", 5, 0)
+QUEUE_SIZE = _setting("BGSERVICE_LOG_QUEUE", 100_000, 1)  # messages waiting
 BATCH = 10_000  # most messages one write pass takes from the queue
 MAX_TAIL = 10_000
 LEVELS = frozenset(

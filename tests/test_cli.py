@@ -389,3 +389,13 @@ def test_stats_show_threads_workers_and_alerts(service):
     named = {line.split(":")[0]: line for line in lines if ":" in line}
     assert "stuck" in named["threads"] and named["alerts"].split() == ["alerts:", "off"]
     assert named["workers"].split() == ["workers:", "none"]
+
+
+def test_a_timeout_past_a_week_is_a_usage_error(service):
+    # -t 1e10 was a traceback (OverflowError: timestamp out of range), exit 1: "the
+    # service replied an error". At most a week (604800 s), as Client takes.
+    for args in (("-t", "1e10", "ping"), ("call", "test", "x", "--timeout=604801")):
+        usage = bg(service, *args)
+        assert usage.returncode == 2 and b"Traceback" not in usage.stderr, (args, usage)
+        assert b"'-t' / '--timeout'" in usage.stderr and b"604800" in usage.stderr, usage.stderr
+    assert bg(service, "-t", "604800", "call", "test", "x").stdout == b"Test"

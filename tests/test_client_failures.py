@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import socket
 import threading
 import time
@@ -180,3 +181,53 @@ def test_send_refuses_a_message_no_datagram_can_carry(tmp_path, make_service):
     make_service(f'[[listen]]\nunix_dgram = "{dgram}"\n')
     with pytest.raises(ValueError, match="more than one datagram"):
         Client(str(tmp_path / "bg.sock"), udp_address=str(dgram)).send("echo", "x" * 2**22)
+
+
+WEEK = 7 * 24 * 3600.0  # the longest timeout a client takes (MAX_TIMEOUT)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_timeout_past_a_week_is_refused_at_construction(service):
+    # Client(addr, timeout=1e10).call() raised OverflowError from settimeout (not a
+    # documented error) and left its socket open; AsyncClient took it.
+    where = address(service)
+    for bad in (1e10, WEEK + 1, -1.0, float("nan"), float("inf")):
+        for cls in (Client, AsyncClient):
+            with pytest.raises(ValueError, match="604800 seconds"):
+                cls(where, timeout=bad)
+    before = _open_fds()
+    with Client(where, timeout=WEEK) as bg:
+        assert bg.call("test") == b"Test"
+        with pytest.raises(ValueError, match="604800 seconds"):
+            bg.call("test", timeout=1e10)  # a call's own, too
+        bg.close()
+        bg.timeout = 1e10  # changed since: refused before a socket is made
+        with pytest.raises(ValueError, match="604800 seconds"):
+            bg.call("test")
+    assert _open_fds() == before
+
+    async def both() -> None:
+        async with AsyncClient(where, timeout=WEEK) as abg:
+            assert await abg.call("test") == b"Test"
+            with pytest.raises(ValueError, match="604800 seconds"):
+                await abg.call("test", timeout=1e10)
+
+    asyncio.run(both())
+
+
+def test_no_socket_is_left_open_when_the_greeting_is_interrupted(service, monkeypatch):
+    # A ^C (or any error but an OSError) while greeting left the new socket open.
+    import bgservice.client
+
+    def interrupted(sock: socket.socket, n: int) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bgservice.client, "_read_exact", interrupted)
+    before = _open_fds()
+    bg = Client(address(service))
+    with pytest.raises(KeyboardInterrupt) as info:  # it keeps the frames, and their locals
+        bg.call("test")
+    assert _open_fds() == before, info

@@ -3,6 +3,7 @@ counted, the tail over TCP."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -175,3 +176,21 @@ def test_a_deleted_or_moved_file_is_reopened(log_service, tmp_path: Path, how: s
     if how == "moved":
         assert (folder / "main-old.txt").read_text().endswith(" before 1\n")
     assert "was deleted or moved away" in svc.log()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("queue", "0"), ("queue", "-5"), ("max_bytes", "0"), ("backups", "-1"), ("backups", "x")],
+)
+def test_a_bad_setting_fails_the_module_naming_its_variable(
+    log_service, variable: str, value: str
+) -> None:
+    # BGSERVICE_LOG_QUEUE=0 made the queue unbounded (queue.Queue(0)): nothing was ever
+    # dropped, as the docs promise; the others took any int. The module does not load.
+    svc = log_service(**{variable: value})
+    name = f"BGSERVICE_LOG_{variable.upper()}"
+    (log,) = [m for m in json.loads(svc.call(b"service:modules")) if m["name"] == "log"]
+    assert name in (log["error"] or ""), log
+    assert f"{name}={value!r}: must be a whole number" in svc.log()
+    reply = svc.call(b"log:tail")  # what every call to it answers, and why
+    assert reply.startswith(b"502: Module log failed to load") and name.encode() in reply

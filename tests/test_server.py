@@ -308,3 +308,22 @@ def test_the_cut_answers_a_call_still_owed_before_a_408(make_service):
     assert framed.sock.recv(100) == b""
     assert svc.wait(timeout=10) == 0
     assert "bgservice stopped" in svc.log() and "Traceback" not in svc.log()
+
+
+def test_a_log_file_that_cannot_be_written_is_a_configuration_error(make_service, tmp_path):
+    # `[log] file = "."` was an IsADirectoryError traceback and exit 1, which the systemd
+    # unit restarts on; a configuration error is exit 2, naming the key (or the option).
+    svc = make_service('[log]\nfile = "."\n', start=False)
+    svc.start(wait=False)
+    assert svc.wait() == 2
+    out = svc.log()
+    assert f"configuration error: {svc.config}: [log] file " in out, out
+    assert "Is a directory" in out and "Traceback" not in out
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cli = make_service("", "--log-file", str(blocker / "bg.log"), start=False, root=tmp_path / "b")
+    cli.start(wait=False)
+    assert cli.wait() == 2
+    out = cli.log()
+    assert f"configuration error: --log-file {blocker / 'bg.log'}: " in out, out
+    assert "Traceback" not in out and not cli.ready_file.exists()
