@@ -26,6 +26,7 @@ from bgservice.config import Settings
 from bgservice.config_checks import install, redact_url
 from bgservice.datagram import DatagramQueue
 from bgservice.dispatch import Dispatcher
+from bgservice.errors import ConfigError
 from bgservice.events import (
     INTERNAL_ERROR,
     MODULE_FAILED,
@@ -138,6 +139,11 @@ class Service:
             return 1
         try:
             await self.jobs.start()
+        except ConfigError as exc:  # e.g. Redis refuses the url's password: exit 2, as
+            log.error("configuration error: %s", exc)  # a restart cannot fix it
+            await self._close_listeners()
+            self.threads.shutdown(wait=False, cancel_futures=True)
+            return 2
         except Exception as exc:  # e.g. sqlite3.Error: unreadable or locked database
             log.error("cannot open the job queue (%s): %s", self._queue_where(), exc)
             await self._close_listeners()

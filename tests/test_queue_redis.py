@@ -448,13 +448,27 @@ def test_a_cancel_in_one_database_does_not_reach_a_job_in_another(tmp_path, own_
 def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path, own_redis):
     url = own_redis.url + "?password=TOPSECRET"  # none set: AUTH fails, and is logged
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "pw"))
-    try:
-        svc.start()
-        svc.wait_for_log("does not answer")
-        assert "password=***" in svc.log()
-        assert "TOPSECRET" not in svc.log()
-    finally:
-        svc.stop()
+    svc.start(wait=False)
+    assert svc.wait() == 2  # a configuration error (next test)
+    assert "password=***" in svc.log()
+    assert "TOPSECRET" not in svc.log()
+
+
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [("?password=wrong", "AUTH"), ("/99", "DB index is out of range")],
+    ids=["password", "db"],
+)
+def test_a_redis_url_redis_refuses_is_a_configuration_error(tmp_path, own_redis, tail, why):
+    # Logged as an outage ("queue commands reply 503 until it does"), it never would: the
+    # service ran on, every queue command 503, and systemd saw nothing wrong. Exit 2, as
+    # for any configuration error, which the unit does not restart.
+    url = own_redis.url.rsplit("/", 1)[0] + tail if tail == "/99" else own_redis.url + tail
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "refused"))
+    svc.start(wait=False)
+    assert svc.wait() == 2, svc.log()
+    assert "configuration error: [redis] url" in svc.log() and why in svc.log(), svc.log()
+    assert "does not answer" not in svc.log()
 
 
 STOPS = """

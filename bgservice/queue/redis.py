@@ -29,9 +29,10 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from bgservice.config import QueueSettings, RedisSettings
+from bgservice.errors import ConfigError
 from bgservice.events import Events
 from bgservice.protocol import OK
 from bgservice.queue.commands import AddSpec, ListSpec
@@ -86,6 +87,9 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
     async def start(self) -> None:
         try:
             await self.db.redis.ping()
+        except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+            # Not an outage: waiting will not fix a wrong password, user or db number.
+            raise ConfigError(f"[redis] url {self.db.where}: Redis refuses it: {exc}") from None
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.db.where, exc)  # fmt: skip
