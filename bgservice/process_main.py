@@ -34,7 +34,7 @@ from bgservice.registry import (
     import_module_file,
     install_package,
 )
-from bgservice.request import Request, check_checkpoint, reply_bytes, to_bytes
+from bgservice.request import Request, check_checkpoint, check_progress, reply_bytes, to_bytes
 
 Send = Any  # Worker.send: (message) -> None
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -53,7 +53,9 @@ class _Progress:
         self._worker, self._cid = worker, cid
 
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
-        self._worker.send(msg.Progress(self._cid, float(done), float(total), message))
+        # Checked here, so the handler gets the ValueError (as in the service's threads).
+        done, total, text = check_progress(done, total, message)
+        self._worker.send(msg.Progress(self._cid, done, total, text))
 
     def save_checkpoint(self, value: str) -> Awaitable[None] | None:
         """Blocks until the service has stored it. From an ``async def`` handler (on the

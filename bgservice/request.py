@@ -8,6 +8,7 @@ to and the queue it may add jobs to are constructor arguments, never set afterwa
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -122,8 +123,9 @@ class JobContext:
 
     def progress(self, done: float, total: float = 100, message: str | None = None) -> None:
         """Report progress; ``queue:status`` shows it at once. Safe from any thread.
-        Ignored once this attempt is over."""
-        value = (float(done), float(total), None if message is None else str(message)[:500])
+        Ignored once this attempt is over. ``done`` or ``total`` not a finite number, or a
+        message that is not valid text (a lone surrogate): ``ValueError``."""
+        value = check_progress(done, total, message)
         if threading.get_ident() == self._loop_thread:
             self._set(value)
         else:
@@ -137,11 +139,38 @@ class JobContext:
             self._on_progress(self._job)
 
 
+def check_progress(
+    done: float, total: float, message: object
+) -> tuple[float, float, str | None]:
+    """A progress report as it is kept: numbers that JSON can carry (NaN and infinities
+    are not JSON), a message of at most 500 characters that UTF-8 can encode."""
+    numbers = (float(done), float(total))
+    if not all(map(math.isfinite, numbers)):
+        raise ValueError(f"progress: done and total must be finite numbers, not {done!r}, "
+                         f"{total!r}")  # fmt: skip
+    text = None if message is None else str(message)[:500]
+    if text is not None:
+        utf8(text, "progress message")
+    return (*numbers, text)
+
+
+def utf8(text: str, what: str) -> bytes:
+    """``text`` in UTF-8; ``ValueError`` naming the character (a lone surrogate, which a
+    Python string may hold) that UTF-8 cannot encode, and so no store can keep."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what}: character {exc.start} ({text[exc.start]!r}) is a lone surrogate, not"
+            " text UTF-8 can encode"
+        ) from None
+
+
 def check_checkpoint(value: object, limit: int) -> str:
     if not isinstance(value, str):
         kind = type(value).__name__
         raise TypeError(f"a checkpoint is text (json.dumps a structure), not {kind}")
-    size = len(value.encode("utf-8", "surrogatepass"))
+    size = len(utf8(value, "checkpoint"))
     if size > limit:
         raise ValueError(f"checkpoint of {size} bytes: [queue] max_checkpoint_bytes is {limit}")
     return value

@@ -199,12 +199,13 @@ def test_failed_jobs_are_listed_and_retried(svc: ServiceProcess) -> None:
 
 
 def test_list_pages_through_waiting_jobs_in_run_order(svc: ServiceProcess) -> None:
+    # Delayed jobs are in line by when they come due, whatever their priority.
     ids = []
-    for priority in (1, 5, 3, 4, 2):
+    for priority, delay in ((1, 50), (5, 10), (3, 30), (4, 20), (2, 40)):
         _, job, _ = svc.http("POST", f"{API}/jobs",
-                             {"module": "echo", "priority": priority, "delay": 60})  # fmt: skip
-        ids.append((priority, job["id"]))
-    order = [jid for _, jid in sorted(ids, reverse=True)]
+                             {"module": "echo", "priority": priority, "delay": delay})  # fmt: skip
+        ids.append((delay, job["id"]))
+    order = [jid for _, jid in sorted(ids)]
     _, page, _ = svc.http("GET", f"{API}/jobs?state=waiting&limit=2&offset=1")
     assert (page["limit"], page["offset"]) == (2, 1)
     assert [j["id"] for j in page["jobs"]["waiting"]] == order[1:3]

@@ -75,8 +75,9 @@ def test_cancel_and_retry_are_custom_methods_and_the_old_paths_still_work(
 
 
 def test_page_tokens_walk_the_waiting_jobs_in_run_order(svc: ServiceProcess) -> None:
-    ids = [add(svc, priority=p, delay=60) for p in (1, 5, 3, 4, 2)]
-    order = [jid for _, jid in sorted(zip((1, 5, 3, 4, 2), ids, strict=True), reverse=True)]
+    delays = (50, 10, 30, 20, 40)  # delayed jobs are in line by when they come due
+    ids = [add(svc, priority=p, delay=d) for p, d in zip((1, 5, 3, 4, 2), delays, strict=True)]
+    order = [jid for _, jid in sorted(zip(delays, ids, strict=True))]
     seen, token, pages = [], "", 0
     while True:
         query = "state=waiting&page_size=2" + (f"&page_token={token}" if token else "")

@@ -155,3 +155,50 @@ def test_a_services_database_is_wal(service, tmp_path):
         ["sqlite3", str(tmp_path / "jobs.db"), "PRAGMA journal_mode"], capture_output=True
     )
     assert out.stdout.strip() == b"wal"
+
+
+OLD_SCHEMA = SCHEMA.replace(",\n    progress TEXT", "\n    --").split("CREATE INDEX")[0]
+
+
+async def test_a_database_without_the_progress_column_opens_and_keeps_progress(tmp_path):
+    # A database made before progress was stored: the column is added at open, its jobs
+    # read back with no progress, and a job finishing from now on keeps its last report.
+    path = tmp_path / "jobs.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+        assert "progress" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        conn.execute(
+            "INSERT INTO jobs (id, module, data, state, priority, run_at, created, finished,"
+            " attempts, max_retries, backoff, cancel_requested)"
+            " VALUES (7, 'echo', x'', 'done', 0, 1, 1, 2, 1, 0, 1.0, 0)"
+        )
+    store = SqliteStore(path)
+    assert await store.open() == []
+    assert (await store.get(7)).progress is None
+    job = _job()
+    job.id = await store.insert(job)
+    job.state, job.finished = JobState.FAILED, time.time()
+    job.progress = (3.0, 7.0, "step \ud800 and \u00e9")  # any text a handler reported
+    await store.save(job, fields=("state", "finished", "progress"))
+    await store.close()
+    store = SqliteStore(path)
+    await store.open()
+    assert (await store.get(job.id)).progress == (3.0, 7.0, "step \ud800 and \u00e9")
+    assert [j.progress for j in await store.list_jobs("failed", 10, 0)] == [job.progress]
+    assert [(j.id, j.progress) for j in await store.list_jobs("done", 10, 0)] == [(7, None)]
+    await store.close()
+
+
+async def test_finished_jobs_are_listed_by_finish_time_then_id(tmp_path):
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    now = time.time()
+    jobs = [_job() for _ in range(4)]
+    for job, finished in zip(jobs, (now + 2, now + 5, now + 2, now + 1), strict=True):
+        job.id = await store.insert(job)
+        job.state, job.finished = JobState.DONE, finished
+        await store.save(job)
+    newest = [jobs[1].id, jobs[2].id, jobs[0].id, jobs[3].id]
+    assert [j.id for j in await store.list_jobs("done", 10, 0)] == newest
+    assert [j.id for j in await store.list_jobs("done", 2, 1)] == newest[1:3]
+    await store.close()

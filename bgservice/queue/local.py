@@ -243,7 +243,7 @@ class LocalQueue(JobQueue):
         await self.store.delete(jid)
 
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        return await reports.list_page(self.jobs.values(), self.store, spec, self._in_line)
+        return await reports.list_page(self.jobs.values(), self.store, spec, self._deps.blocked)
 
     async def stats(self, window: float) -> dict[str, Any]:
         running = len(self._running)
@@ -362,7 +362,7 @@ class LocalQueue(JobQueue):
             run = None
             if ran_until is not None and job.started is not None:
                 run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
-            fields = ("state", "finished", "status", "result", "error", "expires")
+            fields = ("state", "finished", "status", "result", "error", "expires", "progress")
             future = self._write(job, fields, run)
             written = written or future
             waiter = self._waiters.pop(job.id, None)

@@ -18,11 +18,13 @@ async def list_page(
     live: Collection[Job],
     store: Store,
     spec: ListSpec,
-    in_line: Callable[[Job, float], bool],
+    blocked: Callable[[int], bool],
 ) -> dict[str, Any]:
-    """One page per state asked (waiting, running and failed by default). A waiting job
-    that is ``in_line`` (due, and waiting on no other job) has a position: how many such
-    jobs run before it, counted in the one pass that sorts them."""
+    """One page per state asked (waiting, running and failed by default). Waiting jobs in
+    the order they will run: the ones due now as the waiting line takes them, then the
+    delayed ones by due time, then the ones waiting on another job. A waiting job that is
+    in line (due, and waiting on no other job) has a position: how many such jobs run
+    before it, counted in the one pass that sorts them."""
     states = [spec.state] if spec.state else ["waiting", "running", "failed"]
     now = time.time()
     out: dict[str, Any] = {}
@@ -31,11 +33,13 @@ async def list_page(
             page = await store.list_jobs(state, spec.limit, spec.offset)
             out[state] = [j.describe(now) for j in page]
             continue
-        in_state = sorted((j for j in live if j.state == state), key=lambda j: _run_order(j, now))
+        in_state = sorted(
+            (j for j in live if j.state == state), key=lambda j: _run_order(j, now, blocked)
+        )
         ahead, rows = 0, []
         for index, job in enumerate(in_state[: spec.offset + spec.limit]):
             position = None
-            if state == "waiting" and in_line(job, now):
+            if state == "waiting" and job.run_at <= now and not blocked(job.id):
                 position, ahead = ahead, ahead + 1
             if index >= spec.offset:
                 rows.append(job.describe(now, position))
@@ -43,11 +47,17 @@ async def list_page(
     return out
 
 
-def _run_order(job: Job, now: float) -> tuple[bool, int, float, int]:
+def _run_order(
+    job: Job, now: float, blocked: Callable[[int], bool]
+) -> tuple[int, float, int, int]:
     """Jobs due now by priority, then arrival (id), as the waiting line takes them; then
-    the delayed ones by priority, then due time."""
-    delayed = job.run_at > now
-    return (delayed, -job.priority, job.run_at if delayed else 0.0, job.id)
+    the delayed ones by due time; then the ones waiting on another job (by due time, then
+    as the line would take them). Running jobs: by priority, then id."""
+    if blocked(job.id):
+        return (2, max(job.run_at, now), -job.priority, job.id)
+    if job.run_at > now:
+        return (1, job.run_at, -job.priority, job.id)
+    return (0, 0.0, -job.priority, job.id)
 
 
 async def stats(

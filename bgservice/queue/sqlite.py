@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
 # Columns of jobs newer than its first schema, all TEXT: added to an older database.
-ADDED_COLUMNS = ("name", "tags", "checkpoint", "source")
+ADDED_COLUMNS = ("name", "tags", "checkpoint", "source", "progress")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -60,9 +61,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     name TEXT,
     tags TEXT,  -- "a,b"
     checkpoint TEXT,
-    source TEXT
+    source TEXT,
+    progress TEXT  -- the last report, JSON [done, total, message]; written as the job ends
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+-- Finished jobs by state, newest finished first (queue:list); adds and starts, of jobs not
+-- finished, do not write to it. list_jobs repeats its WHERE, so SQLite can use it.
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (state, finished)
+    WHERE state IN ('done', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires) WHERE expires IS NOT NULL;
 CREATE TABLE IF NOT EXISTS runs (
     job INTEGER NOT NULL,
@@ -82,7 +88,8 @@ CREATE TABLE IF NOT EXISTS schedules (
     last_slot REAL NOT NULL
 );
 """
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+_FINISHED = "('done', 'failed', 'cancelled')"  # as jobs_finished's WHERE has it, to the letter
+_SELECT = f"SELECT {', '.join(COLUMNS)}, progress FROM jobs"  # read by _job
 _INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 
@@ -165,7 +172,7 @@ class SqliteStore:
         self._writer = Writer(conn, self._loop, self.commit_window, _INSERT)
         return await self._submit(
             lambda c: [
-                Job.from_row(r)
+                _job(r)
                 for r in c.execute(f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id")
             ]
         )
@@ -187,7 +194,7 @@ class SqliteStore:
         self, job: Job, run: Run | None = None, *, fields: tuple[str, ...] | None = None
     ) -> asyncio.Future[None]:
         assert self._writer is not None, "store not open"
-        columns = COLUMNS[1:] if fields is None else fields
+        columns = _ALL if fields is None else fields
         values = {c: getattr(job, c) for c in columns}
         for column in _CONVERTED.intersection(columns):
             values[column] = _stored(column, values[column])
@@ -200,16 +207,17 @@ class SqliteStore:
     async def get(self, job_id: int) -> Job | None:
         def fetch(c: sqlite3.Connection) -> Job | None:
             row = c.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
-            return Job.from_row(row) if row else None
+            return _job(row) if row else None
 
         return await self._submit(fetch)
 
     async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]:
         return await self._submit(
             lambda c: [
-                Job.from_row(r)
+                _job(r)
                 for r in c.execute(
-                    f"{_SELECT} WHERE state = ? ORDER BY id DESC LIMIT ? OFFSET ?",
+                    f"{_SELECT} WHERE state = ? AND state IN {_FINISHED}"
+                    " ORDER BY finished DESC, id DESC LIMIT ? OFFSET ?",
                     (state, limit, offset),
                 )
             ]
@@ -281,7 +289,8 @@ class SqliteStore:
             self._lock = None
 
 
-_CONVERTED = frozenset(("after", "tags", "state"))  # the columns _stored changes
+_ALL = (*COLUMNS[1:], "progress")  # what a save of the whole job writes
+_CONVERTED = frozenset(("after", "tags", "state", "progress"))  # the columns _stored changes
 
 
 def _stored(column: str, value: Any) -> Any:
@@ -289,4 +298,15 @@ def _stored(column: str, value: Any) -> Any:
         return stored_after(value)
     if column == "tags":
         return stored_tags(value)
+    if column == "progress":  # JSON: its message may be any text a handler reported
+        return None if value is None else json.dumps(value)
     return str(value) if column == "state" else value
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    """A job from a ``_SELECT`` row: its ``COLUMNS``, then its progress."""
+    job = Job.from_row(row[:-1])
+    if row[-1]:
+        done, total, message = json.loads(row[-1])
+        job.progress = (done, total, message)
+    return job
