@@ -150,9 +150,9 @@ def test_an_empty_chart_says_why(make_service: Callable[..., ServiceProcess]) ->
 
 
 def test_dashboard_asks_for_the_token(make_service: Callable[..., ServiceProcess]) -> None:
-    svc = make_service('[http]\nenabled = true\nport = 0\ntoken = "t0k"\n')
+    svc = make_service('[http]\nenabled = true\nport = 0\ntoken = "t0k-t0k-t0k"\n')
     dom = chromium("--dump-dom", svc.http_url + "/dashboard/")
     assert re.search(r'<form id="login">', dom)  # shown: no longer hidden
-    dom = chromium("--dump-dom", svc.http_url + "/dashboard/#token=t0k")
+    dom = chromium("--dump-dom", svc.http_url + "/dashboard/#token=t0k-t0k-t0k")
     assert re.search(r'<form id="login" hidden="">', dom)
     assert 'data-module="echo"' in dom

@@ -252,14 +252,14 @@ def test_dashboard_is_served(svc: ServiceProcess) -> None:
 def test_the_token_guards_api_and_metrics_but_not_the_page(
     make_service: Callable[..., ServiceProcess],
 ) -> None:
-    svc = make_service(HTTP + 'token = "s3cret"\n')
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
     status, body, headers = svc.http("GET", f"{API}/modules")
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     assert body["error"]["code"] == 401
     assert svc.http("GET", f"{API}/modules", token="wrong")[0] == 401
     assert svc.http("GET", "/metrics")[0] == 401
-    assert svc.http("GET", f"{API}/modules", token="s3cret")[0] == 200
-    assert svc.http("GET", "/metrics", token="s3cret")[0] == 200
+    assert svc.http("GET", f"{API}/modules", token="s3cret-token")[0] == 200
+    assert svc.http("GET", "/metrics", token="s3cret-token")[0] == 200
     assert svc.http("GET", "/dashboard/")[0] == 200
     assert svc.http("GET", "/dashboard")[0] == 200  # its redirect too (it asked for one)
     assert "bearer token required" in svc.log()

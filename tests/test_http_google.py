@@ -45,7 +45,7 @@ def test_errors_name_their_canonical_status(
         assert status == code and body["error"]["code"] == code, (path, body)
         assert body["error"]["status"] == name, (path, body)
         assert body["error"]["message"]
-    locked = make_service(HTTP + 'token = "t"\n', root=svc.root / "locked")
+    locked = make_service(HTTP + 'token = "t0k-t0k-t0k"\n', root=svc.root / "locked")
     _, body, _ = locked.http("GET", f"{API}/stats")
     assert body["error"]["status"] == "UNAUTHENTICATED"
 

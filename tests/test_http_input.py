@@ -53,12 +53,12 @@ def assert_no_internal_error(svc: ServiceProcess) -> None:
 def test_a_token_that_is_not_ascii_is_401_not_500(
     make_service: Callable[..., ServiceProcess], path: str
 ) -> None:
-    svc = make_service(HTTP + 'token = "s3cret"\n')
-    for given in (b"Bearer \xff", b"Bearer s3cr\xc3\xa9t", b"\xff\xfe s3cret"):
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
+    for given in (b"Bearer \xff", b"Bearer s3cr\xc3\xa9t", b"\xff\xfe s3cret-token"):
         status, body = raw_request(svc, "GET", path, headers={"Authorization": given})
         assert status == 401, (given, body)
         assert body["error"]["code"] == 401  # type: ignore[index]
-    assert raw_request(svc, "GET", path, headers={"Authorization": "Bearer s3cret"})[0] == 200
+    assert raw_request(svc, "GET", path, headers={"Authorization": "Bearer s3cret-token"})[0] == 200
     assert_no_internal_error(svc)
 
 
@@ -100,7 +100,7 @@ def test_a_request_that_is_not_http_is_400_and_one_log_line(
     traceback at ERROR for what any client can send."""
     import socket
 
-    svc = make_service(HTTP + 'token = "s3cret"\n')
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
     for raw in (
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Probe: \x00\r\n\r\n",
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
@@ -108,7 +108,7 @@ def test_a_request_that_is_not_http_is_400_and_one_log_line(
         with socket.create_connection(tuple(svc.info["http"]), timeout=15) as sock:
             sock.sendall(raw)
             assert re.match(rb"HTTP/1\.[01] 400 ", sock.recv(4096)), raw
-    assert svc.http("GET", f"{API}/stats", token="s3cret")[0] == 200
+    assert svc.http("GET", f"{API}/stats", token="s3cret-token")[0] == 200
     svc.wait_for_log("Error handling request from 127.0.0.1: 400")
     assert_no_internal_error(svc)
     assert "ERROR" not in svc.log()

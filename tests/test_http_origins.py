@@ -76,9 +76,9 @@ def test_a_rebound_host_name_reads_nothing(svc: ServiceProcess) -> None:
 
 
 def test_with_a_token_the_token_is_the_guard(make_service: Callable[..., ServiceProcess]) -> None:
-    svc = make_service(HTTP + 'token = "s3cret"\n')
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
     port = urlsplit(svc.http_url).port
-    headers = {"Authorization": "Bearer s3cret", "Host": f"proxy.example:{port}",
+    headers = {"Authorization": "Bearer s3cret-token", "Host": f"proxy.example:{port}",
                "Origin": "https://proxy.example"}  # fmt: skip
     assert _send(svc, "POST", f"{API}/jobs", headers, JOB)[0] == 201
     no_token = {"Origin": "http://attacker.example"}

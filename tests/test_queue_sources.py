@@ -66,9 +66,9 @@ def test_source_is_the_operators_to_set(make_service):
     code, error, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "source": "cron"})
     assert code == 403 and "only for a token of scope operate" in error["error"]["message"]
     svc.stop()
-    with_token = make_service('[http]\nenabled = true\nport = 0\ntoken = "s3cret"\n')
+    with_token = make_service('[http]\nenabled = true\nport = 0\ntoken = "s3cret-token"\n')
     code, job, _ = with_token.http(
-        "POST", "/api/v1/jobs", {"module": "echo", "source": "cron"}, token="s3cret"
+        "POST", "/api/v1/jobs", {"module": "echo", "source": "cron"}, token="s3cret-token"
     )
     assert code == 201 and job["source"] == "cron"
 
