@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,14 +30,16 @@ from bgservice.config_checks import (
     RELOAD_CHECKS,
     TOP_CHECKS,
     WORKER_CHECKS,
-    Check,
     Network,
+    Reader,
     check_port,
     check_string,
-    shown,
+    check_token_env,
+    read_config,
 )
 from bgservice.errors import BadRequest, ConfigError
-from bgservice.queue.schedules import Schedule, make_schedule
+from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
+from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
 
 DEFAULT_PORT = 12341
 LOOPBACK = "127.0.0.1"
@@ -103,6 +104,12 @@ class QueueSettings:
     max_tags: int = 10
     metrics_names: int = 50
     max_checkpoint_bytes: int = 65536  # request.job.save_checkpoint(text): its UTF-8 size
+    # What one request may ask (bgservice.queue.commands): ids in after=, a tag's length,
+    # jobs per state in a list; and schedules kept, service.config's included (scheduler).
+    max_dependencies: int = MAX_AFTER
+    max_tag_chars: int = TAG_CHARS
+    max_page: int = MAX_PAGE
+    max_schedules: int = 1000
 
 
 @dataclass(frozen=True)
@@ -118,12 +125,14 @@ class RedisSettings:
 @dataclass(frozen=True)
 class HttpSettings:
     """The operator's HTTP API, metrics and dashboard (off unless ``enabled``)."""
+
     enabled: bool = False
     host: str = LOOPBACK
     port: int = 12380
     token: str | None = None  # the token "default", of scope operate
     tokens: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # name: (token, scope)
     allowed_hosts: tuple[str, ...] = ()  # Host names besides IPs and localhost (origins.py)
+    max_wait: float = 300.0  # seconds GET /api/v1/jobs/{id}?wait= may hold a request
 
 
 @dataclass(frozen=True)
@@ -173,64 +182,12 @@ _SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis", "
 _SECTIONS.add("schedule")  # [[schedule]]: bgservice.queue.schedules
 
 
-class _Reader:
-    """Validates one parsed file, naming the key and its line in every error."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self.text = text
-
-    def fail(
-        self, where: str, key: str, problem: str, table: str = "", index: int = 0
-    ) -> ConfigError:
-        line = self._line_of(key, table, index)
-        at = f" (line {line})" if line else ""
-        return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
-
-    def _line_of(self, key: str, table: str, index: int) -> int | None:
-        """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""
-        key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
-        header_re = re.compile(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?")
-        current, seen = "", {"": 0}
-        for number, line in enumerate(self.text.splitlines(), 1):
-            header = header_re.match(line)
-            if header:
-                current = header.group(1)
-                seen[current] = seen.get(current, -1) + 1
-            elif current == table and seen[current] == index and key_re.match(line):
-                return number
-        return None
-
-    def literal(self, key: str, table: str, index: int) -> str:
-        """How ``key`` is spelled in the file (its text after ``=``), or "" if not found."""
-        line = self._line_of(key, table, index)
-        if line is None:
-            return ""
-        return self.text.splitlines()[line - 1].partition("=")[2].strip()
-
-    def table(
-        self, data: Any, checks: dict[str, Check], where: str, table: str = "", index: int = 0
-    ) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
-        out = {}
-        for key, value in data.items():
-            if key not in checks:
-                known = ", ".join(sorted(checks))
-                raise self.fail(where, key, f"unknown key (known keys: {known})", table, index)
-            try:
-                out[key] = checks[key](value)
-            except ValueError as exc:
-                raise self.fail(where, key, f"{exc}{shown(key, value)}", table, index) from None
-        return out
-
-
 def _octal(literal: str) -> bool:
     """A TOML integer written in octal: ``mode = 770`` is decimal, and would let anyone in."""
     return literal.startswith("0o")
 
 
-def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
+def _listener(reader: Reader, raw: Any, index: int) -> Listener:
     where = f"[[listen]] #{index + 1} "
     values = reader.table(raw, LISTENER_CHECKS, where, "listen", index)
     values.setdefault("name", f"listener{index + 1}")
@@ -241,12 +198,17 @@ def _listener(reader: _Reader, raw: Any, index: int) -> Listener:
         raise reader.fail(
             where, "port", "a listener needs host/port, unix or unix_dgram", "listen", index
         )
+    sockets = {"unix", "unix_dgram"} & values.keys()
+    if not (values.get("tcp", True) or values.get("udp", True) or sockets):
+        problem = f"listener {values['name']!r} would serve nothing: tcp and udp are both "
+        problem += "false and it has no unix or unix_dgram socket"
+        raise reader.fail(where, "tcp", problem, "listen", index)
     if "host" not in values and "port" not in values:
         values["host"] = values["port"] = None
     return Listener(**values)
 
 
-def _from_legacy_json(reader: _Reader, data: list[Any]) -> Settings:
+def _from_legacy_json(reader: Reader, data: list[Any]) -> Settings:
     """The original's format: ``[{"server": "alpha", "address": "0.0.0.0", "port": 12341}]``."""
     listeners = []
     for i, item in enumerate(data):
@@ -267,7 +229,7 @@ def _from_legacy_json(reader: _Reader, data: list[Any]) -> Settings:
     return Settings(listeners=tuple(listeners))
 
 
-def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
+def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
     unknown = set(data) - set(TOP_CHECKS) - _SECTIONS
     if unknown:
         key = sorted(unknown)[0]
@@ -290,6 +252,7 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
         raise reader.fail("[limits] ", "max_buffered_bytes", problem, "limits")
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
+    check_token_env(http.get("enabled", False))
     raw_listeners = data.get("listen", [])
     if not isinstance(raw_listeners, list):
         raise reader.fail("", "listen", "must be an array of tables: [[listen]]")
@@ -320,10 +283,13 @@ def _from_toml(reader: _Reader, data: dict[str, Any], base: Path) -> Settings:
     if "allow" in top:
         changes["allow"] = top["allow"]
     changes["schedules"] = _schedules(reader, data.get("schedule", []))
+    if len(changes["schedules"]) > settings.queue.max_schedules:
+        problem = f"service.config has {len(changes['schedules'])} [[schedule]] tables, more"
+        raise reader.fail("[queue] ", "max_schedules", f"{problem} than this", "queue")
     return settings.replace(**changes)
 
 
-def _schedules(reader: _Reader, raw: Any) -> tuple[Schedule, ...]:
+def _schedules(reader: Reader, raw: Any) -> tuple[Schedule, ...]:
     """``[[schedule]]`` tables -> schedules (bgservice.queue.schedules checks each)."""
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
         raise reader.fail("", "schedule", "must be an array of tables: [[schedule]]")
@@ -333,22 +299,18 @@ def _schedules(reader: _Reader, raw: Any) -> tuple[Schedule, ...]:
         try:
             schedule = make_schedule(values, str(values.pop("data", "")).encode(), "config")
             if schedule.name in out:
-                raise BadRequest(f"{schedule.name!r} is the name of an earlier schedule")
-        except BadRequest as exc:
-            raise reader.fail(where, "name", exc.message, "schedule", index) from None
+                raise BadSchedule("name", f"{schedule.name!r} is the name of an earlier schedule")
+        except BadRequest as exc:  # the key at fault, and its line
+            key = exc.key if isinstance(exc, BadSchedule) else "name"
+            raise reader.fail(where, key, exc.message, "schedule", index) from None
         out[schedule.name] = schedule
     return tuple(out.values())
 
 
 def load(path: Path) -> Settings:
     """Read and validate a config file; relative paths are taken from its folder."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    reader = _Reader(path, text)
+    text = read_config(path)
+    reader = Reader(path, text)
     base = path.resolve().parent
     if text.lstrip().startswith("[") and not text.lstrip().startswith("[["):
         try:

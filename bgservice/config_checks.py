@@ -1,23 +1,27 @@
 """What each key of ``service.config`` accepts: one check per key, per table.
 
 A check takes the raw value (from TOML, JSON or the command line) and returns it in the
-type ``Settings`` holds, or raises ValueError saying what it must be; bgservice.config
-names the key and line around that message.
+type ``Settings`` holds, or raises ValueError saying what it must be; ``Reader`` names
+the key and line around that message.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from bgservice.errors import ConfigError
 from bgservice.http.origins import check_hosts
 from bgservice.http.tokens import check_tokens
+from bgservice.queue.commands import MAX_INT
 from bgservice.queue.rates import Rate, parse_rate
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,16 +44,23 @@ def redact_url(url: str) -> str:
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
-def _positive_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return v
+# The largest whole number any key takes: what SQLite's INTEGER, Redis and a C int64
+# hold (TOML's own integers are 64-bit, but Python's reader takes any size). A value that
+# reaches a system call as a C int has a lower bound of its own (INT_MAX).
+INT_MAX = 2**31 - 1
 
 
-def _non_negative_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError("must be a whole number of at least 0")
-    return v
+def _whole(low: int, high: int = MAX_INT) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ValueError(f"must be a whole number of at least {low} and at most {high}")
+        return v
+
+    return check
+
+
+_positive_int = _whole(1)
+_non_negative_int = _whole(0)
 
 
 def _finite(v: Any) -> bool:
@@ -78,10 +89,41 @@ def _optional_timeout(v: Any) -> float | None:
     return float(v)
 
 
+def _at_most(high: float) -> Check:
+    """A number of at least 0 and at most ``high``."""
+
+    def check(v: Any) -> float:
+        if not _finite(v) or not 0 <= v <= high:
+            raise ValueError(f"must be a number of at least 0 and at most {high:g}")
+        return float(v)
+
+    return check
+
+
 def check_string(v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError("must be a non-empty string")
     return v
+
+
+TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"  # replaces [http] token when set (bgservice.http.api)
+MIN_TOKEN_CHARS = 8  # as each of [http] tokens (bgservice.http.tokens)
+
+
+def check_token(v: Any) -> str:
+    if not isinstance(v, str) or len(v) < MIN_TOKEN_CHARS:
+        raise ValueError(f"must be a string of at least {MIN_TOKEN_CHARS} characters")
+    return v
+
+
+def check_token_env(enabled: bool) -> None:
+    """``$BGSERVICE_HTTP_TOKEN``, when set and the API is on, as ``[http] token``."""
+    value = os.environ.get(TOKEN_ENV)
+    if enabled and value and len(value) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"${TOKEN_ENV} (it replaces [http] token): must be at least "
+            f"{MIN_TOKEN_CHARS} characters"
+        )
 
 
 def _boolean(v: Any) -> bool:
@@ -188,7 +230,7 @@ LIMIT_CHECKS: dict[str, Check] = {
     "stuck_threads": _non_negative_int,
     "udp_queue": _positive_int,
     "udp_workers": _positive_int,
-    "udp_receive_buffer": _positive_int,
+    "udp_receive_buffer": _whole(1, INT_MAX),  # setsockopt(SO_RCVBUF) takes a C int
     "shutdown_grace": _non_negative_number,
 }
 QUEUE_CHECKS: dict[str, Check] = {
@@ -199,7 +241,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "backoff": _non_negative_number,
     "backoff_max": _non_negative_number,
     "max_waiting": _positive_int,
-    "commit_ms": _non_negative_number,
+    "commit_ms": _at_most(60_000.0),  # a thread's wait: Python refuses one past ~292 years
     "module_limits": _module_limits,
     "module_rates": _module_rates,
     "backend": _backend,
@@ -208,6 +250,10 @@ QUEUE_CHECKS: dict[str, Check] = {
     "max_tags": _non_negative_int,
     "metrics_names": _non_negative_int,
     "max_checkpoint_bytes": _positive_int,
+    "max_dependencies": _positive_int,
+    "max_tag_chars": _positive_int,
+    "max_page": _positive_int,
+    "max_schedules": _non_negative_int,
 }
 # Keys whose values are secrets (a Redis URL may hold a password): an error names the key
 # and the line, never the value.
@@ -229,9 +275,10 @@ HTTP_CHECKS: dict[str, Check] = {
     "enabled": _boolean,
     "host": check_string,
     "port": check_port,
-    "token": check_string,
+    "token": check_token,
     "tokens": check_tokens,
     "allowed_hosts": check_hosts,
+    "max_wait": _positive_number,
 }
 ALERT_CHECKS: dict[str, Check] = {
     "module": check_string,
@@ -269,3 +316,79 @@ WORKER_CHECKS: dict[str, Check] = {
     "max_calls": _non_negative_int,
     "max_memory_mb": _non_negative_number,
 }
+
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+
+
+def read_config(path: Path) -> str:
+    """The file's text. Opened without blocking and refused unless a regular file: a FIFO
+    once hung the start with no word, waiting for a writer; a device may never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise ConfigError(f"{path}: is {kind}, not a config file (a regular file)")
+        try:
+            return file.read().decode("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+class Reader:
+    """Validates one parsed file, naming the key and its line in every error."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+
+    def fail(
+        self, where: str, key: str, problem: str, table: str = "", index: int = 0
+    ) -> ConfigError:
+        line = self.line_of(key, table, index)
+        at = f" (line {line})" if line else ""
+        return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
+
+    def line_of(self, key: str, table: str, index: int) -> int | None:
+        """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""
+        key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
+        header_re = re.compile(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?")
+        current, seen = "", {"": 0}
+        for number, line in enumerate(self.text.splitlines(), 1):
+            header = header_re.match(line)
+            if header:
+                current = header.group(1)
+                seen[current] = seen.get(current, -1) + 1
+            elif current == table and seen[current] == index and key_re.match(line):
+                return number
+        return None
+
+    def literal(self, key: str, table: str, index: int) -> str:
+        """How ``key`` is spelled in the file (its text after ``=``), or "" if not found."""
+        line = self.line_of(key, table, index)
+        if line is None:
+            return ""
+        return self.text.splitlines()[line - 1].partition("=")[2].strip()
+
+    def table(
+        self, data: Any, checks: dict[str, Check], where: str, table: str = "", index: int = 0
+    ) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
+        out = {}
+        for key, value in data.items():
+            if key not in checks:
+                known = ", ".join(sorted(checks))
+                raise self.fail(where, key, f"unknown key (known keys: {known})", table, index)
+            try:
+                out[key] = checks[key](value)
+            except ValueError as exc:
+                raise self.fail(where, key, f"{exc}{shown(key, value)}", table, index) from None
+        return out

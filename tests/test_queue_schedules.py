@@ -170,7 +170,50 @@ def test_a_bad_schedule_in_the_config_stops_the_start(tmp_path):
         timeout=60,
     )
     assert done.returncode == 2
-    assert "[[schedule]] #1 name (line 2): schedule x: bad cron expression" in done.stderr
+    # The key at fault and its line (every error once pointed at name, on line 2).
+    assert "[[schedule]] #1 cron (line 4): schedule x: bad cron expression" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "line"),
+    [
+        ('name = "a b"\nmodule = "echo"\nevery = 60\n', "name", 2),
+        ('name = "x"\nmodule = "e:cho"\nevery = 60\n', "module", 3),
+        ('name = "x"\nmodule = "echo"\nevery = 0\n', "every", 4),
+        ('name = "x"\nmodule = "echo"\nevery = true\n', "every", 4),
+        ('name = "x"\nmodule = "echo"\nevery = 60\ncron = "* * * * *"\n', "every", 4),
+        ('name = "x"\nmodule = "echo"\n', "cron", None),  # neither: no line to show
+        ('name = "x"\nmodule = "echo"\ncron = "* * *"\n', "cron", 4),
+        ('name = "x"\nmodule = "echo"\nevery = 60\ntz = "Mars/Olympus"\n', "tz", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\nmissed = "all"\n', "missed", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\npaused = "maybe"\n', "paused", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\ncolour = "red"\n', "colour", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\npriority = "high"\n', "priority", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\noptions = { retries = -1 }\n', "options", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\noptions = { wait = 1 }\n', "options", 5),
+    ],
+)
+def test_a_bad_schedule_names_the_key_at_fault_and_its_line(tmp_path, table, key, line):
+    from bgservice import config
+    from bgservice.errors import ConfigError
+
+    path = tmp_path / "service.config"
+    path.write_text("[[schedule]]\n" + table)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    at = f" (line {line})" if line else ""
+    assert f"[[schedule]] #1 {key}{at}: " in str(info.value)
+
+
+def test_a_repeated_schedule_name_points_at_the_second_one(tmp_path):
+    from bgservice import config
+    from bgservice.errors import ConfigError
+
+    one = '[[schedule]]\nname = "x"\nmodule = "echo"\nevery = 60\n'
+    path = tmp_path / "service.config"
+    path.write_text(one + one)
+    with pytest.raises(ConfigError, match=r"\[\[schedule\]\] #2 name \(line 6\): 'x' is the name"):
+        config.load(path)
 
 
 def test_slots_of_cron_and_interval():
@@ -356,10 +399,13 @@ def test_a_pause_made_at_run_time_outlasts_config_changes(make_service):
 def test_a_pause_stored_by_an_older_version_still_loads():
     # Stored before pauses recorded where they came from: kept while the config does not
     # pause the schedule itself (a run-time pause, as before), the config's while it does.
+    from bgservice.config import QueueSettings
     from bgservice.queue.scheduler import Scheduler
     from bgservice.queue.schedules import Schedule
 
     class Store:
+        settings = QueueSettings()
+
         def __init__(self, stored: Schedule) -> None:
             self.stored = {stored.name: (stored, 0.0)}
 

@@ -26,6 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
+from bgservice.config_checks import TOKEN_ENV
 from bgservice.errors import BadRequest, Busy, Forbidden, NotFound, RequestTimeout, ServiceError
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http import inputs
@@ -47,9 +48,7 @@ STATIC = HERE / "static"
 STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})  # br: with Brotli
 OPENAPI = HERE / "openapi.json"
-TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"
 FIRST = asyncio.FIRST_COMPLETED
-MAX_WAIT = 300.0  # seconds GET /jobs/{id}?wait= may hold a request
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 # Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
 # naming it, rather than the router's generic 404.
@@ -264,7 +263,7 @@ class HttpApi:
         if "source" in options and (token is None or token.scope != "operate"):
             raise Forbidden("field source: only for a token of scope operate")
         options.setdefault("source", f"http:{token.name}" if token else "http")
-        spec = parse_add(inputs.command("add", options, args))
+        spec = parse_add(inputs.command("add", options, args), limits=self.settings.queue)
         jid = await self.queue.add(spec)
         job = await self.queue.status(jid)
         return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})
@@ -273,7 +272,12 @@ class HttpApi:
         jid = inputs.job_id(request)
         wait = inputs.query(request).get("wait")
         if wait is not None:
-            seconds = inputs.seconds("wait", wait, MAX_WAIT)
+            try:
+                seconds = inputs.seconds("wait", wait, self.settings.http.max_wait)
+            except BadRequest as exc:  # out of range (nan too): the message names the key
+                if not exc.message.startswith("wait: must be"):
+                    raise
+                raise BadRequest(f"{exc.message} ([http] max_wait)") from None
             getting = asyncio.ensure_future(self.queue.get(jid))
             stopping = asyncio.ensure_future(self._stopping.wait())
             try:
@@ -310,9 +314,10 @@ class HttpApi:
     async def list_jobs(self, request: web.Request) -> web.StreamResponse:
         """A page per state, ``next_page_token`` for the next (AIP-158). One more job
         than the page holds is asked for, so the last page has no token to a blank one."""
-        page = parse_page(inputs.query(request))
+        limits = self.settings.queue
+        page = parse_page(inputs.query(request), limits.max_page)
         options = {"state": page.state} if page.state else {}
-        spec = parse_list(inputs.command("list", options | {"limit": page.size}))
+        spec = parse_list(inputs.command("list", options | {"limit": page.size}), limits)
         spec = dataclasses.replace(spec, limit=page.size + 1, offset=page.offset)
         jobs = await self.queue.list_jobs(spec)
         more = any(len(rows) > page.size for rows in jobs.values())

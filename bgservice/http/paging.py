@@ -16,10 +16,12 @@ import json
 from dataclasses import dataclass
 
 from bgservice.errors import BadRequest
-from bgservice.queue.commands import MAX_INT
+from bgservice.queue.commands import MAX_INT, MAX_PAGE
 
 DEFAULT_SIZE = 100
-MAX_SIZE = 1000  # larger sizes are coerced down (AIP-158), and the reply says so
+# The largest page unless told ([queue] max_page): larger sizes are coerced down
+# (AIP-158), and the reply says so.
+MAX_SIZE = MAX_PAGE
 NEW = ("page_size", "page_token")
 OLD = ("limit", "offset")  # deprecated
 
@@ -31,17 +33,19 @@ class Page:
     offset: int
 
 
-def parse_page(query: dict[str, str]) -> Page:
-    """The page a query asks for (``state`` is checked by the queue's own parser).
+def parse_page(query: dict[str, str], max_size: int = MAX_SIZE) -> Page:
+    """The page a query asks for (``state`` is checked by the queue's own parser), of at
+    most ``max_size`` jobs per state ([queue] max_page; the default page is no larger).
     With ``page_size`` or ``page_token`` present, ``limit`` and ``offset`` are ignored:
     a document cannot say "not both" of query parameters, so precedence it can say."""
     state = query.get("state")
+    default = str(min(DEFAULT_SIZE, max_size))
     if not any(k in query for k in NEW) and any(k in query for k in OLD):
-        size = _whole("limit", query.get("limit", str(DEFAULT_SIZE)), 1)
-        return Page(state, min(size, MAX_SIZE), _whole("offset", query.get("offset", "0"), 0))
-    size = _whole("page_size", query.get("page_size", "0"), 0) or DEFAULT_SIZE
+        size = _whole("limit", query.get("limit", default), 1)
+        return Page(state, min(size, max_size), _whole("offset", query.get("offset", "0"), 0))
+    size = _whole("page_size", query.get("page_size", "0"), 0) or int(default)
     offset = _decode(query["page_token"], state) if "page_token" in query else 0
-    return Page(state, min(size, MAX_SIZE), offset)
+    return Page(state, min(size, max_size), offset)
 
 
 def next_token(page: Page, more: bool) -> str:

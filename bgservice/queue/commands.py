@@ -14,6 +14,7 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Protocol
 
 from bgservice.errors import BadRequest, UnknownQueueRequest
 from bgservice.protocol import split_request
@@ -28,8 +29,35 @@ ADD_OPTIONS = frozenset(
     {"priority", "delay", "at", "retries", "backoff", "timeout", "unique", "after", "wait"}
     | {"name", "tags", "source"}
 )
-MAX_AFTER = 100  # dependencies of one job: a fan-in, not a copy of the queue
-TAG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# Defaults of the [queue] keys that bound what a request may ask (docs/protocol.md, Limits).
+MAX_AFTER = 100  # max_dependencies: ids in after=, a fan-in, not a copy of the queue
+TAG_CHARS = 64  # max_tag_chars: the longest tag
+MAX_PAGE = 1000  # max_page: jobs per state in one queue:list reply (and an HTTP page)
+TAG = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+class ParseLimits(Protocol):
+    """What ``parse_add`` and ``parse_list`` are bounded by: ``QueueSettings`` has each."""
+
+    @property
+    def max_dependencies(self) -> int: ...
+    @property
+    def max_tag_chars(self) -> int: ...
+    @property
+    def max_page(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DefaultLimits:
+    """The defaults, for a caller without the service's settings (a schedule's own runs
+    carry no after= nor tags; tests)."""
+
+    max_dependencies: int = MAX_AFTER
+    max_tag_chars: int = TAG_CHARS
+    max_page: int = MAX_PAGE
+
+
+DEFAULTS = DefaultLimits()
 
 
 # Command and AddSpec are values, yet not frozen: they are made for every request, and a
@@ -147,9 +175,15 @@ def _whole(name: str, text: str, minimum: int | None = 0) -> int:
     return value
 
 
-def parse_add(command: Command, now: float | None = None, source: str | None = None) -> AddSpec:
+def parse_add(
+    command: Command,
+    now: float | None = None,
+    source: str | None = None,
+    limits: ParseLimits = DEFAULTS,
+) -> AddSpec:
     """``queue:add``'s options and ``MODULE:DATA`` as an AddSpec; ``source`` is where the
-    request came from (an HTTP operator's ``source`` option takes its place)."""
+    request came from (an HTTP operator's ``source`` option takes its place); ``limits``
+    the service's ``[queue]`` settings."""
     unknown = set(command.options) - ADD_OPTIONS
     if unknown:
         raise BadRequest(
@@ -177,10 +211,10 @@ def parse_add(command: Command, now: float | None = None, source: str | None = N
         backoff=_number("backoff", o["backoff"]) if "backoff" in o else None,
         timeout=timeout,
         unique=o.get("unique") or None,
-        after=after_ids(o["after"]) if "after" in o else (),
+        after=after_ids(o["after"], limits.max_dependencies) if "after" in o else (),
         wait=_flag("wait", o["wait"]) if "wait" in o else False,
         name=_name(o["name"]) if o.get("name") else None,
-        tags=_tags(o["tags"]) if o.get("tags") else (),
+        tags=_tags(o["tags"], limits.max_tag_chars) if o.get("tags") else (),
         source=_name(o["source"]) if o.get("source") else source,
     )
 
@@ -191,13 +225,13 @@ def _name(text: str) -> str:
     return text
 
 
-def _tags(text: str) -> tuple[str, ...]:
-    """``tags=a,b`` -> ("a", "b"), each once, each of A-Z a-z 0-9 _ . : - (1-64)."""
+def _tags(text: str, most: int) -> tuple[str, ...]:
+    """``tags=a,b`` -> ("a", "b"), each once, each 1 to ``most`` of A-Z a-z 0-9 _ . : -."""
     tags = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
     for tag in tags:
-        if not TAG.fullmatch(tag):
-            problem = f"each tag is 1-64 of A-Z a-z 0-9 _ . : -, not {tag[:70]!r}"
-            raise BadRequest(f"option tags: {problem}")
+        if len(tag) > most or not TAG.fullmatch(tag):
+            problem = f"each tag is 1-{most} of A-Z a-z 0-9 _ . : - ([queue] max_tag_chars)"
+            raise BadRequest(f"option tags: {problem}, not {tag[:70]!r}")
     return tags
 
 
@@ -209,21 +243,23 @@ def _flag(name: str, text: str) -> bool:
     raise BadRequest(f"option {name}: expected 1 or 0, got {text[:40]!r}")
 
 
-def after_ids(text: str) -> tuple[int, ...]:
+def after_ids(text: str, most: int = MAX_AFTER) -> tuple[int, ...]:
     """``after=1,2,3`` (each N or id:N) -> the job ids, each once, in the order given."""
     parts = [part.strip().removeprefix("id:") for part in text.split(",")]
-    if len(parts) > MAX_AFTER:
-        raise BadRequest(f"option after: at most {MAX_AFTER} job ids")
+    if len(parts) > most:
+        raise BadRequest(f"option after: at most {most} job ids ([queue] max_dependencies)")
     return tuple(dict.fromkeys(_whole("after", part, 1) for part in parts))
 
 
-def parse_list(command: Command) -> ListSpec:
+def parse_list(command: Command, limits: ParseLimits = DEFAULTS) -> ListSpec:
+    """``queue:list``'s state, limit (at most ``[queue] max_page``: more is answered as
+    that many) and offset."""
     state = command.options.get("state") or command.args.decode("ascii", "replace").strip()
     if state and state not in STATES:
         raise BadRequest(f"queue:list: state must be one of {', '.join(STATES)}")
     limit = _whole("limit", command.options.get("limit", "100"), 1)
     offset = _whole("offset", command.options.get("offset", "0"))
-    return ListSpec(state or None, min(limit, 1000), offset)
+    return ListSpec(state or None, min(limit, limits.max_page), offset)
 
 
 def parse_window(command: Command) -> float:

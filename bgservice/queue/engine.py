@@ -170,7 +170,7 @@ class JobQueue(abc.ABC):
         if cmd.name == "retry":
             return b"id:%d" % await self.retry(job_id(cmd))
         if cmd.name == "list":
-            return _json(await self.list_jobs(parse_list(cmd)))
+            return _json(await self.list_jobs(parse_list(cmd, self.settings)))
         if cmd.name in SCHEDULE_COMMANDS:
             if self.scheduler is None:
                 raise Busy("Schedules not loaded yet")
@@ -180,7 +180,7 @@ class JobQueue(abc.ABC):
     async def _add(self, cmd: Command, request: Request) -> bytes:
         if "source" in cmd.options:
             raise Forbidden("option source: only an HTTP caller with the API token sets it")
-        spec = parse_add(cmd, source=request.source)
+        spec = parse_add(cmd, source=request.source, limits=self.settings)
         jid = await self.add(spec)
         # add-and-wait: one round trip for a caller that only wants the result (the job is
         # stored first, as for any add, so a caller gone meanwhile loses nothing)

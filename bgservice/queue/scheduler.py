@@ -8,6 +8,10 @@ loses nor repeats a run and, on Redis, one instance of several fires it. At star
 name (one paused at run time stays paused; a pause that came from the config lasts only
 while the config says ``paused = true``), and schedules that came from the config but
 are no longer in it are removed. docs/queue.md describes the commands.
+
+At most ``[queue] max_schedules`` schedules are kept, those of service.config included:
+an add beyond it (a new name; replacing one is always allowed) is refused with ``503``,
+as a full queue refuses a job.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from bgservice.errors import Conflict, NotFound, ServiceError
+from bgservice.errors import Busy, Conflict, NotFound, ServiceError
 from bgservice.protocol import split_request
 from bgservice.queue.commands import Command
 from bgservice.queue.schedules import GRACE, Schedule, make_schedule
+
+if TYPE_CHECKING:
+    from bgservice.config import QueueSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,11 @@ RETRY = 1.0  # after a slot could not be fired (Redis down, queue full)
 
 class Schedules(Protocol):
     """What the scheduler needs of the queue engine."""
+
+    @property
+    def settings(self) -> QueueSettings:
+        """``[queue]``: ``max_schedules`` bounds how many are kept."""
+        ...
 
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
         """Every stored schedule and the last slot it fired (or when it was made)."""
@@ -61,6 +73,10 @@ class Scheduler:
         self.configured = configured
         self.schedules: dict[str, Schedule] = {}
         self.last: dict[str, float] = {}
+        self.max_schedules = store.settings.max_schedules
+        # Names being added right now: pipelined adds each check the bound before any of
+        # them is stored, so those under way count too.
+        self._adding: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.Task[None] | None = None
         self._closed = False
@@ -128,8 +144,17 @@ class Scheduler:
             raise Conflict(
                 f"schedule {schedule.name} is defined in service.config: change it there"
             )
-        await self.store.put_schedule(schedule, time.time())
-        await self._changed()
+        new = old is None and schedule.name not in self._adding
+        if new:
+            if len(self.schedules.keys() | self._adding) >= self.max_schedules:
+                raise Busy(f"Too many schedules ({self.max_schedules}, [queue] max_schedules)")
+            self._adding.add(schedule.name)
+        try:
+            await self.store.put_schedule(schedule, time.time())
+            await self._changed()
+        finally:
+            if new:
+                self._adding.discard(schedule.name)
         return self._describe(schedule.name)
 
     async def remove(self, name: str) -> None:

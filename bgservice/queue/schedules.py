@@ -30,12 +30,23 @@ from bgservice.queue.commands import AddSpec, Command, parse_add
 MISSED = ("skip", "once")
 FLAGS = {True: True, False: False, "1": True, "0": False, "true": True, "false": False,
          "yes": True, "no": False}  # fmt: skip
+# A fixed bound, not a setting (docs/protocol.md, Limits): a name is an identifier, and it
+# is in every run's unique key (schedule:NAME@SLOT, within [queue] max_name_chars).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A slot fired up to this late still counts as on time for missed = "skip" (a timer that
 # fired late, a restart within the minute); older ones were missed.
 GRACE = 60.0
 # Job options a schedule may carry (queue:add's, less those that make no sense per run).
 OPTIONS = frozenset({"priority", "retries", "backoff", "timeout"})
+
+
+class BadSchedule(BadRequest):
+    """A schedule that cannot be made (a 400); ``key`` is the option, or the key of its
+    ``[[schedule]]`` table, at fault, so that a config error points at its line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -143,37 +154,42 @@ class Schedule:
 
 def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") -> Schedule:
     """A checked schedule from a ``[[schedule]]`` table or ``queue:schedule`` options;
-    ``BadRequest`` naming what is wrong."""
+    ``BadSchedule`` naming what is wrong, and the key it is wrong in."""
     values = dict(values)
     name = str(values.pop("name", "") or "")
     if not NAME.fullmatch(name):
-        raise BadRequest(
+        raise BadSchedule(
+            "name",
             "schedule: name must be 1-64 letters, digits, '_', '.' or '-' "
-            f"(starting with a letter or digit), got {name[:70]!r}"
+            f"(starting with a letter or digit), got {name[:70]!r}",
         )
     module = str(values.pop("module", "") or "")
     if not module or ":" in module:
-        raise BadRequest(f"schedule {name}: module is missing or has a ':'")
+        raise BadSchedule("module", f"schedule {name}: module is missing or has a ':'")
     cron, every, tz = _timing(name, values)
     missed = str(values.pop("missed", "once"))
     if missed not in MISSED:
-        raise BadRequest(f"schedule {name}: missed must be one of {', '.join(MISSED)}")
+        problem = f"missed must be one of {', '.join(MISSED)}"
+        raise BadSchedule("missed", f"schedule {name}: {problem}")
     paused = values.pop("paused", False)
     options = values.pop("options", None) or {}
     if not isinstance(options, dict):
-        raise BadRequest(f"schedule {name}: options must be a table of queue:add options")
-    options.update({k: values.pop(k) for k in list(values) if k in OPTIONS})
+        problem = "options must be a table of queue:add options"
+        raise BadSchedule("options", f"schedule {name}: {problem}")
+    tabled = set(options)  # given in the options table (a key of its own wins)
+    own = {k: values.pop(k) for k in list(values) if k in OPTIONS}
+    options.update(own)
     if values:
-        raise BadRequest(f"schedule {name}: unknown key {sorted(values)[0]!r}")
+        key = sorted(values)[0]
+        raise BadSchedule(key, f"schedule {name}: unknown key {key!r}")
     unknown = set(options) - OPTIONS
     if unknown:
-        raise BadRequest(
-            f"schedule {name}: option {sorted(unknown)[0]!r} is not one of "
-            f"{', '.join(sorted(OPTIONS))}"
-        )
+        problem = f"option {sorted(unknown)[0]!r} is not one of {', '.join(sorted(OPTIONS))}"
+        raise BadSchedule("options", f"schedule {name}: {problem}")
     flag = paused.lower() if isinstance(paused, str) else paused
     if not isinstance(flag, (bool, str)) or flag not in FLAGS:  # "maybe" was false, silently
-        raise BadRequest(f"schedule {name}: paused must be true or false, got {paused!r:.40}")
+        problem = f"paused must be true or false, got {paused!r:.40}"
+        raise BadSchedule("paused", f"schedule {name}: {problem}")
     paused = FLAGS[flag]
     schedule = Schedule(
         name=name,
@@ -188,10 +204,12 @@ def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") 
         origin=origin,
         paused_by=origin if paused else None,
     )
-    try:
-        schedule.spec(None)  # the options' values, as queue:add checks them
-    except BadRequest as exc:
-        raise BadRequest(f"schedule {name}: {exc.message}") from None
+    for key, value in schedule.options.items():  # each value, as queue:add checks it
+        try:
+            parse_add(Command("add", {key: value}, module.encode() + b":"))
+        except BadRequest as exc:
+            where = "options" if key in tabled and key not in own else key
+            raise BadSchedule(where, f"schedule {name}: {exc.message}") from None
     return schedule
 
 
@@ -199,35 +217,44 @@ def _timing(name: str, values: dict[str, Any]) -> tuple[str | None, float | None
     """``cron`` or ``every``, and ``tz``, checked (and taken out of ``values``)."""
     cron, every = values.pop("cron", None), values.pop("every", None)
     if (cron is None) == (every is None):
-        raise BadRequest(f"schedule {name}: give either cron or every, not both or neither")
+        problem = "give either cron or every, not both or neither"
+        raise BadSchedule("every" if every is not None else "cron", f"schedule {name}: {problem}")
     tz = str(values.pop("tz", "UTC"))
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
-        raise BadRequest(f"schedule {name}: unknown time zone {tz[:60]!r}") from None
+        raise BadSchedule("tz", f"schedule {name}: unknown time zone {tz[:60]!r}") from None
     if every is not None:
         return None, _seconds(name, every), tz
     cron = str(cron)
     if len(cron.split()) != 5:  # cronsim reads six as seconds first, Quartz as seconds too
-        raise BadRequest(
+        raise BadSchedule(
+            "cron",
             f"schedule {name}: bad cron expression {cron[:60]!r}: five fields "
-            "(minute hour day-of-month month day-of-week)"
+            "(minute hour day-of-month month day-of-week)",
         )
     try:
         next(iter(CronSim(cron, datetime.now(ZoneInfo(tz)))))
     except (CronSimError, StopIteration) as exc:
-        raise BadRequest(f"schedule {name}: bad cron expression {cron[:60]!r}: {exc}") from None
+        problem = f"bad cron expression {cron[:60]!r}: {exc}"
+        raise BadSchedule("cron", f"schedule {name}: {problem}") from None
     return cron, None, tz
 
 
-EVERY_MAX = 366 * 86400.0  # longer than that: a cron expression says it better
+# A fixed sanity bound, not a setting (docs/protocol.md, Limits): longer than a year, a
+# cron expression says it better.
+EVERY_MAX = 366 * 86400.0
 
 
 def _seconds(name: str, value: Any) -> float:
+    problem = "every must be a number of seconds"
     try:
+        if isinstance(value, bool):  # TOML's true was float(True): every second
+            raise TypeError(problem)
         seconds = float(value)
     except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits)
-        raise BadRequest(f"schedule {name}: every must be a number of seconds") from None
+        raise BadSchedule("every", f"schedule {name}: {problem}") from None
     if not math.isfinite(seconds) or not 1 <= seconds <= EVERY_MAX:
-        raise BadRequest(f"schedule {name}: every must be 1 to {EVERY_MAX:.0f} seconds (a year)")
+        problem = f"every must be 1 to {EVERY_MAX:.0f} seconds (a year)"
+        raise BadSchedule("every", f"schedule {name}: {problem}")
     return seconds

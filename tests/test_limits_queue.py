@@ -1,0 +1,171 @@
+"""The queue's bounds that were hard-coded, now [queue] and [http] keys, and the number
+of schedules, once unbounded: one pipelined connection stored 1,189 of them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+BOTH = pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
+HTTP = "[http]\nenabled = true\nport = 0\n"
+API = "/api/v1"
+ONE = '[[schedule]]\nname = "from-config"\nmodule = "echo"\nevery = 3600\n'
+
+
+def add_schedule(name: str, every: int = 3600) -> bytes:
+    return f"queue:schedule?name={name}&every={every}:echo:x".encode()
+
+
+def names(svc) -> set[str]:
+    return {s["name"] for s in json.loads(svc.call(b"queue:schedules"))}
+
+
+def loaded(svc) -> None:
+    """Once the schedules are loaded (a 503 for a moment after the start)."""
+    from tests.conftest import wait_until
+
+    wait_until(lambda: not svc.call(b"queue:schedules").startswith(b"503"))
+
+
+# --- max_schedules ----------------------------------------------------------------------
+
+
+@BOTH
+def test_pipelined_adds_stop_at_max_schedules_the_configs_counted(make_service):
+    svc = make_service("[queue]\nmax_schedules = 3\n" + ONE)
+    loaded(svc)
+    conn = svc.framed()
+    try:
+        conn.send(*(add_schedule(f"s{i}") for i in range(20)))  # all at once, pipelined
+        replies = [conn.recv() for _ in range(20)]
+    finally:
+        conn.close()
+    added = [status for status, _ in replies if status == 200]
+    refused = [body for status, body in replies if status == 503]
+    assert (len(added), len(refused)) == (2, 18), replies  # 3, the config's one included
+    assert refused[0] == b"Too many schedules (3, [queue] max_schedules)"
+    assert len(names(svc)) == 3 and "from-config" in names(svc)
+    # Replacing one is no add; removing one makes room.
+    kept = sorted(names(svc) - {"from-config"})
+    assert svc.call(add_schedule(kept[0], every=60)).startswith(b"{")
+    assert svc.call(add_schedule("late")).startswith(b"503: Too many schedules (3")
+    assert svc.call(f"queue:unschedule:{kept[0]}".encode()) == b"removed"
+    assert svc.call(add_schedule("late")).startswith(b"{")
+
+
+def test_max_schedules_refuses_an_http_add_too(make_service):
+    svc = make_service(HTTP + "[queue]\nmax_schedules = 1\n")
+    loaded(svc)
+    body = {"name": "one", "module": "echo", "every": 60}
+    assert svc.http("POST", f"{API}/schedules", body)[0] == 201
+    status, reply, _ = svc.http("POST", f"{API}/schedules", {**body, "name": "two"})
+    assert (status, reply["error"]["message"]) == (
+        503,
+        "Too many schedules (1, [queue] max_schedules)",
+    )
+    assert svc.http("POST", f"{API}/schedules", {**body, "every": 120})[0] == 201  # replaced
+
+
+def test_more_schedules_in_the_config_than_max_schedules_stop_the_start(tmp_path):
+    config = tmp_path / "service.config"
+    two = ONE + ONE.replace("from-config", "second")
+    config.write_text(f'modules = "{REPO / "modules"}"\n[queue]\nmax_schedules = 1\n' + two)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "service.py"), "-c", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "[queue] max_schedules (line 3): service.config has 2 [[schedule]]" in done.stderr
+
+
+# --- max_dependencies, max_tag_chars, max_page, max_wait ---------------------------------------
+
+
+def test_max_dependencies_bounds_after_over_http(make_service):
+    svc = make_service(HTTP + "[queue]\nmax_dependencies = 2\n")
+    status, reply, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "after": [1, 2, 3]})
+    assert status == 400
+    assert reply["error"]["message"] == (
+        "option after: at most 2 job ids ([queue] max_dependencies)"
+    )
+    first = svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 60})[1]["id"]
+    status, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "after": [first, first]})
+    assert (status, job["after"]) == (201, [first])
+
+
+def test_max_dependencies_can_be_raised(make_service):
+    svc = make_service(HTTP + "[queue]\nmax_dependencies = 150\n")
+    first = svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 60})[1]["id"]
+    status, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "after": [first] * 120})
+    assert status == 201, job
+
+
+def test_max_tag_chars_bounds_a_tag_over_http(make_service):
+    svc = make_service(HTTP + "[queue]\nmax_tag_chars = 8\n")
+    status, reply, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "tags": ["x" * 9]})
+    assert status == 400
+    assert "each tag is 1-8 of" in reply["error"]["message"]
+    assert "[queue] max_tag_chars" in reply["error"]["message"]
+    status, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "tags": ["x" * 8]})
+    assert (status, job["tags"]) == (201, ["x" * 8])
+
+
+def test_max_tag_chars_can_be_raised(make_service):
+    svc = make_service(HTTP + "[queue]\nmax_tag_chars = 100\n")
+    status, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "tags": ["t" * 80]})
+    assert (status, job["tags"]) == (201, ["t" * 80])
+
+
+def test_max_page_bounds_an_http_page(make_service):
+    svc = make_service(HTTP + "[queue]\nmax_page = 3\n")
+    for _ in range(5):
+        svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 60})
+    _, page, _ = svc.http("GET", f"{API}/jobs?state=waiting&page_size=50")
+    assert (page["limit"], len(page["jobs"]["waiting"])) == (3, 3)
+    assert page["next_page_token"]
+    _, default, _ = svc.http("GET", f"{API}/jobs?state=waiting")  # the default 100, bounded
+    assert default["limit"] == 3
+
+
+def test_max_wait_bounds_an_http_wait(make_service):
+    svc = make_service(HTTP + "max_wait = 1.5\n")
+    job = svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 60})[1]["id"]
+    status, reply, _ = svc.http("GET", f"{API}/jobs/{job}?wait=2")
+    assert status == 400
+    assert reply["error"]["message"] == "wait: must be 0-1.5 seconds ([http] max_wait)"
+    status, reply, _ = svc.http("GET", f"{API}/jobs/{job}?wait=nan")
+    assert (status, reply["error"]["message"]) == (
+        400,
+        "wait: must be 0-1.5 seconds ([http] max_wait)",
+    )
+    status, reply, _ = svc.http("GET", f"{API}/jobs/{job}?wait=1.5")
+    assert (status, reply["state"]) == (200, "waiting")
+
+
+def test_max_wait_can_be_raised(make_service):
+    svc = make_service(HTTP + "max_wait = 900\n")
+    job = svc.http("POST", f"{API}/jobs", {"module": "echo"})[1]["id"]
+    status, reply, _ = svc.http("GET", f"{API}/jobs/{job}?wait=600")  # done long before
+    assert (status, reply["state"]) == (200, "done")
+
+
+# --- the same over a socket: the engine's part -------------------------------------------------
+
+
+def test_max_dependencies_and_max_tag_chars_bound_a_tcp_add(make_service):
+    svc = make_service("[queue]\nmax_dependencies = 2\nmax_tag_chars = 8\n")
+    reply = svc.call(b"queue:add?after=1,2,3:echo:x")
+    assert reply == b"400: option after: at most 2 job ids ([queue] max_dependencies)"
+    assert b"each tag is 1-8 of" in svc.call(b"queue:add?tags=xxxxxxxxx:echo:x")
+
+
+def test_max_page_bounds_a_tcp_list(make_service):
+    svc = make_service("[queue]\nmax_page = 3\n")
+    for _ in range(5):
+        svc.call(b"queue:add?delay=60:echo:x")
+    assert len(json.loads(svc.call(b"queue:list?state=waiting&limit=50"))["waiting"]) == 3
