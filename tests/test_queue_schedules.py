@@ -449,3 +449,17 @@ def make_schedules(config: str) -> list:
 
     tables = tomllib.loads(config)["schedule"]
     return [make_schedule(t, str(t.pop("data", "")).encode(), "config") for t in tables]
+
+
+def test_a_run_a_module_can_never_take_is_refused_once_per_slot_not_retried(make_service):
+    # A schedule of a module without a TCP handler (501) was retried every second as if
+    # the queue were full (503): up to 9 warnings a second, for ever.
+    svc = make_service("")
+    (svc.modules / "udponly.py").write_text("def handle_udp(request):\n    pass\n")
+    wait_until(lambda: b"udponly" in svc.call(b"service:modules"))
+    svc.call(b"queue:schedule?name=never&every=1:udponly:x")
+    wait_until(lambda: "schedule never: the run of" in svc.log(), timeout=10)
+    time.sleep(2.5)
+    log = svc.log()
+    assert "refused: 501" in log
+    assert "retrying" not in log, log

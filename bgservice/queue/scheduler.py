@@ -230,7 +230,7 @@ class Scheduler:
             try:
                 jid = await self.store.fire(schedule, slot)
             except ServiceError as exc:
-                if exc.code >= 500:  # the queue is full, or Redis away: the slot waits
+                if exc.code == 503:  # the queue is full, or Redis away: the slot waits
                     log.warning("schedule %s: the run of %s not added (%d %s): retrying",
                                 schedule.name, _when(slot), exc.code, exc.message)  # fmt: skip
                     failed = True
