@@ -982,3 +982,18 @@ def test_a_retried_job_shows_nothing_of_its_last_run(modules_dir, make_service, 
     info = status(svc, failed)
     assert info["state"] == "waiting" and info["attempts"] == 0
     assert info.get("started") is None and info.get("progress") is None, info
+
+
+def test_priorities_are_whole_numbers_both_engines_order_exactly(service):
+    # 2^53 and 2^53 + 1 were one priority on Redis (a double), two on SQLite: the jobs
+    # ran in another order. Priorities are bounded where every engine tells them apart.
+    top = 2**53 - 1
+    for priority in (top, -top):
+        assert svc_add(service, priority).startswith(b"id:")
+    for priority in (top + 1, -top - 1, 2**63 - 1):
+        reply = svc_add(service, priority)
+        assert reply == b"400: option priority: must be between %d and %d" % (-top, top), reply
+
+
+def svc_add(service, priority: int) -> bytes:
+    return service.call(b"queue:add?priority=%d&delay=60:echo:x" % priority)

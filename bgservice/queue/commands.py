@@ -175,6 +175,18 @@ def _whole(name: str, text: str, minimum: int | None = 0) -> int:
     return value
 
 
+# The Redis engine orders its ready jobs by priority as a double, exact to 2^53: beyond it,
+# two priorities would tie there and not in the embedded engine.
+MAX_PRIORITY = 2**53 - 1
+
+
+def _priority(text: str) -> int:
+    value = _whole("priority", text, None)
+    if abs(value) > MAX_PRIORITY:
+        raise BadRequest(f"option priority: must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
+    return value
+
+
 def parse_add(
     command: Command,
     now: float | None = None,
@@ -205,7 +217,7 @@ def parse_add(
     return AddSpec(
         module=module,
         data=data,
-        priority=_whole("priority", o["priority"], None) if "priority" in o else 0,
+        priority=_priority(o["priority"]) if "priority" in o else 0,
         run_at=run_at,
         retries=_whole("retries", o["retries"]) if "retries" in o else None,
         backoff=_number("backoff", o["backoff"]) if "backoff" in o else None,
