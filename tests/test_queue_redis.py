@@ -449,7 +449,10 @@ def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path, own_redis):
     url = own_redis.url + "?password=TOPSECRET"  # none set: AUTH fails, and is logged
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "pw"))
     svc.start(wait=False)
-    assert svc.wait() == 2  # a configuration error (next test)
+    try:
+        assert svc.wait() == 2  # a configuration error (next test)
+    finally:
+        svc.stop()
     assert "password=***" in svc.log()
     assert "TOPSECRET" not in svc.log()
 
@@ -466,7 +469,10 @@ def test_a_redis_url_redis_refuses_is_a_configuration_error(tmp_path, own_redis,
     url = own_redis.url.rsplit("/", 1)[0] + tail if tail == "/99" else own_redis.url + tail
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "refused"))
     svc.start(wait=False)
-    assert svc.wait() == 2, svc.log()
+    try:
+        assert svc.wait() == 2, svc.log()
+    finally:
+        svc.stop()  # (one that starts anyway is not left running)
     assert "configuration error: [redis] url" in svc.log() and why in svc.log(), svc.log()
     assert "does not answer" not in svc.log()
 
