@@ -40,21 +40,26 @@ def _here(text: str) -> str:
     return text.replace(f"{INSTALLED}/.venv/bin", str(Path(sys.executable).parent))
 
 
+def _verify(analyze: str, folder: Path, text: str) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` of a unit file with ``text``, written into ``folder``."""
+    unit = folder / "bgservice.service"
+    unit.write_text(text)
+    return subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        timeout=60,
+    )
+
+
 def test_systemd_reads_the_unit_without_a_complaint(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("BGSERVICE_TEST_STRICT"):
             pytest.fail("systemd-analyze is missing (scripts/install.sh --test installs it)")
         pytest.skip("needs systemd-analyze")
-    unit = tmp_path / "bgservice.service"
-    unit.write_text(_here(UNIT.read_text()))
-    done = subprocess.run(
-        [analyze, "verify", "--man=no", str(unit)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-    )
+    done = _verify(analyze, tmp_path, _here(UNIT.read_text()))
     # verify exits 0 on an unknown key or a bad value too; its complaints are the test.
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr + done.stdout
 
@@ -63,14 +68,8 @@ def test_a_mistyped_key_is_a_complaint_the_check_above_sees(tmp_path: Path) -> N
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("needs systemd-analyze")
-    unit = tmp_path / "bgservice.service"
-    unit.write_text(_here(UNIT.read_text()).replace("NotifyAccess=", "NotifyAcess="))
-    done = subprocess.run(
-        [analyze, "verify", "--man=no", str(unit)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
+    done = _verify(
+        analyze, tmp_path, _here(UNIT.read_text()).replace("NotifyAccess=", "NotifyAcess=")
     )
     assert "NotifyAcess" in done.stderr
 
