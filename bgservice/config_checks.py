@@ -20,7 +20,7 @@ from typing import Any
 
 from bgservice.errors import ConfigError
 from bgservice.http.origins import check_hosts
-from bgservice.http.tokens import check_tokens
+from bgservice.http.tokens import MIN_TOKEN_CHARS, check_tokens
 from bgservice.queue.commands import MAX_INT
 from bgservice.queue.rates import Rate, parse_rate
 
@@ -107,7 +107,6 @@ def check_string(v: Any) -> str:
 
 
 TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"  # replaces [http] token when set (bgservice.http.api)
-MIN_TOKEN_CHARS = 8  # as each of [http] tokens (bgservice.http.tokens)
 
 
 def check_token(v: Any) -> str:

@@ -33,6 +33,9 @@ class Token:
         return self.scope == "add" and method == "POST" and path == "/api/v1/jobs"
 
 
+MIN_TOKEN_CHARS = 8  # every token: [http] token and each of [http] tokens
+
+
 def check_tokens(value: Any) -> dict[str, tuple[str, str]]:
     """``[http] tokens``: name -> {token, scope} -> name -> (token, scope)."""
     if not isinstance(value, dict):
@@ -42,8 +45,10 @@ def check_tokens(value: Any) -> dict[str, tuple[str, str]]:
         if not isinstance(entry, dict) or set(entry) - {"token", "scope"}:
             raise ValueError(f"{name}: must be {{ token = \"...\", scope = \"...\" }}")
         secret, scope = entry.get("token"), entry.get("scope", "read")
-        if not isinstance(secret, str) or len(secret) < 8:
-            raise ValueError(f"{name}: token must be a string of at least 8 characters")
+        if not isinstance(secret, str) or len(secret) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"{name}: token must be a string of at least {MIN_TOKEN_CHARS} characters"
+            )
         if scope not in SCOPES:
             raise ValueError(f"{name}: scope must be one of {', '.join(SCOPES)}")
         out[str(name)] = (secret, scope)
