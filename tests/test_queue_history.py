@@ -5,7 +5,14 @@ when another instance takes its lease over), so ``queue:stats`` counts it."""
 from __future__ import annotations
 
 import json
+import random
+import sqlite3
 
+import pytest
+
+from bgservice.queue.history import summarise, summarise_sql
+from bgservice.queue.sqlite import SCHEMA
+from bgservice.queue.store import Run
 from tests.conftest import wait_until
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
@@ -37,3 +44,38 @@ def test_an_attempt_cut_by_kill_9_is_in_the_run_history(make_service):
     assert svc.call(b"queue:cancel:id:%d" % jid) == b"cancelling"
     assert svc.call(b"queue:get:id:%d" % jid).startswith(b"410:")
     wait_until(lambda: _window(svc)["outcomes"] == {"interrupted": 1, "cancelled": 1})
+
+
+def test_the_sql_summary_is_the_python_one():
+    """The embedded store sums the history in SQLite, the Redis engine in Python: the same
+    answers for attempts inside one hour, across hour boundaries, begun before the window,
+    of no length, and ended "before" they began (a clock stepped back)."""
+    rng = random.Random(17)
+    now = 1_800_000_000.0 + rng.random() * 3600
+    runs = []
+    for i in range(3000):
+        finished = now - rng.random() * 3 * 3600
+        length = rng.choice([0.0, rng.random(), rng.random() * 60, rng.random() * 9000, -1.5])
+        outcome = rng.choice(["done", "done", "failed", "retry", "interrupted", "cancelled"])
+        runs.append(Run(i, "echo", 1, finished - length, finished, outcome))
+    runs.append(Run(9999, "echo", 1, now - 30, now + 5, "done"))  # ends after now
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(SCHEMA)
+    conn.executemany(
+        "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+        [(r.job, r.module, r.attempt, r.started, r.finished, r.outcome) for r in runs],
+    )
+    for window in (1.0, 59.5, 3600.0, 2 * 3600 + 17.25, 86400.0):
+        since = [r for r in runs if r.finished >= now - max(window, 60)]
+        expected = summarise(since, now, window)
+        got = summarise_sql(conn, now, window)
+        assert got["finished_per_minute"] == expected["finished_per_minute"] > 0
+        assert got["window"]["outcomes"] == expected["window"]["outcomes"]
+        assert got["window"]["runs"] == expected["window"]["runs"] > 0
+        assert got["window"]["busy_seconds"] == pytest.approx(expected["window"]["busy_seconds"])
+        assert [(h["hour"], h["runs"]) for h in got["window"]["by_hour"]] == [
+            (h["hour"], h["runs"]) for h in expected["window"]["by_hour"]
+        ]
+        assert [h["busy_seconds"] for h in got["window"]["by_hour"]] == pytest.approx(
+            [h["busy_seconds"] for h in expected["window"]["by_hour"]]
+        )

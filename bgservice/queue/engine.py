@@ -20,7 +20,6 @@ import abc
 import asyncio
 import json
 import time
-from collections import Counter
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -319,50 +318,16 @@ def finished_result(job: Job) -> Result:
 
 
 def queue_stats(
-    counts: dict[str, int], oldest: float | None, runs: list[Run], window: float, workers: int
+    counts: dict[str, int], oldest: float | None, history: dict[str, Any], workers: int
 ) -> dict[str, Any]:
-    """``queue:stats``: counts per state, the oldest waiting job's age, and from the run
-    history (``runs``: at least the last minute and ``window``) the rate and busy hours."""
-    now = time.time()
-    ended = ("retry", "interrupted")  # attempts that did not finish their job
-    last_minute = [r for r in runs if r.finished >= now - 60 and r.outcome not in ended]
+    """``queue:stats``: counts per state, the oldest waiting job's age, and the run
+    history's summary (history.py: the rate and busy hours)."""
     return {
         "counts": counts,
-        "oldest_waiting_age": round(now - oldest, 3) if oldest else None,
-        "finished_per_minute": len(last_minute),
+        "oldest_waiting_age": round(time.time() - oldest, 3) if oldest else None,
+        "finished_per_minute": history["finished_per_minute"],
         "workers": workers,
-        "window": busy_by_hour([r for r in runs if r.finished >= now - window], now, window),
-    }
-
-
-def busy_by_hour(runs: list[Run], now: float, window: float) -> dict[str, Any]:
-    """Busy seconds per hour over ``window``: when the service works and when it idles."""
-    start = now - window
-    hours: dict[int, dict[str, float]] = {}
-    outcomes: Counter[str] = Counter()
-    busy = 0.0
-    for run in runs:
-        outcomes[run.outcome] += 1
-        begin, end = max(run.started, start), min(run.finished, now)
-        busy += max(0.0, end - begin)
-        while begin < end:
-            hour = int(begin // 3600 * 3600)
-            part = min(end, hour + 3600) - begin
-            row = hours.setdefault(hour, {"busy_seconds": 0.0, "runs": 0})
-            row["busy_seconds"] += part
-            begin += part
-        row = hours.setdefault(int(max(run.started, start) // 3600 * 3600), {
-            "busy_seconds": 0.0, "runs": 0})  # fmt: skip
-        row["runs"] += 1
-    return {
-        "seconds": window,
-        "runs": len(runs),
-        "outcomes": dict(outcomes),
-        "busy_seconds": round(busy, 3),
-        "by_hour": [
-            {"hour": h, "busy_seconds": round(v["busy_seconds"], 3), "runs": int(v["runs"])}
-            for h, v in sorted(hours.items())
-        ],
+        "window": history["window"],
     }
 
 

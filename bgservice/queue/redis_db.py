@@ -24,6 +24,7 @@ from bgservice.protocol import OK
 from bgservice.queue import redis_scripts
 from bgservice.queue.commands import STATES, ListSpec
 from bgservice.queue.engine import Result, name_counts, not_found, queue_stats
+from bgservice.queue.history import summarise
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_channel import Subscription
@@ -250,10 +251,11 @@ class RedisJobs:
         pipe.zrangebyscore(self.key("runs"), now - max(window, 60), "+inf")
         *counts, raw_runs = await pipe.execute()
         oldest = await self.call("OLDEST", now=now)
-        runs = [Run(**json.loads(r)) for r in raw_runs]
+        # A thread: a week's history of a busy queue is a great many records to decode.
+        history = await asyncio.to_thread(_history, raw_runs, now, window)
         counted = dict(zip(STATES, counts, strict=True))
         first = float(oldest) if oldest else None
-        return queue_stats(counted, first, runs, window, workers)
+        return queue_stats(counted, first, history, workers)
 
     async def names(self) -> dict[str, Any]:
         """``queue:stats``' ``names``: waiting and running jobs per job name (the first
@@ -281,3 +283,7 @@ class RedisJobs:
                 continue
             if gone:
                 log.info("job queue: %d finished jobs expired", gone)
+
+
+def _history(raw_runs: list[bytes], now: float, window: float) -> dict[str, Any]:
+    return summarise([Run(**json.loads(r)) for r in raw_runs], now, window)

@@ -76,6 +76,6 @@ async def stats(
     # The age of the longest due: a delayed job counts from its due time, and one waiting
     # on another job not at all (an alert on this gauge is about a backlog).
     oldest = min((max(j.created, j.run_at) for j in live if in_line(j, now)), default=None)
-    runs = await store.runs_since(now - max(window, 60))
+    history = await store.run_history(now, window)
     names = name_counts((j.name, str(j.state)) for j in live if not j.state.finished)
-    return {**queue_stats(counts, oldest, runs, window, settings.workers), "names": names}
+    return {**queue_stats(counts, oldest, history, settings.workers), "names": names}

@@ -21,10 +21,12 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
@@ -149,6 +151,10 @@ class SqliteStore:
         self._next_id = 0
         self._reserved = 0  # ids below it are reserved on disk
         self._lock: int | None = None  # DB.lock's descriptor while open
+        # A second connection for long reads (the run history), in the loop's executor:
+        # WAL lets it read while the writer commits, so they wait for neither.
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         assert self._loop is not None and self._writer is not None, "store not open"
@@ -228,17 +234,25 @@ class SqliteStore:
             lambda c: dict(c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         )
 
-    async def runs_since(self, since: float) -> list[Run]:
-        return await self._submit(
-            lambda c: [
-                Run(*r)
-                for r in c.execute(
-                    "SELECT job, module, attempt, started, finished, outcome FROM runs"
-                    " WHERE finished >= ? ORDER BY finished",
-                    (since,),
+    async def run_history(self, now: float, window: float) -> dict[str, Any]:
+        assert self._loop is not None and self._writer is not None, "store not open"
+        return await self._loop.run_in_executor(None, self._read, now, window)
+
+    def _read(self, now: float, window: float) -> dict[str, Any]:
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
                 )
-            ]
-        )
+                self._reader.execute("PRAGMA query_only=ON")
+                self._reader.execute("PRAGMA busy_timeout=5000")
+            return summarise_sql(self._reader, now, window)
+
+    def _close_reader(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     async def expire(self, now: float, history_before: float) -> int:
         def delete(c: sqlite3.Connection) -> int:
@@ -278,8 +292,10 @@ class SqliteStore:
         if self._writer is None:
             return
         writer, self._writer = self._writer, None
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, writer.stop, 10.0)
+            await loop.run_in_executor(None, self._close_reader)
+            await loop.run_in_executor(None, writer.stop, 10.0)
         finally:
             self._unlock()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from bgservice.queue.job import Job
 from bgservice.queue.schedules import Schedule
@@ -57,7 +57,9 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]: ...
 
-    async def runs_since(self, since: float) -> list[Run]: ...
+    async def run_history(self, now: float, window: float) -> dict[str, Any]:
+        """``queue:stats``' summary of the attempts that ended lately (history.py)."""
+        ...
 
     async def expire(self, now: float, history_before: float) -> int:
         """Delete finished jobs past their ``expires`` and older history; returns jobs gone."""
