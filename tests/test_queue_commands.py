@@ -83,3 +83,30 @@ def test_list_and_window():
     assert parse_window(parse(b"stats")) == 3600.0
     assert parse_window(parse(b"stats:86400")) == 86400.0
     assert parse_window(parse(b"stats?window=60")) == 60.0
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"get?timeout=5:id:1", "queue:get: unknown option 'timeout' (it takes no options)"),
+        (b"cancel?force=1:id:1", "queue:cancel: unknown option 'force'"),
+        (b"check?wait=1:id:1", "queue:check: unknown option 'wait'"),
+        (b"status?x=1:1", "queue:status: unknown option 'x'"),
+        (b"retry?delay=5:1", "queue:retry: unknown option 'delay'"),
+        (b"fire?x=1:nightly", "queue:fire: unknown option 'x'"),
+        (b"list?state=done&page=2", "queue:list: unknown option 'page' (options: limit, offset"),
+        (b"stats?windw=60", "queue:stats: unknown option 'windw' (options: window)"),
+    ],
+)
+def test_options_a_command_does_not_read_are_refused(raw, message):
+    """Only add and schedule refused options they do not know: queue:get?timeout=5 waited
+    as long as ever, and a misspelt window= summed the default hour, both silently."""
+    with pytest.raises(BadRequest) as refused:
+        parse(raw)
+    assert message in str(refused.value)
+
+
+def test_the_options_a_command_reads_still_parse():
+    assert parse_list(parse(b"list?state=done&limit=5&offset=10")).limit == 5
+    assert parse_window(parse(b"stats?window=60")) == 60.0
+    assert job_id(parse(b"get:id:42")) == 42

@@ -23,6 +23,14 @@ COMMANDS = frozenset(
     {"add", "get", "check", "status", "cancel", "retry", "list", "stats"}
     | {"schedules", "schedule", "unschedule", "pause", "resume", "fire"}
 )
+# The options each command reads: any other is refused (queue:get?timeout=5 waited as
+# long as ever, silently). queue:add's and queue:schedule's parsers check their own.
+_NO_OPTIONS = ("get", "check", "status", "cancel", "retry", "schedules", "unschedule", "pause")
+READ_OPTIONS: dict[str, frozenset[str]] = {
+    **dict.fromkeys((*_NO_OPTIONS, "resume", "fire"), frozenset()),
+    "list": frozenset({"state", "limit", "offset"}),
+    "stats": frozenset({"window"}),
+}
 STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
@@ -110,7 +118,12 @@ def parse(data: bytes) -> Command:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise BadRequest(f"queue:{word}: options must be name=value&name=value") from None
-    return Command(word, unrepeated(pairs, "option"), args)
+    command = Command(word, unrepeated(pairs, "option"), args)
+    read = READ_OPTIONS.get(word)
+    if read is not None and (unknown := set(command.options) - read):
+        takes = f"options: {', '.join(sorted(read))}" if read else "it takes no options"
+        raise BadRequest(f"queue:{word}: unknown option {sorted(unknown)[0]!r} ({takes})")
+    return command
 
 
 def unrepeated(pairs: list[tuple[str, str]], what: str) -> dict[str, str]:
