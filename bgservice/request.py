@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bgservice.errors import BadRequest, HandlerError
 from bgservice.origin import Origin
-from bgservice.queue.commands import ADD_OPTIONS, AddSpec, Command, parse_add
+from bgservice.queue.commands import ADD_OPTIONS, AddSpec, Command, ParseLimits, parse_add
 
 if TYPE_CHECKING:
     from bgservice.queue.job import Job
 
 
 class JobAdder(Protocol):
+    @property
+    def settings(self) -> ParseLimits: ...  # [queue]: add_job is bounded as queue:add is
+
     async def add(self, spec: AddSpec) -> int: ...
 
 
@@ -268,7 +271,7 @@ class Request:
         # the same source a queue:add over that connection records (tcp:HOST:PORT, unix).
         source = f"job:{self.job.id}" if self.job is not None else self.source
         command = Command("add", text, module.encode() + b":" + to_bytes(data))
-        spec: AddSpec = parse_add(command, source=source)
+        spec: AddSpec = parse_add(command, source=source, limits=self.jobs.settings)
         return await self.jobs.add(spec)
 
 

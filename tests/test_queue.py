@@ -615,6 +615,24 @@ def test_add_job_checks_its_options_as_queue_add_does(modules_dir, service):
     assert sum(counts.values()) == 1  # the refused ones were not stored
 
 
+def test_add_job_is_bounded_by_the_queue_settings(make_service):
+    # add_job checked tags and after= against the defaults (64 characters, 100 ids), not
+    # the service's [queue] max_tag_chars and max_dependencies, as queue:add does.
+    svc = make_service("[queue]\nmax_tag_chars = 100\nmax_dependencies = 1\n")
+    write_module(svc.modules, "tagged", """
+        def handle_tcp(request):
+            if request.text == "long_tag":
+                return str(request.add_job("echo", "x", tags=["t" * 70]))
+            return str(request.add_job("echo", "x", after=[1, 2]))
+        """)  # fmt: skip
+    wait_until(lambda: svc.call(b"tagged:long_tag") != b"400: Unknown request")
+    tagged = int(svc.call(b"tagged:long_tag"))
+    assert status(svc, tagged)["tags"] == ["t" * 70]
+    assert svc.call(b"tagged:two_after") == (
+        b"400: option after: at most 1 job ids ([queue] max_dependencies)"
+    )
+
+
 def test_stats_and_list(service):
     ids = [add(service, b"queue:add:echo:%d" % i) for i in range(3)]
     for i in ids:
