@@ -85,7 +85,7 @@ class RedisLeases:
                 log.warning("cannot renew job leases: %s", exc)
                 # Leases ran out while nobody could reach Redis, not because their
                 # instances died: each gets a full lease to renew before we reap.
-                reap_from = time.monotonic() + self.conf.lease + interval
+                reap_from = self._hold()
                 continue
             if taken:
                 log.warning(
@@ -102,7 +102,12 @@ class RedisLeases:
         if took <= self.conf.lease / 3:
             return reap_from
         log.warning("Redis took %.1f s to answer: no job is taken over for a lease", took)
-        return time.monotonic() + self.conf.lease * 4 / 3
+        return self._hold()
+
+    def _hold(self) -> float:
+        """When reaping may resume after Redis held every instance up: a full lease and
+        one renewal interval from now, so each live instance renews before we reap."""
+        return time.monotonic() + self.conf.lease + self.conf.lease / 3
 
     async def hand_back(self, claims: list[tuple[int, str]]) -> None:
         """Stopping: our unfinished jobs (id, claim token) wait again for any instance
