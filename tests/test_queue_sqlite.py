@@ -152,6 +152,57 @@ async def test_an_operation_that_raises_fails_alone_and_the_writer_lives_on(tmp_
     await store.close()
 
 
+@pytest.mark.parametrize("sqlite_version", [sqlite3.sqlite_version_info, (3, 31, 1)])
+async def test_one_commits_many_rows_land_each_in_its_place_and_a_bad_one_fails_alone(
+    tmp_path, monkeypatch, sqlite_version
+):
+    """The writer puts a commit's new jobs, saves and runs into statements of many rows
+    (chunks of 256, 64, 16, 4, 1; saves with executemany before SQLite 3.33, which lacks
+    UPDATE FROM): 300 of each in one commit must each reach its own row, and a row
+    SQLite refuses (an integer past 64 bits) must fail alone."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", sqlite_version)
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    free = threading.Event()
+    held = store._submit(lambda c: free.wait(10))  # so all below share one commit
+    jobs = [_job(data=b"job %d" % i, priority=2**70 if i == 150 else i) for i in range(300)]
+    added = [store.insert(job) for job in jobs]
+    free.set()
+    await held
+    outcomes = await asyncio.gather(*added, return_exceptions=True)
+    assert isinstance(outcomes[150], OverflowError)
+    assert [o for i, o in enumerate(outcomes) if i != 150] == [*range(1, 151), *range(152, 301)]
+    for job, jid in zip(jobs, outcomes, strict=True):
+        job.id = jid
+    stored = [job for job in jobs if job.priority != 2**70]
+    free.clear()
+    held = store._submit(lambda c: free.wait(10))
+    now = time.time()
+    saved = []
+    for n, job in enumerate(stored):
+        job.state, job.result, job.finished = JobState.DONE, b"result of %d" % job.id, now + n
+        job.status = 2**70 if n == 7 else 200
+        run = Run(job.id, "echo", 1, now, now + n, "done")
+        saved.append(store.save(job, run, fields=("state", "result", "status", "finished")))
+    free.set()
+    await held
+    outcomes = await asyncio.gather(*saved, return_exceptions=True)
+    assert isinstance(outcomes[7], OverflowError)
+    assert [o for i, o in enumerate(outcomes) if i != 7] == [None] * 298
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        rows = dict(
+            conn.execute("SELECT id, data || ' ' || priority || ' ' || state || ' ' || "
+                         "COALESCE(result, '-') FROM jobs").fetchall()  # fmt: skip
+        )
+    assert len(rows) == 299
+    for n, job in enumerate(stored):
+        i = jobs.index(job)
+        done = "waiting -" if n == 7 else f"done result of {job.id}"
+        assert rows[job.id] == f"job {i} {i} {done}"
+    assert [(j, a) for j, a, _ in _runs(tmp_path)] == [(job.id, 1) for job in stored]
+    await store.close()
+
+
 @pytest.mark.skipif(shutil.which("sqlite3") is None, reason="sqlite3 CLI not installed")
 def test_a_services_database_is_wal(service, tmp_path):
     """Here, not in test_queue.py: that file runs on both engines, and Redis has no WAL."""

@@ -92,7 +92,6 @@ CREATE TABLE IF NOT EXISTS schedules (
 """
 _FINISHED = "('done', 'failed', 'cancelled')"  # as jobs_finished's WHERE has it, to the letter
 _SELECT = f"SELECT {', '.join(COLUMNS)}, progress FROM jobs"  # read by _job
-_INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 
 
@@ -175,7 +174,7 @@ class SqliteStore:
         except BaseException:
             self._unlock()
             raise
-        self._writer = Writer(conn, self._loop, self.commit_window, _INSERT)
+        self._writer = Writer(conn, self._loop, self.commit_window, COLUMNS)
         return await self._submit(
             lambda c: [
                 _job(r)
