@@ -165,13 +165,13 @@ async def test_one_commits_many_rows_land_each_in_its_place_and_a_bad_one_fails_
     await store.open()
     free = threading.Event()
     held = store._submit(lambda c: free.wait(10))  # so all below share one commit
-    jobs = [_job(data=b"job %d" % i, priority=2**70 if i == 150 else i) for i in range(300)]
+    jobs = [_job(data=b"job %d" % i, priority=2**70 if i == 270 else i) for i in range(300)]
     added = [store.insert(job) for job in jobs]
     free.set()
     await held
     outcomes = await asyncio.gather(*added, return_exceptions=True)
-    assert isinstance(outcomes[150], OverflowError)
-    assert [o for i, o in enumerate(outcomes) if i != 150] == [*range(1, 151), *range(152, 301)]
+    assert isinstance(outcomes[270], OverflowError)  # in the second statement
+    assert [o for i, o in enumerate(outcomes) if i != 270] == [*range(1, 271), *range(272, 301)]
     for job, jid in zip(jobs, outcomes, strict=True):
         job.id = jid
     stored = [job for job in jobs if job.priority != 2**70]
@@ -181,23 +181,21 @@ async def test_one_commits_many_rows_land_each_in_its_place_and_a_bad_one_fails_
     saved = []
     for n, job in enumerate(stored):
         job.state, job.result, job.finished = JobState.DONE, b"result of %d" % job.id, now + n
-        job.status = 2**70 if n == 7 else 200
+        job.status = 2**70 if n == 285 else 200
         run = Run(job.id, "echo", 1, now, now + n, "done")
         saved.append(store.save(job, run, fields=("state", "result", "status", "finished")))
     free.set()
     await held
     outcomes = await asyncio.gather(*saved, return_exceptions=True)
-    assert isinstance(outcomes[7], OverflowError)
-    assert [o for i, o in enumerate(outcomes) if i != 7] == [None] * 298
+    assert isinstance(outcomes[285], OverflowError)
+    assert [o for i, o in enumerate(outcomes) if i != 285] == [None] * 298
     with sqlite3.connect(tmp_path / "jobs.db") as conn:
-        rows = dict(
-            conn.execute("SELECT id, data || ' ' || priority || ' ' || state || ' ' || "
-                         "COALESCE(result, '-') FROM jobs").fetchall()  # fmt: skip
-        )
+        described = "data || ' ' || priority || ' ' || state || ' ' || COALESCE(result, '-')"
+        rows = dict(conn.execute(f"SELECT id, {described} FROM jobs").fetchall())
     assert len(rows) == 299
     for n, job in enumerate(stored):
         i = jobs.index(job)
-        done = "waiting -" if n == 7 else f"done result of {job.id}"
+        done = "waiting -" if n == 285 else f"done result of {job.id}"
         assert rows[job.id] == f"job {i} {i} {done}"
     assert [(j, a) for j, a, _ in _runs(tmp_path)] == [(job.id, 1) for job in stored]
     await store.close()
