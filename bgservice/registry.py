@@ -334,8 +334,9 @@ class Registry:
         self._entries[name] = entry
         if old is None:
             log.info("module %s loaded", name)
-            if name in self.builtins and version.tcp:  # (UDP and queued jobs still reach it)
-                log.warning(f"module {name}: TCP requests {name}:... are the service's: rename it")
+            if name in self.builtins:  # execution.RESERVED: no request of any kind reaches it
+                log.warning(f"module {name}: never called ({name}:... is the service's own"
+                            " request, over TCP, UDP and as a queued job): rename it")  # fmt: skip
         else:
             entry.reloads += 1
             log.info("module %s reloaded", name)

@@ -279,3 +279,21 @@ def test_an_import_that_fails_late_does_not_undo_a_newer_one(tmp_path):
         (tmp_path / "go").touch()
         thread.join(10)
         sys.modules.pop(qualname, None)
+
+
+def test_a_module_named_as_a_service_request_loads_but_is_never_called(service):
+    # The warning said TCP calls were the service's and UDP and queued jobs still reached
+    # it (modules.md too); none of them does (execution.RESERVED).
+    write_module(service.modules, "helo", """
+        def handle_tcp(request):
+            return "module"
+
+        def handle_udp(request):
+            raise RuntimeError("the UDP handler ran")
+        """)  # fmt: skip
+    service.wait_for_log("module helo: never called (helo:... is the service's own request")
+    assert service.call(b"queue:add:helo:x") == b"400: Unknown request"
+    assert service.call(b"helo:x") != b"module"
+    service.send_udp(b"helo:x")
+    service.wait_for_log("for module 'helo' failed: 400 Unknown request")
+    assert "the UDP handler ran" not in service.log()
