@@ -334,9 +334,8 @@ class Registry:
         self._entries[name] = entry
         if old is None:
             log.info("module %s loaded", name)
-            if name in self.builtins:  # execution.RESERVED: no request of any kind reaches it
-                log.warning(f"module {name}: never called ({name}:... is the service's own"
-                            " request, over TCP, UDP and as a queued job): rename it")  # fmt: skip
+            if name in self.builtins:  # execution.RESERVED: over TCP, UDP or as a queued job
+                log.warning(f"module {name}: never called ({name}:... is the service's): rename it")
         else:
             entry.reloads += 1
             log.info("module %s reloaded", name)

@@ -291,7 +291,7 @@ def test_a_module_named_as_a_service_request_loads_but_is_never_called(service):
         def handle_udp(request):
             raise RuntimeError("the UDP handler ran")
         """)  # fmt: skip
-    service.wait_for_log("module helo: never called (helo:... is the service's own request")
+    service.wait_for_log("module helo: never called (helo:... is the service's): rename it")
     assert service.call(b"queue:add:helo:x") == b"400: Unknown request"
     assert service.call(b"helo:x") != b"module"
     service.send_udp(b"helo:x")
