@@ -567,3 +567,36 @@ def test_an_instance_that_claims_a_job_again_tells_its_two_attempts_apart(tmp_pa
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
             svc.proc.wait()
+
+
+def test_finished_jobs_past_their_expiry_are_all_deleted_at_the_next_sweep(tmp_path, redis_url):
+    # The sweep deleted at most 1,000 finished jobs a tick (every keep_results / 4, at most
+    # a minute): a queue finishing more than 17 jobs a second kept every job's hash, data
+    # and result, in Redis for good. It now goes on in batches until none is left.
+    import redis
+
+    prefix = f"expire-{uuid.uuid4().hex[:8]}"
+    jobs, past = 10_000, time.time() - 10
+    client = redis.Redis.from_url(redis_url)
+    pipe = client.pipeline(transaction=False)
+    for jid in range(1, jobs + 1):
+        pipe.hset(f"{prefix}:job:{jid}", mapping={"id": jid, "module": "echo", "state": "done"})
+        pipe.zadd(f"{prefix}:state:done", {jid: past})
+        pipe.zadd(f"{prefix}:finished", {jid: past})
+    pipe.set(f"{prefix}:id", jobs + 1)
+    pipe.execute()
+    svc = ServiceProcess(tmp_path, "[queue]\nkeep_results = 4\n",
+                         backend_config=redis_config(redis_url, prefix))  # fmt: skip
+    try:
+        svc.start()
+        ready = time.monotonic()
+        wait_until(lambda: client.zcard(f"{prefix}:finished") == 0, timeout=30)
+        assert time.monotonic() - ready < 4, "not all deleted at the first sweeps"
+        assert client.zcard(f"{prefix}:state:done") == 0
+        assert not client.exists(f"{prefix}:job:1", f"{prefix}:job:{jobs}")
+        assert "10000 finished jobs expired" in svc.log()
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+        client.delete(*client.keys(f"{prefix}:*") or [f"{prefix}:none"])

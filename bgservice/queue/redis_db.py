@@ -33,6 +33,7 @@ from bgservice.queue.redis_lua import COMMON
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
+EXPIRE_BATCH = 1000  # finished jobs one EXPIRE script deletes
 # ARGV: P, now. When the waiting job due longest became due (its creation, or its run_at
 # if later; jobs waiting on another job are not due), '' for none. The oldest by creation
 # are looked at first, at most 1000, until no later one can have been due longer.
@@ -275,12 +276,16 @@ class RedisJobs:
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))
         while True:
             await asyncio.sleep(interval)
-            now = time.time()
-            try:
-                gone = await self.call("EXPIRE", repr(now - self.settings.keep_history))
+            now, gone = time.time(), 0
+            try:  # in batches (each one script, a few ms of Redis), until one is not full:
+                while True:  # one batch a tick fell behind any queue past 17 jobs/s
+                    batch = await self.call("EXPIRE", repr(now - self.settings.keep_history),
+                                            EXPIRE_BATCH)  # fmt: skip
+                    gone += batch
+                    if batch < EXPIRE_BATCH:
+                        break
             except RedisError as exc:
                 log.warning("job expiry failed: %s", exc)
-                continue
             if gone:
                 log.info("job queue: %d finished jobs expired", gone)
 

@@ -347,11 +347,11 @@ return {0, 'ok'}
 """
 )
 
-# ARGV: P, now, history_before. Deletes finished jobs past their expiry, old history.
+# ARGV: P, now, history_before, batch: deletes that many finished jobs past expiry, old history.
 EXPIRE = (
     COMMON
     + r"""
-local gone = redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', NOW, 'LIMIT', 0, 1000)
+local gone = redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', NOW, 'LIMIT', 0, ARGV[4])
 for _, id in ipairs(gone) do
   local st = redis.call('HGET', jkey(id), 'state')
   if st then redis.call('ZREM', P .. ':state:' .. st, id) end
