@@ -132,3 +132,28 @@ def test_a_configuration_error_exits_2_which_the_unit_does_not_restart(tmp_path:
     svc.start(wait=False)
     assert svc.wait() == 2
     wait_until(lambda: "read_timeout" in svc.log())
+
+
+def test_the_shipped_log_module_writes_into_the_units_logs_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under ProtectSystem=strict only the unit's own directories are writable: the log
+    # module wrote beside the modules folder (/etc/bgservice/logs), read-only, and lost
+    # every line ("Read-only file system"; a newcomer's review, with the folder mounted
+    # read-only). The unit points it at LogsDirectory=, and the module must go there.
+    environment = dict(
+        line.split("=", 2)[1:] for line in UNIT.read_text().splitlines()
+        if line.startswith("Environment=")
+    )  # fmt: skip
+    assert environment.get("BGSERVICE_LOG_DIR") == f"/var/log/{_unit_value('LogsDirectory')}"
+    logs = tmp_path / "var-log-bgservice"
+    logs.mkdir()
+    monkeypatch.setenv("BGSERVICE_LOG_DIR", str(logs))
+    svc = ServiceProcess(tmp_path).start()
+    try:
+        svc.send_udp(b"log:?channel=app&level=error:disk full")
+        wait_until(lambda: "disk full" in (logs / "app.log").read_text()
+                   if (logs / "app.log").exists() else False)  # fmt: skip
+        assert not (svc.modules.parent / "logs").exists()
+    finally:
+        svc.stop()
