@@ -154,7 +154,9 @@ def check_progress(
     text = None if message is None else str(message)[:500]
     if text is not None:
         utf8(text, "progress message")
-    return (*numbers, text)
+    # Whole numbers stay whole: progress(3, 10) is {"done": 3, "total": 10}, not 3.0, 10.0.
+    whole = [int(n) if n.is_integer() and abs(n) < 2**53 else n for n in numbers]
+    return (whole[0], whole[1], text)
 
 
 def utf8(text: str, what: str) -> bytes:

@@ -477,6 +477,8 @@ def test_progress_is_visible_while_the_job_runs(modules_dir, make_service, tmp_p
     info = wait_until(lambda: (s := status(svc, jid))["progress"] and s)
     assert info["state"] == "running"
     assert info["progress"] == {"done": 1, "total": 4, "message": "started"}
+    # whole numbers as the handler gave them, not 1.0 and 4.0 (as docs/queue.md shows them)
+    assert b'"progress":{"done":1,"total":4,' in svc.call(b"queue:status:id:%d" % jid)
     assert info["duration"] >= 0
     listed = json.loads(svc.call(b"queue:list:running"))["running"]
     assert listed[0]["progress"]["message"] == "started"
