@@ -110,3 +110,21 @@ def test_the_options_a_command_reads_still_parse():
     assert parse_list(parse(b"list?state=done&limit=5&offset=10")).limit == 5
     assert parse_window(parse(b"stats?window=60")) == 60.0
     assert job_id(parse(b"get:id:42")) == 42
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"add?unique=:echo:x", "option unique: empty (leave it out for the default)"),
+        (b"add?name=&priority=1:echo:x", "option name: empty"),
+        (b"list?state=", "option state: empty"),
+        (b"get:id:0", "queue:get: job ids start at 1, got '0'"),
+        (b"status:000", "queue:status: job ids start at 1"),
+    ],
+)
+def test_an_empty_option_and_job_id_0_are_refused(raw, message):
+    """unique= was taken for no key and queue:get:0 answered 404 Job 0 not found, where
+    HTTP refuses empty parameters and the clients refuse id 0 before sending."""
+    with pytest.raises(BadRequest) as refused:
+        job_id(parse(raw)) if raw.startswith((b"get", b"status")) else parse(raw)
+    assert message in str(refused.value)

@@ -119,6 +119,9 @@ def parse(data: bytes) -> Command:
     except ValueError:
         raise BadRequest(f"queue:{word}: options must be name=value&name=value") from None
     command = Command(word, unrepeated(pairs, "option"), args)
+    for name, value in command.options.items():
+        if not value:  # unique= once meant no key, silently; HTTP refuses it too
+            raise BadRequest(f"option {name}: empty (leave it out for the default)")
     read = READ_OPTIONS.get(word)
     if read is not None and (unknown := set(command.options) - read):
         takes = f"options: {', '.join(sorted(read))}" if read else "it takes no options"
@@ -149,6 +152,8 @@ def parse_id(text: str, where: str) -> int:
     """A job id: digits, within SQLite's INTEGER range (no job has a larger id)."""
     if not (text.isascii() and text.isdigit()):
         raise BadRequest(f"{where}: expected id:N, got {text[:40]!r}")
+    if not text.strip("0"):  # as the clients refuse it: no job has it, and never will
+        raise BadRequest(f"{where}: job ids start at 1, got {text[:40]!r}")
     if len(text) > 19 or int(text) > MAX_INT:
         raise BadRequest(f"{where}: job id out of range (at most {MAX_INT})")
     return int(text)
