@@ -134,7 +134,7 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the bound addresses here as JSON once ready (for scripts and tests).",
 )
-@click.version_option(__version__, "-V", "--version")
+@click.version_option(__version__, "-V", "--version", prog_name="bgservice")
 def serve(
     config_path: Path | None,
     host: str | None,

@@ -557,7 +557,8 @@ def test_help_works(tmp_path):
 def test_version(tmp_path, flag):
     result = run_cli(flag, cwd=tmp_path)
     assert result.returncode == 0
-    assert __version__ in result.stdout
+    # the program's name, whether started as service.py or as bgservice
+    assert result.stdout.strip() == f"bgservice, version {__version__}"
 
 
 # --- issue 18, item 8: a Unix socket's mode is octal, never a bare decimal integer -------
