@@ -79,3 +79,16 @@ def test_no_file_over_400_lines() -> None:
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"split these (over {MAX_LINES} lines): {long}"
+
+
+def test_the_readme_layout_names_every_module():
+    # A newcomer reads the house from README's Layout: twenty files had gone unnamed.
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("\n## ", 1)]
+    unnamed = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if not path.name.startswith("__") and path.name not in layout
+    ]
+    assert not unnamed, f"README's Layout does not name: {unnamed}"
