@@ -93,6 +93,7 @@ class QueueSettings:
     backoff: float = 1.0
     backoff_max: float = 300.0
     max_waiting: int = 100_000
+    max_waiting_bytes: int = 1 << 30  # the data of waiting and running jobs (embedded)
     commit_ms: float = 0.0
     backend: str = "sqlite"
     # A queued job without timeout= whose module sets no TIMEOUT; None: no limit (a job

@@ -240,6 +240,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "backoff": _non_negative_number,
     "backoff_max": _non_negative_number,
     "max_waiting": _positive_int,
+    "max_waiting_bytes": _positive_int,
     "commit_ms": _at_most(60_000.0),  # a thread's wait: Python refuses one past ~292 years
     "module_limits": _module_limits,
     "module_rates": _module_rates,

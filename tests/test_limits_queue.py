@@ -169,3 +169,20 @@ def test_max_page_bounds_a_tcp_list(make_service):
     for _ in range(5):
         svc.call(b"queue:add?delay=60:echo:x")
     assert len(json.loads(svc.call(b"queue:list?state=waiting&limit=50"))["waiting"]) == 3
+
+
+def test_max_waiting_bytes_bounds_the_data_of_waiting_jobs_in_memory(make_service):
+    # The embedded engine keeps each waiting job's data in memory until it ends: 2,000
+    # adds of 1 MiB behind a busy worker took the service from 35 MB to 2 GB (a scale
+    # review), within max_waiting's 100,000 jobs and nothing else to stop them.
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting_bytes = 2500000\n")
+    blocker = svc.call(b"queue:add:sleep:1500")
+    assert blocker.startswith(b"id:")
+    mib = b"x" * (1 << 20)
+    first, second = (svc.call(b"queue:add:echo:" + mib) for _ in range(2))
+    assert first.startswith(b"id:") and second.startswith(b"id:")
+    refused = svc.call(b"queue:add:echo:" + mib)
+    assert refused.startswith(b"503: Queue full (") and b"[queue] max_waiting_bytes)" in refused
+    assert svc.call(b"queue:add:echo:small").startswith(b"id:")  # small data still fits
+    assert svc.call(b"queue:get:" + second[3:]) == mib  # once they ran, their bytes are free
+    assert svc.call(b"queue:add:echo:" + mib).startswith(b"id:")

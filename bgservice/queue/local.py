@@ -33,6 +33,7 @@ from bgservice.queue.engine import (
 )
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.live import LiveJobs
 from bgservice.queue.pump import Pump
 from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.schedules import Schedule
@@ -57,7 +58,7 @@ class LocalQueue(JobQueue):
     ) -> None:
         super().__init__(settings, runner, stats, events)
         self.store = store
-        self.jobs: dict[int, Job] = {}  # waiting and running
+        self.jobs = LiveJobs()  # waiting and running
         self._line = WaitingLine(self._waiting, lambda: self._pump())
         self._running: dict[int, asyncio.Task[None] | None] = {}  # None: running at once
         self._pump = Pump(self._line, settings.workers, module_limits, lambda: self.rates,
@@ -119,6 +120,8 @@ class LocalQueue(JobQueue):
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         if len(self.jobs) >= self.settings.max_waiting:
             raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
+        if self.jobs.data_bytes + len(spec.data) > self.settings.max_waiting_bytes:
+            raise Busy(f"Queue full ({self.jobs.data_bytes} bytes, [queue] max_waiting_bytes)")
         # Checked (name, tags, unique key) before the key is claimed: a 400 after it left
         # the key claimed for ever, and every later add of it hung.
         job = Job.new(spec, self.settings, time.time())

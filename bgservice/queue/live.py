@@ -1,0 +1,50 @@
+"""The embedded engine's jobs in memory, waiting and running, and the bytes of data they
+hold: ``[queue] max_waiting`` bounds how many, ``max_waiting_bytes`` how much data (each
+job's data stays in memory until it ends, besides the store's copy)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, ValuesView
+
+from bgservice.queue.job import Job
+
+
+class LiveJobs:
+    """Job id -> Job, with ``data_bytes``: the sum of their data's lengths, kept as jobs
+    come and go (the mapping operations the engine uses, no more)."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self.data_bytes = 0
+
+    def __setitem__(self, jid: int, job: Job) -> None:
+        old = self._jobs.get(jid)
+        if old is not None:
+            self.data_bytes -= len(old.data)
+        self._jobs[jid] = job
+        self.data_bytes += len(job.data)
+
+    def pop(self, jid: int, default: Job | None = None) -> Job | None:
+        job = self._jobs.pop(jid, None)
+        if job is None:
+            return default
+        self.data_bytes -= len(job.data)
+        return job
+
+    def __getitem__(self, jid: int) -> Job:
+        return self._jobs[jid]
+
+    def get(self, jid: int) -> Job | None:
+        return self._jobs.get(jid)
+
+    def __contains__(self, jid: object) -> bool:
+        return jid in self._jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._jobs)
+
+    def values(self) -> ValuesView[Job]:
+        return self._jobs.values()
