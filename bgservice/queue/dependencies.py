@@ -11,12 +11,15 @@ finish.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 from bgservice.errors import DependencyFailed
 from bgservice.queue.engine import not_found
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
+
+TURN = 1000  # recovered jobs placed between two turns of the loop
 
 
 class Dependencies:
@@ -38,6 +41,21 @@ class Dependencies:
             # Unfinished in the store, not live: its own add is on its way (pipelined).
             if dependency.state.finished and dependency.state is not JobState.DONE:
                 raise DependencyFailed(f"Job {dep} {dependency.state}")
+
+    async def recovering(self, jobs: list[Job]) -> AsyncIterator[Job]:
+        """Start-up's recovered ``jobs``, to place: first every dependency of theirs that
+        is not live is read in one go (one store round trip a job: 10 s for 100,000), then
+        each job that is still live (a call may cancel one meanwhile), a turn of the loop
+        every ``TURN`` (calls waited 2.4 s while 1,000,000 were placed)."""
+        # (a job that started before waits on nothing: its dependencies were met then)
+        await self._finished.lookup_many(
+            d for job in jobs if not job.attempts for d in job.after if not self._live(d)
+        )
+        for placed, job in enumerate(jobs, 1):
+            if placed % TURN == 0:
+                await asyncio.sleep(0)
+            if self._live(job.id):
+                yield job
 
     async def wait_on(self, job: Job) -> str | None:
         """Put ``job`` behind its unfinished dependencies; the reason it fails instead, if

@@ -1,5 +1,12 @@
 """The embedded engine's finished jobs: the recent ones in memory, all of them in the
-store, and their expiry (``[queue] keep_results`` and ``keep_history``)."""
+store, and their expiry (``[queue] keep_results`` and ``keep_history``).
+
+A finished job read from the store is kept with the recent ones: the jobs that wait on
+it (``after=``) ask again and again, and each store read is a round trip to its writer
+thread (start-up, 100,000 jobs waiting on one finished job: 10 s of reads one after
+another). At start-up ``lookup_many`` reads every dependency of the recovered jobs at
+once; what it found (or did not) is kept until the first expiry sweep.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from bgservice.config import QueueSettings
 from bgservice.queue.job import Job
@@ -22,6 +30,8 @@ class FinishedJobs:
         self.settings = settings
         self.store = store
         self._recent: OrderedDict[int, Job] = OrderedDict()
+        self._known: dict[int, Job | None] = {}  # lookup_many's answers, until expiry starts
+        self._forgotten = 0  # forget calls: a store read one overlapped is not kept
 
     def remember(self, job: Job) -> None:
         self._recent[job.id] = job
@@ -30,6 +40,8 @@ class FinishedJobs:
 
     def forget(self, jid: int) -> None:
         self._recent.pop(jid, None)
+        self._known.pop(jid, None)
+        self._forgotten += 1
 
     def recent(self, jid: int) -> Job | None:
         """The job if it finished recently (no store read, so no await)."""
@@ -39,15 +51,39 @@ class FinishedJobs:
         """A job that is not waiting or running: recently finished, or asked of the store;
         None when unknown or expired."""
         job = self._recent.get(jid)
-        if job is None:
+        if job is None and jid in self._known:
+            job = self._known[jid]
+        elif job is None:
+            forgotten = self._forgotten
             job = await self.store.get(jid)
+            # Kept if finished, and if no retry or delete (forget) began while it was read.
+            # (one in _recent now finished meanwhile: it is newer than the one read)
+            if job is not None and job.state.finished and forgotten == self._forgotten:
+                if jid not in self._recent:
+                    self.remember(job)
         if job is not None and job.expires is not None and job.expires < time.time():
             return None
         return job
 
+    async def lookup_many(self, ids: Iterable[int]) -> None:
+        """Read the ``ids`` not known yet in one go, for the ``lookup`` of each to answer
+        with no store read (start-up: the recovered jobs' dependencies)."""
+        wanted = sorted({j for j in ids if j not in self._recent and j not in self._known})
+        if not wanted:
+            return
+        forgotten = self._forgotten
+        found = {job.id: job for job in await self.store.get_many(wanted)}
+        if forgotten != self._forgotten:  # a retry or delete meanwhile: ask one by one
+            return
+        for jid in wanted:
+            job = found.get(jid)
+            if job is None or job.state.finished:  # (unfinished: its add is on its way)
+                self._known[jid] = job
+
     async def expire_forever(self) -> None:
         """Delete expired jobs and old history, every few seconds, until cancelled."""
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))
+        self._known.clear()  # start-up is over
         while True:
             await asyncio.sleep(interval)
             now = time.time()

@@ -84,7 +84,7 @@ class LocalQueue(JobQueue):
                 self._write(job, ("state",), interrupted_run(job))  # its run, in the history
             self.jobs[job.id] = job
             self._keys.hold(job.unique_key, job.id)
-        for job in recovered:
+        async for job in self._deps.recovering(recovered):  # their dependencies read at once
             if job.cancel_requested:  # acknowledged ("cancelling"): the crash ended its run
                 self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {job.id} cancelled")
             elif job.attempts:  # its dependencies were met when it first started

@@ -7,7 +7,7 @@ store; a store answers only for durability and for finished jobs that have left 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +52,10 @@ class Store(Protocol):
         ...
 
     async def get(self, job_id: int) -> Job | None: ...
+
+    async def get_many(self, ids: Sequence[int]) -> list[Job]:
+        """The stored jobs of ``ids``, those there are (start-up's dependencies)."""
+        ...
 
     async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]: ...
 
