@@ -70,8 +70,8 @@ def test_a_module_named_as_a_built_in_request_is_warned_about(modules_dir, make_
     svc = make_service()
     assert svc.call(b"helo") == b"oleh"  # the service's, as the warning says
     for name in ("queue", "helo", "hello", "service"):
-        assert f"module {name}: TCP requests {name}:... are the service's" in svc.log()
-    assert "module ok: TCP" not in svc.log()
+        assert f"module {name}: never called ({name}:... is the service's)" in svc.log()
+    assert "module ok: never" not in svc.log()
 
 
 def test_module_names_are_sanitised_and_no_colon_means_no_data(service):
