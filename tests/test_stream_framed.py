@@ -112,3 +112,25 @@ def test_at_the_end_of_the_grace_finished_replies_are_sent_not_503(make_service)
     assert replies.startswith(shutting)
     rest = replies[len(shutting) :]
     assert rest[:3] == b"200" and b"id:1" in rest and rest.endswith(framed_reply(200, b"y"))
+
+
+def test_replies_larger_than_the_socket_takes_arrive_whole_and_in_order(service):
+    # Replies go straight to the socket while the transport has nothing queued, the rest
+    # through the transport: a reader slower than the writer must still get every byte,
+    # each reply whole and in order, small ones behind big ones included.
+    write_module(service.modules, "big", """
+        def handle_tcp(request):
+            letter, size = request.text.split()
+            return letter * int(size)
+        """)  # fmt: skip
+    wait_until(lambda: service.call(b"big:a 1") == b"a")
+    conn = service.framed()
+    try:  # 16 MiB of replies: more than the two sockets' buffers hold unread
+        sizes = [(b"A", 6 << 20), (b"b", 5), (b"C", 4 << 20), (b"d", 1), (b"E", 6 << 20)]
+        conn.send(*(b"big:%s %d" % (letter, size) for letter, size in sizes))
+        time.sleep(0.5)  # the service writes while nobody reads
+        for letter, size in sizes:
+            assert conn.recv() == (200, letter * size)
+        assert conn.call(b"echo:after") == (200, b"after")
+    finally:
+        conn.close()
