@@ -12,7 +12,7 @@ finish.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from bgservice.errors import DependencyFailed
 from bgservice.queue.engine import not_found
@@ -77,6 +77,10 @@ class Dependencies:
 
     def blocked(self, jid: int) -> bool:
         return jid in self._pending
+
+    def blocked_ids(self) -> Iterable[int]:
+        """The waiting jobs that wait on another (for queue:list)."""
+        return self._pending.keys()
 
     def finished(self, jid: int, state: JobState) -> tuple[list[int], list[int]]:
         """Job ``jid`` ended in ``state``: (the jobs now free to run, the jobs that fail

@@ -67,6 +67,8 @@ class LocalQueue(JobQueue):
         self._keys = UniqueKeys()
         self._finished = FinishedJobs(settings, store)
         self._deps = Dependencies(self.jobs.__contains__, self._finished)
+        self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
+                                  self._deps.blocked_ids)  # fmt: skip
         self._writes: set[asyncio.Future[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
 
@@ -246,13 +248,10 @@ class LocalQueue(JobQueue):
         await self.store.delete(jid)
 
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        return await reports.list_page(self.jobs.values(), self.store, spec, self._deps.blocked)
+        return await reports.list_page(self._live, self.store, spec)
 
     async def stats(self, window: float) -> dict[str, Any]:
-        running = len(self._running)
-        return await reports.stats(
-            self.jobs.values(), running, self.store, self.settings, window, self._in_line
-        )
+        return await reports.stats(self._live, self.store, self.settings, window)
 
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value

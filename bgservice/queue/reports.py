@@ -1,50 +1,87 @@
 """What ``queue:list`` and ``queue:stats`` report of the embedded engine: the jobs in memory
-(waiting and running) and, for finished ones and the run history, the store."""
+(waiting and running) and, for finished ones and the run history, the store.
+
+The engine's waiting line (schedule.py) holds its waiting jobs in run order already: a
+page is read from it as far as ``offset + limit`` goes, the job due longest from its top,
+the running jobs from the engine's few. Sorting or counting every job in memory on each
+call held the loop 40-60 ms with 100,000 waiting (0.5 s with 1,000,000), every other
+client waiting meanwhile; a dashboard open asks for both every 2 s."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from bgservice.config import QueueSettings
 from bgservice.queue.commands import STATES, ListSpec
-from bgservice.queue.engine import name_counts, queue_stats
+from bgservice.queue.engine import queue_stats
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.live import LiveJobs
+from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.store import Store
 
 
-async def list_page(
-    live: Collection[Job],
-    store: Store,
-    spec: ListSpec,
-    blocked: Callable[[int], bool],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Live:
+    """What the reports read of the embedded engine, handed to them when it is made."""
+
+    jobs: LiveJobs  # waiting and running
+    line: WaitingLine  # the waiting ones in line, in run order
+    running: Mapping[int, object]  # the running jobs' ids
+    blocked: Callable[[int], bool]  # waits on another job (after=)
+    blocked_ids: Callable[[], Iterable[int]]  # the ids of those
+
+
+async def list_page(live: Live, store: Store, spec: ListSpec) -> dict[str, Any]:
     """One page per state asked (waiting, running and failed by default). Waiting jobs in
     the order they will run: the ones due now as the waiting line takes them, then the
     delayed ones by due time, then the ones waiting on another job. A waiting job that is
     in line (due, and waiting on no other job) has a position: how many such jobs run
-    before it, counted in the one pass that sorts them."""
+    before it, counted in the one pass that reads the page."""
     states = [spec.state] if spec.state else ["waiting", "running", "failed"]
     now = time.time()
     out: dict[str, Any] = {}
     for state in states:
-        if state not in ("waiting", "running"):
+        if state == "waiting":
+            out[state] = _waiting_page(live, spec, now)
+        elif state == "running":
+            running = _running(live)[spec.offset : spec.offset + spec.limit]
+            out[state] = [j.describe(now) for j in running]
+        else:
             page = await store.list_jobs(state, spec.limit, spec.offset)
             out[state] = [j.describe(now) for j in page]
-            continue
-        in_state = sorted(
-            (j for j in live if j.state == state), key=lambda j: _run_order(j, now, blocked)
-        )
-        ahead, rows = 0, []
-        for index, job in enumerate(in_state[: spec.offset + spec.limit]):
-            position = None
-            if state == "waiting" and job.run_at <= now and not blocked(job.id):
-                position, ahead = ahead, ahead + 1
-            if index >= spec.offset:
-                rows.append(job.describe(now, position))
-        out[state] = rows
     return out
+
+
+def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str, Any]]:
+    """Read from the line as far as the page goes; the jobs waiting on another job (in no
+    line) only when the page goes past every job in line."""
+    end, index, ahead = spec.offset + spec.limit, 0, 0
+    rows: list[dict[str, Any]] = []
+    for job in live.line.in_order(now):
+        if index >= end:
+            return rows
+        position = None
+        if job.run_at <= now:  # the due ones come first, the delayed ones after
+            position, ahead = ahead, ahead + 1
+        if index >= spec.offset:
+            rows.append(job.describe(now, position))
+        index += 1
+    blocked = [j for j in map(live.jobs.get, live.blocked_ids())
+               if j is not None and j.state is JobState.WAITING]  # fmt: skip
+    behind = sorted(blocked, key=lambda j: _run_order(j, now, live.blocked))
+    start = max(0, spec.offset - index)  # (index: how many are in line)
+    return rows + [j.describe(now) for j in behind[start : end - index]]
+
+
+def _running(live: Live) -> list[Job]:
+    """The running jobs (as many as there are workers at most), by priority, then id."""
+    jobs = [j for j in map(live.jobs.get, live.running) if j is not None]
+    return sorted(jobs, key=lambda j: (-j.priority, j.id))
 
 
 def _run_order(
@@ -61,21 +98,28 @@ def _run_order(
 
 
 async def stats(
-    live: Collection[Job],
-    running: int,
+    live: Live,
     store: Store,
     settings: QueueSettings,
     window: float,
-    in_line: Callable[[Job, float], bool],
 ) -> dict[str, Any]:
     now = time.time()
     counts = {s: 0 for s in STATES}
     counts.update(await store.counts())
-    counts["waiting"] = sum(1 for j in live if j.state is JobState.WAITING)
-    counts["running"] = running
+    running = _running(live)
+    counts["waiting"] = len(live.jobs) - len(running)  # the jobs in memory wait or run
+    counts["running"] = len(running)
     # The age of the longest due: a delayed job counts from its due time, and one waiting
     # on another job not at all (an alert on this gauge is about a backlog).
-    oldest = min((max(j.created, j.run_at) for j in live if in_line(j, now)), default=None)
+    oldest = live.line.due_since(now)
     history = await store.run_history(now, window)
-    names = name_counts((j.name, str(j.state)) for j in live if not j.state.finished)
+    names = _names(live.jobs.values(), running)
     return {**queue_stats(counts, oldest, history, settings.workers), "names": names}
+
+
+def _names(jobs: Collection[Job], running: list[Job]) -> dict[str, dict[str, int]]:
+    """``names``: the jobs in memory counted by name at C speed (4 ms per 100,000, where
+    a loop over them took 60), less the running ones, which are few: the rest wait."""
+    named = Counter(filter(None, map(attrgetter("name"), jobs)))
+    busy = Counter(j.name for j in running if j.name)
+    return {name: {"waiting": n - busy[name], "running": busy[name]} for name, n in named.items()}

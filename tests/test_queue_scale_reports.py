@@ -1,0 +1,122 @@
+"""Reports on a long waiting line (embedded engine): ``queue:list``, ``queue:stats`` and
+``queue:status`` read a page of the line, not every waiting job, so other clients are
+answered meanwhile; and what they show is still the line's order, exactly.
+
+Measured before (100,000 waiting, one worker busy): each list/stats/status held the loop
+40-60 ms (list sorted every job whatever the page, stats counted them three times, a
+position scanned every entry of the line); a `test:x` sent meanwhile waited as long."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import statistics
+import threading
+import time
+
+from bgservice.queue.sqlite import SCHEMA
+from tests.conftest import Framed, wait_until
+from tests.queue_helpers import add, status
+from tests.test_queue_scale_store import INSERT, _row
+
+WAITING = 100_000
+
+
+def _seed(tmp_path, waiting: int) -> None:
+    """A sleeping job to hold the one worker (first by priority), then ``waiting`` echo
+    jobs, stored before the start: the service recovers them all waiting."""
+    now = time.time()
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        conn.executescript(SCHEMA)
+        busy = list(_row(1, "waiting", now))
+        busy[1], busy[2], busy[4] = "sleep", b"60000", 10  # module, data, priority
+        conn.execute(INSERT, busy)
+        rows = (_row(i, "waiting", now) for i in range(2, waiting + 2))
+        conn.executemany(INSERT, ((*r[:20], f"n{r[0] % 3}", *r[21:]) for r in rows))
+
+
+def _pings_while(svc, calls: list[bytes], seconds: float) -> list[float]:
+    """``calls`` over and over for ``seconds``, and the latencies (ms) of ``test:x`` sent
+    meanwhile on another connection."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        conn = Framed(svc.tcp)
+        try:
+            while not stop.is_set():
+                started = time.perf_counter()
+                assert conn.call(b"test:x") == (200, b"Test")
+                latencies.append((time.perf_counter() - started) * 1000)
+                time.sleep(0.002)
+        finally:
+            conn.close()
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    conn = Framed(svc.tcp, timeout=30)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for call in calls:
+                code, body = conn.call(call)
+                assert code == 200, body[:200]
+    finally:
+        stop.set()
+        pinger.join()
+        conn.close()
+    return latencies
+
+
+def test_reports_on_100000_waiting_jobs_leave_the_loop_to_others(make_service, tmp_path):
+    _seed(tmp_path, WAITING)
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 1000000\n")
+    wait_until(lambda: status(svc, 1)["state"] == "running", timeout=30)
+    stats = json.loads(svc.call(b"queue:stats"))
+    assert stats["counts"]["waiting"] == WAITING and stats["counts"]["running"] == 1
+    named = sum(1 for jid in range(2, WAITING + 2) if jid % 3 == 1)
+    assert stats["names"]["n1"] == {"waiting": named, "running": 0}
+    assert stats["oldest_waiting_age"] >= 10
+    deep = 2 + WAITING // 2  # half the line ahead of it
+    assert status(svc, deep)["position"] == WAITING // 2
+    page = json.loads(svc.call(b"queue:list?state=waiting&limit=100&offset=5000"))["waiting"]
+    assert [(j["id"], j["position"]) for j in page] == [(5002 + n, 5000 + n) for n in range(100)]
+    calls = [b"queue:list", b"queue:list?state=waiting&limit=100&offset=2000",
+             b"queue:stats", b"queue:status:id:%d" % (2 + 500)]  # fmt: skip
+    latencies = _pings_while(svc, calls, 2.0)
+    median, worst = statistics.median(latencies), max(latencies)
+    assert median < 10 and worst < 60, f"test:x waited {median:.1f} ms (median), {worst:.1f} max"
+
+
+def test_a_mixed_line_is_listed_and_positioned_exactly(make_service):
+    svc = make_service("[queue]\nworkers = 1\n")
+    busy = add(svc, b"queue:add:sleep:20000")
+    wait_until(lambda: status(svc, busy)["state"] == "running")
+    after = [add(svc, b"queue:add?after=%d&priority=%d:echo:b" % (busy, p)) for p in (0, 7)]
+    delayed = [add(svc, b"queue:add?delay=%d&priority=%d:echo:d" % (d, p))
+               for d, p in ((50, 9), (30, 0), (40, -3))]  # fmt: skip
+    low = [add(svc, b"queue:add?priority=-2:echo:l%d" % n) for n in range(3)]
+    plain = [add(svc, b"queue:add:echo:p%d" % n) for n in range(4)]
+    high = [add(svc, b"queue:add?priority=3&name=hi:echo:h%d" % n) for n in range(2)]
+    gone = plain[1]
+    assert svc.call(b"queue:cancel:id:%d" % gone) == b"cancelled"
+    plain.remove(gone)
+    due = [*high, *plain, *low]
+    expected = [*due, delayed[1], delayed[2], delayed[0], after[1], after[0]]
+    listed = json.loads(svc.call(b"queue:list?state=waiting"))["waiting"]
+    assert [j["id"] for j in listed] == expected
+    assert [j["position"] for j in listed] == [*range(len(due)), *[None] * 5]
+    for limit in (1, 2, 3, 4, 7):
+        pages = [json.loads(svc.call(b"queue:list?state=waiting&limit=%d&offset=%d"
+                                     % (limit, o)))["waiting"]
+                 for o in range(0, len(expected) + limit, limit)]  # fmt: skip
+        assert [(j["id"], j["position"]) for p in pages for j in p] == [
+            (j["id"], j["position"]) for j in listed
+        ]
+    assert [status(svc, jid)["position"] for jid in expected] == [j["position"] for j in listed]
+    running = json.loads(svc.call(b"queue:list:running"))["running"]
+    assert [j["id"] for j in running] == [busy]
+    stats = json.loads(svc.call(b"queue:stats"))
+    assert stats["counts"]["waiting"] == len(expected) and stats["counts"]["running"] == 1
+    assert stats["names"] == {"hi": {"waiting": 2, "running": 0}}
+    assert stats["oldest_waiting_age"] is not None
