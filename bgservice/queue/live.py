@@ -4,7 +4,7 @@ job's data stays in memory until it ends, besides the store's copy)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, ValuesView
+from collections.abc import ValuesView
 
 from bgservice.queue.job import Job
 
@@ -42,9 +42,6 @@ class LiveJobs:
 
     def __len__(self) -> int:
         return len(self._jobs)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._jobs)
 
     def values(self) -> ValuesView[Job]:
         return self._jobs.values()
