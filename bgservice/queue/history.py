@@ -34,8 +34,7 @@ def summarise(runs: list[Run], now: float, window: float) -> dict[str, Any]:
         outcomes[run.outcome] += 1
         begin, end = max(run.started, start), min(run.finished, now)
         busy += max(0.0, end - begin)
-        hours.spread(begin, end)
-        hours.count(begin, 1)
+        hours.attempt(begin, end)
     return _summary(last_minute, window, outcomes, busy, hours)
 
 
@@ -72,8 +71,7 @@ def summarise_sql(conn: sqlite3.Connection, now: float, window: float) -> dict[s
     ):
         hours.add(hour, seconds, runs)
     for begin, end in conn.execute(f"SELECT b, e FROM ({clipped}) WHERE e > h + 3600", at):
-        hours.spread(begin, end)
-        hours.count(begin, 1)
+        hours.attempt(begin, end)
     return _summary(last_minute, window, outcomes, busy, hours)
 
 
@@ -88,15 +86,14 @@ class _Hours:
         row[0] += busy
         row[1] += runs
 
-    def spread(self, begin: float, end: float) -> None:
+    def attempt(self, begin: float, end: float) -> None:
+        """One attempt: counted in the hour it began, its busy time split by hour."""
+        self.add(int(begin // HOUR * HOUR), 0.0, 1)
         while begin < end:
             hour = int(begin // HOUR * HOUR)
             part = min(end, hour + HOUR) - begin
             self.add(hour, part, 0)
             begin += part
-
-    def count(self, begin: float, runs: int) -> None:
-        self.add(int(begin // HOUR * HOUR), 0.0, runs)
 
     def listed(self) -> Iterable[dict[str, Any]]:
         for hour, (busy, runs) in sorted(self.rows.items()):
