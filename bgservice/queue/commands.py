@@ -23,14 +23,11 @@ COMMANDS = frozenset(
     {"add", "get", "check", "status", "cancel", "retry", "list", "stats"}
     | {"schedules", "schedule", "unschedule", "pause", "resume", "fire"}
 )
-# The options each command reads: any other is refused (queue:get?timeout=5 waited as
-# long as ever, silently). queue:add's and queue:schedule's parsers check their own.
-_NO_OPTIONS = ("get", "check", "status", "cancel", "retry", "schedules", "unschedule", "pause")
-READ_OPTIONS: dict[str, frozenset[str]] = {
-    **dict.fromkeys((*_NO_OPTIONS, "resume", "fire"), frozenset()),
-    "list": frozenset({"state", "limit", "offset"}),
-    "stats": frozenset({"window"}),
-}
+# The options each command reads, none unless named here: any other is refused
+# (queue:get?timeout=5 waited as long as ever, silently). queue:add's and
+# queue:schedule's parsers check their own.
+READ_OPTIONS = {"list": frozenset({"state", "limit", "offset"}), "stats": frozenset({"window"})}
+OWN_OPTIONS = frozenset({"add", "schedule"})
 STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
 ADD_OPTIONS = frozenset(
@@ -122,8 +119,8 @@ def parse(data: bytes) -> Command:
     for name, value in command.options.items():
         if not value:  # unique= once meant no key, silently; HTTP refuses it too
             raise BadRequest(f"option {name}: empty (leave it out for the default)")
-    read = READ_OPTIONS.get(word)
-    if read is not None and (unknown := set(command.options) - read):
+    read = READ_OPTIONS.get(word, frozenset())
+    if word not in OWN_OPTIONS and (unknown := set(command.options) - read):
         takes = f"options: {', '.join(sorted(read))}" if read else "it takes no options"
         raise BadRequest(f"queue:{word}: unknown option {sorted(unknown)[0]!r} ({takes})")
     return command
