@@ -359,6 +359,7 @@ class LocalQueue(JobQueue):
                 job.error = result.decode("utf-8", "replace")
             job.expires = now + self.settings.keep_results
             self.jobs.pop(job.id, None)
+            self._line.drop(job.id)  # (a waiting job cancelled, or failed by a dependency)
             self._keys.release(job.unique_key, job.id)
             self._finished.remember(job)
             run = None
