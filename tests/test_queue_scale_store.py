@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 
 from bgservice.queue import sqlite as sqlite_store
@@ -12,7 +13,8 @@ from bgservice.queue.dependencies import Dependencies
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import COLUMNS, Job, JobState
 from bgservice.queue.sqlite import SCHEMA, SqliteStore
-from tests.conftest import wait_until
+from tests.conftest import Framed, wait_until
+from tests.queue_helpers import status
 
 INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}, progress) VALUES ({', '.join('?' * 25)})"
 
@@ -110,3 +112,59 @@ async def test_dependencies_of_recovered_jobs_are_read_in_one_go(tmp_path):
     assert outcomes[1] is None and outcomes[count + 1] is None  # expired: it was done
     assert (await finished.lookup(count + 1), await finished.lookup(count + 5)) == (None, None)
     await store.close()
+
+
+def test_a_cascade_of_100000_dependents_leaves_the_loop_to_others(make_service, tmp_path):
+    """100,000 waiting jobs after= one, which is cancelled: every one of them fails with it,
+    500 per turn of the loop, so a call sent meanwhile is answered at once (ended in one
+    step, the cascade held the loop 1.07 s); one cancelled and retried before the cascade
+    came to it is left waiting."""
+    now, waiting = time.time(), 100_000
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        conn.executescript(SCHEMA)
+        busy = list(_row(1, "waiting", now))
+        busy[1], busy[2], busy[4] = "sleep", b"60000", 10  # module, data, priority: first
+        conn.execute(INSERT, busy)
+        conn.execute(INSERT, _row(2, "waiting", now))  # behind the sleeper: it waits
+        conn.executemany(INSERT, (_row(i, "waiting", now, after="2")
+                                  for i in range(3, waiting + 3)))  # fmt: skip
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 1000000\n")
+    wait_until(lambda: status(svc, 1)["state"] == "running", timeout=30)
+    last = waiting + 2
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def counts() -> dict[str, int]:
+        return json.loads(svc.call(b"queue:stats"))["counts"]
+
+    def ping() -> None:
+        conn = Framed(svc.tcp, timeout=30)
+        try:
+            while not stop.is_set():
+                started = time.perf_counter()
+                assert conn.call(b"test:x") == (200, b"Test")
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.002)
+        finally:
+            conn.close()
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        time.sleep(0.2)
+        # In one write, served in one turn of the loop: the last in the cascade is
+        # cancelled and retried before the cascade comes to it; it must be left waiting.
+        conn = Framed(svc.tcp, timeout=30)
+        conn.send(b"queue:cancel:id:2", b"queue:cancel:id:%d" % last, b"queue:retry:id:%d" % last)
+        replies = [conn.recv() for _ in range(3)]
+        conn.close()
+        assert replies == [(200, b"cancelled"), (200, b"cancelled"), (200, b"id:%d" % last)]
+        wait_until(lambda: counts()["failed"] >= waiting - 1, timeout=60)
+    finally:
+        stop.set()
+        pinger.join()
+    slowest = max(latencies)
+    assert status(svc, last - 1)["error"] == "Dependency: job 2 cancelled"
+    assert status(svc, last)["state"] == "waiting"
+    assert (counts()["waiting"], counts()["cancelled"]) == (1, 1)
+    assert slowest < 0.2, f"a call waited {slowest:.2f} s behind the cascade"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from bgservice import eager
@@ -37,11 +38,13 @@ from bgservice.queue.live import LiveJobs
 from bgservice.queue.pump import Pump
 from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.schedules import Schedule
-from bgservice.queue.store import Run, Store
+from bgservice.queue.store import Run, Store, Writes
 from bgservice.queue.unique import UniqueKeys
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
+
+CASCADE = 500  # jobs failed with their dependency in one turn of the loop (~5 ms)
 
 
 class LocalQueue(JobQueue):
@@ -69,7 +72,10 @@ class LocalQueue(JobQueue):
         self._deps = Dependencies(self.jobs.__contains__, self._finished)
         self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
                                   self._deps.blocked_ids)  # fmt: skip
-        self._writes: set[asyncio.Future[Any]] = set()
+        self._writes = Writes(store)
+        self._ending: deque[tuple[int, str]] = deque()  # (job, why) to fail; those that
+        self._failing: set[int] = set()  # did not end meanwhile (cancelled)
+        self._cascading = False  # _cascade is at work, now or in the next turn
         self._expiry: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------
@@ -83,7 +89,7 @@ class LocalQueue(JobQueue):
                             job.id, job.module)  # fmt: skip
             if job.state is JobState.RUNNING:
                 job.move(JobState.WAITING)
-                self._write(job, ("state",), interrupted_run(job))  # its run, in the history
+                self._writes.save(job, ("state",), interrupted_run(job))  # its run, in the history
             self.jobs[job.id] = job
             self._keys.hold(job.unique_key, job.id)
         async for job in self._deps.recovering(recovered):  # their dependencies read at once
@@ -112,8 +118,7 @@ class LocalQueue(JobQueue):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._writes:
-            await asyncio.wait(set(self._writes), timeout=5)
+        await self._writes.drain(5)
         await self.store.close()
 
     # --- commands ---------------------------------------------------------------------
@@ -192,7 +197,7 @@ class LocalQueue(JobQueue):
                 raise Conflict(f"Job {jid} already finished ({finished.state})")
         if job.state is JobState.RUNNING:
             job.cancel_requested = True
-            await self._stored(self._write(job, ("cancel_requested",)), "cancel")
+            await self._stored(self._writes.save(job, ("cancel_requested",)), "cancel")
             return "cancelling"
         written = self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled")
         await self._stored(written, "cancel")  # acknowledged once on disk, as an add is
@@ -281,14 +286,13 @@ class LocalQueue(JobQueue):
     def _waiting(self, jid: int) -> Job | None:
         return job if (job := self.jobs.get(jid)) and job.state is JobState.WAITING else None
 
-    def _in_line(self, job: Job, now: float) -> bool:
-        """Whether a job is ready: waiting, due, and waiting on no other job."""
-        waiting = job.state is JobState.WAITING and job.run_at <= now
-        return waiting and not self._deps.blocked(job.id)
-
     def _position(self, job: Job) -> int | None:
-        """How many ready jobs run before this one; None unless it is ready itself."""
-        return self._line.position(job) if self._in_line(job, time.time()) else None
+        """How many ready jobs run before this one; None unless it is ready itself: due,
+        waiting, not on another job, not about to fail with one (_cascade)."""
+        ready = job.state is JobState.WAITING and job.run_at <= time.time()
+        if not ready or self._deps.blocked(job.id) or job.id in self._failing:
+            return None
+        return self._line.position(job)
 
     # --- running ----------------------------------------------------------------------
 
@@ -297,7 +301,7 @@ class LocalQueue(JobQueue):
         job.started, job.progress = time.time(), None
         job.attempts += 1
         self._pump.per_module[job.module] += 1
-        self._write(job, ("state", "started", "attempts"))
+        self._writes.save(job, ("state", "started", "attempts"))
         assert self._loop is not None
         # A job whose handler needs no wait runs to its end right here (bgservice.eager):
         # no task, no loop turn. One that waits goes on in a task.
@@ -339,59 +343,58 @@ class LocalQueue(JobQueue):
             "job %d (%s) failed (%d), retry %d of %d in %.3g s",
             job.id, job.module, status, job.attempts, job.max_retries, outcome.run_at - now,
         )  # fmt: skip
-        self._write(job, ("state", "run_at", "error"), run_record(job, outcome, now))
+        self._writes.save(job, ("state", "run_at", "error"), run_record(job, outcome, now))
         self._line.place(job)
 
     def _finish(
         self, job: Job, state: JobState, status: int, body: bytes | str,
         ran_until: float | None = None,
     ) -> asyncio.Future[Any]:  # fmt: skip
-        """End ``job`` and, one after the other (a chain may be long), every job that fails
-        with it; the future of ``job``'s own write."""
-        ending: list[tuple[Job, JobState, int, bytes | str, float | None]] = []
-        written = None
-        while True:
-            now = time.time()
-            result = body.encode() if isinstance(body, str) else body
-            job.move(state)
-            job.finished, job.status, job.result = now, status, result
-            if status != OK:
-                job.error = result.decode("utf-8", "replace")
-            job.expires = now + self.settings.keep_results
-            self.jobs.pop(job.id, None)
-            self._line.drop(job.id)  # (a waiting job cancelled, or failed by a dependency)
-            self._keys.release(job.unique_key, job.id)
-            self._finished.remember(job)
-            run = None
-            if ran_until is not None and job.started is not None:
-                run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
-            fields = ("state", "finished", "status", "result", "error", "expires", "progress")
-            future = self._write(job, fields, run)
-            written = written or future
-            waiter = self._waiters.pop(job.id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result((status, result))
-            ready, failed = self._deps.finished(job.id, state)
-            for dependent in filter(None, map(self.jobs.get, ready)):
-                self._line.place(dependent)
+        """End ``job`` (the future of its write); the jobs that fail with it end after it
+        (``_cascade``)."""
+        now = time.time()
+        result = body.encode() if isinstance(body, str) else body
+        job.move(state)
+        job.finished, job.status, job.result = now, status, result
+        if status != OK:
+            job.error = result.decode("utf-8", "replace")
+        job.expires = now + self.settings.keep_results
+        self.jobs.pop(job.id, None)
+        self._line.drop(job.id)  # (a waiting job cancelled, or failed by a dependency)
+        self._failing.discard(job.id)  # (ended before the cascade came to it)
+        self._keys.release(job.unique_key, job.id)
+        self._finished.remember(job)
+        run = None
+        if ran_until is not None and job.started is not None:
+            run = Run(job.id, job.module, job.attempts, job.started, ran_until, str(state))
+        fields = ("state", "finished", "status", "result", "error", "expires", "progress")
+        written = self._writes.save(job, fields, run)
+        waiter = self._waiters.pop(job.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result((status, result))
+        ready, failed = self._deps.finished(job.id, state)
+        for dependent in filter(None, map(self.jobs.get, ready)):
+            self._line.place(dependent)
+        if failed:
             message = f"Dependency: job {job.id} {state}"
-            ending += [(d, JobState.FAILED, DependencyFailed.code, message, None)
-                       for d in filter(None, map(self.jobs.get, failed))]  # fmt: skip
-            if not ending:
-                return written
-            job, state, status, body, ran_until = ending.pop()
+            self._ending.extend((jid, message) for jid in failed)
+            self._failing.update(failed)
+            if not self._cascading:
+                self._cascade()
+        return written
 
-    # --- storage ----------------------------------------------------------------------
-
-    def _write(
-        self, job: Job, fields: tuple[str, ...], run: Run | None = None
-    ) -> asyncio.Future[Any]:
-        future = asyncio.ensure_future(self.store.save(job, run, fields=fields))
-        self._writes.add(future)
-        future.add_done_callback(self._written)
-        return future
-
-    def _written(self, future: asyncio.Future[Any]) -> None:
-        self._writes.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("job store write failed: %s", future.exception())
+    def _cascade(self) -> None:
+        """Fail the jobs whose dependency failed, one after the other (a chain may be
+        long), ``CASCADE`` a turn of the loop (100,000 after= one cancelled job held it
+        1.07 s in one). If the service stops first, they fail when recovered."""
+        self._cascading = True
+        for _ in range(0 if self._pump.closed else CASCADE):
+            if not self._ending:
+                break
+            jid, message = self._ending.popleft()
+            if jid in self._failing and (job := self.jobs.get(jid)) is not None:
+                self._finish(job, JobState.FAILED, DependencyFailed.code, message)
+        if self._ending and not self._pump.closed:
+            asyncio.get_running_loop().call_soon(self._cascade)
+        else:
+            self._cascading = False

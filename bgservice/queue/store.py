@@ -7,12 +7,16 @@ store; a store answers only for durability and for finished jobs that have left 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bgservice.queue.job import Job
 from bgservice.queue.schedules import Schedule
+
+log = logging.getLogger(__name__)
 
 
 # Not frozen, though a value: made for every attempt, and a frozen dataclass's __init__ calls
@@ -76,3 +80,29 @@ class Store(Protocol):
     async def remove_schedule(self, name: str) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+class Writes:
+    """The saves in flight through a store: one that fails is logged (the change may be
+    nobody's to await), and ``drain`` waits for them all (stopping)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def save(
+        self, job: Job, fields: tuple[str, ...], run: Run | None = None
+    ) -> asyncio.Future[Any]:
+        future = asyncio.ensure_future(self.store.save(job, run, fields=fields))
+        self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("job store write failed: %s", future.exception())
+
+    async def drain(self, timeout: float) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
