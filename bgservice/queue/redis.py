@@ -261,7 +261,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._spawn(self._deliver(int(arg)))
         elif kind == "cancel" and int(arg) in self._running:
             self._spawn(self._heard_cancel(int(arg)))
-        elif kind == "schedules" and self.scheduler is not None:
+        elif kind == "schedules" and arg != self.owner and self.scheduler is not None:
             self._spawn(self.scheduler.reload())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -81,6 +81,8 @@ class RedisSchedules:
         self._spawn(self._publish_schedules())
 
     async def _publish_schedules(self) -> None:
-        await self.db.redis.publish(self.db.key("events"), "schedules")
+        # Signed: the instance that changed them has them already (a reload is O(schedules)).
+        await self.db.redis.publish(self.db.key("events"), f"schedules:{self.owner}")
 
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
+    owner: str  # RedisQueue's: this instance's name

@@ -1,5 +1,9 @@
 """Fires recurring jobs: one loop timer for the soonest slot of every schedule.
 
+Each schedule's next slot is worked out when it is made, changed or fired, and kept: a
+change or a tick costs the schedules it touches, not all of them (a reload, at start or
+when another instance on Redis changed them, works them all out again).
+
 The schedules and the last slot each has fired live in the queue's storage (SQLite table,
 Redis hash), behind ``Schedules``, which each engine implements; the engine's ``fire``
 adds the slot's job and records the slot in one transaction, so that a restart neither
@@ -73,6 +77,10 @@ class Scheduler:
         self.configured = configured
         self.schedules: dict[str, Schedule] = {}
         self.last: dict[str, float] = {}
+        # The next slot of each schedule not paused, worked out when it changes or fires,
+        # not for all of them at each change and each tick (1,000 schedules, half cron:
+        # 22 ms a change, as long a tick).
+        self._next: dict[str, float] = {}
         self.max_schedules = store.settings.max_schedules
         # Names being added right now: pipelined adds each check the bound before any of
         # them is stored, so those under way count too.
@@ -111,6 +119,9 @@ class Scheduler:
         self.schedules = {name: schedule for name, (schedule, _) in stored.items()}
         for name, (_, last) in stored.items():
             self.last[name] = max(last, self.last.get(name, last))
+        self._next.clear()
+        for name in self.schedules:
+            self._plan(name)
         self._arm()
 
     # --- commands ---------------------------------------------------------------------
@@ -150,8 +161,10 @@ class Scheduler:
                 raise Busy(f"Too many schedules ({self.max_schedules}, [queue] max_schedules)")
             self._adding.add(schedule.name)
         try:
-            await self.store.put_schedule(schedule, time.time())
-            await self._changed()
+            now = time.time()
+            await self.store.put_schedule(schedule, now)
+            self.last.setdefault(schedule.name, now)  # (replaced: its last slot is kept)
+            self._changed(schedule)
         finally:
             if new:
                 self._adding.discard(schedule.name)
@@ -162,8 +175,7 @@ class Scheduler:
         if schedule.origin == "config":
             raise Conflict(f"schedule {name} is defined in service.config: remove it there")
         await self.store.remove_schedule(name)
-        self.last.pop(name, None)
-        await self._changed()
+        self._changed(None, name)
 
     async def pause(self, name: str, paused: bool) -> dict[str, Any]:
         schedule = self.named(name)
@@ -175,7 +187,7 @@ class Scheduler:
         await self.store.put_schedule(changed, now, reset=resumed)
         if resumed:
             self.last[name] = now
-        await self._changed()
+        self._changed(changed)
         return self._describe(name)
 
     def named(self, name: str) -> Schedule:
@@ -187,9 +199,32 @@ class Scheduler:
     def _describe(self, name: str) -> dict[str, Any]:
         return self.named(name).describe(self.last.get(name), time.time())
 
-    async def _changed(self) -> None:
-        await self.reload()
+    def _changed(self, schedule: Schedule | None, removed: str = "") -> None:
+        """This instance stored ``schedule`` (or removed one): the same in memory, the
+        timer set again, the other instances told."""
+        if schedule is None:
+            self.schedules.pop(removed, None)
+            self.last.pop(removed, None)
+            self._next.pop(removed, None)
+        else:
+            self.schedules[schedule.name] = schedule
+            self._plan(schedule.name)
+        self._arm()
         self.store.schedules_changed()
+
+    def _plan(self, name: str) -> None:
+        """Work out the next slot of schedule ``name`` (kept in ``_next``, which holds the
+        schedules not paused). A slot already due (at start: one missed while the service
+        was down) counts: the timer fires at once. With missed = "skip", only one still
+        within GRACE."""
+        schedule = self.schedules[name]
+        if schedule.paused:
+            self._next.pop(name, None)
+            return
+        now = time.time()
+        since = self.last.get(name, now)
+        since = max(now - GRACE, since) if schedule.missed == "skip" else since
+        self._next[name] = schedule.next_slot(since)
 
     # --- firing ---------------------------------------------------------------------
 
@@ -200,15 +235,7 @@ class Scheduler:
             self._timer.cancel()
         if delay is None:
             now = time.time()
-            # A slot already due (at start: one missed while the service was down) counts:
-            # the timer fires at once. With missed = "skip", only one still within GRACE.
-            slots = []
-            for s in self.schedules.values():
-                if not s.paused:
-                    since = self.last.get(s.name, now)
-                    since = max(now - GRACE, since) if s.missed == "skip" else since
-                    slots.append(s.next_slot(since))
-            soonest = min(slots, default=now + RECHECK)
+            soonest = min(self._next.values(), default=now + RECHECK)
             delay = min(max(soonest - now, 0.0), RECHECK) + 0.001
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(delay, self._due)
@@ -220,12 +247,15 @@ class Scheduler:
 
     async def _fire_due(self) -> None:
         failed = False
-        for schedule in list(self.schedules.values()):
-            if schedule.paused:
+        now = time.time()
+        for name in [n for n, slot in self._next.items() if slot <= now]:
+            schedule = self.schedules.get(name)
+            if schedule is None or schedule.paused:  # (changed while one before it fired)
                 continue
-            last = self.last.get(schedule.name, time.time())
+            last = self.last.get(name, time.time())
             slot = schedule.due(last, time.time())
-            if slot is None:
+            if slot is None:  # not due after all (missed = "skip", past GRACE): again
+                self._plan(name)
                 continue
             try:
                 jid = await self.store.fire(schedule, slot)
@@ -243,7 +273,9 @@ class Scheduler:
                 log.exception("schedule %s: internal error firing it", schedule.name)
                 failed = True
                 continue
-            self.last[schedule.name] = slot
+            if name in self.schedules:  # (not removed while it was fired)
+                self.last[name] = slot
+                self._plan(name)
             if jid is not None:
                 log.info("schedule %s: run of %s is job %d", schedule.name, _when(slot), jid)
         self._arm(RETRY if failed else None)
