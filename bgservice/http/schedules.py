@@ -37,10 +37,7 @@ class ScheduleRoutes:
         return self.queue.scheduler
 
     def _one(self, request: web.Request) -> dict[str, Any]:
-        name = request.match_info["name"]
-        scheduler = self._scheduler()
-        scheduler.named(name)  # the 404 the commands give
-        return next(row for row in scheduler.describe() if row["name"] == name)
+        return self._scheduler().describe_one(request.match_info["name"])  # (404: named)
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"schedules": self._scheduler().describe()})

@@ -81,6 +81,7 @@ class Scheduler:
         # not for all of them at each change and each tick (1,000 schedules, half cron:
         # 22 ms a change, as long a tick).
         self._next: dict[str, float] = {}
+        self._slotted: dict[str, tuple[float, bool]] = {}  # last -> whether it is a slot
         self.max_schedules = store.settings.max_schedules
         # Names being added right now: pipelined adds each check the bound before any of
         # them is stored, so those under way count too.
@@ -144,10 +145,18 @@ class Scheduler:
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.time()
-        return [
-            s.describe(self.last.get(s.name), now)
-            for s in sorted(self.schedules.values(), key=lambda s: s.name)
-        ]
+        return [self.describe_one(name, now) for name in sorted(self.schedules)]
+
+    def describe_one(self, name: str, now: float | None = None) -> dict[str, Any]:
+        """One schedule as listed, from its planned next slot and what is known of its
+        last one (whether it is a slot is worked out once per last slot)."""
+        schedule, last = self.named(name), self.last.get(name)
+        known = self._slotted.get(name)
+        if last is not None and (known is None or known[0] != last):
+            known = self._slotted[name] = (last, schedule.latest_slot(last) == last)
+        is_slot = last is not None and known is not None and known[1]
+        now = time.time() if now is None else now
+        return schedule.describe(last, now, self._next.get(name), is_slot)
 
     async def put(self, schedule: Schedule) -> dict[str, Any]:
         old = self.schedules.get(schedule.name)
@@ -168,7 +177,7 @@ class Scheduler:
         finally:
             if new:
                 self._adding.discard(schedule.name)
-        return self._describe(schedule.name)
+        return self.describe_one(schedule.name)
 
     async def remove(self, name: str) -> None:
         schedule = self.named(name)
@@ -188,16 +197,13 @@ class Scheduler:
         if resumed:
             self.last[name] = now
         self._changed(changed)
-        return self._describe(name)
+        return self.describe_one(name)
 
     def named(self, name: str) -> Schedule:
         schedule = self.schedules.get(name)
         if schedule is None:
             raise NotFound(f"Schedule {name[:64]!r} not found")
         return schedule
-
-    def _describe(self, name: str) -> dict[str, Any]:
-        return self.named(name).describe(self.last.get(name), time.time())
 
     def _changed(self, schedule: Schedule | None, removed: str = "") -> None:
         """This instance stored ``schedule`` (or removed one): the same in memory, the
@@ -206,6 +212,7 @@ class Scheduler:
             self.schedules.pop(removed, None)
             self.last.pop(removed, None)
             self._next.pop(removed, None)
+            self._slotted.pop(removed, None)
         else:
             self.schedules[schedule.name] = schedule
             self._plan(schedule.name)
