@@ -313,6 +313,20 @@ def test_a_slot_missed_while_down_runs_at_the_start(make_service):
     wait_until(lambda: missed in slots(runs(again, "five")), timeout=10)
 
 
+@BOTH
+def test_a_long_schedule_name_runs_under_a_small_max_name_chars(make_service):
+    """A run's unique key (schedule:NAME@SLOT, up to 88 characters) is the service's own:
+    [queue] max_name_chars bounds what clients send. It once refused every run of a
+    schedule whose key was longer, at each slot, for as long as the schedule lived."""
+    name = "n" * 64
+    svc = make_service(f'[queue]\nmax_name_chars = 40\n[[schedule]]\nname = "{name}"\n'
+                       'module = "echo"\ndata = "x"\nevery = 1\n')  # fmt: skip
+    wait_until(lambda: len(runs(svc, name)) >= 2, timeout=10)
+    assert "refused" not in svc.log()
+    too_long = svc.call(b"queue:add?unique=%s:echo:x" % (b"k" * 41))
+    assert too_long == b"400: option unique: at most 40 characters"
+
+
 def test_schedules_through_the_clients_and_the_cli(service):
     from bgservice.client import AsyncClient, Client, ReplyError
     from tests.test_cli import bg

@@ -167,7 +167,9 @@ class Job:
             max_retries=settings.retries if spec.retries is None else spec.retries,
             backoff=settings.backoff if spec.backoff is None else spec.backoff,
             timeout=spec.timeout,
-            unique_key=checked_unique(spec.unique, settings),
+            # A schedule's run (mark) carries the service's own key, schedule:NAME@SLOT (at
+            # most 88 characters): max_name_chars bounds what clients send.
+            unique_key=spec.unique if spec.mark else checked_unique(spec.unique, settings),
             after=spec.after,
             name=checked_name(spec.name, settings),
             tags=checked_tags(spec.tags, settings),

@@ -31,7 +31,8 @@ MISSED = ("skip", "once")
 FLAGS = {True: True, False: False, "1": True, "0": False, "true": True, "false": False,
          "yes": True, "no": False}  # fmt: skip
 # A fixed bound, not a setting (docs/protocol.md, Limits): a name is an identifier, and it
-# is in every run's unique key (schedule:NAME@SLOT, within [queue] max_name_chars).
+# is in every run's unique key (schedule:NAME@SLOT, at most 88 characters, whatever
+# [queue] max_name_chars says: that bounds what clients send).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A slot fired up to this late still counts as on time for missed = "skip" (a timer that
 # fired late, a restart within the minute); older ones were missed.
