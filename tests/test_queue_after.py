@@ -4,9 +4,12 @@ given twice is a 400 naming it, over the socket and over HTTP."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
 from tests.queue_helpers import add, both_engines, status  # noqa: F401
@@ -99,3 +102,37 @@ def test_rows_written_before_several_ids_read_back():
            None, None, None, 0, None, None, None, None, None)  # fmt: skip
     assert Job.from_row(row).after == (9,)
     assert Job.from_row(row).row()[14] == "9"
+
+
+SLOW_FAILURE = """
+import asyncio
+from bgservice import ReplyError
+
+async def handle_tcp(request):
+    await asyncio.sleep(1.0)
+    raise ReplyError(500, "boom")
+"""
+
+
+@pytest.mark.parametrize("queue_backend", ["sqlite"])  # (Redis: one script ends them)
+def test_a_dependency_failing_during_the_stop_fails_its_dependents_before_it(
+    make_service, tmp_path
+):
+    """A job fails within the stop's grace: the jobs after= it fail before the service is
+    gone, not at the next start, which would judge them by the dependency as it is then
+    (here its result expired while the service was down: taken as done, the dependent
+    ran; found in review, 2026-12-05)."""
+    svc = make_service("[queue]\nworkers = 1\nkeep_results = 3\n", start=False)
+    write_module(svc.modules, "boom", SLOW_FAILURE)
+    svc.start()
+    first = add(svc, b"queue:add:boom:x")
+    after = add(svc, b"queue:add?after=%d:echo:ran" % first)
+    wait_until(lambda: status(svc, first)["state"] == "running")
+    assert svc.stop() == 0  # the failure comes 1 s into the 5 s grace
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        stored = dict(conn.execute("SELECT id, state FROM jobs"))
+    assert stored == {first: "failed", after: "failed"}
+    time.sleep(3.5)  # past keep_results: both records expire while it is down
+    svc.start()
+    wait_until(lambda: b'"waiting"' not in svc.call(b"queue:status:id:%d" % after))
+    assert svc.call(b"queue:status:id:%d" % after).startswith(b"404")  # expired, never run

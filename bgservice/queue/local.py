@@ -1,9 +1,8 @@
 """The embedded queue: scheduling in memory, every change written through a store.
 
 Heaps of ready and delayed jobs and a map of jobs blocked on a dependency live in memory;
-the store (SQLite, sqlite.py) makes every change durable. A job is acknowledged
-(``id:N``) only once its insert is committed. Waiting for a result is a future per job,
-shared by every ``queue:get`` on it: no polling, no CPU while waiting.
+the store (sqlite.py) makes every change durable: ``id:N`` is sent once the insert is
+committed. A result is awaited on a future per job, shared by every ``queue:get`` on it.
 """
 
 from __future__ import annotations
@@ -118,6 +117,8 @@ class LocalQueue(JobQueue):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        while self._ending:  # (a chain grows it as it goes)
+            self._cascade(len(self._ending))
         await self._writes.drain(5)
         await self.store.close()
 
@@ -383,18 +384,17 @@ class LocalQueue(JobQueue):
                 self._cascade()
         return written
 
-    def _cascade(self) -> None:
+    def _cascade(self, turn: int = CASCADE) -> None:
         """Fail the jobs whose dependency failed, one after the other (a chain may be
-        long), ``CASCADE`` a turn of the loop (100,000 after= one cancelled job held it
-        1.07 s in one). If the service stops first, they fail when recovered."""
+        long), ``turn`` a turn of the loop (100,000 after= one cancelled job held it 1.07 s
+        in one); all at once at stop (recovered, they would meet it expired or retried)."""
         self._cascading = True
-        for _ in range(0 if self._pump.closed else CASCADE):
+        for _ in range(turn):
             if not self._ending:
                 break
             jid, message = self._ending.popleft()
             if jid in self._failing and (job := self.jobs.get(jid)) is not None:
                 self._finish(job, JobState.FAILED, DependencyFailed.code, message)
-        if self._ending and not self._pump.closed:
+        self._cascading = bool(self._ending)  # (goes on in the next turn)
+        if self._cascading:
             asyncio.get_running_loop().call_soon(self._cascade)
-        else:
-            self._cascading = False
