@@ -21,7 +21,7 @@ import pytest
 
 from bgservice.errors import BadRequest
 from bgservice.queue.schedules import make_schedule
-from tests.conftest import REPO, Framed, wait_until
+from tests.conftest import REPO, Framed, redis_command, wait_until
 
 BOTH = pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
 
@@ -522,3 +522,69 @@ def test_a_change_among_1000_schedules_costs_one_schedule(make_service):
     wait_until(lambda: len(runs(svc, "s7")) >= 2, timeout=10)
     assert statistics.median(taken) < 5, f"a change took {statistics.median(taken):.1f} ms"
     assert statistics.median(listing) < 12, f"listing took {statistics.median(listing):.1f} ms"
+
+
+def _listed(svc, name: str) -> dict | None:
+    return next((s for s in schedules(svc) if s["name"] == name), None)
+
+
+@pytest.mark.parametrize("queue_backend", ["redis"])
+def test_a_change_racing_a_reload_stays_made(make_service):
+    """Instance B pauses X while it reloads what A changed (a large read): B's change must
+    outlast the reload's older copy. With the sender skipping its own message, that copy
+    once replaced it on B for good, and B fired the paused schedule (found in review,
+    2026-12-05: at trial 27-35 of 40, three runs out of three)."""
+    a = make_service("[queue]\nworkers = 2\n")
+    b = make_service("[queue]\nworkers = 2\n", root=a.root / "b")
+    url = re.search(r'url = "([^"]+)"', b.config.read_text())
+    prefix = re.search(r'prefix = "([^"]+)"', b.config.read_text())
+    assert url and prefix
+    schedules(a), schedules(b)  # loaded
+    ca, cb = Framed(a.tcp, timeout=60), Framed(b.tcp, timeout=60)
+    try:
+        for i in range(900):  # a reload reads them all: 2 MB
+            ca.send(b"queue:schedule?name=f%d&every=%d:echo:%s" % (i, 3600 + i, b"y" * 2000))
+        assert all(ca.recv()[0] == 200 for _ in range(900))
+        assert cb.call(b"queue:schedule?name=X&every=1:echo:x")[0] == 200
+        for trial in range(60):
+            ca.send(b"queue:%s:f1" % (b"pause" if trial % 2 == 0 else b"resume"))
+            time.sleep(0.001 * (trial % 8))
+            assert json.loads(cb.call(b"queue:pause:X")[1])["paused"] is True
+            assert ca.recv()[0] == 200
+            time.sleep(0.3)  # B's reload is done
+            stored = redis_command(url[1], "HGET", f"{prefix[1]}:schedules", "X")
+            assert b'"paused": true' in stored
+            assert _listed(b, "X")["paused"] is True, f"B lost its pause at trial {trial}"
+            assert cb.call(b"queue:resume:X")[0] == 200
+    finally:
+        ca.close()
+        cb.close()
+
+
+@pytest.mark.parametrize("queue_backend", ["redis"])
+def test_a_schedule_made_again_starts_afresh(make_service):
+    """X fired on B, removed on A, made again on B: no last slot (B once kept the removed
+    one's, and planned from it)."""
+    a = make_service("[queue]\nworkers = 2\n")
+    b = make_service("[queue]\nworkers = 2\n", root=a.root / "b")
+    schedules(a), schedules(b)  # loaded
+    assert b.call(b"queue:schedule?name=X&every=1:echo:x").startswith(b"{")
+    wait_until(lambda: (x := _listed(b, "X")) is not None and x["last_slot"] is not None)
+    assert a.call(b"queue:unschedule:X") == b"removed"
+    wait_until(lambda: _listed(b, "X") is None)  # B heard it
+    again = json.loads(b.call(b"queue:schedule?name=X&every=3600:echo:x"))
+    assert again["last_slot"] is None and again["next_run"] > time.time()
+
+
+def test_a_replaced_schedule_shows_a_last_slot_only_if_it_is_one_of_its_own(make_service):
+    """X (every second) fired, then replaced by one every 7,199 s: its last slot is not one
+    of the new schedule's, listed before or not (a memo of the old answer once showed it
+    when the schedules had been listed before the replace)."""
+    svc = make_service("[queue]\nworkers = 2\n")
+    schedules(svc)
+    assert svc.call(b"queue:schedule?name=X&every=1:echo:x").startswith(b"{")
+    wait_until(lambda: (x := _listed(svc, "X")) is not None and x["last_slot"] is not None)
+    last = _listed(svc, "X")["last_slot"]  # listed: the memo is made
+    replaced = json.loads(svc.call(b"queue:schedule?name=X&every=7199:echo:x"))
+    assert replaced["last_slot"] == (last if last % 7199 == 0 else None)
+    assert _listed(svc, "X")["last_slot"] == replaced["last_slot"]

@@ -82,6 +82,7 @@ class Scheduler:
         # 22 ms a change, as long a tick).
         self._next: dict[str, float] = {}
         self._slotted: dict[str, tuple[float, bool]] = {}  # last -> whether it is a slot
+        self._changes = 0  # made by this instance (reload)
         self.max_schedules = store.settings.max_schedules
         # Names being added right now: pipelined adds each check the bound before any of
         # them is stored, so those under way count too.
@@ -116,11 +117,16 @@ class Scheduler:
 
     async def reload(self) -> None:
         """Read the definitions again (at start, and when another instance changed them)."""
-        stored = await self.store.load_schedules()
+        while True:  # a change of ours stored while this read was on its way: read again
+            changes = self._changes  # (else the older copy would replace it, for good)
+            stored = await self.store.load_schedules()
+            if changes == self._changes:
+                break
         self.schedules = {name: schedule for name, (schedule, _) in stored.items()}
-        for name, (_, last) in stored.items():
-            self.last[name] = max(last, self.last.get(name, last))
+        # (names removed elsewhere go: a schedule made again under one starts afresh)
+        self.last = {n: max(last, self.last.get(n, last)) for n, (_, last) in stored.items()}
         self._next.clear()
+        self._slotted.clear()
         for name in self.schedules:
             self._plan(name)
         self._arm()
@@ -172,7 +178,8 @@ class Scheduler:
         try:
             now = time.time()
             await self.store.put_schedule(schedule, now)
-            self.last.setdefault(schedule.name, now)  # (replaced: its last slot is kept)
+            if old is None:  # (replaced, it keeps its last slot)
+                self.last[schedule.name] = now
             self._changed(schedule)
         finally:
             if new:
@@ -208,11 +215,12 @@ class Scheduler:
     def _changed(self, schedule: Schedule | None, removed: str = "") -> None:
         """This instance stored ``schedule`` (or removed one): the same in memory, the
         timer set again, the other instances told."""
+        self._changes += 1
+        self._slotted.pop(removed if schedule is None else schedule.name, None)
         if schedule is None:
             self.schedules.pop(removed, None)
             self.last.pop(removed, None)
             self._next.pop(removed, None)
-            self._slotted.pop(removed, None)
         else:
             self.schedules[schedule.name] = schedule
             self._plan(schedule.name)
