@@ -155,10 +155,16 @@ def test_a_cascade_of_100000_dependents_leaves_the_loop_to_others(make_service, 
         # In one write, served in one turn of the loop: the last in the cascade is
         # cancelled and retried before the cascade comes to it; it must be left waiting.
         conn = Framed(svc.tcp, timeout=30)
-        conn.send(b"queue:cancel:id:2", b"queue:cancel:id:%d" % last, b"queue:retry:id:%d" % last)
-        replies = [conn.recv() for _ in range(3)]
+        conn.send(b"queue:cancel:id:2", b"queue:list?state=waiting&limit=5",
+                  b"queue:cancel:id:%d" % last, b"queue:retry:id:%d" % last)  # fmt: skip
+        replies = [conn.recv() for _ in range(4)]
         conn.close()
+        listed = replies.pop(1)
         assert replies == [(200, b"cancelled"), (200, b"cancelled"), (200, b"id:%d" % last)]
+        # Those the cascade has not come to yet are listed (and counted) as waiting on
+        # another job, with no position.
+        shown = json.loads(listed[1])["waiting"]
+        assert len(shown) == 5 and {j["position"] for j in shown} == {None}
         wait_until(lambda: counts()["failed"] >= waiting - 1, timeout=60)
     finally:
         stop.set()

@@ -6,12 +6,14 @@ had it failed, the job would have failed with it. Two maps, both emptied as jobs
 dependency -> the jobs waiting for it, and waiting job -> the dependencies it still
 waits for. A job that finished (failed by one dependency, cancelled, retried) leaves the
 second map, so the entries it leaves under its other dependencies are ignored when those
-finish.
+finish. A job failed by a dependency stays blocked (``doomed``) until the engine ends it:
+never placed meanwhile, and listed among the jobs that wait on others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from bgservice.errors import DependencyFailed
@@ -28,6 +30,7 @@ class Dependencies:
         self._finished = finished
         self._blocked: dict[int, set[int]] = {}  # dependency id -> job ids
         self._pending: dict[int, set[int]] = {}  # job id -> dependency ids not done yet
+        self._doomed: set[int] = set()  # failed with a dependency, not ended yet
 
     async def check(self, after: tuple[int, ...]) -> None:
         """At ``queue:add``: 404 for an unknown dependency, 424 for one that did not
@@ -76,16 +79,21 @@ class Dependencies:
         return None
 
     def blocked(self, jid: int) -> bool:
-        return jid in self._pending
+        return jid in self._pending or jid in self._doomed
+
+    def doomed(self, jid: int) -> bool:
+        """Whether ``jid`` is to fail with a dependency and has not ended yet."""
+        return jid in self._doomed
 
     def blocked_ids(self) -> Iterable[int]:
         """The waiting jobs that wait on another (for queue:list)."""
-        return self._pending.keys()
+        return itertools.chain(self._pending.keys(), self._doomed)
 
     def finished(self, jid: int, state: JobState) -> tuple[list[int], list[int]]:
         """Job ``jid`` ended in ``state``: (the jobs now free to run, the jobs that fail
         with it). Forgets ``jid``'s own wait, if it was still waiting for others."""
         self._pending.pop(jid, None)
+        self._doomed.discard(jid)
         ready: list[int] = []
         failed: list[int] = []
         for dependent in sorted(self._blocked.pop(jid, ())):
@@ -95,6 +103,7 @@ class Dependencies:
             if state is not JobState.DONE:
                 failed.append(dependent)
                 del self._pending[dependent]
+                self._doomed.add(dependent)
                 continue
             pending.discard(jid)
             if not pending:

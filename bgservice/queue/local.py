@@ -72,8 +72,7 @@ class LocalQueue(JobQueue):
         self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
                                   self._deps.blocked_ids)  # fmt: skip
         self._writes = Writes(store)
-        self._ending: deque[tuple[int, str]] = deque()  # (job, why) to fail; those that
-        self._failing: set[int] = set()  # did not end meanwhile (cancelled)
+        self._ending: deque[tuple[int, str]] = deque()  # (job, why): to fail (if doomed)
         self._cascading = False  # _cascade is at work, now or in the next turn
         self._expiry: asyncio.Task[None] | None = None
 
@@ -289,11 +288,9 @@ class LocalQueue(JobQueue):
 
     def _position(self, job: Job) -> int | None:
         """How many ready jobs run before this one; None unless it is ready itself: due,
-        waiting, not on another job, not about to fail with one (_cascade)."""
+        waiting, and not on another job (nor about to fail with one)."""
         ready = job.state is JobState.WAITING and job.run_at <= time.time()
-        if not ready or self._deps.blocked(job.id) or job.id in self._failing:
-            return None
-        return self._line.position(job)
+        return None if not ready or self._deps.blocked(job.id) else self._line.position(job)
 
     # --- running ----------------------------------------------------------------------
 
@@ -362,7 +359,6 @@ class LocalQueue(JobQueue):
         job.expires = now + self.settings.keep_results
         self.jobs.pop(job.id, None)
         self._line.drop(job.id)  # (a waiting job cancelled, or failed by a dependency)
-        self._failing.discard(job.id)  # (ended before the cascade came to it)
         self._keys.release(job.unique_key, job.id)
         self._finished.remember(job)
         run = None
@@ -379,7 +375,6 @@ class LocalQueue(JobQueue):
         if failed:
             message = f"Dependency: job {job.id} {state}"
             self._ending.extend((jid, message) for jid in failed)
-            self._failing.update(failed)
             if not self._cascading:
                 self._cascade()
         return written
@@ -393,7 +388,7 @@ class LocalQueue(JobQueue):
             if not self._ending:
                 break
             jid, message = self._ending.popleft()
-            if jid in self._failing and (job := self.jobs.get(jid)) is not None:
+            if self._deps.doomed(jid) and (job := self.jobs.get(jid)) is not None:
                 self._finish(job, JobState.FAILED, DependencyFailed.code, message)
         self._cascading = bool(self._ending)  # (goes on in the next turn)
         if self._cascading:
