@@ -94,7 +94,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.db.where, exc)  # fmt: skip
         self._loop = loop = asyncio.get_running_loop()
-        for coro in (self._listen(), self._runner(), self._leases(), self.db.expire_forever()):
+        for coro in (self._listen(), self._runner(), self._leases(), *self.db.upkeep()):
             self._tasks.append(loop.create_task(coro))
 
     async def stop(self, grace: float) -> None:
@@ -261,6 +261,8 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._spawn(self._deliver(int(arg)))
         elif kind == "cancel" and int(arg) in self._running:
             self._spawn(self._heard_cancel(int(arg)))
+        elif kind == "cascade":  # jobs waiting on an ended one, left over by its script
+            self.db.cascades.set()
         elif kind == "schedules" and arg != self.owner and self.scheduler is not None:
             self._spawn(self.scheduler.reload())
 

@@ -29,7 +29,7 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_channel import Subscription
 from bgservice.queue.redis_hash import job_from_hash, pairs
-from bgservice.queue.redis_lua import COMMON
+from bgservice.queue.redis_lua import CASCADE, COMMON
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,9 @@ class RedisJobs:
             for name in redis_scripts.NAMES
         }
         self.scripts["OLDEST"] = self.redis.register_script(OLDEST)  # (stats only)
+        self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
+        self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
+        self.cascades.set()  # (an instance may have stopped before it ended them all)
         # The pipelines' own client: no socket timeout (the Batcher bounds each pipeline)
         # and no retry (a pipeline cut after its write may have run: never sent twice).
         self.batch = Batcher(_client(conf), self.scripts, timeout)
@@ -271,6 +274,23 @@ class RedisJobs:
         found = await pipe.execute()
         states = ["waiting"] * len(waiting) + ["running"] * len(running)
         return {"names": name_counts(zip(found, states, strict=True))}
+
+    def upkeep(self) -> tuple[Coroutine[Any, Any, None], ...]:
+        """What each instance does for the queue as a whole, for as long as it runs."""
+        return self.expire_forever(), self.cascade_forever()
+
+    async def cascade_forever(self) -> None:
+        """Each time ``cascades`` is set (``cascade`` heard, each lease round): end the
+        jobs waiting on ended ones that their script left over, one CASCADE script after
+        another until none is left. Every instance may at once: each script is atomic."""
+        while True:
+            await self.cascades.wait()
+            self.cascades.clear()
+            try:
+                while await self.call("CASCADE", repr(time.time() + self.settings.keep_results)):
+                    pass
+            except RedisError as exc:  # the next lease round sets cascades again
+                log.warning("jobs waiting on ended ones not ended yet: %s", exc)
 
     async def expire_forever(self) -> None:
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))

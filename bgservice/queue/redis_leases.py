@@ -80,6 +80,7 @@ class RedisLeases:
                 if time.monotonic() >= reap_from:
                     asked = time.monotonic()
                     taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
+                    self.db.cascades.set()  # what an instance that died left over too
                     reap_from = self._if_late(asked, reap_from)
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)

@@ -1,6 +1,7 @@
 """The Lua every Redis queue script starts with (redis_scripts.py): the prefix and clock
 from ARGV, and the helpers that move, place and finish jobs, so that each state change is
-written once."""
+written once; and CASCADE, which ends the jobs waiting on ended ones that a finishing
+script left over."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ local P = ARGV[1]
 local NOW = ARGV[2]
 local now = tonumber(NOW)
 local woke = false
+-- Jobs waiting on ended ones that one script fails or places at most (about 12 ms of
+-- Redis): the rest wait for the next script, so other clients are answered in between.
+local budget = 500
+local left = false  -- some are left: wake() tells the instances
 
 local function jkey(id) return P .. ':job:' .. id end
 local function pad(id) return string.format('%020d', tonumber(id)) end
@@ -34,30 +39,45 @@ local function place(id, run_at, priority)
   woke = true
 end
 
--- Finish a job and, transitively, the jobs that depended on it. ``known``: the first
--- job's state and unique key, when the caller has read them already.
-local function finish(id, state, status, result, err, expires, known)
-  local todo = {{id, state, status, result, err}}
-  local i = 1
-  while i <= #todo do
-    local t = todo[i]
-    i = i + 1
-    local jid, st = t[1], t[2]
-    local jk = jkey(jid)
-    local f = (i == 2 and known) or redis.call('HMGET', jk, 'state', 'unique_key')
-    local old, uk = f[1], f[2]
-    -- owner '' rather than a separate HDEL: no instance is named ''.
-    redis.call('HSET', jk, 'state', st, 'finished', NOW, 'status', t[3], 'result', t[4],
-               'expires', expires, 'owner', '')
-    if t[5] ~= '' then redis.call('HSET', jk, 'error', t[5]) end
-    if uk and redis.call('HGET', P .. ':unique', uk) == tostring(jid) then
-      redis.call('HDEL', P .. ':unique', uk)
-    end
-    move(jid, old, st, NOW)
-    redis.call('ZADD', P .. ':finished', expires, jid)
-    redis.call('PUBLISH', P .. ':events', 'done:' .. jid)
-    local deps = redis.call('SMEMBERS', P .. ':blocked:' .. jid)
-    if #deps > 0 then redis.call('DEL', P .. ':blocked:' .. jid) end
+-- A job ends: its fields, state and unique key. The jobs waiting on it (P:blocked:ID) are
+-- queued for the cascade below under a key of their own (P:cascade:N), so that the job,
+-- retried and ending again, queues its new ones apart. Returns whether it queued some.
+local function ended(id, state, status, result, err, expires, known)
+  local jk = jkey(id)
+  local f = known or redis.call('HMGET', jk, 'state', 'unique_key')
+  local old, uk = f[1], f[2]
+  -- owner '' rather than a separate HDEL: no instance is named ''.
+  redis.call('HSET', jk, 'state', state, 'finished', NOW, 'status', status, 'result', result,
+             'expires', expires, 'owner', '')
+  if err ~= '' then redis.call('HSET', jk, 'error', err) end
+  if uk and redis.call('HGET', P .. ':unique', uk) == tostring(id) then
+    redis.call('HDEL', P .. ':unique', uk)
+  end
+  move(id, old, state, NOW)
+  redis.call('ZADD', P .. ':finished', expires, id)
+  redis.call('PUBLISH', P .. ':events', 'done:' .. id)
+  local blocked = P .. ':blocked:' .. id
+  if redis.call('EXISTS', blocked) == 0 then return false end
+  local n = redis.call('INCR', P .. ':cascade_id')
+  redis.call('RENAME', blocked, P .. ':cascade:' .. n)
+  redis.call('RPUSH', P .. ':cascades', n .. ' ' .. id .. ' ' .. state)
+  return true
+end
+
+-- Fail or place the jobs waiting on ended ones (P:cascades, the newest first: a script's
+-- own) until this script's budget is spent; with ``whole``, only a job's whole set of
+-- them. Returns whether some are left (to the CASCADE script, redis_db.py).
+local function cascade(expires, whole)
+  local list = P .. ':cascades'
+  while budget > 0 do
+    local item = redis.call('LINDEX', list, -1)
+    if not item then return false end
+    local n, jid, st = string.match(item, '^(%d+) (%d+) (%a+)$')
+    local key = P .. ':cascade:' .. n
+    if whole and redis.call('SCARD', key) > budget then return true end
+    local deps = redis.call('SPOP', key, budget)
+    if redis.call('EXISTS', key) == 0 then redis.call('RPOP', list) end
+    budget = budget - #deps
     for _, d in ipairs(deps) do
       -- No blockers field: it stopped waiting for us (retried since, or failed already).
       local dk = jkey(d)
@@ -71,15 +91,26 @@ local function finish(id, state, status, result, err, expires, known)
         else
           redis.call('HDEL', dk, 'blockers')
           local msg = 'Dependency: job ' .. jid .. ' ' .. st
-          todo[#todo + 1] = {d, 'failed', '424', msg, msg}
+          ended(d, 'failed', '424', msg, msg, expires)
         end
       end
     end
+  end
+  return redis.call('EXISTS', list) == 1
+end
+
+-- Finish a job and the jobs waiting on it, transitively, as far as the budget goes; the
+-- rest wait, 'cascade' published, for the instances' CASCADE scripts. ``known``: the
+-- job's state and unique key, when the caller has read them already.
+local function finish(id, state, status, result, err, expires, known)
+  if ended(id, state, status, result, err, expires, known) and cascade(expires, true) then
+    left = true
   end
 end
 
 local function wake()
   if woke then redis.call('PUBLISH', P .. ':events', 'wake') end
+  if left then redis.call('PUBLISH', P .. ':events', 'cascade') end
 end
 
 local function live(jk)
@@ -98,3 +129,7 @@ local function known(id)
   return jk, st
 end
 """
+
+# ARGV: P, now, expires (of the jobs it fails). Fails or places the next jobs waiting on
+# ended ones; 1 while some are left.
+CASCADE = COMMON + "local more = cascade(ARGV[3], false)\nwake()\nreturn more and 1 or 0\n"

@@ -13,6 +13,9 @@ Keys, all under the configured prefix ``P``:
     P:delayed            zset: waiting jobs due later; score run_at
     P:blocked:ID         set: waiting jobs that run after job ID has finished; such a job's
                          ``blockers`` field counts the dependencies it still waits for
+    P:cascades           list: "N ID STATE": job ID ended in STATE; the set P:cascade:N (its
+                         P:blocked:ID renamed, N from INCR P:cascade_id) holds the jobs
+                         waiting on it still to fail or place, 500 a script (redis_lua.py)
     P:running            zset: running jobs; score the lease deadline its owner renews
     P:state:STATE        zset per state: score created (waiting), started (running) or
                          finished: counts, listings, the oldest waiting job
@@ -20,7 +23,8 @@ Keys, all under the configured prefix ``P``:
     P:unique             hash: unique key -> id of the waiting or running job holding it
     P:modrun             hash: module -> jobs running now, across instances (module limits)
     P:runs               zset: one JSON record per attempt; score the time it ended
-    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``
+    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``,
+                         ``cascade``
     P:rate:MODULE        zset: the module's job starts within its rate's interval
 (and the schedules' hashes: redis_schedules.py)
 
@@ -393,7 +397,4 @@ return 1
 """
 )
 
-NAMES = (
-    "ADD", "CLAIM", "REAP", "RELEASE", "RENEW", "END", "CANCEL", "RETRY", "EXPIRE", "DELETE",
-    "NOTE",
-)  # fmt: skip
+NAMES = "ADD CLAIM REAP RELEASE RENEW END CANCEL RETRY EXPIRE DELETE NOTE".split()
