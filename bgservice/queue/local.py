@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
-from collections import deque
 from typing import Any
 
 from bgservice import eager
@@ -43,7 +43,7 @@ from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
-CASCADE = 500  # jobs failed with their dependency in one turn of the loop (~5 ms)
+CASCADE = 500  # jobs that waited on ended ones settled in one turn of the loop (~5 ms)
 
 
 class LocalQueue(JobQueue):
@@ -72,7 +72,6 @@ class LocalQueue(JobQueue):
         self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
                                   self._deps.blocked_ids)  # fmt: skip
         self._writes = Writes(store)
-        self._ending: deque[tuple[int, str]] = deque()  # (job, why): to fail (if doomed)
         self._cascading = False  # _cascade is at work, now or in the next turn
         self._expiry: asyncio.Task[None] | None = None
 
@@ -116,8 +115,7 @@ class LocalQueue(JobQueue):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        while self._ending:  # (a chain grows it as it goes)
-            self._cascade(len(self._ending))
+        self._cascade(sys.maxsize)  # (a chain grows it as it goes)
         await self._writes.drain(5)
         await self.store.close()
 
@@ -369,27 +367,29 @@ class LocalQueue(JobQueue):
         waiter = self._waiters.pop(job.id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result((status, result))
-        ready, failed = self._deps.finished(job.id, state)
-        for dependent in filter(None, map(self.jobs.get, ready)):
-            self._line.place(dependent)
-        if failed:
-            message = f"Dependency: job {job.id} {state}"
-            self._ending.extend((jid, message) for jid in failed)
-            if not self._cascading:
-                self._cascade()
+        if self._deps.finished(job.id, state) and not self._cascading:
+            self._cascade()
         return written
 
     def _cascade(self, turn: int = CASCADE) -> None:
-        """Fail the jobs whose dependency failed, one after the other (a chain may be
-        long), ``turn`` a turn of the loop (100,000 after= one cancelled job held it 1.07 s
-        in one); all at once at stop (recovered, they would meet it expired or retried)."""
-        self._cascading = True
-        for _ in range(turn):
-            if not self._ending:
-                break
-            jid, message = self._ending.popleft()
-            if self._deps.doomed(jid) and (job := self.jobs.get(jid)) is not None:
-                self._finish(job, JobState.FAILED, DependencyFailed.code, message)
-        self._cascading = bool(self._ending)  # (goes on in the next turn)
+        """Settle the jobs that waited on ended ones, ``turn`` a turn of the loop: place
+        those free to run, fail those whose dependency failed. (100,000 after= one job
+        held the loop in one step: 1.07 s failed, 0.3 s placed.) At stop, all at once:
+        recovered, they would meet their dependency expired, or retried."""
+        self._cascading, placed = True, False
+        for jid, failure in self._deps.settled(turn):
+            if (job := self.jobs.get(jid)) is None:
+                continue
+            if failure is None:
+                self._line.place(job)
+                placed = True
+            else:
+                self._finish(job, JobState.FAILED, DependencyFailed.code, failure)
+        self._cascading = self._deps.unsettled  # (goes on in the next turn)
         if self._cascading:
-            asyncio.get_running_loop().call_soon(self._cascade)
+            # At the store's pace: saves waiting for it pile up in memory, and each full
+            # collection of the garbage collector walks them (100,000 failed: 60 ms more).
+            later = 0.005 if len(self._writes) > 4 * CASCADE else 0
+            asyncio.get_running_loop().call_later(later, self._cascade)
+        if placed:
+            self._pump()

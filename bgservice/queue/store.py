@@ -98,6 +98,9 @@ class Writes:
         future.add_done_callback(self._done)
         return future
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
     def _done(self, future: asyncio.Future[Any]) -> None:
         self._pending.discard(future)
         if not future.cancelled() and future.exception() is not None:
