@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import ServiceProcess, wait_until, write_module
+
+from bgservice.client import Client
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
@@ -122,3 +125,19 @@ def test_reloads_failures_module_state_and_loop_lag(svc: ServiceProcess, modules
     assert value(samples, "bgservice_module_up", module="echo") == 0
     assert value(samples, "bgservice_module_reloads_total", module="echo") == 1
     assert svc.call(b"echo:x") == b"v2"  # the last good version keeps serving
+
+
+def test_a_backlog_recovered_at_start_is_frozen_out_of_full_collections(
+    svc: ServiceProcess,
+) -> None:
+    """The jobs waiting when the service starts (and the modules) are left out of the
+    garbage collector's full collections (gc.freeze): each would walk them all again."""
+    with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=60) as bg:
+        ids = bg.add_many([("echo", b"x", {"delay": 3600})] * 20_000)
+    frozen_before = value(scrape(svc), "bgservice_gc_frozen_objects")
+    svc.stop()
+    svc.start()
+    samples = scrape(svc)
+    assert json.loads(svc.call(b"queue:status:id:%d" % ids[-1]))["state"] == "waiting"
+    assert value(samples, "bgservice_gc_frozen_objects") >= frozen_before + 20_000
+    assert value(samples, "python_gc_collections_total", generation="2") >= 1

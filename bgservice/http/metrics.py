@@ -9,6 +9,7 @@ before rendering because they may need the database or Redis.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -49,6 +51,7 @@ class Metrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)  # CPU, memory, open files, start time
+        GCCollector(registry=self.registry)  # collections and objects collected, by generation
 
     async def render(self) -> tuple[bytes, str]:
         try:
@@ -130,6 +133,11 @@ class Metrics(Collector):
         yield GaugeMetricFamily(
             f"{NS}_event_loop_lag_max_seconds", "The largest event-loop lag since start.",
             value=s.lag_max_ms / 1000,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            f"{NS}_gc_frozen_objects",
+            "Objects start-up left that the garbage collector no longer walks (gc.freeze).",
+            value=gc.get_freeze_count(),
         )  # fmt: skip
 
     def _modules(self) -> Iterator[Metric]:
