@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import shutil
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.sqlite import SCHEMA, DatabaseInUse, SqliteStore
 from bgservice.queue.store import Run
+from tests.conftest import Framed
 
 
 def _job(**kw) -> Job:
@@ -260,7 +262,8 @@ async def test_finished_jobs_are_listed_by_finish_time_then_id(tmp_path):
 def test_a_long_run_history_is_summed_off_the_loop(make_service, tmp_path):
     """queue:stats over a busy hour (400,000 attempts: the dashboard asks for a week) is
     summed by SQLite in a thread: calls go on being answered meanwhile. It was a Python
-    object per attempt on the loop: 0.6 s without an answer to anyone."""
+    object per attempt on the loop, which answered no one until it was done (0.6 s then;
+    timings in docs/benchmarks.md): calls sent meanwhile were all answered after it."""
     now = time.time()
     runs = [(i, "echo", 1, now - 1800 + i * 0.004, now - 1800 + i * 0.004 + 0.002, "done")
             for i in range(400_000)]  # fmt: skip
@@ -268,22 +271,28 @@ def test_a_long_run_history_is_summed_off_the_loop(make_service, tmp_path):
         conn.executescript(SCHEMA)
         conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)", runs)
     svc = make_service()
-    stats: dict = {}
+    asking, pinging = Framed(svc.tcp, timeout=60), Framed(svc.tcp, timeout=60)
 
-    def ask() -> None:
-        for _ in range(3):
-            stats.update(json.loads(svc.call(b"queue:stats?window=86400", timeout=60)))
+    def stats_pending() -> bool:
+        return not asking.ready and not select.select([asking.sock], [], [], 0)[0]
 
-    asking = threading.Thread(target=ask)
-    asking.start()
-    slowest = 0.0
-    while asking.is_alive():
-        started = time.monotonic()
-        assert svc.call(b"test:x") == b"Test"
-        slowest = max(slowest, time.monotonic() - started)
-    asking.join()
-    window = stats["window"]
+    answered = []  # per queue:stats: the calls answered while its reply had not come
+    for _ in range(3):
+        asking.send(b"queue:stats?window=86400")
+        count = 0
+        while stats_pending():
+            assert pinging.call(b"test:x") == (200, b"Test")
+            count += stats_pending()  # answered, and the reply to queue:stats still not in
+            time.sleep(0.002)
+        code, body = asking.recv()
+        assert code == 200, body
+        answered.append(count)
+    asking.close()
+    pinging.close()
+    window = json.loads(body)["window"]
     assert (window["runs"], window["outcomes"]) == (400_000, {"done": 400_000})
     assert window["busy_seconds"] == pytest.approx(800.0, rel=1e-3)
     assert sum(h["runs"] for h in window["by_hour"]) == 400_000
-    assert slowest < 0.25, f"a call waited {slowest:.2f} s behind queue:stats"
+    # Each time, calls were answered while it was summed (about 190 here; on the loop, at
+    # most the one answered before the sum began, every time: the rest waited for it).
+    assert min(answered) >= 10, f"calls answered while queue:stats was summed: {answered}"
