@@ -20,8 +20,7 @@ from bgservice.queue.job import COLUMNS, Job, JobState
 from bgservice.queue.local import LocalQueue
 from bgservice.queue.sqlite import SCHEMA, SqliteStore
 from bgservice.stats import Stats
-from tests.conftest import Framed, wait_until
-from tests.queue_helpers import status
+from tests.conftest import wait_until
 
 INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}, progress) VALUES ({', '.join('?' * 25)})"
 
@@ -160,55 +159,3 @@ async def test_dependencies_of_recovered_jobs_are_read_in_one_go(tmp_path):
     assert outcomes[1] is None and outcomes[count + 1] is None  # expired: it was done
     assert (await finished.lookup(count + 1), await finished.lookup(count + 5)) == (None, None)
     await store.close()
-
-
-def test_a_cascade_of_100000_dependents_leaves_the_loop_to_others(make_service, tmp_path):
-    """100,000 waiting jobs after= one, which is cancelled: every one of them fails with it,
-    500 per turn of the loop, so calls sent meanwhile are answered while it goes on (ended
-    in one step, the cascade held the loop 1.07 s and no call saw it under way); one
-    cancelled and retried before the cascade came to it is left waiting."""
-    now, waiting = time.time(), 100_000
-    with sqlite3.connect(tmp_path / "jobs.db") as conn:
-        conn.executescript(SCHEMA)
-        busy = list(_row(1, "waiting", now))
-        busy[1], busy[2], busy[4] = "sleep", b"60000", 10  # module, data, priority: first
-        conn.execute(INSERT, busy)
-        conn.execute(INSERT, _row(2, "waiting", now))  # behind the sleeper: it waits
-        conn.executemany(INSERT, (_row(i, "waiting", now, after="2")
-                                  for i in range(3, waiting + 3)))  # fmt: skip
-    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 1000000\n")
-    wait_until(lambda: status(svc, 1)["state"] == "running", timeout=30)
-    last = waiting + 2
-    watch = Framed(svc.tcp, timeout=30)
-    # In one write, served in one turn of the loop: the last in the cascade is cancelled
-    # and retried before the cascade comes to it; it must be left waiting.
-    conn = Framed(svc.tcp, timeout=30)
-    conn.send(b"queue:cancel:id:2", b"queue:list?state=waiting&limit=5",
-              b"queue:cancel:id:%d" % last, b"queue:retry:id:%d" % last)  # fmt: skip
-    # Calls are answered while the cascade goes on: one sees the first job in it failed
-    # and the last still waiting (how long each call waits depends on the machine; it is
-    # measured in docs/benchmarks.md).
-    seen: list[tuple[str, str]] = []
-    deadline = time.monotonic() + 60
-    while (not seen or seen[-1][1] == "waiting") and time.monotonic() < deadline:
-        watch.send(b"queue:status:id:3", b"queue:status:id:%d" % (last - 1))
-        seen.append(tuple(json.loads(watch.recv()[1])["state"] for _ in range(2)))
-        time.sleep(0.002)
-    watch.close()
-    assert seen[-1] == ("failed", "failed") and seen.count(("failed", "waiting")) >= 3, seen
-    replies = [conn.recv() for _ in range(4)]
-    conn.close()
-    listed = replies.pop(1)
-    assert replies == [(200, b"cancelled"), (200, b"cancelled"), (200, b"id:%d" % last)]
-    # Those the cascade had not come to yet were listed (and counted) as waiting on
-    # another job, with no position.
-    shown = json.loads(listed[1])["waiting"]
-    assert len(shown) == 5 and {j["position"] for j in shown} == {None}
-
-    def counts() -> dict[str, int]:
-        return json.loads(svc.call(b"queue:stats"))["counts"]
-
-    wait_until(lambda: counts()["failed"] >= waiting - 1, timeout=60)
-    assert status(svc, last - 1)["error"] == "Dependency: job 2 cancelled"
-    assert status(svc, last)["state"] == "waiting"
-    assert (counts()["waiting"], counts()["cancelled"]) == (1, 1)
