@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import wait_until, write_module
+from bgservice.client import Client
+from tests.conftest import Framed, wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
 from tests.queue_helpers import add, both_engines, status  # noqa: F401
@@ -136,3 +137,53 @@ def test_a_dependency_failing_during_the_stop_fails_its_dependents_before_it(
     svc.start()
     wait_until(lambda: b'"waiting"' not in svc.call(b"queue:status:id:%d" % after))
     assert svc.call(b"queue:status:id:%d" % after).startswith(b"404")  # expired, never run
+
+
+GATE = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    for _ in range(6000):  # 60 s at most: a test that failed must not hang
+        if Path(request.text).exists():
+            return "open"
+        time.sleep(0.01)
+    return "never opened"
+"""
+
+
+def test_a_job_after_two_that_fail_names_the_first_to_fail(make_service):
+    """C after=A,B; A, which 1,000 other jobs wait on, is cancelled, then B (only C waits
+    on it), in one write: C fails naming A. (On Redis A's jobs were left to later scripts
+    while B's cancel failed C at once, naming B.)"""
+    svc = make_service("[queue]\nworkers = 1\n")
+    busy = add(svc, b"queue:add?priority=10:sleep:60000")
+    wait_until(lambda: status(svc, busy)["state"] == "running", timeout=30)
+    a, b = add(svc, b"queue:add:echo:a"), add(svc, b"queue:add:echo:b")
+    with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=60) as bg:
+        bg.add_many([("echo", b"x", {"after": a})] * 1000)
+    c = add(svc, b"queue:add?after=%d,%d:echo:c" % (a, b))
+    conn = Framed(svc.tcp, timeout=30)
+    conn.send(b"queue:cancel:id:%d" % a, b"queue:cancel:id:%d" % b)
+    assert [conn.recv() for _ in range(2)] == [(200, b"cancelled")] * 2
+    conn.close()
+    wait_until(lambda: status(svc, c)["state"] == "failed", timeout=30)
+    assert status(svc, c)["error"] == f"Dependency: job {a} cancelled"
+
+
+def test_the_jobs_a_dependency_frees_start_in_the_order_they_came(make_service, tmp_path):
+    """20,000 jobs after= one, one worker: once it is done, they start in the order they
+    were added, as jobs of one priority do (on Redis they were freed 500 at a time, each
+    500 picked at random: the first added started 17th)."""
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 100000\n", start=False)
+    write_module(svc.modules, "gate", GATE)
+    svc.start()
+    gate = tmp_path / "open"
+    dependency = add(svc, b"queue:add:gate:" + str(gate).encode())
+    wait_until(lambda: status(svc, dependency)["state"] == "running", timeout=30)
+    with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=120) as bg:
+        ids = bg.add_many([("echo", b"x", {"after": dependency})] * 20_000)
+    gate.touch()
+    assert svc.call(b"queue:get:id:%d" % ids[-1], timeout=120) == b"x"
+    started = sorted((status(svc, jid)["started"], jid) for jid in ids[:300])
+    assert [jid for _, jid in started] == ids[:300]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -13,7 +14,15 @@ import pytest
 import redis
 
 from bgservice.client import Client
-from tests.conftest import Framed, ServiceProcess, redis_config, wait_until, write_module
+from tests.conftest import (
+    Framed,
+    RedisServer,
+    ServiceProcess,
+    redis_command,
+    redis_config,
+    wait_until,
+    write_module,
+)
 from tests.queue_helpers import add, status
 
 # Waits until the file its data names exists: a job that ends done when the test says so.
@@ -155,3 +164,61 @@ def test_a_cascade_left_by_an_instance_that_died_is_ended_by_the_next(tmp_path, 
             if svc.proc is not None and svc.proc.poll() is None:
                 svc.proc.kill()
                 svc.proc.wait()
+
+
+def test_a_cascade_cut_by_a_redis_pause_goes_on_when_redis_answers(tmp_path):
+    """Redis stops answering (CLIENT PAUSE) in the middle of a cascade: the script that
+    times out is tried again after a backoff, not at the next lease round (lease = 600 s
+    here: 200 s away; it was the only trigger left, and the next round after an outage
+    comes a lease and a third later)."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    root = tmp_path / "svc"
+    root.mkdir()
+    prefix = f"pause-{uuid.uuid4().hex[:8]}"
+    svc = ServiceProcess(root, "[queue]\nworkers = 1\nmax_waiting = 1000000\n",
+                         backend_config=redis_config(server.url, prefix, lease=600))  # fmt: skip
+    try:
+        svc.start()
+        busy = add(svc, b"queue:add?priority=10:sleep:60000")
+        wait_until(lambda: status(svc, busy)["state"] == "running", timeout=30)
+        dependency = add(svc, b"queue:add:echo:x")
+        waiting = 50_000
+        ids = add_after(svc, dependency, waiting)
+        assert svc.call(b"queue:cancel:id:%d" % dependency) == b"cancelled"
+        redis_command(server.url, "CLIENT", "PAUSE", "7000", "ALL")
+        wait_until(lambda: "jobs waiting on ended ones not ended yet" in svc.log(), timeout=30)
+        wait_until(lambda: counts(svc).get("failed", 0) == waiting, timeout=60, interval=0.5)
+        assert status(svc, ids[-1])["error"] == f"Dependency: job {dependency} cancelled"
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+        server.stop()
+
+
+def test_jobs_waiting_on_one_as_an_earlier_version_stored_them_are_freed(
+    make_service, redis_url, tmp_path
+):
+    """P:blocked:ID was a plain set before it became a sorted set: one an earlier version
+    left in Redis is converted when next used, and its jobs run."""
+    svc = make_service("[queue]\nworkers = 2\n", start=False)
+    write_module(svc.modules, "gate", GATE)
+    svc.start()
+    gate = tmp_path / "open"
+    dependency = add(svc, b"queue:add:gate:" + str(gate).encode())
+    wait_until(lambda: status(svc, dependency)["state"] == "running", timeout=30)
+    ids = add_after(svc, dependency, 700)
+    prefix = re.search(r'prefix = "([^"]+)"', svc.config.read_text()).group(1)  # type: ignore[union-attr]
+    key = f"{prefix}:blocked:{dependency}"
+    with redis.Redis.from_url(redis_url) as db:
+        members = db.zrange(key, 0, -1)
+        assert len(members) == 700
+        db.delete(key)
+        db.sadd(key, *members)  # as an earlier version wrote it
+    late = add(svc, b"queue:add?after=%d:echo:late" % dependency)  # added to the old set
+    gate.touch()
+    assert svc.call(b"queue:get:id:%d" % late, timeout=60) == b"late"
+    assert svc.call(b"queue:get:id:%d" % ids[-1], timeout=60) == b"x"
+    wait_until(lambda: counts(svc).get("done", 0) == 702, timeout=60)

@@ -139,7 +139,9 @@ class RedisJobs:
 
     async def subscribe(self, on_message: Callable[[bytes], None]) -> Subscription:
         """Follow the queue's channel (``P:events``): ``on_message(data)`` for each."""
-        return await Subscription.open(self.redis, self.key("events"), self.timeout, on_message)
+        channel = await Subscription.open(self.redis, self.key("events"), self.timeout, on_message)
+        self.cascades.set()  # a 'cascade' may have gone by while we were away
+        return channel
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -280,17 +282,25 @@ class RedisJobs:
         return self.expire_forever(), self.cascade_forever()
 
     async def cascade_forever(self) -> None:
-        """Each time ``cascades`` is set (``cascade`` heard, each lease round): end the
-        jobs waiting on ended ones that their script left over, one CASCADE script after
-        another until none is left. Every instance may at once: each script is atomic."""
+        """Each time ``cascades`` is set (``cascade`` heard, a lease renewed, the channel
+        followed again): end the jobs waiting on ended ones that their script left over,
+        one CASCADE script after another until none is left. Every instance may at once:
+        each script is atomic. When Redis fails, again after a backoff (not at the next
+        trigger: after an outage that may be a lease round away)."""
+        delay = 0.1
         while True:
             await self.cascades.wait()
             self.cascades.clear()
             try:
                 while await self.call("CASCADE", repr(time.time() + self.settings.keep_results)):
                     pass
-            except RedisError as exc:  # the next lease round sets cascades again
-                log.warning("jobs waiting on ended ones not ended yet: %s", exc)
+                delay = 0.1
+            except RedisError as exc:
+                log.warning("jobs waiting on ended ones not ended yet (%s): again in %.1f s",
+                            exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                self.cascades.set()
 
     async def expire_forever(self) -> None:
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))

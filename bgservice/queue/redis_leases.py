@@ -76,11 +76,11 @@ class RedisLeases:
             try:
                 asked = time.monotonic()
                 await self._renew()
+                self.db.cascades.set()  # what an instance that died left over, say
                 reap_from = self._if_late(asked, reap_from)
                 if time.monotonic() >= reap_from:
                     asked = time.monotonic()
                     taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
-                    self.db.cascades.set()  # what an instance that died left over too
                     reap_from = self._if_late(asked, reap_from)
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)

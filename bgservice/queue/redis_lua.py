@@ -39,6 +39,18 @@ local function place(id, run_at, priority)
   woke = true
 end
 
+-- P:blocked:ID, the jobs waiting on job ID, scored by id (they are freed in the order
+-- they came); one written as a plain set by an earlier version is converted first.
+local function blocked_key(id)
+  local key = P .. ':blocked:' .. id
+  if redis.call('TYPE', key).ok == 'set' then
+    local ids = redis.call('SMEMBERS', key)
+    redis.call('DEL', key)
+    for _, d in ipairs(ids) do redis.call('ZADD', key, d, d) end
+  end
+  return key
+end
+
 -- A job ends: its fields, state and unique key. The jobs waiting on it (P:blocked:ID) are
 -- queued for the cascade below under a key of their own (P:cascade:N), so that the job,
 -- retried and ending again, queues its new ones apart. Returns whether it queued some.
@@ -56,7 +68,7 @@ local function ended(id, state, status, result, err, expires, known)
   move(id, old, state, NOW)
   redis.call('ZADD', P .. ':finished', expires, id)
   redis.call('PUBLISH', P .. ':events', 'done:' .. id)
-  local blocked = P .. ':blocked:' .. id
+  local blocked = blocked_key(id)
   if redis.call('EXISTS', blocked) == 0 then return false end
   local n = redis.call('INCR', P .. ':cascade_id')
   redis.call('RENAME', blocked, P .. ':cascade:' .. n)
@@ -64,21 +76,22 @@ local function ended(id, state, status, result, err, expires, known)
   return true
 end
 
--- Fail or place the jobs waiting on ended ones (P:cascades, the newest first: a script's
--- own) until this script's budget is spent; with ``whole``, only a job's whole set of
--- them. Returns whether some are left (to the CASCADE script, redis_db.py).
+-- Fail or place the jobs waiting on ended ones (P:cascades, first ended first, each
+-- job's in id order) until this script's budget is spent; with ``whole``, only a job's
+-- whole set of them. Returns whether some are left (to CASCADE scripts, redis_db.py).
 local function cascade(expires, whole)
   local list = P .. ':cascades'
   while budget > 0 do
-    local item = redis.call('LINDEX', list, -1)
+    local item = redis.call('LINDEX', list, 0)
     if not item then return false end
     local n, jid, st = string.match(item, '^(%d+) (%d+) (%a+)$')
     local key = P .. ':cascade:' .. n
-    if whole and redis.call('SCARD', key) > budget then return true end
-    local deps = redis.call('SPOP', key, budget)
-    if redis.call('EXISTS', key) == 0 then redis.call('RPOP', list) end
-    budget = budget - #deps
-    for _, d in ipairs(deps) do
+    if whole and redis.call('ZCARD', key) > budget then return true end
+    local popped = redis.call('ZPOPMIN', key, budget)  -- id, score, id, score, ...
+    if redis.call('EXISTS', key) == 0 then redis.call('LPOP', list) end
+    budget = budget - #popped / 2
+    for i = 1, #popped, 2 do
+      local d = popped[i]
       -- No blockers field: it stopped waiting for us (retried since, or failed already).
       local dk = jkey(d)
       local g = redis.call('HMGET', dk, 'state', 'blockers')

@@ -11,9 +11,9 @@ Keys, all under the configured prefix ``P``:
     P:ready              zset: waiting jobs due now; score -priority, member the id padded
                          to 20 digits, so equal priorities pop in order of arrival
     P:delayed            zset: waiting jobs due later; score run_at
-    P:blocked:ID         set: waiting jobs that run after job ID has finished; such a job's
-                         ``blockers`` field counts the dependencies it still waits for
-    P:cascades           list: "N ID STATE": job ID ended in STATE; the set P:cascade:N (its
+    P:blocked:ID         zset: waiting jobs that run after job ID has finished (score the id);
+                         such a job's ``blockers`` field counts the dependencies it still waits for
+    P:cascades           list: "N ID STATE": job ID ended in STATE; the zset P:cascade:N (its
                          P:blocked:ID renamed, N from INCR P:cascade_id) holds the jobs
                          waiting on it still to fail or place, 500 a script (redis_lua.py)
     P:running            zset: running jobs; score the lease deadline its owner renews
@@ -75,7 +75,7 @@ if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
 if #blockers > 0 then
   redis.call('HSET', jk, 'blockers', #blockers)
-  for _, dep in ipairs(blockers) do redis.call('SADD', P .. ':blocked:' .. dep, id) end
+  for _, dep in ipairs(blockers) do redis.call('ZADD', blocked_key(dep), id, id) end
 else
   place(id, run_at, priority)
 end
@@ -310,7 +310,7 @@ end
 redis.call('ZREM', P .. ':ready', pad(id))
 redis.call('ZREM', P .. ':delayed', id)
 local after = redis.call('HGET', jk, 'after') or ''
-for dep in string.gmatch(after, '%d+') do redis.call('SREM', P .. ':blocked:' .. dep, id) end
+for dep in string.gmatch(after, '%d+') do redis.call('ZREM', blocked_key(dep), id) end
 local msg = 'Job ' .. id .. ' cancelled'
 finish(id, 'cancelled', '410', msg, msg, ARGV[4])
 wake()
