@@ -5,6 +5,7 @@ on the embedded engine only."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import pytest
@@ -74,6 +75,18 @@ async def handle_tcp(request):
 """
 
 
+def _gated_service(make_service, modules_dir):
+    """A service with 4 workers and the gate module (open once ``gate.open`` exists)."""
+    write_module(modules_dir, "gate", GATE)
+    return make_service("[queue]\nworkers = 4\n")
+
+
+def _hold_the_workers(bg: Client) -> None:
+    """Four gate jobs, running: every worker is held until the gate opens."""
+    gates = bg.add_many([("gate", b"")] * 4)
+    wait_until(lambda: {bg.status(j)["state"] for j in gates} == {"running"})
+
+
 def test_a_backlog_of_jobs_that_finish_at_once_does_not_keep_the_loop(make_service, modules_dir):
     # A job whose handler replies without waiting frees its worker at once, so the pump
     # took every ready job in one turn of the loop: 20,000 such jobs coming due together
@@ -81,12 +94,10 @@ def test_a_backlog_of_jobs_that_finish_at_once_does_not_keep_the_loop(make_servi
     # docs/benchmarks.md). Here 30,000 wait for the workers, held by gate jobs; once the
     # gate opens, calls sent meanwhile see the backlog under way: the first of it done, the
     # last still waiting (never, when it ran in one turn: no call is read in between).
-    write_module(modules_dir, "gate", GATE)
-    svc = make_service("[queue]\nworkers = 4\n")
+    svc = _gated_service(make_service, modules_dir)
     jobs = 30_000
     with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=60) as bg:
-        gates = bg.add_many([("gate", b"")] * 4)
-        wait_until(lambda: {bg.status(j)["state"] for j in gates} == {"running"})
+        _hold_the_workers(bg)
         first, *_, last = bg.add_many([("test", b"x")] * jobs)
     watch = svc.framed()
     (modules_dir / "gate.open").touch()
@@ -98,4 +109,36 @@ def test_a_backlog_of_jobs_that_finish_at_once_does_not_keep_the_loop(make_servi
         time.sleep(0.002)
     watch.close()
     assert seen[-1] == ("done", "done") and seen.count(("done", "waiting")) >= 3, seen
+    wait_until(lambda: json.loads(svc.call(b"queue:stats"))["counts"]["done"] == jobs + 4, 30)
+
+
+def test_jobs_wait_to_start_while_the_store_is_behind(make_service, modules_dir, tmp_path):
+    # Each job started is two saves (its start, its end) waiting in memory until the store
+    # commits them; when the store fell behind, the pump went on starting jobs, and the
+    # saves piled up (100,000 jobs freed at once: 14,666 in flight, and every full
+    # collection of the garbage collector walked them). Here the store is held still (the
+    # test holds SQLite's write lock, for less than the service's busy timeout of 5 s)
+    # while 3,000 jobs that finish at once come free: the pump starts about 1,000 (2,000
+    # saves in flight, local.BEHIND), then waits; once the lock goes, all of them run.
+    # (Statuses of jobs waiting or just finished are read from memory, not the store.)
+    svc = _gated_service(make_service, modules_dir)
+    jobs = 3000
+    with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=60) as bg:
+        _hold_the_workers(bg)
+        ids = bg.add_many([("echo", b"x")] * jobs)
+        first, later = ids[0], ids[2000]  # (2,000 saves: about 1,000 jobs)
+        lock = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the write lock: the service's commits wait
+        try:
+            (modules_dir / "gate.open").touch()
+            seen: list[tuple[str, str]] = []
+            for _ in range(60):  # 1.2 s: the old code ran all 3,000 in well under that
+                seen.append((bg.status(first)["state"], bg.status(later)["state"]))
+                time.sleep(0.02)
+        finally:
+            lock.rollback()
+            lock.close()
+        assert ("done", "waiting") in seen, seen  # the gates opened and jobs started ...
+        assert all(state == "waiting" for _, state in seen), seen  # ... then they waited
+        assert bg.get(ids[-1]) == b"x"
     wait_until(lambda: json.loads(svc.call(b"queue:stats"))["counts"]["done"] == jobs + 4, 30)
