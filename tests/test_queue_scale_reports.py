@@ -20,10 +20,12 @@ from collections.abc import Awaitable
 from types import FrameType
 from typing import TypeVar
 
+from bgservice.client import Client
 from bgservice.queue.commands import ListSpec
 from bgservice.queue.sqlite import SCHEMA
 from tests.conftest import wait_until
 from tests.queue_helpers import add, status
+from tests.test_queue_pump import _gated_service, _hold_the_workers
 from tests.test_queue_scale_store import INSERT, _row, recovered_queue
 
 T = TypeVar("T")
@@ -131,3 +133,27 @@ def test_a_mixed_line_is_listed_and_positioned_exactly(make_service):
     assert stats["counts"]["waiting"] == len(expected) and stats["counts"]["running"] == 1
     assert stats["names"] == {"hi": {"waiting": 2, "running": 0}}
     assert stats["oldest_waiting_age"] is not None
+
+
+def test_stats_count_every_job_while_jobs_end(make_service, modules_dir):
+    # queue:stats counts waiting and running jobs in memory and finished ones in the store;
+    # a job that ended while the count was read from the store, its end not yet written,
+    # was counted nowhere (or, its end written along, twice): the totals of calls made
+    # while 10,000 jobs ended fell short of the jobs there were.
+    svc = _gated_service(make_service, modules_dir)
+    jobs = 10_000
+    with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=60) as bg:
+        _hold_the_workers(bg)
+        bg.add_many([("echo", b"x")] * jobs)
+    conn = svc.framed()
+    (modules_dir / "gate.open").touch()
+    totals: list[int] = []
+    done = 0
+    while done != jobs + 4:
+        conn.send(*[b"queue:stats"] * 20)
+        for _ in range(20):
+            counts = json.loads(conn.recv()[1])["counts"]
+            totals.append(sum(counts.values()))
+            done = counts["done"]
+    conn.close()
+    assert set(totals) == {jobs + 4}, sorted(set(totals))

@@ -258,7 +258,8 @@ class LocalQueue(JobQueue):
         return await reports.list_page(self._live, self.store, spec)
 
     async def stats(self, window: float) -> dict[str, Any]:
-        return await reports.stats(self._live, self.store, self.settings, window)
+        unwritten = self._writes.unwritten_ends
+        return await reports.stats(self._live, self.store, self.settings, window, unwritten)
 
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value

@@ -102,10 +102,14 @@ async def stats(
     store: Store,
     settings: QueueSettings,
     window: float,
+    unwritten: Callable[[], Counter[str]],
 ) -> dict[str, Any]:
+    """``unwritten``: the ended jobs the store's counts do not hold yet (Writes)."""
     now = time.time()
     counts = {s: 0 for s in STATES}
-    counts.update(await store.counts())
+    # With the jobs that ended but are not written yet (in the same step as the store's
+    # answer): else counted by neither memory nor store (10,000 jobs ending: 2,000 short).
+    counts.update(await store.counts(unwritten))
     running = _running(live)
     counts["waiting"] = len(live.jobs) - len(running)  # the jobs in memory wait or run
     counts["running"] = len(running)

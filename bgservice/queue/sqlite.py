@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -253,10 +254,25 @@ class SqliteStore:
             ]
         )
 
-    async def counts(self) -> dict[str, int]:
-        return await self._submit(
-            lambda c: dict(c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-        )
+    async def counts(self, ended: Callable[[], Counter[str]] | None = None) -> dict[str, int]:
+        writer = self._writer
+        assert writer is not None, "store not open"
+
+        def count(c: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+            rows = c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+            return writer.commits, dict(rows)
+
+        while True:
+            commit, counts = await self._submit(count)
+            if ended is None:
+                return counts
+            # Answered in the order they commit: when no later commit was answered before
+            # this one, an end whose save is still pending is in a later commit, and not
+            # in these counts. (Else read again: that is rare.)
+            if writer.answered == commit:
+                for state, n in ended().items():
+                    counts[state] = counts.get(state, 0) + n
+                return counts
 
     async def run_history(self, now: float, window: float) -> dict[str, Any]:
         assert self._loop is not None and self._writer is not None, "store not open"

@@ -93,6 +93,9 @@ class Writer:
         self.conn = conn
         self.loop = loop
         self.commit_window = commit_window
+        # Commits numbered: the one running (the writer's thread reads it) and the last
+        # answered on the loop, whose futures are all done (SqliteStore.counts).
+        self.commits = self.answered = 0
         marks = ", ".join("?" * len(columns))
         self._insert = (f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({marks})",
                         f"INSERT INTO jobs ({', '.join(columns)}) VALUES {{rows}}")  # fmt: skip
@@ -122,6 +125,11 @@ class Writer:
                 pending.runs.append(run)
         return pending
 
+    def _answer(self, commit: int, results: list[_Done]) -> None:
+        """A commit's outcome, on the loop: its futures, in the order of the commits."""
+        self.answered = commit
+        _resolve(results)
+
     def stop(self, timeout: float) -> None:
         """Commit what is queued, then end the thread (blocking: run it off the loop)."""
         self._ops.put(None)
@@ -137,7 +145,8 @@ class Writer:
                     for op in batch:
                         if type(op) is Save:
                             del self._saves[op.jid]
-                self.loop.call_soon_threadsafe(_resolve, self._apply(batch))
+                self.commits += 1
+                self.loop.call_soon_threadsafe(self._answer, self.commits, self._apply(batch))
             if stop:
                 break
         self.conn.close()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,7 +64,10 @@ class Store(Protocol):
 
     async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]: ...
 
-    async def counts(self) -> dict[str, int]: ...
+    async def counts(self, ended: Callable[[], Counter[str]] | None = None) -> dict[str, int]:
+        """The stored jobs by state; with ``ended`` (``Writes.unwritten_ends``), plus the
+        jobs that ended whose ends are not committed yet: each counted once."""
+        ...
 
     async def run_history(self, now: float, window: float) -> dict[str, Any]:
         """``queue:stats``' summary of the attempts that ended lately (history.py)."""
@@ -88,13 +92,13 @@ class Writes:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._pending: dict[asyncio.Future[Any], Job] = {}  # a save, and the job it writes
 
     def save(
         self, job: Job, fields: tuple[str, ...], run: Run | None = None
     ) -> asyncio.Future[Any]:
         future = asyncio.ensure_future(self.store.save(job, run, fields=fields))
-        self._pending.add(future)
+        self._pending[future] = job
         future.add_done_callback(self._done)
         return future
 
@@ -102,9 +106,16 @@ class Writes:
         return len(self._pending)
 
     def _done(self, future: asyncio.Future[Any]) -> None:
-        self._pending.discard(future)
+        self._pending.pop(future, None)
         if not future.cancelled() and future.exception() is not None:
             log.error("job store write failed: %s", future.exception())
+
+    def unwritten_ends(self) -> Counter[str]:
+        """The jobs that ended and whose ends the store has not committed, by state (each
+        once, however many of its saves are pending): ``Store.counts`` adds them."""
+        ended = {job.id: job.state for future, job in self._pending.items()
+                 if job.state.finished and not future.done()}  # fmt: skip
+        return Counter(map(str, ended.values()))
 
     async def drain(self, timeout: float) -> None:
         if self._pending:
