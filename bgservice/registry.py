@@ -14,6 +14,7 @@ editor droppings and anything not ending in ``.py`` are ignored.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -211,12 +212,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         _restore(qualname, module, previous)
         raise ModuleLoadError(_describe_failure(exc, path)) from None
     return ModuleVersion(
-        name=name,
-        path=path,
-        module=module,
-        digest=loader.digest,
-        tcp=tcp,
-        udp=udp,
+        name=name, path=path, module=module, digest=loader.digest, tcp=tcp, udp=udp,
         unload=unload if callable(unload) else None,
         stats=stats if callable(stats := getattr(module, "stats", None)) else None,
         accepts=accepts,
@@ -226,7 +222,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         queue_from=sources,
         call_from=callers,
         source=loader.source,
-    )
+    )  # fmt: skip
 
 
 def _restore(qualname: str, failed: Module | None, previous: Module | None) -> None:
@@ -353,6 +349,10 @@ class Registry:
 
     def _retire(self, version: ModuleVersion) -> None:
         version.retire(self._start_unload)
+        # A version loaded at start-up was frozen with the rest (server.py): frozen, it
+        # would never be collected (its functions and globals make a cycle). Unfrozen,
+        # the next full collection frees it.
+        gc.unfreeze()
 
     def _start_unload(self, version: ModuleVersion) -> None:
         if version.unload is None:

@@ -297,3 +297,43 @@ def test_a_module_named_as_a_service_request_loads_but_is_never_called(service):
     service.send_udp(b"helo:x")
     service.wait_for_log("for module 'helo' failed: 400 Unknown request")
     assert "the UDP handler ran" not in service.log()
+
+
+CANARY_V1 = """
+import weakref
+from pathlib import Path
+
+
+class _Canary:
+    pass
+
+
+_canary = _Canary()  # reachable only through this module's globals
+weakref.finalize(_canary, Path(__file__).with_name("canary.freed").touch)
+
+
+def handle_tcp(request):
+    return "v1"
+"""
+
+CANARY_V2 = """
+import gc
+from pathlib import Path
+
+
+def handle_tcp(request):
+    gc.collect()
+    return "freed" if Path(__file__).with_name("canary.freed").exists() else "kept"
+"""
+
+
+def test_a_version_loaded_at_start_is_freed_once_replaced(modules_dir, make_service):
+    # The service freezes start-up's objects (gc.freeze) once ready, and a replaced
+    # version is cyclic garbage (its functions hold its globals): frozen, the first
+    # version of every module was never collected, nor anything it held.
+    path = write_module(modules_dir, "canary", CANARY_V1)
+    svc = make_service()
+    assert svc.call(b"canary:x") == b"v1"
+    path.write_text(CANARY_V2)
+    wait_until(lambda: svc.call(b"canary:x") != b"v1", timeout=20)
+    assert svc.call(b"canary:x") == b"freed"
