@@ -21,7 +21,19 @@ python -m mypy
 # A redis-server of our own on a free loopback port, for the shared-queue tests (tests that
 # must restart Redis start their own); stopped when this script exits.
 redis_dir=$(mktemp -d)
-trap 'kill "$(cat "$redis_dir/redis.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$redis_dir"' EXIT
+stop_redis() {
+    # Never fails the run: the suite's result is the script's. Waits for the server to
+    # exit (and its AOF rewrite child, if one runs) before removing its directory: a file
+    # written during the removal made `rm -rf` fail, and CI with it, after every test passed.
+    local pid
+    pid=$(cat "$redis_dir/redis.pid" 2>/dev/null) || pid=
+    if [[ -n $pid ]] && kill "$pid" 2>/dev/null; then
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    for _ in $(seq 50); do rm -rf "$redis_dir" 2>/dev/null && return 0; sleep 0.1; done
+    echo "note: could not remove $redis_dir" >&2
+}
+trap stop_redis EXIT
 redis_port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$redis_dir" --save '' \
     --appendonly yes --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log"
