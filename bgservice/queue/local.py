@@ -234,7 +234,7 @@ class LocalQueue(JobQueue):
         self.jobs[jid] = job
         self._keys.hold(key, jid)
         try:
-            await self.store.save(job)
+            await self._writes.retry(job)
         except Exception as exc:
             log.error("job store refused a retry: %s", exc)
             self.jobs.pop(jid, None)  # the store still has it as it was: lookups read that
@@ -258,8 +258,7 @@ class LocalQueue(JobQueue):
         return await reports.list_page(self._live, self.store, spec)
 
     async def stats(self, window: float) -> dict[str, Any]:
-        unwritten = self._writes.unwritten_ends
-        return await reports.stats(self._live, self.store, self.settings, window, unwritten)
+        return await reports.stats(self._live, self.store, self.settings, window, self._writes)
 
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value

@@ -22,7 +22,7 @@ from bgservice.queue.engine import queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 from bgservice.queue.schedule import WaitingLine
-from bgservice.queue.store import Store
+from bgservice.queue.store import Store, Writes
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,7 @@ def _running(live: Live) -> list[Job]:
     return sorted(jobs, key=lambda j: (-j.priority, j.id))
 
 
-def _run_order(
-    job: Job, now: float, blocked: Callable[[int], bool]
-) -> tuple[int, float, int, int]:
+def _run_order(job: Job, now: float, blocked: Callable[[int], bool]) -> tuple[int, float, int, int]:
     """Jobs due now by priority, then arrival (id), as the waiting line takes them; then
     the delayed ones by due time; then the ones waiting on another job (by due time, then
     as the line would take them). Running jobs: by priority, then id."""
@@ -102,14 +100,15 @@ async def stats(
     store: Store,
     settings: QueueSettings,
     window: float,
-    unwritten: Callable[[], Counter[str]],
+    writes: Writes,
 ) -> dict[str, Any]:
-    """``unwritten``: the ended jobs the store's counts do not hold yet (Writes)."""
+    """``writes``: the saves in flight, for the store's counts to hold each job once."""
     now = time.time()
     counts = {s: 0 for s in STATES}
-    # With the jobs that ended but are not written yet (in the same step as the store's
-    # answer): else counted by neither memory nor store (10,000 jobs ending: 2,000 short).
-    counts.update(await store.counts(unwritten))
+    # As memory has them in the step of the store's answer: with the jobs that ended but
+    # are not written yet (else counted by neither: 10,000 jobs ending, 2,000 short), less
+    # the retried ones still written finished (else by both: 64 retries at once, 64 over).
+    counts.update(await store.counts(writes))
     running = _running(live)
     counts["waiting"] = len(live.jobs) - len(running)  # the jobs in memory wait or run
     counts["running"] = len(running)

@@ -22,8 +22,8 @@ import logging
 import os
 import sqlite3
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
-from bgservice.queue.store import Run
+from bgservice.queue.store import Run, Writes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,6 +104,19 @@ _EXPIRE_RUNS = "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE fi
 
 class DatabaseInUse(RuntimeError):
     pass
+
+
+def _count(
+    writer: Writer, ids: Sequence[int], c: sqlite3.Connection
+) -> tuple[int, dict[str, int], dict[int, str]]:
+    """The jobs by state, and the states of the rows of ``ids``, in one commit: its number."""
+    counts = dict(c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    rows: dict[int, str] = {}
+    for at in range(0, len(ids), 500):  # variables: 999 at most before 3.32
+        chunk = ids[at : at + 500]
+        marks = ", ".join("?" * len(chunk))
+        rows.update(c.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk))
+    return writer.commits, counts, rows
 
 
 def _lock(path: Path) -> int | None:
@@ -254,24 +267,24 @@ class SqliteStore:
             ]
         )
 
-    async def counts(self, ended: Callable[[], Counter[str]] | None = None) -> dict[str, int]:
+    async def counts(self, writes: Writes | None = None) -> dict[str, int]:
         writer = self._writer
         assert writer is not None, "store not open"
-
-        def count(c: sqlite3.Connection) -> tuple[int, dict[str, int]]:
-            rows = c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-            return writer.commits, dict(rows)
-
         while True:
-            commit, counts = await self._submit(count)
-            if ended is None:
+            asked = sorted(writes.retrying()) if writes is not None else []
+            commit, counts, rows = await self._submit(partial(_count, writer, asked))
+            if writes is None:
                 return counts
             # Answered in the order they commit: when no later commit was answered before
-            # this one, an end whose save is still pending is in a later commit, and not
-            # in these counts. (Else read again: that is rare.)
-            if writer.answered == commit:
-                for state, n in ended().items():
+            # this one, a save still pending is in a later commit, not in these counts: an
+            # end to add, a retry whose row (read here) still has the job as it was. (Else,
+            # or a retry since that was not read, read again: that is rare.)
+            retrying = writes.retrying()
+            if writer.answered == commit and retrying.issubset(asked):
+                for state, n in writes.unwritten_ends().items():
                     counts[state] = counts.get(state, 0) + n
+                for state in filter(None, map(rows.get, retrying)):
+                    counts[state] -= 1
                 return counts
 
     async def run_history(self, now: float, window: float) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,9 +64,11 @@ class Store(Protocol):
 
     async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]: ...
 
-    async def counts(self, ended: Callable[[], Counter[str]] | None = None) -> dict[str, int]:
-        """The stored jobs by state; with ``ended`` (``Writes.unwritten_ends``), plus the
-        jobs that ended whose ends are not committed yet: each counted once."""
+    async def counts(self, writes: Writes | None = None) -> dict[str, int]:
+        """The stored jobs by state; with ``writes``, as memory has them when answered:
+        plus the jobs that ended whose ends are not committed yet (``unwritten_ends``),
+        less the rows of jobs retried whose retry is not (``retrying``): each counted once
+        by the store or by memory."""
         ...
 
     async def run_history(self, now: float, window: float) -> dict[str, Any]:
@@ -93,6 +95,7 @@ class Writes:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pending: dict[asyncio.Future[Any], Job] = {}  # a save, and the job it writes
+        self._retries: dict[asyncio.Future[Any], int] = {}  # a retry's save, and its job id
 
     def save(
         self, job: Job, fields: tuple[str, ...], run: Run | None = None
@@ -116,6 +119,19 @@ class Writes:
         ended = {job.id: job.state for future, job in self._pending.items()
                  if job.state.finished and not future.done()}  # fmt: skip
         return Counter(map(str, ended.values()))
+
+    def retry(self, job: Job) -> Awaitable[None]:
+        """Save a retried job whole: until that commits, its row still holds it finished
+        while memory has it waiting (``retrying``). Rare: no cost to the other saves."""
+        future = asyncio.ensure_future(self.store.save(job))
+        self._retries[future] = job.id
+        future.add_done_callback(self._retries.pop)
+        return asyncio.shield(future)  # tracked until it commits, whoever stops waiting
+
+    def retrying(self) -> set[int]:
+        """The retried jobs whose retry the store has not committed: ``Store.counts``
+        leaves their rows out (memory counts them)."""
+        return {jid for future, jid in self._retries.items() if not future.done()}
 
     async def drain(self, timeout: float) -> None:
         if self._pending:
