@@ -10,10 +10,12 @@ import time
 import pytest
 
 from bgservice.client import Client
+from bgservice.queue.sqlite import SCHEMA
 from tests.conftest import Framed, wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
 from tests.queue_helpers import add, both_engines, status  # noqa: F401
+from tests.test_queue_scale_store import INSERT, _row
 
 API = "/api/v1"
 HTTP = "[http]\nenabled = true\nport = 0\n"
@@ -187,3 +189,24 @@ def test_the_jobs_a_dependency_frees_start_in_the_order_they_came(make_service, 
     assert svc.call(b"queue:get:id:%d" % ids[-1], timeout=120) == b"x"
     started = sorted((status(svc, jid)["started"], jid) for jid in ids[:300])
     assert [jid for _, jid in started] == ids[:300]
+
+
+@pytest.mark.parametrize("queue_backend", ["sqlite"])  # (Redis: its work list resumes)
+def test_jobs_a_crash_left_waiting_on_a_failed_dependency_fail_though_it_expired(
+    make_service, tmp_path
+):
+    """What a crash in the middle of a cascade leaves, found by the next start after
+    keep_results: job 1 failed (its record expired, not swept: no sweep runs while the
+    service is down) and jobs 2 to 4 still waiting on it. They fail with it; the expired
+    record was taken as done, and they ran (found in review, 2026-12-05)."""
+    now = time.time()
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        conn.executescript(SCHEMA)
+        conn.execute(INSERT, _row(1, "failed", now, expires=now - 5))
+        conn.executemany(INSERT, [_row(jid, "waiting", now, after="1") for jid in (2, 3, 4)])
+    svc = make_service()
+    for jid in (2, 3, 4):
+        wait_until(lambda jid=jid: status(svc, jid)["state"] != "waiting")
+        assert status(svc, jid)["state"] == "failed", status(svc, jid)
+        assert status(svc, jid)["error"] == "Dependency: job 1 failed"
+    assert svc.call(b"queue:status:id:1").startswith(b"404")  # expired, all the same

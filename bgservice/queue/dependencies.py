@@ -1,8 +1,10 @@
 """The embedded engine's dependencies (``after=``): which waiting jobs wait for which.
 
 A job runs once every job it names is done, and fails (424) as soon as one fails or is
-cancelled. A dependency that expired while the job waited (over a restart, say) was done:
-had it failed, the job would have failed with it. Two maps, both emptied as jobs finish:
+cancelled. A dependency whose record is gone (expired and swept while the job waited)
+was done: had it failed, the job would have failed with it. One that failed, expired
+and is still stored fails it: a crash in the middle of its cascade leaves jobs waiting
+on it, and no sweep runs while the service is down. Two maps, both emptied as jobs finish:
 dependency -> the jobs waiting for it, and waiting job -> the dependencies it still
 waits for. A job that finished (failed by one dependency, cancelled, retried) leaves the
 second map, so the entries it leaves under its other dependencies are ignored when those
@@ -73,7 +75,8 @@ class Dependencies:
             # Awaited lookups let other jobs finish meanwhile: look again until none did.
             for dep in gone:
                 looked.add(dep)
-                state = (dependency := await self._finished.lookup(dep)) and dependency.state
+                dependency = await self._finished.lookup(dep, expired=True)
+                state = dependency and dependency.state
                 if state and state.finished and state is not JobState.DONE:
                     return f"Dependency: job {dep} {state}"
         pending = tuple(d for d in dict.fromkeys(job.after) if self._live(d))

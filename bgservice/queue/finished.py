@@ -47,9 +47,9 @@ class FinishedJobs:
         """The job if it finished recently (no store read, so no await)."""
         return self._recent.get(jid)
 
-    async def lookup(self, jid: int) -> Job | None:
+    async def lookup(self, jid: int, *, expired: bool = False) -> Job | None:
         """A job that is not waiting or running: recently finished, or asked of the store;
-        None when unknown or expired."""
+        None when unknown, or expired (unless ``expired``: then while still stored)."""
         job = self._recent.get(jid)
         if job is None and jid in self._known:
             job = self._known[jid]
@@ -61,9 +61,9 @@ class FinishedJobs:
             if job is not None and job.state.finished and forgotten == self._forgotten:
                 if jid not in self._recent:
                     self.remember(job)
-        if job is not None and job.expires is not None and job.expires < time.time():
-            return None
-        return job
+        if expired or job is None or job.expires is None or job.expires >= time.time():
+            return job
+        return None
 
     async def lookup_many(self, ids: Iterable[int]) -> None:
         """Read the ``ids`` not known yet in one go, for the ``lookup`` of each to answer
