@@ -57,20 +57,36 @@ def in_task(loop: asyncio.AbstractEventLoop) -> bool:
     return _depth == 0 and asyncio.current_task(loop) is not None
 
 
-@types.coroutine
-def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Go on awaiting ``coro`` after its first step ran outside: hand what it yielded to
-    the task, and what the task sends or throws (a result, a cancellation) back to it."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:
+class Rest:
+    """What is left of a coroutine whose first step ran outside: awaiting it hands what it
+    yielded to the task, and what the task sends or throws (a result, a cancellation)
+    back to it. An awaitable, not a generator-based coroutine: from Python 3.12 on,
+    ``create_task`` refuses those (every call that waited was a 500 there, and the
+    service stopped)."""
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self._coro, self._yielded = coro, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self._coro, self._yielded
+        while True:
             try:
-                yielded = coro.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as done:
-                return done.value
+                sent = yield yielded
+            except BaseException as exc:
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+async def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    """``Rest`` as a coroutine, for a task to run (a caller that awaits the rest itself
+    awaits ``Rest``: one frame less)."""
+    return await Rest(coro, yielded)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bgservice.config import Settings
-from bgservice.eager import hop, in_task, resume
+from bgservice.eager import Rest, hop, in_task
 from bgservice.errors import (
     Busy,
     CallTimeout,
@@ -165,7 +165,7 @@ class Execution:
             if not in_task(request.loop or asyncio.get_running_loop()):
                 await hop()  # awaited within an eager first step: its timeout needs a task
             async with asyncio.timeout(timeout):
-                return await resume(coro, first)
+                return await Rest(coro, first)
         except TimeoutError:
             raise self._timed_out(name, request, timeout) from None
         except ServiceError:
@@ -222,7 +222,7 @@ class Execution:
         if not in_task(loop):  # started eagerly: its timeout needs a task
             await hop()
         async with asyncio.timeout(timeout):
-            return await resume(coro, first)
+            return await Rest(coro, first)
 
     async def _in_thread(
         self,
