@@ -3,8 +3,15 @@
 Most requests finish without waiting (a cached reply, a short ``async def`` handler, a
 built-in command): for them a task, and the loop iteration it waits for, is pure cost.
 ``start`` runs the first step in the caller; a coroutine that waits goes on in a task
-that takes over exactly where it stopped (``resume``). Python 3.12's eager task factory
+that takes over exactly where it stopped (``Rest``). Python 3.12's eager task factory
 does the same for every task; this does it only where it is known to pay, and on 3.11.
+
+During the first step ``asyncio.current_task()`` is a ``FirstStep``: what a timeout or a
+task group asks of its task (``cancel``, ``cancelling``, ``uncancel``) it answers for the
+task that carries on, so a handler may use ``asyncio.timeout`` and ``wait_for`` at once.
+Without it there was no current task there (or another's), and both raised "Timeout
+should be used inside a task": a 500 for every handler that began with one (on Python
+3.12 ``wait_for`` too, so the shipped compilers failed every compile).
 """
 
 from __future__ import annotations
@@ -12,28 +19,83 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import types
+from asyncio.tasks import _enter_task, _leave_task  # what the eager task factory uses
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
-Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+Spawn = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+class FirstStep:
+    """The current task of a first step run by ``start``: its cancellations are kept and
+    handed to the task made for the rest (``task``), and then forwarded to it."""
+
+    # Defaults on the class, no __init__: one is made for every first step, and most
+    # are never asked anything.
+    task: asyncio.Task[Any] | None = None
+    _cancels = 0
+    _message: Any = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.task is not None:
+            return self.task.cancel(msg)
+        self._cancels += 1  # delivered to the task once there is one (carry_on)
+        self._message = msg
+        return True
+
+    def cancelling(self) -> int:
+        return self.task.cancelling() if self.task is not None else self._cancels
+
+    def uncancel(self) -> int:
+        if self.task is not None:
+            return self.task.uncancel()
+        self._cancels = max(0, self._cancels - 1)
+        return self._cancels
+
+    def done(self) -> bool:
+        return False
+
+    def carry_on(self, task: asyncio.Task[Any]) -> None:
+        """``task`` runs the rest: it gets what was asked of this step meanwhile."""
+        self.task = task
+        if self._cancels:
+            task.cancel(self._message)
+
+    def __getattr__(self, name: str) -> Any:
+        if self.task is not None:
+            return getattr(self.task, name)
+        raise RuntimeError(
+            f"asyncio.current_task().{name} is not available before the call first awaits:"
+            " its first step runs at once, outside a task (docs/modules.md)"
+        )
+
 
 # First steps running now, nested (a request started eagerly may start a job eagerly):
 # while one runs, the task current_task() names is not the coroutine's own, whatever it is.
 _depth = 0
 
 
-def start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
+def start(
+    coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop
+) -> tuple[bool, Any]:
     """Run ``coro`` up to its first wait: ``(True, result)`` when it finished there,
     else ``(False, task)``: the rest handed to ``spawn``, which makes it a task.
 
     In a context of its own, as a task's would be: run in the caller's, a handler setting
     a context variable set it for every later request of the listener (the task made
-    for the rest copies this context, so it sees what the first step set)."""
-    return contextvars.copy_context().run(_start, coro, spawn)
+    for the rest copies this context, so it sees what the first step set). ``loop`` is
+    the running loop (looked up, it costs a system call a request on Python 3.11)."""
+    return contextvars.copy_context().run(_start, coro, spawn, loop)
 
 
-def _start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
+def _start(
+    coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop
+) -> tuple[bool, Any]:
     global _depth
+    step, outer = FirstStep(), asyncio.current_task(loop)
+    if outer is not None:  # a task's step started this one: it is not that task's
+        _leave_task(loop, outer)
+    _enter_task(loop, step)  # type: ignore[arg-type]  # (the C version takes any object)
     _depth += 1
     try:
         yielded = coro.send(None)
@@ -41,7 +103,12 @@ def _start(coro: Coroutine[Any, Any, Any], spawn: Spawn) -> tuple[bool, Any]:
         return True, done.value
     finally:
         _depth -= 1
-    return False, spawn(resume(coro, yielded))
+        _leave_task(loop, step)  # type: ignore[arg-type]
+        if outer is not None:
+            _enter_task(loop, outer)
+    task = spawn(resume(coro, yielded))
+    step.carry_on(task)
+    return False, task
 
 
 @types.coroutine

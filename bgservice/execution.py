@@ -114,7 +114,7 @@ class Execution:
         try:
             if handler.is_async and version.execution != "process":
                 try:
-                    return await self._on_loop(handler, request, timeout, loop)
+                    return await self._on_loop(name, handler, request, timeout, loop)
                 finally:
                     version.release()
                     self.stats.in_flight[name] -= 1
@@ -164,9 +164,12 @@ class Execution:
         try:
             if not in_task(request.loop or asyncio.get_running_loop()):
                 await hop()  # awaited within an eager first step: its timeout needs a task
-            async with asyncio.timeout(timeout):
+            limit = asyncio.timeout(timeout)
+            async with limit:
                 return await Rest(coro, first)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not limit.expired():  # the handler's own (a wait_for of its), not the call's
+                raise self._raised(name, request, exc) from exc
             raise self._timed_out(name, request, timeout) from None
         except ServiceError:
             raise
@@ -210,7 +213,9 @@ class Execution:
                 raise type(exc)(f"{exc.message}\n{trace}") from None
             raise
 
-    async def _on_loop(self, handler: Handler, request: Request, timeout: float, loop: Loop) -> Any:
+    async def _on_loop(
+        self, name: str, handler: Handler, request: Request, timeout: float, loop: Loop
+    ) -> Any:
         # The first step runs at once: a handler that finishes without waiting (most
         # replies) costs no timer. One that waits is resumed under its timeout
         # (asyncio.timeout, not wait_for: no second task per call).
@@ -221,8 +226,14 @@ class Execution:
             return done.value
         if not in_task(loop):  # started eagerly: its timeout needs a task
             await hop()
-        async with asyncio.timeout(timeout):
-            return await Rest(coro, first)
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                return await Rest(coro, first)
+        except TimeoutError as exc:
+            if not limit.expired():  # the handler's own (a wait_for of its), not the call's
+                raise self._raised(name, request, exc) from exc
+            raise
 
     async def _in_thread(
         self,
@@ -248,10 +259,13 @@ class Execution:
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
         if not in_task(loop):  # started eagerly: its timeout needs a task
             await hop()
+        limit = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with limit:
                 return await asyncio.wrap_future(job)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not limit.expired():  # raised by the handler (a socket's timeout, say)
+                raise self._raised(version.name, request, exc) from exc
             if not self.threads.abandon(job):
                 raise TimeoutError("no free thread") from None
             self._stuck(version.name, timeout)

@@ -126,9 +126,63 @@ def test_the_rest_of_a_call_that_waits_is_a_coroutine_any_python_runs_as_a_task(
         return "done"
 
     async def main() -> tuple[bool, str]:
-        spawned: list[object] = []
-        done, _ = eager.start(waits(), spawned.append)
-        assert inspect.iscoroutine(spawned[0]), type(spawned[0])
-        return done, await asyncio.get_running_loop().create_task(spawned[0])  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        done, task = eager.start(waits(), loop.create_task, loop)
+        assert inspect.iscoroutine(task.get_coro()), type(task.get_coro())
+        return done, await task
 
     assert asyncio.run(main()) == (False, "done")
+
+
+TIMEOUTS = """
+import asyncio
+
+async def handle_tcp(request):
+    if request.text == "timeout":  # asyncio.timeout before the first await
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0.01)
+        return "timeout ok"
+    if request.text == "wait_for":  # on Python 3.12+ asyncio.timeout underneath
+        return await asyncio.wait_for(asyncio.sleep(0.01, "wait_for ok"), 5)
+    if request.text == "expires":  # a timeout begun at once that fires later
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return "expired in time"
+    if request.text == "group":
+        async with asyncio.TaskGroup() as group:
+            a = group.create_task(asyncio.sleep(0.01, "group"))
+            group.create_task(asyncio.sleep(0.02))
+        return a.result() + " ok"
+    if request.text == "own":  # the handler's own TimeoutError: its error, not the call's
+        return await asyncio.wait_for(asyncio.sleep(5), 0.05)
+    return "?"
+"""
+
+
+def test_a_handler_may_begin_with_a_timeout_a_wait_for_or_a_task_group(make_service, modules_dir):
+    # A handler's first step runs at once, outside a task: asyncio.timeout there raised
+    # "Timeout should be used inside a task" (a 500), and so did wait_for on Python 3.12+
+    # (every compile of the shipped compilers failed there). Over both forms and queued.
+    write_module(modules_dir, "timeouts", TIMEOUTS)
+    svc = make_service()
+    cases = {b"timeout": b"timeout ok", b"wait_for": b"wait_for ok",
+             b"expires": b"expired in time", b"group": b"group ok"}  # fmt: skip
+    for data, expected in cases.items():
+        assert svc.call(b"timeouts:" + data) == expected, data
+    conn = svc.framed()
+    conn.send(*[b"timeouts:" + data for data in cases])
+    assert [conn.recv() for _ in cases] == [(200, reply) for reply in cases.values()]
+    conn.close()
+    for data, expected in cases.items():
+        jid = svc.call(b"queue:add:timeouts:" + data)
+        assert svc.call(b"queue:get:" + jid) == expected, data
+
+
+def test_a_handlers_own_timeout_error_is_its_error_not_the_calls(make_service, modules_dir):
+    # A TimeoutError the handler raised (its wait_for expired) was reported as the call's
+    # timeout: "504: Module timeouts timed out after 30 s", 50 ms into a 30 s limit.
+    write_module(modules_dir, "timeouts", TIMEOUTS)
+    svc = make_service()
+    assert svc.call(b"timeouts:own").startswith(b"500: Module timeouts raised TimeoutError")

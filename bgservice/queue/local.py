@@ -307,7 +307,7 @@ class LocalQueue(JobQueue):
         # no task, no loop turn. One that waits goes on in a task.
         self._running[job.id] = None
         try:
-            done, task = eager.start(self._execute(job), self._loop.create_task)
+            done, task = eager.start(self._execute(job), self._loop.create_task, self._loop)
         except Exception:  # a bug of ours in _execute: reported, the job is failed there
             log.exception("job %d (%s): internal error running it", job.id, job.module)
             return

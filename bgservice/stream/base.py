@@ -72,7 +72,7 @@ class StreamContext:
         the rest (bgservice.eager). A bug of ours is reported as a task's would be, and
         is ``(True, None)``."""
         try:
-            return eager.start(coro, self.spawn)
+            return eager.start(coro, self.spawn, self.loop)
         except Exception as exc:
             self.loop.call_exception_handler(
                 {"message": "unexpected error serving a connection", "exception": exc}
