@@ -8,10 +8,16 @@ written)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.sqlite import SqliteStore
+from bgservice.queue.store import Writes
 from tests.conftest import wait_until, write_module
+from tests.test_queue_sqlite import _job
 
 FAILS = """
 async def handle_tcp(request):
@@ -78,3 +84,35 @@ def test_stats_while_failed_jobs_are_retried_count_each_once(make_service, modul
     conn.close()
     assert calls >= 10
     assert not wrong, (len(wrong), calls, wrong[:3])
+
+
+async def test_a_retry_the_store_refuses_is_counted_once_until_memory_lets_it_go(tmp_path):
+    # LocalQueue.retry's steps, against the real store: the retried job is waiting in
+    # memory, its save fails (a value no row can hold), and memory lets it go. A count
+    # answered in between saw it in memory and, no longer "retrying", also in its row
+    # (failed): two jobs of one, every time (found in review).
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    writes = Writes(store)
+    job = _job(state=JobState.FAILED, finished=time.time())
+    await store.insert(job)
+    memory: dict[int, Job] = {}  # LocalQueue.jobs
+
+    async def retry() -> None:
+        job.move(JobState.WAITING)
+        job.priority = 2**70  # no SQLite integer: this save alone fails
+        memory[job.id] = job
+        try:
+            await writes.retry(job)
+        except Exception:
+            memory.pop(job.id, None)
+            writes.refused(job.id)
+
+    task = asyncio.ensure_future(retry())
+    await asyncio.sleep(0)  # the retry's save is queued; the count's read after it
+    counts = await store.counts(writes)
+    seen = dict(counts, waiting=len(memory))  # as reports.stats puts them together
+    await task
+    await store.close()
+    assert sum(seen.values()) == 1, seen
+    assert not memory and not writes.retrying()

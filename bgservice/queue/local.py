@@ -225,19 +225,21 @@ class LocalQueue(JobQueue):
         if key and self._keys.adding(key):
             raise Conflict(f"Job {jid}'s unique key is being taken by a job being added")
         self._finished.forget(jid)
+        was = job.state  # (its row holds it so until the retry is written)
         job.move(JobState.WAITING)
         job.attempts, job.run_at = 0, time.time()
         job.finished = job.expires = job.status = job.result = job.started = job.progress = None
         job.cancel_requested, job.after = False, ()
         # Ours before the store answers: a cancel, get, retry or after= meanwhile finds it
-        # waiting (the store applies writes in order, so a cancel's lands after this one).
+        # waiting (the store applies writes in order: a cancel's lands after this one).
         self.jobs[jid] = job
         self._keys.hold(key, jid)
         try:
-            await self._writes.retry(job)
+            await self._writes.retry(job, was)
         except Exception as exc:
             log.error("job store refused a retry: %s", exc)
             self.jobs.pop(jid, None)  # the store still has it as it was: lookups read that
+            self._writes.refused(jid)
             self._keys.release(key, jid)
             raise Busy("Job store unavailable") from None
         if job.state is JobState.WAITING:  # else cancelled while it was saved
@@ -303,8 +305,7 @@ class LocalQueue(JobQueue):
         self._pump.per_module[job.module] += 1
         self._writes.save(job, ("state", "started", "attempts"))
         assert self._loop is not None
-        # A job whose handler needs no wait runs to its end right here (bgservice.eager):
-        # no task, no loop turn. One that waits goes on in a task.
+        # No wait: it runs to its end right here, no task (bgservice.eager); else in one.
         self._running[job.id] = None
         try:
             done, task = eager.start(self._execute(job), self._loop.create_task, self._loop)

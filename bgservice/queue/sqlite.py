@@ -102,15 +102,21 @@ _EXPIRE_JOBS = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
 _EXPIRE_RUNS = "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE finished < ? LIMIT ?)"
 
 
+READS = 3  # reads of queue:stats' counts at most, while retries come in (counts)
+
+
 class DatabaseInUse(RuntimeError):
     pass
 
 
 def _count(
-    writer: Writer, ids: Sequence[int], c: sqlite3.Connection
+    writer: Writer, retrying: Callable[[], dict[int, str | None]] | None, c: sqlite3.Connection
 ) -> tuple[int, dict[str, int], dict[int, str]]:
-    """The jobs by state, and the states of the rows of ``ids``, in one commit: its number."""
+    """The jobs by state, and the rows' states of the jobs being retried at this moment
+    (asked here, in the writer's thread: a retry whose save is in this commit has been
+    written by now, as writes go before reads), in one commit: its number."""
     counts = dict(c.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    ids = sorted(retrying()) if retrying is not None else []
     rows: dict[int, str] = {}
     for at in range(0, len(ids), 500):  # variables: 999 at most before 3.32
         chunk = ids[at : at + 500]
@@ -270,22 +276,25 @@ class SqliteStore:
     async def counts(self, writes: Writes | None = None) -> dict[str, int]:
         writer = self._writer
         assert writer is not None, "store not open"
-        while True:
-            asked = sorted(writes.retrying()) if writes is not None else []
-            commit, counts, rows = await self._submit(partial(_count, writer, asked))
+        for attempt in range(1, READS + 1):
+            retrying = writes.retrying if writes is not None else None
+            commit, counts, rows = await self._submit(partial(_count, writer, retrying))
             if writes is None:
                 return counts
             # Answered in the order they commit: when no later commit was answered before
             # this one, a save still pending is in a later commit, not in these counts: an
-            # end to add, a retry whose row (read here) still has the job as it was. (Else,
-            # or a retry since that was not read, read again: that is rare.)
-            retrying = writes.retrying()
-            if writer.answered == commit and retrying.issubset(asked):
+            # end to add; a retry whose row still has the job as it was (read with the
+            # counts, or, retried since, as it was then). Else read again (rare, and
+            # READS times at most).
+            if attempt == READS or writer.answered == commit:
                 for state, n in writes.unwritten_ends().items():
                     counts[state] = counts.get(state, 0) + n
-                for state in filter(None, map(rows.get, retrying)):
-                    counts[state] -= 1
-                return counts
+                for jid, was in writes.retrying().items():
+                    row = rows[jid] if jid in rows else was
+                    if row is not None and counts.get(row):
+                        counts[row] -= 1
+                break
+        return counts
 
     async def run_history(self, now: float, window: float) -> dict[str, Any]:
         assert self._loop is not None and self._writer is not None, "store not open"

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bgservice.queue.job import Job
+from bgservice.queue.job import Job, JobState
 from bgservice.queue.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ class Writes:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pending: dict[asyncio.Future[Any], Job] = {}  # a save, and the job it writes
-        self._retries: dict[asyncio.Future[Any], int] = {}  # a retry's save, and its job id
+        # a retry's save, its job id and the state the job's row holds meanwhile
+        self._retries: dict[asyncio.Future[Any], tuple[int, str | None]] = {}
 
     def save(
         self, job: Job, fields: tuple[str, ...], run: Run | None = None
@@ -120,18 +121,31 @@ class Writes:
                  if job.state.finished and not future.done()}  # fmt: skip
         return Counter(map(str, ended.values()))
 
-    def retry(self, job: Job) -> Awaitable[None]:
-        """Save a retried job whole: until that commits, its row still holds it finished
-        while memory has it waiting (``retrying``). Rare: no cost to the other saves."""
+    def retry(self, job: Job, was: JobState) -> Awaitable[None]:
+        """Save a retried job whole: until that commits, its row still holds it as it
+        ``was`` while memory has it waiting (``retrying``). Rare: no cost to other saves."""
+        ending = any(j.id == job.id and not f.done() for f, j in self._pending.items())
         future = asyncio.ensure_future(self.store.save(job))
-        self._retries[future] = job.id
-        future.add_done_callback(self._retries.pop)
+        self._retries[future] = (job.id, None if ending else str(was))  # (row: not ended)
+        future.add_done_callback(self._saved)
         return asyncio.shield(future)  # tracked until it commits, whoever stops waiting
 
-    def retrying(self) -> set[int]:
-        """The retried jobs whose retry the store has not committed: ``Store.counts``
-        leaves their rows out (memory counts them)."""
-        return {jid for future, jid in self._retries.items() if not future.done()}
+    def _saved(self, future: asyncio.Future[Any]) -> None:
+        # A retry the store refused stays until its caller has taken the job out of
+        # memory again (refused): till then memory and the row both hold it.
+        if future.cancelled() or future.exception() is None:
+            del self._retries[future]
+
+    def refused(self, jid: int) -> None:
+        """The retry of ``jid`` failed and memory let the job go: its row counts it."""
+        for future in [f for f, (j, _) in self._retries.items() if j == jid and f.done()]:
+            del self._retries[future]
+
+    def retrying(self) -> dict[int, str | None]:
+        """The retried jobs that memory holds and whose row may still have them as they
+        were (not committed, or refused), with the finished state such a row holds (None:
+        the job's end was not written either). Safe to call from the store's thread."""
+        return dict(list(self._retries.values()))
 
     async def drain(self, timeout: float) -> None:
         if self._pending:
