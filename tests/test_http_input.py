@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -88,7 +89,11 @@ def test_deeply_nested_json_is_400_not_500(
     svc = make_service(HTTP)
     status, reply = raw_request(svc, "POST", f"{API}/jobs", body)
     assert status == 400, reply
-    assert "nested too deeply" in reply["error"]["message"]  # type: ignore[index]
+    message = reply["error"]["message"]  # type: ignore[index]
+    # (Python 3.12 and later parse 1,000 levels: then the reply says what the body is not;
+    # 100,000 are too deep for any)
+    deep_enough = sys.version_info < (3, 12) or len(body) > 10_000
+    assert "nested too deeply" in message or not deep_enough, message
     assert svc.http("GET", f"{API}/modules")[0] == 200
     assert_no_internal_error(svc)
 
