@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 _PORT_TRIES = 20
 
 
+def in_use(exc: OSError, how: str) -> str:
+    """What a listen error adds when the port is taken: how to choose another."""
+    if exc.errno != errno.EADDRINUSE:
+        return ""
+    return f" - is another service running? (another port: {how})"
+
+
 class ListenError(Exception):
     """A listener could not be opened (port in use, permission, bad address)."""
 
@@ -135,7 +142,7 @@ class Listeners:
                 raise ListenError(
                     f"cannot listen on {listener.host}:{port} ({listener.name}): "
                     f"{exc.strerror or exc}"
-                    + (" - is another service running?" if exc.errno == errno.EADDRINUSE else "")
+                    + in_use(exc, "-p N, or the listener's port in the config")
                 ) from None
         if server is not None:
             self.servers.append(server)

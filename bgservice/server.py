@@ -37,7 +37,7 @@ from bgservice.events import (
     Events,
 )
 from bgservice.execution import Execution, describe_execution
-from bgservice.listeners import ListenError, Listeners
+from bgservice.listeners import ListenError, Listeners, in_use
 from bgservice.processes import ProcessPools
 from bgservice.queue.engine import JobQueue, JobRunner
 from bgservice.queue.local import LocalQueue
@@ -164,8 +164,8 @@ class Service:
             self._background.append(loop.create_task(self.alerts.run()))
             self._check_alert_module()
         self._claim_marker()
-        # Start-up's objects (modules, a recovered backlog) live as long as the service:
-        # frozen, no full collection walks them again (100,000 recovered: stalls 54 -> 14 ms)
+        # Start-up's objects (modules, a recovered backlog) live as long as the service: no
+        # full collection walks them again (100,000 recovered: stalls 54 -> 14 ms)
         gc.collect()
         gc.freeze()
         self._announce_ready()
@@ -291,6 +291,7 @@ class Service:
         except OSError as exc:
             raise ListenError(
                 f"cannot listen for HTTP on {http.host}:{http.port}: {exc.strerror or exc}"
+                + in_use(exc, "[http] port in the config")
             ) from None
         self.http_address = [host, port]
         access = AccessList.for_host(http.host, self.settings.allow)
@@ -378,8 +379,7 @@ class Service:
                 await asyncio.gather(*pending, return_exceptions=True)
         for conn in self.listeners.connections():
             conn.close()
-        # Alerts held or waiting (the one saying why we stop among them): the rest of the
-        # grace, and a moment more when it is spent.
+        # Alerts held or waiting (why we stop among them): the rest of the grace, or a moment
         await self.alerts.flush(max(deadline - loop.time(), ALERT_FLUSH))
         await self.reloader.stop()
         await self.processes.close()
