@@ -48,6 +48,7 @@ from bgservice.request import JobContext, Request
 from bgservice.stats import Stats
 
 Result = Reply
+TITLE_ERROR = 100  # characters of a failed job's error its alert's title quotes
 
 
 class JobRunner(Protocol):
@@ -222,11 +223,16 @@ class JobQueue(abc.ABC):
             key = (job.module, self.name_label(job.name), kind)
             self.counters.job_durations.observe(key, now - job.started)
         if outcome.state is JobState.FAILED:
+            detail = body.decode("utf-8", "replace")
+            # The error's first line in the title too: it is a mail's subject, and the
+            # line logged when an alert is not delivered.
+            first = detail.strip().partition("\n")[0]
+            first = first if len(first) <= TITLE_ERROR else first[: TITLE_ERROR - 3] + "..."
             self.events.emit(
                 JOB_FAILED,
                 title=f"job {job.id} ({job.module}) failed after {job.attempts} attempt(s): "
-                f"{status}",
-                detail=body.decode("utf-8", "replace"),
+                f"{status}" + (f" {first}" if first else ""),
+                detail=detail,
                 module=job.module,
                 job=job.id,
             )
