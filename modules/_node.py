@@ -47,6 +47,12 @@ COMPILE_TIMEOUT = float(os.environ.get("BGSERVICE_COMPILE_TIMEOUT", 20))
 PROCESSES = max(1, int(os.environ.get("BGSERVICE_COMPILER_PROCESSES", 2)))
 STREAM_LIMIT = 1 << 28  # longest reply line from node (bytes): JSON of the largest output
 BIG = 1 << 18  # JSON this long takes over a millisecond to code: done in a thread
+# node ends with the service, however it ends: a service killed (-9, the OOM killer) left
+# its compilers behind, and one stuck in a compile's endless loop spun a core for ever.
+# setpriv (util-linux, on every Debian and Ubuntu) asks the kernel for a SIGKILL when its
+# parent dies, then becomes node; node itself cannot ask (its loop may be stuck).
+_SETPRIV = shutil.which("setpriv")
+DIE_WITH_US = (_SETPRIV, "--pdeathsig", "KILL") if _SETPRIV else ()
 _HERE = Path(__file__).resolve().parent
 Future = asyncio.Future[dict[str, Any]]
 
@@ -209,6 +215,7 @@ class NodeCompilers:
             install = f"npm ci --prefix {folder}"
             raise ReplyError(503, f"compilers not installed: install with: {install}")
         proc = await asyncio.create_subprocess_exec(
+            *DIE_WITH_US,
             node,
             str(folder / "server.js"),
             stdin=asyncio.subprocess.PIPE,

@@ -496,3 +496,29 @@ def test_large_source(svc: ServiceProcess) -> None:
     source = "".join(f".a{n}{{b:{n}px}}" for n in range(30_000))
     assert len(source) > 1 << 18
     assert compile_ok(svc, "scss", source, opts(minify="1")) == source
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its exit status left (a zombie nobody reaped)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_node_ends_with_a_killed_service_even_in_a_stuck_compile(make_service, monkeypatch) -> None:
+    # A service killed with -9 (or by the OOM killer) left its node processes behind: one
+    # in a compile's endless loop spun a core until someone noticed.
+    monkeypatch.setenv("BGSERVICE_COMPILE_TIMEOUT", "60")
+    service = make_service()
+    assert service.call(b"coffee:x = 1").startswith(b"(function")
+    thread = threading.Thread(target=service.call, args=(b"pug:- while (true) {}",))
+    thread.start()
+    wait_until(lambda: service.stats()["module_stats"]["pug"]["in_flight"] == 1)
+    pids = service.stats()["module_stats"]["coffee"]["node_pids"]
+    assert pids and not any(map(_gone, pids))
+    service.proc.kill()
+    service.proc.wait()
+    thread.join(15)
+    wait_until(lambda: all(map(_gone, pids)), timeout=10)
