@@ -161,10 +161,10 @@ class Execution:
         name, timeout = version.name, self.timeout_of(version)
         version.acquire()
         self.stats.in_flight[name] += 1
+        limit = asyncio.timeout(timeout)
         try:
             if not in_task(request.loop or asyncio.get_running_loop()):
                 await hop()  # awaited within an eager first step: its timeout needs a task
-            limit = asyncio.timeout(timeout)
             async with limit:
                 return await Rest(coro, first)
         except TimeoutError as exc:
