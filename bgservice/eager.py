@@ -53,7 +53,7 @@ class FirstStep:
         return self._cancels
 
     def done(self) -> bool:
-        return False
+        return self.task is not None and self.task.done()
 
     def carry_on(self, task: asyncio.Task[Any]) -> None:
         """``task`` runs the rest: it gets what was asked of this step meanwhile."""

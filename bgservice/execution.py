@@ -168,8 +168,7 @@ class Execution:
             async with limit:
                 return await Rest(coro, first)
         except TimeoutError as exc:
-            if not limit.expired():  # the handler's own (a wait_for of its), not the call's
-                raise self._raised(name, request, exc) from exc
+            self._raise_if_own(limit, name, request, exc)
             raise self._timed_out(name, request, timeout) from None
         except ServiceError:
             raise
@@ -178,6 +177,14 @@ class Execution:
         finally:
             version.release()
             self.stats.in_flight[name] -= 1
+
+    def _raise_if_own(
+        self, limit: asyncio.Timeout, name: str, request: Request, exc: TimeoutError
+    ) -> None:
+        """A TimeoutError ``limit`` (the call's timeout) did not cause is the handler's
+        own error (its wait_for, a socket's timeout): raised as such, not as a 504."""
+        if not limit.expired():
+            raise self._raised(name, request, exc) from exc
 
     def _timed_out(
         self, name: str, request: Request, timeout: float, exc: TimeoutError | None = None
@@ -231,8 +238,7 @@ class Execution:
             async with limit:
                 return await Rest(coro, first)
         except TimeoutError as exc:
-            if not limit.expired():  # the handler's own (a wait_for of its), not the call's
-                raise self._raised(name, request, exc) from exc
+            self._raise_if_own(limit, name, request, exc)
             raise
 
     async def _in_thread(
@@ -264,8 +270,7 @@ class Execution:
             async with limit:
                 return await asyncio.wrap_future(job)
         except TimeoutError as exc:
-            if not limit.expired():  # raised by the handler (a socket's timeout, say)
-                raise self._raised(version.name, request, exc) from exc
+            self._raise_if_own(limit, version.name, request, exc)
             if not self.threads.abandon(job):
                 raise TimeoutError("no free thread") from None
             self._stuck(version.name, timeout)
