@@ -210,3 +210,43 @@ def test_jobs_a_crash_left_waiting_on_a_failed_dependency_fail_though_it_expired
         assert status(svc, jid)["state"] == "failed", status(svc, jid)
         assert status(svc, jid)["error"] == "Dependency: job 1 failed"
     assert svc.call(b"queue:status:id:1").startswith(b"404")  # expired, all the same
+
+
+@pytest.mark.parametrize("queue_backend", ["sqlite"])  # (Redis: its work list holds the state)
+def test_no_sweep_deletes_a_failed_dependency_while_its_cascade_goes_on(make_service, tmp_path):
+    """Job 1 fails with 150,000 jobs waiting on it: they fail 500 a turn, over a second or
+    more, while the sweep (keep_results 0.5 s) comes round. Had the sweep deleted job 1's
+    record in the middle, a kill then left the rest waiting on a dependency that is gone,
+    which the next start takes for done: they ran (found in review, 2026-12-05). The record
+    now stays until its cascade has ended; a kill at any point leaves nothing to run."""
+    now, many = time.time(), 150_000
+    db = tmp_path / "jobs.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(SCHEMA)
+        failing = list(_row(1, "waiting", now))
+        failing[1:3] = ["sleep", b"not a number"]  # fails as soon as it runs
+        conn.execute(INSERT, failing)
+        conn.executemany(INSERT, (_row(jid, "waiting", now, after="1") for jid in
+                                  range(2, many + 2)))  # fmt: skip
+    svc = make_service("[queue]\nkeep_results = 0.5\n")
+
+    def swept_or_settled() -> bool:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            (dependency,), (waiting,) = conn.execute(
+                "SELECT count(*) FROM jobs WHERE id = 1 UNION ALL"
+                " SELECT count(*) FROM jobs WHERE state = 'waiting'"
+            ).fetchall()
+        return not dependency or not waiting
+
+    wait_until(swept_or_settled, timeout=50, interval=0.01)
+    assert svc.proc is not None
+    svc.proc.kill()
+    svc.proc.wait()
+    svc = make_service()  # keep_results as by default: what ran would show
+    wait_until(lambda: _states(db).get("waiting", 0) == 0 or _states(db).get("done"), timeout=50)
+    assert _states(db).get("done", 0) == 0, _states(db)
+
+
+def _states(db) -> dict[str, int]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+        return dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"))

@@ -296,3 +296,21 @@ def test_a_long_run_history_is_summed_off_the_loop(make_service, tmp_path):
     # Each time, calls were answered while it was summed (about 190 here; on the loop, at
     # most the one answered before the sum began, every time: the rest waited for it).
     assert min(answered) >= 10, f"calls answered while queue:stats was summed: {answered}"
+
+
+async def test_expiry_keeps_the_jobs_it_is_told_to(tmp_path):
+    """The failed jobs whose dependents still wait (Dependencies.failing) stay stored,
+    expired or not: a restart judges those dependents by them."""
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    ids = []
+    for _ in range(4):
+        job = _job()
+        job.id = await store.insert(job)
+        job.state, job.expires = JobState.FAILED, time.time() - 1
+        await store.save(job)
+        ids.append(job.id)
+    assert await store.expire(time.time(), 0, keep=[ids[1], ids[3]]) == 2
+    assert [job.id for job in await store.get_many(ids)] == [ids[1], ids[3]]
+    assert await store.expire(time.time(), 0) == 2
+    await store.close()

@@ -4,13 +4,13 @@ A job runs once every job it names is done, and fails (424) as soon as one fails
 cancelled. A dependency whose record is gone (expired and swept while the job waited)
 was done: had it failed, the job would have failed with it. One that failed, expired
 and is still stored fails it: a crash in the middle of its cascade leaves jobs waiting
-on it, and no sweep runs while the service is down. Two maps, both emptied as jobs finish:
-dependency -> the jobs waiting for it, and waiting job -> the dependencies it still
-waits for. A job that finished (failed by one dependency, cancelled, retried) leaves the
-second map, so the entries it leaves under its other dependencies are ignored when those
-finish. When a dependency ends, its dependents are handed to the engine, which settles
-them a few at a time (``settled``): until then each stays blocked, never placed, and
-listed among the jobs that wait on others.
+on it, and no sweep deletes it while its cascade goes on (``failing``) or the service is
+down. Two maps, both emptied as jobs finish: dependency -> the jobs waiting for it, and
+waiting job -> the dependencies it still waits for. A job that finished (failed by one
+dependency, cancelled, retried) leaves the second map, so the entries it leaves under its
+other dependencies are ignored when those finish. When a dependency ends, its dependents
+are handed to the engine, which settles them a few at a time (``settled``): until then
+each stays blocked, never placed, and listed among the jobs that wait on others.
 """
 
 from __future__ import annotations
@@ -101,6 +101,11 @@ class Dependencies:
         if dependents:
             self._ending.append((jid, state, iter(sorted(dependents))))
         return bool(dependents)
+
+    def failing(self) -> list[int]:
+        """The failed or cancelled jobs whose dependents are not all failed yet: the sweep
+        keeps their records, which a restart would judge those dependents by."""
+        return [jid for jid, state, _ in self._ending if state is not JobState.DONE]
 
     @property
     def unsettled(self) -> bool:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from bgservice.config import QueueSettings
 from bgservice.queue.job import Job
@@ -80,8 +80,9 @@ class FinishedJobs:
             if job is None or job.state.finished:  # (unfinished: its add is on its way)
                 self._known[jid] = job
 
-    async def expire_forever(self) -> None:
-        """Delete expired jobs and old history, every few seconds, until cancelled."""
+    async def expire_forever(self, keep: Callable[[], Sequence[int]]) -> None:
+        """Delete expired jobs and old history, every few seconds, until cancelled; not the
+        jobs ``keep()`` names (failed ones whose dependents are still to fail with them)."""
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))
         self._known.clear()  # start-up is over
         while True:
@@ -90,7 +91,7 @@ class FinishedJobs:
             for jid in [j for j, job in self._recent.items() if (job.expires or now) < now]:
                 del self._recent[jid]
             try:
-                gone = await self.store.expire(now, now - self.settings.keep_history)
+                gone = await self.store.expire(now, now - self.settings.keep_history, keep())
             except Exception as exc:
                 log.error("job expiry failed: %s", exc)
                 continue

@@ -102,7 +102,7 @@ class LocalQueue(JobQueue):
                 await self._place_new(job)
         if recovered:
             log.info("job queue: %d unfinished jobs recovered", len(recovered))
-        self._expiry = self._loop.create_task(self._finished.expire_forever())
+        self._expiry = self._loop.create_task(self._finished.expire_forever(self._deps.failing))
         self._pump()
 
     async def stop(self, grace: float) -> None:

@@ -98,7 +98,8 @@ _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 EXPIRE_JOBS, EXPIRE_RUNS = 3000, 8000
 GET_MANY = 2000  # jobs read by one operation of get_many: ~10 ms of the writer
 _EXPIRE_JOBS = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs"
-                " WHERE expires IS NOT NULL AND expires < ? LIMIT ?)")  # fmt: skip
+                " WHERE expires IS NOT NULL AND expires < ?{} LIMIT ?)")  # fmt: skip
+_BUT = " AND id NOT IN (SELECT value FROM json_each(?))"  # a JSON list, rarely any (Dependencies)
 _EXPIRE_RUNS = "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE finished < ? LIMIT ?)"
 
 
@@ -316,18 +317,19 @@ class SqliteStore:
                 self._reader.close()
                 self._reader = None
 
-    async def expire(self, now: float, history_before: float) -> int:
+    async def expire(self, now: float, history_before: float, keep: Sequence[int] = ()) -> int:
         """Chunk by chunk, each a writer operation of its own (~10 ms), so writes queued
         meanwhile commit between them: one DELETE of a million jobs held them for 3.5 s."""
-        gone = await self._delete_chunks(_EXPIRE_JOBS, now, EXPIRE_JOBS)
-        await self._delete_chunks(_EXPIRE_RUNS, history_before, EXPIRE_RUNS)
+        sql, args = _EXPIRE_JOBS.format(_BUT if keep else ""), (now, json.dumps(list(keep)))
+        gone = await self._delete_chunks(sql, args if keep else args[:1], EXPIRE_JOBS)
+        await self._delete_chunks(_EXPIRE_RUNS, (history_before,), EXPIRE_RUNS)
         return gone
 
-    async def _delete_chunks(self, sql: str, before: float, limit: int) -> int:
+    async def _delete_chunks(self, sql: str, args: tuple[Any, ...], limit: int) -> int:
         """``sql``, a DELETE of at most ``limit`` rows, until it deletes fewer: rows gone."""
         total = 0
         while True:
-            gone = await self._submit(lambda c: c.execute(sql, (before, limit)).rowcount)
+            gone = await self._submit(lambda c: c.execute(sql, (*args, limit)).rowcount)
             total += gone
             if gone < limit:
                 return total

@@ -75,8 +75,9 @@ class Store(Protocol):
         """``queue:stats``' summary of the attempts that ended lately (history.py)."""
         ...
 
-    async def expire(self, now: float, history_before: float) -> int:
-        """Delete finished jobs past their ``expires`` and older history; returns jobs gone."""
+    async def expire(self, now: float, history_before: float, keep: Sequence[int] = ()) -> int:
+        """Delete finished jobs past their ``expires``, but those in ``keep``, and older
+        history; returns jobs gone."""
         ...
 
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]: ...
