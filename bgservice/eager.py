@@ -3,12 +3,14 @@
 Most requests finish without waiting (a cached reply, a short ``async def`` handler, a
 built-in command): for them a task, and the loop iteration it waits for, is pure cost.
 ``start`` runs the first step in the caller; a coroutine that waits goes on in a task
-that takes over exactly where it stopped (``Rest``). Python 3.12's eager task factory
-does the same for every task; this does it only where it is known to pay, and on 3.11.
+that takes over exactly where it stopped (``Resume``; ``Rest`` for a coroutine that
+awaits the rest of another itself). Python 3.12's eager task factory does the same for
+every task; this does it only where it is known to pay, and on 3.11.
 
 During the first step ``asyncio.current_task()`` is a ``FirstStep``: what a timeout or a
 task group asks of its task (``cancel``, ``cancelling``, ``uncancel``) it answers for the
-task that carries on, so a handler may use ``asyncio.timeout`` and ``wait_for`` at once.
+task that carries on, so a handler may use ``asyncio.timeout`` and ``wait_for`` at once
+(even one due as it begins: its cancellation reaches the coroutine where it waits).
 Without it there was no current task there (or another's), and both raised "Timeout
 should be used inside a task": a 500 for every handler that began with one (on Python
 3.12 ``wait_for`` too, so the shipped compilers failed every compile).
@@ -17,9 +19,9 @@ should be used inside a task": a 500 for every handler that began with one (on P
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
-import types
-from asyncio.tasks import _enter_task, _leave_task  # what the eager task factory uses
+from asyncio.tasks import _enter_task, _leave_task, current_task  # (the eager task factory's)
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
@@ -70,11 +72,6 @@ class FirstStep:
         )
 
 
-# First steps running now, nested (a request started eagerly may start a job eagerly):
-# while one runs, the task current_task() names is not the coroutine's own, whatever it is.
-_depth = 0
-
-
 def start(
     coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop
 ) -> tuple[bool, Any]:
@@ -91,37 +88,21 @@ def start(
 def _start(
     coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop
 ) -> tuple[bool, Any]:
-    global _depth
-    step, outer = FirstStep(), asyncio.current_task(loop)
+    step, outer = FirstStep(), current_task(loop)
     if outer is not None:  # a task's step started this one: it is not that task's
         _leave_task(loop, outer)
     _enter_task(loop, step)  # type: ignore[arg-type]  # (the C version takes any object)
-    _depth += 1
     try:
         yielded = coro.send(None)
     except StopIteration as done:
         return True, done.value
     finally:
-        _depth -= 1
         _leave_task(loop, step)  # type: ignore[arg-type]
         if outer is not None:
             _enter_task(loop, outer)
-    task = spawn(resume(coro, yielded))
+    task = spawn(Resume(coro, yielded))
     step.carry_on(task)
     return False, task
-
-
-@types.coroutine
-def hop() -> Generator[None, None, None]:
-    """Give the loop one turn. Run inside ``start``'s first step, it ends that step: what
-    follows runs in the task ``start`` made (``asyncio.timeout`` needs a task)."""
-    yield
-
-
-def in_task(loop: asyncio.AbstractEventLoop) -> bool:
-    """True when the running coroutine is its task's own, not a first step run by ``start``
-    (inside which a timeout would bind to the wrong task, or to none)."""
-    return _depth == 0 and asyncio.current_task(loop) is not None
 
 
 class Rest:
@@ -153,7 +134,51 @@ class Rest:
                     return done.value
 
 
-async def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
-    """``Rest`` as a coroutine, for a task to run (a caller that awaits the rest itself
-    awaits ``Rest``: one frame less)."""
-    return await Rest(coro, yielded)
+class Resume(collections.abc.Coroutine[Any, Any, Any]):
+    """``Rest`` as a coroutine of its own, for a task to run.
+
+    The task's first ``send`` gets what the first step yielded; whatever the task throws,
+    from the very first, goes into the coroutine where it waits. (An ``async def``
+    awaiting ``Rest`` lost a throw that came before the task first ran: thrown into a
+    coroutine not started yet, it ends it there. A timeout due as it begins does that,
+    ``asyncio.timeout(0)``, which redis-py's connection pool enters on every command: the
+    call's task ended cancelled, and its client waited for ever.)
+
+    An object of ``collections.abc.Coroutine``: what ``create_task`` takes on every
+    Python, as it takes a native coroutine."""
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self._coro, self._yielded = coro, yielded
+
+    def send(self, value: Any) -> Any:
+        if self._yielded is not _GONE:  # the task's first step
+            yielded, self._yielded = self._yielded, _GONE
+            return yielded
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._yielded is not _GONE:  # before the task's first step
+            waited, self._yielded = self._yielded, _GONE
+            if asyncio.isfuture(waited) and isinstance(typ, asyncio.CancelledError):
+                waited.cancel()  # as a task that waited on it would (asyncio.Task.cancel)
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # (the old form, deprecated)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # __qualname__, cr_frame, cr_await...: the coroutine's, for the task's repr and stack
+        if name in Resume.__slots__:  # (not set yet)
+            raise AttributeError(name)
+        return getattr(self._coro, name)
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        yielded, self._yielded = self._yielded, _GONE
+        return Rest(self._coro, yielded).__await__()
+
+
+_GONE = object()  # Resume: the first step's yield was handed to the task

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bgservice.config import Settings
-from bgservice.eager import Rest, hop, in_task
+from bgservice.eager import Rest
 from bgservice.errors import (
     Busy,
     CallTimeout,
@@ -114,13 +114,13 @@ class Execution:
         try:
             if handler.is_async and version.execution != "process":
                 try:
-                    return await self._on_loop(name, handler, request, timeout, loop)
+                    return await self._on_loop(name, handler, request, timeout)
                 finally:
                     version.release()
                     self.stats.in_flight[name] -= 1
             if version.execution == "process":
                 try:
-                    return await self._in_process(version, request, timeout, loop)
+                    return await self._in_process(version, request, timeout)
                 finally:
                     release()
             return await self._in_thread(version, handler, request, timeout, loop, release)
@@ -163,8 +163,6 @@ class Execution:
         self.stats.in_flight[name] += 1
         limit = asyncio.timeout(timeout)
         try:
-            if not in_task(request.loop or asyncio.get_running_loop()):
-                await hop()  # awaited within an eager first step: its timeout needs a task
             async with limit:
                 return await Rest(coro, first)
         except TimeoutError as exc:
@@ -205,10 +203,8 @@ class Execution:
         return HandlerError(message)
 
     async def _in_process(
-        self, version: ModuleVersion, request: Request, timeout: float, loop: Loop
+        self, version: ModuleVersion, request: Request, timeout: float
     ) -> Any:
-        if not in_task(loop):  # started eagerly: its timeout needs a task
-            await hop()
         try:
             return await self.processes(version, request, timeout)
         except (HandlerError, CallTimeout, WorkerDied) as exc:
@@ -221,7 +217,7 @@ class Execution:
             raise
 
     async def _on_loop(
-        self, name: str, handler: Handler, request: Request, timeout: float, loop: Loop
+        self, name: str, handler: Handler, request: Request, timeout: float
     ) -> Any:
         # The first step runs at once: a handler that finishes without waiting (most
         # replies) costs no timer. One that waits is resumed under its timeout
@@ -231,8 +227,6 @@ class Execution:
             first = coro.send(None)
         except StopIteration as done:
             return done.value
-        if not in_task(loop):  # started eagerly: its timeout needs a task
-            await hop()
         limit = asyncio.timeout(timeout)
         try:
             async with limit:
@@ -263,8 +257,6 @@ class Execution:
             release()
             raise Busy("Shutting down") from None
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
-        if not in_task(loop):  # started eagerly: its timeout needs a task
-            await hop()
         limit = asyncio.timeout(timeout)
         try:
             async with limit:

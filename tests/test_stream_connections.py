@@ -6,7 +6,7 @@ request during the shutdown gets an answer. Over real sockets."""
 from __future__ import annotations
 
 import asyncio
-import inspect
+import collections.abc
 import signal
 import socket
 import time
@@ -128,7 +128,8 @@ def test_the_rest_of_a_call_that_waits_is_a_coroutine_any_python_runs_as_a_task(
     async def main() -> tuple[bool, str]:
         loop = asyncio.get_running_loop()
         done, task = eager.start(waits(), loop.create_task, loop)
-        assert inspect.iscoroutine(task.get_coro()), type(task.get_coro())
+        # What create_task takes on 3.12+ (a generator-based coroutine is not one of these)
+        assert isinstance(task.get_coro(), collections.abc.Coroutine), type(task.get_coro())
         return done, await task
 
     assert asyncio.run(main()) == (False, "done")
@@ -150,6 +151,12 @@ async def handle_tcp(request):
                 await asyncio.sleep(5)
         except TimeoutError:
             return "expired in time"
+    if request.text == "at once":  # due as it begins (redis-py's pool on every command)
+        try:
+            async with asyncio.timeout(0):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return "due at once"
     if request.text == "group":
         async with asyncio.TaskGroup() as group:
             a = group.create_task(asyncio.sleep(0.01, "group"))
@@ -168,7 +175,8 @@ def test_a_handler_may_begin_with_a_timeout_a_wait_for_or_a_task_group(make_serv
     write_module(modules_dir, "timeouts", TIMEOUTS)
     svc = make_service()
     cases = {b"timeout": b"timeout ok", b"wait_for": b"wait_for ok",
-             b"expires": b"expired in time", b"group": b"group ok"}  # fmt: skip
+             b"expires": b"expired in time", b"group": b"group ok",
+             b"at once": b"due at once"}  # fmt: skip
     for data, expected in cases.items():
         assert svc.call(b"timeouts:" + data) == expected, data
     conn = svc.framed()
@@ -178,6 +186,51 @@ def test_a_handler_may_begin_with_a_timeout_a_wait_for_or_a_task_group(make_serv
     for data, expected in cases.items():
         jid = svc.call(b"queue:add:timeouts:" + data)
         assert svc.call(b"queue:get:" + jid) == expected, data
+
+
+def test_a_cancellation_before_the_rest_first_runs_reaches_the_coroutine():
+    # A timeout due as it begins cancels the task made for the rest before that task has
+    # run at all. Its coroutine was an ``async def`` around the rest, not started yet: the
+    # cancellation ended it there, unseen by the timeout that was to turn it into a
+    # TimeoutError, and the call's task ended cancelled: its client waited for ever (any
+    # handler using redis.asyncio, from its second command on).
+    async def due_at_once() -> str:
+        try:
+            async with asyncio.timeout(0):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            return "timed out"
+        return "slept"
+
+    async def main() -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        done, task = eager.start(due_at_once(), loop.create_task, loop)
+        return done, await task
+
+    assert asyncio.run(main()) == (False, "timed out")
+
+
+REDIS_MODULE = """
+import redis.asyncio
+
+client = None
+
+async def handle_tcp(request):
+    global client
+    if client is None:
+        client = redis.asyncio.from_url(request.text)
+    return str(await client.incr("bgservice-test-handler-calls"))
+"""
+
+
+def test_a_handler_may_use_redis_asyncio(make_service, modules_dir, redis_url):
+    # The reason the test above was found: redis-py's pool enters asyncio.timeout(0) on
+    # every command it sends on a connection made before. The second call never came back.
+    write_module(modules_dir, "counter", REDIS_MODULE)
+    svc = make_service()
+    first = int(svc.call(b"counter:" + redis_url.encode()))
+    for n in range(1, 4):
+        assert svc.call(b"counter:" + redis_url.encode(), timeout=5) == b"%d" % (first + n)
 
 
 def test_a_handlers_own_timeout_error_is_its_error_not_the_calls(make_service, modules_dir):

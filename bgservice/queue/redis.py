@@ -39,7 +39,7 @@ from bgservice.queue.commands import AddSpec, ListSpec
 from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, not_found, run_record
 from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_channel import Subscription
-from bgservice.queue.redis_db import RedisJobs, available, batched, script_error, unavailable
+from bgservice.queue.redis_db import RedisJobs, available, script_error, unavailable
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import Attempt, RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
@@ -121,7 +121,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     # --- commands ---------------------------------------------------------------------
 
-    @batched
+    @available
     async def add(self, spec: AddSpec) -> int:
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
         now = time.time()
@@ -148,7 +148,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             self._spawn(self._start_or_return(reply[2]))  # hands it back
         self._freed()
 
-    @batched
+    @available
     async def get(self, jid: int) -> Result:
         waiter = self._waiters.get(jid)
         if waiter is None:
@@ -163,7 +163,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         # Shielded: one client hanging up must not cancel the result for the others.
         return await asyncio.shield(waiter)
 
-    @batched
+    @available
     async def check(self, jid: int) -> str:
         return (await self.db.require(jid)).state.check_code
 
@@ -173,16 +173,16 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         throttled = await self.db.free_at(job, self.rates.rates.get(job.module))
         return job.describe(time.time(), await self.db.position(job), throttled)
 
-    @batched
+    @available
     async def cancel(self, jid: int) -> str:
         return (await self.db.checked("CANCEL", jid, self._expires())).decode()
 
-    @batched
+    @available
     async def retry(self, jid: int) -> int:
         await self.db.checked("RETRY", jid)
         return jid
 
-    @batched
+    @available
     async def delete(self, jid: int) -> None:
         await self.db.checked("DELETE", jid)
 

@@ -18,7 +18,6 @@ from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.config_checks import redact_url
-from bgservice.eager import hop, in_task
 from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.protocol import OK
 from bgservice.queue import redis_scripts
@@ -62,30 +61,11 @@ T = TypeVar("T")
 def available(
     method: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis unreachable -> 503 for this command (the client reconnects by itself).
-    Started eagerly (bgservice.eager), it first moves into a task: redis-py needs one."""
-    return _guarded(method, into_task=True)
+    """Redis unreachable -> 503 for this command (the client reconnects by itself). Started
+    eagerly (bgservice.eager), it sends its Redis commands in its first step."""
 
-
-def batched(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """``available`` for a command whose Redis commands all go through the Batcher (which
-    needs no task of the caller's): started eagerly, it sends them in its first step."""
-    return _guarded(method, into_task=False)
-
-
-def unavailable() -> Busy:
-    return Busy("Queue unavailable: Redis does not answer")
-
-
-def _guarded(
-    method: Callable[P, Coroutine[Any, Any, T]], into_task: bool
-) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if into_task and not in_task(asyncio.get_running_loop()):
-            await hop()
         try:
             return await method(*args, **kwargs)
         except RedisError as exc:
@@ -93,6 +73,10 @@ def _guarded(
             raise unavailable() from None
 
     return wrapper
+
+
+def unavailable() -> Busy:
+    return Busy("Queue unavailable: Redis does not answer")
 
 
 def script_error(code: int, message: str) -> ServiceError:
