@@ -7,13 +7,15 @@ that takes over exactly where it stopped (``Resume``; ``Rest`` for a coroutine t
 awaits the rest of another itself). Python 3.12's eager task factory does the same for
 every task; this does it only where it is known to pay, and on 3.11.
 
-During the first step ``asyncio.current_task()`` is a ``FirstStep``: what a timeout or a
-task group asks of its task (``cancel``, ``cancelling``, ``uncancel``) it answers for the
-task that carries on, so a handler may use ``asyncio.timeout`` and ``wait_for`` at once
-(even one due as it begins: its cancellation reaches the coroutine where it waits).
-Without it there was no current task there (or another's), and both raised "Timeout
-should be used inside a task": a 500 for every handler that began with one (on Python
-3.12 ``wait_for`` too, so the shipped compilers failed every compile).
+For the whole coroutine ``asyncio.current_task()`` is a ``FirstStep``: what a timeout or
+a task group asks of its task (``cancel``, ``cancelling``, ``uncancel``) it answers for
+the task that carries on, so a handler may use ``asyncio.timeout`` and ``wait_for`` at
+once (even one due as it begins: its cancellation reaches the coroutine where it waits),
+and it stays the current task in the rest, so a library that checks it is the same
+object (anyio's cancel scopes) finds it is. Without it there was no current task in the
+first step (or another's), and both raised "Timeout should be used inside a task": a 500
+for every handler that began with one (on Python 3.12 ``wait_for`` too, so the shipped
+compilers failed every compile).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ Spawn = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
 class FirstStep:
-    """The current task of a first step run by ``start``: its cancellations are kept and
+    """The current task of a coroutine run by ``start``: its cancellations are kept and
     handed to the task made for the rest (``task``), and then forwarded to it."""
 
     # Defaults on the class, no __init__: one is made for every first step, and most
@@ -100,7 +102,7 @@ def _start(
         _leave_task(loop, step)  # type: ignore[arg-type]
         if outer is not None:
             _enter_task(loop, outer)
-    task = spawn(Resume(coro, yielded))
+    task = spawn(Resume(coro, yielded, step, loop))
     step.carry_on(task)
     return False, task
 
@@ -144,19 +146,35 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
     ``asyncio.timeout(0)``, which redis-py's connection pool enters on every command: the
     call's task ended cancelled, and its client waited for ever.)
 
+    While the coroutine runs, ``asyncio.current_task()`` is still its first step's
+    ``FirstStep``, which forwards to the task: the same object from the first line to the
+    last, as a library may check (anyio's cancel scopes, so httpx: "Attempted to exit
+    cancel scope in a different task than it was entered in", a 500 for every call).
+
     An object of ``collections.abc.Coroutine``: what ``create_task`` takes on every
     Python, as it takes a native coroutine."""
 
-    __slots__ = ("_coro", "_yielded")
+    __slots__ = ("_coro", "_loop", "_step", "_yielded")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-        self._coro, self._yielded = coro, yielded
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any], yielded: Any, step: FirstStep,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:  # fmt: skip
+        self._coro, self._yielded, self._step, self._loop = coro, yielded, step, loop
 
     def send(self, value: Any) -> Any:
         if self._yielded is not _GONE:  # the task's first step
             yielded, self._yielded = self._yielded, _GONE
             return yielded
-        return self._coro.send(value)
+        loop, step = self._loop, self._step  # (_as_step, inlined: every step of every call)
+        task: Any = current_task(loop)
+        _leave_task(loop, task)
+        _enter_task(loop, step)  # type: ignore[arg-type]
+        try:
+            return self._coro.send(value)
+        finally:
+            _leave_task(loop, step)  # type: ignore[arg-type]
+            _enter_task(loop, task)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         if self._yielded is not _GONE:  # before the task's first step
@@ -164,8 +182,19 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
             if asyncio.isfuture(waited) and isinstance(typ, asyncio.CancelledError):
                 waited.cancel()  # as a task that waited on it would (asyncio.Task.cancel)
         if val is None and tb is None:
-            return self._coro.throw(typ)
-        return self._coro.throw(typ, val, tb)  # (the old form, deprecated)
+            return self._as_step(self._coro.throw, typ)
+        return self._as_step(self._coro.throw, typ, val, tb)  # (the old form, deprecated)
+
+    def _as_step(self, method: Callable[..., Any], *args: Any) -> Any:
+        loop, step = self._loop, self._step
+        task: Any = current_task(loop)  # the task running this one
+        _leave_task(loop, task)
+        _enter_task(loop, step)  # type: ignore[arg-type]
+        try:
+            return method(*args)
+        finally:
+            _leave_task(loop, step)  # type: ignore[arg-type]
+            _enter_task(loop, task)
 
     def close(self) -> None:
         self._coro.close()

@@ -138,6 +138,8 @@ def test_the_rest_of_a_call_that_waits_is_a_coroutine_any_python_runs_as_a_task(
 TIMEOUTS = """
 import asyncio
 
+import anyio
+
 async def handle_tcp(request):
     if request.text == "timeout":  # asyncio.timeout before the first await
         async with asyncio.timeout(5):
@@ -157,6 +159,16 @@ async def handle_tcp(request):
                 await asyncio.sleep(5)
         except TimeoutError:
             return "due at once"
+    if request.text == "same task":  # one current task from the first line to the last
+        first = asyncio.current_task()
+        await asyncio.sleep(0)
+        return "same task" if asyncio.current_task() is first else "another task"
+    if request.text == "anyio":  # its cancel scopes check that (httpx's, so httpx)
+        with anyio.fail_after(5):
+            await asyncio.sleep(0.01)
+        with anyio.move_on_after(0.01):
+            await asyncio.sleep(5)
+        return "anyio ok"
     if request.text == "group":
         async with asyncio.TaskGroup() as group:
             a = group.create_task(asyncio.sleep(0.01, "group"))
@@ -176,7 +188,8 @@ def test_a_handler_may_begin_with_a_timeout_a_wait_for_or_a_task_group(make_serv
     svc = make_service()
     cases = {b"timeout": b"timeout ok", b"wait_for": b"wait_for ok",
              b"expires": b"expired in time", b"group": b"group ok",
-             b"at once": b"due at once"}  # fmt: skip
+             b"at once": b"due at once", b"same task": b"same task",
+             b"anyio": b"anyio ok"}  # fmt: skip
     for data, expected in cases.items():
         assert svc.call(b"timeouts:" + data) == expected, data
     conn = svc.framed()
