@@ -244,21 +244,19 @@ def _digest(path: Path) -> str | None:
 class Registry:
     """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
 
-    def __init__(
-        self, folder: Path, events: Events, import_timeout: float = 30.0,
-        builtins: Collection[str] = (),
-    ) -> None:  # fmt: skip
+    def __init__(self, folder: Path, events: Events, import_timeout: float = 30.0,
+                 builtins: Collection[str] = ()) -> None:  # fmt: skip
         self.folder = folder.resolve()
         self.builtins = frozenset(builtins)  # request names the service answers itself
         self._events = events
-        # Imports run one at a time on a daemon thread: one that never returns is given
-        # up after ``import_timeout`` (a thread cannot be stopped) and a new thread takes
-        # the next, so a hung import blocks neither later reloads nor the exit.
+        # Imports run one at a time on a daemon thread: one that never returns is given up
+        # after ``import_timeout`` and a new thread takes the next (no reload, no exit waits).
         self.import_timeout = import_timeout
         self._loader = CallThreads(1, spare=8, name="bgservice-loader")
         self._entries: dict[str, ModuleEntry] = {}
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
+        self._new = logging.INFO  # how the load of a module not loaded before is logged
         install_package(self.folder)
 
     def get(self, name: str) -> ModuleEntry | None:
@@ -271,10 +269,12 @@ class Registry:
         if not self.folder.is_dir():
             log.warning("modules folder %s does not exist; no modules loaded", self.folder)
             return
+        self._new = logging.DEBUG  # each line, when the server's table lists them all next
         for path in sorted(self.folder.iterdir()):
             kind = classify(path.name)
             if kind and kind[0] == "module":
                 await self.refresh(path.name)
+        self._new = logging.INFO
 
     async def refresh(self, filename: str) -> None:
         """Bring one file's module in line with the disk: load, reload or drop it."""
@@ -329,7 +329,7 @@ class Registry:
         old, entry.version, entry.error, entry.error_at = entry.version, version, None, None
         self._entries[name] = entry
         if old is None:
-            log.info("module %s loaded", name)
+            log.log(self._new, "module %s loaded", name)
             if name in self.builtins:  # execution.RESERVED: over TCP, UDP or as a queued job
                 log.warning(f"module {name}: never called ({name}:... is the service's): rename it")
         else:
@@ -349,9 +349,8 @@ class Registry:
 
     def _retire(self, version: ModuleVersion) -> None:
         version.retire(self._start_unload)
-        # A version loaded at start-up was frozen with the rest (server.py): frozen, it
-        # would never be collected (its functions and globals make a cycle). Unfrozen,
-        # the next full collection frees it.
+        # Loaded at start-up, it was frozen with the rest (server.py): never collected so (its
+        # functions and globals make a cycle). Unfrozen, the next full collection frees it.
         gc.unfreeze()
 
     def _start_unload(self, version: ModuleVersion) -> None:

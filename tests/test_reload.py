@@ -39,6 +39,7 @@ def test_a_new_module_file_is_served(service):
     assert service.call(b"fresh:x") == b"400: Unknown request"
     write_module(service.modules, "fresh", version("new"))
     wait_until(lambda: replies(service, b"fresh:x", b"new"))
+    assert "module fresh loaded" in service.log()
 
 
 def test_a_new_module_is_unknown_until_its_first_import_ends(service):

@@ -43,6 +43,9 @@ def test_start_up_reports_listeners_and_a_table_of_modules(make_service, tmp_pat
     assert any(li.split() == columns for li in log.splitlines())
     row = next(li for li in log.splitlines() if li.split()[:2] == ["test", "loaded"])
     assert "tcp" in row and "udp" in row
+    # Each module once, in the table: a line each before it said the same (a newcomer's
+    # report). Only one loaded later gets a line of its own.
+    assert "module test loaded" not in log
 
 
 def test_a_second_service_on_the_same_job_database_is_refused(make_service, tmp_path):
