@@ -185,6 +185,13 @@ def _backend(v: Any) -> str:
     return str(v)
 
 
+def _http_enabled(v: Any) -> bool:
+    missing = [m for m in ("aiohttp", "prometheus_client") if _boolean(v) and not find_spec(m)]
+    if missing:  # said before anything listens, as a config error (exit 2), as for Redis
+        raise ValueError(f"needs {' and '.join(missing)}: {install('http')}")
+    return bool(v)
+
+
 def _redis_url(v: Any) -> str:
     if not isinstance(v, str) or not re.match(r"^(rediss?|unix)://", v):
         raise ValueError('must be a URL such as "redis://127.0.0.1:6379/0" or "unix:///path"')
@@ -272,7 +279,7 @@ REDIS_CHECKS: dict[str, Check] = {
     "connect_timeout": _positive_number,
 }
 HTTP_CHECKS: dict[str, Check] = {
-    "enabled": _boolean,
+    "enabled": _http_enabled,
     "host": check_string,
     "port": check_port,
     "token": check_token,
@@ -346,8 +353,7 @@ class Reader:
     """Validates one parsed file, naming the key and its line in every error."""
 
     def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self.text = text
+        self.path, self.text = path, text
 
     def fail(
         self, where: str, key: str, problem: str, table: str = "", index: int = 0
