@@ -99,8 +99,9 @@ def test_service_ping_modules_and_stats(service):
 def test_verbose_logs_a_line_per_request(make_service):
     svc = make_service("", "-v")
     svc.call(b"echo:hello")
-    svc.wait_for_log("echo")
-    line = next(li for li in svc.log().splitlines() if "DEBUG" in li and "echo" in li)
+    svc.wait_for_log("status=")
+    line = next(li for li in svc.log().splitlines() if "DEBUG" in li and "status=" in li)
+    assert "echo" in line
     assert "tcp" in line and "127.0.0.1:" in line
     assert "in=5B out=5B" in line and "status=200" in line
     assert re.search(r"\d+(\.\d+)?ms", line)
