@@ -11,12 +11,12 @@ the loop.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections import deque
 from typing import Any
 
+from bgservice import eager
 from bgservice.access import AccessList
 from bgservice.dispatch import Dispatcher
 from bgservice.logs import Sparse
@@ -82,12 +82,10 @@ class DatagramQueue:
         loop = self._loop
         assert loop is not None, "DatagramQueue.start() not called"
         request = Request(module, payload, origin, peer, loop=loop, jobs=self.jobs)
-        # In a context of its own, as in bgservice.eager: a context variable a handler
-        # sets does not reach the next datagram's.
-        context = contextvars.copy_context()
-        rest = context.run(self.dispatcher.notify, request)  # served now, unless it waits
-        if rest is not None:
-            task = loop.create_task(rest, context=context)
+        # Served now, unless it waits: as a stream's request is (bgservice.eager), in a
+        # context of its own, with a current task for asyncio.timeout and the like.
+        done, task = eager.start_call(self.dispatcher.notify, request, loop.create_task, loop)
+        if not done:
             self.waiting.add(task)
             task.add_done_callback(self._finished)
 

@@ -27,7 +27,7 @@ from asyncio.tasks import _enter_task, _leave_task, current_task  # (the eager t
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
-Spawn = Callable[[Coroutine[Any, Any, Any]], Any]
+Spawn = Callable[..., Any]  # (coroutine, context=...) -> a task: loop.create_task's form
 
 
 class FirstStep:
@@ -59,6 +59,16 @@ class FirstStep:
     def done(self) -> bool:
         return self.task is not None and self.task.done()
 
+    # What anyio's cancel scopes read of a task before they cancel it: before the task is
+    # made, "not cancelled yet" and "waiting on nothing" (it then cancels it, next turn).
+    @property
+    def _must_cancel(self) -> bool:
+        return self.task._must_cancel if self.task is not None else self._cancels > 0  # type: ignore[attr-defined]
+
+    @property
+    def _fut_waiter(self) -> Any:
+        return self.task._fut_waiter if self.task is not None else None  # type: ignore[attr-defined]
+
     def carry_on(self, task: asyncio.Task[Any]) -> None:
         """``task`` runs the rest: it gets what was asked of this step meanwhile."""
         self.task = task
@@ -81,20 +91,37 @@ def start(
     else ``(False, task)``: the rest handed to ``spawn``, which makes it a task.
 
     In a context of its own, as a task's would be: run in the caller's, a handler setting
-    a context variable set it for every later request of the listener (the task made
-    for the rest copies this context, so it sees what the first step set). ``loop`` is
-    the running loop (looked up, it costs a system call a request on Python 3.11)."""
-    return contextvars.copy_context().run(_start, coro, spawn, loop)
+    a context variable set it for every later request of the listener. The task made for
+    the rest runs in the same context, not a copy: a variable's token from the first step
+    resets it in the rest (a copy refused it: "created in a different Context"). ``loop``
+    is the running loop (looked up, it costs a system call a request on Python 3.11)."""
+    context = contextvars.copy_context()
+    return context.run(_start, None, coro, spawn, loop, context)
+
+
+def start_call(
+    begin: Callable[[Any], Coroutine[Any, Any, Any] | None], arg: Any, spawn: Spawn,
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[bool, Any]:  # fmt: skip
+    """``begin(arg)`` now, as ``start`` runs a first step; when it returns a coroutine (the
+    rest of what it began: a datagram's handler that waits), that goes on as in ``start``,
+    under the same current task. No coroutine of its own for what ends in ``begin``."""
+    context = contextvars.copy_context()
+    return context.run(_start, begin, arg, spawn, loop, context)
 
 
 def _start(
-    coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop
-) -> tuple[bool, Any]:
+    begin: Callable[[Any], Coroutine[Any, Any, Any] | None] | None, arg: Any, spawn: Spawn,
+    loop: asyncio.AbstractEventLoop, context: contextvars.Context,
+) -> tuple[bool, Any]:  # fmt: skip
     step, outer = FirstStep(), current_task(loop)
     if outer is not None:  # a task's step started this one: it is not that task's
         _leave_task(loop, outer)
     _enter_task(loop, step)  # type: ignore[arg-type]  # (the C version takes any object)
     try:
+        coro = arg if begin is None else begin(arg)  # (start: the coroutine itself)
+        if coro is None:
+            return True, None
         yielded = coro.send(None)
     except StopIteration as done:
         return True, done.value
@@ -102,7 +129,7 @@ def _start(
         _leave_task(loop, step)  # type: ignore[arg-type]
         if outer is not None:
             _enter_task(loop, outer)
-    task = spawn(Resume(coro, yielded, step, loop))
+    task = spawn(Resume(coro, yielded, step, loop), context=context)
     step.carry_on(task)
     return False, task
 
@@ -172,6 +199,9 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
         _enter_task(loop, step)  # type: ignore[arg-type]
         try:
             return self._coro.send(value)
+        except BaseException:  # (StopIteration too) it has ended: no cycle left behind
+            self._step = None  # type: ignore[assignment]  # (task -> Resume -> step -> task)
+            raise
         finally:
             _leave_task(loop, step)  # type: ignore[arg-type]
             _enter_task(loop, task)
@@ -192,6 +222,9 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
         _enter_task(loop, step)  # type: ignore[arg-type]
         try:
             return method(*args)
+        except BaseException:  # (as in send)
+            self._step = None  # type: ignore[assignment]
+            raise
         finally:
             _leave_task(loop, step)  # type: ignore[arg-type]
             _enter_task(loop, task)

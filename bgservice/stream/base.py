@@ -53,8 +53,8 @@ class StreamContext:
     def __post_init__(self) -> None:
         self.deadlines = Deadlines(self.loop)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = self.loop.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, Any], context: Any = None) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro, context=context)
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
