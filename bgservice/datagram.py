@@ -58,7 +58,6 @@ class DatagramQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._backlog_soon = False  # a turn to serve the backlog is scheduled
         self._emptied: asyncio.Future[None] | None = None  # set by drain()
-        self._names: dict[bytes, str] = {}  # raw module head -> cleaned name
         self._drops = Sparse(5.0)  # a log line at most every 5 s
 
     def start(self) -> None:
@@ -75,10 +74,7 @@ class DatagramQueue:
 
     def _serve(self, item: Datagram) -> None:
         data, peer, origin = item
-        head, _, payload = data.partition(b":")
-        module = self._names.get(head)
-        if module is None:
-            module = self._name(data)
+        module, payload = split_request(data)
         loop = self._loop
         assert loop is not None, "DatagramQueue.start() not called"
         request = Request(module, payload, origin, peer, loop=loop, jobs=self.jobs)
@@ -117,15 +113,6 @@ class DatagramQueue:
         self.stats.udp_dropped += 1
         if dropped := self._drops.tick(time.monotonic()):
             log.warning("datagram queue full (%d): dropped %d datagrams", self.maxsize, dropped)
-
-    def _name(self, data: bytes) -> str:
-        """The module name of a datagram (``split_request``'s), remembered per raw head:
-        clients send to a handful of modules, and the regex is the costly part."""
-        module = split_request(data)[0]
-        if len(self._names) >= 256:  # junk heads cannot grow it without bound
-            self._names.clear()
-        self._names[data.partition(b":")[0]] = module
-        return module
 
     async def drain(self, timeout: float) -> None:
         """Serve what is already queued (within ``timeout``), then cancel what still runs."""

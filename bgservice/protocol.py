@@ -15,6 +15,7 @@ Two formats share every TCP (and Unix stream) listener; docs/protocol.md is the 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -50,7 +51,21 @@ def split_request(raw: bytes) -> tuple[str, bytes]:
     ``A-Z a-z 0-9 - _`` removed; without a colon the whole request is the name.
     """
     head, _, data = raw.partition(b":")
-    return _NOT_NAME.sub(b"", head).decode("ascii"), data
+    return (_name(head) if len(head) <= NAME_CACHED else _clean(head)), data
+
+
+NAME_CACHED = 64  # heads up to this long have their cleaned name remembered
+
+
+# Remembered: clients call a handful of modules, and the regex is most of the cost (a
+# request without a colon is all head: only short heads are kept, so 256 take little).
+@functools.lru_cache(maxsize=256)
+def _name(head: bytes) -> str:
+    return _clean(head)
+
+
+def _clean(head: bytes) -> str:
+    return _NOT_NAME.sub(b"", head).decode("ascii")
 
 
 def one_shot_error(code: int, message: str) -> bytes:

@@ -31,6 +31,29 @@ def test_split_cleans_the_module_name_like_the_original():
     assert split_request(b"") == ("", b"")
 
 
+def test_split_remembers_short_names_only():
+    # The cleaned name of a short head is remembered (the regex was most of a small
+    # request's parsing); a long one (a request with no colon is all head, up to the
+    # request limit) is cleaned each time, never kept.
+    from bgservice import protocol
+
+    protocol._name.cache_clear()
+    long = b"x" * (protocol.NAME_CACHED + 1)
+    assert split_request(long + b":d") == (long.decode(), b"d")
+    assert protocol._name.cache_info().currsize == 0
+    assert split_request(b"a.b-c:1") == ("ab-c", b"1")
+    assert protocol._name.cache_info().currsize == 1
+    assert split_request(b"a.b-c:2") == ("ab-c", b"2")  # remembered, the same
+
+
+@given(st.binary(max_size=80), st.binary(max_size=8))
+def test_split_gives_what_the_regex_gives(head, data):
+    head = head.replace(b":", b"")
+    expected = re.sub(rb"[^A-Za-z0-9_-]", b"", head).decode("ascii")
+    assert split_request(head + b":" + data) == (expected, data)
+    assert split_request(head + b":" + data) == (expected, data)  # remembered, the same
+
+
 def test_split_keeps_data_binary():
     raw = b"echo:" + bytes(range(256))
     assert split_request(raw) == ("echo", bytes(range(256)))
