@@ -205,15 +205,21 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
         finally:
             _leave_task(loop, step)  # type: ignore[arg-type]
             _enter_task(loop, task)
+            task = step = None  # type: ignore[assignment]  # a traceback keeps this frame
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        if self._yielded is not _GONE:  # before the task's first step
-            waited, self._yielded = self._yielded, _GONE
-            if asyncio.isfuture(waited) and isinstance(typ, asyncio.CancelledError):
-                waited.cancel()  # as a task that waited on it would (asyncio.Task.cancel)
-        if val is None and tb is None:
-            return self._as_step(self._coro.throw, typ)
-        return self._as_step(self._coro.throw, typ, val, tb)  # (the old form, deprecated)
+        try:
+            if self._yielded is not _GONE:  # before the task's first step
+                waited, self._yielded = self._yielded, _GONE
+                if asyncio.isfuture(waited) and isinstance(typ, asyncio.CancelledError):
+                    waited.cancel()  # as a task that waited on it would (Task.cancel)
+            if val is None and tb is None:
+                return self._as_step(self._coro.throw, typ)
+            return self._as_step(self._coro.throw, typ, val, tb)  # (the old form, deprecated)
+        finally:
+            # What was thrown, its traceback holding this frame: a cycle through it would
+            # hold the task, and its reply, until a full collection (3.12+: a review).
+            typ = val = tb = waited = None
 
     def _as_step(self, method: Callable[..., Any], *args: Any) -> Any:
         loop, step = self._loop, self._step
@@ -228,6 +234,7 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
         finally:
             _leave_task(loop, step)  # type: ignore[arg-type]
             _enter_task(loop, task)
+            args = task = step = None  # type: ignore[assignment]  # (as in throw)
 
     def close(self) -> None:
         self._coro.close()

@@ -128,6 +128,8 @@ class Execution:
             raise self._timed_out(name, request, timeout, exc) from None
         except ServiceError:
             raise
+        except asyncio.CancelledError as exc:
+            raise self._cancelled(name, request, exc) from exc
         except Exception as exc:
             raise self._raised(name, request, exc) from exc
 
@@ -151,7 +153,7 @@ class Execution:
             return True, done.value
         except ServiceError:
             raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:  # (no cancellation is ours yet)
             raise self._raised(version.name, request, exc) from exc
         return False, self._rest(version, request, coro, first)
 
@@ -170,6 +172,8 @@ class Execution:
             raise self._timed_out(name, request, timeout) from None
         except ServiceError:
             raise
+        except asyncio.CancelledError as exc:
+            raise self._cancelled(name, request, exc) from exc
         except Exception as exc:
             raise self._raised(name, request, exc) from exc
         finally:
@@ -193,7 +197,18 @@ class Execution:
         self._failed(request, message, f"{request.transport} from {request.peer}")
         return CallTimeout(message)
 
-    def _raised(self, name: str, request: Request, exc: Exception) -> HandlerError:
+    def _cancelled(self, name: str, request: Request, exc: asyncio.CancelledError) -> HandlerError:
+        """The handler's error, when the handler let out a CancelledError of its own (a
+        task it awaited was cancelled) while nothing cancelled the call: uncaught, it
+        ended the call's task as cancelled, which a one-shot client then waited on for
+        ever (out of a datagram's first step it stopped the service). The call's own
+        cancellation (the service stopping, a job cancelled) goes on."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise exc
+        return self._raised(name, request, exc)
+
+    def _raised(self, name: str, request: Request, exc: BaseException) -> HandlerError:
         log.error("module %s raised", name, exc_info=exc)
         message = f"Module {name} raised {describe(exc)}"
         trace = "".join(traceback.format_exception(exc))
