@@ -85,8 +85,9 @@ class FirstStep:
 
 
 def start(
-    coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop
-) -> tuple[bool, Any]:
+    coro: Coroutine[Any, Any, Any], spawn: Spawn, loop: asyncio.AbstractEventLoop,
+    base: contextvars.Context | None = None,
+) -> tuple[bool, Any]:  # fmt: skip
     """Run ``coro`` up to its first wait: ``(True, result)`` when it finished there,
     else ``(False, task)``: the rest handed to ``spawn``, which makes it a task.
 
@@ -94,8 +95,9 @@ def start(
     a context variable set it for every later request of the listener. The task made for
     the rest runs in the same context, not a copy: a variable's token from the first step
     resets it in the rest (a copy refused it: "created in a different Context"). ``loop``
-    is the running loop (looked up, it costs a system call a request on Python 3.11)."""
-    context = contextvars.copy_context()
+    is the running loop (looked up, it costs a system call a request on Python 3.11).
+    ``base``: a context to copy instead of the caller's."""
+    context = contextvars.copy_context() if base is None else base.copy()
     return context.run(_start, None, coro, spawn, loop, context)
 
 

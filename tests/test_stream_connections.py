@@ -339,3 +339,32 @@ def test_a_handlers_own_timeout_error_is_its_error_not_the_calls(make_service, m
     write_module(modules_dir, "timeouts", TIMEOUTS)
     svc = make_service()
     assert svc.call(b"timeouts:own").startswith(b"500: Module timeouts raised TimeoutError")
+
+
+LEAK = """
+import contextvars
+
+VAR = contextvars.ContextVar("leak", default="unset")
+
+async def handle_tcp(request):
+    if request.text == "add":  # a handler that sets a variable, then adds a job
+        VAR.set("the handler's")
+        return str(await request.add_job_async("leak", "read"))
+    seen = VAR.get()
+    VAR.set("a job's")  # for the job its end starts next
+    return seen
+"""
+
+
+def test_a_job_sees_no_context_variable_of_the_handler_or_job_before_it(make_service,
+                                                                         modules_dir):  # fmt: skip
+    # A job started at once inside add() ran in a copy of the adding handler's context (a
+    # second review): a call's variables are seen by no other call (docs/modules.md). Nor
+    # does a job started as another ends see that one's (it did not before either).
+    write_module(modules_dir, "leak", LEAK)
+    svc = make_service("[queue]\nworkers = 1\n")
+    jid = svc.call(b"leak:add")
+    assert svc.call(b"queue:get:id:" + jid) == b"unset"
+    svc.call(b"queue:add:sleep:300")  # the one worker busy: the next start as it ends
+    jids = [svc.call(b"queue:add:leak:read") for _ in range(5)]
+    assert [svc.call(b"queue:get:" + j) for j in jids] == [b"unset"] * 5

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import Container, Iterable
@@ -124,6 +125,9 @@ class JobQueue(abc.ABC):
         # The running loop, kept by start(): on Python 3.11 each get_running_loop() is a
         # getpid() system call, and the job path asked several times per job.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Each job's attempt starts from a copy of this, not of whatever context started
+        # it: the handler that added it, or the job whose end freed its worker.
+        self.root = contextvars.copy_context()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -304,11 +304,11 @@ class LocalQueue(JobQueue):
         job.attempts += 1
         self._pump.per_module[job.module] += 1
         self._writes.save(job, ("state", "started", "attempts"))
-        assert self._loop is not None
+        loop = self.loop
         # No wait: it runs to its end right here, no task (bgservice.eager); else in one.
         self._running[job.id] = None
         try:
-            done, task = eager.start(self._execute(job), self._loop.create_task, self._loop)
+            done, task = eager.start(self._execute(job), loop.create_task, loop, self.root)
         except Exception:  # a bug of ours in _execute: reported, the job is failed there
             log.exception("job %d (%s): internal error running it", job.id, job.module)
             return
