@@ -38,6 +38,12 @@ def install(extra: str) -> str:
     return f"{sys.executable} -m pip install 'bgservice[{extra}]'"
 
 
+def _needs(extra: str, *packages: str) -> None:
+    """Missing packages of an extra: said with the config (exit 2), not at their import."""
+    if missing := [p for p in packages if find_spec(p) is None]:
+        raise ValueError(f"needs {' and '.join(missing)}: {install(extra)}")
+
+
 def redact_url(url: str) -> str:
     """A URL fit for a log line: its password (``user:PW@`` or ``?password=PW``) replaced."""
     url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
@@ -119,10 +125,8 @@ def check_token_env(enabled: bool) -> None:
     """``$BGSERVICE_HTTP_TOKEN``, when set and the API is on, as ``[http] token``."""
     value = os.environ.get(TOKEN_ENV)
     if enabled and value and len(value) < MIN_TOKEN_CHARS:
-        raise ConfigError(
-            f"${TOKEN_ENV} (it replaces [http] token): must be at least "
-            f"{MIN_TOKEN_CHARS} characters"
-        )
+        raise ConfigError(f"${TOKEN_ENV} (it replaces [http] token): must be at least "
+                          f"{MIN_TOKEN_CHARS} characters")  # fmt: skip
 
 
 def _boolean(v: Any) -> bool:
@@ -179,16 +183,14 @@ def _one_shot_end(v: Any) -> str:
 def _backend(v: Any) -> str:
     if v not in ("sqlite", "redis"):
         raise ValueError('must be "sqlite" (one host, the default) or "redis" (shared)')
-    missing = [m for m in ("redis", "hiredis") if v == "redis" and find_spec(m) is None]
-    if missing:  # said at start-up, not as a traceback from the first import
-        raise ValueError(f"needs {' and '.join(missing)}: {install('redis')}")
+    if v == "redis":
+        _needs("redis", "redis", "hiredis")
     return str(v)
 
 
 def _http_enabled(v: Any) -> bool:
-    missing = [m for m in ("aiohttp", "prometheus_client") if _boolean(v) and not find_spec(m)]
-    if missing:  # said before anything listens, as a config error (exit 2), as for Redis
-        raise ValueError(f"needs {' and '.join(missing)}: {install('http')}")
+    if _boolean(v):
+        _needs("http", "aiohttp", "prometheus_client")
     return bool(v)
 
 
@@ -355,9 +357,8 @@ class Reader:
     def __init__(self, path: Path, text: str) -> None:
         self.path, self.text = path, text
 
-    def fail(
-        self, where: str, key: str, problem: str, table: str = "", index: int = 0
-    ) -> ConfigError:
+    def fail(self, where: str, key: str, problem: str, table: str = "",
+             index: int = 0) -> ConfigError:  # fmt: skip
         line = self.line_of(key, table, index)
         at = f" (line {line})" if line else ""
         return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
@@ -383,9 +384,8 @@ class Reader:
             return ""
         return self.text.splitlines()[line - 1].partition("=")[2].strip()
 
-    def table(
-        self, data: Any, checks: dict[str, Check], where: str, table: str = "", index: int = 0
-    ) -> dict[str, Any]:
+    def table(self, data: Any, checks: dict[str, Check], where: str, table: str = "",
+              index: int = 0) -> dict[str, Any]:  # fmt: skip
         if not isinstance(data, dict):
             raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
         out = {}
