@@ -121,8 +121,10 @@ class DatagramQueue:
             self._serve_backlog_soon()
             try:
                 await asyncio.wait_for(asyncio.shield(self._emptied), timeout)
-            except TimeoutError:
-                log.warning("%d datagrams not served before shutdown", len(self.pending))
+            except TimeoutError:  # both kinds: the running ones' handlers are cut short
+                log.warning("%d datagrams not served before shutdown (%d queued, %d cut while"
+                            " running)", len(self.pending) + len(self.waiting),
+                            len(self.pending), len(self.waiting))  # fmt: skip
         self.pending.clear()
         for task in list(self.waiting):
             task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 
@@ -137,3 +138,27 @@ def test_unix_datagram_listener(modules_dir, make_service, tmp_path):
         sock.sendto(b"rec:over unix", str(path))
     wait_until(lambda: records(modules_dir / "got.bin") == [b"over unix"])
     assert svc.stats()["modules"]["rec"]["unix_dgram"]["requests"] == 1
+
+
+STUCK_UDP = """
+import asyncio
+
+async def handle_udp(request):
+    await asyncio.sleep(3600)
+"""
+
+
+def test_shutdown_counts_the_datagrams_it_cuts_and_the_queued_ones_it_drops(
+    modules_dir, make_service
+):
+    # The line counted only the queue: "0 datagrams not served" while it cancelled the
+    # handlers still running.
+    write_module(modules_dir, "stuck", STUCK_UDP)
+    svc = make_service("[limits]\nudp_workers = 2\nshutdown_grace = 0.5\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for n in range(5):
+            sock.sendto(b"stuck:%d" % n, svc.udp)
+    wait_until(lambda: svc.stats()["udp"]["received"] == 5)
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(timeout=10) == 0
+    assert "5 datagrams not served before shutdown (3 queued, 2 cut while running)" in svc.log()
