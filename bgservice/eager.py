@@ -9,7 +9,8 @@ every task; this does it only where it is known to pay, and on 3.11.
 
 For the whole coroutine ``asyncio.current_task()`` is a ``FirstStep``: what a timeout or
 a task group asks of its task (``cancel``, ``cancelling``, ``uncancel``) it answers for
-the task that carries on, so a handler may use ``asyncio.timeout`` and ``wait_for`` at
+the task that carries on (and its name, loop and coroutine, for loggers and anyio's
+``get_current_task``), so a handler may use ``asyncio.timeout`` and ``wait_for`` at
 once (even one due as it begins: its cancellation reaches the coroutine where it waits),
 and it stays the current task in the rest, so a library that checks it is the same
 object (anyio's cancel scopes) finds it is. Without it there was no current task in the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextvars
+import itertools
 from asyncio.tasks import _enter_task, _leave_task, current_task  # (the eager task factory's)
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
@@ -37,8 +39,10 @@ class FirstStep:
     # Defaults on the class, no __init__: one is made for every first step, and most
     # are never asked anything.
     task: asyncio.Task[Any] | None = None
+    coro: Any = None  # the coroutine whose first step this is (None: a datagram's begin)
     _cancels = 0
     _message: Any = None
+    _name: str | None = None
 
     def cancel(self, msg: Any = None) -> bool:
         if self.task is not None:
@@ -59,6 +63,31 @@ class FirstStep:
     def done(self) -> bool:
         return self.task is not None and self.task.done()
 
+    def cancelled(self) -> bool:
+        return self.task is not None and self.task.cancelled()
+
+    # What loggers and anyio's get_current_task() read (its TaskInfo: name and coroutine).
+    # A name asked for or set before the task is made is given to it (carry_on): the
+    # same from the first line to the last.
+    def get_name(self) -> str:
+        if self.task is not None:
+            return self.task.get_name()
+        if self._name is None:
+            self._name = f"bgservice-call-{next(_names)}"
+        return self._name
+
+    def set_name(self, value: object) -> None:
+        if self.task is not None:
+            self.task.set_name(value)
+        else:
+            self._name = str(value)
+
+    def get_coro(self) -> Any:
+        return self.task.get_coro() if self.task is not None else self.coro
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.task.get_loop() if self.task is not None else asyncio.get_running_loop()
+
     # What anyio's cancel scopes read of a task before they cancel it: before the task is
     # made, "not cancelled yet" and "waiting on nothing" (it then cancels it, next turn).
     @property
@@ -72,6 +101,9 @@ class FirstStep:
     def carry_on(self, task: asyncio.Task[Any]) -> None:
         """``task`` runs the rest: it gets what was asked of this step meanwhile."""
         self.task = task
+        self.coro = None
+        if self._name is not None:
+            task.set_name(self._name)
         if self._cancels:
             task.cancel(self._message)
 
@@ -121,7 +153,10 @@ def _start(
         _leave_task(loop, outer)
     _enter_task(loop, step)  # type: ignore[arg-type]  # (the C version takes any object)
     try:
-        coro = arg if begin is None else begin(arg)  # (start: the coroutine itself)
+        if begin is None:  # (start: the coroutine itself)
+            coro = step.coro = arg
+        else:
+            coro = begin(arg)
         if coro is None:
             return True, None
         yielded = coro.send(None)
@@ -252,4 +287,5 @@ class Resume(collections.abc.Coroutine[Any, Any, Any]):
         return Rest(self._coro, yielded).__await__()
 
 
+_names = itertools.count(1)  # FirstStep's names, as asyncio numbers its tasks'
 _GONE = object()  # Resume: the first step's yield was handed to the task

@@ -253,6 +253,65 @@ def test_a_handler_may_begin_with_a_timeout_a_wait_for_or_a_task_group(make_serv
         assert svc.call(b"queue:get:" + jid) == expected, data
 
 
+TASK_INFO = """
+import asyncio
+import json
+
+import anyio
+
+UDP = []
+
+async def handle_tcp(request):
+    if request.text == "udp":
+        return json.dumps(UDP)
+    # What loggers and anyio's get_current_task() ask of the current task, at once:
+    info = anyio.get_current_task()
+    task = asyncio.current_task()
+    named = task.get_name()
+    task.set_name(named + " renamed")
+    at_once = [task.get_name(), task.get_loop() is asyncio.get_running_loop(),
+               task.cancelled(), task.done()]
+    await asyncio.sleep(0)
+    after = anyio.get_current_task()
+    return json.dumps([at_once, info.id == after.id, after.name, named])
+
+async def handle_udp(request):
+    task = asyncio.current_task()
+    task.set_name("datagram")
+    before = [task.get_name(), task.get_loop() is asyncio.get_running_loop(), task.cancelled()]
+    await asyncio.sleep(0)
+    UDP.append(before + [asyncio.current_task().get_name()])
+"""
+
+
+def test_a_handler_may_ask_its_task_for_its_name_loop_and_coroutine_at_once(
+    make_service, modules_dir
+):
+    # Before its first await a handler's current task answered only cancel() and its
+    # kin: get_name(), get_loop() (loggers) and get_coro() (anyio.get_current_task())
+    # raised RuntimeError, a 500. They are answered now, the same before and after.
+    write_module(modules_dir, "taskinfo", TASK_INFO)
+    svc = make_service()
+
+    def check(reply: bytes) -> None:
+        at_once, same_id, name_after, named = json.loads(reply)
+        assert at_once == [named + " renamed", True, False, False]
+        assert same_id and name_after == named + " renamed"
+
+    check(svc.call(b"taskinfo:x"))
+    conn = svc.framed()
+    conn.send(b"taskinfo:x", b"taskinfo:y")
+    for _ in range(2):
+        status, reply = conn.recv()
+        assert status == 200, reply
+        check(reply)
+    conn.close()
+    check(svc.call(b"queue:get:" + svc.call(b"queue:add:taskinfo:x")))
+    svc.send_udp(b"taskinfo:x")
+    wait_until(lambda: json.loads(svc.call(b"taskinfo:udp")))
+    assert json.loads(svc.call(b"taskinfo:udp")) == [["datagram", True, False, "datagram"]]
+
+
 def test_a_cancellation_before_the_rest_first_runs_reaches_the_coroutine():
     # A timeout due as it begins cancels the task made for the rest before that task has
     # run at all. Its coroutine was an ``async def`` around the rest, not started yet: the
