@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ServiceProcess
+from conftest import ServiceProcess, wait_until
 
 pytest.importorskip("aiohttp")
 
@@ -67,17 +67,21 @@ def test_connections_over_max_connections_get_503_and_the_rest_are_served(
     # aiohttp had no limit: idle connections took every file descriptor the process had.
     svc = make_service(HTTP + "[limits]\nmax_connections = 3\n")
     idle = [_connect(svc) for _ in range(3)]
-    time.sleep(0.3)  # accepted by the server
-    with _connect(svc) as sock:
-        sock.sendall(f"GET {API}/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        status, body = _reply(sock)
-    assert status == 503 and "Too many connections (at most 3)" in body["error"]["message"]
+
+    def fourth() -> tuple[int, Any]:
+        with _connect(svc) as sock:
+            sock.sendall(f"GET {API}/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            return _reply(sock)
+
+    # The server counts a connection once it has taken it in: until the idle ones are, a
+    # fourth may still be served (no limit: never a 503).
+    _, body = wait_until(lambda: (r := fourth())[0] == 503 and r)
+    assert "Too many connections (at most 3)" in body["error"]["message"]
     assert body["error"]["status"] == "UNAVAILABLE"
     assert "HTTP: 3 connections open" in svc.log()
     idle.pop().close()
-    time.sleep(0.3)  # the server saw it go
-    status, _, _ = svc.http("GET", f"{API}/modules")
-    assert status == 200
+    # Served again once the server has seen it go.
+    wait_until(lambda: svc.http("GET", f"{API}/modules")[0] == 200)
     # The socket protocol's connections are counted apart: it still answers.
     assert svc.call(b"echo:still here") == b"still here"
     for sock in idle:
@@ -91,7 +95,6 @@ def test_a_request_head_sent_slowly_is_cut_at_read_timeout(
     svc = make_service(HTTP + "[limits]\nread_timeout = 1.0\n")
     with _connect(svc) as sock:
         head = f"GET {API}/modules HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
-        started = time.monotonic()
         sock.sendall(head.encode())
         cut = False
         for _ in range(40):  # a byte every 0.1 s: never a whole head
@@ -101,8 +104,9 @@ def test_a_request_head_sent_slowly_is_cut_at_read_timeout(
                 cut = True
                 break
             time.sleep(0.1)
-        cut = cut or _closed_within(sock, 3.0)
-        assert cut and time.monotonic() - started < 5.0
+        # Cut while it trickles, or soon after: a deadline of the default read_timeout
+        # (10 s) or none at all never is, whatever the machine's speed.
+        assert cut or _closed_within(sock, 3.0)
     with _connect(svc) as idle:  # sends nothing at all
         assert _closed_within(idle, 4.0)
     assert svc.http("GET", f"{API}/modules")[0] == 200
@@ -117,11 +121,10 @@ def test_a_request_body_not_sent_within_read_timeout_is_408(
             f"POST {API}/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             "Content-Length: 100\r\n\r\n{\"module\": ".encode()
         )
-        started = time.monotonic()
         status, body = _reply(sock)
+    # At the configured deadline (the reply names it); with none, the socket's timeout.
     assert status == 408 and body["error"]["status"] == "DEADLINE_EXCEEDED"
     assert "not received within 1 s" in body["error"]["message"]
-    assert time.monotonic() - started < 5.0
     status, listing, _ = svc.http("GET", f"{API}/jobs?state=waiting")
     assert status == 200 and listing["jobs"]["waiting"] == []
 

@@ -93,9 +93,9 @@ def test_hung_call_is_killed_at_its_timeout_and_the_next_call_works(modules_dir,
     )
     svc = make_service()
     first_pid = svc.call(b"hang:pid")
-    start = time.monotonic()
+    # Cut at its 0.5 s (the reply names it): a call left to run would answer its pid after
+    # 60 s, past the call's own 15 s timeout.
     assert svc.call(b"hang:hang") == b"504: Module hang timed out after 0.5 s"
-    assert time.monotonic() - start < 3
     second_pid = svc.call(b"hang:pid")
     assert second_pid.isdigit() and second_pid != first_pid  # killed and replaced
     wait_until(lambda: not _alive(int(first_pid)))

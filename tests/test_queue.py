@@ -79,10 +79,10 @@ def test_get_replies_what_a_direct_call_would_including_errors(service):
 
 def test_unknown_ids_get_404_at_once(service):
     for command in (b"get", b"check", b"status", b"cancel", b"retry"):
-        start = time.monotonic()
+        # A reply at all is "at once": a get that waited for the id to appear would never
+        # answer (the call's own timeout fails it), whatever the machine's speed.
         reply = service.call(b"queue:%s:id:987654" % command)
         assert reply == b"404: Job 987654 not found (unknown or expired)"
-        assert time.monotonic() - start < 5
     assert service.call(b"queue:get:id:abc").startswith(b"400:")
     assert service.call(b"queue:nope:id:1") == b"500: Unknown queue request"
 
@@ -796,8 +796,10 @@ def test_jobs_running_at_a_crash_run_again_with_attempts_counted(
     restarted = make_service(root=tmp_path)
     assert restarted.call(b"queue:get:id:%d" % jid) == b"finished"
     assert status(restarted, jid)["attempts"] == 2
-    # The embedded queue finds it at start; on Redis, the lease of the killed one ran out.
-    assert re.search(r"was running when the service stopped|stopped renewing", restarted.log())
+    # The embedded queue finds it at start; on Redis, the lease of the killed one ran out
+    # (logged once the reap's reply is in: the job may have run again a moment before).
+    pattern = r"was running when the service stopped|stopped renewing"
+    wait_until(lambda: re.search(pattern, restarted.log()))
 
 
 def test_graceful_stop_keeps_waiting_jobs_for_the_next_start(make_service, tmp_path):

@@ -9,7 +9,6 @@ import json
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from bgservice.errors import BadRequest
 from bgservice.queue.schedules import make_schedule
-from tests.conftest import REPO, Framed, redis_command, wait_until
+from tests.conftest import REPO, Framed, redis_command, wait_until, write_module
 
 BOTH = pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
 
@@ -480,48 +479,81 @@ def test_a_run_a_module_can_never_take_is_refused_once_per_slot_not_retried(make
     assert "retrying" not in log, log
 
 
+# Loaded into the service's own process: counts the slots its schedules work out (a
+# CronSim each for a cron schedule), the work a change or a listing must not do for all.
+SLOT_COUNTER = """
+import json
+from bgservice.queue.schedules import Schedule
+
+if not hasattr(Schedule, "slots_counted"):
+    Schedule.slots_counted = [0]
+
+    def _counting(real):
+        def counted(self, moment):
+            Schedule.slots_counted[0] += 1
+            return real(self, moment)
+        return counted
+
+    Schedule.next_slot = _counting(Schedule.next_slot)
+    Schedule.latest_slot = _counting(Schedule.latest_slot)
+
+async def handle_tcp(request):
+    return json.dumps(Schedule.slots_counted[0])
+"""
+
+
 @BOTH
-def test_a_change_among_1000_schedules_costs_one_schedule(make_service):
+def test_a_change_among_1000_schedules_costs_one_schedule(make_service, modules_dir):
     """With ``max_schedules`` (1,000) schedules, half of them cron, a pause or a resume
     works out that schedule's next slot, not every one's: each change took 22 ms on SQLite
     when the scheduler read and planned them all again (and on Redis each instance did it
     again on hearing its own change); listing them (the dashboard, every 2 s) works out no
     slot again (33 ms before, 3.5 now), and says the same. Replaced by one due every
-    second, a schedule fires."""
+    second, a schedule fires. (Counted, not timed: a busy machine makes any change slow.)"""
+    write_module(modules_dir, "slotcount", SLOT_COUNTER)
     svc = make_service("[queue]\nworkers = 2\n")
     schedules(svc)  # loaded
     conn = Framed(svc.tcp, timeout=60)
+
+    def counted() -> int:
+        code, body = conn.call(b"slotcount:x")
+        assert code == 200, body
+        return int(body)
+
     try:
         for i in range(1000):
             timing = (b"cron=%d%%20%d%%20*%%20*%%20*" % (i % 60, i // 60 % 24) if i % 2
                       else b"every=%d" % (3600 + i))  # fmt: skip
             assert conn.call(b"queue:schedule?name=s%d&%s:echo:x" % (i, timing))[0] == 200
-        taken = []
+        made = counted()
         for i in range(20):
             for verb in (b"pause", b"resume"):
-                started = time.perf_counter()
                 code, body = conn.call(b"queue:%s:s%d" % (verb, i))
-                taken.append((time.perf_counter() - started) * 1000)
                 assert code == 200 and json.loads(body)["paused"] is (verb == b"pause")
-        listed, listing = [], []
+        changed = counted()
+        listed = []
         for _ in range(5):  # (the dashboard lists them every 2 s)
-            started, listed_at = time.perf_counter(), time.time()
+            listed_at = time.time()
             code, body = conn.call(b"queue:schedules")
-            listing.append((time.perf_counter() - started) * 1000)
             listed = json.loads(body)
+        after_listing = counted()
         code, body = conn.call(b"queue:schedule?name=s7&every=1:echo:now")
         assert code == 200 and json.loads(body)["every"] == 1
+        assert [row["name"] for row in listed] == sorted(f"s{i}" for i in range(1000))
+        for row in listed:
+            schedule = make_schedule({k: row[k] for k in ("name", "module", "cron", "every",
+                                      "tz") if row[k] is not None}, b"x")  # fmt: skip
+            assert row["next_run"] == schedule.next_slot(listed_at), row
+            assert (row["last_slot"], row["paused"]) == (None, False)
+        wait_until(lambda: len(runs(svc, "s7")) >= 2, timeout=10)
+        at_end = counted()
     finally:
         conn.close()
-    assert [row["name"] for row in listed] == sorted(f"s{i}" for i in range(1000))
-    for row in listed:
-        schedule = make_schedule({k: row[k] for k in ("name", "module", "cron", "every", "tz")
-                                  if row[k] is not None}, b"x")  # fmt: skip
-        assert row["next_run"] == schedule.next_slot(listed_at), row
-        assert (row["last_slot"], row["paused"]) == (None, False)
-    wait_until(lambda: len(runs(svc, "s7")) >= 2, timeout=10)
-    assert statistics.median(taken) < 5, f"a change took {statistics.median(taken):.1f} ms"
-    assert statistics.median(listing) < 12, f"listing took {statistics.median(listing):.1f} ms"
+    # A few slots a change (its own), none a listing; all 1,000 again would be 1,000 more.
+    assert changed - made <= 4 * 40, f"40 changes worked out {changed - made} slots"
+    assert after_listing - changed <= 10, f"5 listings worked out {after_listing - changed}"
+    # Nor later (a reload on hearing its own changes, on Redis, comes a moment after them).
+    assert at_end - made < 1000, f"{at_end - made} slots worked out after the 1,000 were made"
 
 
 def _listed(svc, name: str) -> dict | None:

@@ -49,7 +49,9 @@ def test_stuck_threads_are_replaced_up_to_a_bound_then_refused(modules_dir, make
     started = time.monotonic()
     reply = svc.call(b"quick")
     assert reply == b"503: No free thread: 4 handler threads are stuck past their timeout"
-    assert time.monotonic() - started < 0.4  # refused at once, not at its timeout
+    # Refused at once, not at its timeout: waiting for a thread would take quick's
+    # call_timeout (30 s) and end in a 504; the bound is wide of that, not of "at once".
+    assert time.monotonic() - started < 10
     assert svc.call(b"echo:async handlers run on the loop") == b"async handlers run on the loop"
     gate.touch()  # the stuck handlers end: their threads serve again, the extras go
     wait_until(lambda: svc.stats()["threads"]["stuck"] == 0)
