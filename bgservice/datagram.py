@@ -18,6 +18,7 @@ from typing import Any
 
 from bgservice import eager
 from bgservice.access import AccessList
+from bgservice.cancelling import STOP_PATIENCE, cancel_all
 from bgservice.dispatch import Dispatcher
 from bgservice.logs import Sparse
 from bgservice.origin import Origin
@@ -126,9 +127,7 @@ class DatagramQueue:
                             " running)", len(self.pending) + len(self.waiting),
                             len(self.pending), len(self.waiting))  # fmt: skip
         self.pending.clear()
-        for task in list(self.waiting):
-            task.cancel()
-        await asyncio.gather(*self.waiting, return_exceptions=True)
+        await cancel_all(list(self.waiting), STOP_PATIENCE)  # (a handler may lose one)
 
 
 class DatagramEndpoint(asyncio.DatagramProtocol):

@@ -22,6 +22,7 @@ from typing import Any
 
 from bgservice.access import AccessList
 from bgservice.alerts import Alerts
+from bgservice.cancelling import STOP_PATIENCE, cancel_all
 from bgservice.commands import Commands
 from bgservice.config import Settings
 from bgservice.config_checks import install, redact_url
@@ -374,9 +375,8 @@ class Service:
                 log.warning("%d calls still running after %g s: cancelled", len(pending), grace)
                 for conn in self.listeners.connections():
                     conn.cut()  # 503 Shutting down to each, not 0 bytes
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                if stuck := await cancel_all(pending, STOP_PATIENCE):  # (a lost cancellation)
+                    log.warning("%d calls did not end when cancelled", len(stuck))
         for conn in self.listeners.connections():
             conn.close()
         # Alerts held or waiting (why we stop among them): the rest of the grace, or a moment
@@ -384,9 +384,7 @@ class Service:
         await self.reloader.stop()
         await self.processes.close()
         await self.registry.close(max(deadline - loop.time(), 1.0))
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_all(self._background, STOP_PATIENCE)
         self.threads.shutdown(wait=False, cancel_futures=True)
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)

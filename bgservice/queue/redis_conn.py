@@ -24,8 +24,15 @@ Packed = bytes  # one command in Redis's protocol (hiredis.pack_command)
 
 async def connect(redis: aioredis.Redis, timeout: float) -> Any:
     """A new connection to ``redis``'s server, opened by redis-py (connected,
-    authenticated, its database selected), for a ``TakenOver`` protocol."""
+    authenticated, its database selected), for a ``TakenOver`` protocol.
+
+    Without redis-py's socket timeout (``timeout`` bounds it all): with one, redis-py
+    writes each command through ``asyncio.wait_for``, where on Python 3.11 a cancellation
+    can be lost (bgservice.cancelling): cancelled while it connected (the service
+    stopping), the engine's listener went on to follow its channel, and the stop never
+    ended."""
     conn = redis.connection_pool.make_connection()
+    conn.socket_timeout = None
     try:
         async with asyncio.timeout(timeout):
             await conn.connect()
