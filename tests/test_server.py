@@ -276,8 +276,8 @@ def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
 
 
 def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_service):
-    svc = make_service("[limits]\nshutdown_grace = 5.0\n[queue]\nworkers = 1\n")
-    running = svc.call(b"queue:add:sleep:15000")
+    svc = make_service("[limits]\nshutdown_grace = 60.0\n[queue]\nworkers = 1\n")
+    running = svc.call(b"queue:add:sleep:60000")
     waiting = svc.call(b"queue:add:sleep:10")
     wait_until(lambda: svc.call(b"queue:check:" + running) == b"1")
     got: list[tuple[bytes, float]] = []
@@ -292,10 +292,12 @@ def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_s
     wait_until(lambda: svc.stats()["connections"]["open"] >= 2)
     svc.signal(signal.SIGTERM)
     stopped = time.monotonic()
-    caller.join(10)
+    caller.join(30)
     assert got and got[0][0] == b"503: Shutting down"
-    assert got[0][1] - stopped < 2.0  # not at the end of the 5 s grace
-    assert svc.wait() == 0
+    # Not at the end of the grace: that is 60 s away (the bound leaves a busy machine room).
+    assert got[0][1] - stopped < 20
+    svc.signal(signal.SIGTERM)  # the sleep would hold the stop to the end of its grace
+    assert svc.wait() == 1
 
 
 def test_the_cut_answers_a_call_still_owed_before_a_408(make_service):
