@@ -49,30 +49,35 @@ def handle_tcp(request):
 """
 
 
-def _answered_during_the_burn(svc, module: bytes, marks: Path) -> bool:
-    """Whether a call made while ``module`` holds the GIL is answered before it ends."""
+def _answered_during_the_burn(svc, module: bytes, marks: Path) -> int:
+    """How many of five calls made one after another while ``module`` burns are answered
+    before the burn ends."""
     result: list[bytes] = []
     burner = threading.Thread(target=lambda: result.append(svc.call(module + b":" + bytes(marks))))
     burner.start()
     wait_until(lambda: (marks.parent / (marks.name + ".started")).exists())
-    assert svc.call(b"test:x") == b"Test"
-    answered = time.monotonic()
+    answered = []
+    for _ in range(5):
+        assert svc.call(b"test:x") == b"Test"
+        answered.append(time.monotonic())
     burner.join(60)
     assert result == [b"burnt"]
-    return answered < float((marks.parent / (marks.name + ".ended")).read_text())
+    ended = float((marks.parent / (marks.name + ".ended")).read_text())
+    return sum(1 for moment in answered if moment < ended)
 
 
 def test_cpu_burning_process_module_does_not_stall_the_service(modules_dir, make_service):
-    # In a worker process a burn that never lets go of the GIL leaves the loop free: a
-    # call made meanwhile is answered while it burns. In the thread pool the same burn
+    # In a worker process a burn that never lets go of the GIL leaves the loop free: the
+    # calls made meanwhile are answered while it burns. In the thread pool the same burn
     # holds every call until it ends (the control: the check can fail). Events in order,
     # not a latency bound (the figure is the benchmark's row).
     write_module(modules_dir, "burnp", HOLDS_THE_GIL.format(execution="process"))
     write_module(modules_dir, "burnt", HOLDS_THE_GIL.format(execution="thread").replace(
         'EXECUTION = "thread"\n', ""))  # fmt: skip
     svc = make_service()
-    assert _answered_during_the_burn(svc, b"burnp", modules_dir / "p")
-    assert not _answered_during_the_burn(svc, b"burnt", modules_dir / "t")
+    assert _answered_during_the_burn(svc, b"burnp", modules_dir / "p") == 5
+    # (The first may slip in before the C call begins: the marker comes just before it.)
+    assert _answered_during_the_burn(svc, b"burnt", modules_dir / "t") <= 1
 
 
 def test_hung_call_is_killed_at_its_timeout_and_the_next_call_works(modules_dir, make_service):
