@@ -16,20 +16,24 @@ first: a cancellation lost makes a task go on for good, not for a moment.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 AGAIN = 1.0  # seconds a cancelled task has to end before it is cancelled again
 STOP_PATIENCE = 3.0  # seconds a stop waits for what it cancelled (three cancellations)
 
 
 async def cancel_all(
-    tasks: Iterable[asyncio.Future[Any]], patience: float, again: float = AGAIN
-) -> set[asyncio.Future[Any]]:
+    tasks: Iterable[asyncio.Future[Any]], what: str, patience: float = STOP_PATIENCE,
+    again: float = AGAIN,
+) -> set[asyncio.Future[Any]]:  # fmt: skip
     """Cancel ``tasks`` and wait up to ``patience`` seconds for them to end, cancelling
-    again every ``again`` seconds those still running; returns those still running then.
-    What they ended with is retrieved (a failure is theirs to report, not asyncio's
-    "exception was never retrieved" at garbage collection)."""
+    again every ``again`` seconds those still running; those still running then are
+    logged (``what`` they are) and returned. What the others ended with is retrieved (a
+    failure is theirs to report, not asyncio's "exception was never retrieved")."""
     tasks = set(tasks)
     pending = {task for task in tasks if not task.done()}
     loop = asyncio.get_running_loop()
@@ -44,4 +48,6 @@ async def cancel_all(
     for task in tasks - pending:
         if not task.cancelled():
             task.exception()
+    if pending:
+        log.warning("%d %s did not end when cancelled: left behind", len(pending), what)
     return pending

@@ -18,7 +18,7 @@ from typing import Any
 
 from bgservice import eager
 from bgservice.access import AccessList
-from bgservice.cancelling import STOP_PATIENCE, cancel_all
+from bgservice.cancelling import cancel_all
 from bgservice.dispatch import Dispatcher
 from bgservice.logs import Sparse
 from bgservice.origin import Origin
@@ -127,7 +127,7 @@ class DatagramQueue:
                             " running)", len(self.pending) + len(self.waiting),
                             len(self.pending), len(self.waiting))  # fmt: skip
         self.pending.clear()
-        await cancel_all(list(self.waiting), STOP_PATIENCE)  # (a handler may lose one)
+        await cancel_all(self.waiting, "datagram handlers")  # (again, if one loses it)
 
 
 class DatagramEndpoint(asyncio.DatagramProtocol):

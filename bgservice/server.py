@@ -22,7 +22,7 @@ from typing import Any
 
 from bgservice.access import AccessList
 from bgservice.alerts import Alerts
-from bgservice.cancelling import STOP_PATIENCE, cancel_all
+from bgservice.cancelling import cancel_all
 from bgservice.commands import Commands
 from bgservice.config import Settings
 from bgservice.config_checks import install, redact_url
@@ -174,6 +174,9 @@ class Service:
         await self._shutdown()
         if self.exit_code == 0:  # stopped by a signal, as asked: a clean stop
             self.marker.release()
+        if await cancel_all(asyncio.all_tasks() - {asyncio.current_task()}, "tasks"):
+            logging.shutdown()  # asyncio.run would wait for them for ever: exit without
+            os._exit(self.exit_code)
         return self.exit_code
 
     def _claim_marker(self) -> None:
@@ -375,8 +378,7 @@ class Service:
                 log.warning("%d calls still running after %g s: cancelled", len(pending), grace)
                 for conn in self.listeners.connections():
                     conn.cut()  # 503 Shutting down to each, not 0 bytes
-                if stuck := await cancel_all(pending, STOP_PATIENCE):  # (a lost cancellation)
-                    log.warning("%d calls did not end when cancelled", len(stuck))
+                await cancel_all(pending, "calls")  # (again, if one loses its cancellation)
         for conn in self.listeners.connections():
             conn.close()
         # Alerts held or waiting (why we stop among them): the rest of the grace, or a moment
@@ -384,7 +386,7 @@ class Service:
         await self.reloader.stop()
         await self.processes.close()
         await self.registry.close(max(deadline - loop.time(), 1.0))
-        await cancel_all(self._background, STOP_PATIENCE)
+        await cancel_all(self._background, "background tasks")
         self.threads.shutdown(wait=False, cancel_futures=True)
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)

@@ -378,3 +378,33 @@ def test_a_handler_that_loses_its_cancellation_does_not_hold_the_stop_for_ever(
     svc.signal(signal.SIGTERM)
     assert svc.wait(timeout=30) == 0
     assert "bgservice stopped" in svc.log()
+
+
+IGNORES_EVERY_CANCELLATION = """
+import asyncio
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name("started").touch()
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+"""
+
+
+def test_a_handler_that_ignores_every_cancellation_is_left_behind_and_the_process_exits(
+    modules_dir, make_service
+):
+    # Cancelled again and again, it never ends: the stop leaves it behind, and the
+    # process exits without it (asyncio.run's own last cancellation waited for ever).
+    write_module(modules_dir, "stubborn", IGNORES_EVERY_CANCELLATION)
+    svc = make_service("[limits]\nshutdown_grace = 0.5\n")
+    threading.Thread(target=lambda: svc.call(b"stubborn:x"), daemon=True).start()
+    wait_until(lambda: (modules_dir / "started").exists())
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(timeout=30) == 0
+    log = svc.log()
+    assert "1 calls did not end when cancelled: left behind" in log
+    assert "bgservice stopped" in log

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bgservice import eager
-from bgservice.cancelling import STOP_PATIENCE, cancel_all
+from bgservice.cancelling import cancel_all
 from bgservice.config import QueueSettings
 from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed
 from bgservice.events import Events
@@ -117,7 +117,7 @@ class LocalQueue(JobQueue):
         if self._running:
             tasks = {task for task in self._running.values() if task is not None}
             _, pending = await asyncio.wait(tasks, timeout=grace)
-            await cancel_all(pending, STOP_PATIENCE)  # (a handler may lose a cancellation)
+            await cancel_all(pending, "jobs")  # (again, if one loses its cancellation)
         self._cascade(sys.maxsize)  # (a chain grows it as it goes)
         await self._writes.drain(5)
         await self.store.close()

@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
-from bgservice.cancelling import STOP_PATIENCE, cancel_all
+from bgservice.cancelling import cancel_all
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.errors import ConfigError
 from bgservice.events import Events
@@ -106,15 +106,14 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         running = {attempt.task for attempt in self._running.values()}
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
-            await cancel_all(pending, STOP_PATIENCE)
+            await cancel_all(pending, "jobs")
         left = [(jid, attempt.token) for jid, attempt in self._running.items()]
         if left:
             try:
                 await self.hand_back(left)
             except RedisError as exc:
                 log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
-        if stuck := await cancel_all(self._tasks, STOP_PATIENCE):
-            log.warning("job queue: %d of its tasks did not end when cancelled", len(stuck))
+        await cancel_all(self._tasks, "job queue tasks")
         await self.db.close()
 
     # --- commands ---------------------------------------------------------------------
