@@ -348,14 +348,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def redis_command(url: str, *words: str, timeout: float = 5) -> bytes:
-    """One command to redis-server in its own protocol (RESP), its raw reply."""
+    """One command to redis-server in its own protocol (RESP), its raw reply; in the
+    URL's database (``redis://host:port/N``), as the service's client is."""
     where = urlparse(url)
+    db = where.path.strip("/") or "0"
+    commands = [words] if db == "0" else [("SELECT", db), words]
     with socket.create_connection((where.hostname, where.port), timeout=timeout) as sock:
-        parts = [f"*{len(words)}\r\n".encode()]
-        for word in words:
-            parts.append(f"${len(word.encode())}\r\n{word}\r\n".encode())
+        parts = []
+        for command in commands:
+            parts.append(f"*{len(command)}\r\n".encode())
+            for word in command:
+                parts.append(f"${len(word.encode())}\r\n{word}\r\n".encode())
         sock.sendall(b"".join(parts))
-        return sock.recv(65536)
+        reply = sock.recv(65536)
+        if db != "0":  # the SELECT's +OK first
+            while len(reply) <= len(b"+OK\r\n"):
+                reply += sock.recv(65536)
+            assert reply.startswith(b"+OK\r\n"), reply
+            reply = reply[len(b"+OK\r\n") :]
+        return reply
 
 
 @pytest.fixture
