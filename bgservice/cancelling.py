@@ -23,7 +23,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 AGAIN = 1.0  # seconds a cancelled task has to end before it is cancelled again
-STOP_PATIENCE = 3.0  # seconds a stop waits for what it cancelled (three cancellations)
+STOP_PATIENCE = 3.0  # seconds a stop waits for what it cancelled, cancelling it each second
 
 
 async def cancel_all(
