@@ -82,6 +82,7 @@ class Limits:
     udp_workers: int = 4
     udp_receive_buffer: int = 4 * 1024 * 1024
     shutdown_grace: float = 10.0
+    gc_threshold: int = 20_000  # allocations between young collections (collector.py)
 
 
 @dataclass(frozen=True)

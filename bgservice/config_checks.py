@@ -25,7 +25,6 @@ from bgservice.queue.commands import MAX_INT
 from bgservice.queue.rates import Rate, parse_rate
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 Check = Callable[[Any], Any]
 
 
@@ -240,6 +239,7 @@ LIMIT_CHECKS: dict[str, Check] = {
     "udp_workers": _positive_int,
     "udp_receive_buffer": _whole(1, INT_MAX),  # setsockopt(SO_RCVBUF) takes a C int
     "shutdown_grace": _non_negative_number,
+    "gc_threshold": _whole(0, INT_MAX),  # gc.set_threshold takes a C int
 }
 QUEUE_CHECKS: dict[str, Check] = {
     "workers": _non_negative_int,

@@ -72,7 +72,7 @@ def test_the_largest_receive_buffer_starts(make_service):
 WHOLE_KEYS = [
     *(("limits", k) for k in ("max_request_bytes", "max_connections", "max_buffered_bytes")),
     *(("limits", k) for k in ("large_bytes", "max_pipeline", "threads", "stuck_threads")),
-    *(("limits", k) for k in ("udp_queue", "udp_workers", "udp_receive_buffer")),
+    *(("limits", k) for k in ("udp_queue", "udp_workers", "udp_receive_buffer", "gc_threshold")),
     *(("queue", k) for k in ("workers", "retries", "max_waiting", "max_name_chars")),
     *(("queue", k) for k in ("max_tags", "metrics_names", "max_checkpoint_bytes")),
     ("workers", "processes"),

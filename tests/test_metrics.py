@@ -139,5 +139,7 @@ def test_a_backlog_recovered_at_start_is_frozen_out_of_full_collections(
     svc.start()
     samples = scrape(svc)
     assert json.loads(svc.call(b"queue:status:id:%d" % ids[-1]))["state"] == "waiting"
-    assert value(samples, "bgservice_gc_frozen_objects") >= frozen_before + 20_000
+    # At least one object (its Job) per recovered job; two start-ups differ by a few
+    # hundred others (how many survive start-up's collections varies).
+    assert value(samples, "bgservice_gc_frozen_objects") >= frozen_before + 19_000
     assert value(samples, "python_gc_collections_total", generation="2") >= 1
