@@ -1,12 +1,14 @@
 """Logging set-up, called once by the CLI (never at import time).
 
 The console log goes to standard output, as the original's did: coloured by coloredlogs
-on a terminal, plain lines otherwise (journald, pipes, files). ``log_file`` adds a file
+on a terminal, plain lines otherwise (journald, pipes, files), each line at once (a
+module's ``print`` too). ``log_file`` adds a file
 written through ``WatchedFileHandler``, so logrotate can move it away at any time.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import sys
@@ -30,6 +32,10 @@ def setup(verbose: bool = False, log_file: Path | None = None, named: str = "log
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(level)
+    # A module's print() shares standard output with the log: each line goes out as it is
+    # printed, not when 8 KB have gathered (journald, a pipe or a file is block-buffered).
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     if sys.stdout.isatty():
         coloredlogs.install(level=level, fmt=FORMAT, datefmt=DATE, stream=sys.stdout)
     else:

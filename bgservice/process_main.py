@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import io
 import logging
 import os
 import signal
@@ -239,7 +240,9 @@ def main() -> None:
     # workers stop, so they ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # print() in a module lands on stderr, not in the protocol
+    os.dup2(2, 1)  # print() in a module lands on stderr, not in the protocol,
+    if isinstance(sys.stdout, io.TextIOWrapper):  # each line as printed (a kill loses none)
+        sys.stdout.reconfigure(line_buffering=True)
     folder = Path(sys.argv[1])
     install_package(folder)
     stream = sys.stdin.buffer

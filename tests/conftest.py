@@ -157,6 +157,8 @@ class ServiceProcess:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
+        # Unbuffered, so a test reads every line at once; a test of buffering drops it.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def start(self, wait: bool = True) -> ServiceProcess:
         self.ready_file.unlink(missing_ok=True)
@@ -174,7 +176,7 @@ class ServiceProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=self.env,
         )
         log.close()
         if wait:
