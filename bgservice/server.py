@@ -287,7 +287,9 @@ class Service:
             self.jobs.stats,
             self.alerts.stats if self.alerts.enabled else None,
         )
-        self.http = HttpApi(self.settings, self.commands, self.jobs, metrics, self.events)
+        self.http = HttpApi(
+            self.settings, self.commands, self.jobs, metrics, self.events, self.stats
+        )
         try:
             host, port = await self.http.start()
         except OSError as exc:

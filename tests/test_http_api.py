@@ -307,7 +307,7 @@ def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
     assert status == 200
     document = json.loads(OPENAPI.read_text())
     assert served == document
-    api = HttpApi(Settings(), None, None, None, None)  # type: ignore[arg-type]
+    api = HttpApi(Settings(), None, None, None, None, None)  # type: ignore[arg-type]
     routes = set()
     for route in api.app.router.routes():
         info = route.resource.get_info() if route.resource else {}

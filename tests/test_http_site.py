@@ -5,6 +5,7 @@ sockets, as a slow or hostile client would talk."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -19,6 +20,13 @@ pytest.importorskip("aiohttp")
 
 HTTP = "[http]\nenabled = true\nport = 0\n"
 API = "/api/v1"
+
+
+def _waiting(svc: ServiceProcess) -> float:
+    """The ``?wait=`` requests open now, as /metrics says."""
+    _, text, _ = svc.http("GET", "/metrics")
+    found = re.search(r"^bgservice_http_waiting (\S+)$", text, re.M)
+    return float(found.group(1)) if found else -1.0
 
 
 def _connect(svc: ServiceProcess) -> socket.socket:
@@ -146,7 +154,7 @@ def test_an_open_wait_gets_503_at_shutdown_not_a_dropped_connection(
 
     waiting = threading.Thread(target=wait, daemon=True)
     waiting.start()
-    time.sleep(0.5)  # the wait is open
+    wait_until(lambda: _waiting(svc) == 1)  # the wait is open
     assert svc.stop(timeout=30) == 0  # shutdown_grace is 5 s in the tests
     waiting.join(10)
     assert len(got) == 1 and not isinstance(got[0], OSError), got

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,3 +144,18 @@ def test_a_backlog_recovered_at_start_is_frozen_out_of_full_collections(
     # hundred others (how many survive start-up's collections varies).
     assert value(samples, "bgservice_gc_frozen_objects") >= frozen_before + 19_000
     assert value(samples, "python_gc_collections_total", generation="2") >= 1
+
+
+def test_open_waits_for_a_job_are_counted_while_they_wait(svc: ServiceProcess) -> None:
+    _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "x", "delay": 250})
+    assert value(scrape(svc), "bgservice_http_waiting") == 0
+    waits = [
+        threading.Thread(target=svc.http, args=("GET", f"/api/v1/jobs/{job['id']}?wait=3"))
+        for _ in range(2)
+    ]
+    for wait in waits:
+        wait.start()
+    wait_until(lambda: value(scrape(svc), "bgservice_http_waiting") == 2)
+    for wait in waits:
+        wait.join(20)
+    assert value(scrape(svc), "bgservice_http_waiting") == 0  # answered: no longer waiting

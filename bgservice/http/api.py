@@ -39,6 +39,7 @@ from bgservice.http.site import LimitedSite
 from bgservice.http.tokens import Token, Tokens
 from bgservice.queue.commands import parse_add, parse_list, parse_window
 from bgservice.queue.engine import JobQueue
+from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ class HttpApi:
         queue: JobQueue,
         metrics: Metrics,
         events: Events,
+        stats: Stats,  # http_waiting: the ?wait= requests open (for /metrics)
     ) -> None:
         self.settings = settings
+        self.stats = stats
         self.commands = commands
         self.events = events
         self.queue = queue
@@ -280,9 +283,11 @@ class HttpApi:
                 raise BadRequest(f"{exc.message} ([http] max_wait)") from None
             getting = asyncio.ensure_future(self.queue.get(jid))
             stopping = asyncio.ensure_future(self._stopping.wait())
+            self.stats.http_waiting += 1
             try:
                 await asyncio.wait((getting, stopping), timeout=seconds, return_when=FIRST)
             finally:
+                self.stats.http_waiting -= 1
                 for task in (getting, stopping):
                     task.cancel()
             if getting.done() and not getting.cancelled():

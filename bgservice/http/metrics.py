@@ -135,6 +135,10 @@ class Metrics(Collector):
             value=s.lag_max_ms / 1000,
         )  # fmt: skip
         yield GaugeMetricFamily(
+            f"{NS}_http_waiting", "GET /api/v1/jobs/{id}?wait= requests waiting for their job.",
+            value=s.http_waiting,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
             f"{NS}_gc_frozen_objects",
             "Objects start-up left that the garbage collector no longer walks (gc.freeze).",
             value=gc.get_freeze_count(),
