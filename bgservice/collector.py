@@ -11,7 +11,7 @@ about to be freed anyway: in the bench's batch row (8 producers, 64 adds a write
 spent 12 us of every job's 110 in the collector, and made a full collection (7-9 ms, the
 loop stopped) every 3,000 jobs. Collected every ``[limits] gc_threshold`` allocations
 (20,000) instead, most of those objects are gone before a collection comes: over 40,000
-jobs of the bench's queue rows, 227 ms of collections became 17, and the longest pause
+jobs of the bench's queue rows, 227 ms of collections became 18, and the longest pause
 stayed as long (a collection of 20,000 young objects, 5-9 ms, against the full ones it
 replaces). Cyclic garbage waits longer for its collection: at most about that many
 objects.
