@@ -150,12 +150,14 @@ def test_open_waits_for_a_job_are_counted_while_they_wait(svc: ServiceProcess) -
     _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "x", "delay": 250})
     assert value(scrape(svc), "bgservice_http_waiting") == 0
     waits = [
-        threading.Thread(target=svc.http, args=("GET", f"/api/v1/jobs/{job['id']}?wait=3"))
+        threading.Thread(target=svc.http, args=("GET", f"/api/v1/jobs/{job['id']}?wait=60"))
         for _ in range(2)
     ]
     for wait in waits:
         wait.start()
     wait_until(lambda: value(scrape(svc), "bgservice_http_waiting") == 2)
+    assert svc.http("POST", f"/api/v1/jobs/{job['id']}/cancel")[0] == 200  # the job ends
     for wait in waits:
         wait.join(20)
+        assert not wait.is_alive()
     assert value(scrape(svc), "bgservice_http_waiting") == 0  # answered: no longer waiting
