@@ -59,7 +59,7 @@ class Stats:
     buffered_bytes: int = 0  # held by requests still being received, every connection
     udp_received: int = 0
     udp_dropped: int = 0
-    http_waiting: int = 0  # GET /api/v1/jobs/{id}?wait= requests waiting now
+    http_waiting: int = 0  # GET /api/v1/jobs/{id}?wait= requests waiting now (/metrics only)
     reloads: int = 0
     reload_failures: int = 0
     lag_ms: float = 0.0

@@ -40,7 +40,7 @@ def pythons_own() -> tuple[int, int, int]:
     return ast.literal_eval(out.stdout.strip())  # type: ignore[no-any-return]
 
 
-def test_young_objects_are_collected_every_gc_threshold_allocations(
+def test_gc_threshold_sets_the_young_generations_threshold(
     make_service: Callable[..., ServiceProcess], modules_dir: Path
 ) -> None:
     write_module(modules_dir, "gcinfo", GC_MODULE)

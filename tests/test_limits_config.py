@@ -64,6 +64,12 @@ def test_a_receive_buffer_past_a_c_int_is_a_configuration_error(tmp_path):
     assert_config_error(result, "udp_receive_buffer (line 4)", "at most 2147483647")
 
 
+def test_a_gc_threshold_past_a_c_int_is_a_configuration_error(tmp_path):
+    # gc.set_threshold takes a C int: one past it would stop the start with OverflowError.
+    message = load_error(tmp_path, "[limits]\ngc_threshold = 2147483648\n")
+    assert "[limits] gc_threshold (line 2)" in message and "at most 2147483647" in message
+
+
 def test_the_largest_receive_buffer_starts(make_service):
     svc = make_service("[limits]\nshutdown_grace = 5.0\nudp_receive_buffer = 2147483647\n")
     assert svc.call(b"echo:hi") == b"hi"
