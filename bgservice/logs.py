@@ -1,9 +1,9 @@
 """Logging set-up, called once by the CLI (never at import time).
 
 The console log goes to standard output, as the original's did: coloured by coloredlogs
-on a terminal, plain lines otherwise (journald, pipes, files), each line as it is
-written (a module's ``print`` too). ``log_file`` adds a file
-written through ``WatchedFileHandler``, so logrotate can move it away at any time.
+on a terminal, plain lines otherwise (journald, pipes, files), each line as it is written
+(a module's ``print`` too). ``log_file`` adds a file written through
+``WatchedFileHandler``, so logrotate can move it away at any time.
 """
 
 from __future__ import annotations

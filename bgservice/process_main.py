@@ -241,8 +241,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # print() in a module lands on stderr, not in the protocol,
-    if isinstance(sys.stdout, io.TextIOWrapper):  # each line as printed (a kill loses
-        sys.stdout.reconfigure(line_buffering=True)  # no whole line)
+    # a line at a time: block-buffered, it waited for the worker's exit (a kill lost it)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     folder = Path(sys.argv[1])
     install_package(folder)
     stream = sys.stdin.buffer
