@@ -53,13 +53,14 @@ class Commands:
         }
         assert self._commands.keys() == self.NAMES
 
-    def call(self, request: Request, timeout: float | None = None) -> Coroutine[Any, Any, Reply]:
-        """A request that wants a reply: a built-in command's, or its module's (the
-        dispatcher's coroutine itself, not one more level around it)."""
+    def begin(self, request: Request) -> Reply | Coroutine[Any, Any, Reply]:
+        """A request that wants a reply, as far as it goes without waiting (where a first
+        step runs, bgservice.eager): a built-in command's coroutine, or its module's
+        reply or the coroutine that finishes it (Dispatcher.begin)."""
         command = self._commands.get(request.module)
         if command is not None:
             return self.dispatcher.serve(request, command)
-        return self.dispatcher.call(request, timeout)
+        return self.dispatcher.begin(request)
 
     # --- the commands -------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 This is the one execution boundary: expected failures are caught by name and become their
 reply codes, anything else is logged once with its traceback and becomes a 500. Nothing a
-module does can raise past ``serve``, ``call`` or ``notify``. The built-in commands
+module does can raise past ``begin``, ``call``, ``serve`` or ``notify``. The built-in commands
 (bgservice.commands) are served through the same boundary.
 """
 
@@ -21,7 +21,7 @@ from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.execution import RESERVED, Execution
 from bgservice.origin import Origin
 from bgservice.protocol import OK, Reply
-from bgservice.registry import Registry
+from bgservice.registry import Handler, ModuleVersion, Registry
 from bgservice.request import Request, reply_bytes
 from bgservice.stats import Stats
 from bgservice.unknown_names import UnknownNames
@@ -72,36 +72,59 @@ class Dispatcher:
 
     # --- entry points ------------------------------------------------------------------
 
+    def begin(self, request: Request) -> Reply | Coroutine[Any, Any, Reply]:
+        """Serve a request that wants a reply (TCP, Unix stream) as far as it goes without
+        waiting: its reply, or the coroutine that finishes it, to run in a task. Called
+        where a first step runs (bgservice.eager): the handler's first step runs here
+        (Execution.start), and most finish there, with no coroutine of the call path at
+        all (profiled: each level cost about a microsecond per request)."""
+        start = perf_counter()
+        try:
+            version, handler = self._admit(request)
+            done, value = self.execution.start(version, handler, request)
+            if not done:
+                return self._finish(request, start, value)
+            reply: Reply = (OK, reply_bytes(request.module, value))
+        except Exception as exc:  # the boundary: a bug must cost one reply, not the service
+            reply = self._failed(request, exc)
+        self._count(request, reply[0], start, len(reply[1]))
+        return reply
+
     async def call(
         self, request: Request, timeout: float | None = None, fallback: float | None = None
     ) -> Reply:
         """Serve a request that wants a reply (TCP, Unix stream, queued job, alert).
-        ``timeout`` overrides the module's TIMEOUT; ``fallback`` is used when it has none.
+        ``timeout`` overrides the module's TIMEOUT; ``fallback`` is used when it has none."""
+        if timeout is None and fallback is None:
+            first = self.begin(request)
+            return first if isinstance(first, tuple) else await first
+        return await self._finish(request, perf_counter(), self._run(request, timeout, fallback))
 
-        The boundary of ``serve``, written out for the most common request: a direct
-        call's handler takes its first step at once (Execution.start), and most finish
-        there, with no coroutine of the call path in between (profiled: each level
-        cost about a microsecond per request)."""
-        start = perf_counter()
+    def _admit(self, request: Request) -> tuple[ModuleVersion, Handler]:
+        if self.closing and request.origin is not Origin.ALERT:  # (alerts: flushed)
+            raise Busy("Shutting down")
+        version, handler = self.execution.resolve(request.module, request.origin)
+        if version.call_from is not None and request.origin.direct:
+            admit(version.call_from, request.source, f"module {request.module}: call")
+        return version, handler
+
+    async def _run(self, request: Request, timeout: float | None, fallback: float | None) -> Any:
+        version, handler = self._admit(request)
+        return await self.execution.run(version, handler, request, timeout, fallback)
+
+    async def _finish(self, request: Request, start: float, rest: Awaitable[Any]) -> Reply:
+        """What is left of a call once its handler waited: its reply, counted."""
         try:
-            if self.closing and request.origin is not Origin.ALERT:  # (alerts: flushed)
-                raise Busy("Shutting down")
-            version, handler = self.execution.resolve(request.module, request.origin)
-            if version.call_from is not None and request.origin.direct:
-                admit(version.call_from, request.source, f"module {request.module}: call")
-            if timeout is None and fallback is None:
-                done, value = self.execution.start(version, handler, request)
-                if not done:
-                    value = await value
-            else:
-                value = await self.execution.run(version, handler, request, timeout, fallback)
-            reply: Reply = (OK, reply_bytes(request.module, value))
-        except ServiceError as exc:
-            reply = (exc.code, exc.message.encode())
-        except Exception as exc:  # the boundary: a bug must cost one reply, not the service
-            reply = self._internal(request, exc)
+            reply: Reply = (OK, reply_bytes(request.module, await rest))
+        except Exception as exc:  # the boundary
+            reply = self._failed(request, exc)
         self._count(request, reply[0], start, len(reply[1]))
         return reply
+
+    def _failed(self, request: Request, exc: Exception) -> Reply:
+        if isinstance(exc, ServiceError):
+            return (exc.code, exc.message.encode())
+        return self._internal(request, exc)
 
     async def serve(self, request: Request, serve: Serve) -> Reply:
         """Run ``serve(request)`` inside the boundary: its reply, or the error's."""

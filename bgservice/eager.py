@@ -27,6 +27,7 @@ import contextvars
 import itertools
 from asyncio.tasks import _enter_task, _leave_task, current_task  # (the eager task factory's)
 from collections.abc import Callable, Coroutine, Generator
+from types import CoroutineType
 from typing import Any
 
 Spawn = Callable[..., Any]  # (coroutine, context=...) -> a task: loop.create_task's form
@@ -39,7 +40,7 @@ class FirstStep:
     # Defaults on the class, no __init__: one is made for every first step, and most
     # are never asked anything.
     task: asyncio.Task[Any] | None = None
-    coro: Any = None  # the coroutine whose first step this is (None: a datagram's begin)
+    coro: Any = None  # the coroutine whose first step this is (a handler's: runs)
     _cancels = 0
     _message: Any = None
     _name: str | None = None
@@ -134,18 +135,18 @@ def start(
 
 
 def start_call(
-    begin: Callable[[Any], Coroutine[Any, Any, Any] | None], arg: Any, spawn: Spawn,
-    loop: asyncio.AbstractEventLoop,
-) -> tuple[bool, Any]:  # fmt: skip
-    """``begin(arg)`` now, as ``start`` runs a first step; when it returns a coroutine (the
-    rest of what it began: a datagram's handler that waits), that goes on as in ``start``,
-    under the same current task. No coroutine of its own for what ends in ``begin``."""
+    begin: Callable[[Any], Any], arg: Any, spawn: Spawn, loop: asyncio.AbstractEventLoop
+) -> tuple[bool, Any]:
+    """``begin(arg)`` now, as ``start`` runs a first step: ``(True, what it returned)``,
+    unless that is a coroutine (the rest of what it began: a handler that waits), which
+    goes on as in ``start``, under the same current task. No coroutine of its own for
+    what ends in ``begin``."""
     context = contextvars.copy_context()
     return context.run(_start, begin, arg, spawn, loop, context)
 
 
 def _start(
-    begin: Callable[[Any], Coroutine[Any, Any, Any] | None] | None, arg: Any, spawn: Spawn,
+    begin: Callable[[Any], Any] | None, arg: Any, spawn: Spawn,
     loop: asyncio.AbstractEventLoop, context: contextvars.Context,
 ) -> tuple[bool, Any]:  # fmt: skip
     step, outer = FirstStep(), current_task(loop)
@@ -157,8 +158,10 @@ def _start(
             coro = step.coro = arg
         else:
             coro = begin(arg)
-        if coro is None:
-            return True, None
+            if type(coro) is not CoroutineType:  # (by exact type: every call asks)
+                return True, coro
+            if step.coro is None:  # (no handler's coroutine named by begin: see runs)
+                step.coro = coro
         yielded = coro.send(None)
     except StopIteration as done:
         return True, done.value
@@ -169,6 +172,14 @@ def _start(
     task = spawn(Resume(coro, yielded, step, loop), context=context)
     step.carry_on(task)
     return False, task
+
+
+def runs(coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop) -> None:
+    """The first step running now (``start_call``'s ``begin``) is ``coro``'s, a handler's:
+    what its ``get_coro()`` answers (anyio's ``get_current_task``), as a task's would."""
+    step = current_task(loop)
+    if type(step) is FirstStep:
+        step.coro = coro
 
 
 class Rest:

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from bgservice import eager
 from bgservice.config import Settings
 from bgservice.eager import Rest
 from bgservice.errors import (
@@ -147,6 +148,7 @@ class Execution:
             return False, self.run(version, handler, request)
         self.stats.ran.add(version.name)  # (for the lag warning: a step may block)
         coro = handler.fn(request)
+        eager.runs(coro, request.loop or asyncio.get_running_loop())
         try:
             first = coro.send(None)
         except StopIteration as done:

@@ -278,7 +278,8 @@ async def handle_tcp(request):
 async def handle_udp(request):
     task = asyncio.current_task()
     task.set_name("datagram")
-    before = [task.get_name(), task.get_loop() is asyncio.get_running_loop(), task.cancelled()]
+    before = [task.get_name(), task.get_loop() is asyncio.get_running_loop(), task.cancelled(),
+              task.get_coro().__qualname__]
     await asyncio.sleep(0)
     UDP.append(before + [asyncio.current_task().get_name()])
 """
@@ -309,7 +310,9 @@ def test_a_handler_may_ask_its_task_for_its_name_loop_and_coroutine_at_once(
     check(svc.call(b"queue:get:" + svc.call(b"queue:add:taskinfo:x")))
     svc.send_udp(b"taskinfo:x")
     wait_until(lambda: json.loads(svc.call(b"taskinfo:udp")))
-    assert json.loads(svc.call(b"taskinfo:udp")) == [["datagram", True, False, "datagram"]]
+    assert json.loads(svc.call(b"taskinfo:udp")) == [
+        ["datagram", True, False, "handle_udp", "datagram"]
+    ]
 
 
 def test_a_cancellation_before_the_rest_first_runs_reaches_the_coroutine():

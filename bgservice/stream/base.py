@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Caller(Protocol):
     """What a stream listener hands requests to (bgservice.commands.Commands)."""
 
-    async def call(self, request: Request, timeout: float | None = None) -> Reply: ...
+    def begin(self, request: Request) -> Reply | Coroutine[Any, Any, Reply]: ...
 
 
 @dataclass(eq=False)
@@ -67,12 +67,12 @@ class StreamContext:
                 {"message": "unexpected error in a connection task", "exception": exc}
             )
 
-    def start(self, coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
-        """Serve now what needs no wait: ``(True, result)``, else ``(False, task)`` for
+    def start(self, request: Request) -> tuple[bool, Any]:
+        """Serve now what needs no wait: ``(True, reply)``, else ``(False, task)`` for
         the rest (bgservice.eager). A bug of ours is reported as a task's would be, and
         is ``(True, None)``."""
         try:
-            return eager.start(coro, self.spawn, self.loop)
+            return eager.start_call(self.commands.begin, request, self.spawn, self.loop)
         except Exception as exc:
             self.loop.call_exception_handler(
                 {"message": "unexpected error serving a connection", "exception": exc}

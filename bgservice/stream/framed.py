@@ -190,7 +190,7 @@ class Framed(StreamProtocol):
         the task that finishes it, in line for ``_flush``."""
         chunks: list[bytes] = []
         request: Request = self.ctx.request(module, payload, self.peer, chunks.append)
-        done, reply = self.ctx.start(self.ctx.commands.call(request))
+        done, reply = self.ctx.start(request)
         if not done:
             self.pending.append((reply, chunks))
             reply.add_done_callback(self._flush)

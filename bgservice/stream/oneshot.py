@@ -149,7 +149,7 @@ class OneShot(StreamProtocol):
         request = self.ctx.request(module, data, self.peer, self._write)
         # Served like a frame (framed.py): most calls finish in their first step, and are
         # answered here, without a task or a coroutine of the connection's own.
-        done, reply = self.ctx.start(self.ctx.commands.call(request))
+        done, reply = self.ctx.start(request)
         if not done:
             reply.add_done_callback(self._answer_later)
         elif reply is not None:  # None: a bug of ours, reported by ctx.start
