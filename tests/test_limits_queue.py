@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 BOTH = pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
 HTTP = "[http]\nenabled = true\nport = 0\n"
@@ -186,3 +186,38 @@ def test_max_waiting_bytes_bounds_the_data_of_waiting_jobs_in_memory(make_servic
     assert svc.call(b"queue:add:echo:small").startswith(b"id:")  # small data still fits
     assert svc.call(b"queue:get:" + second[3:]) == mib  # once they ran, their bytes are free
     assert svc.call(b"queue:add:echo:" + mib).startswith(b"id:")
+
+
+def pipelined(svc, payloads: list[bytes]) -> list[tuple[int, bytes]]:
+    """Every request written at once on one framed connection: adds that share a commit."""
+    conn = svc.framed()
+    try:
+        conn.send(*payloads)
+        return [conn.recv() for _ in payloads]
+    finally:
+        conn.close()
+
+
+@BOTH
+def test_max_waiting_holds_for_adds_that_arrive_together(make_service):
+    # The embedded engine counted the jobs stored, not the adds on their way to the store:
+    # all the adds of one commit passed (64 pipelined adds past a max_waiting of 5). The
+    # Redis engine counted waiting jobs only, not running ones (2 workers: 2 more).
+    svc = make_service("[queue]\nworkers = 2\nmax_waiting = 3\n")
+    replies = pipelined(svc, [b"queue:add:sleep:20000"] * 20)
+    added = [body for status, body in replies if status == 200]
+    refused = {body for status, body in replies if status != 200}
+    assert len(added) == 3 and all(body.startswith(b"id:") for body in added), replies
+    assert refused == {b"Queue full (3 jobs)"}, replies
+    assert svc.call(b"queue:add:sleep:1") == b"503: Queue full (3 jobs)"  # running count
+    for body in added:
+        assert svc.call(b"queue:cancel:" + body) in (b"cancelled", b"cancelling")
+    wait_until(lambda: svc.call(b"queue:add:echo:x").startswith(b"id:"))  # room again
+
+
+def test_max_waiting_bytes_holds_for_adds_that_arrive_together(make_service):
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting_bytes = 100000\n")
+    assert svc.call(b"queue:add:sleep:20000").startswith(b"id:")  # holds the worker
+    replies = pipelined(svc, [b"queue:add:echo:" + b"x" * 30000] * 10)
+    assert [status for status, _ in replies].count(200) == 3, replies
+    assert all(body.startswith(b"Queue full (") for status, body in replies if status != 200)

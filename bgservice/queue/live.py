@@ -1,11 +1,13 @@
 """The embedded engine's jobs in memory, waiting and running, and the bytes of data they
 hold: ``[queue] max_waiting`` bounds how many, ``max_waiting_bytes`` how much data (each
-job's data stays in memory until it ends, besides the store's copy)."""
+job's data stays in memory until it ends, besides the store's copy), adds still on their
+way to the store included."""
 
 from __future__ import annotations
 
 from collections.abc import ValuesView
 
+from bgservice.errors import Busy
 from bgservice.queue.job import Job
 
 
@@ -16,6 +18,25 @@ class LiveJobs:
     def __init__(self) -> None:
         self._jobs: dict[int, Job] = {}
         self.data_bytes = 0
+        self._adding = 0  # adds let in (admit) and not yet ended
+        self._adding_bytes = 0
+
+    def admit(self, size: int, most: int, most_bytes: int) -> None:
+        """Hold room for one more job of ``size`` bytes of data until ``admitted``, or
+        raise ``Busy``: the jobs here and the adds let in before it would be ``most`` or
+        more, or their data more than ``most_bytes``."""
+        if len(self._jobs) + self._adding >= most:
+            raise Busy(f"Queue full ({most} jobs)")
+        held = self.data_bytes + self._adding_bytes
+        if held + size > most_bytes:
+            raise Busy(f"Queue full ({held} bytes, [queue] max_waiting_bytes)")
+        self._adding += 1
+        self._adding_bytes += size
+
+    def admitted(self, size: int) -> None:
+        """An add let in by ``admit`` has ended: its job is here now, or it was refused."""
+        self._adding -= 1
+        self._adding_bytes -= size
 
     def __setitem__(self, jid: int, job: Job) -> None:
         old = self._jobs.get(jid)

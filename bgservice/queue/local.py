@@ -126,21 +126,22 @@ class LocalQueue(JobQueue):
 
     async def add(self, spec: AddSpec) -> int:
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
-        if len(self.jobs) >= self.settings.max_waiting:
-            raise Busy(f"Queue full ({self.settings.max_waiting} jobs)")
-        if self.jobs.data_bytes + len(spec.data) > self.settings.max_waiting_bytes:
-            raise Busy(f"Queue full ({self.jobs.data_bytes} bytes, [queue] max_waiting_bytes)")
-        # Checked (name, tags, unique key) before the key is claimed: a 400 after it left
-        # the key claimed for ever, and every later add of it hung.
-        job = Job.new(spec, self.settings, time.time())
-        if spec.unique and (existing := await self._keys.claim(spec.unique)) is not None:
-            return existing
-        try:  # the key is this add's now (claim): the adds of it that wait learn the outcome
-            await self._deps.check(spec.after)
-        except BaseException:
-            self._keys.stored(spec.unique, None)
-            raise
-        return await self._insert(spec, job)
+        # Room held until stored: adds sharing a commit all passed a count without them.
+        self.jobs.admit(len(spec.data), self.settings.max_waiting, self.settings.max_waiting_bytes)
+        try:
+            # Checked (name, tags, unique key) before the key is claimed: a 400 after it
+            # left the key claimed for ever, and every later add of it hung.
+            job = Job.new(spec, self.settings, time.time())
+            if spec.unique and (existing := await self._keys.claim(spec.unique)) is not None:
+                return existing
+            try:  # the key is this add's now (claim): the adds of it that wait learn the outcome
+                await self._deps.check(spec.after)
+            except BaseException:
+                self._keys.stored(spec.unique, None)
+                raise
+            return await self._insert(spec, job)
+        finally:
+            self.jobs.admitted(len(spec.data))
 
     async def _insert(self, spec: AddSpec, job: Job) -> int:
         try:

@@ -48,7 +48,9 @@ if unique ~= '' then
   local existing = redis.call('HGET', P .. ':unique', unique)
   if existing then return {tonumber(existing), 'existing'} end
 end
-if redis.call('ZCARD', P .. ':state:waiting') >= tonumber(ARGV[3]) then
+-- (jobs waiting or running, as the embedded engine counts them)
+if redis.call('ZCARD', P .. ':state:waiting') + redis.call('ZCARD', P .. ':state:running')
+    >= tonumber(ARGV[3]) then
   return {-503, 'Queue full (' .. ARGV[3] .. ' jobs)'}
 end
 local blockers = {}
