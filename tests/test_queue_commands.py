@@ -50,11 +50,25 @@ def test_options_ride_on_the_command_word():
         (b"add?delay=1e300:echo:x", "option delay: the time it gives is after the year 9999"),
         (b"add?timeout=inf:echo:x", "option timeout: must be a finite number greater than 0"),
         (b"add?timeout=0:echo:x", "option timeout: must be a finite number greater than 0"),
+        # Numbers as Python reads them, not as a request writes them (job ids never were).
+        (b"add?priority=1_000:echo:x", "option priority: expected a whole number, got '1_000'"),
+        ("add?priority=\u0663:echo:x".encode(), "option priority: expected a whole number"),
+        ("add?delay=\u0661.\u0665:echo:x".encode(), "option delay: expected a number"),
+        (b"add?delay=1_0:echo:x", "option delay: expected a number, got '1_0'"),
+        (b"add?after=1,2_0:echo:x", "option after: expected a whole number"),
     ],
 )
 def test_bad_options_are_named(raw, message):
     with pytest.raises(BadRequest, match=message):
         parse_add(parse(raw))
+
+
+def test_repeated_dependencies_count_once_however_written():
+    many = b",".join([b"7", b"id%3A7", b"07", b" 7"] * 60)  # 240 ids, one job
+    assert parse_add(parse(b"add?after=" + many + b":echo:x")).after == (7,)
+    ids = ",".join(map(str, range(1, 102))).encode()  # 101 jobs: one too many
+    with pytest.raises(BadRequest, match="at most 100 job ids"):
+        parse_add(parse(b"add?after=" + ids + b":echo:x"))
 
 
 def test_unknown_command_is_the_originals_500():
@@ -67,6 +81,8 @@ def test_bad_ids():
     for raw in (b"get:id:", b"get:id:x", b"get:-1", b"get", b"get:id:\xc2\xb2"):
         with pytest.raises(BadRequest, match="expected id:N"):
             job_id(parse(raw))
+    with pytest.raises(BadRequest, match="expected id:N, got '\u0663'"):  # echoed as sent
+        job_id(parse("get:\u0663".encode()))
     assert job_id(parse(b"get:id:9223372036854775807")) == 2**63 - 1
     for raw in (b"get:id:9223372036854775808", b"get:id:" + b"9" * 5000):
         with pytest.raises(BadRequest, match="out of range"):
@@ -83,6 +99,11 @@ def test_list_and_window():
     assert parse_window(parse(b"stats")) == 3600.0
     assert parse_window(parse(b"stats:86400")) == 86400.0
     assert parse_window(parse(b"stats?window=60")) == 60.0
+    # Given both ways, one was ignored; now refused.
+    with pytest.raises(BadRequest, match=r"queue:list: state given twice \(\?state= and after"):
+        parse_list(parse(b"list?state=waiting:running"))
+    with pytest.raises(BadRequest, match="queue:stats: window given twice"):
+        parse_window(parse(b"stats?window=60:120"))
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def unrepeated(pairs: list[tuple[str, str]], what: str) -> dict[str, str]:
 
 def job_id(command: Command) -> int:
     """``id:N`` (the original's form) or a bare ``N``."""
-    text = command.args.decode("ascii", "replace").strip()
+    text = command.args.decode("utf-8", "replace").strip()  # (echoed as sent in an error)
     if text.startswith("id:"):
         text = text[3:].strip()
     return parse_id(text, f"queue:{command.name}")
@@ -156,10 +156,18 @@ def parse_id(text: str, where: str) -> int:
     return int(text)
 
 
+def _ascii(text: str) -> str:
+    """A number's text as written in a request: ASCII, no digit separators (Python's
+    ``int`` and ``float`` take ``1_000`` and any script's digits, job ids did not)."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return text
+
+
 def _number(name: str, text: str, minimum: float = 0.0, above: bool = False) -> float:
     """A finite number of at least ``minimum`` (``above``: greater than it)."""
     try:
-        value = float(text)
+        value = float(_ascii(text))
     except ValueError:
         raise BadRequest(f"option {name}: expected a number, got {text[:40]!r}") from None
     if not math.isfinite(value) or value < minimum or (above and value == minimum):
@@ -181,7 +189,7 @@ def _run_at(name: str, value: float) -> float:
 
 def _whole(name: str, text: str, minimum: int | None = 0) -> int:
     try:
-        value = int(text)
+        value = int(_ascii(text))
     except ValueError:
         raise BadRequest(f"option {name}: expected a whole number, got {text[:40]!r}") from None
     low = -MAX_INT if minimum is None else minimum
@@ -271,17 +279,20 @@ def _flag(name: str, text: str) -> bool:
 
 
 def after_ids(text: str, most: int = MAX_AFTER) -> tuple[int, ...]:
-    """``after=1,2,3`` (each N or id:N) -> the job ids, each once, in the order given."""
-    parts = [part.strip().removeprefix("id:") for part in text.split(",")]
-    if len(parts) > most:
-        raise BadRequest(f"option after: at most {most} job ids ([queue] max_dependencies)")
-    return tuple(dict.fromkeys(_whole("after", part, 1) for part in parts))
+    """``after=1,2,3`` (each N or id:N) -> the job ids, each once, in the order given:
+    repeats count once against ``most``, however written (``7``, ``id:7``, ``07``)."""
+    ids: dict[int, None] = {}
+    for part in dict.fromkeys(part.strip().removeprefix("id:") for part in text.split(",")):
+        ids[_whole("after", part, 1)] = None
+        if len(ids) > most:
+            raise BadRequest(f"option after: at most {most} job ids ([queue] max_dependencies)")
+    return tuple(ids)
 
 
 def parse_list(command: Command, limits: ParseLimits = DEFAULTS) -> ListSpec:
     """``queue:list``'s state, limit (at most ``[queue] max_page``: more is answered as
     that many) and offset."""
-    state = command.options.get("state") or command.args.decode("ascii", "replace").strip()
+    state = _given_once(command, "state")
     if state and state not in STATES:
         raise BadRequest(f"queue:list: state must be one of {', '.join(STATES)}")
     limit = _whole("limit", command.options.get("limit", "100"), 1)
@@ -289,6 +300,15 @@ def parse_list(command: Command, limits: ParseLimits = DEFAULTS) -> ListSpec:
     return ListSpec(state or None, min(limit, limits.max_page), offset)
 
 
+def _given_once(command: Command, name: str) -> str:
+    """What ``queue:list?state=S`` or ``queue:list:S`` gives (``window`` of stats): both at
+    once is refused, not one of them ignored."""
+    option, text = command.options.get(name), command.args.decode("utf-8", "replace").strip()
+    if option is not None and text:
+        raise BadRequest(f"queue:{command.name}: {name} given twice (?{name}= and after the colon)")
+    return option or text
+
+
 def parse_window(command: Command) -> float:
-    text = command.options.get("window") or command.args.decode("ascii", "replace").strip()
+    text = _given_once(command, "window")
     return _number("window", text, 1.0) if text else 3600.0
