@@ -117,3 +117,23 @@ def test_a_request_that_is_not_http_is_400_and_one_log_line(
     svc.wait_for_log("Error handling request from 127.0.0.1: 400")
     assert_no_internal_error(svc)
     assert "ERROR" not in svc.log()
+
+
+def test_numbers_are_written_in_ascii_without_separators(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # Python's float() and int() read them all: ?wait=1_0 waited 10 s, an Arabic-Indic
+    # 3 waited 3 s, and a schedule's retries "1_0" made jobs with 10 retries.
+    svc = make_service(HTTP)
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x"})
+    for wait in ("1_0", "%D9%A3", "%201%20"):
+        status, body = raw_request(svc, "GET", f"{API}/jobs/{job['id']}?wait={wait}")
+        assert status == 400 and "wait: expected seconds" in body["error"]["message"], body
+    status, body = raw_request(svc, "GET", f"{API}/queue/stats?window=1_000")
+    assert status == 400 and "option window: expected a number" in body["error"]["message"]
+    schedule = {"name": "s", "module": "echo", "every": 60, "options": {"retries": "1_0"}}
+    status, body, _ = svc.http("POST", f"{API}/schedules", schedule)
+    while status == 503:  # (the schedules are loading)
+        status, body, _ = svc.http("POST", f"{API}/schedules", schedule)
+    assert status == 400 and "option retries: expected a whole number" in body["error"]["message"]
+    assert_no_internal_error(svc)

@@ -4,6 +4,7 @@ command-line clients are not. Real HTTP, headers as a browser sends them."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -62,6 +63,26 @@ def test_the_services_own_page_and_clients_without_origin_may_post(svc: ServiceP
     assert _send(svc, "POST", f"{API}/jobs", local, JOB)[0] == 201
     assert _send(svc, "POST", f"{API}/jobs", {}, JOB)[0] == 201  # curl, scripts: no Origin
     assert len(_waiting(svc)) == 3
+
+
+def test_a_second_origin_header_is_not_let_past_the_check(svc: ServiceProcess) -> None:
+    # Only the first was read: this service's own origin, then a foreign one, got a 201.
+    url = urlsplit(svc.http_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=15)
+    try:
+        conn.putrequest("POST", f"{API}/jobs")
+        conn.putheader("Origin", f"http://127.0.0.1:{url.port}")
+        conn.putheader("Origin", "http://attacker.example")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(JOB)))
+        conn.endheaders(JOB)
+        response = conn.getresponse()
+        body = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 403, body
+    assert body["error"]["message"] == "Forbidden: more than one Origin header"
+    assert _waiting(svc) == []
 
 
 def test_a_rebound_host_name_reads_nothing(svc: ServiceProcess) -> None:

@@ -23,9 +23,9 @@ API = "/api/v1"
 
 
 def _waiting(svc: ServiceProcess) -> float:
-    """The ``?wait=`` requests open now, as /metrics says."""
-    _, text, _ = svc.http("GET", "/metrics")
-    found = re.search(r"^bgservice_http_waiting (\S+)$", text, re.M)
+    """The ``?wait=`` requests open now, as /metrics says (-1: no reply, a 503)."""
+    status, text, _ = svc.http("GET", "/metrics")
+    found = re.search(r"^bgservice_http_waiting (\S+)$", text, re.M) if status == 200 else None
     return float(found.group(1)) if found else -1.0
 
 
@@ -160,3 +160,21 @@ def test_an_open_wait_gets_503_at_shutdown_not_a_dropped_connection(
     assert len(got) == 1 and not isinstance(got[0], OSError), got
     status, body, _ = got[0]
     assert status == 503 and "Shutting down" in body["error"]["message"]
+
+
+def test_a_wait_whose_client_hung_up_frees_its_connection(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # aiohttp does not cancel the handler of a client that left: its ?wait= went on, the
+    # gauge counted it and its connection held a slot of max_connections until the wait
+    # ran out (two requests that hang up at once shut everyone out here for 300 s).
+    svc = make_service(HTTP + "[limits]\nmax_connections = 2\n")
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x", "delay": 250})
+    for _ in range(2):
+        with _connect(svc) as sock:
+            sock.sendall(f"GET {API}/jobs/{job['id']}?wait=300 HTTP/1.1\r\n"
+                         "Host: 127.0.0.1\r\n\r\n".encode())  # fmt: skip
+            wait_until(lambda: _waiting(svc) >= 1)  # (a -1 while the other holds a slot)
+    # Both hung up: within about a second each wait ends, and its slot is free again.
+    wait_until(lambda: _waiting(svc) == 0)
+    assert svc.http("GET", f"{API}/jobs/{job['id']}")[0] == 200

@@ -44,6 +44,9 @@ def test_options_ride_on_the_command_word():
         (b"add::x", "expected queue:add:MODULE:DATA"),
         (b"add?priority=9223372036854775808:echo:x", "option priority: must be between"),
         (b"add?priority=-9223372036854775808:echo:x", "option priority: must be between"),
+        # Past SQLite's bound too, the bound named is the priority's own (it said 2^63-1).
+        (b"add?priority=10000000000000000000:echo:x",
+         "option priority: must be between -9007199254740991 and 9007199254740991"),
         (b"add?after=99999999999999999999:echo:x", "option after: must be between"),
         # A millisecond timestamp for `at` (from JavaScript): a date 50,000 years away.
         (b"add?at=1796371400000:echo:x", "option at: the time it gives is after the year 9999"),

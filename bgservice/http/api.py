@@ -50,6 +50,9 @@ STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})  # br: with Brotli
 OPENAPI = HERE / "openapi.json"
 FIRST = asyncio.FIRST_COMPLETED
+# How often a ?wait= looks whether its client is still there (see _wait_connected).
+HANG_UP_CHECK = 1.0
+
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 # Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
 # naming it, rather than the router's generic 404.
@@ -285,7 +288,7 @@ class HttpApi:
             stopping = asyncio.ensure_future(self._stopping.wait())
             self.stats.http_waiting += 1
             try:
-                await asyncio.wait((getting, stopping), timeout=seconds, return_when=FIRST)
+                await _wait_connected(request, (getting, stopping), seconds)
             finally:
                 self.stats.http_waiting -= 1
                 for task in (getting, stopping):
@@ -366,3 +369,18 @@ def _result(body: bytes) -> dict[str, str]:
         return {"result": body.decode("utf-8")}
     except UnicodeDecodeError:
         return {"result_base64": base64.b64encode(body).decode("ascii")}
+
+
+async def _wait_connected(
+    request: web.Request, futures: tuple[asyncio.Future[Any], ...], seconds: float
+) -> None:
+    """Until one of ``futures`` is done, ``seconds`` pass or the client hangs up. aiohttp
+    does not cancel a handler whose client left (cancelling any handler would cut adds
+    midway), and the connection counts against ``max_connections`` until its handler
+    ends: hung-up waits shut every client out of the API until they ran out."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while (left := end - loop.time()) > 0 and request.transport is not None:
+        done, _ = await asyncio.wait(futures, timeout=min(left, HANG_UP_CHECK), return_when=FIRST)
+        if done:
+            return

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.errors import BadRequest
-from bgservice.queue.commands import ADD_OPTIONS, Command, parse_id, unrepeated
+from bgservice.queue.commands import ADD_OPTIONS, Command, ascii_number, parse_id, unrepeated
 
 # A module name as the modules folder allows it. The socket protocol silently drops other
 # bytes from a name (the original did); the JSON API refuses them instead.
@@ -50,7 +50,7 @@ def job_id(request: web.Request) -> int:
 
 def seconds(name: str, text: str, maximum: float) -> float:
     try:
-        value = float(text)
+        value = float(ascii_number(text))
     except ValueError:
         raise BadRequest(f"{name}: expected seconds, got {text[:40]!r}") from None
     if not 0 <= value <= maximum:  # also false for NaN

@@ -21,9 +21,11 @@ proxy in front may pass names and origins of its own.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
+
+from multidict import CIMultiDictProxy
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -43,7 +45,7 @@ class BrowserGuard:
         self.names = {listen_host.lower(), "localhost", *allowed}
         self.any_host = "*" in self.names
 
-    def refusal(self, method: str, headers: Mapping[str, str]) -> str | None:
+    def refusal(self, method: str, headers: CIMultiDictProxy[str]) -> str | None:
         """Why a request may not be served (for a 403), or None."""
         host = headers.get("Host")
         if host is not None and not self.any_host and not self._ours(_split(host)[0]):
@@ -51,9 +53,13 @@ class BrowserGuard:
                 f"Host {host[:100]!r} is not a name of this service "
                 "(add it to [http] allowed_hosts, or set a token)"
             )
-        origin = headers.get("Origin")
-        if method not in SAFE_METHODS and origin is not None and not _same(origin, host):
-            return f"a page of origin {origin[:100]!r} may not {method} here"
+        if method in SAFE_METHODS:
+            return None
+        origins = headers.getall("Origin", [])  # (a second one, foreign, went unchecked)
+        if len(origins) > 1:
+            return "more than one Origin header"
+        if origins and not _same(origins[0], host):
+            return f"a page of origin {origins[0][:100]!r} may not {method} here"
         return None
 
     def _ours(self, name: str) -> bool:

@@ -156,10 +156,11 @@ def parse_id(text: str, where: str) -> int:
     return int(text)
 
 
-def _ascii(text: str) -> str:
-    """A number's text as written in a request: ASCII, no digit separators (Python's
-    ``int`` and ``float`` take ``1_000`` and any script's digits, job ids did not)."""
-    if not text.isascii() or "_" in text:
+def ascii_number(text: str) -> str:
+    """A number's text as written in a request: ASCII, no digit separators, no spaces
+    around it (Python's ``int`` and ``float`` take `` 1_000 `` and any script's digits;
+    job ids never did). Else ``ValueError``."""
+    if not text.isascii() or "_" in text or text != text.strip():
         raise ValueError(text)
     return text
 
@@ -167,7 +168,7 @@ def _ascii(text: str) -> str:
 def _number(name: str, text: str, minimum: float = 0.0, above: bool = False) -> float:
     """A finite number of at least ``minimum`` (``above``: greater than it)."""
     try:
-        value = float(_ascii(text))
+        value = float(ascii_number(text))
     except ValueError:
         raise BadRequest(f"option {name}: expected a number, got {text[:40]!r}") from None
     if not math.isfinite(value) or value < minimum or (above and value == minimum):
@@ -187,14 +188,15 @@ def _run_at(name: str, value: float) -> float:
     return value
 
 
-def _whole(name: str, text: str, minimum: int | None = 0) -> int:
+def _whole(name: str, text: str, minimum: int | None = 0, maximum: int = MAX_INT) -> int:
+    """A whole number from ``minimum`` (None: ``-maximum``) to ``maximum``."""
     try:
-        value = int(_ascii(text))
+        value = int(ascii_number(text))
     except ValueError:
         raise BadRequest(f"option {name}: expected a whole number, got {text[:40]!r}") from None
-    low = -MAX_INT if minimum is None else minimum
-    if not low <= value <= MAX_INT:
-        raise BadRequest(f"option {name}: must be between {low} and {MAX_INT}")
+    low = -maximum if minimum is None else minimum
+    if not low <= value <= maximum:
+        raise BadRequest(f"option {name}: must be between {low} and {maximum}")
     return value
 
 
@@ -204,10 +206,7 @@ MAX_PRIORITY = 2**53 - 1
 
 
 def _priority(text: str) -> int:
-    value = _whole("priority", text, None)
-    if abs(value) > MAX_PRIORITY:
-        raise BadRequest(f"option priority: must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
-    return value
+    return _whole("priority", text, None, MAX_PRIORITY)
 
 
 def parse_add(
