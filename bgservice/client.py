@@ -245,9 +245,15 @@ class Client(Where):
             if wanted != self._timeout:  # a system call or two: only when it changes
                 self._set_timeout(sock, wanted)
             sock.sendall(frames)
+        except (TimeoutError, BlockingIOError):  # the service takes nothing: busy, not down
+            self.close()
+            raise ClientTimeout(f"{self.address} took none of the request in time") from None
         except OSError as exc:
             self.close()
             raise ServiceDown(f"cannot send to {self.address}: {exc}") from None
+        except BaseException:  # cut midway (^C, a signal handler's exception): the rest
+            self.close()  # of the request would begin the next call's, and run with it
+            raise
         try:
             replies = [self._read(sock) for _ in range(count)]
             if self._ready:  # more replies than requests: out of step with the service
@@ -266,6 +272,9 @@ class Client(Where):
                 f"connection to {self.address} lost after the request was sent "
                 f"(it may have run): {exc}"
             ) from None
+        except BaseException:  # cut before its replies were read: they would answer the
+            self.close()  # next call's requests
+            raise
 
     def _kept(self, sock: socket.socket) -> bool:
         """The kept connection is still good: nothing to read on it (a poll that does

@@ -87,6 +87,11 @@ class Where:
         family, target = parse_address(self.udp_address)
         message = request(module, data)
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            # Never waits: a Unix datagram socket takes 10 datagrams the service has not
+            # read yet (net.unix.max_dgram_qlen), then a blocking send waits as long as
+            # the service is busy, for ever if it hangs. One that would wait is dropped,
+            # as a UDP datagram is when the service's buffer is full.
+            sock.setblocking(False)
             try:
                 sock.sendto(message, target)
             except OSError as exc:
@@ -136,7 +141,12 @@ def parse_job_id(job: JobRef) -> int:
 
 
 def _bytes(data: Data) -> bytes:
-    return data.encode() if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    # bytes() took more: 5 was five NUL bytes, [104, 105] b"hi", 10**7 ten megabytes.
+    raise ValueError(f"data must be str or bytes, not {type(data).__name__}")
 
 
 def request(module: str, data: Data = b"") -> bytes:

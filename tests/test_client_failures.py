@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -243,3 +245,93 @@ def test_no_socket_is_left_open_when_the_greeting_is_interrupted(service, monkey
     with pytest.raises(KeyboardInterrupt) as info:  # it keeps the frames, and their locals
         bg.call("test")
     assert _open_fds() == before, info
+
+
+class Interrupted(Exception):
+    """What a signal handler raises in the middle of a call (as ^C raises KeyboardInterrupt)."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+@pytest.fixture
+def alarm():
+    """``alarm(seconds)``: the call running then is interrupted by ``Interrupted``."""
+    old = signal.signal(signal.SIGALRM, _interrupt)
+    yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def stopped(svc):
+    """The service's process stopped (SIGSTOP): it reads nothing until the block ends."""
+    os.kill(svc.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(svc.proc.pid, signal.SIGCONT)
+
+
+def test_a_call_interrupted_while_waiting_does_not_give_its_reply_to_the_next(service, alarm):
+    # The connection was kept: the next call read the interrupted one's reply
+    # ("slept 1000" for sleep:1500), and the one after raised ServiceDown.
+    with Client(address(service)) as bg:
+        alarm(0.3)
+        with pytest.raises(Interrupted):
+            bg.call("sleep", "1000")
+        assert bg.call("sleep", "1500") == b"slept 1500"
+        assert bg.call("echo", "next") == b"next"
+
+
+def test_a_call_interrupted_while_writing_sends_no_half_request(service, alarm):
+    # The half-written request stayed on the kept connection, and the next one completed
+    # it: the service ran one request of 3.9 MB of the first and 4.5 MB of the second.
+    with Client(address(service)) as bg:
+        assert bg.call("test") == b"Test"  # connected
+        with stopped(service):
+            alarm(0.5)
+            with pytest.raises(Interrupted):
+                bg.call("echo", b"A" * (8 << 20))  # more than the socket buffers take
+        assert bg.call("echo", b"B" * (1 << 20)) == b"B" * (1 << 20)
+
+
+def test_a_write_that_takes_too_long_is_a_timeout_not_a_service_down(service):
+    # Every OSError of sendall was ServiceDown, the kernel's send timeout (EAGAIN) too:
+    # the CLI exited 3 (down) for a busy service, not 4 (timeout).
+    with Client(address(service), timeout=1) as bg:
+        assert bg.call("test") == b"Test"
+        with stopped(service), pytest.raises(ClientTimeout, match="took none of the request"):
+            bg.call("echo", b"x" * (16 << 20))
+        assert bg.call("test") == b"Test"  # a new connection
+
+
+@pytest.mark.parametrize("data", [5, [104, 105], 10**7, None])
+def test_data_that_is_not_text_or_bytes_is_refused_before_it_is_sent(service, data):
+    # bytes(data) took it: 5 became five NUL bytes, [104, 105] b"hi", 10**7 ten megabytes.
+    with Client(address(service)) as bg:
+        for call in (bg.call, bg.add, bg.send):
+            with pytest.raises(ValueError, match="data must be str or bytes, not"):
+                call("echo", data)
+        assert "echo" not in bg.stats()["modules"]  # nothing was sent
+
+
+def test_send_over_a_unix_datagram_socket_never_waits(tmp_path, make_service):
+    # The kernel queues 10 unread datagrams on a Unix datagram socket: the 11th send to a
+    # busy service waited as long as it was busy, for ever to one that hung.
+    dgram = tmp_path / "bg.dgram"
+    svc = make_service(f'[[listen]]\nunix_dgram = "{dgram}"\n')
+    bg = Client(str(tmp_path / "bg.sock"), udp_address=str(dgram))
+    sent: list[int] = []
+
+    def send_many() -> None:
+        for i in range(200):
+            bg.send("log", f"message {i}")
+            sent.append(i)
+
+    with stopped(svc):
+        sender = threading.Thread(target=send_many, daemon=True)
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive() and len(sent) == 200, len(sent)

@@ -9,9 +9,12 @@ run by tests/test_php_package.py.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import shutil
+import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -29,10 +32,12 @@ PRELUDE = (
 )
 
 
-def php(tmp_path, body: str, *args: str) -> list[str]:
+def php(tmp_path, body: str, *args: str, timeout: float = 60) -> list[str]:
     script = tmp_path / "script.php"
     script.write_text(PRELUDE + body)
-    done = subprocess.run(["php", str(script), *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["php", str(script), *args], capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.splitlines()
 
@@ -138,6 +143,70 @@ show($unix->send('note', 'over unix'));
     notes = modules_dir / "notes.log"
     wait_until(lambda: notes.exists() and sorted(notes.read_text().split("\n")[:-1]) == [
         "over udp", "over unix"])  # fmt: skip
+
+
+def test_send_over_unix_datagram_never_waits_for_a_stopped_service(make_service, tmp_path):
+    # docs/deploy.md: send() over udg:// "never blocks the request". Linux queues only
+    # net.unix.max_dgram_qlen (10) datagrams on a Unix datagram socket nobody reads, and
+    # the client wrote on a blocking socket: the 11th send waited for room, for ever for
+    # a hung service (SIGSTOP), or the stream's 60 s default timeout per send.
+    dgram = tmp_path / "bg.dgram"
+    svc = make_service(
+        '[[listen]]\nname = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listen]]\nname = "local"\nunix_dgram = "{dgram}"\n'
+    )
+    qlen = Path("/proc/sys/net/unix/max_dgram_qlen")
+    queued = int(qlen.read_text()) if qlen.exists() else 10
+    svc.signal(signal.SIGSTOP)
+    try:
+        try:
+            out = php(
+                tmp_path,
+                """
+$bg = new BackgroundService($argv[1], 5.0, 'udg://' . $argv[2], false);
+$sent = 0;
+for ($i = 0; $i < 50; $i++) {
+    $sent += $bg->send('test', "datagram $i") ? 1 : 0;
+}
+show([$i, $sent]);
+""",
+                address(svc),
+                str(dgram),
+                timeout=20,  # far more than 50 sends take: not a timing, a hang
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("send() over udg:// waited for a stopped service")
+    finally:
+        svc.signal(signal.SIGCONT)
+    done, sent = json.loads(out[0])
+    assert done == 50
+    if queued < 50:  # the queue filled up: the rest were dropped, and send() said so
+        assert 0 < sent < 50, out
+    assert svc.call(b"test:x") == b"Test"  # the service goes on
+
+
+def test_after_several_jobs_in_one_string_as_old_sites_wrote_it(service, tmp_path):
+    # The old one-file client passed `after` on as it was, and the service takes
+    # after=D1,D2; the new client threw on "$a,$b" (and a list went out as after[0]=).
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+$a = $bg->add('echo', 'a');
+$b = $bg->add('sleep', '1000');
+$both = $bg->add('echo', 'after both', ['after' => "$a,$b"]);
+$list = $bg->add('echo', 'after the list', ['after' => ["id:$a", $b]]);
+show($bg->status($both)['after'] === [$a, $b] && $bg->status($list)['after'] === [$a, $b]);
+$bg->get($a);
+show([$bg->status($both)['state'], $bg->status($list)['state']]);  // $b still runs
+show([$bg->get($both), $bg->get($list), $bg->check($b)]);
+try { $bg->add('echo', 'x', ['after' => "$a,id:oops"]); echo "no exception\n"; }
+catch (InvalidArgumentException $e) { show($e->getMessage()); }
+""",
+        address(service),
+    )
+    assert out[:3] == ["true", '["waiting","waiting"]', '["after both","after the list",2]']
+    assert "'id:oops'" in out[3], out
 
 
 def test_call_over_a_unix_stream_socket(make_service, tmp_path):

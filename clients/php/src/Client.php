@@ -49,12 +49,15 @@ class Client
 
     /**
      * @param string      $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
-     * @param float       $timeout    seconds to wait for a reply
+     * @param float       $timeout    seconds to wait for a reply: more than 0, at most a week
      * @param string|null $udpAddress for send(): "host:port" (UDP) or "udg:///path" (Unix
      *                                datagram); by default the TCP host:port, over UDP. A
      *                                "unix://" $address has no datagram twin at a known
      *                                path: send() then needs it (the listener's unix_dgram)
      * @param bool        $persistent keep the connection across requests of a PHP-FPM worker
+     *
+     * @throws InvalidArgumentException a $timeout that is not more than 0 and at most a week
+     *                                  (the same for every method's $timeout)
      */
     public function __construct(
         string $address = '127.0.0.1:12341',
@@ -88,7 +91,9 @@ class Client
 
     /**
      * Fire and forget over UDP (or a Unix datagram socket). Never throws because the
-     * service is down: that must not fail the caller. False if it could not even be sent.
+     * service is down, and never waits for it: that must not fail or hold up the caller.
+     * False if it could not even be sent: nothing at the Unix datagram path, or its queue
+     * full (a busy or hung service), which drops the datagram as a full UDP buffer does.
      *
      * @throws InvalidArgumentException what could never be sent, up or down: no datagram
      *                                  address, or $module:$data larger than one datagram
@@ -107,6 +112,11 @@ class Client
         if ($socket === false) {
             return false;
         }
+        // Never wait. Linux queues only net.unix.max_dgram_qlen (10) datagrams on a Unix
+        // datagram socket the service does not read (busy, or stopped), and a blocking write
+        // then waits for room: for ever for a hung service. Non-blocking, a write that would
+        // wait writes nothing (0, no warning): that datagram is dropped.
+        stream_set_blocking($socket, false);
         $message = $module . ':' . $data;
         error_clear_last();
         $sent = @fwrite($socket, $message);
@@ -154,9 +164,11 @@ class Client
 
     /**
      * Queue a job; its id. $options: priority, delay, at, retries, backoff, timeout,
-     * unique, after (docs/queue.md); `after` is a job id, N or "id:N".
+     * unique, after, name, tags (docs/queue.md). `after`: the jobs it runs after, once all
+     * of them succeeded: a job id (N or "id:N"), several in one string ("$a,$b") or a list
+     * of them ([$a, $b]).
      *
-     * @param array<string, int|float|string|bool> $options
+     * @param array<string, int|float|string|bool|list<int|string>> $options
      *
      * @throws InvalidArgumentException an unknown option, or a bad `after` id
      */
@@ -169,7 +181,7 @@ class Client
      * Queue a job and wait for its result, in one round trip (queue:add?wait=1): the job
      * is stored before it runs, as with add(), and its error reply throws.
      *
-     * @param array<string, int|float|string|bool> $options as add()'s
+     * @param array<string, int|float|string|bool|list<int|string>> $options as add()'s
      */
     public function run(string $module, string $data = '', array $options = [], ?float $timeout = null): string
     {
@@ -180,7 +192,7 @@ class Client
      * Queue several jobs, pipelined on the one connection; their ids in order. If some
      * were refused, BatchException: its getResults() has the ids of the others (queued).
      *
-     * @param list<array{0: string, 1?: string, 2?: array<string, int|float|string|bool>}> $jobs
+     * @param list<array{0: string, 1?: string, 2?: array<string, int|float|string|bool|list<int|string>>}> $jobs
      *        [module, data, options] each
      *
      * @return list<int>
@@ -233,7 +245,7 @@ class Client
     }
 
     /**
-     * @param array<string, int|float|string|bool|list<string>> $options
+     * @param array<string, int|float|string|bool|list<int|string>> $options
      *
      * @throws InvalidArgumentException an unknown option, or a bad `after` id
      */
@@ -243,15 +255,45 @@ class Client
         if ($unknown !== []) {
             throw new InvalidArgumentException('unknown queue option(s): ' . implode(', ', $unknown));
         }
-        $after = $options['after'] ?? null;
-        if (is_int($after) || is_string($after)) {
-            $options['after'] = JobId::parse($after);  // a job id, so either form
+        if (isset($options['after'])) {
+            $options['after'] = self::afterIds($options['after']);
         }
         if (isset($options['tags']) && is_array($options['tags'])) {
             $options['tags'] = implode(',', $options['tags']);  // ['a', 'b'] -> "a,b"
         }
         $query = $options !== [] ? '?' . http_build_query($options, '', '&', PHP_QUERY_RFC3986) : '';
         return 'queue:add' . $query . ':' . $module . ':' . $data;
+    }
+
+    /**
+     * `after` as the service takes it, "N1,N2" (http_build_query then writes the comma as
+     * %2C, which the service decodes): from a job id, N or "id:N", several of them in one
+     * string ("$a,$b", which the old one-file client passed on as it was), or a list of
+     * them. A list as it is would go out as after[0]=...&after[1]=..., which the service
+     * refuses.
+     *
+     * @throws InvalidArgumentException an id that is neither N nor "id:N", or no id at all
+     */
+    private static function afterIds(mixed $after): string
+    {
+        $ids = match (true) {
+            is_array($after) => $after,
+            is_string($after) => explode(',', $after),  // blanks around each: JobId takes them
+            default => [$after],
+        };
+        if ($ids === []) {
+            throw new InvalidArgumentException('option after: no job id in an empty list');
+        }
+        $parsed = [];
+        foreach ($ids as $id) {
+            if (!is_int($id) && !is_string($id)) {
+                throw new InvalidArgumentException(
+                    'option after: a job id is N or "id:N", not ' . get_debug_type($id)
+                );
+            }
+            $parsed[] = JobId::parse($id);
+        }
+        return implode(',', $parsed);
     }
 
     /**

@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 namespace Bgservice\Client;
 
+use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ServiceDownException;
 use Bgservice\Client\Exception\TimeoutException;
 
@@ -22,6 +23,10 @@ final class Connection
     /** Pipelined requests written before their replies are read: the service's default
      *  [limits] max_pipeline, up to which it keeps reading a connection. */
     public const WINDOW = 64;
+
+    /** The longest timeout taken, the client's or a call's: a week, as in the Python
+     *  client (bgservice.client_async.MAX_TIMEOUT). */
+    public const MAX_TIMEOUT = 7 * 24 * 3600.0;
 
     /** @var resource|null */
     private $stream = null;
@@ -42,12 +47,34 @@ final class Connection
      * @param string $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
      * @param float  $timeout    seconds to wait for a reply, and for a new stream's greeting
      * @param bool   $persistent keep the stream across requests of a PHP-FPM worker
+     *
+     * @throws InvalidArgumentException $timeout is not a number of seconds > 0, at most MAX_TIMEOUT
      */
     public function __construct(
         private readonly string $address,
         private readonly float $timeout,
         private readonly bool $persistent,
     ) {
+        self::checkTimeout($timeout);
+    }
+
+    /**
+     * $seconds, if a timeout can be that: more than 0 and at most MAX_TIMEOUT. Unchecked,
+     * -1 waited for ever (a negative stream timeout is none), INF and anything past
+     * PHP_INT_MAX seconds were cast to 0 or a negative int (at once, or never), and NAN
+     * threw PHP's own \ValueError, which is no ClientException.
+     *
+     * @throws InvalidArgumentException it cannot
+     */
+    private static function checkTimeout(float $seconds): float
+    {
+        if (!($seconds > 0 && $seconds <= self::MAX_TIMEOUT)) {  // NAN compares false to all
+            throw new InvalidArgumentException(
+                'timeout must be more than 0 and at most ' . self::MAX_TIMEOUT
+                . ' seconds (a week), not ' . var_export($seconds, true)
+            );
+        }
+        return $seconds;
     }
 
     public function __destruct()
@@ -73,9 +100,11 @@ final class Connection
      *
      * @throws ServiceDownException the service cannot be reached or the stream broke
      * @throws TimeoutException     no reply within $timeout (default: the constructor's)
+     * @throws InvalidArgumentException $timeout is not one (checkTimeout()): nothing is sent
      */
     public function request(string $payload, ?float $timeout = null): Reply
     {
+        $timeout = $timeout === null ? $this->timeout : self::checkTimeout($timeout);
         return $this->exchange(pack('N', strlen($payload)) . $payload, 1, $timeout)[0];
     }
 
@@ -87,9 +116,12 @@ final class Connection
      * @param list<string> $payloads
      *
      * @return list<Reply> in the order of $payloads
+     *
+     * @throws InvalidArgumentException $timeout is not one (checkTimeout()): nothing is sent
      */
     public function requests(array $payloads, ?float $timeout = null): array
     {
+        $timeout = $timeout === null ? $this->timeout : self::checkTimeout($timeout);
         $replies = [];
         foreach (array_chunk($payloads, self::WINDOW) as $chunk) {
             $frames = '';
@@ -117,9 +149,8 @@ final class Connection
      *
      * @return list<Reply>
      */
-    private function exchange(string $frames, int $count, ?float $timeout): array
+    private function exchange(string $frames, int $count, float $timeout): array
     {
-        $timeout ??= $this->timeout;
         for ($attempt = 1; ; $attempt++) {
             [$stream, $reused] = $this->open(min($timeout, $this->timeout));
             $complete = false;
