@@ -27,8 +27,11 @@ import contextvars
 import itertools
 from asyncio.tasks import _enter_task, _leave_task, current_task  # (the eager task factory's)
 from collections.abc import Callable, Coroutine, Generator
-from types import CoroutineType
+from types import CoroutineType, FunctionType
 from typing import Any
+
+if type(current_task) is FunctionType:  # Python 3.11's, a Python function around this dict
+    current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 Spawn = Callable[..., Any]  # (coroutine, context=...) -> a task: loop.create_task's form
 

@@ -48,6 +48,15 @@ def to_bytes(value: Any) -> bytes:
     raise TypeError(f"a reply must be str, bytes or None, not {type(value).__name__}")
 
 
+def running(loop: asyncio.AbstractEventLoop) -> bool:
+    """Called where ``loop`` runs (an ``async def`` handler), not from a ``def`` handler's
+    thread. (Asked when needed, not remembered in every request: few ask.)"""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # no loop runs in this thread
+        return False
+
+
 def reply_bytes(module: str, value: Any) -> bytes:
     """A handler's return value as its reply's body, in every execution mode: a value of
     the wrong type is the module's error (500), named as such."""
@@ -199,12 +208,7 @@ class Request:
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     jobs: JobAdder | None = field(default=None, repr=False)  # add_job's queue
     job: JobContext | None = None
-    _loop_thread: int = field(default=0, init=False, repr=False)
     _text: str | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        # Requests are made on the loop's thread: write() and add_job() compare against it.
-        self._loop_thread = threading.get_ident()
 
     @property
     def transport(self) -> str:
@@ -239,7 +243,7 @@ class Request:
         data = to_bytes(chunk)
         if not data:
             return
-        if self.loop is None or threading.get_ident() == self._loop_thread:
+        if self.loop is None or running(self.loop):
             self.sink(data)
         else:
             self.loop.call_soon_threadsafe(self.sink, data)
@@ -250,7 +254,7 @@ class Request:
         Options are those of ``queue:add`` (priority, delay, at, retries, backoff, timeout,
         unique, after). From an ``async def`` handler use ``await add_job_async(...)``.
         """
-        if self.loop is None or threading.get_ident() == self._loop_thread:
+        if self.loop is None or running(self.loop):
             raise RuntimeError("on the event loop use: await request.add_job_async(...)")
         future = asyncio.run_coroutine_threadsafe(
             self.add_job_async(module, data, **options), self.loop
