@@ -134,9 +134,12 @@ def test_schedules_at_run_time(make_service):
         (b"queue:schedule?name=x&every=5&colour=red:echo:x", b"unknown key 'colour'"),
         (b"queue:schedule?name=..&every=5:echo:x", b"name must be"),
         (b"queue:schedule?name=x&every=5&missed=all:echo:x", b"missed must be one of"),
+        # Refused as queue:add refuses its job (taken, each slot was logged and lost).
+        (b"queue:schedule?name=x&every=5:ehco:x", b"Unknown request"),
     ]:
         reply = svc.call(bad)
         assert reply.startswith(b"400: ") and why in reply, (bad, reply)
+    assert "x" not in [s["name"] for s in schedules(svc)]
 
 
 @BOTH
@@ -468,10 +471,15 @@ def make_schedules(config: str) -> list:
 def test_a_run_a_module_can_never_take_is_refused_once_per_slot_not_retried(make_service):
     # A schedule of a module without a TCP handler (501) was retried every second as if
     # the queue were full (503): up to 9 warnings a second, for ever.
+    # (Such a schedule is refused when made: the module loses its handler after.)
     svc = make_service("")
-    (svc.modules / "udponly.py").write_text("def handle_udp(request):\n    pass\n")
+    module = svc.modules / "udponly.py"
+    module.write_text("def handle_tcp(request):\n    pass\n")
     wait_until(lambda: b"udponly" in svc.call(b"service:modules"))
-    svc.call(b"queue:schedule?name=never&every=1:udponly:x")
+    assert svc.call(b"queue:schedule?name=never&every=1:udponly:x").startswith(b"{")
+    module.write_text("def handle_udp(request):\n    pass\n")
+    wait_until(lambda: svc.call(b"queue:add:udponly:x").startswith(b"501:"))
+    assert svc.call(b"queue:schedule?name=again&every=1:udponly:x").startswith(b"501:")
     wait_until(lambda: "schedule never: the run of" in svc.log(), timeout=10)
     time.sleep(2.5)
     log = svc.log()

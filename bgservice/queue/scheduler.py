@@ -61,6 +61,10 @@ class Schedules(Protocol):
 
     async def remove_schedule(self, name: str) -> bool: ...
 
+    def check_schedule(self, schedule: Schedule) -> None:
+        """Raise the error a job of ``schedule`` would get if added now."""
+        ...
+
     async def fire(self, schedule: Schedule, slot: float | None) -> int | None:
         """Add the slot's job and mark the slot fired, atomically; None when it had been
         fired already (by another instance). ``slot`` None: a run now."""
@@ -170,6 +174,7 @@ class Scheduler:
             raise Conflict(
                 f"schedule {schedule.name} is defined in service.config: change it there"
             )
+        self.store.check_schedule(schedule)
         new = old is None and schedule.name not in self._adding
         if new:
             if len(self.schedules.keys() | self._adding) >= self.max_schedules:
