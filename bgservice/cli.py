@@ -53,18 +53,23 @@ class _ServeByDefault(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         asks_help = bool(args) and args[0] in ctx.help_option_names
-        if not asks_help and not self._names_a_command(args):
+        word = self._first_word(args)
+        if word is not None and word not in self.commands and not word.startswith("-"):
+            # serve takes no arguments: a word here is a mistyped command (it was "serve:
+            # unexpected extra argument").
+            ctx.fail(f"No such command {word!r} (commands: {', '.join(self.commands)}).")
+        if not asks_help and word not in self.commands:
             args = ["serve", *args]
         return super().parse_args(ctx, args)
 
-    def _names_a_command(self, args: list[str]) -> bool:
-        """Whether the first word after the group's own options (-a X, --timeout=X) is a
-        command: only then are they the group's, not serve's."""
+    def _first_word(self, args: list[str]) -> str | None:
+        """The first word after the group's own options (-a X, --timeout=X): a command
+        name, or serve's first option; only before a command are they the group's."""
         valued = {o for p in self.params if isinstance(p, click.Option) for o in p.opts}
         i = 0
         while i < len(args) and args[i].partition("=")[0] in valued:
             i += 1 if "=" in args[i] else 2
-        return i < len(args) and args[i] in self.commands
+        return args[i] if i < len(args) else None
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_help(ctx, formatter)

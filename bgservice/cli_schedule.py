@@ -52,6 +52,8 @@ def schedule_add(
     **options: Any,
 ) -> None:  # fmt: skip
     """Add (or replace) schedule NAME: a job of MODULE with DATA, by --cron or --every."""
+    if (options["cron"] is None) == (options["every"] is None):  # a usage error, exit 2
+        raise click.UsageError("give either --cron or --every")  # (not the service's 400)
     with _talking() as client:
         made = client.schedule(name, module, _data(data), timeout=job_timeout, **options)
     _show([made], as_json, schedules_lines, time.time())

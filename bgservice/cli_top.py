@@ -106,10 +106,10 @@ def follow(client: Client, job: int, deadline: float) -> None:
     """A live progress bar from queue:status until the job has finished or ``deadline``
     (polled four times a second: a display, not a wait; the result itself comes from
     queue:get)."""
+    status = client.status(job)  # first: a service down or a job unknown is said alone
     with click.progressbar(length=1000, label=f"job {job}", file=sys.stderr) as bar:
         shown = 0
         while time.monotonic() < deadline:
-            status = client.status(job)
             progress = status.get("progress") or {}
             if progress.get("total"):
                 done = int(1000 * min(progress["done"] / progress["total"], 1.0))
@@ -120,3 +120,4 @@ def follow(client: Client, job: int, deadline: float) -> None:
                 bar.update(1000 - shown)
                 return
             time.sleep(0.25)
+            status = client.status(job)

@@ -408,3 +408,27 @@ def test_a_timeout_past_a_week_is_a_usage_error(service):
         assert usage.returncode == 2 and b"Traceback" not in usage.stderr, (args, usage)
         assert b"'-t' / '--timeout'" in usage.stderr and b"604800" in usage.stderr, usage.stderr
     assert bg(service, "-t", "604800", "call", "test", "x").stdout == b"Test"
+
+
+def test_a_mistyped_command_is_named_as_such(tmp_path):
+    # It was taken as serve's: "Usage: bgservice serve ... unexpected extra argument".
+    reply = bg(None, "qeueu", "list")
+    assert reply.returncode == 2, reply
+    assert b"No such command 'qeueu' (commands: serve, call," in reply.stderr, reply.stderr
+    assert b"bgservice serve" not in reply.stderr
+
+
+def test_queue_get_with_progress_from_a_service_down_says_only_that(tmp_path):
+    # The progress bar's "job 7" came first, then the service's absence.
+    reply = bg(None, "queue", "get", "7", "--progress")
+    assert reply.returncode == 3, reply
+    assert reply.stderr.startswith(b"bgservice: ") and b"job 7" not in reply.stderr, reply.stderr
+
+
+def test_a_schedule_without_cron_or_every_is_a_usage_error(service):
+    # It went to the service, whose 400 made exit 1: the usage line makes one required.
+    for extra in ((), ("--cron", "0 3 * * *", "--every", "60")):
+        reply = bg(service, "schedule", "add", "s2", "echo", "x", *extra)
+        assert reply.returncode == 2, reply
+        assert b"give either --cron or --every" in reply.stderr
+    assert b"s2" not in bg(service, "schedule", "list").stdout
