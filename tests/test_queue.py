@@ -257,6 +257,16 @@ def test_failing_job_is_retried_with_backoff_then_succeeds(modules_dir, make_ser
     assert stats["window"]["outcomes"] == {"retry": 2, "done": 1}
 
 
+def test_a_job_waiting_out_its_backoff_shows_no_duration(modules_dir, service):
+    # It showed now - its last start, growing while it waited (2.9 s, and on).
+    write_module(modules_dir, "broken", "def handle_tcp(r):\n    raise RuntimeError('no')\n")
+    wait_until(lambda: service.call(b"broken:x").startswith(b"500:"))
+    jid = add(service, b"queue:add?retries=1&backoff=60:broken:x")
+    info = wait_until(lambda: (s := status(service, jid))["attempts"] == 1 and s)
+    info = wait_until(lambda: (s := status(service, jid))["state"] == "waiting" and s)
+    assert info["started"] is not None and info["duration"] is None, info
+
+
 def test_job_that_times_out_is_retried_then_fails(modules_dir, make_service):
     write_module(
         modules_dir,

@@ -209,8 +209,8 @@ class Job:
         self, now: float, position: int | None = None, throttled: float | None = None
     ) -> dict[str, Any]:
         """The ``queue:status`` JSON."""
-        duration = None
-        if self.started is not None:
+        duration = None  # (waiting, for a retry too: the last start is no run's)
+        if self.started is not None and self.state is not JobState.WAITING:
             duration = round((self.finished or now) - self.started, 6)
         progress = None
         if self.progress is not None:
