@@ -36,10 +36,10 @@ from __future__ import annotations
 
 from bgservice.queue.redis_lua import COMMON
 
-# ARGV: P, now, max_waiting, unique, after ("1,2,3" or ''), the adding instance's claim
-# (lease deadline, claim token, limits, rates, as CLAIM takes them; four '' when it has no free
-# worker), then the new job's fields. (FIRE: the same, then a schedule's name and the slot
-# the job is the run of.) Returns {id, 'new'} or, with a claim, {id, 'new', what CLAIM
+# ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
+# adding instance's claim (lease deadline, claim token, limits, rates, as CLAIM takes them;
+# four '' when it has no free worker), then the new job's fields. (FIRE: the same, then a
+# schedule's name and slot.) Returns {id, 'new'} or, with a claim, {id, 'new', what CLAIM
 # returns}: an instance with a free worker takes the best ready job (most often the one it
 # adds) in the same round trip, and wakes the others only if ready jobs are left.
 ADD_BODY = r"""
@@ -48,9 +48,8 @@ if unique ~= '' then
   local existing = redis.call('HGET', P .. ':unique', unique)
   if existing then return {tonumber(existing), 'existing'} end
 end
--- (jobs waiting or running, as the embedded engine counts them)
-if redis.call('ZCARD', P .. ':state:waiting') + redis.call('ZCARD', P .. ':state:running')
-    >= tonumber(ARGV[3]) then
+local held = redis.call('ZCARD', P .. ':state:waiting') + redis.call('ZCARD', P .. ':state:running')
+if held >= tonumber(ARGV[3]) then
   return {-503, 'Queue full (' .. ARGV[3] .. ' jobs)'}
 end
 local blockers = {}
@@ -369,8 +368,7 @@ return #gone
 """
 )
 
-# ARGV: P, now, id. Forget a finished job (its run records stay, for the history).
-# Returns {0, ''}, or {404 | 409, message}.
+# ARGV: P, now, id. Forget a finished job (its runs stay). Returns {0, ''}, or {404 | 409, message}.
 DELETE = (
     COMMON
     + r"""
