@@ -93,9 +93,12 @@ class Commands:
         for entry in self.registry:
             if entry.version is not None and entry.version.stats is not None:
                 try:
-                    out[entry.name] = entry.version.stats()
-                except Exception as exc:
-                    out[entry.name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    value = entry.version.stats()
+                    json.dumps(value)  # a set, an object: it failed every module's stats
+                # (sys.exit() in it too: the module's error, not the service's end)
+                except BaseException as exc:
+                    value = {"error": f"{type(exc).__name__}: {exc}"}
+                out[entry.name] = value
         return out
 
     def modules(self) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from bgservice.process_messages import describe
 from bgservice.registry import Handler, ModuleVersion, Registry
 from bgservice.request import Request
 from bgservice.stats import Stats
-from bgservice.threads import CallThreads, ThreadsExhausted
+from bgservice.threads import CallThreads, Escaped, ThreadsExhausted
 
 log = logging.getLogger(__name__)
 Loop = asyncio.AbstractEventLoop
@@ -131,8 +131,8 @@ class Execution:
             raise
         except asyncio.CancelledError as exc:
             raise self._cancelled(name, request, exc) from exc
-        except Exception as exc:
-            raise self._raised(name, request, exc) from exc
+        except BaseException as exc:  # SystemExit too: the module's error, not the service's end
+            raise self._raised(name, request, _handlers(exc)) from exc
 
     def start(
         self, version: ModuleVersion, handler: Handler, request: Request
@@ -155,7 +155,7 @@ class Execution:
             return True, done.value
         except ServiceError:
             raise
-        except (Exception, asyncio.CancelledError) as exc:  # (no cancellation is ours yet)
+        except BaseException as exc:  # (no cancellation is ours yet; SystemExit: see run)
             raise self._raised(version.name, request, exc) from exc
         return False, self._rest(version, request, coro, first)
 
@@ -176,8 +176,8 @@ class Execution:
             raise
         except asyncio.CancelledError as exc:
             raise self._cancelled(name, request, exc) from exc
-        except Exception as exc:
-            raise self._raised(name, request, exc) from exc
+        except BaseException as exc:  # (as in run)
+            raise self._raised(name, request, _handlers(exc)) from exc
         finally:
             version.release()
             self.stats.in_flight[name] -= 1
@@ -298,6 +298,16 @@ class Execution:
         """A module failed a direct call (a queued job alerts once it has failed for good)."""
         if request.origin.alerted:
             self.events.emit(CALL_FAILED, title=message, detail=detail, module=request.module)
+
+
+def _handlers(exc: BaseException) -> BaseException:
+    """What a handler raised, for its ``500: Module M raised ...``: ``SystemExit``,
+    ``KeyboardInterrupt`` and their kin too (let out of a call's task they stopped the
+    service, and a queued job doing it stopped it again at every start), carried out of a
+    thread as ``Escaped``. Not ``GeneratorExit``: the call's coroutine being closed."""
+    if isinstance(exc, GeneratorExit):
+        raise exc
+    return exc.error if isinstance(exc, Escaped) else exc
 
 
 def describe_execution(version: ModuleVersion) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import io
 import logging
 import os
@@ -165,7 +166,7 @@ class Worker:
             if handler is None:
                 raise ModuleLoadError(f"no {request.origin.handler} handler")
             result = handler.fn(request)
-            if asyncio.iscoroutine(result):
+            if inspect.iscoroutine(result):  # (asyncio's takes generators too, on 3.11)
                 result = self.loop.run_until_complete(result)
             self.send(msg.Returned(cid, reply_bytes(call.module, result)))
         except ServiceError as exc:
@@ -236,9 +237,11 @@ def forget_helpers() -> None:
 
 def main() -> None:
     _die_with(int(sys.argv[2]))
-    # Ctrl-C in a terminal signals the whole process group; the service decides when
-    # workers stop, so they ignore it.
+    # Ctrl-C in a terminal signals the whole process group, and systemd's default stop
+    # (KillMode=control-group) sends SIGTERM to every process of the unit: the service
+    # decides when workers stop (it lets calls in flight finish), so they ignore both.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # print() in a module lands on stderr, not in the protocol,
     # a line at a time: block-buffered, it waited for the worker's exit (a kill lost it)

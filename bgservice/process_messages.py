@@ -184,7 +184,7 @@ def describe(exc: BaseException) -> str:
         text = str(exc)
     except Exception:  # as the traceback module puts it
         text = "<exception str() failed>"
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__  # (no "X: ")
 
 
 def death(name: str, code: int) -> str:

@@ -31,6 +31,18 @@ class ThreadsExhausted(Exception):
     """Every thread the pool may have is stuck in a call given up on."""
 
 
+class Escaped(Exception):
+    """What a call let out that its awaiter must not get as it is, as an ordinary error:
+    ``StopIteration`` (an asyncio future refuses it: the awaiter never heard, and the
+    loop stopped) and what is no ``Exception`` (``SystemExit`` from a module's
+    ``sys.exit()``: raised out of the awaiting task, it stopped the service). ``error``
+    is what it raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 @dataclass(eq=False)
 class _Call:
     future: Future[Any]
@@ -46,7 +58,8 @@ class _Call:
         try:
             result = self.fn(*self.args, **self.kwargs)
         except BaseException as exc:
-            self.future.set_exception(exc)
+            ordinary = isinstance(exc, Exception) and not isinstance(exc, StopIteration)
+            self.future.set_exception(exc if ordinary else Escaped(exc))
         else:
             self.future.set_result(result)
 
@@ -164,9 +177,11 @@ class CallThreads(Executor):
                 del self._running[call.future]
                 if call.abandoned:
                     self._stuck -= 1
+                    # (a handler runs through Context.run: its own name is the first argument's)
+                    ran = call.args[0] if call.args and callable(call.args[0]) else call.fn
                     log.warning(
                         "a handler thread stuck in %s returned after all (%d still stuck)",
-                        getattr(call.fn, "__module__", "?"),
+                        getattr(ran, "__module__", None) or "?",
                         self._stuck,
                     )
                 if self._closed or len(self._threads) - self._stuck > self.size:

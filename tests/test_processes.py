@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -329,3 +332,32 @@ def test_a_process_modules_log_lines_reach_the_service_log(modules_dir, make_ser
     svc.wait_for_log("working on abc")
     line = next(li for li in svc.log().splitlines() if "careful with abc" in li)
     assert "WARNING" in line and "chatty" in line and "[worker " in line
+
+
+def test_a_worker_outlasts_a_sigterm_to_every_process_and_generators_are_bad_replies(
+    modules_dir, make_service, tmp_path
+):
+    # systemd's default stop sends SIGTERM to every process of the unit: the worker died
+    # with its call ("Worker process ... died (signal SIGTERM)"), and a queued job failed.
+    # The service decides when workers stop; they ignore it.
+    write_module(modules_dir, "pt", f"""
+        import os
+        import time
+        from pathlib import Path
+        EXECUTION = "process"
+        def handle_tcp(request):
+            if request.text == "gen":
+                return (part for part in "ab")
+            Path({str(tmp_path / 'pid')!r}).write_text(str(os.getpid()))
+            time.sleep(1.5)
+            return "slept"
+    """)  # fmt: skip
+    svc = make_service()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(svc.call, b"pt:x")
+        marker = tmp_path / "pid"
+        pid = int(wait_until(lambda: marker.exists() and marker.read_text()))
+        os.kill(pid, signal.SIGTERM)
+        assert call.result(timeout=30) == b"slept"
+    # (asyncio.iscoroutine takes a generator on 3.11: its yields went to the worker's loop)
+    assert svc.call(b"pt:gen").startswith(b"500: Module pt returned a bad reply:"), svc.log()

@@ -1,0 +1,106 @@
+"""Where a handler runs and how its failures end (bgservice/execution.py, threads.py): what
+a module lets out is its call's error, never the service's end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import wait_until, write_module
+
+# What modules let out that is no Exception (or that no asyncio future takes): each one
+# stopped the service (exit 1, 3 or 70), and a queued job doing it stopped it at every start.
+ESCAPES = """
+import sys
+
+class Abort(BaseException):
+    pass
+
+def _escape(how):
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        raise KeyboardInterrupt
+    if how == "base":
+        raise Abort("given up")
+    if how == "stop":
+        next(iter(()))  # StopIteration
+    return "fine"
+"""
+IN_THREAD = ESCAPES + "\ndef handle_tcp(request):\n    return _escape(request.text)\n"
+ON_LOOP = (
+    ESCAPES
+    + """
+import asyncio
+
+async def handle_tcp(request):
+    if request.text.startswith("later "):
+        await asyncio.sleep(0.01)
+        return _escape(request.text[6:])
+    return _escape(request.text)
+
+def handle_udp(request):
+    _escape(request.text)
+"""
+)
+RAISED = {
+    "exit": b"500: Module {m} raised SystemExit: 3",
+    "interrupt": b"500: Module {m} raised KeyboardInterrupt",
+    "base": b"500: Module {m} raised Abort: given up",
+}
+
+
+@pytest.mark.parametrize("module", ["inthread", "onloop"])
+def test_what_a_handler_lets_out_is_its_500_not_the_services_end(modules_dir, make_service, module):
+    write_module(modules_dir, "inthread", IN_THREAD)
+    write_module(modules_dir, "onloop", ON_LOOP)
+    svc = make_service()
+    later = ["later exit", "later base"] if module == "onloop" else []  # (after an await)
+    hows = ["exit", "interrupt", "base", *later]
+    for how in hows:
+        reply = svc.call(f"{module}:{how}".encode())
+        expected = RAISED[how.removeprefix("later ")].replace(b"{m}", module.encode())
+        assert reply == expected, (how, reply)
+    if module == "inthread":  # a def handler's StopIteration: no asyncio future takes it
+        assert svc.call(b"inthread:stop") == b"500: Module inthread raised StopIteration"
+    else:
+        for how in ("exit", "base"):
+            svc.send_udp(f"onloop:{how}".encode())
+        wait_until(lambda: svc.log().count("request from") >= 2)
+    assert svc.call(b"service:ping") == b"pong" and svc.proc.poll() is None
+    assert svc.call(f"{module}:ok".encode()) == b"fine"
+
+
+def test_a_queued_job_that_calls_sys_exit_fails_and_the_service_goes_on(modules_dir, make_service):
+    write_module(modules_dir, "inthread", IN_THREAD)
+    svc = make_service()
+    jid = svc.call(b"queue:add:inthread:exit")
+    assert svc.call(b"queue:get:" + jid) == b"500: Module inthread raised SystemExit: 3"
+    assert json.loads(svc.call(b"queue:status:" + jid))["state"] == "failed"
+    assert svc.call(b"service:ping") == b"pong"
+
+
+STATS = """
+import sys
+
+def stats():
+    return {"seen": {1, 2}} if MODE == "set" else sys.exit(1)
+
+MODE = "{mode}"
+
+async def handle_tcp(request):
+    return "x"
+"""
+
+
+def test_a_modules_stats_that_json_cannot_hold_spoils_only_its_own_entry(modules_dir, make_service):
+    # A set failed service:stats for everyone (500: Internal error: TypeError); a stats()
+    # calling sys.exit() stopped the service.
+    write_module(modules_dir, "sets", STATS.replace("{mode}", "set"))
+    write_module(modules_dir, "exits", STATS.replace("{mode}", "exit"))
+    svc = make_service()
+    stats = svc.stats()["module_stats"]
+    assert stats["sets"]["error"].startswith("TypeError: Object of type set")
+    assert stats["exits"] == {"error": "SystemExit: 1"}
+    assert svc.call(b"service:ping") == b"pong"
