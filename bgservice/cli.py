@@ -24,8 +24,9 @@ DEFAULT_CONFIG = "service.config"
 
 
 def _config_path(given: Path | None) -> Path | None:
-    """The config file read: -c's, else ./service.config if there is one."""
-    if given is None and Path(DEFAULT_CONFIG).is_file():
+    """The config file read: -c's, else ./service.config if there is one (a folder, a FIFO
+    or a dangling link of that name is refused as with -c, not passed over unsaid)."""
+    if given is None and os.path.lexists(DEFAULT_CONFIG):
         return Path(DEFAULT_CONFIG)
     return given
 

@@ -189,10 +189,15 @@ def _octal(literal: str) -> bool:
     return literal.startswith("0o")
 
 
-def _listener(reader: Reader, raw: Any, index: int) -> Listener:
+def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
     where = f"[[listen]] #{index + 1} "
     values = reader.table(raw, LISTENER_CHECKS, where, "listen", index)
     values.setdefault("name", f"listener{index + 1}")
+    for key in ("unix", "unix_dgram"):  # from the file's folder, as every path here
+        if key in values:
+            values[key] = str(base / values[key])
+    if values.get("unix") is not None and values.get("unix") == values.get("unix_dgram"):
+        raise reader.fail(where, "unix_dgram", "must be another path than unix", "listen", index)
     if isinstance(raw.get("mode"), int) and not _octal(reader.literal("mode", "listen", index)):
         problem = f"must be {MODE_FORMS}, got {raw['mode']!r}"
         raise reader.fail(where, "mode", problem, "listen", index)
@@ -210,12 +215,31 @@ def _listener(reader: Reader, raw: Any, index: int) -> Listener:
     return Listener(**values)
 
 
+def _distinct(reader: Reader, listeners: tuple[Listener, ...]) -> None:
+    """No two listeners on one port of one host, or on one socket path: the second was
+    refused at the start as "address already in use - is another service running?",
+    exit 1, which a service manager restarts for ever."""
+    seen: dict[Any, int] = {}
+    for index, listener in enumerate(listeners):
+        places = [("port", (listener.host, listener.port))] if listener.port else []
+        places += [(key, path) for key in ("unix", "unix_dgram")
+                   if (path := getattr(listener, key)) is not None]  # fmt: skip
+        for key, place in places:
+            first = seen.setdefault(place, index)
+            if first != index:
+                problem = f"the same {key} as [[listen]] #{first + 1}"
+                raise reader.fail(f"[[listen]] #{index + 1} ", key, problem, "listen", index)
+
+
 def _from_legacy_json(reader: Reader, data: list[Any]) -> Settings:
     """The original's format: ``[{"server": "alpha", "address": "0.0.0.0", "port": 12341}]``."""
     listeners = []
     for i, item in enumerate(data):
         if not isinstance(item, dict) or "port" not in item:
             raise reader.fail(f"listener #{i + 1} ", "port", "each entry needs a port")
+        if unknown := sorted(set(item) - {"server", "address", "port"}):  # ("adress")
+            problem = "unknown key (the original's keys: server, address, port)"
+            raise reader.fail(f"listener #{i + 1} ", unknown[0], problem)
         try:
             listeners.append(
                 Listener(
@@ -280,8 +304,9 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
     }
     if raw_listeners:
         changes["listeners"] = tuple(
-            _listener(reader, raw, i) for i, raw in enumerate(raw_listeners)
+            _listener(reader, raw, i, base) for i, raw in enumerate(raw_listeners)
         )
+        _distinct(reader, changes["listeners"])
     if "allow" in top:
         changes["allow"] = top["allow"]
     changes["schedules"] = _schedules(reader, data.get("schedule", []))

@@ -106,8 +106,8 @@ def _at_most(high: float) -> Check:
 
 
 def check_string(v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise ValueError("must be a non-empty string")
+    if not isinstance(v, str) or not v.strip() or "\0" in v:  # (" ": no host; NUL: no path)
+        raise ValueError("must be a non-empty string, without NUL characters")
     return v
 
 
@@ -338,13 +338,13 @@ def read_config(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode := os.fstat(fd).st_mode):  # (before fdopen: it refuses a folder)
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ConfigError(f"{path}: is {kind}, not a config file (a regular file)")
     with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-            raise ConfigError(f"{path}: is {kind}, not a config file (a regular file)")
         try:
-            return file.read().decode("utf-8")
+            return file.read().decode("utf-8-sig")  # (a BOM, as Windows editors save)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except UnicodeDecodeError:

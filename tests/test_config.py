@@ -618,3 +618,38 @@ def test_http_without_its_extra_says_how_to_install_it(tmp_path):
     assert "[http] enabled (line 2)" in result.stdout + result.stderr
     assert expected in result.stdout + result.stderr
     assert "listener" not in result.stdout + result.stderr
+
+
+def test_what_an_operator_review_found_is_refused_or_read_as_meant(tmp_path):
+    """A blank host listened nowhere (exit 1, "Name or service not known"); a NUL in a
+    path was a ValueError traceback; two listeners on one port were refused at the start
+    as another service's (exit 1, which a service manager restarts for ever); unix and
+    unix_dgram on one path deleted each other; relative socket paths were the working
+    directory's; a JSON entry's misspelt key was ignored; a BOM was "Invalid statement"."""
+    assert "host" in config_error(tmp_path, '[[listen]]\nhost = " "\nport = 1\n')
+    assert "NUL" in config_error(tmp_path, '[log]\nfile = "a\\u0000b.log"\n')
+    twice = '[[listen]]\nport = 7001\n[[listen]]\nname = "b"\nport = 7001\n'
+    assert "[[listen]] #2 port (line 5): the same port as [[listen]] #1" in config_error(
+        tmp_path, twice
+    )
+    same = '[[listen]]\nunix = "bg.sock"\nunix_dgram = "bg.sock"\n'
+    assert "unix_dgram" in config_error(tmp_path, same)
+    other = '[[listen]]\nunix = "bg.sock"\n[[listen]]\nunix_dgram = "bg.sock"\n'
+    assert "the same unix_dgram as [[listen]] #1" in config_error(tmp_path, other)
+    settings = load_text(tmp_path, '[[listen]]\nunix = "run/bg.sock"\n')
+    assert settings.listeners[0].unix == str(tmp_path.resolve() / "run" / "bg.sock")
+    assert "adress" in config_error(tmp_path, '[{"server": "a", "adress": "::1", "port": 1}]')
+    bom = load_text(tmp_path, '\ufeff[limits]\nthreads = 4\n')
+    assert bom.limits.threads == 4
+
+
+def test_a_service_config_here_that_is_no_file_is_refused_not_passed_over(tmp_path):
+    # With no -c, a folder (or FIFO, or dangling link) named service.config was skipped:
+    # the service ran on the built-in defaults and said nothing.
+    (tmp_path / "service.config").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "service.py")],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert "service.config: is a folder, not a config file" in result.stderr, result.stderr
