@@ -86,7 +86,11 @@ def _sources(module: types.ModuleType, key: str, example: str) -> frozenset[str]
     raw = getattr(module, key, None)
     if raw is None:
         return None
-    if isinstance(raw, str) or not all(isinstance(s, str) and s for s in raw):
+    # A set, list or tuple of names, not empty (it admitted no one: "call only from  "); a
+    # number was a TypeError, a generator was used up by this check.
+    if not isinstance(raw, set | frozenset | list | tuple) or not raw or not all(
+        isinstance(s, str) and s for s in raw
+    ):
         raise ModuleLoadError(f"{key} must be a set of sources, e.g. {example}")
     return frozenset(raw)
 

@@ -72,8 +72,12 @@ def test_a_refused_datagram_is_logged(make_service, modules_dir):
     svc.wait_for_log("403 module tcp_only: call only from tcp (source udp:127.0.0.1:")
 
 
-def test_a_malformed_rule_fails_the_load(make_service, modules_dir):
-    write_module(modules_dir, "bad", 'CALL_FROM = "unix"\ndef handle_tcp(request):\n    return 1\n')
+@pytest.mark.parametrize("rule", ['"unix"', "5", "set()", '(s for s in ["unix"])'])
+def test_a_malformed_rule_fails_the_load(make_service, modules_dir, rule):
+    # A number failed with "TypeError: 'int' object is not iterable"; an empty set and a
+    # generator (used up by the check) loaded, and refused every caller.
+    module = f"CALL_FROM = {rule}\ndef handle_tcp(request):\n    return 1\n"
+    write_module(modules_dir, "bad", module)
     svc = make_service()
     reply = svc.call(b"bad:x")
-    assert reply.startswith(b"502") and b"CALL_FROM must be a set of sources" in reply
+    assert reply.startswith(b"502") and b"CALL_FROM must be a set of sources" in reply, reply
