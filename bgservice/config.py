@@ -31,12 +31,11 @@ from bgservice.config_checks import (
     TOP_CHECKS,
     WORKER_CHECKS,
     Network,
-    Reader,
     check_port,
     check_string,
     check_token_env,
-    read_config,
 )
+from bgservice.config_file import Reader, read_config
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
 from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule

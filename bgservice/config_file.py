@@ -1,0 +1,86 @@
+"""Reading ``service.config``: its text (a regular file, UTF-8), and ``Reader``, which
+validates the parsed tables with the checks of bgservice.config_checks and names the key
+and its line in every error."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from bgservice.config_checks import Check, shown
+from bgservice.errors import ConfigError
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+
+
+def read_config(path: Path) -> str:
+    """The file's text. Opened without blocking and refused unless a regular file: a FIFO
+    once hung the start with no word, waiting for a writer; a device may never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode := os.fstat(fd).st_mode):  # (before fdopen: it refuses a folder)
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ConfigError(f"{path}: is {kind}, not a config file (a regular file)")
+    with os.fdopen(fd, "rb") as file:
+        try:
+            return file.read().decode("utf-8-sig")  # (a BOM, as Windows editors save)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+class Reader:
+    """Validates one parsed file, naming the key and its line in every error."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.text = path, text
+
+    def fail(self, where: str, key: str, problem: str, table: str = "",
+             index: int = 0) -> ConfigError:  # fmt: skip
+        line = self.line_of(key, table, index)
+        at = f" (line {line})" if line else ""
+        return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
+
+    def line_of(self, key: str, table: str, index: int) -> int | None:
+        """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""
+        key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
+        header_re = re.compile(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?")
+        current, seen = "", {"": 0}
+        for number, line in enumerate(self.text.splitlines(), 1):
+            header = header_re.match(line)
+            if header:
+                current = header.group(1)
+                seen[current] = seen.get(current, -1) + 1
+            elif current == table and seen[current] == index and key_re.match(line):
+                return number
+        return None
+
+    def literal(self, key: str, table: str, index: int) -> str:
+        """How ``key`` is spelled in the file (its text after ``=``), or "" if not found."""
+        line = self.line_of(key, table, index)
+        if line is None:
+            return ""
+        return self.text.splitlines()[line - 1].partition("=")[2].strip()
+
+    def table(self, data: Any, checks: dict[str, Check], where: str, table: str = "",
+              index: int = 0) -> dict[str, Any]:  # fmt: skip
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
+        out = {}
+        for key, value in data.items():
+            if key not in checks:
+                known = ", ".join(sorted(checks))
+                raise self.fail(where, key, f"unknown key (known keys: {known})", table, index)
+            try:
+                out[key] = checks[key](value)
+            except ValueError as exc:
+                raise self.fail(where, key, f"{exc}{shown(key, value)}", table, index) from None
+        return out
