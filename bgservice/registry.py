@@ -19,7 +19,6 @@ import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import inspect
 import logging
 import re
 import sys
@@ -43,6 +42,7 @@ from bgservice.declarations import (
 from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
 from bgservice.porting import original_hooks_problem
 from bgservice.threads import CallThreads, ThreadsExhausted
+from bgservice.unloading import run_unload
 
 log = logging.getLogger(__name__)
 Module = types.ModuleType
@@ -50,6 +50,10 @@ Module = types.ModuleType
 PACKAGE = "bgservice_modules"
 _MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
 _HELPER_FILE = re.compile(r"(_[A-Za-z0-9_-]*)\.py")
+# Replacements for loader threads stuck in imports that never return. Not a setting: each
+# stuck thread is lost until it returns or the service restarts, so a higher bound would
+# only put off the restart that reclaims them (docs/modules.md, Hot reload).
+SPARE_LOADERS = 8
 
 
 def classify(filename: str) -> tuple[str, str] | None:
@@ -252,7 +256,7 @@ class Registry:
         # Imports run one at a time on a daemon thread: one that never returns is given up
         # after ``import_timeout`` and a new thread takes the next (no reload, no exit waits).
         self.import_timeout = import_timeout
-        self._loader = CallThreads(1, spare=8, name="bgservice-loader")
+        self._loader = CallThreads(1, spare=SPARE_LOADERS, name="bgservice-loader")
         self._entries: dict[str, ModuleEntry] = {}
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
@@ -311,7 +315,9 @@ class Registry:
         entry = self._entries.get(name) or ModuleEntry(name)
         loop = asyncio.get_running_loop()
         if not force and entry.version is not None and not entry.error:
-            digest = await loop.run_in_executor(self._loader, _digest, path)
+            # A tiny read, on the loop's default threads: never queued behind an import,
+            # nor refused when stuck imports hold every loader thread.
+            digest = await loop.run_in_executor(None, _digest, path)
             if digest == entry.version.digest:
                 return
         try:
@@ -356,27 +362,20 @@ class Registry:
     def _start_unload(self, version: ModuleVersion) -> None:
         if version.unload is None:
             return
-        task = asyncio.get_running_loop().create_task(self._run_unload(version))
+        # Off the loader: a hook that blocked held up every later load (unloading.py).
+        hook = run_unload(version.name, version.unload, self.import_timeout)
+        task = asyncio.get_running_loop().create_task(hook)
         self._unloads.add(task)
         task.add_done_callback(self._unloads.discard)
-
-    async def _run_unload(self, version: ModuleVersion) -> None:
-        assert version.unload is not None
-        try:
-            if inspect.iscoroutinefunction(version.unload):
-                await version.unload()
-            else:
-                # On the loader's threads, not the calls': stuck handlers can take all of
-                # those, and the hook was then skipped ("raised": ThreadsExhausted).
-                await asyncio.get_running_loop().run_in_executor(self._loader, version.unload)
-        except Exception:
-            log.exception("unload hook of module %s raised", version.name)
 
     async def _import(self, name: str, path: Path) -> ModuleVersion:
         try:
             future = self._loader.submit(import_module_file, name, path)
         except ThreadsExhausted:
-            raise ModuleLoadError("imports of earlier versions are stuck: restart") from None
+            raise ModuleLoadError(
+                f"refused: all {1 + SPARE_LOADERS} loader threads are stuck in imports still "
+                "running past [reload] import_timeout; restart the service to load again"
+            ) from None
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.import_timeout)
         except TimeoutError:

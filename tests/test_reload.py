@@ -338,3 +338,79 @@ def test_a_version_loaded_at_start_is_freed_once_replaced(modules_dir, make_serv
     path.write_text(CANARY_V2)
     wait_until(lambda: svc.call(b"canary:x") != b"v1", timeout=20)
     assert svc.call(b"canary:x") == b"freed"
+
+
+def test_once_every_loader_thread_is_stuck_a_save_is_refused_not_fatal(tmp_path, make_service):
+    # Found by a black-box test: after 9 imports that never returned (the loader's thread
+    # and its 8 spares), the next save of a loaded module raised ThreadsExhausted out of
+    # the digest check, and the service stopped (exit 70).
+    modules = tmp_path / "modules"  # no shipped modules: their imports would race 0.5 s
+    modules.mkdir()
+    ok = write_module(modules, "ok", version("v1"))
+    svc = make_service("[reload]\nimport_timeout = 0.5\n")
+    for i in range(9):  # the loader's thread and its 8 spares (docs/modules.md)
+        write_module(modules, f"hang{i}", "import threading\nthreading.Event().wait()\n")
+    wait_until(lambda: svc.log().count("import did not finish within") == 9, timeout=30)
+    ok.write_text(version("v2"))
+    svc.wait_for_log("module ok failed to load: refused: all 9 loader threads are stuck")
+    line = next(li for li in svc.log().splitlines() if "module ok failed to load" in li)
+    assert "restart the service" in line and "the last good version keeps serving" in line
+    assert svc.call(b"ok:x") == b"v1"
+    assert svc.stop() == 0
+
+
+def test_an_unload_hook_that_blocks_holds_up_no_reload(modules_dir, make_service):
+    # Found by a black-box test: a sync unload() that never returned held the loader's
+    # thread, and no module was ever (re)loaded again, without a word in the log.
+    blocking = "import time\ndef handle_tcp(request):\n    return 'v1'\ndef unload():\n"
+    path = write_module(modules_dir, "stuck", blocking + "    time.sleep(3600)\n")
+    other = write_module(modules_dir, "other", version("one"))
+    svc = make_service("[reload]\nimport_timeout = 1\n")
+    path.write_text("def handle_tcp(request):\n    return 'v2'\n")  # v1's hook starts, blocks
+    wait_until(lambda: replies(svc, b"stuck:x", b"v2"))
+    other.write_text(version("two"))
+    wait_until(lambda: replies(svc, b"other:x", b"two"))
+    write_module(modules_dir, "brandnew", version("new"))
+    wait_until(lambda: replies(svc, b"brandnew:x", b"new"))
+    svc.wait_for_log("unload hook of module stuck did not finish within 1 s")
+    assert svc.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["def", "async def"])
+def test_an_unload_hook_calling_sys_exit_is_logged_not_the_services_end(
+    modules_dir, make_service, kind
+):
+    # A black-box review: unload() calling sys.exit(0) stopped the service (exit 0).
+    exits = f"import sys\ndef handle_tcp(request):\n    return 'v1'\n{kind} unload():\n"
+    path = write_module(modules_dir, "quits", exits + "    sys.exit(0)\n")
+    svc = make_service()
+    path.write_text("def handle_tcp(request):\n    return 'v2'\n")
+    wait_until(lambda: replies(svc, b"quits:x", b"v2"))
+    svc.wait_for_log("unload hook of module quits raised")
+    assert svc.call(b"service:ping") == b"pong" and svc.proc.poll() is None
+
+
+@pytest.mark.parametrize("how", ["moved", "symlink"])
+def test_a_replaced_modules_folder_is_reported(tmp_path, make_service, how):
+    # Found by a black-box test: "mv modules.new modules" or a symlink swap (deploy tools)
+    # left the service watching the folder it started with, and nothing said so.
+    old, new = tmp_path / "release1", tmp_path / "release2"
+    for folder, tag in ((old, "v1"), (new, "v2")):
+        folder.mkdir()
+        write_module(folder, "m", version(tag))
+    modules = tmp_path / "modules"
+    if how == "moved":
+        old.rename(modules)
+    else:
+        modules.symlink_to(old)
+    svc = make_service()
+    assert svc.call(b"m:x") == b"v1"
+    if how == "moved":
+        modules.rename(tmp_path / "modules.old")
+        new.rename(modules)
+    else:
+        (tmp_path / "link").symlink_to(new)
+        os.replace(tmp_path / "link", modules)
+    svc.wait_for_log(f"modules folder {modules} was moved, deleted or replaced: reloads stopped")
+    assert "restart it to load the folder now there" in svc.log()
+    assert svc.call(b"m:x") == b"v1"  # what it had keeps serving
