@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import uvloop
 
-from bgservice import __version__, cli_client, config, logs
+from bgservice import __version__, cli_client, config, logs, readiness
 from bgservice.cli_schedule import schedule
 from bgservice.errors import ConfigError
 from bgservice.server import Service
@@ -180,6 +180,8 @@ def serve(
     named = "--log-file" if log_file else f"{_config_path(config_path)}: [log] file"
     try:
         logs.setup(settings.verbose, settings.log_file, named)
+        if ready_file is not None:  # (found at the end of the start: a traceback, listening)
+            readiness.check_ready_file(ready_file)
     except ConfigError as exc:
         click.echo(f"bgservice: configuration error: {exc}", err=True)
         sys.exit(2)

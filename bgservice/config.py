@@ -56,6 +56,7 @@ class Listener:
     unix: str | None = None
     unix_dgram: str | None = None
     mode: int = 0o660
+    group: int | None = None  # the socket files' group (its id); None: the service's own
 
 
 NO_TIMEOUT = 10 * 365 * 86400.0  # "no limit": finite, so every timer and pool takes it

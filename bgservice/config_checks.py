@@ -7,6 +7,7 @@ type ``Settings`` holds, or raises ValueError saying what it must be; ``Reader``
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import math
 import os
@@ -151,6 +152,19 @@ def check_mode(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o7777:
         raise ValueError(f"must be {MODE_FORMS}")
     return v
+
+
+def check_group(v: Any) -> int:
+    """The group a listener's Unix socket files are given (``www-data``, or a number): its
+    id, looked up now, so a typo is a configuration error rather than a failed start."""
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT_MAX:
+        return v
+    if not isinstance(v, str):
+        raise ValueError("must be a group's name (www-data) or number")
+    try:
+        return grp.getgrnam(check_string(v)).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {v!r} on this host") from None
 
 
 def _networks(v: Any) -> tuple[Network, ...]:
@@ -303,6 +317,7 @@ LISTENER_CHECKS: dict[str, Check] = {
     "unix": check_string,
     "unix_dgram": check_string,
     "mode": check_mode,
+    "group": check_group,
 }
 TOP_CHECKS: dict[str, Check] = {
     "modules": check_string,

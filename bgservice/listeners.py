@@ -157,7 +157,7 @@ class Listeners:
             server = await asyncio.get_running_loop().create_unix_server(
                 lambda: Sniffer(ctx), str(path), backlog=1024
             )
-            os.chmod(path, listener.mode)
+            _permit(path, listener)
         except OSError as exc:
             raise ListenError(f"cannot listen on unix:{path}: {_why(exc, path)}") from None
         self.servers.append(server)
@@ -171,7 +171,7 @@ class Listeners:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(str(path))
-            os.chmod(path, listener.mode)
+            _permit(path, listener)
         except OSError as exc:
             sock.close()
             raise ListenError(f"cannot listen on unix_dgram:{path}: {_why(exc, path)}") from None
@@ -202,6 +202,20 @@ class Listeners:
             )  # fmt: skip
 
 
+def _permit(path: Path, listener: Listener) -> None:
+    """The socket file's mode, and its group when one is set: a member of the file's group
+    may connect under mode 660, and the file's group is the service's own unless given
+    (a web server's group among the service's supplementary ones was not enough)."""
+    if listener.group is not None:
+        try:
+            os.chown(path, -1, listener.group)
+        except PermissionError:
+            raise PermissionError(
+                errno.EPERM, f"cannot give it group {listener.group}: the service is not a member"
+            ) from None
+    os.chmod(path, listener.mode)
+
+
 def _why(exc: OSError, path: Path) -> str:
     """Why a Unix socket could not be opened, for a person: the system's reason, or for a
     path longer than a socket address holds (Python's own refusal, no errno: "AF_UNIX
@@ -225,10 +239,16 @@ def _remove_stale_socket(path: Path, kind: socket.SocketKind) -> None:
     with socket.socket(socket.AF_UNIX, kind) as probe:
         try:
             probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-        except OSError:
+        except (ConnectionRefusedError, FileNotFoundError):  # nobody listens; or gone
             path.unlink(missing_ok=True)
             return
+        except OSError as exc:
+            # A live socket of the other type answers EPROTOTYPE: never stale. Anything
+            # else (no permission) says nothing of whether it is in use: leave it too.
+            if exc.errno != errno.EPROTOTYPE:
+                raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+            other = "datagram" if kind == socket.SOCK_STREAM else "stream"
+            raise ListenError(
+                f"cannot listen on {path}: another service is using it (as a {other} socket)"
+            ) from None
     raise ListenError(f"cannot listen on {path}: another service is using it")

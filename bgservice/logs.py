@@ -3,7 +3,8 @@
 The console log goes to standard output, as the original's did: coloured by coloredlogs
 on a terminal, plain lines otherwise (journald, pipes, files), each line as it is written
 (a module's ``print`` too). ``log_file`` adds a file written through
-``WatchedFileHandler``, so logrotate can move it away at any time.
+``WatchedFileHandler``, so logrotate can move it away at any time; a file that cannot
+be reopened (its folder removed) never breaks the code that logged.
 """
 
 from __future__ import annotations
@@ -57,11 +58,39 @@ def _file_handler(path: Path, named: str) -> logging.Handler:
             f"{named} {path}: cannot create its folder: {exc.strerror or exc}"
         ) from None
     try:
-        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        handler = _ReopenedFile(path, encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{named} {path}: cannot write to it: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter(FORMAT, DATE))
     return handler
+
+
+class _ReopenedFile(logging.handlers.WatchedFileHandler):
+    """A ``WatchedFileHandler`` whose reopen cannot raise. Python's reopens outside
+    ``handleError``, so a removed folder made every log call raise: requests answered
+    with nothing, the stop a traceback. Here the failure is reported once on stderr (the
+    console still gets every line), its lines are dropped, and each later line tries
+    again, as the folder may come back."""
+
+    failing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reopenIfNeeded()
+            if self.stream is None:  # the last reopen failed: try again
+                self.stream = self._open()
+                self._statstream()
+        except OSError as exc:
+            if not self.failing:
+                self.failing = True
+                print(f"bgservice: cannot reopen the log file {self.baseFilename}: "
+                      f"{exc.strerror or exc}; logging to it stops until it can be",
+                      file=sys.stderr)  # fmt: skip
+            return
+        if self.failing:
+            self.failing = False
+            print(f"bgservice: log file {self.baseFilename} reopened", file=sys.stderr)
+        logging.FileHandler.emit(self, record)
 
 
 class Sparse:

@@ -8,11 +8,9 @@ stops them in the reverse order within ``[limits] shutdown_grace``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -44,6 +42,7 @@ from bgservice.queue.engine import JobQueue, JobRunner
 from bgservice.queue.local import LocalQueue
 from bgservice.queue.rates import Windows
 from bgservice.queue.sqlite import SqliteStore
+from bgservice.readiness import sd_notify, write_ready_file
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
 from bgservice.run_marker import RunMarker
@@ -54,6 +53,8 @@ log = logging.getLogger(__name__)
 
 EXIT_UNEXPECTED = 70  # EX_SOFTWARE: an error outside any request, without -E
 ALERT_FLUSH = 2.0  # seconds alerts still get at a stop once the shutdown grace is spent
+# SIGHUP too: a closing terminal sends it, and there is no configuration reload to do.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def make_queue(settings: Settings, runner: JobRunner, stats: Stats, events: Events) -> JobQueue:
@@ -128,7 +129,7 @@ class Service:
         collector.tune(self.settings.limits.gc_threshold)
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._unexpected)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self.registry.load_all()
         self._log_modules()
@@ -195,7 +196,7 @@ class Service:
     def _on_signal(self, sig: signal.Signals) -> None:
         loop = asyncio.get_running_loop()
         log.info("received %s: shutting down (send it again to exit at once)", sig.name)
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in STOP_SIGNALS:
             loop.add_signal_handler(s, self._exit_now, s)
         self.stop(0)
 
@@ -335,26 +336,11 @@ class Service:
     def _announce_ready(self) -> None:
         log.info("bgservice ready (pid %d)", os.getpid())
         if self.ready_file is not None:
-            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
             ready: dict[str, Any] = {"pid": os.getpid(), "listeners": self.listeners.bound}
             if self.http_address is not None:
                 ready["http"] = self.http_address
-            tmp.write_text(json.dumps(ready))
-            tmp.replace(self.ready_file)
-        self._sd_notify(b"READY=1")
-
-    def _sd_notify(self, message: bytes) -> None:
-        """systemd's readiness protocol (Type=notify): one datagram to NOTIFY_SOCKET."""
-        if not self.notify_socket:
-            return
-        address = self.notify_socket
-        if address.startswith("@"):
-            address = "\0" + address[1:]
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(message, address)
-        except OSError as exc:
-            log.warning("could not notify systemd: %s", exc)
+            write_ready_file(self.ready_file, ready)
+        sd_notify(self.notify_socket, b"READY=1")
 
     # --- shutdown ---------------------------------------------------------------------
 
@@ -362,7 +348,7 @@ class Service:
         loop = asyncio.get_running_loop()
         grace = self.settings.limits.shutdown_grace
         deadline = loop.time() + grace
-        self._sd_notify(b"STOPPING=1")
+        sd_notify(self.notify_socket, b"STOPPING=1")
         self.dispatcher.close()
         await self._close_listeners()
         for conn in self.listeners.connections():

@@ -11,7 +11,8 @@ the event loop. It can also be called by hand: ``bgservice call notify_email '{"
 Settings, from the environment of the service (e.g. the systemd unit's Environment=):
     BGSERVICE_SMTP_HOST      server (default localhost)
     BGSERVICE_SMTP_PORT      port (default 25; 465 means implicit TLS)
-    BGSERVICE_SMTP_STARTTLS  1 to upgrade the connection with STARTTLS (default 0)
+    BGSERVICE_SMTP_STARTTLS  1, true, yes or on to upgrade the connection with STARTTLS;
+                             0, false, no, off or empty: not (default; any case)
     BGSERVICE_SMTP_USER      login, with BGSERVICE_SMTP_PASSWORD (default: no login)
     BGSERVICE_SMTP_FROM      sender (default bgservice@HOST)
     BGSERVICE_SMTP_TO        recipients, comma-separated (required)
@@ -23,9 +24,10 @@ A watchdog timer shuts the connection's socket down when the time is up, which w
 blocked smtplib call at once; the reply is then ``502 ... timed out after N s``. Only the
 host name lookup (``getaddrinfo``) cannot be interrupted: a hung resolver can add its own
 delay before the 502. A port or timeout that is not a number is refused with a ``500``
-naming the variable, as missing recipients are. Line breaks (CR, LF and the other Unicode
-line separators) in the alert's title or host become spaces in the mail's headers, so an
-alert cannot inject a header (``Bcc:``) and is still sent.
+naming the variable, as missing recipients are, and so is a STARTTLS that is none of the
+words above (read as off, a typo would send the login in clear text). Line breaks (CR,
+LF and the other Unicode line separators) in the alert's title or host become spaces in
+the mail's headers, so an alert cannot inject a header (``Bcc:``) and is still sent.
 """
 
 from __future__ import annotations
@@ -156,6 +158,22 @@ def _number(
     return value
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _switch(s: dict[str, str], key: str) -> bool:
+    """An on/off setting, or a 500 naming the variable: "yes" read as off sent the
+    password in clear text."""
+    word = s[key].strip().lower()
+    if word not in _ON + _OFF:
+        raise ReplyError(
+            500,
+            f"notify_email: BGSERVICE_SMTP_{key.upper()} must be 1/true/yes/on or "
+            f"0/false/no/off, not {s[key][:40]!r}",
+        )
+    return word in _ON
+
+
 def handle_tcp(request: Request) -> str:
     try:
         alert = json.loads(request.data or b"{}")
@@ -169,13 +187,14 @@ def handle_tcp(request: Request) -> str:
         raise ReplyError(500, "notify_email: set BGSERVICE_SMTP_TO to the recipients")
     port = int(_number(s, "port", int, 1, 65535))
     timeout = _number(s, "timeout", float, 0.001, 86400)
+    starttls = _switch(s, "starttls")
     mail = compose(alert, s["from"], recipients)
     smtp = (_SMTP_SSL if port == 465 else _SMTP)(timeout=timeout)  # not connected yet
     smtp.watchdog = watchdog = _Watchdog(timeout)
     watchdog.timer.start()
     try:
         smtp.open(s["host"], port)
-        if s["starttls"] == "1":
+        if starttls:
             smtp.starttls()
         if s["user"]:
             smtp.login(s["user"], s["password"])

@@ -1,8 +1,13 @@
 """``serve``'s listeners from the command line and the config: an empty ``--host`` is
-refused as the file's empty host is, and a Unix socket path too long for a socket address
-says so."""
+refused as the file's empty host is, a Unix socket path too long for a socket address
+says so, and another service's live socket is never taken for a dead one's."""
 
 from __future__ import annotations
+
+import grp
+import os
+import socket
+import stat
 
 import pytest
 
@@ -34,3 +39,40 @@ def test_a_unix_path_too_long_says_so(make_service, tmp_path, kind):
     size = len(str(path).encode())
     assert f"cannot listen on {kind}:{path}: the path is {size} bytes, longer than" in out, out
     assert "use a shorter path" in out and ": None" not in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("kind", "live"), [("unix_dgram", socket.SOCK_STREAM), ("unix", socket.SOCK_DGRAM)]
+)
+def test_a_live_socket_of_the_other_type_is_not_taken_for_stale(make_service, tmp_path, kind, live):
+    # The probe's "Protocol wrong type for socket" was taken for a dead service's file:
+    # the start deleted the other service's live socket and took its path.
+    path = tmp_path / "bg.sock"
+    with socket.socket(socket.AF_UNIX, live) as other:
+        other.bind(str(path))
+        if live == socket.SOCK_STREAM:
+            other.listen()
+        inode = path.stat().st_ino
+        svc = make_service(f'[[listen]]\nname = "u"\n{kind} = "{path}"\n', start=False)
+        svc.start(wait=False)
+        assert svc.wait() == 1
+        assert f"cannot listen on {path}: another service is using it" in svc.log(), svc.log()
+        assert path.exists() and path.stat().st_ino == inode  # still the other service's
+
+
+def test_unix_sockets_are_given_the_configured_group(make_service, tmp_path):
+    # PHP-FPM as www-data could not connect under mode 660: the socket files were the
+    # service's own group, and the unit's SupplementaryGroups= does not change that.
+    other = next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+    stream, dgram = tmp_path / "bg.sock", tmp_path / "bg.dgram"
+    svc = make_service(f'[[listen]]\nname = "local"\nunix = "{stream}"\nunix_dgram = "{dgram}"\n'
+                       f'group = "{other.gr_name}"\n')  # fmt: skip
+    for path in (stream, dgram):
+        assert path.stat().st_gid == other.gr_gid, path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    assert svc.proc is not None and svc.proc.poll() is None
+    missing = make_service('[[listen]]\nunix = "x.sock"\ngroup = "no-such-group-here"\n',
+                           start=False)  # fmt: skip
+    missing.start(wait=False)
+    assert missing.wait() == 2
+    assert "no group named 'no-such-group-here' on this host" in missing.log()

@@ -4,8 +4,10 @@ sets PYTHONUNBUFFERED."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
-from conftest import write_module
+from conftest import wait_until, write_module
 
 PRINTS = """
 {execution}
@@ -27,3 +29,19 @@ def test_a_modules_print_reaches_the_log_as_it_is_made(modules_dir, make_service
     svc.start()
     assert svc.call(b"printer:a request") == b"ok"
     svc.wait_for_log("printed by a request")
+
+
+def test_a_log_file_that_cannot_be_reopened_breaks_nothing(make_service, tmp_path):
+    # Its folder removed, the reopen raised into whatever logged: with -v every request
+    # was answered with 0 bytes, and SIGTERM ended in tracebacks and exit 1.
+    folder = tmp_path / "logs"
+    svc = make_service('[log]\nfile = "logs/bg.log"\n', "-v")
+    shutil.rmtree(folder)
+    assert svc.call(b"test:x") == b"Test"
+    assert svc.call(b"nosuch:x") == b"400: Unknown request"  # a warning logged
+    assert svc.log().count("cannot reopen the log file") == 1  # once, on stderr
+    folder.mkdir()  # back: the next line reopens it
+    assert svc.call(b"test:y") == b"Test"
+    wait_until(lambda: "'test'" in (folder / "bg.log").read_text())  # -v's request line
+    assert svc.stop() == 0
+    assert "Traceback" not in svc.log() and "reopened" in svc.log()

@@ -150,3 +150,23 @@ def test_line_breaks_in_title_and_host_are_folded(smtp_service) -> None:
     other = {"title": "u\u2028v\x85w\x0bx"}  # the other line breaks str.splitlines knows
     assert svc.call(b"notify_email:" + json.dumps(other).encode()) == b"sent to 1"
     assert stub.mails[1][1]["Subject"].endswith("] u v w x")
+
+
+@pytest.mark.parametrize(("value", "sent"), [("Yes", False), ("on", False), ("off", True)])
+def test_starttls_takes_the_usual_words(smtp_service, value: str, sent: bool) -> None:
+    # "yes", "true", "on" were read as off: the login went out in clear text. The stub
+    # offers no STARTTLS, so asking for it fails the send (502): no mail in clear text.
+    svc, stub = smtp_service(starttls=value)
+    reply = svc.call(b"notify_email:" + json.dumps({"title": "t"}).encode())
+    if sent:
+        assert reply == b"sent to 1"
+    else:
+        assert reply.startswith(b"502: ") and b"STARTTLS" in reply, reply
+        assert not stub.mails
+
+
+def test_a_bad_starttls_is_named(smtp_service) -> None:
+    svc, stub = smtp_service(starttls="maybe")
+    reply = svc.call(b"notify_email:" + json.dumps({"title": "t"}).encode())
+    assert reply.startswith(b"500: notify_email: BGSERVICE_SMTP_STARTTLS must be "), reply
+    assert b"'maybe'" in reply and not stub.mails

@@ -154,8 +154,11 @@ def test_with_EE_the_traceback_also_goes_to_stderr(modules_dir, make_service):
     assert svc.call(b"test:x") == b"Test"
 
 
-def test_sigterm_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
-    modules_dir, make_service, tmp_path
+# SIGHUP as well: it killed the process at once (status 129), the call in flight got 0
+# bytes, no log line; the ready file and the run marker were left behind.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
+    modules_dir, make_service, tmp_path, sig
 ):
     write_module(modules_dir, "gated", GATED)
     svc = make_service()
@@ -164,14 +167,15 @@ def test_sigterm_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
     caller = threading.Thread(target=lambda: result.append(svc.call(b"gated:%s" % bytes(gate))))
     caller.start()
     wait_until(lambda: svc.stats()["in_flight"].get("gated"))
-    svc.signal(signal.SIGTERM)
-    svc.wait_for_log("shutting down")
+    svc.signal(sig)
+    svc.wait_for_log(f"received {sig.name}: shutting down")
     gate.touch()
     caller.join(10)
     assert result == [b"finished"]
     assert svc.wait() == 0
     assert (modules_dir / "unloaded.log").read_text() == "gated\n"
     assert "bgservice stopped" in svc.log()
+    assert not svc.ready_file.exists() and not (tmp_path / "jobs.db.running").exists()
 
 
 def test_shutdown_stops_accepting_and_closes_idle_connections(modules_dir, make_service, tmp_path):
@@ -408,3 +412,16 @@ def test_a_handler_that_ignores_every_cancellation_is_left_behind_and_the_proces
     log = svc.log()
     assert "1 calls did not end when cancelled: left behind" in log
     assert "bgservice stopped" in log
+
+
+def test_a_ready_file_in_a_missing_folder_is_a_configuration_error(make_service, tmp_path):
+    # The service listened and said "ready", then failed to write the file: a
+    # FileNotFoundError traceback, exit 1, and its run marker left behind.
+    ready = tmp_path / "no-such-folder" / "ready.json"
+    svc = make_service("", "--ready-file", str(ready), start=False)  # the last one counts
+    svc.start(wait=False)
+    assert svc.wait() == 2
+    out = svc.log()
+    assert f"configuration error: --ready-file {ready}: cannot write to it: " in out, out
+    assert "Traceback" not in out and "bgservice ready" not in out
+    assert not (tmp_path / "jobs.db.running").exists()
