@@ -90,6 +90,11 @@ def test_connections_over_max_connections_get_503_and_the_rest_are_served(
     idle.pop().close()
     # Served again once the server has seen it go.
     wait_until(lambda: svc.http("GET", f"{API}/modules")[0] == 200)
+    # Counted with the other refusals (they were not: only the log line said so).
+    metrics = svc.http("GET", "/metrics")[1]
+    found = re.search(r'^bgservice_refused_total\{reason="http_too_many_connections"\} (\S+)$',
+                      metrics, re.M)  # fmt: skip
+    assert found and float(found.group(1)) >= 1, metrics
     # The socket protocol's connections are counted apart: it still answers.
     assert svc.call(b"echo:still here") == b"still here"
     for sock in idle:

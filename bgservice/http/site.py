@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -78,9 +79,11 @@ class LimitedSite(web.TCPSite):
     """A TCP site whose protocol factory refuses connections over ``max_connections``
     (logged at most once a minute)."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int):
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int,
+                 refused: Counter[str]) -> None:  # fmt: skip
         super().__init__(runner, host, port, backlog=128)
         self.max_connections = max_connections
+        self.refused = refused  # Stats.refused: /metrics' bgservice_refused_total
         self._refused = Sparse(LOG_EVERY)
         self._reply = _refusal(max_connections)
 
@@ -96,6 +99,7 @@ class LimitedSite(web.TCPSite):
     def _protocol(self, server: Server) -> Any:
         if len(server.connections) < self.max_connections:
             return server()
+        self.refused["http_too_many_connections"] += 1
         if refused := self._refused.tick(time.monotonic()):
             log.warning(
                 "HTTP: %d connections open ([limits] max_connections): refusing more with "
