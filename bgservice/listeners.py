@@ -125,9 +125,11 @@ class Listeners:
                 else:
                     chosen = port
                 if listener.udp:
+                    host = listener.host or LOOPBACK
+                    sock = _ipv6_only(host, chosen)
                     transport, _ = await loop.create_datagram_endpoint(
                         lambda: DatagramEndpoint(self.datagrams, access, Origin.UDP),
-                        local_addr=(listener.host or LOOPBACK, chosen),
+                        **({"sock": sock} if sock else {"local_addr": (host, chosen)}),
                     )
                     self._enlarge_receive_buffer(transport)
                     self.endpoints.append(transport)
@@ -200,6 +202,22 @@ class Listeners:
                 "UDP receive buffer: %d bytes (the kernel caps it: raise net.core.rmem_max "
                 "for %d)", got, size,
             )  # fmt: skip
+
+
+def _ipv6_only(host: str, port: int) -> socket.socket | None:
+    """An IPv6 address's UDP socket, bound IPv6 only as its TCP twin is (asyncio sets
+    IPV6_V6ONLY there): on "::" UDP took IPv4 peers too, which TCP refused. None for any
+    other host: asyncio binds it."""
+    if ":" not in host:
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _permit(path: Path, listener: Listener) -> None:

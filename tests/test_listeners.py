@@ -76,3 +76,18 @@ def test_unix_sockets_are_given_the_configured_group(make_service, tmp_path):
     missing.start(wait=False)
     assert missing.wait() == 2
     assert "no group named 'no-such-group-here' on this host" in missing.log()
+
+
+def test_on_an_ipv6_address_udp_takes_ipv6_peers_only_as_tcp_does(make_service):
+    # On "::" TCP was IPv6 only (asyncio sets IPV6_V6ONLY) and UDP took IPv4 peers too:
+    # "a TCP socket and a UDP socket on the same address and port" served different peers.
+    svc = make_service('[[listen]]\nname = "v6"\nhost = "::"\nport = 0\n')
+    port = svc.udp[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as v4:
+        v4.sendto(b"test:over ipv4", ("127.0.0.1", port))  # refused, as TCP's connect is
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as v6:
+        v6.sendto(b"test:over ipv6", ("::1", port))
+    wait_until(lambda: svc.stats()["udp"]["received"] >= 1)
+    assert svc.stats()["udp"]["received"] == 1  # (in order: the IPv4 one came first)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", svc.tcp[1]), timeout=5).close()
