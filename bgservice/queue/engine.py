@@ -150,7 +150,7 @@ class JobQueue(abc.ABC):
         """Raise the error its jobs would get now (queue:add's: unknown module, refusing
         queue jobs, not to be queued by the scheduler): a schedule made for a typo was
         taken, and each of its slots then logged an error and was lost."""
-        self.runner.check(schedule.module, schedule.spec(None).source)
+        self.runner.check(schedule.module, schedule.source)
 
     def schedules_changed(self) -> None:  # noqa: B027 (a hook; one instance: nobody to tell)
         """Schedules were changed here: tell the other instances, if any."""

@@ -114,12 +114,17 @@ class Schedule:
     def unique_key(self, slot: float) -> str:
         return f"schedule:{self.name}@{slot:.3f}"
 
+    @property
+    def source(self) -> str:
+        """Where its jobs are added from, as they record it (and QUEUE_FROM checks)."""
+        return f"scheduler:{self.name}"
+
     def spec(self, slot: float | None) -> AddSpec:
         """The job of one run: of ``slot`` (its unique key and mark name the slot), or
         None for a run now (``queue:fire``), which is an ordinary job."""
         request = self.module.encode() + b":" + self.data
         spec = parse_add(Command("add", dict(self.options), request))
-        spec = dataclasses.replace(spec, source=f"scheduler:{self.name}")
+        spec = dataclasses.replace(spec, source=self.source)
         if slot is None:
             return spec
         return dataclasses.replace(spec, unique=self.unique_key(slot), mark=(self.name, slot))
