@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -91,7 +90,6 @@ class JobContext:
         self._job = job
         self.ended = False  # set by the queue when the attempt's call returns
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self._on_progress = on_progress
         self._saver = saver
         self._max_checkpoint = max_checkpoint_bytes
@@ -112,7 +110,7 @@ class JobContext:
         text = check_checkpoint(value, self._max_checkpoint)
         if self._saver is None:
             raise RuntimeError("this queue does not keep checkpoints")
-        if threading.get_ident() == self._loop_thread:
+        if running(self._loop):
             return asyncio.ensure_future(self._save(text))
         asyncio.run_coroutine_threadsafe(self._save(text), self._loop).result()
         return None
@@ -138,7 +136,7 @@ class JobContext:
         Ignored once this attempt is over. ``done`` or ``total`` not a finite number, or a
         message that is not valid text (a lone surrogate): ``ValueError``."""
         value = check_progress(done, total, message)
-        if threading.get_ident() == self._loop_thread:
+        if running(self._loop):
             self._set(value)
         else:
             self._loop.call_soon_threadsafe(self._set, value)
