@@ -196,8 +196,6 @@ def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
     for key in ("unix", "unix_dgram"):  # from the file's folder, as every path here
         if key in values:
             values[key] = str(base / values[key])
-    if values.get("unix") is not None and values.get("unix") == values.get("unix_dgram"):
-        raise reader.fail(where, "unix_dgram", "must be another path than unix", "listen", index)
     if isinstance(raw.get("mode"), int) and not _octal(reader.literal("mode", "listen", index)):
         problem = f"must be {MODE_FORMS}, got {raw['mode']!r}"
         raise reader.fail(where, "mode", problem, "listen", index)
@@ -216,18 +214,20 @@ def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
 
 
 def _distinct(reader: Reader, listeners: tuple[Listener, ...]) -> None:
-    """No two listeners on one port of one host, or on one socket path: the second was
-    refused at the start as "address already in use - is another service running?",
-    exit 1, which a service manager restarts for ever."""
-    seen: dict[Any, int] = {}
+    """No two sockets on one port of one host or on one path, a listener's own unix and
+    unix_dgram included: the second was refused at the start as "address already in use
+    - is another service running?", exit 1, which a service manager restarts for ever
+    (two socket files on one path deleted each other's)."""
+    seen: dict[Any, tuple[int, str]] = {}
     for index, listener in enumerate(listeners):
         places = [("port", (listener.host, listener.port))] if listener.port else []
         places += [(key, path) for key in ("unix", "unix_dgram")
                    if (path := getattr(listener, key)) is not None]  # fmt: skip
         for key, place in places:
-            first = seen.setdefault(place, index)
-            if first != index:
-                problem = f"the same {key} as [[listen]] #{first + 1}"
+            first, first_key = seen.setdefault(place, (index, key))
+            if (first, first_key) != (index, key):
+                what = "port" if key == "port" else "path"
+                problem = f"the same {what} as [[listen]] #{first + 1}'s {first_key}"
                 raise reader.fail(f"[[listen]] #{index + 1} ", key, problem, "listen", index)
 
 

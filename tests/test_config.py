@@ -633,9 +633,11 @@ def test_what_an_operator_review_found_is_refused_or_read_as_meant(tmp_path):
         tmp_path, twice
     )
     same = '[[listen]]\nunix = "bg.sock"\nunix_dgram = "bg.sock"\n'
-    assert "unix_dgram" in config_error(tmp_path, same)
+    assert "unix_dgram (line 3): the same path as [[listen]] #1's unix" in config_error(
+        tmp_path, same
+    )
     other = '[[listen]]\nunix = "bg.sock"\n[[listen]]\nunix_dgram = "bg.sock"\n'
-    assert "the same unix_dgram as [[listen]] #1" in config_error(tmp_path, other)
+    assert "the same path as [[listen]] #1's unix" in config_error(tmp_path, other)
     settings = load_text(tmp_path, '[[listen]]\nunix = "run/bg.sock"\n')
     assert settings.listeners[0].unix == str(tmp_path.resolve() / "run" / "bg.sock")
     assert "adress" in config_error(tmp_path, '[{"server": "a", "adress": "::1", "port": 1}]')
