@@ -84,7 +84,7 @@ class LimitedSite(web.TCPSite):
         super().__init__(runner, host, port, backlog=128)
         self.max_connections = max_connections
         self.refused = refused  # Stats.refused: /metrics' bgservice_refused_total
-        self._refused = Sparse(LOG_EVERY)
+        self._logged = Sparse(LOG_EVERY)  # the refusals' log line, at most a minute's
         self._reply = _refusal(max_connections)
 
     async def start(self) -> None:
@@ -100,7 +100,7 @@ class LimitedSite(web.TCPSite):
         if len(server.connections) < self.max_connections:
             return server()
         self.refused["http_too_many_connections"] += 1
-        if refused := self._refused.tick(time.monotonic()):
+        if refused := self._logged.tick(time.monotonic()):
             log.warning(
                 "HTTP: %d connections open ([limits] max_connections): refusing more with "
                 "503 (%d refused since the last line)", len(server.connections), refused,
