@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -184,9 +185,15 @@ _SECTIONS = {"limits", "queue", "log", "reload", "listen", "workers", "redis", "
 _SECTIONS.add("schedule")  # [[schedule]]: bgservice.queue.schedules
 
 
-def _octal(literal: str) -> bool:
-    """A TOML integer written in octal: ``mode = 770`` is decimal, and would let anyone in."""
-    return literal.startswith("0o")
+def _octal(reader: Reader, value: int, index: int) -> bool:
+    """The ``index``-th listener's integer ``mode`` was written in octal: ``mode = 770`` is
+    decimal, and would let anyone in. Inline tables (``listen = [{..., mode = 0o600}]``)
+    have no line of their own: there, some ``mode =`` in the file must spell it 0o..."""
+    literal = reader.literal("mode", "listen", index)
+    if literal:
+        return literal.startswith("0o")
+    inline = re.findall(r"\bmode\"?\s*=\s*0o([0-7][0-7_]*)", reader.text)
+    return any(int(digits.replace("_", ""), 8) == value for digits in inline)
 
 
 def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
@@ -196,7 +203,7 @@ def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
     for key in ("unix", "unix_dgram"):  # from the file's folder, as every path here
         if key in values:
             values[key] = str(base / values[key])
-    if isinstance(raw.get("mode"), int) and not _octal(reader.literal("mode", "listen", index)):
+    if isinstance(raw.get("mode"), int) and not _octal(reader, raw["mode"], index):
         problem = f"must be {MODE_FORMS}, got {raw['mode']!r}"
         raise reader.fail(where, "mode", problem, "listen", index)
     if not ({"host", "port"} & values.keys()) and not ({"unix", "unix_dgram"} & values.keys()):

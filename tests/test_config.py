@@ -655,3 +655,21 @@ def test_a_service_config_here_that_is_no_file_is_refused_not_passed_over(tmp_pa
     )  # fmt: skip
     assert result.returncode == 2, result
     assert "service.config: is a folder, not a config file" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("listen", "mode"),
+    [
+        ('listen = [{unix = "/x.sock", mode = 0o600}]', 0o600),
+        ('listen = [\n  {unix = "/x.sock", "mode" = 0o6_6_0},\n]', 0o660),
+        ('[[listen]]\nunix = "/x.sock"\nmode = 0o640  # owner and group', 0o640),
+    ],
+)
+def test_octal_modes_in_inline_tables_are_accepted(tmp_path, listen, mode):
+    # An inline table has no "mode =" line of its own under a [[listen]] header.
+    assert load_text(tmp_path, listen + "\n").listeners[0].mode == mode
+
+
+def test_a_bare_integer_mode_in_an_inline_table_is_refused(tmp_path):
+    message = config_error(tmp_path, 'listen = [{unix = "/x.sock", mode = 600}]\n')
+    assert "mode" in message and "0o770" in message
