@@ -1,6 +1,6 @@
 """Run bgservice from a checkout: ``python service.py [OPTIONS]`` (see ``--help``)."""
 
-from bgservice.cli import main
+from bgservice.__main__ import main
 
 if __name__ == "__main__":
     main()

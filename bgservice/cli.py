@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import uvloop
@@ -84,6 +85,14 @@ class _ServeByDefault(click.Group):
 class _Serve(click.Command):
     """serve's ``--help`` ends with the other commands, read from the group they are in:
     a command added later is listed without anyone remembering to."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # Until the service's own handlers are in (Service.run), a Ctrl-C ends the start as
+        # it ends the client commands: exit 130, no traceback, not click's "Aborted!".
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            sys.exit(130)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         group = ctx.parent.command if ctx.parent else None

@@ -432,3 +432,22 @@ def test_a_schedule_without_cron_or_every_is_a_usage_error(service):
         assert reply.returncode == 2, reply
         assert b"give either --cron or --every" in reply.stderr
     assert b"s2" not in bg(service, "schedule", "list").stdout
+
+
+def test_ctrl_c_while_the_service_starts_shows_no_traceback(tmp_path):
+    # The imports alone take a few hundred ms on a busy host: a Ctrl-C among them, or
+    # before the service's own signal handlers, showed a traceback or click's "Aborted!".
+    # Signals spread over the start; Python's own start (site) is not ours to mend.
+    args = ["-p", "0", "-m", str(REPO / "modules"), "--db", str(tmp_path / "q.db")]
+    for delay in range(100, 700, 40):
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "service.py"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay / 1000)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert f"{REPO}/bgservice/" not in err and "Aborted!" not in err, (delay, err)
+        assert proc.returncode in (0, 130), (delay, proc.returncode, err)
