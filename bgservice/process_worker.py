@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ class WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bgservice.process_main", str(folder), str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_CHILD_ENV,
+            start_new_session=True,  # its own group: a kill takes what its calls started
         )  # fmt: skip
         return cls(proc, name, on_exit)
 
@@ -189,9 +191,15 @@ class WorkerProcess:
         return msg.outcome(name, reply)
 
     def kill(self) -> None:
+        """Kill the worker and every process its calls started (``subprocess.run("convert
+        ...")`` left running would go on burning a core, uncounted). While the worker is
+        not reaped its pid cannot be reused, so the group is still its own."""
         self.killed = True
         if self.proc.returncode is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
 
     def rss_mb(self) -> float:
         try:

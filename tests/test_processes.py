@@ -110,6 +110,31 @@ def test_hung_call_is_killed_at_its_timeout_and_the_next_call_works(modules_dir,
     wait_until(lambda: not _alive(int(first_pid)))
 
 
+
+def test_a_killed_worker_takes_the_processes_its_call_started(modules_dir, make_service):
+    # A call that runs a program (an image converter, say) and hangs: cut at its timeout,
+    # its worker is killed, and the program with it rather than left burning uncounted.
+    write_module(
+        modules_dir,
+        "spawn",
+        """
+        import subprocess
+        from pathlib import Path
+        EXECUTION = "process"
+        PROCESSES = 1
+        TIMEOUT = 0.5
+        def handle_tcp(request):
+            child = subprocess.Popen(["sleep", "60"])
+            Path(__file__).with_name("child.pid").write_text(str(child.pid))
+            child.wait()
+        """,
+    )
+    svc = make_service()
+    assert svc.call(b"spawn:x") == b"504: Module spawn timed out after 0.5 s"
+    child = int((modules_dir / "child.pid").read_text())
+    wait_until(lambda: not _alive(child))
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
