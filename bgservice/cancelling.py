@@ -16,9 +16,12 @@ first: a cancellation lost makes a task go on for good, not for a moment.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
+
+from bgservice.eager import Rest
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +54,52 @@ async def cancel_all(
     if pending:
         log.warning("%d %s did not end when cancelled: left behind", len(pending), what)
     return pending
+
+
+class GoneOn:
+    """Handlers that caught their call's cancellation at its timeout and waited on (a
+    clean-up, or a handler that will not end). Awaited in the call, one would hold its
+    client past the deadline and, over UDP, a ``udp_workers`` slot for good (a few
+    stopped every datagram). The call ends (``504`` at the deadline) and the coroutine
+    goes on here, in a task of its own, cancelled again every ``AGAIN`` seconds until it
+    ends (a clean-up gets that long; a cancellation lost by Python 3.11's ``wait_for`` is
+    made good). The stop cancels what is still here with every other task.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def take(
+        self, coro: Coroutine[Any, Any, Any], waits_on: Any, name: str,
+        ended: Callable[[], None],
+    ) -> None:  # fmt: skip
+        """Go on with ``coro`` (module ``name``'s, waiting on ``waits_on``); ``ended()``
+        when it ends, however it ends."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(_go_on(coro, waits_on), context=contextvars.copy_context())
+        self.tasks.add(task)
+        again = loop.call_later(AGAIN, _cancel_again, task, name)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self.tasks.discard(task)
+            again.cancel()
+            ended()
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.warning("module %s: a handler gone on after its cancellation raised %r",
+                            name, exc)  # fmt: skip
+
+        task.add_done_callback(done)
+
+
+async def _go_on(coro: Coroutine[Any, Any, Any], waits_on: Any) -> Any:
+    return await Rest(coro, waits_on)
+
+
+def _cancel_again(task: asyncio.Task[Any], name: str = "") -> None:
+    if not task.done():
+        if name:  # (the first time: a clean-up has had its second)
+            log.warning("module %s: a handler caught its cancellation and went on after its"
+                        " call's timeout; cancelled again each %g s until it ends",
+                        name, AGAIN)  # fmt: skip
+        task.cancel()
+        task.get_loop().call_later(AGAIN, _cancel_again, task)

@@ -34,6 +34,8 @@ if type(current_task) is FunctionType:  # Python 3.11's, a Python function aroun
     current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 Spawn = Callable[..., Any]  # (coroutine, context=...) -> a task: loop.create_task's form
+# (coroutine, what it waits on) -> whether it goes on elsewhere, its await ended
+Detach = Callable[[Coroutine[Any, Any, Any], Any], bool]
 
 
 class FirstStep:
@@ -190,12 +192,16 @@ class Rest:
     yielded to the task, and what the task sends or throws (a result, a cancellation)
     back to it. An awaitable, not a generator-based coroutine: from Python 3.12 on,
     ``create_task`` refuses those (every call that waited was a 500 there, and the
-    service stopped)."""
+    service stopped). With ``detach``, a coroutine that catches a cancellation thrown in
+    and waits on is offered to ``detach`` (with what it waits on); taken, it goes on
+    elsewhere and the cancellation goes on out (Execution._go_on)."""
 
-    __slots__ = ("_coro", "_yielded")
+    __slots__ = ("_coro", "_detach", "_yielded")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
-        self._coro, self._yielded = coro, yielded
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any], yielded: Any, detach: Detach | None = None
+    ) -> None:
+        self._coro, self._yielded, self._detach = coro, yielded, detach
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, yielded = self._coro, self._yielded
@@ -207,6 +213,12 @@ class Rest:
                     yielded = coro.throw(exc)
                 except StopIteration as done:
                     return done.value
+                if (
+                    self._detach is not None
+                    and isinstance(exc, asyncio.CancelledError)
+                    and self._detach(coro, yielded)
+                ):  # it caught its cancellation and waits on: it goes on elsewhere
+                    raise exc
             else:
                 try:
                     yielded = coro.send(sent)

@@ -14,10 +14,12 @@ import asyncio
 import contextvars
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from bgservice import eager
+from bgservice.cancelling import GoneOn
 from bgservice.config import Settings
 from bgservice.eager import Rest
 from bgservice.errors import (
@@ -67,6 +69,7 @@ class Execution:
         self.threads = threads
         self.processes = processes
         self.events = events
+        self.gone_on = GoneOn()  # handlers that went on after their call's cancellation
 
     def resolve(self, name: str, origin: Origin) -> tuple[ModuleVersion, Handler]:
         """The serving version of module ``name`` and its handler for ``origin``, or raise."""
@@ -115,7 +118,7 @@ class Execution:
         try:
             if handler.is_async and version.execution != "process":
                 try:
-                    return await self._on_loop(name, handler, request, timeout)
+                    return await self._on_loop(version, handler, request, timeout)
                 finally:
                     version.release()
                     self.stats.in_flight[name] -= 1
@@ -168,7 +171,7 @@ class Execution:
         limit = asyncio.timeout(timeout)
         try:
             async with limit:
-                return await Rest(coro, first)
+                return await Rest(coro, first, partial(self._go_on, version, limit))
         except TimeoutError as exc:
             self._raise_if_own(limit, name, request, exc)
             raise self._timed_out(name, request, timeout) from None
@@ -234,7 +237,7 @@ class Execution:
             raise
 
     async def _on_loop(
-        self, name: str, handler: Handler, request: Request, timeout: float
+        self, version: ModuleVersion, handler: Handler, request: Request, timeout: float
     ) -> Any:
         # The first step runs at once: a handler that finishes without waiting (most
         # replies) costs no timer. One that waits is resumed under its timeout
@@ -247,10 +250,32 @@ class Execution:
         limit = asyncio.timeout(timeout)
         try:
             async with limit:
-                return await Rest(coro, first)
+                return await Rest(coro, first, partial(self._go_on, version, limit))
         except TimeoutError as exc:
-            self._raise_if_own(limit, name, request, exc)
+            self._raise_if_own(limit, version.name, request, exc)
             raise
+
+    def _go_on(
+        self, version: ModuleVersion, limit: asyncio.Timeout,
+        coro: Coroutine[Any, Any, Any], on: Any,
+    ) -> bool:  # fmt: skip
+        """A handler caught a cancellation and waits on. Past its call's deadline (a
+        clean-up, or a handler that will not end), it goes on apart (GoneOn), holding its
+        version (and counted in flight) until it ends, as a stuck thread does, and the
+        call ends now. Before it, the cancellation was the handler's own (a timeout or
+        TaskGroup of its own, which take it back): it goes on in the call."""
+        if not limit.expired():
+            return False
+        name = version.name
+        version.acquire()
+        self.stats.in_flight[name] += 1
+
+        def ended() -> None:
+            version.release()
+            self.stats.in_flight[name] -= 1
+
+        self.gone_on.take(coro, on, name, ended)
+        return True
 
     async def _in_thread(
         self,

@@ -104,3 +104,66 @@ def test_a_modules_stats_that_json_cannot_hold_spoils_only_its_own_entry(modules
     assert stats["sets"]["error"].startswith("TypeError: Object of type set")
     assert stats["exits"] == {"error": "SystemExit: 1"}
     assert svc.call(b"service:ping") == b"pong"
+
+
+# A handler that catches its cancellation and waits on, three times over, then ends
+# (a clean-up that will not be hurried, or a cancellation lost by 3.11's wait_for).
+STUBBORN = """
+import asyncio
+from pathlib import Path
+
+TIMEOUT = 0.5
+
+async def _hold_on(request):
+    caught = 0
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            caught += 1
+            if caught == 3:
+                Path(__file__).with_name(request.text + ".ended").touch()
+                raise
+
+async def handle_tcp(request):
+    await _hold_on(request)
+
+async def handle_udp(request):
+    await _hold_on(request)
+"""
+WAITS = """
+import asyncio
+from pathlib import Path
+
+async def handle_udp(request):
+    await asyncio.sleep(0.01)
+    Path(__file__).with_name(request.text + ".served").touch()
+"""
+
+
+def test_a_handler_that_catches_its_cancellation_ends_its_call_at_the_deadline(
+    modules_dir, make_service
+):
+    # It held its client past the deadline (no 504) for as long as it waited on.
+    write_module(modules_dir, "stubborn", STUBBORN)
+    svc = make_service()
+    assert svc.call(b"stubborn:tcp") == b"504: Module stubborn timed out after 0.5 s"
+    assert svc.stats()["in_flight"].get("stubborn") == 1  # gone on apart, still counted
+    # cancelled again (once a second) until it ends
+    wait_until(lambda: (modules_dir / "tcp.ended").exists(), timeout=15)
+    wait_until(lambda: not svc.stats()["in_flight"].get("stubborn"))
+    assert "caught its cancellation and went on" in svc.log()
+
+
+def test_datagram_handlers_that_catch_their_cancellation_free_their_slots(
+    modules_dir, make_service
+):
+    # With udp_workers such handlers, no datagram of any module was served again.
+    write_module(modules_dir, "stubborn", STUBBORN)
+    write_module(modules_dir, "waits", WAITS)
+    svc = make_service("[limits]\nudp_workers = 2\n")
+    svc.send_udp(b"stubborn:one")
+    svc.send_udp(b"stubborn:two")
+    wait_until(lambda: svc.stats()["in_flight"].get("stubborn") == 2)
+    svc.send_udp(b"waits:after")
+    wait_until(lambda: (modules_dir / "after.served").exists(), timeout=15)
