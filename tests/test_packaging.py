@@ -3,11 +3,16 @@ bgservice/, and the service's modules import from the wheel alone."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
+
+from packaging.requirements import Requirement  # (pytest's own dependency)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "bgservice"
@@ -67,3 +72,76 @@ def test_the_wheel_holds_every_package_and_runs_from_itself(tmp_path: Path) -> N
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
+
+
+# Run in the child: imports of what only an extra installs fail, as on a machine with
+# the base install alone (`scripts/install.sh`, `pip install .`).
+BASE_ONLY = """
+import importlib.abc, runpy, sys
+
+blocked = set(sys.argv[1].split(","))
+
+class BaseOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the base install)")
+        return None
+
+sys.meta_path.insert(0, BaseOnly())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _closure(names: list[str]) -> set[str]:
+    """The distributions ``names`` need, themselves included (extras' requirements left out)."""
+    seen: set[str] = set()
+    while names:
+        name = names.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in needs:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                names.append(requirement.name)
+    return seen
+
+
+def test_the_base_install_serves_without_any_extra(tmp_path: Path) -> None:
+    # The quick start (install.sh: no extra) failed at every command: a module read at
+    # every start imported multidict, which only aiohttp ([http]) brings.
+    base = _closure(["bgservice"])
+    blocked = {
+        top
+        for top, dists in packages_distributions().items()
+        if not {d.lower().replace("_", "-") for d in dists} & base and top.isidentifier()
+    }
+    assert {"aiohttp", "multidict", "redis"} <= blocked
+    ready = tmp_path / "ready.json"
+    service = subprocess.Popen(
+        [sys.executable, "-c", BASE_ONLY, ",".join(sorted(blocked)), str(ROOT / "service.py"),
+         "-p", "0", "--host", "127.0.0.1", "-m", str(ROOT / "modules"),
+         "--db", str(tmp_path / "q.db"), "--ready-file", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and service.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), service.communicate(timeout=10)[0] if service.poll() else ""
+        host, port = json.loads(ready.read_text())["listeners"][0]["tcp"]
+        client = subprocess.run(
+            [sys.executable, "-c", BASE_ONLY, ",".join(sorted(blocked)),
+             str(ROOT / "service.py"), "-a", f"{host}:{port}", "call", "test", "x"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert (client.returncode, client.stdout) == (0, "Test"), client.stderr
+    finally:
+        service.terminate()
+        output = service.communicate(timeout=30)[0]
+    assert service.returncode == 0, output

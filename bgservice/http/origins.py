@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDictProxy
+if TYPE_CHECKING:  # (aiohttp's, the [http] extra's: config_checks imports this module at
+    from multidict import CIMultiDictProxy  # every start, with or without the extra)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
