@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
-from time import perf_counter
+from functools import partial
+from time import monotonic, perf_counter
 from typing import Any
 
 from bgservice.config import Settings
@@ -19,6 +20,7 @@ from bgservice.declarations import admit
 from bgservice.errors import Busy, ServiceError, UnknownRequest
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.execution import RESERVED, Execution
+from bgservice.logs import Sparse
 from bgservice.origin import Origin
 from bgservice.protocol import OK, Reply
 from bgservice.registry import Handler, ModuleVersion, Registry
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 Serve = Callable[[Request], Awaitable[bytes]]
 
 UNKNOWN_MODULE = "(unknown)"  # the stats entry of requests for no module
+FAILURE_LINES = 5.0  # s: failed datagrams, a log line per module and status at most this often
 
 
 def shown(name: str) -> str:
@@ -54,6 +57,7 @@ class Dispatcher:
         self.events = events
         self.unknown = UnknownNames(events)  # repeated unknown names -> an event
         self.closing = False
+        self._failures: dict[tuple[str, int], Sparse] = {}  # by (module, status)
 
     def close(self) -> None:
         """Shutting down: every request from now on is answered ``503``."""
@@ -185,14 +189,7 @@ class Dispatcher:
         """A fire-and-forget request failed: a log line (there is no one to reply to)."""
         if isinstance(exc, ServiceError):
             status = exc.code
-            log.warning(
-                "%s request from %s for module %s failed: %d %s",
-                request.transport,
-                request.peer or "local",
-                shown(request.module),
-                exc.code,
-                exc.message,
-            )
+            self._tell_failure(request, exc)
         else:
             status = 500
             log.error(
@@ -202,6 +199,31 @@ class Dispatcher:
                 exc_info=exc,
             )
         self._count(request, status, start, 0)
+
+    def _tell_failure(self, request: Request, exc: ServiceError) -> None:
+        """A line for a failed datagram; of a flood (20,000 for a mistyped module, 20,000
+        lines), one per module and status every FAILURE_LINES s, saying how many more."""
+        module = request.module
+        key = (module if self.registry.get(module) is not None else UNKNOWN_MODULE, exc.code)
+        sparse = self._failures.get(key)
+        if sparse is None:
+            sparse = self._failures[key] = Sparse(FAILURE_LINES, partial(self._more_failed, key))
+        if count := sparse.tick(monotonic()):
+            log.warning(
+                "%s request from %s for module %s failed: %d %s%s",
+                request.transport,
+                request.peer or "local",
+                shown(module),
+                exc.code,
+                exc.message.partition("\n")[0],  # (-v's traceback: logged where it was raised)
+                f" ({count - 1} more like it since the last line)" if count > 1 else "",
+            )
+
+    def _more_failed(self, key: tuple[str, int], count: int) -> None:
+        module, code = key
+        named = "unknown modules" if module == UNKNOWN_MODULE else f"module {shown(module)}"
+        log.warning("%d more datagrams for %s failed with %d since the last line",
+                    count, named, code)  # fmt: skip
 
     def _count(self, request: Request, status: int, start: float, out: int) -> None:
         key = (request.module, request.origin.transport)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
@@ -34,6 +35,7 @@ from bgservice.errors import (
     WorkerDied,
 )
 from bgservice.events import CALL_FAILED, THREAD_STUCK, Events
+from bgservice.logs import Sparse
 from bgservice.origin import Origin
 from bgservice.process_messages import describe
 from bgservice.registry import Handler, ModuleVersion, Registry
@@ -46,6 +48,7 @@ Loop = asyncio.AbstractEventLoop
 
 # Names that are never a module's: the built-in commands (bgservice.commands).
 RESERVED = frozenset({"queue", "service", "helo", "hello"})
+FAILURE_TRACES = 5.0  # s: a datagram handler's traceback, per module, at most this often
 
 # Runs a call in a worker process: (version, request, timeout) -> the handler's result.
 ProcessRunner = Callable[[ModuleVersion, Request, float], Awaitable[Any]]
@@ -70,6 +73,7 @@ class Execution:
         self.processes = processes
         self.events = events
         self.gone_on = GoneOn()  # handlers that went on after their call's cancellation
+        self._sparse_traces: dict[str, Sparse] = {}  # datagrams' tracebacks, by module
 
     def resolve(self, name: str, origin: Origin) -> tuple[ModuleVersion, Handler]:
         """The serving version of module ``name`` and its handler for ``origin``, or raise."""
@@ -193,6 +197,12 @@ class Execution:
         if not limit.expired():
             raise self._raised(name, request, exc) from exc
 
+    def _traces(self, name: str) -> Sparse:
+        sparse = self._sparse_traces.get(name)
+        if sparse is None:
+            sparse = self._sparse_traces[name] = Sparse(FAILURE_TRACES)
+        return sparse
+
     def _timed_out(
         self, name: str, request: Request, timeout: float, exc: TimeoutError | None = None
     ) -> CallTimeout:
@@ -214,7 +224,10 @@ class Execution:
         return self._raised(name, request, exc)
 
     def _raised(self, name: str, request: Request, exc: BaseException) -> HandlerError:
-        log.error("module %s raised", name, exc_info=exc)
+        # A flood of datagrams that raise: a traceback per module every few seconds (the
+        # dispatcher's lines count the rest); a call's each, as its client saw it fail.
+        if not request.origin.is_datagram or self._traces(name).tick(time.monotonic()):
+            log.error("module %s raised", name, exc_info=exc)
         message = f"Module {name} raised {describe(exc)}"
         trace = "".join(traceback.format_exception(exc))
         self._failed(request, message, trace)

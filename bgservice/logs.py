@@ -9,10 +9,13 @@ be reopened (its folder removed) never breaks the code that logged.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import logging.handlers
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import coloredlogs
@@ -96,17 +99,31 @@ class _ReopenedFile(logging.handlers.WatchedFileHandler):
 class Sparse:
     """One kind of event a flood of which must not flood the log (refused peers, dropped
     datagrams): counted, with a line due at most every ``every`` seconds, saying how many
-    came since the last one."""
+    came since the last one. With ``later``, what came after a line is said
+    (``later(count)``) when the next line falls due, so a flood's end is never unsaid (it
+    was, until another event came, maybe never)."""
 
-    def __init__(self, every: float) -> None:
+    def __init__(self, every: float, later: Callable[[int], None] | None = None) -> None:
         self.every = every
         self._last = float("-inf")  # when the last line was due (the caller's clock)
         self._count = 0
+        self._later = later
+        self._pending: asyncio.TimerHandle | None = None  # later's call, when one is due
 
     def tick(self, now: float) -> int:
         """Count one; how many since the last line if a line is due now, else 0."""
         self._count += 1
         if now - self._last < self.every:
+            if self._later is not None and self._pending is None:
+                wait = self._last + self.every - now
+                self._pending = asyncio.get_running_loop().call_later(wait, self._say_later)
             return 0
         self._last, count, self._count = now, self._count, 0
         return count
+
+    def _say_later(self) -> None:
+        # (time.monotonic: the callers' clock, or the loop's, which counts from the same)
+        self._pending = None
+        if self._count and self._later is not None:
+            self._last, count, self._count = time.monotonic(), self._count, 0
+            self._later(count)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
+import tempfile
 import threading
+import time
+
+import pytest
 
 from tests.conftest import wait_until, write_module
 
@@ -82,9 +88,10 @@ def test_unknown_module_and_raising_handler_are_logged_with_module_and_peer(
 
 def test_garbage_names_share_one_stats_entry_and_log_lines_stay_short(service):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # no colon: all of it is the module name (first: the lines after it are counted)
+        sock.sendto(b"y" * 65000, service.udp)
         for i in range(200):
             sock.sendto(b"garbage%d:x" % i, service.udp)
-        sock.sendto(b"y" * 65000, service.udp)  # no colon: all of it is the module name
     wait_until(lambda: service.stats()["udp"]["received"] >= 201)
     service.wait_for_log("65000 chars")
     modules = service.stats()["modules"]
@@ -165,3 +172,145 @@ def test_shutdown_counts_the_datagrams_it_cuts_and_the_queued_ones_it_drops(
     svc.signal(signal.SIGTERM)
     assert svc.wait(timeout=10) == 0
     assert "5 datagrams not served before shutdown (3 queued, 2 cut while running)" in svc.log()
+
+
+# --- a module's backlog is its own (DatagramQueue) -----------------------------------
+
+# Waits (in a task) until the test lets it go: its datagrams take every udp_workers slot
+# and fill the queue for as long as the test likes.
+HELD = """
+import asyncio
+from pathlib import Path
+
+async def handle_udp(request):
+    here = Path(__file__).parent
+    while not (here / "release").exists():
+        await asyncio.sleep(0.02)
+    with open(here / "held.txt", "a") as f:
+        f.write(request.text + "\\n")
+"""
+QUICK = """
+from pathlib import Path
+
+async def handle_udp(request):  # never waits: served in datagram_received
+    with open(Path(__file__).with_name("quick.txt"), "a") as f:
+        f.write(request.text + "\\n")
+"""
+NAPS = """
+import asyncio
+from pathlib import Path
+
+async def handle_udp(request):  # waits a moment: needs a task
+    await asyncio.sleep(0.01)
+    with open(Path(__file__).with_name("naps.txt"), "a") as f:
+        f.write(request.text + "\\n")
+"""
+
+
+def _lines(path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_modules_backlog_delays_and_drops_only_its_own_datagrams(modules_dir, make_service):
+    # The queue was one for all: a module that waited filled it, and every other module's
+    # datagrams (logging!) queued behind its backlog, and were dropped with it.
+    for name, source in (("held", HELD), ("quick", QUICK), ("naps", NAPS)):
+        write_module(modules_dir, name, source)
+    svc = make_service("[limits]\nudp_workers = 1\nudp_queue = 5\n")
+    for n in range(10):  # 1 runs, 5 queue, 4 dropped
+        svc.send_udp(b"held:%d" % n)
+    wait_until(lambda: svc.stats()["udp"]["dropped"] == 4)
+    for n in range(3):  # needs no wait: served at once, backlog or not
+        svc.send_udp(b"quick:%d" % n)
+    wait_until(lambda: _lines(modules_dir / "quick.txt") == ["0", "1", "2"])
+    # Needs a task: the first, not known to, starts at once (a task past udp_workers);
+    # the next queues in held's place (held's newest goes) and is served in turn.
+    svc.send_udp(b"naps:0")
+    wait_until(lambda: _lines(modules_dir / "naps.txt") == ["0"])
+    svc.send_udp(b"naps:1")
+    wait_until(lambda: svc.stats()["udp"]["dropped"] == 5)
+    # While every slot is taken the backlog waits without a turn of the loop each
+    # iteration (that kept a core busy for as long as it lasted).
+    assert svc.proc is not None
+    before = _cpu_seconds(svc.proc.pid)
+    time.sleep(2)
+    assert _cpu_seconds(svc.proc.pid) - before < 0.5
+    (modules_dir / "release").touch()
+    wait_until(lambda: len(_lines(modules_dir / "held.txt")) == 5)
+    assert _lines(modules_dir / "held.txt") == ["0", "1", "2", "3", "4"]  # in order
+    wait_until(lambda: _lines(modules_dir / "naps.txt") == ["0", "1"])
+    # Every drop is told: the first at once, those after it when the next line is due
+    # (they were told only with a drop 5 s later, so a flood's end never was).
+    told = lambda: sum(map(int, re.findall(r"dropped (\d+) datagrams", svc.log())))  # noqa: E731
+    wait_until(lambda: told() == 5, timeout=15)
+
+
+PEER = """
+from pathlib import Path
+
+def handle_udp(request):
+    Path(__file__).with_name("peer.txt").write_text(f"{request.peer!r} {request.source!r}")
+"""
+
+
+def test_unix_datagram_peers_are_strings_and_cut_datagrams_are_refused(modules_dir, make_service):
+    # An abstract sender's address was the raw bytes, NUL-padded (a module's peer.startswith
+    # raised); and a datagram longer than the loop reads (256,000 bytes) was served cut.
+    write_module(modules_dir, "peer", PEER)
+    with tempfile.TemporaryDirectory(prefix="bgs-", dir="/tmp") as folder:
+        dgram = f"{folder}/bg.dgram"
+        svc = make_service(f'[[listen]]\nhost = "127.0.0.1"\nport = 0\nunix_dgram = "{dgram}"\n')
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind("\0bgtest-sender")
+            sock.sendto(b"peer:x", dgram)
+            wait_until((modules_dir / "peer.txt").exists)
+            assert (modules_dir / "peer.txt").read_text() == (
+                "'@bgtest-sender' 'unix_dgram:@bgtest-sender'"
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20)
+            try:
+                sock.sendto(b"peer:" + b"y" * 300_000, dgram)
+            except OSError as exc:  # a kernel that will not send it: nothing to check
+                pytest.skip(f"the kernel refused a 300 KB datagram: {exc}")
+        wait_until(lambda: svc.stats()["refused"].get("datagram_too_large") == 1)
+        svc.wait_for_log("refused a datagram from @bgtest-sender of 256000 bytes or more")
+        assert "y" not in (modules_dir / "peer.txt").read_text()
+
+
+def test_a_flood_of_failing_datagrams_is_a_few_log_lines_that_count_it(
+    modules_dir, make_service
+):
+    # A line per datagram, each with a traceback for a handler that raises (two with -v):
+    # 20,000 datagrams for a mistyped module were 20,000 warnings.
+    write_module(modules_dir, "boom", "def handle_udp(request):\n    raise ValueError('no')\n")
+    svc = make_service("", "-v")
+    for _ in range(50):
+        svc.send_udp(b"nosuch:x")
+        svc.send_udp(b"boom:x")
+    wait_until(lambda: svc.stats()["udp"]["received"] >= 100)
+    told = {"nosuch": r"module 'nosuch' failed: 400", "boom": r"module 'boom' failed: 500"}
+    counted = {
+        "nosuch": r"(\d+) more datagrams for unknown modules failed with 400",
+        "boom": r"(\d+) more datagrams for module 'boom' failed with 500",
+    }
+
+    def all_told() -> bool:
+        log = svc.log()
+        return all(
+            len(re.findall(told[m], log))
+            + sum(int(n) - 1 for n in re.findall(told[m] + r".*\((\d+) more like it", log))
+            + sum(map(int, re.findall(counted[m], log)))
+            == 50
+            for m in told
+        )
+
+    wait_until(all_told, timeout=20)  # every one counted, in a few lines
+    log = svc.log()
+    assert len(re.findall(told["nosuch"], log)) <= 3 and len(re.findall(told["boom"], log)) <= 3
+    assert log.count("ValueError: no") <= 3  # the traceback, not fifty (nor a hundred)
