@@ -5,7 +5,7 @@ scripts can rely on:
 
     0  done
     1  the service replied an error (``NNN: message`` on stderr)
-    2  usage error (bad option or argument; a -t not in (0, a week]; send: over a datagram)
+    2  usage error (bad option or argument; -t not in (0, a week]; send: over a datagram)
     3  the service cannot be reached (down, wrong address)
     4  no reply within --timeout
   130  interrupted (Ctrl-C), as a shell reports SIGINT; not click's ``Aborted!`` and 1
@@ -34,11 +34,10 @@ import click
 from bgservice import cli_format, cli_top
 from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
 from bgservice.client_async import MAX_TIMEOUT
-from bgservice.client_requests import parse_address, request
+from bgservice.client_requests import DatagramTooLarge, encode_module
 from bgservice.errors import ReplyError
 
 EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 3, 4, 130
-MAX_DATAGRAM = 65507  # a UDP payload over IPv4 at most; a Unix datagram, "exactly like UDP"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -56,6 +55,17 @@ class JobIdType(click.ParamType):
 
 
 JOB_ID = JobIdType()
+
+
+def _module(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        encode_module(value)  # ValueError: bytes that are not UTF-8, held as surrogates
+    except ValueError as exc:  # a usage error (exit 2), not an encoding traceback (exit 1)
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
+MODULE = click.argument("module", callback=_module)
 
 
 # Where the client options' values are kept: Context.meta is shared by a context and
@@ -80,7 +90,7 @@ def _options(udp: bool, reply: bool) -> Callable[[F], F]:
     kept: dict[str, Any] = {"callback": _remember, "expose_value": False}
     address = "host:port or Unix socket path of the service "
     address += f"[default: $BGSERVICE_ADDRESS, else {DEFAULT_ADDRESS}]"
-    udp_address = "For send: UDP host:port or Unix datagram path."
+    udp_address = "For send: UDP host:port, or Unix datagram path (or udg:///path)."
     timeout = "Seconds to wait for a reply [default: 30]."
     options = [
         click.option("-a", "--address", help=address, **kept),
@@ -117,14 +127,10 @@ def _timeout() -> float:
 def _talking(module: str | None = None) -> Iterator[Client]:
     """A client for the options given, with its failures turned into messages and exit
     codes (and the notes added to them on the way out: a job left queued, a hint)."""
-    udp_address = _given().get("udp_address")
-    for address in (_address(), udp_address):
-        try:
-            if address is not None:
-                parse_address(address)
-        except ValueError as exc:  # a usage error: exit 2, as click's own
-            raise click.UsageError(str(exc)) from None
-    client = Client(_address(), timeout=_timeout(), udp_address=udp_address)
+    try:  # opens nothing yet; ValueError: a bad address (-t was checked as it was read)
+        client = Client(_address(), timeout=_timeout(), udp_address=_given().get("udp_address"))
+    except ValueError as exc:  # a usage error: exit 2, as click's own
+        raise click.UsageError(str(exc)) from None
     try:
         yield client
     except ReplyError as exc:
@@ -179,7 +185,7 @@ JSON = click.option("--json", "as_json", is_flag=True, help="The service's JSON,
 
 
 @click.command()
-@click.argument("module")
+@MODULE
 @click.argument("data", required=False)
 @client_options
 def call(module: str, data: str | None) -> None:
@@ -189,23 +195,19 @@ def call(module: str, data: str | None) -> None:
 
 
 @click.command()
-@click.argument("module")
+@MODULE
 @click.argument("data", required=False)
 @_options(udp=True, reply=False)
 def send(module: str, data: str | None) -> None:
     """Fire and forget MODULE with DATA over UDP (nothing comes back); MODULE:DATA must fit
-    in one datagram (65,507 bytes), or it is a usage error (exit 2)."""
+    in one datagram, as the kernel decides (65,507 bytes over IPv4), else exit 2."""
     with _talking() as client:
         if client.udp_address is None:  # a Unix stream socket: no datagram twin known
             raise click.UsageError(f"{client.address}: send needs --udp-address (unix_dgram)")
-        payload = _data(data)
-        size = len(request(module, payload))
-        if size > MAX_DATAGRAM:  # Client.send would drop it unseen (EMSGSIZE): fire and forget
-            raise click.UsageError(
-                f"send: MODULE:DATA is {size} bytes, more than a datagram takes "
-                f"({MAX_DATAGRAM} bytes): use call or queue add"
-            )
-        client.send(module, payload)
+        try:
+            client.send(module, _data(data))
+        except DatagramTooLarge as exc:  # the kernel's EMSGSIZE: it could never be sent
+            raise click.UsageError(f"send: {exc.reason}: use call or queue add") from None
 
 
 @click.command()
@@ -247,7 +249,7 @@ def ping() -> None:
 )
 @client_options
 def top(once: bool, interval: float) -> None:
-    """Live view: running jobs, waiting counts, requests/s (Ctrl-C quits)."""
+    """Live view: running jobs, waiting counts, requests/s (Ctrl-C quits, exit 130)."""
     with _talking() as client:
         watcher = cli_top.Watcher(client, _address())
         if once or not sys.stdout.isatty():
@@ -266,7 +268,7 @@ def queue() -> None:
 
 
 @queue.command("add")
-@click.argument("module")
+@MODULE
 @click.argument("data", required=False)
 @click.option("--priority", type=int, help="Higher runs first.")
 @click.option("--delay", type=float, help="Seconds to wait before it may run.")

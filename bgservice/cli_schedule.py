@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 
 from bgservice import cli_format
-from bgservice.cli_client import JSON, _data, _show, _talking, client_options
+from bgservice.cli_client import JSON, MODULE, _data, _show, _talking, client_options
 
 
 @click.group()
@@ -31,7 +31,7 @@ def schedule_list(as_json: bool) -> None:
 
 @schedule.command("add")
 @click.argument("name")
-@click.argument("module")
+@MODULE
 @click.argument("data", required=False)
 @click.option("--cron", help='A cron expression, e.g. "0 3 * * *" (03:00 every day).')
 @click.option("--every", type=float, help="Or: every this many seconds (at least 1).")

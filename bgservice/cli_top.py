@@ -20,6 +20,7 @@ import click
 from bgservice.cli_format import top_lines
 from bgservice.client import Client
 
+INTERRUPTED = 130  # the exit code of a Ctrl-C, as a shell reports SIGINT (cli_client's too)
 WAITING_LISTED = 500  # waiting jobs fetched to count per module; the total comes from stats
 ENTER, LEAVE = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"  # alternate screen, cursor
 HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
@@ -95,8 +96,8 @@ def live(watcher: Watcher, interval: float, out: TextIO) -> None:
             out.write(HOME + "".join(f"{line}{CLEAR_LINE}\r\n" for line in lines) + CLEAR_BELOW)
             out.flush()
             time.sleep(interval)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # how top is quit: no message, but the 130 of every
+        raise SystemExit(INTERRUPTED) from None  # command's Ctrl-C, which scripts check
     finally:
         out.write(LEAVE)
         out.flush()

@@ -4,6 +4,7 @@ service's syntax, job ids in either form, the errors a caller sees. No I/O."""
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -38,6 +39,18 @@ class ClientTimeout(TimeoutError):
     """No reply within the client's timeout."""
 
 
+class DatagramTooLarge(ValueError):
+    """``send``: ``MODULE:DATA`` is more than one datagram to ``address`` carries (the
+    kernel's "message too long"): it could never be sent, the service up or down."""
+
+    def __init__(self, module: str, size: int, address: str) -> None:
+        self.reason = (
+            f"{module}:DATA is {size} bytes, more than one datagram to {address} carries "
+            '(the kernel\'s "message too long")'
+        )
+        super().__init__(f"send(): {self.reason}: use call() or add()")
+
+
 class BatchError(ReplyError):
     """Some requests of a batch (``add_many``, ``get_many``) had an error reply. The
     others were served: ``results`` holds, in request order, each one's value or its
@@ -55,7 +68,8 @@ class Where:
     path), ``udp_address`` for ``send`` (default: the same host:port over UDP; a Unix
     stream socket has no datagram twin at a known path, so with a Unix ``address``
     ``send`` needs ``udp_address``, the listener's ``unix_dgram``), ``timeout`` seconds a
-    reply may take (None: forever)."""
+    reply may take (None: forever). ``parse_address`` says which forms each takes; any
+    other raises ``ValueError`` here."""
 
     def __init__(
         self,
@@ -66,6 +80,8 @@ class Where:
         self.address = address
         unix = parse_address(address)[0] == socket.AF_UNIX
         self.udp_address = udp_address or (None if unix else address)
+        if self.udp_address is not None:  # a bad one refused now, not lost at each send
+            parse_address(self.udp_address, datagram=True)
         self.timeout = timeout
         self._start()
 
@@ -78,13 +94,14 @@ class Where:
         same for the blocking and the asyncio client. ``ValueError`` for what could never
         be sent, up or down: without a datagram address (a Unix ``address`` and no
         ``udp_address``), or ``MODULE:DATA`` larger than one datagram carries (the
-        kernel's "message too long": over 65,507 bytes for UDP over IPv4)."""
+        kernel's "message too long" decides: over 65,507 bytes for UDP over IPv4, more
+        over IPv6 or to a Unix datagram socket)."""
         if self.udp_address is None:
             raise ValueError(
                 f"send() needs udp_address: {self.address} is a Unix stream socket "
                 "(pass the listener's unix_dgram path, or a host:port for UDP)"
             )
-        family, target = parse_address(self.udp_address)
+        family, target = parse_address(self.udp_address, datagram=True)
         message = request(module, data)
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             # Never waits: a Unix datagram socket takes 10 datagrams the service has not
@@ -96,20 +113,41 @@ class Where:
                 sock.sendto(message, target)
             except OSError as exc:
                 if exc.errno == errno.EMSGSIZE:  # lost whatever the service's state
-                    raise ValueError(
-                        f"send(): {module}:DATA is {len(message)} bytes, more than one "
-                        f"datagram to {self.udp_address} carries: use call() or add()"
-                    ) from None
+                    raise DatagramTooLarge(module, len(message), self.udp_address) from None
                 # else fire-and-forget: a service that is down must not fail the caller
 
 
 # --- requests: pure -------------------------------------------------------------------
 
 
-def parse_address(address: str) -> tuple[int, Any]:
-    """``host:port`` / ``[v6]:port`` -> (AF_INET*, (host, port)); a path -> (AF_UNIX, path)."""
+# The PHP client's forms for a Unix socket ("unix:///run/bg.sock", "udg:///run/bg.dgram"):
+# a path that was sent to as such went nowhere, silently ("udg:" is not a folder).
+_UNIX_SCHEMES = {False: ("unix",), True: ("udg", "unix")}  # by datagram; unix: as before
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+
+
+def parse_address(address: str, datagram: bool = False) -> tuple[int, Any]:
+    """``host:port`` / ``[v6]:port`` -> (AF_INET*, (host, port)); a path, ``unix:PATH``
+    or ``unix://PATH`` (and, for a ``datagram`` address, ``udg://PATH``) -> (AF_UNIX,
+    path). Anything else, another ``scheme://`` included, raises ``ValueError``."""
+    url = _SCHEME.fullmatch(address)
+    if url:
+        scheme, path = url[1].lower(), url[2]
+        if scheme == "udg" and not datagram:
+            raise ValueError(f"{address!r} is a datagram socket, for udp_address (--udp-address)")
+        if scheme not in _UNIX_SCHEMES[datagram] or not path:
+            forms = ["host:port", "a Unix socket path"]
+            forms += [f"{name}:///path" for name in _UNIX_SCHEMES[datagram]]
+            kind = "a datagram address" if datagram else "address"
+            raise ValueError(
+                f"{kind} must be {', '.join(forms[:-1])} or {forms[-1]}, not {address!r}"
+            )
+        return socket.AF_UNIX, path
     if "/" in address or address.startswith("unix:"):
-        return socket.AF_UNIX, address.removeprefix("unix:")
+        path = address.removeprefix("unix:")
+        if not path:
+            raise ValueError(f"address {address!r} names no Unix socket path")
+        return socket.AF_UNIX, path
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"address must be host:port or a Unix socket path, not {address!r}")
@@ -149,8 +187,24 @@ def _bytes(data: Data) -> bytes:
     raise ValueError(f"data must be str or bytes, not {type(data).__name__}")
 
 
+def encode_module(module: str) -> bytes:
+    """A module name as sent: text, UTF-8. ``bytes`` are refused as any non-text is (its
+    ``encode`` was an ``AttributeError``), and so is a ``str`` with lone surrogates (what
+    Python makes of a command-line argument that is not UTF-8): a ``ValueError``."""
+    if not isinstance(module, str):
+        raise ValueError(f"module must be str, not {type(module).__name__}")
+    try:
+        return module.encode()
+    except UnicodeEncodeError:
+        try:  # the bytes the shell gave, if that is where it came from
+            shown = repr(module.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            shown = ascii(module)
+        raise ValueError(f"module name {shown} is not UTF-8 text") from None
+
+
 def request(module: str, data: Data = b"") -> bytes:
-    return module.encode() + b":" + _bytes(data)
+    return encode_module(module) + b":" + _bytes(data)
 
 
 def add_request(module: str, data: Data = b"", **options: Any) -> bytes:

@@ -5,8 +5,10 @@ Over UDP (or Unix datagrams):
     ``log:?channel=payments&level=error:MESSAGE``  (options as in the compiler modules)
 Each message becomes one line, ``2026-01-31T12:00:00.123Z ERROR 127.0.0.1:5300 MESSAGE``,
 in ``LOG_DIR/CHANNEL.log``; newlines inside a message are written as ``\\n`` so one line
-is one message. A file larger than MAX_BYTES is renamed ``CHANNEL.log.1`` (``.1`` to
-``.2`` ... up to BACKUPS) and a new one started.
+is one message, and other control characters visibly (``\\x1b``), so that whoever can
+send a datagram cannot drive the terminal of whoever tails the file. A file larger than
+MAX_BYTES is renamed ``CHANNEL.log.1`` (``.1`` to ``.2`` ... up to BACKUPS) and a new one
+started.
 
 Over TCP: ``log:tail`` or ``log:tail?channel=payments&lines=50`` replies the last lines.
 
@@ -104,6 +106,30 @@ def _parse(data: bytes) -> tuple[str, str, str]:
     return _channel(options.get("channel") or "main"), level, message
 
 
+# What a terminal would act on rather than show (ESC sequences clear the screen or recolour
+# it for whoever tails the file; CR overwrites a line; U+2028/2029 break lines for some
+# viewers), written visibly instead: \r and \n as before, any other C0 control but TAB,
+# DEL and the C1 controls as \xNN, U+2028/2029 as \uNNNN.
+_CONTROLS = "".join(map(chr, [*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)]))
+_CONTROLS += "\u2028\u2029"
+_CONTROL = re.compile(f"[{re.escape(_CONTROLS)}]")
+_ESCAPES = {c: f"\\x{ord(c):02x}" if c < "\u0100" else f"\\u{ord(c):04x}" for c in _CONTROLS}
+_ESCAPES |= {"\n": "\\n", "\r": "\\r"}
+
+
+def _visible(text: str) -> str:
+    """``text`` with its controls escaped. ``isprintable`` first: a line with none (the
+    usual one) costs one scan in C and no copy; a line with a TAB, or a character that
+    is not "printable" but harmless (NBSP), is searched again, and only one with a
+    control is rebuilt (a ``str.translate`` table was 3-4 times slower there: its values
+    are strings, which takes it off its fast path)."""
+    return text if text.isprintable() else _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return _ESCAPES[match[0]]
+
+
 def _stamp(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
@@ -114,10 +140,11 @@ async def handle_udp(request: Request) -> None:
         channel, level, message = _parse(request.data)
     except ValueError as exc:
         counts["rejected"] += 1
-        _warn("log: datagram from %s rejected: %s", request.peer, exc)
+        _warn("log: datagram from %s rejected: %s", _visible(str(request.peer)), exc)
         return
-    message = message.rstrip("\r\n").replace("\r", "\\r").replace("\n", "\\n")
-    line = f"{_stamp(time.time())} {level} {request.peer or '-'} {message}\n"
+    message = _visible(message.rstrip("\r\n"))
+    # The peer too: a Unix datagram sender's path or abstract "@name" is whatever it chose.
+    line = f"{_stamp(time.time())} {level} {_visible(str(request.peer or '-'))} {message}\n"
     _start_writer()
     try:
         _queue.put_nowait((channel, line))

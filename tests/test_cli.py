@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -386,11 +389,77 @@ def test_a_timeout_must_be_seconds_above_zero(service):
     assert bg(service, "-t", "0.5", "call", "test", "x").stdout == b"Test"
 
 
-def test_send_of_more_than_one_datagram_is_an_error(service):
+SIZE = """
+from pathlib import Path
+
+def handle_udp(request):
+    Path(__file__).with_name("size.txt").write_text(str(len(request.data)))
+"""
+
+
+def test_send_of_more_than_one_datagram_is_an_error(modules_dir, make_service, tmp_path):
     # It exited 0 with nothing sent: the kernel's "message too long" was swallowed.
-    big = bg(service, "send", "echo", "-", stdin=b"x" * 100_000)
-    assert big.returncode == 2 and b"65507 bytes" in big.stderr, big.stderr
-    assert bg(service, "send", "echo", "-", stdin=b"x" * 65_502).returncode == 0  # the most
+    write_module(modules_dir, "size", SIZE)
+    dgram = tmp_path / "bg.dgram"
+    svc = make_service(f'[[listen]]\nhost = "127.0.0.1"\nport = 0\nunix_dgram = "{dgram}"\n')
+    big = bg(svc, "send", "size", "-", stdin=b"x" * 100_000)
+    assert big.returncode == 2 and b"Traceback" not in big.stderr, big.stderr
+    assert b"is 100005 bytes" in big.stderr and b"message too long" in big.stderr, big.stderr
+    size = modules_dir / "size.txt"
+    assert bg(svc, "send", "size", "-", stdin=b"x" * 65_502).returncode == 0  # UDP's most
+    wait_until(lambda: size.exists() and size.read_text() == "65502")
+    # The kernel decides, not a fixed 65,507: a Unix datagram socket takes more (a
+    # 100 KB one was refused), and refuses what its socket buffer cannot hold.
+    unix = ("--udp-address", str(dgram), "send", "size", "-")
+    assert bg(svc, *unix, stdin=b"x" * 100_002).returncode == 0
+    wait_until(lambda: size.read_text() == "100002")
+    huge = bg(svc, *unix, stdin=b"x" * 2**22)
+    assert huge.returncode == 2 and b"is 4194309 bytes" in huge.stderr, huge.stderr
+
+
+def test_a_module_name_that_is_not_utf8_is_a_usage_error(service):
+    # It was a UnicodeEncodeError traceback, exit 1 ("the service replied an error").
+    bad = os.fsdecode(b"rec\xfford")
+    schedule = ("schedule", "add", "nightly", bad, "x", "--every", "60")
+    for args in (("call", bad, "x"), ("send", bad, "x"), ("queue", "add", bad, "x"), schedule):
+        reply = bg(service, *args)
+        assert reply.returncode == 2 and b"Traceback" not in reply.stderr, (args, reply)
+        assert b"module name b'rec\\xfford' is not UTF-8" in reply.stderr, reply.stderr
+
+
+def test_top_on_a_terminal_exits_130_on_ctrl_c(service):
+    """Ctrl-C is how the live view is quit, and it exits 130 as every command does (it
+    exited 0): a script can tell an interruption from a clean end."""
+    main, side = pty.openpty()
+    host, port = service.tcp
+    env = {**os.environ, "BGSERVICE_ADDRESS": f"{host}:{port}", "COLUMNS": "100", "LINES": "30"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "service.py"), "top", "-n", "0.2"],
+        stdin=side,
+        stdout=side,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see _interrupted
+    )
+    os.close(side)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"requests" not in screen and time.monotonic() < deadline:  # a screen drawn
+            if select.select([main], [], [], 0.1)[0]:
+                screen += os.read(main, 65536)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+        with contextlib.suppress(OSError):  # EIO once the terminal's last writer is gone
+            while select.select([main], [], [], 0.5)[0] and (chunk := os.read(main, 65536)):
+                screen += chunk
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main)
+    assert b"requests" in screen, screen
+    assert (proc.returncode, err) == (130, b""), err
+    assert screen.endswith(b"\x1b[?25h\x1b[?1049l"), screen[-80:]  # the shell's screen back
 
 
 def test_stats_show_threads_workers_and_alerts(service):

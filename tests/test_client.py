@@ -47,6 +47,27 @@ def test_pure_helpers():
     )
 
 
+def test_address_forms_of_the_php_client_and_no_other_scheme():
+    # "udg:///run/bg.dgram" (the PHP client's form) was taken for a path starting "udg:",
+    # and every send went nowhere, silently; so was "udp://host:port".
+    unix = socket.AF_UNIX
+    assert parse_address("udg:///run/bg.dgram", datagram=True) == (unix, "/run/bg.dgram")
+    assert parse_address("unix:///run/bg.sock") == (unix, "/run/bg.sock")
+    assert parse_address("unix:/run/bg.sock") == (unix, "/run/bg.sock")
+    assert parse_address("/run/a://b") == (unix, "/run/a://b")  # a path, not a scheme
+    for bad in ("tcp://127.0.0.1:5", "http://127.0.0.1:5", "unix://", "unix:", "udg:///x"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+    for bad in ("udp://127.0.0.1:5", "tcp://127.0.0.1:5", "udg://", "ftp:///x"):
+        with pytest.raises(ValueError):
+            parse_address(bad, datagram=True)
+    # Refused when the client is made, not lost at each send.
+    with pytest.raises(ValueError, match="udp://"):
+        Client("127.0.0.1:5", udp_address="udp://127.0.0.1:5")
+    with pytest.raises(ValueError, match="udp_address"):
+        Client("udg:///run/bg.dgram")
+
+
 @pytest.mark.parametrize("job", [7, "7", "id:7", " id:7\n", "id: 7", "007"])
 def test_a_job_id_is_taken_as_n_or_as_the_originals_id_n(job):
     assert parse_job_id(job) == 7

@@ -155,6 +155,14 @@ def test_send_to_a_unix_stream_address_needs_a_datagram_address(tmp_path, make_s
     svc.wait_for_log("arrives")
 
 
+def test_send_takes_the_php_clients_udg_form(tmp_path, make_service):
+    # Client(udp_address="udg:///path") sent to a path "udg:///path": lost, silently.
+    stream, dgram = tmp_path / "bg.sock", tmp_path / "bg.dgram"
+    svc = make_service(f'[[listen]]\nunix = "{stream}"\nunix_dgram = "{dgram}"\n')
+    Client(f"unix://{stream}", udp_address=f"udg://{dgram}").send("test", "udg arrives")
+    svc.wait_for_log("udg arrives")
+
+
 def test_an_async_client_waits_for_a_busy_services_greeting(modules_dir, make_service):
     """A service whose loop is blocked still accepts, and greets once the loop is free.
     Each caller sharing the opening waits for the greeting within its own timeout: a
@@ -315,6 +323,21 @@ def test_data_that_is_not_text_or_bytes_is_refused_before_it_is_sent(service, da
             with pytest.raises(ValueError, match="data must be str or bytes, not"):
                 call("echo", data)
         assert "echo" not in bg.stats()["modules"]  # nothing was sent
+
+
+@pytest.mark.parametrize("module", [b"echo", "rec\udcfford", "\ud800"])
+def test_a_module_name_that_is_not_utf8_text_is_refused_before_it_is_sent(service, module):
+    # A bytes name was an AttributeError, one with lone surrogates (a shell argument that
+    # is not UTF-8) a UnicodeEncodeError; the docs promise ValueError, nothing sent.
+    with Client(address(service)) as bg:
+        for call in (bg.call, bg.add, bg.send, bg.run, lambda m, d: bg.add_many([(m, d)])):
+            with pytest.raises(ValueError, match="module"):
+                call(module, "x")
+        with pytest.raises(ValueError, match="module"):
+            bg.schedule("nightly", module, "x", every=60)
+        with pytest.raises(ValueError, match="module"):
+            asyncio.run(AsyncClient(address(service)).call(module, "x"))
+        assert bg.stats()["requests"] == 0  # counted once served: none before this one
 
 
 def test_send_over_a_unix_datagram_socket_never_waits(tmp_path, make_service):

@@ -56,11 +56,11 @@ def lines_of(folder: Path, channel: str) -> list[str]:
 def log_service(
     make_service: Callable[..., ServiceProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., ServiceProcess]:
-    def start(**env: str) -> ServiceProcess:
+    def start(config: str = "", **env: str) -> ServiceProcess:
         monkeypatch.setenv("BGSERVICE_LOG_DIR", str(tmp_path / "logs"))
         for name, value in env.items():
             monkeypatch.setenv(f"BGSERVICE_LOG_{name.upper()}", value)
-        return make_service()
+        return make_service(config)
 
     return start
 
@@ -79,6 +79,28 @@ def test_simple_and_structured_messages(log_service, tmp_path: Path) -> None:
     (payment,) = (tmp_path / "logs" / "payments.log").read_text().splitlines()
     assert payment.endswith(" card declined\\nsecond line")
     assert " ERROR 127.0.0.1:" in payment
+
+
+def test_control_characters_are_written_visibly(log_service, tmp_path: Path) -> None:
+    # Only \r and \n were escaped: whoever can send a datagram could clear or recolour
+    # the terminal of whoever tails the file (ESC sequences), or hide a line (VT, CR).
+    dgram = tmp_path / "log.dgram"
+    svc = log_service(f'[[listen]]\nhost = "127.0.0.1"\nport = 0\nunix_dgram = "{dgram}"\n')
+    sent = "\x1b[2J\x1b[31mred\x0bvt\x00nul\x07bel\x7fdel\x85nel\x9bcsi\u2028ls\u2029ps"
+    svc.send_udp(b"log:" + (sent + "\ttab\rcr\nnl \u00e9 ok\r\n").encode())
+    # A Unix datagram sender's peer is its socket's path, which it chose.
+    sender = tmp_path / "\x1b[31mevil"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sender))
+        sock.sendto(b"log:from a unix socket", str(dgram))
+    assert settled(svc)["written"] == 2
+    text = (tmp_path / "logs" / "main.log").read_text()
+    controls = [c for c in text if (c < " " and c not in "\t\n") or "\x7f" <= c < "\xa0"]
+    assert not controls and "\u2028" not in text and "\u2029" not in text, controls
+    first, second = text.split("\n")[:2]
+    shown = r"\x1b[2J\x1b[31mred\x0bvt\x00nul\x07bel\x7fdel\x85nel\x9bcsi\u2028ls\u2029ps"
+    assert first.endswith(" " + shown + "\ttab" + r"\rcr\nnl" + " \u00e9 ok"), first
+    assert second.endswith(f" {tmp_path}/\\x1b[31mevil from a unix socket"), second
 
 
 def test_bad_channels_are_rejected_and_counted(log_service, tmp_path: Path) -> None:
