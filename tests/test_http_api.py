@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ServiceProcess, wait_until, write_module
@@ -244,9 +246,10 @@ def test_unknown_routes_and_methods_are_json_errors(svc: ServiceProcess) -> None
 def test_dashboard_is_served(svc: ServiceProcess) -> None:
     status, page, _ = svc.http("GET", "/")  # redirected to /dashboard/
     assert status == 200 and "<title>bgservice</title>" in page
-    status, script, headers = svc.http("GET", "/dashboard/app.js")
+    status, script, headers = svc.http("GET", "/dashboard/page.js")
     assert status == 200 and "busy-chart" in script
     assert "javascript" in headers["Content-Type"]
+    assert svc.http("GET", "/dashboard/app.js")[0] == 200
 
 
 def test_the_token_guards_api_and_metrics_but_not_the_page(
@@ -369,3 +372,97 @@ def test_a_schedule_every_too_large_for_a_float_is_a_400(svc: ServiceProcess) ->
         )
         assert status == 400 and "schedule huge: every must be" in error["error"]["message"]
     assert "Traceback" not in svc.log()
+
+
+def _reply_headers(svc: ServiceProcess, path: str, token: str | None = None) -> Any:
+    """One GET's status and headers, its redirect not followed."""
+    host, port = svc.info["http"]
+    conn = http.client.HTTPConnection(host, port, timeout=15)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status, reply.headers
+    finally:
+        conn.close()
+
+
+def test_every_reply_forbids_framing_and_sniffing_and_none_is_cached_stale(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # No header stopped another site framing the dashboard (a click on a hidden Cancel),
+    # a browser sniffing a type, or a cache keeping a job's result.
+    svc = make_service(
+        HTTP + 'token = "operate-token"\n'
+        'tokens = { ro = { token = "read-only-token", scope = "read" } }\n'
+    )
+    for path, status, token in [
+        ("/", 302, None),
+        ("/dashboard/", 200, None),
+        ("/dashboard/app.js", 200, None),
+        ("/dashboard/style.css", 200, None),
+        ("/dashboard/nope.js", 404, None),
+        (f"{API}/modules", 401, None),
+        (f"{API}/modules", 200, "operate-token"),
+        (f"{API}/jobs/1", 404, "operate-token"),
+        ("/metrics", 200, "read-only-token"),
+        (f"{API}/openapi.json", 200, "read-only-token"),
+    ]:
+        got, headers = _reply_headers(svc, path, token)
+        assert got == status, path
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        dashboard = path.startswith("/dashboard/")
+        assert headers["Cache-Control"] == ("no-cache" if dashboard else "no-store"), path
+    # The page's own policy: its files, its API, nothing else; relative paths all through,
+    # so that it works under a proxy's sub-path.
+    _, headers = _reply_headers(svc, "/dashboard/")
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
+    assert "connect-src 'self'" in policy
+    assert _reply_headers(svc, "/")[1]["Location"] == "dashboard/"
+    _, page, _ = svc.http("GET", "/dashboard/")
+    assert not re.search(r'(href|src)="/', page)
+    _, script, _ = svc.http("GET", "/dashboard/app.js")
+    assert 'const API = "../api/v1"' in script
+    # The scope of the token used, for the page to offer only what it may do.
+    assert _reply_headers(svc, f"{API}/stats", "read-only-token")[1][
+        "Bgservice-Token-Scope"] == "read"  # fmt: skip
+    assert _reply_headers(svc, f"{API}/stats", "operate-token")[1][
+        "Bgservice-Token-Scope"] == "operate"  # fmt: skip
+
+
+def test_queue_stats_names_the_busiest_names_only(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # One entry per distinct name: 90,000 waiting jobs of distinct names, a 4.7 MB reply
+    # that every open dashboard asked for every 2 s. Now the [queue] max_page busiest.
+    svc = make_service(HTTP + "[queue]\nmax_page = 3\n")
+    for name, count in [("a", 1), ("b", 3), ("c", 2), ("d", 1), ("e", 4)]:
+        for _ in range(count):
+            job = {"module": "echo", "delay": 600, "name": name}
+            assert svc.http("POST", f"{API}/jobs", job)[0] == 201
+    status, stats, _ = svc.http("GET", f"{API}/queue/stats")
+    assert status == 200
+    assert stats["names"] == {n: {"waiting": w, "running": 0} for n, w in [("e", 4), ("b", 3),
+                                                                          ("c", 2)]}  # fmt: skip
+    assert stats["names_left_out"] == 2
+    assert stats["counts"]["waiting"] == 11
+
+
+def test_a_throttled_job_is_throttled_in_the_list_as_in_its_status(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # GET /jobs/N gave the time its module's rate lets it start; the list gave null.
+    svc = make_service(HTTP + '[queue]\nmodule_rates = { echo = "1/minute" }\n')
+    _, first, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "1"})
+    assert svc.http("GET", f"{API}/jobs/{first['id']}?wait=10")[1]["state"] == "done"
+    _, second, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "2"})
+    one = wait_until(lambda: (r := svc.http("GET", f"{API}/jobs/{second['id']}")[1])
+                     ["throttled_until"] and r)  # fmt: skip
+    assert one["state"] == "waiting"
+    for query in ("?state=waiting", ""):
+        _, page, _ = svc.http("GET", f"{API}/jobs{query}")
+        (row,) = [j for j in page["jobs"]["waiting"] if j["id"] == second["id"]]
+        assert row["throttled_until"] == one["throttled_until"], query

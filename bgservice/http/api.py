@@ -33,7 +33,7 @@ from bgservice.http import inputs
 from bgservice.http.metrics import Metrics
 from bgservice.http.origins import BrowserGuard
 from bgservice.http.paging import next_token, parse_page
-from bgservice.http.replies import error_response
+from bgservice.http.replies import add_headers, error_response
 from bgservice.http.schedules import ScheduleRoutes
 from bgservice.http.site import LimitedSite
 from bgservice.http.tokens import Token, Tokens
@@ -130,6 +130,7 @@ class HttpApi:
             middlewares=[self._errors, self._guard],
             client_max_size=self.settings.limits.max_request_bytes,
         )
+        app.on_response_prepare.append(add_headers)  # framing, sniffing, caching: replies.py
         r = app.router
         r.add_get("/", self.index)
         r.add_get("/dashboard", self.index)
@@ -224,7 +225,8 @@ class HttpApi:
     # --- the dashboard and documents ------------------------------------------------------
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPFound("/dashboard/")
+        # Relative: behind a proxy that serves the service under /some/path/ too.
+        raise web.HTTPFound("dashboard/")
 
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html")

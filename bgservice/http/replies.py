@@ -1,5 +1,6 @@
 """Error replies in the shape of Google's AIP-193:
-``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``.
+``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``; and the headers
+every reply carries (framing, sniffing, caching: docs/http.md "Headers on every reply").
 
 ``code`` stays the socket protocol's code (docs/protocol.md), which is also the HTTP
 status, so a client reading either front door sees the same number; ``status`` is the
@@ -43,3 +44,39 @@ def status_name(code: int) -> str:
 def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"error": {"code": code, "message": message, "status": status_name(code)}})
     return web.Response(status=code, text=body, content_type="application/json", headers=headers)
+
+
+# Headers on every reply (added as each is sent, errors and redirects too): no page of
+# another site may frame these (clickjacking: a click on a hidden Cancel), no browser may
+# guess a type other than the one sent, and no reply of the API is kept by a cache.
+SECURITY = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+# The API, /metrics and the rest: they load nothing, and no cache keeps a job's result.
+PLAIN = {**SECURITY, "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+         "Cache-Control": "no-store"}  # fmt: skip
+# The dashboard's files: the page loads its own script and style and talks to its own API,
+# nothing else (its progress bars are sized through the DOM, not style attributes; the
+# icon is a data: URL). Revalidated on each load, so an upgrade is seen at once.
+DASHBOARD = {
+    **SECURITY,
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Cache-Control": "no-cache",
+}
+SCOPE_HEADER = "Bgservice-Token-Scope"  # what the token used may do (docs/http.md)
+
+
+async def add_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """aiohttp's ``on_response_prepare``: the headers above, and the scope of the token the
+    request carried, so the dashboard offers only the buttons that token may use."""
+    dashboard = request.path == "/dashboard" or request.path.startswith("/dashboard/")
+    for name, value in (DASHBOARD if dashboard else PLAIN).items():
+        response.headers.setdefault(name, value)
+    token = request.get("token")
+    if token is not None:
+        response.headers[SCOPE_HEADER] = token.scope

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_server import Server
 
-from bgservice.http.replies import error_response
+from bgservice.http.replies import PLAIN, error_response
 from bgservice.logs import Sparse
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,11 @@ LOG_EVERY = 60.0  # seconds between log lines about refused connections
 def _refusal(limit: int) -> bytes:
     body = error_response(503, f"Too many connections (at most {limit})").body
     assert isinstance(body, bytes)
+    # Written as bytes, past aiohttp: the headers every other reply gets, added here.
+    extra = "".join(f"{name}: {value}\r\n" for name, value in PLAIN.items())
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\n{extra}Connection: close\r\n\r\n"
     )
     return head.encode() + body
 

@@ -75,7 +75,7 @@ class LocalQueue(JobQueue):
         self._finished = FinishedJobs(settings, store)
         self._deps = Dependencies(self.jobs.__contains__, self._finished)
         self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
-                                  self._deps.blocked_ids)  # fmt: skip
+                                  self._deps.blocked_ids, lambda: self.rates)  # fmt: skip
         self._writes = Writes(store)
         self._cascading = False  # _cascade is at work, now or in the next turn
         self._expiry: asyncio.Task[None] | None = None
