@@ -1,17 +1,21 @@
 """Time per compile of a ~10 KB source in each shipped compiler module, against a real service.
 
-Usage: python3 bench/compile_times.py [--runs 50] [--warmup 5]
+Usage: python3 bench/compile_times.py [--runs 50] [--warmup 20] [--timeout 30]
 
 Starts ``python service.py`` on a free port with the repo's modules, then for each language
 sends the same request (one connection per call, as the original's PHP clients do) after a
-warm-up, and prints the median and 90th percentile of the round trip in milliseconds.
-Needs node and ``npm ci --prefix compilers``.
+warm-up, and prints the median and 90th percentile of the round trip in milliseconds
+(nearest rank: with one run, both are that run). Needs node and ``npm ci --prefix
+compilers``. The service is stopped however the script ends (SIGTERM, SIGINT and SIGHUP
+exit 143, 130 and 129; bench/children.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import socket
 import statistics
 import subprocess
@@ -21,6 +25,9 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+
+# A sibling in bench/: this file runs as a script, so bench/ is first on sys.path.
+from children import Children, Interrupted, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 10_000
@@ -118,25 +125,26 @@ OPTIONS = {
 }
 
 
-def start_service(folder: Path) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
+def start_service(children: Children, folder: Path, timeout: float) -> tuple[str, int]:
     config = folder / "service.config"
     config.write_text(
         f'modules = "{REPO / "modules"}"\ndb = "{folder / "jobs.db"}"\n'
         '[[listen]]\nname = "bench"\nhost = "127.0.0.1"\nport = 0\n'
     )
-    ready = folder / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "service.py"), "-c", str(config), "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL,
-        stderr=(folder / "service.log").open("wb"),
-    )
-    deadline = time.monotonic() + 20
+    ready, log = folder / "ready.json", folder / "service.log"
+    command = [sys.executable, str(REPO / "service.py"), "-c", str(config)]
+    with log.open("wb") as err:
+        proc = children.spawn(
+            [*command, "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=err
+        )
+    deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"service did not start: {(folder / 'service.log').read_text()}")
+            stop_process(proc)
+            raise SystemExit(f"service did not start within {timeout:g} s: {log.read_text()}")
         time.sleep(0.05)
     host, port = json.loads(ready.read_text())["listeners"][0]["tcp"]
-    return proc, (host, port)
+    return host, port
 
 
 def call(address: tuple[str, int], payload: bytes) -> bytes:
@@ -162,20 +170,33 @@ def payload(name: str, run: int | None) -> bytes:
     return f"{module}:{OPTIONS.get(name, '')}{source}".encode()
 
 
+def checked_call(address: tuple[str, int], data: bytes) -> bytes:
+    reply = call(address, data)
+    if reply[:3].isdigit() and reply[3:4] == b":":
+        raise SystemExit(f"{data[:20]!r}: {reply[:300].decode()}")
+    return reply
+
+
+def median_p90(times: list[float]) -> tuple[float, float]:
+    """The median and the nearest-rank 90th percentile (defined for a single run, which
+    statistics.quantiles is not)."""
+    ranked = sorted(times)
+    return statistics.median(ranked), ranked[math.ceil(0.9 * len(ranked)) - 1]
+
+
 def timed(address: tuple[str, int], payloads: list[bytes]) -> tuple[float, float, int]:
-    """(median ms, p90 ms, reply length) of one call per payload."""
-    times = []
+    """(median ms, p90 ms, reply length) of one call per payload (at least one)."""
+    times, reply = [], b""
     for data in payloads:
         start = time.perf_counter()
-        reply = call(address, data)
+        reply = checked_call(address, data)
         times.append((time.perf_counter() - start) * 1000)
-        if reply[:3].isdigit() and reply[3:4] == b":":
-            raise SystemExit(f"{data[:20]!r}: {reply[:300].decode()}")
-    return statistics.median(times), statistics.quantiles(times, n=10)[8], len(reply)
+    return (*median_p90(times), len(reply))
 
 
 def measure(address: tuple[str, int], name: str, runs: int, warmup: int) -> str:
-    timed(address, [payload(name, -n) for n in range(1, warmup + 1)])
+    for n in range(1, warmup + 1):
+        checked_call(address, payload(name, -n))
     median, p90, out = timed(address, [payload(name, n) for n in range(runs)])
     cached, cached_p90, _ = timed(address, [payload(name, None)] * runs)
     return (
@@ -184,23 +205,62 @@ def measure(address: tuple[str, int], name: str, runs: int, warmup: int) -> str:
     )
 
 
+def count(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, not {text!r}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--runs", type=count(1), default=50, help="timed calls (default 50)")
+    parser.add_argument("--warmup", type=count(0), default=20, help="untimed calls first")
+    parser.add_argument(
+        "--timeout", type=seconds, default=30.0, help="seconds the service may take to start"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_service(Path(tmp))
-        try:
-            print(f"{args.runs} calls each after {args.warmup} warm-up, one connection per call;")
-            print("compile: a new source every call; cached: the same source again")
-            print("| module     | in (B) | out (B) | compile ms | p90 | cached ms | p90 |")
-            print("|------------|-------:|--------:|-------:|-------:|-------:|-------:|")
-            for name in SOURCES:
-                print(measure(address, name, args.runs, args.warmup))
-        finally:
-            proc.terminate()
-            proc.wait(20)
+    children = Children()
+    children.catch_signals()
+    folder: Path | None = None
+    try:
+        with children.held():  # the folder is known to the clean-up before a stop can come
+            folder = Path(tempfile.mkdtemp(prefix="bgcompile-"))
+        report(start_service(children, folder, args.timeout), args.runs, args.warmup)
+    except Interrupted as stop:
+        print(f"compile_times: stopped by {stop}; the service is stopped", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+    finally:
+        with children.held():
+            children.close()
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        children.release_signals()
+
+
+def report(address: tuple[str, int], runs: int, warmup: int) -> None:
+    print(f"{runs} calls each after {warmup} warm-up, one connection per call;")
+    print("compile: a new source every call; cached: the same source again")
+    print("| module     | in (B) | out (B) | compile ms | p90 | cached ms | p90 |")
+    print("|------------|-------:|--------:|-------:|-------:|-------:|-------:|")
+    for name in SOURCES:
+        print(measure(address, name, runs, warmup))
 
 
 if __name__ == "__main__":

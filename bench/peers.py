@@ -4,6 +4,8 @@ The service (``python service.py``, durable SQLite queue, or the Redis engine), 
 reference (bench/reference.py), the original's behaviour (bench/original.js on node),
 beanstalkd with its binlog, and a redis-server for the Redis engine. A peer whose program
 is not installed is not started: ``missing()`` says which, and why, for the printed note.
+Each is started through ``Children`` (bench/children.py): registered the moment it exists,
+so that an interrupted or failed start leaves nothing running.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -21,9 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from children import Children, stop_process
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TICK = os.sysconf("SC_CLK_TCK")
+# Seconds a server has to be ready, and a client (loadgen, the queue producers) to finish
+# (run.py --timeout): only a hung step takes that long.
+TIMEOUT = 120.0
 
 BURN = textwrap.dedent(
     """
@@ -66,12 +74,7 @@ class Server:
         return 0.0
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def missing() -> dict[str, str]:
@@ -83,8 +86,11 @@ def missing() -> dict[str, str]:
         lacks["beanstalkd"] = "beanstalkd is not installed (apt-get install beanstalkd)"
     if shutil.which("redis-server") is None:
         lacks["service-redis"] = "redis-server is not installed (apt-get install redis-server)"
-    elif importlib.util.find_spec("redis") is None:
-        lacks["service-redis"] = "the redis package is not installed (pip install redis)"
+    # What the service's [queue] backend = "redis" itself requires (bgservice/config_checks.py),
+    # in this Python, which is the service's too.
+    elif absent := [p for p in ("redis", "hiredis") if importlib.util.find_spec(p) is None]:
+        names = " and ".join(absent)
+        lacks["service-redis"] = f"{names} not installed (pip install -e '.[redis]')"
     return lacks
 
 
@@ -96,93 +102,109 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited at start (code {proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.01)
-    raise SystemExit(f"{what} did not listen on port {port} within 30 s")
+@dataclass(frozen=True)
+class Starter:
+    """Starts the servers, each in a folder of its own under ``root``, registered with
+    ``children``; one not ready within ``timeout`` seconds is stopped and the run ends."""
 
+    children: Children
+    root: Path
+    timeout: float = TIMEOUT
 
-def start_service(root: Path, redis_url: str | None = None) -> tuple[Server, float]:
-    """``python service.py`` on a free port with a copy of the shipped modules, a fresh
-    durable queue database (or the Redis engine at ``redis_url``) and 4 queue workers;
-    returns it and the seconds from exec to ready."""
-    folder = Path(tempfile.mkdtemp(dir=root, prefix="service-"))
-    modules = folder / "modules"
-    shutil.copytree(REPO / "modules", modules, ignore=shutil.ignore_patterns("__pycache__"))
-    (modules / "burn.py").write_text(BURN)
-    (modules / "count.py").write_text(COUNT)
-    queue = f'backend = "redis"\n[redis]\nurl = "{redis_url}"\n' if redis_url else ""
-    config = folder / "service.config"
-    config.write_text(
-        f'modules = "{modules}"\ndb = "{folder / "jobs.db"}"\n'
-        '[[listen]]\nname = "bench"\nhost = "127.0.0.1"\nport = 0\n'
-        f"[limits]\nmax_connections = 4096\n[queue]\nworkers = 4\n{queue}"
-    )
-    ready = folder / "ready.json"
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "service.py"), "-c", str(config), "--ready-file", str(ready)],
-        stdout=(folder / "service.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=folder,
-    )
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"service exited: {(folder / 'service.log').read_text()}")
-        time.sleep(0.002)
-    took = time.perf_counter() - started
-    info = json.loads(ready.read_text())
-    name = "service-redis" if redis_url else "service"
-    return Server(name, proc, info["listeners"][0]["tcp"][1], folder), took
+    def _failed(self, proc: subprocess.Popen[bytes], why: str) -> SystemExit:
+        stop_process(proc)
+        return SystemExit(why)
 
+    def _wait_listening(self, proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"{what} exited at start (code {proc.returncode})")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.01)
+        raise self._failed(proc, f"{what} did not listen on port {port} within {self.timeout:g} s")
 
-def _start_printing_port(root: Path, name: str, command: list[str]) -> tuple[Server, float]:
-    """A peer that takes port 0 and prints the port it got (reference.py, original.js)."""
-    folder = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}-"))
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    return Server(name, proc, port, folder), time.perf_counter() - started
+    def service(self, redis_url: str | None = None) -> tuple[Server, float]:
+        """``python service.py`` on a free port with a copy of the shipped modules, a fresh
+        durable queue database (or the Redis engine at ``redis_url``) and 4 queue workers;
+        returns it and the seconds from exec to ready."""
+        folder = Path(tempfile.mkdtemp(dir=self.root, prefix="service-"))
+        modules = folder / "modules"
+        shutil.copytree(REPO / "modules", modules, ignore=shutil.ignore_patterns("__pycache__"))
+        (modules / "burn.py").write_text(BURN)
+        (modules / "count.py").write_text(COUNT)
+        queue = f'backend = "redis"\n[redis]\nurl = "{redis_url}"\n' if redis_url else ""
+        config = folder / "service.config"
+        config.write_text(
+            f'modules = "{modules}"\ndb = "{folder / "jobs.db"}"\n'
+            '[[listen]]\nname = "bench"\nhost = "127.0.0.1"\nport = 0\n'
+            f"[limits]\nmax_connections = 4096\n[queue]\nworkers = 4\n{queue}"
+        )
+        ready, log = folder / "ready.json", folder / "service.log"
+        command = [sys.executable, str(REPO / "service.py"), "-c", str(config)]
+        started = time.perf_counter()
+        with log.open("wb") as out:
+            proc = self.children.spawn(
+                [*command, "--ready-file", str(ready)], stdout=out, stderr=subprocess.STDOUT,
+                cwd=folder,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"service exited: {log.read_text()}")
+            if time.monotonic() > deadline:
+                raise self._failed(proc, f"service not ready within {self.timeout:g} s: {log}")
+            time.sleep(0.002)
+        took = time.perf_counter() - started
+        info = json.loads(ready.read_text())
+        name = "service-redis" if redis_url else "service"
+        return Server(name, proc, info["listeners"][0]["tcp"][1], folder), took
 
+    def _printing_port(self, name: str, command: list[str]) -> tuple[Server, float]:
+        """A peer that takes port 0 and prints the port it got (reference.py, original.js)."""
+        folder = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{name}-"))
+        started = time.perf_counter()
+        proc = self.children.spawn(command, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        if not select.select([proc.stdout], [], [], self.timeout)[0]:
+            raise self._failed(proc, f"{name} printed no port within {self.timeout:g} s")
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise self._failed(proc, f"{name} exited at start or printed {line[:80]!r}")
+        return Server(name, proc, int(line), folder), time.perf_counter() - started
 
-def start_reference(root: Path) -> tuple[Server, float]:
-    command = [sys.executable, str(HERE / "reference.py"), "0"]
-    return _start_printing_port(root, "reference", command)
+    def reference(self) -> tuple[Server, float]:
+        command = [sys.executable, str(HERE / "reference.py"), "0"]
+        return self._printing_port("reference", command)
 
+    def original(self) -> Server:
+        return self._printing_port("original", ["node", str(HERE / "original.js"), "0"])[0]
 
-def start_original(root: Path) -> Server:
-    return _start_printing_port(root, "original", ["node", str(HERE / "original.js"), "0"])[0]
+    def beanstalkd(self) -> Server:
+        """beanstalkd with its binlog on (``-b``) and its default fsync policy (at most one
+        fsync every 50 ms): what a user gets who asks for a durable beanstalkd."""
+        folder = Path(tempfile.mkdtemp(dir=self.root, prefix="beanstalkd-"))
+        port = free_port()
+        command = ["beanstalkd", "-l", "127.0.0.1", "-p", str(port), "-b", str(folder)]
+        devnull = subprocess.DEVNULL
+        proc = self.children.spawn(command, stdout=devnull, stderr=devnull)
+        self._wait_listening(proc, port, "beanstalkd")
+        return Server("beanstalkd", proc, port, folder)
 
-
-def start_beanstalkd(root: Path) -> Server:
-    """beanstalkd with its binlog on (``-b``) and its default fsync policy (at most one
-    fsync every 50 ms): what a user gets who asks for a durable beanstalkd."""
-    folder = Path(tempfile.mkdtemp(dir=root, prefix="beanstalkd-"))
-    port = free_port()
-    command = ["beanstalkd", "-l", "127.0.0.1", "-p", str(port), "-b", str(folder)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_listening(proc, port, "beanstalkd")
-    return Server("beanstalkd", proc, port, folder)
-
-
-def start_redis(root: Path) -> Server:
-    """redis-server for the Redis engine, durable as its users run it for a queue: the
-    append-only file, fsync once a second (the default when AOF is on); no snapshots."""
-    folder = Path(tempfile.mkdtemp(dir=root, prefix="redis-"))
-    port = free_port()
-    command = [
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-        "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-        "--logfile", str(folder / "redis.log"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_listening(proc, port, "redis-server")
-    return Server("redis-server", proc, port, folder)
+    def redis(self) -> Server:
+        """redis-server for the Redis engine, durable as its users run it for a queue: the
+        append-only file, fsync once a second (the default when AOF is on); no snapshots."""
+        folder = Path(tempfile.mkdtemp(dir=self.root, prefix="redis-"))
+        port = free_port()
+        command = [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+            "--logfile", str(folder / "redis.log"),
+        ]  # fmt: skip
+        devnull = subprocess.DEVNULL
+        proc = self.children.spawn(command, stdout=devnull, stderr=devnull)
+        self._wait_listening(proc, port, "redis-server")
+        return Server("redis-server", proc, port, folder)

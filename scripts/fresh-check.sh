@@ -9,7 +9,9 @@
 #
 # Needs root (debootstrap, chroot, mounts) and debootstrap (installed when missing). The
 # root is made once in $FRESH_ROOT (default /var/tmp/bgservice-fresh) and copied for
-# each run, so every run starts from the same untouched machine.
+# each run, so every run starts from the same untouched machine. The first command
+# (install, then the service's first answer) gets $FRESH_TIMEOUT seconds (default 1800:
+# it installs everything from the network); past that the check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,11 @@ case ${1-} in
     *) echo "usage: scripts/fresh-check.sh [--user]" >&2; exit 2 ;;
 esac
 ((EUID == 0)) || { echo "fresh-check: run as root (debootstrap, chroot)" >&2; exit 1; }
+timeout=${FRESH_TIMEOUT:-1800}
+if [[ ! $timeout =~ ^[1-9][0-9]*$ ]]; then
+    echo "fresh-check: FRESH_TIMEOUT must be a whole number of seconds, not '$timeout'" >&2
+    exit 2
+fi
 
 base=${FRESH_ROOT:-/var/tmp/bgservice-fresh}
 mirror=http://deb.debian.org/debian
@@ -69,17 +76,27 @@ git clone -q --no-hardlinks "$PWD" "$R$home/bgservice"
 ((user)) && chroot "$R" chown -R dev: "$home/bgservice"
 
 # What the README says, word for word: the service (started, called once, stopped), then
-# the test script. Certificate variables pass through for the egress proxy above.
+# the test script (with no arguments: given some, it would skip its newer-Python part).
+# Certificate variables pass through for the egress proxy above.
 readme_service='scripts/install.sh && . .venv/bin/activate && bgservice'
 script=$(cat <<EOF
 set -euo pipefail -m  # -m: the service runs in a process group of its own, to stop it whole
 cd ~/bgservice
 bash -c '$readme_service' &
+deadline=\$((SECONDS + $timeout))
 until python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", 12341)); \
 s.sendall(b"test:fresh"); s.shutdown(socket.SHUT_WR); print("service answered:", s.recv(99))' \
-2>/dev/null; do sleep 1; kill -0 \$! 2>/dev/null || { echo "the service did not start"; exit 1; }; done
+2>/dev/null; do
+    sleep 1
+    kill -0 \$! 2>/dev/null || { echo "the service did not start"; exit 1; }
+    if ((SECONDS >= deadline)); then
+        echo "the service did not answer within $timeout s (FRESH_TIMEOUT)"
+        kill -- -\$! 2>/dev/null || true
+        exit 1
+    fi
+done
 kill -- -\$!; wait || true
-scripts/test.sh -q -rs
+scripts/test.sh
 EOF
 )
 envs=(HOME="$home" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8)

@@ -3,8 +3,35 @@
 # install what is missing (scripts/install.sh --test), lint, type-check, start a
 # redis-server of its own, and run every test, with "not installed" skips turned into
 # failures. Arguments go to pytest; --print only says what would be installed.
+#   TEST_REDIS_TIMEOUT  seconds its redis-server may take to answer (default 30)
 set -euo pipefail
+
+# Until `redis-cli -p PORT ping` answers, for at most SECONDS: a redis-server that could
+# not start (its port taken meanwhile, a bad option) would otherwise be waited for forever.
+wait_redis() {
+    local port=$1 seconds=$2 log=$3
+    local deadline=$((SECONDS + seconds))
+    until redis-cli -p "$port" ping >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            echo "test.sh: redis-server did not answer on port $port within $seconds s" \
+                "(TEST_REDIS_TIMEOUT); the end of $log:" >&2
+            tail -n 20 "$log" >&2 || true
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+# Sourced (by the tests), it stops here: only wait_redis is defined.
+if [[ ${BASH_SOURCE[0]} != "$0" ]]; then
+    return 0
+fi
+
 cd "$(dirname "$0")/.."
+redis_timeout=${TEST_REDIS_TIMEOUT:-30}
+if [[ ! $redis_timeout =~ ^[1-9][0-9]*$ ]]; then
+    echo "test.sh: TEST_REDIS_TIMEOUT must be a whole number of seconds, not '$redis_timeout'" >&2
+    exit 2
+fi
 
 if [[ ${1-} == --print ]]; then
     exec scripts/install.sh --test --print
@@ -37,7 +64,7 @@ trap stop_redis EXIT
 redis_port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$redis_dir" --save '' \
     --appendonly yes --daemonize yes --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log"
-until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
+wait_redis "$redis_port" "$redis_timeout" "$redis_dir/redis.log"
 export BGSERVICE_TEST_REDIS="redis://127.0.0.1:$redis_port/0"
 
 # A missing browser, phpunit or composer fails its tests instead of skipping them.
@@ -69,7 +96,8 @@ if (($# == 0)); then
             continue
         fi
         venv=.venv/python$version
-        [[ -x $venv/bin/python ]] || "$py" -m venv "$venv"
+        # --clear: a venv left without pip by an interrupted creation is made again.
+        "$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$py" -m venv --clear "$venv"
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
         echo "--- Python $version ($py)"
         "$venv/bin/python" -m pytest -q -p no:cacheprovider \
