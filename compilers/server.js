@@ -3,12 +3,17 @@
 //
 // Protocol (modules/_node.py is the client): one JSON object per line on stdin,
 //   {"id": 1, "lang": "scss", "source": "...", "options": {...}}
-// and one per line on stdout, in completion order (many may be sent at once; they are
-// compiled one at a time, so a slow compile delays the ones behind it):
-//   {"id": 1, "ok": true, "output": "..."}
-//   {"id": 1, "ok": false, "status": 400, "error": "input.scss:3:5: expected \";\"."}
+// and one per line on stdout (many may be sent at once; they are compiled one at a time, in
+// the order they came, each reply written before the next compile starts, so a slow
+// compile delays only the ones behind it):
+//   {"id": 1, "ok": true, "size": 12, "rss": 123456789}   followed by the output: 12 bytes
+//   {"id": 1, "ok": false, "status": 400, "error": "input.scss:3:5: expected \";\".", "rss": ...}
+// The output travels as it is, UTF-8, after its line: JSON of megabytes would cost the
+// service a parse holding Python's GIL (its event loop stalled for it, thread or not).
 // Compile errors are 400 with file:line:column; a compiler package that is not installed
-// is 503 naming the install command. The process exits when stdin closes, so it never
+// is 503 naming the install command; an output longer than the request's max_output
+// (UTF-8 bytes) is 413. rss is the process's resident memory after the compile (bytes).
+// The process exits when stdin closes (after the compiles already sent), so it never
 // outlives the service. Diagnostics go to stderr, which the client logs.
 //
 // Files: a compile can only read what the request passes in options.sources (Sass, LESS)
@@ -148,9 +153,14 @@ function compileSass(source, options, indented) {
       importer,
       importers: [importer],
       logger: sass.Logger.silent,
+      // No @charset, no BOM (which compressed output started with): the output is UTF-8
+      // anyway, and a BOM in the middle of a page (CSS inlined in <style>) broke its first rule.
+      charset: false,
     });
     return result.css;
   } catch (err) {
+    // Sass reports an importer's error as its own (a 400): a read refused is a 403.
+    if (files.refused) throw files.refused;
     if (err instanceof sass.Exception) {
       const span = err.span;
       const where = span && span.url ? decodeURIComponent(span.url.pathname).replace(/^\//, '') : name;
@@ -205,6 +215,12 @@ function lessSandbox(less, files) {
 function lessMessage(err, name) {
   const file = err.filename && err.filename !== 'input' ? String(err.filename).replace(/^\//, '') : name;
   const where = err.line ? `${file}:${err.line}:${(err.column || 0) + 1}` : file;
+  if (err.message === undefined) {
+    // Less copies a JavaScript error of its own (its stack exceeded by a deep mixin
+    // recursion, or by one that doubles its output at each level) without the message.
+    return `${where}: Error: the compiler failed without a message (most often its stack ran ` +
+      'out: a mixin recursion too deep, or one that multiplies its output at each level)';
+  }
   return `${where}: ${err.type || 'Syntax'}Error: ${err.message}`;
 }
 
@@ -246,20 +262,36 @@ async function compileLess(source, options) {
 // --- TypeScript, CoffeeScript -------------------------------------------------------------
 
 const TS_JSX = new Set(['preserve', 'react', 'react-native', 'react-jsx', 'react-jsxdev']);
+// The targets and module kinds transpileModule can emit (not ts.ScriptTarget.JSON, which
+// fails with "Debug Failure", nor ES3, removed in TypeScript 5), by lower-case name.
+const TS_YEARS = Array.from({ length: 10 }, (_, i) => `es${2015 + i}`); // es2015 ... es2024
+const TS_TARGETS = ['es5', 'es6', ...TS_YEARS, 'esnext'];
+const TS_MODULES = {
+  cjs: 'CommonJS', commonjs: 'CommonJS', esm: 'ESNext', es6: 'ES2015', es2015: 'ES2015',
+  es2020: 'ES2020', es2022: 'ES2022', esnext: 'ESNext', amd: 'AMD', umd: 'UMD', system: 'System',
+};
+
+function tsChoice(kinds, value, what, names) {
+  const key = String(value).toLowerCase();
+  const found = kinds[names[key] || Object.keys(kinds).find((k) => k.toLowerCase() === key)];
+  if (!Object.hasOwn(names, key) || found === undefined) {
+    throw new CompileError(`unknown ${what} ${value} (${Object.keys(names).join(', ')})`);
+  }
+  return found;
+}
 
 function compileTypeScript(source, options) {
   const ts = need('typescript');
   const jsx = options.jsx || '';
   const tsx = jsx !== '' || /\.[jt]sx$/.test(options.filename || '');
   const name = path.posix.basename(options.filename || (tsx ? 'input.tsx' : 'input.ts'));
-  const target = ts.ScriptTarget[Object.keys(ts.ScriptTarget).find(
-    (k) => k.toLowerCase() === String(options.target || 'es2020').toLowerCase()
-  )];
-  if (target === undefined) throw new CompileError(`unknown target ${options.target}`);
+  const targets = Object.fromEntries(TS_TARGETS.map((t) => [t, t === 'es6' ? 'ES2015' : null]));
+  const target = tsChoice(ts.ScriptTarget, options.target || 'es2020', 'target', targets);
+  const module = tsChoice(ts.ModuleKind, options.module || 'cjs', 'module', TS_MODULES);
   if (jsx && !TS_JSX.has(jsx)) throw new CompileError(`unknown jsx mode ${jsx}`);
   const compilerOptions = {
     target,
-    module: ts.ModuleKind[options.module === 'esm' ? 'ESNext' : 'CommonJS'],
+    module,
     removeComments: flag(options.minify, false),
     sourceMap: false,
   };
@@ -282,9 +314,61 @@ function compileTypeScript(source, options) {
   return result.outputText;
 }
 
+// CoffeeScript's lexer and rewriter take time growing with the cube of the nesting (10,000
+// brackets: 12 s, before its parser overflows its stack anyway): deeper input is refused
+// first. Depth counts ( [ { outside strings and comments, plus indentation levels.
+const COFFEE_MAX_DEPTH = 1000;
+
+function coffeeDepthCheck(source) {
+  const indents = [0];
+  let brackets = 0;
+  let lineStart = true;
+  for (let i = 0; i < source.length; i++) {
+    if (lineStart) {
+      let width = 0;
+      while (source[i] === ' ' || source[i] === '\t') {
+        width++;
+        i++;
+      }
+      lineStart = false;
+      if (source[i] !== '\n' && source[i] !== '\r' && i < source.length) {
+        while (width < indents[indents.length - 1]) indents.pop();
+        if (width > indents[indents.length - 1]) indents.push(width);
+      }
+    }
+    const c = source[i];
+    const triple = '#\'"/'.includes(c) ? source.substr(i, 3) : '';
+    if (c === '\\') {
+      i++;
+    } else if (triple === '###' || triple === "'''" || triple === '"""' || triple === '///') {
+      const end = source.indexOf(triple, i + 3);
+      i = end < 0 ? source.length : end + 2;
+    } else if (c === '#') {
+      const end = source.indexOf('\n', i);
+      i = end < 0 ? source.length : end - 1;
+    } else if (c === '"' || c === "'" || c === '`') {
+      for (i++; i < source.length && source[i] !== c; i++) {
+        if (source[i] === '\\') i++;
+      }
+    } else if (c === '(' || c === '[' || c === '{') {
+      brackets++;
+    } else if (c === ')' || c === ']' || c === '}') {
+      brackets = Math.max(0, brackets - 1);
+    } else if (c === '\n') {
+      lineStart = true;
+    }
+    if (brackets + indents.length - 1 > COFFEE_MAX_DEPTH) {
+      throw new CompileError(
+        `coffee: input nested too deeply (more than ${COFFEE_MAX_DEPTH} levels, the limit)`
+      );
+    }
+  }
+}
+
 function compileCoffee(source, options) {
   const coffee = need('coffeescript');
   const name = path.posix.basename(options.filename || 'input.coffee');
+  coffeeDepthCheck(source);
   try {
     return coffee.compile(source, { bare: flag(options.bare, false), filename: name });
   } catch (err) {
@@ -520,8 +604,15 @@ for (const name of ['log', 'info', 'debug', 'warn']) {
   console[name] = (...args) => process.stderr.write(`${util.format(...args)}\n`);
 }
 
-function send(reply) {
-  out.write(`${JSON.stringify(reply)}\n`);
+const MAX_ERROR = 1 << 20; // characters of an error message sent (a template's context...)
+const TOO_LARGE = /^(Invalid (string|array|typed array) length|Array buffer allocation failed)/;
+
+function send(reply, output) {
+  if (reply.error && reply.error.length > MAX_ERROR) {
+    reply.error = `${reply.error.slice(0, MAX_ERROR)} ...`;
+  }
+  out.write(`${JSON.stringify({ ...reply, rss: process.memoryUsage.rss() })}\n`);
+  if (output) out.write(output);
 }
 
 async function serve(line) {
@@ -535,13 +626,26 @@ async function serve(line) {
   const { id, lang, source, options } = request;
   try {
     const output = await compileCached(lang, String(source ?? ''), options || {});
-    send({ id, ok: true, output });
+    // UTF-8, a lone surrogate (a template's String.fromCharCode(0xd800)) as U+FFFD.
+    const data = Buffer.from(String(output ?? ''), 'utf8');
+    // Checked here, not in the service, which would have to read it all first.
+    const limit = request.max_output ?? Infinity;
+    if (data.length > limit) {
+      const error = `${lang}: output of ${data.length} bytes is over the limit of ${limit}`;
+      send({ id, ok: false, status: 413, error: `${error} (BGSERVICE_COMPILE_MAX_OUTPUT)` });
+    } else {
+      send({ id, ok: true, size: data.length }, data);
+    }
   } catch (err) {
     if (err instanceof CompileError) {
       send({ id, ok: false, status: err.status, error: err.message });
     } else if (err instanceof RangeError && /call stack size/i.test(err.message)) {
       // The compilers recurse on nesting: a source nested too deeply is the client's error.
       send({ id, ok: false, status: 400, error: `${lang}: input nested too deeply (${err.message})` });
+    } else if (err instanceof RangeError && TOO_LARGE.test(err.message)) {
+      // A value larger than node can hold (a string doubled in a loop): the source's doing.
+      const error = `${lang}: the source makes a value too large (${err.message})`;
+      send({ id, ok: false, status: 400, error });
     } else {
       const message = err && err.message ? err.message : String(err);
       process.stderr.write(`${lang} #${id}: ${(err && err.stack) || message}\n`);
@@ -550,9 +654,32 @@ async function serve(line) {
   }
 }
 
+// One compile at a time, in the order the lines came, each reply written before the next
+// compile starts: readline hands over every line of a read at once, and serving them as
+// they came ran every synchronous compiler of the read before any reply went out.
+const lines = [];
+let serving = false;
+let closed = false;
+
+async function drain() {
+  serving = true;
+  while (lines.length) {
+    await serve(lines.shift());
+    await new Promise((resolve) => setImmediate(resolve)); // lets the reply out, reads more
+  }
+  serving = false;
+  if (closed) process.exit(0);
+}
+
 const input = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
 input.on('line', (line) => {
-  serve(line);
+  lines.push(line);
+  if (!serving) drain();
 });
-input.on('close', () => process.exit(0));
+// stdin closed (the service stops, or retires this process): the compiles already sent
+// are finished first.
+input.on('close', () => {
+  closed = true;
+  if (!serving) process.exit(0);
+});
 out.on('error', () => process.exit(0));

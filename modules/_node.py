@@ -10,7 +10,16 @@ stopped when the last module using them unloads. Requests are JSON lines tagged 
 id, so many compiles can be sent at once and the handlers only ``await``: the event loop
 never waits on a compiler. A node process compiles one source at a time, so a compile
 goes to an idle process where there is one: a slow compile delays only those sent to its
-process after it, and its timeout kills only that process.
+process after it, and its timeout kills only that process. A compile whose call gives up
+first (its caller's timeout, a job's ``timeout=``, a cancel) is still that process's work
+until node replies or the compile's own timeout passes, which then kills the process as
+for any stuck compile: an endless loop never outlives ``$BGSERVICE_COMPILE_TIMEOUT``.
+
+Settings (environment, read once at the first import; a bad value fails the load of every
+compiler module with a message naming the variable): ``$BGSERVICE_COMPILE_TIMEOUT``,
+``$BGSERVICE_COMPILER_PROCESSES``, ``$BGSERVICE_COMPILE_MAX_OUTPUT`` (bytes of output a
+compile may reply, else ``413``) and ``$BGSERVICE_COMPILER_MAX_RSS`` (MiB a node process may
+keep resident after a compile before it is replaced; 0: never).
 
 Where the compilers live: ``$BGSERVICE_COMPILERS`` if set, else the first installed of the
 ``compilers`` folder beside the modules folder and the one of the bgservice checkout.
@@ -33,6 +42,7 @@ import re
 import shutil
 import urllib.parse
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +50,41 @@ from bgservice import ReplyError
 
 log = logging.getLogger(__name__)
 
+_problems: list[str] = []  # bad settings: every compiler module's load fails, naming them
+
+
+def _setting(name: str, default: float, kind: type[int] | type[float], low: float, high: float
+             ) -> float:  # fmt: skip
+    """``$name`` as a number ``low``-``high`` (unset or empty: ``default``); anything else
+    is kept in ``_problems`` (markdown, which imports this file, goes on without them)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:  # (NaN too)
+        whole = "a whole number" if kind is int else "a number"
+        _problems.append(f"{name}={text[:40]!r}: must be {whole}, {low:g}-{high:g}")
+        return default
+    return value
+
+
 # Seconds a compile may take; one this slow is stuck (pug templates are code, Sass has
 # @while), so the process is killed and the next compile starts a new one.
-COMPILE_TIMEOUT = float(os.environ.get("BGSERVICE_COMPILE_TIMEOUT", 20))
+COMPILE_TIMEOUT = _setting("BGSERVICE_COMPILE_TIMEOUT", 20.0, float, 0.001, 86400)
 # Node processes at most: each holds the compilers it has loaded and a 64 MB output cache.
-PROCESSES = max(1, int(os.environ.get("BGSERVICE_COMPILER_PROCESSES", 2)))
-STREAM_LIMIT = 1 << 28  # longest reply line from node (bytes): JSON of the largest output
+PROCESSES = int(_setting("BGSERVICE_COMPILER_PROCESSES", 2, int, 1, 64))
+# Bytes of output one compile may reply (413 beyond): node checks it before sending.
+MAX_OUTPUT = int(_setting("BGSERVICE_COMPILE_MAX_OUTPUT", 1 << 28, int, 1, 1 << 30))
+# MiB a node process may keep resident after a compile (a pathological one leaves it at
+# 1-2 GB: V8 keeps the heap it grew); over it, the process finishes what it was sent and
+# exits, and the next compile starts a fresh one. 0: never.
+MAX_RSS = int(_setting("BGSERVICE_COMPILER_MAX_RSS", 1024, int, 0, 1 << 20)) << 20
+# The longest line from node: a reply's JSON without its output (which follows the line as
+# it is), an error message of at most 1 Mi characters (server.js) at 6 bytes each included.
+STREAM_LIMIT = 8 << 20
 BIG = 1 << 18  # JSON this long takes over a millisecond to code: done in a thread
 # node ends with the service, however it ends: a service killed (-9, the OOM killer) left
 # its compilers behind, and one stuck in a compile's endless loop spun a core for ever.
@@ -125,9 +164,10 @@ def find_compilers() -> Path:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _utf8(value: Any) -> bytes:
-    """str(value) as UTF-8, lone surrogates (JSON from node may carry them: a template's
-    ``String.fromCharCode(0xd800)``) as U+FFFD. Encoded once: outputs can be megabytes."""
+def _utf8(value: object) -> bytes:
+    """str(value) as UTF-8, lone surrogates (an error's JSON from node may carry them: a
+    template's ``String.fromCharCode(0xd800)``) as U+FFFD. (Outputs come as UTF-8 already,
+    node having replaced them.)"""
     text = str(value)
     try:
         return text.encode()
@@ -145,6 +185,33 @@ async def _decode(line: bytes) -> tuple[bytes, Any]:
         return line, None
 
 
+async def _read_exactly(stream: asyncio.StreamReader, size: int) -> bytes:
+    """``stream.readexactly(size)`` in pieces, joined off the event loop: a whole output in
+    the stream's buffer paused and resumed the pipe at every chunk past twice its limit, then
+    was copied twice on the loop."""
+    parts = []
+    while size > 0:
+        part = await stream.read(min(size, 1 << 20))
+        if not part:
+            raise asyncio.IncompleteReadError(b"", size)
+        parts.append(part)
+        size -= len(part)
+    if len(parts) == 1:
+        return parts[0]
+    # In a thread: a large bytes.join copies without the GIL (85 ms for 128 MiB, here).
+    return await asyncio.to_thread(b"".join, parts)
+
+
+@dataclass(eq=False)
+class _Sent:
+    """A compile sent to a node process, until it replies, dies or passes its deadline."""
+
+    proc: asyncio.subprocess.Process
+    module: str  # whose compile (stats): "jade" and "pug" run the same language
+    future: Future
+    timer: asyncio.TimerHandle
+
+
 class NodeCompilers:
     """The node processes running server.js, shared by the compiler modules."""
 
@@ -152,44 +219,77 @@ class NodeCompilers:
         self.users = 0
         self.size = size
         self._procs: list[asyncio.subprocess.Process] = []  # running, oldest first
-        # id -> (the process it was sent to, its reply)
-        self._pending: dict[int, tuple[asyncio.subprocess.Process, Future]] = {}
+        self._pending: dict[int, _Sent] = {}  # by request id
         self._ids = itertools.count(1)
         self._lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.counts: Counter[str] = Counter()
         self.starts = 0
 
-    async def compile(self, lang: str, source: str, options: dict[str, Any]) -> bytes:
-        """The compiled output, or ReplyError: 400 (the source), 5xx (the compiler)."""
-        proc = await self._running()
-        rid = next(self._ids)
-        future: Future = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (proc, future)
-        self.counts[f"{lang}_calls"] += 1
+    async def compile(
+        self, lang: str, source: str, options: dict[str, Any], module: str | None = None
+    ) -> bytes:
+        """The compiled output, or ReplyError: 400 (the source), 413 (the output's size),
+        5xx (the compiler). ``module`` (default ``lang``) is whose stats count it."""
+        module = module or lang
+        self.counts[f"{module}_calls"] += 1
         try:
-            assert proc.stdin is not None
-            message = {"id": rid, "lang": lang, "source": source, "options": options}
-            line = (
-                json.dumps(message)
-                if len(source) < BIG
-                else await asyncio.to_thread(json.dumps, message)
-            )
-            proc.stdin.write(line.encode() + b"\n")
+            reply = await self._compile(lang, source, options, module)
+            if not reply.get("ok"):
+                raise ReplyError(int(reply.get("status", 500)), _utf8(reply.get("error")).decode())
+        except ReplyError:
+            self.counts[f"{module}_errors"] += 1
+            raise
+        output: bytes = reply["output"]
+        return output
+
+    async def _compile(
+        self, lang: str, source: str, options: dict[str, Any], module: str
+    ) -> dict[str, Any]:
+        rid = next(self._ids)
+        message = {"id": rid, "lang": lang, "source": source, "options": options,
+                   "max_output": MAX_OUTPUT}  # fmt: skip
+        big = len(source) >= BIG
+        text = await asyncio.to_thread(json.dumps, message) if big else json.dumps(message)
+        line = text.encode() + b"\n"
+        proc = await self._running()
+        assert proc.stdin is not None
+        loop = asyncio.get_running_loop()
+        future: Future = loop.create_future()
+        timer = loop.call_later(COMPILE_TIMEOUT, self._overdue, rid, lang)
+        sent = self._pending[rid] = _Sent(proc, module, future, timer)
+        future.add_done_callback(lambda _: self._settled(rid, sent))
+        try:
+            if proc.stdin.is_closing():
+                raise ConnectionResetError("closed")
+            proc.stdin.write(line)
             await proc.stdin.drain()
-            reply = await asyncio.wait_for(future, COMPILE_TIMEOUT)
-        except TimeoutError:
-            log.warning("%s compile still running after %g s: killing node", lang, COMPILE_TIMEOUT)
-            self._kill(proc)
-            raise ReplyError(504, f"{lang}: compile took over {COMPILE_TIMEOUT:g} s") from None
-        except (ConnectionError, BrokenPipeError):
-            raise ReplyError(503, f"{lang}: the compiler process died; retry") from None
-        finally:
-            self._pending.pop(rid, None)
-        if not reply.get("ok"):
-            self.counts[f"{lang}_errors"] += 1
-            raise ReplyError(int(reply.get("status", 500)), _utf8(reply.get("error")).decode())
-        return _utf8(reply["output"])
+        # uvloop raises RuntimeError ("the handler is closed") for a pipe of a process that
+        # exited at once (a broken node): the same 503 as a broken pipe.
+        except (ConnectionError, RuntimeError):
+            if not future.done():
+                future.set_exception(ReplyError(503, f"{lang}: the compiler process died; retry"))
+        # Shielded: a call that gives up (cancelled) leaves its compile running in node, still
+        # counted as that process's work, and still killed with it at its deadline.
+        return await asyncio.shield(future)
+
+    def _settled(self, rid: int, sent: _Sent) -> None:
+        self._pending.pop(rid, None)
+        sent.timer.cancel()
+        if not sent.future.cancelled():
+            sent.future.exception()  # retrieved: one whose call gave up has nobody to see it
+
+    def _overdue(self, rid: int, lang: str) -> None:
+        """A compile still running at its deadline: its process is killed (node cannot stop a
+        compile), which fails every other compile in it with 503."""
+        sent = self._pending.get(rid)
+        if sent is None or sent.future.done():
+            return
+        log.warning("%s compile still running after %g s: killing node", lang, COMPILE_TIMEOUT)
+        sent.future.set_exception(
+            ReplyError(504, f"{lang}: compile took over {COMPILE_TIMEOUT:g} s")
+        )
+        self._kill(sent.proc)
 
     async def _running(self) -> asyncio.subprocess.Process:
         """An idle process, a new one if none is and there is room, else the least busy."""
@@ -197,7 +297,7 @@ class NodeCompilers:
             self._lock = asyncio.Lock()
         async with self._lock:
             self._procs = [p for p in self._procs if p.returncode is None]
-            load = Counter(owner for owner, _ in self._pending.values())
+            load = Counter(sent.proc for sent in self._pending.values())
             least = min(self._procs, key=lambda p: load[p], default=None)
             if least is None or (load[least] and len(self._procs) < self.size):
                 least = await self._start()
@@ -236,8 +336,14 @@ class NodeCompilers:
         assert proc.stdout is not None
         try:
             while line := await proc.stdout.readline():
-                self._resolve(proc, await _decode(line))
-        except ValueError as exc:  # a line longer than STREAM_LIMIT
+                decoded = await _decode(line)
+                size = decoded[1].get("size") if isinstance(decoded[1], dict) else None
+                if isinstance(size, int):  # the output follows its line, as it is
+                    decoded[1]["output"] = await _read_exactly(proc.stdout, size)
+                self._resolve(proc, decoded)
+        except asyncio.IncompleteReadError:
+            pass  # it died in the middle of an output: as if before it
+        except ValueError as exc:  # a line longer than STREAM_LIMIT: not server.js's
             log.error("compiler process sent an unreadable reply (%s): restarting it", exc)
             self._kill(proc)
         code = await proc.wait()
@@ -248,12 +354,24 @@ class NodeCompilers:
     def _resolve(self, proc: asyncio.subprocess.Process, decoded: Any) -> None:
         try:
             reply = decoded[1]
-            _, future = self._pending.get(reply["id"], (proc, None))
+            sent = self._pending.get(reply["id"])
         except (KeyError, TypeError):
             log.warning("node wrote something else than a reply: %r", decoded[0][:200])
             return
-        if future is not None and not future.done():
-            future.set_result(reply)
+        if sent is not None and not sent.future.done():
+            sent.future.set_result(reply)
+        rss = reply.get("rss")
+        if MAX_RSS and isinstance(rss, int) and rss > MAX_RSS and proc in self._procs:
+            self._retire(proc, rss)
+
+    def _retire(self, proc: asyncio.subprocess.Process, rss: int) -> None:
+        """No more compiles to ``proc``; its stdin closed, it exits once it has replied to
+        those already sent (server.js), and the next compile starts a fresh process."""
+        log.info("compiler process %d keeps %d MiB resident (BGSERVICE_COMPILER_MAX_RSS is %d):"
+                 " replacing it", proc.pid, rss >> 20, MAX_RSS >> 20)  # fmt: skip
+        self._procs.remove(proc)
+        if proc.stdin is not None:
+            proc.stdin.close()
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -262,9 +380,9 @@ class NodeCompilers:
 
     def _fail_pending(self, proc: asyncio.subprocess.Process, code: int) -> None:
         error = ReplyError(503, f"the compiler process died (exit code {code}); retry")
-        for owner, future in list(self._pending.values()):
-            if owner is proc and not future.done():
-                future.set_exception(error)
+        for sent in list(self._pending.values()):
+            if sent.proc is proc and not sent.future.done():
+                sent.future.set_exception(error)
 
     def _kill(self, proc: asyncio.subprocess.Process) -> None:
         if proc in self._procs:  # no compile goes to it, even before it exits
@@ -290,15 +408,16 @@ class NodeCompilers:
             await proc.wait()
         log.info("compiler process %d stopped", proc.pid)
 
-    def stats(self, lang: str) -> dict[str, Any]:
+    def stats(self, module: str) -> dict[str, Any]:
         pids = [p.pid for p in self._procs if p.returncode is None]
         return {
-            "compiles": self.counts[f"{lang}_calls"],
-            "errors": self.counts[f"{lang}_errors"],
+            "compiles": self.counts[f"{module}_calls"],
+            "errors": self.counts[f"{module}_errors"],  # any error reply: 4xx and 5xx
             "node_pid": pids[0] if pids else None,  # the oldest
             "node_pids": pids,
             "node_starts": self.starts,
-            "in_flight": len(self._pending),
+            # this module's compiles in node, those whose call gave up included
+            "in_flight": sum(sent.module == module for sent in self._pending.values()),
         }
 
 
@@ -329,10 +448,22 @@ class Compiler:
         compiler = _node.Compiler("less", {"filename", "minify", "sources", "include"},
                                   INCLUDE_DIRS)
         handle_tcp, unload, stats = compiler.handle_tcp, compiler.unload, compiler.stats
+
+    ``module`` names the module in its stats where it is not the language (``jade``).
+    A bad setting (see the top of this file) fails the module's load here, named.
     """
 
-    def __init__(self, lang: str, options: set[str], include_dirs: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        lang: str,
+        options: set[str],
+        include_dirs: list[str] | None = None,
+        module: str | None = None,
+    ) -> None:
+        if _problems:
+            raise ValueError("; ".join(_problems))
         self.lang = lang
+        self.module = module or lang
         self.options = frozenset(options)
         self.include_dirs = include_dirs
         self.compilers = acquire()
@@ -343,10 +474,10 @@ class Compiler:
             sources(options)
         if self.include_dirs is not None:
             include_root(options, self.include_dirs)
-        return await self.compilers.compile(self.lang, source, options)
+        return await self.compilers.compile(self.lang, source, options, self.module)
 
     async def unload(self) -> None:
         await release(self.compilers)
 
     def stats(self) -> dict[str, Any]:
-        return self.compilers.stats(self.lang)
+        return self.compilers.stats(self.module)

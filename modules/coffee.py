@@ -2,7 +2,9 @@
 
 ``coffee:SOURCE`` replies the JavaScript, wrapped in a function as ``coffee -c`` does;
 ``?bare=1:SOURCE`` leaves it unwrapped. ``filename`` names the source in messages. A
-syntax error replies 400 with ``file:line:column: error: message``.
+syntax error replies 400 with ``file:line:column: error: message``; a source nested more
+than 1,000 levels deep (brackets and indentation) is refused before it is compiled, since
+the compiler's time grows with the cube of the nesting.
 """
 
 from . import _node

@@ -6,6 +6,6 @@ from . import _node
 INCLUDE_DIRS: list[str] = []
 
 compiler = _node.Compiler(
-    "pug", {"filename", "vars", "pretty", "doctype", "sources", "include"}, INCLUDE_DIRS
+    "pug", {"filename", "vars", "pretty", "doctype", "sources", "include"}, INCLUDE_DIRS, "jade"
 )
 handle_tcp, unload, stats = compiler.handle_tcp, compiler.unload, compiler.stats

@@ -8,7 +8,9 @@ takes 20-30 ms of CPU holding the GIL, which in a thread would stall the event l
 5 ms slices; so it runs in worker processes (EXECUTION = "process"), where it stalls nothing.
 
 ``markdown:TEXT`` replies the HTML. Options: ``html=0`` escapes raw HTML in the text
-(for text from untrusted users), ``breaks=1`` turns single newlines into ``<br>``.
+(for text from untrusted users), ``breaks=1`` turns single newlines into ``<br>``. Their
+values are 1, true, yes, on or 0, false, no, off (any case); anything else is a ``400``:
+``html=n`` read as on once let raw HTML through for a client that meant off.
 """
 
 from bgservice import ReplyError
@@ -39,9 +41,18 @@ def _renderer(html: bool, breaks: bool):
     return _renderers[key]
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _flag(options, name, default):
-    value = options.get(name, "")
-    return default if value == "" else value.lower() not in {"0", "false", "no", "off"}
+    if name not in options:
+        return default
+    word = options[name].lower()
+    if word not in _ON + _OFF:
+        raise ReplyError(
+            400, f"{name}: expected 1/true/yes/on or 0/false/no/off, not {options[name][:40]!r}"
+        )
+    return word in _ON
 
 
 def handle_tcp(request):

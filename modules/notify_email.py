@@ -16,15 +16,24 @@ Settings, from the environment of the service (e.g. the systemd unit's Environme
     BGSERVICE_SMTP_USER      login, with BGSERVICE_SMTP_PASSWORD (default: no login)
     BGSERVICE_SMTP_FROM      sender (default bgservice@HOST)
     BGSERVICE_SMTP_TO        recipients, comma-separated (required)
-    BGSERVICE_SMTP_TIMEOUT   seconds for the whole conversation (default 20)
+    BGSERVICE_SMTP_TIMEOUT   seconds for the whole conversation (default 20, at most
+                             55: TIMEOUT less 5 s, so that the send ends before its call)
 
 The timeout bounds the whole send, not each socket operation (smtplib's own timeout
 is per operation: a server sending its greeting a byte a second would hold it forever).
-A watchdog timer shuts the connection's socket down when the time is up, which wakes the
-blocked smtplib call at once; the reply is then ``502 ... timed out after N s``. Only the
+A watchdog thread shuts the connection's socket down when the time is up, which wakes the
+blocked smtplib call at once; the reply is then ``502 ... timed out after N s``. It does
+the same as soon as the call has given up (a queued job's ``timeout=`` shorter than the
+conversation, a ``queue:cancel``: ``request.job.cancelled``), and nothing more is sent to
+the server from then on, the mail's data included: a job that failed on its timeout and is
+retried does not also deliver the mail of the attempt it gave up on. A timeout after the
+server had the whole mail (the final ``.`` sent, its ``250`` not read yet) may still leave
+it delivered: many servers keep a mail they received whether or not the client stays for
+their reply, so delivery is at least once, and a retried job may send it twice. Only the
 host name lookup (``getaddrinfo``) cannot be interrupted: a hung resolver can add its own
-delay before the 502. A port or timeout that is not a number is refused with a ``500``
-naming the variable, as missing recipients are, and so is a STARTTLS that is none of the
+delay before the 502 (nothing is sent after it if the call has given up meanwhile). A port
+or timeout that is not a number in its range is refused with a ``500`` naming the variable,
+as missing recipients are, and so is a STARTTLS that is none of the
 words above (read as off, a typo would send the login in clear text). Line breaks (CR,
 LF and the other Unicode line separators) in the alert's title or host become spaces in
 the mail's headers, so an alert cannot inject a header (``Bcc:``) and is still sent.
@@ -38,11 +47,17 @@ import smtplib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
+from typing import Any
 
 from bgservice import ReplyError, Request
 
 TIMEOUT = 60.0
+# The longest BGSERVICE_SMTP_TIMEOUT: the watchdog then ends a conversation before the call
+# does (its 504 would leave the thread sending, and maybe delivering, behind it).
+MAX_SMTP_TIMEOUT = TIMEOUT - 5.0
+POLL = 0.05  # seconds between the watchdog's looks at whether the call has given up
 
 
 def _settings() -> dict[str, str]:
@@ -85,14 +100,33 @@ def compose(alert: dict, sender: str, recipients: list[str]) -> EmailMessage:
 
 
 class _Watchdog:
-    """Shuts the SMTP connection's socket down once ``seconds`` have passed."""
+    """Shuts the SMTP connection's socket down once ``seconds`` have passed or the call
+    has given up (``gave_up()``), and from then on refuses every send (``check``)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, gave_up: Callable[[], bool] = lambda: False) -> None:
         self.lock = threading.Lock()
         self.expired = False
         self.socks: list[socket.socket] = []
-        self.timer = threading.Timer(seconds, self.fire)
-        self.timer.daemon = True
+        self.deadline = time.monotonic() + seconds
+        self.gave_up = gave_up
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="smtp-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(POLL, max(self.deadline - time.monotonic(), 0))):
+            if time.monotonic() >= self.deadline or self.gave_up():
+                self.fire()
+                return
+
+    def check(self) -> None:
+        """Before anything goes to the server: nothing once the time is up or the call
+        gave up (the watchdog may not have looked yet)."""
+        if self.expired or self.gave_up() or time.monotonic() >= self.deadline:
+            self.fire()
+            raise TimeoutError("timed out")
 
     def adopt(self, sock: socket.socket) -> None:
         """The TCP socket smtplib just opened, before any TLS handshake: kept as a duplicate
@@ -105,7 +139,7 @@ class _Watchdog:
             self.socks.append(sock.dup())
 
     def close(self) -> None:
-        self.timer.cancel()
+        self.done.set()
         with self.lock:
             for sock in self.socks:
                 sock.close()
@@ -136,6 +170,11 @@ class _SMTP(smtplib.SMTP):
         sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
         self.watchdog.adopt(sock)
         return sock
+
+    def send(self, s: Any) -> None:
+        # Every command and the mail's data pass here: none once the call gave up.
+        self.watchdog.check()
+        super().send(s)
 
 
 class _SMTP_SSL(smtplib.SMTP_SSL, _SMTP):
@@ -186,12 +225,14 @@ def handle_tcp(request: Request) -> str:
     if not recipients:
         raise ReplyError(500, "notify_email: set BGSERVICE_SMTP_TO to the recipients")
     port = int(_number(s, "port", int, 1, 65535))
-    timeout = _number(s, "timeout", float, 0.001, 86400)
+    timeout = _number(s, "timeout", float, 0.001, MAX_SMTP_TIMEOUT)
     starttls = _switch(s, "starttls")
     mail = compose(alert, s["from"], recipients)
     smtp = (_SMTP_SSL if port == 465 else _SMTP)(timeout=timeout)  # not connected yet
-    smtp.watchdog = watchdog = _Watchdog(timeout)
-    watchdog.timer.start()
+    job = request.job
+    gave_up = (lambda: job.cancelled) if job is not None else (lambda: False)
+    smtp.watchdog = watchdog = _Watchdog(timeout, gave_up)
+    watchdog.start()
     try:
         smtp.open(s["host"], port)
         if starttls:
@@ -201,7 +242,9 @@ def handle_tcp(request: Request) -> str:
         smtp.send_message(mail)
     except (OSError, smtplib.SMTPException) as exc:
         problem = str(exc)
-        if watchdog.expired:
+        if watchdog.expired and gave_up():
+            problem = "stopped: the call gave up (its timeout passed, or it was cancelled)"
+        elif watchdog.expired:
             problem = f"timed out after {timeout:g} s (BGSERVICE_SMTP_TIMEOUT)"
         raise ReplyError(502, f"notify_email: {s['host']}:{port}: {problem}") from None
     finally:

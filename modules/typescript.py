@@ -3,9 +3,10 @@
 ``typescript:SOURCE`` replies the JavaScript. Types are stripped, not checked (each
 request is one file, as with ``ts.transpileModule``, esbuild or Babel); syntax errors
 reply 400 with ``file:line:column: error TSnnnn: message``. Options
-(docs/modules-shipped.md): ``target`` (es5 ... esnext, default es2020), ``module``
-(``cjs``, the default, or ``esm``), ``jsx`` (react, react-jsx, preserve, ...; also
-turned on by a ``filename`` ending in .tsx/.jsx), ``filename``, ``minify=1`` (drops comments).
+(docs/modules-shipped.md): ``target`` (es5 ... es2024, esnext, default es2020), ``module``
+(``cjs``, the default, ``esm``, es2015/es2020/es2022/esnext, amd, umd, system), ``jsx``
+(react, react-jsx, preserve, ...; also turned on by a ``filename`` ending in .tsx/.jsx),
+``filename``, ``minify=1`` (drops comments).
 """
 
 from . import _node

@@ -3,6 +3,7 @@ out, over a real service's TCP port. Needs node and ``npm ci --prefix compilers`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -31,6 +32,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     (include / "sub" / "_size.scss").write_text("$gap: 4px;\n")
     (include / "vars.less").write_text("@brand: #336699;\n")
     (root / "secret.scss").write_text("$secret: 1;\n")
+    os.symlink(root / "secret.scss", include / "link.scss")
     svc = with_include(root, "scss", include)
     yield svc
     svc.stop()
@@ -151,6 +153,19 @@ def test_scss_include_folder_not_allowed_and_no_escape(svc: ServiceProcess) -> N
     for url in (svc.root / "secret", f"file://{svc.root}/secret"):
         reply = compile_error(svc, "scss", f'@use "{url}";')
         assert reply.startswith("400: input.scss:1:1: Can't find stylesheet"), reply
+    # A symlink out of the folder is refused as LESS and Pug refuse it (it was a 400).
+    reply = compile_error(svc, "scss", '@use "link";', opts(include=str(svc.root / "styles")))
+    assert reply == "403: /link.scss: outside the include folder", reply
+
+
+def test_sass_output_has_no_bom_nor_charset(svc: ServiceProcess) -> None:
+    # A BOM started minified output with non-ASCII in it: inlined in a page, it broke the
+    # first rule. Non-minified output started with @charset.
+    source = '.a::before { content: "\u2192"; }'
+    assert compile_ok(svc, "scss", source, opts(minify="1")) == '.a::before{content:"\u2192"}'
+    assert compile_ok(svc, "sass", '.a::before\n  content: "\u2192"') == (
+        '.a::before {\n  content: "\u2192";\n}'
+    )
 
 
 def test_scss_syntax_error_names_line_and_column(svc: ServiceProcess) -> None:
@@ -272,6 +287,22 @@ def test_tsx(svc: ServiceProcess, tmp_path: Path) -> None:
     assert run_js(tmp_path, js) == "<b>hi x</b>\n"
 
 
+def test_typescript_targets_and_module_kinds(svc: ServiceProcess) -> None:
+    source = "export const a: number = 1;\n"
+    for kind in ("esm", "ESM", "es2020", "esnext"):  # were CommonJS, silently
+        assert compile_ok(svc, "typescript", source, opts(module=kind)) == (
+            "export const a = 1;\n"
+        ), kind
+    assert "exports.a = 1" in compile_ok(svc, "typescript", source, opts(module="commonjs"))
+    assert compile_error(svc, "typescript", source, opts(module="es2021")).startswith(
+        "400: unknown module es2021 (cjs, commonjs, esm, "
+    )
+    assert compile_ok(svc, "typescript", "let b = 1;", opts(target="ES5")) == "var b = 1;\n"
+    for target in ("json", "es3", "latest"):  # json was a 500 "Debug Failure"
+        reply = compile_error(svc, "typescript", source, opts(target=target))
+        assert reply.startswith(f"400: unknown target {target} (es5, es6, es2015, "), reply
+
+
 def test_typescript_syntax_error(svc: ServiceProcess) -> None:
     reply = compile_error(svc, "typescript", "const a = 1;\nlet b: = 2;\n", opts(filename="m.ts"))
     assert reply == "400: m.ts:2:8: error TS1110: Type expected."
@@ -362,6 +393,18 @@ def test_markdown_tables_and_fenced_code(svc: ServiceProcess) -> None:
         compile_ok(svc, "markdown", "<b>x</b>", opts(html="0")) == "<p>&lt;b&gt;x&lt;/b&gt;</p>\n"
     )
     assert compile_ok(svc, "markdown", "?:? is a question") == "<p>? is a question</p>\n"
+
+
+def test_markdown_flags_refuse_what_they_do_not_know(svc: ServiceProcess) -> None:
+    pytest.importorskip("markdown_it", reason="pip install markdown-it-py mdit-py-plugins")
+    for word in ("Off", "no", "false"):
+        assert compile_ok(svc, "markdown", "<b>x</b>", opts(html=word)).startswith("<p>&lt;b")
+    assert compile_ok(svc, "markdown", "<b>x</b>", opts(html="YES")) == "<p><b>x</b></p>\n"
+    # Each of these let raw HTML through (read as on) where the client meant it off.
+    for word in ("maybe", "n", "0 ", ""):
+        reply = compile_error(svc, "markdown", "<b>x</b>", opts(html=word))
+        assert reply == f"400: html: expected 1/true/yes/on or 0/false/no/off, not {word!r}"
+    assert compile_error(svc, "markdown", "a", opts(breaks="2")).startswith("400: breaks: ")
 
 
 # --- minify --------------------------------------------------------------------------------
@@ -472,6 +515,99 @@ def test_a_stuck_compile_delays_and_kills_only_its_own_node_process(
         thread.join(10)
     assert stuck == [b"504: pug: compile took over 3 s"]
     assert service.call(b"coffee:z = 3").startswith(b"(function")
+
+
+def test_a_finished_compile_replies_while_the_next_one_runs(make_service, monkeypatch) -> None:
+    # node compiled every request of one read before it sent any reply: one queued behind
+    # a stuck compile lost its finished output to the kill (a 503 instead of its CSS).
+    monkeypatch.setenv("BGSERVICE_COMPILER_PROCESSES", "1")
+    monkeypatch.setenv("BGSERVICE_COMPILE_TIMEOUT", "2")
+    service = make_service()
+    assert service.call(b"jade:p ok") == b"<p>ok</p>"  # node started, Pug loaded
+    assert service.call(b"scss:.a { b: c }") == b".a {\n  b: c;\n}"  # and Sass
+    conn = service.framed()
+    try:
+        # While the first one runs, the other two arrive: node reads them at once.
+        busy = b"pug:- const t = Date.now(); while (Date.now() - t < 1000) {}\np busy"
+        conn.send(busy, b"scss:.queued { b: c }", b"pug:- while (true) {}")
+        replies = sorted(conn.recv() for _ in range(3))
+    finally:
+        conn.close()
+    assert replies == [
+        (200, b".queued {\n  b: c;\n}"),
+        (200, b"<p>busy</p>"),
+        (504, b"pug: compile took over 2 s"),
+    ]
+    stats = service.stats()["module_stats"]
+    # jade and pug counted apart; a 504 is an error too
+    assert (stats["jade"]["compiles"], stats["jade"]["errors"]) == (1, 0)
+    assert (stats["pug"]["compiles"], stats["pug"]["errors"]) == (2, 1)
+
+
+def test_a_compile_whose_call_gave_up_still_ends_at_its_timeout(make_service, monkeypatch) -> None:
+    # A job's timeout= (or call_timeout) shorter than the compile's: node was left in the
+    # endless loop, never killed, and looked idle, so the next compile went to it and waited.
+    monkeypatch.setenv("BGSERVICE_COMPILE_TIMEOUT", "2")
+    service = make_service()
+    assert service.call(b"coffee:x = 1").startswith(b"(function")
+    reply = service.call(b"queue:add?wait=1&timeout=0.5:pug:- while (true) {}")
+    assert reply == b"504: Module pug timed out after 0.5 s"
+    stats = service.stats()["module_stats"]
+    assert (stats["pug"]["in_flight"], stats["coffee"]["in_flight"]) == (1, 0)  # still in node
+    assert service.call(b"coffee:y = 2").startswith(b"(function")  # in another process
+    service.wait_for_log("pug compile still running after 2 s: killing node")
+    assert wait_until(lambda: service.stats()["module_stats"]["pug"]["in_flight"] == 0)
+    assert service.call(b"coffee:z = 3").startswith(b"(function")
+
+
+def test_a_node_that_exits_at_once_is_a_503(make_service, tmp_path: Path, monkeypatch) -> None:
+    # A broken or too old node: replies were sometimes a 500 RuntimeError (a closed pipe).
+    fake = tmp_path / "fakenode"
+    fake.mkdir()
+    (fake / "node").write_text('#!/bin/sh\necho "fake node: unsupported" >&2\nexit 9\n')
+    (fake / "node").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    service = make_service(root=tmp_path / "svc")
+    conn = service.framed()
+    replies = []
+    try:
+        for _ in range(5):  # (a race: about one batch in two met the closed pipe)
+            conn.send(*[b"scss:.a%d { b: c }" % n for n in range(20)])
+            replies += [conn.recv() for _ in range(20)]
+    finally:
+        conn.close()
+    for status, body in replies:
+        assert status == 503 and b"the compiler process died" in body, (status, body)
+    assert "Traceback" not in service.log()
+
+
+def test_output_limit_and_resident_memory_bound(make_service, monkeypatch) -> None:
+    monkeypatch.setenv("BGSERVICE_COMPILE_MAX_OUTPUT", "100000")
+    monkeypatch.setenv("BGSERVICE_COMPILER_MAX_RSS", "1")  # MiB: every process is over it
+    service = make_service()
+    # Was a 503 "process died" past a fixed 256 MiB, and killed every compile with it.
+    reply = service.call(b"pug:p= 'x'.repeat(200000)").decode()
+    assert reply == (
+        "413: pug: output of 200007 bytes is over the limit of 100000"
+        " (BGSERVICE_COMPILE_MAX_OUTPUT)"
+    )
+    assert service.call(b"pug:p= 'x'.repeat(99993)") == b"<p>" + b"x" * 99993 + b"</p>"
+    # After each compile its process was over the bound: it exited (0) and was replaced.
+    service.wait_for_log("MiB resident (BGSERVICE_COMPILER_MAX_RSS is 1): replacing it")
+    assert service.stats()["module_stats"]["pug"]["node_starts"] == 2
+    assert "exited with code" not in service.log()
+
+
+def test_bad_settings_are_named_and_markdown_goes_on(make_service, monkeypatch) -> None:
+    monkeypatch.setenv("BGSERVICE_COMPILE_TIMEOUT", "0")  # was taken: every compile a 504
+    monkeypatch.setenv("BGSERVICE_COMPILER_PROCESSES", "two")  # was a bare ValueError
+    service = make_service()
+    reply = service.call(b"scss:.a { b: c }").decode()
+    assert reply.startswith("502: Module scss failed to load"), reply
+    assert "BGSERVICE_COMPILE_TIMEOUT='0': must be a number, 0.001-86400" in reply
+    assert "BGSERVICE_COMPILER_PROCESSES='two': must be a whole number, 1-64" in reply
+    if importlib.util.find_spec("markdown_it") is not None:
+        assert service.call(b"markdown:# hi") == b"<h1>hi</h1>\n"
 
 
 def test_node_follows_the_modules_lifecycle(make_service, modules_dir: Path) -> None:

@@ -87,6 +87,9 @@ def test_minify_css_nesting_limit(svc: ServiceProcess) -> None:
         ("sass", "a\n  b: " + "(" * 20000 + "1" + ")" * 20000, b""),
         ("typescript", "x = " + "(" * 20000 + "1" + ")" * 20000, b""),
         ("coffee", "x = " + "(" * 1000 + "1" + ")" * 1000, b""),
+        # CoffeeScript took 20 s over these (a 504), before its stack overflowed: refused first
+        ("coffee", "x = " + "[" * 20000 + "]" * 20000, b""),
+        ("coffee", "".join(" " * n + "if a\n" for n in range(1100)) + " " * 1100 + "b()", b""),
         ("minify", "x = " + "(" * 20000 + "1" + ")" * 20000, opts(type="js")),
     ],
 )
@@ -96,6 +99,24 @@ def test_deeply_nested_source_is_400(
     reply = compile_error(svc, module, source, options)
     lang = "scss" if module == "scss" else module
     assert reply.startswith(f"400: {lang}: input nested too deeply"), reply[:300]
+
+
+def test_coffee_nesting_limit_counts_code_only(svc: ServiceProcess) -> None:
+    brackets = "(" * 3000 + "[" * 3000
+    source = f"a = \"{brackets}\"\nb = '{brackets}' # {brackets}\n###\n{brackets}\n###\n"
+    assert "var a, b;" in compile_ok(svc, "coffee", source)
+    deep = "x = " + "[" * 900 + "]" * 900  # under the limit: compiled
+    assert compile_ok(svc, "coffee", deep, opts(bare="1")).startswith("var x;")
+
+
+def test_values_too_large_for_the_compiler_are_400(svc: ServiceProcess) -> None:
+    # A string doubled 40 times: node's "Invalid string length" was a 500 (the service's).
+    source = '$s: "x"; @for $i from 1 through 40 { $s: $s + $s; } .a { b: str-length($s); }'
+    reply = compile_error(svc, "scss", source)
+    assert reply == "400: scss: the source makes a value too large (Invalid string length)"
+    # Less lost the message of its own error: "SyntaxError: undefined".
+    reply = compile_error(svc, "less", ".m(@n) when (@n > 0) { .m(@n - 1); }\n.a { .m(5000); }")
+    assert reply.startswith("400: input.less:2:6: Error: the compiler failed without a message")
 
 
 def test_lone_surrogate_in_output_is_replaced(svc: ServiceProcess) -> None:

@@ -9,6 +9,7 @@ import json
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -23,11 +24,15 @@ GREETING = b"220 slow.example ESMTP stub\r\n"
 class SmtpStub:
     """A loopback SMTP server in a thread: ``drip`` > 0 sends the greeting one byte every
     ``drip`` seconds (``hung_up_at``: the bytes it had sent when the client hung up);
-    otherwise it accepts every mail and keeps it, with its RCPT TOs."""
+    otherwise it accepts every mail and keeps it, with its RCPT TOs. ``accept_after``
+    seconds pass between a mail's data and its ``250``, and a mail whose client hung up
+    meanwhile is dropped (``dropped``), as aiosmtpd does; ``ended`` counts conversations."""
 
-    def __init__(self, drip: float = 0.0) -> None:
+    def __init__(self, drip: float = 0.0, accept_after: float = 0.0) -> None:
         self.drip = drip
+        self.accept_after = accept_after
         self.hung_up_at: int | None = None
+        self.dropped = self.ended = 0
         self.mails: list[tuple[list[str], Message]] = []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -58,6 +63,8 @@ class SmtpStub:
                 self._converse(conn)
             except OSError:
                 return
+            finally:
+                self.ended += 1
 
     def _converse(self, conn: socket.socket) -> None:
         reader = conn.makefile("rb")
@@ -70,6 +77,9 @@ class SmtpStub:
                 data = b""
                 while (chunk := reader.readline()) not in (b".\r\n", b""):
                     data += chunk[1:] if chunk.startswith(b"..") else chunk
+                if self._hangs_up(conn, self.accept_after):
+                    self.dropped += 1
+                    return
                 self.mails.append((recipients, message_from_bytes(data)))
                 recipients = []
             elif verb == b"RCPT":
@@ -78,6 +88,16 @@ class SmtpStub:
                 conn.sendall(b"221 bye\r\n")
                 return
             conn.sendall(b"250 stub.example\r\n" if verb != b"DATA" else b"250 queued\r\n")
+
+    def _hangs_up(self, conn: socket.socket, seconds: float) -> bool:
+        """Whether the client hangs up (or the stub stops) within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while not self.stopped.wait(min(0.02, max(deadline - time.monotonic(), 0))):
+            if _hung_up(conn):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def close(self) -> None:
         self.stopped.set()
@@ -100,8 +120,10 @@ def smtp_service(
 ) -> Iterator[Callable[..., tuple[ServiceProcess, SmtpStub]]]:
     stubs: list[SmtpStub] = []
 
-    def start(drip: float = 0.0, **env: str) -> tuple[ServiceProcess, SmtpStub]:
-        stub = SmtpStub(drip)
+    def start(
+        drip: float = 0.0, accept_after: float = 0.0, **env: str
+    ) -> tuple[ServiceProcess, SmtpStub]:
+        stub = SmtpStub(drip, accept_after)
         stubs.append(stub)
         settings = {"host": "127.0.0.1", "port": str(stub.port), "to": "ops@example.org"}
         for name, value in {**settings, **env}.items():
@@ -126,7 +148,9 @@ def test_the_timeout_bounds_the_whole_conversation(smtp_service) -> None:
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"), [("port", "abc"), ("port", "70000"), ("timeout", "soon")]
+    ("variable", "value"),
+    # A timeout over the module's TIMEOUT (60) outlived the call: see the test below.
+    [("port", "abc"), ("port", "70000"), ("timeout", "soon"), ("timeout", "56")],
 )
 def test_a_bad_number_setting_is_named(smtp_service, variable: str, value: str) -> None:
     svc, stub = smtp_service(**{variable: value})
@@ -170,3 +194,14 @@ def test_a_bad_starttls_is_named(smtp_service) -> None:
     reply = svc.call(b"notify_email:" + json.dumps({"title": "t"}).encode())
     assert reply.startswith(b"500: notify_email: BGSERVICE_SMTP_STARTTLS must be "), reply
     assert b"'maybe'" in reply and not stub.mails
+
+
+def test_no_mail_goes_out_once_its_job_has_given_up(smtp_service) -> None:
+    # A job whose timeout= is shorter than the conversation failed (504), and the thread it
+    # left behind went on and delivered the mail: one per attempt, for a job that "failed".
+    svc, stub = smtp_service(accept_after=2.5)
+    alert = json.dumps({"title": "once"}).encode()
+    reply = svc.call(b"queue:add?wait=1&timeout=0.5:notify_email:" + alert)
+    assert reply == b"504: Module notify_email timed out after 0.5 s"
+    wait_until(lambda: stub.ended == 1)
+    assert (stub.dropped, stub.mails) == (1, [])
