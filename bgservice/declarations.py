@@ -5,6 +5,7 @@ replace the version serving now."""
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import types
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from bgservice.origin import Origin
 
 # What ACCEPTS may name: tcp, udp, queue.
 ACCEPTS = frozenset(origin.accepts for origin in Origin)
-EXECUTIONS = frozenset({"process"})
+# What EXECUTION may say (the error lists them): "process", or "default" as when left out.
+EXECUTIONS = frozenset({"default", "process"})
+log = logging.getLogger(__name__)
 
 
 class ModuleLoadError(Exception):
@@ -56,14 +59,21 @@ def declarations(
         or timeout <= 0
     ):
         raise ModuleLoadError("TIMEOUT must be a finite number of seconds greater than 0")
-    execution = getattr(module, "EXECUTION", None) or "default"
-    if execution != "default" and execution not in EXECUTIONS:
-        raise ModuleLoadError(f"EXECUTION must be one of {sorted(EXECUTIONS)}")
+    execution = getattr(module, "EXECUTION", None)
+    if execution is None:
+        execution = "default"
+    elif not isinstance(execution, str) or execution not in EXECUTIONS:
+        raise ModuleLoadError('EXECUTION must be "process", or "default" (as when left out)')
     processes = getattr(module, "PROCESSES", None)
     if processes is not None and (
         isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
     ):
         raise ModuleLoadError("PROCESSES must be a whole number of at least 1")
+    if processes is not None and execution != "process":
+        # Not an error: a save that drops EXECUTION to leave process mode may keep it.
+        log.warning("module %s: PROCESSES = %d has no effect without EXECUTION = "
+                    '"process" (its calls run in the service)',
+                    module.__name__.rpartition(".")[2], processes)  # fmt: skip
     return accepts, (float(timeout) if timeout else None), execution, processes
 
 

@@ -1,12 +1,15 @@
 """A worker process for ``EXECUTION = "process"`` modules (``python -m bgservice.process_main``).
 
 It imports modules itself, from the exact source the service validated, and runs one call
-at a time. It speaks to the service over its stdin/stdout in the messages of
-bgservice.process_messages; anything a module prints goes to stderr, never into the frames.
-In: ``Call``, ``Stop``, and ``JobAdded`` (the answer to ``AddJob``). Out: one of
-``Returned``, ``Refused``, ``Raised``, ``LoadFailed`` per call, and while a call runs
-``Chunk``, ``Progress`` and ``AddJob`` (a module fanning out; the call waits for the
-answer), and at any time ``Log``: a module's log records, which the service logs as its own.
+at a time. It speaks to the service over the pipes it was started with as stdin/stdout, in
+the messages of bgservice.process_messages, moved to descriptors of their own that no
+program it runs inherits: its stdin is /dev/null, and anything a module prints goes to
+stderr, never into the frames.
+In: ``Call``, ``Stop``, and ``JobAdded`` (the answer to ``AddJob``). Out: ``Imported``
+when a call's version is imported, one of ``Returned``, ``Refused``, ``Raised``,
+``LoadFailed`` per call, and while a call runs ``Chunk``, ``Progress`` and ``AddJob`` (a
+module fanning out; the call waits for the answer), and at any time ``Log``: a module's
+log records, which the service logs as its own.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class _ForwardLogs(logging.Handler):
     def __init__(self, send: Any) -> None:
         super().__init__()
         self._send = send
+        # The bare message (and traceback): the service's lines say level and logger.
+        self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -160,6 +165,8 @@ class Worker:
         except ModuleLoadError as exc:
             self.send(msg.LoadFailed(cid, str(exc)))
             return
+        if call.source is not None:
+            self.send(msg.Imported(cid))  # the call's timeout starts now
         request = _WorkerRequest(self, call)
         handler = version.udp if request.origin.is_datagram else version.tcp
         try:
@@ -235,13 +242,26 @@ def forget_helpers() -> None:
             package.__dict__.pop(qualname.partition(".")[2], None)
 
 
+def _unheeded(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM in a worker: the service decides when workers stop."""
+
+
 def main() -> None:
     _die_with(int(sys.argv[2]))
     # Ctrl-C in a terminal signals the whole process group, and systemd's default stop
     # (KillMode=control-group) sends SIGTERM to every process of the unit: the service
     # decides when workers stop (it lets calls in flight finish), so they ignore both.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # With a handler that does nothing, not SIG_IGN: an ignored signal stays ignored
+    # across exec, and the programs a module runs could not be terminated.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _unheeded)
+        signal.siginterrupt(signum, False)  # a blocking call goes on, as it did ignored
+    # The protocol's pipes move to descriptors no program a module runs inherits (os.dup
+    # makes them non-inheritable): a child reading its stdin ate the service's messages.
+    stream = os.fdopen(os.dup(0), "rb")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # print() in a module lands on stderr, not in the protocol,
     # a line at a time: block-buffered, it waited for the worker's exit (a kill lost it)
@@ -249,7 +269,6 @@ def main() -> None:
         sys.stdout.reconfigure(line_buffering=True)
     folder = Path(sys.argv[1])
     install_package(folder)
-    stream = sys.stdin.buffer
     worker = Worker(folder, out, stream)
     logging.basicConfig(level=logging.INFO, handlers=[_ForwardLogs(worker.send)], force=True)
     while isinstance(message := msg.read(stream), msg.Call):

@@ -67,6 +67,15 @@ class Saved:
 
 
 @dataclass(frozen=True, slots=True)
+class Imported:
+    """The worker has imported the version the call sent (and unloaded the one it
+    replaces): the call's timeout counts from here, the import was bounded by
+    ``[reload] import_timeout`` instead."""
+
+    cid: int
+
+
+@dataclass(frozen=True, slots=True)
 class SaveCheckpoint:
     """``request.job.save_checkpoint()`` in the worker; the call waits for ``Saved``."""
 
@@ -141,7 +150,7 @@ class Raised:
 
 ToWorker = Call | Stop | JobAdded | Saved
 Ending = Returned | Refused | LoadFailed | Raised  # a call's last message
-FromWorker = Log | Chunk | Progress | AddJob | SaveCheckpoint | Ending
+FromWorker = Log | Imported | Chunk | Progress | AddJob | SaveCheckpoint | Ending
 
 
 def pack(message: ToWorker | FromWorker) -> bytes:
@@ -189,11 +198,14 @@ def describe(exc: BaseException) -> str:
 
 def death(name: str, code: int) -> str:
     """What a call hears when its worker's process ended with ``code`` (its returncode)."""
-    if code < 0:
-        try:
-            how = f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"signal {-code}"
-    else:
-        how = f"exit code {code}"
-    return f"Worker process of module {name} died ({how})"
+    return f"Worker process of module {name} died ({ending(code)})"
+
+
+def ending(code: int) -> str:
+    """``exit code 3`` or ``signal SIGKILL``, from a process's returncode."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"

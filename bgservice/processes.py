@@ -8,7 +8,9 @@ worker that dies costs only the call it was running, and the pool refills itself
 that waited for a worker until too little of its timeout was left is not started (a
 worker is killed only for a call that had a chance to finish), nor is a cut call's worker
 used again.
-Workers are recycled after ``max_calls`` calls or above ``max_memory_mb`` of memory.
+Workers are recycled after ``max_calls`` calls or above ``max_memory_mb`` of memory; a
+stopping worker (running its unload() hooks) still counts against the pool's size, so a
+slow hook makes calls wait rather than pile up processes.
 A module that is deleted or leaves process mode has its pool retired: no new calls, the
 running ones finish (each under its own timeout), then the workers stop.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 from bgservice import process_messages as msg
 from bgservice.config import WorkerSettings
 from bgservice.errors import CallTimeout, WorkerDied
+from bgservice.logs import Sparse
 from bgservice.process_worker import WorkerProcess
 from bgservice.registry import ModuleVersion
 from bgservice.request import Request
@@ -33,6 +37,7 @@ from bgservice.request import Request
 log = logging.getLogger(__name__)
 # A call that gets a worker with less than this share of its timeout left is not started.
 START_FLOOR = 0.1
+DEATH_LINES = 5.0  # s: a pool's worker deaths (a crash loop), a log line at most this often
 
 
 class ProcessPool:
@@ -56,9 +61,10 @@ class ProcessPool:
         self.on_empty: Callable[[ProcessPool], None] | None = None  # set once retired
         self.spawned = 0
         self._spawning: set[asyncio.Task[None]] = set()
+        self._deaths = Sparse(DEATH_LINES, self._more_deaths)
 
     async def _spawn(self) -> WorkerProcess:
-        worker = await WorkerProcess.start(self.folder, self.name, self.lost)
+        worker = await WorkerProcess.start(self.folder, self.name, self.lost, self.grace)
         self.workers.add(worker)
         self.spawned += 1
         log.debug("module %s: worker process %d started", self.name, worker.proc.pid)
@@ -118,14 +124,28 @@ class ProcessPool:
         if worker in self.idle:
             self.idle.remove(worker)
         self.stopping.add(worker)
-        worker.stop_timer = asyncio.get_running_loop().call_later(self.grace, worker.kill)
+        worker.stopped = True
+        loop = asyncio.get_running_loop()
+        worker.stop_timer = loop.call_later(self.grace, self._cut, worker, self.grace)
         try:
             worker.send(msg.Stop())
         except (ConnectionError, RuntimeError):
             worker.kill()
 
+    def _cut(self, worker: WorkerProcess, after: float) -> None:
+        """Kill a worker; one stopped and still running its unload() hooks (at the end of
+        its grace) is logged."""
+        if worker.alive and worker.stopped:
+            log.warning("module %s: worker %d still running its unload() hooks after %g s "
+                        "([limits] shutdown_grace): killed", self.name, worker.proc.pid,
+                        after)  # fmt: skip
+        worker.kill()
+
     def lost(self, worker: WorkerProcess) -> None:
         """A worker's process ended (killed, crashed, recycled)."""
+        code = worker.proc.returncode
+        if not worker.killed and (not worker.stopped or code):  # no one asked it to end
+            self._tell_death(worker, code or 0)
         self.workers.discard(worker)
         self.stopping.discard(worker)
         if worker.stop_timer is not None:
@@ -135,6 +155,19 @@ class ProcessPool:
         self._refill()
         self._settle()
 
+    def _tell_death(self, worker: WorkerProcess, code: int) -> None:
+        # A line each, or of a crash loop one every DEATH_LINES s saying how many more.
+        if count := self._deaths.tick(time.monotonic()):
+            log.warning(
+                "module %s: worker process %d died (%s) %s%s", self.name, worker.proc.pid,
+                msg.ending(code), "running a call" if worker.current is not None else "idle",
+                f" ({count - 1} more since the last line)" if count > 1 else "",
+            )  # fmt: skip
+
+    def _more_deaths(self, count: int) -> None:
+        log.warning("module %s: %d more worker processes died since the last line",
+                    self.name, count)  # fmt: skip
+
     def _waiting(self) -> bool:  # a call waits for a worker (not one that gave up)
         return any(not w.done() for w in self.waiters)
 
@@ -142,8 +175,8 @@ class ProcessPool:
         # Someone waits for a worker and the pool is short: start one at once.
         if self.closing or not self._waiting():
             return
-        if len(self.workers) + len(self._spawning) >= self.size:
-            return
+        if len(self.workers) + len(self.stopping) + len(self._spawning) >= self.size:
+            return  # (a stopping worker still holds its place until it has exited)
         task = asyncio.get_running_loop().create_task(self._spawn_for_waiter())
         self._spawning.add(task)
         task.add_done_callback(self._spawning.discard)  # (cancelled at shutdown)
@@ -180,8 +213,9 @@ class ProcessPool:
             on_empty, self.on_empty = self.on_empty, None
             on_empty(self)
 
-    async def close(self) -> None:
-        """Shutdown: the service has already waited for its calls; stop every worker."""
+    async def close(self, grace: float) -> None:
+        """Shutdown: the service has already waited for its calls; stop every worker, and
+        kill those still running their unload() hooks after ``grace`` seconds."""
         self.closing = True
         for waiter in self.waiters:
             if not waiter.done():
@@ -190,31 +224,46 @@ class ProcessPool:
             self._retire(worker)
         readers = [w.reader for w in self.workers | self.stopping]
         if readers:
-            _, pending = await asyncio.wait(set(readers), timeout=3)
+            _, pending = await asyncio.wait(set(readers), timeout=grace)
             for worker in list(self.workers | self.stopping):
-                worker.kill()
+                self._cut(worker, grace)
             if pending:
                 await asyncio.wait(pending, timeout=2)
 
     def stats(self) -> dict[str, int]:
         busy = sum(1 for w in self.workers if w.current is not None)
-        return {"processes": len(self.workers), "busy": busy, "started": self.spawned}
+        return {"processes": len(self.workers), "busy": busy, "started": self.spawned,
+                "stopping": len(self.stopping)}  # fmt: skip
+
+    def no_free_worker(self) -> str:
+        """Why a call found no free worker, past the pool being busy: workers importing
+        the module, or stopping (running their unload() hooks), keep calls waiting too."""
+        importing = sum(1 for w in self.workers if w.is_importing)
+        parts = [f"{importing} importing the module"] if importing else []
+        parts += [f"{len(self.stopping)} stopping"] if self.stopping else []
+        return "no free worker" + (f": {', '.join(parts)}" if parts else "")
 
 
 class ProcessPools:
     """Execution's way into worker processes: one pool per process-mode module."""
 
-    def __init__(self, folder: Path, settings: WorkerSettings, grace: float = 10.0) -> None:
+    def __init__(
+        self, folder: Path, settings: WorkerSettings, grace: float = 10.0,
+        import_timeout: float = 30.0,
+    ) -> None:  # fmt: skip
         self.folder = folder.resolve()
         self.settings = settings
         self.grace = grace  # [limits] shutdown_grace: a stopped worker's time to exit
+        self.import_timeout = import_timeout  # [reload] import_timeout: a worker's import
         self.pools: dict[str, ProcessPool] = {}
         self.retiring: set[ProcessPool] = set()  # finishing their calls, then stopping
 
     def stats(self) -> dict[str, Any]:
         out = {name: pool.stats() for name, pool in self.pools.items()}
         for pool in self.retiring:
-            row = out.setdefault(pool.name, {"processes": 0, "busy": 0, "started": 0})
+            row = out.setdefault(
+                pool.name, {"processes": 0, "busy": 0, "started": 0, "stopping": 0}
+            )
             row["retiring"] = row.get("retiring", 0) + len(pool.workers | pool.stopping)
         return out
 
@@ -246,10 +295,11 @@ class ProcessPools:
                 worker = None
             if worker is None:
                 raise CallTimeout(
-                    f"Module {version.name} timed out after {timeout:g} s (no free worker)"
+                    f"Module {version.name} timed out after {timeout:g} s "
+                    f"({pool.no_free_worker()})"
                 )
             try:
-                return await worker.call(version, request, left, timeout)
+                return await worker.call(version, request, left, timeout, self.import_timeout)
             finally:
                 pool.release(worker)
         finally:
@@ -276,6 +326,9 @@ class ProcessPools:
         self.retiring.add(pool)
         pool.drain(self.retiring.discard)
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Stop every worker; those still running their unload() hooks after ``grace``
+        (what is left of ``[limits] shutdown_grace``; all of it by default) are killed."""
         pools = [*self.pools.values(), *self.retiring]
-        await asyncio.gather(*(pool.close() for pool in pools))
+        grace = self.grace if grace is None else grace
+        await asyncio.gather(*(pool.close(grace) for pool in pools))

@@ -89,7 +89,10 @@ class Service:
         self.registry = Registry(
             settings.modules, events, settings.reload_import_timeout, Commands.NAMES
         )
-        self.processes = ProcessPools(settings.modules, settings.workers, limits.shutdown_grace)
+        self.processes = ProcessPools(
+            settings.modules, settings.workers, limits.shutdown_grace,
+            settings.reload_import_timeout,
+        )
         self.execution = Execution(
             settings, self.registry, stats, self.threads, self.processes, events
         )
@@ -370,7 +373,7 @@ class Service:
         # Alerts held or waiting (why we stop among them): the rest of the grace, or a moment
         await self.alerts.flush(max(deadline - loop.time(), ALERT_FLUSH))
         await self.reloader.stop()
-        await self.processes.close()
+        await self.processes.close(max(deadline - loop.time(), 1.0))
         await self.registry.close(max(deadline - loop.time(), 1.0))
         await cancel_all(self._background, "background tasks")
         self.threads.shutdown(wait=False, cancel_futures=True)

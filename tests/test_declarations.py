@@ -1,6 +1,7 @@
-"""A module's declarations of who may use it, against a real service: CALL_FROM admits
-direct calls from the listed sources only (403 naming the rule over TCP, a log line for a
-dropped datagram), leaves queued runs to QUEUE_FROM, and a malformed rule fails the load."""
+"""A module's declarations, against a real service: CALL_FROM admits direct calls from the
+listed sources only (403 naming the rule over TCP, a log line for a dropped datagram),
+leaves queued runs to QUEUE_FROM, and a malformed rule fails the load; EXECUTION and
+PROCESSES."""
 
 from __future__ import annotations
 
@@ -81,3 +82,21 @@ def test_a_malformed_rule_fails_the_load(make_service, modules_dir, rule):
     svc = make_service()
     reply = svc.call(b"bad:x")
     assert reply.startswith(b"502") and b"CALL_FROM must be a set of sources" in reply, reply
+
+
+def test_execution_values_and_processes_without_process_mode(make_service, modules_dir):
+    # PROCESSES without EXECUTION = "process" was silently ignored (it stays loadable: a
+    # save that drops EXECUTION to leave process mode may keep it), and "default" loaded
+    # though the error for any other value named "process" alone.
+    handler = 'def handle_tcp(request):\n    return "ran"\n'
+    write_module(modules_dir, "pcount", "PROCESSES = 3\n" + handler)
+    write_module(modules_dir, "pdefault", 'EXECUTION = "default"\n' + handler)
+    write_module(modules_dir, "pthread", 'EXECUTION = "thread"\n' + handler)
+    svc = make_service()
+    assert svc.call(b"pcount:x") == b"ran"
+    svc.wait_for_log('module pcount: PROCESSES = 3 has no effect without EXECUTION = "process"')
+    assert svc.call(b"pdefault:x") == b"ran"
+    assert svc.call(b"pthread:x") == (
+        b'502: Module pthread failed to load: pthread.py: EXECUTION must be "process", '
+        b'or "default" (as when left out)'
+    )

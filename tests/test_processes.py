@@ -186,6 +186,80 @@ def test_a_worker_that_dies_costs_one_call(modules_dir, make_service):
     assert svc.call(b"crash:x") == b"alive"
     assert svc.call(b"test:x") == b"Test"
     assert svc.stats()["workers"]["crash"]["started"] == 2
+    # Logged too (a direct call's death was only in its reply): module, pid, exit code.
+    svc.wait_for_log("module crash: worker process ")
+    assert "died (exit code 3) running a call" in svc.log()
+
+
+def test_a_worker_that_forks_and_dies_costs_one_call_at_once(modules_dir, make_service):
+    # The process it forked held the worker's pipe open: the service learnt of the death
+    # only when the pipe closed, so the call (and a queued job) hung until that process
+    # ended, and the pool stayed a worker short. What is left of its group is killed.
+    write_module(modules_dir, "forkdie", """
+        import os, time
+        from pathlib import Path
+        EXECUTION = "process"
+        PROCESSES = 1
+        TIMEOUT = 60
+        def handle_tcp(request):
+            if request.text.startswith("die"):
+                child = os.fork()
+                if child == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                Path(__file__).with_name(request.text + ".pid").write_text(str(child))
+                os._exit(3)
+            return "alive"
+    """)  # fmt: skip
+    svc = make_service()
+    died = b"500: Worker process of module forkdie died (exit code 3)"
+    assert svc.call(b"forkdie:die1") == died
+    assert svc.call(b"forkdie:x") == b"alive"
+    wait_until(lambda: not _alive(int((modules_dir / "die1.pid").read_text())))
+    jid = int(svc.call(b"queue:add:forkdie:die2")[3:])
+    assert svc.call(b"queue:get:id:%d" % jid) == died
+    assert svc.call(b"forkdie:x") == b"alive"
+    wait_until(lambda: not _alive(int((modules_dir / "die2.pid").read_text())))
+
+
+def test_programs_a_worker_runs_do_not_read_the_services_messages(modules_dir, make_service):
+    # A worker's stdin was the service's message pipe, and what it ran inherited it:
+    # ``cat`` waited on it (or ate the next call's message). Now /dev/null.
+    write_module(modules_dir, "pin", """
+        import subprocess
+        EXECUTION = "process"
+        PROCESSES = 1
+        def handle_tcp(request):
+            done = subprocess.run(["cat"], capture_output=True, timeout=10)
+            return "cat read %d bytes" % len(done.stdout)
+    """)  # fmt: skip
+    svc = make_service()
+    assert svc.call(b"pin:x") == b"cat read 0 bytes"
+    assert svc.call(b"pin:x") == b"cat read 0 bytes"
+
+
+def test_programs_a_worker_runs_can_be_stopped_with_sigterm_and_sigint(
+    modules_dir, make_service
+):
+    # Workers ignored both with SIG_IGN, which every program they ran inherited across
+    # exec: Popen.terminate() did nothing.
+    write_module(modules_dir, "psig", """
+        import signal, subprocess
+        EXECUTION = "process"
+        def handle_tcp(request):
+            codes = []
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                child = subprocess.Popen(["sleep", "60"])
+                child.send_signal(signum)
+                try:
+                    codes.append(child.wait(5))
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    codes.append(child.wait())
+            return repr(codes)
+    """)  # fmt: skip
+    svc = make_service()
+    assert svc.call(b"psig:x") == repr([-signal.SIGTERM, -signal.SIGINT]).encode()
 
 
 def test_edit_during_load_reaches_every_worker(modules_dir, make_service):
@@ -381,6 +455,8 @@ def test_a_process_modules_log_lines_reach_the_service_log(modules_dir, make_ser
     svc.wait_for_log("working on abc")
     line = next(li for li in svc.log().splitlines() if "careful with abc" in li)
     assert "WARNING" in line and "chatty" in line and "[worker " in line
+    # The bare message: it came with a second level and logger ("WARNING:chatty:").
+    assert line.endswith("] careful with abc"), line
 
 
 def test_a_worker_outlasts_a_sigterm_to_every_process_and_generators_are_bad_replies(
@@ -407,6 +483,11 @@ def test_a_worker_outlasts_a_sigterm_to_every_process_and_generators_are_bad_rep
         marker = tmp_path / "pid"
         pid = int(wait_until(lambda: marker.exists() and marker.read_text()))
         os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)  # (Ctrl-C in a terminal reaches it too)
         assert call.result(timeout=30) == b"slept"
+    os.kill(pid, signal.SIGTERM)  # idle, waiting for its next call
+    os.kill(pid, signal.SIGINT)
+    assert svc.call(b"pt:x") == b"slept" and marker.read_text() == str(pid)
+    assert "died" not in svc.log()
     # (asyncio.iscoroutine takes a generator on 3.11: its yields went to the worker's loop)
     assert svc.call(b"pt:gen").startswith(b"500: Module pt returned a bad reply:"), svc.log()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from bgservice.config import WorkerSettings
+from bgservice.errors import ModuleLoadFailed
 from bgservice.origin import Origin
 from bgservice.processes import ProcessPool, ProcessPools
 from bgservice.registry import import_module_file
@@ -88,7 +89,8 @@ def test_an_overloaded_pool_serves_and_keeps_its_worker(modules_dir, make_servic
     # and it still serves (none lost to a caller that gave up as it was handed over).
     assert "killing worker" not in svc.log()
     assert svc.call(b"quick:x") == b"r"
-    assert svc.stats()["workers"]["quick"] == {"processes": 1, "busy": 0, "started": 1}
+    stats = {"processes": 1, "busy": 0, "started": 1, "stopping": 0}
+    assert svc.stats()["workers"]["quick"] == stats
 
 
 async def test_a_cut_call_kills_its_worker_instead_of_pooling_it(tmp_path):
@@ -249,3 +251,124 @@ def test_a_message_the_service_cannot_read_costs_one_call(modules_dir, make_serv
     assert reply.startswith(b"500: Module punread sent the service an unreadable message"), reply
     assert svc.call(b"punread:x") == b"fine"  # a new worker: the pool is not short of one
     assert svc.stats()["workers"]["punread"]["processes"] == 1
+
+
+# In a worker (not in the service, which imports the file too), the import waits for the
+# test's "go" file, or the unload() hook does: as long as the test wants, no longer.
+WAITS_FOR_GO = """
+import os, sys, time
+from pathlib import Path
+EXECUTION = "process"
+PROCESSES = {processes}
+TIMEOUT = 1
+IN_A_WORKER = Path(sys.argv[0]).name == "process_main.py"
+HERE = Path(__file__).parent
+
+def wait_for_go():
+    (HERE / f"waiting.{{os.getpid()}}").touch()
+    deadline = time.monotonic() + 60
+    while not (HERE / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+if IN_A_WORKER and {in_import}:
+    wait_for_go()
+
+def handle_tcp(request):
+    return str(os.getpid())
+
+def unload():
+    if IN_A_WORKER and not {in_import}:
+        wait_for_go()
+"""
+
+
+def _waiting(modules_dir: Path) -> list[int]:
+    return [int(p.suffix[1:]) for p in modules_dir.glob("waiting.*")]
+
+
+def test_a_module_whose_import_outlasts_its_timeout_serves(modules_dir, make_service):
+    # The worker imported the module inside the call, under the call's 1 s: every call
+    # 504, each worker killed mid-import, none ever served. The import is bounded by
+    # [reload] import_timeout instead, and a call's timeout counts once it is done.
+    write_module(modules_dir, "slowimp", WAITS_FOR_GO.format(processes=1, in_import=True))
+    svc = make_service()
+    result: list[bytes] = []
+    first = threading.Thread(target=lambda: result.append(svc.call(b"slowimp:x", timeout=30)))
+    first.start()
+    wait_until(lambda: _waiting(modules_dir))
+    # A call waiting for the one worker hears why it waits.
+    waited = b"504: Module slowimp timed out after 1 s (no free worker: 1 importing the module)"
+    assert svc.call(b"slowimp:x") == waited
+    (modules_dir / "go").touch()
+    first.join(30)
+    assert result and result[0].isdigit(), result
+    assert svc.call(b"slowimp:x") == result[0]  # the same worker, not killed
+    assert "killing worker" not in svc.log()
+
+
+async def test_a_workers_import_is_bounded_by_import_timeout(tmp_path):
+    (tmp_path / "go").unlink(missing_ok=True)
+    (tmp_path / "hang.py").write_text(WAITS_FOR_GO.format(processes=1, in_import=True))
+    version = import_module_file("hang", tmp_path / "hang.py")
+    pools = ProcessPools(tmp_path, WorkerSettings(processes=1), grace=5, import_timeout=0.5)
+    try:
+        with pytest.raises(ModuleLoadFailed) as failed:
+            await pools(version, Request("hang", b"", Origin.TCP), 60)
+        assert failed.value.message == (
+            "Module hang failed to load in a worker: the import did not finish within "
+            "0.5 s ([reload] import_timeout)"
+        )
+        [pid] = _waiting(tmp_path)
+        await _when(lambda: not _alive(pid))  # killed
+    finally:
+        await pools.close()
+
+
+def test_stopping_workers_count_against_the_pool(modules_dir, make_service):
+    # Recycled after each call, with an unload() hook that takes its time: each call
+    # left a worker stopping and started another (40 calls, 40 processes), and stats
+    # showed none of them. A stopping worker holds its place until it has exited.
+    write_module(modules_dir, "pu", WAITS_FOR_GO.format(processes=2, in_import=False))
+    svc = make_service("[workers]\nmax_calls = 1\n[limits]\nshutdown_grace = 60\n")
+    pids = {svc.call(b"pu:x") for _ in range(2)}
+    assert len(pids) == 2 and all(pid.isdigit() for pid in pids), pids
+    wait_until(lambda: len(_waiting(modules_dir)) == 2)
+    assert svc.call(b"pu:x") == b"504: Module pu timed out after 1 s (no free worker: 2 stopping)"
+    workers = svc.stats()["workers"]["pu"]
+    assert workers["stopping"] == 2 and workers["processes"] == 0, workers
+    (modules_dir / "go").touch()
+    assert svc.call(b"pu:x").isdigit()
+
+
+UNLOADS_SLOWLY = """
+import os, sys, time
+from pathlib import Path
+EXECUTION = "process"
+def handle_tcp(request):
+    return str(os.getpid())
+def unload():
+    if Path(sys.argv[0]).name == "process_main.py":
+        time.sleep({seconds})
+        Path(__file__).with_name("unloaded").touch()
+"""
+
+
+def test_worker_unload_hooks_get_the_shutdown_grace(modules_dir, make_service):
+    # They got a fixed 3 s at shutdown, whatever [limits] shutdown_grace said.
+    write_module(modules_dir, "pu", UNLOADS_SLOWLY.format(seconds=4))
+    svc = make_service("[limits]\nshutdown_grace = 30\n")
+    assert svc.call(b"pu:x").isdigit()
+    assert svc.stop(timeout=60) == 0
+    assert (modules_dir / "unloaded").exists()
+    assert "unload() hooks" not in svc.log()
+
+
+def test_a_worker_unload_hook_cut_at_shutdown_is_logged(modules_dir, make_service):
+    write_module(modules_dir, "pu", UNLOADS_SLOWLY.format(seconds=60))
+    svc = make_service("[limits]\nshutdown_grace = 0.5\n")
+    pid = svc.call(b"pu:x")
+    assert pid.isdigit()
+    assert svc.stop() == 0
+    line = f"module pu: worker {pid.decode()} still running its unload() hooks after 0.5 s"
+    assert line in svc.log()
+    assert not (modules_dir / "unloaded").exists()
