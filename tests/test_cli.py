@@ -514,6 +514,9 @@ def test_ctrl_c_while_the_service_starts_shows_no_traceback(tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # (SIGINT ignored, as in a script's background job, would be inherited, and
+            # one before the service's own handler then ignored: see _interrupted)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(delay / 1000)
         proc.send_signal(signal.SIGINT)

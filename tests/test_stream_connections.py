@@ -388,7 +388,7 @@ def test_a_cancelled_error_a_handler_raises_is_its_error(make_service, modules_d
         reply = svc.call(b"timeouts:" + data, timeout=5)
         assert reply.startswith(b"500: Module timeouts raised CancelledError"), reply
         svc.send_udp(b"timeouts:" + data)
-    wait_until(lambda: svc.stats()["modules"]["timeouts"]["udp"]["errors"] == 2)
+    wait_until(lambda: svc.stats()["modules"]["timeouts"].get("udp", {}).get("errors") == 2)
     assert "failed: 500 Module timeouts raised CancelledError" in svc.log()
     assert svc.proc is not None and svc.proc.poll() is None
     assert svc.call(b"timeouts:timeout") == b"timeout ok"
