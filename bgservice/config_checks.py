@@ -17,6 +17,7 @@ from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from bgservice.errors import ConfigError
 from bgservice.http.origins import check_hosts
@@ -44,9 +45,17 @@ def _needs(extra: str, *packages: str) -> None:
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for a log line: its password (``user:PW@`` or ``?password=PW``) replaced."""
-    url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+    """A URL fit for a log line: its password (``user:PW@``, ``?password=PW``) replaced.
+    The user part ends at the netloc's last '@', as urllib (and so redis-py) reads it: a
+    password may hold an '@' of its own. Any query option named like a password, in any
+    case (``ssl_password``, ``PASSWORD``), is replaced too."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        end = min([i for i in map(rest.find, "/?#") if i >= 0], default=len(rest))
+        user, at, host = rest[:end].rpartition("@")
+        if at and ":" in user:
+            url = f"{scheme}://{user.partition(':')[0]}:***@{host}{rest[end:]}"
+    return re.sub(r"([?&][^=&#]*password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 # The largest whole number any key takes: what SQLite's INTEGER, Redis and a C int64
@@ -206,9 +215,40 @@ def _http_enabled(v: Any) -> bool:
     return bool(v)
 
 
+# Options of a Redis URL's query that the service sets itself (bgservice.queue.redis_db),
+# and what sets them: given in the URL, redis-py would let them replace the service's own.
+OWN_REDIS_OPTIONS = {
+    "socket_connect_timeout": "[redis] connect_timeout",
+    "socket_timeout": "the service: max([redis] connect_timeout, 5) s",
+    "health_check_interval": "the service: 15 s",
+    "retry_on_timeout": "the service: it retries by itself",
+}
+
+
 def _redis_url(v: Any) -> str:
+    """A Redis URL checked whole, without connecting: a bad one is a configuration error
+    now, not a traceback at start or, worse, something else silently (db 0 for "/zero").
+    The messages never quote the URL: it may hold a password."""
     if not isinstance(v, str) or not re.match(r"^(rediss?|unix)://", v):
         raise ValueError('must be a URL such as "redis://127.0.0.1:6379/0" or "unix:///path"')
+    parts = urlsplit(v)
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
+        raise ValueError("must end in the database's number, redis://HOST:PORT/N (N from 0)")
+    for name in parse_qs(parts.query, keep_blank_values=True):
+        if name in OWN_REDIS_OPTIONS:
+            raise ValueError(f"option {name!r}: set by {OWN_REDIS_OPTIONS[name]}, not in the URL")
+    if find_spec("redis") is None:  # (a site without the [redis] extra: checked at its use)
+        return v
+    from redis.asyncio.connection import ConnectionPool  # (redis-py's own URL parser)
+
+    try:  # a connection object, not connected: it takes the options, or says which not
+        ConnectionPool.from_url(v).make_connection()
+    except TypeError as exc:
+        option = re.search(r"argument '([^']*)'", str(exc))
+        raise ValueError(f"option {option[1] if option else '?'!r} is not one redis-py "
+                         "takes") from None  # fmt: skip
+    except ValueError as exc:  # a port or an option's value (its name only: no value)
+        raise ValueError(f"is not a valid Redis URL: {exc}") from None
     return v
 
 
@@ -287,10 +327,21 @@ def shown(key: str, value: Any) -> str:
     return "" if key in SECRET_KEYS else f", got {value!r}"
 
 
+def _lease(v: Any) -> float:
+    """[redis] lease: renewed every lease / 3 s, and a dead instance's jobs wait a lease.
+    Under a second, a pause of the event loop or a slow answer from Redis of a few hundred
+    ms would let a live instance's job be taken over; over a day, a dead one's wait."""
+    if not _finite(v) or not LEASE_MIN <= v <= LEASE_MAX:
+        raise ValueError(f"must be a number of seconds from {LEASE_MIN:g} to {LEASE_MAX:g} "
+                         "(a day): instances renew their leases every lease / 3 s")  # fmt: skip
+    return float(v)
+
+
+LEASE_MIN, LEASE_MAX = 1.0, 86400.0
 REDIS_CHECKS: dict[str, Check] = {
     "url": _redis_url,
     "prefix": check_string,
-    "lease": _positive_number,
+    "lease": _lease,
     "connect_timeout": _positive_number,
 }
 HTTP_CHECKS: dict[str, Check] = {

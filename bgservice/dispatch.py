@@ -74,6 +74,18 @@ class Dispatcher:
         if version.queue_from is not None:
             admit(version.queue_from, source or "", f"module {module}: queue")
 
+    def runnable(self) -> list[str]:
+        """The modules a queued job can run on now: those ``check`` admits from some source
+        (the Redis engine claims jobs of these only, the others wait for another instance)."""
+        names = []
+        for entry in self.registry:
+            try:
+                self.execution.resolve(entry.name, Origin.QUEUE)
+            except ServiceError:  # unknown, failed to load, no TCP handler, refusing jobs
+                continue
+            names.append(entry.name)
+        return names
+
     # --- entry points ------------------------------------------------------------------
 
     def begin(self, request: Request) -> Reply | Coroutine[Any, Any, Reply]:

@@ -673,3 +673,70 @@ def test_octal_modes_in_inline_tables_are_accepted(tmp_path, listen, mode):
 def test_a_bare_integer_mode_in_an_inline_table_is_refused(tmp_path):
     message = config_error(tmp_path, 'listen = [{unix = "/x.sock", mode = 600}]\n')
     assert "mode" in message and "0o770" in message
+
+
+# --- [redis] url and lease (a review of the Redis engine, 2026-12-06) ------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "option 'socket_timeout': set by the"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=1", "not in the URL"),
+        ("redis://127.0.0.1:6379/0?socket_connect_timeout=1", "set by [redis] connect_timeout"),
+        ("redis://127.0.0.1:6379/zero", "must end in the database's number"),
+        ("redis://127.0.0.1:6379/1O", "must end in the database's number"),
+        ("redis://127.0.0.1:6379/0?db=x", "Invalid value for 'db'"),
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:6379/0?PASSWORD=hunter2", "option 'PASSWORD' is not one redis-py"),
+    ],
+)
+def test_a_redis_url_is_checked_whole_when_the_config_loads(tmp_path, url, problem):
+    # A bad option value crashed the start with a traceback (exit 1: systemd restarts it);
+    # "/zero" was db 0, silently; an option in the URL replaced the service's own timeout.
+    message = config_error(tmp_path, f'[redis]\nurl = "{url}"\n')
+    assert "[redis] url (line 2)" in message and problem in message, message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379",
+        "redis://h:1/",
+        "redis://u:p@h:1/15",
+        "redis://at:top@secret@h:6379/7",
+        "rediss://h/0?ssl_cert_reqs=required",
+        "unix:///run/redis.sock?db=2",
+        "redis://h/0?max_connections=20",
+    ],
+)
+def test_redis_urls_redis_py_takes_load(tmp_path, url):
+    assert load_text(tmp_path, f'[redis]\nurl = "{url}"\n').redis.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://at:top@secret@127.0.0.1:6391/7", "redis://at:***@127.0.0.1:6391/7"),
+        ("redis://127.0.0.1:6391/0?PASSWORD=pw&x=1", "redis://127.0.0.1:6391/0?PASSWORD=***&x=1"),
+        ("rediss://h/0?ssl_password=pw", "rediss://h/0?ssl_password=***"),
+        ("redis://:pw@h:1/0?password=pw", "redis://:***@h:1/0?password=***"),
+        ("redis://user@h/0?client_name=a@b", "redis://user@h/0?client_name=a@b"),
+        ("unix:///run/r.sock?db=1&password=pw", "unix:///run/r.sock?db=1&password=***"),
+    ],
+)
+def test_redact_url_hides_the_whole_password(url, shown):
+    # 'at:top@secret@host' was logged as 'at:***@secret@host' (the user part ends at the
+    # last '@', as urllib and redis-py read it); '?PASSWORD=' was not redacted at all.
+    from bgservice.config_checks import redact_url
+
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("lease", ["0.05", "0.99", "86401", "1e9", "nan"])
+def test_the_redis_lease_is_bounded(tmp_path, lease):
+    message = config_error(tmp_path, f"[redis]\nlease = {lease}\n")
+    assert "[redis] lease (line 2)" in message and "from 1 to 86400" in message, message
+    for fine in (1, 86400):
+        assert load_text(tmp_path, f"[redis]\nlease = {fine}\n").redis.lease == fine

@@ -205,10 +205,10 @@ def test_workers_zero_needs_the_redis_backend(tmp_path):
 def test_no_false_lease_lost_warnings_for_jobs_that_just_ended(tmp_path, redis_url):
     # Issue 18, item 9: one instance, a short lease, many short jobs: a renewal racing a
     # job's end logged "lease lost (taken over by another instance)" for jobs nothing
-    # took over.
+    # took over. (The shortest lease [redis] lease takes: renewed every 0.33 s.)
     prefix = f"lease-{uuid.uuid4().hex[:8]}"
     svc = ServiceProcess(
-        tmp_path, "[queue]\nworkers = 16\n", backend_config=redis_config(redis_url, prefix, 0.3)
+        tmp_path, "[queue]\nworkers = 16\n", backend_config=redis_config(redis_url, prefix, 1.0)
     )
     try:
         svc.start()
@@ -611,3 +611,198 @@ def test_finished_jobs_past_their_expiry_are_all_deleted_at_the_next_sweep(tmp_p
             svc.proc.kill()
             svc.proc.wait()
         client.delete(*client.keys(f"{prefix}:*") or [f"{prefix}:none"])
+
+
+# --- defects found by a review of the Redis engine (2026-12-06) -------------------------
+
+GATE = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    # Holds its worker until the file the data names exists.
+    gate = Path(request.text)
+    while not gate.exists():
+        time.sleep(0.01)
+    return "opened"
+"""
+ONLY1 = "import os\n\ndef handle_tcp(request):\n    return f'only1 by {os.getpid()}'\n"
+
+
+def instance(tmp_path, name: str, url: str, prefix: str, config: str = "", lease: float = 1.5):
+    """A service of its own folder (and modules) on the queue ``prefix``."""
+    root = tmp_path / name
+    root.mkdir()
+    svc = ServiceProcess(root, "[queue]\nworkers = 1\n" + config,
+                         backend_config=redis_config(url, prefix, lease))  # fmt: skip
+    write_module(svc.modules, "gate", GATE)
+    return svc
+
+
+def test_a_job_waits_for_an_instance_that_has_its_module(tmp_path, redis_url):
+    # N has module only1, M (same queue) has not (a rolling deploy). With N's one worker
+    # busy, M claimed N's only1 job and failed it for good: 400 Unknown request. It now
+    # waits for an instance that can run it: M too, once only1 is in its modules folder.
+    prefix = f"modules-{uuid.uuid4().hex[:8]}"
+    n = instance(tmp_path, "n", redis_url, prefix)
+    m = instance(tmp_path, "m", redis_url, prefix)
+    write_module(n.modules, "only1", ONLY1)
+    try:
+        n.start()
+        m.start()
+        gate = tmp_path / "open"
+        busy = add(n, b"queue:add:gate:" + str(gate).encode())  # n's worker takes it
+        wait_until(lambda: n.stats()["in_flight"].get("gate", 0) == 1)
+        jid = add(n, b"queue:add:only1:x")  # wakes m, whose worker is free
+        time.sleep(1.5)  # (m took it at once, before)
+        status = json.loads(m.call(b"queue:status:id:%d" % jid))
+        assert (status["state"], status["attempts"]) == ("waiting", 0), status
+        write_module(m.modules, "only1", ONLY1)  # a first load: m looks within a second
+        assert m.call(b"queue:get:id:%d" % jid) == b"only1 by %d" % m.proc.pid
+        gate.touch()
+        assert n.call(b"queue:get:id:%d" % busy) == b"opened"
+    finally:
+        n.stop()
+        m.stop()
+
+
+def test_a_config_schedule_stays_while_a_live_instance_config_has_it(tmp_path, redis_url):
+    # s2's config lacks s1's [[schedule]]: s2's start removed it from Redis while s1 went
+    # on firing it, and s2 listed nothing. It is removed only once no live instance's
+    # config has it: after s1 stopped, or died (its pid gone; a lease of 60 s: not by
+    # its declaration running out).
+    prefix = f"declared-{uuid.uuid4().hex[:8]}"
+    schedule = '[[schedule]]\nname = "cfg"\nmodule = "echo"\ndata = "tick"\nevery = 3600\n'
+    s1 = instance(tmp_path, "s1", redis_url, prefix, schedule, lease=60)
+    s2 = instance(tmp_path, "s2", redis_url, prefix, lease=60)
+
+    def names(svc: ServiceProcess) -> list[str] | None:  # None: not loaded yet
+        reply = svc.call(b"queue:schedules")
+        return None if reply.startswith(b"503") else [s["name"] for s in json.loads(reply)]
+
+    kept = "schedule cfg: kept: the service.config of instance"
+    try:
+        for n, stop in enumerate(("clean", "crash"), 1):
+            s1.start()
+            wait_until(lambda: names(s1) == ["cfg"])
+            s2.start()
+            wait_until(lambda n=n: s2.log().count(kept) == n)
+            assert names(s2) == ["cfg"]
+            assert s2.stop() == 0
+            if stop == "clean":
+                assert s1.stop() == 0
+            else:
+                s1.proc.kill()
+                s1.proc.wait()
+            s2.start()
+            wait_until(lambda: names(s2) is not None)
+            assert names(s2) == [], stop
+            assert s2.log().count(kept) == n
+            assert s2.stop() == 0
+    finally:
+        s1.stop()
+        s2.stop()
+
+
+@pytest.mark.parametrize("back", [True, False], ids=["redis-back-within-grace", "never"])
+def test_an_end_held_up_by_an_outage_at_a_stop_is_retried_for_the_grace(tmp_path, own_redis, back):
+    # SIGTERM with Redis away: a job that finished within the grace was dropped without a
+    # word (its end not recorded), and the instance stopped at once. It retries for the
+    # grace now; when the grace runs out first, it says which job runs again.
+    grace = 30 if back else 1
+    svc = instance(tmp_path, "a", own_redis.url, "grace", f"[limits]\nshutdown_grace = {grace}\n")
+    try:
+        svc.start()
+        gate = tmp_path / "open"
+        jid = add(svc, b"queue:add:gate:" + str(gate).encode())
+        wait_until(lambda: svc.stats()["in_flight"].get("gate", 0) == 1)
+        own_redis.stop()
+        svc.signal(signal.SIGTERM)
+        gate.touch()
+        svc.wait_for_log(f"job {jid}: cannot record its end")
+        if back:
+            own_redis.start()
+            assert svc.wait(30) == 0
+            state = redis_command(own_redis.url, "HGET", f"grace:job:{jid}", "state")
+            assert state == b"$4\r\ndone\r\n", svc.log()
+        else:
+            svc.wait(30)
+            line = f"job {jid} (gate): its end not recorded before the shutdown grace ran out"
+            assert line in svc.log()
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize(
+    ("acl", "missing"),
+    [
+        (["~*", "resetchannels", "+@all"], "may not publish on channel acl:events (ACL &acl:"),
+        (["~*", "&*", "+@all", "-evalsha"], "may not run Lua scripts (EVALSHA)"),
+        (["~other:*", "&*", "+@all"], "may not read and write the keys acl:* (ACL ~acl:*)"),
+        (["~*", "&*", "+@all", "-script"], "may not load Lua scripts (SCRIPT LOAD)"),
+        (["~*", "&acl:events", "+@all", "-subscribe"], "may not subscribe to channel"),
+    ],
+    ids=["channel", "evalsha", "keys", "script-load", "subscribe"],
+)
+def test_a_redis_user_without_a_permission_the_queue_needs_stops_the_start(
+    tmp_path, own_redis, acl, missing
+):
+    # The start only pinged Redis: such a user started, then every queue command replied
+    # "503: Redis does not answer" for ever (or ends were lost: "lease lost" lines).
+    assert redis_command(own_redis.url, "ACL", "SETUSER", "bg", "on", ">pw", *acl) == b"+OK\r\n"
+    url = own_redis.url.replace("redis://", "redis://bg:pw@")
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "acl"))
+    svc.start(wait=False)
+    try:
+        assert svc.wait() == 2, svc.log()
+    finally:
+        svc.stop()
+    assert "configuration error: [redis] url redis://bg:***@127.0.0.1" in svc.log()
+    assert missing in svc.log(), svc.log()
+
+
+def test_a_command_redis_refuses_is_answered_with_what_redis_said(tmp_path, own_redis):
+    # Every error reply (a permission, out of memory) was "503: Queue unavailable: Redis
+    # does not answer"; redis-py's pipelines also replaced the error with "{exception.args}".
+    acl = ("ACL", "SETUSER", "bg", "on", ">pw", "~*", "&*", "+@all")
+    assert redis_command(own_redis.url, *acl, "-zcard") == b"+OK\r\n"
+    url = own_redis.url.replace("redis://", "redis://bg:pw@")
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(url, "refused"))
+    try:
+        svc.start()
+        said = svc.call(b"queue:stats")
+        assert said.startswith(b"503: Queue unavailable: Redis refused: "), said
+        assert b"no permissions to run the 'zcard' command" in said, said
+        assert redis_command(own_redis.url, *acl, "+zcard") == b"+OK\r\n"
+        assert redis_command(own_redis.url, "CONFIG", "SET", "maxmemory", "1") == b"+OK\r\n"
+        reply = svc.call(b"queue:add:echo:x")
+        assert reply.startswith(b"503: Queue unavailable: Redis refused: OOM command not allowed")
+        assert redis_command(own_redis.url, "CONFIG", "SET", "maxmemory", "0") == b"+OK\r\n"
+        assert svc.call(b"queue:add?wait=1:echo:x") == b"x"
+    finally:
+        svc.stop()
+
+
+def test_a_reaper_whose_clock_runs_ahead_takes_no_live_job_over(tmp_path, redis_url):
+    # Lease deadlines were written with the renewing instance's clock and compared with
+    # the reaper's: an instance 25 s ahead took a healthy instance's job over, and it ran
+    # twice. Deadlines are on Redis's clock now, whatever the instances' clocks say.
+    import redis
+
+    from bgservice.queue import redis_scripts
+
+    prefix = f"skew-{uuid.uuid4().hex[:8]}"
+    svc = instance(tmp_path, "a", redis_url, prefix)
+    try:
+        svc.start()
+        gate = tmp_path / "open"
+        jid = add(svc, b"queue:add:gate:" + str(gate).encode())
+        wait_until(lambda: svc.stats()["in_flight"].get("gate", 0) == 1)
+        ahead = time.time() + 25  # what another instance's clock says
+        reap = (redis_scripts.REAP, 0, prefix, repr(ahead), "1.5", repr(ahead + 3600))
+        assert redis.Redis.from_url(redis_url).eval(*reap) == []
+        gate.touch()
+        assert svc.call(b"queue:get:id:%d" % jid) == b"opened"
+        assert json.loads(svc.call(b"queue:status:id:%d" % jid))["attempts"] == 1
+    finally:
+        svc.stop()

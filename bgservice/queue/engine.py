@@ -63,6 +63,10 @@ class JobRunner(Protocol):
         """Raise the error a job for ``module`` would end with (unknown, refusing jobs, or
         not to be queued from ``source``: 403)."""
 
+    def runnable(self) -> list[str]:
+        """The modules whose jobs can run here now (``check`` admits them, from some
+        source): an instance of a shared queue claims no job of another module."""
+
 
 # Not frozen, though a value: made for every attempt, and a frozen dataclass's __init__ calls
 # object.__setattr__ once per field (AddSpec: 2.3 us, 0.55 us unfrozen).

@@ -34,13 +34,13 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from bgservice.cancelling import cancel_all
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.errors import ConfigError
-from bgservice.events import Events
+from bgservice.events import MODULE_RELOADED, MODULE_REMOVED, Events
 from bgservice.protocol import OK
 from bgservice.queue.commands import AddSpec, ListSpec
-from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, not_found, run_record
+from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, run_record
 from bgservice.queue.job import Job, JobState, stored_after
-from bgservice.queue.redis_channel import Subscription
-from bgservice.queue.redis_db import RedisJobs, available, script_error, unavailable
+from bgservice.queue.redis_channel import Following, Waiter
+from bgservice.queue.redis_db import RedisJobs, available, refusal, script_error, unavailable
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import Attempt, RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
@@ -50,10 +50,10 @@ from bgservice.stats import Stats
 log = logging.getLogger(__name__)
 
 _BACKOFF_MAX = 5.0
-Waiter = asyncio.Future[Result]  # what queue:get callers of one job wait on together
+RUNNABLE_EVERY = 1.0  # s: the modules this instance can run are looked up again this often
 
 
-class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
+class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
     def __init__(
         self,
         settings: QueueSettings,
@@ -79,23 +79,36 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         self._progress_pending: set[int] = set()
         self._closing = False
         self._next_delayed: float | None = None
-        self._limits = ("{}", "{}")  # module limits and rates as CLAIM takes them (_runner)
+        # Module limits, rates and the modules this instance can run, as CLAIM takes them.
+        self._limits = ("{}", "{}", "[]")
+        self._lease = repr(self.conf.lease)
         self._claiming = 0  # workers held for claims on their way (_claim_args)
         self._missed = False  # a wake came while no worker was free (_freed)
+        self._declared: set[str] = set()  # (RedisSchedules)
+        for event in (MODULE_RELOADED, MODULE_REMOVED):  # (a first load is no event)
+            events.subscribe(event, lambda name: self._runnable())
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         try:
             await self.db.redis.ping()
+            await self.db.check_access(self.owner, self._subscribes)  # refused: ConfigError
+            await self.undeclare(starting=True)
         except (AuthenticationError, AuthorizationError, ResponseError) as exc:
-            # Not an outage: waiting will not fix a wrong password, user or db number.
-            raise ConfigError(f"[redis] url {self.db.where}: Redis refuses it: {exc}") from None
+            if not refusal(exc):  # out of memory, read-only (a replica), loading: it may pass
+                log.error("Redis at %s refuses commands (%s): queue commands reply 503 "
+                          "until it takes them", self.db.where, exc)  # fmt: skip
+            else:  # not an outage: waiting will not fix a wrong password, user or db number
+                raise ConfigError(f"[redis] url {self.db.where}: Redis refuses it: {exc}") from None
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.db.where, exc)  # fmt: skip
         self._loop = loop = asyncio.get_running_loop()
-        for coro in (self._listen(), self._runner(), self._leases(), *self.db.upkeep()):
+        self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates), "[]")
+        self._runnable()
+        tasks = (self._listen(), self._runner(), self._leases(), self._modules())
+        for coro in (*tasks, *self.db.upkeep()):
             self._tasks.append(loop.create_task(coro))
 
     async def stop(self, grace: float) -> None:
@@ -113,6 +126,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
                 await self.hand_back(left)
             except RedisError as exc:
                 log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
+        await self.undeclare()
         await cancel_all(self._tasks, "job queue tasks")
         await self.db.close()
 
@@ -154,8 +168,8 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
             waiter = self._waiters[jid] = self.loop.create_future()
             try:
                 await self._deliver(jid, quiet=False)
-            except RedisError:  # every get sharing the waiter hears it (503), not just us
-                self._settle(jid, waiter, exception=unavailable())
+            except RedisError as exc:  # every get sharing the waiter hears it (503), not just us
+                self._settle(jid, waiter, exception=unavailable(exc))
                 raise
         # Shielded: one client hanging up must not cancel the result for the others.
         return await asyncio.shield(waiter)
@@ -199,70 +213,6 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         stats = await self.db.stats(window, self.settings.workers)
         return {**stats, "instance_running": len(self._running), **await self.db.names()}
 
-    # --- waiting for results ----------------------------------------------------------
-
-    def _settle(self, jid: int, answers: Waiter | None, result: Result | None = None,
-                exception: Exception | None = None) -> None:  # fmt: skip
-        """Settle ``jid``'s waiter with what a read or write sent while ``answers`` was its
-        waiter found; a waiter made since (after a retry sent meanwhile) reads again."""
-        waiter = self._waiters.get(jid)
-        if waiter is None or waiter is not answers or self._waiters.pop(jid).done():
-            return
-        if exception is not None:
-            waiter.set_exception(exception)
-            waiter.exception()  # retrieved: each waiter re-raises it itself
-        else:
-            assert result is not None
-            waiter.set_result(result)
-
-    async def _deliver(self, jid: int, quiet: bool = True) -> None:
-        """If job ``jid`` has finished (or is unknown), settle its waiters."""
-        waiter = self._waiters.get(jid)
-        try:
-            result = await self.db.result(jid)
-        except RedisError:
-            if quiet:
-                return  # the next resubscription delivers it
-            raise
-        if result is None:
-            self._settle(jid, waiter, exception=not_found(jid))
-        elif result is not True:
-            self._settle(jid, waiter, result=result)
-
-    async def _listen(self) -> None:
-        """Follow the queue's channel; reconnect with backoff when Redis goes away."""
-        delay = 0.1
-        while True:
-            channel: Subscription | None = None
-            try:
-                channel = await self.db.subscribe(self._event)
-                delay = 0.1
-                self._wake.set()  # missed events while away: look again
-                for jid in list(self._waiters):
-                    await self._deliver(jid)
-                await channel.until_lost()
-            except RedisError as exc:
-                log.warning("Redis connection lost (%s): retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
-            finally:
-                if channel is not None:
-                    channel.close()
-
-    def _event(self, data: bytes) -> None:
-        kind, _, arg = data.decode().partition(":")
-        if kind == "wake":  # with no worker free, the next one freed looks
-            self._missed = True
-            self._freed()
-        elif kind == "done" and int(arg) in self._waiters:
-            self._spawn(self._deliver(int(arg)))
-        elif kind == "cancel" and int(arg) in self._running:
-            self._spawn(self._heard_cancel(int(arg)))
-        elif kind == "cascade":  # jobs waiting on an ended one, left over by its script
-            self.db.cascades.set()
-        elif kind == "schedules" and arg != self.owner and self.scheduler is not None:
-            self._spawn(self.scheduler.reload())
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self._side_tasks.add(task)
@@ -273,7 +223,6 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
     async def _runner(self) -> None:
         """Claim jobs while this instance has free workers; sleep until woken."""
         delay = 0.1
-        self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates))
         while not self._closing:
             self._wake.clear()
             claimed = False
@@ -308,12 +257,25 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
 
     def _claim_args(self) -> tuple[str, ...]:
         """What a script needs to claim a job for this instance (CLAIM's arguments), with
-        a worker held for it until the reply (the caller releases it); four empty strings
+        a worker held for it until the reply (the caller releases it); five empty strings
         when no worker is free or the service is stopping."""
         if self._closing or not self._free():
-            return ("", "", "", "")
+            return ("", "", "", "", "")
         self._claiming += 1
-        return (repr(time.time() + self.conf.lease), self._token(), *self._limits)
+        return (self._lease, self._token(), *self._limits)
+
+    def _runnable(self) -> None:
+        """Tell CLAIM the modules a job can run on here now (it skips other modules' jobs,
+        which wait for an instance that can run them); one new here may have jobs waiting."""
+        runnable = json.dumps(sorted(self.runner.runnable()), separators=(",", ":"))
+        if runnable != self._limits[2]:
+            self._limits = (*self._limits[:2], runnable)
+            self._wake.set()
+
+    async def _modules(self) -> None:
+        while True:  # (a lookup costs microseconds a module: not done for every claim)
+            await asyncio.sleep(RUNNABLE_EVERY)
+            self._runnable()
 
     def _token(self) -> str:
         """A fresh claim token: what a job's ``owner`` is while this claim holds it."""
@@ -355,7 +317,7 @@ class RedisQueue(RedisSchedules, RedisLeases, JobQueue):
         run = run_record(job, outcome, now)
         claim: tuple[str, ...] = ("",)  # the worker this attempt frees claims the next
         if not self._closing:  # job in the same script
-            claim = (repr(now + self.conf.lease), self._token(), *self._limits)
+            claim = (self._lease, self._token(), *self._limits)
         args = (
             job.id,
             token,

@@ -122,7 +122,7 @@ class Batcher:
         try:
             if self._reloading is None or self._reloading.done():
                 assert self._loop is not None
-                self._reloading = self._loop.create_task(self._load_scripts())
+                self._reloading = self._loop.create_task(self.load_scripts())
             await asyncio.shield(self._reloading)
             reply = await self._queue(packed)
         except Exception as exc:
@@ -132,7 +132,7 @@ class Batcher:
         if not future.done():
             future.set_result(reply)
 
-    async def _load_scripts(self) -> None:
+    async def load_scripts(self) -> None:
         loads = [self.execute("SCRIPT", "LOAD", s.script) for s in self.scripts.values()]
         await asyncio.gather(*loads)
 

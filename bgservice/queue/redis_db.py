@@ -8,17 +8,24 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.config_checks import redact_url
-from bgservice.errors import Busy, Conflict, DependencyFailed, NotFound, ServiceError
+from bgservice.errors import Busy, ConfigError, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.protocol import OK
 from bgservice.queue import redis_scripts
 from bgservice.queue.commands import STATES, ListSpec
@@ -26,7 +33,6 @@ from bgservice.queue.engine import Result, name_counts, not_found, queue_stats
 from bgservice.queue.history import summarise
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
-from bgservice.queue.redis_channel import Subscription
 from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.redis_lua import CASCADE, COMMON
 from bgservice.queue.store import Run
@@ -52,6 +58,27 @@ return best and string.format('%.6f', best) or ''
 """
 )
 
+# ARGV: P, now, the instance, what to try. What the engine's scripts do, done once at start
+# and harmlessly (check_access): nothing; read and write a key of the prefix and read
+# Redis's clock; publish on the channel (instances ignore ``hello``).
+ACCESS = (
+    COMMON
+    + r"""
+if ARGV[4] == 'keys' then
+  redis.call('EXISTS', P .. ':id')
+  clock()  -- (then a write, as a claim does)
+  redis.call('DEL', P .. ':access')
+elseif ARGV[4] == 'publish' then
+  redis.call('PUBLISH', P .. ':events', 'hello:' .. ARGV[3])
+end
+return 1
+"""
+)
+# Error replies that a wait may end (out of memory, a replica, a failover, a dataset still
+# loading): at start an outage, not a configuration error.
+PASSING = ("OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS",
+           "TRYAGAIN", "CLUSTERDOWN")  # fmt: skip
+
 NAMES_SCANNED = 1000
 
 P = ParamSpec("P")
@@ -61,28 +88,56 @@ T = TypeVar("T")
 def available(
     method: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis unreachable -> 503 for this command (the client reconnects by itself). Started
-    eagerly (bgservice.eager), it sends its Redis commands in its first step."""
+    """Redis unreachable or refusing -> 503 for this command (the client reconnects by
+    itself). Started eagerly (bgservice.eager), it sends its Redis commands in its first step."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
         except RedisError as exc:
-            log.warning("queue command failed: Redis unavailable: %s", exc)
-            raise unavailable() from None
+            busy = unavailable(exc)
+            log.warning("queue command failed: %s (%s)", busy.message, exc)
+            raise busy from None
 
     return wrapper
 
 
-def unavailable() -> Busy:
+def unavailable(exc: RedisError | None = None) -> Busy:
+    """The 503 for a command Redis did not run: it does not answer, or it said why not (an
+    error reply: out of memory, read-only, a permission), which the reply quotes."""
+    if isinstance(exc, ResponseError):
+        return Busy(f"Queue unavailable: Redis refused: {str(exc).partition(chr(10))[0]}")
     return Busy("Queue unavailable: Redis does not answer")
+
+
+def refusal(exc: RedisError) -> bool:
+    """Redis refused what the url or its user asks for (a password, a permission, a db
+    number): waiting will not change it. Not an error reply that a wait may end."""
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return True
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError):  # (redis-py drops their prefix)
+        return False
+    return isinstance(exc, ResponseError) and not str(exc).startswith(PASSING)
 
 
 def script_error(code: int, message: str) -> ServiceError:
     kinds: dict[int, type[ServiceError]]
     kinds = {404: NotFound, 409: Conflict, 424: DependencyFailed, 503: Busy}
     return kinds.get(code, Conflict)(message)
+
+
+def pipeline(redis: Any, transaction: bool = True) -> Any:
+    """A redis-py pipeline whose errors say what Redis replied: redis-py 6.4's own replace
+    it with a literal "{exception.args}" (a message that lost its f-string)."""
+    pipe = redis.pipeline(transaction=transaction)
+    pipe.annotate_exception = _annotated
+    return pipe
+
+
+def _annotated(exception: Exception, number: int, command: Iterable[object]) -> None:
+    said, name = exception.args[0] if exception.args else "", next(iter(command), "?")
+    exception.args = (f"{said} (pipeline command {number}, {name})", *exception.args[1:])
 
 
 def _client(conf: RedisSettings, **options: Any) -> Any:
@@ -109,6 +164,7 @@ class RedisJobs:
             for name in redis_scripts.NAMES
         }
         self.scripts["OLDEST"] = self.redis.register_script(OLDEST)  # (stats only)
+        self.scripts["ACCESS"] = self.redis.register_script(ACCESS)
         self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
         self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
         self.cascades.set()  # (an instance may have stopped before it ended them all)
@@ -121,11 +177,32 @@ class RedisJobs:
         await self.batch.redis.aclose()
         await self.redis.aclose()
 
-    async def subscribe(self, on_message: Callable[[bytes], None]) -> Subscription:
-        """Follow the queue's channel (``P:events``): ``on_message(data)`` for each."""
-        channel = await Subscription.open(self.redis, self.key("events"), self.timeout, on_message)
-        self.cascades.set()  # a 'cascade' may have gone by while we were away
-        return channel
+    async def check_access(self, owner: str, subscribe: Callable[[], Awaitable[None]]) -> None:
+        """Do once what the engine does with Redis: load its scripts, run one that reads
+        and writes a key of the prefix, reads Redis's clock and publishes on the channel,
+        subscribe to the channel (``subscribe``). A permission the Redis user lacks is a
+        ConfigError naming it (else every queue command would reply 503, for ever); an
+        error reply that a wait may end (``refusal``: no) is raised as it came."""
+        events = self.key("events")
+
+        def access(what: str) -> Callable[[], Awaitable[Any]]:
+            return lambda: self.call("ACCESS", owner, what)
+
+        steps: tuple[tuple[str, Callable[[], Awaitable[Any]]], ...] = (
+            ("load Lua scripts (SCRIPT LOAD)", self.batch.load_scripts),
+            ("run Lua scripts (EVALSHA)", access("")),
+            (f"read and write the keys {self.prefix}:* (ACL ~{self.prefix}:*)", access("keys")),
+            (f"publish on channel {events} (ACL &{events})", access("publish")),
+            (f"subscribe to channel {events} (ACL &{events})", subscribe),
+        )
+        for what, step in steps:
+            try:
+                await step()
+            except ResponseError as exc:
+                if refusal(exc):
+                    raise ConfigError(f"[redis] url {self.where}: the Redis user may not {what} "
+                                      f"(docs/deploy.md, Redis): {exc}") from None  # fmt: skip
+                raise
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -205,7 +282,7 @@ class RedisJobs:
                 else self.redis.zrevrange(key, offset, stop)
             )
             return [int(m) for m in raw], 0
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = pipeline(self.redis, transaction=False)
         pipe.zcard(self.key("ready"))
         pipe.zrange(self.key("ready"), offset, stop)
         ready_count, raw = await pipe.execute()
@@ -235,8 +312,8 @@ class RedisJobs:
     async def stats(self, window: float, workers: int) -> dict[str, Any]:
         """``queue:stats`` from the shared counts and run history (engine.queue_stats)."""
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for state in STATES:
+        pipe = pipeline(self.redis, transaction=False)  # (not the Batcher's connection:
+        for state in STATES:  # a week's history would hold every job's reply up behind it)
             pipe.zcard(self.key(f"state:{state}"))
         pipe.zrangebyscore(self.key("runs"), now - max(window, 60), "+inf")
         *counts, raw_runs = await pipe.execute()
@@ -250,11 +327,11 @@ class RedisJobs:
     async def names(self) -> dict[str, Any]:
         """``queue:stats``' ``names``: waiting and running jobs per job name (the first
         ``NAMES_SCANNED`` of each state: a summary, not a scan of a huge backlog)."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = pipeline(self.redis, transaction=False)
         for state in ("waiting", "running"):
             pipe.zrange(self.key(f"state:{state}"), 0, NAMES_SCANNED - 1)
         waiting, running = await pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = pipeline(self.redis, transaction=False)
         for jid in [*waiting, *running]:
             pipe.hget(self.key(f"job:{int(jid)}"), "name")
         found = await pipe.execute()

@@ -43,6 +43,7 @@ class RedisLeases:
     _progress_pending: set[int]
     _closing: bool
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
+    declare: Callable[[], Coroutine[Any, Any, None]]  # RedisSchedules': its config's schedules
 
     def progressed(self, job: Job) -> None:
         """A handler reported progress: copy it to Redis, coalescing quick reports."""
@@ -78,6 +79,7 @@ class RedisLeases:
                 await self._renew()
                 self.db.cascades.set()  # what an instance that died left over, say
                 reap_from = self._if_late(asked, reap_from)
+                await self.declare()
                 if time.monotonic() >= reap_from:
                     asked = time.monotonic()
                     taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
@@ -129,13 +131,22 @@ class RedisLeases:
             attempt.job.cancel_requested = True
 
     async def _end(self, job: Job, args: tuple[Any, ...], now: float) -> tuple[bool, Any]:
-        """Record the attempt's end; keep trying through an outage (the result is here).
-        (False, None) when it was not recorded (the lease was lost, or the service stops);
-        else (True, the next job's claim, or None when none was asked for)."""
+        """Record the attempt's end; keep trying through an outage (the result is here),
+        while the service stops too, until its shutdown grace runs out. (False, None)
+        when the lease was lost; else (True, the next job's claim, or None when none was
+        asked for)."""
         delay = 0.1
-        while True:
-            try:
-                reply = await self.db.call("END", *args, now=now)
+        try:
+            while True:
+                try:
+                    reply = await self.db.call("END", *args, now=now)
+                except RedisError as exc:
+                    until = " until the shutdown grace runs out" if self._closing else ""
+                    log.warning("job %d: cannot record its end (%s): retrying%s",
+                                job.id, exc, until)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
                 if not reply:  # the lease was lost while it ran
                     log.warning("job %d (%s): lease lost while it ran; another attempt runs "
                                 "it, this result is discarded", job.id, job.module)  # fmt: skip
@@ -143,12 +154,12 @@ class RedisLeases:
                 if reply[0] == 2:  # a cancel recorded while it ran: the job ended cancelled
                     job.cancel_requested = True
                 return True, (reply[1] if len(reply) > 1 else None)
-            except RedisError as exc:
-                if self._closing:
-                    return False, None  # its lease runs out; another instance runs it again
-                log.warning("job %d: cannot record its end (%s): retrying", job.id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+        except asyncio.CancelledError:
+            if self._closing:  # the grace ran out with Redis still away
+                log.warning("job %d (%s): its end not recorded before the shutdown grace ran "
+                            "out (Redis away): this result is lost; the job runs again once "
+                            "its lease runs out", job.id, job.module)  # fmt: skip
+            raise
 
     def _expires(self) -> str:  # a job that ends now: when its result goes
         return repr(time.time() + self.settings.keep_results)
@@ -156,10 +167,9 @@ class RedisLeases:
     async def _renew(self) -> None:
         if not self._running:
             return
-        deadline = repr(time.time() + self.conf.lease)
         held = dict(self._running)  # the attempts asked about, not newer ones
         claims = [v for jid, attempt in held.items() for v in (jid, attempt.token)]
-        lost, cancel = await self.db.call("RENEW", deadline, *claims)
+        lost, cancel = await self.db.call("RENEW", repr(self.conf.lease), *claims)
         for raw in cancel:
             held[int(raw)].job.cancel_requested = True
         for jid in map(int, lost):  # not an attempt whose end was recorded meanwhile

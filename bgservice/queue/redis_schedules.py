@@ -3,19 +3,40 @@ script that adds a slot's job only if no instance has fired that slot yet.
 
     P:schedules        hash: schedule name -> its definition (JSON)
     P:schedule_slots   hash: schedule name -> the last slot fired (or when it was made)
+    P:declared:OWNER   set: the [[schedule]] names of a live instance's service.config;
+                       expires a lease after the instance last renewed it (OWNER: its
+                       name, HOST:PID:N), deleted when it stops
+    P:declarers        set: the OWNERs of those sets (one that expired is dropped when seen)
 
 A change of the definitions is published as ``schedules`` on ``P:events``: every
 instance reloads them (bgservice.queue.redis follows the channel).
+
+Instances sharing the queue may be started with different configs (a rolling deploy): at
+its start an instance removes a schedule that came from service.config and is not in its
+own only when no other live instance's config still has it (REMOVE); the last instance
+to start with the schedule gone from its config removes it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bgservice.queue.redis_db import RedisJobs, available
+from redis.exceptions import RedisError
+
+from bgservice.config import RedisSettings
+from bgservice.queue.redis_db import RedisJobs, available, pipeline
 from bgservice.queue.redis_scripts import ADD_BODY, CLAIM_FN, COMMON
 from bgservice.queue.schedules import Schedule
+
+if TYPE_CHECKING:
+    from bgservice.queue.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 # ADD's ARGV, then the schedule's name and the slot. {0, 'fired'} when it was fired.
 FIRE = (
@@ -31,15 +52,44 @@ if fired and tonumber(fired) >= tonumber(MARK[2]) then return {0, 'fired'} end
     + ADD_BODY
 )
 
-# ARGV: P, now, name, definition, last slot for a schedule new to Redis.
+# ARGV: P, now, name, definition, last slot for a schedule new to Redis, reset ('1': a
+# resumed schedule), then the instance whose service.config has it and how long its
+# declaration lasts (ms), or '' '' (a schedule of run time, or a change of one).
 PUT = r"""
 local P = ARGV[1]
 redis.call('HSET', P .. ':schedules', ARGV[3], ARGV[4])
-if ARGV[6] == '1' then  -- reset: a resumed schedule
+if ARGV[6] == '1' then
   redis.call('HSET', P .. ':schedule_slots', ARGV[3], ARGV[5])
 else
   redis.call('HSETNX', P .. ':schedule_slots', ARGV[3], ARGV[5])
 end
+if ARGV[7] ~= '' then
+  redis.call('SADD', P .. ':declared:' .. ARGV[7], ARGV[3])
+  redis.call('PEXPIRE', P .. ':declared:' .. ARGV[7], ARGV[8])
+  redis.call('SADD', P .. ':declarers', ARGV[7])
+end
+return 1
+"""
+
+# ARGV: P, now, name, this instance. Removes the schedule, unless it came from
+# service.config and the config of another live instance has it. Returns 1 (removed), 0
+# (no such schedule), or the instance that keeps it.
+REMOVE = r"""
+local P, name = ARGV[1], ARGV[3]
+local text = redis.call('HGET', P .. ':schedules', name)
+if not text then return 0 end
+if cjson.decode(text).origin == 'config' then
+  for _, other in ipairs(redis.call('SMEMBERS', P .. ':declarers')) do
+    local key = P .. ':declared:' .. other
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('SREM', P .. ':declarers', other)
+    elseif other ~= ARGV[4] and redis.call('SISMEMBER', key, name) == 1 then
+      return other
+    end
+  end
+end
+redis.call('HDEL', P .. ':schedules', name)
+redis.call('HDEL', P .. ':schedule_slots', name)
 return 1
 """
 
@@ -48,14 +98,19 @@ class RedisSchedules:
     """Mixed into RedisQueue: the JobQueue schedule methods, on its ``db``."""
 
     db: RedisJobs
+    conf: RedisSettings
+    scheduler: Scheduler | None
+    _declared: set[str]  # the [[schedule]] names of this instance's service.config
 
     def register_schedule_scripts(self) -> None:
-        for name, text in (("FIRE", FIRE), ("PUT_SCHEDULE", PUT)):
+        for name, text in (("FIRE", FIRE), ("PUT_SCHEDULE", PUT), ("REMOVE_SCHEDULE", REMOVE)):
             self.db.scripts[name] = self.db.redis.register_script(text)
 
     @available
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
-        pipe = self.db.redis.pipeline(transaction=True)
+        # A pool connection, not the Batcher's: many schedules are a large reply, which
+        # would hold every job's reply up behind it.
+        pipe = pipeline(self.db.redis, transaction=True)
         pipe.hgetall(self.db.key("schedules"))
         pipe.hgetall(self.db.key("schedule_slots"))
         definitions, slots = await pipe.execute()
@@ -67,15 +122,53 @@ class RedisSchedules:
     @available
     async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
         reset_flag = "1" if reset else ""
-        await self.db.call("PUT_SCHEDULE", schedule.name, schedule.stored(), repr(last), reset_flag)
+        declared = ("", "")
+        # Put by the scheduler's start (the only puts before the queue has a scheduler): a
+        # schedule of this instance's config, which it declares for as long as it runs.
+        if schedule.origin == "config" and self.scheduler is None:
+            self._declared.add(schedule.name)
+            declared = (self.owner, str(int(self.conf.lease * 1000)))
+        await self.db.call("PUT_SCHEDULE", schedule.name, schedule.stored(), repr(last),
+                           reset_flag, *declared)  # fmt: skip
 
     @available
     async def remove_schedule(self, name: str) -> bool:
-        pipe = self.db.redis.pipeline(transaction=True)
-        pipe.hdel(self.db.key("schedules"), name)
-        pipe.hdel(self.db.key("schedule_slots"), name)
-        gone, _ = await pipe.execute()
+        gone = await self.db.call("REMOVE_SCHEDULE", name, self.owner)
+        if isinstance(gone, bytes):
+            log.info("schedule %s: kept: the service.config of instance %s, running, still "
+                     "has it", name, gone.decode())  # fmt: skip
+            return False
         return bool(gone)
+
+    async def declare(self) -> None:
+        """Say again that this instance runs with its config's schedules (at each lease
+        renewal: the declaration lasts a lease)."""
+        if self._declared:
+            key = self.db.key(f"declared:{self.owner}")
+            await asyncio.gather(
+                self.db.batch.execute("SADD", key, *self._declared),
+                self.db.batch.execute("PEXPIRE", key, int(self.conf.lease * 1000)),
+                self.db.batch.execute("SADD", self.db.key("declarers"), self.owner),
+            )
+
+    async def undeclare(self, starting: bool = False) -> None:
+        """Stopping: this instance's config keeps no schedule any more. Starting: neither
+        do the configs of this host's earlier instances that are gone (a crash leaves its
+        declaration behind for a lease)."""
+        gone = [self.owner]
+        try:
+            if starting:
+                host, pid = socket.gethostname(), os.getpid()
+                others = await self.db.batch.execute("SMEMBERS", self.db.key("declarers"))
+                gone += [o.decode() for o in others if _gone(o.decode(), host, pid)]
+            elif not self._declared:
+                return
+            await asyncio.gather(
+                self.db.batch.execute("DEL", *(self.db.key(f"declared:{o}") for o in gone)),
+                self.db.batch.execute("SREM", self.db.key("declarers"), *gone),
+            )
+        except RedisError as exc:  # (they expire)
+            log.warning("schedule declarations not removed (%s): they expire", exc)
 
     def schedules_changed(self) -> None:
         self._spawn(self._publish_schedules())
@@ -86,3 +179,20 @@ class RedisSchedules:
 
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
     owner: str  # RedisQueue's: this instance's name
+
+
+def _gone(owner: str, host: str, pid: int) -> bool:
+    """Whether the instance named ``owner`` (HOST:PID:N) is an earlier one of this host
+    that is no longer running (or had our pid: a container restarted)."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return False
+    if int(parts[1]) == pid:
+        return True
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (a process of another user: running)
+        return False
+    return False

@@ -16,7 +16,8 @@ Keys, all under the configured prefix ``P``:
     P:cascades           list: "N ID STATE": job ID ended in STATE; the zset P:cascade:N (its
                          P:blocked:ID renamed, N from INCR P:cascade_id) holds the jobs
                          waiting on it still to fail or place, 500 a script (redis_lua.py)
-    P:running            zset: running jobs; score the lease deadline its owner renews
+    P:running            zset: running jobs; score the lease deadline its owner renews, on
+                         Redis's clock (TIME), not the instances' (they may disagree)
     P:state:STATE        zset per state: score created (waiting), started (running) or
                          finished: counts, listings, the oldest waiting job
     P:finished           zset: finished jobs; score the time they expire
@@ -34,14 +35,14 @@ written as the strings the caller sent, so they keep their full precision.
 
 from __future__ import annotations
 
-from bgservice.queue.redis_lua import COMMON
+from bgservice.queue.redis_lua import CLAIM_FN, COMMON
 
 # ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
-# adding instance's claim (lease deadline, claim token, limits, rates, as CLAIM takes them;
-# four '' when it has no free worker), then the new job's fields. (FIRE: the same, then a
-# schedule's name and slot.) Returns {id, 'new'} or, with a claim, {id, 'new', what CLAIM
-# returns}: an instance with a free worker takes the best ready job (most often the one it
-# adds) in the same round trip, and wakes the others only if ready jobs are left.
+# adding instance's claim (lease, claim token, limits, rates, runnable modules, as CLAIM
+# takes them; five '' when it has no free worker), then the new job's fields. (FIRE: the
+# same, then a schedule's name and slot.) Returns {id, 'new'} or, with a claim, {id, 'new',
+# what CLAIM returns}: an instance with a free worker takes the best ready job (most often
+# the one it adds) in the same round trip, and wakes the others only if ready jobs are left.
 ADD_BODY = r"""
 local unique, after = ARGV[4], ARGV[5]
 if unique ~= '' then
@@ -65,7 +66,7 @@ end
 local id = redis.call('INCR', P .. ':id')
 local jk = jkey(id)
 local fields, run_at, priority = {}, nil, nil
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local k, v = ARGV[i], ARGV[i + 1]
   fields[#fields + 1] = k
   fields[#fields + 1] = v
@@ -85,82 +86,15 @@ if ARGV[6] == '' then
   wake()
   return {id, 'new'}
 end
-local claimed = claim(ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local claimed = claim(ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
 if claimed[1] ~= 0 then woke = redis.call('ZCARD', P .. ':ready') > 0 end
 wake()
 return {id, 'new', claimed}
 """
 
-# The claim, shared by CLAIM and END (an attempt's end takes the next job in the same round
-# trip): moves due delayed jobs to ready, then takes the best ready job under its module's
-# limit and rate (limits and rates as JSON, {} for none; a rate {"mail": [10, 60]}: 10
-# starts per 60 s). Returns {id, next wake-up, the job's fields}, or {0, next} (the next
-# delayed job, or a throttled module's window).
-CLAIM_FN = r"""
-local function claim(deadline, owner, limits_json, rates_json)
-  local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
-  if nextd ~= '' and tonumber(nextd) <= now then  -- delayed jobs now due
-    local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
-    for _, id in ipairs(due) do
-      redis.call('ZREM', P .. ':delayed', id)
-      if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
-    end
-    nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
-  end
-  local limits = limits_json == '{}' and {} or cjson.decode(limits_json)
-  local rates = rates_json == '{}' and {} or cjson.decode(rates_json)
-  local function throttled(module)  -- when its rate window has room again; nil: now
-    local rate, rk = rates[module], P .. ':rate:' .. module
-    if not rate then return nil end
-    redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - rate[2])
-    if redis.call('ZCARD', rk) < rate[1] then return nil end
-    return tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + rate[2]
-  end
-  -- The best 100 ready jobs: the first alone (most often the one taken: a page of 100
-  -- copied into Lua for each claim was a third of a job's Redis time with a long queue),
-  -- then the other 99. A member no longer waiting is removed, moving the rest up a rank.
-  local from, looked = 0, 0
-  while looked < 100 do
-    local last = from + (looked == 0 and 0 or 99 - looked)
-    local candidates = redis.call('ZRANGE', P .. ':ready', from, last)
-    if #candidates == 0 then break end
-    for _, member in ipairs(candidates) do
-      looked = looked + 1
-      local id = tostring(tonumber(member))
-      local jk = jkey(id)
-      local f = redis.call('HMGET', jk, 'state', 'module', 'attempts', 'progress')
-      if f[1] ~= 'waiting' then
-        redis.call('ZREM', P .. ':ready', member)
-      else
-        from = from + 1
-        local module = f[2]
-        local limit = limits[module]
-        local free = throttled(module)
-        if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
-        if not free and (not limit
-            or tonumber(redis.call('HGET', P .. ':modrun', module) or '0') < limit) then
-          if rates[module] then
-            redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
-            redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
-          end
-          redis.call('ZREM', P .. ':ready', member)
-          redis.call('HINCRBY', P .. ':modrun', module, 1)
-          redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner,
-                     'attempts', (tonumber(f[3]) or 0) + 1)
-          if f[4] then redis.call('HDEL', jk, 'progress') end
-          redis.call('ZADD', P .. ':running', deadline, id)
-          move(id, 'waiting', 'running', NOW)
-          return {id, nextd, redis.call('HGETALL', jk)}
-        end
-      end
-    end
-  end
-  return {0, nextd}
-end
-"""
-
-# ARGV: P, now, lease deadline, the claim's token (INSTANCE/N), module limits, rates (JSON).
-CLAIM = COMMON + CLAIM_FN + "return claim(ARGV[3], ARGV[4], ARGV[5], ARGV[6])\n"
+# ARGV: P, now, lease (s), the claim's token (INSTANCE/N), module limits, rates, the
+# modules this instance can run (JSON).
+CLAIM = COMMON + CLAIM_FN + "return claim(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])\n"
 
 ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedules.py) sets MARK
 
@@ -200,15 +134,17 @@ end
 
 
 # ARGV: P, now, lease, expires. Jobs whose lease ran out (their instance died) run again
-# elsewhere; their attempt ran at least until the last renewal (deadline - lease).
+# elsewhere; their attempt ran at least until the last renewal (deadline - lease, on
+# Redis's clock: shifted to the caller's, which the run records use).
 REAP = _release(
     r"""
-local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', NOW, 'LIMIT', 0, 100,
+local rnow = clock()
+local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', rnow, 'LIMIT', 0, 100,
                         'WITHSCORES')
 local taken = {}
 for i = 1, #gone, 2 do
   local id = gone[i]
-  local ended = tonumber(gone[i + 1]) - tonumber(ARGV[3])
+  local ended = tonumber(gone[i + 1]) - tonumber(ARGV[3]) + now - rnow
   if release(id, ended, ARGV[4]) then taken[#taken + 1] = id end
 end
 wake()
@@ -230,17 +166,18 @@ return n
 """
 )
 
-# ARGV: P, now, deadline, then id and claim token pairs: renew our leases. Returns the ids
+# ARGV: P, now, lease (s), then id and claim token pairs: renew our leases. Returns the ids
 # we no longer hold (taken over after an outage) and the ids whose cancel was requested.
 RENEW = (
     COMMON
     + r"""
 local lost, cancel = {}, {}
+local deadline = clock() + tonumber(ARGV[3])
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local f = redis.call('HMGET', jkey(id), 'owner', 'state', 'cancel_requested')
   if f[1] == ARGV[i + 1] and f[2] == 'running' then
-    redis.call('ZADD', P .. ':running', 'XX', ARGV[3], id)
+    redis.call('ZADD', P .. ':running', 'XX', deadline, id)
     if f[3] == '1' then cancel[#cancel + 1] = id end
   else
     lost[#lost + 1] = id
@@ -251,8 +188,8 @@ return {lost, cancel}
 )
 
 # ARGV: P, now, id, the attempt's claim token, state, status, result, error, expires, run_at,
-# run record, last progress report ('' if none), then the next claim's lease deadline (''
-# for none), token, module limits and rates (as CLAIM takes them). The end of one
+# run record, last progress report ('' if none), then the next claim's lease ('' for
+# none), token, module limits, rates and runnable modules (as CLAIM takes them). The end of one
 # attempt: a retry (state "waiting", at run_at) or a finished job. Does nothing (returns
 # 0) if this attempt no longer holds the job. Recorded: {1}, or {1, what CLAIM returns}:
 # the worker this attempt frees takes the next job in the same round trip. A cancel
@@ -289,7 +226,7 @@ end
 wake()
 local recorded = cut and 2 or 1
 if ARGV[13] == '' then return {recorded} end
-return {recorded, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16])}
+return {recorded, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17])}
 """
 )
 

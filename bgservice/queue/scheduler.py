@@ -104,12 +104,15 @@ class Scheduler:
             if was is not None and was.paused and _paused_at_run_time(was, schedule):
                 schedule = _with(schedule, paused=True, paused_by="runtime")  # it stays so
             # No longer paused by the config: it goes on from its next slot, as on a resume.
-            resumed = was is not None and was.paused and not schedule.paused
-            await self.store.put_schedule(schedule, now, reset=resumed)
+            if was is not None:
+                resumed = was.paused and not schedule.paused
+                schedule = _with(schedule, resumed=now if resumed else was.resumed)
+            await self.store.put_schedule(schedule, now)
         for name, (schedule, _) in stored.items():
+            # (On Redis, another live instance's config may keep it: the engine says so.)
             if schedule.origin == "config" and name not in names:
-                log.info("schedule %s: no longer in service.config, removed", name)
-                await self.store.remove_schedule(name)
+                if await self.store.remove_schedule(name):
+                    log.info("schedule %s: no longer in service.config, removed", name)
         await self.reload()
 
     def stop(self) -> None:
@@ -175,6 +178,8 @@ class Scheduler:
                 f"schedule {schedule.name} is defined in service.config: change it there"
             )
         self.store.check_schedule(schedule)
+        if old is not None:  # replaced: its slots up to a resume stay unfired
+            schedule = _with(schedule, resumed=old.resumed)
         new = old is None and schedule.name not in self._adding
         if new:
             if len(self.schedules.keys() | self._adding) >= self.max_schedules:
@@ -201,13 +206,12 @@ class Scheduler:
     async def pause(self, name: str, paused: bool) -> dict[str, Any]:
         schedule = self.named(name)
         now = time.time()
-        # Resumed, it goes on from its next slot: none that fell while it was paused fires.
-        resumed = schedule.paused and not paused
+        # Resumed, it goes on from its next slot: none that fell while it was paused fires
+        # (its last slot stays the one fired before the pause).
+        resumed = now if schedule.paused and not paused else schedule.resumed
         by = "runtime" if paused else None  # a run-time pause outlasts the config's
-        changed = _with(schedule, paused=paused, paused_by=by)
-        await self.store.put_schedule(changed, now, reset=resumed)
-        if resumed:
-            self.last[name] = now
+        changed = _with(schedule, paused=paused, paused_by=by, resumed=resumed)
+        await self.store.put_schedule(changed, now)
         self._changed(changed)
         return self.describe_one(name)
 
@@ -242,7 +246,7 @@ class Scheduler:
             self._next.pop(name, None)
             return
         now = time.time()
-        since = self.last.get(name, now)
+        since = schedule.since(self.last.get(name, now))
         since = max(now - GRACE, since) if schedule.missed == "skip" else since
         self._next[name] = schedule.next_slot(since)
 

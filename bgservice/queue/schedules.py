@@ -66,6 +66,9 @@ class Schedule:
     # "runtime" (queue:pause, or paused=1 when added: it holds across restarts and config
     # changes until queue:resume); None while it runs, or stored by an older version.
     paused_by: str | None = None
+    # When it was last resumed (queue:resume, or the config's pause lifted): no slot up to
+    # then fires, and the last slot fired before its pause stays its last (None: never).
+    resumed: float | None = None
 
     def next_slot(self, after: float) -> float:
         """The first slot strictly after ``after`` (Unix time)."""
@@ -96,12 +99,17 @@ class Schedule:
         moment = datetime.fromtimestamp(now, ZoneInfo(self.tz)) + timedelta(microseconds=1)
         return next(iter(CronSim(self.cron, moment, reverse=True))).timestamp()
 
+    def since(self, last: float) -> float:
+        """After when its slots fire, given the last one fired (or the moment it was
+        made): after that, and after it was last resumed."""
+        return last if self.resumed is None else max(last, self.resumed)
+
     def due(self, last: float, now: float) -> float | None:
         """The slot to fire now, if any, given the last one fired (or the moment the
-        schedule was made): the latest slot in (last, now]. With ``missed = "skip"`` only
-        if it is within ``GRACE`` of now; with ``"once"`` whatever its age (slots missed
-        while the service was down run once, not once each)."""
-        following = self.next_slot(last)
+        schedule was made): the latest slot in (since(last), now]. With ``missed =
+        "skip"`` only if it is within ``GRACE`` of now; with ``"once"`` whatever its age
+        (slots missed while the service was down run once, not once each)."""
+        following = self.next_slot(self.since(last))
         if following > now:
             return None
         # Never at or before last, even where going back from now misses the second pass of
@@ -148,7 +156,7 @@ class Schedule:
         """As listed. ``upcoming``: its next slot after ``last`` (or GRACE before now), if
         known; ``last_is_slot``: whether ``last`` is a slot, if known (a cron schedule's
         slots cost a CronSim each: 1,000 listed took 33 ms)."""
-        since = now if last is None else last
+        since = now if last is None else self.since(last)
         if not self.paused and (upcoming is None or upcoming <= now or since > now):
             upcoming = self.next_slot(max(now, since))
         if last_is_slot is None:
