@@ -451,6 +451,7 @@ def test_queue_stats_names_the_busiest_names_only(
     assert stats["counts"]["waiting"] == 11
 
 
+@pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
 def test_a_throttled_job_is_throttled_in_the_list_as_in_its_status(
     make_service: Callable[..., ServiceProcess],
 ) -> None:

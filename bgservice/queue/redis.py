@@ -181,7 +181,9 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
     @available
     async def status(self, jid: int) -> dict[str, Any]:
         job = await self.db.require(jid)
-        throttled = await self.db.free_at(job, self.rates.rates.get(job.module))
+        throttled = None
+        if job.state is JobState.WAITING:
+            throttled = await self.db.free_at(job.module, self.rates.rates.get(job.module))
         return job.describe(time.time(), await self.db.position(job), throttled)
 
     @available
@@ -206,7 +208,13 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
 
     @available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        return await self.db.listing(spec)
+        listed = await self.db.listing(spec)
+        rates = self.rates.rates  # throttled_until, as queue:status has it: once a module
+        waiting = [row for row in listed.get("waiting", ()) if row["module"] in rates]
+        free = {m: await self.db.free_at(m, rates[m]) for m in {r["module"] for r in waiting}}
+        for row in waiting:
+            row["throttled_until"] = free[row["module"]]
+        return listed
 
     @available
     async def stats(self, window: float) -> dict[str, Any]:

@@ -258,14 +258,14 @@ class RedisJobs:
         rank = await self.redis.zrank(self.key("ready"), f"{job.id:020d}")
         return None if rank is None else int(rank)
 
-    async def free_at(self, job: Job, rate: tuple[int, float] | None) -> float | None:
-        """When a waiting job's module has room in its rate window again; None: now."""
-        if rate is None or job.state is not JobState.WAITING:
+    async def free_at(self, module: str, rate: tuple[int, float] | None) -> float | None:
+        """When a waiting job of ``module`` may start, by its rate window; None: now."""
+        if rate is None:
             return None
         count, per = rate
         since = time.time() - per
         starts = await self.redis.zrangebyscore(
-            self.key(f"rate:{job.module}"), f"({since!r}", "+inf", withscores=True
+            self.key(f"rate:{module}"), f"({since!r}", "+inf", withscores=True
         )
         return None if len(starts) < count else float(starts[0][1]) + per
 
