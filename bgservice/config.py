@@ -36,7 +36,7 @@ from bgservice.config_checks import (
     check_string,
     check_token_env,
 )
-from bgservice.config_file import Reader, read_config
+from bgservice.config_file import Reader, limit_conflicts, read_config
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
 from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
@@ -278,11 +278,8 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
     redis = reader.table(data.get("redis", {}), REDIS_CHECKS, "[redis] ", "redis")
     http = reader.table(data.get("http", {}), HTTP_CHECKS, "[http] ", "http")
     alerts = reader.table(data.get("alerts", {}), ALERT_CHECKS, "[alerts] ", "alerts")
-    if limits.get("max_buffered_bytes", Limits.max_buffered_bytes) < limits.get(
-        "max_request_bytes", Limits.max_request_bytes
-    ):
-        problem = "must be at least max_request_bytes (else a request of that size never fits)"
-        raise reader.fail("[limits] ", "max_buffered_bytes", problem, "limits")
+    for key, problem in limit_conflicts(limits, Limits):
+        raise reader.fail("[limits] ", key, problem, "limits")
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
     check_token_env(http.get("enabled", False))

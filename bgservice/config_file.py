@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,19 @@ class Reader:
             except ValueError as exc:
                 raise self.fail(where, key, f"{exc}{shown(key, value)}", table, index) from None
         return out
+
+
+def limit_conflicts(limits: dict[str, Any], defaults: Any) -> Iterator[tuple[str, str]]:
+    """``[limits]`` keys that contradict each other, as (key, problem): each key's value
+    as given, else its default (``defaults``: the Limits class)."""
+
+    def get(key: str) -> Any:
+        return limits.get(key, getattr(defaults, key))
+
+    if get("max_buffered_bytes") < get("max_request_bytes"):
+        yield "max_buffered_bytes", "must be at least max_request_bytes (else a request of " \
+            "that size never fits)"
+    for key in ("quiet_ms", "quiet_large_ms"):  # (quiet_ms = 20000: every one-shot request
+        if get(key) >= get("read_timeout") * 1000:  # ended by a gap got 408 instead)
+            yield key, f"must be shorter than read_timeout ({get('read_timeout'):g} s), " \
+                "else a request ended by this gap is answered 408 first"

@@ -740,3 +740,12 @@ def test_the_redis_lease_is_bounded(tmp_path, lease):
     assert "[redis] lease (line 2)" in message and "from 1 to 86400" in message, message
     for fine in (1, 86400):
         assert load_text(tmp_path, f"[redis]\nlease = {fine}\n").redis.lease == fine
+
+
+@pytest.mark.parametrize("key", ["quiet_ms", "quiet_large_ms"])
+def test_a_one_shot_gap_must_be_shorter_than_the_read_timeout(tmp_path, key):
+    # quiet_ms = 20000 with read_timeout = 10 started, then answered every one-shot request
+    # ended by the gap with a 408 (a review of the one-shot end).
+    message = config_error(tmp_path, f"[limits]\nread_timeout = 10.0\n{key} = 20000.0\n")
+    assert f"{key} (line 3)" in message and "read_timeout" in message
+    assert load_text(tmp_path, f"[limits]\nread_timeout = 30.0\n{key} = 20000.0\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -508,3 +509,62 @@ def test_a_refused_request_no_longer_counts_against_the_total(make_service):
         sock.sendall(b"x" * 60_000)  # past max_request_bytes: 413, the connection lingers
         assert sock.recv(100).startswith(b"413: ")
         assert svc.stats()["buffered_bytes"] == 0
+
+
+# --- the end of a one-shot request: defects a review found (2026-12-06) -----------------
+
+BIG_REPLY = """
+async def handle_tcp(request):
+    return b"x" * int(request.text)
+"""
+SIZED = """
+import time
+
+async def handle_tcp(request):
+    if request.text.startswith("block "):  # holds the loop: a slow handler elsewhere
+        time.sleep(int(request.text[6:]) / 1000)
+        return "held"
+    return str(len(request.data))
+"""
+
+
+def test_bytes_after_the_request_do_not_cut_a_large_reply(modules_dir, make_service):
+    # A PHP client's fputs("big:4000000"); fputs("\n"): the service closed with the
+    # newline unread, the kernel reset the connection and dropped the reply's unsent part
+    # (2.3 of 4 MB arrived, no error).
+    write_module(modules_dir, "big", BIG_REPLY)
+    svc = make_service()
+    for _ in range(5):
+        with socket.create_connection(svc.tcp, timeout=30) as sock:
+            sock.sendall(b"big:4000000")
+            time.sleep(0.05)  # answered by now: the rest of its reply still going out
+            sock.sendall(b"\n")
+            got = recv_all(sock)
+        assert len(got) == 4_000_000
+
+
+def test_a_loop_held_up_past_the_gap_does_not_cut_requests(modules_dir, make_service):
+    # The gap's timer ran before the read in the loop turn after a slow step, and ended
+    # the request without the bytes that had arrived meanwhile.
+    write_module(modules_dir, "sized", SIZED)
+    svc = make_service()
+    stop = threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            svc.call(b"sized:block 8")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        sizes = []
+        for _ in range(30):
+            with socket.create_connection(svc.tcp, timeout=30) as sock:
+                sock.sendall(b"sized:" + b"a" * 20_000)
+                time.sleep(0.002)  # within quiet_ms: one request, in two writes
+                sock.sendall(b"b" * 20_000)
+                sizes.append(int(recv_all(sock)))
+    finally:
+        stop.set()
+        holder.join()
+    assert sizes == [40_000] * 30
