@@ -56,6 +56,9 @@ class Stats:
     connections: int = 0
     connections_total: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    # One-shot requests by what ended them (half_close, short_write, gap) and "after_end":
+    # those with bytes after their end (docs/protocol.md): a cut request shows here.
+    one_shot: Counter[str] = field(default_factory=Counter)
     buffered_bytes: int = 0  # held by requests still being received, every connection
     udp_received: int = 0
     udp_dropped: int = 0
@@ -81,6 +84,7 @@ class Stats:
             "in_flight": {k: v for k, v in self.in_flight.items() if v},
             "connections": {"open": self.connections, "total": self.connections_total},
             "refused": dict(self.refused),
+            "one_shot": dict(self.one_shot),
             "buffered_bytes": self.buffered_bytes,
             "udp": {"received": self.udp_received, "dropped": self.udp_dropped},
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},

@@ -541,6 +541,8 @@ def test_bytes_after_the_request_do_not_cut_a_large_reply(modules_dir, make_serv
             sock.sendall(b"\n")
             got = recv_all(sock)
         assert len(got) == 4_000_000
+    # Which rule ended each request, and that bytes came after the end, is counted.
+    assert svc.stats()["one_shot"] == {"short_write": 5 + 1, "after_end": 5}
 
 
 def test_a_loop_held_up_past_the_gap_does_not_cut_requests(modules_dir, make_service):
@@ -568,3 +570,4 @@ def test_a_loop_held_up_past_the_gap_does_not_cut_requests(modules_dir, make_ser
         stop.set()
         holder.join()
     assert sizes == [40_000] * 30
+    assert svc.stats()["one_shot"]["gap"] == 30  # what ended them, counted

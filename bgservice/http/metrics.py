@@ -114,6 +114,13 @@ class Metrics(Collector):
         for reason, n in s.refused.items():
             refused.add_metric([reason], n)
         yield refused
+        ended = CounterMetricFamily(
+            f"{NS}_one_shot_requests", "One-shot requests by what ended them, and those with "
+            "bytes after their end (after_end).", labels=["ended"],
+        )  # fmt: skip
+        for how, n in s.one_shot.items():
+            ended.add_metric([how], n)
+        yield ended
         yield CounterMetricFamily(f"{NS}_udp_received", "Datagrams received.",
                                   value=s.udp_received)  # fmt: skip
         yield CounterMetricFamily(
