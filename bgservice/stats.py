@@ -56,9 +56,12 @@ class Stats:
     connections: int = 0
     connections_total: int = 0
     refused: Counter[str] = field(default_factory=Counter)
-    # One-shot requests by what ended them (half_close, short_write, gap) and "after_end":
-    # those with bytes after their end (docs/protocol.md): a cut request shows here.
-    one_shot: Counter[str] = field(default_factory=Counter)
+    # One-shot requests by what ended them and those with bytes after their end, where a
+    # request cut short shows (docs/protocol.md); ints, not a Counter: every request counts.
+    one_shot_half_close: int = 0
+    one_shot_short_write: int = 0
+    one_shot_gap: int = 0
+    one_shot_after_end: int = 0
     buffered_bytes: int = 0  # held by requests still being received, every connection
     udp_received: int = 0
     udp_dropped: int = 0
@@ -69,6 +72,10 @@ class Stats:
     lag_max_ms: float = 0.0
     latency: Histogram = field(default_factory=Histogram)  # (module, transport) -> calls
     job_durations: Histogram = field(default_factory=Histogram)  # (module, name, outcome)
+
+    def one_shot(self) -> dict[str, int]:
+        ends = ("half_close", "short_write", "gap", "after_end")
+        return {end: n for end in ends if (n := getattr(self, f"one_shot_{end}"))}
 
     def snapshot(self) -> dict[str, Any]:
         modules: dict[str, dict[str, dict[str, int]]] = {}
@@ -84,7 +91,7 @@ class Stats:
             "in_flight": {k: v for k, v in self.in_flight.items() if v},
             "connections": {"open": self.connections, "total": self.connections_total},
             "refused": dict(self.refused),
-            "one_shot": dict(self.one_shot),
+            "one_shot": self.one_shot(),
             "buffered_bytes": self.buffered_bytes,
             "udp": {"received": self.udp_received, "dropped": self.udp_dropped},
             "reloads": {"ok": self.reloads, "failed": self.reload_failures},

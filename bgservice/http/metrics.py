@@ -118,7 +118,7 @@ class Metrics(Collector):
             f"{NS}_one_shot_requests", "One-shot requests by what ended them, and those with "
             "bytes after their end (after_end).", labels=["ended"],
         )  # fmt: skip
-        for how, n in s.one_shot.items():
+        for how, n in s.one_shot().items():
             ended.add_metric([how], n)
         yield ended
         yield CounterMetricFamily(f"{NS}_udp_received", "Datagrams received.",

@@ -45,7 +45,10 @@ class OneShot(StreamProtocol):
         self.eof = eof
         whole = eof or (reads == 1 and self._whole_write(len(head)))
         if whole and len(head) <= self.ctx.limits.max_request_bytes:
-            self.ctx.stats.one_shot["half_close" if eof else "short_write"] += 1
+            if eof:
+                self.ctx.stats.one_shot_half_close += 1
+            else:
+                self.ctx.stats.one_shot_short_write += 1
             self._complete(head)
             return
         self.buf = bytearray()
@@ -85,7 +88,7 @@ class OneShot(StreamProtocol):
         if self.draining or self.done:
             if self.done and not self.trailing:  # (what was cut off shows here)
                 self.trailing = True
-                self.ctx.stats.one_shot["after_end"] += 1
+                self.ctx.stats.one_shot_after_end += 1
             return
         self.last_data = self.loop.time()
         self._add(data)
@@ -95,7 +98,7 @@ class OneShot(StreamProtocol):
         if self.draining:
             self.close()
         elif not self.done:
-            self.ctx.stats.one_shot["half_close"] += 1
+            self.ctx.stats.one_shot_half_close += 1
             self._complete(bytes(self.buf))
         return True  # keep our side open: the reply still has to go out
 
@@ -152,7 +155,7 @@ class OneShot(StreamProtocol):
         elif self._unread():  # the loop was held up: the gap is its, not the client's
             self.quiet_timer = self.loop.call_later(self._quiet(), self._check_quiet)
         else:
-            self.ctx.stats.one_shot["gap"] += 1
+            self.ctx.stats.one_shot_gap += 1
             self._complete(bytes(self.buf))
 
     def _unread(self) -> bool:
