@@ -22,6 +22,7 @@ A bad job id (not ``N`` or ``id:N``) raises ``ValueError`` before anything is se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -31,7 +32,14 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from bgservice.client_async import MAX_TIMEOUT, AsyncClient, check_timeout
+from bgservice.client_async import (
+    MAX_TIMEOUT,
+    REFUSAL,
+    REFUSAL_BYTES,
+    AsyncClient,
+    check_timeout,
+    refusal,
+)
 from bgservice.client_requests import (
     DEFAULT_ADDRESS,
     WINDOW,
@@ -323,10 +331,18 @@ class Client(Where):
         try:
             sock.settimeout(timeout)
             sock.sendall(PREFACE)
-            if _read_exact(sock, len(PREFACE)) != PREFACE:
+            head = _read_exact(sock, len(PREFACE))
+            if REFUSAL.match(head):  # refused (403, 503): the reason, up to the close
+                with contextlib.suppress(OSError):  # a reset or a timeout: what came is it
+                    while len(head) < REFUSAL_BYTES and (more := sock.recv(REFUSAL_BYTES)):
+                        head += more
+                raise refusal(self.address, head[:REFUSAL_BYTES])
+            if head != PREFACE:
                 raise ServiceDown(f"{self.address} does not speak the framed protocol")
         except (TimeoutError, BlockingIOError):  # BlockingIOError: a timeout of 0
             raise ClientTimeout(f"{self.address} accepted but did not greet in time") from None
+        except ServiceDown:  # said already (a ConnectionError: not wrapped again below)
+            raise
         except OSError as exc:
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from collections import deque
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ from bgservice.client_requests import (
     request,
     schedule_request,
 )
+from bgservice.errors import ReplyError
 from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
 
 # The longest timeout a client takes, the client's or a call's: a week, on every platform
@@ -47,6 +49,27 @@ def check_timeout(seconds: float | None) -> None:
         raise ValueError(
             f"timeout must be None or 0 to {MAX_TIMEOUT:.0f} seconds (a week), not {seconds!r}"
         )
+
+
+# A new connection the service refuses (403 not in the allow list, 503 too many
+# connections or shutting down) gets the reason in the one-shot form ("503: Too many
+# connections", bgservice.stream.sniffer) instead of the greeting, and is closed: read to
+# that close (at most REFUSAL_BYTES), it is the error to raise, not a wrong greeting.
+REFUSAL = re.compile(rb"[45][0-9]{2}:")
+REFUSAL_BYTES = 1024
+
+
+def refusal(address: str, reply: bytes) -> ReplyError | ServiceDown:
+    """The exception for the service's refusal ``reply``: a 5xx is a service that cannot
+    serve now (``ServiceDown``: the caller's fallback applies), a 4xx a refusal of this
+    client (``ReplyError`` with its code)."""
+    status, reason = int(reply[:3]), reply[4:].decode(errors="replace").strip()
+    message = f"{address} refused the connection: {status} {reason}"
+    return ServiceDown(message) if status >= 500 else ReplyError(status, message)
+
+
+class Refused(Exception):
+    """The service's refusal of a connection, as read; ``_open`` raises ``refusal()``."""
 
 
 class FramedConnection(asyncio.BufferedProtocol):
@@ -83,6 +106,9 @@ class FramedConnection(asyncio.BufferedProtocol):
             if len(self._head) < len(PREFACE):
                 return
             head, data = self._head[: len(PREFACE)], self._head[len(PREFACE) :]
+            if REFUSAL.match(head):  # the rest comes before the service's close
+                self._head = self._head[:REFUSAL_BYTES]
+                return
             if head != PREFACE:
                 self.greeted.set_exception(ServiceDown("does not speak the framed protocol"))
                 assert self.transport is not None
@@ -113,7 +139,10 @@ class FramedConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if not self.greeted.done():
-            self.greeted.set_exception(ConnectionResetError("closed by the service"))
+            refused = REFUSAL.match(self._head)
+            self.greeted.set_exception(
+                Refused(self._head) if refused else ConnectionResetError("closed by the service")
+            )
             self.greeted.exception()  # retrieved: _open raises its own error
         self.fail(ConnectionResetError("closed by the service"))
 
@@ -329,6 +358,8 @@ class AsyncClient(Where):
             raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
         try:
             await conn.greeted  # no bound of its own: each caller waits within its timeout
+        except Refused as exc:
+            raise refusal(self.address, exc.args[0]) from None
         except ServiceDown as exc:
             raise ServiceDown(f"{self.address} {exc}") from None
         except OSError as exc:  # closed by the service before it greeted

@@ -16,20 +16,18 @@ import time
 
 import pytest
 
-from bgservice.client import AsyncClient, Client, ClientTimeout, ServiceDown
+from bgservice.client import AsyncClient, Client, ClientTimeout, ReplyError, ServiceDown
 from bgservice.protocol import PREFACE, framed_reply
 from tests.conftest import HOG, wait_until, write_module
 from tests.test_client import address, free_port
 
 
-class DropsTheSecond:
-    """A framed server that answers a connection's first request, then reads the second
-    and closes without a reply (a service killed while running it). Counts what it got."""
+class FakeService:
+    """A server on a free port that hands each connection to ``serve``, one at a time."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.got: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -39,15 +37,30 @@ class DropsTheSecond:
             except OSError:
                 return
             with peer:
-                peer.recv(len(PREFACE))
-                peer.sendall(PREFACE)
-                for answer in (True, False):
-                    data = peer.recv(65536)
-                    if not data:
-                        break
-                    self.got.append(data)
-                    if answer:
-                        peer.sendall(framed_reply(200, b"ok"))
+                self.serve(peer)
+
+    def serve(self, peer: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class DropsTheSecond(FakeService):
+    """A framed server that answers a connection's first request, then reads the second
+    and closes without a reply (a service killed while running it). Counts what it got."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        super().__init__()
+
+    def serve(self, peer: socket.socket) -> None:
+        peer.recv(len(PREFACE))
+        peer.sendall(PREFACE)
+        for answer in (True, False):
+            data = peer.recv(65536)
+            if not data:
+                break
+            self.got.append(data)
+            if answer:
+                peer.sendall(framed_reply(200, b"ok"))
 
     def close(self) -> None:
         self.listener.close()
@@ -358,3 +371,53 @@ def test_send_over_a_unix_datagram_socket_never_waits(tmp_path, make_service):
         sender.start()
         sender.join(30)
         assert not sender.is_alive() and len(sent) == 200, len(sent)
+
+
+class Refuses(FakeService):
+    """Refuses every connection as the service does (bgservice.stream.sniffer): the
+    reason at once, in the one-shot form, then the end of its side."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        super().__init__()
+
+    def serve(self, peer: socket.socket) -> None:
+        peer.sendall(self.reply)
+        peer.shutdown(socket.SHUT_WR)
+        while peer.recv(65536):  # read until the client closes: no reset
+            pass
+
+
+def test_a_connection_refused_with_403_is_a_reply_error_saying_so():
+    # The first 4 bytes of "403: Forbidden" were taken for a wrong greeting: "does not
+    # speak the framed protocol", a ServiceDown that the caller's fallback hid.
+    server = Refuses(b"403: Forbidden")
+    with Client(server.address, timeout=5) as bg, pytest.raises(ReplyError) as refused:
+        bg.call("echo", "x")
+    assert refused.value.code == 403
+    assert str(refused.value) == f"{server.address} refused the connection: 403 Forbidden"
+
+    async def main() -> None:
+        async with AsyncClient(server.address, timeout=5) as abg:
+            with pytest.raises(ReplyError) as again:
+                await abg.call("echo", "x")
+            assert again.value.code == 403 and "403 Forbidden" in str(again.value)
+
+    asyncio.run(main())
+    server.listener.close()
+
+
+def test_a_connection_over_max_connections_is_a_service_down_saying_503(make_service):
+    svc = make_service("[limits]\nmax_connections = 1\n")
+    with Client(address(svc), timeout=5) as held:
+        assert held.call("test") == b"Test"  # the one connection the service takes
+        with Client(address(svc), timeout=5) as bg, pytest.raises(ServiceDown) as full:
+            bg.call("test")
+        assert "refused the connection: 503 Too many connections" in str(full.value)
+
+        async def main() -> None:
+            async with AsyncClient(address(svc), timeout=5) as abg:
+                with pytest.raises(ServiceDown, match="503 Too many connections"):
+                    await abg.call("test")
+
+        asyncio.run(main())

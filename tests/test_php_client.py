@@ -116,14 +116,17 @@ show($bg->send('log', 'nobody listens'));
     assert out[1] in ("true", "false")  # UDP cannot know; it must just not throw
 
 
+NOTE = """
+from pathlib import Path
+
+def handle_udp(request):
+    with open(Path(__file__).with_name("notes.log"), "a") as f:
+        f.write(request.text + "\\n")
+"""
+
+
 def test_send_over_udp_and_unix_datagram(modules_dir, make_service, tmp_path):
-    write_module(
-        modules_dir,
-        "note",
-        "from pathlib import Path\n\ndef handle_udp(request):\n"
-        "    with open(Path(__file__).with_name('notes.log'), 'a') as f:\n"
-        "        f.write(request.text + '\\n')\n",
-    )
+    write_module(modules_dir, "note", NOTE)
     dgram = tmp_path / "bg.dgram"
     svc = make_service(
         '[[listen]]\nname = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
@@ -307,3 +310,103 @@ show($bg->send('echo', 'small'));
     )
     assert "more than one datagram" in out[0], out
     assert out[1:] == ["true", "true"]
+
+
+def test_unix_socket_paths_in_every_form_the_python_client_takes(
+    modules_dir, make_service, tmp_path
+):
+    # A plain path, or unix:PATH, as $address was a ServiceDown at the first call; as
+    # $udpAddress (a plain path, or unix:///path) send() connected a stream to the datagram
+    # socket and returned false, every message lost. Each form now reaches the service.
+    write_module(modules_dir, "note", NOTE)
+    sock, dgram = tmp_path / "bg.sock", tmp_path / "bg.dgram"
+    make_service(
+        '[[listen]]\nname = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listen]]\nname = "local"\nunix = "{sock}"\nunix_dgram = "{dgram}"\n'
+    )
+    out = php(
+        tmp_path,
+        """
+foreach ([$argv[1], 'unix:' . $argv[1], 'unix://' . $argv[1]] as $address) {
+    show((new BackgroundService($address, 5.0, null, false))->call('echo', $address));
+}
+foreach ([$argv[2], 'unix://' . $argv[2], 'udg://' . $argv[2]] as $udp) {
+    show((new BackgroundService($argv[1], 5.0, $udp, false))->send('note', $udp));
+}
+""",
+        str(sock),
+        str(dgram),
+    )
+    called = [str(sock), f"unix:{sock}", f"unix://{sock}"]
+    assert [json.loads(line) for line in out] == [*called, True, True, True]
+    notes = modules_dir / "notes.log"
+    sent = sorted([str(dgram), f"unix://{dgram}", f"udg://{dgram}"])
+    wait_until(lambda: notes.exists() and sorted(notes.read_text().split("\n")[:-1]) == sent)
+
+
+def test_an_address_in_no_documented_form_is_refused_at_construction(tmp_path):
+    # Each failed only at the first call: udp:// and udg:// as $address after the whole
+    # timeout (a TimeoutException), the others as a ServiceDownException, which the
+    # site's fallback took for a service down, hiding the mistake in its configuration.
+    out = php(
+        tmp_path,
+        """
+$addresses = ['udp://127.0.0.1:1', 'udg:///run/bg.dgram', '127.0.0.1', '::1:12341', 'http://h:1'];
+foreach ($addresses as $address) {
+    try { new BackgroundService($address, 30.0); echo "taken\\n"; }
+    catch (InvalidArgumentException $e) { show($e->getMessage()); }
+}
+try { new BackgroundService('127.0.0.1:12341', 30.0, 'tcp://127.0.0.1:12341'); echo "taken\\n"; }
+catch (InvalidArgumentException $e) { show($e->getMessage()); }
+""",
+        timeout=20,  # far less than one 30 s timeout: refused at once
+    )
+    assert len(out) == 6 and "taken" not in out, out
+    assert "pass it as $udpAddress" in out[1] and "takes brackets" in out[3], out
+    assert "$udpAddress must be" in out[5], out
+
+
+def test_a_connection_over_max_connections_is_a_service_down_with_its_503(make_service, tmp_path):
+    # The service's "503: Too many connections", written instead of the greeting, was
+    # read as a wrong greeting: "does not speak the framed protocol", the reason lost.
+    svc = make_service("[limits]\nmax_connections = 1\n")
+    with Client(address(svc), timeout=10) as held:
+        assert held.call("test") == b"Test"  # the one connection it takes
+        out = php(
+            tmp_path,
+            """
+try { (new BackgroundService($argv[1], 5.0, null, false))->call('test'); echo "served\\n"; }
+catch (BackgroundServiceDown $e) { show([$e->getCode(), $e->getMessage()]); }
+""",
+            address(svc),
+        )
+    refused = f"{address(svc)} refused the connection: 503 Too many connections"
+    assert [json.loads(line) for line in out] == [[503, refused]]
+
+
+def test_the_php_example_of_docs_deploy_md_runs_as_written(modules_dir, make_service, tmp_path):
+    # It used the deprecated global name and loaded nothing: copied into a site, it was
+    # "Class BackgroundService not found".
+    write_module(modules_dir, "less", "def handle_tcp(request):\n    return b'css'\n")  # no node
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    example = doc.split("## Next to PHP-FPM", 1)[1].split("```php\n", 1)[1].split("```", 1)[0]
+    assert "vendor/autoload.php" in example and "BackgroundService" not in example
+    run = tmp_path / "run"
+    run.mkdir()
+    make_service(
+        '[[listen]]\nname = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listen]]\nname = "php"\nunix = "{run}/bg.sock"\nunix_dgram = "{run}/bg.dgram"\n'
+    )
+    site = tmp_path / "site"
+    (site / "vendor").mkdir(parents=True)  # Composer's autoloader, as the package's own file
+    autoload = f"<?php\nrequire '{CLIENT.parent}/bgservice.php';\n"
+    (site / "vendor" / "autoload.php").write_text(autoload)
+    script = site / "index.php"
+    script.write_text(
+        "<?php\n$source = '@w: 2px; .a { width: @w }'; $file = 'site.less'; $message = 'hi';\n"
+        + example.replace("/run/bgservice/", f"{run}/").replace("<?php", "")
+        + "\necho json_encode([$css, $bg->ping()]);\n"
+    )
+    done = subprocess.run(["php", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == ["css", True]

@@ -18,13 +18,20 @@
 
 declare(strict_types=1);
 
-// Idempotent: the site may load both Composer's autoloader and bgservice.php.
-if (!class_exists('BackgroundService', false)) {
-    class_alias(\Bgservice\Client\Client::class, 'BackgroundService');
-    class_alias(\Bgservice\Client\Exception\ServiceException::class, 'BackgroundServiceException');
-    class_alias(\Bgservice\Client\Exception\ServiceDownException::class, 'BackgroundServiceDown');
-    class_alias(\Bgservice\Client\Exception\TimeoutException::class, 'BackgroundServiceTimeout');
+// Idempotent, name by name: the site may load both Composer's autoloader and
+// bgservice.php, or have declared some of the old names itself (its own copy of the old
+// one-file client, loaded first): a name taken is left as it is (class_alias() would warn).
+foreach ([
+    'BackgroundService' => \Bgservice\Client\Client::class,
+    'BackgroundServiceException' => \Bgservice\Client\Exception\ServiceException::class,
+    'BackgroundServiceDown' => \Bgservice\Client\Exception\ServiceDownException::class,
+    'BackgroundServiceTimeout' => \Bgservice\Client\Exception\TimeoutException::class,
+] as $bgserviceOldName => $bgserviceClass) {
+    if (!class_exists($bgserviceOldName, false)) {
+        class_alias($bgserviceClass, $bgserviceOldName);
+    }
 }
+unset($bgserviceOldName, $bgserviceClass);  // a file included at the top level: its variables are the script's
 
 // Never runs: tells IDEs and static analysers what the old names are, and that they are
 // deprecated.

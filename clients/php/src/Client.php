@@ -45,19 +45,27 @@ class Client
     ];
 
     private readonly Connection $connection;
+
+    /** @var string|null send()'s address, as given (or derived from $address) */
     private readonly ?string $udpAddress;
 
+    /** @var string|null send()'s address as stream_socket_client() takes it */
+    private readonly ?string $udpTarget;
+
     /**
-     * @param string      $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
+     * @param string      $address    "host:port" or "[v6]:port" (TCP); "unix:///path",
+     *                                "unix:PATH" or a path with a "/" (a Unix stream socket)
      * @param float       $timeout    seconds to wait for a reply: more than 0, at most a week
-     * @param string|null $udpAddress for send(): "host:port" (UDP) or "udg:///path" (Unix
-     *                                datagram); by default the TCP host:port, over UDP. A
-     *                                "unix://" $address has no datagram twin at a known
-     *                                path: send() then needs it (the listener's unix_dgram)
+     * @param string|null $udpAddress for send(): "host:port" or "[v6]:port" (UDP), or a
+     *                                Unix datagram socket as "udg:///path" or its path; by
+     *                                default the TCP host:port, over UDP. A Unix $address
+     *                                has no datagram twin at a known path: send() then
+     *                                needs it (the listener's unix_dgram)
      * @param bool        $persistent keep the connection across requests of a PHP-FPM worker
      *
-     * @throws InvalidArgumentException a $timeout that is not more than 0 and at most a week
-     *                                  (the same for every method's $timeout)
+     * @throws InvalidArgumentException an address in none of those forms (Connection::target()),
+     *                                  or a $timeout that is not more than 0 and at most a
+     *                                  week (the same for every method's $timeout)
      */
     public function __construct(
         string $address = '127.0.0.1:12341',
@@ -66,7 +74,14 @@ class Client
         bool $persistent = true,
     ) {
         $this->connection = new Connection($address, $timeout, $persistent);
-        $this->udpAddress = $udpAddress ?? (str_starts_with($address, 'unix://') ? null : $address);
+        if ($udpAddress !== null && $udpAddress !== '') {  // '' is none, as in the Python client
+            $this->udpTarget = Connection::target($udpAddress, true);
+        } else {
+            $stream = Connection::target($address);
+            $this->udpTarget = str_starts_with($stream, 'tcp://') ? 'udp://' . substr($stream, 6) : null;
+        }
+        $this->udpAddress = $udpAddress !== null && $udpAddress !== '' ? $udpAddress
+            : ($this->udpTarget !== null ? $address : null);
     }
 
     /** Close the connection now (a persistent one too); the next call opens a new one. */
@@ -101,14 +116,13 @@ class Client
      */
     public function send(string $module, string $data = ''): bool
     {
-        if ($this->udpAddress === null) {  // else the datagram would go to the stream socket
+        if ($this->udpTarget === null) {  // else the datagram would go to the stream socket
             throw new InvalidArgumentException(
                 'send() needs $udpAddress: the address is a Unix stream socket '
                 . '(pass the listener\'s unix_dgram path as "udg:///path", or a host:port)'
             );
         }
-        $target = str_contains($this->udpAddress, '://') ? $this->udpAddress : 'udp://' . $this->udpAddress;
-        $socket = @stream_socket_client($target, $errno, $errstr, 0.05);
+        $socket = @stream_socket_client($this->udpTarget, $errno, $errstr, 0.05);
         if ($socket === false) {
             return false;
         }
@@ -181,6 +195,10 @@ class Client
      * Queue a job and wait for its result, in one round trip (queue:add?wait=1): the job
      * is stored before it runs, as with add(), and its error reply throws.
      *
+     * The reply carries the result only, so a TimeoutException cannot name the job, which
+     * was queued and goes on: to be able to follow it up, add() and then get() its id (as
+     * the CLI's `queue add --wait` does).
+     *
      * @param array<string, int|float|string|bool|list<int|string>> $options as add()'s
      */
     public function run(string $module, string $data = '', array $options = [], ?float $timeout = null): string
@@ -191,33 +209,84 @@ class Client
     /**
      * Queue several jobs, pipelined on the one connection; their ids in order. If some
      * were refused, BatchException: its getResults() has the ids of the others (queued).
+     * If the connection fails part way, the ServiceDownException or TimeoutException has
+     * getResults() too: the ids of the jobs queued, the exception itself for those sent
+     * without a reply (they may be queued), null for those never sent.
      *
-     * @param list<array{0: string, 1?: string, 2?: array<string, int|float|string|bool|list<int|string>>}> $jobs
-     *        [module, data, options] each
+     * @param list<array{0: string, 1?: string|int|float, 2?: array<string, int|float|string|bool|list<int|string>>}> $jobs
+     *        [module, data, options] each; data as call() takes it (an int or float is
+     *        sent as PHP writes it, "5", as call() from a file without strict_types does)
      *
      * @return list<int>
+     *
+     * @throws InvalidArgumentException a job that is not [module, data, options], an
+     *                                  unknown option or a bad `after` id: nothing is sent
      */
     public function addMany(array $jobs): array
     {
-        $payloads = array_map(fn (array $job): string => $this->addRequest($job[0], $job[1] ?? '', $job[2] ?? []), $jobs);
+        $payloads = [];
+        foreach ($jobs as $key => $job) {
+            [$module, $data, $options] = self::job($key, $job);
+            $payloads[] = $this->addRequest($module, $data, $options);
+        }
         return $this->batch($payloads, null, fn (string $body): int => $this->newId($body));
     }
 
     /**
+     * One job of addMany(), checked: a malformed one was a PHP warning and then a
+     * TypeError, or the wrong job queued.
+     *
+     * @return array{0: string, 1: string, 2: array<string, int|float|string|bool|list<int|string>>}
+     *
+     * @throws InvalidArgumentException it is not [module, data, options]
+     */
+    private static function job(int|string $key, mixed $job): array
+    {
+        $problem = match (true) {
+            !is_array($job) => 'an array [module, data, options], not ' . get_debug_type($job),
+            !array_is_list($job) || $job === [] || count($job) > 3 => '[module, data, options] (a list of 1 to 3), not '
+                . ($job === [] ? 'an empty array' : 'an array with keys ' . implode(', ', array_map('strval', array_keys($job)))),
+            !is_string($job[0]) => 'a module name (a string) first, not ' . get_debug_type($job[0]),
+            isset($job[1]) && !is_string($job[1]) && !is_int($job[1]) && !is_float($job[1])
+                => 'data as a string (or an int or float), not ' . get_debug_type($job[1]),
+            isset($job[2]) && !is_array($job[2]) => 'options as an array, not ' . get_debug_type($job[2]),
+            default => null,
+        };
+        if ($problem !== null) {
+            throw new InvalidArgumentException('addMany(): job ' . var_export($key, true) . " must be $problem");
+        }
+        /** @var array{0: string, 1?: string|int|float|null, 2?: array<string, int|float|string|bool|list<int|string>>|null} $job */
+        return [$job[0], (string)($job[1] ?? ''), $job[2] ?? []];
+    }
+
+    /**
      * get() for several jobs, pipelined; their results in order (BatchException if some
-     * ended in an error reply: getResults() has the others).
+     * ended in an error reply: getResults() has the others; a connection failure part way
+     * has getResults() too, as addMany()'s).
      *
      * @param list<int|string> $ids N or "id:N" each
      *
      * @return list<string>
+     *
+     * @throws InvalidArgumentException an id that is neither: nothing is sent
      */
     public function getMany(array $ids, ?float $timeout = null): array
     {
-        $payloads = array_map(fn (int|string $id): string => 'queue:get:' . JobId::format($id), $ids);
+        $payloads = [];
+        foreach ($ids as $key => $id) {
+            if (!is_int($id) && !is_string($id)) {
+                throw new InvalidArgumentException('getMany(): id ' . var_export($key, true)
+                    . " must be N or 'id:N', not " . get_debug_type($id));
+            }
+            $payloads[] = 'queue:get:' . JobId::format($id);
+        }
         return $this->batch($payloads, $timeout, fn (string $body): string => $body);
     }
 
     /**
+     * Each reply's value, in order; BatchException if some were error replies. A failure
+     * of the connection part way is rethrown with what is known (getResults()).
+     *
      * @template T
      *
      * @param list<string>            $payloads
@@ -227,18 +296,23 @@ class Client
      */
     private function batch(array $payloads, ?float $timeout, callable $value): array
     {
-        $results = [];
-        $failed = false;
-        foreach ($this->connection->requests($payloads, $timeout) as $reply) {
-            if ($reply->isOk()) {
-                $results[] = $value($reply->body);
-            } else {
-                $results[] = new ReplyException($reply->body, $reply->status);
-                $failed = true;
+        $outcome = fn (Reply $reply): mixed => $reply->isOk()
+            ? $value($reply->body)
+            : new ReplyException($reply->body, $reply->status);
+        try {
+            $replies = $this->connection->requests($payloads, $timeout);
+        } catch (ServiceException $e) {
+            $known = $e->getResults();
+            if ($known === null) {
+                throw $e;
             }
+            throw $e->withResults(array_map(fn (mixed $r): mixed => $r instanceof Reply ? $outcome($r) : $r, $known));
         }
-        if ($failed) {
-            throw new BatchException($results);
+        $results = array_map($outcome, $replies);
+        foreach ($results as $result) {
+            if ($result instanceof ReplyException) {
+                throw new BatchException($results);
+            }
         }
         /** @var list<T> $results no ReplyException in it */
         return $results;

@@ -5,7 +5,9 @@ declare(strict_types=1);
 namespace Bgservice\Client;
 
 use Bgservice\Client\Exception\InvalidArgumentException;
+use Bgservice\Client\Exception\ReplyException;
 use Bgservice\Client\Exception\ServiceDownException;
+use Bgservice\Client\Exception\ServiceException;
 use Bgservice\Client\Exception\TimeoutException;
 
 /**
@@ -28,34 +30,135 @@ final class Connection
      *  client (bgservice.client_async.MAX_TIMEOUT). */
     public const MAX_TIMEOUT = 7 * 24 * 3600.0;
 
+    /**
+     * A stream's chunk size while an exchange (greeting, requests, their replies) is under
+     * way on it; PHP's own, IDLE_CHUNK, once it is done. The mark is kept in the stream,
+     * so it lasts as long as a persistent stream does: the next PHP request of a worker
+     * sees that its previous one ended mid-call (exit(), a fatal error) even when this
+     * library's shutdown function never ran to close the stream (an earlier shutdown
+     * function called exit()), and does not read that call's late reply as its own.
+     */
+    private const BUSY_CHUNK = 8191;
+    private const IDLE_CHUNK = 8192;
+
+    /** The most read of a refusal the service writes instead of the greeting. */
+    private const REFUSAL_BYTES = 1024;
+
+    /** @var string stream_socket_client's form of the address: tcp://... or unix://... */
+    private readonly string $target;
+
     /** @var resource|null */
     private $stream = null;
 
+    /** Whether the last exchange wrote any of its requests (requests() tells "may have
+     *  run" from "not sent" with it). */
+    private bool $sent = false;
+
     /**
-     * Streams in the middle of an exchange, closed by a shutdown function if the script
-     * ends there: exit() in a signal handler or a fatal error runs no finally block, and
-     * a persistent stream left with half a request would take the next request's bytes
-     * as the rest of it. (Statics and shutdown functions last one PHP request.)
+     * Streams in the middle of an exchange in this PHP request. A call that finds its
+     * stream here runs inside the one that left it there (a signal handler; a shutdown
+     * function after exit() or a fatal error, where no finally ran): it leaves it alone,
+     * as that call may yet go on, and takes a stream of its own. Whatever is still here
+     * when the script ends is closed by a shutdown function, so that the service is not
+     * left waiting for the rest of half a request. (Statics last one PHP request.)
      *
      * @var array<int, resource>
      */
     private static array $busy = [];
 
+    /** @var array<int, int> the process that opened each stream: a fork() child inherits
+     *  its parent's streams and statics, and must not talk on them */
+    private static array $owners = [];
+
     private static bool $guarded = false;
 
     /**
-     * @param string $address    "host:port" (TCP) or "unix:///path" (Unix stream socket)
+     * @param string $address    "host:port", "[v6]:port", "unix:///path" or a Unix
+     *                           socket's path ("/run/bg.sock", "unix:/run/bg.sock"); see target()
      * @param float  $timeout    seconds to wait for a reply, and for a new stream's greeting
      * @param bool   $persistent keep the stream across requests of a PHP-FPM worker
      *
-     * @throws InvalidArgumentException $timeout is not a number of seconds > 0, at most MAX_TIMEOUT
+     * @throws InvalidArgumentException $address is none of those forms, or $timeout is not
+     *                                  a number of seconds > 0, at most MAX_TIMEOUT
      */
     public function __construct(
         private readonly string $address,
         private readonly float $timeout,
         private readonly bool $persistent,
     ) {
+        $this->target = self::target($address);
         self::checkTimeout($timeout);
+    }
+
+    /**
+     * $address as stream_socket_client() takes it, if it is one of the forms the clients
+     * document (docs/clients.md; the Python client's bgservice.client_requests.parse_address
+     * takes the same): "host:port" or "[v6]:port" (TCP, or UDP for a $datagram address);
+     * "unix:///path", "unix:PATH" or a path with a "/" in it (a Unix stream socket, or a
+     * datagram one for a $datagram address); "udg:///path" (a datagram address only).
+     * "tcp://host:port" (and "udp://host:port" for a datagram) are taken too: PHP's own
+     * forms, which the client passed on as they were. Anything else failed only at the
+     * first call, as a service down (or a timeout, or a send() that went nowhere): a
+     * mistake in the configuration hidden by the caller's fallback.
+     *
+     * @return string tcp://, udp://, unix:// or udg:// and the rest
+     *
+     * @throws InvalidArgumentException none of those forms
+     */
+    public static function target(string $address, bool $datagram = false): string
+    {
+        $unix = $datagram ? 'udg://' : 'unix://';
+        $inet = $datagram ? 'udp://' : 'tcp://';
+        if (preg_match('~\A([A-Za-z][A-Za-z0-9+.-]*)://(.*)\z~s', $address, $url) === 1) {
+            $scheme = strtolower($url[1]);
+            if ($scheme === 'udg' && !$datagram) {
+                throw new InvalidArgumentException(
+                    "address '$address' is a Unix datagram socket: pass it as \$udpAddress, for send()"
+                );
+            }
+            if ($scheme === 'unix' || $scheme . '://' === $unix) {
+                return $unix . self::path($address, $url[2]);
+            }
+            if ($scheme . '://' === $inet) {
+                return $inet . self::hostPort($address, $url[2], $datagram);
+            }
+            throw self::badAddress($address, $datagram);
+        }
+        if (str_contains($address, '/') || str_starts_with($address, 'unix:')) {
+            return $unix . self::path($address, str_starts_with($address, 'unix:') ? substr($address, 5) : $address);
+        }
+        return $inet . self::hostPort($address, $address, $datagram);
+    }
+
+    private static function path(string $address, string $path): string
+    {
+        if ($path === '' || str_contains($path, "\0")) {
+            throw new InvalidArgumentException("address '$address' names no Unix socket path");
+        }
+        return $path;
+    }
+
+    private static function hostPort(string $address, string $hostPort, bool $datagram): string
+    {
+        $host = '(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?\]|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?)';
+        if (preg_match("~\\A$host:([0-9]{1,5})\\z~", $hostPort, $match) === 1
+            && (int)$match[1] >= 1 && (int)$match[1] <= 65535) {
+            return $hostPort;
+        }
+        if (substr_count($hostPort, ':') > 1 && !str_starts_with($hostPort, '[')) {
+            throw new InvalidArgumentException(
+                "address '$address': an IPv6 address takes brackets, as in [::1]:12341"
+            );
+        }
+        throw self::badAddress($address, $datagram);
+    }
+
+    private static function badAddress(string $address, bool $datagram): InvalidArgumentException
+    {
+        $shown = var_export(strlen($address) > 80 ? substr($address, 0, 80) . '...' : $address, true);
+        return new InvalidArgumentException($datagram
+            ? "\$udpAddress must be host:port, [v6]:port, udg:///path or a Unix datagram socket's path, not $shown"
+            : "address must be host:port, [v6]:port, unix:///path or a Unix socket's path, not $shown");
     }
 
     /**
@@ -79,8 +182,8 @@ final class Connection
 
     public function __destruct()
     {
-        if (!$this->persistent) {
-            $this->close();
+        if (!$this->persistent && $this->stream !== null) {
+            $this->release($this->stream);
         }
     }
 
@@ -88,10 +191,7 @@ final class Connection
     public function close(): void
     {
         if ($this->stream !== null) {
-            if (self::isOpen($this->stream)) {  // another holder may have closed it already
-                @fclose($this->stream);
-            }
-            $this->stream = null;
+            $this->release($this->stream);
         }
     }
 
@@ -100,6 +200,8 @@ final class Connection
      *
      * @throws ServiceDownException the service cannot be reached or the stream broke
      * @throws TimeoutException     no reply within $timeout (default: the constructor's)
+     * @throws ReplyException       the service refused the connection with a 4xx (403: this
+     *                              host is not in its allow list)
      * @throws InvalidArgumentException $timeout is not one (checkTimeout()): nothing is sent
      */
     public function request(string $payload, ?float $timeout = null): Reply
@@ -112,6 +214,10 @@ final class Connection
      * Several requests, pipelined: written WINDOW at a time in one fwrite, then their
      * replies read, so neither side's buffers fill up waiting for the other. The service
      * serves them concurrently and replies in order.
+     *
+     * A failure part way keeps what is known: the exception's getResults() holds each
+     * request's Reply, if it came; the exception itself if the request was sent without a
+     * reply (it may have run); null if it was never sent.
      *
      * @param list<string> $payloads
      *
@@ -128,7 +234,23 @@ final class Connection
             foreach ($chunk as $payload) {
                 $frames .= pack('N', strlen($payload)) . $payload;
             }
-            array_push($replies, ...$this->exchange($frames, count($chunk), $timeout));
+            try {
+                array_push($replies, ...$this->exchange($frames, count($chunk), $timeout));
+            } catch (ServiceException $e) {
+                $unanswered = $this->sent ? count($chunk) : 0;
+                $unsent = count($payloads) - count($replies) - $unanswered;
+                $results = [...$replies, ...array_fill(0, $unanswered, $e), ...array_fill(0, $unsent, null)];
+                $summary = [count($replies) . ' answered'];
+                if ($unanswered > 0) {
+                    $summary[] = "$unanswered sent without a reply (they may have run)";
+                }
+                if ($unsent > 0) {
+                    $summary[] = "$unsent not sent";
+                }
+                $message = sprintf('%s; a batch of %d cut short: %s (getResults() has each)',
+                    $e->getMessage(), count($payloads), implode(', ', $summary));
+                throw $e->withResults($results, $message, $e);
+            }
         }
         return $replies;
     }
@@ -145,19 +267,22 @@ final class Connection
      *
      * The stream is closed unless every reply was read whole, whatever interrupted the
      * exchange (a timeout, a broken connection, an exception from a signal handler), so
-     * that no later request reads this one's reply.
+     * that no later request reads this one's reply. Where no finally runs (exit(), a
+     * fatal error), the stream's busy mark does it: open() never hands it out again.
      *
      * @return list<Reply>
      */
     private function exchange(string $frames, int $count, float $timeout): array
     {
         for ($attempt = 1; ; $attempt++) {
+            $this->sent = false;
             [$stream, $reused] = $this->open(min($timeout, $this->timeout));
             $complete = false;
-            self::guard($stream);
+            $written = 0;
+            self::markBusy($stream);
             try {
                 stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
-                $written = $this->write($stream, $frames);
+                $this->write($stream, $frames, $written);
                 if ($written === 0 && $reused && $attempt === 1) {
                     continue;  // nothing sent on a stale kept stream (finally closes it)
                 }
@@ -177,28 +302,9 @@ final class Connection
                 $complete = true;
                 return $replies;
             } finally {
-                unset(self::$busy[(int)$stream]);
-                if (!$complete) {
-                    $this->close();  // half-read or half-written: useless to anyone after
-                }
+                $this->sent = $written > 0;
+                $this->settle($stream, $complete);
             }
-        }
-    }
-
-    /** @param resource $stream about to be written to, and its replies read */
-    private static function guard($stream): void
-    {
-        self::$busy[(int)$stream] = $stream;
-        if (!self::$guarded) {
-            self::$guarded = true;
-            register_shutdown_function(static function (): void {
-                foreach (self::$busy as $busy) {
-                    if (self::isOpen($busy)) {
-                        @fclose($busy);
-                    }
-                }
-                self::$busy = [];
-            });
         }
     }
 
@@ -209,53 +315,100 @@ final class Connection
      *
      * @return array{0: resource, 1: bool} the stream, and whether it was kept from before
      *
-     * @throws ServiceDownException no connection (refused, unreachable, not in time)
+     * @throws ServiceDownException no connection (refused, unreachable, not in time), or
+     *                              the service refused it (503: too many connections)
+     * @throws ReplyException       the service refused it with a 4xx (403: not allowed)
      * @throws TimeoutException     connected, but no greeting within $timeout
      */
     private function open(float $timeout): array
     {
         if ($this->stream !== null) {
-            if (self::isIdle($this->stream)) {
+            if (self::reusable($this->stream)) {
                 return [$this->stream, true];
             }
-            $this->close();
+            $this->release($this->stream);
         }
-        $stream = $this->dial($timeout);
+        $stream = $this->dial($timeout, $this->persistent);
         // A persistent stream may be one this PHP-FPM worker kept from an earlier request,
-        // or that another Client of this process holds: its position is then past the
-        // preface. It is as good as the check says: closed meanwhile, or left with bytes
-        // to read by a call that did not finish (a request aborted mid-call), it is
-        // replaced (for its other holders too, who will see it closed).
+        // one that another Client of this process holds, or one a fork() child inherited:
+        // its position is then past the preface. It is used only if it is good (closed
+        // meanwhile, left with bytes to read, or marked busy by a call that did not
+        // finish, it is not: it is closed, for its other holders too, who will see it
+        // closed), and this process's (a child closes its copy, which leaves the parent's
+        // open, and opens its own).
         if ($this->persistent && ftell($stream) !== 0) {
-            if (self::isIdle($stream)) {
+            if (self::reusable($stream)) {
+                // Kept from an earlier PHP request (statics start empty): this process's.
+                self::$owners[(int)$stream] ??= getmypid();
                 $this->stream = $stream;
                 return [$stream, true];
             }
-            @fclose($stream);
-            $stream = $this->dial($timeout);
+            if (isset(self::$busy[(int)$stream])) {
+                // A call of this process is on it, and may go on once we return (we run
+                // in a signal handler, or a shutdown function): left to that call.
+                $stream = $this->dial($timeout, false);
+            } else {
+                self::discard($stream);
+                $stream = $this->dial($timeout, true);
+            }
         }
-        stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
-        // Connected: the kernel completes a connect even while the service's loop is
-        // blocked (a module's long synchronous call), so a greeting that does not come in
-        // time is a busy service, as a late reply is, not a service down.
-        try {
-            $sent = $this->write($stream, self::PREFACE) === strlen(self::PREFACE);
-            $echoed = $sent ? $this->readExact($stream, strlen(self::PREFACE)) : null;
-        } catch (TimeoutException $e) {
-            @fclose($stream);
-            throw new TimeoutException("{$this->address} accepted but did not greet in time", 0, $e);
-        } catch (ServiceDownException $e) {
-            @fclose($stream);
-            throw new ServiceDownException("{$this->address}: no framed-protocol greeting", 0, $e);
-        }
-        if ($echoed !== self::PREFACE) {
-            @fclose($stream);
-            throw new ServiceDownException($sent
-                ? "{$this->address} does not speak the framed protocol"
-                : "{$this->address}: connection lost while sending the preface");
-        }
+        $this->greet($stream, $timeout);
         $this->stream = $stream;
         return [$stream, false];
+    }
+
+    /**
+     * Speak the preface on a new $stream and read the service's echo; closes it if that
+     * fails.
+     *
+     * @param resource $stream
+     */
+    private function greet($stream, float $timeout): void
+    {
+        self::$owners[(int)$stream] = getmypid();
+        self::markBusy($stream);
+        $greeted = false;
+        try {
+            stream_set_timeout($stream, (int)$timeout, (int)(fmod($timeout, 1) * 1e6));
+            // Connected: the kernel completes a connect even while the service's loop is
+            // blocked (a module's long synchronous call), so a greeting that does not come
+            // in time is a busy service, as a late reply is, not a service down.
+            try {
+                $sent = 0;
+                $this->write($stream, self::PREFACE, $sent);
+                $echoed = $sent === strlen(self::PREFACE) ? $this->readExact($stream, strlen(self::PREFACE)) : null;
+            } catch (TimeoutException $e) {
+                throw new TimeoutException("{$this->address} accepted but did not greet in time", 0, $e);
+            } catch (ServiceDownException $e) {
+                throw new ServiceDownException("{$this->address}: no framed-protocol greeting", 0, $e);
+            }
+            if ($echoed !== null && preg_match('/\A[45][0-9]{2}:/', $echoed) === 1) {
+                throw $this->refusal($echoed . stream_get_contents($stream, self::REFUSAL_BYTES));
+            }
+            if ($echoed !== self::PREFACE) {
+                throw new ServiceDownException($echoed !== null
+                    ? "{$this->address} does not speak the framed protocol"
+                    : "{$this->address}: connection lost while sending the preface");
+            }
+            $greeted = true;
+        } finally {
+            $this->settle($stream, $greeted);
+        }
+    }
+
+    /**
+     * The service refused the connection before any request: it writes the reason as the
+     * original's one-shot protocol does, "NNN: message", and closes (e.g. "403: Forbidden"
+     * for a host not in its allow list, "503: Too many connections" at [limits]
+     * max_connections, "503: Shutting down"). A 5xx is the service unable to serve now, as
+     * when it is down (the caller's fallback applies); a 4xx is a refusal of this client.
+     */
+    private function refusal(string $reply): ServiceException
+    {
+        $status = (int)substr($reply, 0, 3);
+        $text = trim(substr($reply, 4));
+        $message = "{$this->address} refused the connection: $status $text";
+        return $status >= 500 ? new ServiceDownException($message, $status) : new ReplyException($message, $status);
     }
 
     /**
@@ -263,11 +416,10 @@ final class Connection
      *
      * @return resource
      */
-    private function dial(float $timeout)
+    private function dial(float $timeout, bool $persistent)
     {
-        $target = str_contains($this->address, '://') ? $this->address : 'tcp://' . $this->address;
-        $flags = STREAM_CLIENT_CONNECT | ($this->persistent ? STREAM_CLIENT_PERSISTENT : 0);
-        $stream = @stream_socket_client($target, $errno, $errstr, min($timeout, 5.0), $flags);
+        $flags = STREAM_CLIENT_CONNECT | ($persistent ? STREAM_CLIENT_PERSISTENT : 0);
+        $stream = @stream_socket_client($this->target, $errno, $errstr, min($timeout, 5.0), $flags);
         if ($stream === false) {
             throw new ServiceDownException("cannot reach the service at {$this->address}: $errstr");
         }
@@ -275,21 +427,88 @@ final class Connection
     }
 
     /**
-     * Still open (a persistent stream is shared by the Clients of a process, and any of
-     * them may have closed it) and with nothing to read: an idle stream in a good state.
-     * Readable means the service closed it (EOF) or bytes were left over from a call that
-     * did not finish; either way it is of no use. Checked without waiting.
+     * A stream fit for the next request: still open (a persistent stream is shared by the
+     * Clients of a process, and any of them may have closed it), this process's, no call
+     * on it left unfinished (in this PHP request or an earlier one: BUSY_CHUNK), and with
+     * nothing to read. Readable means the service closed it (EOF) or bytes were left over
+     * from a call that did not finish; either way it is of no use. Checked without waiting.
      *
      * @param resource $stream
      */
-    private static function isIdle($stream): bool
+    private static function reusable($stream): bool
     {
-        if (!self::isOpen($stream)) {
+        if (!self::isOpen($stream) || isset(self::$busy[(int)$stream])
+            || (self::$owners[(int)$stream] ?? getmypid()) !== getmypid()) {
+            return false;
+        }
+        if (stream_set_chunk_size($stream, self::IDLE_CHUNK) === self::BUSY_CHUNK) {
             return false;
         }
         $read = [$stream];
         $write = $except = null;
         return @stream_select($read, $write, $except, 0) === 0;
+    }
+
+    /** @param resource $stream about to be written to, and its replies read */
+    private static function markBusy($stream): void
+    {
+        self::$busy[(int)$stream] = $stream;
+        stream_set_chunk_size($stream, self::BUSY_CHUNK);
+        if (!self::$guarded) {
+            self::$guarded = true;
+            register_shutdown_function(static function (): void {
+                foreach (self::$busy as $busy) {
+                    self::discard($busy);
+                }
+                self::$busy = [];
+            });
+        }
+    }
+
+    /**
+     * The end of an exchange on $stream: marked idle if it $completed, else closed (half
+     * read or half written, it is of no use to anyone after).
+     *
+     * @param resource $stream
+     */
+    private function settle($stream, bool $completed): void
+    {
+        unset(self::$busy[(int)$stream]);
+        if ($completed) {
+            stream_set_chunk_size($stream, self::IDLE_CHUNK);
+        } else {
+            $this->release($stream);
+        }
+    }
+
+    /**
+     * Let go of $stream, ours: closed, unless a call of this process that may yet go on
+     * is in the middle of it (this call runs inside that one), which keeps it.
+     *
+     * @param resource $stream
+     */
+    private function release($stream): void
+    {
+        if ($this->stream === $stream) {
+            $this->stream = null;
+        }
+        if (!isset(self::$busy[(int)$stream])) {
+            self::discard($stream);
+        }
+    }
+
+    /**
+     * Close $stream. One a fork() child inherited is this process's copy of the socket:
+     * closing it leaves the parent's connection open (PHP shuts no socket down on close).
+     *
+     * @param resource $stream
+     */
+    private static function discard($stream): void
+    {
+        if (self::isOpen($stream)) {  // another holder may have closed it already
+            @fclose($stream);
+        }
+        unset(self::$owners[(int)$stream]);
     }
 
     /** @param resource $stream a stream, or what is left of one after fclose() */
@@ -300,15 +519,15 @@ final class Connection
     }
 
     /**
-     * The bytes of $data written before the stream failed (all of them: strlen($data)).
+     * Write $data; $total counts the bytes written before the stream failed (all of them:
+     * strlen($data)), kept up to date when a timeout throws.
      *
      * @param resource $stream
      *
      * @throws TimeoutException the service did not take them within the stream's timeout
      */
-    private function write($stream, string $data): int
+    private function write($stream, string $data, int &$total): void
     {
-        $total = 0;
         while ($total < strlen($data)) {
             $written = @fwrite($stream, substr($data, $total));
             if ($written === false || $written === 0) {
@@ -319,7 +538,6 @@ final class Connection
             }
             $total += $written;
         }
-        return $total;
     }
 
     /**

@@ -201,4 +201,30 @@ final class ClientTest extends ServiceTestCase
         $this->expectExceptionMessage($named);
         $bg->add('echo', 'x', ['after' => $after]);
     }
+
+    public function testARefusalAtConnectIsWhatTheServiceSaid(): void
+    {
+        // The service writes "403: Forbidden" (allow list) or "503: Too many connections"
+        // at once, in the one-shot form, and closes; the client read its first 4 bytes
+        // as a wrong greeting: "does not speak the framed protocol", a ServiceDown
+        // without the reason.
+        $forbidden = new FakeServer('403');
+        try {
+            (new Client($forbidden->address(), 5.0, null, false))->call('echo', 'x');
+            self::fail('no exception');
+        } catch (ReplyException $e) {  // this client is refused: no fallback hides it
+            self::assertSame(403, $e->getCode());
+            self::assertStringContainsString('refused the connection: 403 Forbidden', $e->getMessage());
+        }
+        $forbidden->stop();
+        $full = new FakeServer('503');
+        try {
+            (new Client($full->address(), 5.0, null, false))->call('echo', 'x');
+            self::fail('no exception');
+        } catch (ServiceDownException $e) {  // the service cannot serve now: fall back
+            self::assertSame(503, $e->getCode());
+            self::assertStringContainsString('refused the connection: 503 Too many connections', $e->getMessage());
+        }
+        $full->stop();
+    }
 }

@@ -20,7 +20,15 @@ use PHPUnit\Framework\Assert;
  * - "extra":   greet, reply each request followed by a reply nobody asked for;
  * - "silent":  accept and never greet;
  * - "stall":   greet, reply the first request, then read nothing for 2 s (a large
- *              request's write blocks), then read (unlogged) until the client closes.
+ *              request's write blocks), then read (unlogged) until the client closes;
+ * - "late":    greet, reply the first request; read nothing for 2 s, then the second
+ *              request whole, and reply "late" 1 s later and close (a slow call);
+ * - "cut":     greet, reply the first WINDOW (64) requests; read the next and close,
+ *              no reply (a service killed in the middle of a batch);
+ * - "gone":    greet, reply the first WINDOW requests, close, and stop listening (a
+ *              service stopped between two writes of a batch);
+ * - "403", "503": write the service's refusal in its one-shot form at once ("403:
+ *              Forbidden", "503: Too many connections"), read until the client closes.
  */
 final class FakeServer
 {
@@ -99,8 +107,23 @@ final class FakeServer
                 $held[] = $conn;
                 continue;
             }
+            if ($mode === '403' || $mode === '503') {
+                fwrite($conn, $mode === '403' ? '403: Forbidden' : '503: Too many connections');
+                stream_socket_shutdown($conn, STREAM_SHUT_WR);  // as the service: the end of the reply
+                while (self::take($conn, 65536, true) !== null) {
+                }
+                fclose($conn);
+                continue;
+            }
             self::converse($conn, $mode);
             fclose($conn);
+            if ($mode === 'gone') {
+                fclose($server);  // refused from now on
+                $read = [STDIN];
+                $write = $except = null;
+                stream_select($read, $write, $except, null);
+                return;
+            }
         }
     }
 
@@ -123,7 +146,7 @@ final class FakeServer
                 return;
             }
             echo base64_encode($payload), "\n";  // logged before any answer, so the test sees it
-            if ($n > 1 && $mode === 'drop') {
+            if (($n > 1 && $mode === 'drop') || ($n > 64 && $mode === 'cut')) {
                 return;
             }
             if ($n > 1 && $mode === 'partial') {
@@ -135,7 +158,24 @@ final class FakeServer
                 : explode(':', $payload, 2)[1] ?? '';   // as the echo module does
             $reply = '200' . pack('N', strlen($body)) . $body;
             fwrite($conn, $mode === 'extra' ? $reply . '200' . pack('N', 5) . 'stale' : $reply);
-            if ($mode === 'once') {
+            if ($mode === 'once' || ($n === 64 && $mode === 'gone')) {
+                return;
+            }
+            if ($mode === 'late') {
+                $read = [STDIN];
+                $write = $except = null;
+                stream_select($read, $write, $except, 2);  // the client's write of the next blocks
+                $head = self::take($conn, 4);
+                /** @var array{1: int} $size */
+                $size = $head === null ? [1 => 0] : unpack('N', $head);
+                $next = $head === null ? null : self::take($conn, $size[1]);
+                if ($next === null) {
+                    return;
+                }
+                echo base64_encode(strlen($next) > 64 ? substr($next, 0, 10) . '...' : $next), "\n";
+                $read = [STDIN];
+                stream_select($read, $write, $except, 1);  // its reply is late
+                fwrite($conn, '200' . pack('N', 4) . 'late');
                 return;
             }
             if ($mode === 'stall') {

@@ -8,6 +8,7 @@ use Bgservice\Client\Client;
 use Bgservice\Client\Exception\ServiceDownException;
 use Bgservice\Client\Exception\ServiceException;
 use Bgservice\Client\Exception\TimeoutException;
+use PHPUnit\Framework\Attributes\DataProvider;
 
 /**
  * The kept connection: shared by the persistent Clients of a process, checked before it
@@ -194,5 +195,159 @@ final class KeptConnectionTest extends ServiceTestCase
         $output = shell_exec(escapeshellarg(PHP_BINARY) . ' -r ' . escapeshellarg($script));
         self::assertSame('next', $output);  // on a new stream: not a TimeoutException
         self::assertSame(['echo:first', 'echo:next'], $server->stop());
+    }
+
+    /**
+     * A call cut after its request was written, by exit() or a fatal error (no finally
+     * runs), in a script whose shutdown function, registered before any call and so run
+     * before the library's own, calls again: on the same Client, or a new one that gets
+     * the same persistent stream. It was handed the stream, whose late reply it read as
+     * its own.
+     *
+     * @return array<string, array{0: string, 1: bool, 2: string}>
+     */
+    public static function interruptions(): array
+    {
+        return [
+            'same client, persistent, exit()' => ['same', true, 'exit'],
+            'same client, not persistent, exit()' => ['same', false, 'exit'],
+            'new client, persistent, exit()' => ['new', true, 'exit'],
+            'same client, persistent, fatal error' => ['same', true, 'fatal'],
+        ];
+    }
+
+    /**
+     * @dataProvider interruptions
+     */
+    #[DataProvider('interruptions')]
+    public function testAStreamWhoseCallDidNotFinishIsNeverUsedAgain(string $next, bool $persistent, string $end): void
+    {
+        if (!function_exists('pcntl_async_signals')) {
+            self::markTestSkipped('needs the pcntl extension, to end a script mid-call');
+        }
+        $server = new FakeServer('late');  // takes the large request after 2 s, replies "late" 1 s on
+        $script = 'require ' . var_export(__DIR__ . '/../bgservice.php', true) . ';
+            $address = ' . var_export($server->address(), true) . ';
+            $persistent = ' . var_export($persistent, true) . ';
+            $bg = new \Bgservice\Client\Client($address, 5.0, null, $persistent);
+            register_shutdown_function(function () use ($bg, $address, $persistent): void {
+                $next = ' . ($next === 'same' ? '$bg' : 'new \Bgservice\Client\Client($address, 5.0, null, $persistent)') . ';
+                try {
+                    echo $next->call("echo", "next");
+                } catch (\Throwable $e) {
+                    echo get_class($e), ": ", $e->getMessage();
+                }
+            });
+            $bg->call("echo", "first");
+            pcntl_async_signals(true);
+            pcntl_signal(SIGALRM, function (): void {
+                ' . ($end === 'fatal' ? 'trigger_error("ended", E_USER_ERROR);' : 'exit(0);') . '
+            });
+            pcntl_alarm(1);
+            $bg->call("echo", str_repeat("x", 16 << 20));';
+        $output = shell_exec(escapeshellarg(PHP_BINARY) . ' -d display_errors=stderr -r ' . escapeshellarg($script) . ' 2>/dev/null');
+        self::assertSame('next', $output);  // not "late", the cut call's reply
+        self::assertSame(['echo:first', 'echo:xxxxx...', 'echo:next'], $server->stop());
+    }
+
+    /**
+     * The same, across PHP requests of one process (the built-in web server's, as a
+     * PHP-FPM worker's): the first request ends mid-call, and its shutdown function that
+     * calls exit() keeps the library's from closing the persistent stream. The next
+     * request is handed that stream, whose late reply is on its way.
+     */
+    public function testAPersistentStreamLeftMidCallByAnEarlierRequestIsNotReused(): void
+    {
+        if (!function_exists('pcntl_async_signals')) {
+            self::markTestSkipped('needs the pcntl extension, to end a request mid-call');
+        }
+        $server = new FakeServer('late');
+        $dir = sys_get_temp_dir() . '/bgservice-php-' . getmypid() . '-' . bin2hex(random_bytes(4));
+        mkdir($dir);
+        file_put_contents("$dir/index.php", '<?php
+            require ' . var_export(__DIR__ . '/../bgservice.php', true) . ';
+            $bg = new \Bgservice\Client\Client(' . var_export($server->address(), true) . ', 5.0);
+            if ($_SERVER["REQUEST_URI"] !== "/first") {
+                echo $bg->call("echo", "next");
+                return;
+            }
+            register_shutdown_function(function (): void {
+                exit(0);  // an application\'s: no later shutdown function runs
+            });
+            $bg->call("echo", "first");
+            pcntl_async_signals(true);
+            pcntl_signal(SIGALRM, function (): void {
+                exit(0);
+            });
+            pcntl_alarm(1);
+            $bg->call("echo", str_repeat("x", 16 << 20));');
+        file_put_contents("$dir/ready.txt", 'ready');  // served as it is: no PHP runs
+        $web = self::deadAddress();
+        $process = proc_open([PHP_BINARY, '-S', $web, '-t', $dir], [['pipe', 'r'], ['file', '/dev/null', 'w'], ['file', '/dev/null', 'w']], $pipes);
+        self::assertIsResource($process);
+        try {
+            for ($i = 0; $i < 200 && @file_get_contents("http://$web/ready.txt") !== 'ready'; $i++) {
+                usleep(50_000);  // the web server starting
+            }
+            self::assertSame('', (string)@file_get_contents("http://$web/first"));
+            self::assertSame('next', @file_get_contents("http://$web/second"));
+            self::assertSame(['echo:first', 'echo:xxxxx...', 'echo:next'], $server->stop());
+        } finally {
+            proc_terminate($process);
+            proc_close($process);
+            array_map('unlink', glob("$dir/*") ?: []);
+            rmdir($dir);
+        }
+    }
+
+    /**
+     * A fork() child inherits its parent's streams, the persistent one under its key too:
+     * a child that talked on them (a new persistent Client, or the parent's own object)
+     * shared one connection with its parent, each reading the other's replies.
+     */
+    public function testAForkedChildOpensConnectionsOfItsOwn(): void
+    {
+        if (!function_exists('pcntl_fork') || !function_exists('posix_kill')) {
+            self::markTestSkipped('needs the pcntl and posix extensions, to fork');
+        }
+        $script = 'require ' . var_export(__DIR__ . '/../bgservice.php', true) . ';
+            $address = ' . var_export(self::address(), true) . ';
+            $shared = new \Bgservice\Client\Client($address, 10.0);  // persistent
+            $own = new \Bgservice\Client\Client($address, 10.0, null, false);
+            $own->ping();
+            $before = $shared->stats()["connections"]["total"];  // both open by now
+            $children = [];
+            for ($k = 0; $k < 3; $k++) {
+                $pid = pcntl_fork();
+                if ($pid === 0) {
+                    $mine = new \Bgservice\Client\Client($address, 10.0);
+                    $wrong = 0;
+                    for ($i = 0; $i < 100; $i++) {
+                        foreach ([$mine, $own, $shared] as $n => $bg) {
+                            $wrong += $bg->call("echo", "$k.$n.$i") === "$k.$n.$i" ? 0 : 1;
+                        }
+                    }
+                    echo json_encode(["child", $wrong]), "\n";
+                    posix_kill(getmypid(), SIGKILL);  // no shutdown: a worker killed
+                }
+                $children[] = $pid;
+            }
+            $wrong = 0;
+            for ($i = 0; $i < 100; $i++) {
+                $wrong += $shared->call("echo", "p$i") === "p$i" ? 0 : 1;
+                $wrong += $own->call("echo", "q$i") === "q$i" ? 0 : 1;
+            }
+            foreach ($children as $pid) {
+                pcntl_waitpid($pid, $status);
+            }
+            $after = $shared->stats()["connections"]["total"];
+            echo json_encode(["parent", $wrong, $after - $before]), "\n";';
+        $output = (string)shell_exec(escapeshellarg(PHP_BINARY) . ' -r ' . escapeshellarg($script) . ' 2>&1');
+        $lines = array_map(fn (string $line): mixed => json_decode($line, true), explode("\n", trim($output)));
+        sort($lines);
+        // Each child opened 2 of its own: its persistent one (its new Client's, and the
+        // inherited persistent Client's), and one for the inherited non-persistent Client;
+        // and no process read another's reply.
+        self::assertSame([['child', 0], ['child', 0], ['child', 0], ['parent', 0, 6]], $lines, $output);
     }
 }

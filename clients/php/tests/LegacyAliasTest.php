@@ -50,4 +50,24 @@ final class LegacyAliasTest extends ServiceTestCase
         }
         self::assertSame('Test', $bg->call('test'));
     }
+
+    public function testAnOldNameTheSiteDeclaredItselfIsLeftAndTheOthersAliased(): void
+    {
+        // Only BackgroundService was checked: a site that had declared one of the other
+        // names (its own copy of an old exception class) got a warning from class_alias()
+        // on every request.
+        $script = 'error_reporting(E_ALL);
+            class BackgroundServiceException extends RuntimeException {}
+            require ' . var_export(__DIR__ . '/../bgservice.php', true) . ';
+            echo json_encode([
+                (new ReflectionClass("BackgroundService"))->getName(),
+                (new ReflectionClass("BackgroundServiceException"))->getName(),
+                (new ReflectionClass("BackgroundServiceDown"))->getName(),
+                (new ReflectionClass("BackgroundServiceTimeout"))->getName(),
+            ]);';
+        $output = shell_exec(escapeshellarg(PHP_BINARY) . ' -d display_errors=stdout -r ' . escapeshellarg($script) . ' 2>&1');
+        self::assertSame(json_encode([
+            Client::class, 'BackgroundServiceException', ServiceDownException::class, TimeoutException::class,
+        ]), $output);
+    }
 }

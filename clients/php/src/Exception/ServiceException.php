@@ -14,4 +14,36 @@ namespace Bgservice\Client\Exception;
  */
 class ServiceException extends \RuntimeException implements ClientException
 {
+    /** @var list<mixed>|null */
+    private ?array $results = null;
+
+    /**
+     * For a batch (Client::addMany, Client::getMany) that this cut short: what became of
+     * each request, in order. Each is its value (an id, a result) or its ReplyException
+     * if it was answered; the exception that cut the batch (a ServiceDownException or
+     * TimeoutException) if it was sent without a reply, so it may have run (a job may
+     * be queued); null if it was never sent. Null for anything else.
+     *
+     * @return list<mixed>|null
+     */
+    public function getResults(): ?array
+    {
+        return $this->results;
+    }
+
+    /**
+     * This exception again (the same class, message, code and cause), with $results.
+     *
+     * @internal for Connection::requests() and Client, which build the results
+     *
+     * @param list<mixed> $results
+     */
+    final public function withResults(array $results, ?string $message = null, ?\Throwable $previous = null): static
+    {
+        // Every class of this library that a batch can be cut by takes RuntimeException's
+        // constructor; BatchException, which does not, is never cut short.
+        $copy = new static($message ?? $this->getMessage(), $this->getCode(), $previous ?? $this->getPrevious());
+        $copy->results = $results;
+        return $copy;
+    }
 }
