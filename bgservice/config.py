@@ -92,6 +92,7 @@ class QueueSettings:
     keep_results: float = 3600.0
     keep_history: float = 7 * 86400.0
     retries: int = 0
+    max_interruptions: int = 3  # runs cut by a crash, then the job fails (a poison pill)
     backoff: float = 1.0
     backoff_max: float = 300.0
     max_waiting: int = 100_000

@@ -299,6 +299,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "keep_results": _non_negative_number,
     "keep_history": _non_negative_number,
     "retries": _non_negative_int,
+    "max_interruptions": _non_negative_int,
     "backoff": _non_negative_number,
     "backoff_max": _non_negative_number,
     "max_waiting": _positive_int,

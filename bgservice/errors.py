@@ -140,6 +140,14 @@ class WorkerDied(ServiceError):
     default_message = "Worker process died"
 
 
+class Interrupted(ServiceError):
+    """A queued job's runs were cut by crashes more than ``[queue] max_interruptions``
+    times: it may be what crashes the service (a poison pill), so it fails, not run again."""
+
+    code = 500
+    default_message = "Job interrupted too often"
+
+
 class ReplyError(ServiceError):
     """Raised by a module to reply with a code of its choice (4xx or 5xx), e.g. a
     compiler's syntax error as ``422``."""

@@ -352,12 +352,13 @@ class Service:
         grace = self.settings.limits.shutdown_grace
         deadline = loop.time() + grace
         sd_notify(self.notify_socket, b"STOPPING=1")
+        tasks = self.listeners.tasks
+        log.info("shutting down: %d calls in flight, up to %g s to finish", len(tasks), grace)
+        self.jobs.close()  # before the dispatcher: a job it refused would fail (503)
         self.dispatcher.close()
         await self._close_listeners()
         for conn in self.listeners.connections():
             conn.shutdown()
-        tasks = self.listeners.tasks
-        log.info("shutting down: %d calls in flight, up to %g s to finish", len(tasks), grace)
         await self.datagrams.drain(max(deadline - loop.time(), 0))
         self._stop_schedules()
         await self.jobs.stop(max(deadline - loop.time(), 0))

@@ -419,6 +419,21 @@ def modules_dir(tmp_path: Path) -> Path:
     return target
 
 
+# A module that holds its worker until the file its data names exists, then replies
+# "open" (60 s at most, "never opened": a test that failed must not hang).
+GATE = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    for _ in range(6000):
+        if Path(request.text).exists():
+            return "open"
+        time.sleep(0.01)
+    return "never opened"
+"""
+
+
 def write_module(folder: Path, name: str, source: str) -> Path:
     import textwrap
 

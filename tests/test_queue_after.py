@@ -11,7 +11,7 @@ import pytest
 
 from bgservice.client import Client
 from bgservice.queue.sqlite import SCHEMA
-from tests.conftest import Framed, wait_until, write_module
+from tests.conftest import GATE, Framed, wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
 from tests.queue_helpers import add, both_engines, status  # noqa: F401
@@ -139,19 +139,6 @@ def test_a_dependency_failing_during_the_stop_fails_its_dependents_before_it(
     svc.start()
     wait_until(lambda: b'"waiting"' not in svc.call(b"queue:status:id:%d" % after))
     assert svc.call(b"queue:status:id:%d" % after).startswith(b"404")  # expired, never run
-
-
-GATE = """
-import time
-from pathlib import Path
-
-def handle_tcp(request):
-    for _ in range(6000):  # 60 s at most: a test that failed must not hang
-        if Path(request.text).exists():
-            return "open"
-        time.sleep(0.01)
-    return "never opened"
-"""
 
 
 def test_a_job_after_two_that_fail_names_the_first_to_fail(make_service):

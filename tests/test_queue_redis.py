@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.conftest import (
+    GATE,
     RedisServer,
     ServiceProcess,
     redis_command,
@@ -560,7 +561,7 @@ def test_an_instance_that_claims_a_job_again_tells_its_two_attempts_apart(tmp_pa
             pipe.zadd(f"{prefix}:running", {str(jid): 0})
             now = time.time()
             pipe.eval(redis_scripts.REAP, 0, prefix, repr(now), "1.5", repr(now + 3600))
-            assert pipe.execute()[1] == [str(jid).encode()]
+            assert pipe.execute()[1] == [[str(jid).encode()], []]
         # Claimed again while the first still runs (the line comes before the new attempt
         # starts); then the first ends, then the second: in that order, whatever the timing.
         wait_until(lambda: (svc.modules / "attempt2.started").exists(), timeout=20)
@@ -615,17 +616,6 @@ def test_finished_jobs_past_their_expiry_are_all_deleted_at_the_next_sweep(tmp_p
 
 # --- defects found by a review of the Redis engine (2026-12-06) -------------------------
 
-GATE = """
-import time
-from pathlib import Path
-
-def handle_tcp(request):
-    # Holds its worker until the file the data names exists.
-    gate = Path(request.text)
-    while not gate.exists():
-        time.sleep(0.01)
-    return "opened"
-"""
 ONLY1 = "import os\n\ndef handle_tcp(request):\n    return f'only1 by {os.getpid()}'\n"
 
 
@@ -660,7 +650,7 @@ def test_a_job_waits_for_an_instance_that_has_its_module(tmp_path, redis_url):
         write_module(m.modules, "only1", ONLY1)  # a first load: m looks within a second
         assert m.call(b"queue:get:id:%d" % jid) == b"only1 by %d" % m.proc.pid
         gate.touch()
-        assert n.call(b"queue:get:id:%d" % busy) == b"opened"
+        assert n.call(b"queue:get:id:%d" % busy) == b"open"
     finally:
         n.stop()
         m.stop()
@@ -800,9 +790,9 @@ def test_a_reaper_whose_clock_runs_ahead_takes_no_live_job_over(tmp_path, redis_
         wait_until(lambda: svc.stats()["in_flight"].get("gate", 0) == 1)
         ahead = time.time() + 25  # what another instance's clock says
         reap = (redis_scripts.REAP, 0, prefix, repr(ahead), "1.5", repr(ahead + 3600))
-        assert redis.Redis.from_url(redis_url).eval(*reap) == []
+        assert redis.Redis.from_url(redis_url).eval(*reap) == [[], []]
         gate.touch()
-        assert svc.call(b"queue:get:id:%d" % jid) == b"opened"
+        assert svc.call(b"queue:get:id:%d" % jid) == b"open"
         assert json.loads(svc.call(b"queue:status:id:%d" % jid))["attempts"] == 1
     finally:
         svc.stop()

@@ -15,6 +15,7 @@ import redis
 
 from bgservice.client import Client
 from tests.conftest import (
+    GATE,
     Framed,
     RedisServer,
     ServiceProcess,
@@ -24,17 +25,6 @@ from tests.conftest import (
     write_module,
 )
 from tests.queue_helpers import add, status
-
-# Waits until the file its data names exists: a job that ends done when the test says so.
-GATE = """
-import time
-from pathlib import Path
-
-def handle_tcp(request):
-    while not Path(request.text).exists():
-        time.sleep(0.01)
-    return "open"
-"""
 
 
 @pytest.fixture

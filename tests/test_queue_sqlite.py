@@ -88,6 +88,30 @@ async def test_a_database_of_the_first_release_goes_on_from_its_highest_id(tmp_p
     await store.close()
 
 
+async def test_a_database_from_before_interruptions_gets_their_column(tmp_path):
+    path = tmp_path / "jobs.db"
+    line = "    interruptions INTEGER NOT NULL DEFAULT 0,  -- runs a crash cut"
+    older = "\n".join(x for x in SCHEMA.splitlines() if not x.startswith(line))
+    assert "interruptions" not in older
+    with sqlite3.connect(path) as conn:
+        conn.executescript(older)
+    store = SqliteStore(path)
+    await store.open()
+    job = _job(state=JobState.RUNNING)
+    job.id = await store.insert(job)
+    await store.close()
+    store = SqliteStore(path)
+    [recovered] = await store.open()
+    assert recovered.interruptions == 0
+    recovered.interruptions = 2
+    await store.save(recovered, fields=("interruptions",))
+    await store.close()
+    store = SqliteStore(path)
+    [again] = await store.open()
+    assert again.interruptions == 2
+    await store.close()
+
+
 async def test_unfinished_jobs_come_back_and_history_is_kept(tmp_path):
     store = SqliteStore(tmp_path / "jobs.db", commit_window=0.002)
     await store.open()
@@ -212,7 +236,11 @@ def test_a_services_database_is_wal(service, tmp_path):
     assert out.stdout.strip() == b"wal"
 
 
-OLD_SCHEMA = SCHEMA.replace(",\n    progress TEXT", "\n    --").split("CREATE INDEX")[0]
+# The jobs table before progress was stored (and interruptions, which came later).
+_NEWER = ("    progress ", "    interruptions ")
+OLD_SCHEMA = "\n".join(
+    x for x in SCHEMA.split("CREATE INDEX")[0].splitlines() if not x.startswith(_NEWER)
+).replace("source TEXT,\n)", "source TEXT\n)")
 
 
 async def test_a_database_without_the_progress_column_opens_and_keeps_progress(tmp_path):

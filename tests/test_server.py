@@ -12,19 +12,10 @@ import time
 import pytest
 
 from bgservice.protocol import framed_request
-from tests.conftest import HOG, STRAY_ERROR, wait_until, write_module
+from tests.conftest import GATE, HOG, STRAY_ERROR, wait_until, write_module
 from tests.queue_helpers import add, status
 
-GATED = """
-import time
-from pathlib import Path
-
-def handle_tcp(request):
-    gate = Path(request.text)
-    while not gate.exists():
-        time.sleep(0.01)
-    return "finished"
-
+GATED = GATE + """
 def unload():
     with open(Path(__file__).with_name("unloaded.log"), "a") as f:
         f.write("gated\\n")
@@ -171,7 +162,7 @@ def test_a_stop_signal_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
     svc.wait_for_log(f"received {sig.name}: shutting down")
     gate.touch()
     caller.join(10)
-    assert result == [b"finished"]
+    assert result == [b"open"]
     assert svc.wait() == 0
     assert (modules_dir / "unloaded.log").read_text() == "gated\n"
     assert "bgservice stopped" in svc.log()
@@ -275,7 +266,8 @@ def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
     assert got == {"call": b"503: Shutting down", "half": b"503: Shutting down"}
     assert framed.recv() == (503, b"Shutting down")
     assert framed.recv() == (503, b"Shutting down")
-    assert framed.recv() == (503, b"Shutting down")  # the queue:get
+    # The queue:get of a job that never started: told which job waits for the next start.
+    assert framed.recv() == (503, b"Shutting down: job %s waits for the next start" % waiting[3:])
     assert svc.wait() == 0
 
 
@@ -297,7 +289,7 @@ def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_s
     svc.signal(signal.SIGTERM)
     stopped = time.monotonic()
     caller.join(30)
-    assert got and got[0][0] == b"503: Shutting down"
+    assert got and got[0][0] == b"503: Shutting down: job %s waits for the next start" % waiting[3:]
     # Not at the end of the grace: that is 60 s away (the bound leaves a busy machine room).
     assert got[0][1] - stopped < 20
     svc.signal(signal.SIGTERM)  # the sleep would hold the stop to the end of its grace

@@ -20,6 +20,7 @@ import abc
 import asyncio
 import contextvars
 import json
+import logging
 import time
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from bgservice.queue.store import Run
 from bgservice.request import JobContext, Request
 from bgservice.stats import Stats
 
+log = logging.getLogger(__name__)
 Result = Reply
 TITLE_ERROR = 100  # characters of a failed job's error its alert's title quotes
 
@@ -109,6 +111,34 @@ def interrupted_run(job: Job) -> Run:
     return Run(job.id, job.module, job.attempts, started, started, "interrupted")
 
 
+def interrupted(job: Job, limit: int) -> str | None:
+    """A job found running at a start: a crash (``kill -9``, power loss) cut its attempt.
+    It waits again, the cut counted; past ``limit`` ([queue] max_interruptions) the error
+    it fails with instead: a job that crashes the service would crash it at every start.
+    (On Redis, REAP does the same in Lua: its error reads the same.)"""
+    job.move(JobState.WAITING)
+    job.interruptions += 1
+    if job.cancel_requested:  # acknowledged ("cancelling"): it ends cancelled
+        return None
+    if job.interruptions <= limit:
+        log.warning("job %d (%s) was running when the service stopped: it runs again "
+                    "(interrupted %d time(s); [queue] max_interruptions = %d)", job.id,
+                    job.module, job.interruptions, limit)  # fmt: skip
+        return None
+    return (f"Job {job.id} interrupted {job.interruptions} times, more than [queue] "
+            f"max_interruptions ({limit}): each of those runs ended with the service "
+            "(crash, kill -9, power loss, or a lease that ran out); not run again")  # fmt: skip
+
+
+def handed_back(job: Job) -> Run:
+    """A job a graceful stop cut (still running when its grace ended): waiting again for
+    the next start, its attempt counted but not as an interruption (a crash's): the
+    Redis engine's RELEASE does the same. Returns its run, for the history."""
+    log.warning("job %d (%s) cut by the stop: it runs again", job.id, job.module)
+    job.move(JobState.WAITING)
+    return interrupted_run(job)
+
+
 def not_found(jid: int) -> NotFound:
     return NotFound(f"Job {jid} not found (unknown or expired)")
 
@@ -158,6 +188,12 @@ class JobQueue(abc.ABC):
 
     def schedules_changed(self) -> None:  # noqa: B027 (a hook; one instance: nobody to tell)
         """Schedules were changed here: tell the other instances, if any."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stopping, first thing: start no job from now on (``stop`` follows once the
+        listeners are closed); a job that comes due meanwhile waits for the next start,
+        not for a dispatcher that refuses it (503: failed for good)."""
 
     @abc.abstractmethod
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]: ...
@@ -237,20 +273,20 @@ class JobQueue(abc.ABC):
             key = (job.module, self.name_label(job.name), kind)
             self.counters.job_durations.observe(key, now - job.started)
         if outcome.state is JobState.FAILED:
-            detail = body.decode("utf-8", "replace")
-            # The error's first line in the title too: it is a mail's subject, and the
-            # line logged when an alert is not delivered.
-            first = detail.strip().partition("\n")[0]
-            first = first if len(first) <= TITLE_ERROR else first[: TITLE_ERROR - 3] + "..."
-            self.events.emit(
-                JOB_FAILED,
-                title=f"job {job.id} ({job.module}) failed after {job.attempts} attempt(s): "
-                f"{status}" + (f" {first}" if first else ""),
-                detail=detail,
-                module=job.module,
-                job=job.id,
-            )
+            self.failed(job, status, body)
         return outcome
+
+    def failed(self, job: Job, status: int, body: bytes) -> None:
+        """A job ends ``failed``: a line in the log, and the alert."""
+        detail = body.decode("utf-8", "replace")
+        # The error's first line in the title too: it is a mail's subject, and the line
+        # logged (a 4xx failure, retried never, had no other).
+        first = detail.strip().partition("\n")[0]
+        first = first if len(first) <= TITLE_ERROR else first[: TITLE_ERROR - 3] + "..."
+        title = f"job {job.id} ({job.module}) failed after {job.attempts} attempt(s): {status}"
+        title += f" {first}" if first else ""
+        log.warning("%s", title)
+        self.events.emit(JOB_FAILED, title=title, detail=detail, module=job.module, job=job.id)
 
     def name_label(self, name: str | None) -> str:
         """A job's name as a /metrics label: the first ``[queue] metrics_names`` distinct
@@ -312,11 +348,11 @@ class JobQueue(abc.ABC):
 
 def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Container[int]) -> None:
     """Stopping: a job not running now cannot start any more in this process, so whoever
-    waits for it gets ``503: Shutting down`` now, not when the shutdown grace runs out
-    (the job stays waiting, for the next start)."""
+    waits for it gets ``503: Shutting down: job N waits for the next start`` now, not
+    when the shutdown grace runs out (the job stays waiting, for the next start)."""
     for jid, waiter in waiters.items():
-        if jid not in running and not waiter.done():
-            waiter.set_result((503, b"Shutting down"))
+        if jid not in running and not waiter.done():  # (add?wait=1 learns its job's id)
+            waiter.set_result((503, b"Shutting down: job %d waits for the next start" % jid))
 
 
 def name_counts(pairs: Iterable[tuple[str | bytes | None, str]]) -> dict[str, dict[str, int]]:

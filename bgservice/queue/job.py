@@ -149,6 +149,8 @@ class Job:
     tags: tuple[str, ...] = ()
     checkpoint: str | None = None  # saved by a run (request.job.save_checkpoint), for the next
     source: str | None = None  # where it was added from (AddSpec.source)
+    # Runs a crash cut ([queue] max_interruptions). Stored apart from COLUMNS, as progress.
+    interruptions: int = 0
     # In memory only:
     progress: tuple[float, float, str | None] | None = field(default=None, repr=False)
 
@@ -225,6 +227,7 @@ class Job:
             "progress": progress,
             "attempts": self.attempts,
             "max_retries": self.max_retries,
+            "interruptions": self.interruptions,
             "created": self.created,
             "run_at": self.run_at,
             "started": self.started,

@@ -16,7 +16,7 @@ from typing import Any
 from bgservice import eager
 from bgservice.cancelling import cancel_all
 from bgservice.config import QueueSettings
-from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed
+from bgservice.errors import Busy, Cancelled, Conflict, DependencyFailed, Interrupted
 from bgservice.events import Events
 from bgservice.protocol import OK
 from bgservice.queue import reports
@@ -27,6 +27,8 @@ from bgservice.queue.engine import (
     JobRunner,
     Result,
     finished_result,
+    handed_back,
+    interrupted,
     interrupted_run,
     not_found,
     refuse_waiters,
@@ -37,8 +39,7 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 from bgservice.queue.pump import Pump
 from bgservice.queue.schedule import WaitingLine
-from bgservice.queue.schedules import Schedule
-from bgservice.queue.store import Run, Store, Writes
+from bgservice.queue.store import Run, Store, StoredSchedules, Writes
 from bgservice.queue.unique import UniqueKeys
 from bgservice.stats import Stats
 
@@ -50,8 +51,9 @@ CASCADE = 500  # jobs that waited on ended ones settled in one turn of the loop 
 BEHIND = 4 * CASCADE
 
 
-class LocalQueue(JobQueue):
-    """One host: scheduling in memory, durability through the store."""
+class LocalQueue(StoredSchedules, JobQueue):
+    """One host: scheduling in memory, durability through the store (schedules too:
+    StoredSchedules; their runs come through add)."""
 
     def __init__(
         self,
@@ -85,18 +87,20 @@ class LocalQueue(JobQueue):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         recovered = await self.store.open()
+        poisoned: dict[int, str] = {}  # cut once too often: they fail
         for job in recovered:
-            if job.state is JobState.RUNNING and not job.cancel_requested:
-                log.warning("job %d (%s) was running when the service stopped: it runs again",
-                            job.id, job.module)  # fmt: skip
-            if job.state is JobState.RUNNING:
-                job.move(JobState.WAITING)
-                self._writes.save(job, ("state",), interrupted_run(job))  # its run, in the history
+            if job.state is JobState.RUNNING:  # a crash cut its run (a stop hands them back)
+                if (error := interrupted(job, self.settings.max_interruptions)) is not None:
+                    poisoned[job.id] = error
+                self._writes.save(job, ("state", "interruptions"), interrupted_run(job))
             self.jobs[job.id] = job
             self._keys.hold(job.unique_key, job.id)
         async for job in self._deps.recovering(recovered):  # their dependencies read at once
             if job.cancel_requested:  # acknowledged ("cancelling"): the crash ended its run
                 self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {job.id} cancelled")
+            elif job.id in poisoned:  # it may be what crashes the service: not run again
+                self.failed(job, Interrupted.code, poisoned[job.id].encode())
+                self._finish(job, JobState.FAILED, Interrupted.code, poisoned[job.id])
             elif job.attempts:  # its dependencies were met when it first started
                 self._line.place(job)
             else:
@@ -107,20 +111,27 @@ class LocalQueue(JobQueue):
         self._pump()
 
     async def stop(self, grace: float) -> None:
-        """Start nothing new; give running jobs ``grace`` seconds, then leave them for the
-        next start (they are still ``running`` in the store, so they run again)."""
-        self._pump.closed = True
-        refuse_waiters(self._waiters, self._running)
-        self._line.close()
+        """Start nothing new; give running jobs ``grace`` seconds, then hand those still
+        running back: waiting again, for the next start."""
+        self.close()
         if self._expiry is not None:
             self._expiry.cancel()
         if self._running:
             tasks = {task for task in self._running.values() if task is not None}
             _, pending = await asyncio.wait(tasks, timeout=grace)
+            cut = [self.jobs[jid] for jid, task in self._running.items() if task in pending]
             await cancel_all(pending, "jobs")  # (again, if one loses its cancellation)
+            for job in cut:  # waiting again: not a crash's interruption (handed_back)
+                self._writes.save(job, ("state",), handed_back(job))
+            refuse_waiters(self._waiters, ())  # theirs
         self._cascade(sys.maxsize)  # (a chain grows it as it goes)
         await self._writes.drain(5)
         await self.store.close()
+
+    def close(self) -> None:
+        self._pump.closed = True
+        refuse_waiters(self._waiters, self._running)
+        self._line.close()
 
     # --- commands ---------------------------------------------------------------------
 
@@ -227,7 +238,7 @@ class LocalQueue(JobQueue):
         self._finished.forget(jid)
         was = job.state  # (its row holds it so until the retry is written)
         job.move(JobState.WAITING)
-        job.attempts, job.run_at = 0, time.time()
+        job.attempts, job.interruptions, job.run_at = 0, 0, time.time()
         job.finished = job.expires = job.status = job.result = job.started = job.progress = None
         job.cancel_requested, job.after = False, ()
         # Ours before the store answers: a cancel, get, retry or after= meanwhile finds it
@@ -265,17 +276,6 @@ class LocalQueue(JobQueue):
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value
         await self.store.save(job, fields=("checkpoint",))
-
-    # --- schedules: definitions in the store (runs come through add) -----------------
-
-    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
-        return await self.store.load_schedules()
-
-    async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
-        await self.store.put_schedule(schedule, last, reset)
-
-    async def remove_schedule(self, name: str) -> bool:
-        return await self.store.remove_schedule(name)
 
     # --- scheduling -------------------------------------------------------------------
 

@@ -114,8 +114,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
     async def stop(self, grace: float) -> None:
         """Start nothing new; give running jobs ``grace`` seconds, then hand the rest back
         to the queue so another instance (or the next start) runs them."""
-        self._closing = True
-        self._wake.set()
+        self.close()
         running = {attempt.task for attempt in self._running.values()}
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
@@ -129,6 +128,10 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         await self.undeclare()
         await cancel_all(self._tasks, "job queue tasks")
         await self.db.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
 
     # --- commands ---------------------------------------------------------------------
 

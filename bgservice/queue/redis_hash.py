@@ -17,7 +17,7 @@ from bgservice.queue.job import (
 )
 
 _FLOATS = {"run_at", "created", "started", "finished", "backoff", "timeout", "expires"}
-_INTS = {"priority", "attempts", "max_retries", "status"}
+_INTS = {"priority", "attempts", "max_retries", "status", "interruptions"}
 
 
 def _reader(key: str) -> Callable[[bytes], Any]:
@@ -37,7 +37,7 @@ def _reader(key: str) -> Callable[[bytes], Any]:
 
 # Each field of the hash that is a Job column: its name and how it reads back. Looked up
 # per field present (a job's hash holds about half the columns), not per column.
-_FIELDS = {key.encode(): (key, _reader(key)) for key in COLUMNS[1:]}
+_FIELDS = {key.encode(): (key, _reader(key)) for key in (*COLUMNS[1:], "interruptions")}
 
 
 def job_from_hash(jid: int, fields: dict[bytes, bytes]) -> Job:

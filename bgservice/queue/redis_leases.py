@@ -34,6 +34,7 @@ class Attempt(NamedTuple):
 
 
 class RedisLeases:
+    failed: Callable[[Job, int, bytes], None]  # (JobQueue's: a failed job's alert)
     db: RedisJobs
     conf: RedisSettings
     settings: QueueSettings
@@ -82,7 +83,11 @@ class RedisLeases:
                 await self.declare()
                 if time.monotonic() >= reap_from:
                     asked = time.monotonic()
-                    taken = await self.db.call("REAP", repr(self.conf.lease), self._expires())
+                    taken, failed = await self.db.call(
+                        "REAP", repr(self.conf.lease), self._expires(),
+                        self.settings.max_interruptions,
+                    )  # fmt: skip
+                    await self._poisoned(failed)
                     reap_from = self._if_late(asked, reap_from)
             except (RedisError, ResponseError) as exc:
                 log.warning("cannot renew job leases: %s", exc)
@@ -95,6 +100,14 @@ class RedisLeases:
                     "jobs %s: their instance stopped renewing their lease; they run again",
                     ", ".join(t.decode() for t in taken),
                 )
+
+    async def _poisoned(self, ids: list[bytes]) -> None:
+        """Jobs REAP failed: their runs were cut once too often ([queue] max_interruptions).
+        Told as a failed job is (engine.failed: the alert), from their record."""
+        for jid in ids:
+            job = await self.db.load(int(jid))
+            if job is not None and job.error:
+                self.failed(job, job.status or 500, job.error.encode())
 
     def _if_late(self, asked: float, reap_from: float) -> float:
         """When reaping may resume, after a round trip asked at ``asked``. Redis answering

@@ -101,11 +101,13 @@ ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedul
 
 def _release(body: str) -> str:
     """A script that puts running jobs back to waiting (their attempt stays counted); one
-    whose cancel was acknowledged ("cancelling") ends cancelled instead."""
+    whose cancel was acknowledged ("cancelling") ends cancelled instead. ``counted``: a
+    crash's interruption (REAP; a stop's RELEASE is none), which past ``limit`` ([queue]
+    max_interruptions; none when nil) fails the job: 'failed' is returned then."""
     return (
         COMMON
         + r"""
-local function release(id, ended, expires)
+local function release(id, ended, expires, counted, limit)
   local jk = jkey(id)
   redis.call('ZREM', P .. ':running', id)
   if redis.call('HGET', jk, 'state') ~= 'running' then return false end
@@ -122,6 +124,14 @@ local function release(id, ended, expires)
     finish(id, 'cancelled', '410', msg, msg, expires)
     return true
   end
+  local n = counted and redis.call('HINCRBY', jk, 'interruptions', 1)
+  if n and limit and n > limit then  -- as engine.interrupted words it
+    local msg = 'Job ' .. id .. ' interrupted ' .. n .. ' times, more than [queue] ' ..
+      'max_interruptions (' .. limit .. '): each of those runs ended with the service ' ..
+      '(crash, kill -9, power loss, or a lease that ran out); not run again'
+    finish(id, 'failed', '500', msg, msg, expires)
+    return 'failed'
+  end
   redis.call('HSET', jk, 'state', 'waiting', 'run_at', NOW)
   redis.call('HDEL', jk, 'owner')
   move(id, 'running', 'waiting', redis.call('HGET', jk, 'created'))
@@ -133,22 +143,24 @@ end
     )
 
 
-# ARGV: P, now, lease, expires. Jobs whose lease ran out (their instance died) run again
-# elsewhere; their attempt ran at least until the last renewal (deadline - lease, on
-# Redis's clock: shifted to the caller's, which the run records use).
+# ARGV: P, now, lease, expires, max_interruptions. Jobs whose lease ran out (their instance
+# died) run again elsewhere, or fail past max_interruptions: {ids again, ids failed}. Their
+# attempt ran at least until the last renewal (deadline - lease, on Redis's clock: shifted
+# to the caller's, which the run records use).
 REAP = _release(
     r"""
 local rnow = clock()
 local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', rnow, 'LIMIT', 0, 100,
                         'WITHSCORES')
-local taken = {}
+local taken, failed = {}, {}
 for i = 1, #gone, 2 do
   local id = gone[i]
   local ended = tonumber(gone[i + 1]) - tonumber(ARGV[3]) + now - rnow
-  if release(id, ended, ARGV[4]) then taken[#taken + 1] = id end
+  local how = release(id, ended, ARGV[4], true, tonumber(ARGV[5]))
+  if how == 'failed' then failed[#failed + 1] = id elseif how then taken[#taken + 1] = id end
 end
 wake()
-return taken
+return {taken, failed}
 """
 )
 
@@ -159,7 +171,7 @@ RELEASE = _release(
 local n = 0
 for i = 4, #ARGV, 2 do
   local holds = redis.call('HGET', jkey(ARGV[i]), 'owner') == ARGV[i + 1]
-  if holds and release(ARGV[i], now, ARGV[3]) then n = n + 1 end
+  if holds and release(ARGV[i], now, ARGV[3], false, nil) then n = n + 1 end
 end
 wake()
 return n
@@ -279,7 +291,7 @@ if uk then  -- it takes its key back, unless a job added since holds it
 end
 redis.call('ZREM', P .. ':finished', id)
 redis.call('HSET', jk, 'state', 'waiting', 'attempts', '0', 'run_at', NOW,
-           'cancel_requested', '0')
+           'cancel_requested', '0', 'interruptions', '0')
 redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner', 'blockers',
            'started', 'progress')
 move(id, st, 'waiting', redis.call('HGET', jk, 'created'))

@@ -36,8 +36,9 @@ from bgservice.queue.store import Run, Writes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
-# Columns of jobs newer than its first schema, all TEXT: added to an older database.
-ADDED_COLUMNS = ("name", "tags", "checkpoint", "source", "progress")
+# Columns of jobs newer than its first schema, and their types: added to an older database.
+ADDED_COLUMNS = {c: "TEXT" for c in ("name", "tags", "checkpoint", "source", "progress")}
+ADDED_COLUMNS["interruptions"] = "INTEGER NOT NULL DEFAULT 0"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     tags TEXT,  -- "a,b"
     checkpoint TEXT,
     source TEXT,
+    interruptions INTEGER NOT NULL DEFAULT 0,  -- runs a crash cut ([queue] max_interruptions)
     progress TEXT  -- the last report, JSON [done, total, message]; written as the job ends
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
@@ -92,7 +94,7 @@ CREATE TABLE IF NOT EXISTS schedules (
 );
 """
 _FINISHED = "('done', 'failed', 'cancelled')"  # as jobs_finished's WHERE has it, to the letter
-_SELECT = f"SELECT {', '.join(COLUMNS)}, progress FROM jobs"  # read by _job
+_SELECT = f"SELECT {', '.join(COLUMNS)}, progress, interruptions FROM jobs"  # read by _job
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 # Rows deleted by one expiry operation: each takes the writer ~8 ms (measured, small jobs).
 EXPIRE_JOBS, EXPIRE_RUNS = 3000, 8000
@@ -155,9 +157,9 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
     have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    for column in ADDED_COLUMNS:  # a database made by an earlier version: add them
+    for column, kind in ADDED_COLUMNS.items():  # a database made by an earlier version
         if column not in have:
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
     reserved = conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
     highest = conn.execute("SELECT MAX(id) FROM jobs").fetchone()[0] or 0
     sequence = 0
@@ -202,12 +204,8 @@ class SqliteStore:
             self._unlock()
             raise
         self._writer = Writer(conn, self._loop, self.commit_window, COLUMNS)
-        return await self._submit(
-            lambda c: [
-                _job(r)
-                for r in c.execute(f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id")
-            ]
-        )
+        unfinished = f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id"
+        return await self._submit(lambda c: [_job(r) for r in c.execute(unfinished)])
 
     def insert(self, job: Job, mark: tuple[str, float] | None = None) -> asyncio.Future[int]:
         assert self._loop is not None and self._writer is not None, "store not open"
@@ -377,7 +375,7 @@ class SqliteStore:
             self._lock = None
 
 
-_ALL = (*COLUMNS[1:], "progress")  # what a save of the whole job writes
+_ALL = (*COLUMNS[1:], "progress", "interruptions")  # what a save of the whole job writes
 _CONVERTED = frozenset(("after", "tags", "state", "progress"))  # the columns _stored changes
 
 
@@ -392,9 +390,10 @@ def _stored(column: str, value: Any) -> Any:
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    """A job from a ``_SELECT`` row: its ``COLUMNS``, then its progress."""
-    job = Job.from_row(row[:-1])
-    if row[-1]:
-        done, total, message = json.loads(row[-1])
+    """A job from a ``_SELECT`` row: its ``COLUMNS``, then its progress and interruptions."""
+    job = Job.from_row(row[:-2])
+    job.interruptions = row[-1]
+    if row[-2]:
+        done, total, message = json.loads(row[-2])
         job.progress = (done, total, message)
     return job

@@ -89,6 +89,22 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+class StoredSchedules:
+    """Mixed into LocalQueue: the JobQueue schedule methods, kept in its store (as
+    RedisSchedules keeps the Redis engine's in Redis)."""
+
+    store: Store
+
+    async def load_schedules(self) -> dict[str, tuple[Schedule, float]]:
+        return await self.store.load_schedules()
+
+    async def put_schedule(self, schedule: Schedule, last: float, reset: bool = False) -> None:
+        await self.store.put_schedule(schedule, last, reset)
+
+    async def remove_schedule(self, name: str) -> bool:
+        return await self.store.remove_schedule(name)
+
+
 class Writes:
     """The saves in flight through a store: one that fails is logged (the change may be
     nobody's to await), and ``drain`` waits for them all (stopping)."""
