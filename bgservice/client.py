@@ -58,7 +58,8 @@ from bgservice.client_requests import (
     _new_id,
     add_request,
     add_requests,
-    batch,
+    batch_of,
+    cut_short,
     named_request,
     parse_address,
     parse_job_id,
@@ -119,6 +120,7 @@ class Client(Where):
         self._decoder = ReplyDecoder()
         self._ready: deque[tuple[int, bytes]] = deque()
         self._poll: select.poll | None = None  # the open connection's, for _kept
+        self._written = False  # _exchange got as far as writing: what it sent may have run
 
     def __enter__(self) -> Client:
         return self
@@ -170,13 +172,17 @@ class Client(Where):
     def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:
         """Queue several jobs, pipelined: (module, data) or (module, data, options) each;
         their ids in order. If some were refused, ``BatchError`` (its ``results`` has the
-        ids of the others, which were queued)."""
-        return batch(self.requests(add_requests(jobs)), _new_id)
+        ids of the others, which were queued). If the connection fails part way, the
+        ``ServiceDown`` or ``ClientTimeout`` has ``results`` too (``requests``), with ids."""
+        with batch_of(_new_id) as values:
+            return values(self.requests(add_requests(jobs)))
 
     def get_many(self, jobs: Iterable[JobRef], timeout: float | None = None) -> list[bytes]:
         """``get`` for several jobs, pipelined; their results in order (``BatchError`` if
-        some ended in an error reply: ``results`` has the others)."""
-        return batch(self.requests([queue_request("get", j) for j in jobs], timeout), bytes)
+        some ended in an error reply: ``results`` has the others; a failure part way has
+        ``results`` too, as ``add_many``'s)."""
+        with batch_of(bytes) as values:
+            return values(self.requests([queue_request("get", j) for j in jobs], timeout))
 
     def check(self, job: JobRef) -> int:
         """0 waiting, 1 running, 2 finished (the original's answer)."""
@@ -233,27 +239,39 @@ class Client(Where):
     def requests(self, payloads: Payloads, timeout: float | None = None) -> Replies:
         """Several framed requests, pipelined: written WINDOW at a time (one ``sendall``),
         then their replies read, so neither side's buffers fill up waiting for the other.
-        The service serves them concurrently and replies in order."""
+        The service serves them concurrently and replies in order.
+
+        A ``ServiceDown`` or ``ClientTimeout`` part way keeps what is known: its ``results``
+        has each request's (status, body) if it came, the exception itself if it was sent
+        without a reply (it may have run), None if it was never sent (``cut_short``)."""
         replies: Replies = []
         for start in range(0, len(payloads), WINDOW):
             chunk = payloads[start : start + WINDOW]
-            replies += self._exchange(b"".join(map(framed_request, chunk)), len(chunk), timeout)
+            frames = b"".join(map(framed_request, chunk))
+            try:
+                self._exchange(frames, len(chunk), timeout, replies)
+            except (ServiceDown, ClientTimeout) as exc:
+                sent = start + len(chunk) if self._written else start
+                raise cut_short(exc, replies, sent, len(payloads)) from None
         return replies
 
     def request(self, payload: bytes, timeout: float | None = None) -> tuple[int, bytes]:
         """Send one framed request; its (status, body)."""
-        return self._exchange(framed_request(payload), 1, timeout)[0]
+        return self._exchange(framed_request(payload), 1, timeout, [])[0]
 
-    def _exchange(self, frames: bytes, count: int, timeout: float | None) -> Replies:
-        """Write ``frames`` and read ``count`` replies. A kept connection the service has
-        closed meanwhile (idle timeout, restart) is seen before anything is written, and
-        replaced; once the frames are written nothing is sent again (it may have run)."""
+    def _exchange(self, frames: bytes, count: int, timeout: float | None, out: Replies) -> Replies:
+        """Write ``frames`` and read ``count`` replies onto ``out`` (each as it comes: a
+        batch cut short keeps it). A kept connection the service has closed meanwhile
+        (idle timeout, restart) is seen before anything is written, and replaced; once
+        the frames are written nothing is sent again (it may have run)."""
+        self._written = False
         wanted = timeout if timeout is not None else self.timeout
         check_timeout(wanted)  # the call's, or the client's if it was changed since
         sock = self._connect(wanted)
         try:
             if wanted != self._timeout:  # a system call or two: only when it changes
                 self._set_timeout(sock, wanted)
+            self._written = True  # (sendall may send a part before it fails)
             sock.sendall(frames)
         except (TimeoutError, BlockingIOError):  # the service takes nothing: busy, not down
             self.close()
@@ -264,12 +282,12 @@ class Client(Where):
         except BaseException:  # cut midway (^C, a signal handler's exception): the rest
             self.close()  # of the request would begin the next call's, and run with it
             raise
+        known = len(out)
         try:
-            replies = [self._read(sock) for _ in range(count)]
-            if self._ready:  # more replies than requests: out of step with the service
-                raise ValueError("unasked reply")
-            return replies
+            self._read(sock, count, out)
+            return out
         except ValueError:  # that, or a status that is no number: no framed reply
+            del out[known:]  # none of these replies can be trusted to answer its request
             self.close()  # nothing on it can be trusted; nothing is sent again
             raise ServiceDown(f"{self.address} sent a reply that answers no request") from None
         # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
@@ -356,13 +374,18 @@ class Client(Where):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
-    def _read(self, sock: socket.socket) -> tuple[int, bytes]:
-        while not self._ready:
-            chunk = sock.recv(RECV_SIZE)
-            if not chunk:
-                raise ConnectionResetError("closed by the service")
-            self._ready.extend(self._decoder.feed(chunk))
-        return self._ready.popleft()
+    def _read(self, sock: socket.socket, count: int, out: Replies) -> None:
+        """``count`` replies onto ``out``, each as it comes; ``ValueError`` for bytes that
+        are no framed reply, or a reply no request asked for."""
+        for _ in range(count):
+            while not self._ready:
+                chunk = sock.recv(RECV_SIZE)
+                if not chunk:
+                    raise ConnectionResetError("closed by the service")
+                self._ready.extend(self._decoder.feed(chunk))
+            out.append(self._ready.popleft())
+        if self._ready:  # more replies than requests: out of step with the service
+            raise ValueError("unasked reply")
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:

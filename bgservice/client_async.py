@@ -27,7 +27,8 @@ from bgservice.client_requests import (
     _new_id,
     add_request,
     add_requests,
-    batch,
+    batch_of,
+    cut_short,
     named_request,
     parse_address,
     queue_request,
@@ -66,6 +67,20 @@ def refusal(address: str, reply: bytes) -> ReplyError | ServiceDown:
     status, reason = int(reply[:3]), reply[4:].decode(errors="replace").strip()
     message = f"{address} refused the connection: {status} {reason}"
     return ServiceDown(message) if status >= 500 else ReplyError(status, message)
+
+
+Waiters = list[asyncio.Future[tuple[int, bytes]]]  # a batch's, one a request
+
+
+def _answered(futures: Waiters) -> Replies:
+    """The replies that came: a prefix, as they come in request order (the futures after
+    it failed with the connection, or a timeout cancelled them)."""
+    replies: Replies = []
+    for future in futures:
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            break
+        replies.append(future.result())
+    return replies
 
 
 class Refused(Exception):
@@ -221,13 +236,15 @@ class AsyncClient(Where):
         return _check(*await self.request(request, wait_timeout))
 
     async def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:
-        """Queue several jobs in one write (``Client.add_many``)."""
-        return batch(await self.requests(add_requests(jobs)), _new_id)
+        """Queue several jobs in one write (``Client.add_many``, failures part way too)."""
+        with batch_of(_new_id) as values:
+            return values(await self.requests(add_requests(jobs)))
 
     async def get_many(self, jobs: Iterable[JobRef], timeout: float | None = None) -> list[bytes]:
         """``get`` for several jobs in one write (``Client.get_many``)."""
         payloads = [queue_request("get", j) for j in jobs]
-        return batch(await self.requests(payloads, timeout), bytes)
+        with batch_of(bytes) as values:
+            return values(await self.requests(payloads, timeout))
 
     async def check(self, job: JobRef) -> int:
         return int(_check(*await self.request(queue_request("check", job))))
@@ -281,12 +298,22 @@ class AsyncClient(Where):
 
     async def request(self, payload: bytes, timeout: float | None = None) -> tuple[int, bytes]:
         """Send one framed request and wait for its reply."""
-        return (await self.requests([payload], timeout))[0]
+        return (await self._exchange([payload], timeout, []))[0]
 
     async def requests(self, payloads: Payloads, timeout: float | None = None) -> Replies:
         """Send framed requests in one write and wait for their replies (in order). A
-        connection the service closed while idle is never written to (``usable`` sees it
-        first); once written, nothing is sent again (it may have run)."""
+        ``ServiceDown`` or ``ClientTimeout`` part way has ``results`` (``Client.requests``):
+        as all are written at once, none is None unless the connection failed to open."""
+        futures: Waiters = []
+        try:
+            return await self._exchange(payloads, timeout, futures)
+        except (ServiceDown, ClientTimeout) as exc:
+            raise cut_short(exc, _answered(futures), len(futures), len(payloads)) from None
+
+    async def _exchange(self, payloads: Payloads, timeout: float | None, out: Waiters) -> Replies:
+        """Write ``payloads`` and wait for their replies, a future each, put in ``out``
+        once written. A connection the service closed while idle is never written to
+        (``usable`` sees it first); once written, nothing is sent again (it may have run)."""
         wanted = timeout if timeout is not None else self.timeout
         check_timeout(wanted)  # the call's, or the client's if it was changed since
         if not payloads:
@@ -295,7 +322,8 @@ class AsyncClient(Where):
         if conn is None or not conn.usable:
             conn = await self._connect(wanted)
         assert conn.transport is not None
-        futures = [conn.loop.create_future() for _ in payloads]
+        futures = out  # the caller's: what was written, should this raise
+        futures.extend(conn.loop.create_future() for _ in payloads)
         conn.waiting.extend(futures)  # and the frames go out in the same order, now
         conn.transport.write(b"".join(map(framed_request, payloads)))
         try:

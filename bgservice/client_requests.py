@@ -3,11 +3,12 @@ service's syntax, job ids in either form, the errors a caller sees. No I/O."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import socket
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from bgservice.errors import ReplyError
@@ -32,11 +33,19 @@ Rows = list[dict[str, Any]]
 
 
 class ServiceDown(ConnectionError):
-    """The service cannot be reached (not running, wrong address, connection lost)."""
+    """The service cannot be reached (not running, wrong address, connection lost).
+    ``results``: what a batch it cut short knows (``cut_short``); None from a single call."""
+
+    results: list[Any] | None = None
 
 
 class ClientTimeout(TimeoutError):
-    """No reply within the client's timeout."""
+    """No reply within the client's timeout. ``results`` as ``ServiceDown``'s."""
+
+    results: list[Any] | None = None
+
+
+CutShort = ServiceDown | ClientTimeout
 
 
 class DatagramTooLarge(ValueError):
@@ -227,15 +236,51 @@ def add_requests(jobs: Iterable[JobSpec]) -> list[bytes]:
 
 def batch(replies: list[tuple[int, bytes]], value: Callable[[bytes], T]) -> list[T]:
     """Each reply's ``value``, in order; ``BatchError`` if any was an error reply."""
-    results: list[Any] = []
-    for status, body in replies:
-        try:
-            results.append(value(_check(status, body)))
-        except ReplyError as exc:
-            results.append(exc)
+    results: list[Any] = [_outcome(reply, value) for reply in replies]
     if any(isinstance(r, ReplyError) for r in results):
         raise BatchError(results)
     return results
+
+
+@contextlib.contextmanager
+def batch_of(value: Callable[[bytes], T]) -> Iterator[Callable[[Replies], list[T]]]:
+    """``with batch_of(value) as values: return values(self.requests(...))``: ``batch``,
+    and a ``ServiceDown`` or ``ClientTimeout`` that cut the requests short gets, in its
+    ``results``, the values of the replies that came (ids, not ``(200, b"id:7")``)."""
+    try:
+        yield lambda replies: batch(replies, value)
+    except (ServiceDown, ClientTimeout) as exc:
+        if exc.results is not None:
+            known = exc.results
+            exc.results = [_outcome(r, value) if isinstance(r, tuple) else r for r in known]
+        raise
+
+
+def cut_short(exc: CutShort, replies: Replies, sent: int, total: int) -> CutShort:
+    """``exc`` again, for a batch of ``total`` requests it cut short once ``replies``
+    had come and ``sent`` were written (those answered among them). Its ``results``, in
+    request order, as the PHP client's getResults(): each reply that came; the exception
+    itself for one sent without a reply (it may have run: a job may be queued, so it is
+    not to be sent again blindly); None for one never sent (safe to send again)."""
+    unanswered, unsent = sent - len(replies), total - sent
+    summary = [f"{len(replies)} answered"]
+    if unanswered:
+        summary.append(f"{unanswered} sent without a reply (they may have run)")
+    if unsent:
+        summary.append(f"{unsent} not sent")
+    what = ", ".join(summary)
+    again = type(exc)(f"{exc}; a batch of {total} cut short: {what} (.results has each)")
+    again.results = [*replies, *[again] * unanswered, *[None] * unsent]
+    return again
+
+
+def _outcome(reply: Reply, value: Callable[[bytes], T]) -> T | ReplyError:
+    """A reply's value, or the ``ReplyError`` of an error reply (or of one ``value``
+    cannot read)."""
+    try:
+        return value(_check(*reply))
+    except ReplyError as exc:
+        return exc
 
 
 def _option(value: Any) -> str:

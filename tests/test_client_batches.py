@@ -1,16 +1,28 @@
 """One round trip per job, and many jobs per write: ``queue:add?wait=1`` and the clients'
-``run``, ``add_many`` and ``get_many`` (blocking and asyncio), on both engines."""
+``run``, ``add_many`` and ``get_many`` (blocking and asyncio), on both engines; and what
+a batch cut short by a lost connection or a timeout still says (``results``)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 
 import pytest
 
-from bgservice.client import AsyncClient, BatchError, Client, ReplyError
-from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
+from bgservice.client import (
+    AsyncClient,
+    BatchError,
+    Client,
+    ClientTimeout,
+    ReplyError,
+    ServiceDown,
+)
+from bgservice.client_requests import JobSpec
+from bgservice.protocol import PREFACE, FrameDecoder, ReplyDecoder, framed_reply, framed_request
+from tests.conftest import wait_until, write_module
 from tests.queue_helpers import both_engines, status  # noqa: F401 (a fixture)
+from tests.test_client_failures import FakeService
 
 
 def address(svc) -> str:
@@ -107,3 +119,163 @@ def test_a_pipelined_burst_from_a_raw_socket(service):
     assert len(ids) == 50 and ids == sorted(ids)
     with Client(address(service)) as bg:
         assert bg.get_many(ids) == [b"%d" % i for i in range(50)]
+
+
+# --- a batch cut short ----------------------------------------------------------------
+
+# A job that never ends: queued with wait=1, its reply never comes, nor do those of the
+# requests after it (replies come in request order).
+HANG = """
+import asyncio
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name("hang.started").touch()
+    await asyncio.sleep(3600)
+"""
+
+
+def _jobs(before: int, total: int) -> list[JobSpec]:
+    """``total`` echo jobs ("job N"), but the one at ``before`` a job that never ends."""
+    jobs: list[JobSpec] = [("echo", f"job {i}") for i in range(total)]
+    jobs[before] = ("hang", "", {"wait": True})
+    return jobs
+
+
+def _sent_without_reply(results: list[object], error: BaseException) -> bool:
+    return bool(results) and all(r is error for r in results)
+
+
+def test_a_batch_cut_by_a_timeout_keeps_the_ids_of_the_jobs_it_queued(modules_dir, make_service):
+    # add_many raised ClientTimeout and nothing else: which of the jobs were queued was
+    # lost, and a retry queued them twice.
+    write_module(modules_dir, "hang", HANG)
+    svc = make_service()
+    jobs = _jobs(40, 100)
+    jobs[1] = ("echo", "refused", {"priority": "high"})
+    with Client(address(svc), timeout=2) as bg, pytest.raises(ClientTimeout) as cut:
+        bg.add_many(jobs)  # written 64 at a time: the second 36 never
+    results, error = cut.value.results, cut.value
+    assert isinstance(results[1], ReplyError) and results[1].code == 400
+    queued = [results[0], *results[2:40]]
+    assert all(isinstance(jid, int) for jid in queued), results[:40]
+    assert _sent_without_reply(results[40:64], error) and results[64:] == [None] * 36
+    assert "40 answered, 24 sent without a reply (they may have run), 36 not sent" in str(error)
+
+    async def in_one_write() -> ClientTimeout:
+        async with AsyncClient(address(svc), timeout=2) as abg:
+            with pytest.raises(ClientTimeout) as cut:
+                await abg.add_many(_jobs(30, 50))
+            return cut.value
+
+    error = asyncio.run(in_one_write())
+    assert all(isinstance(jid, int) for jid in error.results[:30]), error.results[:30]
+    assert _sent_without_reply(error.results[30:], error)
+    assert "30 answered, 20 sent without a reply (they may have run)" in str(error)
+    with Client(address(svc)) as bg:  # the ids are the jobs queued, and each is there
+        assert all(bg.status(jid)["module"] == "echo" for jid in queued)
+        assert bg.get_many(queued) == [f"job {i}".encode() for i in range(40) if i != 1]
+        assert bg.get_many(error.results[:30]) == [f"job {i}".encode() for i in range(30)]
+        # The jobs sent were queued, the refused one and those never sent were not:
+        # 63 of the first batch (the first 64 less the refused), all 50 of the second.
+        wait_until(lambda: sum(bg.queue_stats()["counts"].values()) == 63 + 50)
+
+
+def test_get_many_cut_by_a_timeout_keeps_the_results_that_came(modules_dir, make_service):
+    write_module(modules_dir, "hang", HANG)
+    svc = make_service()
+    with Client(address(svc), timeout=2) as bg:
+        done = bg.add_many([("echo", "a"), ("echo", "b"), ("echo", "c")])
+        assert bg.get_many(done) == [b"a", b"b", b"c"]
+        wanted = [done[0], done[1], bg.add("hang"), done[2]]
+        with pytest.raises(ClientTimeout) as cut:
+            bg.get_many(wanted)
+        assert cut.value.results[:2] == [b"a", b"b"]
+        assert _sent_without_reply(cut.value.results[2:], cut.value)
+
+    async def in_one_write() -> ClientTimeout:
+        async with AsyncClient(address(svc), timeout=2) as abg:
+            with pytest.raises(ClientTimeout) as cut:
+                await abg.get_many(wanted)
+            return cut.value
+
+    error = asyncio.run(in_one_write())
+    assert error.results[:2] == [b"a", b"b"] and _sent_without_reply(error.results[2:], error)
+
+
+def test_add_many_cut_by_a_killed_service_names_the_jobs_it_queued(modules_dir, make_service):
+    write_module(modules_dir, "hang", HANG)
+    svc = make_service()
+
+    def kill_once_started() -> None:
+        # The second 64 are in: the first 64 ids were read before they were written.
+        wait_until((modules_dir / "hang.started").exists)
+        svc.proc.kill()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(address(svc)) as bg:
+        killed = pool.submit(kill_once_started)
+        with pytest.raises(ServiceDown, match="may have run") as cut:
+            bg.add_many(_jobs(64, 200))
+        killed.result()
+        results = cut.value.results
+        assert all(isinstance(jid, int) for jid in results[:64]), results[:64]
+        assert _sent_without_reply(results[64:128], cut.value) and results[128:] == [None] * 72
+        assert "64 answered, 64 sent without a reply" in str(cut.value)
+        assert "72 not sent" in str(cut.value)
+        with pytest.raises(ServiceDown) as down:
+            bg.call("test")
+        assert down.value.results is None  # a single call: no batch to tell about
+        with pytest.raises(ServiceDown) as down:
+            bg.add_many([("echo", "x")] * 3)
+        assert down.value.results == [None] * 3  # none sent: safe to send again
+    svc.wait()
+    again = make_service()  # the same folder and database
+    with Client(address(again)) as bg:
+        assert all(bg.status(jid)["module"] == "echo" for jid in results[:64])
+        assert bg.get_many(results[:64]) == [f"job {i}".encode() for i in range(64)]
+
+
+class AnswersThenCloses(FakeService):
+    """A framed server that answers a connection's first ``answers`` requests (``id:1``,
+    ``id:2``, ...) and then closes its side: a service that stopped part way."""
+
+    def __init__(self, answers: int) -> None:
+        self.answers = answers
+        super().__init__()
+
+    def serve(self, peer: socket.socket) -> None:
+        peer.recv(len(PREFACE))
+        peer.sendall(PREFACE)
+        decoder, served = FrameDecoder(1 << 20), 0
+        while served < self.answers and (data := peer.recv(65536)):
+            frames = decoder.feed(data)[: self.answers - served]
+            ids = range(served + 1, served + len(frames) + 1)
+            peer.sendall(b"".join(framed_reply(200, b"id:%d" % n) for n in ids))
+            served += len(frames)
+        peer.shutdown(socket.SHUT_WR)
+        while peer.recv(65536):  # read until the client closes: no reset
+            pass
+
+
+def test_a_batch_cut_midway_by_a_lost_connection_keeps_each_reply_read():
+    # Within one write of 64 (Client) or the one write of all (AsyncClient): the replies
+    # read before the connection was lost were dropped with the rest.
+    server = AnswersThenCloses(100)
+    jobs: list[JobSpec] = [("echo", str(i)) for i in range(150)]
+    with Client(server.address) as bg, pytest.raises(ServiceDown) as cut:
+        bg.add_many(jobs)
+    results = cut.value.results
+    assert results[:100] == list(range(1, 101))
+    assert _sent_without_reply(results[100:128], cut.value) and results[128:] == [None] * 22
+
+    async def in_one_write() -> ServiceDown:
+        async with AsyncClient(server.address) as abg:
+            with pytest.raises(ServiceDown) as cut:
+                await abg.add_many(jobs)
+            return cut.value
+
+    error = asyncio.run(in_one_write())
+    assert error.results[:100] == list(range(1, 101))
+    assert _sent_without_reply(error.results[100:], error)
+    assert "100 answered, 50 sent without a reply (they may have run)" in str(error)
+    server.listener.close()
