@@ -12,8 +12,10 @@ Each alert is a JSON object passed to the TCP handler of ``[alerts] module`` (th
 the request path. At most ``max_per_minute`` alerts go out on their own in any minute;
 beyond that they are held and, ``summary_seconds`` after the first held one, sent as one
 summary with their counts per event and the first few titles, so a storm of a thousand
-failures is one message, not a thousand. Alerts about the alert module itself are never
-raised (a broken mailer must not mail about itself).
+failures is one message, not a thousand. Beyond OUTBOX waiting for the module (stuck,
+say), alerts are dropped: counted, and logged a line every DROP_LINES s with how many.
+Alerts about the alert module itself are never raised (a broken mailer must not mail
+about itself).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bgservice.events import (
     UNKNOWN_MODULE_BURST,
     Events,
 )
+from bgservice.logs import Sparse
 from bgservice.origin import Origin
 from bgservice.protocol import OK
 from bgservice.request import JobAdder, Request
@@ -49,6 +52,8 @@ WINDOW = 60.0  # seconds over which max_per_minute counts
 OUTBOX = 1000  # alerts waiting for the module; beyond it they are counted as dropped
 SUMMARY_TITLES = 10  # titles a summary quotes
 MESSAGE_CHARS = 4000  # an alert's message is cut to this
+TITLE_ERROR = 100  # characters of a load error a reload alert's title quotes
+DROP_LINES = 5.0  # s: dropped alerts, a log line at most this often
 
 
 @dataclass
@@ -88,6 +93,8 @@ class Alerts:
         self._outbox: asyncio.Queue[Alert] = asyncio.Queue(OUTBOX)
         self._delivering = False  # an alert is with the module now
         self.counts: Counter[str] = Counter()  # raised, sent, summarised, failed, dropped
+        self._drops = Sparse(DROP_LINES, self._more_dropped)
+        self._first_dropped: str | None = None  # the title of the first not yet logged
         if self.enabled:
             events.subscribe(INTERNAL_ERROR, self._internal_error)
             events.subscribe(MODULE_FAILED, self._module_failed)
@@ -101,7 +108,12 @@ class Alerts:
         self.report("error", title, detail)
 
     def _module_failed(self, name: str, error: str) -> None:
-        self.report("reload", f"module {name} failed to load", error)
+        # The error's first line in the title, as a failed job's: it is a mail's subject,
+        # and a summary lists titles only ("module x failed to load", twice, said nothing).
+        first = error.strip().partition("\n")[0]
+        first = first if len(first) <= TITLE_ERROR else first[: TITLE_ERROR - 3] + "..."
+        title = f"module {name} failed to load"
+        self.report("reload", f"{title}: {first}" if first else title, error)
 
     def _job_failed(self, title: str, detail: str, module: str, job: int) -> None:
         self.report("job", title, detail, module=module, job=job)
@@ -180,8 +192,22 @@ class Alerts:
         try:
             self._outbox.put_nowait(alert)
         except asyncio.QueueFull:
-            self.counts["dropped"] += 1
-            log.warning("alert dropped (%d waiting): %s", OUTBOX, alert.title)
+            self._dropped(alert)
+
+    def _dropped(self, alert: Alert) -> None:
+        """Counted, and logged: of a flood (the module stuck, a thousand failing jobs), a
+        line every DROP_LINES s, saying how many more and the first of them."""
+        self.counts["dropped"] += 1
+        self._first_dropped = self._first_dropped or alert.title
+        if count := self._drops.tick(time.monotonic()):
+            more = f" ({count - 1} more since the last line)" if count > 1 else ""
+            log.warning("alert dropped (%d waiting): %s%s", OUTBOX, alert.title, more)
+            self._first_dropped = None
+
+    def _more_dropped(self, count: int) -> None:
+        first, self._first_dropped = self._first_dropped, None
+        log.warning("%d more alert%s dropped (%d waiting) since the last line, the first: %s",
+                    count, "" if count == 1 else "s", OUTBOX, first)  # fmt: skip
 
     async def run(self) -> None:
         """Deliver alerts until cancelled; a failed delivery is logged, never re-alerted."""

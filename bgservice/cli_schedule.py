@@ -44,6 +44,7 @@ def schedule_list(as_json: bool) -> None:
 @click.option("--paused", is_flag=True, default=None, help="Add it paused.")
 @click.option("--priority", type=int, help="Its jobs' priority.")
 @click.option("--retries", type=int, help="Its jobs' retries after a 5xx.")
+@click.option("--backoff", type=float, help="Its jobs' first retry delay (s; doubles).")
 @click.option("--job-timeout", "job_timeout", type=float, help="Its jobs' own timeout (s).")
 @JSON
 @client_options

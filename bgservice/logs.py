@@ -4,7 +4,8 @@ The console log goes to standard output, as the original's did: coloured by colo
 on a terminal, plain lines otherwise (journald, pipes, files), each line as it is written
 (a module's ``print`` too). ``log_file`` adds a file written through
 ``WatchedFileHandler``, so logrotate can move it away at any time; a file that cannot
-be reopened (its folder removed) never breaks the code that logged.
+be reopened (its folder removed) or written (a full disk) never breaks the code that
+logged, and is said once on stderr, not once per line.
 """
 
 from __future__ import annotations
@@ -69,31 +70,78 @@ def _file_handler(path: Path, named: str) -> logging.Handler:
 
 
 class _ReopenedFile(logging.handlers.WatchedFileHandler):
-    """A ``WatchedFileHandler`` whose reopen cannot raise. Python's reopens outside
-    ``handleError``, so a removed folder made every log call raise: requests answered
-    with nothing, the stop a traceback. Here the failure is reported once on stderr (the
-    console still gets every line), its lines are dropped, and each later line tries
-    again, as the folder may come back."""
+    """A ``WatchedFileHandler`` whose failures never reach the code that logged, nor
+    flood stderr. Python's reopens outside ``handleError``, so a removed folder made every
+    log call raise (requests answered with nothing, the stop a traceback); and a write
+    that fails (a full disk) went to ``handleError``, a 50-line traceback on stderr per
+    line logged. Here the first failure is one line on stderr (the console still gets
+    every line), the lines that cannot be written are counted, and each later line tries
+    again, as the folder may come back or the disk be freed: the first that gets written
+    says how many were lost."""
 
-    failing = False
+    lost = 0  # lines dropped since the file last failed
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.reopenIfNeeded()
-            if self.stream is None:  # the last reopen failed: try again
-                self.stream = self._open()
-                self._statstream()
-        except OSError as exc:
-            if not self.failing:
-                self.failing = True
-                print(f"bgservice: cannot reopen the log file {self.baseFilename}: "
-                      f"{exc.strerror or exc}; logging to it stops until it can be",
-                      file=sys.stderr)  # fmt: skip
+            text = self.format(record) + self.terminator
+        except Exception:  # a record that cannot be formatted: Python's report, as ever
+            self.handleError(record)
             return
-        if self.failing:
-            self.failing = False
-            print(f"bgservice: log file {self.baseFilename} reopened", file=sys.stderr)
-        logging.FileHandler.emit(self, record)
+        try:
+            self._reopen()
+        except OSError as exc:
+            self._lose("cannot reopen", exc)
+            return
+        stream = self.stream
+        assert stream is not None
+        try:
+            stream.write(text)
+            stream.flush()
+        except OSError as exc:
+            self._drop(stream)
+            self._lose("cannot write to", exc)
+            return
+        if self.lost:
+            self._say(f"log file {self.baseFilename} reopened: {self._lost()} while it could "
+                      "not be written")  # fmt: skip
+
+    def _reopen(self) -> None:
+        self.reopenIfNeeded()
+        if self.stream is None:  # the last reopen or write failed: try again
+            self.stream = self._open()
+            self._statstream()
+
+    def _drop(self, stream: io.TextIOWrapper) -> None:
+        """Close the stream a write failed on, its buffered rest thrown away (a line
+        counted as lost must not be written later), so the next line opens it again."""
+        self.stream = None  # (as Python's own reopen does)
+        try:
+            stream.close()  # (its flush fails again; the file is closed all the same)
+        except OSError:
+            pass
+
+    def _lose(self, doing: str, exc: OSError) -> None:
+        self.lost += 1
+        if self.lost == 1:
+            self._say(f"{doing} the log file {self.baseFilename}: {exc.strerror or exc}; "
+                      "its lines are dropped, and counted, until one can be written")  # fmt: skip
+
+    def close(self) -> None:
+        super().close()
+        if self.lost:  # a stop while it was failing: still said
+            self._say(f"log file {self.baseFilename}: {self._lost()}: it could not be written")
+
+    def _lost(self) -> str:
+        """How many lines were lost, said once: the count starts again."""
+        count, self.lost = self.lost, 0
+        return f"{count} line{'' if count == 1 else 's'} lost"
+
+    @staticmethod
+    def _say(text: str) -> None:
+        try:
+            print(f"bgservice: {text}", file=sys.stderr)
+        except (OSError, ValueError):  # no stderr left to say it on
+            pass
 
 
 class Sparse:

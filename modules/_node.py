@@ -48,6 +48,8 @@ from typing import Any
 
 from bgservice import ReplyError
 
+from . import _env
+
 log = logging.getLogger(__name__)
 
 _problems: list[str] = []  # bad settings: every compiler module's load fails, naming them
@@ -57,17 +59,9 @@ def _setting(name: str, default: float, kind: type[int] | type[float], low: floa
              ) -> float:  # fmt: skip
     """``$name`` as a number ``low``-``high`` (unset or empty: ``default``); anything else
     is kept in ``_problems`` (markdown, which imports this file, goes on without them)."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:  # (NaN too)
-        whole = "a whole number" if kind is int else "a number"
-        _problems.append(f"{name}={text[:40]!r}: must be {whole}, {low:g}-{high:g}")
-        return default
+    value, problem = _env.number(name, default, kind, low, high)
+    if problem is not None:
+        _problems.append(problem)
     return value
 
 

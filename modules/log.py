@@ -10,6 +10,11 @@ send a datagram cannot drive the terminal of whoever tails the file. A file larg
 MAX_BYTES is renamed ``CHANNEL.log.1`` (``.1`` to ``.2`` ... up to BACKUPS) and a new one
 started.
 
+Levels: the eight of syslog, and its short names ``warn``, ``err``, ``crit``, ``emerg``
+(written as WARNING, ERROR, CRITICAL, EMERGENCY). An option other than ``channel`` and
+``level`` is refused, as a bad channel or level is: a mistyped ``chanel=`` must not send
+a message to ``main`` unnoticed.
+
 Over TCP: ``log:tail`` or ``log:tail?channel=payments&lines=50`` replies the last lines.
 
 The handler only stamps the message and puts it on a bounded queue; one writer thread
@@ -17,13 +22,18 @@ takes everything queued at once and appends it per channel with a single write, 
 flood costs the event loop microseconds per datagram and the disk one write per batch.
 A full queue drops the message and counts it: ``service:stats`` shows, under
 ``module_stats.log``, how many were received, written, dropped and rejected (bad channel
-names), so no line is ever lost silently. A channel file deleted or renamed behind the
+names), so no line is ever lost silently. Each kind of trouble (rejected datagrams, a full
+queue, a file that cannot be written) is logged at most once every WARN_EVERY seconds,
+the next line saying how many more came, so a flood, or a full disk, does not flood the
+service's log. A channel file deleted or renamed behind the
 writer's back (by hand, or a logrotate without ``copytruncate``) is noticed before the next
 write pass to it, as ``logging.handlers.WatchedFileHandler`` does it: the path's
 ``os.stat`` against the open handle's ``os.fstat``, and a new file is opened when they
-differ (counted as ``reopened``). (A hand-written writer rather than
-``logging.handlers.RotatingFileHandler`` behind a ``QueueListener``: that pair writes and
-flushes one record at a time and cannot report drops.)
+differ (counted as ``reopened``). A file emptied from outside (``copytruncate``) is
+measured by its ``os.fstat`` size, not the handle's offset, so it is not rotated at once.
+(A hand-written writer rather than ``logging.handlers.RotatingFileHandler`` behind a
+``QueueListener``: that pair writes and flushes one record at a time and cannot report
+drops.)
 
 Settings: the constants below, or the environment variables named beside them.
 """
@@ -43,6 +53,8 @@ from typing import IO, Any
 
 from bgservice import ReplyError, Request
 
+from . import _env
+
 log = logging.getLogger(__name__)
 
 # The log folder: $BGSERVICE_LOG_DIR, else "logs" beside the modules folder.
@@ -55,16 +67,10 @@ def _setting(name: str, default: int, least: int) -> int:
     """``$name`` as a whole number of at least ``least`` (unset or empty: ``default``).
     Anything else fails the module's load with a ``ValueError`` naming the variable: a
     queue size of 0 was an unbounded queue (``queue.Queue(0)``), which never drops."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise ValueError(f"{name}={text!r}: must be a whole number, at least {least}")
-    return value
+    value, problem = _env.number(name, default, int, least, None)
+    if problem is not None:
+        raise ValueError(problem)
+    return int(value)
 
 
 MAX_BYTES = _setting("BGSERVICE_LOG_MAX_BYTES", 10 * 1024 * 1024, 1)
@@ -72,16 +78,20 @@ BACKUPS = _setting("BGSERVICE_LOG_BACKUPS", 5, 0)
 QUEUE_SIZE = _setting("BGSERVICE_LOG_QUEUE", 100_000, 1)  # messages waiting
 BATCH = 10_000  # most messages one write pass takes from the queue
 MAX_TAIL = 10_000
+WARN_EVERY = 5.0  # s: a log line about one kind of trouble at most this often
 LEVELS = frozenset(
     {"DEBUG", "INFO", "NOTICE", "WARNING", "ERROR", "CRITICAL", "ALERT", "EMERGENCY"}
 )
+# syslog's short names (``logger -p user.warn``, rsyslog), written as the level they name.
+ALIASES = {"WARN": "WARNING", "ERR": "ERROR", "CRIT": "CRITICAL", "EMERG": "EMERGENCY"}
+SEND_OPTIONS = ("channel", "level")
+TAIL_OPTIONS = ("channel", "lines")
 _CHANNEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 Entry = tuple[str, str]  # (channel, the whole line with its newline)
 counts: Counter[str] = Counter()
 _queue: queue.Queue[Entry | None] = queue.Queue(QUEUE_SIZE)
 _writer: threading.Thread | None = None
-_last_warning = 0.0
 
 
 def _channel(name: str) -> str:
@@ -89,6 +99,16 @@ def _channel(name: str) -> str:
     if not _CHANNEL.fullmatch(name):
         raise ValueError(f"bad channel name {name[:40]!r} (letters, digits, - and _)")
     return name
+
+
+def _options(query: str, known: tuple[str, ...]) -> dict[str, str]:
+    """``a=1&b=2`` as a dict; an option not ``known`` is a ValueError naming them (a
+    mistyped name was ignored: its message went to ``main``, its tail was main's)."""
+    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0][:40]!r} (options: {', '.join(known)})")
+    return options
 
 
 def _parse(data: bytes) -> tuple[str, str, str]:
@@ -99,10 +119,12 @@ def _parse(data: bytes) -> tuple[str, str, str]:
     head, sep, message = text[1:].partition(":")
     if not sep:
         raise ValueError("expected ?channel=NAME&level=LEVEL:MESSAGE")
-    options = dict(urllib.parse.parse_qsl(head, keep_blank_values=True))
+    options = _options(head, SEND_OPTIONS)
     level = (options.get("level") or "INFO").upper()
+    level = ALIASES.get(level, level)
     if level not in LEVELS:
-        raise ValueError(f"bad level {level[:20]!r} (one of {', '.join(sorted(LEVELS))})")
+        raise ValueError(f"bad level {level[:20]!r} (one of {', '.join(sorted(LEVELS))}; "
+                         f"or {', '.join(ALIASES).lower()})")  # fmt: skip
     return _channel(options.get("channel") or "main"), level, message
 
 
@@ -140,7 +162,7 @@ async def handle_udp(request: Request) -> None:
         channel, level, message = _parse(request.data)
     except ValueError as exc:
         counts["rejected"] += 1
-        _warn("log: datagram from %s rejected: %s", _visible(str(request.peer)), exc)
+        _rejected(1, "log: datagram from %s rejected: %s", _visible(str(request.peer)), exc)
         return
     message = _visible(message.rstrip("\r\n"))
     # The peer too: a Unix datagram sender's path or abstract "@name" is whatever it chose.
@@ -150,15 +172,59 @@ async def handle_udp(request: Request) -> None:
         _queue.put_nowait((channel, line))
     except queue.Full:
         counts["dropped"] += 1
-        _warn("log: queue full (%d): dropping messages", QUEUE_SIZE)
+        _full(1, "log: queue full (%d): dropping messages", QUEUE_SIZE)
 
 
-def _warn(text: str, *args: Any) -> None:
-    """At most one warning every 5 s: a flood of bad datagrams must not flood the log."""
-    global _last_warning
-    if time.monotonic() - _last_warning >= 5.0:
-        _last_warning = time.monotonic()
-        log.warning(text, *args)
+class _Sparse:
+    """One kind of trouble: a log line at most every WARN_EVERY s, so that a flood of bad
+    datagrams, or a disk full under a flood of good ones, does not flood the service's
+    log. What comes between lines is counted and said WARN_EVERY s after the last line,
+    so a flood's end is never unsaid (``bgservice.logs.Sparse`` does this on the event
+    loop; the writer thread has none: a timer thread, at most one pending per kind)."""
+
+    def __init__(self, level: int, what: str) -> None:
+        self.level = level
+        self.what = what  # what the count counts: "datagrams rejected"
+        self._last = float("-inf")  # when the last line was logged
+        self._count = 0  # since then
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()  # the loop's thread and the writer's both report
+
+    def __call__(self, count: int, text: str, *args: Any) -> None:
+        """``count`` more; a line, ``text % args``, if one is due, else counted for later."""
+        with self._lock:
+            self._count += count
+            now = time.monotonic()
+            if now - self._last < WARN_EVERY:
+                if self._timer is None:
+                    self._timer = threading.Timer(self._last + WARN_EVERY - now, self._later)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._last, earlier, self._count, self._timer = now, self._count - count, 0, None
+        more = f" ({earlier} more {self.what} since the last line)" if earlier else ""
+        log.log(self.level, text + "%s", *args, more)
+
+    def _later(self) -> None:
+        if threading.current_thread() is self._timer:  # (else replaced by a line since)
+            self.flush()
+
+    def flush(self) -> None:
+        """Say what came since the last line, now."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, count, self._count = None, self._count, 0
+            if count:
+                self._last = time.monotonic()
+        if count:
+            log.log(self.level, "log: %d more %s since the last line", count, self.what)
+
+
+_rejected = _Sparse(logging.WARNING, "datagrams rejected")
+_full = _Sparse(logging.WARNING, "messages dropped (queue full)")
+_moved = _Sparse(logging.WARNING, "files deleted or moved away")
+_unwritten = _Sparse(logging.ERROR, "lines not written")
 
 
 def _start_writer() -> None:
@@ -182,7 +248,10 @@ class _Files:
         """Append ``lines``, rotating first whenever the next chunk would pass MAX_BYTES."""
         self._check(channel)
         chunk: list[bytes] = []
-        size = self._file(channel).tell()
+        # The file's size, not the handle's offset: after a truncate from outside
+        # (logrotate's copytruncate) an O_APPEND handle's offset is the old size until the
+        # next write, and the emptied file was rotated at once, pushing a backup out.
+        size = os.fstat(self._file(channel).fileno()).st_size
         for line in lines:
             data = line.encode("utf-8", "replace")
             if size + len(data) > MAX_BYTES and (size or chunk):
@@ -218,7 +287,7 @@ class _Files:
             del self.open[channel]
             file.close()
             counts["reopened"] += 1
-            _warn("log: %s was deleted or moved away: writing to a new file", self.path(channel))
+            _moved(1, "log: %s was deleted or moved away: writing to a new file", file.name)
 
     def _rotate(self, channel: str) -> None:
         self.open.pop(channel).close()
@@ -273,7 +342,8 @@ def _write_batch(files: _Files, batch: dict[str, list[str]]) -> None:
         except OSError as exc:
             counts["write_errors"] += len(lines)
             files.close()
-            log.error("log: cannot write %d lines to %s: %s", len(lines), files.path(channel), exc)
+            path = files.path(channel)
+            _unwritten(len(lines), "log: cannot write %d lines to %s: %s", len(lines), path, exc)
 
 
 def unload() -> None:
@@ -281,6 +351,8 @@ def unload() -> None:
     if _writer is not None:
         _queue.put(None)
         _writer.join(timeout=30)
+    for sparse in (_rejected, _full, _moved, _unwritten):
+        sparse.flush()  # what was counted since the last line is not lost with the module
 
 
 def stats() -> dict[str, int]:
@@ -299,15 +371,19 @@ def handle_tcp(request: Request) -> bytes:
     word, _, query = text.partition("?")
     if word != "tail":
         raise ReplyError(400, "log over TCP: tail?channel=NAME&lines=N (messages go over UDP)")
-    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     try:
+        options = _options(query, TAIL_OPTIONS)
         channel = _channel(options.get("channel") or "main")
-        lines = int(options.get("lines") or 100)
     except ValueError as exc:
         raise ReplyError(400, f"log:tail: {exc}") from None
-    if not 1 <= lines <= MAX_TAIL:
-        raise ReplyError(400, f"log:tail: lines must be 1-{MAX_TAIL}")
-    return _tail(LOG_DIR / f"{channel}.log", lines)
+    return _tail(LOG_DIR / f"{channel}.log", _lines(options.get("lines") or "100"))
+
+
+def _lines(text: str) -> int:
+    if not (text.isdecimal() and 1 <= int(text) <= MAX_TAIL):
+        raise ReplyError(400, f"log:tail: lines must be a whole number, 1-{MAX_TAIL}: "
+                              f"got {text[:20]!r}")  # fmt: skip
+    return int(text)
 
 
 def _tail(path: Path, lines: int) -> bytes:

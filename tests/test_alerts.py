@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -317,6 +319,7 @@ def test_mistyped_job_names_alert_as_mistyped_calls_do(
 
 # --- alerts at a stop ---------------------------------------------------------------------
 
+
 def held_config(max_per_minute: int, summary_seconds: float) -> str:
     return (
         f'[alerts]\nmodule = "recorder"\nmax_per_minute = {max_per_minute}\n'
@@ -388,3 +391,79 @@ def test_a_process_mode_module_failing_a_call_raises_a_call_alert(
     wait_until(lambda: len([a for a in recorded(modules_dir) if a["event"] == "call"]) == 2)
     titles = [a["title"] for a in recorded(modules_dir) if a["event"] == "call"]
     assert "raised ValueError" in titles[0] and "timed out" in titles[1]
+
+
+# --- floods of alerts: the log, the summaries -----------------------------------------------
+
+STUCK = """
+import asyncio
+from pathlib import Path
+
+TIMEOUT = 300
+
+async def handle_tcp(request):
+    # Stuck (a mail server that does not answer) until the test lets it go.
+    while not Path(__file__).with_name("release").exists():
+        await asyncio.sleep(0.05)
+    return "ok"
+"""
+
+DROPPED = re.compile(
+    r"alert dropped \(1000 waiting\): .*?(?: \((\d+) more since the last line\))?$"
+    r"|(\d+) more alerts? dropped \(1000 waiting\) since the last line, the first: ",
+    re.M,
+)
+
+
+def _dropped_lines(log: str) -> tuple[int, int]:
+    """(the log's lines about dropped alerts, the alerts they count)."""
+    said = DROPPED.findall(log)
+    return len(said), sum(int(more or 1) if not later else int(later) for more, later in said)
+
+
+def test_dropped_alerts_are_logged_once_per_interval_with_counts(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, boom: Path
+) -> None:
+    # With the alert module stuck and 1000 alerts waiting, each further alert logged a
+    # warning of its own: a line per failure of a flood, the flood the limit is for.
+    write_module(modules_dir, "stuck", STUCK)
+    svc = make_service('[alerts]\nmodule = "stuck"\nevents = ["call"]\nmax_per_minute = 100000\n')
+    started = time.monotonic()
+    client = svc.framed()
+    for _ in range(11):  # 1100 failing calls, a "call" alert each
+        client.send(*[b"boom:x"] * 100)
+        assert all(client.recv()[0] == 500 for _ in range(100))
+    client.close()
+    elapsed = time.monotonic() - started
+    dropped = alert_stats(svc)["dropped"]
+    assert dropped >= 99  # 1100 raised, one with the module, 1000 waiting
+    # The first at once, the rest counted and said (with the first's title) when due.
+    wait_until(lambda: _dropped_lines(svc.log())[1] == dropped, timeout=15)
+    lines, _ = _dropped_lines(svc.log())
+    assert lines <= 2 + elapsed / 5, svc.log()  # (99 before: one per alert dropped)
+    assert "since the last line, the first: Module boom raised ValueError: boom x" in svc.log()
+    (modules_dir / "release").touch()
+    assert svc.stop() == 0
+
+
+def test_a_summary_of_reload_failures_says_what_failed(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    # A summary lists titles only, and a reload failure's was "module broken failed to
+    # load": twice, it said nothing of why.
+    write_module(modules_dir, "recorder", RECORDER)
+    make_service(f'{held_config(1, 0.5)}events = ["reload"]\n')
+    write_module(modules_dir, "first", "raise RuntimeError('no database configured')\n")
+    wait_until(lambda: recorded(modules_dir))
+    write_module(modules_dir, "broken", "def handle_tcp(request:\n")
+    write_module(modules_dir, "other", "import no_such_package_here\n")
+    wait_until(lambda: [a for a in recorded(modules_dir) if a["event"] == "summary"])
+    (alone,) = [a for a in recorded(modules_dir) if a["event"] == "reload"]
+    assert alone["title"].startswith("module first failed to load: ")
+    assert "no database configured" in alone["title"]
+    (summary,) = [a for a in recorded(modules_dir) if a["event"] == "summary"]
+    titles = dict(line.split(" failed to load: ", 1) for line in summary["message"].splitlines())
+    assert set(titles) == {"- module broken", "- module other"}
+    assert "SyntaxError" in titles["- module broken"] or "never closed" in titles["- module broken"]
+    assert "no_such_package_here" in titles["- module other"]
+    assert all(len(title) <= 100 for title in titles.values())

@@ -45,3 +45,28 @@ def test_a_log_file_that_cannot_be_reopened_breaks_nothing(make_service, tmp_pat
     wait_until(lambda: "'test'" in (folder / "bg.log").read_text())  # -v's request line
     assert svc.stop() == 0
     assert "Traceback" not in svc.log() and "reopened" in svc.log()
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once_then_what_was_lost(make_service, tmp_path):
+    # On a full disk each line logged went to logging's handleError: a 54-line
+    # "--- Logging error ---" traceback on stderr per line (912 lines for two calls with
+    # -v), which under systemd floods the journal.
+    link = tmp_path / "bg.log"
+    link.symlink_to("/dev/full")  # every write fails with ENOSPC
+    svc = make_service("", "-v", "--log-file", str(link))
+    for n in range(5):
+        assert svc.call(b"test:%d" % n) == b"Test"
+    assert svc.log().count("cannot write to the log file") == 1
+    assert "No space left on device" in svc.log()
+    # The disk freed: the link now names a file that can be written; the next line is.
+    real = tmp_path / "real.log"
+    (tmp_path / "new-link").symlink_to(real)
+    (tmp_path / "new-link").replace(link)
+    assert svc.call(b"test:after") == b"Test"
+    svc.wait_for_log("lines lost while it could not be written")
+    lost = int(svc.log().split(" reopened: ")[1].split()[0])
+    assert lost >= 10  # a -v line per call at least, and the start's lines
+    wait_until(lambda: "'test'" in real.read_text())
+    assert svc.stop() == 0
+    assert "Logging error" not in svc.log() and "Traceback" not in svc.log()
+    assert svc.log().count("cannot write to the log file") == 1

@@ -4,7 +4,11 @@ counted, the tail over TCP."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,3 +220,80 @@ def test_a_bad_setting_fails_the_module_naming_its_variable(
     assert f"{name}={value!r}: must be a whole number" in svc.log()
     reply = svc.call(b"log:tail")  # what every call to it answers, and why
     assert reply.startswith(b"502: Module log failed to load") and name.encode() in reply
+
+
+def test_a_file_emptied_by_copytruncate_is_not_rotated_at_once(log_service, tmp_path: Path) -> None:
+    # logrotate's copytruncate empties the file under the writer's O_APPEND handle, whose
+    # offset stays the old size until its next write: the emptied file was rotated at
+    # once, leaving an empty main.log.1 and pushing a real backup out.
+    svc = log_service(max_bytes="2000")
+    folder = tmp_path / "logs"
+    for n in range(13):
+        svc.send_udp(b"log:line %03d " % n + b"y" * 80)
+    settled(svc)
+    assert 1500 < (folder / "main.log").stat().st_size <= 2000
+    shutil.copy(folder / "main.log", folder / "main.log.copied")  # what copytruncate does
+    os.truncate(folder / "main.log", 0)
+    svc.send_udp(b"log:after the truncate " + b"z" * 400)
+    stats = settled(svc)
+    assert (stats["written"], stats["rotations"]) == (14, 0)
+    assert not (folder / "main.log.1").exists()
+    (line,) = (folder / "main.log").read_text().splitlines()
+    assert line.endswith(" after the truncate " + "z" * 400)
+
+
+NOT_WRITTEN = (
+    r"log: cannot write (\d+) lines to .*?(?: \((\d+) more lines not written since the last"
+    r" line\))?$|log: (\d+) more lines not written"
+)
+
+
+def _not_written(log: str) -> tuple[int, int]:
+    """(the log's lines about lines the writer could not write, the lines they count)."""
+    said = re.findall(NOT_WRITTEN, log, re.M)
+    return len(said), sum(int(n or 0) for found in said for n in found)
+
+
+def test_write_errors_are_logged_at_most_once_per_interval_with_counts(
+    log_service, tmp_path: Path
+) -> None:
+    # One ERROR line per write pass that failed (a channel on a full disk: a line per
+    # datagram), where a rejected datagram got at most one line every 5 s.
+    svc = log_service()
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "full.log").symlink_to("/dev/full")  # every write fails with ENOSPC
+    started = time.monotonic()
+    for n in range(20):
+        svc.send_udp(b"log:?channel=full:message %d" % n)
+        # (its own write pass each: the writer waits for the next datagram)
+        wait_until(lambda n=n: log_stats(svc)["write_errors"] == n + 1)
+    elapsed = time.monotonic() - started
+    # The first failure at once, the rest counted and said when the next line is due.
+    wait_until(lambda: _not_written(svc.log())[1] == 20, timeout=15)
+    lines, _ = _not_written(svc.log())
+    assert lines <= 2 + elapsed / 5, svc.log()  # (20 before: one per datagram)
+    assert "No space left on device" in svc.log()
+    assert settled(svc)["write_errors"] == 20
+
+
+def test_level_aliases_and_unknown_options(log_service, tmp_path: Path) -> None:
+    svc = log_service()
+    for level in (b"warn", b"err", b"CRIT", b"emerg", b"warning"):
+        svc.send_udp(b"log:?level=" + level + b":as " + level)
+    # A mistyped option was ignored: the message went to main, unnoticed.
+    svc.send_udp(b"log:?chanel=payments:misrouted")
+    stats = settled(svc)
+    assert (stats["written"], stats["rejected"]) == (5, 1)
+    levels = [line.split(" ", 2)[1] for line in lines_of(tmp_path / "logs", "main")]
+    assert levels == ["WARNING", "ERROR", "CRITICAL", "EMERGENCY", "WARNING"]
+    assert "misrouted" not in (tmp_path / "logs" / "main.log").read_text()
+    assert "rejected: unknown option 'chanel' (options: channel, level)" in svc.log()
+    # Over TCP, the reply says what was wrong and what is taken.
+    assert svc.call(b"log:tail?chanel=payments") == (
+        b"400: log:tail: unknown option 'chanel' (options: channel, lines)"
+    )
+    for bad in (b"abc", b"0", b"10001", b"-1", b"1.5"):
+        reply = svc.call(b"log:tail?lines=" + bad)
+        assert reply == b"400: log:tail: lines must be a whole number, 1-10000: got '%s'" % bad
+    assert len(svc.call(b"log:tail?lines=2").splitlines()) == 2
