@@ -90,6 +90,24 @@ _HERE = Path(__file__).resolve().parent
 Future = asyncio.Future[dict[str, Any]]
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+FLAGS = frozenset({"minify", "bare", "pretty", "compress", "mangle"})  # on/off options
+
+
+def flag(options: dict[str, str], name: str, default: bool) -> bool:
+    """An on/off option: 1, true, yes, on or 0, false, no, off (any case); anything else
+    is a ``400`` (``html=n`` read as on once let raw HTML through for a client that
+    meant off, and ``minify=n`` minified)."""
+    if name not in options:
+        return default
+    word = options[name].lower()
+    if word not in _ON + _OFF:
+        raise ReplyError(
+            400, f"{name}: expected 1/true/yes/on or 0/false/no/off, not {options[name][:40]!r}"
+        )
+    return word in _ON
+
+
 def parse(data: bytes, allowed: frozenset[str]) -> tuple[dict[str, str], str]:
     """``?a=1&b=2:SOURCE`` -> ({"a": "1", "b": "2"}, "SOURCE"); anything else is all source."""
     if not data.startswith(b"?"):
@@ -464,6 +482,8 @@ class Compiler:
 
     async def handle_tcp(self, request: Any) -> bytes:
         options, source = parse(request.data, self.options)
+        for name in FLAGS.intersection(options):  # checked here, as "1" or "0" for node
+            options[name] = "1" if flag(options, name, False) else "0"
         if "sources" in self.options:
             sources(options)
         if self.include_dirs is not None:

@@ -41,20 +41,7 @@ def _renderer(html: bool, breaks: bool):
     return _renderers[key]
 
 
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _flag(options, name, default):
-    if name not in options:
-        return default
-    word = options[name].lower()
-    if word not in _ON + _OFF:
-        raise ReplyError(
-            400, f"{name}: expected 1/true/yes/on or 0/false/no/off, not {options[name][:40]!r}"
-        )
-    return word in _ON
-
-
 def handle_tcp(request):
     options, text = _node.parse(request.data, OPTIONS)
-    return _renderer(_flag(options, "html", True), _flag(options, "breaks", False)).render(text)
+    html, breaks = _node.flag(options, "html", True), _node.flag(options, "breaks", False)
+    return _renderer(html, breaks).render(text)

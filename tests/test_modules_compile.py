@@ -407,6 +407,24 @@ def test_markdown_flags_refuse_what_they_do_not_know(svc: ServiceProcess) -> Non
     assert compile_error(svc, "markdown", "a", opts(breaks="2")).startswith("400: breaks: ")
 
 
+def test_compiler_flags_refuse_what_they_do_not_know(svc: ServiceProcess) -> None:
+    # minify=n (or maybe, nein...) minified; bare=, pretty= the same: node read any word
+    # but 0/false/no/off as on. The words markdown's flags take, each way, and no other.
+    expanded = compile_ok(svc, "scss", SCSS)
+    for word in ("Off", "no", "0", "FALSE"):
+        assert compile_ok(svc, "scss", SCSS, opts(minify=word)) == expanded
+    assert compile_ok(svc, "scss", SCSS, opts(minify="on")) == compile_ok(
+        svc, "scss", SCSS, opts(minify="1")
+    )
+    for module, name in (("scss", "minify"), ("less", "minify"), ("coffee", "bare"),
+                         ("pug", "pretty"), ("minify?type=js&", "mangle")):  # fmt: skip
+        module, _, more = module.partition("?")
+        for word in ("n", "maybe", ""):
+            options = b"?" + more.encode() + opts(**{name: word})[1:]
+            reply = compile_error(svc, module, "a", options)
+            assert reply == f"400: {name}: expected 1/true/yes/on or 0/false/no/off, not {word!r}"
+
+
 # --- minify --------------------------------------------------------------------------------
 
 
