@@ -354,7 +354,7 @@ class Service:
         sd_notify(self.notify_socket, b"STOPPING=1")
         tasks = self.listeners.tasks
         log.info("shutting down: %d calls in flight, up to %g s to finish", len(tasks), grace)
-        self.jobs.close()  # before the dispatcher: a job it refused would fail (503)
+        self.jobs.close(grace)  # before the dispatcher: a job it refused would fail (503)
         self.dispatcher.close()
         await self._close_listeners()
         for conn in self.listeners.connections():

@@ -266,8 +266,8 @@ def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
     assert got == {"call": b"503: Shutting down", "half": b"503: Shutting down"}
     assert framed.recv() == (503, b"Shutting down")
     assert framed.recv() == (503, b"Shutting down")
-    # The queue:get of a job that never started: told which job waits for the next start.
-    assert framed.recv() == (503, b"Shutting down: job %s waits for the next start" % waiting[3:])
+    # The queue:get of a job that never started: told which job is still queued.
+    assert framed.recv() == (503, b"Shutting down: job %s is still queued" % waiting[3:])
     assert svc.wait() == 0
 
 
@@ -289,7 +289,7 @@ def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_s
     svc.signal(signal.SIGTERM)
     stopped = time.monotonic()
     caller.join(30)
-    assert got and got[0][0] == b"503: Shutting down: job %s waits for the next start" % waiting[3:]
+    assert got and got[0][0] == b"503: Shutting down: job %s is still queued" % waiting[3:]
     # Not at the end of the grace: that is 60 s away (the bound leaves a busy machine room).
     assert got[0][1] - stopped < 20
     svc.signal(signal.SIGTERM)  # the sleep would hold the stop to the end of its grace

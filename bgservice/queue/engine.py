@@ -190,10 +190,11 @@ class JobQueue(abc.ABC):
         """Schedules were changed here: tell the other instances, if any."""
 
     @abc.abstractmethod
-    def close(self) -> None:
+    def close(self, grace: float = 0.0) -> None:
         """Stopping, first thing: start no job from now on (``stop`` follows once the
         listeners are closed); a job that comes due meanwhile waits for the next start,
-        not for a dispatcher that refuses it (503: failed for good)."""
+        not for a dispatcher that refuses it (503: failed for good). Whoever waits for a
+        job is told it is still queued (``refuse_waiters``) before the ``grace`` ends."""
 
     @abc.abstractmethod
     async def load_schedules(self) -> dict[str, tuple[Schedule, float]]: ...
@@ -347,12 +348,11 @@ class JobQueue(abc.ABC):
 
 
 def refuse_waiters(waiters: dict[int, asyncio.Future[Result]], running: Container[int]) -> None:
-    """Stopping: a job not running now cannot start any more in this process, so whoever
-    waits for it gets ``503: Shutting down: job N waits for the next start`` now, not
-    when the shutdown grace runs out (the job stays waiting, for the next start)."""
+    """Stopping: whoever waits for a job not in ``running`` gets ``503: Shutting down:
+    job N is still queued`` (an add?wait=1 learns its job's id: not to add it again)."""
     for jid, waiter in waiters.items():
-        if jid not in running and not waiter.done():  # (add?wait=1 learns its job's id)
-            waiter.set_result((503, b"Shutting down: job %d waits for the next start" % jid))
+        if jid not in running and not waiter.done():
+            waiter.set_result((503, b"Shutting down: job %d is still queued" % jid))
 
 
 def name_counts(pairs: Iterable[tuple[str | bytes | None, str]]) -> dict[str, dict[str, int]]:

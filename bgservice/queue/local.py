@@ -128,9 +128,9 @@ class LocalQueue(StoredSchedules, JobQueue):
         await self._writes.drain(5)
         await self.store.close()
 
-    def close(self) -> None:
+    def close(self, grace: float = 0.0) -> None:
         self._pump.closed = True
-        refuse_waiters(self._waiters, self._running)
+        refuse_waiters(self._waiters, self._running)  # they can start no more: told now
         self._line.close()
 
     # --- commands ---------------------------------------------------------------------

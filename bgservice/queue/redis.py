@@ -37,7 +37,7 @@ from bgservice.errors import ConfigError
 from bgservice.events import MODULE_RELOADED, MODULE_REMOVED, Events
 from bgservice.protocol import OK
 from bgservice.queue.commands import AddSpec, ListSpec
-from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, run_record
+from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, refuse_waiters, run_record
 from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_channel import Following, Waiter
 from bgservice.queue.redis_db import RedisJobs, available, refusal, script_error, unavailable
@@ -129,9 +129,14 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         await cancel_all(self._tasks, "job queue tasks")
         await self.db.close()
 
-    def close(self) -> None:
+    def close(self, grace: float = 0.0) -> None:
+        if self._closing:
+            return
         self._closing = True
         self._wake.set()
+        # Another instance may still finish a job someone here waits for: the waiter hears
+        # the grace out, and is told just before it ends (the calls are cut then).
+        self.loop.call_later(0.9 * grace, refuse_waiters, self._waiters, ())
 
     # --- commands ---------------------------------------------------------------------
 
