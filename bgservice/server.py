@@ -141,21 +141,18 @@ class Service:
             await self._listen_http()
         except ListenError as exc:
             log.error("%s", exc)
-            await self._close_listeners()
-            self.threads.shutdown(wait=False, cancel_futures=True)
-            return 1
+            return await self._give_up(1)
+        except ConfigError as exc:  # e.g. [http] token's secret also a named token's
+            log.error("configuration error: %s", exc)
+            return await self._give_up(2)
         try:
             await self.jobs.start()
         except ConfigError as exc:  # e.g. Redis refuses the url's password: exit 2, as
             log.error("configuration error: %s", exc)  # a restart cannot fix it
-            await self._close_listeners()
-            self.threads.shutdown(wait=False, cancel_futures=True)
-            return 2
+            return await self._give_up(2)
         except Exception as exc:  # e.g. sqlite3.Error: unreadable or locked database
             log.error("cannot open the job queue (%s): %s", self._queue_where(), exc)
-            await self._close_listeners()
-            self.threads.shutdown(wait=False, cancel_futures=True)
-            return 1
+            return await self._give_up(1)
         log.info("job queue: %s, %d workers", self._queue_where(), self.settings.queue.workers)
         self._scheduling = asyncio.get_running_loop().create_task(self._start_schedules())
         self.reloader.start()
@@ -180,6 +177,12 @@ class Service:
             logging.shutdown()  # asyncio.run would wait for them for ever: exit without
             os._exit(self.exit_code)
         return self.exit_code
+
+    async def _give_up(self, code: int) -> int:
+        """A start that cannot go on: what it opened is closed; ``code``, to exit with."""
+        await self._close_listeners()
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        return code
 
     def _claim_marker(self) -> None:
         """Raised once the alerts run, so the alert about the last run goes out."""

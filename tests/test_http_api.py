@@ -102,7 +102,7 @@ def test_wait_returns_the_status_of_an_unfinished_job(svc: ServiceProcess) -> No
         ({"module": "echo", "data": 5}, "field data: expected a string"),
         ({"module": "echo", "data_base64": "!!"}, "field data_base64: not valid base64"),
         ({"module": "echo", "timeout": 0}, "timeout: must be a finite number greater than 0"),
-        ({"module": "nosuchmodule"}, "Unknown request"),
+        ({"module": "nosuchmodule"}, "field module: unknown module 'nosuchmodule'"),
         ({"module": "echo", "data": "\ud800"}, "field data: not valid Unicode"),
         ({"module": "\ud800"}, "field module: expected a module name"),
         ({"module": "echo", "unique": "\udfff"}, "field unique: not valid Unicode"),
@@ -356,7 +356,7 @@ def test_schedules_over_http(make_service):
         ({"priority": 1.5}, "field priority: expected a whole number"),
         ({"paused": "yes"}, "field paused: expected true or false"),
         ({"data": 5}, "field data: expected a string"),
-        ({"options": [1]}, "field options: expected an object"),
+        ({"options": [1]}, "unknown field 'options'"),
     ]:
         status, error, _ = svc.http("POST", "/api/v1/schedules", {**good, **change})
         assert status == 400 and error["error"]["message"].startswith(message), change
@@ -467,3 +467,137 @@ def test_a_throttled_job_is_throttled_in_the_list_as_in_its_status(
         _, page, _ = svc.http("GET", f"{API}/jobs{query}")
         (row,) = [j for j in page["jobs"]["waiting"] if j["id"] == second["id"]]
         assert row["throttled_until"] == one["throttled_until"], query
+
+
+DOCUMENT = json.loads((Path(__file__).resolve().parent.parent
+                       / "bgservice/http/openapi.json").read_text())  # fmt: skip
+
+
+def _documented(method: str, path: str) -> set[str]:
+    return set(DOCUMENT["paths"][path][method]["responses"])
+
+
+def test_a_module_that_takes_no_jobs_is_422_with_the_socket_s_message(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    # The socket's 405 went out as HTTP's 405, without the Allow header HTTP requires
+    # with one (and POST is served here): now a 422, as the document says.
+    write_module(modules_dir, "tcponly", 'ACCEPTS = ["tcp"]\ndef handle_tcp(request):\n'
+                 '    return "t"\n')  # fmt: skip
+    write_module(modules_dir, "nohandler", "X = 1\n")
+    svc = make_service(HTTP)
+    socket_reply = svc.call(b"queue:add:tcponly:x").decode()
+    assert socket_reply == "405: Module tcponly does not accept queue requests"
+    status, error, headers = svc.http("POST", f"{API}/jobs", {"module": "tcponly"})
+    assert (status, error["error"]["status"]) == (422, "FAILED_PRECONDITION")
+    assert error["error"]["message"] == socket_reply[5:] and "Allow" not in headers
+    documented = _documented("post", f"{API}/jobs")
+    assert "422" in documented and "405" not in documented
+    # POST /schedules answers as the jobs it would add would be: each status documented.
+    for module, code, message in [
+        ("tcponly", 422, "Module tcponly does not accept queue requests"),
+        ("nohandler", 501, "Module nohandler has no TCP handler"),
+        ("nosuch", 400, "field module: unknown module 'nosuch' (see GET /api/v1/modules)"),
+    ]:
+        body = {"name": "s", "module": module, "every": 60}
+        status, error, _ = wait_until(
+            lambda b=body: (r := svc.http("POST", f"{API}/schedules", b)) and r[0] != 503 and r
+        )
+        assert (status, error["error"]["message"]) == (code, message), module
+        assert str(code) in _documented("post", f"{API}/schedules"), code
+    assert {"422", "501", "502"} <= _documented("post", f"{API}/schedules/{{name}}:run")
+
+
+SCOPED = (
+    HTTP + 'token = "operate-token"\n'
+    'tokens = { ro = { token = "read-only-token", scope = "read" }, '
+    'site = { token = "site-add-token", scope = "add" } }\n'
+)
+
+
+def test_a_refusal_for_scope_still_says_the_token_s_scope(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # Set only once the scope allowed the request: the 403 itself came without it.
+    svc = make_service(SCOPED)
+    for method, path, token, scope in [
+        ("POST", f"{API}/jobs", "read-only-token", "read"),
+        ("POST", f"{API}/jobs/1:cancel", "site-add-token", "add"),
+        ("DELETE", f"{API}/schedules/x", "site-add-token", "add"),
+    ]:
+        status, error, headers = svc.http(method, path, {"module": "echo"}, token=token)
+        assert (status, error["error"]["status"]) == (403, "PERMISSION_DENIED"), path
+        assert headers["Bgservice-Token-Scope"] == scope, path
+    assert "Bgservice-Token-Scope" not in svc.http("GET", f"{API}/stats", token="wrong")[2]
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        (
+            'tokens = { ro = { token = "one-secret", scope = "read" }, '
+            'ops = { token = "one-secret", scope = "operate" } }\n',
+            "ro and ops",
+        ),
+        (
+            'token = "one-secret"\ntokens = { ro = { token = "one-secret", scope = "read" } }\n',
+            "[http] token and ro",
+        ),
+    ],
+    ids=["two-named", "token-and-named"],
+)
+def test_a_secret_shared_by_two_tokens_stops_the_start(
+    make_service: Callable[..., ServiceProcess], config: str, names: str
+) -> None:
+    # The secret got the scope of the last token that matched: one configured read-only
+    # could operate. Both tokens are named; the secret is not.
+    svc = make_service(HTTP + config, start=False)
+    svc.start(wait=False)
+    code = svc.wait()
+    log = svc.log()
+    assert f"{names} have the same token: give each a secret of its own" in log, log
+    assert "one-secret" not in log
+    # A configuration error, exit 2 (the second is found as the HTTP API is built).
+    assert code == 2
+    assert "Traceback" not in log
+    assert not svc.ready_file.exists()
+
+
+def test_requests_are_logged_writes_and_refusals_always_reads_with_v(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # access_log=None: not a line per request even with -v, and no trail of who added,
+    # cancelled or deleted what.
+    svc = make_service(SCOPED)
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 300},
+                         token="site-add-token")  # fmt: skip
+    assert svc.http("POST", f"{API}/jobs/{job['id']}:cancel", token="operate-token")[0] == 200
+    assert svc.http("GET", f"{API}/stats", token="read-only-token")[0] == 200
+    assert svc.http("GET", f"{API}/stats", token="not-a-token")[0] == 401
+    assert svc.http("DELETE", f"{API}/jobs/1", token="read-only-token")[0] == 403
+    jid = job["id"]
+    svc.wait_for_log(f"HTTP POST {API}/jobs from 127.0.0.1 (token site): 201 {API}/jobs/{jid} ")
+    svc.wait_for_log(f"HTTP POST {API}/jobs/{jid}:cancel from 127.0.0.1 (token default): 200 ")
+    svc.wait_for_log(f"WARNING bgservice.http.site: HTTP GET {API}/stats from 127.0.0.1 "
+                     "(no token): 401 Unauthorized")  # fmt: skip
+    svc.wait_for_log(f"HTTP DELETE {API}/jobs/1 from 127.0.0.1 (token ro): 403 Forbidden: "
+                     "token ro has scope read")  # fmt: skip
+    log = svc.log()
+    assert "INFO    bgservice.http.site: HTTP POST" in log
+    assert f"GET {API}/stats from 127.0.0.1 (token ro)" not in log  # a read: only with -v
+    assert not any(secret in log for secret in ("operate-token", "site-add-token",
+                                                "read-only-token", "not-a-token"))  # fmt: skip
+    svc.stop()
+    verbose = make_service(SCOPED, "-v", root=svc.root.parent / "verbose")
+    assert verbose.http("GET", f"{API}/stats?x", token="read-only-token")[0] == 400
+    verbose.wait_for_log(f"DEBUG   bgservice.http.site: HTTP GET {API}/stats?x from 127.0.0.1 "
+                         "(token ro): 400 ")  # fmt: skip
+
+
+def test_a_full_queue_says_when_to_ask_again(make_service: Callable[..., ServiceProcess]) -> None:
+    # The 503 of max_connections said Retry-After; a full queue's (and a stop's) did not.
+    svc = make_service(HTTP + "[queue]\nmax_waiting = 1\n")
+    assert svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 300})[0] == 201
+    status, error, headers = svc.http("POST", f"{API}/jobs", {"module": "echo", "delay": 300})
+    assert (status, error["error"]["message"]) == (503, "Queue full (1 jobs)")
+    assert headers["Retry-After"] == "1"

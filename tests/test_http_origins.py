@@ -112,3 +112,26 @@ def test_allowed_hosts_must_be_names(make_service: Callable[..., ServiceProcess]
     assert svc.wait() == 2
     assert "[http] allowed_hosts (line" in svc.log()
     assert "must be host names without a scheme or port" in svc.log()
+
+
+def test_a_leading_wildcard_allows_the_names_under_it(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # "*.example.com" was accepted and compared as written: no name matched it.
+    svc = make_service(HTTP + 'allowed_hosts = ["*.example.com"]\n')
+    port = urlsplit(svc.http_url).port
+    for host, status in [("jobs.example.com", 200), ("a.b.example.com", 200),
+                         ("JOBS.Example.com.", 200), ("example.com", 403),
+                         ("evilexample.com", 403), ("example.com.evil.test", 403)]:  # fmt: skip
+        assert _send(svc, "GET", f"{API}/jobs", {"Host": f"{host}:{port}"})[0] == status, host
+
+
+@pytest.mark.parametrize("name", ["jobs*.example.com", "*.*.example.com", "jobs.*"])
+def test_a_wildcard_elsewhere_stops_the_start(
+    make_service: Callable[..., ServiceProcess], name: str
+) -> None:
+    svc = make_service(HTTP + f'allowed_hosts = ["{name}"]\n', start=False)
+    svc.start(wait=False)
+    assert svc.wait() == 2
+    assert "[http] allowed_hosts (line" in svc.log()
+    assert "a * only as a whole first label (*.example.com), or alone" in svc.log()

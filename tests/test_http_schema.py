@@ -64,6 +64,8 @@ def documented_valid(method: str, url: str, body: Any = None) -> bool:
     if len(set(names)) != len(names):
         return False  # no parameter of the document is an array: one value each
     values = dict(pairs)
+    if set(values) - {p["name"] for p in operation.get("parameters", [])}:
+        return False  # a query parameter the operation does not list
     template = next(t for t, i in DOCUMENT["paths"].items() if i.get(method.lower()) is operation)
     for name, value in zip(template.split("/"), split.path.split("/"), strict=True):
         if name.startswith("{"):
@@ -122,6 +124,12 @@ CASES = [
     ("GET", f"{API}/queue/stats?window=", None),
     ("GET", f"{API}/queue/stats?window=0.5", None),
     ("GET", f"{API}/queue/stats?window=60", None),
+    ("GET", f"{API}/queue/stats?windw=60", None),  # ignored: an hour's stats, silently
+    ("GET", f"{API}/jobs/1?wiat=10", None),
+    ("GET", f"{API}/jobs?stat=failed", None),
+    ("GET", f"{API}/modules?x=1", None),
+    ("POST", f"{API}/jobs", {"module": "echo", "unique": ""}),  # taken for no key
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": []}),
 ]
 
 
@@ -151,3 +159,4 @@ def test_the_checker_itself_knows_valid_from_invalid() -> None:
     assert not documented_valid("GET", f"{API}/jobs/abc")
     assert documented_valid("POST", f"{API}/jobs", {"module": "echo", "data": "x"})
     assert not documented_valid("POST", f"{API}/jobs", {"module": "echo", "colour": "red"})
+    assert not documented_valid("GET", f"{API}/jobs?limit=5&colour=red")

@@ -165,8 +165,9 @@ def test_an_open_wait_gets_503_at_shutdown_not_a_dropped_connection(
     assert svc.stop(timeout=30) == 0  # shutdown_grace is 5 s in the tests
     waiting.join(10)
     assert len(got) == 1 and not isinstance(got[0], OSError), got
-    status, body, _ = got[0]
+    status, body, headers = got[0]
     assert status == 503 and "Shutting down" in body["error"]["message"]
+    assert headers["Retry-After"] == "5"  # (a restart takes some seconds: docs/http.md)
 
 
 def test_a_wait_whose_client_hung_up_frees_its_connection(

@@ -27,15 +27,24 @@ from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
 from bgservice.config_checks import TOKEN_ENV
-from bgservice.errors import BadRequest, Busy, Forbidden, NotFound, RequestTimeout, ServiceError
+from bgservice.errors import (
+    BadRequest,
+    Busy,
+    Forbidden,
+    NotFound,
+    RequestTimeout,
+    ServiceError,
+    TooLarge,
+    UnknownRequest,
+)
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http import inputs
 from bgservice.http.metrics import Metrics
 from bgservice.http.origins import BrowserGuard
-from bgservice.http.paging import next_token, parse_page
-from bgservice.http.replies import add_headers, error_response
+from bgservice.http.paging import PARAMETERS, next_token, parse_page
+from bgservice.http.replies import add_headers, error_response, service_error_response
 from bgservice.http.schedules import ScheduleRoutes
-from bgservice.http.site import LimitedSite
+from bgservice.http.site import LimitedSite, RequestLog, server_log
 from bgservice.http.tokens import Token, Tokens
 from bgservice.queue.commands import parse_add, parse_list, parse_window
 from bgservice.queue.engine import JobQueue
@@ -52,6 +61,7 @@ OPENAPI = HERE / "openapi.json"
 FIRST = asyncio.FIRST_COMPLETED
 # How often a ?wait= looks whether its client is still there (see _wait_connected).
 HANG_UP_CHECK = 1.0
+STOPPING = "Shutting down: ask again once the service is back"  # an open ?wait= at a stop
 
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 # Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
@@ -83,7 +93,9 @@ class HttpApi:
         self.events = events
         self.queue = queue
         self.metrics = metrics
-        self.tokens = Tokens(os.environ.get(TOKEN_ENV) or settings.http.token, settings.http.tokens)
+        env = os.environ.get(TOKEN_ENV)
+        where = f"${TOKEN_ENV}" if env else "[http] token"
+        self.tokens = Tokens(env or settings.http.token, settings.http.tokens, where)
         self.access = AccessList.for_host(settings.http.host, settings.allow)
         self.browsers = BrowserGuard(settings.http.host, settings.http.allowed_hosts)
         self.app = self._make_app()
@@ -100,7 +112,7 @@ class HttpApi:
         # request's head: read_timeout, not aiohttp's default of an hour (site.py).
         limits = self.settings.limits
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, logger=_server_log(),
+            self.app, access_log=None, handle_signals=False, logger=server_log(),
             shutdown_timeout=limits.shutdown_grace, keepalive_timeout=limits.read_timeout,
         )  # fmt: skip
         await self._runner.setup()
@@ -126,8 +138,8 @@ class HttpApi:
     # --- the application ----------------------------------------------------------------
 
     def _make_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._errors, self._guard],
+        app = web.Application(  # (aiohttp's access log is off: RequestLog says more)
+            middlewares=[RequestLog().middleware, self._errors, self._guard],
             client_max_size=self.settings.limits.max_request_bytes,
         )
         app.on_response_prepare.append(add_headers)  # framing, sniffing, caching: replies.py
@@ -152,6 +164,11 @@ class HttpApi:
         r.add_get(f"{API}/stats", self.service_stats)
         r.add_get(f"{API}/queue/stats", self.queue_stats)
         ScheduleRoutes(self.queue).add_to(r)
+        # The query parameters each handler reads; the others' routes take none.
+        self._parameters: dict[Handler, frozenset[str]] = {
+            self.get_job: frozenset({"wait"}), self.list_jobs: PARAMETERS,
+            self.queue_stats: frozenset({"window"}),
+        }  # fmt: skip
         return app
 
     @web.middleware
@@ -171,11 +188,14 @@ class HttpApi:
                     401, "Unauthorized: send Authorization: Bearer TOKEN",
                     {"WWW-Authenticate": 'Bearer realm="bgservice"'},
                 )  # fmt: skip
+            request["token"] = token  # (its scope goes out on a refusal too: replies.py)
             if not token.permits(request.method, request.path):
                 where = f"{request.method} {request.path}"
                 problem = f"token {token.name} has scope {token.scope}: not {where}"
                 return error_response(403, f"Forbidden: {problem}")
-            request["token"] = token
+        if not public and request.match_info.http_exception is None:  # (404, 405: theirs)
+            handler_of = request.match_info.handler
+            inputs.known_parameters(request, self._parameters.get(handler_of, frozenset()))
         if request.body_exists:
             coding = request.headers.get("Content-Encoding", "identity").lower().strip()
             if coding not in ENCODINGS:  # RFC 9110: 415; aiohttp took it for identity
@@ -195,6 +215,10 @@ class HttpApi:
                 await request.read()
         except TimeoutError:
             raise RequestTimeout(f"Request body not received within {timeout:g} s") from None
+        except web.HTTPRequestEntityTooLarge:  # (its own text names neither limit nor key)
+            most = self.settings.limits.max_request_bytes
+            raise TooLarge(f"Request too large (limit {most} bytes, [limits] "
+                           "max_request_bytes)") from None  # fmt: skip
         except (HttpProcessingError, web.RequestPayloadError) as exc:  # e.g. broken gzip
             raise BadRequest(f"the body could not be read ({type(exc).__name__})") from None
 
@@ -204,7 +228,7 @@ class HttpApi:
         try:
             return await handler(request)
         except ServiceError as exc:
-            return error_response(exc.code, exc.message)
+            return service_error_response(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -274,20 +298,19 @@ class HttpApi:
             raise Forbidden("field source: only for a token of scope operate")
         options.setdefault("source", f"http:{token.name}" if token else "http")
         spec = parse_add(inputs.command("add", options, args), limits=self.settings.queue)
-        jid = await self.queue.add(spec)
+        try:
+            jid = await self.queue.add(spec)
+        except UnknownRequest:  # (the socket's words, kept from the original, name nothing)
+            raise inputs.unknown_module(spec.module) from None
         job = await self.queue.status(jid)
         return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
         jid = inputs.job_id(request)
         wait = inputs.query(request).get("wait")
+        answered = False
         if wait is not None:
-            try:
-                seconds = inputs.seconds("wait", wait, self.settings.http.max_wait)
-            except BadRequest as exc:  # out of range (nan too): the message names the key
-                if not exc.message.startswith("wait: must be"):
-                    raise
-                raise BadRequest(f"{exc.message} ([http] max_wait)") from None
+            seconds = inputs.wait_seconds(wait, self.settings.http.max_wait)
             getting = asyncio.ensure_future(self.queue.get(jid))
             stopping = asyncio.ensure_future(self._stopping.wait())
             self.stats.http_waiting += 1
@@ -299,13 +322,16 @@ class HttpApi:
                     task.cancel()
             if getting.done() and not getting.cancelled():
                 getting.result()  # raises as queue:get does
+                answered = True
             elif stopping.done():
-                raise Busy("Shutting down: ask again once the service is back")
+                raise Busy(STOPPING)
             # else not finished yet: its status says where it stands
         job = await self.queue.status(jid)
         if job["state"] not in ("waiting", "running"):
             _, body = await self.queue.get(jid)
             job.update(_result(body))
+        elif answered:  # unfinished: the queue, stopping, let its waiters go (a 503 of its own)
+            raise Busy(STOPPING)
         return _json(job)
 
     async def cancel_job(self, request: web.Request) -> web.StreamResponse:
@@ -339,32 +365,6 @@ class HttpApi:
             "limit": page.size,  # deprecated, with offset: what a page_token now carries
             "offset": page.offset,
         })  # fmt: skip
-
-
-class _ClientMistakes(logging.Filter):
-    """aiohttp logs a request it cannot parse (a NUL byte in a header, a broken request
-    line) at ERROR with a traceback, though it answers 400: the client's mistake, which
-    anyone who can connect can make at will. One INFO line says what it was instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, web.RequestPayloadError):  # a body that did not decode: the
-            exc = exc.__cause__  # handler answered 400; aiohttp met it again draining it
-        if isinstance(exc, HttpProcessingError) and exc.code < 500:
-            detail = " ".join(line.strip() for line in str(exc.message).splitlines())
-            record.args = (record.getMessage(), exc.code, detail[:300])
-            record.msg = "%s: %d %s"
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _server_log() -> logging.Logger:
-    """The logger aiohttp's connection handler reports to, with client mistakes tamed."""
-    server_log = logging.getLogger(f"{__name__}.server")
-    if not any(isinstance(f, _ClientMistakes) for f in server_log.filters):
-        server_log.addFilter(_ClientMistakes())
-    return server_log
 
 
 def _result(body: bytes) -> dict[str, str]:

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.errors import BadRequest
 from bgservice.queue.commands import ADD_OPTIONS, Command, ascii_number, parse_id, unrepeated
+from bgservice.queue.schedules import OPTIONS as SCHEDULE_OPTIONS
 
 # A module name as the modules folder allows it. The socket protocol silently drops other
 # bytes from a name (the original did); the JSON API refuses them instead.
@@ -42,6 +43,21 @@ def query(request: web.Request) -> dict[str, str]:
     return unrepeated(list(request.query.items()), "query parameter")
 
 
+def known_parameters(request: web.Request, accepted: frozenset[str]) -> None:
+    """A query parameter the route does not read is a 400 naming it and those it reads, as
+    the socket refuses an unknown option: ``?wiat=10`` answered at once, the client sure
+    it had waited; ``?stat=failed`` listed every state."""
+    unknown = sorted(set(request.query) - accepted)
+    if unknown:
+        takes = f"parameters: {', '.join(sorted(accepted))}" if accepted else "it takes none"
+        raise BadRequest(f"unknown query parameter {unknown[0][:40]!r} ({takes})")
+
+
+def unknown_module(name: str) -> BadRequest:
+    """The socket's ``Unknown request`` for a job of no loaded module, naming both."""
+    return BadRequest(f"field module: unknown module {name!r} (see GET /api/v1/modules)")
+
+
 def job_id(request: web.Request) -> int:
     """The ``{id}`` in the path: digits within SQLite's INTEGER, else a 400 (not the
     generic 404 of a route that does not match)."""
@@ -56,6 +72,16 @@ def seconds(name: str, text: str, maximum: float) -> float:
     if not 0 <= value <= maximum:  # also false for NaN
         raise BadRequest(f"{name}: must be 0-{maximum:g} seconds")
     return value
+
+
+def wait_seconds(text: str, maximum: float) -> float:
+    """``?wait=S``: out of range (NaN too), the message names the key that bounds it."""
+    try:
+        return seconds("wait", text, maximum)
+    except BadRequest as exc:
+        if not exc.message.startswith("wait: must be"):
+            raise
+        raise BadRequest(f"{exc.message} ([http] max_wait)") from None
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -97,22 +123,29 @@ def add_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
 
 
 # POST /schedules: each field's JSON type, as the OpenAPI document's NewSchedule gives it
-# (the job options among them as for POST /jobs); make_schedule checks the values.
+# (the job options among them as for POST /jobs); make_schedule checks the values. No
+# "options" table, as service.config's [[schedule]] has: its values went past these
+# checks ("5" for 5) and lost silently to a field of the same name; a field each is one way.
 _SCHEDULE_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "module": str, "data": str, "cron": str, "tz": str, "missed": str,
-    "paused": bool, "options": dict,
+    "paused": bool,
 }  # fmt: skip
+SCHEDULE_FIELDS = frozenset(_SCHEDULE_TYPES) | {"every"} | SCHEDULE_OPTIONS
 
 
 def schedule_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """``{"name", "module", "data", "cron" | "every", ...}`` -> (make_schedule's values,
     the data), each field of the JSON type the document gives it."""
+    unknown = sorted(set(body) - SCHEDULE_FIELDS)
+    if unknown:
+        fields = ", ".join(sorted(SCHEDULE_FIELDS))
+        raise BadRequest(f"unknown field {unknown[0][:40]!r} (fields: {fields})")
     values = dict(body)
     for key, value in body.items():
         wanted = _SCHEDULE_TYPES.get(key)
         if wanted is not None and not isinstance(value, wanted):
             raise BadRequest(f"field {key}: expected {_JSON_NAMES[wanted]}")
-        if wanted is None and (key == "every" or key in ADD_OPTIONS):
+        if wanted is None:  # every and the job options: numbers
             if (checked := _option(key, value)) is None:
                 del values[key]  # null: not given
             else:
@@ -123,7 +156,7 @@ def schedule_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     return values, _utf8("data", values.pop("data", ""))
 
 
-_JSON_NAMES: dict[Any, str] = {str: "a string", bool: "true or false", dict: "an object"}
+_JSON_NAMES: dict[Any, str] = {str: "a string", bool: "true or false"}
 
 
 def _option(key: str, value: Any) -> str | int | float | None:
@@ -146,16 +179,20 @@ def _option(key: str, value: Any) -> str | int | float | None:
     return value
 
 
-def _text(key: str, value: Any) -> str | None:
-    """A string option; ``tags`` also as a list of strings."""
+def _text(key: str, value: Any) -> str:
+    """A string option; ``tags`` also as a list of strings. Empty (``""``, ``[]``) is
+    refused with the socket's words: ``"unique": ""`` was taken for no key, so two jobs
+    "unique" alike were both added; null is the way to say "not given"."""
     if key == "tags" and isinstance(value, list):
         if not all(isinstance(item, str) for item in value):
             raise BadRequest("field tags: expected a list of strings")
         value = ",".join(value)
     if not isinstance(value, str):
         raise BadRequest(f"field {key}: expected a string")
+    if not value:
+        raise BadRequest(f"option {key}: empty (leave it out for the default)")
     _utf8(key, value)
-    return value or None
+    return value
 
 
 def _add_data(body: dict[str, Any]) -> bytes:

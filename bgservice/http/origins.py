@@ -8,8 +8,8 @@ Jupyter and webpack-dev-server do:
 
 - the ``Host`` header names this service: an IP address, ``localhost`` (or a name under
   ``.localhost``), the ``[http] host`` it listens on, or one of ``[http] allowed_hosts``
-  (``"*"``: any; a reverse proxy passing its own name needs it there); a rebound name is
-  none of these;
+  (``"*"``: any; ``"*.example.com"``: any name under example.com, not example.com itself;
+  a reverse proxy passing its own name needs it there); a rebound name is none of these;
 - a request that changes something (any method but GET, HEAD and OPTIONS) that carries
   an ``Origin`` (every browser sends one on such requests) comes from a page of this
   same host and port.
@@ -33,18 +33,28 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def check_hosts(value: Any) -> tuple[str, ...]:
-    """``[http] allowed_hosts``: a list of host names (no ports), or ``["*"]``."""
+    """``[http] allowed_hosts``: a list of host names (no ports), each maybe with a leading
+    ``*.``, or ``["*"]``. ``"*.example.com"`` was once compared as written, letting no
+    name in, unsaid; a ``*`` anywhere else (``jobs*.example.com``) is refused."""
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError('must be a list of host names, e.g. ["jobs.example.com"], or ["*"]')
     if any(":" in v or "/" in v for v in value):
         raise ValueError("must be host names without a scheme or port")
-    return tuple(v.lower().rstrip(".") for v in value)
+    names = tuple(v.lower().rstrip(".") for v in value)
+    for name in names:
+        if name != "*" and "*" in name.removeprefix("*."):
+            raise ValueError(
+                f"{name[:100]!r}: a * only as a whole first label (*.example.com), or alone"
+            )
+    return names
 
 
 class BrowserGuard:
     def __init__(self, listen_host: str, allowed: Iterable[str]) -> None:
         self.names = {listen_host.lower(), "localhost", *allowed}
         self.any_host = "*" in self.names
+        # "*.example.com" -> ".example.com": a name ending so (a subdomain, at any depth)
+        self.suffixes = tuple(name[1:] for name in self.names if name.startswith("*."))
 
     def refusal(self, method: str, headers: CIMultiDictProxy[str]) -> str | None:
         """Why a request may not be served (for a 403), or None."""
@@ -64,7 +74,7 @@ class BrowserGuard:
         return None
 
     def _ours(self, name: str) -> bool:
-        if name in self.names or name.endswith(".localhost"):
+        if name in self.names or name.endswith((".localhost", *self.suffixes)):
             return True
         try:
             ipaddress.ip_address(name)

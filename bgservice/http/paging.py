@@ -24,6 +24,7 @@ DEFAULT_SIZE = 100
 MAX_SIZE = MAX_PAGE
 NEW = ("page_size", "page_token")
 OLD = ("limit", "offset")  # deprecated
+PARAMETERS = frozenset({"state", *NEW, *OLD})  # all GET /jobs reads (any other is a 400)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import json
 
 from aiohttp import web
 
+from bgservice.errors import ServiceError
+
 STATUS = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -26,6 +28,7 @@ STATUS = {
     410: "CANCELLED",
     413: "INVALID_ARGUMENT",  # the body is larger than [limits] max_request_bytes
     415: "INVALID_ARGUMENT",  # a Content-Encoding other than gzip, deflate (or br)
+    422: "FAILED_PRECONDITION",  # a job for a module that takes none (the socket's 405)
     424: "FAILED_PRECONDITION",  # the job it depends on failed
     429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED",
@@ -44,6 +47,29 @@ def status_name(code: int) -> str:
 def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     body = json.dumps({"error": {"code": code, "message": message, "status": status_name(code)}})
     return web.Response(status=code, text=body, content_type="application/json", headers=headers)
+
+
+# The socket's 405 (a module whose ACCEPTS leaves out queue: POST /jobs, a schedule) is a
+# 422 here. HTTP's 405 says this path does not serve the method, and must list in Allow
+# those it does; POST is served. 422, not 403: nothing about the caller's rights or
+# token is wrong, the request is understood and its module takes no jobs.
+HTTP_CODES = {405: 422}
+# 503s a client may simply ask again after, by how their message starts: the seconds
+# Retry-After says (docs/http.md). A restart takes a few seconds; a full queue frees
+# room as jobs end. (Not "Too many schedules": only a delete makes room.)
+RETRY_AFTER = {
+    "Shutting down": 5, "Queue full": 1, "Queue unavailable": 5, "Job store unavailable": 5,
+    "Schedules not loaded yet": 1,
+}  # fmt: skip
+
+
+def service_error_response(exc: ServiceError) -> web.Response:
+    """A ``ServiceError`` as its socket code says, bar the codes HTTP gives another
+    meaning; a passing 503 says when to ask again."""
+    code = HTTP_CODES.get(exc.code, exc.code)
+    wait = next((s for start, s in RETRY_AFTER.items() if exc.message.startswith(start)), None)
+    headers = {"Retry-After": str(wait)} if code == 503 and wait else None
+    return error_response(code, exc.message, headers)
 
 
 # Headers on every reply (added as each is sent, errors and redirects too): no page of

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bgservice.errors import Busy
+from bgservice.errors import Busy, UnknownRequest
 from bgservice.http import inputs
 from bgservice.queue.engine import JobQueue
 from bgservice.queue.scheduler import Scheduler
@@ -47,7 +47,11 @@ class ScheduleRoutes:
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         values, data = inputs.schedule_body(await inputs.json_body(request))
-        made = await self._scheduler().put(make_schedule(values, data))
+        schedule = make_schedule(values, data)
+        try:
+            made = await self._scheduler().put(schedule)
+        except UnknownRequest:
+            raise inputs.unknown_module(schedule.module) from None
         location = {"Location": f"{SCHEDULES}/{made['name']}"}
         return web.json_response(made, status=201, headers=location)
 
@@ -64,7 +68,10 @@ class ScheduleRoutes:
     async def run(self, request: web.Request) -> web.StreamResponse:
         scheduler = self._scheduler()
         schedule = scheduler.named(request.match_info["name"])
-        jid = await self.queue.fire(schedule, None)
+        try:
+            jid = await self.queue.fire(schedule, None)
+        except UnknownRequest:  # (its module was removed since)
+            raise inputs.unknown_module(schedule.module) from None
         return web.json_response(
             {"id": jid}, status=201, headers={"Location": f"/api/v1/jobs/{jid}"}
         )

@@ -1,4 +1,4 @@
-"""The HTTP listener: aiohttp's TCP site with the socket protocol's limits.
+"""The HTTP listener: aiohttp's TCP site with the socket protocol's limits, and its log.
 
 aiohttp has no limit on open connections, so a client opening many and sending nothing
 (slow loris) took every file descriptor the process had, the socket protocol's
@@ -7,19 +7,28 @@ apart from the socket protocol's); one over it gets a 503 as JSON and is closed,
 uvicorn's ``limit_concurrency`` does. The deadlines for the request head and the idle
 time between requests are aiohttp's keep-alive timer (set in api.py), which also runs
 from a connection's opening; the body's is in api.py's guard.
+
+The log (``RequestLog``): with ``-v`` a debug line per request; always, an audit line
+per write (who added, cancelled, deleted what) and a warning per refused credential
+(a flood of them a line a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_server import Server
 
+from bgservice.http.origins import SAFE_METHODS
 from bgservice.http.replies import PLAIN, error_response
 from bgservice.logs import Sparse
 
@@ -108,3 +117,87 @@ class LimitedSite(web.TCPSite):
                 "503 (%d refused since the last line)", len(server.connections), refused,
             )  # fmt: skip
         return _Refuse(self._reply)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REFUSED = (401, 403)  # a credential, a peer, a Host or an Origin refused
+
+
+class RequestLog:
+    """aiohttp middleware (the outermost): one line per request as it ends. Reads ask
+    for a level check only unless refused; the token's name is logged, never its secret."""
+
+    def __init__(self) -> None:
+        self._refusals = {code: Sparse(LOG_EVERY, partial(_more, code)) for code in REFUSED}
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        write = request.method not in SAFE_METHODS
+        start = time.perf_counter() if write or log.isEnabledFor(logging.DEBUG) else 0.0
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # a redirect, raised past the error middleware
+            self._said(request, exc, start, write)
+            raise
+        self._said(request, response, start, write)
+        return response
+
+    def _said(
+        self, request: web.Request, response: web.StreamResponse, start: float, write: bool
+    ) -> None:
+        status = response.status
+        if status in REFUSED:
+            if self._refusals[status].tick(time.monotonic()):  # (those held back: _more)
+                log.warning("HTTP %s: %d %s", _who(request), status, _message(response))
+        elif write or log.isEnabledFor(logging.DEBUG):
+            took = (time.perf_counter() - start) * 1000
+            made = response.headers.get("Location", "")  # an added job or schedule
+            log.log(logging.INFO if write else logging.DEBUG, "HTTP %s: %d%s %.2fms",
+                    _who(request), status, f" {made}" if made else "", took)  # fmt: skip
+
+
+def _who(request: web.Request) -> str:
+    """Method, path (as sent: percent escapes stay, so no line break gets into the log),
+    peer and token name."""
+    token = request.get("token")
+    name = f"token {token.name}" if token is not None else "no token"
+    return f"{request.method} {request.raw_path[:200]} from {request.remote} ({name})"
+
+
+def _message(response: web.StreamResponse) -> str:
+    """An error reply's message (ours are JSON: replies.error_response)."""
+    body = getattr(response, "body", None)
+    try:
+        return str(json.loads(body)["error"]["message"])[:200] if body else ""
+    except (ValueError, TypeError, KeyError):
+        return ""
+
+
+def _more(code: int, count: int) -> None:
+    log.warning("HTTP: %d more requests refused with %d since the last line", count, code)
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL byte in a header, a broken request
+    line) at ERROR with a traceback, though it answers 400: the client's mistake, which
+    anyone who can connect can make at will. One INFO line says what it was instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError):  # a body that did not decode: the
+            exc = exc.__cause__  # handler answered 400; aiohttp met it again draining it
+        if isinstance(exc, HttpProcessingError) and exc.code < 500:
+            detail = " ".join(line.strip() for line in str(exc.message).splitlines())
+            record.args = (record.getMessage(), exc.code, detail[:300])
+            record.msg = "%s: %d %s"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def server_log() -> logging.Logger:
+    """The logger aiohttp's connection handler reports to, with client mistakes tamed."""
+    server = logging.getLogger(f"{__name__}.server")
+    if not any(isinstance(f, _ClientMistakes) for f in server.filters):
+        server.addFilter(_ClientMistakes())
+    return server

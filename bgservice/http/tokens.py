@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bgservice.errors import ConfigError
+
 SCOPES = ("read", "add", "operate")
 
 
@@ -40,7 +42,7 @@ def check_tokens(value: Any) -> dict[str, tuple[str, str]]:
     """``[http] tokens``: name -> {token, scope} -> name -> (token, scope)."""
     if not isinstance(value, dict):
         raise ValueError('must be a table: { NAME = { token = "...", scope = "read" } }')
-    out = {}
+    out: dict[str, tuple[str, str]] = {}
     for name, entry in value.items():
         if not isinstance(entry, dict) or set(entry) - {"token", "scope"}:
             raise ValueError(f"{name}: must be {{ token = \"...\", scope = \"...\" }}")
@@ -51,14 +53,30 @@ def check_tokens(value: Any) -> dict[str, tuple[str, str]]:
             )
         if scope not in SCOPES:
             raise ValueError(f"{name}: scope must be one of {', '.join(SCOPES)}")
+        if same := next((n for n, (s, _) in out.items() if s == secret), None):
+            raise ValueError(_shared(same, name))
         out[str(name)] = (secret, scope)
     return out
 
 
+def _shared(first: str, second: str) -> str:
+    # A secret given to two tokens got the scope of the last one read: one configured to
+    # read only could operate. Both names are said, never the secret.
+    return f"{first} and {second} have the same token: give each a secret of its own"
+
+
 class Tokens:
-    def __init__(self, single: str | None, named: Mapping[str, tuple[str, str]]) -> None:
+    def __init__(
+        self, single: str | None, named: Mapping[str, tuple[str, str]], where: str = "[http] token"
+    ) -> None:
+        """``single``: the token ``default``, from ``where`` (``[http] token`` or
+        ``$BGSERVICE_HTTP_TOKEN``); ``named``: ``[http] tokens``, whose secrets their
+        config check found distinct. One shared between the two is a ``ConfigError``
+        here, where both are known."""
         self.tokens = [Token(n, s.encode(), scope) for n, (s, scope) in named.items()]
         if single:
+            if same := next((t.name for t in self.tokens if t.secret == single.encode()), None):
+                raise ConfigError(f"[http] tokens: {_shared(where, same)}")
             self.tokens.append(Token("default", single.encode(), "operate"))
 
     @property
