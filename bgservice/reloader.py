@@ -1,14 +1,28 @@
-"""watchdog thread -> filter + debounce -> registry, handed over with call_soon_threadsafe.
+"""watchdog thread -> filter + batch -> registry, handed over with call_soon_threadsafe.
 
 Every kind of event (created, modified, moved, deleted) is reduced to "this file name may
 have changed"; the registry then looks at the disk and loads, reloads or drops. An editor's
 atomic save arrives as a move onto the module's name, so the move's destination counts
-like a write. A short debounce folds the burst of events one save makes into one reload.
+like a write. The names changed go to the registry in one batch once the folder has been
+quiet for the debounce (so the burst of events one save makes is one reload, and a deploy
+that writes a module and the helper it needs is one batch, the helper first), or at the
+latest ``MAX_BATCH`` after the batch's first change (a file written again and again).
+
+The watch starts once the modules found at start are loaded: a rescan then hands the
+registry every name on disk and every name it holds, so what changed meanwhile (a deploy
+copying files while the service started) is not missed; the registry loads only what
+differs from what it has. A symlinked folder is watched where it leads (inotify does not
+follow the link).
 
 The watch (and the registry) holds the folder found at start. A folder moved or deleted,
 or replaced by another under its name (``mv modules.new modules``, a symlink swap as deploy
 tools make), is noticed by a check every ``FOLDER_CHECK`` seconds: that is logged, and
 reloads stop until the service restarts (docs/modules.md, Hot reload).
+
+inotify has limits shared by every process of a user (``fs.inotify.max_user_instances``,
+128 by default, which a host running many services or containers reaches): when the watch
+cannot be made, the folder is polled instead (watchdog's ``PollingObserver``, a stat of
+its files every ``POLL`` seconds), said once in the log; the service starts either way.
 """
 
 from __future__ import annotations
@@ -16,17 +30,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
 
-from bgservice.registry import classify
+from bgservice.registry import Registry, classify
 
 log = logging.getLogger(__name__)
 FOLDER_CHECK = 1.0  # seconds; inotify says nothing of a symlink swap, so a stat it is
+POLL = 0.5  # seconds between the polls of the folder, where inotify cannot watch it
+MAX_BATCH = 1.6  # seconds a batch may wait for the folder to be quiet (watchfiles' default)
 
 
 class _Forward(FileSystemEventHandler):
@@ -46,16 +63,13 @@ class _Forward(FileSystemEventHandler):
 
 
 class Reloader:
-    def __init__(
-        self,
-        folder: Path,
-        refresh: Callable[[str], Coroutine[Any, Any, None]],
-        debounce_ms: float,
-    ) -> None:
+    def __init__(self, folder: Path, registry: Registry, debounce_ms: float) -> None:
         self.folder = folder
-        self.refresh = refresh
+        self.registry = registry
         self.debounce = debounce_ms / 1000
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._batch: set[str] = set()  # file names changed since the last batch went
+        self._first = 0.0  # when (loop time) the batch's first change came
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._observer: Any = None
         self._identity: tuple[int, int] | None = None  # the watched folder's (device, inode)
@@ -67,13 +81,26 @@ class Reloader:
             log.warning("not watching %s: no such folder", self.folder)
             return
         loop = asyncio.get_running_loop()
-        self._observer = Observer()
-        self._observer.schedule(_Forward(loop, self._touch), str(self.folder), recursive=False)
-        self._observer.daemon = True
-        self._observer.start()
-        log.info("watching %s for module changes", self.folder)
+        try:
+            self._observer = self._watch(Observer(), loop)
+            log.info("watching %s for module changes", self.folder)
+        except OSError as exc:  # EMFILE: "inotify instance limit reached"; ENOSPC: watches
+            self._observer = self._watch(PollingObserver(timeout=POLL), loop)
+            log.warning(
+                "cannot watch %s with inotify (%s): polling it every %g s instead (raise "
+                "fs.inotify.max_user_instances or max_user_watches to watch it)",
+                self.folder, exc.strerror or exc, POLL,
+            )  # fmt: skip
         self._identity = _identity(self.folder)
         self._check = loop.call_later(FOLDER_CHECK, self._check_folder)
+        self._rescan()
+
+    def _watch(self, observer: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        where = str(self.folder.resolve())  # (the folder a symlink leads to)
+        observer.schedule(_Forward(loop, self._touch), where, recursive=False)
+        observer.daemon = True
+        observer.start()
+        return observer
 
     def _check_folder(self) -> None:
         replaced = _identity(self.folder) != self._identity
@@ -85,29 +112,54 @@ class Reloader:
             )  # fmt: skip
         elif self._replaced and not replaced:
             log.info("modules folder %s is back: reloads resume", self.folder)
+            self._replaced = False
+            self._rescan()  # (what changed while it was away)
         self._replaced = replaced
         self._check = asyncio.get_running_loop().call_later(FOLDER_CHECK, self._check_folder)
+
+    def _rescan(self) -> None:
+        """Every name on disk and every name the registry holds, to be brought in line."""
+        try:
+            names = {path.name for path in self.folder.iterdir() if classify(path.name)}
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.folder, exc)
+            return
+        for name in names | {f"{entry.name}.py" for entry in self.registry}:
+            self._touch(name)
 
     def _touch(self, name: str) -> None:
         if self._replaced:
             return  # events of the folder that went, whose names now mean the new one's files
-        timer = self._timers.pop(name, None)
-        if timer is not None:
-            timer.cancel()
-        self._timers[name] = asyncio.get_running_loop().call_later(self.debounce, self._fire, name)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self._batch:
+            self._first = now
+        self._batch.add(name)
+        if self._timer is not None:
+            self._timer.cancel()
+        due = min(now + self.debounce, self._first + max(MAX_BATCH, self.debounce))
+        self._timer = loop.call_at(due, self._fire)
 
-    def _fire(self, name: str) -> None:
-        self._timers.pop(name, None)
-        task = asyncio.get_running_loop().create_task(self.refresh(name))
+    def _fire(self) -> None:
+        self._timer = None
+        batch, self._batch = self._batch, set()
+        if _identity(self.folder) != self._identity:  # replaced since: its names are not ours
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, names: set[str]) -> None:
+        """Helpers first: a module saved with the helper it needs loads against the new one."""
+        for name in sorted(names, key=lambda n: (not n.startswith("_"), n)):
+            await self.registry.refresh(name)
 
     async def stop(self) -> None:
         if self._check is not None:
             self._check.cancel()
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._batch.clear()
         if self._observer is not None:
             self._observer.stop()
             await asyncio.get_running_loop().run_in_executor(None, self._observer.join, 2.0)

@@ -113,9 +113,7 @@ class Service:
         )
         self.listeners = Listeners(settings, self.commands, self.datagrams, stats, self.jobs)
         self._scheduling: asyncio.Task[None] | None = None
-        self.reloader = Reloader(
-            settings.modules, self.registry.refresh, settings.reload_debounce_ms
-        )
+        self.reloader = Reloader(settings.modules, self.registry, settings.reload_debounce_ms)
         self.http: Any = None  # bgservice.http.api.HttpApi when [http] enabled
         self.http_address: list[Any] | None = None
         self.exit_code = 0

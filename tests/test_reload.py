@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -414,3 +415,124 @@ def test_a_replaced_modules_folder_is_reported(tmp_path, make_service, how):
     svc.wait_for_log(f"modules folder {modules} was moved, deleted or replaced: reloads stopped")
     assert "restart it to load the folder now there" in svc.log()
     assert svc.call(b"m:x") == b"v1"  # what it had keeps serving
+
+
+def _inotify_instances_taken() -> list[int]:
+    """Take every inotify instance this user may still make (fs.inotify.max_user_instances
+    is per user): a service started now cannot make one. Their descriptors, to close."""
+    import ctypes
+    import resource
+
+    limit = int(open("/proc/sys/fs/inotify/max_user_instances").read())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < limit + 64 <= hard or hard == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit + 64, hard))
+    libc = ctypes.CDLL(None, use_errno=True)
+    taken: list[int] = []
+    while len(taken) <= limit:
+        fd = libc.inotify_init1(os.O_CLOEXEC)
+        if fd < 0:
+            break
+        taken.append(fd)
+    return taken
+
+
+def test_without_inotify_the_folder_is_polled(modules_dir, make_service):
+    # A host with 128 inotify instances in use (the default limit, per user): watchdog's
+    # Observer raised "inotify instance limit reached" and the service never started.
+    svc = make_service(start=False)
+    taken = _inotify_instances_taken()
+    try:
+        svc.start()
+    finally:
+        for fd in taken:
+            os.close(fd)
+    assert "polling it every" in svc.log()
+    write_module(modules_dir, "polled", version("seen"))
+    wait_until(lambda: replies(svc, b"polled:x", b"seen"), timeout=10)
+    write_module(modules_dir, "polled", version("seen again"))
+    wait_until(lambda: replies(svc, b"polled:x", b"seen again"), timeout=10)
+
+
+def test_a_symlinked_modules_folder_reloads_through_the_link(tmp_path, make_service):
+    # watchdog watches a link itself (IN_DONT_FOLLOW): edits through it were never seen.
+    real = tmp_path / "release1"
+    real.mkdir()
+    write_module(real, "m", version("v1"))
+    (tmp_path / "modules").symlink_to(real)
+    svc = make_service()
+    assert svc.call(b"m:x") == b"v1"
+    write_module(tmp_path / "modules", "m", version("v2"))
+    write_module(real, "n", version("new"))
+    wait_until(lambda: replies(svc, b"m:x", b"v2") and replies(svc, b"n:x", b"new"))
+
+
+SLOW_IMPORT = """
+import time
+from pathlib import Path
+
+here = Path(__file__).with_name
+here("z_slow.started").touch()
+for _ in range(2000):  # until the test lets it go (20 s at most)
+    if here("z_slow.go").exists():
+        break
+    time.sleep(0.01)
+
+def handle_tcp(request):
+    return "slow"
+"""
+
+
+def test_changes_made_while_the_service_starts_are_loaded(modules_dir, make_service):
+    # A deploy copying files while the service started: what changed after the start-up
+    # read a file and before the watch began was never loaded, until saved again.
+    write_module(modules_dir, "b", version("b1"))
+    write_module(modules_dir, "z_slow", SLOW_IMPORT)  # (imported after b)
+    svc = make_service(start=False)
+    svc.start(wait=False)
+    wait_until(lambda: (modules_dir / "z_slow.started").exists(), timeout=20)
+    write_module(modules_dir, "b", version("b2"))
+    write_module(modules_dir, "c", version("c1"))
+    (modules_dir / "z_slow.go").touch()
+    wait_until(lambda: svc.ready_file.exists(), timeout=20)
+    svc.info = json.loads(svc.ready_file.read_text())
+    wait_until(lambda: replies(svc, b"b:x", b"b2") and replies(svc, b"c:x", b"c1"))
+
+
+def test_a_module_saved_just_before_the_helper_it_needs_loads(modules_dir, make_service):
+    # One timer per file: the module, saved 10 ms before its helper, loaded first against
+    # the old helper, failed (logged, alerted), then loaded again once the helper had.
+    uses = "from ._h import {0}\n\ndef handle_tcp(request):\n    return {1}\n"
+    write_module(modules_dir, "_h", "OLD = 1\n")
+    write_module(modules_dir, "a", uses.format("OLD", "'a1'"))
+    svc = make_service()
+    assert svc.call(b"a:x") == b"a1"
+    write_module(modules_dir, "a", uses.format("NEW", "NEW"))
+    time.sleep(0.01)
+    write_module(modules_dir, "_h", "NEW = 'a2'\n")
+    wait_until(lambda: replies(svc, b"a:x", b"a2"))
+    assert "failed to load" not in svc.log()
+
+
+def test_a_file_saved_again_and_again_is_reloaded_while_it_is(modules_dir, make_service):
+    # Saves every 5 ms, inside the 50 ms debounce: no reload until they stopped.
+    path = write_module(modules_dir, "busy", version("v0"))
+    svc = make_service()
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        for k in range(1, 2000):  # 10 s at most
+            if stop.is_set():
+                return
+            path.write_text(version(f"v{k}"))
+            time.sleep(0.005)
+
+    saving = threading.Thread(target=writer)
+    saving.start()
+    try:
+        wait_until(lambda: seen.append(svc.call(b"busy:x")) or seen[-1] != b"v0", timeout=8)
+        assert saving.is_alive()  # reloaded while the saves went on
+    finally:
+        stop.set()
+        saving.join()
