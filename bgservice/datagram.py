@@ -22,7 +22,7 @@ from bgservice.access import AccessList
 from bgservice.cancelling import cancel_all
 from bgservice.dispatch import Dispatcher
 from bgservice.logs import Sparse
-from bgservice.origin import Origin
+from bgservice.origin import Origin, peer_address
 from bgservice.protocol import split_request
 from bgservice.request import JobAdder, Request
 from bgservice.stats import Stats
@@ -205,7 +205,7 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
             if self.access.networks is not None and not self.access.allows(addr[0]):
                 self.stats.refused["udp_forbidden"] += 1
                 return
-            peer = f"{addr[0]}:{addr[1]}"
+            peer = peer_address(addr[0], addr[1])
         elif isinstance(addr, bytes):  # an abstract Unix address, NUL-padded: "@name"
             peer = "@" + addr[1:].rstrip(b"\0").decode("utf-8", "backslashreplace")
         else:

@@ -107,11 +107,17 @@ def _sources(module: types.ModuleType, key: str, example: str) -> frozenset[str]
 
 def allowed(source: str, rule: frozenset[str]) -> bool:
     """``source`` (``kind:detail``) matches a rule entry that names it whole, its kind, or
-    its kind and host without the port (``tcp:127.0.0.1`` for ``tcp:127.0.0.1:50312``)."""
+    its kind and host without the port (``tcp:127.0.0.1`` for ``tcp:127.0.0.1:50312``; an
+    IPv6 host, bracketed in sources, with or without them: ``tcp:[::1]``, ``tcp:::1``)."""
     if source in rule:
         return True
     kind, _, detail = source.partition(":")
-    return kind in rule or (":" in detail and f"{kind}:{detail.rpartition(':')[0]}" in rule)
+    if kind in rule:
+        return True
+    if ":" not in detail:
+        return False
+    host = detail.rpartition(":")[0]
+    return f"{kind}:{host}" in rule or f"{kind}:{host.strip('[]')}" in rule
 
 
 def admit(rule: frozenset[str], source: str, what: str) -> None:

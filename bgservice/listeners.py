@@ -21,7 +21,7 @@ from typing import Any
 from bgservice.access import AccessList
 from bgservice.config import LOOPBACK, Listener, Settings
 from bgservice.datagram import DatagramEndpoint, DatagramQueue
-from bgservice.origin import Origin
+from bgservice.origin import Origin, peer_address
 from bgservice.request import JobAdder
 from bgservice.stats import Stats
 from bgservice.stream.base import Caller, StreamContext, StreamProtocol
@@ -80,7 +80,7 @@ class Listeners:
                 await self._unix_dgram(listener, bound)
             self.bound.append(bound)
             shown = " ".join(
-                f"{k}://{bound[k][0]}:{bound[k][1]}" if k in ("tcp", "udp") else f"{k}:{bound[k]}"
+                f"{k}://{peer_address(*bound[k][:2])}" if k in ("tcp", "udp") else f"{k}:{bound[k]}"
                 for k in ("tcp", "udp", "unix", "unix_dgram")
                 if k in bound
             )

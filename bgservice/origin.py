@@ -37,3 +37,9 @@ class Origin(enum.Enum):
         self.alerted = value not in ("queue", "alert")
         self.transport = value
         self.direct = value in ("tcp", "unix", "udp", "unix_dgram")
+
+
+def peer_address(host: str, port: int) -> str:
+    """A network peer as ``request.peer`` and sources show it: ``host:port``, an IPv6 host
+    in brackets as URLs write it (``[::1]:50312``; ``::1:50312`` read either way)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_module
 
 
 def test_an_empty_host_option_is_a_usage_error(make_service):
@@ -91,3 +91,42 @@ def test_on_an_ipv6_address_udp_takes_ipv6_peers_only_as_tcp_does(make_service):
     assert svc.stats()["udp"]["received"] == 1  # (in order: the IPv4 one came first)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", svc.tcp[1]), timeout=5).close()
+
+
+WHOAMI = """
+CALL_FROM = {RULE}
+
+def handle_tcp(request):
+    return f"{request.peer} {request.source}"
+
+def handle_udp(request):
+    seen.append(request.source)
+
+seen = []
+
+def stats():
+    return seen
+"""
+
+
+def test_ipv6_peers_are_written_in_brackets_and_rules_take_both_forms(make_service, modules_dir):
+    # '::1:56593': where the host ends and the port begins was for the reader to guess.
+    # CALL_FROM rules written for that form ("tcp:::1") still admit.
+    for name, rule in (("old", '{"tcp:::1"}'), ("new", '{"tcp:[::1]", "udp:[::1]"}'),
+                       ("other", '{"tcp:[::2]"}'), ("kind", '{"tcp"}')):  # fmt: skip
+        write_module(modules_dir, name, WHOAMI.replace("{RULE}", rule))
+    svc = make_service('[[listen]]\nname = "v6"\nhost = "::1"\nport = 0\n')
+    port = svc.tcp[1]
+    assert f"listener v6: tcp://[::1]:{port} udp://[::1]:{port}" in svc.log()
+    peer, source = svc.call(b"new:x").decode().split()
+    assert peer.startswith("[::1]:") and source == f"tcp:{peer}"
+    old_peer, old_source = svc.call(b"old:x").decode().split()  # admitted: "tcp:::1"
+    assert old_peer.startswith("[::1]:") and old_source == f"tcp:{old_peer}"
+    assert svc.call(b"kind:x").decode().split()[1].startswith("tcp:[::1]:")  # its kind
+    refused = svc.call(b"other:x")
+    assert refused.startswith(b"403: module other: call only from tcp:[::2] (source tcp:[::1]:")
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as v6:
+        v6.sendto(b"new:over ipv6", ("::1", port))
+    wait_until(lambda: svc.stats()["module_stats"].get("new"))
+    [seen] = svc.stats()["module_stats"]["new"]
+    assert seen.startswith("udp:[::1]:")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from bgservice.origin import Origin
+from bgservice.origin import Origin, peer_address
 from bgservice.protocol import PREFACE, Mode, one_shot_error, sniff
 from bgservice.stream.base import StreamProtocol
 from bgservice.stream.framed import Framed
@@ -35,7 +35,7 @@ class Sniffer(StreamProtocol):
         host = None
         if isinstance(peer, tuple):
             host = peer[0]
-            self.peer = f"{host}:{peer[1]}"
+            self.peer = peer_address(host, peer[1])
         access = ctx.access
         if access.networks is not None and ctx.origin is Origin.TCP and not access.allows(host):
             ctx.stats.refused["tcp_forbidden"] += 1
