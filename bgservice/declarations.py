@@ -1,15 +1,21 @@
-"""What a module file declares, checked once it has imported: its handlers, ``ACCEPTS``,
-``TIMEOUT``, ``EXECUTION`` and ``PROCESSES`` (docs/modules.md); and whether a new save may
-replace the version serving now."""
+"""What a file in the modules folder is (``classify``: a module, a helper, neither) and
+what a module file declares, checked once it has imported: its handlers, ``ACCEPTS``,
+``TIMEOUT``, ``EXECUTION`` and ``PROCESSES`` (docs/modules.md); how a failed import is
+described; and whether a new save may replace the version serving now."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import math
+import re
+import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bgservice.errors import Forbidden
@@ -19,11 +25,43 @@ from bgservice.origin import Origin
 ACCEPTS = frozenset(origin.accepts for origin in Origin)
 # What EXECUTION may say (the error lists them): "process", or "default" as when left out.
 EXECUTIONS = frozenset({"default", "process"})
+# A module's file name, and a helper's (docs/modules.md, Hot reload).
+_MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
+_HELPER_FILE = re.compile(r"(_[A-Za-z0-9_-]*)\.py")
 log = logging.getLogger(__name__)
+
+
+def classify(filename: str) -> tuple[str, str] | None:
+    """``("module", name)``, ``("helper", name)``, ``("misnamed", filename)`` for another
+    ``.py`` file (ignored, but logged), or None for a file to ignore without a word (hidden
+    ones, editors' swap, backup and test files: ``.x.py``, ``.#x.py``, ``x.py~``, ``4913``)."""
+    if m := _MODULE_FILE.fullmatch(filename):
+        return "module", m.group(1)
+    if m := _HELPER_FILE.fullmatch(filename):
+        return "helper", m.group(1)
+    if filename.lower().endswith(".py") and not filename.startswith("."):
+        return "misnamed", filename
+    return None
 
 
 class ModuleLoadError(Exception):
     """A module file that did not import; the message names file, line and error."""
+
+
+def describe_failure(exc: BaseException, path: Path) -> str:
+    """``FILE:LINE: Type: message`` for what an import of ``path`` raised: the line is the
+    last of the modules folder's in the traceback (a helper's, where it raised)."""
+    if isinstance(exc, SyntaxError):
+        name = Path(exc.filename or path).name
+        where = name if exc.lineno is None else f"{name}:{exc.lineno}"  # (not "FILE:None")
+        return f"{where}: {type(exc).__name__}: {exc.msg}"
+    line = None
+    filename = path.name
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).parent == path.parent:
+            line, filename = frame.lineno, Path(frame.filename).name
+    where = f"{filename}:{line}" if line else filename
+    return f"{where}: {type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -38,7 +76,23 @@ def handler(module: types.ModuleType, attr: str) -> Handler | None:
         return None
     if not callable(fn):
         raise ModuleLoadError(f"{attr} is not callable")
-    return Handler(fn, inspect.iscoroutinefunction(fn))
+    return Handler(fn, makes_coroutine(fn))
+
+
+def makes_coroutine(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` makes a coroutine, to run on the loop: an ``async def`` (or a
+    partial or method of one), a decorator's sync wrapper made with ``functools.wraps``
+    over one (it returns the coroutine), or an object with an ``async def __call__``. Only
+    the first was seen: the others ran in a thread, their coroutine a bad reply."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.ismethod(fn):
+        return makes_coroutine(fn.__func__)
+    if inspect.isfunction(fn):  # (only a function: an object's __wrapped__ may run it itself)
+        return inspect.iscoroutinefunction(inspect.unwrap(fn))
+    if inspect.isroutine(fn) or isinstance(fn, type | functools.partial):
+        return False
+    return makes_coroutine(type(fn).__call__)  # the class's: an instance's own is not called
 
 
 def declarations(
@@ -47,18 +101,9 @@ def declarations(
     accepts_raw = getattr(module, "ACCEPTS", None)
     if accepts_raw is None:
         accepts = frozenset(({"tcp", "queue"} if tcp else set()) | ({"udp"} if udp else set()))
-    elif isinstance(accepts_raw, str) or not set(accepts_raw) <= ACCEPTS:
-        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(ACCEPTS)}")
     else:
-        accepts = frozenset(accepts_raw)
-    timeout = getattr(module, "TIMEOUT", None)
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
-        raise ModuleLoadError("TIMEOUT must be a finite number of seconds greater than 0")
+        accepts = _accepts(accepts_raw)
+    timeout = _timeout(getattr(module, "TIMEOUT", None))
     execution = getattr(module, "EXECUTION", None)
     if execution is None:
         execution = "default"
@@ -74,7 +119,30 @@ def declarations(
         log.warning("module %s: PROCESSES = %d has no effect without EXECUTION = "
                     '"process" (its calls run in the service)',
                     module.__name__.rpartition(".")[2], processes)  # fmt: skip
-    return accepts, (float(timeout) if timeout else None), execution, processes
+    return accepts, timeout, execution, processes
+
+
+def _accepts(raw: object) -> frozenset[str]:
+    # Checked before it is made a set: a number was "TypeError: 'int' object is not
+    # iterable", a list in it "unhashable type: 'list'"; an empty set loaded and answered
+    # every call 405 (CALL_FROM refuses it: it admitted no one).
+    if not isinstance(raw, set | frozenset | list | tuple) or not raw or not all(
+        isinstance(a, str) and a in ACCEPTS for a in raw
+    ):
+        raise ModuleLoadError(f"ACCEPTS must be a set drawn from {sorted(ACCEPTS)}, not empty")
+    return frozenset(raw)
+
+
+def _timeout(raw: object) -> float | None:
+    if raw is None:
+        return None
+    seconds = math.nan  # (what is no number fails below)
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        with contextlib.suppress(OverflowError):  # 10**400 was "OverflowError: int too large"
+            seconds = float(raw)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ModuleLoadError("TIMEOUT must be a finite number of seconds greater than 0")
+    return seconds
 
 
 def queue_from(module: types.ModuleType) -> frozenset[str] | None:

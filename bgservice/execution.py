@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
@@ -155,6 +157,8 @@ class Execution:
             return False, self.run(version, handler, request)
         self.stats.ran.add(version.name)  # (for the lag warning: a step may block)
         coro = handler.fn(request)
+        if not inspect.iscoroutine(coro):  # a wrapper taken for async that replied itself
+            return True, coro
         eager.runs(coro, request.loop or asyncio.get_running_loop())
         try:
             first = coro.send(None)
@@ -252,10 +256,16 @@ class Execution:
     async def _on_loop(
         self, version: ModuleVersion, handler: Handler, request: Request, timeout: float
     ) -> Any:
+        return await self._awaited(version, request, handler.fn(request), timeout)
+
+    async def _awaited(
+        self, version: ModuleVersion, request: Request, coro: Any, timeout: float
+    ) -> Any:
         # The first step runs at once: a handler that finishes without waiting (most
         # replies) costs no timer. One that waits is resumed under its timeout
         # (asyncio.timeout, not wait_for: no second task per call).
-        coro = handler.fn(request)
+        if not inspect.iscoroutine(coro):  # a wrapper taken for async that replied itself
+            return coro
         try:
             first = coro.send(None)
         except StopIteration as done:
@@ -312,6 +322,22 @@ class Execution:
             release()
             raise Busy("Shutting down") from None
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+        deadline = loop.time() + timeout
+        version.acquire()  # the call's own hold: a coroutine it returns runs after the thread
+        try:
+            result = await self._joined(version, request, job, timeout)
+            # A def wrapper over an async def the load could not see through: its coroutine
+            # runs on the loop, in what is left of the timeout, as a worker process runs it
+            # (it was a 500 "bad reply: ... not coroutine", never awaited).
+            if inspect.iscoroutine(result):
+                return await self._awaited(version, request, result, deadline - loop.time())
+            return result
+        finally:
+            version.release()
+
+    async def _joined(
+        self, version: ModuleVersion, request: Request, job: Future[Any], timeout: float
+    ) -> Any:
         limit = asyncio.timeout(timeout)
         try:
             async with limit:

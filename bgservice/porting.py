@@ -23,9 +23,9 @@ ORIGINAL_HOOKS: dict[str, tuple[str, str]] = {
 def original_hooks_problem(namespace: Mapping[str, object]) -> str | None:
     """A load error naming each original hook the module defines without its Python
     name, or None when there is none."""
-    found = [
+    found = [  # (sorted: the order docs/modules.md shows, TExecute before UExecute)
         f"{old} is the original's hook name: define {signature} instead"
-        for old, (new, signature) in ORIGINAL_HOOKS.items()
+        for old, (new, signature) in sorted(ORIGINAL_HOOKS.items())
         if old in namespace and new not in namespace
     ]
     if not found:

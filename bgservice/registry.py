@@ -7,8 +7,8 @@ runs once the last of them has finished. A file that fails to import leaves the 
 version serving and records the error, which a module that never loaded answers with.
 
 Files: ``NAME.py`` is module ``NAME``; ``_NAME.py`` is a helper that modules import with
-``from . import _NAME`` (they live in the package ``bgservice_modules``); hidden files,
-editor droppings and anything not ending in ``.py`` are ignored.
+``from . import _NAME`` (they live in the package ``bgservice_modules``); other files are
+ignored, another ``.py`` one (``a.b.py``) with a line in the log, editors' files silently.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
-import re
 import sys
 import time
-import traceback
 import types
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +32,9 @@ from bgservice.declarations import (
     Handler,
     ModuleLoadError,
     call_from,
+    classify,
     declarations,
+    describe_failure,
     handler,
     queue_from,
     serves,
@@ -48,21 +48,11 @@ log = logging.getLogger(__name__)
 Module = types.ModuleType
 
 PACKAGE = "bgservice_modules"
-_MODULE_FILE = re.compile(r"([A-Za-z0-9-][A-Za-z0-9_-]*)\.py")
-_HELPER_FILE = re.compile(r"(_[A-Za-z0-9_-]*)\.py")
-# Replacements for loader threads stuck in imports that never return. Not a setting: each
-# stuck thread is lost until it returns or the service restarts, so a higher bound would
-# only put off the restart that reclaims them (docs/modules.md, Hot reload).
-SPARE_LOADERS = 8
-
-
-def classify(filename: str) -> tuple[str, str] | None:
-    """``("module", name)``, ``("helper", name)`` or None for a file to ignore."""
-    if m := _MODULE_FILE.fullmatch(filename):
-        return "module", m.group(1)
-    if m := _HELPER_FILE.fullmatch(filename):
-        return "helper", m.group(1)
-    return None
+# Threads imports run on: start-up's imports run this many at once; one stuck in an import
+# that never returns keeps its thread, and once all are stuck loads are refused. Not a
+# setting: each stuck thread is lost until it returns or the service restarts, so a higher
+# bound would only put off the restart that reclaims them (docs/modules.md, Hot reload).
+LOADERS = 9
 
 
 @dataclass(eq=False)
@@ -173,19 +163,6 @@ def install_package(folder: Path) -> None:
     sys.modules[PACKAGE] = package
 
 
-def _describe_failure(exc: BaseException, path: Path) -> str:
-    if isinstance(exc, SyntaxError):
-        where = f"{Path(exc.filename or path).name}:{exc.lineno}"
-        return f"{where}: {type(exc).__name__}: {exc.msg}"
-    line = None
-    filename = path.name
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if Path(frame.filename).parent == path.parent:
-            line, filename = frame.lineno, Path(frame.filename).name
-    where = f"{filename}:{line}" if line else filename
-    return f"{where}: {type(exc).__name__}: {exc}"
-
-
 def import_module_file(name: str, path: Path, source: bytes | None = None) -> ModuleVersion:
     """Import ``path`` (or ``source`` as if it were that file) into a fresh module object.
 
@@ -214,18 +191,13 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
         raise ModuleLoadError(f"{path.name}: {exc}") from None
     except BaseException as exc:  # SystemExit at import time must not stop the service
         _restore(qualname, module, previous)
-        raise ModuleLoadError(_describe_failure(exc, path)) from None
+        raise ModuleLoadError(describe_failure(exc, path)) from None
     return ModuleVersion(
         name=name, path=path, module=module, digest=loader.digest, tcp=tcp, udp=udp,
         unload=unload if callable(unload) else None,
         stats=stats if callable(stats := getattr(module, "stats", None)) else None,
-        accepts=accepts,
-        timeout=timeout,
-        execution=execution,
-        processes=processes,
-        queue_from=sources,
-        call_from=callers,
-        source=loader.source,
+        accepts=accepts, timeout=timeout, execution=execution, processes=processes,
+        queue_from=sources, call_from=callers, source=loader.source,
     )  # fmt: skip
 
 
@@ -246,18 +218,20 @@ def _digest(path: Path) -> str | None:
 
 
 class Registry:
-    """Module name -> ``ModuleEntry``. Loads run one at a time in a thread of their own."""
+    """Module name -> ``ModuleEntry``. Loads run in threads, one at a time but at start."""
 
     def __init__(self, folder: Path, events: Events, import_timeout: float = 30.0,
                  builtins: Collection[str] = ()) -> None:  # fmt: skip
         self.folder = folder.resolve()
         self.builtins = frozenset(builtins)  # request names the service answers itself
         self._events = events
-        # Imports run one at a time on a daemon thread: one that never returns is given up
-        # after ``import_timeout`` and a new thread takes the next (no reload, no exit waits).
+        # Imports run on daemon threads, one at a time but at start: one that never returns is
+        # given up after ``import_timeout``, another thread takes the next (no exit waits).
         self.import_timeout = import_timeout
-        self._loader = CallThreads(1, spare=SPARE_LOADERS, name="bgservice-loader")
+        self._loader = CallThreads(LOADERS, spare=0, name="bgservice-loader")
         self._entries: dict[str, ModuleEntry] = {}
+        self._helpers: dict[str, str | None] = {}  # helper name -> digest of its file, as seen
+        self._misnamed: set[str] = set()  # files logged as "not a module name"
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
         self._new = logging.INFO  # how the load of a module not loaded before is logged
@@ -274,11 +248,25 @@ class Registry:
             log.warning("modules folder %s does not exist; no modules loaded", self.folder)
             return
         self._new = logging.DEBUG  # each line, when the server's table lists them all next
-        for path in sorted(self.folder.iterdir()):
-            kind = classify(path.name)
-            if kind and kind[0] == "module":
-                await self.refresh(path.name)
+        async with self._lock:
+            found = [(path, classify(path.name)) for path in sorted(self.folder.iterdir())]
+            self._helpers = {k[1]: _digest(p) for p, k in found if k and k[0] == "helper"}
+            for path in (p for p, k in found if k and k[0] == "misnamed"):
+                self._misnamed_seen(path.name)
+            modules = [k[1] for p, k in found if k and k[0] == "module" and p.is_file()]
+            await self._load_at_once(modules)
         self._new = logging.INFO
+
+    async def _load_at_once(self, names: list[str]) -> None:
+        """As many imports at a time as the loader has threads not stuck (all stuck: one, to
+        be refused): hung ones cost ``import_timeout`` once before listening, not once each."""
+        waiting, running = names[::-1], set[asyncio.Future[None]]()
+        while waiting or running:
+            while waiting and (not running or len(running) < LOADERS - self._loader.stuck):
+                running.add(asyncio.ensure_future(self._load(waiting.pop())))
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # (the service's own error, not a module's: raised, as it was)
 
     async def refresh(self, filename: str) -> None:
         """Bring one file's module in line with the disk: load, reload or drop it."""
@@ -286,18 +274,31 @@ class Registry:
         if kind is None:
             return
         async with self._lock:
-            if kind[0] == "helper":
+            if kind[0] == "misnamed":
+                self._misnamed_seen(filename)
+            elif kind[0] == "helper":
                 await self._helper_changed(kind[1])
             elif (self.folder / filename).is_file():
                 await self._load(kind[1])
             else:
                 self._drop(kind[1])
 
+    def _misnamed_seen(self, filename: str) -> None:
+        # Said once per name: else a module saved under a typo'd name just answered 400.
+        if filename not in self._misnamed and (self.folder / filename).is_file():
+            self._misnamed.add(filename)
+            log.info("ignoring %s: not a module name (docs/modules.md)", filename)
+
     async def _helper_changed(self, helper: str) -> None:
+        # Unchanged bytes (a touch, the rescan after start) do nothing; created or deleted count.
+        digest = await asyncio.to_thread(_digest, self.folder / f"{helper}.py")
+        if digest == self._helpers.get(helper):
+            return
+        self._helpers[helper] = digest
         # Any module may import any helper, directly or through another helper: drop every
         # cached helper and re-import every module, so none keeps a stale copy.
         package = sys.modules.get(PACKAGE)
-        for qualname in [n for n in sys.modules if n.startswith(f"{PACKAGE}._")]:
+        for qualname in [n for n in list(sys.modules) if n.startswith(f"{PACKAGE}._")]:
             del sys.modules[qualname]
             # ``from . import _x`` takes the package's attribute when it exists, without
             # importing: drop it too, or modules would get the stale helper back.
@@ -373,7 +374,7 @@ class Registry:
             future = self._loader.submit(import_module_file, name, path)
         except ThreadsExhausted:
             raise ModuleLoadError(
-                f"refused: all {1 + SPARE_LOADERS} loader threads are stuck in imports still "
+                f"refused: all {LOADERS} loader threads are stuck in imports still "
                 "running past [reload] import_timeout; restart the service to load again"
             ) from None
         try:

@@ -47,7 +47,8 @@ MAX_BATCH = 1.6  # seconds a batch may wait for the folder to be quiet (watchfil
 
 
 class _Forward(FileSystemEventHandler):
-    """Runs in watchdog's thread: keeps only module and helper names, hands them over."""
+    """Runs in watchdog's thread: keeps only module and helper names (and misnamed ``.py``
+    files, which the registry reports once), hands them over."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, touch: Callable[[str], None]) -> None:
         self.loop = loop

@@ -10,26 +10,29 @@ for. An async hook runs on the loop and is cancelled at the timeout.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from bgservice.declarations import makes_coroutine
+
 log = logging.getLogger(__name__)
 
 
 async def run_unload(name: str, hook: Callable[[], Any], timeout: float) -> None:
-    """Run module ``name``'s unload hook; log what it raised, or that it did not end."""
-    if inspect.iscoroutinefunction(hook):
+    """Run module ``name``'s unload hook; log what it raised, or that it did not end. One
+    that makes a coroutine (``async def``, decorated too) runs on the loop, as handlers do."""
+    on_loop = makes_coroutine(hook)
+    if on_loop:
         running: asyncio.Future[Any] = asyncio.ensure_future(_on_loop(name, hook))
     else:
         running = asyncio.wrap_future(_in_own_thread(name, hook))
     # asyncio.wait, not wait_for: a TimeoutError the hook raises is its error, not ours.
     done, _ = await asyncio.wait({running}, timeout=timeout)
     if not done:
-        if inspect.iscoroutinefunction(hook):
+        if on_loop:
             running.cancel()
             fate = "cancelled"
         else:

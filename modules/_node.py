@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
@@ -434,6 +435,9 @@ class NodeCompilers:
 
 
 _shared = NodeCompilers()
+# Modules import in the loader's threads, several at once at start, while release runs on
+# the loop: the count is read and written under a lock.
+_users_lock = threading.Lock()
 
 
 def acquire() -> NodeCompilers:
@@ -441,13 +445,16 @@ def acquire() -> NodeCompilers:
 
     Counting users keeps the process alive while one module reloads (the new version
     acquires before the old one releases) and stops it when the last one goes."""
-    _shared.users += 1
+    with _users_lock:
+        _shared.users += 1
     return _shared
 
 
 async def release(compilers: NodeCompilers) -> None:
-    compilers.users -= 1
-    if compilers.users <= 0:
+    with _users_lock:
+        compilers.users -= 1
+        last = compilers.users <= 0
+    if last:
         await compilers.stop()
 
 

@@ -100,3 +100,86 @@ def test_execution_values_and_processes_without_process_mode(make_service, modul
         b'502: Module pthread failed to load: pthread.py: EXECUTION must be "process", '
         b'or "default" (as when left out)'
     )
+
+
+# Handlers that make a coroutine without being an ``async def`` themselves.
+WRAPPED = """
+import asyncio
+import functools
+
+def logged(fn):
+    @functools.wraps(fn)
+    def wrapper(request):  # a sync wrapper: it returns the coroutine
+        return fn(request)
+    return wrapper
+
+@logged
+async def handle_tcp(request):
+    await asyncio.sleep(0.01)
+    return "wrapped ok"
+"""
+
+CALLABLE = """
+class Handler:
+    async def __call__(self, request):
+        return "callable ok"
+
+handle_tcp = Handler()
+"""
+
+# Not to be seen through at load (a lambda): it runs in a thread, and hands back a
+# coroutine, which the service runs on the loop, within the call's timeout.
+HIDDEN = """
+import asyncio
+
+TIMEOUT = 1
+
+async def _reply(request):
+    await asyncio.sleep(float(request.text or 0))
+    return "hidden ok"
+
+handle_tcp = lambda request: _reply(request)
+"""
+
+
+def test_handlers_that_make_a_coroutine_run_on_the_loop(make_service, modules_dir):
+    # Found by a black-box review: a functools.wraps decorator over an async def, or an
+    # object with an async __call__, ran in a thread: "500: Module deco returned a bad
+    # reply: ... not coroutine", and the coroutine was never awaited.
+    write_module(modules_dir, "wrapped", WRAPPED)
+    write_module(modules_dir, "callobj", CALLABLE)
+    write_module(modules_dir, "hidden", HIDDEN)
+    svc = make_service()
+    assert svc.call(b"wrapped:x") == b"wrapped ok"
+    assert svc.call(b"callobj:x") == b"callable ok"
+    assert svc.call(b"hidden:0.01") == b"hidden ok"
+    assert svc.call(b"hidden:5") == b"504: Module hidden timed out after 1 s"
+    runs = {m["name"]: m["execution"] for m in json.loads(svc.call(b"service:modules"))}
+    assert (runs["wrapped"], runs["callobj"], runs["hidden"]) == ("loop", "loop", "thread")
+    assert "never awaited" not in svc.log()
+
+
+@pytest.mark.parametrize(
+    ("declared", "error"),
+    [
+        # Each was a Python error that named no declaration; set() loaded, answered 405.
+        ("ACCEPTS = 5", "ACCEPTS must be a set drawn from ['queue', 'tcp', 'udp'], not empty"),
+        ("ACCEPTS = [['tcp']]", "ACCEPTS must be a set drawn from"),
+        ("ACCEPTS = set()", "ACCEPTS must be a set drawn from"),
+        ("TIMEOUT = 10**400", "TIMEOUT must be a finite number of seconds greater than 0"),
+    ],
+)
+def test_a_malformed_declaration_is_named(make_service, modules_dir, declared, error):
+    write_module(modules_dir, "bad", f"{declared}\ndef handle_tcp(request):\n    return 1\n")
+    svc = make_service()
+    reply = svc.call(b"bad:x")
+    assert reply.startswith(f"502: Module bad failed to load: bad.py: {error}".encode()), reply
+
+
+def test_a_null_byte_in_a_module_is_named_without_a_line_of_none(make_service, modules_dir):
+    # It said "bk.py:None: SyntaxError: ...".
+    (modules_dir / "bk.py").write_bytes(b"def handle_tcp(request):\n    return 'x'\x00\n")
+    svc = make_service()
+    reply = svc.call(b"bk:x")
+    assert reply.startswith(b"502: Module bk failed to load: bk.py: "), reply
+    assert b"null bytes" in reply and b":None" not in reply, reply

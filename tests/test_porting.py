@@ -65,3 +65,13 @@ def test_the_port_in_docs_modules_md_runs(modules_dir, make_service):
     svc.send_udp(b"registersession:abc123")
     wait_until(lambda: svc.call(b"registersession:abc123").isdigit())
     assert abs(int(svc.call(b"registersession:abc123")) / 1000 - time.time()) < 30
+
+
+def test_the_log_line_in_docs_modules_md_is_the_one_logged(modules_dir, make_service):
+    # The page showed TExecute first; the service named UExecute first (its dict's order).
+    page = (REPO / "docs" / "modules.md").read_text()
+    shown = "module shout failed to load: " + page.split("module shout failed to load: ")[1]
+    write_module(modules_dir, "shout", ORIGINAL_NAMES)
+    svc = make_service()
+    svc.wait_for_log("module shout failed to load")
+    assert shown.splitlines()[0] in svc.log()

@@ -342,14 +342,14 @@ def test_a_version_loaded_at_start_is_freed_once_replaced(modules_dir, make_serv
 
 
 def test_once_every_loader_thread_is_stuck_a_save_is_refused_not_fatal(tmp_path, make_service):
-    # Found by a black-box test: after 9 imports that never returned (the loader's thread
-    # and its 8 spares), the next save of a loaded module raised ThreadsExhausted out of
+    # Found by a black-box test: after 9 imports that never returned (every one of the
+    # loader's 9 threads), the next save of a loaded module raised ThreadsExhausted out of
     # the digest check, and the service stopped (exit 70).
     modules = tmp_path / "modules"  # no shipped modules: their imports would race 0.5 s
     modules.mkdir()
     ok = write_module(modules, "ok", version("v1"))
     svc = make_service("[reload]\nimport_timeout = 0.5\n")
-    for i in range(9):  # the loader's thread and its 8 spares (docs/modules.md)
+    for i in range(9):  # the loader's 9 threads (docs/modules.md)
         write_module(modules, f"hang{i}", "import threading\nthreading.Event().wait()\n")
     wait_until(lambda: svc.log().count("import did not finish within") == 9, timeout=30)
     ok.write_text(version("v2"))
