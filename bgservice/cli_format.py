@@ -37,10 +37,13 @@ def span(seconds: float) -> str:
 
 
 def age(when: float | None, now: float) -> str:
-    """``5 s ago`` or ``in 10 min``; ``-`` for no time."""
+    """``5 s ago``, ``in 10 min`` or ``now``; ``-`` for no time."""
     if when is None:
         return EMPTY
-    return f"in {span(when - now)}" if when > now + 0.5 else f"{span(now - when)} ago"
+    if abs(when - now) < 0.0005:  # (would read "0 ms ago")
+        return "now"
+    # (A run 107 ms away once read "107 ms ago": the future began half a second on.)
+    return f"in {span(when - now)}" if when > now else f"{span(now - when)} ago"
 
 
 def moment(when: float | None, now: float) -> str:

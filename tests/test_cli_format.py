@@ -27,6 +27,14 @@ def test_ages_and_local_times() -> None:
     assert fmt.moment(1e30, NOW) == "1000000000000000019884624838656 (Unix time)"
 
 
+def test_a_time_less_than_half_a_second_away_is_ahead_not_ago() -> None:
+    # A schedule's next run 107 ms away read "(107 ms ago)": the future began 0.5 s on.
+    assert fmt.age(NOW + 0.107, NOW) == "in 107 ms"
+    assert fmt.zoned(NOW + 0.107, NOW, dt.UTC).endswith(" UTC (in 107 ms)")
+    assert fmt.age(NOW - 0.107, NOW) == "107 ms ago"
+    assert fmt.age(NOW, NOW) == fmt.age(NOW + 0.0001, NOW) == "now"
+
+
 def test_table_aligns_and_right_aligns_numbers() -> None:
     lines = fmt.table(("id", "module", "error"), [(7, "sleep", None), (1234, "echo", "boom")])
     assert lines == ["  id  module  error", "   7  sleep   -", "1234  echo    boom"]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from bgservice.cli_schedule import schedules_lines
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 NOW = dt.datetime(2026, 12, 4, 16, 0, tzinfo=dt.UTC).timestamp()
 
@@ -35,22 +35,39 @@ def test_a_cron_schedules_times_are_in_its_own_zone_named():
     assert f"{local} (in 1 min)" in schedules_lines([berlin, sweep], NOW)[2]
 
 
+def schedule_cli(service, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``bgservice schedule ARGS`` once the schedules are loaded (a 503 for a moment)."""
+    wait_until(lambda: not service.call(b"queue:schedules").startswith(b"503"))
+    address = "{}:{}".format(*service.tcp)
+    return subprocess.run(
+        [sys.executable, str(REPO / "service.py"), "schedule", *args],
+        capture_output=True, env={**os.environ, "BGSERVICE_ADDRESS": address}, timeout=60,
+    )  # fmt: skip
+
+
 def test_schedule_add_takes_every_option_the_service_takes(service):
     # --backoff was missing ("No such option"), though queue:schedule and the HTTP API
     # take it: a schedule's jobs could not be given a retry delay from the shell.
-    address = "{}:{}".format(*service.tcp)
-    added = subprocess.run(
-        [sys.executable, str(REPO / "service.py"), "schedule", "add", "cl1", "echo", "hi",
-         "--every", "60", "--tz", "Europe/Berlin", "--missed", "skip", "--paused",
-         "--priority", "3", "--retries", "2", "--backoff", "5", "--job-timeout", "7",
-         "--json"],
-        capture_output=True, env={**os.environ, "BGSERVICE_ADDRESS": address}, timeout=60,
+    added = schedule_cli(
+        service, "add", "cl1", "echo", "hi", "--cron", "0 3 * * *", "--tz", "Europe/Berlin",
+        "--missed", "skip", "--paused", "--priority", "3", "--retries", "2", "--backoff", "5",
+        "--job-timeout", "7", "--json",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     (made,) = json.loads(added.stdout)
     (kept,) = json.loads(service.call(b"queue:schedules"))
     assert made == kept
-    assert (kept["name"], kept["module"], kept["every"]) == ("cl1", "echo", 60)
+    assert (kept["name"], kept["module"], kept["cron"]) == ("cl1", "echo", "0 3 * * *")
     assert (kept["tz"], kept["missed"], kept["paused"]) == ("Europe/Berlin", "skip", True)
     options = {name: float(value) for name, value in kept["options"].items()}  # (as sent)
     assert options == {"priority": 3, "retries": 2, "backoff": 5, "timeout": 7}
+
+
+def test_schedule_add_refuses_a_time_zone_for_every(service):
+    # --every 86400 --tz Europe/Berlin was taken, the zone ignored (every counts seconds of
+    # the epoch) and hidden by the list: a user thought it ran at midnight Berlin time.
+    added = schedule_cli(service, "add", "x", "echo", "d", "--every", "86400", "--tz",
+                         "Europe/Berlin")  # fmt: skip
+    assert added.returncode == 1 and added.stdout == b""
+    assert added.stderr.startswith(b"400: schedule x: tz is for cron schedules"), added.stderr
+    assert schedule_cli(service, "list").stdout == b"no schedules\n"

@@ -476,7 +476,7 @@ def test_host_option_overrides_the_file(make_service):
         sock.sendall(b"test:x")
         sock.shutdown(socket.SHUT_WR)
         assert recv_all(sock) == b"Test"
-    assert "listener test: tcp://::1:" in svc.log()
+    assert "listener test: tcp://[::1]:" in svc.log()
 
 
 def test_several_listeners_all_answer(make_service, modules_dir, tmp_path):

@@ -4,8 +4,10 @@ once across restarts and across instances on one Redis (bgservice.queue.schedule
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import json
+import os
 import random
 import re
 import signal
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -129,7 +131,7 @@ def test_schedules_at_run_time(make_service):
     for bad, why in [
         (b"queue:schedule?name=x:echo:x", b"give either cron or every"),
         (b"queue:schedule?name=x&cron=nope:echo:x", b"bad cron expression"),
-        (b"queue:schedule?name=x&every=5&tz=Mars%2FBase:echo:x", b"unknown time zone"),
+        (b"queue:schedule?name=x&cron=0+3+*+*+*&tz=Mars%2FBase:echo:x", b"unknown time zone"),
         (b"queue:schedule?name=x&every=5&priority=high:echo:x", b"option priority"),
         (b"queue:schedule?name=x&every=5&colour=red:echo:x", b"unknown key 'colour'"),
         (b"queue:schedule?name=..&every=5:echo:x", b"name must be"),
@@ -187,7 +189,8 @@ def test_a_bad_schedule_in_the_config_stops_the_start(tmp_path):
         ('name = "x"\nmodule = "echo"\nevery = 60\ncron = "* * * * *"\n', "every", 4),
         ('name = "x"\nmodule = "echo"\n', "cron", None),  # neither: no line to show
         ('name = "x"\nmodule = "echo"\ncron = "* * *"\n', "cron", 4),
-        ('name = "x"\nmodule = "echo"\nevery = 60\ntz = "Mars/Olympus"\n', "tz", 5),
+        ('name = "x"\nmodule = "echo"\ncron = "0 3 * * *"\ntz = "Mars/Olympus"\n', "tz", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\ntz = "Europe/Berlin"\n', "tz", 5),
         ('name = "x"\nmodule = "echo"\nevery = 60\nmissed = "all"\n', "missed", 5),
         ('name = "x"\nmodule = "echo"\nevery = 60\npaused = "maybe"\n', "paused", 5),
         ('name = "x"\nmodule = "echo"\nevery = 60\ncolour = "red"\n', "colour", 5),
@@ -435,6 +438,9 @@ def test_a_pause_stored_by_an_older_version_still_loads():
         async def remove_schedule(self, name):
             return self.stored.pop(name, None) is not None
 
+        def check_schedule(self, schedule):
+            pass
+
         def schedules_changed(self):
             pass
 
@@ -635,6 +641,8 @@ def test_a_replaced_schedule_shows_a_last_slot_only_if_it_is_one_of_its_own(make
     replaced = json.loads(svc.call(b"queue:schedule?name=X&every=7199:echo:x"))
     assert replaced["last_slot"] == (last if last % 7199 == 0 else None)
     assert _listed(svc, "X")["last_slot"] == replaced["last_slot"]
+
+
 def test_the_last_slot_outlasts_a_pause_and_a_resume(make_service):
     # last_slot became null after pause + resume: the resume recorded its moment as the
     # schedule's last (so no slot that fell while paused fires), which hid the last slot.
@@ -647,3 +655,275 @@ def test_the_last_slot_outlasts_a_pause_and_a_resume(make_service):
     resumed = json.loads(svc.call(b"queue:resume:X"))
     assert resumed["last_slot"] == fired, resumed
     wait_until(lambda: _listed(svc, "X")["last_slot"] > fired + 2)  # from its next slot on
+
+
+# --- DST, through a service whose wall clock is set ----------------------------------
+
+# Loaded by site at the interpreter's start (PYTHONPATH): the service's time.time(), what
+# the scheduler reads, starts at START and runs at the real pace; its monotonic clock (the
+# loop's timers) is untouched. libfaketime does the same for every clock, but is not a
+# dependency of the tests.
+FAKE_CLOCK = """
+import time
+_offset = {start!r} - time.time()
+_time, _time_ns = time.time, time.time_ns
+time.time = lambda: _time() + _offset
+time.time_ns = lambda: _time_ns() + int(_offset * 1e9)
+"""
+
+
+def started_at(svc, moment: datetime):
+    """Start ``svc`` (made with start=False) with its wall clock at ``moment``."""
+    folder = svc.root / f"clock-{moment.timestamp():.0f}"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(FAKE_CLOCK.format(start=moment.timestamp()))
+    inherited = svc.env.get("PYTHONPATH")
+    svc.env["PYTHONPATH"] = str(folder) + (os.pathsep + inherited if inherited else "")
+    return svc.start()
+
+
+def zoned_tables(tz: str, **crons: str) -> str:
+    return "".join(
+        f'[[schedule]]\nname = "{name}"\nmodule = "echo"\ndata = "x"\ncron = "{cron}"\n'
+        f'tz = "{tz}"\n'
+        for name, cron in crons.items()
+    )
+
+
+# Each zone's repeated hour on its fall-back day (the first pass, then the second).
+FALL_BACK = [("Europe/Berlin", (2025, 10, 26, 2)), ("America/New_York", (2025, 11, 2, 1))]
+
+
+@pytest.mark.parametrize(("tz", "hour"), FALL_BACK)
+def test_a_restart_in_the_repeated_hour_runs_the_missed_slot_once(make_service, tz, hour):
+    """Down from the first pass of the hour the clocks repeat to its second: missed =
+    "once" runs the latest slot once. Found by review: 61 jobs of "* * * * *" and 4 of
+    "*/15 * * * *" at the start (a moment of the second pass read as the first, an hour
+    earlier: every slot from there fired, one by one), and last_slot null in that hour."""
+    zone = ZoneInfo(tz)
+    tables = zoned_tables(tz, minutely="* * * * *", quarterly="*/15 * * * *")
+    first = make_service(tables, start=False)
+    started_at(first, datetime(*hour, 43, 57, tzinfo=zone, fold=0))
+    schedules(first)  # stored: their last is this moment, in the first pass
+    first.stop()
+    second = make_service(tables, start=False)
+    started_at(second, datetime(*hour, 44, 5, tzinfo=zone, fold=1))
+    for name, latest in [("minutely", 44), ("quarterly", 30)]:
+        slot = datetime(*hour, latest, tzinfo=zone, fold=1).timestamp()
+        # Slots fire in order: once this one has, any earlier would have too.
+        wait_until(lambda n=name, s=slot: s in slots(runs(second, n)))
+        fired = [s for s in slots(runs(second, name)) if s <= slot]
+        assert fired == [slot], (name, [datetime.fromtimestamp(s, zone) for s in fired])
+        assert named(second, name)["last_slot"] >= slot  # a slot of that hour, shown
+
+
+def test_a_fixed_time_job_in_the_gap_of_spring_forward_runs_at_its_end(make_service):
+    """As Debian cron: "30 2 * * *" on the night Berlin skips 02:00-02:59 runs at 03:00."""
+    zone = ZoneInfo("Europe/Berlin")
+    svc = make_service(zoned_tables("Europe/Berlin", nightly="30 2 * * *"), start=False)
+    started_at(svc, datetime(2025, 3, 30, 1, 59, 52, tzinfo=zone))
+    three = datetime(2025, 3, 30, 3, 0, tzinfo=zone).timestamp()
+    assert named(svc, "nightly")["next_run"] == three
+    wait_until(lambda: slots(runs(svc, "nightly")) == [three], timeout=20)
+
+
+def reference_slots(cron: str, tz: str, start: float, end: float) -> list[float]:
+    """Debian cron's slots of a minute-and-hour-only expression, minute by minute: one
+    at a fixed hour and minute (no * in either field) runs in the first pass of a repeated
+    hour only, and at the end of a gap its time fell in; one with a * by the clock."""
+
+    def field(text: str, size: int) -> set[int]:
+        if text.startswith("*"):
+            return set(range(0, size, int(text[2:] or 1)))
+        return {int(part) for part in text.split(",")}
+
+    minute, hour = cron.split()[:2]
+    minutes, hours = field(minute, 60), field(hour, 24)
+    fixed = not minute.startswith("*") and not hour.startswith("*")
+    zone, out = ZoneInfo(tz), []
+    for moment in range(int(start), int(end), 60):
+        wall = datetime.fromtimestamp(moment, zone)
+        if wall.minute in minutes and wall.hour in hours and not (fixed and wall.fold):
+            out.append(float(moment))
+        # The wall times the clock jumps over to the next minute (none but in a gap).
+        skipped = wall.replace(tzinfo=None) + timedelta(minutes=1)
+        following = datetime.fromtimestamp(moment + 60, zone).replace(tzinfo=None)
+        while fixed and skipped < following:
+            if skipped.minute in minutes and skipped.hour in hours:
+                out.append(float(moment + 60))  # at the gap's end, once
+                break
+            skipped += timedelta(minutes=1)
+    return out
+
+
+DST_DAYS = [("Europe/Berlin", "2025-03-30"), ("Europe/Berlin", "2025-10-26"),
+            ("America/New_York", "2025-03-09"), ("America/New_York", "2025-11-02")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("tz", "day"), DST_DAYS)
+@pytest.mark.parametrize(
+    "cron",
+    ["* * * * *", "*/15 * * * *", "0 * * * *", "30 2 * * *", "0,30 1 * * *", "0 3 * * *"],
+)
+def test_slots_on_both_dst_days_of_two_zones_are_debian_crons(tz, day, cron):
+    """Every 29 s of the night around each change: the slot before, the one after, and
+    each slot known as one (last_slot was null for the second pass of a repeated hour,
+    and a restart there fired an hour of slots)."""
+    schedule = make_schedule({"name": "d", "module": "m", "cron": cron, "tz": tz}, b"")
+    midnight = datetime.fromisoformat(day).replace(tzinfo=ZoneInfo(tz)).timestamp()
+    start, end = midnight - 3600, midnight + 6 * 3600
+    known = reference_slots(cron, tz, start - 86400, end + 86400)
+    for now in range(int(start), int(end), 29):
+        at = bisect.bisect_right(known, now)
+        before, after = known[at - 1], known[at]
+        assert (schedule.latest_slot(now), schedule.next_slot(now)) == (before, after), now
+        # A restart at ``now`` after an hour down: the latest slot, once.
+        if start + 3600 < now and before > now - 3600:
+            assert schedule.due(now - 3600, now) == before, now
+    for slot in (s for s in known if start <= s <= end):
+        assert schedule.latest_slot(slot) == slot and schedule.is_slot(slot), slot
+
+
+# --- changes, config and replies --------------------------------------------------------
+
+
+@BOTH
+def test_a_schedule_given_new_times_fires_from_its_first_slot_after(make_service):
+    """Replaced with other times, a schedule fires from its first slot after the change,
+    as a new one: a slot of the new times between its last and the change once fired at
+    once, while the reply said its next run was later (found by review). Replaced with
+    other job options only, it keeps its last slot."""
+    svc = make_service()
+    schedules(svc)
+    made = json.loads(svc.call(b"queue:schedule?name=ed&cron=0+0+1+1+*:echo:x"))  # yearly
+    time.sleep(2.2)  # a slot of every=2 falls between its making and its change
+    replaced = json.loads(svc.call(b"queue:schedule?name=ed&every=2:echo:x"))
+    assert replaced["last_slot"] is None and made["cron"] == "0 0 1 1 *"
+    wait_until(lambda: runs(svc, "ed"), timeout=10)
+    assert min(slots(runs(svc, "ed"))) == replaced["next_run"]
+    last = wait_until(lambda: named(svc, "ed")["last_slot"])
+    kept = json.loads(svc.call(b"queue:schedule?name=ed&every=2&priority=3:echo:x"))
+    assert kept["last_slot"] is not None and kept["last_slot"] >= last  # (or fired since)
+
+
+def test_a_config_schedule_given_new_times_fires_from_its_first_slot_after(make_service):
+    """The same through service.config and a restart: "0 0 1 1 *" changed to "42 * * *
+    *" and started at 11:42:15 once ran the 11:42 slot at the start (next_run: 12:42)."""
+    tick = '[[schedule]]\nname = "tick"\nmodule = "echo"\ndata = "x"\nevery = 1\n'
+    edited = '[[schedule]]\nname = "ed"\nmodule = "echo"\ndata = "x"\ncron = "{}"\n'
+    first = make_service(tick + edited.format("0 0 1 1 *"), start=False)
+    started_at(first, datetime(2026, 6, 1, 11, 41, 50, tzinfo=UTC))
+    schedules(first)
+    first.stop()
+    second = make_service(tick + edited.format("42 * * * *"), start=False)
+    restart = datetime(2026, 6, 1, 11, 42, 15, tzinfo=UTC)
+    started_at(second, restart)
+    listed = named(second, "ed")
+    assert listed["next_run"] == datetime(2026, 6, 1, 12, 42, tzinfo=UTC).timestamp()
+    # The start fires whatever is due in one pass: two ticks later, any slot of ed would
+    # have been added.
+    wait_until(lambda: max(slots(runs(second)), default=0) >= restart.timestamp() + 2)
+    assert runs(second, "ed") == []
+    assert named(second, "ed")["last_slot"] is None
+
+
+def only(name: str) -> str:
+    return f'[[schedule]]\nname = "{name}"\nmodule = "echo"\ndata = "x"\nevery = 1\n'
+
+
+@pytest.mark.parametrize("queue_backend", ["redis"])
+def test_a_config_schedule_of_one_instance_is_seen_and_fired_by_the_others(make_service):
+    """A's config has a-only, B's b-only, on one Redis: each lists both, and b-only goes on
+    firing once B stops. A never heard of b-only (the start stored it without telling the
+    others): it was not listed there, and stopped with B."""
+    a = make_service(only("a-only"))
+    schedules(a)
+    b = make_service(only("b-only"), root=a.root / "b")
+    wait_until(lambda: _listed(a, "b-only") is not None)
+    assert _listed(b, "a-only") is not None
+    b.stop()
+    stopped = time.time()
+    wait_until(lambda: max(slots(runs(a, "b-only")), default=0) > stopped + 1, timeout=10)
+
+
+def test_a_config_schedule_of_a_missing_module_is_warned_of_at_the_start(make_service):
+    """Not an error (the module may be added later), but said at once: each slot used to
+    log an error of its own, the run lost, and nothing at the start."""
+    ghost = '[[schedule]]\nname = "ghost"\nmodule = "nosuch"\ncron = "0 3 * * *"\n'
+    svc = make_service(ghost)
+    schedules(svc)
+    svc.wait_for_log("WARNING")
+    line = next(ln for ln in svc.log().splitlines() if "WARNING" in ln)
+    assert "schedule ghost: module nosuch refuses its runs for now (400 " in line, line
+
+
+def test_slots_skipped_or_run_once_after_a_downtime_are_logged(make_service):
+    """An hour down: the 59 slots before the latest do not run, which was said nowhere."""
+    tables = "".join(
+        f'[[schedule]]\nname = "{m}"\nmodule = "echo"\ndata = "x"\nevery = 60\nmissed = "{m}"\n'
+        for m in ("skip", "once")
+    )
+    down = datetime(2026, 6, 1, 11, 0, 20, tzinfo=UTC)
+    first = make_service(tables, start=False)
+    started_at(first, down)
+    schedules(first)
+    first.stop()
+    again = make_service(tables, start=False)
+    started_at(again, down + timedelta(hours=1, seconds=10))  # 12:00:30: 12:00 is on time
+    for missed in ("skip", "once"):
+        wait_until(lambda m=missed: runs(again, m))
+        again.wait_for_log(f"schedule {missed}: 59 missed slots before the run of ")
+        assert re.search(rf'schedule {missed}: 59 missed slots before .* not run \(missed = '
+                         rf'"{missed}"\)', again.log())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("alias", "fields"),
+    [("@yearly", "0 0 1 1 *"), ("@annually", "0 0 1 1 *"), ("@monthly", "0 0 1 * *"),
+     ("@weekly", "0 0 * * 0"), ("@daily", "0 0 * * *"), ("@midnight", "0 0 * * *"),
+     ("@hourly", "0 * * * *")],
+)  # fmt: skip
+def test_cron_nicknames_are_their_five_fields(alias, fields):
+    made = make_schedule({"name": "n", "module": "m", "cron": alias}, b"")
+    assert made.cron == fields
+
+
+def test_an_unknown_key_is_named_with_the_keys_there_are():
+    with pytest.raises(BadRequest) as info:
+        make_schedule({"name": "c", "module": "m", "every": 5, "colour": "red"}, b"", "config")
+    assert info.value.message == (
+        "schedule c: unknown key 'colour' (keys: backoff, cron, data, every, missed, module, "
+        "name, options, paused, priority, retries, timeout, tz)"
+    )
+
+
+def test_schedule_replies_to_bad_input(make_service):
+    """Found by review: a tz with every taken and ignored; an unknown option named without
+    the ones there are; queue:unschedule without a name a 404; queue:schedules:x a list."""
+    svc = make_service()
+    schedules(svc)
+    for bad, reply in [
+        (b"queue:schedule?name=x&every=86400&tz=Europe%2FBerlin:echo:x",
+         b"400: schedule x: tz is for cron schedules (every counts seconds, in no time zone)"),
+        (b"queue:schedule?name=x&every=86400&tz=Etc%2FUTC:echo:x",
+         b"400: schedule x: tz is for cron schedules (every counts seconds, in no time zone)"),
+        (b"queue:schedule?name=t2&every=5&unique=k:echo:x",
+         b"400: schedule t2: unknown key 'unique' (keys: backoff, cron, every, missed, name, "
+         b"paused, priority, retries, timeout, tz)"),
+        (b"queue:schedule?name=r&cron=%40reboot:echo:x", b"400: schedule r: bad cron "
+         b"expression '@reboot': five fields (minute hour day-of-month month day-of-week), "
+         b"or one of @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly"),
+        (b"queue:unschedule", b"400: queue:unschedule: name the schedule "
+         b"(queue:unschedule:NAME)"),
+        (b"queue:pause:", b"400: queue:pause: name the schedule (queue:pause:NAME)"),
+        (b"queue:schedules:x", b"400: queue:schedules takes no argument"),
+        (b"queue:schedule?name=&every=5:echo:x", b"400: option name: empty (a schedule needs "
+         b"a name)"),
+    ]:  # fmt: skip
+        assert svc.call(bad) == reply, bad
+    # UTC, as listed, is what every counts in: a listed schedule can be sent back.
+    assert json.loads(svc.call(b"queue:schedule?name=u&every=60&tz=UTC:echo:x"))["tz"] == "UTC"
+    assert svc.call(b"queue:unschedule:u") == b"removed"
+    daily = json.loads(svc.call(b"queue:schedule?name=d&cron=%40daily:echo:x"))
+    assert daily["cron"] == "0 0 * * *" and named(svc, "d")["cron"] == "0 0 * * *"
+    assert [s["name"] for s in json.loads(svc.call(b"queue:schedules:"))] == ["d"]

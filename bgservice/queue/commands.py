@@ -118,6 +118,8 @@ def parse(data: bytes) -> Command:
     command = Command(word, unrepeated(pairs, "option"), args)
     for name, value in command.options.items():
         if not value:  # unique= once meant no key, silently; HTTP refuses it too
+            if word == "schedule" and name == "name":  # (there is no default name)
+                raise BadRequest("option name: empty (a schedule needs a name)")
             raise BadRequest(f"option {name}: empty (leave it out for the default)")
     read = READ_OPTIONS.get(word, frozenset())
     if word not in OWN_OPTIONS and (unknown := set(command.options) - read):

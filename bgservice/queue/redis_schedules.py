@@ -175,7 +175,11 @@ class RedisSchedules:
 
     async def _publish_schedules(self) -> None:
         # Signed: the instance that changed them has them already (a reload is O(schedules)).
-        await self.db.redis.publish(self.db.key("events"), f"schedules:{self.owner}")
+        try:
+            await self.db.redis.publish(self.db.key("events"), f"schedules:{self.owner}")
+        except RedisError as exc:  # Redis away, or we are stopping: was an unexpected error
+            log.warning("other instances not told of the schedules changed here (%s): they "
+                        "load it at the next change announced, or at their restart", exc)  # fmt: skip
 
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
     owner: str  # RedisQueue's: this instance's name

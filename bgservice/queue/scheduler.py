@@ -13,6 +13,11 @@ name (one paused at run time stays paused; a pause that came from the config las
 while the config says ``paused = true``), and schedules that came from the config but
 are no longer in it are removed. docs/queue.md describes the commands.
 
+A schedule replaced with other times (cron, every, tz) starts afresh, from its first slot
+after the change, as a new one does: its last slot, of the old times, would have let a
+slot of the new ones that fell before the change fire at once. One replaced with other
+job options only keeps its last slot.
+
 At most ``[queue] max_schedules`` schedules are kept, those of service.config included:
 an add beyond it (a new name; replacing one is always allowed) is refused with ``503``,
 as a full queue refuses a job.
@@ -27,10 +32,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bgservice.errors import Busy, Conflict, NotFound, ServiceError
+from bgservice.errors import BadRequest, Busy, Conflict, NotFound, ServiceError
 from bgservice.protocol import split_request
 from bgservice.queue.commands import Command
-from bgservice.queue.schedules import GRACE, Schedule, make_schedule
+from bgservice.queue.schedules import COUNT_MAX, GRACE, Schedule, make_schedule
 
 if TYPE_CHECKING:
     from bgservice.config import QueueSettings
@@ -107,13 +112,29 @@ class Scheduler:
             if was is not None:
                 resumed = was.paused and not schedule.paused
                 schedule = _with(schedule, resumed=now if resumed else was.resumed)
-            await self.store.put_schedule(schedule, now)
+            retimed = was is not None and was.times != schedule.times
+            await self.store.put_schedule(schedule, now, reset=retimed)
+            self._check_module(schedule)
+        changed = bool(self.configured)
         for name, (schedule, _) in stored.items():
             # (On Redis, another live instance's config may keep it: the engine says so.)
             if schedule.origin == "config" and name not in names:
                 if await self.store.remove_schedule(name):
                     log.info("schedule %s: no longer in service.config, removed", name)
+                    changed = True
+        if changed:  # (on Redis, running instances once never saw this config's schedules)
+            self.store.schedules_changed()
         await self.reload()
+
+    def _check_module(self, schedule: Schedule) -> None:
+        """Warn of a config schedule whose runs would be refused now (a module missing or
+        refusing queue jobs): not an error, as the module may be added later."""
+        try:
+            self.store.check_schedule(schedule)
+        except ServiceError as exc:
+            log.warning("schedule %s: module %s refuses its runs for now (%d %s): each run "
+                        "is lost until it takes them", schedule.name, schedule.module,
+                        exc.code, exc.message)  # fmt: skip
 
     def stop(self) -> None:
         self._closed = True
@@ -144,11 +165,15 @@ class Scheduler:
         """``queue:schedules``, ``queue:schedule?...:MODULE:DATA``, and
         ``queue:unschedule|pause|resume|fire:NAME`` (docs/queue.md)."""
         if cmd.name == "schedules":
+            if cmd.args:  # (queue:schedules:x once listed them all)
+                raise BadRequest("queue:schedules takes no argument")
             return _json(self.describe())
         if cmd.name == "schedule":
             module, data = split_request(cmd.args)
             return _json(await self.put(make_schedule({**cmd.options, "module": module}, data)))
         name = cmd.args.decode("utf-8", "replace").strip()
+        if not name:  # (once a 404 for the schedule named '')
+            raise BadRequest(f"queue:{cmd.name}: name the schedule (queue:{cmd.name}:NAME)")
         if cmd.name == "unschedule":
             await self.remove(name)
             return b"removed"
@@ -166,7 +191,7 @@ class Scheduler:
         schedule, last = self.named(name), self.last.get(name)
         known = self._slotted.get(name)
         if last is not None and (known is None or known[0] != last):
-            known = self._slotted[name] = (last, schedule.latest_slot(last) == last)
+            known = self._slotted[name] = (last, schedule.is_slot(last))
         is_slot = last is not None and known is not None and known[1]
         now = time.time() if now is None else now
         return schedule.describe(last, now, self._next.get(name), is_slot)
@@ -180,6 +205,9 @@ class Scheduler:
         self.store.check_schedule(schedule)
         if old is not None:  # replaced: its slots up to a resume stay unfired
             schedule = _with(schedule, resumed=old.resumed)
+        # New times: from its first slot after now (a slot of them between its last and now
+        # once fired at once, while the reply said its next run was later).
+        retimed = old is not None and old.times != schedule.times
         new = old is None and schedule.name not in self._adding
         if new:
             if len(self.schedules.keys() | self._adding) >= self.max_schedules:
@@ -187,8 +215,8 @@ class Scheduler:
             self._adding.add(schedule.name)
         try:
             now = time.time()
-            await self.store.put_schedule(schedule, now)
-            if old is None:  # (replaced, it keeps its last slot)
+            await self.store.put_schedule(schedule, now, reset=retimed)
+            if old is None or retimed:  # (replaced with the same times: its last slot kept)
                 self.last[schedule.name] = now
             self._changed(schedule)
         finally:
@@ -298,11 +326,23 @@ class Scheduler:
                 failed = True
                 continue
             if name in self.schedules:  # (not removed while it was fired)
-                self.last[name] = slot
+                # (nor replaced with new times, which start after their change: not before)
+                self.last[name] = max(slot, self.last.get(name, slot))
                 self._plan(name)
             if jid is not None:
+                _log_missed(schedule, last, slot)
                 log.info("schedule %s: run of %s is job %d", schedule.name, _when(slot), jid)
         self._arm(RETRY if failed else None)
+
+
+def _log_missed(schedule: Schedule, last: float, slot: float) -> None:
+    """Say how many slots before ``slot`` did not run (a downtime, a late timer): with
+    missed = "skip" they were dropped, with "once" the latest of them runs for them all."""
+    missed = schedule.missed_slots(last, slot)
+    if missed:
+        more = "+" if missed >= COUNT_MAX else ""
+        log.info('schedule %s: %d%s missed slots before the run of %s not run (missed = "%s")',
+                 schedule.name, missed, more, _when(slot), schedule.missed)  # fmt: skip
 
 
 def _json(value: Any) -> bytes:

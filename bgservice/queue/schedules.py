@@ -15,13 +15,16 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # cronsim (by the author of healthchecks.io) rather than a parser of our own: it follows
-# Debian cron's semantics (day-of-month OR day-of-week, L, W, #) and DST transitions.
+# Debian cron's semantics (day-of-month OR day-of-week, L, LW, #; not W, which it refuses)
+# and its DST rules: a job at a fixed hour and minute runs once when clocks go back, and
+# at the end of the gap when they go forward; one with * in those fields by the clock.
 from cronsim import CronSim, CronSimError
 
 from bgservice.errors import BadRequest
@@ -39,6 +42,19 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 GRACE = 60.0
 # Job options a schedule may carry (queue:add's, less those that make no sense per run).
 OPTIONS = frozenset({"priority", "retries", "backoff", "timeout"})
+# The keys of a schedule besides those options: all of them in a [[schedule]] table; at
+# run time module and data are the request's, and there is no options table.
+KEYS = ("name", "module", "data", "cron", "every", "tz", "missed", "paused", "options")
+RUN_TIME_KEYS = ("name", "cron", "every", "tz", "missed", "paused")
+# Debian cron's nicknames, as the five fields they stand for (@reboot has no slots).
+ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}  # fmt: skip
+# Missed slots are counted for the log up to this many (a cron schedule's slots cost a
+# step of CronSim each, 10 us: a minutely one down for a month took half a second).
+COUNT_MAX = 1000
 
 
 class BadSchedule(BadRequest):
@@ -81,10 +97,17 @@ class Schedule:
             while (n - 1) * self.every > after:
                 n -= 1
             return n * self.every
+        return next(self._cron_slots(after))
+
+    def _cron_slots(self, after: float) -> Iterator[float]:
+        """Its cron slots strictly after ``after``, in order."""
         assert self.cron is not None
-        zone = ZoneInfo(self.tz)
-        start = datetime.fromtimestamp(after, zone)
-        return next(iter(CronSim(self.cron, start))).timestamp()
+        for moment in CronSim(self.cron, datetime.fromtimestamp(after, ZoneInfo(self.tz))):
+            # A job at a fixed hour and minute is worked out in wall-clock time, without
+            # the fold: from the second pass of an hour the clocks repeat, that hour's slot
+            # is its first pass's, before ``after`` (Debian cron runs it once: passed).
+            if (slot := moment.timestamp()) > after:
+                yield slot
 
     def latest_slot(self, now: float) -> float:
         """The last slot at or before ``now``."""
@@ -96,8 +119,39 @@ class Schedule:
                 n += 1
             return n * self.every
         assert self.cron is not None
-        moment = datetime.fromtimestamp(now, ZoneInfo(self.tz)) + timedelta(microseconds=1)
-        return next(iter(CronSim(self.cron, moment, reverse=True))).timestamp()
+        # A microsecond on, so that a slot at ``now`` itself counts (going back, CronSim
+        # starts before its moment). Added in UTC: an aware datetime plus a timedelta has
+        # fold 0, so a moment in the second pass of a repeated hour read as the first pass,
+        # an hour earlier, and a restart there fired each slot of that hour (61 jobs).
+        moment = datetime.fromtimestamp(math.floor(now), UTC) + timedelta(microseconds=1)
+        slots = CronSim(self.cron, moment.astimezone(ZoneInfo(self.tz)), reverse=True)
+        latest = next(slots).timestamp()
+        # Going back works a fixed hour and minute out in wall-clock time: from a repeated
+        # hour's second pass it misses that hour's first-pass slot. Checked forward, which
+        # knows the fold (one step when it was right).
+        while (following := self.next_slot(latest)) <= now:
+            latest = following
+        return latest
+
+    def is_slot(self, moment: float) -> bool:
+        """Whether ``moment`` is one of its slots (one step of CronSim, not two)."""
+        if self.every is not None:
+            return self.latest_slot(moment) == moment
+        return self.next_slot(moment - 1) == moment  # (cron slots are whole minutes)
+
+    def missed_slots(self, last: float, slot: float) -> int:
+        """How many slots before ``slot`` do not run, given the last one fired (or the
+        moment it was made, or resumed): those in (since(last), slot); up to COUNT_MAX."""
+        since = self.since(last)
+        if self.every is not None:
+            first = self.next_slot(since)
+            return 0 if first >= slot else min(round((slot - first) / self.every), COUNT_MAX)
+        count = 0
+        for moment in self._cron_slots(since):
+            if moment >= slot or count == COUNT_MAX:
+                break
+            count += 1
+        return count
 
     def since(self, last: float) -> float:
         """After when its slots fire, given the last one fired (or the moment it was
@@ -112,12 +166,17 @@ class Schedule:
         following = self.next_slot(self.since(last))
         if following > now:
             return None
-        # Never at or before last, even where going back from now misses the second pass of
-        # an hour a DST change repeats (it once fired a slot of the first pass every minute).
-        latest = max(self.latest_slot(now), following)
+        # On time, the slot after last is the latest: one step of CronSim, not two.
+        latest = following if self.next_slot(following) > now else self.latest_slot(now)
         if self.missed == "skip" and now - latest > GRACE:
             return None
         return latest
+
+    @property
+    def times(self) -> tuple[str | None, float | None, str]:
+        """What its slots are worked out from: a change of these makes it a new schedule
+        (its slots start after the change), a change of its job's options does not."""
+        return self.cron, self.every, self.tz
 
     def unique_key(self, slot: float) -> str:
         return f"schedule:{self.name}@{slot:.3f}"
@@ -160,7 +219,7 @@ class Schedule:
         if not self.paused and (upcoming is None or upcoming <= now or since > now):
             upcoming = self.next_slot(max(now, since))
         if last_is_slot is None:
-            last_is_slot = last is not None and self.latest_slot(last) == last
+            last_is_slot = last is not None and self.is_slot(last)
         return {
             "name": self.name,
             "module": self.module,
@@ -206,7 +265,9 @@ def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") 
     options.update(own)
     if values:
         key = sorted(values)[0]
-        raise BadSchedule(key, f"schedule {name}: unknown key {key!r}")
+        keys = KEYS if origin == "config" else RUN_TIME_KEYS
+        known = ", ".join(sorted({*keys, *OPTIONS}))
+        raise BadSchedule(key, f"schedule {name}: unknown key {key!r:.40} (keys: {known})")
     unknown = set(options) - OPTIONS
     if unknown:
         problem = f"option {sorted(unknown)[0]!r} is not one of {', '.join(sorted(OPTIONS))}"
@@ -244,19 +305,25 @@ def _timing(name: str, values: dict[str, Any]) -> tuple[str | None, float | None
     if (cron is None) == (every is None):
         problem = "give either cron or every, not both or neither"
         raise BadSchedule("every" if every is not None else "cron", f"schedule {name}: {problem}")
+    if every is not None:
+        # Another zone was taken, and ignored: every counts seconds of the epoch. (UTC is
+        # what its listing shows, and true: every = 86400 fires at 00:00 UTC.)
+        if str(values.pop("tz", "UTC")) != "UTC":
+            problem = "tz is for cron schedules (every counts seconds, in no time zone)"
+            raise BadSchedule("tz", f"schedule {name}: {problem}")
+        return None, _seconds(name, every), "UTC"
     tz = str(values.pop("tz", "UTC"))
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         raise BadSchedule("tz", f"schedule {name}: unknown time zone {tz[:60]!r}") from None
-    if every is not None:
-        return None, _seconds(name, every), tz
-    cron = str(cron)
+    cron = ALIASES.get(str(cron).strip().lower(), str(cron))
     if len(cron.split()) != 5:  # cronsim reads six as seconds first, Quartz as seconds too
         raise BadSchedule(
             "cron",
             f"schedule {name}: bad cron expression {cron[:60]!r}: five fields "
-            "(minute hour day-of-month month day-of-week)",
+            "(minute hour day-of-month month day-of-week), or one of "
+            f"{', '.join(ALIASES)}",
         )
     try:
         next(iter(CronSim(cron, datetime.now(ZoneInfo(tz)))))
