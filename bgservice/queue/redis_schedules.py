@@ -178,8 +178,10 @@ class RedisSchedules:
         try:
             await self.db.redis.publish(self.db.key("events"), f"schedules:{self.owner}")
         except RedisError as exc:  # Redis away, or we are stopping: was an unexpected error
-            log.warning("other instances not told of the schedules changed here (%s): they "
-                        "load it at the next change announced, or at their restart", exc)  # fmt: skip
+            log.warning(
+                "other instances not told of the schedules changed here (%s): they load "
+                "it at the next change announced, or at a restart", exc,
+            )  # fmt: skip
 
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
     owner: str  # RedisQueue's: this instance's name
