@@ -171,3 +171,31 @@ def test_an_add_and_wait_cut_by_a_stop_names_its_job(modules_dir, make_service, 
     restarted = make_service(root=tmp_path)
     assert restarted.call(b"queue:get:id:%d" % cut) == b"open"
     assert restarted.call(b"queue:get:id:%d" % behind) == b"later"
+
+
+SWALLOWS = """
+import asyncio
+
+async def handle_tcp(request):
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:  # (a handler that saves what it has, and returns)
+        return "saved at the stop"
+"""
+
+
+def test_a_job_that_ends_on_its_own_when_the_stop_cuts_it_is_not_handed_back(
+    modules_dir, make_service, tmp_path, queue_backend
+):
+    # Its task, cancelled, returned: the job was done, and handing it back (done ->
+    # waiting) raised in the middle of the stop.
+    write_module(modules_dir, "swallows", SWALLOWS)
+    config = "[limits]\nshutdown_grace = 0.3\n"
+    svc = make_service(config)
+    jid = add(svc, b"queue:add:swallows:x")
+    wait_until(lambda: status(svc, jid)["state"] == "running")
+    assert svc.stop() == 0
+    assert "Traceback" not in svc.log()
+    restarted = make_service(config, root=tmp_path)
+    assert restarted.call(b"queue:get:id:%d" % jid) == b"saved at the stop"
+    assert status(restarted, jid)["attempts"] == 1

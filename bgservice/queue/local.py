@@ -121,8 +121,8 @@ class LocalQueue(StoredSchedules, JobQueue):
             _, pending = await asyncio.wait(tasks, timeout=grace)
             cut = [self.jobs[jid] for jid, task in self._running.items() if task in pending]
             await cancel_all(pending, "jobs")  # (again, if one loses its cancellation)
-            for job in cut:  # waiting again: not a crash's interruption (handed_back)
-                self._writes.save(job, ("state",), handed_back(job))
+            for job in (j for j in cut if j.state is JobState.RUNNING):  # (else: it ended)
+                self._writes.save(job, ("state",), handed_back(job))  # (no crash: not counted)
             refuse_waiters(self._waiters, ())  # theirs
         self._cascade(sys.maxsize)  # (a chain grows it as it goes)
         await self._writes.drain(5)
