@@ -104,18 +104,16 @@ class Reloader:
         return observer
 
     def _check_folder(self) -> None:
-        replaced = _identity(self.folder) != self._identity
-        if replaced and not self._replaced:
+        was, self._replaced = self._replaced, _identity(self.folder) != self._identity
+        if self._replaced and not was:
             log.warning(
                 "modules folder %s was moved, deleted or replaced: reloads stopped (the "
                 "service still serves the modules it has); restart it to load the folder "
                 "now there", self.folder,
             )  # fmt: skip
-        elif self._replaced and not replaced:
+        elif was and not self._replaced:
             log.info("modules folder %s is back: reloads resume", self.folder)
-            self._replaced = False
-            self._rescan()  # (what changed while it was away)
-        self._replaced = replaced
+            self._rescan()  # (what changed while it was away; _touch needs _replaced clear)
         self._check = asyncio.get_running_loop().call_later(FOLDER_CHECK, self._check_folder)
 
     def _rescan(self) -> None:

@@ -417,6 +417,27 @@ def test_a_replaced_modules_folder_is_reported(tmp_path, make_service, how):
     assert svc.call(b"m:x") == b"v1"  # what it had keeps serving
 
 
+
+def test_a_modules_folder_moved_back_resumes_reloads_with_what_changed_away(
+    tmp_path, make_service
+):
+    # Moved away and back (a deploy that failed halfway, an operator's mistake): reloads
+    # stop while it is away, then resume, and a module changed while it was away is read.
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    write_module(modules, "m", version("v1"))
+    svc = make_service()
+    assert svc.call(b"m:x") == b"v1"
+    away = tmp_path / "away"
+    modules.rename(away)
+    svc.wait_for_log(f"modules folder {modules} was moved, deleted or replaced")
+    write_module(away, "m", version("v2"))
+    away.rename(modules)
+    svc.wait_for_log(f"modules folder {modules} is back: reloads resume")
+    wait_until(lambda: replies(svc, b"m:x", b"v2"))
+    write_module(modules, "m", version("v3"))  # and later saves reload as before
+    wait_until(lambda: replies(svc, b"m:x", b"v3"))
+
 def _inotify_instances_taken() -> list[int]:
     """Take every inotify instance this user may still make (fs.inotify.max_user_instances
     is per user): a service started now cannot make one. Their descriptors, to close."""
