@@ -102,3 +102,19 @@ def test_a_finished_jobs_progress_is_listed_and_kept_over_a_restart(
     assert status(restarted, done)["progress"] == reported
     assert status(restarted, failed)["progress"]["message"] == "step fail"
     assert _listed(restarted, b"state=done")[0]["progress"] == reported
+
+
+def test_a_delayed_job_come_due_is_listed_where_it_will_run(make_service):
+    # Redis listed a delayed job that had come due with the delayed ones (no position)
+    # until a claim moved it to the ready line, where its lower id put it first: the
+    # listing and queue:status said the other job would run next, and it ran second.
+    svc = make_service("[queue]\nworkers = 1\n")
+    busy = add(svc, b"queue:add:sleep:20000")
+    wait_until(lambda: status(svc, busy)["state"] == "running")
+    came_due = add(svc, b"queue:add?delay=0.3:echo:came-due")
+    ready = add(svc, b"queue:add:echo:ready")
+    run_at = status(svc, came_due)["run_at"]
+    wait_until(lambda: time.time() > run_at + 0.05)
+    listed = _listed(svc, b"state=waiting")
+    assert [(j["id"], j["position"]) for j in listed] == [(came_due, 0), (ready, 1)]
+    assert [status(svc, jid)["position"] for jid in (came_due, ready)] == [0, 1]

@@ -58,6 +58,16 @@ return best and string.format('%.6f', best) or ''
 """
 )
 
+# ARGV: P, now. Moves delayed jobs now due (1000 at most) to the ready line, as the next
+# claim would, for a listing or position to show the order they will run in.
+DUE = COMMON + r"""
+local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 1000)
+for _, id in ipairs(due) do
+  redis.call('ZREM', P .. ':delayed', id)
+  if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
+end
+"""
+
 # ARGV: P, now, the instance, what to try. What the engine's scripts do, done once at start
 # and harmlessly (check_access): nothing; read and write a key of the prefix and read
 # Redis's clock; publish on the channel (instances ignore ``hello``).
@@ -165,6 +175,7 @@ class RedisJobs:
         }
         self.scripts["OLDEST"] = self.redis.register_script(OLDEST)  # (stats only)
         self.scripts["ACCESS"] = self.redis.register_script(ACCESS)
+        self.scripts["DUE"] = self.redis.register_script(DUE)
         self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
         self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
         self.cascades.set()  # (an instance may have stopped before it ended them all)
@@ -255,6 +266,7 @@ class RedisJobs:
     async def position(self, job: Job) -> int | None:
         if job.state is not JobState.WAITING:
             return None
+        await self.call("DUE")  # (a job come due sorts among the ready by priority and id)
         rank = await self.redis.zrank(self.key("ready"), f"{job.id:020d}")
         return None if rank is None else int(rank)
 
@@ -282,6 +294,7 @@ class RedisJobs:
                 else self.redis.zrevrange(key, offset, stop)
             )
             return [int(m) for m in raw], 0
+        await self.call("DUE")
         pipe = pipeline(self.redis, transaction=False)
         pipe.zcard(self.key("ready"))
         pipe.zrange(self.key("ready"), offset, stop)
