@@ -221,3 +221,13 @@ def test_max_waiting_bytes_holds_for_adds_that_arrive_together(make_service):
     replies = pipelined(svc, [b"queue:add:echo:" + b"x" * 30000] * 10)
     assert [status for status, _ in replies].count(200) == 3, replies
     assert all(body.startswith(b"Queue full (") for status, body in replies if status != 200)
+
+
+def test_a_job_larger_than_max_waiting_bytes_is_refused_413_not_told_to_retry(make_service):
+    # A job whose data alone passes max_waiting_bytes could never be queued, yet got
+    # "503 Queue full (0 bytes, ...)" on an empty queue: a client told to try again later
+    # (a Retry-After over HTTP) tried for ever.
+    svc = make_service("[queue]\nmax_waiting_bytes = 1000\n")
+    refused = svc.call(b"queue:add:echo:" + b"x" * 1001)
+    assert refused == b"413: Job too large (1001 bytes, [queue] max_waiting_bytes 1000)"
+    assert svc.call(b"queue:add?wait=1:echo:" + b"y" * 1000) == b"y" * 1000  # (fits: runs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import ValuesView
 
-from bgservice.errors import Busy
+from bgservice.errors import Busy, TooLarge
 from bgservice.queue.job import Job
 
 
@@ -24,7 +24,10 @@ class LiveJobs:
     def admit(self, size: int, most: int, most_bytes: int) -> None:
         """Hold room for one more job of ``size`` bytes of data until ``admitted``, or
         raise ``Busy``: the jobs here and the adds let in before it would be ``most`` or
-        more, or their data more than ``most_bytes``."""
+        more, or their data more than ``most_bytes``; ``TooLarge`` if the job alone is
+        (it would never fit: 503 told its client to try again, for ever)."""
+        if size > most_bytes:
+            raise TooLarge(f"Job too large ({size} bytes, [queue] max_waiting_bytes {most_bytes})")
         if len(self._jobs) + self._adding >= most:
             raise Busy(f"Queue full ({most} jobs)")
         held = self.data_bytes + self._adding_bytes
