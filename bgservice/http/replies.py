@@ -26,7 +26,7 @@ STATUS = {
     408: "DEADLINE_EXCEEDED",
     409: "FAILED_PRECONDITION",  # e.g. retry of a waiting job, delete of a running one
     410: "CANCELLED",
-    413: "INVALID_ARGUMENT",  # the body is larger than [limits] max_request_bytes
+    413: "INVALID_ARGUMENT",  # max_request_bytes, or a job past [queue] max_waiting_bytes
     415: "INVALID_ARGUMENT",  # a Content-Encoding other than gzip, deflate (or br)
     422: "FAILED_PRECONDITION",  # a job for a module that takes none (the socket's 405)
     424: "FAILED_PRECONDITION",  # the job it depends on failed
