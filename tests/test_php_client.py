@@ -212,6 +212,26 @@ catch (InvalidArgumentException $e) { show($e->getMessage()); }
     assert "'id:oops'" in out[3], out
 
 
+
+def test_add_refuses_wait_and_points_to_run(service, tmp_path):
+    # add(..., ['wait' => 1]) sent queue:add?wait=1: the job ran, and its result then
+    # failed to read as an id (an exception for a job that had run). Refused, unsent.
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+try { $bg->add('echo', 'x', ['wait' => 1]); echo "no exception\\n"; }
+catch (InvalidArgumentException $e) { show($e->getMessage()); }
+try { $bg->addMany([['echo', 'y', ['wait' => true]]]); echo "no exception\\n"; }
+catch (InvalidArgumentException $e) { show($e->getMessage()); }
+show($bg->add('echo', 'first'));  // nothing was queued before it
+show($bg->run('echo', 'ran', ['priority' => 1]));
+""",
+        address(service),
+    )
+    assert len(out) == 4 and all("run() adds a job and waits" in line for line in out[:2]), out
+    assert out[2:] == ["1", '"ran"']
+
 def test_call_over_a_unix_stream_socket(make_service, tmp_path):
     path = tmp_path / "bg.sock"
     svc = make_service(

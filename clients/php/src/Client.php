@@ -184,7 +184,7 @@ class Client
      *
      * @param array<string, int|float|string|bool|list<int|string>> $options
      *
-     * @throws InvalidArgumentException an unknown option, or a bad `after` id
+     * @throws InvalidArgumentException an unknown option, `wait` (run() waits), or a bad `after` id
      */
     public function add(string $module, string $data = '', array $options = []): int
     {
@@ -203,7 +203,7 @@ class Client
      */
     public function run(string $module, string $data = '', array $options = [], ?float $timeout = null): string
     {
-        return $this->request($this->addRequest($module, $data, ['wait' => 1] + $options), $timeout);
+        return $this->request($this->addRequest($module, $data, $options, true), $timeout);
     }
 
     /**
@@ -323,11 +323,19 @@ class Client
      *
      * @throws InvalidArgumentException an unknown option, or a bad `after` id
      */
-    private function addRequest(string $module, string $data, array $options): string
+    private function addRequest(string $module, string $data, array $options, bool $wait = false): string
     {
-        $unknown = array_diff(array_keys($options), [...self::ADD_OPTIONS, 'wait']);
+        if (array_key_exists('wait', $options)) {
+            // add()/addMany() with wait ran the job, then failed to read an id from its result
+            throw new InvalidArgumentException('option wait: add() and addMany() reply job ids; '
+                . 'run() adds a job and waits for its result');
+        }
+        $unknown = array_diff(array_keys($options), self::ADD_OPTIONS);
         if ($unknown !== []) {
             throw new InvalidArgumentException('unknown queue option(s): ' . implode(', ', $unknown));
+        }
+        if ($wait) {
+            $options = ['wait' => 1] + $options;
         }
         if (isset($options['after'])) {
             $options['after'] = self::afterIds($options['after']);
