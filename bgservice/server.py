@@ -55,6 +55,9 @@ EXIT_UNEXPECTED = 70  # EX_SOFTWARE: an error outside any request, without -E
 ALERT_FLUSH = 2.0  # seconds alerts still get at a stop once the shutdown grace is spent
 # SIGHUP too: a closing terminal sends it, and there is no configuration reload to do.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Left ignored when ignored at start, as Unix programs do (and Python for its Ctrl-C):
+# `nohup bgservice &` must outlive its terminal, a script's `bgservice &` its Ctrl-C.
+IGNORABLE = (signal.SIGINT, signal.SIGHUP)
 
 
 def make_queue(settings: Settings, runner: JobRunner, stats: Stats, events: Events) -> JobQueue:
@@ -131,6 +134,9 @@ class Service:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._unexpected)
         for sig in STOP_SIGNALS:
+            if sig in IGNORABLE and signal.getsignal(sig) is signal.SIG_IGN:
+                log.debug("%s ignored, as when the service was started", sig.name)
+                continue
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self.registry.load_all()
         self._log_modules()

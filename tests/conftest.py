@@ -159,6 +159,13 @@ class ServiceProcess:
         self.info: dict[str, Any] = {}
         # Unbuffered, so a test reads every line at once; a test of buffering drops it.
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Signals a test sends as a terminal or systemd would: set to their default in the
+        # child (the test run may have been started ignoring them: nohup, a background job).
+        self.signals: dict[int, Any] = {}
+
+    def _set_signals(self) -> None:  # (in the child, before it runs Python)
+        for signum, disposition in self.signals.items():
+            signal.signal(signum, disposition)
 
     def start(self, wait: bool = True) -> ServiceProcess:
         self.ready_file.unlink(missing_ok=True)
@@ -177,6 +184,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             cwd=self.root,
             env=self.env,
+            preexec_fn=self._set_signals if self.signals else None,
         )
         log.close()
         if wait:

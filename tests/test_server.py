@@ -152,7 +152,9 @@ def test_a_stop_signal_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
     modules_dir, make_service, tmp_path, sig
 ):
     write_module(modules_dir, "gated", GATED)
-    svc = make_service()
+    svc = make_service(start=False)
+    svc.signals = {sig: signal.SIG_DFL}  # (however this test run was started)
+    svc.start()
     gate = tmp_path / "gate"
     result: list[bytes] = []
     caller = threading.Thread(target=lambda: result.append(svc.call(b"gated:%s" % bytes(gate))))
@@ -168,6 +170,20 @@ def test_a_stop_signal_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
     assert "bgservice stopped" in svc.log()
     assert not svc.ready_file.exists() and not (tmp_path / "jobs.db.running").exists()
 
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ignored_at_start_stays_ignored(make_service, sig):
+    # `nohup bgservice &` stopped when its terminal closed: the service's SIGHUP handler
+    # replaced the ignore nohup set (and a script's `bgservice &`, SIGINT's).
+    svc = make_service(start=False)
+    svc.signals = {sig: signal.SIG_IGN}
+    svc.start()
+    svc.signal(sig)
+    assert svc.call(b"test:x") == b"Test"
+    svc.signal(signal.SIGTERM)  # the stop signal of service managers stops it still
+    assert svc.wait() == 0
+    assert f"received {sig.name}" not in svc.log() and "received SIGTERM" in svc.log()
 
 def test_shutdown_stops_accepting_and_closes_idle_connections(modules_dir, make_service, tmp_path):
     write_module(modules_dir, "gated", GATED)
