@@ -171,7 +171,6 @@ def test_a_stop_signal_lets_the_call_in_flight_finish_runs_unload_and_exits_0(
     assert not svc.ready_file.exists() and not (tmp_path / "jobs.db.running").exists()
 
 
-
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
 def test_a_signal_ignored_at_start_stays_ignored(make_service, sig):
     # `nohup bgservice &` stopped when its terminal closed: the service's SIGHUP handler
@@ -184,6 +183,7 @@ def test_a_signal_ignored_at_start_stays_ignored(make_service, sig):
     svc.signal(signal.SIGTERM)  # the stop signal of service managers stops it still
     assert svc.wait() == 0
     assert f"received {sig.name}" not in svc.log() and "received SIGTERM" in svc.log()
+
 
 def test_shutdown_stops_accepting_and_closes_idle_connections(modules_dir, make_service, tmp_path):
     write_module(modules_dir, "gated", GATED)
