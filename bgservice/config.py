@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from bgservice.config_checks import (
     check_string,
     check_token_env,
 )
-from bgservice.config_file import Reader, limit_conflicts, read_config
+from bgservice.config_file import Reader, limit_conflicts, original_servers, read_config
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
 from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
@@ -344,15 +343,10 @@ def load(path: Path) -> Settings:
     text = read_config(path)
     reader = Reader(path, text)
     base = path.resolve().parent
-    if text.lstrip().startswith("[") and not text.lstrip().startswith("[["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None
-        if isinstance(data, list):
-            return _from_legacy_json(reader, data).replace(
-                modules=base / "modules", db=base / "bgservice.db"
-            )
+    if (servers := original_servers(path, text)) is not None:
+        return _from_legacy_json(reader, servers).replace(
+            modules=base / "modules", db=base / "bgservice.db"
+        )
     try:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -4,6 +4,7 @@ and its line in every error."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -37,6 +38,26 @@ def read_config(path: Path) -> str:
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text") from None
 
+
+
+def original_servers(path: Path, text: str) -> list[Any] | None:
+    """The servers of a config in the original's JSON format (``[{"port": ...}, ...]``),
+    or None for TOML. Text that can only be JSON (``{`` or ``[{`` first) and does not
+    parse is a JSON error, with its line: read as TOML, it was a TOML error about column 2."""
+    start = text.lstrip()
+    if not start.startswith(("[", "{")) or start.startswith("[["):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if start.startswith("{") or re.match(r"\[\s*[{\]]", start):
+            raise ConfigError(f"{path}: not valid JSON (the original's format): {exc.msg} "
+                              f"(at line {exc.lineno}, column {exc.colno})") from None  # fmt: skip
+        return None  # a TOML table header, [queue]
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: a JSON config is the original's list of servers "
+                          '([{"port": 12341}, ...]); service.config is TOML')  # fmt: skip
+    return data
 
 class Reader:
     """Validates one parsed file, naming the key and its line in every error."""

@@ -211,6 +211,16 @@ def test_json_list_with_defaults_and_errors(tmp_path):
     assert "empty" in config_error(tmp_path, "[]")
 
 
+
+def test_a_json_config_that_does_not_parse_is_a_json_error_with_its_line(tmp_path):
+    # Read as TOML after JSON failed: "Invalid initial character for a key part (at line
+    # 1, column 2)" for a trailing comma in the original's format.
+    message = config_error(tmp_path, '[\n  {"server": "alpha", "port": 12341},\n]')
+    assert "not valid JSON (the original's format)" in message and "line 3" in message
+    message = config_error(tmp_path, '{"port": 12341}')
+    assert "the original's list of servers" in message and "service.config is TOML" in message
+    assert load_text(tmp_path, "[limits]\nthreads = 4\n").limits.threads == 4  # TOML still
+
 def test_unknown_key_names_the_key_and_its_line(tmp_path):
     message = config_error(tmp_path, "[limits]\nthreads = 4\nthreadz = 8\n[log]\nverbose = true\n")
     assert "threadz" in message
