@@ -42,6 +42,7 @@ from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
 
 DEFAULT_PORT = 12341
 LOOPBACK = "127.0.0.1"
+ANY = {"0.0.0.0", "::", ""}  # hosts that take every address: a port there clashes
 
 
 @dataclass(frozen=True)
@@ -220,13 +221,17 @@ def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
     return Listener(**values)
 
 
-def _distinct(reader: Reader, listeners: tuple[Listener, ...]) -> None:
+def _distinct(reader: Reader, listeners: tuple[Listener, ...], http: HttpSettings) -> None:
     """No two sockets on one port of one host or on one path, a listener's own unix and
-    unix_dgram included: the second was refused at the start as "address already in use
-    - is another service running?", exit 1, which a service manager restarts for ever
-    (two socket files on one path deleted each other's)."""
+    unix_dgram included, nor the HTTP API's port: the second was refused at the start as
+    "address already in use - is another service running?", exit 1, which a service
+    manager restarts for ever (two socket files on one path deleted each other's)."""
     seen: dict[Any, tuple[int, str]] = {}
     for index, listener in enumerate(listeners):
+        hosts = {listener.host, http.host}
+        if http.enabled and listener.port == http.port and (len(hosts) == 1 or hosts & ANY):
+            problem = f"the same port as [[listen]] #{index + 1} on {listener.host}"
+            raise reader.fail("[http] ", "port", problem, "http")
         places = [("port", (listener.host, listener.port))] if listener.port else []
         places += [(key, path) for key in ("unix", "unix_dgram")
                    if (path := getattr(listener, key)) is not None]  # fmt: skip
@@ -310,7 +315,7 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
         changes["listeners"] = tuple(
             _listener(reader, raw, i, base) for i, raw in enumerate(raw_listeners)
         )
-        _distinct(reader, changes["listeners"])
+    _distinct(reader, changes.get("listeners", settings.listeners), settings.http)
     if "allow" in top:
         changes["allow"] = top["allow"]
     changes["schedules"] = _schedules(reader, data.get("schedule", []))

@@ -655,6 +655,21 @@ def test_what_an_operator_review_found_is_refused_or_read_as_meant(tmp_path):
     assert bom.limits.threads == 4
 
 
+
+def test_the_http_apis_port_may_not_be_a_listeners(tmp_path):
+    # Refused at the start as "address already in use - is another service running?",
+    # exit 1 (restarted for ever), though it was the service's own listener.
+    listen = '[[listen]]\nhost = "%s"\nport = 7001\n'
+    http = '[http]\nenabled = true\nhost = "%s"\nport = %d\n'
+    clash = config_error(tmp_path, listen % "127.0.0.1" + http % ("127.0.0.1", 7001))
+    assert "[http] port (line 7): the same port as [[listen]] #1 on 127.0.0.1" in clash
+    assert "[[listen]] #1" in config_error(tmp_path, listen % "0.0.0.0" + http % ("::1", 7001))
+    for text in (listen % "127.0.0.1" + http % ("127.0.0.2", 7001),  # other hosts
+                 listen % "127.0.0.1" + http % ("127.0.0.1", 7002),  # other ports
+                 listen % "127.0.0.1" + "[http]\nport = 7001\n"):  # not enabled
+        assert load_text(tmp_path, text).http.port in (7001, 7002)
+    assert "[[listen]] #1" in config_error(tmp_path, "[http]\nenabled = true\nport = 12341\n")
+
 def test_a_service_config_here_that_is_no_file_is_refused_not_passed_over(tmp_path):
     # With no -c, a folder (or FIFO, or dangling link) named service.config was skipped:
     # the service ran on the built-in defaults and said nothing.
