@@ -14,10 +14,12 @@ import asyncio
 import io
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import coloredlogs
 
@@ -53,6 +55,16 @@ def setup(verbose: bool = False, log_file: Path | None = None, named: str = "log
     for noisy in ("watchdog", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO)
 
+
+
+def same_file(a: TextIO, b: TextIO) -> bool:
+    """``a`` and ``b`` write to one file (one terminal, one pipe, or 2>&1): what is said
+    on both would be read twice. True if either cannot tell (closed, no descriptor)."""
+    try:
+        one, two = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError):
+        return True
+    return (one.st_dev, one.st_ino) == (two.st_dev, two.st_ino)
 
 def _file_handler(path: Path, named: str) -> logging.Handler:
     try:

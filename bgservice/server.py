@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bgservice import collector
+from bgservice import collector, logs
 from bgservice.access import AccessList
 from bgservice.alerts import Alerts
 from bgservice.cancelling import cancel_all
@@ -144,19 +144,16 @@ class Service:
             await self.listeners.open()
             await self._listen_http()
         except ListenError as exc:
-            log.error("%s", exc)
-            return await self._give_up(1)
+            return await self._give_up(1, str(exc))
         except ConfigError as exc:  # e.g. [http] token's secret also a named token's
-            log.error("configuration error: %s", exc)
-            return await self._give_up(2)
+            return await self._give_up(2, f"configuration error: {exc}")
         try:
             await self.jobs.start()
-        except ConfigError as exc:  # e.g. Redis refuses the url's password: exit 2, as
-            log.error("configuration error: %s", exc)  # a restart cannot fix it
-            return await self._give_up(2)
+        except ConfigError as exc:  # e.g. Redis refuses the url's password: no restart mends it
+            return await self._give_up(2, f"configuration error: {exc}")
         except Exception as exc:  # e.g. sqlite3.Error: unreadable or locked database
-            log.error("cannot open the job queue (%s): %s", self._queue_where(), exc)
-            return await self._give_up(1)
+            where = self._queue_where()
+            return await self._give_up(1, f"cannot open the job queue ({where}): {exc}")
         log.info("job queue: %s, %d workers", self._queue_where(), self.settings.queue.workers)
         self._scheduling = asyncio.get_running_loop().create_task(self._start_schedules())
         self.reloader.start()
@@ -182,8 +179,14 @@ class Service:
             os._exit(self.exit_code)
         return self.exit_code
 
-    async def _give_up(self, code: int) -> int:
-        """A start that cannot go on: what it opened is closed; ``code``, to exit with."""
+    async def _give_up(self, code: int, why: str) -> int:
+        """A start that cannot go on: said, what it opened closed; ``code``, to exit with.
+        Said on stderr too, as the errors found before the start are, unless the log
+        already goes there (the console log is stdout: a wrapper reading stderr alone
+        heard nothing but the exit code)."""
+        log.error("%s", why)
+        if not logs.same_file(sys.stdout, sys.stderr):
+            print(f"bgservice: {why}", file=sys.stderr)
         await self._close_listeners()
         self.threads.shutdown(wait=False, cancel_futures=True)
         return code

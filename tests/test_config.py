@@ -450,6 +450,20 @@ def test_port_in_use_gives_a_clear_message_and_exit_1(make_service):
     assert not svc.ready_file.exists()
 
 
+
+def test_a_start_that_fails_says_why_on_stderr_too(tmp_path):
+    # The console log is stdout: a wrapper reading stderr alone (as for the errors found
+    # before the start, "bgservice: configuration error: ...") heard only the exit code.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        args = ["-p", str(port), "-m", str(REPO / "modules"), "--db", str(tmp_path / "q.db")]
+        result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    said = f"cannot listen on 127.0.0.1:{port}"
+    assert f"bgservice: {said}" in result.stderr and said in result.stdout  # (the log line)
+
 def test_udp_port_in_use_gives_a_clear_message(make_service):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         holder.bind(("127.0.0.1", 0))
