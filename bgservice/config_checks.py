@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import grp
 import ipaddress
-import math
 import os
 import re
 import sys
@@ -77,20 +76,26 @@ _positive_int = _whole(1)
 _non_negative_int = _whole(0)
 
 
+# The largest number a key in seconds (or ms, or MB) takes: 100 years of seconds. Past it
+# a time only made absurd output (backoff = 1e300: a retry "due in" a 300-digit span).
+MAX_NUMBER = 3_155_760_000
+
+
 def _finite(v: Any) -> bool:
-    """A number TOML wrote, not nan or inf (TOML has both; every limit needs a real one)."""
-    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+    """A number TOML wrote, not nan or inf (TOML has both; every limit needs a real one),
+    nor past ``MAX_NUMBER``."""
+    return not isinstance(v, bool) and isinstance(v, int | float) and abs(v) <= MAX_NUMBER
 
 
 def _positive_number(v: Any) -> float:
     if not _finite(v) or v <= 0:
-        raise ValueError("must be a number greater than 0")
+        raise ValueError(f"must be a number greater than 0 and at most {MAX_NUMBER}")
     return float(v)
 
 
 def _non_negative_number(v: Any) -> float:
     if not _finite(v) or v < 0:
-        raise ValueError("must be a number of at least 0")
+        raise ValueError(f"must be a number of at least 0 and at most {MAX_NUMBER}")
     return float(v)
 
 
@@ -99,7 +104,8 @@ def _optional_timeout(v: Any) -> float | None:
     if v == "none" or (not isinstance(v, bool) and v == 0):
         return None
     if not _finite(v) or v < 0:
-        raise ValueError('must be a number of seconds, or 0 or "none" for no limit')
+        raise ValueError(f"must be a number of seconds up to {MAX_NUMBER}, or 0 or "
+                         '"none" for no limit')  # fmt: skip
     return float(v)
 
 

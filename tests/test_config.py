@@ -255,6 +255,9 @@ def test_unknown_key_in_a_listener(tmp_path):
         ("[limits]\ncall_timeout = nan\n", "call_timeout", 2, "greater than 0"),
         ("[limits]\nshutdown_grace = inf\n", "shutdown_grace", 2, "at least 0"),
         ("[queue]\njob_timeout = inf\n", "job_timeout", 2, "number of seconds"),
+        # 1e300: a retry "due in" a 300-digit span in queue:status and the CLI
+        ("[queue]\nbackoff = 1e300\n", "backoff", 2, "at most 3155760000"),
+        ("[queue]\njob_timeout = 4e9\n", "job_timeout", 2, "up to 3155760000"),
         ("[limits]\nudp_queue = true\n", "udp_queue", 2, "whole number"),
         ("[queue]\nretries = -1\n", "retries", 2, "at least 0"),
         ("[log]\nverbose = 1\n", "verbose", 2, "true or false"),
