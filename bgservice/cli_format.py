@@ -190,13 +190,20 @@ def modules_lines(modules: Sequence[Mapping[str, Any]], now: float) -> list[str]
 
 
 def job_lines(job: Mapping[str, Any], now: float) -> list[str]:
-    """``bgservice queue status ID``: one job, a line per field."""
+    """``bgservice queue status ID``: one job, a line per field, each field of the JSON
+    (name, tags, source, throttled_until and more were once left out; one this does not
+    know, from a newer service, comes last, as it is)."""
     tries = f"{job.get('attempts', 0)} of {1 + (job.get('max_retries') or 0)}"
-    return pairs([
-        ("job", job["id"]), ("module", job["module"]), ("state", job["state"]),
+    # Labels of at most 12 characters ("throttled", not "throttled until"): a longer one
+    # would move every value's column, and scripts that read the text with it.
+    lines = [
+        ("job", job["id"]), ("module", job["module"]), ("name", job.get("name")),
+        ("tags", ", ".join(job.get("tags") or []) or None), ("state", job["state"]),
         ("priority", job.get("priority")), ("position", job.get("position")),
         ("progress", progress(job.get("progress"))), ("attempts", tries),
+        ("interrupted", job.get("interruptions")), ("source", job.get("source")),
         ("created", moment(job.get("created"), now)), ("runs at", moment(job.get("run_at"), now)),
+        ("throttled", _until(job.get("throttled_until"), now)),
         ("started", moment(job.get("started"), now)),
         ("finished", moment(job.get("finished"), now)),
         ("duration", span(job["duration"]) if job.get("duration") is not None else None),
@@ -204,7 +211,23 @@ def job_lines(job: Mapping[str, Any], now: float) -> list[str]:
         ("unique", job.get("unique")), ("after", job.get("after")),
         ("status", job.get("status")), ("error", job.get("error")),
         ("cancel asked", "yes" if job.get("cancel_requested") else None),
-    ])  # fmt: skip
+        ("checkpoint", job.get("checkpoint")),
+    ]  # fmt: skip
+    others = [(k.replace("_", " "), v) for k, v in job.items() if k not in JOB_FIELDS]
+    return pairs([*lines, *others])
+
+
+def _until(when: float | None, now: float) -> str | None:
+    return None if when is None else f"until {moment(when, now)}"
+
+
+# The queue:status fields job_lines shows in its own way (max_retries: in "attempts").
+JOB_FIELDS = frozenset({
+    "id", "module", "name", "tags", "state", "priority", "position", "progress", "attempts",
+    "max_retries", "interruptions", "source", "created", "run_at", "throttled_until",
+    "started", "finished", "duration", "timeout", "unique", "after", "status", "error",
+    "cancel_requested", "checkpoint",
+})  # fmt: skip
 
 
 def jobs_lines(listing: Mapping[str, Sequence[Mapping[str, Any]]], now: float) -> list[str]:

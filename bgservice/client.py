@@ -65,6 +65,7 @@ from bgservice.client_requests import (
     parse_job_id,
     queue_request,
     request,
+    run_request,
     schedule_request,
 )
 from bgservice.errors import ReplyError
@@ -152,7 +153,7 @@ class Client(Where):
 
     def add(self, module: str, data: Data = b"", **options: Any) -> int:
         """Queue a job; options as docs/queue.md (priority, delay, at, retries, backoff,
-        timeout, unique, after). Returns the job's id."""
+        timeout, unique, after, name, tags; no wait: ``run``). Returns the job's id."""
         return _new_id(_check(*self.request(add_request(module, data, **options))))
 
     def get(self, job: JobRef, timeout: float | None = None) -> bytes:
@@ -166,7 +167,7 @@ class Client(Where):
         the job is stored before it runs, as with ``add``, and its error reply raises.
         ``wait_timeout`` is how long to wait for the reply (the client's timeout if None);
         ``timeout=`` among the options is the job's own, as for ``add``."""
-        payload = add_request(module, data, wait=True, **options)
+        payload = run_request(module, data, **options)
         return _check(*self.request(payload, wait_timeout))
 
     def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:

@@ -33,6 +33,7 @@ from bgservice.client_requests import (
     parse_address,
     queue_request,
     request,
+    run_request,
     schedule_request,
 )
 from bgservice.errors import ReplyError
@@ -232,7 +233,7 @@ class AsyncClient(Where):
         self, module: str, data: Data = b"", wait_timeout: float | None = None, **options: Any
     ) -> bytes:
         """Queue a job and wait for its result in one round trip (``Client.run``)."""
-        request = add_request(module, data, wait=True, **options)
+        request = run_request(module, data, **options)
         return _check(*await self.request(request, wait_timeout))
 
     async def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:

@@ -217,7 +217,24 @@ def request(module: str, data: Data = b"") -> bytes:
 
 
 def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
-    """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out."""
+    """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out.
+    No ``wait``: its reply is the job's result, not the id ``add`` reads (``run``)."""
+    if "wait" in options:  # sent, the job ran, and its result was then no id: a 500
+        raise ValueError(
+            "add() and add_many() take no wait= option (they return job ids): "
+            "run(module, data, **options) queues a job and waits for its result"
+        )
+    return _add(module, data, options)
+
+
+def run_request(module: str, data: Data = b"", **options: Any) -> bytes:
+    """``queue:add?wait=1&OPTIONS:MODULE:DATA``: add-and-wait, the job's result replied."""
+    if "wait" in options:  # (it could only say no wait, which run() is not)
+        raise ValueError("run() takes no wait= option: it waits (add() does not)")
+    return _add(module, data, {"wait": True, **options})
+
+
+def _add(module: str, data: Data, options: dict[str, Any]) -> bytes:
     after = options.get("after")
     if after is not None:  # job ids in either form; one, or several (all done first)
         many = after if isinstance(after, list | tuple) else [after]

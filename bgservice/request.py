@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bgservice.errors import BadRequest, HandlerError
 from bgservice.origin import Origin
-from bgservice.queue.commands import ADD_OPTIONS, AddSpec, Command, ParseLimits, parse_add
+from bgservice.queue.commands import (
+    ADD_OPTIONS,
+    AddSpec,
+    Command,
+    ParseLimits,
+    check_options,
+    parse_add,
+)
 
 if TYPE_CHECKING:
     from bgservice.queue.job import Job
@@ -271,6 +278,9 @@ class Request:
                              f"(options: {', '.join(sorted(JOB_OPTIONS))})")  # fmt: skip
         # (None, and no ids or tags at all, as the option left out)
         text = {k: _option_text(k, v) for k, v in options.items() if v not in (None, [], ())}
+        # As queue:add refuses them: unique="" was taken for no key, silently (and name="",
+        # tags="" for none), and a lone surrogate is no text a store can keep.
+        check_options("add", text.items())
         # A job's module adds as "job:ID"; a direct call's as where the call came from,
         # the same source a queue:add over that connection records (tcp:HOST:PORT, unix).
         source = f"job:{self.job.id}" if self.job is not None else self.source

@@ -523,3 +523,44 @@ def test_ctrl_c_while_the_service_starts_shows_no_traceback(tmp_path):
         _, err = proc.communicate(timeout=30)
         assert f"{REPO}/bgservice/" not in err and "Aborted!" not in err, (delay, err)
         assert proc.returncode in (0, 130), (delay, proc.returncode, err)
+
+
+SAVES = """
+def handle_tcp(request):
+    request.job.save_checkpoint('{"row": 3}')
+    return "saved"
+"""
+
+
+def _fields(text: str) -> dict[str, str]:
+    """``label: value`` lines (values aligned) as a dict."""
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def test_queue_status_shows_every_field_the_service_sends(modules_dir, make_service):
+    # name, tags, source, interruptions, throttled_until and checkpoint were in --json
+    # only: the text left them out.
+    write_module(modules_dir, "saves", SAVES)
+    svc = make_service('[queue]\nmodule_rates = { echo = "1/minute" }\n')
+    first = bg(svc, "queue", "add", "echo", "x").stdout.decode().strip()
+    assert bg(svc, "queue", "get", first, "--no-progress").stdout == b"x"
+    add = ("queue", "add", "echo", "y", "--name", "nightly report", "--tag", "a", "--tag", "b")
+    held = bg(svc, *add, "--unique", "k").stdout.decode().strip()  # by the rate: 1 a minute
+    saved = bg(svc, "queue", "add", "saves", "--retries", "2").stdout.decode().strip()
+    assert bg(svc, "queue", "get", saved, "--no-progress").stdout == b"saved"
+    for job in (held, saved):
+        raw = json.loads(bg(svc, "queue", "status", job, "--json").stdout)
+        text = bg(svc, "queue", "status", job).stdout.decode()
+        shown = _fields(text)
+        assert shown["source"] == raw["source"] and raw["source"].startswith("tcp:127.0.0.1:")
+        assert shown["interrupted"] == "0"
+        assert all(value in text for value in raw.values() if isinstance(value, str))
+    held_lines = _fields(bg(svc, "queue", "status", held).stdout.decode())
+    assert (held_lines["name"], held_lines["tags"], held_lines["unique"]) == (
+        "nightly report", "a, b", "k"
+    )  # fmt: skip
+    assert re.fullmatch(r"until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(in .+\)", held_lines["throttled"])
+    assert held_lines["state"] == "waiting" and held_lines["checkpoint"] == "-"
+    saved_lines = _fields(bg(svc, "queue", "status", saved).stdout.decode())
+    assert (saved_lines["checkpoint"], saved_lines["attempts"]) == ('{"row": 3}', "1 of 3")
+    assert (saved_lines["name"], saved_lines["tags"], saved_lines["throttled"]) == ("-", "-", "-")

@@ -62,6 +62,18 @@ def test_job_lines_show_times_and_durations() -> None:
     assert "(6.0 s ago)" in text and "1796" not in text  # no epoch floats
 
 
+def test_job_lines_show_every_field_a_newer_service_sends_too() -> None:
+    job = {"id": 3, "module": "sleep", "state": "waiting", "name": "report", "tags": ["a"],
+           "source": "http:site", "interruptions": 2, "throttled_until": NOW + 50,
+           "checkpoint": "{}", "lease_owner": "host-a"}  # fmt: skip
+    lines = fmt.job_lines(job, NOW)
+    assert "throttled:    until " in "\n".join(lines) and "(in 50 s)" in "\n".join(lines)
+    assert lines[-1] == "lease owner:  host-a"  # one it does not know: last, as it is
+    for line in ("name:         report", "tags:         a", "interrupted:  2",
+                 "source:       http:site", "checkpoint:   {}"):  # fmt: skip
+        assert line in lines
+
+
 def test_jobs_lines_say_when() -> None:
     listing = {
         "waiting": [{"id": 9, "state": "waiting", "module": "echo", "priority": 5,

@@ -167,3 +167,51 @@ def test_datagram_handlers_that_catch_their_cancellation_free_their_slots(
     wait_until(lambda: svc.stats()["in_flight"].get("stubborn") == 2)
     svc.send_udp(b"waits:after")
     wait_until(lambda: (modules_dir / "after.served").exists(), timeout=15)
+
+
+# A handler that queues an echo job with the options its request gives as JSON (def:
+# request.add_job; async def: add_job_async), and replies the job's id.
+ADDS = """
+import json
+
+def handle_tcp(request):
+    return str(request.add_job("echo", "x", **json.loads(request.text)))
+"""
+ADDS_ASYNC = """
+import json
+
+async def handle_tcp(request):
+    return str(await request.add_job_async("echo", "x", **json.loads(request.text)))
+"""
+
+
+@pytest.mark.parametrize("module", ["adds", "adds_async"])
+def test_add_job_refuses_empty_and_non_utf8_options_as_queue_add_does(
+    modules_dir, make_service, module
+):
+    # unique="" was taken for no key (name="", tags="" for none) and the job stored, where
+    # queue:add?unique= and HTTP's "unique": "" are a 400; a lone surrogate is no text.
+    write_module(modules_dir, "adds", ADDS)
+    write_module(modules_dir, "adds_async", ADDS_ASYNC)
+    svc = make_service()
+    for option in ("unique", "name", "tags"):
+        assert svc.call(f"queue:add?{option}=:echo:x".encode()) == (
+            f"400: option {option}: empty (leave it out for the default)".encode()
+        )
+        call = f'{module}:{{"{option}": ""}}'.encode()
+        assert svc.call(call) == (
+            f"400: option {option}: empty (leave it out for the default)".encode()
+        ), option
+        call = f'{module}:{{"{option}": "\\udcff"}}'.encode()  # (JSON's escape of one)
+        assert svc.call(call) == f"400: option {option}: not valid UTF-8 text".encode()
+    assert svc.call(f'{module}:{{"tags": [""]}}'.encode()) == (
+        b"400: option tags: empty (leave it out for the default)"
+    )
+    counts = json.loads(svc.call(b"queue:stats"))["counts"]
+    assert sum(counts.values()) == 0  # none of them was stored
+    # None, and no ids or tags at all, are still the option left out.
+    left_out = svc.call(f'{module}:{{"unique": null, "tags": [], "after": []}}'.encode())
+    job = json.loads(svc.call(b"queue:status:" + left_out))
+    assert (job["unique"], job["tags"], job["after"]) == (None, [], None)
+    keyed = svc.call(f'{module}:{{"unique": "k", "name": "n", "tags": ["a"]}}'.encode())
+    assert json.loads(svc.call(b"queue:status:" + keyed))["unique"] == "k"

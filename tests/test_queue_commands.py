@@ -1,6 +1,8 @@
-"""The pure queue command parser."""
+"""The queue command parser: pure, and over a real service for what reaches the queue."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -144,3 +146,36 @@ def test_the_options_a_command_reads_still_parse():
     assert parse_list(parse(b"list?state=done&limit=5&offset=10")).limit == 5
     assert parse_window(parse(b"stats?window=60")) == 60.0
     assert job_id(parse(b"get:id:42")) == 42
+
+
+@pytest.mark.parametrize("option", ["unique", "name", "tags"])
+def test_an_option_that_is_not_utf8_is_refused_naming_it(service, option):
+    """Decoded with U+FFFD for each bad byte, unique=%FF and unique=%FE were one key: the
+    second add answered the first's id, and its job was never queued."""
+    for raw in (b"%FF", b"%FE", b"a%C3", b"\xff"):  # percent-encoded or sent as it is
+        reply = service.call(b"queue:add?delay=100&" + option.encode() + b"=" + raw + b":echo:x")
+        assert reply == f"400: option {option}: not valid UTF-8 text".encode(), raw
+    framed = service.framed()  # the framed form reads its options alike
+    refused = (400, f"option {option}: not valid UTF-8 text".encode())
+    assert framed.call(b"queue:add?" + option.encode() + b"=%FE:echo:x") == refused
+    framed.close()
+    counts = json.loads(service.call(b"queue:stats"))["counts"]
+    assert sum(counts.values()) == 0  # nothing was stored
+
+
+def test_an_option_name_that_is_not_utf8_is_shown_as_sent(service):
+    assert service.call(b"queue:add?%FF=1:echo:x") == (
+        b"400: option %FF: its name is not valid UTF-8 text"
+    )
+    assert service.call(b"queue:list?%FE=") == b"400: option %FE: its name is not valid UTF-8 text"
+
+
+def test_text_that_is_utf8_keeps_each_key_apart(service):
+    # The same text, percent-encoded or not, is one key; other text is another.
+    first = service.call(b"queue:add?delay=100&unique=%C3%A9:echo:x")
+    assert first.startswith(b"id:")
+    assert service.call("queue:add?delay=100&unique=\u00e9:echo:x".encode()) == first
+    other = service.call(b"queue:add?delay=100&unique=%C3%A8:echo:x")
+    assert other.startswith(b"id:") and other != first
+    status = json.loads(service.call(b"queue:status:" + first))
+    assert status["unique"] == "\u00e9"

@@ -13,6 +13,7 @@ import math
 import re
 import time
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,26 +107,54 @@ class ListSpec:
 
 def parse(data: bytes) -> Command:
     head, _, args = data.partition(b":")
-    word, _, query = head.decode("utf-8", "replace").strip().partition("?")
+    # Bytes that are not UTF-8, raw or percent-encoded, are kept apart (surrogateescape),
+    # so that check_options refuses them: decoded as U+FFFD, unique=%FF and unique=%FE
+    # were one key, and two jobs shared it.
+    word, _, query = head.decode("utf-8", "surrogateescape").strip().partition("?")
     if word not in COMMANDS:
         raise UnknownQueueRequest()
     if not query:  # the original's forms, and most requests: nothing to parse
         return Command(word, {}, args)
     try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        pairs = urllib.parse.parse_qsl(
+            query, keep_blank_values=True, strict_parsing=True, errors="surrogateescape"
+        )
     except ValueError:
         raise BadRequest(f"queue:{word}: options must be name=value&name=value") from None
+    check_options(word, pairs)
     command = Command(word, unrepeated(pairs, "option"), args)
-    for name, value in command.options.items():
-        if not value:  # unique= once meant no key, silently; HTTP refuses it too
-            if word == "schedule" and name == "name":  # (there is no default name)
-                raise BadRequest("option name: empty (a schedule needs a name)")
-            raise BadRequest(f"option {name}: empty (leave it out for the default)")
     read = READ_OPTIONS.get(word, frozenset())
     if word not in OWN_OPTIONS and (unknown := set(command.options) - read):
         takes = f"options: {', '.join(sorted(read))}" if read else "it takes no options"
         raise BadRequest(f"queue:{word}: unknown option {sorted(unknown)[0]!r} ({takes})")
     return command
+
+
+def check_options(word: str, pairs: Iterable[tuple[str, str]]) -> None:
+    """Each option's name and value text (UTF-8), and each value given: queue:COMMAND's
+    query, and what ``request.add_job`` was given, alike."""
+    for name, value in pairs:
+        if not _is_text(name):  # (shown as sent: the raw bytes would spoil the reply)
+            shown = urllib.parse.quote(name, safe="", errors="surrogateescape")
+            raise BadRequest(f"option {shown}: its name is not valid UTF-8 text")
+        if not value:  # unique= once meant no key, silently; HTTP refuses it too
+            if word == "schedule" and name == "name":  # (there is no default name)
+                raise BadRequest("option name: empty (a schedule needs a name)")
+            raise BadRequest(f"option {name}: empty (leave it out for the default)")
+        if not _is_text(value):
+            raise BadRequest(f"option {name}: not valid UTF-8 text")
+
+
+def _is_text(text: str) -> bool:
+    """No lone surrogate: what a byte that is not UTF-8 decodes to (surrogateescape),
+    and what no store can keep."""
+    if text.isascii():  # nearly every option: the cheapest test
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unrepeated(pairs: list[tuple[str, str]], what: str) -> dict[str, str]:
