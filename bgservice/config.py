@@ -229,7 +229,8 @@ def _distinct(reader: Reader, listeners: tuple[Listener, ...], http: HttpSetting
     seen: dict[Any, tuple[int, str]] = {}
     for index, listener in enumerate(listeners):
         hosts = {listener.host, http.host}
-        if http.enabled and listener.port == http.port and (len(hosts) == 1 or hosts & ANY):
+        clash = listener.port and listener.port == http.port  # (0: each picks a free one)
+        if http.enabled and clash and (len(hosts) == 1 or hosts & ANY):
             problem = f"the same port as [[listen]] #{index + 1} on {listener.host}"
             raise reader.fail("[http] ", "port", problem, "http")
         places = [("port", (listener.host, listener.port))] if listener.port else []

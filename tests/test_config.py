@@ -683,8 +683,9 @@ def test_the_http_apis_port_may_not_be_a_listeners(tmp_path):
     assert "[[listen]] #1" in config_error(tmp_path, listen % "0.0.0.0" + http % ("::1", 7001))
     for text in (listen % "127.0.0.1" + http % ("127.0.0.2", 7001),  # other hosts
                  listen % "127.0.0.1" + http % ("127.0.0.1", 7002),  # other ports
-                 listen % "127.0.0.1" + "[http]\nport = 7001\n"):  # not enabled
-        assert load_text(tmp_path, text).http.port in (7001, 7002)
+                 listen % "127.0.0.1" + "[http]\nport = 7001\n",  # not enabled
+                 '[[listen]]\nport = 0\n[http]\nenabled = true\nport = 0\n'):  # both free ones
+        assert load_text(tmp_path, text).http.port in (0, 7001, 7002)
     assert "[[listen]] #1" in config_error(tmp_path, "[http]\nenabled = true\nport = 12341\n")
 
 def test_a_service_config_here_that_is_no_file_is_refused_not_passed_over(tmp_path):
