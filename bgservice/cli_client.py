@@ -1,14 +1,9 @@
 """``bgservice call|send|queue|stats|modules|ping|top``: a running service from the shell.
 
 Thin: every command is one or two methods of ``bgservice.client.Client``. Exit codes that
-scripts can rely on:
-
-    0  done
-    1  the service replied an error (``NNN: message`` on stderr)
-    2  usage error (bad option or argument; -t not in (0, a week]; send: over a datagram)
-    3  the service cannot be reached (down, wrong address)
-    4  no reply within --timeout
-  130  interrupted (Ctrl-C), as a shell reports SIGINT; not click's ``Aborted!`` and 1
+scripts can rely on (docs/clients.md): 0 done, 1 the service replied an error (``NNN:
+message`` on stderr), 2 usage, 3 the service cannot be reached, 4 no reply within
+--timeout, 130 interrupted (Ctrl-C, as a shell reports SIGINT; not click's ``Aborted!``).
 
 DATA ``-`` reads standard input (binary-safe); no DATA sends an empty one.
 
@@ -74,12 +69,20 @@ MODULE = click.argument("module", callback=_module)
 _GIVEN = "bgservice.client_options"
 
 
+def _seconds(ctx: click.Context, param: click.Parameter, value: float, least: float = 0) -> float:
+    """Not FloatRange: nan passes its bounds (top -n nan crashed); -t 1e10 overflowed."""
+    if not (least <= value <= MAX_TIMEOUT and value > 0):
+        bounds = f"{f'from {least}' if least else 'above 0'} and at most {MAX_TIMEOUT:.0f} (a week)"
+        raise click.BadParameter(f"{value} is not seconds {bounds}", ctx, param)
+    return value
+
+
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-    # Not FloatRange: nan passes its bounds. 0 was taken for 30 s; inf would wait for ever,
-    # and 1e10 overflowed the socket's clock (a traceback): at most MAX_TIMEOUT, a week.
-    if param.name == "timeout" and value is not None and not 0 < value <= MAX_TIMEOUT:
-        most = f"{MAX_TIMEOUT:.0f} (a week)"
-        raise click.BadParameter(f"{value} is not seconds above 0 and at most {most}", ctx, param)
+    if param.name == "timeout" and value is not None:
+        _seconds(ctx, param, value)
+    # "" ("$REMOTE" unset) fell back to $BGSERVICE_ADDRESS: another service than meant.
+    if param.name in ("address", "udp_address") and value is not None and not value.strip():
+        raise click.BadParameter("empty (leave the option out for the default)", ctx, param)
     if value is not None and param.name is not None:
         ctx.meta.setdefault(_GIVEN, {})[param.name] = value
 
@@ -242,7 +245,7 @@ def ping() -> None:
 @click.option(
     "-n",
     "--interval",
-    type=click.FloatRange(0.1),
+    type=float, callback=lambda ctx, param, value: _seconds(ctx, param, value, 0.1),
     default=1.0,
     show_default=True,
     help="Seconds between screens, over which the request rate is measured.",

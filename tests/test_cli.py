@@ -97,6 +97,14 @@ def test_exit_codes(service):
         assert b"Traceback" not in usage.stderr
     usage = bg(service, "--udp-address", "nonsense", "send", "test", "x")
     assert usage.returncode == 2 and b"'nonsense'" in usage.stderr
+    # An empty one ("$REMOTE" unset) went to $BGSERVICE_ADDRESS: another service.
+    for args in (["-a", "", "ping"], ["queue", "add", "-a", " ", "echo"], ["--udp-address", ""]):
+        usage = bg(service, *args, *(["send", "echo", "x"] if len(args) == 2 else []))
+        assert usage.returncode == 2 and b"empty (leave the option out" in usage.stderr, args
+    # top -n nan / inf crashed in time.sleep (exit 1, a traceback): FloatRange let them by
+    for bad in ("nan", "inf", "1e300", "0.05"):
+        usage = bg(service, "top", "--once", "-n", bad)
+        assert usage.returncode == 2 and b"is not seconds from 0.1" in usage.stderr, bad
 
 
 def test_queue_subcommands(service):
