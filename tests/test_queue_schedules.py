@@ -917,6 +917,8 @@ def test_schedule_replies_to_bad_input(make_service):
          b"(queue:unschedule:NAME)"),
         (b"queue:pause:", b"400: queue:pause: name the schedule (queue:pause:NAME)"),
         (b"queue:schedules:x", b"400: queue:schedules takes no argument"),
+        (b"queue:unschedule:\xff", b"400: queue:unschedule: the name is not valid UTF-8 "
+         b"text"),  # (it acted on a schedule named "\ufffd")
         (b"queue:schedule?name=&every=5:echo:x", b"400: option name: empty (a schedule needs "
          b"a name)"),
     ]:  # fmt: skip

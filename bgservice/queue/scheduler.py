@@ -171,7 +171,10 @@ class Scheduler:
         if cmd.name == "schedule":
             module, data = split_request(cmd.args)
             return _json(await self.put(make_schedule({**cmd.options, "module": module}, data)))
-        name = cmd.args.decode("utf-8", "replace").strip()
+        try:  # (as U+FFFD, \xff named a schedule really called "\ufffd")
+            name = cmd.args.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise BadRequest(f"queue:{cmd.name}: the name is not valid UTF-8 text") from None
         if not name:  # (once a 404 for the schedule named '')
             raise BadRequest(f"queue:{cmd.name}: name the schedule (queue:{cmd.name}:NAME)")
         if cmd.name == "unschedule":
