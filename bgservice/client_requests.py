@@ -221,7 +221,7 @@ def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     No ``wait``: its reply is the job's result, not the id ``add`` reads (``run``)."""
     if "wait" in options:  # sent, the job ran, and its result was then no id: a 500
         raise ValueError(
-            "add() and add_many() take no wait= option (they return job ids): "
+            "add() takes no wait= option (it returns the job's id): "
             "run(module, data, **options) queues a job and waits for its result"
         )
     return _add(module, data, options)
@@ -247,8 +247,9 @@ def _add(module: str, data: Data, options: dict[str, Any]) -> bytes:
 
 
 def add_requests(jobs: Iterable[JobSpec]) -> list[bytes]:
-    """``add_request`` for each job of ``add_many``."""
-    return [add_request(job[0], job[1], **(job[2] if len(job) == 3 else {})) for job in jobs]
+    """``add_request`` for each job of ``add_many``, whose options may hold ``wait``: such
+    a job holds the replies after its own until it ends (and its reply is no id)."""
+    return [_add(job[0], job[1], dict(job[2]) if len(job) == 3 else {}) for job in jobs]
 
 
 def batch(replies: list[tuple[int, bytes]], value: Callable[[bytes], T]) -> list[T]:
