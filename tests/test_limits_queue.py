@@ -231,3 +231,19 @@ def test_a_job_larger_than_max_waiting_bytes_is_refused_413_not_told_to_retry(ma
     refused = svc.call(b"queue:add:echo:" + b"x" * 1001)
     assert refused == b"413: Job too large (1001 bytes, [queue] max_waiting_bytes 1000)"
     assert svc.call(b"queue:add?wait=1:echo:" + b"y" * 1000) == b"y" * 1000  # (fits: runs)
+
+
+@BOTH
+def test_an_add_of_a_held_unique_key_gets_its_job_from_a_full_queue(make_service):
+    # The embedded engine counted the room before it looked at the key: an add that adds
+    # nothing got 503 Queue full (Redis replied the holder's id). Adds of one key that
+    # arrive together wait for the first's id, holding no room, so the others still fit.
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 2\n")
+    replies = pipelined(svc, [b"queue:add?unique=u&delay=600:echo:x"] * 5
+                        + [b"queue:add?delay=600:echo:%d" % n for n in range(3)])  # fmt: skip
+    held = replies[0][1]
+    assert held.startswith(b"id:") and replies[:5] == [(200, held)] * 5, replies
+    assert replies[5][0] == 200 and replies[5][1] != held, replies
+    assert replies[6:] == [(503, b"Queue full (2 jobs)")] * 2, replies
+    assert svc.call(b"queue:add?unique=u:echo:y") == held  # full now: still its id
+    assert svc.call(b"queue:add?unique=v:echo:z") == b"503: Queue full (2 jobs)"  # a new job

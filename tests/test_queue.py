@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import recv_all, wait_until, write_module
+from tests.conftest import GATE, recv_all, wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
 from tests.queue_helpers import add, both_engines, status  # noqa: F401
@@ -418,6 +418,50 @@ def test_concurrent_adds_with_one_unique_key_make_one_job(service):
     assert len(set(replies)) == 1 and replies[0].startswith(b"id:")
 
 
+def test_a_cancelling_jobs_unique_key_is_free_for_the_next_add(modules_dir, make_service, tmp_path):
+    # A running job whose cancel was acknowledged, its handler still at work (gate: it
+    # does not look at request.job.cancelled), held its key: each add of it got that job's
+    # id, its work never done, and an add?wait=1 got its 410.
+    write_module(modules_dir, "gate", GATE)
+    svc = make_service("[queue]\nworkers = 2\n")
+    gate = tmp_path / "gate-open"
+    first = add(svc, b"queue:add?unique=u:gate:" + str(gate).encode())
+    wait_until(lambda: status(svc, first)["state"] == "running")
+    assert svc.call(b"queue:cancel:id:%d" % first) == b"cancelling"
+    assert svc.call(b"queue:add?unique=u&wait=1:echo:new work") == b"new work"
+    second = add(svc, b"queue:add?unique=u&delay=600:echo:later")
+    assert second != first
+    assert add(svc, b"queue:add?unique=u:echo:again") == second
+    gate.touch()
+    assert svc.call(b"queue:get:id:%d" % first) == b"410: Job %d cancelled" % first
+    # The cancelling job's end frees no key: the second job's stays its own.
+    assert add(svc, b"queue:add?unique=u:echo:after") == second
+
+
+def test_a_key_taken_back_from_a_cancelling_job_stays_taken_after_a_crash(
+    modules_dir, make_service, tmp_path
+):
+    # A retry takes its key back once the cancelling job gave it up. At the next start the
+    # embedded engine held each recovered job's key, the cancelling one's (a higher id)
+    # last, and ending it cancelled then freed the key under the retried job.
+    write_module(modules_dir, "gate", GATE)
+    svc = make_service("[queue]\nworkers = 1\n")
+    gate = str(tmp_path / "gate-never").encode()
+    retried = add(svc, b"queue:add?unique=u&delay=600:gate:" + gate)
+    assert svc.call(b"queue:cancel:id:%d" % retried) == b"cancelled"
+    cancelling = add(svc, b"queue:add?unique=u:gate:" + gate)
+    wait_until(lambda: status(svc, cancelling)["state"] == "running")
+    assert svc.call(b"queue:cancel:id:%d" % cancelling) == b"cancelling"
+    assert svc.call(b"queue:retry:id:%d" % retried) == b"id:%d" % retried  # (its worker busy)
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait()
+    restarted = make_service(root=tmp_path)
+    reply = restarted.call(b"queue:get:id:%d" % cancelling)
+    assert reply == b"410: Job %d cancelled" % cancelling
+    wait_until(lambda: status(restarted, retried)["state"] == "running")
+    assert add(restarted, b"queue:add?unique=u:echo:x") == retried
+
+
 def test_dependency_runs_after_its_job(modules_dir, service):
     write_module(modules_dir, "record", RECORD_MODULE)
     wait_until(lambda: service.call(b"record:probe") == b"probe")
@@ -719,6 +763,21 @@ def test_finished_jobs_expire(make_service):
     svc.wait_for_log("finished jobs expired")
     later = add(svc, b"queue:add:echo:y")
     assert later > jid  # ids never repeat, also after the newest is deleted
+
+
+def test_an_add_and_wait_gets_its_result_whatever_keep_results(make_service):
+    # keep_results = 0: a job that ended before the add's wait began (one that needs no
+    # wait runs to its end the moment it starts) had expired, and the add got 404.
+    svc = make_service("[queue]\nkeep_results = 0\n")
+    for n in range(5):
+        assert svc.call(b"queue:add?wait=1:echo:hi %d" % n) == b"hi %d" % n
+    conn = svc.framed()
+    try:
+        conn.send(*[b"queue:add?wait=1:echo:%d" % n for n in range(20)])
+        assert [conn.recv() for _ in range(20)] == [(200, b"%d" % n) for n in range(20)]
+    finally:
+        conn.close()
+    assert svc.call(b"queue:add?wait=1:sleep:abc") == svc.call(b"sleep:abc")  # (errors too)
 
 
 def test_a_thousand_waiters_cost_no_polling(make_service, tmp_path):

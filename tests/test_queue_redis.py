@@ -105,6 +105,17 @@ def test_added_on_a_run_on_b_waited_for_on_c(shared):
     assert json.loads(a.call(b"queue:status:id:%d" % jid))["state"] == "done"
 
 
+def test_an_add_and_wait_gets_a_result_run_on_another_instance_with_keep_results_0(shared):
+    # keep_results = 0: the job ended expired, and the waiting add, which reads it once
+    # "done" reaches it, got 404; with unique= hitting a job another add made, too.
+    a = shared("a", "workers = 0\nkeep_results = 0")
+    shared("b", "workers = 1\nkeep_results = 0")
+    for n in range(5):
+        assert a.call(b"queue:add?wait=1:echo:hi %d" % n) == b"hi %d" % n
+    add(a, b"queue:add?unique=k&delay=0.5:echo:first")
+    assert a.call(b"queue:add?unique=k&wait=1:echo:second") == b"first"
+
+
 def test_ids_are_unique_across_instances(shared):
     instances = [shared(name, "workers = 1") for name in "abc"]
     ids: list[int] = []

@@ -234,12 +234,13 @@ class JobQueue(abc.ABC):
         spec = parse_add(cmd, source=request.source, limits=self.settings)
         jid = await self.add(spec)
         # add-and-wait: one round trip for a caller that only wants the result (the job is
-        # stored first, as for any add, so a caller gone meanwhile loses nothing)
-        return await self._result(jid) if spec.wait else b"id:%d" % jid
+        # stored first, as for any add, so a caller gone meanwhile loses nothing); the
+        # result is owed to it even if keep_results let it expire (0: as it finished)
+        return await self._result(jid, owed=True) if spec.wait else b"id:%d" % jid
 
-    async def _result(self, jid: int) -> bytes:
+    async def _result(self, jid: int, owed: bool = False) -> bytes:
         """``queue:get``'s reply: the job's result once it finished, or its error reply."""
-        status, body = await self.get(jid)
+        status, body = await self.get(jid, owed)
         if status != OK:
             raise ReplyError(status, body.decode("utf-8", "replace"))
         return body
@@ -321,8 +322,10 @@ class JobQueue(abc.ABC):
         """Add a job; its id once it is stored (or the id of the job its unique key hits)."""
 
     @abc.abstractmethod
-    async def get(self, jid: int) -> Result:
-        """Wait for job ``jid`` to finish; its reply as a direct call would have given it."""
+    async def get(self, jid: int, owed: bool = False) -> Result:
+        """Wait for job ``jid`` to finish; its reply as a direct call would have given it.
+        ``owed``: asked by its own add (``wait=1``), owed the result even once expired
+        (the embedded engine reads it still; Redis kept it for the add: ADD's ``owed``)."""
 
     @abc.abstractmethod
     async def check(self, jid: int) -> str: ...

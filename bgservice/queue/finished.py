@@ -1,5 +1,6 @@
 """The embedded engine's finished jobs: the recent ones in memory, all of them in the
-store, and their expiry (``[queue] keep_results`` and ``keep_history``).
+store, and their expiry (``[queue] keep_results`` and ``keep_history``); finding a job
+for ``queue:check``, ``status`` and ``delete`` (waiting, running or finished).
 
 A finished job read from the store is kept with the recent ones: the jobs that wait on
 it (``after=``) ask again and again, and each store read is a round trip to its writer
@@ -17,7 +18,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from bgservice.config import QueueSettings
+from bgservice.errors import Conflict
+from bgservice.queue.engine import not_found
 from bgservice.queue.job import Job
+from bgservice.queue.live import LiveJobs
 from bgservice.queue.store import Store
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,24 @@ class FinishedJobs:
         if expired or job is None or job.expires is None or job.expires >= time.time():
             return job
         return None
+
+    async def require(self, jid: int, live: LiveJobs) -> Job:
+        """Job ``jid``, one of the ``live`` (waiting or running) or finished; 404 when
+        unknown or expired."""
+        if (job := live.get(jid) or await self.lookup(jid)) is None:
+            raise not_found(jid)
+        return job
+
+    async def delete(self, jid: int, live: LiveJobs) -> None:
+        """``queue:delete``: forget finished job ``jid``, here and in the store; 409 while
+        it is one of the ``live`` (waiting or running), 404 when unknown or expired."""
+        found = jid in live or await self.lookup(jid) is not None
+        if (job := live.get(jid)) is not None:  # (also when retried while we looked)
+            raise Conflict(f"Job {jid} is {job.state}: cancel it first")
+        if not found:
+            raise not_found(jid)
+        self.forget(jid)
+        await self.store.delete(jid)
 
     async def lookup_many(self, ids: Iterable[int]) -> None:
         """Read the ``ids`` not known yet in one go, for the ``lookup`` of each to answer

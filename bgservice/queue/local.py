@@ -94,7 +94,7 @@ class LocalQueue(StoredSchedules, JobQueue):
                     poisoned[job.id] = error
                 self._writes.save(job, ("state", "interruptions"), interrupted_run(job))
             self.jobs[job.id] = job
-            self._keys.hold(job.unique_key, job.id)
+            self._keys.recovered(job)
         async for job in self._deps.recovering(recovered):  # their dependencies read at once
             if job.cancel_requested:  # acknowledged ("cancelling"): the crash ended its run
                 self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {job.id} cancelled")
@@ -137,24 +137,30 @@ class LocalQueue(StoredSchedules, JobQueue):
 
     async def add(self, spec: AddSpec) -> int:
         self.runner.check(spec.module, spec.source)  # unknown, refusing, not from here
-        # Room held until stored: adds sharing a commit all passed a count without them.
-        self.jobs.admit(len(spec.data), self.settings.max_waiting, self.settings.max_waiting_bytes)
+        # Checked (name, tags, key) before the key is claimed: a 400 after it held it for ever.
+        job, size = Job.new(spec, self.settings, time.time()), len(spec.data)
+        # The key before the room: an add of a held key adds nothing, so it gets the
+        # holder's id from a full queue too (as on Redis), not 503.
+        if spec.unique and (existing := await self._keys.claim(spec.unique)) is not None:
+            return existing
+        try:  # the key is this add's now (claim): the adds of it that wait learn the outcome
+            # Room held until stored: adds sharing a commit all passed a count without them.
+            self.jobs.admit(size, self.settings.max_waiting, self.settings.max_waiting_bytes)
+        except BaseException:
+            self._keys.stored(spec.unique, None)
+            raise
         try:
-            # Checked (name, tags, unique key) before the key is claimed: a 400 after it
-            # left the key claimed for ever, and every later add of it hung.
-            job = Job.new(spec, self.settings, time.time())
-            if spec.unique and (existing := await self._keys.claim(spec.unique)) is not None:
-                return existing
-            try:  # the key is this add's now (claim): the adds of it that wait learn the outcome
-                await self._deps.check(spec.after)
-            except BaseException:
-                self._keys.stored(spec.unique, None)
-                raise
             return await self._insert(spec, job)
         finally:
-            self.jobs.admitted(len(spec.data))
+            self.jobs.admitted(size)
 
     async def _insert(self, spec: AddSpec, job: Job) -> int:
+        """Store the new ``job``, its key claimed and its room held (``add``)."""
+        try:
+            await self._deps.check(spec.after)
+        except BaseException:  # no job made: the adds waiting on its key look again
+            self._keys.stored(spec.unique, None)
+            raise
         try:
             job.id = await self.store.insert(job, spec.mark)
         except BaseException as exc:  # cancelled too: the adds waiting on its key must end
@@ -169,9 +175,10 @@ class LocalQueue(StoredSchedules, JobQueue):
         self._pump()
         return job.id
 
-    async def get(self, jid: int) -> Result:
+    async def get(self, jid: int, owed: bool = False) -> Result:
         if jid not in self.jobs:
-            job = await self._finished.lookup(jid)
+            # (owed: still in memory or the store if expired; add?wait=1 asks at once)
+            job = await self._finished.lookup(jid, expired=owed)
             if job is None:
                 raise not_found(jid)
             # Stored unfinished, not in self.jobs: its add or retry awaits the store; its
@@ -186,15 +193,10 @@ class LocalQueue(StoredSchedules, JobQueue):
         return await asyncio.shield(waiter)
 
     async def check(self, jid: int) -> str:
-        job = self.jobs.get(jid) or await self._finished.lookup(jid)
-        if job is None:
-            raise not_found(jid)
-        return job.state.check_code
+        return (await self._finished.require(jid, self.jobs)).state.check_code
 
     async def status(self, jid: int) -> dict[str, Any]:
-        job = self.jobs.get(jid) or await self._finished.lookup(jid)
-        if job is None:
-            raise not_found(jid)
+        job = await self._finished.require(jid, self.jobs)
         now = time.time()
         waiting = job.state is JobState.WAITING
         throttled = self.rates.free_at(job.module, now) if waiting else None
@@ -211,6 +213,9 @@ class LocalQueue(StoredSchedules, JobQueue):
         if job.state is JobState.RUNNING:
             job.cancel_requested = True
             await self._stored(self._writes.save(job, ("cancel_requested",)), "cancel")
+            # Acknowledged: its work is given up, so the next add of its key makes a job
+            # (at its end it frees the key only if it still holds it).
+            self._keys.release(job.unique_key, jid)
             return "cancelling"
         written = self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled")
         await self._stored(written, "cancel")  # acknowledged once on disk, as an add is
@@ -231,10 +236,7 @@ class LocalQueue(StoredSchedules, JobQueue):
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise Conflict(f"Job {jid} is {job.state}: only failed or cancelled jobs retry")
         key = job.unique_key
-        if key and (holder := self._keys.holder(key)) is not None:
-            raise Conflict(f"Job {jid}'s unique key is held by job {holder}")
-        if key and self._keys.adding(key):
-            raise Conflict(f"Job {jid}'s unique key is being taken by a job being added")
+        self._keys.retaking(key, jid)  # (409 if another job holds it)
         self._finished.forget(jid)
         was = job.state  # (its row holds it so until the retry is written)
         job.move(JobState.WAITING)
@@ -259,13 +261,7 @@ class LocalQueue(StoredSchedules, JobQueue):
         return jid
 
     async def delete(self, jid: int) -> None:
-        found = jid in self.jobs or await self._finished.lookup(jid) is not None
-        if jid in self.jobs:  # (also when retried while we looked)
-            raise Conflict(f"Job {jid} is {self.jobs[jid].state}: cancel it first")
-        if not found:
-            raise not_found(jid)
-        self._finished.forget(jid)
-        await self.store.delete(jid)
+        await self._finished.delete(jid, self.jobs)
 
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
         return await reports.list_page(self._live, self.store, spec)

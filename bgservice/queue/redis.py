@@ -149,7 +149,9 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         unique, after = spec.unique or "", stored_after(spec.after) or ""
         script, waiting = "FIRE" if mark else "ADD", self.settings.max_waiting
         claim = self._claim_args()  # a free worker here takes the job in the same script
-        future = self.db.send(script, waiting, unique, after, *claim, *flat, *mark, now=now)
+        # wait=1: the result is kept a lease at least, for this add to read (ADD_BODY)
+        owed = repr(self.conf.lease) if spec.wait else ""
+        future = self.db.send(script, waiting, unique, after, *claim, owed, *flat, *mark, now=now)
         if claim[0]:  # what it claimed runs even if this add is cancelled meanwhile
             future.add_done_callback(self._added)
             future = asyncio.shield(future)
@@ -168,7 +170,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self._freed()
 
     @available
-    async def get(self, jid: int) -> Result:
+    async def get(self, jid: int, owed: bool = False) -> Result:  # (owed: Redis kept it)
         waiter = self._waiters.get(jid)
         if waiter is None:
             # The waiter exists before we look, so a ``done`` published meanwhile is not

@@ -62,10 +62,16 @@ end
 -- A job ends: its fields, state and unique key. The jobs waiting on it (P:blocked:ID) are
 -- queued for the cascade below under a key of their own (P:cascade:N), so that the job,
 -- retried and ending again, queues its new ones apart. Returns whether it queued some.
+-- A result owed to an add that waits for it (ADD's 'owed', seconds) is kept that long at
+-- least, whatever keep_results says: its waiter may be on another instance, reading it
+-- once 'done' reaches it (keep_results = 0 expired it at once, and it got a 404).
 local function ended(id, state, status, result, err, expires, known)
   local jk = jkey(id)
-  local f = known or redis.call('HMGET', jk, 'state', 'unique_key')
-  local old, uk = f[1], f[2]
+  local f = known or redis.call('HMGET', jk, 'state', 'unique_key', 'owed')
+  local old, uk, owed = f[1], f[2], f[3]
+  if owed and now + tonumber(owed) > tonumber(expires) then
+    expires = string.format('%.6f', now + tonumber(owed))
+  end
   -- owner '' rather than a separate HDEL: no instance is named ''.
   redis.call('HSET', jk, 'state', state, 'finished', NOW, 'status', status, 'result', result,
              'expires', expires, 'owner', '')
@@ -122,7 +128,7 @@ end
 
 -- Finish a job and the jobs waiting on it, transitively, as far as the budget goes; the
 -- rest wait, 'cascade' published, for the instances' CASCADE scripts. ``known``: the
--- job's state and unique key, when the caller has read them already.
+-- job's state, unique key and owed, when the caller has read them already.
 local function finish(id, state, status, result, err, expires, known)
   if ended(id, state, status, result, err, expires, known) and cascade(expires, true) then
     left = true

@@ -4,10 +4,11 @@ back what they return.
 Keys, all under the configured prefix ``P``:
 
     P:id                 INCR counter: ids unique across every instance, never reused
-    P:job:ID             hash: the job's fields (job.COLUMNS), ``owner``, ``progress``;
-                         ``owner`` is the claim's token, INSTANCE/N, fresh for every claim
-                         (an instance that claims a job again after an outage, while its
-                         first attempt still runs, tells the two apart by it)
+    P:job:ID             hash: the job's fields (job.COLUMNS), ``owner``, ``progress``,
+                         ``owed``; ``owner`` is the claim's token, INSTANCE/N, fresh for
+                         every claim (an instance that claims a job again after an outage,
+                         while its first attempt still runs, tells the two apart by it);
+                         ``owed``: seconds its result is kept at least (an add?wait=1)
     P:ready              zset: waiting jobs due now; score -priority, member the id padded
                          to 20 digits, so equal priorities pop in order of arrival
     P:delayed            zset: waiting jobs due later; score run_at
@@ -39,15 +40,21 @@ from bgservice.queue.redis_lua import CLAIM_FN, COMMON
 
 # ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
 # adding instance's claim (lease, claim token, limits, rates, runnable modules, as CLAIM
-# takes them; five '' when it has no free worker), then the new job's fields. (FIRE: the
-# same, then a schedule's name and slot.) Returns {id, 'new'} or, with a claim, {id, 'new',
-# what CLAIM returns}: an instance with a free worker takes the best ready job (most often
-# the one it adds) in the same round trip, and wakes the others only if ready jobs are left.
+# takes them; five '' when it has no free worker), owed (an add that waits for the result,
+# wait=1: the seconds its job's result is kept at least, for it; else ''), then the new
+# job's fields. (FIRE: the same, then a schedule's name and slot.) Returns {id, 'new'} or,
+# with a claim, {id, 'new', what CLAIM returns}: an instance with a free worker takes the
+# best ready job (most often the one it adds) in the same round trip, and wakes the others
+# only if ready jobs are left. A held unique key: {id, 'existing'}, whether the queue is
+# full or not (nothing is added); a waiting add is owed that job's result then.
 ADD_BODY = r"""
-local unique, after = ARGV[4], ARGV[5]
+local unique, after, owed = ARGV[4], ARGV[5], ARGV[11]
 if unique ~= '' then
   local existing = redis.call('HGET', P .. ':unique', unique)
-  if existing then return {tonumber(existing), 'existing'} end
+  if existing then
+    if owed ~= '' then redis.call('HSET', jkey(existing), 'owed', owed) end
+    return {tonumber(existing), 'existing'}
+  end
 end
 local held = redis.call('ZCARD', P .. ':state:waiting') + redis.call('ZCARD', P .. ':state:running')
 if held >= tonumber(ARGV[3]) then
@@ -66,13 +73,14 @@ end
 local id = redis.call('INCR', P .. ':id')
 local jk = jkey(id)
 local fields, run_at, priority = {}, nil, nil
-for i = 11, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   local k, v = ARGV[i], ARGV[i + 1]
   fields[#fields + 1] = k
   fields[#fields + 1] = v
   if k == 'run_at' then run_at = v elseif k == 'priority' then priority = v end
 end
 redis.call('HSET', jk, unpack(fields))
+if owed ~= '' then redis.call('HSET', jk, 'owed', owed) end
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
 if #blockers > 0 then
@@ -214,7 +222,7 @@ END = (
 local id, state = ARGV[3], ARGV[5]
 local jk = jkey(id)
 local f = redis.call('HMGET', jk, 'owner', 'state', 'module', 'created', 'unique_key',
-                     'cancel_requested')
+                     'cancel_requested', 'owed')
 if f[1] ~= ARGV[4] or f[2] ~= 'running' then return 0 end
 local cut = f[6] == '1' and state ~= 'cancelled'
 local run = ARGV[11]
@@ -227,13 +235,13 @@ if run ~= '' then redis.call('ZADD', P .. ':runs', NOW, run) end
 if ARGV[12] ~= '' then redis.call('HSET', jk, 'progress', ARGV[12]) end
 if cut then
   local msg = 'Job ' .. id .. ' cancelled'
-  finish(id, 'cancelled', '410', msg, msg, ARGV[9], {'running', f[5]})
+  finish(id, 'cancelled', '410', msg, msg, ARGV[9], {'running', f[5], f[7]})
 elseif state == 'waiting' then
   redis.call('HSET', jk, 'state', 'waiting', 'run_at', ARGV[10], 'error', ARGV[8], 'owner', '')
   move(id, 'running', 'waiting', f[4])
   place(id)
 else
-  finish(id, state, ARGV[6], ARGV[7], ARGV[8], ARGV[9], {'running', f[5]})
+  finish(id, state, ARGV[6], ARGV[7], ARGV[8], ARGV[9], {'running', f[5], f[7]})
 end
 wake()
 local recorded = cut and 2 or 1
@@ -242,7 +250,8 @@ return {recorded, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17])}
 """
 )
 
-# ARGV: P, now, id, expires. Returns {0, "cancelled"|"cancelling"} or {code, message}.
+# ARGV: P, now, id, expires. Returns {0, "cancelled"|"cancelling"} or {code, message}. A
+# running job's cancel gives its work up: its unique key is free at once (see ended()).
 CANCEL = (
     COMMON
     + r"""
@@ -251,6 +260,10 @@ local jk, st, missing = known(id)
 if missing then return missing end
 if st == 'running' then
   redis.call('HSET', jk, 'cancel_requested', '1')
+  local uk = redis.call('HGET', jk, 'unique_key')
+  if uk and redis.call('HGET', P .. ':unique', uk) == id then
+    redis.call('HDEL', P .. ':unique', uk)
+  end
   redis.call('PUBLISH', P .. ':events', 'cancel:' .. id)
   return {0, 'cancelling'}
 end
@@ -293,7 +306,7 @@ redis.call('ZREM', P .. ':finished', id)
 redis.call('HSET', jk, 'state', 'waiting', 'attempts', '0', 'run_at', NOW,
            'cancel_requested', '0', 'interruptions', '0')
 redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner', 'blockers',
-           'started', 'progress')
+           'started', 'progress', 'owed')
 move(id, st, 'waiting', redis.call('HGET', jk, 'created'))
 place(id)
 wake()

@@ -1,12 +1,15 @@
 """The embedded engine's unique keys (``queue:add?unique=KEY``): which waiting or running
 job holds each key, and the adds of a key still being stored, whose id another add of the
-same key waits for (it must not make a second job)."""
+same key waits for (it must not make a second job). A running job whose cancel was
+acknowledged ("cancelling") holds its key no longer: its work is given up, though its
+handler may still run, so the next add of the key makes a job."""
 
 from __future__ import annotations
 
 import asyncio
 
-from bgservice.errors import ServiceError
+from bgservice.errors import Conflict, ServiceError
+from bgservice.queue.job import Job
 
 
 class UniqueKeys:
@@ -39,6 +42,20 @@ class UniqueKeys:
     def hold(self, key: str | None, jid: int) -> None:
         if key:
             self._held[key] = jid
+
+    def recovered(self, job: Job) -> None:
+        """``job``, unfinished, was read back at start: it holds its key again, unless its
+        cancel was acknowledged (it ends cancelled now; a job added since may hold it)."""
+        if not job.cancel_requested:
+            self.hold(job.unique_key, job.id)
+
+    def retaking(self, key: str | None, jid: int) -> None:
+        """Raise the 409 for a retry of ``jid`` whose key another job holds, or an add of
+        it is taking: two jobs of one key would break what ``unique=`` promises."""
+        if key and (holder := self.holder(key)) is not None:
+            raise Conflict(f"Job {jid}'s unique key is held by job {holder}")
+        if key and self.adding(key):
+            raise Conflict(f"Job {jid}'s unique key is being taken by a job being added")
 
     def release(self, key: str | None, jid: int) -> None:
         """``jid`` no longer waits or runs: its key is free (unless another job took it)."""
