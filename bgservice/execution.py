@@ -179,7 +179,7 @@ class Execution:
         limit = asyncio.timeout(timeout)
         try:
             async with limit:
-                return await Rest(coro, first, partial(self._go_on, version, limit))
+                return await Rest(coro, first, partial(self._go_on, version, request, limit))
         except TimeoutError as exc:
             self._raise_if_own(limit, name, request, exc)
             raise self._timed_out(name, request, timeout) from None
@@ -273,30 +273,35 @@ class Execution:
         limit = asyncio.timeout(timeout)
         try:
             async with limit:
-                return await Rest(coro, first, partial(self._go_on, version, limit))
+                return await Rest(coro, first, partial(self._go_on, version, request, limit))
         except TimeoutError as exc:
             self._raise_if_own(limit, version.name, request, exc)
             raise
 
     def _go_on(
-        self, version: ModuleVersion, limit: asyncio.Timeout,
+        self, version: ModuleVersion, request: Request, limit: asyncio.Timeout,
         coro: Coroutine[Any, Any, Any], on: Any,
     ) -> bool:  # fmt: skip
         """A handler caught a cancellation and waits on. Past its call's deadline (a
         clean-up, or a handler that will not end), it goes on apart (GoneOn), holding its
-        version (and counted in flight) until it ends, as a stuck thread does, and the
-        call ends now. Before it, the cancellation was the handler's own (a timeout or
-        TaskGroup of its own, which take it back): it goes on in the call."""
+        version (and counted in flight), and a queued job's slot, until it ends, as a
+        stuck thread does, and the call ends now. Before it, the cancellation was the
+        handler's own (a timeout or TaskGroup of its own, which take it back): it goes on
+        in the call."""
         if not limit.expired():
             return False
         name = version.name
         version.acquire()
         self.stats.in_flight[name] += 1
+        gone: Future[None] = Future()
 
         def ended() -> None:
             version.release()
             self.stats.in_flight[name] -= 1
+            gone.set_result(None)
 
+        if request.job is not None:
+            request.job.outlived(gone)
         self.gone_on.take(coro, on, name, ended)
         return True
 
@@ -310,7 +315,8 @@ class Execution:
         release: Callable[[], None],
     ) -> Any:
         """A ``def`` handler, in the pool. One that outlives its timeout keeps its thread
-        (Python cannot stop it): the pool counts it stuck and replaces it (threads.py)."""
+        (Python cannot stop it): the pool counts it stuck and replaces it (threads.py); a
+        queued job's worker and module slot stay taken until it returns (its ``outlived``)."""
         try:
             # In a copy of the call's context, as asyncio.to_thread runs a function: a
             # thread's own context would carry what one call set into the next.
@@ -346,6 +352,8 @@ class Execution:
             self._raise_if_own(limit, version.name, request, exc)
             if not self.threads.abandon(job):
                 raise TimeoutError("no free thread") from None
+            if request.job is not None:  # a queued job's slot: held until the thread returns
+                request.job.outlived(job)
             self._stuck(version.name, timeout)
             raise
 

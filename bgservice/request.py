@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -90,6 +91,7 @@ class JobContext:
         on_progress: Callable[[Job], None] | None = None,
         saver: Saver | None = None,
         max_checkpoint_bytes: int = 65536,
+        on_outlived: Callable[[Job, Future[Any]], None] | None = None,
     ) -> None:
         self.id = job.id
         self.attempt = job.attempts
@@ -100,6 +102,7 @@ class JobContext:
         self._on_progress = on_progress
         self._saver = saver
         self._max_checkpoint = max_checkpoint_bytes
+        self._on_outlived = on_outlived
 
     @property
     def checkpoint(self) -> str | None:
@@ -154,6 +157,14 @@ class JobContext:
         self._job.progress = value
         if self._on_progress is not None:
             self._on_progress(self._job)
+
+    def outlived(self, going_on: Future[Any]) -> None:
+        """The attempt is over (its timeout) while its handler goes on, done when
+        ``going_on`` is: a ``def`` handler's thread, an ``async def`` one that caught its
+        cancellation. The embedded queue keeps the job's worker and module slot taken
+        until then (``Pump.hold``)."""
+        if self._on_outlived is not None:
+            self._on_outlived(self._job, going_on)
 
 
 def check_progress(

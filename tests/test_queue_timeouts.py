@@ -4,10 +4,12 @@ else its module's TIMEOUT, else ``[queue] job_timeout``, else none; never the
 
 from __future__ import annotations
 
-from tests.conftest import write_module
+import pytest
+
+from tests.conftest import wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.
-from tests.queue_helpers import both_engines  # noqa: F401
+from tests.queue_helpers import add, both_engines, status  # noqa: F401
 
 
 def _get(svc, command: bytes) -> bytes:
@@ -42,3 +44,79 @@ def test_job_timeout_accepts_none_and_refuses_nonsense(make_service):
     svc.start(wait=False)
     assert svc.wait() == 2
     assert "job_timeout" in svc.log()
+
+
+# A module whose handler notes when another of its jobs runs beside it ("overlapped"), then
+# waits until the file its data names exists (60 s at most): past its job's timeout, as
+# Python cannot stop a thread. HELD_ASYNC: the same, an async def that catches every
+# cancellation (its timeout's, and GoneOn's again each second) and waits on.
+HELD = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    here = Path(__file__).parent
+    if (here / "running").exists():
+        (here / "overlapped").touch()
+    (here / "running").touch()
+    try:
+        for _ in range(6000):
+            if Path(request.text).exists():
+                return "open"
+            time.sleep(0.01)
+        return "never opened"
+    finally:
+        (here / "running").unlink(missing_ok=True)
+"""
+HELD_ASYNC = """
+import asyncio
+from pathlib import Path
+
+async def handle_tcp(request):
+    here = Path(__file__).parent
+    if (here / "running").exists():
+        (here / "overlapped").touch()
+    (here / "running").touch()
+    try:
+        for _ in range(6000):
+            if Path(request.text).exists():
+                return "open"
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+        return "never opened"
+    finally:
+        (here / "running").unlink(missing_ok=True)
+"""
+
+
+# The embedded engine alone: the Redis engine counts workers and limits in Redis, and
+# frees them at the timeout (docs/queue.md, Behaviour: Workers).
+@pytest.mark.parametrize("queue_backend", ["sqlite"])
+@pytest.mark.parametrize("source", [HELD, HELD_ASYNC], ids=["def", "async"])
+@pytest.mark.parametrize(
+    "limits", ["workers = 1", "workers = 4\nmodule_limits = { held = 1 }"], ids=["workers", "limit"]
+)
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_handler_past_its_jobs_timeout_keeps_its_worker_and_module_slot(
+    make_service, modules_dir, tmp_path, limits, source, retries
+):
+    write_module(modules_dir, "held", source)
+    svc = make_service(f"[queue]\n{limits}\n")
+    go, already = tmp_path / "go", tmp_path / "already"
+    already.touch()
+    first = add(svc, b"queue:add?timeout=0.3&retries=%d&backoff=0:held:%s" % (retries, bytes(go)))
+    second = add(svc, b"queue:add:held:%s" % bytes(already))
+    # Its attempt ends at the timeout (504; or a retry, due at once) while its handler
+    # goes on: neither the next job nor the retry starts beside it (freed at the timeout,
+    # the slot let them start at once).
+    error = wait_until(lambda: status(svc, first)["error"])
+    assert error == "Module held timed out after 0.3 s"
+    states = [status(svc, j)["state"] for j in (first, second)]
+    assert states == ["waiting" if retries else "failed", "waiting"]
+    go.touch()  # the handler returns: its slot frees, and the jobs run, one at a time
+    ended = b"open" if retries else b"504: " + error.encode()
+    assert svc.call(b"queue:get:id:%d" % first) == ended
+    assert svc.call(b"queue:get:id:%d" % second) == b"open"
+    assert not (modules_dir / "overlapped").exists()

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Container, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -254,8 +255,9 @@ class JobQueue(abc.ABC):
         loop = self.loop
         chunks: list[bytes] = []
         context = JobContext(
-            job, loop, self.progressed, self.save_checkpoint, self.settings.max_checkpoint_bytes
-        )
+            job, loop, self.progressed, self.save_checkpoint,
+            self.settings.max_checkpoint_bytes, self.outlived,
+        )  # fmt: skip
         request = Request(
             job.module, job.data, Origin.QUEUE, f"job:{job.id}",
             sink=chunks.append, loop=loop, jobs=self, job=context,
@@ -310,6 +312,10 @@ class JobQueue(abc.ABC):
     def progressed(self, job: Job) -> None:  # noqa: B027 (a hook; the default is enough)
         """A running job reported progress (already on ``job.progress``); the local queue
         reads it from there, a shared one copies it where other instances see it."""
+
+    def outlived(self, job: Job, going_on: Future[Any]) -> None:  # noqa: B027 (as above)
+        """``job``'s attempt ended at its timeout while its handler goes on until
+        ``going_on`` is done: the local queue keeps its slots taken (Redis does not yet)."""
 
     @abc.abstractmethod
     async def start(self) -> None: ...

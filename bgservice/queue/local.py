@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from bgservice import eager
@@ -132,6 +133,9 @@ class LocalQueue(StoredSchedules, JobQueue):
         self._pump.closed = True
         refuse_waiters(self._waiters, self._running)  # they can start no more: told now
         self._line.close()
+
+    def outlived(self, job: Job, going_on: Future[Any]) -> None:
+        self._pump.hold(job.module, going_on)
 
     # --- commands ---------------------------------------------------------------------
 

@@ -3,14 +3,19 @@
 It takes ready jobs from the waiting line, best first, while workers are free, and
 passes over the jobs of a module at its ``[queue] module_limits`` or over its
 ``module_rates`` (they go back in line; a rate's window wakes the line when it frees).
+A job whose handler outlived its timeout keeps its worker and its module's slot until the
+handler really ends (``hold``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 from bgservice.queue.job import Job
 from bgservice.queue.rates import Windows
@@ -53,6 +58,8 @@ class Pump:
         self._started: set[int] = set()  # by this call: none starts twice in one
         self._soon = False  # a call is due on the loop's next turn
         self._waiting = False  # a call is due once the store has caught up a little
+        self._outlived: Counter[str] = Counter()  # handlers past their job, per module (hold)
+        self._outlived_total = 0
 
     def __call__(self) -> None:
         """Start ready jobs while there are free workers, best priority first, at most
@@ -84,8 +91,40 @@ class Pump:
         finally:
             self._pumping = False
 
+    def hold(self, module: str, going_on: Future[Any]) -> None:
+        """A job of ``module`` ended at its timeout while its handler goes on until
+        ``going_on`` is done: a ``def`` handler's thread (Python cannot stop it), an
+        ``async def`` one that caught its cancellation. Its worker and its module's slot
+        stay taken until then, as Celery holds a worker past a soft time limit (freed at
+        the timeout, ``workers = 1`` or a module limit of 1 ran the next job, the job's
+        own retry too, beside it); then look again for a job to start."""
+        self._outlived[module] += 1
+        self._outlived_total += 1
+        loop = asyncio.get_running_loop()  # (the callback may run in the handler's thread)
+
+        def released(_: Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the service stopped
+                loop.call_soon_threadsafe(self._released, module)
+
+        going_on.add_done_callback(released)
+
+    def _released(self, module: str) -> None:
+        self._outlived[module] -= 1
+        if not self._outlived[module]:
+            del self._outlived[module]
+        self._outlived_total -= 1
+        self()
+
+    def _taken(self, module: str) -> int:
+        """Slots of ``module`` taken: its running jobs, and handlers past their job (hold)."""
+        return self.per_module[module] + self._outlived[module]
+
+    def _busy(self) -> bool:
+        """No worker is free: jobs run on every one, or handlers past their job hold it."""
+        return self._running() + self._outlived_total >= self._workers
+
     def _once(self) -> None:
-        if self._running() >= self._workers:
+        if self._busy():
             return
         held: list[Job] = []
         skip: set[str] = set()  # modules at their limit or rate: their jobs stay in line
@@ -102,7 +141,7 @@ class Pump:
                 throttled = min(throttled, free_at)
                 held.append(job)
                 skip.add(job.module)
-            elif limit is not None and self.per_module[job.module] >= limit:
+            elif limit is not None and self._taken(job.module) >= limit:
                 held.append(job)
                 skip.add(job.module)
             else:
@@ -112,7 +151,7 @@ class Pump:
                 if len(self._started) >= PER_TURN:
                     self._again = True  # (the call's loop ends on the bound, then goes on soon)
                     break
-            if self._running() >= self._workers:
+            if self._busy():
                 break
         self._line.put_back(held)
         if throttled < float("inf"):
@@ -130,3 +169,4 @@ class Pump:
     def _caught_up(self) -> None:
         self._waiting = False
         self()
+
