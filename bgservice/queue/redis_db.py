@@ -60,13 +60,7 @@ return best and string.format('%.6f', best) or ''
 
 # ARGV: P, now. Moves delayed jobs now due (1000 at most) to the ready line, as the next
 # claim would, for a listing or position to show the order they will run in.
-DUE = COMMON + r"""
-local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 1000)
-for _, id in ipairs(due) do
-  redis.call('ZREM', P .. ':delayed', id)
-  if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
-end
-"""
+DUE = COMMON + "promote_due(1000)\n"
 
 # ARGV: P, now, the instance, what to try. What the engine's scripts do, done once at start
 # and harmlessly (check_access): nothing; read and write a key of the prefix and read

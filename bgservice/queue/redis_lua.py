@@ -47,6 +47,16 @@ local function place(id, run_at, priority)
   woke = true
 end
 
+-- Move up to ``most`` delayed jobs now due to the ready line: a claim's first step, and
+-- what a listing does first (redis_db.DUE) to show the order they will run in.
+local function promote_due(most)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, most)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', P .. ':delayed', id)
+    if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
+  end
+end
+
 -- P:blocked:ID, the jobs waiting on job ID, scored by id (they are freed in the order
 -- they came); one written as a plain set by an earlier version is converted first.
 local function blocked_key(id)
@@ -168,11 +178,7 @@ CLAIM_FN = r"""
 local function claim(lease, owner, limits_json, rates_json, runnable_json)
   local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
   if nextd ~= '' and tonumber(nextd) <= now then  -- delayed jobs now due
-    local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, 200)
-    for _, id in ipairs(due) do
-      redis.call('ZREM', P .. ':delayed', id)
-      if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
-    end
+    promote_due(200)
     nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
   end
   local limits = limits_json == '{}' and {} or cjson.decode(limits_json)
