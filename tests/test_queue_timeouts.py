@@ -51,10 +51,10 @@ def test_job_timeout_accepts_none_and_refuses_nonsense(make_service):
 # Python cannot stop a thread. HELD_ASYNC: the same, an async def that catches every
 # cancellation (its timeout's, and GoneOn's again each second) and waits on.
 HELD = """
-import time
+import asyncio, time
 from pathlib import Path
 
-def handle_tcp(request):
+{kind} handle_tcp(request):
     here = Path(__file__).parent
     if (here / "running").exists():
         (here / "overlapped").touch()
@@ -63,38 +63,22 @@ def handle_tcp(request):
         for _ in range(6000):
             if Path(request.text).exists():
                 return "open"
-            time.sleep(0.01)
+            {wait}
         return "never opened"
     finally:
         (here / "running").unlink(missing_ok=True)
 """
-HELD_ASYNC = """
-import asyncio
-from pathlib import Path
-
-async def handle_tcp(request):
-    here = Path(__file__).parent
-    if (here / "running").exists():
-        (here / "overlapped").touch()
-    (here / "running").touch()
-    try:
-        for _ in range(6000):
-            if Path(request.text).exists():
-                return "open"
-            try:
+HELD_DEF = HELD.format(kind="def", wait="time.sleep(0.01)")
+HELD_ASYNC = HELD.format(kind="async def", wait="""try:
                 await asyncio.sleep(0.01)
             except asyncio.CancelledError:
-                pass
-        return "never opened"
-    finally:
-        (here / "running").unlink(missing_ok=True)
-"""
+                pass""")
 
 
 # The embedded engine alone: the Redis engine counts workers and limits in Redis, and
 # frees them at the timeout (docs/queue.md, Behaviour: Workers).
 @pytest.mark.parametrize("queue_backend", ["sqlite"])
-@pytest.mark.parametrize("source", [HELD, HELD_ASYNC], ids=["def", "async"])
+@pytest.mark.parametrize("source", [HELD_DEF, HELD_ASYNC], ids=["def", "async"])
 @pytest.mark.parametrize(
     "limits", ["workers = 1", "workers = 4\nmodule_limits = { held = 1 }"], ids=["workers", "limit"]
 )
