@@ -221,18 +221,13 @@ def _listener(reader: Reader, raw: Any, index: int, base: Path) -> Listener:
     return Listener(**values)
 
 
-def _distinct(reader: Reader, listeners: tuple[Listener, ...], http: HttpSettings) -> None:
+def _distinct(reader: Reader, listeners: tuple[Listener, ...]) -> None:
     """No two sockets on one port of one host or on one path, a listener's own unix and
-    unix_dgram included, nor the HTTP API's port: the second was refused at the start as
-    "address already in use - is another service running?", exit 1, which a service
-    manager restarts for ever (two socket files on one path deleted each other's)."""
+    unix_dgram included: the second was refused at the start as "address already in use
+    - is another service running?", exit 1, which a service manager restarts for ever
+    (two socket files on one path deleted each other's)."""
     seen: dict[Any, tuple[int, str]] = {}
     for index, listener in enumerate(listeners):
-        hosts = {listener.host, http.host}
-        clash = listener.port and listener.port == http.port  # (0: each picks a free one)
-        if http.enabled and clash and (len(hosts) == 1 or hosts & ANY):
-            problem = f"the same port as [[listen]] #{index + 1} on {listener.host}"
-            raise reader.fail("[http] ", "port", problem, "http")
         places = [("port", (listener.host, listener.port))] if listener.port else []
         places += [(key, path) for key in ("unix", "unix_dgram")
                    if (path := getattr(listener, key)) is not None]  # fmt: skip
@@ -316,7 +311,7 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
         changes["listeners"] = tuple(
             _listener(reader, raw, i, base) for i, raw in enumerate(raw_listeners)
         )
-    _distinct(reader, changes.get("listeners", settings.listeners), settings.http)
+        _distinct(reader, changes["listeners"])
     if "allow" in top:
         changes["allow"] = top["allow"]
     changes["schedules"] = _schedules(reader, data.get("schedule", []))
@@ -391,4 +386,15 @@ def with_overrides(
     ):
         if value is not None:
             changes[key] = value
-    return settings.replace(**changes)
+    settings = settings.replace(**changes)
+    _http_apart(settings)
+    return settings
+
+
+def _http_apart(settings: Settings) -> None:
+    """No listener on the HTTP API's port (-p applied; 0 picks a free one): it was "address
+    already in use - is another service running?", exit 1, restarted for ever."""
+    for index, li in enumerate(settings.listeners):
+        hosts, http = {li.host, settings.http.host}, settings.http
+        if http.enabled and li.port == http.port != 0 and (len(hosts) == 1 or hosts & ANY):
+            raise ConfigError(f"[http] port {http.port}: [[listen]] #{index + 1} (or -p) has it")

@@ -675,18 +675,31 @@ def test_what_an_operator_review_found_is_refused_or_read_as_meant(tmp_path):
 
 def test_the_http_apis_port_may_not_be_a_listeners(tmp_path):
     # Refused at the start as "address already in use - is another service running?",
-    # exit 1 (restarted for ever), though it was the service's own listener.
+    # exit 1 (restarted for ever), though it was the service's own listener. Checked with
+    # -p/--host applied (they replace the listeners).
     listen = '[[listen]]\nhost = "%s"\nport = 7001\n'
     http = '[http]\nenabled = true\nhost = "%s"\nport = %d\n'
-    clash = config_error(tmp_path, listen % "127.0.0.1" + http % ("127.0.0.1", 7001))
-    assert "[http] port (line 7): the same port as [[listen]] #1 on 127.0.0.1" in clash
-    assert "[[listen]] #1" in config_error(tmp_path, listen % "0.0.0.0" + http % ("::1", 7001))
-    for text in (listen % "127.0.0.1" + http % ("127.0.0.2", 7001),  # other hosts
-                 listen % "127.0.0.1" + http % ("127.0.0.1", 7002),  # other ports
-                 listen % "127.0.0.1" + "[http]\nport = 7001\n",  # not enabled
-                 '[[listen]]\nport = 0\n[http]\nenabled = true\nport = 0\n'):  # both free ones
-        assert load_text(tmp_path, text).http.port in (0, 7001, 7002)
-    assert "[[listen]] #1" in config_error(tmp_path, "[http]\nenabled = true\nport = 12341\n")
+
+    def clash(text: str, **overrides: object) -> str:
+        with pytest.raises(ConfigError) as info:
+            config.with_overrides(load_text(tmp_path, text), **overrides)
+        return str(info.value)
+
+    same = clash(listen % "127.0.0.1" + http % ("127.0.0.1", 7001))
+    assert same == "[http] port 7001: [[listen]] #1 (or -p) has it"
+    assert "[[listen]] #1" in clash(listen % "0.0.0.0" + http % ("::1", 7001))
+    assert "[[listen]] #1" in clash("[http]\nenabled = true\nport = 12341\n")  # the default
+    assert "(or -p)" in clash(http % ("127.0.0.1", 7002), port=7002)
+    for text, overrides in (
+        (listen % "127.0.0.1" + http % ("127.0.0.2", 7001), {}),  # other hosts
+        (listen % "127.0.0.1" + http % ("127.0.0.1", 7002), {}),  # other ports
+        (listen % "127.0.0.1" + "[http]\nport = 7001\n", {}),  # not enabled
+        ("[[listen]]\nport = 0\n[http]\nenabled = true\nport = 0\n", {}),  # both free ones
+        ("[http]\nenabled = true\nport = 12341\n", {"port": 9000}),  # -p moved it away
+    ):
+        settings = config.with_overrides(load_text(tmp_path, text), **overrides)
+        assert settings.http.port in (0, 7001, 7002, 12341)
+
 
 def test_a_service_config_here_that_is_no_file_is_refused_not_passed_over(tmp_path):
     # With no -c, a folder (or FIFO, or dangling link) named service.config was skipped:
