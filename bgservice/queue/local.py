@@ -216,10 +216,10 @@ class LocalQueue(StoredSchedules, JobQueue):
                 raise Conflict(f"Job {jid} already finished ({finished.state})")
         if job.state is JobState.RUNNING:
             job.cancel_requested = True
-            await self._stored(self._writes.save(job, ("cancel_requested",)), "cancel")
-            # Acknowledged: its work is given up, so the next add of its key makes a job
-            # (at its end it frees the key only if it still holds it).
+            # Its work is given up (even if the write fails: the flag is set), so the next
+            # add of its key makes a job (at its end it frees the key only if it holds it).
             self._keys.release(job.unique_key, jid)
+            await self._stored(self._writes.save(job, ("cancel_requested",)), "cancel")
             return "cancelling"
         written = self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled")
         await self._stored(written, "cancel")  # acknowledged once on disk, as an add is
