@@ -201,7 +201,7 @@ def job_lines(job: Mapping[str, Any], now: float) -> list[str]:
         ("tags", ", ".join(job.get("tags") or []) or None), ("state", job["state"]),
         ("priority", job.get("priority")), ("position", job.get("position")),
         ("progress", progress(job.get("progress"))), ("attempts", tries),
-        ("interrupted", job.get("interruptions")), ("source", job.get("source")),
+        ("interrupted", job.get("interruptions") or None), ("source", job.get("source")),
         ("created", moment(job.get("created"), now)), ("runs at", moment(job.get("run_at"), now)),
         ("throttled", _until(job.get("throttled_until"), now)),
         ("started", moment(job.get("started"), now)),

@@ -219,7 +219,7 @@ def request(module: str, data: Data = b"") -> bytes:
 def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out.
     No ``wait``: its reply is the job's result, not the id ``add`` reads (``run``)."""
-    if "wait" in options:  # sent, the job ran, and its result was then no id: a 500
+    if options.get("wait") is not None:  # sent, the job ran, and its result was no id
         raise ValueError(
             "add() takes no wait= option (it returns the job's id): "
             "run(module, data, **options) queues a job and waits for its result"
