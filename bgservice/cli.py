@@ -9,6 +9,7 @@ are in bgservice/cli_client.py.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,16 @@ class _ServeByDefault(click.Group):
             i += 1 if "=" in args[i] else 2
         return args[i] if i < len(args) else None
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # A Ctrl-C held since bgservice.__main__ raises here, once the arguments are read.
+        # Until the service's own handlers are in (Service.run) it ends the start as it
+        # ends the client commands: exit 130, no traceback, not click's "Aborted!".
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_help(ctx, formatter)
         serve = self.commands["serve"]
@@ -85,14 +96,6 @@ class _ServeByDefault(click.Group):
 class _Serve(click.Command):
     """serve's ``--help`` ends with the other commands, read from the group they are in:
     a command added later is listed without anyone remembering to."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        # Until the service's own handlers are in (Service.run), a Ctrl-C ends the start as
-        # it ends the client commands: exit 130, no traceback, not click's "Aborted!".
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            sys.exit(130)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         group = ctx.parent.command if ctx.parent else None
