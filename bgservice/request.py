@@ -161,8 +161,8 @@ class JobContext:
     def outlived(self, going_on: Future[Any]) -> None:
         """The attempt is over (its timeout) while its handler goes on, done when
         ``going_on`` is: a ``def`` handler's thread, an ``async def`` one that caught its
-        cancellation. The embedded queue keeps the job's worker and module slot taken
-        until then (``Pump.hold``)."""
+        cancellation. The queue keeps the job's worker and module slot taken until then
+        (the embedded engine's ``Pump.hold``; on Redis, ``RedisLeases.outlived``)."""
         if self._on_outlived is not None:
             self._on_outlived(self._job, going_on)
 

@@ -667,6 +667,39 @@ def test_a_job_waits_for_an_instance_that_has_its_module(tmp_path, redis_url):
         m.stop()
 
 
+@pytest.mark.parametrize("end", ["stop", "kill"])
+def test_a_handler_past_its_jobs_timeout_holds_its_module_slot_on_every_instance(
+    tmp_path, redis_url, end
+):
+    # Freed in Redis at the timeout, the slot let another instance start the module's next
+    # job beside the handler still running: module_limits = { gate = 1 } ran two at once.
+    # Held until the handler returns, its instance stops, or it dies (then the hold's
+    # lease runs out, and another instance's reap gives the slot back).
+    prefix = f"held-{uuid.uuid4().hex[:8]}"
+    a, b = (instance(tmp_path, name, redis_url, prefix, "module_limits = { gate = 1 }\n")
+            for name in ("a", "b"))  # fmt: skip
+    (tmp_path / "open").touch()
+    try:
+        a.start()
+        first = add(a, b"queue:add?timeout=0.3:gate:" + bytes(tmp_path / "never"))
+        assert a.call(b"queue:get:id:%d" % first) == b"504: Module gate timed out after 0.3 s"
+        b.start()
+        second = add(b, b"queue:add:gate:" + bytes(tmp_path / "open"))
+        time.sleep(1.5)  # (b's free worker took it at once, before)
+        status = json.loads(b.call(b"queue:status:id:%d" % second))
+        assert (status["state"], status["attempts"]) == ("waiting", 0), status
+        if end == "stop":
+            a.stop()  # (its handler's thread ends with the process)
+        else:
+            a.proc.kill()
+            a.proc.wait()
+        assert b.call(b"queue:get:id:%d" % second) == b"open"
+    finally:
+        for svc in (a, b):
+            if svc.proc is not None and svc.proc.poll() is None:
+                svc.stop()
+
+
 def test_a_config_schedule_stays_while_a_live_instance_config_has_it(tmp_path, redis_url):
     # s2's config lacks s1's [[schedule]]: s2's start removed it from Redis while s1 went
     # on firing it, and s2 listed nothing. It is removed only once no live instance's

@@ -75,9 +75,8 @@ HELD_ASYNC = HELD.format(kind="async def", wait="""try:
                 pass""")
 
 
-# The embedded engine alone: the Redis engine counts workers and limits in Redis, and
-# frees them at the timeout (docs/queue.md, Behaviour: Workers).
-@pytest.mark.parametrize("queue_backend", ["sqlite"])
+# On both engines: the Redis engine holds the worker on its instance, and the module's slot
+# in Redis (P:held; test_queue_redis.py: across instances, and when the instance dies).
 @pytest.mark.parametrize("source", [HELD_DEF, HELD_ASYNC], ids=["def", "async"])
 @pytest.mark.parametrize(
     "limits", ["workers = 1", "workers = 4\nmodule_limits = { held = 1 }"], ids=["workers", "limit"]

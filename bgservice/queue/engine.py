@@ -315,7 +315,7 @@ class JobQueue(abc.ABC):
 
     def outlived(self, job: Job, going_on: Future[Any]) -> None:  # noqa: B027 (as above)
         """``job``'s attempt ended at its timeout while its handler goes on until
-        ``going_on`` is done: the local queue keeps its slots taken (Redis does not yet)."""
+        ``going_on`` is done: the engine keeps its worker and module slot taken."""
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -42,7 +42,7 @@ from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_channel import Following, Waiter
 from bgservice.queue.redis_db import RedisJobs, available, refusal, script_error, unavailable
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
-from bgservice.queue.redis_leases import Attempt, RedisLeases
+from bgservice.queue.redis_leases import Attempt, Held, RedisLeases
 from bgservice.queue.redis_schedules import RedisSchedules
 from bgservice.request import AttemptOver
 from bgservice.stats import Stats
@@ -77,6 +77,8 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._progress_pending: set[int] = set()
+        self._outliving: dict[str, asyncio.Future[Any]] = {}  # (RedisLeases: outlived)
+        self._held: dict[str, Held] = {}
         self._closing = False
         self._next_delayed: float | None = None
         # Module limits, rates and the modules this instance can run, as CLAIM takes them.
@@ -125,6 +127,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
                 await self.hand_back(left)
             except RedisError as exc:
                 log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
+        await self._unhold_all()
         await self.undeclare()
         await cancel_all(self._tasks, "job queue tasks")
         await self.db.close()
@@ -270,8 +273,9 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
             self._wake.set()
 
     def _free(self) -> bool:
-        """A worker is free: neither running a job nor held for a claim on its way."""
-        return len(self._running) + self._claiming < self.settings.workers
+        """A worker is free: neither running a job, held for a claim on its way, nor held
+        by a handler past its job's timeout."""
+        return len(self._running) + self._claiming + len(self._held) < self.settings.workers
 
     def _claim_args(self) -> tuple[str, ...]:
         """What a script needs to claim a job for this instance (CLAIM's arguments), with
@@ -330,11 +334,13 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
 
     async def _execute(self, job: Job, token: str) -> None:
         status, body = await self.run_job(job)
+        going_on = self._outliving.pop(token, None)  # its handler, on past its timeout
+        hold = going_on is not None and not going_on.done()
         now = time.time()
         outcome = self.conclude(job, status, body, now)
         run = run_record(job, outcome, now)
         claim: tuple[str, ...] = ("",)  # the worker this attempt frees claims the next
-        if not self._closing:  # job in the same script
+        if not self._closing and not hold:  # job in the same script
             claim = (self._lease, self._token(), *self._limits)
         args = (
             job.id,
@@ -347,6 +353,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
             repr(outcome.run_at or now),
             json.dumps(run.__dict__),
             json.dumps(job.progress) if job.progress is not None else "",
+            self._lease if hold else "",
             *claim,
         )
         self._ending.add(job.id)  # a renewal racing this end must not call it lost
@@ -358,6 +365,8 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         attempt = self._running.get(job.id)
         if attempt is not None and attempt.job is job:  # (not a newer attempt of the job)
             del self._running[job.id]
+        if going_on is not None and hold:  # its worker, and its module's slot, stay taken
+            self._keep_slot(token, job.module, going_on, recorded)
         if recorded and outcome.state.finished:
             self._settle(job.id, waiter, result=(outcome.status or OK, outcome.body))  # no read
         if claimed is not None:  # the freed worker's next job, or none ready

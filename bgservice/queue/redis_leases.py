@@ -1,7 +1,9 @@
 """Mixed into RedisQueue: what an instance keeps telling Redis about the jobs it runs.
 Every ``lease / 3`` seconds it renews their leases (learning which were cancelled
 meanwhile) and takes back to the queue the jobs whose instance stopped renewing theirs;
-and it copies their progress reports."""
+and it copies their progress reports. A handler that runs on past its job's timeout
+holds its worker here, and its module's slot in Redis under a lease of its own, until it
+returns (``outlived``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError, ResponseError
@@ -33,6 +36,14 @@ class Attempt(NamedTuple):
     token: str
 
 
+class Held(NamedTuple):
+    """A handler running on past its attempt (its timeout): its P:held member (MODULE|TOKEN),
+    and whether Redis holds its module's slot (not if the attempt's lease was lost)."""
+
+    member: str
+    in_redis: bool
+
+
 class RedisLeases:
     failed: Callable[[Job, int, bytes], None]  # (JobQueue's: a failed job's alert)
     db: RedisJobs
@@ -42,6 +53,10 @@ class RedisLeases:
     _running: dict[int, Attempt]
     _ending: set[int]
     _progress_pending: set[int]
+    _outliving: dict[str, asyncio.Future[Any]]  # claim token -> its handler, past its timeout
+    _held: dict[str, Held]  # claim token -> a handler past its ended attempt, still running
+    _wake: asyncio.Event
+    loop: asyncio.AbstractEventLoop
     _closing: bool
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
     declare: Callable[[], Coroutine[Any, Any, None]]  # RedisSchedules': its config's schedules
@@ -59,6 +74,47 @@ class RedisLeases:
             await self.note(job, "progress", json.dumps(job.progress))
         except RedisError as exc:
             log.debug("job %d: progress not written: %s", job.id, exc)
+
+    def outlived(self, job: Job, going_on: Future[Any]) -> None:
+        """The attempt ends at its timeout while its handler goes on (JobQueue.outlived):
+        its end (``_execute``) then keeps the worker, and the module's slot in Redis."""
+        attempt = self._running.get(job.id)
+        if attempt is not None and attempt.job is job:
+            self._outliving[attempt.token] = asyncio.wrap_future(going_on, loop=self.loop)
+
+    def _keep_slot(
+        self, token: str, module: str, going_on: asyncio.Future[Any], in_redis: bool
+    ) -> None:
+        """An attempt ended (recorded as END was told, with the slot held in Redis if
+        ``in_redis``) while its handler runs on: its worker stays taken until it returns."""
+        self._held[token] = Held(f"{module}|{token}", in_redis)
+        self._spawn(self._unhold_when(token, going_on))
+
+    async def _unhold_when(self, token: str, going_on: asyncio.Future[Any]) -> None:
+        await asyncio.wait([going_on])
+        held = self._held.get(token)
+        if held is None:  # (given back at a stop)
+            return
+        if held.in_redis:
+            try:
+                await self.db.call("HELD", "", held.member)
+            except RedisError as exc:
+                log.warning("cannot free %s's module slot in Redis (%s): it frees when its "
+                            "lease runs out", held.member, exc)  # fmt: skip
+        del self._held[token]
+        self._wake.set()  # a worker is free
+
+    async def _unhold_all(self) -> None:
+        """Stopping: the module slots held by handlers still running here are given back
+        (the handlers end with the process)."""
+        members = [held.member for held in self._held.values() if held.in_redis]
+        self._held.clear()
+        if members:
+            try:
+                await self.db.call("HELD", "", *members)
+            except RedisError as exc:
+                log.warning("cannot free %d held module slots (%s): their leases run out",
+                            len(members), exc)  # fmt: skip
 
     async def note(self, job: Job, field: str, value: str) -> bool:
         """Write a running attempt's progress or checkpoint, unless the attempt no longer
@@ -178,6 +234,9 @@ class RedisLeases:
         return repr(time.time() + self.settings.keep_results)
 
     async def _renew(self) -> None:
+        members = [held.member for held in self._held.values() if held.in_redis]
+        if members:
+            await self.db.call("HELD", repr(self.conf.lease), *members)
         if not self._running:
             return
         held = dict(self._running)  # the attempts asked about, not newer ones

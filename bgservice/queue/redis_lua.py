@@ -167,6 +167,16 @@ local function known(id)
 end
 """
 
+# A module slot held past an attempt's end (P:held) given back; not twice (REAP may have).
+UNHOLD_FN = r"""
+local function unhold(member)
+  if redis.call('ZREM', P .. ':held', member) == 1 then
+    redis.call('HINCRBY', P .. ':modrun', string.match(member, '^[^|]+'), -1)
+    woke = true  -- (the module's jobs waiting for the slot)
+  end
+end
+"""
+
 # The claim, shared by CLAIM, ADD, FIRE and END (an attempt's end takes the next job in the
 # same round trip): moves due delayed jobs to ready, then takes the best ready job of a
 # module the claiming instance can run (``runnable_json``: ["mail", ...]), under the

@@ -23,7 +23,11 @@ Keys, all under the configured prefix ``P``:
                          finished: counts, listings, the oldest waiting job
     P:finished           zset: finished jobs; score the time they expire
     P:unique             hash: unique key -> id of the waiting or running job holding it
-    P:modrun             hash: module -> jobs running now, across instances (module limits)
+    P:modrun             hash: module -> jobs running now, across instances (module limits),
+                         and handlers still running past their job's timeout (P:held)
+    P:held               zset: member MODULE|TOKEN, a handler still running past the end of
+                         its attempt (claim TOKEN) at its timeout: its module's slot stays
+                         taken until it returns; score a lease deadline its instance renews
     P:runs               zset: one JSON record per attempt; score the time it ended
     P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``,
                          ``cascade``
@@ -36,7 +40,7 @@ written as the strings the caller sent, so they keep their full precision.
 
 from __future__ import annotations
 
-from bgservice.queue.redis_lua import CLAIM_FN, COMMON
+from bgservice.queue.redis_lua import CLAIM_FN, COMMON, UNHOLD_FN
 
 # ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
 # adding instance's claim (lease, claim token, limits, rates, runnable modules, as CLAIM
@@ -154,9 +158,11 @@ end
 # ARGV: P, now, lease, expires, max_interruptions. Jobs whose lease ran out (their instance
 # died) run again elsewhere, or fail past max_interruptions: {ids again, ids failed}. Their
 # attempt ran at least until the last renewal (deadline - lease, on Redis's clock: shifted
-# to the caller's, which the run records use).
+# to the caller's, which the run records use). Module slots held by handlers past their
+# job (P:held) whose instance stopped renewing them are given back.
 REAP = _release(
-    r"""
+    UNHOLD_FN
+    + r"""
 local rnow = clock()
 local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', rnow, 'LIMIT', 0, 100,
                         'WITHSCORES')
@@ -167,6 +173,8 @@ for i = 1, #gone, 2 do
   local how = release(id, ended, ARGV[4], true, tonumber(ARGV[5]))
   if how == 'failed' then failed[#failed + 1] = id elseif how then taken[#taken + 1] = id end
 end
+local stale = redis.call('ZRANGEBYSCORE', P .. ':held', '-inf', rnow, 'LIMIT', 0, 100)
+for _, member in ipairs(stale) do unhold(member) end
 wake()
 return {taken, failed}
 """
@@ -183,6 +191,24 @@ for i = 4, #ARGV, 2 do
 end
 wake()
 return n
+"""
+)
+
+# ARGV: P, now, lease (s; '' to give them back), then members of P:held: the handlers past
+# their job that still run on this instance renew their module slots' hold, or, returned,
+# give the slots back.
+HELD = (
+    COMMON
+    + UNHOLD_FN
+    + r"""
+if ARGV[3] == '' then
+  for i = 4, #ARGV do unhold(ARGV[i]) end
+  wake()
+else
+  local deadline = clock() + tonumber(ARGV[3])
+  for i = 4, #ARGV do redis.call('ZADD', P .. ':held', 'XX', deadline, ARGV[i]) end
+end
+return 1
 """
 )
 
@@ -208,8 +234,10 @@ return {lost, cancel}
 )
 
 # ARGV: P, now, id, the attempt's claim token, state, status, result, error, expires, run_at,
-# run record, last progress report ('' if none), then the next claim's lease ('' for
-# none), token, module limits, rates and runnable modules (as CLAIM takes them). The end of one
+# run record, last progress report ('' if none), a lease ('' for none) when the handler
+# runs on past the attempt (its timeout: its module's slot stays taken, P:held), then the
+# next claim's lease ('' for none), token, module limits, rates and runnable modules (as
+# CLAIM takes them). The end of one
 # attempt: a retry (state "waiting", at run_at) or a finished job. Does nothing (returns
 # 0) if this attempt no longer holds the job. Recorded: {1}, or {1, what CLAIM returns}:
 # the worker this attempt frees takes the next job in the same round trip. A cancel
@@ -230,7 +258,11 @@ if cut and run ~= '' then
   local r = cjson.decode(run); r.outcome = 'cancelled'; run = cjson.encode(r)
 end
 redis.call('ZREM', P .. ':running', id)
-redis.call('HINCRBY', P .. ':modrun', f[3], -1)
+if ARGV[13] == '' then
+  redis.call('HINCRBY', P .. ':modrun', f[3], -1)
+else
+  redis.call('ZADD', P .. ':held', clock() + tonumber(ARGV[13]), f[3] .. '|' .. ARGV[4])
+end
 if run ~= '' then redis.call('ZADD', P .. ':runs', NOW, run) end
 if ARGV[12] ~= '' then redis.call('HSET', jk, 'progress', ARGV[12]) end
 if cut then
@@ -245,8 +277,8 @@ else
 end
 wake()
 local recorded = cut and 2 or 1
-if ARGV[13] == '' then return {recorded} end
-return {recorded, claim(ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17])}
+if ARGV[14] == '' then return {recorded} end
+return {recorded, claim(ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18])}
 """
 )
 
@@ -359,4 +391,4 @@ return 1
 """
 )
 
-NAMES = "ADD CLAIM REAP RELEASE RENEW END CANCEL RETRY EXPIRE DELETE NOTE".split()
+NAMES = "ADD CLAIM REAP RELEASE HELD RENEW END CANCEL RETRY EXPIRE DELETE NOTE".split()
