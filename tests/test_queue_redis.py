@@ -116,6 +116,19 @@ def test_an_add_and_wait_gets_a_result_run_on_another_instance_with_keep_results
     assert a.call(b"queue:add?unique=k&wait=1:echo:second") == b"first"
 
 
+def test_a_get_waiting_when_its_job_ends_on_another_instance_gets_it_with_keep_results_0(
+    shared,
+):
+    # keep_results = 0: the get, waiting on a, read the job once "done" reached it, found
+    # it expired and answered 404 (the embedded engine hands a waiting get its result).
+    a = shared("a", "workers = 0\nkeep_results = 0")
+    shared("b", "workers = 1\nkeep_results = 0")
+    for n in range(5):
+        jid = add(a, b"queue:add?delay=0.2:echo:hi %d" % n)  # (the get waits before it runs)
+        assert a.call(b"queue:get:id:%d" % jid) == b"hi %d" % n
+    assert a.call(b"queue:get:id:%d" % jid) == b"404: Job %d not found (unknown or expired)" % jid
+
+
 def test_ids_are_unique_across_instances(shared):
     instances = [shared(name, "workers = 1") for name in "abc"]
     ids: list[int] = []

@@ -180,7 +180,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
             # lost; later waiters on the same job share it without asking Redis again.
             waiter = self._waiters[jid] = self.loop.create_future()
             try:
-                await self._deliver(jid, quiet=False)
+                await self._deliver(jid, quiet=False, owed=owed)
             except RedisError as exc:  # every get sharing the waiter hears it (503), not just us
                 self._settle(jid, waiter, exception=unavailable(exc))
                 raise

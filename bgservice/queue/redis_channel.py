@@ -154,11 +154,13 @@ class Following:
             assert result is not None
             waiter.set_result(result)
 
-    async def _deliver(self, jid: int, quiet: bool = True) -> None:
-        """If job ``jid`` has finished (or is unknown), settle its waiters."""
+    async def _deliver(self, jid: int, quiet: bool = True, owed: bool = True) -> None:
+        """If job ``jid`` has finished (or is unknown), settle its waiters. ``owed``: they
+        waited when it ended (a ``done``, a look after an outage), so its result is read
+        even if it expired at once (keep_results = 0), as the embedded engine hands it."""
         waiter = self._waiters.get(jid)
         try:
-            result = await self.db.result(jid)
+            result = await self.db.result(jid, owed)
         except RedisError:
             if quiet:
                 return  # the next resubscription delivers it

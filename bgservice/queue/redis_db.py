@@ -39,6 +39,7 @@ from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
 EXPIRE_BATCH = 1000  # finished jobs one EXPIRE script deletes
+SWEEP_LATE = 5.0  # s past their expiry that finished jobs are deleted (expire_forever)
 # ARGV: P, now. When the waiting job due longest became due (its creation, or its run_at
 # if later; jobs waiting on another job are not due), '' for none. The oldest by creation
 # are looked at first, at most 1000, until no later one can have been due longer.
@@ -237,15 +238,15 @@ class RedisJobs:
             return None
         return job
 
-    async def result(self, jid: int) -> Result | Literal[True] | None:
+    async def result(self, jid: int, owed: bool = False) -> Result | Literal[True] | None:
         """What a waiter needs of job ``jid``: its result once finished, True while it
-        waits or runs, None when there is no such job (or it expired). Four fields, not
-        the whole job read back."""
+        waits or runs, None when there is no such job (or it expired, unless ``owed``: it
+        ended while the waiter waited). Four fields, not the whole job read back."""
         fields = ("state", "status", "result", "expires")
         state, status, body, expires = await self.batch.execute(
             "HMGET", self.key(f"job:{jid}"), *fields
         )
-        if state is None or (expires is not None and float(expires) < time.time()):
+        if state is None or (not owed and expires is not None and float(expires) < time.time()):
             return None
         if not JobState(state.decode()).finished:
             return True
@@ -371,14 +372,17 @@ class RedisJobs:
                 self.cascades.set()
 
     async def expire_forever(self) -> None:
+        """Delete finished jobs SWEEP_LATE seconds past their expiry: reads answer 404 from
+        their expiry all the same, but a get that was waiting when its job ended on
+        another instance reads the result it is owed first (keep_results = 0 included)."""
         interval = min(60.0, max(0.5, self.settings.keep_results / 4))
         while True:
             await asyncio.sleep(interval)
-            now, gone = time.time(), 0
+            now, gone = time.time() - SWEEP_LATE, 0
             try:  # in batches (each one script, a few ms of Redis), until one is not full:
                 while True:  # one batch a tick fell behind any queue past 17 jobs/s
                     batch = await self.call("EXPIRE", repr(now - self.settings.keep_history),
-                                            EXPIRE_BATCH)  # fmt: skip
+                                            EXPIRE_BATCH, now=now)  # fmt: skip
                     gone += batch
                     if batch < EXPIRE_BATCH:
                         break
