@@ -247,9 +247,19 @@ def _add(module: str, data: Data, options: dict[str, Any]) -> bytes:
 
 
 def add_requests(jobs: Iterable[JobSpec]) -> list[bytes]:
-    """``add_request`` for each job of ``add_many``, whose options may hold ``wait``: such
-    a job holds the replies after its own until it ends (and its reply is no id)."""
-    return [_add(job[0], job[1], dict(job[2]) if len(job) == 3 else {}) for job in jobs]
+    """``add_request`` for each job of ``add_many``: no ``wait`` either (as PHP's
+    addMany), refused before anything is sent. Its reply is the job's result, no id, and
+    it holds every reply after its own until the job ends."""
+    made = []
+    for n, job in enumerate(jobs):
+        options = dict(job[2]) if len(job) == 3 else {}
+        if options.get("wait") is not None:
+            raise ValueError(
+                f"add_many() takes no wait= option (job {n}; it returns job ids): "
+                "run(module, data, **options) queues a job and waits for its result"
+            )
+        made.append(_add(job[0], job[1], options))
+    return made
 
 
 def batch(replies: list[tuple[int, bytes]], value: Callable[[bytes], T]) -> list[T]:

@@ -300,6 +300,9 @@ def test_add_refuses_wait_naming_run_before_sending(service):
                 bg.add("echo", "x", wait=wait)
         with pytest.raises(ValueError, match=r"run\(\) takes no wait= option"):
             bg.run("echo", "x", wait=0)
+        # add_many too, as PHP's addMany: before any of the batch is sent
+        with pytest.raises(ValueError, match=r"add_many\(\) takes no wait= option \(job 1;"):
+            bg.add_many([("echo", "first"), ("echo", "x", {"wait": 1})])
         assert bg.run("echo", "ran", priority=1) == b"ran"  # add-and-wait is run()'s
 
     async def main() -> bytes:

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from bgservice import client, client_async, client_requests
 from bgservice.client import (
     AsyncClient,
     BatchError,
@@ -124,7 +125,8 @@ def test_a_pipelined_burst_from_a_raw_socket(service):
 # --- a batch cut short ----------------------------------------------------------------
 
 # A job that never ends: queued with wait=1, its reply never comes, nor do those of the
-# requests after it (replies come in request order).
+# requests after it (replies come in request order). add_many refuses wait= (its replies
+# are ids): the holding fixture puts that request among the batch's by hand.
 HANG = """
 import asyncio
 from pathlib import Path
@@ -135,10 +137,25 @@ async def handle_tcp(request):
 """
 
 
+HOLD: JobSpec = ("hang", "", {"wait": True})
+
+
+@pytest.fixture
+def holding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_many, in both clients, sends ``HOLD`` among its jobs as queue:add?wait=1."""
+    made = client_requests.add_requests
+
+    def add_requests(jobs: list[JobSpec]) -> list[bytes]:
+        return [b"queue:add?wait=1:hang:" if job == HOLD else made([job])[0] for job in jobs]
+
+    for module in (client, client_async):
+        monkeypatch.setattr(module, "add_requests", add_requests)
+
+
 def _jobs(before: int, total: int) -> list[JobSpec]:
     """``total`` echo jobs ("job N"), but the one at ``before`` a job that never ends."""
     jobs: list[JobSpec] = [("echo", f"job {i}") for i in range(total)]
-    jobs[before] = ("hang", "", {"wait": True})
+    jobs[before] = HOLD
     return jobs
 
 
@@ -146,7 +163,9 @@ def _sent_without_reply(results: list[object], error: BaseException) -> bool:
     return bool(results) and all(r is error for r in results)
 
 
-def test_a_batch_cut_by_a_timeout_keeps_the_ids_of_the_jobs_it_queued(modules_dir, make_service):
+def test_a_batch_cut_by_a_timeout_keeps_the_ids_of_the_jobs_it_queued(
+    modules_dir, make_service, holding
+):
     # add_many raised ClientTimeout and nothing else: which of the jobs were queued was
     # lost, and a retry queued them twice.
     write_module(modules_dir, "hang", HANG)
@@ -203,7 +222,9 @@ def test_get_many_cut_by_a_timeout_keeps_the_results_that_came(modules_dir, make
     assert error.results[:2] == [b"a", b"b"] and _sent_without_reply(error.results[2:], error)
 
 
-def test_add_many_cut_by_a_killed_service_names_the_jobs_it_queued(modules_dir, make_service):
+def test_add_many_cut_by_a_killed_service_names_the_jobs_it_queued(
+    modules_dir, make_service, holding
+):
     write_module(modules_dir, "hang", HANG)
     svc = make_service()
 
