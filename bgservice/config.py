@@ -35,7 +35,7 @@ from bgservice.config_checks import (
     check_string,
     check_token_env,
 )
-from bgservice.config_file import Reader, limit_conflicts, original_servers, read_config
+from bgservice.config_file import Reader, conflicts, original_servers, read_config
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
 from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
@@ -267,9 +267,8 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
     unknown = set(data) - set(TOP_CHECKS) - _SECTIONS
     if unknown:
         key = sorted(unknown)[0]
-        known = ", ".join(sorted(set(TOP_CHECKS) | _SECTIONS))
         hint = " (host and port go in a [[listen]] table)" if key in ("host", "port") else ""
-        raise reader.fail("", key, f"unknown key{hint} (known keys: {known})")
+        raise reader.fail("", key, reader.unknown(key, set(TOP_CHECKS) | _SECTIONS, hint))
     top = reader.table({k: v for k, v in data.items() if k in TOP_CHECKS}, TOP_CHECKS, "")
     limits = reader.table(data.get("limits", {}), LIMIT_CHECKS, "[limits] ", "limits")
     queue = reader.table(data.get("queue", {}), QUEUE_CHECKS, "[queue] ", "queue")
@@ -279,10 +278,8 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
     redis = reader.table(data.get("redis", {}), REDIS_CHECKS, "[redis] ", "redis")
     http = reader.table(data.get("http", {}), HTTP_CHECKS, "[http] ", "http")
     alerts = reader.table(data.get("alerts", {}), ALERT_CHECKS, "[alerts] ", "alerts")
-    for key, problem in limit_conflicts(limits, Limits):
-        raise reader.fail("[limits] ", key, problem, "limits")
-    if queue.get("workers") == 0 and queue.get("backend") != "redis":
-        raise reader.fail("[queue] ", "workers", 'can be 0 only with backend = "redis"', "queue")
+    for table, key, problem in conflicts(limits, Limits, queue, QueueSettings):
+        raise reader.fail(f"[{table}] ", key, problem, table)
     check_token_env(http.get("enabled", False))
     raw_listeners = data.get("listen", [])
     if not isinstance(raw_listeners, list):

@@ -4,11 +4,12 @@ and its line in every error."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ class Reader:
         at = f" (line {line})" if line else ""
         return ConfigError(f"{self.path}: {where}{key}{at}: {problem}")
 
+    @staticmethod
+    def unknown(key: str, known: Iterable[str], hint: str = "") -> str:
+        """An unknown key's problem: the known key it is nearest to first, when one is
+        near enough to be a typo (threadz: threads), then all of them."""
+        names = sorted(known)
+        near = difflib.get_close_matches(key, names, n=1)
+        guess = f", did you mean {near[0]}?" if near else ""
+        return f"unknown key{hint}{guess} (known keys: {', '.join(names)})"
+
     def line_of(self, key: str, table: str, index: int) -> int | None:
         """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""
         key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
@@ -81,6 +91,8 @@ class Reader:
             if header:
                 current = header.group(1)
                 seen[current] = seen.get(current, -1) + 1
+                if not table and current == key:  # a table of that name: its header's line
+                    return number
             elif current == table and seen[current] == index and key_re.match(line):
                 return number
         return None
@@ -99,8 +111,7 @@ class Reader:
         out = {}
         for key, value in data.items():
             if key not in checks:
-                known = ", ".join(sorted(checks))
-                raise self.fail(where, key, f"unknown key (known keys: {known})", table, index)
+                raise self.fail(where, key, self.unknown(key, checks), table, index)
             try:
                 out[key] = checks[key](value)
             except ValueError as exc:
@@ -108,17 +119,25 @@ class Reader:
         return out
 
 
-def limit_conflicts(limits: dict[str, Any], defaults: Any) -> Iterator[tuple[str, str]]:
-    """``[limits]`` keys that contradict each other, as (key, problem): each key's value
-    as given, else its default (``defaults``: the Limits class)."""
+def conflicts(
+    limits: dict[str, Any], limit_defaults: Any, queue: dict[str, Any], queue_defaults: Any
+) -> Iterator[tuple[str, str, str]]:
+    """Keys that contradict each other, as (table, key, problem): each key's value as
+    given, else its default (``*_defaults``: the Limits and QueueSettings classes)."""
+    backoff = queue.get("backoff", queue_defaults.backoff)
+    if queue.get("backoff_max", queue_defaults.backoff_max) < backoff:
+        yield "queue", "backoff_max", f"must be at least backoff ({backoff:g} s), else " \
+            "every retry waits backoff_max and backoff says nothing"
+    if queue.get("workers") == 0 and queue.get("backend") != "redis":
+        yield "queue", "workers", 'can be 0 only with backend = "redis"'
 
     def get(key: str) -> Any:
-        return limits.get(key, getattr(defaults, key))
+        return limits.get(key, getattr(limit_defaults, key))
 
     if get("max_buffered_bytes") < get("max_request_bytes"):
-        yield "max_buffered_bytes", "must be at least max_request_bytes (else a request of " \
-            "that size never fits)"
+        yield "limits", "max_buffered_bytes", "must be at least max_request_bytes (else a " \
+            "request of that size never fits)"
     for key in ("quiet_ms", "quiet_large_ms"):  # (quiet_ms = 20000: every one-shot request
         if get(key) >= get("read_timeout") * 1000:  # ended by a gap got 408 instead)
-            yield key, f"must be shorter than read_timeout ({get('read_timeout'):g} s), " \
-                "else a request ended by this gap is answered 408 first"
+            yield "limits", key, f"must be shorter than read_timeout ({get('read_timeout'):g}" \
+                " s), else a request ended by this gap is answered 408 first"

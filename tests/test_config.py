@@ -227,6 +227,11 @@ def test_unknown_key_names_the_key_and_its_line(tmp_path):
     assert "line 3" in message
     assert "unknown key" in message
     assert "threads" in message  # the known keys are listed
+    assert "unknown key, did you mean threads? (known keys: " in message  # the nearest first
+    message = config_error(tmp_path, "[limitz]\nthreads = 4\n")  # a section too
+    assert "limitz (line 1): unknown key, did you mean limits? (known keys: " in message
+    message = config_error(tmp_path, "[queue]\nzzz = 4\n")  # nothing near: no guess
+    assert "zzz (line 2): unknown key (known keys: " in message
     assert str(tmp_path / "service.config") in message
 
 
@@ -625,6 +630,16 @@ def test_the_total_buffer_bound_must_hold_one_whole_request(tmp_path):
         tmp_path, "[limits]\nmax_request_bytes = 2000\nmax_buffered_bytes = 1000\n"
     )
     assert "max_buffered_bytes (line 3)" in message and "max_request_bytes" in message
+
+
+def test_a_backoff_cap_under_the_backoff_is_refused(tmp_path):
+    # backoff = 600 under backoff_max = 300 was taken: every retry waited 300 s, and the
+    # 600 the operator wrote said nothing.
+    message = config_error(tmp_path, "[queue]\nbackoff = 600\nbackoff_max = 300\n")
+    assert "[queue] backoff_max (line 3): must be at least backoff (600 s)" in message
+    message = config_error(tmp_path, "[queue]\nbackoff_max = 0.5\n")  # under the default 1
+    assert "backoff_max (line 2): must be at least backoff (1 s)" in message
+    assert load_text(tmp_path, "[queue]\nbackoff = 0\nbackoff_max = 0\n").queue.backoff_max == 0
 
 
 def test_http_without_its_extra_says_how_to_install_it(tmp_path):
