@@ -8,6 +8,7 @@ are in bgservice/cli_client.py.
 
 from __future__ import annotations
 
+import difflib
 import os
 import signal
 import sys
@@ -59,8 +60,11 @@ class _ServeByDefault(click.Group):
         word = self._first_word(args)
         if word is not None and word not in self.commands and not word.startswith("-"):
             # serve takes no arguments: a word here is a mistyped command (it was "serve:
-            # unexpected extra argument").
-            ctx.fail(f"No such command {word!r} (commands: {', '.join(self.commands)}).")
+            # unexpected extra argument"); the nearest command named, as click names a
+            # group's (bgservice queue lsit: "Did you mean 'list'?").
+            near = difflib.get_close_matches(word, self.commands, n=1)
+            guess = f" Did you mean {near[0]!r}?" if near else ""
+            ctx.fail(f"No such command {word!r} (commands: {', '.join(self.commands)}).{guess}")
         if not asks_help and word not in self.commands:
             args = ["serve", *args]
         return super().parse_args(ctx, args)

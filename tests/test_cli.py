@@ -493,6 +493,8 @@ def test_a_mistyped_command_is_named_as_such(tmp_path):
     assert reply.returncode == 2, reply
     assert b"No such command 'qeueu' (commands: serve, call," in reply.stderr, reply.stderr
     assert b"bgservice serve" not in reply.stderr
+    assert reply.stderr.rstrip().endswith(b"). Did you mean 'queue'?"), reply.stderr
+    assert b"Did you mean" not in bg(None, "zzzz").stderr  # nothing near: no guess
 
 
 def test_queue_get_with_progress_from_a_service_down_says_only_that(tmp_path):
