@@ -178,10 +178,7 @@ def _json_out(value: Any) -> None:
 
 def _show(value: Any, as_json: bool, lines: Callable[..., list[str]], *args: Any) -> None:
     """--json: the JSON; otherwise what ``cli_format`` makes of it for a person."""
-    if as_json:
-        _json_out(value)
-    else:
-        click.echo("\n".join(lines(value, *args)))
+    _json_out(value) if as_json else click.echo("\n".join(lines(value, *args)))
 
 
 JSON = click.option("--json", "as_json", is_flag=True, help="The service's JSON, on one line.")
@@ -387,7 +384,9 @@ def queue_retry(job: int) -> None:
 def queue_list(state: str | None, limit: int | None, offset: int, as_json: bool) -> None:
     """Jobs waiting, running and failed (or of one STATE)."""
     with _talking() as client:
-        _show(client.list(state, limit, offset), as_json, cli_format.jobs_lines, time.time())
+        listing = client.list(state, limit, offset)  # (a page: the counts say what is left)
+        counts = {} if as_json else client.queue_stats()["counts"]
+        _show(listing, as_json, cli_format.jobs_lines, time.time(), counts, offset)
 
 
 @queue.command("stats")

@@ -230,11 +230,20 @@ JOB_FIELDS = frozenset({
 })  # fmt: skip
 
 
-def jobs_lines(listing: Mapping[str, Sequence[Mapping[str, Any]]], now: float) -> list[str]:
-    """``bgservice queue list``: every job listed, grouped by state as the service sent them."""
+def jobs_lines(listing: Mapping[str, Sequence[Mapping[str, Any]]], now: float,
+               counts: Mapping[str, int] | None = None, offset: int = 0) -> list[str]:  # fmt: skip
+    """``bgservice queue list``: every job listed, grouped by state as the service sent them,
+    then, for a state with more jobs than the page showed (``counts``: queue:stats'), how
+    many more and how to see them (the page was cut at 100 without a word)."""
     rows = [_job_row(job, now) for jobs in listing.values() for job in jobs]
     headers = ("id", "state", "module", "prio", "tries", "created", "when", "error")
-    return table(headers, rows) if rows else ["no jobs"]
+    lines = table(headers, rows) if rows else ["no jobs"]
+    for state, jobs in listing.items():
+        more = (counts or {}).get(state, 0) - offset - len(jobs)
+        if jobs and more > 0:
+            lines.append(f"{more} more {state} (bgservice queue list {state} "
+                         f"--offset {offset + len(jobs)})")  # fmt: skip
+    return lines
 
 
 def _job_row(job: Mapping[str, Any], now: float) -> Row:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from bgservice.client import Client
 from tests.conftest import HOG, REPO, wait_until, write_module
 
 PROGRESS = """
@@ -211,6 +212,20 @@ def test_readable_output_by_default_json_for_scripts(service):
     assert "oldest waiting:" in queue and "hour from" in queue
     assert json.loads(bg(service, "queue", "stats", "--json").stdout)["counts"]["done"] >= 1
     assert "loaded" in bg(service, "modules").stdout.decode()
+
+
+def test_queue_list_says_how_many_more_a_page_left_out(service):
+    # The list showed the first 100 of each state and no word of the others.
+    with Client(f"{service.tcp[0]}:{service.tcp[1]}") as client:
+        client.add_many([("echo", str(i), {"delay": 600}) for i in range(103)])
+    listed = bg(service, "queue", "list").stdout.decode().splitlines()
+    assert len(listed) == 1 + 100 + 1, listed[-3:]  # headers, the page, then the rest
+    assert listed[-1] == "3 more waiting (bgservice queue list waiting --offset 100)"
+    listed = bg(service, "queue", "list", "waiting", "--limit", "2", "--offset", "100")
+    assert listed.stdout.decode().splitlines()[-1] == "1 more waiting (bgservice queue list " \
+        "waiting --offset 102)"
+    last = bg(service, "queue", "list", "waiting", "--offset", "101").stdout.decode()
+    assert "more" not in last and len(last.splitlines()) == 1 + 2
 
 
 def test_top_once_shows_running_jobs_with_progress_and_waiting_counts(modules_dir, make_service):
