@@ -19,6 +19,7 @@ import click
 import uvloop
 
 from bgservice import __version__, cli_client, config, logs, readiness
+from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.errors import ConfigError
 from bgservice.server import Service
@@ -208,7 +209,7 @@ def serve(
 for command in (
     cli_client.call,
     cli_client.send,
-    cli_client.queue,
+    queue,
     cli_client.stats,
     cli_client.modules,
     cli_client.ping,

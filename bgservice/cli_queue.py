@@ -1,0 +1,164 @@
+"""``bgservice queue ...``: the job queue from the shell (docs/queue.md): add, get, check,
+status, cancel, retry, list, stats. Thin, as cli_client's commands: each one or two
+``Client`` methods, the same exit codes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from bgservice import cli_format, cli_top
+from bgservice.cli_client import (
+    JOB_ID,
+    JSON,
+    MODULE,
+    _data,
+    _json_out,
+    _out,
+    _show,
+    _talking,
+    _timeout,
+    client_options,
+)
+from bgservice.client import ClientTimeout
+
+
+@click.group()
+@client_options
+def queue() -> None:
+    """The job queue (docs/queue.md)."""
+
+
+@queue.command("add")
+@MODULE
+@click.argument("data", required=False)
+@click.option("--priority", type=int, help="Higher runs first.")
+@click.option("--delay", type=float, help="Seconds to wait before it may run.")
+@click.option("--at", type=float, help="Unix time it may run at.")
+@click.option("--retries", type=int, help="Retries after a 5xx or a timeout.")
+@click.option("--backoff", type=float, help="First retry delay in seconds (doubles).")
+@click.option("--job-timeout", "job_timeout", type=float, help="The job's own timeout (s).")
+@click.option("--unique", help="Unique key: an equal waiting/running job is reused.")
+@click.option(
+    "--after",
+    type=JOB_ID,
+    multiple=True,
+    help="Run only after this job (N or id:N) has finished well; repeat for several.",
+)
+@click.option("--wait", is_flag=True, help="Wait for the job and print its result, not its id.")
+@click.option("--name", help="A name people see in lists, the dashboard and /metrics.")
+@click.option("--tag", "tags", multiple=True, help="A tag; repeat for several.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"id": N}.')
+@client_options
+def queue_add(
+    module: str,
+    data: str | None,
+    job_timeout: float | None,
+    after: tuple[int, ...],
+    tags: tuple[str, ...],
+    wait: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Queue a job of MODULE with DATA; prints its id (with --wait, its result)."""
+    options.update(after=after or None, tags=list(tags) or None)
+    with _talking(module) as client:
+        deadline = time.monotonic() + _timeout()
+        jid = client.add(module, _data(data), timeout=job_timeout, **options)
+        if wait:  # an add, then a get (not queue:add?wait=1): the id is known if cut short
+            try:
+                _out(client.get(jid, timeout=max(deadline - time.monotonic(), 0.01)))
+            except (KeyboardInterrupt, ClientTimeout) as exc:
+                exc.add_note(f"bgservice: job {jid} goes on: bgservice queue get {jid} (or cancel)")
+                raise
+            return
+    _json_out({"id": jid}) if as_json else click.echo(jid)
+
+
+@queue.command("get")
+@click.argument("job", type=JOB_ID)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr while waiting (default: when stderr is a terminal).",
+)
+@client_options
+def queue_get(job: int, progress: bool | None) -> None:
+    """Wait for JOB and print its result (exit 1 with its error if it failed)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    with _talking() as client:
+        deadline = time.monotonic() + _timeout()
+        if progress:
+            cli_top.follow(client, job, deadline)
+        # What is left of --timeout after the progress bar, so the whole wait is bounded
+        # by it (a floor of 10 ms: a job that ended just now is still read).
+        _out(client.get(job, timeout=max(deadline - time.monotonic(), 0.01)))
+
+
+@queue.command("check")
+@click.argument("job", type=JOB_ID)
+@client_options
+def queue_check(job: int) -> None:
+    """0 waiting, 1 running, 2 finished."""
+    with _talking() as client:
+        click.echo(client.check(job))
+
+
+@queue.command("status")
+@click.argument("job", type=JOB_ID)
+@JSON
+@client_options
+def queue_status(job: int, as_json: bool) -> None:
+    """JOB's state, progress, position, attempts, times and last error."""
+    with _talking() as client:
+        _show(client.status(job), as_json, cli_format.job_lines, time.time())
+
+
+@queue.command("cancel")
+@click.argument("job", type=JOB_ID)
+@client_options
+def queue_cancel(job: int) -> None:
+    """Cancel a waiting JOB, or ask a running one to stop."""
+    with _talking() as client:
+        click.echo(client.cancel(job))
+
+
+@queue.command("retry")
+@click.argument("job", type=JOB_ID)
+@client_options
+def queue_retry(job: int) -> None:
+    """Run a failed or cancelled JOB again."""
+    with _talking() as client:
+        click.echo(client.retry(job))
+
+
+@queue.command("list")
+@click.argument(
+    "state",
+    required=False,
+    type=click.Choice(["waiting", "running", "done", "failed", "cancelled"]),
+)
+@click.option("--limit", type=int, help="At most this many per state.")
+@click.option("--offset", type=int, default=0)
+@JSON
+@client_options
+def queue_list(state: str | None, limit: int | None, offset: int, as_json: bool) -> None:
+    """Jobs waiting, running and failed (or of one STATE)."""
+    with _talking() as client:
+        listing = client.list(state, limit, offset)  # (a page: the counts say what is left)
+        counts = {} if as_json else client.queue_stats()["counts"]
+        _show(listing, as_json, cli_format.jobs_lines, time.time(), counts, offset)
+
+
+@queue.command("stats")
+@click.option("--window", type=float, help="Seconds of history (default: the service's).")
+@JSON
+@client_options
+def queue_stats(window: float | None, as_json: bool) -> None:
+    """Counts per state, oldest waiting job, jobs per minute, busy time per hour."""
+    with _talking() as client:
+        _show(client.queue_stats(window), as_json, cli_format.queue_stats_lines, time.time())
