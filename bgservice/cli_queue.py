@@ -24,6 +24,7 @@ from bgservice.cli_client import (
     client_options,
 )
 from bgservice.client import ClientTimeout
+from bgservice.errors import ReplyError
 
 
 @click.group()
@@ -64,6 +65,8 @@ def queue_add(
     **options: Any,
 ) -> None:
     """Queue a job of MODULE with DATA; prints its id (with --wait, its result)."""
+    if wait and as_json:  # (the result was printed as it came, the --json left unsaid)
+        raise click.UsageError("--json prints the id; --wait prints the result as it came")
     options.update(after=after or None, tags=list(tags) or None)
     with _talking(module) as client:
         deadline = time.monotonic() + _timeout()
@@ -73,6 +76,11 @@ def queue_add(
                 _out(client.get(jid, timeout=max(deadline - time.monotonic(), 0.01)))
             except (KeyboardInterrupt, ClientTimeout) as exc:
                 exc.add_note(f"bgservice: job {jid} goes on: bgservice queue get {jid} (or cancel)")
+                raise
+            except ReplyError as exc:  # (a bare 404 for the job it had just added)
+                if exc.code == 404:
+                    exc.add_note(f"bgservice: job {jid} ended before its result was asked "
+                                 "for, and the service did not keep it ([queue] keep_results)")
                 raise
             return
     _json_out({"id": jid}) if as_json else click.echo(jid)

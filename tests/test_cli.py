@@ -214,6 +214,24 @@ def test_readable_output_by_default_json_for_scripts(service):
     assert "loaded" in bg(service, "modules").stdout.decode()
 
 
+def test_queue_add_wait_refuses_json_and_says_why_a_result_is_gone(make_service):
+    # --wait --json printed the result as it came, the --json left unsaid.
+    svc = make_service("[queue]\nkeep_results = 0\n")
+    usage = bg(svc, "queue", "add", "echo", "x", "--wait", "--json")
+    assert usage.returncode == 2 and b"--json prints the id; --wait prints the" in usage.stderr
+    # keep_results = 0: a job that ended before the get (an add, then a get) had only a
+    # bare "404: Job N not found (unknown or expired)" to show for it.
+    outcomes = set()
+    for _ in range(5):
+        ran = bg(svc, "queue", "add", "echo", "x", "--wait")
+        outcomes.add(ran.returncode)
+        assert (ran.returncode, ran.stdout) == (0, b"x") or (
+            ran.returncode == 1 and b"not found" in ran.stderr
+            and b"ended before its result was asked for" in ran.stderr
+        ), ran  # fmt: skip
+    assert 1 in outcomes, outcomes  # (an echo job ends before the CLI's get reaches it)
+
+
 def test_queue_list_says_how_many_more_a_page_left_out(service):
     # The list showed the first 100 of each state and no word of the others.
     with Client(f"{service.tcp[0]}:{service.tcp[1]}") as client:
