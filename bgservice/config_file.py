@@ -125,9 +125,13 @@ def conflicts(
     """Keys that contradict each other, as (table, key, problem): each key's value as
     given, else its default (``*_defaults``: the Limits and QueueSettings classes)."""
     backoff = queue.get("backoff", queue_defaults.backoff)
-    if queue.get("backoff_max", queue_defaults.backoff_max) < backoff:
+    cap = queue.get("backoff_max", queue_defaults.backoff_max)
+    if cap < backoff and "backoff_max" in queue:
         yield "queue", "backoff_max", f"must be at least backoff ({backoff:g} s), else " \
             "every retry waits backoff_max and backoff says nothing"
+    elif cap < backoff:  # (the key written is the one named, with its line)
+        yield "queue", "backoff", f"must be at most backoff_max ({cap:g} s, its default), " \
+            "else every retry waits backoff_max: raise backoff_max too"
     if queue.get("workers") == 0 and queue.get("backend") != "redis":
         yield "queue", "workers", 'can be 0 only with backend = "redis"'
 

@@ -640,6 +640,8 @@ def test_a_backoff_cap_under_the_backoff_is_refused(tmp_path):
     message = config_error(tmp_path, "[queue]\nbackoff_max = 0.5\n")  # under the default 1
     assert "backoff_max (line 2): must be at least backoff (1 s)" in message
     assert load_text(tmp_path, "[queue]\nbackoff = 0\nbackoff_max = 0\n").queue.backoff_max == 0
+    message = config_error(tmp_path, "[queue]\nbackoff = 600\n")  # over the default 300
+    assert "[queue] backoff (line 2): must be at most backoff_max (300 s, its default)" in message
 
 
 def test_http_without_its_extra_says_how_to_install_it(tmp_path):
