@@ -71,12 +71,22 @@ class _ServeByDefault(click.Group):
         return super().parse_args(ctx, args)
 
     def _first_word(self, args: list[str]) -> str | None:
-        """The first word after the group's own options (-a X, --timeout=X): a command
-        name, or serve's first option; only before a command are they the group's."""
-        valued = {o for p in self.params if isinstance(p, click.Option) for o in p.opts}
+        """The first word after the options before it, the group's (-a X, -t5, --timeout=X;
+        only before a command are they the group's) and serve's (bgservice -c FILE -v is
+        serve's): a command's name, a mistyped one, an option neither takes, or None."""
+        options = [p for c in (self, self.commands["serve"]) for p in c.params
+                   if isinstance(p, click.Option)]  # fmt: skip
+        flags = {o for p in options if p.is_flag or p.count for o in p.opts}
+        valued = {o for p in options for o in p.opts} - flags
         i = 0
-        while i < len(args) and args[i].partition("=")[0] in valued:
-            i += 1 if "=" in args[i] else 2
+        while i < len(args):
+            arg = args[i]
+            if arg.partition("=")[0] in valued:
+                i += 1 if "=" in arg else 2
+            elif arg in flags or (not arg.startswith("--") and arg[:2] in valued | flags):
+                i += 1  # a flag, or a short option with its value or flags after it (-t5, -EE)
+            else:
+                break
         return args[i] if i < len(args) else None
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -528,6 +528,17 @@ def test_a_mistyped_command_is_named_as_such(tmp_path):
     assert b"bgservice serve" not in reply.stderr
     assert reply.stderr.rstrip().endswith(b"). Did you mean 'queue'?"), reply.stderr
     assert b"Did you mean" not in bg(None, "zzzz").stderr  # nothing near: no guess
+    # after serve's own options too (it was "Got unexpected extra argument (qeueu)")
+    reply = bg(None, "-v", "-c", str(tmp_path / "none.config"), "-EE", "qeueu")
+    assert reply.returncode == 2 and b"Did you mean 'queue'?" in reply.stderr, reply.stderr
+
+
+def test_the_groups_short_options_take_their_value_attached(service):
+    # -t5 and -aHOST before the command: "No such option '-t'" (taken for serve's).
+    host, port = service.tcp
+    for args in (("-t5", f"-a{host}:{port}", "ping"), ("-t", "5", f"-a{host}:{port}", "ping")):
+        reply = bg(None, *args)
+        assert (reply.returncode, reply.stdout.strip()) == (0, b"pong"), (args, reply)
 
 
 def test_queue_get_with_progress_from_a_service_down_says_only_that(tmp_path):
