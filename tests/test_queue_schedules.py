@@ -134,6 +134,8 @@ def test_schedules_at_run_time(make_service):
         (b"queue:schedule?name=x&cron=0+3+*+*+*&tz=Mars%2FBase:echo:x", b"unknown time zone"),
         (b"queue:schedule?name=x&every=5&priority=high:echo:x", b"option priority"),
         (b"queue:schedule?name=x&every=5&colour=red:echo:x", b"unknown key 'colour'"),
+        (b"queue:schedule?name=x&evrey=5:echo:x", b"'evrey', did you mean every?"),
+        (b"queue:schedule?nmae=x&every=5:echo:x", b"schedule: unknown key 'nmae', did you"),
         (b"queue:schedule?name=..&every=5:echo:x", b"name must be"),
         (b"queue:schedule?name=x&every=5&missed=all:echo:x", b"missed must be one of"),
         # Refused as queue:add refuses its job (taken, each slot was logged and lost).
@@ -895,6 +897,13 @@ def test_an_unknown_key_is_named_with_the_keys_there_are():
         "schedule c: unknown key 'colour' (keys: backoff, cron, data, every, missed, module, "
         "name, options, paused, priority, retries, timeout, tz)"
     )
+    # A typo is named first, and the key it is near: evrey was "give either cron or every"
+    # (what it left out), nmae "name must be 1-64 letters ..., got ''".
+    for typo, meant in (("evrey", "every"), ("nmae", "name"), ("crno", "cron")):
+        values = {"name": "c", "module": "m", "every": 5, "cron": "* * * * *"}
+        values[typo] = values.pop(meant)
+        with pytest.raises(BadRequest, match=rf"unknown key '{typo}', did you mean {meant}\?"):
+            make_schedule(values, b"", "config")
 
 
 def test_schedule_replies_to_bad_input(make_service):

@@ -12,6 +12,7 @@ and of several instances on one Redis exactly one fires it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -236,11 +237,30 @@ class Schedule:
         }
 
 
+def _no_stray(name: str, values: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A key no schedule takes, refused first: evrey = 60 was "give either cron or every",
+    nmae=a "name must be ...": what the typo left out, not the typo."""
+    stray = sorted(set(values) - {*KEYS, *OPTIONS})
+    if stray:
+        raise _unknown(name, stray[0], {*keys, *OPTIONS})
+
+
+def _unknown(name: str, key: str, known: set[str]) -> BadSchedule:
+    """A key a schedule does not take, the nearest one it does first (a typo)."""
+    near = difflib.get_close_matches(key, sorted(known), n=1)
+    guess = f", did you mean {near[0]}?" if near else ""
+    keys = ", ".join(sorted(known))
+    label = f"schedule {name:.64}" if name else "schedule"
+    return BadSchedule(key, f"{label}: unknown key {key!r:.40}{guess} (keys: {keys})")
+
+
 def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") -> Schedule:
     """A checked schedule from a ``[[schedule]]`` table or ``queue:schedule`` options;
     ``BadSchedule`` naming what is wrong, and the key it is wrong in."""
     values = dict(values)
     name = str(values.pop("name", "") or "")
+    keys = KEYS if origin == "config" else RUN_TIME_KEYS
+    _no_stray(name, values, keys)
     if not NAME.fullmatch(name):
         raise BadSchedule(
             "name",
@@ -264,10 +284,7 @@ def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") 
     own = {k: values.pop(k) for k in list(values) if k in OPTIONS}
     options.update(own)
     if values:
-        key = sorted(values)[0]
-        keys = KEYS if origin == "config" else RUN_TIME_KEYS
-        known = ", ".join(sorted({*keys, *OPTIONS}))
-        raise BadSchedule(key, f"schedule {name}: unknown key {key!r:.40} (keys: {known})")
+        raise _unknown(name, sorted(values)[0], {*keys, *OPTIONS})
     unknown = set(options) - OPTIONS
     if unknown:
         problem = f"option {sorted(unknown)[0]!r} is not one of {', '.join(sorted(OPTIONS))}"
