@@ -4,7 +4,6 @@ and its line in every error."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bgservice.config_checks import Check, shown
-from bgservice.errors import ConfigError
+from bgservice.errors import ConfigError, did_you_mean
 
 _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
           stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
@@ -77,9 +76,7 @@ class Reader:
         """An unknown key's problem: the known key it is nearest to first, when one is
         near enough to be a typo (threadz: threads), then all of them."""
         names = sorted(known)
-        near = difflib.get_close_matches(key, names, n=1)
-        guess = f", did you mean {near[0]}?" if near else ""
-        return f"unknown key{hint}{guess} (known keys: {', '.join(names)})"
+        return f"unknown key{hint}{did_you_mean(key, names)} (known keys: {', '.join(names)})"
 
     def line_of(self, key: str, table: str, index: int) -> int | None:
         """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""

@@ -7,6 +7,9 @@ one-shot format, as the status field of a framed reply.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ServiceError(Exception):
     """Root of every error that becomes a reply. ``str(error)`` is the message."""
@@ -161,3 +164,11 @@ class ReplyError(ServiceError):
 
 class ConfigError(Exception):
     """``service.config`` or a command-line value is invalid. Not a reply: exit code 2."""
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``", did you mean X?"`` for the known name nearest ``word`` when one is near enough
+    to be its typo (difflib, as click names a mistyped command), else ``""``: for each
+    message that refuses an unknown name and lists the known ones."""
+    near = difflib.get_close_matches(word, sorted(known), n=1)
+    return f", did you mean {near[0]}?" if near else ""

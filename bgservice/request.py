@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bgservice.errors import BadRequest, HandlerError
+from bgservice.errors import BadRequest, HandlerError, did_you_mean
 from bgservice.origin import Origin
 from bgservice.queue.commands import (
     ADD_OPTIONS,
@@ -285,7 +285,8 @@ class Request:
         # went to the store unchecked, broke queue:list and stopped the next start.
         unknown = sorted(set(options) - JOB_OPTIONS)
         if unknown:
-            raise BadRequest(f"add_job: unknown option {unknown[0]!r} "
+            raise BadRequest(f"add_job: unknown option {unknown[0]!r}"
+                             f"{did_you_mean(unknown[0], JOB_OPTIONS)} "
                              f"(options: {', '.join(sorted(JOB_OPTIONS))})")  # fmt: skip
         # (None, and no ids or tags at all, as the option left out)
         text = {k: _option_text(k, v) for k, v in options.items() if v not in (None, [], ())}

@@ -150,11 +150,12 @@ def test_unknown_query_parameters_are_400_naming_the_ones_the_route_reads(
     _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "data": "x", "delay": 300})
     jid = job["id"]
     for method, path, message in [
-        ("GET", f"{API}/jobs/{jid}?wiat=10", "unknown query parameter 'wiat' (parameters: wait)"),
-        ("GET", f"{API}/jobs?stat=failed", "unknown query parameter 'stat' (parameters: "
-         "limit, offset, page_size, page_token, state)"),
+        ("GET", f"{API}/jobs/{jid}?wiat=10",
+         "unknown query parameter 'wiat', did you mean wait? (parameters: wait)"),
+        ("GET", f"{API}/jobs?stat=failed", "unknown query parameter 'stat', did you mean state? "
+         "(parameters: limit, offset, page_size, page_token, state)"),
         ("GET", f"{API}/queue/stats?windw=60",
-         "unknown query parameter 'windw' (parameters: window)"),
+         "unknown query parameter 'windw', did you mean window? (parameters: window)"),
         ("GET", f"{API}/stats?x=1", "unknown query parameter 'x' (it takes none)"),
         ("GET", f"{API}/modules/echo?verbose=1", "unknown query parameter 'verbose'"),
         ("GET", "/metrics?name[]=x", "unknown query parameter 'name[]'"),

@@ -42,6 +42,7 @@ def test_options_ride_on_the_command_word():
         (b"add?timeout=0:echo:x", "option timeout"),
         (b"add?retries=1.5:echo:x", "option retries"),
         (b"add?colour=red:echo:x", "unknown option 'colour'"),
+        (b"add?priorty=1:echo:x", "unknown option 'priorty', did you mean priority"),
         (b"add?delay=nan:echo:x", "option delay"),
         (b"add::x", "expected queue:add:MODULE:DATA"),
         (b"add?priority=9223372036854775808:echo:x", "option priority: must be between"),
@@ -122,7 +123,8 @@ def test_list_and_window():
         (b"retry?delay=5:1", "queue:retry: unknown option 'delay'"),
         (b"fire?x=1:nightly", "queue:fire: unknown option 'x'"),
         (b"list?state=done&page=2", "queue:list: unknown option 'page' (options: limit, offset"),
-        (b"stats?windw=60", "queue:stats: unknown option 'windw' (options: window)"),
+        (b"stats?windw=60",
+         "queue:stats: unknown option 'windw', did you mean window? (options: window)"),
         # an option given empty, and job id 0
         (b"add?unique=:echo:x", "option unique: empty (leave it out for the default)"),
         (b"add?name=&priority=1:echo:x", "option name: empty"),

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from bgservice.errors import BadRequest
+from bgservice.errors import BadRequest, did_you_mean
 from bgservice.queue.commands import ADD_OPTIONS, Command, ascii_number, parse_id, unrepeated
 from bgservice.queue.schedules import OPTIONS as SCHEDULE_OPTIONS
 
@@ -50,7 +50,8 @@ def known_parameters(request: web.Request, accepted: frozenset[str]) -> None:
     unknown = sorted(set(request.query) - accepted)
     if unknown:
         takes = f"parameters: {', '.join(sorted(accepted))}" if accepted else "it takes none"
-        raise BadRequest(f"unknown query parameter {unknown[0][:40]!r} ({takes})")
+        guess = did_you_mean(unknown[0], accepted)
+        raise BadRequest(f"unknown query parameter {unknown[0][:40]!r}{guess} ({takes})")
 
 
 def unknown_module(name: str) -> BadRequest:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from bgservice.errors import BadRequest, UnknownQueueRequest
+from bgservice.errors import BadRequest, UnknownQueueRequest, did_you_mean
 from bgservice.protocol import split_request
 
 COMMANDS = frozenset(
@@ -126,7 +126,8 @@ def parse(data: bytes) -> Command:
     read = READ_OPTIONS.get(word, frozenset())
     if word not in OWN_OPTIONS and (unknown := set(command.options) - read):
         takes = f"options: {', '.join(sorted(read))}" if read else "it takes no options"
-        raise BadRequest(f"queue:{word}: unknown option {sorted(unknown)[0]!r} ({takes})")
+        key = sorted(unknown)[0]
+        raise BadRequest(f"queue:{word}: unknown option {key!r}{did_you_mean(key, read)} ({takes})")
     return command
 
 
@@ -249,10 +250,10 @@ def parse_add(
     """``queue:add``'s options and ``MODULE:DATA`` as an AddSpec; ``source`` is where the
     request came from (an HTTP operator's ``source`` option takes its place); ``limits``
     the service's ``[queue]`` settings."""
-    unknown = set(command.options) - ADD_OPTIONS
+    unknown = sorted(set(command.options) - ADD_OPTIONS)
     if unknown:
         raise BadRequest(
-            f"queue:add: unknown option {sorted(unknown)[0]!r} "
+            f"queue:add: unknown option {unknown[0]!r}{did_you_mean(unknown[0], ADD_OPTIONS)} "
             f"(options: {', '.join(sorted(ADD_OPTIONS))})"
         )
     module, data = split_request(command.args)

@@ -12,7 +12,6 @@ and of several instances on one Redis exactly one fires it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -28,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 # at the end of the gap when they go forward; one with * in those fields by the clock.
 from cronsim import CronSim, CronSimError
 
-from bgservice.errors import BadRequest
+from bgservice.errors import BadRequest, did_you_mean
 from bgservice.queue.commands import AddSpec, Command, parse_add
 
 MISSED = ("skip", "once")
@@ -247,9 +246,7 @@ def _no_stray(name: str, values: dict[str, Any], keys: tuple[str, ...]) -> None:
 
 def _unknown(name: str, key: str, known: set[str]) -> BadSchedule:
     """A key a schedule does not take, the nearest one it does first (a typo)."""
-    near = difflib.get_close_matches(key, sorted(known), n=1)
-    guess = f", did you mean {near[0]}?" if near else ""
-    keys = ", ".join(sorted(known))
+    guess, keys = did_you_mean(key, known), ", ".join(sorted(known))
     label = f"schedule {name:.64}" if name else "schedule"
     return BadSchedule(key, f"{label}: unknown key {key!r:.40}{guess} (keys: {keys})")
 
