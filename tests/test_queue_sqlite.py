@@ -14,8 +14,10 @@ import time
 
 import pytest
 
+from bgservice.errors import Busy
 from bgservice.queue.job import Job, JobState
-from bgservice.queue.sqlite import SCHEMA, DatabaseInUse, SqliteStore
+from bgservice.queue.sqlite import SqliteStore
+from bgservice.queue.sqlite_schema import SCHEMA, DatabaseInUse
 from bgservice.queue.store import Run
 from tests.conftest import Framed
 
@@ -41,6 +43,20 @@ async def test_concurrent_inserts_share_commits_and_ids_are_unique(tmp_path):
     await store.close()
     with sqlite3.connect(tmp_path / "jobs.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 500
+
+
+async def test_a_store_asked_before_it_is_open_answers_503(tmp_path):
+    # The listeners open before the queue: a read, a queue:stats or a /metrics scrape in
+    # that window was a 500 "AssertionError: store not open", logged with a traceback
+    # (and an alert); an add there was a 503 already.
+    store = SqliteStore(tmp_path / "jobs.db")
+    for ask in (lambda: store.get(1), lambda: store.counts(), lambda: store.run_history(0, 60),
+                lambda: store.list_jobs("waiting", 10, 0), lambda: store.insert(_job())):
+        with pytest.raises(Busy, match="Job store unavailable"):
+            await ask()
+    await store.open()
+    assert await store.get(1) is None
+    await store.close()
 
 
 async def test_a_database_open_in_one_store_is_refused_to_another(tmp_path):

@@ -9,14 +9,13 @@ per id; a database made by an earlier version (``AUTOINCREMENT``) goes on from i
 highest id.
 
 The database belongs to one service: ``DB.lock`` is locked (flock) while the store is
-open, and a second service started with the same ``db`` is refused. Sharing it, each
-would take the other's running jobs for ones a crash interrupted and run them again.
+open (sqlite_schema.py). Until it is open, what asks it gets 503 ``Job store
+unavailable`` (the listeners open first, so calls are served while a queue loads).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -27,72 +26,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bgservice.errors import Busy
 from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
+from bgservice.queue.sqlite_schema import connect, lock
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run, Writes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
-# Columns of jobs newer than its first schema, and their types: added to an older database.
-ADDED_COLUMNS = {c: "TEXT" for c in ("name", "tags", "checkpoint", "source", "progress")}
-ADDED_COLUMNS["interruptions"] = "INTEGER NOT NULL DEFAULT 0"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    module TEXT NOT NULL,
-    data BLOB NOT NULL,
-    state TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    run_at REAL NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    attempts INTEGER NOT NULL,
-    max_retries INTEGER NOT NULL,
-    backoff REAL NOT NULL,
-    timeout REAL,
-    unique_key TEXT,
-    after TEXT,  -- ids, "1,2,3"; databases made before hold one INTEGER (read_after)
-    status INTEGER,
-    result BLOB,
-    error TEXT,
-    cancel_requested INTEGER NOT NULL,
-    expires REAL,
-    name TEXT,
-    tags TEXT,  -- "a,b"
-    checkpoint TEXT,
-    source TEXT,
-    interruptions INTEGER NOT NULL DEFAULT 0,  -- runs a crash cut ([queue] max_interruptions)
-    progress TEXT  -- the last report, JSON [done, total, message]; written as the job ends
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
--- Finished jobs by state, newest finished first (queue:list); adds and starts, of jobs not
--- finished, do not write to it. list_jobs repeats its WHERE, so SQLite can use it.
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (state, finished)
-    WHERE state IN ('done', 'failed', 'cancelled');
-CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires) WHERE expires IS NOT NULL;
-CREATE TABLE IF NOT EXISTS runs (
-    job INTEGER NOT NULL,
-    module TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    started REAL NOT NULL,
-    finished REAL NOT NULL,
-    outcome TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
--- Recurring jobs (bgservice.queue.scheduler): the definition as JSON, and the last slot
--- fired, written in the transaction that adds the slot's job.
-CREATE TABLE IF NOT EXISTS schedules (
-    name TEXT PRIMARY KEY,
-    definition TEXT NOT NULL,
-    last_slot REAL NOT NULL
-);
-"""
 _FINISHED = "('done', 'failed', 'cancelled')"  # as jobs_finished's WHERE has it, to the letter
 _SELECT = f"SELECT {', '.join(COLUMNS)}, progress, interruptions FROM jobs"  # read by _job
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
@@ -106,10 +50,6 @@ _EXPIRE_RUNS = "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE fi
 
 
 READS = 3  # reads of queue:stats' counts at most, while retries come in (counts)
-
-
-class DatabaseInUse(RuntimeError):
-    pass
 
 
 def _count(
@@ -128,48 +68,6 @@ def _count(
     return writer.commits, counts, rows
 
 
-def _lock(path: Path) -> int | None:
-    """Lock ``DB.lock`` for this process (released when it closes, or the process ends)."""
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip() or "?"
-        os.close(fd)
-        raise DatabaseInUse(
-            f"{path} is in use by another bgservice (pid {holder}): give each service its"
-            ' own db = "...", or share one queue between services with backend = "redis"'
-        ) from None
-    except OSError as exc:  # a file system without locks: go on, as before
-        log.warning("cannot lock %s (%s): start one service per database", path, exc)
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
-    return fd
-
-
-def _connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
-    """Open (creating if needed); the next id and the end of the block already reserved."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(SCHEMA)
-    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    for column, kind in ADDED_COLUMNS.items():  # a database made by an earlier version
-        if column not in have:
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-    reserved = conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
-    highest = conn.execute("SELECT MAX(id) FROM jobs").fetchone()[0] or 0
-    sequence = 0
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
-        sequence = row[0] if row else 0
-    next_id = max(reserved[0] if reserved else 1, highest + 1, sequence + 1)
-    return conn, next_id, next_id  # ids from next_id on are not reserved yet
-
-
 class SqliteStore:
     def __init__(self, path: Path, commit_window: float = 0.0) -> None:
         self.path = path
@@ -184,10 +82,17 @@ class SqliteStore:
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
 
+    def _opened(self) -> tuple[asyncio.AbstractEventLoop, Writer]:
+        """The loop and the writer; before ``open``, 503 (it was a 500 "AssertionError"
+        for a read, a /metrics scrape or a dashboard's poll during a start)."""
+        if self._loop is None or self._writer is None:
+            raise Busy("Job store unavailable")
+        return self._loop, self._writer
+
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        assert self._loop is not None and self._writer is not None, "store not open"
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._writer.put(Call(fn, future))
+        loop, writer = self._opened()
+        future: asyncio.Future[T] = loop.create_future()
+        writer.put(Call(fn, future))
         return future
 
     # --- Store ------------------------------------------------------------------------
@@ -195,10 +100,10 @@ class SqliteStore:
     async def open(self) -> list[Job]:
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.path)
+        self._lock = lock(self.path)
         try:
             conn, self._next_id, self._reserved = await self._loop.run_in_executor(
-                None, _connect, self.path
+                None, connect, self.path
             )
         except BaseException:
             self._unlock()
@@ -208,16 +113,16 @@ class SqliteStore:
         return await self._submit(lambda c: [_job(r) for r in c.execute(unfinished)])
 
     def insert(self, job: Job, mark: tuple[str, float] | None = None) -> asyncio.Future[int]:
-        assert self._loop is not None and self._writer is not None, "store not open"
+        loop, writer = self._opened()
         job.id = self._next_id
         self._next_id += 1
         if job.id >= self._reserved:
             self._reserved = job.id + ID_BLOCK
-        future: asyncio.Future[int] = self._loop.create_future()
+        future: asyncio.Future[int] = loop.create_future()
         # Every commit with new jobs writes the reservation they fall in: one small write
         # per commit, and a commit that failed cannot leave ids in use that no row reserves.
         # ``mark``: (schedule, slot) the job is the run of, recorded in the same commit.
-        self._writer.put(Insert(job.row(), self._reserved, future, mark))
+        writer.put(Insert(job.row(), self._reserved, future, mark))
         return future
 
     def save(
@@ -273,8 +178,7 @@ class SqliteStore:
         )
 
     async def counts(self, writes: Writes | None = None) -> dict[str, int]:
-        writer = self._writer
-        assert writer is not None, "store not open"
+        _, writer = self._opened()
         for attempt in range(1, READS + 1):
             retrying = writes.retrying if writes is not None else None
             commit, counts, rows = await self._submit(partial(_count, writer, retrying))
@@ -296,8 +200,8 @@ class SqliteStore:
         return counts
 
     async def run_history(self, now: float, window: float) -> dict[str, Any]:
-        assert self._loop is not None and self._writer is not None, "store not open"
-        return await self._loop.run_in_executor(None, self._read, now, window)
+        loop, _ = self._opened()
+        return await loop.run_in_executor(None, self._read, now, window)
 
     def _read(self, now: float, window: float) -> dict[str, Any]:
         with self._reader_lock:
