@@ -109,6 +109,7 @@ class ModuleEntry:
     version: ModuleVersion | None = None
     error: str | None = None
     error_at: float | None = None
+    tried: tuple[str | None, int | None] | None = None  # bytes last imported: _load
     reloads: int = 0
     failures: int = 0
 
@@ -210,11 +211,12 @@ def _restore(qualname: str, failed: Module | None, previous: Module | None) -> N
         sys.modules[qualname] = previous
 
 
-def _digest(path: Path) -> str | None:
+def _read(path: Path) -> tuple[bytes | None, str | None, int | None]:  # and digest, mtime
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        mtime = path.stat().st_mtime_ns
+        return (source := path.read_bytes()), hashlib.sha256(source).hexdigest(), mtime
     except OSError:
-        return None
+        return None, None, None  # (gone, unreadable: the import says why)
 
 
 class Registry:
@@ -250,7 +252,7 @@ class Registry:
         self._new = logging.DEBUG  # each line, when the server's table lists them all next
         async with self._lock:
             found = [(path, classify(path.name)) for path in sorted(self.folder.iterdir())]
-            self._helpers = {k[1]: _digest(p) for p, k in found if k and k[0] == "helper"}
+            self._helpers = {k[1]: _read(p)[1] for p, k in found if k and k[0] == "helper"}
             for path in (p for p, k in found if k and k[0] == "misnamed"):
                 self._misnamed_seen(path.name)
             modules = [k[1] for p, k in found if k and k[0] == "module" and p.is_file()]
@@ -291,7 +293,7 @@ class Registry:
 
     async def _helper_changed(self, helper: str) -> None:
         # Unchanged bytes (a touch, the rescan after start) do nothing; created or deleted count.
-        digest = await asyncio.to_thread(_digest, self.folder / f"{helper}.py")
+        digest = (await asyncio.to_thread(_read, self.folder / f"{helper}.py"))[1]
         if digest == self._helpers.get(helper):
             return
         self._helpers[helper] = digest
@@ -310,23 +312,21 @@ class Registry:
 
     async def _load(self, name: str, force: bool = False) -> None:
         path = self.folder / f"{name}.py"
+        # A tiny read on the loop's threads, never behind a stuck import; these bytes import.
+        source, digest, mtime = await asyncio.get_running_loop().run_in_executor(None, _read, path)
         # A new module's entry goes in only once its first import has ended (loaded, or
         # failed with its error): meanwhile its calls get "Unknown request", not a 502
         # "failed to load: None" for a load that has not finished (seen as a CI flake).
         entry = self._entries.get(name) or ModuleEntry(name)
-        loop = asyncio.get_running_loop()
-        if not force and entry.version is not None and not entry.error:
-            # A tiny read, on the loop's default threads: never queued behind an import,
-            # nor refused when stuck imports hold every loader thread.
-            digest = await loop.run_in_executor(None, _digest, path)
-            if digest == entry.version.digest:
-                return
+        # Bytes loaded, or failed and untouched since (the rescan made a failure two): skip.
+        if not force and name in self._entries and entry.tried in ((digest, None), (digest, mtime)):
+            return
         try:
-            version = await self._import(name, path)
+            version = await self._import(name, path, source)
             old = entry.version
             serves(path.name, bool(version.tcp or version.udp), bool(old and (old.tcp or old.udp)))
         except ModuleLoadError as exc:
-            entry.error, entry.error_at = str(exc), time.time()
+            entry.error, entry.error_at, entry.tried = str(exc), time.time(), (digest, mtime)
             entry.failures += 1
             self._entries[name] = entry
             keeps = " (the last good version keeps serving)" if entry.version else ""
@@ -334,6 +334,7 @@ class Registry:
             self._events.emit(MODULE_FAILED, name=name, error=str(exc))
             return
         old, entry.version, entry.error, entry.error_at = entry.version, version, None, None
+        entry.tried = (version.digest, None)
         self._entries[name] = entry
         if old is None:
             log.log(self._new, "module %s loaded", name)
@@ -369,9 +370,9 @@ class Registry:
         self._unloads.add(task)
         task.add_done_callback(self._unloads.discard)
 
-    async def _import(self, name: str, path: Path) -> ModuleVersion:
+    async def _import(self, name: str, path: Path, source: bytes | None) -> ModuleVersion:
         try:
-            future = self._loader.submit(import_module_file, name, path)
+            future = self._loader.submit(import_module_file, name, path, source)
         except ThreadsExhausted:
             raise ModuleLoadError(
                 f"refused: all {LOADERS} loader threads are stuck in imports still "

@@ -1,9 +1,11 @@
 """The registry against a real service: helper saves that change nothing, start-up's
-imports run at once, and files whose name no request can reach said in the log."""
+imports run at once, files that failed imported once until they change, and files whose
+name no request can reach said in the log."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from tests.conftest import wait_until, write_module
@@ -107,6 +109,39 @@ def test_at_start_imports_past_every_loader_thread_are_refused(tmp_path, make_se
     assert log.count("failed to load: import did not finish within 1 s") == 9
     assert log.count("failed to load: refused: all 9 loader threads are stuck") == 1
     assert svc.stop() == 0
+
+
+def test_a_file_that_failed_to_load_is_imported_again_once_touched_or_changed(
+    tmp_path, make_service
+):
+    # Found by a black-box review: a file that never loaded, or whose last save failed, was
+    # imported again by the rescan after start, its bytes unchanged: two errors logged,
+    # two failures counted, two alerts (two mails) for one broken file.
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    broken = write_module(modules, "broken", "def handle_tcp(request:\n")
+    an_hour_ago = time.time() - 3600  # saved long before the start, as in the review
+    os.utime(broken, (an_hour_ago, an_hour_ago))
+    kept = write_module(modules, "kept", "def handle_tcp(request):\n    return 'good'\n")
+    svc = make_service()
+    kept.write_text("def handle_tcp(request:\n")  # a broken save of a loaded module
+    svc.wait_for_log("module kept failed to load")
+    settled(svc, modules, "after the rescan")  # (names before "marker")
+    log = svc.log()
+    for name in ("broken", "kept"):
+        assert log.count(f"module {name} failed to load") == 1, log
+    assert svc.stats()["reloads"]["failed"] == 2
+    assert svc.call(b"kept:x") == b"good"
+    # A touch asks for another try (a library installed since, say), its bytes the same.
+    os.utime(broken)
+    os.utime(kept)
+    wait_until(lambda: svc.stats()["reloads"]["failed"] == 4)
+    assert all(svc.log().count(f"module {n} failed to load") == 2 for n in ("broken", "kept"))
+    # A real change is imported again, of a file that never loaded as of one that did.
+    broken.write_text("def handle_tcp(request):\n    return 'fixed'\n")
+    kept.write_text("def handle_tcp(request):\n    return 'fixed too'\n")
+    wait_until(lambda: svc.call(b"broken:x") == b"fixed")
+    wait_until(lambda: svc.call(b"kept:x") == b"fixed too")
 
 
 MISNAMED = ["café.py", "My Mod.py", "a.b.py", "x.PY", "_h é.py"]
