@@ -304,6 +304,34 @@ def test_a_redis_frozen_past_a_lease_but_not_the_timeout_takes_no_live_job_over(
         assert "stopped renewing" not in svc.log() and "lease lost" not in svc.log(), svc.log()
 
 
+@pytest.mark.parametrize("away", ["pause", "restart"])
+def test_redis_away_past_a_lease_lets_no_idle_instance_take_a_live_job_over(
+    shared, own_redis, tmp_path, away
+):
+    # Found by review: with instances idle beside the one running a job, Redis paused
+    # (CLIENT PAUSE) or down (restarted with its data) a little past the 1.5 s lease made
+    # an idle one take the live job over, most runs: its reap, queued in the pause or its
+    # first command after the restart, ran before the live instance's renewal. The job
+    # ran twice, its attempt counted as an interruption.
+    write_module(tmp_path / "modules", "long", "import time\n\ndef handle_tcp(request):\n"
+                 "    time.sleep(6)\n    return 'long'\n")  # fmt: skip
+    a = shared("a", "workers = 1", url=own_redis.url)
+    idle = [shared(name, "workers = 1", url=own_redis.url) for name in "bcd"]
+    jid = add(a, b"queue:add:long:x")  # a's worker is free: a claims it as it adds
+    wait_until(lambda: a.stats()["in_flight"].get("long", 0) == 1)
+    if away == "pause":
+        assert redis_command(own_redis.url, "CLIENT", "PAUSE", "2500", "ALL") == b"+OK\r\n"
+    else:
+        own_redis.stop()
+        time.sleep(2.2)  # (the outage itself: nothing to wait for)
+        own_redis.start()
+    assert a.call(b"queue:get:id:%d" % jid, timeout=30) == b"long"
+    status = json.loads(a.call(b"queue:status:id:%d" % jid))
+    assert (status["attempts"], status["interruptions"]) == (1, 0), status
+    for svc in (a, *idle):
+        assert "stopped renewing" not in svc.log() and "lease lost" not in svc.log(), svc.log()
+
+
 def test_a_cancel_recorded_before_its_attempt_hears_of_it_still_ends_the_job_cancelled(
     tmp_path, redis_url
 ):

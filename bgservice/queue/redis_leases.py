@@ -101,7 +101,7 @@ class RedisLeases:
             except RedisError as exc:
                 log.warning("cannot free %s's module slot in Redis (%s): it frees when its "
                             "lease runs out", held.member, exc)  # fmt: skip
-        del self._held[token]
+        self._held.pop(token, None)  # (a stop meanwhile gave every slot back)
         self._wake.set()  # a worker is free
 
     async def _unhold_all(self) -> None:

@@ -177,6 +177,23 @@ local function unhold(member)
 end
 """
 
+# Redis away or frozen: every live instance renews (RENEW, HELD) and reaps (REAP) once a
+# renewal interval (lease / 3), so when one of them finds no such script for lease / 2 on
+# Redis's clock (P:seen), Redis was away (a restart with its data, an outage) or frozen
+# (DEBUG SLEEP, CLIENT PAUSE, a slow fork), and the renewals held up may land after the
+# next reap: no lease is judged for a lease from then (P:hold). A REAP sent during a
+# freeze ran as it thawed, ahead of the live instances' queued RENEWs, and took their
+# jobs over; after an outage, an idle instance's first REAP came before their renewals.
+SEEN_FN = r"""
+local function seen(lease)
+  local rnow = clock()
+  local last = tonumber(redis.call('GET', P .. ':seen') or rnow)
+  redis.call('SET', P .. ':seen', rnow)
+  if rnow - last > lease / 2 then redis.call('SET', P .. ':hold', rnow + lease) end
+  return rnow
+end
+"""
+
 # The claim, shared by CLAIM, ADD, FIRE and END (an attempt's end takes the next job in the
 # same round trip): moves due delayed jobs to ready, then takes the best ready job of a
 # module the claiming instance can run (``runnable_json``: ["mail", ...]), under the

@@ -23,6 +23,7 @@ Keys, all under the configured prefix ``P``:
                          finished: counts, listings, the oldest waiting job
     P:finished           zset: finished jobs; score the time they expire
     P:unique             hash: unique key -> id of the waiting or running job holding it
+    P:seen, P:hold       when a renewal or reap last ran; no reap before P:hold (SEEN_FN)
     P:modrun             hash: module -> jobs running now, across instances (module limits),
                          and handlers still running past their job's timeout (P:held)
     P:held               zset: member MODULE|TOKEN, a handler still running past the end of
@@ -40,7 +41,7 @@ written as the strings the caller sent, so they keep their full precision.
 
 from __future__ import annotations
 
-from bgservice.queue.redis_lua import CLAIM_FN, COMMON, UNHOLD_FN
+from bgservice.queue.redis_lua import CLAIM_FN, COMMON, SEEN_FN, UNHOLD_FN
 
 # ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
 # adding instance's claim (lease, claim token, limits, rates, runnable modules, as CLAIM
@@ -162,8 +163,10 @@ end
 # job (P:held) whose instance stopped renewing them are given back.
 REAP = _release(
     UNHOLD_FN
+    + SEEN_FN
     + r"""
-local rnow = clock()
+local rnow = seen(tonumber(ARGV[3]))
+if rnow < tonumber(redis.call('GET', P .. ':hold') or 0) then return {{}, {}} end
 local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', rnow, 'LIMIT', 0, 100,
                         'WITHSCORES')
 local taken, failed = {}, {}
@@ -200,12 +203,13 @@ return n
 HELD = (
     COMMON
     + UNHOLD_FN
+    + SEEN_FN
     + r"""
 if ARGV[3] == '' then
   for i = 4, #ARGV do unhold(ARGV[i]) end
   wake()
 else
-  local deadline = clock() + tonumber(ARGV[3])
+  local deadline = seen(tonumber(ARGV[3])) + tonumber(ARGV[3])
   for i = 4, #ARGV do redis.call('ZADD', P .. ':held', 'XX', deadline, ARGV[i]) end
 end
 return 1
@@ -216,9 +220,10 @@ return 1
 # we no longer hold (taken over after an outage) and the ids whose cancel was requested.
 RENEW = (
     COMMON
+    + SEEN_FN
     + r"""
 local lost, cancel = {}, {}
-local deadline = clock() + tonumber(ARGV[3])
+local deadline = seen(tonumber(ARGV[3])) + tonumber(ARGV[3])
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local f = redis.call('HMGET', jkey(id), 'owner', 'state', 'cancel_requested')
