@@ -6,12 +6,13 @@ import base64
 import http.client
 import json
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServiceProcess, wait_until, write_module
+from conftest import GATE, ServiceProcess, wait_until, write_module
 
 pytest.importorskip("aiohttp")
 
@@ -83,6 +84,56 @@ def test_wait_returns_the_status_of_an_unfinished_job(svc: ServiceProcess) -> No
     status, seen, _ = svc.http("GET", f"{API}/jobs/{job['id']}?wait=0.2")
     assert status == 200 and seen["state"] in ("waiting", "running")
     assert "result" not in seen
+
+
+def _http_waiting(svc: ServiceProcess) -> float:
+    """The ``?wait=`` requests open now, as /metrics counts them."""
+    _, text, _ = svc.http("GET", "/metrics")
+    found = re.search(r"^bgservice_http_waiting (\S+)$", text, re.M)
+    assert found, text
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
+def test_a_job_that_expires_as_it_ends_is_added_and_its_wait_gets_the_result(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path
+) -> None:
+    # keep_results = 0: POST read the job back after the add, found it expired (an echo
+    # ends as it starts) and answered 404, so a client that asked again ran it twice; a
+    # ?wait= read it back once it ended and answered 404 too, where queue:get (and
+    # queue:add's id:N) answer whatever keep_results says.
+    write_module(modules_dir, "gate", GATE)
+    write_module(modules_dir, "fails", "async def handle_tcp(request):\n    raise ValueError\n")
+    svc = make_service(HTTP + "[queue]\nkeep_results = 0\n")
+    ids = set()
+    for n in range(5):
+        for body, end in [({"module": "echo", "data": f"hi {n}"}, ("done", 200, f"hi {n}")),
+                          ({"module": "fails", "retries": 0}, ("failed", 500, None))]:  # fmt: skip
+            status, job, headers = svc.http("POST", f"{API}/jobs", body)
+            assert status == 201, job
+            assert headers["Location"] == f"{API}/jobs/{job['id']}"
+            assert job["module"] == body["module"] and job["id"] not in ids
+            ids.add(job["id"])
+            if job.get("expired"):  # ended before the reply: what the add knows of it
+                assert (job["state"], job["status"]) == end[:2], job
+                assert end[2] is None or job["result"] == end[2]
+            else:
+                assert job["state"] in ("waiting", "running"), job
+    gate = svc.root / "gate-open"
+    _, job, _ = svc.http("POST", f"{API}/jobs", {"module": "gate", "data": str(gate)})
+    replies: list[tuple[int, Any, dict[str, str]]] = []
+    url = f"{API}/jobs/{job['id']}?wait=60"
+    waiter = threading.Thread(target=lambda: replies.append(svc.http("GET", url)))
+    waiter.start()
+    wait_until(lambda: _http_waiting(svc) == 1)
+    gate.touch()  # the job ends while the request waits for it
+    waiter.join(30)
+    ((status, done, _),) = replies
+    assert status == 200, done
+    assert (done["id"], done["module"], done["expired"]) == (job["id"], "gate", True)
+    assert (done["state"], done["status"], done["result"]) == ("done", 200, "open")
+    # A read after its end has no record to read: 404, as queue:get answers.
+    assert svc.http("GET", f"{API}/jobs/{job['id']}")[0] == 404
 
 
 @pytest.mark.parametrize(

@@ -214,6 +214,29 @@ def test_an_empty_string_option_is_refused_as_over_the_socket(
     assert status == 201 and job[field] in (None, [], "http"), job  # (http: source's default)
 
 
+def test_each_tag_in_a_list_is_one_tag_or_a_400(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # The list was joined with commas for the socket's parser: ["a,b"] became two tags
+    # (201, ["a", "b"]) and [" a"] the tag "a", where the document's pattern refuses both.
+    svc = make_service(HTTP)
+    for tags, bad in [(["a,b"], "a,b"), (["ok", " a"], " a"), (["a", ""], ""),
+                      (["x y"], "x y")]:  # fmt: skip
+        body = {"module": "echo", "delay": 300, "tags": tags}
+        status, reply, _ = svc.http("POST", f"{API}/jobs", body)
+        assert status == 400, (tags, reply)
+        assert _error(reply) == ("field tags: each item is one tag of A-Z a-z 0-9 _ . : - "
+                                 f"(a string \"a,b\" for several), not {bad!r}")  # fmt: skip
+    _, listing, _ = svc.http("GET", f"{API}/jobs?state=waiting")
+    assert listing["jobs"]["waiting"] == []
+    # The string is the socket's comma-separated list, as documented; a list's tags stay whole.
+    for tags, kept in [("x,y", ["x", "y"]), (["a", "b.c:d-e_f", "a"], ["a", "b.c:d-e_f"])]:
+        status, job, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "tags": tags})
+        assert (status, job["tags"]) == (201, kept), job
+    status, reply, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "tags": ["t" * 65]})
+    assert status == 400 and "([queue] max_tag_chars)" in _error(reply), reply
+
+
 def _schedule(svc: ServiceProcess, body: dict[str, object]) -> tuple[int, object]:
     status, reply, _ = svc.http("POST", f"{API}/schedules", body)
     while status == 503 and "not loaded yet" in _error(reply):  # (the schedules are loading)

@@ -11,7 +11,6 @@ AIP-136 custom methods (``POST /jobs/{id}:cancel``), AIP-158 page tokens
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import logging
 import os
@@ -38,7 +37,7 @@ from bgservice.errors import (
     UnknownRequest,
 )
 from bgservice.events import INTERNAL_ERROR, Events
-from bgservice.http import inputs
+from bgservice.http import inputs, replies
 from bgservice.http.metrics import Metrics
 from bgservice.http.origins import BrowserGuard
 from bgservice.http.paging import PARAMETERS, next_token, parse_page
@@ -47,7 +46,7 @@ from bgservice.http.schedules import ScheduleRoutes
 from bgservice.http.site import LimitedSite, RequestLog, server_log
 from bgservice.http.tokens import Token, Tokens
 from bgservice.queue.commands import parse_add, parse_list, parse_window
-from bgservice.queue.engine import JobQueue
+from bgservice.queue.engine import JobQueue, Result
 from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -62,6 +61,7 @@ FIRST = asyncio.FIRST_COMPLETED
 # How often a ?wait= looks whether its client is still there (see _wait_connected).
 HANG_UP_CHECK = 1.0
 STOPPING = "Shutting down: ask again once the service is back"  # an open ?wait= at a stop
+LIVE = ("waiting", "running")
 
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 # Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
@@ -302,37 +302,55 @@ class HttpApi:
             jid = await self.queue.add(spec)
         except UnknownRequest:  # (the socket's words, kept from the original, name nothing)
             raise inputs.unknown_module(spec.module) from None
-        job = await self.queue.status(jid)
+        try:
+            job = await self.queue.status(jid)
+        except NotFound:  # ended and expired before this read (keep_results = 0): added
+            job = replies.expired_job(jid, spec.module, await self._owed(jid))  # all the same
         return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
         jid = inputs.job_id(request)
         wait = inputs.query(request).get("wait")
-        answered = False
-        if wait is not None:
-            seconds = inputs.wait_seconds(wait, self.settings.http.max_wait)
-            getting = asyncio.ensure_future(self.queue.get(jid))
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            self.stats.http_waiting += 1
-            try:
-                await _wait_connected(request, (getting, stopping), seconds)
-            finally:
-                self.stats.http_waiting -= 1
-                for task in (getting, stopping):
-                    task.cancel()
-            if getting.done() and not getting.cancelled():
-                getting.result()  # raises as queue:get does
-                answered = True
-            elif stopping.done():
-                raise Busy(STOPPING)
-            # else not finished yet: its status says where it stands
+        seconds = None if wait is None else inputs.wait_seconds(wait, self.settings.http.max_wait)
         job = await self.queue.status(jid)
-        if job["state"] not in ("waiting", "running"):
-            _, body = await self.queue.get(jid)
-            job.update(_result(body))
-        elif answered:  # unfinished: the queue, stopping, let its waiters go (a 503 of its own)
+        if job["state"] not in LIVE:  # (owed: just read, so an expiry since is no 404)
+            return _json(job | replies.job_result((await self.queue.get(jid, owed=True))[1]))
+        got = None if seconds is None else await self._wait(request, jid, seconds)
+        if got is None:  # not finished (yet): its status says where it stands
+            return _json(job if seconds is None else await self.queue.status(jid))
+        try:
+            job = await self.queue.status(jid)
+        except NotFound:  # expired as it ended (keep_results = 0): what the wait got
+            return _json(replies.expired_job(jid, job["module"], got))
+        if job["state"] in LIVE:  # unfinished: the queue, stopping, let its waiters go
+            raise Busy(STOPPING)  # (a 503 of its own)
+        return _json(job | replies.job_result(got[1]))
+
+    async def _wait(self, request: web.Request, jid: int, seconds: float) -> Result | None:
+        """``?wait=``: queue:get's result (or error), None if unfinished after ``seconds``
+        or the client hung up, 503 as the grace runs out. Owed: seen unfinished, so its
+        result comes even if it expires as it ends (keep_results = 0), as to queue:get."""
+        getting = asyncio.ensure_future(self.queue.get(jid, owed=True))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        self.stats.http_waiting += 1
+        try:
+            await _wait_connected(request, (getting, stopping), seconds)
+        finally:
+            self.stats.http_waiting -= 1
+            for task in (getting, stopping):
+                task.cancel()
+        if getting.done() and not getting.cancelled():
+            return getting.result()  # raises as queue:get does
+        if stopping.done():
             raise Busy(STOPPING)
-        return _json(job)
+        return None
+
+    async def _owed(self, jid: int) -> Result | None:
+        """The result an add is owed though its job expired (as ?wait=1's); None once swept."""
+        try:
+            return await self.queue.get(jid, owed=True)
+        except NotFound:
+            return None
 
     async def cancel_job(self, request: web.Request) -> web.StreamResponse:
         jid = inputs.job_id(request)
@@ -365,14 +383,6 @@ class HttpApi:
             "limit": page.size,  # deprecated, with offset: what a page_token now carries
             "offset": page.offset,
         })  # fmt: skip
-
-
-def _result(body: bytes) -> dict[str, str]:
-    """A finished job's reply: as text when it is UTF-8, else as base64."""
-    try:
-        return {"result": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"result_base64": base64.b64encode(body).decode("ascii")}
 
 
 async def _wait_connected(

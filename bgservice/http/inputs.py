@@ -18,7 +18,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.errors import BadRequest, did_you_mean
-from bgservice.queue.commands import ADD_OPTIONS, Command, ascii_number, parse_id, unrepeated
+from bgservice.queue.commands import (
+    ADD_OPTIONS,
+    TAG,
+    Command,
+    ascii_number,
+    parse_id,
+    unrepeated,
+)
 from bgservice.queue.schedules import OPTIONS as SCHEDULE_OPTIONS
 
 # A module name as the modules folder allows it. The socket protocol silently drops other
@@ -185,15 +192,25 @@ def _text(key: str, value: Any) -> str:
     refused with the socket's words: ``"unique": ""`` was taken for no key, so two jobs
     "unique" alike were both added; null is the way to say "not given"."""
     if key == "tags" and isinstance(value, list):
-        if not all(isinstance(item, str) for item in value):
-            raise BadRequest("field tags: expected a list of strings")
-        value = ",".join(value)
+        value = ",".join(_tag(item) for item in value)
     if not isinstance(value, str):
         raise BadRequest(f"field {key}: expected a string")
     if not value:
         raise BadRequest(f"option {key}: empty (leave it out for the default)")
     _utf8(key, value)
     return value
+
+
+def _tag(item: Any) -> str:
+    """One tag of a list, whole: joined with commas for the socket's parser, a comma in
+    it made two tags (``["a,b"]``) and a space around it was trimmed, where the document's
+    pattern refuses both. Its length is the parser's to check ([queue] max_tag_chars)."""
+    if not isinstance(item, str):
+        raise BadRequest("field tags: expected a list of strings")
+    if not TAG.fullmatch(item):
+        raise BadRequest("field tags: each item is one tag of A-Z a-z 0-9 _ . : - "
+                         f'(a string "a,b" for several), not {item[:70]!r}')  # fmt: skip
+    return item
 
 
 def _add_data(body: dict[str, Any]) -> bytes:

@@ -1,6 +1,7 @@
 """Error replies in the shape of Google's AIP-193:
-``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``; and the headers
-every reply carries (framing, sniffing, caching: docs/http.md "Headers on every reply").
+``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``; the headers
+every reply carries (framing, sniffing, caching: docs/http.md "Headers on every reply");
+and a finished job's result in a job resource.
 
 ``code`` stays the socket protocol's code (docs/protocol.md), which is also the HTTP
 status, so a client reading either front door sees the same number; ``status`` is the
@@ -11,11 +12,14 @@ FAILED_PRECONDITION, whose own HTTP code would be 400) the socket's number wins.
 
 from __future__ import annotations
 
+import base64
 import json
+from typing import Any
 
 from aiohttp import web
 
-from bgservice.errors import ServiceError
+from bgservice.errors import Cancelled, ServiceError
+from bgservice.protocol import OK, Reply
 
 STATUS = {
     400: "INVALID_ARGUMENT",
@@ -106,3 +110,27 @@ async def add_headers(request: web.BaseRequest, response: web.StreamResponse) ->
     token = request.get("token")
     if token is not None:
         response.headers[SCOPE_HEADER] = token.scope
+
+
+# A finished job's state by the code of its result (queue:get's): the 410 of a cancel.
+ENDS = {OK: "done", Cancelled.code: "cancelled"}
+
+
+def job_result(body: bytes) -> dict[str, str]:
+    """A finished job's reply: as text when it is UTF-8, else as base64."""
+    try:
+        return {"result": body.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"result_base64": base64.b64encode(body).decode("ascii")}
+
+
+def expired_job(jid: int, module: str, got: Reply | None) -> dict[str, Any]:
+    """Job ``jid``, whose record expired as it ended (``[queue] keep_results``), as far as
+    the add or wait that ``got`` its result knows it: 201/200 and the id, not a 404 (a
+    client told its add failed adds it again). ``state`` from the result's code (200
+    done, 410 cancelled, any other failed), or ``expired`` if even that was swept."""
+    job: dict[str, Any] = {"id": jid, "module": module, "state": "expired", "expired": True}
+    if got is None:
+        return job
+    status, body = got
+    return job | {"state": ENDS.get(status, "failed"), "status": status} | job_result(body)
