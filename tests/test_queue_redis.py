@@ -613,7 +613,7 @@ def test_an_instance_that_claims_a_job_again_tells_its_two_attempts_apart(tmp_pa
             pipe.zadd(f"{prefix}:running", {str(jid): 0})
             now = time.time()
             pipe.eval(redis_scripts.REAP, 0, prefix, repr(now), "1.5", repr(now + 3600))
-            assert pipe.execute()[1] == [[str(jid).encode()], []]
+            assert pipe.execute()[1] == [[str(jid).encode()], [], []]
         # Claimed again while the first still runs (the line comes before the new attempt
         # starts); then the first ends, then the second: in that order, whatever the timing.
         wait_until(lambda: (svc.modules / "attempt2.started").exists(), timeout=20)
@@ -735,6 +735,8 @@ def test_a_handler_past_its_jobs_timeout_holds_its_module_slot_on_every_instance
             a.proc.kill()
             a.proc.wait()
         assert b.call(b"queue:get:id:%d" % second) == b"open"
+        if end == "kill":  # said, as a dead instance's jobs taken over are
+            b.wait_for_log("renewing them are free again: gate|")
     finally:
         for svc in (a, b):
             if svc.proc is not None and svc.proc.poll() is None:
@@ -875,7 +877,7 @@ def test_a_reaper_whose_clock_runs_ahead_takes_no_live_job_over(tmp_path, redis_
         wait_until(lambda: svc.stats()["in_flight"].get("gate", 0) == 1)
         ahead = time.time() + 25  # what another instance's clock says
         reap = (redis_scripts.REAP, 0, prefix, repr(ahead), "1.5", repr(ahead + 3600))
-        assert redis.Redis.from_url(redis_url).eval(*reap) == [[], []]
+        assert redis.Redis.from_url(redis_url).eval(*reap) == [[], [], []]
         gate.touch()
         assert svc.call(b"queue:get:id:%d" % jid) == b"open"
         assert json.loads(svc.call(b"queue:status:id:%d" % jid))["attempts"] == 1

@@ -131,6 +131,7 @@ class RedisLeases:
         while True:
             await asyncio.sleep(interval)
             taken: list[bytes] = []
+            freed: list[bytes] = []
             try:
                 asked = time.monotonic()
                 await self._renew()
@@ -139,7 +140,7 @@ class RedisLeases:
                 await self.declare()
                 if time.monotonic() >= reap_from:
                     asked = time.monotonic()
-                    taken, failed = await self.db.call(
+                    taken, failed, freed = await self.db.call(
                         "REAP", repr(self.conf.lease), self._expires(),
                         self.settings.max_interruptions,
                     )  # fmt: skip
@@ -156,6 +157,10 @@ class RedisLeases:
                     "jobs %s: their instance stopped renewing their lease; they run again",
                     ", ".join(t.decode() for t in taken),
                 )
+            if freed:  # (MODULE|TOKEN: a handler past its job's timeout, as jobs are told)
+                log.warning("module slots held past a job's timeout by instances that stopped "
+                            "renewing them are free again: %s",
+                            ", ".join(f.decode() for f in freed))  # fmt: skip
 
     async def _poisoned(self, ids: list[bytes]) -> None:
         """Jobs REAP failed: their runs were cut once too often ([queue] max_interruptions).

@@ -157,7 +157,8 @@ end
 
 
 # ARGV: P, now, lease, expires, max_interruptions. Jobs whose lease ran out (their instance
-# died) run again elsewhere, or fail past max_interruptions: {ids again, ids failed}. Their
+# died) run again elsewhere, or fail past max_interruptions: {ids again, ids failed, held
+# slots freed}. Their
 # attempt ran at least until the last renewal (deadline - lease, on Redis's clock: shifted
 # to the caller's, which the run records use). Module slots held by handlers past their
 # job (P:held) whose instance stopped renewing them are given back.
@@ -166,7 +167,7 @@ REAP = _release(
     + SEEN_FN
     + r"""
 local rnow = seen(tonumber(ARGV[3]))
-if rnow < tonumber(redis.call('GET', P .. ':hold') or 0) then return {{}, {}} end
+if rnow < tonumber(redis.call('GET', P .. ':hold') or 0) then return {{}, {}, {}} end
 local gone = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', rnow, 'LIMIT', 0, 100,
                         'WITHSCORES')
 local taken, failed = {}, {}
@@ -179,7 +180,7 @@ end
 local stale = redis.call('ZRANGEBYSCORE', P .. ':held', '-inf', rnow, 'LIMIT', 0, 100)
 for _, member in ipairs(stale) do unhold(member) end
 wake()
-return {taken, failed}
+return {taken, failed, stale}
 """
 )
 
