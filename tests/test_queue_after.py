@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bgservice.client import Client
-from bgservice.queue.sqlite import SCHEMA
+from bgservice.queue.sqlite_schema import SCHEMA
 from tests.conftest import GATE, Framed, wait_until, write_module
 
 # both_engines is the queue_backend fixture: every test here runs on both engines.

@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from bgservice.queue.history import summarise, summarise_sql
-from bgservice.queue.sqlite import SCHEMA
+from bgservice.queue.sqlite_schema import SCHEMA
 from bgservice.queue.store import Run
 from tests.conftest import wait_until
 

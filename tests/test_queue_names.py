@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from bgservice.client import Client
-from bgservice.queue.sqlite import SCHEMA
+from bgservice.queue.sqlite_schema import SCHEMA
 from tests.queue_helpers import add, both_engines, status  # noqa: F401 (a fixture)
 from tests.test_cli import bg
 

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import time
 
-from bgservice.queue.sqlite import SCHEMA
+from bgservice.queue.sqlite_schema import SCHEMA
 from tests.conftest import Framed, wait_until
 from tests.queue_helpers import status
 from tests.test_queue_scale_store import INSERT, _row

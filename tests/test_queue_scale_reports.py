@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from bgservice.client import Client
 from bgservice.queue.commands import ListSpec
-from bgservice.queue.sqlite import SCHEMA
+from bgservice.queue.sqlite_schema import SCHEMA
 from tests.conftest import wait_until
 from tests.queue_helpers import add, status
 from tests.test_queue_pump import _gated_service, _hold_the_workers

@@ -18,7 +18,8 @@ from bgservice.queue.dependencies import Dependencies
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import COLUMNS, Job, JobState
 from bgservice.queue.local import LocalQueue
-from bgservice.queue.sqlite import SCHEMA, SqliteStore
+from bgservice.queue.sqlite import SqliteStore
+from bgservice.queue.sqlite_schema import SCHEMA
 from bgservice.stats import Stats
 from tests.conftest import wait_until
 
