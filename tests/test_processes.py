@@ -9,7 +9,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 from tests.conftest import recv_all, wait_until, write_module
 
@@ -37,38 +36,6 @@ def handle_tcp(request):
 """
 
 
-# One call into C that never lets go of the GIL (about a second a 100 million here), then
-# the moment it ended (CLOCK_MONOTONIC: one clock for every process of the machine).
-HOLDS_THE_GIL = """
-import time
-from pathlib import Path
-EXECUTION = "{execution}"
-TIMEOUT = 60
-def handle_tcp(request):
-    Path(request.text + ".started").touch()
-    sum(range({count}))
-    Path(request.text + ".ended").write_text(repr(time.monotonic()))
-    return "burnt"
-"""
-
-
-def _answered_during_the_burn(svc, module: bytes, marks: Path) -> int:
-    """How many of five calls made one after another while ``module`` burns are answered
-    before the burn ends."""
-    result: list[bytes] = []
-    burner = threading.Thread(target=lambda: result.append(svc.call(module + b":" + bytes(marks))))
-    burner.start()
-    wait_until(lambda: (marks.parent / (marks.name + ".started")).exists())
-    answered = []
-    for _ in range(5):
-        assert svc.call(b"test:x") == b"Test"
-        answered.append(time.monotonic())
-    burner.join(60)
-    assert result == [b"burnt"]
-    ended = float((marks.parent / (marks.name + ".ended")).read_text())
-    return sum(1 for moment in answered if moment < ended)
-
-
 # One call into C that never ends and never lets go of the GIL.
 BURNS_FOR_EVER = """
 import itertools, os
@@ -85,12 +52,12 @@ def test_cpu_burning_process_module_does_not_stall_the_service(modules_dir, make
     # In a worker process a burn that never lets go of the GIL leaves the loop free: the
     # calls made meanwhile are answered while it burns (it burns until the test kills
     # its worker: a burn of fixed length ended before them on a machine busy enough,
-    # twice). In the thread pool such a burn holds every call until it ends (the
-    # control: the check can fail). Events in order, not a latency bound (the figure is
-    # the benchmark's row).
+    # twice). Run in the service's own process it would hold them for ever: the calls
+    # would time out, so the check can fail. Events in order, not a latency bound (the
+    # figure is the benchmark's row). (A thread-pool burn of fixed length was the control
+    # here; which calls it held depended on when the host ran the handler's thread and
+    # failed CI three times, once with all five calls answered "during" the burn.)
     write_module(modules_dir, "burnp", BURNS_FOR_EVER)
-    write_module(modules_dir, "burnt", HOLDS_THE_GIL.format(execution="thread", count=10**8)
-                 .replace('EXECUTION = "thread"\n', ""))  # fmt: skip
     svc = make_service()
     marks = modules_dir / "p"
     result: list[bytes] = []
@@ -103,10 +70,6 @@ def test_cpu_burning_process_module_does_not_stall_the_service(modules_dir, make
     os.kill(int(started.read_text()), signal.SIGKILL)
     burner.join(60)
     assert result and result[0].startswith(b"500: Worker process of module burnp died")
-    # Not all five, as above: held up behind the burn. (Some may slip in before the C call
-    # begins, the marker coming just before it: three did on a busy CI host, where the
-    # handler's thread waited for a core while the loop answered.)
-    assert _answered_during_the_burn(svc, b"burnt", modules_dir / "t") < 5
 
 
 def test_hung_call_is_killed_at_its_timeout_and_the_next_call_works(modules_dir, make_service):
