@@ -104,10 +104,13 @@ class RedisLeases:
         self._held.pop(token, None)  # (a stop meanwhile gave every slot back)
         self._wake.set()  # a worker is free
 
+    def _held_in_redis(self) -> list[str]:  # the P:held members this instance keeps
+        return [held.member for held in self._held.values() if held.in_redis]
+
     async def _unhold_all(self) -> None:
         """Stopping: the module slots held by handlers still running here are given back
         (the handlers end with the process)."""
-        members = [held.member for held in self._held.values() if held.in_redis]
+        members = self._held_in_redis()
         self._held.clear()
         if members:
             try:
@@ -239,7 +242,7 @@ class RedisLeases:
         return repr(time.time() + self.settings.keep_results)
 
     async def _renew(self) -> None:
-        members = [held.member for held in self._held.values() if held.in_redis]
+        members = self._held_in_redis()
         if members:
             await self.db.call("HELD", repr(self.conf.lease), *members)
         if not self._running:
