@@ -566,6 +566,43 @@ def test_an_attempt_whose_lease_was_taken_over_is_told_to_stop(shared, tmp_path)
     assert str(b.proc.pid) not in stopped.read_text()  # the new attempt runs on
 
 
+DEAF = """
+import asyncio
+from pathlib import Path
+
+async def handle_tcp(request):
+    # Runs until the test says, deaf to request.job.cancelled (as a handler may be).
+    here = Path(__file__).parent
+    while not (here / "go").exists():
+        await asyncio.sleep(0.02)
+    return "deaf"
+"""
+
+
+def test_a_lost_lease_is_logged_once_while_its_handler_runs_on(shared, tmp_path):
+    # A handler that ran on after its lease was taken over logged "lease lost" at every
+    # renewal (every third of a lease) until it returned: its lost claim was asked about
+    # again each time.
+    a = shared("a", "workers = 1")
+    write_module(a.modules, "deaf", DEAF)
+    wait_until(lambda: a.call(b"service:modules").count(b'"deaf"') > 0)
+    jid = add(a, b"queue:add:deaf:x")
+    wait_until(lambda: json.loads(a.call(b"queue:status:id:%d" % jid))["state"] == "running")
+    b = shared("b", "workers = 1")  # (the same modules folder)
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: json.loads(b.call(b"queue:status:id:%d" % jid))["attempts"] == 2,
+                   timeout=20)  # fmt: skip
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    lost = f"job {jid}: lease lost"
+    wait_until(lambda: lost in a.log(), timeout=10)
+    time.sleep(2.0)  # four renewals (a 1.5 s lease is renewed every 0.5 s) while it runs on
+    assert a.log().count(lost) == 1, [line for line in a.log().splitlines() if lost in line]
+    (a.modules / "go").touch()
+    assert b.call(b"queue:get:id:%d" % jid, timeout=30) == b"deaf"
+
+
 TWO_ATTEMPTS = """
 import asyncio
 import itertools

@@ -72,6 +72,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self._running: dict[int, Attempt] = {}
         self._claims = itertools.count(1)  # numbers this instance's claim tokens
         self._ending: set[int] = set()  # running jobs whose end is being recorded
+        self._lost: set[str] = set()  # (RedisLeases._renew)
         self._waiters: dict[int, Waiter] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

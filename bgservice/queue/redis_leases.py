@@ -52,6 +52,7 @@ class RedisLeases:
     owner: str
     _running: dict[int, Attempt]
     _ending: set[int]
+    _lost: set[str]  # claim tokens of running attempts whose lease was taken over
     _progress_pending: set[int]
     _outliving: dict[str, asyncio.Future[Any]]  # claim token -> its handler, past its timeout
     _held: dict[str, Held]  # claim token -> a handler past its ended attempt, still running
@@ -245,9 +246,12 @@ class RedisLeases:
         members = self._held_in_redis()
         if members:
             await self.db.call("HELD", repr(self.conf.lease), *members)
-        if not self._running:
+        # The attempts asked about, not newer ones, nor those already found lost (told
+        # once: a handler deaf to its cancel would be logged at every renewal).
+        self._lost &= {attempt.token for attempt in self._running.values()}
+        held = {jid: a for jid, a in self._running.items() if a.token not in self._lost}
+        if not held:
             return
-        held = dict(self._running)  # the attempts asked about, not newer ones
         claims = [v for jid, attempt in held.items() for v in (jid, attempt.token)]
         lost, cancel = await self.db.call("RENEW", repr(self.conf.lease), *claims)
         for raw in cancel:
@@ -257,3 +261,4 @@ class RedisLeases:
                 log.warning("job %d: lease lost (taken over by another attempt): its "
                             "handler is told to stop (request.job.cancelled)", jid)  # fmt: skip
                 held[jid].job.cancel_requested = True
+                self._lost.add(held[jid].token)
