@@ -546,21 +546,27 @@ def handle_tcp(request):
 """
 
 
-def test_an_attempt_whose_lease_was_taken_over_is_told_to_stop(shared, tmp_path):
-    # Frozen past its lease, the instance came back to a job another instance runs now:
-    # it only logged "lease lost" and its handler ran on, writing into the new attempt.
+def _taken_over(shared, name: str, source: str) -> tuple[ServiceProcess, ServiceProcess, int]:
+    """Instance a runs a job of module ``name``; frozen past its lease, b takes it over."""
     a = shared("a", "workers = 1")
-    write_module(a.modules, "stops", STOPS)
-    wait_until(lambda: a.call(b"service:modules").count(b'"stops"') > 0)
-    jid = add(a, b"queue:add:stops:x")
+    write_module(a.modules, name, source)
+    wait_until(lambda: a.call(b"service:modules").count(b'"%s"' % name.encode()) > 0)
+    jid = add(a, b"queue:add:%s:x" % name.encode())
     wait_until(lambda: json.loads(a.call(b"queue:status:id:%d" % jid))["state"] == "running")
-    b = shared("b", "workers = 1")
+    b = shared("b", "workers = 1")  # (the same modules folder)
     a.proc.send_signal(signal.SIGSTOP)
     try:
         wait_until(lambda: json.loads(b.call(b"queue:status:id:%d" % jid))["attempts"] == 2,
                    timeout=20)  # fmt: skip
     finally:
         a.proc.send_signal(signal.SIGCONT)
+    return a, b, jid
+
+
+def test_an_attempt_whose_lease_was_taken_over_is_told_to_stop(shared, tmp_path):
+    # Frozen past its lease, the instance came back to a job another instance runs now:
+    # it only logged "lease lost" and its handler ran on, writing into the new attempt.
+    a, b, _ = _taken_over(shared, "stops", STOPS)
     stopped = a.modules / "stopped.txt"
     wait_until(lambda: stopped.exists() and str(a.proc.pid) in stopped.read_text(), timeout=10)
     assert str(b.proc.pid) not in stopped.read_text()  # the new attempt runs on
@@ -583,24 +589,13 @@ def test_a_lost_lease_is_logged_once_while_its_handler_runs_on(shared, tmp_path)
     # A handler that ran on after its lease was taken over logged "lease lost" at every
     # renewal (every third of a lease) until it returned: its lost claim was asked about
     # again each time.
-    a = shared("a", "workers = 1")
-    write_module(a.modules, "deaf", DEAF)
-    wait_until(lambda: a.call(b"service:modules").count(b'"deaf"') > 0)
-    jid = add(a, b"queue:add:deaf:x")
-    wait_until(lambda: json.loads(a.call(b"queue:status:id:%d" % jid))["state"] == "running")
-    b = shared("b", "workers = 1")  # (the same modules folder)
-    a.proc.send_signal(signal.SIGSTOP)
-    try:
-        wait_until(lambda: json.loads(b.call(b"queue:status:id:%d" % jid))["attempts"] == 2,
-                   timeout=20)  # fmt: skip
-    finally:
-        a.proc.send_signal(signal.SIGCONT)
+    a, _, jid = _taken_over(shared, "deaf", DEAF)
     lost = f"job {jid}: lease lost"
     wait_until(lambda: lost in a.log(), timeout=10)
     time.sleep(2.0)  # four renewals (a 1.5 s lease is renewed every 0.5 s) while it runs on
     assert a.log().count(lost) == 1, [line for line in a.log().splitlines() if lost in line]
     (a.modules / "go").touch()
-    assert b.call(b"queue:get:id:%d" % jid, timeout=30) == b"deaf"
+    assert a.call(b"queue:get:id:%d" % jid, timeout=30) == b"deaf"
 
 
 TWO_ATTEMPTS = """
