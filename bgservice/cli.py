@@ -2,7 +2,8 @@
 to a running one through the Python client (bgservice.client). No logic here.
 
 ``serve`` exit codes: 0 stopped cleanly, 1 could not listen, 2 bad configuration or
-usage, 70 stopped by an unexpected error (without -E). The client commands' exit codes
+usage, 70 stopped by an unexpected error (without -E); ``serve --check``: 0 all good, 2 a
+problem found (bgservice/preflight.py). The client commands' exit codes
 are in bgservice/cli_client.py.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import click
 import uvloop
 
-from bgservice import __version__, cli_client, config, logs, readiness
+from bgservice import __version__, cli_client, config, logs, preflight, readiness
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.errors import ConfigError
@@ -167,6 +168,11 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the bound addresses here as JSON once ready (for scripts and tests).",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Check the configuration and import every module, then exit (0: all good, 2: not).",
+)
 @click.version_option(__version__, "-V", "--version", prog_name="bgservice")
 def serve(
     config_path: Path | None,
@@ -179,6 +185,7 @@ def serve(
     no_global_handler: bool,
     log_file: Path | None,
     ready_file: Path | None,
+    check: bool,
 ) -> None:
     """Run the service (the default command)."""
     handler = 0 if no_global_handler else (min(global_handler, 2) if global_handler else None)
@@ -205,6 +212,8 @@ def serve(
         sys.exit(2)
     # The file is opened only here: a folder or an unwritable path is refused as bad input.
     named = "--log-file" if log_file else f"{_config_path(config_path)}: [log] file"
+    if check:
+        sys.exit(_check(settings, _config_path(config_path), named))
     try:
         logs.setup(settings.verbose, settings.log_file, named)
         if ready_file is not None:  # (found at the end of the start: a traceback, listening)
@@ -214,6 +223,17 @@ def serve(
         sys.exit(2)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     sys.exit(uvloop.run(service.run()))
+
+
+def _check(settings: config.Settings, config_path: Path | None, log_named: str) -> int:
+    loaded, found = preflight.problems(settings, log_named)
+    for problem in found:
+        click.echo(f"bgservice: check: {problem}", err=True)
+    if found:
+        click.echo(f"bgservice: check failed: {len(found)} problem(s)", err=True)
+        return 2
+    click.echo("\n".join(preflight.summary(settings, config_path, loaded)))
+    return 0
 
 
 for command in (

@@ -1,0 +1,112 @@
+"""``bgservice serve --check``: what a start with these settings would refuse or fail to
+load, found without starting, as ``nginx -t`` or ``sshd -t`` do before a restart.
+
+serve itself has already read the configuration (the file and the options, every key
+checked) and the modules folder when this runs. Here: each module is imported as the
+service imports it (its top level runs, its declarations are checked), each with the
+service's import timeout; the log file and the queue database must be writable where
+they are named (neither is created or opened). Nothing listens, no job runs, Redis is
+not connected to: a port in use or Redis away still fails the start itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from bgservice.config import Listener, Settings
+from bgservice.declarations import ModuleLoadError, classify
+from bgservice.registry import import_module_file, install_package
+
+
+def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
+    """(the modules that import, what a start would fail on or a module fail to load)."""
+    found: list[str] = []
+    if settings.log_file is not None:
+        found += _writable(settings.log_file, log_named)
+    if settings.queue.backend == "sqlite":
+        found += _writable(settings.db, "the queue database")
+    loaded, failed = _import_all(settings.modules, settings.reload_import_timeout)
+    return loaded, found + failed
+
+
+def summary(settings: Settings, config: Path | None, loaded: list[str]) -> list[str]:
+    """What the start would run with, for the person who asked."""
+    listeners = "; ".join(_listener(lst) for lst in settings.listeners) or "none"
+    queue = settings.queue
+    where = settings.db if queue.backend == "sqlite" else settings.redis.url
+    return [
+        f"bgservice: configuration OK ({config or 'built-in defaults'})",
+        f"  listeners: {listeners}",
+        f"  modules:   {settings.modules}: {', '.join(loaded) or 'none'}",
+        f"  queue:     {queue.backend} at {where}, {queue.workers} workers",
+        f"  http:      {_http(settings)}",
+    ]
+
+
+def _listener(listener: Listener) -> str:
+    parts = []
+    if listener.port is not None and (listener.tcp or listener.udp):
+        kinds = "+".join(k for k, on in (("TCP", listener.tcp), ("UDP", listener.udp)) if on)
+        parts.append(f"{kinds} {listener.host}:{listener.port}")
+    if listener.unix:
+        parts.append(f"unix:{listener.unix}")
+    if listener.unix_dgram:
+        parts.append(f"unix datagram:{listener.unix_dgram}")
+    return ", ".join(parts)
+
+
+def _http(settings: Settings) -> str:
+    http = settings.http
+    return f"{http.host}:{http.port}" if http.enabled else "off"
+
+
+def _writable(path: Path, named: str) -> list[str]:
+    """A file the service will append to: writable if it exists, else its nearest
+    existing folder must let the service make it (and the folders between)."""
+    if path.exists():
+        if not path.is_file():
+            return [f"{named} {path}: not a file"]
+        return [] if os.access(path, os.W_OK) else [f"{named} {path}: not writable"]
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return [f"{named} {path}: cannot be made in {folder} (not a writable folder)"]
+    return []
+
+
+def _import_all(folder: Path, timeout: float) -> tuple[list[str], list[str]]:
+    install_package(folder)  # (helpers: ``from . import _x``)
+    loaded, failed = [], []
+    for path in sorted(folder.iterdir()):
+        kind = classify(path.name)
+        if kind is None or kind[0] != "module" or not path.is_file():
+            continue
+        error = _import(kind[1], path, timeout)
+        if error is None:
+            loaded.append(kind[1])
+        else:
+            failed.append(f"module {kind[1]}: {error}")
+    return loaded, failed
+
+
+def _import(name: str, path: Path, timeout: float) -> str | None:
+    """The error a load of ``path`` would log, or None. In a daemon thread, as the
+    service's loader imports: a module hung at import must not hang the check."""
+    outcome: list[str | None] = []
+
+    def run() -> None:
+        try:
+            import_module_file(name, path)
+            outcome.append(None)
+        except ModuleLoadError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=run, name=f"check {name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{path.name}: still importing after {timeout:g} s ([reload] import_timeout)"
+    return outcome[0]

@@ -1,0 +1,91 @@
+"""``bgservice serve --check``: the configuration and every module's import checked by a
+real process, which must start nothing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, write_module
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A folder with its modules folder, where the check runs."""
+    (tmp_path / "modules").mkdir()
+    return tmp_path
+
+
+def check(folder: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
+    (folder / "service.config").write_text(f'modules = "{folder / "modules"}"\n{config}')
+    return subprocess.run(
+        [sys.executable, str(REPO / "service.py"), "--check", "-c", "service.config", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_good_configuration_passes_and_nothing_is_started(site):
+    with socket.socket() as taken:  # the service's own port, held: a check must not bind
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        write_module(site / "modules", "hello", "def handle_tcp(request):\n    return 'hi'\n")
+        write_module(site / "modules", "_shared", "GREETING = 'hi'\n")
+        write_module(site / "modules", "greet", "from . import _shared\n\n"
+                     "def handle_tcp(request):\n    return _shared.GREETING\n")  # fmt: skip
+        db, log = site / "state" / "jobs.db", site / "logs" / "bg.log"
+        done = check(site, f'db = "{db}"\n[log]\nfile = "{log}"\n'
+                     f'[[listen]]\nhost = "127.0.0.1"\nport = {port}\n')  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "configuration OK (service.config)" in done.stdout
+    assert f"TCP+UDP 127.0.0.1:{port}" in done.stdout
+    assert ": greet, hello" in done.stdout  # modules, not the helper
+    assert f"sqlite at {db}" in done.stdout
+    assert not db.exists() and not log.exists() and not db.parent.exists()
+
+
+def test_each_module_that_would_not_load_is_named_with_its_line(site):
+    modules = site / "modules"
+    write_module(modules, "good", "def handle_tcp(request):\n    return 'ok'\n")
+    write_module(modules, "unclosed", "def handle_tcp(request):\n    return (\n")
+    write_module(modules, "needs", "import bgservice_no_such_package\n")
+    write_module(modules, "typo", 'EXECUTION = "proces"\n\ndef handle_tcp(request):\n    pass\n')
+    write_module(modules, "quiet", "X = 1\n")  # no handler: it loads (calls answer 501)
+    done = check(site, "")
+    assert done.returncode == 2, done.stdout
+    lines = done.stderr.splitlines()
+    assert "bgservice: check: module unclosed: unclosed.py:2: SyntaxError" in lines[-2]
+    assert lines[0].startswith("bgservice: check: module needs: needs.py:1: ModuleNotFound")
+    assert any("module typo: typo.py" in line and "proces" in line for line in lines), lines
+    assert lines[-1] == "bgservice: check failed: 3 problem(s)"
+    assert "good" not in done.stderr and "quiet" not in done.stderr and done.stdout == ""
+
+
+def test_a_module_hung_at_import_is_named_and_the_check_still_ends(site):
+    write_module(site / "modules", "hangs", "import time\ntime.sleep(3600)\n")
+    done = check(site, "[reload]\nimport_timeout = 0.5\n")
+    assert done.returncode == 2
+    assert "module hangs: hangs.py: still importing after 0.5 s" in done.stderr
+
+
+def test_a_log_file_or_database_that_cannot_be_written_is_named(site):
+    (site / "plain").write_text("a file, not a folder")
+    (site / "db-folder").mkdir()
+    done = check(site, f'db = "{site / "db-folder"}"\n'
+                 f'[log]\nfile = "{site / "plain" / "bg.log"}"\n')  # fmt: skip
+    assert done.returncode == 2
+    assert f"[log] file {site / 'plain' / 'bg.log'}: cannot be made in" in done.stderr
+    assert f"the queue database {site / 'db-folder'}: not a file" in done.stderr
+
+
+def test_a_configuration_error_is_said_as_serve_says_it(site):
+    done = check(site, "[queue]\nworkrs = 4\n")
+    assert done.returncode == 2
+    assert done.stderr.startswith("bgservice: configuration error: service.config: [queue] workrs")
+    assert "did you mean" in done.stderr.lower()
