@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 # Upper bounds (seconds) of the latency buckets: a cached call to a minute-long compile.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0)  # fmt: skip
+# A job's run: the same, then up to an hour (a report, an import), which would all be +Inf.
+JOB_BUCKETS = (*BUCKETS, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 class Histogram:
@@ -71,7 +73,8 @@ class Stats:
     lag_ms: float = 0.0
     lag_max_ms: float = 0.0
     latency: Histogram = field(default_factory=Histogram)  # (module, transport) -> calls
-    job_durations: Histogram = field(default_factory=Histogram)  # (module, name, outcome)
+    # (module, name, outcome) -> attempts, in buckets up to an hour
+    job_durations: Histogram = field(default_factory=lambda: Histogram(JOB_BUCKETS))
 
     def one_shot(self) -> dict[str, int]:
         ends = ("half_close", "short_write", "gap", "after_end")

@@ -92,6 +92,10 @@ def test_queue_depth_and_job_durations(svc: ServiceProcess) -> None:
     # can end a fraction of a millisecond before 50 ms of wall time.
     assert value(samples, "bgservice_job_duration_seconds_sum", **done) >= 0.045
     assert value(samples, "bgservice_job_duration_seconds_bucket", le="0.025", **done) == 0
+    # Jobs run for minutes: buckets up to an hour (they stopped at 60 s, the requests').
+    assert value(samples, "bgservice_job_duration_seconds_bucket", le="3600.0", **done) == 1
+    assert not any(name == "bgservice_request_duration_seconds_bucket" and ("le", "3600.0")
+                   in labels for name, labels in samples)  # fmt: skip
     assert value(samples, "bgservice_job_duration_seconds_count",
                  module="boom", name="", outcome="failed") == 1  # fmt: skip
 
