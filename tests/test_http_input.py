@@ -273,3 +273,17 @@ def test_a_body_over_the_limit_is_413_naming_the_limit_and_its_key(
     assert _error(reply) == "Request too large (limit 1000 bytes, [limits] max_request_bytes)"
     assert svc.call(b"echo:" + b"x" * 2000).startswith(b"413: Request too large (limit 1000")
     assert_no_internal_error(svc)
+
+
+def test_a_schedule_field_sent_as_null_is_not_given(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # null meant "not given" for a job's fields, but a schedule's string fields refused
+    # it: {"tz": null} was a 400 "expected a string".
+    svc = make_service(HTTP)
+    status, made = _schedule(svc, {"name": "s", "module": "echo", "every": 60, "cron": None,
+                                   "tz": None, "missed": None, "data": None, "paused": None})
+    assert status == 201, made
+    assert made["paused"] is False and made["every"] == 60  # type: ignore[index]
+    status, reply = _schedule(svc, {"name": None, "module": "echo", "every": 60})
+    assert status == 400 and "name" in _error(reply), reply  # required: null is not a name

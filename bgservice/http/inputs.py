@@ -148,16 +148,13 @@ def schedule_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     if unknown:
         fields = ", ".join(sorted(SCHEDULE_FIELDS))
         raise BadRequest(f"unknown field {unknown[0][:40]!r} (fields: {fields})")
-    values = dict(body)
-    for key, value in body.items():
+    values = {key: value for key, value in body.items() if value is not None}  # null: not given
+    for key, value in values.items():
         wanted = _SCHEDULE_TYPES.get(key)
         if wanted is not None and not isinstance(value, wanted):
             raise BadRequest(f"field {key}: expected {_JSON_NAMES[wanted]}")
         if wanted is None:  # every and the job options: numbers
-            if (checked := _option(key, value)) is None:
-                del values[key]  # null: not given
-            else:
-                values[key] = checked
+            values[key] = _option(key, value)
     module = values.get("module")
     if isinstance(module, str) and not MODULE_NAME.fullmatch(module):
         raise BadRequest("field module: expected a module name (A-Z a-z 0-9 _ -)")
