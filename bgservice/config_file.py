@@ -4,6 +4,7 @@ and its line in every error."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -79,7 +80,12 @@ class Reader:
         return f"unknown key{hint}{did_you_mean(key, names)} (known keys: {', '.join(names)})"
 
     def line_of(self, key: str, table: str, index: int) -> int | None:
-        """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top)."""
+        """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top),
+        else of the table where it is written inline or dotted at the top."""
+        line = self._key_line(key, table, index)
+        return self._top_line(key, table) if line is None and table else line
+
+    def _key_line(self, key: str, table: str, index: int) -> int | None:
         key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
         header_re = re.compile(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?")
         current, seen = "", {"": 0}
@@ -94,9 +100,23 @@ class Reader:
                 return number
         return None
 
+    def _top_line(self, key: str, table: str) -> int | None:
+        """Where ``table`` is written above every header, inline or dotted: the line of
+        ``queue.workers =``, else of ``queue = {...}`` (or ``= 5``, not a table at all)."""
+        name = rf"\s*\"?{re.escape(table)}\"?\s*"
+        dotted = re.compile(rf"{name}\.\s*\"?{re.escape(key)}\"?\s*=")
+        whole = re.compile(rf"{name}=")
+        lines = enumerate(self.text.splitlines(), 1)
+        top = list(itertools.takewhile(lambda item: not item[1].lstrip().startswith("["), lines))
+        for pattern in (dotted, whole):
+            for number, line in top:
+                if pattern.match(line):
+                    return number
+        return None
+
     def literal(self, key: str, table: str, index: int) -> str:
         """How ``key`` is spelled in the file (its text after ``=``), or "" if not found."""
-        line = self.line_of(key, table, index)
+        line = self._key_line(key, table, index)  # (not an inline table's line)
         if line is None:
             return ""
         return self.text.splitlines()[line - 1].partition("=")[2].strip()
@@ -104,7 +124,9 @@ class Reader:
     def table(self, data: Any, checks: dict[str, Check], where: str, table: str = "",
               index: int = 0) -> dict[str, Any]:  # fmt: skip
         if not isinstance(data, dict):
-            raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'} must be a table")
+            line = self.line_of(table, "", 0) if table else None
+            at = f" (line {line})" if line else ""
+            raise ConfigError(f"{self.path}: {where.strip(' .') or 'file'}{at} must be a table")
         out = {}
         for key, value in data.items():
             if key not in checks:

@@ -243,6 +243,20 @@ def test_unknown_top_level_key_and_section(tmp_path):
     assert "limitz" in message and "unknown key" in message
 
 
+def test_a_table_written_inline_dotted_or_as_a_value_is_named_with_its_line(tmp_path):
+    # Only keys under a [table] header had a line: these said none.
+    cases = {
+        '# top\nqueue = 5\n': "[queue] (line 2) must be a table",
+        '[[queue]]\nworkers = 1\n': "[queue] (line 1) must be a table",
+        'modules = "m"\nqueue.workers = "x"\n': "[queue] workers (line 2): must be a whole",
+        'queue = { workers = "x" }\n': "[queue] workers (line 1): must be a whole",
+        'queue = {}\nhttp.enabled = true\nhttp.port = "no"\n': "[http] port (line 3): must",
+        'listen = [{ host = "127.0.0.1", port = "x" }]\n': "#1 port (line 1): must be a port",
+    }
+    for text, said in cases.items():
+        assert said in config_error(tmp_path, text), text
+
+
 def test_unknown_key_in_a_listener(tmp_path):
     message = config_error(tmp_path, '[[listen]]\nname = "a"\nadress = "127.0.0.1"\nport = 1\n')
     assert "[[listen]] #1" in message and "adress" in message and "line 3" in message
