@@ -355,12 +355,13 @@ def test_a_taken_port_stops_the_start_with_a_clear_error(
 
 def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
     from bgservice.config import Settings
-    from bgservice.http.api import OPENAPI, HttpApi
+    from bgservice.http.api import HttpApi
+    from bgservice.http.openapi import FILE
 
     status, served, _ = svc.http("GET", f"{API}/openapi.json")
     assert status == 200
-    document = json.loads(OPENAPI.read_text())
-    assert served == document
+    document = json.loads(FILE.read_text())
+    assert served == {**document, "servers": [{"url": "/"}]}  # the file's numbers: defaults
     api = HttpApi(Settings(), None, None, None, None, None)  # type: ignore[arg-type]
     routes = set()
     for route in api.app.router.routes():
@@ -518,6 +519,29 @@ def test_a_throttled_job_is_throttled_in_the_list_as_in_its_status(
         _, page, _ = svc.http("GET", f"{API}/jobs{query}")
         (row,) = [j for j in page["jobs"]["waiting"] if j["id"] == second["id"]]
         assert row["throttled_until"] == one["throttled_until"], query
+
+
+def test_the_openapi_document_served_says_the_limits_configured(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # It was the file as shipped: wait at most 300 s, 10 tags, 100 ids in after, while the
+    # service took what service.config allowed, so a client validating against the
+    # document refused requests the service would serve.
+    svc = make_service(HTTP + "max_wait = 600\n[queue]\nmax_tags = 20\nmax_tag_chars = 8\n"
+                       "max_name_chars = 50\nmax_dependencies = 3\nmax_page = 250\n")
+    _, doc, _ = svc.http("GET", f"{API}/openapi.json")
+    job = doc["components"]["schemas"]["NewJob"]["properties"]
+    assert (job["tags"]["maxItems"], job["name"]["maxLength"]) == (20, 50)
+    assert job["tags"]["items"]["pattern"] == "^[A-Za-z0-9_.:-]{1,8}$"
+    assert job["after"]["oneOf"][1]["maxItems"] == 3
+    (wait,) = [p for p in doc["paths"]["/api/v1/jobs/{id}"]["get"]["parameters"]
+               if p["name"] == "wait"]  # fmt: skip
+    assert wait["schema"]["maximum"] == 600
+    (size,) = [p for p in doc["paths"]["/api/v1/jobs"]["get"]["parameters"]
+               if p["name"] == "page_size"]  # fmt: skip
+    assert "more than 250 are answered as 250" in size["description"]
+    assert doc["servers"] == [{"url": "/"}]  # where it was fetched from, whatever the port
+    assert svc.http("GET", f"{API}/jobs/1?wait=500")[0] == 404  # (the limit is real)
 
 
 DOCUMENT = json.loads((Path(__file__).resolve().parent.parent

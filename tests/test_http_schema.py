@@ -14,7 +14,7 @@ import pytest
 import referencing
 from conftest import ServiceProcess
 
-from bgservice.http.api import OPENAPI
+from bgservice.http.openapi import FILE as OPENAPI
 
 API = "/api/v1"
 HTTP = "[http]\nenabled = true\nport = 0\n"

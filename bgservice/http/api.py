@@ -37,7 +37,7 @@ from bgservice.errors import (
     UnknownRequest,
 )
 from bgservice.events import INTERNAL_ERROR, Events
-from bgservice.http import inputs, replies
+from bgservice.http import inputs, openapi, replies
 from bgservice.http.metrics import Metrics
 from bgservice.http.origins import BrowserGuard
 from bgservice.http.paging import PARAMETERS, next_token, parse_page
@@ -56,7 +56,6 @@ HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
 ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})  # br: with Brotli
-OPENAPI = HERE / "openapi.json"
 FIRST = asyncio.FIRST_COMPLETED
 # How often a ?wait= looks whether its client is still there (see _wait_connected).
 HANG_UP_CHECK = 1.0
@@ -99,6 +98,7 @@ class HttpApi:
         self.access = AccessList.for_host(settings.http.host, settings.allow)
         self.browsers = BrowserGuard(settings.http.host, settings.http.allowed_hosts)
         self.app = self._make_app()
+        self._openapi = openapi.document(settings)  # (with this service's limits)
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()  # set as the shutdown grace runs out
 
@@ -264,7 +264,7 @@ class HttpApi:
         return web.FileResponse(STATIC / name)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(OPENAPI, headers={"Content-Type": "application/json"})
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def get_metrics(self, request: web.Request) -> web.StreamResponse:
         body, content_type = await self.metrics.render()
