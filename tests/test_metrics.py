@@ -169,3 +169,33 @@ def test_open_waits_for_a_job_are_counted_while_they_wait(svc: ServiceProcess) -
         thread.join(20)
     assert replies == [(200, "cancelled")] * 2  # answered at its end, not at the 60 s
     assert value(scrape(svc), "bgservice_http_waiting") == 0
+
+
+# A def handler that waits until the file its data names exists: past its job's timeout.
+STUCK = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    while not Path(request.text).exists():
+        time.sleep(0.01)
+    return "free"
+"""
+
+
+def test_workers_held_past_a_jobs_timeout_are_a_gauge(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, tmp_path: Path
+) -> None:
+    write_module(modules_dir, "stuck", STUCK)
+    svc = make_service(HTTP + "[queue]\nworkers = 2\n")
+    go = tmp_path / "go"
+    assert value(scrape(svc), "bgservice_queue_workers_held") == 0
+    _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "stuck", "data": str(go),
+                                                  "timeout": 0.3, "retries": 0})  # fmt: skip
+    _, ended, _ = svc.http("GET", f"/api/v1/jobs/{job['id']}?wait=10")
+    assert ended["state"] == "failed"  # at its timeout
+    samples = scrape(svc)  # its handler runs on, holding one of the two workers
+    assert value(samples, "bgservice_queue_workers_held") == 1
+    assert value(samples, "bgservice_queue_jobs", state="running") == 0
+    go.touch()
+    wait_until(lambda: value(scrape(svc), "bgservice_queue_workers_held") == 0)

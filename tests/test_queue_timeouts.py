@@ -4,6 +4,8 @@ else its module's TIMEOUT, else ``[queue] job_timeout``, else none; never the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import wait_until, write_module
@@ -103,3 +105,29 @@ def test_a_handler_past_its_jobs_timeout_keeps_its_worker_and_module_slot(
     assert svc.call(b"queue:get:id:%d" % first) == ended
     assert svc.call(b"queue:get:id:%d" % second) == b"open"
     assert not (modules_dir / "overlapped").exists()
+
+
+def _stats(svc) -> dict:
+    return dict(json.loads(svc.call(b"queue:stats")))
+
+
+def test_queue_stats_counts_the_workers_held_by_handlers_past_their_jobs_timeout(
+    make_service, modules_dir, tmp_path
+):
+    # The held worker was invisible: "running": 0 on one worker, a job waiting, nothing
+    # starting, and nothing in queue:stats to say why.
+    write_module(modules_dir, "held", HELD_DEF)
+    svc = make_service("[queue]\nworkers = 1\n")
+    go = tmp_path / "go"
+    assert _stats(svc)["workers_held"] == 0
+    first = add(svc, b"queue:add?timeout=0.5&retries=0:held:%s" % bytes(go))
+    second = add(svc, b"queue:add:held:%s" % bytes(go))
+    wait_until(lambda: status(svc, first)["state"] == "failed")
+    # (Redis: the worker is held once the instance has recorded the job's end.)
+    wait_until(lambda: _stats(svc)["workers_held"] == 1)
+    stats = _stats(svc)  # the handler waits for go: still held
+    assert (stats["workers"], stats["workers_held"]) == (1, 1)
+    assert (stats["counts"]["running"], stats["counts"]["waiting"]) == (0, 1)
+    go.touch()  # the handler returns: its worker frees, and the second job runs
+    assert svc.call(b"queue:get:id:%d" % second) == b"open"
+    assert _stats(svc)["workers_held"] == 0  # (freed before the second job could start)

@@ -184,6 +184,11 @@ class Metrics(Collector):
                 f"{NS}_queue_oldest_waiting_seconds", "Age of the oldest waiting job.",
                 value=queue["oldest_waiting_age"] or 0,
             )  # fmt: skip
+            yield GaugeMetricFamily(
+                f"{NS}_queue_workers_held",
+                "Workers held by handlers still running past their job's timeout.",
+                value=queue["workers_held"],
+            )  # fmt: skip
         yield _histogram(
             f"{NS}_job_duration_seconds",
             "Run time of job attempts run by this instance, per module, job name and outcome.",

@@ -78,7 +78,8 @@ class LocalQueue(StoredSchedules, JobQueue):
         self._finished = FinishedJobs(settings, store)
         self._deps = Dependencies(self.jobs.__contains__, self._finished)
         self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
-                                  self._deps.blocked_ids, lambda: self.rates)  # fmt: skip
+                                  self._deps.blocked_ids, lambda: self.rates,
+                                  self._pump.held)  # fmt: skip
         self._writes = Writes(store)
         self._cascading = False  # _cascade is at work, now or in the next turn
         self._expiry: asyncio.Task[None] | None = None
@@ -340,10 +341,8 @@ class LocalQueue(StoredSchedules, JobQueue):
         job.move(JobState.WAITING)
         job.run_at = outcome.run_at
         job.error = body.decode("utf-8", "replace")
-        log.info(
-            "job %d (%s) failed (%d), retry %d of %d in %.3g s",
-            job.id, job.module, status, job.attempts, job.max_retries, outcome.run_at - now,
-        )  # fmt: skip
+        log.info("job %d (%s) failed (%d), retry %d of %d in %.3g s", job.id, job.module,
+                 status, job.attempts, job.max_retries, outcome.run_at - now)  # fmt: skip
         self._writes.save(job, ("state", "run_at", "error"), run_record(job, outcome, now))
         self._line.place(job)
 

@@ -108,6 +108,11 @@ class Pump:
 
         going_on.add_done_callback(released)
 
+    def held(self) -> int:
+        """Workers taken by handlers past their job's timeout (``hold``): ``queue:stats``'
+        ``workers_held``, else a queue that starts nothing with every worker idle on paper."""
+        return self._outlived_total
+
     def _released(self, module: str) -> None:
         self._outlived[module] -= 1
         if not self._outlived[module]:

@@ -233,7 +233,10 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
     @available
     async def stats(self, window: float) -> dict[str, Any]:
         stats = await self.db.stats(window, self.settings.workers)
-        return {**stats, "instance_running": len(self._running), **await self.db.names()}
+        # This instance's, as ``workers`` is: the workers its handlers past their job's
+        # timeout hold (_held: their jobs ended, no job counts them), and the jobs it runs.
+        here = {"workers_held": len(self._held), "instance_running": len(self._running)}
+        return {**stats, **here, **await self.db.names()}
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)

@@ -39,6 +39,9 @@ class Live:
     # The engine's rate windows ([queue] module_rates), asked at each call (they are set
     # after the engine is made): when a waiting job's module has room again.
     rates: Callable[[], Windows] = lambda: Windows({})
+    # Workers held by handlers past their job's timeout (Pump.hold): taken, yet no job of
+    # theirs counts as running.
+    held: Callable[[], int] = lambda: 0
 
 
 async def list_page(live: Live, store: Store, spec: ListSpec) -> dict[str, Any]:
@@ -124,7 +127,7 @@ async def stats(
     history = await store.run_history(now, window)
     names, left_out = _names(live.jobs.values(), running, settings.max_page)
     summary = queue_stats(counts, oldest, history, settings.workers)
-    return {**summary, "names": names, "names_left_out": left_out}
+    return {**summary, "workers_held": live.held(), "names": names, "names_left_out": left_out}
 
 
 def _names(
