@@ -300,8 +300,9 @@ def top_lines(view: Mapping[str, Any], now: float, width: int = 100, height: int
         f"in flight {sum((stats.get('in_flight') or {}).values())}   "
         f"connections {(stats.get('connections') or {}).get('open', 0)}   "
         f"loop lag {(stats.get('loop_lag_ms') or {}).get('last', 0):g} ms",
-        f"jobs: {counts.get('running', 0)} running on {queue.get('workers', EMPTY)} workers, "
-        f"{counts.get('waiting', 0)} waiting"
+        f"jobs: {counts.get('running', 0)} running on {queue.get('workers', EMPTY)} workers"
+        + (f" ({held} held past a timeout)" if (held := queue.get("workers_held")) else "")
+        + f", {counts.get('waiting', 0)} waiting"
         + (f" (oldest {span(oldest)})" if oldest is not None else "")
         + f", {queue.get('finished_per_minute', 0)} finished/min, "
         f"{counts.get('failed', 0)} failed",

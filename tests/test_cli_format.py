@@ -136,3 +136,8 @@ def test_top_screen_fits_and_counts_waiting_per_module() -> None:
     assert all(len(line) <= 80 for line in lines)
     short = fmt.top_lines(view, NOW, width=30, height=5)
     assert len(short) == 5 and short[-1].startswith("...") and all(len(s) <= 30 for s in short)
+    # A worker held by a handler past its job's timeout: why nothing starts, said.
+    view["queue_stats"] = {"counts": {"running": 0, "waiting": 3}, "workers": 1,
+                           "workers_held": 1}  # fmt: skip
+    held = "\n".join(fmt.top_lines(view, NOW, width=100, height=40))
+    assert "0 running on 1 workers (1 held past a timeout), 3 waiting" in held
