@@ -32,8 +32,11 @@ import time
 from pathlib import Path
 
 def handle_tcp(request):
-    Path(__file__).with_name(request.data.decode() + ".started").touch()
-    time.sleep(4)
+    here = Path(__file__).parent
+    (here / (request.data.decode() + ".started")).touch()
+    deadline = time.monotonic() + 60
+    while not (here / (request.data.decode() + ".go")).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # held until the test lets it go (a fixed sleep could end first)
     return "held"
 """
 UNKNOWN_HINT = b"(no module named 'nosuch' is loaded: see 'bgservice modules')\n"
@@ -352,12 +355,14 @@ def test_ctrl_c_exits_130_and_a_waited_job_is_named(modules_dir, make_service):
     called = _interrupted(svc, modules_dir / "call.started", "call", "hold", "call")
     assert (called.returncode, called.stdout) == (130, b"")
     assert called.stderr == b"bgservice: interrupted\n"
+    (modules_dir / "call.go").touch()
     added = _interrupted(svc, modules_dir / "add.started", "queue", "add", "hold", "add", "--wait")
     assert (added.returncode, added.stdout) == (130, b"")
     job = re.search(rb"job (\d+) goes on", added.stderr)
     assert added.stderr.startswith(b"bgservice: interrupted\n") and job, added.stderr
     status = json.loads(bg(svc, "queue", "status", job[1].decode(), "--json").stdout)
     assert (status["module"], status["state"]) == ("hold", "running")
+    (modules_dir / "add.go").touch()
     assert bg(svc, "queue", "get", job[1].decode(), "--no-progress").stdout == b"held"
     # A --wait that times out leaves the job queued too, and says which it is.
     slow = bg(svc, "queue", "add", "sleep", "3000", "--wait", "-t", "0.5")
