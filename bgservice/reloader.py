@@ -14,6 +14,17 @@ copying files while the service started) is not missed; the registry loads only 
 differs from what it has. A symlinked folder is watched where it leads (inotify does not
 follow the link).
 
+A module file that is a symlink (``m.py -> ../shared/m.py``) is changed where its link
+leads, which the folder's watch does not see: the folders its links lead through are
+watched as well (one watch each, not recursive: a target's folder may be a whole source
+tree), kept in line with the links at each batch, and an event on a file a link leads to
+is handed over as the name of the module linking to it (a link to another file of the
+modules folder too). What inotify cannot say (a symlinked folder on the way repointed,
+``releases/current``; a target's folder moved, replaced, or made for a dangling link) is
+looked for at the folder check. A poll needs none of it: its stat of the module file
+follows the link. Where inotify refuses a target's folder, the modules folder is polled
+as well.
+
 The watch (and the registry) holds the folder found at start. A folder moved or deleted,
 or replaced by another under its name (``mv modules.new modules``, a symlink swap as deploy
 tools make), is noticed by a check every ``FOLDER_CHECK`` seconds: that is logged, and
@@ -44,22 +55,37 @@ log = logging.getLogger(__name__)
 FOLDER_CHECK = 1.0  # seconds; inotify says nothing of a symlink swap, so a stat it is
 POLL = 0.5  # seconds between the polls of the folder, where inotify cannot watch it
 MAX_BATCH = 1.6  # seconds a batch may wait for the folder to be quiet (watchfiles' default)
+MAX_HOPS = 40  # links followed from one module file (Linux's own bound): a loop ends there
 
 
 class _Forward(FileSystemEventHandler):
     """Runs in watchdog's thread: keeps only module and helper names (and misnamed ``.py``
-    files, which the registry reports once), hands them over."""
+    files, which the registry reports once) of the modules folder, and for a file a module's
+    symlink leads to, that module's name; hands them over. Every other file of a target's
+    folder is dropped here, so a busy source tree costs the loop nothing."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, touch: Callable[[str], None]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, touch: Callable[[str], None], folder: str,
+        linking: Callable[[str], frozenset[str]], lost: Callable[[str], None],
+    ) -> None:  # fmt: skip
         self.loop = loop
         self.touch = touch
+        self.folder = folder  # as watched: the paths of its events begin so
+        self.linking = linking
+        self.lost = lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory and event.event_type == "deleted":  # a target's folder, maybe
+            self.loop.call_soon_threadsafe(self.lost, os.fsdecode(event.src_path))
         if event.is_directory or event.event_type in ("opened", "closed_no_write"):
             return
         for path in (event.src_path, getattr(event, "dest_path", "")):
-            name = os.path.basename(os.fsdecode(path)) if path else ""
-            if name and classify(name) is not None:
+            path = os.fsdecode(path) if path else ""
+            folder, name = os.path.split(path)
+            names = self.linking(path)
+            if folder == self.folder and classify(name) is not None:
+                names |= {name}
+            for name in names:
                 self.loop.call_soon_threadsafe(self.touch, name)
 
 
@@ -76,17 +102,29 @@ class Reloader:
         self._identity: tuple[int, int] | None = None  # the watched folder's (device, inode)
         self._replaced = False
         self._check: asyncio.TimerHandle | None = None
+        self._where = ""  # the folder watched: where the modules folder really is
+        self._forward: _Forward | None = None
+        self._links: dict[str, tuple[str, ...]] = {}  # module file -> files its link leads through
+        # Each of those files -> the module files linking through it. Read by watchdog's
+        # thread, so never changed, only replaced whole.
+        self._targets: dict[str, frozenset[str]] = {}
+        self._extra: dict[str, tuple[Any, tuple[int, int] | None]] = {}  # target folder -> watch
+        self._polling = False  # the modules folder polled: a link's target needs no watch
+        self._poller: Any = None  # polling it as well, for targets inotify cannot watch
 
     def start(self) -> None:
         if not self.folder.is_dir():
             log.warning("not watching %s: no such folder", self.folder)
             return
+        self._where = str(self.folder.resolve())  # (the folder a symlink leads to)
         loop = asyncio.get_running_loop()
+        self._forward = _Forward(loop, self._touch, self._where, self._linking, self._lost)
         try:
-            self._observer = self._watch(Observer(), loop)
+            self._observer = self._watch(Observer())
             log.info("watching %s for module changes", self.folder)
         except OSError as exc:  # EMFILE: "inotify instance limit reached"; ENOSPC: watches
-            self._observer = self._watch(PollingObserver(timeout=POLL), loop)
+            self._observer = self._watch(PollingObserver(timeout=POLL))
+            self._polling = True
             log.warning(
                 "cannot watch %s with inotify (%s): polling it every %g s instead (raise "
                 "fs.inotify.max_user_instances or max_user_watches to watch it)",
@@ -96,9 +134,8 @@ class Reloader:
         self._check = loop.call_later(FOLDER_CHECK, self._check_folder)
         self._rescan()
 
-    def _watch(self, observer: Any, loop: asyncio.AbstractEventLoop) -> Any:
-        where = str(self.folder.resolve())  # (the folder a symlink leads to)
-        observer.schedule(_Forward(loop, self._touch), where, recursive=False)
+    def _watch(self, observer: Any) -> Any:
+        observer.schedule(self._forward, self._where, recursive=False)
         observer.daemon = True
         observer.start()
         return observer
@@ -114,6 +151,8 @@ class Reloader:
         elif was and not self._replaced:
             log.info("modules folder %s is back: reloads resume", self.folder)
             self._rescan()  # (what changed while it was away; _touch needs _replaced clear)
+        if not self._replaced:
+            self._recheck_links()
         self._check = asyncio.get_running_loop().call_later(FOLDER_CHECK, self._check_folder)
 
     def _rescan(self) -> None:
@@ -144,6 +183,7 @@ class Reloader:
         batch, self._batch = self._batch, set()
         if _identity(self.folder) != self._identity:  # replaced since: its names are not ours
             return
+        self._follow(batch)  # before the registry reads them: a later edit is then seen
         task = asyncio.get_running_loop().create_task(self._refresh(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -153,17 +193,108 @@ class Reloader:
         for name in sorted(names, key=lambda n: (not n.startswith("_"), n)):
             await self.registry.refresh(name)
 
+    def _linking(self, path: str) -> frozenset[str]:
+        return self._targets.get(path, frozenset())  # (in watchdog's thread)
+
+    def _follow(self, names: set[str]) -> None:
+        """Where the symlinks among these module files lead now (a link made, removed or
+        repointed): watch the folders links lead to, and no more the ones none does."""
+        for name in names:
+            kind = classify(name)  # (a misnamed file is never loaded: its link, never followed)
+            if kind and kind[0] != "misnamed" and (hops := _hops(os.path.join(self._where, name))):
+                self._links[name] = hops
+            else:
+                self._links.pop(name, None)
+        targets: dict[str, set[str]] = {}
+        for name, hops in self._links.items():
+            for hop in hops:
+                targets.setdefault(hop, set()).add(name)
+        self._targets = {hop: frozenset(linked) for hop, linked in targets.items()}
+        self._watch_targets(names)
+
+    def _watch_targets(self, refreshing: set[str]) -> None:
+        """Watch the folders links lead to but the modules folder (watched already), and no
+        more the others. The modules linking into a folder newly watched are looked at
+        again (but those about to be): their file may have come before the watch."""
+        wanted = set() if self._polling else {os.path.dirname(hop) for hop in self._targets}
+        for folder in [f for f in self._extra if f not in wanted]:
+            self._observer.unschedule(self._extra.pop(folder)[0])  # (a few ms)
+        for folder in sorted(wanted - self._extra.keys() - {self._where}):
+            if (identity := _identity(Path(folder))) is None:
+                continue  # a dangling link's missing folder: looked for at each check
+            try:
+                watch = self._observer.schedule(self._forward, folder, recursive=False)
+            except OSError as exc:  # inotify's limits again, as at start
+                self._poll_links(exc)
+                return self._watch_targets(refreshing)  # (unwatches all: the poll covers them)
+            self._extra[folder] = (watch, identity)
+            for name in self._linking_into({folder}) - refreshing:
+                self._touch(name)
+
+    def _poll_links(self, exc: OSError) -> None:
+        # Not the targets' folders: a poll stats every file of one, and a source tree is big.
+        self._polling = True
+        self._poller = self._watch(PollingObserver(timeout=POLL))
+        log.warning(
+            "cannot watch the folders module symlinks lead to with inotify (%s): polling %s "
+            "every %g s as well (raise fs.inotify.max_user_instances or max_user_watches to "
+            "watch them)", exc.strerror or exc, self.folder, POLL,
+        )  # fmt: skip
+
+    def _lost(self, folder: str) -> None:
+        if folder in self._extra:  # deleted: watchdog ended its watch (ext4 reuses the inode)
+            self._drop_watches({folder})
+
+    def _recheck_links(self) -> None:
+        """What inotify cannot say: a link on the way repointed (a symlinked folder in the
+        target: ``releases/current``), a target's folder moved or replaced (its watch follows
+        the old one) or made. The modules linking there are looked at again, which follows them."""
+        moved = [f for f, (_, ident) in self._extra.items() if _identity(Path(f)) != ident]
+        self._drop_watches(set(moved))
+        for name, hops in list(self._links.items()):
+            if _hops(os.path.join(self._where, name)) != hops:
+                self._touch(name)
+        self._watch_targets(set())
+
+    def _drop_watches(self, folders: set[str]) -> None:
+        """Unwatch folders that went; the modules linking there, looked at again, are then
+        dropped (their target gone) or watched where they lead now."""
+        for folder in folders:
+            self._observer.unschedule(self._extra.pop(folder)[0])
+        for name in self._linking_into(folders):
+            self._touch(name)
+
+    def _linking_into(self, folders: set[str]) -> set[str]:
+        linking = [names for hop, names in self._targets.items() if os.path.dirname(hop) in folders]
+        return set().union(*linking)
+
     async def stop(self) -> None:
         if self._check is not None:
             self._check.cancel()
         if self._timer is not None:
             self._timer.cancel()
         self._batch.clear()
-        if self._observer is not None:
-            self._observer.stop()
-            await asyncio.get_running_loop().run_in_executor(None, self._observer.join, 2.0)
+        for observer in (o for o in (self._observer, self._poller) if o is not None):
+            observer.stop()
+            await asyncio.get_running_loop().run_in_executor(None, observer.join, 2.0)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
+
+
+def _hops(link: str) -> tuple[str, ...]:
+    """The files a module file's symlink leads through, to the one it names in the end (which
+    may not exist: a dangling link); each under its folder's real path, which is what a
+    watch on that folder reports. Empty for a file that is no link."""
+    hops: list[str] = []
+    for _ in range(MAX_HOPS):
+        try:
+            target = os.readlink(link)
+        except OSError:  # no link (the file at the end), or nothing there
+            break
+        path = os.path.join(os.path.dirname(link), target)  # (relative: to the link's folder)
+        link = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        hops.append(link)
+    return tuple(hops)
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

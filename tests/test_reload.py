@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import statistics
 import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -458,16 +463,34 @@ def _inotify_instances_taken() -> list[int]:
     return taken
 
 
+@contextlib.contextmanager
+def _inotify_used_up() -> Iterator[None]:
+    """No inotify instance left for this user while it lasts: one that another process frees
+    meanwhile (test runs side by side, as the same user) is taken too, as it comes."""
+    taken = _inotify_instances_taken()
+    done = threading.Event()
+
+    def keep_taking() -> None:
+        while not done.wait(0.001):
+            taken.extend(_inotify_instances_taken())
+
+    thread = threading.Thread(target=keep_taking)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        for fd in taken:
+            os.close(fd)
+
+
 def test_without_inotify_the_folder_is_polled(modules_dir, make_service):
     # A host with 128 inotify instances in use (the default limit, per user): watchdog's
     # Observer raised "inotify instance limit reached" and the service never started.
     svc = make_service(start=False)
-    taken = _inotify_instances_taken()
-    try:
+    with _inotify_used_up():
         svc.start()
-    finally:
-        for fd in taken:
-            os.close(fd)
     assert "polling it every" in svc.log()
     write_module(modules_dir, "polled", version("seen"))
     wait_until(lambda: replies(svc, b"polled:x", b"seen"), timeout=10)
@@ -559,3 +582,184 @@ def test_a_file_saved_again_and_again_is_reloaded_while_it_is(modules_dir, make_
     finally:
         stop.set()
         saving.join()
+
+
+def _linked_module(tmp_path, target, name="m"):
+    """A modules folder of its own whose ``NAME.py`` is a relative symlink to ``target``
+    (``modules/m.py -> ../shared/m.py``, as people link a module shared between sites)."""
+    modules = tmp_path / "modules"
+    modules.mkdir(exist_ok=True)
+    link = modules / f"{name}.py"
+    link.symlink_to(os.path.relpath(target, modules))
+    return link
+
+
+def _relink(link, target):
+    """``ln -sfn``, atomically: a new link under a hidden name, renamed onto the old."""
+    temp = link.with_name(f".{link.name}.new")
+    temp.symlink_to(target)
+    os.replace(temp, link)
+
+
+def _settled(svc):
+    """Once this returns, the look at every file after start is done (else an edit made
+    before it would be read by it, watched or not): a module written now is in its batch or
+    a later one, and refreshed after every name it holds ("zz" sorts last)."""
+    write_module(svc.modules, "zz_settled", version("settled"))
+    wait_until(lambda: replies(svc, b"zz_settled:x", b"settled"))
+
+
+def _watched_inodes(svc) -> set[int]:
+    """The inodes the service's inotify instances watch (``inotify wd:N ino:HEX`` lines of
+    /proc/PID/fdinfo)."""
+    found: set[int] = set()
+    for entry in Path(f"/proc/{svc.proc.pid}/fdinfo").iterdir():
+        try:
+            text = entry.read_text()
+        except OSError:  # (a descriptor closed meanwhile)
+            continue
+        found.update(int(h, 16) for h in re.findall(r"^inotify wd:\S+ ino:([0-9a-f]+)", text, re.M))
+    return found
+
+
+@pytest.mark.parametrize("save", ["in place", "atomic"])
+def test_a_symlinked_module_file_reloads_when_its_target_is_edited(tmp_path, make_service, save):
+    # Found by a review: the watch was on the modules folder only, and an edit of the file
+    # a module's symlink leads to (in another folder) was never seen.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = write_module(shared, "m", version("v1"))
+    _linked_module(tmp_path, target)
+    svc = make_service()
+    assert svc.call(b"m:x") == b"v1"
+    _settled(svc)
+    if save == "in place":
+        target.write_text(version("v2"))
+    else:  # an editor's save: a temp file renamed onto the name
+        temp = shared / ".m.py.tmp1234"
+        temp.write_text(version("v2"))
+        os.replace(temp, target)
+    wait_until(lambda: replies(svc, b"m:x", b"v2"))
+    assert "module m reloaded" in svc.log()
+
+
+def test_a_repointed_module_link_follows_its_new_target_only(tmp_path, make_service):
+    old_dir, new_dir = tmp_path / "release1", tmp_path / "release2"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old = write_module(old_dir, "m", version("old1"))
+    new = write_module(new_dir, "m", version("new1"))
+    link = _linked_module(tmp_path, old)
+    svc = make_service()
+    assert svc.call(b"m:x") == b"old1"
+    wait_until(lambda: old_dir.stat().st_ino in _watched_inodes(svc))
+    _relink(link, new)
+    wait_until(lambda: replies(svc, b"m:x", b"new1"))
+    # The folder no link leads to any more is no longer watched; the new one is.
+    wait_until(lambda: old_dir.stat().st_ino not in _watched_inodes(svc))
+    assert new_dir.stat().st_ino in _watched_inodes(svc)
+    old.write_text(version("old2"))
+    write_module(link.parent, "marker", version("seen"))  # a change after the old target's
+    wait_until(lambda: replies(svc, b"marker:x", b"seen"))
+    assert svc.call(b"m:x") == b"new1"
+    assert svc.log().count("module m reloaded") == 1  # (the repointing: no other)
+    new.write_text(version("new2"))
+    wait_until(lambda: replies(svc, b"m:x", b"new2"))
+
+
+def test_a_dangling_module_link_loads_once_its_target_appears(tmp_path, make_service):
+    # The file missing, then its whole folder: the service starts, and each loads once made.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _linked_module(tmp_path, shared / "m.py")
+    _linked_module(tmp_path, tmp_path / "later" / "n.py", name="n")
+    svc = make_service()
+    assert svc.call(b"m:x") == b"400: Unknown request"
+    assert svc.call(b"n:x") == b"400: Unknown request"
+    write_module(shared, "m", version("m1"))
+    (tmp_path / "later").mkdir()
+    write_module(tmp_path / "later", "n", version("n1"))
+    wait_until(lambda: replies(svc, b"m:x", b"m1") and replies(svc, b"n:x", b"n1"))
+    write_module(tmp_path / "later", "n", version("n2"))  # and watched from then on
+    wait_until(lambda: replies(svc, b"n:x", b"n2"))
+
+
+def test_a_module_link_through_a_repointed_folder_link_follows_it(tmp_path, make_service):
+    # A deploy tool's layout: modules/m.py -> ../releases/current/m.py, and current is
+    # repointed to the next release: nothing changes in the folders watched until then.
+    releases = tmp_path / "releases"
+    for tag in ("r1", "r2"):
+        (releases / tag).mkdir(parents=True)
+        write_module(releases / tag, "m", version(tag))
+    (releases / "current").symlink_to("r1")
+    _linked_module(tmp_path, releases / "current" / "m.py")
+    svc = make_service()
+    assert svc.call(b"m:x") == b"r1"
+    _relink(releases / "current", "r2")
+    wait_until(lambda: replies(svc, b"m:x", b"r2"))
+    write_module(releases / "r2", "m", version("r2 edited"))
+    wait_until(lambda: replies(svc, b"m:x", b"r2 edited"))
+
+
+def test_a_symlinked_module_file_reloads_when_the_folder_is_polled(tmp_path, make_service):
+    # Without inotify at start the folder is polled, and the poll's stat follows the link.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = write_module(shared, "m", version("v1"))
+    _linked_module(tmp_path, target)
+    svc = make_service(start=False)
+    with _inotify_used_up():
+        svc.start()
+    assert "polling it every" in svc.log()
+    _settled(svc)
+    target.write_text(version("v2"))
+    wait_until(lambda: replies(svc, b"m:x", b"v2"), timeout=10)
+
+
+def test_a_link_target_inotify_cannot_watch_is_polled_for(tmp_path, make_service):
+    # The folder watched with inotify, but none left for the folder a new link leads to.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = write_module(shared, "m", version("v1"))
+    (tmp_path / "modules").mkdir()
+    svc = make_service()
+    with _inotify_used_up():
+        _linked_module(tmp_path, target)
+        svc.wait_for_log("cannot watch the folders module symlinks lead to with inotify")
+    assert f"polling {tmp_path / 'modules'} every 0.5 s as well" in svc.log()
+    wait_until(lambda: replies(svc, b"m:x", b"v1"))
+    target.write_text(version("v2"))
+    wait_until(lambda: replies(svc, b"m:x", b"v2"), timeout=10)
+
+
+def test_a_module_links_target_folder_deleted_and_made_again_is_watched_again(
+    tmp_path, make_service
+):
+    # The watch goes with the folder (rm -rf, a release rebuilt): the new one is watched.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    _linked_module(tmp_path, write_module(shared, "m", version("v1")))
+    svc = make_service()
+    assert svc.call(b"m:x") == b"v1"
+    shutil.rmtree(shared)
+    wait_until(lambda: replies(svc, b"m:x", b"400: Unknown request"))
+    shared.mkdir()
+    target = write_module(shared, "m", version("v2"))
+    wait_until(lambda: replies(svc, b"m:x", b"v2"))
+    wait_until(lambda: shared.stat().st_ino in _watched_inodes(svc))
+    target.write_text(version("v3"))
+    wait_until(lambda: replies(svc, b"m:x", b"v3"))
+
+
+def test_a_module_linked_to_another_file_of_the_folder_reloads_with_it(tmp_path, make_service):
+    # One module under two names (alias.py -> real.py): the watch saw real.py change, and
+    # only real reloaded; alias kept the old code.
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    real = write_module(modules, "real", version("v1"))
+    (modules / "alias.py").symlink_to("real.py")
+    svc = make_service()
+    assert svc.call(b"alias:x") == b"v1"
+    _settled(svc)
+    real.write_text(version("v2"))
+    wait_until(lambda: replies(svc, b"real:x", b"v2") and replies(svc, b"alias:x", b"v2"))
