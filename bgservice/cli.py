@@ -213,16 +213,34 @@ def serve(
     # The file is opened only here: a folder or an unwritable path is refused as bad input.
     named = "--log-file" if log_file else f"{_config_path(config_path)}: [log] file"
     if check:
-        sys.exit(_check(settings, _config_path(config_path), named))
+        if ready_file is not None:
+            _ready_file_or_exit(ready_file)
+        _exit_now(_check(settings, _config_path(config_path), named))
     try:
         logs.setup(settings.verbose, settings.log_file, named)
-        if ready_file is not None:  # (found at the end of the start: a traceback, listening)
-            readiness.check_ready_file(ready_file)
     except ConfigError as exc:
         click.echo(f"bgservice: configuration error: {exc}", err=True)
         sys.exit(2)
+    if ready_file is not None:  # (found at the end of the start: a traceback, listening)
+        _ready_file_or_exit(ready_file)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     sys.exit(uvloop.run(service.run()))
+
+
+def _ready_file_or_exit(ready_file: Path) -> None:
+    try:
+        readiness.check_ready_file(ready_file)
+    except ConfigError as exc:
+        click.echo(f"bgservice: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for what the modules imported left behind (a thread that is
+    not a daemon, an atexit hook): the check is over, and a script waits for its code."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _check(settings: config.Settings, config_path: Path | None, log_named: str) -> int:

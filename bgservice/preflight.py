@@ -4,20 +4,27 @@ load, found without starting, as ``nginx -t`` or ``sshd -t`` do before a restart
 serve itself has already read the configuration (the file and the options, every key
 checked) and the modules folder when this runs. Here: each module is imported as the
 service imports it (its top level runs, its declarations are checked), each with the
-service's import timeout; the log file and the queue database must be writable where
-they are named (neither is created or opened). Nothing listens, no job runs, Redis is
-not connected to: a port in use or Redis away still fails the start itself.
+service's import timeout, what they print going to stderr; the log file, the queue
+database's folder and the Unix sockets' folders must be writable where they are named
+(nothing is created or opened), a socket's path short enough for its address. Nothing
+listens, no job runs, Redis is not connected to: a port in use or Redis away still fails
+the start itself. (Permissions are asked with ``os.access``: as root, every path passes.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from pathlib import Path
 
 from bgservice.config import Listener, Settings
+from bgservice.config_checks import redact_url
 from bgservice.declarations import ModuleLoadError, classify
 from bgservice.registry import import_module_file, install_package
+
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its NUL)
 
 
 def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
@@ -25,9 +32,15 @@ def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
     found: list[str] = []
     if settings.log_file is not None:
         found += _writable(settings.log_file, log_named)
-    if settings.queue.backend == "sqlite":
+    if settings.queue.backend == "sqlite":  # (its folder too: the -wal, -shm and .lock files)
         found += _writable(settings.db, "the queue database")
-    loaded, failed = _import_all(settings.modules, settings.reload_import_timeout)
+        found += _writable(settings.db.with_name(settings.db.name + ".lock"), "its lock file")
+    for listener in settings.listeners:
+        found += [problem for path in (listener.unix, listener.unix_dgram) if path
+                  for problem in _socket_path(Path(path))]  # fmt: skip
+    # What modules print as they import goes to stderr: stdout is the summary's.
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded, failed = _import_all(settings.modules, settings.reload_import_timeout)
     return loaded, found + failed
 
 
@@ -35,7 +48,7 @@ def summary(settings: Settings, config: Path | None, loaded: list[str]) -> list[
     """What the start would run with, for the person who asked."""
     listeners = "; ".join(_listener(lst) for lst in settings.listeners) or "none"
     queue = settings.queue
-    where = settings.db if queue.backend == "sqlite" else settings.redis.url
+    where = settings.db if queue.backend == "sqlite" else redact_url(settings.redis.url)
     return [
         f"bgservice: configuration OK ({config or 'built-in defaults'})",
         f"  listeners: {listeners}",
@@ -49,7 +62,8 @@ def _listener(listener: Listener) -> str:
     parts = []
     if listener.port is not None and (listener.tcp or listener.udp):
         kinds = "+".join(k for k, on in (("TCP", listener.tcp), ("UDP", listener.udp)) if on)
-        parts.append(f"{kinds} {listener.host}:{listener.port}")
+        host = f"[{listener.host}]" if ":" in (listener.host or "") else listener.host
+        parts.append(f"{kinds} {host}:{listener.port}")
     if listener.unix:
         parts.append(f"unix:{listener.unix}")
     if listener.unix_dgram:
@@ -74,6 +88,18 @@ def _writable(path: Path, named: str) -> list[str]:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         return [f"{named} {path}: cannot be made in {folder} (not a writable folder)"]
+    return []
+
+
+def _socket_path(path: Path) -> list[str]:
+    """A Unix socket the start would make: its address must fit (listeners.py), its
+    folder exist and take it."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        return [f"unix:{path}: the path is {len(os.fsencode(path))} bytes, longer than a Unix "
+                f"socket address holds (at most {UNIX_PATH_MAX} bytes on Linux)"]  # fmt: skip
+    folder = path.absolute().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return [f"unix:{path}: its folder {folder} is not a writable folder"]
     return []
 
 

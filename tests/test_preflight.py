@@ -27,7 +27,7 @@ def check(folder: Path, config: str, *args: str) -> subprocess.CompletedProcess[
         cwd=folder,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
 
 
@@ -89,3 +89,37 @@ def test_a_configuration_error_is_said_as_serve_says_it(site):
     assert done.returncode == 2
     assert done.stderr.startswith("bgservice: configuration error: service.config: [queue] workrs")
     assert "did you mean" in done.stderr.lower()
+
+
+def test_what_a_start_would_refuse_about_sockets_and_the_ready_file_is_named(site):
+    # Found by review: each of these passed the check and then failed the start.
+    long = site / ("s" * 120 + ".sock")
+    done = check(site, f'[[listen]]\nname = "a"\nunix = "{long}"\n'
+                 f'[[listen]]\nname = "b"\nunix_dgram = "{site / "no" / "b.dgram"}"\n')  # fmt: skip
+    assert done.returncode == 2
+    assert "bytes, longer than a Unix socket address holds" in done.stderr
+    assert f"unix:{site / 'no' / 'b.dgram'}: its folder {site / 'no'} is not a writable" \
+        in done.stderr  # fmt: skip
+    ready = check(site, "", "--ready-file", str(site / "no" / "ready.json"))
+    assert ready.returncode == 2 and "configuration error: --ready-file" in ready.stderr
+
+
+def test_the_check_ends_whatever_a_module_leaves_running_and_keeps_stdout_its_own(site):
+    # Found by review: a thread that is not a daemon (or an atexit hook) left by a module's
+    # import held the check after its "configuration OK" until it ended; and what a module
+    # printed at import went into the summary on stdout.
+    stays = ("import threading, time\n"
+             "threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()\n"
+             "print('hello from stays')\n\ndef handle_tcp(request):\n    return 'x'\n")
+    write_module(site / "modules", "stays", stays)
+    done = check(site, '[[listen]]\nhost = "::1"\nport = 23999\n')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("bgservice: configuration OK") and "hello" not in done.stdout
+    assert "hello from stays" in done.stderr
+    assert "TCP+UDP [::1]:23999" in done.stdout
+
+
+def test_a_redis_password_is_not_shown(site):
+    done = check(site, '[queue]\nbackend = "redis"\n[redis]\nurl = "redis://:s3cret@127.0.0.1:1/0"\n')
+    assert done.returncode == 0, done.stderr
+    assert "redis://:***@127.0.0.1:1/0" in done.stdout and "s3cret" not in done.stdout
