@@ -528,18 +528,21 @@ def test_the_openapi_document_served_says_the_limits_configured(
     # service took what service.config allowed, so a client validating against the
     # document refused requests the service would serve.
     svc = make_service(HTTP + "max_wait = 600\n[queue]\nmax_tags = 20\nmax_tag_chars = 8\n"
-                       "max_name_chars = 50\nmax_dependencies = 3\nmax_page = 250\n")
+                       "max_name_chars = 50\nmax_dependencies = 3\nmax_page = 50\n")
     _, doc, _ = svc.http("GET", f"{API}/openapi.json")
     job = doc["components"]["schemas"]["NewJob"]["properties"]
     assert (job["tags"]["maxItems"], job["name"]["maxLength"]) == (20, 50)
-    assert job["tags"]["items"]["pattern"] == "^[A-Za-z0-9_.:-]{1,8}$"
+    assert job["unique"]["maxLength"] == 50  # the same limit as the name's
+    assert job["tags"]["items"]["maxLength"] == 8  # (not in the pattern: {1,5000000000}
+    assert job["tags"]["items"]["pattern"] == "^[A-Za-z0-9_.:-]+$"  # broke validators)
     assert job["after"]["oneOf"][1]["maxItems"] == 3
     (wait,) = [p for p in doc["paths"]["/api/v1/jobs/{id}"]["get"]["parameters"]
                if p["name"] == "wait"]  # fmt: skip
     assert wait["schema"]["maximum"] == 600
     (size,) = [p for p in doc["paths"]["/api/v1/jobs"]["get"]["parameters"]
                if p["name"] == "page_size"]  # fmt: skip
-    assert "more than 250 are answered as 250" in size["description"]
+    assert "0 or absent: 50; more than 50 are answered as 50" in size["description"]
+    assert size["schema"]["default"] == 50
     assert doc["servers"] == [{"url": "/"}]  # where it was fetched from, whatever the port
     assert svc.http("GET", f"{API}/jobs/1?wait=500")[0] == 404  # (the limit is real)
 

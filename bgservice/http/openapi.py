@@ -21,16 +21,22 @@ def document(settings: Settings) -> bytes:
     doc = json.loads(FILE.read_text())
     queue = settings.queue
     job = doc["components"]["schemas"]["NewJob"]["properties"]
-    job["name"]["maxLength"] = queue.max_name_chars
+    job["name"]["maxLength"] = job["unique"]["maxLength"] = queue.max_name_chars
     job["tags"]["maxItems"] = queue.max_tags
-    job["tags"]["items"]["pattern"] = f"^[A-Za-z0-9_.:-]{{1,{queue.max_tag_chars}}}$"
+    # The length apart from the pattern: {1,5000000000} is past what regex engines take.
+    tag = job["tags"]["items"]
+    tag["pattern"], tag["maxLength"] = "^[A-Za-z0-9_.:-]+$", queue.max_tag_chars
     job["after"]["oneOf"][1]["maxItems"] = queue.max_dependencies
     for parameter in _parameters(doc, "/api/v1/jobs/{id}", "wait"):
         parameter["schema"]["maximum"] = settings.http.max_wait
     page = f"more than {queue.max_page} are answered as {queue.max_page}"
+    first = f"0 or absent: {min(100, queue.max_page)};"  # (a page is never over max_page)
     for name in ("page_size", "limit"):
         for parameter in _parameters(doc, "/api/v1/jobs", name):
-            parameter["description"] = parameter["description"].replace(_DEFAULT_PAGE, page)
+            text = parameter["description"].replace(_DEFAULT_PAGE, page)
+            parameter["description"] = text.replace("0 or absent: 100;", first)
+            if "default" in parameter["schema"]:
+                parameter["schema"]["default"] = min(100, queue.max_page)
     doc["servers"] = [{"url": "/"}]
     return json.dumps(doc, indent=2).encode()
 
