@@ -292,7 +292,6 @@ def top_lines(view: Mapping[str, Any], now: float, width: int = 100, height: int
     stats, queue = view["stats"], view["queue_stats"]
     counts = queue.get("counts") or {}
     rate = view.get("rate")
-    oldest = queue.get("oldest_waiting_age")
     lines = [
         f"bgservice {view['address']}   up {span(stats.get('uptime') or 0)}   "
         + dt.datetime.fromtimestamp(now).strftime("%H:%M:%S"),
@@ -300,12 +299,7 @@ def top_lines(view: Mapping[str, Any], now: float, width: int = 100, height: int
         f"in flight {sum((stats.get('in_flight') or {}).values())}   "
         f"connections {(stats.get('connections') or {}).get('open', 0)}   "
         f"loop lag {(stats.get('loop_lag_ms') or {}).get('last', 0):g} ms",
-        f"jobs: {counts.get('running', 0)} running on {queue.get('workers', EMPTY)} workers"
-        + (f" ({held} held past a timeout)" if (held := queue.get("workers_held")) else "")
-        + f", {counts.get('waiting', 0)} waiting"
-        + (f" (oldest {span(oldest)})" if oldest is not None else "")
-        + f", {queue.get('finished_per_minute', 0)} finished/min, "
-        f"{counts.get('failed', 0)} failed",
+        _jobs_line(queue),
         "",
     ]
     lines += _running_lines(view["running"], now, width)
@@ -313,6 +307,20 @@ def top_lines(view: Mapping[str, Any], now: float, width: int = 100, height: int
     if len(lines) > height:
         lines = [*lines[: height - 1], f"... {len(lines) - height + 1} more lines"]
     return [line[:width] for line in lines]
+
+
+def _jobs_line(queue: Mapping[str, Any]) -> str:
+    if "unavailable" in queue:  # (its Redis away: the service answers, its queue cannot)
+        return f"jobs: queue unavailable ({queue['unavailable']})"
+    counts, oldest = queue.get("counts") or {}, queue.get("oldest_waiting_age")
+    return (
+        f"jobs: {counts.get('running', 0)} running on {queue.get('workers', EMPTY)} workers"
+        + (f" ({held} held past a timeout)" if (held := queue.get("workers_held")) else "")
+        + f", {counts.get('waiting', 0)} waiting"
+        + (f" (oldest {span(oldest)})" if oldest is not None else "")
+        + f", {queue.get('finished_per_minute', 0)} finished/min, "
+        f"{counts.get('failed', 0)} failed"
+    )
 
 
 def _running_lines(running: Sequence[Mapping[str, Any]], now: float, width: int) -> list[str]:

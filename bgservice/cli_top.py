@@ -88,17 +88,28 @@ class Watcher:
     def view(self) -> dict[str, Any]:
         try:
             stats, rate = self.read_stats()
+            return {"address": self.address, "stats": stats, "rate": rate, **self._queue()}
+        except Exception:  # a service back from a restart counts from 0 again: the next
+            self._last = None  # reading has no rate, as the first has none
+            raise
+
+    def _queue(self) -> dict[str, Any]:
+        """The queue's part of the screen; a queue that cannot answer (its Redis away: a
+        503 of its own) is said on it, the rest of the screen still shown."""
+        try:
             return {
-                "address": self.address,
-                "stats": stats,
-                "rate": rate,
                 "queue_stats": self._call("queue_stats"),
                 "running": self._call("list", "running").get("running", []),
                 "waiting": self._call("list", "waiting", WAITING_LISTED).get("waiting", []),
             }
-        except Exception:  # a service back from a restart counts from 0 again: the next
-            self._last = None  # reading has no rate, as the first has none
-            raise
+        except ReplyError as exc:
+            if exc.code != STOPPING or _stopping(exc):
+                raise
+            return {"queue_stats": {"unavailable": str(exc)}, "running": [], "waiting": []}
+
+
+def _stopping(exc: ReplyError) -> bool:  # the 503 of a service that began to stop
+    return exc.code == STOPPING and str(exc).startswith("Shutting down")
 
 
 def _why(exc: BaseException) -> str:
@@ -172,14 +183,16 @@ View = dict[str, Any] | Lost  # what a screen shows: a reading, or why there is 
 
 
 def _reading(watcher: Watcher, last: View) -> View:
-    """The next reading, or the outage it is part of: dated from its first failed reading
-    (the time a restart began), with the latest error (refused while it starts, say)."""
+    """The next reading, or the outage it is part of: dated from when its first failed
+    reading was asked (the time a restart began), with the latest error (refused while it
+    starts, say)."""
+    asked = time.time()  # (a stopped service answers only at the timeout: since then)
     try:
         return watcher.view()
     except (*NOT_ANSWERING, ReplyError) as exc:
-        if isinstance(exc, ReplyError) and exc.code != STOPPING:
+        if isinstance(exc, ReplyError) and not _stopping(exc):
             raise  # any other error reply: as every command, exit 1
-        return Lost(last.since if isinstance(last, Lost) else time.time(), _why(exc))
+        return Lost(last.since if isinstance(last, Lost) else asked, _why(exc))
 
 
 def _lines(address: str, view: View, interval: float, size: tuple[int, int]) -> list[str]:
