@@ -10,6 +10,7 @@ are in bgservice/cli_client.py.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import signal
 import sys
@@ -224,7 +225,11 @@ def serve(
     if ready_file is not None:  # (found at the end of the start: a traceback, listening)
         _ready_file_or_exit(ready_file)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
-    sys.exit(uvloop.run(service.run()))
+    code = uvloop.run(service.run())
+    # Stopped: the threads modules made themselves (a ThreadPoolExecutor's are not
+    # daemons) are not waited for, as the handlers' stuck ones are not.
+    logging.shutdown()  # (its files flushed: os._exit runs no atexit hook)
+    _exit_now(code)
 
 
 def _ready_file_or_exit(ready_file: Path) -> None:
@@ -236,8 +241,8 @@ def _ready_file_or_exit(ready_file: Path) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """Exit without waiting for what the modules imported left behind (a thread that is
-    not a daemon, an atexit hook): the check is over, and a script waits for its code."""
+    """Exit without waiting for what modules left behind (a thread that is not a daemon,
+    an atexit hook): the check or the service is over, and a script waits for its code."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

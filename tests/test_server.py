@@ -254,6 +254,30 @@ def test_sigterm_ends_the_process_with_a_hung_def_handler(modules_dir, make_serv
     assert "1 handler thread still stuck" in svc.log()
 
 
+POOL = """
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+POOL = ThreadPoolExecutor(1)  # its threads are joined at exit: not daemons
+POOL.submit(time.sleep, 3600)
+
+def handle_tcp(request):
+    return "pooled"
+"""
+
+
+def test_a_stop_ends_the_process_with_a_modules_own_threads_still_busy(
+    modules_dir, make_service
+):
+    # Found by review: after "bgservice stopped", the interpreter's exit waited for the
+    # threads a module made itself (a ThreadPoolExecutor's, a thread not a daemon).
+    write_module(modules_dir, "pool", POOL)
+    svc = make_service()
+    assert svc.call(b"pool:x") == b"pooled"
+    assert svc.stop() == 0
+    assert "bgservice stopped" in svc.log()
+
+
 def test_calls_cut_at_the_end_of_the_grace_get_503(modules_dir, make_service):
     # Item 7: a sleep:15000 call and a queue:get of a waiting job were closed with 0 bytes.
     svc = make_service("[limits]\nshutdown_grace = 1.0\n[queue]\nworkers = 1\n")
