@@ -250,6 +250,8 @@ def _exit_now(code: int) -> None:
 
 def _check(settings: config.Settings, config_path: Path | None, log_named: str) -> int:
     loaded, found = preflight.problems(settings, log_named)
+    for warning in preflight.warnings(settings, loaded):
+        click.echo(f"bgservice: check: warning: {warning}", err=True)
     for problem in found:
         click.echo(f"bgservice: check: {problem}", err=True)
     if found:

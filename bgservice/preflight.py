@@ -22,9 +22,24 @@ from pathlib import Path
 from bgservice.config import Listener, Settings
 from bgservice.config_checks import redact_url
 from bgservice.declarations import ModuleLoadError, classify
+from bgservice.execution import RESERVED
 from bgservice.registry import import_module_file, install_package
 
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its NUL)
+
+
+def warnings(settings: Settings, loaded: list[str]) -> list[str]:
+    """What a start would warn of but run with (as ``nginx -t``'s ``[warn]`` lines)."""
+    found = [f"{path.name}: not a module name, ignored (docs/modules.md)"
+             for path in sorted(settings.modules.iterdir())
+             if (kind := classify(path.name)) and kind[0] == "misnamed"]  # fmt: skip
+    found += [f"module {name}: never called ({name}:... is the service's): rename it"
+              for name in loaded if name in RESERVED]  # fmt: skip
+    if settings.alerts.module and settings.alerts.module not in loaded:
+        found.append(f"[alerts] module {settings.alerts.module!r} is not among the modules")
+    found += [f"schedule {s.name}: module {s.module!r} is not among the modules"
+              for s in settings.schedules if s.module not in loaded]  # fmt: skip
+    return found
 
 
 def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:

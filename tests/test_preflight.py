@@ -123,3 +123,21 @@ def test_a_redis_password_is_not_shown(site):
     done = check(site, '[queue]\nbackend = "redis"\n[redis]\nurl = "redis://:s3cret@127.0.0.1:1/0"\n')
     assert done.returncode == 0, done.stderr
     assert "redis://:***@127.0.0.1:1/0" in done.stdout and "s3cret" not in done.stdout
+
+
+def test_what_a_start_would_warn_of_is_said_and_the_check_passes(site):
+    # Found by review: the start warns of these and runs; the check said nothing.
+    modules = site / "modules"
+    write_module(modules, "queue", "def handle_tcp(request):\n    return 'x'\n")
+    write_module(modules, "echo", "def handle_tcp(request):\n    return 'x'\n")
+    (modules / "a.b.py").write_text("")
+    done = check(site, '[alerts]\nmodule = "nosuch"\n'
+                 '[[schedule]]\nname = "nightly"\nmodule = "nomod"\nevery = 60\n')  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "bgservice: check: warning: a.b.py: not a module name, ignored (docs/modules.md)",
+        "bgservice: check: warning: module queue: never called (queue:... is the service's):"
+        " rename it",
+        "bgservice: check: warning: [alerts] module 'nosuch' is not among the modules",
+        "bgservice: check: warning: schedule nightly: module 'nomod' is not among the modules",
+    ]
