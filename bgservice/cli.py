@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import uvloop
@@ -202,15 +202,10 @@ def serve(
             log_file=log_file,
         )
     except ConfigError as exc:
-        click.echo(f"bgservice: configuration error: {exc}", err=True)
-        sys.exit(2)
+        _config_error(str(exc))
     if not settings.modules.is_dir():  # a typo would serve nothing, and never notice the fix
-        click.echo(
-            f"bgservice: configuration error: modules folder {settings.modules} does not exist "
-            "(-m DIR, or modules = in service.config)",
-            err=True,
-        )
-        sys.exit(2)
+        _config_error(f"modules folder {settings.modules} does not exist "
+                      "(-m DIR, or modules = in service.config)")  # fmt: skip
     # The file is opened only here: a folder or an unwritable path is refused as bad input.
     named = "--log-file" if log_file else f"{_config_path(config_path)}: [log] file"
     if check:
@@ -220,8 +215,7 @@ def serve(
     try:
         logs.setup(settings.verbose, settings.log_file, named)
     except ConfigError as exc:
-        click.echo(f"bgservice: configuration error: {exc}", err=True)
-        sys.exit(2)
+        _config_error(str(exc))
     if ready_file is not None:  # (found at the end of the start: a traceback, listening)
         _ready_file_or_exit(ready_file)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
@@ -232,12 +226,16 @@ def serve(
     _exit_now(code)
 
 
+def _config_error(message: str) -> NoReturn:
+    click.echo(f"bgservice: configuration error: {message}", err=True)
+    sys.exit(2)
+
+
 def _ready_file_or_exit(ready_file: Path) -> None:
     try:
         readiness.check_ready_file(ready_file)
     except ConfigError as exc:
-        click.echo(f"bgservice: configuration error: {exc}", err=True)
-        sys.exit(2)
+        _config_error(str(exc))
 
 
 def _exit_now(code: int) -> None:

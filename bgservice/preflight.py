@@ -23,6 +23,7 @@ from bgservice.config import Listener, Settings
 from bgservice.config_checks import redact_url
 from bgservice.declarations import ModuleLoadError, classify
 from bgservice.execution import RESERVED
+from bgservice.queue.sqlite_schema import lock_path
 from bgservice.registry import import_module_file, install_package
 
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its NUL)
@@ -49,7 +50,7 @@ def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
         found += _writable(settings.log_file, log_named)
     if settings.queue.backend == "sqlite":  # (its folder too: the -wal, -shm and .lock files)
         found += _writable(settings.db, "the queue database")
-        found += _writable(settings.db.with_name(settings.db.name + ".lock"), "its lock file")
+        found += _writable(lock_path(settings.db), "its lock file")
     for listener in settings.listeners:
         found += [problem for path in (listener.unix, listener.unix_dgram) if path
                   for problem in _socket_path(Path(path))]  # fmt: skip

@@ -76,9 +76,13 @@ class DatabaseInUse(RuntimeError):
     pass
 
 
+def lock_path(path: Path) -> Path:  # DB.lock, beside the database
+    return path.with_name(path.name + ".lock")
+
+
 def lock(path: Path) -> int | None:
     """Lock ``DB.lock`` for this process (released when it closes, or the process ends)."""
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
