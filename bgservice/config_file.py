@@ -20,6 +20,49 @@ _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_
           stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
 
 
+# A table header, [name] or [[name]], its name as written (dotted, quoted parts and all).
+_HEADER = re.compile(r"\s*\[\[?((?:[^\]\"']|\"[^\"]*\"|'[^']*')+)\]\]?")
+_PART = re.compile(r"\s*(\"((?:[^\"\\]|\\.)*)\"|'([^']*)'|[A-Za-z0-9_-]+)\s*(\.|$)")
+
+
+def _part(name: str) -> str:
+    """A regular expression for one key part named ``name``, as TOML may spell it."""
+    bare = re.escape(name)
+    return rf"(?:{bare}|\"{bare}\"|'{bare}')"
+
+
+def _parts(dotted: str) -> tuple[str, ...]:
+    """``queue . "extra"`` -> ("queue", "extra"): a dotted key's parts, quotes taken off
+    (escapes inside "..." are kept as written: names needing them are not ours)."""
+    parts, at = [], 0
+    while at < len(dotted) and (found := _PART.match(dotted, at)):
+        quoted = found.group(2) if found.group(2) is not None else found.group(3)
+        parts.append(quoted if quoted is not None else found.group(1))
+        at = found.end()
+    return tuple(parts)
+
+
+_TOKEN = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'|#[^\n]*|[][{}]")
+
+
+def _inline_tables(text: str) -> list[tuple[int, int]]:
+    """Where the inline tables of the array opening ``text`` (``name = [{...}, ...]``)
+    start and end; brackets in strings and comments do not count."""
+    spans, depth, start = [], 0, 0
+    for token in _TOKEN.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+            start = token.start() if char == "{" and depth == 2 else start
+        elif char in "]}":
+            depth -= 1
+            if char == "}" and depth == 1:
+                spans.append((start, token.end()))
+            if depth == 0:
+                break
+    return spans
+
+
 def read_config(path: Path) -> str:
     """The file's text. Opened without blocking and refused unless a regular file: a FIFO
     once hung the start with no word, waiting for a writer; a device may never end."""
@@ -83,32 +126,58 @@ class Reader:
         """The line of ``key`` inside the ``index``-th ``[table]``/``[[table]]`` ("": top),
         else of the table where it is written inline or dotted at the top."""
         line = self._key_line(key, table, index)
+        if line is None and table:
+            line = self._inline_line(key, table, index)
         return self._top_line(key, table) if line is None and table else line
 
     def _key_line(self, key: str, table: str, index: int) -> int | None:
-        key_re = re.compile(rf"\s*\"?{re.escape(key)}\"?\s*=")
-        header_re = re.compile(r"\s*\[\[?\s*([^\]\s]+)\s*\]\]?")
-        current, seen = "", {"": 0}
+        """The line of ``key =`` (or ``key.sub =``) under a header naming ``table``, or of
+        a header ``[table.key]``; headers and keys as TOML spells them: bare, "quoted" or
+        'literal' parts, spaces around the dots."""
+        key_re = re.compile(rf"\s*{_part(key)}\s*[.=]")
+        current: tuple[str, ...] = ()
+        seen: dict[tuple[str, ...], int] = {}
         for number, line in enumerate(self.text.splitlines(), 1):
-            header = header_re.match(line)
+            header = _HEADER.match(line)
             if header:
-                current = header.group(1)
+                current = _parts(header.group(1))
                 seen[current] = seen.get(current, -1) + 1
-                if not table and current == key:  # a table of that name: its header's line
+                if current[:1] == (key,) and not table:  # a table of that name: its header
                     return number
-            elif current == table and seen[current] == index and key_re.match(line):
+                if current[:2] == (table, key) and seen.get((table,), 0) == index:
+                    return number  # [queue.extra]: the table's unknown key "extra"
+            elif current == (table,) and seen[current] == index and key_re.match(line):
+                return number
+            elif not current and not table and key_re.match(line):
                 return number
         return None
+
+    def _inline_line(self, key: str, table: str, index: int) -> int | None:
+        """In ``table = [{...}, {...}]`` at the top, the line of ``key`` in the
+        ``index``-th inline table (its opening brace's line if the key is not found)."""
+        start = self._top_line("", table)
+        if start is None:
+            return None
+        text = "\n".join(self.text.splitlines()[start - 1 :])
+        if not text.partition("=")[2].lstrip().startswith("["):
+            return None  # an inline table, or a value: _top_line's
+        opened = _inline_tables(text)
+        if index >= len(opened):
+            return None
+        begin, end = opened[index]
+        found = re.search(rf"[{{,]\s*({_part(key)})\s*[.=]", text[begin:end])
+        offset = begin + (found.start(1) if found else 0)
+        return start + text.count("\n", 0, offset)
 
     def _top_line(self, key: str, table: str) -> int | None:
         """Where ``table`` is written above every header, inline or dotted: the line of
         ``queue.workers =``, else of ``queue = {...}`` (or ``= 5``, not a table at all)."""
-        name = rf"\s*\"?{re.escape(table)}\"?\s*"
-        dotted = re.compile(rf"{name}\.\s*\"?{re.escape(key)}\"?\s*=")
+        name = rf"\s*{_part(table)}\s*"
+        dotted = re.compile(rf"{name}\.\s*{_part(key)}\s*[.=]")
         whole = re.compile(rf"{name}=")
         lines = enumerate(self.text.splitlines(), 1)
         top = list(itertools.takewhile(lambda item: not item[1].lstrip().startswith("["), lines))
-        for pattern in (dotted, whole):
+        for pattern in (dotted, whole) if key else (whole,):
             for number, line in top:
                 if pattern.match(line):
                     return number

@@ -257,6 +257,22 @@ def test_a_table_written_inline_dotted_or_as_a_value_is_named_with_its_line(tmp_
         assert said in config_error(tmp_path, text), text
 
 
+def test_quoted_subtable_and_array_of_inline_tables_keys_are_named_with_their_line(tmp_path):
+    # Each of these named no line, or the array's first line (found by a review).
+    cases = {
+        "# top\n'queue'.'workers' = \"x\"\n": "[queue] workers (line 2): must be a whole",
+        '# top\n[ "queue" ]\nworkers = "x"\n': "[queue] workers (line 3): must be a whole",
+        "[queue]\nworkers = 2\n\n[queue.extra]\nx = 1\n": "[queue] extra (line 4): unknown",
+        '[queue]\nworkers = 2\nextra.x = 1\n': "[queue] extra (line 3): unknown key",
+        'listen = [\n  { host = "127.0.0.1", port = 1 },  # "{ a }"\n'
+        '\n  { host = "127.0.0.1", port = "x" },\n]\n': "#2 port (line 4): must be a port",
+        'listen = [{ host = "127.0.0.1", port = 1 },\n  { host = "{", portz = 2 }]\n':
+            "#2 portz (line 2): unknown key",
+    }
+    for text, said in cases.items():
+        assert said in config_error(tmp_path, text), text
+
+
 def test_unknown_key_in_a_listener(tmp_path):
     message = config_error(tmp_path, '[[listen]]\nname = "a"\nadress = "127.0.0.1"\nport = 1\n')
     assert "[[listen]] #1" in message and "adress" in message and "line 3" in message
