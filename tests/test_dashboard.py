@@ -154,6 +154,23 @@ def test_an_empty_chart_says_why(make_service: Callable[..., ServiceProcess]) ->
     assert "no finished jobs kept" in dom and "nothing waiting" in dom
 
 
+def test_a_job_due_next_year_shows_days_and_its_date(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    """A job delayed 400 days read "due in 9600.0 h (Mon 10:00)": its weekday, no date."""
+    svc = make_service("[http]\nenabled = true\nport = 0\n")
+    status, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "delay": 400 * 86400})
+    assert status == 201, job
+    due = time.localtime(job["run_at"])
+    dom = chromium("--dump-dom", svc.http_url + "/dashboard/")
+    jid = job["id"]
+    row = re.search(rf'<tr data-job="{jid}" class="job-waiting">(.*?)</tr>', dom, re.S)
+    assert row, dom[:3000]
+    shown = re.search(r'class="due"[^>]*>due in ([^<]*)<', row.group(1))
+    assert shown and re.fullmatch(r"(399|400) d \(.*\)", shown.group(1)), row.group(1)
+    assert str(due.tm_year) in shown.group(1) and str(due.tm_mday) in shown.group(1)
+
+
 def test_dashboard_asks_for_the_token(make_service: Callable[..., ServiceProcess]) -> None:
     svc = make_service('[http]\nenabled = true\nport = 0\ntoken = "t0k-t0k-t0k"\n')
     dom = chromium("--dump-dom", svc.http_url + "/dashboard/")

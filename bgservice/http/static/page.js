@@ -82,7 +82,9 @@ function ago(seconds) {
   if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
   if (seconds < 120) return `${seconds.toFixed(1)} s`;
   if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
-  return `${(seconds / 3600).toFixed(1)} h`;
+  if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h`;
+  // Days past two (a job delayed a year read "8760.0 h"), as the CLI writes them ("d").
+  return `${Math.round(seconds / 86400).toLocaleString()} d`;
 }
 
 // A long error scrolls in its box; a button shows it whole.
@@ -95,17 +97,28 @@ function errorBox(text) {
   return el("div", {}, pre, more);
 }
 
+// A time of day, with its weekday within the week around today, else with its date (and
+// its year, if not this year's): a job due in a month once read as "Mon 10:00".
 function shortClock(at) {
-  const sameDay = at.toDateString() === new Date().toDateString();
-  return sameDay ? at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
-    : at.toLocaleString([], { weekday: "short", hour: "2-digit", minute: "2-digit" });
+  const now = new Date();
+  if (at.toDateString() === now.toDateString()) {
+    return at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+  const near = Math.abs(at - now) < 6 * 86400 * 1000;
+  return at.toLocaleString([], near ? { weekday: "short", hour: "2-digit", minute: "2-digit" }
+    : { ...yearIfNotThis(at), month: "short", day: "numeric", hour: "2-digit",
+      minute: "2-digit" });
 }
 
 function clock(when) {
   if (when === null || when === undefined) return "-";
-  return new Date(when * 1000).toLocaleString([], { weekday: "short", month: "short",
+  const at = new Date(when * 1000);
+  return at.toLocaleString([], { ...yearIfNotThis(at), weekday: "short", month: "short",
     day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
+
+const yearIfNotThis = (at) =>
+  (at.getFullYear() === new Date().getFullYear() ? {} : { year: "numeric" });
 
 // --- the busy-time chart ------------------------------------------------------------
 
