@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -225,6 +226,28 @@ def _die_with(service: int) -> None:
         os._exit(1)
 
 
+_guard: subprocess.Popen[bytes] | None = None  # (kept: not reaped, not warned of, at exit)
+
+
+def guard_group(fd: int) -> None:
+    """Start the guard of this worker's process group: a shell that reads ``fd``, a pipe
+    only the service writes to, and kills the group (itself included) when the pipe ends,
+    that is when the service does. The kernel kills a worker whose service was killed
+    (_die_with), but not the programs its calls started: they ran on, outside systemd's
+    cgroup clean-up. A shell, not a thread of this worker: a module's C code holding the
+    GIL would hold a thread back. (Without /bin/sh: no guard, as before.)"""
+    global _guard
+    try:
+        _guard = subprocess.Popen(
+            ["/bin/sh", "-c", "cat > /dev/null; kill -KILL 0"],
+            stdin=fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _watch(service: int) -> None:
     while os.getppid() == service:
         time.sleep(1)
@@ -248,6 +271,8 @@ def _unheeded(signum: int, frame: Any) -> None:
 
 def main() -> None:
     _die_with(int(sys.argv[2]))
+    if len(sys.argv) > 3:
+        guard_group(int(sys.argv[3]))
     # Ctrl-C in a terminal signals the whole process group, and systemd's default stop
     # (KillMode=control-group) sends SIGTERM to every process of the unit: the service
     # decides when workers stop (it lets calls in flight finish), so they ignore both.

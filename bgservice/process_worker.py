@@ -64,21 +64,33 @@ class WorkerProcess:
         cls, folder: Path, name: str, on_exit: Callable[[WorkerProcess], None], grace: float
     ) -> WorkerProcess:
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(loop),
-            sys.executable, "-m", "bgservice.process_main", str(folder), str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-            env=_CHILD_ENV,
-            start_new_session=True,  # its own group: a kill takes what its calls started
-        )  # fmt: skip
+        # A pipe only the service writes to (its end is not inherited): it ends when the
+        # service does, even killed, and the worker's guard then kills the worker's group,
+        # programs its calls started included (bgservice.process_main.guard_group).
+        guard, keep = os.pipe()
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(loop),
+                sys.executable, "-m", "bgservice.process_main", str(folder), str(os.getpid()),
+                str(guard), pass_fds=(guard,),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+                env=_CHILD_ENV,
+                start_new_session=True,  # its own group: a kill takes what its calls started
+            )  # fmt: skip
+        except BaseException:
+            os.close(keep)
+            raise
+        finally:
+            os.close(guard)
         proc = asyncio.subprocess.Process(transport, protocol, loop)
-        return cls(proc, protocol.exited, name, on_exit, grace)
+        return cls(proc, protocol.exited, name, on_exit, grace, keep)
 
     def __init__(
         self, proc: asyncio.subprocess.Process, exited: asyncio.Future[None], name: str,
-        on_exit: Callable[[WorkerProcess], None], grace: float = 10.0,
+        on_exit: Callable[[WorkerProcess], None], grace: float = 10.0, guard: int = -1,
     ) -> None:  # fmt: skip
         self.proc = proc
+        self.guard = guard  # the service's end of the guard's pipe (-1: none)
         self.exited = exited  # done once the process has exited (its pipe may stay open)
         self.name = name  # the module it serves
         self.on_exit = on_exit  # its pool hears of the process's end
@@ -114,6 +126,9 @@ class WorkerProcess:
         await asyncio.wait({reading, self.exited}, return_when=asyncio.FIRST_COMPLETED)
         await self.exited  # (its pipe closed: it has exited, or is about to)
         self._kill_leftovers()
+        if self.guard >= 0:  # (its guard was in the group: gone with it)
+            os.close(self.guard)
+            self.guard = -1
         if not reading.done():  # the leftovers are dying: the pipe closes with them
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reading), self.grace)

@@ -150,6 +150,63 @@ def test_a_busy_worker_dies_with_a_killed_service(modules_dir, make_service):
         wait_until(lambda: not _alive(pid))
 
 
+def test_programs_a_call_started_die_with_a_killed_service(modules_dir, make_service):
+    # The kernel killed the worker (PR_SET_PDEATHSIG), but a program its call started ran
+    # on (documented as a limit outside systemd, until the worker's group had a guard).
+    write_module(modules_dir, "spawns", """
+        import subprocess, time
+        from pathlib import Path
+        EXECUTION = "process"
+        TIMEOUT = 300
+        def handle_tcp(request):
+            child = subprocess.Popen(["sleep", "300"])
+            Path(__file__).with_name("child.pid").write_text(str(child.pid))
+            time.sleep(120)
+    """)  # fmt: skip
+    svc = make_service()
+    with socket.create_connection(svc.tcp, timeout=30) as client:
+        client.sendall(b"spawns:x")
+        client.shutdown(socket.SHUT_WR)
+        pid_file = modules_dir / "child.pid"
+        child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+        assert _alive(child)
+        svc.signal(signal.SIGKILL)
+        svc.wait()
+        wait_until(lambda: not _alive(child))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_recycled_worker_takes_its_guard_along(modules_dir, make_service):
+    # The guard (a shell waiting for the service's end) is in the worker's group: a
+    # worker that ends (here recycled after one call) leaves no guard behind.
+    write_module(modules_dir, "ppid", """
+        import os
+        EXECUTION = "process"
+        def handle_tcp(request):
+            return str(os.getpid())
+    """)  # fmt: skip
+    svc = make_service("[workers]\nmax_calls = 1\n")
+    worker = int(svc.call(b"ppid:x"))
+    guards = wait_until(lambda: [
+        pid for pid in _children(worker)
+        if b"kill -KILL 0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ])  # fmt: skip
+    wait_until(lambda: not _alive(worker))
+    wait_until(lambda: not any(_alive(pid) for pid in guards))
+    assert int(svc.call(b"ppid:x")) != worker  # (and the next worker serves)
+
+
 def test_add_job_failing_unexpectedly_is_the_handlers_error(modules_dir, make_service):
     write_module(
         modules_dir,
