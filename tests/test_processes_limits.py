@@ -136,18 +136,22 @@ def handle_tcp(request):
 """
 
 
-def test_a_busy_worker_dies_with_a_killed_service(modules_dir, make_service):
-    write_module(modules_dir, "busy", BUSY)
-    svc = make_service()
+def _dies_with_a_killed_service(svc: Any, request: bytes, pid_file: Path) -> None:
+    """Kill the service (SIGKILL) while ``request`` runs; the process whose pid the call
+    wrote to ``pid_file`` must end too."""
     with socket.create_connection(svc.tcp, timeout=30) as client:
-        client.sendall(b"busy:x")
+        client.sendall(request)
         client.shutdown(socket.SHUT_WR)
-        pid_file = modules_dir / "busy.pid"
         pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
         assert _alive(pid)
         svc.signal(signal.SIGKILL)
         svc.wait()
         wait_until(lambda: not _alive(pid))
+
+
+def test_a_busy_worker_dies_with_a_killed_service(modules_dir, make_service):
+    write_module(modules_dir, "busy", BUSY)
+    _dies_with_a_killed_service(make_service(), b"busy:x", modules_dir / "busy.pid")
 
 
 def test_programs_a_call_started_die_with_a_killed_service(modules_dir, make_service):
@@ -163,16 +167,7 @@ def test_programs_a_call_started_die_with_a_killed_service(modules_dir, make_ser
             Path(__file__).with_name("child.pid").write_text(str(child.pid))
             time.sleep(120)
     """)  # fmt: skip
-    svc = make_service()
-    with socket.create_connection(svc.tcp, timeout=30) as client:
-        client.sendall(b"spawns:x")
-        client.shutdown(socket.SHUT_WR)
-        pid_file = modules_dir / "child.pid"
-        child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
-        assert _alive(child)
-        svc.signal(signal.SIGKILL)
-        svc.wait()
-        wait_until(lambda: not _alive(child))
+    _dies_with_a_killed_service(make_service(), b"spawns:x", modules_dir / "child.pid")
 
 
 def _children(pid: int) -> list[int]:
