@@ -1,7 +1,8 @@
 """What a file in the modules folder is (``classify``: a module, a helper, neither) and
 what a module file declares, checked once it has imported: its handlers, ``ACCEPTS``,
 ``TIMEOUT``, ``EXECUTION`` and ``PROCESSES`` (docs/modules.md); how a failed import is
-described; and whether a new save may replace the version serving now."""
+described, and a misnamed file or a module named like a command warned of; and whether a
+new save may replace the version serving now."""
 
 from __future__ import annotations
 
@@ -42,6 +43,19 @@ def classify(filename: str) -> tuple[str, str] | None:
     if filename.lower().endswith(".py") and not filename.startswith("."):
         return "misnamed", filename
     return None
+
+
+# What a start logs and ``serve --check`` warns of, worded here once for both (registry.py,
+# preflight.py): two copies of a message drift, and the check must say what the log will.
+def misnamed_file_warning(filename: str) -> str:
+    """A ``.py`` file ``classify`` calls misnamed: no request can reach it."""
+    return f"ignoring {filename}: not a module name (docs/modules.md)"
+
+
+def reserved_name_warning(name: str) -> str:
+    """A module named like a service command (``queue``, ``service``): the service answers
+    ``NAME:...`` itself, so the module loads and is never called."""
+    return f"module {name}: never called ({name}:... is the service's): rename it"
 
 
 class ModuleLoadError(Exception):

@@ -3,8 +3,8 @@ load, found without starting, as ``nginx -t`` or ``sshd -t`` do before a restart
 
 serve itself has already read the configuration (the file and the options, every key
 checked) and the modules folder when this runs. Here: each module is imported as the
-service imports it (its top level runs, its declarations are checked), each with the
-service's import timeout, what they print going to stderr; the log file, the queue
+service imports it (its top level runs, its declarations are checked), all at once within
+the service's import timeout, what they print going to stderr; the log file, the queue
 database's folder and the Unix sockets' folders must be writable where they are named
 (nothing is created or opened), a socket's path short enough for its address. Nothing
 listens, no job runs, Redis is not connected to: a port in use or Redis away still fails
@@ -17,11 +17,17 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from bgservice.config import Listener, Settings
 from bgservice.config_checks import redact_url
-from bgservice.declarations import ModuleLoadError, classify
+from bgservice.declarations import (
+    ModuleLoadError,
+    classify,
+    misnamed_file_warning,
+    reserved_name_warning,
+)
 from bgservice.execution import RESERVED
 from bgservice.queue.sqlite_schema import lock_path
 from bgservice.registry import import_module_file, install_package
@@ -31,11 +37,10 @@ UNIX_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less it
 
 def warnings(settings: Settings, loaded: list[str]) -> list[str]:
     """What a start would warn of but run with (as ``nginx -t``'s ``[warn]`` lines)."""
-    found = [f"{path.name}: not a module name, ignored (docs/modules.md)"
-             for path in sorted(settings.modules.iterdir())
+    # Worded as the start logs them (declarations.py), so the two never drift apart.
+    found = [misnamed_file_warning(path.name) for path in sorted(settings.modules.iterdir())
              if (kind := classify(path.name)) and kind[0] == "misnamed"]  # fmt: skip
-    found += [f"module {name}: never called ({name}:... is the service's): rename it"
-              for name in loaded if name in RESERVED]  # fmt: skip
+    found += [reserved_name_warning(name) for name in loaded if name in RESERVED]
     if settings.alerts.module and settings.alerts.module not in loaded:
         found.append(f"[alerts] module {settings.alerts.module!r} is not among the modules")
     found += [f"schedule {s.name}: module {s.module!r} is not among the modules"
@@ -54,7 +59,8 @@ def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
     for listener in settings.listeners:
         found += [problem for path in (listener.unix, listener.unix_dgram) if path
                   for problem in _socket_path(Path(path))]  # fmt: skip
-    # What modules print as they import goes to stderr: stdout is the summary's.
+    # What modules print as they import goes to stderr: stdout is the summary's. Once around
+    # all the imports: sys.stdout is the process's, not a thread's.
     with contextlib.redirect_stdout(sys.stderr):
         loaded, failed = _import_all(settings.modules, settings.reload_import_timeout)
     return loaded, found + failed
@@ -120,23 +126,35 @@ def _socket_path(path: Path) -> list[str]:
 
 
 def _import_all(folder: Path, timeout: float) -> tuple[list[str], list[str]]:
+    """Every module imported at once, one ``timeout`` for them all: one at a time, each hung
+    import cost a whole ``import_timeout`` before the check answered. Different modules
+    import safely in parallel (the import lock is per module), as at start (registry.py)."""
     install_package(folder)  # (helpers: ``from . import _x``)
+    started = [(name, path, _start_import(name, path)) for name, path in _modules(folder)]
+    deadline = time.monotonic() + timeout
     loaded, failed = [], []
-    for path in sorted(folder.iterdir()):
-        kind = classify(path.name)
-        if kind is None or kind[0] != "module" or not path.is_file():
-            continue
-        error = _import(kind[1], path, timeout)
-        if error is None:
-            loaded.append(kind[1])
+    for name, path, (thread, outcome) in started:  # (in the folder's order, whichever ends first)
+        thread.join(max(deadline - time.monotonic(), 0.0))
+        if not (ended := outcome[:1]):
+            failed.append(f"module {name}: {path.name}: still importing after {timeout:g} s "
+                          "([reload] import_timeout)")  # fmt: skip
+        elif ended[0] is None:
+            loaded.append(name)
         else:
-            failed.append(f"module {kind[1]}: {error}")
+            failed.append(f"module {name}: {ended[0]}")
     return loaded, failed
 
 
-def _import(name: str, path: Path, timeout: float) -> str | None:
-    """The error a load of ``path`` would log, or None. In a daemon thread, as the
-    service's loader imports: a module hung at import must not hang the check."""
+def _modules(folder: Path) -> list[tuple[str, Path]]:
+    found = [(path, classify(path.name)) for path in sorted(folder.iterdir())]
+    return [(kind[1], path) for path, kind in found
+            if kind and kind[0] == "module" and path.is_file()]  # fmt: skip
+
+
+def _start_import(name: str, path: Path) -> tuple[threading.Thread, list[str | None]]:
+    """A load of ``path`` started in a daemon thread, as the service's loader imports: a
+    module hung at import must not hang the check. Its list gets the error the load would
+    log, or None, once the import has ended."""
     outcome: list[str | None] = []
 
     def run() -> None:
@@ -148,7 +166,4 @@ def _import(name: str, path: Path, timeout: float) -> str | None:
 
     thread = threading.Thread(target=run, name=f"check {name}", daemon=True)
     thread.start()
-    thread.join(timeout)
-    if not outcome:
-        return f"{path.name}: still importing after {timeout:g} s ([reload] import_timeout)"
-    return outcome[0]
+    return thread, outcome

@@ -6,9 +6,8 @@ version replace the old one. Calls already running keep the old version; its unl
 runs once the last of them has finished. A file that fails to import leaves the last good
 version serving and records the error, which a module that never loaded answers with.
 
-Files: ``NAME.py`` is module ``NAME``; ``_NAME.py`` is a helper that modules import with
-``from . import _NAME`` (they live in the package ``bgservice_modules``); other files are
-ignored, another ``.py`` one (``a.b.py``) with a line in the log, editors' files silently.
+Files (``declarations.classify``): ``NAME.py`` is module ``NAME``, ``_NAME.py`` a helper that
+modules import with ``from . import _NAME`` (package ``bgservice_modules``); others ignored.
 """
 
 from __future__ import annotations
@@ -36,7 +35,9 @@ from bgservice.declarations import (
     declarations,
     describe_failure,
     handler,
+    misnamed_file_warning,
     queue_from,
+    reserved_name_warning,
     serves,
 )
 from bgservice.events import MODULE_FAILED, MODULE_RELOADED, MODULE_REMOVED, Events
@@ -155,8 +156,7 @@ class _HelperFinder(importlib.abc.MetaPathFinder):
 
 def install_package(folder: Path) -> None:
     """Make ``bgservice_modules`` (the modules folder) importable, helpers included."""
-    for finder in [f for f in sys.meta_path if isinstance(f, _HelperFinder)]:
-        sys.meta_path.remove(finder)
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _HelperFinder)]
     sys.meta_path.insert(0, _HelperFinder(folder))
     package = types.ModuleType(PACKAGE, "Modules loaded by bgservice.")
     package.__path__ = [str(folder)]
@@ -227,8 +227,7 @@ class Registry:
         self.folder = folder.resolve()
         self.builtins = frozenset(builtins)  # request names the service answers itself
         self._events = events
-        # Imports run on daemon threads, one at a time but at start: one that never returns is
-        # given up after ``import_timeout``, another thread takes the next (no exit waits).
+        # An import running longer is given up; its daemon thread (LOADERS) holds up no exit.
         self.import_timeout = import_timeout
         self._loader = CallThreads(LOADERS, spare=0, name="bgservice-loader")
         self._entries: dict[str, ModuleEntry] = {}
@@ -289,7 +288,7 @@ class Registry:
         # Said once per name: else a module saved under a typo'd name just answered 400.
         if filename not in self._misnamed and (self.folder / filename).is_file():
             self._misnamed.add(filename)
-            log.info("ignoring %s: not a module name (docs/modules.md)", filename)
+            log.info(misnamed_file_warning(filename))
 
     async def _helper_changed(self, helper: str) -> None:
         # Unchanged bytes (a touch, the rescan after start) do nothing; created or deleted count.
@@ -339,7 +338,7 @@ class Registry:
         if old is None:
             log.log(self._new, "module %s loaded", name)
             if name in self.builtins:  # execution.RESERVED: over TCP, UDP or as a queued job
-                log.warning(f"module {name}: never called ({name}:... is the service's): rename it")
+                log.warning(reserved_name_warning(name))
         else:
             entry.reloads += 1
             log.info("module %s reloaded", name)

@@ -20,14 +20,16 @@ def site(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def check(folder: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
+def check(
+    folder: Path, config: str, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     (folder / "service.config").write_text(f'modules = "{folder / "modules"}"\n{config}')
     return subprocess.run(
         [sys.executable, str(REPO / "service.py"), "--check", "-c", "service.config", *args],
         cwd=folder,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
     )
 
 
@@ -72,6 +74,22 @@ def test_a_module_hung_at_import_is_named_and_the_check_still_ends(site):
     done = check(site, "[reload]\nimport_timeout = 0.5\n")
     assert done.returncode == 2
     assert "module hangs: hangs.py: still importing after 0.5 s" in done.stderr
+
+
+def test_modules_hung_at_import_cost_one_import_timeout_together(site):
+    # Found by review: imported one at a time, each hung module cost a whole import_timeout
+    # (these four: 12 s) before the check answered. Together they cost about one (3 s): the
+    # timeout below is the bound, its TimeoutExpired the failure.
+    names = [f"hangs{n}" for n in range(4)]
+    for name in names:
+        write_module(site / "modules", name, "import time\ntime.sleep(3600)\n")
+    done = check(site, "[reload]\nimport_timeout = 3\n", timeout=9)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [  # each named, in the folder's order
+        *(f"bgservice: check: module {name}: {name}.py: still importing after 3 s "
+          "([reload] import_timeout)" for name in names),
+        "bgservice: check failed: 4 problem(s)",
+    ]  # fmt: skip
 
 
 def test_a_log_file_or_database_that_cannot_be_written_is_named(site):
@@ -135,9 +153,26 @@ def test_what_a_start_would_warn_of_is_said_and_the_check_passes(site):
                  '[[schedule]]\nname = "nightly"\nmodule = "nomod"\nevery = 60\n')  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [
-        "bgservice: check: warning: a.b.py: not a module name, ignored (docs/modules.md)",
+        "bgservice: check: warning: ignoring a.b.py: not a module name (docs/modules.md)",
         "bgservice: check: warning: module queue: never called (queue:... is the service's):"
         " rename it",
         "bgservice: check: warning: [alerts] module 'nosuch' is not among the modules",
         "bgservice: check: warning: schedule nightly: module 'nomod' is not among the modules",
     ]
+
+
+def test_the_check_warns_in_the_words_a_start_logs(site, make_service):
+    # Found by review: the check worded these warnings in its own text, a copy of the
+    # start's that drifted ("a.b.py: not a module name, ignored" against "ignoring a.b.py:
+    # not a module name"): the check must say what the log will.
+    modules = site / "modules"
+    write_module(modules, "service", "def handle_tcp(request):\n    return 'x'\n")
+    (modules / "a.b.py").write_text("def handle_tcp(request):\n    return 'x'\n")
+    done = check(site, "")
+    assert done.returncode == 0, done.stderr
+    said = [line.removeprefix("bgservice: check: warning: ") for line in done.stderr.splitlines()]
+    assert len(said) == 2 and "a.b.py" in said[0] and "module service" in said[1], said
+    svc = make_service("[reload]\nimport_timeout = 5\n", root=site)  # the same modules folder
+    logged = svc.log().splitlines()  # (both logged before it is ready, as the check runs)
+    for text in said:
+        assert any(line.endswith(f": {text}") for line in logged), (text, logged)
