@@ -68,6 +68,11 @@ class Stats:
     udp_received: int = 0
     udp_dropped: int = 0
     http_waiting: int = 0  # GET /api/v1/jobs/{id}?wait= requests waiting now (/metrics only)
+    # HTTP requests answered, (route template, method, code) -> count, and route -> their
+    # seconds (/metrics only: bgservice.http.site keeps both, its labels bounded). The
+    # jobs' buckets: a ?wait= request is held up to [http] max_wait, 300 s by default.
+    http_requests: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    http_durations: Histogram = field(default_factory=lambda: Histogram(JOB_BUCKETS))
     reloads: int = 0
     reload_failures: int = 0
     lag_ms: float = 0.0

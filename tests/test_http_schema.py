@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema  # the test extra: a missing one must fail, not skip
 import pytest
 import referencing
-from conftest import ServiceProcess
+from conftest import ServiceProcess, wait_until
 
 from bgservice.http.openapi import FILE as OPENAPI
 
@@ -22,9 +22,9 @@ DOCUMENT: dict[str, Any] = json.loads(OPENAPI.read_text())
 BIG = 2**63  # one past SQLite's INTEGER
 
 
-def _validator(schema: dict[str, Any]) -> Any:
+def _validator(schema: dict[str, Any], document: dict[str, Any] = DOCUMENT) -> Any:
     resource = referencing.Resource.from_contents(
-        DOCUMENT, default_specification=referencing.jsonschema.DRAFT202012
+        document, default_specification=referencing.jsonschema.DRAFT202012
     )
     registry = referencing.Registry().with_resource("urn:openapi", resource)
     # The document's own references ("#/components/...") resolve against the document.
@@ -130,6 +130,13 @@ CASES = [
     ("GET", f"{API}/modules?x=1", None),
     ("POST", f"{API}/jobs", {"module": "echo", "unique": ""}),  # taken for no key
     ("POST", f"{API}/jobs", {"module": "echo", "tags": []}),
+    # null is "not given" for a job's options and data (the document said no).
+    ("POST", f"{API}/jobs", {"module": "echo", "priority": None, "after": None}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": None, "unique": None}),
+    ("POST", f"{API}/jobs", {"module": "echo", "data": None}),
+    ("POST", f"{API}/jobs", {"module": None}),
+    ("POST", f"{API}/schedules", {"name": None, "module": "echo", "every": 60}),
+    ("POST", f"{API}/schedules", {"name": "n", "module": None, "every": 60}),
 ]
 
 
@@ -160,3 +167,49 @@ def test_the_checker_itself_knows_valid_from_invalid() -> None:
     assert documented_valid("POST", f"{API}/jobs", {"module": "echo", "data": "x"})
     assert not documented_valid("POST", f"{API}/jobs", {"module": "echo", "colour": "red"})
     assert not documented_valid("GET", f"{API}/jobs?limit=5&colour=red")
+
+
+# The optional fields the service refuses as null (none now), for all that its document
+# declares.
+NOT_NULL: dict[str, set[str]] = {"NewJob": set(), "NewSchedule": set()}
+
+
+def _all_null(document: dict[str, Any], schema: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given``, and every other optional field of ``schema`` that may be null, null."""
+    declared = document["components"]["schemas"][schema]
+    optional = set(declared["properties"]) - set(declared["required"]) - NOT_NULL[schema]
+    return {**dict.fromkeys(sorted(optional - set(given))), **given}
+
+
+def _body_schema(document: dict[str, Any], path: str) -> Any:
+    operation = document["paths"][path]["post"]
+    return _validator(operation["requestBody"]["content"]["application/json"]["schema"],
+                      document)  # fmt: skip
+
+
+def test_a_null_option_is_served_and_documented_as_not_given(svc: ServiceProcess) -> None:
+    """null for an optional field was taken as "not given" while the document called it
+    invalid: a generated client, or a validator, refused requests the service serves."""
+    status, served, _ = svc.http("GET", f"{API}/openapi.json")
+    assert status == 200
+    job = _all_null(served, "NewJob", {"module": "echo", "data": "x"})
+    assert len(job) == 14 and job["priority"] is None and job["after"] is None
+    status, added, _ = svc.http("POST", f"{API}/jobs", job)
+    assert (status, added["priority"], added["tags"], added["name"]) == (201, 0, [], None)
+    assert _body_schema(served, f"{API}/jobs").is_valid(job)
+    timings = [("every", 60), ("cron", "0 * * * *")]  # one of them: the other null
+    for n, (key, timing) in enumerate(timings):
+        schedule = _all_null(served, "NewSchedule", {"name": f"n{n}", "module": "echo",
+                                                     key: timing})  # fmt: skip
+        assert len(schedule) == 12 and schedule["missed"] is None
+        status, made, _ = wait_until(lambda s=schedule: (r := svc.http(
+            "POST", f"{API}/schedules", s)) and r[0] != 503 and r)  # fmt: skip
+        assert (status, made[key], made["tz"], made["paused"]) == (201, timing, "UTC", False)
+        assert _body_schema(served, f"{API}/schedules").is_valid(schedule)
+    # The required fields stay non-null in both; a job's null data is empty data.
+    status, added, _ = svc.http("POST", f"{API}/jobs", {**job, "data": None})
+    assert status == 201 and _body_schema(served, f"{API}/jobs").is_valid({**job, "data": None})
+    for path, body in [(f"{API}/jobs", {**job, "module": None}),
+                       (f"{API}/schedules", {**schedule, "name": None})]:  # fmt: skip
+        assert not _body_schema(served, path).is_valid(body)
+        assert svc.http("POST", path, body)[0] == 400

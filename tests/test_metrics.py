@@ -199,3 +199,47 @@ def test_workers_held_past_a_jobs_timeout_are_a_gauge(
     assert value(samples, "bgservice_queue_jobs", state="running") == 0
     go.touch()
     wait_until(lambda: value(scrape(svc), "bgservice_queue_workers_held") == 0)
+
+
+def test_http_requests_are_counted_by_route_template_method_and_code(
+    svc: ServiceProcess,
+) -> None:
+    _, job, _ = svc.http("POST", "/api/v1/jobs", {"module": "echo", "data": "x"})
+    assert svc.http("GET", f"/api/v1/jobs/{job['id']}?wait=10")[0] == 200
+    assert svc.http("GET", f"/api/v1/jobs/{job['id'] + 1000}")[0] == 404  # no such job
+    assert svc.http("GET", "/api/v1/nowhere")[0] == 404  # no route at all
+    samples = scrape(svc)
+    total, one = "bgservice_http_requests_total", "/api/v1/jobs/{id}"
+    assert value(samples, total, route="/api/v1/jobs", method="POST", code="201") == 1
+    assert value(samples, total, route=one, method="GET", code="200") == 1
+    assert value(samples, total, route=one, method="GET", code="404") == 1
+    assert value(samples, total, route="unmatched", method="GET", code="404") == 1
+    seconds = "bgservice_http_request_seconds"
+    assert value(samples, f"{seconds}_count", route=one) == 2
+    assert value(samples, f"{seconds}_bucket", route=one, le="+Inf") == 2
+    assert value(samples, f"{seconds}_sum", route=one) > 0
+    assert value(samples, f"{seconds}_count", route="unmatched") == 1
+    # The scrape before counts as the next one reads it.
+    assert value(scrape(svc), total, route="/metrics", method="GET", code="200") == 1
+
+
+def test_no_http_label_holds_a_job_id_a_path_or_a_method_sent(svc: ServiceProcess) -> None:
+    """Labels are series: a job id, a path or a made-up method in them would let any
+    client grow /metrics without bound."""
+    ids = [svc.http("POST", "/api/v1/jobs", {"module": "echo", "delay": 60})[1]["id"]
+           for _ in range(3)]  # fmt: skip
+    for jid in [*ids, 987654321]:
+        svc.http("GET", f"/api/v1/jobs/{jid}")
+        svc.http("POST", f"/api/v1/jobs/{jid}:cancel")
+    assert svc.http("GET", "/nowhere-123456789")[0] == 404
+    assert svc.http("PROPFIND", "/api/v1/jobs")[0] == 405  # WebDAV's: aiohttp takes it
+    samples = scrape(svc)
+    labels = [dict(pairs) for name, pairs in samples if name.startswith("bgservice_http_req")]
+    routes = {"/api/v1/jobs", "/api/v1/jobs/{id}", "/api/v1/jobs/{id}:cancel", "unmatched"}
+    assert {row["route"] for row in labels} == routes
+    assert {row["method"] for row in labels if "method" in row} == {"GET", "POST", "other"}
+    assert {row["code"] for row in labels if "code" in row} == {"200", "201", "404", "405"}
+    total = "bgservice_http_requests_total"
+    assert value(samples, total, route="/api/v1/jobs/{id}:cancel", method="POST",
+                 code="404") == 1  # fmt: skip
+    assert value(samples, total, route="unmatched", method="other", code="405") == 1

@@ -84,7 +84,7 @@ class HttpApi:
         queue: JobQueue,
         metrics: Metrics,
         events: Events,
-        stats: Stats,  # http_waiting: the ?wait= requests open (for /metrics)
+        stats: Stats,  # for /metrics: http_waiting (?wait= requests open), http_requests
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -139,7 +139,7 @@ class HttpApi:
 
     def _make_app(self) -> web.Application:
         app = web.Application(  # (aiohttp's access log is off: RequestLog says more)
-            middlewares=[RequestLog().middleware, self._errors, self._guard],
+            middlewares=[RequestLog(self.stats).middleware, self._errors, self._guard],
             client_max_size=self.settings.limits.max_request_bytes,
         )
         app.on_response_prepare.append(add_headers)  # framing, sniffing, caching: replies.py

@@ -139,6 +139,10 @@ _SCHEDULE_TYPES: dict[str, type | tuple[type, ...]] = {
     "paused": bool,
 }  # fmt: skip
 SCHEDULE_FIELDS = frozenset(_SCHEDULE_TYPES) | {"every"} | SCHEDULE_OPTIONS
+# The fields a schedule cannot be without, the only ones the document does not let be
+# null: dropped as "not given" with the others, a null name reached make_schedule as
+# none at all and was refused as "got ''", a name the client never sent.
+SCHEDULE_REQUIRED = ("name", "module")
 
 
 def schedule_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -148,6 +152,10 @@ def schedule_body(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     if unknown:
         fields = ", ".join(sorted(SCHEDULE_FIELDS))
         raise BadRequest(f"unknown field {unknown[0][:40]!r} (fields: {fields})")
+    for key in SCHEDULE_REQUIRED:
+        if body.get(key) is None:
+            given = "got null" if key in body else "not given"
+            raise BadRequest(f"field {key}: required, {given}")
     values = {key: value for key, value in body.items() if value is not None}  # null: not given
     for key, value in values.items():
         wanted = _SCHEDULE_TYPES.get(key)
@@ -211,7 +219,9 @@ def _tag(item: Any) -> str:
 
 
 def _add_data(body: dict[str, Any]) -> bytes:
-    """The job's data: ``data`` (text) or ``data_base64`` (bytes), not both."""
+    """The job's data: ``data`` (text) or ``data_base64`` (bytes), not both; null is not
+    given (empty data), as for every optional field and a schedule's data."""
+    body = {key: body[key] for key in ("data", "data_base64") if body.get(key) is not None}
     if "data_base64" in body and "data" in body:
         raise BadRequest("fields data and data_base64: give one, not both")
     if "data_base64" not in body:

@@ -63,6 +63,7 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._requests()
+        yield from self._http()
         yield from self._service()
         yield from self._modules()
         yield from self._queue_metrics()
@@ -101,6 +102,24 @@ class Metrics(Collector):
         for module, n in s.in_flight.items():
             in_flight.add_metric([module], n)
         yield in_flight
+
+    def _http(self) -> Iterator[Metric]:
+        """The HTTP API's own requests (bgservice.http.site counts them): by the route's
+        template, never the path, so that job ids do not make a series each."""
+        s = self.stats
+        requests = CounterMetricFamily(
+            f"{NS}_http_requests", "HTTP requests answered, by route template, method and "
+            "status code.", labels=["route", "method", "code"],
+        )  # fmt: skip
+        for key, n in s.http_requests.items():
+            requests.add_metric(list(key), n)
+        yield requests
+        yield _histogram(
+            f"{NS}_http_request_seconds",
+            "Time to answer an HTTP request (its head read to its reply made), by route.",
+            ["route"],
+            s.http_durations,
+        )
 
     def _service(self) -> Iterator[Metric]:
         s = self.stats

@@ -10,7 +10,8 @@ from a connection's opening; the body's is in api.py's guard.
 
 The log (``RequestLog``): with ``-v`` a debug line per request; always, an audit line
 per write (who added, cancelled, deleted what) and a warning per refused credential
-(a flood of them a line a minute).
+(a flood of them a line a minute). It also counts every request answered, by route,
+method and status, and its seconds by route, for /metrics (``Stats.http_requests``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from aiohttp.web_server import Server
 from bgservice.http.origins import SAFE_METHODS
 from bgservice.http.replies import PLAIN, error_response
 from bgservice.logs import Sparse
+from bgservice.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +123,28 @@ class LimitedSite(web.TCPSite):
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REFUSED = (401, 403)  # a credential, a peer, a Host or an Origin refused
+# The methods /metrics labels as they are (RFC 9110's and PATCH); others (WebDAV's, and
+# any token at all with aiohttp's pure-Python parser) count as one, "other": a label per
+# method sent would let any client grow the series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+                     "TRACE"})  # fmt: skip
+OTHER_METHOD = "other"  # (no method of METHODS is lower case)
+UNMATCHED = "unmatched"  # the route label of a request no route took (no template is)
 
 
 class RequestLog:
-    """aiohttp middleware (the outermost): one line per request as it ends. Reads ask
-    for a level check only unless refused; the token's name is logged, never its secret."""
+    """aiohttp middleware (the outermost): one line per request as it ends, and its count
+    and seconds in ``stats``. Reads ask for a level check only unless refused; the token's
+    name is logged, never its secret."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
         self._refusals = {code: Sparse(LOG_EVERY, partial(_more, code)) for code in REFUSED}
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         write = request.method not in SAFE_METHODS
-        start = time.perf_counter() if write or log.isEnabledFor(logging.DEBUG) else 0.0
+        start = time.perf_counter()
         try:
             response = await handler(request)
         except web.HTTPException as exc:  # a redirect, raised past the error middleware
@@ -145,15 +156,30 @@ class RequestLog:
     def _said(
         self, request: web.Request, response: web.StreamResponse, start: float, write: bool
     ) -> None:
-        status = response.status
+        status, seconds = response.status, time.perf_counter() - start
+        self._count(request, status, seconds)
         if status in REFUSED:
             if self._refusals[status].tick(time.monotonic()):  # (those held back: _more)
                 log.warning("HTTP %s: %d %s", _who(request), status, _message(response))
         elif write or log.isEnabledFor(logging.DEBUG):
-            took = (time.perf_counter() - start) * 1000
             made = response.headers.get("Location", "")  # an added job or schedule
             log.log(logging.INFO if write else logging.DEBUG, "HTTP %s: %d%s %.2fms",
-                    _who(request), status, f" {made}" if made else "", took)  # fmt: skip
+                    _who(request), status, f" {made}" if made else "",
+                    seconds * 1000)  # fmt: skip
+
+    def _count(self, request: web.Request, status: int, seconds: float) -> None:
+        """/metrics' bgservice_http_requests_total and bgservice_http_request_seconds."""
+        route = route_label(request)
+        method = request.method if request.method in METHODS else OTHER_METHOD
+        self.stats.http_requests[route, method, str(status)] += 1
+        self.stats.http_durations.observe((route,), seconds)
+
+
+def route_label(request: web.Request) -> str:
+    """The route's template (``/api/v1/jobs/{id}``), never the path: a label per job id
+    would be a series per job. A path no route takes (a 404, a 405) is ``unmatched``."""
+    resource = request.match_info.route.resource
+    return UNMATCHED if resource is None else resource.canonical
 
 
 def _who(request: web.Request) -> str:
