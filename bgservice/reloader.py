@@ -23,7 +23,8 @@ modules folder too). What inotify cannot say (a symlinked folder on the way repo
 ``releases/current``; a target's folder moved, replaced, or made for a dangling link) is
 looked for at the folder check. A poll needs none of it: its stat of the module file
 follows the link. Where inotify refuses a target's folder, the modules folder is polled
-as well.
+as well. Those watches are decided here, on the loop, and made and removed in that order
+by a thread of their own (watches.py: removing one blocks for milliseconds).
 
 The watch (and the registry) holds the folder found at start. A folder moved or deleted,
 or replaced by another under its name (``mv modules.new modules``, a symlink swap as deploy
@@ -39,9 +40,12 @@ its files every ``POLL`` seconds), said once in the log; the service starts eith
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from bgservice.registry import Registry, classify
+from bgservice.watches import Watches, started
 
 log = logging.getLogger(__name__)
 FOLDER_CHECK = 1.0  # seconds; inotify says nothing of a symlink swap, so a stat it is
@@ -89,6 +94,13 @@ class _Forward(FileSystemEventHandler):
                 self.loop.call_soon_threadsafe(self.touch, name)
 
 
+@dataclass(eq=False)  # told apart by identity: a folder unwatched, then watched again, is new
+class _Target:
+    """A folder links lead to, watched (or about to be), as it was when its watch was decided."""
+
+    identity: tuple[int, int]  # (device, inode): another folder under its name is not watched
+
+
 class Reloader:
     def __init__(self, folder: Path, registry: Registry, debounce_ms: float) -> None:
         self.folder = folder
@@ -98,7 +110,6 @@ class Reloader:
         self._first = 0.0  # when (loop time) the batch's first change came
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._observer: Any = None
         self._identity: tuple[int, int] | None = None  # the watched folder's (device, inode)
         self._replaced = False
         self._check: asyncio.TimerHandle | None = None
@@ -108,9 +119,10 @@ class Reloader:
         # Each of those files -> the module files linking through it. Read by watchdog's
         # thread, so never changed, only replaced whole.
         self._targets: dict[str, frozenset[str]] = {}
-        self._extra: dict[str, tuple[Any, tuple[int, int] | None]] = {}  # target folder -> watch
+        self._extra: dict[str, _Target] = {}  # the folders links lead to, watched or to be
+        self._watches: Watches | None = None  # makes and removes their watches, in order
+        self._stopped = False
         self._polling = False  # the modules folder polled: a link's target needs no watch
-        self._poller: Any = None  # polling it as well, for targets inotify cannot watch
 
     def start(self) -> None:
         if not self.folder.is_dir():
@@ -120,25 +132,24 @@ class Reloader:
         loop = asyncio.get_running_loop()
         self._forward = _Forward(loop, self._touch, self._where, self._linking, self._lost)
         try:
-            self._observer = self._watch(Observer())
+            observer = self._watch(Observer())
             log.info("watching %s for module changes", self.folder)
         except OSError as exc:  # EMFILE: "inotify instance limit reached"; ENOSPC: watches
-            self._observer = self._watch(PollingObserver(timeout=POLL))
+            observer = self._watch(PollingObserver(timeout=POLL))
             self._polling = True
             log.warning(
                 "cannot watch %s with inotify (%s): polling it every %g s instead (raise "
                 "fs.inotify.max_user_instances or max_user_watches to watch it)",
                 self.folder, exc.strerror or exc, POLL,
             )  # fmt: skip
+        self._watches = Watches(observer, self._forward)
         self._identity = _identity(self.folder)
         self._check = loop.call_later(FOLDER_CHECK, self._check_folder)
         self._rescan()
 
     def _watch(self, observer: Any) -> Any:
-        observer.schedule(self._forward, self._where, recursive=False)
-        observer.daemon = True
-        observer.start()
-        return observer
+        assert self._forward is not None
+        return started(observer, self._forward, self._where)
 
     def _check_folder(self) -> None:
         was, self._replaced = self._replaced, _identity(self.folder) != self._identity
@@ -166,8 +177,10 @@ class Reloader:
             self._touch(name)
 
     def _touch(self, name: str) -> None:
-        if self._replaced:
-            return  # events of the folder that went, whose names now mean the new one's files
+        if self._replaced or self._stopped:
+            # Events of the folder that went, whose names now mean the new one's files; or
+            # handed over as the service stopped: a batch would refresh a registry closing.
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
         if not self._batch:
@@ -183,7 +196,9 @@ class Reloader:
         batch, self._batch = self._batch, set()
         if _identity(self.folder) != self._identity:  # replaced since: its names are not ours
             return
-        self._follow(batch)  # before the registry reads them: a later edit is then seen
+        # Before the registry reads them: a later edit is then seen (what comes before a
+        # new watch is made is looked at again once it is: _watched).
+        self._follow(batch)
         task = asyncio.get_running_loop().create_task(self._refresh(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -210,36 +225,52 @@ class Reloader:
             for hop in hops:
                 targets.setdefault(hop, set()).add(name)
         self._targets = {hop: frozenset(linked) for hop, linked in targets.items()}
-        self._watch_targets(names)
+        self._watch_targets()
 
-    def _watch_targets(self, refreshing: set[str]) -> None:
+    def _watch_targets(self) -> None:
         """Watch the folders links lead to but the modules folder (watched already), and no
-        more the others. The modules linking into a folder newly watched are looked at
-        again (but those about to be): their file may have come before the watch."""
+        more the others: decided here, made and removed by the watches' thread."""
         wanted = set() if self._polling else {os.path.dirname(hop) for hop in self._targets}
         for folder in [f for f in self._extra if f not in wanted]:
-            self._observer.unschedule(self._extra.pop(folder)[0])  # (a few ms)
+            self._unwatch(folder)
         for folder in sorted(wanted - self._extra.keys() - {self._where}):
             if (identity := _identity(Path(folder))) is None:
                 continue  # a dangling link's missing folder: looked for at each check
-            try:
-                watch = self._observer.schedule(self._forward, folder, recursive=False)
-            except OSError as exc:  # inotify's limits again, as at start
-                self._poll_links(exc)
-                return self._watch_targets(refreshing)  # (unwatches all: the poll covers them)
-            self._extra[folder] = (watch, identity)
-            for name in self._linking_into({folder}) - refreshing:
-                self._touch(name)
+            target = self._extra[folder] = _Target(identity)
+            assert self._watches is not None
+            self._watches.watch(folder, functools.partial(self._watched, folder, target))
+
+    def _unwatch(self, folder: str) -> None:
+        del self._extra[folder]
+        assert self._watches is not None
+        self._watches.unwatch(folder)
+
+    def _watched(self, folder: str, target: _Target, error: OSError | None) -> None:
+        """The watch decided for ``folder`` made (``error`` None) or not. The modules linking
+        there are looked at again: their file may have changed before the watch began (or
+        went with its folder, when that is why it failed)."""
+        if self._extra.get(folder) is not target:
+            return  # unwatched since (and perhaps watched anew): that decision stands
+        if error is not None:
+            del self._extra[folder]  # (a folder gone is looked for again at each check)
+            if error.errno != errno.ENOENT:  # inotify's limits again, as at start
+                self._poll_links(error)
+        for name in self._linking_into({folder}):
+            self._touch(name)
 
     def _poll_links(self, exc: OSError) -> None:
         # Not the targets' folders: a poll stats every file of one, and a source tree is big.
+        if self._polling:
+            return
         self._polling = True
-        self._poller = self._watch(PollingObserver(timeout=POLL))
+        assert self._watches is not None
+        self._watches.poll(self._where, POLL)
         log.warning(
             "cannot watch the folders module symlinks lead to with inotify (%s): polling %s "
             "every %g s as well (raise fs.inotify.max_user_instances or max_user_watches to "
             "watch them)", exc.strerror or exc, self.folder, POLL,
         )  # fmt: skip
+        self._watch_targets()  # (unwatches them all: the poll covers them)
 
     def _lost(self, folder: str) -> None:
         if folder in self._extra:  # deleted: watchdog ended its watch (ext4 reuses the inode)
@@ -249,18 +280,20 @@ class Reloader:
         """What inotify cannot say: a link on the way repointed (a symlinked folder in the
         target: ``releases/current``), a target's folder moved or replaced (its watch follows
         the old one) or made. The modules linking there are looked at again, which follows them."""
-        moved = [f for f, (_, ident) in self._extra.items() if _identity(Path(f)) != ident]
+        if not self._links:
+            return  # (the usual folder, without links: nothing to read each second)
+        moved = [f for f, target in self._extra.items() if _identity(Path(f)) != target.identity]
         self._drop_watches(set(moved))
         for name, hops in list(self._links.items()):
             if _hops(os.path.join(self._where, name)) != hops:
                 self._touch(name)
-        self._watch_targets(set())
+        self._watch_targets()
 
     def _drop_watches(self, folders: set[str]) -> None:
         """Unwatch folders that went; the modules linking there, looked at again, are then
         dropped (their target gone) or watched where they lead now."""
         for folder in folders:
-            self._observer.unschedule(self._extra.pop(folder)[0])
+            self._unwatch(folder)
         for name in self._linking_into(folders):
             self._touch(name)
 
@@ -269,14 +302,14 @@ class Reloader:
         return set().union(*linking)
 
     async def stop(self) -> None:
+        self._stopped = True  # (events handed over meanwhile start no batch)
         if self._check is not None:
             self._check.cancel()
         if self._timer is not None:
             self._timer.cancel()
         self._batch.clear()
-        for observer in (o for o in (self._observer, self._poller) if o is not None):
-            observer.stop()
-            await asyncio.get_running_loop().run_in_executor(None, observer.join, 2.0)
+        if self._watches is not None:  # (every observer: their stop joins threads too)
+            await self._watches.close()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
 

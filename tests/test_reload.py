@@ -643,15 +643,23 @@ def test_a_symlinked_module_file_reloads_when_its_target_is_edited(tmp_path, mak
     assert "module m reloaded" in svc.log()
 
 
+def _two_releases(tmp_path, make_service, names, *args):
+    """Two release folders with a module m each (replying ``NAME1``), m linked to the
+    first's, a service started (``args``) and serving it: (svc, folders, files, link)."""
+    folders = [tmp_path / name for name in names]
+    files = []
+    for folder in folders:
+        folder.mkdir()
+        files.append(write_module(folder, "m", version(f"{folder.name}1")))
+    link = _linked_module(tmp_path, files[0])
+    svc = make_service("", *args)
+    assert svc.call(b"m:x") == f"{names[0]}1".encode()
+    return svc, folders, files, link
+
+
 def test_a_repointed_module_link_follows_its_new_target_only(tmp_path, make_service):
-    old_dir, new_dir = tmp_path / "release1", tmp_path / "release2"
-    old_dir.mkdir()
-    new_dir.mkdir()
-    old = write_module(old_dir, "m", version("old1"))
-    new = write_module(new_dir, "m", version("new1"))
-    link = _linked_module(tmp_path, old)
-    svc = make_service()
-    assert svc.call(b"m:x") == b"old1"
+    svc, (old_dir, new_dir), (old, new), link = _two_releases(
+        tmp_path, make_service, ("old", "new"))
     wait_until(lambda: old_dir.stat().st_ino in _watched_inodes(svc))
     _relink(link, new)
     wait_until(lambda: replies(svc, b"m:x", b"new1"))
@@ -763,3 +771,46 @@ def test_a_module_linked_to_another_file_of_the_folder_reloads_with_it(tmp_path,
     _settled(svc)
     real.write_text(version("v2"))
     wait_until(lambda: replies(svc, b"real:x", b"v2") and replies(svc, b"alias:x", b"v2"))
+
+
+def _watch_threads(svc) -> list[str]:
+    """The threads the watches of link targets were made and removed in (``-v`` lines)."""
+    return re.findall(r"watching \S+?(?:, where module symlinks lead)? \(in thread ([^)]+)\)$",
+                      svc.log(), re.M)  # fmt: skip
+
+
+def test_a_link_targets_watch_is_removed_off_the_event_loop(tmp_path, make_service):
+    # watchdog's unschedule joins the watch's thread: it ran on the event loop, which served
+    # nothing for those ~8 ms. Every watch change now runs in one thread of its own.
+    svc, (old_dir, new_dir), (_, new), link = _two_releases(
+        tmp_path, make_service, ("old", "new"), "-v")
+    svc.wait_for_log(f"watching {os.path.realpath(old_dir)}, where module symlinks lead")
+    _relink(link, new)
+    svc.wait_for_log(f"no longer watching {os.path.realpath(old_dir)} (in thread")
+    svc.wait_for_log(f"watching {os.path.realpath(new_dir)}, where module symlinks lead")
+    threads = _watch_threads(svc)
+    assert len(threads) == 3, svc.log()
+    assert "MainThread" not in threads  # (the event loop's)
+    assert len(set(threads)) == 1  # one thread: the changes of a folder land in their order
+    assert svc.stop() == 0
+    assert "Traceback" not in svc.log()
+
+
+def test_a_module_link_repointed_and_straight_back_watches_its_target(tmp_path, make_service):
+    # A -> B -> A in quick succession: A's watch removed, B's made, B's removed and A's made
+    # again, each after the one before (B's removal run before B's watch was made, or A's
+    # watch before A's removal, would leave B watched or A unwatched: A's edits unseen).
+    svc, (a_dir, b_dir), (a, b), link = _two_releases(tmp_path, make_service, ("a", "b"))
+    wait_until(lambda: a_dir.stat().st_ino in _watched_inodes(svc))
+    _relink(link, b)
+    wait_until(lambda: replies(svc, b"m:x", b"b1"))  # decided; the watches may be under way
+    _relink(link, a)
+    wait_until(lambda: replies(svc, b"m:x", b"a1"))
+    a_ino, b_ino = a_dir.stat().st_ino, b_dir.stat().st_ino
+    wait_until(lambda: a_ino in (watched := _watched_inodes(svc)) and b_ino not in watched)
+    a.write_text(version("a2"))
+    wait_until(lambda: replies(svc, b"m:x", b"a2"))
+    b.write_text(version("b2"))  # no longer followed
+    write_module(link.parent, "marker", version("seen"))  # a change after b's
+    wait_until(lambda: replies(svc, b"marker:x", b"seen"))
+    assert svc.call(b"m:x") == b"a2"
