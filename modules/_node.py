@@ -336,6 +336,12 @@ class NodeCompilers:
             stderr=asyncio.subprocess.PIPE,
             limit=STREAM_LIMIT,
             cwd=str(folder),
+            # A session of its own: a terminal's Ctrl-C signals its whole process group,
+            # and node, in the service's, died at once with the compiles in flight (a
+            # queued compile failed for good) instead of finishing within the stop's
+            # shutdown_grace. The service ends it (its stdin closed at unload; killed with
+            # the service: --pdeathsig above, else its stdin's end).
+            start_new_session=True,
         )
         self.starts += 1
         log.info("compiler process started: node %s (pid %d)", folder / "server.js", proc.pid)

@@ -162,10 +162,15 @@ class ServiceProcess:
         # Signals a test sends as a terminal or systemd would: set to their default in the
         # child (the test run may have been started ignoring them: nohup, a background job).
         self.signals: dict[int, Any] = {}
+        # A process group of its own, as a shell gives a command it runs: a test can then
+        # send a signal to the group, as a terminal's Ctrl-C does (os.killpg).
+        self.own_group = False
 
     def _set_signals(self) -> None:  # (in the child, before it runs Python)
         for signum, disposition in self.signals.items():
             signal.signal(signum, disposition)
+        if self.own_group:
+            os.setpgid(0, 0)
 
     def start(self, wait: bool = True) -> ServiceProcess:
         self.ready_file.unlink(missing_ok=True)
@@ -184,7 +189,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             cwd=self.root,
             env=self.env,
-            preexec_fn=self._set_signals if self.signals else None,
+            preexec_fn=self._set_signals if self.signals or self.own_group else None,
         )
         log.close()
         if wait:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import urllib.parse
@@ -475,6 +476,33 @@ def test_node_dies_and_comes_back(svc: ServiceProcess) -> None:
     assert compile_ok(svc, "scss", ".a { b: c }") == ".a {\n  b: c;\n}"
     stats = wait_until(lambda: svc.stats()["module_stats"]["scss"])
     assert stats["node_pid"] not in (None, pid)
+
+
+def test_ctrl_c_lets_a_compile_in_flight_finish(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C signals its whole process group: node, in the service's, died at
+    # once, and the compile in flight got "503: the compiler process died (exit code -2)"
+    # (a queued compile job failed for good) instead of its shutdown_grace.
+    need_compilers()
+    svc = ServiceProcess(tmp_path)
+    svc.signals = {signal.SIGINT: signal.SIG_DFL}
+    svc.own_group = True
+    svc.start()
+    try:
+        assert compile_ok(svc, "pug", "p warm") == "<p>warm</p>"  # node runs
+        pid = svc.stats()["module_stats"]["pug"]["node_pid"]
+        slow = b"pug:- const end = Date.now() + 1500; while (Date.now() < end) {}\np done"
+        replies: list[bytes] = []
+        call = threading.Thread(target=lambda: replies.append(svc.call(slow, timeout=30)))
+        call.start()
+        wait_until(lambda: svc.stats()["module_stats"]["pug"]["in_flight"])
+        os.killpg(svc.proc.pid, signal.SIGINT)  # (svc.proc: set by start)
+        call.join(30)
+        assert replies == [b"<p>done</p>"], svc.log()
+        assert svc.wait() == 0
+        assert "exited with code" not in svc.log()
+        assert f"compiler process {pid} stopped" in svc.log()
+    finally:
+        svc.stop()
 
 
 def test_compilers_or_node_not_installed(make_service, tmp_path: Path, monkeypatch) -> None:
