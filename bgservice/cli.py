@@ -43,6 +43,19 @@ def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
     return config.with_overrides(settings, **overrides)  # type: ignore[arg-type]
 
 
+def _no_modules(folder: Path, given: Path | None, config_path: Path | None) -> str:
+    """The missing modules folder, in full, and where its name came from: run from another
+    folder, "modules folder modules does not exist" named no folder and a file not read."""
+    if given is not None:
+        source = "-m"
+    elif config_path is not None:
+        source = f"modules = in {config_path}, or -m DIR"
+    else:
+        source = (f"no {DEFAULT_CONFIG} in {Path.cwd()} either: run bgservice where its "
+                  "modules/ and service.config are, or give -m DIR")  # fmt: skip
+    return f"modules folder {folder.absolute()} does not exist ({source})"
+
+
 def _host(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """An empty --host put TCP on every interface and UDP on loopback: refused, as the
     config file's empty host is."""
@@ -204,8 +217,7 @@ def serve(
     except ConfigError as exc:
         _config_error(str(exc))
     if not settings.modules.is_dir():  # a typo would serve nothing, and never notice the fix
-        _config_error(f"modules folder {settings.modules} does not exist "
-                      "(-m DIR, or modules = in service.config)")  # fmt: skip
+        _config_error(_no_modules(settings.modules, modules, _config_path(config_path)))
     # The file is opened only here: a folder or an unwritable path is refused as bad input.
     named = "--log-file" if log_file else f"{_config_path(config_path)}: [log] file"
     if check:

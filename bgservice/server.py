@@ -278,7 +278,7 @@ class Service:
         if self.settings.queue.backend == "redis":
             redis = self.settings.redis
             return f"redis {redact_url(redis.url)}, prefix {redis.prefix!r}"
-        return f"database {self.settings.db}"
+        return f"database {self.settings.db.absolute()}"
 
     # --- HTTP ---------------------------------------------------------------------------
 

@@ -455,7 +455,23 @@ def test_a_modules_folder_that_does_not_exist_exits_2(tmp_path):
     result = run_cli("-m", str(tmp_path / "modlues"), "-p", "0", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("bgservice: configuration error: modules folder")
-    assert "modlues does not exist" in result.stderr and result.stdout == ""
+    assert "modlues does not exist (-m)" in result.stderr and result.stdout == ""
+
+
+def test_a_start_elsewhere_names_the_folder_it_looked_for_and_the_file_it_did_not_find(
+    tmp_path,
+):
+    # Run from another folder: "modules folder modules does not exist (-m DIR, or modules
+    # = in service.config)" named neither the folder looked for nor that no file was read.
+    result = run_cli("-p", "0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"modules folder {tmp_path / 'modules'} does not exist (no service.config in " \
+        f"{tmp_path} either: run bgservice where its modules/ and service.config are, or " \
+        "give -m DIR)" in result.stderr, result.stderr
+    (tmp_path / "service.config").write_text('modules = "mods"\n')
+    result = run_cli("-p", "0", cwd=tmp_path)
+    assert f"modules folder {tmp_path / 'mods'} does not exist (modules = in service.config" \
+        in result.stderr, result.stderr
 
 
 def test_missing_config_file_exits_2(tmp_path):
