@@ -9,16 +9,19 @@ run by tests/test_php_package.py.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from bgservice.client import Client
+from bgservice.protocol import PREFACE
 from tests.conftest import HOG, REPO, wait_until, write_module
 from tests.test_client import free_port
 
@@ -430,3 +433,278 @@ def test_the_php_example_of_docs_deploy_md_runs_as_written(modules_dir, make_ser
     done = subprocess.run(["php", str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout) == ["css", True]
+
+
+def show_results(variable: str) -> str:
+    """PHP: show() each of a batch exception's getResults(), an exception as its class."""
+    each = "fn ($r) => is_object($r) ? get_class($r) : $r"
+    return f"show(array_map({each}, {variable}->getResults()));\n"
+
+
+SERVICE_DOWN = "Bgservice\\Client\\Exception\\ServiceDownException"
+TIMEOUT = "Bgservice\\Client\\Exception\\TimeoutException"
+
+
+class Relay:
+    """A TCP relay between one client and the service that passes on the client's bytes
+    and the service's reply frames, counting them (``replies``); after ``cut_after`` of
+    them, it ends the client's side (a FIN: the client reads those, then EOF), as a
+    service lost in the middle of a batch would. The replies it keeps back reached no one."""
+
+    def __init__(self, svc, cut_after: int | None = None) -> None:
+        self.target = svc.tcp
+        self.cut_after = cut_after
+        self.replies = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets = [self.listener]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        client, _ = self.listener.accept()
+        service = socket.create_connection(self.target)
+        self.sockets += [client, service]
+        threading.Thread(target=self._requests, args=(client, service), daemon=True).start()
+        with contextlib.suppress(OSError):
+            self._replies(service.makefile("rb"), client)
+            client.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _requests(client: socket.socket, service: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):
+                service.sendall(chunk)
+
+    def _replies(self, service, client: socket.socket) -> None:
+        client.sendall(service.read(len(PREFACE)))  # the greeting
+        while self.cut_after is None or self.replies < self.cut_after:
+            head = service.read(7)  # status, length (docs/protocol.md)
+            if len(head) < 7:
+                return
+            client.sendall(head + service.read(int.from_bytes(head[3:], "big")))
+            self.replies += 1
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_get_many_cut_by_a_timeout_keeps_the_replies_that_came(service, tmp_path):
+    # The replies read before the timeout were lost with it: "0 answered, 2 sent without
+    # a reply", and getResults() had the TimeoutException for the job that had finished.
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+$fast = $bg->add('echo', 'fast');
+$slow = $bg->add('sleep', '60000');
+$bg->get($fast);
+try { $bg->getMany([$fast, $slow], 2.0); echo "no exception\\n"; }
+catch (BackgroundServiceTimeout $e) { show($e->getMessage()); """
+        + show_results("$e")
+        + "}\n",
+        address(service),
+    )
+    assert "a batch of 2 cut short: 1 answered, 1 sent without a reply (they may have run)" in (
+        json.loads(out[0])
+    ), out
+    assert json.loads(out[1]) == ["fast", TIMEOUT]
+
+
+def test_an_add_many_cut_short_keeps_the_ids_of_the_jobs_queued(service, tmp_path):
+    # The ids the service had replied were lost with the connection: reported as "sent
+    # without a reply (they may have run)", so a retry queued those jobs twice. The relay
+    # passes one reply of the first window of 64 on, then ends the connection.
+    relay = Relay(service, cut_after=1)
+    try:
+        out = php(
+            tmp_path,
+            """
+$bg = new BackgroundService($argv[1], 30.0, null, false);
+try { $bg->addMany(array_fill(0, 66, ['echo', 'x'])); echo "no exception\\n"; }
+catch (BackgroundServiceDown $e) { show($e->getMessage()); """
+            + show_results("$e")
+            + "}\n",
+            relay.address,
+        )
+    finally:
+        relay.close()
+    cut = "a batch of 66 cut short: 1 answered, 63 sent without a reply (they may have run), 2 not"
+    assert cut in json.loads(out[0]), out
+    assert json.loads(out[1]) == [1, *[SERVICE_DOWN] * 63, None, None]
+    with Client(address(service), timeout=10) as direct:  # the id kept is the job queued
+        assert direct.status(1)["module"] == "echo"
+
+
+def test_queue_options_are_sent_as_their_values_or_refused_before_sending(service, tmp_path):
+    # Given to http_build_query() as they were, a Stringable key (a UUID object) was
+    # dropped without a word (two jobs for two adds, unique and name NULL), a backed enum
+    # went out as "priority[name]=" (a confusing 400 from the service), and a nested list
+    # in tags became the tag "Array" with only a PHP warning.
+    out = php(
+        tmp_path,
+        """
+enum Priority: int { case High = 9; }
+enum Region: string { case Eu = 'eu'; }
+enum Pure { case One; }
+final class Key {
+    public function __construct(private string $key) {}
+    public function __toString(): string { return $this->key; }
+}
+$bg = new BackgroundService($argv[1]);
+$key = new Key('report:7');
+$options = ['unique' => $key, 'name' => $key, 'priority' => Priority::High, 'delay' => 3600,
+    'tags' => [Region::Eu, new Key('billing'), 7]];
+$first = $bg->add('echo', 'x', $options);
+show($bg->add('echo', 'x', $options) === $first);  // the key held: the same job
+$status = $bg->status($first);
+show([$status['unique'], $status['name'], $status['priority'], $status['tags']]);
+$after = $bg->add('echo', 'y', ['after' => [new Key("id:$first")], 'tags' => new Key('one')]);
+show([$bg->status($after)['after'], $bg->status($after)['tags']]);
+$schedule = $bg->schedule('nightly', 'echo', 'z', ['every' => 3600, 'paused' => true,
+    'priority' => Priority::High, 'tz' => new Key('UTC')]);
+show([$schedule['paused'], $schedule['options']['priority'], $schedule['tz']]);
+$refused = [['priority' => [1]], ['tags' => ['a', ['b']]], ['unique' => new stdClass()],
+    ['name' => Pure::One], ['unique' => STDIN], ['tags' => ['a', true]], ['after' => [[1]]]];
+foreach ($refused as $options) {
+    try { $bg->add('echo', 'refused', $options); echo "sent\\n"; }
+    catch (InvalidArgumentException $e) { show($e->getMessage()); }
+}
+$jobs = [['echo', 'a'], ['echo', 'b', ['unique' => new ArrayObject()]]];
+try { $bg->addMany($jobs); echo "sent\\n"; }
+catch (InvalidArgumentException $e) { show($e->getMessage()); }
+show($bg->add('echo', 'next') === $after + 1);  // none of those was sent
+""",
+        address(service),
+    )
+    shown = [json.loads(line) for line in out]
+    assert shown[:4] == [
+        True,
+        ["report:7", "report:7", 9, ["eu", "billing", "7"]],
+        [[1], ["one"]],
+        [True, "9", "UTC"],
+    ], out
+    a_value = "must be a string, an int, a float, a \\Stringable or a backed enum, not"
+    assert shown[4:] == [
+        "option priority takes one value, not an array (only after and tags take a list)",
+        f"each item of option tags {a_value} array",
+        f"option unique {a_value} stdClass",
+        f"option name {a_value} Pure",
+        f"option unique {a_value} resource (stream)",
+        f"each item of option tags {a_value} bool",
+        f"each item of option after {a_value} array",
+        f"option unique {a_value} ArrayObject",
+        True,
+    ], out
+
+
+def test_a_call_given_a_longer_timeout_waits_as_long_for_a_busy_services_greeting(
+    modules_dir, make_service, tmp_path
+):
+    # The greeting of the call's new connection was waited for min(call's, client's)
+    # timeout: "accepted but did not greet in time" after the client's 1 s, though the
+    # call was given 30 (the Python client waits for the call's).
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(address(svc), 30) as busy:
+        hog = pool.submit(busy.call, "hog", "4")  # blocks the loop for far more than 1 s
+        wait_until((modules_dir / "hog.started").exists)
+        out = php(
+            tmp_path,
+            """
+$bg = new BackgroundService($argv[1], 1.0, null, false);
+show($bg->call('echo', 'waited', 30.0));
+""",
+            address(svc),
+        )
+        assert hog.result(timeout=30) == b"done"
+    assert out == ['"waited"']
+
+
+NAP = """
+import asyncio
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name(request.text + ".started").touch()
+    await asyncio.sleep(60)
+    return "woke"
+"""
+
+
+@contextlib.contextmanager
+def php_running(tmp_path, name: str, body: str, *args: str):
+    """A PHP script run in the background, as ``php()`` runs one; killed if still running."""
+    script = tmp_path / f"{name}.php"
+    script.write_text(PRELUDE + body)
+    proc = subprocess.Popen(
+        ["php", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def php_output(proc: subprocess.Popen[str]) -> list[str]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    return out.splitlines()
+
+
+def caught(call: str, batch: bool = False) -> str:
+    """PHP: make ``call``; show() the class, code and message of what it throws (and, for
+    a ``batch``, its getResults())."""
+    return (
+        f'try {{ {call}; echo "no exception\\n"; }}\n'
+        "catch (BackgroundServiceException $e) {\n"
+        "    show([get_class($e), $e->getCode(), $e->getMessage()]);\n"
+        + (show_results("$e") if batch else "") + "}\n"
+    )  # fmt: skip
+
+
+def test_a_stop_that_cuts_a_call_or_a_queue_operation_is_a_service_down(
+    modules_dir, make_service, tmp_path
+):
+    # The service's "503: Shutting down" (a call the stop cut, an add-and-wait or a get of
+    # a job it leaves queued) was a ReplyException, which a fallback written as the docs
+    # and the README show it (catch ServiceDownException) did not catch.
+    write_module(modules_dir, "nap", NAP)
+    svc = make_service("[limits]\nshutdown_grace = 1\n")
+    with Client(address(svc), timeout=10) as direct:
+        done = direct.add("echo", "done")
+        assert direct.get(done) == b"done"
+        later = direct.add("echo", "later", delay=3600)
+    relay = Relay(svc)  # to see the get of the finished job answered before the stop
+    client = "(new BackgroundService($argv[1]))"
+    try:
+        with (
+            php_running(tmp_path, "call", caught(f"{client}->call('nap', 'call')"), address(svc))
+            as call,
+            php_running(tmp_path, "run", caught(f"{client}->run('nap', 'run')"), address(svc))
+            as run,
+            php_running(
+                tmp_path, "batch", caught(f"{client}->getMany([$argv[2], $argv[3]])", batch=True),
+                relay.address, str(done), str(later),
+            ) as batch,
+        ):  # fmt: skip
+            wait_until((modules_dir / "call.started").exists)
+            wait_until(lambda: (modules_dir / "run.started").exists() and relay.replies == 1)
+            svc.signal(signal.SIGTERM)
+            outputs = [php_output(proc) for proc in (call, run, batch)]
+    finally:
+        relay.close()
+    assert svc.wait() == 0
+    stopping = "the service at {} is shutting down (503 Shutting down{}): the request may have run"
+    queued = f": job {later + 1} is still queued"  # the job run() added: requeued by the stop
+    assert [[json.loads(line) for line in out] for out in outputs] == [
+        [[SERVICE_DOWN, 503, stopping.format(address(svc), "")]],
+        [[SERVICE_DOWN, 503, stopping.format(address(svc), queued)]],
+        [
+            [SERVICE_DOWN, 503, stopping.format(relay.address, f": job {later} is still queued")
+             + "; a batch of 2 cut short: 1 answered, 1 cut by the stop (getResults() has each)"],
+            ["done", SERVICE_DOWN],
+        ],
+    ], outputs  # fmt: skip

@@ -44,7 +44,15 @@ class Client
         'name', 'tags',
     ];
 
+    /** A reply's status and its words when the service stops (docs/protocol.md), as it
+     *  answers a call it cut or a request after the stop began. */
+    private const STOPPING = 503;
+    private const STOPPING_TEXT = 'Shutting down';
+
     private readonly Connection $connection;
+
+    /** @var string the calls' address, as given: for messages */
+    private readonly string $address;
 
     /** @var string|null send()'s address, as given (or derived from $address) */
     private readonly ?string $udpAddress;
@@ -74,6 +82,7 @@ class Client
         bool $persistent = true,
     ) {
         $this->connection = new Connection($address, $timeout, $persistent);
+        $this->address = $address;
         if ($udpAddress !== null && $udpAddress !== '') {  // '' is none, as in the Python client
             $this->udpTarget = Connection::target($udpAddress, true);
         } else {
@@ -96,7 +105,8 @@ class Client
      * Call $module over TCP; its reply.
      *
      * @throws ReplyException       the module replied an error (getCode() is its status)
-     * @throws ServiceDownException the service cannot be reached
+     * @throws ServiceDownException the service cannot be reached, or is shutting down (its
+     *                              "503: Shutting down": the call may have run)
      * @throws TimeoutException     no reply within $timeout (default: the constructor's)
      */
     public function call(string $module, string $data = '', ?float $timeout = null): string
@@ -180,11 +190,16 @@ class Client
      * Queue a job; its id. $options: priority, delay, at, retries, backoff, timeout,
      * unique, after, name, tags (docs/queue.md). `after`: the jobs it runs after, once all
      * of them succeeded: a job id (N or "id:N"), several in one string ("$a,$b") or a list
-     * of them ([$a, $b]).
+     * of them ([$a, $b]); `tags` a list or "a,b". Each value (each item of a list) an int,
+     * float or string, a \Stringable (a UUID object: its string) or a backed enum (its
+     * value); a bool is sent as 1 or 0, and null leaves the option out.
      *
-     * @param array<string, int|float|string|bool|list<int|string>> $options
+     * @param array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null> $options
      *
-     * @throws InvalidArgumentException an unknown option, `wait` (run() waits), or a bad `after` id
+     * @throws InvalidArgumentException an unknown option, `wait` (run() waits), a value its
+     *                                  option cannot take (an array but for after and tags,
+     *                                  a nested one, another object, a pure enum, a
+     *                                  resource), or a bad `after` id: nothing is sent
      */
     public function add(string $module, string $data = '', array $options = []): int
     {
@@ -199,7 +214,7 @@ class Client
      * was queued and goes on: to be able to follow it up, add() and then get() its id (as
      * the CLI's `queue add --wait` does).
      *
-     * @param array<string, int|float|string|bool|list<int|string>> $options as add()'s
+     * @param array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null> $options as add()'s
      */
     public function run(string $module, string $data = '', array $options = [], ?float $timeout = null): string
     {
@@ -211,16 +226,18 @@ class Client
      * were refused, BatchException: its getResults() has the ids of the others (queued).
      * If the connection fails part way, the ServiceDownException or TimeoutException has
      * getResults() too: the ids of the jobs queued, the exception itself for those sent
-     * without a reply (they may be queued), null for those never sent.
+     * without a reply (they may be queued), null for those never sent; so does the
+     * ServiceDownException of a stop of the service that cut some of them (each of those
+     * is a ServiceDownException of its own).
      *
-     * @param list<array{0: string, 1?: string|int|float, 2?: array<string, int|float|string|bool|list<int|string>>}> $jobs
+     * @param list<array{0: string, 1?: string|int|float, 2?: array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null>}> $jobs
      *        [module, data, options] each; data as call() takes it (an int or float is
      *        sent as PHP writes it, "5", as call() from a file without strict_types does)
      *
      * @return list<int>
      *
-     * @throws InvalidArgumentException a job that is not [module, data, options], an
-     *                                  unknown option or a bad `after` id: nothing is sent
+     * @throws InvalidArgumentException a job that is not [module, data, options], or
+     *                                  options add() refuses: nothing is sent
      */
     public function addMany(array $jobs): array
     {
@@ -236,7 +253,7 @@ class Client
      * One job of addMany(), checked: a malformed one was a PHP warning and then a
      * TypeError, or the wrong job queued.
      *
-     * @return array{0: string, 1: string, 2: array<string, int|float|string|bool|list<int|string>>}
+     * @return array{0: string, 1: string, 2: array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null>}
      *
      * @throws InvalidArgumentException it is not [module, data, options]
      */
@@ -255,7 +272,7 @@ class Client
         if ($problem !== null) {
             throw new InvalidArgumentException('addMany(): job ' . var_export($key, true) . " must be $problem");
         }
-        /** @var array{0: string, 1?: string|int|float|null, 2?: array<string, int|float|string|bool|list<int|string>>|null} $job */
+        /** @var array{0: string, 1?: string|int|float|null, 2?: array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null>|null} $job */
         return [$job[0], (string)($job[1] ?? ''), $job[2] ?? []];
     }
 
@@ -285,7 +302,8 @@ class Client
 
     /**
      * Each reply's value, in order; BatchException if some were error replies. A failure
-     * of the connection part way is rethrown with what is known (getResults()).
+     * of the connection part way is rethrown with what is known (getResults()), and so
+     * is a stop of the service that cut some of them (stopped()).
      *
      * @template T
      *
@@ -296,9 +314,7 @@ class Client
      */
     private function batch(array $payloads, ?float $timeout, callable $value): array
     {
-        $outcome = fn (Reply $reply): mixed => $reply->isOk()
-            ? $value($reply->body)
-            : new ReplyException($reply->body, $reply->status);
+        $outcome = fn (Reply $reply): mixed => $reply->isOk() ? $value($reply->body) : $this->failure($reply);
         try {
             $replies = $this->connection->requests($payloads, $timeout);
         } catch (ServiceException $e) {
@@ -309,6 +325,12 @@ class Client
             throw $e->withResults(array_map(fn (mixed $r): mixed => $r instanceof Reply ? $outcome($r) : $r, $known));
         }
         $results = array_map($outcome, $replies);
+        $stopped = array_values(array_filter($results, fn (mixed $r): bool => $r instanceof ServiceDownException));
+        if ($stopped !== []) {
+            /** @var ServiceDownException $first the filter's */
+            $first = $stopped[0];
+            throw self::stopped($first, count($stopped), $results);
+        }
         foreach ($results as $result) {
             if ($result instanceof ReplyException) {
                 throw new BatchException($results);
@@ -319,9 +341,26 @@ class Client
     }
 
     /**
-     * @param array<string, int|float|string|bool|list<int|string>> $options
+     * For a batch that the service's stop cut ($count of its requests answered
+     * "503: Shutting down", the first of them $first): $first again with $results, what
+     * became of each request, as a connection lost part way has them. A BatchException
+     * would be a ReplyException, which a fallback written for a service that is going
+     * away (catch ServiceDownException) does not catch.
      *
-     * @throws InvalidArgumentException an unknown option, or a bad `after` id
+     * @param list<mixed> $results
+     */
+    private static function stopped(ServiceDownException $first, int $count, array $results): ServiceDownException
+    {
+        $message = sprintf('%s; a batch of %d cut short: %d answered, %d cut by the stop (getResults() has each)',
+            $first->getMessage(), count($results), count($results) - $count, $count);
+        return $first->withResults($results, $message, $first);
+    }
+
+    /**
+     * @param array<string, mixed> $options as add()'s
+     *
+     * @throws InvalidArgumentException an unknown option, a value it cannot take
+     *                                  (query()), or a bad `after` id
      */
     private function addRequest(string $module, string $data, array $options, bool $wait = false): string
     {
@@ -337,14 +376,90 @@ class Client
         if ($wait) {
             $options = ['wait' => 1] + $options;
         }
-        if (isset($options['after'])) {
-            $options['after'] = self::afterIds($options['after']);
+        $query = self::query($options);
+        return 'queue:add' . ($query !== '' ? "?$query" : '') . ':' . $module . ':' . $data;
+    }
+
+    /**
+     * $options as a query string, each value made one the service takes first: given to
+     * http_build_query() as they were, a \Stringable (a UUID object as `unique`) was
+     * dropped without a word (no key: two jobs for two adds), a backed enum went out as
+     * "priority[name]=...", and a list in `tags` as the tag "Array", with a mere warning.
+     * A null value is left out, as the Python client leaves out None.
+     *
+     * @param array<array-key, mixed> $options
+     *
+     * @throws InvalidArgumentException a value its option cannot take: nothing is sent
+     */
+    private static function query(array $options): string
+    {
+        $values = [];
+        foreach ($options as $name => $value) {
+            if ($value === null) {
+                continue;
+            }
+            $name = (string)$name;
+            $values[$name] = match ($name) {
+                // a list, or its items in one string: "N1,N2", "a,b"
+                'after' => self::afterIds(is_array($value) ? self::items($name, $value) : self::scalar($name, $value)),
+                'tags' => is_array($value) ? implode(',', self::items($name, $value)) : self::scalar($name, $value),
+                default => self::optionValue($name, $value),
+            };
         }
-        if (isset($options['tags']) && is_array($options['tags'])) {
-            $options['tags'] = implode(',', $options['tags']);  // ['a', 'b'] -> "a,b"
+        return http_build_query($values, '', '&', PHP_QUERY_RFC3986);
+    }
+
+    /**
+     * The value of option $name, which takes one: a bool as 1 or 0 (as http_build_query()
+     * and the Python client send it: a yes or no to the service, e.g. a schedule's
+     * `paused`), anything else as scalar() takes it.
+     *
+     * @throws InvalidArgumentException an array, or what scalar() refuses
+     */
+    private static function optionValue(string $name, mixed $value): int|float|string
+    {
+        if (is_array($value)) {
+            throw new InvalidArgumentException(
+                "option $name takes one value, not an array (only after and tags take a list)"
+            );
         }
-        $query = $options !== [] ? '?' . http_build_query($options, '', '&', PHP_QUERY_RFC3986) : '';
-        return 'queue:add' . $query . ':' . $module . ':' . $data;
+        return is_bool($value) ? (int)$value : self::scalar($name, $value);
+    }
+
+    /**
+     * The items of list option $name, each as scalar() takes it (a nested array, a bool
+     * or a null is none: it was the item "Array", "1" or "").
+     *
+     * @param array<mixed> $items
+     *
+     * @return list<int|float|string>
+     *
+     * @throws InvalidArgumentException an item scalar() refuses
+     */
+    private static function items(string $name, array $items): array
+    {
+        return array_map(
+            fn (mixed $item): int|float|string => self::scalar($name, $item, 'each item of option'),
+            array_values($items),
+        );
+    }
+
+    /**
+     * $value as the query string writes it: an int, float or string as it is, a backed
+     * enum as its value, a \Stringable (a UUID, a value object) as its string.
+     *
+     * @throws InvalidArgumentException anything else (an array, a bool, another object, a
+     *                                  pure enum, a resource), naming the option
+     */
+    private static function scalar(string $name, mixed $value, string $what = 'option'): int|float|string
+    {
+        return match (true) {
+            is_int($value), is_float($value), is_string($value) => $value,
+            $value instanceof \BackedEnum => $value->value,
+            $value instanceof \Stringable => (string)$value,
+            default => throw new InvalidArgumentException("$what $name must be a string, an int, a float, "
+                . 'a \\Stringable or a backed enum, not ' . get_debug_type($value)),
+        };
     }
 
     /**
@@ -449,13 +564,16 @@ class Client
      * Add or replace a schedule. $options: cron ("0 3 * * *") or every (seconds), tz,
      * missed ("once"/"skip"), paused, and its jobs' priority, retries, backoff, timeout.
      *
-     * @param array<string, int|float|string|bool> $options
+     * @param array<string, int|float|string|bool|\Stringable|\BackedEnum|null> $options
+     *        each value as add()'s
      *
      * @return array<mixed> the schedule, as schedules() lists it
+     *
+     * @throws InvalidArgumentException a value add() would refuse: nothing is sent
      */
     public function schedule(string $name, string $module, string $data = '', array $options = []): array
     {
-        $query = http_build_query(['name' => $name] + $options, '', '&', PHP_QUERY_RFC3986);
+        $query = self::query(['name' => $name] + $options);
         return $this->decode($this->request("queue:schedule?$query:$module:$data"));
     }
 
@@ -488,16 +606,34 @@ class Client
      * Any raw request, e.g. request('queue:list:failed'); the reply body.
      *
      * @throws ReplyException       the service replied an error (getCode() is its status)
-     * @throws ServiceDownException the service cannot be reached
+     * @throws ServiceDownException the service cannot be reached, or is shutting down (failure())
      * @throws TimeoutException     no reply in time
      */
     public function request(string $payload, ?float $timeout = null): string
     {
         $reply = $this->connection->request($payload, $timeout);
         if (!$reply->isOk()) {
-            throw new ReplyException($reply->body, $reply->status);
+            throw $this->failure($reply);
         }
         return $reply->body;
+    }
+
+    /**
+     * The exception for error $reply: a ReplyException with its status, but for the
+     * service's own "503: Shutting down" (a call the stop cut, or a request that came
+     * after it began; "Shutting down: job 7 is still queued" for a queue:get or an
+     * add-and-wait of a job it leaves queued, docs/protocol.md), a ServiceDownException,
+     * as the same 503 refusing a new connection is: the service is going away, what the
+     * caller's fallback is for.
+     */
+    private function failure(Reply $reply): ReplyException|ServiceDownException
+    {
+        $stopping = $reply->status === self::STOPPING && ($reply->body === self::STOPPING_TEXT
+            || str_starts_with($reply->body, self::STOPPING_TEXT . ': '));
+        return $stopping
+            ? new ServiceDownException("the service at {$this->address} is shutting down "
+                . "($reply->status {$reply->body}): the request may have run", $reply->status)
+            : new ReplyException($reply->body, $reply->status);
     }
 
     /** @return array<mixed> */

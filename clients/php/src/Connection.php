@@ -76,6 +76,7 @@ final class Connection
      * @param string $address    "host:port", "[v6]:port", "unix:///path" or a Unix
      *                           socket's path ("/run/bg.sock", "unix:/run/bg.sock"); see target()
      * @param float  $timeout    seconds to wait for a reply, and for a new stream's greeting
+     *                           (a call's own $timeout, if it gives one, for both)
      * @param bool   $persistent keep the stream across requests of a PHP-FPM worker
      *
      * @throws InvalidArgumentException $address is none of those forms, or $timeout is not
@@ -207,7 +208,9 @@ final class Connection
     public function request(string $payload, ?float $timeout = null): Reply
     {
         $timeout = $timeout === null ? $this->timeout : self::checkTimeout($timeout);
-        return $this->exchange(pack('N', strlen($payload)) . $payload, 1, $timeout)[0];
+        $replies = [];
+        $this->exchange(pack('N', strlen($payload)) . $payload, 1, $timeout, $replies);
+        return $replies[0];
     }
 
     /**
@@ -229,34 +232,50 @@ final class Connection
     {
         $timeout = $timeout === null ? $this->timeout : self::checkTimeout($timeout);
         $replies = [];
-        foreach (array_chunk($payloads, self::WINDOW) as $chunk) {
+        foreach (array_chunk($payloads, self::WINDOW) as $window => $chunk) {
             $frames = '';
             foreach ($chunk as $payload) {
                 $frames .= pack('N', strlen($payload)) . $payload;
             }
             try {
-                array_push($replies, ...$this->exchange($frames, count($chunk), $timeout));
+                $this->exchange($frames, count($chunk), $timeout, $replies);
             } catch (ServiceException $e) {
-                $unanswered = $this->sent ? count($chunk) : 0;
-                $unsent = count($payloads) - count($replies) - $unanswered;
-                $results = [...$replies, ...array_fill(0, $unanswered, $e), ...array_fill(0, $unsent, null)];
-                $summary = [count($replies) . ' answered'];
-                if ($unanswered > 0) {
-                    $summary[] = "$unanswered sent without a reply (they may have run)";
-                }
-                if ($unsent > 0) {
-                    $summary[] = "$unsent not sent";
-                }
-                $message = sprintf('%s; a batch of %d cut short: %s (getResults() has each)',
-                    $e->getMessage(), count($payloads), implode(', ', $summary));
-                throw $e->withResults($results, $message, $e);
+                $sent = $window * self::WINDOW + ($this->sent ? count($chunk) : 0);
+                throw self::cutShort($e, $replies, $sent, count($payloads));
             }
         }
         return $replies;
     }
 
     /**
-     * Write $frames and read $count replies.
+     * $e again, for a batch of $total requests it cut short once $replies had come and
+     * $sent were written (those answered among them): as the Python client's cut_short()
+     * (bgservice.client_requests), message and all. Its getResults(), in request order:
+     * each Reply that came; $e for one sent without a reply (it may have run: a job may
+     * be queued, so it is not to be sent again blindly); null for one never sent.
+     *
+     * @param list<Reply> $replies
+     */
+    private static function cutShort(ServiceException $e, array $replies, int $sent, int $total): ServiceException
+    {
+        $unanswered = $sent - count($replies);
+        $unsent = $total - $sent;
+        $summary = [count($replies) . ' answered'];
+        if ($unanswered > 0) {
+            $summary[] = "$unanswered sent without a reply (they may have run)";
+        }
+        if ($unsent > 0) {
+            $summary[] = "$unsent not sent";
+        }
+        $message = sprintf('%s; a batch of %d cut short: %s (getResults() has each)',
+            $e->getMessage(), $total, implode(', ', $summary));
+        $results = [...$replies, ...array_fill(0, $unanswered, $e), ...array_fill(0, $unsent, null)];
+        return $e->withResults($results, $message, $e);
+    }
+
+    /**
+     * Write $frames and read $count replies onto $replies, each as it comes: a batch cut
+     * short (a timeout, the connection lost) keeps those that came before.
      *
      * Never sends a request twice: a kept stream is checked before it is used (open()),
      * and one the service had closed meanwhile (idle timeout, restart) is replaced then,
@@ -270,13 +289,16 @@ final class Connection
      * that no later request reads this one's reply. Where no finally runs (exit(), a
      * fatal error), the stream's busy mark does it: open() never hands it out again.
      *
-     * @return list<Reply>
+     * @param float       $timeout this call's: for a new stream's connect and greeting too,
+     *                             so that a call given longer than the client's waits as
+     *                             long for a busy service (as the Python client does)
+     * @param list<Reply> $replies
      */
-    private function exchange(string $frames, int $count, float $timeout): array
+    private function exchange(string $frames, int $count, float $timeout, array &$replies): void
     {
         for ($attempt = 1; ; $attempt++) {
             $this->sent = false;
-            [$stream, $reused] = $this->open(min($timeout, $this->timeout));
+            [$stream, $reused] = $this->open($timeout);
             $complete = false;
             $written = 0;
             self::markBusy($stream);
@@ -291,7 +313,6 @@ final class Connection
                         ? "connection to {$this->address} lost before the request was sent"
                         : "connection to {$this->address} lost while sending the request: it may have run");
                 }
-                $replies = [];
                 for ($i = 0; $i < $count; $i++) {
                     $head = $this->readReply($stream, 7);
                     /** @var array{1: int} $size readReply gave 7 bytes, so unpack cannot fail */
@@ -300,7 +321,7 @@ final class Connection
                     $replies[] = new Reply((int)substr($head, 0, 3), $body);
                 }
                 $complete = true;
-                return $replies;
+                return;
             } finally {
                 $this->sent = $written > 0;
                 $this->settle($stream, $complete);

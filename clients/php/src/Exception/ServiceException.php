@@ -22,7 +22,9 @@ class ServiceException extends \RuntimeException implements ClientException
      * each request, in order. Each is its value (an id, a result) or its ReplyException
      * if it was answered; the exception that cut the batch (a ServiceDownException or
      * TimeoutException) if it was sent without a reply, so it may have run (a job may
-     * be queued); null if it was never sent. Null for anything else.
+     * be queued); null if it was never sent. Null for anything else. A batch that a stop
+     * of the service cut is a ServiceDownException whose results hold, for each request
+     * answered "503: Shutting down", a ServiceDownException of its own (it may have run).
      *
      * @return list<mixed>|null
      */
