@@ -7,6 +7,7 @@ new save may replace the version serving now."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 import logging
@@ -56,6 +57,27 @@ def reserved_name_warning(name: str) -> str:
     """A module named like a service command (``queue``, ``service``): the service answers
     ``NAME:...`` itself, so the module loads and is never called."""
     return f"module {name}: never called ({name}:... is the service's): rename it"
+
+
+HANDLER_NAMES = ("handle_tcp", "handle_udp")
+
+
+def misspelled_handler(name: str, module: types.ModuleType) -> str | None:
+    """For a module that defines no handler, a warning naming a function of its own that
+    looks like a misspelled one (``handle_tpc``, ``handle_TCP``, ``handle``, ``handler``):
+    it loaded as "loaded" with no word, and only a call's ``501`` told. (A module with no
+    such function, as the shipped ``fail``, is left alone.)"""
+    if any(hasattr(module, handler) for handler in HANDLER_NAMES):
+        return None
+    for attr, value in vars(module).items():
+        if not inspect.isfunction(value) or value.__module__ != module.__name__:
+            continue
+        ratio = {h: difflib.SequenceMatcher(None, attr.lower(), h).ratio() for h in HANDLER_NAMES}
+        near = max(HANDLER_NAMES, key=ratio.__getitem__)  # (a tie: handle_tcp)
+        if ratio[near] >= 0.6 or attr.lower().startswith("handle"):
+            return (f"module {name}: defines no handler; {attr} looks like a misspelled "
+                    f"{near} (never called as it is)")  # fmt: skip
+    return None
 
 
 class ModuleLoadError(Exception):

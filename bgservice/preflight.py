@@ -26,11 +26,12 @@ from bgservice.declarations import (
     ModuleLoadError,
     classify,
     misnamed_file_warning,
+    misspelled_handler,
     reserved_name_warning,
 )
 from bgservice.execution import RESERVED
 from bgservice.queue.sqlite_schema import lock_path
-from bgservice.registry import import_module_file, install_package
+from bgservice.registry import PACKAGE, import_module_file, install_package
 
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its NUL)
 
@@ -41,6 +42,8 @@ def warnings(settings: Settings, loaded: list[str]) -> list[str]:
     found = [misnamed_file_warning(path.name) for path in sorted(settings.modules.iterdir())
              if (kind := classify(path.name)) and kind[0] == "misnamed"]  # fmt: skip
     found += [reserved_name_warning(name) for name in loaded if name in RESERVED]
+    found += [typo for name in loaded  # (the module imported: in sys.modules, as at a start)
+              if (typo := misspelled_handler(name, sys.modules[f"{PACKAGE}.{name}"]))]  # fmt: skip
     if settings.alerts.module and settings.alerts.module not in loaded:
         found.append(f"[alerts] module {settings.alerts.module!r} is not among the modules")
     found += [f"schedule {s.name}: module {s.module!r} is not among the modules"

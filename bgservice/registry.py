@@ -36,6 +36,7 @@ from bgservice.declarations import (
     describe_failure,
     handler,
     misnamed_file_warning,
+    misspelled_handler,
     queue_from,
     reserved_name_warning,
     serves,
@@ -176,8 +177,7 @@ def import_module_file(name: str, path: Path, source: bytes | None = None) -> Mo
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     previous = sys.modules.get(qualname)
-    # In sys.modules while it runs, as a normal import would be (dataclasses and pickling
-    # look it up there); put back as it was if the import fails.
+    # In sys.modules while it runs, as an import (dataclasses, pickle look); undone if it fails.
     sys.modules[qualname] = module
     try:
         loader.exec_module(module)
@@ -313,9 +313,8 @@ class Registry:
         path = self.folder / f"{name}.py"
         # A tiny read on the loop's threads, never behind a stuck import; these bytes import.
         source, digest, mtime = await asyncio.get_running_loop().run_in_executor(None, _read, path)
-        # A new module's entry goes in only once its first import has ended (loaded, or
-        # failed with its error): meanwhile its calls get "Unknown request", not a 502
-        # "failed to load: None" for a load that has not finished (seen as a CI flake).
+        # A new module's entry goes in once its first import has ended (loaded, or failed):
+        # meanwhile "Unknown request", not a 502 "failed to load: None" (a CI flake).
         entry = self._entries.get(name) or ModuleEntry(name)
         # Bytes loaded, or failed and untouched since (the rescan made a failure two): skip.
         if not force and name in self._entries and entry.tried in ((digest, None), (digest, mtime)):
@@ -343,6 +342,8 @@ class Registry:
             entry.reloads += 1
             log.info("module %s reloaded", name)
             self._retire(old)
+        if not (version.tcp or version.udp) and (typo := misspelled_handler(name, version.module)):
+            log.warning(typo)
             self._events.emit(MODULE_RELOADED, name=name)
 
     def _drop(self, name: str) -> None:

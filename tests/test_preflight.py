@@ -168,10 +168,13 @@ def test_the_check_warns_in_the_words_a_start_logs(site, make_service):
     modules = site / "modules"
     write_module(modules, "service", "def handle_tcp(request):\n    return 'x'\n")
     (modules / "a.b.py").write_text("def handle_tcp(request):\n    return 'x'\n")
+    write_module(modules, "typo", "async def handle_tpc(request):\n    return 'x'\n")
     done = check(site, "")
     assert done.returncode == 0, done.stderr
     said = [line.removeprefix("bgservice: check: warning: ") for line in done.stderr.splitlines()]
-    assert len(said) == 2 and "a.b.py" in said[0] and "module service" in said[1], said
+    assert len(said) == 3 and "a.b.py" in said[0] and "module service" in said[1], said
+    assert said[2] == "module typo: defines no handler; handle_tpc looks like a misspelled " \
+        "handle_tcp (never called as it is)"
     svc = make_service("[reload]\nimport_timeout = 5\n", root=site)  # the same modules folder
     logged = svc.log().splitlines()  # (both logged before it is ready, as the check runs)
     for text in said:

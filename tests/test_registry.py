@@ -148,6 +148,37 @@ MISNAMED = ["café.py", "My Mod.py", "a.b.py", "x.PY", "_h é.py"]
 QUIET = [".hidden.py", ".#hot.py", "notes.py~", "hot.py.swp", "4913", "readme.txt"]
 
 
+def test_a_misspelled_handler_is_warned_of_and_a_module_without_one_is_not(
+    tmp_path, make_service
+):
+    # Found by a newcomer review: handle_tpc, handle_TCP or handle loaded as "loaded" with
+    # no word; only a call's 501 told. The shipped fail (no functions at all) stays quiet.
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    for name, source in [("tpc", "async def handle_tpc(request):\n    return 'x'\n"),
+                         ("caps", "def handle_TCP(request):\n    return 'x'\n"),
+                         ("short", "def handle(request):\n    return 'x'\n"),
+                         ("quiet", "import os\nfrom os.path import join\nX = 1\n"),
+                         ("fine", "def handle_tcp(request):\n    return 'x'\n\n"
+                                  "def handle_udp(request):\n    pass\n\n"
+                                  "def handler(request):\n    pass\n")]:  # fmt: skip
+        (modules / f"{name}.py").write_text(source)
+    svc = make_service()
+    settled(svc, modules, "after the start")
+    warned = [line.partition("WARNING ")[2] for line in svc.log().splitlines()
+              if "defines no handler" in line]  # fmt: skip
+    assert sorted(warned) == [
+        "bgservice.registry: module caps: defines no handler; handle_TCP looks like a "
+        "misspelled handle_tcp (never called as it is)",
+        "bgservice.registry: module short: defines no handler; handle looks like a "
+        "misspelled handle_tcp (never called as it is)",
+        "bgservice.registry: module tpc: defines no handler; handle_tpc looks like a "
+        "misspelled handle_tcp (never called as it is)",
+    ], warned
+    (modules / "tpc.py").write_text("async def handle_tcp(request):\n    return 'mended'\n")
+    wait_until(lambda: svc.call(b"tpc:x") == b"mended")
+
+
 def ignoring(name: str) -> str:
     return f"ignoring {name}: not a module name (docs/modules.md)"
 
