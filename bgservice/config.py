@@ -35,7 +35,7 @@ from bgservice.config_checks import (
     check_string,
     check_token_env,
 )
-from bgservice.config_file import Reader, conflicts, original_servers, read_config
+from bgservice.config_file import Reader, conflicts, original_servers, read_config, toml_error
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
 from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
@@ -348,7 +348,7 @@ def load(path: Path) -> Settings:
     try:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise toml_error(path, text, str(exc)) from None
     return _from_toml(reader, parsed, base)
 
 

@@ -4,6 +4,7 @@ and its line in every error."""
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -83,6 +84,41 @@ def read_config(path: Path) -> str:
             raise ConfigError(f"{path}: not UTF-8 text") from None
 
 
+
+_TWICE = re.compile(r"Cannot declare (\(.*\)) twice \(at line (\d+), column \d+\)")
+_OVERWRITE = re.compile(r"Cannot overwrite a value \(at line (\d+), column \d+\)")
+
+
+def toml_error(path: Path, text: str, message: str) -> ConfigError:
+    """A TOML syntax error (``tomllib``'s ``message``), said as the config's other errors
+    are: a table written twice (the README's [http] snippet pasted below the shipped
+    file's) read "Cannot declare ('http',) twice (at line 180, column 6)", a Python tuple
+    and only the second of the two lines."""
+    if found := _TWICE.fullmatch(message):
+        parts, line = ast.literal_eval(found.group(1)), int(found.group(2))
+        first = _declared(text, parts, line)
+        also = f", and at line {first} before it" if first else ""
+        return ConfigError(f"{path}: [{'.'.join(parts)}] (line {line}) is declared twice{also}: "
+                           "write each table once, its keys together")  # fmt: skip
+    if found := _OVERWRITE.fullmatch(message):
+        line = int(found.group(1))
+        key = text.splitlines()[line - 1].partition("=")[0].strip()
+        return ConfigError(f"{path}: {key} (line {line}) is given twice in its table: keep one")
+    return ConfigError(f"{path}: {message}")
+
+
+def _declared(text: str, parts: tuple[str, ...], before: int) -> int | None:
+    """The first line before ``before`` that declares the table ``parts``: its header, or
+    a top-level key of that name (``http.port = ...``, ``http = {...}``)."""
+    top, key = True, re.compile(rf"\s*{_part(parts[0])}\s*[.=]")
+    for number, line in enumerate(text.splitlines()[: before - 1], 1):
+        if header := _HEADER.match(line):
+            top = False
+            if _parts(header.group(1)) == parts:
+                return number
+        elif top and len(parts) == 1 and key.match(line):
+            return number
+    return None
 
 def original_servers(path: Path, text: str) -> list[Any] | None:
     """The servers of a config in the original's JSON format (``[{"port": ...}, ...]``),

@@ -342,6 +342,24 @@ def test_toml_syntax_error_gives_the_line(tmp_path):
     assert "line 3" in message
 
 
+def test_a_table_or_key_written_twice_is_named_with_both_lines(tmp_path):
+    # The README's [http] snippet pasted below the shipped file's read "Cannot declare
+    # ('http',) twice (at line 180, column 6)": a Python tuple, and one of the two lines.
+    cases = {
+        "[http]\nport = 1\n[log]\n\n[http]\nenabled = true\n":
+            "[http] (line 5) is declared twice, and at line 1 before it: write each table "
+            "once, its keys together",
+        'http.port = 1\n[ "http" ]\n': "[http] (line 2) is declared twice, and at line 1",
+        "[queue.extra]\n[queue . 'extra']\n": "[queue.extra] (line 2) is declared twice, "
+            "and at line 1",
+        "[limits]\nthreads = 4\n\nthreads = 5\n": "threads (line 4) is given twice in its "
+            "table: keep one",
+    }
+    for text, said in cases.items():
+        message = config_error(tmp_path, text)
+        assert said in message and "Cannot" not in message, (text, message)
+
+
 def test_unreadable_and_non_utf8_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(tmp_path / "missing.config")
