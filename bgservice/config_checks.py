@@ -37,10 +37,15 @@ def install(extra: str) -> str:
     return f"{sys.executable} -m pip install 'bgservice[{extra}]'"
 
 
+class Unmet(ValueError):
+    """A value that is right but needs what is not installed: its error shows no value
+    (", got True" after the install command read as if true were wrong)."""
+
+
 def _needs(extra: str, *packages: str) -> None:
     """Missing packages of an extra: said with the config (exit 2), not at their import."""
     if missing := [p for p in packages if find_spec(p) is None]:
-        raise ValueError(f"needs {' and '.join(missing)}: {install(extra)}")
+        raise Unmet(f"needs {' and '.join(missing)}: {install(extra)}")
 
 
 def redact_url(url: str) -> str:
@@ -329,9 +334,10 @@ QUEUE_CHECKS: dict[str, Check] = {
 SECRET_KEYS = frozenset({"url", "token", "tokens"})
 
 
-def shown(key: str, value: Any) -> str:
-    """What an error says of the value given: ``, got VALUE``, nothing for a secret."""
-    return "" if key in SECRET_KEYS else f", got {value!r}"
+def shown(key: str, value: Any, exc: ValueError | None = None) -> str:
+    """What an error (``exc``) says of the value given: ``, got VALUE``, nothing for a
+    secret or a value that is right (Unmet)."""
+    return "" if key in SECRET_KEYS or isinstance(exc, Unmet) else f", got {value!r}"
 
 
 def _lease(v: Any) -> float:

@@ -239,7 +239,8 @@ class Reader:
             try:
                 out[key] = checks[key](value)
             except ValueError as exc:
-                raise self.fail(where, key, f"{exc}{shown(key, value)}", table, index) from None
+                problem = f"{exc}{shown(key, value, exc)}"
+                raise self.fail(where, key, problem, table, index) from None
         return out
 
 
