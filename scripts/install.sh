@@ -95,7 +95,8 @@ main() {
         case $arg in
             --test) tests=1 ;;
             --print) print=1 ;;
-            *) echo "usage: scripts/install.sh [--test] [--print]" >&2; exit 2 ;;
+            -h | --help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            *) echo "usage: scripts/install.sh [--test] [--print] [--help]" >&2; exit 2 ;;
         esac
     done
 

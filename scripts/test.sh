@@ -36,6 +36,11 @@ fi
 if [[ ${1-} == --print ]]; then
     exec scripts/install.sh --test --print
 fi
+if [[ ${1-} == -h || ${1-} == --help ]]; then  # (not pytest's: it ran everything first)
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    echo "Usage: scripts/test.sh [--print | PYTEST_ARGS...]   (e.g. tests/test_cli.py -x)"
+    exit 0
+fi
 scripts/install.sh --test
 
 # The venv first on PATH, as activating it does: its python, and its node when the

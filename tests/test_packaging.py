@@ -140,3 +140,15 @@ def test_the_base_install_serves_without_any_extra(tmp_path: Path) -> None:
         service.terminate()
         output = service.communicate(timeout=30)[0]
     assert service.returncode == 0, output
+
+
+def test_the_scripts_help_says_how_to_use_them_and_does_nothing_else() -> None:
+    # A newcomer's --help to test.sh installed, linted and type-checked, then printed
+    # pytest's help (~10 s); install.sh's printed its usage as an error (exit 2).
+    for script, usage in (("install.sh", "--print"), ("test.sh", "PYTEST_ARGS")):
+        done = subprocess.run(
+            ["bash", str(ROOT / "scripts" / script), "--help"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert done.returncode == 0 and usage in done.stdout, (script, done)
+        assert "ruff" not in done.stdout + done.stderr  # nothing ran
