@@ -46,7 +46,7 @@ from bgservice.readiness import sd_notify, write_ready_file
 from bgservice.registry import Registry
 from bgservice.reloader import Reloader
 from bgservice.run_marker import RunMarker
-from bgservice.stats import LagMonitor, Stats
+from bgservice.stats import LagMonitor, Stats, lag_warning_ms
 from bgservice.threads import CallThreads
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class Service:
         self.datagrams.start()
         lag = LagMonitor(
             self.stats,
-            warn_ms=self.settings.lag_warn_ms if self.settings.verbose else None,
+            warn_ms=lag_warning_ms(self.settings.lag_warn_ms, self.settings.verbose),
             running=lambda: [m for m, n in self.stats.in_flight.items() if n],
         )
         self._background.append(loop.create_task(lag.run()))

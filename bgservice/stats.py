@@ -107,11 +107,22 @@ class Stats:
         }
 
 
+# A lag logged without -v too: a handler that blocked the loop this long (time.sleep in an
+# async def) stalled every client without a word (a newcomer's report: 1.8 s, unsaid).
+SEVERE_LAG_MS = 1000.0
+
+
+def lag_warning_ms(warn_ms: float, verbose: bool) -> float:
+    """The lag above which LagMonitor warns: ``[log] lag_warn_ms`` with -v, else a second
+    (or lag_warn_ms if higher)."""
+    return warn_ms if verbose else max(warn_ms, SEVERE_LAG_MS)
+
+
 class LagMonitor:
     """Measures how late the loop wakes a sleeping task: the lag every client feels.
 
-    With ``warn_ms`` set (``-v``), a lag above it is logged with the modules that were
-    running at the time, which is almost always the culprit.
+    A lag above ``warn_ms`` (lag_warning_ms) is logged with the modules that were running
+    at the time, which is almost always the culprit.
     """
 
     def __init__(

@@ -109,6 +109,19 @@ def test_the_lag_warning_names_a_module_that_blocked_the_loop(modules_dir, make_
     assert "hog" in line, line
 
 
+def test_without_v_only_a_lag_of_a_second_or_more_is_warned_of(modules_dir, make_service):
+    # A handler that blocked the loop 1.8 s stalled every client without a word unless the
+    # service ran with -v (a newcomer's report); a short lag stays quiet without -v.
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service()
+    assert svc.call(b"hog:0.3") == b"done"
+    assert svc.call(b"hog:1.5") == b"done"
+    wait_until(lambda: "event loop lagged" in svc.log())
+    lines = [li for li in svc.log().splitlines() if "event loop lagged" in li]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "hog" in lines[0], lines
+    assert float(lines[0].split("lagged ")[1].split(" ms")[0]) >= 1000
+
+
 def test_log_file_gets_the_same_lines(make_service, tmp_path):
     path = tmp_path / "bg.log"
     svc = make_service("", "--log-file", str(path))
