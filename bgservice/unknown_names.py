@@ -8,10 +8,14 @@ garbage) costs a fixed amount and still raises no alert for any one of them.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 
 from bgservice.events import UNKNOWN_MODULE_BURST, Events
+from bgservice.logs import Sparse
+
+log = logging.getLogger(__name__)
 
 WINDOW = 60.0  # seconds
 BURST = 10  # requests for the same unknown name within WINDOW that raise the event
@@ -23,6 +27,10 @@ class UnknownNames:
     def __init__(self, events: Events) -> None:
         self.events = events
         self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # window start, n
+        # A call for a mistyped name answered "400: Unknown request" and the log said
+        # nothing: now a line, at most one a WINDOW (a flood of names is counted in it).
+        # (Datagrams' failures have their lines: dispatch.py.)
+        self._said = Sparse(WINDOW)
 
     def seen(self, name: str, transport: str) -> None:
         """Count one request for ``name``; emit once per window when it reaches BURST."""
@@ -33,6 +41,10 @@ class UnknownNames:
             start, count = now, 0
         count += 1
         self._seen[name] = (start, count)
+        if transport in ("tcp", "unix") and (lines := self._said.tick(now)):
+            more = f" ({lines - 1} more since the last line)" if lines > 1 else ""
+            log.info("request for unknown module %r over %s: 400 Unknown request%s",
+                     name, transport, more)  # fmt: skip
         while len(self._seen) > NAMES:
             self._seen.popitem(last=False)
         if count == BURST:

@@ -122,6 +122,16 @@ def test_without_v_only_a_lag_of_a_second_or_more_is_warned_of(modules_dir, make
     assert float(lines[0].split("lagged ")[1].split(" ms")[0]) >= 1000
 
 
+def test_a_call_for_an_unknown_module_is_a_line_a_minute(make_service):
+    # "ehco:hi" answered "400: Unknown request" and the log said nothing (newcomer review).
+    svc = make_service()
+    for payload in (b"ehco:hi", b"ehco:again", b"nosuch:x"):
+        assert svc.call(payload) == b"400: Unknown request"
+    svc.wait_for_log("request for unknown module 'ehco' over tcp: 400 Unknown request")
+    assert svc.call(b"test:x") == b"Test"  # (after the calls above: their lines are in)
+    assert svc.log().count("request for unknown module") == 1  # a flood: one a minute
+
+
 def test_log_file_gets_the_same_lines(make_service, tmp_path):
     path = tmp_path / "bg.log"
     svc = make_service("", "--log-file", str(path))
