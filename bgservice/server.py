@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bgservice import collector, logs
+from bgservice import __version__, collector, logs
 from bgservice.access import AccessList
 from bgservice.alerts import Alerts
 from bgservice.cancelling import cancel_all
@@ -347,7 +347,7 @@ class Service:
                  "\n  ".join(lines))  # fmt: skip
 
     def _announce_ready(self) -> None:
-        log.info("bgservice ready (pid %d)", os.getpid())
+        log.info("bgservice %s ready (pid %d)", __version__, os.getpid())
         if self.ready_file is not None:
             ready: dict[str, Any] = {"pid": os.getpid(), "listeners": self.listeners.bound}
             if self.http_address is not None:

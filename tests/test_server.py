@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from bgservice import __version__
 from bgservice.protocol import framed_request
 from tests.conftest import GATE, HOG, STRAY_ERROR, wait_until, write_module
 from tests.queue_helpers import add, status
@@ -130,6 +131,12 @@ def test_a_call_for_an_unknown_module_is_a_line_a_minute(make_service):
     svc.wait_for_log("request for unknown module 'ehco' over tcp: 400 Unknown request")
     assert svc.call(b"test:x") == b"Test"  # (after the calls above: their lines are in)
     assert svc.log().count("request for unknown module") == 1  # a flood: one a minute
+
+
+def test_the_ready_line_names_the_version(make_service):
+    # As redis-server's and Sidekiq's first lines do: which release wrote this log?
+    svc = make_service()
+    assert f"bgservice {__version__} ready (pid {svc.proc.pid})" in svc.log()
 
 
 def test_log_file_gets_the_same_lines(make_service, tmp_path):
