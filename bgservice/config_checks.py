@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from bgservice.errors import ConfigError
+from bgservice.errors import ConfigError, Unmet
 from bgservice.http.origins import check_hosts
 from bgservice.http.tokens import MIN_TOKEN_CHARS, check_tokens
 from bgservice.queue.commands import MAX_INT
@@ -35,11 +35,6 @@ def install(extra: str) -> str:
     if (root / "pyproject.toml").is_file():
         return f"{sys.executable} -m pip install -e '{root}[{extra}]'"
     return f"{sys.executable} -m pip install 'bgservice[{extra}]'"
-
-
-class Unmet(ValueError):
-    """A value that is right but needs what is not installed: its error shows no value
-    (", got True" after the install command read as if true were wrong)."""
 
 
 def _needs(extra: str, *packages: str) -> None:

@@ -166,6 +166,11 @@ class ConfigError(Exception):
     """``service.config`` or a command-line value is invalid. Not a reply: exit code 2."""
 
 
+class Unmet(ValueError):
+    """A config value that is right but needs what is not installed (an extra): its error
+    shows no value (", got True" after the install command read as if true were wrong)."""
+
+
 NEAR_CHARS = 100  # the longest word did_you_mean compares (a name is 64 characters at most)
 
 
