@@ -29,8 +29,7 @@ import click
 
 from bgservice import cli_format, cli_top
 from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
-from bgservice.client_async import MAX_TIMEOUT
-from bgservice.client_requests import DatagramTooLarge, encode_module
+from bgservice.client_requests import MAX_TIMEOUT, DatagramTooLarge, encode_module
 from bgservice.errors import ReplyError
 
 EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 3, 4, 130
@@ -92,7 +91,7 @@ def _options(udp: bool, reply: bool) -> Callable[[F], F]:
     """--address, --udp-address, --timeout: taken by every group and client command (a
     script's ``-t`` on send is not refused), shown in ``--help`` only where they apply."""
     kept: dict[str, Any] = {"callback": _remember, "expose_value": False}
-    address = "host:port or Unix socket path of the service "
+    address = "host:port (or tcp://host:port) or Unix socket path of the service "
     address += f"[default: $BGSERVICE_ADDRESS, else {DEFAULT_ADDRESS}]"
     udp_address = "For send: UDP host:port, or Unix datagram path (or udg:///path)."
     timeout = "Seconds to wait for a reply [default: 30]."

@@ -23,7 +23,7 @@ from bgservice.cli_client import (
     _timeout,
     client_options,
 )
-from bgservice.client import ClientTimeout
+from bgservice.client import ClientTimeout, ServiceDown
 from bgservice.errors import ReplyError
 
 
@@ -74,7 +74,7 @@ def queue_add(
         if wait:  # an add, then a get (not queue:add?wait=1): the id is known if cut short
             try:
                 _out(client.get(jid, timeout=max(deadline - time.monotonic(), 0.01)))
-            except (KeyboardInterrupt, ClientTimeout) as exc:
+            except (KeyboardInterrupt, ClientTimeout, ServiceDown) as exc:  # (a stop: it waits)
                 exc.add_note(f"bgservice: job {jid} goes on: bgservice queue get {jid} (or cancel)")
                 raise
             except ReplyError as exc:  # (a bare 404 for the job it had just added)
@@ -104,7 +104,12 @@ def queue_get(job: int, progress: bool | None) -> None:
             cli_top.follow(client, job, deadline)
         # What is left of --timeout after the progress bar, so the whole wait is bounded
         # by it (a floor of 10 ms: a job that ended just now is still read).
-        _out(client.get(job, timeout=max(deadline - time.monotonic(), 0.01)))
+        try:
+            _out(client.get(job, timeout=max(deadline - time.monotonic(), 0.01)))
+        except ClientTimeout as exc:  # (it read as a service that hung: a newcomer's report)
+            exc.add_note(f"bgservice: job {job} has not ended within {_timeout():g} s: wait "
+                         f"longer with -t SECONDS (bgservice queue check {job}: its state)")
+            raise
 
 
 @queue.command("check")

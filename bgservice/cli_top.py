@@ -115,8 +115,8 @@ def _stopping(exc: ReplyError) -> bool:  # the 503 of a service that began to st
 def _why(exc: BaseException) -> str:
     if isinstance(exc, ClientTimeout):
         return "timeout"
-    if isinstance(exc, ReplyError):
-        return "stopping"
+    if isinstance(exc, ReplyError) or isinstance(exc.__cause__, ReplyError):
+        return "stopping"  # (a 503 Shutting down comes as a ServiceDown caused by it)
     cause = exc.__context__
     return next((word for kind, word in WHY if isinstance(cause, kind)), "down")
 

@@ -32,17 +32,12 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from bgservice.client_async import (
+from bgservice.client_async import AsyncClient
+from bgservice.client_requests import (
+    DEFAULT_ADDRESS,
     MAX_TIMEOUT,
     REFUSAL,
     REFUSAL_BYTES,
-    AsyncClient,
-    check_timeout,
-    refusal,
-)
-from bgservice.client_requests import (
-    DEFAULT_ADDRESS,
-    WINDOW,
     BatchError,
     ClientTimeout,
     Data,
@@ -59,11 +54,13 @@ from bgservice.client_requests import (
     add_request,
     add_requests,
     batch_of,
+    check_timeout,
     cut_short,
     named_request,
     parse_address,
     parse_job_id,
     queue_request,
+    refusal,
     request,
     run_request,
     schedule_request,
@@ -86,6 +83,10 @@ __all__ = [
 ]
 
 # --- blocking ---------------------------------------------------------------------------
+
+# Pipelined requests a blocking client writes before it reads their replies: the
+# service's default [limits] max_pipeline, up to which it keeps reading a connection.
+WINDOW = 64
 
 # Most a read takes at once. Under glibc's mmap threshold (128 KiB): CPython allocates the
 # whole size for every recv, and a larger one came from mmap, shrunk with mremap and freed
@@ -358,7 +359,7 @@ class Client(Where):
                 raise refusal(self.address, head[:REFUSAL_BYTES])
             if head != PREFACE:
                 raise ServiceDown(f"{self.address} does not speak the framed protocol")
-        except (TimeoutError, BlockingIOError):  # BlockingIOError: a timeout of 0
+        except TimeoutError:  # (0, which made the socket non-blocking, is refused)
             raise ClientTimeout(f"{self.address} accepted but did not greet in time") from None
         except ServiceDown:  # said already (a ConnectionError: not wrapped again below)
             raise

@@ -6,14 +6,16 @@ batch at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import re
 import socket
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from bgservice.client_requests import (
+    REFUSAL,
+    REFUSAL_BYTES,
     ClientTimeout,
     Data,
     JobRef,
@@ -28,47 +30,17 @@ from bgservice.client_requests import (
     add_request,
     add_requests,
     batch_of,
+    check_timeout,
     cut_short,
     named_request,
     parse_address,
     queue_request,
+    refusal,
     request,
     run_request,
     schedule_request,
 )
-from bgservice.errors import ReplyError
 from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
-
-# The longest timeout a client takes, the client's or a call's: a week, on every platform
-# (1e10 s overflowed the socket's nanosecond clock: an OverflowError, the socket left
-# open). None waits for ever.
-MAX_TIMEOUT = 7 * 24 * 3600.0
-
-
-def check_timeout(seconds: float | None) -> None:
-    """``ValueError`` for a timeout no socket takes: not None nor 0 to MAX_TIMEOUT (nan)."""
-    if seconds is not None and not 0 <= seconds <= MAX_TIMEOUT:
-        raise ValueError(
-            f"timeout must be None or 0 to {MAX_TIMEOUT:.0f} seconds (a week), not {seconds!r}"
-        )
-
-
-# A new connection the service refuses (403 not in the allow list, 503 too many
-# connections or shutting down) gets the reason in the one-shot form ("503: Too many
-# connections", bgservice.stream.sniffer) instead of the greeting, and is closed: read to
-# that close (at most REFUSAL_BYTES), it is the error to raise, not a wrong greeting.
-REFUSAL = re.compile(rb"[45][0-9]{2}:")
-REFUSAL_BYTES = 1024
-
-
-def refusal(address: str, reply: bytes) -> ReplyError | ServiceDown:
-    """The exception for the service's refusal ``reply``: a 5xx is a service that cannot
-    serve now (``ServiceDown``: the caller's fallback applies), a 4xx a refusal of this
-    client (``ReplyError`` with its code)."""
-    status, reason = int(reply[:3]), reply[4:].decode(errors="replace").strip()
-    message = f"{address} refused the connection: {status} {reason}"
-    return ServiceDown(message) if status >= 500 else ReplyError(status, message)
-
 
 Waiters = list[asyncio.Future[tuple[int, bytes]]]  # a batch's, one a request
 
@@ -170,7 +142,15 @@ class FramedConnection(asyncio.BufferedProtocol):
                 future.exception()  # retrieved: the waiter raises it itself
 
     def close(self) -> None:
-        if self.transport is not None and not self.lost:
+        """Close it, from its loop or a later one (``AsyncClient._drop_stale``): there
+        asyncio's close only schedules the socket's (and raises once that loop is closed),
+        so the socket is shut down first, which ends it for the service now."""
+        if self.transport is None or self.lost:
+            return
+        if not self.loop.is_running():
+            with contextlib.suppress(OSError, AttributeError, TypeError):  # uvloop refuses
+                self.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        if not self.loop.is_closed():
             self.transport.close()
 
     def retire(self) -> None:
@@ -181,9 +161,11 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     @property
     def usable(self) -> bool:
-        """Open, and not being closed (a request written now reaches the service)."""
+        """Open, not being closed (a request written now reaches the service), and its loop
+        running: the caller's, as one loop at a time uses a client (not an earlier one's)."""
         transport = self.transport
-        return not (self.lost or self.retired or transport is None or transport.is_closing())
+        closed = self.lost or self.retired or transport is None or transport.is_closing()
+        return not closed and self.loop.is_running()
 
 
 class AsyncClient(Where):
@@ -203,6 +185,7 @@ class AsyncClient(Where):
         await self.close()
 
     async def close(self) -> None:
+        self._drop_stale()
         if self._conn is not None:
             self._conn.close()
             self._conn.fail(ServiceDown("client closed"))
@@ -353,6 +336,7 @@ class AsyncClient(Where):
         as a reply is, within each caller's own ``timeout``: none in time is a busy service,
         a ``ClientTimeout`` for that caller alone (the others wait on). Once no caller
         waits for an opening any more, it is dropped."""
+        self._drop_stale()
         if self._connecting is None or self._connecting.done():
             self._opening = FramedConnection(asyncio.get_running_loop())
             self._connecting = asyncio.ensure_future(self._open(self._opening))
@@ -372,6 +356,17 @@ class AsyncClient(Where):
                 opening.cancel()  # _open closes it
                 if self._connecting is opening:
                     self._connecting = None  # the next call opens a new one
+
+    def _drop_stale(self) -> None:
+        """Drop the connection (or opening) of a loop that no longer runs (an earlier
+        ``asyncio.run``'s): a request written on it ran, and its reply, for a future of
+        that loop, was a RuntimeError here. The running loop opens its own first."""
+        if self._conn is not None and not self._conn.loop.is_running():
+            self._conn.close()
+            self._conn = None
+        if self._connecting is not None and not self._opening.loop.is_running():
+            self._opening.close()
+            self._connecting = None
 
     async def _open(self, conn: FramedConnection) -> FramedConnection:
         family, target = parse_address(self.address)

@@ -4,6 +4,7 @@ service's syntax, job ids in either form, the errors a caller sees. No I/O."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import re
 import socket
@@ -15,9 +16,6 @@ from bgservice.errors import ReplyError
 from bgservice.protocol import OK
 
 DEFAULT_ADDRESS = "127.0.0.1:12341"
-# Pipelined requests a blocking client writes before it reads their replies: the
-# service's default [limits] max_pipeline, up to which it keeps reading a connection.
-WINDOW = 64
 MAX_JOB_ID = 2**63 - 1  # the service's ids are SQLite INTEGERs: none is larger
 Data = str | bytes
 JobRef = int | str
@@ -30,6 +28,20 @@ Reply = tuple[int, bytes]  # (status, body)
 Replies = list[Reply]
 Payloads = list[bytes]
 Rows = list[dict[str, Any]]
+RUN = "run(module, data, **options) queues a job and waits for its result"  # (add's errors)
+
+
+# The longest timeout a client takes, the client's or a call's: a week on every platform
+# (1e10 s overflowed the socket's nanosecond clock: OverflowError, the socket left open).
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def check_timeout(seconds: float | None) -> None:
+    """``ValueError`` for a timeout that is not None (for ever) nor above 0 and at most
+    MAX_TIMEOUT (nan); 0 meant one thing to ``Client``, another to ``AsyncClient``."""
+    if seconds is not None and not 0 < seconds <= MAX_TIMEOUT:
+        most = f"at most {MAX_TIMEOUT:.0f} seconds (a week)"
+        raise ValueError(f"timeout must be None or above 0 and {most}, not {seconds!r}")
 
 
 class ServiceDown(ConnectionError):
@@ -53,10 +65,8 @@ class DatagramTooLarge(ValueError):
     kernel's "message too long"): it could never be sent, the service up or down."""
 
     def __init__(self, module: str, size: int, address: str) -> None:
-        self.reason = (
-            f"{module}:DATA is {size} bytes, more than one datagram to {address} carries "
-            '(the kernel\'s "message too long")'
-        )
+        carries = f"more than one datagram to {address} carries"
+        self.reason = f'{module}:DATA is {size} bytes, {carries} (the kernel\'s "message too long")'
         super().__init__(f"send(): {self.reason}: use call() or add()")
 
 
@@ -72,13 +82,28 @@ class BatchError(ReplyError):
         self.results = results
 
 
+# A new connection the service refuses (403 not in allow, 503 too many connections or
+# shutting down) gets the reason ("503: Too many connections", stream.sniffer) instead of
+# the greeting, and is closed: read to that close (at most REFUSAL_BYTES), it is the
+# error to raise, not a wrong greeting.
+REFUSAL = re.compile(rb"[45][0-9]{2}:")
+REFUSAL_BYTES = 1024
+
+
+def refusal(address: str, reply: bytes) -> ReplyError | ServiceDown:
+    """The exception for the service's refusal ``reply``: a 5xx is a service that cannot
+    serve now (``ServiceDown``: the caller's fallback applies), a 4xx a refusal of this
+    client (``ReplyError`` with its code)."""
+    status, reason = int(reply[:3]), reply[4:].decode(errors="replace").strip()
+    message = f"{address} refused the connection: {status} {reason}"
+    return ServiceDown(message) if status >= 500 else ReplyError(status, message)
+
+
 class Where:
-    """Where a client talks to: ``address`` for calls (``host:port`` or a Unix socket
-    path), ``udp_address`` for ``send`` (default: the same host:port over UDP; a Unix
-    stream socket has no datagram twin at a known path, so with a Unix ``address``
-    ``send`` needs ``udp_address``, the listener's ``unix_dgram``), ``timeout`` seconds a
-    reply may take (None: forever). ``parse_address`` says which forms each takes; any
-    other raises ``ValueError`` here."""
+    """Where a client talks to: ``address`` for calls, ``udp_address`` for ``send``
+    (default: the same host:port over UDP; none for a Unix ``address``: ``send``), as
+    ``parse_address`` takes them (any other form raises ``ValueError`` here), and
+    ``timeout`` seconds a reply may take (None: forever)."""
 
     def __init__(
         self,
@@ -88,7 +113,8 @@ class Where:
     ) -> None:
         self.address = address
         unix = parse_address(address)[0] == socket.AF_UNIX
-        self.udp_address = udp_address or (None if unix else address)
+        # (as PHP's: a tcp://host:port address sends to that host:port over UDP)
+        self.udp_address = udp_address or (None if unix else address.partition("://")[2] or address)
         if self.udp_address is not None:  # a bad one refused now, not lost at each send
             parse_address(self.udp_address, datagram=True)
         self.timeout = timeout
@@ -99,12 +125,10 @@ class Where:
 
     def send(self, module: str, data: Data = b"") -> None:
         """Fire and forget over UDP (or a Unix datagram socket): no reply, never raises
-        because the service is down (the datagram is simply lost). One ``sendto``: the
-        same for the blocking and the asyncio client. ``ValueError`` for what could never
-        be sent, up or down: without a datagram address (a Unix ``address`` and no
-        ``udp_address``), or ``MODULE:DATA`` larger than one datagram carries (the
-        kernel's "message too long" decides: over 65,507 bytes for UDP over IPv4, more
-        over IPv6 or to a Unix datagram socket)."""
+        because the service is down (the datagram is simply lost). One ``sendto``, for both
+        clients. ``ValueError`` for what could never be sent, up or down: without a
+        datagram address (a Unix stream socket has no datagram twin at a known path: the
+        listener's ``unix_dgram``), or more than one datagram carries (DatagramTooLarge)."""
         if self.udp_address is None:
             raise ValueError(
                 f"send() needs udp_address: {self.address} is a Unix stream socket "
@@ -113,10 +137,9 @@ class Where:
         family, target = parse_address(self.udp_address, datagram=True)
         message = request(module, data)
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            # Never waits: a Unix datagram socket takes 10 datagrams the service has not
-            # read yet (net.unix.max_dgram_qlen), then a blocking send waits as long as
-            # the service is busy, for ever if it hangs. One that would wait is dropped,
-            # as a UDP datagram is when the service's buffer is full.
+            # Never waits: a Unix datagram socket takes 10 datagrams the service has not read
+            # (net.unix.max_dgram_qlen), then a blocking send waits as long as it is busy,
+            # for ever if it hangs. One that would wait is dropped, as UDP drops it.
             sock.setblocking(False)
             try:
                 sock.sendto(message, target)
@@ -129,36 +152,40 @@ class Where:
 # --- requests: pure -------------------------------------------------------------------
 
 
-# The PHP client's forms for a Unix socket ("unix:///run/bg.sock", "udg:///run/bg.dgram"):
-# a path that was sent to as such went nowhere, silently ("udg:" is not a folder).
+# The PHP client's forms too, so that one $BGSERVICE_ADDRESS serves both ("udg:///x",
+# taken for a path, went nowhere, silently): unix:///path, tcp:// (udp://) host:port.
 _UNIX_SCHEMES = {False: ("unix",), True: ("udg", "unix")}  # by datagram; unix: as before
+_INET_SCHEME = {False: "tcp", True: "udp"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
 
 
 def parse_address(address: str, datagram: bool = False) -> tuple[int, Any]:
-    """``host:port`` / ``[v6]:port`` -> (AF_INET*, (host, port)); a path, ``unix:PATH``
-    or ``unix://PATH`` (and, for a ``datagram`` address, ``udg://PATH``) -> (AF_UNIX,
-    path). Anything else, another ``scheme://`` included, raises ``ValueError``."""
-    url = _SCHEME.fullmatch(address)
-    if url:
+    """``host:port`` / ``[v6]:port`` / ``tcp://host:port`` (``udp://`` for a ``datagram``
+    address) -> (AF_INET*, (host, port)); a path, ``unix:PATH`` or ``unix://PATH`` (and,
+    for a ``datagram`` address, ``udg://PATH``) -> (AF_UNIX, path). Anything else,
+    another ``scheme://`` included, raises ``ValueError``."""
+    url, host_port = _SCHEME.fullmatch(address), address
+    if url and url[1].lower() == _INET_SCHEME[datagram]:
+        host_port = url[2]  # and read as host:port below ("/" in it refused there)
+    elif url:
         scheme, path = url[1].lower(), url[2]
         if scheme == "udg" and not datagram:
             raise ValueError(f"{address!r} is a datagram socket, for udp_address (--udp-address)")
         if scheme not in _UNIX_SCHEMES[datagram] or not path:
-            forms = ["host:port", "a Unix socket path"]
+            forms = ["host:port", f"{_INET_SCHEME[datagram]}://host:port", "a Unix socket path"]
             forms += [f"{name}:///path" for name in _UNIX_SCHEMES[datagram]]
             kind = "a datagram address" if datagram else "address"
             raise ValueError(
                 f"{kind} must be {', '.join(forms[:-1])} or {forms[-1]}, not {address!r}"
             )
         return socket.AF_UNIX, path
-    if "/" in address or address.startswith("unix:"):
+    elif "/" in address or address.startswith("unix:"):
         path = address.removeprefix("unix:")
         if not path:
             raise ValueError(f"address {address!r} names no Unix socket path")
         return socket.AF_UNIX, path
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    host, sep, port = host_port.rpartition(":")
+    if "/" in host_port or not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"address must be host:port or a Unix socket path, not {address!r}")
     host = host.strip("[]") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -170,8 +197,7 @@ def parse_job_id(job: JobRef) -> int:
 
     Users porting from the original keep the ``id:N`` strings its ``queue:add`` replied,
     so both forms are taken. Checked here rather than left to the service so that a typo is
-    a ``ValueError`` naming the value, not a ``404 Job 0 not found`` from a lax conversion.
-    """
+    a ``ValueError`` naming the value, not a ``404 Job 0 not found`` from a lax conversion."""
     if isinstance(job, bool) or not isinstance(job, int | str):
         raise ValueError(f"job id must be N or 'id:N', not {job!r}")
     # As the service reads it (bgservice.queue.commands.job_id): blanks around N and after "id:" go.
@@ -220,10 +246,7 @@ def add_request(module: str, data: Data = b"", **options: Any) -> bytes:
     """``queue:add[?OPTIONS]:MODULE:DATA`` (docs/queue.md); ``None`` options are left out.
     No ``wait``: its reply is the job's result, not the id ``add`` reads (``run``)."""
     if options.get("wait") is not None:  # sent, the job ran, and its result was no id
-        raise ValueError(
-            "add() takes no wait= option (it returns the job's id): "
-            "run(module, data, **options) queues a job and waits for its result"
-        )
+        raise ValueError(f"add() takes no wait= option (it returns the job's id): {RUN}")
     return _add(module, data, options)
 
 
@@ -247,24 +270,33 @@ def _add(module: str, data: Data, options: dict[str, Any]) -> bytes:
 
 
 def add_requests(jobs: Iterable[JobSpec]) -> list[bytes]:
-    """``add_request`` for each job of ``add_many``: no ``wait`` either (as PHP's
-    addMany), refused before anything is sent. Its reply is the job's result, no id, and
-    it holds every reply after its own until the job ends."""
+    """``add_request`` for each job of ``add_many``, all checked before anything is sent:
+    a malformed one is a ``ValueError`` naming it (it was an IndexError, or "echo" read
+    as module "e"), as PHP's addMany; no ``wait``: its reply, no id, holds all after it."""
     made = []
     for n, job in enumerate(jobs):
-        options = dict(job[2]) if len(job) == 3 else {}
+        if not isinstance(job, tuple | list) or len(job) not in (2, 3):
+            shape = "(module, data) or (module, data, options)"
+            raise ValueError(f"add_many(): job {n} must be {shape}, not {job!r:.80}")
+        options = job[2] if len(job) == 3 else {}
+        if not isinstance(options, dict):
+            raise ValueError(f"add_many(): job {n}: options must be a dict, not {options!r:.80}")
         if options.get("wait") is not None:
-            raise ValueError(
-                f"add_many() takes no wait= option (job {n}; it returns job ids): "
-                "run(module, data, **options) queues a job and waits for its result"
-            )
-        made.append(_add(job[0], job[1], options))
+            raise ValueError(f"add_many() takes no wait= option (job {n}; it returns ids): {RUN}")
+        try:
+            made.append(_add(job[0], job[1], dict(options)))
+        except ValueError as exc:  # a bad module, data, after id or at: which job's
+            raise ValueError(f"add_many(): job {n}: {exc}") from None
     return made
 
 
 def batch(replies: list[tuple[int, bytes]], value: Callable[[bytes], T]) -> list[T]:
-    """Each reply's ``value``, in order; ``BatchError`` if any was an error reply."""
+    """Each reply's ``value``, in order; ``BatchError`` if any was an error reply, or
+    ``ServiceDown`` if the stop cut any (``.results``: it for each of those, as unanswered)."""
     results: list[Any] = [_outcome(reply, value) for reply in replies]
+    if down := next((r for r in results if isinstance(r, ServiceDown)), None):
+        down.results = [down if isinstance(r, ServiceDown) else r for r in results]
+        raise down
     if any(isinstance(r, ReplyError) for r in results):
         raise BatchError(results)
     return results
@@ -278,9 +310,9 @@ def batch_of(value: Callable[[bytes], T]) -> Iterator[Callable[[Replies], list[T
     try:
         yield lambda replies: batch(replies, value)
     except (ServiceDown, ClientTimeout) as exc:
-        if exc.results is not None:
-            known = exc.results
-            exc.results = [_outcome(r, value) if isinstance(r, tuple) else r for r in known]
+        if exc.results is not None:  # a reply the stop cut is as one that did not come
+            known = [_outcome(r, value) if isinstance(r, tuple) else r for r in exc.results]
+            exc.results = [exc if isinstance(r, ServiceDown) else r for r in known]
         raise
 
 
@@ -302,18 +334,26 @@ def cut_short(exc: CutShort, replies: Replies, sent: int, total: int) -> CutShor
     return again
 
 
-def _outcome(reply: Reply, value: Callable[[bytes], T]) -> T | ReplyError:
+def _outcome(reply: Reply, value: Callable[[bytes], T]) -> T | ReplyError | ServiceDown:
     """A reply's value, or the ``ReplyError`` of an error reply (or of one ``value``
-    cannot read)."""
+    cannot read), or the ``ServiceDown`` of one the service's stop cut."""
     try:
         return value(_check(*reply))
-    except ReplyError as exc:
+    except (ReplyError, ServiceDown) as exc:
         return exc
 
 
 def _option(value: Any) -> str:
+    """As the service reads it; a ``timedelta`` (``delay=``) in seconds, an aware ``datetime``
+    (``at=``) epoch seconds: str() was refused. A naive one, local or UTC, is ambiguous."""
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, datetime.timedelta):
+        return str(value.total_seconds())
+    if isinstance(value, datetime.datetime):
+        if value.utcoffset() is None:
+            raise ValueError(f"a datetime must be timezone-aware (naive is ambiguous): {value!r}")
+        return str(value.timestamp())
     return str(value)
 
 
@@ -344,7 +384,16 @@ def _new_id(reply: bytes) -> int:
     return int(reply[3:])
 
 
+# The service's 503 to a request its stop cut or came after it began, also as "Shutting
+# down: job 7 is still queued" (docs/protocol.md): the service going away, not an error.
+STOPPING = b"Shutting down"
+
+
 def _check(status: int, body: bytes) -> bytes:
     if status != OK:
-        raise ReplyError(status, body.decode("utf-8", "replace"))
+        error = ReplyError(status, body.decode("utf-8", "replace"))
+        if status == 503 and body.partition(b": ")[0] == STOPPING:  # (the reply: its cause)
+            why = f"the service is shutting down ({status} {error})"
+            raise ServiceDown(f"{why}: the request may have run") from error
+        raise error
     return body

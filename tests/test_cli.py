@@ -111,6 +111,31 @@ def test_exit_codes(service):
         assert usage.returncode == 2 and b"is not seconds from 0.1" in usage.stderr, bad
 
 
+def test_a_call_a_graceful_stop_cuts_exits_3_service_down(modules_dir, make_service):
+    # "503: Shutting down" (the call still running when shutdown_grace ended) was an
+    # error reply, exit 1: a script's "service down, fall back" (exit 3) did not run.
+    from tests.test_client_failures import STARTED_THEN_SLEEPS
+
+    write_module(modules_dir, "slow", STARTED_THEN_SLEEPS)
+    svc = make_service("[limits]\nshutdown_grace = 1\n")
+    host, port = svc.tcp
+    call = subprocess.Popen(
+        [sys.executable, str(REPO / "service.py"), "-a", f"{host}:{port}", "call", "slow", "cli"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until((modules_dir / "cli.started").exists)
+        svc.signal(signal.SIGTERM)
+        out, err = call.communicate(timeout=60)
+    finally:
+        call.kill()
+        call.wait()
+    assert (call.returncode, out) == (3, b""), err
+    assert err.startswith(b"bgservice: service down: the service is shutting down"), err
+    assert svc.wait() == 0
+
+
 def test_queue_subcommands(service):
     added = bg(service, "queue", "add", "sleep", "300", "--priority", "4", "--unique", "u:1")
     assert added.returncode == 0
@@ -369,6 +394,18 @@ def test_ctrl_c_exits_130_and_a_waited_job_is_named(modules_dir, make_service):
     job = re.search(rb"job (\d+) goes on", slow.stderr)
     assert slow.returncode == 4 and slow.stdout == b"" and job, slow.stderr
     assert bg(svc, "queue", "cancel", job[1].decode()).stdout in (b"cancelled\n", b"cancelling\n")
+
+
+def test_a_get_that_times_out_says_the_job_goes_on_and_how_to_wait_longer(make_service):
+    # "bgservice: timeout: no reply from 127.0.0.1:12341 in time" after 30 s read as a
+    # service that hung, for a job still running (a newcomer's report).
+    svc = make_service()
+    job = bg(svc, "queue", "add", "sleep", "3000").stdout.decode().strip()
+    done = bg(svc, "queue", "get", job, "--no-progress", "-t", "0.5")
+    assert done.returncode == 4 and done.stdout == b"", done.stderr
+    assert f"job {job} has not ended within 0.5 s: wait longer with -t SECONDS " \
+        f"(bgservice queue check {job}: its state)".encode() in done.stderr, done.stderr
+    assert bg(svc, "queue", "cancel", job).stdout in (b"cancelled\n", b"cancelling\n")
 
 
 def _help(*args: str) -> str:

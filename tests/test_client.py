@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import socket
 import threading
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+import uvloop
 
 from bgservice.client import (
     AsyncClient,
@@ -55,15 +57,18 @@ def test_address_forms_of_the_php_client_and_no_other_scheme():
     assert parse_address("unix:///run/bg.sock") == (unix, "/run/bg.sock")
     assert parse_address("unix:/run/bg.sock") == (unix, "/run/bg.sock")
     assert parse_address("/run/a://b") == (unix, "/run/a://b")  # a path, not a scheme
-    for bad in ("tcp://127.0.0.1:5", "http://127.0.0.1:5", "unix://", "unix:", "udg:///x"):
+    for bad in ("udp://127.0.0.1:5", "http://127.0.0.1:5", "unix://", "unix:", "udg:///x"):
         with pytest.raises(ValueError):
             parse_address(bad)
-    for bad in ("udp://127.0.0.1:5", "tcp://127.0.0.1:5", "udg://", "ftp:///x"):
+    for bad in ("tcp://127.0.0.1:5", "http://127.0.0.1:5", "udg://", "ftp:///x"):
         with pytest.raises(ValueError):
             parse_address(bad, datagram=True)
+    for bad in ("tcp://", "tcp://127.0.0.1", "tcp://host/x:5", "tcp:///run/bg.sock"):
+        with pytest.raises(ValueError, match="address must be host:port"):
+            parse_address(bad)
     # Refused when the client is made, not lost at each send.
-    with pytest.raises(ValueError, match="udp://"):
-        Client("127.0.0.1:5", udp_address="udp://127.0.0.1:5")
+    with pytest.raises(ValueError, match="tcp://"):
+        Client("127.0.0.1:5", udp_address="tcp://127.0.0.1:5")
     with pytest.raises(ValueError, match="udp_address"):
         Client("udg:///run/bg.dgram")
 
@@ -314,3 +319,93 @@ def test_add_refuses_wait_naming_run_before_sending(service):
     assert asyncio.run(main()) == b"ran too"
     done = Client(address(service)).list("done")["done"]
     assert sorted(job["id"] for job in done) == [1, 2]  # run()'s two: nothing else was sent
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("runs", ["closed after each", "two kept open, in turn"])
+def test_one_async_client_serves_successive_event_loops(service, loop, runs):
+    # Found by review: the connection the first asyncio.run made was used by the second,
+    # its loop closed: the request went out (the job was queued), and the caller got
+    # RuntimeError ("attached to a different loop"), no id; every later call too.
+    kept = [LOOPS[loop](), LOOPS[loop]()] if runs == "two kept open, in turn" else []
+
+    def run(coro):
+        if not kept:
+            return asyncio.run(coro) if loop == "asyncio" else uvloop.run(coro)
+        kept.append(kept.pop(0))  # the other one
+        return kept[-1].run_until_complete(coro)
+
+    bg = AsyncClient(address(service))
+    try:
+        assert run(bg.call("echo", "first loop")) == b"first loop"
+        job = run(bg.add("echo", "second loop"))
+        assert isinstance(job, int)
+        assert run(bg.get(job)) == b"second loop"
+        run(bg.close())  # from a fourth run: the third's connection closed, nothing raised
+    finally:
+        for each in kept:
+            each.close()
+    with Client(address(service)) as check:
+        assert sum(check.queue_stats()["counts"].values()) == 1  # queued once
+    # Each loop's connection was closed for the service when the next loop dropped it.
+    wait_until(lambda: service.stats()["connections"]["open"] == 1)  # (stats' own)
+
+
+def test_at_takes_an_aware_datetime_and_delay_a_timedelta(service):
+    # Their str() was sent ("2030-01-01 00:00:00+00:00", "1:00:00"): 400 expected a number.
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    with Client(address(service)) as bg:
+        assert bg.status(bg.add("echo", "at", at=at))["run_at"] == at.timestamp()
+        timed = {"delay": timedelta(hours=1), "timeout": timedelta(seconds=90)}  # any seconds
+        delayed = bg.status(bg.add("echo", "delay", **timed))
+        assert delayed["run_at"] - delayed["created"] == pytest.approx(3600, abs=1)
+        assert delayed["timeout"] == 90
+        with pytest.raises(ValueError, match="timezone-aware"):  # local time or UTC?
+            bg.add("echo", "naive", at=datetime(2030, 1, 1))
+        [many] = bg.add_many([("echo", "many", {"delay": timedelta(minutes=5)})])
+        many_status = bg.status(many)
+        assert many_status["run_at"] - many_status["created"] == pytest.approx(300, abs=1)
+
+    async def main() -> int:
+        async with AsyncClient(address(service)) as abg:
+            with pytest.raises(ValueError, match="timezone-aware"):
+                await abg.add("echo", "naive", at=datetime(2030, 1, 1))
+            berlin = timezone(timedelta(hours=1))  # the same instant, another zone
+            return await abg.add("echo", "async", at=datetime(2030, 1, 1, 1, tzinfo=berlin))
+
+    job = asyncio.run(main())
+    with Client(address(service)) as bg:
+        assert bg.status(job)["run_at"] == at.timestamp()
+        assert sum(bg.queue_stats()["counts"].values()) == 4  # no naive one was sent
+
+
+def test_the_php_clients_tcp_and_udp_address_forms_are_taken(modules_dir, make_service):
+    # One $BGSERVICE_ADDRESS for PHP ("tcp://127.0.0.1:12341") and Python: the Python
+    # clients and `bgservice -a` refused it (ValueError, exit 2).
+    write_module(
+        modules_dir,
+        "note",
+        "from pathlib import Path\n\ndef handle_udp(request):\n"
+        "    Path(__file__).with_name('note.txt').write_text(request.text)\n",
+    )
+    svc = make_service()
+    host, port = svc.tcp
+    note = modules_dir / "note.txt"
+    with Client(f"tcp://{host}:{port}") as bg:
+        assert bg.call("echo", "over tcp://") == b"over tcp://"
+        bg.send("note", "to its host:port over UDP")
+        wait_until(lambda: note.exists() and note.read_text() == "to its host:port over UDP")
+    Client(address(svc), udp_address=f"udp://{host}:{port}").send("note", "to udp://")
+    wait_until(lambda: note.read_text() == "to udp://")
+
+    async def main() -> bytes:
+        async with AsyncClient(f"TCP://{host}:{port}") as abg:
+            return await abg.call("echo", "async")
+
+    assert asyncio.run(main()) == b"async"
+    from tests.test_cli import bg as cli
+
+    assert cli(svc, "ping", address=f"tcp://{host}:{port}").stdout == b"pong\n"

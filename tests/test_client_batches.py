@@ -83,6 +83,40 @@ def test_a_refused_job_in_a_batch_leaves_the_others_queued(service):
         assert bg.call("test") == b"Test"  # the connection is still in step
 
 
+# Found by review: IndexError, KeyError 0, "echo" read as module "e" data "c" (a 400
+# for the batch), and a 4-tuple queued with its options dropped. Each is a ValueError
+# naming the job now, raised before any of the batch is sent (as PHP's addMany).
+MALFORMED = [
+    ([("echo",)], r"job 0 must be \(module, data\) or \(module, data, options\), not \('echo',\)"),
+    ([{"module": "echo"}], r"job 0 must be .*, not \{'module': 'echo'\}"),
+    (["echo"], r"job 0 must be .*, not 'echo'"),
+    ([("echo", "ok"), ("echo", "x", {"priority": 5}, 1)], r"job 1 must be .*, not \('echo'"),
+    ([("echo", "ok"), ("echo", "x", "priority=5")], r"job 1: options must be a dict"),
+    ([("echo", "ok"), (b"echo", "x")], r"job 1: module must be str, not bytes"),
+    ([("echo", "ok"), ("echo", 5)], r"job 1: data must be str or bytes, not int"),
+    ([("echo", "ok"), ("echo", "x", {"after": "id:"})], r"job 1: job id must be N or 'id:N'"),
+]
+
+
+def test_a_malformed_job_of_add_many_is_named_before_any_is_sent(service):
+    with Client(address(service)) as bg:
+        for jobs, error in MALFORMED:
+            with pytest.raises(ValueError, match=r"add_many\(\): " + error):
+                bg.add_many(jobs)
+        assert bg.add_many([["echo", "a list"], ("echo", "x", {"priority": 5})]) == [1, 2]
+
+    async def main() -> None:
+        async with AsyncClient(address(service)) as abg:
+            for jobs, error in MALFORMED:
+                with pytest.raises(ValueError, match=r"add_many\(\): " + error):
+                    await abg.add_many(jobs)
+
+    asyncio.run(main())
+    with Client(address(service)) as bg:  # none of the malformed batches sent a job
+        assert sum(bg.queue_stats()["counts"].values()) == 2
+        assert bg.status(2)["priority"] == 5
+
+
 def test_async_client_run_and_batches(service):
     async def main() -> None:
         async with AsyncClient(address(service)) as bg:

@@ -253,6 +253,95 @@ def test_a_timeout_past_a_week_is_refused_at_construction(service):
     asyncio.run(both())
 
 
+def test_a_timeout_of_0_is_refused_before_anything_is_sent(service):
+    # call(timeout=0) got its reply from Client (the kernel's least timeout: a quick call
+    # beat it) and ClientTimeout from AsyncClient once the request was out; PHP and the
+    # CLI refuse 0. Refused by both now, the client's at construction, a call's unsent.
+    where = address(service)
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="above 0"):
+            cls(where, timeout=0)
+    with Client(where) as bg:
+        with pytest.raises(ValueError, match="above 0"):
+            bg.call("echo", "sync", timeout=0)
+        with pytest.raises(ValueError, match="above 0"):
+            bg.run("echo", "sync", wait_timeout=0.0)
+
+    async def main() -> None:
+        async with AsyncClient(where) as abg:
+            with pytest.raises(ValueError, match="above 0"):
+                await abg.call("echo", "async", timeout=0)
+            with pytest.raises(ValueError, match="above 0"):
+                await abg.run("echo", "async", wait_timeout=0)
+
+    asyncio.run(main())
+    with Client(where) as bg:
+        assert sum(bg.queue_stats()["counts"].values()) == 0  # no run() was sent
+        assert bg.stats()["modules"].get("echo") is None  # nor any call
+
+
+# A call that runs until the service's stop cuts it; its file says it started.
+STARTED_THEN_SLEEPS = """
+import asyncio
+from pathlib import Path
+
+async def handle_tcp(request):
+    Path(__file__).with_name(request.text + ".started").touch()
+    await asyncio.sleep(5)
+    return "slept"
+"""
+
+
+def test_a_request_a_graceful_stop_cuts_is_service_down(modules_dir, make_service):
+    # A call still running when shutdown_grace ends, and a request that comes during it,
+    # are answered "503: Shutting down", a get of a job the stop puts back "503: Shutting
+    # down: job N is still queued": the clients raised ReplyError 503, which the caller's
+    # ServiceDown fallback (docs/clients.md: "shutting down") did not catch.
+    write_module(modules_dir, "slow", STARTED_THEN_SLEEPS)
+    svc = make_service("[limits]\nshutdown_grace = 3\n")
+    where = address(svc)
+    with Client(where) as bg:
+        job = bg.add("slow", "job")
+    stopping = threading.Event()
+
+    def sync_call() -> object:
+        with Client(where) as bg, pytest.raises(ServiceDown) as down:
+            bg.call("slow", "sync")
+        return down.value
+
+    async def async_requests() -> list[object]:
+        async with AsyncClient(where) as abg:
+            await abg.ping()  # open: the two below are written in this order, at once
+            cut = [
+                asyncio.ensure_future(abg.get(job)),
+                asyncio.ensure_future(abg.call("slow", "async")),
+            ]
+            await asyncio.to_thread(stopping.wait)  # the connection is kept for the call
+            during = [abg.add("echo", "late"), abg.add_many([("echo", "a"), ("echo", "b")])]
+            return await asyncio.gather(*during, *cut, return_exceptions=True)
+
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        sync = pool.submit(sync_call)
+        asynchronous = pool.submit(asyncio.run, async_requests())
+        for name in ("job", "sync", "async"):  # (the get was read before the async call)
+            wait_until((modules_dir / f"{name}.started").exists)
+        svc.signal(signal.SIGTERM)
+        try:
+            svc.wait_for_log("calls in flight, up to")  # the stop began: requests refused
+        finally:
+            stopping.set()
+        errors = [sync.result(timeout=30), *asynchronous.result(timeout=30)]
+    assert svc.wait() == 0
+    assert len(errors) == 5 and all(isinstance(error, ServiceDown) for error in errors), errors
+    for error in errors:
+        assert "the service is shutting down (503 Shutting down" in str(error)
+        assert str(error).endswith("): the request may have run")
+        assert isinstance(error.__cause__, ReplyError) and error.__cause__.code == 503
+    assert errors[3].__cause__.message == f"Shutting down: job {job} is still queued"
+    batch = errors[2]  # add_many's: .results says which the stop cut (it: may have run)
+    assert batch.results == [batch, batch]
+
+
 def test_no_socket_is_left_open_when_the_greeting_is_interrupted(service, monkeypatch):
     # A ^C (or any error but an OSError) while greeting left the new socket open.
     import bgservice.client
