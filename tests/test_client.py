@@ -205,13 +205,15 @@ def test_clients_refuse_a_server_of_another_protocol(greeting, reply, error):
             asyncio.run(AsyncClient(f"127.0.0.1:{port}", timeout=5).call("test"))
 
 
+# A datagram handler that writes what it got next to itself.
+NOTE = (
+    "from pathlib import Path\n\ndef handle_udp(request):\n"
+    "    Path(__file__).with_name('note.txt').write_text(request.text)\n"
+)
+
+
 def test_send_over_udp(modules_dir, make_service):
-    write_module(
-        modules_dir,
-        "note",
-        "from pathlib import Path\n\ndef handle_udp(request):\n"
-        "    Path(__file__).with_name('note.txt').write_text(request.text)\n",
-    )
+    write_module(modules_dir, "note", NOTE)
     svc = make_service()
     Client(address(svc)).send("note", "hello over udp")
     note = modules_dir / "note.txt"
@@ -385,12 +387,7 @@ def test_at_takes_an_aware_datetime_and_delay_a_timedelta(service):
 def test_the_php_clients_tcp_and_udp_address_forms_are_taken(modules_dir, make_service):
     # One $BGSERVICE_ADDRESS for PHP ("tcp://127.0.0.1:12341") and Python: the Python
     # clients and `bgservice -a` refused it (ValueError, exit 2).
-    write_module(
-        modules_dir,
-        "note",
-        "from pathlib import Path\n\ndef handle_udp(request):\n"
-        "    Path(__file__).with_name('note.txt').write_text(request.text)\n",
-    )
+    write_module(modules_dir, "note", NOTE)
     svc = make_service()
     host, port = svc.tcp
     note = modules_dir / "note.txt"
