@@ -189,18 +189,20 @@ JSON = click.option("--json", "as_json", is_flag=True, help="The service's JSON,
 @click.argument("data", required=False)
 @client_options
 def call(module: str, data: str | None) -> None:
-    """Call MODULE with DATA over TCP and print its reply."""
+    """Call MODULE with DATA over TCP and print its reply. DATA "-" reads it from stdin
+    (bgservice call less - < site.less); none is empty."""
     with _talking(module) as client:
         _out(client.call(module, _data(data)))
 
 
-@click.command()
+@click.command(short_help="Fire and forget MODULE with DATA over UDP.")
 @MODULE
 @click.argument("data", required=False)
 @_options(udp=True, reply=False)
 def send(module: str, data: str | None) -> None:
     """Fire and forget MODULE with DATA over UDP (nothing comes back); MODULE:DATA must fit
-    in one datagram, as the kernel decides (65,507 bytes over IPv4), else exit 2."""
+    in one datagram, as the kernel decides (65,507 bytes over IPv4), else exit 2. DATA "-"
+    reads it from stdin."""
     with _talking() as client:
         if client.udp_address is None:  # a Unix stream socket: no datagram twin known
             raise click.UsageError(f"{client.address}: send needs --udp-address (unix_dgram)")
@@ -237,7 +239,7 @@ def ping() -> None:
     click.echo("pong")
 
 
-@click.command()
+@click.command(short_help="Live view: running jobs, waiting counts, requests/s.")
 @click.option("--once", is_flag=True, help="Print one screen and exit (always so off a terminal).")
 @click.option(
     "-n",

@@ -33,7 +33,7 @@ def queue() -> None:
     """The job queue (docs/queue.md)."""
 
 
-@queue.command("add")
+@queue.command("add", short_help="Queue a job of MODULE with DATA; print its id.")
 @MODULE
 @click.argument("data", required=False)
 @click.option("--priority", type=int, help="Higher runs first.")
@@ -86,7 +86,7 @@ def queue_add(
     _json_out({"id": jid}) if as_json else click.echo(jid)
 
 
-@queue.command("get")
+@queue.command("get", short_help="Wait for JOB and print its result.")
 @click.argument("job", type=JOB_ID)
 @click.option(
     "--progress/--no-progress",
@@ -167,7 +167,7 @@ def queue_list(state: str | None, limit: int | None, offset: int, as_json: bool)
         _show(listing, as_json, cli_format.jobs_lines, time.time(), counts, offset)
 
 
-@queue.command("stats")
+@queue.command("stats", short_help="Counts per state, jobs per minute, busy time.")
 @click.option("--window", type=float, help="Seconds of history (default: the service's).")
 @JSON
 @client_options

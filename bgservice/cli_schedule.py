@@ -20,7 +20,7 @@ def schedule() -> None:
     """Recurring jobs: list, add, pause, resume, remove, run now."""
 
 
-@schedule.command("list")
+@schedule.command("list", short_help="Every schedule: when it runs, its next and last run.")
 @JSON
 @client_options
 def schedule_list(as_json: bool) -> None:
@@ -29,7 +29,7 @@ def schedule_list(as_json: bool) -> None:
         _show(client.schedules(), as_json, schedules_lines, time.time())
 
 
-@schedule.command("add")
+@schedule.command("add", short_help="Add (or replace) schedule NAME: a job of MODULE.")
 @click.argument("name")
 @MODULE
 @click.argument("data", required=False)

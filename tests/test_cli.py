@@ -418,6 +418,14 @@ def _help(*args: str) -> str:
     ).stdout
 
 
+def test_no_command_summary_is_cut(service):
+    # click cuts a summary past its width with "...": "send  Fire and forget MODULE with
+    # DATA over UDP (nothing comes...", as a newcomer first read the commands.
+    for group in ((), ("queue",), ("schedule",)):
+        listed = _help(*group).partition("Commands:")[2].partition("\n\n")[0]
+        assert listed.count("\n") >= 5 and "..." not in listed, (group, listed)
+
+
 def test_help_shows_the_client_options_only_where_they_apply(service):
     top = _help()
     assert "--udp-address" in top and "--timeout" in top  # bgservice -t 5 --udp-address X send
