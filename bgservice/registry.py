@@ -342,9 +342,9 @@ class Registry:
             entry.reloads += 1
             log.info("module %s reloaded", name)
             self._retire(old)
+            self._events.emit(MODULE_RELOADED, name=name)
         if not (version.tcp or version.udp) and (typo := misspelled_handler(name, version.module)):
             log.warning(typo)
-            self._events.emit(MODULE_RELOADED, name=name)
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name, None)
