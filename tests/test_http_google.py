@@ -147,8 +147,9 @@ class DeletingQueue:
 
 async def test_delete_route_against_a_queue_that_can_delete() -> None:
     from bgservice.config import Settings
+    from bgservice.stats import Stats  # (the request log counts every request in it)
 
-    api = HttpApi(Settings(), None, DeletingQueue(), None, None, None)  # type: ignore[arg-type]
+    api = HttpApi(Settings(), None, DeletingQueue(), None, None, Stats())  # type: ignore[arg-type]
     async with TestClient(TestServer(api.app)) as client:
         response = await client.delete(f"{API}/jobs/1")
         assert (response.status, await response.json()) == (200, {})
