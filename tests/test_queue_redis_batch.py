@@ -5,6 +5,10 @@ and scripts Redis no longer has are loaded again without losing or repeating a c
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
+import time
 import uuid
 
 import pytest
@@ -121,3 +125,74 @@ def test_a_silent_or_lost_connection_fails_what_is_owed_then_reconnects(tmp_path
     assert after_pause in (2, 3)  # the INCR sent into the pause may have run when it ended
     assert isinstance(lost, RedisConnectionError)  # at the kill, not a timeout
     assert value == str(after_pause).encode()
+
+
+# --- defects found by a review of several instances on one Redis (2026-12-07) ----------
+
+
+def _timed(svc: ServiceProcess, payload: bytes) -> tuple[float, bytes]:
+    """How long ``payload`` waited for its reply (10 s at most: far past any bound here),
+    and the reply."""
+    started = time.monotonic()
+    try:
+        reply = svc.call(payload, timeout=10)
+    except OSError as exc:
+        reply = repr(exc).encode()
+    return time.monotonic() - started, reply
+
+
+def _wave(svc: ServiceProcess, payload: bytes, clients: int = 8) -> list[tuple[float, bytes]]:
+    """``clients`` one-shot clients, each sending ``payload`` 0.3 s after the one before:
+    how long each waited for its reply, and the reply."""
+    replies: list[tuple[float, bytes]] = []
+    threads = [threading.Thread(target=lambda: replies.append(_timed(svc, payload)))
+               for _ in range(clients)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)  # (the clients' pace, as web requests come)
+    for thread in threads:
+        thread.join()
+    return replies
+
+
+UNAVAILABLE = b"503: Queue unavailable: Redis does not answer"
+
+
+def test_a_frozen_redis_answers_each_command_503_within_the_bound_and_then_at_once(tmp_path):
+    # Redis stopped (SIGSTOP) without closing a connection: each batch of commands made a
+    # connection attempt of its own, one after another, each bounded by the 5 s timeout:
+    # the Nth client waited about N x 5 s (measured: 7.6 s ... 40.5 s; one client in
+    # sequence 5, 15, 15, 15 s). Each command is answered within the 5 s from its send
+    # now; and once Redis is found away, at once, until a reconnection succeeds.
+    folder = tmp_path / "frozen"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "frozen"))
+    try:
+        svc.start()
+        jid = add(svc, b"queue:add:echo:x")
+        assert svc.call(b"queue:get:id:%d" % jid) == b"x"
+        check = b"queue:check:id:%d" % jid
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            into = _wave(svc, check)  # into the freeze: found 5 s after the first was sent
+            assert [reply for _, reply in into] == [UNAVAILABLE] * len(into), into
+            # The bound is the 5 s command timeout from each one's send (plus a busy
+            # machine's slack); the old code's waits grew with each client, to 40 s.
+            assert max(waited for waited, _ in into) < 7.5, into
+            # Once found away: at once (the old code: 5 to 15 s each, a pooled command
+            # such as queue:stats 15 s: three tries of 5 s).
+            found = _wave(svc, check)
+            found += [_timed(svc, payload) for payload in (check, check, b"queue:stats",
+                      b"queue:list?state=done", b"queue:status:id:%d" % jid)]  # fmt: skip
+            assert [reply for _, reply in found] == [UNAVAILABLE] * len(found), found
+            assert max(waited for waited, _ in found) < 2.0, found
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        svc.wait_for_log("Redis reachable again after", timeout=15)
+        assert svc.call(check) == b"2"
+        again = add(svc, b"queue:add:echo:thawed")
+        assert svc.call(b"queue:get:id:%d" % again) == b"thawed"
+    finally:
+        svc.stop()
+        server.stop()

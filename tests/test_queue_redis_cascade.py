@@ -179,6 +179,8 @@ def test_a_cascade_cut_by_a_redis_pause_goes_on_when_redis_answers(tmp_path):
         assert svc.call(b"queue:cancel:id:%d" % dependency) == b"cancelled"
         redis_command(server.url, "CLIENT", "PAUSE", "7000", "ALL")
         wait_until(lambda: "jobs waiting on ended ones not ended yet" in svc.log(), timeout=30)
+        # (queue:stats replies 503 at once until the pause ends and Redis is found back)
+        svc.wait_for_log("Redis reachable again after", timeout=30)
         wait_until(lambda: counts(svc).get("failed", 0) == waiting, timeout=60, interval=0.5)
         assert status(svc, ids[-1])["error"] == f"Dependency: job {dependency} cancelled"
     finally:

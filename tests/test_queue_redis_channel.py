@@ -6,13 +6,14 @@ an escaped timeout that would end its listener."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bgservice.queue.redis_channel import Subscription
-from tests.conftest import RedisServer, redis_command
+from tests.conftest import RedisServer, ServiceProcess, redis_command, redis_config, wait_until
 
 
 @pytest.fixture
@@ -86,3 +87,56 @@ def test_a_subscription_cancelled_while_it_connects_is_cancelled(server):
 
     lost, cancelled = asyncio.run(scenario())
     assert cancelled > 100 and lost == 0, (lost, cancelled)
+
+
+# --- defects found by a review of several instances on one Redis (2026-12-07) ----------
+
+
+def test_an_outage_is_one_warning_its_failed_commands_counted_and_its_end_said(tmp_path):
+    # Redis down 10 s under ~10 queue requests a second logged 103 "queue command failed"
+    # warnings (one a request), "jobs waiting on ended ones not ended yet" at each backoff
+    # step (no job used after=), "Redis connection lost (Redis connection lost (closed))",
+    # and no line at all when Redis answered again. Now: one WARNING, the failures
+    # counted, and a line when it is back saying for how long and how many failed.
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    # (A lease of 30 s: no renewal is under way as Redis stops, to be cut by its stop.)
+    config = redis_config(server.url, "outage", lease=30)
+    svc = ServiceProcess(tmp_path, "", backend_config=config)
+    try:
+        svc.start()
+        reply = svc.call(b"queue:add:echo:x")
+        check = b"queue:check:id:%s" % reply[3:]
+        assert svc.call(check) in (b"1", b"2")
+        subscribers = ("PUBSUB", "NUMSUB", "outage:events")
+        wait_until(lambda: redis_command(server.url, *subscribers).endswith(b":1\r\n"))
+        start = len(svc.log())
+        server.stop()
+        # The channel finds it first (its connection closed, none made again): said once.
+        wait_until(lambda: "WARNING" in svc.log()[start:])
+        replies: list[bytes] = []
+
+        def checked() -> bytes:
+            replies.append(svc.call(check))
+            return replies[-1]
+
+        until = time.monotonic() + 4
+        while time.monotonic() < until:  # (the outage itself, with its traffic)
+            assert checked() == b"503: Queue unavailable: Redis does not answer"
+            time.sleep(0.1)
+        server.start()
+        wait_until(lambda: checked() == b"2")  # (503 until the reconnection: counted too)
+        failed = sum(reply.startswith(b"503:") for reply in replies)
+        lines = svc.log()[start:].splitlines()
+        warnings = [line for line in lines if "WARNING" in line or "ERROR" in line]
+        assert len(warnings) == 1 and "does not answer (" in warnings[0], warnings[:8]
+        assert "Connection refused" in warnings[0], warnings  # (its reason, said once)
+        svc.wait_for_log("Redis reachable again after")
+        lines = svc.log()[start:].splitlines()
+        back = [line for line in lines if "Redis reachable again after" in line]
+        assert len(back) == 1 and "INFO" in back[0], back
+        assert f"({failed} queue commands failed meanwhile)" in back[0], (failed, back)
+    finally:
+        svc.stop()
+        server.stop()

@@ -22,7 +22,16 @@ import pytest
 
 from bgservice.errors import BadRequest
 from bgservice.queue.schedules import make_schedule
-from tests.conftest import REPO, Framed, redis_command, wait_until, write_module
+from tests.conftest import (
+    REPO,
+    Framed,
+    RedisServer,
+    ServiceProcess,
+    redis_command,
+    redis_config,
+    wait_until,
+    write_module,
+)
 
 BOTH = pytest.mark.parametrize("queue_backend", ["sqlite", "redis"])
 
@@ -938,3 +947,58 @@ def test_schedule_replies_to_bad_input(make_service):
     daily = json.loads(svc.call(b"queue:schedule?name=d&cron=%40daily:echo:x"))
     assert daily["cron"] == "0 0 * * *" and named(svc, "d")["cron"] == "0 0 * * *"
     assert [s["name"] for s in json.loads(svc.call(b"queue:schedules:"))] == ["d"]
+
+
+# --- defects found by a review of several instances on one Redis (2026-12-07) ----------
+
+
+@pytest.mark.parametrize("queue_backend", ["redis"])
+def test_a_schedule_of_a_module_only_one_instance_has_is_left_to_it_quietly(make_service):
+    """B alone has module onlyb: each run was added once, by B, yet A logged at every run
+    "ERROR ... the run of ... refused: 400 Unknown request", though no run was refused.
+    A leaves the runs to B, said once; only when no instance adds a run is it an error."""
+    a = make_service("")
+    b = make_service("", root=a.root / "b", start=False)
+    write_module(b.modules, "onlyb", "def handle_tcp(request):\n    return 'by b'\n")
+    b.start()
+    schedules(b)  # (loaded: 503 for a moment after the start)
+    assert b.call(b"queue:schedule?name=ob2&every=1:onlyb:sched").startswith(b"{")
+    wait_until(lambda: _listed(a, "ob2") is not None)
+    wait_until(lambda: len(runs(b, "ob2")) >= 4, timeout=15)
+    assert_each_slot_once(runs(a, "ob2"))
+    assert "ERROR" not in a.log(), [line for line in a.log().splitlines() if "ERROR" in line]
+    left = "schedule ob2: module onlyb takes no run here (400 Unknown request)"
+    assert a.log().count(left) == 1, a.log()
+    # No instance has it any more: its runs are added by none, and that is an error.
+    (b.modules / "onlyb.py").unlink()
+    lost = "was added by no instance in 10 s (not here: 400 Unknown request): it is lost"
+    wait_until(lambda: lost in a.log() and lost in b.log(), timeout=30)
+    line = next(line for line in a.log().splitlines() if lost in line)
+    assert " ERROR " in line and "schedule ob2: the run of " in line, line
+
+
+def test_schedules_load_as_soon_as_redis_answers_after_a_start_without_it(tmp_path):
+    """Started with Redis away, an instance answered "503: Schedules not loaded yet" up to
+    30 s after Redis was back (its retry backed off to 30 s, and nothing woke it), and
+    logged each retry at ERROR, where the rest of Redis away is a WARNING."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder)  # not started yet
+    svc = ServiceProcess(tmp_path, TICK, backend_config=redis_config(server.url, "late"))
+    try:
+        svc.start()
+        svc.wait_for_log("schedules not loaded")
+        assert svc.call(b"queue:schedules").startswith(b"503")
+        # The outage itself, past the old retries 1, 3 and 7 s after the first failure:
+        # the next one came 15 s after it, over 7 s after Redis is back here.
+        time.sleep(7.5)
+        server.start()
+        back = time.monotonic()
+        assert [s["name"] for s in schedules(svc)] == ["tick"]
+        took = time.monotonic() - back
+        assert took < 3.0, took  # (the reconnection's backoff is 1 s at most)
+        said = [line for line in svc.log().splitlines() if "schedules not loaded" in line]
+        assert said and all(" WARNING " in line for line in said), said
+    finally:
+        svc.stop()
+        server.stop()

@@ -19,6 +19,7 @@ client reconnects with backoff and the instance resumes where it was.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -40,10 +41,12 @@ from bgservice.queue.commands import AddSpec, ListSpec
 from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, refuse_waiters, run_record
 from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_channel import Following, Waiter
-from bgservice.queue.redis_db import RedisJobs, available, refusal, script_error, unavailable
+from bgservice.queue.redis_db import RedisJobs, refusal, script_error
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import Attempt, Held, RedisLeases
+from bgservice.queue.redis_outage import available, unavailable
 from bgservice.queue.redis_schedules import RedisSchedules
+from bgservice.queue.schedules import Schedule
 from bgservice.request import AttemptOver
 from bgservice.stats import Stats
 
@@ -88,6 +91,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self._claiming = 0  # workers held for claims on their way (_claim_args)
         self._missed = False  # a wake came while no worker was free (_freed)
         self._declared: set[str] = set()  # (RedisSchedules)
+        self._elsewhere: set[str] = set()  # (RedisSchedules.fire)
         for event in (MODULE_RELOADED, MODULE_REMOVED):  # (a first load is no event)
             events.subscribe(event, lambda name: self._runnable())
 
@@ -107,6 +111,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.db.where, exc)  # fmt: skip
+            self.db.batch.went_down(exc, said=True)  # (its reconnection says when it does)
         self._loop = loop = asyncio.get_running_loop()
         self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates), "[]")
         self._runnable()
@@ -141,6 +146,10 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         # Another instance may still finish a job someone here waits for: the waiter hears
         # the grace out, and is told just before it ends (the calls are cut then).
         self.loop.call_later(0.9 * grace, refuse_waiters, self._waiters, ())
+
+    async def start_scheduler(self, configured: tuple[Schedule, ...]) -> None:
+        # Redis away: loaded once it answers again (RedisSchedules.loading), not 30 s on.
+        await self.loading(functools.partial(super().start_scheduler, configured))
 
     # --- commands ---------------------------------------------------------------------
 
@@ -213,10 +222,9 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
     async def delete(self, jid: int) -> None:
         await self.db.checked("DELETE", jid)
 
-    @available
     async def save_checkpoint(self, job: Job, value: str) -> None:
         job.checkpoint = value
-        if not await self.note(job, "checkpoint", value):
+        if not await self.checkpoint(job, value):  # (through a short outage: RedisLeases)
             raise AttemptOver(f"job {job.id}: this attempt no longer holds the job (its lease "
                               "was taken over): its checkpoint is not saved")  # fmt: skip
 
@@ -255,9 +263,10 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
                 try:
                     claimed = await self._claim()
                     delay = 0.1
-                except RedisError as exc:
-                    log.warning("cannot claim jobs (%s): retrying in %.1f s", exc, delay)
-                    await asyncio.sleep(delay)
+                except RedisError as exc:  # (an outage is said once, by its own lines)
+                    log.log(self.db.outage.level, "cannot claim jobs (%s): retrying in %.1f s",
+                            exc, delay)  # fmt: skip
+                    await self.db.outage.wait(delay)
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
             if claimed:

@@ -182,20 +182,30 @@ class Following:
         (await self._subscribe(lambda _: None)).close()
 
     async def _listen(self) -> None:
-        """Follow the queue's channel; reconnect with backoff when Redis goes away."""
+        """Follow the queue's channel; reconnect with backoff when Redis goes away (at
+        once when the pipelines' connection finds it back). A subscription lost is made
+        again, quietly: only one that cannot be made says Redis is away (the outage's
+        one line, whose end is said too), or that it was refused."""
         delay = 0.1
         while True:
             channel: Subscription | None = None
             try:
                 channel = await self._subscribe(self._event)
                 delay = 0.1
+                self.db.batch.reached()  # Redis answers: the outage, if any, is over
                 self._wake.set()  # missed events while away: look again
                 for jid in list(self._waiters):
                     await self._deliver(jid)
                 await channel.until_lost()
             except RedisError as exc:
-                log.warning("Redis connection lost (%s): retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+                if channel is not None:  # it was followed: lost (a restart, a freeze)
+                    log.debug("subscription lost (%s): following the channel again", exc)
+                elif isinstance(exc, ResponseError):
+                    log.warning("subscription refused (%s): again in %.1f s", exc, delay)
+                else:
+                    self.db.outage.lost(exc)
+                    log.debug("no subscription (%s): again in %.1f s", exc, delay)
+                await self.db.outage.wait(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
             finally:
                 if channel is not None:
@@ -211,6 +221,7 @@ class Following:
         elif kind == "cancel" and int(arg) in self._running:
             self._spawn(self._heard_cancel(int(arg)))
         elif kind == "cascade":  # jobs waiting on an ended one, left over by its script
+            self.db.left_over = True
             self.db.cascades.set()
         elif kind == "schedules" and arg != self.owner and self.scheduler is not None:
             self._spawn(self.scheduler.reload())

@@ -61,7 +61,9 @@ class TakenOver(asyncio.Protocol):
         return False  # close: Redis hung up
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(RedisConnectionError(f"Redis connection lost ({exc or 'closed'})"))
+        # (said once: the lines that quote it say it is Redis)
+        said = f"connection lost: {exc}" if exc else "connection closed by Redis"
+        self._end(RedisConnectionError(said))
 
     def _end(self, exc: Exception) -> None:
         """The connection is over (``exc`` says why): fail what waits on it, ``_drop``."""

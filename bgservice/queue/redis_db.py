@@ -4,12 +4,11 @@ reading jobs back (bgservice.queue.redis schedules and runs them)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
@@ -21,6 +20,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from bgservice.config import QueueSettings, RedisSettings
@@ -35,6 +35,7 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.redis_lua import CASCADE, COMMON
+from bgservice.queue.redis_outage import Outage
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
@@ -86,35 +87,6 @@ PASSING = ("OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREP
 
 NAMES_SCANNED = 1000
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-def available(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis unreachable or refusing -> 503 for this command (the client reconnects by
-    itself). Started eagerly (bgservice.eager), it sends its Redis commands in its first step."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except RedisError as exc:
-            busy = unavailable(exc)
-            log.warning("queue command failed: %s (%s)", busy.message, exc)
-            raise busy from None
-
-    return wrapper
-
-
-def unavailable(exc: RedisError | None = None) -> Busy:
-    """The 503 for a command Redis did not run: it does not answer, or it said why not (an
-    error reply: out of memory, read-only, a permission), which the reply quotes."""
-    if isinstance(exc, ResponseError):
-        return Busy(f"Queue unavailable: Redis refused: {str(exc).partition(chr(10))[0]}")
-    return Busy("Queue unavailable: Redis does not answer")
-
 
 def refusal(exc: RedisError) -> bool:
     """Redis refused what the url or its user asks for (a password, a permission, a db
@@ -161,9 +133,10 @@ class RedisJobs:
         # How long Redis may take to answer a command or a pipeline (and to answer a ping
         # on the subscription after as long without a message).
         self.timeout = timeout = max(conf.connect_timeout, 5.0)
-        self.redis = _client(
-            conf, socket_timeout=timeout, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2)
-        )
+        # Retried when a pooled connection turns out closed (Redis restarted), not after
+        # a timeout: three of them made a command wait three times the bound Redis has.
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 2, (RedisConnectionError,))
+        self.redis = _client(conf, socket_timeout=timeout, retry=retry)
         self.scripts = {
             name: self.redis.register_script(getattr(redis_scripts, name))
             for name in redis_scripts.NAMES
@@ -174,9 +147,11 @@ class RedisJobs:
         self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
         self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
         self.cascades.set()  # (an instance may have stopped before it ended them all)
+        self.left_over = False  # some are known to be left (a script said so)
         # The pipelines' own client: no socket timeout (the Batcher bounds each pipeline)
         # and no retry (a pipeline cut after its write may have run: never sent twice).
-        self.batch = Batcher(_client(conf), self.scripts, timeout)
+        self.outage = Outage(self.where)  # Redis found away, and what the log says of it
+        self.batch = Batcher(_client(conf), self.scripts, timeout, self.outage)
 
     async def close(self) -> None:
         await self.batch.close()  # the pipelines in flight are answered first
@@ -355,19 +330,23 @@ class RedisJobs:
         followed again): end the jobs waiting on ended ones that their script left over,
         one CASCADE script after another until none is left. Every instance may at once:
         each script is atomic. When Redis fails, again after a backoff (not at the next
-        trigger: after an outage that may be a lease round away)."""
-        delay = 0.1
+        trigger: after an outage that may be a lease round away), at once when it
+        answers again. Said only when some are known to be left (``left_over``), once an
+        outage: a round that only looks, at every renewal, has nothing to say."""
+        delay, said = 0.1, False
         while True:
             await self.cascades.wait()
             self.cascades.clear()
             try:
                 while await self.call("CASCADE", repr(time.time() + self.settings.keep_results)):
-                    pass
-                delay = 0.1
+                    self.left_over = True
+                self.left_over, delay, said = False, 0.1, False
             except RedisError as exc:
-                log.warning("jobs waiting on ended ones not ended yet (%s): again in %.1f s",
-                            exc, delay)  # fmt: skip
-                await asyncio.sleep(delay)
+                level = logging.WARNING if self.left_over and not said else logging.DEBUG
+                said = said or self.left_over
+                log.log(level, "jobs waiting on ended ones not ended yet (%s): again in %.1f s",
+                        exc, delay)  # fmt: skip
+                await self.outage.wait(delay)
                 delay = min(delay * 2, 5.0)
                 self.cascades.set()
 
@@ -387,7 +366,7 @@ class RedisJobs:
                     if batch < EXPIRE_BATCH:
                         break
             except RedisError as exc:
-                log.warning("job expiry failed: %s", exc)
+                log.log(self.outage.level, "job expiry failed: %s", exc)
             if gone:
                 log.info("job queue: %d finished jobs expired", gone)
 

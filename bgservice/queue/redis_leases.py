@@ -19,11 +19,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from bgservice.config import QueueSettings, RedisSettings
 from bgservice.queue.job import Job
-from bgservice.queue.redis_db import RedisJobs
+from bgservice.queue.redis_db import RedisJobs, refusal
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_MAX = 5.0
+CHECKPOINT_WAIT = 60.0  # s: how long a checkpoint waits for Redis (docs/queue.md)
 
 
 class Attempt(NamedTuple):
@@ -128,6 +129,25 @@ class RedisLeases:
             return False
         return bool(await self.db.call("NOTE", job.id, attempt.token, field, value))
 
+    async def checkpoint(self, job: Job, value: str) -> bool:
+        """``note`` a checkpoint, through a short outage (a restart, a failover): while
+        Redis does not answer, or answers with an error a wait may end (``refusal``: no),
+        again as soon as it does, for CHECKPOINT_WAIT seconds at most and while the
+        attempt runs (False once it ended: its timeout); then the handler is raised the
+        503. (Not written once the attempt's end is: an attempt over writes nothing.)"""
+        deadline, delay = time.monotonic() + CHECKPOINT_WAIT, 0.1
+        while True:
+            try:
+                return await self.note(job, "checkpoint", value)
+            except RedisError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or refusal(exc):
+                    raise self.db.outage.failed_command(exc) from None
+                await self.db.outage.wait(min(delay, left))
+                delay = min(delay * 2, 1.0)
+            if job.id in self._ending:  # (its end is being recorded: the attempt is over)
+                return False
+
     async def _leases(self) -> None:
         """Renew our leases; take over jobs whose instance stopped renewing theirs."""
         interval = self.conf.lease / 3
@@ -150,8 +170,8 @@ class RedisLeases:
                     )  # fmt: skip
                     await self._poisoned(failed)
                     reap_from = self._if_late(asked, reap_from)
-            except (RedisError, ResponseError) as exc:
-                log.warning("cannot renew job leases: %s", exc)
+            except (RedisError, ResponseError) as exc:  # (an outage: said once, elsewhere)
+                log.log(self.db.outage.level, "cannot renew job leases: %s", exc)
                 # Leases ran out while nobody could reach Redis, not because their
                 # instances died: each gets a full lease to renew before we reap.
                 reap_from = self._hold()
@@ -213,16 +233,17 @@ class RedisLeases:
         while the service stops too, until its shutdown grace runs out. (False, None)
         when the lease was lost; else (True, the next job's claim, or None when none was
         asked for)."""
-        delay = 0.1
+        delay, level = 0.1, logging.WARNING  # said once a job, the retries at DEBUG
         try:
             while True:
                 try:
                     reply = await self.db.call("END", *args, now=now)
                 except RedisError as exc:
                     until = " until the shutdown grace runs out" if self._closing else ""
-                    log.warning("job %d: cannot record its end (%s): retrying%s",
-                                job.id, exc, until)  # fmt: skip
-                    await asyncio.sleep(delay)
+                    log.log(level, "job %d: cannot record its end (%s): retrying%s",
+                            job.id, exc, until)  # fmt: skip
+                    level = logging.DEBUG
+                    await self.db.outage.wait(delay)  # (at once when Redis is back)
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
                 if not reply:  # the lease was lost while it ran

@@ -15,6 +15,10 @@ Instances sharing the queue may be started with different configs (a rolling dep
 its start an instance removes a schedule that came from service.config and is not in its
 own only when no other live instance's config still has it (REMOVE); the last instance
 to start with the schedule gone from its config removes it.
+
+They may have different modules too: every instance's timer comes to each slot, and one
+that cannot run the schedule's module leaves the run to those that can (``fire``),
+quietly. Only when no instance added it, UNFIRED_AFTER seconds on, is it an error.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from bgservice.config import RedisSettings
-from bgservice.queue.redis_db import RedisJobs, available, pipeline
+from bgservice.errors import Busy, ServiceError
+from bgservice.queue.commands import AddSpec
+from bgservice.queue.redis_db import RedisJobs, pipeline
+from bgservice.queue.redis_outage import available
 from bgservice.queue.redis_scripts import ADD_BODY, CLAIM_FN, COMMON
 from bgservice.queue.schedules import Schedule
 
@@ -37,6 +45,9 @@ if TYPE_CHECKING:
     from bgservice.queue.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+UNFIRED_AFTER = 10.0  # s after a slot left to other instances: none added it, an error
+LOAD_RETRY_MAX = 5.0  # s: the schedules not loaded (Redis refusing), tried again this often
 
 # ADD's ARGV, then the schedule's name and the slot. {0, 'fired'} when it was fired.
 FIRE = (
@@ -101,6 +112,57 @@ class RedisSchedules:
     conf: RedisSettings
     scheduler: Scheduler | None
     _declared: set[str]  # the [[schedule]] names of this instance's service.config
+
+    async def loading(self, start: Callable[[], Awaitable[None]]) -> None:
+        """Run ``start`` (load the schedules, JobQueue.start_scheduler) until Redis lets
+        it: while Redis is away, again as soon as it answers; else after a backoff."""
+        delay, level = 1.0, logging.WARNING  # (said once: the outage has lines of its own)
+        while True:
+            try:
+                return await start()
+            except Busy as exc:  # (available's 503)
+                log.log(level, "schedules not loaded (%s): again once Redis answers, in %.0f s "
+                        "at most", exc.message, delay)  # fmt: skip
+                level = logging.DEBUG
+                await self.db.outage.wait(delay)
+                delay = min(delay * 2, LOAD_RETRY_MAX)
+
+    async def fire(self, schedule: Schedule, slot: float | None) -> int | None:
+        """A slot's run (JobQueue.fire), added here only if this instance can run its
+        module: else left to the instances that can (None, as for a slot fired by
+        another). ``slot`` None, a run now (``queue:fire``): refused here as an add is."""
+        if slot is not None:
+            try:
+                self.check_schedule(schedule)
+            except ServiceError as exc:
+                self._leave(schedule, slot, exc)
+                return None
+            self._elsewhere.discard(schedule.name)  # (said again if it goes again)
+        return await self.add(schedule.spec(slot)) or None
+
+    def _leave(self, schedule: Schedule, slot: float, refused: ServiceError) -> None:
+        name = schedule.name
+        if name not in self._elsewhere:  # said once a schedule, not at every run
+            self._elsewhere.add(name)
+            log.info("schedule %s: module %s takes no run here (%d %s): its runs are left to "
+                     "the instances that have it", name, schedule.module, refused.code,
+                     refused.message)  # fmt: skip
+        self._spawn(self._added_elsewhere(name, slot, refused))
+
+    async def _added_elsewhere(self, name: str, slot: float, refused: ServiceError) -> None:
+        """A slot this instance left: an ERROR if no instance had added it by UNFIRED_AFTER
+        seconds after (every instance that left it says so: none could add it)."""
+        await asyncio.sleep(UNFIRED_AFTER)
+        try:
+            fired = await self.db.batch.execute("HGET", self.db.key("schedule_slots"), name)
+        except RedisError:  # (Redis away: the instances that can add it retry meanwhile)
+            return
+        now = self.scheduler.schedules.get(name) if self.scheduler is not None else None
+        if fired is not None and float(fired) < slot and now is not None and not now.paused:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(slot))
+            log.error("schedule %s: the run of %s was added by no instance in %.0f s (not "
+                      "here: %d %s): it is lost", name, when, UNFIRED_AFTER, refused.code,
+                      refused.message)  # fmt: skip
 
     def register_schedule_scripts(self) -> None:
         for name, text in (("FIRE", FIRE), ("PUT_SCHEDULE", PUT), ("REMOVE_SCHEDULE", REMOVE)):
@@ -185,6 +247,9 @@ class RedisSchedules:
 
     _spawn: Callable[[Coroutine[Any, Any, None]], None]  # RedisQueue's
     owner: str  # RedisQueue's: this instance's name
+    _elsewhere: set[str]  # schedules whose runs this instance leaves to others (fire)
+    add: Callable[[AddSpec], Coroutine[Any, Any, int]]  # JobQueue's
+    check_schedule: Callable[[Schedule], None]  # JobQueue's
 
 
 def _gone(owner: str, host: str, pid: int) -> bool:

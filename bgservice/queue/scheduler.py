@@ -99,6 +99,7 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.Task[None] | None = None
         self._closed = False
+        self._retrying: set[str] = set()  # schedules whose slot waits (503): said once
 
     async def start(self) -> None:
         stored = await self.store.load_schedules()
@@ -316,8 +317,10 @@ class Scheduler:
                 jid = await self.store.fire(schedule, slot)
             except ServiceError as exc:
                 if exc.code == 503:  # the queue is full, or Redis away: the slot waits
-                    log.warning("schedule %s: the run of %s not added (%d %s): retrying",
-                                schedule.name, _when(slot), exc.code, exc.message)  # fmt: skip
+                    level = logging.DEBUG if name in self._retrying else logging.WARNING
+                    self._retrying.add(name)  # (said once, not every RETRY seconds)
+                    log.log(level, "schedule %s: the run of %s not added (%d %s): retrying",
+                            schedule.name, _when(slot), exc.code, exc.message)  # fmt: skip
                     failed = True
                     continue
                 # Refused for good (a module removed, or refusing jobs): this run is lost.
@@ -328,6 +331,7 @@ class Scheduler:
                 log.exception("schedule %s: internal error firing it", schedule.name)
                 failed = True
                 continue
+            self._retrying.discard(name)
             if name in self.schedules:  # (not removed while it was fired)
                 # (nor replaced with new times, which start after their change: not before)
                 self.last[name] = max(slot, self.last.get(name, slot))
