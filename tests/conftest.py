@@ -349,6 +349,17 @@ class RedisServer:
             self.proc.wait(20)
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for what would disturb the others' (a pause of
+    every client, a stop, several databases, a wrong password); stopped at the end."""
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """$BGSERVICE_TEST_REDIS (as .ci/run sets it), else a redis-server of the session's own."""

@@ -188,15 +188,13 @@ def test_top_with_the_service_down_at_the_start_fails_at_once(tmp_path):
         assert reply.returncode == 3 and b"service down" in reply.stderr, (args, reply)
 
 
-def test_top_says_a_queue_whose_redis_is_away_apart_from_a_service_down(tmp_path):
+def test_top_says_a_queue_whose_redis_is_away_apart_from_a_service_down(tmp_path, own_redis):
     # Found by review: with the Redis engine and Redis stopped, queue:stats answers
     # "503: Queue unavailable", which top took for the service stopping: "not answering
     # (stopping)" for as long as Redis was away, while the service answered.
-    from tests.conftest import RedisServer, ServiceProcess, redis_config
+    from tests.conftest import ServiceProcess, redis_config
 
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    redis = RedisServer(folder).start()
+    redis = own_redis
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(redis.url, "top"))
     try:
         svc.start()
@@ -208,5 +206,4 @@ def test_top_says_a_queue_whose_redis_is_away_apart_from_a_service_down(tmp_path
             assert re.search(NOT_ANSWERING, view.output) is None
             assert view.running() and view.finish()[0] == 130
     finally:
-        redis.stop()
         svc.stop()

@@ -22,7 +22,6 @@ import pytest
 
 from tests.conftest import (
     GATE,
-    RedisServer,
     ServiceProcess,
     redis_command,
     redis_config,
@@ -49,17 +48,6 @@ def handle_tcp(request):
         f.write(f"{request.job.id} {os.getpid()}\\n")
     return request.text
 """
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of the test's own, for what would disturb the others' (a pause of
-    every client, several databases, a wrong password)."""
-    folder = tmp_path / "own-redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -194,28 +182,23 @@ def test_sigkill_during_load_every_job_completes_exactly_once(shared, tmp_path):
     wait_until(lambda: "stopped renewing their lease" in instances[0].log() + instances[2].log())
 
 
-def test_redis_restart_is_survived(shared, tmp_path):
-    folder = tmp_path / "own-redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
-    try:
-        svc = shared("a", "workers = 1", url=server.url)
-        before = add(svc, b"queue:add?delay=1.5:echo:kept")
-        server.stop()
-        # The queue is away: queue commands say so at once, everything else carries on.
-        assert svc.call(b"queue:add:echo:x").startswith(b"503:")
-        assert svc.call(b"test:x") == b"Test"
-        server.start()
-        wait_until(lambda: svc.call(b"queue:check:id:%d" % before) in (b"0", b"1", b"2"))
-        assert svc.call(b"queue:get:id:%d" % before) == b"kept"
-        after = add(svc, b"queue:add:echo:new")
-        assert after > before
-        assert svc.call(b"queue:get:id:%d" % after) == b"new"
-        # Said once, and its end too (review 2026-12-07: a line a request, and no end).
-        assert svc.log().count("queue commands reply 503 until it does") == 1, svc.log()
-        svc.wait_for_log("Redis reachable again after")
-    finally:
-        server.stop()
+def test_redis_restart_is_survived(shared, own_redis):
+    server = own_redis
+    svc = shared("a", "workers = 1", url=server.url)
+    before = add(svc, b"queue:add?delay=1.5:echo:kept")
+    server.stop()
+    # The queue is away: queue commands say so at once, everything else carries on.
+    assert svc.call(b"queue:add:echo:x").startswith(b"503:")
+    assert svc.call(b"test:x") == b"Test"
+    server.start()
+    wait_until(lambda: svc.call(b"queue:check:id:%d" % before) in (b"0", b"1", b"2"))
+    assert svc.call(b"queue:get:id:%d" % before) == b"kept"
+    after = add(svc, b"queue:add:echo:new")
+    assert after > before
+    assert svc.call(b"queue:get:id:%d" % after) == b"new"
+    # Said once, and its end too (review 2026-12-07: a line a request, and no end).
+    assert svc.log().count("queue commands reply 503 until it does") == 1, svc.log()
+    svc.wait_for_log("Redis reachable again after")
 
 
 def test_workers_zero_needs_the_redis_backend(tmp_path):

@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from bgservice.client import AsyncClient
 from bgservice.queue.redis_batch import Batcher
-from tests.conftest import RedisServer, ServiceProcess, redis_command, redis_config
+from tests.conftest import ServiceProcess, redis_command, redis_config
 from tests.queue_helpers import add
 
 
@@ -89,11 +89,11 @@ def test_a_command_redis_cannot_take_fails_its_caller_alone(redis_url):
     assert "WRONGTYPE" in str(wrong)
 
 
-def test_a_silent_or_lost_connection_fails_what_is_owed_then_reconnects(tmp_path):
+def test_a_silent_or_lost_connection_fails_what_is_owed_then_reconnects(own_redis):
     # The pipelines share one connection read as replies arrive: a Redis that answers
     # nothing for the timeout fails the commands it owes (not a hang), one that drops the
     # connection fails them at once; either way the next command opens a new connection.
-    server = RedisServer(tmp_path).start()
+    server = own_redis
 
     async def scenario() -> list[object]:
         loop = asyncio.get_running_loop()
@@ -116,10 +116,7 @@ def test_a_silent_or_lost_connection_fails_what_is_owed_then_reconnects(tmp_path
         await client.aclose()
         return seen
 
-    try:
-        ok, silent, waited, after_pause, lost, value = asyncio.run(scenario())
-    finally:
-        server.stop()
+    ok, silent, waited, after_pause, lost, value = asyncio.run(scenario())
     assert ok == b"OK"
     assert isinstance(silent, RedisTimeout) and waited >= 0.9  # not before the timeout
     assert after_pause in (2, 3)  # the INCR sent into the pause may have run when it ended
@@ -158,15 +155,15 @@ def _wave(svc: ServiceProcess, payload: bytes, clients: int = 8) -> list[tuple[f
 UNAVAILABLE = b"503: Queue unavailable: Redis does not answer"
 
 
-def test_a_frozen_redis_answers_each_command_503_within_the_bound_and_then_at_once(tmp_path):
+def test_a_frozen_redis_answers_each_command_503_within_the_bound_and_then_at_once(
+    tmp_path, own_redis
+):
     # Redis stopped (SIGSTOP) without closing a connection: each batch of commands made a
     # connection attempt of its own, one after another, each bounded by the 5 s timeout:
     # the Nth client waited about N x 5 s (measured: 7.6 s ... 40.5 s; one client in
     # sequence 5, 15, 15, 15 s). Each command is answered within the 5 s from its send
     # now; and once Redis is found away, at once, until a reconnection succeeds.
-    folder = tmp_path / "frozen"
-    folder.mkdir()
-    server = RedisServer(folder).start()
+    server = own_redis
     svc = ServiceProcess(tmp_path, "", backend_config=redis_config(server.url, "frozen"))
     try:
         svc.start()
@@ -195,4 +192,3 @@ def test_a_frozen_redis_answers_each_command_503_within_the_bound_and_then_at_on
         assert svc.call(b"queue:get:id:%d" % again) == b"thawed"
     finally:
         svc.stop()
-        server.stop()

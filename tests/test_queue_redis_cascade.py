@@ -17,7 +17,6 @@ from bgservice.client import Client
 from tests.conftest import (
     GATE,
     Framed,
-    RedisServer,
     ServiceProcess,
     redis_command,
     redis_config,
@@ -156,14 +155,12 @@ def test_a_cascade_left_by_an_instance_that_died_is_ended_by_the_next(tmp_path, 
                 svc.proc.wait()
 
 
-def test_a_cascade_cut_by_a_redis_pause_goes_on_when_redis_answers(tmp_path):
+def test_a_cascade_cut_by_a_redis_pause_goes_on_when_redis_answers(tmp_path, own_redis):
     """Redis stops answering (CLIENT PAUSE) in the middle of a cascade: the script that
     times out is tried again after a backoff, not at the next lease round (lease = 600 s
     here: 200 s away; it was the only trigger left, and the next round after an outage
     comes a lease and a third later)."""
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
+    server = own_redis
     root = tmp_path / "svc"
     root.mkdir()
     prefix = f"pause-{uuid.uuid4().hex[:8]}"
@@ -187,7 +184,6 @@ def test_a_cascade_cut_by_a_redis_pause_goes_on_when_redis_answers(tmp_path):
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
             svc.proc.wait()
-        server.stop()
 
 
 def test_jobs_waiting_on_one_as_an_earlier_version_stored_them_are_freed(

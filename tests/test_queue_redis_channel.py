@@ -13,14 +13,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bgservice.queue.redis_channel import Subscription
-from tests.conftest import RedisServer, ServiceProcess, redis_command, redis_config, wait_until
+from tests.conftest import ServiceProcess, redis_command, redis_config, wait_until
 
 
 @pytest.fixture
-def server(tmp_path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
+def server(own_redis):
+    return own_redis
 
 
 def test_messages_in_order_then_a_frozen_redis_is_lost_by_the_ping(server):
@@ -92,15 +90,13 @@ def test_a_subscription_cancelled_while_it_connects_is_cancelled(server):
 # --- defects found by a review of several instances on one Redis (2026-12-07) ----------
 
 
-def test_an_outage_is_one_warning_its_failed_commands_counted_and_its_end_said(tmp_path):
+def test_an_outage_is_one_warning_its_failed_commands_counted_and_its_end_said(tmp_path, own_redis):
     # Redis down 10 s under ~10 queue requests a second logged 103 "queue command failed"
     # warnings (one a request), "jobs waiting on ended ones not ended yet" at each backoff
     # step (no job used after=), "Redis connection lost (Redis connection lost (closed))",
     # and no line at all when Redis answered again. Now: one WARNING, the failures
     # counted, and a line when it is back saying for how long and how many failed.
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = RedisServer(folder).start()
+    server = own_redis
     # (A lease of 30 s: no renewal is under way as Redis stops, to be cut by its stop.)
     config = redis_config(server.url, "outage", lease=30)
     svc = ServiceProcess(tmp_path, "", backend_config=config)
@@ -139,4 +135,3 @@ def test_an_outage_is_one_warning_its_failed_commands_counted_and_its_end_said(t
         assert f"({failed} queue commands failed meanwhile)" in back[0], (failed, back)
     finally:
         svc.stop()
-        server.stop()
