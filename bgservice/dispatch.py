@@ -69,7 +69,7 @@ class Dispatcher:
         try:
             version, _ = self.execution.resolve(module, Origin.QUEUE)
         except UnknownRequest:  # a mistyped job name: counted as a mistyped call is
-            self.unknown.seen(module, "queue")
+            self.unknown.seen(module, Origin.QUEUE)
             raise
         if version.queue_from is not None:
             admit(version.queue_from, source or "", f"module {module}: queue")
@@ -247,7 +247,7 @@ class Dispatcher:
                 # stats (and /metrics' label sets) without bound. (A reply of 200 came
                 # from a module or a command: no need to look.)
                 key = (UNKNOWN_MODULE, key[1])
-                self.unknown.seen(module, request.transport)
+                self.unknown.seen(module, request.origin)
             stats.errors[key] += 1
         stats.requests[key] += 1
         elapsed = perf_counter() - start

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 from bgservice.events import UNKNOWN_MODULE_BURST, Events
 from bgservice.logs import Sparse
+from bgservice.origin import Origin
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ class UnknownNames:
         # (Datagrams' failures have their lines: dispatch.py.)
         self._said = Sparse(WINDOW)
 
-    def seen(self, name: str, transport: str) -> None:
-        """Count one request for ``name``; emit once per window when it reaches BURST."""
+    def seen(self, name: str, origin: Origin) -> None:
+        """Count one request for ``name``; emit once per window when it reaches BURST.
+        A request answered (not a datagram) is named in the log too."""
         name = name[:NAME_CHARS]
         now = time.monotonic()
         start, count = self._seen.pop(name, (now, 0))
@@ -41,16 +43,17 @@ class UnknownNames:
             start, count = now, 0
         count += 1
         self._seen[name] = (start, count)
-        if transport in ("tcp", "unix") and (lines := self._said.tick(now)):
+        if not origin.is_datagram and (lines := self._said.tick(now)):
             more = f" ({lines - 1} more since the last line)" if lines > 1 else ""
-            log.info("request for unknown module %r over %s: 400 Unknown request%s",
-                     name, transport, more)  # fmt: skip
+            # (Origin.QUEUE: a job refused at its add, from a client or the HTTP API.)
+            how = "a job" if origin is Origin.QUEUE else f"a request over {origin.transport}"
+            log.info("unknown module %r, %s: 400 Unknown request%s", name, how, more)
         while len(self._seen) > NAMES:
             self._seen.popitem(last=False)
         if count == BURST:
             self.events.emit(
                 UNKNOWN_MODULE_BURST,
                 title=f"{BURST} requests for unknown module {name!r} within "
-                f"{WINDOW:g} s (last over {transport})",
+                f"{WINDOW:g} s (last over {origin.transport})",
                 name=name,
             )

@@ -128,10 +128,18 @@ def test_a_call_for_an_unknown_module_is_a_line_a_minute(make_service):
     svc = make_service()
     for payload in (b"ehco:hi", b"ehco:again", b"nosuch:x"):
         assert svc.call(payload) == b"400: Unknown request"
-    svc.wait_for_log("request for unknown module 'ehco' over tcp: 400 Unknown request")
+    svc.wait_for_log("unknown module 'ehco', a request over tcp: 400 Unknown request")
     assert svc.call(b"test:x") == b"Test"  # (after the calls above: their lines are in)
-    assert svc.log().count("request for unknown module") == 1  # a flood: one a minute
+    assert svc.log().count("unknown module '") == 1  # a flood: one a minute
 
+
+
+def test_a_job_for_an_unknown_module_is_named_in_the_log_too(make_service):
+    # queue:add for a mistyped module was answered "400: Unknown request" with no line
+    # (only calls were named; found moving the check onto Origin).
+    svc = make_service()
+    assert svc.call(b"queue:add:ehco:hi") == b"400: Unknown request"
+    svc.wait_for_log("unknown module 'ehco', a job: 400 Unknown request")
 
 def test_the_ready_line_names_the_version(make_service):
     # As redis-server's and Sidekiq's first lines do: which release wrote this log?
