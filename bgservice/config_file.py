@@ -43,6 +43,14 @@ def _parts(dotted: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def _lines(text: str) -> Iterator[tuple[int, str, tuple[str, ...] | None]]:
+    """Each line of a TOML text, numbered from 1, with the parts of the table it is the
+    header of ([queue], [[listen]]), None for any other line."""
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        yield number, line, _parts(header.group(1)) if header else None
+
+
 _TOKEN = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'|#[^\n]*|[][{}]")
 
 
@@ -111,10 +119,10 @@ def _declared(text: str, parts: tuple[str, ...], before: int) -> int | None:
     """The first line before ``before`` that declares the table ``parts``: its header, or
     a top-level key of that name (``http.port = ...``, ``http = {...}``)."""
     top, key = True, re.compile(rf"\s*{_part(parts[0])}\s*[.=]")
-    for number, line in enumerate(text.splitlines()[: before - 1], 1):
-        if header := _HEADER.match(line):
+    for number, line, header in itertools.takewhile(lambda at: at[0] < before, _lines(text)):
+        if header is not None:
             top = False
-            if _parts(header.group(1)) == parts:
+            if header == parts:
                 return number
         elif top and len(parts) == 1 and key.match(line):
             return number
@@ -173,10 +181,9 @@ class Reader:
         key_re = re.compile(rf"\s*{_part(key)}\s*[.=]")
         current: tuple[str, ...] = ()
         seen: dict[tuple[str, ...], int] = {}
-        for number, line in enumerate(self.text.splitlines(), 1):
-            header = _HEADER.match(line)
-            if header:
-                current = _parts(header.group(1))
+        for number, line, header in _lines(self.text):
+            if header is not None:
+                current = header
                 seen[current] = seen.get(current, -1) + 1
                 if current[:1] == (key,) and not table:  # a table of that name: its header
                     return number
