@@ -40,6 +40,7 @@ def _config_path(given: Path | None) -> Path | None:
 def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
     config_path = _config_path(config_path)
     settings = config.load(config_path) if config_path else config.Settings()
+    settings = settings.replace(source=config_path)
     return config.with_overrides(settings, **overrides)  # type: ignore[arg-type]
 
 

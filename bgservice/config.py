@@ -177,6 +177,7 @@ class Settings:
     log_file: Path | None = None
     lag_warn_ms: float = 100.0
     schedules: tuple[Schedule, ...] = ()  # [[schedule]] tables: recurring jobs
+    source: Path | None = None  # the config file read, if any (named where it can help)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -141,10 +141,11 @@ class Listeners:
                 # With port 0 the UDP twin of a free TCP port may be taken: try another.
                 if port == 0 and exc.errno == errno.EADDRINUSE and attempt < _PORT_TRIES - 1:
                     continue
+                config = self.settings.source or "a config file (-c)"
                 raise ListenError(
                     f"cannot listen on {listener.host}:{port} ({listener.name}): "
                     f"{exc.strerror or exc}"
-                    + in_use(exc, "-p N, or the listener's port in the config")
+                    + in_use(exc, f"-p N, or the listener's port in {config}")
                 ) from None
         if server is not None:
             self.servers.append(server)

@@ -309,7 +309,7 @@ class Service:
         except OSError as exc:
             raise ListenError(
                 f"cannot listen for HTTP on {http.host}:{http.port}: {exc.strerror or exc}"
-                + in_use(exc, "[http] port in the config")
+                + in_use(exc, f"[http] port in {self.settings.source or 'the config'}")
             ) from None
         self.http_address = [host, port]
         access = AccessList.for_host(http.host, self.settings.allow)

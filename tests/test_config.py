@@ -517,7 +517,7 @@ def test_port_in_use_gives_a_clear_message_and_exit_1(make_service):
     out = svc.log()
     assert f"cannot listen on 127.0.0.1:{port} (busy)" in out
     assert "address already in use" in out.lower() and "another service running" in out
-    assert "another port: -p N, or the listener's port in the config" in out  # what to do
+    assert f"another port: -p N, or the listener's port in {svc.config})" in out  # what to do
     assert "Traceback" not in out
     assert not svc.ready_file.exists()
 

@@ -350,7 +350,7 @@ def test_a_taken_port_stops_the_start_with_a_clear_error(
         svc.start(wait=False)
         assert svc.wait() == 1
     assert f"cannot listen for HTTP on 127.0.0.1:{port}" in svc.log()
-    assert "(another port: [http] port in the config)" in svc.log()
+    assert f"(another port: [http] port in {svc.config})" in svc.log()
 
 
 def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
