@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bgservice.client import Client
+from bgservice.client import Client, ReplyError
 from bgservice.protocol import PREFACE
 from tests.conftest import HOG, REPO, wait_until, write_module
 from tests.test_client import free_port
@@ -291,6 +291,147 @@ try { $bg->get(999999); } catch (BackgroundServiceException $e) { show($e->getCo
         "refused",
         "404",
     ]
+
+
+def as_php_has_it(value):
+    """``value`` as PHP's json_decode($json, true) and json_encode() give it back: a JSON
+    object without keys becomes an empty PHP array, written back as ``[]``."""
+    if isinstance(value, dict):
+        return {key: as_php_has_it(item) for key, item in value.items()} if value else []
+    if isinstance(value, list):
+        return [as_php_has_it(item) for item in value]
+    return value
+
+
+def test_modules_jobs_and_queue_stats_read_what_the_python_client_reads(service, tmp_path):
+    # The PHP client had no modules(), no listing and no queue statistics (only request()
+    # and a json_decode of one's own): they ask as the Python client's modules(), list()
+    # and queue_stats() do, the same arguments giving the same page.
+    with Client(address(service), timeout=10) as bg:
+        assert bg.get(bg.add("echo", "done")) == b"done"
+        with pytest.raises(ReplyError):
+            bg.get(bg.add("sleep", "not a number"))  # a failed job
+        later = [bg.add("echo", f"later {n}", delay=3600, name="nightly") for n in range(3)]
+        out = php(
+            tmp_path,
+            """
+$bg = new BackgroundService($argv[1]);
+show($bg->modules());
+show($bg->jobs());
+show($bg->jobs('waiting', 1, 1));
+show($bg->jobs(null, 2));
+show($bg->jobs('done', 5));
+show($bg->queueStats());
+show($bg->queueStats(60));
+""",
+            address(service),
+        )
+        python = [
+            bg.modules(),
+            bg.list(),
+            bg.list("waiting", 1, 1),
+            bg.list(None, 2),
+            bg.list("done", 5),
+            bg.queue_stats(),
+            bg.queue_stats(60),
+        ]
+    shown = [json.loads(line) for line in out]
+    for stats in (*shown[5:], *python[5:]):  # jobs finished in the last minute: a clock's
+        assert isinstance(stats.pop("finished_per_minute"), int), stats
+    assert shown == as_php_has_it(python)
+    assert "echo" in [module["name"] for module in shown[0]]
+    assert sorted(shown[1]) == ["failed", "running", "waiting"]
+    assert [job["id"] for job in shown[2]["waiting"]] == [later[1]]  # the second page of 1
+    assert [len(jobs) for jobs in shown[3].values()] == [2, 0, 1]
+    assert shown[4]["done"][0]["module"] == "echo"
+    counts = {"waiting": 3, "running": 0, "done": 1, "failed": 1, "cancelled": 0}
+    assert shown[5]["counts"] == counts and shown[5]["names"] == {
+        "nightly": {"waiting": 3, "running": 0}
+    }
+    assert [shown[5]["window"]["seconds"], shown[6]["window"]["seconds"]] == [3600, 60]
+
+
+def test_jobs_and_queue_stats_refuse_what_the_service_would_before_sending(service, tmp_path):
+    # Each would be the service's 400; refused by the client, as its other options are.
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+$sent = fn () => $bg->stats()['modules']['queue']['tcp']['requests'] ?? 0;
+$before = $sent();
+$refused = [
+    fn () => $bg->jobs('finished'), fn () => $bg->jobs(''), fn () => $bg->jobs(null, 0),
+    fn () => $bg->jobs('done', -5),
+    fn () => $bg->jobs(null, 10, -1), fn () => $bg->queueStats(0.5), fn () => $bg->queueStats(-60),
+    fn () => $bg->queueStats(NAN), fn () => $bg->queueStats(INF),
+];
+foreach ($refused as $ask) {
+    try { $ask(); echo "sent\n"; }
+    catch (InvalidArgumentException $e) { show($e->getMessage()); }
+}
+show($sent() - $before);  // no queue request went out
+show([$bg->jobs('failed', 1, 0), $bg->queueStats(1)['window']['seconds']]);  // the least each takes
+""",
+        address(service),
+    )
+    shown = [json.loads(line) for line in out]
+    states = "jobs(): state must be null (the waiting, running and failed jobs) or one of "
+    states += "waiting, running, done, failed, cancelled, not"
+    at_least_1 = "jobs(): limit must be at least 1 (null: the service's 100), not"
+    window = "queueStats(): window must be null or a finite number of seconds of at least 1, not"
+    assert shown == [
+        f"{states} 'finished'",
+        f"{states} ''",
+        f"{at_least_1} 0",
+        f"{at_least_1} -5",
+        "jobs(): offset must be 0 or more, not -1",
+        f"{window} 0.5",
+        f"{window} -60.0",
+        f"{window} NAN",
+        f"{window} INF",
+        0,
+        [{"failed": []}, 1],
+    ], out
+
+
+def test_a_module_name_the_service_would_read_as_another_is_refused(service, tmp_path):
+    # "echo:x" called module echo with the data "x:y", and "ec ho" or "echo\n" called
+    # echo: the service cuts the name at the first ':' and drops any other character
+    # (bgservice/protocol.py). Every method that takes a module refuses them, unsent.
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1]);
+$methods = [
+    'call' => fn ($module) => $bg->call($module, 'y'),
+    'send' => fn ($module) => $bg->send($module, 'y'),
+    'add' => fn ($module) => $bg->add($module, 'y'),
+    'run' => fn ($module) => $bg->run($module, 'y'),
+    'addMany' => fn ($module) => $bg->addMany([['echo', 'fine'], [$module, 'y']]),
+    'schedule' => fn ($module) => $bg->schedule('nightly', $module, 'y', ['every' => 3600]),
+];
+foreach ($methods as $method => $call) {
+    foreach (['echo:x', 'ec ho', "echo\n", ''] as $module) {
+        try { $call($module); show("$method sent"); }
+        catch (InvalidArgumentException $e) { show($e->getMessage()); }
+    }
+}
+show([$bg->add('echo', 'first'), $bg->schedules()]);  // nothing was queued or scheduled
+try { $bg->call('no_such-module'); echo "no exception\n"; }  // a name it takes: sent
+catch (BackgroundServiceException $e) { show([$e->getCode(), $e->getMessage()]); }
+""",
+        address(service),
+    )
+    shown = [json.loads(line) for line in out]
+    names = ["'echo:x'", "'ec ho'", "'echo\n'", "''"]
+    rule = "one or more of A-Z a-z 0-9 _ -"
+    refused = [
+        f"module name {name} is not one the service can take: a module name is {rule} "
+        "(the service drops any other character, and a ':' ends the name)"
+        for name in names
+    ]
+    in_batch = [f"addMany(): job 1 must be a module name ({rule}) first, not {n}" for n in names]
+    assert shown == [*refused * 4, *in_batch, *refused, [1, []], [400, "Unknown request"]], out
 
 
 def test_a_busy_service_is_a_timeout_not_down(modules_dir, make_service, tmp_path):

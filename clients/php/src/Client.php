@@ -44,6 +44,15 @@ class Client
         'name', 'tags',
     ];
 
+    /** The states a job can be in (docs/queue.md): what jobs() takes as $state. */
+    public const JOB_STATES = ['waiting', 'running', 'done', 'failed', 'cancelled'];
+
+    /** A module name, as the service reads it: it takes the text up to the first ':' as
+     *  the name and drops every character but these from it (bgservice/protocol.py), so
+     *  any other name would call another module, or none. */
+    private const MODULE_NAME = '/\A[A-Za-z0-9_-]+\z/';
+    private const MODULE_RULE = 'one or more of A-Z a-z 0-9 _ -';
+
     /** A reply's status and its words when the service stops (docs/protocol.md), as it
      *  answers a call it cut or a request after the stop began. */
     private const STOPPING = 503;
@@ -111,7 +120,23 @@ class Client
      */
     public function call(string $module, string $data = '', ?float $timeout = null): string
     {
-        return $this->request($module . ':' . $data, $timeout);
+        return $this->request(self::module($module) . ':' . $data, $timeout);
+    }
+
+    /**
+     * $module, if the service reads it as that name: "echo:x" called module echo with
+     * "x:" in front of the data, and "ec ho" called echo, without a word.
+     *
+     * @throws InvalidArgumentException any other name (MODULE_NAME), empty included
+     */
+    private static function module(string $module): string
+    {
+        if (preg_match(self::MODULE_NAME, $module) !== 1) {
+            throw new InvalidArgumentException('module name ' . var_export(substr($module, 0, 80), true)
+                . ' is not one the service can take: a module name is ' . self::MODULE_RULE
+                . " (the service drops any other character, and a ':' ends the name)");
+        }
+        return $module;
     }
 
     /**
@@ -120,12 +145,14 @@ class Client
      * False if it could not even be sent: nothing at the Unix datagram path, or its queue
      * full (a busy or hung service), which drops the datagram as a full UDP buffer does.
      *
-     * @throws InvalidArgumentException what could never be sent, up or down: no datagram
+     * @throws InvalidArgumentException what could never be sent, up or down: a module name
+     *                                  the service cannot take (module()), no datagram
      *                                  address, or $module:$data larger than one datagram
      *                                  carries (over 65,507 bytes for UDP over IPv4)
      */
     public function send(string $module, string $data = ''): bool
     {
+        $message = self::module($module) . ':' . $data;
         if ($this->udpTarget === null) {  // else the datagram would go to the stream socket
             throw new InvalidArgumentException(
                 'send() needs $udpAddress: the address is a Unix stream socket '
@@ -141,7 +168,6 @@ class Client
         // then waits for room: for ever for a hung service. Non-blocking, a write that would
         // wait writes nothing (0, no warning): that datagram is dropped.
         stream_set_blocking($socket, false);
-        $message = $module . ':' . $data;
         error_clear_last();
         $sent = @fwrite($socket, $message);
         fclose($socket);
@@ -184,6 +210,18 @@ class Client
         return $this->decode($this->request('service:stats'));
     }
 
+    /**
+     * The modules the service has (service:modules): one array each, with its name,
+     * state, transports, where it runs, timeout, load time, reloads and last load error.
+     *
+     * @return list<array<string, mixed>> JSON decoded: its shape is docs/protocol.md's
+     */
+    public function modules(): array
+    {
+        /** @var list<array<string, mixed>> */
+        return $this->decode($this->request('service:modules'));
+    }
+
     // --- queue -------------------------------------------------------------------------
 
     /**
@@ -196,7 +234,8 @@ class Client
      *
      * @param array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null> $options
      *
-     * @throws InvalidArgumentException an unknown option, `wait` (run() waits), a value its
+     * @throws InvalidArgumentException a module name the service cannot take (module()),
+     *                                  an unknown option, `wait` (run() waits), a value its
      *                                  option cannot take (an array but for after and tags,
      *                                  a nested one, another object, a pure enum, a
      *                                  resource), or a bad `after` id: nothing is sent
@@ -264,6 +303,8 @@ class Client
             !array_is_list($job) || $job === [] || count($job) > 3 => '[module, data, options] (a list of 1 to 3), not '
                 . ($job === [] ? 'an empty array' : 'an array with keys ' . implode(', ', array_map('strval', array_keys($job)))),
             !is_string($job[0]) => 'a module name (a string) first, not ' . get_debug_type($job[0]),
+            preg_match(self::MODULE_NAME, $job[0]) !== 1 => 'a module name (' . self::MODULE_RULE
+                . ') first, not ' . var_export(substr($job[0], 0, 80), true),
             isset($job[1]) && !is_string($job[1]) && !is_int($job[1]) && !is_float($job[1])
                 => 'data as a string (or an int or float), not ' . get_debug_type($job[1]),
             isset($job[2]) && !is_array($job[2]) => 'options as an array, not ' . get_debug_type($job[2]),
@@ -359,11 +400,12 @@ class Client
     /**
      * @param array<string, mixed> $options as add()'s
      *
-     * @throws InvalidArgumentException an unknown option, a value it cannot take
-     *                                  (query()), or a bad `after` id
+     * @throws InvalidArgumentException a bad module name (module()), an unknown option, a
+     *                                  value it cannot take (query()), or a bad `after` id
      */
     private function addRequest(string $module, string $data, array $options, bool $wait = false): string
     {
+        self::module($module);
         if (array_key_exists('wait', $options)) {
             // add()/addMany() with wait ran the job, then failed to read an id from its result
             throw new InvalidArgumentException('option wait: add() and addMany() reply job ids; '
@@ -547,6 +589,73 @@ class Client
         return $this->newId($this->request('queue:retry:' . JobId::format($id)));
     }
 
+    /**
+     * A page of the jobs of $state, or of the waiting, running and failed ones
+     * (queue:list), keyed by state: ['waiting' => [job, ...], ...], each job as status()
+     * has it; waiting ones in the order they will run, finished ones newest first. The
+     * Python client's list(): list() reads as PHP's list() construct, and jobs() as the
+     * schedules() beside it.
+     *
+     * @param string|null $state  one of JOB_STATES; null the waiting, running and failed
+     *                            jobs ('' is refused, as the service refuses an empty state)
+     * @param int|null    $limit  jobs per state, at least 1; null the service's 100 (more
+     *                            than its [queue] max_page, 1000, is answered with that many)
+     * @param int         $offset jobs per state to skip: the next page's is $offset + $limit
+     *
+     * @return array<string, list<array<string, mixed>>> JSON decoded: docs/queue.md's
+     *
+     * @throws InvalidArgumentException a state not in JOB_STATES, a $limit under 1 or a
+     *                                  negative $offset (the service's 400): nothing is sent
+     */
+    public function jobs(?string $state = null, ?int $limit = null, int $offset = 0): array
+    {
+        $problem = self::pageProblem($state, $limit, $offset);
+        if ($problem !== null) {
+            throw new InvalidArgumentException("jobs(): $problem");
+        }
+        // The state as an option: the service reads options after the command name only,
+        // so "queue:list:failed?limit=5" would be refused. 0 is the service's own offset.
+        $query = self::query(['state' => $state, 'limit' => $limit, 'offset' => $offset ?: null]);
+        /** @var array<string, list<array<string, mixed>>> */
+        return $this->decode($this->request('queue:list' . ($query !== '' ? "?$query" : '')));
+    }
+
+    /** What is wrong with jobs()' arguments, which the service would refuse with a 400; null: nothing. */
+    private static function pageProblem(?string $state, ?int $limit, int $offset): ?string
+    {
+        return match (true) {
+            $state !== null && !in_array($state, self::JOB_STATES, true) => 'state must be null (the waiting, running and failed jobs) or one of '
+                . implode(', ', self::JOB_STATES) . ', not ' . var_export(substr($state, 0, 80), true),
+            $limit !== null && $limit < 1 => "limit must be at least 1 (null: the service's 100), not $limit",
+            $offset < 0 => "offset must be 0 or more, not $offset",
+            default => null,
+        };
+    }
+
+    /**
+     * The queue's figures (queue:stats): jobs counted per state, the oldest waiting job's
+     * age, jobs finished per minute, workers, and the run history of the last $window
+     * seconds (runs, outcomes, busy time per hour).
+     *
+     * @param float|null $window seconds of history, a finite number of at least 1; null
+     *                           the service's 3600 (an hour)
+     *
+     * @return array<string, mixed> JSON decoded: its shape is docs/queue.md's
+     *
+     * @throws InvalidArgumentException a $window under 1, INF or NAN (the service's 400):
+     *                                  nothing is sent
+     */
+    public function queueStats(?float $window = null): array
+    {
+        if ($window !== null && !(is_finite($window) && $window >= 1.0)) {
+            throw new InvalidArgumentException('queueStats(): window must be null or a finite number '
+                . 'of seconds of at least 1, not ' . var_export($window, true));
+        }
+        $query = self::query(['window' => $window]);
+        /** @var array<string, mixed> */
+        return $this->decode($this->request('queue:stats' . ($query !== '' ? "?$query" : '')));
+    }
+
     // --- schedules (recurring jobs, docs/queue.md) -------------------------------------
 
     /**
@@ -569,11 +678,13 @@ class Client
      *
      * @return array<mixed> the schedule, as schedules() lists it
      *
-     * @throws InvalidArgumentException a value add() would refuse: nothing is sent
+     * @throws InvalidArgumentException a module name or a value add() would refuse:
+     *                                  nothing is sent
      */
     public function schedule(string $name, string $module, string $data = '', array $options = []): array
     {
         $query = self::query(['name' => $name] + $options);
+        $module = self::module($module);
         return $this->decode($this->request("queue:schedule?$query:$module:$data"));
     }
 
@@ -603,7 +714,8 @@ class Client
     // --- any request -------------------------------------------------------------------
 
     /**
-     * Any raw request, e.g. request('queue:list:failed'); the reply body.
+     * Any raw request, e.g. request('queue:check:id:7'); the reply body. Sent as it is:
+     * nothing in it is checked.
      *
      * @throws ReplyException       the service replied an error (getCode() is its status)
      * @throws ServiceDownException the service cannot be reached, or is shutting down (failure())
