@@ -53,11 +53,37 @@ def test_a_module_queued_only_by_the_scheduler(make_service, modules_dir):
     assert status_code == 403 and error["error"]["status"] == "PERMISSION_DENIED"
     assert "queue only from scheduler (source http)" in error["error"]["message"]
     assert svc.call(b"invoices:direct") == b"invoiced direct"  # QUEUE_FROM is about jobs
+
+
+MONTHLY = '[[schedule]]\nname = "monthly"\nmodule = "invoices"\ndata = "all"\nevery = 1\n'
+
+
+def test_no_client_queues_a_scheduler_only_module_through_a_schedule(make_service, modules_dir):
+    # Found by a security review: any client made (or replaced) a run-time schedule of
+    # invoices, or fired the config's, and its job ran as source scheduler:NAME. What a
+    # client makes or fires is now a job it could add itself.
+    write_module(modules_dir, "invoices", INVOICES)
+    write_module(modules_dir, "billing", INVOICES.replace('{"scheduler"}', '{"scheduler", "tcp"}'))
+    svc = make_service(HTTP + MONTHLY)
     wait_until(lambda: not svc.call(b"queue:schedules").startswith(b"503"))
-    svc.call(b"queue:schedule?name=monthly&cron=0+6+1+*+*:invoices:all")
-    fired = svc.call(b"queue:fire:monthly")
-    assert fired.startswith(b"id:")
-    assert svc.call(b"queue:get:" + fired) == b"invoiced all"
+    refused = b"403: module invoices: queue only from scheduler (source tcp:127.0.0.1:"
+    assert svc.call(b"queue:schedule?name=evil&every=3600:invoices:mine").startswith(refused)
+    assert svc.call(b"queue:fire:monthly").startswith(refused)
+    body = {"name": "evil", "module": "invoices", "every": 3600}
+    for path, sent in (("/api/v1/schedules", body), ("/api/v1/schedules/monthly:run", None)):
+        code, error, _ = svc.http("POST", path, sent)
+        assert code == 403 and "queue only from scheduler (source http)" in str(error), error
+    assert [s["name"] for s in json.loads(svc.call(b"queue:schedules"))] == ["monthly"]
+    # The config's schedule runs (source scheduler:monthly) ...
+    first = wait_until(lambda: json.loads(svc.call(b"queue:list?state=done")).get("done"))
+    assert first[0]["module"] == "invoices" and first[0]["source"] == "scheduler:monthly"
+    assert svc.call(b"queue:get:id:%d" % first[0]["id"]) == b"invoiced all"
+    # ... and a client the module admits makes and fires schedules of it as before.
+    made = json.loads(svc.call(b"queue:schedule?name=bills&every=3600:billing:due"))
+    assert made["name"] == "bills"
+    fired = svc.call(b"queue:fire:bills")
+    assert svc.call(b"queue:get:" + fired) == b"invoiced due"
+    assert status(svc, int(fired[3:]))["source"] == "scheduler:bills"
 
 
 def test_source_is_the_operators_to_set(make_service):

@@ -296,7 +296,7 @@ class HttpApi:
         token: Token | None = request.get("token")
         if "source" in options and (token is None or token.scope != "operate"):
             raise Forbidden("field source: only for a token of scope operate")
-        options.setdefault("source", f"http:{token.name}" if token else "http")
+        options.setdefault("source", inputs.caller(request))
         spec = parse_add(inputs.command("add", options, args), limits=self.settings.queue)
         try:
             jid = await self.queue.add(spec)

@@ -61,6 +61,13 @@ def known_parameters(request: web.Request, accepted: frozenset[str]) -> None:
         raise BadRequest(f"unknown query parameter {unknown[0][:40]!r}{guess} ({takes})")
 
 
+def caller(request: web.Request) -> str:
+    """The source of what an HTTP request adds: ``http:NAME`` for a named token
+    ([http] tokens), else ``http`` (docs/deploy.md, Sources)."""
+    token = request.get("token")
+    return f"http:{token.name}" if token else "http"
+
+
 def unknown_module(name: str) -> BadRequest:
     """The socket's ``Unknown request`` for a job of no loaded module, naming both."""
     return BadRequest(f"field module: unknown module {name!r} (see GET /api/v1/modules)")

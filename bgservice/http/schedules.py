@@ -49,7 +49,7 @@ class ScheduleRoutes:
         values, data = inputs.schedule_body(await inputs.json_body(request))
         schedule = make_schedule(values, data)
         try:
-            made = await self._scheduler().put(schedule)
+            made = await self._scheduler().put(schedule, inputs.caller(request))
         except UnknownRequest:
             raise inputs.unknown_module(schedule.module) from None
         location = {"Location": f"{SCHEDULES}/{made['name']}"}
@@ -69,7 +69,7 @@ class ScheduleRoutes:
         scheduler = self._scheduler()
         schedule = scheduler.named(request.match_info["name"])
         try:
-            jid = await self.queue.fire(schedule, None)
+            jid = await scheduler.fire_now(schedule.name, inputs.caller(request))
         except UnknownRequest:  # (its module was removed since)
             raise inputs.unknown_module(schedule.module) from None
         return web.json_response(

@@ -181,11 +181,11 @@ class JobQueue(abc.ABC):
         None if it had been fired already), or one now (``slot`` None)."""
         return await self.add(schedule.spec(slot)) or None
 
-    def check_schedule(self, schedule: Schedule) -> None:
-        """Raise the error its jobs would get now (queue:add's: unknown module, refusing
-        queue jobs, not to be queued by the scheduler): a schedule made for a typo was
-        taken, and each of its slots then logged an error and was lost."""
-        self.runner.check(schedule.module, schedule.source)
+    def check_schedule(self, schedule: Schedule, caller: str | None = None) -> None:
+        """Raise the error its jobs would get now (queue:add's), and the one ``caller``'s
+        own add would: a schedule does nothing its maker could not (QUEUE_FROM)."""
+        for source in (schedule.source, caller) if caller is not None else (schedule.source,):
+            self.runner.check(schedule.module, source)
 
     def schedules_changed(self) -> None:  # noqa: B027 (a hook; one instance: nobody to tell)
         """Schedules were changed here: tell the other instances, if any."""
@@ -226,7 +226,7 @@ class JobQueue(abc.ABC):
         if cmd.name in SCHEDULE_COMMANDS:
             if self.scheduler is None:
                 raise Busy("Schedules not loaded yet")
-            return await self.scheduler.command(cmd)
+            return await self.scheduler.command(cmd, request.source)
         return _json(await self.stats(parse_window(cmd)))
 
     async def _add(self, cmd: Command, request: Request) -> bytes:

@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -103,6 +103,10 @@ redis.call('HDEL', P .. ':schedules', name)
 redis.call('HDEL', P .. ':schedule_slots', name)
 return 1
 """
+
+
+class _ScheduleCheck(Protocol):
+    def __call__(self, schedule: Schedule, caller: str | None = None) -> None: ...
 
 
 class RedisSchedules:
@@ -249,7 +253,7 @@ class RedisSchedules:
     owner: str  # RedisQueue's: this instance's name
     _elsewhere: set[str]  # schedules whose runs this instance leaves to others (fire)
     add: Callable[[AddSpec], Coroutine[Any, Any, int]]  # JobQueue's
-    check_schedule: Callable[[Schedule], None]  # JobQueue's
+    check_schedule: _ScheduleCheck  # JobQueue's
 
 
 def _gone(owner: str, host: str, pid: int) -> bool:

@@ -66,8 +66,9 @@ class Schedules(Protocol):
 
     async def remove_schedule(self, name: str) -> bool: ...
 
-    def check_schedule(self, schedule: Schedule) -> None:
-        """Raise the error a job of ``schedule`` would get if added now."""
+    def check_schedule(self, schedule: Schedule, caller: str | None = None) -> None:
+        """Raise the error a job of ``schedule`` would get if added now, or if ``caller``
+        (a client's source) added one itself."""
         ...
 
     async def fire(self, schedule: Schedule, slot: float | None) -> int | None:
@@ -162,16 +163,18 @@ class Scheduler:
 
     # --- commands ---------------------------------------------------------------------
 
-    async def command(self, cmd: Command) -> bytes:
+    async def command(self, cmd: Command, caller: str) -> bytes:
         """``queue:schedules``, ``queue:schedule?...:MODULE:DATA``, and
-        ``queue:unschedule|pause|resume|fire:NAME`` (docs/queue.md)."""
+        ``queue:unschedule|pause|resume|fire:NAME`` (docs/queue.md); ``caller`` the
+        client's source: what it makes or fires must be a job it could add itself."""
         if cmd.name == "schedules":
             if cmd.args:  # (queue:schedules:x once listed them all)
                 raise BadRequest("queue:schedules takes no argument")
             return _json(self.describe())
         if cmd.name == "schedule":
             module, data = split_request(cmd.args)
-            return _json(await self.put(make_schedule({**cmd.options, "module": module}, data)))
+            schedule = make_schedule({**cmd.options, "module": module}, data)
+            return _json(await self.put(schedule, caller))
         try:  # (as U+FFFD, \xff named a schedule really called "\ufffd")
             name = cmd.args.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -182,7 +185,7 @@ class Scheduler:
             await self.remove(name)
             return b"removed"
         if cmd.name == "fire":
-            return b"id:%d" % (await self.store.fire(self.named(name), None) or 0)
+            return b"id:%d" % await self.fire_now(name, caller)
         return _json(await self.pause(name, cmd.name == "pause"))
 
     def describe(self) -> list[dict[str, Any]]:
@@ -200,13 +203,24 @@ class Scheduler:
         now = time.time() if now is None else now
         return schedule.describe(last, now, self._next.get(name), is_slot)
 
-    async def put(self, schedule: Schedule) -> dict[str, Any]:
+    async def fire_now(self, name: str, caller: str) -> int:
+        """A run of schedule ``name`` now, for a client whose source is ``caller``: a job
+        of its module it may add itself (QUEUE_FROM = {"scheduler"}: through the config's
+        schedules only)."""
+        schedule = self.named(name)
+        self.store.check_schedule(schedule, caller)
+        return await self.store.fire(schedule, None) or 0
+
+    async def put(self, schedule: Schedule, caller: str | None = None) -> dict[str, Any]:
+        """Add or replace a run-time schedule; ``caller`` (its maker's source) must be
+        allowed to add its module's jobs itself, or a run-time schedule let any client
+        queue a module whose QUEUE_FROM admits the scheduler alone."""
         old = self.schedules.get(schedule.name)
         if old is not None and old.origin == "config":
             raise Conflict(
                 f"schedule {schedule.name} is defined in service.config: change it there"
             )
-        self.store.check_schedule(schedule)
+        self.store.check_schedule(schedule, caller)
         if old is not None:  # replaced: its slots up to a resume stay unfired
             schedule = _with(schedule, resumed=old.resumed)
         # New times: from its first slot after now (a slot of them between its last and now
