@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 import uvloop
 
-from bgservice import __version__, cli_client, config, logs, preflight, readiness
+from bgservice import __version__, cli_client, config, logs, open_files, preflight, readiness
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.errors import ConfigError
@@ -231,6 +231,7 @@ def serve(
         _config_error(str(exc))
     if ready_file is not None:  # (found at the end of the start: a traceback, listening)
         _ready_file_or_exit(ready_file)
+    open_files.raise_limit(settings)  # (logged: after the logs' setup)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     code = uvloop.run(service.run())
     # Stopped: the threads modules made themselves (a ThreadPoolExecutor's are not

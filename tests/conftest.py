@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -165,12 +166,17 @@ class ServiceProcess:
         # A process group of its own, as a shell gives a command it runs: a test can then
         # send a signal to the group, as a terminal's Ctrl-C does (os.killpg).
         self.own_group = False
+        # Resource limits the child starts with (resource.RLIMIT_NOFILE: (soft, hard)), as
+        # a shell's ulimit or a systemd unit's LimitNOFILE= sets them.
+        self.rlimits: dict[int, tuple[int, int]] = {}
 
-    def _set_signals(self) -> None:  # (in the child, before it runs Python)
+    def _in_child(self) -> None:  # (in the child, before it runs Python)
         for signum, disposition in self.signals.items():
             signal.signal(signum, disposition)
         if self.own_group:
             os.setpgid(0, 0)
+        for which, limits in self.rlimits.items():
+            resource.setrlimit(which, limits)
 
     def start(self, wait: bool = True) -> ServiceProcess:
         self.ready_file.unlink(missing_ok=True)
@@ -189,7 +195,7 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             cwd=self.root,
             env=self.env,
-            preexec_fn=self._set_signals if self.signals or self.own_group else None,
+            preexec_fn=self._in_child if self.signals or self.own_group or self.rlimits else None,
         )
         log.close()
         if wait:
