@@ -192,9 +192,47 @@ def test_the_refusal_over_max_connections_carries_every_reply_s_headers() -> Non
     # Written as bytes past aiohttp, it had none of the headers every other reply has.
     from bgservice.http.site import _refusal
 
-    head = _refusal(3).partition(b"\r\n\r\n")[0].decode()
-    assert head.startswith("HTTP/1.1 503 ")
-    for line in ("X-Frame-Options: DENY", "X-Content-Type-Options: nosniff",
-                 "Cache-Control: no-store"):  # fmt: skip
-        assert f"\r\n{line}\r\n" in head
-    assert "frame-ancestors 'none'" in head
+    for status, start in ((503, "HTTP/1.1 503 "), (403, "HTTP/1.1 403 Forbidden\r\n")):
+        head = _refusal(status, "No").partition(b"\r\n\r\n")[0].decode()
+        assert head.startswith(start) and ("Retry-After: 1" in head) == (status == 503)
+        for line in ("X-Frame-Options: DENY", "X-Content-Type-Options: nosniff",
+                     "Cache-Control: no-store"):  # fmt: skip
+            assert f"\r\n{line}\r\n" in head
+        assert "frame-ancestors 'none'" in head
+
+
+def test_peers_outside_allow_are_refused_as_they_connect_not_counted(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # Found by a security review: off loopback, a peer outside `allow` was refused only
+    # once its request came, and its idle connections held slots of max_connections until
+    # the read timeout: reconnecting, it kept the allowed clients out (503).
+    svc = make_service(HTTP.replace("port = 0", 'host = "0.0.0.0"\nport = 0') +
+                       "[limits]\nmax_connections = 3\n", start=False)  # fmt: skip
+    svc.config.write_text('allow = ["127.0.0.1/32"]\n' + svc.config.read_text())
+    svc.start()
+    port = urlsplit(svc.http_url).port
+
+    def outsider() -> socket.socket:
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", port))
+        return sock
+
+    idle = [outsider() for _ in range(5)]
+    with outsider() as asking:
+        asking.sendall(f"GET {API}/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        status, body = _reply(asking)
+    assert status == 403 and body["error"]["message"] == "Forbidden", body
+    code, _, _ = svc.http("GET", f"{API}/modules")  # the outsiders hold no slot
+    assert code == 200
+    # Idle, they get their 403 too, and go (a refusal waits a second for a request head).
+    assert all(_closed_within(sock, 10) for sock in idle)
+    _, metrics, _ = svc.http("GET", "/metrics")
+    found = re.search(r'^bgservice_refused_total\{reason="http_forbidden"\} (\S+)$', metrics, re.M)
+    assert found and float(found.group(1)) == 6, metrics
+    said = [line for line in svc.log().splitlines() if "HTTP: refused connection" in line]
+    assert len(said) == 1 and "from 127.0.0.2: not in allow list" in said[0], said
+    for sock in idle:
+        sock.close()

@@ -117,9 +117,8 @@ class HttpApi:
         )  # fmt: skip
         await self._runner.setup()
         http = self.settings.http
-        site = LimitedSite(
-            self._runner, http.host, http.port, limits.max_connections, self.stats.refused
-        )
+        site = LimitedSite(self._runner, http.host, http.port, limits.max_connections,
+                           self.stats.refused, self.access)  # fmt: skip
         await site.start()
         host, port = self._runner.addresses[0][:2]
         return host, port

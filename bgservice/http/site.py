@@ -4,7 +4,8 @@ aiohttp has no limit on open connections, so a client opening many and sending n
 (slow loris) took every file descriptor the process had, the socket protocol's
 included. Here ``[limits] max_connections`` bounds the HTTP connections too (counted
 apart from the socket protocol's); one over it gets a 503 as JSON and is closed, as
-uvicorn's ``limit_concurrency`` does. The deadlines for the request head and the idle
+uvicorn's ``limit_concurrency`` does. Off loopback, a peer outside ``allow`` is refused
+(403) as it is accepted, before it holds a slot. The deadlines for the request head and the idle
 time between requests are aiohttp's keep-alive timer (set in api.py), which also runs
 from a connection's opening; the body's is in api.py's guard.
 
@@ -29,6 +30,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_server import Server
 
+from bgservice.access import AccessList
 from bgservice.http.origins import SAFE_METHODS
 from bgservice.http.replies import PLAIN, error_response
 from bgservice.logs import Sparse
@@ -42,14 +44,16 @@ WAIT = 1.0  # seconds a refused connection gets to send its request head
 LOG_EVERY = 60.0  # seconds between log lines about refused connections
 
 
-def _refusal(limit: int) -> bytes:
-    body = error_response(503, f"Too many connections (at most {limit})").body
+def _refusal(status: int, message: str) -> bytes:
+    """A whole reply of ``status`` (503 or 403) for a connection refused as it opens."""
+    body = error_response(status, message).body
     assert isinstance(body, bytes)
     # Written as bytes, past aiohttp: the headers every other reply gets, added here.
     extra = "".join(f"{name}: {value}\r\n" for name, value in PLAIN.items())
+    line = "503 Service Unavailable\r\nRetry-After: 1" if status == 503 else "403 Forbidden"
     head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\n{extra}Connection: close\r\n\r\n"
+        f"HTTP/1.1 {line}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
     )
     return head.encode() + body
 
@@ -88,17 +92,40 @@ class _Refuse(asyncio.Protocol):
         self.transport = None
 
 
+class _Gate(asyncio.Protocol):
+    """A connection to a listener off loopback, its peer checked against ``allow`` as it
+    is accepted, before it takes a slot of ``max_connections``: checked only with the
+    request, a peer outside the list, reconnecting as each read timeout dropped it, kept
+    the allowed ones out with 503s. Then the connection goes to its real protocol."""
+
+    def __init__(self, site: LimitedSite, server: Server, access: AccessList) -> None:
+        self.site, self.server, self.access = site, server, access
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else None
+        if self.access.allows(host):
+            protocol = self.site.admit(self.server)
+        else:
+            protocol = self.site.forbid(host)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
 class LimitedSite(web.TCPSite):
     """A TCP site whose protocol factory refuses connections over ``max_connections``
-    (logged at most once a minute)."""
+    (logged at most once a minute), and off loopback those from outside ``allow``."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int,
-                 refused: Counter[str]) -> None:  # fmt: skip
+                 refused: Counter[str], access: AccessList) -> None:  # fmt: skip
         super().__init__(runner, host, port, backlog=128)
         self.max_connections = max_connections
         self.refused = refused  # Stats.refused: /metrics' bgservice_refused_total
+        self.access = access  # (no networks: loopback, every peer is local)
         self._logged = Sparse(LOG_EVERY)  # the refusals' log line, at most a minute's
-        self._reply = _refusal(max_connections)
+        self._reply = _refusal(503, f"Too many connections (at most {max_connections})")
+        self._forbidden = _refusal(403, "Forbidden")
+        self._outsiders = Sparse(LOG_EVERY)  # (as the socket protocol's: a line a minute)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
@@ -110,6 +137,20 @@ class LimitedSite(web.TCPSite):
         )
 
     def _protocol(self, server: Server) -> Any:
+        if self.access.networks is not None:
+            return _Gate(self, server, self.access)
+        return self.admit(server)
+
+    def forbid(self, host: str | None) -> _Refuse:
+        """The protocol of a connection from ``host``, outside ``allow``: a 403's."""
+        self.refused["http_forbidden"] += 1
+        if refused := self._outsiders.tick(time.monotonic()):
+            log.warning("HTTP: refused connection from %s: not in allow list (%d refused "
+                        "since the last line)", host, refused)  # fmt: skip
+        return _Refuse(self._forbidden)
+
+    def admit(self, server: Server) -> Any:
+        """The connection's protocol: aiohttp's, or a 503's over ``max_connections``."""
         if len(server.connections) < self.max_connections:
             return server()
         self.refused["http_too_many_connections"] += 1
