@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from bgservice.errors import ConfigError, Unmet
 from bgservice.http.origins import check_hosts
-from bgservice.http.tokens import MIN_TOKEN_CHARS, check_tokens
+from bgservice.http.tokens import MIN_TOKEN_CHARS, TOKEN_ENV, check_tokens
 from bgservice.queue.commands import MAX_INT
 from bgservice.queue.rates import Rate, parse_rate
 
@@ -126,7 +126,6 @@ def check_string(v: Any) -> str:
     return v
 
 
-TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"  # replaces [http] token when set (bgservice.http.api)
 
 
 def check_token(v: Any) -> str:

@@ -29,7 +29,9 @@ from bgservice.declarations import (
     misspelled_handler,
     reserved_name_warning,
 )
+from bgservice.errors import ConfigError
 from bgservice.execution import RESERVED
+from bgservice.http.tokens import Tokens
 from bgservice.queue.sqlite_schema import lock_path
 from bgservice.registry import PACKAGE, import_module_file, install_package
 
@@ -62,6 +64,11 @@ def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
     for listener in settings.listeners:
         found += [problem for path in (listener.unix, listener.unix_dgram) if path
                   for problem in _socket_path(Path(path))]  # fmt: skip
+    if settings.http.enabled:
+        try:  # (a secret shared by [http] token and a named token: found where both are)
+            Tokens.configured_in(settings.http)
+        except ConfigError as exc:
+            found.append(str(exc))
     # What modules print as they import goes to stderr: stdout is the summary's. Once around
     # all the imports: sys.stdout is the process's, not a thread's.
     with contextlib.redirect_stdout(sys.stderr):

@@ -179,3 +179,16 @@ def test_the_check_warns_in_the_words_a_start_logs(site, make_service):
     logged = svc.log().splitlines()  # (both logged before it is ready, as the check runs)
     for text in said:
         assert any(line.endswith(f": {text}") for line in logged), (text, logged)
+
+
+def test_a_secret_shared_by_http_token_and_a_named_token_fails_the_check(site):
+    # Found by a security review: --check said "configuration OK", and the start then
+    # refused the config (exit 2, which the unit does not restart): the two were compared
+    # only where the HTTP API was made.
+    http = ('[http]\nenabled = true\nport = 0\ntoken = "dup-secret-1"\n'
+            '[http.tokens]\nro = { token = "dup-secret-1", scope = "read" }\n')  # fmt: skip
+    done = check(site, http)
+    assert done.returncode == 2, done.stdout
+    assert ("bgservice: check: [http] tokens: [http] token and ro have the same token: "
+            "give each a secret of its own") in done.stderr  # fmt: skip
+    assert "dup-secret-1" not in done.stderr + done.stdout

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +24,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
-from bgservice.config_checks import TOKEN_ENV
 from bgservice.errors import (
     BadRequest,
     Busy,
@@ -92,9 +90,7 @@ class HttpApi:
         self.events = events
         self.queue = queue
         self.metrics = metrics
-        env = os.environ.get(TOKEN_ENV)
-        where = f"${TOKEN_ENV}" if env else "[http] token"
-        self.tokens = Tokens(env or settings.http.token, settings.http.tokens, where)
+        self.tokens = Tokens.configured_in(settings.http)
         self.access = AccessList.for_host(settings.http.host, settings.allow)
         self.browsers = BrowserGuard(settings.http.host, settings.http.allowed_hosts)
         self.app = self._make_app()

@@ -14,11 +14,15 @@ With no token configured the API is open to whoever the ``allow`` list lets in.
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bgservice.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bgservice.config import HttpSettings
 
 SCOPES = ("read", "add", "operate")
 
@@ -36,6 +40,7 @@ class Token:
 
 
 MIN_TOKEN_CHARS = 8  # every token: [http] token and each of [http] tokens
+TOKEN_ENV = "BGSERVICE_HTTP_TOKEN"  # replaces [http] token when set (Tokens.configured_in)
 
 
 def check_tokens(value: Any) -> dict[str, tuple[str, str]]:
@@ -78,6 +83,14 @@ class Tokens:
             if same := next((t.name for t in self.tokens if t.secret == single.encode()), None):
                 raise ConfigError(f"[http] tokens: {_shared(where, same)}")
             self.tokens.append(Token("default", single.encode(), "operate"))
+
+    @classmethod
+    def configured_in(cls, http: HttpSettings) -> Tokens:
+        """The tokens a start takes: ``[http] tokens``, and ``$BGSERVICE_HTTP_TOKEN`` or
+        else ``[http] token``; a ``ConfigError`` as here (``serve --check`` asks too)."""
+        env = os.environ.get(TOKEN_ENV)
+        where = f"${TOKEN_ENV}" if env else "[http] token"
+        return cls(env or http.token, http.tokens, where)
 
     @property
     def configured(self) -> bool:
