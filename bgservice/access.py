@@ -6,7 +6,22 @@ import ipaddress
 from collections.abc import Sequence
 from functools import lru_cache
 
-from bgservice.config import Network
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(text: str) -> Network:
+    """One entry of ``allow``. Host bits set are taken off, as a router's ACL takes them
+    ("192.168.1.7/24": that host's /24; the start and ``--check`` show the list as
+    read). ``::ffff:A.B.C.D`` is read as A.B.C.D, as peers are (AccessList): written as
+    IPv6, it never matched anyone."""
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"holds an invalid network: {exc}") from None
+    mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+    if mapped is not None and net.prefixlen >= 96:
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 class AccessList:

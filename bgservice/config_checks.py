@@ -8,7 +8,6 @@ type ``Settings`` holds, or raises ValueError saying what it must be; ``Reader``
 from __future__ import annotations
 
 import grp
-import ipaddress
 import os
 import re
 import sys
@@ -18,13 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from bgservice.access import Network, parse_network
 from bgservice.errors import ConfigError, Unmet
 from bgservice.http.origins import check_hosts
 from bgservice.http.tokens import MIN_TOKEN_CHARS, TOKEN_ENV, check_tokens
 from bgservice.queue.commands import MAX_INT
 from bgservice.queue.rates import Rate, parse_rate
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Check = Callable[[Any], Any]
 
 
@@ -182,12 +181,9 @@ def check_group(v: Any) -> int:
 
 
 def _networks(v: Any) -> tuple[Network, ...]:
-    if not isinstance(v, list):
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
         raise ValueError('must be a list of networks such as ["127.0.0.0/8", "10.0.0.0/8"]')
-    try:
-        return tuple(ipaddress.ip_network(str(n), strict=False) for n in v)
-    except ValueError as exc:
-        raise ValueError(f"holds an invalid network: {exc}") from None
+    return tuple(map(parse_network, v))
 
 
 def _global_handler(v: Any) -> int:

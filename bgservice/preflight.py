@@ -84,6 +84,7 @@ def summary(settings: Settings, config: Path | None, loaded: list[str]) -> list[
     return [
         f"bgservice: configuration OK ({config or 'built-in defaults'})",
         f"  listeners: {listeners}",
+        f"  allow:     {', '.join(map(str, settings.allow)) or 'none'} (off loopback)",
         f"  modules:   {settings.modules}: {', '.join(loaded) or 'none'}",
         f"  queue:     {queue.backend} at {where}, {queue.workers} workers",
         f"  http:      {_http(settings)}",

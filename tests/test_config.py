@@ -299,6 +299,7 @@ def test_unknown_key_in_a_listener(tmp_path):
         ('[log]\nglobal_handler = "loud"\n', "global_handler", 2, "-EE"),
         ('allow = "127.0.0.1"\n', "allow", 1, "list of networks"),
         ('allow = ["127.0.0.1", "not-an-ip"]\n', "allow", 1, "invalid network"),
+        ("allow = [10]\n", "allow", 1, "list of networks"),  # (it was 0.0.0.10)
         ('modules = ""\n', "modules", 1, "non-empty"),
         ("[[listen]]\nport = 65536\n", "port", 2, "port number"),
         ('[[listen]]\nmode = "rw-rw----"\nunix = "/x"\n', "mode", 2, "file mode"),

@@ -47,6 +47,7 @@ def test_a_good_configuration_passes_and_nothing_is_started(site):
     assert done.returncode == 0, done.stderr
     assert "configuration OK (service.config)" in done.stdout
     assert f"TCP+UDP 127.0.0.1:{port}" in done.stdout
+    assert "  allow:     127.0.0.0/8, ::1/128 (off loopback)\n" in done.stdout  # (the default)
     assert ": greet, hello" in done.stdout  # modules, not the helper
     assert f"sqlite at {db}" in done.stdout
     assert not db.exists() and not log.exists() and not db.parent.exists()
@@ -192,3 +193,12 @@ def test_a_secret_shared_by_http_token_and_a_named_token_fails_the_check(site):
     assert ("bgservice: check: [http] tokens: [http] token and ro have the same token: "
             "give each a secret of its own") in done.stderr  # fmt: skip
     assert "dup-secret-1" not in done.stderr + done.stdout
+
+
+def test_the_allow_list_is_shown_as_read(site):
+    # Found by a security review: "10.0.0.5/8" is read as 10.0.0.0/8 (host bits off, as
+    # a router's ACL reads it) and an IPv4-mapped entry as IPv4; --check did not show the
+    # list, so an operator who meant one host never saw that a /8 was let in.
+    done = check(site, 'allow = ["10.0.0.5/8", "::ffff:192.0.2.1/128", "2001:db8::1/64"]\n')
+    assert done.returncode == 0, done.stderr
+    assert "  allow:     10.0.0.0/8, 192.0.2.1/32, 2001:db8::/64 (off loopback)\n" in done.stdout
