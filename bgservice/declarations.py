@@ -80,6 +80,30 @@ def misspelled_handler(name: str, module: types.ModuleType) -> str | None:
     return None
 
 
+def open_jobs_warning(name: str, module: types.ModuleType) -> str | None:
+    """For a module whose ``CALL_FROM`` limits its callers while its jobs are open to
+    every client: ``queue:add?wait=1`` replies the job's result as a call would, so the
+    rule alone guards nothing (docs/deploy.md, Sources). Read from a module that loaded:
+    its declarations were checked."""
+    callers = getattr(module, "CALL_FROM", None)
+    if not callers or getattr(module, "QUEUE_FROM", None) is not None:
+        return None
+    accepts = getattr(module, "ACCEPTS", None)
+    if "queue" not in (accepts if accepts is not None else {"queue"}) or not hasattr(
+        module, "handle_tcp"
+    ):
+        return None
+    return (f"module {name}: CALL_FROM admits only {', '.join(sorted(callers))}, but any "
+            "client may queue its jobs, and queue:add?wait=1 replies as a call does: add "
+            "QUEUE_FROM, or take \"queue\" out of ACCEPTS")  # fmt: skip
+
+
+def load_warnings(name: str, module: types.ModuleType) -> list[str]:
+    """What a start logs of a module that loaded, and ``serve --check`` says: worded once."""
+    found = (misspelled_handler(name, module), open_jobs_warning(name, module))
+    return [warning for warning in found if warning]
+
+
 class ModuleLoadError(Exception):
     """A module file that did not import; the message names file, line and error."""
 

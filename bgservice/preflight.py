@@ -25,8 +25,8 @@ from bgservice.config_checks import redact_url
 from bgservice.declarations import (
     ModuleLoadError,
     classify,
+    load_warnings,
     misnamed_file_warning,
-    misspelled_handler,
     reserved_name_warning,
 )
 from bgservice.errors import ConfigError
@@ -44,8 +44,8 @@ def warnings(settings: Settings, loaded: list[str]) -> list[str]:
     found = [misnamed_file_warning(path.name) for path in sorted(settings.modules.iterdir())
              if (kind := classify(path.name)) and kind[0] == "misnamed"]  # fmt: skip
     found += [reserved_name_warning(name) for name in loaded if name in RESERVED]
-    found += [typo for name in loaded  # (the module imported: in sys.modules, as at a start)
-              if (typo := misspelled_handler(name, sys.modules[f"{PACKAGE}.{name}"]))]  # fmt: skip
+    for name in loaded:  # (the module imported: in sys.modules, as at a start)
+        found += load_warnings(name, sys.modules[f"{PACKAGE}.{name}"])
     if settings.alerts.module and settings.alerts.module not in loaded:
         found.append(f"[alerts] module {settings.alerts.module!r} is not among the modules")
     found += [f"schedule {s.name}: module {s.module!r} is not among the modules"

@@ -35,8 +35,8 @@ from bgservice.declarations import (
     declarations,
     describe_failure,
     handler,
+    load_warnings,
     misnamed_file_warning,
-    misspelled_handler,
     queue_from,
     reserved_name_warning,
     serves,
@@ -343,8 +343,8 @@ class Registry:
             log.info("module %s reloaded", name)
             self._retire(old)
             self._events.emit(MODULE_RELOADED, name=name)
-        if not (version.tcp or version.udp) and (typo := misspelled_handler(name, version.module)):
-            log.warning(typo)
+        for warning in load_warnings(name, version.module):
+            log.warning(warning)
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name, None)

@@ -64,6 +64,21 @@ def test_call_from_admits_the_listed_sources_only(make_service, modules_dir, sho
     listed = {m["name"]: m for m in json.loads(svc.call(b"service:modules"))}
     assert listed["cache_reset"]["call_from"] == ["udp:127.0.0.1", "unix"]
     assert listed["cache_reset"]["queue_from"] is None and listed["echo"]["call_from"] is None
+    # ... which the start says (found by a security review: the rule read as a guard).
+    said = ("module cache_reset: CALL_FROM admits only udp:127.0.0.1, unix, but any client "
+            "may queue its jobs, and queue:add?wait=1 replies as a call does: add "
+            'QUEUE_FROM, or take "queue" out of ACCEPTS')  # fmt: skip
+    assert svc.log().count(said) == 1
+
+
+def test_call_from_with_queue_from_or_without_queued_runs_is_not_warned_of(
+    make_service, modules_dir
+):
+    write_module(modules_dir, "both", 'QUEUE_FROM = {"scheduler"}\n' + LOCAL_ONLY)
+    write_module(modules_dir, "calls", 'ACCEPTS = {"tcp", "udp"}\n' + LOCAL_ONLY)
+    svc = make_service()
+    assert svc.call(b"test:x") == b"Test"
+    assert "CALL_FROM admits only" not in svc.log()
 
 
 def test_a_refused_datagram_is_logged(make_service, modules_dir):

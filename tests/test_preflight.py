@@ -202,3 +202,12 @@ def test_the_allow_list_is_shown_as_read(site):
     done = check(site, 'allow = ["10.0.0.5/8", "::ffff:192.0.2.1/128", "2001:db8::1/64"]\n')
     assert done.returncode == 0, done.stderr
     assert "  allow:     10.0.0.0/8, 192.0.2.1/32, 2001:db8::/64 (off loopback)\n" in done.stdout
+
+
+def test_a_call_from_rule_that_jobs_get_around_is_warned_of(site):
+    write_module(site / "modules", "reset", 'CALL_FROM = {"unix"}\n\n'
+                 "def handle_tcp(request):\n    return 'done'\n")  # fmt: skip
+    done = check(site, "")
+    assert done.returncode == 0, done.stderr
+    assert ("warning: module reset: CALL_FROM admits only unix, but any client may queue "
+            "its jobs") in done.stderr  # fmt: skip
