@@ -76,6 +76,9 @@ def _setting(name: str, default: int, least: int) -> int:
 MAX_BYTES = _setting("BGSERVICE_LOG_MAX_BYTES", 10 * 1024 * 1024, 1)
 BACKUPS = _setting("BGSERVICE_LOG_BACKUPS", 5, 0)
 QUEUE_SIZE = _setting("BGSERVICE_LOG_QUEUE", 100_000, 1)  # messages waiting
+# Channels (files, each up to MAX_BYTES x (1 + BACKUPS)) at most, those already in LOG_DIR
+# counted: any sender could name a new one per datagram (3,000 datagrams, 3,000 files).
+MAX_CHANNELS = _setting("BGSERVICE_LOG_CHANNELS", 100, 1)
 BATCH = 10_000  # most messages one write pass takes from the queue
 MAX_TAIL = 10_000
 WARN_EVERY = 5.0  # s: a log line about one kind of trouble at most this often
@@ -92,6 +95,7 @@ Entry = tuple[str, str]  # (channel, the whole line with its newline)
 counts: Counter[str] = Counter()
 _queue: queue.Queue[Entry | None] = queue.Queue(QUEUE_SIZE)
 _writer: threading.Thread | None = None
+_channels: set[str] | None = None  # the channels with a file (read from LOG_DIR at first)
 
 
 def _channel(name: str) -> str:
@@ -164,6 +168,12 @@ async def handle_udp(request: Request) -> None:
         counts["rejected"] += 1
         _rejected(1, "log: datagram from %s rejected: %s", _visible(str(request.peer)), exc)
         return
+    if not _room_for(channel):
+        counts["rejected"] += 1
+        _rejected(1, "log: datagram from %s rejected: a new channel %r, but there are %d "
+                  "($BGSERVICE_LOG_CHANNELS)", _visible(str(request.peer)), channel,
+                  MAX_CHANNELS)  # fmt: skip
+        return
     message = _visible(message.rstrip("\r\n"))
     # The peer too: a Unix datagram sender's path or abstract "@name" is whatever it chose.
     line = f"{_stamp(time.time())} {level} {_visible(str(request.peer or '-'))} {message}\n"
@@ -173,6 +183,20 @@ async def handle_udp(request: Request) -> None:
     except queue.Full:
         counts["dropped"] += 1
         _full(1, "log: queue full (%d): dropping messages", QUEUE_SIZE)
+
+
+def _room_for(channel: str) -> bool:
+    """Whether ``channel`` has a file, or may have one: fewer than MAX_CHANNELS do. (The
+    folder is listed once, at the first message: a few hundred microseconds.)"""
+    global _channels
+    if _channels is None:
+        _channels = {path.name[:-4] for path in LOG_DIR.glob("*.log")}
+    if channel in _channels:
+        return True
+    if len(_channels) >= MAX_CHANNELS:
+        return False
+    _channels.add(channel)
+    return True
 
 
 class _Sparse:

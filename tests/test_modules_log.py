@@ -297,3 +297,20 @@ def test_level_aliases_and_unknown_options(log_service, tmp_path: Path) -> None:
         reply = svc.call(b"log:tail?lines=" + bad)
         assert reply == b"400: log:tail: lines must be a whole number, 1-10000: got '%s'" % bad
     assert len(svc.call(b"log:tail?lines=2").splitlines()) == 2
+
+
+def test_new_channels_past_the_limit_are_rejected_and_counted(log_service, tmp_path: Path) -> None:
+    # Found by a security review: any sender made a file per datagram (3,000 datagrams,
+    # 3,000 files), each allowed MAX_BYTES x (1 + BACKUPS) of disk.
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "old.log").write_text("from before\n")  # a channel of an earlier run: counted
+    svc = log_service(channels="3")
+    for n in range(6):
+        svc.send_udp(b"log:?channel=c%d:x" % n)
+    svc.send_udp(b"log:?channel=old:kept")
+    stats = settled(svc)
+    assert (stats["written"], stats["rejected"]) == (3, 4)
+    assert sorted(p.name for p in folder.iterdir()) == ["c0.log", "c1.log", "old.log"]
+    assert lines_of(folder, "old")[-1].endswith(" kept")
+    svc.wait_for_log("a new channel 'c2', but there are 3 ($BGSERVICE_LOG_CHANNELS)")
