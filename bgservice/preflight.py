@@ -66,7 +66,7 @@ def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
                   for problem in _socket_path(Path(path))]  # fmt: skip
     if settings.http.enabled:
         try:  # (a secret shared by [http] token and a named token: found where both are)
-            Tokens.configured_in(settings.http)
+            Tokens.configured_in(settings.http.token, settings.http.tokens)
         except ConfigError as exc:
             found.append(str(exc))
     # What modules print as they import goes to stderr: stdout is the summary's. Once around

@@ -90,7 +90,7 @@ class HttpApi:
         self.events = events
         self.queue = queue
         self.metrics = metrics
-        self.tokens = Tokens.configured_in(settings.http)
+        self.tokens = Tokens.configured_in(settings.http.token, settings.http.tokens)
         self.access = AccessList.for_host(settings.http.host, settings.allow)
         self.browsers = BrowserGuard(settings.http.host, settings.http.allowed_hosts)
         self.app = self._make_app()

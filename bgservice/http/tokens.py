@@ -17,12 +17,9 @@ import hmac
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bgservice.errors import ConfigError
-
-if TYPE_CHECKING:
-    from bgservice.config import HttpSettings
 
 SCOPES = ("read", "add", "operate")
 
@@ -85,12 +82,13 @@ class Tokens:
             self.tokens.append(Token("default", single.encode(), "operate"))
 
     @classmethod
-    def configured_in(cls, http: HttpSettings) -> Tokens:
-        """The tokens a start takes: ``[http] tokens``, and ``$BGSERVICE_HTTP_TOKEN`` or
-        else ``[http] token``; a ``ConfigError`` as here (``serve --check`` asks too)."""
+    def configured_in(cls, token: str | None, named: Mapping[str, tuple[str, str]]) -> Tokens:
+        """The tokens a start takes: ``[http] tokens`` (``named``), and
+        ``$BGSERVICE_HTTP_TOKEN`` or else ``[http] token``; a ``ConfigError`` as here
+        (``serve --check`` asks too)."""
         env = os.environ.get(TOKEN_ENV)
         where = f"${TOKEN_ENV}" if env else "[http] token"
-        return cls(env or http.token, http.tokens, where)
+        return cls(env or token, named, where)
 
     @property
     def configured(self) -> bool:
