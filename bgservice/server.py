@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from bgservice import __version__, collector, logs
-from bgservice.access import AccessList
 from bgservice.alerts import Alerts
 from bgservice.cancelling import cancel_all
 from bgservice.commands import Commands
@@ -291,6 +290,7 @@ class Service:
             # Imported here: aiohttp and prometheus-client are needed only when it is on.
             from bgservice.http.api import HttpApi
             from bgservice.http.metrics import Metrics
+            from bgservice.http.site import listening_line
         except ImportError as exc:
             raise ListenError(
                 f"[http] is enabled but {exc.name} is not installed: {install('http')}"
@@ -312,10 +312,7 @@ class Service:
                 + in_use(exc, f"[http] port in {self.settings.source or 'the config'}")
             ) from None
         self.http_address = [host, port]
-        access = AccessList.for_host(http.host, self.settings.allow)
-        guard = "local peers only" if access.networks is None else "allow list enforced"
-        token = "bearer token required" if self.http.tokens.configured else "no token"
-        log.info("HTTP API and dashboard: http://%s:%d/ (%s, %s)", host, port, guard, token)
+        log.log(*listening_line(host, port, self.http.access, self.http.tokens.configured))
 
     async def _close_listeners(self) -> None:
         if self.http is not None:

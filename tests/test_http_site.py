@@ -236,3 +236,23 @@ def test_peers_outside_allow_are_refused_as_they_connect_not_counted(
     assert len(said) == 1 and "from 127.0.0.2: not in allow list" in said[0], said
     for sock in idle:
         sock.close()
+
+
+def test_an_api_off_loopback_without_a_token_is_a_warning_at_the_start(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # Found by a security review: "(allow list enforced, no token)" was an INFO line
+    # among the others, while any host in allow could cancel and delete every job.
+    wide = HTTP.replace("port = 0", 'host = "0.0.0.0"\nport = 0')
+    open_api = make_service(wide)
+    said = [line for line in open_api.log().splitlines() if "HTTP API and dashboard" in line]
+    assert len(said) == 1 and "WARNING" in said[0], said
+    assert said[0].endswith("(allow list enforced, no token: any host in allow may add, "
+                            "cancel and delete)")  # fmt: skip
+    open_api.stop()
+    for config, words in ((wide + 'token = "s3cret-token"\n', "bearer token required"),
+                          (HTTP, "local peers only, no token")):  # fmt: skip
+        svc = make_service(config)  # (the same log file: its last line is this start's)
+        said = [line for line in svc.log().splitlines() if "HTTP API and dashboard" in line]
+        assert "INFO" in said[-1] and words in said[-1], said
+        svc.stop()

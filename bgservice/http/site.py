@@ -92,6 +92,18 @@ class _Refuse(asyncio.Protocol):
         self.transport = None
 
 
+def listening_line(host: str, port: int, access: AccessList, tokens: bool) -> tuple[Any, ...]:
+    """The start's line for the HTTP listener (level, format, args): who may use it. Off
+    loopback without a token, any host in ``allow`` may add, cancel and delete jobs: a
+    WARNING, not an INFO line among the others."""
+    guard = "local peers only" if access.networks is None else "allow list enforced"
+    token = "bearer token required" if tokens else "no token"
+    level = logging.INFO
+    if access.networks is not None and not tokens:
+        level, token = logging.WARNING, "no token: any host in allow may add, cancel and delete"
+    return level, "HTTP API and dashboard: http://%s:%d/ (%s, %s)", host, port, guard, token
+
+
 class _Gate(asyncio.Protocol):
     """A connection to a listener off loopback, its peer checked against ``allow`` as it
     is accepted, before it takes a slot of ``max_connections``: checked only with the
