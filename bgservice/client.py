@@ -8,8 +8,9 @@ order. Fire-and-forget ``send`` goes over UDP (or a Unix datagram socket).
 Errors: an error reply raises ``ReplyError`` (``.code``, ``.message``); a service that
 cannot be reached raises ``ServiceDown``, so the caller can fall back; a reply that does
 not come within ``timeout`` seconds (or a new connection's greeting: a service whose loop
-is blocked still accepts) raises ``ClientTimeout``. The connection is reopened
-once, transparently, when the service had closed it (idle timeout, restart)::
+is blocked still accepts) raises ``ClientTimeout`` (``.job``: the job ``get`` waited
+for); one longer than ``max_reply_bytes`` (64 MiB), ``ReplyTooLarge``. The connection is
+reopened once, transparently, when the service had closed it (idle timeout, restart)::
 
     with Client("127.0.0.1:12341") as bg:
         css = bg.call("less", ".a { width: (1px + 2) }")
@@ -17,7 +18,8 @@ once, transparently, when the service had closed it (idle timeout, restart)::
         print(bg.get(job))
         bg.get("id:7")    # a job id in the original's form is taken too
 
-A bad job id (not ``N`` or ``id:N``) raises ``ValueError`` before anything is sent.
+A bad job id (not ``N`` or ``id:N``) or module name (not ``[A-Za-z0-9_-]+``) raises
+``ValueError`` before anything is sent.
 """
 
 from __future__ import annotations
@@ -26,50 +28,60 @@ import contextlib
 import json
 import select
 import socket
-import struct
-import sys
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from bgservice.client_async import AsyncClient
-from bgservice.client_requests import (
-    DEFAULT_ADDRESS,
-    MAX_TIMEOUT,
+from bgservice.client_errors import (
     REFUSAL,
     REFUSAL_BYTES,
     BatchError,
     ClientTimeout,
-    Data,
     DatagramTooLarge,
+    ReplyTooLarge,
+    ServiceDown,
+    _check,
+    _new_id,
+    batch_of,
+    cut_short,
+    lost,
+    no_reply,
+    refusal,
+    unreachable,
+    waiting_for,
+)
+from bgservice.client_requests import (
+    DEFAULT_ADDRESS,
+    KERNEL_TIMEOUTS,
+    MAX_REPLY_BYTES,
+    MAX_TIMEOUT,
+    Data,
     JobRef,
     JobSpec,
     Payloads,
     Replies,
     Rows,
-    ServiceDown,
     Where,
-    _check,
-    _new_id,
     add_request,
     add_requests,
-    batch_of,
     check_timeout,
-    cut_short,
     named_request,
     parse_address,
     parse_job_id,
+    poller,
     queue_request,
-    refusal,
     request,
     run_request,
     schedule_request,
+    timeval,
 )
 from bgservice.errors import ReplyError
-from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
+from bgservice.protocol import PREFACE, framed_request
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "MAX_REPLY_BYTES",
     "MAX_TIMEOUT",
     "AsyncClient",
     "BatchError",
@@ -78,6 +90,7 @@ __all__ = [
     "DatagramTooLarge",
     "JobRef",
     "ReplyError",
+    "ReplyTooLarge",
     "ServiceDown",
     "parse_job_id",
 ]
@@ -94,22 +107,6 @@ WINDOW = 64
 # producer's CPU (strace; docs/benchmarks.md).
 RECV_SIZE = 65536
 
-# Where the kernel can time out a blocking socket (SO_RCVTIMEO / SO_SNDTIMEO take a
-# struct timeval), the connection stays blocking and the kernel keeps the timeout: with
-# Python's own socket timeout every send and every recv polls first: two more system calls
-# per request (strace; docs/benchmarks.md). Windows takes milliseconds there instead: it
-# keeps Python's timeout.
-KERNEL_TIMEOUTS = sys.platform != "win32"
-
-
-def _timeval(seconds: float | None) -> bytes:
-    """``seconds`` as a struct timeval for SO_RCVTIMEO; zero is "never" to the kernel, so
-    None is zero and any other time at least a microsecond."""
-    if seconds is None:
-        return struct.pack("ll", 0, 0)
-    micros = max(1, round(seconds * 1_000_000))
-    return struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
-
 
 class Client(Where):
     """A blocking client on one persistent framed connection. Not thread-safe: use one per
@@ -119,7 +116,7 @@ class Client(Where):
         check_timeout(self.timeout)  # ValueError: none is at most a week (MAX_TIMEOUT)
         self._sock: socket.socket | None = None
         self._timeout: float | None = None  # the timeout the open connection has
-        self._decoder = ReplyDecoder()
+        self._decoder = self._reader()
         self._ready: deque[tuple[int, bytes]] = deque()
         self._poll: select.poll | None = None  # the open connection's, for _kept
         self._written = False  # _exchange got as far as writing: what it sent may have run
@@ -159,7 +156,8 @@ class Client(Where):
 
     def get(self, job: JobRef, timeout: float | None = None) -> bytes:
         """Wait for job ``job`` and return its result (its error reply raises)."""
-        return _check(*self.request(queue_request("get", job), timeout))
+        with waiting_for("get()", timeout, self.timeout, [parse_job_id(job)]):
+            return _check(*self.request(queue_request("get", job), timeout))
 
     def run(
         self, module: str, data: Data = b"", wait_timeout: float | None = None, **options: Any
@@ -169,7 +167,8 @@ class Client(Where):
         ``wait_timeout`` is how long to wait for the reply (the client's timeout if None);
         ``timeout=`` among the options is the job's own, as for ``add``."""
         payload = run_request(module, data, **options)
-        return _check(*self.request(payload, wait_timeout))
+        with waiting_for("run()", wait_timeout, self.timeout, module=module):
+            return _check(*self.request(payload, wait_timeout))
 
     def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:
         """Queue several jobs, pipelined: (module, data) or (module, data, options) each;
@@ -183,8 +182,9 @@ class Client(Where):
         """``get`` for several jobs, pipelined; their results in order (``BatchError`` if
         some ended in an error reply: ``results`` has the others; a failure part way has
         ``results`` too, as ``add_many``'s)."""
-        with batch_of(bytes) as values:
-            return values(self.requests([queue_request("get", j) for j in jobs], timeout))
+        ids = [parse_job_id(job) for job in jobs]
+        with batch_of(bytes) as values, waiting_for("get_many()", timeout, self.timeout, ids):
+            return values(self.requests([queue_request("get", j) for j in ids], timeout))
 
     def check(self, job: JobRef) -> int:
         """0 waiting, 1 running, 2 finished (the original's answer)."""
@@ -288,6 +288,10 @@ class Client(Where):
         try:
             self._read(sock, count, out)
             return out
+        except ReplyTooLarge as exc:  # (a ServiceDown, an OSError: not "connection lost" below)
+            out.extend(exc.before[: count - len(out) + known])  # read with it: they answer theirs
+            self.close()  # the rest of it would be read as the next reply
+            raise
         except ValueError:  # that, or a status that is no number: no framed reply
             del out[known:]  # none of these replies can be trusted to answer its request
             self.close()  # nothing on it can be trusted; nothing is sent again
@@ -295,13 +299,10 @@ class Client(Where):
         # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
         except (TimeoutError, BlockingIOError):
             self.close()
-            raise ClientTimeout(f"no reply from {self.address} in time") from None
+            raise no_reply(self.address) from None
         except OSError as exc:
             self.close()
-            raise ServiceDown(
-                f"connection to {self.address} lost after the request was sent "
-                f"(it may have run): {exc}"
-            ) from None
+            raise lost(self.address, exc) from None
         except BaseException:  # cut before its replies were read: they would answer the
             self.close()  # next call's requests
             raise
@@ -334,10 +335,8 @@ class Client(Where):
         except BaseException:  # whatever it is (^C, a failed setsockopt): no socket left open
             sock.close()
             raise
-        self._sock, self._decoder, self._ready = sock, ReplyDecoder(), deque()
-        if hasattr(select, "poll"):
-            self._poll = select.poll()
-            self._poll.register(sock, select.POLLIN)
+        self._sock, self._decoder, self._ready = sock, self._reader(), deque()
+        self._poll = poller(sock)
         return sock
 
     def _open(self, sock: socket.socket, target: Any, timeout: float | None) -> None:
@@ -347,7 +346,7 @@ class Client(Where):
             sock.settimeout(min(timeout or 5.0, 5.0))
             sock.connect(target)
         except OSError as exc:
-            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+            raise unreachable(self.address, exc) from None
         try:
             sock.settimeout(timeout)
             sock.sendall(PREFACE)
@@ -364,7 +363,7 @@ class Client(Where):
         except ServiceDown:  # said already (a ConnectionError: not wrapped again below)
             raise
         except OSError as exc:
-            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+            raise unreachable(self.address, exc) from None
 
     def _set_timeout(self, sock: socket.socket, timeout: float | None) -> None:
         self._timeout = timeout
@@ -372,7 +371,7 @@ class Client(Where):
             sock.settimeout(timeout)
             return
         sock.settimeout(None)  # blocking: the kernel times out each send and recv
-        value = _timeval(timeout)
+        value = timeval(timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 

@@ -8,56 +8,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bgservice.client_requests import (
+from bgservice.client_errors import (
     REFUSAL,
     REFUSAL_BYTES,
     ClientTimeout,
+    Refused,
+    ReplyTooLarge,
+    ServiceDown,
+    _check,
+    _new_id,
+    answered,
+    batch_of,
+    cut_short,
+    lost,
+    no_reply,
+    refusal,
+    unreachable,
+    waiting_for,
+)
+from bgservice.client_requests import (
     Data,
     JobRef,
     JobSpec,
     Payloads,
     Replies,
     Rows,
-    ServiceDown,
     Where,
-    _check,
-    _new_id,
     add_request,
     add_requests,
-    batch_of,
     check_timeout,
-    cut_short,
     named_request,
     parse_address,
+    parse_job_id,
+    poller,
     queue_request,
-    refusal,
     request,
     run_request,
     schedule_request,
 )
-from bgservice.protocol import PREFACE, ReplyDecoder, framed_request
+from bgservice.protocol import PREFACE, Reply, ReplyDecoder, framed_request
 
 Waiters = list[asyncio.Future[tuple[int, bytes]]]  # a batch's, one a request
-
-
-def _answered(futures: Waiters) -> Replies:
-    """The replies that came: a prefix, as they come in request order (the futures after
-    it failed with the connection, or a timeout cancelled them)."""
-    replies: Replies = []
-    for future in futures:
-        if not future.done() or future.cancelled() or future.exception() is not None:
-            break
-        replies.append(future.result())
-    return replies
-
-
-class Refused(Exception):
-    """The service's refusal of a connection, as read; ``_open`` raises ``refusal()``."""
 
 
 class FramedConnection(asyncio.BufferedProtocol):
@@ -68,7 +65,7 @@ class FramedConnection(asyncio.BufferedProtocol):
     default event loop allocates 256 KiB for every read, which glibc serves with mmap,
     mremap and munmap (strace of a lock-step client: 3 system calls per reply)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, decoder: ReplyDecoder) -> None:
         self.loop = loop  # kept: get_running_loop() is a system call on Python 3.11
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[asyncio.Future[tuple[int, bytes]]] = deque()
@@ -77,11 +74,13 @@ class FramedConnection(asyncio.BufferedProtocol):
         self.retired = False  # a call on it timed out: closed once the others are done
         self.openers = 0  # callers waiting for it to open: the last to give up closes it
         self._head = b""  # the preface's echo, until it is whole
-        self._decoder = ReplyDecoder()
+        self._decoder = decoder
         self._buffer = memoryview(bytearray(65536))
+        self._poll: select.poll | None = None  # its socket's, for unheard() (not on Windows)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._poll = poller(transport.get_extra_info("socket"))
         transport.write(PREFACE)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -99,25 +98,19 @@ class FramedConnection(asyncio.BufferedProtocol):
                 return
             if head != PREFACE:
                 self.greeted.set_exception(ServiceDown("does not speak the framed protocol"))
-                assert self.transport is not None
-                self.transport.close()
+                self.close()
                 return
             self.greeted.set_result(None)
         try:
-            replies = self._decoder.feed(data)
-        except ValueError:  # a status that is not a number: not a framed reply
-            replies = None
-        if replies is None or len(replies) > len(self.waiting):
-            # Out of step with our requests: nothing more on it can be trusted (and no
-            # request is sent again, as after a plain reset).
-            self.fail(ServiceDown("the service sent a reply that answers no request"))
-            assert self.transport is not None
-            self.transport.close()
-            return
-        for reply in replies:
-            future = self.waiting.popleft()
-            if not future.done():  # its caller gave up (cancelled, timed out)
-                future.set_result(reply)
+            replies = self._decoder.feed(data)  # (ReplyTooLarge: its rest would read as replies)
+            if len(replies) > len(self.waiting):
+                raise ValueError("unasked reply")
+        except ReplyTooLarge as exc:  # what came before it answers its requests
+            return self.answer(exc.before, exc)
+        except ValueError:  # or a status that is not a number: out of step with our requests,
+            # so nothing more on it can be trusted (no request is sent again, as after a reset)
+            return self.answer((), ServiceDown("the service sent a reply that answers no request"))
+        self.answer(replies)
         if self.retired:
             self.retire()
 
@@ -132,13 +125,21 @@ class FramedConnection(asyncio.BufferedProtocol):
                 Refused(self._head) if refused else ConnectionResetError("closed by the service")
             )
             self.greeted.exception()  # retrieved: _open raises its own error
-        self.fail(ConnectionResetError("closed by the service"))
+        self.answer((), ConnectionResetError("closed by the service"))
 
-    def fail(self, exc: Exception) -> None:
-        while self.waiting:
+    def answer(self, replies: Sequence[Reply], error: Exception | None = None) -> None:
+        """Hand ``replies`` to the first calls waiting on it, in order; given an ``error``,
+        the rest get it, and the connection is closed (nothing more on it is trusted)."""
+        for reply in replies[: len(self.waiting)]:
+            future = self.waiting.popleft()
+            if not future.done():  # its caller gave up (cancelled, timed out)
+                future.set_result(reply)
+        if error is not None:
+            self.close()
+        while error is not None and self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(error)
                 future.exception()  # retrieved: the waiter raises it itself
 
     def close(self) -> None:
@@ -161,11 +162,17 @@ class FramedConnection(asyncio.BufferedProtocol):
 
     @property
     def usable(self) -> bool:
-        """Open, not being closed (a request written now reaches the service), and its loop
-        running: the caller's, as one loop at a time uses a client (not an earlier one's)."""
+        """Open, not being closed nor closed unheard (a request written now reaches the
+        service), its loop running: the caller's (one loop at a time uses a client)."""
         transport = self.transport
         closed = self.lost or self.retired or transport is None or transport.is_closing()
-        return not closed and self.loop.is_running()
+        return not closed and self.loop.is_running() and not self.unheard()
+
+    def unheard(self) -> bool:
+        """Readable with no reply awaited: closed by the service while the loop was blocked
+        (or sent bytes nobody asked for), not read yet. A request written on it would be lost,
+        yet said to have maybe run (a new one takes it, as ``Client._kept``)."""
+        return not self.waiting and self._poll is not None and bool(self._poll.poll(0))
 
 
 class AsyncClient(Where):
@@ -187,8 +194,7 @@ class AsyncClient(Where):
     async def close(self) -> None:
         self._drop_stale()
         if self._conn is not None:
-            self._conn.close()
-            self._conn.fail(ServiceDown("client closed"))
+            self._conn.answer((), ServiceDown("client closed"))  # (and closes it)
             self._conn = None
 
     async def call(self, module: str, data: Data = b"", timeout: float | None = None) -> bytes:
@@ -210,14 +216,16 @@ class AsyncClient(Where):
         return _new_id(_check(*await self.request(add_request(module, data, **options))))
 
     async def get(self, job: JobRef, timeout: float | None = None) -> bytes:
-        return _check(*await self.request(queue_request("get", job), timeout))
+        with waiting_for("get()", timeout, self.timeout, [parse_job_id(job)]):
+            return _check(*await self.request(queue_request("get", job), timeout))
 
     async def run(
         self, module: str, data: Data = b"", wait_timeout: float | None = None, **options: Any
     ) -> bytes:
         """Queue a job and wait for its result in one round trip (``Client.run``)."""
         request = run_request(module, data, **options)
-        return _check(*await self.request(request, wait_timeout))
+        with waiting_for("run()", wait_timeout, self.timeout, module=module):
+            return _check(*await self.request(request, wait_timeout))
 
     async def add_many(self, jobs: Iterable[JobSpec]) -> list[int]:
         """Queue several jobs in one write (``Client.add_many``, failures part way too)."""
@@ -226,9 +234,9 @@ class AsyncClient(Where):
 
     async def get_many(self, jobs: Iterable[JobRef], timeout: float | None = None) -> list[bytes]:
         """``get`` for several jobs in one write (``Client.get_many``)."""
-        payloads = [queue_request("get", j) for j in jobs]
-        with batch_of(bytes) as values:
-            return values(await self.requests(payloads, timeout))
+        ids = [parse_job_id(job) for job in jobs]
+        with batch_of(bytes) as values, waiting_for("get_many()", timeout, self.timeout, ids):
+            return values(await self.requests([queue_request("get", j) for j in ids], timeout))
 
     async def check(self, job: JobRef) -> int:
         return int(_check(*await self.request(queue_request("check", job))))
@@ -263,9 +271,8 @@ class AsyncClient(Where):
         """Add or replace a schedule: ``cron="0 3 * * *"`` or ``every=SECONDS``, and
         ``tz``, ``missed`` ("once"/"skip"), ``paused``, job options (priority, retries,
         backoff, timeout). Returns it as ``schedules()`` lists it."""
-        return dict(
-            json.loads(_check(*await self.request(schedule_request(name, module, data, **options))))
-        )
+        payload = schedule_request(name, module, data, **options)
+        return dict(json.loads(_check(*await self.request(payload))))
 
     async def unschedule(self, name: str) -> None:
         _check(*await self.request(named_request("unschedule", name)))
@@ -292,7 +299,7 @@ class AsyncClient(Where):
         try:
             return await self._exchange(payloads, timeout, futures)
         except (ServiceDown, ClientTimeout) as exc:
-            raise cut_short(exc, _answered(futures), len(futures), len(payloads)) from None
+            raise cut_short(exc, answered(futures), len(futures), len(payloads)) from None
 
     async def _exchange(self, payloads: Payloads, timeout: float | None, out: Waiters) -> Replies:
         """Write ``payloads`` and wait for their replies, a future each, put in ``out``
@@ -322,11 +329,9 @@ class AsyncClient(Where):
             if conn is self._conn:
                 self._conn = None
             conn.retire()
-            raise ClientTimeout(f"no reply from {self.address} in time") from None
+            raise no_reply(self.address) from None
         except ConnectionResetError:
-            raise ServiceDown(
-                f"connection to {self.address} lost after the request was sent (it may have run)"
-            ) from None
+            raise lost(self.address) from None
 
     async def _connect(self, timeout: float | None) -> FramedConnection:
         """The connection, opened once for all the callers waiting for it. The connect
@@ -338,7 +343,7 @@ class AsyncClient(Where):
         waits for an opening any more, it is dropped."""
         self._drop_stale()
         if self._connecting is None or self._connecting.done():
-            self._opening = FramedConnection(asyncio.get_running_loop())
+            self._opening = FramedConnection(asyncio.get_running_loop(), self._reader())
             self._connecting = asyncio.ensure_future(self._open(self._opening))
         opening, conn = self._connecting, self._opening
         conn.openers += 1
@@ -347,8 +352,7 @@ class AsyncClient(Where):
                 return await asyncio.shield(opening)
         except TimeoutError:
             if conn.transport is None:  # still connecting: as Client, a service down
-                raise ServiceDown(f"cannot reach the service at {self.address}: "
-                                  "connect timed out") from None  # fmt: skip
+                raise unreachable(self.address, "connect timed out") from None
             raise ClientTimeout(f"{self.address} accepted but did not greet in time") from None
         finally:
             conn.openers -= 1
@@ -379,7 +383,7 @@ class AsyncClient(Where):
                     await loop.create_connection(lambda: conn, *target)
         except (OSError, TimeoutError) as exc:
             conn.close()
-            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+            raise unreachable(self.address, exc) from None
         try:
             await conn.greeted  # no bound of its own: each caller waits within its timeout
         except Refused as exc:
@@ -387,7 +391,7 @@ class AsyncClient(Where):
         except ServiceDown as exc:
             raise ServiceDown(f"{self.address} {exc}") from None
         except OSError as exc:  # closed by the service before it greeted
-            raise ServiceDown(f"cannot reach the service at {self.address}: {exc}") from None
+            raise unreachable(self.address, exc) from None
         except BaseException:  # cancelled: no caller waits for it any more
             conn.close()
             raise

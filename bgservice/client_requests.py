@@ -1,19 +1,37 @@
-"""What the Python clients send and how they read what comes back: request bytes in the
-service's syntax, job ids in either form, the errors a caller sees. No I/O."""
+"""What the Python clients send: request bytes in the service's syntax, module names and
+job ids checked; where a client talks to, and what both clients set on a socket (its
+timeout, a poll). The errors a caller sees, and the reading of replies, are
+client_errors.py's (importable from here too, where they were)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import re
+import select
 import socket
+import struct
+import sys
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
-from bgservice.errors import ReplyError
-from bgservice.protocol import OK
+# (Moved to client_errors.py: imported here for code that imported them from here.)
+from bgservice.client_errors import (  # noqa: F401
+    REFUSAL,
+    REFUSAL_BYTES,
+    STOPPING,
+    BatchError,
+    ClientTimeout,
+    CutShort,
+    DatagramTooLarge,
+    ReplyReader,
+    ServiceDown,
+    batch,
+    batch_of,
+    cut_short,
+    refusal,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:12341"
 MAX_JOB_ID = 2**63 - 1  # the service's ids are SQLite INTEGERs: none is larger
@@ -22,7 +40,6 @@ JobRef = int | str
 """A job id as the service hands it out (``"id:7"``, the original's form) or as a number."""
 JobSpec = tuple[str, Data] | tuple[str, Data, dict[str, Any]]
 """One job of ``add_many``: (module, data) or (module, data, options)."""
-T = TypeVar("T")
 Reply = tuple[int, bytes]  # (status, body)
 # The clients have a method named ``list``: their annotations after it use these names.
 Replies = list[Reply]
@@ -44,72 +61,54 @@ def check_timeout(seconds: float | None) -> None:
         raise ValueError(f"timeout must be None or above 0 and {most}, not {seconds!r}")
 
 
-class ServiceDown(ConnectionError):
-    """The service cannot be reached (not running, wrong address, connection lost).
-    ``results``: what a batch it cut short knows (``cut_short``); None from a single call."""
-
-    results: list[Any] | None = None
-
-
-class ClientTimeout(TimeoutError):
-    """No reply within the client's timeout. ``results`` as ``ServiceDown``'s."""
-
-    results: list[Any] | None = None
+# Where the kernel can time out a blocking socket (SO_RCVTIMEO / SO_SNDTIMEO take a
+# struct timeval), the connection stays blocking and the kernel keeps the timeout: with
+# Python's own socket timeout every send and every recv polls first: two more system calls
+# per request (strace; docs/benchmarks.md). Windows takes milliseconds there instead: it
+# keeps Python's timeout. (For Client.)
+KERNEL_TIMEOUTS = sys.platform != "win32"
 
 
-CutShort = ServiceDown | ClientTimeout
+def timeval(seconds: float | None) -> bytes:
+    """``seconds`` as a struct timeval for SO_RCVTIMEO; zero is "never" to the kernel, so
+    None is zero and any other time at least a microsecond."""
+    if seconds is None:
+        return struct.pack("ll", 0, 0)
+    micros = max(1, round(seconds * 1_000_000))
+    return struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
 
 
-class DatagramTooLarge(ValueError):
-    """``send``: ``MODULE:DATA`` is more than one datagram to ``address`` carries (the
-    kernel's "message too long"): it could never be sent, the service up or down."""
-
-    def __init__(self, module: str, size: int, address: str) -> None:
-        carries = f"more than one datagram to {address} carries"
-        self.reason = f'{module}:DATA is {size} bytes, {carries} (the kernel\'s "message too long")'
-        super().__init__(f"send(): {self.reason}: use call() or add()")
-
-
-class BatchError(ReplyError):
-    """Some requests of a batch (``add_many``, ``get_many``) had an error reply. The
-    others were served: ``results`` holds, in request order, each one's value or its
-    ``ReplyError``; ``code`` and the message are the first failure's."""
-
-    def __init__(self, results: list[Any]) -> None:
-        first = next(r for r in results if isinstance(r, ReplyError))
-        failed = sum(isinstance(r, ReplyError) for r in results)
-        super().__init__(first.code, f"{failed} of {len(results)} failed, first: {first}")
-        self.results = results
+def poller(sock: Any) -> select.poll | None:
+    """A poll of ``sock`` for reading, to see without waiting that a kept connection has
+    nothing to read before a request is written on it (``Client._kept``, ``AsyncClient``'s
+    ``unheard``); None on Windows, which has no poll()."""
+    if not hasattr(select, "poll"):
+        return None
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    return poll
 
 
-# A new connection the service refuses (403 not in allow, 503 too many connections or
-# shutting down) gets the reason ("503: Too many connections", stream.sniffer) instead of
-# the greeting, and is closed: read to that close (at most REFUSAL_BYTES), it is the
-# error to raise, not a wrong greeting.
-REFUSAL = re.compile(rb"[45][0-9]{2}:")
-REFUSAL_BYTES = 1024
-
-
-def refusal(address: str, reply: bytes) -> ReplyError | ServiceDown:
-    """The exception for the service's refusal ``reply``: a 5xx is a service that cannot
-    serve now (``ServiceDown``: the caller's fallback applies), a 4xx a refusal of this
-    client (``ReplyError`` with its code)."""
-    status, reason = int(reply[:3]), reply[4:].decode(errors="replace").strip()
-    message = f"{address} refused the connection: {status} {reason}"
-    return ServiceDown(message) if status >= 500 else ReplyError(status, message)
+# The longest reply a client reads by default (``max_reply_bytes``): far beyond what a
+# call should return (16 MiB is the service's own max_request_bytes), and a bound on what
+# a peer that is no bgservice (a wrong port) makes it read and hold.
+MAX_REPLY_BYTES = 64 << 20
 
 
 class Where:
     """Where a client talks to: ``address`` for calls, ``udp_address`` for ``send``
     (default: the same host:port over UDP; none for a Unix ``address``: ``send``), as
     ``parse_address`` takes them (any other form raises ``ValueError`` here), and
-    ``timeout`` seconds a reply may take (None: forever)."""
+    ``timeout`` seconds a reply may take (None: forever); ``max_reply_bytes``, the longest
+    reply it reads (a longer one is ``ReplyTooLarge``, its connection closed)."""
 
     def __init__(
         self,
         address: str = DEFAULT_ADDRESS,
         timeout: float | None = 30.0,
         udp_address: str | None = None,
+        *,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.address = address
         unix = parse_address(address)[0] == socket.AF_UNIX
@@ -118,10 +117,19 @@ class Where:
         if self.udp_address is not None:  # a bad one refused now, not lost at each send
             parse_address(self.udp_address, datagram=True)
         self.timeout = timeout
+        if isinstance(max_reply_bytes, bool) or not isinstance(max_reply_bytes, int):
+            raise ValueError(f"max_reply_bytes must be an int, not {max_reply_bytes!r}")
+        if max_reply_bytes < 1:
+            raise ValueError(f"max_reply_bytes must be 1 or more, not {max_reply_bytes}")
+        self.max_reply_bytes = max_reply_bytes
         self._start()
 
     def _start(self) -> None:
         """Set up the connection state (none is open until the first call)."""
+
+    def _reader(self) -> ReplyReader:
+        """A new connection's reply decoder, bounded by ``max_reply_bytes``."""
+        return ReplyReader(self.max_reply_bytes, self.address)
 
     def send(self, module: str, data: Data = b"") -> None:
         """Fire and forget over UDP (or a Unix datagram socket): no reply, never raises
@@ -222,20 +230,32 @@ def _bytes(data: Data) -> bytes:
     raise ValueError(f"data must be str or bytes, not {type(data).__name__}")
 
 
+# A module name, as the service reads one (protocol.split_request: the text before the
+# first colon, any byte but these dropped; declarations.py names module files so). Any
+# other name was a silent wrong call: "echo:x" called echo with "x:DATA", "ec ho" echo.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+MODULE_RULE = "a module name is one or more of A-Z a-z 0-9 _ -"
+
+
 def encode_module(module: str) -> bytes:
-    """A module name as sent: text, UTF-8. ``bytes`` are refused as any non-text is (its
-    ``encode`` was an ``AttributeError``), and so is a ``str`` with lone surrogates (what
-    Python makes of a command-line argument that is not UTF-8): a ``ValueError``."""
+    """A module name as sent: text, UTF-8, of ``MODULE_NAME``'s characters. ``bytes`` are
+    refused as any non-text is (its ``encode`` was an ``AttributeError``), and so is a
+    ``str`` with lone surrogates (what Python makes of a command-line argument that is not
+    UTF-8), or another character: a ``ValueError``."""
     if not isinstance(module, str):
         raise ValueError(f"module must be str, not {type(module).__name__}")
     try:
-        return module.encode()
+        encoded = module.encode()
     except UnicodeEncodeError:
         try:  # the bytes the shell gave, if that is where it came from
             shown = repr(module.encode("utf-8", "surrogateescape"))
         except UnicodeEncodeError:
             shown = ascii(module)
         raise ValueError(f"module name {shown} is not UTF-8 text") from None
+    if not MODULE_NAME.fullmatch(module):  # (worded as the PHP client's)
+        why = f"{MODULE_RULE} (the service drops any other character, and a ':' ends the name)"
+        raise ValueError(f"module name {module!r} is not one the service can take: {why}")
+    return encoded
 
 
 def request(module: str, data: Data = b"") -> bytes:
@@ -290,59 +310,6 @@ def add_requests(jobs: Iterable[JobSpec]) -> list[bytes]:
     return made
 
 
-def batch(replies: list[tuple[int, bytes]], value: Callable[[bytes], T]) -> list[T]:
-    """Each reply's ``value``, in order; ``BatchError`` if any was an error reply, or
-    ``ServiceDown`` if the stop cut any (``.results``: it for each of those, as unanswered)."""
-    results: list[Any] = [_outcome(reply, value) for reply in replies]
-    if down := next((r for r in results if isinstance(r, ServiceDown)), None):
-        down.results = [down if isinstance(r, ServiceDown) else r for r in results]
-        raise down
-    if any(isinstance(r, ReplyError) for r in results):
-        raise BatchError(results)
-    return results
-
-
-@contextlib.contextmanager
-def batch_of(value: Callable[[bytes], T]) -> Iterator[Callable[[Replies], list[T]]]:
-    """``with batch_of(value) as values: return values(self.requests(...))``: ``batch``,
-    and a ``ServiceDown`` or ``ClientTimeout`` that cut the requests short gets, in its
-    ``results``, the values of the replies that came (ids, not ``(200, b"id:7")``)."""
-    try:
-        yield lambda replies: batch(replies, value)
-    except (ServiceDown, ClientTimeout) as exc:
-        if exc.results is not None:  # a reply the stop cut is as one that did not come
-            known = [_outcome(r, value) if isinstance(r, tuple) else r for r in exc.results]
-            exc.results = [exc if isinstance(r, ServiceDown) else r for r in known]
-        raise
-
-
-def cut_short(exc: CutShort, replies: Replies, sent: int, total: int) -> CutShort:
-    """``exc`` again, for a batch of ``total`` requests it cut short once ``replies``
-    had come and ``sent`` were written (those answered among them). Its ``results``, in
-    request order, as the PHP client's getResults(): each reply that came; the exception
-    itself for one sent without a reply (it may have run: a job may be queued, so it is
-    not to be sent again blindly); None for one never sent (safe to send again)."""
-    unanswered, unsent = sent - len(replies), total - sent
-    summary = [f"{len(replies)} answered"]
-    if unanswered:
-        summary.append(f"{unanswered} sent without a reply (they may have run)")
-    if unsent:
-        summary.append(f"{unsent} not sent")
-    what = ", ".join(summary)
-    again = type(exc)(f"{exc}; a batch of {total} cut short: {what} (.results has each)")
-    again.results = [*replies, *[again] * unanswered, *[None] * unsent]
-    return again
-
-
-def _outcome(reply: Reply, value: Callable[[bytes], T]) -> T | ReplyError | ServiceDown:
-    """A reply's value, or the ``ReplyError`` of an error reply (or of one ``value``
-    cannot read), or the ``ServiceDown`` of one the service's stop cut."""
-    try:
-        return value(_check(*reply))
-    except (ReplyError, ServiceDown) as exc:
-        return exc
-
-
 def _option(value: Any) -> str:
     """As the service reads it; a ``timedelta`` (``delay=``) in seconds, an aware ``datetime``
     (``at=``) epoch seconds: str() was refused. A naive one, local or UTC, is ambiguous."""
@@ -375,25 +342,3 @@ def schedule_request(name: str, module: str, data: Data = b"", **options: Any) -
 def named_request(command: str, name: str) -> bytes:
     """``queue:COMMAND:NAME`` for a schedule (unschedule, pause, resume, fire)."""
     return f"queue:{command}:{name}".encode()
-
-
-def _new_id(reply: bytes) -> int:
-    """The id in a ``queue:add`` or ``queue:retry`` reply (``id:N``), as an int."""
-    if not reply.startswith(b"id:"):
-        raise ReplyError(500, f"unexpected reply to queue:add: {reply[:80]!r}")
-    return int(reply[3:])
-
-
-# The service's 503 to a request its stop cut or came after it began, also as "Shutting
-# down: job 7 is still queued" (docs/protocol.md): the service going away, not an error.
-STOPPING = b"Shutting down"
-
-
-def _check(status: int, body: bytes) -> bytes:
-    if status != OK:
-        error = ReplyError(status, body.decode("utf-8", "replace"))
-        if status == 503 and body.partition(b": ")[0] == STOPPING:  # (the reply: its cause)
-            why = f"the service is shutting down ({status} {error})"
-            raise ServiceDown(f"{why}: the request may have run") from error
-        raise error
-    return body

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import threading
 from datetime import UTC, datetime, timedelta, timezone
@@ -136,6 +137,63 @@ def test_a_call_timeout_of_its_own_on_the_kept_connection(service):
         with pytest.raises(ClientTimeout):
             bg.get(job, timeout=0.2)  # shorter than the client's
         assert bg.call("test") == b"Test"
+
+
+def test_a_timeout_waiting_for_a_job_names_the_job_and_the_timeout(service):
+    # "no reply from 127.0.0.1:N in time", and nothing else: which job, and whose timeout
+    # ran out, were left to guess (a job still running read as a service that hung).
+    def check(error: ClientTimeout, job: int | None, said: str) -> None:
+        assert error.job == job and said in str(error), (str(error), error.job)
+
+    with Client(address(service), timeout=0.3) as bg:
+        slow, done = bg.add("sleep", "30000"), bg.add("echo", "done")
+        assert bg.get(done) == b"done"
+        with pytest.raises(ClientTimeout) as own:
+            bg.get(f"id:{slow}", timeout=0.2)
+        said = f"get() gave up waiting for job {slow} after get()'s timeout of 0.2 s"
+        check(own.value, slow, said)
+        with pytest.raises(ClientTimeout) as clients:
+            bg.get(slow)
+        check(clients.value, slow, f"job {slow} after the client's timeout of 0.3 s")
+        with pytest.raises(ClientTimeout) as many:
+            bg.get_many([done, slow, done], timeout=0.2)
+        first = f"job {slow} (the first without a reply) after get_many()'s timeout of 0.2 s"
+        check(many.value, slow, first)
+        assert many.value.results[0] == b"done"
+        with pytest.raises(ClientTimeout) as ran:  # no id until its result comes
+            bg.run("sleep", "30000", wait_timeout=0.2)
+        said = "run() of module sleep gave up after run()'s wait_timeout of 0.2 s: its job may"
+        check(ran.value, None, said + " have been queued, and goes on under an id the client")
+
+    async def main() -> list[ClientTimeout]:
+        errors = []
+        async with AsyncClient(address(service), timeout=0.3) as abg:
+            for call in (abg.get(slow), abg.get_many([done, slow]), abg.run("sleep", "30000")):
+                with pytest.raises(ClientTimeout) as timed_out:
+                    await call
+                errors.append(timed_out.value)
+        return errors
+
+    got, many, ran = asyncio.run(main())
+    check(got, slow, f"get() gave up waiting for job {slow} after the client's timeout of 0.3 s")
+    check(many, slow, f"get_many() gave up waiting for job {slow} (the first without a reply)")
+    check(ran, None, "run() of module sleep gave up after the client's timeout of 0.3 s: its job")
+
+
+def test_a_run_that_timed_out_before_sending_says_no_job_was_queued():
+    # A listener that accepts and never greets (a service whose loop is blocked): the
+    # request was never written, which the timeout of a run() says, its job not queued.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        where = f"127.0.0.1:{listener.getsockname()[1]}"
+        unsent = (
+            "run() of module echo gave up after run()'s wait_timeout of 0.2 s, before "
+            "its request was sent: no job was queued"
+        )
+        with pytest.raises(ClientTimeout, match=re.escape(unsent)) as ran:
+            Client(where).run("echo", "x", wait_timeout=0.2)
+        assert ran.value.job is None and not ran.value.sent
+        with pytest.raises(ClientTimeout, match=re.escape(unsent)):
+            asyncio.run(AsyncClient(where).run("echo", "x", wait_timeout=0.2))
 
 
 def test_replies_larger_than_one_read(tmp_path, make_service):

@@ -125,7 +125,7 @@ def test_async_client_run_and_batches(service):
             assert await bg.get_many(ids) == [str(i).encode() for i in range(100)]
             assert await bg.add_many([]) == []
             with pytest.raises(BatchError):
-                await bg.add_many([("echo", "ok"), ("", "no module")])
+                await bg.add_many([("echo", "ok"), ("echo", "x", {"priority": "high"})])
             assert (await bg.stats())["connections"]["total"] == 1
 
     asyncio.run(main())

@@ -9,14 +9,24 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import re
 import signal
 import socket
+import struct
 import threading
 import time
 
 import pytest
+import uvloop
 
-from bgservice.client import AsyncClient, Client, ClientTimeout, ReplyError, ServiceDown
+from bgservice.client import (
+    AsyncClient,
+    Client,
+    ClientTimeout,
+    ReplyError,
+    ReplyTooLarge,
+    ServiceDown,
+)
 from bgservice.protocol import PREFACE, framed_reply
 from tests.conftest import HOG, wait_until, write_module
 from tests.test_client import address, free_port
@@ -510,3 +520,146 @@ def test_a_connection_over_max_connections_is_a_service_down_saying_503(make_ser
                     await abg.call("test")
 
         asyncio.run(main())
+
+
+# Each read by the service as another module's name, or as none: a colon ends the name
+# (what follows becomes the data), and it drops any other character.
+MISREAD_NAMES = ["echo:x", "ec ho", "e.cho", "\u00e9cho", "echo\n", ""]
+
+
+@pytest.mark.parametrize("module", MISREAD_NAMES)
+def test_a_module_name_the_service_would_read_otherwise_is_refused(
+    modules_dir, make_service, module
+):
+    # call("echo:x", "DATA") sent echo:x:DATA: module echo, called with "x:DATA", a silent
+    # wrong call ("ec ho", "e.cho" and "\u00e9cho" called echo too).
+    write_module(modules_dir, "my_echo-2", "def handle_tcp(request):\n    return request.data\n")
+    service = make_service()
+    rule = "is not one the service can take: a module name is one or more of A-Z a-z 0-9 _ -"
+    with Client(address(service)) as bg:
+        for call in (bg.call, bg.add, bg.send, bg.run, lambda m, d: bg.add_many([(m, d)])):
+            with pytest.raises(ValueError, match=rule):
+                call(module, "DATA")
+        with pytest.raises(ValueError, match=rule):
+            bg.schedule("nightly", module, "DATA", every=60)
+
+        async def each() -> None:
+            async with AsyncClient(address(service)) as abg:
+                many = lambda m, d: abg.add_many([("echo", "ok"), (m, d)])  # noqa: E731
+                for call in (abg.call, abg.add, abg.send, abg.run, many):
+                    with pytest.raises(ValueError, match=rule):
+                        await call(module, "DATA")
+                with pytest.raises(ValueError, match=rule):
+                    await abg.schedule("nightly", module, "DATA", every=60)
+
+        asyncio.run(each())
+        assert bg.stats()["requests"] == 0  # counted once served: none before this one
+        assert bg.call("echo", "x:DATA") == b"x:DATA"  # a colon in the data: as meant
+        assert bg.call("my_echo-2", "a name of each kind") == b"a name of each kind"
+
+
+class HugeReply(FakeService):
+    """Greets as the service does, then answers the request with a reply whose header says
+    4 GiB less a byte, sends a megabyte of it and waits: a peer that is no bgservice (a
+    wrong port) or a broken one. ``closed`` is set once the client has closed it."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        super().__init__()
+
+    def serve(self, peer: socket.socket) -> None:
+        peer.recv(len(PREFACE))
+        peer.sendall(PREFACE)
+        peer.recv(65536)
+        with contextlib.suppress(OSError):
+            peer.sendall(b"200" + struct.pack(">I", 2**32 - 1) + b"x" * (1 << 20))
+            while peer.recv(65536):  # until the client closes
+                pass
+        self.closed.set()
+
+
+def test_a_reply_longer_than_max_reply_bytes_is_refused_and_its_connection_closed():
+    # A peer could make a client read without end (a wrong port, a broken peer): it read
+    # until the timeout, a reply's length at a time, holding all of it.
+    server = HugeReply()
+    said = f"{server.address} sent a reply of 4294967295 bytes, more than max_reply_bytes=67108864"
+    with Client(server.address, timeout=10) as bg:
+        with pytest.raises(ReplyTooLarge) as big:
+            bg.call("echo", "x")
+        assert server.closed.wait(10)  # its framing lost: closed at once, not kept
+    assert (big.value.size, big.value.limit) == (2**32 - 1, 64 << 20) and said in str(big.value)
+    assert isinstance(big.value, ServiceDown)  # the caller's fallback takes it
+    server.closed.clear()
+
+    async def main() -> None:
+        async with AsyncClient(server.address, timeout=10) as abg:
+            with pytest.raises(ReplyTooLarge, match=re.escape(said)):
+                await abg.call("echo", "x")
+            assert await asyncio.to_thread(server.closed.wait, 10)
+
+    asyncio.run(main())
+    assert server.closed.wait(10)
+    server.listener.close()
+
+
+def test_max_reply_bytes_bounds_a_services_replies(service):
+    small = 1000
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="max_reply_bytes"):
+            Client(address(service), max_reply_bytes=bad)
+    with Client(address(service), max_reply_bytes=small) as bg:
+        assert bg.call("echo", "x" * small) == b"x" * small  # up to it
+        with pytest.raises(ReplyTooLarge, match="1001 bytes, more than max_reply_bytes=1000"):
+            bg.call("echo", "x" * (small + 1))
+        assert bg.call("echo", "next") == b"next"  # on a new connection, in step
+        with pytest.raises(ReplyTooLarge) as cut:  # one read: the reply before it is kept
+            bg.requests([b"echo:before", b"echo:" + b"x" * 5000, b"echo:after"])
+        assert cut.value.results == [(200, b"before"), cut.value, cut.value]
+
+    async def main() -> ReplyTooLarge:
+        async with AsyncClient(address(service), max_reply_bytes=small) as abg:
+            with pytest.raises(ReplyTooLarge, match="5000 bytes"):
+                await abg.call("echo", "x" * 5000)
+            assert await abg.call("echo", "next") == b"next"
+            with pytest.raises(ReplyTooLarge) as cut:
+                await abg.requests([b"echo:before", b"echo:" + b"x" * 5000, b"echo:after"])
+            return cut.value
+
+    error = asyncio.run(main())
+    assert error.results == [(200, b"before"), error, error]
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_an_async_call_after_the_service_restarted_while_the_loop_was_blocked(make_service, run):
+    # The kept connection's close came while the loop was blocked (a module's sync call,
+    # a long computation): the next call wrote on it before the loop heard, and raised
+    # ServiceDown "it may have run" for a request the service never read.
+    port = free_port()
+    svc = make_service(f'[[listen]]\nhost = "127.0.0.1"\nport = {port}\n')
+
+    async def main() -> list[object]:
+        async with AsyncClient(f"127.0.0.1:{port}") as abg:
+            first = await abg.add("echo", "before")
+            svc.proc.kill()  # the loop blocked from here: nothing awaited until the call
+            svc.proc.wait()
+            svc.start()  # (the same database: the job added before is there)
+            return [first, await abg.add("echo", "after the restart"), await abg.call("test")]
+
+    first, again, called = run(main())
+    assert called == b"Test"
+    with Client(f"127.0.0.1:{port}") as bg:
+        assert bg.get_many([first, again]) == [b"before", b"after the restart"]
+        assert sum(bg.queue_stats()["counts"].values()) == 2  # queued once each
+
+
+def test_an_async_connection_closed_while_idle_and_the_loop_blocked_is_replaced(make_service):
+    svc = make_service("[limits]\nidle_timeout = 0.2\n")
+
+    async def main() -> bytes:
+        async with AsyncClient(address(svc)) as abg:
+            assert await abg.call("test") == b"Test"
+            # The loop blocked until the service closed ours (the one open is stats' own).
+            wait_until(lambda: svc.stats()["connections"]["open"] == 1)
+            return await abg.call("echo", "on a new connection")
+
+    assert asyncio.run(main()) == b"on a new connection"
