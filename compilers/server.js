@@ -21,11 +21,37 @@
 // module's allow list; every path is resolved here again and refused outside that root.
 // Less's @plugin (which would run JavaScript) and image-size() & co. (which read the disk)
 // are refused. A compiler's stack overflow on deep nesting is a 400, not a 500.
+//
+// Confinement: modules/_node.py starts this process under node's permission model, which
+// lets it read this file, node_modules and the include folders, and nothing else, and
+// neither write a file nor start a program or a worker, whatever a compile does. A Pug
+// template, which is JavaScript, also runs in a V8 context of its own where process,
+// require and global are not in reach (see compilePug): a second fence behind the first.
 'use strict';
 
 const fs = require('fs');
 const path = require('path');
 const readline = require('readline');
+const vm = require('vm');
+
+// --allow-addons, which Lightning CSS (a native addon) needs, lets process.dlopen load any
+// shared library, which node does not check against --allow-fs-read: one that anybody wrote
+// to /tmp would run as the service. Only the compilers' own addons may load (by their real
+// path, so a symlink swapped in between cannot change what is loaded).
+const dlopen = process.dlopen;
+Object.defineProperty(process, 'dlopen', {
+  value: function dlopenOwnAddonsOnly(module, filename, ...rest) {
+    const real = fs.realpathSync(filename);
+    const own = fs.realpathSync(path.join(__dirname, 'node_modules')) + path.sep;
+    if (!real.startsWith(own)) {
+      throw new Error(`${filename}: only the compilers' own native addons may be loaded`);
+    }
+    return dlopen.call(process, module, real, ...rest);
+  },
+  enumerable: true,
+  writable: false,
+  configurable: false,
+});
 
 const INSTALL = `install with: npm ci --prefix ${__dirname}`;
 const loaded = {};
@@ -382,21 +408,86 @@ function compileCoffee(source, options) {
 
 // --- Pug ----------------------------------------------------------------------------------
 
+// A template is JavaScript. It runs in a V8 context of its own, made from nothing of this
+// process's: its code and pug's runtime (inlined by compileClient) are evaluated there and
+// its variables parsed from JSON there, so no object in its reach leads to process, require
+// or global (a host object would: its constructor's constructor is this realm's Function).
+// node's vm is no security boundary; the permission model is the fence, this a second one.
+// A context costs about 200 KB, counted in the template cache.
+const CONTEXT_SIZE = 256 * 1024;
+
+// Runs in a template's context, evaluated there from its source text (so it closes over
+// nothing of this file): a console whose lines go to write(), and in place of process,
+// require, global and module stand-ins that fail any use with a clear message. Returns the
+// template's entry: its variables come in as JSON text.
+function templateGlobals(write) {
+  'use strict';
+  const toText = String;
+  const parse = JSON.parse;
+  const log = (...args) => {
+    try {
+      write(args.map((arg) => toText(arg)).join(' '));
+    } catch {
+      // Not even an error of this process's reaches the template.
+    }
+  };
+  globalThis.console = { log, info: log, warn: log, error: log, debug: log };
+  for (const name of ['process', 'require', 'global', 'module']) {
+    const refuse = () => {
+      const why = 'templates may not run programs or use files';
+      throw new Error(`${name} is not available to a template (${why})`);
+    };
+    const traps = { get: refuse, set: refuse, has: refuse, apply: refuse, construct: refuse };
+    Object.defineProperty(globalThis, name, { value: new Proxy(function () {}, traps) });
+  }
+  return (template) => (vars) => template(parse(vars));
+}
+
+// A template's console: the service logs this process's stderr. Never throws (see above).
+function writeLine(text) {
+  try {
+    if (typeof text === 'string') process.stderr.write(`${text}\n`);
+  } catch {
+    // stderr gone: the service is stopping
+  }
+}
+
+// compileClient's source -> the template's entry, in a new context. Object.create(null):
+// a context made from a {} lets its code reach this realm through the {}'s prototype.
+function templateEntry(client, filename) {
+  const context = vm.createContext(Object.create(null));
+  const entry = vm.runInContext(`(${templateGlobals})`, context)(writeLine);
+  return entry(vm.runInContext(`${client}\ntemplate`, context, { filename }));
+}
+
+// A thrown value's message: a template may throw anything, a getter that throws included.
+function describe(err) {
+  try {
+    return err && err.message ? String(err.message) : String(err);
+  } catch {
+    return 'the template threw a value that cannot be shown';
+  }
+}
+
+function pugVars(options) {
+  if (!options.vars) return '{}';
+  let locals;
+  try {
+    locals = JSON.parse(options.vars);
+  } catch (err) {
+    throw new CompileError(`vars: not JSON: ${err.message}`);
+  }
+  if (locals === null || typeof locals !== 'object' || Array.isArray(locals)) {
+    throw new CompileError('vars: must be a JSON object');
+  }
+  return options.vars; // parsed again in the template's context
+}
+
 function compilePug(source, options) {
   const pug = need('pug');
   const files = new Files(options);
   const name = path.posix.basename(options.filename || 'input.pug');
-  let locals = {};
-  if (options.vars) {
-    try {
-      locals = JSON.parse(options.vars);
-    } catch (err) {
-      throw new CompileError(`vars: not JSON: ${err.message}`);
-    }
-    if (locals === null || typeof locals !== 'object' || Array.isArray(locals)) {
-      throw new CompileError('vars: must be a JSON object');
-    }
-  }
+  const vars = pugVars(options);
   // include/extends resolve and read through the sandbox, never the real file system.
   const sandbox = {
     resolve(filename, source_) {
@@ -419,13 +510,14 @@ function compilePug(source, options) {
     // true, not the default: the template's own text then travels with it for runtime error
     // context, which pug would otherwise read from the disk at the filename.
     compileDebug: true,
+    name: 'template',
   };
   const key = options.root ? null : cacheKey(source, { ...options, vars: null });
-  let fn = key && templates.get(key)?.value;
+  let render = key && templates.get(key)?.value;
   try {
-    if (!fn) {
-      fn = pug.compile(source, settings);
-      if (key) templates.set(key, fn, source.length * 4);
+    if (!render) {
+      render = templateEntry(pug.compileClient(source, settings), `/${name}`);
+      if (key) templates.set(key, render, source.length * 4 + CONTEXT_SIZE);
     }
   } catch (err) {
     if (err instanceof CompileError) throw err;
@@ -433,16 +525,16 @@ function compilePug(source, options) {
       const where = `${(err.filename || name).replace(/^\//, '')}:${err.line || 0}:${err.column || 1}`;
       throw new CompileError(`${where}: ${err.code}: ${err.msg}`);
     }
-    // Anything else pug.compile throws is about the template too (e.g. a code line that
+    // Anything else compiling throws is about the template too (e.g. a code line that
     // does not parse), so it is the client's error, not the service's.
     const where = err && err.line ? `${name}:${err.line}` : name;
-    throw new CompileError(`${where}: ${err && err.message ? err.message : String(err)}`);
+    throw new CompileError(`${where}: ${describe(err)}`);
   }
   try {
-    return fn(locals);
+    return render(vars);
   } catch (err) {
     // A runtime error of the template's own code (pug templates are JavaScript).
-    throw new CompileError(`${name}: ${err && err.message ? err.message : String(err)}`);
+    throw new CompileError(`${name}: ${describe(err)}`);
   }
 }
 
@@ -561,8 +653,8 @@ class Lru {
 // same stylesheet on every deploy or page) costs a hash instead of 20-100 ms of compiling.
 // Not used when files come from an include folder, which may change between requests.
 const outputs = new Lru(64 * 1024 * 1024);
-// Compiled Pug templates by source and options: rendering with new variables is cheap,
-// compiling is not (the generated code is parsed to scope the variables).
+// Compiled Pug templates by source and options, each in its context: rendering with new
+// variables is cheap, compiling is not (the generated code is parsed to scope the variables).
 const templates = new Lru(64 * 1024 * 1024);
 const crypto = require('crypto');
 

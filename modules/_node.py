@@ -24,6 +24,11 @@ keep resident after a compile before it is replaced; 0: never).
 Where the compilers live: ``$BGSERVICE_COMPILERS`` if set, else the first installed of the
 ``compilers`` folder beside the modules folder and the one of the bgservice checkout.
 
+What node may do: it runs under its permission model (node 20 and later), reading only
+server.js, the compilers' node_modules and the include folders (the modules'
+``INCLUDE_DIRS`` and ``$BGSERVICE_INCLUDE_DIRS``), writing nothing, starting no program
+and no worker. A node without it runs the compilers unconfined, with a warning.
+
 Options ride in front of the source: data starting with ``?`` is ``?name=value&...:``
 followed by the source (query-string encoded, like ``queue:add?priority=5:...``). Data
 not starting with ``?`` is all source, as in the original; a source that itself starts
@@ -174,6 +179,62 @@ def find_compilers() -> Path:
     return next((f for f in candidates if (f / "server.js").is_file()), candidates[0])
 
 
+# node's permission model: a Pug template is JavaScript, and without it any client that may
+# call pug ran programs and wrote files as the service. Its switch is --permission from node
+# 22.13 and 23.5, --experimental-permission in 20 and 21: the first that the node found
+# takes is used (tried once per node binary). --allow-addons: Lightning CSS is a native
+# addon (server.js lets only the compilers' own load). The warnings of these switches are
+# turned off: node printed them at every start, each a warning in the log.
+PERMISSION = (
+    ("--permission", "--allow-addons", "--disable-warning=SecurityWarning"),
+    ("--experimental-permission", "--allow-addons", "--disable-warning=SecurityWarning",
+     "--disable-warning=ExperimentalWarning"),
+)  # fmt: skip
+_permission: dict[tuple[str, int, int], tuple[str, ...]] = {}  # by node's path, inode, mtime
+
+
+async def permission(node: str) -> tuple[str, ...]:
+    """The switches that start ``node`` under its permission model, () if it has none (said
+    once, as a warning). Keyed by the binary: a node upgraded in place is tried again."""
+    key = (node, 0, 0)
+    with contextlib.suppress(OSError):
+        info = os.stat(node)
+        key = (os.path.realpath(node), info.st_ino, info.st_mtime_ns)
+    if key not in _permission:
+        _permission[key] = await _first_accepted(node)
+        if not _permission[key]:
+            log.warning("node (%s) has no permission model (node >= 20 has): the compilers run "
+                        "unconfined, and a pug or jade template can run programs and write "
+                        "files as this service", node)  # fmt: skip
+    return _permission[key]
+
+
+async def _first_accepted(node: str) -> tuple[str, ...]:
+    for switches in PERMISSION:
+        if await _runs(node, *switches, "-e", "0"):
+            return switches
+    return ()
+
+
+async def _runs(node: str, *args: str) -> bool:
+    """Whether ``node *args`` exits 0 (an unknown switch: 9), within 20 s."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            node, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    except OSError:
+        return False
+    try:
+        return await asyncio.wait_for(proc.wait(), 20) == 0
+    except TimeoutError:
+        return False
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -238,6 +299,27 @@ class NodeCompilers:
         self._tasks: set[asyncio.Task[None]] = set()
         self.counts: Counter[str] = Counter()
         self.starts = 0
+        # Include folders node may read (real paths): the modules' INCLUDE_DIRS as they load
+        # (in the loader's threads, hence the lock), and any other a compile was allowed;
+        # and those each running process was started with.
+        self._folders: set[str] = set()
+        self._folders_lock = threading.Lock()
+        self._granted: dict[asyncio.subprocess.Process, frozenset[str] | None] = {}  # None: all
+
+    def allow(self, folders: list[str]) -> None:
+        """Let the node processes started from now on read ``folders`` (and below)."""
+        with self._folders_lock:
+            self._folders.update(os.path.realpath(f) for f in folders)
+
+    def _readable(self, root: str) -> None:
+        """A compile reads ``root`` (checked by ``include_root``): the running processes not
+        started with it (a module reloaded with another INCLUDE_DIRS, $BGSERVICE_INCLUDE_DIRS
+        changed) are retired, and the next one is started with it."""
+        self.allow([root])
+        for proc in list(self._procs):
+            granted = self._granted.get(proc, frozenset())
+            if granted is not None and root not in granted:
+                self._retire(proc, f"may not read the include folder {root}")
 
     async def compile(
         self, lang: str, source: str, options: dict[str, Any], module: str | None = None
@@ -265,7 +347,7 @@ class NodeCompilers:
         big = len(source) >= BIG
         text = await asyncio.to_thread(json.dumps, message) if big else json.dumps(message)
         line = text.encode() + b"\n"
-        proc = await self._running()
+        proc = await self._running(options.get("root"))
         assert proc.stdin is not None
         loop = asyncio.get_running_loop()
         future: Future = loop.create_future()
@@ -304,12 +386,15 @@ class NodeCompilers:
         )
         self._kill(sent.proc)
 
-    async def _running(self) -> asyncio.subprocess.Process:
-        """An idle process, a new one if none is and there is room, else the least busy."""
+    async def _running(self, root: str | None) -> asyncio.subprocess.Process:
+        """An idle process, a new one if none is and there is room, else the least busy; one
+        that may read ``root``, the include folder of the compile, if any."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             self._procs = [p for p in self._procs if p.returncode is None]
+            if root is not None:
+                self._readable(root)
             load = Counter(sent.proc for sent in self._pending.values())
             least = min(self._procs, key=lambda p: load[p], default=None)
             if least is None or (load[least] and len(self._procs) < self.size):
@@ -327,10 +412,17 @@ class NodeCompilers:
         if not (folder / "node_modules").is_dir():
             install = f"npm ci --prefix {folder}"
             raise ReplyError(503, f"compilers not installed: install with: {install}")
+        switches = await permission(node)
+        server = os.path.realpath(folder / "server.js")  # what node reads, symlinks resolved
+        folders = self._include_folders()
+        if switches:
+            reads = (server, os.path.realpath(folder / "node_modules"), *folders)
+            switches += tuple(f"--allow-fs-read={path}" for path in reads)
         proc = await asyncio.create_subprocess_exec(
             *DIE_WITH_US,
             node,
-            str(folder / "server.js"),
+            *switches,
+            server,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -344,12 +436,21 @@ class NodeCompilers:
             start_new_session=True,
         )
         self.starts += 1
-        log.info("compiler process started: node %s (pid %d)", folder / "server.js", proc.pid)
+        self._granted[proc] = frozenset(folders) if switches else None
+        confined = "permission model" if switches else "unconfined"
+        log.info("compiler process started: node %s (pid %d, %s)", server, proc.pid, confined)
         for coro in (self._read_replies(proc), self._read_stderr(proc)):
             task = asyncio.get_running_loop().create_task(coro)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return proc
+
+    def _include_folders(self) -> list[str]:
+        """Every include folder allowed so far, $BGSERVICE_INCLUDE_DIRS's as it is now too."""
+        extra = os.environ.get("BGSERVICE_INCLUDE_DIRS", "").split(os.pathsep)
+        self.allow(list(filter(None, extra)))
+        with self._folders_lock:
+            return sorted(self._folders)
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -366,6 +467,7 @@ class NodeCompilers:
             log.error("compiler process sent an unreadable reply (%s): restarting it", exc)
             self._kill(proc)
         code = await proc.wait()
+        self._granted.pop(proc, None)
         if code != 0:
             log.warning("compiler process %d exited with code %d", proc.pid, code)
         self._fail_pending(proc, code)
@@ -381,13 +483,13 @@ class NodeCompilers:
             sent.future.set_result(reply)
         rss = reply.get("rss")
         if MAX_RSS and isinstance(rss, int) and rss > MAX_RSS and proc in self._procs:
-            self._retire(proc, rss)
+            self._retire(proc, f"keeps {rss >> 20} MiB resident (BGSERVICE_COMPILER_MAX_RSS is"
+                               f" {MAX_RSS >> 20})")  # fmt: skip
 
-    def _retire(self, proc: asyncio.subprocess.Process, rss: int) -> None:
+    def _retire(self, proc: asyncio.subprocess.Process, why: str) -> None:
         """No more compiles to ``proc``; its stdin closed, it exits once it has replied to
         those already sent (server.js), and the next compile starts a fresh process."""
-        log.info("compiler process %d keeps %d MiB resident (BGSERVICE_COMPILER_MAX_RSS is %d):"
-                 " replacing it", proc.pid, rss >> 20, MAX_RSS >> 20)  # fmt: skip
+        log.info("compiler process %d %s: replacing it", proc.pid, why)
         self._procs.remove(proc)
         if proc.stdin is not None:
             proc.stdin.close()
@@ -446,13 +548,15 @@ _shared = NodeCompilers()
 _users_lock = threading.Lock()
 
 
-def acquire() -> NodeCompilers:
+def acquire(include_dirs: list[str] | None = None) -> NodeCompilers:
     """The shared process, for a module to keep; pair with ``await release(...)`` in unload.
 
     Counting users keeps the process alive while one module reloads (the new version
-    acquires before the old one releases) and stops it when the last one goes."""
+    acquires before the old one releases) and stops it when the last one goes. Its
+    ``include_dirs`` are folders node may read from now on."""
     with _users_lock:
         _shared.users += 1
+    _shared.allow(include_dirs or [])
     return _shared
 
 
@@ -491,7 +595,7 @@ class Compiler:
         self.module = module or lang
         self.options = frozenset(options)
         self.include_dirs = include_dirs
-        self.compilers = acquire()
+        self.compilers = acquire(include_dirs)
 
     async def handle_tcp(self, request: Any) -> bytes:
         options, source = parse(request.data, self.options)

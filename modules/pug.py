@@ -4,7 +4,9 @@
 passes variables. Other options: ``filename``, ``pretty=1``, ``doctype``, ``sources``
 and ``include=FOLDER`` (files for ``include``/``extends``; the folder must be listed in
 INCLUDE_DIRS). Pug templates are JavaScript: only trusted clients may send them, as with
-any module (see ``allow`` in service.config). Errors reply 400 with ``file:line:column``.
+any module (see ``allow`` in service.config). Each runs without node's ``process``,
+``require`` or ``global``, in a node process that may not start programs nor write files
+(docs/modules-shipped.md). Errors reply 400 with ``file:line:column``.
 """
 
 from . import _node

@@ -376,6 +376,136 @@ def test_pug_syntax_error(svc: ServiceProcess) -> None:
     assert compile_error(svc, "pug", "p", opts(vars="[1]")).startswith("400: vars:")
 
 
+# A template is JavaScript: these ran a program, wrote a file or reached node's internals
+# as the service's user, for anybody who could send pug:TEMPLATE (or queue it).
+ESCAPES = [
+    "p= process.mainModule.require('child_process').execSync('id > {marker}; id').toString()",
+    "- process.mainModule.require('fs').writeFileSync('{marker}', 'written')",
+    "p= typeof global.process.binding('spawn_sync').spawn",
+    "- this.constructor.constructor('return process')().mainModule.require('fs')"
+    ".writeFileSync('{marker}', 'written')",
+]
+
+
+@pytest.mark.parametrize("module", ["pug", "jade"])
+@pytest.mark.parametrize("template", ESCAPES)
+def test_templates_cannot_run_programs_nor_write_files(
+    svc: ServiceProcess, tmp_path: Path, module: str, template: str
+) -> None:
+    marker = tmp_path / "marker"
+    reply = compile_error(svc, module, template.format(marker=marker))
+    assert reply.startswith("400: input.pug: /input.pug:1\n"), reply
+    assert "is not available to a template" in reply, reply
+    assert not marker.exists()
+
+
+def test_a_template_changes_nothing_for_the_others(svc: ServiceProcess) -> None:
+    # Each template has a context of its own: one that rewrites the built-ins changes
+    # neither the other templates nor the compilers (in node's own realm, it changed both).
+    polluter = "- Object.prototype.polluted = 'yes'; String.prototype.trim = () => 'bad'\np done"
+    assert compile_ok(svc, "pug", polluter) == "<p>done</p>"
+    assert compile_ok(svc, "jade", "p= typeof polluted + ' [' + ' a '.trim() + ']'") == (
+        "<p>undefined [a]</p>"
+    )
+    assert compile_ok(svc, "scss", ".a { b: c }") == ".a {\n  b: c;\n}"
+
+
+MIXINS = "mixin list(items)\n  ul\n    each item in items\n      li= item\n"
+
+
+def test_pug_mixins_includes_and_locals_still_work(svc: ServiceProcess) -> None:
+    layout = "html\n  body\n    block content\n    include footer"
+    sources = {"layout.pug": layout, "footer.pug": "footer= site", "mixins.pug": MIXINS}
+    page = "extends layout\ninclude mixins\nblock content\n  +list(items)\n  p= items.length"
+    variables = {"site": "Ann's", "items": ["a", "<b>"]}
+    options = opts(sources=json.dumps(sources), vars=json.dumps(variables))
+    expected = (
+        "<html><body><ul><li>a</li><li>&lt;b&gt;</li></ul><p>2</p>"
+        "<footer>Ann's</footer></body></html>"
+    )
+    for module in ("pug", "jade"):
+        assert compile_ok(svc, module, page, options) == expected
+    # Rendered again from the cache, with other variables.
+    again = opts(sources=json.dumps(sources), vars=json.dumps({"site": "x", "items": []}))
+    reply = compile_ok(svc, "pug", page, again)
+    assert reply == "<html><body><ul></ul><p>0</p><footer>x</footer></body></html>"
+
+
+def node_switches(pid: int) -> list[str]:
+    """The command line node was started with (setpriv became node: it is node's)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def fs_reads(pid: int) -> set[str]:
+    return {s.partition("=")[2] for s in node_switches(pid) if s.startswith("--allow-fs-read=")}
+
+
+def test_node_runs_under_its_permission_model(svc: ServiceProcess) -> None:
+    assert compile_ok(svc, "less", ".a { b: c }") == ".a {\n  b: c;\n}\n"
+    for pid in svc.stats()["module_stats"]["less"]["node_pids"]:
+        switches = node_switches(pid)
+        assert {"--permission", "--experimental-permission"} & set(switches), switches
+        compilers = COMPILERS.resolve()
+        include = os.path.realpath(svc.root / "styles")  # the scss module's INCLUDE_DIRS
+        own = {str(compilers / "server.js"), str(compilers / "node_modules")}
+        assert fs_reads(pid) == {*own, include}
+        granted = [s for s in switches if s.startswith("--allow-") and not s.startswith(
+            ("--allow-fs-read=", "--allow-addons"))]  # fmt: skip
+        assert granted == [], switches  # no writes, no programs, no workers
+
+
+def test_include_folders_are_what_node_may_read(
+    make_service, modules_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    need_compilers()
+    env_folder, added = (Path(os.path.realpath(tmp_path / name)) for name in ("env", "added"))
+    env_folder.mkdir()
+    added.mkdir()
+    (env_folder / "nav.pug").write_text("nav from the environment's folder")
+    (added / "nav.pug").write_text("nav from a folder added later")
+    monkeypatch.setenv("BGSERVICE_INCLUDE_DIRS", str(env_folder))
+    service = make_service()
+    reply = service.call(b"pug:" + opts(include=str(env_folder)) + b"include nav")
+    assert reply == b"<nav>from the environment's folder</nav>"
+    pid = service.stats()["module_stats"]["pug"]["node_pid"]
+    assert str(env_folder) in fs_reads(pid) and str(added) not in fs_reads(pid)
+    # A module saved with a new folder in INCLUDE_DIRS: the running process may not read
+    # it, so it is replaced by one that may.
+    module = modules_dir / "jade.py"
+    module.write_text(module.read_text().replace("= []", f"= [{str(added)!r}]"))
+    service.wait_for_log("module jade reloaded")
+    reply = service.call(b"jade:" + opts(include=str(added)) + b"include nav")
+    assert reply == b"<nav>from a folder added later</nav>"
+    service.wait_for_log(f"compiler process {pid} may not read the include folder {added}")
+    pid = service.stats()["module_stats"]["jade"]["node_pid"]
+    assert {str(env_folder), str(added)} <= fs_reads(pid)
+
+
+def test_a_node_without_permission_model_compiles_with_a_warning(
+    make_service, tmp_path: Path, monkeypatch
+) -> None:
+    # node 18 (Debian 12's, Ubuntu 24.04's) has no permission model: it still compiles.
+    need_compilers()
+    old = tmp_path / "oldnode"
+    old.mkdir()
+    (old / "node").write_text(
+        '#!/bin/sh\ncase "$*" in *-permission*) echo "node: bad option: $1" >&2; exit 9;; esac\n'
+        f'exec {shutil.which("node")} "$@"\n'
+    )
+    (old / "node").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{old}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BGSERVICE_COMPILER_MAX_RSS", "1")  # MiB: each compile a new process
+    service = make_service(root=tmp_path / "svc")
+    assert service.call(b"pug:p= 1 + 1") == b"<p>2</p>"
+    assert service.call(b"less:.a { b: c }") == b".a {\n  b: c;\n}\n"
+    assert service.stats()["module_stats"]["pug"]["node_starts"] == 2
+    warnings = [line for line in service.log().splitlines() if "no permission model" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], warnings
+    assert "a pug or jade template can run programs" in warnings[0]
+    started = [line for line in service.log().splitlines() if "compiler process started" in line]
+    assert len(started) == 2 and all(line.endswith(", unconfined)") for line in started), started
+
+
 # --- markdown ------------------------------------------------------------------------------
 
 
@@ -470,9 +600,16 @@ def test_node_dies_and_comes_back(svc: ServiceProcess) -> None:
     assert compile_ok(svc, "scss", ".a { b: c }") == ".a {\n  b: c;\n}"  # node runs
     pid = svc.stats()["module_stats"]["scss"]["node_pid"]
     assert pid
-    # A pug template is JavaScript, so it can kill its own process: the call gets a 5xx.
-    reply = svc.call(b"pug:- process.exit(3)").decode()
-    assert reply.startswith("503: the compiler process died (exit code 3)"), reply
+    # A process that dies (a crash, the OOM killer) fails the compiles in it with a 5xx.
+    replies: list[bytes] = []
+    stuck = b"pug:- while (true) {}"
+    call = threading.Thread(target=lambda: replies.append(svc.call(stuck, timeout=30)))
+    call.start()
+    wait_until(lambda: svc.stats()["module_stats"]["pug"]["in_flight"])
+    for node in svc.stats()["module_stats"]["pug"]["node_pids"]:
+        os.kill(node, signal.SIGKILL)
+    call.join(30)
+    assert replies[0].startswith(b"503: the compiler process died (exit code -9)"), replies
     assert compile_ok(svc, "scss", ".a { b: c }") == ".a {\n  b: c;\n}"
     stats = wait_until(lambda: svc.stats()["module_stats"]["scss"])
     assert stats["node_pid"] not in (None, pid)
