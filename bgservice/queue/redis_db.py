@@ -34,6 +34,7 @@ from bgservice.queue.history import summarise
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_hash import job_from_hash, pairs
+from bgservice.queue.redis_lines import SPLIT, STRANDED, keep_lines
 from bgservice.queue.redis_lua import CASCADE, COMMON
 from bgservice.queue.redis_outage import Outage
 from bgservice.queue.store import Run
@@ -145,6 +146,9 @@ class RedisJobs:
         self.scripts["ACCESS"] = self.redis.register_script(ACCESS)
         self.scripts["DUE"] = self.redis.register_script(DUE)
         self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
+        self.scripts["SPLIT"] = self.redis.register_script(SPLIT)
+        self.scripts["STRANDED"] = self.redis.register_script(STRANDED)
+        self.lease = conf.lease
         self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
         self.cascades.set()  # (an instance may have stopped before it ended them all)
         self.left_over = False  # some are known to be left (a script said so)
@@ -321,9 +325,12 @@ class RedisJobs:
         states = ["waiting"] * len(waiting) + ["running"] * len(running)
         return {"names": name_counts(zip(found, states, strict=True))}
 
-    def upkeep(self) -> tuple[Coroutine[Any, Any, None], ...]:
-        """What each instance does for the queue as a whole, for as long as it runs."""
-        return self.expire_forever(), self.cascade_forever()
+    def upkeep(self, runnable: Callable[[], str]) -> tuple[Coroutine[Any, Any, None], ...]:
+        """What each instance does for the queue as a whole, for as long as it runs;
+        ``runnable``: the modules it runs, as CLAIM takes them (none with no workers)."""
+        mine = runnable if self.settings.workers else lambda: "[]"
+        lines = keep_lines(self.call, mine, self.lease, self.outage)
+        return self.expire_forever(), self.cascade_forever(), lines
 
     async def cascade_forever(self) -> None:
         """Each time ``cascades`` is set (``cascade`` heard, a lease renewed, the channel

@@ -31,20 +31,34 @@ local function move(id, old, new, score)
   redis.call('ZADD', P .. ':state:' .. new, score, id)
 end
 
--- Put a waiting job in line: ready, or delayed until run_at. (run_at and priority as
--- the caller knows them, else read: each redis.call costs about 1 us on top of its work.)
-local function place(id, run_at, priority)
+-- Put a waiting job in line: ready, or delayed until run_at. Ready is two lines, each
+-- scored -priority with the id padded to 20 digits: P:ready, every ready job (listings,
+-- positions, the claim's first look), and P:ready:MODULE, its module's (where the claim
+-- finds the best job it can take when the head of P:ready is one it cannot); P:ready_modules
+-- names the modules that may have one (redis_lines.py). (Fields as the caller knows them,
+-- else read: each redis.call costs about 1 us on top of its work.)
+local function place(id, run_at, priority, module)
   if not run_at then
-    local f = redis.call('HMGET', jkey(id), 'run_at', 'priority')
-    run_at, priority = f[1], f[2]
+    local f = redis.call('HMGET', jkey(id), 'run_at', 'priority', 'module')
+    run_at, priority, module = f[1], f[2], f[3]
   end
   run_at = tonumber(run_at)
   if run_at > now then
     redis.call('ZADD', P .. ':delayed', run_at, id)
   else
-    redis.call('ZADD', P .. ':ready', -tonumber(priority), pad(id))
+    local score, member = -tonumber(priority), pad(id)
+    redis.call('ZADD', P .. ':ready', score, member)
+    redis.call('ZADD', P .. ':ready:' .. module, score, member)
+    redis.call('SADD', P .. ':ready_modules', module)
   end
   woke = true
+end
+
+-- Take a member out of both ready lines (``module`` nil: its job is gone, and with it
+-- the name of its line, where the claim drops it when it comes to the head).
+local function unready(member, module)
+  redis.call('ZREM', P .. ':ready', member)
+  if module then redis.call('ZREM', P .. ':ready:' .. module, member) end
 end
 
 -- Move up to ``most`` delayed jobs now due to the ready line: a claim's first step, and
@@ -53,7 +67,8 @@ local function promote_due(most)
   local due = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', NOW, 'LIMIT', 0, most)
   for _, id in ipairs(due) do
     redis.call('ZREM', P .. ':delayed', id)
-    if redis.call('HGET', jkey(id), 'state') == 'waiting' then place(id) end
+    local f = redis.call('HMGET', jkey(id), 'state', 'run_at', 'priority', 'module')
+    if f[1] == 'waiting' then place(id, f[2], f[3], f[4]) end
   end
 end
 
@@ -201,6 +216,9 @@ end
 # 60]}: 10 starts per 60 s); its lease runs ``lease`` seconds on Redis's clock. Returns
 # {id, next wake-up, the job's fields}, or {0, next} (the next delayed job, or a throttled
 # module's window). A job of a module no instance can run waits, ready, until one can.
+# However many jobs it cannot take are ahead (a limited module's backlog, jobs of modules
+# only other instances run), it takes the best one it can: the head of P:ready, most
+# often; else the best of the heads of its modules' lines (P:ready:MODULE, place()).
 CLAIM_FN = r"""
 local function claim(lease, owner, limits_json, rates_json, runnable_json)
   local nextd = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')[2] or ''
@@ -222,47 +240,85 @@ local function claim(lease, owner, limits_json, rates_json, runnable_json)
     if redis.call('ZCARD', rk) < rate[1] then return nil end
     return tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + rate[2]
   end
-  -- The best 100 ready jobs: the first alone (most often the one taken: a page of 100
-  -- copied into Lua for each claim was a third of a job's Redis time with a long queue),
-  -- then the other 99. A member no longer waiting is removed, moving the rest up a rank.
-  local from, looked = 0, 0
-  while looked < 100 do
-    local last = from + (looked == 0 and 0 or 99 - looked)
-    local candidates = redis.call('ZRANGE', P .. ':ready', from, last)
-    if #candidates == 0 then break end
-    for _, member in ipairs(candidates) do
-      looked = looked + 1
-      local id = tostring(tonumber(member))
-      local jk = jkey(id)
-      local f = redis.call('HMGET', jk, 'state', 'module', 'attempts', 'progress')
-      if f[1] ~= 'waiting' then
-        redis.call('ZREM', P .. ':ready', member)
-      else
-        from = from + 1
-        local module = f[2]
-        local limit = limits[module]
-        local runs = runnable(module)
-        local free = runs and throttled(module)
-        if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
-        if runs and not free and (not limit
-            or tonumber(redis.call('HGET', P .. ':modrun', module) or '0') < limit) then
-          if rates[module] then
-            redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
-            redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
-          end
-          redis.call('ZREM', P .. ':ready', member)
-          redis.call('HINCRBY', P .. ':modrun', module, 1)
-          redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner,
-                     'attempts', (tonumber(f[3]) or 0) + 1)
-          if f[4] then redis.call('HDEL', jk, 'progress') end
-          redis.call('ZADD', P .. ':running', clock() + tonumber(lease), id)
-          move(id, 'waiting', 'running', NOW)
-          return {id, nextd, redis.call('HGETALL', jk)}
+  -- Whether a job of ``module`` may start now: under its limit and its rate (a throttled
+  -- module's window, when it has jobs ready, is the next wake-up if sooner). Asked once
+  -- a claim per module.
+  local shut = {}
+  local function open(module)
+    if shut[module] == nil then
+      local free, limit = throttled(module), limits[module]
+      if free and (nextd == '' or free < tonumber(nextd)) then nextd = tostring(free) end
+      shut[module] = free ~= nil or (limit ~= nil
+        and tonumber(redis.call('HGET', P .. ':modrun', module) or '0') >= limit)
+    end
+    return not shut[module]
+  end
+  -- Start the job of ``member`` (out of the ready lines already); ``f``: its state,
+  -- module, attempts and progress.
+  local function take(member, f)
+    local id, module = tostring(tonumber(member)), f[2]
+    local jk = jkey(id)
+    if rates[module] then
+      redis.call('ZADD', P .. ':rate:' .. module, now, id .. '@' .. NOW)
+      redis.call('EXPIRE', P .. ':rate:' .. module, math.ceil(rates[module][2]) + 1)
+    end
+    redis.call('HINCRBY', P .. ':modrun', module, 1)
+    redis.call('HSET', jk, 'state', 'running', 'started', NOW, 'owner', owner,
+               'attempts', (tonumber(f[3]) or 0) + 1)
+    if f[4] then redis.call('HDEL', jk, 'progress') end
+    redis.call('ZADD', P .. ':running', clock() + tonumber(lease), id)
+    move(id, 'waiting', 'running', NOW)
+    return {id, nextd, redis.call('HGETALL', jk)}
+  end
+  local function fields(member)
+    return redis.call('HMGET', jkey(tostring(tonumber(member))), 'state', 'module',
+                      'attempts', 'progress')
+  end
+  -- The head of one module's line, {member, score}; nil when it has none.
+  local function head(module)
+    local h = redis.call('ZRANGE', P .. ':ready:' .. module, 0, 0, 'WITHSCORES')
+    return h[1] and {h[1], tonumber(h[2])}
+  end
+  -- The best job that it can take, of the heads of the lines of the modules it runs
+  -- and may start now: a head no longer waiting, or no longer in P:ready (a line an
+  -- instance of an earlier version did not keep), is dropped and its next looked at.
+  local function best_of_lines()
+    local heads = {}
+    for module in string.gmatch(runnable_json, '"([^"]+)"') do
+      local h = head(module)
+      if h and open(module) then heads[module] = h end
+    end
+    while true do
+      local best, line = nil, nil
+      for module, h in pairs(heads) do
+        if not best or h[2] < best[2] or (h[2] == best[2] and h[1] < best[1]) then
+          best, line = h, module
         end
       end
+      if not best then return {0, nextd} end
+      local f = fields(best[1])
+      if f[1] == 'waiting' and redis.call('ZREM', P .. ':ready', best[1]) == 1 then
+        redis.call('ZREM', P .. ':ready:' .. line, best[1])
+        return take(best[1], f)
+      end
+      unready(best[1], line)
+      heads[line] = head(line)
     end
   end
-  return {0, nextd}
+  -- The head of P:ready first: most often the job taken, one ZRANGE (a page of 100
+  -- copied into Lua for each claim was a third of a job's Redis time with a long queue).
+  -- A member no longer waiting is removed.
+  while true do
+    local member = redis.call('ZRANGE', P .. ':ready', 0, 0)[1]
+    if not member then return {0, nextd} end
+    local f = fields(member)
+    if f[1] == 'waiting' then
+      if not (runnable(f[2]) and open(f[2])) then return best_of_lines() end
+      unready(member, f[2])
+      return take(member, f)
+    end
+    unready(member, f[2])
+  end
 end
 """
 

@@ -11,6 +11,10 @@ Keys, all under the configured prefix ``P``:
                          ``owed``: seconds its result is kept at least (an add?wait=1)
     P:ready              zset: waiting jobs due now; score -priority, member the id padded
                          to 20 digits, so equal priorities pop in order of arrival
+    P:ready:MODULE       zset: the same, one module's jobs: a claim finds there the best job
+                         it can take when the head of P:ready is one it cannot (redis_lua.py)
+    P:ready_split        "done" once P:ready is split into those lines (an earlier version's
+                         data has none); while it is being split, where that has got to
     P:delayed            zset: waiting jobs due later; score run_at
     P:blocked:ID         zset: waiting jobs that run after job ID has finished (score the id);
                          such a job's ``blockers`` field counts the dependencies it still waits for
@@ -33,7 +37,7 @@ Keys, all under the configured prefix ``P``:
     P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``,
                          ``cascade``
     P:rate:MODULE        zset: the module's job starts within its rate's interval
-(and the schedules' hashes: redis_schedules.py)
+(and the schedules' hashes: redis_schedules.py; the ready lines' upkeep: redis_lines.py)
 
 Every script takes the prefix as ARGV[1] and the caller's clock as ARGV[2]. Times are
 written as the strings the caller sent, so they keep their full precision.
@@ -77,14 +81,9 @@ for dep in string.gmatch(after, '%d+') do
 end
 local id = redis.call('INCR', P .. ':id')
 local jk = jkey(id)
-local fields, run_at, priority = {}, nil, nil
-for i = 12, #ARGV, 2 do
-  local k, v = ARGV[i], ARGV[i + 1]
-  fields[#fields + 1] = k
-  fields[#fields + 1] = v
-  if k == 'run_at' then run_at = v elseif k == 'priority' then priority = v end
-end
-redis.call('HSET', jk, unpack(fields))
+local known = {}  -- (the fields place() takes)
+for i = 12, #ARGV, 2 do known[ARGV[i]] = ARGV[i + 1] end
+redis.call('HSET', jk, unpack(ARGV, 12))
 if owed ~= '' then redis.call('HSET', jk, 'owed', owed) end
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
@@ -92,7 +91,7 @@ if #blockers > 0 then
   redis.call('HSET', jk, 'blockers', #blockers)
   for _, dep in ipairs(blockers) do redis.call('ZADD', blocked_key(dep), id, id) end
 else
-  place(id, run_at, priority)
+  place(id, known.run_at, known.priority, known.module)
 end
 if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
 if ARGV[6] == '' then
@@ -158,10 +157,9 @@ end
 
 # ARGV: P, now, lease, expires, max_interruptions. Jobs whose lease ran out (their instance
 # died) run again elsewhere, or fail past max_interruptions: {ids again, ids failed, held
-# slots freed}. Their
-# attempt ran at least until the last renewal (deadline - lease, on Redis's clock: shifted
-# to the caller's, which the run records use). Module slots held by handlers past their
-# job (P:held) whose instance stopped renewing them are given back.
+# slots freed}. Their attempt ran at least until the last renewal (deadline - lease, on
+# Redis's clock: shifted to the caller's, which the run records use). Module slots held
+# by handlers past their job (P:held) whose instance stopped renewing them are given back.
 REAP = _release(
     UNHOLD_FN
     + SEEN_FN
@@ -240,15 +238,14 @@ return {lost, cancel}
 )
 
 # ARGV: P, now, id, the attempt's claim token, state, status, result, error, expires, run_at,
-# run record, last progress report ('' if none), a lease ('' for none) when the handler
-# runs on past the attempt (its timeout: its module's slot stays taken, P:held), then the
-# next claim's lease ('' for none), token, module limits, rates and runnable modules (as
-# CLAIM takes them). The end of one
-# attempt: a retry (state "waiting", at run_at) or a finished job. Does nothing (returns
-# 0) if this attempt no longer holds the job. Recorded: {1}, or {1, what CLAIM returns}:
-# the worker this attempt frees takes the next job in the same round trip. A cancel
-# recorded while it ran wins (as in the embedded engine), heard by the attempt or not
-# yet: the job ends cancelled and the reply starts with 2.
+# run record, last progress report ('' if none), a lease ('' for none) when the handler runs
+# on past the attempt (its timeout: its module's slot stays taken, P:held), then the next
+# claim's lease ('' for none), token, module limits, rates and runnable modules (as CLAIM
+# takes them). The end of one attempt: a retry (state "waiting", at run_at) or a finished
+# job. Does nothing (returns 0) if this attempt no longer holds the job. Recorded: {1}, or
+# {1, what CLAIM returns}: the worker this attempt frees takes the next job in the same round
+# trip. A cancel recorded while it ran wins (as in the embedded engine), heard by the attempt
+# or not yet: the job ends cancelled and the reply starts with 2.
 END = (
     COMMON
     + CLAIM_FN
@@ -308,7 +305,7 @@ end
 if st ~= 'waiting' then
   return {409, 'Job ' .. id .. ' already finished (' .. st .. ')'}
 end
-redis.call('ZREM', P .. ':ready', pad(id))
+unready(pad(id), redis.call('HGET', jk, 'module'))
 redis.call('ZREM', P .. ':delayed', id)
 local after = redis.call('HGET', jk, 'after') or ''
 for dep in string.gmatch(after, '%d+') do redis.call('ZREM', blocked_key(dep), id) end
