@@ -124,6 +124,7 @@ class RedisSettings:
     prefix: str = "bgservice"
     lease: float = 30.0
     connect_timeout: float = 2.0
+    command_timeout: float = 5.0  # s a command may wait for Redis's reply (redis_db.py)
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ def _http_enabled(v: Any) -> bool:
 # and what sets them: given in the URL, redis-py would let them replace the service's own.
 OWN_REDIS_OPTIONS = {
     "socket_connect_timeout": "[redis] connect_timeout",
-    "socket_timeout": "the service: max([redis] connect_timeout, 5) s",
+    "socket_timeout": "[redis] command_timeout",
     "health_check_interval": "the service: 15 s",
     "retry_on_timeout": "the service: it retries by itself",
 }
@@ -346,6 +346,7 @@ REDIS_CHECKS: dict[str, Check] = {
     "prefix": check_string,
     "lease": _lease,
     "connect_timeout": _positive_number,
+    "command_timeout": _positive_number,
 }
 HTTP_CHECKS: dict[str, Check] = {
     "enabled": _http_enabled,

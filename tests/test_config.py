@@ -820,7 +820,7 @@ def test_a_bare_integer_mode_in_an_inline_table_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
-        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "option 'socket_timeout': set by the"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "set by [redis] command_timeout"),
         ("redis://127.0.0.1:6379/0?socket_timeout=1", "not in the URL"),
         ("redis://127.0.0.1:6379/0?socket_connect_timeout=1", "set by [redis] connect_timeout"),
         ("redis://127.0.0.1:6379/zero", "must end in the database's number"),

@@ -192,3 +192,22 @@ def test_a_frozen_redis_answers_each_command_503_within_the_bound_and_then_at_on
         assert svc.call(b"queue:get:id:%d" % again) == b"thawed"
     finally:
         svc.stop()
+
+
+def test_the_command_timeout_is_the_configured_one(tmp_path, own_redis):
+    # The timeout was max(connect_timeout, 5) s, with no setting below 5 s: a site whose
+    # pages would rather fall back sooner than wait 5 s for a frozen Redis had no say.
+    config = redis_config(own_redis.url, "quick") + "command_timeout = 1.5\n"
+    svc = ServiceProcess(tmp_path, "", backend_config=config)
+    try:
+        svc.start()
+        jid = add(svc, b"queue:add:echo:x")
+        assert svc.call(b"queue:get:id:%d" % jid) == b"x"
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            assert svc.call(b"queue:check:id:%d" % jid, timeout=10) == UNAVAILABLE
+            svc.wait_for_log("does not answer (no reply from Redis in 1.5 s)")
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+    finally:
+        svc.stop()

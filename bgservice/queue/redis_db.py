@@ -132,8 +132,9 @@ class RedisJobs:
         self.settings = settings
         self.where = redact_url(conf.url)  # for log lines
         # How long Redis may take to answer a command or a pipeline (and to answer a ping
-        # on the subscription after as long without a message).
-        self.timeout = timeout = max(conf.connect_timeout, 5.0)
+        # on the subscription after as long without a message): [redis] command_timeout,
+        # 5 s unless set (a shorter one takes a busy Redis's pause for an outage).
+        self.timeout = timeout = conf.command_timeout
         # Retried when a pooled connection turns out closed (Redis restarted), not after
         # a timeout: three of them made a command wait three times the bound Redis has.
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 2, (RedisConnectionError,))
