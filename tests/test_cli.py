@@ -518,6 +518,14 @@ def test_a_module_name_that_is_not_utf8_is_a_usage_error(service):
         assert b"module name b'rec\\xfford' is not UTF-8" in reply.stderr, reply.stderr
 
 
+
+def test_a_module_name_the_service_would_read_as_another_is_a_usage_error(service):
+    # "bgservice call echo:x hi" called echo with the data "x:hi" (the client review).
+    for args in (("call", "echo:x", "hi"), ("send", "ec ho", "x"), ("queue", "add", "e/x", "y")):
+        reply = bg(service, *args)
+        assert reply.returncode == 2, (args, reply)
+        assert b"is not one the service can take: a module name is" in reply.stderr, reply
+
 def test_top_on_a_terminal_exits_130_on_ctrl_c(service):
     """Ctrl-C is how the live view is quit, and it exits 130 as every command does (it
     exited 0): a script can tell an interruption from a clean end."""
