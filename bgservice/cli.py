@@ -13,6 +13,7 @@ import difflib
 import logging
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,6 +24,7 @@ import uvloop
 from bgservice import __version__, cli_client, config, logs, open_files, preflight, readiness
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
+from bgservice.config_checks import redact_url
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -42,6 +44,24 @@ def _settings(config_path: Path | None, **overrides: object) -> config.Settings:
     settings = config.load(config_path) if config_path else config.Settings()
     settings = settings.replace(source=config_path)
     return config.with_overrides(settings, **overrides)  # type: ignore[arg-type]
+
+
+def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str | None:
+    """A config file holding a secret that every user of the host may read: the install
+    comment's ``install -m 644`` left HTTP tokens and the Redis password world-readable.
+    A warning (as sshd refuses such a key file, but a start must not fail on an upgrade)."""
+    held = [name for name, there in (
+        ("[http] token", bool(settings.http.token)), ("[http] tokens", bool(settings.http.tokens)),
+        ("a password in [redis] url", redact_url(settings.redis.url) != settings.redis.url),
+    ) if there]  # fmt: skip
+    try:
+        mode = config_path.stat().st_mode if config_path is not None and held else 0
+    except OSError:
+        return None
+    if not mode & stat.S_IROTH:
+        return None
+    return (f"{config_path} holds {' and '.join(held)}, and every user may read it (mode "
+            f"{stat.S_IMODE(mode):o}): chmod o-r {config_path}")  # fmt: skip
 
 
 def _no_modules(folder: Path, given: Path | None, config_path: Path | None) -> str:
@@ -232,6 +252,8 @@ def serve(
     if ready_file is not None:  # (found at the end of the start: a traceback, listening)
         _ready_file_or_exit(ready_file)
     open_files.raise_limit(settings)  # (logged: after the logs' setup)
+    if exposed := _exposed_secrets(settings, _config_path(config_path)):
+        logging.getLogger(__name__).warning(exposed)
     service = Service(settings, ready_file, os.environ.get("NOTIFY_SOCKET"))
     code = uvloop.run(service.run())
     # Stopped: the threads modules made themselves (a ThreadPoolExecutor's are not
@@ -262,7 +284,8 @@ def _exit_now(code: int) -> None:
 
 def _check(settings: config.Settings, config_path: Path | None, log_named: str) -> int:
     loaded, found = preflight.problems(settings, log_named)
-    for warning in preflight.warnings(settings, loaded):
+    exposed = _exposed_secrets(settings, config_path)
+    for warning in [*preflight.warnings(settings, loaded), *filter(None, [exposed])]:
         click.echo(f"bgservice: check: warning: {warning}", err=True)
     for problem in found:
         click.echo(f"bgservice: check: {problem}", err=True)

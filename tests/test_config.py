@@ -888,3 +888,12 @@ def test_a_one_shot_gap_must_be_shorter_than_the_read_timeout(tmp_path, key):
     message = config_error(tmp_path, f"[limits]\nread_timeout = 10.0\n{key} = 20000.0\n")
     assert f"{key} (line 3)" in message and "read_timeout" in message
     assert load_text(tmp_path, f"[limits]\nread_timeout = 30.0\n{key} = 20000.0\n")
+
+
+def test_a_start_warns_of_a_config_every_user_may_read_with_a_secret_in_it(make_service):
+    svc = make_service('[http]\nenabled = true\nport = 0\ntoken = "s3cret-token-1"\n',
+                       start=False)  # fmt: skip
+    svc.config.chmod(0o644)
+    svc.start()
+    svc.wait_for_log(f"{svc.config} holds [http] token, and every user may read it (mode 644)")
+    assert "s3cret-token-1" not in svc.log()

@@ -211,3 +211,17 @@ def test_a_call_from_rule_that_jobs_get_around_is_warned_of(site):
     assert done.returncode == 0, done.stderr
     assert ("warning: module reset: CALL_FROM admits only unix, but any client may queue "
             "its jobs") in done.stderr  # fmt: skip
+
+
+def test_a_config_every_user_may_read_with_a_secret_in_it_is_warned_of(site):
+    # Found by a security review: the unit's install comment (install -m 644) left the
+    # HTTP tokens and the Redis password readable by every user, without a word.
+    http = '[http]\nenabled = true\nport = 0\ntoken = "s3cret-token-1"\n'
+    (site / "service.config").touch(mode=0o644)
+    done = check(site, http)
+    assert done.returncode == 0, done.stderr
+    assert ("warning: service.config holds [http] token, and every user may read it (mode "
+            "644): chmod o-r service.config") in done.stderr  # fmt: skip
+    assert "s3cret-token-1" not in done.stderr + done.stdout
+    (site / "service.config").chmod(0o640)
+    assert "every user may read it" not in check(site, http).stderr
