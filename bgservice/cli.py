@@ -61,7 +61,9 @@ def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str
     if not mode & stat.S_IROTH:
         return None
     return (f"{config_path} holds {' and '.join(held)}, and every user may read it (mode "
-            f"{stat.S_IMODE(mode):o}): chmod o-r {config_path}")  # fmt: skip
+            f"{stat.S_IMODE(mode):o}): let only the service's user or group read it (the "
+            "shipped unit reads it as group www-data: chmod 640, chgrp www-data), or give "
+            "the token as $BGSERVICE_HTTP_TOKEN (docs/deploy.md)")  # fmt: skip
 
 
 def _no_modules(folder: Path, given: Path | None, config_path: Path | None) -> str:

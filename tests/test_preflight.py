@@ -221,7 +221,7 @@ def test_a_config_every_user_may_read_with_a_secret_in_it_is_warned_of(site):
     done = check(site, http)
     assert done.returncode == 0, done.stderr
     assert ("warning: service.config holds [http] token, and every user may read it (mode "
-            "644): chmod o-r service.config") in done.stderr  # fmt: skip
+            "644): let only the service's user or group read it") in done.stderr  # fmt: skip
     assert "s3cret-token-1" not in done.stderr + done.stdout
     (site / "service.config").chmod(0o640)
     assert "every user may read it" not in check(site, http).stderr
