@@ -58,9 +58,8 @@ def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:
     found: list[str] = []
     if settings.log_file is not None:
         found += _writable(settings.log_file, log_named)
-    if settings.queue.backend == "sqlite":  # (its folder too: the -wal, -shm and .lock files)
-        found += _writable(settings.db, "the queue database")
-        found += _writable(lock_path(settings.db), "its lock file")
+    if settings.queue.backend == "sqlite":
+        found += _database(settings.db)
     for listener in settings.listeners:
         found += [problem for path in (listener.unix, listener.unix_dgram) if path
                   for problem in _socket_path(Path(path))]  # fmt: skip
@@ -122,6 +121,21 @@ def _writable(path: Path, named: str) -> list[str]:
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         return [f"{named} {path}: cannot be made in {folder} (not a writable folder)"]
     return []
+
+
+def _database(db: Path) -> list[str]:
+    """The queue's database: the file writable if it exists (SQLite would open it read-only,
+    and the start refuses that); its folder writable, even where the file or the lock file
+    exist: SQLite makes its -wal and -shm there (the file's, where ``db`` is a link), and
+    without them cannot write a file it may write."""
+    found = _writable(db, "the queue database")
+    lock = lock_path(db)  # (beside the file itself)
+    if found or not lock.parent.is_dir():
+        return found + _writable(lock, "its lock file")
+    if not os.access(lock.parent, os.W_OK | os.X_OK):
+        return [f"the queue database {db}: its folder {lock.parent} is not writable (SQLite "
+                "makes the database's -wal and -shm files there)"]  # fmt: skip
+    return _writable(lock, "its lock file")
 
 
 def _socket_path(path: Path) -> list[str]:

@@ -1,5 +1,6 @@
-"""A file that says "this service is running", removed by a clean stop: found at start,
-it means the last run ended by a crash, ``kill -9`` or a power cut (issue 19, item 9).
+"""A file that says "this service is running", removed by a clean stop (emptied, where its
+folder was made read-only meanwhile): found at start with what a run writes in it, it means
+the last run ended by a crash, ``kill -9`` or a power cut (issue 19, item 9).
 
 It lives next to the job database (``DB.running``), so it is found by the next start of
 the same service. It holds the process id and start time, and the running service holds
@@ -58,12 +59,29 @@ class RunMarker:
         return previous
 
     def release(self) -> None:
-        """A clean stop: the next start finds no marker."""
+        """A clean stop: the next start finds no marker, or an empty one (which says the
+        same) where its folder no longer lets it be removed (made read-only meanwhile)."""
         if self._fd is None:
             return
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)  # (unlocks)
-        self._fd = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            self._empty(exc)
+        finally:
+            os.close(self._fd)  # (unlocks)
+            self._fd = None
+
+    def _empty(self, exc: OSError) -> None:
+        assert self._fd is not None
+        try:  # (the file is open for writing still, whatever its folder allows now)
+            os.ftruncate(self._fd, 0)
+        except OSError as again:
+            log.warning("cannot remove %s (%s) nor empty it (%s): the next start will report "
+                        "an unclean stop, though this one was clean", self.path, exc,
+                        again)  # fmt: skip
+            return
+        log.warning("cannot remove %s (%s): emptied instead, which the next start takes "
+                    "for a clean stop, as this one was", self.path, exc)  # fmt: skip
 
 
 def _parse(raw: bytes) -> UncleanStop | None:

@@ -188,7 +188,8 @@ class Metrics(Collector):
     def _queue_metrics(self) -> Iterator[Metric]:
         queue = self._queue
         yield GaugeMetricFamily(
-            f"{NS}_queue_up", "1 when the queue answered (0: e.g. Redis is away).",
+            f"{NS}_queue_up", "1 when the queue answered (0: e.g. Redis is away, or the "
+            "SQLite store's last commit failed: a full disk, the database locked).",
             value=0 if queue is None else 1,
         )  # fmt: skip
         if queue is not None:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from bgservice.config import QueueSettings
-from bgservice.errors import Conflict
+from bgservice.errors import Busy, Conflict
 from bgservice.queue.engine import not_found
 from bgservice.queue.job import Job
 from bgservice.queue.live import LiveJobs
@@ -115,7 +115,8 @@ class FinishedJobs:
             try:
                 gone = await self.store.expire(now, now - self.settings.keep_history, keep())
             except Exception as exc:
-                log.error("job expiry failed: %s", exc)
+                if not isinstance(exc, Busy):  # (its commit failed: the store says that)
+                    log.error("job expiry failed: %s", exc)
                 continue
             if gone:
                 log.info("job queue: %d finished jobs expired", gone)

@@ -40,7 +40,7 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 from bgservice.queue.pump import Pump
 from bgservice.queue.schedule import WaitingLine
-from bgservice.queue.store import Run, Store, StoredSchedules, Writes
+from bgservice.queue.store import Run, Store, StoredSchedules, Writes, stored, unstored
 from bgservice.queue.unique import UniqueKeys
 from bgservice.stats import Stats
 
@@ -169,11 +169,11 @@ class LocalQueue(StoredSchedules, JobQueue):
         try:
             job.id = await self.store.insert(job, spec.mark)
         except BaseException as exc:  # cancelled too: the adds waiting on its key must end
-            self._keys.stored(spec.unique, Busy("Job store unavailable"))
+            why = unstored(exc, "job")
+            self._keys.stored(spec.unique, Busy(why))
             if not isinstance(exc, Exception):
                 raise
-            log.error("job store refused a job: %s", exc)
-            raise Busy("Job store unavailable") from None
+            raise Busy(why) from None
         self.jobs[job.id] = job
         self._keys.stored(spec.unique, job.id)
         await self._place_new(job)
@@ -220,17 +220,11 @@ class LocalQueue(StoredSchedules, JobQueue):
             # Its work is given up (even if the write fails: the flag is set), so the next
             # add of its key makes a job (at its end it frees the key only if it holds it).
             self._keys.release(job.unique_key, jid)
-            await self._stored(self._writes.save(job, ("cancel_requested",)), "cancel")
+            await stored(self._writes.save(job, ("cancel_requested",)), "cancel")
             return "cancelling"
         written = self._finish(job, JobState.CANCELLED, Cancelled.code, f"Job {jid} cancelled")
-        await self._stored(written, "cancel")  # acknowledged once on disk, as an add is
+        await stored(written, "cancel")  # acknowledged once on disk, as an add is
         return "cancelled"
-
-    async def _stored(self, write: asyncio.Future[Any], what: str) -> None:
-        try:  # shielded: a client hanging up does not cancel the write
-            await asyncio.shield(write)
-        except Exception as exc:
-            raise Busy(f"Job store unavailable: the {what} may not survive a restart") from exc
 
     async def retry(self, jid: int) -> int:
         if jid in self.jobs:
@@ -252,17 +246,21 @@ class LocalQueue(StoredSchedules, JobQueue):
         # waiting (the store applies writes in order: a cancel's lands after this one).
         self.jobs[jid] = job
         self._keys.hold(key, jid)
-        try:
-            await self._writes.retry(job, was)
-        except Exception as exc:
-            log.error("job store refused a retry: %s", exc)
-            self.jobs.pop(jid, None)  # the store still has it as it was: lookups read that
-            self._writes.refused(jid)
-            self._keys.release(key, jid)
-            raise Busy("Job store unavailable") from None
+        try:  # its commit failed (Busy): the store keeps the save, memory the retry
+            await stored(self._writes.retry(job, was), "retry")
+            unsaved = None
+        except Busy as exc:
+            if not isinstance(exc.__cause__, Busy):  # a row the store refused: undone
+                self.jobs.pop(jid, None)  # the store still has it as it was: lookups read that
+                self._writes.refused(jid)
+                self._keys.release(key, jid)
+                raise Busy(unstored(exc.__cause__, "retry")) from None
+            unsaved = exc
         if job.state is JobState.WAITING:  # else cancelled while it was saved
             await self._place_new(job)
             self._pump()
+        if unsaved is not None:
+            raise unsaved
         return jid
 
     async def delete(self, jid: int) -> None:
@@ -272,6 +270,8 @@ class LocalQueue(StoredSchedules, JobQueue):
         return await reports.list_page(self._live, self.store, spec)
 
     async def stats(self, window: float) -> dict[str, Any]:
+        if (cause := self.store.failing) is not None:  # (/metrics: bgservice_queue_up 0)
+            raise Busy(f"Job store unavailable: {cause}")
         return await reports.stats(self._live, self.store, self.settings, window, self._writes)
 
     async def save_checkpoint(self, job: Job, value: str) -> None:

@@ -10,7 +10,10 @@ highest id.
 
 The database belongs to one service: ``DB.lock`` is locked (flock) while the store is
 open (sqlite_schema.py). Until it is open, what asks it gets 503 ``Job store
-unavailable`` (the listeners open first, so calls are served while a queue loads).
+unavailable`` (the listeners open first, so calls are served while a queue loads), and
+so does what a failing commit fails (``Job store unavailable: database is locked``:
+sqlite_failures.py). Read-only connections never make the file (``mode=ro``): one that
+was deleted while the service runs is said once, by the expiry sweep.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from bgservice.errors import Busy
 from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
-from bgservice.queue.sqlite_schema import connect, lock
+from bgservice.queue.sqlite_schema import BUSY_TIMEOUT_MS, connect, lock
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run, Writes
 
@@ -50,6 +53,9 @@ _EXPIRE_RUNS = "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE fi
 
 
 READS = 3  # reads of queue:stats' counts at most, while retries come in (counts)
+# s a stop waits for the writer: a commit under way may wait out the busy timeout, and the
+# stop's own last one too (a database locked by another process).
+CLOSE_WAIT = 3 * BUSY_TIMEOUT_MS / 1000
 
 
 def _count(
@@ -76,7 +82,9 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_id = 0
         self._reserved = 0  # ids below it are reserved on disk
-        self._lock: int | None = None  # DB.lock's descriptor while open
+        self._locks: list[int] = []  # DB.lock's and the file's descriptors while open
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._moved = False  # the file deleted or replaced since: said
         # A second connection for long reads (the run history), in the loop's executor:
         # WAL lets it read while the writer commits, so they wait for neither.
         self._reader: sqlite3.Connection | None = None
@@ -100,7 +108,7 @@ class SqliteStore:
     async def open(self) -> list[Job]:
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = lock(self.path)
+        self._locks = lock(self.path)
         try:
             conn, self._next_id, self._reserved = await self._loop.run_in_executor(
                 None, connect, self.path
@@ -108,6 +116,8 @@ class SqliteStore:
         except BaseException:
             self._unlock()
             raise
+        stat = os.stat(self.path)
+        self._file = (stat.st_dev, stat.st_ino)
         self._writer = Writer(conn, self._loop, self.commit_window, COLUMNS)
         unfinished = f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id"
         return await self._submit(lambda c: [_job(r) for r in c.execute(unfinished)])
@@ -199,18 +209,27 @@ class SqliteStore:
                 break
         return counts
 
+    @property
+    def failing(self) -> str | None:
+        """Why the last commit failed, while commits fail (None: they succeed)."""
+        return None if self._writer is None else self._writer.failing.cause
+
     async def run_history(self, now: float, window: float) -> dict[str, Any]:
         loop, _ = self._opened()
-        return await loop.run_in_executor(None, self._read, now, window)
+        try:
+            return await loop.run_in_executor(None, self._read, now, window)
+        except sqlite3.Error as exc:  # e.g. the file deleted: "unable to open database file"
+            raise Busy(f"Job store unavailable: {exc}") from None
 
     def _read(self, now: float, window: float) -> dict[str, Any]:
         with self._reader_lock:
-            if self._reader is None:
-                self._reader = sqlite3.connect(
-                    self.path, isolation_level=None, check_same_thread=False
-                )
+            if self._reader is None:  # read-only: a file deleted meanwhile is not made anew
+                self._reader = sqlite3.connect(  # (empty, the next start's, ids reused)
+                    f"{self.path.absolute().as_uri()}?mode=ro",
+                    uri=True, isolation_level=None, check_same_thread=False,
+                )  # fmt: skip
                 self._reader.execute("PRAGMA query_only=ON")
-                self._reader.execute("PRAGMA busy_timeout=5000")
+                self._reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             return summarise_sql(self._reader, now, window)
 
     def _close_reader(self) -> None:
@@ -222,10 +241,28 @@ class SqliteStore:
     async def expire(self, now: float, history_before: float, keep: Sequence[int] = ()) -> int:
         """Chunk by chunk, each a writer operation of its own (~10 ms), so writes queued
         meanwhile commit between them: one DELETE of a million jobs held them for 3.5 s."""
+        self._check_file()
         sql, args = _EXPIRE_JOBS.format(_BUT if keep else ""), (now, json.dumps(list(keep)))
         gone = await self._delete_chunks(sql, args if keep else args[:1], EXPIRE_JOBS)
         await self._delete_chunks(_EXPIRE_RUNS, (history_before,), EXPIRE_RUNS)
         return gone
+
+    def _check_file(self) -> None:
+        """Whether the path still names the file the writer has open (a stat, at each
+        expiry sweep): deleted or replaced, said once."""
+        try:
+            stat = os.stat(self.path)
+            moved = (stat.st_dev, stat.st_ino) != self._file
+        except FileNotFoundError:
+            moved = True
+        except OSError:  # (its folder unreadable: nothing to tell)
+            return
+        if moved and not self._moved:
+            self._moved = True
+            log.error("the job store's file %s was deleted or replaced while running: jobs are "
+                      "kept in the open file until the stop, and lost with it then (the next "
+                      "start makes a new, empty database, or opens the file now there): see "
+                      "docs/deploy.md, Backups", self.path)  # fmt: skip
 
     async def _delete_chunks(self, sql: str, args: tuple[Any, ...], limit: int) -> int:
         """``sql``, a DELETE of at most ``limit`` rows, until it deletes fewer: rows gone."""
@@ -267,16 +304,18 @@ class SqliteStore:
             return
         writer, self._writer = self._writer, None
         loop = asyncio.get_running_loop()
+        ended = False
         try:
             await loop.run_in_executor(None, self._close_reader)
-            await loop.run_in_executor(None, writer.stop, 10.0)
+            ended = await loop.run_in_executor(None, writer.stop, CLOSE_WAIT)
         finally:
-            self._unlock()
+            if ended:  # (else its connection is open still: the locks go with the process)
+                self._unlock()
 
     def _unlock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)  # the file stays: removing it would race a next start
-            self._lock = None
+        for fd in self._locks:  # DB.lock stays: removing it would race a next start
+            os.close(fd)
+        self._locks = []
 
 
 _ALL = (*COLUMNS[1:], "progress", "interruptions")  # what a save of the whole job writes

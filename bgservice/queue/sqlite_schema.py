@@ -1,7 +1,9 @@
 """The embedded store's database file: its tables, opening it (a database made by an
-earlier version gets the columns added since), and ``DB.lock``, which makes it one
-service's: a second service started with the same ``db`` is refused (sharing it, each
-would take the other's running jobs for ones a crash interrupted and run them again)."""
+earlier version gets the columns added since; one made by a later version, which this
+one would misread, is refused: ``PRAGMA user_version``), and ``DB.lock``, which makes it
+one service's: a second service started with the same ``db`` is refused (sharing it,
+each would take the other's running jobs for ones a crash interrupted and run them
+again), also under another name (a symbolic or hard link)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ import sqlite3
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# The schema's version, in the file's header (PRAGMA user_version), written when the file is
+# made or brought up to this schema. Raise it with a change an older version would misread
+# (a new meaning of a column's values; new columns it ignores are fine): it refuses it.
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000  # how long a commit waits for another process's write lock
 
 # Columns of jobs newer than its first schema, and their types: added to an older database.
 ADDED_COLUMNS = {c: "TEXT" for c in ("name", "tags", "checkpoint", "source", "progress")}
@@ -76,13 +84,49 @@ class DatabaseInUse(RuntimeError):
     pass
 
 
-def lock_path(path: Path) -> Path:  # DB.lock, beside the database
-    return path.with_name(path.name + ".lock")
+class UnusableDatabase(RuntimeError):
+    """A database this service must not run on (newer than it, or not writable)."""
 
 
-def lock(path: Path) -> int | None:
-    """Lock ``DB.lock`` for this process (released when it closes, or the process ends)."""
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+def lock_path(path: Path) -> Path:
+    """DB.lock, beside the database's file: the file itself, not a symbolic link to it
+    (every name of it locks the same lock; SQLite puts its -wal and -shm there too)."""
+    real = Path(os.path.realpath(path))
+    return real.with_name(real.name + ".lock")
+
+
+def lock(path: Path) -> list[int]:
+    """Lock ``DB.lock`` and the database file itself (made empty if missing: SQLite takes
+    an empty file for a new database) for this process; their descriptors, to close once
+    SQLite's connections are closed (closing any descriptor of the database file drops
+    the POSIX locks SQLite holds on it: so the file is locked with flock, which SQLite
+    does not use, and never with fcntl). The file's lock refuses a second service on a
+    hard link to it, whose DB.lock is another file."""
+    first = _lock(lock_path(path), path)
+    held = [] if first is None else [first]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:  # (SQLite says why when it opens it)
+        return held
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        for each in (fd, *held):
+            os.close(each)
+        raise DatabaseInUse(
+            f"{path} is in use by another bgservice, under another name (a hard link to"
+            " the same file): give each service its own database"
+        ) from None
+    except OSError:  # a file system without locks: DB.lock's warning said it
+        os.close(fd)
+        return held
+    return [*held, fd]
+
+
+def _lock(at: Path, path: Path) -> int | None:
+    """Lock the file ``at`` (DB.lock), writing our pid in it (for the message of a
+    service refused); None where the file system has no locks."""
+    fd = os.open(at, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -104,14 +148,32 @@ def lock(path: Path) -> int | None:
 def connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
     """Open (creating if needed); the next id and the end of the block already reserved."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        return _prepare(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _prepare(conn: sqlite3.Connection, path: Path) -> tuple[sqlite3.Connection, int, int]:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise UnusableDatabase(
+            f"{path} was written by a newer bgservice (schema version {version}; this one"
+            f" knows up to {SCHEMA_VERSION}, and would misread it): run that version, or"
+            " restore a backup this version wrote (docs/deploy.md)"
+        )
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    _writable(conn, path, version)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
     have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     for column, kind in ADDED_COLUMNS.items():  # a database made by an earlier version
         if column not in have:
             conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+    if version < SCHEMA_VERSION:  # made, or brought up to this schema
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     reserved = conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
     highest = conn.execute("SELECT MAX(id) FROM jobs").fetchone()[0] or 0
     sequence = 0
@@ -120,3 +182,25 @@ def connect(path: Path) -> tuple[sqlite3.Connection, int, int]:
         sequence = row[0] if row else 0
     next_id = max(reserved[0] if reserved else 1, highest + 1, sequence + 1)
     return conn, next_id, next_id  # ids from next_id on are not reserved yet
+
+
+def _writable(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """A write that changes nothing, at once: SQLite opens a file it may not write (or
+    whose folder it may not make its -wal in) read-only without a word, and every add
+    would then be refused with the service up and "ready"."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # (its commits will wait,
+            log.warning("%s is locked by another process (%s)", path, exc)  # and say it)
+            return
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_READONLY:
+            raise
+        raise UnusableDatabase(
+            f"{path} cannot be written ({exc}): the service's user must be able to write"
+            " the file and its folder (SQLite makes its -wal and -shm files there)"
+        ) from None

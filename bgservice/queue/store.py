@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bgservice.errors import Busy
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.schedules import Schedule
 
@@ -35,6 +36,11 @@ class Run:
 
 
 class Store(Protocol):
+    @property
+    def failing(self) -> str | None:
+        """While the store's commits fail as a whole, why (None: they succeed)."""
+        ...
+
     async def open(self) -> list[Job]:
         """Open (creating if needed) and return every unfinished job."""
         ...
@@ -107,7 +113,8 @@ class StoredSchedules:
 
 class Writes:
     """The saves in flight through a store: one that fails is logged (the change may be
-    nobody's to await), and ``drain`` waits for them all (stopping)."""
+    nobody's to await) unless the store said it (``Busy``: its commit failed, and the store
+    keeps the change to write it once it can), and ``drain`` waits for them all (stopping)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -128,8 +135,9 @@ class Writes:
 
     def _done(self, future: asyncio.Future[Any]) -> None:
         self._pending.pop(future, None)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("job store write failed: %s", future.exception())
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            if not isinstance(exc, Busy):  # (a row the store refused: lost)
+                log.error("job store write failed: %s", exc)
 
     def unwritten_ends(self) -> Counter[str]:
         """The jobs that ended and whose ends the store has not committed, by state (each
@@ -148,9 +156,13 @@ class Writes:
         return asyncio.shield(future)  # tracked until it commits, whoever stops waiting
 
     def _saved(self, future: asyncio.Future[Any]) -> None:
-        # A retry the store refused stays until its caller has taken the job out of
-        # memory again (refused): till then memory and the row both hold it.
-        if future.cancelled() or future.exception() is None:
+        # A retry the store refused (a row it cannot write) stays until its caller has
+        # taken the job out of memory again (refused): till then memory and the row both
+        # hold it. One whose commit failed stays in memory, and the store keeps its save
+        # for a later commit: until that one, the job counts twice (waiting, and as its
+        # row was).
+        failed = None if future.cancelled() else future.exception()
+        if failed is None or isinstance(failed, Busy):
             del self._retries[future]
 
     def refused(self, jid: int) -> None:
@@ -167,3 +179,25 @@ class Writes:
     async def drain(self, timeout: float) -> None:
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout)
+
+
+def unstored(exc: BaseException | None, what: str | None = None) -> str:
+    """The 503's message for what the store did not write: the store's own (its commit
+    failed: it says why, once), else ``exc`` as the cause, logged if it refused a ``what``."""
+    if isinstance(exc, Busy):
+        return exc.message
+    if not isinstance(exc, Exception):  # (cancelled)
+        return "Job store unavailable"
+    if what is not None:
+        log.error("job store refused a %s: %s", what, exc)
+    return f"Job store unavailable: {exc}"
+
+
+async def stored(write: Awaitable[Any], what: str) -> None:
+    """Await the save a client's reply waits for (a cancel, a retry), shielded: a client
+    hanging up does not cancel it. Failed, 503; memory has the change, and the store keeps
+    it to write once it can: it is lost only if the service stops before that."""
+    try:
+        await asyncio.shield(write)
+    except Exception as exc:
+        raise Busy(f"{unstored(exc)} (the {what} may not survive a restart)") from exc
