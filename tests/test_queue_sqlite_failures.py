@@ -49,6 +49,13 @@ def _errors(svc: ServiceProcess) -> list[str]:
     return [line for line in svc.log().splitlines() if " ERROR " in line]
 
 
+def _settled(svc: ServiceProcess) -> ServiceProcess:
+    """``svc`` once its schedules are loaded: a read of the store the start makes just
+    after "ready", which a lock taken before it would fail with an ERROR of its own."""
+    wait_until(lambda: not svc.call(b"queue:schedules").startswith(b"503"))
+    return svc
+
+
 def _running_on_disk(svc: ServiceProcess, db: Path, gate: Path) -> int:
     """A gate job, started: running in memory and on disk (its start committed)."""
     jid = add(svc, b"queue:add:gate:" + str(gate).encode())
@@ -77,7 +84,7 @@ def test_a_jobs_end_a_locked_database_did_not_take_is_stored_once_it_is_free(
     # timeout) and the end was only logged: the row stayed "running", and after a clean
     # restart the job ran a second time; each refused add was two ERROR lines.
     write_module(modules_dir, "gate", GATE)
-    svc = make_service()
+    svc = _settled(make_service())
     db, gate = tmp_path / "jobs.db", tmp_path / "gate-open"
     jid = _running_on_disk(svc, db, gate)
     operator = Locked(db)
@@ -115,7 +122,7 @@ def test_a_stop_while_the_database_is_locked_names_the_jobs_whose_state_it_did_n
     make_service, modules_dir, tmp_path
 ):
     write_module(modules_dir, "gate", GATE)
-    svc = make_service()
+    svc = _settled(make_service())
     db, gate = tmp_path / "jobs.db", tmp_path / "gate-open"
     jid = _running_on_disk(svc, db, gate)
     operator = Locked(db)
@@ -373,7 +380,7 @@ def test_a_database_in_a_read_only_folder_or_read_only_itself_fails_the_check_an
 def test_concurrent_adds_during_a_lock_share_the_one_error_line(make_service, tmp_path):
     """The log does not flood: 40 adds refused while the database is locked, one ERROR
     (it was two per add: the commit's and the add's)."""
-    svc = make_service()
+    svc = _settled(make_service())
     operator = Locked(tmp_path / "jobs.db")
     try:
         replies: list[bytes] = []
