@@ -58,6 +58,14 @@ TIMEOUT = 60.0
 # does (its 504 would leave the thread sending, and maybe delivering, behind it).
 MAX_SMTP_TIMEOUT = TIMEOUT - 5.0
 POLL = 0.05  # seconds between the watchdog's looks at whether the call has given up
+# Who may make it send: the service's own alerts (never governed by these), this host
+# (``bgservice call notify_email`` to check the settings), schedules and jobs. Any client
+# of the service could otherwise mail the operators text of its choosing under the
+# service's name (phishing); a site whose other hosts should use it adds them here
+# (``"tcp:10.0.0.5"``), as docs/modules.md says of CALL_FROM and QUEUE_FROM.
+LOCAL = {"unix", "tcp:127.0.0.1", "tcp:::1"}
+CALL_FROM = LOCAL
+QUEUE_FROM = LOCAL | {"scheduler", "job"}
 
 
 def _settings() -> dict[str, str]:

@@ -16,7 +16,7 @@ from email.message import Message
 
 import pytest
 
-from tests.conftest import ServiceProcess, wait_until
+from tests.conftest import ServiceProcess, recv_all, wait_until
 
 GREETING = b"220 slow.example ESMTP stub\r\n"
 
@@ -205,3 +205,25 @@ def test_no_mail_goes_out_once_its_job_has_given_up(smtp_service) -> None:
     assert reply == b"504: Module notify_email timed out after 0.5 s"
     wait_until(lambda: stub.ended == 1)
     assert (stub.dropped, stub.mails) == (1, [])
+
+
+def test_only_this_host_may_make_it_mail(smtp_service) -> None:
+    # Found by a security review: any client of the service could mail the operators text
+    # of its choosing under the service's name. Calls and jobs from another host (here
+    # 127.0.0.2, which is not in the module's CALL_FROM / QUEUE_FROM) are refused; this
+    # host's check by hand still sends.
+    svc, stub = smtp_service()
+    payload = b"notify_email:" + json.dumps({"title": "Your password expires"}).encode()
+    for request in (payload, b"queue:add:" + payload):
+        with socket.socket() as outsider:
+            outsider.settimeout(10)
+            outsider.bind(("127.0.0.2", 0))
+            outsider.connect(svc.tcp)
+            outsider.sendall(request)
+            outsider.shutdown(socket.SHUT_WR)
+            reply = recv_all(outsider)
+        assert reply.startswith(b"403: module notify_email: "), reply
+        assert b"(source tcp:127.0.0.2:" in reply
+    assert not stub.mails
+    assert svc.call(payload) == b"sent to 1"
+    assert len(stub.mails) == 1
