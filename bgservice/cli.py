@@ -25,6 +25,7 @@ from bgservice import __version__, cli_client, config, logs, open_files, preflig
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.config_checks import redact_url
+from bgservice.config_env import REDIS_URL_ENV
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -52,7 +53,8 @@ def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str
     A warning (as sshd refuses such a key file, but a start must not fail on an upgrade)."""
     held = [name for name, there in (
         ("[http] token", bool(settings.http.token)), ("[http] tokens", bool(settings.http.tokens)),
-        ("a password in [redis] url", redact_url(settings.redis.url) != settings.redis.url),
+        ("a password in [redis] url", redact_url(settings.redis.url) != settings.redis.url
+         and not os.environ.get(REDIS_URL_ENV)),  # (else its URL is the environment's)
     ) if there]  # fmt: skip
     try:
         mode = config_path.stat().st_mode if config_path is not None and held else 0
@@ -63,7 +65,7 @@ def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str
     return (f"{config_path} holds {' and '.join(held)}, and every user may read it (mode "
             f"{stat.S_IMODE(mode):o}): let only the service's user or group read it (the "
             "shipped unit reads it as group www-data: chmod 640, chgrp www-data), or give "
-            "the token as $BGSERVICE_HTTP_TOKEN (docs/deploy.md)")  # fmt: skip
+            "them as $BGSERVICE_HTTP_TOKEN and $BGSERVICE_REDIS_URL (docs/deploy.md)")  # fmt: skip
 
 
 def _no_modules(folder: Path, given: Path | None, config_path: Path | None) -> str:

@@ -33,8 +33,8 @@ from bgservice.config_checks import (
     Network,
     check_port,
     check_string,
-    check_token_env,
 )
+from bgservice.config_env import apply_env
 from bgservice.config_file import Reader, conflicts, original_servers, read_config, toml_error
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
@@ -282,7 +282,7 @@ def _from_toml(reader: Reader, data: dict[str, Any], base: Path) -> Settings:
     alerts = reader.table(data.get("alerts", {}), ALERT_CHECKS, "[alerts] ", "alerts")
     for table, key, problem in conflicts(limits, Limits, queue, QueueSettings):
         raise reader.fail(f"[{table}] ", key, problem, table)
-    check_token_env(http.get("enabled", False))
+    apply_env(http, redis)
     raw_listeners = data.get("listen", [])
     if not isinstance(raw_listeners, list):
         raise reader.fail("", "listen", "must be an array of tables: [[listen]]")

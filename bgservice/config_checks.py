@@ -8,7 +8,6 @@ type ``Settings`` holds, or raises ValueError saying what it must be; ``Reader``
 from __future__ import annotations
 
 import grp
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -18,9 +17,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from bgservice.access import Network, parse_network
-from bgservice.errors import ConfigError, Unmet
+from bgservice.errors import Unmet
 from bgservice.http.origins import check_hosts
-from bgservice.http.tokens import MIN_TOKEN_CHARS, TOKEN_ENV, check_tokens
+from bgservice.http.tokens import MIN_TOKEN_CHARS, check_tokens
 from bgservice.queue.commands import MAX_INT
 from bgservice.queue.rates import Rate, parse_rate
 
@@ -125,20 +124,10 @@ def check_string(v: Any) -> str:
     return v
 
 
-
-
 def check_token(v: Any) -> str:
     if not isinstance(v, str) or len(v) < MIN_TOKEN_CHARS:
         raise ValueError(f"must be a string of at least {MIN_TOKEN_CHARS} characters")
     return v
-
-
-def check_token_env(enabled: bool) -> None:
-    """``$BGSERVICE_HTTP_TOKEN``, when set and the API is on, as ``[http] token``."""
-    value = os.environ.get(TOKEN_ENV)
-    if enabled and value and len(value) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"${TOKEN_ENV} (it replaces [http] token): must be at least "
-                          f"{MIN_TOKEN_CHARS} characters")  # fmt: skip
 
 
 def _boolean(v: Any) -> bool:
@@ -226,7 +215,7 @@ OWN_REDIS_OPTIONS = {
 }
 
 
-def _redis_url(v: Any) -> str:
+def check_redis_url(v: Any) -> str:
     """A Redis URL checked whole, without connecting: a bad one is a configuration error
     now, not a traceback at start or, worse, something else silently (db 0 for "/zero").
     The messages never quote the URL: it may hold a password."""
@@ -342,7 +331,7 @@ def _lease(v: Any) -> float:
 
 LEASE_MIN, LEASE_MAX = 1.0, 86400.0
 REDIS_CHECKS: dict[str, Check] = {
-    "url": _redis_url,
+    "url": check_redis_url,
     "prefix": check_string,
     "lease": _lease,
     "connect_timeout": _positive_number,

@@ -838,6 +838,20 @@ def test_a_redis_url_is_checked_whole_when_the_config_loads(tmp_path, url, probl
     assert "hunter2" not in message
 
 
+def test_the_redis_url_may_come_from_the_environment(tmp_path, monkeypatch):
+    # So that a Redis password need not sit in the config file (a security review).
+    monkeypatch.setenv("BGSERVICE_REDIS_URL", "redis://:pw@10.0.0.5:6380/2")
+    text = '[redis]\nurl = "redis://127.0.0.1:6379/0"\n'
+    assert load_text(tmp_path, text).redis.url == "redis://:pw@10.0.0.5:6380/2"
+    assert load_text(tmp_path, "").redis.url == "redis://:pw@10.0.0.5:6380/2"
+    monkeypatch.setenv("BGSERVICE_REDIS_URL", "redis://:hunter2@h:6379/zero")
+    message = config_error(tmp_path, text)
+    assert message.startswith("$BGSERVICE_REDIS_URL (it replaces [redis] url): must end in")
+    assert "hunter2" not in message
+    monkeypatch.setenv("BGSERVICE_REDIS_URL", "")  # empty: the file's
+    assert load_text(tmp_path, text).redis.url == "redis://127.0.0.1:6379/0"
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -499,6 +499,20 @@ def test_a_password_in_the_redis_url_never_reaches_the_log(tmp_path, own_redis):
     assert "TOPSECRET" not in svc.log()
 
 
+def test_the_redis_url_from_the_environment_is_the_one_used(tmp_path, own_redis, monkeypatch):
+    # The file names a port where no Redis listens; $BGSERVICE_REDIS_URL the real one.
+    monkeypatch.setenv("BGSERVICE_REDIS_URL", own_redis.url)
+    nowhere = "redis://127.0.0.1:1/0"
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(nowhere, "env"))
+    svc.start()
+    try:
+        job = svc.call(b"queue:add:test:x")
+        assert job.startswith(b"id:"), job
+        wait_until(lambda: svc.call(b"queue:get:" + job) == b"Test")
+    finally:
+        svc.stop()
+
+
 @pytest.mark.parametrize(
     ("tail", "why"),
     [("?password=wrong", "AUTH"), ("/99", "DB index is out of range")],
