@@ -110,13 +110,13 @@ class _Gate(asyncio.Protocol):
     request, a peer outside the list, reconnecting as each read timeout dropped it, kept
     the allowed ones out with 503s. Then the connection goes to its real protocol."""
 
-    def __init__(self, site: LimitedSite, server: Server, access: AccessList) -> None:
-        self.site, self.server, self.access = site, server, access
+    def __init__(self, site: LimitedSite, server: Server) -> None:
+        self.site, self.server = site, server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) else None
-        if self.access.allows(host):
+        if self.site.access.allows(host):
             protocol = self.site.admit(self.server)
         else:
             protocol = self.site.forbid(host)
@@ -150,7 +150,7 @@ class LimitedSite(web.TCPSite):
 
     def _protocol(self, server: Server) -> Any:
         if self.access.networks is not None:
-            return _Gate(self, server, self.access)
+            return _Gate(self, server)
         return self.admit(server)
 
     def forbid(self, host: str | None) -> _Refuse:
