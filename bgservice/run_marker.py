@@ -41,7 +41,7 @@ class RunMarker:
         """Lock and write our marker; return what a previous run left, if it did not
         stop cleanly. Another live instance's marker is left alone (None)."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # (as the db: its user's)
         except OSError as exc:  # a read-only folder must not stop the service
             log.warning("cannot write %s (%s): unclean stops go unnoticed", self.path, exc)
             return None

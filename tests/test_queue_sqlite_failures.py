@@ -1,7 +1,7 @@
 """The SQLite job store when things go wrong around it: commits that fail (the database
-locked by another process, a file size limit), its file deleted, linked or not writable,
-a newer schema, a folder made read-only; and the backup and restore of docs/deploy.md.
-Each on a real service over real sockets."""
+locked by another process, a file size limit, a damaged file), its file deleted, linked
+or not writable, a newer schema, a folder made read-only, a full disk at the start; and
+the backup and restore of docs/deploy.md. Each on a real service over real sockets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,110 @@ def test_concurrent_adds_during_a_lock_share_the_one_error_line(make_service, tm
     assert replies == [b"503: Job store unavailable: database is locked"] * 40
     svc.wait_for_log("job store writes again after")
     assert _sql(tmp_path / "jobs.db", "SELECT COUNT(*) FROM jobs") == [(0,)]
+
+
+def _integrity(db: Path) -> list[tuple]:
+    """What ``PRAGMA integrity_check`` says of ``db`` (read-only): [("ok",)] when sound."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return [(str(exc),)]
+
+
+def test_a_commit_that_fails_on_a_damaged_file_says_so_and_what_to_do(make_service, tmp_path):
+    # Found by review: a commit that failed on a damaged page ("database disk image is
+    # malformed", SQLITE_CORRUPT) was said and retried as a passing failure, with no word of
+    # the damage nor of what to do about it.
+    svc = make_service()
+    db = tmp_path / "jobs.db"
+    adds = Framed(svc.tcp, timeout=30)
+    for first in range(0, 3000, 100):  # ~7 MB: more than SQLite's page cache (2 MB)
+        batch = range(first, first + 100)
+        adds.send(*(b"queue:add?delay=3600:echo:job %04d " % i + b"." * 2000 for i in batch))
+        assert [adds.recv() for _ in batch] == [(200, b"id:%d" % (i + 1)) for i in batch]
+    adds.close()
+    assert svc.stop() == 0  # (its -wal copied into the file)
+    # Restarted, it reads its 3000 jobs in id order, so job 1001's page is out of its cache
+    # (which keeps the last read); that page, in the middle of the file, and its neighbours
+    # become garbage under the running service, as a bad disk or a cp over it would do.
+    svc.start()
+    [(page_size,)] = _sql(db, "PRAGMA page_size")
+    page = db.read_bytes().index(b"job 1000 ") // page_size
+    with db.open("r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(b"\xff" * 3 * page_size)
+    cause = b"Job store unavailable: database disk image is malformed"
+    assert svc.call(b"queue:cancel:id:1001") == cause.join((b"503: ", b" (the cancel may not "
+                                                            b"survive a restart)"))  # fmt: skip
+    svc.wait_for_log("job store: a commit failed")
+    [error] = _errors(svc)
+    assert ("job store: a commit failed (database disk image is malformed): new jobs are "
+            "refused (503), the state changes of jobs are kept in memory and written once it "
+            f"commits again; the database file {db} is damaged: stop the service, check it "
+            f'with sqlite3 {db} "PRAGMA integrity_check", and restore a backup (docs/deploy.md, '
+            "Backups and the job store's failures)") in error  # fmt: skip
+    assert svc.stop() == 0
+    assert _integrity(db) != [("ok",)]  # what the check it names says of the file
+
+
+# --- a full disk: a small file system of its own ------------------------------------------
+
+_CLONE_NEWNS, _MS_REC, _MS_PRIVATE = 0x00020000, 0x4000, 0x40000
+
+
+def _full_disk(folder: Path, room: int) -> None:
+    """In a child: ``folder`` a 64 KiB file system with ``room`` bytes left, in a mount
+    namespace of the child's own (no one else sees it; it goes with the process)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for failed, what in (
+        (lambda: libc.unshare(_CLONE_NEWNS), "unshare"),
+        (lambda: libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount"),
+        (lambda: libc.mount(b"tmpfs", bytes(folder), b"tmpfs", 0, b"size=64k"), "mount"),
+    ):
+        if failed() != 0:
+            raise OSError(ctypes.get_errno(), what)
+    stat = os.statvfs(folder)
+    with (folder / "filler").open("wb") as filler:
+        filler.write(b"\0" * (stat.f_bavail * stat.f_frsize - room))
+
+
+class FullDiskService(ServiceProcess):
+    """A service whose database is in ``full``, a file system with ``room`` bytes left."""
+
+    def __init__(self, root: Path, room: int) -> None:
+        super().__init__(root)
+        self.db = root / "full" / "jobs.db"
+        self.db.parent.mkdir()
+        self.config.write_text(self.config.read_text().replace(str(root / "jobs.db"), str(self.db)))
+        self.room = room
+        self.own_group = True  # (so that the child runs _in_child)
+
+    def _in_child(self) -> None:
+        super()._in_child()
+        _full_disk(self.db.parent, self.room)
+
+
+@pytest.mark.parametrize("room", [0, 4096, 16384])
+def test_a_start_on_a_full_disk_says_so_and_exits(tmp_path, room):
+    # Found by review: it said only what failed first: DB.lock's "[Errno 28] No space left
+    # on device", SQLite's "database or disk is full" (the file's first page), or "disk I/O
+    # error" (its -shm, 32 KiB), with no word of where.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    try:
+        subprocess.run(["true"], preexec_fn=partial(_full_disk, probe, 0), check=True)
+    except subprocess.SubprocessError:
+        pytest.skip("no tmpfs can be mounted here (it takes CAP_SYS_ADMIN)")
+    svc = FullDiskService(tmp_path, room)
+    try:
+        assert svc.start(wait=False).wait() == 1, svc.log()
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:  # (started, before the fix)
+            svc.proc.kill()
+            svc.proc.wait()
+    assert re.search(
+        rf"ERROR .*cannot open the job queue \(database {svc.db}\): no space left on the "
+        rf"device holding {svc.db} \(\d+ bytes free; [^)]+\): free some space there, or "
+        "give db a path on another file system$", svc.log(), re.M
+    ), svc.log()[-2000:]

@@ -33,7 +33,7 @@ from bgservice.errors import Busy
 from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
-from bgservice.queue.sqlite_schema import BUSY_TIMEOUT_MS, connect, lock
+from bgservice.queue.sqlite_schema import BUSY_TIMEOUT_MS, connect, lock, no_space
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run, Writes
 
@@ -107,18 +107,20 @@ class SqliteStore:
 
     async def open(self) -> list[Job]:
         self._loop = asyncio.get_running_loop()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._locks = lock(self.path)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._locks = lock(self.path)
             conn, self._next_id, self._reserved = await self._loop.run_in_executor(
                 None, connect, self.path
             )
-        except BaseException:
+        except BaseException as exc:
             self._unlock()
+            if (full := no_space(self.path, exc)) is not None:  # (not "disk I/O error")
+                raise full from None
             raise
         stat = os.stat(self.path)
         self._file = (stat.st_dev, stat.st_ino)
-        self._writer = Writer(conn, self._loop, self.commit_window, COLUMNS)
+        self._writer = Writer(conn, self._loop, self.commit_window, COLUMNS, self.path)
         unfinished = f"{_SELECT} WHERE state IN ('waiting', 'running') ORDER BY id"
         return await self._submit(lambda c: [_job(r) for r in c.execute(unfinished)])
 

@@ -14,26 +14,32 @@ What the log says of it (``Failing``), as redis_outage.py says Redis away: one E
 when commits start failing, with the cause; then a line a minute at most, counting the
 operations failed; one line when a commit succeeds again. The callers' own lines stay
 quiet for these failures: they get ``Busy``, whose 503 says the cause (``Job store
-unavailable: database or disk is full``).
+unavailable: database or disk is full``). A damaged file ("database disk image is
+malformed") is no passing cause: its lines also say what to do (``damaged``).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 RETRY_FIRST, RETRY_MOST = 0.1, 5.0  # s: the backoff of the tries of kept saves
 STILL_EVERY = 60.0  # s: while commits keep failing, a line this often at most
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # (primary codes)
 
 
 class Failing:
     """Whether the last commit failed and why; when to try again; the log's lines. Used in
     the writer's thread; ``cause`` is read on the loop too (a str, swapped whole)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path  # the database's: a damaged one's lines name it
         self.cause: str | None = None  # set: the last commit failed, with this
         self.since = 0.0  # (monotonic) when commits began to fail
         self.failed = 0  # operations failed since the last line that counted them
@@ -50,6 +56,7 @@ class Failing:
         on counting quietly, and their lines come a minute apart."""
         now = time.monotonic()
         cause = str(exc).partition("\n")[0] or type(exc).__name__
+        advice = damaged(exc, self.path)
         self.failed += operations
         self._retry_at = now + self._delay
         self._delay = min(self._delay * 2, RETRY_MOST)
@@ -59,11 +66,12 @@ class Failing:
                 self._said = now
                 log.error("job store: a commit failed (%s): new jobs are refused (503), the "
                           "state changes of jobs are kept in memory and written once it "
-                          "commits again", cause)  # fmt: skip
+                          "commits again%s", cause, advice)  # fmt: skip
         elif now - self._said >= STILL_EVERY:
             self._said = now
             log.warning("job store still fails to commit after %.0f s (%s): %d operations "
-                        "failed so far", now - self.since, cause, self.failed)  # fmt: skip
+                        "failed so far%s", now - self.since, cause, self.failed,
+                        advice)  # fmt: skip
         self.cause = cause
         return f"Job store unavailable: {cause}"
 
@@ -89,6 +97,18 @@ class Failing:
 
     def due(self) -> bool:
         return time.monotonic() >= self._retry_at
+
+
+def damaged(exc: BaseException, path: Path) -> str:
+    """What to do, when ``exc`` says the database file is damaged (SQLITE_CORRUPT,
+    SQLITE_NOTADB: retrying mends nothing, and its commits fail wherever they touch the
+    damaged pages); else "". Said with the cause, as the operator must act."""
+    if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in _DAMAGED:
+        return ""
+    where = shlex.quote(str(path))
+    return (f"; the database file {path} is damaged: stop the service, check it with "
+            f"sqlite3 {where} \"PRAGMA integrity_check\", and restore a backup (docs/"
+            "deploy.md, Backups and the job store's failures)")  # fmt: skip
 
 
 class Kept:

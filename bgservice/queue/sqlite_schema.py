@@ -3,10 +3,12 @@ earlier version gets the columns added since; one made by a later version, which
 one would misread, is refused: ``PRAGMA user_version``), and ``DB.lock``, which makes it
 one service's: a second service started with the same ``db`` is refused (sharing it,
 each would take the other's running jobs for ones a crash interrupted and run them
-again), also under another name (a symbolic or hard link)."""
+again), also under another name (a symbolic or hard link). A start that fails for want
+of space on the file's device says so (``no_space``), not SQLite's "disk I/O error"."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -20,6 +22,16 @@ log = logging.getLogger(__name__)
 # (a new meaning of a column's values; new columns it ignores are fine): it refuses it.
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000  # how long a commit waits for another process's write lock
+# A new database's mode, and DB.lock's: jobs carry e-mails and tokens, so the owner only
+# (SQLite gives the -wal and -shm the file's mode). A file there keeps its own (0640 for a
+# group an operator chose).
+FILE_MODE = 0o600
+# Bytes the -wal is cut back to once a checkpoint has copied it all: else it keeps the size
+# a burst gave it until the stop (SQLite's default: no limit).
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Bytes free on the file's device below which a start's "disk I/O error" is taken for want
+# of space (SQLite says so when it cannot size its 32 KiB -shm there).
+ROOM = 1024 * 1024
 
 # Columns of jobs newer than its first schema, and their types: added to an older database.
 ADDED_COLUMNS = {c: "TEXT" for c in ("name", "tags", "checkpoint", "source", "progress")}
@@ -105,7 +117,7 @@ def lock(path: Path) -> list[int]:
     first = _lock(lock_path(path), path)
     held = [] if first is None else [first]
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     except OSError:  # (SQLite says why when it opens it)
         return held
     try:
@@ -126,7 +138,7 @@ def lock(path: Path) -> list[int]:
 def _lock(at: Path, path: Path) -> int | None:
     """Lock the file ``at`` (DB.lock), writing our pid in it (for the message of a
     service refused); None where the file system has no locks."""
-    fd = os.open(at, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(at, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -140,8 +152,12 @@ def _lock(at: Path, path: Path) -> int | None:
         log.warning("cannot lock %s (%s): start one service per database", path, exc)
         os.close(fd)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    except OSError:  # (a full disk: no_space says it)
+        os.close(fd)
+        raise
     return fd
 
 
@@ -167,6 +183,7 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> tuple[sqlite3.Connection, 
     _writable(conn, path, version)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")  # (this connection's)
     conn.executescript(SCHEMA)
     have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     for column, kind in ADDED_COLUMNS.items():  # a database made by an earlier version
@@ -204,3 +221,25 @@ def _writable(conn: sqlite3.Connection, path: Path, version: int) -> None:
             f"{path} cannot be written ({exc}): the service's user must be able to write"
             " the file and its folder (SQLite makes its -wal and -shm files there)"
         ) from None
+
+
+def no_space(path: Path, exc: BaseException) -> UnusableDatabase | None:
+    """What the start's failure ``exc`` is when the device holding ``path`` is full: SQLite
+    says "database or disk is full" or, for its -shm, "disk I/O error" (taken for it with
+    less than ``ROOM`` free); DB.lock's write "No space left on device". Else None."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    sure = code == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == errno.ENOSPC
+    if not sure and code != sqlite3.SQLITE_IOERR:
+        return None
+    try:  # (where SQLite makes the -wal: beside the file a symbolic link points to)
+        stat = os.statvfs(Path(os.path.realpath(path)).parent)
+        free: int | None = stat.f_bavail * stat.f_frsize
+    except OSError:
+        free = None
+    if not sure and (free is None or free >= ROOM):
+        return None
+    figure = "" if free is None else f"{free} bytes free; "
+    return UnusableDatabase(
+        f"no space left on the device holding {path} ({figure}{exc}): free some space"
+        " there, or give db a path on another file system"
+    )

@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from bgservice.errors import Busy
@@ -99,6 +100,7 @@ class Writer:
         loop: asyncio.AbstractEventLoop,
         commit_window: float,
         columns: Sequence[str],
+        path: Path,  # the database's: the log names it
     ) -> None:
         self.conn = conn
         self.loop = loop
@@ -116,7 +118,7 @@ class Writer:
         self._saves: dict[int, Save] = {}  # by job id; the lock hands each one over
         self._saves_lock = threading.Lock()
         self._update_sql: dict[tuple[str, ...], tuple[str, str | None]] = {}
-        self.failing = Failing()  # commits failing as a whole: said, and tried again
+        self.failing = Failing(path)  # commits failing as a whole: said, tried again
         self._kept: dict[int, Kept] = {}  # saves a failed commit did not write, by job
         self._thread = threading.Thread(target=self._run, name="bgservice-store", daemon=True)
         self._thread.start()
