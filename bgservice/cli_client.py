@@ -4,15 +4,16 @@ what every client command shares (cli_queue.py and cli_schedule.py use it too).
 Thin: every command is one or two methods of ``bgservice.client.Client``. Exit codes that
 scripts can rely on (docs/clients.md): 0 done, 1 the service replied an error (``NNN:
 message`` on stderr), 2 usage, 3 the service cannot be reached, 4 no reply within
---timeout, 130 interrupted (Ctrl-C, as a shell reports SIGINT; not click's ``Aborted!``).
+--timeout, 5 a reply longer than --max-reply-bytes, 130 interrupted (Ctrl-C, as a shell
+reports SIGINT; not click's ``Aborted!``).
 
 DATA ``-`` reads standard input (binary-safe); no DATA sends an empty one.
 
-``-a/--address``, ``-t/--timeout`` and ``--udp-address`` are taken at every level
-(``bgservice -a X queue add``, ``bgservice queue -a X add``, ``bgservice queue add -a X``):
-the innermost given wins, then ``$BGSERVICE_ADDRESS``, then the default. ``--help``
-shows them only where they apply: ``--udp-address`` on ``bgservice`` and send, ``-t``
-everywhere but send (it gets no reply).
+``-a/--address``, ``-t/--timeout``, ``--max-reply-bytes`` and ``--udp-address`` are taken
+at every level (``bgservice -a X queue add``, ``bgservice queue -a X add``, ``bgservice
+queue add -a X``): the innermost given wins, then ``$BGSERVICE_ADDRESS``, then the
+default. ``--help`` shows them only where they apply: ``--udp-address`` on ``bgservice``
+and send, ``-t`` and ``--max-reply-bytes`` everywhere but send (it gets no reply).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from bgservice import cli_format, cli_top
-from bgservice.client import DEFAULT_ADDRESS, Client, ClientTimeout, ServiceDown, parse_job_id
+from bgservice.client import (
+    DEFAULT_ADDRESS,
+    MAX_REPLY_BYTES,
+    Client,
+    ClientTimeout,
+    ReplyTooLarge,
+    ServiceDown,
+    parse_job_id,
+)
 from bgservice.client_requests import MAX_TIMEOUT, DatagramTooLarge, encode_module
 from bgservice.errors import ReplyError
 
-EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 3, 4, 130
+EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_TOO_LARGE, EXIT_INTERRUPTED = 1, 3, 4, 5, 130
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -88,17 +97,27 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 
 def _options(udp: bool, reply: bool) -> Callable[[F], F]:
-    """--address, --udp-address, --timeout: taken by every group and client command (a
-    script's ``-t`` on send is not refused), shown in ``--help`` only where they apply."""
+    """--address, --udp-address, --timeout, --max-reply-bytes: taken by every group and
+    client command (a script's ``-t`` on send is not refused), shown in ``--help`` only
+    where they apply."""
     kept: dict[str, Any] = {"callback": _remember, "expose_value": False}
     address = "host:port (or tcp://host:port) or Unix socket path of the service "
     address += f"[default: $BGSERVICE_ADDRESS, else {DEFAULT_ADDRESS}]"
     udp_address = "For send: UDP host:port, or Unix datagram path (or udg:///path)."
     timeout = "Seconds to wait for a reply [default: 30]."
+    longest = f"The longest reply read; a longer one exits 5 [default: {MAX_REPLY_BYTES}]."
     options = [
         click.option("-a", "--address", help=address, **kept),
         click.option("--udp-address", hidden=not udp, help=udp_address, **kept),
         click.option("-t", "--timeout", type=float, hidden=not reply, help=timeout, **kept),
+        click.option(
+            "--max-reply-bytes",
+            type=click.IntRange(min=1),
+            metavar="BYTES",
+            hidden=not reply,
+            help=longest,
+            **kept,
+        ),
     ]
 
     def decorate(fn: F) -> F:
@@ -126,12 +145,21 @@ def _timeout() -> float:
     return 30.0 if timeout is None else float(timeout)
 
 
+def _max_reply_bytes() -> int:
+    return int(_given().get("max_reply_bytes") or MAX_REPLY_BYTES)
+
+
 @contextlib.contextmanager
 def _talking(module: str | None = None) -> Iterator[Client]:
     """A client for the options given, with its failures turned into messages and exit
     codes (and the notes added to them on the way out: a job left queued, a hint)."""
     try:  # opens nothing yet; ValueError: a bad address (-t was checked as it was read)
-        client = Client(_address(), timeout=_timeout(), udp_address=_given().get("udp_address"))
+        client = Client(
+            _address(),
+            timeout=_timeout(),
+            udp_address=_given().get("udp_address"),
+            max_reply_bytes=_max_reply_bytes(),
+        )
     except ValueError as exc:  # a usage error: exit 2, as click's own
         raise click.UsageError(str(exc)) from None
     try:
@@ -140,6 +168,8 @@ def _talking(module: str | None = None) -> Iterator[Client]:
         if module and (exc.code, exc.message) == (400, "Unknown request"):
             exc.add_note(f"(no module named {module!r} is loaded: see 'bgservice modules')")
         _fail(f"{exc.code}: {exc.message}", exc, EXIT_REPLY)
+    except ReplyTooLarge as exc:  # a ServiceDown to the Python client: here the service is up
+        _fail(_too_large(client.address, exc), exc, EXIT_TOO_LARGE)
     except ServiceDown as exc:
         _fail(f"bgservice: service down: {exc}", exc, EXIT_DOWN)
     except ClientTimeout as exc:
@@ -148,6 +178,12 @@ def _talking(module: str | None = None) -> Iterator[Client]:
         _fail("\n" * sys.stderr.isatty() + "bgservice: interrupted", exc, EXIT_INTERRUPTED)
     finally:
         client.close()
+
+
+def _too_large(address: str, exc: ReplyTooLarge) -> str:
+    """ReplyTooLarge's message in the CLI's words: the option to raise, not the keyword."""
+    said = f"{address} sent a reply of {exc.size} bytes, more than --max-reply-bytes {exc.limit}"
+    return f"bgservice: reply too large: {said} (the request may have run)"
 
 
 def _fail(message: str, exc: BaseException, code: int) -> NoReturn:

@@ -23,7 +23,7 @@ from bgservice.cli_client import (
     _timeout,
     client_options,
 )
-from bgservice.client import ClientTimeout, ServiceDown
+from bgservice.client import ClientTimeout, ReplyTooLarge, ServiceDown
 from bgservice.errors import ReplyError
 
 
@@ -74,6 +74,10 @@ def queue_add(
         if wait:  # an add, then a get (not queue:add?wait=1): the id is known if cut short
             try:
                 _out(client.get(jid, timeout=max(deadline - time.monotonic(), 0.01)))
+            except ReplyTooLarge as exc:  # (a ServiceDown, but the job has ended: its result)
+                exc.add_note(f"bgservice: job {jid} has ended: bgservice queue get {jid} "
+                             "--max-reply-bytes BYTES reads its result")  # fmt: skip
+                raise
             except (KeyboardInterrupt, ClientTimeout, ServiceDown) as exc:  # (a stop: it waits)
                 exc.add_note(f"bgservice: job {jid} goes on: bgservice queue get {jid} (or cancel)")
                 raise

@@ -400,7 +400,8 @@ def test_a_get_that_times_out_says_the_job_goes_on_and_how_to_wait_longer(make_s
     # "bgservice: timeout: no reply from 127.0.0.1:12341 in time" after 30 s read as a
     # service that hung, for a job still running (a newcomer's report).
     svc = make_service()
-    job = bg(svc, "queue", "add", "sleep", "3000").stdout.decode().strip()
+    # (30 s: it must still run after three CLI starts on a loaded machine, for the cancel)
+    job = bg(svc, "queue", "add", "sleep", "30000").stdout.decode().strip()
     done = bg(svc, "queue", "get", job, "--no-progress", "-t", "0.5")
     assert done.returncode == 4 and done.stdout == b"", done.stderr
     assert f"job {job} has not ended within 0.5 s: wait longer with -t SECONDS " \
@@ -706,3 +707,41 @@ def test_queue_status_shows_every_field_the_service_sends(modules_dir, make_serv
     saved_lines = _fields(bg(svc, "queue", "status", saved).stdout.decode())
     assert (saved_lines["checkpoint"], saved_lines["attempts"]) == ('{"row": 3}', "1 of 3")
     assert (saved_lines["name"], saved_lines["tags"], saved_lines["throttled"]) == ("-", "-", "-")
+
+
+LARGE = """
+def handle_tcp(request):
+    return b"x" * int(request.text)
+"""
+
+
+def test_max_reply_bytes_is_an_option_and_a_longer_reply_exits_5(modules_dir, make_service):
+    # The CLI had no way to change the client's max_reply_bytes (64 MiB), and a longer
+    # reply said "bgservice: service down: ... more than max_reply_bytes=67108864", exit 3,
+    # for a service that was up: a script's fallback for a service down, a keyword no
+    # command takes.
+    write_module(modules_dir, "large", LARGE)
+    svc = make_service()
+    where = "{}:{}".format(*svc.tcp)
+    said = "bgservice: reply too large: {} sent a reply of {} bytes, more than " \
+        "--max-reply-bytes {} (the request may have run)\n"
+    longest = bg(svc, "call", "large", str((64 << 20) + 1))  # the default
+    assert (longest.returncode, longest.stdout) == (5, b""), longest.stderr[:300]
+    assert longest.stderr == said.format(where, (64 << 20) + 1, 64 << 20).encode()
+    short = bg(svc, "call", "large", "101", "--max-reply-bytes", "100")
+    assert (short.returncode, short.stderr) == (5, said.format(where, 101, 100).encode())
+    for args in (("--max-reply-bytes", "100", "call", "large", "100"),  # at every level
+                 ("queue", "--max-reply-bytes=100", "add", "large", "100", "--wait")):
+        assert bg(svc, *args).stdout == b"x" * 100, args
+    # A --wait whose result is too long: the job has ended, and its result is still there.
+    waited = bg(svc, "queue", "add", "large", "500", "--wait", "--max-reply-bytes", "400")
+    ended = rb"job (\d+) has ended: bgservice queue get \1 --max-reply-bytes BYTES reads its result"
+    job = re.search(ended, waited.stderr)
+    assert waited.returncode == 5 and job and b"goes on" not in waited.stderr, waited.stderr
+    again = bg(svc, "queue", "get", job[1].decode(), "--no-progress", "--max-reply-bytes", "500")
+    assert again.stdout == b"x" * 500, again.stderr
+    for bad in ("0", "-1", "1e3", "lots"):
+        usage = bg(svc, "call", "large", "1", "--max-reply-bytes", bad)
+        assert usage.returncode == 2 and b"Traceback" not in usage.stderr, (bad, usage)
+        assert b"'--max-reply-bytes'" in usage.stderr, usage.stderr
+    assert "--max-reply-bytes" in _help("queue", "get") and "--max-reply-bytes" not in _help("send")

@@ -434,26 +434,29 @@ catch (BackgroundServiceException $e) { show([$e->getCode(), $e->getMessage()]);
     assert shown == [*refused * 4, *in_batch, *refused, [1, []], [400, "Unknown request"]], out
 
 
+def _php_while_hogged(modules_dir, svc, tmp_path, seconds: int, script: str) -> list[str]:
+    """``script``'s output, run while a call of ``seconds`` to the module ``hog`` (HOG,
+    written before ``svc`` started) blocks its loop (it accepts, greets once it is free)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(address(svc), 30) as busy:
+        hog = pool.submit(busy.call, "hog", str(seconds))
+        wait_until((modules_dir / "hog.started").exists)
+        out = php(tmp_path, script, address(svc))
+        assert hog.result(timeout=30) == b"done"
+    return out
+
+
 def test_a_busy_service_is_a_timeout_not_down(modules_dir, make_service, tmp_path):
     # The service accepts while its loop is blocked and greets once it is free: no
     # greeting in time is the timeout a late reply is (it was BackgroundServiceDown).
     write_module(modules_dir, "hog", HOG)
     svc = make_service()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, Client(address(svc), 30) as busy:
-        hog = pool.submit(busy.call, "hog", "7")
-        wait_until((modules_dir / "hog.started").exists)
-        out = php(
-            tmp_path,
-            """
+    out = _php_while_hogged(modules_dir, svc, tmp_path, 7, """
 $short = new BackgroundService($argv[1], 1.0, null, false);
 try { $short->ping(); echo "no exception\\n"; }
 catch (BackgroundServiceException $e) { show([get_class($e), $e->getMessage()]); }
 $patient = new BackgroundService($argv[1], 30.0, null, false);
 show($patient->call('echo', 'waited'));
-""",
-            address(svc),
-        )
-        assert hog.result(timeout=30) == b"done"
+""")
     assert out[0].startswith('["Bgservice\\\\Client\\\\Exception\\\\TimeoutException",'), out
     assert "greet" in out[0] and out[1:] == ['"waited"']
 
@@ -849,3 +852,79 @@ def test_a_stop_that_cuts_a_call_or_a_queue_operation_is_a_service_down(
             ["done", SERVICE_DOWN],
         ],
     ], outputs  # fmt: skip
+
+
+def test_a_timeout_waiting_for_a_job_names_the_job_and_that_it_was_sent(
+    modules_dir, make_service, tmp_path
+):
+    # "no reply from 127.0.0.1:N in time", and nothing else: which job was left to guess,
+    # so a caller could only add it again (the Python client's ClientTimeout names it).
+    from tests.test_cli import HOLD  # held until its DATA.go file is there
+
+    write_module(modules_dir, "hold", HOLD)
+    svc = make_service()
+    out = php(
+        tmp_path,
+        """
+$bg = new BackgroundService($argv[1], 0.3);
+$held = $bg->add('hold', 'held');
+$done = $bg->add('echo', 'done');
+$bg->get($done);
+show($held);
+$caught = [];
+foreach ([
+    fn () => $bg->get("id:$held", 0.2),
+    fn () => $bg->get($held),
+    fn () => $bg->getMany([$done, $held, $done], 0.2),
+    fn () => $bg->run('hold', 'ran', [], 0.2),
+] as $call) {
+    try { $call(); echo "no exception\\n"; }
+    catch (BackgroundServiceTimeout $e) {
+        show([$e->getMessage(), $e->getJobId(), $e->wasSent()]);
+        $caught[] = $e;
+    }
+}
+touch("$argv[2]/held.go");
+touch("$argv[2]/ran.go");
+show($bg->get($caught[0]->getJobId(), 30.0));  // followed up by its id, not added again
+""",
+        address(svc),
+        str(modules_dir),
+    )
+    held = json.loads(out[0])
+    late = f"no reply from {address(svc)} in time"
+    waited = f"gave up waiting for job {held}"
+    goes_on = "(the job goes on)"
+    assert [json.loads(line) for line in out[1:]] == [
+        [f"{late}: get() {waited} after get()'s timeout of 0.2 s {goes_on}", held, True],
+        [f"{late}: get() {waited} after the client's timeout of 0.3 s {goes_on}", held, True],
+        [f"{late}; a batch of 3 cut short: 1 answered, 2 sent without a reply (they may have "
+         f"run) (getResults() has each): getMany() {waited} (the first without a reply) after "
+         f"getMany()'s timeout of 0.2 s {goes_on}", held, True],
+        [f"{late}: run() of module hold gave up after run()'s timeout of 0.2 s: its job may "
+         "have been queued, and goes on under an id the client was not told (add() then get() "
+         "keeps the id)", None, True],
+        "held",
+    ], out  # fmt: skip
+
+
+def test_a_run_that_timed_out_before_sending_says_no_job_was_queued(
+    modules_dir, make_service, tmp_path
+):
+    # The service's loop blocked: the new connection is not greeted, so the request of
+    # run() is never written. Its timeout must say so (nothing to follow up, nor to fear
+    # adding again), where the one of a run() sent says its job may have been queued.
+    write_module(modules_dir, "hog", HOG)
+    svc = make_service()
+    out = _php_while_hogged(modules_dir, svc, tmp_path, 5, """
+$bg = new BackgroundService($argv[1], 1.0, null, false);
+try { $bg->run('echo', 'never'); echo "no exception\\n"; }
+catch (BackgroundServiceTimeout $e) { show([$e->getMessage(), $e->getJobId(), $e->wasSent()]); }
+""")
+    said = (
+        f"{address(svc)} accepted but did not greet in time: run() of module echo gave up "
+        "after the client's timeout of 1 s, before its request was sent: no job was queued"
+    )
+    assert [json.loads(line) for line in out] == [[said, None, False]], out
+    with Client(address(svc), timeout=10) as direct:
+        assert not any(direct.queue_stats()["counts"].values())

@@ -63,6 +63,9 @@ class Client
     /** @var string the calls' address, as given: for messages */
     private readonly string $address;
 
+    /** @var float the calls' timeout unless they give their own: for messages */
+    private readonly float $timeout;
+
     /** @var string|null send()'s address, as given (or derived from $address) */
     private readonly ?string $udpAddress;
 
@@ -92,6 +95,7 @@ class Client
     ) {
         $this->connection = new Connection($address, $timeout, $persistent);
         $this->address = $address;
+        $this->timeout = $timeout;
         if ($udpAddress !== null && $udpAddress !== '') {  // '' is none, as in the Python client
             $this->udpTarget = Connection::target($udpAddress, true);
         } else {
@@ -249,15 +253,21 @@ class Client
      * Queue a job and wait for its result, in one round trip (queue:add?wait=1): the job
      * is stored before it runs, as with add(), and its error reply throws.
      *
-     * The reply carries the result only, so a TimeoutException cannot name the job, which
-     * was queued and goes on: to be able to follow it up, add() and then get() its id (as
-     * the CLI's `queue add --wait` does).
+     * The reply carries the result only, so a TimeoutException cannot name the job: it
+     * says whether the request was sent (wasSent(): then the job may have been queued,
+     * and goes on) or not (no job was queued). To be able to follow it up, add() and then
+     * get() its id (as the CLI's `queue add --wait` does).
      *
      * @param array<string, int|float|string|bool|\Stringable|\BackedEnum|list<int|float|string|\Stringable|\BackedEnum>|null> $options as add()'s
      */
     public function run(string $module, string $data = '', array $options = [], ?float $timeout = null): string
     {
-        return $this->request($this->addRequest($module, $data, $options, true), $timeout);
+        $payload = $this->addRequest($module, $data, $options, true);
+        try {
+            return $this->request($payload, $timeout);
+        } catch (TimeoutException $e) {
+            throw $this->ranOut($e, 'run()', $timeout, module: $module);
+        }
     }
 
     /**
@@ -320,7 +330,8 @@ class Client
     /**
      * get() for several jobs, pipelined; their results in order (BatchException if some
      * ended in an error reply: getResults() has the others; a connection failure part way
-     * has getResults() too, as addMany()'s).
+     * has getResults() too, as addMany()'s). A TimeoutException names the first job
+     * without a reply (getJobId()), as get()'s names its job.
      *
      * @param list<int|string> $ids N or "id:N" each
      *
@@ -330,15 +341,58 @@ class Client
      */
     public function getMany(array $ids, ?float $timeout = null): array
     {
-        $payloads = [];
+        $jobs = [];
         foreach ($ids as $key => $id) {
             if (!is_int($id) && !is_string($id)) {
                 throw new InvalidArgumentException('getMany(): id ' . var_export($key, true)
                     . " must be N or 'id:N', not " . get_debug_type($id));
             }
-            $payloads[] = 'queue:get:' . JobId::format($id);
+            $jobs[] = JobId::parse($id);
         }
-        return $this->batch($payloads, $timeout, fn (string $body): string => $body);
+        $payloads = array_map(fn (int $job): string => "queue:get:id:$job", $jobs);
+        try {
+            return $this->batch($payloads, $timeout, fn (string $body): string => $body);
+        } catch (TimeoutException $e) {
+            throw $this->ranOut($e, 'getMany()', $timeout, $jobs);
+        }
+    }
+
+    /**
+     * $e, its message saying what $call waited for and whose timeout ran out, the call's
+     * own ($timeout) or the client's: "no reply in time" alone read as a service that
+     * hung, for a job still running. get() and getMany() name the job (getJobId(): of a
+     * batch, the first without a reply); run() (of $module) has no id until its result
+     * comes: it says whether its job was queued. As the Python client's waiting_for().
+     *
+     * @param list<int> $jobs
+     */
+    private function ranOut(TimeoutException $e, string $call, ?float $timeout, array $jobs = [], ?string $module = null): TimeoutException
+    {
+        $seconds = $timeout ?? $this->timeout;
+        $shown = sprintf('%g', round($seconds, 3) ?: $seconds);  // (as the Python client's)
+        $limit = ($timeout === null ? "the client's timeout" : "$call's timeout") . " of $shown s";
+        if ($module !== null) {
+            $gaveUp = "$call of module $module gave up after $limit";
+            $e->waitedFor($e->wasSent()
+                ? "$gaveUp: its job may have been queued, and goes on under an id the client was not told (add() then get() keeps the id)"
+                : "$gaveUp, before its request was sent: no job was queued");
+            return $e;
+        }
+        $job = $jobs[self::firstUnanswered($e)];
+        $first = count($jobs) > 1 ? ' (the first without a reply)' : '';
+        $e->waitedFor("$call gave up waiting for job $job$first after $limit (the job goes on)", $job);
+        return $e;
+    }
+
+    /** The index of a batch's first request without a reply (getResults()), else 0. */
+    private static function firstUnanswered(TimeoutException $e): int
+    {
+        foreach ($e->getResults() ?? [] as $n => $result) {
+            if ($result === null || $result instanceof TimeoutException) {
+                return $n;
+            }
+        }
+        return 0;
     }
 
     /**
@@ -541,10 +595,17 @@ class Client
      * @param int|string $id N or "id:N"
      *
      * @throws InvalidArgumentException $id is neither
+     * @throws TimeoutException         no result within $timeout: its message and getJobId()
+     *                                  name the job, which goes on (check() or get() it later)
      */
     public function get(int|string $id, ?float $timeout = null): string
     {
-        return $this->request('queue:get:' . JobId::format($id), $timeout);
+        $job = JobId::parse($id);
+        try {
+            return $this->request("queue:get:id:$job", $timeout);
+        } catch (TimeoutException $e) {
+            throw $this->ranOut($e, 'get()', $timeout, [$job]);
+        }
     }
 
     /**

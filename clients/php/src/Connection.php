@@ -563,7 +563,7 @@ final class Connection
 
     /**
      * readExact() once the request is written: a lost connection then means the request
-     * may have run, and it is not sent again.
+     * may have run, and it is not sent again; so does a timeout (its wasSent()).
      *
      * @param resource $stream
      */
@@ -571,6 +571,8 @@ final class Connection
     {
         try {
             return $this->readExact($stream, $length);
+        } catch (TimeoutException) {
+            throw TimeoutException::noReply($this->address);
         } catch (ServiceDownException $e) {
             throw new ServiceDownException(
                 "connection to {$this->address} lost before the reply: the request may have run",

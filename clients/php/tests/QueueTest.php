@@ -7,6 +7,7 @@ namespace Bgservice\Client\Tests;
 use Bgservice\Client\Client;
 use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ReplyException;
+use Bgservice\Client\Exception\TimeoutException;
 
 /** The queue methods against a real service, with job ids in both forms. */
 final class QueueTest extends ServiceTestCase
@@ -60,6 +61,29 @@ final class QueueTest extends ServiceTestCase
         }
         $this->expectException(InvalidArgumentException::class);
         $bg->add('echo', 'x', ['after' => 'id:']);
+    }
+
+    public function testATimeoutWaitingForAJobNamesItToFollowItUpLater(): void
+    {
+        $bg = self::client();
+        $slow = $bg->add('sleep', '60000');
+        try {
+            $bg->get("id:$slow", 0.2);
+            self::fail('no timeout');
+        } catch (TimeoutException $e) {
+            self::assertSame([$slow, true], [$e->getJobId(), $e->wasSent()]);
+            self::assertStringEndsWith(": get() gave up waiting for job $slow after get()'s "
+                . 'timeout of 0.2 s (the job goes on)', $e->getMessage());
+        }
+        self::assertContains($bg->check($e->getJobId()), [0, 1]);  // it goes on
+        try {
+            $bg->run('sleep', '1000', [], 0.2);  // (its id unknown: one that ends soon)
+            self::fail('no timeout');
+        } catch (TimeoutException $e) {  // no id to name: the reply carries the result only
+            self::assertSame([null, true], [$e->getJobId(), $e->wasSent()]);
+            self::assertStringContainsString('its job may have been queued', $e->getMessage());
+        }
+        self::assertContains($bg->cancel($slow), ['cancelled', 'cancelling']);
     }
 
     public function testAnUnknownOptionIsRefused(): void

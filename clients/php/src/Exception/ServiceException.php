@@ -34,7 +34,8 @@ class ServiceException extends \RuntimeException implements ClientException
     }
 
     /**
-     * This exception again (the same class, message, code and cause), with $results.
+     * This exception again (the same class, message, code and cause, and what carryOver()
+     * keeps), with $results.
      *
      * @internal for Connection::requests() and Client, which build the results
      *
@@ -46,6 +47,16 @@ class ServiceException extends \RuntimeException implements ClientException
         // constructor; BatchException, which does not, is never cut short.
         $copy = new static($message ?? $this->getMessage(), $this->getCode(), $previous ?? $this->getPrevious());
         $copy->results = $results;
+        $this->carryOver($copy);
         return $copy;
+    }
+
+    /**
+     * Copy onto $copy, withResults()'s of this exception, what a subclass carries beyond
+     * the message, code, cause and results (a TimeoutException's job, and whether its
+     * request was sent): a batch cut short must not lose it.
+     */
+    protected function carryOver(ServiceException $copy): void
+    {
     }
 }
