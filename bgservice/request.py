@@ -170,18 +170,30 @@ class JobContext:
 def check_progress(
     done: float, total: float, message: object
 ) -> tuple[float, float, str | None]:
-    """A progress report as it is kept: numbers that JSON can carry (NaN and infinities
-    are not JSON), a message of at most 500 characters that UTF-8 can encode."""
-    numbers = (float(done), float(total))
-    if not all(map(math.isfinite, numbers)):
-        raise ValueError(f"progress: done and total must be finite numbers, not {done!r}, "
-                         f"{total!r}")  # fmt: skip
+    """A progress report as it is kept: numbers from 0 that JSON can carry (NaN and
+    infinities are not JSON; a string or a bool is a caller's slip, not a count), a message
+    of at most 500 characters that UTF-8 can encode."""
+    numbers = (_count(done), _count(total))
+    if not all(math.isfinite(n) and n >= 0 for n in numbers):
+        raise ValueError(f"progress: done and total must be finite numbers from 0, not "
+                         f"{done!r:.40}, {total!r:.40}")  # fmt: skip
     text = None if message is None else str(message)[:500]
     if text is not None:
         utf8(text, "progress message")
     # Whole numbers stay whole: progress(3, 10) is {"done": 3, "total": 10}, not 3.0, 10.0.
     whole = [int(n) if n.is_integer() and abs(n) < 2**53 else n for n in numbers]
     return (whole[0], whole[1], text)
+
+
+def _count(n: object) -> float:
+    """``n`` as a float; NaN for what is no number (a str, a bool), an infinity for an int
+    past a float's range (float() raises OverflowError)."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        return math.nan
+    try:
+        return float(n)
+    except OverflowError:
+        return math.inf
 
 
 def utf8(text: str, what: str) -> bytes:

@@ -547,7 +547,9 @@ EXECUTION = "{execution}"
 
 def attempts(job, save):
     refused = []
-    for args in ((float("nan"), 10), (1, float("inf")), (1, 2, "a\\ud800b")):
+    strange = [(float("nan"), 10), (1, float("inf")), ("3", 10), (10**400, 10), (-1, 10),
+               (True, 1), (1, 2, "a\\ud800b")]
+    for args in strange:
         try:
             job.progress(*args)
         except ValueError as exc:
@@ -605,10 +607,13 @@ def test_progress_and_checkpoints_a_store_or_json_cannot_keep_are_refused_to_the
     svc = make_service("[http]\nenabled = true\nport = 0\n")
     jid = add(svc, b"queue:add:strict:x")
     refused = svc.call(b"queue:get:id:%d" % jid).decode().split("\n")
-    assert len(refused) == 4, refused
-    assert all("finite" in line for line in refused[:2]), refused
-    assert refused[2].startswith("progress message: character 1 ('\\ud800') is a lone"), refused
-    assert refused[3].startswith("checkpoint: character 1 ('\\ud800') is a lone"), refused
+    # (and a string, a number past a float's range, a negative one, a bool were taken or
+    # raised OverflowError: a review of the job features)
+    assert len(refused) == 8, refused
+    assert all("must be finite numbers from 0" in line for line in refused[:6]), refused
+    assert refused[2] == "progress: done and total must be finite numbers from 0, not '3', 10"
+    assert refused[6].startswith("progress message: character 1 ('\\ud800') is a lone"), refused
+    assert refused[7].startswith("checkpoint: character 1 ('\\ud800') is a lone"), refused
     info = _strict_json(svc.call(b"queue:status:id:%d" % jid))
     assert info["state"] == "done" and info["checkpoint"] == "fine"
     assert info["progress"] == {"done": 1, "total": 2, "message": "fine"}
