@@ -87,6 +87,17 @@ def test_unknown_ids_get_404_at_once(service):
     assert service.call(b"queue:nope:id:1") == b"500: Unknown queue request"
 
 
+def test_a_list_of_a_state_it_does_not_know_says_what_it_got(service):
+    # "state must be one of waiting, running, done, ..." for queue:list:done?limit=3,
+    # whose "done" is in the list (a review): the options went after the colon.
+    reply = service.call(b"queue:list:done?limit=3")
+    assert reply == (b"400: queue:list: state must be one of waiting, running, done, failed, "
+                     b"cancelled, not 'done?limit=3' (options go before the colon: "
+                     b"queue:list?limit=N:STATE)")  # fmt: skip
+    assert service.call(b"queue:list:dne").endswith(b", not 'dne'")
+    assert service.call(b"queue:list?limit=3:done").startswith(b"{")
+
+
 def test_numbers_beyond_the_store_get_400_and_the_queue_goes_on(service):
     # A job id or option too large for SQLite's INTEGER once killed its writer thread,
     # and every queue call after it waited forever.

@@ -325,7 +325,10 @@ def parse_list(command: Command, limits: ParseLimits = DEFAULTS) -> ListSpec:
     that many) and offset."""
     state = _given_once(command, "state")
     if state and state not in STATES:
-        raise BadRequest(f"queue:list: state must be one of {', '.join(STATES)}")
+        # (options after the state were read as part of it: say where they go)
+        hint = " (options go before the colon: queue:list?limit=N:STATE)" if "?" in state else ""
+        raise BadRequest(f"queue:list: state must be one of {', '.join(STATES)}, not "
+                         f"{state[:40]!r}{hint}")  # fmt: skip
     limit = _whole("limit", command.options.get("limit", "100"), 1)
     offset = _whole("offset", command.options.get("offset", "0"))
     return ListSpec(state or None, min(limit, limits.max_page), offset)
