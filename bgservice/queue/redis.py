@@ -41,7 +41,7 @@ from bgservice.queue.commands import AddSpec, ListSpec
 from bgservice.queue.engine import JobQueue, JobRunner, Result, decide, refuse_waiters, run_record
 from bgservice.queue.job import Job, JobState, stored_after
 from bgservice.queue.redis_channel import Following, Waiter
-from bgservice.queue.redis_db import RedisJobs, refusal, script_error
+from bgservice.queue.redis_db import RedisJobs, refusal
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import Attempt, Held, RedisLeases
 from bgservice.queue.redis_outage import available, unavailable
@@ -164,14 +164,13 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         claim = self._claim_args()  # a free worker here takes the job in the same script
         # wait=1: the result is kept a lease at least, for this add to read (ADD_BODY)
         owed = repr(self.conf.lease) if spec.wait else ""
-        future = self.db.send(script, waiting, unique, after, *claim, owed, *flat, *mark, now=now)
+        ids = str(self.db.ids.mark)  # ids a client may hold: none given again (next_id)
+        future = self.db.send(script, waiting, unique, after, *claim, owed, ids, *flat, *mark,
+                              now=now)  # fmt: skip
         if claim[0]:  # what it claimed runs even if this add is cancelled meanwhile
             future.add_done_callback(self._added)
             future = asyncio.shield(future)
-        jid, text, *_ = await future
-        if jid < 0:
-            raise script_error(-jid, text.decode())
-        return int(jid)
+        return self.db.added(await future)
 
     def _added(self, future: asyncio.Future[Any]) -> None:
         self._claiming -= 1
@@ -334,6 +333,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self._next_delayed = due
         if not jid:
             return False
+        self.db.ids.seen(jid)
         fields = pairs(reply[2])
         job = job_from_hash(jid, fields)
         earlier = self._running.get(jid)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -64,6 +65,8 @@ class Batcher:
         self._pending: set[asyncio.Task[None]] = set()  # sends waiting for a connection
         self._reloading: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Told of each connection made: Redis may be back without its data (redis_outage.Ids).
+        self.opened: Callable[[], None] = lambda: None
 
     def script(self, name: str, args: list[Any]) -> asyncio.Future[Any]:
         """Run script ``name`` (no keys: the engine's scripts take the prefix as ARGV)."""
@@ -145,6 +148,7 @@ class Batcher:
             self.went_down(exc if isinstance(exc, RedisError) else RedisConnectionError(exc))
             raise
         self._link = link
+        self.opened()
         self.outage.down = None
         self.outage.back()
         return link

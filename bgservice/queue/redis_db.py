@@ -36,7 +36,7 @@ from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.redis_lines import SPLIT, STRANDED, keep_lines
 from bgservice.queue.redis_lua import CASCADE, COMMON
-from bgservice.queue.redis_outage import Outage
+from bgservice.queue.redis_outage import IDS, Ids, Outage
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class RedisJobs:
         self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
         self.scripts["SPLIT"] = self.redis.register_script(SPLIT)
         self.scripts["STRANDED"] = self.redis.register_script(STRANDED)
+        self.scripts["IDS"] = self.redis.register_script(IDS)
         self.lease = conf.lease
         self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
         self.cascades.set()  # (an instance may have stopped before it ended them all)
@@ -157,6 +158,8 @@ class RedisJobs:
         # and no retry (a pipeline cut after its write may have run: never sent twice).
         self.outage = Outage(self.where)  # Redis found away, and what the log says of it
         self.batch = Batcher(_client(conf), self.scripts, timeout, self.outage)
+        self.ids = Ids(self.where, self.call)  # the highest job id known here
+        self.batch.opened = self.ids.opened
 
     async def close(self) -> None:
         await self.batch.close()  # the pipelines in flight are answered first
@@ -208,6 +211,14 @@ class RedisJobs:
         if code:
             raise script_error(code, text.decode())
         return bytes(text)
+
+    def added(self, reply: list[Any]) -> int:
+        """ADD's or FIRE's reply: the job's id, or its error raised; a counter the script
+        found below the instance's mark of ids, and moved, is said (Ids)."""
+        jid, text, *_ = reply
+        if jid < 0:
+            raise script_error(-jid, text.decode())
+        return self.ids.added(int(jid), text)
 
     async def load(self, jid: int) -> Job | None:
         fields = pairs(await self.batch.execute("HGETALL", self.key(f"job:{jid}")))
@@ -331,7 +342,7 @@ class RedisJobs:
         ``runnable``: the modules it runs, as CLAIM takes them (none with no workers)."""
         mine = runnable if self.settings.workers else lambda: "[]"
         lines = keep_lines(self.call, mine, self.lease, self.outage)
-        return self.expire_forever(), self.cascade_forever(), lines
+        return self.expire_forever(), self.cascade_forever(), lines, self.ids.watch(self.lease / 3)
 
     async def cascade_forever(self) -> None:
         """Each time ``cascades`` is set (``cascade`` heard, a lease renewed, the channel

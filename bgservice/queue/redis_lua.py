@@ -26,6 +26,19 @@ end
 local function jkey(id) return P .. ':job:' .. id end
 local function pad(id) return string.format('%020d', tonumber(id)) end
 
+-- The id a new job takes (ADD_BODY). ``mark``: the highest id the adding instance has
+-- handed out or seen (redis_outage.Ids). A counter not above it is one Redis lost (a
+-- restart without persistence, FLUSHALL, a failover to a replica without it), counting
+-- from 1 again: moved past the mark, so that a client still holding an id from before
+-- follows or collects no new job under it. Returns the id and 'new', or 'lost:N' (N: the
+-- counter Redis had), for the instance to say.
+local function next_id(mark)
+  local id = redis.call('INCR', P .. ':id')
+  if id > tonumber(mark) then return id, 'new' end
+  redis.call('SET', P .. ':id', mark)
+  return redis.call('INCR', P .. ':id'), 'lost:' .. string.format('%d', id - 1)
+end
+
 local function move(id, old, new, score)
   if old then redis.call('ZREM', P .. ':state:' .. old, id) end
   redis.call('ZADD', P .. ':state:' .. new, score, id)

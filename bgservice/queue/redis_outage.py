@@ -11,15 +11,20 @@ meanwhile counted, not a line each (a line a minute while it lasts); one INFO li
 it answers again, after how long and how many commands failed. ``level`` is the level
 of the lines of the background loops (claims, renewals, cascades): DEBUG while the
 outage is said already, so that they do not repeat it at every retry.
+
+Redis back without the queue's data (``Ids``): restarted without persistence, flushed,
+or a failover to a replica that did not have it. Its id counter starts at 1 again; the
+instance moves it past the ids it knows of, and says so once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
@@ -122,6 +127,74 @@ class Outage:
         log.warning("Redis at %s still does not answer after %.0f s (%d queue commands failed "
                     "so far)", self.where, time.monotonic() - self.since, self.failed)  # fmt: skip
         self._still = asyncio.get_running_loop().call_later(STILL_EVERY, self._still_away)
+
+
+# ARGV: P, now, the highest id the instance knows of. The id counter, moved up to that mark
+# when below it (Redis lost it; next_id, redis_lua.py): {the counter found, 1 if moved}.
+IDS = r"""
+local key = ARGV[1] .. ':id'
+local found = tonumber(redis.call('GET', key) or '0')
+if found >= tonumber(ARGV[3]) then return {found, 0} end
+redis.call('SET', key, ARGV[3])
+return {found, 1}
+"""
+
+
+class Ids:
+    """The highest job id this instance has handed out or seen (its adds, its claims, the
+    counter as IDS read it): its mark. A client may hold any id up to it; if Redis loses
+    its data and counts from 1 again, such an id would name another job, whose result the
+    client would follow or collect. So ADD and FIRE take the mark (next_id, redis_lua.py),
+    and IDS checks the counter at each new connection (a restart, a failover) and every
+    ``every`` seconds (a FLUSHALL leaves the connections open): a counter below the mark
+    is moved past it, and said once. What it cannot know: the ids of an earlier run of
+    the service (no instance said it, and a new one starts from the counter it finds)."""
+
+    def __init__(self, where: str, call: Callable[..., Awaitable[Any]]) -> None:
+        self.where = where  # the url, redacted, for the line
+        self.call = call  # (RedisJobs.call)
+        self.mark = 0
+        self._opened = asyncio.Event()  # set: a new connection, to a Redis maybe emptied
+
+    def seen(self, jid: int) -> None:
+        if jid > self.mark:
+            self.mark = jid
+
+    def added(self, jid: int, new: bytes) -> int:
+        """``jid``, from ADD's or FIRE's reply, whose ``new`` is ``lost:N`` when the script
+        found the counter (N) below the mark it was sent and moved it."""
+        self.seen(jid)
+        if new.startswith(b"lost:"):
+            self.lost(int(new[5:]), jid - 1)
+        return jid
+
+    def opened(self) -> None:
+        """The pipelines' connection was made (again): the counter is checked now."""
+        self._opened.set()
+
+    async def watch(self, every: float) -> None:
+        """Check the counter (IDS) every ``every`` seconds, and at once when ``opened``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._opened.wait()
+            self._opened.clear()
+            mark = self.mark
+            try:
+                found, moved = await self.call("IDS", mark)
+            except RedisError as exc:  # (Redis away: its outage has lines of its own)
+                log.debug("job id counter not checked (%s)", exc)
+                continue
+            if moved:
+                self.lost(found, mark)
+            self.seen(found)  # ids another instance handed out: a client may hold them
+
+    def lost(self, found: int, mark: int) -> None:
+        log.warning("Redis at %s has lost the queue's data (a restart without persistence, "
+                    "FLUSHALL, a failover to a replica without it): its id counter was %d, "
+                    "below the ids up to %d this instance has handed out or seen; ids go on "
+                    "from %d, none given twice; jobs added before are gone",
+                    self.where, found, mark, mark + 1)  # fmt: skip
 
 
 def unavailable(exc: RedisError | None = None) -> Busy:

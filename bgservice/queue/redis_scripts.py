@@ -4,6 +4,7 @@ back what they return.
 Keys, all under the configured prefix ``P``:
 
     P:id                 INCR counter: ids unique across every instance, never reused
+                         (moved past the ids an instance knows of if Redis lost it: Ids)
     P:job:ID             hash: the job's fields (job.COLUMNS), ``owner``, ``progress``,
                          ``owed``; ``owner`` is the claim's token, INSTANCE/N, fresh for
                          every claim (an instance that claims a job again after an outage,
@@ -50,12 +51,14 @@ from bgservice.queue.redis_lua import CLAIM_FN, COMMON, SEEN_FN, UNHOLD_FN
 # ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
 # adding instance's claim (lease, claim token, limits, rates, runnable modules, as CLAIM
 # takes them; five '' when it has no free worker), owed (an add that waits for the result,
-# wait=1: the seconds its job's result is kept at least, for it; else ''), then the new
-# job's fields. (FIRE: the same, then a schedule's name and slot.) Returns {id, 'new'} or,
-# with a claim, {id, 'new', what CLAIM returns}: an instance with a free worker takes the
-# best ready job (most often the one it adds) in the same round trip, and wakes the others
-# only if ready jobs are left. A held unique key: {id, 'existing'}, whether the queue is
-# full or not (nothing is added); a waiting add is owed that job's result then.
+# wait=1: the seconds its job's result is kept at least, for it; else ''), the highest id
+# the instance knows of (next_id, redis_lua.py), then the new job's fields. (FIRE: the same,
+# then a schedule's name and slot.) Returns {id, 'new'} ('lost:N' for 'new' when next_id
+# moved the id counter) or, with a claim, {id, 'new', what CLAIM returns}: an instance with
+# a free worker takes the best ready job (most often the one it adds) in the same round
+# trip, and wakes the others only if ready jobs are left. A held unique key: {id,
+# 'existing'}, whether the queue is full or not (nothing is added); a waiting add is owed
+# that job's result then.
 ADD_BODY = r"""
 local unique, after, owed = ARGV[4], ARGV[5], ARGV[11]
 if unique ~= '' then
@@ -79,11 +82,11 @@ for dep in string.gmatch(after, '%d+') do
     return {-424, 'Job ' .. dep .. ' ' .. st}
   end
 end
-local id = redis.call('INCR', P .. ':id')
+local id, new = next_id(ARGV[12])
 local jk = jkey(id)
 local known = {}  -- (the fields place() takes)
-for i = 12, #ARGV, 2 do known[ARGV[i]] = ARGV[i + 1] end
-redis.call('HSET', jk, unpack(ARGV, 12))
+for i = 13, #ARGV, 2 do known[ARGV[i]] = ARGV[i + 1] end
+redis.call('HSET', jk, unpack(ARGV, 13))
 if owed ~= '' then redis.call('HSET', jk, 'owed', owed) end
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
@@ -96,12 +99,12 @@ end
 if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
 if ARGV[6] == '' then
   wake()
-  return {id, 'new'}
+  return {id, new}
 end
 local claimed = claim(ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10])
 if claimed[1] ~= 0 then woke = redis.call('ZCARD', P .. ':ready') > 0 end
 wake()
-return {id, 'new', claimed}
+return {id, new, claimed}
 """
 
 # ARGV: P, now, lease (s), the claim's token (INSTANCE/N), module limits, rates, the
