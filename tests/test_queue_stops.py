@@ -117,9 +117,54 @@ def test_a_graceful_stop_cutting_a_job_is_not_an_interruption(
         svc = make_service(config, root=tmp_path)
     wait_until(lambda: _runs(runs) == 3, timeout=30)
     running = status(svc, jid)
-    assert (running["state"], running["interruptions"], running["attempts"]) == ("running", 0, 3)
+    # (the two attempts the stops cut were given back: the third run is attempt 1 again)
+    assert (running["state"], running["interruptions"], running["attempts"]) == ("running", 0, 1)
     runs.with_suffix(".go").touch()
     assert svc.call(b"queue:get:id:%d" % jid) == b"survived"
+
+
+# Counts its runs in the file its data names: the first waits (for a stop or a kill to
+# cut it), the second fails, the third says what it saw.
+FAILS_ONCE_AFTER_A_CUT = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    runs = Path(request.text)
+    with runs.open("a") as f:
+        f.write("x")
+    ran = len(runs.read_text())
+    if ran == 1:
+        while True:
+            time.sleep(0.05)
+    if ran == 2:
+        raise RuntimeError("fails once")
+    return f"ran {ran} times, attempt {request.job.attempt}"
+"""
+
+
+@pytest.mark.parametrize("cut", ["stop", "kill"])
+def test_an_attempt_the_service_cut_takes_none_of_the_jobs_retries(
+    modules_dir, make_service, tmp_path, cut
+):
+    # Found by a review of the job features: a deploy (or a crash) in the middle of a job
+    # took one of its retries=, so the handler's one failure after it was final (500).
+    write_module(modules_dir, "once", FAILS_ONCE_AFTER_A_CUT)
+    config = "[limits]\nshutdown_grace = 0.2\n"
+    svc = make_service(config)
+    runs = tmp_path / "runs"
+    jid = add(svc, b"queue:add?retries=1&backoff=0:once:" + str(runs).encode())
+    wait_until(lambda: _runs(runs) == 1, timeout=30)
+    if cut == "stop":
+        assert svc.stop() == 0
+    else:
+        add(svc, b"queue:add?delay=600:echo:x")  # (writes apply in order: "running" stored)
+        svc.proc.kill()
+        assert svc.proc.wait(timeout=30) == -9
+    svc = make_service(config, root=tmp_path)
+    assert svc.call(b"queue:get:id:%d" % jid, timeout=30) == b"ran 3 times, attempt 2"
+    info = status(svc, jid)
+    assert (info["attempts"], info["interruptions"]) == (2, int(cut == "kill")), info
 
 
 @pytest.mark.parametrize("value", ["-1", "1.5", '"3"'])

@@ -104,42 +104,6 @@ def run_record(job: Job, outcome: Outcome, finished: float) -> Run:
     return Run(job.id, job.module, job.attempts, job.started, finished, kind)
 
 
-def interrupted_run(job: Job) -> Run:
-    """The record of an attempt cut by a crash (found ``running`` at the next start).
-    When it ended is unknown: it is recorded up to the last moment it was known to run,
-    its start, so the history counts the attempt without inventing busy time."""
-    started = job.started if job.started is not None else job.created
-    return Run(job.id, job.module, job.attempts, started, started, "interrupted")
-
-
-def interrupted(job: Job, limit: int) -> str | None:
-    """A job found running at a start: a crash (``kill -9``, power loss) cut its attempt.
-    It waits again, the cut counted; past ``limit`` ([queue] max_interruptions) the error
-    it fails with instead: a job that crashes the service would crash it at every start.
-    (On Redis, REAP does the same in Lua: its error reads the same.)"""
-    job.move(JobState.WAITING)
-    job.interruptions += 1
-    if job.cancel_requested:  # acknowledged ("cancelling"): it ends cancelled
-        return None
-    if job.interruptions <= limit:
-        log.warning("job %d (%s) was running when the service stopped: it runs again "
-                    "(interrupted %d time(s); [queue] max_interruptions = %d)", job.id,
-                    job.module, job.interruptions, limit)  # fmt: skip
-        return None
-    return (f"Job {job.id} interrupted {job.interruptions} times, more than [queue] "
-            f"max_interruptions ({limit}): each of those runs ended with the service "
-            "(crash, kill -9, power loss, or a lease that ran out); not run again")  # fmt: skip
-
-
-def handed_back(job: Job) -> Run:
-    """A job a graceful stop cut (still running when its grace ended): waiting again for
-    the next start, its attempt counted but not as an interruption (a crash's): the
-    Redis engine's RELEASE does the same. Returns its run, for the history."""
-    log.warning("job %d (%s) cut by the stop: it runs again", job.id, job.module)
-    job.move(JobState.WAITING)
-    return interrupted_run(job)
-
-
 def not_found(jid: int) -> NotFound:
     return NotFound(f"Job {jid} not found (unknown or expired)")
 

@@ -22,15 +22,13 @@ from bgservice.events import Events
 from bgservice.protocol import OK
 from bgservice.queue import reports
 from bgservice.queue.commands import AddSpec, ListSpec
+from bgservice.queue.cuts import handed_back, interrupted, interrupted_run
 from bgservice.queue.dependencies import Dependencies
 from bgservice.queue.engine import (
     JobQueue,
     JobRunner,
     Result,
     finished_result,
-    handed_back,
-    interrupted,
-    interrupted_run,
     not_found,
     refuse_waiters,
     run_record,
@@ -92,9 +90,10 @@ class LocalQueue(StoredSchedules, JobQueue):
         poisoned: dict[int, str] = {}  # cut once too often: they fail
         for job in recovered:
             if job.state is JobState.RUNNING:  # a crash cut its run (a stop hands them back)
+                run = interrupted_run(job)
                 if (error := interrupted(job, self.settings.max_interruptions)) is not None:
                     poisoned[job.id] = error
-                self._writes.save(job, ("state", "interruptions"), interrupted_run(job))
+                self._writes.save(job, ("state", "attempts", "interruptions"), run)
             self.jobs[job.id] = job
             self._keys.recovered(job)
         async for job in self._deps.recovering(recovered):  # their dependencies read at once
@@ -103,7 +102,7 @@ class LocalQueue(StoredSchedules, JobQueue):
             elif job.id in poisoned:  # it may be what crashes the service: not run again
                 self.failed(job, Interrupted.code, poisoned[job.id].encode())
                 self._finish(job, JobState.FAILED, Interrupted.code, poisoned[job.id])
-            elif job.attempts:  # its dependencies were met when it first started
+            elif job.started is not None:  # its dependencies were met when it first started
                 self._line.place(job)
             else:
                 await self._place_new(job)
@@ -124,7 +123,7 @@ class LocalQueue(StoredSchedules, JobQueue):
             cut = [self.jobs[jid] for jid, task in self._running.items() if task in pending]
             await cancel_all(pending, "jobs")  # (again, if one loses its cancellation)
             for job in (j for j in cut if j.state is JobState.RUNNING):  # (else: it ended)
-                self._writes.save(job, ("state",), handed_back(job))  # (no crash: not counted)
+                self._writes.save(job, ("state", "attempts"), handed_back(job))  # (no crash)
             refuse_waiters(self._waiters, ())  # theirs
         self._cascade(sys.maxsize)  # (a chain grows it as it goes)
         await self._writes.drain(5)

@@ -35,8 +35,7 @@ Keys, all under the configured prefix ``P``:
                          its attempt (claim TOKEN) at its timeout: its module's slot stays
                          taken until it returns; score a lease deadline its instance renews
     P:runs               zset: one JSON record per attempt; score the time it ended
-    P:events             pub/sub channel: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``,
-                         ``cascade``
+    P:events             pub/sub: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``, ``cascade``
     P:rate:MODULE        zset: the module's job starts within its rate's interval
 (and the schedules' hashes: redis_schedules.py; the ready lines' upkeep: redis_lines.py)
 
@@ -115,8 +114,8 @@ ADD = COMMON + CLAIM_FN + "local MARK = nil\n" + ADD_BODY  # FIRE (redis_schedul
 
 
 def _release(body: str) -> str:
-    """A script that puts running jobs back to waiting (their attempt stays counted); one
-    whose cancel was acknowledged ("cancelling") ends cancelled instead. ``counted``: a
+    """A script that puts running jobs back to waiting (their attempt given back: queue/
+    cuts.py); one acknowledged "cancelling" ends cancelled instead. ``counted``: a
     crash's interruption (REAP; a stop's RELEASE is none), which past ``limit`` ([queue]
     max_interruptions; none when nil) fails the job: 'failed' is returned then."""
     return (
@@ -147,7 +146,8 @@ local function release(id, ended, expires, counted, limit)
     finish(id, 'failed', '500', msg, msg, expires)
     return 'failed'
   end
-  redis.call('HSET', jk, 'state', 'waiting', 'run_at', NOW)
+  redis.call('HSET', jk, 'state', 'waiting', 'run_at', NOW,
+             'attempts', math.max((tonumber(f[2]) or 1) - 1, 0))
   redis.call('HDEL', jk, 'owner')
   move(id, 'running', 'waiting', redis.call('HGET', jk, 'created'))
   place(id)
