@@ -63,6 +63,24 @@ def test_add_refuses_a_failed_or_unknown_dependency_among_several(service):
     assert service.call(b"queue:add?after=1,,2:echo:x").startswith(b"400: option after")
 
 
+def test_add_refuses_a_dependency_whose_cancel_was_acknowledged(
+    make_service, modules_dir, tmp_path
+):
+    # Found by a review of the job features: after= a "cancelling" job (running, its
+    # cancel acknowledged: it ends cancelled) was taken, and failed with 424 once the
+    # handler ended, where the jobs already waiting on it failed at the cancel.
+    write_module(modules_dir, "gate", GATE)
+    svc = make_service()
+    gate = tmp_path / "open"
+    running = add(svc, b"queue:add:gate:" + str(gate).encode())
+    wait_until(lambda: status(svc, running)["state"] == "running")
+    assert svc.call(b"queue:cancel:id:%d" % running) == b"cancelling"
+    reply = svc.call(b"queue:add?after=%d:echo:x" % running)
+    assert reply == b"424: Job %d cancelled" % running
+    gate.touch()
+    assert svc.call(b"queue:get:id:%d" % running) == b"410: Job %d cancelled" % running
+
+
 @pytest.mark.parametrize(
     "command, option",
     [

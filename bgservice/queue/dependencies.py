@@ -24,13 +24,15 @@ from bgservice.errors import DependencyFailed
 from bgservice.queue.engine import not_found
 from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
+from bgservice.queue.live import LiveJobs
 
 TURN = 1000  # recovered jobs placed between two turns of the loop
 
 
 class Dependencies:
-    def __init__(self, live: Callable[[int], bool], finished: FinishedJobs) -> None:
-        self._live = live  # id -> whether that job waits or runs
+    def __init__(self, jobs: LiveJobs, finished: FinishedJobs) -> None:
+        self._jobs = jobs  # the jobs that wait or run
+        self._live: Callable[[int], bool] = jobs.__contains__
         self._finished = finished
         self._blocked: dict[int, set[int]] = {}  # dependency id -> job ids
         # job id -> dependency ids not done yet: tuples, which the garbage collector stops
@@ -43,7 +45,9 @@ class Dependencies:
         """At ``queue:add``: 404 for an unknown dependency, 424 for one that did not
         succeed, before anything is stored."""
         for dep in after:
-            if self._live(dep):
+            if (live := self._jobs.get(dep)) is not None:
+                if live.cancel_requested:  # "cancelling": it ends cancelled (its dependents
+                    raise DependencyFailed(f"Job {dep} cancelled")  # failed at the cancel)
                 continue
             dependency = await self._finished.lookup(dep)
             if dependency is None:

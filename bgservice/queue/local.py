@@ -74,7 +74,7 @@ class LocalQueue(StoredSchedules, JobQueue):
         self._waiters: dict[int, asyncio.Future[Result]] = {}
         self._keys = UniqueKeys()
         self._finished = FinishedJobs(settings, store)
-        self._deps = Dependencies(self.jobs.__contains__, self._finished)
+        self._deps = Dependencies(self.jobs, self._finished)
         self._live = reports.Live(self.jobs, self._line, self._running, self._deps.blocked,
                                   self._deps.blocked_ids, lambda: self.rates,
                                   self._pump.held)  # fmt: skip

@@ -75,8 +75,8 @@ local blockers = {}
 for dep in string.gmatch(after, '%d+') do
   local st = live(jkey(dep))
   if not st then return {-404, 'Job ' .. dep .. ' not found (unknown or expired)'} end
-  if st == 'waiting' or st == 'running' then
-    blockers[#blockers + 1] = dep
+  if redis.call('HGET', jkey(dep), 'cancel_requested') == '1' then st = 'cancelled' end
+  if st == 'waiting' or st == 'running' then blockers[#blockers + 1] = dep
   elseif st ~= 'done' then
     return {-424, 'Job ' .. dep .. ' ' .. st}
   end
