@@ -9,13 +9,24 @@ Real service processes and a redis-server of each test's own, talked to over soc
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RedisServer, ServiceProcess, redis_command, redis_config, wait_until
+from tests.conftest import (
+    GATE,
+    RedisServer,
+    ServiceProcess,
+    redis_command,
+    redis_config,
+    wait_until,
+    write_module,
+)
 
 LOST = "has lost the queue's data"
 Start = Callable[..., ServiceProcess]
@@ -118,3 +129,22 @@ def test_a_flushall_is_said_without_waiting_for_an_add(start, own_redis):
     assert counter(own_redis) == b"$1\r\n3\r\n"
     assert add(svc, b"queue:add:echo:new") == 4
     assert svc.log().count(LOST) == 1, svc.log()
+
+
+def test_a_get_waiting_when_the_data_goes_is_answered(start, own_redis, tmp_path):
+    # A FLUSHALL sends no "done" and keeps the subscription: a queue:get waiting on a job
+    # then waited until its client gave up. Found with the loss, it is answered 404.
+    svc = start("a", own_redis.url, lease=1.5)
+    write_module(svc.modules, "gate", GATE)
+    wait_until(lambda: b'"gate"' in svc.call(b"service:modules"))
+    jid = add(svc, b"queue:add:gate:" + bytes(tmp_path / "never"))
+    wait_until(lambda: b'"running"' in svc.call(b"queue:status:id:%d" % jid))
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(svc.call, b"queue:get:id:%d" % jid, timeout=20)
+        # Its connection open (this call's is the other); then a moment for its first look
+        # at the job, which nothing outside shows. (A FLUSHALL before it: a 404 at once.)
+        wait_until(lambda: json.loads(svc.call(b"service:stats"))["connections"]["open"] >= 2)
+        time.sleep(0.3)
+        assert redis_command(own_redis.url, "FLUSHALL") == b"+OK\r\n"
+        assert waiting.result(timeout=30).startswith(b"404: Job %d not found" % jid)
+    svc.wait_for_log(LOST)

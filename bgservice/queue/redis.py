@@ -70,6 +70,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self.module_limits = module_limits
         self.conf = redis_settings
         self.db = RedisJobs(redis_settings, settings)
+        self.db.ids.gone = lambda: self._spawn(self._deliver_all())  # (Redis lost its data)
         self.register_schedule_scripts()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[int, Attempt] = {}

@@ -170,6 +170,12 @@ class Following:
         elif result is not True:
             self._settle(jid, waiter, result=result)
 
+    async def _deliver_all(self) -> None:
+        """Settle every waiter whose job has finished, or is gone (Redis lost its data: a
+        FLUSHALL sends no ``done``, and keeps the subscription)."""
+        for jid in list(self._waiters):
+            await self._deliver(jid)
+
     async def _subscribe(self, on_message: Callable[[bytes], None]) -> Subscription:
         """Follow the queue's channel (``P:events``): ``on_message(data)`` for each."""
         db = self.db
@@ -194,8 +200,7 @@ class Following:
                 delay = 0.1
                 self.db.batch.reached()  # Redis answers: the outage, if any, is over
                 self._wake.set()  # missed events while away: look again
-                for jid in list(self._waiters):
-                    await self._deliver(jid)
+                await self._deliver_all()
                 await channel.until_lost()
             except RedisError as exc:
                 if channel is not None:  # it was followed: lost (a restart, a freeze)

@@ -154,6 +154,7 @@ class Ids:
         self.where = where  # the url, redacted, for the line
         self.call = call  # (RedisJobs.call)
         self.mark = 0
+        self.gone: Callable[[], None] = lambda: None  # told of a loss (the waiters: 404)
         self._opened = asyncio.Event()  # set: a new connection, to a Redis maybe emptied
 
     def seen(self, jid: int) -> None:
@@ -190,6 +191,7 @@ class Ids:
             self.seen(found)  # ids another instance handed out: a client may hold them
 
     def lost(self, found: int, mark: int) -> None:
+        self.gone()
         log.warning("Redis at %s has lost the queue's data (a restart without persistence, "
                     "FLUSHALL, a failover to a replica without it): its id counter was %d, "
                     "below the ids up to %d this instance has handed out or seen; ids go on "
