@@ -125,6 +125,7 @@ class RedisSettings:
     lease: float = 30.0
     connect_timeout: float = 2.0
     command_timeout: float = 5.0  # s a command may wait for Redis's reply (redis_db.py)
+    url_from: str = "[redis] url"  # or $BGSERVICE_REDIS_URL (config_env): errors name it
 
 
 @dataclass(frozen=True)

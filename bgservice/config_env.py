@@ -25,7 +25,7 @@ def apply_env(http: dict[str, Any], redis: dict[str, Any]) -> None:
                           f"{MIN_TOKEN_CHARS} characters")  # fmt: skip
     if url := os.environ.get(REDIS_URL_ENV):
         try:
-            redis["url"] = check_redis_url(url)
+            redis["url"], redis["url_from"] = check_redis_url(url), f"${REDIS_URL_ENV}"
         except ValueError as exc:  # (its messages never quote the URL)
             raise ConfigError(f"${REDIS_URL_ENV} (it replaces [redis] url): {exc}") from None
 

@@ -513,6 +513,21 @@ def test_the_redis_url_from_the_environment_is_the_one_used(tmp_path, own_redis,
         svc.stop()
 
 
+def test_a_redis_url_from_the_environment_that_redis_refuses_is_named_so(
+    tmp_path, own_redis, monkeypatch
+):
+    # The file's [redis] url was named, though the variable's URL was the one refused.
+    monkeypatch.setenv("BGSERVICE_REDIS_URL", own_redis.url + "?password=wrong")
+    svc = ServiceProcess(tmp_path, "", backend_config=redis_config(own_redis.url, "envbad"))
+    svc.start(wait=False)
+    try:
+        assert svc.wait() == 2, svc.log()
+    finally:
+        svc.stop()
+    assert "configuration error: $BGSERVICE_REDIS_URL redis://" in svc.log(), svc.log()
+    assert "Redis refuses it" in svc.log() and "wrong" not in svc.log()
+
+
 @pytest.mark.parametrize(
     ("tail", "why"),
     [("?password=wrong", "AUTH"), ("/99", "DB index is out of range")],

@@ -108,7 +108,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
                 log.error("Redis at %s refuses commands (%s): queue commands reply 503 "
                           "until it takes them", self.db.where, exc)  # fmt: skip
             else:  # not an outage: waiting will not fix a wrong password, user or db number
-                raise ConfigError(f"[redis] url {self.db.where}: Redis refuses it: {exc}") from None
+                raise ConfigError(f"{self.db.named}: Redis refuses it: {exc}") from None
         except RedisError as exc:
             log.error("Redis at %s does not answer (%s): queue commands reply 503 until it "
                       "does", self.db.where, exc)  # fmt: skip

@@ -131,6 +131,7 @@ class RedisJobs:
         self.prefix = conf.prefix
         self.settings = settings
         self.where = redact_url(conf.url)  # for log lines
+        self.named = f"{conf.url_from} {self.where}"  # for errors: which setting, and its URL
         # How long Redis may take to answer a command or a pipeline (and to answer a ping
         # on the subscription after as long without a message): [redis] command_timeout,
         # 5 s unless set (a shorter one takes a busy Redis's pause for an outage).
@@ -189,7 +190,7 @@ class RedisJobs:
                 await step()
             except ResponseError as exc:
                 if refusal(exc):
-                    raise ConfigError(f"[redis] url {self.where}: the Redis user may not {what} "
+                    raise ConfigError(f"{self.named}: the Redis user may not {what} "
                                       f"(docs/deploy.md, Redis): {exc}") from None  # fmt: skip
                 raise
 
