@@ -148,3 +148,6 @@ def test_a_get_waiting_when_the_data_goes_is_answered(start, own_redis, tmp_path
         assert redis_command(own_redis.url, "FLUSHALL") == b"+OK\r\n"
         assert waiting.result(timeout=30).startswith(b"404: Job %d not found" % jid)
     svc.wait_for_log(LOST)
+    # Its running attempt learns it at the next renewal, in words that fit (no other
+    # attempt took it over: there is none).
+    svc.wait_for_log(f"job {jid}: lease lost (taken over by another attempt, or Redis lost the")

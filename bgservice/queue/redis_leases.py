@@ -247,8 +247,9 @@ class RedisLeases:
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
                 if not reply:  # the lease was lost while it ran
-                    log.warning("job %d (%s): lease lost while it ran; another attempt runs "
-                                "it, this result is discarded", job.id, job.module)  # fmt: skip
+                    log.warning("job %d (%s): lease lost while it ran (another attempt runs "
+                                "it, or Redis lost the job): this result is discarded", job.id,
+                                job.module)  # fmt: skip
                     return False, None
                 if reply[0] == 2:  # a cancel recorded while it ran: the job ended cancelled
                     job.cancel_requested = True
@@ -279,7 +280,8 @@ class RedisLeases:
             held[int(raw)].job.cancel_requested = True
         for jid in map(int, lost):  # not an attempt whose end was recorded meanwhile
             if self._running.get(jid) is held[jid] and jid not in self._ending:
-                log.warning("job %d: lease lost (taken over by another attempt): its "
-                            "handler is told to stop (request.job.cancelled)", jid)  # fmt: skip
+                log.warning("job %d: lease lost (taken over by another attempt, or Redis lost "
+                            "the job): its handler is told to stop (request.job.cancelled)",
+                            jid)  # fmt: skip
                 held[jid].job.cancel_requested = True
                 self._lost.add(held[jid].token)
