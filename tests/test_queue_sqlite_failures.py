@@ -5,6 +5,7 @@ the backup and restore of docs/deploy.md. Each on a real service over real socke
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -78,12 +79,13 @@ class Locked:
         self.conn.close()
 
 
-def test_a_jobs_end_a_locked_database_did_not_take_is_stored_once_it_is_free(
-    make_service, modules_dir, tmp_path
-):
-    # Found by review: the commit of a job's end failed (the database locked past the busy
-    # timeout) and the end was only logged: the row stayed "running", and after a clean
-    # restart the job ran a second time; each refused add was two ERROR lines.
+@contextlib.contextmanager
+def _ended_while_locked(
+    make_service, modules_dir: Path, tmp_path: Path
+) -> Iterator[tuple[ServiceProcess, Path, int]]:
+    """(service, db, job id): a gate job that started (on disk), then ended (its result
+    delivered, from memory) while an operator's session holds the write lock, released
+    when the block ends."""
     write_module(modules_dir, "gate", GATE)
     svc = _settled(make_service())
     db, gate = tmp_path / "jobs.db", tmp_path / "gate-open"
@@ -91,7 +93,19 @@ def test_a_jobs_end_a_locked_database_did_not_take_is_stored_once_it_is_free(
     operator = Locked(db)
     try:
         gate.touch()
-        assert svc.call(b"queue:get:id:%d" % jid) == b"open"  # delivered, from memory
+        assert svc.call(b"queue:get:id:%d" % jid) == b"open"
+        yield svc, db, jid
+    finally:
+        operator.release()
+
+
+def test_a_jobs_end_a_locked_database_did_not_take_is_stored_once_it_is_free(
+    make_service, modules_dir, tmp_path
+):
+    # Found by review: the commit of a job's end failed (the database locked past the busy
+    # timeout) and the end was only logged: the row stayed "running", and after a clean
+    # restart the job ran a second time; each refused add was two ERROR lines.
+    with _ended_while_locked(make_service, modules_dir, tmp_path) as (svc, db, jid):
         adds = Framed(svc.tcp, timeout=30)  # (each commit waits out the busy timeout, 5 s)
         adds.send(*(b"queue:add:echo:while locked %d" % i for i in range(3)))
         one_shot = svc.call(b"queue:add:echo:one more", timeout=30)
@@ -99,8 +113,6 @@ def test_a_jobs_end_a_locked_database_did_not_take_is_stored_once_it_is_free(
         adds.close()
         assert _row(db, jid) == ("running", 1)  # its end not stored yet
         assert status(svc, jid)["state"] == "done"
-    finally:
-        operator.release()
     wait_until(lambda: _row(db, jid) == ("done", 1))  # written once the lock went
     assert _runs(db) == [(jid, 1, "done")]
     cause = b"Job store unavailable: database is locked"
@@ -122,18 +134,9 @@ def test_a_jobs_end_a_locked_database_did_not_take_is_stored_once_it_is_free(
 def test_a_stop_while_the_database_is_locked_names_the_jobs_whose_state_it_did_not_store(
     make_service, modules_dir, tmp_path
 ):
-    write_module(modules_dir, "gate", GATE)
-    svc = _settled(make_service())
-    db, gate = tmp_path / "jobs.db", tmp_path / "gate-open"
-    jid = _running_on_disk(svc, db, gate)
-    operator = Locked(db)
-    try:
-        gate.touch()
-        assert svc.call(b"queue:get:id:%d" % jid) == b"open"
+    with _ended_while_locked(make_service, modules_dir, tmp_path) as (svc, db, jid):
         svc.wait_for_log("database is locked")  # (the end's commit failed)
         assert svc.stop() == 0  # (its last try waits out the busy timeout too)
-    finally:
-        operator.release()
     assert re.search(
         rf"ERROR .*job store: stopped with the state changes of 1 jobs not stored \(database "
         rf"is locked\): .* jobs {jid}$", svc.log(), re.M
