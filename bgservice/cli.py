@@ -25,7 +25,6 @@ from bgservice import __version__, cli_client, config, logs, open_files, preflig
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.config_checks import redact_url
-from bgservice.config_env import REDIS_URL_ENV
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -54,7 +53,7 @@ def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str
     held = [name for name, there in (
         ("[http] token", bool(settings.http.token)), ("[http] tokens", bool(settings.http.tokens)),
         ("a password in [redis] url", redact_url(settings.redis.url) != settings.redis.url
-         and not os.environ.get(REDIS_URL_ENV)),  # (else its URL is the environment's)
+         and settings.redis.url_from == "[redis] url"),  # (not $BGSERVICE_REDIS_URL's)
     ) if there]  # fmt: skip
     try:
         mode = config_path.stat().st_mode if config_path is not None and held else 0

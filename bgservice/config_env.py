@@ -28,4 +28,3 @@ def apply_env(http: dict[str, Any], redis: dict[str, Any]) -> None:
             redis["url"], redis["url_from"] = check_redis_url(url), f"${REDIS_URL_ENV}"
         except ValueError as exc:  # (its messages never quote the URL)
             raise ConfigError(f"${REDIS_URL_ENV} (it replaces [redis] url): {exc}") from None
-
