@@ -135,7 +135,7 @@ async def test_dependencies_of_recovered_jobs_are_read_in_one_go(tmp_path):
     await store.open()
     live: dict[int, Job] = {}
     finished = FinishedJobs(None, store)  # type: ignore[arg-type]  # (settings: expiry only)
-    deps = Dependencies(live.__contains__, finished)
+    deps = Dependencies(live, finished)  # type: ignore[arg-type]  # (a dict: LiveJobs' operations)
     recovered = [Job(id=10_000 + i, module="echo", data=b"", state=JobState.WAITING,
                      priority=0, run_at=now, created=now, after=(i, count + 5))
                  for i in range(1, count + 2)]  # fmt: skip
