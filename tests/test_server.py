@@ -354,22 +354,18 @@ def test_a_queue_get_of_a_job_that_cannot_start_any_more_gets_503_at_once(make_s
     running = svc.call(b"queue:add:sleep:60000")
     waiting = svc.call(b"queue:add:sleep:10")
     wait_until(lambda: svc.call(b"queue:check:" + running) == b"1")
-    got: list[tuple[bytes, float]] = []
-
-    def get() -> None:
-        reply = svc.call(b"queue:get:" + waiting)
-        got.append((reply, time.monotonic()))
-
-    caller = threading.Thread(target=get)
-    caller.start()
-    # The get's connection, beside the stats call's own: the get is waiting.
-    wait_until(lambda: svc.stats()["connections"]["open"] >= 2)
+    framed = svc.framed()
+    # The get rides in one read with a call that shows in flight: when the call is seen
+    # there, the get was dispatched before it and waits. (A one-shot get's open connection
+    # was not enough: on a loaded machine its bytes could still be unread at the SIGTERM,
+    # and it got the plain "503: Shutting down" of a request that never started.)
+    framed.send(b"queue:get:" + waiting, b"sleep:60000")
+    wait_until(lambda: svc.stats()["in_flight"].get("sleep", 0) >= 2)  # the job and the call
     svc.signal(signal.SIGTERM)
     stopped = time.monotonic()
-    caller.join(30)
-    assert got and got[0][0] == b"503: Shutting down: job %s is still queued" % waiting[3:]
+    assert framed.recv() == (503, b"Shutting down: job %s is still queued" % waiting[3:])
     # Not at the end of the grace: that is 60 s away (the bound leaves a busy machine room).
-    assert got[0][1] - stopped < 20
+    assert time.monotonic() - stopped < 20
     svc.signal(signal.SIGTERM)  # the sleep would hold the stop to the end of its grace
     assert svc.wait() == 1
 
