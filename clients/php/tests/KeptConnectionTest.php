@@ -327,7 +327,9 @@ final class KeptConnectionTest extends ServiceTestCase
                             $wrong += $bg->call("echo", "$k.$n.$i") === "$k.$n.$i" ? 0 : 1;
                         }
                     }
-                    echo json_encode(["child", $wrong]), "\n";
+                    // One write (a line under PIPE_BUF): two, and lines of two children
+                    // could interleave ("[..][..]\n\n", a CI flake).
+                    echo json_encode(["child", $wrong]) . "\n";
                     posix_kill(getmypid(), SIGKILL);  // no shutdown: a worker killed
                 }
                 $children[] = $pid;
@@ -341,7 +343,7 @@ final class KeptConnectionTest extends ServiceTestCase
                 pcntl_waitpid($pid, $status);
             }
             $after = $shared->stats()["connections"]["total"];
-            echo json_encode(["parent", $wrong, $after - $before]), "\n";';
+            echo json_encode(["parent", $wrong, $after - $before]) . "\n";';
         $output = (string)shell_exec(escapeshellarg(PHP_BINARY) . ' -r ' . escapeshellarg($script) . ' 2>&1');
         $lines = array_map(fn (string $line): mixed => json_decode($line, true), explode("\n", trim($output)));
         sort($lines);
