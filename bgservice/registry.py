@@ -1,10 +1,10 @@
 """The modules folder -> name -> loaded module, swapped atomically, last good version kept.
 
 Reloading follows Erlang rather than ``importlib.reload``: a changed file is imported into a
-fresh module object (off the event loop), and only when that import succeeds does the new
-version replace the old one. Calls already running keep the old version; its unload hook
-runs once the last of them has finished. A file that fails to import leaves the last good
-version serving and records the error, which a module that never loaded answers with.
+fresh module object (off the event loop), and only an import that succeeds replaces the old
+version. Calls already running keep the old one; its unload hook runs once the last ends. A
+file that fails to import leaves the last good version serving and records the error, which
+a module that never loaded answers with.
 
 Files (``declarations.classify``): ``NAME.py`` is module ``NAME``, ``_NAME.py`` a helper that
 modules import with ``from . import _NAME`` (package ``bgservice_modules``); others ignored.
@@ -90,8 +90,7 @@ class ModuleVersion:
             self._idle()
 
     def retire(self, on_idle: Callable[[ModuleVersion], None]) -> None:
-        """No new calls get this version; ``on_idle`` runs once no call uses it (now, if
-        none does)."""
+        """No new calls get this version; ``on_idle`` runs once no call uses it (now, maybe)."""
         self.retired = True
         self._on_idle = on_idle
         if self.active == 0:
@@ -117,14 +116,11 @@ class ModuleEntry:
 
     @property
     def state(self) -> str:
-        if self.version is None:
-            return "failed"
-        return "stale" if self.error else "loaded"
+        return "failed" if self.version is None else "stale" if self.error else "loaded"
 
 
 class _FreshLoader(importlib.machinery.SourceFileLoader):
-    """Compiles from source every time, bypassing ``__pycache__``: keyed on the mtime in
-    whole seconds and the size, it would run stale bytecode after two quick saves."""
+    """Compiles from source every time: ``__pycache__`` (whole-second mtime, size) goes stale."""
 
     preset: bytes | None = None  # the exact source to compile (worker processes)
 
@@ -236,6 +232,8 @@ class Registry:
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
         self._new = logging.INFO  # how the load of a module not loaded before is logged
+        # False once the folder was replaced (reloader.py): its files are another release's.
+        self.same_folder: Callable[[], bool] = lambda: True
         install_package(self.folder)
 
     def get(self, name: str) -> ModuleEntry | None:
@@ -281,7 +279,7 @@ class Registry:
                 await self._helper_changed(kind[1])
             elif (self.folder / filename).is_file():
                 await self._load(kind[1])
-            else:
+            elif self.same_folder():  # (gone from another folder under its name: not gone)
                 self._drop(kind[1])
 
     def _misnamed_seen(self, filename: str) -> None:
@@ -313,6 +311,8 @@ class Registry:
         path = self.folder / f"{name}.py"
         # A tiny read on the loop's threads, never behind a stuck import; these bytes import.
         source, digest, mtime = await asyncio.get_running_loop().run_in_executor(None, _read, path)
+        if not self.same_folder():  # replaced while it was read
+            return
         # A new module's entry goes in once its first import has ended (loaded, or failed):
         # meanwhile "Unknown request", not a 502 "failed to load: None" (a CI flake).
         entry = self._entries.get(name) or ModuleEntry(name)

@@ -144,6 +144,9 @@ class Reloader:
             )  # fmt: skip
         self._watches = Watches(observer, self._forward)
         self._identity = _identity(self.folder)
+        # Read by each load after its read: a swap between the check and a load in flight
+        # (the rescan's, an edit's) would else load the other release's file.
+        self.registry.same_folder = lambda: _identity(self.folder) == self._identity
         self._check = loop.call_later(FOLDER_CHECK, self._check_folder)
         self._rescan()
 

@@ -422,6 +422,34 @@ def test_a_replaced_modules_folder_is_reported(tmp_path, make_service, how):
     assert svc.call(b"m:x") == b"v1"  # what it had keeps serving
 
 
+def test_a_load_under_way_as_the_folder_is_swapped_reads_nothing_of_the_new_one(
+    tmp_path, make_service
+):
+    # A CI flake: a load of the old folder's file begun before a "mv modules.new modules"
+    # (the look at every file after the start) read the new folder's file under that name.
+    # Here a helper's change reloads every module, one by one: "a" takes a second to import,
+    # and the folder is swapped meanwhile; "m" comes next.
+    slow = "import time\nfrom . import _h\ntime.sleep(1.5)\n" + version("a")
+    old, new = tmp_path / "modules", tmp_path / "release2"
+    for folder, tag in ((old, "v1"), (new, "v2")):
+        folder.mkdir()
+        write_module(folder, "_h", "X = 1\n")
+        write_module(folder, "a", slow)
+        write_module(folder, "m", "from . import _h\n" + version(tag))
+    svc = make_service()
+    assert svc.call(b"m:x") == b"v1"
+    write_module(old, "_h", "X = 2\n")
+    svc.wait_for_log("helper _h changed: reloading every module")
+    old.rename(tmp_path / "modules.old")
+    new.rename(old)
+    svc.wait_for_log(f"modules folder {old} was moved, deleted or replaced")
+    svc.wait_for_log("module a reloaded")  # read before the swap: the old folder's
+    deadline = time.monotonic() + 1  # (m's load, which comes next, would be done by then)
+    while time.monotonic() < deadline:
+        assert svc.call(b"m:x") == b"v1"
+    assert "module m reloaded" not in svc.log()
+
+
 
 def test_a_modules_folder_moved_back_resumes_reloads_with_what_changed_away(
     tmp_path, make_service
