@@ -95,12 +95,12 @@ class QueueSettings:
     max_interruptions: int = 3  # runs cut by a crash, then the job fails (a poison pill)
     backoff: float = 1.0
     backoff_max: float = 300.0
+    backoff_jitter: float = 0.25  # a retry waits 75-100 % of its backoff (engine.decide)
     max_waiting: int = 100_000
     max_waiting_bytes: int = 1 << 30  # the data of waiting and running jobs (embedded)
     commit_ms: float = 0.0
     backend: str = "sqlite"
-    # A queued job without timeout= whose module sets no TIMEOUT; None: no limit (a job
-    # may run for days). call_timeout is for synchronous calls, whose caller is waiting.
+    # A job without timeout= whose module sets no TIMEOUT; None: none (it may run for days).
     job_timeout: float | None = None
     # Job names and tags: the longest name, the most tags, and how many distinct names
     # /metrics labels on their own (the rest count as name="other"). docs/queue.md.

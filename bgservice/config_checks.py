@@ -292,6 +292,7 @@ QUEUE_CHECKS: dict[str, Check] = {
     "max_interruptions": _non_negative_int,
     "backoff": _non_negative_number,
     "backoff_max": _non_negative_number,
+    "backoff_jitter": _at_most(1.0),
     "max_waiting": _positive_int,
     "max_waiting_bytes": _positive_int,
     "commit_ms": _at_most(60_000.0),  # a thread's wait: Python refuses one past ~292 years

@@ -295,6 +295,7 @@ def test_unknown_key_in_a_listener(tmp_path):
         ("[queue]\njob_timeout = 4e9\n", "job_timeout", 2, "up to 3155760000"),
         ("[limits]\nudp_queue = true\n", "udp_queue", 2, "whole number"),
         ("[queue]\nretries = -1\n", "retries", 2, "at least 0"),
+        ("[queue]\nbackoff_jitter = 1.5\n", "backoff_jitter", 2, "at most 1"),
         ("[log]\nverbose = 1\n", "verbose", 2, "true or false"),
         ('[log]\nglobal_handler = "loud"\n', "global_handler", 2, "-EE"),
         ('allow = "127.0.0.1"\n', "allow", 1, "list of networks"),

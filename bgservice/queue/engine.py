@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import random
 import time
 from collections.abc import Container, Iterable
 from concurrent.futures import Future
@@ -83,7 +84,9 @@ class Outcome:
     run_at: float | None = None  # set for a retry
 
 
-def decide(job: Job, status: int, body: bytes, now: float, backoff_max: float) -> Outcome:
+def decide(
+    job: Job, status: int, body: bytes, now: float, backoff_max: float, jitter: float = 0.0
+) -> Outcome:
     """Cancel asked -> cancelled; OK -> done; 5xx with retries left -> retry after an
     exponential backoff; anything else (4xx: the request itself is wrong) -> failed."""
     if job.cancel_requested:
@@ -94,6 +97,10 @@ def decide(job: Job, status: int, body: bytes, now: float, backoff_max: float) -
         # The exponent is capped: 2**1100 does not fit a float, and past 2**60 every
         # backoff is at backoff_max anyway.
         delay = min(job.backoff * 2.0 ** min(job.attempts - 1, 60), backoff_max)
+        # Shortened by up to ``jitter`` of it, at random: jobs that failed together (their
+        # database down) come back spread out, not all in the same instant; never longer
+        # than the backoff a user reads in the docs, never past backoff_max.
+        delay *= 1.0 - jitter * random.random()
         return Outcome(JobState.WAITING, status, body, now + delay)
     return Outcome(JobState.FAILED, status, body)
 
@@ -235,7 +242,8 @@ class JobQueue(abc.ABC):
     def conclude(self, job: Job, status: int, body: bytes, now: float) -> Outcome:
         """``decide`` the attempt's outcome, and count it: its duration for ``/metrics``,
         an alert when the job ends ``failed``."""
-        outcome = decide(job, status, body, now, self.settings.backoff_max)
+        settings = self.settings
+        outcome = decide(job, status, body, now, settings.backoff_max, settings.backoff_jitter)
         if job.started is not None:
             kind = "retry" if outcome.state is JobState.WAITING else str(outcome.state)
             key = (job.module, self.name_label(job.name), kind)
