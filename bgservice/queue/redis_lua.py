@@ -178,12 +178,13 @@ local function wake()
   if left then redis.call('PUBLISH', P .. ':events', 'cascade') end
 end
 
-local function live(jk)
-  -- A job's state, or nil when it does not exist or its result has expired.
-  local f = redis.call('HMGET', jk, 'state', 'expires')
+local function live(jk, ...)
+  -- A job's state, or nil when it does not exist or its result has expired; then the
+  -- values of the fields named after jk, read in the same HMGET (ADD's after=).
+  local f = redis.call('HMGET', jk, 'state', 'expires', ...)
   if not f[1] then return nil end
   if f[2] and tonumber(f[2]) < now then return nil end
-  return f[1]
+  return f[1], unpack(f, 3)
 end
 
 local function known(id)

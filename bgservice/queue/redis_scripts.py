@@ -73,9 +73,9 @@ if held >= tonumber(ARGV[3]) then
 end
 local blockers = {}
 for dep in string.gmatch(after, '%d+') do
-  local st = live(jkey(dep))
+  local st, cancelling = live(jkey(dep), 'cancel_requested')
   if not st then return {-404, 'Job ' .. dep .. ' not found (unknown or expired)'} end
-  if redis.call('HGET', jkey(dep), 'cancel_requested') == '1' then st = 'cancelled' end
+  if cancelling == '1' then st = 'cancelled' end
   if st == 'waiting' or st == 'running' then blockers[#blockers + 1] = dep
   elseif st ~= 'done' then
     return {-424, 'Job ' .. dep .. ' ' .. st}
