@@ -99,11 +99,17 @@ class Failing:
         return time.monotonic() >= self._retry_at
 
 
+def primary_code(exc: BaseException) -> int:
+    """SQLite's primary result code of ``exc`` (SQLITE_FULL, not its extended code, in the
+    low byte); 0 for an error that is not SQLite's (an OSError)."""
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
 def damaged(exc: BaseException, path: Path) -> str:
     """What to do, when ``exc`` says the database file is damaged (SQLITE_CORRUPT,
     SQLITE_NOTADB: retrying mends nothing, and its commits fail wherever they touch the
     damaged pages); else "". Said with the cause, as the operator must act."""
-    if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in _DAMAGED:
+    if primary_code(exc) not in _DAMAGED:
         return ""
     where = shlex.quote(str(path))
     return (f"; the database file {path} is damaged: stop the service, check it with "

@@ -15,6 +15,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+from bgservice.queue.sqlite_failures import primary_code
+
 log = logging.getLogger(__name__)
 
 # The schema's version, in the file's header (PRAGMA user_version), written when the file is
@@ -227,7 +229,7 @@ def no_space(path: Path, exc: BaseException) -> UnusableDatabase | None:
     """What the start's failure ``exc`` is when the device holding ``path`` is full: SQLite
     says "database or disk is full" or, for its -shm, "disk I/O error" (taken for it with
     less than ``ROOM`` free); DB.lock's write "No space left on device". Else None."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    code = primary_code(exc)
     sure = code == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == errno.ENOSPC
     if not sure and code != sqlite3.SQLITE_IOERR:
         return None
