@@ -25,6 +25,7 @@ from bgservice import __version__, cli_client, config, logs, open_files, preflig
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.config_checks import redact_url
+from bgservice.config_env import file_redis_url
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -50,13 +51,17 @@ def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str
     """A config file holding a secret that every user of the host may read: the install
     comment's ``install -m 644`` left HTTP tokens and the Redis password world-readable.
     A warning (as sshd refuses such a key file, but a start must not fail on an upgrade)."""
+    if config_path is None:
+        return None
+    url = settings.redis.url  # the file's, unless $BGSERVICE_REDIS_URL replaced it:
+    if settings.redis.url_from != config.RedisSettings.url_from:  # then what the file says
+        url = file_redis_url(config_path)
     held = [name for name, there in (
         ("[http] token", bool(settings.http.token)), ("[http] tokens", bool(settings.http.tokens)),
-        ("a password in [redis] url", redact_url(settings.redis.url) != settings.redis.url
-         and settings.redis.url_from == "[redis] url"),  # (not $BGSERVICE_REDIS_URL's)
+        ("a password in [redis] url", redact_url(url) != url),
     ) if there]  # fmt: skip
     try:
-        mode = config_path.stat().st_mode if config_path is not None and held else 0
+        mode = config_path.stat().st_mode if held else 0
     except OSError:
         return None
     if not mode & stat.S_IROTH:

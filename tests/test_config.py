@@ -912,3 +912,15 @@ def test_a_start_warns_of_a_config_every_user_may_read_with_a_secret_in_it(make_
     svc.start()
     svc.wait_for_log(f"{svc.config} holds [http] token, and every user may read it (mode 644)")
     assert "s3cret-token-1" not in svc.log()
+
+
+def test_a_password_in_the_files_redis_url_is_warned_of_with_the_variable_set(make_service):
+    # Found by review: with $BGSERVICE_REDIS_URL set, the check looked at the variable's
+    # URL only, and a password still written in a file every user may read went unsaid.
+    svc = make_service('[redis]\nurl = "redis://:s3cret-pw@127.0.0.1:6379/0"\n', start=False)
+    svc.config.chmod(0o644)
+    svc.env["BGSERVICE_REDIS_URL"] = "redis://127.0.0.1:6379/1"  # (sqlite: Redis unused)
+    svc.start()
+    svc.wait_for_log(f"{svc.config} holds a password in [redis] url, and every user may "
+                     "read it (mode 644)")  # fmt: skip
+    assert "s3cret-pw" not in svc.log()
