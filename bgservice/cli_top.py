@@ -10,6 +10,8 @@ with ``once``, it prints one screen and exits. The rate needs two readings of
 A service lost while the live view runs (a restart, a deploy) is a screen of its own,
 retried every interval until it answers again: the view is there when it comes back. One
 down at the start is not retried (exit 3, as every command): a wrong -a would wait forever.
+A reply longer than --max-reply-bytes is no outage: it ends top, at any screen, as it ends
+every command (exit 5, naming the option to raise).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, TextIO
 import click
 
 from bgservice.cli_format import top_lines
-from bgservice.client import Client, ClientTimeout, ReplyError, ServiceDown
+from bgservice.client import Client, ClientTimeout, ReplyError, ReplyTooLarge, ServiceDown
 
 INTERRUPTED = 130  # the exit code of a Ctrl-C, as a shell reports SIGINT (cli_client's too)
 WAITING_LISTED = 500  # waiting jobs fetched to count per module; the total comes from stats
@@ -185,10 +187,14 @@ View = dict[str, Any] | Lost  # what a screen shows: a reading, or why there is 
 def _reading(watcher: Watcher, last: View) -> View:
     """The next reading, or the outage it is part of: dated from when its first failed
     reading was asked (the time a restart began), with the latest error (refused while it
-    starts, say)."""
+    starts, say). A reply longer than --max-reply-bytes (the waiting list grown) is no
+    outage: it ends top as it ends every command, saying the option to raise (exit 5),
+    where the screen said "not answering (down)" of a service that answered, for ever."""
     asked = time.time()  # (a stopped service answers only at the timeout: since then)
     try:
         return watcher.view()
+    except ReplyTooLarge:  # (a ServiceDown to the client: its connection is closed)
+        raise
     except (*NOT_ANSWERING, ReplyError) as exc:
         if isinstance(exc, ReplyError) and not _stopping(exc):
             raise  # any other error reply: as every command, exit 1

@@ -207,3 +207,22 @@ def test_top_says_a_queue_whose_redis_is_away_apart_from_a_service_down(tmp_path
             assert view.running() and view.finish()[0] == 130
     finally:
         svc.stop()
+
+
+def test_top_says_a_reply_too_large_and_the_option_to_raise(service):
+    # Found by review: a reply over --max-reply-bytes after the first screen (the waiting
+    # list grown) was taken for the service down: "not answering (..., down)", retried
+    # for ever, while the service answered. Every other command says "reply too large".
+    host, port = service.tcp
+    with top(f"{host}:{port}", "-n", "0.2", "--max-reply-bytes", "4000") as view:
+        view.wait_for(rb"requests \d")  # screens within the limit
+        name = b"n" * 150  # (each waiting job's line in queue:list is about 600 bytes)
+        for _ in range(10):
+            assert service.call(b"queue:add?delay=3600&name=%s:echo:x" % name).startswith(b"id:")
+        wait_until(lambda: not view.running() or re.search(NOT_ANSWERING, view.output))
+        assert re.search(NOT_ANSWERING, view.output) is None, view.output[-400:]
+        returncode, err = view.finish(interrupt=False)
+    assert returncode == 5, err
+    assert err.startswith(b"bgservice: reply too large: "), err
+    assert b"more than --max-reply-bytes 4000" in err, err
+    assert view.output.endswith(LEAVE), view.output[-80:]
