@@ -6,7 +6,8 @@ alive they compile a 10 KB source in milliseconds. So the compiler modules share
 ``$BGSERVICE_COMPILER_PROCESSES`` (2) node processes: the first started by the first
 compile, another only when a compile finds every running one busy; one that died is
 replaced by the next compile that needs it (the calls in flight in it get a 503); all are
-stopped when the last module using them unloads. Requests are JSON lines tagged with an
+stopped when the last module using them unloads (one whose import failed after
+making its ``Compiler`` never counts: ``release``). Requests are JSON lines tagged with an
 id, so many compiles can be sent at once and the handlers only ``await``: the event loop
 never waits on a compiler. A node process compiles one source at a time, so a compile
 goes to an idle process where there is one: a slow compile delays only those sent to its
@@ -45,8 +46,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
+import types
 import urllib.parse
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +294,6 @@ class NodeCompilers:
     """The node processes running server.js, shared by the compiler modules."""
 
     def __init__(self, size: int = PROCESSES) -> None:
-        self.users = 0
         self.size = size
         self._procs: list[asyncio.subprocess.Process] = []  # running, oldest first
         self._pending: dict[int, _Sent] = {}  # by request id
@@ -543,29 +546,49 @@ class NodeCompilers:
 
 
 _shared = NodeCompilers()
-# Modules import in the loader's threads, several at once at start, while release runs on
-# the loop: the count is read and written under a lock.
+# The Compilers made and not released yet. Modules import in the loader's threads, several
+# at once at start, while release runs on the loop: the set is changed under a lock.
+_users: set[Compiler] = set()
 _users_lock = threading.Lock()
 
 
-def acquire(include_dirs: list[str] | None = None) -> NodeCompilers:
-    """The shared process, for a module to keep; pair with ``await release(...)`` in unload.
-
-    Counting users keeps the process alive while one module reloads (the new version
-    acquires before the old one releases) and stops it when the last one goes. Its
-    ``include_dirs`` are folders node may read from now on."""
+def acquire(user: Compiler, include_dirs: list[str] | None = None) -> NodeCompilers:
+    """The shared processes, for ``user`` to keep; pair with ``await release(user)`` in
+    its module's unload. Its ``include_dirs`` are folders node may read from now on."""
     with _users_lock:
-        _shared.users += 1
+        _users.add(user)
     _shared.allow(include_dirs or [])
     return _shared
 
 
-async def release(compilers: NodeCompilers) -> None:
+async def release(user: Compiler) -> None:
+    """Stop the processes once no loaded module uses them. Users are kept, not counted:
+    the new version of a module acquires before the old one releases, which keeps the
+    processes up across a reload; and a module whose import failed after its Compiler
+    was made (an exception further down its file, a bad declaration) is never unloaded,
+    so its Compiler is dropped here instead, found out by ``serving`` (a count taken
+    for it kept node up until the service stopped). A version replaced or removed, its
+    unload still to come, goes with them: node answers what it was sent before it exits
+    (``stop``), and one started by a later compile of it is stopped by its own release."""
     with _users_lock:
-        compilers.users -= 1
-        last = compilers.users <= 0
+        _users.discard(user)
+        _users.difference_update([u for u in _users if not u.serving()])
+        last = not _users
     if last:
-        await compilers.stop()
+        await _shared.stop()
+
+
+def _importing() -> tuple[str, weakref.ref[types.ModuleType]] | None:
+    """The name and module whose top-level code is making a Compiler (the first caller
+    outside this file); None when it is not the module of that name in sys.modules."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals is globals():
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", "")
+    module = sys.modules.get(name)
+    if module is None or vars(module) is not frame.f_globals:
+        return None
+    return name, weakref.ref(module)
 
 
 class Compiler:
@@ -595,7 +618,17 @@ class Compiler:
         self.module = module or lang
         self.options = frozenset(options)
         self.include_dirs = include_dirs
-        self.compilers = acquire(include_dirs)
+        self._home = _importing()
+        self.compilers = acquire(self, include_dirs)
+
+    def serving(self) -> bool:
+        """Whether its module is the one loaded under its name (or still importing). The
+        registry takes a module whose import failed out of sys.modules (the last good
+        version, if any, goes back), and a replaced or removed one's unload comes."""
+        if self._home is None:  # (made elsewhere: kept until released)
+            return True
+        name, module = self._home
+        return (loaded := module()) is not None and sys.modules.get(name) is loaded
 
     async def handle_tcp(self, request: Any) -> bytes:
         options, source = parse(request.data, self.options)
@@ -608,7 +641,7 @@ class Compiler:
         return await self.compilers.compile(self.lang, source, options, self.module)
 
     async def unload(self) -> None:
-        await release(self.compilers)
+        await release(self)
 
     def stats(self) -> dict[str, Any]:
         return self.compilers.stats(self.module)

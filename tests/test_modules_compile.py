@@ -810,6 +810,39 @@ def test_node_follows_the_modules_lifecycle(make_service, modules_dir: Path) -> 
         os.kill(pid, 0)
 
 
+COMPILE_MODULES = ("less", "scss", "sass", "pug", "jade", "typescript", "coffee", "minify")
+# A compile module whose import fails after its Compiler was made: it is never unloaded.
+FAILS_LATE = '''
+from . import _node
+
+compiler = _node.Compiler("less", {"filename"})
+raise RuntimeError("broken below the Compiler")
+'''
+
+
+def test_node_stops_with_the_last_compile_module_despite_failed_imports(
+    make_service, modules_dir: Path
+) -> None:
+    # Found by review: a module whose import failed after its Compiler was made (a new
+    # one, or a bad save of a loaded one) kept its user counted for ever, so node outlived
+    # the last compile module until the service stopped.
+    need_compilers()
+    (modules_dir / "styles.py").write_text(FAILS_LATE)
+    service = make_service()
+    assert "module styles failed to load" in service.log()
+    assert service.call(b"less:.a { b: c }") == b".a {\n  b: c;\n}\n"
+    pid = service.stats()["module_stats"]["less"]["node_pid"]
+    less = modules_dir / "less.py"
+    less.write_text(less.read_text() + 'raise RuntimeError("a bad save")\n')
+    service.wait_for_log("module less failed to load")
+    assert service.call(b"less:.a { b: c }") == b".a {\n  b: c;\n}\n"  # the last good one
+    for name in COMPILE_MODULES:
+        (modules_dir / f"{name}.py").unlink()
+    service.wait_for_log(f"compiler process {pid} stopped")
+    wait_until(lambda: _gone(pid))
+    assert service.call(b"echo:still up") == b"still up"
+
+
 def test_large_source(svc: ServiceProcess) -> None:
     """Over 256 KB each way: the JSON to and from node is coded off the event loop."""
     source = "".join(f".a{n}{{b:{n}px}}" for n in range(30_000))
