@@ -159,15 +159,24 @@ def queue_retry(job: int) -> None:
     required=False,
     type=click.Choice(["waiting", "running", "done", "failed", "cancelled"]),
 )
-@click.option("--limit", type=int, help="At most this many per state.")
-@click.option("--offset", type=int, default=0)
+@click.option("--limit", type=int, help="At most this many per state (default 100).")
+@click.option("--offset", type=int, default=0, help="Skip this many per state (the next page).")
+@click.option("--module", help="Only jobs of this module.")
+@click.option("--name", help="Only jobs of this name (queue add --name), compared exactly.")
+@click.option("--tag", help="Only jobs with this tag (queue add --tag), compared exactly.")
 @JSON
 @client_options
-def queue_list(state: str | None, limit: int | None, offset: int, as_json: bool) -> None:
-    """Jobs waiting, running and failed (or of one STATE)."""
+def queue_list(
+    state: str | None, limit: int | None, offset: int, as_json: bool, **where: str | None
+) -> None:
+    """Jobs waiting, running and failed (or of one STATE). With --module, --name or --tag,
+    only the jobs that match each one given: --limit and --offset count those (on Redis,
+    found among the first 10,000 jobs of each state: docs/queue.md)."""
     with _talking() as client:
-        listing = client.list(state, limit, offset)  # (a page: the counts say what is left)
-        counts = {} if as_json else client.queue_stats()["counts"]
+        listing = client.list(state, limit, offset, **where)
+        # What a page left out, from the counts per state: not known of a filtered page
+        # (the counts are of every job).
+        counts = {} if as_json or any(where.values()) else client.queue_stats()["counts"]
         _show(listing, as_json, cli_format.jobs_lines, time.time(), counts, offset)
 
 

@@ -200,10 +200,13 @@ class Client(Where):
     def retry(self, job: JobRef) -> int:
         return _new_id(_check(*self.request(queue_request("retry", job))))
 
-    def list(self, state: str | None = None, limit: int | None = None, offset: int = 0) -> Any:
-        # The state as an option: the protocol reads options after the command name only,
-        # so "list:waiting?limit=5" would be refused.
-        request = queue_request("list", None, state=state, limit=limit, offset=offset or None)
+    def list(self, state: str | None = None, limit: int | None = None, offset: int = 0, *,
+             module: str | None = None, name: str | None = None,
+             tag: str | None = None) -> Any:  # fmt: skip
+        """A page of jobs per state (docs/queue.md), only those of ``module``, ``name`` and
+        ``tag`` given. The state as an option: "list:waiting?limit=5" would be refused."""
+        request = queue_request("list", None, state=state, limit=limit, offset=offset or None,
+                                module=module, name=name, tag=tag)  # fmt: skip
         return json.loads(_check(*self.request(request)))
 
     def queue_stats(self, window: float | None = None) -> dict[str, Any]:
@@ -219,9 +222,8 @@ class Client(Where):
         """Add or replace a schedule: ``cron="0 3 * * *"`` or ``every=SECONDS``, and
         ``tz``, ``missed`` ("once"/"skip"), ``paused``, job options (priority, retries,
         backoff, timeout). Returns it as ``schedules()`` lists it."""
-        return dict(
-            json.loads(_check(*self.request(schedule_request(name, module, data, **options))))
-        )
+        payload = schedule_request(name, module, data, **options)
+        return dict(json.loads(_check(*self.request(payload))))
 
     def unschedule(self, name: str) -> None:
         _check(*self.request(named_request("unschedule", name)))
@@ -296,8 +298,7 @@ class Client(Where):
             del out[known:]  # none of these replies can be trusted to answer its request
             self.close()  # nothing on it can be trusted; nothing is sent again
             raise ServiceDown(f"{self.address} sent a reply that answers no request") from None
-        # BlockingIOError: the kernel's timeout (SO_RCVTIMEO) ran out: EAGAIN.
-        except (TimeoutError, BlockingIOError):
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO ran out (EAGAIN)
             self.close()
             raise no_reply(self.address) from None
         except OSError as exc:

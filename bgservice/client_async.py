@@ -251,9 +251,12 @@ class AsyncClient(Where):
         return _new_id(_check(*await self.request(queue_request("retry", job))))
 
     async def list(
-        self, state: str | None = None, limit: int | None = None, offset: int = 0
-    ) -> Any:
-        request = queue_request("list", None, state=state, limit=limit, offset=offset or None)
+        self, state: str | None = None, limit: int | None = None, offset: int = 0, *,
+        module: str | None = None, name: str | None = None, tag: str | None = None,
+    ) -> Any:  # fmt: skip
+        """A page of jobs per state, filtered by ``module``, ``name``, ``tag`` (``Client.list``)."""
+        request = queue_request("list", None, state=state, limit=limit, offset=offset or None,
+                                module=module, name=name, tag=tag)  # fmt: skip
         return json.loads(_check(*await self.request(request)))
 
     async def queue_stats(self, window: float | None = None) -> dict[str, Any]:
@@ -268,9 +271,7 @@ class AsyncClient(Where):
     async def schedule(
         self, name: str, module: str, data: Data = b"", **options: Any
     ) -> dict[str, Any]:
-        """Add or replace a schedule: ``cron="0 3 * * *"`` or ``every=SECONDS``, and
-        ``tz``, ``missed`` ("once"/"skip"), ``paused``, job options (priority, retries,
-        backoff, timeout). Returns it as ``schedules()`` lists it."""
+        """Add or replace a schedule (``Client.schedule``: its options and reply)."""
         payload = schedule_request(name, module, data, **options)
         return dict(json.loads(_check(*await self.request(payload))))
 

@@ -274,6 +274,26 @@ def test_queue_list_says_how_many_more_a_page_left_out(service):
     assert "more" not in last and len(last.splitlines()) == 1 + 2
 
 
+def test_queue_list_filters_by_module_name_and_tag(service):
+    with Client(f"{service.tcp[0]}:{service.tcp[1]}") as client:
+        report = client.add("echo", "a", delay=600, name="report", tags=["monthly"])
+        other = client.add("test", "b", delay=600, name="report", tags=["monthly"])
+        client.add("echo", "c", delay=600, name="other", tags=["weekly"])
+    listed = bg(service, "queue", "list", "waiting", "--module", "echo", "--tag", "monthly",
+                "--json")  # fmt: skip
+    assert [j["id"] for j in json.loads(listed.stdout)["waiting"]] == [report], listed
+    table = bg(service, "queue", "list", "--name", "report", "--limit", "1").stdout.decode()
+    rows = table.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == [str(report)], table  # (no "N more" line:
+    # the counts per state are of every job, not of those a filter matches)
+    second = bg(service, "queue", "list", "--name", "report", "--limit", "1", "--offset", "1")
+    assert [r.split()[0] for r in second.stdout.decode().splitlines()[1:]] == [str(other)]
+    bad = bg(service, "queue", "list", "--tag", "a,b")
+    assert bad.returncode == 1 and bad.stderr.startswith(b"400: option tag: one tag"), bad
+    usage = bg(service, "queue", "list", "--help").stdout.decode()
+    assert all(option in usage for option in ("--module", "--name", "--tag")), usage
+
+
 def test_top_once_shows_running_jobs_with_progress_and_waiting_counts(modules_dir, make_service):
     write_module(modules_dir, "steps", PROGRESS.replace("0.15", "1.5"))
     svc = make_service()

@@ -297,6 +297,24 @@ def test_queue_methods(service):
         assert bg.queue_stats(600)["counts"]["done"] >= 2
 
 
+def test_both_clients_list_jobs_by_module_name_and_tag(service):
+    with Client(address(service)) as bg:
+        monthly = bg.add("echo", "a", delay=600, name="report", tags=["monthly", "pdf"])
+        other = bg.add("test", "b", delay=600, name="report", tags=["monthly"])
+        bg.add("echo", "c", delay=600, name="other", tags=["weekly"])
+        listed = bg.list("waiting", module="echo", name="report", tag="pdf")
+        assert [j["id"] for j in listed["waiting"]] == [monthly]
+        assert [j["id"] for j in bg.list(tag="monthly", limit=1, offset=1)["waiting"]] == [other]
+        with pytest.raises(ReplyError, match="option module: expected a module name"):
+            bg.list(module="e:cho")
+
+    async def main():
+        async with AsyncClient(address(service)) as abg:
+            return await abg.list("waiting", name="report", tag="monthly")
+
+    assert [j["id"] for j in asyncio.run(main())["waiting"]] == [monthly, other]
+
+
 def test_every_job_method_takes_the_originals_id_n(service):
     """What a user porting from the original holds: the raw ``id:N`` reply of queue:add."""
     with Client(address(service)) as bg:

@@ -269,6 +269,35 @@ def test_list_pages_through_waiting_jobs_in_run_order(svc: ServiceProcess) -> No
     assert svc.http("GET", f"{API}/jobs?limit=0")[0] == 400
 
 
+def test_jobs_are_listed_by_module_name_and_tag_a_page_at_a_time(svc: ServiceProcess) -> None:
+    added = []
+    for module, name, tags in (("echo", "report", ["monthly"]), ("echo", "report", ["weekly"]),
+                               ("test", "report", ["monthly"]), ("echo", "Report", ["monthly"]),
+                               ("echo", "report", ["monthly", "pdf"])):  # fmt: skip
+        body = {"module": module, "name": name, "tags": tags, "delay": 600}
+        status, job, _ = svc.http("POST", f"{API}/jobs", body)
+        assert status == 201, job
+        added.append(job["id"])
+    query = f"{API}/jobs?state=waiting&module=echo&name=report&tag=monthly&page_size=1"
+    status, first, _ = svc.http("GET", query)
+    assert status == 200 and [j["id"] for j in first["jobs"]["waiting"]] == [added[0]]
+    _, second, _ = svc.http("GET", f"{query}&page_token={first['next_page_token']}")
+    assert [j["id"] for j in second["jobs"]["waiting"]] == [added[4]]
+    assert second["next_page_token"] == ""  # (the filtered list's last page)
+    _, every, _ = svc.http("GET", f"{API}/jobs?tag=pdf")
+    assert {state: [j["id"] for j in rows] for state, rows in every["jobs"].items()} == {
+        "waiting": [added[4]], "running": [], "failed": []}  # fmt: skip
+    for query, message in [
+        ("module=", "query parameter module: empty (leave it out for the default)"),
+        ("tag=a&tag=b", "query parameter tag: given more than once"),
+        ("modul=echo", "unknown query parameter 'modul', did you mean module?"),
+        ("module=e:cho", "option module: expected a module name (A-Z a-z 0-9 _ -)"),
+        ("tag=a,b", "option tag: one tag, 1-64 of"),
+    ]:
+        status, body, _ = svc.http("GET", f"{API}/jobs?{query}")
+        assert status == 400 and message in body["error"]["message"], (query, body)
+
+
 def test_stats_match_the_socket_protocol(svc: ServiceProcess) -> None:
     for _ in range(3):
         assert svc.call(b"test:x") == b"Test"

@@ -153,7 +153,7 @@ def test_unknown_query_parameters_are_400_naming_the_ones_the_route_reads(
         ("GET", f"{API}/jobs/{jid}?wiat=10",
          "unknown query parameter 'wiat', did you mean wait? (parameters: wait)"),
         ("GET", f"{API}/jobs?stat=failed", "unknown query parameter 'stat', did you mean state? "
-         "(parameters: limit, offset, page_size, page_token, state)"),
+         "(parameters: limit, module, name, offset, page_size, page_token, state, tag)"),
         ("GET", f"{API}/queue/stats?windw=60",
          "unknown query parameter 'windw', did you mean window? (parameters: window)"),
         ("GET", f"{API}/stats?x=1", "unknown query parameter 'x' (it takes none)"),

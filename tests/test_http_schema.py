@@ -102,6 +102,15 @@ CASES = [
     ("GET", f"{API}/jobs?offset={BIG}", None),
     ("GET", f"{API}/jobs?state=", None),
     ("GET", f"{API}/jobs?limit=5&limit=6", None),
+    ("GET", f"{API}/jobs?state=done&module=echo&name=Monthly%20report&tag=a.b:c-d_e", None),
+    ("GET", f"{API}/jobs?module=e:cho", None),  # filters as queue:list checks them
+    ("GET", f"{API}/jobs?module=", None),
+    ("GET", f"{API}/jobs?name=", None),
+    ("GET", f"{API}/jobs?tag=a,b", None),
+    ("GET", f"{API}/jobs?tag={'t' * 65}", None),
+    ("GET", f"{API}/jobs?tag=a&tag=a", None),
+    ("GET", f"{API}/jobs?page_size=5&limit=-1", None),  # ignored, yet out of bounds: a 400
+    ("GET", f"{API}/jobs?page_size=5&limit=7&offset=2", None),  # ignored, and fine
     ("POST", f"{API}/jobs", {"module": ""}),
     ("POST", f"{API}/jobs", {"module": "e:cho"}),
     ("POST", f"{API}/jobs", {"module": "ec ho"}),
@@ -167,6 +176,8 @@ def test_the_checker_itself_knows_valid_from_invalid() -> None:
     assert documented_valid("POST", f"{API}/jobs", {"module": "echo", "data": "x"})
     assert not documented_valid("POST", f"{API}/jobs", {"module": "echo", "colour": "red"})
     assert not documented_valid("GET", f"{API}/jobs?limit=5&colour=red")
+    assert documented_valid("GET", f"{API}/jobs?module=echo&name=x&tag=y")
+    assert not documented_valid("GET", f"{API}/jobs?tag=y,z")
 
 
 # The optional fields the service refuses as null (none now), for all that its document

@@ -323,6 +323,8 @@ show($bg->jobs(null, 2));
 show($bg->jobs('done', 5));
 show($bg->queueStats());
 show($bg->queueStats(60));
+show($bg->jobs(module: 'echo', name: 'nightly', limit: 2));
+show($bg->jobs('failed', tag: 'none'));
 """,
             address(service),
         )
@@ -334,9 +336,11 @@ show($bg->queueStats(60));
             bg.list("done", 5),
             bg.queue_stats(),
             bg.queue_stats(60),
+            bg.list(module="echo", name="nightly", limit=2),
+            bg.list("failed", tag="none"),
         ]
     shown = [json.loads(line) for line in out]
-    for stats in (*shown[5:], *python[5:]):  # jobs finished in the last minute: a clock's
+    for stats in (*shown[5:7], *python[5:7]):  # jobs finished in the last minute: a clock's
         assert isinstance(stats.pop("finished_per_minute"), int), stats
     assert shown == as_php_has_it(python)
     assert "echo" in [module["name"] for module in shown[0]]
@@ -349,6 +353,9 @@ show($bg->queueStats(60));
         "nightly": {"waiting": 3, "running": 0}
     }
     assert [shown[5]["window"]["seconds"], shown[6]["window"]["seconds"]] == [3600, 60]
+    # Filtered (module=, name=, tag=), as PHP 8's named arguments give them.
+    assert [job["id"] for job in shown[7]["waiting"]] == later[:2]
+    assert shown[8] == {"failed": []}
 
 
 def test_jobs_and_queue_stats_refuse_what_the_service_would_before_sending(service, tmp_path):

@@ -102,6 +102,12 @@ def test_list_and_window():
     assert (spec.state, spec.limit, spec.offset) == ("done", 1000, 10)
     with pytest.raises(BadRequest):
         parse_list(parse(b"list:sleeping"))
+    where = parse_list(parse(b"list?module=echo&name=Monthly%20report&tag=a.b:failed")).where
+    assert (where.module, where.name, where.tag) == ("echo", "Monthly report", "a.b")
+    assert where.matches("echo", "Monthly report", ("x", "a.b"))
+    assert not where.matches("echo", "monthly report", ("a.b",))  # exactly: case and all
+    assert not where.matches("echo", "Monthly report", ("a.bc",))  # a whole tag
+    assert not parse_list(parse(b"list")).where  # no filter
     assert parse_window(parse(b"stats")) == 3600.0
     assert parse_window(parse(b"stats:86400")) == 86400.0
     assert parse_window(parse(b"stats?window=60")) == 60.0
@@ -122,7 +128,8 @@ def test_list_and_window():
         (b"status?x=1:1", "queue:status: unknown option 'x'"),
         (b"retry?delay=5:1", "queue:retry: unknown option 'delay'"),
         (b"fire?x=1:nightly", "queue:fire: unknown option 'x'"),
-        (b"list?state=done&page=2", "queue:list: unknown option 'page' (options: limit, offset"),
+        (b"list?state=done&page=2",
+         "queue:list: unknown option 'page' (options: limit, module, name, offset, state, tag)"),
         (b"stats?windw=60",
          "queue:stats: unknown option 'windw', did you mean window? (options: window)"),
         # an option given empty, and job id 0

@@ -27,6 +27,8 @@ def document(settings: Settings) -> bytes:
     tag = job["tags"]["items"]
     tag["pattern"], tag["maxLength"] = "^[A-Za-z0-9_.:-]+$", queue.max_tag_chars
     job["after"]["oneOf"][1]["maxItems"] = queue.max_dependencies
+    for parameter in _parameters(doc, "/api/v1/jobs", "tag"):  # (the filter: one tag)
+        parameter["schema"]["maxLength"] = queue.max_tag_chars
     for parameter in _parameters(doc, "/api/v1/jobs/{id}", "wait"):
         parameter["schema"]["maximum"] = settings.http.max_wait
     page = f"more than {queue.max_page} are answered as {queue.max_page}"

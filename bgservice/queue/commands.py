@@ -13,7 +13,7 @@ import math
 import re
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +27,9 @@ COMMANDS = frozenset(
 # The options each command reads, none unless named here: any other is refused
 # (queue:get?timeout=5 waited as long as ever, silently). queue:add's and
 # queue:schedule's parsers check their own.
-READ_OPTIONS = {"list": frozenset({"state", "limit", "offset"}), "stats": frozenset({"window"})}
+FILTERS = frozenset({"module", "name", "tag"})  # queue:list's: the jobs listed have all given
+READ_OPTIONS = {"list": frozenset({"state", "limit", "offset"}) | FILTERS,
+                "stats": frozenset({"window"})}  # fmt: skip
 OWN_OPTIONS = frozenset({"add", "schedule"})
 STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
@@ -40,6 +42,7 @@ MAX_AFTER = 100  # max_dependencies: ids in after=, a fan-in, not a copy of the 
 TAG_CHARS = 64  # max_tag_chars: the longest tag
 MAX_PAGE = 1000  # max_page: jobs per state in one queue:list reply (and an HTTP page)
 TAG = re.compile(r"[A-Za-z0-9_.:-]+")
+MODULE = re.compile(r"[A-Za-z0-9_-]+")  # a module name: what split_request keeps of one
 
 
 class ParseLimits(Protocol):
@@ -99,10 +102,32 @@ class AddSpec:
 
 
 @dataclass(frozen=True)
+class JobFilter:
+    """``queue:list``'s filters: the jobs of this module, of this name (``name=``), with
+    this tag among theirs; None: any. Compared exactly."""
+
+    module: str | None = None
+    name: str | None = None
+    tag: str | None = None
+
+    def __bool__(self) -> bool:
+        return not (self.module is None and self.name is None and self.tag is None)
+
+    def matches(self, module: str, name: str | None, tags: Sequence[str]) -> bool:
+        return ((self.module is None or module == self.module)
+                and (self.name is None or name == self.name)
+                and (self.tag is None or self.tag in tags))  # fmt: skip
+
+
+NO_FILTER = JobFilter()
+
+
+@dataclass(frozen=True)
 class ListSpec:
     state: str | None
     limit: int
     offset: int
+    where: JobFilter = NO_FILTER  # limit and offset count the jobs it matches
 
 
 def parse(data: bytes) -> Command:
@@ -322,7 +347,7 @@ def after_ids(text: str, most: int = MAX_AFTER) -> tuple[int, ...]:
 
 def parse_list(command: Command, limits: ParseLimits = DEFAULTS) -> ListSpec:
     """``queue:list``'s state, limit (at most ``[queue] max_page``: more is answered as
-    that many) and offset."""
+    that many), offset and filters."""
     state = _given_once(command, "state")
     if state and state not in STATES:
         # (options after the state were read as part of it: say where they go)
@@ -331,7 +356,21 @@ def parse_list(command: Command, limits: ParseLimits = DEFAULTS) -> ListSpec:
                          f"{state[:40]!r}{hint}")  # fmt: skip
     limit = _whole("limit", command.options.get("limit", "100"), 1)
     offset = _whole("offset", command.options.get("offset", "0"))
-    return ListSpec(state or None, min(limit, limits.max_page), offset)
+    return ListSpec(state or None, min(limit, limits.max_page), offset, _filter(command, limits))
+
+
+def _filter(command: Command, limits: ParseLimits) -> JobFilter:
+    """``module=``, ``name=`` and ``tag=`` (each given once, not empty: ``parse``), each
+    refused when no job could have it: the rules of ``queue:add``'s."""
+    module, name, tag = map(command.options.get, ("module", "name", "tag"))
+    if module is not None and not MODULE.fullmatch(module):
+        raise BadRequest(f"option module: expected a module name (A-Z a-z 0-9 _ -), "
+                         f"not {module[:40]!r}")  # fmt: skip
+    if tag is not None and (len(tag) > limits.max_tag_chars or not TAG.fullmatch(tag)):
+        most = limits.max_tag_chars
+        problem = f"one tag, 1-{most} of A-Z a-z 0-9 _ . : - ([queue] max_tag_chars)"
+        raise BadRequest(f"option tag: {problem}, not {tag[:70]!r}")
+    return JobFilter(module, None if name is None else _name(name), tag)
 
 
 def _given_once(command: Command, name: str) -> str:

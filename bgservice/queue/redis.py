@@ -44,6 +44,7 @@ from bgservice.queue.redis_channel import Following, Waiter
 from bgservice.queue.redis_db import RedisJobs, refusal
 from bgservice.queue.redis_hash import hash_of, job_from_hash, pairs
 from bgservice.queue.redis_leases import Attempt, Held, RedisLeases
+from bgservice.queue.redis_lists import listing
 from bgservice.queue.redis_outage import available, unavailable
 from bgservice.queue.redis_schedules import RedisSchedules
 from bgservice.queue.schedules import Schedule
@@ -230,13 +231,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
 
     @available
     async def list_jobs(self, spec: ListSpec) -> dict[str, Any]:
-        listed = await self.db.listing(spec)
-        rates = self.rates.rates  # throttled_until, as queue:status has it: once a module
-        waiting = [row for row in listed.get("waiting", ()) if row["module"] in rates]
-        free = {m: await self.db.free_at(m, rates[m]) for m in {r["module"] for r in waiting}}
-        for row in waiting:
-            row["throttled_until"] = free[row["module"]]
-        return listed
+        return await listing(self.db, spec, self.rates.rates)  # (filtered: a bounded scan)
 
     @available
     async def stats(self, window: float) -> dict[str, Any]:

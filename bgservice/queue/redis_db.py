@@ -28,7 +28,7 @@ from bgservice.config_checks import redact_url
 from bgservice.errors import Busy, ConfigError, Conflict, DependencyFailed, NotFound, ServiceError
 from bgservice.protocol import OK
 from bgservice.queue import redis_scripts
-from bgservice.queue.commands import STATES, ListSpec
+from bgservice.queue.commands import STATES
 from bgservice.queue.engine import Result, name_counts, not_found, queue_stats
 from bgservice.queue.history import summarise
 from bgservice.queue.job import Job, JobState
@@ -267,47 +267,6 @@ class RedisJobs:
             self.key(f"rate:{module}"), f"({since!r}", "+inf", withscores=True
         )
         return None if len(starts) < count else float(starts[0][1]) + per
-
-    async def page(self, state: str, offset: int, limit: int) -> tuple[list[int], int]:
-        """Waiting jobs in the order they will run (due ones by priority, then delayed
-        ones by time); running jobs by start; finished ones newest first. With the ids,
-        how many of them (the first ones) are ready: the first is at position ``offset``."""
-        stop = offset + limit - 1
-        if state != "waiting":
-            key = self.key(f"state:{state}")
-            raw = await (
-                self.redis.zrange(key, offset, stop)
-                if state == "running"
-                else self.redis.zrevrange(key, offset, stop)
-            )
-            return [int(m) for m in raw], 0
-        await self.call("DUE")
-        pipe = pipeline(self.redis, transaction=False)
-        pipe.zcard(self.key("ready"))
-        pipe.zrange(self.key("ready"), offset, stop)
-        ready_count, raw = await pipe.execute()
-        ready = [int(m) for m in raw]
-        if len(ready) == limit:
-            return ready, len(ready)
-        skip = max(0, offset - ready_count)  # delayed ones after every ready one
-        raw = await self.redis.zrange(self.key("delayed"), skip, skip + limit - len(ready) - 1)
-        return ready + [int(m) for m in raw], len(ready)
-
-    async def listing(self, spec: ListSpec) -> dict[str, Any]:
-        """``queue:list``: each state's page of jobs, described."""
-        states = [spec.state] if spec.state else ["waiting", "running", "failed"]
-        now = time.time()
-        out: dict[str, Any] = {}
-        for state in states:
-            ids, ready = await self.page(state, spec.offset, spec.limit)
-            positions = {jid: spec.offset + i for i, jid in enumerate(ids[:ready])}
-            # gathered: the reads of a page go to Redis as one pipeline (the Batcher)
-            jobs = [j for j in await asyncio.gather(*map(self.load, ids)) if j is not None]
-            out[state] = [
-                j.describe(now, positions.get(j.id) if j.state is JobState.WAITING else None)
-                for j in jobs
-            ]
-        return out
 
     async def stats(self, window: float, workers: int) -> dict[str, Any]:
         """``queue:stats`` from the shared counts and run history (engine.queue_stats)."""

@@ -5,20 +5,27 @@ The engine's waiting line (schedule.py) holds its waiting jobs in run order alre
 page is read from it as far as ``offset + limit`` goes, the job due longest from its top,
 the running jobs from the engine's few. Sorting or counting every job in memory on each
 call held the loop 40-60 ms with 100,000 waiting (0.5 s with 1,000,000), every other
-client waiting meanwhile; a dashboard open asks for both every 2 s."""
+client waiting meanwhile; a dashboard open asks for both every 2 s.
+
+A filtered page (``module=``, ``name=``, ``tag=``) is read from the line the same way,
+as far as the page goes or the line's last match: the waiting jobs that match are counted
+first (C speed: ~15 ms for 100,000), so that the walk stops at the last of them, and a
+filter that matches none walks nothing (the whole line of 100,000 took ~0.4 s to walk,
+as a page at its end does)."""
 
 from __future__ import annotations
 
 import heapq
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from itertools import compress, repeat
+from operator import and_, attrgetter, contains, eq, is_, itemgetter
 from typing import Any
 
 from bgservice.config import QueueSettings
-from bgservice.queue.commands import STATES, ListSpec
+from bgservice.queue.commands import STATES, JobFilter, ListSpec
 from bgservice.queue.engine import queue_stats
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
@@ -49,7 +56,8 @@ async def list_page(live: Live, store: Store, spec: ListSpec) -> dict[str, Any]:
     the order they will run: the ones due now as the waiting line takes them, then the
     delayed ones by due time, then the ones waiting on another job. A waiting job that is
     in line (due, and waiting on no other job) has a position: how many such jobs run
-    before it, counted in the one pass that reads the page."""
+    before it, counted in the one pass that reads the page (of every job in line, the
+    page filtered or not)."""
     states = [spec.state] if spec.state else ["waiting", "running", "failed"]
     now = time.time()
     out: dict[str, Any] = {}
@@ -57,34 +65,68 @@ async def list_page(live: Live, store: Store, spec: ListSpec) -> dict[str, Any]:
         if state == "waiting":
             out[state] = _waiting_page(live, spec, now)
         elif state == "running":
-            running = _running(live)[spec.offset : spec.offset + spec.limit]
-            out[state] = [j.describe(now) for j in running]
+            running = [j for j in _running(live) if _kept(spec.where, j)]
+            out[state] = [j.describe(now) for j in running[spec.offset : spec.offset + spec.limit]]
         else:
-            page = await store.list_jobs(state, spec.limit, spec.offset)
+            page = await store.list_jobs(state, spec.limit, spec.offset, spec.where)
             out[state] = [j.describe(now) for j in page]
     return out
 
 
+def _kept(where: JobFilter, job: Job) -> bool:
+    return where.matches(job.module, job.name, job.tags)
+
+
 def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str, Any]]:
-    """Read from the line as far as the page goes; the jobs waiting on another job (in no
-    line) only when the page goes past every job in line."""
-    end, index, ahead = spec.offset + spec.limit, 0, 0
+    """Read from the line as far as the page goes (filtered: or as far as the last job in
+    line that matches); the jobs waiting on another job (in no line) only when the page
+    goes past every job in line that it lists."""
+    end, index, ahead, where = spec.offset + spec.limit, 0, 0, spec.where
+    keep = (lambda job: _kept(where, job)) if where else None
+    left = _in_line_matching(live, where) if where else len(live.jobs)  # (in line: at most)
     rows: list[dict[str, Any]] = []
-    for job in live.line.in_order(now):
+    for job in live.line.in_order(now) if left else ():
         if index >= end:
             return rows
         position = None
         if job.run_at <= now:  # the due ones come first, the delayed ones after
             position, ahead = ahead, ahead + 1
+        if keep is not None and not keep(job):
+            continue
         if index >= spec.offset:  # throttled_until: as queue:status has it
             rows.append(job.describe(now, position, live.rates().free_at(job.module, now)))
-        index += 1
+        index, left = index + 1, left - 1
+        if not left:  # (each in line met: no match further on)
+            break
     blocked = [j for j in map(live.jobs.get, live.blocked_ids())
-               if j is not None and j.state is JobState.WAITING]  # fmt: skip
+               if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
     behind = sorted(blocked, key=lambda j: _run_order(j, now, live.blocked))
     start = max(0, spec.offset - index)  # (index: how many are in line)
     return rows + [j.describe(now, None, live.rates().free_at(j.module, now))
                    for j in behind[start : end - index]]  # fmt: skip
+
+
+def _in_line_matching(live: Live, where: JobFilter) -> int:
+    """How many waiting jobs in line (not waiting on another job) ``where`` matches: the
+    jobs in memory narrowed a field at a time at C speed (100,000: ~15 ms, where a Python
+    test of each took ~40), less the matches among the few that wait on others."""
+    jobs: Collection[Job] = live.jobs.values()
+    tests = (("module", where.module, eq), ("name", where.name, eq), ("tags", where.tag, contains))
+    *narrowing, last = [(field, value, test) for field, value, test in tests if value is not None]
+    for field, value, test in narrowing:  # (the last counted with the state, in no list)
+        jobs = list(compress(jobs, _passed(jobs, field, value, test)))
+    waiting = map(is_, map(attrgetter("state"), jobs), repeat(JobState.WAITING))
+    count = sum(map(and_, _passed(jobs, *last), waiting))
+    blocked = [j for j in map(live.jobs.get, live.blocked_ids())
+               if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
+    return count - len(blocked)
+
+
+def _passed(
+    jobs: Iterable[Job], field: str, value: str, test: Callable[[Any, str], bool]
+) -> Iterator[bool]:
+    """Whether each job's ``field`` passes ``test`` with ``value``, at C speed."""
+    return map(test, map(attrgetter(field), jobs), repeat(value))
 
 
 def _running(live: Live) -> list[Job]:

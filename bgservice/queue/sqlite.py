@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bgservice.errors import Busy
+from bgservice.queue.commands import NO_FILTER, JobFilter
 from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
+from bgservice.queue.sqlite_lists import FINISHED, matching
 from bgservice.queue.sqlite_schema import BUSY_TIMEOUT_MS, connect, lock, no_space
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run, Writes
@@ -40,7 +42,6 @@ from bgservice.queue.store import Run, Writes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ID_BLOCK = 1000
-_FINISHED = "('done', 'failed', 'cancelled')"  # as jobs_finished's WHERE has it, to the letter
 _SELECT = f"SELECT {', '.join(COLUMNS)}, progress, interruptions FROM jobs"  # read by _job
 _RUN_FIELDS = ("job", "module", "attempt", "started", "finished", "outcome")
 # Rows deleted by one expiry operation: each takes the writer ~8 ms (measured, small jobs).
@@ -177,12 +178,18 @@ class SqliteStore:
             found += await self._submit(fetch(ids[at : at + GET_MANY]))
         return found
 
-    async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]:
+    async def list_jobs(
+        self, state: str, limit: int, offset: int, where: JobFilter = NO_FILTER
+    ) -> list[Job]:
+        if where:  # a bounded chunk per operation (sqlite_lists.py), then the page's rows
+            ids = await matching(self._submit, state, limit, offset, where)
+            found = {j.id: j for j in await self.get_many(ids) if j.state == state}
+            return [found[jid] for jid in ids if jid in found]  # (gone or retried meanwhile)
         return await self._submit(
             lambda c: [
                 _job(r)
                 for r in c.execute(
-                    f"{_SELECT} WHERE state = ? AND state IN {_FINISHED}"
+                    f"{_SELECT} WHERE state = ? AND state IN {FINISHED}"
                     " ORDER BY finished DESC, id DESC LIMIT ? OFFSET ?",
                     (state, limit, offset),
                 )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bgservice.errors import Busy
+from bgservice.queue.commands import NO_FILTER, JobFilter
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.schedules import Schedule
 
@@ -68,7 +69,11 @@ class Store(Protocol):
         """The stored jobs of ``ids``, those there are (start-up's dependencies)."""
         ...
 
-    async def list_jobs(self, state: str, limit: int, offset: int) -> list[Job]: ...
+    async def list_jobs(
+        self, state: str, limit: int, offset: int, where: JobFilter = NO_FILTER
+    ) -> list[Job]:
+        """A page of the finished jobs of ``state`` that ``where`` matches, newest first."""
+        ...
 
     async def counts(self, writes: Writes | None = None) -> dict[str, int]:
         """The stored jobs by state; with ``writes``, as memory has them when answered:

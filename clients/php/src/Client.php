@@ -662,21 +662,36 @@ class Client
      * @param int|null    $limit  jobs per state, at least 1; null the service's 100 (more
      *                            than its [queue] max_page, 1000, is answered with that many)
      * @param int         $offset jobs per state to skip: the next page's is $offset + $limit
+     * @param string|null $module only the jobs of this module
+     * @param string|null $name   only the jobs of this name (add()'s `name`), compared exactly
+     * @param string|null $tag    only the jobs with this tag among theirs (one tag)
+     *
+     * $limit and $offset count the jobs the filters match (docs/queue.md, list; on Redis a
+     * filter looks at the first 10,000 jobs of each state).
      *
      * @return array<string, list<array<string, mixed>>> JSON decoded: docs/queue.md's
      *
      * @throws InvalidArgumentException a state not in JOB_STATES, a $limit under 1 or a
      *                                  negative $offset (the service's 400): nothing is sent
+     * @throws ReplyException           a filter the service refuses (400: an empty one, a
+     *                                  module name or a tag no job can have)
      */
-    public function jobs(?string $state = null, ?int $limit = null, int $offset = 0): array
-    {
+    public function jobs(
+        ?string $state = null,
+        ?int $limit = null,
+        int $offset = 0,
+        ?string $module = null,
+        ?string $name = null,
+        ?string $tag = null,
+    ): array {
         $problem = self::pageProblem($state, $limit, $offset);
         if ($problem !== null) {
             throw new InvalidArgumentException("jobs(): $problem");
         }
         // The state as an option: the service reads options after the command name only,
         // so "queue:list:failed?limit=5" would be refused. 0 is the service's own offset.
-        $query = self::query(['state' => $state, 'limit' => $limit, 'offset' => $offset ?: null]);
+        $query = self::query(['state' => $state, 'limit' => $limit, 'offset' => $offset ?: null,
+            'module' => $module, 'name' => $name, 'tag' => $tag]);
         /** @var array<string, list<array<string, mixed>>> */
         return $this->decode($this->request('queue:list' . ($query !== '' ? "?$query" : '')));
     }
