@@ -117,6 +117,17 @@ def test_a_page_token_belongs_to_its_filter(svc: ServiceProcess) -> None:
     assert token and base64.urlsafe_b64decode(token + "==")  # opaque, not secret
     status, body, _ = svc.http("GET", f"{API}/jobs?state=failed&page_token={token}")
     assert status == 400 and "made for state=waiting" in body["error"]["message"]
+    # The filters too (module=, name=, tag=): the token's offset counts their jobs only.
+    _, page, _ = svc.http("GET", f"{API}/jobs?state=waiting&module=echo&page_size=1")
+    token = page["next_page_token"]
+    assert token
+    status, body, _ = svc.http("GET", f"{API}/jobs?state=waiting&page_token={token}")
+    assert status == 400 and "made for module=echo" in body["error"]["message"], body
+    query = f"state=waiting&module=echo&tag=x&page_token={token}"
+    status, body, _ = svc.http("GET", f"{API}/jobs?{query}")
+    assert status == 400 and "made for tag=(all)" in body["error"]["message"], body
+    status, body, _ = svc.http("GET", f"{API}/jobs?state=waiting&module=echo&page_token={token}")
+    assert status == 200 and body["offset"] == 1 and len(body["jobs"]["waiting"]) == 2, body
 
 
 def test_delete_of_a_job(svc: ServiceProcess) -> None:

@@ -161,7 +161,7 @@ class HttpApi:
         ScheduleRoutes(self.queue).add_to(r)
         # The query parameters each handler reads; the others' routes take none.
         self._parameters: dict[Handler, frozenset[str]] = {
-            self.get_job: frozenset({"wait"}), self.list_jobs: PARAMETERS | FILTERS,
+            self.get_job: frozenset({"wait"}), self.list_jobs: PARAMETERS,
             self.queue_stats: frozenset({"window"}),
         }  # fmt: skip
         return app

@@ -2,8 +2,9 @@
 ``next_page_token`` out, with the older ``limit`` and ``offset`` still read (deprecated).
 
 A token is opaque to clients but not secret: base64url of a small JSON object holding
-the offset of the next page and the ``state`` filter it was made for. Asking with a
-token under another filter is a 400, as AIP-158 asks. Jobs change state between pages,
+the offset of the next page and the filters it was made for (``state``, and ``module``,
+``name``, ``tag`` where given). Asking with a token under another filter is a 400, as
+AIP-158 asks: its offset counts the jobs of that filter. Jobs change state between pages,
 so, as with any offset, a job may show on two pages or on none; the dashboard and a
 person paging through failures do not mind, and a cursor would need the queue's help.
 """
@@ -24,7 +25,8 @@ DEFAULT_SIZE = 100
 MAX_SIZE = MAX_PAGE
 NEW = ("page_size", "page_token")
 OLD = ("limit", "offset")  # deprecated
-PARAMETERS = frozenset({"state", *NEW, *OLD})  # all GET /jobs reads (any other is a 400)
+KEPT = ("state", "module", "name", "tag")  # the filters: each page's as the first page's
+PARAMETERS = frozenset({*KEPT, *NEW, *OLD})  # all GET /jobs reads (any other is a 400)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Page:
     state: str | None
     size: int
     offset: int
+    filters: tuple[tuple[str, str], ...] = ()  # KEPT's given, for the next page's token
 
 
 def parse_page(query: dict[str, str], max_size: int = MAX_SIZE) -> Page:
@@ -40,36 +43,41 @@ def parse_page(query: dict[str, str], max_size: int = MAX_SIZE) -> Page:
     With ``page_size`` or ``page_token`` present, ``limit`` and ``offset`` are ignored:
     a document cannot say "not both" of query parameters, so precedence it can say."""
     state = query.get("state")
+    filters = tuple((k, query[k]) for k in KEPT if query.get(k))
     default = str(min(DEFAULT_SIZE, max_size))
     if not any(k in query for k in NEW) and any(k in query for k in OLD):
         size = _whole("limit", query.get("limit", default), 1)
-        return Page(state, min(size, max_size), _whole("offset", query.get("offset", "0"), 0))
+        offset = _whole("offset", query.get("offset", "0"), 0)
+        return Page(state, min(size, max_size), offset, filters)
     size = _whole("page_size", query.get("page_size", "0"), 0) or int(default)
-    offset = _decode(query["page_token"], state) if "page_token" in query else 0
-    return Page(state, min(size, max_size), offset)
+    offset = _decode(query["page_token"], dict(filters)) if "page_token" in query else 0
+    return Page(state, min(size, max_size), offset, filters)
 
 
 def next_token(page: Page, more: bool) -> str:
     """The token for the page after ``page``; empty when it was the last (AIP-158)."""
     if not more:
         return ""
-    raw = json.dumps({"offset": page.offset + page.size, "state": page.state or ""})
+    raw = json.dumps({"offset": page.offset + page.size, "state": "", **dict(page.filters)})
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode(token: str, state: str | None) -> int:
+def _decode(token: str, filters: dict[str, str]) -> int:
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        offset, made_for = raw["offset"], raw["state"]
-    except (ValueError, TypeError, KeyError, RecursionError, binascii.Error):
+        offset = raw["offset"]
+        made_for = {k: raw.get(k, "") for k in KEPT}  # (a token without them: none given)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, binascii.Error):
         raise BadRequest("page_token: not a token this API gave out") from None
     if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_INT:
         raise BadRequest("page_token: not a token this API gave out")
-    if made_for != (state or ""):
-        raise BadRequest(
-            f"page_token: made for state={made_for or '(all)'}; keep the other parameters "
-            "as they were on the first page"
-        )
+    for key in KEPT:
+        if made_for[key] != filters.get(key, ""):
+            shown = made_for[key] if isinstance(made_for[key], str) else ""
+            raise BadRequest(
+                f"page_token: made for {key}={shown[:40] or '(all)'}; keep the other "
+                "parameters as they were on the first page"
+            )
     return offset
 
 
