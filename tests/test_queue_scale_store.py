@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bgservice.config import QueueSettings
 from bgservice.events import Events
 from bgservice.queue import sqlite as sqlite_store
@@ -36,6 +38,7 @@ def _row(jid: int, state: str, now: float, *, after: str | None = None,
             None, None)  # fmt: skip
 
 
+@pytest.mark.timeout(300)  # 13 s alone; past the default 60 s on a CI machine under load
 def test_a_mass_expiry_leaves_room_for_adds(make_service, tmp_path):
     """300,000 finished jobs expire together: they are deleted a few thousand at a time,
     each chunk committed on its own, so adds commit between chunks. One DELETE of them all
@@ -52,7 +55,7 @@ def test_a_mass_expiry_leaves_room_for_adds(make_service, tmp_path):
     # the test's own: WAL shows it what is committed). Strictly between none and all: the
     # add committed while the expiry was under way, which one DELETE makes impossible.
     left: list[int] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240
     with sqlite3.connect(tmp_path / "jobs.db") as reader:
         while expired not in svc.log() and time.monotonic() < deadline:
             assert svc.call(b"queue:add?wait=1:echo:z") == b"z"
