@@ -32,7 +32,7 @@ from bgservice.declarations import (
 from bgservice.errors import ConfigError
 from bgservice.execution import RESERVED
 from bgservice.http.tokens import Tokens
-from bgservice.queue.sqlite_schema import lock_path
+from bgservice.queue.sqlite_schema import ROOM, free_bytes, lock_path
 from bgservice.registry import PACKAGE, import_module_file, install_package
 
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its NUL)
@@ -50,7 +50,19 @@ def warnings(settings: Settings, loaded: list[str]) -> list[str]:
         found.append(f"[alerts] module {settings.alerts.module!r} is not among the modules")
     found += [f"schedule {s.name}: module {s.module!r} is not among the modules"
               for s in settings.schedules if s.module not in loaded]  # fmt: skip
+    if settings.queue.backend == "sqlite":
+        found += _room(settings.db)
     return found
+
+
+def _room(db: Path) -> list[str]:
+    """A device nearly full: a start may fail on it, and commits will (503) once it fills."""
+    free = free_bytes(db)
+    if free is None or free >= ROOM:
+        return []
+    return [f"the device holding the queue database {db} has {free} bytes free (less than "
+            f"{ROOM // 1024} KiB): the start may fail on it, and new jobs are refused (503) "
+            "once it fills; free some space there"]  # fmt: skip
 
 
 def problems(settings: Settings, log_named: str) -> tuple[list[str], list[str]]:

@@ -468,6 +468,15 @@ def _full_disk(folder: Path, room: int) -> None:
         filler.write(b"\0" * (stat.f_bavail * stat.f_frsize - room))
 
 
+def _need_tmpfs(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    try:
+        subprocess.run(["true"], preexec_fn=partial(_full_disk, probe, 0), check=True)
+    except subprocess.SubprocessError:
+        pytest.skip("no tmpfs can be mounted here (it takes CAP_SYS_ADMIN)")
+
+
 class FullDiskService(ServiceProcess):
     """A service whose database is in ``full``, a file system with ``room`` bytes left."""
 
@@ -489,12 +498,7 @@ def test_a_start_on_a_full_disk_says_so_and_exits(tmp_path, room):
     # Found by review: it said only what failed first: DB.lock's "[Errno 28] No space left
     # on device", SQLite's "database or disk is full" (the file's first page), or "disk I/O
     # error" (its -shm, 32 KiB), with no word of where.
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    try:
-        subprocess.run(["true"], preexec_fn=partial(_full_disk, probe, 0), check=True)
-    except subprocess.SubprocessError:
-        pytest.skip("no tmpfs can be mounted here (it takes CAP_SYS_ADMIN)")
+    _need_tmpfs(tmp_path)
     svc = FullDiskService(tmp_path, room)
     try:
         assert svc.start(wait=False).wait() == 1, svc.log()
@@ -507,3 +511,25 @@ def test_a_start_on_a_full_disk_says_so_and_exits(tmp_path, room):
         rf"device holding {svc.db} \(\d+ bytes free; [^)]+\): free some space there, or "
         "give db a path on another file system$", svc.log(), re.M
     ), svc.log()[-2000:]
+
+
+def test_the_check_warns_of_a_device_nearly_full(tmp_path):
+    # --check said nothing of free space: a start then failed on it, and a running
+    # service refused new jobs (503) once it filled.
+    _need_tmpfs(tmp_path)
+    full, db = tmp_path / "full", tmp_path / "full" / "jobs.db"
+    full.mkdir()
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "check.config").write_text(f'modules = "{tmp_path / "modules"}"\ndb = "{db}"\n')
+    done = subprocess.run(
+        [sys.executable, str(REPO / "service.py"), "--check", "-c", "check.config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        preexec_fn=partial(_full_disk, full, 4096),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr  # a warning: it may yet start
+    assert re.search(
+        rf"warning: the device holding the queue database {db} has \d+ bytes free \(less than "
+        r"1024 KiB\): the start may fail on it", done.stderr
+    ), done.stderr
+    roomy = _check(tmp_path, tmp_path / "jobs.db")  # (this one's device has room)
+    assert roomy.returncode == 0 and "bytes free" not in roomy.stderr, roomy.stderr

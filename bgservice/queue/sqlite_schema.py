@@ -225,6 +225,16 @@ def _writable(conn: sqlite3.Connection, path: Path, version: int) -> None:
         ) from None
 
 
+def free_bytes(path: Path) -> int | None:
+    """Bytes free to the service where SQLite writes the database's files (its -wal and
+    -shm: beside the file a symbolic link points to); None if that cannot be read."""
+    try:
+        stat = os.statvfs(Path(os.path.realpath(path)).parent)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
 def no_space(path: Path, exc: BaseException) -> UnusableDatabase | None:
     """What the start's failure ``exc`` is when the device holding ``path`` is full: SQLite
     says "database or disk is full" or, for its -shm, "disk I/O error" (taken for it with
@@ -233,11 +243,7 @@ def no_space(path: Path, exc: BaseException) -> UnusableDatabase | None:
     sure = code == sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == errno.ENOSPC
     if not sure and code != sqlite3.SQLITE_IOERR:
         return None
-    try:  # (where SQLite makes the -wal: beside the file a symbolic link points to)
-        stat = os.statvfs(Path(os.path.realpath(path)).parent)
-        free: int | None = stat.f_bavail * stat.f_frsize
-    except OSError:
-        free = None
+    free = free_bytes(path)
     if not sure and (free is None or free >= ROOM):
         return None
     figure = "" if free is None else f"{free} bytes free; "
