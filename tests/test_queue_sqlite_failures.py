@@ -447,6 +447,20 @@ def test_a_commit_that_fails_on_a_damaged_file_says_so_and_what_to_do(make_servi
     assert _integrity(db) != [("ok",)]  # what the check it names says of the file
 
 
+def test_a_start_on_a_file_that_is_no_database_says_what_to_do(make_service, tmp_path):
+    # Found by review: the start said only SQLite's words ("file is not a database"),
+    # where a commit on a damaged file names the check to run and the backup to restore;
+    # at the start, the db path may also name another file.
+    db = tmp_path / "jobs.db"
+    db.write_bytes(b"not a database, a log file copied over it\n" * 200)
+    svc = make_service(start=False)
+    assert svc.start(wait=False).wait() == 1, svc.log()
+    assert (f"cannot open the job queue (database {db}): file is not a database; the "
+            f"database file {db} is damaged, or is not the queue's (is db the right path?): "
+            f'check it with sqlite3 {db} "PRAGMA integrity_check", and restore a backup') \
+        in svc.log(), svc.log()[-1500:]  # fmt: skip
+
+
 # --- a full disk: a small file system of its own ------------------------------------------
 
 _CLONE_NEWNS, _MS_REC, _MS_PRIVATE = 0x00020000, 0x4000, 0x40000

@@ -34,8 +34,9 @@ from bgservice.queue.commands import NO_FILTER, JobFilter
 from bgservice.queue.history import summarise_sql
 from bgservice.queue.job import COLUMNS, Job, stored_after, stored_tags
 from bgservice.queue.schedules import Schedule
+from bgservice.queue.sqlite_failures import damaged
 from bgservice.queue.sqlite_lists import FINISHED, matching
-from bgservice.queue.sqlite_schema import BUSY_TIMEOUT_MS, connect, lock, no_space
+from bgservice.queue.sqlite_schema import BUSY_TIMEOUT_MS, UnusableDatabase, connect, lock, no_space
 from bgservice.queue.sqlite_writer import Call, Insert, Writer
 from bgservice.queue.store import Run, Writes
 
@@ -118,6 +119,8 @@ class SqliteStore:
             self._unlock()
             if (full := no_space(self.path, exc)) is not None:  # (not "disk I/O error")
                 raise full from None
+            if advice := damaged(exc, self.path, starting=True):  # (as a commit says it)
+                raise UnusableDatabase(f"{exc}{advice}") from None
             raise
         stat = os.stat(self.path)
         self._file = (stat.st_dev, stat.st_ino)

@@ -105,16 +105,19 @@ def primary_code(exc: BaseException) -> int:
     return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
 
 
-def damaged(exc: BaseException, path: Path) -> str:
+def damaged(exc: BaseException, path: Path, starting: bool = False) -> str:
     """What to do, when ``exc`` says the database file is damaged (SQLITE_CORRUPT,
     SQLITE_NOTADB: retrying mends nothing, and its commits fail wherever they touch the
-    damaged pages); else "". Said with the cause, as the operator must act."""
+    damaged pages); else "". Said with the cause, as the operator must act. At the start,
+    the file may also be another one than the queue's (a wrong ``db`` path)."""
     if primary_code(exc) not in _DAMAGED:
         return ""
     where = shlex.quote(str(path))
-    return (f"; the database file {path} is damaged: stop the service, check it with "
-            f"sqlite3 {where} \"PRAGMA integrity_check\", and restore a backup (docs/"
-            "deploy.md, Backups and the job store's failures)")  # fmt: skip
+    what = ("is damaged, or is not the queue's (is db the right path?): " if starting
+            else "is damaged: stop the service, ")  # fmt: skip
+    return (f"; the database file {path} {what}check it with sqlite3 {where} \"PRAGMA "
+            "integrity_check\", and restore a backup (docs/deploy.md, Backups and the job "
+            "store's failures)")  # fmt: skip
 
 
 class Kept:
