@@ -27,6 +27,11 @@ from bgservice.stream.base import StreamProtocol
 # hard way: with the loopback MSS as the bound, a 900 KB write was once read as a 16 KB
 # first piece under load, and cut.)
 SHORT_WRITE = 1448
+# The longest reply closed on at once: what TCP sends in its first flight (an initial
+# window of 10 segments), so none of it waits in the kernel when the connection closes. A
+# longer one may: a byte the client writes after the close then makes the kernel reset
+# the connection and drop the rest of the reply (docs/protocol.md, One-shot requests).
+SENT_AT_ONCE = 10 * SHORT_WRITE
 
 
 class OneShot(StreamProtocol):
@@ -196,10 +201,9 @@ class OneShot(StreamProtocol):
             return
         transport = self.transport
         status, body = reply
-        if status == OK:
-            transport.write(body)
-        else:
-            transport.write(one_shot_error(status, body.decode("utf-8", "replace")))
+        if status != OK:
+            body = one_shot_error(status, body.decode("utf-8", "replace"))
+        transport.write(body)
         # The end of the reply (FIN) sent now, behind it: close() sends it only after the
         # connection's callbacks have run, and by then the client that read the reply has
         # gone to sleep waiting for the end, so the FIN had to wake it a second time
@@ -208,14 +212,17 @@ class OneShot(StreamProtocol):
         # (Not on a transport an error is closing: uvloop raises there.)
         if not transport.is_closing():
             transport.write_eof()
-        if self.eof or not (self.trailing or transport.get_write_buffer_size()):
+        if self.eof or not (
+            self.trailing or len(body) > SENT_AT_ONCE or transport.get_write_buffer_size()
+        ):
             transport.close()
             return
-        # Bytes came after the request, or the reply is still going out (reading paused
-        # meanwhile): closing with input unread makes the kernel reset the connection and
-        # drop what is not sent yet (a PHP client's 4 MB reply, cut at 2.3 MB, because of
-        # a newline written after the request). As fail() does: input discarded until the
-        # client closes, or a while.
+        # Bytes came after the request, or the reply may still be going out (reading
+        # paused meanwhile; or all of it in the kernel's buffer, not sent yet): closing with
+        # input unread, or input coming after the close, makes the kernel reset the
+        # connection and drop what is not sent yet (a PHP client's 4 MB reply, cut at 2.3
+        # MB, because of a newline written after the request). As fail() does: input
+        # discarded until the client closes, or a while.
         self.draining = True
         if self.flow is not None:
             self.flow.busy(False)
