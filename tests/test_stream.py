@@ -405,7 +405,9 @@ def test_framed_client_that_never_reads_stops_being_read(service):
 def test_a_client_that_never_reads_its_reply_is_dropped_after_the_write_timeout(make_service):
     # Item 3: clients that sent echo:+8 MiB and stopped reading held their connection slot
     # and the reply's memory for ever: every other call got "503: Too many connections".
-    svc = make_service("[limits]\nmax_connections = 2\nwrite_timeout = 1.0\n")
+    # (3 s: the first call must find both held before the first is dropped, however slowly
+    # the two 8 MiB requests are sent on a loaded machine)
+    svc = make_service("[limits]\nmax_connections = 2\nwrite_timeout = 3.0\n")
     held = [sent_one_shot(svc, b"echo:" + b"r" * (8 << 20)) for _ in range(2)]
     try:
         assert svc.call(b"test:x") == b"503: Too many connections"
@@ -553,12 +555,15 @@ def test_a_loop_held_up_past_the_gap_does_not_cut_requests(modules_dir, make_ser
     # The gap's timer ran before the read in the loop turn after a slow step, and ended
     # the request without the bytes that had arrived meanwhile.
     write_module(modules_dir, "sized", SIZED)
-    svc = make_service()
+    # A 50 ms gap, the loop held 60 ms at a time: the client's 2 ms pause between its two
+    # writes stays within the gap however late its thread runs (with the 5 ms default,
+    # sleep(0.002) took 10.4 ms on a loaded machine, and the service rightly ended there).
+    svc = make_service("[limits]\nquiet_ms = 50\n")
     stop = threading.Event()
 
     def hold() -> None:
         while not stop.is_set():
-            svc.call(b"sized:block 8")
+            svc.call(b"sized:block 60")  # holds the loop past the gap
 
     holder = threading.Thread(target=hold)
     holder.start()

@@ -93,7 +93,7 @@ def test_a_request_sent_after_the_shutdown_began_is_answered(make_service):
     with socket.create_connection(svc.tcp, timeout=10) as sock:
         wait_until(lambda: svc.stats()["connections"]["open"] >= 2)  # (and the stats call)
         svc.signal(signal.SIGTERM)
-        time.sleep(0.1)
+        svc.wait_for_log("calls in flight, up to")  # the stop has begun (was: a 0.1 s sleep)
         try:
             sock.sendall(b"echo:late")
         except (BrokenPipeError, ConnectionResetError):
