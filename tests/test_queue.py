@@ -141,14 +141,20 @@ def test_queue_commands_over_framed_connections(service):
 # --- a real queue ---------------------------------------------------------------------
 
 
-def test_jobs_wait_for_a_free_worker(make_service):
+def test_jobs_wait_for_a_free_worker(modules_dir, make_service, tmp_path):
+    # (gated, not sleep:500: the checks below must come while the first two still run,
+    # however slowly a loaded machine answers them)
+    write_module(modules_dir, "gate", GATE)
     svc = make_service("[queue]\nworkers = 2\n")
-    ids = [add(svc, b"queue:add:sleep:500") for _ in range(4)]
+    go = tmp_path / "go"
+    ids = [add(svc, b"queue:add:gate:" + str(go).encode()) for _ in range(4)]
+    wait_until(lambda: [status(svc, i)["state"] for i in ids[:2]] == ["running"] * 2)
     checks = [svc.call(b"queue:check:id:%d" % i) for i in ids]
     assert checks.count(b"1") == 2 and checks.count(b"0") == 2  # status 0 is real
     assert status(svc, ids[3])["position"] == 1
+    go.touch()
     for i in ids:
-        assert svc.call(b"queue:get:id:%d" % i) == b"slept 500"
+        assert svc.call(b"queue:get:id:%d" % i) == b"open"
 
 
 def test_per_module_limit_serialises_a_module(modules_dir, make_service):
@@ -205,10 +211,13 @@ def test_a_module_at_its_limit_does_not_hold_back_the_jobs_behind_it(
     assert svc.call(b"queue:get:id:%d" % second) == b"opened"
 
 
-def test_priority_then_arrival_order(modules_dir, make_service):
+def test_priority_then_arrival_order(modules_dir, make_service, tmp_path):
     write_module(modules_dir, "record", RECORD_MODULE)
+    write_module(modules_dir, "gate", GATE)
     svc = make_service("[queue]\nworkers = 1\n")
-    blocker = add(svc, b"queue:add:sleep:400")  # holds the only worker
+    go = tmp_path / "go"
+    blocker = add(svc, b"queue:add:gate:" + str(go).encode())  # holds the only worker
+    wait_until(lambda: status(svc, blocker)["state"] == "running")
     ids = [
         add(svc, b"queue:add:record:low1"),
         add(svc, b"queue:add?priority=5:record:high1"),
@@ -216,6 +225,7 @@ def test_priority_then_arrival_order(modules_dir, make_service):
         add(svc, b"queue:add?priority=5:record:high2"),
         add(svc, b"queue:add?priority=-3:record:lowest"),
     ]
+    go.touch()  # (every add in before the worker is free, however slowly they came)
     svc.call(b"queue:get:id:%d" % blocker)
     for i in ids:
         svc.call(b"queue:get:id:%d" % i)
@@ -404,12 +414,18 @@ def _one_busy_worker(modules_dir, make_service):
     return svc, blocker
 
 
-def test_unique_key_merges_waiting_and_running_jobs(service):
-    first = add(service, b"queue:add?unique=report-7:sleep:400")
+def test_unique_key_merges_waiting_and_running_jobs(modules_dir, service, tmp_path):
+    write_module(modules_dir, "gate", GATE)
+    wait_until(lambda: service.call(b"gate:" + bytes(tmp_path)) == b"open")  # (loaded)
+    go = tmp_path / "go"
+    first = add(service, b"queue:add?unique=report-7:gate:" + str(go).encode())
     assert add(service, b"queue:add?unique=report-7:sleep:400") == first
+    wait_until(lambda: status(service, first)["state"] == "running")
+    assert add(service, b"queue:add?unique=report-7:sleep:400") == first  # running: merged
     other = add(service, b"queue:add?unique=report-8:sleep:10")
     assert other != first
-    assert service.call(b"queue:get:id:%d" % first) == b"slept 400"
+    go.touch()
+    assert service.call(b"queue:get:id:%d" % first) == b"open"
     again = add(service, b"queue:add?unique=report-7:sleep:10")  # the first has finished
     assert again != first
 
@@ -474,19 +490,23 @@ def test_a_key_taken_back_from_a_cancelling_job_stays_taken_after_a_crash(
     assert add(restarted, b"queue:add?unique=u:echo:x") == retried
 
 
-def test_dependency_runs_after_its_job(modules_dir, service):
+def test_dependency_runs_after_its_job(modules_dir, service, tmp_path):
     write_module(modules_dir, "record", RECORD_MODULE)
+    write_module(modules_dir, "gate", GATE)
     wait_until(lambda: service.call(b"record:probe") == b"probe")
-    first = add(service, b"queue:add:sleep:400")
+    wait_until(lambda: service.call(b"gate:" + bytes(tmp_path)) == b"open")  # (loaded)
+    go = tmp_path / "go"
+    first = add(service, b"queue:add:gate:" + str(go).encode())  # (runs until told)
     second = add(service, b"queue:add?after=%d:record:second" % first)
     assert service.call(b"queue:check:id:%d" % second) == b"0"
+    go.touch()
     assert service.call(b"queue:get:id:%d" % second) == b"second"
     assert status(service, second)["started"] >= status(service, first)["finished"]
     failing = add(service, b"queue:add:sleep:abc")
     service.call(b"queue:get:id:%d" % failing)
     assert service.call(b"queue:add?after=%d:echo:x" % failing).startswith(b"424:")
     assert service.call(b"queue:add?after=99999:echo:x").startswith(b"404:")
-    waiting = add(service, b"queue:add?delay=0.3:sleep:abc")
+    waiting = add(service, b"queue:add?delay=2:sleep:abc")  # (the next add well before)
     dependent = add(service, b"queue:add?after=%d:echo:x" % waiting)
     assert service.call(b"queue:get:id:%d" % dependent) == (
         b"424: Dependency: job %d failed" % waiting
@@ -1031,16 +1051,19 @@ def test_adds_of_one_unique_key_racing_a_dependency_lookup_make_one_job(make_ser
     done = add(svc, b"queue:add:echo:x")
     assert svc.call(b"queue:get:id:%d" % done) == b"x"
     assert svc.stop() == 0
+    write_module(svc.modules, "gate", GATE)  # (runs until told: no add comes after its end)
     svc = make_service(root=tmp_path)
+    go = str(tmp_path / "go").encode()
     replies: list[bytes] = []
-    add_one = lambda: replies.append(svc.call(b"queue:add?unique=k&after=%d:sleep:300" % done))  # noqa: E731
+    add_one = lambda: replies.append(svc.call(b"queue:add?unique=k&after=%d:gate:%s" % (done, go)))  # noqa: E731
     threads = [threading.Thread(target=add_one) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(set(replies)) == 1 and replies[0].startswith(b"id:"), replies
-    assert svc.call(b"queue:get:id:" + replies[0][3:]) == b"slept 300"
+    (tmp_path / "go").touch()
+    assert svc.call(b"queue:get:id:" + replies[0][3:]) == b"open"
     assert json.loads(svc.call(b"queue:stats"))["counts"].get("waiting", 0) == 0
 
 
