@@ -235,11 +235,11 @@ def test_priority_then_arrival_order(modules_dir, make_service, tmp_path):
 
 def test_delay_and_run_at(service):
     start = time.time()
-    jid = add(service, b"queue:add?delay=0.6:echo:later")
+    jid = add(service, b"queue:add?delay=2:echo:later")  # (the next two calls well before)
     assert service.call(b"queue:check:id:%d" % jid) == b"0"
     assert status(service, jid)["position"] is None
     assert service.call(b"queue:get:id:%d" % jid) == b"later"
-    assert status(service, jid)["started"] >= start + 0.6
+    assert status(service, jid)["started"] >= start + 2
     at = time.time() + 0.3
     jid = add(service, b"queue:add?at=%f:echo:at" % at)
     assert service.call(b"queue:get:id:%d" % jid) == b"at"
@@ -1136,12 +1136,13 @@ def test_a_retried_job_shows_nothing_of_its_last_run(modules_dir, make_service, 
     wait_until(lambda: (status(svc, failed).get("progress") or {}).get("done") == 1)
     assert svc.call(b"queue:cancel:id:%d" % failed) == b"cancelling"
     svc.call(b"queue:get:id:%d" % failed)
-    busy = add(svc, b"queue:add:sleep:2000")  # the one worker: the retry waits
+    busy = add(svc, b"queue:add:sleep:60000")  # the one worker: the retry waits
     wait_until(lambda: status(svc, busy)["state"] == "running")
     assert svc.call(b"queue:retry:id:%d" % failed) == b"id:%d" % failed
     info = status(svc, failed)
     assert info["state"] == "waiting" and info["attempts"] == 0
     assert info.get("started") is None and info.get("progress") is None, info
+    assert svc.call(b"queue:cancel:id:%d" % busy) == b"cancelling"  # (no 60 s stop)
 
 
 def test_priorities_are_whole_numbers_both_engines_order_exactly(service):
