@@ -9,19 +9,18 @@ client waiting meanwhile; a dashboard open asks for both every 2 s.
 
 A filtered page (``module=``, ``name=``, ``tag=``) is read from the line the same way,
 as far as the page goes or the line's last match: the waiting jobs that match are counted
-first (C speed: ~15 ms for 100,000), so that the walk stops at the last of them, and a
-filter that matches none walks nothing (the whole line of 100,000 took ~0.4 s to walk,
-as a page at its end does)."""
+first (one pass over the jobs in memory: ~20 ms for 100,000), so that the walk stops at
+the last of them, and a filter that matches none walks nothing (the whole line of 100,000
+took ~0.4 s to walk, as a page at its end does)."""
 
 from __future__ import annotations
 
 import heapq
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import and_, attrgetter, contains, eq, is_, itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from bgservice.config import QueueSettings
@@ -82,8 +81,11 @@ def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str, Any]
     line that matches); the jobs waiting on another job (in no line) only when the page
     goes past every job in line that it lists."""
     end, index, ahead, where = spec.offset + spec.limit, 0, 0, spec.where
+    blocked = [j for j in map(live.jobs.get, live.blocked_ids())
+               if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
     keep = (lambda job: _kept(where, job)) if where else None
-    left = _in_line_matching(live, where) if where else len(live.jobs)  # (in line: at most)
+    # In line: at most every job in memory; filtered, exactly the matches not blocked.
+    left = _in_line_matching(live, where, blocked) if where else len(live.jobs)
     rows: list[dict[str, Any]] = []
     for job in live.line.in_order(now) if left else ():
         if index >= end:
@@ -98,35 +100,19 @@ def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str, Any]
         index, left = index + 1, left - 1
         if not left:  # (each in line met: no match further on)
             break
-    blocked = [j for j in map(live.jobs.get, live.blocked_ids())
-               if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
     behind = sorted(blocked, key=lambda j: _run_order(j, now, live.blocked))
     start = max(0, spec.offset - index)  # (index: how many are in line)
     return rows + [j.describe(now, None, live.rates().free_at(j.module, now))
                    for j in behind[start : end - index]]  # fmt: skip
 
 
-def _in_line_matching(live: Live, where: JobFilter) -> int:
-    """How many waiting jobs in line (not waiting on another job) ``where`` matches: the
-    jobs in memory narrowed a field at a time at C speed (100,000: ~15 ms, where a Python
-    test of each took ~40), less the matches among the few that wait on others."""
-    jobs: Collection[Job] = live.jobs.values()
-    tests = (("module", where.module, eq), ("name", where.name, eq), ("tags", where.tag, contains))
-    *narrowing, last = [(field, value, test) for field, value, test in tests if value is not None]
-    for field, value, test in narrowing:  # (the last counted with the state, in no list)
-        jobs = list(compress(jobs, _passed(jobs, field, value, test)))
-    waiting = map(is_, map(attrgetter("state"), jobs), repeat(JobState.WAITING))
-    count = sum(map(and_, _passed(jobs, *last), waiting))
-    blocked = [j for j in map(live.jobs.get, live.blocked_ids())
-               if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
-    return count - len(blocked)
-
-
-def _passed(
-    jobs: Iterable[Job], field: str, value: str, test: Callable[[Any, str], bool]
-) -> Iterator[bool]:
-    """Whether each job's ``field`` passes ``test`` with ``value``, at C speed."""
-    return map(test, map(attrgetter(field), jobs), repeat(value))
+def _in_line_matching(live: Live, where: JobFilter, blocked: Collection[Job]) -> int:
+    """How many waiting jobs in line ``where`` matches: the waiting ones in memory that it
+    matches (one pass: ~20 ms for 100,000), less ``blocked``, those of them that wait on
+    another job."""
+    matching = sum(1 for job in live.jobs.values()
+                   if job.state is JobState.WAITING and _kept(where, job))  # fmt: skip
+    return matching - len(blocked)
 
 
 def _running(live: Live) -> list[Job]:
