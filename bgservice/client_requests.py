@@ -32,6 +32,7 @@ from bgservice.client_errors import (  # noqa: F401
     cut_short,
     refusal,
 )
+from bgservice.protocol import MODULE_NAME
 
 DEFAULT_ADDRESS = "127.0.0.1:12341"
 MAX_JOB_ID = 2**63 - 1  # the service's ids are SQLite INTEGERs: none is larger
@@ -230,10 +231,8 @@ def _bytes(data: Data) -> bytes:
     raise ValueError(f"data must be str or bytes, not {type(data).__name__}")
 
 
-# A module name, as the service reads one (protocol.split_request: the text before the
-# first colon, any byte but these dropped; declarations.py names module files so). Any
-# other name was a silent wrong call: "echo:x" called echo with "x:DATA", "ec ho" echo.
-MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# A module name, as the service reads one (protocol.MODULE_NAME). Any other name was a
+# silent wrong call: "echo:x" called echo with "x:DATA", "ec ho" echo.
 MODULE_RULE = "a module name is one or more of A-Z a-z 0-9 _ -"
 
 

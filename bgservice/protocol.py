@@ -27,7 +27,12 @@ Reply = tuple[int, bytes]  # (status, body)
 
 _LENGTH = struct.Struct(">I")
 _REPLY_HEADER = struct.Struct(">3sI")
-_NOT_NAME = re.compile(rb"[^A-Za-z0-9_-]")
+# A module name: what split_request keeps of the text before the first colon (any other
+# byte dropped, as the original did). The modules folder names its files so; queue:list's
+# module=, the JSON API and the clients check names against this one rule.
+_NAME_CHARS = "A-Za-z0-9_-"
+MODULE_NAME = re.compile(f"[{_NAME_CHARS}]+")
+_NOT_NAME = re.compile(f"[^{_NAME_CHARS}]".encode())
 
 
 class Mode(enum.Enum):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.errors import BadRequest, did_you_mean
+from bgservice.protocol import MODULE_NAME
 from bgservice.queue.commands import (
     ADD_OPTIONS,
     TAG,
@@ -28,9 +28,8 @@ from bgservice.queue.commands import (
 )
 from bgservice.queue.schedules import OPTIONS as SCHEDULE_OPTIONS
 
-# A module name as the modules folder allows it. The socket protocol silently drops other
-# bytes from a name (the original did); the JSON API refuses them instead.
-MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# A module name (protocol.MODULE_NAME): the socket protocol silently drops other bytes
+# from a name (the original did); the JSON API refuses them instead.
 WHOLE_OPTIONS = frozenset({"priority", "retries", "after"})
 
 

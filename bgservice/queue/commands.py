@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bgservice.errors import BadRequest, UnknownQueueRequest, did_you_mean
-from bgservice.protocol import split_request
+from bgservice.protocol import MODULE_NAME, split_request
 
 COMMANDS = frozenset(
     {"add", "get", "check", "status", "cancel", "retry", "list", "stats"}
@@ -42,7 +42,6 @@ MAX_AFTER = 100  # max_dependencies: ids in after=, a fan-in, not a copy of the 
 TAG_CHARS = 64  # max_tag_chars: the longest tag
 MAX_PAGE = 1000  # max_page: jobs per state in one queue:list reply (and an HTTP page)
 TAG = re.compile(r"[A-Za-z0-9_.:-]+")
-MODULE = re.compile(r"[A-Za-z0-9_-]+")  # a module name: what split_request keeps of one
 
 
 class ParseLimits(Protocol):
@@ -320,10 +319,16 @@ def _tags(text: str, most: int) -> tuple[str, ...]:
     """``tags=a,b`` -> ("a", "b"), each once, each 1 to ``most`` of A-Z a-z 0-9 _ . : -."""
     tags = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
     for tag in tags:
-        if len(tag) > most or not TAG.fullmatch(tag):
-            problem = f"each tag is 1-{most} of A-Z a-z 0-9 _ . : - ([queue] max_tag_chars)"
-            raise BadRequest(f"option tags: {problem}, not {tag[:70]!r}")
+        _tag("tags", "each tag is", tag, most)
     return tags
+
+
+def _tag(option: str, what: str, tag: str, most: int) -> str:
+    """``tag`` if it is 1 to ``most`` of A-Z a-z 0-9 _ . : - (``[queue] max_tag_chars``)."""
+    if len(tag) > most or not TAG.fullmatch(tag):
+        problem = f"{what} 1-{most} of A-Z a-z 0-9 _ . : - ([queue] max_tag_chars)"
+        raise BadRequest(f"option {option}: {problem}, not {tag[:70]!r}")
+    return tag
 
 
 def _flag(name: str, text: str) -> bool:
@@ -363,13 +368,11 @@ def _filter(command: Command, limits: ParseLimits) -> JobFilter:
     """``module=``, ``name=`` and ``tag=`` (each given once, not empty: ``parse``), each
     refused when no job could have it: the rules of ``queue:add``'s."""
     module, name, tag = map(command.options.get, ("module", "name", "tag"))
-    if module is not None and not MODULE.fullmatch(module):
+    if module is not None and not MODULE_NAME.fullmatch(module):
         raise BadRequest(f"option module: expected a module name (A-Z a-z 0-9 _ -), "
                          f"not {module[:40]!r}")  # fmt: skip
-    if tag is not None and (len(tag) > limits.max_tag_chars or not TAG.fullmatch(tag)):
-        most = limits.max_tag_chars
-        problem = f"one tag, 1-{most} of A-Z a-z 0-9 _ . : - ([queue] max_tag_chars)"
-        raise BadRequest(f"option tag: {problem}, not {tag[:70]!r}")
+    if tag is not None:
+        _tag("tag", "one tag,", tag, limits.max_tag_chars)
     return JobFilter(module, None if name is None else _name(name), tag)
 
 
