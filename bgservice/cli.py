@@ -25,7 +25,6 @@ from bgservice import __version__, cli_client, config, logs, open_files, preflig
 from bgservice.cli_queue import queue
 from bgservice.cli_schedule import schedule
 from bgservice.config_checks import redact_url
-from bgservice.config_env import file_redis_url
 from bgservice.errors import ConfigError
 from bgservice.server import Service
 
@@ -53,9 +52,8 @@ def _exposed_secrets(settings: config.Settings, config_path: Path | None) -> str
     A warning (as sshd refuses such a key file, but a start must not fail on an upgrade)."""
     if config_path is None:
         return None
-    url = settings.redis.url  # the file's, unless $BGSERVICE_REDIS_URL replaced it:
-    if settings.redis.url_from != config.RedisSettings.url_from:  # then what the file says
-        url = file_redis_url(config_path)
+    redis = settings.redis  # (the file's url, also where $BGSERVICE_REDIS_URL replaced it)
+    url = redis.url if redis.url_from == config.RedisSettings.url_from else redis.file_url
     held = [name for name, there in (
         ("[http] token", bool(settings.http.token)), ("[http] tokens", bool(settings.http.tokens)),
         ("a password in [redis] url", redact_url(url) != url),

@@ -100,8 +100,7 @@ class QueueSettings:
     max_waiting_bytes: int = 1 << 30  # the data of waiting and running jobs (embedded)
     commit_ms: float = 0.0
     backend: str = "sqlite"
-    # A job without timeout= whose module sets no TIMEOUT; None: none (it may run for days).
-    job_timeout: float | None = None
+    job_timeout: float | None = None  # no timeout= and no module TIMEOUT; None: none (days)
     # Job names and tags: the longest name, the most tags, and how many distinct names
     # /metrics labels on their own (the rest count as name="other"). docs/queue.md.
     max_name_chars: int = 200
@@ -126,6 +125,7 @@ class RedisSettings:
     connect_timeout: float = 2.0
     command_timeout: float = 5.0  # s a command may wait for Redis's reply (redis_db.py)
     url_from: str = "[redis] url"  # or $BGSERVICE_REDIS_URL (config_env): errors name it
+    file_url: str = ""  # the file's own url where url_from is not: a password still there
 
 
 @dataclass(frozen=True)
