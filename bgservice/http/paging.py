@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 
 from bgservice.errors import BadRequest
-from bgservice.queue.commands import MAX_INT, MAX_PAGE
+from bgservice.queue.commands import FILTERS, MAX_INT, MAX_PAGE
 
 DEFAULT_SIZE = 100
 # The largest page unless told ([queue] max_page): larger sizes are coerced down
@@ -25,7 +25,7 @@ DEFAULT_SIZE = 100
 MAX_SIZE = MAX_PAGE
 NEW = ("page_size", "page_token")
 OLD = ("limit", "offset")  # deprecated
-KEPT = ("state", "module", "name", "tag")  # the filters: each page's as the first page's
+KEPT = ("state", *sorted(FILTERS))  # the filters: each page's as the first page's
 PARAMETERS = frozenset({*KEPT, *NEW, *OLD})  # all GET /jobs reads (any other is a 400)
 
 
