@@ -15,13 +15,14 @@ import asyncio
 import json
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Awaitable
 from types import FrameType
 from typing import TypeVar
 
 from bgservice.client import Client
-from bgservice.queue.commands import ListSpec
+from bgservice.queue.commands import JobFilter, ListSpec
 from bgservice.queue.sqlite_schema import SCHEMA
 from tests.conftest import wait_until
 from tests.queue_helpers import add, status
@@ -157,3 +158,102 @@ def test_stats_count_every_job_while_jobs_end(make_service, modules_dir):
             done = counts["done"]
     conn.close()
     assert set(totals) == {jobs + 4}, sorted(set(totals))
+
+
+async def _longest_hold(report: Awaitable[T]) -> tuple[T, int]:
+    """``report`` awaited, and the most Python calls this thread made between two turns of
+    the loop meanwhile (a callback that schedules itself again each turn marks them): how
+    long the report held the loop from every other client, machine-independent."""
+    loop, calls, marked, longest, done = asyncio.get_running_loop(), 0, 0, 0, False
+
+    def count(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    def turn() -> None:
+        nonlocal marked, longest
+        longest, marked = max(longest, calls - marked), calls
+        if not done:
+            loop.call_soon(turn)
+
+    loop.call_soon(turn)
+    sys.setprofile(count)
+    try:
+        result = await report
+    finally:
+        sys.setprofile(None)
+        done = True
+    return result, max(longest, calls - marked)
+
+
+async def test_a_deep_or_filtered_page_gives_the_loop_back_as_it_walks(make_service, tmp_path):
+    # A page deep in a line of 100,000 (offset 99,950), or a filter whose one match is at
+    # the line's end, walked the whole line in one turn of the loop (~0.4 s here), and a
+    # filter's count of matches took another pass (~20 ms): every other client waited.
+    # Now the walk and the count give the loop back every millisecond or so: the most
+    # Python calls in one turn, counted, are a small share of the line.
+    _seed(tmp_path, WAITING)
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        tail = list(_row(WAITING + 2, "waiting", time.time()))
+        tail[1] = "tail"  # (its module: the line's last job)
+        conn.execute(INSERT, tail)
+    queue = recovered_queue(tmp_path / "jobs.db")
+    await queue.start()
+    try:
+        pages = {
+            "deep": ListSpec("waiting", 100, WAITING - 50),
+            "filtered, last": ListSpec("waiting", 100, 0, JobFilter(module="tail")),
+            "filtered, none": ListSpec("waiting", 100, 0, JobFilter(name="nobody")),
+            "filtered, deep": ListSpec("waiting", 10, WAITING // 3 - 5, JobFilter(name="n1")),
+        }
+        held, got = {}, {}
+        for name, spec in pages.items():
+            reply, held[name] = await _longest_hold(queue.list_jobs(spec))
+            got[name] = [(j["id"], j["position"]) for j in reply["waiting"]]
+        assert max(held.values()) < WAITING // 5, held  # (the whole line: 100,000s)
+    finally:
+        await queue.stop(0)
+    # The busy sleep job is first in line (priority 10), then the echo jobs by id, the tail.
+    assert got["deep"] == [(WAITING - 49 + n, WAITING - 50 + n) for n in range(52)]
+    assert got["filtered, last"] == [(WAITING + 2, WAITING + 1)]
+    assert got["filtered, none"] == []
+    n1 = [jid for jid in range(2, WAITING + 2) if jid % 3 == 1]  # named n1 (_seed)
+    assert got["filtered, deep"] == [(jid, jid - 1) for jid in n1[WAITING // 3 - 5 :]]
+
+
+def test_a_deep_page_reads_the_line_as_it_was_while_jobs_come(make_service, tmp_path):
+    # The walk gives the loop back, so jobs are added while it reads the line: jobs of a
+    # higher priority move entries about in the line's heap.
+    # The page is read from the line as it was when the walk began: a run of the seeded
+    # jobs in order, each once, with their positions (a walk of the heap itself, moved
+    # under it, read entries twice, or passed them).
+    _seed(tmp_path, WAITING)
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 1000000\n")
+    wait_until(lambda: status(svc, 1)["state"] == "running", 30)
+    address, added, stop = f"{svc.tcp[0]}:{svc.tcp[1]}", [], threading.Event()
+
+    def adding() -> None:  # batches of 50, each ahead of every seeded job
+        with Client(address, timeout=60) as bg:
+            while not stop.is_set():
+                added.extend(bg.add_many([("echo", b"hi", {"priority": 5})] * 50))
+
+    adder = threading.Thread(target=adding)
+    adder.start()
+    try:
+        wait_until(lambda: len(added) >= 100)
+        before = len(added)
+        with Client(address, timeout=60) as bg:
+            page = bg.list("waiting", limit=1000, offset=WAITING - 2000)["waiting"]
+        added_during = len(added) - before
+    finally:
+        stop.set()
+        adder.join()
+    ids = [j["id"] for j in page]
+    first = ids[0]
+    assert ids == list(range(first, first + 1000)), ids[:5]
+    # The jobs of priority 5 added before the walk began are ahead of them: the positions
+    # count those (and the busy job, running, is in no line); a batch in line as the walk
+    # began may have its ids back after the page: the 50.
+    ahead = WAITING - 2000 - (first - 2)
+    assert before <= ahead <= before + added_during + 50, (before, ahead, added_during)
+    assert [j["position"] for j in page] == [first - 2 + ahead + n for n in range(1000)]

@@ -10,11 +10,16 @@ client waiting meanwhile; a dashboard open asks for both every 2 s.
 A filtered page (``module=``, ``name=``, ``tag=``) is read from the line the same way,
 as far as the page goes or the line's last match: the waiting jobs that match are counted
 first (one pass over the jobs in memory: ~20 ms for 100,000), so that the walk stops at
-the last of them, and a filter that matches none walks nothing (the whole line of 100,000
-took ~0.4 s to walk, as a page at its end does)."""
+the last of them, and a filter that matches none walks nothing.
+
+A walk that goes deep (a page at offset 99,900 of 100,000, or a filter's last match at
+the line's end: ~0.4 s) and a filter's count do not hold the loop for it: they give it
+back to the other clients every ``WALK_SLICE`` jobs walked (``COUNT_SLICE`` counted),
+about a millisecond each, the walk reading a snapshot of the line."""
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from collections import Counter
@@ -31,6 +36,11 @@ from bgservice.queue.live import LiveJobs
 from bgservice.queue.rates import Windows
 from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.store import Store, Writes
+
+# How much a page's walk reads between two turns of the loop given back to the other
+# clients (each about 1 ms here): jobs walked in line, and jobs a filter's count reads.
+WALK_SLICE = 250
+COUNT_SLICE = 5_000
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ async def list_page(live: Live, store: Store, spec: ListSpec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for state in states:
         if state == "waiting":
-            out[state] = _waiting_page(live, spec, now)
+            out[state] = await _waiting_page(live, spec, now)
         elif state == "running":
             running = [j for j in _running(live) if _kept(spec.where, j)]
             out[state] = [j.describe(now) for j in running[spec.offset : spec.offset + spec.limit]]
@@ -76,43 +86,54 @@ def _kept(where: JobFilter, job: Job) -> bool:
     return where.matches(job.module, job.name, job.tags)
 
 
-def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str, Any]]:
+async def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str, Any]]:
     """Read from the line as far as the page goes (filtered: or as far as the last job in
     line that matches); the jobs waiting on another job (in no line) only when the page
-    goes past every job in line that it lists."""
+    goes past every job in line that it lists. A walk that may pass ``WALK_SLICE`` jobs
+    reads a snapshot of the line, and gives the loop back after each ``WALK_SLICE``."""
     end, index, ahead, where = spec.offset + spec.limit, 0, 0, spec.where
     blocked = [j for j in map(live.jobs.get, live.blocked_ids())
                if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
     keep = (lambda job: _kept(where, job)) if where else None
-    # In line: at most every job in memory; filtered, exactly the matches not blocked.
-    left = _in_line_matching(live, where, blocked) if where else len(live.jobs)
+    # In line: at most every job in memory; filtered, at most the matches not blocked.
+    left = await _in_line_matching(live, where) if where else len(live.jobs)
     rows: list[dict[str, Any]] = []
-    for job in live.line.in_order(now) if left else ():
+    line = live.line.in_order(now, snapshot=end > WALK_SLICE or keep is not None)
+    for walked, job in enumerate(line if left else (), 1):
         if index >= end:
             return rows
         position = None
         if job.run_at <= now:  # the due ones come first, the delayed ones after
             position, ahead = ahead, ahead + 1
-        if keep is not None and not keep(job):
-            continue
-        if index >= spec.offset:  # throttled_until: as queue:status has it
-            rows.append(job.describe(now, position, live.rates().free_at(job.module, now)))
-        index, left = index + 1, left - 1
-        if not left:  # (each in line met: no match further on)
-            break
+        if keep is None or keep(job):
+            if index >= spec.offset:  # throttled_until: as queue:status has it
+                rows.append(job.describe(now, position, live.rates().free_at(job.module, now)))
+            index, left = index + 1, left - 1
+            if not left:  # (each in line met: no match further on)
+                break
+        if walked % WALK_SLICE == 0:
+            await asyncio.sleep(0)
     behind = sorted(blocked, key=lambda j: _run_order(j, now, live.blocked))
     start = max(0, spec.offset - index)  # (index: how many are in line)
     return rows + [j.describe(now, None, live.rates().free_at(j.module, now))
                    for j in behind[start : end - index]]  # fmt: skip
 
 
-def _in_line_matching(live: Live, where: JobFilter, blocked: Collection[Job]) -> int:
-    """How many waiting jobs in line ``where`` matches: the waiting ones in memory that it
-    matches (one pass: ~20 ms for 100,000), less ``blocked``, those of them that wait on
-    another job."""
-    matching = sum(1 for job in live.jobs.values()
-                   if job.state is JobState.WAITING and _kept(where, job))  # fmt: skip
-    return matching - len(blocked)
+async def _in_line_matching(live: Live, where: JobFilter) -> int:
+    """At most how many waiting jobs in line ``where`` matches: the waiting ones in memory
+    that it matches and that wait on no other job (one pass: ~25 ms for 100,000, the loop
+    given back after each ``COUNT_SLICE``). A job that changes meanwhile can only make
+    the count too high (the walk then goes on to the line's end), never too low: a job
+    counted as not waiting that the line's snapshot holds has left it (started, or placed
+    again under a new number), so the walk skips it."""
+    jobs, blocked, count = list(live.jobs.values()), live.blocked, 0
+    for start in range(0, len(jobs), COUNT_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        count += sum(1 for job in jobs[start : start + COUNT_SLICE]
+                     if job.state is JobState.WAITING and _kept(where, job)
+                     and not blocked(job.id))  # fmt: skip
+    return count
 
 
 def _running(live: Live) -> list[Job]:

@@ -149,20 +149,24 @@ class WaitingLine:
 
     # --- what reports.py reads ----------------------------------------------------------
 
-    def in_order(self, now: float) -> Iterator[Job]:
+    def in_order(self, now: float, snapshot: bool = False) -> Iterator[Job]:
         """The waiting jobs in line as they will run: the ones due now, then the delayed
-        ones by due time (then priority, then id)."""
-        for entry in self._due_now(now):
+        ones by due time (then priority, then id). A reader that gives the loop back
+        between two jobs asks for a ``snapshot``: the heaps as they were at the first job
+        (a copy, at C speed), each job still waiting when its turn comes."""
+        delayed = list(self._delayed) if snapshot else self._delayed
+        for entry in self._due_now(now, snapshot):
             yield self._waiting(entry[1])  # type: ignore[misc]  # live
-        later = (e for e in walk(self._delayed) if e[0] > now and self._live(e))
+        later = (e for e in walk(delayed) if e[0] > now and self._live(e))
         for _, group in itertools.groupby(later, key=lambda e: e[0]):
             jobs: Iterable[Job] = map(self._waiting, (e[1] for e in group))  # type: ignore[arg-type]
             yield from sorted(jobs, key=lambda j: (-j.priority, j.id))
 
-    def _due_now(self, now: float) -> Iterator[Entry]:
+    def _due_now(self, now: float, snapshot: bool) -> Iterator[Entry]:
         """Live ready entries in run order, with delayed ones whose time came (the timer
         moves them in a moment) among them."""
-        heaps: list[Iterable[Entry]] = [walk(h) for h in self._ready.values()]
+        heaps: list[Iterable[Entry]] = [walk(list(h) if snapshot else h)
+                                        for h in self._ready.values()]  # fmt: skip
         return filter(self._live, heapq.merge(*heaps, sorted(self._came(now))))
 
     def _came(self, now: float) -> list[Entry]:
