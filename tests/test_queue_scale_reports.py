@@ -257,3 +257,37 @@ def test_a_deep_page_reads_the_line_as_it_was_while_jobs_come(make_service, tmp_
     ahead = WAITING - 2000 - (first - 2)
     assert before <= ahead <= before + added_during + 50, (before, ahead, added_during)
     assert [j["position"] for j in page] == [first - 2 + ahead + n for n in range(1000)]
+
+
+async def test_a_page_past_the_line_into_100000_dependents_gives_the_loop_back(tmp_path):
+    # 100,000 jobs waiting on job 2 (after=2), in no line: a page that goes past the line
+    # lists them, ordered, after it. Each page read and ordered every one of them in one
+    # turn of the loop (a first page too, though the line filled it); now a first page the
+    # line fills reads none, and one past it gives the loop back as it reads them.
+    now = time.time()
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        conn.executescript(SCHEMA)
+        conn.execute(INSERT, _row(1, "waiting", now))
+        conn.execute(INSERT, _row(2, "waiting", now))
+        conn.executemany(INSERT, (_row(i, "waiting", now, after="2")
+                                  for i in range(3, WAITING + 3)))  # fmt: skip
+    queue = recovered_queue(tmp_path / "jobs.db")
+    await queue.start()
+    try:
+        held, got = {}, {}
+        for name, spec in {
+            "first": ListSpec("waiting", 1, 0),
+            "past the line": ListSpec("waiting", 5, 0),
+            "deep among them": ListSpec("waiting", 5, WAITING - 3),
+            "filtered": ListSpec("waiting", 3, 1, JobFilter(name="nobody")),
+        }.items():
+            reply, held[name] = await _longest_hold(queue.list_jobs(spec))
+            got[name] = [(j["id"], j["position"]) for j in reply["waiting"]]
+        assert held["first"] < 1000, held  # (the line's one job: no dependent read)
+        assert max(held.values()) < WAITING // 5, held
+    finally:
+        await queue.stop(0)
+    assert got["first"] == [(1, 0)]
+    assert got["past the line"] == [(1, 0), (2, 1), (3, None), (4, None), (5, None)]
+    assert got["deep among them"] == [(WAITING - 2 + n, None) for n in range(5)]  # to the last
+    assert got["filtered"] == []

@@ -92,8 +92,6 @@ async def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str
     goes past every job in line that it lists. A walk that may pass ``WALK_SLICE`` jobs
     reads a snapshot of the line, and gives the loop back after each ``WALK_SLICE``."""
     end, index, ahead, where = spec.offset + spec.limit, 0, 0, spec.where
-    blocked = [j for j in map(live.jobs.get, live.blocked_ids())
-               if j is not None and j.state is JobState.WAITING and _kept(where, j)]  # fmt: skip
     keep = (lambda job: _kept(where, job)) if where else None
     # In line: at most every job in memory; filtered, at most the matches not blocked.
     left = await _in_line_matching(live, where) if where else len(live.jobs)
@@ -113,10 +111,11 @@ async def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str
                 break
         if walked % WALK_SLICE == 0:
             await asyncio.sleep(0)
-    behind = sorted(blocked, key=lambda j: _run_order(j, now, live.blocked))
-    start = max(0, spec.offset - index)  # (index: how many are in line)
+    if index >= end:
+        return rows
+    behind = await _behind(live, where, now, end - index)  # (index: how many are in line)
     return rows + [j.describe(now, None, live.rates().free_at(j.module, now))
-                   for j in behind[start : end - index]]  # fmt: skip
+                   for j in behind[max(0, spec.offset - index) :]]  # fmt: skip
 
 
 async def _in_line_matching(live: Live, where: JobFilter) -> int:
@@ -134,6 +133,20 @@ async def _in_line_matching(live: Live, where: JobFilter) -> int:
                      if job.state is JobState.WAITING and _kept(where, job)
                      and not blocked(job.id))  # fmt: skip
     return count
+
+
+async def _behind(live: Live, where: JobFilter, now: float, most: int) -> list[Job]:
+    """The first ``most``, in run order, of the waiting jobs that wait on another job and
+    that ``where`` matches (a fan-out may leave 100,000 waiting on one job: the loop is
+    given back after each ``COUNT_SLICE // 5`` read, their order then taken at C speed)."""
+    keyed, ids, step = [], list(live.blocked_ids()), COUNT_SLICE // 5
+    for start in range(0, len(ids), step):
+        if start:
+            await asyncio.sleep(0)
+        for job in map(live.jobs.get, ids[start : start + step]):
+            if job is not None and job.state is JobState.WAITING and _kept(where, job):
+                keyed.append((_run_order(job, now, live.blocked), job))  # (ids differ)
+    return [job for _, job in heapq.nsmallest(most, keyed, key=itemgetter(0))]
 
 
 def _running(live: Live) -> list[Job]:
