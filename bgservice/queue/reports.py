@@ -15,7 +15,9 @@ the last of them, and a filter that matches none walks nothing.
 A walk that goes deep (a page at offset 99,900 of 100,000, or a filter's last match at
 the line's end: ~0.4 s) and a filter's count do not hold the loop for it: they give it
 back to the other clients every ``WALK_SLICE`` jobs walked (``COUNT_SLICE`` counted),
-about a millisecond each, the walk reading a snapshot of the line."""
+about a millisecond each, the walk reading a snapshot of the line. The jobs waiting on
+another job (in no line: a fan-out may leave 100,000 after one) are read only by a page
+that goes past the line, 1,000 a turn."""
 
 from __future__ import annotations
 
