@@ -146,11 +146,14 @@ def queue_cancel(job: int) -> None:
 
 @queue.command("retry")
 @click.argument("job", type=JOB_ID)
+@click.option("--dependents", is_flag=True,
+              help="Also bring back the jobs that failed because JOB did (424), transitively: "
+                   "each waits for its --after jobs again.")  # fmt: skip
 @client_options
-def queue_retry(job: int) -> None:
+def queue_retry(job: int, dependents: bool) -> None:
     """Run a failed or cancelled JOB again."""
     with _talking() as client:
-        click.echo(client.retry(job))
+        click.echo(client.retry(job, dependents=dependents))
 
 
 @queue.command("list")

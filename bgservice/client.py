@@ -197,8 +197,8 @@ class Client(Where):
         """``cancelled`` (it was waiting) or ``cancelling`` (it runs and was asked to stop)."""
         return _check(*self.request(queue_request("cancel", job))).decode()
 
-    def retry(self, job: JobRef) -> int:
-        return _new_id(_check(*self.request(queue_request("retry", job))))
+    def retry(self, job: JobRef, dependents: bool = False) -> int:
+        return _new_id(_check(*self.request(queue_request("retry", job, dependents=dependents))))
 
     def list(self, state: str | None = None, limit: int | None = None, offset: int = 0, *,
              module: str | None = None, name: str | None = None,

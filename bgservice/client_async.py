@@ -1,7 +1,6 @@
-"""The asyncio client: ``AsyncClient``, the same methods as ``bgservice.client.Client``,
-awaitable. Concurrent calls share one framed connection (pipelined: replies come back in
-request order, so each waiter gets its own); ``add_many``/``get_many`` write a whole
-batch at once."""
+"""The asyncio client: ``AsyncClient``, ``bgservice.client.Client``'s methods, awaitable.
+Concurrent calls share one framed connection (pipelined: replies come back in request
+order, so each waiter gets its own); ``add_many``/``get_many`` write a batch at once."""
 
 from __future__ import annotations
 
@@ -247,8 +246,9 @@ class AsyncClient(Where):
     async def cancel(self, job: JobRef) -> str:
         return _check(*await self.request(queue_request("cancel", job))).decode()
 
-    async def retry(self, job: JobRef) -> int:
-        return _new_id(_check(*await self.request(queue_request("retry", job))))
+    async def retry(self, job: JobRef, dependents: bool = False) -> int:
+        request = queue_request("retry", job, dependents=dependents)  # (False: left out)
+        return _new_id(_check(*await self.request(request)))
 
     async def list(
         self, state: str | None = None, limit: int | None = None, offset: int = 0, *,

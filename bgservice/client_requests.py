@@ -324,8 +324,10 @@ def _option(value: Any) -> str:
 
 
 def queue_request(command: str, job: JobRef | None = None, **options: Any) -> bytes:
-    """``queue:COMMAND[?OPTIONS][:id:N]``; ``job`` as ``parse_job_id`` takes it."""
-    given = {k: _option(v) for k, v in options.items() if v is not None}
+    """``queue:COMMAND[?OPTIONS][:id:N]``; ``job`` as ``parse_job_id`` takes it. An option
+    None or False is left out: the command's default, and the request a service from
+    before the option takes (``retry``'s ``dependents``)."""
+    given = {k: _option(v) for k, v in options.items() if v is not None and v is not False}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""
     tail = b"" if job is None else b":id:%d" % parse_job_id(job)
     return f"queue:{command}{query}".encode() + tail

@@ -162,7 +162,7 @@ class HttpApi:
         # The query parameters each handler reads; the others' routes take none.
         self._parameters: dict[Handler, frozenset[str]] = {
             self.get_job: frozenset({"wait"}), self.list_jobs: PARAMETERS,
-            self.queue_stats: frozenset({"window"}),
+            self.queue_stats: frozenset({"window"}), self.retry_job: frozenset({"dependents"}),
         }  # fmt: skip
         return app
 
@@ -353,7 +353,7 @@ class HttpApi:
         return _json({"id": jid, "state": state})
 
     async def retry_job(self, request: web.Request) -> web.StreamResponse:
-        jid = await self.queue.retry(inputs.job_id(request))
+        jid = await self.queue.retry(inputs.job_id(request), inputs.dependents(request))
         return _json(await self.queue.status(jid))
 
     async def delete_job(self, request: web.Request) -> web.StreamResponse:

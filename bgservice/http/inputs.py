@@ -24,6 +24,7 @@ from bgservice.queue.commands import (
     Command,
     ascii_number,
     parse_id,
+    parse_retry,
     unrepeated,
 )
 from bgservice.queue.schedules import OPTIONS as SCHEDULE_OPTIONS
@@ -76,6 +77,12 @@ def job_id(request: web.Request) -> int:
     """The ``{id}`` in the path: digits within SQLite's INTEGER, else a 400 (not the
     generic 404 of a route that does not match)."""
     return parse_id(request.match_info["id"], request.path)
+
+
+def dependents(request: web.Request) -> bool:
+    """``:retry?dependents=true``: as ``queue:retry?dependents=1`` reads it (1/0, true/false,
+    yes/no), the jobs that failed because the job did brought back too."""
+    return parse_retry(command("retry", query(request)))
 
 
 def seconds(name: str, text: str, maximum: float) -> float:

@@ -29,7 +29,7 @@ COMMANDS = frozenset(
 # queue:schedule's parsers check their own.
 FILTERS = frozenset({"module", "name", "tag"})  # queue:list's: the jobs listed have all given
 READ_OPTIONS = {"list": frozenset({"state", "limit", "offset"}) | FILTERS,
-                "stats": frozenset({"window"})}  # fmt: skip
+                "stats": frozenset({"window"}), "retry": frozenset({"dependents"})}  # fmt: skip
 OWN_OPTIONS = frozenset({"add", "schedule"})
 STATES = ("waiting", "running", "done", "failed", "cancelled")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: whole numbers beyond it cannot be stored
@@ -337,6 +337,12 @@ def _flag(name: str, text: str) -> bool:
     if text in ("0", "false", "no"):
         return False
     raise BadRequest(f"option {name}: expected 1 or 0, got {text[:40]!r}")
+
+
+def parse_retry(command: Command) -> bool:
+    """``queue:retry?dependents=1``: the jobs that failed because the job did come back too."""
+    text = command.options.get("dependents")
+    return text is not None and _flag("dependents", text)
 
 
 def after_ids(text: str, most: int = MAX_AFTER) -> tuple[int, ...]:

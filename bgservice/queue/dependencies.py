@@ -27,6 +27,13 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 
 TURN = 1000  # recovered jobs placed between two turns of the loop
+SETTLING = 0.005  # s between two looks at a cascade a retry waits for (its turns: 5 ms at most)
+
+
+def failure(dependency: int, state: JobState) -> str:
+    """The error of a job that fails (424) because ``dependency`` ended in ``state``: what
+    a retry with dependents=1 finds it by (retries.py)."""
+    return f"Dependency: job {dependency} {state}"
 
 
 class Dependencies:
@@ -82,7 +89,7 @@ class Dependencies:
                 dependency = await self._finished.lookup(dep, expired=True)
                 state = dependency and dependency.state
                 if state and state.finished and state is not JobState.DONE:
-                    return f"Dependency: job {dep} {state}"
+                    return failure(dep, state)
         pending = tuple(d for d in dict.fromkeys(job.after) if self._live(d))
         if pending:
             self._pending[job.id] = pending
@@ -106,6 +113,12 @@ class Dependencies:
             self._ending.append((jid, state, iter(sorted(dependents))))
         return bool(dependents)
 
+    async def settle(self, jid: int) -> None:
+        """Return once the jobs that waited on ended job ``jid`` are settled (``settled``
+        takes a few a turn): a retry with dependents=1 finds them failed with it only then."""
+        while any(ended == jid for ended, _, _ in self._ending):
+            await asyncio.sleep(SETTLING)
+
     def failing(self) -> list[int]:
         """The failed or cancelled jobs whose dependents are not all failed yet: the sweep
         keeps their records, which a restart would judge those dependents by."""
@@ -126,7 +139,7 @@ class Dependencies:
             if len(some) < most:
                 self._ending.popleft()
             most -= len(some)
-            done, why = state is JobState.DONE, f"Dependency: job {jid} {state}"
+            done, why = state is JobState.DONE, failure(jid, state)
             for dependent in some:
                 pending = self._pending.get(dependent)
                 if pending is None:

@@ -41,6 +41,7 @@ from bgservice.queue.commands import (
     parse,
     parse_add,
     parse_list,
+    parse_retry,
     parse_window,
 )
 from bgservice.queue.job import Job, JobState
@@ -191,7 +192,7 @@ class JobQueue(abc.ABC):
         if cmd.name == "cancel":
             return (await self.cancel(job_id(cmd))).encode()
         if cmd.name == "retry":
-            return b"id:%d" % await self.retry(job_id(cmd))
+            return b"id:%d" % await self.retry(job_id(cmd), parse_retry(cmd))
         if cmd.name == "list":
             return _json(await self.list_jobs(parse_list(cmd, self.settings)))
         if cmd.name in SCHEDULE_COMMANDS:
@@ -315,7 +316,10 @@ class JobQueue(abc.ABC):
     async def cancel(self, jid: int) -> str: ...
 
     @abc.abstractmethod
-    async def retry(self, jid: int) -> int: ...
+    async def retry(self, jid: int, dependents: bool = False) -> int:
+        """Put failed or cancelled job ``jid`` back in line (its ``after=`` forgotten);
+        ``dependents``: then the jobs that failed with 424 because it did, and because
+        they did, too, each waiting on its ``after=`` jobs again (docs/queue.md, retry)."""
 
     @abc.abstractmethod
     async def delete(self, jid: int) -> None:

@@ -37,6 +37,7 @@ from bgservice.queue.finished import FinishedJobs
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 from bgservice.queue.pump import Pump
+from bgservice.queue.retries import Retries
 from bgservice.queue.schedule import WaitingLine
 from bgservice.queue.store import Run, Store, StoredSchedules, Writes, stored, unstored
 from bgservice.queue.unique import UniqueKeys
@@ -79,6 +80,8 @@ class LocalQueue(StoredSchedules, JobQueue):
                                   self._deps.blocked_ids, lambda: self.rates,
                                   self._pump.held)  # fmt: skip
         self._writes = Writes(store)
+        self._retries = Retries(self.jobs, self._finished, self._keys, self._writes, self._deps,
+                                store, self._place_new, self._pump, CASCADE)  # fmt: skip
         self._cascading = False  # _cascade is at work, now or in the next turn
         self._expiry: asyncio.Task[None] | None = None
 
@@ -225,42 +228,8 @@ class LocalQueue(StoredSchedules, JobQueue):
         await stored(written, "cancel")  # acknowledged once on disk, as an add is
         return "cancelled"
 
-    async def retry(self, jid: int) -> int:
-        if jid in self.jobs:
-            raise Conflict(f"Job {jid} is {self.jobs[jid].state}, not failed")
-        job = await self._finished.lookup(jid)
-        if job is None:
-            raise not_found(jid)
-        if job.state not in (JobState.FAILED, JobState.CANCELLED):
-            raise Conflict(f"Job {jid} is {job.state}: only failed or cancelled jobs retry")
-        key = job.unique_key
-        self._keys.retaking(key, jid)  # (409 if another job holds it)
-        self._finished.forget(jid)
-        was = job.state  # (its row holds it so until the retry is written)
-        job.move(JobState.WAITING)
-        job.attempts, job.interruptions, job.run_at = 0, 0, time.time()
-        job.finished = job.expires = job.status = job.result = job.started = job.progress = None
-        job.cancel_requested, job.after = False, ()
-        # Ours before the store answers: a cancel, get, retry or after= meanwhile finds it
-        # waiting (the store applies writes in order: a cancel's lands after this one).
-        self.jobs[jid] = job
-        self._keys.hold(key, jid)
-        try:  # its commit failed (Busy): the store keeps the save, memory the retry
-            await stored(self._writes.retry(job, was), "retry")
-            unsaved = None
-        except Busy as exc:
-            if not isinstance(exc.__cause__, Busy):  # a row the store refused: undone
-                self.jobs.pop(jid, None)  # the store still has it as it was: lookups read that
-                self._writes.refused(jid)
-                self._keys.release(key, jid)
-                raise Busy(unstored(exc.__cause__, "retry")) from None
-            unsaved = exc
-        if job.state is JobState.WAITING:  # else cancelled while it was saved
-            await self._place_new(job)
-            self._pump()
-        if unsaved is not None:
-            raise unsaved
-        return jid
+    async def retry(self, jid: int, dependents: bool = False) -> int:
+        return await self._retries.retry(jid, dependents)
 
     async def delete(self, jid: int) -> None:
         await self._finished.delete(jid, self.jobs)

@@ -215,8 +215,10 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         return (await self.db.checked("CANCEL", jid, self._expires())).decode()
 
     @available
-    async def retry(self, jid: int) -> int:
+    async def retry(self, jid: int, dependents: bool = False) -> int:
         await self.db.checked("RETRY", jid)
+        if dependents:
+            await self.db.revive(jid)
         return jid
 
     @available

@@ -4,9 +4,11 @@ reading jobs back (bgservice.queue.redis schedules and runs them)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal
 
@@ -37,6 +39,7 @@ from bgservice.queue.redis_hash import job_from_hash, pairs
 from bgservice.queue.redis_lines import SPLIT, STRANDED, keep_lines
 from bgservice.queue.redis_lua import CASCADE, COMMON
 from bgservice.queue.redis_outage import IDS, Ids, Outage
+from bgservice.queue.redis_revive import REVIVE
 from bgservice.queue.store import Run
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ PASSING = ("OOM", "READONLY", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREP
            "TRYAGAIN", "CLUSTERDOWN")  # fmt: skip
 
 NAMES_SCANNED = 1000
+REVIVE_PARENTS = 500  # jobs whose dependents one REVIVE script may look for (ARGV bounded)
 
 
 def refusal(exc: RedisError) -> bool:
@@ -151,6 +155,7 @@ class RedisJobs:
         self.scripts["SPLIT"] = self.redis.register_script(SPLIT)
         self.scripts["STRANDED"] = self.redis.register_script(STRANDED)
         self.scripts["IDS"] = self.redis.register_script(IDS)
+        self.scripts["REVIVE"] = self.redis.register_script(REVIVE)
         self.lease = conf.lease
         self.cascades = asyncio.Event()  # set: some jobs waiting on ended ones may be left
         self.cascades.set()  # (an instance may have stopped before it ended them all)
@@ -328,6 +333,24 @@ class RedisJobs:
                 await self.outage.wait(delay)
                 delay = min(delay * 2, 5.0)
                 self.cascades.set()
+
+    async def revive(self, jid: int) -> None:
+        """After job ``jid``'s RETRY with dependents=1: the jobs that failed because it did,
+        and because they did, and so on, waiting again (REVIVE scripts, 500 jobs each, a
+        job's before the jobs that failed because of it are looked at)."""
+        parents, cursor, back = deque([jid]), b"0", 0
+        while parents:
+            expires = repr(time.time() + self.settings.keep_results)  # (of those failed again)
+            heads = itertools.islice(parents, REVIVE_PARENTS)
+            done, cursor, revived, kept = await self.call("REVIVE", expires, cursor, *heads)
+            for _ in range(done):
+                parents.popleft()
+            parents.extend(int(d) for d in revived)
+            back += len(revived)
+            for d in kept:
+                log.warning("job %d not brought back with job %d: a job added since holds its "
+                            "unique key", int(d), jid)  # fmt: skip
+        log.info("job %d retried with %d jobs that had failed because it did", jid, back)
 
     async def expire_forever(self) -> None:
         """Delete finished jobs SWEEP_LATE seconds past their expiry: reads answer 404 from

@@ -97,6 +97,14 @@ local function blocked_key(id)
   return key
 end
 
+-- Job ``id``, waiting, waits for the jobs ``blockers`` (ids, not ended) to end; with none,
+-- it is placed (``run_at``, ``priority``, ``module`` as place() takes them: nil, read).
+local function wait_on(id, blockers, run_at, priority, module)
+  if #blockers == 0 then return place(id, run_at, priority, module) end
+  redis.call('HSET', jkey(id), 'blockers', #blockers)
+  for _, dep in ipairs(blockers) do redis.call('ZADD', blocked_key(dep), id, id) end
+end
+
 -- A job ends: its fields, state and unique key. The jobs waiting on it (P:blocked:ID) are
 -- queued for the cascade below under a key of their own (P:cascade:N), so that the job,
 -- retried and ending again, queues its new ones apart. Returns whether it queued some.
@@ -128,6 +136,14 @@ local function ended(id, state, status, result, err, expires, known)
   return true
 end
 
+-- Job ``d`` fails (424) because job ``jid``, which it ran after, ended in ``st``: noted in
+-- P:failed_by:JID, where a retry with dependents=1 finds it (redis_revive.py).
+local function fail_after(d, jid, st, expires)
+  local msg = 'Dependency: job ' .. jid .. ' ' .. st
+  redis.call('ZADD', P .. ':failed_by:' .. jid, d, d)
+  ended(d, 'failed', '424', msg, msg, expires)
+end
+
 -- Fail or place the jobs waiting on ended ones (P:cascades, first ended first, each
 -- job's in id order) until this script's budget is spent; with ``whole``, only a job's
 -- whole set of them. Returns whether some are left (to CASCADE scripts, redis_db.py).
@@ -155,8 +171,7 @@ local function cascade(expires, whole)
           end
         else
           redis.call('HDEL', dk, 'blockers')
-          local msg = 'Dependency: job ' .. jid .. ' ' .. st
-          ended(d, 'failed', '424', msg, msg, expires)
+          fail_after(d, jid, st, expires)
         end
       end
     end

@@ -37,7 +37,7 @@ Keys, all under the configured prefix ``P``:
     P:runs               zset: one JSON record per attempt; score the time it ended
     P:events             pub/sub: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``, ``cascade``
     P:rate:MODULE        zset: the module's job starts within its rate's interval
-(and the schedules' hashes: redis_schedules.py; the ready lines' upkeep: redis_lines.py)
+(and: schedules, redis_schedules.py; ready lines, redis_lines.py; P:failed_by:ID, redis_revive.py)
 
 Every script takes the prefix as ARGV[1] and the caller's clock as ARGV[2]. Times are
 written as the strings the caller sent, so they keep their full precision.
@@ -46,6 +46,7 @@ written as the strings the caller sent, so they keep their full precision.
 from __future__ import annotations
 
 from bgservice.queue.redis_lua import CLAIM_FN, COMMON, SEEN_FN, UNHOLD_FN
+from bgservice.queue.redis_revive import REQUEUE_FN
 
 # ARGV: P, now, max_waiting (jobs waiting or running), unique, after ("1,2,3" or ''), the
 # adding instance's claim (lease, claim token, limits, rates, runnable modules, as CLAIM
@@ -89,12 +90,7 @@ redis.call('HSET', jk, unpack(ARGV, 13))
 if owed ~= '' then redis.call('HSET', jk, 'owed', owed) end
 if unique ~= '' then redis.call('HSET', P .. ':unique', unique, id) end
 move(id, nil, 'waiting', NOW)
-if #blockers > 0 then
-  redis.call('HSET', jk, 'blockers', #blockers)
-  for _, dep in ipairs(blockers) do redis.call('ZADD', blocked_key(dep), id, id) end
-else
-  place(id, known.run_at, known.priority, known.module)
-end
+wait_on(id, blockers, known.run_at, known.priority, known.module)
 if MARK then redis.call('HSET', P .. ':schedule_slots', MARK[1], MARK[2]) end
 if ARGV[6] == '' then
   wake()
@@ -319,9 +315,11 @@ return {0, 'cancelled'}
 """
 )
 
-# ARGV: P, now, id. A failed or cancelled job waits again, attempts from zero.
+# ARGV: P, now, id. A failed or cancelled job waits again, attempts from zero, no longer
+# after its after= jobs (requeue: redis_revive.py).
 RETRY = (
     COMMON
+    + REQUEUE_FN
     + r"""
 local id = ARGV[3]
 local jk, st, missing = known(id)
@@ -332,20 +330,9 @@ if st ~= 'failed' and st ~= 'cancelled' then
   end
   return {409, 'Job ' .. id .. ' is ' .. st .. ': only failed or cancelled jobs retry'}
 end
-local uk = redis.call('HGET', jk, 'unique_key')
-if uk then  -- it takes its key back, unless a job added since holds it
-  local holder = redis.call('HGET', P .. ':unique', uk)
-  if holder and holder ~= id then
-    return {409, 'Job ' .. id .. "'s unique key is held by job " .. holder}
-  end
-  redis.call('HSET', P .. ':unique', uk, id)
-end
-redis.call('ZREM', P .. ':finished', id)
-redis.call('HSET', jk, 'state', 'waiting', 'attempts', '0', 'run_at', NOW,
-           'cancel_requested', '0', 'interruptions', '0')
-redis.call('HDEL', jk, 'finished', 'expires', 'status', 'result', 'after', 'owner', 'blockers',
-           'started', 'progress', 'owed')
-move(id, st, 'waiting', redis.call('HGET', jk, 'created'))
+local holder = requeue(id, st)
+if holder then return {409, 'Job ' .. id .. "'s unique key is held by job " .. holder} end
+redis.call('HDEL', jk, 'after')
 place(id)
 wake()
 return {0, 'ok'}
@@ -360,7 +347,7 @@ local gone = redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', NOW, 'LIMIT',
 for _, id in ipairs(gone) do
   local st = redis.call('HGET', jkey(id), 'state')
   if st then redis.call('ZREM', P .. ':state:' .. st, id) end
-  redis.call('DEL', jkey(id))
+  redis.call('DEL', jkey(id), P .. ':failed_by:' .. id)  -- (its dependents: expire alike)
   redis.call('ZREM', P .. ':finished', id)
 end
 redis.call('ZREMRANGEBYSCORE', P .. ':runs', '-inf', ARGV[3])
@@ -380,7 +367,7 @@ if st == 'waiting' or st == 'running' then
 end
 redis.call('ZREM', P .. ':state:' .. st, id)
 redis.call('ZREM', P .. ':finished', id)
-redis.call('DEL', jk)
+redis.call('DEL', jk, P .. ':failed_by:' .. id)
 return {0, ''}
 """
 )

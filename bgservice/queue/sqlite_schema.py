@@ -74,6 +74,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (state, finished)
     WHERE state IN ('done', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires) WHERE expires IS NOT NULL;
+-- The jobs a dependency's end failed (424), by the error that names it: how a retry with
+-- dependents=1 finds them (bgservice.queue.retries); no write but such a job's touches it.
+CREATE INDEX IF NOT EXISTS jobs_failed_by ON jobs (error) WHERE status = 424;
 CREATE TABLE IF NOT EXISTS runs (
     job INTEGER NOT NULL,
     module TEXT NOT NULL,

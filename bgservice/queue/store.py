@@ -69,6 +69,11 @@ class Store(Protocol):
         """The stored jobs of ``ids``, those there are (start-up's dependencies)."""
         ...
 
+    async def failed_with(self, error: str, after: int, most: int) -> list[Job]:
+        """At most ``most`` of the jobs that failed with 424 and ``error`` (``Dependency: job
+        N failed``: a retry's dependents), in id order from the first id above ``after``."""
+        ...
+
     async def list_jobs(
         self, state: str, limit: int, offset: int, where: JobFilter = NO_FILTER
     ) -> list[Job]:

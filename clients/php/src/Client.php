@@ -641,13 +641,18 @@ class Client
     }
 
     /**
-     * Run a failed or cancelled job again; its id (the same one).
+     * Run a failed or cancelled job again; its id (the same one). With $dependents, the
+     * jobs that failed (424) because it did, and those that failed because of them, come
+     * back too, each waiting for its `after` jobs again (docs/queue.md, retry); status()
+     * or jobs('waiting') shows them. Without it, the request is the one older services
+     * take.
      *
      * @param int|string $id N or "id:N"
      */
-    public function retry(int|string $id): int
+    public function retry(int|string $id, bool $dependents = false): int
     {
-        return $this->newId($this->request('queue:retry:' . JobId::format($id)));
+        $command = $dependents ? 'queue:retry?dependents=1:' : 'queue:retry:';
+        return $this->newId($this->request($command . JobId::format($id)));
     }
 
     /**
