@@ -465,3 +465,54 @@ def test_the_page_leaves_the_api_alone_while_hidden(
     page.js("Object.defineProperty(document, 'hidden', { value: false, configurable: true });"
             "document.dispatchEvent(new Event('visibilitychange'))")  # fmt: skip
     page.until(f"performance.getEntriesByType('resource').length > {before[1]}")
+
+
+# Its first run fails once the file "once.fail" is beside it; later runs wait for
+# "once.open" (each 60 s at most: a test that failed must not hang).
+ONCE = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    here = Path(__file__)
+    first = not here.with_name("once.ran").exists()
+    here.with_name("once.ran").touch()
+    for _ in range(600):
+        if first and here.with_name("once.fail").exists():
+            raise ValueError("first run fails")
+        if not first and here.with_name("once.open").exists():
+            return "fine"
+        time.sleep(0.1)
+    return "never opened"
+"""
+
+
+def test_a_job_others_failed_with_offers_to_bring_them_back_too(
+    make_service: Callable[..., ServiceProcess], modules_dir: Path, page: Page
+) -> None:
+    # A failed job that listed jobs failed because of (424) has a second button, Retry
+    # with dependents (queue:retry?dependents=1): they come back, waiting on it again.
+    write_module(modules_dir, "once", ONCE)
+    svc = make_service("[http]\nenabled = true\nport = 0\n")
+    try:
+        _, parent, _ = svc.http("POST", "/api/v1/jobs", {"module": "once"})
+        _, child, _ = svc.http("POST", "/api/v1/jobs",
+                               {"module": "echo", "data": "x", "after": parent["id"]})  # fmt: skip
+        (modules_dir / "once.fail").touch()  # (the child added: after= a failed job is a 424)
+        wait_until(lambda: svc.http("GET", f"/api/v1/jobs/{child['id']}")[1]["state"] == "failed")
+        page.goto(svc.http_url + "/dashboard/")
+        buttons = "tr[data-job=\"{}\"] button"
+        labels = "[...document.querySelectorAll('{}')].map((b) => b.textContent)"
+        page.until(f"{UPDATED} && !!document.querySelector('{buttons.format(parent['id'])}')")
+        assert page.js(labels.format(buttons.format(parent["id"]))) == [
+            "Retry", "Retry with dependents"]
+        assert page.js(labels.format(buttons.format(child["id"]))) == ["Retry"]  # none failed by it
+        page.js(f"document.querySelectorAll('{buttons.format(parent['id'])}')[1].click()")
+        message = page.until("!document.getElementById('message').hidden"
+                             " && document.getElementById('message-text').textContent")  # fmt: skip
+        assert message.startswith(f"Retry of job {parent['id']} and the 1 listed"), message
+        wait_until(lambda: svc.http("GET", f"/api/v1/jobs/{parent['id']}")[1]["state"] == "running")
+        back = svc.http("GET", f"/api/v1/jobs/{child['id']}")[1]
+        assert (back["state"], back["attempts"]) == ("waiting", 0), back  # after its parent
+    finally:
+        (modules_dir / "once.open").touch()

@@ -216,17 +216,36 @@ function runningRow(j) {
     el("td", { class: "ago" }, ago(j.duration)), el("td", {}, cancel));
 }
 
-function finishedRow(j, now) {
+// A failed or cancelled job's buttons: Retry, and, when jobs listed failed because it did
+// (424), Retry with dependents: they come back too, after it (docs/queue.md, retry).
+function retryButtons(j, dependents) {
+  if (!(j.state === "failed" || j.state === "cancelled") || !mayOperate()) return [];
+  const retry = (label, query, what) => actionButton(label, (b) => act(b, what,
+    `/jobs/${j.id}:retry${query}`, { done: (r) => `job ${r.id} is ${r.state}` }));
+  return [retry("Retry", "", `Retry of job ${j.id}`),
+    dependents ? retry("Retry with dependents", "?dependents=true",
+      `Retry of job ${j.id} and the ${dependents} listed that failed because it did`) : null];
+}
+
+function finishedRow(j, now, dependents) {
   const outcome = j.state === "done" ? "done" : `${j.state} (${j.status})`;
-  const retry = (j.state === "failed" || j.state === "cancelled") && mayOperate();
   return el("tr", { "data-job": j.id, class: `job-${j.state}` },
     el("td", {}, j.id), jobModule(j),
     el("td", {}, el("span", { class: `outcome ${j.state}` }, outcome)),
     el("td", { class: "duration" }, ago(j.duration)),
     el("td", { class: "ago" }, `${ago(now - j.finished)} ago`),
     el("td", {}, j.error ? errorBox(j.error) : ""),
-    el("td", {}, retry ? actionButton("Retry", (b) => act(b, `Retry of job ${j.id}`,
-      `/jobs/${j.id}:retry`, { done: (r) => `job ${r.id} is ${r.state}` })) : ""));
+    el("td", {}, ...retryButtons(j, dependents.get(j.id) || 0)));
+}
+
+// How many of ``failed`` failed because each job did: "Dependency: job N failed".
+function failedBecause(failed) {
+  const counts = new Map();
+  for (const j of failed) {
+    const m = j.status === 424 && /^Dependency: job (\d+) (failed|cancelled)$/.exec(j.error);
+    if (m) counts.set(Number(m[1]), (counts.get(Number(m[1])) || 0) + 1);
+  }
+  return counts;
 }
 
 function drawQueue(jobs, finished, queue) {
@@ -241,7 +260,8 @@ function drawQueue(jobs, finished, queue) {
     ? `the first ${num(jobs.waiting.length)} of ${num(c.waiting)}` : "");
   const recent = [...jobs.failed, ...finished.done, ...finished.cancelled]
     .sort((a, b) => b.finished - a.finished).slice(0, RECENT);
-  fill("finished", recent.map((j) => finishedRow(j, now)), 7,
+  const dependents = failedBecause(jobs.failed);
+  fill("finished", recent.map((j) => finishedRow(j, now, dependents)), 7,
     "no finished jobs kept (results are kept for [queue] keep_results)");
   setText("queue-counts", `${num(c.waiting)} waiting · ${num(c.running)} running · ` +
     `${num(c.done)} done · ${num(c.failed)} failed · ${num(c.cancelled)} cancelled · ` +
