@@ -184,9 +184,14 @@ class CallThreads(Executor):
                         getattr(ran, "__module__", None) or "?",
                         self._stuck,
                     )
+                    del ran
                 if self._closed or len(self._threads) - self._stuck > self.size:
                     break  # a replacement no longer needed
                 self._idle += 1
+            # Not held while the thread waits for its next call: the call holds its handler
+            # (a module's version, replaced since, then never collected, nor what it holds)
+            # and its arguments and result.
+            del call
         with self._lock:
             self._threads.discard(threading.current_thread())
 

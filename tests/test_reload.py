@@ -307,6 +307,7 @@ def test_a_module_named_as_a_service_request_loads_but_is_never_called(service):
 
 
 CANARY_V1 = """
+import time
 import weakref
 from pathlib import Path
 
@@ -320,6 +321,13 @@ weakref.finalize(_canary, Path(__file__).with_name("canary.freed").touch)
 
 
 def handle_tcp(request):
+    if request.text == "together":  # held until four such calls run at once (10 s at most)
+        together = Path(__file__).with_name("together.log")
+        with together.open("a") as f:
+            f.write("x")
+        deadline = time.monotonic() + 10
+        while len(together.read_text()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
     return "v1"
 """
 
@@ -338,9 +346,17 @@ def test_a_version_loaded_at_start_is_freed_once_replaced(modules_dir, make_serv
     # The service freezes start-up's objects (gc.freeze) once ready, and a replaced
     # version is cyclic garbage (its functions hold its globals): frozen, the first
     # version of every module was never collected, nor anything it held.
+    # Each handler thread kept the last call it ran (its handler: the old version) until
+    # it ran another: four threads that ran v1 last kept it after v2's calls.
     path = write_module(modules_dir, "canary", CANARY_V1)
     svc = make_service()
     assert svc.call(b"canary:x") == b"v1"
+    callers = [threading.Thread(target=svc.call, args=(b"canary:together",)) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert len((modules_dir / "together.log").read_text()) == 4
     path.write_text(CANARY_V2)
     wait_until(lambda: svc.call(b"canary:x") != b"v1", timeout=20)
     assert svc.call(b"canary:x") == b"freed"
@@ -691,9 +707,11 @@ def test_a_repointed_module_link_follows_its_new_target_only(tmp_path, make_serv
     wait_until(lambda: old_dir.stat().st_ino in _watched_inodes(svc))
     _relink(link, new)
     wait_until(lambda: replies(svc, b"m:x", b"new1"))
-    # The folder no link leads to any more is no longer watched; the new one is.
-    wait_until(lambda: old_dir.stat().st_ino not in _watched_inodes(svc))
-    assert new_dir.stat().st_ino in _watched_inodes(svc)
+    # The folder no link leads to any more is no longer watched; the new one is. (Both
+    # waited for: the watches' thread removes the old watch, then makes the new one, and
+    # a look between the two finds neither.)
+    old_ino, new_ino = old_dir.stat().st_ino, new_dir.stat().st_ino
+    wait_until(lambda: new_ino in (watched := _watched_inodes(svc)) and old_ino not in watched)
     old.write_text(version("old2"))
     write_module(link.parent, "marker", version("seen"))  # a change after the old target's
     wait_until(lambda: replies(svc, b"marker:x", b"seen"))
