@@ -294,8 +294,25 @@ def test_queue_list_filters_by_module_name_and_tag(service):
     assert all(option in usage for option in ("--module", "--name", "--tag")), usage
 
 
+# Reports its first step, then holds its worker until steps.go exists (60 s at most): a
+# job running, with progress, for as long as the test looks at it.
+STEPS_HELD = """
+import time
+from pathlib import Path
+
+def handle_tcp(request):
+    request.job.progress(1, 4, "step 1")
+    go = Path(__file__).with_name("steps.go")
+    deadline = time.monotonic() + 60
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "all done"
+"""
+
+
 def test_top_once_shows_running_jobs_with_progress_and_waiting_counts(modules_dir, make_service):
-    write_module(modules_dir, "steps", PROGRESS.replace("0.15", "1.5"))
+    # (Held, not timed: on a loaded machine the CLI starts below outlasted a 6 s job.)
+    write_module(modules_dir, "steps", STEPS_HELD)
     svc = make_service()
     running = bg(svc, "queue", "add", "steps").stdout.decode().strip()
     for _ in range(3):
@@ -310,6 +327,7 @@ def test_top_once_shows_running_jobs_with_progress_and_waiting_counts(modules_di
         assert f"{running}  steps" in screen and "] " in screen and "step " in screen
         assert any(line.split()[:4] == ["echo", "3", "0", "3"] for line in screen.splitlines())
         assert "\x1b" not in screen  # no terminal control off a terminal
+    (modules_dir / "steps.go").touch()
 
 
 def _free_port() -> int:
@@ -409,8 +427,9 @@ def test_ctrl_c_exits_130_and_a_waited_job_is_named(modules_dir, make_service):
     assert (status["module"], status["state"]) == ("hold", "running")
     (modules_dir / "add.go").touch()
     assert bg(svc, "queue", "get", job[1].decode(), "--no-progress").stdout == b"held"
-    # A --wait that times out leaves the job queued too, and says which it is.
-    slow = bg(svc, "queue", "add", "sleep", "3000", "--wait", "-t", "0.5")
+    # A --wait that times out leaves the job queued too, and says which it is. (30 s: it
+    # must still run after two CLI starts on a loaded machine, for the cancel.)
+    slow = bg(svc, "queue", "add", "sleep", "30000", "--wait", "-t", "0.5")
     job = re.search(rb"job (\d+) goes on", slow.stderr)
     assert slow.returncode == 4 and slow.stdout == b"" and job, slow.stderr
     assert bg(svc, "queue", "cancel", job[1].decode()).stdout in (b"cancelled\n", b"cancelling\n")
@@ -636,21 +655,36 @@ def test_a_schedule_without_cron_or_every_is_a_usage_error(service):
     assert b"s2" not in bg(service, "schedule", "list").stdout
 
 
+# Imported by Python's own start (site) at its end: says, in the file $SITE_DONE names,
+# that the start is past it.
+SITE_DONE = "import os\nopen(os.environ['SITE_DONE'], 'w').close()\n"
+
+
 def test_ctrl_c_while_the_service_starts_shows_no_traceback(tmp_path):
     # The imports alone take a few hundred ms on a busy host: a Ctrl-C among them, or
     # before the service's own signal handlers, showed a traceback or click's "Aborted!".
-    # Signals spread over the start; Python's own start (site) is not ours to mend.
+    # Signals spread over the start; Python's own start (site) is not ours to mend, so
+    # they are timed from its end (from the process's start, a loaded machine's slow
+    # start took the first of them in site: "Fatal Python error: init_import_site").
     args = ["-p", "0", "-m", str(REPO / "modules"), "--db", str(tmp_path / "q.db")]
-    for delay in range(100, 700, 40):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITE_DONE)
+    done = tmp_path / "site.done"
+    paths = [str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "SITE_DONE": str(done)}
+    for delay in range(60, 660, 40):
+        done.unlink(missing_ok=True)
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "service.py"), *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
             # (SIGINT ignored, as in a script's background job, would be inherited, and
             # one before the service's own handler then ignored: see _interrupted)
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
+        wait_until(lambda p=proc: done.exists() or p.poll() is not None, timeout=30, interval=0.002)
         time.sleep(delay / 1000)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from bgservice.client import Client
+from tests.conftest import GATE as HELD
 from tests.conftest import wait_until, write_module
 from tests.queue_helpers import add, status
 
@@ -46,18 +47,23 @@ def handle_tcp(request):
 """
 
 
-def test_waiting_jobs_are_listed_in_the_order_they_run(make_service, modules_dir):
+def test_waiting_jobs_are_listed_in_the_order_they_run(make_service, modules_dir, tmp_path):
     # A delayed job that has come due runs by its id among the others; the list sorted
     # by due time put a later-added job first.
     write_module(modules_dir, "record", RECORD)
+    write_module(modules_dir, "held", HELD)
     svc = make_service("[queue]\nworkers = 1\n")
-    busy = add(svc, b"queue:add:sleep:1500")
+    go = tmp_path / "go"
+    # The one worker held until the list is read (a fixed sleep: a loaded machine's slow
+    # calls could outlast it, and the first job ran before the list was read).
+    busy = add(svc, b"queue:add:held:%s" % bytes(go))
     wait_until(lambda: status(svc, busy)["state"] == "running")
     first = add(svc, b"queue:add?delay=0.3:record:first")
     second = add(svc, b"queue:add:record:second")
     time.sleep(0.5)  # both are due now
     listed = [job["id"] for job in json.loads(svc.call(b"queue:list:waiting"))["waiting"]]
     assert listed == [first, second]
+    go.touch()
     assert svc.call(b"queue:get:id:%d" % second) == b"second"
     assert (modules_dir / "order.log").read_text().split() == ["first", "second"]
 
