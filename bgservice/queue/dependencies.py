@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 
 from bgservice.errors import DependencyFailed
 from bgservice.queue.engine import not_found
@@ -100,7 +100,7 @@ class Dependencies:
     def blocked(self, jid: int) -> bool:
         return jid in self._pending
 
-    def blocked_ids(self) -> Iterable[int]:
+    def blocked_ids(self) -> Collection[int]:
         """The waiting jobs that wait on another (for queue:list)."""
         return self._pending.keys()
 

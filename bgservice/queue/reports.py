@@ -25,7 +25,7 @@ import asyncio
 import heapq
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from typing import Any
@@ -53,7 +53,7 @@ class Live:
     line: WaitingLine  # the waiting ones in line, in run order
     running: Mapping[int, object]  # the running jobs' ids
     blocked: Callable[[int], bool]  # waits on another job (after=)
-    blocked_ids: Callable[[], Iterable[int]]  # the ids of those
+    blocked_ids: Callable[[], Collection[int]]  # the ids of those
     # The engine's rate windows ([queue] module_rates), asked at each call (they are set
     # after the engine is made): when a waiting job's module has room again.
     rates: Callable[[], Windows] = lambda: Windows({})
@@ -127,13 +127,14 @@ async def _in_line_matching(live: Live, where: JobFilter) -> int:
     the count too high (the walk then goes on to the line's end), never too low: a job
     counted as not waiting that the line's snapshot holds has left it (started, or placed
     again under a new number), so the walk skips it."""
-    jobs, blocked, count = list(live.jobs.values()), live.blocked, 0
+    jobs, count, matches = list(live.jobs.values()), 0, where.matches
     for start in range(0, len(jobs), COUNT_SLICE):
         if start:
             await asyncio.sleep(0)
+        blocked = live.blocked_ids()  # (its own: at C speed)
         count += sum(1 for job in jobs[start : start + COUNT_SLICE]
-                     if job.state is JobState.WAITING and _kept(where, job)
-                     and not blocked(job.id))  # fmt: skip
+                     if job.state is JobState.WAITING and job.id not in blocked
+                     and matches(job.module, job.name, job.tags))  # fmt: skip
     return count
 
 
