@@ -95,10 +95,11 @@ async def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str
     reads a snapshot of the line, and gives the loop back after each ``WALK_SLICE``."""
     end, index, ahead, where = spec.offset + spec.limit, 0, 0, spec.where
     keep = (lambda job: _kept(where, job)) if where else None
-    # In line: at most every job in memory; filtered, at most the matches not blocked.
+    line = live.line.in_order(now, snapshot=end > WALK_SLICE or keep is not None)
+    # In line: at most every job in memory; filtered, at most the matches not blocked,
+    # counted after the snapshot (a job placed meanwhile would be met, not counted).
     left = await _in_line_matching(live, where) if where else len(live.jobs)
     rows: list[dict[str, Any]] = []
-    line = live.line.in_order(now, snapshot=end > WALK_SLICE or keep is not None)
     for walked, job in enumerate(line if left else (), 1):
         if index >= end:
             return rows
@@ -123,10 +124,11 @@ async def _waiting_page(live: Live, spec: ListSpec, now: float) -> list[dict[str
 async def _in_line_matching(live: Live, where: JobFilter) -> int:
     """At most how many waiting jobs in line ``where`` matches: the waiting ones in memory
     that it matches and that wait on no other job (one pass: ~25 ms for 100,000, the loop
-    given back after each ``COUNT_SLICE``). A job that changes meanwhile can only make
-    the count too high (the walk then goes on to the line's end), never too low: a job
-    counted as not waiting that the line's snapshot holds has left it (started, or placed
-    again under a new number), so the walk skips it."""
+    given back after each ``COUNT_SLICE``), read after the line's snapshot was taken. A
+    job that changes meanwhile can only make the count too high (the walk then goes on to
+    the line's end), never too low: one the walk meets has stayed in line since the
+    snapshot (else it was dropped, or placed again under a new number, and is skipped),
+    so it waited, in no other job's wait, when it was counted."""
     jobs, count, matches = list(live.jobs.values()), 0, where.matches
     for start in range(0, len(jobs), COUNT_SLICE):
         if start:

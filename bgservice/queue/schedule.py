@@ -152,22 +152,23 @@ class WaitingLine:
     def in_order(self, now: float, snapshot: bool = False) -> Iterator[Job]:
         """The waiting jobs in line as they will run: the ones due now, then the delayed
         ones by due time (then priority, then id). A reader that gives the loop back
-        between two jobs asks for a ``snapshot``: the heaps as they were at the first job
-        (a copy, at C speed), each job still waiting when its turn comes."""
+        between two jobs asks for a ``snapshot``: the heaps as they are now (a copy, at C
+        speed, made in this call), each job still waiting when its turn comes."""
+        ready = [list(heap) if snapshot else heap for heap in self._ready.values()]
         delayed = list(self._delayed) if snapshot else self._delayed
-        for entry in self._due_now(now, snapshot):
+        return self._in_order(now, ready, delayed, sorted(self._came(now)))
+
+    def _in_order(
+        self, now: float, ready: list[list[Entry]], delayed: list[Timed], came: list[Entry]
+    ) -> Iterator[Job]:
+        # The ready entries, with the delayed ones whose time came (the timer moves them in
+        # a moment) among them; then the delayed ones still to come, a due time at a time.
+        for entry in filter(self._live, heapq.merge(*map(walk, ready), came)):
             yield self._waiting(entry[1])  # type: ignore[misc]  # live
         later = (e for e in walk(delayed) if e[0] > now and self._live(e))
         for _, group in itertools.groupby(later, key=lambda e: e[0]):
             jobs: Iterable[Job] = map(self._waiting, (e[1] for e in group))  # type: ignore[arg-type]
             yield from sorted(jobs, key=lambda j: (-j.priority, j.id))
-
-    def _due_now(self, now: float, snapshot: bool) -> Iterator[Entry]:
-        """Live ready entries in run order, with delayed ones whose time came (the timer
-        moves them in a moment) among them."""
-        heaps: list[Iterable[Entry]] = [walk(list(h) if snapshot else h)
-                                        for h in self._ready.values()]  # fmt: skip
-        return filter(self._live, heapq.merge(*heaps, sorted(self._came(now))))
 
     def _came(self, now: float) -> list[Entry]:
         """Delayed entries whose time came, as the ready entries they are about to be."""
