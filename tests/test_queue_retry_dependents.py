@@ -220,3 +220,21 @@ def test_the_python_clients_and_the_cli_send_it(service):
     done = bg(service, "queue", "retry", "--dependents", str(held))
     assert done.returncode == 0 and done.stdout == f"{held}\n".encode(), done.stderr
     assert service.call(b"queue:get:id:%d" % dependent) == b"dependent"
+
+
+def test_two_retries_of_one_job_at_once_take_it_back_once(make_service, tmp_path):
+    # Found by review: after a restart a finished job is read from the store, so two
+    # retries at once (pipelined here: served together) each read a copy of it, each put
+    # it back, and their saves, merged into one, had their one future's callback said
+    # twice: a KeyError, and the service stopped (without -E). Now the second is a 409.
+    svc = make_service(root=tmp_path)
+    held, dependent = _cancelled_pair(svc)
+    svc.stop()
+    svc = make_service(root=tmp_path)
+    with Client(_address(svc)) as client:
+        replies = client.requests([b"queue:retry?dependents=1:id:%d" % held,
+                                   b"queue:retry:id:%d" % held])  # fmt: skip
+    assert sorted(status for status, _ in replies) == [200, 409], replies
+    assert svc.call(b"queue:get:id:%d" % held) == b"held"
+    assert svc.call(b"queue:get:id:%d" % dependent) == b"dependent"
+    assert svc.call(b"service:ping") == b"pong"  # still up

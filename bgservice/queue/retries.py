@@ -70,9 +70,11 @@ class Retries:
         """``job``, failed or cancelled, waiting again (attempts from zero, nothing of its
         last run kept, waiting for ``after``), placed once its save is stored. Returns the
         503 to raise if its commit failed (memory keeps the retry, the store its save);
-        raises 409 if another job holds its unique key (nothing changed), 503 if the store
-        refused its row (undone)."""
+        raises 409 if another job holds its unique key or another retry took it back
+        (nothing changed), 503 if the store refused its row (undone)."""
         jid, key = job.id, job.unique_key
+        if jid in self.jobs:  # another retry of it took it back while this one read it
+            raise Conflict(f"Job {jid} is {self.jobs[jid].state}, not failed")
         self._keys.retaking(key, jid)  # (409 if another job holds it)
         self._finished.forget(jid)
         was = job.state  # (its row holds it so until the retry is written)

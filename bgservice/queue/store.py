@@ -172,8 +172,8 @@ class Writes:
         # for a later commit: until that one, the job counts twice (waiting, and as its
         # row was).
         failed = None if future.cancelled() else future.exception()
-        if failed is None or isinstance(failed, Busy):
-            del self._retries[future]
+        if failed is None or isinstance(failed, Busy):  # (a save merged into another
+            self._retries.pop(future, None)  # of its job shares its future: said twice)
 
     def refused(self, jid: int) -> None:
         """The retry of ``jid`` failed and memory let the job go: its row counts it."""
