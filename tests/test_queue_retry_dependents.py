@@ -158,19 +158,26 @@ def test_a_dependent_whose_unique_key_is_taken_stays_failed_and_is_said(
 
 def test_more_dependents_than_a_chunk_all_come_back(make_service, modules_dir, queue_backend):
     # 500 a turn of the loop (embedded) or a script (Redis): 1,200 after one job, and a
-    # job after the last of them, cross several chunks and a second round.
+    # job after the last of them, cross several chunks and a second round; the jobs back
+    # are looked after 500 at a time (embedded): one after the first and the last of them
+    # is found with the first 500 and waits on the last, back already.
     svc, root = _flaky(make_service, modules_dir)
     with Client(_address(svc)) as client:
         many = client.add_many([("echo", b"n", {"after": root})] * 1200)
         tail = client.add("echo", "tail", after=many[-1])
+        across = client.add("echo", "across", after=[many[0], many[-1]])
         _fail(modules_dir)
         wait_until(lambda: client.status(tail)["state"] == "failed", timeout=30)
+        assert client.status(across)["error"] == f"Dependency: job {many[0]} failed"
         (modules_dir / "flaky.ok").touch()
         assert svc.call(b"queue:retry?dependents=1:id:%d" % root) == b"id:%d" % root
         wait_until(lambda: client.status(root)["state"] == "running")
-        assert {client.status(j)["state"] for j in (*many[::97], many[-1], tail)} == {"waiting"}
+        waiting = (*many[::97], many[-1], tail, across)
+        assert {client.status(j)["state"] for j in waiting} == {"waiting"}
         (modules_dir / "flaky.open").touch()
         assert client.get(tail, timeout=60) == b"tail"
+        assert client.get(across, timeout=60) == b"across"
+        assert client.status(across)["started"] >= client.status(many[-1])["finished"]
         assert set(client.get_many(many, timeout=60)) == {b"n"}
 
 

@@ -27,7 +27,6 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 
 TURN = 1000  # recovered jobs placed between two turns of the loop
-SETTLING = 0.005  # s between two looks at a cascade a retry waits for (its turns: 5 ms at most)
 
 
 def failure(dependency: int, state: JobState) -> str:
@@ -47,6 +46,7 @@ class Dependencies:
         self._pending: dict[int, tuple[int, ...]] = {}
         # (an ended job, its state, the jobs that waited on it, left to settle)
         self._ending: deque[tuple[int, JobState, Iterator[int]]] = deque()
+        self._through: asyncio.Event | None = None  # set when one is through, for settle
 
     async def check(self, after: tuple[int, ...]) -> None:
         """At ``queue:add``: 404 for an unknown dependency, 424 for one that did not
@@ -113,11 +113,14 @@ class Dependencies:
             self._ending.append((jid, state, iter(sorted(dependents))))
         return bool(dependents)
 
-    async def settle(self, jid: int) -> None:
-        """Return once the jobs that waited on ended job ``jid`` are settled (``settled``
-        takes a few a turn): a retry with dependents=1 finds them failed with it only then."""
-        while any(ended == jid for ended, _, _ in self._ending):
-            await asyncio.sleep(SETTLING)
+    async def settle(self, jids: Collection[int]) -> None:
+        """Return once the jobs that waited on the ended jobs ``jids`` are settled
+        (``settled`` takes a few a turn): a retry with dependents=1 finds them failed with
+        theirs only then."""
+        while any(ended in jids for ended, _, _ in self._ending):
+            if self._through is None:
+                self._through = asyncio.Event()
+            await self._through.wait()
 
     def failing(self) -> list[int]:
         """The failed or cancelled jobs whose dependents are not all failed yet: the sweep
@@ -138,6 +141,9 @@ class Dependencies:
             some = list(itertools.islice(dependents, most))
             if len(some) < most:
                 self._ending.popleft()
+                if self._through is not None:  # (woken once this step is over: all settled)
+                    self._through.set()
+                    self._through = None
             most -= len(some)
             done, why = state is JobState.DONE, failure(jid, state)
             for dependent in some:

@@ -48,8 +48,10 @@ end
 # them, one done or gone does not, and the first that failed or was cancelled fails them
 # again, named (noted in its own P:failed_by). At most 500 a script, each parent's in id
 # order. The jobs waiting on ended ones that scripts left over are ended first (cascade):
-# a parent's own may be among them, not failed yet. Returns {parents done, the cursor for
-# the next, the ids back and waiting, the ids left failed: a job holds their unique key}.
+# a parent's own may be among them, not failed yet; a script whose budget they spend
+# brings none back (done 0, the cursor as it was), and the next goes on. Returns {parents
+# done, the cursor for the next, the ids back and waiting, the ids left failed: a job
+# holds their unique key}.
 REVIVE = (
     COMMON
     + REQUEUE_FN

@@ -6,9 +6,11 @@ Those are found in the store by the error that names the job they failed with
 (``Dependency: job N failed``: an index of its own, sqlite_schema.py), ``turn`` (500, the
 cascade's) at a time: each chunk is a store read and one commit of their saves, so the
 loop serves others between chunks. Breadth first: a job is back before the jobs that
-failed because of it are looked for, so they find it waiting and wait on it. A job's own
-are looked for once its cascade is through (``Dependencies.settle``): before, some that
-waited on it are still waiting, and fail with it later.
+failed because of it are looked for, so they find it waiting and wait on it; they are
+looked for ``turn`` jobs brought back at a time, in one read (a read each took 20,000
+jobs brought back 5.5 s, mostly waiting on the store). A job's own are looked for once
+its cascade is through (``Dependencies.settle``): before, some that waited on it are still
+waiting, and fail with it later.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 from bgservice.errors import Busy, Conflict, DependencyFailed
 from bgservice.queue.dependencies import Dependencies, failure
@@ -51,7 +53,7 @@ class Retries:
 
     async def retry(self, jid: int, dependents: bool = False) -> int:
         if dependents:  # (the jobs that waited on it are all failed with it then)
-            await self._deps.settle(jid)
+            await self._deps.settle((jid,))
         if jid in self.jobs:
             raise Conflict(f"Job {jid} is {self.jobs[jid].state}, not failed")
         job = await self._finished.lookup(jid)
@@ -106,20 +108,20 @@ class Retries:
         commit that failed, if one did."""
         parents, unsaved, back = deque([root]), None, 0
         while parents:
-            parent = parents.popleft()
-            await self._deps.settle(parent)
-            async for chunk in self._failed_by(parent):
+            heads = {parents.popleft() for _ in range(min(len(parents), self._turn))}
+            await self._deps.settle(heads)
+            async for chunk in self._failed_by(heads):
                 # Saved together (one commit), each placed once its save is stored.
                 outcomes = await asyncio.gather(
                     *(self._back(job, job.after) for job in chunk), return_exceptions=True
                 )
                 for job, outcome in zip(chunk, outcomes, strict=True):
-                    if isinstance(outcome, Conflict):  # its key taken since: it stays failed
+                    # Its key taken since, or its row refused (undone): it stays failed.
+                    if isinstance(outcome, Conflict | Busy):
                         log.warning("job %d not brought back with job %d: %s", job.id, root,
                                     outcome.message)  # fmt: skip
                     elif isinstance(outcome, BaseException):
-                        if not isinstance(outcome, Busy):  # (a refused row: said, undone)
-                            raise outcome
+                        raise outcome
                     else:
                         unsaved = unsaved or outcome
                         if not _failed_again(job):  # (else so do the jobs after it)
@@ -128,25 +130,25 @@ class Retries:
         log.info("job %d retried with %d jobs that had failed because it did", root, back)
         return unsaved
 
-    async def _failed_by(self, parent: int) -> AsyncIterator[list[Job]]:
-        """The jobs that failed with 424 because ``parent`` did (failed or cancelled) and
-        still are, ``turn`` at most a chunk: as memory has them, the store's rows of those
-        not in memory any more."""
-        for ended in ENDS:
-            why, after = failure(parent, ended), 0
-            while True:
-                rows = await self._store.failed_with(why, after, self._turn)
-                now = time.time()
-                jobs = [self._finished.recent(row.id) or row for row in rows]
-                chunk = [job for job in jobs if job.id not in self.jobs
-                         and job.state is JobState.FAILED and job.error == why
-                         and job.status == DependencyFailed.code
-                         and parent in job.after and (job.expires or now) >= now]  # fmt: skip
-                if chunk:
-                    yield chunk
-                if len(rows) < self._turn:
-                    break
-                after = rows[-1].id
+    async def _failed_by(self, parents: Collection[int]) -> AsyncIterator[list[Job]]:
+        """The jobs that failed with 424 because one of ``parents`` did (failed or
+        cancelled) and still are, ``turn`` at most a chunk, in id order: as memory has
+        them, the store's rows of those not in memory any more."""
+        whys = {failure(parent, ended): parent for parent in parents for ended in ENDS}
+        after = 0
+        while True:
+            rows = await self._store.failed_with(list(whys), after, self._turn)
+            now = time.time()
+            jobs = [self._finished.recent(row.id) or row for row in rows]
+            chunk = [job for job in jobs if job.id not in self.jobs
+                     and job.state is JobState.FAILED and job.error in whys
+                     and job.status == DependencyFailed.code
+                     and whys[job.error] in job.after and (job.expires or now) >= now]  # fmt: skip
+            if chunk:
+                yield chunk
+            if len(rows) < self._turn:
+                break
+            after = rows[-1].id
 
 
 def _failed_again(job: Job) -> bool:

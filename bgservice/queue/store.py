@@ -69,9 +69,10 @@ class Store(Protocol):
         """The stored jobs of ``ids``, those there are (start-up's dependencies)."""
         ...
 
-    async def failed_with(self, error: str, after: int, most: int) -> list[Job]:
-        """At most ``most`` of the jobs that failed with 424 and ``error`` (``Dependency: job
-        N failed``: a retry's dependents), in id order from the first id above ``after``."""
+    async def failed_with(self, errors: Sequence[str], after: int, most: int) -> list[Job]:
+        """At most ``most`` of the jobs that failed with 424 and one of ``errors``
+        (``Dependency: job N failed``: a retry's dependents; at most a thousand), in id
+        order from the first id above ``after``."""
         ...
 
     async def list_jobs(
