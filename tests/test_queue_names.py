@@ -30,6 +30,34 @@ def test_a_named_tagged_job_shows_its_name_everywhere(service):
     assert (status(service, plain)["name"], status(service, plain)["tags"]) == (None, [])
 
 
+def test_the_names_counted_follow_jobs_as_they_come_and_go(service, queue_backend):
+    # The embedded engine keeps the count of each name as jobs come and go (a count at
+    # each call held the loop 9 ms with 100,000 waiting): cancelled, retried, done and
+    # added again, each name counted as the jobs in memory are, and gone at none.
+    def named(name: bytes) -> int:
+        return add(service, b"queue:add?delay=60&name=" + name + b":echo:x")
+
+    first_a, *_ = [named(b"A") for _ in range(3)]
+    named(b"B"), named(b"B")
+    only_c = named(b"C")
+    assert service.call(b"queue:cancel:id:%d" % first_a) == b"cancelled"
+    assert service.call(b"queue:cancel:id:%d" % only_c) == b"cancelled"
+    assert json.loads(service.call(b"queue:stats"))["names"] == {
+        "A": {"waiting": 2, "running": 0}, "B": {"waiting": 2, "running": 0}
+    }
+    assert service.call(b"queue:retry:id:%d" % first_a) == b"id:%d" % first_a  # runs now
+    assert service.call(b"queue:get:id:%d" % first_a) == b"x"
+    done = add(service, b"queue:add?name=D:echo:y")
+    assert service.call(b"queue:get:id:%d" % done) == b"y"
+    assert service.call(b"queue:retry:id:%d" % only_c) == b"id:%d" % only_c
+    assert service.call(b"queue:get:id:%d" % only_c) == b"x"
+    named(b"C")
+    assert json.loads(service.call(b"queue:stats"))["names"] == {
+        "A": {"waiting": 2, "running": 0}, "B": {"waiting": 2, "running": 0},
+        "C": {"waiting": 1, "running": 0},
+    }
+
+
 def test_bad_names_and_tags_are_400(make_service):
     svc = make_service("[queue]\nmax_name_chars = 10\nmax_tags = 2\n")
     for request, why in [

@@ -1,10 +1,12 @@
 """The embedded engine's jobs in memory, waiting and running, and the bytes of data they
 hold: ``[queue] max_waiting`` bounds how many, ``max_waiting_bytes`` how much data (each
 job's data stays in memory until it ends, besides the store's copy), adds still on their
-way to the store included."""
+way to the store included; and how many there are of each job name (``queue:stats``'
+``names``: counting them at each call held the loop 9 ms with 100,000 waiting)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import ValuesView
 
 from bgservice.errors import Busy, TooLarge
@@ -12,12 +14,14 @@ from bgservice.queue.job import Job
 
 
 class LiveJobs:
-    """Job id -> Job, with ``data_bytes``: the sum of their data's lengths, kept as jobs
-    come and go (the mapping operations the engine uses, no more)."""
+    """Job id -> Job, with ``data_bytes``: the sum of their data's lengths, and ``names``:
+    the jobs of each name (none counted without one), kept as jobs come and go (the
+    mapping operations the engine uses, no more)."""
 
     def __init__(self) -> None:
         self._jobs: dict[int, Job] = {}
         self.data_bytes = 0
+        self.names: Counter[str] = Counter()  # (a name's count is never 0: it goes)
         self._adding = 0  # adds let in (admit) and not yet ended
         self._adding_bytes = 0
 
@@ -44,16 +48,26 @@ class LiveJobs:
     def __setitem__(self, jid: int, job: Job) -> None:
         old = self._jobs.get(jid)
         if old is not None:
-            self.data_bytes -= len(old.data)
+            self._gone(old)
         self._jobs[jid] = job
         self.data_bytes += len(job.data)
+        if job.name:
+            self.names[job.name] += 1
 
     def pop(self, jid: int, default: Job | None = None) -> Job | None:
         job = self._jobs.pop(jid, None)
         if job is None:
             return default
-        self.data_bytes -= len(job.data)
+        self._gone(job)
         return job
+
+    def _gone(self, job: Job) -> None:
+        self.data_bytes -= len(job.data)
+        if job.name:
+            if self.names[job.name] > 1:
+                self.names[job.name] -= 1
+            else:
+                del self.names[job.name]
 
     def __getitem__(self, jid: int) -> Job:
         return self._jobs[jid]
