@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from bgservice.client import Client
 from bgservice.queue.commands import JobFilter, ListSpec
+from bgservice.queue.schedule import SLICE
 from bgservice.queue.sqlite_schema import SCHEMA
 from tests.conftest import wait_until
 from tests.queue_helpers import add, status
@@ -239,12 +240,17 @@ def test_a_deep_page_reads_the_line_as_it_was_while_jobs_come(make_service, tmp_
 
     adder = threading.Thread(target=adding)
     adder.start()
+    positions = []  # the last seeded job's: (added before, jobs ahead but the seeded, after)
     try:
         wait_until(lambda: len(added) >= 100)
         before = len(added)
         with Client(address, timeout=60) as bg:
             page = bg.list("waiting", limit=1000, offset=WAITING - 2000)["waiting"]
-        added_during = len(added) - before
+            added_during = len(added) - before
+            for _ in range(5):  # (the count gives the loop back too: jobs come meanwhile)
+                low = len(added)
+                position = bg.status(WAITING + 1)["position"]
+                positions.append((low, position - (WAITING - 1), len(added) + 50))
     finally:
         stop.set()
         adder.join()
@@ -257,6 +263,47 @@ def test_a_deep_page_reads_the_line_as_it_was_while_jobs_come(make_service, tmp_
     ahead = WAITING - 2000 - (first - 2)
     assert before <= ahead <= before + added_during + 50, (before, ahead, added_during)
     assert [j["position"] for j in page] == [first - 2 + ahead + n for n in range(1000)]
+    assert all(low <= ahead <= high for low, ahead, high in positions), positions
+
+
+async def _turns(report: Awaitable[T]) -> tuple[T, int]:
+    """``report`` awaited, and how many times it gave the loop back meanwhile (a callback
+    that schedules itself again each turn counts them)."""
+    loop, turns, done = asyncio.get_running_loop(), 0, False
+
+    def turn() -> None:
+        nonlocal turns
+        turns += 1
+        if not done:
+            loop.call_soon(turn)
+
+    loop.call_soon(turn)
+    try:
+        result = await report
+    finally:
+        done = True
+    return result, turns
+
+
+async def test_a_position_deep_in_line_gives_the_loop_back_as_it_counts(tmp_path):
+    # The position of a job deep in a line of 100,000 compared every entry ahead at C
+    # speed in one turn of the loop (9 ms here): every other client waited. Now the count
+    # gives the loop back every SLICE entries (and once before, after the walk from the
+    # top that finds few ahead); exact as before when nothing changes meanwhile.
+    _seed(tmp_path, WAITING)
+    queue = recovered_queue(tmp_path / "jobs.db")
+    await queue.start()
+    try:
+        got = {}
+        for jid in (WAITING + 1, 2 + WAITING // 2, 3):  # the last, the middle, the second
+            reply, turns = await _turns(queue.status(jid))
+            got[jid] = (reply["position"], turns)
+    finally:
+        await queue.stop(0)
+    # No worker: the sleeping job (priority 10) waits first, then the echo jobs by id.
+    positions = {jid: position for jid, (position, _) in got.items()}
+    assert positions == {WAITING + 1: WAITING, 2 + WAITING // 2: WAITING // 2 + 1, 3: 2}, got
+    assert min(turns for jid, (_, turns) in got.items() if jid != 3) >= WAITING // SLICE, got
 
 
 async def test_a_page_past_the_line_into_100000_dependents_gives_the_loop_back(tmp_path):

@@ -207,7 +207,7 @@ class LocalQueue(StoredSchedules, JobQueue):
         now = time.time()
         waiting = job.state is JobState.WAITING
         throttled = self.rates.free_at(job.module, now) if waiting else None
-        return job.describe(now, self._position(job), throttled)
+        return job.describe(now, await self._position(job), throttled)
 
     async def cancel(self, jid: int) -> str:
         job = self.jobs.get(jid)
@@ -259,11 +259,11 @@ class LocalQueue(StoredSchedules, JobQueue):
     def _waiting(self, jid: int) -> Job | None:
         return job if (job := self.jobs.get(jid)) and job.state is JobState.WAITING else None
 
-    def _position(self, job: Job) -> int | None:
+    async def _position(self, job: Job) -> int | None:
         """How many ready jobs run before this one; None unless it is ready itself: due,
         waiting, and not on another job (nor about to fail with one)."""
         ready = job.state is JobState.WAITING and job.run_at <= time.time()
-        return None if not ready or self._deps.blocked(job.id) else self._line.position(job)
+        return None if not ready or self._deps.blocked(job.id) else await self._line.position(job)
 
     # --- running ----------------------------------------------------------------------
 
