@@ -309,12 +309,20 @@ def top_lines(view: Mapping[str, Any], now: float, width: int = 100, height: int
     return [line[:width] for line in lines]
 
 
+def _workers_line(queue: Mapping[str, Any]) -> str:
+    """The workers the counts are of: every instance's on Redis, this one's said beside."""
+    here, every = queue.get("workers", EMPTY), queue.get("cluster_workers")
+    if every is None or every == here:
+        return f"{here} workers"
+    return f"{every} workers ({here} here)"
+
+
 def _jobs_line(queue: Mapping[str, Any]) -> str:
     if "unavailable" in queue:  # (its Redis away: the service answers, its queue cannot)
         return f"jobs: queue unavailable ({queue['unavailable']})"
     counts, oldest = queue.get("counts") or {}, queue.get("oldest_waiting_age")
     return (
-        f"jobs: {counts.get('running', 0)} running on {queue.get('workers', EMPTY)} workers"
+        f"jobs: {counts.get('running', 0)} running on {_workers_line(queue)}"
         + (f" ({held} held past a timeout)" if (held := queue.get("workers_held")) else "")
         + f", {counts.get('waiting', 0)} waiting"
         + (f" (oldest {span(oldest)})" if oldest is not None else "")

@@ -141,3 +141,8 @@ def test_top_screen_fits_and_counts_waiting_per_module() -> None:
                            "workers_held": 1}  # fmt: skip
     held = "\n".join(fmt.top_lines(view, NOW, width=100, height=40))
     assert "0 running on 1 workers (1 held past a timeout), 3 waiting" in held
+    # Redis: the counts are of every instance sharing the queue, and so are the workers.
+    view["queue_stats"] = {"counts": {"running": 5, "waiting": 3}, "workers": 4,
+                           "cluster_workers": 8}  # fmt: skip
+    shared = "\n".join(fmt.top_lines(view, NOW, width=100, height=40))
+    assert "5 running on 8 workers (4 here), 3 waiting" in shared

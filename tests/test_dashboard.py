@@ -21,6 +21,10 @@ from typing import Any
 import pytest
 from conftest import REPO, ServiceProcess, wait_until, write_module
 
+from tests.test_queue_redis import shared
+
+__all__ = ["shared"]  # (a fixture: instances sharing one queue on Redis)
+
 pytest.importorskip("aiohttp")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -142,6 +146,20 @@ def test_dashboard_screenshot(busy_service: tuple[ServiceProcess, int], tmp_path
     print(f"dashboard screenshot: {shot}")
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "dashboard.png")
+
+
+def test_on_redis_the_chart_and_counts_are_of_every_instance_s_workers(shared: Any) -> None:
+    # The run history and the counts are of every instance sharing the queue; the chart
+    # divided their busy time by the workers of the instance asked (2 here, of 5).
+    here = shared("a", "workers = 2\n[http]\nenabled = true\nport = 0")
+    shared("b", "workers = 3")
+    wait_until(lambda: json.loads(here.call(b"queue:stats"))["cluster_workers"] == 5)
+    assert here.call(b"queue:get:id:%s" % here.call(b"queue:add:echo:x")[3:]) == b"x"
+    dom = chromium("--dump-dom", here.http_url + "/dashboard/")
+    counts = re.search(r'id="queue-counts"[^>]*>(.*?)<', dom, re.S)
+    assert counts and "5 workers (2 on this instance)" in counts.group(1), dom[:3000]
+    titles = re.findall(r"<title>([^<]*)</title>", dom)
+    assert len([t for t in titles if t.endswith("of 5 workers)")]) == 7 * 24, titles[:3]
 
 
 def test_an_empty_chart_says_why(make_service: Callable[..., ServiceProcess]) -> None:

@@ -182,6 +182,23 @@ def test_sigkill_during_load_every_job_completes_exactly_once(shared, tmp_path):
     wait_until(lambda: "stopped renewing their lease" in instances[0].log() + instances[2].log())
 
 
+def test_stats_count_the_workers_of_every_live_instance(shared):
+    # queue:stats' counts and run history are of every instance sharing the queue: its
+    # cluster_workers sums their workers (the dashboard's busy chart divided a cluster's
+    # busy time by the workers of the instance asked: two of 4 workers busy all hour
+    # showed 200 %, drawn as 100 %). One that stops drops out a lease later.
+    a = shared("a", "workers = 2")
+    b = shared("b", "workers = 3")
+
+    def seen(svc: ServiceProcess) -> tuple[int, int]:
+        stats = json.loads(svc.call(b"queue:stats"))
+        return stats["workers"], stats["cluster_workers"]
+
+    wait_until(lambda: seen(a) == (2, 5) and seen(b) == (3, 5))
+    b.stop()
+    wait_until(lambda: seen(a) == (2, 2))  # (lease 1.5 s)
+
+
 def test_redis_restart_is_survived(shared, own_redis):
     server = own_redis
     svc = shared("a", "workers = 1", url=server.url)

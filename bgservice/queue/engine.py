@@ -359,15 +359,18 @@ def finished_result(job: Job) -> Result:
 
 
 def queue_stats(
-    counts: dict[str, int], oldest: float | None, history: dict[str, Any], workers: int
-) -> dict[str, Any]:
+    counts: dict[str, int], oldest: float | None, history: dict[str, Any], workers: int,
+    every: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """``queue:stats``: counts per state, the oldest waiting job's age, and the run
-    history's summary (history.py: the rate and busy hours)."""
+    history's summary (history.py: the rate and busy hours); the ``workers`` of the
+    instance asked and of ``every`` instance sharing the queue (one host: the same)."""
     return {
         "counts": counts,
         "oldest_waiting_age": round(time.time() - oldest, 3) if oldest else None,
         "finished_per_minute": history["finished_per_minute"],
         "workers": workers,
+        "cluster_workers": workers if every is None else every,
         "window": history["window"],
     }
 

@@ -118,7 +118,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
         self._limits = (json.dumps(self.module_limits), json.dumps(self.rates.rates), "[]")
         self._runnable()
         tasks = (self._listen(), self._runner(), self._leases(), self._modules())
-        for coro in (*tasks, *self.db.upkeep(lambda: self._limits[2])):
+        for coro in (*tasks, *self.db.upkeep(lambda: self._limits[2], self.owner)):
             self._tasks.append(loop.create_task(coro))
 
     async def stop(self, grace: float) -> None:

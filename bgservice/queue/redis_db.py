@@ -36,7 +36,7 @@ from bgservice.queue.history import summarise
 from bgservice.queue.job import Job, JobState
 from bgservice.queue.redis_batch import Batcher
 from bgservice.queue.redis_hash import job_from_hash, pairs
-from bgservice.queue.redis_lines import SPLIT, STRANDED, keep_lines
+from bgservice.queue.redis_lines import SPLIT, STRANDED, WORKERS, keep_lines
 from bgservice.queue.redis_lua import CASCADE, COMMON
 from bgservice.queue.redis_outage import IDS, Ids, Outage
 from bgservice.queue.redis_revive import REVIVE
@@ -154,6 +154,7 @@ class RedisJobs:
         self.scripts["CASCADE"] = self.redis.register_script(CASCADE)
         self.scripts["SPLIT"] = self.redis.register_script(SPLIT)
         self.scripts["STRANDED"] = self.redis.register_script(STRANDED)
+        self.scripts["WORKERS"] = self.redis.register_script(WORKERS)
         self.scripts["IDS"] = self.redis.register_script(IDS)
         self.scripts["REVIVE"] = self.redis.register_script(REVIVE)
         self.lease = conf.lease
@@ -282,11 +283,12 @@ class RedisJobs:
         pipe.zrangebyscore(self.key("runs"), now - max(window, 60), "+inf")
         *counts, raw_runs = await pipe.execute()
         oldest = await self.call("OLDEST", now=now)
+        every = await self.call("WORKERS")  # (the live instances': this one's in a moment)
         # A thread: a week's history of a busy queue is a great many records to decode.
         history = await asyncio.to_thread(_history, raw_runs, now, window)
         counted = dict(zip(STATES, counts, strict=True))
         first = float(oldest) if oldest else None
-        return queue_stats(counted, first, history, workers)
+        return queue_stats(counted, first, history, workers, max(every, workers))
 
     async def names(self) -> dict[str, Any]:
         """``queue:stats``' ``names``: waiting and running jobs per job name (the first
@@ -302,11 +304,13 @@ class RedisJobs:
         states = ["waiting"] * len(waiting) + ["running"] * len(running)
         return {"names": name_counts(zip(found, states, strict=True))}
 
-    def upkeep(self, runnable: Callable[[], str]) -> tuple[Coroutine[Any, Any, None], ...]:
-        """What each instance does for the queue as a whole, for as long as it runs;
-        ``runnable``: the modules it runs, as CLAIM takes them (none with no workers)."""
-        mine = runnable if self.settings.workers else lambda: "[]"
-        lines = keep_lines(self.call, mine, self.lease, self.outage)
+    def upkeep(self, runnable: Callable[[], str], me: str) -> tuple[Coroutine[Any, Any, None], ...]:
+        """What each instance (named ``me``) does for the queue as a whole, for as long as
+        it runs; ``runnable``: the modules it runs, as CLAIM takes them (none with no
+        workers)."""
+        workers = self.settings.workers
+        mine = runnable if workers else lambda: "[]"
+        lines = keep_lines(self.call, mine, self.lease, self.outage, me, workers)
         return self.expire_forever(), self.cascade_forever(), lines, self.ids.watch(self.lease / 3)
 
     async def cascade_forever(self) -> None:

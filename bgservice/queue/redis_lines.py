@@ -10,6 +10,9 @@ earlier version wrote), and watched, so that ready jobs no live instance runs ar
     P:stranded           hash: module -> "SINCE LAST": ready jobs of it found with no live
                          instance to run them since SINCE, said in a log last at LAST
                          (0: not yet); dropped once one runs it or none wait
+    P:instances          hash: instance -> "WORKERS UNTIL": its [queue] workers, renewed
+                         every lease / 3 a lease on (Redis's clock); queue:stats' sum
+                         (WORKERS) drops the ones past UNTIL: instances gone
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ return {0, put}
 )
 
 # ARGV: P, now, lease, the modules this instance runs (JSON, [] with workers = 0), every
-# (s). Renews this instance's modules in P:runners; returns {module, ready jobs, ...}: the
+# (s), the instance's name, its workers. Renews this instance's modules in P:runners and
+# its workers in P:instances; returns {module, ready jobs, ...}: the
 # modules whose ready jobs have had no live instance to run them for a lease (one that
 # runs the module may be starting; after Redis was away, every instance renews within a
 # lease), each said at most ``every`` seconds. P:ready holding more jobs than the lines
@@ -82,6 +86,7 @@ STRANDED = (
     + r"""
 local lease, every, rnow = tonumber(ARGV[3]), tonumber(ARGV[5]), clock()
 local runners, said = P .. ':runners', P .. ':stranded'
+redis.call('HSET', P .. ':instances', ARGV[6], ARGV[7] .. ' ' .. (rnow + lease))
 for module in string.gmatch(ARGV[4], '"([^"]+)"') do  -- (ZADD GT is Redis 6.2)
   if tonumber(redis.call('ZSCORE', runners, module) or 0) < rnow + lease then
     redis.call('ZADD', runners, rnow + lease, module)
@@ -113,18 +118,39 @@ return out
 """
 )
 
+# ARGV: P, now. The workers of the live instances (P:instances); those gone are dropped.
+WORKERS = (
+    COMMON
+    + r"""
+local rnow, total, all = clock(), 0, redis.call('HGETALL', P .. ':instances')
+for i = 1, #all, 2 do
+  local workers, til = string.match(all[i + 1], '^(%d+) (%S+)$')
+  if tonumber(til) < rnow then
+    redis.call('HDEL', P .. ':instances', all[i])
+  else
+    total = total + tonumber(workers)
+  end
+end
+return total
+"""
+)
+
 Call = Callable[..., Awaitable[Any]]  # RedisJobs.call: a script by name, its arguments
 
 
-async def keep_lines(call: Call, runnable: Callable[[], str], lease: float, outage: Outage) -> None:
+async def keep_lines(
+    call: Call, runnable: Callable[[], str], lease: float, outage: Outage, me: str, workers: int
+) -> None:
     """Every lease / 3, for as long as the instance runs: split P:ready into the modules'
     lines if it is not (first at start: till then, a claim finds an earlier version's jobs
     only at the head of P:ready), renew the modules this instance runs (``runnable``: as
-    CLAIM takes them, [] with no workers), and say those whose ready jobs none runs."""
+    CLAIM takes them, [] with no workers) and its ``workers`` under its name ``me``, and
+    say the modules whose ready jobs none runs."""
     while True:
         try:
             await split(call)
-            stranded = await call("STRANDED", repr(lease), runnable(), repr(SAID_EVERY))
+            stranded = await call("STRANDED", repr(lease), runnable(), repr(SAID_EVERY), me,
+                                  workers)  # fmt: skip
             for module, count in zip(stranded[::2], stranded[1::2], strict=True):
                 log.warning("job queue: %d ready jobs of module %s wait, and no live instance "
                             "runs it (loaded, with workers > 0): they start once one does",

@@ -37,7 +37,8 @@ Keys, all under the configured prefix ``P``:
     P:runs               zset: one JSON record per attempt; score the time it ended
     P:events             pub/sub: ``done:ID``, ``cancel:ID``, ``wake``, ``schedules``, ``cascade``
     P:rate:MODULE        zset: the module's job starts within its rate's interval
-(and: schedules, redis_schedules.py; ready lines, redis_lines.py; P:failed_by:ID, redis_revive.py)
+(and: schedules, redis_schedules.py; ready lines and the instances' workers, redis_lines.py;
+P:failed_by:ID, redis_revive.py)
 
 Every script takes the prefix as ARGV[1] and the caller's clock as ARGV[2]. Times are
 written as the strings the caller sent, so they keep their full precision.

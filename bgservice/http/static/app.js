@@ -265,7 +265,8 @@ function drawQueue(jobs, finished, queue) {
     "no finished jobs kept (results are kept for [queue] keep_results)");
   setText("queue-counts", `${num(c.waiting)} waiting · ${num(c.running)} running · ` +
     `${num(c.done)} done · ${num(c.failed)} failed · ${num(c.cancelled)} cancelled · ` +
-    `${num(queue.workers)} workers`);
+    `${num(queue.cluster_workers ?? queue.workers)} workers` +
+    (queue.cluster_workers > queue.workers ? ` (${num(queue.workers)} on this instance)` : ""));
 }
 
 function scheduleButtons(s) {

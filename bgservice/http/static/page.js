@@ -123,11 +123,12 @@ const yearIfNotThis = (at) =>
 // --- the busy-time chart ------------------------------------------------------------
 
 // The busy-time chart: a day x hour grid (local time), each cell as dark as the share of
-// the workers' time spent running jobs in that hour, from the queue's run history.
+// the workers' time spent running jobs in that hour, from the queue's run history (on
+// Redis, every instance's runs: so the share is of every live instance's workers).
 function drawChart(stats) {
   const SVG = "http://www.w3.org/2000/svg";
   const cell = 26, gap = 2, left = 80, top = 18;
-  const workers = Math.max(1, stats.workers);
+  const workers = Math.max(1, stats.cluster_workers ?? stats.workers);
   const busy = new Map(stats.window.by_hour.map((h) => [h.hour, h]));
   const today = new Date();
   today.setHours(0, 0, 0, 0);
