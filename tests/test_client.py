@@ -145,21 +145,31 @@ def test_a_timeout_waiting_for_a_job_names_the_job_and_the_timeout(service):
     def check(error: ClientTimeout, job: int | None, said: str) -> None:
         assert error.job == job and said in str(error), (str(error), error.job)
 
+    # Only the waits race the short timeouts: the jobs are added (and done ended) with a
+    # normal timeout, and each wait goes on a connection opened (greeted) beforehand with
+    # a normal timeout too (a timeout drops the connection), so a slow add, greeting or
+    # reply to done on a loaded machine is not what times out. A batch's timeout is 1 s:
+    # done's reply must come within it for slow to be the first without a reply.
+    with Client(address(service)) as setup:
+        slow, done = setup.add("sleep", "30000"), setup.add("echo", "done")
+        assert setup.get(done) == b"done"
     with Client(address(service), timeout=0.3) as bg:
-        slow, done = bg.add("sleep", "30000"), bg.add("echo", "done")
-        assert bg.get(done) == b"done"
+        assert bg.call("test", timeout=30) == b"Test"
         with pytest.raises(ClientTimeout) as own:
             bg.get(f"id:{slow}", timeout=0.2)
         said = f"get() gave up waiting for job {slow} after get()'s timeout of 0.2 s"
         check(own.value, slow, said)
+        assert bg.call("test", timeout=30) == b"Test"
         with pytest.raises(ClientTimeout) as clients:
             bg.get(slow)
         check(clients.value, slow, f"job {slow} after the client's timeout of 0.3 s")
+        assert bg.call("test", timeout=30) == b"Test"
         with pytest.raises(ClientTimeout) as many:
-            bg.get_many([done, slow, done], timeout=0.2)
-        first = f"job {slow} (the first without a reply) after get_many()'s timeout of 0.2 s"
+            bg.get_many([done, slow, done], timeout=1)
+        first = f"job {slow} (the first without a reply) after get_many()'s timeout of 1 s"
         check(many.value, slow, first)
         assert many.value.results[0] == b"done"
+        assert bg.call("test", timeout=30) == b"Test"
         with pytest.raises(ClientTimeout) as ran:  # no id until its result comes
             bg.run("sleep", "30000", wait_timeout=0.2)
         said = "run() of module sleep gave up after run()'s wait_timeout of 0.2 s: its job may"
@@ -168,9 +178,15 @@ def test_a_timeout_waiting_for_a_job_names_the_job_and_the_timeout(service):
     async def main() -> list[ClientTimeout]:
         errors = []
         async with AsyncClient(address(service), timeout=0.3) as abg:
-            for call in (abg.get(slow), abg.get_many([done, slow]), abg.run("sleep", "30000")):
+            calls = (
+                lambda: abg.get(slow),
+                lambda: abg.get_many([done, slow], timeout=1),
+                lambda: abg.run("sleep", "30000"),
+            )
+            for call in calls:
+                assert await abg.call("test", timeout=30) == b"Test"  # greeted beforehand
                 with pytest.raises(ClientTimeout) as timed_out:
-                    await call
+                    await call()
                 errors.append(timed_out.value)
         return errors
 

@@ -9,9 +9,8 @@ Real service processes and a redis-server of each test's own, talked to over soc
 
 from __future__ import annotations
 
-import json
 import shutil
-import time
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,12 +138,22 @@ def test_a_get_waiting_when_the_data_goes_is_answered(start, own_redis, tmp_path
     wait_until(lambda: b'"gate"' in svc.call(b"service:modules"))
     jid = add(svc, b"queue:add:gate:" + bytes(tmp_path / "never"))
     wait_until(lambda: b'"running"' in svc.call(b"queue:status:id:%d" % jid))
-    with ThreadPoolExecutor(1) as pool:
+    # The FLUSHALL must come after the get's first look at the job (a FLUSHALL before it:
+    # a 404 at once, the waiting untested), which only Redis sees: its HMGET of the job's
+    # result fields, waited for on a MONITOR (no fixed sleep: a loaded machine outlasts it).
+    first_look = b'"HMGET" "ids:job:%d" "state" "status" "result" "expires"' % jid
+    with (
+        socket.create_connection(("127.0.0.1", own_redis.port), timeout=30) as monitor,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        monitor.sendall(b"MONITOR\r\n")
+        seen = b""
+        while not seen.startswith(b"+OK\r\n"):
+            seen += monitor.recv(65536) or pytest.fail(f"MONITOR refused: {seen!r}")
         waiting = pool.submit(svc.call, b"queue:get:id:%d" % jid, timeout=20)
-        # Its connection open (this call's is the other); then a moment for its first look
-        # at the job, which nothing outside shows. (A FLUSHALL before it: a 404 at once.)
-        wait_until(lambda: json.loads(svc.call(b"service:stats"))["connections"]["open"] >= 2)
-        time.sleep(0.3)
+        while first_look not in seen:  # (a socket timeout, 30 s: no first look at all)
+            seen += monitor.recv(65536) or pytest.fail("MONITOR closed")
+        assert not waiting.done(), waiting.result()  # it saw the job running: it waits
         assert redis_command(own_redis.url, "FLUSHALL") == b"+OK\r\n"
         assert waiting.result(timeout=30).startswith(b"404: Job %d not found" % jid)
     svc.wait_for_log(LOST)
