@@ -127,13 +127,14 @@ def test_timeout_and_service_down(service):
 
 def test_a_call_timeout_of_its_own_on_the_kept_connection(service):
     # The connection keeps the kernel's timeout (SO_RCVTIMEO); a call with a timeout of
-    # its own changes it for that call, and the next call gets the client's back.
-    with Client(address(service), timeout=0.3) as bg:
-        job = bg.add("sleep", "700")
-        assert bg.get(job, timeout=5) == b"slept 700"  # longer than the client's: waits
+    # its own changes it for that call, and the next call gets the client's back. (The
+    # client's 1 s leaves a loaded machine's adds and reconnections room.)
+    with Client(address(service), timeout=1) as bg:
+        job = bg.add("sleep", "1500")
+        assert bg.get(job, timeout=10) == b"slept 1500"  # longer than the client's: waits
         with pytest.raises(ClientTimeout):
-            bg.call("sleep", "3000")  # the client's 0.3 s again
-        job = bg.add("sleep", "2000")
+            bg.call("sleep", "10000")  # the client's 1 s again
+        job = bg.add("sleep", "10000")
         with pytest.raises(ClientTimeout):
             bg.get(job, timeout=0.2)  # shorter than the client's
         assert bg.call("test") == b"Test"
