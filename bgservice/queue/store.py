@@ -71,8 +71,8 @@ class Store(Protocol):
 
     async def failed_with(self, errors: Sequence[str], after: int, most: int) -> list[Job]:
         """At most ``most`` of the jobs that failed with 424 and one of ``errors``
-        (``Dependency: job N failed``: a retry's dependents; at most a thousand), in id
-        order from the first id above ``after``."""
+        (``Dependency: job N failed``: a retry's dependents), in id order from the first
+        id above ``after``."""
         ...
 
     async def list_jobs(
