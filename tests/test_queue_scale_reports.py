@@ -23,9 +23,10 @@ from typing import TypeVar
 
 from bgservice.client import Client
 from bgservice.queue.commands import JobFilter, ListSpec
-from bgservice.queue.schedule import SLICE
+from bgservice.queue.job import Job, JobState
+from bgservice.queue.schedule import SLICE, WaitingLine
 from bgservice.queue.sqlite_schema import SCHEMA
-from tests.conftest import wait_until
+from tests.conftest import GATE, wait_until, write_module
 from tests.queue_helpers import add, status
 from tests.test_queue_pump import _gated_service, _hold_the_workers
 from tests.test_queue_scale_store import INSERT, _row, recovered_queue
@@ -338,3 +339,52 @@ async def test_a_page_past_the_line_into_100000_dependents_gives_the_loop_back(t
     assert got["past the line"] == [(1, 0), (2, 1), (3, None), (4, None), (5, None)]
     assert got["deep among them"] == [(WAITING - 2 + n, None) for n in range(5)]  # to the last
     assert got["filtered"] == []
+
+
+async def test_jobs_that_come_due_during_a_count_are_counted_once() -> None:
+    # The count gives the loop back, and the line's timer moves delayed jobs whose time
+    # came into their module's heap meanwhile: counted as come due at the start, then met
+    # again in a heap read live after the move, they were counted twice (1,000 over here).
+    jobs: dict[int, Job] = {}
+    line = WaitingLine(jobs.get, lambda: None)
+
+    def placed(module: str, run_at: float) -> Job:
+        jid = len(jobs) + 1
+        job = jobs[jid] = Job(id=jid, module=module, data=b"", state=JobState.WAITING, priority=0,
+                              run_at=run_at, created=run_at)  # fmt: skip
+        line.place(job)
+        return job
+
+    now = time.time()
+    soon = [placed("b", now + 0.05) for _ in range(1000)]
+    for _ in range(20_000):
+        placed("a", now - 1)
+    line._ready = {"a": line._ready.pop("a"), "b": []}  # (b's heap read after a's)
+    last = placed("a", now - 1)
+    time.sleep(max(0.0, soon[-1].run_at - time.time()) + 0.01)  # due; the timer not run yet
+    try:
+        assert await line.position(last) == len(jobs) - 1
+        assert line._ready["b"], "the timer moved none during the count: nothing tested"
+    finally:
+        line.close()
+
+
+def test_a_job_that_ends_while_its_position_is_counted_has_none(make_service, modules_dir):
+    # queue:status read the job's state after the count, which gives the loop back: a
+    # cancel pipelined behind it, served meanwhile, made a reply "cancelled" with a
+    # position and a finished time.
+    write_module(modules_dir, "gate", GATE)
+    svc = make_service("[queue]\nworkers = 1\nmax_waiting = 100000\n")
+    with Client(f"{svc.tcp[0]}:{svc.tcp[1]}", timeout=60) as bg:
+        held = bg.add("gate", str(modules_dir / "never"))
+        wait_until(lambda: bg.status(held)["state"] == "running")
+        jobs = bg.add_many([("echo", b"x")] * 30_000)
+        replies = []
+        for jid in jobs[-10:]:
+            status, cancelled = bg.requests([b"queue:status:id:%d" % jid,
+                                             b"queue:cancel:id:%d" % jid])  # fmt: skip
+            assert cancelled == (200, b"cancelled"), cancelled
+            replies.append(json.loads(status[1]))
+    for job in replies:  # waiting with its place, or cancelled without one
+        shown = (job["state"], job["position"] is None, job["finished"] is None)
+        assert shown in {("waiting", False, True), ("cancelled", True, False)}, job

@@ -204,10 +204,13 @@ class LocalQueue(StoredSchedules, JobQueue):
 
     async def status(self, jid: int) -> dict[str, Any]:
         job = await self._finished.require(jid, self.jobs)
+        position = await self._line.position(job) if self._ready(job) else None
+        # Read after the count, which may give the loop back: the job may have started,
+        # or ended, meanwhile (a finished job with a position, else).
         now = time.time()
         waiting = job.state is JobState.WAITING
         throttled = self.rates.free_at(job.module, now) if waiting else None
-        return job.describe(now, await self._position(job), throttled)
+        return job.describe(now, position if self._ready(job) else None, throttled)
 
     async def cancel(self, jid: int) -> str:
         job = self.jobs.get(jid)
@@ -259,11 +262,11 @@ class LocalQueue(StoredSchedules, JobQueue):
     def _waiting(self, jid: int) -> Job | None:
         return job if (job := self.jobs.get(jid)) and job.state is JobState.WAITING else None
 
-    async def _position(self, job: Job) -> int | None:
-        """How many ready jobs run before this one; None unless it is ready itself: due,
-        waiting, and not on another job (nor about to fail with one)."""
-        ready = job.state is JobState.WAITING and job.run_at <= time.time()
-        return None if not ready or self._deps.blocked(job.id) else await self._line.position(job)
+    def _ready(self, job: Job) -> bool:
+        """Whether ``job`` has a position: due, waiting, and not on another job (nor about
+        to fail with one)."""
+        due = job.state is JobState.WAITING and job.run_at <= time.time()
+        return due and not self._deps.blocked(job.id)
 
     # --- running ----------------------------------------------------------------------
 
