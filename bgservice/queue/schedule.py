@@ -127,38 +127,44 @@ class WaitingLine:
 
     async def position(self, job: Job) -> int:
         """How many ready jobs run before this ready one (reading no Python object per
-        job ahead of it: 100,000 ahead took 49 ms so). In one step, the delayed jobs whose
-        time came and each heap's top, walked while few are ahead, are counted, and the
-        other heaps copied; then the copies are counted ``SLICE`` entries a turn of the
-        loop (the timer moves jobs that came due into the heaps meanwhile: read live,
-        they were counted twice). Jobs started or gone meanwhile are not counted, and
-        jobs placed meanwhile are not: as a moment earlier or later."""
+        job ahead of it: 100,000 ahead took 49 ms so). The delayed jobs whose time came
+        are counted first; then each heap, walked from its top while few are ahead, else
+        copied (in a turn of its own) and counted ``SLICE`` entries a turn. The timer
+        moves jobs that came due into the heaps meanwhile, under the same placement
+        number: those counted first are not counted again (they were, read live). Jobs
+        started or gone meanwhile are not counted, and jobs placed meanwhile may be: as a
+        moment earlier or later."""
         now, bound = time.time(), (-job.priority, job.id)
-        ahead, deep = sum(1 for e in self._came(now) if e < bound), []
-        for heap in self._ready.values():
-            walked = self._walked(heap, bound)
-            if walked is None:
-                deep.append(list(heap))
-            else:
+        came = {e[2] for e in self._came(now) if e < bound}  # their placement numbers
+        ahead, live = len(came), self._live_numbers.__contains__
+        for heap in list(self._ready.values()):
+            walked = self._walked(heap, bound, came)
+            if walked is not None:
                 ahead += walked
-        live = self._live_numbers.__contains__
-        for entries in deep:
+                continue
+            await asyncio.sleep(0)
+            entries = list(heap)  # (the loop moves entries between two slices)
             for start in range(0, len(entries), SLICE):
-                await asyncio.sleep(0)
+                if start:
+                    await asyncio.sleep(0)
                 part = entries[start : start + SLICE]
-                ahead += sum(map(live, map(_NUMBER, filter(bound.__gt__, part))))
+                numbers: Iterable[int] = map(_NUMBER, filter(bound.__gt__, part))
+                if came:  # (rarely any: the timer moves them as they come due)
+                    numbers = list(numbers)
+                    ahead -= len(came.intersection(numbers))
+                ahead += sum(map(live, numbers))
         return ahead
 
-    def _walked(self, heap: list[Entry], bound: tuple[int, int]) -> int | None:
-        """Live entries of ``heap`` below ``bound``, walked from the top; None when there
-        are too many to walk (each is then compared, at C speed)."""
+    def _walked(self, heap: list[Entry], bound: tuple[int, int], came: set[int]) -> int | None:
+        """Live entries of ``heap`` below ``bound`` but those ``came`` numbers, walked
+        from the top; None when there are too many to walk (then compared, at C speed)."""
         live = self._live_numbers.__contains__
         # A step of walk costs ~25 entries compared: a walk given up wastes ~10 % of a scan.
         count, steps = 0, min(len(heap) // 256, WALKED)
         for entry in walk(heap):
             if not entry < bound:
                 return count
-            count += live(entry[2])
+            count += live(entry[2]) and entry[2] not in came
             steps -= 1
             if steps < 0:
                 return None
