@@ -267,7 +267,7 @@ def queue_stats_lines(stats: Mapping[str, Any], now: float) -> list[str]:
         ("jobs", _counts(stats.get("counts") or {})),
         ("oldest waiting", span(oldest) if oldest is not None else None),
         ("finished", f"{stats.get('finished_per_minute', 0)} per minute"),
-        ("workers", stats.get("workers")),
+        ("workers", _queue_workers(stats) if "workers" in stats else None),
         (f"last {span(window.get('seconds') or 0)}",
          f"{window.get('runs', 0)} runs ({_counts(window.get('outcomes') or {})}), "
          f"busy {span(window.get('busy_seconds') or 0)}"),
@@ -309,12 +309,15 @@ def top_lines(view: Mapping[str, Any], now: float, width: int = 100, height: int
     return [line[:width] for line in lines]
 
 
-def _workers_line(queue: Mapping[str, Any]) -> str:
-    """The workers the counts are of: every instance's on Redis, this one's said beside."""
+def _queue_workers(queue: Mapping[str, Any], noun: str = "") -> str:
+    """The workers the counts are of (on Redis, every instance's), with this instance's
+    beside them, and how many of its own handlers past their job's timeout hold."""
     here, every = queue.get("workers", EMPTY), queue.get("cluster_workers")
-    if every is None or every == here:
-        return f"{here} workers"
-    return f"{every} workers ({here} here)"
+    shared = every is not None and every != here
+    notes = [f"{here} here"] if shared else []
+    if held := queue.get("workers_held"):
+        notes.append(f"{held} held past a timeout" + (" here" if shared else ""))
+    return f"{every if shared else here}{noun}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _jobs_line(queue: Mapping[str, Any]) -> str:
@@ -322,9 +325,8 @@ def _jobs_line(queue: Mapping[str, Any]) -> str:
         return f"jobs: queue unavailable ({queue['unavailable']})"
     counts, oldest = queue.get("counts") or {}, queue.get("oldest_waiting_age")
     return (
-        f"jobs: {counts.get('running', 0)} running on {_workers_line(queue)}"
-        + (f" ({held} held past a timeout)" if (held := queue.get("workers_held")) else "")
-        + f", {counts.get('waiting', 0)} waiting"
+        f"jobs: {counts.get('running', 0)} running on {_queue_workers(queue, ' workers')}"
+        f", {counts.get('waiting', 0)} waiting"
         + (f" (oldest {span(oldest)})" if oldest is not None else "")
         + f", {queue.get('finished_per_minute', 0)} finished/min, "
         f"{counts.get('failed', 0)} failed"

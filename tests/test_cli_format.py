@@ -100,6 +100,10 @@ def test_stats_and_queue_stats_are_summaries() -> None:
              "workers": 4, "window": window}  # fmt: skip
     text = "\n".join(fmt.queue_stats_lines(queue, NOW))
     assert "oldest waiting: 1 min 5 s" in text and "busy 9.5 s" in text
+    assert "workers:        4\n" in text
+    # Redis: the counts and busy time are every instance's, and so are the workers.
+    text = "\n".join(fmt.queue_stats_lines({**queue, "cluster_workers": 9}, NOW))
+    assert "workers:        9 (4 here)\n" in text
 
 
 def test_stats_show_alerts_threads_and_workers() -> None:
@@ -146,3 +150,6 @@ def test_top_screen_fits_and_counts_waiting_per_module() -> None:
                            "cluster_workers": 8}  # fmt: skip
     shared = "\n".join(fmt.top_lines(view, NOW, width=100, height=40))
     assert "5 running on 8 workers (4 here), 3 waiting" in shared
+    view["queue_stats"]["workers_held"] = 1
+    held_here = "\n".join(fmt.top_lines(view, NOW, width=100, height=40))
+    assert "on 8 workers (4 here, 1 held past a timeout here), 3 waiting" in held_here

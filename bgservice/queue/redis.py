@@ -137,6 +137,7 @@ class RedisQueue(RedisSchedules, RedisLeases, Following, JobQueue):
                 log.warning("could not hand %d jobs back (%s): their leases expire", len(left), exc)
         await self._unhold_all()
         await self.undeclare()
+        await self.db.gone(self.owner)
         await cancel_all(self._tasks, "job queue tasks")
         await self.db.close()
 

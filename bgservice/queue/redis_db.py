@@ -168,6 +168,14 @@ class RedisJobs:
         self.ids = Ids(self.where, self.call)  # the highest job id known here
         self.batch.opened = self.ids.opened
 
+    async def gone(self, me: str) -> None:
+        """Stopping: this instance's workers leave queue:stats' cluster_workers now, not a
+        lease on (a restart counted them twice for a lease: it starts under a new name)."""
+        try:
+            await self.batch.execute("HDEL", self.key("instances"), me)
+        except RedisError as exc:  # (they expire)
+            log.debug("this instance's workers not taken off the count (%s)", exc)
+
     async def close(self) -> None:
         await self.batch.close()  # the pipelines in flight are answered first
         await self.batch.redis.aclose()
