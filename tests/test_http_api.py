@@ -625,6 +625,8 @@ def test_a_module_that_takes_no_jobs_is_422_with_the_socket_s_message(
         ("tcponly", 422, "Module tcponly does not accept queue requests"),
         ("nohandler", 501, "Module nohandler has no TCP handler"),
         ("nosuch", 400, "field module: unknown module 'nosuch' (see GET /api/v1/modules)"),
+        ("a" * 100_000, 400,  # (echoed whole: a reply as large as the name)
+         f"field module: unknown module '{'a' * 100}'... (see GET /api/v1/modules)"),
     ]:
         body = {"name": "s", "module": module, "every": 60}
         status, error, _ = wait_until(
@@ -702,6 +704,10 @@ def test_requests_are_logged_writes_and_refusals_always_reads_with_v(
     assert svc.http("GET", f"{API}/stats", token="read-only-token")[0] == 200
     assert svc.http("GET", f"{API}/stats", token="not-a-token")[0] == 401
     assert svc.http("DELETE", f"{API}/jobs/1", token="read-only-token")[0] == 403
+    # A token sent the wrong way, as a query parameter: its name logged, not its value.
+    assert svc.http("POST", f"{API}/jobs?access_token=operate-secret&x", {"module": "echo"},
+                    token="site-add-token")[0] == 400  # fmt: skip
+    svc.wait_for_log(f"HTTP POST {API}/jobs?access_token=*&x from 127.0.0.1 (token site): 400")
     jid = job["id"]
     svc.wait_for_log(f"HTTP POST {API}/jobs from 127.0.0.1 (token site): 201 {API}/jobs/{jid} ")
     svc.wait_for_log(f"HTTP POST {API}/jobs/{jid}:cancel from 127.0.0.1 (token default): 200 ")
@@ -713,7 +719,8 @@ def test_requests_are_logged_writes_and_refusals_always_reads_with_v(
     assert "INFO    bgservice.http.site: HTTP POST" in log
     assert f"GET {API}/stats from 127.0.0.1 (token ro)" not in log  # a read: only with -v
     assert not any(secret in log for secret in ("operate-token", "site-add-token",
-                                                "read-only-token", "not-a-token"))  # fmt: skip
+                                                "read-only-token", "not-a-token",
+                                                "operate-secret"))  # fmt: skip
     svc.stop()
     verbose = make_service(SCOPED, "-v", root=svc.root.parent / "verbose")
     assert verbose.http("GET", f"{API}/stats?x", token="read-only-token")[0] == 400

@@ -70,7 +70,8 @@ def caller(request: web.Request) -> str:
 
 def unknown_module(name: str) -> BadRequest:
     """The socket's ``Unknown request`` for a job of no loaded module, naming both."""
-    return BadRequest(f"field module: unknown module {name!r} (see GET /api/v1/modules)")
+    shown = repr(name[:100]) + ("..." if len(name) > 100 else "")  # (a name of 8 MB: the reply)
+    return BadRequest(f"field module: unknown module {shown} (see GET /api/v1/modules)")
 
 
 def job_id(request: web.Request) -> int:

@@ -236,11 +236,15 @@ def route_label(request: web.Request) -> str:
 
 
 def _who(request: web.Request) -> str:
-    """Method, path (as sent: percent escapes stay, so no line break gets into the log),
-    peer and token name."""
+    """Method, path (as sent: percent escapes stay, so no line break gets into the log)
+    with its query's parameter names but not their values (a token sent as
+    ``?access_token=`` went into the log), peer and token name."""
     token = request.get("token")
     name = f"token {token.name}" if token is not None else "no token"
-    return f"{request.method} {request.raw_path[:200]} from {request.remote} ({name})"
+    path, mark, query = request.raw_path.partition("?")
+    names = "&".join(k + ("=*" if "=" in p else "") for p in query.split("&")
+                     for k in (p.partition("=")[0],))  # fmt: skip
+    return f"{request.method} {(path + mark + names)[:200]} from {request.remote} ({name})"
 
 
 def _message(response: web.StreamResponse) -> str:
