@@ -275,6 +275,64 @@ def test_a_body_over_the_limit_is_413_naming_the_limit_and_its_key(
     assert_no_internal_error(svc)
 
 
+def _first_reply(svc: ServiceProcess, head: bytes, body: bytes = b"") -> tuple[bytes, bytes]:
+    """Send ``head`` (a request's headers; with ``body`` unless it asks for 100-continue),
+    read what comes back first; then send ``body`` and read the rest (b"" when the first
+    was a final reply)."""
+    import socket
+
+    with socket.create_connection(tuple(svc.info["http"]), timeout=15) as sock:
+        if b"Expect:" not in head:
+            sock.sendall(head + body)
+            return sock.recv(65536), b""
+        sock.sendall(head)
+        first = sock.recv(65536)
+        if not body or not first.startswith(b"HTTP/1.1 100 "):
+            return first, b""
+        sock.sendall(body)
+        return first, sock.recv(65536)
+
+
+def _post(headers: str) -> bytes:
+    return (f"POST {API}/jobs HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\n{headers}\r\n").encode()  # fmt: skip
+
+
+@pytest.mark.parametrize("expect", ["Expect: 100-continue\r\n", ""])
+def test_a_body_announced_over_the_limit_is_413_before_it_is_sent(
+    make_service: Callable[..., ServiceProcess], expect: str
+) -> None:
+    # With Expect, the client heard "100 Continue" and was refused only after 16 MB sent;
+    # without it, the reply waited for the body (read_timeout, then a 408).
+    svc = make_service(HTTP + "[limits]\nmax_request_bytes = 1000\n")
+    first, _ = _first_reply(svc, _post(f"Content-Length: 100000000\r\n{expect}"))
+    assert first.startswith(b"HTTP/1.1 413 "), first
+    assert b"limit 1000 bytes" in first
+    body = json.dumps({"module": "echo", "data": "x"}).encode()  # under it: served
+    first, rest = _first_reply(svc, _post(f"Content-Length: {len(body)}\r\n{expect}"), body)
+    assert (first + rest).count(b"HTTP/1.1 201 ") == 1, first + rest
+    assert_no_internal_error(svc)
+
+
+def test_100_continue_comes_only_once_the_token_lets_the_body_in(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # aiohttp's expect handler sent it as soon as the path matched, before any check.
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
+    body = json.dumps({"module": "echo", "data": "x"}).encode()
+    length = f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+    for refused, status in (("", b"401"), ("Authorization: Bearer wrong\r\n", b"401")):
+        first, _ = _first_reply(svc, _post(length + refused), body)
+        assert first.startswith(b"HTTP/1.1 " + status + b" "), first
+    first, rest = _first_reply(svc, _post(length + "Authorization: Bearer s3cret-token\r\n"), body)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n", first
+    assert rest.startswith(b"HTTP/1.1 201 "), rest
+    first, _ = _first_reply(svc, _post(length.replace("100-continue", "200-ok")), body)
+    assert first.startswith(b"HTTP/1.1 417 "), first  # an expectation it cannot meet
+    assert b'"status": "INVALID_ARGUMENT"' in first and b"'200-ok'" in first, first
+    assert_no_internal_error(svc)
+
+
 def test_a_schedule_field_sent_as_null_is_not_given(
     make_service: Callable[..., ServiceProcess],
 ) -> None:

@@ -19,27 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from bgservice.access import AccessList
 from bgservice.commands import Commands
 from bgservice.config import Settings
 from bgservice.errors import (
-    BadRequest,
     Busy,
     Forbidden,
     NotFound,
-    RequestTimeout,
     ServiceError,
-    TooLarge,
     UnknownRequest,
 )
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http import inputs, openapi, replies
+from bgservice.http.guard import Guard, Routes
 from bgservice.http.metrics import Metrics
 from bgservice.http.origins import BrowserGuard
 from bgservice.http.paging import OLD, PARAMETERS, next_token, parse_page
-from bgservice.http.replies import add_headers, error_response, service_error_response
+from bgservice.http.replies import (
+    DashboardFile,
+    add_headers,
+    error_response,
+    service_error_response,
+)
 from bgservice.http.schedules import ScheduleRoutes
 from bgservice.http.site import LimitedSite, RequestLog, server_log
 from bgservice.http.tokens import Token, Tokens
@@ -53,14 +55,12 @@ API = "/api/v1"
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
-ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})  # br: with Brotli
 FIRST = asyncio.FIRST_COMPLETED
 # How often a ?wait= looks whether its client is still there (see _wait_connected).
 HANG_UP_CHECK = 1.0
 STOPPING = "Shutting down: ask again once the service is back"  # an open ?wait= at a stop
 LIVE = ("waiting", "running")
 
-PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 # Any segment but a custom method's ":verb": "abc" reaches the handler and gets a 400
 # naming it, rather than the router's generic 404.
 JOB = f"{API}/jobs/{{id:[^/:]+}}"
@@ -133,89 +133,39 @@ class HttpApi:
     # --- the application ----------------------------------------------------------------
 
     def _make_app(self) -> web.Application:
-        app = web.Application(  # (aiohttp's access log is off: RequestLog says more)
-            middlewares=[RequestLog(self.stats).middleware, self._errors, self._guard],
-            client_max_size=self.settings.limits.max_request_bytes,
-        )
-        app.on_response_prepare.append(add_headers)  # framing, sniffing, caching: replies.py
-        r = app.router
-        r.add_get("/", self.index)
-        r.add_get("/dashboard", self.index)
-        r.add_get("/dashboard/", self.dashboard)
-        r.add_get("/dashboard/{name}", self.static)
-        r.add_get("/metrics", self.get_metrics)
-        r.add_get(f"{API}/openapi.json", self.openapi)
-        r.add_get(f"{API}/modules", self.list_modules)
-        r.add_get(f"{API}/modules/{{name}}", self.get_module)
-        r.add_get(f"{API}/jobs", self.list_jobs)
-        r.add_post(f"{API}/jobs", self.add_job)
-        r.add_get(JOB, self.get_job)
-        r.add_delete(JOB, self.delete_job)
-        r.add_post(f"{JOB}:cancel", self.cancel_job)
-        r.add_post(f"{JOB}:retry", self.retry_job)
-        # Deprecated: the paths before AIP-136, kept for one release (docs/http.md).
-        r.add_post(f"{JOB}/cancel", self.cancel_job)
-        r.add_post(f"{JOB}/retry", self.retry_job)
-        r.add_get(f"{API}/stats", self.service_stats)
-        r.add_get(f"{API}/queue/stats", self.queue_stats)
-        ScheduleRoutes(self.queue).add_to(r)
         # The query parameters each handler reads; the others' routes take none.
-        self._parameters: dict[Handler, frozenset[str]] = {
+        parameters: dict[Handler, frozenset[str]] = {
             self.get_job: frozenset({"wait"}), self.list_jobs: PARAMETERS,
             self.queue_stats: frozenset({"window"}), self.retry_job: frozenset({"dependents"}),
         }  # fmt: skip
+        guard = Guard(self.settings, self.access, self.tokens, self.browsers, parameters)
+        app = web.Application(  # (aiohttp's access log is off: RequestLog says more)
+            middlewares=[RequestLog(self.stats).middleware, self._errors, guard.middleware],
+            client_max_size=self.settings.limits.max_request_bytes,
+        )
+        app.on_response_prepare.append(add_headers)  # framing, sniffing, caching: replies.py
+        r = Routes(app.router)
+        r.get("/", self.index)
+        r.get("/dashboard", self.index)
+        r.get("/dashboard/", self.dashboard)
+        r.get("/dashboard/{name}", self.static)
+        r.get("/metrics", self.get_metrics)
+        r.get(f"{API}/openapi.json", self.openapi)
+        r.get(f"{API}/modules", self.list_modules)
+        r.get(f"{API}/modules/{{name}}", self.get_module)
+        r.get(f"{API}/jobs", self.list_jobs)
+        r.post(f"{API}/jobs", self.add_job)
+        r.get(JOB, self.get_job)
+        r.delete(JOB, self.delete_job)
+        r.post(f"{JOB}:cancel", self.cancel_job)
+        r.post(f"{JOB}:retry", self.retry_job)
+        # Deprecated: the paths before AIP-136, kept for one release (docs/http.md).
+        r.post(f"{JOB}/cancel", self.cancel_job)
+        r.post(f"{JOB}/retry", self.retry_job)
+        r.get(f"{API}/stats", self.service_stats)
+        r.get(f"{API}/queue/stats", self.queue_stats)
+        ScheduleRoutes(self.queue).add_to(r)
         return app
-
-    @web.middleware
-    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """The ``allow`` list (off loopback), then the bearer token (API and metrics)."""
-        if not self.access.allows(request.remote):
-            return error_response(403, "Forbidden")
-        if not self.tokens.configured:
-            refusal = self.browsers.refusal(request.method, request.headers)
-            if refusal is not None:
-                return error_response(403, f"Forbidden: {refusal}")
-        public = request.path in PUBLIC or request.path.startswith("/dashboard/")
-        if self.tokens.configured and not public:
-            token = self.tokens.find(request.headers.get("Authorization", ""))
-            if token is None:
-                return error_response(
-                    401, "Unauthorized: send Authorization: Bearer TOKEN",
-                    {"WWW-Authenticate": 'Bearer realm="bgservice"'},
-                )  # fmt: skip
-            request["token"] = token  # (its scope goes out on a refusal too: replies.py)
-            if not token.permits(request.method, request.path):
-                where = f"{request.method} {request.path}"
-                problem = f"token {token.name} has scope {token.scope}: not {where}"
-                return error_response(403, f"Forbidden: {problem}")
-        if not public and request.match_info.http_exception is None:  # (404, 405: theirs)
-            handler_of = request.match_info.handler
-            inputs.known_parameters(request, self._parameters.get(handler_of, frozenset()))
-        if request.body_exists:
-            coding = request.headers.get("Content-Encoding", "identity").lower().strip()
-            if coding not in ENCODINGS:  # RFC 9110: 415; aiohttp took it for identity
-                return error_response(
-                    415, f"Content-Encoding {coding[:40]!r}: send gzip, deflate or none"
-                )
-            await self._read_body(request)
-        return await handler(request)
-
-    async def _read_body(self, request: web.Request) -> None:
-        """Read the body within read_timeout (aiohttp has no deadline of its own: a
-        client sending a byte a minute held its connection for ever); handlers then
-        read it from memory."""
-        timeout = self.settings.limits.read_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await request.read()
-        except TimeoutError:
-            raise RequestTimeout(f"Request body not received within {timeout:g} s") from None
-        except web.HTTPRequestEntityTooLarge:  # (its own text names neither limit nor key)
-            most = self.settings.limits.max_request_bytes
-            raise TooLarge(f"Request too large (limit {most} bytes, [limits] "
-                           "max_request_bytes)") from None  # fmt: skip
-        except (HttpProcessingError, web.RequestPayloadError) as exc:  # e.g. broken gzip
-            raise BadRequest(f"the body could not be read ({type(exc).__name__})") from None
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -248,7 +198,7 @@ class HttpApi:
         raise web.HTTPFound("dashboard/")
 
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC / "index.html")
+        return DashboardFile(STATIC / "index.html")
 
     async def static(self, request: web.Request) -> web.StreamResponse:
         """The page's own files, by name (a missing one: a JSON 404, as any other route;
@@ -256,7 +206,7 @@ class HttpApi:
         name = request.match_info["name"]
         if name not in STATIC_FILES:
             raise NotFound(f"No file {name[:100]!r} in the dashboard")
-        return web.FileResponse(STATIC / name)
+        return DashboardFile(STATIC / name)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self._openapi, content_type="application/json")
@@ -301,7 +251,7 @@ class HttpApi:
             job = await self.queue.status(jid)
         except NotFound:  # ended and expired before this read (keep_results = 0): added
             job = replies.expired_job(jid, spec.module, await self._owed(jid))  # all the same
-        return _json(job, 201, {"Location": f"{API}/jobs/{jid}"})
+        return _json(job, 201, {"Location": f"jobs/{jid}"})  # (relative: docs/http.md)
 
     async def get_job(self, request: web.Request) -> web.StreamResponse:
         jid = inputs.job_id(request)

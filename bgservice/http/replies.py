@@ -32,6 +32,7 @@ STATUS = {
     410: "CANCELLED",
     413: "INVALID_ARGUMENT",  # max_request_bytes, or a job past [queue] max_waiting_bytes
     415: "INVALID_ARGUMENT",  # a Content-Encoding other than gzip, deflate (or br)
+    417: "INVALID_ARGUMENT",  # an Expect other than 100-continue
     422: "FAILED_PRECONDITION",  # a job for a module that takes none (the socket's 405)
     424: "FAILED_PRECONDITION",  # the job it depends on failed
     429: "RESOURCE_EXHAUSTED",
@@ -110,6 +111,23 @@ async def add_headers(request: web.BaseRequest, response: web.StreamResponse) ->
     token = request.get("token")
     if token is not None:
         response.headers[SCOPE_HEADER] = token.scope
+
+
+class DashboardFile(web.FileResponse):
+    """One of the dashboard's files. A ``Range`` aiohttp cannot serve as one byte range
+    (another unit, several ranges, no valid syntax) is ignored and the whole file sent:
+    RFC 9110 14.2 (a unit a server does not know MUST be ignored); aiohttp answered each
+    with a 416. One it can read but the file cannot meet (past its end) is still a 416."""
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if "Range" in request.headers:
+            try:
+                request.http_range  # noqa: B018 (parsed to see whether aiohttp can serve it)
+            except ValueError:
+                headers = request.headers.copy()
+                del headers["Range"]
+                request = request.clone(headers=headers)
+        return await super().prepare(request)
 
 
 # A finished job's state by the code of its result (queue:get's): the 410 of a cancel.

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from bgservice.errors import Busy, UnknownRequest
 from bgservice.http import inputs
+from bgservice.http.guard import Routes
 from bgservice.queue.engine import JobQueue
 from bgservice.queue.scheduler import Scheduler
 from bgservice.queue.schedules import make_schedule
@@ -22,14 +23,14 @@ class ScheduleRoutes:
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
 
-    def add_to(self, router: web.UrlDispatcher) -> None:
-        router.add_get(SCHEDULES, self.list)
-        router.add_post(SCHEDULES, self.create)
-        router.add_get(SCHEDULE, self.get)
-        router.add_delete(SCHEDULE, self.delete)
-        router.add_post(f"{SCHEDULE}:pause", self.pause)
-        router.add_post(f"{SCHEDULE}:resume", self.resume)
-        router.add_post(f"{SCHEDULE}:run", self.run)
+    def add_to(self, routes: Routes) -> None:
+        routes.get(SCHEDULES, self.list)
+        routes.post(SCHEDULES, self.create)
+        routes.get(SCHEDULE, self.get)
+        routes.delete(SCHEDULE, self.delete)
+        routes.post(f"{SCHEDULE}:pause", self.pause)
+        routes.post(f"{SCHEDULE}:resume", self.resume)
+        routes.post(f"{SCHEDULE}:run", self.run)
 
     def _scheduler(self) -> Scheduler:
         if self.queue.scheduler is None:
@@ -52,7 +53,7 @@ class ScheduleRoutes:
             made = await self._scheduler().put(schedule, inputs.caller(request))
         except UnknownRequest:
             raise inputs.unknown_module(schedule.module) from None
-        location = {"Location": f"{SCHEDULES}/{made['name']}"}
+        location = {"Location": f"schedules/{made['name']}"}  # (relative: docs/http.md)
         return web.json_response(made, status=201, headers=location)
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
@@ -72,6 +73,4 @@ class ScheduleRoutes:
             jid = await scheduler.fire_now(schedule.name, inputs.caller(request))
         except UnknownRequest:  # (its module was removed since)
             raise inputs.unknown_module(schedule.module) from None
-        return web.json_response(
-            {"id": jid}, status=201, headers={"Location": f"/api/v1/jobs/{jid}"}
-        )
+        return web.json_response({"id": jid}, status=201, headers={"Location": f"../jobs/{jid}"})

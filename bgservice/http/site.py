@@ -7,7 +7,7 @@ apart from the socket protocol's); one over it gets a 503 as JSON and is closed,
 uvicorn's ``limit_concurrency`` does. Off loopback, a peer outside ``allow`` is refused
 (403) as it is accepted, before it holds a slot. The deadlines for the request head and the idle
 time between requests are aiohttp's keep-alive timer (set in api.py), which also runs
-from a connection's opening; the body's is in api.py's guard.
+from a connection's opening; the body's is in guard.py.
 
 The log (``RequestLog``): with ``-v`` a debug line per request; always, an audit line
 per write (who added, cancelled, deleted what) and a warning per refused credential
@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import urljoin
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -216,6 +217,7 @@ class RequestLog:
                 log.warning("HTTP %s: %d %s", _who(request), status, _message(response))
         elif write or log.isEnabledFor(logging.DEBUG):
             made = response.headers.get("Location", "")  # an added job or schedule
+            made = made and urljoin(request.path, made)  # (relative: as the client reads it)
             log.log(logging.INFO if write else logging.DEBUG, "HTTP %s: %d%s %.2fms",
                     _who(request), status, f" {made}" if made else "",
                     seconds * 1000)  # fmt: skip
