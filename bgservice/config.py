@@ -37,7 +37,7 @@ from bgservice.config_checks import (
 from bgservice.config_env import apply_env
 from bgservice.config_file import Reader, conflicts, original_servers, read_config, toml_error
 from bgservice.errors import BadRequest, ConfigError
-from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, TAG_CHARS
+from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, MAX_TAGS, TAG_CHARS
 from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
 
 DEFAULT_PORT = 12341
@@ -104,7 +104,7 @@ class QueueSettings:
     # Job names and tags: the longest name, the most tags, and how many distinct names
     # /metrics labels on their own (the rest count as name="other"). docs/queue.md.
     max_name_chars: int = 200
-    max_tags: int = 10
+    max_tags: int = MAX_TAGS
     metrics_names: int = 50
     max_checkpoint_bytes: int = 65536  # request.job.save_checkpoint(text): its UTF-8 size
     # What one request may ask (bgservice.queue.commands): ids in after=, a tag's length,

@@ -392,6 +392,8 @@ def test_openapi_document_matches_the_routes(svc: ServiceProcess) -> None:
     status, served, _ = svc.http("GET", f"{API}/openapi.json")
     assert status == 200
     document = json.loads(FILE.read_text())
+    for doc in (served, document):  # (the latest delay counts from now: served as it is)
+        doc["components"]["schemas"]["NewJob"]["properties"]["delay"].pop("maximum")
     assert served == {**document, "servers": [{"url": "/"}]}  # the file's numbers: defaults
     api = HttpApi(Settings(), None, None, None, None, None)  # type: ignore[arg-type]
     routes = set()
@@ -607,10 +609,20 @@ def test_the_openapi_document_served_says_the_limits_configured(
                        "max_name_chars = 50\nmax_dependencies = 3\nmax_page = 50\n")
     _, doc, _ = svc.http("GET", f"{API}/openapi.json")
     job = doc["components"]["schemas"]["NewJob"]["properties"]
-    assert (job["tags"]["maxItems"], job["name"]["maxLength"]) == (20, 50)
+    listed, joined, _ = job["tags"]["oneOf"]  # a list, a string "a,b", null
+    assert (listed["maxItems"], job["name"]["maxLength"]) == (20, 50)
     assert job["unique"]["maxLength"] == 50  # the same limit as the name's
-    assert job["tags"]["items"]["maxLength"] == 8  # (not in the pattern: {1,5000000000}
-    assert job["tags"]["items"]["pattern"] == "^[A-Za-z0-9_.:-]+$"  # broke validators)
+    assert listed["items"]["maxLength"] == 8  # (not in the pattern: {1,5000000000}
+    assert listed["items"]["pattern"] == "^[A-Za-z0-9_.:-]+$"  # broke validators)
+    tag = "[A-Za-z0-9_.:-]"
+    assert joined["pattern"] == f"^{tag}{{1,8}}(,{tag}{{1,8}}){{0,19}}$"
+    # The latest delay and time it gives are served (they had no maximum: 1e308 was valid).
+    assert job["at"]["maximum"] == 253402300799  # the end of 9999
+    latest = job["delay"]["maximum"]
+    assert 7000 * 365 * 86400 < latest < job["at"]["maximum"]
+    for key, value in (("delay", latest), ("at", job["at"]["maximum"])):
+        status, added, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", key: value})
+        assert status == 201 and added["state"] == "waiting", (key, added)
     assert job["after"]["oneOf"][1]["maxItems"] == 3
     (wait,) = [p for p in doc["paths"]["/api/v1/jobs/{id}"]["get"]["parameters"]
                if p["name"] == "wait"]  # fmt: skip
@@ -620,7 +632,7 @@ def test_the_openapi_document_served_says_the_limits_configured(
     assert "0 or absent: 50; more than 50 are answered as 50" in size["description"]
     assert size["schema"]["default"] == 50
     assert doc["servers"] == [{"url": "/"}]  # where it was fetched from, whatever the port
-    assert svc.http("GET", f"{API}/jobs/1?wait=500")[0] == 404  # (the limit is real)
+    assert svc.http("GET", f"{API}/jobs/99999?wait=500")[0] == 404  # (the limit is real)
 
 
 DOCUMENT = json.loads((Path(__file__).resolve().parent.parent

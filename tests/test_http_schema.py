@@ -139,6 +139,27 @@ CASES = [
     ("GET", f"{API}/modules?x=1", None),
     ("POST", f"{API}/jobs", {"module": "echo", "unique": ""}),  # taken for no key
     ("POST", f"{API}/jobs", {"module": "echo", "tags": []}),
+    # tags as one string, as docs/http.md offers: checked as a list's items are (" a , b "
+    # was trimmed to a and b); a repeat counts toward max_tags in both forms (a list of 11
+    # repeats was served while the document says 10 at most).
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": "a,b"}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": "a,a"}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": " a , b "}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": "a,,b"}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": ","}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": "t" * 65}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": ",".join("abcdefghij")}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": ",".join("abcdefghijk")}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": ",".join("a" * 11)}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": ["a"] * 11}),
+    ("POST", f"{API}/jobs", {"module": "echo", "tags": ["a"] * 10}),
+    # Times past the end of 9999 (the document set no maximum).
+    ("POST", f"{API}/jobs", {"module": "echo", "at": 253402300799}),
+    ("POST", f"{API}/jobs", {"module": "echo", "at": 253402300800}),
+    ("POST", f"{API}/jobs", {"module": "echo", "delay": 1e308}),
+    ("POST", f"{API}/jobs", {"module": "echo", "delay": 2e11}),
+    ("POST", f"{API}/schedules", {"name": "e1", "module": "echo", "every": 31622400}),
+    ("POST", f"{API}/schedules", {"name": "e2", "module": "echo", "every": 31622401}),
     # null is "not given" for a job's options and data (the document said no).
     ("POST", f"{API}/jobs", {"module": "echo", "priority": None, "after": None}),
     ("POST", f"{API}/jobs", {"module": "echo", "tags": None, "unique": None}),

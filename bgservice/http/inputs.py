@@ -209,9 +209,13 @@ def _option(key: str, value: Any) -> str | int | float | None:
 def _text(key: str, value: Any) -> str:
     """A string option; ``tags`` also as a list of strings. Empty (``""``, ``[]``) is
     refused with the socket's words: ``"unique": ""`` was taken for no key, so two jobs
-    "unique" alike were both added; null is the way to say "not given"."""
+    "unique" alike were both added; null is the way to say "not given". Tags as one
+    string ("a,b") are each checked as a list's items are: the socket's parser trimmed
+    " a , b " to a and b, which the document's pattern refuses."""
     if key == "tags" and isinstance(value, list):
         value = ",".join(_tag(item) for item in value)
+    elif key == "tags" and isinstance(value, str) and value:
+        value = ",".join(_tag(item) for item in value.split(","))
     if not isinstance(value, str):
         raise BadRequest(f"field {key}: expected a string")
     if not value:
@@ -227,8 +231,8 @@ def _tag(item: Any) -> str:
     if not isinstance(item, str):
         raise BadRequest("field tags: expected a list of strings")
     if not TAG.fullmatch(item):
-        raise BadRequest("field tags: each item is one tag of A-Z a-z 0-9 _ . : - "
-                         f'(a string "a,b" for several), not {item[:70]!r}')  # fmt: skip
+        raise BadRequest("field tags: each tag is one of A-Z a-z 0-9 _ . : - "
+                         f'(a string "a,b" or a list for several), not {item[:70]!r}')  # fmt: skip
     return item
 
 

@@ -40,6 +40,7 @@ ADD_OPTIONS = frozenset(
 # Defaults of the [queue] keys that bound what a request may ask (docs/protocol.md, Limits).
 MAX_AFTER = 100  # max_dependencies: ids in after=, a fan-in, not a copy of the queue
 TAG_CHARS = 64  # max_tag_chars: the longest tag
+MAX_TAGS = 10  # max_tags: tags of one job
 MAX_PAGE = 1000  # max_page: jobs per state in one queue:list reply (and an HTTP page)
 TAG = re.compile(r"[A-Za-z0-9_.:-]+")
 
@@ -52,16 +53,18 @@ class ParseLimits(Protocol):
     @property
     def max_tag_chars(self) -> int: ...
     @property
+    def max_tags(self) -> int: ...
+    @property
     def max_page(self) -> int: ...
 
 
 @dataclass(frozen=True)
 class DefaultLimits:
-    """The defaults, for a caller without the service's settings (a schedule's own runs
-    carry no after= nor tags; tests)."""
+    """The defaults, for a caller without the service's settings (tests, schedules)."""
 
     max_dependencies: int = MAX_AFTER
     max_tag_chars: int = TAG_CHARS
+    max_tags: int = MAX_TAGS
     max_page: int = MAX_PAGE
 
 
@@ -304,7 +307,7 @@ def parse_add(
         after=after_ids(o["after"], limits.max_dependencies) if "after" in o else (),
         wait=_flag("wait", o["wait"]) if "wait" in o else False,
         name=_name(o["name"]) if o.get("name") else None,
-        tags=_tags(o["tags"], limits.max_tag_chars) if o.get("tags") else (),
+        tags=_tags(o["tags"], limits) if o.get("tags") else (),
         source=_name(o["source"]) if o.get("source") else source,
     )
 
@@ -315,12 +318,13 @@ def _name(text: str) -> str:
     return text
 
 
-def _tags(text: str, most: int) -> tuple[str, ...]:
-    """``tags=a,b`` -> ("a", "b"), each once, each 1 to ``most`` of A-Z a-z 0-9 _ . : -."""
-    tags = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
-    for tag in tags:
-        _tag("tags", "each tag is", tag, most)
-    return tags
+def _tags(text: str, limits: ParseLimits) -> tuple[str, ...]:
+    """``tags=a,b`` -> ("a", "b"): at most max_tags given (a repeat counts, as a list's
+    items in the HTTP document), each a ``_tag``, kept once."""
+    if text.count(",") >= limits.max_tags:  # (one more tag than commas)
+        raise BadRequest(f"option tags: at most {limits.max_tags} tags")
+    tags = dict.fromkeys(t.strip() for t in text.split(","))
+    return tuple(_tag("tags", "each tag is", t, limits.max_tag_chars) for t in tags)
 
 
 def _tag(option: str, what: str, tag: str, most: int) -> str:
