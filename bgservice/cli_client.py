@@ -4,8 +4,8 @@ what every client command shares (cli_queue.py and cli_schedule.py use it too).
 Thin: every command is one or two methods of ``bgservice.client.Client``. Exit codes that
 scripts can rely on (docs/clients.md): 0 done, 1 the service replied an error (``NNN:
 message`` on stderr), 2 usage, 3 the service cannot be reached, 4 no reply within
---timeout, 5 a reply longer than --max-reply-bytes, 130 interrupted (Ctrl-C, as a shell
-reports SIGINT; not click's ``Aborted!``).
+--timeout, 5 a reply longer than --max-reply-bytes, 6 an answer standard output could not
+take, 130 interrupted (Ctrl-C, as a shell reports SIGINT; not click's ``Aborted!``).
 
 DATA ``-`` reads standard input (binary-safe); no DATA sends an empty one.
 
@@ -19,6 +19,7 @@ and send, ``-t`` and ``--max-reply-bytes`` everywhere but send (it gets no reply
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -41,7 +42,8 @@ from bgservice.client import (
 from bgservice.client_requests import MAX_TIMEOUT, DatagramTooLarge, encode_module
 from bgservice.errors import ReplyError
 
-EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_TOO_LARGE, EXIT_INTERRUPTED = 1, 3, 4, 5, 130
+EXIT_REPLY, EXIT_DOWN, EXIT_TIMEOUT, EXIT_TOO_LARGE, EXIT_OUTPUT = 1, 3, 4, 5, 6
+EXIT_INTERRUPTED = 130
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -59,6 +61,37 @@ class JobIdType(click.ParamType):
 
 
 JOB_ID = JobIdType()
+
+
+class TextType(click.ParamType):
+    """An option's text, sent in a request: UTF-8. Bytes that are not (a Latin-1 name
+    from the shell) come in as surrogate escapes, which crashed the request's encoding
+    with a traceback and exit 1 (an error reply to scripts): a usage error, showing them."""
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            str(value).encode()
+        except UnicodeEncodeError:
+            self.fail(f"not UTF-8: {os.fsencode(value)!r}", param, ctx)
+        return str(value)
+
+
+class TagType(TextType):
+    """One tag of a repeated ``--tag``: the tags are sent joined with commas, so one with
+    a comma in it was two tags, silently."""
+
+    name = "TAG"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        tag = super().convert(value, param, ctx)
+        if not tag or "," in tag:
+            self.fail(f"one tag each, without a comma, not {tag!r} (repeat --tag)", param, ctx)
+        return tag
+
+
+TEXT, TAG = TextType(), TagType()
 
 
 def _module(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -200,21 +233,49 @@ def _data(data: str | None) -> bytes:
     return os.fsencode(data or "")
 
 
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """Standard output that cannot take what the service answered (a full disk, closed,
+    text its encoding has no bytes for) is exit 6 and a line saying so: it was a
+    traceback and exit 1, which scripts read as an error reply, though the request had
+    been served (a job queued). A closed pipe (``| head``) is click's: quiet."""
+    try:
+        if sys.stdout is None:  # (started with it closed: >&-)
+            raise OSError(errno.EBADF, "standard output is closed")
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        _fail(f"bgservice: cannot write the output ({exc.strerror or exc}): the request "
+              "was served", exc, EXIT_OUTPUT)  # fmt: skip
+    except UnicodeEncodeError as exc:
+        why = f"in {sys.stdout.encoding} ({exc.reason}; PYTHONIOENCODING=utf-8 writes it)"
+        _fail(f"bgservice: cannot write the output {why}: the request was served", exc,
+              EXIT_OUTPUT)  # fmt: skip
+
+
 def _out(body: bytes) -> None:
-    sys.stdout.buffer.write(body)
-    if sys.stdout.isatty() and not body.endswith(b"\n"):
-        sys.stdout.buffer.write(b"\n")
-    sys.stdout.flush()
+    with _writing():
+        sys.stdout.buffer.write(body)
+        if sys.stdout.isatty() and not body.endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+
+
+def _echo(text: object) -> None:
+    """A line on standard output (``_writing``'s failures)."""
+    with _writing():
+        click.echo(text)  # (which flushes)
 
 
 def _json_out(value: Any) -> None:
     """The service's JSON, on one line, for scripts (--json)."""
-    click.echo(json.dumps(value, separators=(",", ":")))
+    _echo(json.dumps(value, separators=(",", ":")))
 
 
 def _show(value: Any, as_json: bool, lines: Callable[..., list[str]], *args: Any) -> None:
     """--json: the JSON; otherwise what ``cli_format`` makes of it for a person."""
-    _json_out(value) if as_json else click.echo("\n".join(lines(value, *args)))
+    _json_out(value) if as_json else _echo("\n".join(lines(value, *args)))
 
 
 JSON = click.option("--json", "as_json", is_flag=True, help="The service's JSON, on one line.")
@@ -272,7 +333,7 @@ def ping() -> None:
     """Exit 0 if the service answers, 3 if it is down."""
     with _talking() as client:
         client.ping()
-    click.echo("pong")
+    _echo("pong")
 
 
 @click.command(short_help="Live view: running jobs, waiting counts, requests/s.")

@@ -9,6 +9,7 @@ Every function takes ``now`` (epoch seconds) so that output is testable and one 
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -82,15 +83,25 @@ def table(headers: Row, rows: Iterable[Row]) -> list[str]:
     values = [list(row) for row in rows]
     cells = [[_one_line(v) for v in row] for row in values]
     numeric = [bool(values) and all(_is_number(r[i]) for r in values) for i in range(len(headers))]
-    widths = [max([len(str(h)), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    widths = [max([width(str(h)), *(width(c[i]) for c in cells)]) for i, h in enumerate(headers)]
     lines = []
     for row in [[str(h) for h in headers], *cells]:
-        padded = [
-            row[i].rjust(widths[i]) if numeric[i] else row[i].ljust(widths[i])
-            for i in range(len(row))
-        ]
+        padded = []
+        for i, cell in enumerate(row):
+            blank = " " * (widths[i] - width(cell))
+            padded.append(blank + cell if numeric[i] else cell + blank)
         lines.append("  ".join(padded).rstrip())
     return lines
+
+
+def width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: two for a wide character (CJK: a name such as
+    日本語 put every column after it out of line), none for a combining mark. The stdlib's
+    East Asian Width table serves a table's cells; wcwidth would be a dependency for it."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)  # fmt: skip
 
 
 def pairs(items: Iterable[tuple[str, object]]) -> list[str]:

@@ -4,6 +4,7 @@ status, cancel, retry, list, stats. Thin, as cli_client's commands: each one or 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
@@ -15,7 +16,10 @@ from bgservice.cli_client import (
     JOB_ID,
     JSON,
     MODULE,
+    TAG,
+    TEXT,
     _data,
+    _echo,
     _json_out,
     _out,
     _show,
@@ -42,7 +46,7 @@ def queue() -> None:
 @click.option("--retries", type=int, help="Retries after a 5xx or a timeout.")
 @click.option("--backoff", type=float, help="First retry delay in seconds (doubles).")
 @click.option("--job-timeout", "job_timeout", type=float, help="The job's own timeout (s).")
-@click.option("--unique", help="Unique key: an equal waiting/running job is reused.")
+@click.option("--unique", type=TEXT, help="Unique key: an equal waiting/running job is reused.")
 @click.option(
     "--after",
     type=JOB_ID,
@@ -50,8 +54,8 @@ def queue() -> None:
     help="Run only after this job (N or id:N) has finished well; repeat for several.",
 )
 @click.option("--wait", is_flag=True, help="Wait for the job and print its result, not its id.")
-@click.option("--name", help="A name people see in lists, the dashboard and /metrics.")
-@click.option("--tag", "tags", multiple=True, help="A tag; repeat for several.")
+@click.option("--name", type=TEXT, help="A name people see in lists, the dashboard and /metrics.")
+@click.option("--tag", "tags", type=TAG, multiple=True, help="A tag; repeat for several.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": N}.')
 @client_options
 def queue_add(
@@ -69,8 +73,9 @@ def queue_add(
         raise click.UsageError("--json prints the id; --wait prints the result as it came")
     options.update(after=after or None, tags=list(tags) or None)
     with _talking(module) as client:
+        body = _data(data)  # (stdin first: -t bounds the waits for the service, not it)
         deadline = time.monotonic() + _timeout()
-        jid = client.add(module, _data(data), timeout=job_timeout, **options)
+        jid = client.add(module, body, timeout=job_timeout, **options)
         if wait:  # an add, then a get (not queue:add?wait=1): the id is known if cut short
             try:
                 _out(client.get(jid, timeout=max(deadline - time.monotonic(), 0.01)))
@@ -87,7 +92,7 @@ def queue_add(
                                  "for, and the service did not keep it ([queue] keep_results)")
                 raise
             return
-    _json_out({"id": jid}) if as_json else click.echo(jid)
+    _json_out({"id": jid}) if as_json else _echo(jid)
 
 
 @queue.command("get", short_help="Wait for JOB and print its result.")
@@ -122,7 +127,7 @@ def queue_get(job: int, progress: bool | None) -> None:
 def queue_check(job: int) -> None:
     """0 waiting, 1 running, 2 finished."""
     with _talking() as client:
-        click.echo(client.check(job))
+        _echo(client.check(job))
 
 
 @queue.command("status")
@@ -141,7 +146,7 @@ def queue_status(job: int, as_json: bool) -> None:
 def queue_cancel(job: int) -> None:
     """Cancel a waiting JOB, or ask a running one to stop."""
     with _talking() as client:
-        click.echo(client.cancel(job))
+        _echo(client.cancel(job))
 
 
 @queue.command("retry")
@@ -153,7 +158,7 @@ def queue_cancel(job: int) -> None:
 def queue_retry(job: int, dependents: bool) -> None:
     """Run a failed or cancelled JOB again."""
     with _talking() as client:
-        click.echo(client.retry(job, dependents=dependents))
+        _echo(client.retry(job, dependents=dependents))
 
 
 @queue.command("list")
@@ -162,11 +167,12 @@ def queue_retry(job: int, dependents: bool) -> None:
     required=False,
     type=click.Choice(["waiting", "running", "done", "failed", "cancelled"]),
 )
-@click.option("--limit", type=int, help="At most this many per state (default 100).")
-@click.option("--offset", type=int, default=0, help="Skip this many per state (the next page).")
-@click.option("--module", help="Only jobs of this module.")
-@click.option("--name", help="Only jobs of this name (queue add --name), compared exactly.")
-@click.option("--tag", help="Only jobs with this tag (queue add --tag), compared exactly.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many per state [100].")
+@click.option("--offset", type=click.IntRange(min=0), default=0,
+              help="Skip this many per state (the next page).")  # fmt: skip
+@click.option("--module", type=TEXT, help="Only jobs of this module.")
+@click.option("--name", type=TEXT, help="Only jobs of this name (queue add --name), exactly.")
+@click.option("--tag", type=TEXT, help="Only jobs with this tag (queue add --tag), exactly.")
 @JSON
 @client_options
 def queue_list(
@@ -183,8 +189,17 @@ def queue_list(
         _show(listing, as_json, cli_format.jobs_lines, time.time(), counts, offset)
 
 
+def _window(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """At least 1 s, finite (not FloatRange: nan passes its bounds), as the service has it:
+    a usage error (exit 2), not its 400 (exit 1, an error reply to scripts)."""
+    if value is not None and not (1 <= value < math.inf):
+        raise click.BadParameter(f"{value} is not seconds of at least 1", ctx, param)
+    return value
+
+
 @queue.command("stats", short_help="Counts per state, jobs per minute, busy time.")
-@click.option("--window", type=float, help="Seconds of history (default: the service's).")
+@click.option("--window", type=float, callback=_window,
+              help="Seconds of history, at least 1 (default: the service's).")  # fmt: skip
 @JSON
 @client_options
 def queue_stats(window: float | None, as_json: bool) -> None:

@@ -11,7 +11,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 
 from bgservice import cli_format
-from bgservice.cli_client import JSON, MODULE, _data, _show, _talking, client_options
+from bgservice.cli_client import (
+    JSON,
+    MODULE,
+    TEXT,
+    _data,
+    _echo,
+    _show,
+    _talking,
+    client_options,
+)
 
 
 @click.group()
@@ -30,12 +39,12 @@ def schedule_list(as_json: bool) -> None:
 
 
 @schedule.command("add", short_help="Add (or replace) schedule NAME: a job of MODULE.")
-@click.argument("name")
+@click.argument("name", type=TEXT)
 @MODULE
 @click.argument("data", required=False)
-@click.option("--cron", help='A cron expression, e.g. "0 3 * * *" (03:00 every day).')
+@click.option("--cron", type=TEXT, help='A cron expression, e.g. "0 3 * * *" (03:00 every day).')
 @click.option("--every", type=float, help="Or: every this many seconds (at least 1).")
-@click.option("--tz", help="Time zone of the cron expression, e.g. Europe/Berlin [UTC].")
+@click.option("--tz", type=TEXT, help="Time zone of the cron expression, e.g. Europe/Berlin [UTC].")
 @click.option(
     "--missed",
     type=click.Choice(["once", "skip"]),
@@ -55,25 +64,25 @@ def schedule_add(
     """Add (or replace) schedule NAME: a job of MODULE with DATA, by --cron or --every."""
     if (options["cron"] is None) == (options["every"] is None):  # a usage error, exit 2
         raise click.UsageError("give either --cron or --every")  # (not the service's 400)
-    with _talking() as client:
+    with _talking(module) as client:  # (an unknown module: the hint, as queue add's)
         made = client.schedule(name, module, _data(data), timeout=job_timeout, **options)
     _show([made], as_json, schedules_lines, time.time())
 
 
 def _named(command: str, doc: str) -> None:
     @schedule.command(command, help=doc)
-    @click.argument("name")
+    @click.argument("name", type=TEXT)
     @client_options
     def run(name: str) -> None:
         with _talking() as client:
             if command == "remove":
                 client.unschedule(name)
-                click.echo("removed")
+                _echo("removed")
             elif command == "run":
-                click.echo(client.fire(name))
+                _echo(client.fire(name))
             else:
                 changed = client.pause(name) if command == "pause" else client.resume(name)
-                click.echo("\n".join(schedules_lines([changed], time.time())))
+                _echo("\n".join(schedules_lines([changed], time.time())))
 
 
 _named("pause", "Stop firing schedule NAME (its definition stays).")

@@ -166,6 +166,14 @@ class Where:
 _UNIX_SCHEMES = {False: ("unix",), True: ("udg", "unix")}  # by datagram; unix: as before
 _INET_SCHEME = {False: "tcp", True: "udp"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+# host:port as the PHP client takes it (Connection::hostPort), so that one address serves
+# both: a name or an IPv4 address, or an IPv6 one in brackets (a zone after %), and a port
+# of 1 to 65535 in ASCII digits; no host is loopback. "::1:12341" (ambiguous), a blank, a
+# port 0 or in other digits were taken and failed at the connect as "service down".
+_HOST_PORT = re.compile(
+    r"(\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?\]"
+    r"|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?)?:([0-9]{1,5})"
+)
 
 
 def parse_address(address: str, datagram: bool = False) -> tuple[int, Any]:
@@ -193,12 +201,15 @@ def parse_address(address: str, datagram: bool = False) -> tuple[int, Any]:
         if not path:
             raise ValueError(f"address {address!r} names no Unix socket path")
         return socket.AF_UNIX, path
-    host, sep, port = host_port.rpartition(":")
-    if "/" in host_port or not sep or not port.isdigit() or int(port) > 65535:
+    match = _HOST_PORT.fullmatch(host_port)
+    if not match or not 1 <= int(match[2]) <= 65535:
+        if host_port.count(":") > 1 and not host_port.startswith("["):
+            raise ValueError(f"address {address!r}: an IPv6 address takes brackets, as in "
+                             "[::1]:12341")  # fmt: skip
         raise ValueError(f"address must be host:port or a Unix socket path, not {address!r}")
-    host = host.strip("[]") or "127.0.0.1"
+    host = (match[1] or "").strip("[]") or "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, int(port))
+    return family, (host, int(match[2]))
 
 
 def parse_job_id(job: JobRef) -> int:

@@ -804,3 +804,88 @@ def test_max_reply_bytes_is_an_option_and_a_longer_reply_exits_5(modules_dir, ma
         assert usage.returncode == 2 and b"Traceback" not in usage.stderr, (bad, usage)
         assert b"'--max-reply-bytes'" in usage.stderr, usage.stderr
     assert "--max-reply-bytes" in _help("queue", "get") and "--max-reply-bytes" not in _help("send")
+
+
+def test_an_option_that_is_not_utf8_or_a_tag_with_a_comma_is_a_usage_error():
+    # The request's encoding crashed with a traceback and exit 1 (an error reply, to a
+    # script), before anything was sent; a --tag "x,y" was sent as two tags, silently.
+    latin1 = os.fsdecode(b"caf\xe9")  # as a Latin-1 shell hands it over
+    for args in [
+        ("queue", "add", "echo", "x", "--name", latin1),
+        ("queue", "add", "echo", "x", "--unique", latin1),
+        ("queue", "add", "echo", "x", "--tag", latin1),
+        ("queue", "list", "--module", latin1),
+        ("queue", "list", "--tag", latin1),
+        ("schedule", "add", latin1, "echo", "x", "--every", "60"),
+        ("schedule", "add", "n", "echo", "x", "--cron", f"* * * * {latin1}"),
+        ("schedule", "add", "n", "echo", "x", "--cron", "* * * * *", "--tz", latin1),
+        ("schedule", "pause", latin1),
+        ("schedule", "run", latin1),
+    ]:
+        done = bg(None, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert b"not UTF-8: b'" in done.stderr and b"caf\\xe9'" in done.stderr, args
+        assert b"Traceback" not in done.stderr
+    for tag in ("x,y", ""):
+        done = bg(None, "queue", "add", "echo", "x", "--tag", "ok", "--tag", tag)
+        assert done.returncode == 2 and b"without a comma" in done.stderr, done.stderr
+
+
+def test_bounds_the_service_checks_are_usage_errors_before_anything_is_sent():
+    # They went to the service and came back as its 400: exit 1, an error reply to a
+    # script, where the PHP client refuses the same values before sending.
+    for args in (("queue", "list", "--limit", "0"), ("queue", "list", "--offset", "-1"),
+                 ("queue", "stats", "--window", "0"), ("queue", "stats", "--window", "nan")):
+        done = bg(None, *args)  # (no service: 127.0.0.1:1, which would be exit 3)
+        assert done.returncode == 2, (args, done.stderr)
+
+
+def test_an_address_the_php_client_refuses_is_a_usage_error_not_service_down():
+    # "::1:12341", a blank before it, port 0, another script's digits: taken, then
+    # "cannot reach" (exit 3), which a fallback reads as an outage.
+    for address in ("::1:23417", " 127.0.0.1:23417", "127.0.0.1:0", "a b:23417",
+                    "[::1]]:23417", "127.0.0.1:\u0662\u0663\u0664"):  # fmt: skip
+        done = bg(None, "ping", address=address)
+        assert done.returncode == 2, (address, done.stderr)
+        assert b"address" in done.stderr, done.stderr
+    assert b"takes brackets, as in [::1]:12341" in bg(None, "ping", address="::1:5").stderr
+
+
+def test_output_that_cannot_be_written_is_exit_6_and_says_the_request_was_served(service):
+    # A traceback and exit 1 (an error reply, to a script), though the job was queued.
+    env = {**os.environ, "BGSERVICE_ADDRESS": "{}:{}".format(*service.tcp)}
+    cli = [sys.executable, str(REPO / "service.py")]
+    with open("/dev/full", "wb") as full:
+        added = subprocess.run([*cli, "queue", "add", "echo", "kept", "--name", "full"],
+                               stdout=full, stderr=subprocess.PIPE, env=env, timeout=60)
+    assert added.returncode == 6, added.stderr
+    assert added.stderr.startswith(b"bgservice: cannot write the output (No space left on "
+                                   b"device): the request was served\n"), added.stderr  # fmt: skip
+    assert b"Traceback" not in added.stderr
+    listed = wait_until(lambda: json.loads(bg(service, "queue", "list", "done", "--name",
+                                               "full", "--json").stdout)["done"])  # fmt: skip
+    assert len(listed) == 1  # it was queued, and ran
+    for args in (("call", "echo", "hi"), ("stats",), ("queue", "check", "1")):
+        closed = subprocess.run([*cli, *args], stderr=subprocess.PIPE, env=env, timeout=60,
+                                preexec_fn=lambda: os.close(1))  # fmt: skip
+        assert closed.returncode == 6, (args, closed.stderr)
+        assert b"standard output is closed" in closed.stderr, closed.stderr
+
+
+def test_data_read_from_stdin_is_not_counted_against_the_timeout(service):
+    # The --wait's deadline was taken before stdin was read: a pipe slower than -t left
+    # the get a floor of 10 ms, and a job of 300 ms "timed out" (exit 4).
+    env = {**os.environ, "BGSERVICE_ADDRESS": "{}:{}".format(*service.tcp)}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "service.py"), "-t", "5", "queue", "add", "sleep", "-",
+         "--wait"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        time.sleep(6)  # (the data comes after -t: not a timing of the service)
+        out, err = proc.communicate(b"300", timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out == b"slept 300", out

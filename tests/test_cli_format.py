@@ -40,6 +40,16 @@ def test_table_aligns_and_right_aligns_numbers() -> None:
     assert lines == ["  id  module  error", "   7  sleep   -", "1234  echo    boom"]
 
 
+def test_a_table_lines_up_wide_characters_by_the_columns_they_take() -> None:
+    # A CJK name took len() columns: every column after it was out of line on its row.
+    rows = [["日本語の名前", "echo", 1], ["ab", "sleep", 22], ["e\u0301x", "log", 3]]
+    lines = fmt.table(["name", "module", "n"], rows)
+    starts = {fmt.width(line[: line.index(r[1])]) for line, r in zip(lines[1:], rows, strict=True)}
+    assert starts == {14}, lines  # the widest name: 12 columns, then two blanks
+    assert len({fmt.width(line.rstrip()) for line in lines[1:]}) == 1, lines  # n right-aligned
+    assert fmt.width("日本") == 4 and fmt.width("e\u0301") == 1 and fmt.width("ab") == 2
+
+
 def test_a_table_keeps_a_value_of_several_lines_on_its_row() -> None:
     lines = fmt.table(("id", "error"), [(1, "Traceback (most recent call last):\n  ValueError: x")])
     assert lines == ["id  error", " 1  Traceback (most recent call last): /   ValueError: x"]

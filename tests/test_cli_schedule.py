@@ -71,3 +71,12 @@ def test_schedule_add_refuses_a_time_zone_for_every(service):
     assert added.returncode == 1 and added.stdout == b""
     assert added.stderr.startswith(b"400: schedule x: tz is for cron schedules"), added.stderr
     assert schedule_cli(service, "list").stdout == b"no schedules\n"
+
+
+def test_schedule_add_of_an_unknown_module_names_it(service):
+    # A bare "400: Unknown request", which read as if the service did not know `schedule`
+    # (call and queue add say which module is not loaded).
+    added = schedule_cli(service, "add", "s8", "nosuch", "x", "--every", "30")
+    assert added.returncode == 1
+    assert added.stderr == (b"400: Unknown request\n(no module named 'nosuch' is loaded: "
+                            b"see 'bgservice modules')\n"), added.stderr  # fmt: skip
