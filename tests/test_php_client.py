@@ -35,11 +35,16 @@ PRELUDE = (
 )
 
 
-def php(tmp_path, body: str, *args: str, timeout: float = 60) -> list[str]:
+def php(
+    tmp_path, body: str, *args: str, timeout: float = 60, ini: tuple[str, ...] = ()
+) -> list[str]:
+    """Run ``body`` after PRELUDE with ``args``; its lines of output (it must exit 0).
+    ``ini``: php.ini settings, ``"memory_limit=128M"``, each given as ``-d``."""
     script = tmp_path / "script.php"
     script.write_text(PRELUDE + body)
+    settings = [arg for setting in ini for arg in ("-d", setting)]
     done = subprocess.run(
-        ["php", str(script), *args], capture_output=True, text=True, timeout=timeout
+        ["php", *settings, str(script), *args], capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.splitlines()
@@ -691,7 +696,8 @@ def test_queue_options_are_sent_as_their_values_or_refused_before_sending(servic
     # Given to http_build_query() as they were, a Stringable key (a UUID object) was
     # dropped without a word (two jobs for two adds, unique and name NULL), a backed enum
     # went out as "priority[name]=" (a confusing 400 from the service), and a nested list
-    # in tags became the tag "Array" with only a PHP warning.
+    # in tags became the tag "Array" with only a PHP warning. A tag with a comma in a list
+    # (['a,b']) was sent as two tags, a and b.
     out = php(
         tmp_path,
         """
@@ -716,7 +722,8 @@ $schedule = $bg->schedule('nightly', 'echo', 'z', ['every' => 3600, 'paused' => 
     'priority' => Priority::High, 'tz' => new Key('UTC')]);
 show([$schedule['paused'], $schedule['options']['priority'], $schedule['tz']]);
 $refused = [['priority' => [1]], ['tags' => ['a', ['b']]], ['unique' => new stdClass()],
-    ['name' => Pure::One], ['unique' => STDIN], ['tags' => ['a', true]], ['after' => [[1]]]];
+    ['name' => Pure::One], ['unique' => STDIN], ['tags' => ['a', true]], ['after' => [[1]]],
+    ['tags' => ['a,b']], ['tags' => ['a', '']]];
 foreach ($refused as $options) {
     try { $bg->add('echo', 'refused', $options); echo "sent\\n"; }
     catch (InvalidArgumentException $e) { show($e->getMessage()); }
@@ -736,6 +743,10 @@ show($bg->add('echo', 'next') === $after + 1);  // none of those was sent
         [True, "9", "UTC"],
     ], out
     a_value = "must be a string, an int, a float, a \\Stringable or a backed enum, not"
+    one_tag = (  # it was sent as two tags, a and b, or as a blank the service refused
+        'must be one tag, not empty and without a comma (a tag is A-Z a-z 0-9 _ . : -; a string '
+        '"a,b" is two tags)'
+    )
     assert shown[4:] == [
         "option priority takes one value, not an array (only after and tags take a list)",
         f"each item of option tags {a_value} array",
@@ -744,6 +755,8 @@ show($bg->add('echo', 'next') === $after + 1);  // none of those was sent
         f"option unique {a_value} resource (stream)",
         f"each item of option tags {a_value} bool",
         f"each item of option after {a_value} array",
+        f"each item of option tags {one_tag}, not 'a,b'",
+        f"each item of option tags {one_tag}, not ''",
         f"option unique {a_value} ArrayObject",
         True,
     ], out
@@ -938,3 +951,126 @@ catch (BackgroundServiceTimeout $e) { show([$e->getMessage(), $e->getJobId(), $e
     assert [json.loads(line) for line in out] == [[said, None, False]], out
     with Client(address(svc), timeout=10) as direct:
         assert not any(direct.queue_stats()["counts"].values())
+
+
+class LongReplyPeer:
+    """A framed-protocol peer that is no bgservice: it greets as the service does, then
+    answers each request with the text after its last ':' (queue:get:id:7 -> "7"), but a
+    request whose text ends in ":big" or ":999" with a header that says ``size`` bytes
+    and ``sent`` of them; after those it closes if ``close``, else goes on reading. It
+    logs each request (``requests``), and serves any number of connections at once."""
+
+    def __init__(self, size: int, sent: int = 65536, close: bool = False) -> None:
+        self.size, self.sent, self.close_after = size, sent, close
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.sockets.append(conn)
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn, conn.makefile("rb") as stream:
+            if stream.read(len(PREFACE)) != PREFACE:
+                return
+            conn.sendall(PREFACE)
+            while len(head := stream.read(4)) == 4:
+                payload = stream.read(int.from_bytes(head, "big"))
+                self.requests.append(payload)
+                if payload.endswith((b":big", b":999")):
+                    conn.sendall(b"200" + self.size.to_bytes(4, "big") + b"x" * self.sent)
+                    if self.close_after:
+                        return
+                    continue
+                body = payload.rsplit(b":", 1)[-1]
+                conn.sendall(b"200" + len(body).to_bytes(4, "big") + body)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+TOO_LARGE = "Bgservice\\Client\\Exception\\ReplyTooLargeException"
+
+
+def test_a_reply_longer_than_max_reply_bytes_is_an_exception_not_a_fatal_error(
+    service, tmp_path
+):
+    # A header that said 3,000,000,000 bytes made PHP reserve them at the first fread():
+    # "Allowed memory size of 134217728 bytes exhausted", exit 255, which no catch takes
+    # (docs/clients.md: catch (ClientException $e) takes everything the library throws).
+    peer = LongReplyPeer(3_000_000_000)
+    try:
+        out = php(
+            tmp_path,
+            """
+use Bgservice\\Client\\Client;
+use Bgservice\\Client\\Exception\\ClientException;
+use Bgservice\\Client\\Exception\\ReplyTooLargeException;
+use Bgservice\\Client\\Exception\\ServiceDownException;
+$bg = new Client($argv[1], 10.0);  // persistent, as a site's
+try { $bg->call('echo', 'big'); echo "no exception\\n"; }
+catch (ClientException $e) {
+    show([get_class($e), $e instanceof ServiceDownException, $e instanceof BackgroundServiceDown,
+        $e->getMessage(), $e->getSize(), $e->getLimit()]);
+}
+show($bg->call('echo', 'after'));  // a new connection: not the rest of the long reply
+try { $bg->getMany([1, 999, 2]); echo "no exception\\n"; }
+catch (ReplyTooLargeException $e) { show([$e->getMessage(), $e->getSize()]); """
+            + show_results("$e")
+            + """}
+$bg->close();
+show((new Client($argv[2], 10.0))->call('test'));  // and a real service, as ever
+show(memory_get_peak_usage() < (16 << 20));
+""",
+            peer.address,
+            address(service),
+            ini=("memory_limit=128M",),
+        )
+    finally:
+        peer.close()
+    said = (
+        f"{peer.address} sent a reply of 3000000000 bytes, more than maxReplyBytes=67108864: "
+        "the connection is closed (the request may have run)"
+    )
+    assert [json.loads(line) for line in out] == [
+        [TOO_LARGE, True, True, said, 3_000_000_000, 67108864],
+        "after",
+        [said + "; a batch of 3 cut short: 1 answered, 2 sent without a reply (they may have "
+         "run) (getResults() has each)", 3_000_000_000],
+        ["1", TOO_LARGE, TOO_LARGE],
+        "Test",
+        True,
+    ], out  # fmt: skip
+    sent = [b"echo:big", b"echo:after", b"queue:get:id:1", b"queue:get:id:999"]
+    assert peer.requests[:4] == sent, peer.requests  # each once: nothing sent again
+
+
+def test_a_long_reply_within_max_reply_bytes_is_read_a_little_at_a_time(tmp_path):
+    # Each fread() asked for the whole rest of the reply, which PHP reserves before it
+    # reads: a reply said to be 500,000,000 bytes, under a limit raised to 1 GiB, was a
+    # fatal "Allowed memory size exhausted" at the first read, however little came.
+    peer = LongReplyPeer(500_000_000, sent=300_000, close=True)
+    try:
+        out = php(
+            tmp_path,
+            """
+$bg = new Bgservice\\Client\\Client($argv[1], 10.0, null, false, 1 << 30);
+try { $bg->call('echo', 'big'); echo "no exception\\n"; }
+catch (BackgroundServiceDown $e) { show([get_class($e), $e->getMessage()]); }
+show($bg->call('echo', 'next'));
+show(memory_get_peak_usage() < (16 << 20));
+""",
+            peer.address,
+            ini=("memory_limit=128M",),
+        )
+    finally:
+        peer.close()
+    lost = f"connection to {peer.address} lost before the reply: the request may have run"
+    assert [json.loads(line) for line in out] == [[SERVICE_DOWN, lost], "next", True], out

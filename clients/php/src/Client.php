@@ -7,6 +7,7 @@ namespace Bgservice\Client;
 use Bgservice\Client\Exception\BatchException;
 use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ReplyException;
+use Bgservice\Client\Exception\ReplyTooLargeException;
 use Bgservice\Client\Exception\ServiceDownException;
 use Bgservice\Client\Exception\ServiceException;
 use Bgservice\Client\Exception\TimeoutException;
@@ -43,6 +44,10 @@ class Client
         'priority', 'delay', 'at', 'retries', 'backoff', 'timeout', 'unique', 'after',
         'name', 'tags',
     ];
+
+    /** The longest reply a Client reads by default ($maxReplyBytes): 64 MiB, four times
+     *  the service's own [limits] max_request_bytes, as in the Python client. */
+    public const MAX_REPLY_BYTES = Connection::MAX_REPLY_BYTES;
 
     /** The states a job can be in (docs/queue.md): what jobs() takes as $state. */
     public const JOB_STATES = ['waiting', 'running', 'done', 'failed', 'cancelled'];
@@ -82,18 +87,26 @@ class Client
      *                                has no datagram twin at a known path: send() then
      *                                needs it (the listener's unix_dgram)
      * @param bool        $persistent keep the connection across requests of a PHP-FPM worker
+     * @param int         $maxReplyBytes the longest reply read, in bytes: one whose header
+     *                                says more throws ReplyTooLargeException (a
+     *                                ServiceDownException) as soon as the header is read,
+     *                                and its connection is closed; a peer that is no
+     *                                bgservice (a wrong port) could otherwise make the
+     *                                client reserve up to 4 GiB, past PHP's memory_limit
      *
      * @throws InvalidArgumentException an address in none of those forms (Connection::target()),
-     *                                  or a $timeout that is not more than 0 and at most a
-     *                                  week (the same for every method's $timeout)
+     *                                  a $timeout that is not more than 0 and at most a
+     *                                  week (the same for every method's $timeout), or a
+     *                                  $maxReplyBytes under 1
      */
     public function __construct(
         string $address = '127.0.0.1:12341',
         float $timeout = 30.0,
         ?string $udpAddress = null,
         bool $persistent = true,
+        int $maxReplyBytes = self::MAX_REPLY_BYTES,
     ) {
-        $this->connection = new Connection($address, $timeout, $persistent);
+        $this->connection = new Connection($address, $timeout, $persistent, $maxReplyBytes);
         $this->address = $address;
         $this->timeout = $timeout;
         if ($udpAddress !== null && $udpAddress !== '') {  // '' is none, as in the Python client
@@ -119,7 +132,8 @@ class Client
      *
      * @throws ReplyException       the module replied an error (getCode() is its status)
      * @throws ServiceDownException the service cannot be reached, or is shutting down (its
-     *                              "503: Shutting down": the call may have run)
+     *                              "503: Shutting down": the call may have run), or the
+     *                              reply is longer than $maxReplyBytes (ReplyTooLargeException)
      * @throws TimeoutException     no reply within $timeout (default: the constructor's)
      */
     public function call(string $module, string $data = '', ?float $timeout = null): string
@@ -232,7 +246,8 @@ class Client
      * Queue a job; its id. $options: priority, delay, at, retries, backoff, timeout,
      * unique, after, name, tags (docs/queue.md). `after`: the jobs it runs after, once all
      * of them succeeded: a job id (N or "id:N"), several in one string ("$a,$b") or a list
-     * of them ([$a, $b]); `tags` a list or "a,b". Each value (each item of a list) an int,
+     * of them ([$a, $b]); `tags` a list (each item one tag: an empty one, or one with a
+     * comma, is refused) or "a,b". Each value (each item of a list) an int,
      * float or string, a \Stringable (a UUID object: its string) or a backed enum (its
      * value); a bool is sent as 1 or 0, and null leaves the option out.
      *
@@ -242,7 +257,8 @@ class Client
      *                                  an unknown option, `wait` (run() waits), a value its
      *                                  option cannot take (an array but for after and tags,
      *                                  a nested one, another object, a pure enum, a
-     *                                  resource), or a bad `after` id: nothing is sent
+     *                                  resource), an item of a `tags` list that is empty or
+     *                                  has a comma, or a bad `after` id: nothing is sent
      */
     public function add(string $module, string $data = '', array $options = []): int
     {
@@ -498,7 +514,7 @@ class Client
             $values[$name] = match ($name) {
                 // a list, or its items in one string: "N1,N2", "a,b"
                 'after' => self::afterIds(is_array($value) ? self::items($name, $value) : self::scalar($name, $value)),
-                'tags' => is_array($value) ? implode(',', self::items($name, $value)) : self::scalar($name, $value),
+                'tags' => is_array($value) ? self::tags($value) : self::scalar($name, $value),
                 default => self::optionValue($name, $value),
             };
         }
@@ -538,6 +554,30 @@ class Client
             fn (mixed $item): int|float|string => self::scalar($name, $item, 'each item of option'),
             array_values($items),
         );
+    }
+
+    /**
+     * A list of tags as the service takes them, "a,b": each item one tag. Imploded as they
+     * were, an item with a comma went out as two tags (['a,b'] tagged the job a and b)
+     * and an empty one as a blank the service refuses; neither is a tag (docs/queue.md:
+     * A-Z a-z 0-9 _ . : -). A string "a,b", not in a list, is two tags, as on the socket.
+     *
+     * @param array<mixed> $tags
+     *
+     * @throws InvalidArgumentException an item scalar() refuses, an empty one or one with a comma
+     */
+    private static function tags(array $tags): string
+    {
+        $items = self::items('tags', $tags);
+        foreach ($items as $tag) {
+            $tag = (string)$tag;
+            if (trim($tag) === '' || str_contains($tag, ',')) {
+                throw new InvalidArgumentException('each item of option tags must be one tag, '
+                    . 'not empty and without a comma (a tag is A-Z a-z 0-9 _ . : -; a string "a,b" '
+                    . 'is two tags), not ' . var_export(substr($tag, 0, 80), true));
+            }
+        }
+        return implode(',', $items);
     }
 
     /**
@@ -800,6 +840,8 @@ class Client
      *
      * @throws ReplyException       the service replied an error (getCode() is its status)
      * @throws ServiceDownException the service cannot be reached, or is shutting down (failure())
+     * @throws ReplyTooLargeException the reply is longer than $maxReplyBytes: the connection is
+     *                              closed (a ServiceDownException; the request may have run)
      * @throws TimeoutException     no reply in time
      */
     public function request(string $payload, ?float $timeout = null): string

@@ -6,6 +6,7 @@ namespace Bgservice\Client;
 
 use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ReplyException;
+use Bgservice\Client\Exception\ReplyTooLargeException;
 use Bgservice\Client\Exception\ServiceDownException;
 use Bgservice\Client\Exception\ServiceException;
 use Bgservice\Client\Exception\TimeoutException;
@@ -29,6 +30,15 @@ final class Connection
     /** The longest timeout taken, the client's or a call's: a week, as in the Python
      *  client (bgservice.client_async.MAX_TIMEOUT). */
     public const MAX_TIMEOUT = 7 * 24 * 3600.0;
+
+    /** The longest reply read by default ($maxReplyBytes), 64 MiB: four times the
+     *  service's own [limits] max_request_bytes, as in the Python client
+     *  (bgservice.client.MAX_REPLY_BYTES). */
+    public const MAX_REPLY_BYTES = 64 << 20;
+
+    /** The most asked of one fread(): PHP reserves what it is asked for before reading, so
+     *  a reply's body is read this much at a time, not its whole length at once. */
+    private const READ_CHUNK = 1 << 20;
 
     /**
      * A stream's chunk size while an exchange (greeting, requests, their replies) is under
@@ -78,17 +88,26 @@ final class Connection
      * @param float  $timeout    seconds to wait for a reply, and for a new stream's greeting
      *                           (a call's own $timeout, if it gives one, for both)
      * @param bool   $persistent keep the stream across requests of a PHP-FPM worker
+     * @param int    $maxReplyBytes the longest reply read: one whose header says more is a
+     *                           ReplyTooLargeException, and its stream is closed
      *
-     * @throws InvalidArgumentException $address is none of those forms, or $timeout is not
-     *                                  a number of seconds > 0, at most MAX_TIMEOUT
+     * @throws InvalidArgumentException $address is none of those forms, $timeout is not
+     *                                  a number of seconds > 0, at most MAX_TIMEOUT, or
+     *                                  $maxReplyBytes is less than 1
      */
     public function __construct(
         private readonly string $address,
         private readonly float $timeout,
         private readonly bool $persistent,
+        private readonly int $maxReplyBytes = self::MAX_REPLY_BYTES,
     ) {
         $this->target = self::target($address);
         self::checkTimeout($timeout);
+        if ($maxReplyBytes < 1) {
+            throw new InvalidArgumentException(
+                "maxReplyBytes must be 1 or more (the longest reply read, in bytes), not $maxReplyBytes"
+            );
+        }
     }
 
     /**
@@ -200,6 +219,8 @@ final class Connection
      * Send one request and read its reply.
      *
      * @throws ServiceDownException the service cannot be reached or the stream broke
+     * @throws ReplyTooLargeException the reply's header says more than $maxReplyBytes (a
+     *                              ServiceDownException): the stream is closed
      * @throws TimeoutException     no reply within $timeout (default: the constructor's)
      * @throws ReplyException       the service refused the connection with a 4xx (403: this
      *                              host is not in its allow list)
@@ -285,7 +306,8 @@ final class Connection
      * it, and sending it again could, e.g., queue a job twice.
      *
      * The stream is closed unless every reply was read whole, whatever interrupted the
-     * exchange (a timeout, a broken connection, an exception from a signal handler), so
+     * exchange (a timeout, a broken connection, a reply longer than $maxReplyBytes, which
+     * throws as soon as its header is read, an exception from a signal handler), so
      * that no later request reads this one's reply. Where no finally runs (exit(), a
      * fatal error), the stream's busy mark does it: open() never hands it out again.
      *
@@ -317,6 +339,9 @@ final class Connection
                     $head = $this->readReply($stream, 7);
                     /** @var array{1: int} $size readReply gave 7 bytes, so unpack cannot fail */
                     $size = unpack('N', $head, 3);
+                    if ($size[1] > $this->maxReplyBytes) {  // before any of its body is held
+                        throw ReplyTooLargeException::announced($this->address, $size[1], $this->maxReplyBytes);
+                    }
                     $body = $size[1] > 0 ? $this->readReply($stream, $size[1]) : '';
                     $replies[] = new Reply((int)substr($head, 0, 3), $body);
                 }
@@ -582,12 +607,18 @@ final class Connection
         }
     }
 
-    /** @param resource $stream */
+    /**
+     * $length bytes of $stream, read READ_CHUNK at most at a time: fread() reserves the
+     * length it is asked for, so asking for the whole rest of a long reply at each read
+     * held that much memory however little had come.
+     *
+     * @param resource $stream
+     */
     private function readExact($stream, int $length): string
     {
         $data = '';
         while (strlen($data) < $length) {
-            $chunk = @fread($stream, $length - strlen($data));
+            $chunk = @fread($stream, min($length - strlen($data), self::READ_CHUNK));
             if ($chunk === false || $chunk === '') {
                 if (!empty(stream_get_meta_data($stream)['timed_out'])) {
                     throw new TimeoutException("no reply from {$this->address} in time");

@@ -27,6 +27,8 @@ use PHPUnit\Framework\Assert;
  *              no reply (a service killed in the middle of a batch);
  * - "gone":    greet, reply the first WINDOW requests, close, and stop listening (a
  *              service stopped between two writes of a batch);
+ * - "huge":    as "echo", but reply "echo:big" with a header that says 3,000,000,000
+ *              bytes and 8 KiB of them, then go on reading (a peer that is no bgservice);
  * - "403", "503": write the service's refusal in its one-shot form at once ("403:
  *              Forbidden", "503: Too many connections"), read until the client closes.
  */
@@ -34,6 +36,10 @@ final class FakeServer
 {
     /** Connection::PREFACE, spelled out: the child process loads nothing but this file. */
     private const PREFACE = "\x00:F1";
+
+    /** The length "huge" says its reply has: more than PHP could hold under any usual
+     *  memory_limit, less than the 4 GiB a header can say. */
+    public const HUGE = 3_000_000_000;
 
     /** @var resource */
     private $process;
@@ -148,6 +154,10 @@ final class FakeServer
             echo base64_encode($payload), "\n";  // logged before any answer, so the test sees it
             if (($n > 1 && $mode === 'drop') || ($n > 64 && $mode === 'cut')) {
                 return;
+            }
+            if ($mode === 'huge' && $payload === 'echo:big') {
+                @fwrite($conn, '200' . pack('N', self::HUGE) . str_repeat('x', 8192));
+                continue;
             }
             if ($n > 1 && $mode === 'partial') {
                 fwrite($conn, '200' . pack('N', 10) . 'abc');

@@ -8,6 +8,7 @@ use Bgservice\Client\Client;
 use Bgservice\Client\Exception\InvalidArgumentException;
 use Bgservice\Client\Exception\ReplyException;
 use Bgservice\Client\Exception\TimeoutException;
+use PHPUnit\Framework\Attributes\DataProvider;
 
 /** The queue methods against a real service, with job ids in both forms. */
 final class QueueTest extends ServiceTestCase
@@ -90,6 +91,49 @@ final class QueueTest extends ServiceTestCase
     {
         $this->expectException(\InvalidArgumentException::class);  // as the old client threw
         self::client()->add('sleep', '1', ['bogus' => 1]);
+    }
+
+    /** @return iterable<string, array{list<mixed>}> */
+    public static function badTagLists(): iterable
+    {
+        yield 'an item with a comma: it went out as two tags' => [['a,b']];
+        yield 'an empty item' => [['a', '']];
+        yield 'an item of blanks' => [['a', ' ']];
+    }
+
+    /**
+     * @dataProvider badTagLists
+     *
+     * @param list<mixed> $tags
+     */
+    #[DataProvider('badTagLists')]
+    public function testATagsItemThatIsNoOneTagIsRefusedBeforeAnythingIsSent(array $tags): void
+    {
+        // Nothing listens there: had anything been sent, this would be ServiceDownException.
+        $bg = new Client(self::deadAddress(), 2.0, null, false);
+        $calls = [
+            'add' => fn () => $bg->add('echo', 'x', ['tags' => $tags]),
+            'run' => fn () => $bg->run('echo', 'x', ['tags' => $tags]),
+            'addMany' => fn () => $bg->addMany([['echo', 'x'], ['echo', 'y', ['tags' => $tags]]]),
+        ];
+        foreach ($calls as $method => $call) {
+            try {
+                $call();
+                self::fail("$method sent tags " . json_encode($tags));
+            } catch (InvalidArgumentException $e) {
+                self::assertStringStartsWith('each item of option tags must be one tag, not empty and '
+                    . 'without a comma', $e->getMessage());
+            }
+        }
+    }
+
+    public function testTagsAsAListOrInOneStringWithCommas(): void
+    {
+        $bg = self::client();
+        $listed = $bg->add('echo', 'x', ['tags' => ['a', 'b.c', 7]]);
+        $joined = $bg->add('echo', 'x', ['tags' => 'a,b.c,7']);  // two or more, as on the socket
+        self::assertSame(['a', 'b.c', '7'], $bg->status($listed)['tags']);
+        self::assertSame(['a', 'b.c', '7'], $bg->status($joined)['tags']);
     }
 
     public function testAJobThatDoesNotExistOrWasCancelledIsAReplyError(): void
