@@ -37,6 +37,7 @@ from bgservice.queue.job import Job, JobState
 from bgservice.queue.live import LiveJobs
 from bgservice.queue.rates import Windows
 from bgservice.queue.schedule import WaitingLine
+from bgservice.queue.slices import slices
 from bgservice.queue.store import Store, Writes
 
 # How much a page's walk reads between two turns of the loop given back to the other
@@ -129,12 +130,10 @@ async def _in_line_matching(live: Live, where: JobFilter) -> int:
     the line's end), never too low: one the walk meets has stayed in line since the
     snapshot (else it was dropped, or placed again under a new number, and is skipped),
     so it waited, in no other job's wait, when it was counted."""
-    jobs, count, matches = list(live.jobs.values()), 0, where.matches
-    for start in range(0, len(jobs), COUNT_SLICE):
-        if start:
-            await asyncio.sleep(0)
+    count, matches = 0, where.matches
+    async for part in slices(list(live.jobs.values()), COUNT_SLICE):
         blocked = live.blocked_ids()  # (its own: at C speed)
-        count += sum(1 for job in jobs[start : start + COUNT_SLICE]
+        count += sum(1 for job in part
                      if job.state is JobState.WAITING and job.id not in blocked
                      and matches(job.module, job.name, job.tags))  # fmt: skip
     return count
@@ -144,11 +143,9 @@ async def _behind(live: Live, where: JobFilter, now: float, most: int) -> list[J
     """The first ``most``, in run order, of the waiting jobs that wait on another job and
     that ``where`` matches (a fan-out may leave 100,000 waiting on one job: the loop is
     given back after each ``COUNT_SLICE // 5`` read, their order then taken at C speed)."""
-    keyed, ids, step = [], list(live.blocked_ids()), COUNT_SLICE // 5
-    for start in range(0, len(ids), step):
-        if start:
-            await asyncio.sleep(0)
-        for job in map(live.jobs.get, ids[start : start + step]):
+    keyed = []
+    async for part in slices(list(live.blocked_ids()), COUNT_SLICE // 5):
+        for job in map(live.jobs.get, part):
             if job is not None and job.state is JobState.WAITING and _kept(where, job):
                 keyed.append((_run_order(job, now, live.blocked), job))  # (ids differ)
     return [job for _, job in heapq.nsmallest(most, keyed, key=itemgetter(0))]

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from bgservice.queue.job import Job
+from bgservice.queue.slices import slices
 
 Entry = tuple[int, int, int]  # (-priority, id, placement): heapq's order is the run order
 Timed = tuple[float, int, int]  # (a time, id, placement): delayed ones, and due since
@@ -143,11 +144,8 @@ class WaitingLine:
                 ahead += walked
                 continue
             await asyncio.sleep(0)
-            entries = list(heap)  # (the loop moves entries between two slices)
-            for start in range(0, len(entries), SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                part = entries[start : start + SLICE]
+            # (a copy: the loop moves entries between two slices)
+            async for part in slices(list(heap), SLICE):
                 numbers: Iterable[int] = map(_NUMBER, filter(bound.__gt__, part))
                 if came:  # (rarely any: the timer moves them as they come due)
                     numbers = list(numbers)
