@@ -415,3 +415,23 @@ def test_a_wal_grown_by_a_burst_is_cut_back_to_its_limit_once_checkpointed(make_
     add(svc, b"queue:add:echo:checkpointed")
     add(svc, b"queue:add:echo:starts the wal over")
     assert wal.stat().st_size <= WAL_LIMIT
+
+
+def test_an_sqlite_without_json_functions_is_refused_when_the_store_opens(tmp_path):
+    # The queue's statements read lists of ids with json_each: without JSON1 (an SQLite
+    # older than 3.38 built without it) the first cascade or retry failed, mid-service.
+    # Such an SQLite is stood in for by an authorizer that denies json_each.
+    from bgservice.queue import sqlite_schema
+
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.set_authorizer(lambda action, table, *_: sqlite3.SQLITE_DENY
+                        if table == "json_each" else sqlite3.SQLITE_OK)  # fmt: skip
+    try:
+        with pytest.raises(sqlite_schema.UnusableDatabase, match="has no JSON functions"):
+            sqlite_schema._prepare(conn, path)
+    finally:
+        conn.close()
+    conn, next_id, _ = sqlite_schema.connect(path)  # an SQLite that has them: opened
+    conn.close()
+    assert next_id == 1

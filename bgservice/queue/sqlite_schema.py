@@ -185,6 +185,7 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> tuple[sqlite3.Connection, 
             " restore a backup this version wrote (docs/deploy.md)"
         )
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    _has_json(conn)
     _writable(conn, path, version)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -204,6 +205,21 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> tuple[sqlite3.Connection, 
         sequence = row[0] if row else 0
     next_id = max(reserved[0] if reserved else 1, highest + 1, sequence + 1)
     return conn, next_id, next_id  # ids from next_id on are not reserved yet
+
+
+def _has_json(conn: sqlite3.Connection) -> None:
+    """The queue's statements read lists of ids with json_each (a list of any length in
+    one variable: SQLite took at most 999 before 3.32). JSON1 is built in from SQLite 3.38
+    and enabled by the major distributions before it; without it, say so at the start,
+    not at the first cascade."""
+    try:
+        conn.execute("SELECT value FROM json_each('[1]')").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise UnusableDatabase(
+            f"this Python's SQLite ({sqlite3.sqlite_version}) has no JSON functions ({exc}),"
+            " which the job queue needs: they are built in from SQLite 3.38; use a Python"
+            " built with an SQLite that has them (docs/deploy.md)"
+        ) from None
 
 
 def _writable(conn: sqlite3.Connection, path: Path, version: int) -> None:
