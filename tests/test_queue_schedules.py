@@ -316,6 +316,32 @@ def test_a_resumed_schedule_skips_the_slots_of_its_pause(make_service):
 
 
 @BOTH
+def test_a_replace_keeps_a_pause_unless_it_says_paused_and_lifting_it_is_a_resume(make_service):
+    # A paused schedule given new data (its times the same) was unpaused, and a slot that
+    # fell during the pause fired at once (with missed=once, one of any age): a replace is
+    # no resume. Over HTTP too: "paused" left out (null) keeps the pause.
+    svc = make_service("[http]\nenabled = true\nport = 0\n")
+    schedules(svc)  # loaded
+    svc.call(b"queue:schedule?name=p&every=2:echo:one")
+    paused = json.loads(svc.call(b"queue:pause:p"))
+    time.sleep(4.5)  # two slots fall in the pause
+    kept = json.loads(svc.call(b"queue:schedule?name=p&every=2:echo:two"))
+    assert (kept["paused"], kept["next_run"], kept["last_slot"]) == (
+        True, None, paused["last_slot"]), kept  # fmt: skip
+    body = {"name": "p", "module": "echo", "data": "three", "every": 2, "paused": None}
+    status, kept, _ = svc.http("POST", "/api/v1/schedules", body)
+    assert (status, kept["paused"]) == (201, True), kept
+    time.sleep(2.5)  # a slot passes: still none fires
+    assert slots(runs(svc, "p")) == ([paused["last_slot"]] if paused["last_slot"] else [])
+    lifted_at = time.time()
+    lifted = json.loads(svc.call(b"queue:schedule?name=p&every=2&paused=0:echo:four"))
+    assert lifted["paused"] is False and lifted["next_run"] > lifted_at, lifted
+    wait_until(lambda: max(slots(runs(svc, "p")), default=0) > lifted_at, timeout=10)
+    assert [s for s in slots(runs(svc, "p")) if s > (paused["last_slot"] or 0)] == sorted(
+        s for s in slots(runs(svc, "p")) if s > lifted_at)  # none of the pause's
+
+
+@BOTH
 def test_a_slot_missed_while_down_runs_at_the_start(make_service):
     # missed = "once" (the default): the latest slot missed while the service was down
     # runs at the start. It once waited for the timer, which only looked at later slots.

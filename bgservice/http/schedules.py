@@ -50,7 +50,8 @@ class ScheduleRoutes:
         values, data = inputs.schedule_body(await inputs.json_body(request))
         schedule = make_schedule(values, data)
         try:
-            made = await self._scheduler().put(schedule, inputs.caller(request))
+            made = await self._scheduler().put(schedule, inputs.caller(request),
+                                               "paused" in values)  # fmt: skip
         except UnknownRequest:
             raise inputs.unknown_module(schedule.module) from None
         location = {"Location": f"schedules/{made['name']}"}  # (relative: docs/http.md)

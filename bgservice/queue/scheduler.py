@@ -174,7 +174,7 @@ class Scheduler:
         if cmd.name == "schedule":
             module, data = split_request(cmd.args)
             schedule = make_schedule({**cmd.options, "module": module}, data)
-            return _json(await self.put(schedule, caller))
+            return _json(await self.put(schedule, caller, "paused" in cmd.options))
         try:  # (as U+FFFD, \xff named a schedule really called "\ufffd")
             name = cmd.args.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -211,18 +211,25 @@ class Scheduler:
         self.store.check_schedule(schedule, caller)
         return await self.store.fire(schedule, None) or 0
 
-    async def put(self, schedule: Schedule, caller: str | None = None) -> dict[str, Any]:
+    async def put(
+        self, schedule: Schedule, caller: str | None = None, said_paused: bool = True
+    ) -> dict[str, Any]:
         """Add or replace a run-time schedule; ``caller`` (its maker's source) must be
         allowed to add its module's jobs itself, or a run-time schedule let any client
-        queue a module whose QUEUE_FROM admits the scheduler alone."""
+        queue a module whose QUEUE_FROM admits the scheduler alone. A replace that does
+        not say ``paused`` (``said_paused``) keeps the pause of the one it replaces: it
+        is no resume (it unpaused the schedule, and fired a slot of the pause at once)."""
         old = self.schedules.get(schedule.name)
         if old is not None and old.origin == "config":
             raise Conflict(
                 f"schedule {schedule.name} is defined in service.config: change it there"
             )
         self.store.check_schedule(schedule, caller)
-        if old is not None:  # replaced: its slots up to a resume stay unfired
-            schedule = _with(schedule, resumed=old.resumed)
+        if old is not None and old.paused and not said_paused:
+            schedule = _with(schedule, paused=True, paused_by=old.paused_by)
+        if old is not None:  # replaced: its slots up to a resume stay unfired; a replace
+            lifted = old.paused and not schedule.paused  # that lifts a pause is a resume
+            schedule = _with(schedule, resumed=time.time() if lifted else old.resumed)
         # New times: from its first slot after now (a slot of them between its last and now
         # once fired at once, while the reply said its next run was later).
         retimed = old is not None and old.times != schedule.times
