@@ -38,7 +38,7 @@ from bgservice.config_env import apply_env
 from bgservice.config_file import Reader, conflicts, original_servers, read_config, toml_error
 from bgservice.errors import BadRequest, ConfigError
 from bgservice.queue.commands import MAX_AFTER, MAX_PAGE, MAX_TAGS, TAG_CHARS
-from bgservice.queue.schedules import BadSchedule, Schedule, make_schedule
+from bgservice.queue.schedules import BadSchedule, Schedule, table_schedule
 
 DEFAULT_PORT = 12341
 LOOPBACK = "127.0.0.1"
@@ -329,7 +329,7 @@ def _schedules(reader: Reader, raw: Any) -> tuple[Schedule, ...]:
     for index, table in enumerate(raw):
         values, where = dict(table), f"[[schedule]] #{index + 1} "
         try:
-            schedule = make_schedule(values, str(values.pop("data", "")).encode(), "config")
+            schedule = table_schedule(values)
             if schedule.name in out:
                 raise BadSchedule("name", f"{schedule.name!r} is the name of an earlier schedule")
         except BadRequest as exc:  # the key at fault, and its line

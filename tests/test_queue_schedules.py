@@ -208,6 +208,14 @@ def test_a_bad_schedule_in_the_config_stops_the_start(tmp_path):
         ('name = "x"\nmodule = "echo"\nevery = 60\npriority = "high"\n', "priority", 5),
         ('name = "x"\nmodule = "echo"\nevery = 60\noptions = { retries = -1 }\n', "options", 5),
         ('name = "x"\nmodule = "echo"\nevery = 60\noptions = { wait = 1 }\n', "options", 5),
+        # Each key of its TOML type: a table as data was sent as Python's repr of it,
+        # true as "True"; every = "60" and name = 7 were taken.
+        ('name = "x"\nmodule = "echo"\nevery = 60\ndata = { user = "bob" }\n', "data", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\ndata = true\n', "data", 5),
+        ('name = 7\nmodule = "echo"\nevery = 60\n', "name", 2),
+        ('name = "x"\nmodule = "echo"\nevery = "60"\n', "every", 4),
+        ('name = "x"\nmodule = "echo"\nevery = 60\nretries = true\n', "retries", 5),
+        ('name = "x"\nmodule = "echo"\nevery = 60\noptions = { priority = "5" }\n', "options", 5),
     ],
 )
 def test_a_bad_schedule_names_the_key_at_fault_and_its_line(tmp_path, table, key, line):
@@ -220,6 +228,20 @@ def test_a_bad_schedule_names_the_key_at_fault_and_its_line(tmp_path, table, key
         config.load(path)
     at = f" (line {line})" if line else ""
     assert f"[[schedule]] #1 {key}{at}: " in str(info.value)
+
+
+def test_a_schedule_table_says_the_type_a_key_must_be(tmp_path):
+    from bgservice import config
+    from bgservice.errors import ConfigError
+
+    path = tmp_path / "service.config"
+    path.write_text('[[schedule]]\nname = "x"\nmodule = "echo"\nevery = 60\ndata = { a = 1 }\n')
+    with pytest.raises(ConfigError, match="schedule x: data must be a string, not a table"):
+        config.load(path)
+    path.write_text('[[schedule]]\nname = "x"\nmodule = "echo"\nevery = 60\ndata = "{}"\n'
+                    'options = { priority = 5, backoff = 1.5 }\n')  # fmt: skip
+    (made,) = config.load(path).schedules  # numbers, a string of data: as before
+    assert (made.data, made.options) == (b"{}", {"priority": "5", "backoff": "1.5"})
 
 
 def test_a_repeated_schedule_name_points_at_the_second_one(tmp_path):

@@ -251,6 +251,36 @@ def _unknown(name: str, key: str, known: set[str]) -> BadSchedule:
     return BadSchedule(key, f"{label}: unknown key {key!r:.40}{guess} (keys: {keys})")
 
 
+# The TOML type of each key of a [[schedule]] table, as every other key of service.config
+# is typed: data = { user = "bob" } was sent as Python's repr of the table, true as
+# "True", and every = "60" or name = 7 were taken (a number, a string over HTTP).
+_NUMBER = (int, float)
+_TABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "module": (str,), "data": (str,), "cron": (str,), "tz": (str,),
+    "missed": (str,), "every": _NUMBER, "paused": (bool,), "options": (dict,),
+    **dict.fromkeys(OPTIONS, _NUMBER),
+}  # fmt: skip
+_TOML = {str: "a string", bool: "true or false", dict: "a table", list: "an array",
+         int: "a number", float: "a number"}  # fmt: skip
+
+
+def table_schedule(table: dict[str, Any]) -> Schedule:
+    """A ``[[schedule]]`` table's schedule: each key of the TOML type it takes (an
+    option's in ``options`` too), then checked as ``make_schedule`` checks every one."""
+    values, name = dict(table), table.get("name")
+    label = f"schedule {name:.64}" if isinstance(name, str) else "schedule"
+    options = values.get("options")
+    tabled = options.items() if isinstance(options, dict) else ()
+    for where, key, value in [*((k, k, values.get(k)) for k in _TABLE_TYPES),
+                              *(("options", k, v) for k, v in tabled if k in OPTIONS)]:  # fmt: skip
+        kinds = _TABLE_TYPES[key]
+        if value is None or (isinstance(value, kinds) and (bool in kinds) == (type(value) is bool)):
+            continue
+        given = _TOML.get(type(value), type(value).__name__)  # (a date-time: datetime)
+        raise BadSchedule(where, f"{label}: {key} must be {_TOML[kinds[0]]}, not {given}")
+    return make_schedule(values, values.pop("data", "").encode(), "config")
+
+
 def make_schedule(values: dict[str, Any], data: bytes, origin: str = "runtime") -> Schedule:
     """A checked schedule from a ``[[schedule]]`` table or ``queue:schedule`` options;
     ``BadSchedule`` naming what is wrong, and the key it is wrong in."""
