@@ -165,10 +165,11 @@ def _counts(counts: Mapping[str, Any]) -> str:
 
 
 def _workers(pools: Mapping[str, Mapping[str, int]]) -> str:
-    """Per process-mode module: ``resize 1 of 2 busy (5 started, 1 retiring)``."""
+    """Per process-mode module: ``resize 2 of 2 busy (5 started, 3 waiting, 1 retiring)``."""
     parts = []
     for name, pool in sorted(pools.items()):
-        retiring = f", {pool['retiring']} retiring" if pool.get("retiring") else ""
+        retiring = f", {pool['waiting']} waiting" if pool.get("waiting") else ""
+        retiring += f", {pool['retiring']} retiring" if pool.get("retiring") else ""
         busy = f"{pool.get('busy', 0)} of {pool.get('processes', 0)} busy"
         parts.append(f"{name} {busy} ({pool.get('started', 0)} started{retiring})")
     return ", ".join(parts) or "none"

@@ -232,8 +232,9 @@ class ProcessPool:
 
     def stats(self) -> dict[str, int]:
         busy = sum(1 for w in self.workers if w.current is not None)
+        waiting = sum(not f.done() for f in self.waiters)  # calls in line for a worker
         return {"processes": len(self.workers), "busy": busy, "started": self.spawned,
-                "stopping": len(self.stopping)}  # fmt: skip
+                "stopping": len(self.stopping), "waiting": waiting}  # fmt: skip
 
     def no_free_worker(self) -> str:
         """Why a call found no free worker, past the pool being busy: workers importing
@@ -261,9 +262,8 @@ class ProcessPools:
     def stats(self) -> dict[str, Any]:
         out = {name: pool.stats() for name, pool in self.pools.items()}
         for pool in self.retiring:
-            row = out.setdefault(
-                pool.name, {"processes": 0, "busy": 0, "started": 0, "stopping": 0}
-            )
+            empty = {"processes": 0, "busy": 0, "started": 0, "stopping": 0, "waiting": 0}
+            row = out.setdefault(pool.name, empty)
             row["retiring"] = row.get("retiring", 0) + len(pool.workers | pool.stopping)
         return out
 
@@ -318,8 +318,13 @@ class ProcessPools:
         pool = self.pools.pop(name, None)
         if pool is None:
             return
-        log.info("module %s: retiring its worker processes (%s; %d calls to finish first)",
-                 name, why, pool.stats()["busy"])  # fmt: skip
+        # Those waiting for a worker finish on it too (the busy ones alone said 2 calls
+        # with 6 to go).
+        stats = pool.stats()
+        running, waiting = stats["busy"], stats["waiting"]
+        log.info("module %s: retiring its worker processes (%s; %d calls to finish first: "
+                 "%d running, %d waiting for a worker)", name, why, running + waiting,
+                 running, waiting)  # fmt: skip
         self._drain(pool)
 
     def _drain(self, pool: ProcessPool) -> None:

@@ -89,7 +89,7 @@ def test_an_overloaded_pool_serves_and_keeps_its_worker(modules_dir, make_servic
     # and it still serves (none lost to a caller that gave up as it was handed over).
     assert "killing worker" not in svc.log()
     assert svc.call(b"quick:x") == b"r"
-    stats = {"processes": 1, "busy": 0, "started": 1, "stopping": 0}
+    stats = {"processes": 1, "busy": 0, "started": 1, "stopping": 0, "waiting": 0}
     assert svc.stats()["workers"]["quick"] == stats
 
 

@@ -82,10 +82,19 @@ def test_deleting_a_process_module_lets_its_running_calls_finish(modules_dir, ma
     path = write_module(modules_dir, "pm", SLOW.format(execution=PROCESS))
     svc = make_service()
     result, caller, jid = _slow_call_and_job(svc)
+    third: list[bytes] = []  # in line for a worker: it finishes on the old code too
+    waiter = threading.Thread(target=lambda: third.append(svc.call(b"pm:0", timeout=30)))
+    waiter.start()
+    wait_until(lambda: _workers(svc, "pm").get("waiting") == 1)
     path.unlink()
     svc.wait_for_log("module pm removed")
+    # (the busy workers alone were counted: "2 calls to finish first" with 3 to go)
+    svc.wait_for_log("(its file was deleted; 3 calls to finish first: 2 running, 1 waiting "
+                     "for a worker)")  # fmt: skip
     assert svc.call(b"pm:pid") == b"400: Unknown request"
     caller.join(30)
+    waiter.join(30)
+    assert third and third[0].startswith(b"done:"), third
     job_reply = svc.call(b"queue:get:id:%d" % jid, timeout=30)
     assert result and result[0].startswith(b"done:"), result
     assert job_reply.startswith(b"done:"), job_reply
