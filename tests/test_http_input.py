@@ -334,6 +334,66 @@ def test_100_continue_comes_only_once_the_token_lets_the_body_in(
     assert_no_internal_error(svc)
 
 
+def test_a_path_or_method_no_route_takes_gets_no_100_continue_either(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # aiohttp answers those with a route of its own, whose expect handler sent 100
+    # Continue before any check: a client without a token uploaded its body for a 401.
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
+    body = b"x" * 100
+    expect = f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+    good = "Authorization: Bearer s3cret-token\r\n"
+    for method, path, extra, status in [
+        ("POST", f"{API}/job", "", b"401"), ("PUT", f"{API}/jobs", "", b"401"),
+        ("POST", f"{API}/job", good, b"404"), ("PUT", f"{API}/jobs", good, b"405"),
+        ("PUT", f"{API}/jobs/1:cancel", good, b"405"),
+    ]:  # fmt: skip
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{expect}{extra}\r\n"
+        first, _ = _first_reply(svc, head.encode(), body)
+        assert first.startswith(b"HTTP/1.1 " + status + b" "), (method, path, first)
+        assert b"Connection: close" in first, first  # (its body was never asked for)
+        assert b'"code": ' + status in first, first  # JSON, as every error
+    allowed = _first_reply(svc, f"PUT {API}/jobs HTTP/1.1\r\nHost: x\r\n{good}\r\n".encode())[0]
+    assert b"Allow: " in allowed and b"POST" in allowed, allowed  # 405 says what it takes
+    assert_no_internal_error(svc)
+
+
+def test_a_refusal_before_the_body_ends_the_connection_and_417_is_counted(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # Refused instead of 100 Continue, the connection was kept: the next request's bytes
+    # were read as the body never sent (a 400, then closed). A 417 (an Expect other than
+    # 100-continue) came before the middlewares: no log line, not in /metrics.
+    import socket
+
+    svc = make_service(HTTP + 'token = "s3cret-token"\n')
+    head = (f"POST {API}/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 28\r\n"
+            "Expect: 100-continue\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(tuple(svc.info["http"]), timeout=15) as sock:
+        sock.sendall(head)
+        reply = b""
+        while chunk := sock.recv(65536):  # until the service closes it
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in reply, reply
+    good = "Authorization: Bearer s3cret-token\r\n"
+    first, _ = _first_reply(svc, _post(f"Content-Length: 2\r\nExpect: nope\r\n{good}"), b"{}")
+    assert first.startswith(b"HTTP/1.1 417 ") and b"'nope'" in first, first
+    svc.wait_for_log(f"HTTP POST {API}/jobs from 127.0.0.1 (no token): 417")
+    _, metrics, _ = svc.http("GET", "/metrics", token="s3cret-token")
+    assert re.search(r'bgservice_http_requests_total\{[^}]*code="417"[^}]*\} 1\.0', metrics)
+
+
+def test_more_tags_than_max_tags_are_refused_before_any_is_checked(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    # Each tag was checked first, a regex a tag: 8,000,000 commas held the loop 3 s for
+    # the same 400. The count goes first now (what it answers shows the order).
+    svc = make_service(HTTP + "[queue]\nmax_tags = 2\n")
+    for tags in ("a,b, bad tag", ["a", "b", " bad tag"]):
+        status, reply, _ = svc.http("POST", f"{API}/jobs", {"module": "echo", "tags": tags})
+        assert (status, _error(reply)) == (400, "option tags: at most 2 tags"), tags
+
+
 def test_a_schedule_field_sent_as_null_is_not_given(
     make_service: Callable[..., ServiceProcess],
 ) -> None:

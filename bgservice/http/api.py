@@ -32,7 +32,7 @@ from bgservice.errors import (
 )
 from bgservice.events import INTERNAL_ERROR, Events
 from bgservice.http import inputs, openapi, replies
-from bgservice.http.guard import Guard, Routes
+from bgservice.http.guard import Guard, Routes, close_unasked
 from bgservice.http.metrics import Metrics
 from bgservice.http.origins import BrowserGuard
 from bgservice.http.paging import OLD, PARAMETERS, next_token, parse_page
@@ -139,8 +139,9 @@ class HttpApi:
             self.queue_stats: frozenset({"window"}), self.retry_job: frozenset({"dependents"}),
         }  # fmt: skip
         guard = Guard(self.settings, self.access, self.tokens, self.browsers, parameters)
-        app = web.Application(  # (aiohttp's access log is off: RequestLog says more)
-            middlewares=[RequestLog(self.stats).middleware, self._errors, guard.middleware],
+        log = RequestLog(self.stats).middleware  # (aiohttp's access log is off: it says more)
+        app = web.Application(
+            middlewares=[log, close_unasked, self._errors, guard.middleware],
             client_max_size=self.settings.limits.max_request_bytes,
         )
         app.on_response_prepare.append(add_headers)  # framing, sniffing, caching: replies.py
@@ -165,6 +166,7 @@ class HttpApi:
         r.get(f"{API}/stats", self.service_stats)
         r.get(f"{API}/queue/stats", self.queue_stats)
         ScheduleRoutes(self.queue).add_to(r)
+        r.add_unmatched()  # (last: what no route above takes)
         return app
 
     @web.middleware
@@ -237,7 +239,8 @@ class HttpApi:
     # --- jobs -----------------------------------------------------------------------------
 
     async def add_job(self, request: web.Request) -> web.StreamResponse:
-        options, args = inputs.add_body(await inputs.json_body(request))
+        body = await inputs.json_body(request)
+        options, args = inputs.add_body(body, self.settings.queue.max_tags)
         token: Token | None = request.get("token")
         if "source" in options and (token is None or token.scope != "operate"):
             raise Forbidden("field source: only for a token of scope operate")

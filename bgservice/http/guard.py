@@ -28,29 +28,56 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PUBLIC = ("/", "/dashboard")  # the dashboard's files: no secrets, no token needed
 ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br"})  # br: with Brotli
-CONTINUE = "bgservice.continue"  # a request item: its client waits for 100 Continue
 _CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A request item: its Expect header, for the guard to answer; CONTINUED once it sent
+# 100 Continue.
+EXPECT, CONTINUED = "bgservice.expect", "continued"
 
 
-async def expect_later(request: web.Request) -> web.StreamResponse | None:
-    """Every route's expect handler: an unknown expectation is a 417, as aiohttp's own
-    handler has it (but in JSON); ``100-continue`` is answered by the guard, after its
-    checks."""
-    if request.version != HttpVersion11:  # (HTTP/1.0 has no Expect: ignored)
-        return None
-    expect = request.headers.get("Expect", "").strip().lower()
-    if expect != "100-continue":
-        return error_response(417, f"Expectation Failed: {expect[:40]!r} (only 100-continue)")
-    request[CONTINUE] = True
-    return None
+async def expect_later(request: web.Request) -> None:
+    """Every route's expect handler: the expectation is kept for the guard, which
+    answers it after its checks (an unknown one: a 417, as aiohttp's own handler has it,
+    but in JSON, logged and counted as any reply)."""
+    if request.version == HttpVersion11:  # (HTTP/1.0 has no Expect: ignored)
+        request[EXPECT] = request.headers.get("Expect", "").strip().lower()
+
+
+# The last route: any path and method no other route takes. aiohttp answers those with
+# a route of its own, whose expect handler sent 100 Continue before any check; this one
+# answers them as aiohttp did (404, or 405 with Allow), after the guard.
+UNMATCHED_PATH = "/{unmatched:.*}"
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]  # (its methods, the path its)
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+@web.middleware
+async def close_unasked(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A reply to a request whose client waits for 100 Continue, sent instead of it: the
+    body was never asked for, so the connection ends with the reply (kept, the next
+    request's bytes were read as that body: a 400, then closed)."""
+    response = await handler(request)
+    if request.get(EXPECT, CONTINUED) != CONTINUED and request.body_exists:
+        response.force_close()
+    return response
 
 
 class Routes:
     """The router's ``add_*`` with ``expect_later`` on every route (aiohttp takes it per
-    route only)."""
+    route only); ``unmatched`` last."""
 
     def __init__(self, router: web.UrlDispatcher) -> None:
         self.router = router
+
+    def add_unmatched(self) -> None:
+        self.router.add_route("*", UNMATCHED_PATH, unmatched, expect_handler=expect_later)
 
     def get(self, path: str, handler: Handler) -> None:
         self.router.add_get(path, handler, expect_handler=expect_later)
@@ -82,28 +109,15 @@ class Guard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self.access.allows(request.remote):
-            return error_response(403, "Forbidden")
-        if not self.tokens.configured:
-            refusal = self.browsers.refusal(request.method, request.headers)
-            if refusal is not None:
-                return error_response(403, f"Forbidden: {refusal}")
         public = request.path in PUBLIC or request.path.startswith("/dashboard/")
-        if self.tokens.configured and not public:
-            token = self.tokens.find(request.headers.get("Authorization", ""))
-            if token is None:
-                return error_response(
-                    401, "Unauthorized: send Authorization: Bearer TOKEN",
-                    {"WWW-Authenticate": 'Bearer realm="bgservice"'},
-                )  # fmt: skip
-            request["token"] = token  # (its scope goes out on a refusal too: replies.py)
-            if not token.permits(request.method, request.path):
-                where = f"{request.method} {request.path}"
-                problem = f"token {token.name} has scope {token.scope}: not {where}"
-                return error_response(403, f"Forbidden: {problem}")
-        if not public and request.match_info.http_exception is None:  # (404, 405: theirs)
-            accepted = self.parameters.get(request.match_info.handler, frozenset())
-            inputs.known_parameters(request, accepted)
+        refusal = self._refusal(request, public)
+        if refusal is not None:
+            return refusal
+        handler_of = request.match_info.handler
+        if handler_of is unmatched:  # a 404 or 405: its query and body go unread
+            return await handler(request)
+        if not public:
+            inputs.known_parameters(request, self.parameters.get(handler_of, frozenset()))
         if request.body_exists:
             coding = request.headers.get("Content-Encoding", "identity").lower().strip()
             if coding not in ENCODINGS:  # RFC 9110: 415; aiohttp took it for identity
@@ -113,6 +127,32 @@ class Guard:
             await self._read_body(request)
         return await handler(request)
 
+    def _refusal(self, request: web.Request, public: bool) -> web.StreamResponse | None:
+        """Who may not ask: off the allow list, an expectation not met, a browser's
+        cross-site request (no token configured), no token or one of another scope."""
+        if not self.access.allows(request.remote):
+            return error_response(403, "Forbidden")
+        if request.get(EXPECT, "100-continue") != "100-continue":
+            expected = request[EXPECT][:40]
+            return error_response(417, f"Expectation Failed: {expected!r} (only 100-continue)")
+        if not self.tokens.configured:
+            refusal = self.browsers.refusal(request.method, request.headers)
+            return None if refusal is None else error_response(403, f"Forbidden: {refusal}")
+        if public:
+            return None
+        token = self.tokens.find(request.headers.get("Authorization", ""))
+        if token is None:
+            return error_response(
+                401, "Unauthorized: send Authorization: Bearer TOKEN",
+                {"WWW-Authenticate": 'Bearer realm="bgservice"'},
+            )  # fmt: skip
+        request["token"] = token  # (its scope goes out on a refusal too: replies.py)
+        if not token.permits(request.method, request.path):
+            where = f"{request.method} {request.path}"
+            problem = f"token {token.name} has scope {token.scope}: not {where}"
+            return error_response(403, f"Forbidden: {problem}")
+        return None
+
     async def _read_body(self, request: web.Request) -> None:
         """Read the body within read_timeout (aiohttp has no deadline of its own: a
         client sending a byte a minute held its connection for ever); handlers then
@@ -120,7 +160,8 @@ class Guard:
         once, unread (a compressed one can still grow past it: aiohttp counts that)."""
         if (request.content_length or 0) > self.limits.max_request_bytes:
             raise self._too_large()
-        if request.get(CONTINUE):
+        if request.get(EXPECT) == "100-continue":
+            request[EXPECT] = CONTINUED
             await request.writer.write(_CONTINUE_LINE)
             request.writer.output_size = 0  # (not the reply's: as aiohttp's own handler)
         timeout = self.limits.read_timeout

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -117,17 +118,30 @@ class DashboardFile(web.FileResponse):
     """One of the dashboard's files. A ``Range`` aiohttp cannot serve as one byte range
     (another unit, several ranges, no valid syntax) is ignored and the whole file sent:
     RFC 9110 14.2 (a unit a server does not know MUST be ignored); aiohttp answered each
-    with a 416. One it can read but the file cannot meet (past its end) is still a 416."""
+    with a 416. So are two it would serve wrongly: ``bytes=-0`` (no byte at all: it sent
+    the whole file as a 206) and an ``If-Range`` of an entity tag (aiohttp compares dates
+    only: a stale tag got a 206 of the new file). Ignoring a Range is always allowed. One
+    it can read but the file cannot meet (past its end) is still a 416."""
 
     async def prepare(self, request: web.BaseRequest) -> Any:
-        if "Range" in request.headers:
-            try:
-                request.http_range  # noqa: B018 (parsed to see whether aiohttp can serve it)
-            except ValueError:
-                headers = request.headers.copy()
-                del headers["Range"]
-                request = request.clone(headers=headers)
+        if "Range" in request.headers and not _servable(request):
+            headers = request.headers.copy()
+            del headers["Range"]
+            request = request.clone(headers=headers)
         return await super().prepare(request)
+
+
+def _servable(request: web.BaseRequest) -> bool:
+    if request.headers.get("If-Range", "").lstrip().startswith(('"', "W/")):
+        return False
+    try:
+        request.http_range  # noqa: B018 (parsed to see whether aiohttp can serve it)
+    except ValueError:
+        return False
+    return _NO_BYTE.fullmatch(request.headers["Range"]) is None
+
+
+_NO_BYTE = re.compile(r"\s*bytes\s*=\s*-0+\s*")  # the last 0 bytes
 
 
 # A finished job's state by the code of its result (queue:get's): the 410 of a cancel.

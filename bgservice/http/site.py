@@ -32,6 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_server import Server
 
 from bgservice.access import AccessList
+from bgservice.http.guard import unmatched
 from bgservice.http.origins import SAFE_METHODS
 from bgservice.http.replies import PLAIN, error_response
 from bgservice.logs import Sparse
@@ -234,7 +235,9 @@ def route_label(request: web.Request) -> str:
     """The route's template (``/api/v1/jobs/{id}``), never the path: a label per job id
     would be a series per job. A path no route takes (a 404, a 405) is ``unmatched``."""
     resource = request.match_info.route.resource
-    return UNMATCHED if resource is None else resource.canonical
+    if resource is None or request.match_info.handler is unmatched:
+        return UNMATCHED
+    return resource.canonical
 
 
 def _who(request: web.Request) -> str:
