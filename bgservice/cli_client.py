@@ -244,8 +244,8 @@ def _writing() -> Iterator[None]:
             raise OSError(errno.EBADF, "standard output is closed")
         yield
     except OSError as exc:
-        if exc.errno == errno.EPIPE:
-            raise
+        if exc.errno == errno.EPIPE or isinstance(exc, ServiceDown | ClientTimeout):
+            raise  # (the client's: OSErrors too, for _talking to say; `top` reads in here)
         _fail(f"bgservice: cannot write the output ({exc.strerror or exc}): the request "
               "was served", exc, EXIT_OUTPUT)  # fmt: skip
     except UnicodeEncodeError as exc:
@@ -349,7 +349,7 @@ def ping() -> None:
 @client_options
 def top(once: bool, interval: float) -> None:
     """Live view: running jobs, waiting counts, requests/s (Ctrl-C quits, exit 130)."""
-    with _talking() as client:
+    with _talking() as client, _writing():
         watcher = cli_top.Watcher(client, _address())
         if once or not sys.stdout.isatty():
             cli_top.once(watcher, interval, sys.stdout)

@@ -167,12 +167,13 @@ _UNIX_SCHEMES = {False: ("unix",), True: ("udg", "unix")}  # by datagram; unix: 
 _INET_SCHEME = {False: "tcp", True: "udp"}
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
 # host:port as the PHP client takes it (Connection::hostPort), so that one address serves
-# both: a name or an IPv4 address, or an IPv6 one in brackets (a zone after %), and a port
-# of 1 to 65535 in ASCII digits; no host is loopback. "::1:12341" (ambiguous), a blank, a
-# port 0 or in other digits were taken and failed at the connect as "service down".
+# both: a name (a final dot too: db.example.com.) or an IPv4 address, or an IPv6 one in
+# brackets (a zone after %), and a port of 1 to 65535 in ASCII digits; no host is
+# loopback (here only). "::1:12341" (ambiguous), a blank, a port 0 or in other digits
+# were taken and failed at the connect as "service down".
 _HOST_PORT = re.compile(
     r"(\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?\]"
-    r"|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?)?:([0-9]{1,5})"
+    r"|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?)?:([0-9]{1,5})"
 )
 
 
@@ -293,6 +294,10 @@ def _add(module: str, data: Data, options: dict[str, Any]) -> bytes:
         many = after if isinstance(after, list | tuple) else [after]
         options["after"] = ",".join(str(parse_job_id(one)) for one in many)
     if isinstance(options.get("tags"), list | tuple):  # tags=["a", "b"] -> "a,b"
+        for tag in options["tags"]:  # (["a,b"] went out as two tags, silently)
+            if not isinstance(tag, str) or not tag.strip() or "," in tag:
+                one = "one tag, not empty and without a comma (a string 'a,b' is two tags)"
+                raise ValueError(f"each item of tags is {one}, not {tag!r:.80}")
         options["tags"] = ",".join(options["tags"]) or None
     given = {k: _option(v) for k, v in options.items() if v is not None}
     query = "?" + urllib.parse.urlencode(given, safe="") if given else ""

@@ -865,7 +865,11 @@ def test_output_that_cannot_be_written_is_exit_6_and_says_the_request_was_served
     listed = wait_until(lambda: json.loads(bg(service, "queue", "list", "done", "--name",
                                                "full", "--json").stdout)["done"])  # fmt: skip
     assert len(listed) == 1  # it was queued, and ran
-    for args in (("call", "echo", "hi"), ("stats",), ("queue", "check", "1")):
+    with open("/dev/full", "wb") as full:  # (top writes to stdout itself)
+        top = subprocess.run([*cli, "top", "--once", "-n", "0.1"], stdout=full,
+                             stderr=subprocess.PIPE, env=env, timeout=60)  # fmt: skip
+    assert top.returncode == 6 and b"cannot write the output" in top.stderr, top.stderr
+    for args in (("call", "echo", "hi"), ("stats",), ("queue", "check", "1"), ("top", "--once")):
         closed = subprocess.run([*cli, *args], stderr=subprocess.PIPE, env=env, timeout=60,
                                 preexec_fn=lambda: os.close(1))  # fmt: skip
         assert closed.returncode == 6, (args, closed.stderr)

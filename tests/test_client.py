@@ -50,6 +50,14 @@ def test_pure_helpers():
     )
 
 
+def test_a_tag_with_a_comma_in_a_list_is_refused_before_sending():
+    # tags=["a,b"] went out as two tags, silently (the PHP client and the CLI refuse it).
+    for bad in (["a,b"], ["ok", ""], ["ok", " "]):
+        with pytest.raises(ValueError, match="each item of tags is one tag"):
+            add_request("echo", b"x", tags=bad)
+    assert add_request("echo", b"x", tags="a,b") == b"queue:add?tags=a%2Cb:echo:x"  # two
+
+
 def test_host_and_port_as_the_php_client_takes_them():
     # Taken, then failed at the connect as "service down": an unbracketed IPv6 address
     # with a port (ambiguous), a blank, port 0, digits of another script, a host with a
@@ -57,12 +65,13 @@ def test_host_and_port_as_the_php_client_takes_them():
     inet, inet6 = socket.AF_INET, socket.AF_INET6
     assert parse_address(":7") == (inet, ("127.0.0.1", 7))  # no host: loopback
     assert parse_address("my_host.example.com:65535") == (inet, ("my_host.example.com", 65535))
+    assert parse_address("db.example.com.:5") == (inet, ("db.example.com.", 5))  # (DNS's FQDN)
     assert parse_address("[fe80::1%eth0]:9") == (inet6, ("fe80::1%eth0", 9))
     assert parse_address("tcp://[::1]:5") == (inet6, ("::1", 5))
     with pytest.raises(ValueError, match=r"an IPv6 address takes brackets, as in \[::1\]:12341"):
         parse_address("::1:12341")
     for bad in (" 127.0.0.1:5", "127.0.0.1:5 ", "127.0.0.1:0", "h:65536", "a b:5", "[::1]]:5",
-                "127.0.0.1:\u0665", "127.0.0.1: 5", "-h:5", "h.:5"):  # fmt: skip
+                "127.0.0.1:\u0665", "127.0.0.1: 5", "-h:5", "h..:5", ".h:5"):  # fmt: skip
         with pytest.raises(ValueError, match="address must be host:port"):
             parse_address(bad)
 

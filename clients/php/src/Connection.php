@@ -160,7 +160,7 @@ final class Connection
 
     private static function hostPort(string $address, string $hostPort, bool $datagram): string
     {
-        $host = '(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?\]|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?)';
+        $host = '(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?\]|[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?\.?)';
         if (preg_match("~\\A$host:([0-9]{1,5})\\z~", $hostPort, $match) === 1
             && (int)$match[1] >= 1 && (int)$match[1] <= 65535) {
             return $hostPort;

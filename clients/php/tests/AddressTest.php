@@ -24,6 +24,7 @@ final class AddressTest extends TestCase
     {
         yield 'host:port' => ['127.0.0.1:12341', 'tcp://127.0.0.1:12341'];
         yield 'a name' => ['bg-1.example.com:80', 'tcp://bg-1.example.com:80'];
+        yield 'a fully qualified name' => ['bg-1.example.com.:80', 'tcp://bg-1.example.com.:80'];
         yield '[v6]:port' => ['[::1]:12341', 'tcp://[::1]:12341'];
         yield 'unix:///path' => ['unix:///run/bg.sock', 'unix:///run/bg.sock'];
         yield 'a path, as Python takes it' => ['/run/bg.sock', 'unix:///run/bg.sock'];
