@@ -265,6 +265,7 @@ class ProcessPools:
             empty = {"processes": 0, "busy": 0, "started": 0, "stopping": 0, "waiting": 0}
             row = out.setdefault(pool.name, empty)
             row["retiring"] = row.get("retiring", 0) + len(pool.workers | pool.stopping)
+            row["waiting"] += pool.stats()["waiting"]  # (calls it still owes a worker)
         return out
 
     async def __call__(self, version: ModuleVersion, request: Request, timeout: float) -> Any:

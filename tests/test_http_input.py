@@ -355,6 +355,13 @@ def test_a_path_or_method_no_route_takes_gets_no_100_continue_either(
         assert b'"code": ' + status in first, first  # JSON, as every error
     allowed = _first_reply(svc, f"PUT {API}/jobs HTTP/1.1\r\nHost: x\r\n{good}\r\n".encode())[0]
     assert b"Allow: " in allowed and b"POST" in allowed, allowed  # 405 says what it takes
+    # A path with an encoded line break: a 404 as any other, its query unread (it was a
+    # 400 naming the query's parameter, and asked for the body).
+    for line, extra, sent in [(f"GET {API}/jobs%0A?state=waiting", "", b""),
+                              ("POST /nope%0A", expect, body)]:  # fmt: skip
+        head = f"{line} HTTP/1.1\r\nHost: x\r\n{good}{extra}\r\n"
+        first, _ = _first_reply(svc, head.encode(), sent)
+        assert first.startswith(b"HTTP/1.1 404 "), (head, first)
     assert_no_internal_error(svc)
 
 

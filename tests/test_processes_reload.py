@@ -91,6 +91,9 @@ def test_deleting_a_process_module_lets_its_running_calls_finish(modules_dir, ma
     # (the busy workers alone were counted: "2 calls to finish first" with 3 to go)
     svc.wait_for_log("(its file was deleted; 3 calls to finish first: 2 running, 1 waiting "
                      "for a worker)")  # fmt: skip
+    # The retiring pool's stats still show the call in line (they showed 0: only the
+    # live pools' waiters were counted). Its two calls run 4 s: it is still in line.
+    assert _workers(svc, "pm").get("waiting") == 1, _workers(svc, "pm")
     assert svc.call(b"pm:pid") == b"400: Unknown request"
     caller.join(30)
     waiter.join(30)

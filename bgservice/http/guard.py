@@ -45,7 +45,7 @@ async def expect_later(request: web.Request) -> None:
 # The last route: any path and method no other route takes. aiohttp answers those with
 # a route of its own, whose expect handler sent 100 Continue before any check; this one
 # answers them as aiohttp did (404, or 405 with Allow), after the guard.
-UNMATCHED_PATH = "/{unmatched:.*}"
+UNMATCHED_PATH = "/{unmatched:(?s:.*)}"  # (?s: a path with %0A in it too)
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:
@@ -114,8 +114,8 @@ class Guard:
         if refusal is not None:
             return refusal
         handler_of = request.match_info.handler
-        if handler_of is unmatched:  # a 404 or 405: its query and body go unread
-            return await handler(request)
+        if handler_of is unmatched or request.match_info.http_exception is not None:
+            return await handler(request)  # a 404 or 405: its query and body go unread
         if not public:
             inputs.known_parameters(request, self.parameters.get(handler_of, frozenset()))
         if request.body_exists:
