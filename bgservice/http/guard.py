@@ -52,7 +52,7 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     allowed: set[str] = set()
     for resource in request.app.router.resources():
         if resource is not request.match_info.route.resource:
-            allowed |= (await resource.resolve(request))[1]  # (its methods, the path its)
+            allowed |= (await resource.resolve(request))[1]  # (the methods it takes here)
     if allowed:
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
